@@ -1,0 +1,588 @@
+"""The site model: hypervisors and VMs from an Ansible YAML inventory, images from a catalogue.
+
+The inventory is a plain Ansible inventory (``ansible-inventory -i ansible/inventory --list``
+reads it): hypervisors live in the group ``hypervisors`` with a ``pve`` mapping, VMs live in the
+groups ``mgmt`` and ``tenant`` with a ``vm`` mapping. Everything is validated with pydantic
+before any action; all problems are reported together, each naming file, entry and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import Problem, ValidationFailed
+
+PLANES = ("mgmt", "tenant")
+HYPERVISOR_GROUP = "hypervisors"
+Plane = Literal["mgmt", "tenant"]
+
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+TOKEN_ID_RE = re.compile(r"^[^\s@!]+@[^\s@!]+![A-Za-z][A-Za-z0-9._-]*$")
+FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
+SSH_KEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/=]+$")
+SIZE_RE = re.compile(r"^[1-9][0-9]*[GM]$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- hypervisors
+
+
+class VmidRange(Strict):
+    first: int = Field(ge=100, le=999_999_999)
+    last: int = Field(ge=100, le=999_999_999)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VmidRange:
+        if self.last < self.first:
+            raise ValueError(f"last ({self.last}) is below first ({self.first})")
+        return self
+
+    def __contains__(self, vmid: object) -> bool:
+        return isinstance(vmid, int) and self.first <= vmid <= self.last
+
+    def overlaps(self, other: VmidRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+
+class SshEndpoint(Strict):
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = "root"
+    host_key: str = Field(description="pinned public host key, 'ssh-ed25519 AAAA...'")
+    key_file: Path | None = Field(default=None, description="client private key; default: ssh agent/~/.ssh")
+
+    @field_validator("host_key")
+    @classmethod
+    def _key_shape(cls, v: str) -> str:
+        v = " ".join(v.split()[:2])
+        if not SSH_KEY_RE.match(v):
+            raise ValueError("must be '<type> <base64>' of an SSH public host key (ssh-ed25519, ecdsa, rsa)")
+        return v
+
+
+class Storages(Strict):
+    images: str = Field(default="local-lvm", description="storage that holds VM and template disks")
+    import_: str = Field(default="local", alias="import", description="file storage with 'import' content")
+    import_dir: str = Field(default="/var/lib/vz/import", description="that storage's import/ directory")
+    cloudinit: str = Field(default="local-lvm", description="storage for the cloud-init drive")
+    staging_dir: str = Field(default="/var/tmp", description="where PVE stages API uploads")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("import_dir", "staging_dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path on the hypervisor")
+        return v.rstrip("/") or "/"
+
+
+class Hypervisor(Strict):
+    name: str
+    role: Plane
+    node: str
+    api_url: str
+    token_id: str
+    token_secret_env: str | None = None
+    token_secret_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_fingerprint: str | None = None
+    ssh: SshEndpoint
+    storage: Storages = Storages()
+    bridge: str = "vmbr0"
+    template_vmids: VmidRange
+    vm_vmids: VmidRange
+
+    @field_validator("api_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not re.match(r"^https://[^/\s]+(:\d+)?/?$", v):
+            raise ValueError("must be 'https://host[:port]' (TLS is required; no path)")
+        return v.rstrip("/")
+
+    @field_validator("token_id")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not TOKEN_ID_RE.match(v):
+            raise ValueError("must look like 'user@realm!tokenid'")
+        return v
+
+    @field_validator("tls_fingerprint")
+    @classmethod
+    def _fp(cls, v: str | None) -> str | None:
+        if v is not None and not FINGERPRINT_RE.match(v):
+            raise ValueError("must be the SHA-256 fingerprint as 32 colon-separated hex bytes")
+        return v.upper() if v else v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Hypervisor:
+        if (self.token_secret_env is None) == (self.token_secret_file is None):
+            raise ValueError("exactly one of token_secret_env or token_secret_file must be set")
+        if self.tls_ca_file is None and self.tls_fingerprint is None:
+            raise ValueError("one of tls_ca_file or tls_fingerprint must be set (TLS is always verified)")
+        if self.template_vmids.overlaps(self.vm_vmids):
+            raise ValueError("template_vmids and vm_vmids overlap")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- VMs
+
+
+def normalize_mac(value: str) -> str:
+    """Canonical inventory form: lowercase, colon-separated."""
+    return value.strip().lower().replace("-", ":")
+
+
+def mac_problem(mac: str) -> str | None:
+    """Why ``mac`` is not usable as a fixed inventory MAC, or None."""
+    if not MAC_RE.match(mac):
+        return "is not six colon-separated hex bytes"
+    first = int(mac[:2], 16)
+    if first & 1:
+        return "is a multicast address (bit 0 of the first byte set)"
+    if not first & 2:
+        return "is not locally administered (second hex digit must be 2, 6, a or e)"
+    return None
+
+
+class Nic(Strict):
+    mac: str
+    model: Literal["virtio", "e1000", "vmxnet3", "rtl8139"] = "virtio"
+    bridge: str | None = None
+    vlan: int | None = Field(default=None, ge=1, le=4094)
+    firewall: bool = True
+
+    @field_validator("mac", mode="before")
+    @classmethod
+    def _mac(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        v = normalize_mac(v)
+        why = mac_problem(v)
+        if why:
+            raise ValueError(f"MAC {v!r} {why}")
+        return v
+
+
+class StaticIp(Strict):
+    ip: str
+    gw: str | None = None
+
+    @field_validator("ip")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            iface = ipaddress.ip_interface(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an address in CIDR form (e.g. 10.0.0.5/24)") from None
+        if "/" not in v:
+            raise ValueError(f"{v!r} needs a prefix length (e.g. /24)")
+        return str(iface)
+
+    @field_validator("gw")
+    @classmethod
+    def _gw(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_address(v)
+        return v
+
+
+class CloudInit(Strict):
+    user: str = "ansible"
+    ssh_keys: list[str] = Field(default_factory=list)
+    ipconfig: Literal["dhcp"] | StaticIp = "dhcp"
+    nameserver: str | None = None
+    searchdomain: str | None = None
+    upgrade: bool = False
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not SSH_KEY_RE.match(" ".join(key.split()[:2])):
+                raise ValueError(f"not an SSH public key: {key[:40]!r}")
+        return v
+
+
+class Vm(Strict):
+    name: str
+    plane: Plane
+    vmid: int = Field(ge=100, le=999_999_999)
+    hypervisor: str | None = None
+    image: str
+    role: str
+    cores: int = Field(default=2, ge=1, le=128)
+    memory: int = Field(default=2048, ge=256, description="MiB")
+    disk_gb: int = Field(default=20, ge=1, le=65536)
+    nics: list[Nic] = Field(min_length=1, max_length=8)
+    cloudinit: CloudInit = CloudInit()
+    tags: list[str] = Field(default_factory=list)
+    clone: Literal["full", "linked"] | None = None
+    template_vmid: int | None = Field(default=None, description="pin a template instead of the newest")
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("VM names become hostnames: lowercase letters, digits and '-', max 63")
+        return v
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        if not TAG_RE.match(v):
+            raise ValueError("must match [a-z0-9_][a-z0-9_-+.]* (it becomes a PVE tag)")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not TAG_RE.match(t)]
+        if bad:
+            raise ValueError(f"invalid PVE tag(s) {bad}: each must match [a-z0-9_][a-z0-9_-+.]*")
+        return sorted(set(v))
+
+    @property
+    def clone_mode(self) -> Literal["full", "linked"]:
+        return self.clone or ("full" if self.plane == "mgmt" else "linked")
+
+    @property
+    def all_tags(self) -> list[str]:
+        return sorted({*self.tags, self.plane, self.role, "image-factory"})
+
+    @property
+    def macs(self) -> list[str]:
+        return [n.mac for n in self.nics]
+
+
+# -------------------------------------------------------------------------------------------- images
+
+
+class Source(Strict):
+    url: str = Field(description="http(s) URL, or a path relative to the repository root")
+    checksum: str = Field(description="'sha256:<hex>', 'file:<url-or-path>' or 'none' for local fixtures")
+
+    @field_validator("checksum")
+    @classmethod
+    def _checksum(cls, v: str) -> str:
+        if v == "none" or v.startswith("file:") or re.match(r"^(sha256|sha512):[0-9a-f]{64,128}$", v):
+            return v
+        raise ValueError("must be 'sha256:<hex>', 'sha512:<hex>', 'file:<checksum file>' or 'none'")
+
+    @property
+    def is_local(self) -> bool:
+        return not re.match(r"^[a-z]+://", self.url)
+
+
+class Image(Strict):
+    name: str
+    family: Literal["fedora", "debian"]
+    release: int = Field(ge=1)
+    mode: Literal["iso", "cloud"]
+    source: Source
+    disk_size: str = "10G"
+    playbook: str = "ansible/playbooks/template.yml"
+    test_suites: list[Literal["common", "hygiene", "fedora"]] = Field(default_factory=lambda: ["common"])
+    template_name: str = "tpl-{image}-{build_id}"
+    memory: int = Field(default=2048, ge=512)
+    cpus: int = Field(default=2, ge=1)
+
+    @field_validator("disk_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not SIZE_RE.match(v):
+            raise ValueError("must look like '10G' or '4096M'")
+        return v
+
+    @field_validator("template_name")
+    @classmethod
+    def _tpl(cls, v: str) -> str:
+        try:
+            v.format(image="x", build_id="y", release=1, family="f")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"unknown placeholder {exc}; use {{image}} {{build_id}} {{release}} {{family}}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- site
+
+
+@dataclass(frozen=True)
+class Site:
+    inventory_path: Path
+    images_path: Path
+    hypervisors: dict[str, Hypervisor]
+    vms: dict[str, Vm]
+    images: dict[str, Image]
+    vm_sources: dict[str, str] = field(default_factory=dict)
+
+    def hypervisor_for(self, vm: Vm) -> Hypervisor:
+        """The hypervisor the VM runs on; load() has proven it exists and its role matches the plane."""
+        if vm.hypervisor:
+            return self.hypervisors[vm.hypervisor]
+        return next(h for h in self.hypervisors.values() if h.role == vm.plane)
+
+    def vms_on(self, hypervisor: str) -> list[Vm]:
+        return [vm for vm in self.vms.values() if self.hypervisor_for(vm).name == hypervisor]
+
+    def select_hypervisors(self, names: list[str] | tuple[str, ...] | None) -> list[Hypervisor]:
+        if not names:
+            return list(self.hypervisors.values())
+        unknown = [n for n in names if n not in self.hypervisors]
+        if unknown:
+            raise ValidationFailed(
+                Problem(str(self.inventory_path), n, "", f"no such hypervisor (have: {', '.join(self.hypervisors)})")
+                for n in unknown
+            )
+        return [self.hypervisors[n] for n in names]
+
+    def image(self, name: str) -> Image:
+        if name not in self.images:
+            raise ValidationFailed(
+                [Problem(str(self.images_path), name, "", f"no such image (have: {', '.join(self.images)})")]
+            )
+        return self.images[name]
+
+    def summary(self) -> dict[str, Any]:
+        per_host: dict[str, dict[str, list[str]]] = {
+            h: {"mgmt": [], "tenant": []} for h in self.hypervisors
+        }
+        for vm in self.vms.values():
+            per_host[self.hypervisor_for(vm).name][vm.plane].append(vm.name)
+        return {
+            "inventory": str(self.inventory_path),
+            "images_file": str(self.images_path),
+            "hypervisors": {
+                h.name: {"role": h.role, "node": h.node, "api": h.api_url, "vms": per_host[h.name]}
+                for h in self.hypervisors.values()
+            },
+            "vms": {p: sorted(v.name for v in self.vms.values() if v.plane == p) for p in PLANES},
+            "images": {i.name: {"family": i.family, "release": i.release, "mode": i.mode} for i in self.images.values()},
+        }
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _yaml_file(path: Path, problems: list[Problem]) -> Any:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "", "", "file not found"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        problems.append(Problem(str(path), "", where, f"invalid YAML: {getattr(exc, 'problem', exc)}"))
+    return None
+
+
+def _pydantic_problems(file: str, entry: str, prefix: str, exc: ValidationError) -> Iterator[Problem]:
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        yield Problem(file, entry, loc, msg)
+
+
+@dataclass
+class _HostRecord:
+    name: str
+    file: str
+    groups: set[str] = field(default_factory=set)
+    group_vars: dict[str, Any] = field(default_factory=dict)
+    host_vars: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vars(self) -> dict[str, Any]:
+        return {**self.group_vars, **self.host_vars}
+
+
+def _inventory_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file())
+    return [path]
+
+
+def _walk_group(
+    name: str, body: Any, file: str, hosts: dict[str, _HostRecord], parents: tuple[str, ...],
+    problems: list[Problem], inherited: dict[str, Any] | None = None,
+) -> None:
+    if body is None:
+        return
+    if not isinstance(body, dict):
+        problems.append(Problem(file, f"group {name}", "", "a group must be a mapping"))
+        return
+    unknown = set(body) - {"hosts", "children", "vars"}
+    for key in sorted(unknown):
+        problems.append(Problem(file, f"group {name}", key, "unknown key (groups take hosts, children, vars)"))
+    group_vars = {**(inherited or {}), **(body.get("vars") or {})}
+    for host, hvars in (body.get("hosts") or {}).items():
+        rec = hosts.setdefault(host, _HostRecord(host, file))
+        rec.groups.update((name, *parents))
+        if hvars is not None and not isinstance(hvars, dict):
+            problems.append(Problem(file, host, "", "host variables must be a mapping"))
+            continue
+        # Ansible precedence: host vars beat group vars, child groups beat parents; mappings are replaced.
+        rec.group_vars.update(group_vars)
+        rec.host_vars.update(hvars or {})
+    for child, child_body in (body.get("children") or {}).items():
+        _walk_group(child, child_body, file, hosts, (name, *parents), problems, group_vars)
+
+
+def _read_inventory(path: Path, problems: list[Problem]) -> dict[str, _HostRecord]:
+    hosts: dict[str, _HostRecord] = {}
+    files = _inventory_files(path)
+    if not files:
+        problems.append(Problem(str(path), "", "", "no .yml inventory file found"))
+    for f in files:
+        data = _yaml_file(f, problems)
+        if data is None:
+            continue
+        if not isinstance(data, dict) or "all" not in data:
+            problems.append(Problem(str(f), "", "all", "an Ansible YAML inventory starts with 'all:'"))
+            continue
+        _walk_group("all", data["all"], str(f), hosts, (), problems)
+    return hosts
+
+
+def _read_images(path: Path, problems: list[Problem]) -> dict[str, Image]:
+    data = _yaml_file(path, problems)
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
+        problems.append(Problem(str(path), "", "images", "the catalogue needs an 'images:' mapping"))
+        return {}
+    for key in sorted(set(data) - {"images", "defaults"}):
+        problems.append(Problem(str(path), "", key, "unknown key (the catalogue takes images, defaults)"))
+    defaults = data.get("defaults") or {}
+    images: dict[str, Image] = {}
+    for name, body in data["images"].items():
+        if not isinstance(body, dict):
+            problems.append(Problem(str(path), str(name), "", "an image must be a mapping"))
+            continue
+        try:
+            images[name] = Image(name=name, **{**defaults, **body})
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(str(path), str(name), "", exc))
+        except TypeError as exc:
+            problems.append(Problem(str(path), str(name), "", str(exc)))
+    return images
+
+
+def load_site(inventory: str | Path, images: str | Path) -> Site:
+    """Load and validate the whole site model; raise ValidationFailed listing every problem."""
+    inventory_path, images_path = Path(inventory), Path(images)
+    problems: list[Problem] = []
+    records = _read_inventory(inventory_path, problems)
+    catalogue = _read_images(images_path, problems)
+
+    hypervisors: dict[str, Hypervisor] = {}
+    vms: dict[str, Vm] = {}
+    sources: dict[str, str] = {}
+    for rec in records.values():
+        planes = sorted(rec.groups & set(PLANES))
+        is_hv = HYPERVISOR_GROUP in rec.groups
+        if is_hv and planes:
+            problems.append(Problem(rec.file, rec.name, "", "a host cannot be both a hypervisor and a VM"))
+            continue
+        if is_hv:
+            body = rec.vars.get("pve")
+            if not isinstance(body, dict):
+                problems.append(Problem(rec.file, rec.name, "pve", "hypervisors need a 'pve' mapping"))
+                continue
+            try:
+                hypervisors[rec.name] = Hypervisor(name=rec.name, **body)
+            except ValidationError as exc:
+                problems.extend(_pydantic_problems(rec.file, rec.name, "pve", exc))
+        elif planes:
+            if len(planes) > 1:
+                problems.append(Problem(rec.file, rec.name, "", "a VM belongs to exactly one plane, not both"))
+                continue
+            body = rec.vars.get("vm")
+            if not isinstance(body, dict):
+                problems.append(Problem(rec.file, rec.name, "vm", "VMs need a 'vm' mapping"))
+                continue
+            try:
+                vms[rec.name] = Vm(name=rec.name, plane=planes[0], **body)
+                sources[rec.name] = rec.file
+            except ValidationError as exc:
+                problems.extend(_pydantic_problems(rec.file, rec.name, "vm", exc))
+
+    problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path)))
+    if problems:
+        raise ValidationFailed(problems)
+    return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources)
+
+
+def _cross_checks(
+    hypervisors: dict[str, Hypervisor], vms: dict[str, Vm], images: dict[str, Image],
+    sources: dict[str, str], inv_file: str, img_file: str,
+) -> Iterator[Problem]:
+    for plane in PLANES:
+        hosts = [h.name for h in hypervisors.values() if h.role == plane]
+        if len(hosts) > 1:
+            yield Problem(inv_file, ", ".join(hosts), "pve.role", f"more than one hypervisor has role {plane}")
+    by_vmid: dict[int, list[str]] = defaultdict(list)
+    by_mac: dict[str, list[str]] = defaultdict(list)
+    for vm in vms.values():
+        file = sources[vm.name]
+        by_vmid[vm.vmid].append(vm.name)
+        for i, nic in enumerate(vm.nics):
+            by_mac[nic.mac].append(f"{vm.name} nic {i}")
+        if vm.image not in images:
+            yield Problem(file, vm.name, "vm.image", f"image {vm.image!r} is not in the catalogue {img_file}")
+        if vm.hypervisor is not None:
+            hv = hypervisors.get(vm.hypervisor)
+            if hv is None:
+                yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor named {vm.hypervisor!r}")
+                continue
+        else:
+            candidates = [h for h in hypervisors.values() if h.role == vm.plane]
+            if not candidates:
+                yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor has role {vm.plane}")
+                continue
+            hv = candidates[0]
+        if hv.role != vm.plane:
+            yield Problem(
+                file, vm.name, "vm.hypervisor",
+                f"{vm.plane} VMs may only run on the {vm.plane} hypervisor; {hv.name} has role {hv.role}",
+            )
+        if vm.vmid not in hv.vm_vmids:
+            yield Problem(
+                file, vm.name, "vm.vmid",
+                f"{vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
+            )
+        if vm.plane == "mgmt" and vm.clone == "linked":
+            yield Problem(file, vm.name, "vm.clone", "mgmt VMs must be full clones (no template dependency)")
+    for vmid, names in by_vmid.items():
+        if len(names) > 1:
+            yield Problem(inv_file, ", ".join(sorted(names)), "vm.vmid", f"VM id {vmid} is used more than once")
+    for mac, users in by_mac.items():
+        if len(users) > 1:
+            yield Problem(inv_file, ", ".join(sorted(users)), "vm.nics.mac", f"MAC {mac} is used more than once")

@@ -1,0 +1,44 @@
+"""Secrets come only from the environment or from files outside the repository.
+
+Nothing here logs or returns a secret in a printable wrapper: callers receive the value and
+pass it straight to the transport.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import SecretError
+from .settings import REPO_ROOT
+
+
+def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_root: Path = REPO_ROOT) -> str:
+    if env:
+        value = os.environ.get(env)
+        if not value:
+            raise SecretError(f"{what}: environment variable {env} is not set or empty")
+        return value.strip()
+    if file is None:
+        raise SecretError(f"{what}: no token_secret_env or token_secret_file configured")
+    path = Path(str(file)).expanduser().resolve()
+    try:
+        path.relative_to(repo_root.resolve())
+    except ValueError:
+        pass
+    else:
+        raise SecretError(f"{what}: secret file {path} is inside the repository; keep secrets outside it")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SecretError(f"{what}: secret file {path} does not exist") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretError(
+            f"{what}: secret file {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run: chmod 600 {path}"
+        )
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise SecretError(f"{what}: secret file {path} is empty")
+    return value

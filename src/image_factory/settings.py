@@ -1,0 +1,53 @@
+"""Where things are: repository root, inventory, catalogue, builds and lab directories.
+
+Defaults live in invoke.yaml (section ``factory``); environment (INVOKE_FACTORY_*) and
+command-line flags override them. Relative paths are relative to the repository root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULTS: dict[str, Any] = {
+    "inventory": "ansible/inventory",
+    "images": "packer/images.yml",
+    "builds_dir": "builds",
+    "lab_dir": ".lab",
+    "accelerator": "auto",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    inventory: Path
+    images: Path
+    builds_dir: Path
+    lab_dir: Path
+    accelerator: str
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None = None, root: Path = REPO_ROOT) -> Settings:
+        merged = {**DEFAULTS, **{k: v for k, v in (values or {}).items() if v is not None}}
+
+        def path(key: str) -> Path:
+            p = Path(str(merged[key])).expanduser()
+            return p if p.is_absolute() else root / p
+
+        return cls(
+            root=root,
+            inventory=path("inventory"),
+            images=path("images"),
+            builds_dir=path("builds_dir"),
+            lab_dir=path("lab_dir"),
+            accelerator=str(merged["accelerator"]),
+        )
+
+    def resolve(self, p: str | Path) -> Path:
+        """A path from the catalogue or the inventory: absolute, ~-expanded, else repo-relative."""
+        q = Path(str(p)).expanduser()
+        return q if q.is_absolute() else self.root / q

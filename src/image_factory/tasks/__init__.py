@@ -1,0 +1,1 @@
+"""Invoke task collections; each module is thin glue over one stage module."""

@@ -1,0 +1,49 @@
+"""Glue shared by the task modules: settings from invoke config, error to exit-code mapping."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+from ..console import console
+from ..errors import FactoryError, ValidationFailed
+from ..inventory import Site, load_site
+from ..settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings(c: Context, **overrides: Any) -> Settings:
+    """invoke config section ``factory`` (invoke.yaml, INVOKE_FACTORY_*), then flags."""
+    values = dict(c.config.get("factory", {}) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings.from_mapping(values)
+
+
+def site(c: Context, inventory: str | None = None, images: str | None = None) -> tuple[Settings, Site]:
+    s = settings(c, inventory=inventory, images=images)
+    return s, load_site(s.inventory, s.images)
+
+
+def handle_errors(func: F) -> F:
+    """Turn FactoryError into a message and a non-zero exit, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ValidationFailed as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise Exit(code=exc.exit_code) from None
+        except FactoryError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            raise Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,7 @@
+"""deploy.*: tasks (filled by the deploy stage)."""
+
+from __future__ import annotations
+
+from invoke.collection import Collection
+
+ns = Collection("deploy")
