@@ -1,0 +1,154 @@
+"""The build manifest: what an artifact is, how it was made and whether it passed its tests.
+
+builds/<image>/manifest.json is written by the build stage, extended by the image-test stage and
+read by publish (which refuses an artifact whose manifest has no passing test for its sha256).
+Writes are atomic (temp file + rename) so a crash never leaves a half-written manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FactoryError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+class ManifestError(FactoryError):
+    pass
+
+
+@dataclass
+class Artifact:
+    path: str
+    format: str
+    virtual_size: int
+    disk_size: int
+    sha256: str
+
+
+@dataclass
+class ImageTestResult:
+    status: str  # "passed" | "failed" | "skipped"
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    suites: list[str] = field(default_factory=list)
+    suite_hash: str = ""
+    artifact_sha256: str = ""
+    junit: str = ""
+    finished_at: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    def passes_for(self, sha256: str) -> bool:
+        return self.status == "passed" and self.failed == 0 and self.errors == 0 and self.artifact_sha256 == sha256
+
+
+@dataclass
+class Manifest:
+    image: str
+    family: str
+    release: int
+    mode: str
+    build_id: str
+    artifact: Artifact
+    fingerprint: str
+    inputs: dict[str, str]
+    tools: dict[str, str]
+    git: dict[str, Any]
+    started_at: str
+    finished_at: str
+    accelerator: str = ""
+    skip_tests: bool = False
+    image_test: ImageTestResult | None = None
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def digest(self) -> str:
+        """Stable digest of the build identity (not of test results), for template descriptions."""
+        core = {"image": self.image, "sha256": self.artifact.sha256, "fingerprint": self.fingerprint}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    def tested_ok(self) -> bool:
+        return self.image_test is not None and self.image_test.passes_for(self.artifact.sha256)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        try:
+            if data.get("schema") != SCHEMA_VERSION:
+                raise ManifestError(f"{where}: unsupported manifest schema {data.get('schema')!r}")
+            data = dict(data)
+            data["artifact"] = Artifact(**data["artifact"])
+            if data.get("image_test") is not None:
+                data["image_test"] = ImageTestResult(**data["image_test"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"{where}: malformed manifest ({exc}); rebuild with --force") from None
+
+
+def manifest_path(build_dir: Path) -> Path:
+    return build_dir / MANIFEST_NAME
+
+
+def load(build_dir: Path) -> Manifest | None:
+    path = manifest_path(build_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc}); rebuild with --force") from None
+    return Manifest.from_dict(data, str(path))
+
+
+def require(build_dir: Path) -> Manifest:
+    m = load(build_dir)
+    if m is None:
+        raise ManifestError(f"{manifest_path(build_dir)} does not exist: build the image first")
+    return m
+
+
+def save(build_dir: Path, manifest: Manifest) -> Path:
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path = manifest_path(build_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=build_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def record_test_result(build_dir: Path, result: ImageTestResult) -> Manifest:
+    m = require(build_dir)
+    m.image_test = result
+    save(build_dir, m)
+    return m
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
