@@ -1,0 +1,289 @@
+"""The Proxmox VE API client used by publish, deploy and preflight.
+
+A thin layer over proxmoxer that adds what PVE needs and proxmoxer lacks (shared/pve-facts.md):
+- TLS is always verified: with the node's CA file through an SSLContext that clears
+  VERIFY_X509_STRICT (PVE CAs made before 2026 lack keyUsage), or by pinning the certificate's
+  SHA-256 fingerprint, checked after the handshake and before any request byte is sent;
+- the API token secret comes from the environment or a 0600 file outside the repo;
+- a realistic HTTP timeout (proxmoxer's 5 s default is far too short);
+- task polling on the node named inside the UPID, with a deadline, that treats
+  ``WARNINGS: n`` as success and anything else as PVE's own error text;
+- errors carry the host, the call and PVE's message.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from proxmoxer import ProxmoxAPI, ResourceException
+from requests.adapters import HTTPAdapter
+
+from .errors import RemoteError
+from .inventory import Hypervisor
+from .secrets import read_secret
+
+DEFAULT_TIMEOUT = 60.0
+LOCK_TIMEOUT_RE = re.compile(r"can't lock file .* got timeout")
+UPID_RE = re.compile(
+    r"^UPID:(?P<node>[a-zA-Z0-9][a-zA-Z0-9.-]*):(?P<pid>[0-9A-Fa-f]{8}):(?P<pstart>[0-9A-Fa-f]{8,9}):"
+    r"(?P<starttime>[0-9A-Fa-f]{8}):(?P<type>[^:\s]+):(?P<id>[^:\s]*):(?P<user>[^:\s]+):$"
+)
+
+
+class TaskFailed(RemoteError):
+    def __init__(self, host: str, upid: str, exitstatus: str, log_tail: list[str]):
+        self.upid = upid
+        self.exitstatus = exitstatus
+        self.log_tail = log_tail
+        tail = ("\n    " + "\n    ".join(log_tail)) if log_tail else ""
+        super().__init__(host, f"task {upid} failed: {exitstatus}{tail}")
+
+
+class TaskTimeout(RemoteError):
+    pass
+
+
+class ApiError(RemoteError):
+    def __init__(self, host: str, call: str, status: int, message: str):
+        self.status = status
+        self.call = call
+        self.pve_message = message
+        super().__init__(host, f"{call}: HTTP {status}: {message}")
+
+    @property
+    def is_lock_timeout(self) -> bool:
+        return bool(LOCK_TIMEOUT_RE.search(self.pve_message))
+
+
+@dataclass(frozen=True)
+class Upid:
+    raw: str
+    node: str
+    type: str
+    id: str
+    user: str
+
+    @classmethod
+    def parse(cls, raw: str) -> Upid:
+        m = UPID_RE.match(raw or "")
+        if not m:
+            raise ValueError(f"not a PVE task id (UPID): {raw!r}")
+        return cls(raw, m["node"], m["type"], m["id"], m["user"])
+
+
+@dataclass
+class TaskResult:
+    upid: str
+    exitstatus: str
+    warnings: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+class VerifiedTlsAdapter(HTTPAdapter):
+    """Replaces requests' certificate plumbing with our own context (CA file or fingerprint pin)."""
+
+    def __init__(self, ca_file: Path | None = None, fingerprint: str | None = None, **kwargs: Any):
+        if ca_file is None and fingerprint is None:
+            raise ValueError("TLS needs a CA file or a pinned fingerprint")
+        self._fingerprint = fingerprint.replace(":", "").lower() if fingerprint else None
+        if ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(ca_file))
+            ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+        else:
+            # The pin replaces chain validation: the exact certificate is compared by urllib3
+            # (assert_fingerprint) right after the handshake, before the request is written.
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._ctx = ctx
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kw: Any) -> None:
+        kw["ssl_context"] = self._ctx
+        if self._fingerprint:
+            kw["assert_fingerprint"] = self._fingerprint
+        super().init_poolmanager(connections, maxsize, block, **kw)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        conn.cert_reqs = "CERT_REQUIRED" if self._fingerprint is None else "CERT_NONE"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
+        if self._fingerprint:
+            conn.assert_fingerprint = self._fingerprint
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        for key in ("ca_certs", "ca_cert_dir", "cert_reqs"):
+            pool_kwargs.pop(key, None)
+        return host_params, pool_kwargs
+
+
+# ------------------------------------------------------------------------------------------ client
+
+
+class PveClient:
+    """One hypervisor's API, authenticated with its privilege-separated token."""
+
+    def __init__(self, hv: Hypervisor, *, timeout: float = DEFAULT_TIMEOUT, secret: str | None = None):
+        self.hv = hv
+        self.name = hv.name
+        self.node = hv.node
+        self.timeout = timeout
+        url = urlsplit(hv.api_url)
+        host = url.hostname or ""
+        port = url.port or 8006
+        user, token_name = hv.token_id.split("!", 1)
+        if secret is None:
+            secret = read_secret(
+                env=hv.token_secret_env, file=hv.token_secret_file, what=f"{hv.name} API token {hv.token_id}"
+            )
+        self.api = ProxmoxAPI(
+            f"{host}:{port}", user=user, token_name=token_name, token_value=secret,
+            verify_ssl=True, timeout=timeout,
+        )
+        ca = Path(str(hv.tls_ca_file)).expanduser() if hv.tls_ca_file else None
+        if ca is not None and not ca.is_file():
+            raise RemoteError(hv.name, f"TLS CA file {ca} does not exist (tls_ca_file in the inventory)")
+        adapter = VerifiedTlsAdapter(ca_file=ca, fingerprint=hv.tls_fingerprint if ca is None else None)
+        self.session: requests.Session = self.api._store["session"]
+        self.session.mount("https://", adapter)
+
+    # -------------------------------------------------------------- raw calls
+    def call(self, method: str, path: str, **params: Any) -> Any:
+        """``call("GET", "/nodes/{node}/qemu")``: path relative to /api2/json, params as PVE names them."""
+        resource = self.api(path.strip("/"))
+        label = f"{method} {path}"
+        try:
+            if method == "GET":
+                return resource.get(**params)
+            if method == "POST":
+                return resource.post(**params)
+            if method == "PUT":
+                return resource.put(**params)
+            if method == "DELETE":
+                return resource.delete(**params)
+        except ResourceException as exc:
+            detail = str(exc.content or exc.status_message)
+            if exc.errors:
+                detail += " " + "; ".join(f"{k}: {v}" for k, v in sorted(exc.errors.items()))
+            raise ApiError(self.name, label, exc.status_code, detail.strip()) from None
+        except requests.exceptions.SSLError as exc:
+            raise RemoteError(
+                self.name, f"TLS verification of {self.hv.api_url} failed: {_ssl_reason(exc)}"
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise RemoteError(self.name, f"cannot reach {self.hv.api_url}: {_ssl_reason(exc)}") from None
+        except requests.exceptions.Timeout:
+            raise RemoteError(self.name, f"{label}: no answer within {self.timeout:.0f}s") from None
+        raise ValueError(f"unsupported HTTP method {method}")
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.call("GET", path, **params)
+
+    def post(self, path: str, **params: Any) -> Any:
+        return self.call("POST", path, **params)
+
+    def put(self, path: str, **params: Any) -> Any:
+        return self.call("PUT", path, **params)
+
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.call("DELETE", path, **params)
+
+    @property
+    def node_path(self) -> str:
+        return f"/nodes/{self.node}"
+
+    # -------------------------------------------------------------- helpers
+    def version(self) -> dict[str, Any]:
+        return dict(self.get("/version"))
+
+    def vm_config(self, vmid: int) -> dict[str, Any]:
+        return dict(self.get(f"{self.node_path}/qemu/{vmid}/config"))
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        return list(self.get(f"{self.node_path}/qemu", full=1))
+
+    def wait_task(
+        self, upid: str, *, timeout: float = 600.0, interval: float = 0.5,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> TaskResult:
+        """Poll the task on the node its UPID names until it stops; raise on failure or timeout."""
+        parsed = Upid.parse(upid)
+        started = time.monotonic()
+        deadline = started + timeout
+        path = f"/nodes/{parsed.node}/tasks/{upid}/status"
+        delay = min(interval, 0.2)
+        while True:
+            status = self.get(path)
+            if on_poll:
+                on_poll(status)
+            if status.get("status") == "stopped":
+                break
+            if time.monotonic() > deadline:
+                raise TaskTimeout(self.name, f"task {upid} still running after {timeout:.0f}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, interval)
+        exitstatus = str(status.get("exitstatus", ""))
+        duration = time.monotonic() - started
+        if exitstatus == "OK":
+            return TaskResult(upid, exitstatus, [], duration)
+        if exitstatus.startswith("WARNINGS"):
+            return TaskResult(upid, exitstatus, self._task_log(parsed, warnings_only=True), duration)
+        raise TaskFailed(self.name, upid, exitstatus or "no exit status", self._task_log(parsed)[-10:])
+
+    def _task_log(self, upid: Upid, *, warnings_only: bool = False) -> list[str]:
+        try:
+            lines = self.get(f"/nodes/{upid.node}/tasks/{upid.raw}/log", limit=500)
+        except RemoteError:
+            return []
+        text = [str(line.get("t", "")) for line in lines]
+        return [t for t in text if "WARN" in t] if warnings_only else text
+
+    def run_task(self, method: str, path: str, *, timeout: float = 600.0, **params: Any) -> TaskResult:
+        """Call an endpoint that answers with a UPID and wait for the task."""
+        upid = self.call(method, path, **params)
+        if not isinstance(upid, str):
+            raise RemoteError(self.name, f"{method} {path}: expected a task id, got {upid!r}")
+        return self.wait_task(upid, timeout=timeout)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("CERTIFICATE_VERIFY_FAILED", "Fingerprints did not match", "hostname", "certificate"):
+        if marker in text:
+            idx = text.find(marker)
+            return text[max(0, idx - 20): idx + 160].strip()
+    return text[:300]
+
+
+@contextmanager
+def retry_on_lock(
+    attempts: int = 5, delay: float = 2.0, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """``with retry_on_lock() as retry: retry(lambda: client.post(...))`` retries PVE lock timeouts."""
+
+    def retry(fn: Callable[[], Any]) -> Any:
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except (ApiError, TaskFailed) as exc:
+                message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
+                if attempt == attempts or not LOCK_TIMEOUT_RE.search(message):
+                    raise
+                sleep(delay * attempt)
+        raise AssertionError("unreachable")
+
+    yield retry

@@ -1,0 +1,167 @@
+"""SSH to a hypervisor with paramiko, verifying the host key pinned in the inventory.
+
+The transport is opened by hand rather than through SSHClient so that (1) the server is asked for
+exactly the pinned key type, (2) the key is compared before authentication and before any payload
+byte is sent, and (3) the fast cipher is negotiated (aes128-gcm; see shared/lab-notes.md).
+There is no trust-on-first-use and no AutoAddPolicy anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from .errors import RemoteError
+from .inventory import SshEndpoint
+
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+_KEY_TYPES = {
+    "ssh-ed25519": ["ssh-ed25519"],
+    "ssh-rsa": ["rsa-sha2-512", "rsa-sha2-256"],
+    "ecdsa-sha2-nistp256": ["ecdsa-sha2-nistp256"],
+    "ecdsa-sha2-nistp384": ["ecdsa-sha2-nistp384"],
+    "ecdsa-sha2-nistp521": ["ecdsa-sha2-nistp521"],
+}
+
+
+class HostKeyMismatch(RemoteError):
+    """The server presented a key other than the pinned one: refuse before sending anything."""
+
+
+def fingerprint(key_type: str, key_b64: str) -> str:
+    digest = hashlib.sha256(base64.b64decode(key_b64)).digest()
+    return f"{key_type} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+@dataclass
+class CommandResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+class SshLink:
+    """An authenticated transport to one hypervisor; use as a context manager."""
+
+    def __init__(self, name: str, endpoint: SshEndpoint, *, timeout: float = 15.0):
+        self.name = name
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.transport: paramiko.Transport | None = None
+
+    # ------------------------------------------------------------------ connect
+    def __enter__(self) -> SshLink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> SshLink:
+        ep = self.endpoint
+        pinned_type, pinned_b64 = ep.host_key.split()[:2]
+        try:
+            sock = socket.create_connection((ep.host, ep.port), timeout=self.timeout)
+        except OSError as exc:
+            raise RemoteError(self.name, f"SSH connection to {ep.host}:{ep.port} failed: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        opts = transport.get_security_options()
+        opts.key_types = _KEY_TYPES.get(pinned_type, [pinned_type])
+        opts.ciphers = [c for c in FAST_CIPHERS if c in opts.ciphers] + [
+            c for c in opts.ciphers if c not in FAST_CIPHERS
+        ]
+        try:
+            transport.start_client(timeout=self.timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise RemoteError(
+                self.name, f"SSH handshake with {ep.host}:{ep.port} failed ({exc}); "
+                f"does the server offer a {pinned_type} host key?"
+            ) from None
+        offered = transport.get_remote_server_key()
+        if offered.get_name() != pinned_type or offered.get_base64() != pinned_b64:
+            transport.close()
+            raise HostKeyMismatch(
+                self.name,
+                f"SSH host key of {ep.host}:{ep.port} does not match the key pinned in the inventory: "
+                f"offered {fingerprint(offered.get_name(), offered.get_base64())}, "
+                f"pinned {fingerprint(pinned_type, pinned_b64)}. Refusing to connect.",
+            )
+        try:
+            self._authenticate(transport)
+        except BaseException:
+            transport.close()
+            raise
+        transport.set_keepalive(15)
+        self.transport = transport
+        return self
+
+    def _authenticate(self, transport: paramiko.Transport) -> None:
+        ep = self.endpoint
+        keys: list[paramiko.PKey] = []
+        if ep.key_file is not None:
+            path = Path(str(ep.key_file)).expanduser()
+            try:
+                keys.append(paramiko.PKey.from_path(path))
+            except (OSError, paramiko.SSHException) as exc:
+                raise RemoteError(self.name, f"cannot load SSH client key {path}: {exc}") from None
+        else:
+            keys.extend(paramiko.Agent().get_keys())
+        for key in keys:
+            try:
+                transport.auth_publickey(ep.user, key)
+            except paramiko.AuthenticationException:
+                continue
+            if transport.is_authenticated():
+                return
+        raise RemoteError(self.name, f"SSH public-key authentication as {ep.user} was refused")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    # ------------------------------------------------------------------ use
+    def _require(self) -> paramiko.Transport:
+        if self.transport is None or not self.transport.is_active():
+            raise RemoteError(self.name, "SSH connection is not open")
+        return self.transport
+
+    def open_session(self) -> paramiko.Channel:
+        return self._require().open_session(timeout=self.timeout)
+
+    def run(self, argv: Sequence[str] | str, *, check: bool = True, timeout: float = 300.0) -> CommandResult:
+        """Run a command (argv is shell-quoted); raise RemoteError on non-zero exit when check."""
+        command = argv if isinstance(argv, str) else shlex.join(argv)
+        chan = self.open_session()
+        chan.settimeout(timeout)
+        try:
+            chan.exec_command(command)
+            stdout = chan.makefile("rb").read().decode(errors="replace")
+            stderr = chan.makefile_stderr("rb").read().decode(errors="replace")
+            status = chan.recv_exit_status()
+        except TimeoutError:
+            raise RemoteError(self.name, f"command timed out after {timeout:.0f}s: {command}") from None
+        finally:
+            chan.close()
+        if check and status != 0:
+            raise RemoteError(self.name, f"command failed ({status}): {command}: {stderr.strip()[-500:]}")
+        return CommandResult(status, stdout, stderr)
+
+    def sftp(self) -> paramiko.SFTPClient:
+        client = paramiko.SFTPClient.from_transport(self._require())
+        if client is None:
+            raise RemoteError(self.name, "could not open an SFTP session")
+        return client
+
+
+def connect(name: str, endpoint: SshEndpoint, *, timeout: float = 15.0) -> SshLink:
+    return SshLink(name, endpoint, timeout=timeout).connect()
