@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -172,6 +172,19 @@ class Nic(Strict):
     bridge: str | None = None
     vlan: int | None = Field(default=None, ge=1, le=4094)
     firewall: bool = True
+    address: str | None = Field(
+        default=None, description="IPv4 address for this NIC's DHCP reservation/DNS entry (mac.export)"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.IPv4Address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv4 address without prefix (e.g. 10.0.0.5)") from None
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -264,6 +277,16 @@ class Vm(Strict):
             raise ValueError(f"invalid PVE tag(s) {bad}: each must match [a-z0-9_][a-z0-9_-+.]*")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _nic0_address(self) -> Vm:
+        static = self.cloudinit.ipconfig
+        first = self.nics[0].address
+        if first is not None and isinstance(static, StaticIp) and static.ip.split("/")[0] != first:
+            raise ValueError(
+                f"nics[0].address {first} disagrees with cloudinit.ipconfig.ip {static.ip} (NIC 0 is the same NIC)"
+            )
+        return self
+
     @property
     def clone_mode(self) -> Literal["full", "linked"]:
         return self.clone or ("full" if self.plane == "mgmt" else "linked")
@@ -322,7 +345,9 @@ class Image(Strict):
         try:
             v.format(image="x", build_id="y", release=1, family="f")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"unknown placeholder {exc}; use {{image}} {{build_id}} {{release}} {{family}}")
+            raise ValueError(
+                f"unknown placeholder {exc}; use {{image}} {{build_id}} {{release}} {{family}}"
+            ) from None
         return v
 
 
@@ -379,17 +404,38 @@ class Site:
                 for h in self.hypervisors.values()
             },
             "vms": {p: sorted(v.name for v in self.vms.values() if v.plane == p) for p in PLANES},
-            "images": {i.name: {"family": i.family, "release": i.release, "mode": i.mode} for i in self.images.values()},
+            "images": {
+                i.name: {"family": i.family, "release": i.release, "mode": i.mode} for i in self.images.values()
+            },
         }
 
 
 # ----------------------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def _yaml_file(path: Path, problems: list[Problem]) -> Any:
     try:
         with path.open(encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         problems.append(Problem(str(path), "", "", "file not found"))
     except yaml.YAMLError as exc:

@@ -1,7 +1,79 @@
-"""mac.*: tasks (filled by the mac stage)."""
+"""mac.*: the deevnet MAC namespace (docs/mac-namespace.md): generate, check, export."""
 
 from __future__ import annotations
 
+import sys
+
 from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+from .. import mac as macs
+from ..console import console
+from ._common import handle_errors, settings, site
+
+
+@task(
+    help={
+        "vm": "inventory name of the VM (mgmt or tenant group)",
+        "nic": "only this NIC index; the VM's NIC count adds a NIC (default: every NIC of the VM)",
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+    }
+)
+@handle_errors
+def generate(c: Context, vm: str, nic: int | None = None, inventory: str | None = None) -> None:
+    """Give a VM namespace MACs and write them into the inventory (comments and layout kept)."""
+    s = settings(c, inventory=inventory)
+    for ch in macs.generate(s.inventory, vm, nic):
+        if ch.added_nic:
+            console.print(f"{ch.vm} NIC {ch.nic}: added with {ch.new}  ({ch.file})")
+        elif ch.changed:
+            console.print(f"{ch.vm} NIC {ch.nic}: {ch.old or '(none)'} -> {ch.new}  ({ch.file})")
+        else:
+            console.print(f"{ch.vm} NIC {ch.nic}: {ch.new} (unchanged)")
+
+
+@task(
+    help={
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "images": "image catalogue YAML (default: factory.images); the whole site model is validated too",
+    }
+)
+@handle_errors
+def check(c: Context, inventory: str | None = None, images: str | None = None) -> None:
+    """Check every MAC against the namespace; list all problems (file, host) and exit non-zero."""
+    s = settings(c, inventory=inventory, images=images)
+    count = macs.check(s.inventory, s.images)
+    console.print(f"[green]ok:[/] {count} MAC(s) in {s.inventory} follow the namespace and are unique")
+
+
+@task(
+    help={
+        "format": f"one of {', '.join(macs.FORMATS)}",
+        "output": "write here (atomically) instead of stdout",
+        "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
+        "interfaces": "opnsense only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "images": "image catalogue YAML (default: factory.images)",
+    }
+)
+@handle_errors
+def export(
+    c: Context, format: str, output: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
+    interfaces: str | None = None, inventory: str | None = None, images: str | None = None,
+) -> None:
+    """DHCP reservations and DNS entries from the inventory MACs; same inventory, same bytes."""
+    _, model = site(c, inventory, images)
+    text = macs.export(model, format, domain=domain, interfaces=macs.parse_interfaces(interfaces))
+    if output:
+        path = macs.write_output(text, output)
+        console.print(f"wrote {path} ({format})")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
 
 ns = Collection("mac")
+ns.add_task(generate)
+ns.add_task(check)
+ns.add_task(export)
