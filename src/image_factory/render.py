@@ -1,0 +1,452 @@
+"""Render Packer HCL and Fedora kickstarts from Jinja templates, then validate them with the real tools.
+
+Deterministic output goes to builds/<image>/ (git-ignored): ``<image>.pkr.hcl``, ``ks.cfg`` (iso mode)
+and ``seed/meta-data`` (cloud mode). Per-build material (SSH key pair, NoCloud user-data, the kickstart
+part with the SHA-512 crypt hash, the Packer var file) lives in a 0700 directory OUTSIDE the repository,
+every file 0600, and is removed by ``RenderResult.cleanup()``. No plaintext password is ever written:
+the build user logs in with a per-build key; its password hash belongs to a random password that
+is thrown away at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from .errors import FactoryError
+from .inventory import Image
+from .settings import Settings
+
+BUILD_USER = "packer"
+ARTIFACT_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.qcow2$")
+TEMPLATE_DIRS = ("packer", "kickstart")
+ANSIBLE_DIR = "ansible"
+SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
+# Runs over SSH as the build user after the playbook: remove the build user itself (it cannot
+# delete itself from inside Ansible while logged in), then power off.
+SHUTDOWN_COMMAND = (
+    f"sudo -n sh -c 'rm -f /etc/sudoers.d/{BUILD_USER} /etc/sudoers.d/90-cloud-init-users; "
+    f"userdel --force --remove {BUILD_USER}; sync; systemctl poweroff'"
+)
+
+
+class RenderError(FactoryError):
+    """A template, a catalogue value or a rendered file was rejected (by us or by its real tool)."""
+
+    exit_code = 3
+
+
+class ToolMissing(FactoryError):
+    """A required external program is not installed."""
+
+
+@dataclass
+class RenderResult:
+    image: Image
+    out_dir: Path
+    files: list[Path]
+    hcl: Path
+    kickstart: Path | None
+    var_file: Path
+    fingerprint: str
+    secret_dir: Path | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def cleanup(self) -> None:
+        """Remove the per-build secret directory (key, seed, var file)."""
+        if self.secret_dir is not None:
+            shutil.rmtree(self.secret_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- tools
+
+
+def _which(tool: str, how: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ToolMissing(f"{tool} is not installed (or not on PATH): {how}")
+    return path
+
+
+PACKER_HOW = "install it with `apt-get install packer` (Debian) or from https://developer.hashicorp.com/packer"
+_packer_version_cache: dict[str, tuple[int, int, int]] = {}
+
+
+def packer_version() -> tuple[int, int, int]:
+    """The installed Packer's version, e.g. (1, 6, 6)."""
+    exe = _which("packer", PACKER_HOW)
+    if exe in _packer_version_cache:
+        return _packer_version_cache[exe]
+    proc = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", proc.stdout)
+    if proc.returncode != 0 or m is None:
+        raise ToolMissing(f"`packer version` failed or printed no version: {proc.stdout}{proc.stderr}".strip())
+    version = (int(m[1]), int(m[2]), int(m[3]))
+    _packer_version_cache[exe] = version
+    return version
+
+
+def _installed_packer_version() -> tuple[int, int, int]:
+    return packer_version()
+
+
+def _venv_bin() -> Path:
+    import sys
+
+    return Path(sys.executable).parent
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for packer and the linters: this venv's bin (ansible-playbook) first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["CHECKPOINT_DISABLE"] = "1"  # no phone-home from packer
+    env["PACKER_NO_COLOR"] = "1"
+    return env
+
+
+def _venv_tool(name: str, how: str) -> str:
+    local = _venv_bin() / name
+    if local.exists():
+        return str(local)
+    return _which(name, how)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def disk_size_mb(size: str) -> int:
+    n = int(size[:-1])
+    return n * 1024 if size.endswith("G") else n
+
+
+def artifact_name(image: Image) -> str:
+    name = f"{image.name}.qcow2"
+    if not ARTIFACT_RE.match(name):
+        raise RenderError(f"image name {image.name!r} does not give a Proxmox-importable file name ({name})")
+    return name
+
+
+def source_paths(settings: Settings, image: Image) -> tuple[Path | None, Path | None]:
+    """For a local source: (image file, checksum file or None); (None, None) for a URL."""
+    if not image.source.is_local:
+        return None, None
+    src = settings.resolve(image.source.url)
+    ck = image.source.checksum
+    if ck.startswith("file:") and not re.match(r"^file:[a-z]+://", ck):
+        return src, settings.resolve(ck[len("file:"):])
+    return src, None
+
+
+def _source_checksum_hcl(settings: Settings, image: Image) -> str:
+    ck = image.source.checksum
+    if ck.startswith("file:") and image.source.is_local and not re.match(r"^file:[a-z]+://", ck):
+        return f"file:{settings.resolve(ck[len('file:'):])}"
+    return ck
+
+
+def source_checksum_input(settings: Settings, image: Image) -> str:
+    """What the fingerprint records about the source: the checksum itself, or the checksum file's content."""
+    _, ck_file = source_paths(settings, image)
+    if ck_file is None:
+        return image.source.checksum
+    try:
+        return ck_file.read_text(encoding="utf-8").split()[0] if ck_file.stat().st_size else "empty"
+    except (FileNotFoundError, IndexError):
+        return "missing"
+
+
+def _hcl_string(value: str, what: str) -> str:
+    if any(ch in value for ch in '"\\\n') or "${" in value or "%{" in value:
+        raise RenderError(f"{what}: {value!r} contains characters not allowed in an HCL string")
+    return value
+
+
+def template_files(settings: Settings) -> list[Path]:
+    """Every template and Ansible file a build depends on (for the fingerprint)."""
+    out: list[Path] = []
+    for d in TEMPLATE_DIRS:
+        base = settings.root / d
+        out.extend(p for p in base.rglob("*.j2") if p.is_file())
+    ans = settings.root / ANSIBLE_DIR
+    for sub in ("playbooks", "roles"):
+        out.extend(p for p in (ans / sub).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    cfg = ans / "ansible.cfg"
+    if cfg.exists():
+        out.append(cfg)
+    return sorted(out)
+
+
+def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], out_dir: Path) -> tuple[str, dict]:
+    inputs: dict[str, str] = {}
+    for p in rendered:
+        inputs[f"rendered:{p.relative_to(out_dir)}"] = _sha256(p.read_bytes())
+    for p in template_files(settings):
+        inputs[f"input:{p.relative_to(settings.root)}"] = _sha256(p.read_bytes())
+    inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
+    inputs["source_checksum"] = source_checksum_input(settings, image)
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return _sha256(blob), inputs
+
+
+# -------------------------------------------------------------------------------------------- render
+
+
+def _environment(settings: Settings) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(settings.root / d) for d in TEMPLATE_DIRS]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # noqa: S701 - HCL/kickstart/YAML, not HTML; values are checked above
+    )
+
+
+def _render(env: jinja2.Environment, name: str, ctx: dict) -> str:
+    try:
+        return env.get_template(name).render(**ctx)
+    except jinja2.UndefinedError as exc:
+        tb = exc.__traceback__
+        where = name
+        while tb is not None:
+            fn = tb.tb_frame.f_code.co_filename
+            if fn.endswith(".j2"):
+                where = f"{fn}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        raise RenderError(f"{where}: undefined template variable: {exc.message}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise RenderError(f"{exc.filename or name}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except jinja2.TemplateNotFound as exc:
+        raise RenderError(f"template {exc.name} not found (looked in {', '.join(TEMPLATE_DIRS)})") from None
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, mode)
+
+
+def sha512_crypt(password: str) -> str:
+    """SHA-512 crypt ($6$) via `openssl passwd -6`; the password goes over stdin, never argv."""
+    exe = _which("openssl", "apt-get install openssl")
+    salt = secrets.token_hex(8)
+    proc = subprocess.run(
+        [exe, "passwd", "-6", "-salt", salt, "-stdin"], input=password, capture_output=True, text=True, timeout=30
+    )
+    out = proc.stdout.strip()
+    if proc.returncode != 0 or not out.startswith("$6$"):
+        raise RenderError(f"openssl passwd -6 failed: {proc.stderr.strip()}")
+    return out
+
+
+def _keypair(secret_dir: Path) -> tuple[Path, str]:
+    key = secret_dir / "id_ed25519"
+    exe = _which("ssh-keygen", "apt-get install openssh-client")
+    proc = subprocess.run(
+        [exe, "-q", "-t", "ed25519", "-N", "", "-C", "image-factory-build", "-f", str(key)],
+        capture_output=True, text=True, timeout=30,
+    )
+    if proc.returncode != 0:
+        raise RenderError(f"ssh-keygen failed: {proc.stderr.strip()}")
+    os.chmod(key, 0o600)
+    return key, (secret_dir / "id_ed25519.pub").read_text(encoding="utf-8").strip()
+
+
+def _secret_dir(image: Image) -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or None
+    return Path(tempfile.mkdtemp(prefix=f"factory-{image.name}-", dir=base))  # mkdtemp makes it 0700
+
+
+def render_image(
+    settings: Settings, image: Image, *, packer_version: tuple[int, int, int] | None = None
+) -> RenderResult:
+    """Render one catalogue image into builds/<image>/ plus a fresh per-build secret directory."""
+    pv = packer_version if packer_version is not None else _installed_packer_version()
+    out_dir = settings.builds_dir / image.name
+    playbook = settings.resolve(image.playbook)
+    if not playbook.is_file():
+        raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
+    src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local else image.source.url,
+                      f"{settings.images}: {image.name}: source.url")
+    ctx = {
+        "image": image,
+        "required_plugins": pv >= (1, 7, 0),
+        "artifact_name": artifact_name(image),
+        "disk_size_mb": f"{disk_size_mb(image.disk_size)}M",
+        "source_url": src,
+        "source_checksum": _hcl_string(_source_checksum_hcl(settings, image),
+                                       f"{settings.images}: {image.name}: source.checksum"),
+        "build_user": BUILD_USER,
+        "ssh_timeout": SSH_TIMEOUT[image.mode],
+        "shutdown_command": SHUTDOWN_COMMAND,
+        "playbook": _hcl_string(str(playbook), "playbook"),
+        "ansible_cfg": _hcl_string(str(settings.root / ANSIBLE_DIR / "ansible.cfg"), "ansible.cfg"),
+        "roles_path": _hcl_string(str(settings.root / ANSIBLE_DIR / "roles"), "roles"),
+    }
+    env = _environment(settings)
+
+    # Render everything in memory first: a template error leaves builds/<image>/ untouched.
+    public: dict[str, str] = {f"{image.name}.pkr.hcl": _render(env, "image.pkr.hcl.j2", ctx)}
+    if image.mode == "iso":
+        if image.family != "fedora":
+            raise RenderError(f"{settings.images}: {image.name}: mode: iso mode needs a Fedora kickstart")
+        public["ks.cfg"] = _render(env, "fedora.ks.j2", ctx)
+    else:
+        public["seed/meta-data"] = _render(env, "cloud-init/meta-data.j2", ctx)
+
+    secret_dir = _secret_dir(image)
+    try:
+        key, pub = _keypair(secret_dir)
+        sctx = {**ctx, "ssh_public_key": pub}
+        if image.mode == "iso":
+            sctx["password_hash"] = sha512_crypt(secrets.token_urlsafe(24))
+            _write(secret_dir / "http" / "build-user.ks", _render(env, "partials/build-user.ks.j2", sctx), 0o600)
+            _write(secret_dir / "http" / "ks.cfg", public["ks.cfg"], 0o600)
+        else:
+            _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
+            _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
+        var_file = secret_dir / "build.pkrvars.hcl"
+        work_dir = secret_dir / "work"
+        _write(var_file, "".join(
+            f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in (
+                ("accelerator", "tcg"),
+                ("work_dir", work_dir),
+                ("secret_dir", secret_dir),
+                ("ssh_private_key_file", key),
+            )
+        ), 0o600)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = []
+        for rel, text in public.items():
+            path = out_dir / rel
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                _write(path, text)
+            files.append(path)
+        fingerprint, inputs = compute_fingerprint(settings, image, files, out_dir)
+    except BaseException:
+        shutil.rmtree(secret_dir, ignore_errors=True)
+        raise
+    return RenderResult(
+        image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
+        kickstart=out_dir / "ks.cfg" if image.mode == "iso" else None,
+        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs,
+    )
+
+
+def set_var(result: RenderResult, name: str, value: str) -> None:
+    """Change one per-build variable (e.g. accelerator, work_dir) in the 0600 var file."""
+    lines = result.var_file.read_text(encoding="utf-8").splitlines()
+    out = [ln for ln in lines if not ln.startswith(f"{name} = ")]
+    out.append(f'{name} = "{_hcl_string(value, name)}"')
+    _write(result.var_file, "\n".join(out) + "\n", 0o600)
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+
+def ansible_env(settings: Settings) -> dict[str, str]:
+    env = tool_env()
+    env["ANSIBLE_CONFIG"] = str(settings.root / ANSIBLE_DIR / "ansible.cfg")
+    env["ANSIBLE_ROLES_PATH"] = str(settings.root / ANSIBLE_DIR / "roles")
+    return env
+
+
+def _run_tool(cmd: list[str], what: str, cwd: Path, files_hint: str, env: dict[str, str] | None = None) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or tool_env(), timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RenderError(f"{what} timed out after 600 s ({files_hint})") from None
+    if proc.returncode != 0:
+        msg = (proc.stdout + proc.stderr).strip()
+        raise RenderError(f"{what} rejected {files_hint} (exit {proc.returncode}):\n{msg}")
+
+
+def _hcl_message_with_lines(msg: str, hcl: Path) -> str:
+    """Packer 1.6 prints `on FILE line N: (source code not available)`; add the line itself."""
+    lines = hcl.read_text(encoding="utf-8").splitlines()
+
+    def add(m: re.Match[str]) -> str:
+        n = int(m[2])
+        src = lines[n - 1].strip() if 0 < n <= len(lines) else ""
+        return f"{m[1]} line {n}:\n  {n}: {src}"
+
+    return re.sub(r"(on \S+) line (\d+):\n\s*\(source code not available\)", add, msg)
+
+
+def validate_kickstart(result: RenderResult) -> None:
+    if result.kickstart is None:
+        return
+    exe = _venv_tool("ksvalidator", "pip install pykickstart (it is in the dev extras: pip install -e '.[dev]')")
+    version = f"F{result.image.release}"
+    _run_tool([exe, "-e", "-v", version, str(result.kickstart)], f"ksvalidator -v {version}",
+              result.out_dir, str(result.kickstart))
+    if result.secret_dir is not None:
+        # Also validate the kickstart as Anaconda sees it, with the per-build include in place.
+        inc = result.secret_dir / "http" / "build-user.ks"
+        merged = result.secret_dir / "merged.ks"
+        text = result.kickstart.read_text(encoding="utf-8").replace(
+            "%include /tmp/factory-build-user.ks", inc.read_text(encoding="utf-8"))
+        _write(merged, text, 0o600)
+        try:
+            _run_tool([exe, "-e", "-v", version, str(merged)], f"ksvalidator -v {version}",
+                      result.out_dir, f"{result.kickstart} with its per-build user include")
+        finally:
+            merged.unlink(missing_ok=True)
+
+
+def validate_packer(result: RenderResult) -> None:
+    exe = _which("packer", PACKER_HOW)
+    cwd = result.out_dir
+    try:
+        _run_tool([exe, "fmt", "-check", "-diff", result.hcl.name], "packer fmt -check", cwd, str(result.hcl))
+        cmd = [exe, "validate", f"-var-file={result.var_file}"]
+        if re.match(r"^file:[a-z]+://", result.image.source.checksum):
+            # packer validate would download the remote checksum file: this machine must not contact
+            # anything but loopback, so validation checks everything else; the build verifies it.
+            cmd.append("-var=source_checksum=none")
+        _run_tool([*cmd, result.hcl.name], "packer validate", cwd, str(result.hcl))
+    except RenderError as exc:
+        raise RenderError(_hcl_message_with_lines(str(exc), result.hcl)) from None
+
+
+def validate_ansible(settings: Settings, playbook: Path) -> None:
+    exe = _venv_tool("ansible-lint", "pip install ansible-lint (it is in the dev extras: pip install -e '.[dev]')")
+    env_cfg = settings.root / ".ansible-lint"
+    cmd = [exe, "--nocolor", "-q"]
+    if env_cfg.exists():
+        cmd += ["-c", str(env_cfg)]
+    _run_tool([*cmd, str(playbook)], "ansible-lint", settings.root, str(playbook), env=ansible_env(settings))
+
+
+_lint_cache: dict[str, bool] = {}
+
+
+def validate(result: RenderResult, settings: Settings) -> None:
+    """Validate rendered files with their real consumers; raises RenderError with the tool's message."""
+    validate_kickstart(result)
+    validate_packer(result)
+    playbook = settings.resolve(result.image.playbook)
+    # ansible-lint is slow (seconds); lint each distinct playbook+roles state once per process.
+    key = json.dumps({k: v for k, v in result.inputs.items() if k.startswith("input:ansible")}, sort_keys=True)
+    key += str(playbook)
+    if key not in _lint_cache:
+        validate_ansible(settings, playbook)
+        _lint_cache[key] = True
