@@ -127,7 +127,7 @@ class VerifiedTlsAdapter(HTTPAdapter):
     def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         for key in ("ca_certs", "ca_cert_dir", "cert_reqs"):
-            pool_kwargs.pop(key, None)
+            pool_kwargs.pop(key, None)  # type: ignore[misc]
         return host_params, pool_kwargs
 
 
@@ -162,7 +162,7 @@ class PveClient:
         self.session.mount("https://", adapter)
 
     # -------------------------------------------------------------- raw calls
-    def call(self, method: str, path: str, **params: Any) -> Any:
+    def call(self, method: str, path: str, /, **params: Any) -> Any:
         """``call("GET", "/nodes/{node}/qemu")``: path relative to /api2/json, params as PVE names them."""
         resource = self.api(path.strip("/"))
         label = f"{method} {path}"
@@ -190,16 +190,16 @@ class PveClient:
             raise RemoteError(self.name, f"{label}: no answer within {self.timeout:.0f}s") from None
         raise ValueError(f"unsupported HTTP method {method}")
 
-    def get(self, path: str, **params: Any) -> Any:
+    def get(self, path: str, /, **params: Any) -> Any:
         return self.call("GET", path, **params)
 
-    def post(self, path: str, **params: Any) -> Any:
+    def post(self, path: str, /, **params: Any) -> Any:
         return self.call("POST", path, **params)
 
-    def put(self, path: str, **params: Any) -> Any:
+    def put(self, path: str, /, **params: Any) -> Any:
         return self.call("PUT", path, **params)
 
-    def delete(self, path: str, **params: Any) -> Any:
+    def delete(self, path: str, /, **params: Any) -> Any:
         return self.call("DELETE", path, **params)
 
     @property

@@ -1,9 +1,10 @@
-"""inventory.*: validate the site model."""
+"""inventory.*: validate the site model; preflight-check the hypervisors."""
 
 from __future__ import annotations
 
 from invoke.collection import Collection
 from invoke.context import Context
+from invoke.exceptions import Exit
 from invoke.tasks import task
 from rich.table import Table
 
@@ -35,5 +36,50 @@ def check(c: Context, inventory: str | None = None, images: str | None = None, j
     console.print("images: " + ", ".join(f"{n} ({i['mode']})" for n, i in summary["images"].items()))
 
 
+@task(
+    iterable=["hypervisor"],
+    help={
+        "hypervisor": "check only this hypervisor (repeatable; default: all in the inventory)",
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "images": "image catalogue YAML (default: factory.images)",
+        "json": "print the report as JSON on stdout instead of the table",
+        "checks": "comma-separated checks or a group (all, publish, deploy); default: all",
+    }
+)
+@handle_errors
+def preflight(
+    c: Context, hypervisor: list[str] | None = None, inventory: str | None = None, images: str | None = None,
+    json: bool = False, checks: str | None = None,
+) -> None:
+    """Check, read-only and in parallel, that each hypervisor is ready for publish and deploy.
+
+    TLS, SSH host key, token, PVE version, privileges, storages, free space, bridge, VM id ranges.
+    Exits non-zero (3) if any check fails; each failure carries a fix hint.
+    """
+    from ..preflight import CHECK_GROUPS, render_table, run_preflight
+
+    cfg, model = site(c, inventory, images)
+    selected: tuple[str, ...] | None = None
+    if checks:
+        names: list[str] = []
+        for part in (p.strip() for p in checks.split(",") if p.strip()):
+            names.extend(CHECK_GROUPS.get(part, (part,)))
+        selected = tuple(names)
+    try:
+        report = run_preflight(cfg, model, hypervisor or None, checks=selected)
+    except ValueError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
+    if json:
+        emit_json(report.to_dict())
+    else:
+        console.print(render_table(report))
+    if not report.ok:
+        failed = report.failures()
+        console.print(f"[bold red]preflight failed:[/] {len(failed)} check(s) on "
+                      f"{', '.join(sorted({h for h, _ in failed}))}")
+        raise Exit(code=3)
+
+
 ns = Collection("inventory")
 ns.add_task(check)
+ns.add_task(preflight)

@@ -1,0 +1,690 @@
+"""Preflight: read-only checks that each hypervisor is ready for publish and deploy.
+
+For every selected hypervisor, in parallel (one thread per host), and without changing anything
+(API GETs only, and ``df`` over SSH):
+
+========== ===========================================================================
+check      what passes
+========== ===========================================================================
+tls        the API answers over TLS verified with the inventory's CA file or fingerprint
+ssh        the SSH host key matches the pinned one and the factory key logs in
+token      the API token authenticates
+version    PVE 8.4 or newer (``import`` uploads need it)
+privileges the token's effective privileges (``GET /access/permissions``) cover
+           :data:`REQUIRED_PRIVILEGES` on /vms, /storage/<id>, /sdn/zones/localnetwork/<bridge>
+           and /nodes/<node>
+storage    the images, cloud-init and import storages exist, are enabled and list the
+           content types the factory writes (images; import)
+space      the import storage (API ``avail``), the upload staging dir and the import dir
+           (``df`` over SSH) each have room for the largest artifact
+bridge     every bridge the inventory names for this host exists on the node
+vmids      the template and VM id ranges hold no guest the factory does not own
+           (owned = tagged :data:`FACTORY_TAG`)
+========== ===========================================================================
+
+Each failure carries a hint that says how to fix it. :func:`run_preflight` returns a
+:class:`PreflightReport`; :meth:`PreflightReport.raise_for_failures` raises
+:class:`PreflightFailed` with the host, check, problem and fix of every failure. publish and
+deploy run ``run_preflight(..., checks=PUBLISH_CHECKS)`` / ``DEPLOY_CHECKS`` first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from . import manifest as manifest_mod
+from .errors import FactoryError, RemoteError
+from .inventory import Hypervisor, Site
+from .pve import ApiError, PveClient
+from .settings import Settings
+from .sshlink import HostKeyMismatch, SshLink
+
+# ------------------------------------------------------------------------------------- constants
+
+CHECK_TLS = "tls"
+CHECK_SSH = "ssh"
+CHECK_TOKEN = "token"  # noqa: S105 - a check name, not a secret
+CHECK_VERSION = "version"
+CHECK_PRIVILEGES = "privileges"
+CHECK_STORAGE = "storage"
+CHECK_SPACE = "space"
+CHECK_BRIDGE = "bridge"
+CHECK_VMIDS = "vmids"
+
+ALL_CHECKS: tuple[str, ...] = (
+    CHECK_TLS, CHECK_SSH, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES,
+    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS,
+)
+# publish uploads over SSH and registers templates through the API: everything.
+PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
+# deploy only clones and configures through the API: no SSH, no upload space.
+DEPLOY_CHECKS: tuple[str, ...] = (
+    CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES, CHECK_STORAGE, CHECK_BRIDGE, CHECK_VMIDS,
+)
+CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
+
+# A check needs these to have passed first (they are added to the run when missing).
+PREREQUISITES: dict[str, tuple[str, ...]] = {
+    CHECK_TLS: (),
+    CHECK_SSH: (),
+    CHECK_TOKEN: (CHECK_TLS,),
+    CHECK_VERSION: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_PRIVILEGES: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_STORAGE: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_SPACE: (CHECK_TLS, CHECK_TOKEN, CHECK_SSH),
+    CHECK_BRIDGE: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_VMIDS: (CHECK_TLS, CHECK_TOKEN),
+}
+
+MIN_VERSION = (8, 4)
+FACTORY_TAG = "image-factory"
+FACTORY_ROLE = "ImageFactory"
+SDN_ZONE = "localnetwork"
+PLAYBOOK = "ansible/playbooks/hypervisor.yml"
+
+VM_PRIVILEGES: tuple[str, ...] = (
+    "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
+    "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.CPU",
+    "VM.PowerMgmt", "VM.Audit",
+)
+STORAGE_PRIVILEGES: tuple[str, ...] = ("Datastore.AllocateSpace", "Datastore.Audit")
+IMPORT_STORAGE_PRIVILEGES: tuple[str, ...] = (
+    "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
+)
+SDN_PRIVILEGES: tuple[str, ...] = ("SDN.Use",)
+NODE_PRIVILEGES: tuple[str, ...] = ("Sys.Audit",)
+# Every privilege publish and deploy use (shared/pve-facts.md, "Access"): the ImageFactory role.
+REQUIRED_PRIVILEGES: tuple[str, ...] = (
+    *VM_PRIVILEGES, "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
+    *SDN_PRIVILEGES, *NODE_PRIVILEGES,
+)
+
+DEFAULT_TIMEOUT = 20.0
+_VERSION_RE = re.compile(r"^(\d+)\.(\d+)(?:[.-](\d+))?")
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check on one host. ``skipped``: not run because a check it depends on failed."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.skipped else ("ok" if self.ok else "FAIL")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "status": self.status, "detail": self.detail, "hint": self.hint}
+
+
+@dataclass
+class PreflightReport:
+    """Results per host (inventory order), each a list of CheckResult in check order."""
+
+    hosts: dict[str, list[CheckResult]] = field(default_factory=dict)
+    checks: tuple[str, ...] = ALL_CHECKS
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for results in self.hosts.values() for r in results)
+
+    def host_ok(self, host: str) -> bool:
+        return all(r.ok for r in self.hosts[host])
+
+    def result(self, host: str, check: str) -> CheckResult:
+        for r in self.hosts[host]:
+            if r.name == check:
+                return r
+        raise KeyError(f"{host}: no result for check {check!r}")
+
+    def failures(self) -> list[tuple[str, CheckResult]]:
+        """Failed checks (not the ones skipped because of them), as (host, result)."""
+        return [(h, r) for h, results in self.hosts.items() for r in results if not r.ok and not r.skipped]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checks": list(self.checks),
+            "hosts": {
+                h: {"ok": self.host_ok(h), "checks": [r.to_dict() for r in results]}
+                for h, results in self.hosts.items()
+            },
+        }
+
+    def raise_for_failures(self) -> None:
+        if not self.ok:
+            raise PreflightFailed(self)
+
+
+class PreflightFailed(FactoryError):
+    """Raised by :meth:`PreflightReport.raise_for_failures`: lists host, check, problem and fix."""
+
+    exit_code = 3
+
+    def __init__(self, report: PreflightReport):
+        self.report = report
+        self.failed = report.failures()
+        lines = []
+        for host, r in self.failed:
+            lines.append(f"  - {host}: {r.name}: {r.detail}")
+            if r.hint:
+                lines.append(f"      fix: {r.hint}")
+        super().__init__(f"preflight failed ({len(self.failed)} check(s)):\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def expand_checks(checks: Iterable[str] | None) -> tuple[str, ...]:
+    """Validate check names, add their prerequisites, return them in canonical order."""
+    wanted = set(ALL_CHECKS if checks is None else checks)
+    unknown = sorted(wanted - set(ALL_CHECKS))
+    if unknown:
+        raise ValueError(f"unknown preflight check(s) {unknown} (have: {', '.join(ALL_CHECKS)})")
+    for name in list(wanted):
+        wanted.update(PREREQUISITES[name])
+    return tuple(c for c in ALL_CHECKS if c in wanted)
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    m = _VERSION_RE.match(text.strip())
+    if not m:
+        return None
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def split_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [p for p in re.split(r"[,;\s]+", str(value)) if p]
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """How many bytes an upload needs, and where that figure comes from."""
+
+    bytes: int
+    source: str
+
+
+def largest_artifact(settings: Settings, site: Site, images: Sequence[str] | None = None) -> SpaceNeed:
+    """The largest built artifact (manifest artifact.disk_size, the bytes uploaded).
+
+    Before anything is built, the catalogue's largest ``disk_size`` (the virtual size, an upper
+    bound of the qcow2 file) stands in, so preflight can warn before a build is wasted.
+    """
+    names = list(images) if images else list(site.images)
+    best: SpaceNeed | None = None
+    for name in names:
+        try:
+            m = manifest_mod.load(settings.builds_dir / name)
+        except manifest_mod.ManifestError:
+            m = None
+        if m is None:
+            continue
+        size = int(m.artifact.disk_size or 0)
+        if best is None or size > best.bytes:
+            best = SpaceNeed(size, f"artifact of {name} (build {m.build_id})")
+    if best is not None:
+        return best
+    for name in names:
+        img = site.images.get(name)
+        if img is None:
+            continue
+        size = int(img.disk_size[:-1]) * (1024**3 if img.disk_size.endswith("G") else 1024**2)
+        if best is None or size > best.bytes:
+            best = SpaceNeed(size, f"no build yet: disk_size {img.disk_size} of {name} (upper bound)")
+    return best or SpaceNeed(0, "no images")
+
+
+def _token_user(token_id: str) -> str:
+    return token_id.split("!", 1)[0]
+
+
+def bridges_for(site: Site, hv: Hypervisor) -> list[str]:
+    """The bridges this host's templates and VMs use: the host default and every NIC override."""
+    names = {hv.bridge}
+    for vm in site.vms_on(hv.name):
+        for nic in vm.nics:
+            names.add(nic.bridge or hv.bridge)
+    return sorted(names)
+
+
+def required_acl(site: Site, hv: Hypervisor) -> dict[str, tuple[str, ...]]:
+    """ACL path -> privileges the token must hold there for this host."""
+    need: dict[str, list[str]] = {"/vms": list(VM_PRIVILEGES)}
+    st = hv.storage
+    for sid in (st.images, st.cloudinit):
+        need.setdefault(f"/storage/{sid}", [])
+        need[f"/storage/{sid}"] += [p for p in STORAGE_PRIVILEGES if p not in need[f"/storage/{sid}"]]
+    imp = f"/storage/{st.import_}"
+    need.setdefault(imp, [])
+    need[imp] += [p for p in IMPORT_STORAGE_PRIVILEGES if p not in need[imp]]
+    for bridge in bridges_for(site, hv):
+        need[f"/sdn/zones/{SDN_ZONE}/{bridge}"] = list(SDN_PRIVILEGES)
+    need[f"/nodes/{hv.node}"] = list(NODE_PRIVILEGES)
+    return {path: tuple(privs) for path, privs in need.items()}
+
+
+def effective_privileges(answer: Any, path: str) -> set[str]:
+    """Privileges held on ``path`` from a ``GET /access/permissions?path=...`` answer.
+
+    PVE answers ``{path: {priv: 1}}`` with the effective privileges for exactly that path; a
+    server that lists the ACL entries above the path instead is read as their union (propagation).
+    """
+    held: set[str] = set()
+    if not isinstance(answer, dict):
+        return held
+    for p, privs in answer.items():
+        p = str(p).rstrip("/") or "/"
+        if p == path or p == "/" or path.startswith(p + "/"):
+            if isinstance(privs, dict):
+                held.update(k for k, v in privs.items() if v)
+            else:
+                held.update(split_list(privs))
+    return held
+
+
+# ------------------------------------------------------------------------------------- per host
+
+
+class _HostRun:
+    """Runs the checks for one hypervisor; every call is read-only."""
+
+    def __init__(self, settings: Settings, site: Site, hv: Hypervisor, checks: tuple[str, ...],
+                 need: SpaceNeed, timeout: float, client_factory: Callable[[Hypervisor], PveClient] | None):
+        self.settings = settings
+        self.site = site
+        self.hv = hv
+        self.checks = checks
+        self.need = need
+        self.timeout = timeout
+        self.client_factory = client_factory
+        self.client: PveClient | None = None
+        self.link: SshLink | None = None
+        self.results: dict[str, CheckResult] = {}
+        self.node_storage: list[dict[str, Any]] | None = None
+        self.version_info: dict[str, Any] = {}
+        self.token_error: ApiError | None = None
+
+    # -- bookkeeping
+    def _ok(self, name: str, detail: str) -> None:
+        self.results[name] = CheckResult(name, True, detail)
+
+    def _fail(self, name: str, detail: str, hint: str) -> None:
+        self.results[name] = CheckResult(name, False, detail, hint)
+
+    def _passed(self, name: str) -> bool:
+        r = self.results.get(name)
+        return r is not None and r.ok
+
+    def run(self) -> list[CheckResult]:
+        steps: dict[str, Callable[[], None]] = {
+            CHECK_TLS: self.check_tls, CHECK_SSH: self.check_ssh, CHECK_TOKEN: self.check_token,
+            CHECK_VERSION: self.check_version, CHECK_PRIVILEGES: self.check_privileges,
+            CHECK_STORAGE: self.check_storage, CHECK_SPACE: self.check_space,
+            CHECK_BRIDGE: self.check_bridge, CHECK_VMIDS: self.check_vmids,
+        }
+        try:
+            for name in self.checks:
+                blockers = [p for p in PREREQUISITES[name] if not self._passed(p)]
+                if blockers:
+                    self.results[name] = CheckResult(
+                        name, False, f"not run: {', '.join(blockers)} failed", "", skipped=True
+                    )
+                    continue
+                try:
+                    steps[name]()
+                except RemoteError as exc:
+                    self._fail(name, str(exc).removeprefix(f"{self.hv.name}: "), self._generic_hint(exc))
+        finally:
+            if self.link is not None:
+                self.link.close()
+        return [self.results[n] for n in self.checks]
+
+    def _generic_hint(self, exc: RemoteError) -> str:
+        if isinstance(exc, ApiError) and exc.status == 403:
+            return f"grant the token the {FACTORY_ROLE} role: ansible-playbook {PLAYBOOK} -l {self.hv.name}"
+        return f"check that {self.hv.api_url} is the PVE API of node {self.hv.node} and that pveproxy runs"
+
+    # -- checks
+    def check_tls(self) -> None:
+        hv = self.hv
+        how = f"CA file {hv.tls_ca_file}" if hv.tls_ca_file else f"pinned fingerprint {hv.tls_fingerprint}"
+        try:
+            self.client = (self.client_factory or self._default_client)(hv)
+        except RemoteError as exc:  # e.g. the CA file does not exist
+            self._fail(CHECK_TLS, str(exc).removeprefix(f"{hv.name}: "), self._tls_hint())
+            return
+        except FactoryError as exc:  # the token secret cannot be read: TLS is untested, the token is the fault
+            self.results[CHECK_TLS] = CheckResult(CHECK_TLS, False, "not run: token secret unavailable", "",
+                                                  skipped=True)
+            self._fail(CHECK_TOKEN, str(exc), self._secret_hint())
+            return
+        try:
+            self.version_info = self.client.version()
+        except ApiError as exc:
+            self._ok(CHECK_TLS, f"{hv.api_url} verified with {how}")
+            self.token_error = exc
+            return
+        except RemoteError as exc:
+            self._fail(CHECK_TLS, str(exc).removeprefix(f"{hv.name}: "), self._tls_hint())
+            return
+        self._ok(CHECK_TLS, f"{hv.api_url} verified with {how}")
+
+    def _default_client(self, hv: Hypervisor) -> PveClient:
+        return PveClient(hv, timeout=self.timeout)
+
+    def _tls_hint(self) -> str:
+        hv = self.hv
+        if hv.tls_ca_file:
+            return (
+                f"if {hv.node}'s certificate was renewed legitimately, copy /etc/pve/pve-root-ca.pem from the node "
+                f"over a trusted channel to {hv.tls_ca_file}; otherwise find out what answers on {hv.api_url}"
+            )
+        return (
+            f"if {hv.node}'s certificate was renewed legitimately, pin the new one: on the node run "
+            f"`openssl x509 -noout -fingerprint -sha256 -in /etc/pve/local/pve-ssl.pem` and set "
+            f"pve.tls_fingerprint; otherwise find out what answers on {hv.api_url}"
+        )
+
+    def _secret_hint(self) -> str:
+        hv = self.hv
+        where = f"environment variable {hv.token_secret_env}" if hv.token_secret_env else f"file {hv.token_secret_file}"
+        return f"put the secret of token {hv.token_id} in the {where} (it is shown once by `pveum user token add`)"
+
+    def check_token(self) -> None:
+        if CHECK_TOKEN in self.results:  # set by check_tls (secret unreadable)
+            return
+        exc = self.token_error
+        hv = self.hv
+        if exc is None:
+            self._ok(CHECK_TOKEN, f"{hv.token_id} authenticates")
+            return
+        if exc.status == 401:
+            self._fail(
+                CHECK_TOKEN, f"token {hv.token_id} is refused: {exc.pve_message}",
+                f"check the token exists (`pveum user token list {_token_user(hv.token_id)}` on {hv.node}) and "
+                f"that the secret in {hv.token_secret_env or hv.token_secret_file} is its secret; "
+                f"or create it: ansible-playbook {PLAYBOOK} -l {hv.name}",
+            )
+        else:
+            self._fail(CHECK_TOKEN, f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc))
+
+    def check_version(self) -> None:
+        info = self.version_info
+        text = str(info.get("version") or info.get("release") or "")
+        parsed = parse_version(text)
+        need = ".".join(map(str, MIN_VERSION))
+        if parsed is None:
+            self._fail(CHECK_VERSION, f"cannot read the PVE version from {info!r}",
+                       f"check that {self.hv.api_url} is a Proxmox VE {need}+ node")
+        elif parsed[:2] < MIN_VERSION:
+            self._fail(
+                CHECK_VERSION,
+                f"PVE {text} on {self.hv.node} is older than {need}: `import` uploads need {need} or newer",
+                f"upgrade {self.hv.node} to Proxmox VE {need} or newer (for 7.x first: pve7to8 --full, then "
+                f"switch the repositories to bookworm and apt full-upgrade)",
+            )
+        else:
+            self._ok(CHECK_VERSION, f"PVE {text}")
+
+    def check_privileges(self) -> None:
+        assert self.client is not None
+        hv = self.hv
+        missing: dict[str, list[str]] = {}
+        for path, privs in required_acl(self.site, hv).items():
+            answer = self.client.get("/access/permissions", path=path)
+            held = effective_privileges(answer, path)
+            lack = [p for p in privs if p not in held]
+            if lack:
+                missing[path] = lack
+        if not missing:
+            self._ok(CHECK_PRIVILEGES, f"{hv.token_id} holds all {len(REQUIRED_PRIVILEGES)} privileges where needed")
+            return
+        detail = f"token {hv.token_id} lacks " + "; ".join(f"{', '.join(p)} on {path}" for path, p in missing.items())
+        user = _token_user(hv.token_id)
+        cmds = "; ".join(
+            f"pveum acl modify {path} --users {user} --tokens '{hv.token_id}' --roles {FACTORY_ROLE}"
+            for path in missing
+        )
+        self._fail(
+            CHECK_PRIVILEGES, detail,
+            f"ansible-playbook {PLAYBOOK} -l {hv.name}, or on {hv.node}: {cmds} "
+            f"(and if the role lacks one: pveum role modify {FACTORY_ROLE} --append 1 --privs <privilege>)",
+        )
+
+    def _storages(self) -> list[dict[str, Any]]:
+        if self.node_storage is None:
+            assert self.client is not None
+            self.node_storage = list(self.client.get(f"/nodes/{self.hv.node}/storage"))
+        return self.node_storage
+
+    def check_storage(self) -> None:
+        hv = self.hv
+        st = hv.storage
+        wanted: dict[str, list[str]] = {}
+        for sid, content in ((st.images, "images"), (st.cloudinit, "images"), (st.import_, "import")):
+            wanted.setdefault(sid, [])
+            if content not in wanted[sid]:
+                wanted[sid].append(content)
+        found = {str(s.get("storage")): s for s in self._storages()}
+        problems: list[str] = []
+        hints: list[str] = []
+        for sid, contents in wanted.items():
+            s = found.get(sid)
+            if s is None:
+                problems.append(f"storage {sid!r} not found on node {hv.node} (or not visible to the token)")
+                hints.append(
+                    f"check `pvesm status` on {hv.node} and pve.storage in the inventory; the token needs "
+                    f"Datastore.Audit on /storage/{sid}"
+                )
+                continue
+            if not int(s.get("enabled", 1) or 0) or not int(s.get("active", 1) or 0):
+                problems.append(f"storage {sid!r} is disabled or inactive on {hv.node}")
+                hints.append(f"pvesm set {sid} --disable 0, and check `pvesm status` on {hv.node}")
+            have = split_list(s.get("content"))
+            lack = [c for c in contents if c not in have]
+            if lack:
+                problems.append(
+                    f"storage {sid!r} lacks content type {', '.join(lack)} (has: {','.join(have) or 'none'})"
+                )
+                hints.append(f"pvesm set {sid} --content {','.join([*have, *lack])}")
+        if problems:
+            self._fail(CHECK_STORAGE, "; ".join(problems), "; ".join(hints))
+        else:
+            self._ok(CHECK_STORAGE, "; ".join(f"{sid}: {','.join(c)}" for sid, c in wanted.items()))
+
+    def check_ssh(self) -> None:
+        hv = self.hv
+        ep = hv.ssh
+        link = SshLink(hv.name, ep, timeout=self.timeout)
+        try:
+            link.connect()
+        except HostKeyMismatch as exc:
+            self._fail(
+                CHECK_SSH, str(exc).removeprefix(f"{hv.name}: "),
+                f"if {hv.node} was reinstalled or its keys rotated, confirm the new key on its console "
+                f"(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and put it in pve.ssh.host_key; "
+                f"otherwise do not connect: something else answers on {ep.host}:{ep.port}",
+            )
+            return
+        except RemoteError as exc:
+            self._fail(
+                CHECK_SSH, str(exc).removeprefix(f"{hv.name}: "),
+                f"check pve.ssh (host, port, user {ep.user}, key_file) and that the factory's public key is in "
+                f"~{ep.user}/.ssh/authorized_keys on {hv.node} (ansible-playbook {PLAYBOOK} -l {hv.name})",
+            )
+            return
+        self.link = link
+        self._ok(CHECK_SSH, f"{ep.user}@{ep.host}:{ep.port} host key matches the pinned {ep.host_key.split()[0]}")
+
+    def check_space(self) -> None:
+        hv = self.hv
+        need = self.need
+        problems: list[str] = []
+        hints: list[str] = []
+        seen: list[str] = []
+        sid = hv.storage.import_
+        item = next((s for s in self._storages() if str(s.get("storage")) == sid), None)
+        if item is None:
+            problems.append(f"import storage {sid!r} not found on {hv.node}")
+            hints.append("see the storage check")
+        else:
+            avail = int(item.get("avail") or 0)
+            seen.append(f"{sid}: {human_bytes(avail)} free")
+            if avail < need.bytes:
+                problems.append(
+                    f"import storage {sid!r} has {human_bytes(avail)} free, the largest artifact needs "
+                    f"{human_bytes(need.bytes)} ({need.source})"
+                )
+                hints.append(f"free at least {human_bytes(need.bytes - avail)} on storage {sid} of {hv.node} "
+                             f"(old uploads: `pvesm list {sid} --content import`)")
+        assert self.link is not None
+        dirs = list(dict.fromkeys([hv.storage.staging_dir, hv.storage.import_dir]))
+        for d in dirs:
+            res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)
+            rows = [ln.split() for ln in res.stdout.splitlines()[1:] if ln.strip()]
+            if res.status != 0 or not rows or len(rows[-1]) < 6:
+                why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"df exited {res.status}"
+                problems.append(f"cannot measure free space in {d} on {hv.node}: {why}")
+                if d == hv.storage.import_dir:
+                    hints.append(
+                        f"{d} should be storage {sid}'s import/ directory: enable `import` content on {sid} "
+                        f"(PVE creates the directory) or fix pve.storage.import_dir"
+                    )
+                else:
+                    hints.append(f"create {d} on {hv.node} or fix pve.storage.staging_dir")
+                continue
+            avail = int(rows[-1][3]) * 1024
+            mount = rows[-1][5]
+            seen.append(f"{d}: {human_bytes(avail)} free")
+            if avail < need.bytes:
+                problems.append(
+                    f"{d} on {hv.node} (filesystem {mount}) has {human_bytes(avail)} free, the largest artifact "
+                    f"needs {human_bytes(need.bytes)} ({need.source})"
+                )
+                hints.append(f"free at least {human_bytes(need.bytes - avail)} on {mount} of {hv.node}"
+                             + (" (PVE stages API uploads there)" if d == hv.storage.staging_dir else ""))
+        if problems:
+            self._fail(CHECK_SPACE, "; ".join(problems), "; ".join(hints))
+        else:
+            self._ok(CHECK_SPACE, f"need {human_bytes(need.bytes)} ({need.source}); " + "; ".join(seen))
+
+    def check_bridge(self) -> None:
+        assert self.client is not None
+        hv = self.hv
+        ifaces = list(self.client.get(f"/nodes/{hv.node}/network"))
+        bridges = {str(i.get("iface")) for i in ifaces if str(i.get("type", "")).lower() in ("bridge", "ovsbridge")}
+        missing = [b for b in bridges_for(self.site, hv) if b not in bridges]
+        have = ", ".join(sorted(bridges)) or "none"
+        if missing:
+            self._fail(
+                CHECK_BRIDGE,
+                f"bridge {', '.join(missing)} does not exist on {hv.node} (has: {have})",
+                f"create it on {hv.node} (/etc/network/interfaces, then ifreload -a) or fix pve.bridge / "
+                f"vm.nics[].bridge in the inventory",
+            )
+        else:
+            self._ok(CHECK_BRIDGE, ", ".join(bridges_for(self.site, hv)) + " present")
+
+    def check_vmids(self) -> None:
+        assert self.client is not None
+        hv = self.hv
+        guests = list(self.client.get("/cluster/resources", type="vm"))
+        foreign: list[str] = []
+        owned = 0
+        for g in guests:
+            if g.get("node") not in (None, hv.node):
+                continue
+            try:
+                vmid = int(g.get("vmid", -1))
+            except (TypeError, ValueError):
+                continue
+            rng = "template_vmids" if vmid in hv.template_vmids else "vm_vmids" if vmid in hv.vm_vmids else None
+            if rng is None:
+                continue
+            kind = str(g.get("type", "qemu"))
+            tags = split_list(g.get("tags"))
+            if kind == "qemu" and FACTORY_TAG in tags:
+                owned += 1
+                continue
+            what = "container" if kind == "lxc" else ("template" if g.get("template") else "VM")
+            foreign.append(f"{what} {vmid} ({g.get('name', '?')}) in {rng} is not tagged {FACTORY_TAG}")
+        ranges = (f"templates {hv.template_vmids.first}-{hv.template_vmids.last}, "
+                  f"VMs {hv.vm_vmids.first}-{hv.vm_vmids.last}")
+        if foreign:
+            self._fail(
+                CHECK_VMIDS, "; ".join(foreign),
+                f"the factory only touches guests it made: move those guests out of the ranges on {hv.node} "
+                f"or change pve.template_vmids / pve.vm_vmids in the inventory ({ranges})",
+            )
+        else:
+            self._ok(CHECK_VMIDS, f"{ranges}: free or factory-owned ({owned} owned)")
+
+
+# ------------------------------------------------------------------------------------- entry
+
+
+def run_preflight(
+    settings: Settings,
+    site: Site,
+    hypervisors: Sequence[str] | None = None,
+    *,
+    checks: Iterable[str] | None = None,
+    images: Sequence[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    client_factory: Callable[[Hypervisor], PveClient] | None = None,
+) -> PreflightReport:
+    """Run the (read-only) checks on each selected hypervisor in parallel.
+
+    ``hypervisors``: names (default: all; unknown names raise ValidationFailed before anything runs).
+    ``checks``: names or a group (:data:`PUBLISH_CHECKS`, :data:`DEPLOY_CHECKS`); prerequisites are
+    added. ``images``: restrict the space check's "largest artifact" to these images.
+    """
+    selected = site.select_hypervisors(list(hypervisors) if hypervisors else None)
+    names = expand_checks(checks)
+    need = largest_artifact(settings, site, images) if CHECK_SPACE in names else SpaceNeed(0, "")
+    runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory) for hv in selected]
+    report = PreflightReport(checks=names)
+    if not runs:
+        return report
+    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="preflight") as pool:
+        results = list(pool.map(lambda r: r.run(), runs))
+    for run, res in zip(runs, results, strict=True):
+        report.hosts[run.hv.name] = res
+    return report
+
+
+def render_table(report: PreflightReport) -> Table:
+    table = Table(title="preflight: " + ("all checks passed" if report.ok else "FAILED"), show_lines=False)
+    for col in ("host", "check", "status", "detail", "fix"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "FAIL": "bold red", "skip": "yellow"}
+    for host, results in report.hosts.items():
+        for r in results:
+            table.add_row(host, r.name, f"[{style[r.status]}]{r.status}[/]", r.detail, r.hint)
+    return table
