@@ -174,7 +174,7 @@ def format_problem(mac: str) -> str | None:
         if len(parts) != 6:
             return f"{why}: has {len(parts)} group(s), a MAC has 6"
         short = [p for p in parts if len(p) != 2]
-        return f"{why}: group(s) {short} are not two hex digits"
+        return f"{why}: group(s) {', '.join(repr(p) for p in short)} are not two hex digits"
     if mac.startswith(PROXMOX_OUI):
         return f"{why}; bc:24:11 is Proxmox's OUI for generated MACs and may collide with any VM it creates"
     if "locally administered" in why:
@@ -426,9 +426,20 @@ def _quoted(value: str, like: Any) -> Any:
     return DoubleQuotedScalarString(value)
 
 
+def parse_nic(text: str | int | None) -> int | None:
+    """The --nic flag: None (every NIC) or a NIC index 0-7."""
+    if text is None or isinstance(text, int):
+        return text
+    if not text.strip().isdigit() or int(text) > NIC_MAX:
+        raise ValidationFailed([Problem("--nic", str(text), "", f"must be a NIC index 0-{NIC_MAX}")])
+    return int(text)
+
+
 def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Change]:
     """What mac.generate would write for ``vm_name`` (all NICs, or only ``nic``), without writing."""
     problems: list[Problem] = []
+    if not vm_name:
+        raise ValidationFailed([Problem("--vm", "", "", "name the VM: --vm NAME")])
     vms = _raw_vms(Path(inventory), problems)
     if problems:
         raise ValidationFailed(problems)
@@ -748,6 +759,6 @@ def write_output(text: str, output: str | Path) -> Path:
 __all__ = [
     "DEFAULT_DOMAIN", "FORMATS", "PLANE_CODES", "PREFIX", "PROXMOX_OUI", "ROLE_CODES", "SITE_CODE",
     "Change", "MacError", "NamespaceMac", "Reservation", "allocate_host", "check", "check_inventory",
-    "export", "format_problem", "generate", "namespace_problems", "parse_interfaces", "plan",
+    "export", "format_problem", "generate", "namespace_problems", "parse_interfaces", "parse_nic", "plan",
     "reservations", "role_code", "write_output",
 ]

@@ -14,6 +14,7 @@ from ._common import handle_errors, settings, site
 
 
 @task(
+    positional=[],
     help={
         "vm": "inventory name of the VM (mgmt or tenant group)",
         "nic": "only this NIC index; the VM's NIC count adds a NIC (default: every NIC of the VM)",
@@ -21,10 +22,10 @@ from ._common import handle_errors, settings, site
     }
 )
 @handle_errors
-def generate(c: Context, vm: str, nic: int | None = None, inventory: str | None = None) -> None:
+def generate(c: Context, vm: str = "", nic: str | None = None, inventory: str | None = None) -> None:
     """Give a VM namespace MACs and write them into the inventory (comments and layout kept)."""
     s = settings(c, inventory=inventory)
-    for ch in macs.generate(s.inventory, vm, nic):
+    for ch in macs.generate(s.inventory, vm, macs.parse_nic(nic)):
         if ch.added_nic:
             console.print(f"{ch.vm} NIC {ch.nic}: added with {ch.new}  ({ch.file})")
         elif ch.changed:
@@ -48,6 +49,7 @@ def check(c: Context, inventory: str | None = None, images: str | None = None) -
 
 
 @task(
+    positional=[],
     help={
         "format": f"one of {', '.join(macs.FORMATS)}",
         "output": "write here (atomically) instead of stdout",
@@ -59,7 +61,7 @@ def check(c: Context, inventory: str | None = None, images: str | None = None) -
 )
 @handle_errors
 def export(
-    c: Context, format: str, output: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
+    c: Context, format: str = "", output: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
     interfaces: str | None = None, inventory: str | None = None, images: str | None = None,
 ) -> None:
     """DHCP reservations and DNS entries from the inventory MACs; same inventory, same bytes."""
