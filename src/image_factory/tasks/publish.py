@@ -1,7 +1,96 @@
-"""publish.*: tasks (filled by the publish stage)."""
+"""publish.*: put a tested build on the hypervisors and register it as a template."""
 
 from __future__ import annotations
 
 from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+from rich.table import Table
+
+from ..console import console, emit_json
+from ..publish import DEFAULT_KEEP, PublishReport, publish_image
+from ._common import handle_errors, site
+
+
+def _default_keep(c: Context) -> int:
+    factory = c.config.get("factory", {}) or {}
+    publish_cfg = factory.get("publish", {}) or {}
+    return int(publish_cfg.get("keep", factory.get("publish_keep", DEFAULT_KEEP)))
+
+
+@task(
+    iterable=["hypervisor"],
+    help={
+        "name": "image name from the catalogue (its build is read from builds/<name>/manifest.json)",
+        "hypervisor": "publish only to this hypervisor (repeat for several; default: all)",
+        "transport": "how the image travels: 'ssh' (default, resumable, fastest) or 'api' (PVE upload endpoint)",
+        "keep": "templates of this image to keep per hypervisor (default: factory.publish.keep, else 3)",
+        "dry_run": "print the plan per hypervisor (upload or skip, VMID, prunes) and change nothing",
+        "json": "print the report as JSON on stdout",
+        "force_untested": "publish even without a passing image test for this sha256 (tagged 'untested')",
+        "engine": "SSH data engine: 'exec' (cat into the file, fastest) or 'sftp' (fallback)",
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "images": "image catalogue YAML (default: factory.images)",
+    },
+)
+@handle_errors
+def template(
+    c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
+    dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "exec",
+    inventory: str | None = None, images: str | None = None,
+) -> None:
+    """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
+    settings, model = site(c, inventory, images)
+    report = publish_image(
+        settings, model, name, hypervisors=hypervisor or None, transport=transport,
+        keep=keep if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
+        progress=not json, engine=engine,
+    )
+    if json:
+        emit_json(report.to_dict())
+    else:
+        print_report(report)
+    report.raise_for_failures()
+
+
+def print_report(report: PublishReport) -> None:
+    title = f"{report.image} build {report.build_id} ({'tested' if report.tested else 'UNTESTED'})"
+    if report.dry_run:
+        title = "plan (dry run): " + title
+    table = Table(title=title)
+    for col in ("hypervisor", "action", "upload", "template", "sent", "time", "pruned", "notes"):
+        table.add_column(col)
+    for h in report.hosts:
+        tpl = f"{h.template_vmid} {h.template_name}" if h.template_vmid else h.template_name
+        if report.dry_run:
+            pruned = ", ".join(str(p["vmid"]) for p in h.plan.get("prune", [])) or "-"
+            action = h.plan.get("action", h.action) if h.ok else "failed"
+        else:
+            pruned = ", ".join(str(p["vmid"]) for p in h.pruned) or "-"
+            action = h.action
+        notes = list(h.warnings) + list(h.cleaned_up)
+        if h.plan.get("remove_stale"):
+            notes.append(f"stale VMs: {h.plan['remove_stale']}")
+        if h.kept_for_linked_clones:
+            notes.append(f"kept for linked clones: {h.kept_for_linked_clones}")
+        if h.error:
+            notes.insert(0, f"[red]{h.error}[/]")
+        table.add_row(
+            h.host, action, h.upload or "-", tpl or "-", _size(h.bytes_sent), f"{h.duration_s:.1f}s", pruned,
+            "\n".join(notes) or "",
+        )
+    console.print(table)
+    if report.forced_untested:
+        console.print("[yellow]warning:[/] published WITHOUT a passing image test (--force-untested)")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
 
 ns = Collection("publish")
+ns.add_task(template)

@@ -1,0 +1,857 @@
+"""Publish: put a tested build artifact on every hypervisor and register it as a template.
+
+Per host, one converge step computes a plan (upload or skip, VMID to create, stale leftovers to
+remove, templates to prune) and, unless --dry-run, executes it. The plan is the same object the
+dry run prints: there is one code path.
+
+Design choices (see also upload.py):
+- Host lock: a publish holds ``flock`` on ``<import_dir>/.image-factory-publish.lock`` through an
+  SSH exec channel for the whole converge (plan + execute) of a host. The kernel drops the lock
+  when the holder's process dies, so a crashed or cut publish never leaves a stale lock; the
+  holder writes ``<lock>.owner`` (host, pid, run id, time) so a waiting run can say whom it waits
+  for. Both transports take it (the API transport still uses SSH for the lock and the remote
+  checks). As a second line, "VM <id> already exists" at create re-plans onto the next free id.
+- VMID: the lowest id of ``template_vmids`` that no guest on the node uses (never cluster/nextid).
+- Identity: a template belongs to the factory when its tags contain ``image-factory`` and its
+  description starts with the factory header; the description carries image, build id, sha256,
+  manifest digest, image-test result, import file, publish time and run id. The same digest on the
+  host means "already published": nothing changes and 0 bytes are sent.
+- Cleanup: a failure after create destroys the VM this run created (found by vmid + run id);
+  a failure during the upload removes the partial file. A finished, verified import file (final
+  name) is KEPT: it is complete and checked, the re-run skips its upload, and retention removes it
+  together with its template. Leftover non-template factory VMs of a crashed run (kill -9) are
+  found under the lock and removed by the next run's plan.
+- Retention: newest ``keep`` templates of the image per host (the one just published always
+  counts), by publish time; a template whose base disks are referenced by another VM (linked
+  clones) is kept and reported.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from . import manifest as manifest_mod
+from .errors import FactoryError, RemoteError
+from .inventory import Hypervisor, Image, Site
+from .manifest import Manifest
+from .pve import ApiError, PveClient, retry_on_lock
+from .settings import Settings
+from .sshlink import SshLink
+from .upload import SshUploader, UploadResult, final_has, partial_name, remote_remove, remote_size, upload_api
+
+FACTORY_TAG = "image-factory"
+DESCRIPTION_HEADER = "image-factory template"
+LOCK_NAME = ".image-factory-publish.lock"
+IMPORT_NAME_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(qcow2|raw|vmdk)$")
+TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
+DNS_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DESCRIPTION_MAX = 8192
+ALREADY_EXISTS_RE = re.compile(r"already exists", re.I)
+TRANSPORTS = ("ssh", "api")
+DEFAULT_KEEP = 3
+CREATE_TIMEOUT = 1800.0
+TASK_TIMEOUT = 600.0
+LOCK_WAIT = 900
+
+
+class PublishError(FactoryError):
+    """Publishing cannot start (bad input) or a host failed."""
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+def sanitize_tag(text: str) -> str:
+    tag = re.sub(r"[^a-z0-9_\-+.]+", "-", text.lower()).strip("-")
+    if not tag or not re.match(r"[a-z0-9_]", tag[0]):
+        tag = "x" + tag
+    return tag
+
+
+def dns_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower())
+    name = re.sub(r"-{2,}", "-", name).strip("-")[:63].rstrip("-")
+    if not DNS_RE.match(name):
+        raise PublishError(f"cannot make a DNS-safe template name from {text!r}")
+    return name
+
+
+def import_file_name(manifest: Manifest) -> str:
+    ext = manifest.artifact.format if manifest.artifact.format in ("qcow2", "raw", "vmdk") else "qcow2"
+    base = re.sub(r"[^a-zA-Z0-9\-.+=_]+", "-", f"{manifest.image}-{manifest.build_id}").strip("-.")
+    name = f"{base}.{ext}"
+    if not IMPORT_NAME_RE.match(name):
+        raise PublishError(f"import file name {name!r} does not match PVE's rule [a-zA-Z0-9-.+=_]+.(qcow2|raw|vmdk)")
+    return name
+
+
+def template_name(image: Image, manifest: Manifest) -> str:
+    raw = image.template_name.format(
+        image=image.name, build_id=manifest.build_id, release=image.release, family=image.family
+    )
+    return dns_name(raw)
+
+
+def template_tags(manifest: Manifest, tested: bool) -> list[str]:
+    tags = {
+        FACTORY_TAG,
+        sanitize_tag(manifest.image),
+        sanitize_tag(f"{manifest.family}-{manifest.release}"),
+        sanitize_tag(f"build-{manifest.build_id}"),
+        "tested" if tested else "untested",
+    }
+    return sorted(tags)
+
+
+def test_summary(manifest: Manifest) -> str:
+    t = manifest.image_test
+    if t is None:
+        return "none"
+    ok = "for this sha256" if t.artifact_sha256 == manifest.artifact.sha256 else "for ANOTHER sha256"
+    return (
+        f"{t.status} ({t.passed} passed, {t.failed} failed, {t.errors} errors, {t.skipped} skipped; "
+        f"suites {','.join(t.suites) or '-'}; {ok}; {t.finished_at or '?'})"
+    )
+
+
+def template_description(
+    manifest: Manifest, *, import_file: str, tested: bool, forced: bool, run_id: str, published_at: str
+) -> str:
+    lines = [
+        DESCRIPTION_HEADER,
+        f"image: {manifest.image}",
+        f"build_id: {manifest.build_id}",
+        f"release: {manifest.family} {manifest.release}",
+        f"digest: {manifest.digest}",
+        f"sha256: {manifest.artifact.sha256}",
+        f"image_test: {test_summary(manifest)}",
+        f"tested: {'yes' if tested else 'no (published with --force-untested)' if forced else 'no'}",
+        f"import_file: {import_file}",
+        f"git: {manifest.git.get('commit', '?')}{' (dirty)' if manifest.git.get('dirty') else ''}",
+        f"published_at: {published_at}",
+        f"publish_run: {run_id}",
+    ]
+    text = "\n".join(lines) + "\n"
+    if len(text.encode()) > DESCRIPTION_MAX:  # only the free-text test summary can grow
+        text = text.encode()[:DESCRIPTION_MAX].decode(errors="ignore")
+    return text
+
+
+def parse_description(text: str) -> dict[str, str] | None:
+    """The key/value lines of a factory template description, or None for any other VM."""
+    lines = (text or "").splitlines()
+    if not lines or lines[0].strip() != DESCRIPTION_HEADER:
+        return None
+    out: dict[str, str] = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def split_tags(value: Any) -> list[str]:
+    return sorted(t for t in re.split(r"[;, ]+", str(value or "")) if t)
+
+
+# ------------------------------------------------------------------------------ templates on a host
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A factory-made guest of one image on one host (from its config)."""
+
+    vmid: int
+    name: str
+    node: str
+    image: str
+    build_id: str
+    digest: str
+    sha256: str
+    tested: bool
+    published_at: str
+    import_file: str
+    publish_run: str
+    is_template: bool
+    locked: str | None
+    tags: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
+    meta = parse_description(str(cfg.get("description", "")))
+    tags = tuple(split_tags(cfg.get("tags")))
+    if meta is None or FACTORY_TAG not in tags:
+        return None
+    return TemplateInfo(
+        vmid=vmid, name=str(cfg.get("name", "")), node=client.node, image=meta.get("image", ""),
+        build_id=meta.get("build_id", ""), digest=meta.get("digest", ""), sha256=meta.get("sha256", ""),
+        tested=meta.get("tested", "no") == "yes" and "tested" in tags,
+        published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
+        publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
+        locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
+    )
+
+
+def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
+    """Factory templates of ``image_name`` on the client's node, newest first.
+
+    Newest = latest ``published_at`` (ISO-8601 UTC), then highest vmid. Only finished templates
+    (``template: 1``) unless include_incomplete (then also factory VMs a run left half-made).
+    Deploy picks ``next(t for t in find_templates(c, image) if t.tested)``.
+    """
+    found: list[TemplateInfo] = []
+    for vm in client.list_vms():
+        tags = split_tags(vm.get("tags"))
+        if FACTORY_TAG not in tags:
+            continue
+        is_template = str(vm.get("template", "0")) == "1"
+        if not is_template and not include_incomplete:
+            continue
+        vmid = int(vm["vmid"])
+        try:
+            cfg = client.vm_config(vmid)
+        except ApiError as exc:
+            if exc.status in (404, 500) and "does not exist" in exc.pve_message:
+                continue  # removed between list and read
+            raise
+        info = _template_info(client, vmid, cfg, vm.get("lock"))
+        if info is None or info.image != image_name:
+            continue
+        if info.is_template or include_incomplete:
+            found.append(info)
+    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
+    return found
+
+
+def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:
+    for t in find_templates(client, image_name):
+        if t.tested or not tested_only:
+            return t
+    return None
+
+
+def used_vmids(client: PveClient) -> set[int]:
+    """Every guest id on the node (VMs and containers): a template id must be none of them."""
+    ids = {int(vm["vmid"]) for vm in client.list_vms()}
+    with suppress(ApiError):
+        ids |= {int(ct["vmid"]) for ct in client.get(f"{client.node_path}/lxc")}
+    return ids
+
+
+def free_vmid(hv: Hypervisor, taken: set[int]) -> int:
+    for vmid in range(hv.template_vmids.first, hv.template_vmids.last + 1):
+        if vmid not in taken:
+            return vmid
+    raise PublishError(
+        f"{hv.name}: no free VMID in template_vmids {hv.template_vmids.first}-{hv.template_vmids.last}; "
+        "lower --keep or widen the range in the inventory"
+    )
+
+
+BASE_DISK_RE = re.compile(r"base-(\d+)-disk-\d+")
+
+
+def clone_dependents(configs: dict[int, dict[str, Any]], template_vmid: int) -> list[int]:
+    """VMs whose disks are linked clones of the template (they reference its base-<vmid>-disk-N)."""
+    out = []
+    for vmid, cfg in configs.items():
+        if vmid == template_vmid:
+            continue
+        for key, value in cfg.items():
+            if not re.fullmatch(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+", key):
+                continue
+            if any(int(m) == template_vmid for m in BASE_DISK_RE.findall(str(value).split(",")[0])):
+                out.append(vmid)
+                break
+    return sorted(out)
+
+
+def select_prunes(templates: list[TemplateInfo], current_digest: str | None, keep: int) -> list[TemplateInfo]:
+    """Templates beyond the newest ``keep`` (the current build always counts as kept, first)."""
+    if keep < 1:
+        raise PublishError(f"--keep must be at least 1 (got {keep})")
+    current = [t for t in templates if current_digest and t.digest == current_digest]
+    others = [t for t in templates if t not in current]
+    slots = keep - (1 if current_digest else 0)
+    return others[max(slots, 0):]
+
+
+# ------------------------------------------------------------------------------ host lock
+
+
+class HostLock:
+    """flock held on the host by an SSH exec channel; released when the channel or the link dies."""
+
+    def __init__(self, link: SshLink, import_dir: str, owner: str, *, wait: int = LOCK_WAIT):
+        self.link = link
+        self.path = f"{import_dir}/{LOCK_NAME}"
+        self.owner = owner
+        self.wait = wait
+        self.chan: paramiko.Channel | None = None
+        self.waited_for: str = ""
+
+    def acquire(self) -> None:
+        q = _shq(self.path)
+        chan = self.link.open_session()
+        chan.settimeout(self.wait + 30)
+        chan.exec_command(
+            f"exec 9>>{q} || exit 2; "
+            f"if ! flock -n 9; then printf 'BUSY '; cat {q}.owner 2>/dev/null; echo; "
+            f"flock -w {self.wait} 9 || exit 75; fi; "
+            f"printf '%s\\n' {_shq(self.owner)} > {q}.owner; echo LOCKED; exec cat >/dev/null"
+        )
+        buf = b""
+        while True:
+            piece = chan.recv(4096)
+            if not piece:
+                status = chan.recv_exit_status()
+                err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
+                chan.close()
+                if status == 75:
+                    raise PublishError(
+                        f"{self.link.name}: another publish holds {self.path} ({self.waited_for or 'unknown owner'}) "
+                        f"for more than {self.wait}s"
+                    )
+                raise RemoteError(self.link.name, f"cannot take the publish lock {self.path}: {err[-300:]}")
+            buf += piece
+            text = buf.decode(errors="replace")
+            if text.startswith("BUSY ") and "\n" in text:
+                self.waited_for = text[5:].split("\n", 1)[0].strip()
+            if "LOCKED\n" in text:
+                break
+        chan.settimeout(None)
+        self.chan = chan
+
+    @property
+    def held(self) -> bool:
+        c = self.chan
+        return c is not None and not c.closed and not c.exit_status_ready() and bool(
+            self.link.transport and self.link.transport.is_active()
+        )
+
+    def release(self) -> None:
+        if self.chan is None:
+            return
+        try:
+            self.chan.shutdown_write()
+            self.chan.settimeout(10)
+            self.chan.recv_exit_status()
+        except Exception:  # noqa: S110 - the link may be gone; the kernel released the lock then
+            pass
+        finally:
+            self.chan.close()
+            self.chan = None
+
+
+def _shq(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+# ------------------------------------------------------------------------------ plan and report
+
+
+@dataclass
+class HostPlan:
+    host: str
+    node: str
+    import_file: str
+    template_name: str
+    existing: TemplateInfo | None = None  # a template of this digest is already there
+    upload: str = "upload"  # upload | resume | skip | none
+    partial_bytes: int = 0
+    vmid: int | None = None
+    stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
+    prune: list[TemplateInfo] = field(default_factory=list)
+    keep_for_clones: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def action(self) -> str:
+        return "unchanged" if self.existing else "create"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
+            "partial_bytes": self.partial_bytes, "import_file": self.import_file,
+            "vmid": self.existing.vmid if self.existing else self.vmid,
+            "template_name": self.existing.name if self.existing else self.template_name,
+            "remove_stale": [t.vmid for t in self.stale],
+            "prune": [{"vmid": t.vmid, "name": t.name, "build_id": t.build_id} for t in self.prune],
+            "kept_for_linked_clones": {str(k): v for k, v in self.keep_for_clones.items()},
+        }
+
+
+@dataclass
+class HostResult:
+    host: str
+    node: str = ""
+    action: str = "failed"  # created | unchanged | planned | failed
+    template_vmid: int | None = None
+    template_name: str = ""
+    upload: str = ""
+    bytes_sent: int = 0
+    duration_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    pruned: list[dict[str, Any]] = field(default_factory=list)
+    kept_for_linked_clones: dict[str, list[int]] = field(default_factory=dict)
+    cleaned_up: list[str] = field(default_factory=list)
+    resumed_from: list[int] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["duration_s"] = round(self.duration_s, 3)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class PublishReport:
+    image: str
+    build_id: str
+    sha256: str
+    digest: str
+    transport: str
+    dry_run: bool
+    tested: bool
+    forced_untested: bool
+    keep: int
+    hosts: list[HostResult] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(h.ok for h in self.hosts)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(h.bytes_sent for h in self.hosts)
+
+    def host(self, name: str) -> HostResult:
+        return next(h for h in self.hosts if h.host == name)
+
+    def raise_for_failures(self) -> None:
+        bad = [h for h in self.hosts if not h.ok]
+        if bad:
+            raise PublishError("publish failed on " + "; ".join(f"{h.host}: {h.error}" for h in bad))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image, "build_id": self.build_id, "sha256": self.sha256, "digest": self.digest,
+            "transport": self.transport, "dry_run": self.dry_run, "tested": self.tested,
+            "forced_untested": self.forced_untested, "keep": self.keep, "ok": self.ok,
+            "bytes_sent": self.bytes_sent, "duration_s": round(self.duration_s, 3),
+            "hosts": [h.to_dict() for h in self.hosts],
+        }
+
+
+# ------------------------------------------------------------------------------ the artifact
+
+
+@dataclass(frozen=True)
+class Artifact:
+    manifest: Manifest
+    image: Image
+    path: Path
+    size: int
+    tested: bool
+    forced: bool
+    import_file: str
+    template_name: str
+
+
+def load_artifact(settings: Settings, site: Site, image_name: str, *, force_untested: bool) -> Artifact:
+    """Everything publish needs from the build, checked before any host is contacted."""
+    image = site.image(image_name)
+    build_dir = settings.builds_dir / image_name
+    manifest = manifest_mod.require(build_dir)
+    if manifest.image != image_name:
+        raise PublishError(
+            f"{manifest_mod.manifest_path(build_dir)} is for image {manifest.image!r}, not {image_name!r}"
+        )
+    path = build_dir / manifest.artifact.path
+    if not path.is_file():
+        raise PublishError(f"{path}: the artifact named by {manifest_mod.manifest_path(build_dir)} does not exist")
+    tested = manifest.tested_ok()
+    if not tested and not force_untested:
+        raise PublishError(
+            f"{image_name} build {manifest.build_id}: no passing image test for sha256 "
+            f"{manifest.artifact.sha256[:16]}... (image_test: {test_summary(manifest)}); run the image tests, "
+            "or pass --force-untested to publish it marked 'untested'"
+        )
+    actual = manifest_mod.sha256_file(path)
+    if actual != manifest.artifact.sha256:
+        raise PublishError(
+            f"{path}: sha256 {actual} does not match the manifest's {manifest.artifact.sha256}; "
+            "the artifact changed after the build: rebuild it"
+        )
+    return Artifact(
+        manifest=manifest, image=image, path=path, size=path.stat().st_size, tested=tested,
+        forced=force_untested and not tested, import_file=import_file_name(manifest),
+        template_name=template_name(image, manifest),
+    )
+
+
+# ------------------------------------------------------------------------------ one host
+
+
+ProgressHook = Callable[[str, int, int], None]  # (host, completed bytes, total bytes)
+
+
+@dataclass
+class HostContext:
+    hv: Hypervisor
+    artifact: Artifact
+    transport: str
+    keep: int
+    run_id: str
+    client_factory: Callable[[Hypervisor], PveClient] = PveClient
+    link_factory: Callable[[Hypervisor], SshLink] = field(default=lambda hv: SshLink(hv.name, hv.ssh).connect())
+    progress: ProgressHook | None = None
+    engine: str = "exec"
+    lock_wait: int = LOCK_WAIT
+
+
+def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
+    """What converging this host needs. Reads only; the real run calls it with the host lock held."""
+    hv, art = ctx.hv, ctx.artifact
+    plan = HostPlan(hv.name, client.node, art.import_file, art.template_name)
+    all_factory = find_templates(client, art.manifest.image, include_incomplete=True)
+    done = [t for t in all_factory if t.is_template]
+    same = [t for t in done if t.digest == art.manifest.digest]
+    if same:
+        plan.existing = same[0]
+        plan.upload = "none"
+    # Half-made factory VMs: with the lock held nobody else is working on them.
+    plan.stale = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
+    if not plan.existing:
+        final = f"{hv.storage.import_dir}/{art.import_file}"
+        if final_has(link, final, art.manifest.artifact.sha256, art.size):
+            plan.upload = "skip"
+        else:
+            part = remote_size(link, f"{hv.storage.import_dir}/{partial_name(art.import_file)}") or 0
+            plan.partial_bytes = part if 0 < part <= art.size else 0
+            plan.upload = "resume" if plan.partial_bytes and ctx.transport == "ssh" else "upload"
+        taken = used_vmids(client) - {t.vmid for t in plan.stale}
+        plan.vmid = free_vmid(hv, taken)
+    current = plan.existing.digest if plan.existing else None
+    ranked = done if current else [_pending_info(plan, art)] + done
+    candidates = select_prunes(ranked, current or art.manifest.digest, ctx.keep)
+    if candidates:
+        configs = {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+        for t in candidates:
+            deps = clone_dependents(configs, t.vmid)
+            if deps:
+                plan.keep_for_clones[t.vmid] = deps
+            else:
+                plan.prune.append(t)
+    return plan
+
+
+def _pending_info(plan: HostPlan, art: Artifact) -> TemplateInfo:
+    return TemplateInfo(
+        vmid=plan.vmid or 0, name=plan.template_name, node=plan.node, image=art.manifest.image,
+        build_id=art.manifest.build_id, digest=art.manifest.digest, sha256=art.manifest.artifact.sha256,
+        tested=art.tested, published_at="9999", import_file=art.import_file, publish_run="",
+        is_template=True, locked=None, tags=(),
+    )
+
+
+def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
+    started = time.monotonic()
+    hv = ctx.hv
+    result = HostResult(hv.name, hv.node)
+    client: PveClient | None = None
+    link: SshLink | None = None
+    lock: HostLock | None = None
+    try:
+        client = ctx.client_factory(hv)
+        link = ctx.link_factory(hv)
+        if not dry_run:
+            lock = HostLock(link, hv.storage.import_dir, _owner(ctx.run_id), wait=ctx.lock_wait)
+            lock.acquire()
+        plan = plan_host(ctx, client, link)
+        result.plan = plan.to_dict()
+        result.upload = plan.upload
+        result.kept_for_linked_clones = plan.to_dict()["kept_for_linked_clones"]
+        if dry_run:
+            result.action = "planned"
+            result.template_vmid = plan.existing.vmid if plan.existing else plan.vmid
+            result.template_name = plan.existing.name if plan.existing else plan.template_name
+            return result
+        _execute(ctx, plan, client, link, lock, result)
+    except FactoryError as exc:
+        result.error = str(exc).removeprefix(f"{hv.name}: ")
+        result.action = "failed"
+    except Exception as exc:  # a host failure must not take the other hosts down
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.action = "failed"
+    finally:
+        if lock is not None:
+            lock.release()
+        if link is not None:
+            link.close()
+        result.duration_s = time.monotonic() - started
+    return result
+
+
+def _owner(run_id: str) -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} run {run_id} since {_now()}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _execute(
+    ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, lock: HostLock | None, result: HostResult
+) -> None:
+    hv, art = ctx.hv, ctx.artifact
+    for t in plan.stale:
+        _destroy(client, t.vmid, result)
+        result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
+    if plan.existing:
+        result.action = "unchanged"
+        result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
+    else:
+        _upload(ctx, plan, client, result)
+        if lock is not None and not lock.held:
+            raise PublishError(f"{hv.name}: the SSH link holding the publish lock dropped; re-run to converge")
+        _register(ctx, plan, client, result)
+        result.action = "created"
+    for t in plan.prune:
+        _destroy(client, t.vmid, result)
+        pruned = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
+        if t.import_file and IMPORT_NAME_RE.match(t.import_file) and t.import_file != art.import_file:
+            remote_remove(link, f"{hv.storage.import_dir}/{t.import_file}")
+            pruned["import_file_removed"] = t.import_file
+        result.pruned.append(pruned)
+
+
+def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostResult) -> None:
+    hv, art = ctx.hv, ctx.artifact
+    total = art.size
+
+    def tick(done: int) -> None:
+        if ctx.progress:
+            ctx.progress(hv.name, done, total)
+
+    if plan.upload == "skip":
+        tick(total)
+        return
+    up: UploadResult
+    if ctx.transport == "api":
+        up = upload_api(client, hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
+                        progress=tick)
+    else:
+        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine)
+        try:
+            up = uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
+                                 progress=tick, check_final=False)
+        finally:
+            result.bytes_sent = uploader.bytes_sent
+            uploader.close()
+    result.bytes_sent = up.bytes_sent
+    result.resumed_from = up.resumed_from
+    result.upload = "resumed" if up.resumed_from else up.action
+    tick(total)
+
+
+def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostResult) -> None:
+    hv, art = ctx.hv, ctx.artifact
+    assert plan.vmid is not None
+    description = template_description(
+        art.manifest, import_file=art.import_file, tested=art.tested, forced=art.forced, run_id=ctx.run_id,
+        published_at=_now(),
+    )
+    tags = template_tags(art.manifest, art.tested)
+    vmid = plan.vmid
+    taken: set[int] = set()
+    created = False
+    try:
+        for _attempt in range(5):
+            params = _create_params(hv, art, vmid, description, tags)
+            try:
+                with retry_on_lock() as retry:
+                    upid = retry(lambda p=params: client.post(f"{client.node_path}/qemu", **p))  # type: ignore[misc]
+            except ApiError as exc:
+                if ALREADY_EXISTS_RE.search(exc.pve_message):
+                    # Someone else (outside our lock: a human, another tool) took the id: re-plan.
+                    taken |= used_vmids(client) | {vmid}
+                    vmid = free_vmid(hv, taken)
+                    result.warnings.append(f"VMID {plan.vmid} was taken meanwhile; using {vmid}")
+                    continue
+                raise
+            created = True
+            task = client.wait_task(str(upid), timeout=CREATE_TIMEOUT)
+            result.warnings.extend(f"create {vmid}: {w}" for w in task.warnings)
+            break
+        else:
+            raise PublishError(f"{hv.name}: could not find a free VMID after 5 attempts")
+        with retry_on_lock() as retry:
+            task = retry(lambda: _template(client, vmid))
+        if task is not None:
+            result.warnings.extend(f"template {vmid}: {w}" for w in task.warnings)
+        cfg = client.vm_config(vmid)
+        meta = parse_description(str(cfg.get("description", "")))
+        if str(cfg.get("template", "0")) != "1" or not meta or meta.get("digest") != art.manifest.digest:
+            raise PublishError(f"{hv.name}: VM {vmid} does not read back as the template just made")
+    except BaseException:
+        if created:
+            _cleanup_vm(client, vmid, ctx.run_id, result)
+        raise
+    result.template_vmid, result.template_name = vmid, art.template_name
+
+
+def _template(client: PveClient, vmid: int) -> Any:
+    upid = client.post(f"{client.node_path}/qemu/{vmid}/template")
+    if isinstance(upid, str) and upid.startswith("UPID:"):
+        return client.wait_task(upid, timeout=TASK_TIMEOUT)
+    return None
+
+
+def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, tags: list[str]) -> dict[str, Any]:
+    st = hv.storage
+    return {
+        "vmid": vmid,
+        "name": art.template_name,
+        "description": description,
+        "tags": ";".join(tags),
+        "ostype": "l26",
+        "memory": min(art.image.memory, 2048),
+        "cores": min(art.image.cpus, 2),
+        "sockets": 1,
+        "cpu": "x86-64-v2-AES",
+        "scsihw": "virtio-scsi-pci",
+        "scsi0": f"{st.images}:0,import-from={st.import_}:import/{art.import_file}",
+        "ide2": f"{st.cloudinit}:cloudinit",
+        "boot": "order=scsi0",
+        "serial0": "socket",
+        "vga": "serial0",
+        "agent": "enabled=1",
+        "net0": f"virtio,bridge={hv.bridge}",
+    }
+
+
+def _cleanup_vm(client: PveClient, vmid: int, run_id: str, result: HostResult) -> None:
+    """Destroy the VM this run created (checked by its run id), whatever state it is in."""
+    try:
+        cfg = client.vm_config(vmid)
+    except RemoteError:
+        return  # PVE already removed it (a failed create cleans up after itself)
+    meta = parse_description(str(cfg.get("description", "")))
+    if not meta or meta.get("publish_run") != run_id:
+        return
+    try:
+        _destroy(client, vmid, result)
+        result.cleaned_up.append(f"destroyed half-made VM {vmid}")
+    except RemoteError as exc:
+        result.cleaned_up.append(f"could NOT destroy half-made VM {vmid} ({exc}); the next publish removes it")
+
+
+def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:
+    with retry_on_lock() as retry:
+        upid = retry(lambda: client.delete(f"{client.node_path}/qemu/{vmid}", purge=1,
+                                           **{"destroy-unreferenced-disks": 1}))
+    if isinstance(upid, str) and upid.startswith("UPID:"):
+        task = client.wait_task(upid, timeout=TASK_TIMEOUT)
+        result.warnings.extend(f"destroy {vmid}: {w}" for w in task.warnings)
+
+
+# ------------------------------------------------------------------------------ fan-out
+
+
+@contextmanager
+def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterator[ProgressHook | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from .console import console
+
+    bars = Progress(
+        TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(binary_units=True),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+    ids = {h.name: bars.add_task(h.name, total=total, start=True) for h in hosts}
+    lock = threading.Lock()
+
+    def hook(host: str, done: int, size: int) -> None:
+        with lock:
+            bars.update(ids[host], completed=done, total=size)
+
+    with bars:
+        yield hook
+
+
+def publish_image(
+    settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
+    transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
+    progress: bool = True, engine: str = "exec",
+    client_factory: Callable[[Hypervisor], PveClient] | None = None,
+    link_factory: Callable[[Hypervisor], SshLink] | None = None,
+) -> PublishReport:
+    """Publish ``builds/<image>/`` to the hypervisors (all by default) in parallel.
+
+    Input problems raise before any host is contacted; per-host failures are in the report
+    (``report.ok``, ``report.raise_for_failures()``).
+    """
+    started = time.monotonic()
+    if transport not in TRANSPORTS:
+        raise PublishError(f"unknown transport {transport!r} (choose {' or '.join(TRANSPORTS)})")
+    if keep < 1:
+        raise PublishError(f"--keep must be at least 1 (got {keep})")
+    hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
+    art = load_artifact(settings, site, image_name, force_untested=force_untested)
+    run_id = uuid.uuid4().hex[:12]
+    report = PublishReport(
+        image=image_name, build_id=art.manifest.build_id, sha256=art.manifest.artifact.sha256,
+        digest=art.manifest.digest, transport=transport, dry_run=dry_run, tested=art.tested,
+        forced_untested=art.forced, keep=keep,
+    )
+    with _progress_bars(progress and not dry_run, hosts, art.size) as hook:
+        contexts = []
+        for hv in hosts:
+            ctx = HostContext(hv, art, transport, keep, run_id, progress=hook, engine=engine)
+            if client_factory is not None:
+                ctx.client_factory = client_factory
+            if link_factory is not None:
+                ctx.link_factory = link_factory
+            contexts.append(ctx)
+        with ThreadPoolExecutor(max_workers=max(1, len(contexts)), thread_name_prefix="publish") as pool:
+            results = list(pool.map(lambda c: converge_host(c, dry_run=dry_run), contexts))
+    report.hosts = results
+    report.duration_s = time.monotonic() - started
+    return report
