@@ -350,6 +350,8 @@ class _HostRun:
         }
         try:
             for name in self.checks:
+                if name in self.results:  # decided by an earlier step (an unreadable secret fails the token)
+                    continue
                 blockers = [p for p in PREREQUISITES[name] if not self._passed(p)]
                 if blockers:
                     self.results[name] = CheckResult(
@@ -417,8 +419,6 @@ class _HostRun:
         return f"put the secret of token {hv.token_id} in the {where} (it is shown once by `pveum user token add`)"
 
     def check_token(self) -> None:
-        if CHECK_TOKEN in self.results:  # set by check_tls (secret unreadable)
-            return
         exc = self.token_error
         hv = self.hv
         if exc is None:
