@@ -1,7 +1,106 @@
-"""lab.*: tasks (filled by the lab stage)."""
+"""lab.*: bring the two-hypervisor lab up, show it, tear it down (logic in image_factory.lab)."""
 
 from __future__ import annotations
 
+import importlib.util
+import time
+
 from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+from ..console import console, emit_json
+from ..lab import controller
+from ._common import handle_errors, settings
+
+
+def _real_boot(value: str | None) -> str | list[str] | None:
+    if value is None:
+        return None
+    if value in ("all", "none"):
+        return value
+    return [v for v in value.split(",") if v]
+
+
+@task(help={
+    "lab_dir": "lab directory (default: factory.lab_dir, .lab in the repository)",
+    "real_boot": "which started VMs boot a real qemu: all, none, or comma-separated VM names",
+    "time_scale": "real seconds per PVE second for tasks and lock waits (0: tasks finish at once)",
+    "durations": "add PVE-like task durations (clone, import, start, ...)",
+    "json": "print the lab status as JSON on stdout",
+})
+@handle_errors
+def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, time_scale: float | None = None,
+       durations: bool = False, json: bool = False) -> None:
+    """Start the lab: per hypervisor an sshd and a fakepve API on its own 127.0.0.x (idempotent)."""
+    s = settings(c, lab_dir=lab_dir)
+    t0 = time.monotonic()
+    cfg = controller.load_config(controller.LabPaths(s.lab_dir)) or controller.default_config(s)
+    changed = False
+    if real_boot is not None:
+        cfg.real_boot = _real_boot(real_boot) or "none"
+        changed = True
+    if time_scale is not None:
+        cfg.time_scale = time_scale
+        changed = True
+    if durations:
+        cfg.durations = True
+        changed = True
+    if changed:
+        controller.down(s)  # the node processes read their config at start
+    lab = controller.up(s, cfg)
+    info = controller.status(s)
+    if json:
+        emit_json(info)
+        return
+    console.print(f"[green]lab up[/] in {time.monotonic() - t0:.1f}s: {lab.paths.lab_dir}")
+    _print_status(info)
+    console.print(f"inventory: {lab.paths.inventory}   (INVOKE_FACTORY_INVENTORY={lab.paths.inventory_dir})")
+
+
+def _print_status(info: dict[str, object]) -> None:
+    hosts = info.get("hosts") or {}
+    assert isinstance(hosts, dict)
+    for name, h in hosts.items():
+        console.print(
+            f"  {name:12} node={h['node']} api={h['api']} ssh={h['ssh']} "
+            f"sshd_pid={h['sshd_pid'] or '-'} pve_pid={h['pve_pid'] or '-'}"
+        )
+        for vm in h["vms"]:
+            q = vm.get("qemu") or {}
+            extra = f" qemu pid={q['pid']} ssh={q['ssh_host']}:{q['ssh_port']}" if q else ""
+            console.print(f"      vm {vm['vmid']} {vm['name']} {vm['status']}"
+                          f"{' template' if vm['template'] else ''}{extra}")
+
+
+@task(help={"lab_dir": "lab directory (default: factory.lab_dir)", "json": "print as JSON on stdout"})
+@handle_errors
+def status(c: Context, lab_dir: str | None = None, json: bool = False) -> None:
+    """Show the lab: hosts, addresses, pids, VMs and their qemu."""
+    s = settings(c, lab_dir=lab_dir)
+    info = controller.status(s)
+    if json:
+        emit_json(info)
+        return
+    console.print(f"lab {info['lab_dir']}: {'[green]up[/]' if info['up'] else '[yellow]down[/]'}")
+    _print_status(info)
+
+
+@task(help={"lab_dir": "lab directory (default: factory.lab_dir)"})
+@handle_errors
+def down(c: Context, lab_dir: str | None = None) -> None:
+    """Stop exactly the lab's tracked processes (VM qemus, API servers, sshds)."""
+    s = settings(c, lab_dir=lab_dir)
+    stopped = controller.down(s)
+    left = controller.leftovers(s)
+    console.print(f"lab down: stopped {len(stopped)} process(es)" + (f"; still running: {left}" if left else ""))
+
 
 ns = Collection("lab")
+ns.add_task(up)
+ns.add_task(status)
+ns.add_task(down)
+
+if importlib.util.find_spec("image_factory.tasks.baseimage") is not None:
+    _baseimage = importlib.import_module("image_factory.tasks.baseimage")
+    ns.add_task(_baseimage.base_image, name="base-image")

@@ -1,0 +1,203 @@
+"""Where a lab lives and how it is laid out.
+
+A lab is one directory (``Settings.lab_dir``, default ``.lab`` in the repository, git-ignored)
+plus a private state directory OUTSIDE the repository for the API token secrets
+(``~/.local/state/deevnet-image-factory/lab-<hash of the lab dir>/``), because
+``image_factory.secrets`` refuses secret files inside the repository.
+
+Layout of the lab directory::
+
+    lab.json                      the lab's configuration (written by lab.up, editable)
+    pki/ca.pem, ca.key            the lab CA (like /etc/pve/pve-root-ca.pem: no keyUsage extension)
+    client/id_ed25519[.pub]       the lab's SSH client key (0600)
+    inventory/hosts.yml           the lab inventory (mirrors the example site)
+    hosts/<name>/                 one hypervisor: sshd config and host key, node cert, pve.json
+    hosts/<name>/root/var/lib/vz  its `local` directory storage (import/, images/, ...)
+    hosts/<name>/vms/<vmid>.json  a running VM's qemu: pid, ssh address, MAC
+    run/<name>-{sshd,pve}.pid     tracked processes
+    log/                          sshd, fakepve and qemu logs
+
+Addresses: a lab has a *slot* s (0 for ``invoke lab.up``; the pytest fixture picks a free one).
+Hypervisor i (0-based, inventory order) listens on 127.0.s.(11+i) -- SSH on port 22 and the
+API on 8006 -- and a running VM with id v is reachable on 127.(100+s).(v // 256 % 256).(v % 256)
+port 22 (its qemu forwards that address to the guest's port 22).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FactoryError
+
+API_PORT = 8006
+SSH_PORT = 22
+PVE_VERSION = "8.4.1"
+PVE_RELEASE = "8.4"
+TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
+# Privileges publish/deploy need (pve-facts.md, Access), granted to the user AND the token.
+PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "/vms": (
+        "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
+        "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory",
+        "VM.Config.CPU", "VM.PowerMgmt", "VM.Audit",
+    ),
+    "/storage": ("Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit"),
+    "/sdn/zones/localnetwork": ("SDN.Use",),
+    "/": ("Sys.Audit",),
+}
+STORAGE_ROOT = "root/var/lib/vz"  # relative to a host dir: the `local` storage path
+
+
+class LabError(FactoryError):
+    """The lab cannot be brought up, queried or torn down."""
+
+
+@dataclass
+class LabHost:
+    name: str
+    node: str
+    role: str
+    address: str
+    ssh_port: int = SSH_PORT
+    api_port: int = API_PORT
+    tls: str = "ca"  # "ca": inventory gets tls_ca_file; "fingerprint": tls_fingerprint
+
+
+@dataclass
+class LabConfig:
+    """The lab's knobs, saved as <lab_dir>/lab.json.
+
+    real_boot: "all", "none" or a list of VM names whose start launches a real qemu.
+    time_scale: real seconds per PVE second (fakepve); 0 finishes tasks inside the request.
+    durations: True adds PVE-like task durations (clone, import, template, start) in PVE seconds.
+    vm_memory_cap: MiB a lab qemu gets at most, whatever the VM's config says.
+    """
+
+    slot: int = 0
+    hosts: list[LabHost] = field(default_factory=list)
+    real_boot: str | list[str] = "all"
+    time_scale: float = 1.0
+    durations: bool = False
+    vm_memory_cap: int = 768
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> LabConfig:
+        hosts = [LabHost(**h) for h in data.get("hosts", [])]
+        rest = {k: v for k, v in data.items() if k != "hosts"}
+        return cls(hosts=hosts, **rest)
+
+    def host(self, name: str) -> LabHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise LabError(f"the lab has no hypervisor {name!r} (have: {', '.join(h.name for h in self.hosts)})")
+
+
+def host_address(slot: int, index: int) -> str:
+    return f"127.0.{slot}.{11 + index}"
+
+
+def vm_address(slot: int, vmid: int) -> str:
+    """The loopback address a running lab VM's SSH is forwarded from."""
+    return f"127.{100 + slot}.{vmid // 256 % 256}.{vmid % 256}"
+
+
+@dataclass(frozen=True)
+class LabPaths:
+    lab_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.lab_dir / "lab.json"
+
+    @property
+    def pki(self) -> Path:
+        return self.lab_dir / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.pki / "ca.key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.lab_dir / "client" / "id_ed25519"
+
+    @property
+    def inventory_dir(self) -> Path:
+        return self.lab_dir / "inventory"
+
+    @property
+    def inventory(self) -> Path:
+        return self.inventory_dir / "hosts.yml"
+
+    @property
+    def run(self) -> Path:
+        return self.lab_dir / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.lab_dir / "log"
+
+    def host_dir(self, name: str) -> Path:
+        return self.lab_dir / "hosts" / name
+
+    def storage_dir(self, name: str) -> Path:
+        return self.host_dir(name) / STORAGE_ROOT
+
+    def import_dir(self, name: str) -> Path:
+        return self.storage_dir(name) / "import"
+
+    def vms_dir(self, name: str) -> Path:
+        return self.host_dir(name) / "vms"
+
+    def control_socket(self, name: str) -> Path:
+        return self.run / f"{name}-control.sock"
+
+    def pidfile(self, name: str, kind: str) -> Path:
+        return self.run / f"{name}-{kind}.pid"
+
+    @property
+    def state_dir(self) -> Path:
+        """Private directory outside the repository for the token secrets."""
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        digest = hashlib.sha256(str(self.lab_dir.resolve()).encode()).hexdigest()[:16]
+        return base / "deevnet-image-factory" / f"lab-{digest}"
+
+    def token_secret(self, name: str) -> Path:
+        return self.state_dir / f"{name}.token"
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write a 0600 file atomically (created with that mode, then renamed into place)."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def write_public(path: Path, data: bytes | str) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(path)

@@ -1,0 +1,487 @@
+"""lab.up / lab.status / lab.down: the two-hypervisor lab's processes, tracked by pid.
+
+Every process the lab starts is recorded in a pid file (run/<host>-sshd.pid, run/<host>-pve.pid)
+or, for a running VM's qemu, in hosts/<host>/vms/<vmid>.json. Stopping verifies that a recorded
+pid still runs the lab's own command line (which names a file inside the lab directory) before
+signalling it, so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ValidationFailed
+from ..inventory import Site, load_site
+from ..settings import Settings
+from . import sshd
+from .config import (
+    PRIVILEGES,
+    PVE_VERSION,
+    TOKEN_ID,
+    LabConfig,
+    LabError,
+    LabHost,
+    LabPaths,
+    host_address,
+    private_dir,
+    vm_address,
+    write_private,
+    write_public,
+)
+from .pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
+from .pve import NodeSpec
+
+START_TIMEOUT = 30.0
+LAB_IMAGE = "debian-lab"
+LAB_VM_MEMORY = 768
+
+
+@dataclass
+class Lab:
+    """A lab that is up: where everything is, and the Settings/Site that target it."""
+
+    paths: LabPaths
+    config: LabConfig
+    settings: Settings
+
+    @property
+    def inventory(self) -> Path:
+        return self.paths.inventory
+
+    def site(self) -> Site:
+        return load_site(self.settings.inventory, self.settings.images)
+
+
+def lab_settings(settings: Settings, paths: LabPaths) -> Settings:
+    """The same settings, with the lab inventory as the inventory."""
+    return Settings(
+        root=settings.root, inventory=paths.inventory_dir, images=settings.images,
+        builds_dir=settings.builds_dir, lab_dir=paths.lab_dir, accelerator=settings.accelerator,
+    )
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def _example_inventory(settings: Settings) -> dict[str, Any]:
+    """The example site's inventory as raw YAML (the lab mirrors it)."""
+    src = settings.root / "ansible" / "inventory"
+    files = sorted(src.glob("*.yml")) if src.is_dir() else [src]
+    if not files:
+        raise LabError(f"no example inventory to mirror in {src}")
+    merged: dict[str, Any] = {}
+    for f in files:
+        data = yaml.safe_load(f.read_text()) or {}
+        children = (data.get("all") or {}).get("children") or {}
+        for group, body in children.items():
+            target = merged.setdefault(group, {"vars": {}, "hosts": {}})
+            target["vars"].update((body or {}).get("vars") or {})
+            target["hosts"].update((body or {}).get("hosts") or {})
+    return merged
+
+
+def default_config(settings: Settings, slot: int = 0) -> LabConfig:
+    groups = _example_inventory(settings)
+    hosts = []
+    for i, (name, hvars) in enumerate((groups.get("hypervisors") or {}).get("hosts", {}).items()):
+        pve = (hvars or {}).get("pve") or {}
+        hosts.append(LabHost(
+            name=name, node=pve.get("node", name), role=pve.get("role", "mgmt"), address=host_address(slot, i),
+            tls="ca" if pve.get("tls_ca_file") else "fingerprint",
+        ))
+    if not hosts:
+        raise LabError("the example inventory has no hypervisors to mirror")
+    return LabConfig(slot=slot, hosts=hosts)
+
+
+def load_config(paths: LabPaths) -> LabConfig | None:
+    if not paths.config.exists():
+        return None
+    try:
+        return LabConfig.from_mapping(json.loads(paths.config.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise LabError(f"{paths.config}: not a valid lab configuration: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_ours(pid: int, marker: str) -> bool:
+    """The pid runs and its command line names the lab file `marker`."""
+    if pid <= 1:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    return marker in _cmdline(pid)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _terminate(pid: int, marker: str, grace: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after grace seconds; True if it was running."""
+    if not _is_ours(pid, marker):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _is_ours(pid, marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_ours(pid, marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _is_ours(pid, marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
+
+
+@contextlib.contextmanager
+def _locked(paths: LabPaths) -> Iterator[None]:
+    paths.run.mkdir(parents=True, exist_ok=True)
+    with (paths.run / "lab.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sshd_marker(paths: LabPaths, name: str) -> str:
+    return str(paths.host_dir(name) / "ssh" / "sshd_config")
+
+
+def _pve_marker(paths: LabPaths, name: str) -> str:
+    return str(paths.host_dir(name) / "pve.json")
+
+
+def _api_up(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _ssh_up(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1) as s:
+            s.settimeout(2)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ------------------------------------------------------------------------------------- up
+
+
+def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public: str) -> dict[str, Any]:
+    hdir = paths.host_dir(host.name)
+    hdir.mkdir(parents=True, exist_ok=True)
+    cert, key = hdir / "pve-ssl.pem", hdir / "pve-ssl.key"
+    ensure_node_cert(paths.ca_cert, paths.ca_key, cert, key, host.node, host.address)
+    secret_file = paths.token_secret(host.name)
+    if not secret_file.exists():
+        write_private(secret_file, secrets.token_hex(4) + "-" + "-".join(
+            secrets.token_hex(n) for n in (2, 2, 2, 6)) + "\n")
+    root_pw = paths.state_dir / f"{host.name}.root-password"
+    if not root_pw.exists():
+        write_private(root_pw, secrets.token_urlsafe(18) + "\n")
+    sshd_config, host_key = sshd.prepare(paths, host, client_public)
+    storage = paths.storage_dir(host.name)
+    spec = NodeSpec(
+        name=host.name, node=host.node, address=host.address, port=host.api_port, cert=cert, key=key,
+        version=PVE_VERSION, token_id=TOKEN_ID, token_secret_file=secret_file, root_password_file=root_pw,
+        privileges={path: list(privs) for path, privs in PRIVILEGES.items()},
+        storage_dir=storage, staging_dir=hdir / "root" / "var" / "tmp", vms_dir=paths.vms_dir(host.name),
+        log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
+        time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
+        vm_memory_cap=cfg.vm_memory_cap,
+    )
+    write_public(hdir / "pve.json", json.dumps(spec.to_mapping(), indent=2, sort_keys=True) + "\n")
+    return {"sshd_config": sshd_config, "host_key": host_key, "cert": cert, "spec": spec}
+
+
+def up(settings: Settings, config: LabConfig | None = None) -> Lab:
+    """Bring the lab up (idempotent: running parts are left alone); returns the Lab."""
+    paths = LabPaths(settings.lab_dir)
+    paths.lab_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(paths):
+        cfg = config or load_config(paths) or default_config(settings)
+        write_public(paths.config, cfg.to_json())
+        for d in (paths.log, paths.run):
+            d.mkdir(parents=True, exist_ok=True)
+        private_dir(paths.pki)
+        private_dir(paths.client_key.parent)
+        private_dir(paths.state_dir)
+        ensure_ca(paths.ca_cert, paths.ca_key)
+        client_public = ensure_ssh_key(paths.client_key, "lab-client@deevnet-image-factory")
+        prepared = {h.name: _prepare_host(paths, cfg, h, client_public) for h in cfg.hosts}
+        started: list[tuple[int, str]] = []
+        try:
+            for host in cfg.hosts:
+                p = prepared[host.name]
+                sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
+                pid = _read_pid(sshd_pidfile)
+                if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
+                    pid = sshd.start(paths, host, p["sshd_config"])
+                    write_public(sshd_pidfile, f"{pid}\n")
+                    started.append((pid, _sshd_marker(paths, host.name)))
+                pid = _read_pid(pve_pidfile)
+                if pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
+                    log = (paths.log / f"{host.name}-pve.log").open("ab")
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "image_factory.lab.pve_server", "--config",
+                         _pve_marker(paths, host.name)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                    )
+                    log.close()
+                    write_public(pve_pidfile, f"{proc.pid}\n")
+                    started.append((proc.pid, _pve_marker(paths, host.name)))
+            _wait_ready(paths, cfg)
+        except BaseException:
+            for pid, marker in started:
+                _terminate(pid, marker, grace=3)
+            raise
+        write_inventory(settings, paths, cfg, {h: (p["host_key"], p["cert"]) for h, p in prepared.items()},
+                        client_public)
+    lab = Lab(paths, cfg, lab_settings(settings, paths))
+    try:
+        lab.site()
+    except ValidationFailed as exc:
+        raise LabError(f"the generated lab inventory {paths.inventory} does not validate: {exc}") from None
+    return lab
+
+
+def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    pending = {(h.name, kind) for h in cfg.hosts for kind in ("sshd", "pve")}
+    while pending:
+        for host in cfg.hosts:
+            if (host.name, "sshd") in pending and _ssh_up(host.address, host.ssh_port):
+                pending.discard((host.name, "sshd"))
+            if (host.name, "pve") in pending and _api_up(host.address, host.api_port) \
+                    and paths.control_socket(host.name).exists():
+                pending.discard((host.name, "pve"))
+        for name, kind in list(pending):
+            pid = _read_pid(paths.pidfile(name, kind))
+            marker = _sshd_marker(paths, name) if kind == "sshd" else _pve_marker(paths, name)
+            if pid is None or not _is_ours(pid, marker):
+                raise LabError(f"{name}: {kind} exited at start: {_tail(paths.log / f'{name}-{kind}.log')}")
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise LabError(f"lab did not come up within {START_TIMEOUT:.0f}s: waiting for "
+                           f"{', '.join(f'{n} {k}' for n, k in sorted(pending))}")
+        time.sleep(0.05)
+
+
+def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
+                    keys: dict[str, tuple[str, Path]], client_public: str) -> Path:
+    """The lab inventory: the example site with its hypervisors pointed at the lab."""
+    groups = _example_inventory(settings)
+    by_name = {h.name: h for h in cfg.hosts}
+    out_groups: dict[str, Any] = {}
+    for group, body in groups.items():
+        hosts_out: dict[str, Any] = {}
+        for name, hvars in (body.get("hosts") or {}).items():
+            hvars = dict(hvars or {})
+            if group == "hypervisors":
+                host = by_name.get(name)
+                if host is None:
+                    continue
+                hvars = _lab_hypervisor(paths, host, hvars.get("pve") or {}, keys[name])
+            elif "vm" in hvars:
+                vm = dict(hvars["vm"])
+                vm["image"] = LAB_IMAGE
+                vm["memory"] = min(int(vm.get("memory", LAB_VM_MEMORY)), LAB_VM_MEMORY)
+                ci = dict(vm.get("cloudinit") or {})
+                ssh_keys = list(ci.get("ssh_keys") or [])
+                if client_public not in ssh_keys:
+                    ssh_keys.append(client_public)
+                ci["ssh_keys"] = ssh_keys
+                vm["cloudinit"] = ci
+                hvars["vm"] = vm
+                if "vmid" in vm:
+                    hvars["ansible_host"] = vm_address(cfg.slot, int(vm["vmid"]))
+            hosts_out[name] = hvars
+        entry: dict[str, Any] = {}
+        if body.get("vars"):
+            entry["vars"] = body["vars"]
+        entry["hosts"] = hosts_out
+        out_groups[group] = entry
+    header = (
+        "# GENERATED by `invoke lab.up` -- the lab's inventory: the example site (ansible/inventory)\n"
+        "# with its hypervisors pointed at the lab on this machine. Same VM names, ids, planes, roles\n"
+        "# and MACs; images switched to the offline fixture image, small memory, the lab client key\n"
+        "# added to cloud-init. Regenerated on every lab.up; do not edit.\n"
+    )
+    paths.inventory_dir.mkdir(parents=True, exist_ok=True)
+    text = header + yaml.safe_dump({"all": {"children": out_groups}}, sort_keys=False, width=200)
+    write_public(paths.inventory, text)
+    return paths.inventory
+
+
+def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
+                    keys: tuple[str, Path]) -> dict[str, Any]:
+    host_key, cert = keys
+    storage_dir = paths.storage_dir(host.name)
+    pve: dict[str, Any] = {
+        "role": host.role,
+        "node": host.node,
+        "api_url": f"https://{host.address}:{host.api_port}",
+        "token_id": TOKEN_ID,
+        "token_secret_file": str(paths.token_secret(host.name)),
+    }
+    if host.tls == "ca":
+        pve["tls_ca_file"] = str(paths.ca_cert)
+    else:
+        pve["tls_fingerprint"] = cert_fingerprint(cert)
+    pve["ssh"] = {"host": host.address, "port": host.ssh_port, "user": "root", "host_key": host_key,
+                  "key_file": str(paths.client_key)}
+    pve["storage"] = {"images": "local", "import": "local", "import_dir": str(storage_dir / "import"),
+                      "cloudinit": "local",
+                      "staging_dir": str(paths.host_dir(host.name) / "root" / "var" / "tmp")}
+    pve["bridge"] = example.get("bridge", "vmbr0")
+    for key in ("template_vmids", "vm_vmids"):
+        if key in example:
+            pve[key] = example[key]
+    return {"ansible_host": host.address, "pve": pve}
+
+
+# --------------------------------------------------------------------------------- status
+
+
+def _vm_records(paths: LabPaths, name: str) -> list[dict[str, Any]]:
+    out = []
+    vdir = paths.vms_dir(name)
+    if vdir.is_dir():
+        for f in sorted(vdir.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(f.read_text()))
+    return out
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    paths = LabPaths(settings.lab_dir)
+    cfg = load_config(paths)
+    if cfg is None:
+        return {"lab_dir": str(paths.lab_dir), "up": False, "hosts": {}}
+    hosts: dict[str, Any] = {}
+    for host in cfg.hosts:
+        sshd_pid = _read_pid(paths.pidfile(host.name, "sshd"))
+        pve_pid = _read_pid(paths.pidfile(host.name, "pve"))
+        sshd_ok = sshd_pid is not None and _is_ours(sshd_pid, _sshd_marker(paths, host.name))
+        pve_ok = pve_pid is not None and _is_ours(pve_pid, _pve_marker(paths, host.name))
+        vms: list[dict[str, Any]] = []
+        if pve_ok:
+            from .control import Control
+            with contextlib.suppress(LabError):
+                for vm in Control(paths.control_socket(host.name)).call("state")["vms"]:
+                    vms.append({k: vm[k] for k in ("vmid", "name", "status", "template")} | {"qemu": vm["qemu"]})
+        hosts[host.name] = {
+            "node": host.node, "role": host.role, "address": host.address,
+            "api": f"https://{host.address}:{host.api_port}", "ssh": f"{host.address}:{host.ssh_port}",
+            "sshd_pid": sshd_pid if sshd_ok else None, "pve_pid": pve_pid if pve_ok else None,
+            "vms": vms, "qemu": _vm_records(paths, host.name),
+        }
+    up_ = bool(hosts) and all(h["sshd_pid"] and h["pve_pid"] for h in hosts.values())
+    return {"lab_dir": str(paths.lab_dir), "up": up_, "slot": cfg.slot, "inventory": str(paths.inventory),
+            "real_boot": cfg.real_boot, "hosts": hosts}
+
+
+# ----------------------------------------------------------------------------------- down
+
+
+def down(settings: Settings) -> list[int]:
+    """Stop every tracked process of the lab (VM qemus, API servers, sshds); returns the pids stopped."""
+    paths = LabPaths(settings.lab_dir)
+    cfg = load_config(paths)
+    if cfg is None:
+        return []
+    stopped: list[int] = []
+    with _locked(paths):
+        for host in cfg.hosts:
+            pve_pid = _read_pid(paths.pidfile(host.name, "pve"))
+            if pve_pid is not None and _terminate(pve_pid, _pve_marker(paths, host.name), grace=15):
+                stopped.append(pve_pid)
+            # qemus a crashed API server left behind
+            for rec in _vm_records(paths, host.name):
+                pid = int(rec.get("pid", 0))
+                if _terminate(pid, str(paths.vms_dir(host.name)), grace=3):
+                    stopped.append(pid)
+            for f in paths.vms_dir(host.name).glob("*") if paths.vms_dir(host.name).is_dir() else []:
+                f.unlink(missing_ok=True)
+            sshd_pid = _read_pid(paths.pidfile(host.name, "sshd"))
+            if sshd_pid is not None and _is_ours(sshd_pid, _sshd_marker(paths, host.name)):
+                sessions = sshd.session_pids(sshd_pid)
+                if _terminate(sshd_pid, _sshd_marker(paths, host.name), grace=5):
+                    stopped.append(sshd_pid)
+                for pid in sessions:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            for kind in ("sshd", "pve"):
+                paths.pidfile(host.name, kind).unlink(missing_ok=True)
+            paths.control_socket(host.name).unlink(missing_ok=True)
+    return stopped
+
+
+def leftovers(settings: Settings) -> list[int]:
+    """Pids of any process whose command line names the lab directory (should be none after down)."""
+    marker = str(LabPaths(settings.lab_dir).lab_dir)
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and _is_ours(int(entry.name), marker):
+            out.append(int(entry.name))
+    return out
+
+
+def destroy(settings: Settings) -> None:
+    """down, then remove the lab directory's runtime state and the private state directory."""
+    import shutil
+    down(settings)
+    paths = LabPaths(settings.lab_dir)
+    shutil.rmtree(paths.state_dir, ignore_errors=True)
+    shutil.rmtree(paths.lab_dir, ignore_errors=True)
+
+
+__all__ = ["Lab", "default_config", "destroy", "down", "lab_settings", "leftovers", "status", "up"]

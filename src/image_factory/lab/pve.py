@@ -1,0 +1,916 @@
+"""LabPve: fakepve 0.5.0 made to behave like the PVE 8.4 node the tool drives (pve-facts.md).
+
+fakepve keeps its state in memory. The lab backs the node's ``local`` directory storage with a
+real directory tree (the same tree the node's sshd writes into) and closes the gaps between
+fakepve and PVE 8.4 that publish and deploy rely on, by subclassing -- never by patching
+site-packages:
+
+- one node (the hypervisor's name), PVE 8.4.1, one privilege-separated API token whose rights
+  are the intersection of the user's and the token's ACLs;
+- ``local`` is a ``dir`` storage whose path is real: files in ``import/`` list as
+  ``local:import/<file>``; VM disks are real qcow2/raw files under ``images/<vmid>/``;
+- ``POST .../upload`` with ``content=import``: PVE's filename rule, fields before the file
+  part, Content-Length required, staged in the node's var/tmp, checksum checked in the task;
+- ``import-from=<volid>`` really checked with ``qemu-img info`` and converted into the target
+  storage (sized from the source); absolute paths refused for everyone but root@pam;
+- cloud-init volumes are ``vm-<id>-cloudinit``; a clone gets its own; clones get fresh
+  BC:24:11 MACs (fakepve); template conversion renames the disk files to ``base-...``;
+  linked clones are qcow2 overlays of the template's base file;
+- disk allocation and copies take the storage lock, waiting at most 10 PVE seconds:
+  ``can't lock file '/var/lock/pve-manager/pve-storage-<sid>' - got timeout``;
+- optional PVE-like task durations;
+- starting a VM launches a real qemu (vmrunner), the guest agent answers from it;
+- a control endpoint (unix socket) for fault hooks and resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from fakepve import FakePve, FakeVm, PveError, TaskError
+from fakepve.lxc import random_mac
+from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, join_drive, split_drive, volume_ref
+from fakepve.routing import param_error
+from fakepve.storage import parse_name_dir
+
+from . import vmrunner
+
+log = logging.getLogger("image_factory.lab")
+
+IMPORT_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(ova|qcow2|raw|vmdk)$")
+IMPORT_LIST = re.compile(r"^[^/\s]+\.(ova|ovf|qcow2|raw|vmdk)$")
+ISO_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(iso|img)$")
+VZTMPL_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.tar\.(gz|xz|zst|bz2)$")
+CHECKSUMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+CLOUDINIT_SIZE = 4 * 1024 ** 2
+STORAGE_LOCK_WAIT = 10  # PVE seconds (cfs_lock_storage / lock_file timeout)
+# PVE-like durations (PVE seconds) when durations are on.
+DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 2.0, "start": 2.0, "stop": 1.0,
+             "create": 1.0, "imgcopy": 2.0}
+LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
+
+
+@dataclass
+class NodeSpec:
+    """Everything a lab node's server process needs (written by the controller as pve.json)."""
+
+    name: str
+    node: str
+    address: str
+    port: int
+    cert: Path
+    key: Path
+    version: str
+    token_id: str
+    token_secret_file: Path
+    root_password_file: Path
+    privileges: dict[str, list[str]]
+    storage_dir: Path
+    staging_dir: Path
+    vms_dir: Path
+    log_dir: Path
+    control_socket: Path
+    slot: int
+    time_scale: float = 1.0
+    durations: bool = False
+    real_boot: str | list[str] = "all"
+    vm_memory_cap: int = 768
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> NodeSpec:
+        values = dict(data)
+        for key in ("cert", "key", "token_secret_file", "root_password_file", "storage_dir", "staging_dir",
+                    "vms_dir", "log_dir", "control_socket"):
+            values[key] = Path(values[key])
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            out[key] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _qemu_img_info(path: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0:
+        raise TaskError(
+            f"could not parse qemu-img info command output for '{path}' - {proc.stderr.strip() or 'no output'}"
+        )
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TaskError(f"{argv[0]} failed: {proc.stderr.strip()}")
+
+
+class StorageLock:
+    """PVE's per-storage allocation lock (a flock with a timeout)."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self.released = asyncio.Event()
+
+
+class LabPve(FakePve):  # fakepve is untyped
+    def __init__(self, spec: NodeSpec):
+        root_password = spec.root_password_file.read_text().strip()
+        super().__init__(user="root@pam", password=root_password, host=spec.address, port=spec.port)
+        self.spec = spec
+        self.nodes = {spec.node: {"online": True}}
+        self.cluster_name = ""
+        self.version = spec.version
+        self.release_version = ".".join(spec.version.split(".")[:2])
+        self.time_scale = spec.time_scale
+        self.client_max_size = 16 * 1024 ** 2
+        self.body_timeout = 600.0
+        secret = spec.token_secret_file.read_text().strip()
+        self.apitokens = {spec.token_id: secret}
+        user = spec.token_id.split("!")[0]
+        for path, privs in spec.privileges.items():
+            self.grant(user, path, *privs)
+            self.grant(spec.token_id, path, *privs)
+        spec.storage_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("import", "images", "template/iso", "template/cache", "snippets", "dump"):
+            (spec.storage_dir / sub).mkdir(parents=True, exist_ok=True)
+        spec.staging_dir.mkdir(parents=True, exist_ok=True)
+        spec.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.storages: dict[str, dict[str, Any]] = {
+            "local": {"type": "dir", "active": 1, "content": LOCAL_CONTENT, "files": set(),
+                      "path": str(spec.storage_dir), "volumes": {}},
+        }
+        self.storage_locks: dict[str, StorageLock] = {}
+        # vmid -> coroutine factories to run at the I/O step of the VM's running task
+        self._pending_io: dict[int, list[Any]] = {}
+        self.runners: dict[int, vmrunner.VmProcess] = {}
+        self._control_runner: web.AppRunner | None = None
+        self._reconciler: asyncio.Task[None] | None = None
+        self.extra_durations: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- access
+
+    def allowed(self, user: str, path: str, priv: str) -> bool:
+        """Privilege-separated tokens: the intersection of the token's and the user's rights."""
+        if self.acl is None or (user or "").split("!")[0] == "root@pam":
+            return True
+        if "!" in user:
+            return self._holds(user, path, priv) and self._holds(user.split("!")[0], path, priv)
+        return self._holds(user, path, priv)
+
+    def _holds(self, who: str, path: str, priv: str) -> bool:
+        """fakepve's path logic (a grant covers the path and everything under it), for one ACL subject."""
+        paths = [path]
+        if path.startswith("/vms/"):
+            vmid = int(path.split("/")[2])
+            paths += ["/vms"] + ["/pool/" + name for name, ids in self.pools.items() if vmid in ids]
+        for granted, privs in (self.acl or {}).get(who, []):
+            if priv in privs and (granted == "/" or any(p == granted or p.startswith(granted + "/") for p in paths)):
+                return True
+        return False
+
+    # ------------------------------------------------------------- durations
+
+    async def duration(self, kind: str) -> None:
+        secs = self.extra_durations.get(kind, DURATIONS.get(kind, 0.0) if self.spec.durations else 0.0)
+        await self.pause(secs)
+
+    # ---------------------------------------------------------------- storage
+
+    def volume_file(self, volid: str) -> Path | None:
+        """The real file behind a volume id of a directory storage, or None."""
+        sid, name = volume_ref(volid)
+        store = self.storages.get(sid) if sid else None
+        if store is None or store.get("type") != "dir" or not store.get("path"):
+            return None
+        base = Path(store["path"])
+        if name.startswith(("import/", "snippets/")):
+            return base / name
+        if name.startswith("iso/"):
+            return base / "template" / name
+        if name.startswith("vztmpl/"):
+            return base / "template" / "cache" / name.split("/", 1)[1]
+        if name.startswith("backup/"):
+            return base / "dump" / name.split("/", 1)[1]
+        parts = name.split("/")
+        # <vmid>/<file> or, for a linked clone, <basevmid>/<basefile>/<vmid>/<file>
+        return base / "images" / parts[-2] / parts[-1]
+
+    def _volumes(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = dict(super()._volumes(name))
+        store = self.storages[name]
+        if store.get("type") != "dir" or not store.get("path"):
+            return out
+        base = Path(store["path"])
+        for sub, content, pattern in (("import", "import", IMPORT_LIST), ("template/iso", "iso", ISO_NAME),
+                                      ("template/cache", "vztmpl", VZTMPL_NAME)):
+            folder = base / sub
+            if not folder.is_dir():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if not entry.is_file() or not pattern.match(entry.name) or entry.name.endswith(".tmp"):
+                    continue
+                prefix = {"import": "import/", "iso": "iso/", "vztmpl": "vztmpl/"}[content]
+                st = entry.stat()
+                fmt = entry.name.rsplit(".", 1)[-1] if content == "import" else ("iso" if content == "iso" else
+                                                                                  "tgz")
+                out[prefix + entry.name] = {"content": content, "format": fmt, "size": st.st_size,
+                                            "ctime": int(st.st_mtime)}
+        # Real sizes of allocated image files.
+        for volname, vol in list(out.items()):
+            if vol.get("content") == "images":
+                path = self.volume_file(f"{name}:{volname}")
+                if path is not None and not path.exists():
+                    continue
+        return out
+
+    def _parse_volname(self, store: dict[str, Any], volname: str) -> Any:
+        if volname.startswith("import/"):
+            if not IMPORT_LIST.match(volname.split("/", 1)[1]):
+                raise PveError(500, f"unable to parse directory volume name '{volname}'")
+            return "import", None, volname.rsplit(".", 1)[-1]
+        return super()._parse_volname(store, volname)
+
+    async def storage_lock(self, sid: str, holder: str) -> None:
+        """cfs_lock_storage: wait up to 10 PVE seconds, then PVE's timeout error."""
+        lock = self.storage_locks.setdefault(sid, StorageLock())
+        if lock.holder is not None and self.time_scale:
+            deadline = time.monotonic() + STORAGE_LOCK_WAIT * self.time_scale
+            while lock.holder is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                lock.released.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(lock.released.wait(), remaining)
+        if lock.holder is not None:
+            raise TaskError(f"can't lock file '/var/lock/pve-manager/pve-storage-{sid}' - got timeout")
+        lock.holder = holder
+
+    def storage_unlock(self, sid: str, holder: str) -> None:
+        lock = self.storage_locks.get(sid)
+        if lock and lock.holder == holder:
+            lock.holder = None
+            lock.released.set()
+
+    async def hold_storage_lock(self, sid: str, secs: float | None) -> None:
+        """Fault hook: another worker holds the storage lock for secs PVE seconds (None: until released)."""
+        await self.storage_lock(sid, "scenario")
+        if secs is not None:
+            async def later() -> None:
+                await self.pause(secs)
+                self.storage_unlock(sid, "scenario")
+            asyncio.ensure_future(later())
+
+    # ---------------------------------------------------------------- upload
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        # Uploads are streamed by the upload handler itself, never read whole into memory.
+        if request.method == "POST" and request.path.endswith("/upload"):
+            return b""
+        body: bytes = await super()._read_body(request)
+        return body
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        from fakepve.server import USER, ok
+        name, store = self._file_storage(request, "upload")
+        user = request[USER]
+        self.require(user, "/storage/" + name, "Datastore.AllocateTemplate")
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower() or \
+                request.headers.get("Content-Length") is None:
+            raise PveError(400, "upload without Content-Length (chunked encoding) is not supported")
+        if request.content_type != "multipart/form-data":
+            raise PveError(400, "bad upload request - not multipart/form-data")
+        fields: dict[str, str] = {}
+        reader = await request.multipart()
+        staged: Path | None = None
+        filename = None
+        digest_algo = None
+        hasher = None
+        try:
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if isinstance(part, BodyPartReader) and part.filename is not None and part.name == "filename":
+                    if staged is not None:
+                        raise PveError(400, "bad upload request - more than one file")
+                    filename = Path(part.filename).name
+                    self._check_upload_fields(fields, filename, store, name)
+                    digest_algo = fields.get("checksum-algorithm")
+                    hasher = hashlib.new(digest_algo) if digest_algo else None
+                    self.spec.staging_dir.mkdir(parents=True, exist_ok=True)
+                    staged = self.spec.staging_dir / f"pveupload-{time.time_ns()}"
+                    with staged.open("wb") as out:
+                        while True:
+                            chunk = await part.read_chunk(1024 * 1024)
+                            if not chunk:
+                                break
+                            out.write(chunk)
+                            if hasher is not None:
+                                hasher.update(chunk)
+                elif isinstance(part, BodyPartReader):
+                    value = (await part.read(decode=False)).decode()
+                    if staged is None:
+                        fields[str(part.name)] = value
+                    # PVE's parser takes parameters only before the file part.
+        except PveError:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            raise
+        except (ValueError, UnicodeDecodeError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            raise PveError(400, f"bad upload request - {exc}") from None
+        if staged is None or filename is None:
+            self._check_upload_fields(fields, None, store, name)
+            raise param_error(filename="property is missing and it is not optional")
+        content = fields["content"]
+        expected = fields.get("checksum")
+        got = hasher.hexdigest() if hasher is not None else None
+        dest_dir = {"import": "import", "iso": "template/iso", "vztmpl": "template/cache"}[content]
+        dest = Path(store["path"]) / dest_dir / filename
+        size = staged.stat().st_size
+
+        async def body() -> str | None:
+            await self.duration("imgcopy")
+            try:
+                if expected is not None and got != expected.lower():
+                    raise TaskError(f"checksum mismatch: got '{got}' != expect '{expected}'")
+                await asyncio.to_thread(shutil.move, str(staged), str(dest))
+            finally:
+                staged.unlink(missing_ok=True)
+            return f"target file: {dest}"
+
+        log_lines = [f"starting file import from: {staged}", f"target node: {self.spec.node}",
+                     f"target file: {dest}", f"file size is: {size}"]
+        if got is not None:
+            log_lines.append("calculating checksum...OK, checksum verified" if got == (expected or "").lower()
+                             else "calculating checksum...")
+        return ok(await self.task(self.spec.node, "imgcopy", "", user, body, log=log_lines))
+
+    def _check_upload_fields(self, fields: dict[str, str], filename: str | None, store: dict[str, Any],
+                             name: str) -> None:
+        content = fields.get("content")
+        errors: dict[str, str] = {}
+        if content is None:
+            errors["content"] = "property is missing and it is not optional"
+        elif content not in ("iso", "vztmpl", "import"):
+            errors["content"] = "value 'x' does not have a value in the enumeration 'iso, vztmpl, import'".replace(
+                "'x'", f"'{content}'")
+        algo = fields.get("checksum-algorithm")
+        if algo is not None and algo not in CHECKSUMS:
+            errors["checksum-algorithm"] = f"value '{algo}' does not have a value in the enumeration " \
+                                           f"'{', '.join(CHECKSUMS)}'"
+        if (algo is None) != (fields.get("checksum") is None):
+            errors["checksum" if algo else "checksum-algorithm"] = \
+                "'checksum' and 'checksum-algorithm' must be given together"
+        if errors:
+            raise PveError(400, "Parameter verification failed.", errors)
+        if filename is not None:
+            if content == "import" and not IMPORT_NAME.match(filename):
+                raise param_error(filename="invalid filename or wrong extension")
+            if content == "iso" and not ISO_NAME.match(filename):
+                raise param_error(filename="wrong file extension")
+            if content == "vztmpl" and not VZTMPL_NAME.match(filename):
+                raise param_error(filename="wrong file extension")
+        if content not in str(store.get("content", "")).split(","):
+            raise PveError(500, f"storage '{name}' does not support '{content}' content")
+
+    # ------------------------------------------------------- disk allocation
+
+    def _qm_alloc(self, sid: str, vmid: int, fmt: str | None, size: int,
+                  linked_from: str | None = None) -> tuple[str, str]:
+        volid, fmt = super()._qm_alloc(sid, vmid, fmt, size, linked_from)
+        path = self.volume_file(volid)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if linked_from is None:
+                _run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(max(size, 1024 * 1024))])
+        return volid, fmt
+
+    def _alloc_named(self, sid: str, vmid: int, volname_base: str, fmt: str, size: int) -> str:
+        """Allocate a volume with a fixed name (vm-<id>-cloudinit)."""
+        store = self.storages[sid]
+        is_dir = store.get("type") == "dir"
+        volname = f"{vmid}/{volname_base}.{fmt}" if is_dir else volname_base
+        volumes = store.setdefault("volumes", {})
+        if volname in volumes:
+            raise PveError(500, f"disk image '{self._volume_path(sid, volname, 'images')}' already exists")
+        volumes[volname] = {"content": "images", "format": fmt if is_dir else "raw", "size": size, "vmid": vmid,
+                            "ctime": int(time.time())}
+        volid = f"{sid}:{volname}"
+        path = self.volume_file(volid)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)])
+        return volid
+
+    def _qm_free(self, volid: str) -> None:
+        super()._qm_free(volid)
+        path = self.volume_file(volid)
+        if path is not None and path.exists() and "/images/" in str(path):
+            path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+    def _qm_rename_volume(self, volid: str) -> str:
+        new: str = super()._qm_rename_volume(volid)
+        old_path, new_path = self.volume_file(volid), self.volume_file(new)
+        if old_path is not None and new_path is not None and old_path.exists() and old_path != new_path:
+            old_path.rename(new_path)
+            with contextlib.suppress(OSError):
+                new_path.chmod(0o444)  # PVE makes base images read-only
+        return new
+
+    def _source_of_import(self, user: str, source: str, key: str) -> Path:
+        """Checks PVE makes of an import-from source before the task: volume id, type and access."""
+        if source.startswith("/"):
+            if user != "root@pam":
+                raise PveError(500, "Only root can pass arbitrary filesystem paths.")
+            return Path(source)
+        sid, name = volume_ref(source)
+        if sid is None:
+            raise param_error(**{key: f"unable to parse volume ID '{source}'"})
+        store = self._store(sid)
+        vtype, owner, _fmt = self._parse_volname(store, name)
+        if vtype not in ("images", "import"):
+            raise param_error(**{key: f"{source} has wrong type '{vtype}' - needs to be 'images' or 'import'"})
+        if owner:
+            self.require(user, f"/vms/{owner}", "VM.Clone")
+        else:
+            self._check_access(user, sid, vtype, owner, source)
+        path = self.volume_file(source)
+        if path is None:
+            raise PveError(500, f"storage '{sid}' is not a file based storage")
+        return path
+
+    def _qm_check_drive(self, user: str, vmid: int, pool: str | None, key: str, value: str,
+                        default: str | None) -> None:
+        volume, props = split_drive(value)
+        if "import-from" in props:
+            self._source_of_import(user, props["import-from"], key)
+            found = NEW_DISK.match(volume)
+            if not found:
+                raise param_error(**{key: "'import-from' requires special syntax - use <storage ID>:0,"
+                                          "import-from=<source>"})
+            sid = found.group(1) or default
+            if not sid:
+                raise PveError(500, "no storage ID specified (and no default storage)")
+            self._qm_image_store(sid, user)
+            return
+        if volume.endswith(":cloudinit"):
+            sid = volume_ref(volume)[0] or default
+            if sid:
+                self._qm_image_store(sid, user)
+            return
+        super()._qm_check_drive(user, vmid, pool, key, value, default)
+
+    def _qm_new_drive(self, vmid: int, key: str, value: str, default: str | None) -> tuple[str, list[str]]:
+        volume, props = split_drive(value)
+        props = dict(props)
+        if volume.endswith(":cloudinit"):
+            sid = volume_ref(volume)[0] or default
+            assert sid is not None
+            fmt = props.pop("format", None) or ("qcow2" if self.storages[sid].get("type") == "dir" else "raw")
+            volid = self._alloc_named(sid, vmid, f"vm-{vmid}-cloudinit", fmt, CLOUDINIT_SIZE)
+            props["media"] = "cdrom"
+            return join_drive(volid, props), [volid]
+        if "import-from" in props:
+            source = props.pop("import-from")
+            found = NEW_DISK.match(volume)
+            assert found is not None
+            sid = found.group(1) or default
+            assert sid is not None
+            src_path = self._source_of_import("root@pam", source, key) if not source.startswith("/") \
+                else Path(source)
+            info = _qemu_img_info(src_path) if src_path.exists() else None
+            if info is None:
+                raise TaskError(f"volume '{source}' does not exist")
+            self._check_import_source(info, source)
+            size = int(info["virtual-size"])
+            fmt = props.pop("format", None)
+            volid, fmt = self._qm_alloc(sid, vmid, fmt, size)
+            props["size"] = _format_size(size)
+            self._pending_io.setdefault(vmid, []).append(
+                lambda: self._copy_disk(src_path, str(info["format"]), volid, fmt, sid, f"import {vmid}")
+            )
+            return join_drive(volid, props), [volid]
+        return tuple(super()._qm_new_drive(vmid, key, value, default))
+
+    @staticmethod
+    def _check_import_source(info: dict[str, Any], source: str) -> None:
+        fmt = info.get("format")
+        if fmt not in ("qcow2", "raw", "vmdk"):
+            raise TaskError(f"import source '{source}' has unsupported format '{fmt}'")
+        if info.get("backing-filename"):
+            raise TaskError(f"backing file not allowed for untrusted image '{source}'!")
+        ext = source.rsplit(".", 1)[-1]
+        if ext in ("qcow2", "raw", "vmdk") and ext != fmt:
+            raise TaskError(f"image '{source}' has format '{fmt}', but its extension says '{ext}'")
+
+    async def _copy_disk(self, src: Path, src_fmt: str, volid: str, fmt: str, sid: str, holder: str) -> None:
+        dest = self.volume_file(volid)
+        await self.storage_lock(sid, holder)
+        try:
+            await self.duration("import")
+            if dest is not None:
+                await asyncio.to_thread(
+                    _run, ["qemu-img", "convert", "-q", "-f", src_fmt, "-O", fmt, str(src), str(dest)]
+                )
+        finally:
+            self.storage_unlock(sid, holder)
+
+    async def ceph_io(self, vm: FakeVm, keys: Any = None) -> None:
+        """fakepve calls this at the I/O step of create, clone and start tasks: the lab's real I/O runs here."""
+        await super().ceph_io(vm, keys)
+        work = self._pending_io.pop(vm.vmid, [])
+        for job in work:
+            await job()
+
+    # ------------------------------------------------------------ config
+
+    async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
+        updates = dict(p)
+        digest = updates.get("digest")
+        if digest and digest != vm.digest():
+            raise PveError(500, "checksum mismatch (file change by other user?)")
+        self._check_lock(vm)
+        made: list[str] = []
+        try:
+            for key in sorted(updates):
+                if not DRIVE_KEY.match(key):
+                    continue
+                volume, props = split_drive(str(updates[key]))
+                if not (volume.endswith(":cloudinit") or "import-from" in props or
+                        (NEW_DISK.match(volume) and props.get("media") != "cdrom")):
+                    continue
+                self.require(user, f"/vms/{vm.vmid}", "VM.Config.Disk")
+                self._qm_check_drive(user, vm.vmid, None, key, str(updates[key]), None)
+                try:
+                    updates[key], volids = self._qm_new_drive(vm.vmid, key, str(updates[key]), None)
+                except TaskError as e:
+                    raise PveError(500, str(e)) from e
+                made.extend(volids)
+            try:
+                await self.ceph_io(vm)
+            except TaskError as e:
+                raise PveError(500, str(e)) from e
+            await super()._apply_config(vm, user, updates)
+        except BaseException:
+            self._pending_io.pop(vm.vmid, None)
+            for volid in made:
+                self._qm_free(volid)
+            raise
+
+    # ------------------------------------------------------- clone, template
+
+    async def _qm_clone(self, v: dict[str, Any], user: str) -> str:
+        node, vmid, newid = v["node"], int(v["vmid"]), int(v["newid"])
+        src = self.find(node, vmid)
+        snapname = v.get("snapname")
+        old = src.snapshots[snapname] if snapname and snapname in src.snapshots else src.config
+        full = v.get("full")
+        full = (not src.template) if full is None else str(full) in ("1", "true", "True")
+        storage = v.get("storage")
+        sources = {opt: split_drive(str(val))[0] for opt, val in old.items() if DRIVE_KEY.match(opt)}
+        upid: str = await super()._qm_clone(v, user)
+        new = self.vm(newid)
+        if new is None or self.tasks[upid]["status"] == "stopped":
+            return upid
+
+        async def io() -> None:
+            await self.duration("clone_full" if full else "clone_linked")
+            for opt, _vol, props in drives_of(dict(new.config)):
+                src_vol = sources.get(opt)
+                if src_vol is None:
+                    continue
+                if src_vol.endswith("-cloudinit") or re.search(r"vm-\d+-cloudinit", src_vol):
+                    sid = storage or volume_ref(src_vol)[0]
+                    fmt = "qcow2" if self.storages[sid].get("type") == "dir" else "raw"
+                    volid = self._alloc_named(sid, newid, f"vm-{newid}-cloudinit", fmt, CLOUDINIT_SIZE)
+                    new.config[opt] = join_drive(volid, dict(props))
+                    continue
+                dst_vol = split_drive(new.config[opt])[0]
+                src_path, dst_path = self.volume_file(src_vol), self.volume_file(dst_vol)
+                if src_path is None or dst_path is None or not src_path.exists():
+                    continue
+                sid = volume_ref(dst_vol)[0]
+                await self.storage_lock(sid, f"clone {newid}")
+                try:
+                    info = await asyncio.to_thread(_qemu_img_info, src_path)
+                    if full:
+                        fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
+                        dst_path.unlink(missing_ok=True)
+                        await asyncio.to_thread(_run, ["qemu-img", "convert", "-q", "-f", str(info["format"]),
+                                                       "-O", fmt, str(src_path), str(dst_path)])
+                    else:
+                        dst_path.parent.mkdir(parents=True, exist_ok=True)
+                        rel = Path("..") / src_path.parent.name / src_path.name
+                        await asyncio.to_thread(_run, ["qemu-img", "create", "-q", "-f", "qcow2", "-F",
+                                                       str(info["format"]), "-b", str(rel), str(dst_path)])
+                finally:
+                    self.storage_unlock(sid, f"clone {newid}")
+
+        self._pending_io.setdefault(newid, []).append(io)
+        return upid
+
+    async def _qm_template(self, v: dict[str, Any], user: str) -> str:
+        vm = self.find(v["node"], v["vmid"])
+        self._check_lock(vm)
+        upid: str = await super()._qm_template(v, user)
+        return upid
+
+    # --------------------------------------------------------------- power
+
+    def _boots_for_real(self, vm: FakeVm) -> bool:
+        rb = self.spec.real_boot
+        if rb == "all":
+            return True
+        if rb == "none":
+            return False
+        return vm.name in rb
+
+    async def _do_start(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        async def body() -> None:
+            if vm.template:
+                raise TaskError("you can't start a vm if it's a template")
+            if vm.lock and vm.lock != "suspended":
+                raise TaskError(f"VM is locked ({vm.lock})")
+            if vm.status == "running":
+                raise TaskError(f"VM {vm.vmid} already running")
+            await self.duration("start")
+            if vm.start_error:
+                raise TaskError(vm.start_error)
+            vm.apply_pending()
+            if self._boots_for_real(vm):
+                proc = await asyncio.to_thread(self._launch, vm)
+                self.runners[vm.vmid] = proc
+            vm.status = vm.qmpstatus = "running"
+            vm.started_at = time.time()
+        upid: str = await self.task(vm.node, "qmstart", vm.vmid, user, body, vm=vm)
+        return upid
+
+    def _launch(self, vm: FakeVm) -> vmrunner.VmProcess:
+        disks = {}
+        for key, volume, props in drives_of(vm.config):
+            path = self.volume_file(volume)
+            disks[key] = (volume, props, path)
+        try:
+            return vmrunner.launch(
+                vmid=vm.vmid, name=vm.name, config=dict(vm.config), disks=disks,
+                address=vmrunner.vm_address(self.spec.slot, vm.vmid), vms_dir=self.spec.vms_dir,
+                log_dir=self.spec.log_dir, memory_cap=self.spec.vm_memory_cap, node=self.spec.node,
+            )
+        except vmrunner.LaunchError as e:
+            raise TaskError(str(e)) from e
+
+    def _stop_runner(self, vm: FakeVm) -> None:
+        proc = self.runners.pop(vm.vmid, None)
+        if proc is not None:
+            proc.stop()
+
+    async def _do_stop(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        if not p.get("skiplock"):
+            self._check_lock(vm)
+
+        async def body() -> None:
+            await self.duration("stop")
+            await asyncio.to_thread(self._stop_runner, vm)
+            vm.status = vm.qmpstatus = "stopped"
+        upid: str = await self.task(vm.node, "qmstop", vm.vmid, user, body, vm=vm)
+        return upid
+
+    async def _powerdown(self, vm: FakeVm, p: dict[str, Any]) -> str | None:
+        proc = self.runners.get(vm.vmid)
+        if proc is None:
+            result: str | None = await super()._powerdown(vm, p)
+            return result
+        timeout = int(p.get("timeout") or self.shutdown_default_timeout)
+        if await asyncio.to_thread(proc.powerdown, timeout * (self.time_scale or 1)):
+            self.runners.pop(vm.vmid, None)
+            vm.status = vm.qmpstatus = "stopped"
+            return None
+        if str(p.get("forceStop", "0")) in ("1", "true"):
+            await asyncio.to_thread(self._stop_runner, vm)
+            vm.status = vm.qmpstatus = "stopped"
+            return "VM still running - terminating now with SIGTERM"
+        raise TaskError("VM quit/powerdown failed - got timeout")
+
+    async def _reconcile(self) -> None:
+        """A guest that powers itself off stops its qemu: the VM is stopped, as PVE shows it."""
+        while True:
+            await asyncio.sleep(1.0)
+            for vmid, proc in list(self.runners.items()):
+                if not proc.alive():
+                    self.runners.pop(vmid, None)
+                    vm = self.vm(vmid)
+                    if vm is not None:
+                        vm.status = vm.qmpstatus = "stopped"
+
+    # --------------------------------------------------------- guest agent
+
+    async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
+        vm = self.find(values["node"], values["vmid"])
+        command = match.template.rsplit("/", 1)[1]
+        agent = str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1]
+        if agent not in ("1", "true"):
+            raise PveError(500, "No QEMU guest agent configured")
+        if vm.status != "running":
+            raise PveError(500, f"VM {vm.vmid} is not running")
+        if vm.agent_hangs:
+            await self.pause(10)
+            raise PveError(500, f"VM {vm.vmid} qmp command 'guest-ping' failed - got timeout")
+        proc = self.runners.get(vm.vmid)
+        if proc is not None and not await asyncio.to_thread(proc.guest_up):
+            raise PveError(500, "QEMU guest agent is not running")
+        vm.agent = vm.agent or {}
+        if command == "network-get-interfaces":
+            vm.agent = dict(vm.agent, interfaces=self._interfaces(vm, proc))
+        elif command == "get-host-name":
+            vm.agent = dict(vm.agent)
+            vm.agent["get-host-name"] = {"host-name": vm.name}
+        from fakepve import agent as guest_agent
+        guest_agent.record(vm, command, values)
+        return guest_agent.result(vm, command, values)
+
+    def _interfaces(self, vm: FakeVm, proc: vmrunner.VmProcess | None) -> list[dict[str, Any]]:
+        """What the guest has: its NICs with the MACs qemu gives them; the first one is reachable from
+        the host at the VM's lab address (a 1:1 forward of port 22 to the guest)."""
+        out: list[dict[str, Any]] = [{
+            "name": "lo", "hardware-address": "00:00:00:00:00:00",
+            "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}],
+        }]
+        nics = proc.nics if proc is not None else vmrunner.nics_of(vm.config)
+        for n, (_key, mac) in enumerate(nics):
+            item: dict[str, Any] = {"name": f"eth{n}", "hardware-address": mac.lower(), "ip-addresses": []}
+            if n == 0:
+                item["ip-addresses"].append({"ip-address": vmrunner.vm_address(self.spec.slot, vm.vmid),
+                                             "ip-address-type": "ipv4", "prefix": 32})
+            out.append(item)
+        return out
+
+    # --------------------------------------------------------------- control
+
+    async def start_control(self) -> None:
+        app = web.Application()
+        app.router.add_post("/control", self._control)
+        self._control_runner = web.AppRunner(app)
+        await self._control_runner.setup()
+        sock = self.spec.control_socket
+        sock.unlink(missing_ok=True)
+        site = web.UnixSite(self._control_runner, str(sock))
+        await site.start()
+        sock.chmod(0o600)
+        self._reconciler = asyncio.ensure_future(self._reconcile())
+
+    async def shutdown(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+        for vmid in list(self.runners):
+            self.runners.pop(vmid).stop()
+        if self._control_runner is not None:
+            await self._control_runner.cleanup()
+        self.spec.control_socket.unlink(missing_ok=True)
+        await self.stop()
+
+    async def _control(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        op, args = body.get("op"), body.get("args") or {}
+        try:
+            result = await self.control(op, args)
+        except (PveError, TaskError, KeyError, ValueError, TypeError) as exc:
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
+        return web.json_response({"result": result})
+
+    async def control(self, op: str, args: dict[str, Any]) -> Any:
+        """Fault hooks and introspection (see image_factory.lab.control for the client)."""
+        if op == "fail":
+            self.fail(args["method"], args["suffix"], status=args.get("status"), message=args.get("message"),
+                      error=args.get("error"), times=args.get("times"), html=args.get("html", False))
+            return None
+        if op == "clear_faults":
+            self.failures.clear()
+            self.network.update(latency=0.0, jitter=0.0, node_latency={}, drop_rate=0.0, hang_rate=0.0)
+            self.extra_durations.clear()
+            for vm in self.vms:
+                vm.agent_hangs = False
+            for sid in list(self.storage_locks):
+                self.storage_unlock(sid, "scenario")
+            for vm in self.vms:
+                self.release(vm, "scenario")
+            return None
+        if op == "flaky_network":
+            self.flaky_network(**args)
+            return None
+        if op == "slow_network":
+            self.slow_network(**args)
+            return None
+        if op == "hold_config_lock":
+            await self.hold_config_lock(int(args["vmid"]), args.get("secs"))
+            return None
+        if op == "release_config_lock":
+            self.release_config_lock(int(args["vmid"]))
+            return None
+        if op == "snapshot_lock":
+            self.snapshot_lock(int(args["vmid"]), args.get("lock", "snapshot"))
+            return None
+        if op == "unlock":
+            self.unlock(int(args["vmid"]))
+            return None
+        if op == "hold_storage_lock":
+            await self.hold_storage_lock(args.get("storage", "local"), args.get("secs"))
+            return None
+        if op == "release_storage_lock":
+            self.storage_unlock(args.get("storage", "local"), "scenario")
+            return None
+        if op == "durations":
+            self.extra_durations.update({k: float(v) for k, v in args.items()})
+            return None
+        if op == "time_scale":
+            self.time_scale = float(args["value"])
+            return None
+        if op == "agent_hangs":
+            self.find(self.spec.node, int(args["vmid"])).agent_hangs = bool(args.get("value", True))
+            return None
+        if op == "set_node_offline":
+            self.set_node_offline(self.spec.node, bool(args.get("offline", True)))
+            return None
+        if op == "revoke_tickets":
+            self.revoke_tickets()
+            return None
+        if op == "snapshot":
+            vm = self.find(self.spec.node, int(args["vmid"]))
+            vm.snapshots[args.get("name", "snap1")] = {"snaptime": int(time.time())}
+            return None
+        if op == "state":
+            return self.state()
+        if op == "reset":
+            await self.reset()
+            return None
+        raise ValueError(f"unknown control op {op!r}")
+
+    def state(self) -> dict[str, Any]:
+        vms = []
+        for vm in self.vms:
+            proc = self.runners.get(vm.vmid)
+            vms.append({"vmid": vm.vmid, "name": vm.name, "status": vm.status, "template": bool(vm.template),
+                        "lock": vm.lock, "config": dict(vm.config),
+                        "qemu": proc.describe() if proc is not None else None})
+        return {"node": self.spec.node, "version": self.version, "time_scale": self.time_scale, "vms": vms,
+                "storage_locks": {k: v.holder for k, v in self.storage_locks.items() if v.holder},
+                "tasks": len(self.tasks), "failures": [list(k) for k in self.failures]}
+
+    async def reset(self) -> None:
+        """Back to a fresh node: no VMs, no disks, no imports, no faults, no tasks."""
+        await self.control("clear_faults", {})
+        for vmid in list(self.runners):
+            await asyncio.to_thread(self.runners.pop(vmid).stop)
+        self.vms.clear()
+        self.tasks.clear()
+        self.tasklog.clear()
+        self.requests.clear()
+        self._pending_io.clear()
+        self.storage_locks.clear()
+        self.time_scale = self.spec.time_scale
+        for store in self.storages.values():
+            store["volumes"] = {}
+            store["files"] = set()
+        base = self.spec.storage_dir
+        for sub in ("import", "images", "template/iso", "template/cache", "snippets", "dump"):
+            folder = base / sub
+            if folder.exists():
+                for entry in folder.iterdir():
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        for entry in self.spec.staging_dir.glob("pveupload-*"):
+            entry.unlink()
+
+
+def _format_size(size: int) -> str:
+    for unit, mult in (("T", 1024 ** 4), ("G", 1024 ** 3), ("M", 1024 ** 2), ("K", 1024)):
+        if size and size % mult == 0:
+            return f"{size // mult}{unit}"
+    return str(size)
+
+
+__all__ = ["LabPve", "NodeSpec", "parse_name_dir", "random_mac"]

@@ -1,0 +1,386 @@
+"""A started lab VM runs for real: qemu (TCG unless KVM works) on the VM's disk files.
+
+What PVE would do at ``qm start`` and the lab reproduces:
+- each ``netN`` becomes a NIC with its configured MAC (user-mode networking); the first NIC's
+  guest port 22 is forwarded from the VM's lab address ``127.(100+slot).(vmid/256).(vmid%256)``
+  port 22, so the guest's SSH is reachable from the host at an address of its own;
+- the cloud-init drive (``ide2: <store>:vm-<id>-cloudinit``) is regenerated from the VM's
+  cloud-init settings as a NoCloud seed (PVE's default ``citype`` for Linux): ciuser, sshkeys
+  (URL-decoded), ipconfigN, nameserver, searchdomain, ciupgrade, hostname = VM name, network
+  config matched by MAC;
+- ``agent: enabled=1`` adds the virtio-serial port ``org.qemu.guest_agent.0``; the lab's API
+  relays guest-agent commands to the real agent in the guest through it;
+- memory is the configured one capped at the lab's ``vm_memory_cap``; one vCPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..qemuvm import accel_args
+from .config import vm_address
+
+__all__ = ["LaunchError", "VmProcess", "launch", "nics_of", "vm_address", "seed_files"]
+
+NET_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "vmxnet3": "vmxnet3", "rtl8139": "rtl8139",
+              "e1000e": "e1000e"}
+
+
+class LaunchError(Exception):
+    pass
+
+
+def _props(value: str) -> tuple[str | None, dict[str, str]]:
+    first, props = None, {}
+    for n, part in enumerate(str(value).split(",")):
+        key, eq, val = part.partition("=")
+        if eq:
+            props[key] = val
+        elif part and n == 0:
+            first = part
+    return first, props
+
+
+def nics_of(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(netN, MAC)] in device order, from `virtio=BC:24:11:..,bridge=vmbr0` values."""
+    out = []
+    for key in sorted((k for k in config if k.startswith("net") and k[3:].isdigit()), key=lambda k: int(k[3:])):
+        for part in str(config[key]).split(","):
+            name, _, val = part.partition("=")
+            if name in NET_MODELS or name in ("e1000-82540em", "i82551", "ne2k_pci", "pcnet"):
+                out.append((key, val))
+                break
+            if name == "macaddr":
+                out.append((key, val))
+                break
+    return out
+
+
+def _nic_model(value: str) -> str:
+    for part in str(value).split(","):
+        name = part.partition("=")[0]
+        if name in NET_MODELS:
+            return NET_MODELS[name]
+    return "virtio-net-pci"
+
+
+@dataclass
+class IpConfig:
+    dhcp: bool = True
+    address: str | None = None  # CIDR
+    gateway: str | None = None
+
+
+def _ipconfig(value: str | None) -> IpConfig:
+    if not value:
+        return IpConfig()
+    _, props = _props("x," + value)
+    ip = props.get("ip", "dhcp")
+    if ip == "dhcp":
+        return IpConfig()
+    return IpConfig(dhcp=False, address=ip, gateway=props.get("gw"))
+
+
+def seed_files(name: str, config: dict[str, Any]) -> dict[str, str]:
+    """The NoCloud seed PVE's cloud-init drive holds: user-data, meta-data, network-config (v1)."""
+    user = config.get("ciuser") or "root"
+    keys = urllib.parse.unquote(str(config.get("sshkeys") or ""))
+    search = config.get("searchdomain")
+    lines = ["#cloud-config", f"hostname: {name}", "manage_etc_hosts: true"]
+    if search:
+        lines.append(f"fqdn: {name}.{search}")
+    lines.append(f"user: {json.dumps(str(user))}")
+    key_lines = [k.strip() for k in keys.splitlines() if k.strip()]
+    if key_lines:
+        lines.append("ssh_authorized_keys:")
+        lines += [f"  - {json.dumps(k)}" for k in key_lines]
+    lines += ["chpasswd:", "  expire: False", "users:", "  - default"]
+    lines.append(f"package_upgrade: {'true' if str(config.get('ciupgrade', '1')) in ('1', 'true') else 'false'}")
+    user_data = "\n".join(lines) + "\n"
+
+    net = ["version: 1", "config:"]
+    for n, (key, mac) in enumerate(nics_of(config)):
+        idx = key[3:]
+        ipc = _ipconfig(config.get(f"ipconfig{idx}"))
+        net += ["    - type: physical", f"      name: eth{n}", f"      mac_address: '{mac.lower()}'",
+                "      subnets:"]
+        if ipc.dhcp:
+            net.append("      - type: dhcp4")
+        else:
+            assert ipc.address is not None
+            iface = ipaddress.ip_interface(ipc.address)
+            net += ["      - type: static", f"        address: '{iface.ip}'", f"        netmask: '{iface.netmask}'"]
+            if ipc.gateway:
+                net.append(f"        gateway: '{ipc.gateway}'")
+    if config.get("nameserver") or search:
+        net.append("    - type: nameserver")
+        if config.get("nameserver"):
+            net += ["      address:"] + [f"      - '{a}'" for a in str(config["nameserver"]).split()]
+        if search:
+            net += ["      search:"] + [f"      - '{s}'" for s in str(search).split()]
+    network = "\n".join(net) + "\n"
+    instance = hashlib.sha1((user_data + network).encode(), usedforsecurity=False).hexdigest()
+    meta = f"instance-id: {instance}\nlocal-hostname: {name}\n"
+    return {"user-data": user_data, "meta-data": meta, "network-config": network}
+
+
+def _write_seed(files: dict[str, str], dest: Path, fmt: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="lab-seed-") as tmp:
+        for fname, text in files.items():
+            (Path(tmp) / fname).write_text(text)
+        iso = Path(tmp) / "seed.iso"
+        proc = subprocess.run(
+            ["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", *files],
+            cwd=tmp, capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise LaunchError(f"cannot make the cloud-init seed: {proc.stderr.strip()}")
+        if fmt == "raw":
+            os.replace(iso, dest)
+        else:
+            proc = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(iso), str(dest)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise LaunchError(f"cannot write the cloud-init drive {dest}: {proc.stderr.strip()}")
+
+
+def _image_format(path: Path) -> str:
+    return "qcow2" if path.suffix == ".qcow2" else ("vmdk" if path.suffix == ".vmdk" else "raw")
+
+
+@dataclass
+class VmProcess:
+    vmid: int
+    name: str
+    pid: int
+    address: str
+    nics: list[tuple[str, str]]
+    qga: Path | None
+    qmp: Path
+    record: Path
+    serial_log: Path
+    argv: list[str] = field(default_factory=list)
+    _proc: subprocess.Popen[bytes] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid, "ssh_host": self.address, "ssh_port": 22,
+                "macs": [mac.lower() for _k, mac in self.nics], "serial_log": str(self.serial_log),
+                "qga": str(self.qga) if self.qga else None}
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Kill the qemu (like `qm stop`: no guest shutdown)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for p in (self.record, self.qmp, self.qga):
+            if p is not None:
+                p.unlink(missing_ok=True)
+
+    def powerdown(self, timeout: float) -> bool:
+        """ACPI power button through QMP; True if the guest powered off within timeout seconds."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(self.qmp))
+                f = s.makefile("rwb")
+                f.readline()
+                for cmd in ({"execute": "qmp_capabilities"}, {"execute": "system_powerdown"}):
+                    f.write(json.dumps(cmd).encode() + b"\n")
+                    f.flush()
+                    f.readline()
+        except OSError:
+            return not self.alive()
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not self.alive():
+            self.stop()
+            return True
+        return False
+
+    def agent(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 3.0) -> Any:
+        """One guest-agent command through the virtio-serial socket; raises OSError/TimeoutError."""
+        if self.qga is None:
+            raise OSError("no guest agent channel")
+        with self._lock, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.qga))
+            sync_id = int.from_bytes(os.urandom(3), "big")
+            s.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                            "arguments": {"id": sync_id}}).encode() + b"\n")
+            buf = b""
+            deadline = time.monotonic() + timeout
+            # Skip anything before the 0xFF sentinel, then read the sync answer.
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("guest agent did not answer guest-sync")
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("guest agent channel closed")
+                buf += chunk
+                if b"\xff" in buf:
+                    buf = buf.rsplit(b"\xff", 1)[1]
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    with contextlib.suppress(ValueError):
+                        if json.loads(line).get("return") == sync_id:
+                            break
+                else:
+                    continue
+                break
+            msg: dict[str, Any] = {"execute": command}
+            if arguments:
+                msg["arguments"] = arguments
+            s.sendall(json.dumps(msg).encode() + b"\n")
+            while b"\n" not in buf:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"guest agent did not answer {command}")
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("guest agent channel closed")
+                buf += chunk
+            answer = json.loads(buf.split(b"\n", 1)[0])
+            if "error" in answer:
+                raise OSError(answer["error"].get("desc", "guest agent error"))
+            return answer.get("return")
+
+    def guest_up(self) -> bool:
+        """True once the guest agent answers (the guest has booted that far)."""
+        if self.qga is None:
+            return self.ssh_banner()
+        try:
+            self.agent("guest-ping", timeout=2.0)
+            return True
+        except (OSError, TimeoutError, ValueError):
+            return False
+
+    def ssh_banner(self) -> bool:
+        try:
+            with socket.create_connection((self.address, 22), timeout=2) as s:
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+
+def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
+           address: str, vms_dir: Path, log_dir: Path, memory_cap: int, node: str,
+           accelerator: str = "auto") -> VmProcess:
+    vms_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
+    qmp = vms_dir / f"{vmid}.qmp"
+    qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
+        else None
+    serial_log = log_dir / f"{node}-vm{vmid}-serial.log"
+    argv = ["qemu-system-x86_64", "-name", f"lab-{node}-vm{vmid},process=lab-{node}-vm{vmid}",
+            *accel_args(accelerator), "-m", str(memory), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none", "-vga", "none", "-serial", f"file:{serial_log}",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-device", "virtio-scsi-pci,id=scsihw0"]
+    boot = str(config.get("boot", ""))
+    order = boot[len("order="):].split(";") if boot.startswith("order=") else []
+    have_disk = False
+    for key, (volume, props, path) in sorted(disks.items()):
+        cdrom = props.get("media") == "cdrom"
+        if volume in ("none", "cdrom") or path is None:
+            continue
+        if "cloudinit" in volume:
+            _write_seed(seed_files(name, config), path, _image_format(path))
+        if not path.exists():
+            raise LaunchError(f"volume '{volume}' does not exist")
+        fmt = _image_format(path)
+        drive_id = f"drive-{key}"
+        bootindex = f",bootindex={order.index(key) + 1}" if key in order else ""
+        media = ",media=cdrom,readonly=on" if cdrom else ""
+        argv += ["-drive", f"file={path},if=none,id={drive_id},format={fmt}{media}"]
+        if key.startswith("scsi"):
+            dev = "scsi-cd" if cdrom else "scsi-hd"
+            argv += ["-device", f"{dev},bus=scsihw0.0,scsi-id={int(key[4:])},drive={drive_id}{bootindex}"]
+        elif key.startswith("virtio"):
+            argv += ["-device", f"virtio-blk-pci,drive={drive_id}{bootindex}"]
+        elif key.startswith("sata"):
+            argv += ["-device", f"ide-{'cd' if cdrom else 'hd'},drive={drive_id}{bootindex}"]
+        else:  # ideN: the legacy IDE buses
+            n = int(key[3:])
+            argv += ["-device", f"ide-{'cd' if cdrom else 'hd'},bus=ide.{n // 2},unit={n % 2},drive={drive_id}"
+                     f"{bootindex}"]
+        have_disk = have_disk or not cdrom
+    if not have_disk:
+        raise LaunchError(f"VM {vmid} has no disk to boot from")
+    nics = nics_of(config)
+    for n, (key, mac) in enumerate(nics):
+        idx = key[3:]
+        ipc = _ipconfig(config.get(f"ipconfig{idx}"))
+        netdev = f"user,id={key}"
+        guest = ""
+        if not ipc.dhcp and ipc.address:
+            iface = ipaddress.ip_interface(ipc.address)
+            host = ipc.gateway or str(next(h for h in iface.network.hosts() if h != iface.ip))
+            netdev += f",net={iface.network},host={host}"
+            guest = str(iface.ip)
+        if n == 0:
+            netdev += f",hostfwd=tcp:{address}:22-{guest}:22"
+        else:
+            netdev += ",restrict=on"
+        argv += ["-netdev", netdev,
+                 "-device", f"{_nic_model(config[key])},netdev={key},mac={mac.lower()}"
+                            f"{f',bootindex={order.index(key) + 1}' if key in order else ''}"]
+    if qga is not None:
+        qga.unlink(missing_ok=True)
+        argv += ["-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
+                 "-device", "virtio-serial-pci,id=qga-serial",
+                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+    qemu_log = log_dir / f"{node}-vm{vmid}-qemu.log"
+    with qemu_log.open("ab") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = qemu_log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise LaunchError(f"start failed: QEMU exited with code {proc.returncode}: {' '.join(tail)}")
+        if qmp.exists():
+            break
+        time.sleep(0.05)
+    record = vms_dir / f"{vmid}.json"
+    vmp = VmProcess(vmid=vmid, name=name, pid=proc.pid, address=address, nics=nics, qga=qga, qmp=qmp,
+                    record=record, serial_log=serial_log, argv=argv, _proc=proc)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"vmid": vmid, "name": name, "node": node, **vmp.describe()}, indent=2) + "\n")
+    tmp.replace(record)
+    return vmp
