@@ -296,7 +296,17 @@ def check_inventory(inventory: str | Path, images: str | Path | None = None) -> 
         try:
             site = load_site(inventory, images)
         except ValidationFailed as exc:
-            problems.extend(p for p in exc.problems if not _MAC_KEY_RE.match(p.key) and p not in problems)
+            mine = list(problems)
+
+            def covered(p: Problem) -> bool:
+                # load_site's MAC messages are dropped only where a more specific one above covers them
+                if not _MAC_KEY_RE.match(p.key):
+                    return False
+                if p.key == "vm.nics.mac":
+                    return any("is also used by" in q.message for q in mine)
+                return any(q.entry == p.entry for q in mine)
+
+            problems.extend(p for p in exc.problems if not covered(p) and p not in mine)
         else:
             problems.extend(_address_problems(site))
     return problems

@@ -457,3 +457,68 @@ def test_prop_generate_into_an_inventory_always_passes_check(vms: list) -> None:
         for i in range(len(vms)):
             mac.generate(path, f"gen{i:02d}")
         assert mac.check(path, IMAGES) == 7 + sum(c for _, c in vms)
+
+
+BLOCK_STYLE = """\
+all:
+  children:
+    mgmt:
+      hosts:
+        a01:
+          vm:
+            vmid: 1001
+            role: automation
+            nics:
+            - mac: 'bc:24:11:00:00:01'  # old
+              bridge: vmbr0
+        b01:
+          vm:
+            vmid: 1002
+            role: automation
+"""
+
+
+def test_generate_keeps_block_style_and_quoting_and_creates_missing_nics(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.yml"
+    path.write_text(BLOCK_STYLE)
+    mac.generate(path, "a01")
+    mac.generate(path, "a01", nic=1)
+    mac.generate(path, "b01")
+    assert diff(BLOCK_STYLE, path.read_text()) == [
+        "-            - mac: 'bc:24:11:00:00:01'  # old",
+        "+            - mac: '02:de:10:02:01:00'  # old",
+        '+            - mac: "02:de:10:02:01:01"',
+        "+            nics:",
+        '+            - mac: "02:de:10:02:02:00"',
+    ]
+    assert mac.check(path) == 3
+
+
+def test_nic_flag_parsing() -> None:
+    assert mac.parse_nic(None) is None
+    assert mac.parse_nic("3") == 3
+    for bad in ("x", "-1", "8", "1.5"):
+        with pytest.raises(ValidationFailed, match="must be a NIC index 0-7"):
+            mac.parse_nic(bad)
+
+
+def test_cli_check_exits_non_zero_and_names_file_and_host(inv: Path) -> None:
+    import subprocess
+    import sys
+
+    edit(inv, METRICS, '"03:de:10:01:01:00"')
+    invoke = Path(sys.executable).with_name("invoke")
+    res = subprocess.run(
+        [str(invoke), "mac.check", "--inventory", str(inv)], cwd=REPO_ROOT, capture_output=True, text=True,
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"}, check=False,
+    )
+    assert res.returncode == 2, res
+    assert f"{inv}: metrics01: vm.nics.0.mac: MAC '03:de:10:01:01:00' is a multicast address" in res.stderr
+    ok = subprocess.run(
+        [str(invoke), "mac.generate", "--vm", "metrics01", "--nic", "0", "--inventory", str(inv)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    )
+    assert ok.returncode == 0, ok
+    # a broken MAC holds no host index: the VM gets the next one above logs01's 02
+    assert 'mac: "02:de:10:01:03:00"' in inv.read_text()
+    assert "metrics01 NIC 0: 03:de:10:01:01:00 -> 02:de:10:01:03:00" in ok.stderr
