@@ -1,7 +1,106 @@
-"""deploy.*: tasks (filled by the deploy stage)."""
+"""deploy.*: clone VMs from tested templates with their fixed inventory MACs; plan, converge, destroy."""
 
 from __future__ import annotations
 
 from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from .. import deploy as dep
+from ..console import console, emit_json
+from ..errors import Problem, ValidationFailed
+from ._common import handle_errors, site
+
+_COMMON_HELP = {
+    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+    "images": "image catalogue YAML (default: factory.images)",
+    "json": "print the plan/report as JSON on stdout (tables and progress go to stderr)",
+}
+_SELECT_HELP = {
+    "name": "VM name from the inventory; repeat (-n a -n b) or give a comma list (-n a,b)",
+    "plane": "only VMs of this plane: mgmt or tenant",
+    "all": "every VM of the inventory (or of --plane)",
+    "recreate": "destroy and re-create VMs with unsafe drift (template lineage, disk shrink); "
+                "the only way a drifted mgmt VM is ever re-created",
+}
+
+
+def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] | None:
+    names = [n.strip() for item in (name or []) for n in item.split(",") if n.strip()]
+    if names and all_:
+        raise ValidationFailed([Problem("command line", "", "--all", "give VM names or --all, not both")])
+    if not names and not all_ and plane is None:
+        raise ValidationFailed([Problem("command line", "", "--name", "name VMs (-n NAME), or use --all / --plane")])
+    return names or None
+
+
+@task(
+    iterable=["name"],
+    help={
+        **_COMMON_HELP, **_SELECT_HELP,
+        "dry_run": "show the plan (create / in-sync / drift / recreate / blocked) and change nothing",
+        "no_wait": "do not wait for the guests to report their address (tasks are still awaited)",
+        "timeout": "seconds to wait for each PVE task and for each guest to become ready (default 600)",
+    },
+)
+@handle_errors
+def vm(
+    c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
+    dry_run: bool = False, no_wait: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT), recreate: bool = False,
+    inventory: str | None = None, images: str | None = None, json: bool = False,
+) -> None:
+    """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
+    settings, model = site(c, inventory, images)
+    names = _names(name, all, plane)
+    report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
+                            timeout=float(timeout), recreate=recreate, progress=not json)
+    if json:
+        emit_json(report.to_dict())
+    else:
+        console.print(dep.report_table(report))
+    if not report.ok:
+        bad = [r.plan.vm for r in report.results if not r.ok]
+        if not json:
+            console.print(f"[bold red]not deployed:[/] {', '.join(bad)}")
+        raise Exit(code=1)
+
+
+@task(iterable=["name"], help={**_COMMON_HELP, **_SELECT_HELP})
+@handle_errors
+def plan(
+    c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
+    recreate: bool = False, inventory: str | None = None, images: str | None = None, json: bool = False,
+) -> None:
+    """Show what deploy.vm would do (same as deploy.vm --dry-run); reads the hypervisors, changes nothing."""
+    settings, model = site(c, inventory, images)
+    result = dep.plan_deploy(settings, model, _names(name, all, plane), plane=plane, recreate=recreate)
+    if json:
+        emit_json(result.to_dict())
+    else:
+        console.print(dep.plan_table(result))
+
+
+@task(
+    help={
+        "name": "the inventory VM to destroy",
+        "i_know_this_is_mgmt": "required to destroy a mgmt (infrastructure-critical) VM",
+        "timeout": "seconds to wait for the stop and destroy tasks",
+        "inventory": _COMMON_HELP["inventory"],
+        "images": _COMMON_HELP["images"],
+    }
+)
+@handle_errors
+def destroy(
+    c: Context, name: str, i_know_this_is_mgmt: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT),
+    inventory: str | None = None, images: str | None = None,
+) -> None:
+    """Stop and destroy one VM this tool created (tenant VMs; mgmt VMs only with --i-know-this-is-mgmt)."""
+    settings, model = site(c, inventory, images)
+    console.print(dep.destroy_vm(settings, model, name, allow_mgmt=i_know_this_is_mgmt, timeout=float(timeout)))
+
 
 ns = Collection("deploy")
+ns.add_task(vm)
+ns.add_task(plan)
+ns.add_task(destroy)

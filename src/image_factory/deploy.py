@@ -1,0 +1,1063 @@
+"""Deploy the inventory's VMs: clone a tested template, write the fixed MACs, start, wait, converge.
+
+One code path for planning and doing: :func:`plan_deploy` reads each hypervisor and turns every
+selected VM into a :class:`VmPlan` (create / in-sync / drift / recreate / blocked, with the differing
+fields); :func:`deploy_vms` executes exactly those plans (``dry_run`` stops after planning).
+
+PVE behaviour this relies on (shared/pve-facts.md): a clone always gets fresh random MACs, so the
+inventory MACs are written by one config update after the clone task has ended; ``sshkeys`` is
+percent-encoded with ``quote(keys, safe="")``; MACs are compared case-insensitively on the parsed
+``netN`` property string; clones on one host contend for the storage lock (10 s), so clones are
+serialised per host and retried on "can't lock file ... got timeout"; every task is awaited on the
+node named in its UPID.
+
+A VM this tool made carries a marker block in its description (``managed-by: deevnet-image-factory``,
+the inventory name, the template lineage, and ``factory-state: incomplete`` until the config update
+has landed). A VM without the marker is never touched. A half-made VM is removed (stop, destroy with
+purge and unreferenced disks); if that fails too it is tagged ``factory-incomplete`` and reported, and
+the next run recreates it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote, unquote
+
+from .errors import FactoryError, Problem, RemoteError, ValidationFailed
+from .inventory import Hypervisor, Site, StaticIp, Vm
+from .pve import ApiError, PveClient, TaskFailed, retry_on_lock
+from .settings import Settings
+
+MANAGED_MARKER = "managed-by: deevnet-image-factory"
+INCOMPLETE_TAG = "factory-incomplete"
+DEFAULT_TIMEOUT = 600.0
+TASK_POLL_INTERVAL = 0.25
+READY_POLL_INTERVAL = 2.0
+LOCK_RETRY_ATTEMPTS = 5
+LOCK_RETRY_DELAY = 2.0
+MAX_WORKERS = 16
+NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
+              "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
+DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+Action = Literal["create", "in-sync", "drift", "recreate", "blocked"]
+ClientFactory = Callable[[Hypervisor], PveClient]
+
+
+class DeployError(FactoryError):
+    """A deploy step failed for one VM (carried in the report, not raised out of deploy_vms)."""
+
+
+# ------------------------------------------------------------------------------- property strings
+
+
+def parse_props(value: str, first_key: str | None = None) -> dict[str, str]:
+    """Parse a PVE property string ``k=v,k2=v2``; a leading bare value is stored under ``first_key``."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p for p in str(value).split(",") if p != ""):
+        key, eq, val = part.partition("=")
+        if not eq:
+            if i == 0 and first_key is not None:
+                out[first_key] = key
+                continue
+            out[key] = ""
+            continue
+        out[key.strip()] = val.strip()
+    return out
+
+
+def format_props(props: Mapping[str, str], first: tuple[str, str] | None = None) -> str:
+    """``first`` (key, value) goes first, the other keys sorted: PVE's own order."""
+    parts = [f"{first[0]}={first[1]}"] if first else []
+    parts += [f"{k}={props[k]}" for k in sorted(props)]
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A parsed ``netN`` value: model, MAC (lowercase) and the other options."""
+
+    model: str
+    mac: str | None
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, value: str) -> NetSpec:
+        props = parse_props(value)
+        model, mac = None, None
+        rest: dict[str, str] = {}
+        for key, val in props.items():
+            if key in NET_MODELS and model is None:
+                model, mac = key, (val or None)
+            elif key == "model":
+                model = val
+            elif key == "macaddr":
+                mac = val
+            else:
+                rest[key] = val
+        if model is None:
+            raise ValueError(f"not a PVE network device: {value!r} (no model such as virtio=...)")
+        return cls(model, mac.lower() if mac else None, tuple(sorted(rest.items())))
+
+    @property
+    def opts(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def format(self, *, mac_upper: bool = True) -> str:
+        mac = (self.mac or "").upper() if mac_upper else (self.mac or "")
+        return format_props(self.opts, (self.model, mac))
+
+    def compare_key(self) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
+        opts = self.opts
+        opts.setdefault("firewall", "0")
+        return (self.model, (self.mac or "").lower(), tuple(sorted(opts.items())))
+
+
+def nic_net(vm: Vm, hv: Hypervisor, index: int) -> NetSpec:
+    nic = vm.nics[index]
+    opts = {"bridge": nic.bridge or hv.bridge, "firewall": "1" if nic.firewall else "0"}
+    if nic.vlan is not None:
+        opts["tag"] = str(nic.vlan)
+    return NetSpec(nic.model, nic.mac.lower(), tuple(sorted(opts.items())))
+
+
+def parse_size(value: str) -> int:
+    """A PVE size (``10G``, ``2252M``, ``512K``, bytes) in bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a PVE size: {value!r}")
+    return int(float(m[1]) * SIZE_UNITS[m[2].upper()])
+
+
+def encode_sshkeys(keys: Iterable[str]) -> str:
+    """PVE wants the newline-separated keys percent-encoded, spaces as %20 (never '+')."""
+    return quote("\n".join(keys), safe="")
+
+
+def decode_sshkeys(value: str) -> list[str]:
+    return [line.strip() for line in unquote(value).splitlines() if line.strip()]
+
+
+def ipconfig_value(vm: Vm) -> str:
+    ip = vm.cloudinit.ipconfig
+    if isinstance(ip, StaticIp):
+        return f"ip={ip.ip},gw={ip.gw}" if ip.gw else f"ip={ip.ip}"
+    return "ip=dhcp"
+
+
+def split_tags(value: str | None) -> list[str]:
+    return sorted({t for t in re.split(r"[;, ]+", value or "") if t})
+
+
+# ------------------------------------------------------------------------------------ templates
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    vmid: int
+    name: str
+    build_id: str
+    tags: tuple[str, ...]
+
+    @property
+    def tested(self) -> bool:
+        return "tested" in self.tags and "untested" not in self.tags
+
+
+def find_templates(client: PveClient, image_name: str) -> list[TemplateRef]:
+    """Templates of ``image_name`` on the client's node, newest first (the publish stage's naming:
+    ``tpl-<image>-<build_id>``, tags incl. the image name, the build id, ``image-factory``, ``tested``)."""
+    prefix = f"tpl-{image_name}-"
+    found: list[TemplateRef] = []
+    for entry in client.list_vms():
+        if not int(entry.get("template") or 0):
+            continue
+        name = str(entry.get("name") or "")
+        tags = tuple(split_tags(entry.get("tags")))
+        if not name.startswith(prefix) or image_name not in tags or "image-factory" not in tags:
+            continue
+        found.append(TemplateRef(int(entry["vmid"]), name, name[len(prefix):], tags))
+    return sorted(found, key=lambda t: (t.build_id, t.vmid), reverse=True)
+
+
+def choose_template(client: PveClient, vm: Vm) -> tuple[TemplateRef | None, str]:
+    """The template to clone (the pinned one or the newest tested one), or None and why not."""
+    templates = find_templates(client, vm.image)
+    if vm.template_vmid is not None:
+        pinned = [t for t in templates if t.vmid == vm.template_vmid]
+        if not pinned:
+            return None, (f"pinned template_vmid {vm.template_vmid} is not a template of image {vm.image} "
+                          f"on {client.name}")
+        if not pinned[0].tested:
+            return None, f"pinned template {pinned[0].name} ({pinned[0].vmid}) is not tagged 'tested'"
+        return pinned[0], ""
+    tested = [t for t in templates if t.tested]
+    if not tested:
+        have = ", ".join(f"{t.name} ({t.vmid}, untested)" for t in templates) or "none"
+        return None, f"no tested template of image {vm.image} on {client.name} (found: {have}); publish one first"
+    return tested[0], ""
+
+
+# ------------------------------------------------------------------------------------ descriptions
+
+
+def describe(vm: Vm, template: TemplateRef, *, incomplete: bool = False) -> str:
+    lines = [vm.description.strip()] if vm.description.strip() else []
+    if lines:
+        lines.append("")
+    lines += [MANAGED_MARKER, f"factory-vm: {vm.name}", f"factory-template: {template.name} (vmid {template.vmid})"]
+    if incomplete:
+        lines.append("factory-state: incomplete")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Marker:
+    managed: bool
+    vm_name: str | None = None
+    template: str | None = None
+    template_vmid: int | None = None
+    incomplete: bool = False
+
+    @classmethod
+    def parse(cls, description: str | None) -> Marker:
+        lines = [line.strip() for line in (description or "").splitlines()]
+        if MANAGED_MARKER not in lines:
+            return cls(False)
+        name = tpl = None
+        tpl_id: int | None = None
+        for line in lines:
+            if line.startswith("factory-vm: "):
+                name = line.split(": ", 1)[1].strip()
+            m = re.match(r"^factory-template: (\S+) \(vmid (\d+)\)$", line)
+            if m:
+                tpl, tpl_id = m[1], int(m[2])
+        return cls(True, name, tpl, tpl_id, "factory-state: incomplete" in lines)
+
+
+# ----------------------------------------------------------------------------------- plan model
+
+
+@dataclass
+class FieldDiff:
+    field: str
+    current: Any
+    desired: Any
+    safe: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.current!r} -> {self.desired!r}" + ("" if self.safe else " (unsafe)")
+
+
+@dataclass
+class VmPlan:
+    vm: str
+    plane: str
+    host: str
+    node: str
+    vmid: int
+    action: Action
+    reason: str = ""
+    template: str | None = None
+    template_vmid: int | None = None
+    clone_mode: str = "full"
+    macs: list[str] = field(default_factory=list)
+    diffs: list[FieldDiff] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    running: bool | None = None
+
+    @property
+    def unsafe(self) -> list[FieldDiff]:
+        return [d for d in self.diffs if not d.safe]
+
+    @property
+    def safe_diffs(self) -> list[FieldDiff]:
+        return [d for d in self.diffs if d.safe]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["diffs"] = [x.to_dict() for x in self.diffs]
+        return d
+
+
+@dataclass
+class DeployPlan:
+    vms: list[VmPlan]
+    recreate: bool = False
+
+    def by_action(self, action: str) -> list[VmPlan]:
+        return [p for p in self.vms if p.action == action]
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for p in self.vms:
+            counts[p.action] = counts.get(p.action, 0) + 1
+        return {"vms": [p.to_dict() for p in self.vms], "counts": counts, "recreate": self.recreate}
+
+
+State = Literal["planned", "created", "recreated", "corrected", "unchanged", "drift-unresolved", "blocked",
+                "failed", "not-ready"]
+
+
+@dataclass
+class VmResult:
+    plan: VmPlan
+    state: State = "planned"
+    error: str | None = None
+    cleanup: str | None = None  # "removed" | "left-incomplete" | None
+    macs: list[str] = field(default_factory=list)  # read back from the API after the run
+    address: str | None = None
+    pending_restart: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state not in ("failed", "blocked", "not-ready")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.plan.vm, "host": self.plan.host, "vmid": self.plan.vmid, "plane": self.plan.plane,
+            "action": self.plan.action, "state": self.state, "error": self.error, "cleanup": self.cleanup,
+            "template": self.plan.template, "template_vmid": self.plan.template_vmid,
+            "macs": self.macs or self.plan.macs, "address": self.address, "pending_restart": self.pending_restart,
+            "phases": {k: round(v, 3) for k, v in self.phases.items()}, "notes": self.plan.notes + self.notes,
+            "diffs": [d.to_dict() for d in self.plan.diffs], "reason": self.plan.reason,
+        }
+
+
+@dataclass
+class DeployReport:
+    results: list[VmResult]
+    dry_run: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "dry_run": self.dry_run, "wall_s": round(self.wall_s, 3),
+                "vms": [r.to_dict() for r in self.results]}
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def select_vms(site: Site, names: Iterable[str] | None = None, *, plane: str | None = None) -> list[Vm]:
+    """The VMs to act on, in inventory order; unknown names and a plane mismatch are errors."""
+    wanted = [n for n in (names or []) if n]
+    if plane is not None and plane not in ("mgmt", "tenant"):
+        raise ValidationFailed([Problem(str(site.inventory_path), "", "--plane", f"unknown plane {plane!r}")])
+    unknown = [n for n in wanted if n not in site.vms]
+    if unknown:
+        raise ValidationFailed(
+            Problem(str(site.inventory_path), n, "", f"no such VM in the inventory (have: {', '.join(site.vms)})")
+            for n in unknown
+        )
+    vms = [site.vms[n] for n in dict.fromkeys(wanted)] if wanted else list(site.vms.values())
+    if plane is not None:
+        if wanted:
+            other = [v.name for v in vms if v.plane != plane]
+            if other:
+                raise ValidationFailed(
+                    Problem(str(site.inventory_path), n, "vm.plane", f"is not a {plane} VM") for n in other
+                )
+        vms = [v for v in vms if v.plane == plane]
+    return vms
+
+
+def check_placement(site: Site, vms: Iterable[Vm]) -> None:
+    """Re-assert the placement policy per VM before any API call (load_site checked it too)."""
+    problems = []
+    for vm in vms:
+        try:
+            hv = site.hypervisor_for(vm)
+        except (KeyError, StopIteration):
+            problems.append(Problem(site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name,
+                                    "vm.hypervisor", f"no {vm.plane} hypervisor for this VM"))
+            continue
+        if hv.role != vm.plane:
+            problems.append(Problem(
+                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.hypervisor",
+                f"refused: {vm.plane} VMs may only run on the {vm.plane} hypervisor, but {hv.name} has role "
+                f"{hv.role} (nothing was sent to any hypervisor)",
+            ))
+        elif vm.vmid not in hv.vm_vmids:
+            problems.append(Problem(
+                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.vmid",
+                f"refused: {vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
+            ))
+    if problems:
+        raise ValidationFailed(problems)
+
+
+# ----------------------------------------------------------------------------------- desired state
+
+
+def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef) -> dict[str, str]:
+    """The one config update written after the clone (strings as PVE takes them)."""
+    cfg: dict[str, str] = {}
+    for i in range(len(vm.nics)):
+        cfg[f"net{i}"] = nic_net(vm, hv, i).format()
+    cfg["name"] = vm.name
+    cfg["cores"] = str(vm.cores)
+    cfg["memory"] = str(vm.memory)
+    ci = vm.cloudinit
+    cfg["ciuser"] = ci.user
+    if ci.ssh_keys:
+        cfg["sshkeys"] = encode_sshkeys(ci.ssh_keys)
+    cfg["ipconfig0"] = ipconfig_value(vm)
+    if ci.nameserver:
+        cfg["nameserver"] = ci.nameserver
+    if ci.searchdomain:
+        cfg["searchdomain"] = ci.searchdomain
+    cfg["ciupgrade"] = "1" if ci.upgrade else "0"
+    cfg["tags"] = ";".join(vm.all_tags)
+    cfg["description"] = describe(vm, template)
+    return cfg
+
+
+def boot_disk(config: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(key, size in bytes) of the VM's boot disk: first in ``boot: order=``, else scsi0/virtio0/sata0/ide0."""
+    order = parse_props(str(config.get("boot", "")), "legacy").get("order", "")
+    candidates = [k for k in order.split(";") if DISK_KEYS.match(k)]
+    candidates += [k for k in ("scsi0", "virtio0", "sata0", "ide0") if k not in candidates]
+    for key in candidates:
+        value = config.get(key)
+        if not value:
+            continue
+        props = parse_props(str(value), "file")
+        if props.get("media") == "cdrom" or "cloudinit" in props.get("file", ""):
+            continue
+        try:
+            return key, parse_size(props.get("size", "0"))
+        except ValueError:
+            return key, 0
+    return None
+
+
+def _effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:
+    """The config the next start will use (pending values applied), the pending keys, and the digest."""
+    path = f"{client.node_path}/qemu/{vmid}"
+    config = dict(client.get(f"{path}/config"))
+    digest = str(config.pop("digest", ""))
+    pending_keys: list[str] = []
+    try:
+        pending = client.get(f"{path}/pending")
+    except ApiError:
+        pending = []
+    for item in pending or []:
+        key = str(item.get("key"))
+        if int(item.get("delete") or 0):
+            config.pop(key, None)
+            pending_keys.append(key)
+        elif "pending" in item:
+            config[key] = item["pending"]
+            pending_keys.append(key)
+    return config, pending_keys, digest
+
+
+def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """Differences between the VM's effective config and the inventory; ``safe`` ones a config update fixes."""
+    diffs: list[FieldDiff] = []
+    nets = sorted((k for k in config if re.fullmatch(r"net\d+", k)), key=lambda k: int(k[3:]))
+    for i in range(len(vm.nics)):
+        want = nic_net(vm, hv, i)
+        have_raw = config.get(f"net{i}")
+        if have_raw is None:
+            diffs.append(FieldDiff(f"net{i}", None, want.format(), True))
+            continue
+        try:
+            have = NetSpec.parse(str(have_raw))
+        except ValueError:
+            diffs.append(FieldDiff(f"net{i}", have_raw, want.format(), True))
+            continue
+        if (have.mac or "").lower() != (want.mac or "").lower():
+            diffs.append(FieldDiff(f"net{i}.mac", have.mac, want.mac, True))
+        if have.model != want.model:
+            diffs.append(FieldDiff(f"net{i}.model", have.model, want.model, True))
+        have_opts, want_opts = have.opts, want.opts
+        have_opts.setdefault("firewall", "0")
+        for key in sorted(set(have_opts) | set(want_opts)):
+            if have_opts.get(key) != want_opts.get(key):
+                diffs.append(FieldDiff(f"net{i}.{key}", have_opts.get(key), want_opts.get(key), True))
+    for key in nets:
+        if int(key[3:]) >= len(vm.nics):
+            diffs.append(FieldDiff(key, config[key], None, True))
+    for key, want_v in (("name", vm.name), ("cores", str(vm.cores)), ("memory", str(vm.memory))):
+        have_v = config.get(key)
+        if have_v is None and key == "cores":
+            have_v = "1"
+        if str(have_v) != want_v:
+            diffs.append(FieldDiff(key, have_v, want_v, True))
+    ci = vm.cloudinit
+    scalar = {
+        "ciuser": ci.user, "nameserver": ci.nameserver, "searchdomain": ci.searchdomain,
+        "ciupgrade": "1" if ci.upgrade else "0",
+    }
+    for key, want_s in scalar.items():
+        have_s = config.get(key)
+        if key == "ciupgrade" and have_s is None:
+            have_s = "1"  # PVE's default
+        if (None if have_s in (None, "") else str(have_s)) != want_s:
+            diffs.append(FieldDiff(key, have_s, want_s, True))
+    if decode_sshkeys(str(config.get("sshkeys", ""))) != list(ci.ssh_keys):
+        diffs.append(FieldDiff("sshkeys", decode_sshkeys(str(config.get("sshkeys", ""))), list(ci.ssh_keys), True))
+    have_ip = parse_props(str(config.get("ipconfig0", "")))
+    if have_ip != parse_props(ipconfig_value(vm)):
+        diffs.append(FieldDiff("ipconfig0", config.get("ipconfig0"), ipconfig_value(vm), True))
+    have_tags = split_tags(config.get("tags"))
+    if have_tags != vm.all_tags:
+        diffs.append(FieldDiff("tags", have_tags, vm.all_tags, True))
+    disk = boot_disk(config)
+    want_bytes = vm.disk_gb * 1024**3
+    if disk is not None and disk[1] < want_bytes:
+        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G", True))
+    elif disk is not None and disk[1] > want_bytes:
+        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False))
+    marker = Marker.parse(config.get("description"))
+    if template is not None and (marker.template, marker.template_vmid) != (template.name, template.vmid):
+        have_t = f"{marker.template} ({marker.template_vmid})" if marker.template else None
+        diffs.append(FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False))
+    elif template is not None and str(config.get("description", "")).strip() != describe(vm, template):
+        diffs.append(FieldDiff("description", "(differs)", "(inventory description + marker)", True))
+    return diffs
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:g}G"
+
+
+# ----------------------------------------------------------------------------------------- runner
+
+
+class _Run:
+    """Shared state of one plan/deploy run: clients, per-host clone locks, progress."""
+
+    def __init__(self, site: Site, *, client_factory: ClientFactory | None, progress: Any = None):
+        self.site = site
+        self.factory = client_factory or (lambda hv: PveClient(hv))
+        self.clients: dict[str, PveClient] = {}
+        self.clone_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.progress = progress
+
+    def client(self, hv: Hypervisor) -> PveClient:
+        with self._lock:
+            if hv.name not in self.clients:
+                self.clients[hv.name] = self.factory(hv)
+                self.clone_locks[hv.name] = threading.Lock()
+            return self.clients[hv.name]
+
+    def clone_lock(self, hv: Hypervisor) -> AbstractContextManager[Any]:
+        self.client(hv)
+        return self.clone_locks[hv.name]
+
+    def say(self, vm: str, text: str) -> None:
+        if self.progress is not None:
+            self.progress(vm, text)
+
+
+def _plan_host(run: _Run, hv: Hypervisor, vms: list[Vm], recreate: bool) -> list[VmPlan]:
+    client = run.client(hv)
+    existing = {int(e["vmid"]): e for e in client.list_vms()}
+    plans = []
+    for vm in vms:
+        plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode,
+                      macs=list(vm.macs))
+        template, why = choose_template(client, vm)
+        if template is not None:
+            plan.template, plan.template_vmid = template.name, template.vmid
+        entry = existing.get(vm.vmid)
+        if entry is None:
+            if template is None:
+                plan.action, plan.reason = "blocked", why
+            plans.append(plan)
+            continue
+        plan.running = entry.get("status") == "running"
+        if int(entry.get("template") or 0):
+            plan.action, plan.reason = "blocked", f"VMID {vm.vmid} on {hv.name} is a template, not this VM"
+            plans.append(plan)
+            continue
+        config, pending_keys, _ = _effective_config(client, vm.vmid)
+        marker = Marker.parse(config.get("description"))
+        if not marker.managed:
+            plan.action = "blocked"
+            plan.reason = (f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this "
+                           "tool (no managed-by marker): left untouched")
+            plans.append(plan)
+            continue
+        if marker.vm_name not in (None, vm.name):
+            plan.action = "blocked"
+            plan.reason = f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}"
+            plans.append(plan)
+            continue
+        if pending_keys:
+            plan.notes.append("pending until next start: " + ", ".join(sorted(pending_keys)))
+        incomplete = marker.incomplete or INCOMPLETE_TAG in split_tags(config.get("tags"))
+        if incomplete:
+            if template is None:
+                plan.action, plan.reason = "blocked", why
+            else:
+                plan.action, plan.reason = "recreate", "left incomplete by an earlier run: destroy and re-create"
+            plans.append(plan)
+            continue
+        plan.diffs = compare(vm, hv, template, config)
+        if not plan.running:
+            plan.diffs.append(FieldDiff("status", entry.get("status"), "running", True))
+        if template is None:
+            plan.notes.append(f"lineage not checked: {why}")
+        if not plan.diffs:
+            plan.action = "in-sync"
+        elif plan.unsafe and recreate and template is not None:
+            plan.action = "recreate"
+            plan.reason = "unsafe drift (" + "; ".join(str(d) for d in plan.unsafe) + "), --recreate given"
+        else:
+            plan.action = "drift"
+            if plan.unsafe:
+                plan.reason = ("unsafe drift is reported, not corrected: " + "; ".join(str(d) for d in plan.unsafe)
+                               + (" (mgmt VM: re-create only with --recreate)" if vm.plane == "mgmt"
+                                  else " (re-create with --recreate)"))
+        plans.append(plan)
+    return plans
+
+
+def _plan(run: _Run, vms: list[Vm], recreate: bool) -> DeployPlan:
+    by_host: dict[str, list[Vm]] = {}
+    for vm in vms:
+        by_host.setdefault(run.site.hypervisor_for(vm).name, []).append(vm)
+    results: dict[str, VmPlan] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(by_host))) as pool:
+        futures = {
+            pool.submit(_plan_host, run, run.site.hypervisors[h], hvms, recreate): h for h, hvms in by_host.items()
+        }
+        for fut, host in futures.items():
+            try:
+                for p in fut.result():
+                    results[p.vm] = p
+            except FactoryError as exc:
+                for vm in by_host[host]:
+                    hv = run.site.hypervisors[host]
+                    results[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
+                                              reason=f"cannot read {host}: {exc}", clone_mode=vm.clone_mode,
+                                              macs=list(vm.macs))
+    return DeployPlan([results[v.name] for v in vms], recreate)
+
+
+def plan_deploy(
+    settings: Settings | None, site: Site, names: Iterable[str] | None = None, *, plane: str | None = None,
+    recreate: bool = False, client_factory: ClientFactory | None = None,
+) -> DeployPlan:
+    """Read the hypervisors and plan every selected VM; changes nothing."""
+    del settings  # paths are already resolved into the site; kept for a uniform stage API
+    vms = select_vms(site, names, plane=plane)
+    check_placement(site, vms)
+    return _plan(_Run(site, client_factory=client_factory), vms, recreate)
+
+
+# ----------------------------------------------------------------------------------------- actions
+
+
+def _wait(client: PveClient, upid: Any, timeout: float) -> None:
+    if isinstance(upid, str) and upid.startswith("UPID:"):
+        client.wait_task(upid, timeout=timeout, interval=TASK_POLL_INTERVAL)
+
+
+def _retry() -> AbstractContextManager[Callable[[Callable[[], Any]], Any]]:
+    return retry_on_lock(attempts=LOCK_RETRY_ATTEMPTS, delay=LOCK_RETRY_DELAY)
+
+
+def _exists(client: PveClient, vmid: int) -> dict[str, Any] | None:
+    for e in client.list_vms():
+        if int(e["vmid"]) == vmid:
+            return e
+    return None
+
+
+def remove_vm(client: PveClient, vmid: int, *, timeout: float) -> None:
+    """Stop (if running) and destroy a VM with its disks."""
+    path = f"{client.node_path}/qemu/{vmid}"
+    status = client.get(f"{path}/status/current")
+    if status.get("status") == "running":
+        with _retry() as retry:
+            retry(lambda: _wait(client, client.post(f"{path}/status/stop"), timeout))
+    with _retry() as retry:
+        retry(lambda: _wait(client, client.delete(path, purge=1, **{"destroy-unreferenced-disks": 1}), timeout))
+
+
+def _clone(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, timeout: float) -> None:
+    path = f"{client.node_path}/qemu/{template.vmid}/clone"
+    params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
+                              "description": describe(vm, template, incomplete=True)}
+
+    def attempt() -> None:
+        try:
+            _wait(client, client.post(path, **params), timeout)
+        except (ApiError, TaskFailed):
+            # PVE removes a failed clone itself; make sure before a retry reuses the VMID.
+            left = _exists(client, vm.vmid)
+            if left is not None:
+                cfg = client.vm_config(vm.vmid)
+                if Marker.parse(cfg.get("description")).incomplete:
+                    remove_vm(client, vm.vmid, timeout=timeout)
+            raise
+
+    with run.clone_lock(hv), _retry() as retry:
+        retry(attempt)
+
+
+def _configure(client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, only: set[str] | None,
+               timeout: float) -> list[str]:
+    """One config update (digest from a fresh GET); returns the keys PVE left pending (running VM)."""
+    path = f"{client.node_path}/qemu/{vm.vmid}"
+    want = desired_config(vm, hv, template)
+    config, _, digest = _effective_config(client, vm.vmid)
+    extra_nets = [k for k in config if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics)]
+    deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys") if k not in want and k in config]
+    params: dict[str, Any] = dict(want) if only is None else {k: v for k, v in want.items() if k in only}
+    if deletes:
+        params["delete"] = ",".join(deletes)
+    if not params:
+        return []
+    if digest:
+        params["digest"] = digest
+    with _retry() as retry:
+        retry(lambda: _wait(client, client.post(f"{path}/config", **params), timeout))
+    pending = client.get(f"{path}/pending") or []
+    return sorted(str(i["key"]) for i in pending if "pending" in i or int(i.get("delete") or 0))
+
+
+def _resize(client: PveClient, vm: Vm, timeout: float) -> bool:
+    path = f"{client.node_path}/qemu/{vm.vmid}"
+    disk = boot_disk(client.vm_config(vm.vmid))
+    if disk is None or disk[1] >= vm.disk_gb * 1024**3:
+        return False
+    with _retry() as retry:
+        retry(lambda: _wait(client, client.put(f"{path}/resize", disk=disk[0], size=f"{vm.disk_gb}G"), timeout))
+    return True
+
+
+def _start(client: PveClient, vm: Vm, timeout: float) -> None:
+    path = f"{client.node_path}/qemu/{vm.vmid}"
+    if client.get(f"{path}/status/current").get("status") == "running":
+        return
+    with _retry() as retry:
+        retry(lambda: _wait(client, client.post(f"{path}/status/start"), timeout))
+
+
+def guest_address(interfaces: Any, mac: str) -> str | None:
+    """The first usable IPv4 address the guest agent reports on the NIC with ``mac``."""
+    for iface in interfaces or []:
+        if str(iface.get("hardware-address", "")).lower() != mac.lower():
+            continue
+        for addr in iface.get("ip-addresses") or []:
+            if addr.get("ip-address-type") != "ipv4":
+                continue
+            try:
+                ip = ipaddress.IPv4Address(str(addr.get("ip-address")))
+            except ValueError:
+                continue
+            if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+                return str(ip)
+    return None
+
+
+def wait_ready(client: PveClient, vm: Vm, *, timeout: float, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Until the guest agent reports a NIC with the inventory MAC (nic 0) and an IPv4 address; returns it."""
+    path = f"{client.node_path}/qemu/{vm.vmid}/agent/network-get-interfaces"
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        try:
+            answer = client.get(path)
+            interfaces = answer.get("result") if isinstance(answer, dict) else answer
+            ip = guest_address(interfaces, vm.nics[0].mac)
+            if ip:
+                return ip
+            seen = [str(i.get("hardware-address", "")).lower() for i in interfaces or []]
+            last = f"agent answers, but no NIC {vm.nics[0].mac} with an IPv4 address (NICs seen: {', '.join(seen)})"
+        except ApiError as exc:
+            last = exc.pve_message
+        if time.monotonic() > deadline:
+            raise DeployError(f"{vm.name}: not ready after {timeout:.0f}s: {last}")
+        sleep(READY_POLL_INTERVAL)
+
+
+def _read_back_macs(client: PveClient, vm: Vm) -> list[str]:
+    config, _, _ = _effective_config(client, vm.vmid)
+    macs = []
+    for i in range(len(vm.nics)):
+        raw = config.get(f"net{i}")
+        macs.append((NetSpec.parse(str(raw)).mac or "") if raw else "")
+    return macs
+
+
+def _mark_incomplete(client: PveClient, vmid: int) -> bool:
+    try:
+        cfg = client.vm_config(vmid)
+        tags = sorted({*split_tags(cfg.get("tags")), INCOMPLETE_TAG})
+        client.put(f"{client.node_path}/qemu/{vmid}/config", tags=";".join(tags))
+        return True
+    except FactoryError:
+        return False
+
+
+class _Timer:
+    def __init__(self, result: VmResult):
+        self.result = result
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        result = self.result
+
+        class _P:
+            def __enter__(self) -> None:
+                self.t = time.monotonic()
+
+            def __exit__(self, *exc: Any) -> None:
+                result.phases[name] = result.phases.get(name, 0.0) + time.monotonic() - self.t
+
+        return _P()
+
+
+def _create(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, result: VmResult,
+            *, wait: bool, timeout: float) -> None:
+    t = _Timer(result)
+    run.say(vm.name, f"cloning {template.name} ({vm.clone_mode})")
+    with t.phase("clone"):
+        _clone(run, client, hv, vm, template, timeout)
+    try:
+        run.say(vm.name, "configuring (MACs, cloud-init, tags)")
+        with t.phase("config"):
+            _configure(client, hv, vm, template, None, timeout)
+        with t.phase("resize"):
+            if _resize(client, vm, timeout):
+                result.notes.append(f"disk grown to {vm.disk_gb}G")
+        run.say(vm.name, "starting")
+        with t.phase("start"):
+            _start(client, vm, timeout)
+    except FactoryError as exc:
+        run.say(vm.name, "failed, removing the half-made VM")
+        result.error = str(exc)
+        try:
+            remove_vm(client, vm.vmid, timeout=timeout)
+            result.cleanup = "removed"
+        except FactoryError as exc2:
+            result.cleanup = "left-incomplete" if _mark_incomplete(client, vm.vmid) else "left-unmarked"
+            result.notes.append(f"removal failed: {exc2}; VM left tagged {INCOMPLETE_TAG}; a re-run re-creates it")
+        raise
+    result.macs = _read_back_macs(client, vm)
+    if wait:
+        run.say(vm.name, "waiting for the guest agent")
+        with t.phase("ready"):
+            result.address = wait_ready(client, vm, timeout=timeout)
+
+
+def _execute(run: _Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> VmResult:
+    result = VmResult(plan)
+    hv = run.site.hypervisors[plan.host]
+    started = time.monotonic()
+    try:
+        if plan.action == "blocked":
+            result.state = "blocked"
+            return result
+        client = run.client(hv)
+        template = None
+        if plan.template is not None and plan.template_vmid is not None:
+            template = next((t for t in find_templates(client, vm.image) if t.vmid == plan.template_vmid), None)
+            if template is None:
+                raise DeployError(f"template {plan.template} ({plan.template_vmid}) vanished since planning")
+        if plan.action == "create":
+            assert template is not None
+            _create(run, client, hv, vm, template, result, wait=wait, timeout=timeout)
+            result.state = "created"
+        elif plan.action == "recreate":
+            assert template is not None
+            run.say(vm.name, "destroying for re-creation")
+            with _Timer(result).phase("destroy"):
+                remove_vm(client, vm.vmid, timeout=timeout)
+            _create(run, client, hv, vm, template, result, wait=wait, timeout=timeout)
+            result.state = "recreated"
+        elif plan.action == "in-sync":
+            result.state = "unchanged"
+            result.macs = _read_back_macs(client, vm)
+        elif plan.action == "drift":
+            _correct(run, client, hv, vm, plan, template, result, wait=wait, timeout=timeout)
+    except FactoryError as exc:
+        result.state = "failed"
+        result.error = result.error or str(exc)
+    except Exception as exc:  # a bug must not take the other VMs' threads down with it
+        result.state = "failed"
+        result.error = result.error or f"{type(exc).__name__}: {exc}"
+    finally:
+        result.phases["total"] = time.monotonic() - started
+        run.say(vm.name, result.state)
+    if result.state == "failed" and isinstance(result.error, str) and "not ready after" in result.error:
+        result.state = "not-ready"
+    return result
+
+
+def _correct(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, template: TemplateRef | None,
+             result: VmResult, *, wait: bool, timeout: float) -> None:
+    t = _Timer(result)
+    fields = {d.field for d in plan.safe_diffs}
+    only = set()
+    for f in fields:
+        if f.startswith("net"):
+            only.add(f.split(".")[0])
+        elif f in ("template", "status") or f.endswith(".size"):
+            continue
+        else:
+            only.add(f)
+    if template is not None and "description" in fields:
+        only.add("description")
+    lineage_tpl = template
+    if template is None or any(d.field == "template" for d in plan.diffs):
+        # keep the recorded lineage in the description: a config update must not rewrite history
+        lineage_tpl = None
+    if only:
+        run.say(vm.name, "correcting " + ", ".join(sorted(only)))
+        with t.phase("config"):
+            tpl = lineage_tpl or _recorded_template(client, vm)
+            if lineage_tpl is None:
+                only.discard("description")
+            pending = _configure(client, hv, vm, tpl, only, timeout)
+        result.pending_restart = pending
+        if pending:
+            result.notes.append("takes effect at the next start: " + ", ".join(pending))
+    if any(d.field.endswith(".size") and d.safe for d in plan.diffs):
+        with t.phase("resize"):
+            if _resize(client, vm, timeout):
+                result.notes.append(f"disk grown to {vm.disk_gb}G")
+    if "status" in fields:
+        run.say(vm.name, "starting")
+        with t.phase("start"):
+            _start(client, vm, timeout)
+        if wait:
+            with t.phase("ready"):
+                result.address = wait_ready(client, vm, timeout=timeout)
+    result.macs = _read_back_macs(client, vm)
+    result.state = "drift-unresolved" if plan.unsafe else "corrected"
+
+
+def _recorded_template(client: PveClient, vm: Vm) -> TemplateRef:
+    marker = Marker.parse(client.vm_config(vm.vmid).get("description"))
+    return TemplateRef(marker.template_vmid or 0, marker.template or "unknown", "", ())
+
+
+def deploy_vms(
+    settings: Settings | None, site: Site, names: Iterable[str] | None = None, *, plane: str | None = None,
+    dry_run: bool = False, wait: bool = True, timeout: float = DEFAULT_TIMEOUT, recreate: bool = False,
+    progress: bool = True, client_factory: ClientFactory | None = None, max_workers: int = MAX_WORKERS,
+) -> DeployReport:
+    """Plan, then converge every selected VM; hypervisors in parallel, clones serialised per host."""
+    del settings
+    started = time.monotonic()
+    vms = select_vms(site, names, plane=plane)
+    check_placement(site, vms)
+    with _progress(progress, vms) as say:
+        run = _Run(site, client_factory=client_factory, progress=say)
+        plan = _plan(run, vms, recreate)
+        if dry_run:
+            results = [VmResult(p, "blocked" if p.action == "blocked" else "planned") for p in plan.vms]
+            return DeployReport(results, True, time.monotonic() - started)
+        for p in plan.vms:
+            say(p.vm, p.action if p.action != "blocked" else f"blocked: {p.reason}")
+        by_name = {v.name: v for v in vms}
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(plan.vms)))) as pool:
+            futures = [pool.submit(_execute, run, p, by_name[p.vm], wait=wait, timeout=timeout) for p in plan.vms]
+            results = [f.result() for f in futures]
+    return DeployReport(results, False, time.monotonic() - started)
+
+
+def destroy_vm(
+    settings: Settings | None, site: Site, name: str, *, allow_mgmt: bool = False, timeout: float = DEFAULT_TIMEOUT,
+    client_factory: ClientFactory | None = None,
+) -> str:
+    """Destroy one inventory VM this tool made; mgmt VMs only with ``allow_mgmt``. Returns what happened."""
+    del settings
+    vm = select_vms(site, [name])[0]
+    check_placement(site, [vm])
+    if vm.plane == "mgmt" and not allow_mgmt:
+        raise ValidationFailed([Problem(site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "",
+                                        "is a mgmt VM (infrastructure-critical): destroying it needs "
+                                        "--i-know-this-is-mgmt")])
+    hv = site.hypervisor_for(vm)
+    client = (client_factory or PveClient)(hv)
+    if _exists(client, vm.vmid) is None:
+        return f"{vm.name} ({vm.vmid}) does not exist on {hv.name}: nothing to do"
+    marker = Marker.parse(client.vm_config(vm.vmid).get("description"))
+    if not marker.managed or marker.vm_name not in (None, vm.name):
+        raise RemoteError(hv.name, f"VMID {vm.vmid} was not made by this tool for {vm.name}: refusing to destroy it")
+    remove_vm(client, vm.vmid, timeout=timeout)
+    return f"{vm.name} ({vm.vmid}) destroyed on {hv.name}"
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _progress(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Callable[[str, str], None]]:
+    if not enabled:
+        return nullcontext(lambda vm, text: None)
+    from contextlib import contextmanager
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .console import console
+
+    @contextmanager
+    def cm() -> Any:
+        with Progress(SpinnerColumn(), TextColumn("{task.fields[vm]:<14}"), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), console=console, transient=False) as prog:
+            ids = {v.name: prog.add_task("planning", vm=v.name, total=None) for v in vms}
+            lock = threading.Lock()
+
+            def say(vm: str, text: str) -> None:
+                with lock:
+                    if vm in ids:
+                        prog.update(ids[vm], description=text)
+            yield say
+
+    return cm()
+
+
+def plan_table(plan: DeployPlan) -> Any:
+    from rich.table import Table
+
+    table = Table(title="deploy plan")
+    for col in ("VM", "host", "VMID", "MACs", "template", "action", "details"):
+        table.add_column(col)
+    for p in plan.vms:
+        details = p.reason or "; ".join(str(d) for d in p.diffs)
+        if p.notes:
+            details = "; ".join(filter(None, [details, *p.notes]))
+        table.add_row(p.vm, p.host, str(p.vmid), "\n".join(p.macs), p.template or "-", p.action, details)
+    return table
+
+
+def report_table(report: DeployReport) -> Any:
+    from rich.table import Table
+
+    table = Table(title="deploy" + (" (dry run)" if report.dry_run else "") + f": {report.wall_s:.1f}s")
+    for col in ("VM", "host", "VMID", "MACs", "template", "state", "details"):
+        table.add_column(col)
+    for r in report.results:
+        p = r.plan
+        details = "; ".join(filter(None, [
+            r.error, p.reason, "; ".join(str(d) for d in p.diffs) if r.state not in ("created", "recreated") else "",
+            f"cleanup: {r.cleanup}" if r.cleanup else "", f"ip {r.address}" if r.address else "", *p.notes, *r.notes,
+        ]))
+        table.add_row(p.vm, p.host, str(p.vmid), "\n".join(r.macs or p.macs), p.template or "-", r.state, details)
+    return table

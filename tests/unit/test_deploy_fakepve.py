@@ -1,0 +1,382 @@
+"""deploy against two in-process fakepve servers (pve-mgmt, pve-tenant) holding tested templates.
+
+A real HTTP API (TLS verified with the fake's certificate, token from the environment) but no lab:
+no sshd, no qemu. The example site's VMs are pointed at the fakes. A tiny "guest agent" thread
+answers for running clones with the MACs of their config, as a booted guest would.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fakepve.certs import make_cert
+from fakepve.model import PveError
+from fakepve.pytest_plugin import _Serving
+from fakepve.server import FakePve
+
+from image_factory import deploy as dep
+from image_factory.errors import ValidationFailed
+from image_factory.inventory import Site, load_site
+from image_factory.settings import REPO_ROOT
+
+TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
+HOSTS = {"pve-mgmt": ("mgmt", "fedora-42"), "pve-tenant": ("tenant", "fedora-43")}
+BUILD_ID = "20261125T120000Z"
+
+
+class ResizingPve(FakePve):
+    """fakepve answers a qemu resize without changing anything; PVE grows the volume and the size= option."""
+
+    def _routes_qemu(self) -> list[tuple[str, str, Any]]:
+        return [*super()._routes_qemu(), ("PUT", "/nodes/{node}/qemu/{vmid}/resize", self._qm_resize)]
+
+    async def _qm_resize(self, v: dict[str, Any], user: str) -> Any:
+        vm = self.find(v["node"], v["vmid"])
+        disk, size = v["disk"], str(v["size"])
+        volume, _, opts = vm.config[disk].partition(",")
+        props = dict(p.split("=", 1) for p in opts.split(",") if p)
+        current = dep.parse_size(props.get("size", "0"))
+        new = current + dep.parse_size(size[1:]) if size.startswith("+") else dep.parse_size(size)
+        if new < current:
+            raise PveError(500, "shrinking disks is not supported")
+        props["size"] = f"{new // 1024**3}G"
+
+        async def body() -> None:
+            vm.config[disk] = ",".join([volume] + [f"{k}={props[k]}" for k in sorted(props)])
+        return await self.task(vm.node, "resize", vm.vmid, user, body, vm=vm)
+
+
+@dataclass
+class FakeSite:
+    site: Site
+    pves: dict[str, FakePve]
+    inventory: Path
+
+    def vm(self, host: str, vmid: int) -> Any:
+        return self.pves[host].vm(vmid)
+
+
+def add_template(pve: FakePve, node: str, vmid: int, image: str, build_id: str, *, tested: bool = True) -> None:
+    tags = sorted({image, build_id, "image-factory", "tested" if tested else "untested"})
+    pve.add_vm(vmid, f"tpl-{image}-{build_id}", node=node, template=True, config={
+        "scsi0": f"local-lvm:base-{vmid}-disk-0,size=10G", "scsihw": "virtio-scsi-pci",
+        "ide2": f"local-lvm:vm-{vmid}-cloudinit,media=cdrom", "boot": "order=scsi0",
+        "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0", "agent": "enabled=1", "serial0": "socket",
+        "vga": "serial0", "memory": "2048", "cores": 2, "template": 1, "tags": ";".join(tags),
+        "description": f"image {image} build {build_id}",
+    })
+    store = pve.storages["local-lvm"].setdefault("volumes", {})
+    store[f"base-{vmid}-disk-0"] = {"content": "images", "format": "raw", "size": 10 * 1024**3, "vmid": vmid,
+                                    "ctime": 0}
+
+
+def fake_agents(pves: dict[str, FakePve], stop: threading.Event) -> None:
+    """A guest agent for every running clone: reports the NIC MACs from the config with an address."""
+    while not stop.is_set():
+        for pve in pves.values():
+            for vm in list(pve.vms):
+                if vm.status == "running" and vm.agent is None and not vm.template:
+                    ifaces = [{"name": "lo", "hardware-address": "00:00:00:00:00:00",
+                               "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4"}]}]
+                    for key in sorted(k for k in vm.config if k.startswith("net")):
+                        mac = vm.config[key].split(",")[0].split("=")[1].lower()
+                        ifaces.append({"name": f"eth{key[3:]}", "hardware-address": mac, "ip-addresses": [
+                            {"ip-address": f"10.9.0.{vm.vmid % 250}", "ip-address-type": "ipv4", "prefix": 24}]})
+                    vm.agent = {"interfaces": ifaces}
+        time.sleep(0.05)
+
+
+def fake_site(tmp: Path, monkeypatch: Any, *, time_scale: float = 0.0) -> Iterator[FakeSite]:
+    cert, key, _ = make_cert(str(tmp), hosts=("127.0.0.1",))
+    servings: dict[str, _Serving] = {}
+    pves: dict[str, FakePve] = {}
+    data = yaml.safe_load((REPO_ROOT / "ansible/inventory/hosts.yml").read_text())
+    hvs = data["all"]["children"]["hypervisors"]["hosts"]
+    try:
+        for i, (host, (_role, image)) in enumerate(HOSTS.items()):
+            pve = ResizingPve(host="127.0.0.1", port=0)
+            pve.time_scale = time_scale
+            pve.add_node(host)
+            pve.nodes.pop("pve1", None)
+            secret = f"secret-{host}-{i}"
+            pve.apitokens[TOKEN_ID] = secret
+            add_template(pve, host, 9000, image, BUILD_ID)
+            servings[host] = _Serving(pve, cert, key)
+            pves[host] = pve
+            body = hvs[host]["pve"]
+            body["api_url"] = f"https://127.0.0.1:{pve.port}"
+            body["tls_ca_file"] = cert
+            body.pop("tls_fingerprint", None)
+            env = f"TEST_DEPLOY_{host.replace('-', '_').upper()}_SECRET"
+            body["token_secret_env"] = env
+            monkeypatch.setenv(env, secret)
+        inv = tmp / "inventory"
+        inv.mkdir()
+        (inv / "hosts.yml").write_text(yaml.safe_dump(copy.deepcopy(data), sort_keys=False))
+        site = load_site(inv, REPO_ROOT / "packer/images.yml")
+        yield FakeSite(site, pves, inv)
+    finally:
+        for s in servings.values():
+            s.stop()
+
+
+pytestmark = pytest.mark.unit
+SSHKEYS_ENCODED = (
+    "ssh-ed25519%20AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M%20ansible%40deevnet"
+)
+
+
+@pytest.fixture
+def fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
+    monkeypatch.setattr(dep, "LOCK_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 0.05)
+    yield from fake_site(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def agents(fs: FakeSite) -> Iterator[None]:
+    stop = threading.Event()
+    t = threading.Thread(target=fake_agents, args=(fs.pves, stop), daemon=True)
+    t.start()
+    yield
+    stop.set()
+    t.join(5)
+
+
+def writes(pve: FakePve) -> list[tuple[str, str]]:
+    return [(m, p) for m, p, _ in pve.requests if m in ("POST", "PUT", "DELETE")]
+
+
+def test_deploy_all_lands_with_inventory_macs_and_converges(fs: FakeSite, agents: None) -> None:
+    report = dep.deploy_vms(None, fs.site, plane=None, timeout=30, progress=False)
+    assert report.ok, report.to_dict()
+    assert {r.plan.vm: r.state for r in report.results} == {n: "created" for n in fs.site.vms}
+    for vm in fs.site.vms.values():
+        host = fs.site.hypervisor_for(vm).name
+        assert host == ("pve-mgmt" if vm.plane == "mgmt" else "pve-tenant")
+        fvm = fs.vm(host, vm.vmid)
+        assert fvm is not None and fvm.node == host and fvm.status == "running"
+        other = fs.vm("pve-tenant" if host == "pve-mgmt" else "pve-mgmt", vm.vmid)
+        assert other is None
+        cfg = fvm.config
+        for i, nic in enumerate(vm.nics):
+            spec = dep.NetSpec.parse(cfg[f"net{i}"])
+            assert spec.mac == nic.mac
+            assert cfg[f"net{i}"].startswith(f"virtio={nic.mac.upper()},")
+            assert spec.opts["bridge"] == (nic.bridge or "vmbr0")
+            assert spec.opts.get("tag") == (str(nic.vlan) if nic.vlan else None)
+            assert spec.opts["firewall"] == "1"
+        assert cfg["sshkeys"] == SSHKEYS_ENCODED
+        assert cfg["ciupgrade"] == "0" and cfg["ciuser"] == "ansible"
+        assert str(cfg["cores"]) == str(vm.cores) and str(cfg["memory"]) == str(vm.memory)
+        assert cfg["tags"] == ";".join(vm.all_tags)
+        marker = dep.Marker.parse(cfg["description"])
+        assert marker.managed and marker.vm_name == vm.name and not marker.incomplete
+        assert marker.template_vmid == 9000
+    jump = fs.vm("pve-mgmt", 1301).config
+    assert jump["ipconfig0"] == "ip=192.168.10.30/24,gw=192.168.10.1"
+    assert jump["nameserver"] == "192.168.10.1" and jump["searchdomain"] == "deevnet.lan"
+    assert fs.vm("pve-mgmt", 1101).config["ipconfig0"] == "ip=dhcp"
+    # full clones for mgmt, linked for tenant: the volume names say so
+    for host, full in (("pve-tenant", "full=0"), ("pve-mgmt", "full=1")):
+        posts = [str(b) for m, p, b in fs.pves[host].requests if m == "POST" and p.endswith("/clone")]
+        assert posts and all(full in b for b in posts), posts
+    for vm in fs.site.vms.values():
+        scsi0 = fs.vm(fs.site.hypervisor_for(vm).name, vm.vmid).config["scsi0"]
+        assert dep.parse_props(scsi0, "file")["size"] == f"{vm.disk_gb}G"
+    for r in report.results:
+        assert r.macs == fs.site.vms[r.plan.vm].macs
+        assert r.address and r.address.startswith("10.9.0.")
+
+    for pve in fs.pves.values():
+        pve.requests.clear()
+    again = dep.deploy_vms(None, fs.site, timeout=30, progress=False)
+    assert again.ok
+    assert {r.state for r in again.results} == {"unchanged"}
+    assert all(writes(pve) == [] for pve in fs.pves.values())
+
+
+def test_hand_changed_mac_is_drift_and_corrected(fs: FakeSite, agents: None) -> None:
+    assert dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).ok
+    vm = fs.vm("pve-tenant", 2101)
+    vm.status = "stopped"  # so the hand edit lands in the config itself
+    vm.config["net0"] = "virtio=02:DE:20:11:01:99,bridge=vmbr0,firewall=1"
+    plan = dep.plan_deploy(None, fs.site, ["iot-api01"])
+    [p] = plan.vms
+    assert p.action == "drift"
+    assert {d.field for d in p.diffs} == {"net0.mac", "status"}
+    mac_diff = next(d for d in p.diffs if d.field == "net0.mac")
+    assert (mac_diff.current, mac_diff.desired, mac_diff.safe) == ("02:de:20:11:01:99", "02:de:20:11:01:00", True)
+    report = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False)
+    [r] = report.results
+    assert r.state == "corrected" and r.macs == ["02:de:20:11:01:00"]
+    assert dep.NetSpec.parse(vm.config["net0"]).mac == "02:de:20:11:01:00"
+    assert dep.plan_deploy(None, fs.site, ["iot-api01"]).vms[0].action == "in-sync"
+
+
+def test_mac_drift_on_running_vm_is_pending_until_restart(fs: FakeSite, agents: None) -> None:
+    assert dep.deploy_vms(None, fs.site, ["sandbox01"], timeout=30, progress=False).ok
+    vm = fs.vm("pve-tenant", 2201)
+    client = dep.PveClient(fs.site.hypervisors["pve-tenant"])
+    client.put("/nodes/pve-tenant/qemu/2201/config", net0="virtio=02:DE:20:12:01:77,bridge=vmbr0,firewall=1")
+    [p] = dep.plan_deploy(None, fs.site, ["sandbox01"]).vms
+    assert p.action == "drift" and [d.field for d in p.diffs] == ["net0.mac"]
+    [r] = dep.deploy_vms(None, fs.site, ["sandbox01"], timeout=30, progress=False).results
+    assert r.state == "corrected" and r.pending_restart == ["net0"]
+    assert any("next start" in n for n in r.notes)
+    assert dep.NetSpec.parse(vm.pending["net0"]).mac == "02:de:20:12:01:00"
+    [again] = dep.plan_deploy(None, fs.site, ["sandbox01"]).vms
+    assert again.action == "in-sync" and any("pending" in n for n in again.notes)
+
+
+def test_mgmt_vm_on_tenant_host_refused_before_any_api_call(fs: FakeSite) -> None:
+    bad_vm = fs.site.vms["metrics01"].model_copy(update={"hypervisor": "pve-tenant"})
+    site = Site(fs.site.inventory_path, fs.site.images_path, fs.site.hypervisors,
+                {**fs.site.vms, "metrics01": bad_vm}, fs.site.images, fs.site.vm_sources)
+    made: list[str] = []
+
+    def spy(hv: Any) -> Any:
+        made.append(hv.name)
+        return dep.PveClient(hv)
+
+    for call in (
+        lambda: dep.deploy_vms(None, site, ["metrics01", "iot-api01"], progress=False, client_factory=spy),
+        lambda: dep.deploy_vms(None, site, None, dry_run=True, progress=False, client_factory=spy),
+        lambda: dep.plan_deploy(None, site, ["metrics01"], client_factory=spy),
+    ):
+        with pytest.raises(ValidationFailed, match=r"metrics01.*mgmt VMs may only run on the mgmt hypervisor"):
+            call()
+    assert made == []
+    assert all(pve.requests == [] for pve in fs.pves.values())
+
+
+def test_clone_lock_timeout_is_retried(fs: FakeSite, agents: None) -> None:
+    pve = fs.pves["pve-tenant"]
+    pve.fail("POST", "/qemu/9000/clone", status=500,
+             message="can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout", times=2)
+    [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
+    assert r.state == "created", r.to_dict()
+    clones = [p for m, p in writes(pve) if p.endswith("/clone")]
+    assert len(clones) == 3
+
+
+def test_other_clone_errors_are_not_retried(fs: FakeSite) -> None:
+    pve = fs.pves["pve-tenant"]
+    pve.fail("POST", "/qemu/9000/clone", status=500, message="unable to create VM: storage full", times=1)
+    [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
+    assert r.state == "failed" and "storage full" in (r.error or "")
+    assert len([p for m, p in writes(pve) if p.endswith("/clone")]) == 1
+    assert fs.vm("pve-tenant", 2101) is None
+
+
+@pytest.mark.parametrize("step", ["config", "start"])
+def test_failure_part_way_leaves_nothing_half_made(fs: FakeSite, agents: None, step: str) -> None:
+    pve = fs.pves["pve-tenant"]
+    suffix = "/qemu/2101/config" if step == "config" else "/qemu/2101/status/start"
+    pve.fail("POST", suffix, status=500, message=f"injected {step} failure", times=1)
+    report = dep.deploy_vms(None, fs.site, ["iot-api01", "sandbox01"], timeout=30, progress=False)
+    by = {r.plan.vm: r for r in report.results}
+    assert not report.ok
+    assert by["iot-api01"].state == "failed" and f"injected {step} failure" in (by["iot-api01"].error or "")
+    assert by["iot-api01"].cleanup == "removed"
+    assert fs.vm("pve-tenant", 2101) is None
+    assert not [v for v in pve.storages["local-lvm"].get("volumes", {}) if "-2101-" in v]
+    assert by["sandbox01"].state == "created"
+    rerun = dep.deploy_vms(None, fs.site, ["iot-api01", "sandbox01"], timeout=30, progress=False)
+    assert {r.plan.vm: r.state for r in rerun.results} == {"iot-api01": "created", "sandbox01": "unchanged"}
+
+
+def test_failed_removal_leaves_vm_tagged_and_rerun_recreates(fs: FakeSite, agents: None) -> None:
+    pve = fs.pves["pve-tenant"]
+    pve.fail("POST", "/qemu/2101/config", status=500, message="injected config failure", times=1)
+    pve.fail("DELETE", "/qemu/2101", status=500, message="injected destroy failure", times=1)
+    [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
+    assert r.state == "failed" and r.cleanup == "left-incomplete"
+    vm = fs.vm("pve-tenant", 2101)
+    assert vm is not None and dep.INCOMPLETE_TAG in vm.config["tags"]
+    assert dep.Marker.parse(vm.config["description"]).incomplete
+    [p] = dep.plan_deploy(None, fs.site, ["iot-api01"]).vms
+    assert p.action == "recreate"
+    [r2] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
+    assert r2.state == "recreated", r2.to_dict()
+    cfg = fs.vm("pve-tenant", 2101).config
+    assert dep.INCOMPLETE_TAG not in cfg["tags"] and not dep.Marker.parse(cfg["description"]).incomplete
+
+
+def test_unmanaged_vm_with_same_vmid_is_never_touched(fs: FakeSite) -> None:
+    pve = fs.pves["pve-mgmt"]
+    pve.add_vm(1101, "somebody-elses", node="pve-mgmt", status="running",
+               config={"net0": "virtio=BC:24:11:12:34:56,bridge=vmbr0"})
+    report = dep.deploy_vms(None, fs.site, ["metrics01"], timeout=30, progress=False, recreate=True)
+    [r] = report.results
+    assert r.state == "blocked" and "not made by this tool" in r.plan.reason
+    assert writes(pve) == []
+    with pytest.raises(dep.RemoteError, match="not made by this tool"):
+        dep.destroy_vm(None, fs.site, "metrics01", allow_mgmt=True)
+    assert pve.vm(1101) is not None
+
+
+def test_template_choice_newest_tested_or_pinned(fs: FakeSite) -> None:
+    pve = fs.pves["pve-mgmt"]
+    add_template(pve, "pve-mgmt", 9001, "fedora-42", "20261126T000000Z", tested=False)
+    add_template(pve, "pve-mgmt", 9002, "fedora-42", "20261124T000000Z", tested=True)
+    [p] = dep.plan_deploy(None, fs.site, ["metrics01"]).vms
+    assert (p.action, p.template_vmid) == ("create", 9000)
+    pinned = fs.site.vms["metrics01"].model_copy(update={"template_vmid": 9002})
+    site = Site(fs.site.inventory_path, fs.site.images_path, fs.site.hypervisors,
+                {**fs.site.vms, "metrics01": pinned}, fs.site.images, fs.site.vm_sources)
+    assert dep.plan_deploy(None, site, ["metrics01"]).vms[0].template_vmid == 9002
+    bad = fs.site.vms["metrics01"].model_copy(update={"template_vmid": 9001})
+    site = Site(fs.site.inventory_path, fs.site.images_path, fs.site.hypervisors,
+                {**fs.site.vms, "metrics01": bad}, fs.site.images, fs.site.vm_sources)
+    [b] = dep.plan_deploy(None, site, ["metrics01"]).vms
+    assert b.action == "blocked" and "not tagged 'tested'" in b.reason
+
+
+def test_no_tested_template_blocks(fs: FakeSite) -> None:
+    pve = fs.pves["pve-tenant"]
+    pve.vm(9000).config["tags"] = "20261125T120000Z;fedora-43;image-factory;untested"
+    report = dep.deploy_vms(None, fs.site, plane="tenant", timeout=30, progress=False)
+    assert not report.ok
+    assert all(r.state == "blocked" and "no tested template" in r.plan.reason for r in report.results)
+    assert writes(pve) == []
+
+
+def test_dry_run_changes_nothing(fs: FakeSite) -> None:
+    report = dep.deploy_vms(None, fs.site, dry_run=True, progress=False)
+    assert report.dry_run and {r.plan.action for r in report.results} == {"create"}
+    assert all(writes(pve) == [] for pve in fs.pves.values())
+    assert report.to_dict()["vms"][0]["state"] == "planned"
+
+
+def test_lineage_drift_on_mgmt_is_reported_not_recreated_without_flag(fs: FakeSite, agents: None) -> None:
+    assert dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False).ok
+    add_template(fs.pves["pve-mgmt"], "pve-mgmt", 9003, "fedora-42", "20261201T000000Z")
+    [p] = dep.plan_deploy(None, fs.site, ["jump01"]).vms
+    assert p.action == "drift" and [d.field for d in p.unsafe] == ["template"] and "--recreate" in p.reason
+    [r] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False).results
+    assert r.state == "drift-unresolved"
+    assert dep.Marker.parse(fs.vm("pve-mgmt", 1301).config["description"]).template_vmid == 9000
+    [r2] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False, recreate=True).results
+    assert r2.state == "recreated", r2.to_dict()
+    assert dep.Marker.parse(fs.vm("pve-mgmt", 1301).config["description"]).template_vmid == 9003
+
+
+def test_destroy_tenant_and_mgmt_needs_flag(fs: FakeSite, agents: None) -> None:
+    assert dep.deploy_vms(None, fs.site, ["sandbox01", "jump01"], timeout=30, progress=False).ok
+    assert "destroyed" in dep.destroy_vm(None, fs.site, "sandbox01")
+    assert fs.vm("pve-tenant", 2201) is None
+    with pytest.raises(ValidationFailed, match="i-know-this-is-mgmt"):
+        dep.destroy_vm(None, fs.site, "jump01")
+    assert fs.vm("pve-mgmt", 1301) is not None
+    assert "destroyed" in dep.destroy_vm(None, fs.site, "jump01", allow_mgmt=True)
+    assert fs.vm("pve-mgmt", 1301) is None
+    assert "nothing to do" in dep.destroy_vm(None, fs.site, "jump01", allow_mgmt=True)
