@@ -1,0 +1,481 @@
+"""The offline Debian base image: a small, bootable cloud image made without internet.
+
+``ensure_base_image`` produces builds/base/debian-12-base.qcow2 (plus a ``sha256sum`` file) from the
+Debian archive this machine reaches, with no loop devices or mounts:
+
+1. ``debootstrap --variant=minbase`` of bookworm with a kernel, GRUB, cloud-init, OpenSSH and the
+   QEMU guest agent into a temporary root (packages cached in builds/base/.debs);
+2. configuration written into that root: NoCloud + None datasources, DHCP on the first NIC from
+   cloud-init's network config (or its fallback), serial console, no SSH host keys, empty
+   /etc/machine-id, root password locked;
+3. an MBR-partitioned raw disk: ``mkfs.ext4 -d ROOT`` into a partition file, copied at 1 MiB;
+4. one boot under QEMU (TCG unless KVM works) with the kernel taken from ROOT/boot and
+   ``init=/factory-init``, which installs GRUB on the disk and powers off: afterwards the disk
+   boots by itself, like any cloud image;
+5. ``qemu-img convert -O qcow2 -c``.
+
+The result is cached: it is rebuilt only when missing, when its sha256 no longer matches the
+recorded one, or when the recipe (package list, files, scripts, sizes) changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .console import console
+from .errors import FactoryError
+from .manifest import sha256_file
+from .qemuvm import accel_args
+from .settings import Settings
+
+SUITE = "bookworm"
+IMAGE_NAME = "debian-12-base.qcow2"
+RECIPE_NAME = "debian-12-base.recipe.json"
+DISK_SIZE_MIB = 2048
+PART_START_MIB = 1
+# Fixed so the recipe (and thus the cache key) is deterministic; GRUB and fstab find the root by it.
+ROOT_FS_UUID = "3b2c6a1e-5d0f-4f6e-9a51-0f1ac70e2d12"
+ROOT_LABEL = "root"
+GRUB_OK = "FACTORY-GRUB-OK"
+BOOT_TIMEOUT = 600
+
+PACKAGES = (
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "grub-pc",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "python3",
+    # debootstrap does not resolve virtual packages: python3-cryptography needs this provider.
+    "python3-cffi-backend",
+    "sudo",
+    "iproute2",
+    "ifupdown",
+    "isc-dhcp-client",
+    "netbase",
+    "cloud-init",
+    "qemu-guest-agent",
+    "chrony",
+    "e2fsprogs",
+    "ca-certificates",
+)
+
+# Filesystem features GRUB 2.06 (bookworm) can read; pinned so the host's mke2fs.conf does not matter.
+MKE2FS_CONF = """\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+"""
+
+# Files written into the root, path -> content. Part of the recipe hash.
+FILES: dict[str, str] = {
+    "etc/fstab": f"UUID={ROOT_FS_UUID} / ext4 defaults,errors=remount-ro 0 1\n",
+    "etc/hostname": "debian\n",
+    "etc/hosts": "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
+    "etc/default/locale": "LANG=C.UTF-8\n",
+    # cloud-init writes /etc/network/interfaces.d/50-cloud-init (from the seed, or its fallback:
+    # DHCP on the first NIC whatever its name).
+    "etc/network/interfaces": "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n",
+    "etc/cloud/cloud.cfg.d/90-factory.cfg": (
+        "# deevnet image factory base image\n"
+        "datasource_list: [ NoCloud, None ]\n"
+        "ssh_deletekeys: true\n"
+        "ssh_genkeytypes: [rsa, ecdsa, ed25519]\n"
+        "disable_root: true\n"
+        "manage_etc_hosts: true\n"
+        "system_info:\n"
+        "  network:\n"
+        "    renderers: ['eni']\n"
+    ),
+    "etc/ssh/sshd_config.d/10-factory.conf": (
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+    ),
+    # Host keys are made at first boot by cloud-init; if cloud-init is off, make them anyway.
+    "etc/systemd/system/ssh.service.d/10-hostkeys.conf": (
+        "[Unit]\nAfter=cloud-init.service\n\n[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n"
+    ),
+    "etc/systemd/journald.conf.d/10-factory.conf": "[Journal]\nSystemMaxUse=64M\nRuntimeMaxUse=32M\n",
+    "etc/default/grub": (
+        "GRUB_DEFAULT=0\n"
+        "GRUB_TIMEOUT=1\n"
+        "GRUB_DISTRIBUTOR=Debian\n"
+        'GRUB_CMDLINE_LINUX_DEFAULT=""\n'
+        'GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"\n'
+        'GRUB_TERMINAL="console serial"\n'
+        'GRUB_SERIAL_COMMAND="serial --speed=115200 --unit=0 --word=8 --parity=no --stop=1"\n'
+        "GRUB_DISABLE_OS_PROBER=true\n"
+    ),
+    "etc/initramfs-tools/conf.d/factory": "MODULES=most\n",
+    "etc/apt/apt.conf.d/90factory": 'APT::Install-Recommends "false";\n',
+}
+
+# Run as PID 1 on the one build boot: install GRUB on the disk, then power off.
+INIT_SCRIPT = f"""#!/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -o remount,rw /
+# No udev on this boot: give grub-mkconfig the by-uuid link so grub.cfg names root by UUID.
+mkdir -p /dev/disk/by-uuid
+ln -sf ../../vda1 /dev/disk/by-uuid/{ROOT_FS_UUID}
+if grub-install --target=i386-pc /dev/vda && update-grub; then
+    echo "{GRUB_OK}"
+fi
+rm -f /factory-init
+sync
+mount -o remount,ro /
+sync
+echo o > /proc/sysrq-trigger
+sleep 30
+"""
+
+
+class BaseImageError(FactoryError):
+    pass
+
+
+@dataclass(frozen=True)
+class BasePaths:
+    dir: Path
+    image: Path
+    sha256: Path
+    recipe: Path
+    debs: Path
+
+
+def base_paths(settings: Settings) -> BasePaths:
+    d = settings.builds_dir / "base"
+    return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, d / ".debs")
+
+
+def recipe() -> dict[str, object]:
+    return {
+        "suite": SUITE,
+        "variant": "minbase",
+        "packages": sorted(PACKAGES),
+        "files": FILES,
+        "init": INIT_SCRIPT,
+        "mke2fs": MKE2FS_CONF,
+        "disk_mib": DISK_SIZE_MIB,
+        "part_start_mib": PART_START_MIB,
+        "uuid": ROOT_FS_UUID,
+        "cleanup": CLEANUP_VERSION,
+    }
+
+
+def recipe_hash() -> str:
+    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()
+
+
+def read_sha256_file(path: Path) -> str | None:
+    """The hex digest from a ``sha256sum`` line ("<hex>  <name>"), or None if absent/garbled."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    m = re.match(r"^([0-9a-f]{64}) [ *]" + re.escape(IMAGE_NAME) + r"\s*$", text)
+    return m.group(1) if m else None
+
+
+def cache_state(settings: Settings) -> str:
+    """'ok', or why the base image must be (re)built."""
+    p = base_paths(settings)
+    if not p.image.is_file():
+        return "missing"
+    recorded = read_sha256_file(p.sha256)
+    if recorded is None:
+        return "checksum file missing or malformed"
+    try:
+        stamp = json.loads(p.recipe.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "recipe stamp missing"
+    if stamp.get("recipe_hash") != recipe_hash():
+        return "recipe changed"
+    if sha256_file(p.image) != recorded:
+        return "sha256 mismatch (corrupted)"
+    return "ok"
+
+
+def describe(settings: Settings) -> dict[str, object]:
+    """The recipe stamp of the cached image (sha256, sizes, build figures), or {} if none."""
+    try:
+        data = json.loads(base_paths(settings).recipe.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | None = None) -> Path:
+    """Return builds/base/debian-12-base.qcow2, building it only when missing, corrupted or stale."""
+    p = base_paths(settings)
+    state = "forced" if force else cache_state(settings)
+    if state == "ok":
+        console.print(f"base image up to date: {p.image}")
+        return p.image
+    console.print(f"building base image ({state}): {p.image}")
+    _check_tools()
+    mirror = mirror or os.environ.get("FACTORY_DEBIAN_MIRROR") or find_mirror()
+    p.dir.mkdir(parents=True, exist_ok=True)
+    p.debs.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=p.dir))
+    try:
+        root = work / "root"
+        t0 = time.monotonic()
+        _debootstrap(root, mirror, p.debs, work / "debootstrap.log")
+        figures["debootstrap_s"] = round(time.monotonic() - t0, 1)
+        _configure(root, mirror)
+        t0 = time.monotonic()
+        raw = work / "disk.raw"
+        _make_disk(root, work, raw)
+        figures["disk_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        _install_grub(root, raw, work / "grub-boot.log", settings.accelerator)
+        figures["grub_boot_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        qcow = work / IMAGE_NAME
+        _run(["qemu-img", "convert", "-O", "qcow2", "-c", str(raw), str(qcow)], "qemu-img convert")
+        figures["convert_s"] = round(time.monotonic() - t0, 1)
+        digest = sha256_file(qcow)
+        # Publish: stamp removed first, written last, so a crash in between means "rebuild".
+        p.recipe.unlink(missing_ok=True)
+        os.replace(qcow, p.image)
+        _write_atomic(p.sha256, f"{digest}  {IMAGE_NAME}\n")
+        stamp = {
+            "recipe_hash": recipe_hash(),
+            "sha256": digest,
+            "mirror": mirror,
+            "size": p.image.stat().st_size,
+            "virtual_size": DISK_SIZE_MIB * 1024 * 1024,
+            "figures": figures,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_atomic(p.recipe, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    console.print(f"base image built: {p.image} ({p.image.stat().st_size // (1024 * 1024)} MiB) {figures}")
+    return p.image
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+CLEANUP_VERSION = 2
+
+
+def _check_tools() -> None:
+    need = {
+        "debootstrap": "debootstrap",
+        "qemu-system-x86_64": "qemu-system-x86",
+        "qemu-img": "qemu-utils",
+        "sfdisk": "fdisk",
+        "mkfs.ext4": "e2fsprogs",
+    }
+    missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in need.items() if not shutil.which(tool)]
+    if missing:
+        raise BaseImageError("base image: missing tools: " + ", ".join(missing))
+    if os.geteuid() != 0:
+        raise BaseImageError("base image: debootstrap needs root (run as root or under sudo)")
+
+
+def find_mirror(sources: Path = Path("/etc/apt")) -> str:
+    """The Debian archive URI this machine uses for bookworm main (not the security archive)."""
+    candidates: list[str] = []
+    for f in sorted(sources.glob("sources.list.d/*.sources")):
+        for stanza in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith("#"):
+                    k, v = line.split(":", 1)
+                    fields[k.strip().lower()] = v.strip()
+            if SUITE in fields.get("suites", "").split() and "main" in fields.get("components", "").split():
+                candidates += fields.get("uris", "").split()
+    lists = [sources / "sources.list", *sorted(sources.glob("sources.list.d/*.list"))]
+    for f in lists:
+        if not f.is_file():
+            continue
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = re.sub(r"\[[^]]*\]", "", line).split()
+            if len(parts) >= 4 and parts[0] == "deb" and parts[2] == SUITE and "main" in parts[3:]:
+                candidates.append(parts[1])
+    for uri in candidates:
+        if "security" not in uri:
+            return uri.rstrip("/")
+    raise BaseImageError(
+        f"base image: no Debian {SUITE} 'main' archive found in {sources}/sources.list*; "
+        "set FACTORY_DEBIAN_MIRROR=http://<mirror>/debian"
+    )
+
+
+def _run(cmd: list[str], what: str, log: Path | None = None, timeout: float = 1800) -> None:
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BaseImageError(f"base image: {what} timed out after {timeout:.0f}s") from None
+    out = proc.stdout.decode(errors="replace")
+    if log is not None:
+        log.write_text(out, encoding="utf-8")
+    if proc.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise BaseImageError(f"base image: {what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
+    cmd = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--cache-dir={debs.resolve()}",
+        "--include=" + ",".join(PACKAGES),
+        SUITE,
+        str(root),
+        mirror,
+    ]
+    console.print(f"debootstrap {SUITE} from {mirror} ...")
+    _run(cmd, "debootstrap", log)
+
+
+def _configure(root: Path, mirror: str) -> None:
+    for rel, content in FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+    (root / "etc/apt/sources.list").write_text(
+        f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n", encoding="utf-8"
+    )
+    init = root / "factory-init"
+    init.write_text(INIT_SCRIPT, encoding="utf-8")
+    init.chmod(0o755)
+    # Root password locked (also for `passwd -S`), no build user exists.
+    shadow = root / "etc/shadow"
+    lines = shadow.read_text(encoding="utf-8").splitlines()
+    out = []
+    for line in lines:
+        f = line.split(":")
+        if f[0] == "root":
+            f[1] = "!*"
+        out.append(":".join(f))
+    shadow.write_text("\n".join(out) + "\n", encoding="utf-8")
+    # Identity made at first boot: host keys (cloud-init), machine-id (systemd).
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("", encoding="utf-8")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    # No caches, no logs, no state from the build.
+    for d in ("var/cache/apt/archives", "var/lib/apt/lists", "var/lib/cloud", "tmp", "var/tmp"):
+        target = root / d
+        if target.is_dir():
+            for child in target.iterdir():
+                if child.name in ("partial", "lock"):
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    for log in (root / "var/log").rglob("*"):
+        if log.is_file():
+            log.write_bytes(b"")
+    (root / "root/.bash_history").unlink(missing_ok=True)
+
+
+def _make_disk(root: Path, work: Path, raw: Path) -> None:
+    part = work / "part.img"
+    conf = work / "mke2fs.conf"
+    conf.write_text(MKE2FS_CONF, encoding="utf-8")
+    part_mib = DISK_SIZE_MIB - PART_START_MIB
+    env = {**os.environ, "MKE2FS_CONFIG": str(conf)}
+    cmd = ["mkfs.ext4", "-q", "-F", "-T", "ext4", "-L", ROOT_LABEL, "-U", ROOT_FS_UUID,
+           "-d", str(root), str(part), f"{part_mib}M"]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BaseImageError("base image: mkfs.ext4 timed out") from None
+    if proc.returncode != 0:
+        raise BaseImageError(f"base image: mkfs.ext4 -d failed: {proc.stdout.decode(errors='replace')[-2000:]}")
+    with raw.open("wb") as fh:
+        fh.truncate(DISK_SIZE_MIB * 1024 * 1024)
+    layout = f"label: dos\nunit: sectors\nstart={PART_START_MIB * 2048}, type=83, bootable\n"
+    proc = subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(raw)], input=layout.encode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    if proc.returncode != 0:
+        raise BaseImageError(f"base image: sfdisk failed: {proc.stdout.decode(errors='replace')[-2000:]}")
+    _copy_sparse(part, raw, PART_START_MIB * 1024 * 1024)
+    part.unlink()
+
+
+def _copy_sparse(src: Path, dst: Path, offset: int, chunk: int = 1024 * 1024) -> None:
+    zero = bytes(chunk)
+    with src.open("rb") as fi, dst.open("r+b") as fo:
+        pos = 0
+        while block := fi.read(chunk):
+            if block != zero[: len(block)]:
+                fo.seek(offset + pos)
+                fo.write(block)
+            pos += len(block)
+
+
+def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise BaseImageError(f"base image: no kernel in {root}/boot (linux-image-cloud-amd64 missing?)")
+    k = kernels[-1]
+    initrd = root / "boot" / ("initrd.img-" + k.name.removeprefix("vmlinuz-"))
+    if not initrd.is_file():
+        raise BaseImageError(f"base image: {initrd} missing (initramfs-tools did not run)")
+    return k, initrd
+
+
+def _install_grub(root: Path, raw: Path, log: Path, accelerator: str) -> None:
+    kernel, initrd = kernel_and_initrd(root)
+    cmd = [
+        "qemu-system-x86_64",
+        *accel_args(accelerator),
+        "-m", "1024", "-smp", "1",
+        "-nographic", "-nodefaults", "-no-reboot",
+        "-serial", f"file:{log}",
+        "-drive", f"file={raw},format=raw,if=virtio",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "root=/dev/vda1 rw init=/factory-init console=ttyS0 panic=1",
+        "-nic", "none",
+    ]  # fmt: skip
+    console.print("installing GRUB (one boot under QEMU) ...")
+    try:
+        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=BOOT_TIMEOUT, start_new_session=True)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise BaseImageError(f"base image: GRUB install boot timed out after {BOOT_TIMEOUT}s") from None
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    if GRUB_OK not in text:
+        tail = "\n".join(text.strip().splitlines()[-20:])
+        raise BaseImageError(f"base image: GRUB install failed; serial console tail:\n{tail}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["ensure_base_image", "describe", "base_paths", "cache_state", "recipe_hash", "find_mirror", "BaseImageError"]

@@ -1,0 +1,502 @@
+"""Image tests: boot a built artifact the way Proxmox boots a clone and run tests/image against it.
+
+The artifact is never written: the guest runs on a throwaway qcow2 overlay backed by it (its sha256
+is checked before and after). A NoCloud seed (an ISO on ide2, like the PVE cloud-init drive)
+carries an ephemeral SSH key for a test user, a hostname and a network config matching a fixed,
+locally administered MAC. The NIC is virtio-net with user networking forwarded from 127.0.0.1 only,
+the disk sits on virtio-scsi (PVE's scsihw), and a virtio-serial port carries the QEMU guest
+agent channel (PVE's agent=1). The serial console goes to a log file.
+
+Host keys are never trusted blindly: cloud-init prints the host keys it generated at this first
+boot to the serial console (a channel the guest cannot be impersonated on); they are parsed from
+the serial log into a known_hosts file, and every SSH connection (the readiness probe and
+testinfra's paramiko backend, made strict by tests/image/conftest.py) verifies against it.
+
+The suites run in a pytest subprocess; JUnit XML, the pytest output, the serial log and a summary
+land in builds/<image>/ and the result goes into the manifest (``manifest.record_test_result``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import manifest
+from .console import console
+from .errors import FactoryError
+from .inventory import Image
+from .manifest import ImageTestResult, sha256_file
+from .qemuvm import accel_args, free_port, require_qemu
+from .settings import Settings
+
+SUITE_DIR = Path("tests/image")
+TEST_USER = "factorytest"
+# Locally administered (bit 1 of the first octet set), unicast; fixed like an inventory MAC.
+TEST_MAC = "02:de:e7:00:00:5e"
+DEFAULT_BUILD_USER = "packer"
+DEFAULT_AUTOMATION_USER = "ansible"
+JUNIT_NAME = "image-test.xml"
+SUMMARY_NAME = "image-test-summary.json"
+OUTPUT_NAME = "image-test.log"
+SERIAL_NAME = "image-test-serial.log"
+KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
+KEYS_END = "-----END SSH HOST KEY KEYS-----"
+HOST_KEY_RE = re.compile(r"((?:ssh|ecdsa|sk)-[A-Za-z0-9@.\-]+) ([A-Za-z0-9+/]+=*)")
+
+
+class ImageTestError(FactoryError):
+    pass
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+
+def suite_files(root: Path, suites: list[str]) -> list[Path]:
+    """conftest.py plus test_<suite>.py for every suite; a missing suite is an error."""
+    base = root / SUITE_DIR
+    files = [base / "conftest.py"] + [base / f"test_{s}.py" for s in suites]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ImageTestError(f"image test suite file(s) missing: {', '.join(missing)}")
+    return files
+
+
+def suite_hash(files: list[Path]) -> str:
+    """sha256 over the names and contents of the suite files (order-independent)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        data = f.read_bytes()
+        h.update(f"{f.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def parse_host_keys(serial_text: str) -> list[tuple[str, str]]:
+    """(type, base64) pairs from the last complete cloud-init host-key block on the console."""
+    text = serial_text.replace("\r", "")
+    end = text.rfind(KEYS_END)
+    if end < 0:
+        return []
+    begin = text.rfind(KEYS_BEGIN, 0, end)
+    if begin < 0:
+        return []
+    keys = []
+    for line in text[begin + len(KEYS_BEGIN) : end].splitlines():
+        m = HOST_KEY_RE.search(line)
+        if m:
+            keys.append((m.group(1), m.group(2)))
+    return keys
+
+
+def known_hosts_lines(keys: list[tuple[str, str]], host: str, port: int) -> str:
+    name = host if port == 22 else f"[{host}]:{port}"
+    return "".join(f"{name} {t} {b}\n" for t, b in keys)
+
+
+def make_ssh_key(directory: Path) -> tuple[Path, str]:
+    """A fresh Ed25519 key pair (private key file 0600, public key line)."""
+    key = Ed25519PrivateKey.generate()
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path = directory / "id_ed25519"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(priv)
+    return path, pub.decode() + " image-factory-test"
+
+
+def seed_files(hostname: str, instance_id: str, public_key: str, mac: str) -> dict[str, str]:
+    """NoCloud meta-data, user-data and network-config (v2, matched by MAC like PVE's drive)."""
+    meta = f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+    user = (
+        "#cloud-config\n"
+        "users:\n"
+        "  - default\n"
+        f"  - name: {TEST_USER}\n"
+        "    gecos: image test user (ephemeral)\n"
+        "    shell: /bin/bash\n"
+        "    lock_passwd: true\n"
+        '    sudo: "ALL=(ALL) NOPASSWD:ALL"\n'
+        "    ssh_authorized_keys:\n"
+        f"      - {public_key}\n"
+    )
+    net = (
+        "version: 2\n"
+        "ethernets:\n"
+        "  nic0:\n"
+        "    match:\n"
+        f"      macaddress: '{mac.lower()}'\n"
+        "    dhcp4: true\n"
+    )
+    return {"meta-data": meta, "user-data": user, "network-config": net}
+
+
+def make_seed_iso(directory: Path, files: dict[str, str]) -> Path:
+    src = directory / "seed"
+    src.mkdir()
+    for name, text in files.items():
+        (src / name).write_text(text, encoding="utf-8")
+    iso = directory / "seed.iso"
+    if shutil.which("xorriso"):
+        cmd = ["xorriso", "-as", "mkisofs"]
+    elif shutil.which("genisoimage"):
+        cmd = ["genisoimage"]
+    else:
+        raise ImageTestError("neither xorriso nor genisoimage found: apt-get install xorriso")
+    cmd += ["-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(src)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise ImageTestError(f"seed ISO: {cmd[0]} failed: {proc.stdout.decode(errors='replace')[-1000:]}")
+    return iso
+
+
+@dataclass
+class JunitCounts:
+    tests: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> int:
+        return self.tests - self.failed - self.errors - self.skipped
+
+
+def parse_junit(path: Path) -> JunitCounts:
+    """Counts and per-test outcomes ('passed'/'failed'/'error'/'skipped') from pytest's JUnit XML."""
+    try:
+        root = ET.parse(path).getroot()  # noqa: S314 - our own pytest's output
+    except (FileNotFoundError, ET.ParseError) as exc:
+        raise ImageTestError(f"{path}: no usable JUnit report ({exc})") from None
+    c = JunitCounts()
+    for case in root.iter("testcase"):
+        name = case.get("name", "?")
+        cls = case.get("classname", "")
+        test_id = f"{cls.rsplit('.', 1)[-1]}::{name}" if cls else name
+        c.tests += 1
+        if case.find("failure") is not None:
+            c.failed += 1
+            c.failures.append(test_id)
+            c.outcomes[test_id] = "failed"
+        elif case.find("error") is not None:
+            c.errors += 1
+            c.failures.append(test_id)
+            c.outcomes[test_id] = "error"
+        elif case.find("skipped") is not None:
+            c.skipped += 1
+            c.outcomes[test_id] = "skipped"
+        else:
+            c.outcomes[test_id] = "passed"
+    return c
+
+
+def build_user_name() -> str:
+    """The build user the render stage puts in the seed (render.BUILD_USER when it exists)."""
+    try:
+        from . import render  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return DEFAULT_BUILD_USER
+    return str(getattr(render, "BUILD_USER", DEFAULT_BUILD_USER))
+
+
+# --------------------------------------------------------------------------------------- the guest
+
+
+@dataclass
+class Guest:
+    """A running test VM (see ``boot_guest``); ``stop`` kills it and removes its work directory."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    port: int
+    serial_log: Path
+    qga_socket: Path
+    key_file: Path
+    known_hosts: Path
+    user: str = TEST_USER
+    host_keys: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def hostspec(self) -> str:
+        return f"paramiko://{self.user}@127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def boot_guest(
+    settings: Settings,
+    artifact: Path,
+    artifact_format: str,
+    *,
+    workdir_parent: Path,
+    hostname: str,
+    mac: str = TEST_MAC,
+    memory: int = 1024,
+    cpus: int = 2,
+) -> Guest:
+    """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``)."""
+    qemu = require_qemu()
+    workdir_parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".imagetest-", dir=workdir_parent))
+    try:
+        overlay = workdir / "overlay.qcow2"
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", artifact_format,
+               "-b", str(artifact.resolve()), str(overlay)]  # fmt: skip
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise ImageTestError(f"overlay: qemu-img create failed: {proc.stdout.decode(errors='replace')}")
+        key_file, pub = make_ssh_key(workdir)
+        instance_id = f"imagetest-{os.urandom(6).hex()}"
+        iso = make_seed_iso(workdir, seed_files(hostname, instance_id, pub, mac))
+        serial = workdir / "serial.log"
+        qga = workdir / "qga.sock"
+        accel = accel_args(settings.accelerator)
+        last_err = ""
+        for _attempt in range(3):
+            port = free_port()
+            args = [
+                qemu, *accel, "-machine", "pc", "-m", str(memory), "-smp", str(cpus),
+                "-nodefaults", "-display", "none", "-no-user-config",
+                "-device", "virtio-scsi-pci,id=scsihw0",
+                "-drive", f"file={overlay},if=none,id=drive-scsi0,format=qcow2,cache=unsafe",
+                "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi0,bootindex=100",
+                "-drive", f"file={iso},if=ide,index=2,media=cdrom,format=raw,readonly=on",
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+                "-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
+                "-device", "virtio-serial",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                "-serial", f"file:{serial}",
+            ]  # fmt: skip
+            qproc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+            time.sleep(1.0)
+            if qproc.poll() is None:
+                assert qproc.stderr is not None
+                qproc.stderr.close()
+                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts")
+            assert qproc.stderr is not None
+            last_err = qproc.stderr.read().decode(errors="replace")
+            if "host forwarding" not in last_err:
+                break
+        raise ImageTestError(f"qemu failed to start: {last_err.strip()[-1500:]}")
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _ssh_ready(guest: Guest, timeout: float) -> bool:
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(guest.known_hosts))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect("127.0.0.1", port=guest.port, username=guest.user, key_filename=str(guest.key_file),
+                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                       allow_agent=False, look_for_keys=False)  # fmt: skip
+        _, out, _ = client.exec_command("true", timeout=timeout)
+        return out.channel.recv_exit_status() == 0
+    except paramiko.BadHostKeyException as exc:
+        raise ImageTestError(
+            f"guest host key does not match the key it announced on the serial console: {exc}"
+        ) from None
+    except (paramiko.SSHException, OSError, EOFError):
+        return False
+    finally:
+        client.close()
+
+
+def wait_for_ssh(guest: Guest, timeout: float) -> float:
+    """Wait until the guest announced its host keys on the console and SSH works; seconds taken."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        if not guest.alive():
+            raise ImageTestError(f"the guest stopped during boot; serial console tail:\n{_tail(guest.serial_log)}")
+        if not guest.host_keys:
+            text = guest.serial_log.read_text(encoding="utf-8", errors="replace") if guest.serial_log.exists() else ""
+            keys = parse_host_keys(text)
+            if keys:
+                guest.host_keys = keys
+                guest.known_hosts.write_text(known_hosts_lines(keys, "127.0.0.1", guest.port), encoding="utf-8")
+        if guest.host_keys and _ssh_ready(guest, timeout=10):
+            return time.monotonic() - start
+        time.sleep(1.0)
+    what = "SSH" if guest.host_keys else "the host keys on the serial console (cloud-init keys_to_console)"
+    raise ImageTestError(f"timed out after {timeout:.0f}s waiting for {what}; serial tail:\n{_tail(guest.serial_log)}")
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no serial output)"
+    return "\n".join(text.replace("\r", "").strip().splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------ the test run
+
+
+def pytest_command(
+    settings: Settings,
+    files: list[Path],
+    guest: Guest,
+    *,
+    family: str,
+    junit: Path,
+    artifact: Path | None,
+    build_user: str,
+    automation_user: str,
+    mac: str,
+) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
+        "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
+        f"--rootdir={settings.root}",
+        f"--hosts={guest.hostspec}",
+        f"--ssh-identity-file={guest.key_file}",
+        f"--known-hosts={guest.known_hosts}",
+        f"--announced-host-keys={guest.known_hosts}",
+        f"--image-family={family}",
+        f"--expected-mac={mac}",
+        f"--build-user={build_user}",
+        f"--automation-user={automation_user}",
+        f"--qga-socket={guest.qga_socket}",
+        f"--junitxml={junit}",
+    ]  # fmt: skip
+    if artifact is not None:
+        cmd.append(f"--artifact={artifact}")
+    return cmd
+
+
+def test_image(
+    settings: Settings,
+    image: Image,
+    build_dir: Path,
+    *,
+    timeout: float = 600,
+    keep_running: bool = False,
+    automation_user: str = DEFAULT_AUTOMATION_USER,
+    build_user: str | None = None,
+) -> ImageTestResult:
+    """Boot the artifact of builds/<image>/manifest.json, run its suites, record the result."""
+    m = manifest.require(build_dir)
+    artifact = settings.resolve(m.artifact.path)
+    if not artifact.is_file():
+        raise ImageTestError(f"{artifact} (from {manifest.manifest_path(build_dir)}) does not exist")
+    files = suite_files(settings.root, list(image.test_suites))
+    shash = suite_hash(files)
+    before = sha256_file(artifact)
+    if before != m.artifact.sha256:
+        raise ImageTestError(
+            f"{artifact}: sha256 {before[:12]}… differs from the manifest's {m.artifact.sha256[:12]}…; "
+            "rebuild the image"
+        )
+    junit = build_dir / JUNIT_NAME
+    junit.unlink(missing_ok=True)
+    figures: dict[str, float] = {}
+    console.print(f"image test {image.name}: booting {artifact.name} (suites: {', '.join(image.test_suites)})")
+    t_boot = time.monotonic()
+    guest = boot_guest(settings, artifact, m.artifact.format, workdir_parent=build_dir,
+                       hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
+                       cpus=min(image.cpus, 2))  # fmt: skip
+    rc = -1
+    output = ""
+    try:
+        figures["boot_to_ssh_s"] = round(wait_for_ssh(guest, timeout), 1)
+        console.print(f"guest up after {figures['boot_to_ssh_s']}s; running the suites ...")
+        cmd = pytest_command(settings, files, guest, family=image.family, junit=junit, artifact=artifact,
+                             build_user=build_user or build_user_name(), automation_user=automation_user,
+                             mac=TEST_MAC)  # fmt: skip
+        t_suite = time.monotonic()
+        proc = subprocess.run(cmd, cwd=settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=max(timeout, 300))  # fmt: skip
+        figures["suite_s"] = round(time.monotonic() - t_suite, 1)
+        rc = proc.returncode
+        output = proc.stdout.decode(errors="replace")
+        (build_dir / OUTPUT_NAME).write_text(output, encoding="utf-8")
+        if keep_running:
+            console.print(
+                f"guest kept running: ssh -i {guest.key_file} -p {guest.port} "
+                f"-o UserKnownHostsFile={guest.known_hosts} {guest.user}@127.0.0.1  (Ctrl-C to stop)"
+            )
+            try:
+                while guest.alive():
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    except subprocess.TimeoutExpired:
+        raise ImageTestError(f"image test suites did not finish within {max(timeout, 300):.0f}s") from None
+    finally:
+        if guest.serial_log.exists():
+            shutil.copyfile(guest.serial_log, build_dir / SERIAL_NAME)
+        guest.stop()
+        figures["total_s"] = round(time.monotonic() - t_boot, 1)
+    after = sha256_file(artifact)
+    if after != before:
+        raise ImageTestError(f"{artifact} changed during the image test (sha256 {before} -> {after})")
+    if rc not in (0, 1):
+        tail = "\n".join(output.strip().splitlines()[-20:])
+        raise ImageTestError(f"pytest could not run the image suites (exit {rc}):\n{tail}")
+    counts = parse_junit(junit)
+    ok = rc == 0 and counts.failed == 0 and counts.errors == 0 and counts.passed > 0
+    result = ImageTestResult(
+        status="passed" if ok else "failed",
+        passed=counts.passed,
+        failed=counts.failed,
+        errors=counts.errors,
+        skipped=counts.skipped,
+        suites=list(image.test_suites),
+        suite_hash=shash,
+        artifact_sha256=before,
+        junit=str(junit.relative_to(settings.root) if junit.is_relative_to(settings.root) else junit),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        failures=counts.failures,
+    )
+    summary = {**asdict(result), "image": image.name, "figures": figures, "outcomes": counts.outcomes}
+    (build_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    manifest.record_test_result(build_dir, result)
+    colour = "green" if ok else "red"
+    console.print(
+        f"[{colour}]image test {image.name}: {result.status}[/] ({result.passed} passed, {result.failed} failed, "
+        f"{result.errors} errors, {result.skipped} skipped) {figures}"
+    )
+    for f in result.failures:
+        console.print(f"  [red]✗[/] {f}")
+    return result
+
+
+# pytest must not collect this function as a test when the module is imported from a test file.
+test_image.__test__ = False  # type: ignore[attr-defined]

@@ -1,0 +1,36 @@
+"""lab.base-image: the offline Debian base image (logic in image_factory.baseimage)."""
+
+from __future__ import annotations
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from ..console import console, emit_json
+from ._common import handle_errors, settings
+
+
+@task(
+    help={
+        "force": "rebuild even when the cached image is intact and its recipe unchanged",
+        "mirror": "Debian archive URL (default: FACTORY_DEBIAN_MIRROR, else this machine's apt sources)",
+        "check": "only report whether the cached image is usable; build nothing (exit 1 if not)",
+        "json": "print path, sha256 and build figures as JSON on stdout",
+    }
+)
+@handle_errors
+def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
+               json: bool = False) -> None:
+    """Build (or reuse) builds/base/debian-12-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
+    from .. import baseimage as bi
+
+    s = settings(c)
+    if check:
+        state = bi.cache_state(s)
+        console.print(f"base image: {state}")
+        if state != "ok":
+            raise Exit(code=1)
+        return
+    path = bi.ensure_base_image(s, force=force, mirror=mirror)
+    if json:
+        emit_json(bi.describe(s) | {"path": str(path)})

@@ -1,0 +1,113 @@
+"""Common to every template: what a clone needs to be reachable and manageable."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+
+
+def test_cloud_init_enabled(host: Any) -> None:
+    assert not host.file("/etc/cloud/cloud-init.disabled").exists
+    assert host.run("systemctl is-enabled cloud-init.service").rc == 0
+    assert host.run("systemctl is-enabled cloud-final.service").rc == 0
+
+
+def test_cloud_init_finished_without_errors(host: Any) -> None:
+    status = host.run("cloud-init status --wait --long")
+    assert "status: done" in status.stdout, status.stdout + status.stderr
+    assert status.rc == 0, status.stdout + status.stderr
+    with host.sudo():
+        result = json.loads(host.check_output("cat /run/cloud-init/result.json"))
+    assert result["v1"]["errors"] == []
+
+
+def test_qemu_guest_agent_installed(host: Any) -> None:
+    assert host.package("qemu-guest-agent").is_installed
+
+
+def test_qemu_guest_agent_enabled_and_running(host: Any) -> None:
+    svc = host.service("qemu-guest-agent")
+    # Debian's unit is "static" (started by udev when the virtio port appears): is-enabled rc 0.
+    assert svc.is_enabled
+    assert svc.is_running
+
+
+def test_qemu_guest_agent_answers(opt: Any) -> None:
+    """The agent answers on the virtio-serial channel, as Proxmox (agent=1) would ask it."""
+    path = opt("qga_socket")
+    if not path:
+        pytest.skip("needs --qga-socket (host side of org.qemu.guest_agent.0)")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(path)
+        # guest-sync flushes stale data and proves request/response pairing.
+        s.sendall(b'{"execute":"guest-sync","arguments":{"id":4242}}\n')
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(4096)
+            assert chunk, "guest agent channel closed"
+            buf += chunk
+        reply = json.loads(buf.split(b"\n")[0])
+        assert reply == {"return": 4242}
+
+
+def test_sshd_running(host: Any, family: str | None) -> None:
+    if family is None:
+        family = "debian" if host.system_info.distribution in ("debian", "ubuntu") else "fedora"
+    unit = "ssh" if family == "debian" else "sshd"
+    assert host.service(unit).is_running
+    assert host.socket("tcp://0.0.0.0:22").is_listening or host.socket("tcp://:::22").is_listening
+
+
+def test_sshd_password_login_off(host: Any) -> None:
+    with host.sudo():
+        effective = host.check_output("sshd -T")
+    settings = dict(line.split(" ", 1) for line in effective.lower().splitlines() if " " in line)
+    assert settings.get("passwordauthentication") == "no"
+
+
+def test_python3_present(host: Any) -> None:
+    assert host.exists("python3")
+    assert host.run("python3 -c 'import sys; sys.exit(sys.version_info < (3, 8))'").rc == 0
+
+
+def test_automation_user_passwordless_sudo(host: Any, opt: Any) -> None:
+    name = opt("automation_user")
+    user = host.user(name)
+    assert user.exists, f"automation user {name} missing"
+    with host.sudo():
+        shadow = host.check_output("getent shadow %s", name).split(":")
+        assert shadow[1].startswith(("!", "*")), "automation user has a usable password"
+        check = host.run("sudo -n -l -U %s", name)
+    assert check.rc == 0 and "NOPASSWD: ALL" in check.stdout, check.stdout + check.stderr
+
+
+def _first_nic(host: Any) -> dict[str, Any]:
+    links = json.loads(host.check_output("ip -j link show"))
+    virtual = ("docker", "br", "veth", "virbr")
+    nics = [lk for lk in links if lk.get("link_type") == "ether" and not lk["ifname"].startswith(virtual)]
+    assert nics, "no ethernet interface"
+    return sorted(nics, key=lambda lk: lk["ifindex"])[0]
+
+
+def test_first_nic_dhcp_with_given_mac(host: Any, opt: Any) -> None:
+    nic = _first_nic(host)
+    mac = opt("expected_mac")
+    if mac:
+        assert nic["address"].lower() == mac.lower(), f"{nic['ifname']} has {nic['address']}, expected {mac}"
+    addrs = json.loads(host.check_output("ip -j -4 addr show dev %s", nic["ifname"]))
+    infos = [a for entry in addrs for a in entry.get("addr_info", [])]
+    assert infos, f"{nic['ifname']} has no IPv4 address"
+    # A DHCP lease has a finite lifetime ("dynamic"); a static address is "forever".
+    assert any(a.get("dynamic") or a.get("valid_life_time", 4294967295) != 4294967295 for a in infos), infos
+    route = json.loads(host.check_output("ip -j -4 route show default"))
+    assert any(r.get("dev") == nic["ifname"] for r in route), f"no default route via {nic['ifname']}"
+
+
+def test_serial_console_ttyS0(host: Any) -> None:
+    cmdline = host.file("/proc/cmdline").content_string.split()
+    assert any(arg.startswith("console=ttyS0") for arg in cmdline), cmdline
+    assert host.service("serial-getty@ttyS0").is_running
