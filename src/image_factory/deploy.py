@@ -90,6 +90,10 @@ class NetSpec:
     mac: str | None
     options: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", tuple(sorted(self.options)))
+        object.__setattr__(self, "mac", self.mac.lower() if self.mac else None)
+
     @classmethod
     def parse(cls, value: str) -> NetSpec:
         props = parse_props(value)
@@ -770,7 +774,8 @@ def guest_address(interfaces: Any, mac: str) -> str | None:
                 ip = ipaddress.IPv4Address(str(addr.get("ip-address")))
             except ValueError:
                 continue
-            if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            # the NIC is matched by its MAC (never lo), so any routable-looking address will do
+            if not (ip.is_link_local or ip.is_unspecified or ip.is_multicast):
                 return str(ip)
     return None
 
