@@ -171,38 +171,38 @@ class TemplateRef:
     name: str
     build_id: str
     tags: tuple[str, ...]
+    digest: str = ""
+    is_tested: bool | None = None
 
     @property
     def tested(self) -> bool:
+        if self.is_tested is not None:
+            return self.is_tested
         return "tested" in self.tags and "untested" not in self.tags
 
 
 def find_templates(client: PveClient, image_name: str) -> list[TemplateRef]:
-    """Templates of ``image_name`` on the client's node, newest first (the publish stage's naming:
-    ``tpl-<image>-<build_id>``, tags incl. the image name, the build id, ``image-factory``, ``tested``)."""
-    prefix = f"tpl-{image_name}-"
-    found: list[TemplateRef] = []
-    for entry in client.list_vms():
-        if not int(entry.get("template") or 0):
-            continue
-        name = str(entry.get("name") or "")
-        tags = tuple(split_tags(entry.get("tags")))
-        if not name.startswith(prefix) or image_name not in tags or "image-factory" not in tags:
-            continue
-        found.append(TemplateRef(int(entry["vmid"]), name, name[len(prefix):], tags))
-    return sorted(found, key=lambda t: (t.build_id, t.vmid), reverse=True)
+    """Factory templates of ``image_name`` on the client's node, newest first: the publish stage's own
+    lookup (its description header, ``image-factory`` tag, newest by publish time then vmid)."""
+    from .publish import find_templates as published
+
+    return [TemplateRef(t.vmid, t.name, t.build_id, tuple(t.tags), t.digest, t.tested)
+            for t in published(client, image_name)]
 
 
-def choose_template(client: PveClient, vm: Vm) -> tuple[TemplateRef | None, str]:
+def choose_template(
+    client: PveClient, vm: Vm, templates: list[TemplateRef] | None = None
+) -> tuple[TemplateRef | None, str]:
     """The template to clone (the pinned one or the newest tested one), or None and why not."""
-    templates = find_templates(client, vm.image)
+    if templates is None:
+        templates = find_templates(client, vm.image)
     if vm.template_vmid is not None:
         pinned = [t for t in templates if t.vmid == vm.template_vmid]
         if not pinned:
             return None, (f"pinned template_vmid {vm.template_vmid} is not a template of image {vm.image} "
                           f"on {client.name}")
         if not pinned[0].tested:
-            return None, f"pinned template {pinned[0].name} ({pinned[0].vmid}) is not tagged 'tested'"
+            return None, f"pinned template {pinned[0].name} ({pinned[0].vmid}) did not pass its image tests"
         return pinned[0], ""
     tested = [t for t in templates if t.tested]
     if not tested:
@@ -219,6 +219,8 @@ def describe(vm: Vm, template: TemplateRef, *, incomplete: bool = False) -> str:
     if lines:
         lines.append("")
     lines += [MANAGED_MARKER, f"factory-vm: {vm.name}", f"factory-template: {template.name} (vmid {template.vmid})"]
+    if template.digest:
+        lines.append(f"factory-template-digest: {template.digest}")
     if incomplete:
         lines.append("factory-state: incomplete")
     return "\n".join(lines)
@@ -578,11 +580,14 @@ class _Run:
 def _plan_host(run: _Run, hv: Hypervisor, vms: list[Vm], recreate: bool) -> list[VmPlan]:
     client = run.client(hv)
     existing = {int(e["vmid"]): e for e in client.list_vms()}
+    templates: dict[str, list[TemplateRef]] = {}
     plans = []
     for vm in vms:
         plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode,
                       macs=list(vm.macs))
-        template, why = choose_template(client, vm)
+        if vm.image not in templates:
+            templates[vm.image] = find_templates(client, vm.image)
+        template, why = choose_template(client, vm, templates[vm.image])
         if template is not None:
             plan.template, plan.template_vmid = template.name, template.vmid
         entry = existing.get(vm.vmid)

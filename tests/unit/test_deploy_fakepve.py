@@ -23,6 +23,7 @@ from fakepve.pytest_plugin import _Serving
 from fakepve.server import FakePve
 
 from image_factory import deploy as dep
+from image_factory import publish
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, load_site
 from image_factory.settings import REPO_ROOT
@@ -65,13 +66,18 @@ class FakeSite:
 
 
 def add_template(pve: FakePve, node: str, vmid: int, image: str, build_id: str, *, tested: bool = True) -> None:
-    tags = sorted({image, build_id, "image-factory", "tested" if tested else "untested"})
+    """A template as publish registers it: its tags and its description header (publish.py)."""
+    tags = sorted({image, f"build-{build_id.lower()}", "image-factory", "tested" if tested else "untested"})
+    description = "\n".join([
+        publish.DESCRIPTION_HEADER, f"image: {image}", f"build_id: {build_id}", f"digest: d-{build_id}",
+        f"tested: {'yes' if tested else 'no'}", f"published_at: {build_id}",
+    ]) + "\n"
     pve.add_vm(vmid, f"tpl-{image}-{build_id}", node=node, template=True, config={
         "scsi0": f"local-lvm:base-{vmid}-disk-0,size=10G", "scsihw": "virtio-scsi-pci",
         "ide2": f"local-lvm:vm-{vmid}-cloudinit,media=cdrom", "boot": "order=scsi0",
         "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0", "agent": "enabled=1", "serial0": "socket",
         "vga": "serial0", "memory": "2048", "cores": 2, "template": 1, "tags": ";".join(tags),
-        "description": f"image {image} build {build_id}",
+        "description": description,
     })
     store = pve.storages["local-lvm"].setdefault("volumes", {})
     store[f"base-{vmid}-disk-0"] = {"content": "images", "format": "raw", "size": 10 * 1024**3, "vmid": vmid,
@@ -338,12 +344,12 @@ def test_template_choice_newest_tested_or_pinned(fs: FakeSite) -> None:
     site = Site(fs.site.inventory_path, fs.site.images_path, fs.site.hypervisors,
                 {**fs.site.vms, "metrics01": bad}, fs.site.images, fs.site.vm_sources)
     [b] = dep.plan_deploy(None, site, ["metrics01"]).vms
-    assert b.action == "blocked" and "not tagged 'tested'" in b.reason
+    assert b.action == "blocked" and "did not pass its image tests" in b.reason
 
 
 def test_no_tested_template_blocks(fs: FakeSite) -> None:
     pve = fs.pves["pve-tenant"]
-    pve.vm(9000).config["tags"] = "20261125T120000Z;fedora-43;image-factory;untested"
+    pve.vm(9000).config["tags"] = "build-20261125t120000z;fedora-43;image-factory;untested"
     report = dep.deploy_vms(None, fs.site, plane="tenant", timeout=30, progress=False)
     assert not report.ok
     assert all(r.state == "blocked" and "no tested template" in r.plan.reason for r in report.results)
