@@ -1,0 +1,259 @@
+"""Unit tests for image_factory.imagetest (seed, host-key parsing, JUnit, suite hash) and the
+strict paramiko backend of tests/image/conftest.py (against a real in-process SSH server)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from image_factory import imagetest as it
+from image_factory import manifest as mf
+from image_factory.inventory import Image, Source
+from image_factory.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+
+SERIAL = """\
+[   12.3] cloud-init[401]: Cloud-init v. 22.4.2 running 'modules:config'
+\r-----BEGIN SSH HOST KEY KEYS-----\r
+ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBOLD= root@old\r
+-----END SSH HOST KEY KEYS-----\r
+[   20.1] random: crng init done
+-----BEGIN SSH HOST KEY KEYS-----
+ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNEW= root@t1\r
+[   21.0] virtio_net virtio1 ens3: renamed
+ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEEYFX41GD5/IIyO1861tMwy4wq9taoDMuqhS9CXhxhT root@t1
+-----END SSH HOST KEY KEYS-----
+"""
+
+
+def test_parse_host_keys_takes_last_block_and_ignores_noise() -> None:
+    keys = it.parse_host_keys(SERIAL)
+    assert keys == [
+        ("ecdsa-sha2-nistp256", "AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNEW="),
+        ("ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5AAAAIEEYFX41GD5/IIyO1861tMwy4wq9taoDMuqhS9CXhxhT"),
+    ]
+
+
+def test_parse_host_keys_incomplete_block_is_nothing() -> None:
+    assert it.parse_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA root@x\n") == []
+    assert it.parse_host_keys("") == []
+
+
+def test_known_hosts_lines_bracket_non_default_port() -> None:
+    keys = [("ssh-ed25519", "AAAAC3")]
+    assert it.known_hosts_lines(keys, "127.0.0.1", 2222) == "[127.0.0.1]:2222 ssh-ed25519 AAAAC3\n"
+    assert it.known_hosts_lines(keys, "127.0.0.1", 22) == "127.0.0.1 ssh-ed25519 AAAAC3\n"
+
+
+def test_seed_files_carry_key_user_hostname_and_mac() -> None:
+    files = it.seed_files("test-x", "iid-1", "ssh-ed25519 AAAAkey test", "02:DE:E7:00:00:5E")
+    meta = yaml.safe_load(files["meta-data"])
+    assert meta == {"instance-id": "iid-1", "local-hostname": "test-x"}
+    assert files["user-data"].startswith("#cloud-config\n")
+    user = yaml.safe_load(files["user-data"])
+    assert user["users"][0] == "default"
+    test_user = user["users"][1]
+    assert test_user["name"] == it.TEST_USER and test_user["lock_passwd"] is True
+    assert test_user["ssh_authorized_keys"] == ["ssh-ed25519 AAAAkey test"]
+    assert "ssh_pwauth" not in user  # the image's own sshd setting is what the suite checks
+    net = yaml.safe_load(files["network-config"])
+    assert net["version"] == 2
+    assert net["ethernets"]["nic0"] == {"match": {"macaddress": "02:de:e7:00:00:5e"}, "dhcp4": True}
+
+
+def test_test_mac_is_locally_administered_unicast() -> None:
+    first = int(it.TEST_MAC.split(":")[0], 16)
+    assert first & 0b10 and not first & 0b01
+
+
+def test_seed_iso_is_labelled_cidata(tmp_path: Path) -> None:
+    iso = it.make_seed_iso(tmp_path, {"meta-data": "instance-id: x\n", "user-data": "#cloud-config\n"})
+    data = iso.read_bytes()
+    # ISO 9660 primary volume descriptor at sector 16; the volume identifier at byte 40.
+    assert data[0x8001:0x8006] == b"CD001"
+    assert data[0x8028:0x8028 + 32].decode().strip() == "cidata"
+
+
+def test_make_ssh_key_private_file_is_0600(tmp_path: Path) -> None:
+    path, pub = it.make_ssh_key(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = paramiko.Ed25519Key.from_private_key_file(str(path))
+    assert pub.split()[1] == key.get_base64()
+
+
+def test_suite_hash_changes_with_content_not_order(tmp_path: Path) -> None:
+    a, b = tmp_path / "conftest.py", tmp_path / "test_common.py"
+    a.write_text("x = 1\n")
+    b.write_text("def test_x(): pass\n")
+    h1 = it.suite_hash([a, b])
+    assert h1 == it.suite_hash([b, a])
+    b.write_text("def test_x(): assert 0\n")
+    assert it.suite_hash([a, b]) != h1
+
+
+def test_suite_files_real_suites_and_missing_suite(tmp_path: Path) -> None:
+    files = it.suite_files(REPO, ["common", "hygiene", "fedora"])
+    assert [f.name for f in files] == ["conftest.py", "test_common.py", "test_hygiene.py", "test_fedora.py"]
+    with pytest.raises(it.ImageTestError, match="test_nosuch.py"):
+        it.suite_files(REPO, ["nosuch"])
+
+
+def test_parse_junit_counts_and_outcomes(tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.image.test_common" name="test_a[paramiko://u@h:1]"/>'
+        '<testcase classname="tests.image.test_common" name="test_b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.image.test_hygiene" name="test_c"><error message="y"/></testcase>'
+        '<testcase classname="tests.image.test_fedora" name="test_d"><skipped message="z"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    c = it.parse_junit(xml)
+    assert (c.tests, c.passed, c.failed, c.errors, c.skipped) == (4, 1, 1, 1, 1)
+    assert c.failures == ["test_common::test_b", "test_hygiene::test_c"]
+    assert c.outcomes["test_common::test_a[paramiko://u@h:1]"] == "passed"
+    with pytest.raises(it.ImageTestError, match="no usable JUnit"):
+        it.parse_junit(tmp_path / "missing.xml")
+
+
+def _image() -> Image:
+    return Image(name="fixture", family="debian", release=12, mode="cloud",
+                 source=Source(url="builds/base/x.qcow2", checksum="none"), test_suites=["common", "hygiene"])
+
+
+def _manifest(artifact: Path, sha: str) -> mf.Manifest:
+    return mf.Manifest(
+        image="fixture", family="debian", release=12, mode="cloud", build_id="b1",
+        artifact=mf.Artifact(path=str(artifact), format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
+        fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="",
+    )  # fmt: skip
+
+
+def test_test_image_refuses_artifact_that_changed_since_build(tmp_path: Path) -> None:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO)
+    art = tmp_path / "a.qcow2"
+    art.write_bytes(b"not what was built")
+    build_dir = tmp_path / "builds" / "fixture"
+    mf.save(build_dir, _manifest(art, "0" * 64))
+    with pytest.raises(it.ImageTestError, match="differs from the manifest"):
+        it.test_image(settings, _image(), build_dir)
+    assert mf.require(build_dir).image_test is None
+    assert not list(build_dir.glob(".imagetest-*"))
+
+
+def test_test_image_needs_a_manifest(tmp_path: Path) -> None:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path)}, root=REPO)
+    with pytest.raises(mf.ManifestError, match="build the image first"):
+        it.test_image(settings, _image(), tmp_path / "fixture")
+
+
+# ------------------------------------------------------------- strict host keys in the image suites
+
+
+def _load_image_conftest() -> Any:
+    spec = importlib.util.spec_from_file_location("image_suite_conftest", REPO / "tests/image/conftest.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Server(paramiko.ServerInterface):
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+
+@pytest.fixture
+def ssh_server() -> Any:
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    stop = threading.Event()
+    transports: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            t = paramiko.Transport(conn)
+            t.add_server_key(key)
+            transports.append(t)
+            with contextlib.suppress(paramiko.SSHException, EOFError):
+                t.start_server(server=_Server())
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    yield sock.getsockname()[1], key
+    stop.set()
+    th.join(2)
+    for t in transports:
+        t.close()
+    sock.close()
+
+
+def _backend(conftest: Any, port: int, known_hosts: Path, identity: Path) -> Any:
+    from testinfra.backend.paramiko import ParamikoBackend
+
+    b = ParamikoBackend(f"paramiko://tester@127.0.0.1:{port}", ssh_identity_file=str(identity))
+
+    class _Host:
+        backend = b
+
+    class _Config:
+        def getoption(self, name: str) -> Any:
+            return str(known_hosts) if name == "known_hosts" else None
+
+    conftest._harden(_Host, _Config())
+    assert isinstance(b, conftest.StrictParamikoBackend)
+    return b
+
+
+def test_strict_backend_refuses_unknown_host_key(ssh_server: Any, tmp_path: Path) -> None:
+    port, _key = ssh_server
+    conftest = _load_image_conftest()
+    identity, _ = it.make_ssh_key(tmp_path)
+    other = paramiko.RSAKey.generate(1024)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{port} ssh-rsa {other.get_base64()}\n")  # a different key for this host
+    with pytest.raises(paramiko.SSHException):
+        _ = _backend(conftest, port, kh, identity).client
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
+        _ = _backend(conftest, port, empty, identity).client
+
+
+def test_strict_backend_accepts_pinned_host_key(ssh_server: Any, tmp_path: Path) -> None:
+    port, key = ssh_server
+    conftest = _load_image_conftest()
+    identity, _ = it.make_ssh_key(tmp_path)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{port} {key.get_name()} {key.get_base64()}\n")
+    client = _backend(conftest, port, kh, identity).client
+    transport = client.get_transport()
+    assert transport is not None and transport.is_authenticated()
+    client.close()
