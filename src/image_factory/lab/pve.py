@@ -398,6 +398,8 @@ class LabPve(FakePve):  # fakepve is untyped
 
     def _qm_alloc(self, sid: str, vmid: int, fmt: str | None, size: int,
                   linked_from: str | None = None) -> tuple[str, str]:
+        if linked_from is not None and self.storages[sid].get("type") == "dir":
+            fmt = "qcow2"  # Plugin::clone_image: a qcow2 overlay whatever the base's format
         volid, fmt = super()._qm_alloc(sid, vmid, fmt, size, linked_from)
         path = self.volume_file(volid)
         if path is not None:
@@ -597,15 +599,35 @@ class LabPve(FakePve):  # fakepve is untyped
             return upid
 
         async def io() -> None:
-            await self.duration("clone_full" if full else "clone_linked")
+            made: list[str] = []
+            try:
+                await copy(made)
+            except BaseException:
+                for volid in made:
+                    self._qm_free(volid)
+                raise
+
+        async def copy(made: list[str]) -> None:
+            # The clone holds the target storage's lock while it allocates and copies (cfs_lock_storage).
+            lock_sid = storage or next((volume_ref(v)[0] for v in sources.values() if volume_ref(v)[0]), "local")
+            holder = f"clone {newid}"
+            await self.storage_lock(lock_sid, holder)
+            try:
+                await self.duration("clone_full" if full else "clone_linked")
+                await copy_disks(made)
+            finally:
+                self.storage_unlock(lock_sid, holder)
+
+        async def copy_disks(made: list[str]) -> None:
             for opt, _vol, props in drives_of(dict(new.config)):
                 src_vol = sources.get(opt)
                 if src_vol is None:
                     continue
-                if src_vol.endswith("-cloudinit") or re.search(r"vm-\d+-cloudinit", src_vol):
+                if re.search(r"vm-\d+-cloudinit", src_vol):
                     sid = storage or volume_ref(src_vol)[0]
                     fmt = "qcow2" if self.storages[sid].get("type") == "dir" else "raw"
                     volid = self._alloc_named(sid, newid, f"vm-{newid}-cloudinit", fmt, CLOUDINIT_SIZE)
+                    made.append(volid)
                     new.config[opt] = join_drive(volid, dict(props))
                     continue
                 dst_vol = split_drive(new.config[opt])[0]
@@ -613,21 +635,17 @@ class LabPve(FakePve):  # fakepve is untyped
                 if src_path is None or dst_path is None or not src_path.exists():
                     continue
                 sid = volume_ref(dst_vol)[0]
-                await self.storage_lock(sid, f"clone {newid}")
-                try:
-                    info = await asyncio.to_thread(_qemu_img_info, src_path)
-                    if full:
-                        fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
-                        dst_path.unlink(missing_ok=True)
-                        await asyncio.to_thread(_run, ["qemu-img", "convert", "-q", "-f", str(info["format"]),
-                                                       "-O", fmt, str(src_path), str(dst_path)])
-                    else:
-                        dst_path.parent.mkdir(parents=True, exist_ok=True)
-                        rel = Path("..") / src_path.parent.name / src_path.name
-                        await asyncio.to_thread(_run, ["qemu-img", "create", "-q", "-f", "qcow2", "-F",
-                                                       str(info["format"]), "-b", str(rel), str(dst_path)])
-                finally:
-                    self.storage_unlock(sid, f"clone {newid}")
+                info = await asyncio.to_thread(_qemu_img_info, src_path)
+                if full:
+                    fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
+                    dst_path.unlink(missing_ok=True)
+                    await asyncio.to_thread(_run, ["qemu-img", "convert", "-q", "-f", str(info["format"]),
+                                                   "-O", fmt, str(src_path), str(dst_path)])
+                else:
+                    dst_path.parent.mkdir(parents=True, exist_ok=True)
+                    rel = Path("..") / src_path.parent.name / src_path.name
+                    await asyncio.to_thread(_run, ["qemu-img", "create", "-q", "-f", "qcow2", "-F",
+                                                   str(info["format"]), "-b", str(rel), str(dst_path)])
 
         self._pending_io.setdefault(newid, []).append(io)
         return upid

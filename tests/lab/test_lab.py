@@ -1,0 +1,129 @@
+"""The lab itself: both hosts reachable the way production code reaches real hypervisors."""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import uuid
+
+import pytest
+
+from image_factory.errors import RemoteError
+from image_factory.inventory import SshEndpoint
+from image_factory.lab import controller
+from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.pve import ApiError, PveClient
+from image_factory.sshlink import HostKeyMismatch, connect
+
+pytestmark = pytest.mark.lab
+
+
+def test_proxmoxer_with_token_and_tls_reaches_both_nodes_at_841(lab: LabHandle) -> None:
+    hvs = lab.hypervisors
+    assert {hv.tls_ca_file is not None for hv in hvs.values()} == {True, False}, "one CA file, one fingerprint"
+    seen = {}
+    for hv in hvs.values():
+        client = PveClient(hv)
+        seen[hv.name] = (client.version()["version"], [n["node"] for n in client.get("/nodes")])
+    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("8.4.1", ["pve-tenant"])}
+
+
+def test_wrong_token_secret_is_refused(lab: LabHandle) -> None:
+    hv = lab.hv("pve-mgmt")
+    with pytest.raises(ApiError) as exc:
+        PveClient(hv, secret=str(uuid.uuid4())).version()
+    assert exc.value.status == 401
+
+
+def test_token_secret_lives_outside_the_repo_with_mode_0600(lab: LabHandle) -> None:
+    for hv in lab.hypervisors.values():
+        assert hv.token_secret_file is not None
+        path = hv.token_secret_file
+        assert not str(path.resolve()).startswith(str(lab.settings.root.resolve()) + "/")
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_lab_ca_is_pve_like_without_key_usage_so_only_non_strict_verification_accepts_it(lab: LabHandle) -> None:
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate(lab.paths.ca_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with pytest.raises(x509.ExtensionNotFound):
+        ca.extensions.get_extension_for_class(x509.KeyUsage)
+    hv = lab.hv("pve-mgmt")
+    assert hv.tls_ca_file is not None
+    relaxed = ssl.create_default_context(cafile=str(hv.tls_ca_file))
+    relaxed.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    strict = ssl.create_default_context(cafile=str(hv.tls_ca_file))
+    strict.verify_flags |= ssl.VERIFY_X509_STRICT
+    host = hv.api_url.split("//")[1].split(":")[0]
+    with socket.create_connection((host, 8006), timeout=5) as raw, relaxed.wrap_socket(raw, server_hostname=host):
+        pass
+    with socket.create_connection((host, 8006), timeout=5) as raw, pytest.raises(ssl.SSLCertVerificationError):
+        strict.wrap_socket(raw, server_hostname=host)
+
+
+def test_fingerprint_pin_is_checked(lab: LabHandle) -> None:
+    hv = lab.hv("pve-tenant")
+    assert hv.tls_fingerprint is not None
+    wrong = hv.model_copy(update={"tls_fingerprint": ":".join(["AB"] * 32)})
+    with pytest.raises(RemoteError):
+        PveClient(wrong).version()
+
+
+def test_token_is_privilege_separated_and_limited_to_the_listed_privileges(lab: LabHandle) -> None:
+    client = PveClient(lab.hv("pve-mgmt"))
+    perms = client.get("/access/permissions")
+    assert "Sys.Modify" not in perms.get("/", {})
+    assert perms["/vms"].keys() >= {"VM.Allocate", "VM.Clone", "VM.PowerMgmt", "VM.Config.Cloudinit"}
+    with pytest.raises(ApiError) as exc:  # download-url needs Sys.Modify, which the token lacks
+        client.post(f"/nodes/{client.node}/storage/local/download-url", url="https://example.invalid/x.iso",
+                    content="iso", filename="x.iso")
+    assert exc.value.status == 403
+
+
+def test_paramiko_with_pinned_host_keys_reaches_both_sshds(lab: LabHandle) -> None:
+    keys = set()
+    for hv in lab.hypervisors.values():
+        with connect(hv.name, hv.ssh) as link:
+            assert link.run(["id", "-u"]).stdout.strip() == "0"
+        keys.add(hv.ssh.host_key)
+    assert len(keys) == 2, "each sshd has its own host key"
+
+
+def test_sshd_with_another_host_key_is_refused(lab: LabHandle) -> None:
+    mgmt, tenant = lab.hv("pve-mgmt"), lab.hv("pve-tenant")
+    swapped = SshEndpoint(**{**mgmt.ssh.model_dump(), "host_key": tenant.ssh.host_key})
+    with pytest.raises(HostKeyMismatch):
+        connect("pve-mgmt", swapped)
+
+
+def test_file_put_over_sftp_into_import_is_listed_through_the_api(fresh_lab: LabHandle) -> None:
+    for hv in fresh_lab.hypervisors.values():
+        with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+            sftp.putfo(io.BytesIO(b"\0" * 4096), f"{hv.storage.import_dir}/probe-{hv.name}.raw")
+        content = PveClient(hv).get(f"/nodes/{hv.node}/storage/{hv.storage.import_}/content", content="import")
+        assert [(c["volid"], c["size"]) for c in content] == [(f"local:import/probe-{hv.name}.raw", 4096)]
+
+
+def test_storage_local_has_import_content(lab: LabHandle) -> None:
+    client = PveClient(lab.hv("pve-tenant"))
+    store = {s["storage"]: s for s in client.get(f"/nodes/{client.node}/storage")}
+    assert "import" in store["local"]["content"].split(",")
+
+
+def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    handle, slot_lock = start_lab(tmp_path / "lab", real_boot="none")
+    try:
+        before = controller.status(handle.base_settings)
+        again = controller.up(handle.base_settings)
+        after = controller.status(handle.base_settings)
+        assert again.config.slot == handle.config.slot
+        assert before["hosts"] == after["hosts"]
+        assert all(h["sshd_pid"] and h["pve_pid"] for h in after["hosts"].values())
+        assert controller.leftovers(handle.base_settings)
+    finally:
+        stop_lab(handle, slot_lock)
+    assert controller.leftovers(handle.base_settings) == []
+    assert controller.status(handle.base_settings)["up"] is False

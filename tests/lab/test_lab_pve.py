@@ -1,0 +1,394 @@
+"""Each pve-facts.md item the tool relies on is reproduced by the lab (LabPve over fakepve).
+
+Every test drives the lab through the production client (image_factory.pve.PveClient with the
+lab inventory's token and TLS settings) or plain HTTP where the wire format is the point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+import requests
+from requests_toolbelt import MultipartEncoder
+
+from image_factory.inventory import Hypervisor
+from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.pve import ApiError, PveClient, TaskFailed, Upid
+from image_factory.sshlink import connect
+
+pytestmark = pytest.mark.lab
+
+MGMT = "pve-mgmt"
+TENANT = "pve-tenant"
+LAB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
+
+
+def client(lab: LabHandle, host: str = MGMT) -> PveClient:
+    return PveClient(lab.hv(host))
+
+
+def make_qcow2(path: Path, size: str = "64M") -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    return path
+
+
+def sftp_import(lab: LabHandle, host: str, local: Path, name: str | None = None) -> str:
+    hv = lab.hv(host)
+    name = name or local.name
+    with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+        sftp.put(str(local), f"{hv.storage.import_dir}/{name}")
+    return f"{hv.storage.import_}:import/{name}"
+
+
+def upload(hv: Hypervisor, c: PveClient, fields: list[tuple[str, Any]]) -> requests.Response:
+    enc = MultipartEncoder(fields=fields)
+    url = f"{hv.api_url}/api2/json/nodes/{hv.node}/storage/local/upload"
+    headers = {"Content-Type": enc.content_type}
+    return requests.Session.request(c.session, "POST", url, data=enc, headers=headers, timeout=60)
+
+
+def disk_file(lab: LabHandle, host: str, volid: str) -> Path:
+    sid, name = volid.split(":", 1)
+    assert sid == "local"
+    parts = name.split("/")
+    return lab.paths.storage_dir(host) / "images" / parts[-2] / parts[-1]
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], check=True, capture_output=True)
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
+
+
+def create_template_source(lab: LabHandle, host: str, vmid: int, tmp_path: Path, *, size: str = "64M") -> PveClient:
+    """A VM made the way publish makes one: import-from a volid, cloud-init drive, agent."""
+    c = client(lab, host)
+    volid = sftp_import(lab, host, make_qcow2(tmp_path / f"src-{vmid}.qcow2", size))
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=vmid, name=f"tpl-{vmid}", memory=512, cores=1,
+               scsihw="virtio-scsi-pci", scsi0=f"local:0,import-from={volid}", ide2="local:cloudinit",
+               boot="order=scsi0", serial0="socket", vga="serial0", agent="enabled=1",
+               net0="virtio,bridge=vmbr0", timeout=60)
+    return c
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+def test_upload_content_import_with_checksum_lands_in_import(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    data = make_qcow2(tmp_path / "x.qcow2").read_bytes()
+    resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"),
+                          ("checksum", hashlib.sha256(data).hexdigest()),
+                          ("filename", ("fedora-42+build=1.qcow2", io.BytesIO(data), "application/octet-stream"))])
+    assert resp.status_code == 200, resp.text
+    c.wait_task(resp.json()["data"], timeout=30)
+    listed = c.get(f"/nodes/{c.node}/storage/local/content", content="import")
+    assert [(v["volid"], v["size"]) for v in listed] == [("local:import/fedora-42+build=1.qcow2", len(data))]
+    assert (Path(hv.storage.import_dir) / "fedora-42+build=1.qcow2").read_bytes() == data
+
+
+@pytest.mark.parametrize("name", ["bad name.qcow2", "image.img", "image.qcow2.part", "ümlaut.raw"])
+def test_upload_import_refuses_names_outside_pves_rule(fresh_lab: LabHandle, name: str) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [("content", "import"), ("filename", (name, io.BytesIO(b"x" * 10), "application/x"))])
+    assert resp.status_code == 400
+    assert resp.json()["errors"] == {"filename": "invalid filename or wrong extension"}
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+
+
+def test_upload_checksum_mismatch_fails_the_task_and_keeps_nothing(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"), ("checksum", "0" * 64),
+                          ("filename", ("a.raw", io.BytesIO(b"abc"), "application/octet-stream"))])
+    with pytest.raises(TaskFailed) as exc:
+        c.wait_task(resp.json()["data"], timeout=30)
+    assert exc.value.exitstatus.startswith("checksum mismatch: got '")
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+    assert list(Path(hv.storage.staging_dir).glob("pveupload-*")) == []
+
+
+def test_upload_fields_after_the_file_part_are_not_seen(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [("filename", ("a.raw", io.BytesIO(b"abc"), "application/octet-stream")),
+                          ("content", "import")])
+    assert resp.status_code == 400
+    assert "content" in resp.json()["errors"]
+
+
+def test_upload_without_content_length_is_refused(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    enc = MultipartEncoder(fields=[("content", "import"), ("filename", ("a.raw", io.BytesIO(b"abc"), "x/y"))])
+    body = enc.to_string()
+
+    def chunks() -> Any:
+        yield body
+
+    url = f"{hv.api_url}/api2/json/nodes/{hv.node}/storage/local/upload"
+    headers = {"Content-Type": enc.content_type}
+    resp = requests.Session.request(c.session, "POST", url, data=chunks(), headers=headers, timeout=30)
+    assert resp.status_code == 400
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+
+
+# ------------------------------------------------------------------------- import-from
+
+
+def test_import_from_volid_makes_a_real_disk_sized_from_the_source(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9001, tmp_path, size="96M")
+    cfg = c.vm_config(9001)
+    assert cfg["scsi0"].startswith("local:9001/vm-9001-disk-0.")
+    assert "size=96M" in cfg["scsi0"]
+    assert "import-from" not in cfg["scsi0"]
+    disk = disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0])
+    assert qemu_img_info(disk)["virtual-size"] == 96 * 1024 ** 2
+
+
+def test_import_from_an_absolute_path_is_refused_for_an_api_token(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = client(fresh_lab)
+    src = make_qcow2(tmp_path / "abs.qcow2")
+    with pytest.raises(ApiError) as exc:
+        c.post(f"/nodes/{c.node}/qemu", vmid=9002, scsi0=f"local:0,import-from={src}")
+    assert "Only root can pass arbitrary filesystem paths." in exc.value.pve_message
+    assert all(vm["vmid"] != 9002 for vm in c.list_vms())
+
+
+def test_import_from_a_file_that_is_not_an_image_fails_the_task(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = client(fresh_lab)
+    bogus = tmp_path / "bogus.qcow2"
+    bogus.write_bytes(b"this is not a qcow2 image" * 100)
+    volid = sftp_import(fresh_lab, MGMT, bogus)
+    with pytest.raises(TaskFailed) as exc:
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9003, scsi0=f"local:0,import-from={volid}", timeout=30)
+    assert "format" in exc.value.exitstatus
+    assert all(vm["vmid"] != 9003 for vm in c.list_vms())
+    assert not (fresh_lab.paths.storage_dir(MGMT) / "images" / "9003").exists()
+
+
+def test_import_from_a_missing_volume_fails(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    with pytest.raises((TaskFailed, ApiError)) as exc:
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9004, scsi0="local:0,import-from=local:import/nope.qcow2",
+                   timeout=30)
+    assert "does not exist" in str(exc.value)
+
+
+def test_post_config_is_a_task_and_put_config_is_synchronous(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9005, tmp_path)
+    upid = c.post(f"/nodes/{c.node}/qemu/9005/config", description="async")
+    parsed = Upid.parse(upid)
+    assert (parsed.node, parsed.type) == (MGMT, "qmconfig")
+    assert upid.endswith(":")
+    assert c.wait_task(upid, timeout=30).exitstatus == "OK"
+    assert c.put(f"/nodes/{c.node}/qemu/9005/config", name="renamed") is None
+    assert c.vm_config(9005)["name"] == "renamed"
+
+
+def test_import_from_through_post_config_allocates_and_copies(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = client(fresh_lab, TENANT)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9006, name="late", memory=512, timeout=30)
+    volid = sftp_import(fresh_lab, TENANT, make_qcow2(tmp_path / "late.qcow2", "32M"))
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9006/config", scsi0=f"local:0,import-from={volid}", timeout=30)
+    cfg = c.vm_config(9006)
+    assert cfg["scsi0"].startswith("local:9006/vm-9006-disk-0") and "size=32M" in cfg["scsi0"]
+    assert disk_file(fresh_lab, TENANT, cfg["scsi0"].split(",")[0]).exists()
+
+
+# ------------------------------------------------------------------- UPIDs and digest
+
+
+def test_upid_names_the_node_and_a_failed_task_has_the_error_as_exitstatus(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab, TENANT)
+    upid = c.post(f"/nodes/{c.node}/qemu", vmid=2990, name="x", memory=512)
+    assert Upid.parse(upid).node == TENANT
+    assert c.wait_task(upid, timeout=30).exitstatus == "OK"
+    upid = c.post(f"/nodes/{c.node}/qemu/2990/status/start")
+    c.wait_task(upid, timeout=30)
+    with pytest.raises(TaskFailed) as exc:
+        c.run_task("POST", f"/nodes/{c.node}/qemu/2990/status/start", timeout=30)
+    assert exc.value.exitstatus == "VM 2990 already running"
+
+
+def test_config_digest_mismatch_is_refused(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1990, name="d", memory=512, timeout=30)
+    digest = c.vm_config(1990)["digest"]
+    c.put(f"/nodes/{c.node}/qemu/1990/config", description="changed by someone else")
+    with pytest.raises(ApiError) as exc:
+        c.put(f"/nodes/{c.node}/qemu/1990/config", description="mine", digest=digest)
+    assert "checksum mismatch" in exc.value.pve_message
+    new = c.vm_config(1990)["digest"]
+    assert c.put(f"/nodes/{c.node}/qemu/1990/config", description="mine", digest=new) is None
+
+
+# ---------------------------------------------------------------- templates and clones
+
+
+def test_template_conversion_renames_disks_to_base_and_keeps_the_file(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9010, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9010/template", timeout=30)
+    cfg = c.vm_config(9010)
+    assert cfg["template"] == 1
+    assert cfg["scsi0"].startswith("local:9010/base-9010-disk-0.")
+    assert cfg["ide2"].startswith("local:9010/vm-9010-cloudinit.") and "media=cdrom" in cfg["ide2"]
+    assert disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0]).exists()
+    assert not (fresh_lab.paths.storage_dir(MGMT) / "images/9010/vm-9010-disk-0.raw").exists()
+
+
+def test_template_conversion_refusals(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9011, tmp_path)
+    path = f"/nodes/{c.node}/qemu/9011"
+    c.run_task("POST", path + "/status/start", timeout=60)
+    with pytest.raises(ApiError, match="if VM is running"):
+        c.post(path + "/template")
+    c.run_task("POST", path + "/status/stop", timeout=60)
+    fresh_lab.control(MGMT).call("snapshot_lock", vmid=9011)
+    with pytest.raises(ApiError, match=r"VM is locked \(snapshot\)"):
+        c.post(path + "/template")
+    fresh_lab.control(MGMT).call("unlock", vmid=9011)
+    fresh_lab.control(MGMT).call("snapshot", vmid=9011, name="before")
+    with pytest.raises(ApiError, match="contains snapshots"):
+        c.post(path + "/template")
+
+
+def test_template_of_a_template_is_refused(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9012, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9012/template", timeout=30)
+    with pytest.raises(ApiError, match="convert a template to a template"):
+        c.post(f"/nodes/{c.node}/qemu/9012/template")
+
+
+def _macs(cfg: dict[str, Any]) -> list[str]:
+    return [v.split(",")[0].split("=")[1] for k, v in sorted(cfg.items()) if re.fullmatch(r"net\d+", k)]
+
+
+def test_full_clone_gets_fresh_macs_its_own_cloudinit_and_a_copy(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9020, tmp_path)
+    c.put(f"/nodes/{c.node}/qemu/9020/config", net0="virtio=02:DE:10:01:01:00,bridge=vmbr0")
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9020/template", timeout=30)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9020/clone", newid=1101, name="metrics01", full=1, timeout=60)
+    src, new = c.vm_config(9020), c.vm_config(1101)
+    (mac,) = _macs(new)
+    assert mac != "02:DE:10:01:01:00" and mac.upper().startswith("BC:24:11:")
+    assert new["ide2"].startswith("local:1101/vm-1101-cloudinit.")
+    assert src["ide2"].startswith("local:9020/vm-9020-cloudinit.")
+    disk = disk_file(fresh_lab, MGMT, new["scsi0"].split(",")[0])
+    assert "backing-filename" not in qemu_img_info(disk)
+    # the inventory MAC goes in with a second update, after the clone task
+    c.put(f"/nodes/{c.node}/qemu/1101/config", net0="virtio=02:de:10:01:01:00,bridge=vmbr0")
+    assert _macs(c.vm_config(1101))[0].lower() == "02:de:10:01:01:00"
+
+
+def test_linked_clone_is_a_qcow2_overlay_of_the_base_disk(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, TENANT, 9030, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9030/template", timeout=30)
+    base = disk_file(fresh_lab, TENANT, c.vm_config(9030)["scsi0"].split(",")[0])
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9030/clone", newid=2201, name="sandbox01", timeout=60)
+    cfg = c.vm_config(2201)
+    volid = cfg["scsi0"].split(",")[0]
+    assert volid.startswith("local:9030/base-9030-disk-0.") and "/2201/vm-2201-disk-0.qcow2" in volid
+    info = qemu_img_info(disk_file(fresh_lab, TENANT, volid))
+    assert info["format"] == "qcow2"
+    assert (disk_file(fresh_lab, TENANT, volid).parent / info["backing-filename"]).resolve() == base.resolve()
+    with pytest.raises(ApiError, match="not allowed for linked clones"):
+        c.post(f"/nodes/{c.node}/qemu/9030/clone", newid=2202, full=0, storage="local")
+
+
+def test_parallel_clone_waits_for_the_storage_lock_then_times_out(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9040, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9040/template", timeout=30)
+    fresh_lab.time_scale(MGMT, 0.05)  # 10 PVE seconds of lock wait = 0.5 s here
+    fresh_lab.lock_storage(MGMT, "local")
+    with pytest.raises(TaskFailed) as exc:
+        c.run_task("POST", f"/nodes/{c.node}/qemu/9040/clone", newid=1201, full=1, timeout=60)
+    assert "can't lock file '/var/lock/pve-manager/pve-storage-local' - got timeout" in exc.value.exitstatus
+    assert all(vm["vmid"] != 1201 for vm in c.list_vms()), "a failed clone leaves no VM behind"
+    fresh_lab.clear_faults(MGMT)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9040/clone", newid=1201, full=1, timeout=60)
+
+
+def test_two_clones_at_once_contend_for_the_storage_lock(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9041, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9041/template", timeout=30)
+    fresh_lab.time_scale(MGMT, 0.05)
+    fresh_lab.durations(MGMT, clone_full=60)  # 3 s: longer than the other's 10 PVE s (0.5 s) wait
+    first = c.post(f"/nodes/{c.node}/qemu/9041/clone", newid=1301, full=1)
+    time.sleep(0.2)
+    second = c.post(f"/nodes/{c.node}/qemu/9041/clone", newid=1302, full=1)
+    with pytest.raises(TaskFailed, match="got timeout"):
+        c.wait_task(second, timeout=30)
+    fresh_lab.durations(MGMT, clone_full=0)
+    assert c.wait_task(first, timeout=60).exitstatus == "OK"
+
+
+# ----------------------------------------------------------------- cloud-init, tags, MACs
+
+
+def test_sshkeys_percent_encoded_with_20_is_accepted_and_plus_is_refused(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1991, name="k", memory=512, timeout=30)
+    c.put(f"/nodes/{c.node}/qemu/1991/config", sshkeys=urllib.parse.quote(LAB_KEY, safe=""))
+    assert urllib.parse.unquote(c.vm_config(1991)["sshkeys"]) == LAB_KEY
+    with pytest.raises(ApiError) as exc:
+        c.put(f"/nodes/{c.node}/qemu/1991/config", sshkeys=urllib.parse.quote_plus(LAB_KEY, safe=""))
+    assert exc.value.status == 400 and "sshkeys" in exc.value.pve_message
+
+
+def test_tags_rules(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1992, name="t", memory=512, tags="zeta;alpha;mgmt",
+               timeout=30)
+    assert c.vm_config(1992)["tags"] == "alpha;mgmt;zeta"
+    with pytest.raises(ApiError) as exc:
+        c.put(f"/nodes/{c.node}/qemu/1992/config", tags="bad tag!")
+    assert exc.value.status == 400
+
+
+def test_multicast_mac_is_refused(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1993, name="m", memory=512, timeout=30)
+    with pytest.raises(ApiError) as exc:
+        c.put(f"/nodes/{c.node}/qemu/1993/config", net0="virtio=03:de:10:01:01:00,bridge=vmbr0")
+    assert exc.value.status == 400
+
+
+# ------------------------------------------------------------------------- fault hooks
+
+
+def test_fail_hook_makes_the_next_call_fail_once(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab, TENANT)
+    fresh_lab.fail(TENANT, "GET", "/version", status=500, message="boom", times=1)
+    with pytest.raises(ApiError, match="boom"):
+        c.version()
+    assert c.version()["version"] == "8.4.1"
+
+
+def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    hv = fresh_lab.hv(MGMT)
+    target = Path(hv.storage.import_dir) / "big.raw"
+    payload = b"\1" * (32 * 1024 * 1024)
+    with (fresh_lab.cut_ssh_when(MGMT, target, 1024 * 1024) as cut,
+          pytest.raises((OSError, EOFError, paramiko.SSHException)),
+          connect(hv.name, hv.ssh) as link):
+        chan = link.open_session()
+        chan.exec_command(f"cat > {target}")
+        view = memoryview(payload)
+        for off in range(0, len(payload), 65536):
+            chan.sendall(view[off:off + 65536])
+        chan.shutdown_write()
+        if chan.recv_exit_status() != 0:
+            raise OSError("remote cat failed")
+    assert cut["cut"] >= 1
+    assert target.stat().st_size < len(payload)
+    # the sshd itself keeps serving
+    with connect(hv.name, hv.ssh) as link:
+        assert link.run(["true"]).status == 0
