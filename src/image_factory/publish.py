@@ -581,29 +581,49 @@ def _pending_info(plan: HostPlan, art: Artifact) -> TemplateInfo:
     )
 
 
+class _LockLost(Exception):
+    """The SSH link that held the host lock dropped (e.g. mid-upload): re-take it and re-plan."""
+
+
+MAX_ROUNDS = 4
+
+
 def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
+    """Plan, and unless dry_run execute, one host. Never raises: failures are in the result."""
     started = time.monotonic()
     hv = ctx.hv
     result = HostResult(hv.name, hv.node)
-    client: PveClient | None = None
     link: SshLink | None = None
     lock: HostLock | None = None
     try:
         client = ctx.client_factory(hv)
-        link = ctx.link_factory(hv)
-        if not dry_run:
-            lock = HostLock(link, hv.storage.import_dir, _owner(ctx.run_id), wait=ctx.lock_wait)
-            lock.acquire()
-        plan = plan_host(ctx, client, link)
-        result.plan = plan.to_dict()
-        result.upload = plan.upload
-        result.kept_for_linked_clones = plan.to_dict()["kept_for_linked_clones"]
-        if dry_run:
-            result.action = "planned"
-            result.template_vmid = plan.existing.vmid if plan.existing else plan.vmid
-            result.template_name = plan.existing.name if plan.existing else plan.template_name
-            return result
-        _execute(ctx, plan, client, link, lock, result)
+        client.version()  # TLS and token are checked before anything else happens
+        for round_ in range(MAX_ROUNDS):
+            link = ctx.link_factory(hv)
+            if not dry_run:
+                lock = HostLock(link, hv.storage.import_dir, _owner(ctx.run_id), wait=ctx.lock_wait)
+                lock.acquire()
+            plan = plan_host(ctx, client, link)
+            result.plan = plan.to_dict()
+            if round_ == 0:
+                result.upload = plan.upload
+            result.kept_for_linked_clones = plan.to_dict()["kept_for_linked_clones"]
+            if dry_run:
+                result.action = "planned"
+                result.template_vmid = plan.existing.vmid if plan.existing else plan.vmid
+                result.template_name = plan.existing.name if plan.existing else plan.template_name
+                return result
+            try:
+                _execute(ctx, plan, client, link, lock, result)
+                break
+            except _LockLost:
+                result.warnings.append("the SSH link holding the publish lock dropped; re-took the lock and re-planned")
+                if lock is not None:
+                    lock.release()
+                link.close()
+                lock = link = None
+        else:
+            raise PublishError(f"{hv.name}: lost the publish lock {MAX_ROUNDS} times; giving up")
     except FactoryError as exc:
         result.error = str(exc).removeprefix(f"{hv.name}: ")
         result.action = "failed"
@@ -635,17 +655,18 @@ def _execute(
         _destroy(client, t.vmid, result)
         result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
     if plan.existing:
-        result.action = "unchanged"
-        result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
+        if result.action != "created":
+            result.action = "unchanged"
+            result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
     else:
         _upload(ctx, plan, client, result)
         if lock is not None and not lock.held:
-            raise PublishError(f"{hv.name}: the SSH link holding the publish lock dropped; re-run to converge")
+            raise _LockLost()
         _register(ctx, plan, client, result)
         result.action = "created"
     for t in plan.prune:
         _destroy(client, t.vmid, result)
-        pruned = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
+        pruned: dict[str, Any] = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
         if t.import_file and IMPORT_NAME_RE.match(t.import_file) and t.import_file != art.import_file:
             remote_remove(link, f"{hv.storage.import_dir}/{t.import_file}")
             pruned["import_file_removed"] = t.import_file
@@ -692,12 +713,17 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
     vmid = plan.vmid
     taken: set[int] = set()
     created = False
+
+    def on_created() -> None:
+        nonlocal created
+        created = True
+
     try:
         for _attempt in range(5):
             params = _create_params(hv, art, vmid, description, tags)
             try:
                 with retry_on_lock() as retry:
-                    upid = retry(lambda p=params: client.post(f"{client.node_path}/qemu", **p))  # type: ignore[misc]
+                    task = retry(lambda p=params: _create(client, p, on_created))  # type: ignore[misc]
             except ApiError as exc:
                 if ALREADY_EXISTS_RE.search(exc.pve_message):
                     # Someone else (outside our lock: a human, another tool) took the id: re-plan.
@@ -706,8 +732,6 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
                     result.warnings.append(f"VMID {plan.vmid} was taken meanwhile; using {vmid}")
                     continue
                 raise
-            created = True
-            task = client.wait_task(str(upid), timeout=CREATE_TIMEOUT)
             result.warnings.extend(f"create {vmid}: {w}" for w in task.warnings)
             break
         else:
@@ -725,6 +749,12 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
             _cleanup_vm(client, vmid, ctx.run_id, result)
         raise
     result.template_vmid, result.template_name = vmid, art.template_name
+
+
+def _create(client: PveClient, params: dict[str, Any], on_created: Callable[[], None]) -> Any:
+    upid = client.post(f"{client.node_path}/qemu", **params)
+    on_created()  # from here on the id is ours: clean it up on failure
+    return client.wait_task(str(upid), timeout=CREATE_TIMEOUT)
 
 
 def _template(client: PveClient, vmid: int) -> Any:
@@ -774,11 +804,15 @@ def _cleanup_vm(client: PveClient, vmid: int, run_id: str, result: HostResult) -
 
 
 def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:
+    def once() -> Any:
+        upid = client.delete(f"{client.node_path}/qemu/{vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
+        if isinstance(upid, str) and upid.startswith("UPID:"):
+            return client.wait_task(upid, timeout=TASK_TIMEOUT)
+        return None
+
     with retry_on_lock() as retry:
-        upid = retry(lambda: client.delete(f"{client.node_path}/qemu/{vmid}", purge=1,
-                                           **{"destroy-unreferenced-disks": 1}))
-    if isinstance(upid, str) and upid.startswith("UPID:"):
-        task = client.wait_task(upid, timeout=TASK_TIMEOUT)
+        task = retry(once)
+    if task is not None:
         result.warnings.extend(f"destroy {vmid}: {w}" for w in task.warnings)
 
 

@@ -1,0 +1,292 @@
+"""publish against the two-host lab: real sshd + LabPve (fakepve with the PVE 8.4 fidelity layer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_factory import manifest as mf
+from image_factory.inventory import Site
+from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.publish import (
+    FACTORY_TAG,
+    PublishError,
+    find_templates,
+    newest_template,
+    parse_description,
+    publish_image,
+)
+from image_factory.pve import PveClient
+from image_factory.settings import Settings
+from image_factory.upload import partial_name
+
+pytestmark = pytest.mark.lab
+IMAGE = "debian-lab"
+
+
+def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True, seed: int = 0) -> mf.Manifest:
+    """A random-content qcow2 (valid for qemu-img, incompressible) and its manifest."""
+    d = builds / IMAGE
+    d.mkdir(parents=True, exist_ok=True)
+    raw = d / "disk.raw"
+    raw.write_bytes(os.urandom(mib * 1024 * 1024))
+    art = d / "debian-lab.qcow2"
+    art.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(art)], check=True)
+    raw.unlink()
+    sha = mf.sha256_file(art)
+    test = mf.ImageTestResult(status="passed", passed=7, suites=["common", "hygiene"], artifact_sha256=sha,
+                              finished_at="2026-11-25T12:00:00Z") if tested else None
+    m = mf.Manifest(
+        image=IMAGE, family="debian", release=12, mode="cloud", build_id=build_id,
+        artifact=mf.Artifact(path=art.name, format="qcow2", virtual_size=mib * 1024 * 1024,
+                             disk_size=art.stat().st_size, sha256=sha),
+        fingerprint=hashlib.sha256(f"{build_id}{seed}".encode()).hexdigest(), inputs={}, tools={},
+        git={"commit": "abc123", "dirty": False}, started_at="2026-11-25T11:00:00Z",
+        finished_at="2026-11-25T11:10:00Z", image_test=test,
+    )
+    mf.save(d, m)
+    return m
+
+
+@pytest.fixture
+def env(fresh_lab: LabHandle, tmp_path: Path) -> tuple[LabHandle, Settings, Site]:
+    settings = dataclasses.replace(fresh_lab.settings, builds_dir=tmp_path / "builds")
+    return fresh_lab, settings, fresh_lab.site
+
+
+def clients(lab: LabHandle) -> dict[str, PveClient]:
+    return {name: PveClient(hv) for name, hv in lab.hypervisors.items()}
+
+
+def snapshot(lab: LabHandle) -> dict[str, Any]:
+    """Everything publish may change: VM configs and import directory listings, per host."""
+    out: dict[str, Any] = {}
+    for name, c in clients(lab).items():
+        vms = {int(v["vmid"]): c.vm_config(int(v["vmid"])) for v in c.list_vms()}
+        files = sorted(p.name for p in lab.paths.import_dir(name).iterdir())
+        out[name] = {"vms": vms, "files": files}
+    return out
+
+
+def test_publish_both_hosts_matches_pve_facts_and_rerun_changes_nothing(env: Any) -> None:
+    lab, settings, site = env
+    m = make_build(settings.builds_dir, build_id="20261125-1200-a1")
+    report = publish_image(settings, site, IMAGE, progress=False)
+    assert report.ok, report.to_dict()
+    assert {h.action for h in report.hosts} == {"created"}
+    assert all(h.bytes_sent >= m.artifact.disk_size for h in report.hosts)
+    for name, c in clients(lab).items():
+        hv = lab.hv(name)
+        h = report.host(name)
+        assert h.template_vmid == hv.template_vmids.first
+        cfg = c.vm_config(h.template_vmid)
+        assert str(cfg["template"]) == "1"
+        assert cfg["name"] == "tpl-debian-lab-20261125-1200-a1"
+        assert cfg["scsihw"] == "virtio-scsi-pci"
+        assert cfg["scsi0"].startswith(f"{hv.storage.images}:") and f"base-{h.template_vmid}-disk-" in cfg["scsi0"]
+        assert "cloudinit" in cfg["ide2"]
+        assert cfg["boot"] == "order=scsi0"
+        assert cfg["serial0"] == "socket" and cfg["vga"] == "serial0"
+        assert cfg["agent"] in ("enabled=1", "1")
+        assert cfg["ostype"] == "l26"
+        assert f"bridge={hv.bridge}" in cfg["net0"]
+        tags = cfg["tags"].split(";")
+        assert tags == sorted(tags)
+        assert {FACTORY_TAG, "debian-lab", "debian-12", "build-20261125-1200-a1", "tested"} <= set(tags)
+        meta = parse_description(cfg["description"])
+        assert meta and meta["digest"] == m.digest and meta["sha256"] == m.artifact.sha256
+        assert meta["image_test"].startswith("passed")
+        assert len(cfg["description"].encode()) <= 8192
+        # The verified import file stays under its final name, nothing partial remains.
+        imports = lab.paths.import_dir(name)
+        assert (imports / "debian-lab-20261125-1200-a1.qcow2").is_file()
+        assert not (imports / partial_name("debian-lab-20261125-1200-a1.qcow2")).exists()
+        found = find_templates(c, IMAGE)
+        assert [t.vmid for t in found] == [h.template_vmid] and found[0].tested
+        assert newest_template(c, IMAGE) == found[0]
+
+    before = snapshot(lab)
+    again = publish_image(settings, site, IMAGE, progress=False)
+    assert again.ok
+    assert {h.action for h in again.hosts} == {"unchanged"}
+    assert again.bytes_sent == 0
+    assert snapshot(lab) == before
+
+
+def test_dry_run_prints_plan_and_changes_nothing(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="b1")
+    before = snapshot(lab)
+    report = publish_image(settings, site, IMAGE, dry_run=True, progress=False)
+    assert report.ok
+    for h in report.hosts:
+        assert h.action == "planned"
+        assert h.plan["action"] == "create" and h.plan["upload"] == "upload"
+        assert h.plan["vmid"] == lab.hv(h.host).template_vmids.first
+        assert h.bytes_sent == 0
+    assert snapshot(lab) == before
+
+
+def test_untested_artifact_refused_unless_forced(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="u1", tested=False)
+    before = snapshot(lab)
+    with pytest.raises(PublishError, match="no passing image test"):
+        publish_image(settings, site, IMAGE, progress=False)
+    assert snapshot(lab) == before
+    report = publish_image(settings, site, IMAGE, hypervisors=["pve-tenant"], force_untested=True, progress=False)
+    assert report.ok and report.forced_untested and report.to_dict()["forced_untested"]
+    c = PveClient(lab.hv("pve-tenant"))
+    cfg = c.vm_config(report.host("pve-tenant").template_vmid)
+    assert "untested" in cfg["tags"].split(";")
+    assert "--force-untested" in cfg["description"]
+    assert newest_template(c, IMAGE) is None  # deploy only picks tested templates
+    assert newest_template(c, IMAGE, tested_only=False) is not None
+
+
+def test_artifact_changed_after_build_is_refused(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="c1")
+    art = settings.builds_dir / IMAGE / "debian-lab.qcow2"
+    with art.open("r+b") as fh:
+        fh.seek(100000)
+        fh.write(b"tampered")
+    before = snapshot(lab)
+    with pytest.raises(PublishError, match="does not match the manifest"):
+        publish_image(settings, site, IMAGE, progress=False)
+    assert snapshot(lab) == before
+
+
+def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any) -> None:
+    lab, settings, site = env
+    m = make_build(settings.builds_dir, build_id="cut1", mib=96)
+    name = "pve-mgmt"
+    part = lab.paths.import_dir(name) / partial_name("debian-lab-cut1.qcow2")
+    with lab.cut_ssh_when(name, part, min_bytes=m.artifact.disk_size // 3) as info:
+        report = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    assert info["cut"] >= 1, "the hook must have cut the upload"
+    h = report.host(name)
+    assert report.ok, report.to_dict()
+    assert h.action == "created"
+    assert h.resumed_from and h.resumed_from[0] > 0
+    final = lab.paths.import_dir(name) / "debian-lab-cut1.qcow2"
+    assert mf.sha256_file(final) == m.artifact.sha256
+    assert not part.exists()
+
+
+def test_faults_on_create_and_template_clean_up_and_rerun_converges(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="f1")
+    name = "pve-tenant"
+    hv = lab.hv(name)
+    c = PveClient(hv)
+    # 1. create refused
+    lab.fail(name, "POST", f"/nodes/{hv.node}/qemu", status=500, message="injected create failure", times=1)
+    r1 = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    assert not r1.ok and "injected create failure" in (r1.host(name).error or "")
+    assert c.list_vms() == []
+    # 2. template conversion refused: the VM this run created is destroyed again
+    vmid = hv.template_vmids.first
+    lab.fail(name, "POST", f"/nodes/{hv.node}/qemu/{vmid}/template", status=500,
+             message="injected template failure", times=1)
+    r2 = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    h2 = r2.host(name)
+    assert not r2.ok and "injected template failure" in (h2.error or "")
+    assert any("destroyed half-made VM" in x for x in h2.cleaned_up)
+    assert h2.bytes_sent == 0  # the verified import file from run 1 was kept and reused
+    assert c.list_vms() == []
+    # 3. no faults: converges
+    r3 = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    assert r3.ok and r3.host(name).action == "created" and r3.host(name).bytes_sent == 0
+    assert [t.vmid for t in find_templates(c, IMAGE)] == [vmid]
+
+
+def test_api_transport_and_upload_fault(env: Any) -> None:
+    lab, settings, site = env
+    m = make_build(settings.builds_dir, build_id="api1")
+    name = "pve-mgmt"
+    hv = lab.hv(name)
+    lab.fail(name, "POST", f"/nodes/{hv.node}/storage/{hv.storage.import_}/upload", status=500,
+             message="injected upload failure", times=1)
+    r1 = publish_image(settings, site, IMAGE, hypervisors=[name], transport="api", progress=False)
+    assert not r1.ok and "injected upload failure" in (r1.host(name).error or "")
+    assert PveClient(hv).list_vms() == []
+    assert not (lab.paths.import_dir(name) / "debian-lab-api1.qcow2").exists()
+    r2 = publish_image(settings, site, IMAGE, hypervisors=[name], transport="api", progress=False)
+    assert r2.ok, r2.to_dict()
+    assert r2.host(name).action == "created" and r2.host(name).bytes_sent >= m.artifact.disk_size
+    assert mf.sha256_file(lab.paths.import_dir(name) / "debian-lab-api1.qcow2") == m.artifact.sha256
+
+
+def test_concurrent_publishes_make_one_template(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="cc1", mib=16)
+    reports: list[Any] = []
+
+    def run() -> None:
+        reports.append(publish_image(settings, site, IMAGE, hypervisors=["pve-mgmt"], progress=False))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.ok for r in reports), [r.to_dict() for r in reports]
+    assert sorted(r.host("pve-mgmt").action for r in reports) == ["created", "unchanged"]
+    c = PveClient(lab.hv("pve-mgmt"))
+    assert len(c.list_vms()) == 1
+
+
+def test_retention_keeps_newest_and_templates_with_linked_clones(env: Any) -> None:
+    lab, settings, site = env
+    name = "pve-tenant"
+    hv = lab.hv(name)
+    c = PveClient(hv)
+    vmids = []
+    for i in range(3):
+        make_build(settings.builds_dir, build_id=f"r{i}", seed=i)
+        r = publish_image(settings, site, IMAGE, hypervisors=[name], keep=2, progress=False)
+        assert r.ok, r.to_dict()
+        vmids.append(r.host(name).template_vmid)
+    # third publish pruned the first (keep=2) and its import file
+    assert [t.vmid for t in find_templates(c, IMAGE)] == [vmids[2], vmids[1]]
+    pruned = r.host(name).pruned
+    assert [p["vmid"] for p in pruned] == [vmids[0]]
+    assert not (lab.paths.import_dir(name) / "debian-lab-r0.qcow2").exists()
+    # a linked clone of the older template protects it from pruning
+    clone_id = hv.vm_vmids.first
+    upid = c.post(f"{c.node_path}/qemu/{vmids[1]}/clone", newid=clone_id, name="linked", full=0)
+    c.wait_task(upid)
+    make_build(settings.builds_dir, build_id="r3", seed=3)
+    r = publish_image(settings, site, IMAGE, hypervisors=[name], keep=1, progress=False)
+    assert r.ok, r.to_dict()
+    h = r.host(name)
+    assert [p["vmid"] for p in h.pruned] == [vmids[2]]
+    assert h.kept_for_linked_clones == {str(vmids[1]): [clone_id]}
+    assert {t.vmid for t in find_templates(c, IMAGE)} == {vmids[1], h.template_vmid}
+
+
+def test_unknown_host_key_and_wrong_tls_pin_refused_with_zero_bytes(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="k1")
+    mg, tn = lab.hv("pve-mgmt"), lab.hv("pve-tenant")
+    other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBIKjPbOcAwqThWzRa5Ex/b92J/o3wlQ7KdlVFOwg5BD"
+    bad_ssh = mg.model_copy(update={"ssh": mg.ssh.model_copy(update={"host_key": other_key})})
+    bad_tls = tn.model_copy(update={"tls_ca_file": None, "tls_fingerprint": ":".join(["AB"] * 32)})
+    bad_site = dataclasses.replace(site, hypervisors={"pve-mgmt": bad_ssh, "pve-tenant": bad_tls})
+    report = publish_image(settings, bad_site, IMAGE, progress=False)
+    assert not report.ok
+    assert "does not match the key pinned" in (report.host("pve-mgmt").error or "")
+    assert "TLS" in (report.host("pve-tenant").error or "")
+    assert report.bytes_sent == 0
+    for name in ("pve-mgmt", "pve-tenant"):
+        assert [p.name for p in lab.paths.import_dir(name).iterdir() if not p.name.startswith(".image-factory")] == []
+    assert all(c.list_vms() == [] for c in clients(lab).values())
