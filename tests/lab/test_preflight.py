@@ -1,7 +1,8 @@
 """preflight against the two-host lab (real sshd + LabPve per hypervisor).
 
-Faults the lab processes can take from outside (TLS trust, SSH host key, storage configuration
-through the root API) are injected into the running lab. Faults that are node properties the lab
+Faults the running lab can take are injected into it: a CA the node's certificate does not chain
+to, a new SSH host key on the node (its sshd key file replaced), `import` content disabled by an
+administrator through the root API. Faults that are node properties the lab
 has no hook for yet (PVE version, the role's privileges, free space) are injected into a twin of
 the node's API: the lab's own LabPve class served in-process, with the lab host's real sshd.
 Every fault must fail with a message naming the host, the check and the fix, and change nothing.
@@ -30,10 +31,12 @@ from fakepve.certs import make_cert
 from image_factory import manifest as mf
 from image_factory import preflight as pf
 from image_factory.inventory import Hypervisor, Site
+from image_factory.lab import sshd
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.pve import PveClient
 from image_factory.settings import Settings
+from image_factory.sshlink import fingerprint
 
 pytestmark = pytest.mark.lab
 
@@ -147,21 +150,44 @@ def test_wrong_fingerprint(fresh_lab: LabHandle):
     assert_failure(report, "pve-tenant", "tls", "Fingerprints did not match", hint="set pve.tls_fingerprint")
 
 
-def test_changed_host_key(fresh_lab: LabHandle):
-    raw = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    ssh = fresh_lab.hv("pve-tenant").ssh.model_copy(update={"host_key": raw})
-    site = with_hv(fresh_lab.site, "pve-tenant", ssh=ssh)
+@pytest.fixture
+def rekeyed(fresh_lab: LabHandle, tmp_path: Path) -> Iterator[str]:
+    """pve-tenant got a new SSH host key (reinstalled): its sshd now offers a key the inventory does not pin."""
+    key = sshd.host_key_path(fresh_lab.paths, "pve-tenant")
+    saved = {p: p.read_bytes() for p in (key, key.with_suffix(".pub"))}
+    fresh = tmp_path / "new_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "root@pve-tenant", "-f", str(fresh)],
+                   check=True)
+    key.write_bytes(fresh.read_bytes())  # sshd loads its host key for every new connection
+    key.with_suffix(".pub").write_bytes(fresh.with_suffix(".pub").read_bytes())
+    try:
+        yield fresh.with_suffix(".pub").read_text()
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
+def test_changed_host_key(fresh_lab: LabHandle, rekeyed: str):
     before = lab_snapshot(fresh_lab)
-    report = pf.run_preflight(fresh_lab.settings, site)
+    report = pf.run_preflight(fresh_lab.settings, fresh_lab.site)
     message = assert_failure(
         report, "pve-tenant", "ssh", "does not match the key pinned in the inventory", "Refusing to connect",
-        hint="confirm the new key on its console",
+        fingerprint(*rekeyed.split()[:2]), hint="confirm the new key on its console",
     )
     assert "pve-tenant: ssh: SSH host key of 127.0." in message
     assert report.result("pve-tenant", "space").skipped  # no command was sent to that host
     assert report.result("pve-tenant", "privileges").ok
+    assert report.result("pve-mgmt", "ssh").ok
     assert lab_snapshot(fresh_lab) == before
+
+
+def test_changed_pin(fresh_lab: LabHandle):
+    raw = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    ssh = fresh_lab.hv("pve-mgmt").ssh.model_copy(update={"host_key": raw})
+    report = pf.run_preflight(fresh_lab.settings, with_hv(fresh_lab.site, "pve-mgmt", ssh=ssh), ["pve-mgmt"])
+    assert_failure(report, "pve-mgmt", "ssh", f"pinned {fingerprint(*raw.split()[:2])}",
+                   hint="put it in pve.ssh.host_key")
 
 
 def _root_session(lab: LabHandle, host: str) -> tuple[requests.Session, str]:
