@@ -800,6 +800,11 @@ def wait_ready(client: PveClient, vm: Vm, *, timeout: float, sleep: Callable[[fl
             seen = [str(i.get("hardware-address", "")).lower() for i in interfaces or []]
             last = f"agent answers, but no NIC {vm.nics[0].mac} with an IPv4 address (NICs seen: {', '.join(seen)})"
         except ApiError as exc:
+            if exc.status in (401, 403):
+                raise DeployError(
+                    f"{vm.name}: cannot read the guest agent: {exc.pve_message} (the API token needs VM.Monitor on "
+                    "PVE 8, VM.GuestAgent.Audit on PVE 9; or deploy with --no-wait)"
+                ) from None
             last = exc.pve_message
         if time.monotonic() > deadline:
             raise DeployError(f"{vm.name}: not ready after {timeout:.0f}s: {last}")
