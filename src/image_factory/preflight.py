@@ -361,16 +361,19 @@ class _HostRun:
                 try:
                     steps[name]()
                 except RemoteError as exc:
-                    self._fail(name, str(exc).removeprefix(f"{self.hv.name}: "), self._generic_hint(exc))
+                    self._fail(name, str(exc).removeprefix(f"{self.hv.name}: "), self._generic_hint(exc, name))
         finally:
             if self.link is not None:
                 self.link.close()
         return [self.results[n] for n in self.checks]
 
-    def _generic_hint(self, exc: RemoteError) -> str:
+    def _generic_hint(self, exc: RemoteError, check: str = "") -> str:
+        hv = self.hv
         if isinstance(exc, ApiError) and exc.status == 403:
-            return f"grant the token the {FACTORY_ROLE} role: ansible-playbook {PLAYBOOK} -l {self.hv.name}"
-        return f"check that {self.hv.api_url} is the PVE API of node {self.hv.node} and that pveproxy runs"
+            return f"grant the token the {FACTORY_ROLE} role: ansible-playbook {PLAYBOOK} -l {hv.name}"
+        if check == CHECK_SPACE and not isinstance(exc, ApiError):
+            return f"check SSH to {hv.ssh.user}@{hv.ssh.host}:{hv.ssh.port} and that `df` works there"
+        return f"check that {hv.api_url} is the PVE API of node {hv.node} and that pveproxy runs"
 
     # -- checks
     def check_tls(self) -> None:
@@ -393,7 +396,12 @@ class _HostRun:
             self.token_error = exc
             return
         except RemoteError as exc:
-            self._fail(CHECK_TLS, str(exc).removeprefix(f"{hv.name}: "), self._tls_hint())
+            detail = str(exc).removeprefix(f"{hv.name}: ")
+            if detail.startswith("TLS verification"):
+                self._fail(CHECK_TLS, detail, self._tls_hint())
+            else:
+                self._fail(CHECK_TLS, detail, f"check pve.api_url ({hv.api_url}) and that pveproxy runs on "
+                           f"{hv.node} (`systemctl status pveproxy`) and is reachable from here")
             return
         self._ok(CHECK_TLS, f"{hv.api_url} verified with {how}")
 
@@ -432,7 +440,9 @@ class _HostRun:
                 f"or create it: ansible-playbook {PLAYBOOK} -l {hv.name}",
             )
         else:
-            self._fail(CHECK_TOKEN, f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc))
+            self._fail(
+                CHECK_TOKEN, f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc, CHECK_TOKEN)
+            )
 
     def check_version(self) -> None:
         info = self.version_info

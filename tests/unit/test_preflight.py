@@ -300,3 +300,12 @@ def test_report_table_has_one_row_per_host_and_check():
     table = pf.render_table(report)
     assert table.row_count == 3
     assert not report.ok and [(h, r.name) for h, r in report.failures()] == [("b", "tls")]
+
+
+def test_unreachable_api_fails_tls_with_a_hint(fakepve_cafile, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFLIGHT_UNIT_SECRET", SECRET)
+    report = pf.run_preflight(*_site(tmp_path, "https://127.0.0.1:1", ca=fakepve_cafile), checks=["token"])
+    r = report.result("hv-unit", "tls")
+    assert not r.ok and r.detail.startswith("cannot reach https://127.0.0.1:1")
+    assert r.hint.startswith("check pve.api_url (https://127.0.0.1:1) and that pveproxy runs on pve1")
+    assert report.result("hv-unit", "token").skipped

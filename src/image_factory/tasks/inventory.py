@@ -38,6 +38,7 @@ def check(c: Context, inventory: str | None = None, images: str | None = None, j
 
 @task(
     iterable=["hypervisor"],
+    auto_shortflags=False,  # -h would shadow --help
     help={
         "hypervisor": "check only this hypervisor (repeatable; default: all in the inventory)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
