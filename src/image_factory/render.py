@@ -36,7 +36,8 @@ SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
 # delete itself from inside Ansible while logged in), then power off.
 SHUTDOWN_COMMAND = (
     f"sudo -n sh -c 'rm -f /etc/sudoers.d/{BUILD_USER} /etc/sudoers.d/90-cloud-init-users; "
-    f"userdel --force --remove {BUILD_USER}; sync; systemctl poweroff'"
+    f"userdel --force --remove {BUILD_USER}; rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /root/.ansible; "
+    "sync; systemctl poweroff'"
 )
 
 
@@ -176,27 +177,55 @@ def _hcl_string(value: str, what: str) -> str:
     return value
 
 
-def template_files(settings: Settings) -> list[Path]:
-    """Every template and Ansible file a build depends on (for the fingerprint)."""
+def playbook_roles(playbook: Path) -> list[str]:
+    """Role names a playbook lists under ``roles:`` (as strings or ``{role: name}``)."""
+    import yaml
+
+    try:
+        plays = yaml.safe_load(playbook.read_text(encoding="utf-8")) or []
+    except (OSError, yaml.YAMLError) as exc:
+        raise RenderError(f"{playbook}: cannot read the playbook: {exc}") from None
+    names: list[str] = []
+    for play in plays if isinstance(plays, list) else []:
+        for role in (play.get("roles") or []) if isinstance(play, dict) else []:
+            name = role.get("role") or role.get("name") if isinstance(role, dict) else role
+            if isinstance(name, str):
+                names.append(name)
+    return sorted(set(names))
+
+
+def template_files(settings: Settings, image: Image | None = None) -> list[Path]:
+    """Every template and Ansible file a build depends on (for the fingerprint).
+
+    Ansible: the image's playbook, the roles it lists and ansible.cfg (other playbooks and roles in
+    the repository, e.g. for hypervisors, do not invalidate image builds).
+    """
     out: list[Path] = []
     for d in TEMPLATE_DIRS:
         base = settings.root / d
         out.extend(p for p in base.rglob("*.j2") if p.is_file())
     ans = settings.root / ANSIBLE_DIR
-    for sub in ("playbooks", "roles"):
-        out.extend(p for p in (ans / sub).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    if image is None:
+        dirs = [ans / "playbooks", ans / "roles"]
+    else:
+        playbook = settings.resolve(image.playbook)
+        out.append(playbook)
+        dirs = [ans / "roles" / name for name in playbook_roles(playbook)]
+    for folder in dirs:
+        out.extend(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     cfg = ans / "ansible.cfg"
     if cfg.exists():
         out.append(cfg)
-    return sorted(out)
+    return sorted(set(out))
 
 
 def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], out_dir: Path) -> tuple[str, dict]:
     inputs: dict[str, str] = {}
     for p in rendered:
         inputs[f"rendered:{p.relative_to(out_dir)}"] = _sha256(p.read_bytes())
-    for p in template_files(settings):
-        inputs[f"input:{p.relative_to(settings.root)}"] = _sha256(p.read_bytes())
+    for p in template_files(settings, image):
+        key = str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p)
+        inputs[f"input:{key}"] = _sha256(p.read_bytes())
     inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
     blob = json.dumps(inputs, sort_keys=True).encode()

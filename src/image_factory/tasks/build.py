@@ -1,7 +1,143 @@
-"""build.*: tasks (filled by the build stage)."""
+"""build.*: render and validate templates, build images with Packer (cached), then test them."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+from ..console import console, emit_json
+from ..errors import FactoryError
+from ..inventory import Image, Site
+from ..settings import Settings
+from ._common import handle_errors, site
+
+DEFAULT_FEDORA_RELEASE = 42
+
+
+def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
+    if all_ and image:
+        raise FactoryError("give either --image NAME or --all, not both")
+    if all_:
+        return list(s.images.values())
+    if not image:
+        raise FactoryError(f"name an image with --image NAME (catalogue: {', '.join(s.images)}) or use --all")
+    return [s.image(image)]
+
+
+@task(
+    help={
+        "image": "catalogue image to render (see packer/images.yml)",
+        "all": "render every image in the catalogue",
+        "no_validate": "skip validation by packer validate/fmt, ksvalidator and ansible-lint",
+        "json": "print the rendered files and fingerprints as JSON on stdout",
+    },
+    name="render",
+)
+@handle_errors
+def render_(c: Context, image: str | None = None, all: bool = False, no_validate: bool = False,
+            json: bool = False) -> None:
+    """Render Packer HCL (and kickstart) into builds/<image>/, then validate with the real tools."""
+    from .. import build as b
+    from .. import render
+
+    settings, s = site(c)
+    version = b.cached_packer_version(settings)
+    report: list[dict[str, Any]] = []
+    for img in _select(s, image, all):
+        t0 = time.monotonic()
+        result = render.render_image(settings, img, packer_version=version)
+        try:
+            if not no_validate:
+                render.validate(result, settings)
+        finally:
+            result.cleanup()
+        rel = [str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p) for p in result.files]
+        report.append({"image": img.name, "files": rel, "fingerprint": result.fingerprint})
+        state = "rendered" if no_validate else "rendered and valid"
+        console.print(f"[green]{img.name}[/]: {state} ({time.monotonic() - t0:.1f}s): {', '.join(rel)}")
+    if json:
+        emit_json(report)
+
+
+def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
+               accelerator: str | None, no_compress: bool, json: bool) -> None:
+    from .. import build as b
+    from .. import manifest as mf
+
+    with b.LiveProgress(img.name) as progress:
+        outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
+                                on_event=progress, compress=not no_compress)
+    m = outcome.manifest
+    if outcome.status == "planned":
+        console.print(f"[yellow]{img.name}[/]: dry run, would build ({outcome.reason})")
+    elif outcome.status == "cached":
+        console.print(f"[green]{img.name}[/]: cache hit, nothing to do: {outcome.artifact} "
+                      f"(build {m.build_id if m else '?'}; use --force to rebuild)")
+    elif m is not None:
+        console.print(f"[green]{img.name}[/]: built {outcome.artifact} in {outcome.duration_s:.0f}s "
+                      f"({m.artifact.disk_size / 2**20:.0f} MiB, sha256 {m.artifact.sha256[:16]}..., "
+                      f"build {m.build_id}); log: {outcome.log}")
+    if outcome.status == "built" and m is not None:
+        if skip_tests:
+            m.skip_tests = True
+            mf.save(outcome.build_dir, m)
+            console.print(f"[yellow]{img.name}[/]: image tests skipped (--skip-tests); recorded in the manifest")
+        else:
+            from ..imagetest import test_image
+
+            result = test_image(settings, img, outcome.build_dir)
+            console.print(f"{img.name}: image tests {getattr(result, 'status', result)}")
+            if getattr(result, "status", "") == "failed":
+                raise FactoryError(f"{img.name}: image tests failed (see the manifest's image_test)")
+    if json:
+        final = mf.load(outcome.build_dir) if m is not None else None
+        emit_json({"image": img.name, "status": outcome.status, "reason": outcome.reason,
+                   "duration_s": round(outcome.duration_s, 3), "build_dir": str(outcome.build_dir),
+                   "manifest": final.to_dict() if final is not None else None})
+
+
+BUILD_HELP = {
+    "force": "rebuild even when the cache says the artifact is up to date",
+    "dry_run": "render, validate and check inputs; report whether a build would run, start no VM",
+    "skip_tests": "do not run the image tests after a build (recorded in the manifest)",
+    "accelerator": "auto (detect; KVM only if proven to work), kvm or tcg; default from factory.accelerator",
+    "no_compress": "compact the qcow2 without compression (faster, larger upload)",
+    "json": "print the outcome and manifest as JSON on stdout",
+}
+
+
+@task(help={"name": "catalogue image to build (see packer/images.yml)", **BUILD_HELP})
+@handle_errors
+def image(c: Context, name: str, force: bool = False, dry_run: bool = False, skip_tests: bool = False,
+          accelerator: str | None = None, no_compress: bool = False, json: bool = False) -> None:
+    """Build one catalogue image with Packer (cached: no work when nothing changed)."""
+    settings, s = site(c)
+    _build_one(c, settings, s.image(name), force=force, dry_run=dry_run, skip_tests=skip_tests,
+               accelerator=accelerator, no_compress=no_compress, json=json)
+
+
+@task(help={"release": "Fedora release (default: factory.fedora_release, else 42)", **BUILD_HELP})
+@handle_errors
+def fedora(c: Context, release: int | None = None, force: bool = False, dry_run: bool = False,
+           skip_tests: bool = False, accelerator: str | None = None, no_compress: bool = False,
+           json: bool = False) -> None:
+    """Build the Fedora template for a release (catalogue image fedora-<release>)."""
+    settings, s = site(c)
+    rel = int(release or (c.config.get("factory", {}) or {}).get("fedora_release") or DEFAULT_FEDORA_RELEASE)
+    name = f"fedora-{rel}"
+    if name not in s.images:
+        have = sorted(i.name for i in s.images.values() if i.family == "fedora")
+        raise FactoryError(f"no catalogue image {name} in {settings.images} (Fedora images: {', '.join(have)});"
+                           f" adding a release is one entry there")
+    _build_one(c, settings, s.images[name], force=force, dry_run=dry_run, skip_tests=skip_tests,
+               accelerator=accelerator, no_compress=no_compress, json=json)
+
 
 ns = Collection("build")
+ns.add_task(render_, name="render")
+ns.add_task(image)
+ns.add_task(fedora)

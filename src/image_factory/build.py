@@ -1,0 +1,611 @@
+"""Run one image build: render, cache check, validate, ``packer build``, compact, manifest.
+
+Flow of :func:`build_image`:
+
+1. render (render.render_image) and compute the input fingerprint;
+2. cache: if builds/<image>/manifest.json has the same fingerprint and the artifact still has its
+   recorded sha256, stop here: no packer process is started (not even ``packer version``: it is
+   cached per packer binary);
+3. validate (packer validate/fmt, ksvalidator, ansible-lint), check tools, the source image,
+   its checksum and free disk space;
+4. ``packer build -machine-readable`` in a temporary directory under builds/<image>/, its own
+   process group; the stream is parsed into live progress and a full log (builds/<image>/build.log);
+5. ``qemu-img convert`` compacts (optionally compresses) the disk; the artifact and then the
+   manifest are moved into place only on success. Ctrl-C or a timeout stops packer and QEMU
+   (SIGINT to the group, then SIGTERM, then SIGKILL) and leaves the previous artifact untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal
+
+from . import render
+from .errors import FactoryError
+from .inventory import Image
+from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
+from .settings import Settings
+
+QEMU_HOW = "install it with `apt-get install qemu-system-x86 qemu-utils`"
+BUILD_TIMEOUT_S = {"cloud": 3600, "iso": 3 * 3600}
+LOG_NAME = "build.log"
+TAIL_LINES = 25
+
+
+class BuildError(FactoryError):
+    """The build itself failed (packer error, timeout, interrupted, disk full, bad source)."""
+
+    exit_code = 4
+
+
+@dataclass
+class BuildEvent:
+    kind: str  # "step" | "message" | "error" | "artifact" | "status"
+    message: str
+    elapsed: float = 0.0
+
+
+@dataclass
+class BuildOutcome:
+    status: Literal["built", "cached", "planned"]
+    manifest: Manifest | None
+    build_dir: Path
+    log: Path | None
+    duration_s: float
+    reason: str = ""
+    fingerprint: str = ""
+    artifact: Path | None = None
+    events: list[BuildEvent] = field(default_factory=list, repr=False)
+
+
+EventHandler = Callable[[BuildEvent], None]
+
+
+# ----------------------------------------------------------------------------------- accelerator
+
+
+def _probe_kernel() -> Path | None:
+    boot = Path("/boot")
+    kernels = sorted(boot.glob("vmlinuz-*")) if boot.is_dir() else []
+    return kernels[-1] if kernels else None
+
+
+_accel_cache: dict[str, Literal["kvm", "tcg"]] = {}
+
+
+def detect_accelerator() -> Literal["kvm", "tcg"]:
+    """KVM only when it is proven to run a stock kernel; TCG otherwise.
+
+    /dev/kvm being openable is not enough (nested hypervisors expose one on which guests hang or
+    QEMU aborts at vCPU setup), nor is ``-machine none``: the probe boots the host's own kernel
+    under ``-accel kvm -cpu host`` and waits for it to reach the point of mounting a root file
+    system. Without a kernel to probe with, the answer is TCG.
+    """
+    if "result" in _accel_cache:
+        return _accel_cache["result"]
+    result: Literal["kvm", "tcg"] = "tcg"
+    qemu = shutil.which("qemu-system-x86_64")
+    kernel = _probe_kernel()
+    if qemu and kernel and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        cmd = [qemu, "-accel", "kvm", "-cpu", "host", "-m", "256", "-nographic", "-nodefaults",
+               "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
+               "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent rootwait=0"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=40, stdin=subprocess.DEVNULL)
+            out = proc.stdout
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        if "VFS: " in out or "Kernel panic" in out or "Waiting for root device" in out:
+            result = "kvm"
+    _accel_cache["result"] = result
+    return result
+
+
+def resolve_accelerator(settings: Settings, accelerator: str) -> Literal["kvm", "tcg"]:
+    choice = accelerator if accelerator and accelerator != "auto" else settings.accelerator
+    if choice in ("kvm", "tcg"):
+        return choice  # type: ignore[return-value]
+    if choice not in ("auto", ""):
+        raise BuildError(f"accelerator {choice!r} is not one of auto, kvm, tcg")
+    return detect_accelerator()
+
+
+# ---------------------------------------------------------------------------------------- tools
+
+
+def _require(tool: str, how: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise render.ToolMissing(f"{tool} is not installed (or not on PATH): {how}")
+    return path
+
+
+def cached_packer_version(settings: Settings) -> tuple[int, int, int]:
+    """``packer version``, remembered per packer binary (path, size, mtime) in builds/.packer-version.json."""
+    exe = _require("packer", render.PACKER_HOW)
+    st = Path(exe).stat()
+    key = f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}"
+    cache = settings.builds_dir / ".packer-version.json"
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data.get("key") == key:
+            v = data["version"]
+            return (int(v[0]), int(v[1]), int(v[2]))
+    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    version = render.packer_version()
+    with contextlib.suppress(OSError):
+        settings.builds_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "version": list(version)}), encoding="utf-8")
+        os.replace(tmp, cache)
+    return version
+
+
+def _version_of(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    m = re.search(r"\d+\.\d+(\.\d+)?", out)
+    return m.group(0) if m else "unknown"
+
+
+def _git_state(root: Path) -> dict[str, object]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip() != ""
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": "", "dirty": True}
+    return {"commit": commit, "dirty": dirty}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------- cache
+
+
+def artifact_path(build_dir: Path, m: Manifest) -> Path:
+    return build_dir / m.artifact.path
+
+
+def cache_status(build_dir: Path, fingerprint: str) -> tuple[Manifest | None, str]:
+    """(manifest, "") on a hit; (None, why not) on a miss."""
+    try:
+        m = load(build_dir)
+    except FactoryError as exc:
+        return None, f"manifest unreadable ({exc})"
+    if m is None:
+        return None, "no previous build"
+    if m.fingerprint != fingerprint:
+        changed = "inputs changed"
+        return None, changed
+    art = artifact_path(build_dir, m)
+    if not art.is_file():
+        return None, f"artifact {art.name} is missing"
+    if art.stat().st_size != m.artifact.disk_size or sha256_file(art) != m.artifact.sha256:
+        return None, f"artifact {art.name} no longer matches its recorded sha256"
+    return m, ""
+
+
+def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
+    try:
+        m = load(build_dir)
+    except FactoryError:
+        return []
+    if m is None:
+        return []
+    keys = set(inputs) | set(m.inputs)
+    return sorted(k for k in keys if inputs.get(k) != m.inputs.get(k))
+
+
+# -------------------------------------------------------------------------------------- sources
+
+
+def check_source(settings: Settings, image: Image) -> None:
+    """Local sources: present, and matching their checksum file (clear message otherwise)."""
+    src, ck_file = render.source_paths(settings, image)
+    if src is None:
+        return
+    hint = "run `invoke lab.base-image`" if image.family == "debian" else "fetch it first"
+    if not src.is_file():
+        raise BuildError(f"{image.name}: source image {src} does not exist: {hint}")
+    ck = image.source.checksum
+    if ck_file is not None:
+        if not ck_file.is_file():
+            raise BuildError(f"{image.name}: checksum file {ck_file} does not exist: {hint}")
+        fields = ck_file.read_text(encoding="utf-8").split()
+        if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+            raise BuildError(f"{ck_file}: not in sha256sum format ('<sha256>  <file>')")
+        want = fields[0]
+    elif ck.startswith("sha256:"):
+        want = ck.split(":", 1)[1]
+    else:
+        return
+    got = sha256_file(src)
+    if got != want:
+        raise BuildError(f"{image.name}: checksum mismatch for {src}: expected sha256 {want}, got {got}; "
+                         f"the file is damaged or stale: {hint}")
+
+
+def check_disk_space(path: Path, need_bytes: int, what: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise BuildError(f"disk full: {path} has {free // 2**20} MiB free, {what} needs about "
+                         f"{need_bytes // 2**20} MiB; free some space (old builds/ directories) and retry")
+
+
+# ---------------------------------------------------------------------------- machine-readable
+
+
+def parse_machine_readable(line: str) -> tuple[str, str, list[str]] | None:
+    """``timestamp,target,type,data...`` -> (target, type, data); commas in data are escaped."""
+    parts = line.rstrip("\r\n").split(",")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return None
+    data = [p.replace("%!(PACKER_COMMA)", ",").replace("\\n", "\n").replace("\\r", "\r") for p in parts[3:]]
+    return parts[1], parts[2], data
+
+
+_STEP_RE = re.compile(r"^==> [\w.\-]+: (.*)$")
+# Ansible and guest failures worth quoting in the error message (the packer errors alone only say
+# "Non-zero exit status").
+_NOTABLE_RE = re.compile(r"fatal: |\[ERROR\]|FAILED!|^\s*[\w.\-]+:\s+msg: |UNREACHABLE|No space left")
+
+
+@dataclass
+class _Run:
+    log: IO[str]
+    started: float
+    on_event: EventHandler | None
+    events: list[BuildEvent]
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    errors: list[str] = field(default_factory=list)
+    notable: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    artifacts: list[str] = field(default_factory=list)
+
+    def emit(self, kind: str, message: str) -> None:
+        ev = BuildEvent(kind, message, time.monotonic() - self.started)
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def feed(self, raw: str) -> None:
+        parsed = parse_machine_readable(raw)
+        elapsed = time.monotonic() - self.started
+        if parsed is None:
+            text = raw.rstrip("\n")
+            if text:
+                self.log.write(f"[{elapsed:7.1f}s] {text}\n")
+                self.tail.append(text)
+            return
+        _target, kind, data = parsed
+        if kind == "ui" and len(data) >= 2:
+            level, text = data[0], ",".join(data[1:])
+            for ln in text.splitlines() or [""]:
+                self.log.write(f"[{elapsed:7.1f}s] {ln}\n")
+                if ln.strip():
+                    self.tail.append(ln)
+                if _NOTABLE_RE.search(ln):
+                    self.notable.append(re.sub(r"^\s*[\w.\-]+: ", "", ln.strip()))
+            m = _STEP_RE.match(text.strip())
+            if level == "error":
+                self.errors.append(text.strip())
+                self.emit("error", text.strip())
+            elif m:
+                self.emit("step", m.group(1))
+            else:
+                self.emit("message", text.strip())
+        elif kind == "error" and data:
+            msg = ",".join(data).strip()
+            self.errors.append(msg)
+            self.log.write(f"[{elapsed:7.1f}s] ERROR: {msg}\n")
+            self.emit("error", msg)
+        elif kind == "artifact" and len(data) >= 3 and data[1] == "file":
+            self.artifacts.append(data[2])
+            self.log.write(f"[{elapsed:7.1f}s] artifact file: {data[2]}\n")
+            self.emit("artifact", data[2])
+        self.log.flush()
+
+
+def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
+    """SIGINT (packer cleans up its VM), then SIGTERM, then SIGKILL, to the whole process group."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if proc.poll() is not None:
+            break
+        log.write(f"stopping packer: sending {sig.name} to its process group\n")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # QEMU may outlive packer for a moment: make sure nothing of the group is left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
+               on_event: EventHandler | None, events: list[BuildEvent], t0: float | None = None) -> _Run:
+    """Run packer in its own process group; return the parsed run. Raises BuildError on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as log:
+        run = _Run(log=log, started=t0 if t0 is not None else time.monotonic(), on_event=on_event, events=events)
+        log.write(f"# {_now()} packer build in {cwd}\n")
+        env = render.tool_env()
+        env.setdefault("PACKER_CACHE_DIR", str(cwd.parent / ".packer_cache"))
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+        )
+        timed_out = threading.Event()
+
+        def _on_timeout() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+
+        timer = threading.Timer(timeout_s, _on_timeout)
+        timer.daemon = True
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                run.feed(line)
+            proc.wait()
+        except BaseException:
+            timer.cancel()
+            _stop_group(proc, log)
+            log.write(f"# {_now()} interrupted\n")
+            raise
+        finally:
+            timer.cancel()
+        if timed_out.is_set():
+            _stop_group(proc, log)
+            log.write(f"# {_now()} timed out after {timeout_s:.0f} s\n")
+            raise BuildError(f"build timeout: packer ran longer than {timeout_s:.0f} s and was stopped; "
+                             f"full log: {log_path}")
+        log.write(f"# {_now()} packer exited with {proc.returncode}\n")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stray QEMU, if any
+    if proc.returncode != 0:
+        raise BuildError(_failure_message(run, proc.returncode, log_path))
+    return run
+
+
+def _failure_message(run: _Run, rc: int, log_path: Path) -> str:
+    text = "\n".join([*run.errors, *run.tail])
+    lower = text.lower()
+    if "no space left on device" in lower:
+        head = "disk full while building (no space left on device)"
+    elif "checksum" in lower and ("mismatch" in lower or "didn't match" in lower or "does not match" in lower):
+        head = "source checksum mismatch (packer verified the download)"
+    elif "timeout waiting for ssh" in lower:
+        head = "the guest never became reachable over SSH"
+    else:
+        head = f"packer build failed (exit {rc})"
+    lines = [*list(run.notable)[-8:], *run.errors[-6:]] or list(run.tail)[-12:]
+    body = "\n".join(f"  {ln}" for ln in lines)
+    return f"{head}:\n{body}\nfull log: {log_path}"
+
+
+# ----------------------------------------------------------------------------------------- compact
+
+
+def qemu_img_info(path: Path) -> dict:
+    exe = _require("qemu-img", QEMU_HOW)
+    proc = subprocess.run([exe, "info", "--output=json", str(path)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise BuildError(f"qemu-img info {path} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def compact(src: Path, dst: Path, *, compress: bool) -> None:
+    exe = _require("qemu-img", QEMU_HOW)
+    cmd = [exe, "convert", "-O", "qcow2", "-W", "-m", "4"]
+    if compress:
+        cmd.append("-c")
+    proc = subprocess.run([*cmd, str(src), str(dst)], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip()
+        if "No space left" in msg:
+            raise BuildError(f"disk full while compacting into {dst}: {msg}")
+        raise BuildError(f"qemu-img convert failed: {msg}")
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+@contextlib.contextmanager
+def _image_lock(build_dir: Path) -> Iterator[None]:
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with (build_dir / ".lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build of {build_dir.name} is running (lock {build_dir / '.lock'})") from None
+        yield
+
+
+def build_image(
+    settings: Settings,
+    image: Image,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    accelerator: str = "auto",
+    on_event: EventHandler | None = None,
+    compress: bool = True,
+    timeout_s: float | None = None,
+) -> BuildOutcome:
+    """Build one catalogue image (or find it cached); see the module docstring for the flow."""
+    t0 = time.monotonic()
+    events: list[BuildEvent] = []
+
+    def emit(kind: str, msg: str) -> None:
+        ev = BuildEvent(kind, msg, time.monotonic() - t0)
+        events.append(ev)
+        if on_event is not None:
+            on_event(ev)
+
+    build_dir = settings.builds_dir / image.name
+    result = render.render_image(settings, image, packer_version=cached_packer_version(settings))
+    try:
+        if not force:
+            hit, why = cache_status(build_dir, result.fingerprint)
+            if hit is not None:
+                emit("status", f"cache hit: {image.name} is up to date (build {hit.build_id})")
+                return BuildOutcome("cached", hit, build_dir, None, time.monotonic() - t0, "inputs unchanged",
+                                    result.fingerprint, artifact_path(build_dir, hit), events)
+            changed = changed_inputs(build_dir, result.inputs)
+            reason = why + (f": {', '.join(changed[:6])}" if changed and why == "inputs changed" else "")
+        else:
+            reason = "--force"
+        emit("status", f"build needed: {reason}")
+
+        emit("step", "validating rendered files")
+        render.validate(result, settings)
+        _require("qemu-system-x86_64", QEMU_HOW)
+        _require("qemu-img", QEMU_HOW)
+        check_source(settings, image)
+        accel = resolve_accelerator(settings, accelerator)
+        if dry_run:
+            emit("status", f"dry run: would run packer build for {image.name} ({image.mode} mode, {accel})")
+            return BuildOutcome("planned", None, build_dir, None, time.monotonic() - t0, reason,
+                                result.fingerprint, None, events)
+        with _image_lock(build_dir):
+            return _build(settings, image, result, build_dir, accel, emit, events, compress,
+                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event)
+    finally:
+        result.cleanup()
+
+
+def _build(
+    settings: Settings, image: Image, result: render.RenderResult, build_dir: Path, accel: str,
+    emit: Callable[[str, str], None], events: list[BuildEvent], compress: bool, timeout_s: float,
+    reason: str, t0: float, on_event: EventHandler | None,
+) -> BuildOutcome:
+    size_mb = render.disk_size_mb(image.disk_size)
+    check_disk_space(build_dir, size_mb * 2**20 * 2, f"building {image.name} ({image.disk_size} disk, twice)")
+    started_at = _now()
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=build_dir))
+    log_path = build_dir / LOG_NAME
+    try:
+        render.set_var(result, "work_dir", str(work))
+        render.set_var(result, "accelerator", accel)
+        exe = _require("packer", render.PACKER_HOW)
+        cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
+        emit("step", f"packer build ({image.mode} mode, accelerator {accel})")
+        run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
+                         on_event=on_event, events=events, t0=t0)
+        name = render.artifact_name(image)
+        raw = work / "output" / name
+        if not raw.is_file():
+            found = ", ".join(run.artifacts) or "none"
+            raise BuildError(f"packer reported success but {raw} does not exist (artifacts: {found}); "
+                             f"full log: {log_path}")
+        emit("step", "compacting the disk with qemu-img convert" + (" -c" if compress else ""))
+        compacted = work / name
+        compact(raw, compacted, compress=compress)
+        shutil.rmtree(work / "output", ignore_errors=True)
+        info = qemu_img_info(compacted)
+        emit("step", "hashing the artifact")
+        digest = sha256_file(compacted)
+        manifest = Manifest(
+            image=image.name, family=image.family, release=image.release, mode=image.mode,
+            build_id=digest[:12],
+            artifact=Artifact(path=name, format="qcow2", virtual_size=int(info["virtual-size"]),
+                              disk_size=compacted.stat().st_size, sha256=digest),
+            fingerprint=result.fingerprint, inputs=dict(result.inputs),
+            tools={
+                "packer": ".".join(map(str, cached_packer_version(settings))),
+                "qemu": _version_of(["qemu-system-x86_64", "--version"]),
+                "qemu-img": _version_of(["qemu-img", "--version"]),
+                "ansible": _version_of([str(render._venv_bin() / "ansible-playbook"), "--version"]),
+            },
+            git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
+        )
+        # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
+        manifest_path(build_dir).unlink(missing_ok=True)
+        os.replace(compacted, build_dir / name)
+        with contextlib.suppress(FileNotFoundError):
+            (work / "serial.log").replace(build_dir / "serial.log")
+        (build_dir / "serial.failed.log").unlink(missing_ok=True)
+        save(build_dir, manifest)
+        emit("artifact", str(build_dir / name))
+        return BuildOutcome("built", manifest, build_dir, log_path, time.monotonic() - t0, reason,
+                            result.fingerprint, build_dir / name, events)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            (work / "serial.log").replace(build_dir / "serial.failed.log")
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ ui
+
+
+class LiveProgress:
+    """on_event handler: one rich status line (current step + elapsed) and every step printed."""
+
+    def __init__(self, image: str, console: object | None = None) -> None:
+        from rich.console import Console
+
+        from .console import console as default_console
+
+        self.console: Console = console if isinstance(console, Console) else default_console
+        self.image = image
+        self.step = "starting"
+        self.t0 = time.monotonic()
+        self.status = self.console.status(self._text())
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+
+    def _text(self) -> str:
+        return f"[bold]{self.image}[/]: {self.step} [dim]({time.monotonic() - self.t0:.0f}s)[/]"
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.status.update(self._text())
+
+    def __enter__(self) -> LiveProgress:
+        self.status.__enter__()
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.status.__exit__(None, None, None)
+
+    def __call__(self, ev: BuildEvent) -> None:
+        from rich.markup import escape
+
+        if ev.kind == "step":
+            self.step = ev.message
+            self.console.print(f"[dim]{ev.elapsed:6.0f}s[/] {escape(ev.message)}")
+        elif ev.kind == "error":
+            self.console.print(f"[dim]{ev.elapsed:6.0f}s[/] [red]{escape(ev.message)}[/]")
+        elif ev.kind == "status":
+            self.console.print(f"[cyan]{escape(ev.message)}[/]")
+        self.status.update(self._text())
