@@ -45,6 +45,9 @@ PRIVILEGES: dict[str, tuple[str, ...]] = {
         "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
         "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory",
         "VM.Config.CPU", "VM.PowerMgmt", "VM.Audit",
+        # Not in pve-facts' list, but PVE 8.4 checks it for every guest-agent call
+        # (GET .../agent/network-get-interfaces), which deploy's readiness check uses.
+        "VM.Monitor",
     ),
     "/storage": ("Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit"),
     "/sdn/zones/localnetwork": ("SDN.Use",),

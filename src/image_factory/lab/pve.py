@@ -60,6 +60,9 @@ STORAGE_LOCK_WAIT = 10  # PVE seconds (cfs_lock_storage / lock_file timeout)
 DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 2.0, "start": 2.0, "stop": 1.0,
              "create": 1.0, "imgcopy": 2.0}
 LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
+# Guest-agent commands relayed to the real agent as guest-<command> without arguments.
+RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
+           "get-users", "get-vcpus", "get-fsinfo")
 
 
 @dataclass
@@ -153,6 +156,7 @@ class LabPve(FakePve):  # fakepve is untyped
             (spec.storage_dir / sub).mkdir(parents=True, exist_ok=True)
         spec.staging_dir.mkdir(parents=True, exist_ok=True)
         spec.vms_dir.mkdir(parents=True, exist_ok=True)
+        self._restore_or_wipe()
         self.storages: dict[str, dict[str, Any]] = {
             "local": {"type": "dir", "active": 1, "content": LOCAL_CONTENT, "files": set(),
                       "path": str(spec.storage_dir), "volumes": {}},
@@ -164,6 +168,15 @@ class LabPve(FakePve):  # fakepve is untyped
         self._control_runner: web.AppRunner | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self.extra_durations: dict[str, float] = {}
+
+    def _restore_or_wipe(self) -> None:
+        """The API state lives in memory: a node starting afresh drops disks no VM owns any more."""
+        images = self.spec.storage_dir / "images"
+        for entry in images.iterdir() if images.is_dir() else []:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+        for entry in self.spec.staging_dir.glob("pveupload-*"):
+            entry.unlink()
 
     # ---------------------------------------------------------------- access
 
@@ -185,6 +198,13 @@ class LabPve(FakePve):  # fakepve is untyped
             if priv in privs and (granted == "/" or any(p == granted or p.startswith(granted + "/") for p in paths)):
                 return True
         return False
+
+    def _check(self, user: str, check: Any, values: dict[str, Any], declared: Any = None) -> Any:
+        """PVE 8.4's guest-agent permission: fakepve's schema is PVE 9's (VM.GuestAgent.*); 8.4 checks
+        VM.Monitor on /vms/{vmid} for every agent command."""
+        if check and check[0] == "perm" and any(str(p).startswith("VM.GuestAgent.") for p in check[2]):
+            check = ["perm", check[1], ["VM.Monitor"]]
+        return super()._check(user, check, values, declared)
 
     # ------------------------------------------------------------- durations
 
@@ -757,17 +777,65 @@ class LabPve(FakePve):  # fakepve is untyped
             await self.pause(10)
             raise PveError(500, f"VM {vm.vmid} qmp command 'guest-ping' failed - got timeout")
         proc = self.runners.get(vm.vmid)
-        if proc is not None and not await asyncio.to_thread(proc.guest_up):
-            raise PveError(500, "QEMU guest agent is not running")
+        if proc is not None:
+            if not await asyncio.to_thread(proc.guest_up):
+                raise PveError(500, "QEMU guest agent is not running")
+            return await self._relay(vm, proc, command, values)
         vm.agent = vm.agent or {}
         if command == "network-get-interfaces":
-            vm.agent = dict(vm.agent, interfaces=self._interfaces(vm, proc))
+            vm.agent = dict(vm.agent, interfaces=self._interfaces(vm, None))
         elif command == "get-host-name":
             vm.agent = dict(vm.agent)
             vm.agent["get-host-name"] = {"host-name": vm.name}
         from fakepve import agent as guest_agent
         guest_agent.record(vm, command, values)
         return guest_agent.result(vm, command, values)
+
+    async def _relay(self, vm: FakeVm, proc: vmrunner.VmProcess, command: str, values: dict[str, Any]) -> Any:
+        """The real guest agent answers (through the VM's virtio-serial socket), shaped as PVE shapes it."""
+        def ask(cmd: str, args: dict[str, Any] | None = None) -> Any:
+            try:
+                return proc.agent(cmd, args, timeout=10.0)
+            except TimeoutError:
+                raise PveError(500, f"VM {vm.vmid} qmp command '{cmd}' failed - got timeout") from None
+            except (OSError, ValueError) as exc:
+                raise PveError(500, f"VM {vm.vmid} qmp command '{cmd}' failed - {exc}") from None
+
+        if command == "exec":
+            argv = values.get("command") or []
+            argv = [argv] if isinstance(argv, str) else list(argv)
+            args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+            if values.get("input-data"):
+                import base64
+                args["input-data"] = base64.b64encode(str(values["input-data"]).encode()).decode()
+            return await asyncio.to_thread(ask, "guest-exec", args)
+        if command == "exec-status":
+            import base64
+            result: dict[str, Any] = dict(await asyncio.to_thread(ask, "guest-exec-status",
+                                                                  {"pid": int(values["pid"])}))
+            for key in ("out-data", "err-data"):
+                if key in result:
+                    result[key] = base64.b64decode(result[key]).decode(errors="replace")
+            return result
+        if command not in RELAYED:
+            raise PveError(500, f"VM {vm.vmid} qmp command 'guest-{command}' failed - not supported by the lab")
+        answer = await asyncio.to_thread(ask, "guest-" + command)
+        if command == "network-get-interfaces":
+            answer = self._with_lab_address(vm, proc, answer)
+        return {"result": answer}
+
+    def _with_lab_address(self, vm: FakeVm, proc: vmrunner.VmProcess, interfaces: Any) -> Any:
+        """Add the VM's lab address to the guest NIC that has the first NIC's MAC: the host reaches the
+        guest's port 22 there (qemu's 1:1 forward), as it would reach the guest's own address on a LAN."""
+        if not proc.nics:
+            return interfaces
+        mac = proc.nics[0][1].lower()
+        lab_ip = {"ip-address": vmrunner.vm_address(self.spec.slot, vm.vmid), "ip-address-type": "ipv4",
+                  "prefix": 32}
+        for iface in interfaces or []:
+            if str(iface.get("hardware-address", "")).lower() == mac:
+                iface["ip-addresses"] = [lab_ip] + list(iface.get("ip-addresses") or [])
+        return interfaces
 
     def _interfaces(self, vm: FakeVm, proc: vmrunner.VmProcess | None) -> list[dict[str, Any]]:
         """What the guest has: its NICs with the MACs qemu gives them; the first one is reachable from
