@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import socket
 import ssl
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -113,8 +115,8 @@ def test_storage_local_has_import_content(lab: LabHandle) -> None:
     assert "import" in store["local"]["content"].split(",")
 
 
-def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    handle, slot_lock = start_lab(tmp_path / "lab", real_boot="none")
+def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path: Path) -> None:
+    handle, slot_lock = start_lab(tmp_path / "lab", real_boot="all")
     try:
         before = controller.status(handle.base_settings)
         again = controller.up(handle.base_settings)
@@ -122,8 +124,25 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path) -> None:  # t
         assert again.config.slot == handle.config.slot
         assert before["hosts"] == after["hosts"]
         assert all(h["sshd_pid"] and h["pve_pid"] for h in after["hosts"].values())
-        assert controller.leftovers(handle.base_settings)
+        # a running VM's qemu is one of the lab's processes too
+        hv = handle.hv("pve-mgmt")
+        disk = tmp_path / "empty.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+        with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+            sftp.put(str(disk), f"{hv.storage.import_dir}/empty.qcow2")
+        c = PveClient(hv)
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1101, memory=256, scsi0="local:0,import-from="
+                   "local:import/empty.qcow2", net0="virtio,bridge=vmbr0", timeout=60)
+        c.run_task("POST", f"/nodes/{c.node}/qemu/1101/status/start", timeout=60)
+        qemu = handle.qemu("pve-mgmt", 1101)
+        assert qemu is not None and Path(f"/proc/{qemu['pid']}").exists()
+        shown = controller.status(handle.base_settings)["hosts"]["pve-mgmt"]["vms"]
+        assert [(v["vmid"], v["status"], v["qemu"]["pid"]) for v in shown] == [(1101, "running", qemu["pid"])]
+        ours = controller.leftovers(handle.base_settings)
+        assert qemu["pid"] in ours and len(ours) == 5  # 2 sshd, 2 API servers, 1 qemu
     finally:
         stop_lab(handle, slot_lock)
     assert controller.leftovers(handle.base_settings) == []
+    assert not Path(f"/proc/{qemu['pid']}/cmdline").exists() or b"qemu" not in Path(
+        f"/proc/{qemu['pid']}/cmdline").read_bytes()
     assert controller.status(handle.base_settings)["up"] is False

@@ -144,7 +144,7 @@ def _write_seed(files: dict[str, str], dest: Path, fmt: str) -> None:
             (Path(tmp) / fname).write_text(text)
         iso = Path(tmp) / "seed.iso"
         proc = subprocess.run(
-            ["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", *files],
+            ["xorrisofs", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", *files],
             cwd=tmp, capture_output=True, text=True,
         )
         if proc.returncode != 0:

@@ -1,0 +1,83 @@
+"""The lab inventory mirrors the example site and validates with the site model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from image_factory.inventory import load_site
+from image_factory.lab.config import LabConfig, LabPaths
+from image_factory.lab.controller import default_config, lab_settings, write_inventory
+from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
+from image_factory.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def _lab(tmp_path: Path) -> tuple[Settings, LabPaths, LabConfig, Path]:
+    settings = Settings.from_mapping({"lab_dir": str(tmp_path / "lab")})
+    paths = LabPaths(settings.lab_dir)
+    cfg = default_config(settings, slot=3)
+    ensure_ca(paths.ca_cert, paths.ca_key)
+    keys = {}
+    for h in cfg.hosts:
+        cert = paths.host_dir(h.name) / "pve-ssl.pem"
+        ensure_node_cert(paths.ca_cert, paths.ca_key, cert, cert.with_suffix(".key"), h.node, h.address)
+        hk = ensure_ssh_key(paths.host_dir(h.name) / "hostkey", "root@x")
+        keys[h.name] = (" ".join(hk.split()[:2]), cert)
+    pub = ensure_ssh_key(paths.client_key, "lab-client")
+    write_inventory(settings, paths, cfg, keys, pub)
+    return settings, paths, cfg, Path(pub)
+
+
+def test_default_config_mirrors_the_example_hypervisors_on_slot_addresses() -> None:
+    cfg = default_config(Settings.from_mapping({}), slot=5)
+    assert [(h.name, h.node, h.role, h.address, h.tls) for h in cfg.hosts] == [
+        ("pve-mgmt", "pve-mgmt", "mgmt", "127.0.5.11", "ca"),
+        ("pve-tenant", "pve-tenant", "tenant", "127.0.5.12", "fingerprint"),
+    ]
+
+
+def test_lab_inventory_validates_and_keeps_names_ids_planes_roles_macs(tmp_path: Path) -> None:
+    settings, paths, cfg, pub = _lab(tmp_path)
+    example = load_site(settings.inventory, settings.images)
+    site = load_site(lab_settings(settings, paths).inventory, settings.images)
+    assert site.vms.keys() == example.vms.keys()
+    for name, vm in site.vms.items():
+        ex = example.vms[name]
+        assert (vm.vmid, vm.plane, vm.role, vm.macs) == (ex.vmid, ex.plane, ex.role, ex.macs)
+        assert vm.image == "debian-lab"
+        assert vm.memory <= 1024
+        assert str(pub) in vm.cloudinit.ssh_keys
+    mgmt, tenant = site.hypervisors["pve-mgmt"], site.hypervisors["pve-tenant"]
+    assert mgmt.api_url == "https://127.0.3.11:8006" and mgmt.tls_ca_file == paths.ca_cert
+    assert tenant.tls_fingerprint == cert_fingerprint(paths.host_dir("pve-tenant") / "pve-ssl.pem")
+    assert mgmt.token_secret_file == paths.token_secret("pve-mgmt")
+    assert mgmt.storage.import_dir == str(paths.import_dir("pve-mgmt"))
+    assert (mgmt.storage.images, mgmt.storage.import_, mgmt.storage.cloudinit) == ("local", "local", "local")
+    assert mgmt.ssh.host == "127.0.3.11" and mgmt.ssh.key_file == paths.client_key
+    assert mgmt.ssh.host_key != tenant.ssh.host_key
+
+
+def test_token_secrets_live_outside_the_repository(tmp_path: Path) -> None:
+    paths = LabPaths(Settings.from_mapping({}).lab_dir)
+    assert not str(paths.state_dir).startswith(str(Settings.from_mapping({}).root))
+    assert LabPaths(tmp_path / "a").state_dir != LabPaths(tmp_path / "b").state_dir
+
+
+def test_lab_ca_has_no_key_usage_and_node_cert_is_signed_by_it(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    ca_path, key_path = tmp_path / "ca.pem", tmp_path / "ca.key"
+    ensure_ca(ca_path, key_path)
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):
+        ca.extensions.get_extension_for_class(x509.KeyUsage)
+    cert_path = tmp_path / "node.pem"
+    ensure_node_cert(ca_path, key_path, cert_path, tmp_path / "node.key", "pve-x", "127.0.9.11")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    fp = cert_fingerprint(cert_path)
+    assert len(fp.split(":")) == 32 and fp == fp.upper()

@@ -1,0 +1,97 @@
+"""LabPve's access rules and upload checks, in process (no server started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fakepve import PveError
+
+from image_factory.lab.config import PRIVILEGES, TOKEN_ID
+from image_factory.lab.pve import LabPve, NodeSpec
+
+pytestmark = pytest.mark.unit
+
+
+def make(tmp_path: Path) -> LabPve:
+    secret, root = tmp_path / "secret", tmp_path / "root"
+    secret.write_text("s3cret\n")
+    root.write_text("pw\n")
+    spec = NodeSpec(
+        name="pve-x", node="pve-x", address="127.0.9.11", port=8006, cert=tmp_path / "c", key=tmp_path / "k",
+        version="8.4.1", token_id=TOKEN_ID, token_secret_file=secret, root_password_file=root,
+        privileges={p: list(v) for p, v in PRIVILEGES.items()}, storage_dir=tmp_path / "vz",
+        staging_dir=tmp_path / "tmp", vms_dir=tmp_path / "vms", log_dir=tmp_path / "log",
+        control_socket=tmp_path / "ctl.sock", slot=9,
+    )
+    return LabPve(spec)
+
+
+def test_node_version_token_and_local_storage(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    assert list(pve.nodes) == ["pve-x"]
+    assert pve.version == "8.4.1"
+    assert pve.apitokens == {TOKEN_ID: "s3cret"}
+    assert pve.storages["local"]["path"] == str(tmp_path / "vz")
+    assert "import" in pve.storages["local"]["content"].split(",")
+    assert (tmp_path / "vz" / "import").is_dir()
+
+
+def test_token_rights_are_the_intersection_of_user_and_token_acls(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    user = TOKEN_ID.split("!")[0]
+    assert pve.allowed(TOKEN_ID, "/vms/1101", "VM.Clone")
+    assert not pve.allowed(TOKEN_ID, "/", "Sys.Modify")
+    pve.grant(TOKEN_ID, "/", "Sys.Modify")  # the token alone is not enough
+    assert not pve.allowed(TOKEN_ID, "/", "Sys.Modify")
+    pve.grant(user, "/", "Sys.Modify")
+    assert pve.allowed(TOKEN_ID, "/", "Sys.Modify")
+    pve.grant(user, "/", "VM.Backup")  # the user alone is not enough either
+    assert not pve.allowed(TOKEN_ID, "/vms/1", "VM.Backup")
+
+
+def test_guest_agent_calls_need_vm_monitor_as_in_pve_84(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    check = ["perm", "/vms/{vmid}", ["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"], "any", 1]
+    assert pve._check(TOKEN_ID, check, {"vmid": 1101})[0]
+    pve.acl[TOKEN_ID] = [(p, s - {"VM.Monitor"}) for p, s in pve.acl[TOKEN_ID]]
+    ok, why = pve._check(TOKEN_ID, check, {"vmid": 1101})
+    assert not ok and "VM.Monitor" in why
+
+
+@pytest.mark.parametrize(("content", "name", "ok"), [
+    ("import", "fedora-42.qcow2", True), ("import", "a+b=c_d-1.2.raw", True), ("import", "x.vmdk", True),
+    ("import", "x.ova", True), ("import", "x.img", False), ("import", "a b.qcow2", False),
+    ("import", "x.qcow2.tmp", False), ("iso", "x.iso", True), ("iso", "x.qcow2", False),
+])
+def test_upload_filename_rules(tmp_path: Path, content: str, name: str, ok: bool) -> None:
+    pve = make(tmp_path)
+    store = pve.storages["local"]
+    if ok:
+        pve._check_upload_fields({"content": content}, name, store, "local")
+    else:
+        with pytest.raises(PveError) as exc:
+            pve._check_upload_fields({"content": content}, name, store, "local")
+        assert exc.value.status == 400
+
+
+def test_upload_needs_content_and_paired_checksum_fields(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    store = pve.storages["local"]
+    with pytest.raises(PveError) as exc:
+        pve._check_upload_fields({}, "x.qcow2", store, "local")
+    assert "content" in exc.value.errors
+    with pytest.raises(PveError):
+        pve._check_upload_fields({"content": "import", "checksum": "ab"}, "x.qcow2", store, "local")
+    with pytest.raises(PveError):
+        pve._check_upload_fields({"content": "import", "checksum-algorithm": "crc32", "checksum": "ab"},
+                                 "x.qcow2", store, "local")
+
+
+def test_import_files_are_listed_as_volumes(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    (tmp_path / "vz" / "import" / "a.qcow2").write_bytes(b"x" * 10)
+    (tmp_path / "vz" / "import" / "partial.qcow2.tmp").write_bytes(b"x")
+    vols = pve._volumes("local")
+    assert vols["import/a.qcow2"]["size"] == 10
+    assert "import/partial.qcow2.tmp" not in vols

@@ -1,0 +1,59 @@
+"""The NoCloud seed a lab VM boots with mirrors PVE's cloud-init drive; NICs come from netN."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pytest
+import yaml
+
+from image_factory.lab.vmrunner import nics_of, seed_files, vm_address
+
+pytestmark = pytest.mark.unit
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
+
+
+def test_nics_in_device_order_with_their_macs() -> None:
+    cfg = {"net1": "e1000=02:DE:10:03:01:01,bridge=vmbr1,tag=99", "net0": "virtio=02:DE:10:03:01:00,bridge=vmbr0",
+           "name": "jump01"}
+    assert nics_of(cfg) == [("net0", "02:DE:10:03:01:00"), ("net1", "02:DE:10:03:01:01")]
+
+
+def test_seed_user_data_decodes_sshkeys_and_sets_hostname_user_and_upgrade() -> None:
+    cfg = {"ciuser": "ansible", "sshkeys": urllib.parse.quote(KEY + "\n", safe=""), "ciupgrade": 0,
+           "searchdomain": "deevnet.lan", "net0": "virtio=02:DE:10:01:01:00,bridge=vmbr0"}
+    files = seed_files("metrics01", cfg)
+    assert files["user-data"].startswith("#cloud-config\n")
+    data = yaml.safe_load(files["user-data"])
+    assert data["hostname"] == "metrics01"
+    assert data["fqdn"] == "metrics01.deevnet.lan"
+    assert data["user"] == "ansible"
+    assert data["ssh_authorized_keys"] == [KEY]
+    assert data["package_upgrade"] is False
+    assert yaml.safe_load(files["meta-data"])["local-hostname"] == "metrics01"
+
+
+def test_seed_network_config_matches_nics_by_lowercase_mac_with_static_and_dhcp() -> None:
+    cfg = {"net0": "virtio=02:DE:10:03:01:00,bridge=vmbr0", "net1": "virtio=02:DE:10:03:01:01,bridge=vmbr1",
+           "ipconfig0": "ip=192.168.10.30/24,gw=192.168.10.1", "nameserver": "192.168.10.1"}
+    net = yaml.safe_load(seed_files("jump01", cfg)["network-config"])
+    assert net["version"] == 1
+    phys = [c for c in net["config"] if c["type"] == "physical"]
+    assert [p["mac_address"] for p in phys] == ["02:de:10:03:01:00", "02:de:10:03:01:01"]
+    assert phys[0]["subnets"] == [{"type": "static", "address": "192.168.10.30", "netmask": "255.255.255.0",
+                                   "gateway": "192.168.10.1"}]
+    assert phys[1]["subnets"] == [{"type": "dhcp4"}]
+    assert {"type": "nameserver", "address": ["192.168.10.1"]} in net["config"]
+
+
+def test_instance_id_changes_with_the_mac() -> None:
+    a = seed_files("x", {"net0": "virtio=02:DE:10:01:01:00"})["meta-data"]
+    b = seed_files("x", {"net0": "virtio=02:DE:10:01:01:02"})["meta-data"]
+    assert a != b
+
+
+def test_vm_addresses_are_distinct_loopback_per_slot_and_vmid() -> None:
+    assert vm_address(0, 1101) == "127.100.4.77"
+    assert vm_address(21, 1101) == "127.121.4.77"
+    assert len({vm_address(0, v) for v in (1101, 1102, 1201, 1301, 2101, 2201)}) == 6
