@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import socket
 import ssl
+import subprocess
 import uuid
 from pathlib import Path
 
