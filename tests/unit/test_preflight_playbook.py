@@ -153,6 +153,8 @@ def test_check_mode_reports_every_change_and_changes_nothing(node: Node):
     assert node.state_file.read_bytes() == before_state
     assert node.keys.read_bytes() == before_keys
     assert not node.secrets.exists()
+    known = (node.tmp / "home" / ".cache" / "deevnet-image-factory" / "known_hosts").read_text()
+    assert [line for line in known.splitlines() if line.strip()] == ["127.0.0.1 " + PUBKEY.rsplit(" ", 1)[0]]
 
 
 def test_apply_converges_and_second_run_changes_nothing(node: Node):
