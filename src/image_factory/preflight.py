@@ -292,19 +292,23 @@ def required_acl(site: Site, hv: Hypervisor) -> dict[str, tuple[str, ...]]:
 def effective_privileges(answer: Any, path: str) -> set[str]:
     """Privileges held on ``path`` from a ``GET /access/permissions?path=...`` answer.
 
-    PVE answers ``{path: {priv: 1}}`` with the effective privileges for exactly that path; a
-    server that lists the ACL entries above the path instead is read as their union (propagation).
+    PVE answers ``{path: {privilege: propagate}}`` with the effective privileges on exactly that
+    path (the value is the propagate flag, not whether it is held). An answer that lists ACL
+    entries above the path instead is read as PVE would apply them: propagated privileges only.
     """
     held: set[str] = set()
     if not isinstance(answer, dict):
         return held
-    for p, privs in answer.items():
-        p = str(p).rstrip("/") or "/"
-        if p == path or p == "/" or path.startswith(p + "/"):
-            if isinstance(privs, dict):
-                held.update(k for k, v in privs.items() if v)
-            else:
-                held.update(split_list(privs))
+    for acl_path, privs in answer.items():
+        acl_path = str(acl_path).rstrip("/") or "/"
+        if isinstance(privs, dict):
+            entries = {str(k): bool(v) for k, v in privs.items()}
+        else:
+            entries = dict.fromkeys(split_list(privs), True)
+        if acl_path == path:
+            held.update(entries)
+        elif acl_path == "/" or path.startswith(acl_path + "/"):
+            held.update(k for k, propagate in entries.items() if propagate)
     return held
 
 
@@ -662,7 +666,7 @@ class _HostRun:
 def run_preflight(
     settings: Settings,
     site: Site,
-    hypervisors: Sequence[str] | None = None,
+    hypervisors: Sequence[str | Hypervisor] | None = None,
     *,
     checks: Iterable[str] | None = None,
     images: Sequence[str] | None = None,
@@ -671,11 +675,13 @@ def run_preflight(
 ) -> PreflightReport:
     """Run the (read-only) checks on each selected hypervisor in parallel.
 
-    ``hypervisors``: names (default: all; unknown names raise ValidationFailed before anything runs).
+    ``hypervisors``: names or Hypervisor objects (default: all; unknown names raise ValidationFailed
+    before anything runs).
     ``checks``: names or a group (:data:`PUBLISH_CHECKS`, :data:`DEPLOY_CHECKS`); prerequisites are
     added. ``images``: restrict the space check's "largest artifact" to these images.
     """
-    selected = site.select_hypervisors(list(hypervisors) if hypervisors else None)
+    names_wanted = [h if isinstance(h, str) else h.name for h in hypervisors or ()]
+    selected = site.select_hypervisors(names_wanted or None)
     names = expand_checks(checks)
     need = largest_artifact(settings, site, images) if CHECK_SPACE in names else SpaceNeed(0, "")
     runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory) for hv in selected]

@@ -261,10 +261,11 @@ def test_parse_version():
 
 
 def test_effective_privileges_reads_both_answer_shapes():
-    # PVE with ?path=: exactly that path, already effective
-    assert pf.effective_privileges({"/vms": {"VM.Audit": 1, "VM.Clone": 0}}, "/vms") == {"VM.Audit"}
-    # ACL entries above the path: union (propagation); unrelated paths ignored
-    answer = {"/": {"Sys.Audit": 1}, "/storage": {"Datastore.Audit": 1}, "/storage/other": {"X": 1}}
+    # PVE with ?path=: exactly that path, already effective; the value is the propagate flag
+    assert pf.effective_privileges({"/vms": {"VM.Audit": 1, "VM.Clone": 0}}, "/vms") == {"VM.Audit", "VM.Clone"}
+    # ACL entries above the path: union of what propagates; unrelated paths ignored
+    answer = {"/": {"Sys.Audit": 1}, "/storage": {"Datastore.Audit": 1, "Datastore.Allocate": 0},
+              "/storage/other": {"X": 1}}
     assert pf.effective_privileges(answer, "/storage/local") == {"Sys.Audit", "Datastore.Audit"}
     assert pf.effective_privileges({"/vmsx": {"VM.Audit": 1}}, "/vms") == set()
 
