@@ -366,6 +366,9 @@ class _HostRun:
                     steps[name]()
                 except RemoteError as exc:
                     self._fail(name, str(exc).removeprefix(f"{self.hv.name}: "), self._generic_hint(exc, name))
+                except Exception as exc:  # noqa: BLE001 - one odd answer must not hide the other hosts' results
+                    self._fail(name, f"unexpected {type(exc).__name__}: {exc}",
+                               f"re-run with the same inventory; if it persists, this is a bug in the {name} check")
         finally:
             if self.link is not None:
                 self.link.close()

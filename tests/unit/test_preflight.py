@@ -310,3 +310,22 @@ def test_unreachable_api_fails_tls_with_a_hint(fakepve_cafile, tmp_path, monkeyp
     assert not r.ok and r.detail.startswith("cannot reach https://127.0.0.1:1")
     assert r.hint.startswith("check pve.api_url (https://127.0.0.1:1) and that pveproxy runs on pve1")
     assert report.result("hv-unit", "token").skipped
+
+
+def test_api_error_and_odd_answer_fail_only_their_check(node, env):
+    from image_factory.pve import PveClient
+
+    class Odd(PveClient):
+        def call(self, method, path, /, **params):
+            if path == "/cluster/resources":
+                return ["not-a-guest"]
+            return super().call(method, path, **params)
+
+    node.fail("GET", "/nodes/pve1/network", status=500, message="ifupdown2 exploded")
+    report = pf.run_preflight(*env, checks=API_CHECKS, client_factory=lambda hv: Odd(hv, timeout=10))
+    bridge = report.result("hv-unit", "bridge")
+    assert not bridge.ok and bridge.detail == "GET /nodes/pve1/network: HTTP 500: ifupdown2 exploded"
+    assert "pveproxy runs" in bridge.hint
+    vmids = report.result("hv-unit", "vmids")
+    assert not vmids.ok and vmids.detail.startswith("unexpected AttributeError")
+    assert [r.name for _, r in report.failures()] == ["bridge", "vmids"]
