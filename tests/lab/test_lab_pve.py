@@ -392,3 +392,31 @@ def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:
     # the sshd itself keeps serving
     with connect(hv.name, hv.ssh) as link:
         assert link.run(["true"]).status == 0
+
+
+# ----------------------------------------------------------------- resize, node, network
+
+
+def test_resize_is_a_task_that_grows_the_disk_and_refuses_shrinking(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 1994, tmp_path, size="64M")
+    path = f"/nodes/{c.node}/qemu/1994"
+    upid = c.put(path + "/resize", disk="scsi0", size="1G")
+    assert Upid.parse(upid).type == "resize"
+    c.wait_task(upid, timeout=30)
+    cfg = c.vm_config(1994)
+    assert "size=1G" in cfg["scsi0"]
+    assert qemu_img_info(disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0]))["virtual-size"] == 1024 ** 3
+    with pytest.raises(ApiError, match="shrinking disks is not supported"):
+        c.put(path + "/resize", disk="scsi0", size="512M")
+    c.wait_task(c.put(path + "/resize", disk="scsi0", size="+512M"), timeout=30)
+    assert "size=1536M" in c.vm_config(1994)["scsi0"]
+
+
+def test_node_lists_the_bridges_the_site_uses_and_reports_pve_841(lab: LabHandle) -> None:
+    mgmt, tenant = client(lab, MGMT), client(lab, TENANT)
+    bridges = {n: {i["iface"] for i in cl.get(f"/nodes/{n}/network", type="bridge")}
+               for n, cl in ((MGMT, mgmt), (TENANT, tenant))}
+    assert bridges == {MGMT: {"vmbr0", "vmbr1"}, TENANT: {"vmbr0"}}  # jump01's second NIC is on vmbr1
+    assert mgmt.get(f"/nodes/{MGMT}/status")["pveversion"].startswith("pve-manager/8.4.1/")
+    status = mgmt.get(f"/nodes/{MGMT}/storage/local/status")
+    assert 0 < status["avail"] <= status["total"]

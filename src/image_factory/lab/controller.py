@@ -214,7 +214,27 @@ def _tail(path: Path, lines: int = 5) -> str:
 # ------------------------------------------------------------------------------------- up
 
 
-def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public: str) -> dict[str, Any]:
+def _bridges(groups: dict[str, Any], host: LabHost) -> list[str]:
+    """The bridges the example site needs on this host: its default bridge and its VMs' NIC bridges."""
+    hv = ((groups.get("hypervisors") or {}).get("hosts") or {}).get(host.name) or {}
+    default = str((hv.get("pve") or {}).get("bridge", "vmbr0"))
+    out = [default]
+    for group, body in groups.items():
+        for hvars in (body.get("hosts") or {}).values():
+            vm = (hvars or {}).get("vm")
+            if not isinstance(vm, dict):
+                continue
+            if vm.get("hypervisor", None) not in (None, host.name) or (not vm.get("hypervisor") and group != host.role):
+                continue
+            for nic in vm.get("nics") or []:
+                bridge = str((nic or {}).get("bridge") or default)
+                if bridge not in out:
+                    out.append(bridge)
+    return out
+
+
+def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public: str,
+                  bridges: list[str]) -> dict[str, Any]:
     hdir = paths.host_dir(host.name)
     hdir.mkdir(parents=True, exist_ok=True)
     cert, key = hdir / "pve-ssl.pem", hdir / "pve-ssl.key"
@@ -235,7 +255,7 @@ def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public:
         storage_dir=storage, staging_dir=hdir / "root" / "var" / "tmp", vms_dir=paths.vms_dir(host.name),
         log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
         time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
-        vm_memory_cap=cfg.vm_memory_cap,
+        vm_memory_cap=cfg.vm_memory_cap, extra={"bridges": bridges},
     )
     write_public(hdir / "pve.json", json.dumps(spec.to_mapping(), indent=2, sort_keys=True) + "\n")
     return {"sshd_config": sshd_config, "host_key": host_key, "cert": cert, "spec": spec}
@@ -255,7 +275,8 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         private_dir(paths.state_dir)
         ensure_ca(paths.ca_cert, paths.ca_key)
         client_public = ensure_ssh_key(paths.client_key, "lab-client@deevnet-image-factory")
-        prepared = {h.name: _prepare_host(paths, cfg, h, client_public) for h in cfg.hosts}
+        groups = _example_inventory(settings)
+        prepared = {h.name: _prepare_host(paths, cfg, h, client_public, _bridges(groups, h)) for h in cfg.hosts}
         started: list[tuple[int, str]] = []
         try:
             for host in cfg.hosts:

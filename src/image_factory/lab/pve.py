@@ -676,6 +676,108 @@ class LabPve(FakePve):  # fakepve is untyped
         upid: str = await super()._qm_template(v, user)
         return upid
 
+    # ------------------------------------------------------- resize, network
+
+    def _routes_lab(self) -> list[tuple[str, str, Any]]:
+        return [("PUT", "/nodes/{node}/qemu/{vmid}/resize", self._qm_resize),
+                ("GET", "/nodes/{node}/network", self._network_list),
+                ("GET", "/nodes/{node}/status", self._node_status)]
+
+    async def _node_status(self, v: dict[str, Any], user: str) -> dict[str, Any]:
+        self.require(user, f"/nodes/{v['node']}", "Sys.Audit")
+        root = shutil.disk_usage(self.spec.storage_dir)
+        mem = 32 * 1024 ** 3
+        return {
+            "pveversion": f"pve-manager/{self.version}/ec5affc9e41f1d79",
+            "kversion": "Linux 6.8.12-9-pve #1 SMP PREEMPT_DYNAMIC PMX 6.8.12-9 (2025-03-16T19:18Z)",
+            "current-kernel": {"sysname": "Linux", "release": "6.8.12-9-pve", "machine": "x86_64",
+                               "version": "#1 SMP PREEMPT_DYNAMIC PMX 6.8.12-9 (2025-03-16T19:18Z)"},
+            "boot-info": {"mode": "efi", "secureboot": 0},
+            "uptime": 86400, "cpu": 0.02, "wait": 0.0, "loadavg": ["0.10", "0.12", "0.09"],
+            "cpuinfo": {"model": "lab CPU", "cpus": 8, "cores": 8, "sockets": 1, "mhz": "3000.000",
+                        "hvm": "1", "flags": "", "user_hz": 100},
+            "memory": {"total": mem, "used": mem // 8, "free": mem - mem // 8, "available": mem - mem // 8},
+            "swap": {"total": 0, "used": 0, "free": 0},
+            "rootfs": {"total": root.total, "used": root.used, "free": root.free, "avail": root.free},
+            "ksm": {"shared": 0},
+        }
+
+    async def _qm_resize(self, v: dict[str, Any], user: str) -> str:
+        """qemu-server resize_vm (a task since PVE 8): grow the disk file and its size= in the config."""
+        vm = self.find(v["node"], v["vmid"])
+        disk, size = str(v["disk"]), str(v["size"])
+        if v.get("digest") and v["digest"] != vm.digest():
+            raise PveError(500, "checksum mismatch (file change by other user?)")
+        if v.get("skiplock") and user != "root@pam":
+            raise param_error(skiplock="Only root may use this option.")
+        self._check_lock(vm)
+        if disk not in vm.config or not DRIVE_KEY.match(disk):
+            raise PveError(500, f"disk '{disk}' does not exist")
+        volume, props = split_drive(str(vm.config[disk]))
+        if props.get("media") == "cdrom":
+            raise PveError(500, "you can't resize a cdrom")
+        sid = volume_ref(volume)[0]
+        if sid:
+            self.require(user, f"/storage/{sid}", "Datastore.AllocateSpace")
+        path = self.volume_file(volume)
+        current = int(_qemu_img_info(path)["virtual-size"]) if path is not None and path.exists() else \
+            _parse_size(props.get("size", "0"))
+        found = re.fullmatch(r"(\+)?(\d+(?:\.\d+)?)([KMGT]?)", size)
+        if not found:
+            raise param_error(size=f"unable to parse size '{size}'")
+        amount = int(float(found.group(2)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3,
+                                               "T": 1024 ** 4}[found.group(3)])
+        new = current + amount if found.group(1) else amount
+        if new < current:
+            raise PveError(500, "shrinking disks is not supported")
+
+        async def body() -> str | None:
+            if new == current:
+                return None
+            proc = self.runners.get(vm.vmid)
+            if proc is not None:
+                await asyncio.to_thread(proc.qmp_command, "block_resize", {"device": f"drive-{disk}", "size": new})
+            elif path is not None and path.exists():
+                await asyncio.to_thread(_run, ["qemu-img", "resize", "-q", str(path), str(new)])
+            props["size"] = _format_size(new)
+            vm.config[disk] = join_drive(volume, props)
+            vol = self._volumes(sid).get(volume_ref(volume)[1]) if sid else None
+            if vol is not None:
+                vol["size"] = new
+            return None
+        upid: str = await self.task(vm.node, "resize", vm.vmid, user, body, vm=vm,
+                                    log=[f"resize disk {disk} to {new} bytes"])
+        return upid
+
+    async def _network_list(self, v: dict[str, Any], user: str) -> list[dict[str, Any]]:
+        """The node's interfaces: a NIC and the bridges the lab inventory's VMs use."""
+        self.require(user, f"/nodes/{v['node']}", "Sys.Audit")
+        kind = v.get("type")
+        out: list[dict[str, Any]] = [{"iface": "eno1", "type": "eth", "method": "manual", "method6": "manual",
+                                      "families": ["inet"], "priority": 2, "active": 1, "exists": 1}]
+        for n, bridge in enumerate(self.spec.extra.get("bridges") or ["vmbr0"]):
+            item: dict[str, Any] = {"iface": bridge, "type": "bridge", "method": "manual", "method6": "manual",
+                                    "families": ["inet"], "priority": 3 + n, "active": 1, "autostart": 1,
+                                    "exists": 1, "bridge_ports": "eno1" if n == 0 else "",
+                                    "bridge_stp": "off", "bridge_fd": "0", "bridge_vlan_aware": 1}
+            if n == 0:
+                item.update(method="static", address=self.spec.address, netmask="255.255.255.0",
+                            cidr=f"{self.spec.address}/24")
+            out.append(item)
+        if kind in ("bridge", "any_bridge"):
+            return [i for i in out if i["type"] == "bridge"]
+        if kind == "eth":
+            return [i for i in out if i["type"] == "eth"]
+        return out
+
+    def _space(self, store: dict[str, Any]) -> tuple[int, int, int]:
+        """A directory storage reports its real filesystem, as PVE's dir plugin does."""
+        if store.get("type") == "dir" and store.get("path") and Path(store["path"]).is_dir():
+            usage = shutil.disk_usage(store["path"])
+            return usage.total, usage.used, usage.free
+        result: tuple[int, int, int] = super()._space(store)
+        return result
+
     # --------------------------------------------------------------- power
 
     def _boots_for_real(self, vm: FakeVm) -> bool:
@@ -990,6 +1092,14 @@ class LabPve(FakePve):  # fakepve is untyped
                         entry.unlink()
         for entry in self.spec.staging_dir.glob("pveupload-*"):
             entry.unlink()
+
+
+def _parse_size(text: str) -> int:
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", text)
+    if not found:
+        return 0
+    unit = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[found.group(2)]
+    return int(float(found.group(1)) * unit)
 
 
 def _format_size(size: int) -> str:

@@ -212,6 +212,29 @@ class VmProcess:
             if p is not None:
                 p.unlink(missing_ok=True)
 
+    def qmp_command(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One QMP command; raises OSError with QEMU's error."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(self.qmp))
+            f = s.makefile("rwb")
+            f.readline()
+            f.write(json.dumps({"execute": "qmp_capabilities"}).encode() + b"\n")
+            f.flush()
+            f.readline()
+            msg: dict[str, Any] = {"execute": command}
+            if arguments:
+                msg["arguments"] = arguments
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                answer = json.loads(f.readline() or b"{}")
+                if "event" in answer:
+                    continue
+                if "error" in answer:
+                    raise OSError(answer["error"].get("desc", "QMP error"))
+                return answer.get("return")
+
     def powerdown(self, timeout: float) -> bool:
         """ACPI power button through QMP; True if the guest powered off within timeout seconds."""
         try:
