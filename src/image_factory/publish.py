@@ -52,7 +52,15 @@ from .manifest import Manifest
 from .pve import ApiError, PveClient, retry_on_lock
 from .settings import Settings
 from .sshlink import SshLink
-from .upload import SshUploader, UploadResult, final_has, partial_name, remote_remove, remote_size, upload_api
+from .upload import (
+    SshUploader,
+    UploadResult,
+    partial_name,
+    remote_remove,
+    remote_sha256,
+    remote_sizes,
+    upload_api,
+)
 
 FACTORY_TAG = "image-factory"
 DESCRIPTION_HEADER = "image-factory template"
@@ -550,10 +558,12 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     plan.stale = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
     if not plan.existing:
         final = f"{hv.storage.import_dir}/{art.import_file}"
-        if final_has(link, final, art.manifest.artifact.sha256, art.size):
+        part_path = f"{hv.storage.import_dir}/{partial_name(art.import_file)}"
+        sizes = remote_sizes(link, final, part_path)
+        if sizes[final] == art.size and remote_sha256(link, final) == art.manifest.artifact.sha256:
             plan.upload = "skip"
         else:
-            part = remote_size(link, f"{hv.storage.import_dir}/{partial_name(art.import_file)}") or 0
+            part = sizes[part_path] or 0
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and ctx.transport == "ssh" else "upload"
         taken = used_vmids(client) - {t.vmid for t in plan.stale}

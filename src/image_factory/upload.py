@@ -90,6 +90,16 @@ def remote_size(link: SshLink, path: str) -> int | None:
         raise UploadError(link.name, f"unexpected stat output for {path}: {res.stdout!r}") from None
 
 
+def remote_sizes(link: SshLink, *paths: str) -> dict[str, int | None]:
+    """Sizes of several files in one round trip (None: absent)."""
+    script = "; ".join(f"stat -c %s -- {_q(p)} 2>/dev/null || echo -" for p in paths)
+    res = link.run(script, check=False, timeout=60)
+    values = res.stdout.split()
+    if len(values) != len(paths):
+        raise UploadError(link.name, f"unexpected stat output: {res.stdout!r} {res.stderr.strip()[-200:]}")
+    return {p: (None if v == "-" else int(v)) for p, v in zip(paths, values, strict=True)}
+
+
 def remote_sha256(link: SshLink, path: str, *, timeout: float = 1800) -> str | None:
     """sha256 of a file on the host (openssl is ~3.5x faster than sha256sum there); None if absent."""
     qp = _q(path)
@@ -170,8 +180,9 @@ class SshUploader:
             result.seconds = time.monotonic() - started
             return result
         try:
-            self._send_verified(local, size, part_path, sha256, result, progress)
-            self._retry(lambda: self.link().run(["mv", "-f", "--", part_path, final_path], timeout=120))
+            renamed = self._send_verified(local, size, part_path, final_path, sha256, result, progress)
+            if not renamed:
+                self._retry(lambda: self.link().run(["mv", "-f", "--", part_path, final_path], timeout=120))
         except BaseException:
             # Nothing half-made under any name: the partial goes (the final name was never touched).
             with contextlib.suppress(Exception):  # best effort; the original error matters
@@ -198,16 +209,17 @@ class SshUploader:
         raise UploadError(self.name, f"SSH connection kept failing ({self.attempts} attempts): {last}")
 
     def _send_verified(
-        self, local: Path, size: int, part_path: str, sha256: str, result: UploadResult,
+        self, local: Path, size: int, part_path: str, final_path: str, sha256: str, result: UploadResult,
         progress: Progress | None,
-    ) -> None:
+    ) -> bool:
+        """Send until the host holds the whole file with the right sha256; True if already renamed."""
         failures_without_progress = 0
         restarts_for_hash = 0
         while True:
             result.attempts += 1
             before = self.bytes_sent
             try:
-                offset = self._send_once(local, size, part_path, result, progress)
+                have, got, renamed = self._send_once(local, size, part_path, final_path, sha256, result, progress)
             except RETRYABLE as exc:
                 self.close()
                 failures_without_progress = 0 if self.bytes_sent > before else failures_without_progress + 1
@@ -217,11 +229,12 @@ class SshUploader:
                     ) from None
                 time.sleep(min(0.2 * failures_without_progress, 2.0))
                 continue
-            if offset != size:
-                raise UploadError(self.name, f"{part_path} has {offset} bytes after the upload, expected {size}")
-            got = self._retry(lambda: remote_sha256(self.link(), part_path))
+            if have != size:
+                raise UploadError(self.name, f"{part_path} has {have} bytes after the upload, expected {size}")
+            if got is None:
+                got = self._retry(lambda: remote_sha256(self.link(), part_path))
             if got == sha256:
-                return
+                return renamed
             restarts_for_hash += 1
             self._retry(lambda: remote_remove(self.link(), part_path))
             if restarts_for_hash >= 2:
@@ -231,19 +244,30 @@ class SshUploader:
 
     # one attempt ------------------------------------------------------------------------------
     def _send_once(
-        self, local: Path, size: int, part_path: str, result: UploadResult, progress: Progress | None
-    ) -> int:
+        self, local: Path, size: int, part_path: str, final_path: str, sha256: str, result: UploadResult,
+        progress: Progress | None,
+    ) -> tuple[int, str | None, bool]:
+        """One connection's worth: returns (size on the host, its sha256 or None, renamed)."""
         if self.engine == "sftp":
-            return self._send_sftp(local, size, part_path, result, progress)
+            return self._send_sftp(local, size, part_path, result, progress), None, False
         link = self.link()
-        qp = _q(part_path)
+        qp, qf = _q(part_path), _q(final_path)
         chan = link.open_session()
         chan.settimeout(self.channel_timeout)
+        # One channel does it all (each exec costs a round trip and a session on the host):
+        # lock the partial (a writer left from a dropped connection finishes first), report its
+        # size, append stdin, then hash on the host and rename only when size and sha256 match.
+        script = (
+            f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
+            f"stat -c %s -- {qp} || exit 2; cat >&8 || exit 4; "
+            f"sz=$(stat -c %s -- {qp}); "
+            f"if command -v openssl >/dev/null 2>&1; then h=$(openssl dgst -sha256 -r < {qp}); "
+            f"else h=$(sha256sum < {qp}); fi; h=${{h%% *}}; "
+            f'if [ "$sz" = {size} ] && [ "$h" = {_q(sha256)} ]; then mv -f -- {qp} {qf} || exit 5; '
+            f'echo "OK $sz $h"; else echo "BAD $sz $h"; fi'
+        )
         try:
-            # The flock makes a writer left from a dropped connection finish before we read the size.
-            chan.exec_command(
-                f"exec 8>>{qp} && flock -w {PARTIAL_LOCK_WAIT} 8 && stat -c %s -- {qp} && exec cat >&8"
-            )
+            chan.exec_command(f"sh -c {_q(script)}")
             offset = _read_line_int(chan)
             if offset is None:
                 status = chan.recv_exit_status()
@@ -274,14 +298,16 @@ class SshUploader:
                     if progress:
                         progress(done)
             chan.shutdown_write()
+            chan.settimeout(max(self.channel_timeout, 60 + size / 50e6))  # the host hashes the file now
+            out = chan.makefile("rb").read().decode(errors="replace").split()
             status = chan.recv_exit_status()
-            if status != 0:
+            if status != 0 or len(out) != 3:
                 err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
                 raise _LinkLost(f"remote writer ended with status {status}: {err[-200:]}")
         finally:
             chan.close()
-        have = remote_size(link, part_path)
-        return have if have is not None else -1
+        verdict, have, got = out
+        return int(have), got.lower(), verdict == "OK"
 
     def _send_sftp(
         self, local: Path, size: int, part_path: str, result: UploadResult, progress: Progress | None
