@@ -146,3 +146,31 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path: Path) -> None
     assert not Path(f"/proc/{qemu['pid']}/cmdline").exists() or b"qemu" not in Path(
         f"/proc/{qemu['pid']}/cmdline").read_bytes()
     assert controller.status(handle.base_settings)["up"] is False
+
+
+def test_vms_and_disks_survive_down_and_up_like_a_rebooted_node(tmp_path: Path) -> None:
+    handle, slot_lock = start_lab(tmp_path / "lab", real_boot="none")
+    try:
+        hv = handle.hv("pve-tenant")
+        disk = tmp_path / "d.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+        with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+            sftp.put(str(disk), f"{hv.storage.import_dir}/d.qcow2")
+        c = PveClient(hv)
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9000, name="tpl", memory=256,
+                   scsi0="local:0,import-from=local:import/d.qcow2", timeout=60)
+        c.run_task("POST", f"/nodes/{c.node}/qemu/9000/template", timeout=60)
+        c.run_task("POST", f"/nodes/{c.node}/qemu/9000/clone", newid=2201, name="sandbox01", timeout=60)
+        c.run_task("POST", f"/nodes/{c.node}/qemu/2201/status/start", timeout=60)
+        before = {vm["vmid"] for vm in c.list_vms()}
+        controller.down(handle.base_settings)
+        controller.up(handle.base_settings)
+        c = PveClient(hv)
+        after = {vm["vmid"]: (vm.get("template", 0), vm["status"]) for vm in c.list_vms()}
+        assert after == {9000: (1, "stopped"), 2201: (0, "stopped")} and set(before) == set(after)
+        volid = c.vm_config(2201)["scsi0"].split(",")[0]
+        listed = [v["volid"] for v in c.get(f"/nodes/{c.node}/storage/local/content", content="images")]
+        assert volid in listed
+        assert (handle.paths.storage_dir("pve-tenant") / "images" / "2201").is_dir()
+    finally:
+        stop_lab(handle, slot_lock)

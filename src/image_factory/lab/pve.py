@@ -156,7 +156,6 @@ class LabPve(FakePve):  # fakepve is untyped
             (spec.storage_dir / sub).mkdir(parents=True, exist_ok=True)
         spec.staging_dir.mkdir(parents=True, exist_ok=True)
         spec.vms_dir.mkdir(parents=True, exist_ok=True)
-        self._restore_or_wipe()
         self.storages: dict[str, dict[str, Any]] = {
             "local": {"type": "dir", "active": 1, "content": LOCAL_CONTENT, "files": set(),
                       "path": str(spec.storage_dir), "volumes": {}},
@@ -168,12 +167,43 @@ class LabPve(FakePve):  # fakepve is untyped
         self._control_runner: web.AppRunner | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self.extra_durations: dict[str, float] = {}
+        self._restore_or_wipe()
+
+    @property
+    def state_file(self) -> Path:
+        return self.spec.vms_dir.parent / "api-state.json"
+
+    def save_state(self) -> None:
+        """Like a node's /etc/pve: VM configs and volumes survive a restart of the lab (lab.down, lab.up)."""
+        vms = [{"vmid": vm.vmid, "name": vm.name, "config": vm.config, "pending": vm.pending,
+                "template": bool(vm.template), "snapshots": vm.snapshots, "lock": vm.lock} for vm in self.vms]
+        volumes = {sid: store.get("volumes", {}) for sid, store in self.storages.items()}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"node": self.spec.node, "vms": vms, "volumes": volumes}, indent=1))
+        tmp.replace(self.state_file)
 
     def _restore_or_wipe(self) -> None:
-        """The API state lives in memory: a node starting afresh drops disks no VM owns any more."""
+        """Restore the saved API state (VMs come back stopped); disks no VM owns any more are dropped."""
+        keep: set[str] = set()
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("node") == self.spec.node:
+            for item in state.get("vms", []):
+                vm = FakeVm(int(item["vmid"]), item["name"], node=self.spec.node, config=item["config"],
+                            pending=item.get("pending"), template=item.get("template", False),
+                            lock=item.get("lock") if item.get("lock") not in ("clone", "create") else None)
+                vm.snapshots = item.get("snapshots") or {}
+                self.vms.append(vm)
+                keep.add(str(vm.vmid))
+            for sid, vols in (state.get("volumes") or {}).items():
+                if sid in self.storages:
+                    self.storages[sid]["volumes"] = {k: v for k, v in vols.items()
+                                                     if str(v.get("vmid")) in keep}
         images = self.spec.storage_dir / "images"
         for entry in images.iterdir() if images.is_dir() else []:
-            if entry.is_dir():
+            if entry.is_dir() and entry.name not in keep:
                 shutil.rmtree(entry)
         for entry in self.spec.staging_dir.glob("pveupload-*"):
             entry.unlink()
@@ -446,6 +476,14 @@ class LabPve(FakePve):  # fakepve is untyped
         return volid
 
     def _qm_free(self, volid: str) -> None:
+        sid, name = volume_ref(volid)
+        if sid in self.storages and re.search(r"(^|/)base-\d+-disk-\d+", name):
+            base = name.split("/")[-2:]
+            prefix = "/".join(base) + "/"
+            if any(v.startswith(prefix) for v in self.storages[sid].get("volumes", {})):
+                # PVE: "base volume ... is still in use by linked cloned" -- destroy_vm only warns, the disk stays
+                log.warning("not removing %s: still in use by a linked clone", volid)
+                return
         super()._qm_free(volid)
         path = self.volume_file(volid)
         if path is not None and path.exists() and "/images/" in str(path):
@@ -858,6 +896,8 @@ class LabPve(FakePve):  # fakepve is untyped
         """A guest that powers itself off stops its qemu: the VM is stopped, as PVE shows it."""
         while True:
             await asyncio.sleep(1.0)
+            with contextlib.suppress(OSError, TypeError, ValueError):
+                self.save_state()
             for vmid, proc in list(self.runners.items()):
                 if not proc.alive():
                     self.runners.pop(vmid, None)
@@ -974,6 +1014,11 @@ class LabPve(FakePve):  # fakepve is untyped
             self._reconciler.cancel()
         for vmid in list(self.runners):
             self.runners.pop(vmid).stop()
+            vm = self.vm(vmid)
+            if vm is not None:
+                vm.status = vm.qmpstatus = "stopped"
+        with contextlib.suppress(OSError):
+            self.save_state()
         if self._control_runner is not None:
             await self._control_runner.cleanup()
         self.spec.control_socket.unlink(missing_ok=True)
@@ -1092,6 +1137,7 @@ class LabPve(FakePve):  # fakepve is untyped
                         entry.unlink()
         for entry in self.spec.staging_dir.glob("pveupload-*"):
             entry.unlink()
+        self.state_file.unlink(missing_ok=True)
 
 
 def _parse_size(text: str) -> int:
