@@ -321,10 +321,11 @@ class _Run:
             self.errors.append(msg)
             self.log.write(f"[{elapsed:7.1f}s] ERROR: {msg}\n")
             self.emit("error", msg)
-        elif kind == "artifact" and len(data) >= 3 and data[1] == "file":
-            self.artifacts.append(data[2])
-            self.log.write(f"[{elapsed:7.1f}s] artifact file: {data[2]}\n")
-            self.emit("artifact", data[2])
+        elif kind == "artifact" and len(data) >= 4 and data[1] == "file":
+            # <target>,artifact,<n>,file,<i>,<path>
+            self.artifacts.append(data[3])
+            self.log.write(f"[{elapsed:7.1f}s] artifact file: {data[3]}\n")
+            self.emit("artifact", data[3])
         self.log.flush()
 
 

@@ -295,7 +295,9 @@ def _keypair(secret_dir: Path) -> tuple[Path, str]:
     if proc.returncode != 0:
         raise RenderError(f"ssh-keygen failed: {proc.stderr.strip()}")
     os.chmod(key, 0o600)
-    return key, (secret_dir / "id_ed25519.pub").read_text(encoding="utf-8").strip()
+    pub = secret_dir / "id_ed25519.pub"
+    os.chmod(pub, 0o600)
+    return key, pub.read_text(encoding="utf-8").strip()
 
 
 def _secret_dir(image: Image) -> Path:

@@ -1,0 +1,306 @@
+"""Build orchestration: cache logic, manifest, failure handling, process-group stop.
+
+A fake ``packer`` on PATH records every invocation (so "no packer process started" is checked by
+its log staying empty) and plays a build: it writes a real qcow2 with qemu-img, prints
+machine-readable lines, fails, or hangs with a child process standing in for QEMU. qemu-img,
+ssh-keygen and openssl are the real tools. The real packer build is in tests/e2e/test_build_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from image_factory import build, render
+from image_factory.inventory import Image, load_site
+from image_factory.manifest import Artifact, Manifest, load, save, sha256_file
+from image_factory.settings import REPO_ROOT, Settings
+
+pytestmark = pytest.mark.unit
+
+FAKE_PACKER = textwrap.dedent(
+    """\
+    #!{python}
+    import os, re, subprocess, sys, time
+    log = os.environ["FAKE_PACKER_LOG"]
+    with open(log, "a") as fh:
+        fh.write(" ".join(sys.argv[1:]) + "\\n")
+    cmd = sys.argv[1]
+    if cmd == "version":
+        print("Packer v1.6.6")
+        sys.exit(0)
+    if cmd in ("fmt", "validate"):
+        sys.exit(0)
+    mode = os.environ.get("FAKE_PACKER_MODE", "ok")
+    var_file = [a.split("=", 1)[1] for a in sys.argv if a.startswith("-var-file=")][0]
+    vars_ = dict(re.findall(r'^(\\w+) = "(.*)"$', open(var_file).read(), re.M))
+    hcl = open(sys.argv[-1]).read()
+    name = re.search(r'vm_name\\s*=\\s*"([^"]+)"', hcl).group(1)
+    def say(kind, *data):
+        print("1700000000,qemu.image," + kind + "," + ",".join(d.replace(",", "%!(PACKER_COMMA)") for d in data),
+              flush=True)
+    say("ui", "say", "==> qemu.image: Starting VM%!(PACKER_COMMA) booting disk image")
+    if mode == "fail":
+        say("ui", "error", "==> qemu.image: Error executing Ansible: Non-zero exit status: exit status 2")
+        print("1700000001,,error-count,1", flush=True)
+        print("1700000001,qemu.image,error,Error executing Ansible: exit status 2", flush=True)
+        sys.exit(1)
+    if mode == "hang":
+        child = subprocess.Popen(["sleep", "300"])
+        open(os.environ["FAKE_PACKER_CHILD"], "w").write(str(child.pid))
+        time.sleep(300)
+        sys.exit(0)
+    out = os.path.join(vars_["work_dir"], "output")
+    os.makedirs(out)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(out, name), "64M"], check=True)
+    say("ui", "say", "==> qemu.image: Gracefully halting virtual machine...")
+    print("1700000002,qemu.image,artifact-count,1", flush=True)
+    print("1700000002,qemu.image,artifact,0,file,0," + os.path.join(out, name), flush=True)
+    sys.exit(0)
+    """
+)
+
+
+@pytest.fixture
+def fake_packer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    exe = bindir / "packer"
+    exe.write_text(FAKE_PACKER.format(python=sys.executable))
+    exe.chmod(0o755)
+    log = tmp_path / "packer-invocations.log"
+    log.write_text("")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_PACKER_LOG", str(log))
+    render._packer_version_cache.clear()
+    return log
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Settings:
+    for d in ("packer", "kickstart", "ansible"):
+        shutil.copytree(REPO_ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    base = tmp_path / "builds/base"
+    base.mkdir(parents=True)
+    src = base / "debian-12-base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True)
+    (base / "debian-12-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-12-base.qcow2\n")
+    return Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg"}, root=tmp_path)
+
+
+@pytest.fixture
+def image(repo: Settings) -> Image:
+    return load_site(REPO_ROOT / "ansible/inventory", repo.images).images["debian-lab"]
+
+
+@pytest.fixture
+def no_validate(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Validation has its own tests (test_render.py); here it only has to be called."""
+    calls: list[str] = []
+    monkeypatch.setattr(render, "validate", lambda result, settings: calls.append(result.image.name))
+    return calls
+
+
+def invocations(log: Path) -> list[str]:
+    return [ln for ln in log.read_text().splitlines() if ln]
+
+
+def _built(repo: Settings, image: Image, fake_packer: Path) -> build.BuildOutcome:
+    outcome = build.build_image(repo, image, compress=False)
+    assert outcome.status == "built"
+    return outcome
+
+
+def test_parse_machine_readable() -> None:
+    assert build.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
+        "qemu.image", "ui", ["say", "a, b\nc"])
+    assert build.parse_machine_readable("1700000000,,error-count,1") == ("", "error-count", ["1"])
+    assert build.parse_machine_readable("not machine readable") is None
+
+
+def test_build_writes_manifest_matching_the_artifact(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    events: list[build.BuildEvent] = []
+    outcome = build.build_image(repo, image, compress=True, on_event=events.append)
+    assert outcome.status == "built" and outcome.manifest is not None
+    m = load(outcome.build_dir)
+    assert m is not None and m.to_dict() == outcome.manifest.to_dict()
+    art = outcome.build_dir / m.artifact.path
+    assert not Path(m.artifact.path).is_absolute() and art.is_file()
+    assert m.artifact.path == "debian-lab.qcow2"
+    assert sha256_file(art) == m.artifact.sha256 and m.artifact.disk_size == art.stat().st_size
+    assert m.artifact.virtual_size == 64 * 1024**2
+    assert m.build_id == m.artifact.sha256[:12]
+    assert m.fingerprint == outcome.fingerprint and m.inputs["source_checksum"] != "missing"
+    assert m.accelerator == "tcg" and m.tools["packer"] == "1.6.6"
+    assert m.mode == "cloud" and m.family == "debian" and m.release == 12
+    assert no_validate == ["debian-lab"]
+    # live progress saw the step, and the full log has every line
+    assert any(e.kind == "step" and "Starting VM, booting disk image" in e.message for e in events)
+    assert "Gracefully halting" in (outcome.build_dir / "build.log").read_text()
+    # nothing temporary is left behind
+    assert not list(outcome.build_dir.glob(".work-*"))
+    builds = [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
+    assert len(builds) == 1 and "-machine-readable" in builds[0]
+
+
+def test_cache_hit_starts_no_packer_process(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    first = _built(repo, image, fake_packer)
+    fake_packer.write_text("")
+    second = build.build_image(repo, image)
+    assert second.status == "cached"
+    assert second.manifest is not None and first.manifest is not None
+    assert second.manifest.artifact.sha256 == first.manifest.artifact.sha256
+    assert invocations(fake_packer) == [], "a cache hit must not run packer at all"
+    assert no_validate == ["debian-lab"], "a cache hit does not re-validate"
+
+
+def test_force_rebuilds(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
+    _built(repo, image, fake_packer)
+    fake_packer.write_text("")
+    again = build.build_image(repo, image, force=True, compress=False)
+    assert again.status == "built" and again.reason == "--force"
+    assert [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
+
+
+def test_changed_template_invalidates(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
+    _built(repo, image, fake_packer)
+    tpl = repo.root / "packer/image.pkr.hcl.j2"
+    tpl.write_text(tpl.read_text() + "# a change\n")
+    plan = build.build_image(repo, image, dry_run=True)
+    assert plan.status == "planned"
+    assert "inputs changed" in plan.reason and "packer/image.pkr.hcl.j2" in plan.reason
+
+
+def test_changed_role_invalidates(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
+    _built(repo, image, fake_packer)
+    role = repo.root / "ansible/roles/baseline/defaults/main.yml"
+    role.write_text(role.read_text() + "# a change\n")
+    assert build.build_image(repo, image, dry_run=True).status == "planned"
+
+
+def test_corrupted_artifact_invalidates(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    first = _built(repo, image, fake_packer)
+    assert first.artifact is not None
+    with first.artifact.open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\xff")
+    fake_packer.write_text("")
+    plan = build.build_image(repo, image, dry_run=True)
+    assert plan.status == "planned" and "sha256" in plan.reason
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")], "dry run starts no build"
+    rebuilt = build.build_image(repo, image, compress=False)
+    assert rebuilt.status == "built" and rebuilt.manifest is not None
+    assert sha256_file(first.artifact) == rebuilt.manifest.artifact.sha256
+
+
+def test_changed_source_checksum_invalidates(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    _built(repo, image, fake_packer)
+    src = repo.root / "builds/base/debian-12-base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "128M"], check=True)
+    (src.parent / "debian-12-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-12-base.qcow2\n")
+    assert build.build_image(repo, image, dry_run=True).status == "planned"
+
+
+def test_packer_failure_keeps_the_previous_artifact(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = _built(repo, image, fake_packer)
+    assert good.manifest is not None and good.artifact is not None
+    monkeypatch.setenv("FAKE_PACKER_MODE", "fail")
+    with pytest.raises(build.BuildError) as exc:
+        build.build_image(repo, image, force=True)
+    msg = str(exc.value)
+    assert "packer build failed" in msg and "Error executing Ansible" in msg
+    assert str(good.build_dir / "build.log") in msg
+    # the previous, good artifact and its manifest are untouched; no temporary directory is left
+    m = load(good.build_dir)
+    assert m is not None and m.artifact.sha256 == good.manifest.artifact.sha256
+    assert sha256_file(good.artifact) == m.artifact.sha256
+    assert not list(good.build_dir.glob(".work-*"))
+
+
+def test_timeout_stops_packer_and_its_children(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    child_file = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_PACKER_MODE", "hang")
+    monkeypatch.setenv("FAKE_PACKER_CHILD", str(child_file))
+    with pytest.raises(build.BuildError, match="build timeout"):
+        build.build_image(repo, image, timeout_s=3)
+    pid = int(child_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stand-in QEMU process {pid} survived the stop")
+    assert load(repo.builds_dir / "debian-lab") is None
+    assert not list((repo.builds_dir / "debian-lab").glob(".work-*"))
+
+
+def test_missing_source_says_run_base_image(repo: Settings, image: Image, fake_packer: Path,
+                                            no_validate: list[str]) -> None:
+    (repo.root / "builds/base/debian-12-base.qcow2").unlink()
+    with pytest.raises(build.BuildError, match=r"invoke lab\.base-image"):
+        build.build_image(repo, image)
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
+
+
+def test_source_checksum_mismatch(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
+    (repo.root / "builds/base/debian-12-base.qcow2.sha256").write_text("0" * 64 + "  debian-12-base.qcow2\n")
+    with pytest.raises(build.BuildError, match="checksum mismatch"):
+        build.build_image(repo, image)
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
+
+
+def test_packer_missing_says_how_to_install(repo: Settings, image: Image, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+        build.build_image(repo, image)
+
+
+def test_accelerator_override_and_detection(repo: Settings) -> None:
+    assert build.resolve_accelerator(repo, "kvm") == "kvm"
+    assert build.resolve_accelerator(repo, "auto") == "tcg"  # settings say tcg
+    with pytest.raises(build.BuildError, match="not one of"):
+        build.resolve_accelerator(repo, "xen")
+    assert build.detect_accelerator() in ("kvm", "tcg")
+
+
+def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
+    art = tmp_path / "x.qcow2"
+    art.write_bytes(b"data")
+    m = Manifest(image="x", family="debian", release=12, mode="cloud", build_id="abc",
+                 artifact=Artifact(path="x.qcow2", format="qcow2", virtual_size=4, disk_size=4,
+                                   sha256=sha256_file(art)),
+                 fingerprint="f1", inputs={}, tools={}, git={}, started_at="", finished_at="")
+    save(tmp_path, m)
+    assert build.cache_status(tmp_path, "f1")[0] is not None
+    assert build.cache_status(tmp_path, "f2") == (None, "inputs changed")
+    art.write_bytes(b"datb")
+    assert "sha256" in build.cache_status(tmp_path, "f1")[1]
+    assert stat.S_ISREG((tmp_path / "manifest.json").stat().st_mode)
+    assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == "f1"

@@ -1,0 +1,251 @@
+"""Render: determinism, StrictUndefined, required_plugins gating, secrets, and the real validators.
+
+The validation tests run the real tools (Debian's packer, pykickstart's ksvalidator, ansible-lint).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from image_factory import render
+from image_factory.inventory import Image, load_site
+from image_factory.settings import REPO_ROOT, Settings
+
+pytestmark = pytest.mark.unit
+
+
+def _copy_repo_inputs(dst: Path) -> None:
+    for d in ("packer", "kickstart", "ansible"):
+        shutil.copytree(REPO_ROOT / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / ".ansible-lint", dst / ".ansible-lint")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Settings:
+    """A private copy of the templates and catalogue, with builds/ under tmp_path."""
+    _copy_repo_inputs(tmp_path)
+    return Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=tmp_path)
+
+
+@pytest.fixture
+def catalogue(repo: Settings) -> dict[str, Image]:
+    return load_site(REPO_ROOT / "ansible/inventory", repo.images).images
+
+
+def fedora_images() -> list[str]:
+    s = Settings.from_mapping()
+    images = load_site(s.inventory, s.images).images
+    return [n for n, i in images.items() if i.family == "fedora"]
+
+
+def _render(settings: Settings, image: Image, pv: tuple[int, int, int] = (1, 6, 6)) -> render.RenderResult:
+    result = render.render_image(settings, image, packer_version=pv)
+    return result
+
+
+def _snapshot(result: render.RenderResult) -> dict[str, bytes]:
+    return {str(p.relative_to(result.out_dir)): p.read_bytes() for p in result.files}
+
+
+@pytest.mark.parametrize("name", ["fedora-41", "fedora-42", "debian-lab"])
+def test_render_is_byte_identical(repo: Settings, catalogue: dict[str, Image], name: str) -> None:
+    a = _render(repo, catalogue[name])
+    first = _snapshot(a)
+    a.cleanup()
+    b = _render(repo, catalogue[name])
+    try:
+        assert _snapshot(b) == first
+        assert b.fingerprint == a.fingerprint
+        # the per-build material differs between renders, and is not part of the output
+        assert a.secret_dir != b.secret_dir
+        assert all(not p.is_relative_to(b.secret_dir) for p in b.files)  # type: ignore[arg-type]
+    finally:
+        b.cleanup()
+
+
+def test_secret_files_are_private_and_outside_the_repo(repo: Settings, catalogue: dict[str, Image]) -> None:
+    for name in ("fedora-41", "fedora-42"):
+        result = _render(repo, catalogue[name])
+        try:
+            assert result.secret_dir is not None
+            assert not result.var_file.is_relative_to(repo.root)
+            assert stat.S_IMODE(result.secret_dir.stat().st_mode) == 0o700
+            for p in result.secret_dir.rglob("*"):
+                if p.is_file():
+                    assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        finally:
+            result.cleanup()
+        assert not result.secret_dir.exists()
+
+
+def test_kickstart_holds_only_a_sha512_hash(repo: Settings, catalogue: dict[str, Image]) -> None:
+    result = _render(repo, catalogue["fedora-41"])
+    try:
+        assert result.kickstart is not None and result.secret_dir is not None
+        ks = result.kickstart.read_text()
+        assert "%include /tmp/factory-build-user.ks" in ks
+        assert "--password" not in ks and "$6$" not in ks
+        user = (result.secret_dir / "http" / "build-user.ks").read_text()
+        assert "--iscrypted --password=$6$" in user
+        pw_hash = user.split("--password=")[1].split()[0]
+        assert len(pw_hash.split("$")[3]) == 86  # a full SHA-512 crypt digest
+    finally:
+        result.cleanup()
+
+
+def test_no_plaintext_secret_under_builds(repo: Settings, catalogue: dict[str, Image]) -> None:
+    results = [_render(repo, img) for img in catalogue.values()]
+    try:
+        needles: list[bytes] = []
+        for r in results:
+            assert r.secret_dir is not None
+            needles.append((r.secret_dir / "id_ed25519").read_bytes().split(b"\n")[1])  # private key body
+            needles.append(str(r.secret_dir).encode())
+            for p in r.secret_dir.rglob("build-user.ks"):
+                needles.append(p.read_text().split("--password=")[1].split()[0].encode())
+        for p in repo.builds_dir.rglob("*"):
+            if p.is_file():
+                data = p.read_bytes()
+                assert b"PRIVATE KEY" not in data, p
+                for n in needles:
+                    assert n not in data, p
+    finally:
+        for r in results:
+            r.cleanup()
+
+
+def test_required_plugins_only_for_packer_1_7_and_later(repo: Settings, catalogue: dict[str, Image]) -> None:
+    old = _render(repo, catalogue["fedora-42"], (1, 6, 6))
+    old_text = old.hcl.read_text()
+    old.cleanup()
+    new = _render(repo, catalogue["fedora-42"], (1, 11, 2))
+    new_text = new.hcl.read_text()
+    new.cleanup()
+    assert "required_plugins {" not in old_text and "\npacker {" not in old_text
+    assert "\npacker {\n  required_plugins {" in new_text and 'source  = "github.com/hashicorp/qemu"' in new_text
+    assert old.fingerprint != new.fingerprint  # a different packer renders a different build
+
+
+def test_undefined_variable_names_template_and_variable(repo: Settings, catalogue: dict[str, Image]) -> None:
+    tpl = repo.root / "kickstart/partials/storage.ks.j2"
+    tpl.write_text(tpl.read_text() + "part /srv --size={{ srv_size }}\n")
+    out = repo.builds_dir / "fedora-41"
+    with pytest.raises(render.RenderError) as exc:
+        _render(repo, catalogue["fedora-41"])
+    msg = str(exc.value)
+    assert "storage.ks.j2:" in msg and "srv_size" in msg
+    assert not out.exists(), "a template error must leave builds/<image>/ untouched"
+
+
+def test_undefined_attribute_of_image_is_an_error(repo: Settings, catalogue: dict[str, Image]) -> None:
+    tpl = repo.root / "packer/image.pkr.hcl.j2"
+    tpl.write_text(tpl.read_text().replace("{{ image.cpus }}", "{{ image.vcpus }}"))
+    with pytest.raises(render.RenderError, match=r"image\.pkr\.hcl\.j2:\d+: .*vcpus"):
+        _render(repo, catalogue["fedora-42"])
+
+
+def test_bad_catalogue_value_fails_before_packer(repo: Settings, catalogue: dict[str, Image]) -> None:
+    bad = catalogue["fedora-42"].model_copy(update={"source": catalogue["fedora-42"].source.model_copy(
+        update={"url": 'https://example.invalid/x".qcow2'})})
+    with pytest.raises(render.RenderError, match="source.url"):
+        _render(repo, bad)
+    debian_iso = catalogue["debian-lab"].model_copy(update={"mode": "iso"})
+    with pytest.raises(render.RenderError, match="iso mode needs a Fedora kickstart"):
+        _render(repo, debian_iso)
+
+
+def test_fingerprint_follows_inputs(repo: Settings, catalogue: dict[str, Image]) -> None:
+    base = _render(repo, catalogue["debian-lab"])
+    base.cleanup()
+    role = repo.root / "ansible/roles/seal/tasks/main.yml"
+    role.write_text(role.read_text() + "\n# changed\n")
+    changed = _render(repo, catalogue["debian-lab"])
+    changed.cleanup()
+    assert changed.fingerprint != base.fingerprint
+    # an unrelated playbook does not invalidate the image
+    (repo.root / "ansible/playbooks/other.yml").write_text("---\n- hosts: all\n  tasks: []\n")
+    again = _render(repo, catalogue["debian-lab"])
+    again.cleanup()
+    assert again.fingerprint == changed.fingerprint
+    # the local source's checksum file content is an input
+    ck = repo.resolve("builds/base/debian-12-base.qcow2.sha256")
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    ck.write_text("0" * 64 + "  debian-12-base.qcow2\n")
+    with_ck = _render(repo, catalogue["debian-lab"])
+    with_ck.cleanup()
+    assert with_ck.fingerprint != again.fingerprint
+    assert with_ck.inputs["source_checksum"] == "0" * 64
+
+
+def test_packer_version_reads_the_real_packer() -> None:
+    if shutil.which("packer") is None:
+        pytest.skip("packer not installed (./dev setup installs it)")
+    v = render.packer_version()
+    assert len(v) == 3 and v >= (1, 0, 0)
+
+
+def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    render._packer_version_cache.clear()
+    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+        render.packer_version()
+
+
+@pytest.mark.parametrize("name", fedora_images())
+def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path) -> None:
+    """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint."""
+    if shutil.which("packer") is None:
+        pytest.skip("packer not installed (./dev setup installs it)")
+    _copy_repo_inputs(tmp_path)
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=tmp_path)
+    image = load_site(REPO_ROOT / "ansible/inventory", settings.images).images[name]
+    result = render.render_image(settings, image)
+    try:
+        render.validate(result, settings)
+        if image.mode == "iso":
+            assert result.kickstart is not None and result.kickstart.exists()
+    finally:
+        result.cleanup()
+
+
+def test_validate_reports_the_tools_message_with_file_and_line(repo: Settings, catalogue: dict[str, Image]) -> None:
+    if shutil.which("packer") is None:
+        pytest.skip("packer not installed")
+    result = _render(repo, catalogue["fedora-42"])
+    try:
+        text = result.hcl.read_text().replace('  format           = "qcow2"\n',
+                                              '  format           = "qcow2"\n  no_such_option   = 1\n')
+        result.hcl.write_text(text)
+        with pytest.raises(render.RenderError) as exc:
+            render.validate_packer(result)
+        msg = str(exc.value)
+        assert "packer validate" in msg and "no_such_option" in msg and "line" in msg
+        assert str(result.hcl) in msg
+    finally:
+        result.cleanup()
+
+
+def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[str, Image]) -> None:
+    result = _render(repo, catalogue["fedora-41"])
+    try:
+        assert result.kickstart is not None
+        result.kickstart.write_text(result.kickstart.read_text() + "\nbogus_command --nope\n")
+        with pytest.raises(render.RenderError, match=r"(?s)ksvalidator -v F41 rejected .*ks.cfg.*line 60.*bogus_command"):
+            render.validate_kickstart(result)
+    finally:
+        result.cleanup()
+
+
+def test_rendered_output_files_are_not_secret(repo: Settings, catalogue: dict[str, Image]) -> None:
+    result = _render(repo, catalogue["fedora-42"])
+    try:
+        for p in result.files:
+            assert stat.S_IMODE(p.stat().st_mode) & 0o044, "public render output is world-readable"
+        assert os.access(result.hcl, os.R_OK)
+    finally:
+        result.cleanup()
