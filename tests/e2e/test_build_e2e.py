@@ -1,0 +1,112 @@
+"""End to end: a REAL packer build (Debian's packer 1.6.6, QEMU under TCG) of the debian-lab image.
+
+The image is built from the offline Debian base image through exactly the code path Fedora cloud
+images take (render -> validate -> packer build with the Ansible baseline -> compact -> manifest).
+Checks: the manifest's sha256 is the file's; a second run is a cache hit that starts no packer
+process (a recording wrapper stands in front of the real packer on PATH); --force rebuilds for real.
+It uses the repository's builds/ directory so later stages (image tests, publish) can reuse the
+artifact; a build takes about 4-5 minutes under TCG.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from image_factory import build, render
+from image_factory.inventory import load_site
+from image_factory.manifest import load, sha256_file
+from image_factory.settings import Settings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    for tool in ("packer", "qemu-system-x86_64", "qemu-img", "xorriso"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run ./dev setup")
+    try:
+        from image_factory.baseimage import ensure_base_image
+    except ImportError:
+        pytest.skip("image_factory.baseimage does not exist yet: no offline base image to build from")
+    s = Settings.from_mapping({"accelerator": "auto"})
+    ensure_base_image(s)
+    return s
+
+
+@pytest.fixture
+def recording_packer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `packer` first on PATH that logs each invocation, then execs the real one."""
+    real = shutil.which("packer")
+    assert real is not None
+    log = tmp_path / "packer-invocations.log"
+    log.write_text("")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "packer"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    render._packer_version_cache.clear()
+    return log
+
+
+def _check_manifest(build_dir: Path, outcome: build.BuildOutcome) -> None:
+    m = load(build_dir)
+    assert m is not None and outcome.manifest is not None
+    assert m.artifact.sha256 == outcome.manifest.artifact.sha256
+    art = build_dir / m.artifact.path
+    assert not Path(m.artifact.path).is_absolute()
+    assert sha256_file(art) == m.artifact.sha256
+    assert art.stat().st_size == m.artifact.disk_size
+    assert m.artifact.virtual_size == 2 * 1024**3  # the catalogue's disk_size: 2G
+    assert m.build_id == m.artifact.sha256[:12]
+    assert m.accelerator in ("kvm", "tcg") and m.tools["packer"].startswith("1.")
+    assert m.fingerprint == outcome.fingerprint
+
+
+def test_real_build_cache_hit_and_force(settings: Settings, recording_packer: Path) -> None:
+    image = load_site(settings.inventory, settings.images).images["debian-lab"]
+    build_dir = settings.builds_dir / image.name
+
+    first = build.build_image(settings, image)
+    assert first.status in ("built", "cached")
+    if first.status == "built":
+        assert [ln for ln in recording_packer.read_text().splitlines() if ln.startswith("build ")]
+    _check_manifest(build_dir, first)
+
+    # Second run: cache hit, and not a single packer process (not even `packer version`).
+    recording_packer.write_text("")
+    second = build.build_image(settings, image)
+    assert second.status == "cached"
+    assert recording_packer.read_text() == ""
+
+    # The task as a user types it (skip image tests: they have their own e2e test) is a cache hit too.
+    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), "build.image", image.name, "--skip-tests"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cache hit" in proc.stderr
+    assert recording_packer.read_text() == ""
+
+    # --force: a real rebuild with the real packer; the new manifest matches the new file.
+    forced = build.build_image(settings, image, force=True)
+    assert forced.status == "built" and forced.reason == "--force"
+    builds = [ln for ln in recording_packer.read_text().splitlines() if ln.startswith("build ")]
+    assert len(builds) == 1 and "-machine-readable" in builds[0]
+    _check_manifest(build_dir, forced)
+    assert forced.log is not None and "Provisioning with Ansible" in forced.log.read_text()
+    assert not list(build_dir.glob(".work-*"))
+    # the secret var file and key were outside the repo and are gone
+    for p in build_dir.rglob("*"):
+        if p.is_file() and p.suffix != ".qcow2":
+            assert b"PRIVATE KEY" not in p.read_bytes(), p
+    assert stat.S_IMODE((build_dir / "manifest.json").stat().st_mode) & 0o400
