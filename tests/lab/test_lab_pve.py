@@ -420,3 +420,10 @@ def test_node_lists_the_bridges_the_site_uses_and_reports_pve_841(lab: LabHandle
     assert mgmt.get(f"/nodes/{MGMT}/status")["pveversion"].startswith("pve-manager/8.4.1/")
     status = mgmt.get(f"/nodes/{MGMT}/storage/local/status")
     assert 0 < status["avail"] <= status["total"]
+
+
+def test_setting_the_cloudinit_drive_again_is_a_no_op(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 1995, tmp_path)
+    before = c.vm_config(1995)["ide2"]
+    c.run_task("POST", f"/nodes/{c.node}/qemu/1995/config", ide2="local:cloudinit", timeout=30)
+    assert c.vm_config(1995)["ide2"] == before

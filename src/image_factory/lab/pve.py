@@ -619,6 +619,11 @@ class LabPve(FakePve):  # fakepve is untyped
                 if not DRIVE_KEY.match(key):
                     continue
                 volume, props = split_drive(str(updates[key]))
+                current = split_drive(str(vm.config.get(key, "")))[0]
+                if volume.endswith(":cloudinit") and re.fullmatch(
+                        rf"{re.escape(volume_ref(volume)[0] or '')}:(\d+/)?vm-{vm.vmid}-cloudinit(\.\w+)?", current):
+                    updates[key] = vm.config[key]  # already this storage's cloud-init drive: no change
+                    continue
                 if not (volume.endswith(":cloudinit") or "import-from" in props or
                         (NEW_DISK.match(volume) and props.get("media") != "cdrom")):
                     continue
