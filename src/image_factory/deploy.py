@@ -40,6 +40,7 @@ MANAGED_MARKER = "managed-by: deevnet-image-factory"
 INCOMPLETE_TAG = "factory-incomplete"
 DEFAULT_TIMEOUT = 600.0
 TASK_POLL_INTERVAL = 0.25
+CLONE_POLL_INTERVAL = 0.1  # the clone holds the host's clone lock: its end is on every later clone's path
 READY_POLL_INTERVAL = 2.0
 LOCK_RETRY_ATTEMPTS = 5
 LOCK_RETRY_DELAY = 2.0
@@ -680,9 +681,9 @@ def plan_deploy(
 # ----------------------------------------------------------------------------------------- actions
 
 
-def _wait(client: PveClient, upid: Any, timeout: float) -> None:
+def _wait(client: PveClient, upid: Any, timeout: float, interval: float = TASK_POLL_INTERVAL) -> None:
     if isinstance(upid, str) and upid.startswith("UPID:"):
-        client.wait_task(upid, timeout=timeout, interval=TASK_POLL_INTERVAL)
+        client.wait_task(upid, timeout=timeout, interval=interval)
 
 
 def _retry() -> AbstractContextManager[Callable[[Callable[[], Any]], Any]]:
@@ -714,7 +715,7 @@ def _clone(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Templ
 
     def attempt() -> None:
         try:
-            _wait(client, client.post(path, **params), timeout)
+            _wait(client, client.post(path, **params), timeout, CLONE_POLL_INTERVAL)
         except (ApiError, TaskFailed):
             # PVE removes a failed clone itself; make sure before a retry reuses the VMID.
             left = _exists(client, vm.vmid)
