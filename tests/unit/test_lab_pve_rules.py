@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,16 @@ def test_import_files_are_listed_as_volumes(tmp_path: Path) -> None:
     vols = pve._volumes("local")
     assert vols["import/a.qcow2"]["size"] == 10
     assert "import/partial.qcow2.tmp" not in vols
+
+
+def test_access_permissions_of_a_token_are_its_effective_rights(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    user = TOKEN_ID.split("!")[0]
+    pve.grant(user, "/", "Sys.Modify")  # the user alone holds it: the token does not
+    pve.acl[TOKEN_ID] = [(p, s - {"VM.Clone"}) for p, s in pve.acl[TOKEN_ID]]  # the token lacks it
+    perms = asyncio.run(pve._permissions({}, TOKEN_ID))
+    assert "Sys.Modify" not in perms["/"]
+    assert "VM.Clone" not in perms["/vms"] and "VM.Allocate" in perms["/vms"]
+    exact = asyncio.run(pve._permissions({"path": "/vms/1101"}, TOKEN_ID))
+    assert list(exact) == ["/vms/1101"] and "VM.Clone" not in exact["/vms/1101"]
+    assert "VM.PowerMgmt" in exact["/vms/1101"]

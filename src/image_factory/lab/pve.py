@@ -229,6 +229,29 @@ class LabPve(FakePve):  # fakepve is untyped
                 return True
         return False
 
+    async def _permissions(self, v: dict[str, Any], user: str) -> dict[str, dict[str, int]]:
+        """GET /access/permissions of a privilege-separated token: its effective rights (token's ACL
+        intersected with its user's), per ACL path, or for exactly `path` when given."""
+        who = v.get("userid") or user
+        if self.acl is None or "!" not in who or who.split("!")[0] == "root@pam":
+            result: dict[str, dict[str, int]] = await super()._permissions(v, user)
+            return result
+        from fakepve import shapes
+        owner = who.split("!")[0]
+        if v.get("path") is not None:
+            paths = [str(v["path"])]
+        else:
+            paths = sorted({p for p, _ in self.acl.get(who, [])} | {p for p, _ in self.acl.get(owner, [])})
+        out: dict[str, dict[str, int]] = {}
+        for path in paths:
+            try:
+                held = sorted(priv for priv in shapes.PRIVILEGES if self.allowed(who, path, priv))
+            except ValueError:
+                held = []
+            if held or v.get("path") is not None:
+                out[path] = dict.fromkeys(held, 1)
+        return out
+
     def _check(self, user: str, check: Any, values: dict[str, Any], declared: Any = None) -> Any:
         """PVE 8.4's guest-agent permission: fakepve's schema is PVE 9's (VM.GuestAgent.*); 8.4 checks
         VM.Monitor on /vms/{vmid} for every agent command."""
