@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -140,6 +143,12 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path: Path) -> None
         assert [(v["vmid"], v["status"], v["qemu"]["pid"]) for v in shown] == [(1101, "running", qemu["pid"])]
         ours = controller.leftovers(handle.base_settings)
         assert qemu["pid"] in ours and len(ours) == 5  # 2 sshd, 2 API servers, 1 qemu
+        # an API server that dies leaves its qemu behind: lab.down still stops it (tracked by its record)
+        pve_pid = after["hosts"]["pve-mgmt"]["pve_pid"]
+        os.kill(pve_pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pve_pid, 0)
+        assert Path(f"/proc/{qemu['pid']}").exists()
     finally:
         stop_lab(handle, slot_lock)
     assert controller.leftovers(handle.base_settings) == []
@@ -174,3 +183,15 @@ def test_vms_and_disks_survive_down_and_up_like_a_rebooted_node(tmp_path: Path) 
         assert (handle.paths.storage_dir("pve-tenant") / "images" / "2201").is_dir()
     finally:
         stop_lab(handle, slot_lock)
+
+
+def test_nodes_are_independent_and_show_their_own_certificate(lab: LabHandle) -> None:
+    from image_factory.lab.pki import cert_fingerprint
+
+    for name, hv in lab.hypervisors.items():
+        client = PveClient(hv)
+        (node,) = client.get("/nodes")
+        assert node["ssl_fingerprint"] == cert_fingerprint(lab.paths.host_dir(name) / "pve-ssl.pem")
+        assert [e["type"] for e in client.get("/cluster/status")] == ["node"], "not clustered"
+    tenant = lab.hv("pve-tenant")
+    assert tenant.tls_fingerprint == cert_fingerprint(lab.paths.host_dir("pve-tenant") / "pve-ssl.pem")

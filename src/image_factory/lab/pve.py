@@ -742,6 +742,27 @@ class LabPve(FakePve):  # fakepve is untyped
         upid: str = await super()._qm_template(v, user)
         return upid
 
+    # ------------------------------------------------------------ node, cluster
+
+    async def _nodes(self, request: web.Request) -> web.Response:
+        """GET /nodes: this node, with its real certificate fingerprint."""
+        from fakepve.server import ok
+
+        from .pki import cert_fingerprint
+        response: web.Response = await super()._nodes(request)
+        data = json.loads(response.text or "{}").get("data") or []
+        with contextlib.suppress(OSError, ValueError):
+            fp = cert_fingerprint(self.spec.cert)
+            for item in data:
+                item["ssl_fingerprint"] = fp
+        return ok(data)
+
+    async def _cluster_status(self, request: web.Request) -> web.Response:
+        """A node that is not in a cluster lists only itself."""
+        from fakepve.server import ok
+        return ok([{"type": "node", "id": f"node/{self.spec.node}", "name": self.spec.node, "nodeid": 0,
+                    "ip": self.spec.address, "local": 1, "online": 1, "level": ""}])
+
     # ------------------------------------------------------- resize, network
 
     def _routes_lab(self) -> list[tuple[str, str, Any]]:
