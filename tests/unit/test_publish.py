@@ -1,0 +1,229 @@
+"""publish: names, tags, description, template discovery, VMID choice, retention (no processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_factory import manifest as mf
+from image_factory.inventory import Hypervisor, load_site
+from image_factory.publish import (
+    DESCRIPTION_MAX,
+    FACTORY_TAG,
+    IMPORT_NAME_RE,
+    PublishError,
+    TemplateInfo,
+    clone_dependents,
+    dns_name,
+    find_templates,
+    free_vmid,
+    import_file_name,
+    load_artifact,
+    newest_template,
+    parse_description,
+    publish_image,
+    sanitize_tag,
+    select_prunes,
+    template_description,
+    template_name,
+    template_tags,
+)
+from image_factory.settings import REPO_ROOT, Settings
+
+pytestmark = pytest.mark.unit
+TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
+
+
+def manifest(build_id: str = "20261125-1200-a1", sha: str = "ab" * 32, tested: bool = True) -> mf.Manifest:
+    test = mf.ImageTestResult(status="passed", passed=3, artifact_sha256=sha) if tested else None
+    return mf.Manifest(
+        image="debian-lab", family="debian", release=12, mode="cloud", build_id=build_id,
+        artifact=mf.Artifact(path="debian-lab.qcow2", format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
+        fingerprint="f" * 64, inputs={}, tools={}, git={"commit": "abc"}, started_at="", finished_at="",
+        image_test=test,
+    )
+
+
+@pytest.fixture(scope="module")
+def site() -> Any:
+    return load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
+
+
+def test_names_follow_pve_rules(site: Any) -> None:
+    m = manifest(build_id="2026-11-25T12:00:00Z/A+B")
+    name = import_file_name(m)
+    assert IMPORT_NAME_RE.match(name) and name.endswith(".qcow2") and "/" not in name and ":" not in name
+    tpl = template_name(site.image("debian-lab"), m)
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", tpl)
+    assert tpl.startswith("tpl-debian-lab-2026-11-25t12-00-00z")
+    assert dns_name("x" * 100 + "-") == "x" * 63
+    with pytest.raises(PublishError):
+        dns_name("---")
+
+
+def test_tags_are_valid_sorted_and_mark_tested() -> None:
+    tags = template_tags(manifest(build_id="B_1:x"), tested=True)
+    assert tags == sorted(tags) and all(TAG_RE.match(t) for t in tags)
+    assert {FACTORY_TAG, "debian-lab", "debian-12", "tested"} <= set(tags)
+    assert "untested" in template_tags(manifest(), tested=False)
+    assert sanitize_tag("-Weird Tag!") == "weird-tag"
+    assert TAG_RE.match(sanitize_tag("+x"))
+
+
+def test_description_round_trips_and_fits() -> None:
+    m = manifest()
+    text = template_description(m, import_file="f.qcow2", tested=False, forced=True, run_id="r1",
+                                published_at="2026-11-25T12:00:00Z")
+    meta = parse_description(text)
+    assert meta is not None
+    assert meta["digest"] == m.digest and meta["sha256"] == m.artifact.sha256
+    assert meta["tested"].startswith("no") and "--force-untested" in meta["tested"]
+    assert meta["publish_run"] == "r1" and meta["import_file"] == "f.qcow2"
+    assert parse_description("some human note") is None
+    assert m.image_test is not None
+    big = dataclasses.replace(m, image_test=dataclasses.replace(m.image_test, suites=["s" * 100] * 200))
+    long_text = template_description(big, import_file="f", tested=True, forced=False, run_id="r",
+                                     published_at="t")
+    assert len(long_text.encode()) <= DESCRIPTION_MAX
+
+
+class FakeClient:
+    """Answers list_vms/vm_config/get like PveClient from a dict of configs."""
+
+    node = "pve-x"
+    node_path = "/nodes/pve-x"
+
+    def __init__(self, configs: dict[int, dict[str, Any]]):
+        self.configs = configs
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        out = []
+        for vmid, cfg in self.configs.items():
+            row: dict[str, Any] = {"vmid": vmid, "name": cfg.get("name", "")}
+            if cfg.get("tags"):
+                row["tags"] = cfg["tags"]
+            if cfg.get("template"):
+                row["template"] = 1
+            out.append(row)
+        return out
+
+    def vm_config(self, vmid: int) -> dict[str, Any]:
+        return dict(self.configs[vmid])
+
+    def get(self, path: str, **params: Any) -> Any:
+        return []
+
+
+def tpl_config(m: mf.Manifest, published: str, *, template: bool = True, tested: bool = True) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "name": f"tpl-{m.build_id}",
+        "tags": ";".join(template_tags(m, tested)),
+        "description": template_description(m, import_file=import_file_name(m), tested=tested, forced=not tested,
+                                            run_id="r", published_at=published),
+        "scsi0": "local:9000/base-9000-disk-0.qcow2,size=2G",
+    }
+    if template:
+        cfg["template"] = 1
+    return cfg
+
+
+def test_find_templates_newest_first_and_ignores_strangers() -> None:
+    a, b, c = manifest("a", "a" * 64), manifest("b", "b" * 64), manifest("c", "c" * 64)
+    configs = {
+        9000: tpl_config(a, "2026-01-01T00:00:00Z"),
+        9001: tpl_config(b, "2026-03-01T00:00:00Z", tested=False),
+        9002: tpl_config(c, "2026-02-01T00:00:00Z"),
+        9003: tpl_config(c, "2026-04-01T00:00:00Z", template=False),  # half-made
+        9004: {"name": "human", "tags": "image-factory", "description": "hand made", "template": 1},
+        1000: {"name": "vm", "scsi0": "local:9000/base-9000-disk-0.qcow2/1000/vm-1000-disk-0.qcow2"},
+    }
+    for vmid in (9000, 9001, 9002, 9003):
+        configs[vmid]["scsi0"] = f"local:{vmid}/base-{vmid}-disk-0.qcow2,size=2G"
+    client = FakeClient(configs)
+    found = find_templates(client, "debian-lab")  # type: ignore[arg-type]
+    assert [t.vmid for t in found] == [9001, 9002, 9000]
+    assert not found[0].tested and found[1].tested
+    assert newest_template(client, "debian-lab").vmid == 9002  # type: ignore[arg-type, union-attr]
+    every = find_templates(client, "debian-lab", include_incomplete=True)  # type: ignore[arg-type]
+    assert 9003 in [t.vmid for t in every] and not next(t for t in every if t.vmid == 9003).is_template
+    assert find_templates(client, "fedora-42") == []  # type: ignore[arg-type]
+    assert clone_dependents(configs, 9000) == [1000]
+    assert clone_dependents(configs, 9002) == []
+
+
+def test_free_vmid_is_lowest_unused_in_range(site: Any) -> None:
+    hv: Hypervisor = site.hypervisors["pve-mgmt"]
+    first = hv.template_vmids.first
+    assert free_vmid(hv, set()) == first
+    assert free_vmid(hv, {first, first + 1, first + 3}) == first + 2
+    with pytest.raises(PublishError, match="no free VMID"):
+        free_vmid(hv, set(range(hv.template_vmids.first, hv.template_vmids.last + 1)))
+
+
+def _info(vmid: int, digest: str, published: str) -> TemplateInfo:
+    return TemplateInfo(vmid, f"t{vmid}", "n", "img", "b", digest, "s", True, published, "f", "r", True, None, ())
+
+
+def test_select_prunes_keeps_newest_and_current() -> None:
+    ts = [_info(3, "d3", "3"), _info(2, "d2", "2"), _info(1, "d1", "1")]  # newest first
+    assert [t.vmid for t in select_prunes(ts, "d3", 2)] == [1]
+    assert [t.vmid for t in select_prunes(ts, "d3", 1)] == [2, 1]
+    # re-publishing an older build: it stays, the slots left go to the newest others
+    assert [t.vmid for t in select_prunes(ts, "d1", 2)] == [2]
+    assert select_prunes(ts, "d3", 5) == []
+    with pytest.raises(PublishError):
+        select_prunes(ts, "d3", 0)
+
+
+def _write_build(builds: Path, m: mf.Manifest, data: bytes) -> Path:
+    d = builds / m.image
+    d.mkdir(parents=True)
+    (d / m.artifact.path).write_bytes(data)
+    mf.save(d, m)
+    return d
+
+
+def test_load_artifact_refuses_untested_tampered_and_missing(tmp_path: Path, site: Any) -> None:
+    data = b"qcow2-ish bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "b")})
+    with pytest.raises(mf.ManifestError, match="build the image first"):
+        load_artifact(settings, site, "debian-lab", force_untested=False)
+    _write_build(settings.builds_dir, manifest(sha=sha, tested=False), data)
+    with pytest.raises(PublishError, match="no passing image test"):
+        load_artifact(settings, site, "debian-lab", force_untested=False)
+    art = load_artifact(settings, site, "debian-lab", force_untested=True)
+    assert art.forced and not art.tested and art.size == len(data)
+
+    settings2 = Settings.from_mapping({"builds_dir": str(tmp_path / "c")})
+    # a test result for another sha256 does not count
+    other = manifest(sha=sha)
+    assert other.image_test is not None
+    other.image_test.artifact_sha256 = "0" * 64
+    _write_build(settings2.builds_dir, other, data)
+    with pytest.raises(PublishError, match="no passing image test"):
+        load_artifact(settings2, site, "debian-lab", force_untested=False)
+
+    settings3 = Settings.from_mapping({"builds_dir": str(tmp_path / "d")})
+    d = _write_build(settings3.builds_dir, manifest(sha=sha), data)
+    assert load_artifact(settings3, site, "debian-lab", force_untested=False).tested
+    (d / "debian-lab.qcow2").write_bytes(b"changed")
+    with pytest.raises(PublishError, match="does not match the manifest"):
+        load_artifact(settings3, site, "debian-lab", force_untested=False)
+
+
+def test_publish_image_validates_before_contacting_hosts(tmp_path: Path, site: Any) -> None:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path)})
+    with pytest.raises(PublishError, match="unknown transport"):
+        publish_image(settings, site, "debian-lab", transport="ftp", progress=False)
+    with pytest.raises(PublishError, match="--keep"):
+        publish_image(settings, site, "debian-lab", keep=0, progress=False)
+    with pytest.raises(Exception, match="no such hypervisor"):
+        publish_image(settings, site, "debian-lab", hypervisors=["nope"], progress=False)
+    with pytest.raises(Exception, match="no such image"):
+        publish_image(settings, site, "nope", progress=False)
