@@ -44,7 +44,7 @@ from .config import (
     write_public,
 )
 from .pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
-from .pve import NodeSpec
+from .spec import NodeSpec
 
 START_TIMEOUT = 30.0
 LAB_IMAGE = "debian-lab"

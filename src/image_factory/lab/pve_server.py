@@ -19,7 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .pve import LabPve, NodeSpec
+from .pve import LabPve
+from .spec import NodeSpec
 
 
 async def serve(spec: NodeSpec) -> None:
