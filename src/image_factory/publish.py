@@ -665,6 +665,8 @@ def _execute(
         _destroy(client, t.vmid, result)
         result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
     if plan.existing:
+        if ctx.progress:
+            ctx.progress(hv.name, art.size, art.size)  # nothing to send: the bar is complete
         if result.action != "created":
             result.action = "unchanged"
             result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name

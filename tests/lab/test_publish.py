@@ -290,3 +290,29 @@ def test_unknown_host_key_and_wrong_tls_pin_refused_with_zero_bytes(env: Any) ->
     for name in ("pve-mgmt", "pve-tenant"):
         assert [p.name for p in lab.paths.import_dir(name).iterdir() if not p.name.startswith(".image-factory")] == []
     assert all(c.list_vms() == [] for c in clients(lab).values())
+
+
+def test_invoke_task_dry_run_and_json(env: Any) -> None:
+    import json
+    import sys
+
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="cli1")
+    invoke = str(Path(sys.executable).with_name("invoke"))
+    run_env = {**os.environ, "INVOKE_FACTORY_BUILDS_DIR": str(settings.builds_dir)}
+    base = [invoke, "publish.template", IMAGE, "--inventory", str(lab.settings.inventory)]
+    dry = subprocess.run([*base, "--dry-run", "--json"], env=run_env, capture_output=True, text=True,
+                         cwd=settings.root)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] and {h["plan"]["action"] for h in plan["hosts"]} == {"create"}
+    assert all(c.list_vms() == [] for c in clients(lab).values())
+    real = subprocess.run([*base, "--hypervisor", "pve-tenant", "--json", "--keep", "2"], env=run_env,
+                          capture_output=True, text=True, cwd=settings.root)
+    assert real.returncode == 0, real.stderr
+    rep = json.loads(real.stdout)
+    assert [h["host"] for h in rep["hosts"]] == ["pve-tenant"] and rep["hosts"][0]["action"] == "created"
+    assert rep["keep"] == 2
+    bad = subprocess.run([*base, "--transport", "ftp"], env=run_env, capture_output=True, text=True,
+                         cwd=settings.root)
+    assert bad.returncode != 0 and "unknown transport" in bad.stderr

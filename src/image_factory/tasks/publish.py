@@ -8,7 +8,7 @@ from invoke.tasks import task
 from rich.table import Table
 
 from ..console import console, emit_json
-from ..publish import DEFAULT_KEEP, PublishReport, publish_image
+from ..publish import DEFAULT_KEEP, PublishError, PublishReport, publish_image
 from ._common import handle_errors, site
 
 
@@ -20,6 +20,7 @@ def _default_keep(c: Context) -> int:
 
 @task(
     iterable=["hypervisor"],
+    aliases=(),
     help={
         "name": "image name from the catalogue (its build is read from builds/<name>/manifest.json)",
         "hypervisor": "publish only to this hypervisor (repeat for several; default: all)",
@@ -43,7 +44,7 @@ def template(
     settings, model = site(c, inventory, images)
     report = publish_image(
         settings, model, name, hypervisors=hypervisor or None, transport=transport,
-        keep=keep if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
+        keep=_keep(keep) if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
         progress=not json, engine=engine,
     )
     if json:
@@ -51,6 +52,13 @@ def template(
     else:
         print_report(report)
     report.raise_for_failures()
+
+
+def _keep(value: object) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise PublishError(f"--keep must be a whole number, not {value!r}") from None
 
 
 def print_report(report: PublishReport) -> None:
