@@ -462,6 +462,9 @@ class PublishReport:
     def host(self, name: str) -> HostResult:
         return next(h for h in self.hosts if h.host == name)
 
+    def failed_hosts(self) -> list[str]:
+        return [h.host for h in self.hosts if not h.ok]
+
     def raise_for_failures(self) -> None:
         bad = [h for h in self.hosts if not h.ok]
         if bad:
