@@ -233,6 +233,7 @@ class Guest:
     qga_socket: Path
     key_file: Path
     known_hosts: Path
+    sockdir: Path
     user: str = TEST_USER
     host_keys: list[tuple[str, str]] = field(default_factory=list)
 
@@ -254,6 +255,7 @@ class Guest:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
 def boot_guest(
@@ -282,7 +284,9 @@ def boot_guest(
         instance_id = f"imagetest-{os.urandom(6).hex()}"
         iso = make_seed_iso(workdir, seed_files(hostname, instance_id, pub, mac))
         serial = workdir / "serial.log"
-        qga = workdir / "qga.sock"
+        # A unix socket path must stay under 108 bytes: keep it in a short temporary directory.
+        sockdir = Path(tempfile.mkdtemp(prefix="qga-"))
+        qga = sockdir / "qga.sock"
         accel = accel_args(settings.accelerator)
         last_err = ""
         for _attempt in range(3):
@@ -307,7 +311,7 @@ def boot_guest(
             if qproc.poll() is None:
                 assert qproc.stderr is not None
                 qproc.stderr.close()
-                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts")
+                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir)
             assert qproc.stderr is not None
             last_err = qproc.stderr.read().decode(errors="replace")
             if "host forwarding" not in last_err:
@@ -315,6 +319,8 @@ def boot_guest(
         raise ImageTestError(f"qemu failed to start: {last_err.strip()[-1500:]}")
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        if "sockdir" in locals():
+            shutil.rmtree(sockdir, ignore_errors=True)
         raise
 
 
