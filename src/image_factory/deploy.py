@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,7 @@ READY_POLL_INTERVAL = 2.0
 LOCK_RETRY_ATTEMPTS = 5
 LOCK_RETRY_DELAY = 2.0
 MAX_WORKERS = 16
+SSH_PORT = 22
 NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
               "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
@@ -56,6 +58,10 @@ ClientFactory = Callable[[Hypervisor], PveClient]
 
 class DeployError(FactoryError):
     """A deploy step failed for one VM (carried in the report, not raised out of deploy_vms)."""
+
+
+class NotReady(DeployError):
+    """The VM is configured and started, but the guest did not show up in time (it is kept)."""
 
 
 # ------------------------------------------------------------------------------- property strings
@@ -786,10 +792,48 @@ def guest_address(interfaces: Any, mac: str) -> str | None:
     return None
 
 
+def agent_configured(config: Mapping[str, Any]) -> bool:
+    props = parse_props(str(config.get("agent", "0")), "enabled")
+    return props.get("enabled", "0").lower() in ("1", "true", "on", "yes")
+
+
+def known_address(vm: Vm) -> str | None:
+    """NIC 0's address when the inventory knows it (nics[0].address or a static ipconfig)."""
+    if vm.nics[0].address:
+        return vm.nics[0].address
+    ip = vm.cloudinit.ipconfig
+    return ip.ip.split("/")[0] if isinstance(ip, StaticIp) else None
+
+
+def ssh_answers(address: str, port: int | None = None, timeout: float = 3.0) -> bool:
+    """True when an SSH server greets on address:port (reads the banner; sends nothing)."""
+    try:
+        with socket.create_connection((address, port or SSH_PORT), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def wait_ready(client: PveClient, vm: Vm, *, timeout: float, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Until the guest agent reports a NIC with the inventory MAC (nic 0) and an IPv4 address; returns it."""
-    path = f"{client.node_path}/qemu/{vm.vmid}/agent/network-get-interfaces"
+    """Until the guest is ready; returns its address.
+
+    With the guest agent configured (the factory's templates have it): the agent reports a NIC with
+    the inventory MAC of nic 0 and an IPv4 address. Without an agent: SSH greets on the address the
+    inventory gives nic 0 (static ipconfig or nics[0].address); with neither, refuse to guess.
+    """
     deadline = time.monotonic() + timeout
+    if not agent_configured(client.vm_config(vm.vmid)):
+        address = known_address(vm)
+        if address is None:
+            raise NotReady(f"{vm.name}: no guest agent configured and no known address to check SSH on; "
+                              "enable the agent in the template or deploy with --no-wait")
+        while not ssh_answers(address):
+            if time.monotonic() > deadline:
+                raise NotReady(f"{vm.name}: not ready after {timeout:.0f}s: no SSH greeting on {address}")
+            sleep(READY_POLL_INTERVAL)
+        return address
+    path = f"{client.node_path}/qemu/{vm.vmid}/agent/network-get-interfaces"
     last = "no answer yet"
     while True:
         try:
@@ -802,13 +846,13 @@ def wait_ready(client: PveClient, vm: Vm, *, timeout: float, sleep: Callable[[fl
             last = f"agent answers, but no NIC {vm.nics[0].mac} with an IPv4 address (NICs seen: {', '.join(seen)})"
         except ApiError as exc:
             if exc.status in (401, 403):
-                raise DeployError(
+                raise NotReady(
                     f"{vm.name}: cannot read the guest agent: {exc.pve_message} (the API token needs VM.Monitor on "
                     "PVE 8, VM.GuestAgent.Audit on PVE 9; or deploy with --no-wait)"
                 ) from None
             last = exc.pve_message
         if time.monotonic() > deadline:
-            raise DeployError(f"{vm.name}: not ready after {timeout:.0f}s: {last}")
+            raise NotReady(f"{vm.name}: not ready after {timeout:.0f}s: {last}")
         sleep(READY_POLL_INTERVAL)
 
 
@@ -911,6 +955,9 @@ def _execute(run: _Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> 
             result.macs = _read_back_macs(client, vm)
         elif plan.action == "drift":
             _correct(run, client, hv, vm, plan, template, result, wait=wait, timeout=timeout)
+    except NotReady as exc:
+        result.state = "not-ready"
+        result.error = str(exc)
     except FactoryError as exc:
         result.state = "failed"
         result.error = result.error or str(exc)
@@ -920,8 +967,6 @@ def _execute(run: _Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> 
     finally:
         result.phases["total"] = time.monotonic() - started
         run.say(vm.name, result.state)
-    if result.state == "failed" and isinstance(result.error, str) and "not ready after" in result.error:
-        result.state = "not-ready"
     return result
 
 

@@ -210,3 +210,52 @@ def test_placement_reasserted_per_vm(site: Site) -> None:
     assert "metrics01: vm.hypervisor: refused: mgmt VMs may only run on the mgmt hypervisor" in text
     assert "iot-api01: vm.hypervisor: refused: tenant VMs may only run on the tenant hypervisor" in text
     assert "jump01" not in text
+
+
+# ------------------------------------------------------------------------ readiness over SSH
+
+
+def _greeter(payload: bytes) -> tuple[int, Any]:
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(payload)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], srv
+
+
+def test_ssh_answers_reads_the_banner_only() -> None:
+    port, srv = _greeter(b"SSH-2.0-OpenSSH_9.2\r\n")
+    port2, srv2 = _greeter(b"HTTP/1.1 400 Bad Request\r\n")
+    try:
+        assert dep.ssh_answers("127.0.0.1", port)
+        assert not dep.ssh_answers("127.0.0.1", port2)
+    finally:
+        srv.close()
+        srv2.close()
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+    assert not dep.ssh_answers("127.0.0.1", closed, timeout=1)
+
+
+def test_known_address_and_agent_configured(site: Site) -> None:
+    assert dep.known_address(site.vms["jump01"]) == "192.168.10.30"
+    assert dep.known_address(site.vms["metrics01"]) is None
+    assert dep.agent_configured({"agent": "enabled=1,fstrim_cloned_disks=1"})
+    assert dep.agent_configured({"agent": "1"})
+    assert not dep.agent_configured({"agent": "0"}) and not dep.agent_configured({})
