@@ -1023,7 +1023,12 @@ def deploy_vms(
     dry_run: bool = False, wait: bool = True, timeout: float = DEFAULT_TIMEOUT, recreate: bool = False,
     progress: bool = True, client_factory: ClientFactory | None = None, max_workers: int = MAX_WORKERS,
 ) -> DeployReport:
-    """Plan, then converge every selected VM; hypervisors in parallel, clones serialised per host."""
+    """Plan, then converge every selected VM.
+
+    Each hypervisor has its own pool of ``max_workers`` threads (so one busy host never starves the
+    other); on a host, clones run one at a time (the host's clone lock), while config, start and the
+    readiness wait of VMs whose clone has finished overlap.
+    """
     del settings
     started = time.monotonic()
     vms = select_vms(site, names, plane=plane)
@@ -1037,9 +1042,18 @@ def deploy_vms(
         for p in plan.vms:
             say(p.vm, p.action if p.action != "blocked" else f"blocked: {p.reason}")
         by_name = {v.name: v for v in vms}
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(plan.vms)))) as pool:
-            futures = [pool.submit(_execute, run, p, by_name[p.vm], wait=wait, timeout=timeout) for p in plan.vms]
-            results = [f.result() for f in futures]
+        by_host: dict[str, list[VmPlan]] = {}
+        for p in plan.vms:
+            by_host.setdefault(p.host, []).append(p)
+        pools = {h: ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ps))), thread_name_prefix=f"deploy-{h}")
+                 for h, ps in by_host.items()}
+        try:
+            futures = {p.vm: pools[p.host].submit(_execute, run, p, by_name[p.vm], wait=wait, timeout=timeout)
+                       for p in plan.vms}
+            results = [futures[p.vm].result() for p in plan.vms]
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=True)
     return DeployReport(results, False, time.monotonic() - started)
 
 
