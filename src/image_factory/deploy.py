@@ -1113,7 +1113,7 @@ def plan_table(plan: DeployPlan) -> Any:
 
     table = Table(title="deploy plan")
     for col in ("VM", "host", "VMID", "MACs", "template", "action", "details"):
-        table.add_column(col)
+        table.add_column(col, min_width=17 if col == "MACs" else None, overflow="fold")
     for p in plan.vms:
         details = p.reason or "; ".join(str(d) for d in p.diffs)
         if p.notes:
@@ -1127,7 +1127,7 @@ def report_table(report: DeployReport) -> Any:
 
     table = Table(title="deploy" + (" (dry run)" if report.dry_run else "") + f": {report.wall_s:.1f}s")
     for col in ("VM", "host", "VMID", "MACs", "template", "state", "details"):
-        table.add_column(col)
+        table.add_column(col, min_width=17 if col == "MACs" else None, overflow="fold")
     for r in report.results:
         p = r.plan
         details = "; ".join(filter(None, [

@@ -8,6 +8,7 @@ boots here; the others start without qemu (the lab answers their agent from the 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -287,3 +288,35 @@ def test_disk_is_grown_to_the_inventory_size_never_shrunk(lab: LabHandle) -> Non
     [r2] = deploy(lab, [vm.name], site=sized(lab.site, 10)).results
     assert r2.state == "drift-unresolved"
     assert dep.boot_disk(api_config(lab, TENANT, vm.vmid)) == ("scsi0", 20 * 1024**3)
+
+
+def invoke(lab: LabHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO_ROOT / ".venv/bin/invoke"), *args, "--inventory", str(lab.settings.inventory)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_cli_plan_vm_json_and_destroy(lab: LabHandle) -> None:
+    import json
+
+    planned = invoke(lab, "deploy.plan", "--plane", "tenant", "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert {v["vm"]: v["action"] for v in json.loads(planned.stdout)["vms"]} == {
+        "iot-api01": "create", "sandbox01": "create"}
+    dry = invoke(lab, "deploy.vm", "-n", "iot-api01", "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["vms"][0]["state"] == "planned"
+    assert api_vmids(lab, TENANT) == set()
+    done = invoke(lab, "deploy.vm", "-n", "iot-api01", "--json")
+    assert done.returncode == 0, done.stderr
+    [vm] = json.loads(done.stdout)["vms"]
+    assert (vm["state"], vm["macs"], vm["host"], vm["vmid"]) == ("created", ["02:de:20:11:01:00"], TENANT, 2101)
+    table = invoke(lab, "deploy.vm", "-n", "iot-api01")
+    assert table.returncode == 0 and "unchanged" in table.stderr and "02:de:20:11:01:00" in table.stderr
+    refused = invoke(lab, "deploy.destroy", "jump01")
+    assert refused.returncode != 0 and "--i-know-this-is-mgmt" in refused.stderr
+    gone = invoke(lab, "deploy.destroy", "iot-api01")
+    assert gone.returncode == 0 and "destroyed" in gone.stderr
+    assert api_vmids(lab, TENANT) == set()
+    nothing = invoke(lab, "deploy.vm")
+    assert nothing.returncode != 0 and "--all" in nothing.stderr
