@@ -49,13 +49,14 @@ from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
-from .pve import ApiError, PveClient, retry_on_lock
+from .pve import LOCK_TIMEOUT_RE, ApiError, PveClient, TaskFailed
 from .settings import Settings
 from .sshlink import SshLink
 from .upload import (
     SshUploader,
     UploadResult,
     partial_name,
+    remote_list,
     remote_remove,
     remote_sha256,
     remote_sizes,
@@ -389,6 +390,7 @@ class HostPlan:
     partial_bytes: int = 0
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
+    stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
     prune: list[TemplateInfo] = field(default_factory=list)
     keep_for_clones: dict[int, list[int]] = field(default_factory=dict)
 
@@ -403,6 +405,7 @@ class HostPlan:
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,
             "remove_stale": [t.vmid for t in self.stale],
+            "remove_partials": self.stale_partials,
             "prune": [{"vmid": t.vmid, "name": t.name, "build_id": t.build_id} for t in self.prune],
             "kept_for_linked_clones": {str(k): v for k, v in self.keep_for_clones.items()},
         }
@@ -559,6 +562,11 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
         plan.upload = "none"
     # Half-made factory VMs: with the lock held nobody else is working on them.
     plan.stale = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
+    own_partial = partial_name(art.import_file)
+    stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
+    plan.stale_partials = sorted(
+        n for n in remote_list(link, hv.storage.import_dir) if stray.match(n) and (n != own_partial or plan.existing)
+    )
     if not plan.existing:
         final = f"{hv.storage.import_dir}/{art.import_file}"
         part_path = f"{hv.storage.import_dir}/{partial_name(art.import_file)}"
@@ -667,6 +675,9 @@ def _execute(
     for t in plan.stale:
         _destroy(client, t.vmid, result)
         result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
+    if plan.stale_partials:
+        remote_remove(link, *(f"{hv.storage.import_dir}/{n}" for n in plan.stale_partials))
+        result.cleaned_up.extend(f"removed stale partial upload {n}" for n in plan.stale_partials)
     if plan.existing:
         if ctx.progress:
             ctx.progress(hv.name, art.size, art.size)  # nothing to send: the bar is complete
@@ -737,8 +748,7 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
         for _attempt in range(5):
             params = _create_params(hv, art, vmid, description, tags)
             try:
-                with retry_on_lock() as retry:
-                    task = retry(lambda p=params: _create(client, p, on_created))  # type: ignore[misc]
+                task = _retry_lock(lambda p=params: _create(client, p, on_created), result, f"create {vmid}")  # type: ignore[misc]
             except ApiError as exc:
                 if ALREADY_EXISTS_RE.search(exc.pve_message):
                     # Someone else (outside our lock: a human, another tool) took the id: re-plan.
@@ -751,8 +761,7 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
             break
         else:
             raise PublishError(f"{hv.name}: could not find a free VMID after 5 attempts")
-        with retry_on_lock() as retry:
-            task = retry(lambda: _template(client, vmid))
+        task = _retry_lock(lambda: _template(client, vmid), result, f"template {vmid}")
         if task is not None:
             result.warnings.extend(f"template {vmid}: {w}" for w in task.warnings)
         cfg = client.vm_config(vmid)
@@ -818,6 +827,24 @@ def _cleanup_vm(client: PveClient, vmid: int, run_id: str, result: HostResult) -
         result.cleaned_up.append(f"could NOT destroy half-made VM {vmid} ({exc}); the next publish removes it")
 
 
+LOCK_RETRIES = 5
+LOCK_RETRY_DELAY = 2.0
+
+
+def _retry_lock(fn: Callable[[], Any], result: HostResult, what: str) -> Any:
+    """Run fn (a call and its task); retry PVE's "can't lock file ... got timeout", noting each retry."""
+    for attempt in range(1, LOCK_RETRIES + 1):
+        try:
+            return fn()
+        except (ApiError, TaskFailed) as exc:
+            message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
+            if attempt == LOCK_RETRIES or not LOCK_TIMEOUT_RE.search(message):
+                raise
+            result.warnings.append(f"{what}: retrying after a lock timeout ({message.strip()[:160]})")
+            time.sleep(LOCK_RETRY_DELAY * attempt)
+    raise AssertionError("unreachable")
+
+
 def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:
     def once() -> Any:
         upid = client.delete(f"{client.node_path}/qemu/{vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
@@ -825,8 +852,7 @@ def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:
             return client.wait_task(upid, timeout=TASK_TIMEOUT)
         return None
 
-    with retry_on_lock() as retry:
-        task = retry(once)
+    task = _retry_lock(once, result, f"destroy {vmid}")
     if task is not None:
         result.warnings.extend(f"destroy {vmid}: {w}" for w in task.warnings)
 

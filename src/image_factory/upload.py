@@ -100,6 +100,14 @@ def remote_sizes(link: SshLink, *paths: str) -> dict[str, int | None]:
     return {p: (None if v == "-" else int(v)) for p, v in zip(paths, values, strict=True)}
 
 
+def remote_list(link: SshLink, directory: str) -> list[str]:
+    """Names in a directory on the host (hidden ones included)."""
+    res = link.run(f"ls -1A -- {_q(directory)}", check=False, timeout=60)
+    if res.status != 0:
+        raise UploadError(link.name, f"cannot list {directory}: {res.stderr.strip()[-300:]}")
+    return [line for line in res.stdout.splitlines() if line]
+
+
 def remote_sha256(link: SshLink, path: str, *, timeout: float = 1800) -> str | None:
     """sha256 of a file on the host (openssl is ~3.5x faster than sha256sum there); None if absent."""
     qp = _q(path)

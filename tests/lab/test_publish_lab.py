@@ -177,6 +177,8 @@ def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any) -> None:
     assert report.ok, report.to_dict()
     assert h.action == "created"
     assert h.resumed_from and h.resumed_from[0] > 0
+    # the cut also killed the session holding the host lock: the run re-took it and re-planned
+    assert any("re-took the lock" in w for w in h.warnings), h.warnings
     final = lab.paths.import_dir(name) / "debian-lab-cut1.qcow2"
     assert mf.sha256_file(final) == m.artifact.sha256
     assert not part.exists()
@@ -290,6 +292,89 @@ def test_unknown_host_key_and_wrong_tls_pin_refused_with_zero_bytes(env: Any) ->
     for name in ("pve-mgmt", "pve-tenant"):
         assert [p.name for p in lab.paths.import_dir(name).iterdir() if not p.name.startswith(".image-factory")] == []
     assert all(c.list_vms() == [] for c in clients(lab).values())
+
+
+def test_wrong_ca_file_refused_with_zero_bytes(env: Any, tmp_path: Path) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="ca1")
+    ca = tmp_path / "other-ca.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(tmp_path / "other-ca.key"), "-out", str(ca), "-subj", "/CN=not the lab CA",
+                    "-days", "1"], check=True, capture_output=True)
+    mg = lab.hv("pve-mgmt")
+    bad = mg.model_copy(update={"tls_ca_file": ca, "tls_fingerprint": None})
+    report = publish_image(settings, dataclasses.replace(site, hypervisors={"pve-mgmt": bad}), IMAGE,
+                           progress=False)
+    h = report.host("pve-mgmt")
+    assert not report.ok and "TLS verification" in (h.error or "") and h.bytes_sent == 0
+    assert list(lab.paths.import_dir("pve-mgmt").iterdir()) == []  # not even the lock file: TLS is checked first
+
+
+def test_leftovers_of_a_crashed_run_are_cleaned_and_own_partial_resumed(env: Any) -> None:
+    lab, settings, site = env
+    m = make_build(settings.builds_dir, build_id="crash2", mib=8)
+    name = "pve-tenant"
+    hv = lab.hv(name)
+    c = PveClient(hv)
+    imports = lab.paths.import_dir(name)
+    # a crashed run of an older build: a partial upload and a half-made (not template) factory VM
+    (imports / partial_name("debian-lab-crash1.qcow2")).write_bytes(b"x" * 1000)
+    old = make_build(settings.builds_dir / "old", build_id="crash1")
+    from image_factory.publish import template_description, template_tags
+
+    upid = c.post(f"{c.node_path}/qemu", vmid=hv.template_vmids.first, name="tpl-debian-lab-crash1",
+                  tags=";".join(template_tags(old, True)),
+                  description=template_description(old, import_file="debian-lab-crash1.qcow2", tested=True,
+                                                   forced=False, run_id="dead", published_at="2026-01-01T00:00:00Z"))
+    c.wait_task(upid)
+    # and a crashed run of THIS build left the first third of its partial
+    art = settings.builds_dir / IMAGE / "debian-lab.qcow2"
+    third = art.stat().st_size // 3
+    with art.open("rb") as src:
+        (imports / partial_name("debian-lab-crash2.qcow2")).write_bytes(src.read(third))
+    dry = publish_image(settings, site, IMAGE, hypervisors=[name], dry_run=True, progress=False).host(name)
+    assert dry.plan["upload"] == "resume" and dry.plan["partial_bytes"] == third
+    assert dry.plan["remove_stale"] == [hv.template_vmids.first]
+    assert dry.plan["remove_partials"] == [partial_name("debian-lab-crash1.qcow2")]
+    r = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    h = r.host(name)
+    assert r.ok, r.to_dict()
+    assert h.resumed_from == [third] and h.bytes_sent == art.stat().st_size - third
+    assert len(h.cleaned_up) == 2
+    assert sorted(p.name for p in imports.iterdir() if not p.name.startswith(".image-factory")) == [
+        "debian-lab-crash2.qcow2"]
+    assert [t.vmid for t in find_templates(c, IMAGE, include_incomplete=True)] == [h.template_vmid]
+    assert mf.sha256_file(imports / "debian-lab-crash2.qcow2") == m.artifact.sha256
+
+
+def test_storage_lock_timeout_is_retried(env: Any) -> None:
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="lk1")
+    name = "pve-mgmt"
+    c = PveClient(lab.hv(name))
+    lab.time_scale(name, 0.1)  # 10 PVE s lock wait = 1 s
+    lab.lock_storage(name, "local", secs=None)  # another worker holds the storage lock...
+    released = threading.Event()
+
+    def release_after_first_failure() -> None:  # ...until the first create task has failed on it
+        for _ in range(600):
+            tasks = c.get(f"{c.node_path}/tasks", typefilter="qmcreate")
+            if any(t.get("status") not in (None, "OK", "running") for t in tasks):
+                lab.clear_faults(name)
+                lab.time_scale(name, 0.1)
+                released.set()
+                return
+            threading.Event().wait(0.1)
+
+    helper = threading.Thread(target=release_after_first_failure, daemon=True)
+    helper.start()
+    r = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    helper.join(5)
+    assert released.is_set()
+    assert r.ok, r.to_dict()
+    assert r.host(name).action == "created"
+    assert any("retrying after a lock timeout" in w for w in r.host(name).warnings), r.host(name).warnings
+    assert len(PveClient(lab.hv(name)).list_vms()) == 1
 
 
 def test_invoke_task_dry_run_and_json(env: Any) -> None:
