@@ -610,6 +610,13 @@ def _plan_host(run: _Run, hv: Hypervisor, vms: list[Vm], recreate: bool) -> list
             continue
         config, pending_keys, _ = _effective_config(client, vm.vmid)
         marker = Marker.parse(config.get("description"))
+        lock = entry.get("lock") or config.get("lock")
+        if lock:
+            plan.action = "blocked"
+            plan.reason = (f"VMID {vm.vmid} on {hv.name} is locked ({lock}): another task or deploy run is working "
+                           "on it; re-run when it has finished")
+            plans.append(plan)
+            continue
         if not marker.managed:
             plan.action = "blocked"
             plan.reason = (f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this "

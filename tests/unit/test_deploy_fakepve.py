@@ -422,3 +422,15 @@ def test_without_guest_agent_ready_means_ssh_greets_on_the_known_address(
     assert by["metrics01"].state == "created" and by["metrics01"].address == "127.0.0.1"
     assert by["logs01"].state == "not-ready" and "no guest agent configured" in (by["logs01"].error or "")
     assert fs.vm("pve-mgmt", 1102) is not None  # configured and started: kept, reported not ready
+
+
+def test_locked_vm_is_blocked_not_recreated(fs: FakeSite) -> None:
+    """A VM another run is still cloning (lock: clone, marker still 'incomplete') is left alone."""
+    pve = fs.pves["pve-tenant"]
+    vm = fs.site.vms["iot-api01"]
+    tpl = dep.TemplateRef(9000, "tpl-fedora-43-x", "x", ())
+    pve.add_vm(2101, "iot-api01", node="pve-tenant", lock="clone",
+               config={"description": dep.describe(vm, tpl, incomplete=True), "lock": "clone"})
+    [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
+    assert r.state == "blocked" and "locked (clone)" in r.plan.reason
+    assert writes(pve) == [] and pve.vm(2101) is not None
