@@ -3,9 +3,11 @@
 from invoke.collection import Collection
 
 from image_factory.settings import DEFAULTS
-from image_factory.tasks import build, deploy, image, inventory, lab, mac, publish
+from image_factory.tasks import build, deploy, image, inventory, lab, mac, pipeline, publish
 
 ns = Collection()
 for module in (inventory, build, image, publish, deploy, mac, lab):
     ns.add_collection(module.ns)
+ns.add_task(pipeline.pipeline_task, name="pipeline")
+ns.add_task(pipeline.demo, name="demo")
 ns.configure({"factory": dict(DEFAULTS)})

@@ -1,0 +1,112 @@
+"""pipeline and demo: the nightly job and the one-command tour of the whole tool."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from pathlib import Path
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+from rich.table import Table
+
+from ..console import console, emit_json
+from ..pipeline import DemoReport, ImageRun, PipelineReport, run_demo, run_pipeline
+from ._common import handle_errors, settings, site
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _write_json(path: str | None, data: dict[str, object]) -> None:
+    if path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(jsonlib.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        console.print(f"report: {target}")
+
+
+def _pipeline_table(report: PipelineReport) -> Table:
+    table = Table(title=f"pipeline ({report.total_s:.0f}s)")
+    for col in ("image", "status", "build", "tests", "hosts", "bytes sent", "error"):
+        table.add_column(col, overflow="fold")
+    for run in report.images:
+        hosts = run.publish.get("hosts", []) if run.publish else []
+        table.add_row(
+            run.image,
+            "[green]ok" if run.status == "ok" else f"[red]{run.status} ({run.stage})",
+            str(run.build.get("status", "-")),
+            str(run.tests.get("status", "-")),
+            ", ".join(f"{h['host']}:{h['action']}:{h.get('template_vmid') or '-'}" for h in hosts) or "-",
+            str(sum(int(h.get("bytes_sent", 0)) for h in hosts)),
+            run.error or "",
+        )
+    return table
+
+
+@task(
+    name="pipeline",
+    help={
+        "images": "comma-separated catalogue images (default: every image a VM of the inventory uses)",
+        "hypervisors": "comma-separated hypervisors to publish to (default: all)",
+        "force": "rebuild even when the build cache is valid",
+        "keep": "templates to keep per image and host (retention)",
+        "transport": "upload transport: ssh (default) or api",
+        "json": "also write the JSON report to this path",
+        "inventory": "Ansible inventory (default: factory.inventory)",
+        "catalogue": "image catalogue (default: factory.images)",
+    },
+)
+@handle_errors
+def pipeline_task(
+    c: Context, images: str | None = None, hypervisors: str | None = None, force: bool = False, keep: int = 3,
+    transport: str = "ssh", json: str | None = None, inventory: str | None = None, catalogue: str | None = None,
+) -> None:
+    """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
+    s, model = site(c, inventory, catalogue)
+    report = run_pipeline(s, model, _names(images), _names(hypervisors), force=force, keep=keep,
+                          transport=transport)
+    console.print(_pipeline_table(report))
+    _write_json(json, report.to_dict())
+    if not report.ok:
+        raise Exit(code=1)
+
+
+def _demo_summary(report: DemoReport) -> None:
+    table = Table(title="deployed VMs")
+    for col in ("VM", "host", "VMID", "MACs", "template", "state", "address"):
+        table.add_column(col, overflow="fold")
+    for vm in report.deploy.get("vms", []):
+        table.add_row(vm["vm"], vm["host"], str(vm["vmid"]), ", ".join(vm["macs"]), str(vm["template"]),
+                      vm["state"], str(vm.get("address") or "-"))
+    console.print(table)
+    console.print("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.timings.items()))
+    console.print(f"lab left up for inspection: {report.lab_dir} (invoke lab.status / lab.down)")
+
+
+@task(
+    help={
+        "real_boot": "VMs that boot a real qemu guest: all, none, or comma-separated names (default metrics01)",
+        "teardown": "stop the lab at the end instead of leaving it up for inspection",
+        "force": "rebuild the fixture image even when cached",
+        "json": "also write the demo report (JSON) to this path",
+        "timeout": "seconds to wait for each VM to become ready",
+    }
+)
+@handle_errors
+def demo(c: Context, real_boot: str = "metrics01", teardown: bool = False, force: bool = False,
+         json: str | None = None, timeout: float = 600.0) -> None:
+    """Whole path on one machine: lab up, base image, build, test, publish to 2 hosts, deploy, prove."""
+    boot: str | list[str] = real_boot if real_boot in ("all", "none") else (_names(real_boot) or "none")
+    report = run_demo(settings(c), real_boot=boot, teardown=teardown, force=force, timeout=timeout)
+    if report.pipeline:
+        data = report.pipeline
+        runs = [ImageRun(**run) for run in data.get("images", [])]
+        console.print(_pipeline_table(PipelineReport(data["started_at"], data["finished_at"], data["total_s"], runs)))
+    _demo_summary(report)
+    _write_json(json, report.to_dict())
+    if json is None and not console.is_terminal:
+        emit_json({"ok": report.ok, "timings": report.timings})
+    if not report.ok:
+        raise Exit(code=1)
