@@ -56,10 +56,9 @@ from .upload import (
     SshUploader,
     UploadResult,
     partial_name,
-    remote_list,
+    remote_probe,
     remote_remove,
     remote_sha256,
-    remote_sizes,
     upload_api,
 )
 
@@ -564,17 +563,14 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     plan.stale = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
     own_partial = partial_name(art.import_file)
     stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
-    plan.stale_partials = sorted(
-        n for n in remote_list(link, hv.storage.import_dir) if stray.match(n) and (n != own_partial or plan.existing)
-    )
+    listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
+    plan.stale_partials = sorted(n for n in listing if stray.match(n) and (n != own_partial or plan.existing))
     if not plan.existing:
         final = f"{hv.storage.import_dir}/{art.import_file}"
-        part_path = f"{hv.storage.import_dir}/{partial_name(art.import_file)}"
-        sizes = remote_sizes(link, final, part_path)
-        if sizes[final] == art.size and remote_sha256(link, final) == art.manifest.artifact.sha256:
+        if sizes[art.import_file] == art.size and remote_sha256(link, final) == art.manifest.artifact.sha256:
             plan.upload = "skip"
         else:
-            part = sizes[part_path] or 0
+            part = sizes[own_partial] or 0
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and ctx.transport == "ssh" else "upload"
         taken = used_vmids(client) - {t.vmid for t in plan.stale}
@@ -685,7 +681,7 @@ def _execute(
             result.action = "unchanged"
             result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
     else:
-        _upload(ctx, plan, client, result)
+        _upload(ctx, plan, client, link, result)
         if lock is not None and not lock.held:
             raise _LockLost()
         _register(ctx, plan, client, result)
@@ -699,7 +695,7 @@ def _execute(
         result.pruned.append(pruned)
 
 
-def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostResult) -> None:
+def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
     hv, art = ctx.hv, ctx.artifact
     total = art.size
 
@@ -715,7 +711,9 @@ def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostRes
         up = upload_api(client, hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
                         progress=tick)
     else:
-        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine)
+        # The data channel starts on the control link (one handshake per host); after a drop the
+        # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
+        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link)
         try:
             up = uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
                                  progress=tick, check_final=False)

@@ -100,6 +100,21 @@ def remote_sizes(link: SshLink, *paths: str) -> dict[str, int | None]:
     return {p: (None if v == "-" else int(v)) for p, v in zip(paths, values, strict=True)}
 
 
+def remote_probe(link: SshLink, directory: str, *names: str) -> tuple[list[str], dict[str, int | None]]:
+    """One round trip: the directory's entries and the sizes of some of them (None: absent)."""
+    qd = _q(directory)
+    sizes = "; ".join(f"stat -c %s -- {qd}/{_q(n)} 2>/dev/null || echo -" for n in names)
+    res = link.run(f"ls -1A -- {qd} || exit 3; echo @@@; {sizes}", check=False, timeout=60)
+    if res.status != 0 or "@@@\n" not in res.stdout:
+        raise UploadError(link.name, f"cannot list {directory}: {res.stderr.strip()[-300:]}")
+    listing, _, tail = res.stdout.partition("@@@\n")
+    values = tail.split()
+    if len(values) != len(names):
+        raise UploadError(link.name, f"unexpected stat output: {tail!r}")
+    return ([n for n in listing.splitlines() if n],
+            {n: (None if v == "-" else int(v)) for n, v in zip(names, values, strict=True)})
+
+
 def remote_list(link: SshLink, directory: str) -> list[str]:
     """Names in a directory on the host (hidden ones included)."""
     res = link.run(f"ls -1A -- {_q(directory)}", check=False, timeout=60)
@@ -147,8 +162,9 @@ class SshUploader:
 
     def __init__(
         self, name: str, connect: LinkFactory, *, engine: str = "exec", attempts: int = DEFAULT_ATTEMPTS,
-        chunk: int = CHUNK, channel_timeout: float = 120.0,
+        chunk: int = CHUNK, channel_timeout: float = 120.0, shared: SshLink | None = None,
     ):
+        """``shared``: an open link to use first (never closed here; after a failure we reconnect on our own)."""
         if engine not in ("exec", "sftp"):
             raise ValueError(f"unknown SSH engine {engine!r} (exec or sftp)")
         self.name = name
@@ -157,7 +173,8 @@ class SshUploader:
         self.attempts = attempts
         self.chunk = chunk
         self.channel_timeout = channel_timeout
-        self._link: SshLink | None = None
+        self._link: SshLink | None = shared
+        self._shared = shared
         self.bytes_sent = 0
 
     # connection -----------------------------------------------------------------------------
@@ -169,7 +186,8 @@ class SshUploader:
 
     def close(self) -> None:
         if self._link is not None:
-            self._link.close()
+            if self._link is not self._shared:
+                self._link.close()
             self._link = None
 
     # the whole job ----------------------------------------------------------------------------
