@@ -565,6 +565,7 @@ class _Run:
         self.factory = client_factory or (lambda hv: PveClient(hv))
         self.clients: dict[str, PveClient] = {}
         self.clone_locks: dict[str, threading.Lock] = {}
+        self.templates: dict[tuple[str, int], TemplateRef] = {}  # (host, vmid) -> template seen while planning
         self._lock = threading.Lock()
         self.progress = progress
 
@@ -594,6 +595,8 @@ def _plan_host(run: _Run, hv: Hypervisor, vms: list[Vm], recreate: bool) -> list
                       macs=list(vm.macs))
         if vm.image not in templates:
             templates[vm.image] = find_templates(client, vm.image)
+            for t in templates[vm.image]:
+                run.templates[(hv.name, t.vmid)] = t
         template, why = choose_template(client, vm, templates[vm.image])
         if template is not None:
             plan.template, plan.template_vmid = template.name, template.vmid
@@ -941,11 +944,7 @@ def _execute(run: _Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> 
             result.state = "blocked"
             return result
         client = run.client(hv)
-        template = None
-        if plan.template is not None and plan.template_vmid is not None:
-            template = next((t for t in find_templates(client, vm.image) if t.vmid == plan.template_vmid), None)
-            if template is None:
-                raise DeployError(f"template {plan.template} ({plan.template_vmid}) vanished since planning")
+        template = run.templates.get((plan.host, plan.template_vmid)) if plan.template_vmid is not None else None
         if plan.action == "create":
             assert template is not None
             _create(run, client, hv, vm, template, result, wait=wait, timeout=timeout)
