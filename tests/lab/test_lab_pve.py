@@ -427,3 +427,45 @@ def test_setting_the_cloudinit_drive_again_is_a_no_op(fresh_lab: LabHandle, tmp_
     before = c.vm_config(1995)["ide2"]
     c.run_task("POST", f"/nodes/{c.node}/qemu/1995/config", ide2="local:cloudinit", timeout=30)
     assert c.vm_config(1995)["ide2"] == before
+
+
+def test_destroying_a_template_with_linked_clones_warns_and_keeps_the_base_disk(
+    fresh_lab: LabHandle, tmp_path: Path
+) -> None:
+    c = create_template_source(fresh_lab, TENANT, 9060, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9060/template", timeout=30)
+    base = disk_file(fresh_lab, TENANT, c.vm_config(9060)["scsi0"].split(",")[0])
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9060/clone", newid=2202, name="linked", timeout=60)
+    result = c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
+    assert result.exitstatus == "WARNINGS: 1"
+    assert any("still in use by linked clone" in w for w in result.warnings)
+    assert base.exists(), "the linked clone still needs its base"
+    c.run_task("DELETE", f"/nodes/{c.node}/qemu/2202", timeout=30)
+    assert not (fresh_lab.paths.storage_dir(TENANT) / "images" / "2202").exists()
+
+
+def test_replacing_a_disk_keeps_the_old_one_as_unused(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 1996, tmp_path)
+    old = c.vm_config(1996)["scsi0"].split(",")[0]
+    volid = sftp_import(fresh_lab, MGMT, make_qcow2(tmp_path / "new.qcow2", "32M"))
+    c.run_task("POST", f"/nodes/{c.node}/qemu/1996/config", scsi0=f"local:0,import-from={volid}", timeout=30)
+    cfg = c.vm_config(1996)
+    assert cfg["unused0"] == old and cfg["scsi0"].split(",")[0] != old
+
+
+def test_upload_larger_than_the_staging_space_fails_and_leaves_nothing(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(TENANT), client(fresh_lab, TENANT)
+    staging = Path(hv.storage.staging_dir)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(staging)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        resp = upload(hv, c, [("content", "import"),
+                              ("filename", ("big.raw", io.BytesIO(b"\0" * (3 << 20)), "application/octet-stream"))])
+        assert resp.status_code == 500
+        assert "No space left on device" in resp.json()["message"]
+        assert list(staging.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(staging)], check=True)
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -49,6 +50,8 @@ from .spec import NodeSpec
 
 log = logging.getLogger("image_factory.lab")
 
+# Warnings of the task worker running in this context (PVE's log_warn): the task ends "WARNINGS: n".
+TASK_WARNINGS: contextvars.ContextVar[list[str]] = contextvars.ContextVar("lab_task_warnings")
 IMPORT_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(ova|qcow2|raw|vmdk)$")
 IMPORT_LIST = re.compile(r"^[^/\s]+\.(ova|ovf|qcow2|raw|vmdk)$")
 ISO_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(iso|img)$")
@@ -217,6 +220,39 @@ class LabPve(FakePve):  # fakepve is untyped
             check = ["perm", check[1], ["VM.Monitor"]]
         return super()._check(user, check, values, declared)
 
+    async def task(self, node: str, ttype: str, tid: Any, user: str, body: Any, vm: Any = None, lock: bool = True,
+                   log: Any = ()) -> str:
+        """fakepve's task, plus PVE's `WARNINGS: n` exit status for warnings a worker printed (task_warn)."""
+        warnings: list[str] = []
+        box: dict[str, str] = {}
+
+        def fix() -> None:
+            record = self.tasks.get(box.get("upid", ""))
+            if record is None or record.get("exitstatus") != "OK":
+                return
+            record["exitstatus"] = f"WARNINGS: {len(warnings)}"
+            lines = record["log"]
+            if lines and lines[-1] == "TASK OK":
+                lines.pop()
+            lines.extend(f"WARN: {w}" for w in warnings)
+            lines.append(f"TASK WARNINGS: {len(warnings)}")
+
+        async def wrapped() -> Any:
+            token = TASK_WARNINGS.set(warnings)
+            try:
+                note = await body()
+            finally:
+                TASK_WARNINGS.reset(token)
+            if warnings and "upid" in box:
+                asyncio.get_running_loop().call_soon(fix)  # after fakepve records the exit status
+            return note
+
+        upid: str = await super().task(node, ttype, tid, user, wrapped, vm=vm, lock=lock, log=log)
+        box["upid"] = upid
+        if warnings and self.tasks.get(upid, {}).get("status") == "stopped":
+            fix()  # the task ran inside the request (time_scale 0)
+        return upid
+
     # ------------------------------------------------------------- durations
 
     async def duration(self, kind: str) -> None:
@@ -370,6 +406,10 @@ class LabPve(FakePve):  # fakepve is untyped
             if staged is not None:
                 staged.unlink(missing_ok=True)
             raise PveError(400, f"bad upload request - {exc}") from None
+        except OSError as exc:  # e.g. no space left in the staging directory (PVE's /var/tmp)
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+            raise PveError(500, f"error writing upload to {staged}: {exc.strerror or exc}") from None
         if staged is None or filename is None:
             self._check_upload_fields(fields, None, store, name)
             raise param_error(filename="property is missing and it is not optional")
@@ -463,7 +503,10 @@ class LabPve(FakePve):  # fakepve is untyped
             prefix = "/".join(base) + "/"
             if any(v.startswith(prefix) for v in self.storages[sid].get("volumes", {})):
                 # PVE: "base volume ... is still in use by linked cloned" -- destroy_vm only warns, the disk stays
-                log.warning("not removing %s: still in use by a linked clone", volid)
+                warnings = TASK_WARNINGS.get(None)
+                if warnings is not None:
+                    warnings.append(f"Could not remove disk '{volid}', check manually: base volume "
+                                    f"'{name}' is still in use by linked cloned")
                 return
         super()._qm_free(volid)
         path = self.volume_file(volid)
@@ -615,6 +658,13 @@ class LabPve(FakePve):  # fakepve is untyped
                 except TaskError as e:
                     raise PveError(500, str(e)) from e
                 made.extend(volids)
+                old_vol, old_props = split_drive(str(vm.config.get(key, "")))
+                if old_vol and old_props.get("media") != "cdrom" and volume_ref(old_vol)[0]:
+                    # PVE keeps a replaced disk as unusedN
+                    n = 0
+                    while f"unused{n}" in vm.config or f"unused{n}" in updates:
+                        n += 1
+                    updates[f"unused{n}"] = old_vol
             try:
                 await self.ceph_io(vm)
             except TaskError as e:
