@@ -304,3 +304,39 @@ def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
     assert "sha256" in build.cache_status(tmp_path, "f1")[1]
     assert stat.S_ISREG((tmp_path / "manifest.json").stat().st_mode)
     assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == "f1"
+
+
+def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import signal
+    import threading
+
+    child_file = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_PACKER_MODE", "hang")
+    monkeypatch.setenv("FAKE_PACKER_CHILD", str(child_file))
+
+    def interrupt_once_started() -> None:
+        for _ in range(300):
+            if child_file.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        build.build_image(repo, image)
+    pid = int(child_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stand-in QEMU process {pid} survived Ctrl-C")
+    build_dir = repo.builds_dir / "debian-lab"
+    assert load(build_dir) is None and not list(build_dir.glob("*.qcow2"))
+    assert not list(build_dir.glob(".work-*"))
+    assert "interrupted" in (build_dir / "build.log").read_text()
