@@ -564,7 +564,8 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     own_partial = partial_name(art.import_file)
     stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
     listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
-    plan.stale_partials = sorted(n for n in listing if stray.match(n) and (n != own_partial or plan.existing))
+    resumable = not plan.existing and ctx.transport == "ssh"
+    plan.stale_partials = sorted(n for n in listing if stray.match(n) and (n != own_partial or not resumable))
     if not plan.existing:
         final = f"{hv.storage.import_dir}/{art.import_file}"
         if sizes[art.import_file] == art.size and remote_sha256(link, final) == art.manifest.artifact.sha256:
@@ -718,9 +719,10 @@ def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, 
             up = uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
                                  progress=tick, check_final=False)
         finally:
-            result.bytes_sent = uploader.bytes_sent
+            result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
             uploader.close()
-    result.bytes_sent = up.bytes_sent
+    if ctx.transport == "api":
+        result.bytes_sent += up.bytes_sent
     result.resumed_from = up.resumed_from
     result.upload = "resumed" if up.resumed_from else up.action
     tick(total)
