@@ -419,7 +419,7 @@ def test_image(
 ) -> ImageTestResult:
     """Boot the artifact of builds/<image>/manifest.json, run its suites, record the result."""
     m = manifest.require(build_dir)
-    artifact = settings.resolve(m.artifact.path)
+    artifact = build_dir / m.artifact.path  # manifest paths are relative to the build dir
     if not artifact.is_file():
         raise ImageTestError(f"{artifact} (from {manifest.manifest_path(build_dir)}) does not exist")
     files = suite_files(settings.root, list(image.test_suites))
