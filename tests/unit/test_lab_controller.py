@@ -15,7 +15,7 @@ from image_factory.settings import Settings
 pytestmark = pytest.mark.unit
 
 
-def _lab(tmp_path: Path) -> tuple[Settings, LabPaths, LabConfig, Path]:
+def _lab(tmp_path: Path) -> tuple[Settings, LabPaths, LabConfig, str]:
     settings = Settings.from_mapping({"lab_dir": str(tmp_path / "lab")})
     paths = LabPaths(settings.lab_dir)
     cfg = default_config(settings, slot=3)
@@ -28,7 +28,7 @@ def _lab(tmp_path: Path) -> tuple[Settings, LabPaths, LabConfig, Path]:
         keys[h.name] = (" ".join(hk.split()[:2]), cert)
     pub = ensure_ssh_key(paths.client_key, "lab-client")
     write_inventory(settings, paths, cfg, keys, pub)
-    return settings, paths, cfg, Path(pub)
+    return settings, paths, cfg, pub
 
 
 def test_default_config_mirrors_the_example_hypervisors_on_slot_addresses() -> None:
@@ -49,7 +49,7 @@ def test_lab_inventory_validates_and_keeps_names_ids_planes_roles_macs(tmp_path:
         assert (vm.vmid, vm.plane, vm.role, vm.macs) == (ex.vmid, ex.plane, ex.role, ex.macs)
         assert vm.image == "debian-lab"
         assert vm.memory <= 1024
-        assert str(pub) in vm.cloudinit.ssh_keys
+        assert pub in vm.cloudinit.ssh_keys
     mgmt, tenant = site.hypervisors["pve-mgmt"], site.hypervisors["pve-tenant"]
     assert mgmt.api_url == "https://127.0.3.11:8006" and mgmt.tls_ca_file == paths.ca_cert
     assert tenant.tls_fingerprint == cert_fingerprint(paths.host_dir("pve-tenant") / "pve-ssl.pem")
