@@ -894,7 +894,7 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
 def publish_image(
     settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
     transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
-    progress: bool = True, engine: str = "exec",
+    progress: bool = True, engine: str = "exec", lock_wait: int = LOCK_WAIT,
     client_factory: Callable[[Hypervisor], PveClient] | None = None,
     link_factory: Callable[[Hypervisor], SshLink] | None = None,
 ) -> PublishReport:
@@ -919,7 +919,7 @@ def publish_image(
     with _progress_bars(progress and not dry_run, hosts, art.size) as hook:
         contexts = []
         for hv in hosts:
-            ctx = HostContext(hv, art, transport, keep, run_id, progress=hook, engine=engine)
+            ctx = HostContext(hv, art, transport, keep, run_id, progress=hook, engine=engine, lock_wait=lock_wait)
             if client_factory is not None:
                 ctx.client_factory = client_factory
             if link_factory is not None:

@@ -165,13 +165,39 @@ def test_artifact_changed_after_build_is_refused(env: Any) -> None:
     assert snapshot(lab) == before
 
 
-def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any) -> None:
+@pytest.mark.parametrize("seed", [7, 8])
+def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any, seed: int) -> None:
+    import random
+    import time
+
     lab, settings, site = env
-    m = make_build(settings.builds_dir, build_id="cut1", mib=96)
+    build_id = f"cut{seed}"
+    m = make_build(settings.builds_dir, build_id=build_id, mib=64, seed=seed)
     name = "pve-mgmt"
-    part = lab.paths.import_dir(name) / partial_name("debian-lab-cut1.qcow2")
-    with lab.cut_ssh_when(name, part, min_bytes=m.artifact.disk_size // 3) as info:
-        report = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    part = lab.paths.import_dir(name) / partial_name(f"debian-lab-{build_id}.qcow2")
+    final = lab.paths.import_dir(name) / f"debian-lab-{build_id}.qcow2"
+    at = int(m.artifact.disk_size * random.Random(seed).uniform(0.1, 0.9))
+    bad: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # the final name must only ever hold the complete file
+        while not stop.is_set():
+            try:
+                size = final.stat().st_size
+                if size != m.artifact.disk_size:
+                    bad.append(size)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with lab.cut_ssh_when(name, part, min_bytes=at) as info:
+            report = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
+    finally:
+        stop.set()
+        watcher.join()
     assert info["cut"] >= 1, "the hook must have cut the upload"
     h = report.host(name)
     assert report.ok, report.to_dict()
@@ -179,9 +205,32 @@ def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any) -> None:
     assert h.resumed_from and h.resumed_from[0] > 0
     # the cut also killed the session holding the host lock: the run re-took it and re-planned
     assert any("re-took the lock" in w for w in h.warnings), h.warnings
-    final = lab.paths.import_dir(name) / "debian-lab-cut1.qcow2"
+    assert not bad, f"the final name held an incomplete file: sizes {bad[:5]}"
     assert mf.sha256_file(final) == m.artifact.sha256
     assert not part.exists()
+
+
+def test_lock_held_by_another_publish_is_reported(env: Any) -> None:
+    from image_factory.publish import HostLock
+    from image_factory.sshlink import SshLink
+
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="lock1")
+    hv = lab.hv("pve-mgmt")
+    holder = SshLink(hv.name, hv.ssh).connect()
+    lock = HostLock(holder, hv.storage.import_dir, "someone-else run 42")
+    lock.acquire()
+    try:
+        before = snapshot(lab)
+        r = publish_image(settings, site, IMAGE, hypervisors=["pve-mgmt"], lock_wait=1, progress=False)
+        h = r.host("pve-mgmt")
+        assert not r.ok and "another publish holds" in (h.error or "") and "someone-else run 42" in (h.error or "")
+        assert h.bytes_sent == 0 and snapshot(lab) == before
+    finally:
+        lock.release()
+        holder.close()
+    r = publish_image(settings, site, IMAGE, hypervisors=["pve-mgmt"], lock_wait=5, progress=False)
+    assert r.ok and r.host("pve-mgmt").action == "created"
 
 
 def test_faults_on_create_and_template_clean_up_and_rerun_converges(env: Any) -> None:
