@@ -19,8 +19,15 @@ Design choices (see also upload.py):
 - Cleanup: a failure after create destroys the VM this run created (found by vmid + run id);
   a failure during the upload removes the partial file. A finished, verified import file (final
   name) is KEPT: it is complete and checked, the re-run skips its upload, and retention removes it
-  together with its template. Leftover non-template factory VMs of a crashed run (kill -9) are
-  found under the lock and removed by the next run's plan.
+  together with its template. Leftovers of a crashed run (kill -9): non-template factory VMs
+  and partial uploads of other builds are found under the lock and removed by the next run's
+  plan; this build's own partial is resumed.
+- A dropped SSH link mid-upload: the upload reconnects and resumes; the host lock (same link) is
+  gone too, so the run re-takes it and re-plans before registering (the plan then finds the
+  verified file, or a template another run made meanwhile).
+- Faults: PVE's "can't lock file ... got timeout" on create/template/destroy is retried (noted in
+  the warnings); any other error ends the host's publish with PVE's message after the cleanup
+  above. Hosts are independent: one failing host does not stop the others.
 - Retention: newest ``keep`` templates of the image per host (the one just published always
   counts), by publish time; a template whose base disks are referenced by another VM (linked
   clones) is kept and reported.
