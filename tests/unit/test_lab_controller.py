@@ -81,3 +81,22 @@ def test_lab_ca_has_no_key_usage_and_node_cert_is_signed_by_it(tmp_path: Path) -
     cert.verify_directly_issued_by(ca)
     fp = cert_fingerprint(cert_path)
     assert len(fp.split(":")) == 32 and fp == fp.upper()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"real_boot": ["jump01", "nope"]}, "unknown VM(s) nope"),
+    ({"real_boot": "some"}, "real_boot must be"),
+    ({"time_scale": -1}, "time_scale must be >= 0"),
+    ({"time_scale": "fast"}, "must be numbers"),
+    ({"slot": 300}, "slot must be"),
+])
+def test_bad_lab_config_is_refused_naming_the_knob(change: dict[str, object], message: str) -> None:
+    from image_factory.lab.config import LabError
+    from image_factory.lab.controller import example_vm_names
+
+    settings = Settings.from_mapping({})
+    cfg = default_config(settings)
+    for key, value in change.items():
+        setattr(cfg, key, value)
+    with pytest.raises(LabError, match=message):
+        cfg.validate(example_vm_names(settings), "lab.json")

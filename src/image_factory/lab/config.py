@@ -97,6 +97,32 @@ class LabConfig:
         rest = {k: v for k, v in data.items() if k != "hosts"}
         return cls(hosts=hosts, **rest)
 
+    def validate(self, vm_names: set[str] | None = None, where: str = "lab config") -> LabConfig:
+        """Raise LabError naming the bad knob; returns self."""
+        try:
+            self.time_scale = float(self.time_scale)
+            self.slot = int(self.slot)
+            self.vm_memory_cap = int(self.vm_memory_cap)
+        except (TypeError, ValueError):
+            raise LabError(f"{where}: time_scale, slot and vm_memory_cap must be numbers") from None
+        if self.time_scale < 0:
+            raise LabError(f"{where}: time_scale must be >= 0 (got {self.time_scale})")
+        if not 0 <= self.slot <= 155:
+            raise LabError(f"{where}: slot must be 0-155 (got {self.slot})")
+        if self.vm_memory_cap < 128:
+            raise LabError(f"{where}: vm_memory_cap must be at least 128 MiB")
+        if isinstance(self.real_boot, str):
+            if self.real_boot not in ("all", "none"):
+                raise LabError(f"{where}: real_boot must be 'all', 'none' or a list of VM names")
+        elif vm_names is not None:
+            unknown = sorted(set(self.real_boot) - vm_names)
+            if unknown:
+                raise LabError(f"{where}: real_boot names unknown VM(s) {', '.join(unknown)} "
+                               f"(have: {', '.join(sorted(vm_names))})")
+        if not self.hosts:
+            raise LabError(f"{where}: no hosts")
+        return self
+
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
             if h.name == name:

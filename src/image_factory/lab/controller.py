@@ -95,6 +95,12 @@ def _example_inventory(settings: Settings) -> dict[str, Any]:
     return merged
 
 
+def example_vm_names(settings: Settings) -> set[str]:
+    groups = _example_inventory(settings)
+    return {name for body in groups.values() for name, hvars in (body.get("hosts") or {}).items()
+            if isinstance((hvars or {}).get("vm"), dict)}
+
+
 def default_config(settings: Settings, slot: int = 0) -> LabConfig:
     groups = _example_inventory(settings)
     hosts = []
@@ -267,6 +273,7 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     paths.lab_dir.mkdir(parents=True, exist_ok=True)
     with _locked(paths):
         cfg = config or load_config(paths) or default_config(settings)
+        cfg.validate(example_vm_names(settings), str(paths.config))
         write_public(paths.config, cfg.to_json())
         for d in (paths.log, paths.run):
             d.mkdir(parents=True, exist_ok=True)

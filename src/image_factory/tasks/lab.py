@@ -41,12 +41,16 @@ def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, tim
         cfg.real_boot = _real_boot(real_boot) or "none"
         changed = True
     if time_scale is not None:
-        cfg.time_scale = time_scale
+        try:
+            cfg.time_scale = float(time_scale)
+        except ValueError:
+            raise controller.LabError(f"--time-scale must be a number (got {time_scale!r})") from None
         changed = True
     if durations:
         cfg.durations = True
         changed = True
     if changed:
+        cfg.validate(controller.example_vm_names(s), "lab.up options")  # before anything is stopped
         controller.down(s)  # the node processes read their config at start
     lab = controller.up(s, cfg)
     info = controller.status(s)
