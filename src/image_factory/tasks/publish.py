@@ -20,7 +20,7 @@ def _default_keep(c: Context) -> int:
 
 @task(
     iterable=["hypervisor"],
-    aliases=(),
+    auto_shortflags=False,  # no -h for --hypervisor: -h means help
     help={
         "name": "image name from the catalogue (its build is read from builds/<name>/manifest.json)",
         "hypervisor": "publish only to this hypervisor (repeat for several; default: all)",
