@@ -84,7 +84,7 @@ def test_lab_ca_has_no_key_usage_and_node_cert_is_signed_by_it(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"real_boot": ["jump01", "nope"]}, "unknown VM(s) nope"),
+    ({"real_boot": ["jump01", "nope"]}, r"unknown VM\(s\) nope"),
     ({"real_boot": "some"}, "real_boot must be"),
     ({"time_scale": -1}, "time_scale must be >= 0"),
     ({"time_scale": "fast"}, "must be numbers"),
