@@ -140,7 +140,8 @@ ln -sf ../../vda1 /dev/disk/by-uuid/{ROOT_FS_UUID}
 if grub-install --target=i386-pc /dev/vda && update-grub; then
     echo "{GRUB_OK}"
 fi
-rm -f /factory-init
+# Not removed here: an unlinked-but-open script would make the read-only remount fail and leave
+# the journal dirty. The build removes it offline (debugfs) once the filesystem is clean.
 sync
 mount -o remount,ro /
 sync
@@ -251,6 +252,7 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         t0 = time.monotonic()
         _install_grub(root, raw, work / "grub-boot.log", settings.accelerator)
         figures["grub_boot_s"] = round(time.monotonic() - t0, 1)
+        _finalize_fs(raw)
         t0 = time.monotonic()
         qcow = work / IMAGE_NAME
         _run(["qemu-img", "convert", "-O", "qcow2", "-c", str(raw), str(qcow)], "qemu-img convert")
@@ -465,6 +467,22 @@ def _install_grub(root: Path, raw: Path, log: Path, accelerator: str) -> None:
     if GRUB_OK not in text:
         tail = "\n".join(text.strip().splitlines()[-20:])
         raise BaseImageError(f"base image: GRUB install failed; serial console tail:\n{tail}")
+
+
+def _finalize_fs(raw: Path) -> None:
+    """Remove the one-shot init script offline and prove the filesystem is clean (journal included)."""
+    spec = f"{raw}?offset={PART_START_MIB * 1024 * 1024}"
+    check = subprocess.run(["e2fsck", "-fn", spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if check.returncode != 0:
+        out = check.stdout.decode(errors="replace")[-1500:]
+        raise BaseImageError(f"base image: filesystem not clean after the GRUB boot:\n{out}")
+    rm = subprocess.run(["debugfs", "-w", "-R", "rm /factory-init", spec], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)  # fmt: skip
+    if rm.returncode != 0 or b"not found" in rm.stdout.lower():
+        raise BaseImageError(f"base image: could not remove /factory-init: {rm.stdout.decode(errors='replace')}")
+    check = subprocess.run(["e2fsck", "-fn", spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if check.returncode != 0:
+        raise BaseImageError(f"base image: filesystem damaged by the offline cleanup:\n{check.stdout.decode()[-1500:]}")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -94,6 +94,8 @@ def make_broken_copy(src: Path, dst: Path, tmp: Path) -> None:
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(raw)], check=True)
     table = json.loads(subprocess.check_output(["sfdisk", "--json", str(raw)]))["partitiontable"]
     spec = f"{raw}?offset={int(table['partitions'][0]['start']) * 512}"
+    clean = subprocess.run(["e2fsck", "-fn", spec], capture_output=True, text=True)
+    assert clean.returncode == 0, f"base image filesystem not clean: {clean.stdout[-800:]}"
     keydir = tmp / "keys"
     keydir.mkdir()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "baked", "-f",
@@ -113,6 +115,8 @@ def make_broken_copy(src: Path, dst: Path, tmp: Path) -> None:
         "cd /var/lib/dpkg",
         f"write {tmp}/status status",
     ]) + "\n", tmp)  # fmt: skip
+    clean = subprocess.run(["e2fsck", "-fn", spec], capture_output=True, text=True)
+    assert clean.returncode == 0, f"offline edit damaged the filesystem: {clean.stdout[-800:]}"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(dst)], check=True)
     raw.unlink()
 

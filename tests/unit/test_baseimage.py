@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,23 @@ def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:
     assert "http://mirror.example/debian bookworm main" in (root / "etc/apt/sources.list").read_text()
     assert (root / "factory-init").stat().st_mode & 0o111
     assert "datasource_list: [ NoCloud, None ]" in (root / "etc/cloud/cloud.cfg.d/90-factory.cfg").read_text()
+
+
+def test_finalize_fs_removes_init_script_and_proves_clean(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "factory-init").write_text("#!/bin/sh\n")
+    (root / "etc/hostname").write_text("debian\n")
+    part = tmp_path / "part.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(part), "8M"], check=True)
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.truncate(10 * 1024 * 1024)
+    bi._copy_sparse(part, raw, bi.PART_START_MIB * 1024 * 1024)
+    bi._finalize_fs(raw)
+    spec = f"{raw}?offset={bi.PART_START_MIB * 1024 * 1024}"
+    listing = subprocess.run(["debugfs", "-R", "ls /", spec], capture_output=True, text=True).stdout
+    assert "factory-init" not in listing and "etc" in listing
+    # A second run finds no script: an error, not a silent success.
+    with pytest.raises(bi.BaseImageError, match="factory-init"):
+        bi._finalize_fs(raw)
