@@ -469,3 +469,25 @@ def test_upload_larger_than_the_staging_space_fails_and_leaves_nothing(fresh_lab
     finally:
         subprocess.run(["umount", "-l", str(staging)], check=True)
     assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+
+
+def test_description_holds_8_kib_and_no_more(fresh_lab: LabHandle) -> None:
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1997, name="desc", memory=512, timeout=30)
+    c.put(f"/nodes/{c.node}/qemu/1997/config", description="d" * 8192)
+    with pytest.raises(ApiError) as exc:
+        c.put(f"/nodes/{c.node}/qemu/1997/config", description="d" * 8193)
+    assert exc.value.status == 400
+
+
+def test_clone_locks_the_new_vm_and_cannot_target_the_other_node(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    c = create_template_source(fresh_lab, MGMT, 9070, tmp_path)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9070/template", timeout=30)
+    with pytest.raises(ApiError, match="no such cluster node 'pve-tenant'"):
+        c.post(f"/nodes/{c.node}/qemu/9070/clone", newid=1102, full=1, target=TENANT)
+    fresh_lab.time_scale(MGMT, 0.05)
+    fresh_lab.durations(MGMT, clone_full=40)  # 2 s
+    upid = c.post(f"/nodes/{c.node}/qemu/9070/clone", newid=1102, full=1)
+    assert c.vm_config(1102)["lock"] == "clone"
+    c.wait_task(upid, timeout=60)
+    assert "lock" not in c.vm_config(1102)
