@@ -806,7 +806,6 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "memory": min(art.image.memory, 2048),
         "cores": min(art.image.cpus, 2),
         "sockets": 1,
-        "cpu": "x86-64-v2-AES",
         "scsihw": "virtio-scsi-pci",
         "scsi0": f"{st.images}:0,import-from={st.import_}:import/{art.import_file}",
         "ide2": f"{st.cloudinit}:cloudinit",
