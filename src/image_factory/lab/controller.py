@@ -444,7 +444,7 @@ def status(settings: Settings) -> dict[str, Any]:
         if pve_ok:
             from .control import Control
             with contextlib.suppress(LabError):
-                for vm in Control(paths.control_socket(host.name)).call("state")["vms"]:
+                for vm in Control(paths.control_socket(host.name), timeout=10).call("state")["vms"]:
                     vms.append({k: vm[k] for k in ("vmid", "name", "status", "template")} | {"qemu": vm["qemu"]})
         hosts[host.name] = {
             "node": host.node, "role": host.role, "address": host.address,
@@ -493,6 +493,17 @@ def down(settings: Settings) -> list[int]:
     return stopped
 
 
+def reset(settings: Settings) -> None:
+    """Every running host back to fresh: no VMs, disks, imports, tasks or faults."""
+    from .control import Control
+    paths = LabPaths(settings.lab_dir)
+    info = status(settings)
+    if not info["up"]:
+        raise LabError(f"the lab in {paths.lab_dir} is not up (invoke lab.up)")
+    for name in info["hosts"]:
+        Control(paths.control_socket(name)).call("reset")
+
+
 def leftovers(settings: Settings) -> list[int]:
     """Pids of any process whose command line names the lab directory (should be none after down)."""
     marker = str(LabPaths(settings.lab_dir).lab_dir)
@@ -512,4 +523,4 @@ def destroy(settings: Settings) -> None:
     shutil.rmtree(paths.lab_dir, ignore_errors=True)
 
 
-__all__ = ["Lab", "default_config", "destroy", "down", "lab_settings", "leftovers", "status", "up"]
+__all__ = ["Lab", "default_config", "destroy", "down", "lab_settings", "leftovers", "reset", "status", "up"]

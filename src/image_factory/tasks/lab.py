@@ -100,10 +100,20 @@ def down(c: Context, lab_dir: str | None = None) -> None:
     console.print(f"lab down: stopped {len(stopped)} process(es)" + (f"; still running: {left}" if left else ""))
 
 
+@task(help={"lab_dir": "lab directory (default: factory.lab_dir)"})
+@handle_errors
+def reset(c: Context, lab_dir: str | None = None) -> None:
+    """Wipe the running lab's hosts: no VMs, templates, disks, imports, tasks or faults."""
+    s = settings(c, lab_dir=lab_dir)
+    controller.reset(s)
+    console.print("lab reset: both hosts are empty")
+
+
 ns = Collection("lab")
 ns.add_task(up)
 ns.add_task(status)
 ns.add_task(down)
+ns.add_task(reset)
 
 if importlib.util.find_spec("image_factory.tasks.baseimage") is not None:
     _baseimage = importlib.import_module("image_factory.tasks.baseimage")
