@@ -31,6 +31,7 @@ from .errors import Problem, ValidationFailed
 PLANES = ("mgmt", "tenant")
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
+Suite = Literal["common", "hygiene", "fedora"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -327,7 +328,7 @@ class Image(Strict):
     source: Source
     disk_size: str = "10G"
     playbook: str = "ansible/playbooks/template.yml"
-    test_suites: list[Literal["common", "hygiene", "fedora"]] = Field(default_factory=lambda: ["common"])
+    test_suites: list[Suite] = Field(default_factory=lambda: list[Suite](["common"]))
     template_name: str = "tpl-{image}-{build_id}"
     memory: int = Field(default=2048, ge=512)
     cpus: int = Field(default=2, ge=1)
@@ -420,7 +421,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
@@ -575,7 +576,8 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
                 problems.append(Problem(rec.file, rec.name, "vm", "VMs need a 'vm' mapping"))
                 continue
             try:
-                vms[rec.name] = Vm(name=rec.name, plane=planes[0], **body)
+                plane: Plane = "mgmt" if planes[0] == "mgmt" else "tenant"
+                vms[rec.name] = Vm(name=rec.name, plane=plane, **body)
                 sources[rec.name] = rec.file
             except ValidationError as exc:
                 problems.extend(_pydantic_problems(rec.file, rec.name, "vm", exc))
