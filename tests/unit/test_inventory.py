@@ -218,7 +218,7 @@ def test_all_problems_are_reported_together(tmp_path: Path, no_network: None) ->
 
 def test_plaintext_token_secret_key_is_refused(tmp_path: Path, no_network: None) -> None:
     inv = example_inventory()
-    group(inv, "hypervisors")["pve-mgmt"]["pve"]["token_secret"] = "0000-1111"
+    group(inv, "hypervisors")["pve-mgmt"]["pve"]["token_secret"] = "0000-1111"  # noqa: S105 - the point: a plaintext secret is refused
     p = only(problems_of(tmp_path, inv), "pve-mgmt", "pve.token_secret")
     assert "unknown key" in p.message
 
