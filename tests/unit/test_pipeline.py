@@ -1,0 +1,129 @@
+"""Pipeline orchestration: a failing image never reaches publish, the others still run, the report says why.
+
+The stages themselves are proven against real parts in their own tests and in tests/e2e; here they
+are replaced by recorders so that the orchestration rules can be checked exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_factory import build, imagetest, publish
+from image_factory import manifest as mf
+from image_factory.errors import FactoryError, ValidationFailed
+from image_factory.inventory import load_site
+from image_factory.pipeline import default_images, run_pipeline
+from image_factory.settings import REPO_ROOT, Settings
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class Recorder:
+    built: list[str] = field(default_factory=list)
+    tested: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+
+
+def _manifest(name: str, tested: bool | None) -> mf.Manifest:
+    sha = "ab" * 32
+    result = None
+    if tested is not None:
+        result = mf.ImageTestResult(
+            status="passed" if tested else "failed", passed=10, failed=0 if tested else 2,
+            artifact_sha256=sha, failures=[] if tested else ["test_hygiene::test_artifact_has_no_ssh_host_keys"],
+        )
+    return mf.Manifest(
+        image=name, family="fedora", release=42, mode="cloud", build_id=sha[:12],
+        artifact=mf.Artifact(path=f"{name}.qcow2", format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
+        fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="", image_test=result,
+    )
+
+
+@pytest.fixture
+def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, Recorder, dict[str, Any]]:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")})
+    rec = Recorder()
+    behaviour: dict[str, Any] = {"test_passes": {}, "build_fails": set(), "cached_test": set()}
+
+    def fake_build(s: Settings, image: Any, **kw: Any) -> build.BuildOutcome:
+        rec.built.append(image.name)
+        if image.name in behaviour["build_fails"]:
+            raise FactoryError(f"{image.name}: packer failed: boom")
+        bdir = s.builds_dir / image.name
+        m = _manifest(image.name, True if image.name in behaviour["cached_test"] else None)
+        mf.save(bdir, m)
+        return build.BuildOutcome(status="built", manifest=m, build_dir=bdir, log=None, duration_s=1.0)
+
+    def fake_test(s: Settings, image: Any, build_dir: Path, **kw: Any) -> mf.ImageTestResult:
+        rec.tested.append(image.name)
+        ok = behaviour["test_passes"].get(image.name, True)
+        result = _manifest(image.name, ok).image_test
+        assert result is not None
+        mf.record_test_result(build_dir, result)
+        return result
+
+    def fake_publish(s: Settings, site: Any, name: str, **kw: Any) -> Any:
+        rec.published.append(name)
+        report = publish.PublishReport(image=name, build_id="x", sha256="y", digest="z", transport="ssh",
+                                       dry_run=False, tested=True, forced_untested=False, keep=3)
+        report.hosts.append(publish.HostResult(host="pve-mgmt", action="created", template_vmid=9000))
+        return report
+
+    monkeypatch.setattr(build, "build_image", fake_build)
+    monkeypatch.setattr(imagetest, "test_image", fake_test)
+    monkeypatch.setattr(publish, "publish_image", fake_publish)
+    return settings, rec, behaviour
+
+
+def _site() -> Any:
+    return load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
+
+
+def test_failing_image_test_stops_that_images_publish_and_others_still_run(stages: Any) -> None:
+    settings, rec, behaviour = stages
+    behaviour["test_passes"]["fedora-42"] = False
+    report = run_pipeline(settings, _site(), ["fedora-42", "fedora-43"], progress=False)
+    assert rec.tested == ["fedora-42", "fedora-43"]
+    assert rec.published == ["fedora-43"]
+    by_name = {r.image: r for r in report.images}
+    assert by_name["fedora-42"].status == "failed" and by_name["fedora-42"].stage == "test"
+    assert "test_artifact_has_no_ssh_host_keys" in by_name["fedora-42"].error
+    assert by_name["fedora-43"].status == "ok"
+    assert not report.ok
+    assert report.to_dict()["ok"] is False
+
+
+def test_build_failure_is_reported_and_the_next_image_runs(stages: Any) -> None:
+    settings, rec, behaviour = stages
+    behaviour["build_fails"].add("fedora-42")
+    report = run_pipeline(settings, _site(), ["fedora-42", "fedora-43"], progress=False)
+    assert rec.built == ["fedora-42", "fedora-43"]
+    assert rec.published == ["fedora-43"]
+    assert report.images[0].stage == "build" and "boom" in report.images[0].error
+
+
+def test_a_passing_test_for_the_same_artifact_is_not_run_again(stages: Any) -> None:
+    settings, rec, behaviour = stages
+    behaviour["cached_test"].add("fedora-43")
+    report = run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+    assert rec.tested == []
+    assert report.images[0].tests == {"status": "passed", "cached": True}
+    assert report.ok
+
+
+def test_unknown_image_or_host_fails_before_any_stage_runs(stages: Any) -> None:
+    settings, rec, _ = stages
+    with pytest.raises(ValidationFailed):
+        run_pipeline(settings, _site(), ["fedora-42", "nope"], progress=False)
+    with pytest.raises(ValidationFailed):
+        run_pipeline(settings, _site(), ["fedora-42"], ["pve-3"], progress=False)
+    assert rec.built == []
+
+
+def test_default_images_are_those_the_inventory_uses() -> None:
+    assert default_images(_site()) == ["fedora-42", "fedora-43"]
