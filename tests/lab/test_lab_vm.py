@@ -103,7 +103,18 @@ def test_started_vm_boots_and_answers_ssh_with_its_inventory_mac(fresh_lab: LabH
     addresses = [str(a["ip-address"]) for a in nic["ip-addresses"] if a["ip-address-type"] == "ipv4"]  # type: ignore[attr-defined,index]
     lab_address, _ = fresh_lab.vm_ssh_address(vm.vmid)
     assert addresses[0] == lab_address and "10.0.2.15" in addresses, "lab address first, then the guest's own"
-    with connect(vm.name, ssh_to_guest(fresh_lab, "pve-tenant", vm, addresses[0]), timeout=30) as guest:
+    endpoint = ssh_to_guest(fresh_lab, "pve-tenant", vm, addresses[0])
+    # agent exec is relayed to the real agent: it reads the same host key the console printed
+    started = c.post(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/exec",
+                     command=["cat", "/etc/ssh/ssh_host_ed25519_key.pub"])
+    status: dict[str, object] = {}
+    for _ in range(100):
+        status = c.get(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/exec-status", pid=started["pid"])
+        if status.get("exited"):
+            break
+        time.sleep(0.3)
+    assert " ".join(str(status["out-data"]).split()[:2]) == endpoint.host_key
+    with connect(vm.name, endpoint, timeout=30) as guest:
         assert guest.run(["hostname"]).stdout.strip() == vm.name
         assert vm.nics[0].mac in guest.run("cat /sys/class/net/*/address").stdout.split()
     qemu = fresh_lab.qemu("pve-tenant", vm.vmid)
@@ -127,3 +138,10 @@ def test_static_ip_and_second_nic_as_jump01_has_them(fresh_lab: LabHandle) -> No
     with connect(vm.name, ssh_to_guest(fresh_lab, "pve-mgmt", vm, first[0]), timeout=30) as guest:
         assert guest.run(["hostname", "-f"]).stdout.strip() == f"{vm.name}.{vm.cloudinit.searchdomain}"
         assert static_ip in guest.run(["ip", "-4", "-o", "addr"]).stdout
+    # shutdown presses the ACPI power button: the guest powers off and its qemu ends
+    qemu = fresh_lab.qemu("pve-mgmt", vm.vmid)
+    assert qemu is not None
+    c.run_task("POST", f"/nodes/{c.node}/qemu/{vm.vmid}/status/shutdown", timeout=300)
+    assert c.get(f"/nodes/{c.node}/qemu/{vm.vmid}/status/current")["status"] == "stopped"
+    cmdline = Path(f"/proc/{qemu['pid']}/cmdline")
+    assert not cmdline.exists() or b"qemu" not in cmdline.read_bytes()
