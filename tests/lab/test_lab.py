@@ -195,3 +195,45 @@ def test_nodes_are_independent_and_show_their_own_certificate(lab: LabHandle) ->
         assert [e["type"] for e in client.get("/cluster/status")] == ["node"], "not clustered"
     tenant = lab.hv("pve-tenant")
     assert tenant.tls_fingerprint == cert_fingerprint(lab.paths.host_dir("pve-tenant") / "pve-ssl.pem")
+
+
+def test_power_actions_drive_the_real_qemu(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    if fresh_lab.config.real_boot == "none":
+        pytest.skip("lab started with --lab-real-boot=none")
+    hv = fresh_lab.hv("pve-tenant")
+    disk = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+        sftp.put(str(disk), f"{hv.storage.import_dir}/blank.qcow2")
+    c = PveClient(hv)
+    path = f"/nodes/{c.node}/qemu/2990"
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=2990, name="blank", memory=256, start=1,
+               scsi0="local:0,import-from=local:import/blank.qcow2", net0="virtio,bridge=vmbr0", timeout=60)
+    qemu = fresh_lab.qemu("pve-tenant", 2990)
+    assert qemu is not None, "create with start=1 boots the VM"
+    qmp = fresh_lab.paths.vms_dir("pve-tenant") / "2990.qmp"
+    c.run_task("POST", path + "/status/suspend", timeout=30)
+    assert c.get(path + "/status/current")["qmpstatus"] == "paused"
+    assert _qmp_status(qmp) == "paused", "the real qemu is stopped"
+    c.run_task("POST", path + "/status/resume", timeout=30)
+    assert _qmp_status(qmp) == "running"
+    c.run_task("POST", path + "/status/reset", timeout=30)
+    assert c.get(path + "/status/current")["qmpstatus"] == "running"
+    assert fresh_lab.qemu("pve-tenant", 2990)["pid"] == qemu["pid"]  # type: ignore[index]
+    c.run_task("POST", path + "/status/stop", timeout=30)
+    assert fresh_lab.qemu("pve-tenant", 2990) is None
+
+
+def _qmp_status(sock_path: Path) -> str:
+    import json
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        f = s.makefile("rwb")
+        f.readline()
+        for cmd in ("qmp_capabilities", "query-status"):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            answer = json.loads(f.readline())
+        return str(answer["return"]["status"])

@@ -124,6 +124,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.storage_locks: dict[str, StorageLock] = {}
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}
+        self._after_io: dict[int, list[Any]] = {}
         self.runners: dict[int, vmrunner.VmProcess] = {}
         self._control_runner: web.AppRunner | None = None
         self._reconciler: asyncio.Task[None] | None = None
@@ -628,6 +629,25 @@ class LabPve(FakePve):  # fakepve is untyped
         work = self._pending_io.pop(vm.vmid, [])
         for job in work:
             await job()
+        for job in self._after_io.pop(vm.vmid, []):
+            await job()
+
+    async def _qm_create(self, v: dict[str, Any], user: str) -> str:
+        """`start=1`: the new VM boots (a real qemu) once its disks are made, inside the create task."""
+        vmid = int(v["vmid"])
+        if v.get("start") and str(v.get("start")) not in ("0", "false"):
+            async def launch() -> None:
+                vm = self.vm(vmid)
+                if vm is not None and self._boots_for_real(vm):
+                    vm.name = vm.config.get("name") or vm.name
+                    self.runners[vmid] = await asyncio.to_thread(self._launch, vm)
+            self._after_io.setdefault(vmid, []).append(launch)
+        try:
+            upid: str = await super()._qm_create(v, user)
+        except BaseException:
+            self._after_io.pop(vmid, None)
+            raise
+        return upid
 
     # ------------------------------------------------------------ config
 
@@ -921,6 +941,51 @@ class LabPve(FakePve):  # fakepve is untyped
         proc = self.runners.pop(vm.vmid, None)
         if proc is not None:
             proc.stop()
+
+    async def _do_reboot(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        """Guest power-off (ACPI), then a fresh qemu with the pending changes and a new cloud-init seed."""
+        self._need_running(vm)
+        self._check_lock(vm)
+
+        async def body() -> None:
+            await self._powerdown(vm, p)
+            vm.apply_pending()
+            if self._boots_for_real(vm):
+                self.runners[vm.vmid] = await asyncio.to_thread(self._launch, vm)
+            vm.status = vm.qmpstatus = "running"
+            vm.started_at = time.time()
+        upid: str = await self.task(vm.node, "qmreboot", vm.vmid, user, body, vm=vm)
+        return upid
+
+    async def _qmp_action(self, vm: FakeVm, user: str, ttype: str, command: str, state: str | None) -> str:
+        self._need_running(vm)
+        if ttype != "qmresume":
+            self._check_lock(vm)
+
+        async def body() -> None:
+            proc = self.runners.get(vm.vmid)
+            if proc is not None:
+                try:
+                    await asyncio.to_thread(proc.qmp_command, command)
+                except OSError as exc:
+                    raise TaskError(f"VM {vm.vmid} qmp command '{command}' failed - {exc}") from None
+            if state is not None:
+                vm.qmpstatus = state
+            else:
+                vm.started_at = time.time()
+        upid: str = await self.task(vm.node, ttype, vm.vmid, user, body, vm=vm)
+        return upid
+
+    async def _do_reset(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        return await self._qmp_action(vm, user, "qmreset", "system_reset", None)
+
+    async def _do_suspend(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        if str(p.get("todisk", "0")) in ("1", "true"):
+            raise PveError(500, "suspend to disk is not supported by the lab")
+        return await self._qmp_action(vm, user, "qmsuspend", "stop", "paused")
+
+    async def _do_resume(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        return await self._qmp_action(vm, user, "qmresume", "cont", "running")
 
     async def _do_stop(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
         if not p.get("skiplock"):
