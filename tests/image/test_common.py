@@ -29,10 +29,14 @@ def test_qemu_guest_agent_installed(host: Any) -> None:
 
 
 def test_qemu_guest_agent_enabled_and_running(host: Any) -> None:
-    svc = host.service("qemu-guest-agent")
+    # The full unit name: without it testinfra falls back to SysV rc links, and Debian's package also
+    # ships /etc/init.d/qemu-guest-agent, which "passes" even when the agent binary is gone.
+    svc = host.service("qemu-guest-agent.service")
     # Debian's unit is "static" (started by udev when the virtio port appears): is-enabled rc 0.
     assert svc.is_enabled
     assert svc.is_running
+    # "active" alone can be an init script that exited 0: the agent process itself must run.
+    assert host.process.filter(comm="qemu-ga"), "no qemu-ga process"
 
 
 def test_qemu_guest_agent_answers(opt: Any) -> None:
