@@ -338,7 +338,6 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
             "-device", "virtio-scsi-pci,id=scsihw0"]
     boot = str(config.get("boot", ""))
     order = boot[len("order="):].split(";") if boot.startswith("order=") else []
-    have_disk = False
     for key, (volume, props, path) in sorted(disks.items()):
         cdrom = props.get("media") == "cdrom"
         if volume in ("none", "cdrom") or path is None:
@@ -363,9 +362,6 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
             n = int(key[3:])
             argv += ["-device", f"ide-{'cd' if cdrom else 'hd'},bus=ide.{n // 2},unit={n % 2},drive={drive_id}"
                      f"{bootindex}"]
-        have_disk = have_disk or not cdrom
-    if not have_disk:
-        raise LaunchError(f"VM {vmid} has no disk to boot from")
     nics = nics_of(config)
     for n, (key, mac) in enumerate(nics):
         idx = key[3:]
