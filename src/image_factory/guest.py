@@ -16,7 +16,7 @@ import paramiko
 from .errors import RemoteError
 from .inventory import SshEndpoint
 from .pve import PveClient
-from .sshlink import SshLink
+from .sshlink import HostKeyMismatch, SshLink
 
 HOST_KEY_FILES = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub")
 
@@ -40,17 +40,26 @@ def agent_exec(client: PveClient, vmid: int, argv: list[str], *, timeout: float 
     return str(status.get("out-data", ""))
 
 
-def host_key_via_agent(client: PveClient, vmid: int) -> str:
-    """The guest's ed25519 (else ecdsa) SSH host public key, as '<type> <base64>'."""
-    for path in HOST_KEY_FILES:
-        try:
-            text = agent_exec(client, vmid, ["cat", path])
-        except RemoteError:
-            continue
-        parts = text.split()
-        if len(parts) >= 2:
-            return f"{parts[0]} {parts[1]}"
-    raise RemoteError(client.name, f"VM {vmid}: the guest agent could not read an SSH host key")
+def host_key_via_agent(client: PveClient, vmid: int, *, timeout: float = 120.0) -> str:
+    """The guest's ed25519 (else ecdsa) SSH host public key, as '<type> <base64>'.
+
+    Waits (bounded) because a first boot generates the keys a little after the agent starts.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        for path in HOST_KEY_FILES:
+            try:
+                text = agent_exec(client, vmid, ["cat", path])
+            except RemoteError as exc:
+                last = str(exc)
+                continue
+            parts = text.split()
+            if len(parts) >= 2:
+                return f"{parts[0]} {parts[1]}"
+        if time.monotonic() > deadline:
+            raise RemoteError(client.name, f"VM {vmid}: the guest agent could not read an SSH host key: {last}")
+        time.sleep(2)
 
 
 @dataclass
@@ -61,14 +70,21 @@ class GuestView:
 
 
 def inspect_over_ssh(
-    name: str, address: str, user: str, key_file: Path, host_key: str, *, timeout: float = 20.0
+    name: str, address: str, user: str, key_file: Path, host_key: str, *, timeout: float = 20.0, wait: float = 180.0
 ) -> GuestView:
     """SSH to the guest, verifying the host key learnt through the agent; show hostname and links."""
     endpoint = SshEndpoint(host=address, port=22, user=user, host_key=host_key, key_file=key_file)
-    try:
-        with SshLink(name, endpoint, timeout=timeout) as link:
-            hostname = link.run(["hostname"]).stdout.strip()
-            links = link.run(["ip", "-br", "link"]).stdout.strip()
-    except paramiko.SSHException as exc:
-        raise RemoteError(name, f"SSH to {user}@{address} failed: {exc}") from None
-    return GuestView(hostname, links, host_key)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with SshLink(name, endpoint, timeout=timeout) as link:
+                hostname = link.run(["hostname"]).stdout.strip()
+                links = link.run(["ip", "-br", "link"]).stdout.strip()
+            return GuestView(hostname, links, host_key)
+        except HostKeyMismatch:
+            raise
+        except (RemoteError, paramiko.SSHException) as exc:
+            # sshd starts after the agent on a first boot; a refused or reset handshake is retried.
+            if time.monotonic() > deadline:
+                raise RemoteError(name, f"SSH to {user}@{address} failed: {exc}") from None
+            time.sleep(2)

@@ -335,8 +335,6 @@ def test_token_lacking_a_privilege(twin: Twin):
     assert twin.writes() == [] and twin.state() == before
 
 
-@pytest.mark.xfail(strict=True, reason="lab gap: LabPve enforces privsep (token ∩ user) but its GET "
-                   "/access/permissions answers fakepve's union: a privilege only the token lacks shows as held")
 def test_privilege_missing_from_the_token_acl_only(twin: Twin):
     """PVE reports a privilege-separated token's effective rights: a grant on the user alone does not count."""
     acl = twin.pve.acl
