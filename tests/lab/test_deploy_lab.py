@@ -21,11 +21,12 @@ import pytest
 
 from image_factory import deploy as dep
 from image_factory import publish
+from image_factory.baseimage import ensure_base_image
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.pve import PveClient
-from image_factory.settings import REPO_ROOT
+from image_factory.settings import REPO_ROOT, Settings
 from image_factory.sshlink import connect
 
 pytestmark = pytest.mark.lab
@@ -153,8 +154,8 @@ def test_example_site_lands_with_inventory_macs_and_second_run_changes_nothing(l
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BASE_IMAGE.exists(), reason="needs the Debian base image (invoke image.base)")
 def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
     monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 1.0)
     lab = dlab
     lab.reset()
