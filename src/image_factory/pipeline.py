@@ -67,13 +67,19 @@ def run_pipeline(
     transport: str = "ssh",
     accelerator: str | None = None,
     progress: bool = True,
+    preflight: bool = True,
 ) -> PipelineReport:
     from . import build, imagetest, manifest, publish
+    from . import preflight as pf
 
     names = images or default_images(site)
     for name in names:
         site.image(name)  # unknown names fail before anything runs
-    site.select_hypervisors(hypervisors)
+    hosts = [h.name for h in site.select_hypervisors(hypervisors)]
+    if preflight:
+        # Before a build is wasted: the hosts must be able to take what this run will publish.
+        console.print(f"preflight (publish) on {', '.join(hosts)} ...")
+        pf.run_preflight(settings, site, hosts, checks=pf.PUBLISH_CHECKS, images=names).raise_for_failures()
     report = PipelineReport(started_at=_now())
     started = time.monotonic()
     for name in names:

@@ -387,3 +387,26 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
     assert "(PVE stages API uploads there)" in message
     assert twin.writes() == [] and twin.state() == before
     assert sorted(p.name for p in small_fs.rglob("*")) == ["filler", "import", "var-tmp", "vz"]  # nothing written
+
+
+# ------------------------------------------------------------------- publish/deploy gate on preflight
+
+
+@pytest.mark.parametrize("command", [
+    ["publish.template", "debian-lab", "--hypervisor", "pve-mgmt"],
+    ["deploy.vm", "-n", "metrics01"],
+    ["pipeline", "--images", "debian-lab", "--hypervisors", "pve-mgmt"],
+])
+def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
+    fresh_lab: LabHandle, import_disabled: str, command: list[str]
+):
+    """They run the relevant checks first and stop with preflight's own message, before changing anything."""
+    before = lab_snapshot(fresh_lab)
+    env = dict(os.environ, INVOKE_FACTORY_INVENTORY=str(fresh_lab.settings.inventory), NO_COLOR="1",
+               COLUMNS="250")
+    proc = subprocess.run([sys.executable, "-m", "invoke", *command], capture_output=True, text=True, env=env,
+                          cwd=fresh_lab.settings.root, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "pve-mgmt: storage: storage 'local' lacks content type import" in proc.stderr
+    assert f"fix: pvesm set local --content {import_disabled},import" in proc.stderr
+    assert lab_snapshot(fresh_lab) == before

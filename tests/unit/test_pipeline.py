@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from image_factory import build, imagetest, publish
+from image_factory import build, imagetest, preflight, publish
 from image_factory import manifest as mf
 from image_factory.errors import FactoryError, ValidationFailed
 from image_factory.inventory import load_site
@@ -27,6 +27,7 @@ class Recorder:
     built: list[str] = field(default_factory=list)
     tested: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
+    preflights: list[str] = field(default_factory=list)
 
 
 def _manifest(name: str, tested: bool | None) -> mf.Manifest:
@@ -74,6 +75,16 @@ def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, R
         report.hosts.append(publish.HostResult(host="pve-mgmt", action="created", template_vmid=9000))
         return report
 
+    class Passed:
+        def raise_for_failures(self) -> None:
+            rec.preflights.append("ok")
+
+    def fake_preflight(s: Settings, site: Any, hosts: Any, **kw: Any) -> Any:
+        if behaviour.get("preflight_fails"):
+            raise FactoryError("pve-mgmt: storage: storage 'local' lacks content type import")
+        return Passed()
+
+    monkeypatch.setattr(preflight, "run_preflight", fake_preflight)
     monkeypatch.setattr(build, "build_image", fake_build)
     monkeypatch.setattr(imagetest, "test_image", fake_test)
     monkeypatch.setattr(publish, "publish_image", fake_publish)
@@ -127,3 +138,14 @@ def test_unknown_image_or_host_fails_before_any_stage_runs(stages: Any) -> None:
 
 def test_default_images_are_those_the_inventory_uses() -> None:
     assert default_images(_site()) == ["fedora-42", "fedora-43"]
+
+
+def test_preflight_runs_first_and_a_failure_stops_before_any_build(stages: Any) -> None:
+    settings, rec, behaviour = stages
+    run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+    assert rec.preflights == ["ok"]
+    behaviour["preflight_fails"] = True
+    rec.built.clear()
+    with pytest.raises(FactoryError, match="lacks content type import"):
+        run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+    assert rec.built == []

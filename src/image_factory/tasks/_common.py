@@ -47,3 +47,14 @@ def handle_errors(func: F) -> F:
             raise Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def preflight_gate(
+    s: Settings, model: Site, hypervisors: list[str] | None, group: str, images: list[str] | None = None
+) -> None:
+    """Run the preflight checks a stage relies on; stop with preflight's own messages when one fails."""
+    from ..preflight import CHECK_GROUPS, run_preflight
+
+    names = hypervisors or list(model.hypervisors)
+    console.print(f"preflight ({group}) on {', '.join(names)} ...")
+    run_preflight(s, model, names, checks=CHECK_GROUPS[group], images=images).raise_for_failures()

@@ -10,7 +10,7 @@ from invoke.tasks import task
 from .. import deploy as dep
 from ..console import console, emit_json
 from ..errors import Problem, ValidationFailed
-from ._common import handle_errors, site
+from ._common import handle_errors, preflight_gate, site
 
 _COMMON_HELP = {
     "inventory": "Ansible inventory file or directory (default: factory.inventory)",
@@ -42,17 +42,23 @@ def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] |
         "dry_run": "show the plan (create / in-sync / drift / recreate / blocked) and change nothing",
         "no_wait": "do not wait for the guests to report their address (tasks are still awaited)",
         "timeout": "seconds to wait for each PVE task and for each guest to become ready (default 600)",
+        "skip_preflight": "do not run the deploy preflight checks first (they are read-only)",
     },
 )
 @handle_errors
 def vm(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     dry_run: bool = False, no_wait: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT), recreate: bool = False,
-    inventory: str | None = None, images: str | None = None, json: bool = False,
+    inventory: str | None = None, images: str | None = None, json: bool = False, skip_preflight: bool = False,
 ) -> None:
     """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
     settings, model = site(c, inventory, images)
     names = _names(name, all, plane)
+    if not skip_preflight:
+        selected = dep.select_vms(model, names, plane=plane)
+        dep.check_placement(model, selected)
+        hosts = sorted({model.hypervisor_for(v).name for v in selected})
+        preflight_gate(settings, model, hosts, "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
                             timeout=float(timeout), recreate=recreate, progress=not json)
     if json:

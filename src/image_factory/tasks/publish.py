@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..console import console, emit_json
 from ..publish import DEFAULT_KEEP, PublishError, PublishReport, publish_image
-from ._common import handle_errors, site
+from ._common import handle_errors, preflight_gate, site
 
 
 def _default_keep(c: Context) -> int:
@@ -32,16 +32,21 @@ def _default_keep(c: Context) -> int:
         "engine": "SSH data engine: 'exec' (cat into the file, fastest) or 'sftp' (fallback)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
         "images": "image catalogue YAML (default: factory.images)",
+        "skip_preflight": "do not run the publish preflight checks first (they are read-only)",
     },
 )
 @handle_errors
 def template(
     c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
     dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "exec",
-    inventory: str | None = None, images: str | None = None,
+    inventory: str | None = None, images: str | None = None, skip_preflight: bool = False,
 ) -> None:
     """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
     settings, model = site(c, inventory, images)
+    model.image(name)
+    model.select_hypervisors(hypervisor or None)
+    if not skip_preflight:
+        preflight_gate(settings, model, hypervisor or None, "publish", [name])
     report = publish_image(
         settings, model, name, hypervisors=hypervisor or None, transport=transport,
         keep=_keep(keep) if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
