@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import shlex
 import socket
 from collections.abc import Sequence
@@ -20,6 +21,10 @@ import paramiko
 
 from .errors import RemoteError
 from .inventory import SshEndpoint
+
+# paramiko logs every failed handshake with a traceback from its own thread; the same failure
+# reaches the caller as an exception carrying host and reason, so the duplicate is silenced.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 _KEY_TYPES = {
