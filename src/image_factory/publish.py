@@ -56,7 +56,7 @@ from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
-from .pve import LOCK_TIMEOUT_RE, ApiError, PveClient, TaskFailed
+from .pve import ApiError, PveClient, retry_lock_timeouts
 from .settings import Settings
 from .sshlink import SshLink
 from .upload import (
@@ -839,16 +839,11 @@ LOCK_RETRY_DELAY = 2.0
 
 def _retry_lock(fn: Callable[[], Any], result: HostResult, what: str) -> Any:
     """Run fn (a call and its task); retry PVE's "can't lock file ... got timeout", noting each retry."""
-    for attempt in range(1, LOCK_RETRIES + 1):
-        try:
-            return fn()
-        except (ApiError, TaskFailed) as exc:
-            message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
-            if attempt == LOCK_RETRIES or not LOCK_TIMEOUT_RE.search(message):
-                raise
-            result.warnings.append(f"{what}: retrying after a lock timeout ({message.strip()[:160]})")
-            time.sleep(LOCK_RETRY_DELAY * attempt)
-    raise AssertionError("unreachable")
+
+    def note(message: str) -> None:
+        result.warnings.append(f"{what}: retrying after a lock timeout ({message.strip()[:160]})")
+
+    return retry_lock_timeouts(fn, attempts=LOCK_RETRIES, delay=LOCK_RETRY_DELAY, on_retry=note)
 
 
 def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:

@@ -269,21 +269,27 @@ def _ssl_reason(exc: Exception) -> str:
     return text[:300]
 
 
+def retry_lock_timeouts(
+    fn: Callable[[], Any], *, attempts: int = 5, delay: float = 2.0,
+    on_retry: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Run fn (a call and its task), retrying PVE's "can't lock file ... got timeout" with a growing delay."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (ApiError, TaskFailed) as exc:
+            message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
+            if attempt == attempts or not LOCK_TIMEOUT_RE.search(message):
+                raise
+            if on_retry is not None:
+                on_retry(message)
+            sleep(delay * attempt)
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def retry_on_lock(
     attempts: int = 5, delay: float = 2.0, sleep: Callable[[float], None] = time.sleep
 ) -> Iterator[Callable[[Callable[[], Any]], Any]]:
     """``with retry_on_lock() as retry: retry(lambda: client.post(...))`` retries PVE lock timeouts."""
-
-    def retry(fn: Callable[[], Any]) -> Any:
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except (ApiError, TaskFailed) as exc:
-                message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
-                if attempt == attempts or not LOCK_TIMEOUT_RE.search(message):
-                    raise
-                sleep(delay * attempt)
-        raise AssertionError("unreachable")
-
-    yield retry
+    yield lambda fn: retry_lock_timeouts(fn, attempts=attempts, delay=delay, sleep=sleep)
