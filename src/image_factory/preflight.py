@@ -92,6 +92,9 @@ VM_PRIVILEGES: tuple[str, ...] = (
     "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
     "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.CPU",
     "VM.PowerMgmt", "VM.Audit",
+    # Not in pve-facts' list, but PVE 8.4 checks it for every guest-agent call, which deploy's
+    # readiness wait (agent/network-get-interfaces) and the guest host-key read (agent/exec) use.
+    "VM.Monitor",
 )
 STORAGE_PRIVILEGES: tuple[str, ...] = ("Datastore.AllocateSpace", "Datastore.Audit")
 IMPORT_STORAGE_PRIVILEGES: tuple[str, ...] = (

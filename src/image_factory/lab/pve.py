@@ -207,7 +207,9 @@ class LabPve(FakePve):  # fakepve is untyped
         out: dict[str, dict[str, int]] = {}
         for path in paths:
             try:
-                held = sorted(priv for priv in shapes.PRIVILEGES if self.allowed(who, path, priv))
+                # PVE 8.4 still has VM.Monitor, which fakepve's PVE 9 privilege list lacks.
+                known = {*shapes.PRIVILEGES, "VM.Monitor"}
+                held = sorted(priv for priv in known if self.allowed(who, path, priv))
             except ValueError:
                 held = []
             if held or v.get("path") is not None:
