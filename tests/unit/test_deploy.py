@@ -215,36 +215,9 @@ def test_placement_reasserted_per_vm(site: Site) -> None:
 # ------------------------------------------------------------------------ readiness over SSH
 
 
-def _greeter(payload: bytes) -> tuple[int, Any]:
-    import socket
-    import threading
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(payload)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv.getsockname()[1], srv
-
-
-def test_ssh_answers_reads_the_banner_only() -> None:
-    port, srv = _greeter(b"SSH-2.0-OpenSSH_9.2\r\n")
-    port2, srv2 = _greeter(b"HTTP/1.1 400 Bad Request\r\n")
-    try:
-        assert dep.ssh_answers("127.0.0.1", port)
-        assert not dep.ssh_answers("127.0.0.1", port2)
-    finally:
-        srv.close()
-        srv2.close()
+def test_ssh_answers_reads_the_banner_only(greeter: Any) -> None:
+    assert dep.ssh_answers("127.0.0.1", greeter(b"SSH-2.0-OpenSSH_9.2\r\n"))
+    assert not dep.ssh_answers("127.0.0.1", greeter(b"HTTP/1.1 400 Bad Request\r\n"))
     import socket
 
     with socket.socket() as unused:

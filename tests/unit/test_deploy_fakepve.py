@@ -389,35 +389,16 @@ def test_destroy_tenant_and_mgmt_needs_flag(fs: FakeSite, agents: None) -> None:
 
 
 def test_without_guest_agent_ready_means_ssh_greets_on_the_known_address(
-    fs: FakeSite, monkeypatch: pytest.MonkeyPatch
+    fs: FakeSite, monkeypatch: pytest.MonkeyPatch, greeter: Any
 ) -> None:
-    import socket
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    monkeypatch.setattr(dep, "SSH_PORT", srv.getsockname()[1])
+    monkeypatch.setattr(dep, "SSH_PORT", greeter(b"SSH-2.0-OpenSSH_9.2\r\n"))
     fs.pves["pve-mgmt"].vm(9000).config.pop("agent")
     vm = fs.site.vms["metrics01"]
     nic = vm.nics[0].model_copy(update={"address": "127.0.0.1"})
     site = Site(fs.site.inventory_path, fs.site.images_path, fs.site.hypervisors,
                 {**fs.site.vms, "metrics01": vm.model_copy(update={"nics": [nic]})}, fs.site.images,
                 fs.site.vm_sources)
-    try:
-        report = dep.deploy_vms(None, site, ["metrics01", "logs01"], timeout=5, progress=False)
-    finally:
-        srv.close()
+    report = dep.deploy_vms(None, site, ["metrics01", "logs01"], timeout=5, progress=False)
     by = {r.plan.vm: r for r in report.results}
     assert by["metrics01"].state == "created" and by["metrics01"].address == "127.0.0.1"
     assert by["logs01"].state == "not-ready" and "no guest agent configured" in (by["logs01"].error or "")
