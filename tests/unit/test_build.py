@@ -120,6 +120,17 @@ def _built(repo: Settings, image: Image, fake_packer: Path) -> build.BuildOutcom
     return outcome
 
 
+
+def assert_gone(pid: int, after: str) -> None:
+    """The stand-in QEMU child must be gone within 5 s of the stop."""
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the stand-in QEMU process {pid} survived {after}")
+
 def test_parse_machine_readable() -> None:
     assert build.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
         "qemu.image", "ui", ["say", "a, b\nc"])
@@ -245,15 +256,7 @@ def test_timeout_stops_packer_and_its_children(
     monkeypatch.setenv("FAKE_PACKER_CHILD", str(child_file))
     with pytest.raises(build.BuildError, match="build timeout"):
         build.build_image(repo, image, timeout_s=3)
-    pid = int(child_file.read_text())
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the stand-in QEMU process {pid} survived the stop")
+    assert_gone(int(child_file.read_text()), "the stop")
     assert load(repo.builds_dir / "debian-lab") is None
     assert not list((repo.builds_dir / "debian-lab").glob(".work-*"))
 
@@ -327,15 +330,7 @@ def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
     threading.Thread(target=interrupt_once_started, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         build.build_image(repo, image)
-    pid = int(child_file.read_text())
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the stand-in QEMU process {pid} survived Ctrl-C")
+    assert_gone(int(child_file.read_text()), "Ctrl-C")
     build_dir = repo.builds_dir / "debian-lab"
     assert load(build_dir) is None and not list(build_dir.glob("*.qcow2"))
     assert not list(build_dir.glob(".work-*"))
