@@ -238,11 +238,11 @@ def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
 
 
 def _guest_address(client: Any, vmid: int, mac: str) -> str:
-    """The IPv4 address the guest agent reports on the NIC carrying ``mac``."""
+    """The IPv4 address the guest agent reports on the NIC carrying ``mac`` (deploy's own reading)."""
+    from .deploy import guest_address
+
     answer = client.get(f"{client.node_path}/qemu/{vmid}/agent/network-get-interfaces")
-    for iface in answer.get("result", answer if isinstance(answer, list) else []):
-        if str(iface.get("hardware-address", "")).lower() == mac.lower():
-            for addr in iface.get("ip-addresses") or []:
-                if addr.get("ip-address-type") == "ipv4":
-                    return str(addr["ip-address"])
-    raise FactoryError(f"VM {vmid}: the guest agent reports no IPv4 address on {mac}")
+    address = guest_address(answer.get("result", []) if isinstance(answer, dict) else answer, mac)
+    if address is None:
+        raise FactoryError(f"VM {vmid}: the guest agent reports no IPv4 address on {mac}")
+    return address
