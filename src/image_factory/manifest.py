@@ -68,6 +68,7 @@ class Manifest:
     started_at: str
     finished_at: str
     accelerator: str = ""
+    ansible_strategy: str = ""
     skip_tests: bool = False
     image_test: ImageTestResult | None = None
     schema: int = SCHEMA_VERSION

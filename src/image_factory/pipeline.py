@@ -100,6 +100,7 @@ def run_pipeline(
             run.build = {
                 "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
                 "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
+                "ansible_strategy": m.ansible_strategy,
             }
 
             run.stage = "test"

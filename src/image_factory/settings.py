@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "builds_dir": "builds",
     "lab_dir": ".lab",
     "accelerator": "auto",
+    "ansible_strategy": "auto",
 }
 
 
@@ -29,6 +30,7 @@ class Settings:
     builds_dir: Path
     lab_dir: Path
     accelerator: str
+    ansible_strategy: str = "auto"
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None = None, root: Path = REPO_ROOT) -> Settings:
@@ -45,6 +47,7 @@ class Settings:
             builds_dir=path("builds_dir"),
             lab_dir=path("lab_dir"),
             accelerator=str(merged["accelerator"]),
+            ansible_strategy=str(merged["ansible_strategy"]),
         )
 
     def resolve(self, p: str | Path) -> Path:

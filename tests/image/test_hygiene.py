@@ -108,15 +108,11 @@ def test_artifact_has_no_usable_passwords(artifact_fs: Any) -> None:
 
 
 def test_no_shell_history(host: Any) -> None:
+    # One find over every home instead of a test per file: each command costs ~0.3 s under TCG.
+    names = " -o ".join(f"-name {name}" for name in HISTORY_FILES)
     with host.sudo():
-        homes = ["/root"] + [f"/home/{d}" for d in host.check_output("ls -1 /home").split()]
-        found = []
-        for home in homes:
-            for name in HISTORY_FILES:
-                f = host.file(f"{home}/{name}")
-                if f.exists and f.size > 0:
-                    found.append(f"{home}/{name}")
-    assert found == []
+        found = host.check_output(f"find /root /home -mindepth 1 -maxdepth 2 -type f -size +0 \\( {names} \\)")
+    assert found.split() == []
 
 
 def test_log_size_bounded(host: Any, opt: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -88,12 +90,12 @@ def test_ensure_base_image_cache_hit_builds_nothing(tmp_path: Path, monkeypatch:
         bi.ensure_base_image(settings, force=True)
 
 
-def test_recipe_hash_covers_packages_and_init(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipe_hash_covers_packages_and_grub(monkeypatch: pytest.MonkeyPatch) -> None:
     h = bi.recipe_hash()
     monkeypatch.setattr(bi, "PACKAGES", (*bi.PACKAGES, "vim"))
     assert bi.recipe_hash() != h
     monkeypatch.undo()
-    monkeypatch.setattr(bi, "INIT_SCRIPT", bi.INIT_SCRIPT + "# x\n")
+    monkeypatch.setattr(bi, "GRUB_CFG", bi.GRUB_CFG + "# x\n")
     assert bi.recipe_hash() != h
 
 
@@ -117,14 +119,70 @@ def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:
     assert list((root / "var/lib/cloud").iterdir()) == []
     assert (root / "etc/shadow").read_text().startswith("root:!*:")
     assert "http://mirror.example/debian bookworm main" in (root / "etc/apt/sources.list").read_text()
-    assert (root / "factory-init").stat().st_mode & 0o111
     assert "datasource_list: [ NoCloud, None ]" in (root / "etc/cloud/cloud.cfg.d/90-factory.cfg").read_text()
 
 
-def test_finalize_fs_removes_init_script_and_proves_clean(tmp_path: Path) -> None:
+def _mbr_disk(path: Path, mib: int = 4) -> bytes:
+    with path.open("wb") as fh:
+        fh.truncate(mib * 1024 * 1024)
+    layout = f"label: dos\nlabel-id: 0x1234abcd\nunit: sectors\nstart={bi.PART_START_MIB * 2048}, type=83, bootable\n"
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(path)], input=layout.encode(), check=True)
+    return path.read_bytes()[:512]
+
+
+def _fake_core(sectors: int, blocklist: tuple[int, int, int] = (2, 0, 0x820)) -> bytes:
+    core = bytearray(b"\xc0" * (sectors * 512 - 100))  # not sector aligned, like grub-mkimage's output
+    core = core.ljust(512, b"\0") if len(core) < 512 else core
+    struct.pack_into("<QHH", core, 500, *blocklist)
+    return bytes(core)
+
+
+def test_embed_grub_writes_boot_and_core_and_keeps_the_partition_table(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    mbr = _mbr_disk(raw)
+    boot_img = bytes(range(256)) * 2
+    core = _fake_core(5)
+    bi.embed_grub(raw, boot_img, core, bi.PART_START_MIB * 2048)
+    data = raw.read_bytes()
+    sector0 = data[:512]
+    assert sector0[0x1B8:] == mbr[0x1B8:], "disk signature and partition table must survive"
+    assert sector0[0x5A:0x5C] == boot_img[0x5A:0x5C] and sector0[0x68:0x1B8] == boot_img[0x68:0x1B8]
+    assert sector0[0x03:0x5A] == mbr[0x03:0x5A]
+    assert struct.unpack_from("<Q", sector0, 0x5C) == (1,) and sector0[0x64] == 0xFF
+    assert sector0[0x66:0x68] == b"\x90\x90"
+    written = data[512 : 512 + 5 * 512]
+    assert struct.unpack_from("<QHH", written, 500) == (2, 4, 0x820)
+    assert written[:500] == core[:500] and written[512 : len(core)] == core[512:]
+    dump = subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True, check=True).stdout
+    assert "label-id: 0x1234abcd" in dump and f"start=        {bi.PART_START_MIB * 2048}" in dump
+
+
+@pytest.mark.parametrize(
+    ("core", "first_sector", "match"),
+    [
+        (_fake_core(5), 5, "does not fit before the first partition"),
+        (_fake_core(3, (7, 0, 0x820)), 2048, "unexpected block list"),
+        (_fake_core(3, (2, 9, 0x820)), 2048, "unexpected block list"),
+    ],
+)
+def test_embed_grub_refuses_what_it_cannot_place(tmp_path: Path, core: bytes, first_sector: int, match: str) -> None:
+    raw = tmp_path / "disk.raw"
+    before = _mbr_disk(raw)
+    with pytest.raises(bi.BaseImageError, match=match):
+        bi.embed_grub(raw, bytes(512), core, first_sector)
+    assert raw.read_bytes()[:512] == before, "nothing written on refusal"
+
+
+def test_embed_grub_needs_a_partitioned_disk(tmp_path: Path) -> None:
+    raw = tmp_path / "blank.raw"
+    raw.write_bytes(bytes(1024 * 1024))
+    with pytest.raises(bi.BaseImageError, match="no MBR partition table"):
+        bi.embed_grub(raw, bytes(512), _fake_core(3), 2048)
+
+
+def test_check_fs_passes_a_clean_filesystem_and_names_a_damaged_one(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    (root / "factory-init").write_text("#!/bin/sh\n")
     (root / "etc/hostname").write_text("debian\n")
     part = tmp_path / "part.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(part), "8M"], check=True)
@@ -132,10 +190,30 @@ def test_finalize_fs_removes_init_script_and_proves_clean(tmp_path: Path) -> Non
     with raw.open("wb") as fh:
         fh.truncate(10 * 1024 * 1024)
     bi._copy_sparse(part, raw, bi.PART_START_MIB * 1024 * 1024)
-    bi._finalize_fs(raw)
-    spec = f"{raw}?offset={bi.PART_START_MIB * 1024 * 1024}"
-    listing = subprocess.run(["debugfs", "-R", "ls /", spec], capture_output=True, text=True).stdout
-    assert "factory-init" not in listing and "etc" in listing
-    # A second run finds no script: an error, not a silent success.
-    with pytest.raises(bi.BaseImageError, match="factory-init"):
-        bi._finalize_fs(raw)
+    bi._check_fs(raw)
+    with raw.open("r+b") as fh:  # wreck the root directory's inode table block group descriptors
+        fh.seek(bi.PART_START_MIB * 1024 * 1024 + 4096)
+        fh.write(b"\xff" * 4096)
+    with pytest.raises(bi.BaseImageError, match="e2fsck found problems"):
+        bi._check_fs(raw)
+
+
+def test_debootstrap_sees_the_preseed_files_and_unsafe_io_is_gone_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    seen = tmp_path / "seen"
+    fake = bindir / "debootstrap"
+    # The target is the second-to-last argument: record what dpkg would find there.
+    fake.write_text(f'#!/bin/sh\nfor a; do t=$p; p=$a; done\nls -R "$t/etc" "$t/usr" > {seen}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    root = tmp_path / "root"
+    bi._debootstrap(root, "http://mirror.example/debian", tmp_path / "debs", tmp_path / "log")
+    listing = seen.read_text()
+    assert "00-factory-build-unsafe-io" in listing and "factory-vm" in listing
+    assert not (root / bi.DPKG_UNSAFE_IO).exists()
+    assert (root / "etc/initramfs-tools/conf.d/factory").read_text() == "MODULES=list\n"
+    modules = (root / "usr/share/initramfs-tools/modules.d/factory-vm").read_text().split()
+    assert {"virtio_scsi", "virtio_blk", "sd_mod"} <= set(modules)

@@ -8,6 +8,7 @@ ssh-keygen and openssl are the real tools. The real packer build is in tests/e2e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,6 +60,9 @@ FAKE_PACKER = textwrap.dedent(
         open(os.environ["FAKE_PACKER_CHILD"], "w").write(str(child.pid))
         time.sleep(300)
         sys.exit(0)
+    with open(log + ".env", "a") as fh:
+        strategy = [k + "=" + v for k, v in sorted(os.environ.items()) if k.startswith("ANSIBLE_STRATEGY")]
+        fh.write(" ".join(strategy) + "\\n")
     out = os.path.join(vars_["work_dir"], "output")
     os.makedirs(out)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(out, name), "64M"], check=True)
@@ -163,6 +167,65 @@ def test_build_writes_manifest_matching_the_artifact(
     assert not list(outcome.build_dir.glob(".work-*"))
     builds = [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
     assert len(builds) == 1 and "-machine-readable" in builds[0]
+
+
+def test_tcg_build_runs_the_ansible_provisioner_under_mitogen(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    outcome = _built(repo, image, fake_packer)
+    env = Path(f"{fake_packer}.env").read_text().split()
+    assert "ANSIBLE_STRATEGY=mitogen_linear" in env
+    plugins = Path(next(e for e in env if e.startswith("ANSIBLE_STRATEGY_PLUGINS=")).split("=", 1)[1])
+    assert (plugins / "mitogen_linear.py").is_file()
+    assert outcome.manifest is not None and outcome.manifest.ansible_strategy == "mitogen_linear"
+    assert outcome.manifest.tools["mitogen"][0].isdigit()
+    assert "# ANSIBLE_STRATEGY=mitogen_linear" in (outcome.build_dir / "build.log").read_text()
+
+
+def test_linear_strategy_is_explicit_and_recorded(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    outcome = build.build_image(repo, image, compress=False, ansible_strategy="linear")
+    # Set even for linear, so an ANSIBLE_STRATEGY in the caller's environment cannot leak in.
+    assert Path(f"{fake_packer}.env").read_text().split() == ["ANSIBLE_STRATEGY=linear"]
+    assert outcome.manifest is not None and outcome.manifest.ansible_strategy == "linear"
+    assert "mitogen" not in outcome.manifest.tools
+
+
+def test_auto_strategy_follows_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build.resolve_ansible_strategy("auto", "kvm").name == "linear"
+    assert build.resolve_ansible_strategy("auto", "tcg").name == "mitogen_linear"
+    assert build.resolve_ansible_strategy("mitogen", "kvm").name == "mitogen_linear"
+    assert build.resolve_ansible_strategy("linear", "tcg").name == "linear"
+    monkeypatch.setattr(build, "mitogen_strategy_dir", lambda: None)
+    fallback = build.resolve_ansible_strategy("auto", "tcg")
+    assert fallback.name == "linear" and "mitogen is not installed" in fallback.why
+    with pytest.raises(build.BuildError, match="mitogen package is not installed"):
+        build.resolve_ansible_strategy("mitogen", "tcg")
+
+
+def test_unknown_strategy_is_refused_before_packer_runs(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    bad = dataclasses.replace(repo, ansible_strategy="turbo")
+    with pytest.raises(build.BuildError, match=r"factory.ansible_strategy: 'turbo' is not one of auto, mitogen"):
+        build.build_image(bad, image)
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
+    assert not (repo.builds_dir / image.name / "manifest.json").exists()
+
+
+def test_compression_follows_the_catalogue_unless_overridden(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    real = build.compact
+    monkeypatch.setattr(build, "compact", lambda src, dst, *, compress: (seen.append(compress), real(src, dst,
+                        compress=compress))[1])
+    assert image.compress is False  # the lab fixture travels over loopback
+    build.build_image(repo, image)
+    build.build_image(repo, image.model_copy(update={"compress": True}), force=True)
+    build.build_image(repo, image.model_copy(update={"compress": True}), force=True, compress=False)
+    assert seen == [False, True, False]
 
 
 def test_cache_hit_starts_no_packer_process(

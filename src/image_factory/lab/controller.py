@@ -9,6 +9,7 @@ signalling it, so a recycled pid is never hit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -69,10 +70,7 @@ class Lab:
 
 def lab_settings(settings: Settings, paths: LabPaths) -> Settings:
     """The same settings, with the lab inventory as the inventory."""
-    return Settings(
-        root=settings.root, inventory=paths.inventory_dir, images=settings.images,
-        builds_dir=settings.builds_dir, lab_dir=paths.lab_dir, accelerator=settings.accelerator,
-    )
+    return dataclasses.replace(settings, inventory=paths.inventory_dir, lab_dir=paths.lab_dir)
 
 
 # ------------------------------------------------------------------------------- config

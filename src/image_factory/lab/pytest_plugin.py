@@ -15,6 +15,7 @@ Options: ``--lab-real-boot=all|none|name,name`` (default all): which started VMs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import shutil
 import socket
@@ -219,8 +220,7 @@ def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: flo
               base: Settings | None = None) -> tuple[LabHandle, IO[str]]:
     """A lab on a free slot in lab_dir (the fixtures' engine; also usable from scripts)."""
     base = base or Settings.from_mapping({})
-    settings = Settings(root=base.root, inventory=base.inventory, images=base.images, builds_dir=base.builds_dir,
-                        lab_dir=lab_dir, accelerator=base.accelerator)
+    settings = dataclasses.replace(base, lab_dir=lab_dir)
     slot, slot_lock = claim_slot()
     cfg = controller.default_config(settings, slot=slot)
     cfg.real_boot = real_boot

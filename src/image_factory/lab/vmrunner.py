@@ -321,18 +321,28 @@ class VmProcess:
             return False
 
 
+def _int_option(config: dict[str, Any], key: str) -> int:
+    try:
+        return max(1, int(str(config.get(key, 1))))
+    except ValueError:
+        return 1
+
+
 def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
            address: str, vms_dir: Path, log_dir: Path, memory_cap: int, node: str,
            accelerator: str = "auto") -> VmProcess:
     vms_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
+    # As PVE does: cores x sockets vCPUs, but never more than this machine has (TCG runs one host
+    # thread per vCPU).
+    vcpus = max(1, min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1))
     qmp = vms_dir / f"{vmid}.qmp"
     qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
         else None
     serial_log = log_dir / f"{node}-vm{vmid}-serial.log"
     argv = ["qemu-system-x86_64", "-name", f"lab-{node}-vm{vmid},process=lab-{node}-vm{vmid}",
-            *accel_args(accelerator), "-m", str(memory), "-smp", "1", "-nodefaults", "-no-user-config",
+            *accel_args(accelerator), "-m", str(memory), "-smp", str(vcpus), "-nodefaults", "-no-user-config",
             "-display", "none", "-vga", "none", "-serial", f"file:{serial_log}",
             "-qmp", f"unix:{qmp},server=on,wait=off",
             "-device", "virtio-scsi-pci,id=scsihw0"]

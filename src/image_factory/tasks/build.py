@@ -64,13 +64,15 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
 
 
 def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
-               accelerator: str | None, no_compress: bool, json: bool) -> None:
+               accelerator: str | None, no_compress: bool, json: bool,
+               ansible_strategy: str | None = None) -> None:
     from .. import build as b
     from .. import manifest as mf
 
     with b.LiveProgress(img.name) as progress:
         outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
-                                on_event=progress, compress=not no_compress)
+                                on_event=progress, compress=False if no_compress else None,
+                                ansible_strategy=ansible_strategy)
     m = outcome.manifest
     if outcome.status == "planned":
         console.print(f"[yellow]{img.name}[/]: dry run, would build ({outcome.reason})")
@@ -105,7 +107,9 @@ BUILD_HELP = {
     "dry_run": "render, validate and check inputs; report whether a build would run, start no VM",
     "skip_tests": "do not run the image tests after a build (recorded in the manifest)",
     "accelerator": "auto (detect; KVM only if proven to work), kvm or tcg; default from factory.accelerator",
-    "no_compress": "compact the qcow2 without compression (faster, larger upload)",
+    "no_compress": "compact the qcow2 without compression (faster, larger upload); default per catalogue image",
+    "ansible_strategy": "auto (mitogen under TCG, linear under KVM), mitogen or linear; default from "
+                        "factory.ansible_strategy",
     "json": "print the outcome and manifest as JSON on stdout",
 }
 
@@ -113,18 +117,19 @@ BUILD_HELP = {
 @task(help={"name": "catalogue image to build (see packer/images.yml)", **BUILD_HELP})
 @handle_errors
 def image(c: Context, name: str, force: bool = False, dry_run: bool = False, skip_tests: bool = False,
-          accelerator: str | None = None, no_compress: bool = False, json: bool = False) -> None:
+          accelerator: str | None = None, no_compress: bool = False, json: bool = False,
+          ansible_strategy: str | None = None) -> None:
     """Build one catalogue image with Packer (cached: no work when nothing changed)."""
     settings, s = site(c)
     _build_one(c, settings, s.image(name), force=force, dry_run=dry_run, skip_tests=skip_tests,
-               accelerator=accelerator, no_compress=no_compress, json=json)
+               accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy)
 
 
 @task(help={"release": "Fedora release (default: factory.fedora_release, else 42)", **BUILD_HELP})
 @handle_errors
 def fedora(c: Context, release: int | None = None, force: bool = False, dry_run: bool = False,
            skip_tests: bool = False, accelerator: str | None = None, no_compress: bool = False,
-           json: bool = False) -> None:
+           json: bool = False, ansible_strategy: str | None = None) -> None:
     """Build the Fedora template for a release (catalogue image fedora-<release>)."""
     settings, s = site(c)
     rel = int(release or (c.config.get("factory", {}) or {}).get("fedora_release") or DEFAULT_FEDORA_RELEASE)
@@ -134,7 +139,7 @@ def fedora(c: Context, release: int | None = None, force: bool = False, dry_run:
         raise FactoryError(f"no catalogue image {name} in {settings.images} (Fedora images: {', '.join(have)});"
                            f" adding a release is one entry there")
     _build_one(c, settings, s.images[name], force=force, dry_run=dry_run, skip_tests=skip_tests,
-               accelerator=accelerator, no_compress=no_compress, json=json)
+               accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy)
 
 
 ns = Collection("build")
