@@ -4,7 +4,8 @@
 Debian archive this machine reaches, with no loop devices or mounts:
 
 1. ``debootstrap --variant=minbase`` of bookworm with a kernel, GRUB, cloud-init, OpenSSH and the
-   QEMU guest agent into a temporary root (packages cached in builds/base/.debs);
+   QEMU guest agent into a temporary root (the .deb files cached in <cache_dir>/debs, shared by
+   every clone on the machine; debootstrap checks each against the signed archive index);
 2. configuration written into that root: NoCloud + None datasources, DHCP on the first NIC from
    cloud-init's network config (or its fallback), serial console, no SSH host keys, empty
    /etc/machine-id, root password locked;
@@ -22,6 +23,8 @@ recorded one, or when the recipe (package list, files, scripts, sizes) changed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +34,7 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +182,7 @@ class BasePaths:
 
 def base_paths(settings: Settings) -> BasePaths:
     d = settings.builds_dir / "base"
-    return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, d / ".debs")
+    return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, settings.cache_dir / "debs")
 
 
 def recipe() -> dict[str, object]:
@@ -256,7 +260,8 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
     try:
         root = work / "root"
         t0 = time.monotonic()
-        _debootstrap(root, mirror, p.debs, work / "debootstrap.log")
+        with _locked(p.debs / ".lock"):  # another clone may be filling the same cache
+            _debootstrap(root, mirror, p.debs, work / "debootstrap.log")
         figures["debootstrap_s"] = round(time.monotonic() - t0, 1)
         _configure(root, mirror)
         t0 = time.monotonic()
@@ -531,6 +536,13 @@ def _check_fs(raw: Path) -> None:
     check = subprocess.run(["e2fsck", "-fn", spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if check.returncode != 0:
         raise BaseImageError(f"base image: e2fsck found problems:\n{check.stdout.decode(errors='replace')[-1500:]}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _write_atomic(path: Path, text: str) -> None:

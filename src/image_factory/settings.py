@@ -6,11 +6,17 @@ command-line flags override them. Relative paths are relative to the repository 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _user_cache() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "deevnet-image-factory")
+
 
 DEFAULTS: dict[str, Any] = {
     "inventory": "ansible/inventory",
@@ -19,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "lab_dir": ".lab",
     "accelerator": "auto",
     "ansible_strategy": "auto",
+    # Downloads shared by every clone on this machine (the base image's .deb files), like pip's cache.
+    "cache_dir": None,
 }
 
 
@@ -31,6 +39,7 @@ class Settings:
     lab_dir: Path
     accelerator: str
     ansible_strategy: str = "auto"
+    cache_dir: Path = Path(_user_cache()).expanduser()
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None = None, root: Path = REPO_ROOT) -> Settings:
@@ -48,6 +57,7 @@ class Settings:
             lab_dir=path("lab_dir"),
             accelerator=str(merged["accelerator"]),
             ansible_strategy=str(merged["ansible_strategy"]),
+            cache_dir=Path(str(merged["cache_dir"] or _user_cache())).expanduser(),
         )
 
     def resolve(self, p: str | Path) -> Path:

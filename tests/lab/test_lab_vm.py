@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.parse
@@ -53,7 +54,7 @@ def boot_from_template(lab: LabHandle, host: str, vm_name: str, *, full: bool) -
     c.run_task("POST", f"{node}/{tpl}/template", timeout=60)
     c.run_task("POST", f"{node}/{tpl}/clone", newid=vm.vmid, name=vm.name, full=int(full), timeout=300)
     ci = vm.cloudinit
-    params: dict[str, object] = {"ciuser": ci.user, "ciupgrade": 0,
+    params: dict[str, object] = {"cores": vm.cores, "ciuser": ci.user, "ciupgrade": 0,
                                  "sshkeys": urllib.parse.quote("\n".join(ci.ssh_keys), safe="")}
     for i, nic in enumerate(vm.nics):
         params[f"net{i}"] = f"virtio={nic.mac},bridge={nic.bridge or hv.bridge}" + (f",tag={nic.vlan}" if nic.vlan
@@ -68,6 +69,9 @@ def boot_from_template(lab: LabHandle, host: str, vm_name: str, *, full: bool) -
     c.run_task("POST", f"{node}/{vm.vmid}/status/start", timeout=60)
     qemu = lab.qemu(host, vm.vmid)
     assert qemu is not None and qemu["macs"] == vm.macs
+    # The VM's cores, as PVE gives them (capped at this machine's CPUs: TCG runs a thread per vCPU).
+    argv = Path(f"/proc/{qemu['pid']}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"-smp") + 1] == str(min(vm.cores, os.cpu_count() or 1)).encode()
     return c, vm
 
 
