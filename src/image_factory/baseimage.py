@@ -297,6 +297,34 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
     return p.image
 
 
+def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
+    """Download the .deb files the base image needs into the shared cache, building nothing.
+
+    Part of the machine set-up (``./dev setup``), like installing apt packages, so that the demo
+    and the tests then make the base image from local files. Returns False when the cache already
+    holds this package set from this mirror (a stamp file; no network, no debootstrap).
+    """
+    p = base_paths(settings)
+    mirror = mirror or os.environ.get("FACTORY_DEBIAN_MIRROR") or find_mirror()
+    want = hashlib.sha256(json.dumps({"suite": SUITE, "packages": sorted(PACKAGES), "mirror": mirror},
+                                     sort_keys=True).encode()).hexdigest()  # fmt: skip
+    stamp = p.debs / ".fetched"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == want:
+        return False
+    _check_tools()
+    p.debs.mkdir(parents=True, exist_ok=True)
+    with _locked(p.debs / ".lock"):
+        target = Path(tempfile.mkdtemp(prefix="fetch-", dir=p.debs.parent))
+        try:
+            console.print(f"downloading the base image's packages from {mirror} into {p.debs} ...")
+            _run(["debootstrap", "--download-only", "--variant=minbase", f"--cache-dir={p.debs.resolve()}",
+                  "--include=" + ",".join(PACKAGES), SUITE, str(target), mirror], "debootstrap --download-only")
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+        _write_atomic(stamp, want + "\n")
+    return True
+
+
 # ------------------------------------------------------------------------------------------ steps
 
 CLEANUP_VERSION = 2
@@ -556,4 +584,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["ensure_base_image", "describe", "base_paths", "cache_state", "recipe_hash", "find_mirror", "BaseImageError"]
+__all__ = [
+    "ensure_base_image", "fetch_packages", "describe", "base_paths", "cache_state", "recipe_hash", "find_mirror",
+    "BaseImageError",
+]

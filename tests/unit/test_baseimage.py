@@ -217,3 +217,22 @@ def test_debootstrap_sees_the_preseed_files_and_unsafe_io_is_gone_afterwards(
     assert (root / "etc/initramfs-tools/conf.d/factory").read_text() == "MODULES=list\n"
     modules = (root / "usr/share/initramfs-tools/modules.d/factory-vm").read_text().split()
     assert {"virtio_scsi", "virtio_blk", "sd_mod"} <= set(modules)
+
+
+def test_fetch_packages_downloads_once_per_package_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    (bindir / "debootstrap").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bindir / "debootstrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "cache_dir": str(tmp_path / "cache")})
+    mirror = "http://mirror.example/debian"
+    assert bi.fetch_packages(settings, mirror=mirror) is True
+    (args,) = calls.read_text().splitlines()
+    assert "--download-only" in args and f"--cache-dir={tmp_path / 'cache/debs'}" in args and args.endswith(mirror)
+    assert bi.fetch_packages(settings, mirror=mirror) is False, "a second set-up downloads nothing"
+    assert len(calls.read_text().splitlines()) == 1
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("fetch-")], "temporary target removed"
+    monkeypatch.setattr(bi, "PACKAGES", (*bi.PACKAGES, "vim"))
+    assert bi.fetch_packages(settings, mirror=mirror) is True, "a changed package list fetches again"

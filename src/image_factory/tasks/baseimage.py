@@ -34,3 +34,14 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
     path = bi.ensure_base_image(s, force=force, mirror=mirror)
     if json:
         emit_json(bi.describe(s) | {"path": str(path)})
+
+
+@task(help={"mirror": "Debian archive URL (default: this machine's apt sources, or FACTORY_DEBIAN_MIRROR)"})
+@handle_errors
+def fetch_debs(c: Context, mirror: str | None = None) -> None:
+    """Download the base image's .deb files into the shared cache (./dev setup runs this)."""
+    from .. import baseimage as bi
+
+    s = settings(c)
+    fetched = bi.fetch_packages(s, mirror=mirror)
+    console.print(f"base image packages {'downloaded' if fetched else 'already cached'}: {bi.base_paths(s).debs}")

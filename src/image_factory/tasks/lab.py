@@ -118,3 +118,4 @@ ns.add_task(reset)
 if importlib.util.find_spec("image_factory.tasks.baseimage") is not None:
     _baseimage = importlib.import_module("image_factory.tasks.baseimage")
     ns.add_task(_baseimage.base_image, name="base-image")
+    ns.add_task(_baseimage.fetch_debs, name="fetch-debs")
