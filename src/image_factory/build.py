@@ -55,6 +55,12 @@ class BuildError(FactoryError):
     exit_code = 4
 
 
+class BuildSettingError(BuildError):
+    """A bad accelerator or Ansible strategy setting: bad input, refused before anything runs."""
+
+    exit_code = 2
+
+
 @dataclass
 class BuildEvent:
     kind: str  # "step" | "message" | "error" | "artifact" | "status"
@@ -123,7 +129,8 @@ def resolve_accelerator(settings: Settings, accelerator: str) -> Literal["kvm", 
     if choice in ("kvm", "tcg"):
         return choice  # type: ignore[return-value]
     if choice not in ("auto", ""):
-        raise BuildError(f"accelerator {choice!r} is not one of auto, kvm, tcg")
+        raise BuildSettingError(f"accelerator {choice!r} (--accelerator or factory.accelerator) is not one of "
+                                "auto, kvm, tcg")
     return detect_accelerator()
 
 
@@ -154,7 +161,8 @@ def resolve_ansible_strategy(choice: str, accelerator: str) -> AnsibleStrategy:
     """auto: mitogen under TCG, where every task otherwise starts a fresh Python in the guest (3-7 s
     each); stock linear under KVM, where that costs well under a second and reliability wins."""
     if choice not in ANSIBLE_STRATEGIES:
-        raise BuildError(f"factory.ansible_strategy: {choice!r} is not one of {', '.join(ANSIBLE_STRATEGIES)}")
+        raise BuildSettingError(f"ansible strategy {choice!r} (--ansible-strategy or factory.ansible_strategy) "
+                                f"is not one of {', '.join(ANSIBLE_STRATEGIES)}")
     linear_env = {"ANSIBLE_STRATEGY": "linear"}
     if choice == "linear":
         return AnsibleStrategy("linear", "factory.ansible_strategy=linear", linear_env)

@@ -208,8 +208,10 @@ def test_unknown_strategy_is_refused_before_packer_runs(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
 ) -> None:
     bad = dataclasses.replace(repo, ansible_strategy="turbo")
-    with pytest.raises(build.BuildError, match=r"factory.ansible_strategy: 'turbo' is not one of auto, mitogen"):
+    refused = r"ansible strategy 'turbo' \(--ansible-strategy or factory.ansible_strategy\) is not one of auto"
+    with pytest.raises(build.BuildSettingError, match=refused) as err:
         build.build_image(bad, image)
+    assert err.value.exit_code == 2, "bad input, like every other setting error"
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
     assert not (repo.builds_dir / image.name / "manifest.json").exists()
 
