@@ -455,7 +455,11 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stray QEMU, if any
     if proc.returncode != 0:
-        raise BuildError(_failure_message(run, proc.returncode, log_path))
+        message = _failure_message(run, proc.returncode, log_path)
+        if (extra_env or {}).get("ANSIBLE_STRATEGY") == "mitogen_linear" and "executing ansible" in message.lower():
+            message += ("\nAnsible ran under mitogen (factory.ansible_strategy); to rule mitogen out, rebuild with "
+                        "--ansible-strategy linear")
+        raise BuildError(message)
     return run
 
 

@@ -305,6 +305,10 @@ def test_packer_failure_keeps_the_previous_artifact(
     msg = str(exc.value)
     assert "packer build failed" in msg and "Error executing Ansible" in msg
     assert str(good.build_dir / "build.log") in msg
+    assert "rebuild with --ansible-strategy linear" in msg, "under mitogen, the way to rule it out is named"
+    with pytest.raises(build.BuildError) as linear:
+        build.build_image(repo, image, force=True, ansible_strategy="linear")
+    assert "Error executing Ansible" in str(linear.value) and "mitogen" not in str(linear.value)
     # the previous, good artifact and its manifest are untouched; no temporary directory is left
     m = load(good.build_dir)
     assert m is not None and m.artifact.sha256 == good.manifest.artifact.sha256
