@@ -15,13 +15,22 @@ from pathlib import Path
 import pytest
 
 from image_factory.errors import RemoteError
-from image_factory.inventory import SshEndpoint
+from image_factory.inventory import Hypervisor, SshEndpoint
 from image_factory.lab import controller
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.pve import ApiError, PveClient
 from image_factory.sshlink import HostKeyMismatch, connect
 
 pytestmark = pytest.mark.lab
+
+
+def import_blank_disk(hv: Hypervisor, tmp_path: Path, name: str) -> str:
+    """A 16 MiB empty qcow2 uploaded into the host's import storage; returns its import-from volume."""
+    disk = tmp_path / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
+        sftp.put(str(disk), f"{hv.storage.import_dir}/{name}")
+    return f"local:import/{name}"
 
 
 def test_proxmoxer_with_token_and_tls_reaches_both_nodes_at_841(lab: LabHandle) -> None:
@@ -129,13 +138,10 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(tmp_path: Path) -> None
         assert all(h["sshd_pid"] and h["pve_pid"] for h in after["hosts"].values())
         # a running VM's qemu is one of the lab's processes too
         hv = handle.hv("pve-mgmt")
-        disk = tmp_path / "empty.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-        with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
-            sftp.put(str(disk), f"{hv.storage.import_dir}/empty.qcow2")
+        volume = import_blank_disk(hv, tmp_path, "empty.qcow2")
         c = PveClient(hv)
-        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1101, memory=256, scsi0="local:0,import-from="
-                   "local:import/empty.qcow2", net0="virtio,bridge=vmbr0", timeout=60)
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1101, memory=256, scsi0=f"local:0,import-from={volume}",
+                   net0="virtio,bridge=vmbr0", timeout=60)
         c.run_task("POST", f"/nodes/{c.node}/qemu/1101/status/start", timeout=60)
         qemu = handle.qemu("pve-mgmt", 1101)
         assert qemu is not None and Path(f"/proc/{qemu['pid']}").exists()
@@ -161,13 +167,10 @@ def test_vms_and_disks_survive_down_and_up_like_a_rebooted_node(tmp_path: Path) 
     handle, slot_lock = start_lab(tmp_path / "lab", real_boot="none")
     try:
         hv = handle.hv("pve-tenant")
-        disk = tmp_path / "d.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-        with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
-            sftp.put(str(disk), f"{hv.storage.import_dir}/d.qcow2")
+        volume = import_blank_disk(hv, tmp_path, "d.qcow2")
         c = PveClient(hv)
         c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9000, name="tpl", memory=256,
-                   scsi0="local:0,import-from=local:import/d.qcow2", timeout=60)
+                   scsi0=f"local:0,import-from={volume}", timeout=60)
         c.run_task("POST", f"/nodes/{c.node}/qemu/9000/template", timeout=60)
         c.run_task("POST", f"/nodes/{c.node}/qemu/9000/clone", newid=2201, name="sandbox01", timeout=60)
         c.run_task("POST", f"/nodes/{c.node}/qemu/2201/status/start", timeout=60)
@@ -201,14 +204,11 @@ def test_power_actions_drive_the_real_qemu(fresh_lab: LabHandle, tmp_path: Path)
     if fresh_lab.config.real_boot == "none":
         pytest.skip("lab started with --lab-real-boot=none")
     hv = fresh_lab.hv("pve-tenant")
-    disk = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
-        sftp.put(str(disk), f"{hv.storage.import_dir}/blank.qcow2")
+    volume = import_blank_disk(hv, tmp_path, "blank.qcow2")
     c = PveClient(hv)
     path = f"/nodes/{c.node}/qemu/2990"
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=2990, name="blank", memory=256, start=1,
-               scsi0="local:0,import-from=local:import/blank.qcow2", net0="virtio,bridge=vmbr0", timeout=60)
+               scsi0=f"local:0,import-from={volume}", net0="virtio,bridge=vmbr0", timeout=60)
     qemu = fresh_lab.qemu("pve-tenant", 2990)
     assert qemu is not None, "create with start=1 boots the VM"
     qmp = fresh_lab.paths.vms_dir("pve-tenant") / "2990.qmp"

@@ -316,13 +316,19 @@ def test_packer_failure_keeps_the_previous_artifact(
     assert not list(good.build_dir.glob(".work-*"))
 
 
-def test_timeout_stops_packer_and_its_children(
-    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def hanging_packer(fake_packer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake packer hangs with a child standing in for QEMU; returns the file holding its pid."""
     child_file = tmp_path / "child.pid"
     monkeypatch.setenv("FAKE_PACKER_MODE", "hang")
     monkeypatch.setenv("FAKE_PACKER_CHILD", str(child_file))
+    return child_file
+
+
+def test_timeout_stops_packer_and_its_children(
+    repo: Settings, image: Image, hanging_packer: Path, no_validate: list[str]
+) -> None:
+    child_file = hanging_packer
     with pytest.raises(build.BuildError, match="build timeout"):
         build.build_image(repo, image, timeout_s=3)
     assert_gone(int(child_file.read_text()), "the stop")
@@ -379,15 +385,12 @@ def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
-    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    repo: Settings, image: Image, hanging_packer: Path, no_validate: list[str]
 ) -> None:
     import signal
     import threading
 
-    child_file = tmp_path / "child.pid"
-    monkeypatch.setenv("FAKE_PACKER_MODE", "hang")
-    monkeypatch.setenv("FAKE_PACKER_CHILD", str(child_file))
+    child_file = hanging_packer
 
     def interrupt_once_started() -> None:
         for _ in range(300):
