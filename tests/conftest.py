@@ -1,8 +1,11 @@
 """Shared pytest configuration: markers are declared in pyproject.toml."""
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +39,36 @@ def greeter() -> Iterator[Callable[[bytes], int]]:
     yield start
     for srv in servers:
         srv.close()
+
+
+FinalNameWatch = Callable[[Path, int], contextlib.AbstractContextManager[list[int]]]
+
+
+@pytest.fixture
+def watch_final_name() -> FinalNameWatch:
+    """While the block runs, poll a file that must only ever exist complete; yields the other sizes seen."""
+
+    @contextlib.contextmanager
+    def watch(final: Path, size: int) -> Iterator[list[int]]:
+        bad: list[int] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    seen = final.stat().st_size
+                    if seen != size:
+                        bad.append(seen)
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        try:
+            yield bad
+        finally:
+            stop.set()
+            watcher.join()
+
+    return watch

@@ -166,9 +166,8 @@ def test_artifact_changed_after_build_is_refused(env: Any) -> None:
 
 
 @pytest.mark.parametrize("seed", [7, 8])
-def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any, seed: int) -> None:
+def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any, seed: int, watch_final_name: Any) -> None:
     import random
-    import time
 
     lab, settings, site = env
     build_id = f"cut{seed}"
@@ -177,27 +176,9 @@ def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any, seed: int) -> None
     part = lab.paths.import_dir(name) / partial_name(f"debian-lab-{build_id}.qcow2")
     final = lab.paths.import_dir(name) / f"debian-lab-{build_id}.qcow2"
     at = int(m.artifact.disk_size * random.Random(seed).uniform(0.1, 0.9))
-    bad: list[int] = []
-    stop = threading.Event()
-
-    def watch() -> None:  # the final name must only ever hold the complete file
-        while not stop.is_set():
-            try:
-                size = final.stat().st_size
-                if size != m.artifact.disk_size:
-                    bad.append(size)
-            except FileNotFoundError:
-                pass
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        with lab.cut_ssh_when(name, part, min_bytes=at) as info:
-            report = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
-    finally:
-        stop.set()
-        watcher.join()
+    # The final name must only ever hold the complete file.
+    with watch_final_name(final, m.artifact.disk_size) as bad, lab.cut_ssh_when(name, part, min_bytes=at) as info:
+        report = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False)
     assert info["cut"] >= 1, "the hook must have cut the upload"
     h = report.host(name)
     assert report.ok, report.to_dict()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,7 +181,9 @@ def test_wrong_content_under_final_name_is_replaced_atomically(sshd: Sshd, tmp_p
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_resume_after_random_cuts_never_exposes_a_partial_final(sshd: Sshd, tmp_path: Path, seed: int) -> None:
+def test_resume_after_random_cuts_never_exposes_a_partial_final(
+    sshd: Sshd, tmp_path: Path, seed: int, watch_final_name: Any
+) -> None:
     rng = random.Random(seed)
     size = 12 * 1024 * 1024 + rng.randrange(1000)
     art, digest = _artifact(tmp_path, size)
@@ -188,31 +191,16 @@ def test_resume_after_random_cuts_never_exposes_a_partial_final(sshd: Sshd, tmp_
     budgets = sorted(rng.randrange(64 * 1024, size) for _ in range(3))
     proxy = CuttingProxy((sshd.host, sshd.port), budgets)
     final = sshd.storage / "img-cut.qcow2"
-    bad: list[str] = []
-    stop = threading.Event()
-
-    def watch() -> None:  # the final name must only ever hold the complete file
-        while not stop.is_set():
-            try:
-                if final.exists() and final.stat().st_size != size:
-                    bad.append(f"final name seen with {final.stat().st_size} bytes")
-            except FileNotFoundError:
-                pass
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     try:
-        up = _uploader(sshd.endpoint(port=proxy.port), attempts=6)
-        res = up.upload(art, str(sshd.storage), final.name, digest)
-        up.close()
+        with watch_final_name(final, size) as bad:  # the final name must only ever hold the complete file
+            up = _uploader(sshd.endpoint(port=proxy.port), attempts=6)
+            res = up.upload(art, str(sshd.storage), final.name, digest)
+            up.close()
     finally:
-        stop.set()
-        watcher.join()
         proxy.close()
     assert proxy.cuts >= 1
     assert res.resumed_from, "a cut mid-upload must resume from the remote partial size"
-    assert not bad
+    assert not bad, f"the final name held an incomplete file: sizes {bad[:5]}"
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
     assert not (sshd.storage / partial_name(final.name)).exists()
     # Resuming sent less than restarting would have: at most the artifact plus what was in flight.
