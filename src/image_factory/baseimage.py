@@ -252,7 +252,7 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         return p.image
     console.print(f"building base image ({state}): {p.image}")
     _check_tools()
-    mirror = mirror or os.environ.get("FACTORY_DEBIAN_MIRROR") or find_mirror()
+    mirror = _mirror(mirror)
     p.dir.mkdir(parents=True, exist_ok=True)
     p.debs.mkdir(parents=True, exist_ok=True)
     figures: dict[str, float] = {}
@@ -305,7 +305,7 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
     holds this package set from this mirror (a stamp file; no network, no debootstrap).
     """
     p = base_paths(settings)
-    mirror = mirror or os.environ.get("FACTORY_DEBIAN_MIRROR") or find_mirror()
+    mirror = _mirror(mirror)
     want = hashlib.sha256(json.dumps({"suite": SUITE, "packages": sorted(PACKAGES), "mirror": mirror},
                                      sort_keys=True).encode()).hexdigest()  # fmt: skip
     stamp = p.debs / ".fetched"
@@ -317,8 +317,7 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
         target = Path(tempfile.mkdtemp(prefix="fetch-", dir=p.debs.parent))
         try:
             console.print(f"downloading the base image's packages from {mirror} into {p.debs} ...")
-            _run(["debootstrap", "--download-only", "--variant=minbase", f"--cache-dir={p.debs.resolve()}",
-                  "--include=" + ",".join(PACKAGES), SUITE, str(target), mirror], "debootstrap --download-only")
+            _run(_debootstrap_cmd(target, mirror, p.debs, "--download-only"), "debootstrap --download-only")
         finally:
             shutil.rmtree(target, ignore_errors=True)
         _write_atomic(stamp, want + "\n")
@@ -387,30 +386,31 @@ def _run(cmd: list[str], what: str, log: Path | None = None, timeout: float = 18
         raise BaseImageError(f"base image: {what} failed (exit {proc.returncode}):\n{tail}")
 
 
-def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
-    for rel, content in PRESEED_FILES.items():
+def _mirror(mirror: str | None) -> str:
+    return mirror or os.environ.get("FACTORY_DEBIAN_MIRROR") or find_mirror()
+
+
+def _debootstrap_cmd(target: Path, mirror: str, debs: Path, *extra: str) -> list[str]:
+    return ["debootstrap", *extra, "--variant=minbase", f"--cache-dir={debs.resolve()}",
+            "--include=" + ",".join(PACKAGES), SUITE, str(target), mirror]  # fmt: skip
+
+
+def _write_files(root: Path, files: dict[str, str]) -> None:
+    for rel, content in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")
-    cmd = [
-        "debootstrap",
-        "--variant=minbase",
-        f"--cache-dir={debs.resolve()}",
-        "--include=" + ",".join(PACKAGES),
-        SUITE,
-        str(root),
-        mirror,
-    ]
+
+
+def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
+    _write_files(root, PRESEED_FILES)
     console.print(f"debootstrap {SUITE} from {mirror} ...")
-    _run(cmd, "debootstrap", log)
+    _run(_debootstrap_cmd(root, mirror, debs), "debootstrap", log)
     (root / DPKG_UNSAFE_IO).unlink()
 
 
 def _configure(root: Path, mirror: str) -> None:
-    for rel, content in FILES.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
+    _write_files(root, FILES)
     (root / "etc/apt/sources.list").write_text(
         f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n", encoding="utf-8"
     )

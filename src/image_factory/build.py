@@ -455,11 +455,7 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stray QEMU, if any
     if proc.returncode != 0:
-        message = _failure_message(run, proc.returncode, log_path)
-        if (extra_env or {}).get("ANSIBLE_STRATEGY") == "mitogen_linear" and "executing ansible" in message.lower():
-            message += ("\nAnsible ran under mitogen (factory.ansible_strategy); to rule mitogen out, rebuild with "
-                        "--ansible-strategy linear")
-        raise BuildError(message)
+        raise BuildError(_failure_message(run, proc.returncode, log_path))
     return run
 
 
@@ -591,8 +587,14 @@ def _build(
         exe = _require("packer", render.PACKER_HOW)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")
-        run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
-                         on_event=on_event, events=events, t0=t0, extra_env=strategy.env)
+        try:
+            run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
+                             on_event=on_event, events=events, t0=t0, extra_env=strategy.env)
+        except BuildError as exc:
+            if strategy.name == "mitogen_linear" and "executing ansible" in str(exc).lower():
+                raise BuildError(f"{exc}\nAnsible ran under mitogen (factory.ansible_strategy); to rule mitogen "
+                                 "out, rebuild with --ansible-strategy linear") from None
+            raise
         name = render.artifact_name(image)
         raw = work / "output" / name
         if not raw.is_file():

@@ -336,7 +336,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
     memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
     # As PVE does: cores x sockets vCPUs, but never more than this machine has (TCG runs one host
     # thread per vCPU).
-    vcpus = max(1, min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1))
+    vcpus = min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1)
     qmp = vms_dir / f"{vmid}.qmp"
     qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
         else None
