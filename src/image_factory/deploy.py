@@ -25,6 +25,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -33,12 +34,13 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from .errors import FactoryError, Problem, RemoteError, ValidationFailed
+from .hostlock import DEFAULT_WAIT, HostGuard, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Site, StaticIp, Vm
+from .ownership import INCOMPLETE_TAG, Marker, marker_block, user_description, with_marker
 from .pve import ApiError, PveClient, TaskFailed, retry_on_lock
 from .settings import Settings
+from .sshlink import SshLink
 
-MANAGED_MARKER = "managed-by: deevnet-image-factory"
-INCOMPLETE_TAG = "factory-incomplete"
 DEFAULT_TIMEOUT = 600.0
 TASK_POLL_INTERVAL = 0.25
 CLONE_POLL_INTERVAL = 0.1  # the clone holds the host's clone lock: its end is on every later clone's path
@@ -197,64 +199,31 @@ def find_templates(client: PveClient, image_name: str) -> list[TemplateRef]:
             for t in published(client, image_name)]
 
 
-def choose_template(
-    client: PveClient, vm: Vm, templates: list[TemplateRef] | None = None
-) -> tuple[TemplateRef | None, str]:
+def choose_template(host: str, vm: Vm, templates: list[TemplateRef]) -> tuple[TemplateRef | None, str]:
     """The template to clone (the pinned one or the newest tested one), or None and why not."""
-    if templates is None:
-        templates = find_templates(client, vm.image)
     if vm.template_vmid is not None:
         pinned = [t for t in templates if t.vmid == vm.template_vmid]
         if not pinned:
             return None, (f"pinned template_vmid {vm.template_vmid} is not a template of image {vm.image} "
-                          f"on {client.name}")
+                          f"on {host}")
         if not pinned[0].tested:
             return None, f"pinned template {pinned[0].name} ({pinned[0].vmid}) did not pass its image tests"
         return pinned[0], ""
     tested = [t for t in templates if t.tested]
     if not tested:
         have = ", ".join(f"{t.name} ({t.vmid}, untested)" for t in templates) or "none"
-        return None, f"no tested template of image {vm.image} on {client.name} (found: {have}); publish one first"
+        return None, f"no tested template of image {vm.image} on {host} (found: {have}); publish one first"
     return tested[0], ""
 
 
 # ------------------------------------------------------------------------------------ descriptions
 
 
-def describe(vm: Vm, template: TemplateRef, *, incomplete: bool = False) -> str:
-    lines = [vm.description.strip()] if vm.description.strip() else []
-    if lines:
-        lines.append("")
-    lines += [MANAGED_MARKER, f"factory-vm: {vm.name}", f"factory-template: {template.name} (vmid {template.vmid})"]
-    if template.digest:
-        lines.append(f"factory-template-digest: {template.digest}")
-    if incomplete:
-        lines.append("factory-state: incomplete")
-    return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Marker:
-    managed: bool
-    vm_name: str | None = None
-    template: str | None = None
-    template_vmid: int | None = None
-    incomplete: bool = False
-
-    @classmethod
-    def parse(cls, description: str | None) -> Marker:
-        lines = [line.strip() for line in (description or "").splitlines()]
-        if MANAGED_MARKER not in lines:
-            return cls(False)
-        name = tpl = None
-        tpl_id: int | None = None
-        for line in lines:
-            if line.startswith("factory-vm: "):
-                name = line.split(": ", 1)[1].strip()
-            m = re.match(r"^factory-template: (\S+) \(vmid (\d+)\)$", line)
-            if m:
-                tpl, tpl_id = m[1], int(m[2])
-        return cls(True, name, tpl, tpl_id, "factory-state: incomplete" in lines)
+def describe(vm: Vm, template: TemplateRef, run_id: str, *, incomplete: bool = False) -> str:
+    """The inventory's description followed by the factory's sealed marker block (ownership.py)."""
+    block = marker_block(vm_name=vm.name, vmid=vm.vmid, template=template.name, template_vmid=template.vmid,
+                         run_id=run_id, incomplete=incomplete, template_digest=template.digest)
+    return with_marker(vm.description, block)
 
 
 # ----------------------------------------------------------------------------------- plan model
@@ -420,7 +389,7 @@ def check_placement(site: Site, vms: Iterable[Vm]) -> None:
 # ----------------------------------------------------------------------------------- desired state
 
 
-def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef) -> dict[str, str]:
+def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef, run_id: str) -> dict[str, str]:
     """The one config update written after the clone (strings as PVE takes them)."""
     cfg: dict[str, str] = {}
     for i in range(len(vm.nics)):
@@ -439,7 +408,7 @@ def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef) -> dict[str, s
         cfg["searchdomain"] = ci.searchdomain
     cfg["ciupgrade"] = "1" if ci.upgrade else "0"
     cfg["tags"] = ";".join(vm.all_tags)
-    cfg["description"] = describe(vm, template)
+    cfg["description"] = describe(vm, template, run_id)
     return cfg
 
 
@@ -541,12 +510,12 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mappin
         diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G", True))
     elif disk is not None and disk[1] > want_bytes:
         diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False))
-    marker = Marker.parse(config.get("description"))
+    marker = Marker.parse(config.get("description"), vm.vmid)
     if template is not None and (marker.template, marker.template_vmid) != (template.name, template.vmid):
         have_t = f"{marker.template} ({marker.template_vmid})" if marker.template else None
         diffs.append(FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False))
-    elif template is not None and str(config.get("description", "")).strip() != describe(vm, template):
-        diffs.append(FieldDiff("description", "(differs)", "(inventory description + marker)", True))
+    elif user_description(config.get("description")) != vm.description.strip() or not marker.sealed:
+        diffs.append(FieldDiff("description", "(differs)", "(inventory description + sealed marker)", True))
     return diffs
 
 
@@ -556,18 +525,28 @@ def _gib(n: int) -> str:
 
 # ----------------------------------------------------------------------------------------- runner
 
+LockFactory = Callable[[Hypervisor, str, int], HostGuard]
+
+
+def ssh_host_lock(hv: Hypervisor, owner: str, wait: int) -> HostGuard:
+    """The host lock publish takes too, held over the hypervisor's pinned SSH endpoint."""
+    return HostLock(SshLink(hv.name, hv.ssh).connect(), hv.storage.import_dir, owner, wait=wait, owns_link=True)
+
 
 class _Run:
-    """Shared state of one plan/deploy run: clients, per-host clone locks, progress."""
+    """Shared state of one plan/deploy run: clients, host locks, per-host clone locks, progress."""
 
-    def __init__(self, site: Site, *, client_factory: ClientFactory | None, progress: Any = None):
+    def __init__(self, site: Site, *, client_factory: ClientFactory | None, progress: Any = None,
+                 run_id: str | None = None):
         self.site = site
         self.factory = client_factory or (lambda hv: PveClient(hv))
         self.clients: dict[str, PveClient] = {}
         self.clone_locks: dict[str, threading.Lock] = {}
+        self.guards: dict[str, HostGuard] = {}
         self.templates: dict[tuple[str, int], TemplateRef] = {}  # (host, vmid) -> template seen while planning
         self._lock = threading.Lock()
         self.progress = progress
+        self.run_id = run_id or uuid.uuid4().hex[:12]
 
     def client(self, hv: Hypervisor) -> PveClient:
         with self._lock:
@@ -580,118 +559,237 @@ class _Run:
         self.client(hv)
         return self.clone_locks[hv.name]
 
+    def guard(self, hv: Hypervisor, doing: str) -> None:
+        """Before every write: this run must still hold the host lock (a dry run holds none and writes nothing)."""
+        lock = self.guards.get(hv.name)
+        if lock is None:
+            raise AssertionError(f"write on {hv.name} without its host lock ({doing})")
+        lock.ensure(doing)
+
+    def holds(self, hv: Hypervisor) -> bool:
+        lock = self.guards.get(hv.name)
+        return lock is not None and lock.held
+
     def say(self, vm: str, text: str) -> None:
         if self.progress is not None:
             self.progress(vm, text)
 
 
-def _plan_host(run: _Run, hv: Hypervisor, vms: list[Vm], recreate: bool) -> list[VmPlan]:
+@dataclass(frozen=True)
+class MacUse:
+    """A MAC one NIC of one VM on one host carries right now."""
+
+    host: str
+    vmid: int
+    name: str
+    nic: str
+
+    def __str__(self) -> str:
+        return f"{self.host} VMID {self.vmid} ({self.name or 'unnamed'}) {self.nic}"
+
+
+@dataclass
+class Observed:
+    """What one host looks like for one inventory VM: the facts decide() needs, gathered by _gather_host."""
+
+    entry: dict[str, Any] | None
+    config: dict[str, Any] = field(default_factory=dict)
+    pending_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostState:
+    templates: dict[str, list[TemplateRef]]
+    vms: dict[int, Observed]
+    macs: dict[str, list[MacUse]]
+
+
+def net_macs(config: Mapping[str, Any]) -> dict[str, str]:
+    """netN -> MAC (lowercase) of a VM config; devices that do not parse are skipped."""
+    out = {}
+    for key, value in config.items():
+        if re.fullmatch(r"net\d+", key):
+            try:
+                mac = NetSpec.parse(str(value)).mac
+            except ValueError:
+                continue
+            if mac:
+                out[key] = mac
+    return out
+
+
+def host_mac_uses(client: PveClient, host: str, configs: Mapping[int, Mapping[str, Any]] | None = None
+                  ) -> dict[str, list[MacUse]]:
+    """Every MAC on the host (templates and foreign VMs included), with where it is."""
+    uses: dict[str, list[MacUse]] = {}
+    for entry in client.list_vms():
+        vmid = int(entry["vmid"])
+        cfg = (configs or {}).get(vmid)
+        if cfg is None:
+            try:
+                cfg = client.vm_config(vmid)
+            except ApiError as exc:
+                if exc.status == 404 or "does not exist" in exc.pve_message:
+                    continue  # destroyed between the listing and the read
+                raise
+        for nic, mac in net_macs(cfg).items():
+            uses.setdefault(mac, []).append(MacUse(host, vmid, str(cfg.get("name") or entry.get("name") or ""), nic))
+    return uses
+
+
+def mac_collisions(vm: Vm, host: str, macs: Mapping[str, list[MacUse]]) -> list[tuple[int, MacUse]]:
+    """(nic index, other use) for every inventory MAC of ``vm`` that another VM already carries."""
+    return [(i, use) for i, mac in enumerate(vm.macs) for use in macs.get(mac, [])
+            if (use.host, use.vmid) != (host, vm.vmid)]
+
+
+def _gather_host(run: _Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
     client = run.client(hv)
     existing = {int(e["vmid"]): e for e in client.list_vms()}
     templates: dict[str, list[TemplateRef]] = {}
-    plans = []
+    observed: dict[int, Observed] = {}
     for vm in vms:
-        plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode,
-                      macs=list(vm.macs))
         if vm.image not in templates:
             templates[vm.image] = find_templates(client, vm.image)
             for t in templates[vm.image]:
                 run.templates[(hv.name, t.vmid)] = t
-        template, why = choose_template(client, vm, templates[vm.image])
-        if template is not None:
-            plan.template, plan.template_vmid = template.name, template.vmid
         entry = existing.get(vm.vmid)
-        if entry is None:
-            if template is None:
-                plan.action, plan.reason = "blocked", why
-            plans.append(plan)
-            continue
-        plan.running = entry.get("status") == "running"
-        if int(entry.get("template") or 0):
-            plan.action, plan.reason = "blocked", f"VMID {vm.vmid} on {hv.name} is a template, not this VM"
-            plans.append(plan)
+        if entry is None or int(entry.get("template") or 0):
+            observed[vm.vmid] = Observed(entry)
             continue
         config, pending_keys, _ = _effective_config(client, vm.vmid)
-        marker = Marker.parse(config.get("description"))
-        lock = entry.get("lock") or config.get("lock")
-        if lock:
-            plan.action = "blocked"
-            plan.reason = (f"VMID {vm.vmid} on {hv.name} is locked ({lock}): another task or deploy run is working "
-                           "on it; re-run when it has finished")
-            plans.append(plan)
-            continue
-        if not marker.managed:
-            plan.action = "blocked"
-            plan.reason = (f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this "
-                           "tool (no managed-by marker): left untouched")
-            plans.append(plan)
-            continue
-        if marker.vm_name not in (None, vm.name):
-            plan.action = "blocked"
-            plan.reason = f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}"
-            plans.append(plan)
-            continue
-        if pending_keys:
-            plan.notes.append("pending until next start: " + ", ".join(sorted(pending_keys)))
-        incomplete = marker.incomplete or INCOMPLETE_TAG in split_tags(config.get("tags"))
-        if incomplete:
-            if template is None:
-                plan.action, plan.reason = "blocked", why
-            else:
-                plan.action, plan.reason = "recreate", "left incomplete by an earlier run: destroy and re-create"
-            plans.append(plan)
-            continue
-        plan.diffs = compare(vm, hv, template, config)
-        if not plan.running:
-            plan.diffs.append(FieldDiff("status", entry.get("status"), "running", True))
+        observed[vm.vmid] = Observed(entry, config, pending_keys)
+    return HostState(templates, observed, host_mac_uses(client, hv.name))
+
+
+def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[MacUse]] | None, *,
+           recreate: bool = False, allow_mgmt: bool = False) -> VmPlan:
+    """The plan for one VM from what its host looks like: a pure function (no I/O).
+
+    ``macs`` maps every MAC on every hypervisor to where it is; None means they could not all be read,
+    and then nothing that writes a MAC is planned.
+    """
+    plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode, macs=list(vm.macs))
+
+    def blocked(reason: str) -> VmPlan:
+        plan.action, plan.reason = "blocked", reason
+        return plan
+
+    template, why = choose_template(hv.name, vm, state.templates.get(vm.image, []))
+    if template is not None:
+        plan.template, plan.template_vmid = template.name, template.vmid
+    if macs is None:
+        return blocked("cannot check that its MACs are unique on every hypervisor (a host could not be read)")
+    collisions = mac_collisions(vm, hv.name, macs)
+    if collisions:
+        return blocked("; ".join(f"MAC {vm.macs[i]} (nics[{i}]) is already used by {use}" for i, use in collisions)
+                       + ": refusing to write it (nothing changed)")
+    seen = state.vms.get(vm.vmid, Observed(None))
+    entry = seen.entry
+    if entry is None:
+        return blocked(why) if template is None else plan
+    plan.running = entry.get("status") == "running"
+    if int(entry.get("template") or 0):
+        return blocked(f"VMID {vm.vmid} on {hv.name} is a template, not this VM")
+    config = seen.config
+    lock = entry.get("lock") or config.get("lock")
+    if lock:
+        return blocked(f"VMID {vm.vmid} on {hv.name} is locked ({lock}): a PVE task is working on it; "
+                       "re-run when it has finished")
+    marker = Marker.parse(config.get("description"), vm.vmid)
+    if not marker.managed:
+        detail = marker.problem or "no managed-by marker"
+        return blocked(f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this tool "
+                       f"({detail}): left untouched")
+    if marker.vm_name not in (None, vm.name):
+        return blocked(f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}")
+    if seen.pending_keys:
+        plan.notes.append("pending until next start: " + ", ".join(sorted(seen.pending_keys)))
+    destroy_refusal = _destroy_refusal(vm, plan.running, recreate=recreate, allow_mgmt=allow_mgmt)
+    if marker.incomplete:
         if template is None:
-            plan.notes.append(f"lineage not checked: {why}")
-        if not plan.diffs:
-            plan.action = "in-sync"
-        elif plan.unsafe and recreate and template is not None:
-            plan.action = "recreate"
-            plan.reason = "unsafe drift (" + "; ".join(str(d) for d in plan.unsafe) + "), --recreate given"
-        else:
-            plan.action = "drift"
-            if plan.unsafe:
-                plan.reason = ("unsafe drift is reported, not corrected: " + "; ".join(str(d) for d in plan.unsafe)
-                               + (" (mgmt VM: re-create only with --recreate)" if vm.plane == "mgmt"
-                                  else " (re-create with --recreate)"))
-        plans.append(plan)
-    return plans
+            return blocked(why)
+        if plan.running and destroy_refusal:
+            return blocked(f"marked incomplete by run {marker.run_id} but running: reported, not destroyed "
+                           f"({destroy_refusal})")
+        plan.action, plan.reason = "recreate", f"left incomplete by run {marker.run_id}: destroy and re-create"
+        return plan
+    plan.diffs = compare(vm, hv, template, config)
+    if not plan.running:
+        plan.diffs.append(FieldDiff("status", entry.get("status"), "running", True))
+    if template is None:
+        plan.notes.append(f"lineage not checked: {why}")
+    if not plan.diffs:
+        plan.action = "in-sync"
+        return plan
+    plan.action = "drift"
+    if not plan.unsafe:
+        return plan
+    unsafe = "; ".join(str(d) for d in plan.unsafe)
+    if recreate and template is not None and marker.sealed and not destroy_refusal:
+        plan.action, plan.reason = "recreate", f"unsafe drift ({unsafe}), --recreate given"
+    elif recreate and not marker.sealed:
+        plan.reason = (f"unsafe drift is reported, not corrected: {unsafe} (its marker predates sealing: run "
+                       "deploy.vm once without --recreate to re-seal it)")
+    else:
+        why = destroy_refusal or "re-create with --recreate"
+        plan.reason = f"unsafe drift is reported, not corrected: {unsafe} ({why})"
+    return plan
 
 
-def _plan(run: _Run, vms: list[Vm], recreate: bool) -> DeployPlan:
-    by_host: dict[str, list[Vm]] = {}
+def _destroy_refusal(vm: Vm, running: bool | None, *, recreate: bool, allow_mgmt: bool) -> str:
+    """Why this run may not destroy the VM, or "" (a running VM needs --recreate; mgmt also the mgmt flag)."""
+    if not recreate:
+        return "re-create only with --recreate" + (" --i-know-this-is-mgmt" if vm.plane == "mgmt" and running else "")
+    if vm.plane == "mgmt" and running and not allow_mgmt:
+        return "a running mgmt VM is re-created only with --recreate --i-know-this-is-mgmt"
+    return ""
+
+
+def _plan(run: _Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) -> DeployPlan:
+    by_host: dict[str, list[Vm]] = {h: [] for h in run.site.hypervisors}
     for vm in vms:
-        by_host.setdefault(run.site.hypervisor_for(vm).name, []).append(vm)
-    results: dict[str, VmPlan] = {}
+        by_host[run.site.hypervisor_for(vm).name].append(vm)
+    states: dict[str, HostState] = {}
+    failures: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(by_host))) as pool:
-        futures = {
-            pool.submit(_plan_host, run, run.site.hypervisors[h], hvms, recreate): h for h, hvms in by_host.items()
-        }
-        for fut, host in futures.items():
+        futures = {h: pool.submit(_gather_host, run, run.site.hypervisors[h], hvms) for h, hvms in by_host.items()}
+        for host, fut in futures.items():
             try:
-                for p in fut.result():
-                    results[p.vm] = p
+                states[host] = fut.result()
             except FactoryError as exc:
-                for vm in by_host[host]:
-                    hv = run.site.hypervisors[host]
-                    results[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
-                                              reason=f"cannot read {host}: {exc}", clone_mode=vm.clone_mode,
-                                              macs=list(vm.macs))
-    return DeployPlan([results[v.name] for v in vms], recreate)
+                failures[host] = str(exc)
+    macs: dict[str, list[MacUse]] | None = None
+    if not failures:
+        macs = {}
+        for st in states.values():
+            for mac, uses in st.macs.items():
+                macs.setdefault(mac, []).extend(uses)
+    plans: dict[str, VmPlan] = {}
+    for host, hvms in by_host.items():
+        hv = run.site.hypervisors[host]
+        for vm in hvms:
+            if host in failures:
+                plans[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
+                                        reason=f"cannot read {host}: {failures[host]}", clone_mode=vm.clone_mode,
+                                        macs=list(vm.macs))
+            else:
+                plan = decide(vm, hv, states[host], macs, recreate=recreate, allow_mgmt=allow_mgmt)
+                if macs is None:
+                    plan.reason += " (" + "; ".join(f"{h}: {why}" for h, why in failures.items()) + ")"
+                plans[vm.name] = plan
+    return DeployPlan([plans[v.name] for v in vms], recreate)
 
 
 def plan_deploy(
     settings: Settings | None, site: Site, names: Iterable[str] | None = None, *, plane: str | None = None,
-    recreate: bool = False, client_factory: ClientFactory | None = None,
+    recreate: bool = False, allow_mgmt: bool = False, client_factory: ClientFactory | None = None,
 ) -> DeployPlan:
-    """Read the hypervisors and plan every selected VM; changes nothing."""
+    """Read the hypervisors and plan every selected VM; changes nothing (takes no lock, writes nothing)."""
     del settings  # paths are already resolved into the site; kept for a uniform stage API
     vms = select_vms(site, names, plane=plane)
     check_placement(site, vms)
-    return _plan(_Run(site, client_factory=client_factory), vms, recreate)
+    return _plan(_Run(site, client_factory=client_factory), vms, recreate, allow_mgmt)
 
 
 # ----------------------------------------------------------------------------------------- actions
@@ -713,13 +811,15 @@ def _exists(client: PveClient, vmid: int) -> dict[str, Any] | None:
     return None
 
 
-def remove_vm(client: PveClient, vmid: int, *, timeout: float) -> None:
-    """Stop (if running) and destroy a VM with its disks."""
+def remove_vm(client: PveClient, vmid: int, *, timeout: float, guard: Callable[[str], None]) -> None:
+    """Stop (if running) and destroy a VM with its disks; ``guard`` runs before each write."""
     path = f"{client.node_path}/qemu/{vmid}"
     status = client.get(f"{path}/status/current")
     if status.get("status") == "running":
+        guard(f"stopping VM {vmid}")
         with _retry() as retry:
             retry(lambda: _wait(client, client.post(f"{path}/status/stop"), timeout))
+    guard(f"destroying VM {vmid}")
     with _retry() as retry:
         retry(lambda: _wait(client, client.delete(path, purge=1, **{"destroy-unreferenced-disks": 1}), timeout))
 
@@ -727,29 +827,40 @@ def remove_vm(client: PveClient, vmid: int, *, timeout: float) -> None:
 def _clone(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, timeout: float) -> None:
     path = f"{client.node_path}/qemu/{template.vmid}/clone"
     params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
-                              "description": describe(vm, template, incomplete=True)}
+                              "description": describe(vm, template, run.run_id, incomplete=True)}
 
     def attempt() -> None:
+        run.guard(hv, f"cloning {vm.name}")
         try:
             _wait(client, client.post(path, **params), timeout, CLONE_POLL_INTERVAL)
         except (ApiError, TaskFailed):
             # PVE removes a failed clone itself; make sure before a retry reuses the VMID.
-            left = _exists(client, vm.vmid)
-            if left is not None:
-                cfg = client.vm_config(vm.vmid)
-                if Marker.parse(cfg.get("description")).incomplete:
-                    remove_vm(client, vm.vmid, timeout=timeout)
+            _remove_own_leftover(run, client, hv, vm, timeout)
             raise
 
     with run.clone_lock(hv), _retry() as retry:
         retry(attempt)
 
 
-def _configure(client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, only: set[str] | None,
+def _remove_own_leftover(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> bool:
+    """Destroy the VM only while this run holds the host lock and the VM's sealed marker names this run.
+
+    After a lost lock another run may be re-creating the same VMID: its clone must never be removed.
+    """
+    if not run.holds(hv) or _exists(client, vm.vmid) is None:
+        return False
+    marker = Marker.parse(client.vm_config(vm.vmid).get("description"), vm.vmid)
+    if not (marker.managed and marker.sealed and marker.run_id == run.run_id):
+        return False
+    remove_vm(client, vm.vmid, timeout=timeout, guard=lambda doing: run.guard(hv, doing))
+    return True
+
+
+def _configure(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, only: set[str] | None,
                timeout: float) -> list[str]:
     """One config update (digest from a fresh GET); returns the keys PVE left pending (running VM)."""
     path = f"{client.node_path}/qemu/{vm.vmid}"
-    want = desired_config(vm, hv, template)
+    want = desired_config(vm, hv, template, run.run_id)
     config, _, digest = _effective_config(client, vm.vmid)
     extra_nets = [k for k in config if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics)]
     deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys") if k not in want and k in config]
@@ -760,26 +871,29 @@ def _configure(client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef,
         return []
     if digest:
         params["digest"] = digest
+    run.guard(hv, f"configuring {vm.name}")
     with _retry() as retry:
         retry(lambda: _wait(client, client.post(f"{path}/config", **params), timeout))
     pending = client.get(f"{path}/pending") or []
     return sorted(str(i["key"]) for i in pending if "pending" in i or int(i.get("delete") or 0))
 
 
-def _resize(client: PveClient, vm: Vm, timeout: float) -> bool:
+def _resize(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> bool:
     path = f"{client.node_path}/qemu/{vm.vmid}"
     disk = boot_disk(client.vm_config(vm.vmid))
     if disk is None or disk[1] >= vm.disk_gb * 1024**3:
         return False
+    run.guard(hv, f"growing {vm.name}'s disk")
     with _retry() as retry:
         retry(lambda: _wait(client, client.put(f"{path}/resize", disk=disk[0], size=f"{vm.disk_gb}G"), timeout))
     return True
 
 
-def _start(client: PveClient, vm: Vm, timeout: float) -> None:
+def _start(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> None:
     path = f"{client.node_path}/qemu/{vm.vmid}"
     if client.get(f"{path}/status/current").get("status") == "running":
         return
+    run.guard(hv, f"starting {vm.name}")
     with _retry() as retry:
         retry(lambda: _wait(client, client.post(f"{path}/status/start"), timeout))
 
@@ -875,11 +989,15 @@ def _read_back_macs(client: PveClient, vm: Vm) -> list[str]:
     return macs
 
 
-def _mark_incomplete(client: PveClient, vmid: int) -> bool:
+def _mark_incomplete(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef) -> bool:
+    """Seal the state "incomplete" into the description (the next run re-creates it once it is stopped);
+    the tag is only a hint for humans in the PVE UI."""
     try:
-        cfg = client.vm_config(vmid)
+        run.guard(hv, f"marking {vm.name} incomplete")
+        cfg = client.vm_config(vm.vmid)
         tags = sorted({*split_tags(cfg.get("tags")), INCOMPLETE_TAG})
-        client.put(f"{client.node_path}/qemu/{vmid}/config", tags=";".join(tags))
+        client.put(f"{client.node_path}/qemu/{vm.vmid}/config", tags=";".join(tags),
+                   description=describe(vm, template, run.run_id, incomplete=True))
         return True
     except FactoryError:
         return False
@@ -911,22 +1029,27 @@ def _create(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Temp
     try:
         run.say(vm.name, "configuring (MACs, cloud-init, tags)")
         with t.phase("config"):
-            _configure(client, hv, vm, template, None, timeout)
+            _configure(run, client, hv, vm, template, None, timeout)
         with t.phase("resize"):
-            if _resize(client, vm, timeout):
+            if _resize(run, client, hv, vm, timeout):
                 result.notes.append(f"disk grown to {vm.disk_gb}G")
         run.say(vm.name, "starting")
         with t.phase("start"):
-            _start(client, vm, timeout)
+            _start(run, client, hv, vm, timeout)
     except FactoryError as exc:
-        run.say(vm.name, "failed, removing the half-made VM")
         result.error = str(exc)
+        if isinstance(exc, LockLost) or not run.holds(hv):
+            result.cleanup = "not-touched"
+            result.notes.append("the host lock was lost: the VM was left as it is (another run may own it now)")
+            raise
+        run.say(vm.name, "failed, removing the half-made VM")
         try:
-            remove_vm(client, vm.vmid, timeout=timeout)
-            result.cleanup = "removed"
+            result.cleanup = "removed" if _remove_own_leftover(run, client, hv, vm, timeout) else "not-ours"
         except FactoryError as exc2:
-            result.cleanup = "left-incomplete" if _mark_incomplete(client, vm.vmid) else "left-unmarked"
-            result.notes.append(f"removal failed: {exc2}; VM left tagged {INCOMPLETE_TAG}; a re-run re-creates it")
+            marked = _mark_incomplete(run, client, hv, vm, template)
+            result.cleanup = "left-incomplete" if marked else "left-unmarked"
+            result.notes.append(f"removal failed: {exc2}; VM left marked incomplete; a re-run re-creates it "
+                                "once it is stopped")
         raise
     result.macs = _read_back_macs(client, vm)
     if wait:
@@ -953,7 +1076,7 @@ def _execute(run: _Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> 
             assert template is not None
             run.say(vm.name, "destroying for re-creation")
             with _Timer(result).phase("destroy"):
-                remove_vm(client, vm.vmid, timeout=timeout)
+                remove_vm(client, vm.vmid, timeout=timeout, guard=lambda doing: run.guard(hv, doing))
             _create(run, client, hv, vm, template, result, wait=wait, timeout=timeout)
             result.state = "recreated"
         elif plan.action == "in-sync":
@@ -998,20 +1121,20 @@ def _correct(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan,
         run.say(vm.name, "correcting " + ", ".join(sorted(only)))
         with t.phase("config"):
             tpl = lineage_tpl or _recorded_template(client, vm)
-            if lineage_tpl is None:
+            if lineage_tpl is None and not tpl.vmid:
                 only.discard("description")
-            pending = _configure(client, hv, vm, tpl, only, timeout)
+            pending = _configure(run, client, hv, vm, tpl, only, timeout)
         result.pending_restart = pending
         if pending:
             result.notes.append("takes effect at the next start: " + ", ".join(pending))
     if any(d.field.endswith(".size") and d.safe for d in plan.diffs):
         with t.phase("resize"):
-            if _resize(client, vm, timeout):
+            if _resize(run, client, hv, vm, timeout):
                 result.notes.append(f"disk grown to {vm.disk_gb}G")
     if "status" in fields:
         run.say(vm.name, "starting")
         with t.phase("start"):
-            _start(client, vm, timeout)
+            _start(run, client, hv, vm, timeout)
         if wait:
             with t.phase("ready"):
                 result.address = wait_ready(client, vm, timeout=timeout)
@@ -1020,16 +1143,23 @@ def _correct(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan,
 
 
 def _recorded_template(client: PveClient, vm: Vm) -> TemplateRef:
-    marker = Marker.parse(client.vm_config(vm.vmid).get("description"))
+    marker = Marker.parse(client.vm_config(vm.vmid).get("description"), vm.vmid)
     return TemplateRef(marker.template_vmid or 0, marker.template or "unknown", "", ())
 
 
 def deploy_vms(
     settings: Settings | None, site: Site, names: Iterable[str] | None = None, *, plane: str | None = None,
     dry_run: bool = False, wait: bool = True, timeout: float = DEFAULT_TIMEOUT, recreate: bool = False,
-    progress: bool = True, client_factory: ClientFactory | None = None, max_workers: int = MAX_WORKERS,
+    allow_mgmt: bool = False, progress: bool = True, client_factory: ClientFactory | None = None,
+    max_workers: int = MAX_WORKERS, lock_wait: int = DEFAULT_WAIT, lock_factory: LockFactory | None = None,
+    run_id: str | None = None,
 ) -> DeployReport:
     """Plan, then converge every selected VM.
+
+    A real run first takes the host lock of every hypervisor it will change (in name order, so two
+    runs never wait on each other crosswise), then reads and plans under those locks: a second run
+    waits up to ``lock_wait`` seconds or stops with whom it waited for, having changed nothing. A dry
+    run takes no lock and writes nothing anywhere.
 
     Each hypervisor has its own pool of ``max_workers`` threads (so one busy host never starves the
     other); on a host, clones run one at a time (the host's clone lock), while config, start and the
@@ -1040,32 +1170,54 @@ def deploy_vms(
     vms = select_vms(site, names, plane=plane)
     check_placement(site, vms)
     with _progress(progress, vms) as say:
-        run = _Run(site, client_factory=client_factory, progress=say)
-        plan = _plan(run, vms, recreate)
+        run = _Run(site, client_factory=client_factory, progress=say, run_id=run_id)
         if dry_run:
+            plan = _plan(run, vms, recreate, allow_mgmt)
             results = [VmResult(p, "blocked" if p.action == "blocked" else "planned") for p in plan.vms]
             return DeployReport(results, True, time.monotonic() - started)
-        for p in plan.vms:
-            say(p.vm, p.action if p.action != "blocked" else f"blocked: {p.reason}")
-        by_name = {v.name: v for v in vms}
-        by_host: dict[str, list[VmPlan]] = {}
-        for p in plan.vms:
-            by_host.setdefault(p.host, []).append(p)
-        pools = {h: ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ps))), thread_name_prefix=f"deploy-{h}")
-                 for h, ps in by_host.items()}
         try:
-            futures = {p.vm: pools[p.host].submit(_execute, run, p, by_name[p.vm], wait=wait, timeout=timeout)
-                       for p in plan.vms}
-            results = [futures[p.vm].result() for p in plan.vms]
+            _take_host_locks(run, vms, lock_factory or ssh_host_lock, lock_wait, say)
+            plan = _plan(run, vms, recreate, allow_mgmt)
+            results = _converge(run, plan, vms, wait=wait, timeout=timeout, max_workers=max_workers, say=say)
         finally:
-            for pool in pools.values():
-                pool.shutdown(wait=True)
+            for guard in run.guards.values():
+                guard.release()
     return DeployReport(results, False, time.monotonic() - started)
+
+
+def _take_host_locks(run: _Run, vms: list[Vm], lock_factory: LockFactory, wait: int,
+                     say: Callable[[str, str], None]) -> None:
+    owner = owner_line(run.run_id)
+    for host in sorted({run.site.hypervisor_for(vm).name for vm in vms}):
+        for vm in vms:
+            say(vm.name, f"waiting for the host lock of {host}")
+        guard = lock_factory(run.site.hypervisors[host], owner, wait)
+        guard.acquire()
+        run.guards[host] = guard
+
+
+def _converge(run: _Run, plan: DeployPlan, vms: list[Vm], *, wait: bool, timeout: float, max_workers: int,
+              say: Callable[[str, str], None]) -> list[VmResult]:
+    for p in plan.vms:
+        say(p.vm, p.action if p.action != "blocked" else f"blocked: {p.reason}")
+    by_name = {v.name: v for v in vms}
+    by_host: dict[str, list[VmPlan]] = {}
+    for p in plan.vms:
+        by_host.setdefault(p.host, []).append(p)
+    pools = {h: ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(ps))), thread_name_prefix=f"deploy-{h}")
+             for h, ps in by_host.items()}
+    try:
+        futures = {p.vm: pools[p.host].submit(_execute, run, p, by_name[p.vm], wait=wait, timeout=timeout)
+                   for p in plan.vms}
+        return [futures[p.vm].result() for p in plan.vms]
+    finally:
+        for pool in pools.values():
+            pool.shutdown(wait=True)
 
 
 def destroy_vm(
     settings: Settings | None, site: Site, name: str, *, allow_mgmt: bool = False, timeout: float = DEFAULT_TIMEOUT,
-    client_factory: ClientFactory | None = None,
+    client_factory: ClientFactory | None = None, lock_wait: int = DEFAULT_WAIT, lock_factory: LockFactory | None = None,
 ) -> str:
     """Destroy one inventory VM this tool made; mgmt VMs only with ``allow_mgmt``. Returns what happened."""
     del settings
@@ -1076,13 +1228,25 @@ def destroy_vm(
                                         "is a mgmt VM (infrastructure-critical): destroying it needs "
                                         "--i-know-this-is-mgmt")])
     hv = site.hypervisor_for(vm)
-    client = (client_factory or PveClient)(hv)
-    if _exists(client, vm.vmid) is None:
-        return f"{vm.name} ({vm.vmid}) does not exist on {hv.name}: nothing to do"
-    marker = Marker.parse(client.vm_config(vm.vmid).get("description"))
-    if not marker.managed or marker.vm_name not in (None, vm.name):
-        raise RemoteError(hv.name, f"VMID {vm.vmid} was not made by this tool for {vm.name}: refusing to destroy it")
-    remove_vm(client, vm.vmid, timeout=timeout)
+    run = _Run(site, client_factory=client_factory)
+    client = run.client(hv)
+    client.version()  # TLS and token before the lock file is touched
+    try:
+        _take_host_locks(run, [vm], lock_factory or ssh_host_lock, lock_wait, lambda vm, text: None)
+        if _exists(client, vm.vmid) is None:
+            return f"{vm.name} ({vm.vmid}) does not exist on {hv.name}: nothing to do"
+        marker = Marker.parse(client.vm_config(vm.vmid).get("description"), vm.vmid)
+        if not marker.managed or marker.vm_name != vm.name:
+            why = f" ({marker.problem})" if marker.problem else ""
+            raise RemoteError(hv.name, f"VMID {vm.vmid} was not made by this tool for {vm.name}{why}: refusing to "
+                                       "destroy it")
+        if not marker.sealed:
+            raise RemoteError(hv.name, f"VMID {vm.vmid}'s marker predates sealing: run deploy.vm -n {vm.name} once to "
+                                       "re-seal it, then destroy")
+        remove_vm(client, vm.vmid, timeout=timeout, guard=lambda doing: run.guard(hv, doing))
+    finally:
+        for guard in run.guards.values():
+            guard.release()
     return f"{vm.name} ({vm.vmid}) destroyed on {hv.name}"
 
 

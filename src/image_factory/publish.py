@@ -35,10 +35,7 @@ Design choices (see also upload.py):
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -50,10 +47,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
+from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
 from .pve import ApiError, PveClient, retry_lock_timeouts
@@ -71,7 +67,6 @@ from .upload import (
 
 FACTORY_TAG = "image-factory"
 DESCRIPTION_HEADER = "image-factory template"
-LOCK_NAME = ".image-factory-publish.lock"
 IMPORT_NAME_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(qcow2|raw|vmdk)$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 DNS_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -81,7 +76,7 @@ TRANSPORTS = ("ssh", "api")
 DEFAULT_KEEP = 3
 CREATE_TIMEOUT = 1800.0
 TASK_TIMEOUT = 600.0
-LOCK_WAIT = 900
+LOCK_WAIT = DEFAULT_WAIT
 
 
 class PublishError(FactoryError):
@@ -309,73 +304,6 @@ def select_prunes(templates: list[TemplateInfo], current_digest: str | None, kee
     return others[max(slots, 0):]
 
 
-# ------------------------------------------------------------------------------ host lock
-
-
-class HostLock:
-    """flock held on the host by an SSH exec channel; released when the channel or the link dies."""
-
-    def __init__(self, link: SshLink, import_dir: str, owner: str, *, wait: int = LOCK_WAIT):
-        self.link = link
-        self.path = f"{import_dir}/{LOCK_NAME}"
-        self.owner = owner
-        self.wait = wait
-        self.chan: paramiko.Channel | None = None
-        self.waited_for: str = ""
-
-    def acquire(self) -> None:
-        q = _shq(self.path)
-        chan = self.link.open_session()
-        chan.settimeout(self.wait + 30)
-        chan.exec_command(
-            f"exec 9>>{q} || exit 2; "
-            f"if ! flock -n 9; then printf 'BUSY '; cat {q}.owner 2>/dev/null; echo; "
-            f"flock -w {self.wait} 9 || exit 75; fi; "
-            f"printf '%s\\n' {_shq(self.owner)} > {q}.owner; echo LOCKED; exec cat >/dev/null"
-        )
-        buf = b""
-        while True:
-            piece = chan.recv(4096)
-            if not piece:
-                status = chan.recv_exit_status()
-                err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
-                chan.close()
-                if status == 75:
-                    raise PublishError(
-                        f"{self.link.name}: another publish holds {self.path} ({self.waited_for or 'unknown owner'}) "
-                        f"for more than {self.wait}s"
-                    )
-                raise RemoteError(self.link.name, f"cannot take the publish lock {self.path}: {err[-300:]}")
-            buf += piece
-            text = buf.decode(errors="replace")
-            if text.startswith("BUSY ") and "\n" in text:
-                self.waited_for = text[5:].split("\n", 1)[0].strip()
-            if "LOCKED\n" in text:
-                break
-        chan.settimeout(None)
-        self.chan = chan
-
-    @property
-    def held(self) -> bool:
-        c = self.chan
-        return c is not None and not c.closed and not c.exit_status_ready() and bool(
-            self.link.transport and self.link.transport.is_active()
-        )
-
-    def release(self) -> None:
-        if self.chan is None:
-            return
-        try:
-            self.chan.shutdown_write()
-            self.chan.settimeout(10)
-            self.chan.recv_exit_status()
-        except Exception:  # noqa: S110 - the link may be gone; the kernel released the lock then
-            pass
-        finally:
-            self.chan.close()
-            self.chan = None
-
-
 def _shq(text: str) -> str:
     import shlex
 
@@ -587,7 +515,7 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     ranked = done if current else [_pending_info(plan, art)] + done
     candidates = select_prunes(ranked, current or art.manifest.digest, ctx.keep)
     if candidates:
-        configs = {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+        configs = _all_configs(client)
         for t in candidates:
             deps = clone_dependents(configs, t.vmid)
             if deps:
@@ -597,6 +525,10 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     return plan
 
 
+def _all_configs(client: PveClient) -> dict[int, dict[str, Any]]:
+    return {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+
+
 def _pending_info(plan: HostPlan, art: Artifact) -> TemplateInfo:
     return TemplateInfo(
         vmid=plan.vmid or 0, name=plan.template_name, node=plan.node, image=art.manifest.image,
@@ -604,10 +536,6 @@ def _pending_info(plan: HostPlan, art: Artifact) -> TemplateInfo:
         tested=art.tested, published_at="9999", import_file=art.import_file, publish_run="",
         is_template=True, locked=None, tags=(),
     )
-
-
-class _LockLost(Exception):
-    """The SSH link that held the host lock dropped (e.g. mid-upload): re-take it and re-plan."""
 
 
 MAX_ROUNDS = 4
@@ -626,7 +554,7 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
         for round_ in range(MAX_ROUNDS):
             link = ctx.link_factory(hv)
             if not dry_run:
-                lock = HostLock(link, hv.storage.import_dir, _owner(ctx.run_id), wait=ctx.lock_wait)
+                lock = HostLock(link, hv.storage.import_dir, owner_line(ctx.run_id), wait=ctx.lock_wait)
                 lock.acquire()
             plan = plan_host(ctx, client, link)
             result.plan = plan.to_dict()
@@ -641,7 +569,13 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
             try:
                 _execute(ctx, plan, client, link, lock, result)
                 break
-            except _LockLost:
+            except FactoryError as exc:
+                # A failure while the lock was gone may be another run's doing (it found our half-made
+                # VM stale): nothing of ours is trusted any more; re-take the lock and re-plan.
+                if lock is None or lock.held:
+                    raise
+                if not isinstance(exc, LockLost):
+                    result.warnings.append(f"failed after the host lock was lost ({exc}); re-planning")
                 result.warnings.append("the SSH link holding the publish lock dropped; re-took the lock and re-planned")
                 if lock is not None:
                     lock.release()
@@ -664,10 +598,6 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
     return result
 
 
-def _owner(run_id: str) -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} run {run_id} since {_now()}"
-
-
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -676,7 +606,9 @@ def _execute(
     ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, lock: HostLock | None, result: HostResult
 ) -> None:
     hv, art = ctx.hv, ctx.artifact
+    guard = (lambda doing: lock.ensure(doing)) if lock is not None else (lambda doing: None)
     for t in plan.stale:
+        guard(f"removing half-made VM {t.vmid}")
         _destroy(client, t.vmid, result)
         result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
     if plan.stale_partials:
@@ -690,11 +622,15 @@ def _execute(
             result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
     else:
         _upload(ctx, plan, client, link, result)
-        if lock is not None and not lock.held:
-            raise _LockLost()
-        _register(ctx, plan, client, result)
+        _register(ctx, plan, client, result, guard)
         result.action = "created"
     for t in plan.prune:
+        guard(f"pruning template {t.vmid}")
+        clones = clone_dependents(_all_configs(client), t.vmid)
+        if clones:
+            # A clone landed since the plan (a deploy of an older version, or a human): keep the template.
+            result.kept_for_linked_clones[str(t.vmid)] = clones
+            continue
         _destroy(client, t.vmid, result)
         pruned: dict[str, Any] = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
         if t.import_file and IMPORT_NAME_RE.match(t.import_file) and t.import_file != art.import_file:
@@ -735,7 +671,9 @@ def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, 
     tick(total)
 
 
-def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostResult) -> None:
+def _register(
+    ctx: HostContext, plan: HostPlan, client: PveClient, result: HostResult, guard: Callable[[str], None]
+) -> None:
     hv, art = ctx.hv, ctx.artifact
     assert plan.vmid is not None
     description = template_description(
@@ -754,6 +692,7 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
     try:
         for _attempt in range(5):
             params = _create_params(hv, art, vmid, description, tags)
+            guard(f"creating VM {vmid}")
             try:
                 task = _retry_lock(lambda p=params: _create(client, p, on_created), result, f"create {vmid}")  # type: ignore[misc]
             except ApiError as exc:
@@ -768,6 +707,7 @@ def _register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostR
             break
         else:
             raise PublishError(f"{hv.name}: could not find a free VMID after 5 attempts")
+        guard(f"converting VM {vmid} to a template")
         task = _retry_lock(lambda: _template(client, vmid), result, f"template {vmid}")
         if task is not None:
             result.warnings.extend(f"template {vmid}: {w}" for w in task.warnings)

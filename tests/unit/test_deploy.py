@@ -10,6 +10,7 @@ import pytest
 from image_factory import deploy as dep
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Hypervisor, Site, Vm, load_site
+from image_factory.ownership import MANAGED_MARKER, Marker
 from image_factory.settings import REPO_ROOT
 
 pytestmark = pytest.mark.unit
@@ -91,25 +92,26 @@ def test_ipconfig_and_desired_config(site: Site) -> None:
     jump, metrics = site.vms["jump01"], site.vms["metrics01"]
     assert dep.ipconfig_value(jump) == "ip=192.168.10.30/24,gw=192.168.10.1"
     assert dep.ipconfig_value(metrics) == "ip=dhcp"
-    cfg = dep.desired_config(jump, site.hypervisor_for(jump), tpl())
+    cfg = dep.desired_config(jump, site.hypervisor_for(jump), tpl(), "run1")
     assert cfg["net1"] == "virtio=02:DE:10:03:01:01,bridge=vmbr1,firewall=1,tag=99"
     assert cfg["ciupgrade"] == "0" and cfg["nameserver"] == "192.168.10.1" and cfg["searchdomain"] == "deevnet.lan"
     assert cfg["tags"] == "access;image-factory;jump;mgmt;oob"
     assert cfg["cores"] == "1" and cfg["memory"] == "1024"
     assert "sshkeys" in cfg and " " not in cfg["sshkeys"]
-    assert dep.Marker.parse(cfg["description"]) == dep.Marker(True, "jump01", "tpl-fedora-42-b1", 9000, False)
-    assert "nameserver" not in dep.desired_config(metrics, site.hypervisor_for(metrics), tpl())
+    assert Marker.parse(cfg["description"], jump.vmid) == Marker(True, "jump01", "tpl-fedora-42-b1", 9000, False,
+                                                                 "run1", True)
+    assert "nameserver" not in dep.desired_config(metrics, site.hypervisor_for(metrics), tpl(), "run1")
 
 
 # ------------------------------------------------------------------------ markers, disks, agent
 
 
-def test_marker_parse() -> None:
-    assert not dep.Marker.parse("hand-made VM").managed
-    assert not dep.Marker.parse(None).managed
-    vm_text = "my notes\n\n" + dep.MANAGED_MARKER + "\nfactory-vm: a\nfactory-template: tpl-x-1 (vmid 9001)\n" \
+def test_marker_parse_legacy_blocks_are_managed_but_never_incomplete() -> None:
+    assert not Marker.parse("hand-made VM", 100).managed
+    assert not Marker.parse(None, 100).managed
+    legacy = "my notes\n\n" + MANAGED_MARKER + "\nfactory-vm: a\nfactory-template: tpl-x-1 (vmid 9001)\n" \
         "factory-state: incomplete"
-    assert dep.Marker.parse(vm_text) == dep.Marker(True, "a", "tpl-x-1", 9001, True)
+    assert Marker.parse(legacy, 100) == Marker(True, "a", "tpl-x-1", 9001, False)
 
 
 def test_boot_disk_follows_boot_order_and_skips_cdroms() -> None:
@@ -139,7 +141,7 @@ def test_guest_address_matches_mac_case_insensitively() -> None:
 
 
 def _live_config(vm: Vm, hv: Hypervisor) -> dict[str, Any]:
-    cfg: dict[str, Any] = dict(dep.desired_config(vm, hv, tpl()))
+    cfg: dict[str, Any] = dict(dep.desired_config(vm, hv, tpl(), "run1"))
     cfg["scsi0"] = f"local-lvm:vm-{vm.vmid}-disk-0,size={vm.disk_gb}G"
     cfg["memory"] = str(vm.memory)
     cfg["cores"] = vm.cores

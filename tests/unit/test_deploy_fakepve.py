@@ -8,6 +8,8 @@ answers for running clones with the MACs of their config, as a booted guest woul
 from __future__ import annotations
 
 import copy
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,8 @@ from fakepve.server import FakePve
 from image_factory import deploy as dep
 from image_factory import publish
 from image_factory.errors import ValidationFailed
+from image_factory.hostlock import LockBusy, LockLost
+from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.inventory import Site, load_site
 from image_factory.settings import REPO_ROOT
 
@@ -140,10 +144,50 @@ SSHKEYS_ENCODED = (
 )
 
 
+class LocalHostLock:
+    """The host lock's contract (hostlock.HostGuard) on a local file: these fakes have no sshd.
+    The lab tests take the real one over SSH."""
+
+    def __init__(self, path: Path, owner: str, wait: int):
+        self.path, self.owner, self.wait = path, owner, wait
+        self.fd: int | None = None
+        self.lost = False
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockBusy(f"in progress by {Path(str(self.path) + '.owner').read_text().strip()}") from None
+                time.sleep(0.01)
+        Path(str(self.path) + ".owner").write_text(self.owner)
+        self.fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None and not self.lost
+
+    def ensure(self, doing: str) -> None:
+        if not self.held:
+            raise LockLost(f"lost the host lock before {doing}")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 @pytest.fixture
 def fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
     monkeypatch.setattr(dep, "LOCK_RETRY_DELAY", 0.05)
     monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(dep, "ssh_host_lock",
+                        lambda hv, owner, wait: LocalHostLock(tmp_path / f"{hv.name}.lock", owner, wait))
     yield from fake_site(tmp_path, monkeypatch)
 
 
@@ -184,7 +228,7 @@ def test_deploy_all_lands_with_inventory_macs_and_converges(fs: FakeSite, agents
         assert cfg["ciupgrade"] == "0" and cfg["ciuser"] == "ansible"
         assert str(cfg["cores"]) == str(vm.cores) and str(cfg["memory"]) == str(vm.memory)
         assert cfg["tags"] == ";".join(vm.all_tags)
-        marker = dep.Marker.parse(cfg["description"])
+        marker = Marker.parse(cfg["description"], vm.vmid)
         assert marker.managed and marker.vm_name == vm.name and not marker.incomplete
         assert marker.template_vmid == 9000
     jump = fs.vm("pve-mgmt", 1301).config
@@ -307,14 +351,14 @@ def test_failed_removal_leaves_vm_tagged_and_rerun_recreates(fs: FakeSite, agent
     [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
     assert r.state == "failed" and r.cleanup == "left-incomplete"
     vm = fs.vm("pve-tenant", 2101)
-    assert vm is not None and dep.INCOMPLETE_TAG in vm.config["tags"]
-    assert dep.Marker.parse(vm.config["description"]).incomplete
+    assert vm is not None and INCOMPLETE_TAG in vm.config["tags"]
+    assert Marker.parse(vm.config["description"], 2101).incomplete
     [p] = dep.plan_deploy(None, fs.site, ["iot-api01"]).vms
     assert p.action == "recreate"
     [r2] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
     assert r2.state == "recreated", r2.to_dict()
     cfg = fs.vm("pve-tenant", 2101).config
-    assert dep.INCOMPLETE_TAG not in cfg["tags"] and not dep.Marker.parse(cfg["description"]).incomplete
+    assert INCOMPLETE_TAG not in cfg["tags"] and not Marker.parse(cfg["description"], vm.vmid).incomplete
 
 
 def test_unmanaged_vm_with_same_vmid_is_never_touched(fs: FakeSite) -> None:
@@ -370,10 +414,15 @@ def test_lineage_drift_on_mgmt_is_reported_not_recreated_without_flag(fs: FakeSi
     assert p.action == "drift" and [d.field for d in p.unsafe] == ["template"] and "--recreate" in p.reason
     [r] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False).results
     assert r.state == "drift-unresolved"
-    assert dep.Marker.parse(fs.vm("pve-mgmt", 1301).config["description"]).template_vmid == 9000
+    assert Marker.parse(fs.vm("pve-mgmt", 1301).config["description"], 1301).template_vmid == 9000
+    # a running mgmt VM: --recreate alone is not enough
     [r2] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False, recreate=True).results
-    assert r2.state == "recreated", r2.to_dict()
-    assert dep.Marker.parse(fs.vm("pve-mgmt", 1301).config["description"]).template_vmid == 9003
+    assert r2.state == "drift-unresolved" and "--i-know-this-is-mgmt" in r2.plan.reason
+    assert Marker.parse(fs.vm("pve-mgmt", 1301).config["description"], 1301).template_vmid == 9000
+    [r3] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False, recreate=True,
+                          allow_mgmt=True).results
+    assert r3.state == "recreated", r3.to_dict()
+    assert Marker.parse(fs.vm("pve-mgmt", 1301).config["description"], 1301).template_vmid == 9003
 
 
 def test_destroy_tenant_and_mgmt_needs_flag(fs: FakeSite, agents: None) -> None:
@@ -411,7 +460,7 @@ def test_locked_vm_is_blocked_not_recreated(fs: FakeSite) -> None:
     vm = fs.site.vms["iot-api01"]
     tpl = dep.TemplateRef(9000, "tpl-fedora-43-x", "x", ())
     pve.add_vm(2101, "iot-api01", node="pve-tenant", lock="clone",
-               config={"description": dep.describe(vm, tpl, incomplete=True), "lock": "clone"})
+               config={"description": dep.describe(vm, tpl, "other-run", incomplete=True), "lock": "clone"})
     [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
     assert r.state == "blocked" and "locked (clone)" in r.plan.reason
     assert writes(pve) == [] and pve.vm(2101) is not None

@@ -8,6 +8,9 @@ from typing import Any, TypeVar
 
 from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.parser import Argument
+from invoke.tasks import Task
+from invoke.tasks import task as invoke_task
 
 from ..console import console
 from ..errors import FactoryError, ValidationFailed
@@ -15,6 +18,31 @@ from ..inventory import Site, load_site
 from ..settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Short flags mean the same in every task; a flag that can destroy infrastructure has none at all.
+FIXED_SHORT_FLAGS = {"inventory": "i"}
+LONG_ONLY_FLAGS = frozenset({"i_know_this_is_mgmt", "recreate", "force_untested"})
+
+
+class FactoryTask(Task):  # type: ignore[type-arg]
+    """invoke's Task with the project's short-flag rules instead of first-free-letter."""
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
+        args = super().get_arguments(ignore_unknown_help)
+        reserved = set(FIXED_SHORT_FLAGS.values())
+        for arg in args:
+            key = arg.attr_name or arg.name
+            names = [n for n in arg.names if len(n) > 1 or (n not in reserved and key not in LONG_ONLY_FLAGS)]
+            if key in FIXED_SHORT_FLAGS:
+                names = [n for n in names if len(n) > 1] + [FIXED_SHORT_FLAGS[key]]
+            arg.names = tuple(names)
+        return args
+
+
+def task(*args: Any, **kwargs: Any) -> Any:
+    """``@task`` for every factory task (see FactoryTask)."""
+    kwargs.setdefault("klass", FactoryTask)
+    return invoke_task(*args, **kwargs)
 
 
 def settings(c: Context, **overrides: Any) -> Settings:

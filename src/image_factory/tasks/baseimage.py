@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
 from ..console import console, emit_json
-from ._common import handle_errors, settings
+from ._common import handle_errors, settings, task
 
 
 @task(

@@ -7,13 +7,12 @@ from typing import Any
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.tasks import task
 
 from ..console import console, emit_json
 from ..errors import FactoryError
 from ..inventory import Image, Site
 from ..settings import Settings
-from ._common import handle_errors, site
+from ._common import handle_errors, site, task
 
 DEFAULT_FEDORA_RELEASE = 42
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
 from .. import deploy as dep
 from ..console import console, emit_json
 from ..errors import Problem, ValidationFailed
-from ._common import handle_errors, preflight_gate, site
+from ._common import handle_errors, preflight_gate, site, task
 
 _COMMON_HELP = {
     "inventory": "Ansible inventory file or directory (default: factory.inventory)",
@@ -23,7 +22,10 @@ _SELECT_HELP = {
     "all": "every VM of the inventory (or of --plane)",
     "recreate": "destroy and re-create VMs with unsafe drift (template lineage, disk shrink); "
                 "the only way a drifted mgmt VM is ever re-created",
+    "i_know_this_is_mgmt": "also needed (with --recreate) to re-create a running mgmt VM; no short form",
 }
+_LOCK_HELP = ("seconds to wait for another run's host lock (publish, retention or deploy) before stopping with "
+              "whom it waited for; 0 = do not wait (default 900)")
 
 
 def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] | None:
@@ -43,6 +45,7 @@ def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] |
         "no_wait": "do not wait for the guests to report their address (tasks are still awaited)",
         "timeout": "seconds to wait for each PVE task and for each guest to become ready (default 600)",
         "skip_preflight": "do not run the deploy preflight checks first (they are read-only)",
+        "lock_wait": _LOCK_HELP,
     },
 )
 @handle_errors
@@ -50,6 +53,7 @@ def vm(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     dry_run: bool = False, no_wait: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT), recreate: bool = False,
     inventory: str | None = None, images: str | None = None, json: bool = False, skip_preflight: bool = False,
+    i_know_this_is_mgmt: bool = False, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
     settings, model = site(c, inventory, images)
@@ -60,7 +64,8 @@ def vm(
         hosts = sorted({model.hypervisor_for(v).name for v in selected})
         preflight_gate(settings, model, hosts, "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
-                            timeout=float(timeout), recreate=recreate, progress=not json)
+                            timeout=float(timeout), recreate=recreate, allow_mgmt=i_know_this_is_mgmt,
+                            progress=not json, lock_wait=_lock_wait(lock_wait))
     if json:
         emit_json(report.to_dict())
     else:
@@ -72,15 +77,23 @@ def vm(
         raise Exit(code=1)
 
 
+def _lock_wait(value: int) -> int:
+    if value < 0:
+        raise ValidationFailed([Problem("command line", "", "--lock-wait", f"must be 0 or more seconds (got {value})")])
+    return value
+
+
 @task(iterable=["name"], help={**_COMMON_HELP, **_SELECT_HELP})
 @handle_errors
 def plan(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     recreate: bool = False, inventory: str | None = None, images: str | None = None, json: bool = False,
+    i_know_this_is_mgmt: bool = False,
 ) -> None:
     """Show what deploy.vm would do (same as deploy.vm --dry-run); reads the hypervisors, changes nothing."""
     settings, model = site(c, inventory, images)
-    result = dep.plan_deploy(settings, model, _names(name, all, plane), plane=plane, recreate=recreate)
+    result = dep.plan_deploy(settings, model, _names(name, all, plane), plane=plane, recreate=recreate,
+                             allow_mgmt=i_know_this_is_mgmt)
     if json:
         emit_json(result.to_dict())
     else:
@@ -94,16 +107,18 @@ def plan(
         "timeout": "seconds to wait for the stop and destroy tasks",
         "inventory": _COMMON_HELP["inventory"],
         "images": _COMMON_HELP["images"],
+        "lock_wait": _LOCK_HELP,
     }
 )
 @handle_errors
 def destroy(
     c: Context, name: str, i_know_this_is_mgmt: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT),
-    inventory: str | None = None, images: str | None = None,
+    inventory: str | None = None, images: str | None = None, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Stop and destroy one VM this tool created (tenant VMs; mgmt VMs only with --i-know-this-is-mgmt)."""
     settings, model = site(c, inventory, images)
-    console.print(dep.destroy_vm(settings, model, name, allow_mgmt=i_know_this_is_mgmt, timeout=float(timeout)))
+    console.print(dep.destroy_vm(settings, model, name, allow_mgmt=i_know_this_is_mgmt, timeout=float(timeout),
+                                 lock_wait=_lock_wait(lock_wait)))
 
 
 ns = Collection("deploy")

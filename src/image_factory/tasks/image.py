@@ -5,10 +5,9 @@ from __future__ import annotations
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
 from ..console import emit_json
-from ._common import handle_errors, site
+from ._common import handle_errors, site, task
 
 
 @task(

@@ -5,11 +5,10 @@ from __future__ import annotations
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 from rich.table import Table
 
 from ..console import console, emit_json
-from ._common import handle_errors, site
+from ._common import handle_errors, site, task
 
 
 @task(

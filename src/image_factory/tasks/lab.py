@@ -7,11 +7,10 @@ import time
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.tasks import task
 
 from ..console import console, emit_json
 from ..lab import controller
-from ._common import handle_errors, settings
+from ._common import handle_errors, settings, task
 
 
 def _real_boot(value: str | None) -> str | list[str] | None:

@@ -6,11 +6,10 @@ import sys
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.tasks import task
 
 from .. import mac as macs
 from ..console import console
-from ._common import handle_errors, settings, site
+from ._common import handle_errors, settings, site, task
 
 
 @task(

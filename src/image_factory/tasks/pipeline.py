@@ -7,12 +7,11 @@ from pathlib import Path
 
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 from rich.table import Table
 
 from ..console import console, emit_json
 from ..pipeline import DemoReport, ImageRun, PipelineReport, run_demo, run_pipeline
-from ._common import handle_errors, settings, site
+from ._common import handle_errors, settings, site, task
 
 
 def _names(value: str | None) -> list[str] | None:

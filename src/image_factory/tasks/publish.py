@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.tasks import task
 from rich.table import Table
 
 from ..console import console, emit_json
 from ..publish import DEFAULT_KEEP, PublishError, PublishReport, publish_image
-from ._common import handle_errors, preflight_gate, site
+from ._common import handle_errors, preflight_gate, site, task
 
 
 def _default_keep(c: Context) -> int:
