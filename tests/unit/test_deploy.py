@@ -234,3 +234,66 @@ def test_known_address_and_agent_configured(site: Site) -> None:
     assert dep.agent_configured({"agent": "enabled=1,fstrim_cloned_disks=1"})
     assert dep.agent_configured({"agent": "1"})
     assert not dep.agent_configured({"agent": "0"}) and not dep.agent_configured({})
+
+
+# ------------------------------------------------------------------------ decide: the pure plan
+
+
+def _observed(vm: Vm, hv: Hypervisor, *, status: str = "running", incomplete: bool = False, marker: bool = True,
+              template: dep.TemplateRef | None = None, lock: str | None = None, **changes: Any) -> dep.Observed:
+    cfg: dict[str, Any] = dict(dep.desired_config(vm, hv, template or tpl(), "r1"))
+    cfg["scsi0"] = f"local-lvm:vm-{vm.vmid}-disk-0,size={vm.disk_gb}G"
+    cfg["agent"] = "enabled=1"
+    if incomplete:
+        cfg["description"] = dep.describe(vm, template or tpl(), "r0", incomplete=True)
+    if not marker:
+        cfg["description"] = "made by hand"
+    cfg.update(changes)
+    entry = {"vmid": vm.vmid, "status": status, "name": vm.name, **({"lock": lock} if lock else {})}
+    return dep.Observed(entry, cfg, [])
+
+
+DECIDE_CASES = {
+    # name: (observed factory, templates, macs extra, kwargs, expected action, reason fragment)
+    "create": (lambda vm, hv: None, [tpl()], {}, {}, "create", ""),
+    "in-sync": (lambda vm, hv: _observed(vm, hv), [tpl()], {}, {}, "in-sync", ""),
+    "safe drift": (lambda vm, hv: _observed(vm, hv, memory="512"), [tpl()], {}, {}, "drift", ""),
+    "stopped is safe drift": (lambda vm, hv: _observed(vm, hv, status="stopped"), [tpl()], {}, {}, "drift", ""),
+    "unsafe drift reported": (lambda vm, hv: _observed(vm, hv), [tpl(9001, "tpl-new")], {}, {}, "drift",
+                              "re-create only with --recreate"),
+    "unsafe drift, running mgmt, --recreate only": (lambda vm, hv: _observed(vm, hv), [tpl(9001, "tpl-new")], {},
+                                                    {"recreate": True}, "drift", "--i-know-this-is-mgmt"),
+    "unsafe drift, both flags": (lambda vm, hv: _observed(vm, hv), [tpl(9001, "tpl-new")], {},
+                                 {"recreate": True, "allow_mgmt": True}, "recreate", "--recreate given"),
+    "foreign VM": (lambda vm, hv: _observed(vm, hv, marker=False), [tpl()], {}, {"recreate": True}, "blocked",
+                   "not made by this tool"),
+    "incomplete, stopped": (lambda vm, hv: _observed(vm, hv, status="stopped", incomplete=True), [tpl()], {}, {},
+                            "recreate", "left incomplete by run r0"),
+    "incomplete, running": (lambda vm, hv: _observed(vm, hv, incomplete=True), [tpl()], {}, {}, "blocked",
+                            "reported, not destroyed"),
+    "locked": (lambda vm, hv: _observed(vm, hv, lock="clone"), [tpl()], {}, {}, "blocked", "locked (clone)"),
+    "missing template": (lambda vm, hv: None, [], {}, {}, "blocked", "no tested template"),
+    "MAC on another host": (lambda vm, hv: None, [tpl()], {"02:de:10:03:01:00": [dep.MacUse("pve-tenant", 2999, "x",
+                                                                                          "net0")]},
+                            {}, "blocked", "already used by pve-tenant VMID 2999 (x) net0"),
+}
+
+
+@pytest.mark.parametrize("case", DECIDE_CASES)
+def test_decide(site: Site, case: str) -> None:
+    make, templates, macs, kwargs, action, fragment = DECIDE_CASES[case]
+    vm = site.vms["jump01"]
+    hv = site.hypervisor_for(vm)
+    observed = make(vm, hv)
+    state = dep.HostState({vm.image: templates}, {vm.vmid: observed} if observed else {}, {})
+    assert vm.macs[0] == "02:de:10:03:01:00"
+    plan = dep.decide(vm, hv, state, macs, **kwargs)
+    assert plan.action == action, plan.to_dict()
+    assert fragment in plan.reason, plan.reason
+
+
+def test_decide_without_every_hosts_macs_writes_nothing(site: Site) -> None:
+    vm = site.vms["jump01"]
+    state = dep.HostState({vm.image: [tpl()]}, {}, {})
+    plan = dep.decide(vm, site.hypervisor_for(vm), state, None)
+    assert plan.action == "blocked" and "MACs are unique" in plan.reason

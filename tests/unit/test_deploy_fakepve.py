@@ -7,6 +7,7 @@ answers for running clones with the MACs of their config, as a booted guest woul
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import os
@@ -464,3 +465,132 @@ def test_locked_vm_is_blocked_not_recreated(fs: FakeSite) -> None:
     [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
     assert r.state == "blocked" and "locked (clone)" in r.plan.reason
     assert writes(pve) == [] and pve.vm(2101) is not None
+
+
+# ------------------------------------------------------------------ safety: markers, MACs, host lock
+
+
+def test_forged_markers_never_cause_a_destroy(fs: FakeSite, agents: None) -> None:
+    """Free text saying "incomplete" and a factory-incomplete tag set through the API are not state."""
+    assert dep.deploy_vms(None, fs.site, ["jump01", "iot-api01"], timeout=30, progress=False).ok
+    for host, vmid in (("pve-mgmt", 1301), ("pve-tenant", 2101)):
+        vm = fs.vm(host, vmid)
+        vm.config["description"] += "\nfactory-state: incomplete"
+        vm.config["tags"] += f";{INCOMPLETE_TAG}"
+    for recreate in (False, True):
+        report = dep.deploy_vms(None, fs.site, ["jump01", "iot-api01"], timeout=30, progress=False,
+                                recreate=recreate)
+        assert all(r.state != "recreated" for r in report.results), report.to_dict()
+        assert [m for pve in fs.pves.values() for m, p in writes(pve) if m == "DELETE"] == []
+    assert fs.vm("pve-mgmt", 1301).status == "running" and fs.vm("pve-tenant", 2101).status == "running"
+
+
+def test_marker_copied_from_another_vm_is_foreign(fs: FakeSite, agents: None) -> None:
+    assert dep.deploy_vms(None, fs.site, ["metrics01"], timeout=30, progress=False).ok
+    pve = fs.pves["pve-mgmt"]
+    pve.add_vm(1102, "logs01", node="pve-mgmt", config={"description": fs.vm("pve-mgmt", 1101).config["description"]})
+    pve.requests.clear()
+    [r] = dep.deploy_vms(None, fs.site, ["logs01"], timeout=30, progress=False, recreate=True).results
+    assert r.state == "blocked" and "copied onto VMID 1102" in r.plan.reason
+    assert writes(pve) == []
+
+
+def test_running_incomplete_vm_is_reported_not_destroyed(fs: FakeSite) -> None:
+    vm = fs.site.vms["iot-api01"]
+    tpl = dep.TemplateRef(9000, "tpl-fedora-43-x", "x", ())
+    pve = fs.pves["pve-tenant"]
+    pve.add_vm(2101, "iot-api01", node="pve-tenant", status="running",
+               config={"description": dep.describe(vm, tpl, "crashed-run", incomplete=True)})
+    [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
+    assert r.state == "blocked" and "incomplete by run crashed-run but running" in r.plan.reason
+    assert writes(pve) == [] and pve.vm(2101).status == "running"
+    pve.vm(2101).status = "stopped"
+    assert dep.plan_deploy(None, fs.site, ["iot-api01"]).vms[0].action == "recreate"
+
+
+def test_colliding_mac_is_refused_before_any_write(fs: FakeSite) -> None:
+    """A foreign VM on the OTHER host already carries metrics01's MAC: nothing is written anywhere."""
+    mac = fs.site.vms["metrics01"].macs[0]
+    fs.pves["pve-tenant"].add_vm(2999, "someones-vm", node="pve-tenant",
+                                 config={"net0": f"virtio={mac.upper()},bridge=vmbr0"})
+    report = dep.deploy_vms(None, fs.site, ["metrics01", "logs01"], timeout=5, progress=False)
+    by = {r.plan.vm: r for r in report.results}
+    assert by["metrics01"].state == "blocked"
+    assert f"MAC {mac} (nics[0]) is already used by pve-tenant VMID 2999 (someones-vm) net0" in by["metrics01"].plan.reason
+    assert fs.vm("pve-mgmt", 1101) is None and fs.vm("pve-mgmt", 1102) is not None
+
+
+def test_mac_check_needs_every_host_readable(fs: FakeSite) -> None:
+    fs.pves["pve-tenant"].fail("GET", "/nodes/pve-tenant/qemu", status=500, message="injected read failure", times=99)
+    [p] = dep.plan_deploy(None, fs.site, ["metrics01"]).vms
+    assert p.action == "blocked" and "MACs are unique" in p.reason and "injected read failure" in p.reason
+
+
+def test_second_run_waits_for_the_host_lock_then_finds_the_vm_in_sync(fs: FakeSite, agents: None) -> None:
+    """The second run starts while the first sits between clone and config update."""
+    reached_config = threading.Event()
+    results: dict[str, dep.DeployReport] = {}
+
+    def first_progress(vm: str, text: str) -> None:
+        if text.startswith("configuring"):
+            reached_config.set()
+            time.sleep(0.3)
+
+    def run_first() -> None:
+        with dep_progress(first_progress):
+            results["first"] = dep.deploy_vms(None, fs.site, ["metrics01"], timeout=30, progress=True)
+
+    t = threading.Thread(target=run_first)
+    t.start()
+    assert reached_config.wait(20)
+    results["second"] = dep.deploy_vms(None, fs.site, ["metrics01"], timeout=30, progress=False, lock_wait=30)
+    t.join(30)
+    assert results["first"].results[0].state == "created"
+    assert results["second"].results[0].state == "unchanged"
+    vm = fs.vm("pve-mgmt", 1101)
+    assert vm.status == "running" and dep.NetSpec.parse(vm.config["net0"]).mac == fs.site.vms["metrics01"].macs[0]
+
+
+def test_lock_busy_without_waiting_changes_nothing(fs: FakeSite, tmp_path: Path) -> None:
+    holder = LocalHostLock(tmp_path / "pve-mgmt.lock", "ci@runner pid 4242 run night-7 since 2026-11-28T01:00:00Z", 0)
+    holder.acquire()
+    try:
+        with pytest.raises(LockBusy, match="in progress by ci@runner pid 4242 run night-7"):
+            dep.deploy_vms(None, fs.site, ["metrics01"], timeout=5, progress=False, lock_wait=0)
+        with pytest.raises(LockBusy):
+            dep.destroy_vm(None, fs.site, "jump01", allow_mgmt=True, lock_wait=0)
+    finally:
+        holder.release()
+    assert all(writes(pve) == [] for pve in fs.pves.values())
+
+
+def test_lost_lock_stops_writes_and_leaves_the_vm_to_the_next_holder(fs: FakeSite, monkeypatch: pytest.MonkeyPatch,
+                                                                     agents: None) -> None:
+    locks: list[LocalHostLock] = []
+
+    def factory(hv: Any, owner: str, wait: int) -> LocalHostLock:
+        locks.append(LocalHostLock(Path(fs.inventory) / f"{hv.name}.lock", owner, wait))
+        return locks[-1]
+
+    def lose(vm: str, text: str) -> None:
+        if text.startswith("configuring"):
+            for lock in locks:
+                lock.lost = True
+
+    with dep_progress(lose):
+        [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=True, lock_factory=factory).results
+    assert r.state == "failed" and r.cleanup == "not-touched" and "lost the host lock" in (r.error or "")
+    assert fs.vm("pve-tenant", 2101) is not None  # the clone is left for whoever holds the lock now
+    [r2] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).results
+    assert r2.state == "recreated", r2.to_dict()
+
+
+@contextlib.contextmanager
+def dep_progress(hook: Any) -> Iterator[None]:
+    """Route deploy's progress lines to ``hook`` (the test's way to act at a given step)."""
+    original = dep._progress
+    dep._progress = lambda enabled, vms: contextlib.nullcontext(hook)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dep._progress = original  # type: ignore[assignment]
