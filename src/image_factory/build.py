@@ -35,13 +35,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from . import render
 from .errors import FactoryError
 from .inventory import Image
 from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 QEMU_HOW = "install it with `apt-get install qemu-system-x86 qemu-utils`"
 BUILD_TIMEOUT_S = {"cloud": 3600, "iso": 3 * 3600}
@@ -661,8 +664,10 @@ class LiveProgress:
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True)
 
-    def _text(self) -> str:
-        return f"[bold]{self.image}[/]: {self.step} [dim]({time.monotonic() - self.t0:.0f}s)[/]"
+    def _text(self) -> Text:
+        from .console import styled
+
+        return styled("[bold]{}[/]: {} [dim]({}s)[/]", self.image, self.step, f"{time.monotonic() - self.t0:.0f}")
 
     def _tick(self) -> None:
         while not self._stop.wait(1.0):
@@ -678,13 +683,13 @@ class LiveProgress:
         self.status.__exit__(None, None, None)
 
     def __call__(self, ev: BuildEvent) -> None:
-        from rich.markup import escape
+        from .console import styled
 
         if ev.kind == "step":
             self.step = ev.message
-            self.console.print(f"[dim]{ev.elapsed:6.0f}s[/] {escape(ev.message)}")
+            self.console.print(styled("[dim]{}s[/] {}", f"{ev.elapsed:6.0f}", ev.message))
         elif ev.kind == "error":
-            self.console.print(f"[dim]{ev.elapsed:6.0f}s[/] [red]{escape(ev.message)}[/]")
+            self.console.print(styled("[dim]{}s[/] [red]{}[/]", f"{ev.elapsed:6.0f}", ev.message))
         elif ev.kind == "status":
-            self.console.print(f"[cyan]{escape(ev.message)}[/]")
+            self.console.print(styled("[cyan]{}[/]", ev.message))
         self.status.update(self._text())

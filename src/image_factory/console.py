@@ -1,21 +1,79 @@
-"""One rich console for the whole tool; progress and tables go to stderr, --json to stdout."""
+"""One rich console for the whole tool; progress and tables go to stderr, --json to stdout.
+
+Two rules hold for everything printed or written as a report:
+- Markup comes only from the code. The console parses no markup in strings (names, paths and server
+  messages may contain ``[/x]``); styled lines are built with :func:`styled`, which escapes values.
+- Secrets never appear. Every secret the tool reads is registered here (:func:`register_secret`)
+  and masked in terminal output, JSON on stdout and report files alike.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.segment import Segment
+from rich.text import Text
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+MASK = "********"
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str) -> None:
+    """From now on, ``value`` is printed and written as ********."""
+    if value:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def mask(text: str) -> str:
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+class MaskingConsole(Console):
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return mask(super()._render_buffer(buffer))
+
+
+console = MaskingConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
 if not console.is_terminal and "COLUMNS" not in os.environ:
     # Logs of CI and `./dev demo > file` keep MACs and paths on one line instead of wrapping at 80.
     console.width = 160
 
 
+def styled(template: str, *values: Any) -> Text:
+    """``styled("[red]{}[/] on {}", name, host)``: markup from the template, every value escaped."""
+    return Text.from_markup(template.format(*(escape(str(v)) for v in values)))
+
+
+def to_json(data: Any) -> str:
+    return mask(json.dumps(data, indent=2, sort_keys=True, default=str)) + "\n"
+
+
 def emit_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(to_json(data))
     sys.stdout.flush()
+
+
+def write_report(path: str | Path, data: Any) -> Path:
+    """A JSON report file, 0600 from its first byte (reports name hosts, VMs and paths), secrets masked."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(to_json(data))
+    os.replace(tmp, target)
+    return target

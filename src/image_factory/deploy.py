@@ -1264,7 +1264,8 @@ def _progress(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Callable[[
 
     @contextmanager
     def cm() -> Any:
-        with Progress(SpinnerColumn(), TextColumn("{task.fields[vm]:<14}"), TextColumn("{task.description}"),
+        with Progress(SpinnerColumn(), TextColumn("{task.fields[vm]:<14}", markup=False),
+                      TextColumn("{task.description}", markup=False),
                       TimeElapsedColumn(), console=console, transient=False) as prog:
             ids = {v.name: prog.add_task("planning", vm=v.name, total=None) for v in vms}
             lock = threading.Lock()

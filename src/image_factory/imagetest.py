@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import manifest
-from .console import console
+from .console import console, styled
 from .errors import FactoryError
 from .inventory import Image
 from .manifest import ImageTestResult, sha256_file
@@ -495,12 +495,12 @@ def test_image(
     (build_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     manifest.record_test_result(build_dir, result)
     colour = "green" if ok else "red"
-    console.print(
-        f"[{colour}]image test {image.name}: {result.status}[/] ({result.passed} passed, {result.failed} failed, "
-        f"{result.errors} errors, {result.skipped} skipped) {figures}"
-    )
+    console.print(styled(
+        f"[{colour}]image test {{}}: {{}}[/] ({{}} passed, {{}} failed, {{}} errors, {{}} skipped) {{}}", image.name,
+        result.status, result.passed, result.failed, result.errors, result.skipped, figures,
+    ))
     for f in result.failures:
-        console.print(f"  [red]✗[/] {f}")
+        console.print(styled("  [red]✗[/] {}", f))
     return result
 
 

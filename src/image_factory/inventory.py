@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from .errors import Problem, ValidationFailed
+from .ownership import imitates_marker, reserved_tag
 
 PLANES = ("mgmt", "tenant")
 HYPERVISOR_GROUP = "hypervisors"
@@ -40,6 +41,31 @@ TOKEN_ID_RE = re.compile(r"^[^\s@!]+@[^\s@!]+![A-Za-z][A-Za-z0-9._-]*$")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
 SSH_KEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/=]+$")
 SIZE_RE = re.compile(r"^[1-9][0-9]*[GM]$")
+# PVE's own formats (pve-common JSONSchema): every value that reaches a property string or a remote
+# path is checked against them, so nothing can smuggle in a ",key=value" or a shell word.
+DNS_NAME_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$",
+                         re.IGNORECASE)
+NODE_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")  # pve-node
+BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # pve-bridge-id, within Linux's 15-character interface names
+STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9_.-]*[a-z0-9]$", re.IGNORECASE)  # pve-storage-id
+IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+REMOTE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
+MAX_MEMORY_MIB = 4 * 1024 * 1024  # qemu-server's memory maximum (4 TiB)
+MAX_DESCRIPTION = 4096  # PVE keeps 8 KiB; the rest is the factory's marker block
+
+
+def _dns_name(v: str) -> str:
+    if not DNS_NAME_RE.match(v):
+        raise ValueError(f"{v!r} is not a DNS name (letters, digits, '-', labels of at most 63, dot-separated)")
+    return v
+
+
+def _remote_path(v: str) -> str:
+    if not REMOTE_PATH_RE.match(v) or "/../" in f"{v}/" or "/./" in f"{v}/":
+        raise ValueError(f"{v!r} must be an absolute path on the hypervisor of letters, digits, '_', '.', '-', '/' "
+                         "without '.' or '..' segments")
+    return v.rstrip("/") or "/"
 
 
 class Strict(BaseModel):
@@ -70,6 +96,21 @@ class SshEndpoint(Strict):
     host: str
     port: int = Field(default=22, ge=1, le=65535)
     user: str = "root"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v.strip("[]")))
+        except ValueError:
+            return _dns_name(v)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not UNIX_USER_RE.match(v):
+            raise ValueError(f"{v!r} is not a user name ([a-z_][a-z0-9_-]*, at most 32)")
+        return v
     host_key: str = Field(description="pinned public host key, 'ssh-ed25519 AAAA...'")
     key_file: Path | None = Field(default=None, description="client private key; default: ssh agent/~/.ssh")
 
@@ -94,9 +135,14 @@ class Storages(Strict):
     @field_validator("import_dir", "staging_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must be an absolute path on the hypervisor")
-        return v.rstrip("/") or "/"
+        return _remote_path(v)
+
+    @field_validator("images", "import_", "cloudinit")
+    @classmethod
+    def _storage_id(cls, v: str) -> str:
+        if not STORAGE_ID_RE.match(v):
+            raise ValueError(f"{v!r} is not a PVE storage id ([a-z][a-z0-9_.-]*[a-z0-9])")
+        return v
 
 
 class Hypervisor(Strict):
@@ -114,6 +160,23 @@ class Hypervisor(Strict):
     bridge: str = "vmbr0"
     template_vmids: VmidRange
     vm_vmids: VmidRange
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_name(v)
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        if not NODE_RE.match(v):
+            raise ValueError(f"{v!r} is not a PVE node name (letters, digits and '-', at most 63)")
+        return v
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, v: str) -> str:
+        return _bridge_id(v)
 
     @field_validator("api_url")
     @classmethod
@@ -150,6 +213,28 @@ class Hypervisor(Strict):
 # ----------------------------------------------------------------------------------------------- VMs
 
 
+def _bridge_id(v: str) -> str:
+    if not BRIDGE_RE.match(v):
+        raise ValueError(f"{v!r} is not a PVE bridge id (letters, digits, '_', '.', '-', at most 15)")
+    return v
+
+
+def _ssh_public_key(entry: str) -> str:
+    """One OpenSSH public key per entry, parsed for real; returns it normalised to 'type base64 [comment]'."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    if "\n" in entry or "\r" in entry or not entry.isprintable():
+        raise ValueError("an ssh_keys entry holds a line break or control character (one key per entry)")
+    parts = entry.split(None, 2)
+    if len(parts) < 2 or not SSH_KEY_RE.match(" ".join(parts[:2])):
+        raise ValueError(f"not an SSH public key: {entry[:40]!r}")
+    try:
+        load_ssh_public_key(" ".join(parts[:2]).encode())
+    except (ValueError, TypeError):
+        raise ValueError(f"SSH public key does not parse (damaged base64 or wrong type): {entry[:40]!r}") from None
+    return " ".join(parts)
+
+
 def normalize_mac(value: str) -> str:
     """Canonical inventory form: lowercase, colon-separated."""
     return value.strip().lower().replace("-", ":")
@@ -176,6 +261,11 @@ class Nic(Strict):
     address: str | None = Field(
         default=None, description="IPv4 address for this NIC's DHCP reservation/DNS entry (mac.export)"
     )
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, v: str | None) -> str | None:
+        return v if v is None else _bridge_id(v)
 
     @field_validator("address")
     @classmethod
@@ -218,7 +308,10 @@ class StaticIp(Strict):
     @classmethod
     def _gw(cls, v: str | None) -> str | None:
         if v is not None:
-            ipaddress.ip_address(v)
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address") from None
         return v
 
 
@@ -233,10 +326,37 @@ class CloudInit(Strict):
     @field_validator("ssh_keys")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
-        for key in v:
-            if not SSH_KEY_RE.match(" ".join(key.split()[:2])):
-                raise ValueError(f"not an SSH public key: {key[:40]!r}")
+        return [_ssh_public_key(key) for key in v]
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not UNIX_USER_RE.match(v):
+            raise ValueError(f"{v!r} is not a user name ([a-z_][a-z0-9_-]*, at most 32)")
         return v
+
+    @field_validator("nameserver")
+    @classmethod
+    def _nameserver(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            servers = [str(ipaddress.ip_address(x)) for x in v.split()]
+        except ValueError:
+            raise ValueError(f"{v!r} must be IP addresses separated by spaces") from None
+        if not servers:
+            raise ValueError("is empty")
+        return " ".join(servers)
+
+    @field_validator("searchdomain")
+    @classmethod
+    def _searchdomain(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        domains = [_dns_name(x) for x in v.split()]
+        if not domains:
+            raise ValueError("is empty")
+        return " ".join(domains)
 
 
 class Vm(Strict):
@@ -247,7 +367,7 @@ class Vm(Strict):
     image: str
     role: str
     cores: int = Field(default=2, ge=1, le=128)
-    memory: int = Field(default=2048, ge=256, description="MiB")
+    memory: int = Field(default=2048, ge=256, le=MAX_MEMORY_MIB, description="MiB")
     disk_gb: int = Field(default=20, ge=1, le=65536)
     nics: list[Nic] = Field(min_length=1, max_length=8)
     cloudinit: CloudInit = CloudInit()
@@ -266,8 +386,8 @@ class Vm(Strict):
     @field_validator("role")
     @classmethod
     def _role(cls, v: str) -> str:
-        if not TAG_RE.match(v):
-            raise ValueError("must match [a-z0-9_][a-z0-9_-+.]* (it becomes a PVE tag)")
+        if not TAG_RE.match(v) or reserved_tag(v):
+            raise ValueError("must match [a-z0-9_][a-z0-9_-+.]* and not start with 'factory-' (it becomes a PVE tag)")
         return v
 
     @field_validator("tags")
@@ -276,7 +396,29 @@ class Vm(Strict):
         bad = [t for t in v if not TAG_RE.match(t)]
         if bad:
             raise ValueError(f"invalid PVE tag(s) {bad}: each must match [a-z0-9_][a-z0-9_-+.]*")
+        reserved = [t for t in v if reserved_tag(t)]
+        if reserved:
+            raise ValueError(f"tag(s) {reserved}: 'factory-' tags are the factory's own")
         return sorted(set(v))
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not IMAGE_NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not an image name ([a-z0-9][a-z0-9.-]*, never a path)")
+        return v
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        if len(v) > MAX_DESCRIPTION:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_DESCRIPTION}")
+        if imitates_marker(v):
+            raise ValueError("holds a 'managed-by:' or 'factory-...:' line: those are the factory's ownership "
+                             "marker and may not appear in inventory text")
+        if any(not (ch.isprintable() or ch in "\n\t") for ch in v):
+            raise ValueError("holds control characters")
+        return v
 
     @model_validator(mode="after")
     def _nic0_address(self) -> Vm:
@@ -311,13 +453,30 @@ class Source(Strict):
     @field_validator("checksum")
     @classmethod
     def _checksum(cls, v: str) -> str:
-        if v == "none" or v.startswith("file:") or re.match(r"^(sha256|sha512):[0-9a-f]{64,128}$", v):
+        if v == "none" or v.startswith("file:") or re.fullmatch(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", v):
             return v
-        raise ValueError("must be 'sha256:<hex>', 'sha512:<hex>', 'file:<checksum file>' or 'none'")
+        raise ValueError("must be 'sha256:<64 hex>', 'sha512:<128 hex>', 'file:<checksum file>' or 'none'")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", v)
+        if scheme and scheme[1].lower() not in ("http", "https"):
+            raise ValueError(f"{scheme[1]}:// is not supported: use https://, http:// or a local path")
+        if not v.strip() or any(ch.isspace() for ch in v):
+            raise ValueError("must be a URL or path without whitespace")
+        return v
+
+    @model_validator(mode="after")
+    def _none_only_local(self) -> Source:
+        if self.checksum == "none" and not self.is_local:
+            raise ValueError("checksum 'none' is accepted for local files only; a download needs 'sha256:...' or "
+                             "a signed 'file:' checksum")
+        return self
 
     @property
     def is_local(self) -> bool:
-        return not re.match(r"^[a-z]+://", self.url)
+        return not re.match(r"^[a-z]+://", self.url, re.IGNORECASE)
 
 
 class Image(Strict):
@@ -334,6 +493,13 @@ class Image(Strict):
     cpus: int = Field(default=2, ge=1)
     # qemu-img convert -c: smaller uploads over a WAN, ~15 s more per build on 2 TCG cores.
     compress: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not IMAGE_NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not an image name ([a-z0-9][a-z0-9.-]*, never a path)")
+        return v
 
     @field_validator("disk_size")
     @classmethod
@@ -584,6 +750,14 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
             except ValidationError as exc:
                 problems.extend(_pydantic_problems(rec.file, rec.name, "vm", exc))
 
+    if not problems and not hypervisors:
+        problems.append(Problem(str(inventory_path), "", HYPERVISOR_GROUP,
+                                "no hypervisor: the inventory needs hosts in group 'hypervisors' with a 'pve' mapping"))
+    if not problems and not vms:
+        problems.append(Problem(str(inventory_path), "", "mgmt/tenant",
+                                "no VM: the inventory needs hosts in group 'mgmt' or 'tenant' with a 'vm' mapping"))
+    if not problems and not catalogue:
+        problems.append(Problem(str(images_path), "", "images", "the catalogue has no image"))
     problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path)))
     if problems:
         raise ValidationFailed(problems)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .console import console
+from .console import console, styled
 from .errors import FactoryError
 from .inventory import Site
 from .settings import Settings
@@ -86,7 +86,7 @@ def run_pipeline(
         run = ImageRun(name)
         report.images.append(run)
         image = site.images[name]
-        console.rule(f"[bold]{name}")
+        console.rule(styled("[bold]{}", name))
         try:
             run.stage = "build"
             t0 = time.monotonic()
@@ -131,7 +131,7 @@ def run_pipeline(
             run.status, run.stage = "ok", ""
         except FactoryError as exc:
             run.status, run.error = "failed", str(exc)
-            console.print(f"[bold red]{name} failed at {run.stage}:[/] {exc}")
+            console.print(styled("[bold red]{} failed at {}:[/] {}", name, run.stage, exc))
     report.finished_at = _now()
     report.total_s = round(time.monotonic() - started, 1)
     return report
@@ -168,7 +168,7 @@ def run_demo(
     def timed(key: str, t0: float) -> None:
         timings[key] = round(time.monotonic() - t0, 1)
 
-    console.rule("[bold]1/5 lab: two hypervisors on loopback")
+    console.rule(styled("[bold]1/5 lab: two hypervisors on loopback"))
     t0 = time.monotonic()
     paths = controller.LabPaths(settings.lab_dir)
     cfg = controller.load_config(paths) or controller.default_config(settings)
@@ -182,12 +182,12 @@ def run_demo(
     timed("lab", t0)
     report = DemoReport(lab_dir=str(lab.paths.lab_dir), inventory=str(lab.inventory), timings=timings)
 
-    console.rule("[bold]2/5 offline base image (debootstrap)")
+    console.rule(styled("[bold]2/5 offline base image (debootstrap)"))
     t0 = time.monotonic()
     baseimage.ensure_base_image(settings)
     timed("base_image", t0)
 
-    console.rule("[bold]3/5 pipeline: build, test, publish to both hypervisors")
+    console.rule(styled("[bold]3/5 pipeline: build, test, publish to both hypervisors"))
     t0 = time.monotonic()
     pipe = run_pipeline(lab_settings, site, images=default_images(site), force=force)
     report.pipeline = pipe.to_dict()
@@ -196,13 +196,13 @@ def run_demo(
         report.timings["total"] = round(time.monotonic() - t_all, 1)
         return report
 
-    console.rule("[bold]4/5 deploy the example VMs with their fixed MACs")
+    console.rule(styled("[bold]4/5 deploy the example VMs with their fixed MACs"))
     t0 = time.monotonic()
     dep = deploy.deploy_vms(lab_settings, site, None, wait=True, timeout=timeout)
     report.deploy = dep.to_dict()
     timed("deploy", t0)
 
-    console.rule("[bold]5/5 prove a booted guest: SSH with a verified host key, inventory MAC on its NIC")
+    console.rule(styled("[bold]5/5 prove a booted guest: SSH with a verified host key, inventory MAC on its NIC"))
     t0 = time.monotonic()
     booted = [n for n in site.vms if real_boot == "all" or (isinstance(real_boot, list) and n in real_boot)
               or n == real_boot]
@@ -229,11 +229,13 @@ def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
     host_key = host_key_via_agent(client, vm.vmid)
     view = inspect_over_ssh(name, address, vm.cloudinit.user, client_key, host_key)
     mac_seen = vm.macs[0].lower() in view.links.lower()
-    console.print(f"[bold]{name}[/] on {hv.name}: ssh {vm.cloudinit.user}@{address} (host key via guest agent)")
+    console.print(styled("[bold]{}[/] on {}: ssh {}@{} (host key via guest agent)", name, hv.name,
+                         vm.cloudinit.user, address))
     console.print(f"  hostname: {view.hostname}")
     for line in view.links.splitlines():
         console.print(f"  {line}")
-    console.print(f"  inventory MAC {vm.macs[0]}: {'[green]seen on the NIC' if mac_seen else '[red]NOT seen'}")
+    seen = "[green]seen on the NIC" if mac_seen else "[red]NOT seen"
+    console.print(styled("  inventory MAC {}: " + seen, vm.macs[0]))
     return {"vm": name, "host": hv.name, "address": address, "hostname": view.hostname, "links": view.links,
             "host_key": view.host_key, "mac": vm.macs[0], "mac_seen": mac_seen}
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
@@ -708,5 +709,5 @@ def render_table(report: PreflightReport) -> Table:
     style = {"ok": "green", "FAIL": "bold red", "skip": "yellow"}
     for host, results in report.hosts.items():
         for r in results:
-            table.add_row(host, r.name, f"[{style[r.status]}]{r.status}[/]", r.detail, r.hint)
+            table.add_row(host, r.name, Text(r.status, style=style[r.status]), r.detail, r.hint)
     return table

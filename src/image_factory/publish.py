@@ -818,7 +818,7 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
     from .console import console
 
     bars = Progress(
-        TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(binary_units=True),
+        TextColumn("{task.description:<14}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
         TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False,
     )
     ids = {h.name: bars.add_task(h.name, total=total, start=True) for h in hosts}

@@ -1,7 +1,9 @@
 """Secrets come only from the environment or from files outside the repository.
 
 Nothing here logs or returns a secret in a printable wrapper: callers receive the value and
-pass it straight to the transport.
+pass it straight to the transport. Every value read is registered with the console, which masks it
+in everything printed or written as a report. A value with whitespace inside is refused: it cannot
+be a PVE token secret, and an HTTP library echoes a header it rejects (line break) in its error.
 """
 
 from __future__ import annotations
@@ -10,16 +12,29 @@ import os
 import stat
 from pathlib import Path
 
+from .console import register_secret
 from .errors import SecretError
 from .settings import REPO_ROOT
+
+
+def _checked(value: str, what: str, where: str) -> str:
+    value = value.strip()
+    if any(ch.isspace() for ch in value) or not value.isprintable():
+        register_secret(value)
+        for part in value.split():
+            register_secret(part)
+        raise SecretError(f"{what}: {where} holds whitespace, a line break or a control character inside the "
+                          "secret (a PVE token secret is one word); fix it there")
+    register_secret(value)
+    return value
 
 
 def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_root: Path = REPO_ROOT) -> str:
     if env:
         value = os.environ.get(env)
-        if not value:
+        if not value or not value.strip():
             raise SecretError(f"{what}: environment variable {env} is not set or empty")
-        return value.strip()
+        return _checked(value, what, f"environment variable {env}")
     if file is None:
         raise SecretError(f"{what}: no token_secret_env or token_secret_file configured")
     path = Path(str(file)).expanduser().resolve()
@@ -41,4 +56,4 @@ def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_roo
     value = path.read_text(encoding="utf-8").strip()
     if not value:
         raise SecretError(f"{what}: secret file {path} is empty")
-    return value
+    return _checked(value, what, f"secret file {path}")

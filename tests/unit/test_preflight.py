@@ -71,6 +71,10 @@ def _site(tmp_path: Path, url: str, *, ca: str | None = None, fingerprint: str |
                     bridge: {bridge}
                     template_vmids: {{first: 9000, last: 9099}}
                     vm_vmids: {{first: 1000, last: 1999}}
+            mgmt:
+              hosts:
+                unit-vm:
+                  vm: {{vmid: 1001, image: tiny, role: unit, nics: [{{mac: "02:de:10:09:01:00"}}]}}
         """))
     images = tmp_path / "images.yml"
     images.write_text(textwrap.dedent("""\

@@ -12,7 +12,7 @@ from invoke.parser import Argument
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 
-from ..console import console
+from ..console import console, styled
 from ..errors import FactoryError, ValidationFailed
 from ..inventory import Site, load_site
 from ..settings import Settings
@@ -24,7 +24,7 @@ FIXED_SHORT_FLAGS = {"inventory": "i"}
 LONG_ONLY_FLAGS = frozenset({"i_know_this_is_mgmt", "recreate", "force_untested"})
 
 
-class FactoryTask(Task):  # type: ignore[type-arg]
+class FactoryTask(Task):
     """invoke's Task with the project's short-flag rules instead of first-free-letter."""
 
     def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
@@ -65,13 +65,13 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ValidationFailed as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(styled("[bold red]error:[/] {}", exc))
             raise Exit(code=exc.exit_code) from None
         except FactoryError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(styled("[bold red]error:[/] {}", exc))
             raise Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]")
+            console.print(styled("[bold red]interrupted[/]"))
             raise Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]

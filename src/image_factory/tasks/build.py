@@ -8,7 +8,7 @@ from typing import Any
 from invoke.collection import Collection
 from invoke.context import Context
 
-from ..console import console, emit_json
+from ..console import console, emit_json, styled
 from ..errors import FactoryError
 from ..inventory import Image, Site
 from ..settings import Settings
@@ -57,7 +57,8 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
         rel = [str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p) for p in result.files]
         report.append({"image": img.name, "files": rel, "fingerprint": result.fingerprint})
         state = "rendered" if no_validate else "rendered and valid"
-        console.print(f"[green]{img.name}[/]: {state} ({time.monotonic() - t0:.1f}s): {', '.join(rel)}")
+        console.print(styled("[green]{}[/]: {} ({}s): {}", img.name, state, f"{time.monotonic() - t0:.1f}",
+                             ", ".join(rel)))
     if json:
         emit_json(report)
 
@@ -74,19 +75,20 @@ def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_r
                                 ansible_strategy=ansible_strategy)
     m = outcome.manifest
     if outcome.status == "planned":
-        console.print(f"[yellow]{img.name}[/]: dry run, would build ({outcome.reason})")
+        console.print(styled("[yellow]{}[/]: dry run, would build ({})", img.name, outcome.reason))
     elif outcome.status == "cached":
-        console.print(f"[green]{img.name}[/]: cache hit, nothing to do: {outcome.artifact} "
-                      f"(build {m.build_id if m else '?'}; use --force to rebuild)")
+        console.print(styled("[green]{}[/]: cache hit, nothing to do: {} (build {}; use --force to rebuild)",
+                             img.name, outcome.artifact, m.build_id if m else "?"))
     elif m is not None:
-        console.print(f"[green]{img.name}[/]: built {outcome.artifact} in {outcome.duration_s:.0f}s "
-                      f"({m.artifact.disk_size / 2**20:.0f} MiB, sha256 {m.artifact.sha256[:16]}..., "
-                      f"build {m.build_id}); log: {outcome.log}")
+        console.print(styled("[green]{}[/]: built {} in {}s ({} MiB, sha256 {}..., build {}); log: {}", img.name,
+                             outcome.artifact, f"{outcome.duration_s:.0f}", f"{m.artifact.disk_size / 2**20:.0f}",
+                             m.artifact.sha256[:16], m.build_id, outcome.log))
     if outcome.status == "built" and m is not None:
         if skip_tests:
             m.skip_tests = True
             mf.save(outcome.build_dir, m)
-            console.print(f"[yellow]{img.name}[/]: image tests skipped (--skip-tests); recorded in the manifest")
+            console.print(styled("[yellow]{}[/]: image tests skipped (--skip-tests); recorded in the manifest",
+                                 img.name))
         else:
             from ..imagetest import test_image
 

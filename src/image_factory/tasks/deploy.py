@@ -7,7 +7,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from .. import deploy as dep
-from ..console import console, emit_json
+from ..console import console, emit_json, styled
 from ..errors import Problem, ValidationFailed
 from ._common import handle_errors, preflight_gate, site, task
 
@@ -73,7 +73,7 @@ def vm(
     if not report.ok:
         bad = [r.plan.vm for r in report.results if not r.ok]
         if not json:
-            console.print(f"[bold red]not deployed:[/] {', '.join(bad)}")
+            console.print(styled("[bold red]not deployed:[/] {}", ", ".join(bad)))
         raise Exit(code=1)
 
 

@@ -7,7 +7,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from ..console import console, emit_json
+from ..console import console, emit_json, styled
 from ._common import handle_errors, site, task
 
 
@@ -75,8 +75,8 @@ def preflight(
         console.print(render_table(report))
     if not report.ok:
         failed = report.failures()
-        console.print(f"[bold red]preflight failed:[/] {len(failed)} check(s) on "
-                      f"{', '.join(sorted({h for h, _ in failed}))}")
+        console.print(styled("[bold red]preflight failed:[/] {} check(s) on {}", len(failed),
+                             ", ".join(sorted({h for h, _ in failed}))))
         raise Exit(code=3)
 
 

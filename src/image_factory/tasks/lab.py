@@ -8,7 +8,7 @@ import time
 from invoke.collection import Collection
 from invoke.context import Context
 
-from ..console import console, emit_json
+from ..console import console, emit_json, styled
 from ..lab import controller
 from ._common import handle_errors, settings, task
 
@@ -56,7 +56,7 @@ def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, tim
     if json:
         emit_json(info)
         return
-    console.print(f"[green]lab up[/] in {time.monotonic() - t0:.1f}s: {lab.paths.lab_dir}")
+    console.print(styled("[green]lab up[/] in {}s: {}", f"{time.monotonic() - t0:.1f}", lab.paths.lab_dir))
     _print_status(info)
     console.print(f"inventory: {lab.paths.inventory}   (INVOKE_FACTORY_INVENTORY={lab.paths.inventory_dir})")
 
@@ -85,7 +85,7 @@ def status(c: Context, lab_dir: str | None = None, json: bool = False) -> None:
     if json:
         emit_json(info)
         return
-    console.print(f"lab {info['lab_dir']}: {'[green]up[/]' if info['up'] else '[yellow]down[/]'}")
+    console.print(styled("lab {}: " + ("[green]up[/]" if info["up"] else "[yellow]down[/]"), info["lab_dir"]))
     _print_status(info)
 
 

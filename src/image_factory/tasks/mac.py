@@ -8,7 +8,7 @@ from invoke.collection import Collection
 from invoke.context import Context
 
 from .. import mac as macs
-from ..console import console
+from ..console import console, styled
 from ._common import handle_errors, settings, site, task
 
 
@@ -44,7 +44,7 @@ def check(c: Context, inventory: str | None = None, images: str | None = None) -
     """Check every MAC against the namespace; list all problems (file, host) and exit non-zero."""
     s = settings(c, inventory=inventory, images=images)
     count = macs.check(s.inventory, s.images)
-    console.print(f"[green]ok:[/] {count} MAC(s) in {s.inventory} follow the namespace and are unique")
+    console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
 
 
 @task(

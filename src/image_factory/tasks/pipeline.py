@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json as jsonlib
-from pathlib import Path
-
 from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from ..console import console, emit_json
+from ..console import console, emit_json, styled, write_report
 from ..pipeline import DemoReport, ImageRun, PipelineReport, run_demo, run_pipeline
 from ._common import handle_errors, settings, site, task
 
@@ -20,10 +17,7 @@ def _names(value: str | None) -> list[str] | None:
 
 def _write_json(path: str | None, data: dict[str, object]) -> None:
     if path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(jsonlib.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        console.print(f"report: {target}")
+        console.print(f"report: {write_report(path, data)}")
 
 
 def _pipeline_table(report: PipelineReport) -> Table:
@@ -34,7 +28,7 @@ def _pipeline_table(report: PipelineReport) -> Table:
         hosts = run.publish.get("hosts", []) if run.publish else []
         table.add_row(
             run.image,
-            "[green]ok" if run.status == "ok" else f"[red]{run.status} ({run.stage})",
+            styled("[green]ok") if run.status == "ok" else styled("[red]{} ({})", run.status, run.stage),
             str(run.build.get("status", "-")),
             str(run.tests.get("status", "-")),
             ", ".join(f"{h['host']}:{h['action']}:{h.get('template_vmid') or '-'}" for h in hosts) or "-",

@@ -6,7 +6,7 @@ from invoke.collection import Collection
 from invoke.context import Context
 from rich.table import Table
 
-from ..console import console, emit_json
+from ..console import console, emit_json, styled
 from ..publish import DEFAULT_KEEP, PublishError, PublishReport, publish_image
 from ._common import handle_errors, preflight_gate, site, task
 
@@ -86,14 +86,14 @@ def print_report(report: PublishReport) -> None:
         if h.kept_for_linked_clones:
             notes.append(f"kept for linked clones: {h.kept_for_linked_clones}")
         if h.error:
-            notes.insert(0, f"[red]{h.error}[/]")
+            notes.insert(0, f"ERROR: {h.error}")
         table.add_row(
             h.host, action, h.upload or "-", tpl or "-", _size(h.bytes_sent), f"{h.duration_s:.1f}s", pruned,
             "\n".join(notes) or "",
         )
     console.print(table)
     if report.forced_untested:
-        console.print("[yellow]warning:[/] published WITHOUT a passing image test (--force-untested)")
+        console.print(styled("[yellow]warning:[/] published WITHOUT a passing image test (--force-untested)"))
 
 
 def _size(n: int) -> str:
