@@ -25,6 +25,7 @@ from image_factory.baseimage import ensure_base_image
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.ownership import Marker
 from image_factory.pve import PveClient
 from image_factory.settings import REPO_ROOT, Settings
 from image_factory.sshlink import connect
@@ -136,7 +137,7 @@ def test_example_site_lands_with_inventory_macs_and_second_run_changes_nothing(l
         assert "%20" in cfg["sshkeys"] and " " not in cfg["sshkeys"] and "+" not in cfg["sshkeys"]
         assert cfg["ipconfig0"] == dep.ipconfig_value(vm)
         assert cfg["tags"] == ";".join(vm.all_tags)
-        assert dep.Marker.parse(cfg["description"]).template_vmid == TPL_VMID
+        assert Marker.parse(cfg["description"], vm.vmid).template_vmid == TPL_VMID
         assert dep.boot_disk(cfg) == ("scsi0", vm.disk_gb * 1024**3)
         status = PveClient(lab.hv(host)).get(f"/nodes/{host}/qemu/{vm.vmid}/status/current")
         assert status["status"] == "running"
@@ -321,3 +322,59 @@ def test_cli_plan_vm_json_and_destroy(lab: LabHandle) -> None:
     assert api_vmids(lab, TENANT) == set()
     nothing = invoke(lab, "deploy.vm")
     assert nothing.returncode != 0 and "--all" in nothing.stderr
+
+
+def test_two_concurrent_deploys_of_one_mgmt_vm_leave_exactly_one_running_vm(
+    lab: LabHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 trials, the second run starting at a random moment of the first (half of them exactly between
+    clone and config update): the host lock over SSH serialises them, the second finds the VM in sync."""
+    import contextlib
+    import random
+    import threading
+
+    vm = lab.site.vms["metrics01"]
+    hv = lab.hv(MGMT)
+    client = PveClient(hv)
+    gate: dict[str, threading.Event] = {}
+
+    def progress(enabled: bool, vms: Any) -> Any:
+        def hook(name: str, text: str) -> None:
+            if text.startswith("configuring") and "at-config" in gate:
+                gate["at-config"].set()
+                time.sleep(0.2)  # hold the first run between clone and config while the second starts
+        return contextlib.nullcontext(hook if enabled else (lambda name, text: None))
+
+    monkeypatch.setattr(dep, "_progress", progress)
+    rng = random.Random(20261128)
+    outcomes = []
+    for trial in range(20):
+        if vm.vmid in api_vmids(lab, MGMT):
+            dep.destroy_vm(lab.settings, lab.site, vm.name, allow_mgmt=True, timeout=60)
+        at_config = trial % 2 == 0
+        gate.clear()
+        if at_config:
+            gate["at-config"] = threading.Event()
+        results: dict[str, dep.DeployReport] = {}
+
+        def first() -> None:
+            results["first"] = deploy(lab, [vm.name], wait=False, progress=True)
+
+        t = threading.Thread(target=first)
+        t.start()
+        if at_config:
+            assert gate["at-config"].wait(60), f"trial {trial}: the first run never reached config"
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+        results["second"] = deploy(lab, [vm.name], wait=False)
+        t.join(120)
+        states = sorted(r.results[0].state for r in results.values())
+        mine = [v for v in client.list_vms() if int(v["vmid"]) == vm.vmid]
+        cfg = client.vm_config(vm.vmid) if mine else {}
+        outcomes.append((trial, at_config, states, len(mine), mine[0].get("status") if mine else None,
+                         dep.NetSpec.parse(cfg["net0"]).mac if cfg else None))
+        assert all(r.ok for r in results.values()), (trial, [r.to_dict() for r in results.values()])
+    good = [o for o in outcomes if o[3] == 1 and o[4] == "running" and o[5] == vm.macs[0]]
+    assert len(good) == 20, outcomes
+    # every trial: one run created it, the other found it in sync (never two creates, never a destroy)
+    assert all(o[2] in (["created", "unchanged"], ["corrected", "created"]) for o in outcomes), outcomes

@@ -1,0 +1,275 @@
+"""Bad input through the real command line (invoke, in-process) against two live fakepve hypervisors.
+
+Every case is one mutation of the example site. Each must end with exit code 2 and one clear error that
+names the file, the entry and the key; no traceback; and not a single request to either hypervisor.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from invoke import Collection, Program
+
+from image_factory.settings import DEFAULTS
+from image_factory.tasks import build, deploy, image, inventory, lab, mac, pipeline, publish
+
+from .test_deploy_fakepve import FakeSite, fake_site
+
+pytestmark = pytest.mark.unit
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
+
+
+def program() -> Program:
+    ns = Collection()
+    for module in (inventory, build, image, publish, deploy, mac, lab):
+        ns.add_collection(module.ns)
+    ns.add_task(pipeline.pipeline_task, name="pipeline")
+    ns.configure({"factory": dict(DEFAULTS)})
+    return Program(namespace=ns, version="test")
+
+
+def hv(name: str = "pve-mgmt") -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda d: d["all"]["children"]["hypervisors"]["hosts"][name]["pve"]
+
+
+def vm(name: str = "metrics01", plane: str = "mgmt") -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda d: d["all"]["children"][plane]["hosts"][name]["vm"]
+
+
+def setter(where: Callable[[dict[str, Any]], Any], key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(data: dict[str, Any]) -> None:
+        node = where(data)
+        *path, last = key.split(".")
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+    return apply
+
+
+def rename_host(group: str, old: str, new: str) -> Callable[[dict[str, Any]], None]:
+    def apply(data: dict[str, Any]) -> None:
+        hosts = data["all"]["children"][group]["hosts"]
+        hosts[new] = hosts.pop(old)
+    return apply
+
+
+# (case id, mutation, entry named in the error, key named in the error)
+CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    # property-string injection
+    ("bridge-injection", setter(hv(), "bridge", "vmbr0,tag=5"), "pve-mgmt", "pve.bridge"),
+    ("nic-bridge-injection", setter(vm(), "nics.0.bridge", "vmbr0,firewall=0"), "metrics01", "vm.nics.0.bridge"),
+    ("bridge-too-long", setter(hv(), "bridge", "vmbr0123456789ab"), "pve-mgmt", "pve.bridge"),
+    ("bridge-space", setter(hv(), "bridge", "vmbr 0"), "pve-mgmt", "pve.bridge"),
+    ("storage-injection", setter(hv(), "storage", {"images": "local-lvm,size=1T"}), "pve-mgmt", "pve.storage.images"),
+    ("storage-import-injection", setter(hv(), "storage", {"import": "local;rm"}), "pve-mgmt", "pve.storage.import"),
+    ("cloudinit-storage-colon", setter(hv(), "storage", {"cloudinit": "local:cloudinit"}), "pve-mgmt",
+     "pve.storage.cloudinit"),
+    ("import-dir-traversal", setter(hv(), "storage", {"import_dir": "/var/lib/vz/../../etc"}), "pve-mgmt",
+     "pve.storage.import_dir"),
+    ("import-dir-shell", setter(hv(), "storage", {"import_dir": "/var/lib/vz/import;reboot"}), "pve-mgmt",
+     "pve.storage.import_dir"),
+    ("import-dir-subst", setter(hv(), "storage", {"import_dir": "/tmp/$(id)"}), "pve-mgmt", "pve.storage.import_dir"),
+    ("staging-relative", setter(hv(), "storage", {"staging_dir": "var/tmp"}), "pve-mgmt", "pve.storage.staging_dir"),
+    ("node-injection", setter(hv(), "node", "pve-mgmt/../x"), "pve-mgmt", "pve.node"),
+    ("node-markup", setter(hv(), "node", "[/x]"), "pve-mgmt", "pve.node"),
+    ("nameserver-not-ip", setter(vm("jump01"), "cloudinit.nameserver", "ns1.example;reboot"), "jump01",
+     "vm.cloudinit.nameserver"),
+    ("nameserver-injection", setter(vm("jump01"), "cloudinit.nameserver", "10.0.0.1,searchdomain=evil"), "jump01",
+     "vm.cloudinit.nameserver"),
+    ("searchdomain-injection", setter(vm("jump01"), "cloudinit.searchdomain", "a.lan,nameserver=1.1.1.1"), "jump01",
+     "vm.cloudinit.searchdomain"),
+    ("searchdomain-unicode", setter(vm("jump01"), "cloudinit.searchdomain", "dëevnet.lan"), "jump01",
+     "vm.cloudinit.searchdomain"),
+    ("gw-not-ip", setter(vm("jump01"), "cloudinit.ipconfig", {"ip": "192.168.10.30/24", "gw": "gw;reboot"}),
+     "jump01", "vm.cloudinit.ipconfig"),
+    ("ip-no-prefix", setter(vm("jump01"), "cloudinit.ipconfig", {"ip": "192.168.10.30"}), "jump01",
+     "vm.cloudinit.ipconfig"),
+    # cloud-init user and keys
+    ("ciuser-shell", setter(vm(), "cloudinit.user", "ansible;rm -rf /"), "metrics01", "vm.cloudinit.user"),
+    ("ciuser-empty", setter(vm(), "cloudinit.user", ""), "metrics01", "vm.cloudinit.user"),
+    ("ciuser-unicode", setter(vm(), "cloudinit.user", "ånsible"), "metrics01", "vm.cloudinit.user"),
+    ("ciuser-too-long", setter(vm(), "cloudinit.user", "a" * 40), "metrics01", "vm.cloudinit.user"),
+    ("sshkey-smuggled-second", setter(vm(), "cloudinit.ssh_keys", [KEY + "\nssh-ed25519 AAAAC3Nza evil"]),
+     "metrics01", "vm.cloudinit.ssh_keys"),
+    ("sshkey-cr", setter(vm(), "cloudinit.ssh_keys", [KEY + "\rx"]), "metrics01", "vm.cloudinit.ssh_keys"),
+    ("sshkey-bad-base64", setter(vm(), "cloudinit.ssh_keys", ["ssh-ed25519 AAAAnotakey"]), "metrics01",
+     "vm.cloudinit.ssh_keys"),
+    ("sshkey-private", setter(vm(), "cloudinit.ssh_keys", ["-----BEGIN OPENSSH PRIVATE KEY-----"]), "metrics01",
+     "vm.cloudinit.ssh_keys"),
+    ("sshkey-wrong-type", setter(vm(), "cloudinit.ssh_keys", ["ssh-dss AAAAB3NzaC1kc3MAAACBAP"]), "metrics01",
+     "vm.cloudinit.ssh_keys"),
+    ("sshkey-control-char", setter(vm(), "cloudinit.ssh_keys", [KEY + "\x1b[2J"]), "metrics01",
+     "vm.cloudinit.ssh_keys"),
+    # bounds
+    ("memory-huge", setter(vm(), "memory", 10**12), "metrics01", "vm.memory"),
+    ("memory-small", setter(vm(), "memory", 16), "metrics01", "vm.memory"),
+    ("memory-negative", setter(vm(), "memory", -1), "metrics01", "vm.memory"),
+    ("memory-string", setter(vm(), "memory", "4G"), "metrics01", "vm.memory"),
+    ("cores-zero", setter(vm(), "cores", 0), "metrics01", "vm.cores"),
+    ("cores-huge", setter(vm(), "cores", 100000), "metrics01", "vm.cores"),
+    ("disk-huge", setter(vm(), "disk_gb", 10**9), "metrics01", "vm.disk_gb"),
+    ("disk-zero", setter(vm(), "disk_gb", 0), "metrics01", "vm.disk_gb"),
+    ("vmid-low", setter(vm(), "vmid", 99), "metrics01", "vm.vmid"),
+    ("vlan-out-of-range", setter(vm("jump01"), "nics.1.vlan", 4095), "jump01", "vm.nics.1.vlan"),
+    ("too-many-nics", setter(vm(), "nics", [{"mac": f"02:de:10:01:01:{i:02x}"} for i in range(9)]), "metrics01",
+     "vm.nics"),
+    # names, tags, markers
+    ("vm-name-markup", rename_host("mgmt", "metrics01", "[/x]"), "[/x]", "name"),
+    ("vm-name-traversal", rename_host("mgmt", "metrics01", "../../etc"), "../../etc", "name"),
+    ("vm-name-unicode", rename_host("mgmt", "metrics01", "métrics01"), "métrics01", "name"),
+    ("vm-name-shell", rename_host("mgmt", "metrics01", "m;reboot"), "m;reboot", "name"),
+    ("hypervisor-name-markup", rename_host("hypervisors", "pve-tenant", "[bold]x[/x]"), "[bold]x[/x]", "name"),
+    ("hypervisor-name-space", rename_host("hypervisors", "pve-tenant", "pve tenant"), "pve tenant", "name"),
+    ("image-traversal", setter(vm(), "image", "../../etc/passwd"), "metrics01", "vm.image"),
+    ("image-markup", setter(vm(), "image", "[/x]"), "metrics01", "vm.image"),
+    ("role-reserved", setter(vm(), "role", "factory-state"), "metrics01", "vm.role"),
+    ("tag-reserved", setter(vm(), "tags", ["factory-incomplete"]), "metrics01", "vm.tags"),
+    ("tag-injection", setter(vm(), "tags", ["a;b"]), "metrics01", "vm.tags"),
+    ("tag-markup", setter(vm(), "tags", ["[/x]"]), "metrics01", "vm.tags"),
+    ("description-marker", setter(vm(), "description", "notes\nfactory-state: incomplete"), "metrics01",
+     "vm.description"),
+    ("description-managed-by", setter(vm(), "description", "managed-by: deevnet-image-factory"), "metrics01",
+     "vm.description"),
+    ("description-control", setter(vm(), "description", "ok\x00not"), "metrics01", "vm.description"),
+    ("description-huge", setter(vm(), "description", "x" * 5000), "metrics01", "vm.description"),
+    # SSH endpoint and API
+    ("ssh-host-shell", setter(hv(), "ssh", {"host": "h;reboot", "host_key": KEY}), "pve-mgmt", "pve.ssh.host"),
+    ("ssh-user-shell", setter(hv(), "ssh", {"host": "h.lan", "user": "root;id", "host_key": KEY}), "pve-mgmt",
+     "pve.ssh.user"),
+    ("ssh-port", setter(hv(), "ssh", {"host": "h.lan", "port": 70000, "host_key": KEY}), "pve-mgmt", "pve.ssh.port"),
+    ("api-http", setter(hv(), "api_url", "http://pve-mgmt:8006"), "pve-mgmt", "pve.api_url"),
+    ("api-path", setter(hv(), "api_url", "https://pve-mgmt:8006/api2/json"), "pve-mgmt", "pve.api_url"),
+    ("token-id", setter(hv(), "token_id", "root@pam"), "pve-mgmt", "pve.token_id"),
+    ("unknown-key", setter(vm(), "memroy", 4096), "metrics01", "vm.memroy"),
+    ("mac-multicast", setter(vm(), "nics.0.mac", "03:de:10:01:01:00"), "metrics01", "vm.nics.0.mac"),
+    ("mac-injection", setter(vm(), "nics.0.mac", "02:de:10:01:01:00,bridge=x"), "metrics01", "vm.nics.0.mac"),
+]
+
+
+@pytest.fixture(scope="module")
+def fsite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSite]:
+    mp = pytest.MonkeyPatch()
+    try:
+        yield from fake_site(tmp_path_factory.mktemp("bad-input"), mp)
+    finally:
+        mp.undo()
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        program().run(["invoke", *argv])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def assert_clear_refusal(code: int, text: str, files: list[str], entry: str, key: str, fs: FakeSite) -> None:
+    assert code == 2, text
+    assert "Traceback" not in text and "Error:" not in text.replace("error:", ""), text
+    assert "error:" in text and any(f in text for f in files), text
+    assert entry in text and key in text, text
+    assert all(pve.requests == [] for pve in fs.pves.values()), "a hypervisor was contacted"
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_bad_inventory_is_refused_before_any_request(case: str, fsite: FakeSite, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, mutate, entry, key = next(c for c in CASES if c[0] == case)
+    data = yaml.safe_load((fsite.inventory / "hosts.yml").read_text())
+    mutate(data)
+    bad = tmp_path / "hosts.yml"
+    bad.write_text(yaml.safe_dump(copy.deepcopy(data), sort_keys=False, allow_unicode=True))
+    for pve in fsite.pves.values():
+        pve.requests.clear()
+    code, text = run_cli(["deploy.vm", "--all", "--no-wait", "--skip-preflight", "-i", str(bad)], capsys)
+    assert_clear_refusal(code, text, [str(bad)], entry, key, fsite)
+
+
+CATALOGUE_CASES = [
+    ("checksum-none-remote", {"url": "https://example.org/x.qcow2", "checksum": "none"}, "source"),
+    ("checksum-short", {"url": "https://example.org/x.qcow2", "checksum": "sha256:abc"}, "source.checksum"),
+    ("url-ftp", {"url": "ftp://example.org/x.qcow2", "checksum": "sha256:" + "a" * 64}, "source.url"),
+    ("url-space", {"url": "https://example.org/x y.qcow2", "checksum": "sha256:" + "a" * 64}, "source.url"),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CATALOGUE_CASES])
+def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from image_factory.settings import REPO_ROOT
+
+    _, source, key = next(c for c in CATALOGUE_CASES if c[0] == case)
+    data = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
+    data["images"]["fedora-42"]["source"] = source
+    bad = tmp_path / "images.yml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    for pve in fsite.pves.values():
+        pve.requests.clear()
+    code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--images",
+                          str(bad)], capsys)
+    assert_clear_refusal(code, text, [str(bad)], "fedora-42", key, fsite)
+
+
+@pytest.mark.parametrize("body", ["", "all:\n", "all:\n  children:\n    mgmt:\n      hosts: {}\n"])
+def test_empty_inventory_is_an_error(body: str, fsite: FakeSite, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "hosts.yml"
+    bad.write_text(body)
+    code, text = run_cli(["inventory.check", "-i", str(bad)], capsys)
+    assert code == 2 and "Traceback" not in text and str(bad) in text, text
+    assert re.search(r"no hypervisor|starts with 'all:'", text), text
+
+
+def test_markup_in_a_name_given_on_the_command_line_is_printed_not_parsed(
+    fsite: FakeSite, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, text = run_cli(["deploy.vm", "-n", "[/x]", "--skip-preflight", "-i", str(fsite.inventory)], capsys)
+    assert code == 2 and "[/x]" in text and "Traceback" not in text and "MarkupError" not in text, text
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) + len(CATALOGUE_CASES) + 3 >= 60
+
+
+# ------------------------------------------------------------------ secrets never reach any output
+
+
+def test_a_secret_with_a_line_break_appears_in_no_output(fsite: FakeSite, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = "0b5e7c1a-first-half-of-secret", "second-half-9f3d2e"
+    env = fsite.site.hypervisors["pve-mgmt"].token_secret_env
+    assert env
+    monkeypatch.setenv(env, f"{first}\n{second}")
+    report = tmp_path / "report.json"
+    texts = []
+    for argv in (["inventory.preflight", "-i", str(fsite.inventory), "--json"],
+                 ["deploy.vm", "--all", "--no-wait", "--skip-preflight", "-i", str(fsite.inventory), "--json"],
+                 ["deploy.plan", "--all", "-i", str(fsite.inventory), "--json"],
+                 ["publish.template", "debian-lab", "-i", str(fsite.inventory), "--json"],
+                 ["pipeline", "--images", "debian-lab", "-i", str(fsite.inventory), "--json", str(report)]):
+        code, text = run_cli(argv, capsys)
+        assert "Traceback" not in text, text
+        texts.append(text)
+    written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    for blob in texts + written:
+        assert first not in blob and second not in blob, blob
+    assert any("holds whitespace, a line break" in t and env in t for t in texts), texts
+
+
+def test_reports_are_0600_and_masked(tmp_path: Path) -> None:
+    from image_factory.console import register_secret, write_report
+
+    register_secret("s3cr3t-value-for-report")
+    path = write_report(tmp_path / "r" / "report.json", {"error": "token s3cr3t-value-for-report refused"})
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "s3cr3t" not in path.read_text() and "********" in path.read_text()
