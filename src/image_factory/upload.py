@@ -318,7 +318,11 @@ class SshUploader:
                     n = fh.readinto(buf)
                     if not n:
                         break
-                    chan.sendall(view[:n])  # type: ignore[arg-type]  # memoryview: no copy
+                    try:
+                        chan.sendall(view[:n])  # type: ignore[arg-type]  # memoryview: no copy
+                    except RETRYABLE:
+                        self._raise_if_disk_full(link, chan, part_path, size - done)
+                        raise
                     self.bytes_sent += n
                     done += n
                     if progress:
@@ -328,12 +332,32 @@ class SshUploader:
             out = chan.makefile("rb").read().decode(errors="replace").split()
             status = chan.recv_exit_status()
             if status != 0 or len(out) != 3:
+                self._raise_if_disk_full(link, chan, part_path, size - done)
                 err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
                 raise _LinkLost(f"remote writer ended with status {status}: {err[-200:]}")
         finally:
             chan.close()
         verdict, have, got = out
         return int(have), got.lower(), verdict == "OK"
+
+    def _raise_if_disk_full(self, link: SshLink, chan: paramiko.Channel, part_path: str, missing: int) -> None:
+        """The host's writer died: a full filesystem is final (no retry can fix it), so say so at once."""
+        if not chan.exit_status_ready():
+            time.sleep(0.2)  # the writer's exit status trails its closed stdin by a moment
+        if not chan.exit_status_ready():
+            return
+        err = chan.makefile_stderr("rb").read().decode(errors="replace")
+        if "No space left on device" not in err and "Disk quota exceeded" not in err:
+            return
+        directory = part_path.rsplit("/", 1)[0] or "/"
+        try:
+            df = link.run(["df", "-Pk", "--", directory], check=False, timeout=30).stdout.splitlines()
+            free = f"{int(df[-1].split()[3]) * 1024 / 2**20:.0f} MiB free"
+        except Exception:  # the message matters more than the figure
+            free = "free space unknown"
+        raise UploadError(link.name, f"No space left on device writing {part_path} ({free} on the filesystem of "
+                                     f"{directory}, {missing / 2**20:.0f} MiB still to send); free space there and "
+                                     "re-run: the upload resumes")
 
     def _send_sftp(
         self, local: Path, size: int, part_path: str, result: UploadResult, progress: Progress | None

@@ -251,3 +251,17 @@ def test_no_scp_needed() -> None:
     # The engine uses only sh, flock, stat, cat, mv, rm and openssl/sha256sum on the host.
     for tool in ("flock", "stat", "cat", "mv", "rm", "sha256sum"):
         assert shutil.which(tool), tool
+
+
+def test_full_disk_is_named_at_the_first_failure_without_blind_retries(sshd: Sshd, tmp_path: Path) -> None:
+    """The partial file points at /dev/full: every write on the host fails with ENOSPC, as on a full disk."""
+    art, digest = _artifact(tmp_path, 8 * 1024 * 1024)
+    (sshd.storage / partial_name("img-full.qcow2")).symlink_to("/dev/full")
+    up = _uploader(sshd.endpoint())
+    with pytest.raises(UploadError, match="No space left on device") as err:
+        up.upload(art, str(sshd.storage), "img-full.qcow2", digest)
+    up.close()
+    message = str(err.value)
+    assert message.startswith("hv:") and partial_name("img-full.qcow2") in message and "MiB free" in message
+    assert "attempts" not in message  # the first failure, not the last of many
+    assert not (sshd.storage / "img-full.qcow2").exists()
