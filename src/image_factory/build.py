@@ -192,7 +192,7 @@ def _require(tool: str, how: str) -> str:
     return path
 
 
-def cached_packer_version(settings: Settings) -> tuple[int, int, int]:
+def cached_packer_version(settings: Settings, *, remember: bool = True) -> tuple[int, int, int]:
     """``packer version``, remembered per packer binary (path, size, mtime) in builds/.packer-version.json."""
     exe = _require("packer", render.PACKER_HOW)
     st = Path(exe).stat()
@@ -206,6 +206,8 @@ def cached_packer_version(settings: Settings) -> tuple[int, int, int]:
     except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError):
         pass
     version = render.packer_version()
+    if not remember:
+        return version
     with contextlib.suppress(OSError):
         settings.builds_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -539,7 +541,8 @@ def build_image(
             on_event(ev)
 
     build_dir = settings.builds_dir / image.name
-    result = render.render_image(settings, image, packer_version=cached_packer_version(settings))
+    result = render.render_image(settings, image, packer_version=cached_packer_version(settings, remember=not dry_run),
+                                 scratch=dry_run)
     try:
         if not force:
             hit, why = cache_status(build_dir, result.fingerprint)

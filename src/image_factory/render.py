@@ -306,9 +306,13 @@ def _secret_dir(image: Image) -> Path:
 
 
 def render_image(
-    settings: Settings, image: Image, *, packer_version: tuple[int, int, int] | None = None
+    settings: Settings, image: Image, *, packer_version: tuple[int, int, int] | None = None, scratch: bool = False
 ) -> RenderResult:
-    """Render one catalogue image into builds/<image>/ plus a fresh per-build secret directory."""
+    """Render one catalogue image into builds/<image>/ plus a fresh per-build secret directory.
+
+    ``scratch`` (a dry run): render inside the secret directory instead, so nothing under builds/ is
+    written; the fingerprint is the same, since it hashes content and paths relative to the output.
+    """
     pv = packer_version if packer_version is not None else _installed_packer_version()
     out_dir = settings.builds_dir / image.name
     playbook = settings.resolve(image.playbook)
@@ -364,6 +368,8 @@ def render_image(
             )
         ), 0o600)
 
+        if scratch:
+            out_dir = secret_dir / "rendered"
         out_dir.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
         for rel, text in public.items():

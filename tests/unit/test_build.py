@@ -407,3 +407,24 @@ def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
     assert load(build_dir) is None and not list(build_dir.glob("*.qcow2"))
     assert not list(build_dir.glob(".work-*"))
     assert "interrupted" in (build_dir / "build.log").read_text()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file()} if root.exists() else {}
+
+
+def test_dry_run_writes_nothing_under_builds(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    before = _tree(repo.builds_dir)
+    fresh = build.build_image(repo, image, dry_run=True)
+    assert fresh.status == "planned" and _tree(repo.builds_dir) == before
+    built = _built(repo, image, fake_packer)
+    assert built.status == "built"
+    (repo.builds_dir / image.name / f"{image.name}.pkr.hcl").write_text("# edited by hand\n")
+    before = _tree(repo.builds_dir)
+    again = build.build_image(repo, image, dry_run=True)
+    assert _tree(repo.builds_dir) == before, "the dry run rewrote a rendered file"
+    assert again.fingerprint == built.fingerprint  # same decision as a real run
+    assert again.status == "cached"
