@@ -260,13 +260,24 @@ class PveClient:
         return self.wait_task(upid, timeout=timeout)
 
 
+_TLS_REASON_RE = re.compile(
+    r"\[SSL: [A-Z0-9_]+\] [^()'\"]+?(?= \(_ssl\.c|['\")]|$)"  # OpenSSL's own sentence
+    r"|Fingerprints did not match\. Expected \"[0-9a-f]+\", got \"[0-9a-f]+\""  # urllib3's pin check
+    r"|hostname '[^']+' doesn't match '[^']+'"
+    r"|Failed to establish a new connection: \[Errno -?\d+\] [^)'\"]+"
+    r"|Connection refused|Connection reset by peer|timed out",
+)
+
+
 def _ssl_reason(exc: Exception) -> str:
+    """The sentence that says why (OpenSSL's, urllib3's), whole: never a cut through a word."""
     text = str(exc)
-    for marker in ("CERTIFICATE_VERIFY_FAILED", "Fingerprints did not match", "hostname", "certificate"):
-        if marker in text:
-            idx = text.find(marker)
-            return text[max(0, idx - 20): idx + 160].strip()
-    return text[:300]
+    m = _TLS_REASON_RE.search(text)
+    if m:
+        return m[0].strip()
+    if len(text) <= 300:
+        return text
+    return text[:300].rsplit(" ", 1)[0] + " ..."
 
 
 def retry_lock_timeouts(
