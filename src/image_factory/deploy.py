@@ -36,8 +36,10 @@ from urllib.parse import quote, unquote
 from .errors import FactoryError, Problem, RemoteError, ValidationFailed
 from .hostlock import DEFAULT_WAIT, HostGuard, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Site, StaticIp, Vm
+from .livemacs import MacUse, host_mac_uses, mac_collisions
 from .ownership import INCOMPLETE_TAG, Marker, marker_block, user_description, with_marker
 from .pve import ApiError, PveClient, TaskFailed, retry_on_lock
+from .pvecodec import NetSpec, parse_props
 from .settings import Settings
 from .sshlink import SshLink
 
@@ -49,8 +51,6 @@ LOCK_RETRY_ATTEMPTS = 5
 LOCK_RETRY_DELAY = 2.0
 MAX_WORKERS = 16
 SSH_PORT = 22
-NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
-              "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -67,72 +67,6 @@ class NotReady(DeployError):
 
 
 # ------------------------------------------------------------------------------- property strings
-
-
-def parse_props(value: str, first_key: str | None = None) -> dict[str, str]:
-    """Parse a PVE property string ``k=v,k2=v2``; a leading bare value is stored under ``first_key``."""
-    out: dict[str, str] = {}
-    for i, part in enumerate(p for p in str(value).split(",") if p != ""):
-        key, eq, val = part.partition("=")
-        if not eq:
-            if i == 0 and first_key is not None:
-                out[first_key] = key
-                continue
-            out[key] = ""
-            continue
-        out[key.strip()] = val.strip()
-    return out
-
-
-def format_props(props: Mapping[str, str], first: tuple[str, str] | None = None) -> str:
-    """``first`` (key, value) goes first, the other keys sorted: PVE's own order."""
-    parts = [f"{first[0]}={first[1]}"] if first else []
-    parts += [f"{k}={props[k]}" for k in sorted(props)]
-    return ",".join(parts)
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    """A parsed ``netN`` value: model, MAC (lowercase) and the other options."""
-
-    model: str
-    mac: str | None
-    options: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "options", tuple(sorted(self.options)))
-        object.__setattr__(self, "mac", self.mac.lower() if self.mac else None)
-
-    @classmethod
-    def parse(cls, value: str) -> NetSpec:
-        props = parse_props(value)
-        model, mac = None, None
-        rest: dict[str, str] = {}
-        for key, val in props.items():
-            if key in NET_MODELS and model is None:
-                model, mac = key, (val or None)
-            elif key == "model":
-                model = val
-            elif key == "macaddr":
-                mac = val
-            else:
-                rest[key] = val
-        if model is None:
-            raise ValueError(f"not a PVE network device: {value!r} (no model such as virtio=...)")
-        return cls(model, mac.lower() if mac else None, tuple(sorted(rest.items())))
-
-    @property
-    def opts(self) -> dict[str, str]:
-        return dict(self.options)
-
-    def format(self, *, mac_upper: bool = True) -> str:
-        mac = (self.mac or "").upper() if mac_upper else (self.mac or "")
-        return format_props(self.opts, (self.model, mac))
-
-    def compare_key(self) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
-        opts = self.opts
-        opts.setdefault("firewall", "0")
-        return (self.model, (self.mac or "").lower(), tuple(sorted(opts.items())))
 
 
 def nic_net(vm: Vm, hv: Hypervisor, index: int) -> NetSpec:
@@ -575,19 +509,6 @@ class _Run:
             self.progress(vm, text)
 
 
-@dataclass(frozen=True)
-class MacUse:
-    """A MAC one NIC of one VM on one host carries right now."""
-
-    host: str
-    vmid: int
-    name: str
-    nic: str
-
-    def __str__(self) -> str:
-        return f"{self.host} VMID {self.vmid} ({self.name or 'unnamed'}) {self.nic}"
-
-
 @dataclass
 class Observed:
     """What one host looks like for one inventory VM: the facts decide() needs, gathered by _gather_host."""
@@ -602,45 +523,6 @@ class HostState:
     templates: dict[str, list[TemplateRef]]
     vms: dict[int, Observed]
     macs: dict[str, list[MacUse]]
-
-
-def net_macs(config: Mapping[str, Any]) -> dict[str, str]:
-    """netN -> MAC (lowercase) of a VM config; devices that do not parse are skipped."""
-    out = {}
-    for key, value in config.items():
-        if re.fullmatch(r"net\d+", key):
-            try:
-                mac = NetSpec.parse(str(value)).mac
-            except ValueError:
-                continue
-            if mac:
-                out[key] = mac
-    return out
-
-
-def host_mac_uses(client: PveClient, host: str, configs: Mapping[int, Mapping[str, Any]] | None = None
-                  ) -> dict[str, list[MacUse]]:
-    """Every MAC on the host (templates and foreign VMs included), with where it is."""
-    uses: dict[str, list[MacUse]] = {}
-    for entry in client.list_vms():
-        vmid = int(entry["vmid"])
-        cfg = (configs or {}).get(vmid)
-        if cfg is None:
-            try:
-                cfg = client.vm_config(vmid)
-            except ApiError as exc:
-                if exc.status == 404 or "does not exist" in exc.pve_message:
-                    continue  # destroyed between the listing and the read
-                raise
-        for nic, mac in net_macs(cfg).items():
-            uses.setdefault(mac, []).append(MacUse(host, vmid, str(cfg.get("name") or entry.get("name") or ""), nic))
-    return uses
-
-
-def mac_collisions(vm: Vm, host: str, macs: Mapping[str, list[MacUse]]) -> list[tuple[int, MacUse]]:
-    """(nic index, other use) for every inventory MAC of ``vm`` that another VM already carries."""
-    return [(i, use) for i, mac in enumerate(vm.macs) for use in macs.get(mac, [])
-            if (use.host, use.vmid) != (host, vm.vmid)]
 
 
 def _gather_host(run: _Run, hv: Hypervisor, vms: list[Vm]) -> HostState:

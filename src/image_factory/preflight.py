@@ -20,6 +20,8 @@ space      the import storage (API ``avail``), the upload staging dir and the im
 bridge     every bridge the inventory names for this host exists on the node
 vmids      the template and VM id ranges hold no guest the factory does not own
            (owned = tagged :data:`FACTORY_TAG`)
+macs       no VM on the node but the inventory VM itself carries an inventory MAC (foreign VMs
+           and templates included; each host is checked against the whole inventory)
 ========== ===========================================================================
 
 Each failure carries a hint that says how to fix it. :func:`run_preflight` returns a
@@ -42,6 +44,7 @@ from rich.text import Text
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
 from .inventory import Hypervisor, Site
+from .livemacs import host_mac_uses, site_collisions
 from .pve import ApiError, PveClient
 from .settings import Settings
 from .sshlink import HostKeyMismatch, SshLink
@@ -57,16 +60,17 @@ CHECK_STORAGE = "storage"
 CHECK_SPACE = "space"
 CHECK_BRIDGE = "bridge"
 CHECK_VMIDS = "vmids"
+CHECK_MACS = "macs"
 
 ALL_CHECKS: tuple[str, ...] = (
     CHECK_TLS, CHECK_SSH, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES,
-    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS,
+    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS,
 )
 # publish uploads over SSH and registers templates through the API: everything.
 PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
 # deploy only clones and configures through the API: no SSH, no upload space.
 DEPLOY_CHECKS: tuple[str, ...] = (
-    CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES, CHECK_STORAGE, CHECK_BRIDGE, CHECK_VMIDS,
+    CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES, CHECK_STORAGE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS,
 )
 CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
 
@@ -81,6 +85,7 @@ PREREQUISITES: dict[str, tuple[str, ...]] = {
     CHECK_SPACE: (CHECK_TLS, CHECK_TOKEN, CHECK_SSH),
     CHECK_BRIDGE: (CHECK_TLS, CHECK_TOKEN),
     CHECK_VMIDS: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_MACS: (CHECK_TLS, CHECK_TOKEN),
 }
 
 MIN_VERSION = (8, 4)
@@ -354,7 +359,7 @@ class _HostRun:
             CHECK_TLS: self.check_tls, CHECK_SSH: self.check_ssh, CHECK_TOKEN: self.check_token,
             CHECK_VERSION: self.check_version, CHECK_PRIVILEGES: self.check_privileges,
             CHECK_STORAGE: self.check_storage, CHECK_SPACE: self.check_space,
-            CHECK_BRIDGE: self.check_bridge, CHECK_VMIDS: self.check_vmids,
+            CHECK_BRIDGE: self.check_bridge, CHECK_VMIDS: self.check_vmids, CHECK_MACS: self.check_macs,
         }
         try:
             for name in self.checks:
@@ -665,6 +670,18 @@ class _HostRun:
             )
         else:
             self._ok(CHECK_VMIDS, f"{ranges}: free or factory-owned ({owned} owned)")
+
+    def check_macs(self) -> None:
+        assert self.client is not None
+        uses = host_mac_uses(self.client, self.hv.name)
+        collisions = site_collisions(self.site, uses)
+        if collisions:
+            self._fail(CHECK_MACS, "; ".join(str(c) for c in collisions),
+                       "an inventory MAC must be on its own VM only: give the inventory VM a free MAC "
+                       "(invoke mac.generate --vm NAME) or change the other VM's NIC")
+        else:
+            count = sum(len(vm.nics) for vm in self.site.vms.values())
+            self._ok(CHECK_MACS, f"none of the {count} inventory MACs is on another VM of {self.hv.node}")
 
 
 # ------------------------------------------------------------------------------------- entry

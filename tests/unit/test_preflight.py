@@ -229,6 +229,16 @@ def test_foreign_guest_in_a_range(node, env):
     assert "pve.template_vmids / pve.vm_vmids" in r.hint
 
 
+def test_inventory_mac_on_another_vm_is_named_with_host_vmid_and_nic(node, env):
+    ok = pf.run_preflight(*env, checks=["macs"]).result("hv-unit", "macs")
+    assert ok.ok, ok.detail
+    node.add_vm(501, "hand-made", node="pve1", config={"net1": "e1000=02:DE:10:09:01:00,bridge=vmbr0"})
+    r = pf.run_preflight(*env, checks=["macs"]).result("hv-unit", "macs")
+    assert not r.ok
+    assert r.detail == "unit-vm nics[0] 02:de:10:09:01:00 is already used by hv-unit VMID 501 (hand-made) net1"
+    assert "mac.generate" in r.hint
+
+
 def test_unknown_hypervisor_and_check_are_refused_before_any_request(node, env):
     before = len(node.requests)
     with pytest.raises(ValidationFailed, match="no such hypervisor"):

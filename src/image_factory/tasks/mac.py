@@ -6,6 +6,7 @@ import sys
 
 from invoke.collection import Collection
 from invoke.context import Context
+from invoke.exceptions import Exit
 
 from .. import mac as macs
 from ..console import console, styled
@@ -37,14 +38,30 @@ def generate(c: Context, vm: str = "", nic: str | None = None, inventory: str | 
     help={
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
         "images": "image catalogue YAML (default: factory.images); the whole site model is validated too",
+        "live": "also read every VM on every hypervisor (read-only) and report inventory MACs another VM "
+                "carries, with host, VMID and NIC",
     }
 )
 @handle_errors
-def check(c: Context, inventory: str | None = None, images: str | None = None) -> None:
+def check(c: Context, inventory: str | None = None, images: str | None = None, live: bool = False) -> None:
     """Check every MAC against the namespace; list all problems (file, host) and exit non-zero."""
     s = settings(c, inventory=inventory, images=images)
     count = macs.check(s.inventory, s.images)
     console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
+    if live:
+        from ..inventory import load_site
+        from ..livemacs import read_all, site_collisions
+
+        site = load_site(s.inventory, s.images)
+        uses, unreadable = read_all(site)
+        collisions = site_collisions(site, uses)
+        for collision in collisions:
+            console.print(styled("[bold red]collision:[/] {}", collision))
+        for host, why in unreadable.items():
+            console.print(styled("[bold red]unreadable:[/] {}: {}", host, why))
+        if collisions or unreadable:
+            raise Exit(code=1)
+        console.print(styled("[green]ok:[/] no inventory MAC is on another VM of {}", ", ".join(site.hypervisors)))
 
 
 @task(

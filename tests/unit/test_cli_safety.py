@@ -1,4 +1,4 @@
-"""Bad input through the real command line (invoke, in-process) against two live fakepve hypervisors.
+"""The command line under attack: bad input through the real command line (invoke, in-process) against two live fakepve hypervisors.
 
 Every case is one mutation of the example site. Each must end with exit code 2 and one clear error that
 names the file, the entry and the key; no traceback; and not a single request to either hypervisor.
@@ -273,3 +273,21 @@ def test_reports_are_0600_and_masked(tmp_path: Path) -> None:
     path = write_report(tmp_path / "r" / "report.json", {"error": "token s3cr3t-value-for-report refused"})
     assert path.stat().st_mode & 0o777 == 0o600
     assert "s3cr3t" not in path.read_text() and "********" in path.read_text()
+
+
+# ------------------------------------------------------------------ live MAC uniqueness
+
+
+def test_mac_check_live_names_host_vmid_and_nic(fsite: FakeSite, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = run_cli(["mac.check", "--live", "-i", str(fsite.inventory)], capsys)
+    assert code == 0 and "no inventory MAC is on another VM" in text, text
+    mac = fsite.site.vms["jump01"].macs[1]
+    fsite.pves["pve-tenant"].add_vm(2998, "copied-nic", node="pve-tenant",
+                                    config={"net3": f"virtio={mac.upper()},bridge=vmbr1"})
+    try:
+        code, text = run_cli(["mac.check", "--live", "-i", str(fsite.inventory)], capsys)
+    finally:
+        fsite.pves["pve-tenant"].vms = [v for v in fsite.pves["pve-tenant"].vms if v.vmid != 2998]
+    assert code == 1, text
+    assert f"jump01 nics[1] {mac} is already used by pve-tenant VMID 2998 (copied-nic) net3" in text, text
+    assert all(m == "GET" for pve in fsite.pves.values() for m, _, _ in pve.requests), "--live only reads"

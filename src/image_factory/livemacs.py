@@ -1,0 +1,110 @@
+"""Which MACs the hypervisors carry right now, and which inventory MACs another VM already uses.
+
+PVE only avoids MAC collisions within one host, and a hand-made VM may carry any MAC: before deploy
+writes a MAC, and in preflight and ``mac.check --live``, every VM of every hypervisor is read
+(templates and foreign VMs included) and an inventory MAC found on any VM but its own is a collision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FactoryError
+from .inventory import Hypervisor, Site, Vm
+from .pve import ApiError, PveClient
+from .pvecodec import NetSpec
+
+
+@dataclass(frozen=True)
+class MacUse:
+    """A MAC one NIC of one VM on one host carries right now."""
+
+    host: str
+    vmid: int
+    name: str
+    nic: str
+
+    def __str__(self) -> str:
+        return f"{self.host} VMID {self.vmid} ({self.name or 'unnamed'}) {self.nic}"
+
+
+@dataclass(frozen=True)
+class Collision:
+    vm: str
+    nic_index: int
+    mac: str
+    other: MacUse
+
+    def __str__(self) -> str:
+        return f"{self.vm} nics[{self.nic_index}] {self.mac} is already used by {self.other}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "nic": self.nic_index, "mac": self.mac, "host": self.other.host,
+                "vmid": self.other.vmid, "name": self.other.name, "net": self.other.nic}
+
+
+def net_macs(config: Mapping[str, Any]) -> dict[str, str]:
+    """netN -> MAC (lowercase) of a VM config; devices that do not parse are skipped."""
+    out = {}
+    for key, value in config.items():
+        if re.fullmatch(r"net\d+", key):
+            try:
+                mac = NetSpec.parse(str(value)).mac
+            except ValueError:
+                continue
+            if mac:
+                out[key] = mac
+    return out
+
+
+def host_mac_uses(client: PveClient, host: str) -> dict[str, list[MacUse]]:
+    """Every MAC on the host (templates and foreign VMs included), with where it is."""
+    uses: dict[str, list[MacUse]] = {}
+    for entry in client.list_vms():
+        vmid = int(entry["vmid"])
+        try:
+            cfg = client.vm_config(vmid)
+        except ApiError as exc:
+            if exc.status == 404 or "does not exist" in exc.pve_message:
+                continue  # destroyed between the listing and the read
+            raise
+        for nic, mac in net_macs(cfg).items():
+            uses.setdefault(mac, []).append(MacUse(host, vmid, str(cfg.get("name") or entry.get("name") or ""), nic))
+    return uses
+
+
+def mac_collisions(vm: Vm, host: str, macs: Mapping[str, list[MacUse]]) -> list[tuple[int, MacUse]]:
+    """(nic index, other use) for every inventory MAC of ``vm`` that another VM already carries."""
+    return [(i, use) for i, mac in enumerate(vm.macs) for use in macs.get(mac, [])
+            if (use.host, use.vmid) != (host, vm.vmid)]
+
+
+def site_collisions(site: Site, macs: Mapping[str, list[MacUse]], vms: Iterable[Vm] | None = None) -> list[Collision]:
+    return [Collision(vm.name, i, vm.macs[i], use)
+            for vm in (vms if vms is not None else site.vms.values())
+            for i, use in mac_collisions(vm, site.hypervisor_for(vm).name, macs)]
+
+
+def read_all(site: Site, client_factory: Callable[[Hypervisor], PveClient] | None = None
+             ) -> tuple[dict[str, list[MacUse]], dict[str, str]]:
+    """MAC uses of every hypervisor (read in parallel), and the hosts that could not be read, with why."""
+    factory = client_factory or PveClient
+    macs: dict[str, list[MacUse]] = {}
+    failures: dict[str, str] = {}
+
+    def one(hv: Hypervisor) -> dict[str, list[MacUse]]:
+        return host_mac_uses(factory(hv), hv.name)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(site.hypervisors))) as pool:
+        futures = {name: pool.submit(one, hv) for name, hv in site.hypervisors.items()}
+        for name, fut in futures.items():
+            try:
+                for mac, uses in fut.result().items():
+                    macs.setdefault(mac, []).extend(uses)
+            except FactoryError as exc:
+                failures[name] = str(exc)
+    return macs, failures

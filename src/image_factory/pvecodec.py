@@ -1,0 +1,81 @@
+"""Codecs for Proxmox VE property strings (``k=v,k2=v2``): parse what PVE returns, write what PVE takes.
+
+One place knows the formats; stages compare parsed values, never strings (shared/pve-facts.md: "Compare
+parsed values, not strings"; PVE writes the model key first with the MAC as its value, other keys sorted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
+              "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
+
+
+def parse_props(value: str, first_key: str | None = None) -> dict[str, str]:
+    """Parse a PVE property string ``k=v,k2=v2``; a leading bare value is stored under ``first_key``."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p for p in str(value).split(",") if p != ""):
+        key, eq, val = part.partition("=")
+        if not eq:
+            if i == 0 and first_key is not None:
+                out[first_key] = key
+                continue
+            out[key] = ""
+            continue
+        out[key.strip()] = val.strip()
+    return out
+
+
+def format_props(props: Mapping[str, str], first: tuple[str, str] | None = None) -> str:
+    """``first`` (key, value) goes first, the other keys sorted: PVE's own order."""
+    parts = [f"{first[0]}={first[1]}"] if first else []
+    parts += [f"{k}={props[k]}" for k in sorted(props)]
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A parsed ``netN`` value: model, MAC (lowercase) and the other options."""
+
+    model: str
+    mac: str | None
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", tuple(sorted(self.options)))
+        object.__setattr__(self, "mac", self.mac.lower() if self.mac else None)
+
+    @classmethod
+    def parse(cls, value: str) -> NetSpec:
+        props = parse_props(value)
+        model, mac = None, None
+        rest: dict[str, str] = {}
+        for key, val in props.items():
+            if key in NET_MODELS and model is None:
+                model, mac = key, (val or None)
+            elif key == "model":
+                model = val
+            elif key == "macaddr":
+                mac = val
+            else:
+                rest[key] = val
+        if model is None:
+            raise ValueError(f"not a PVE network device: {value!r} (no model such as virtio=...)")
+        return cls(model, mac.lower() if mac else None, tuple(sorted(rest.items())))
+
+    @property
+    def opts(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def format(self, *, mac_upper: bool = True) -> str:
+        mac = (self.mac or "").upper() if mac_upper else (self.mac or "")
+        return format_props(self.opts, (self.model, mac))
+
+    def compare_key(self) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
+        opts = self.opts
+        opts.setdefault("firewall", "0")
+        return (self.model, (self.mac or "").lower(), tuple(sorted(opts.items())))
+
+
