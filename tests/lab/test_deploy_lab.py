@@ -357,10 +357,10 @@ def test_two_concurrent_deploys_of_one_mgmt_vm_leave_exactly_one_running_vm(
             gate["at-config"] = threading.Event()
         results: dict[str, dep.DeployReport] = {}
 
-        def first() -> None:
-            results["first"] = deploy(lab, [vm.name], wait=False, progress=True)
+        def first(into: dict[str, dep.DeployReport]) -> None:
+            into["first"] = deploy(lab, [vm.name], wait=False, progress=True)
 
-        t = threading.Thread(target=first)
+        t = threading.Thread(target=first, args=(results,))
         t.start()
         if at_config:
             assert gate["at-config"].wait(60), f"trial {trial}: the first run never reached config"

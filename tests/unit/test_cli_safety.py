@@ -1,4 +1,5 @@
-"""The command line under attack: bad input through the real command line (invoke, in-process) against two live fakepve hypervisors.
+"""The command line under attack, in-process (invoke) against two live fakepve hypervisors: bad input,
+secrets, markup, live MAC checks.
 
 Every case is one mutation of the example site. Each must end with exit code 2 and one clear error that
 names the file, the entry and the key; no traceback; and not a single request to either hypervisor.

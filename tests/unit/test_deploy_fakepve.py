@@ -29,8 +29,8 @@ from image_factory import deploy as dep
 from image_factory import publish
 from image_factory.errors import ValidationFailed
 from image_factory.hostlock import LockBusy, LockLost
-from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.inventory import Site, load_site
+from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.settings import REPO_ROOT
 
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
@@ -516,7 +516,8 @@ def test_colliding_mac_is_refused_before_any_write(fs: FakeSite) -> None:
     report = dep.deploy_vms(None, fs.site, ["metrics01", "logs01"], timeout=5, progress=False)
     by = {r.plan.vm: r for r in report.results}
     assert by["metrics01"].state == "blocked"
-    assert f"MAC {mac} (nics[0]) is already used by pve-tenant VMID 2999 (someones-vm) net0" in by["metrics01"].plan.reason
+    reason = by["metrics01"].plan.reason
+    assert f"MAC {mac} (nics[0]) is already used by pve-tenant VMID 2999 (someones-vm) net0" in reason
     assert fs.vm("pve-mgmt", 1101) is None and fs.vm("pve-mgmt", 1102) is not None
 
 
