@@ -325,6 +325,7 @@ class HostPlan:
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
     stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
+    busy: list[int] = field(default_factory=list)  # half-made VMs a task is still working on: left alone
     prune: list[TemplateInfo] = field(default_factory=list)
     keep_for_clones: dict[int, list[int]] = field(default_factory=dict)
 
@@ -339,6 +340,7 @@ class HostPlan:
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,
             "remove_stale": [t.vmid for t in self.stale],
+            "left_to_running_tasks": self.busy,
             "remove_partials": self.stale_partials,
             "prune": [{"vmid": t.vmid, "name": t.name, "build_id": t.build_id} for t in self.prune],
             "kept_for_linked_clones": {str(k): v for k, v in self.keep_for_clones.items()},
@@ -494,8 +496,12 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     if same:
         plan.existing = same[0]
         plan.upload = "none"
-    # Half-made factory VMs: with the lock held nobody else is working on them.
-    plan.stale = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
+    # Half-made factory VMs: with the lock held nobody else should be working on them; a run that lost
+    # the lock may still have a task running on one, and that VM is left to it (it cleans up its own).
+    half_made = [t for t in all_factory if not t.is_template and t.vmid in hv.template_vmids]
+    busy = client.active_task_vmids() if half_made else set()
+    plan.stale = [t for t in half_made if t.vmid not in busy]
+    plan.busy = sorted(t.vmid for t in half_made if t.vmid in busy)
     own_partial = partial_name(art.import_file)
     stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
     listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)

@@ -13,6 +13,7 @@ A thin layer over proxmoxer that adds what PVE needs and proxmoxer lacks (shared
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 import time
@@ -215,6 +216,16 @@ class PveClient:
 
     def list_vms(self) -> list[dict[str, Any]]:
         return list(self.get(f"{self.node_path}/qemu", full=1))
+
+    def active_task_vmids(self) -> set[int]:
+        """VMIDs a task on this node is still working on (``source=active``: running tasks only)."""
+        busy: set[int] = set()
+        for task in self.get(f"{self.node_path}/tasks", source="active", limit=500) or []:
+            if task.get("endtime") or task.get("status") not in (None, "", "running"):
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                busy.add(int(task.get("id")))
+        return busy
 
     def wait_task(
         self, upid: str, *, timeout: float = 600.0, interval: float = 0.5,

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +432,48 @@ def test_invoke_task_dry_run_and_json(env: Any) -> None:
     bad = subprocess.run([*base, "--transport", "ftp"], env=run_env, capture_output=True, text=True,
                          cwd=settings.root)
     assert bad.returncode != 0 and "unknown transport" in bad.stderr
+
+
+def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_template(env: Any) -> None:
+    """Run A's SSH link (which holds the host lock) drops while its create task imports the disk; run B takes
+    the lock meanwhile. A must notice before its next write, never undo B's work, re-take the lock and
+    re-plan: in the end both runs are ok and the host holds exactly one template of the build."""
+    from image_factory import publish
+    from image_factory.sshlink import SshLink
+
+    lab, settings, site = env
+    m = make_build(settings.builds_dir, build_id="lost1")
+    name = "pve-tenant"
+    hv = lab.hv(name)
+    c = PveClient(hv)
+    lab.durations(name, **{"import": 3.0})
+    links: list[SshLink] = []
+
+    def link_factory(h: Any) -> SshLink:
+        links.append(SshLink(h.name, h.ssh).connect())
+        return links[-1]
+
+    out: dict[str, Any] = {}
+    a = threading.Thread(target=lambda: out.setdefault("a", publish_image(
+        settings, site, IMAGE, hypervisors=[name], progress=False, link_factory=link_factory)))
+    a.start()
+    deadline = time.monotonic() + 60
+    while not any(int(v["vmid"]) in hv.template_vmids for v in c.list_vms()):
+        assert time.monotonic() < deadline, "run A never created its VM"
+        time.sleep(0.05)
+    for link in list(links):
+        link.close()  # the drop: A's lock channel dies with its link
+    out["b"] = publish_image(settings, site, IMAGE, hypervisors=[name], progress=False, lock_wait=120)
+    a.join(180)
+    lab.clear_faults(name)
+    ra, rb = out["a"].host(name), out["b"].host(name)
+    assert out["a"].ok and out["b"].ok, (ra.to_dict(), rb.to_dict())
+    vms = c.list_vms()
+    templates = [v for v in vms if int(v.get("template") or 0)]
+    assert len(templates) == 1 and len(vms) == 1, vms
+    assert publish.parse_description(str(c.vm_config(int(templates[0]["vmid"]))["description"]))["digest"] == m.digest
+    assert sorted([ra.action, rb.action]) == ["created", "unchanged"], (ra.action, rb.action)
+    assert any("lock" in w for w in ra.warnings), ra.warnings
+    # B never touched the VM A's task was still importing; A removed its own half-made VM itself
+    busy = rb.plan["left_to_running_tasks"]
+    assert busy and any(f"destroyed half-made VM {busy[0]}" in x for x in ra.cleaned_up), (ra.cleaned_up, busy)
