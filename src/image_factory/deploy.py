@@ -581,8 +581,10 @@ def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[Mac
     marker = Marker.parse(config.get("description"), vm.vmid)
     if not marker.managed:
         detail = marker.problem or "no managed-by marker"
+        fix = ("; if it is yours, restore the description's factory block as the factory wrote it"
+               if marker.problem else "")
         return blocked(f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this tool "
-                       f"({detail}): left untouched")
+                       f"({detail}): left untouched{fix}")
     if marker.vm_name not in (None, vm.name):
         return blocked(f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}")
     if seen.pending_keys:

@@ -378,3 +378,21 @@ def test_two_concurrent_deploys_of_one_mgmt_vm_leave_exactly_one_running_vm(
     assert len(good) == 20, outcomes
     # every trial: one run created it, the other found it in sync (never two creates, never a destroy)
     assert all(o[2] in (["created", "unchanged"], ["corrected", "created"]) for o in outcomes), outcomes
+
+
+def test_markers_forged_through_the_api_never_cause_a_destroy(lab: LabHandle) -> None:
+    """A tag and description text set through the API (as a person in the PVE UI would) are not state."""
+    assert deploy(lab, ["metrics01", "sandbox01"], wait=False).ok
+    for host, vmid in ((MGMT, 1101), (TENANT, 2201)):
+        c = PveClient(lab.hv(host))
+        cfg = c.vm_config(vmid)
+        c.put(f"/nodes/{c.node}/qemu/{vmid}/config", tags=cfg["tags"] + ";factory-incomplete",
+              description=cfg["description"] + "\nfactory-state: incomplete")
+    for recreate in (False, True):
+        report = deploy(lab, ["metrics01", "sandbox01"], wait=False, recreate=recreate, allow_mgmt=True)
+        assert {r.state for r in report.results} == {"blocked"}, report.to_dict()
+        assert all("not made by this tool (damaged factory marker" in r.plan.reason for r in report.results), [
+            r.plan.reason for r in report.results]
+    for host, vmid in ((MGMT, 1101), (TENANT, 2201)):
+        assert vmid in api_vmids(lab, host)
+        assert PveClient(lab.hv(host)).get(f"/nodes/{host}/qemu/{vmid}/status/current")["status"] == "running"
