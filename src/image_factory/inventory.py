@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 REMOTE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 MAX_MEMORY_MIB = 4 * 1024 * 1024  # qemu-server's memory maximum (4 TiB)
 MAX_DESCRIPTION = 4096  # PVE keeps 8 KiB; the rest is the factory's marker block
+EOL_WARN_DAYS = 30
 
 
 def _dns_name(v: str) -> str:
@@ -453,9 +455,10 @@ class Source(Strict):
     @field_validator("checksum")
     @classmethod
     def _checksum(cls, v: str) -> str:
-        if v == "none" or v.startswith("file:") or re.fullmatch(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", v):
+        if v in ("none", "refresh") or v.startswith("file:") or re.fullmatch(
+                r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", v):
             return v
-        raise ValueError("must be 'sha256:<64 hex>', 'sha512:<128 hex>', 'file:<checksum file>' or 'none'")
+        raise ValueError("must be 'sha256:<64 hex>', 'sha512:<128 hex>', 'file:<checksum file>', 'refresh' or 'none'")
 
     @field_validator("url")
     @classmethod
@@ -472,7 +475,15 @@ class Source(Strict):
         if self.checksum == "none" and not self.is_local:
             raise ValueError("checksum 'none' is accepted for local files only; a download needs 'sha256:...' or "
                              "a signed 'file:' checksum")
+        if (self.checksum == "refresh") != (not self.is_local and self.url.endswith("/")):
+            raise ValueError("checksum 'refresh' (media not pinned yet) goes with the release's media directory "
+                             "URL (ending in '/'), and a directory URL needs it")
         return self
+
+    @property
+    def pinned(self) -> bool:
+        """False until image.refresh has written a file URL and its signed checksum."""
+        return self.checksum != "refresh"
 
     @property
     def is_local(self) -> bool:
@@ -485,6 +496,7 @@ class Image(Strict):
     release: int = Field(ge=1)
     mode: Literal["iso", "cloud"]
     source: Source
+    eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: str = "10G"
     playbook: str = "ansible/playbooks/template.yml"
     test_suites: list[Suite] = Field(default_factory=lambda: list[Suite](["common"]))
@@ -500,6 +512,26 @@ class Image(Strict):
         if not IMAGE_NAME_RE.match(v):
             raise ValueError(f"{v!r} is not an image name ([a-z0-9][a-z0-9.-]*, never a path)")
         return v
+
+    @model_validator(mode="after")
+    def _eol_known(self) -> Image:
+        if self.eol is None and not self.source.is_local:
+            raise ValueError("eol: a downloaded release needs its end-of-life date (YYYY-MM-DD)")
+        return self
+
+    def eol_status(self, today: date, warn_days: int = EOL_WARN_DAYS) -> tuple[str, str]:
+        """("ok" | "warn" | "eol", message) for this image on ``today``."""
+        if self.eol is None:
+            return "ok", ""
+        days = (self.eol - today).days
+        if days < 0:
+            return "eol", (f"{self.name}: {self.family} {self.release} reached its end of life on {self.eol} "
+                           f"({-days} days ago): no more security updates; move to a supported release, or pass "
+                           "--allow-eol to build it from the archive anyway")
+        if days <= warn_days:
+            return "warn", (f"{self.name}: {self.family} {self.release} reaches its end of life on {self.eol} "
+                            f"(in {days} days); plan the move to a newer release")
+        return "ok", ""
 
     @field_validator("disk_size")
     @classmethod

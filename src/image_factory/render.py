@@ -457,11 +457,11 @@ def validate_packer(result: RenderResult) -> None:
         cmd = [exe, "validate", f"-var-file={result.var_file}"]
         ck = result.image.source.checksum
         local_ck = ck[len("file:"):] if ck.startswith("file:") and not re.match(r"^file:[a-z]+://", ck) else None
-        if re.match(r"^file:[a-z]+://", ck) or (local_ck is not None
-                                                and result.inputs.get("source_checksum") == "missing"):
+        if ck == "refresh" or re.match(r"^file:[a-z]+://", ck) or (
+                local_ck is not None and result.inputs.get("source_checksum") == "missing"):
             # packer validate would download a remote checksum file (this machine must contact
-            # nothing but loopback) or fail on a local fixture not made yet: validation checks
-            # everything else, and the build verifies the checksum (with a clear message).
+            # nothing but loopback), fail on a local fixture not made yet, or on media not pinned yet:
+            # validation checks everything else, and the build verifies the checksum (clear message).
             cmd.append("-var=source_checksum=none")
         _run_tool([*cmd, result.hcl.name], "packer validate", cwd, str(result.hcl))
     except RenderError as exc:

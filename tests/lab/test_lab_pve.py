@@ -89,12 +89,12 @@ def test_upload_content_import_with_checksum_lands_in_import(fresh_lab: LabHandl
     data = make_qcow2(tmp_path / "x.qcow2").read_bytes()
     resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"),
                           ("checksum", hashlib.sha256(data).hexdigest()),
-                          ("filename", ("fedora-42+build=1.qcow2", io.BytesIO(data), "application/octet-stream"))])
+                          ("filename", ("fedora-44+build=1.qcow2", io.BytesIO(data), "application/octet-stream"))])
     assert resp.status_code == 200, resp.text
     c.wait_task(resp.json()["data"], timeout=30)
     listed = c.get(f"/nodes/{c.node}/storage/local/content", content="import")
-    assert [(v["volid"], v["size"]) for v in listed] == [("local:import/fedora-42+build=1.qcow2", len(data))]
-    assert (Path(hv.storage.import_dir) / "fedora-42+build=1.qcow2").read_bytes() == data
+    assert [(v["volid"], v["size"]) for v in listed] == [("local:import/fedora-44+build=1.qcow2", len(data))]
+    assert (Path(hv.storage.import_dir) / "fedora-44+build=1.qcow2").read_bytes() == data
 
 
 @pytest.mark.parametrize("name", ["bad name.qcow2", "image.img", "image.qcow2.part", "ümlaut.raw"])

@@ -210,14 +210,14 @@ def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
 
     _, source, key = next(c for c in CATALOGUE_CASES if c[0] == case)
     data = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
-    data["images"]["fedora-42"]["source"] = source
+    data["images"]["fedora-44"]["source"] = source
     bad = tmp_path / "images.yml"
     bad.write_text(yaml.safe_dump(data, sort_keys=False))
     for pve in fsite.pves.values():
         pve.requests.clear()
     code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--images",
                           str(bad)], capsys)
-    assert_clear_refusal(code, text, [str(bad)], "fedora-42", key, fsite)
+    assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
 
 
 @pytest.mark.parametrize("body", ["", "all:\n", "all:\n  children:\n    mgmt:\n      hosts: {}\n"])

@@ -21,8 +21,8 @@ def site() -> Site:
     return load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
 
 
-def tpl(vmid: int = 9000, name: str = "tpl-fedora-42-b1") -> dep.TemplateRef:
-    return dep.TemplateRef(vmid, name, "b1", ("b1", "fedora-42", "image-factory", "tested"))
+def tpl(vmid: int = 9000, name: str = "tpl-fedora-44-b1") -> dep.TemplateRef:
+    return dep.TemplateRef(vmid, name, "b1", ("b1", "fedora-44", "image-factory", "tested"))
 
 
 # ------------------------------------------------------------------------ property strings
@@ -98,7 +98,7 @@ def test_ipconfig_and_desired_config(site: Site) -> None:
     assert cfg["tags"] == "access;image-factory;jump;mgmt;oob"
     assert cfg["cores"] == "1" and cfg["memory"] == "1024"
     assert "sshkeys" in cfg and " " not in cfg["sshkeys"]
-    assert Marker.parse(cfg["description"], jump.vmid) == Marker(True, "jump01", "tpl-fedora-42-b1", 9000, False,
+    assert Marker.parse(cfg["description"], jump.vmid) == Marker(True, "jump01", "tpl-fedora-44-b1", 9000, False,
                                                                  "run1", True)
     assert "nameserver" not in dep.desired_config(metrics, site.hypervisor_for(metrics), tpl(), "run1")
 
@@ -167,7 +167,7 @@ def test_compare_reports_each_field(site: Site) -> None:
     cfg["tags"] = "mgmt;jump"
     cfg["sshkeys"] = dep.encode_sshkeys(["ssh-ed25519 AAAA other"])
     cfg["scsi0"] = "local-lvm:vm-1301-disk-0,size=30G"
-    diffs = {d.field: d for d in dep.compare(vm, hv, tpl(9001, "tpl-fedora-42-b2"), cfg)}
+    diffs = {d.field: d for d in dep.compare(vm, hv, tpl(9001, "tpl-fedora-44-b2"), cfg)}
     assert set(diffs) == {"net0.mac", "net1.tag", "net2", "cores", "tags", "sshkeys", "scsi0.size", "template"}
     assert diffs["net0.mac"].current == "bc:24:11:00:00:01" and diffs["net0.mac"].safe
     assert not diffs["scsi0.size"].safe and not diffs["template"].safe

@@ -34,7 +34,7 @@ from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.settings import REPO_ROOT
 
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
-HOSTS = {"pve-mgmt": ("mgmt", "fedora-42"), "pve-tenant": ("tenant", "fedora-43")}
+HOSTS = {"pve-mgmt": ("mgmt", "fedora-44"), "pve-tenant": ("tenant", "fedora-45")}
 BUILD_ID = "20261125T120000Z"
 
 
@@ -377,8 +377,8 @@ def test_unmanaged_vm_with_same_vmid_is_never_touched(fs: FakeSite) -> None:
 
 def test_template_choice_newest_tested_or_pinned(fs: FakeSite) -> None:
     pve = fs.pves["pve-mgmt"]
-    add_template(pve, "pve-mgmt", 9001, "fedora-42", "20261126T000000Z", tested=False)
-    add_template(pve, "pve-mgmt", 9002, "fedora-42", "20261124T000000Z", tested=True)
+    add_template(pve, "pve-mgmt", 9001, "fedora-44", "20261126T000000Z", tested=False)
+    add_template(pve, "pve-mgmt", 9002, "fedora-44", "20261124T000000Z", tested=True)
     [p] = dep.plan_deploy(None, fs.site, ["metrics01"]).vms
     assert (p.action, p.template_vmid) == ("create", 9000)
     pinned = fs.site.vms["metrics01"].model_copy(update={"template_vmid": 9002})
@@ -394,7 +394,7 @@ def test_template_choice_newest_tested_or_pinned(fs: FakeSite) -> None:
 
 def test_no_tested_template_blocks(fs: FakeSite) -> None:
     pve = fs.pves["pve-tenant"]
-    pve.vm(9000).config["tags"] = "build-20261125t120000z;fedora-43;image-factory;untested"
+    pve.vm(9000).config["tags"] = "build-20261125t120000z;fedora-45;image-factory;untested"
     report = dep.deploy_vms(None, fs.site, plane="tenant", timeout=30, progress=False)
     assert not report.ok
     assert all(r.state == "blocked" and "no tested template" in r.plan.reason for r in report.results)
@@ -410,7 +410,7 @@ def test_dry_run_changes_nothing(fs: FakeSite) -> None:
 
 def test_lineage_drift_on_mgmt_is_reported_not_recreated_without_flag(fs: FakeSite, agents: None) -> None:
     assert dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False).ok
-    add_template(fs.pves["pve-mgmt"], "pve-mgmt", 9003, "fedora-42", "20261201T000000Z")
+    add_template(fs.pves["pve-mgmt"], "pve-mgmt", 9003, "fedora-44", "20261201T000000Z")
     [p] = dep.plan_deploy(None, fs.site, ["jump01"]).vms
     assert p.action == "drift" and [d.field for d in p.unsafe] == ["template"] and "--recreate" in p.reason
     [r] = dep.deploy_vms(None, fs.site, ["jump01"], timeout=30, progress=False).results
@@ -459,7 +459,7 @@ def test_locked_vm_is_blocked_not_recreated(fs: FakeSite) -> None:
     """A VM another run is still cloning (lock: clone, marker still 'incomplete') is left alone."""
     pve = fs.pves["pve-tenant"]
     vm = fs.site.vms["iot-api01"]
-    tpl = dep.TemplateRef(9000, "tpl-fedora-43-x", "x", ())
+    tpl = dep.TemplateRef(9000, "tpl-fedora-45-x", "x", ())
     pve.add_vm(2101, "iot-api01", node="pve-tenant", lock="clone",
                config={"description": dep.describe(vm, tpl, "other-run", incomplete=True), "lock": "clone"})
     [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
@@ -497,7 +497,7 @@ def test_marker_copied_from_another_vm_is_foreign(fs: FakeSite, agents: None) ->
 
 def test_running_incomplete_vm_is_reported_not_destroyed(fs: FakeSite) -> None:
     vm = fs.site.vms["iot-api01"]
-    tpl = dep.TemplateRef(9000, "tpl-fedora-43-x", "x", ())
+    tpl = dep.TemplateRef(9000, "tpl-fedora-45-x", "x", ())
     pve = fs.pves["pve-tenant"]
     pve.add_vm(2101, "iot-api01", node="pve-tenant", status="running",
                config={"description": dep.describe(vm, tpl, "crashed-run", incomplete=True)})

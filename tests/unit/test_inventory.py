@@ -81,7 +81,7 @@ def test_example_site_loads_with_both_planes(no_network: None) -> None:
     assert len([v for v in site.vms.values() if v.plane == "mgmt"]) >= 3
     for vm in site.vms.values():
         assert site.hypervisor_for(vm).role == vm.plane
-    assert {"fedora-41", "fedora-42", "fedora-43", "debian-lab"} <= set(site.images)
+    assert {"fedora-44-iso", "fedora-44", "fedora-43", "debian-lab"} <= set(site.images)
 
 
 def test_mgmt_vms_are_full_clones_and_tenant_default_linked() -> None:
@@ -199,10 +199,10 @@ def test_undefined_hypervisor(tmp_path: Path, no_network: None) -> None:
 def test_bad_catalogue_value_names_image_and_key(tmp_path: Path, no_network: None) -> None:
     cat = example_catalogue()
     cat["images"]["fedora-43"]["mode"] = "netboot"
-    cat["images"]["fedora-41"]["source"]["checksum"] = "md5:abc"
+    cat["images"]["fedora-44-iso"]["source"]["checksum"] = "md5:abc"
     problems = problems_of(tmp_path, cat=cat)
     assert only(problems, "fedora-43", "mode").file.endswith("images.yml")
-    only(problems, "fedora-41", "source.checksum")
+    only(problems, "fedora-44-iso", "source.checksum")
 
 
 def test_all_problems_are_reported_together(tmp_path: Path, no_network: None) -> None:

@@ -61,7 +61,7 @@ def test_guest_agent_calls_need_vm_monitor_as_in_pve_84(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("content", "name", "ok"), [
-    ("import", "fedora-42.qcow2", True), ("import", "a+b=c_d-1.2.raw", True), ("import", "x.vmdk", True),
+    ("import", "fedora-44.qcow2", True), ("import", "a+b=c_d-1.2.raw", True), ("import", "x.vmdk", True),
     ("import", "x.ova", True), ("import", "x.img", False), ("import", "a b.qcow2", False),
     ("import", "x.qcow2.tmp", False), ("iso", "x.iso", True), ("iso", "x.qcow2", False),
 ])

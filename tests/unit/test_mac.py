@@ -34,7 +34,7 @@ EXTRA_VM = """
           # a VM still carrying a Proxmox-generated MAC
           vm:
             vmid: 1103
-            image: fedora-42
+            image: fedora-44
             role: observability
             nics:
               - {mac: "BC:24:11:0A:0B:0C"}  # from the old VM
@@ -151,7 +151,7 @@ def test_role_without_code_unquoted_and_missing_macs(inv: Path) -> None:
 def test_all_problems_at_once_including_non_mac_ones(inv: Path) -> None:
     edit(inv, METRICS, '"03:de:10:01:01:00"')
     edit(inv, '"02:de:10:02:01:00"', '"02:de:20:02:01:00"')
-    edit(inv, "image: fedora-43\n            role: app", "image: nosuch\n            role: app")
+    edit(inv, "image: fedora-45\n            role: app", "image: nosuch\n            role: app")
     probs = problems(inv)
     entries = {p.entry for p in probs}
     assert {"metrics01", "runner01", "iot-api01"} <= entries
@@ -160,7 +160,7 @@ def test_all_problems_at_once_including_non_mac_ones(inv: Path) -> None:
 
 
 def test_check_without_images_only_checks_macs(inv: Path) -> None:
-    edit(inv, "image: fedora-43\n            role: app", "image: nosuch\n            role: app")
+    edit(inv, "image: fedora-45\n            role: app", "image: nosuch\n            role: app")
     assert mac.check(inv) == 7
 
 
@@ -247,7 +247,7 @@ def test_generate_edits_the_right_file_of_an_inventory_directory(tmp_path: Path)
     tenant = data["all"]["children"].pop("tenant")
     (tmp_path / "10-site.yml").write_text(yaml.safe_dump(data, sort_keys=False, width=4096))
     tenant["hosts"]["sandbox02"] = {
-        "vm": {"vmid": 2202, "image": "fedora-43", "role": "experiment", "nics": [{"mac": "bc:24:11:00:00:02"}]}
+        "vm": {"vmid": 2202, "image": "fedora-45", "role": "experiment", "nics": [{"mac": "bc:24:11:00:00:02"}]}
     }
     second = tmp_path / "20-tenant.yml"
     second.write_text(yaml.safe_dump({"all": {"children": {"tenant": tenant}}}, sort_keys=False, width=4096))
@@ -450,7 +450,7 @@ def test_prop_generate_into_an_inventory_always_passes_check(vms: list) -> None:
             entries = "".join(f'\n              - {{mac: "bc:24:11:00:{i:02x}:{n:02x}"}}' for n in range(count))
             blocks[plane] += (
                 f"\n        gen{i:02d}:\n          vm:\n            vmid: {first + i}\n"
-                f"            image: fedora-42\n            role: {role}\n            nics:{entries}"
+                f"            image: fedora-44\n            role: {role}\n            nics:{entries}"
             )
         text = text.replace("\n\n    # Tenant workloads", blocks["mgmt"] + "\n\n    # Tenant workloads")
         path.write_text(text.rstrip("\n") + blocks["tenant"] + "\n")

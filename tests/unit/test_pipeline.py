@@ -39,7 +39,7 @@ def _manifest(name: str, tested: bool | None) -> mf.Manifest:
             artifact_sha256=sha, failures=[] if tested else ["test_hygiene::test_artifact_has_no_ssh_host_keys"],
         )
     return mf.Manifest(
-        image=name, family="fedora", release=42, mode="cloud", build_id=sha[:12],
+        image=name, family="fedora", release=44, mode="cloud", build_id=sha[:12],
         artifact=mf.Artifact(path=f"{name}.qcow2", format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
         fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="", image_test=result,
     )
@@ -97,31 +97,31 @@ def _site() -> Any:
 
 def test_failing_image_test_stops_that_images_publish_and_others_still_run(stages: Any) -> None:
     settings, rec, behaviour = stages
-    behaviour["test_passes"]["fedora-42"] = False
-    report = run_pipeline(settings, _site(), ["fedora-42", "fedora-43"], progress=False)
-    assert rec.tested == ["fedora-42", "fedora-43"]
-    assert rec.published == ["fedora-43"]
+    behaviour["test_passes"]["fedora-44"] = False
+    report = run_pipeline(settings, _site(), ["fedora-44", "fedora-45"], progress=False)
+    assert rec.tested == ["fedora-44", "fedora-45"]
+    assert rec.published == ["fedora-45"]
     by_name = {r.image: r for r in report.images}
-    assert by_name["fedora-42"].status == "failed" and by_name["fedora-42"].stage == "test"
-    assert "test_artifact_has_no_ssh_host_keys" in by_name["fedora-42"].error
-    assert by_name["fedora-43"].status == "ok"
+    assert by_name["fedora-44"].status == "failed" and by_name["fedora-44"].stage == "test"
+    assert "test_artifact_has_no_ssh_host_keys" in by_name["fedora-44"].error
+    assert by_name["fedora-45"].status == "ok"
     assert not report.ok
     assert report.to_dict()["ok"] is False
 
 
 def test_build_failure_is_reported_and_the_next_image_runs(stages: Any) -> None:
     settings, rec, behaviour = stages
-    behaviour["build_fails"].add("fedora-42")
-    report = run_pipeline(settings, _site(), ["fedora-42", "fedora-43"], progress=False)
-    assert rec.built == ["fedora-42", "fedora-43"]
-    assert rec.published == ["fedora-43"]
+    behaviour["build_fails"].add("fedora-44")
+    report = run_pipeline(settings, _site(), ["fedora-44", "fedora-45"], progress=False)
+    assert rec.built == ["fedora-44", "fedora-45"]
+    assert rec.published == ["fedora-45"]
     assert report.images[0].stage == "build" and "boom" in report.images[0].error
 
 
 def test_a_passing_test_for_the_same_artifact_is_not_run_again(stages: Any) -> None:
     settings, rec, behaviour = stages
-    behaviour["cached_test"].add("fedora-43")
-    report = run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+    behaviour["cached_test"].add("fedora-45")
+    report = run_pipeline(settings, _site(), ["fedora-45"], progress=False)
     assert rec.tested == []
     assert report.images[0].tests == {"status": "passed", "cached": True}
     assert report.ok
@@ -130,22 +130,22 @@ def test_a_passing_test_for_the_same_artifact_is_not_run_again(stages: Any) -> N
 def test_unknown_image_or_host_fails_before_any_stage_runs(stages: Any) -> None:
     settings, rec, _ = stages
     with pytest.raises(ValidationFailed):
-        run_pipeline(settings, _site(), ["fedora-42", "nope"], progress=False)
+        run_pipeline(settings, _site(), ["fedora-44", "nope"], progress=False)
     with pytest.raises(ValidationFailed):
-        run_pipeline(settings, _site(), ["fedora-42"], ["pve-3"], progress=False)
+        run_pipeline(settings, _site(), ["fedora-44"], ["pve-3"], progress=False)
     assert rec.built == []
 
 
 def test_default_images_are_those_the_inventory_uses() -> None:
-    assert default_images(_site()) == ["fedora-42", "fedora-43"]
+    assert default_images(_site()) == ["fedora-44", "fedora-45"]
 
 
 def test_preflight_runs_first_and_a_failure_stops_before_any_build(stages: Any) -> None:
     settings, rec, behaviour = stages
-    run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+    run_pipeline(settings, _site(), ["fedora-45"], progress=False)
     assert rec.preflights == ["ok"]
     behaviour["preflight_fails"] = True
     rec.built.clear()
     with pytest.raises(FactoryError, match="lacks content type import"):
-        run_pipeline(settings, _site(), ["fedora-43"], progress=False)
+        run_pipeline(settings, _site(), ["fedora-45"], progress=False)
     assert rec.built == []

@@ -46,7 +46,7 @@ def node(fakepve):
     fakepve.apitokens[TOKEN] = SECRET
     _grant(fakepve, GRANTS)
     fakepve.storages["local"]["content"] = "iso,vztmpl,backup,import"
-    fakepve.add_vm(9001, "tpl-fedora-42-x", node="pve1", template=True, config={"tags": "image-factory;fedora"})
+    fakepve.add_vm(9001, "tpl-fedora-44-x", node="pve1", template=True, config={"tags": "image-factory;fedora"})
     fakepve.add_vm(500, "unrelated", node="pve1")  # outside both ranges: none of the factory's business
     return fakepve
 

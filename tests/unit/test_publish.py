@@ -151,7 +151,7 @@ def test_find_templates_newest_first_and_ignores_strangers() -> None:
     assert newest_template(client, "debian-lab").vmid == 9002  # type: ignore[arg-type, union-attr]
     every = find_templates(client, "debian-lab", include_incomplete=True)  # type: ignore[arg-type]
     assert 9003 in [t.vmid for t in every] and not next(t for t in every if t.vmid == 9003).is_template
-    assert find_templates(client, "fedora-42") == []  # type: ignore[arg-type]
+    assert find_templates(client, "fedora-44") == []  # type: ignore[arg-type]
     assert clone_dependents(configs, 9000) == [1000]
     assert clone_dependents(configs, 9002) == []
 

@@ -52,7 +52,7 @@ def _snapshot(result: render.RenderResult) -> dict[str, bytes]:
     return {str(p.relative_to(result.out_dir)): p.read_bytes() for p in result.files}
 
 
-@pytest.mark.parametrize("name", ["fedora-41", "fedora-42", "debian-lab"])
+@pytest.mark.parametrize("name", ["fedora-44-iso", "fedora-44", "debian-lab"])
 def test_render_is_byte_identical(repo: Settings, catalogue: dict[str, Image], name: str) -> None:
     a = _render(repo, catalogue[name])
     first = _snapshot(a)
@@ -69,7 +69,7 @@ def test_render_is_byte_identical(repo: Settings, catalogue: dict[str, Image], n
 
 
 def test_secret_files_are_private_and_outside_the_repo(repo: Settings, catalogue: dict[str, Image]) -> None:
-    for name in ("fedora-41", "fedora-42"):
+    for name in ("fedora-44-iso", "fedora-44"):
         result = _render(repo, catalogue[name])
         try:
             assert result.secret_dir is not None
@@ -84,7 +84,7 @@ def test_secret_files_are_private_and_outside_the_repo(repo: Settings, catalogue
 
 
 def test_kickstart_holds_only_a_sha512_hash(repo: Settings, catalogue: dict[str, Image]) -> None:
-    result = _render(repo, catalogue["fedora-41"])
+    result = _render(repo, catalogue["fedora-44-iso"])
     try:
         assert result.kickstart is not None and result.secret_dir is not None
         ks = result.kickstart.read_text()
@@ -120,10 +120,10 @@ def test_no_plaintext_secret_under_builds(repo: Settings, catalogue: dict[str, I
 
 
 def test_required_plugins_only_for_packer_1_7_and_later(repo: Settings, catalogue: dict[str, Image]) -> None:
-    old = _render(repo, catalogue["fedora-42"], (1, 6, 6))
+    old = _render(repo, catalogue["fedora-44"], (1, 6, 6))
     old_text = old.hcl.read_text()
     old.cleanup()
-    new = _render(repo, catalogue["fedora-42"], (1, 11, 2))
+    new = _render(repo, catalogue["fedora-44"], (1, 11, 2))
     new_text = new.hcl.read_text()
     new.cleanup()
     assert "required_plugins {" not in old_text and "\npacker {" not in old_text
@@ -134,9 +134,9 @@ def test_required_plugins_only_for_packer_1_7_and_later(repo: Settings, catalogu
 def test_undefined_variable_names_template_and_variable(repo: Settings, catalogue: dict[str, Image]) -> None:
     tpl = repo.root / "kickstart/partials/storage.ks.j2"
     tpl.write_text(tpl.read_text() + "part /srv --size={{ srv_size }}\n")
-    out = repo.builds_dir / "fedora-41"
+    out = repo.builds_dir / "fedora-44-iso"
     with pytest.raises(render.RenderError) as exc:
-        _render(repo, catalogue["fedora-41"])
+        _render(repo, catalogue["fedora-44-iso"])
     msg = str(exc.value)
     assert "storage.ks.j2:" in msg and "srv_size" in msg
     assert not out.exists(), "a template error must leave builds/<image>/ untouched"
@@ -146,11 +146,11 @@ def test_undefined_attribute_of_image_is_an_error(repo: Settings, catalogue: dic
     tpl = repo.root / "packer/image.pkr.hcl.j2"
     tpl.write_text(tpl.read_text().replace("{{ image.cpus }}", "{{ image.vcpus }}"))
     with pytest.raises(render.RenderError, match=r"image\.pkr\.hcl\.j2:\d+: .*vcpus"):
-        _render(repo, catalogue["fedora-42"])
+        _render(repo, catalogue["fedora-44"])
 
 
 def test_bad_catalogue_value_fails_before_packer(repo: Settings, catalogue: dict[str, Image]) -> None:
-    bad = catalogue["fedora-42"].model_copy(update={"source": catalogue["fedora-42"].source.model_copy(
+    bad = catalogue["fedora-44"].model_copy(update={"source": catalogue["fedora-44"].source.model_copy(
         update={"url": 'https://example.invalid/x".qcow2'})})
     with pytest.raises(render.RenderError, match="source.url"):
         _render(repo, bad)
@@ -216,7 +216,7 @@ def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path
 def test_validate_reports_the_tools_message_with_file_and_line(repo: Settings, catalogue: dict[str, Image]) -> None:
     if shutil.which("packer") is None:
         pytest.skip("packer not installed")
-    result = _render(repo, catalogue["fedora-42"])
+    result = _render(repo, catalogue["fedora-44"])
     try:
         text = result.hcl.read_text().replace('  format           = "qcow2"\n',
                                               '  format           = "qcow2"\n  no_such_option   = 1\n')
@@ -231,11 +231,11 @@ def test_validate_reports_the_tools_message_with_file_and_line(repo: Settings, c
 
 
 def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[str, Image]) -> None:
-    result = _render(repo, catalogue["fedora-41"])
+    result = _render(repo, catalogue["fedora-44-iso"])
     try:
         assert result.kickstart is not None
         result.kickstart.write_text(result.kickstart.read_text() + "\nbogus_command --nope\n")
-        pattern = r"(?s)ksvalidator -v F41 rejected .*ks.cfg.*line \d+.*bogus_command"
+        pattern = r"(?s)ksvalidator -v F44 rejected .*ks.cfg.*line \d+.*bogus_command"
         with pytest.raises(render.RenderError, match=pattern):
             render.validate_kickstart(result)
     finally:
@@ -243,7 +243,7 @@ def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[
 
 
 def test_rendered_output_files_are_not_secret(repo: Settings, catalogue: dict[str, Image]) -> None:
-    result = _render(repo, catalogue["fedora-42"])
+    result = _render(repo, catalogue["fedora-44"])
     try:
         for p in result.files:
             assert stat.S_IMODE(p.stat().st_mode) & 0o044, "public render output is world-readable"

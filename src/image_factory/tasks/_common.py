@@ -57,6 +57,14 @@ def site(c: Context, inventory: str | None = None, images: str | None = None) ->
     return s, load_site(s.inventory, s.images)
 
 
+DEFAULT_FEDORA_RELEASE = 45
+
+
+def fedora_release(c: Context, release: int | None) -> int:
+    """--release, else factory.fedora_release (invoke.yaml), else the newest supported release."""
+    return int(release or (c.config.get("factory", {}) or {}).get("fedora_release") or DEFAULT_FEDORA_RELEASE)
+
+
 def handle_errors(func: F) -> F:
     """Turn FactoryError into a message and a non-zero exit, without a traceback."""
 

@@ -12,9 +12,7 @@ from ..console import console, emit_json, styled
 from ..errors import FactoryError
 from ..inventory import Image, Site
 from ..settings import Settings
-from ._common import handle_errors, site, task
-
-DEFAULT_FEDORA_RELEASE = 42
+from ._common import fedora_release, handle_errors, site, task
 
 
 def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
@@ -126,14 +124,14 @@ def image(c: Context, name: str, force: bool = False, dry_run: bool = False, ski
                accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy)
 
 
-@task(help={"release": "Fedora release (default: factory.fedora_release, else 42)", **BUILD_HELP})
+@task(help={"release": "Fedora release (default: factory.fedora_release, else 45)", **BUILD_HELP})
 @handle_errors
 def fedora(c: Context, release: int | None = None, force: bool = False, dry_run: bool = False,
            skip_tests: bool = False, accelerator: str | None = None, no_compress: bool = False,
            json: bool = False, ansible_strategy: str | None = None) -> None:
     """Build the Fedora template for a release (catalogue image fedora-<release>)."""
     settings, s = site(c)
-    rel = int(release or (c.config.get("factory", {}) or {}).get("fedora_release") or DEFAULT_FEDORA_RELEASE)
+    rel = fedora_release(c, release)
     name = f"fedora-{rel}"
     if name not in s.images:
         have = sorted(i.name for i in s.images.values() if i.family == "fedora")

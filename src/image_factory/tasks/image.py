@@ -6,8 +6,8 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from ..console import emit_json
-from ._common import handle_errors, site, task
+from ..console import console, emit_json, styled
+from ._common import fedora_release, handle_errors, settings, site, task
 
 
 @task(
@@ -40,5 +40,34 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
         raise Exit(code=1)
 
 
+@task(
+    help={
+        "release": "Fedora release to refresh (default: factory.fedora_release)",
+        "dry_run": "show the catalogue diff, write nothing",
+        "releases_url": "where Fedora lists its artifacts (default: factory.fedora_releases_url, else "
+                        "https://fedoraproject.org/releases.json)",
+        "catalogue": "image catalogue YAML to update (default: factory.images)",
+    },
+)
+@handle_errors
+def refresh(c: Context, release: int | None = None, dry_run: bool = False, releases_url: str | None = None,
+            catalogue: str | None = None) -> None:
+    """Point the catalogue's Fedora entries at the current media, sha256 taken from the signed CHECKSUM only."""
+    from .. import fedora_media
+
+    s = settings(c, images=catalogue)
+    rel = fedora_release(c, release)
+    url = releases_url or str(c.config.get("factory", {}).get("fedora_releases_url") or fedora_media.RELEASES_URL)
+    result = fedora_media.refresh_catalogue(s.images, s.root, rel, releases_url=url, dry_run=dry_run)
+    for mode, medium in sorted(result.media.items()):
+        console.print(styled("[green]verified[/] {} {}: sha256 {} (signed CHECKSUM {})", mode, medium.file_name,
+                             result.checksums[mode], medium.checksum_url))
+    if result.diff:
+        console.print(result.diff)
+    state = "up to date" if not result.diff else ("dry run, nothing written" if dry_run else "written")
+    console.print(styled("{}: Fedora {} ({}): {}", s.images, rel, ", ".join(sorted(result.entries)), state))
+
+
 ns = Collection("image")
 ns.add_task(test_)
+ns.add_task(refresh)

@@ -1,0 +1,200 @@
+"""fedora_media + signatures: image.refresh against a loopback HTTPS server with a key the test makes.
+
+The server serves a releases.json and per-compose CHECKSUM files clearsigned by a key generated here,
+vendored into a scratch repository and pinned there by fingerprint, exactly as packer/keys/ does.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import ssl
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakepve.certs import make_cert
+
+from image_factory import fedora_media as fm
+from image_factory.settings import REPO_ROOT
+from image_factory.signatures import SignatureError, clearsigned_bytes, load_pinned_key
+
+pytestmark = pytest.mark.unit
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import pysequoia
+
+CLOUD = "Fedora-Cloud-Base-Generic-45-1.3.x86_64.qcow2"
+UKI = "Fedora-Cloud-Base-UKI-45-1.3.x86_64.qcow2"
+ISO = "Fedora-Everything-netinst-x86_64-45-1.3.iso"
+CLOUD_SUM, ISO_SUM = "a" * 64, "b" * 64
+
+
+def _cert(uid: str) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pysequoia.Cert.generate(uid)
+
+
+def clearsign(cert: Any, text: str) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
+
+
+def checksum_text(name: str, digest: str) -> str:
+    return f"# {name}: 1024 bytes\nSHA256 ({name}) = {digest}\n"
+
+
+class Files(dict[str, bytes]):
+    """path -> body served by the loopback server."""
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Files]]:
+    cert, key, _ = make_cert(str(tmp_path), name="media", hosts=("127.0.0.1",))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
+    files = Files()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", files
+    httpd.shutdown()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, Any]:
+    """A scratch repository root with the catalogue and a pinned key of the test's own."""
+    root = tmp_path / "repo"
+    (root / "packer/keys").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "packer/images.yml", root / "packer/images.yml")
+    signer = _cert("Fedora (45) <fedora-45-primary@fedoraproject.org>")
+    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(_public(signer)))
+    (root / "packer/keys/fingerprints.yml").write_text(f"{fm.release_key_name(45)}: {signer.fingerprint.upper()}\n")
+    return root, signer
+
+
+def _public(cert: Any) -> Any:
+    """The certificate without its secret key material, as Fedora publishes it."""
+    return pysequoia.Cert.from_bytes(str(cert).encode())
+
+
+def publish_release(base: str, files: Files, signer: Any, *, cloud: bytes | None = None, iso: bytes | None = None,
+                    releases: str | None = None) -> None:
+    d = "/pub/fedora/linux/releases/45"
+    entries = [
+        {"version": "45", "arch": "x86_64", "variant": "Cloud", "subvariant": "Cloud_Base",
+         "link": f"{base}{d}/Cloud/x86_64/images/{CLOUD}", "sha256": CLOUD_SUM},
+        {"version": "45", "arch": "x86_64", "variant": "Cloud", "subvariant": "Cloud_Base_UKI",
+         "link": f"{base}{d}/Cloud/x86_64/images/{UKI}", "sha256": "c" * 64},
+        {"version": "45", "arch": "aarch64", "variant": "Cloud", "subvariant": "Cloud_Base",
+         "link": f"{base}{d}/Cloud/aarch64/images/Fedora-Cloud-Base-Generic-45-1.3.aarch64.qcow2"},
+        {"version": "45", "arch": "x86_64", "variant": "Everything", "subvariant": "Everything",
+         "link": f"{base}{d}/Everything/x86_64/iso/{ISO}", "sha256": ISO_SUM},
+        {"version": "45 Beta", "arch": "x86_64", "variant": "Everything", "subvariant": "Everything",
+         "link": f"{base}{d}/Everything/x86_64/iso/Fedora-Everything-netinst-x86_64-45_Beta-1.1.iso"},
+    ]
+    import json
+
+    files["/releases.json"] = (releases or json.dumps(entries)).encode()
+    files[f"{d}/Cloud/x86_64/images/Fedora-Cloud-45-1.3-x86_64-CHECKSUM"] = (
+        cloud if cloud is not None else clearsign(signer, checksum_text(CLOUD, CLOUD_SUM)))
+    files[f"{d}/Everything/x86_64/iso/Fedora-Everything-45-1.3-x86_64-CHECKSUM"] = (
+        iso if iso is not None else clearsign(signer, checksum_text(ISO, ISO_SUM)))
+
+
+def refresh(base: str, root: Path, *, dry_run: bool = False) -> fm.RefreshResult:
+    return fm.refresh_catalogue(root / "packer/images.yml", root, 45, releases_url=f"{base}/releases.json",
+                                dry_run=dry_run)
+
+
+def test_refresh_picks_cloud_base_and_netinst_and_writes_the_signed_sha256(server: Any, repo: Any) -> None:
+    base, files = server
+    root, signer = repo
+    publish_release(base, files, signer)
+    catalogue = root / "packer/images.yml"
+    before = catalogue.read_text()
+    dry = refresh(base, root, dry_run=True)
+    assert catalogue.read_text() == before and not dry.written and dry.diff
+    result = refresh(base, root)
+    assert result.written
+    assert result.media["cloud"].file_name == CLOUD and result.media["iso"].file_name == ISO  # never the UKI
+    text = catalogue.read_text()
+    assert f"sha256:{CLOUD_SUM}" in text and f"sha256:{ISO_SUM}" in text and f"/{CLOUD}" in text
+    assert "# Image catalogue" in text.splitlines()[0]  # comments kept
+    from image_factory.inventory import load_site
+
+    site = load_site(REPO_ROOT / "ansible/inventory", catalogue)
+    assert site.images["fedora-45"].source.checksum == f"sha256:{CLOUD_SUM}"
+    assert site.images["fedora-45-iso"].source.url.endswith(ISO)
+    assert not refresh(base, root).diff  # a second refresh changes nothing
+
+
+@pytest.mark.parametrize("attack", ["forged-lines-outside", "wrong-key", "bad-signature", "unsigned",
+                                    "releases-json-disagrees"])
+def test_refresh_refuses_and_writes_nothing(server: Any, repo: Any, attack: str) -> None:
+    base, files = server
+    root, signer = repo
+    good = clearsign(signer, checksum_text(CLOUD, CLOUD_SUM))
+    cloud = {
+        "forged-lines-outside": b"SHA256 (" + CLOUD.encode() + b") = " + b"f" * 64 + b"\n" + good,
+        "wrong-key": clearsign(_cert("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
+        "bad-signature": good.replace(CLOUD_SUM.encode(), b"e" * 64),
+        "unsigned": checksum_text(CLOUD, CLOUD_SUM).encode(),
+        "releases-json-disagrees": clearsign(signer, checksum_text(CLOUD, "d" * 64)),
+    }[attack]
+    publish_release(base, files, signer, cloud=cloud)
+    catalogue = root / "packer/images.yml"
+    before = catalogue.read_text()
+    with pytest.raises(SignatureError) as err:
+        refresh(base, root)
+    message = str(err.value)
+    assert "Fedora-Cloud-45-1.3-x86_64-CHECKSUM" in message or CLOUD in message, message
+    assert "Stack backtrace" not in message and "\n" not in message, message
+    assert catalogue.read_text() == before
+
+
+def test_releases_json_without_the_release_is_a_clear_error(server: Any, repo: Any) -> None:
+    base, files = server
+    root, signer = repo
+    publish_release(base, files, signer, releases="[]")
+    with pytest.raises(fm.MediaError, match="no cloud artifact"):
+        refresh(base, root)
+
+
+def test_vendored_fedora_keys_match_their_pins() -> None:
+    for release in (43, 44, 45, 46):
+        cert = load_pinned_key(REPO_ROOT / fm.KEYS_DIR, fm.release_key_name(release))
+        assert f"fedora-{release}-primary@fedoraproject.org" in str(cert.user_ids[0])
+
+
+def test_a_key_whose_fingerprint_is_not_the_pin_is_refused(repo: Any) -> None:
+    root, _ = repo
+    other = _cert("Fedora (45) <fedora-45-primary@fedoraproject.org>")
+    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(_public(other)))
+    with pytest.raises(SignatureError, match="is not the pinned"):
+        fm.release_key(root, 45)
+
+
+def test_only_the_signed_bytes_are_returned(repo: Any) -> None:
+    _, signer = repo
+    signed = clearsign(signer, "inside\n")
+    assert clearsigned_bytes(signed, _public(signer), what="x") == b"inside\n"
