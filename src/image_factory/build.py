@@ -39,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Literal
 
 from . import render
 from .errors import FactoryError
-from .inventory import Image
+from .inventory import Image, eol_gate
 from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
 from .settings import Settings
 
@@ -160,9 +160,15 @@ def mitogen_strategy_dir() -> Path | None:
     return plugins if (plugins / "mitogen_linear.py").is_file() else None
 
 
-def resolve_ansible_strategy(choice: str, accelerator: str) -> AnsibleStrategy:
+# Families whose guests mitogen is proven on (the lab's Debian fixture: bench/ansible_strategy, the e2e
+# build). Fedora 43+ ships Python 3.14 and 45 ships 3.15, where mitogen is unproven: linear there.
+MITOGEN_PROVEN_FAMILIES = frozenset({"debian"})
+
+
+def resolve_ansible_strategy(choice: str, accelerator: str, family: str = "debian") -> AnsibleStrategy:
     """auto: mitogen under TCG, where every task otherwise starts a fresh Python in the guest (3-7 s
-    each); stock linear under KVM, where that costs well under a second and reliability wins."""
+    each), for families where mitogen is proven; stock linear under KVM, where that costs well under a
+    second and reliability wins, and for every other family."""
     if choice not in ANSIBLE_STRATEGIES:
         raise BuildSettingError(f"ansible strategy {choice!r} (--ansible-strategy or factory.ansible_strategy) "
                                 f"is not one of {', '.join(ANSIBLE_STRATEGIES)}")
@@ -171,6 +177,8 @@ def resolve_ansible_strategy(choice: str, accelerator: str) -> AnsibleStrategy:
         return AnsibleStrategy("linear", "factory.ansible_strategy=linear", linear_env)
     if choice == "auto" and accelerator == "kvm":
         return AnsibleStrategy("linear", "auto: KVM", linear_env)
+    if choice == "auto" and family not in MITOGEN_PROVEN_FAMILIES:
+        return AnsibleStrategy("linear", f"auto: mitogen is not proven on {family} guests", linear_env)
     plugins = mitogen_strategy_dir()
     if plugins is None:
         if choice == "mitogen":
@@ -285,6 +293,32 @@ def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- sources
+
+
+def require_pinned(settings: Settings, image: Image) -> None:
+    if not image.source.pinned:
+        raise BuildError(f"{settings.images}: {image.name}: media not pinned yet (checksum: refresh): run "
+                         f"`invoke image.refresh --release {image.release}` (reads fedoraproject.org), then build")
+
+
+def verify_source_checksum(settings: Settings, image: Image, result: render.RenderResult,
+                           emit: Callable[[str, str], None]) -> None:
+    """Media not pinned yet stop the build; a remote CHECKSUM file counts only when the release key signed it,
+    and Packer then gets the plain sha256 taken from its signed part."""
+    from . import fedora_media
+
+    ck = image.source.checksum
+    if not re.match(r"^file:https?://", ck):
+        return
+    if image.family != "fedora":
+        raise BuildError(f"{settings.images}: {image.name}: source.checksum: a remote checksum file is trusted only "
+                         "when signed by a pinned key, and only Fedora's release keys are pinned; use 'sha256:<hex>'")
+    url = fedora_media.located(image, ck[len("file:"):])
+    file_name = image.source.url.rpartition("/")[2]
+    sha = fedora_media.verified_checksum(settings.root, image.release, url, file_name)
+    render.set_var(result, "source_checksum", sha)
+    key = fedora_media.release_key_name(image.release)
+    emit("status", f"source verified: {file_name} {sha} (CHECKSUM signed by {key})")
 
 
 def check_source(settings: Settings, image: Image) -> None:
@@ -529,6 +563,7 @@ def build_image(
     compress: bool | None = None,
     timeout_s: float | None = None,
     ansible_strategy: str | None = None,
+    allow_eol: bool = False,
 ) -> BuildOutcome:
     """Build one catalogue image (or find it cached); see the module docstring for the flow."""
     t0 = time.monotonic()
@@ -541,6 +576,8 @@ def build_image(
             on_event(ev)
 
     build_dir = settings.builds_dir / image.name
+    for warning in eol_gate([image], settings.images, allow_eol=allow_eol):
+        emit("status", f"warning: {warning}")
     result = render.render_image(settings, image, packer_version=cached_packer_version(settings, remember=not dry_run),
                                  scratch=dry_run)
     try:
@@ -562,14 +599,16 @@ def build_image(
         _require("qemu-img", QEMU_HOW)
         check_source(settings, image)
         accel = resolve_accelerator(settings, accelerator)
-        strategy = resolve_ansible_strategy(ansible_strategy or settings.ansible_strategy, accel)
+        strategy = resolve_ansible_strategy(ansible_strategy or settings.ansible_strategy, accel, image.family)
         if compress is None:
             compress = image.compress
+        require_pinned(settings, image)
         if dry_run:
             emit("status", f"dry run: would run packer build for {image.name} ({image.mode} mode, {accel}, "
                            f"Ansible {strategy.name})")
             return BuildOutcome("planned", None, build_dir, None, time.monotonic() - t0, reason,
                                 result.fingerprint, None, events)
+        verify_source_checksum(settings, image, result, emit)
         with _image_lock(build_dir):
             return _build(settings, image, result, build_dir, accel, strategy, emit, events, compress,
                           timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event)

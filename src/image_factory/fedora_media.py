@@ -19,10 +19,12 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FactoryError
+from .inventory import Image
 from .signatures import SignatureError, clearsigned_bytes, load_pinned_key
 
 if TYPE_CHECKING:
@@ -109,6 +111,13 @@ def verified_checksum(root: Path, release: int, checksum_url: str, file_name: st
 def archived(url: str) -> str:
     """Where a release's media live once it has reached its end of life."""
     return ARCHIVE_PREFIX + url[len(LIVE_PREFIX):] if url.startswith(LIVE_PREFIX) else url
+
+
+def located(image: Image, url: str, today: date | None = None) -> str:
+    """The URL a Fedora medium has today: the archive once the release is past its end of life."""
+    if image.family == "fedora" and image.eol is not None and (today or date.today()) > image.eol:
+        return archived(url)
+    return url
 
 
 # ------------------------------------------------------------------------------------------ refresh

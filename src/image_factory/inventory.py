@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -609,6 +609,23 @@ class Site:
                 i.name: {"family": i.family, "release": i.release, "mode": i.mode} for i in self.images.values()
             },
         }
+
+
+def eol_gate(images: Iterable[Image], catalogue: Path | str, *, allow_eol: bool = False,
+             today: date | None = None) -> list[str]:
+    """Warnings for images within 30 days of their end of life; ValidationFailed for those past it."""
+    day = today or date.today()
+    warnings: list[str] = []
+    refused: list[Problem] = []
+    for image in images:
+        level, message = image.eol_status(day)
+        if level == "warn" or (level == "eol" and allow_eol):
+            warnings.append(message + (" (--allow-eol given)" if level == "eol" else ""))
+        elif level == "eol":
+            refused.append(Problem(str(catalogue), image.name, "eol", message.split(": ", 1)[1]))
+    if refused:
+        raise ValidationFailed(refused)
+    return warnings
 
 
 # ----------------------------------------------------------------------------------------- loading

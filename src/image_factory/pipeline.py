@@ -68,13 +68,17 @@ def run_pipeline(
     accelerator: str | None = None,
     progress: bool = True,
     preflight: bool = True,
+    allow_eol: bool = False,
 ) -> PipelineReport:
     from . import build, imagetest, manifest, publish
     from . import preflight as pf
+    from .inventory import eol_gate
 
     names = images or default_images(site)
     for name in names:
         site.image(name)  # unknown names fail before anything runs
+    for warning in eol_gate([site.images[n] for n in names], site.images_path, allow_eol=allow_eol):
+        console.print(styled("[yellow]warning:[/] {}", warning))
     hosts = [h.name for h in site.select_hypervisors(hypervisors)]
     if preflight:
         # Before a build is wasted: the hosts must be able to take what this run will publish.
@@ -91,7 +95,7 @@ def run_pipeline(
             run.stage = "build"
             t0 = time.monotonic()
             outcome = build.build_image(
-                settings, image, force=force, accelerator=accelerator or settings.accelerator
+                settings, image, force=force, accelerator=accelerator or settings.accelerator, allow_eol=allow_eol
             )
             run.durations["build"] = round(time.monotonic() - t0, 1)
             m = outcome.manifest

@@ -318,8 +318,10 @@ def render_image(
     playbook = settings.resolve(image.playbook)
     if not playbook.is_file():
         raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
-    src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local else image.source.url,
-                      f"{settings.images}: {image.name}: source.url")
+    from .fedora_media import located
+
+    src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local
+                      else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
     ctx = {
         "image": image,
         "required_plugins": pv >= (1, 7, 0),

@@ -195,6 +195,8 @@ def test_linear_strategy_is_explicit_and_recorded(
 def test_auto_strategy_follows_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build.resolve_ansible_strategy("auto", "kvm").name == "linear"
     assert build.resolve_ansible_strategy("auto", "tcg").name == "mitogen_linear"
+    assert build.resolve_ansible_strategy("auto", "tcg", "fedora").name == "linear"  # Python 3.14+: unproven
+    assert build.resolve_ansible_strategy("mitogen", "tcg", "fedora").name == "mitogen_linear"  # asked for
     assert build.resolve_ansible_strategy("mitogen", "kvm").name == "mitogen_linear"
     assert build.resolve_ansible_strategy("linear", "tcg").name == "linear"
     monkeypatch.setattr(build, "mitogen_strategy_dir", lambda: None)

@@ -198,3 +198,58 @@ def test_only_the_signed_bytes_are_returned(repo: Any) -> None:
     _, signer = repo
     signed = clearsign(signer, "inside\n")
     assert clearsigned_bytes(signed, _public(signer), what="x") == b"inside\n"
+
+
+# ------------------------------------------------------------------ build time: a remote file: checksum
+
+
+def _fedora_image(base: str) -> Any:
+    from datetime import date
+
+    from image_factory.inventory import Image, Source
+
+    d = f"{base}/pub/fedora/linux/releases/45/Cloud/x86_64/images"
+    return Image(name="fedora-45", family="fedora", release=45, mode="cloud", eol=date(2027, 12, 8),
+                 source=Source(url=f"{d}/{CLOUD}", checksum=f"file:{d}/Fedora-Cloud-45-1.3-x86_64-CHECKSUM"))
+
+
+@pytest.mark.parametrize("attack", [None, "forged-lines-outside", "wrong-key", "unsigned"])
+def test_build_hands_packer_only_a_signed_sha256(server: Any, repo: Any, tmp_path: Path, attack: str | None) -> None:
+    from types import SimpleNamespace
+
+    from image_factory import build
+    from image_factory.settings import Settings
+
+    base, files = server
+    root, signer = repo
+    good = clearsign(signer, checksum_text(CLOUD, CLOUD_SUM))
+    cloud = {None: good,
+             "forged-lines-outside": b"SHA256 (" + CLOUD.encode() + b") = " + b"f" * 64 + b"\n" + good,
+             "wrong-key": clearsign(_cert("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
+             "unsigned": checksum_text(CLOUD, CLOUD_SUM).encode()}[attack]
+    publish_release(base, files, signer, cloud=cloud)
+    var_file = tmp_path / "build.pkrvars.hcl"
+    var_file.write_text('accelerator = "tcg"\n')
+    settings = Settings.from_mapping({}, root=root)
+    events: list[str] = []
+    image = _fedora_image(base)
+    if attack is None:
+        build.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file),
+                                     lambda kind, msg: events.append(msg))
+        assert f'source_checksum = "sha256:{CLOUD_SUM}"' in var_file.read_text()
+        assert any(fm.release_key_name(45) in e for e in events)
+        return
+    with pytest.raises(SignatureError) as err:
+        build.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file), lambda kind, msg: None)
+    assert "Fedora-Cloud-45-1.3-x86_64-CHECKSUM" in str(err.value)
+    assert "source_checksum" not in var_file.read_text()
+
+
+def test_past_eol_media_come_from_the_archive() -> None:
+    from datetime import date
+
+    image = _fedora_image("https://download.fedoraproject.org")
+    live = "https://download.fedoraproject.org/pub/fedora/linux/releases/45/x.iso"
+    assert fm.located(image, live, today=date(2027, 12, 8)) == live
+    assert fm.located(image, live, today=date(2027, 12, 9)) == \
+        "https://archives.fedoraproject.org/pub/archive/fedora/linux/releases/45/x.iso"

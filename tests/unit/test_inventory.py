@@ -265,3 +265,31 @@ def test_inventory_check_json_summary(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["hypervisors"]["pve-mgmt"]["vms"]["tenant"] == []
     assert "metrics01" in summary["hypervisors"]["pve-mgmt"]["vms"]["mgmt"]
+
+
+def test_eol_gate_warns_within_30_days_and_refuses_after() -> None:
+    from datetime import date
+
+    from image_factory.inventory import eol_gate
+
+    site = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
+    f43 = site.images["fedora-43"]
+    assert f43.eol is not None
+    assert eol_gate([f43], "images.yml", today=date(2026, 10, 1)) == []
+    [warning] = eol_gate([f43], "images.yml", today=f43.eol)
+    assert "reaches its end of life" in warning and "in 0 days" in warning
+    later = date.fromordinal(f43.eol.toordinal() + 1)
+    with pytest.raises(ValidationFailed) as err:
+        eol_gate([f43], "images.yml", today=later)
+    [problem] = err.value.problems
+    assert (problem.file, problem.entry, problem.key) == ("images.yml", "fedora-43", "eol")
+    assert "--allow-eol" in problem.message
+    [allowed] = eol_gate([f43], "images.yml", today=later, allow_eol=True)
+    assert "--allow-eol given" in allowed
+
+
+def test_every_downloaded_image_has_an_eol_date() -> None:
+    site = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
+    assert all(img.eol is not None for img in site.images.values())
+    assert {"fedora-44", "fedora-44-iso", "fedora-45", "fedora-45-iso"} <= set(site.images)
+    assert not {"fedora-41", "fedora-42"} & set(site.images)

@@ -8,6 +8,7 @@ from invoke.exceptions import Exit
 from rich.table import Table
 
 from ..console import console, emit_json, styled
+from ..inventory import eol_gate
 from ._common import handle_errors, site, task
 
 
@@ -16,16 +17,22 @@ from ._common import handle_errors, site, task
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
         "images": "image catalogue YAML (default: factory.images)",
         "json": "print the summary as JSON on stdout",
+        "allow_eol": "do not count catalogue images past their end of life as errors",
     }
 )
 @handle_errors
-def check(c: Context, inventory: str | None = None, images: str | None = None, json: bool = False) -> None:
+def check(c: Context, inventory: str | None = None, images: str | None = None, json: bool = False,
+          allow_eol: bool = False) -> None:
     """Validate the inventory and image catalogue; open no connection."""
     _, model = site(c, inventory, images)
+    warnings = eol_gate(model.images.values(), model.images_path, allow_eol=allow_eol)
     summary = model.summary()
+    summary["warnings"] = warnings
     if json:
         emit_json(summary)
         return
+    for warning in warnings:
+        console.print(styled("[yellow]warning:[/] {}", warning))
     table = Table(title="site model is valid")
     for col in ("hypervisor", "role", "node", "mgmt VMs", "tenant VMs"):
         table.add_column(col)
