@@ -505,6 +505,8 @@ class Image(Strict):
     cpus: int = Field(default=2, ge=1)
     # qemu-img convert -c: smaller uploads over a WAN, ~15 s more per build on 2 TCG cores.
     compress: bool = True
+    # Apply the release's updates during the build (reboot into a newer kernel before sealing).
+    updates: bool = True
 
     @field_validator("name")
     @classmethod

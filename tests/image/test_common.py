@@ -8,13 +8,25 @@ from typing import Any
 
 import pytest
 
-CLOUD_INIT_UNITS = ("cloud-init-local.service", "cloud-init.service", "cloud-config.service", "cloud-final.service")
+# cloud-init's boot stages by unit name: before 24.3, and from 24.3 on (cloud-init.service became
+# cloud-init-main + cloud-init-network). The image must enable the set its cloud-init has.
+CLOUD_INIT_UNITS_OLD = ("cloud-init-local.service", "cloud-init.service", "cloud-config.service",
+                        "cloud-final.service")
+CLOUD_INIT_UNITS_24_3 = ("cloud-init-main.service", "cloud-init-local.service", "cloud-init-network.service",
+                         "cloud-config.service", "cloud-final.service")
+
+
+def cloud_init_units(host: Any) -> tuple[str, ...]:
+    listed = host.check_output("systemctl list-unit-files --no-legend --no-pager --type=service 'cloud-*'")
+    names = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    return CLOUD_INIT_UNITS_24_3 if "cloud-init-main.service" in names else CLOUD_INIT_UNITS_OLD
 
 
 def test_cloud_init_enabled(host: Any) -> None:
     assert not host.file("/etc/cloud/cloud-init.disabled").exists
-    enabled = host.run("systemctl is-enabled " + " ".join(CLOUD_INIT_UNITS))
-    assert enabled.stdout.split() == ["enabled"] * len(CLOUD_INIT_UNITS), enabled.stdout
+    units = cloud_init_units(host)
+    enabled = host.run("systemctl is-enabled " + " ".join(units))
+    assert enabled.stdout.split() == ["enabled"] * len(units), dict(zip(units, enabled.stdout.split(), strict=False))
 
 
 def test_cloud_init_finished_without_errors(host: Any) -> None:

@@ -41,19 +41,50 @@ def test_dnf_configuration_sane(host: Any) -> None:
     assert main.get("gpgcheck", "1").strip().lower() in ("1", "true", "yes"), "dnf.conf: gpgcheck off"
     assert main.get("sslverify", "1").strip().lower() in ("1", "true", "yes"), "dnf.conf: sslverify off"
     problems = []
-    repo_files = host.check_output("ls -1 /etc/yum.repos.d/").split()
-    assert repo_files, "no repositories configured"
-    for name in repo_files:
-        if not name.endswith(".repo"):
-            continue
-        cp = _ini(host.file(f"/etc/yum.repos.d/{name}").content_string)
+    # dnf5 (Fedora 45) reads packaged repo files from /usr/share/dnf5/repos.d, overridden by same-named
+    # files in /etc/distro.repos.d and /etc/yum.repos.d; dnf4 only the latter. Which repos are enabled
+    # is dnf's own answer (`dnf repolist --enabled`); each of them must check signatures and TLS.
+    listing = host.check_output("dnf -q repolist --enabled")
+    enabled_ids = {line.split()[0] for line in listing.splitlines()[1:] if line.strip()}
+    assert enabled_ids, "dnf reports no enabled repository"
+    files: dict[str, str] = {}
+    for directory in ("/usr/share/dnf5/repos.d", "/etc/distro.repos.d", "/etc/yum.repos.d"):
+        for name in host.run(f"ls -1 {directory} 2>/dev/null").stdout.split():
+            if name.endswith(".repo"):
+                files[name] = f"{directory}/{name}"  # later directories override earlier ones
+    seen: set[str] = set()
+    for name, path in sorted(files.items()):
+        cp = _ini(host.file(path).content_string)
         for section in cp.sections():
             repo = cp[section]
-            if repo.get("enabled", "1").strip() not in ("1", "true", "yes"):
+            if section not in enabled_ids:
                 continue
+            seen.add(section)
             if repo.get("gpgcheck", "1").strip() not in ("1", "true", "yes"):
                 problems.append(f"{name}[{section}]: gpgcheck off")
             if repo.get("sslverify", "1").strip() not in ("1", "true", "yes"):
                 problems.append(f"{name}[{section}]: sslverify off")
     assert problems == []
+    assert seen == enabled_ids, f"enabled repos without a readable definition: {enabled_ids - seen}"
     assert host.run("rpm -q dnf || rpm -q dnf5").rc == 0
+
+
+def test_ansible_can_drive_dnf(host: Any) -> None:
+    """Ansible's dnf module uses dnf5 through these bindings on Fedora 41 and later."""
+    assert host.run("rpm -q python3-libdnf5").rc == 0
+
+
+def test_boot_entries_carry_no_build_identity(host: Any) -> None:
+    """BLS entries named after a fixed token, not the build VM's machine-id; no build-time rescue entry."""
+    with host.sudo():
+        entries = host.check_output("ls -1 /boot/loader/entries").split()
+        entry_token = host.file("/etc/kernel/entry-token").content_string.strip()
+    assert entry_token == "fedora"  # noqa: S105 - the BLS entry token, not a secret
+    assert entries and all(e.startswith("fedora-") for e in entries), entries
+    assert not [e for e in entries if "rescue" in e], entries
+
+
+def test_running_kernel_is_the_newest_installed(host: Any) -> None:
+    """The build rebooted into the kernel its updates brought before sealing."""
+    newest = host.check_output("rpm -q --qf '%{VERSION}-%{RELEASE}.%{ARCH}\\n' kernel-core | sort -V | tail -n 1")
+    assert newest.strip() == host.check_output("uname -r").strip()
