@@ -32,6 +32,9 @@ ARTIFACT_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.qcow2$")
 TEMPLATE_DIRS = ("packer", "kickstart")
 ANSIBLE_DIR = "ansible"
 SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
+# Plugin versions for Packer >= 1.7 (required_plugins, installed by `packer init`): pinned, so a
+# plugin release never changes a build unannounced. Tags of hashicorp/packer-plugin-qemu and -ansible.
+PLUGIN_VERSIONS = {"qemu": "1.1.4", "ansible": "1.1.6"}
 # Runs over SSH as the build user after the playbook: remove the build user itself (it cannot
 # delete itself from inside Ansible while logged in), then power off.
 SHUTDOWN_COMMAND = (
@@ -325,6 +328,7 @@ def render_image(
     ctx = {
         "image": image,
         "required_plugins": pv >= (1, 7, 0),
+        "plugin_versions": PLUGIN_VERSIONS,
         "artifact_name": artifact_name(image),
         "disk_size_mb": f"{disk_size_mb(image.disk_size)}M",
         "source_url": src,

@@ -128,6 +128,7 @@ def test_required_plugins_only_for_packer_1_7_and_later(repo: Settings, catalogu
     new.cleanup()
     assert "required_plugins {" not in old_text and "\npacker {" not in old_text
     assert "\npacker {\n  required_plugins {" in new_text and 'source  = "github.com/hashicorp/qemu"' in new_text
+    assert f'version = "= {render.PLUGIN_VERSIONS["qemu"]}"' in new_text  # pinned, never ">="
     assert old.fingerprint != new.fingerprint  # a different packer renders a different build
 
 
