@@ -94,25 +94,47 @@ FACTORY_ROLE = "ImageFactory"
 SDN_ZONE = "localnetwork"
 PLAYBOOK = "ansible/playbooks/hypervisor.yml"
 
-VM_PRIVILEGES: tuple[str, ...] = (
+VM_BASE_PRIVILEGES: tuple[str, ...] = (
     "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
     "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.CPU",
     "VM.PowerMgmt", "VM.Audit",
-    # Not in pve-facts' list, but PVE 8.4 checks it for every guest-agent call, which deploy's
-    # readiness wait (agent/network-get-interfaces) and the guest host-key read (agent/exec) use.
-    "VM.Monitor",
 )
+# Guest-agent privileges by PVE major (shared/pve-facts.md): deploy's readiness wait
+# (agent/network-get-interfaces) and the guest host-key read (agent/file-read). PVE 8 checks VM.Monitor
+# for every agent call; PVE 9 removed VM.Monitor (`pveum` refuses the name) and checks
+# VM.GuestAgent.Audit for read-only commands and VM.GuestAgent.FileRead for file-read.
+AGENT_PRIVILEGES: dict[int, tuple[str, ...]] = {
+    8: ("VM.Monitor",),
+    9: ("VM.GuestAgent.Audit", "VM.GuestAgent.FileRead"),
+}
+LATEST_MAJOR = max(AGENT_PRIVILEGES)
+EOL_MAJORS = {8: "August 2026"}
+VM_PRIVILEGES: tuple[str, ...] = (*VM_BASE_PRIVILEGES, *AGENT_PRIVILEGES[8])  # PVE 8.4, kept for callers
 STORAGE_PRIVILEGES: tuple[str, ...] = ("Datastore.AllocateSpace", "Datastore.Audit")
 IMPORT_STORAGE_PRIVILEGES: tuple[str, ...] = (
     "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
 )
 SDN_PRIVILEGES: tuple[str, ...] = ("SDN.Use",)
 NODE_PRIVILEGES: tuple[str, ...] = ("Sys.Audit",)
-# Every privilege publish and deploy use (shared/pve-facts.md, "Access"): the ImageFactory role.
-REQUIRED_PRIVILEGES: tuple[str, ...] = (
-    *VM_PRIVILEGES, "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
-    *SDN_PRIVILEGES, *NODE_PRIVILEGES,
-)
+# Every privilege publish and deploy use (shared/pve-facts.md, "Access"): the ImageFactory role, per
+# PVE major. ansible/roles/pve_factory/defaults/main.yml holds the same lists (a test compares them).
+
+
+def vm_privileges(major: int) -> tuple[str, ...]:
+    return (*VM_BASE_PRIVILEGES, *AGENT_PRIVILEGES[major_of(major)])
+
+
+def required_privileges(major: int) -> tuple[str, ...]:
+    return (*vm_privileges(major), "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
+            *SDN_PRIVILEGES, *NODE_PRIVILEGES)
+
+
+def major_of(major: int) -> int:
+    """The privilege catalogue a PVE major uses: 9's for anything newer (until a new catalogue appears)."""
+    return min(max(major, min(AGENT_PRIVILEGES)), LATEST_MAJOR)
+
+
+REQUIRED_PRIVILEGES: tuple[str, ...] = required_privileges(8)
 
 DEFAULT_TIMEOUT = 20.0
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)(?:[.-](\d+))?")
@@ -282,9 +304,9 @@ def bridges_for(site: Site, hv: Hypervisor) -> list[str]:
     return sorted(names)
 
 
-def required_acl(site: Site, hv: Hypervisor) -> dict[str, tuple[str, ...]]:
-    """ACL path -> privileges the token must hold there for this host."""
-    need: dict[str, list[str]] = {"/vms": list(VM_PRIVILEGES)}
+def required_acl(site: Site, hv: Hypervisor, major: int = 8) -> dict[str, tuple[str, ...]]:
+    """ACL path -> privileges the token must hold there for this host (running PVE ``major``)."""
+    need: dict[str, list[str]] = {"/vms": list(vm_privileges(major))}
     st = hv.storage
     for sid in (st.images, st.cloudinit):
         need.setdefault(f"/storage/{sid}", [])
@@ -460,6 +482,11 @@ class _HostRun:
                 CHECK_TOKEN, f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc, CHECK_TOKEN)
             )
 
+    @property
+    def major(self) -> int:
+        parsed = parse_version(str(self.version_info.get("version") or self.version_info.get("release") or ""))
+        return parsed[0] if parsed else 8
+
     def check_version(self) -> None:
         info = self.version_info
         text = str(info.get("version") or info.get("release") or "")
@@ -475,6 +502,10 @@ class _HostRun:
                 f"upgrade {self.hv.node} to Proxmox VE {need} or newer (for 7.x first: pve7to8 --full, then "
                 f"switch the repositories to bookworm and apt full-upgrade)",
             )
+        elif parsed[0] in EOL_MAJORS:
+            self._ok(CHECK_VERSION, f"PVE {text} (warning: PVE {parsed[0]}.x reached its end of life in "
+                                    f"{EOL_MAJORS[parsed[0]]}: upgrade to {LATEST_MAJOR}.x with pve{parsed[0]}to"
+                                    f"{LATEST_MAJOR} --full, then re-run {PLAYBOOK})")
         else:
             self._ok(CHECK_VERSION, f"PVE {text}")
 
@@ -482,14 +513,17 @@ class _HostRun:
         assert self.client is not None
         hv = self.hv
         missing: dict[str, list[str]] = {}
-        for path, privs in required_acl(self.site, hv).items():
+        major = self.major
+        for path, privs in required_acl(self.site, hv, major).items():
             answer = self.client.get("/access/permissions", path=path)
             held = effective_privileges(answer, path)
             lack = [p for p in privs if p not in held]
             if lack:
                 missing[path] = lack
+        wanted = required_privileges(major)
         if not missing:
-            self._ok(CHECK_PRIVILEGES, f"{hv.token_id} holds all {len(REQUIRED_PRIVILEGES)} privileges where needed")
+            self._ok(CHECK_PRIVILEGES, f"{hv.token_id} holds all {len(wanted)} privileges of PVE {major_of(major)} "
+                                       "where needed")
             return
         detail = f"token {hv.token_id} lacks " + "; ".join(f"{', '.join(p)} on {path}" for path, p in missing.items())
         user = _token_user(hv.token_id)
@@ -499,8 +533,8 @@ class _HostRun:
         )
         self._fail(
             CHECK_PRIVILEGES, detail,
-            f"ansible-playbook {PLAYBOOK} -l {hv.name}, or on {hv.node}: {cmds} "
-            f"(and if the role lacks one: pveum role modify {FACTORY_ROLE} --append 1 --privs <privilege>)",
+            f"ansible-playbook {PLAYBOOK} -l {hv.name}, or on {hv.node} (PVE {major_of(major)} privilege names): "
+            f"pveum role modify {FACTORY_ROLE} --privs {','.join(wanted)}; {cmds}",
         )
 
     def _storages(self) -> list[dict[str, Any]]:

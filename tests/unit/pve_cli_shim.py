@@ -48,6 +48,10 @@ def main() -> None:
         print(json.dumps(data))
 
     # ------------------------------------------------------------------ reads
+    version = str(state.get("version", "8.4.1"))
+    if prog == "pveversion":
+        print(f"pve-manager/{version}/ec5affc9e41f1d79 (running kernel: 6.8.12-9-pve)")
+        return None
     if prog == "pveum" and argv[:2] == ["user", "list"]:
         users = state["users"] if "--full" in argv else [{k: v for k, v in u.items() if k != "tokens"}
                                                          for u in state["users"]]
@@ -65,6 +69,12 @@ def main() -> None:
     # ------------------------------------------------------------------ writes
     if os.environ.get("FAKE_PVE_READONLY") == "1":
         die(f"shim: write refused (read-only run): {prog} {' '.join(argv)}", 99)
+    if prog == "pveum" and words[:2] in (["role", "add"], ["role", "modify"]):
+        from image_factory.lab.privileges import invalid
+
+        bad = invalid(opts(argv[3:]).get("privs", "").split(","), version)
+        if bad:
+            die(f"400 Parameter verification failed.\nprivs: invalid privilege '{bad[0]}'")
     if prog == "pveum" and words[:2] == ["role", "add"]:
         o = opts(argv[3:])
         if any(r["roleid"] == argv[2] for r in state["roles"]):

@@ -344,3 +344,22 @@ def test_api_error_and_odd_answer_fail_only_their_check(node, env):
     vmids = report.result("hv-unit", "vmids")
     assert not vmids.ok and vmids.detail.startswith("unexpected AttributeError")
     assert [r.name for _, r in report.failures()] == ["bridge", "vmids"]
+
+
+def test_pve9_node_holding_the_84_role_names_what_is_missing_with_a_fix_valid_on_9(node, env):
+    node.version, node.release_version = "9.1.4", "9.1"
+    r = pf.run_preflight(*env, checks=["version", "privileges"])
+    version = r.result("hv-unit", "version")
+    assert version.ok and "end of life" not in version.detail
+    priv = r.result("hv-unit", "privileges")
+    assert not priv.ok
+    assert "VM.GuestAgent.Audit, VM.GuestAgent.FileRead on /vms" in priv.detail and "PVE 9" in priv.hint
+    assert f"pveum role modify ImageFactory --privs {','.join(pf.required_privileges(9))}" in priv.hint
+    assert "VM.Monitor" not in priv.hint  # pveum on 9 refuses the name
+    _grant(node, {**GRANTS, "/vms": pf.vm_privileges(9)})
+    assert pf.run_preflight(*env, checks=["privileges"]).result("hv-unit", "privileges").ok
+
+
+def test_pve8_is_reported_as_end_of_life(node, env):
+    r = pf.run_preflight(*env, checks=["version"]).result("hv-unit", "version")
+    assert r.ok and "reached its end of life in August 2026" in r.detail and "pve8to9" in r.detail

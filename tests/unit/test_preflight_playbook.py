@@ -49,7 +49,7 @@ class Node:
         self.tmp = tmp
         self.bin = tmp / "bin"
         self.bin.mkdir()
-        for prog in ("pveum", "pvesm", "pvesh"):
+        for prog in ("pveum", "pvesm", "pvesh", "pveversion"):
             exe = self.bin / prog
             exe.write_text(f"#!/bin/sh\nexec {sys.executable} {SHIM} {prog} \"$@\"\n")
             exe.chmod(0o755)
@@ -79,7 +79,8 @@ class Node:
         return [json.loads(line) for line in self.log.read_text().splitlines()]
 
     def writes(self) -> list[list[str]]:
-        reads = (["pveum", "user", "list"], ["pveum", "role", "list"], ["pveum", "acl", "list"], ["pvesh", "get"])
+        reads = (["pveum", "user", "list"], ["pveum", "role", "list"], ["pveum", "acl", "list"], ["pvesh", "get"],
+                 ["pveversion"])
         return [c for c in self.calls() if not any(c[: len(r)] == r for r in reads)]
 
     def play(self, *extra: str, readonly: bool) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
@@ -133,12 +134,20 @@ def node(tmp_path: Path) -> Node:
     return Node(tmp_path, FRESH)
 
 
-def test_role_privileges_match_preflight():
+def test_role_privileges_match_preflight_and_each_version_knows_them():
     import yaml
 
+    from image_factory.lab.privileges import invalid
+
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    assert defaults["pve_factory_privileges"] == list(pf.REQUIRED_PRIVILEGES)
     assert defaults["pve_factory_role"] == pf.FACTORY_ROLE
+    for major, version in ((8, "8.4.1"), (9, "9.1.4")):
+        privs = [*defaults["pve_factory_privileges_common"], *defaults["pve_factory_privileges_agent"][major],
+                 *defaults["pve_factory_privileges_storage_and_node"]]
+        assert privs == list(pf.required_privileges(major))
+        assert invalid(privs, version) == [], f"PVE {version} does not know {invalid(privs, version)}"
+    assert invalid(list(pf.required_privileges(8)), "9.1.4") == ["VM.Monitor"]
+    assert invalid(list(pf.required_privileges(9)), "8.4.1") == ["VM.GuestAgent.Audit", "VM.GuestAgent.FileRead"]
 
 
 def test_check_mode_reports_every_change_and_changes_nothing(node: Node):
@@ -149,7 +158,7 @@ def test_check_mode_reports_every_change_and_changes_nothing(node: Node):
     assert result["stats"]["hv-test"]["changed"] >= 2  # the plan and the SSH key
     assert _task(result, "Authorize the factory's SSH key for the upload user")["changed"] is True
     assert node.writes() == []
-    assert len(node.calls()) == 4  # the four reads
+    assert len(node.calls()) == 5  # the five reads
     assert node.state_file.read_bytes() == before_state
     assert node.keys.read_bytes() == before_keys
     assert not node.secrets.exists()
@@ -222,3 +231,38 @@ def test_ansible_lint_passes_offline_with_the_production_profile():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Profile 'production' was required, and it passed" in out
+
+
+def _with_version(state: dict[str, Any], version: str) -> dict[str, Any]:
+    out = json.loads(json.dumps(state))
+    out["version"] = version
+    return out
+
+
+def test_fresh_pve9_node_gets_the_pve9_privileges(tmp_path: Path):
+    node = Node(tmp_path, _with_version(FRESH, "9.1.4"))
+    result, proc = node.play(readonly=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    role = next(r for r in node.state()["roles"] if r["roleid"] == "ImageFactory")
+    assert sorted(role["privs"].split(",")) == sorted(pf.required_privileges(9))
+    assert "VM.Monitor" not in role["privs"]
+
+
+def test_upgraded_node_replaces_the_stale_role(tmp_path: Path):
+    """After 8 -> 9, PVE 9 has silently dropped VM.Monitor from the stored role: the play replaces it."""
+    upgraded = _with_version(FRESH, "9.1.4")
+    upgraded["roles"].append({"roleid": "ImageFactory", "special": 0,
+                              "privs": ",".join(p for p in pf.required_privileges(8) if p != "VM.Monitor")})
+    node = Node(tmp_path, upgraded)
+    result, proc = node.play("--check", readonly=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert f"pveum role modify ImageFactory --privs {','.join(pf.required_privileges(9))}" in _plan(result)
+
+
+def test_the_8_list_is_refused_by_a_pve9_node(tmp_path: Path):
+    """The catalogue check is real: what an 8-only playbook would do fails on 9 with PVE's message."""
+    node = Node(tmp_path, _with_version(FRESH, "9.1.4"))
+    env = {**os.environ, "FAKE_PVE_STATE": str(node.state_file), "FAKE_PVE_LOG": str(node.log)}
+    proc = subprocess.run([str(node.bin / "pveum"), "role", "add", "ImageFactory", "--privs",
+                           ",".join(pf.required_privileges(8))], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "invalid privilege 'VM.Monitor'" in proc.stderr
