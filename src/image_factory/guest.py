@@ -21,23 +21,16 @@ from .sshlink import HostKeyMismatch, SshLink
 HOST_KEY_FILES = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub")
 
 
-def agent_exec(client: PveClient, vmid: int, argv: list[str], *, timeout: float = 30.0) -> str:
-    """Run a command in the guest through the guest agent; return its stdout or raise with stderr."""
-    started = client.post(f"{client.node_path}/qemu/{vmid}/agent/exec", command=argv)
-    pid = int(started["pid"])
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.get(f"{client.node_path}/qemu/{vmid}/agent/exec-status", pid=pid)
-        if status.get("exited"):
-            break
-        if time.monotonic() > deadline:
-            raise RemoteError(client.name, f"VM {vmid}: {argv[0]} did not finish within {timeout:.0f}s")
-        time.sleep(0.3)
-    if int(status.get("exitcode", 0)) != 0:
-        raise RemoteError(
-            client.name, f"VM {vmid}: {' '.join(argv)} exited {status.get('exitcode')}: {status.get('err-data', '')}"
-        )
-    return str(status.get("out-data", ""))
+def agent_file_read(client: PveClient, vmid: int, path: str) -> str:
+    """A file of the guest, read through the guest agent (``agent/file-read``).
+
+    file-read, not exec: it needs VM.Monitor on PVE 8 and only VM.GuestAgent.FileRead on PVE 9 (exec
+    needs VM.GuestAgent.Unrestricted), and works where qemu-ga disables guest-exec (RHEL-family guests).
+    """
+    answer = client.get(f"{client.node_path}/qemu/{vmid}/agent/file-read", file=path)
+    if not isinstance(answer, dict) or "content" not in answer:
+        raise RemoteError(client.name, f"VM {vmid}: agent/file-read of {path}: unexpected answer {answer!r}")
+    return str(answer["content"])
 
 
 def host_key_via_agent(client: PveClient, vmid: int, *, timeout: float = 120.0) -> str:
@@ -50,7 +43,7 @@ def host_key_via_agent(client: PveClient, vmid: int, *, timeout: float = 120.0) 
     while True:
         for path in HOST_KEY_FILES:
             try:
-                text = agent_exec(client, vmid, ["cat", path])
+                text = agent_file_read(client, vmid, path)
             except RemoteError as exc:
                 last = str(exc)
                 continue

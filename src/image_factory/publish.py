@@ -67,7 +67,12 @@ from .upload import (
 
 FACTORY_TAG = "image-factory"
 DESCRIPTION_HEADER = "image-factory template"
-IMPORT_NAME_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(qcow2|raw|vmdk)$")
+# Files placed by SSH may use [a-zA-Z0-9-.+=_], but the upload endpoint rewrites every other
+# character, '+' and '=' included, to '_' (shared/pve-facts.md): names from [A-Za-z0-9_.-] only, so
+# both transports land the file under the name import-from points at.
+IMPORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\.(qcow2|raw|vmdk)$")
+# What a factory template's description may name as its import file (older runs may have used + or =).
+REMOVABLE_IMPORT_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(qcow2|raw|vmdk)$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 DNS_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DESCRIPTION_MAX = 8192
@@ -103,10 +108,11 @@ def dns_name(text: str) -> str:
 
 def import_file_name(manifest: Manifest) -> str:
     ext = manifest.artifact.format if manifest.artifact.format in ("qcow2", "raw", "vmdk") else "qcow2"
-    base = re.sub(r"[^a-zA-Z0-9\-.+=_]+", "-", f"{manifest.image}-{manifest.build_id}").strip("-.")
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{manifest.image}-{manifest.build_id}").strip("-.")
     name = f"{base}.{ext}"
     if not IMPORT_NAME_RE.match(name):
-        raise PublishError(f"import file name {name!r} does not match PVE's rule [a-zA-Z0-9-.+=_]+.(qcow2|raw|vmdk)")
+        raise PublishError(f"import file name {name!r} does not match [A-Za-z0-9_.-]+.(qcow2|raw|vmdk), the names "
+                           "PVE's upload endpoint keeps as they are")
     return name
 
 
@@ -639,7 +645,7 @@ def _execute(
             continue
         _destroy(client, t.vmid, result)
         pruned: dict[str, Any] = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
-        if t.import_file and IMPORT_NAME_RE.match(t.import_file) and t.import_file != art.import_file:
+        if t.import_file and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file:
             remote_remove(link, f"{hv.storage.import_dir}/{t.import_file}")
             pruned["import_file_removed"] = t.import_file
         result.pruned.append(pruned)

@@ -33,6 +33,7 @@ from .inventory import Hypervisor
 from .secrets import read_secret
 
 DEFAULT_TIMEOUT = 60.0
+TASK_LOG_LINES = 100_000
 LOCK_TIMEOUT_RE = re.compile(r"can't lock file .* got timeout")
 UPID_RE = re.compile(
     r"^UPID:(?P<node>[a-zA-Z0-9][a-zA-Z0-9.-]*):(?P<pid>[0-9A-Fa-f]{8}):(?P<pstart>[0-9A-Fa-f]{8,9}):"
@@ -145,6 +146,8 @@ class PveClient:
         self.timeout = timeout
         url = urlsplit(hv.api_url)
         host = url.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal keeps its brackets in the URL proxmoxer builds
         port = url.port or 8006
         user, token_name = hv.token_id.split("!", 1)
         if secret is None:
@@ -256,8 +259,10 @@ class PveClient:
         raise TaskFailed(self.name, upid, exitstatus or "no exit status", self._task_log(parsed)[-10:])
 
     def _task_log(self, upid: Upid, *, warnings_only: bool = False) -> list[str]:
+        """The task's log lines. The endpoint pages from the start (limit 50 by default): ask for all of
+        them, so a failure's reason, which PVE writes last, is in what the caller shows (the tail)."""
         try:
-            lines = self.get(f"/nodes/{upid.node}/tasks/{upid.raw}/log", limit=500)
+            lines = self.get(f"/nodes/{upid.node}/tasks/{upid.raw}/log", start=0, limit=TASK_LOG_LINES)
         except RemoteError:
             return []
         text = [str(line.get("t", "")) for line in lines]

@@ -172,6 +172,10 @@ def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch:
     # inside the guest: log in with the lab key cloud-init installed, host key pinned from the serial console
     host, port = lab.vm_ssh_address(vm.vmid)
     host_key = _console_host_key(lab.serial_log(TENANT, vm.vmid))
+    # the same key through the guest agent (agent/file-read over the verified API; PVE 9 host: FileRead)
+    from image_factory.guest import host_key_via_agent
+
+    assert host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=60) == host_key
     ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)
     with connect(vm.name, ep, timeout=30) as link:
         out = link.run(["cat", "/sys/class/net/eth0/address"])

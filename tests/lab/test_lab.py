@@ -33,14 +33,15 @@ def import_blank_disk(hv: Hypervisor, tmp_path: Path, name: str) -> str:
     return f"local:import/{name}"
 
 
-def test_proxmoxer_with_token_and_tls_reaches_both_nodes_at_841(lab: LabHandle) -> None:
+def test_proxmoxer_with_token_and_tls_reaches_both_nodes_mid_upgrade(lab: LabHandle) -> None:
+    """The default lab is a site in the middle of its upgrade: mgmt on 8.4.1, tenant on 9.x."""
     hvs = lab.hypervisors
     assert {hv.tls_ca_file is not None for hv in hvs.values()} == {True, False}, "one CA file, one fingerprint"
     seen = {}
     for hv in hvs.values():
         client = PveClient(hv)
         seen[hv.name] = (client.version()["version"], [n["node"] for n in client.get("/nodes")])
-    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("8.4.1", ["pve-tenant"])}
+    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("9.1.4", ["pve-tenant"])}
 
 
 def test_wrong_token_secret_is_refused(lab: LabHandle) -> None:

@@ -33,3 +33,43 @@ def test_unknown_long_text_is_cut_at_a_word_boundary() -> None:
     text = "word " * 100
     got = _ssl_reason(Exception(text))
     assert got.endswith(" ...") and all(w in ("word", "...") for w in got.split())
+
+
+def test_ipv6_api_url_keeps_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from image_factory.inventory import Hypervisor
+    from image_factory.pve import PveClient
+
+    hv = Hypervisor.model_validate({
+        "name": "pve6", "role": "mgmt", "node": "pve6", "api_url": "https://[fd00::10]:8006",
+        "token_id": "factory@pve!image-factory", "token_secret_env": "PVE6_SECRET",
+        "tls_fingerprint": ":".join(["AB"] * 32),
+        "ssh": {"host": "fd00::10",
+                "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBIKjPbOcAwqThWzRa5Ex/b92J/o3wlQ7KdlVFOwg5BD"},
+        "template_vmids": {"first": 9000, "last": 9099}, "vm_vmids": {"first": 1000, "last": 1999},
+    })
+    client = PveClient(hv, secret="x")  # noqa: S106 - not a real secret
+    assert client.api._store["base_url"] == "https://[fd00::10]:8006/api2/json"
+
+
+def test_a_failed_task_shows_the_end_of_its_log() -> None:
+    from image_factory.pve import TASK_LOG_LINES, PveClient, TaskFailed, Upid
+
+    upid = "UPID:pve1:00001234:00005678:6543210F:qmcreate:100:factory@pve!image-factory:"
+    log = [{"n": i, "t": f"line {i}"} for i in range(1, 901)] + [{"n": 901, "t": "TASK ERROR: the real reason"}]
+    asked: list[dict[str, object]] = []
+
+    def fake_get(path: str, **params: object) -> object:
+        if path.endswith("/status"):
+            return {"status": "stopped", "exitstatus": "the real reason"}
+        asked.append(params)
+        start, limit = int(params.get("start", 0)), int(params.get("limit", 50))  # PVE pages from the start
+        return log[start:start + limit]
+
+    client = PveClient.__new__(PveClient)
+    client.name = "pve1"
+    client.get = fake_get  # type: ignore[method-assign]
+    with pytest.raises(TaskFailed) as err:
+        client.wait_task(upid, timeout=5)
+    assert asked == [{"start": 0, "limit": TASK_LOG_LINES}]
+    assert err.value.log_tail[-1] == "TASK ERROR: the real reason" and "line 1" not in err.value.log_tail
+    assert Upid.parse(upid).node == "pve1"

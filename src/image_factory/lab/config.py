@@ -38,8 +38,12 @@ API_PORT = 8006
 SSH_PORT = 22
 PVE_VERSION = "8.4.1"
 PVE_RELEASE = "8.4"
+# A site in the middle of its upgrade: the mgmt host still on 8.4, the tenant host already on 9.
+PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.1.4"}
+PLAYBOOK_DEFAULTS = "ansible/roles/pve_factory/defaults/main.yml"
+LAB_STORAGE = "local"  # the one directory storage of a lab node: images, import and cloud-init
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
-# Privileges publish/deploy need (pve-facts.md, Access), granted to the user AND the token.
+# A broad grant for unit tests of the lab itself; lab hosts get playbook_grants() instead.
 PRIVILEGES: dict[str, tuple[str, ...]] = {
     "/vms": (
         "VM.Allocate", "VM.Clone", "VM.Config.Disk", "VM.Config.CDROM", "VM.Config.Cloudinit",
@@ -69,6 +73,7 @@ class LabHost:
     ssh_port: int = SSH_PORT
     api_port: int = API_PORT
     tls: str = "ca"  # "ca": inventory gets tls_ca_file; "fingerprint": tls_fingerprint
+    pve_version: str = PVE_VERSION  # drives /version, the privilege catalogue and agent permission checks
 
 
 @dataclass
@@ -128,6 +133,21 @@ class LabConfig:
             if h.name == name:
                 return h
         raise LabError(f"the lab has no hypervisor {name!r} (have: {', '.join(h.name for h in self.hosts)})")
+
+
+def playbook_grants(root: Path, version: str, node: str, storages: list[str]) -> dict[str, list[str]]:
+    """What ansible/playbooks/hypervisor.yml grants the factory's user and token on a node of this version:
+    the role's own privilege list for the major and its ACL paths (the rule of pve_factory_acl_paths),
+    read from the role's defaults, so the lab can never be more generous than a prepared host."""
+    import yaml
+
+    defaults = yaml.safe_load((root / PLAYBOOK_DEFAULTS).read_text(encoding="utf-8"))
+    major = min(max(int(version.split(".")[0]), 8), 9)
+    privileges = [*defaults["pve_factory_privileges_common"], *defaults["pve_factory_privileges_agent"][major],
+                  *defaults["pve_factory_privileges_storage_and_node"]]
+    paths = ["/vms", *(f"/storage/{s}" for s in dict.fromkeys(storages)), "/sdn/zones/localnetwork",
+             f"/nodes/{node}"]
+    return {path: list(privileges) for path in paths}
 
 
 def host_address(slot: int, index: int) -> str:

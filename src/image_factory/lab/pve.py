@@ -46,6 +46,7 @@ from fakepve.routing import param_error
 from fakepve.storage import parse_name_dir
 
 from . import vmrunner
+from .privileges import catalogue
 from .spec import NodeSpec
 
 log = logging.getLogger("image_factory.lab")
@@ -64,6 +65,7 @@ DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 
              "create": 1.0, "imgcopy": 2.0}
 LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
 # Guest-agent commands relayed to the real agent as guest-<command> without arguments.
+FILE_READ_MAX = 16 * 1024 * 1024  # PVE's agent/file-read limit
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -103,6 +105,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.cluster_name = ""
         self.version = spec.version
         self.release_version = ".".join(spec.version.split(".")[:2])
+        self.major = int(spec.version.split(".")[0])
         self.time_scale = spec.time_scale
         self.client_max_size = 16 * 1024 ** 2
         self.body_timeout = 600.0
@@ -198,7 +201,6 @@ class LabPve(FakePve):  # fakepve is untyped
         if self.acl is None or "!" not in who or who.split("!")[0] == "root@pam":
             result: dict[str, dict[str, int]] = await super()._permissions(v, user)
             return result
-        from fakepve import shapes
         owner = who.split("!")[0]
         if v.get("path") is not None:
             paths = [str(v["path"])]
@@ -207,9 +209,7 @@ class LabPve(FakePve):  # fakepve is untyped
         out: dict[str, dict[str, int]] = {}
         for path in paths:
             try:
-                # PVE 8.4 still has VM.Monitor, which fakepve's PVE 9 privilege list lacks.
-                known = {*shapes.PRIVILEGES, "VM.Monitor"}
-                held = sorted(priv for priv in known if self.allowed(who, path, priv))
+                held = sorted(priv for priv in catalogue(self.major) if self.allowed(who, path, priv))
             except ValueError:
                 held = []
             if held or v.get("path") is not None:
@@ -218,8 +218,9 @@ class LabPve(FakePve):  # fakepve is untyped
 
     def _check(self, user: str, check: Any, values: dict[str, Any], declared: Any = None) -> Any:
         """PVE 8.4's guest-agent permission: fakepve's schema is PVE 9's (VM.GuestAgent.*); 8.4 checks
-        VM.Monitor on /vms/{vmid} for every agent command."""
-        if check and check[0] == "perm" and any(str(p).startswith("VM.GuestAgent.") for p in check[2]):
+        VM.Monitor on /vms/{vmid} for every agent command. A 9.x node checks what the schema says."""
+        if self.major < 9 and check and check[0] == "perm" and any(
+                str(p).startswith("VM.GuestAgent.") for p in check[2]):
             check = ["perm", check[1], ["VM.Monitor"]]
         return super()._check(user, check, values, declared)
 
@@ -1083,12 +1084,30 @@ class LabPve(FakePve):  # fakepve is untyped
                 if key in result:
                     result[key] = base64.b64decode(result[key]).decode(errors="replace")
             return result
+        if command == "file-read":
+            return await asyncio.to_thread(self._relay_file_read, vm, ask, str(values["file"]))
         if command not in RELAYED:
             raise PveError(500, f"VM {vm.vmid} qmp command 'guest-{command}' failed - not supported by the lab")
         answer = await asyncio.to_thread(ask, "guest-" + command)
         if command == "network-get-interfaces":
             answer = self._with_lab_address(vm, proc, answer)
         return {"result": answer}
+
+    @staticmethod
+    def _relay_file_read(vm: FakeVm, ask: Any, path: str) -> dict[str, Any]:
+        """PVE's agent/file-read: guest-file-open, -read (up to 16 MiB), -close; content decoded."""
+        import base64
+
+        handle = ask("guest-file-open", {"path": path, "mode": "r"})
+        try:
+            chunk = ask("guest-file-read", {"handle": handle, "count": FILE_READ_MAX})
+        finally:
+            ask("guest-file-close", {"handle": handle})
+        data = base64.b64decode(chunk.get("buf-b64", ""))
+        answer: dict[str, Any] = {"content": data.decode(errors="replace")}
+        if not chunk.get("eof", True):
+            answer["truncated"] = True
+        return answer
 
     def _with_lab_address(self, vm: FakeVm, proc: vmrunner.VmProcess, interfaces: Any) -> Any:
         """Add the VM's lab address to the guest NIC that has the first NIC's MAC: the host reaches the
