@@ -108,16 +108,13 @@ def test_started_vm_boots_and_answers_ssh_with_its_inventory_mac(fresh_lab: LabH
     lab_address, _ = fresh_lab.vm_ssh_address(vm.vmid)
     assert addresses[0] == lab_address and "10.0.2.15" in addresses, "lab address first, then the guest's own"
     endpoint = ssh_to_guest(fresh_lab, "pve-tenant", vm, addresses[0])
-    # agent exec is relayed to the real agent: it reads the same host key the console printed
-    started = c.post(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/exec",
-                     command=["cat", "/etc/ssh/ssh_host_ed25519_key.pub"])
-    status: dict[str, object] = {}
-    for _ in range(100):
-        status = c.get(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/exec-status", pid=started["pid"])
-        if status.get("exited"):
-            break
-        time.sleep(0.3)
-    assert " ".join(str(status["out-data"]).split()[:2]) == endpoint.host_key
+    # pve-tenant runs PVE 9: exec needs VM.GuestAgent.Unrestricted, which the factory's role does not hold
+    with pytest.raises(ApiError) as refused:
+        c.post(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/exec", command=["cat", "/etc/ssh/ssh_host_ed25519_key.pub"])
+    assert refused.value.status == 403 and "VM.GuestAgent.Unrestricted" in refused.value.pve_message
+    # file-read (VM.GuestAgent.FileRead) is relayed to the real agent: the same host key the console printed
+    answer = c.get(f"/nodes/{c.node}/qemu/{vm.vmid}/agent/file-read", file="/etc/ssh/ssh_host_ed25519_key.pub")
+    assert " ".join(str(answer["content"]).split()[:2]) == endpoint.host_key
     with connect(vm.name, endpoint, timeout=30) as guest:
         assert guest.run(["hostname"]).stdout.strip() == vm.name
         assert vm.nics[0].mac in guest.run("cat /sys/class/net/*/address").stdout.split()
