@@ -35,9 +35,9 @@ def settings() -> Settings:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: run ./dev setup")
     try:
-        from image_factory.baseimage import ensure_base_image
+        from image_factory.lab.baseimage import ensure_base_image
     except ImportError:
-        pytest.skip("image_factory.baseimage does not exist yet: no offline base image to build from")
+        pytest.skip("image_factory.lab.baseimage does not exist yet: no offline base image to build from")
     s = Settings.from_mapping({"accelerator": "auto"})
     ensure_base_image(s)
     return s

@@ -18,8 +18,8 @@ import pytest
 
 from image_factory import imagetest as it
 from image_factory import manifest as mf
-from image_factory.baseimage import ensure_base_image
 from image_factory.inventory import Image, Source
+from image_factory.lab.baseimage import ensure_base_image
 from image_factory.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

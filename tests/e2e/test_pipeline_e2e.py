@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from image_factory import deploy
-from image_factory.baseimage import ensure_base_image
+from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.pipeline import _prove_guest, run_pipeline
 from image_factory.pve import PveClient

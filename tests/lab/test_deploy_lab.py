@@ -21,9 +21,9 @@ import pytest
 
 from image_factory import deploy as dep
 from image_factory import publish
-from image_factory.baseimage import ensure_base_image
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint
+from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.ownership import Marker
 from image_factory.pve import PveClient

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from image_factory.baseimage import ensure_base_image
 from image_factory.inventory import SshEndpoint, Vm
+from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.pve import ApiError, PveClient
 from image_factory.settings import Settings

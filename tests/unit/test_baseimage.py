@@ -1,4 +1,4 @@
-"""Unit tests for image_factory.baseimage: mirror discovery, checksum file, cache decisions."""
+"""Unit tests for image_factory.lab.baseimage: mirror discovery, checksum file, cache decisions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import baseimage as bi
+from image_factory.lab import baseimage as bi
 from image_factory.manifest import sha256_file
 from image_factory.settings import Settings
 

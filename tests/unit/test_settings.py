@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import baseimage
+from image_factory.lab import baseimage
 from image_factory.settings import Settings
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""lab.base-image: the offline Debian base image (logic in image_factory.baseimage)."""
+"""lab.base-image: the offline Debian base image (logic in image_factory.lab.baseimage)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ._common import handle_errors, settings, task
 def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
                json: bool = False) -> None:
     """Build (or reuse) builds/base/debian-12-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
-    from .. import baseimage as bi
+    from ..lab import baseimage as bi
 
     s = settings(c)
     if check:
@@ -39,7 +39,7 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
 @handle_errors
 def fetch_debs(c: Context, mirror: str | None = None) -> None:
     """Download the base image's .deb files into the shared cache (./dev setup runs this)."""
-    from .. import baseimage as bi
+    from ..lab import baseimage as bi
 
     s = settings(c)
     fetched = bi.fetch_packages(s, mirror=mirror)

@@ -7,7 +7,8 @@ from invoke.exceptions import Exit
 from rich.table import Table
 
 from ..console import console, emit_json, styled, write_report
-from ..pipeline import DemoReport, ImageRun, PipelineReport, run_demo, run_pipeline
+from ..lab.demo import DemoReport, run_demo
+from ..pipeline import ImageRun, PipelineReport, run_pipeline
 from ._common import handle_errors, settings, site, task
 
 

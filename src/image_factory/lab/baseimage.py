@@ -38,10 +38,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import console
-from .errors import FactoryError
-from .manifest import sha256_file
-from .settings import Settings
+from ..console import console
+from ..errors import FactoryError
+from ..manifest import sha256_file
+from ..settings import Settings
 
 SUITE = "bookworm"
 IMAGE_NAME = "debian-12-base.qcow2"

@@ -1,0 +1,36 @@
+"""The layering is a contract (pyproject.toml, [tool.importlinter]; docs/architecture.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from image_factory.settings import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def test_import_contracts_are_kept() -> None:
+    exe = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(exe), "--no-cache"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "broken" in proc.stdout and " 0 broken" in proc.stdout
+
+
+def test_a_stage_importing_the_lab_breaks_the_contract(tmp_path: Path) -> None:
+    """The same check on a copy of the package in which a stage imports the lab: it must fail."""
+    import shutil
+
+    pkg = tmp_path / "src" / "image_factory"
+    shutil.copytree(REPO_ROOT / "src" / "image_factory", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    deploy = pkg / "deploy.py"
+    deploy.write_text(deploy.read_text() + "\nfrom .lab import controller  # noqa\n")
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    exe = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(exe), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0, proc.stdout
+    assert "image_factory.deploy -> image_factory.lab" in proc.stdout.replace("\n", " ") or "BROKEN" in proc.stdout
