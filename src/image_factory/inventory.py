@@ -15,10 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -63,11 +64,30 @@ def _dns_name(v: str) -> str:
     return v
 
 
+def _matching(regex: re.Pattern[str], what: str) -> AfterValidator:
+    def check(v: str) -> str:
+        if not regex.match(v):
+            raise ValueError(f"{v!r} is not {what}")
+        return v
+
+    return AfterValidator(check)
+
+
 def _remote_path(v: str) -> str:
     if not REMOTE_PATH_RE.match(v) or "/../" in f"{v}/" or "/./" in f"{v}/":
         raise ValueError(f"{v!r} must be an absolute path on the hypervisor of letters, digits, '_', '.', '-', '/' "
                          "without '.' or '..' segments")
     return v.rstrip("/") or "/"
+
+
+# PVE's formats as field types: a value that reaches a property string or a remote path is checked here.
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+NodeName = Annotated[str, _matching(NODE_RE, "a PVE node name (letters, digits and '-', at most 63)")]
+BridgeId = Annotated[str, _matching(BRIDGE_RE, "a PVE bridge id (letters, digits, '_', '.', '-', at most 15)")]
+StorageId = Annotated[str, _matching(STORAGE_ID_RE, "a PVE storage id ([a-z][a-z0-9_.-]*[a-z0-9])")]
+ImageName = Annotated[str, _matching(IMAGE_NAME_RE, "an image name ([a-z0-9][a-z0-9.-]*, never a path)")]
+UnixUser = Annotated[str, _matching(UNIX_USER_RE, "a user name ([a-z_][a-z0-9_-]*, at most 32)")]
+RemotePath = Annotated[str, AfterValidator(_remote_path)]
 
 
 class Strict(BaseModel):
@@ -97,7 +117,7 @@ class VmidRange(Strict):
 class SshEndpoint(Strict):
     host: str
     port: int = Field(default=22, ge=1, le=65535)
-    user: str = "root"
+    user: UnixUser = "root"
 
     @field_validator("host")
     @classmethod
@@ -106,13 +126,6 @@ class SshEndpoint(Strict):
             return str(ipaddress.ip_address(v.strip("[]")))
         except ValueError:
             return _dns_name(v)
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        if not UNIX_USER_RE.match(v):
-            raise ValueError(f"{v!r} is not a user name ([a-z_][a-z0-9_-]*, at most 32)")
-        return v
     host_key: str = Field(description="pinned public host key, 'ssh-ed25519 AAAA...'")
     key_file: Path | None = Field(default=None, description="client private key; default: ssh agent/~/.ssh")
 
@@ -126,31 +139,19 @@ class SshEndpoint(Strict):
 
 
 class Storages(Strict):
-    images: str = Field(default="local-lvm", description="storage that holds VM and template disks")
-    import_: str = Field(default="local", alias="import", description="file storage with 'import' content")
-    import_dir: str = Field(default="/var/lib/vz/import", description="that storage's import/ directory")
-    cloudinit: str = Field(default="local-lvm", description="storage for the cloud-init drive")
-    staging_dir: str = Field(default="/var/tmp", description="where PVE stages API uploads")
+    images: StorageId = Field(default="local-lvm", description="storage that holds VM and template disks")
+    import_: StorageId = Field(default="local", alias="import", description="file storage with 'import' content")
+    import_dir: RemotePath = Field(default="/var/lib/vz/import", description="that storage's import/ directory")
+    cloudinit: StorageId = Field(default="local-lvm", description="storage for the cloud-init drive")
+    staging_dir: RemotePath = Field(default="/var/tmp", description="where PVE stages API uploads")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @field_validator("import_dir", "staging_dir")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        return _remote_path(v)
-
-    @field_validator("images", "import_", "cloudinit")
-    @classmethod
-    def _storage_id(cls, v: str) -> str:
-        if not STORAGE_ID_RE.match(v):
-            raise ValueError(f"{v!r} is not a PVE storage id ([a-z][a-z0-9_.-]*[a-z0-9])")
-        return v
-
 
 class Hypervisor(Strict):
-    name: str
+    name: DnsName
     role: Plane
-    node: str
+    node: NodeName
     api_url: str
     token_id: str
     token_secret_env: str | None = None
@@ -159,26 +160,9 @@ class Hypervisor(Strict):
     tls_fingerprint: str | None = None
     ssh: SshEndpoint
     storage: Storages = Storages()
-    bridge: str = "vmbr0"
+    bridge: BridgeId = "vmbr0"
     template_vmids: VmidRange
     vm_vmids: VmidRange
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _dns_name(v)
-
-    @field_validator("node")
-    @classmethod
-    def _node(cls, v: str) -> str:
-        if not NODE_RE.match(v):
-            raise ValueError(f"{v!r} is not a PVE node name (letters, digits and '-', at most 63)")
-        return v
-
-    @field_validator("bridge")
-    @classmethod
-    def _bridge(cls, v: str) -> str:
-        return _bridge_id(v)
 
     @field_validator("api_url")
     @classmethod
@@ -213,12 +197,6 @@ class Hypervisor(Strict):
 
 
 # ----------------------------------------------------------------------------------------------- VMs
-
-
-def _bridge_id(v: str) -> str:
-    if not BRIDGE_RE.match(v):
-        raise ValueError(f"{v!r} is not a PVE bridge id (letters, digits, '_', '.', '-', at most 15)")
-    return v
 
 
 def _ssh_public_key(entry: str) -> str:
@@ -257,17 +235,12 @@ def mac_problem(mac: str) -> str | None:
 class Nic(Strict):
     mac: str
     model: Literal["virtio", "e1000", "vmxnet3", "rtl8139"] = "virtio"
-    bridge: str | None = None
+    bridge: BridgeId | None = None
     vlan: int | None = Field(default=None, ge=1, le=4094)
     firewall: bool = True
     address: str | None = Field(
         default=None, description="IPv4 address for this NIC's DHCP reservation/DNS entry (mac.export)"
     )
-
-    @field_validator("bridge")
-    @classmethod
-    def _bridge(cls, v: str | None) -> str | None:
-        return v if v is None else _bridge_id(v)
 
     @field_validator("address")
     @classmethod
@@ -318,7 +291,7 @@ class StaticIp(Strict):
 
 
 class CloudInit(Strict):
-    user: str = "ansible"
+    user: UnixUser = "ansible"
     ssh_keys: list[str] = Field(default_factory=list)
     ipconfig: Literal["dhcp"] | StaticIp = "dhcp"
     nameserver: str | None = None
@@ -329,13 +302,6 @@ class CloudInit(Strict):
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
         return [_ssh_public_key(key) for key in v]
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        if not UNIX_USER_RE.match(v):
-            raise ValueError(f"{v!r} is not a user name ([a-z_][a-z0-9_-]*, at most 32)")
-        return v
 
     @field_validator("nameserver")
     @classmethod
@@ -366,7 +332,7 @@ class Vm(Strict):
     plane: Plane
     vmid: int = Field(ge=100, le=999_999_999)
     hypervisor: str | None = None
-    image: str
+    image: ImageName
     role: str
     cores: int = Field(default=2, ge=1, le=128)
     memory: int = Field(default=2048, ge=256, le=MAX_MEMORY_MIB, description="MiB")
@@ -402,13 +368,6 @@ class Vm(Strict):
         if reserved:
             raise ValueError(f"tag(s) {reserved}: 'factory-' tags are the factory's own")
         return sorted(set(v))
-
-    @field_validator("image")
-    @classmethod
-    def _image(cls, v: str) -> str:
-        if not IMAGE_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not an image name ([a-z0-9][a-z0-9.-]*, never a path)")
-        return v
 
     @field_validator("description")
     @classmethod
@@ -491,7 +450,7 @@ class Source(Strict):
 
 
 class Image(Strict):
-    name: str
+    name: ImageName
     family: Literal["fedora", "debian"]
     release: int = Field(ge=1)
     mode: Literal["iso", "cloud"]
@@ -507,13 +466,6 @@ class Image(Strict):
     compress: bool = True
     # Apply the release's updates during the build (reboot into a newer kernel before sealing).
     updates: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not IMAGE_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not an image name ([a-z0-9][a-z0-9.-]*, never a path)")
-        return v
 
     @model_validator(mode="after")
     def _eol_known(self) -> Image:
