@@ -83,7 +83,8 @@ def run_pipeline(
     if preflight:
         # Before a build is wasted: the hosts must be able to take what this run will publish.
         console.print(f"preflight (publish) on {', '.join(hosts)} ...")
-        pf.run_preflight(settings, site, hosts, checks=pf.PUBLISH_CHECKS, images=names).raise_for_failures()
+        pf.run_preflight(settings, site, hosts, checks=pf.PUBLISH_CHECKS, images=names,
+                         transport=transport).raise_for_failures()
     report = PipelineReport(started_at=_now())
     started = time.monotonic()
     for name in names:

@@ -350,7 +350,8 @@ class _HostRun:
     """Runs the checks for one hypervisor; every call is read-only."""
 
     def __init__(self, settings: Settings, site: Site, hv: Hypervisor, checks: tuple[str, ...],
-                 need: SpaceNeed, timeout: float, client_factory: Callable[[Hypervisor], PveClient] | None):
+                 need: SpaceNeed, timeout: float, client_factory: Callable[[Hypervisor], PveClient] | None,
+                 transport: str = "ssh"):
         self.settings = settings
         self.site = site
         self.hv = hv
@@ -358,6 +359,7 @@ class _HostRun:
         self.need = need
         self.timeout = timeout
         self.client_factory = client_factory
+        self.transport = transport
         self.client: PveClient | None = None
         self.link: SshLink | None = None
         self.results: dict[str, CheckResult] = {}
@@ -624,14 +626,20 @@ class _HostRun:
                 hints.append(f"free at least {human_bytes(need.bytes - avail)} on storage {sid} of {hv.node} "
                              f"(old uploads: `pvesm list {sid} --content import`)")
         assert self.link is not None
-        dirs = list(dict.fromkeys([hv.storage.staging_dir, hv.storage.import_dir]))
-        for d in dirs:
+        # Free space is a property of a filesystem, not of a directory. An SSH upload writes the import
+        # directory only; an API upload is staged in staging_dir (/var/tmp) and then COPIED into import/,
+        # so both copies exist at once (shared/pve-facts.md): on a default install, where both are on the
+        # root filesystem, that is twice the artifact there.
+        uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
+                                                       if self.transport == "api" else [])
+        filesystems: dict[str, dict[str, Any]] = {}
+        for d, what in uses:
             res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)
             rows = [ln.split() for ln in res.stdout.splitlines()[1:] if ln.strip()]
             if res.status != 0 or not rows or len(rows[-1]) < 6:
                 why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"df exited {res.status}"
                 problems.append(f"cannot measure free space in {d} on {hv.node}: {why}")
-                if d == hv.storage.import_dir:
+                if what == "import":
                     hints.append(
                         f"{d} should be storage {sid}'s import/ directory: enable `import` content on {sid} "
                         f"(PVE creates the directory) or fix pve.storage.import_dir"
@@ -639,16 +647,23 @@ class _HostRun:
                 else:
                     hints.append(f"create {d} on {hv.node} or fix pve.storage.staging_dir")
                 continue
-            avail = int(rows[-1][3]) * 1024
             mount = rows[-1][5]
-            seen.append(f"{d}: {human_bytes(avail)} free")
-            if avail < need.bytes:
+            fs = filesystems.setdefault(mount, {"avail": int(rows[-1][3]) * 1024, "dirs": []})
+            fs["dirs"].append(d)
+        for mount, fs in filesystems.items():
+            copies = len(fs["dirs"])
+            wanted = need.bytes * copies
+            avail = fs["avail"]
+            seen.append(f"{mount} ({', '.join(fs['dirs'])}): {human_bytes(avail)} free")
+            if avail < wanted:
+                times = f"{copies} x " if copies > 1 else ""
                 problems.append(
-                    f"{d} on {hv.node} (filesystem {mount}) has {human_bytes(avail)} free, the largest artifact "
-                    f"needs {human_bytes(need.bytes)} ({need.source})"
+                    f"filesystem {mount} on {hv.node} (holding {' and '.join(fs['dirs'])}) has {human_bytes(avail)} "
+                    f"free, {self.transport} uploads need {times}{human_bytes(need.bytes)} there ({need.source})"
+                    + (": the API stages the upload and then copies it, both at once" if copies > 1 else "")
                 )
-                hints.append(f"free at least {human_bytes(need.bytes - avail)} on {mount} of {hv.node}"
-                             + (" (PVE stages API uploads there)" if d == hv.storage.staging_dir else ""))
+                hints.append(f"free at least {human_bytes(wanted - avail)} on {mount} of {hv.node}"
+                             + (", or publish with --transport ssh (one copy)" if copies > 1 else ""))
         if problems:
             self._fail(CHECK_SPACE, "; ".join(problems), "; ".join(hints))
         else:
@@ -730,19 +745,21 @@ def run_preflight(
     images: Sequence[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     client_factory: Callable[[Hypervisor], PveClient] | None = None,
+    transport: str = "ssh",
 ) -> PreflightReport:
     """Run the (read-only) checks on each selected hypervisor in parallel.
 
     ``hypervisors``: names or Hypervisor objects (default: all; unknown names raise ValidationFailed
     before anything runs).
     ``checks``: names or a group (:data:`PUBLISH_CHECKS`, :data:`DEPLOY_CHECKS`); prerequisites are
-    added. ``images``: restrict the space check's "largest artifact" to these images.
+    added. ``images``: restrict the space check's "largest artifact" to these images. ``transport``: how
+    publish will upload (the space an API upload needs differs, see check_space).
     """
     names_wanted = [h if isinstance(h, str) else h.name for h in hypervisors or ()]
     selected = site.select_hypervisors(names_wanted or None)
     names = expand_checks(checks)
     need = largest_artifact(settings, site, images) if CHECK_SPACE in names else SpaceNeed(0, "")
-    runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory) for hv in selected]
+    runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory, transport) for hv in selected]
     report = PreflightReport(checks=names)
     if not runs:
         return report

@@ -377,14 +377,26 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
         fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at=""))
     before = twin.state()
     report = pf.run_preflight(twin.settings, site, [twin.host], checks=pf.PUBLISH_CHECKS)
-    message = assert_failure(
+    assert_failure(
         report, twin.host, "space", "import storage 'local' has ",
         " free, the largest artifact needs 20.0 MiB (artifact of debian-lab (build b7))",
-        f"{small_fs / 'var-tmp'} on pve-tenant (filesystem {small_fs}) has ",
-        f"{small_fs / 'vz' / 'import'} on pve-tenant (filesystem {small_fs}) has ",
+        f"filesystem {small_fs} on pve-tenant (holding {small_fs / 'vz' / 'import'}) has ",
+        "free, ssh uploads need 20.0 MiB there",
         hint="on storage local of pve-tenant",
     )
-    assert "(PVE stages API uploads there)" in message
+    assert twin.writes() == [] and twin.state() == before
+    # 34 MiB free: one copy fits (SSH uploads write import/ only), an API upload's two copies do not
+    with (small_fs / "filler").open("r+b") as fh:
+        fh.truncate(30 << 20)
+    twin.pve.storages["local"]["path"] = str(small_fs / "vz")
+    assert pf.run_preflight(twin.settings, site, [twin.host], checks=["space"]).result(twin.host, "space").ok
+    api = pf.run_preflight(twin.settings, site, [twin.host], checks=["space"], transport="api")
+    assert_failure(
+        api, twin.host, "space",
+        f"filesystem {small_fs} on pve-tenant (holding {small_fs / 'vz' / 'import'} and {small_fs / 'var-tmp'})",
+        "api uploads need 2 x 20.0 MiB there", "the API stages the upload and then copies it, both at once",
+        hint="or publish with --transport ssh (one copy)",
+    )
     assert twin.writes() == [] and twin.state() == before
     assert sorted(p.name for p in small_fs.rglob("*")) == ["filler", "import", "var-tmp", "vz"]  # nothing written
 

@@ -86,11 +86,13 @@ def handle_errors(func: F) -> F:
 
 
 def preflight_gate(
-    s: Settings, model: Site, hypervisors: list[str] | None, group: str, images: list[str] | None = None
+    s: Settings, model: Site, hypervisors: list[str] | None, group: str, images: list[str] | None = None,
+    transport: str = "ssh",
 ) -> None:
     """Run the preflight checks a stage relies on; stop with preflight's own messages when one fails."""
     from ..preflight import CHECK_GROUPS, run_preflight
 
     names = hypervisors or list(model.hypervisors)
     console.print(f"preflight ({group}) on {', '.join(names)} ...")
-    run_preflight(s, model, names, checks=CHECK_GROUPS[group], images=images).raise_for_failures()
+    run_preflight(s, model, names, checks=CHECK_GROUPS[group], images=images,
+                  transport=transport).raise_for_failures()

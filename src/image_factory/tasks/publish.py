@@ -45,7 +45,7 @@ def template(
     model.image(name)
     model.select_hypervisors(hypervisor or None)
     if not skip_preflight:
-        preflight_gate(settings, model, hypervisor or None, "publish", [name])
+        preflight_gate(settings, model, hypervisor or None, "publish", [name], transport=transport)
     report = publish_image(
         settings, model, name, hypervisors=hypervisor or None, transport=transport,
         keep=_keep(keep) if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
