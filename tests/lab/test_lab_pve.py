@@ -93,11 +93,23 @@ def test_upload_content_import_with_checksum_lands_in_import(fresh_lab: LabHandl
     assert resp.status_code == 200, resp.text
     c.wait_task(resp.json()["data"], timeout=30)
     listed = c.get(f"/nodes/{c.node}/storage/local/content", content="import")
-    assert [(v["volid"], v["size"]) for v in listed] == [("local:import/fedora-44+build=1.qcow2", len(data))]
-    assert (Path(hv.storage.import_dir) / "fedora-44+build=1.qcow2").read_bytes() == data
+    # PVE rewrites every character outside [a-zA-Z0-9_.-] of an uploaded name, + and = included
+    assert [(v["volid"], v["size"]) for v in listed] == [("local:import/fedora-44_build_1.qcow2", len(data))]
+    assert (Path(hv.storage.import_dir) / "fedora-44_build_1.qcow2").read_bytes() == data
+    assert not (Path(hv.storage.import_dir) / "fedora-44+build=1.qcow2").exists()
 
 
-@pytest.mark.parametrize("name", ["bad name.qcow2", "image.img", "image.qcow2.part", "ümlaut.raw"])
+@pytest.mark.parametrize(("sent", "kept"), [("bad name.qcow2", "bad_name.qcow2"), ("a+b=c.raw", "a_b_c.raw")])
+def test_upload_rewrites_names_then_keeps_them(fresh_lab: LabHandle, sent: str, kept: str) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [("content", "import"), ("filename", (sent, io.BytesIO(b"x" * 10), "application/x"))])
+    assert resp.status_code == 200, resp.text
+    c.wait_task(resp.json()["data"], timeout=30)
+    assert [v["volid"] for v in c.get(f"/nodes/{c.node}/storage/local/content", content="import")] == [
+        f"local:import/{kept}"]
+
+
+@pytest.mark.parametrize("name", ["image.img", "image.qcow2.part", "noextension"])
 def test_upload_import_refuses_names_outside_pves_rule(fresh_lab: LabHandle, name: str) -> None:
     hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
     resp = upload(hv, c, [("content", "import"), ("filename", (name, io.BytesIO(b"x" * 10), "application/x"))])

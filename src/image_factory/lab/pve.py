@@ -383,7 +383,8 @@ class LabPve(FakePve):  # fakepve is untyped
                 if isinstance(part, BodyPartReader) and part.filename is not None and part.name == "filename":
                     if staged is not None:
                         raise PveError(400, "bad upload request - more than one file")
-                    filename = Path(part.filename).name
+                    # PVE 8.4's upload endpoint rewrites every character outside [a-zA-Z0-9_.-] (+ and = too)
+                    filename = re.sub(r"[^a-zA-Z0-9_.-]", "_", Path(part.filename).name)
                     self._check_upload_fields(fields, filename, store, name)
                     digest_algo = fields.get("checksum-algorithm")
                     hasher = hashlib.new(digest_algo) if digest_algo else None
@@ -429,7 +430,12 @@ class LabPve(FakePve):  # fakepve is untyped
             try:
                 if expected is not None and got != expected.lower():
                     raise TaskError(f"checksum mismatch: got '{got}' != expect '{expected}'")
-                await asyncio.to_thread(shutil.move, str(staged), str(dest))
+                # PVE copies (cp) the staged file into place and removes it afterwards: both copies exist
+                # at once, twice the image where /var/tmp and the storage share a filesystem.
+                await asyncio.to_thread(shutil.copyfile, str(staged), str(dest))
+            except OSError as exc:
+                dest.unlink(missing_ok=True)
+                raise TaskError(f"copy '{staged}' to '{dest}' failed: {exc.strerror or exc}") from None
             finally:
                 staged.unlink(missing_ok=True)
             return f"target file: {dest}"
