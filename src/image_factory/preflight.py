@@ -22,6 +22,8 @@ vmids      the template and VM id ranges hold no guest the factory does not own
            (owned = tagged :data:`FACTORY_TAG`)
 macs       no VM on the node but the inventory VM itself carries an inventory MAC (foreign VMs
            and templates included; each host is checked against the whole inventory)
+tags       the datacenter tag policy (``/cluster/options``: ``user-tag-access``, ``registered-tags``)
+           lets the token set the factory's tags, which otherwise needs Sys.Modify on /
 ========== ===========================================================================
 
 Each failure carries a hint that says how to fix it. :func:`run_preflight` returns a
@@ -61,16 +63,18 @@ CHECK_SPACE = "space"
 CHECK_BRIDGE = "bridge"
 CHECK_VMIDS = "vmids"
 CHECK_MACS = "macs"
+CHECK_TAGS = "tags"
 
 ALL_CHECKS: tuple[str, ...] = (
     CHECK_TLS, CHECK_SSH, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES,
-    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS,
+    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS, CHECK_TAGS,
 )
 # publish uploads over SSH and registers templates through the API: everything.
 PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
 # deploy only clones and configures through the API: no SSH, no upload space.
 DEPLOY_CHECKS: tuple[str, ...] = (
     CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES, CHECK_STORAGE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS,
+    CHECK_TAGS,
 )
 CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
 
@@ -86,6 +90,7 @@ PREREQUISITES: dict[str, tuple[str, ...]] = {
     CHECK_BRIDGE: (CHECK_TLS, CHECK_TOKEN),
     CHECK_VMIDS: (CHECK_TLS, CHECK_TOKEN),
     CHECK_MACS: (CHECK_TLS, CHECK_TOKEN),
+    CHECK_TAGS: (CHECK_TLS, CHECK_TOKEN),
 }
 
 MIN_VERSION = (8, 4)
@@ -384,6 +389,7 @@ class _HostRun:
             CHECK_VERSION: self.check_version, CHECK_PRIVILEGES: self.check_privileges,
             CHECK_STORAGE: self.check_storage, CHECK_SPACE: self.check_space,
             CHECK_BRIDGE: self.check_bridge, CHECK_VMIDS: self.check_vmids, CHECK_MACS: self.check_macs,
+            CHECK_TAGS: self.check_tags,
         }
         try:
             for name in self.checks:
@@ -719,6 +725,52 @@ class _HostRun:
             )
         else:
             self._ok(CHECK_VMIDS, f"{ranges}: free or factory-owned ({owned} owned)")
+
+    def factory_tags(self) -> set[str]:
+        """The tags the factory sets on this host: its marker and test states, the planes, the inventory's
+        roles and tags. Image and build tags are made per build and can never be listed in advance."""
+        tags = {FACTORY_TAG, "tested", "untested"}
+        for vm in self.site.vms_on(self.hv.name):
+            tags.update(vm.all_tags)
+        return tags
+
+    def check_tags(self) -> None:
+        assert self.client is not None
+        try:
+            options = self.client.get("/cluster/options")
+        except ApiError as exc:
+            if exc.status == 403:
+                self._ok(CHECK_TAGS, "the datacenter tag policy is not readable by the token (Sys.Audit on /); "
+                                     "if `user-tag-access` is not free or a factory tag is registered, creating "
+                                     "templates and VMs fails (Datacenter > Options)")
+                return
+            raise
+        access = dict(p.split("=", 1) for p in str(options.get("user-tag-access", "")).split(",") if "=" in p)
+        allow = access.get("user-allow", "free")
+        allowed = {t for t in access.get("user-allow-list", "").split(";") if t}
+        registered = {t for t in str(options.get("registered-tags", "")).split(";") if t}
+        ours = self.factory_tags()
+        problems = []
+        if allow in ("none", "existing"):
+            problems.append(f"user-tag-access user-allow={allow}: tags cannot be set freely")
+        elif allow == "list":
+            problems.append(f"user-tag-access user-allow=list ({', '.join(sorted(allowed)) or 'empty'}): per-build "
+                            "tags (image, build-<id>) are never on the list"
+                            + (f", nor are {', '.join(sorted(ours - allowed))}" if ours - allowed else ""))
+        if ours & registered:
+            problems.append(f"registered-tags holds {', '.join(sorted(ours & registered))}")
+        if not problems:
+            self._ok(CHECK_TAGS, f"user-tag-access user-allow={allow}; no factory tag is registered")
+            return
+        held = effective_privileges(self.client.get("/access/permissions", path="/"), "/")
+        if "Sys.Modify" in held:
+            self._ok(CHECK_TAGS, "; ".join(problems) + " (the token holds Sys.Modify on /, which the policy allows)")
+            return
+        self._fail(CHECK_TAGS, "; ".join(problems) + ": setting the factory's tags needs Sys.Modify on /, which "
+                               "the token does not hold",
+                   "on the node as root: pvesh set /cluster/options --user-tag-access user-allow=free"
+                   + (f" and take {', '.join(sorted(ours & registered))} out of registered-tags" if ours & registered
+                      else "") + " (Datacenter > Options > User Tag Access)")
 
     def check_macs(self) -> None:
         assert self.client is not None

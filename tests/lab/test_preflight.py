@@ -422,3 +422,21 @@ def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
     assert "pve-mgmt: storage: storage 'local' lacks content type import" in proc.stderr
     assert f"fix: pvesm set local --content {import_disabled},import" in proc.stderr
     assert lab_snapshot(fresh_lab) == before
+
+
+def test_datacenter_tag_policy_is_reported(twin: Twin):
+    """PVE 9 (and 8.4): a restrictive tag policy makes the factory's tags need Sys.Modify on / ."""
+    r = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
+    assert r.ok and "not readable by the token (Sys.Audit on /)" in r.detail  # what the playbook grants
+    token = twin.site.hypervisors[twin.host].token_id
+    for who in (token, token.split("!")[0]):
+        twin.pve.grant(who, "/", "Sys.Audit")
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=existing", "registered-tags": "mgmt;tenant"})
+    report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"])
+    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=existing",
+                   "registered-tags holds tenant", "needs Sys.Modify on /",
+                   hint="pvesh set /cluster/options --user-tag-access user-allow=free")
+    twin.pve.cluster_options.clear()
+    ok = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
+    assert ok.ok and "user-allow=free" in ok.detail
+    assert twin.writes() == []

@@ -125,6 +125,7 @@ class LabPve(FakePve):  # fakepve is untyped
                       "path": str(spec.storage_dir), "volumes": {}},
         }
         self.storage_locks: dict[str, StorageLock] = {}
+        self.cluster_options: dict[str, str] = {}  # datacenter.cfg: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}
         self._after_io: dict[int, list[Any]] = {}
@@ -803,9 +804,24 @@ class LabPve(FakePve):  # fakepve is untyped
     # ------------------------------------------------------- resize, network
 
     def _routes_lab(self) -> list[tuple[str, str, Any]]:
-        return [("PUT", "/nodes/{node}/qemu/{vmid}/resize", self._qm_resize),
+        return [("GET", "/cluster/options", self._cluster_options_get),
+                ("PUT", "/cluster/options", self._cluster_options_set),
+                ("PUT", "/nodes/{node}/qemu/{vmid}/resize", self._qm_resize),
                 ("GET", "/nodes/{node}/network", self._network_list),
                 ("GET", "/nodes/{node}/status", self._node_status)]
+
+    async def _cluster_options_get(self, v: dict[str, Any], user: str) -> dict[str, Any]:
+        """Datacenter options (Sys.Audit on /): the tag policy the factory's tags are subject to."""
+        self.require(user, "/", "Sys.Audit")
+        return {"keyboard": "en-us", **self.cluster_options}
+
+    async def _cluster_options_set(self, v: dict[str, Any], user: str) -> None:
+        self.require(user, "/", "Sys.Modify")
+        for key in ("user-tag-access", "registered-tags", "tag-style"):
+            if key in v:
+                self.cluster_options[key] = str(v[key])
+        for key in str(v.get("delete", "")).split(","):
+            self.cluster_options.pop(key.strip(), None)
 
     async def _node_status(self, v: dict[str, Any], user: str) -> dict[str, Any]:
         self.require(user, f"/nodes/{v['node']}", "Sys.Audit")
