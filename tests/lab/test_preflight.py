@@ -440,3 +440,22 @@ def test_datacenter_tag_policy_is_reported(twin: Twin):
     ok = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
     assert ok.ok and "user-allow=free" in ok.detail
     assert twin.writes() == []
+
+
+def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
+    """An 8 -> 9 upgrade without re-running the playbook: PVE 9 dropped VM.Monitor from the stored role and
+    nothing gave the VM.GuestAgent.* privileges. Preflight names them with a fix valid on 9; nothing changes."""
+    assert twin.pve.version.startswith("9.")
+    token = twin.site.hypervisors[twin.host].token_id
+    acl = twin.pve.acl
+    assert acl is not None
+    for who in (token, token.split("!")[0]):
+        acl[who] = [(path, {p for p in privs if not p.startswith("VM.GuestAgent.")}) for path, privs in acl[who]]
+    before = twin.state()
+    report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["version", "privileges"])
+    assert report.result(twin.host, "version").ok
+    message = assert_failure(
+        report, twin.host, "privileges", "lacks VM.GuestAgent.Audit, VM.GuestAgent.FileRead on /vms",
+        hint=f"pveum role modify ImageFactory --privs {','.join(pf.required_privileges(9))}")
+    assert "VM.Monitor" not in message
+    assert twin.writes() == [] and twin.state() == before
