@@ -37,6 +37,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from . import contents as contents_mod
 from . import manifest
 from .console import console, styled
 from .errors import FactoryError
@@ -324,6 +325,32 @@ def boot_guest(
         raise
 
 
+def read_guest_contents(guest: Guest, family: str, timeout: float = 60.0) -> contents_mod.Contents:
+    """Packages, kernel and os-release of the booted image, over an SSH session whose host key is the one
+    the guest announced on its serial console."""
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(guest.known_hosts))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+
+    def run(command: str) -> str:
+        _, out, err = client.exec_command(command, timeout=timeout)
+        text = out.read().decode(errors="replace")
+        if out.channel.recv_exit_status() != 0:
+            raise ImageTestError(f"reading the image's contents: `{command}` failed: "
+                                 f"{err.read().decode(errors='replace').strip()[-300:]}")
+        return text
+
+    try:
+        client.connect("127.0.0.1", port=guest.port, username=guest.user, key_filename=str(guest.key_file),
+                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                       allow_agent=False, look_for_keys=False)  # fmt: skip
+        return contents_mod.read_contents(run, family)
+    except (paramiko.SSHException, OSError) as exc:
+        raise ImageTestError(f"reading the image's contents over SSH failed: {exc}") from None
+    finally:
+        client.close()
+
+
 def _ssh_ready(guest: Guest, timeout: float) -> bool:
     client = paramiko.SSHClient()
     client.load_host_keys(str(guest.known_hosts))
@@ -453,6 +480,10 @@ def test_image(
         rc = proc.returncode
         output = proc.stdout.decode(errors="replace")
         (build_dir / OUTPUT_NAME).write_text(output, encoding="utf-8")
+        t_contents = time.monotonic()
+        inside = read_guest_contents(guest, image.family)
+        contents_mod.save(build_dir, inside, image=image.name, build_id=m.build_id)
+        figures["contents_s"] = round(time.monotonic() - t_contents, 1)
         if keep_running:
             console.print(
                 f"guest kept running: ssh -i {guest.key_file} -p {guest.port} "
@@ -493,7 +524,7 @@ def test_image(
     )
     summary = {**asdict(result), "image": image.name, "figures": figures, "outcomes": counts.outcomes}
     (build_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    manifest.record_test_result(build_dir, result)
+    manifest.record_test_result(build_dir, result, inside.summary())
     colour = "green" if ok else "red"
     console.print(styled(
         f"[{colour}]image test {{}}: {{}}[/] ({{}} passed, {{}} failed, {{}} errors, {{}} skipped) {{}}", image.name,

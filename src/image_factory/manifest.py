@@ -71,6 +71,8 @@ class Manifest:
     ansible_strategy: str = ""
     skip_tests: bool = False
     image_test: ImageTestResult | None = None
+    # What is inside (contents.py): packages_digest, packages, kernel, os; read by the image test.
+    contents: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
 
     @property
@@ -140,9 +142,11 @@ def save(build_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
-def record_test_result(build_dir: Path, result: ImageTestResult) -> Manifest:
+def record_test_result(build_dir: Path, result: ImageTestResult, contents: dict[str, Any] | None = None) -> Manifest:
     m = require(build_dir)
     m.image_test = result
+    if contents is not None:
+        m.contents = contents
     save(build_dir, m)
     return m
 

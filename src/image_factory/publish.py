@@ -159,6 +159,13 @@ def template_description(
         f"tested: {'yes' if tested else 'no (published with --force-untested)' if forced else 'no'}",
         f"import_file: {import_file}",
         f"git: {manifest.git.get('commit', '?')}{' (dirty)' if manifest.git.get('dirty') else ''}",
+        f"built_at: {manifest.finished_at}",
+    ]
+    if manifest.contents:
+        inside = manifest.contents
+        lines += [f"packages: {inside.get('packages', '?')} (digest {inside.get('packages_digest', '?')})",
+                  f"os: {inside.get('os', '?')}, kernel {inside.get('kernel', '?')}"]
+    lines += [
         f"published_at: {published_at}",
         f"publish_run: {run_id}",
     ]

@@ -79,6 +79,18 @@ def test_base_image_passes_common_and_hygiene(base_image: Path, tmp_path: Path) 
     assert mf.require(build_dir).tested_ok()
     assert (build_dir / it.JUNIT_NAME).is_file() and (build_dir / it.SERIAL_NAME).is_file()
     assert not list(build_dir.glob(".imagetest-*")), "overlay/seed left behind"
+    # what is inside, read from the booted image: packages, kernel, os-release, an SBOM, the digest in the manifest
+    from image_factory import contents as ct
+
+    inside = json.loads((build_dir / ct.PACKAGES_NAME).read_text())
+    names = {p["name"] for p in inside["packages"]}
+    assert {"openssh-server", "cloud-init", "qemu-guest-agent", "python3"} <= names, sorted(names)[:20]
+    assert inside["os_release"]["ID"] == "debian" and inside["kernel"]
+    sbom = json.loads((build_dir / ct.SBOM_NAME).read_text())
+    assert sbom["bomFormat"] == "CycloneDX" and len(sbom["components"]) == len(names) + 1
+    assert mf.require(build_dir).contents == {"packages_digest": inside["packages_digest"], "packages": len(names),
+                                              "kernel": inside["kernel"], "os": inside["os_release"]["PRETTY_NAME"],
+                                              "os_version_id": inside["os_release"]["VERSION_ID"]}
 
 
 def _debugfs(spec: str, commands: str, tmp: Path) -> None:

@@ -18,8 +18,9 @@ import pytest
 
 from image_factory import deploy
 from image_factory.lab.baseimage import ensure_base_image
+from image_factory.lab.demo import _prove_guest
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
-from image_factory.pipeline import _prove_guest, run_pipeline
+from image_factory.pipeline import run_pipeline
 from image_factory.pve import PveClient
 from image_factory.settings import REPO_ROOT, Settings
 

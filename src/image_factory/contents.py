@@ -1,0 +1,147 @@
+"""What is inside a built image: its packages, kernel and os-release, read from the booted image.
+
+The image test reads them over its verified SSH session (one command per family, chosen from a
+registry), the build directory keeps them as ``packages.json`` and a CycloneDX SBOM
+(``sbom.cdx.json``, cyclonedx-python-lib), and the manifest records the package-set digest, which
+publish writes into the template description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FactoryError
+
+PACKAGES_NAME = "packages.json"
+SBOM_NAME = "sbom.cdx.json"
+SEP = "\t"
+
+
+class ContentsError(FactoryError):
+    """The image's package list could not be read or made sense of."""
+
+
+@dataclass(frozen=True)
+class PackageQuery:
+    """How one family lists its installed packages as name<TAB>epoch:version-release<TAB>arch lines."""
+
+    command: str
+    purl_type: str  # package-url type: deb, rpm
+
+
+PACKAGE_QUERIES: dict[str, PackageQuery] = {
+    "debian": PackageQuery(
+        "dpkg-query -W -f '${db:Status-Status}\\t${binary:Package}\\t${Version}\\t${Architecture}\\n'", "deb"),
+    "fedora": PackageQuery("rpm -qa --qf 'installed\\t%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\n'",
+                           "rpm"),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Package:
+    name: str
+    version: str  # epoch:version-release as the package manager says it
+    arch: str
+
+
+@dataclass
+class Contents:
+    family: str
+    packages: list[Package]
+    kernel: str
+    os_release: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the sorted package set: equal digests, equal installed software."""
+        lines = "\n".join(f"{p.name} {p.version} {p.arch}" for p in sorted(self.packages))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        return {"packages_digest": self.digest, "packages": len(self.packages), "kernel": self.kernel,
+                "os": self.os_release.get("PRETTY_NAME", ""), "os_version_id": self.os_release.get("VERSION_ID", "")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "kernel": self.kernel, "os_release": self.os_release,
+                "packages_digest": self.digest, "packages": [asdict(p) for p in sorted(self.packages)]}
+
+
+def parse_packages(text: str) -> list[Package]:
+    packages = []
+    for line in text.splitlines():
+        parts = line.split(SEP)
+        if len(parts) != 4:
+            continue
+        status, name, version, arch = parts
+        if status.strip() == "installed" and name:
+            packages.append(Package(name.split(":")[0], version, arch))
+    return sorted(set(packages))
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = " ".join(shlex.split(value)) if value.strip() else ""
+    return out
+
+
+def read_contents(run: Callable[[str], str], family: str) -> Contents:
+    """Ask the booted image through ``run`` (a command -> stdout function over the test session)."""
+    query = PACKAGE_QUERIES.get(family)
+    if query is None:
+        raise ContentsError(f"no package query for family {family!r} (known: {', '.join(PACKAGE_QUERIES)})")
+    packages = parse_packages(run(query.command))
+    if not packages:
+        raise ContentsError(f"{family}: the package query listed no installed package")
+    return Contents(family, packages, run("uname -r").strip(), parse_os_release(run("cat /etc/os-release")))
+
+
+def purl(contents: Contents, package: Package) -> str:
+    from packageurl import PackageURL
+
+    distro = contents.os_release.get("ID", contents.family)
+    query = PACKAGE_QUERIES[contents.family]
+    qualifiers = {"arch": package.arch, "distro": f"{distro}-{contents.os_release.get('VERSION_ID', '')}"}
+    return str(PackageURL(type=query.purl_type, namespace=distro, name=package.name, version=package.version,
+                          qualifiers=qualifiers))
+
+
+def sbom_json(contents: Contents, *, image: str, build_id: str) -> str:
+    """A CycloneDX 1.6 SBOM: the image as the root component, the OS and every installed package."""
+    from cyclonedx.model.bom import Bom
+    from cyclonedx.model.component import Component, ComponentType
+    from cyclonedx.output.json import JsonV1Dot6
+    from packageurl import PackageURL
+
+    bom = Bom()
+    root = Component(name=image, version=build_id, type=ComponentType.OPERATING_SYSTEM, bom_ref=f"image:{image}")
+    bom.metadata.component = root
+    distro = Component(name=contents.os_release.get("ID", contents.family),
+                       version=contents.os_release.get("VERSION_ID", ""), type=ComponentType.OPERATING_SYSTEM,
+                       description=contents.os_release.get("PRETTY_NAME", ""), bom_ref=f"os:{contents.family}")
+    bom.components.add(distro)
+    parts = [distro]
+    for package in sorted(contents.packages):
+        ref = purl(contents, package)
+        component = Component(name=package.name, version=package.version, type=ComponentType.LIBRARY,
+                              purl=PackageURL.from_string(ref), bom_ref=ref)
+        bom.components.add(component)
+        parts.append(component)
+    bom.register_dependency(root, parts)
+    return JsonV1Dot6(bom).output_as_string(indent=2)
+
+
+def save(build_dir: Path, contents: Contents, *, image: str, build_id: str) -> tuple[Path, Path]:
+    packages = build_dir / PACKAGES_NAME
+    packages.write_text(json.dumps(contents.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    sbom = build_dir / SBOM_NAME
+    sbom.write_text(sbom_json(contents, image=image, build_id=build_id) + "\n", encoding="utf-8")
+    return packages, sbom
