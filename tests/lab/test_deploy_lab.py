@@ -400,3 +400,18 @@ def test_markers_forged_through_the_api_never_cause_a_destroy(lab: LabHandle) ->
     for host, vmid in ((MGMT, 1101), (TENANT, 2201)):
         assert vmid in api_vmids(lab, host)
         assert PveClient(lab.hv(host)).get(f"/nodes/{host}/qemu/{vmid}/status/current")["status"] == "running"
+
+
+def test_guest_agent_answers_before_the_guest_has_an_address(lab: LabHandle) -> None:
+    """Right after the start the agent reports the NIC without an address (DHCP not done yet): readiness
+    waits for the address on the inventory MAC instead of taking the first answer."""
+    vm = lab.site.vms["metrics01"]
+    [r] = deploy(lab, [vm.name], wait=False).results
+    assert r.state == "created", r.to_dict()
+    c = PveClient(lab.hv(MGMT))
+    first = c.get(f"/nodes/{MGMT}/qemu/{vm.vmid}/agent/network-get-interfaces")["result"]
+    nic = next(i for i in first if i["hardware-address"] == vm.macs[0])
+    assert nic["ip-addresses"] == []
+    assert dep.guest_address(first, vm.macs[0]) is None
+    address = dep.wait_ready(c, vm, timeout=30)
+    assert address == lab.vm_ssh_address(vm.vmid)[0]

@@ -66,6 +66,7 @@ DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 
 LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
 # Guest-agent commands relayed to the real agent as guest-<command> without arguments.
 FILE_READ_MAX = 16 * 1024 * 1024  # PVE's agent/file-read limit
+AGENT_ADDRESS_DELAY = 1.0  # PVE seconds from start until a started VM's agent reports an address
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -1152,9 +1153,13 @@ class LabPve(FakePve):  # fakepve is untyped
             "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}],
         }]
         nics = proc.nics if proc is not None else vmrunner.nics_of(vm.config)
+        # A real guest's agent answers before DHCP has given it an address: so does the lab's, for the
+        # first AGENT_ADDRESS_DELAY PVE seconds after the start.
+        addressed = proc is not None or (time.time() - float(getattr(vm, "started_at", None) or 0)
+                                         >= AGENT_ADDRESS_DELAY * self.time_scale)
         for n, (_key, mac) in enumerate(nics):
             item: dict[str, Any] = {"name": f"eth{n}", "hardware-address": mac.lower(), "ip-addresses": []}
-            if n == 0:
+            if n == 0 and addressed:
                 item["ip-addresses"].append({"ip-address": vmrunner.vm_address(self.spec.slot, vm.vmid),
                                              "ip-address-type": "ipv4", "prefix": 32})
             out.append(item)
