@@ -415,3 +415,14 @@ def test_guest_agent_answers_before_the_guest_has_an_address(lab: LabHandle) -> 
     assert dep.guest_address(first, vm.macs[0]) is None
     address = dep.wait_ready(c, vm, timeout=30)
     assert address == lab.vm_ssh_address(vm.vmid)[0]
+
+
+def test_a_bridge_without_sdn_use_is_refused_and_nothing_is_left(lab: LabHandle) -> None:
+    """PVE checks SDN.Use on the bridge of every NIC written; without it the config update fails and deploy
+    removes the half-made clone."""
+    vm = lab.site.vms["jump01"]  # nic 1: bridge vmbr1, VLAN 99
+    lab.fail(MGMT, "POST", f"/nodes/{MGMT}/qemu/{vm.vmid}/config", status=403,
+             message="Permission check failed (/sdn/zones/localnetwork/vmbr1/99, SDN.Use)", times=1)
+    [r] = deploy(lab, [vm.name], wait=False).results
+    assert r.state == "failed" and "SDN.Use" in (r.error or "") and r.cleanup == "removed"
+    assert vm.vmid not in api_vmids(lab, MGMT)

@@ -109,3 +109,24 @@ def test_access_permissions_of_a_token_are_its_effective_rights(tmp_path: Path) 
     exact = asyncio.run(pve._permissions({"path": "/vms/1101"}, TOKEN_ID))
     assert list(exact) == ["/vms/1101"] and "VM.Clone" not in exact["/vms/1101"]
     assert "VM.PowerMgmt" in exact["/vms/1101"]
+
+
+def test_nic_bridges_need_sdn_use_as_in_qemu_server(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    pve._check_bridge_access(TOKEN_ID, {"net0": "virtio=02:DE:10:01:01:00,bridge=vmbr0,tag=5", "memory": "1024"})
+    pve.acl[TOKEN_ID] = [(p, s - {"SDN.Use"}) for p, s in pve.acl[TOKEN_ID]]
+    with pytest.raises(PveError) as err:
+        pve._check_bridge_access(TOKEN_ID, {"net1": "virtio,bridge=vmbr1,tag=99"})
+    assert "/sdn/zones/localnetwork/vmbr1/99" in str(getattr(err.value, "message", err.value))
+    pve._check_bridge_access(TOKEN_ID, {"memory": "1024"})  # no NIC written: nothing to check
+
+
+def test_a_pve9_node_checks_the_guest_agent_privileges_themselves(tmp_path: Path) -> None:
+    import dataclasses
+
+    pve = make(tmp_path)
+    nine = LabPve(dataclasses.replace(pve.spec, version="9.1.4", control_socket=tmp_path / "ctl9.sock",
+                                      privileges={"/vms": ["VM.Audit", "VM.Monitor"]}))
+    check = ["perm", "/vms/{vmid}", ["VM.GuestAgent.Audit"], "any", 1]
+    ok, why = nine._check(TOKEN_ID, check, {"vmid": 1101})
+    assert not ok and "VM.GuestAgent.Audit" in why  # VM.Monitor means nothing on 9

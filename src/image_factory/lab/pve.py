@@ -643,8 +643,21 @@ class LabPve(FakePve):  # fakepve is untyped
         for job in self._after_io.pop(vm.vmid, []):
             await job()
 
+    def _check_bridge_access(self, user: str, params: dict[str, Any]) -> None:
+        """qemu-server's check_bridge_access: every netN's bridge (and VLAN tag) needs SDN.Use on
+        /sdn/zones/localnetwork/<bridge>[/<tag>] for the calling user or token."""
+        for key, value in params.items():
+            if not re.fullmatch(r"net\d+", key):
+                continue
+            props = dict(p.split("=", 1) for p in str(value).split(",") if "=" in p)
+            bridge = props.get("bridge")
+            if bridge:
+                path = f"/sdn/zones/localnetwork/{bridge}" + (f"/{props['tag']}" if props.get("tag") else "")
+                self.require(user, path, "SDN.Use")
+
     async def _qm_create(self, v: dict[str, Any], user: str) -> str:
         """`start=1`: the new VM boots (a real qemu) once its disks are made, inside the create task."""
+        self._check_bridge_access(user, v)
         vmid = int(v["vmid"])
         if v.get("start") and str(v.get("start")) not in ("0", "false"):
             async def launch() -> None:
@@ -668,6 +681,7 @@ class LabPve(FakePve):  # fakepve is untyped
         if digest and digest != vm.digest():
             raise PveError(500, "checksum mismatch (file change by other user?)")
         self._check_lock(vm)
+        self._check_bridge_access(user, updates)
         made: list[str] = []
         try:
             for key in sorted(updates):
