@@ -72,3 +72,25 @@ def watch_final_name() -> FinalNameWatch:
             watcher.join()
 
     return watch
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Callable[[Path, int], Path]]:
+    """Mount a tmpfs of the given MiB at a directory (made if missing): a small real filesystem for full-disk
+    tests. Skips where mounting is not allowed; everything mounted is unmounted afterwards."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(where: Path, mib: int) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0777", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)

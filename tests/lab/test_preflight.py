@@ -347,19 +347,11 @@ def test_privilege_missing_from_the_token_acl_only(twin: Twin):
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
+def small_fs(tmp_path: Path, small_tmpfs: Any) -> Path:
     """A 64 MiB filesystem (tmpfs), 56 MiB of it used: a nearly full disk."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
-        (mnt / "filler").write_bytes(b"\0" * (56 << 20))
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+    mnt = small_tmpfs(tmp_path / "small", 64)
+    (mnt / "filler").write_bytes(b"\0" * (56 << 20))
+    return mnt
 
 
 def test_storage_nearly_full(twin: Twin, small_fs: Path):

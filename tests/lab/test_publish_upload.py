@@ -253,25 +253,18 @@ def test_no_scp_needed() -> None:
         assert shutil.which(tool), tool
 
 
-def test_full_disk_is_named_at_the_first_failure_without_blind_retries(sshd: Sshd, tmp_path: Path) -> None:
+def test_full_disk_is_named_at_the_first_failure_without_blind_retries(sshd: Sshd, tmp_path: Path,
+                                                                       small_tmpfs: Any) -> None:
     """The import directory is a 4 MiB filesystem (tmpfs): the 8 MiB upload hits ENOSPC half-way."""
     art, digest = _artifact(tmp_path, 8 * 1024 * 1024)
-    small = sshd.storage / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(small)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
-        up = _uploader(sshd.endpoint())
-        started = time.monotonic()
-        with pytest.raises(UploadError, match="No space left on device") as err:
-            up.upload(art, str(small), "img-full.qcow2", digest)
-        up.close()
-        message = str(err.value)
-        assert message.startswith("hv:") and partial_name("img-full.qcow2") in message and "MiB free" in message
-        assert "attempts" not in message  # the first failure, not the last of many
-        assert time.monotonic() - started < 30, "no blind retries"
-        assert not (small / "img-full.qcow2").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+    small = small_tmpfs(sshd.storage / "small", 4)
+    up = _uploader(sshd.endpoint())
+    started = time.monotonic()
+    with pytest.raises(UploadError, match="No space left on device") as err:
+        up.upload(art, str(small), "img-full.qcow2", digest)
+    up.close()
+    message = str(err.value)
+    assert message.startswith("hv:") and partial_name("img-full.qcow2") in message and "MiB free" in message
+    assert "attempts" not in message  # the first failure, not the last of many
+    assert time.monotonic() - started < 30, "no blind retries"
+    assert not (small / "img-full.qcow2").exists()
