@@ -213,9 +213,6 @@ class DeployPlan:
     vms: list[VmPlan]
     recreate: bool = False
 
-    def by_action(self, action: str) -> list[VmPlan]:
-        return [p for p in self.vms if p.action == action]
-
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for p in self.vms:

@@ -317,12 +317,6 @@ def select_prunes(templates: list[TemplateInfo], current_digest: str | None, kee
     return others[max(slots, 0):]
 
 
-def _shq(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
 # ------------------------------------------------------------------------------ plan and report
 
 
