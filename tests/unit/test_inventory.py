@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def test_example_site_loads_with_both_planes(no_network: None) -> None:
     assert len([v for v in site.vms.values() if v.plane == "mgmt"]) >= 3
     for vm in site.vms.values():
         assert site.hypervisor_for(vm).role == vm.plane
-    assert {"fedora-44-iso", "fedora-44", "fedora-43", "debian-lab"} <= set(site.images)
+    assert {"fedora-44-iso", "fedora-44", "fedora-45", "debian-lab"} <= set(site.images)
 
 
 def test_mgmt_vms_are_full_clones_and_tenant_default_linked() -> None:
@@ -198,10 +199,10 @@ def test_undefined_hypervisor(tmp_path: Path, no_network: None) -> None:
 
 def test_bad_catalogue_value_names_image_and_key(tmp_path: Path, no_network: None) -> None:
     cat = example_catalogue()
-    cat["images"]["fedora-43"]["mode"] = "netboot"
+    cat["images"]["fedora-45"]["mode"] = "netboot"
     cat["images"]["fedora-44-iso"]["source"]["checksum"] = "md5:abc"
     problems = problems_of(tmp_path, cat=cat)
-    assert only(problems, "fedora-43", "mode").file.endswith("images.yml")
+    assert only(problems, "fedora-45", "mode").file.endswith("images.yml")
     only(problems, "fedora-44-iso", "source.checksum")
 
 
@@ -268,12 +269,10 @@ def test_inventory_check_json_summary(tmp_path: Path) -> None:
 
 
 def test_eol_gate_warns_within_30_days_and_refuses_after() -> None:
-    from datetime import date
-
     from image_factory.inventory import eol_gate
 
     site = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
-    f43 = site.images["fedora-43"]
+    f43 = site.images["fedora-44"].model_copy(update={"name": "fedora-43", "release": 43, "eol": date(2026, 12, 2)})
     assert f43.eol is not None
     assert eol_gate([f43], "images.yml", today=date(2026, 10, 1)) == []
     [warning] = eol_gate([f43], "images.yml", today=f43.eol)
