@@ -292,3 +292,29 @@ def test_mac_check_live_names_host_vmid_and_nic(fsite: FakeSite, capsys: pytest.
     assert code == 1, text
     assert f"jump01 nics[1] {mac} is already used by pve-tenant VMID 2998 (copied-nic) net3" in text, text
     assert all(m == "GET" for pve in fsite.pves.values() for m, _, _ in pve.requests), "--live only reads"
+
+
+# ------------------------------------------------------------------ flags mean the same everywhere
+
+
+def _task_arguments() -> list[tuple[str, Any]]:
+    out = []
+    ns = program().namespace
+    assert ns is not None
+    for name in ns.task_names:
+        task = ns[name]
+        out.extend((name, arg) for arg in task.get_arguments())
+    return out
+
+
+def test_short_i_is_inventory_in_every_task_and_the_mgmt_flag_has_no_short_form() -> None:
+    args = _task_arguments()
+    assert any(a.attr_name == "i_know_this_is_mgmt" for _, a in args)
+    for task_name, arg in args:
+        key = arg.attr_name or arg.name
+        if "i" in arg.names:
+            assert key == "inventory", f"{task_name}: -i means --{arg.name}"
+        if key == "inventory":
+            assert "i" in arg.names, f"{task_name}: --inventory has no -i"
+        if key in ("i_know_this_is_mgmt", "recreate", "force_untested"):
+            assert all(len(n) > 1 for n in arg.names), f"{task_name}: {key} has a short form {arg.names}"
