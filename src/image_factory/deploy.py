@@ -538,7 +538,7 @@ def _gather_host(run: _Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
             continue
         config, pending_keys, _ = _effective_config(client, vm.vmid)
         observed[vm.vmid] = Observed(entry, config, pending_keys)
-    return HostState(templates, observed, host_mac_uses(client, hv.name))
+    return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()))
 
 
 def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[MacUse]] | None, *,

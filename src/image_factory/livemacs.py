@@ -61,10 +61,12 @@ def net_macs(config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def host_mac_uses(client: PveClient, host: str) -> dict[str, list[MacUse]]:
-    """Every MAC on the host (templates and foreign VMs included), with where it is."""
+def host_mac_uses(client: PveClient, host: str, entries: Iterable[Mapping[str, Any]] | None = None
+                  ) -> dict[str, list[MacUse]]:
+    """Every MAC on the host (templates and foreign VMs included), with where it is. ``entries``: the
+    host's VM listing when the caller has just read it."""
     uses: dict[str, list[MacUse]] = {}
-    for entry in client.list_vms():
+    for entry in client.list_vms() if entries is None else entries:
         vmid = int(entry["vmid"])
         try:
             cfg = client.vm_config(vmid)
