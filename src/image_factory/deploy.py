@@ -39,7 +39,7 @@ from .inventory import Hypervisor, Site, StaticIp, Vm
 from .livemacs import MacUse, host_mac_uses, mac_collisions
 from .ownership import INCOMPLETE_TAG, Marker, marker_block, user_description, with_marker
 from .pve import ApiError, PveClient, TaskFailed, retry_on_lock
-from .pvecodec import NetSpec, parse_props
+from .pvecodec import NetSpec, format_tags, parse_props, parse_tags
 from .settings import Settings
 from .sshlink import SshLink
 
@@ -99,10 +99,6 @@ def ipconfig_value(vm: Vm) -> str:
     if isinstance(ip, StaticIp):
         return f"ip={ip.ip},gw={ip.gw}" if ip.gw else f"ip={ip.ip}"
     return "ip=dhcp"
-
-
-def split_tags(value: str | None) -> list[str]:
-    return sorted({t for t in re.split(r"[;, ]+", value or "") if t})
 
 
 # ------------------------------------------------------------------------------------ templates
@@ -338,7 +334,7 @@ def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef, run_id: str) -
     if ci.searchdomain:
         cfg["searchdomain"] = ci.searchdomain
     cfg["ciupgrade"] = "1" if ci.upgrade else "0"
-    cfg["tags"] = ";".join(vm.all_tags)
+    cfg["tags"] = format_tags(vm.all_tags)
     cfg["description"] = describe(vm, template, run_id)
     return cfg
 
@@ -432,9 +428,9 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mappin
     have_ip = parse_props(str(config.get("ipconfig0", "")))
     if have_ip != parse_props(ipconfig_value(vm)):
         diffs.append(FieldDiff("ipconfig0", config.get("ipconfig0"), ipconfig_value(vm), True))
-    have_tags = split_tags(config.get("tags"))
-    if have_tags != vm.all_tags:
-        diffs.append(FieldDiff("tags", have_tags, vm.all_tags, True))
+    have_tags, want_tags = parse_tags(config.get("tags")), parse_tags(vm.all_tags)
+    if have_tags != want_tags:
+        diffs.append(FieldDiff("tags", have_tags, want_tags, True))
     disk = boot_disk(config)
     want_bytes = vm.disk_gb * 1024**3
     if disk is not None and disk[1] < want_bytes:
@@ -750,11 +746,9 @@ def _configure(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: T
         params["delete"] = ",".join(deletes)
     if not params:
         return []
-    if digest:
-        params["digest"] = digest
     run.guard(hv, f"configuring {vm.name}")
     with _retry() as retry:
-        retry(lambda: _wait(client, client.post(f"{path}/config", **params), timeout))
+        retry(lambda: client.update_vm_config(vm.vmid, digest=digest, timeout=timeout, **params))
     pending = client.get(f"{path}/pending") or []
     return sorted(str(i["key"]) for i in pending if "pending" in i or int(i.get("delete") or 0))
 
@@ -876,8 +870,8 @@ def _mark_incomplete(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, templ
     try:
         run.guard(hv, f"marking {vm.name} incomplete")
         cfg = client.vm_config(vm.vmid)
-        tags = sorted({*split_tags(cfg.get("tags")), INCOMPLETE_TAG})
-        client.put(f"{client.node_path}/qemu/{vm.vmid}/config", tags=";".join(tags),
+        tags = format_tags([*parse_tags(cfg.get("tags")), INCOMPLETE_TAG])
+        client.put(f"{client.node_path}/qemu/{vm.vmid}/config", tags=tags,
                    description=describe(vm, template, run.run_id, incomplete=True))
         return True
     except FactoryError:

@@ -48,6 +48,7 @@ from .errors import FactoryError, RemoteError
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
 from .pve import ApiError, PveClient
+from .pvecodec import parse_tags
 from .settings import Settings
 from .sshlink import HostKeyMismatch, SshLink
 
@@ -709,7 +710,7 @@ class _HostRun:
             if rng is None:
                 continue
             kind = str(g.get("type", "qemu"))
-            tags = split_list(g.get("tags"))
+            tags = parse_tags(g.get("tags"))
             if kind == "qemu" and FACTORY_TAG in tags:
                 owned += 1
                 continue

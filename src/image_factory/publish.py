@@ -53,6 +53,7 @@ from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
 from .pve import ApiError, PveClient, retry_lock_timeouts
+from .pvecodec import format_tags, parse_tags
 from .settings import Settings
 from .sshlink import SshLink
 from .upload import (
@@ -188,10 +189,6 @@ def parse_description(text: str) -> dict[str, str] | None:
     return out
 
 
-def split_tags(value: Any) -> list[str]:
-    return sorted(t for t in re.split(r"[;, ]+", str(value or "")) if t)
-
-
 # ------------------------------------------------------------------------------ templates on a host
 
 
@@ -220,7 +217,7 @@ class TemplateInfo:
 
 def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
     meta = parse_description(str(cfg.get("description", "")))
-    tags = tuple(split_tags(cfg.get("tags")))
+    tags = tuple(parse_tags(cfg.get("tags")))
     if meta is None or FACTORY_TAG not in tags:
         return None
     return TemplateInfo(
@@ -242,7 +239,7 @@ def find_templates(client: PveClient, image_name: str, *, include_incomplete: bo
     """
     found: list[TemplateInfo] = []
     for vm in client.list_vms():
-        tags = split_tags(vm.get("tags"))
+        tags = parse_tags(vm.get("tags"))
         if FACTORY_TAG not in tags:
             continue
         is_template = str(vm.get("template", "0")) == "1"
@@ -754,7 +751,7 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "vmid": vmid,
         "name": art.template_name,
         "description": description,
-        "tags": ";".join(tags),
+        "tags": format_tags(tags),
         "ostype": "l26",
         "memory": min(art.image.memory, 2048),
         "cores": min(art.image.cpus, 2),

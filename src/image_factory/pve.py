@@ -35,6 +35,8 @@ from .secrets import read_secret
 DEFAULT_TIMEOUT = 60.0
 TASK_LOG_LINES = 100_000
 LOCK_TIMEOUT_RE = re.compile(r"can't lock file .* got timeout")
+# PVE's answer to a config update whose `digest` no longer matches (file changed by another writer)
+CONFIG_CHANGED_RE = re.compile(r"checksum mismatch")
 UPID_RE = re.compile(
     r"^UPID:(?P<node>[a-zA-Z0-9][a-zA-Z0-9.-]*):(?P<pid>[0-9A-Fa-f]{8}):(?P<pstart>[0-9A-Fa-f]{8,9}):"
     r"(?P<starttime>[0-9A-Fa-f]{8}):(?P<type>[^:\s]+):(?P<id>[^:\s]*):(?P<user>[^:\s]+):$"
@@ -52,6 +54,10 @@ class TaskFailed(RemoteError):
 
 class TaskTimeout(RemoteError):
     pass
+
+
+class ConfigChanged(RemoteError):
+    """A config update refused because the VM's config changed since it was read: nothing was written."""
 
 
 class ApiError(RemoteError):
@@ -219,6 +225,28 @@ class PveClient:
 
     def list_vms(self) -> list[dict[str, Any]]:
         return list(self.get(f"{self.node_path}/qemu", full=1))
+
+    def update_vm_config(self, vmid: int, *, digest: str | None, timeout: float, **params: Any) -> None:
+        """POST a VM's config (a qmconfig task) guarded by the digest of the config it was planned from.
+
+        A stale digest is refused as an HTTP 500 before the task forks (8.4, 9.x before 9.1.19) or as
+        the task's failure (9.1.19+, which forks before locking; pve-facts.md, Tasks): both become
+        ConfigChanged. Lock timeouts keep their own form for retry_lock_timeouts.
+        """
+        if digest:
+            params["digest"] = digest
+        try:
+            upid = self.post(f"{self.node_path}/qemu/{vmid}/config", **params)
+            if isinstance(upid, str) and upid.startswith("UPID:"):
+                self.wait_task(upid, timeout=timeout)
+        except (ApiError, TaskFailed) as exc:
+            message = exc.pve_message if isinstance(exc, ApiError) else exc.exitstatus
+            if CONFIG_CHANGED_RE.search(message):
+                raise ConfigChanged(
+                    self.name, f"VM {vmid}: its config changed after this run read it (another user or tool "
+                    "edited it; PVE refused the stale digest); nothing was written: re-run to plan against "
+                    "the new config") from exc
+            raise
 
     def active_task_vmids(self) -> set[int]:
         """VMIDs a task on this node is still working on (``source=active``: running tasks only)."""

@@ -6,6 +6,7 @@ parsed values, not strings"; PVE writes the model key first with the MAC as its 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,3 +80,21 @@ class NetSpec:
         return (self.model, (self.mac or "").lower(), tuple(sorted(opts.items())))
 
 
+
+
+_TAG_SEPARATORS = re.compile(r"[;,\s]+")
+
+
+def parse_tags(value: object) -> list[str]:
+    """A VM's ``tags`` as PVE compares them: case-insensitive, so lowercased, unique and sorted.
+
+    8.4 stores tags verbatim on create and 9.1.17+ normalises them (pve-facts.md, Templates): reading
+    through this codec makes both forms, and a tag an operator typed in capitals, compare equal.
+    """
+    items = value if isinstance(value, list | tuple | set) else _TAG_SEPARATORS.split(str(value or ""))
+    return sorted({str(t).strip().lower() for t in items if str(t).strip()})
+
+
+def format_tags(tags: object) -> str:
+    """The ``tags`` value to write: the normalised form, so no PVE version changes what it stores."""
+    return ";".join(parse_tags(tags))

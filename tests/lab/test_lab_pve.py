@@ -23,7 +23,8 @@ from requests_toolbelt import MultipartEncoder
 
 from image_factory.inventory import Hypervisor
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import ApiError, PveClient, TaskFailed, Upid
+from image_factory.pve import ApiError, ConfigChanged, PveClient, TaskFailed, Upid, retry_lock_timeouts
+from image_factory.pvecodec import parse_tags
 from image_factory.sshlink import connect
 
 pytestmark = pytest.mark.lab
@@ -355,14 +356,72 @@ def test_sshkeys_percent_encoded_with_20_is_accepted_and_plus_is_refused(fresh_l
     assert exc.value.status == 400 and "sshkeys" in exc.value.pve_message
 
 
-def test_tags_rules(fresh_lab: LabHandle) -> None:
-    c = client(fresh_lab)
-    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1992, name="t", memory=512, tags="zeta;alpha;mgmt",
+BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.1.19"])
+
+
+@BOTH_VERSIONS
+def test_tags_on_create_by_version(fresh_lab: LabHandle, host: str) -> None:
+    """8.4 stores create's tags verbatim, 9.1.17+ normalises them; updates normalise on both."""
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1992, name="t", memory=512, tags="zeta;Alpha;mgmt",
                timeout=30)
+    stored = c.vm_config(1992)["tags"]
+    assert stored == ("zeta;Alpha;mgmt" if host == MGMT else "alpha;mgmt;zeta")
+    assert parse_tags(stored) == ["alpha", "mgmt", "zeta"]  # what the product compares
+    c.put(f"/nodes/{c.node}/qemu/1992/config", tags="zeta;Alpha;mgmt")
     assert c.vm_config(1992)["tags"] == "alpha;mgmt;zeta"
     with pytest.raises(ApiError) as exc:
         c.put(f"/nodes/{c.node}/qemu/1992/config", tags="bad tag!")
     assert exc.value.status == 400
+
+
+@BOTH_VERSIONS
+def test_stale_digest_is_an_http_error_before_9_1_19_and_a_task_failure_after(
+        fresh_lab: LabHandle, host: str) -> None:
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1994, name="d", memory=512, timeout=30)
+    stale = c.vm_config(1994)["digest"]
+    c.put(f"/nodes/{c.node}/qemu/1994/config", memory=1024)  # another writer
+    raw = c.call  # the wire form first
+    if host == MGMT:
+        with pytest.raises(ApiError, match="checksum mismatch") as http:
+            raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
+        assert http.value.status == 500
+    else:
+        upid = raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
+        with pytest.raises(TaskFailed, match="checksum mismatch"):
+            c.wait_task(upid, timeout=30)
+    # the product's one form for both, and nothing written
+    with pytest.raises(ConfigChanged, match="changed after this run read it"):
+        c.update_vm_config(1994, digest=stale, timeout=30, memory=2048)
+    assert str(c.vm_config(1994)["memory"]) == "1024"
+    c.update_vm_config(1994, digest=c.vm_config(1994)["digest"], timeout=30, memory=2048)
+    assert str(c.vm_config(1994)["memory"]) == "2048"
+
+
+@BOTH_VERSIONS
+def test_config_lock_timeout_form_by_version_and_the_retry_handles_both(fresh_lab: LabHandle, host: str) -> None:
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1995, name="l", memory=512, timeout=30)
+    fresh_lab.time_scale(host, 0.05)  # PVE's 10 s lock wait becomes 0.5 s
+    fresh_lab.lock_vm(host, 1995)
+    if host == MGMT:
+        with pytest.raises(ApiError, match="can't lock file") as http:
+            c.call("POST", f"/nodes/{c.node}/qemu/1995/config", memory=640)
+        assert http.value.status == 500 and http.value.is_lock_timeout
+    else:
+        upid = c.call("POST", f"/nodes/{c.node}/qemu/1995/config", memory=640)
+        with pytest.raises(TaskFailed, match="can't lock file"):
+            c.wait_task(upid, timeout=30)
+    retried: list[str] = []
+
+    def release_on_retry(message: str) -> None:
+        retried.append(message)
+        fresh_lab.clear_faults(host)
+
+    retry_lock_timeouts(lambda: c.update_vm_config(1995, digest=None, timeout=30, memory=768),
+                        attempts=3, delay=0.01, on_retry=release_on_retry)
+    assert len(retried) == 1 and str(c.vm_config(1995)["memory"]) == "768"
 
 
 def test_multicast_mac_is_refused(fresh_lab: LabHandle) -> None:
@@ -381,7 +440,7 @@ def test_fail_hook_makes_the_next_call_fail_once(fresh_lab: LabHandle) -> None:
     fresh_lab.fail(TENANT, "GET", "/version", status=500, message="boom", times=1)
     with pytest.raises(ApiError, match="boom"):
         c.version()
-    assert c.version()["version"] == "9.1.4"  # the tenant host of the mid-upgrade lab
+    assert c.version()["version"] == "9.1.19"  # the tenant host of the mid-upgrade lab
 
 
 def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:

@@ -156,6 +156,17 @@ def test_compare_in_sync_even_with_pve_spelling(site: Site) -> None:
     assert dep.compare(vm, hv, tpl(), cfg) == []
 
 
+def test_tags_stored_verbatim_or_normalised_are_in_sync(site: Site) -> None:
+    """8.4 keeps create's tags as sent, 9.1.17+ lowercases and sorts; an operator may type capitals."""
+    vm = site.vms["jump01"]
+    hv = site.hypervisor_for(vm)
+    cfg = _live_config(vm, hv)
+    for stored in (";".join(reversed(vm.all_tags)), ",".join(t.upper() for t in vm.all_tags),
+                   " ".join(vm.all_tags + [vm.all_tags[0]])):
+        cfg["tags"] = stored
+        assert dep.compare(vm, hv, tpl(), cfg) == [], stored
+
+
 def test_compare_reports_each_field(site: Site) -> None:
     vm = site.vms["jump01"]
     hv = site.hypervisor_for(vm)

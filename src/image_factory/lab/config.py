@@ -39,7 +39,7 @@ SSH_PORT = 22
 PVE_VERSION = "8.4.1"
 PVE_RELEASE = "8.4"
 # A site in the middle of its upgrade: the mgmt host still on 8.4, the tenant host already on 9.
-PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.1.4"}
+PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.1.19"}
 PLAYBOOK_DEFAULTS = "ansible/roles/pve_factory/defaults/main.yml"
 LAB_STORAGE = "local"  # the one directory storage of a lab node: images, import and cloud-init
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret

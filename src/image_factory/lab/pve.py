@@ -43,6 +43,7 @@ from fakepve import FakePve, FakeVm, PveError, TaskError
 from fakepve.lxc import random_mac
 from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, join_drive, split_drive, volume_ref
 from fakepve.routing import param_error
+from fakepve.server import params as request_params
 from fakepve.storage import parse_name_dir
 
 from . import vmrunner
@@ -107,6 +108,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.version = spec.version
         self.release_version = ".".join(spec.version.split(".")[:2])
         self.major = int(spec.version.split(".")[0])
+        self.version_tuple = tuple(int(x) for x in re.findall(r"\d+", spec.version)[:3])
         self.time_scale = spec.time_scale
         self.client_max_size = 16 * 1024 ** 2
         self.body_timeout = 600.0
@@ -655,10 +657,23 @@ class LabPve(FakePve):  # fakepve is untyped
                 path = f"/sdn/zones/localnetwork/{bridge}" + (f"/{props['tag']}" if props.get("tag") else "")
                 self.require(user, path, "SDN.Use")
 
+    def at_least(self, *version: int) -> bool:
+        return self.version_tuple >= version
+
     async def _qm_create(self, v: dict[str, Any], user: str) -> str:
-        """`start=1`: the new VM boots (a real qemu) once its disks are made, inside the create task."""
+        """`start=1`: the new VM boots (a real qemu) once its disks are made, inside the create task.
+
+        Tags: 8.4 and 9.x before 9.1.17 store them verbatim on create (fakepve normalises, as 9.1.17+)."""
         self._check_bridge_access(user, v)
         vmid = int(v["vmid"])
+        if v.get("tags") and not self.at_least(9, 1, 17):
+            verbatim = str(v["tags"])
+
+            async def keep_verbatim() -> None:
+                vm = self.vm(vmid)
+                if vm is not None:
+                    vm.config["tags"] = verbatim
+            self._pending_io.setdefault(vmid, []).append(keep_verbatim)
         if v.get("start") and str(v.get("start")) not in ("0", "false"):
             async def launch() -> None:
                 vm = self.vm(vmid)
@@ -670,10 +685,31 @@ class LabPve(FakePve):  # fakepve is untyped
             upid: str = await super()._qm_create(v, user)
         except BaseException:
             self._after_io.pop(vmid, None)
+            self._pending_io.pop(vmid, None)
             raise
         return upid
 
     # ------------------------------------------------------------ config
+
+    async def _config_post(self, request: web.Request) -> web.Response:
+        """Before 9.1.19 the config POST takes the config lock and checks the digest before it forks the
+        qmconfig task, so a lock timeout or a stale digest is an HTTP 500; 9.1.19+ forks first and both
+        become the task's failure (fakepve's own form)."""
+        if not self.at_least(9, 1, 19):
+            p = await request_params(request)
+            self._verify(request, p)
+            vm = self._vm(request)
+            try:
+                await self.acquire(vm, "config-api")
+            except TaskError as e:
+                raise PveError(500, str(e)) from e
+            try:
+                if p.get("digest") and p["digest"] != vm.digest():
+                    raise PveError(500, "checksum mismatch (file change by other user?)")
+            finally:
+                self.release(vm, "config-api")
+        response: web.Response = await super()._config_post(request)
+        return response
 
     async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
         updates = dict(p)
@@ -682,6 +718,9 @@ class LabPve(FakePve):  # fakepve is untyped
             raise PveError(500, "checksum mismatch (file change by other user?)")
         self._check_lock(vm)
         self._check_bridge_access(user, updates)
+        if updates.get("tags"):
+            # every version sorts and lowercases tags on update (the datacenter default tag-style)
+            updates["tags"] = ";".join(sorted({t.lower() for t in re.split(r"[;, ]+", str(updates["tags"])) if t}))
         made: list[str] = []
         try:
             for key in sorted(updates):

@@ -1,0 +1,37 @@
+"""The property-string codecs: what PVE returns parses, what the factory writes round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from image_factory.pvecodec import NetSpec, format_props, format_tags, parse_props, parse_tags
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("b;a", ["a", "b"]),
+    ("Web,db web", ["db", "web"]),  # PVE splits on ; , and space, and compares case-insensitively
+    ("", []),
+    (None, []),
+    (["X", "x", " y "], ["x", "y"]),
+])
+def test_parse_tags(raw: object, expected: list[str]) -> None:
+    assert parse_tags(raw) == expected
+
+
+def test_format_tags_is_the_normalised_form_and_round_trips() -> None:
+    written = format_tags(["mgmt", "Image-Factory", "jump", "mgmt"])
+    assert written == "image-factory;jump;mgmt"
+    assert format_tags(parse_tags(written)) == written
+
+
+def test_props_round_trip_in_pves_order() -> None:
+    props = parse_props("virtio=BC:24:11:00:00:01,firewall=1,bridge=vmbr0", first_key="model")
+    assert props == {"virtio": "BC:24:11:00:00:01", "firewall": "1", "bridge": "vmbr0"}
+    assert format_props({"firewall": "1", "bridge": "vmbr0"}, ("virtio", "X")) == "virtio=X,bridge=vmbr0,firewall=1"
+
+
+def test_net_round_trip() -> None:
+    spec = NetSpec.parse("virtio=BC:24:11:00:00:01,firewall=1,bridge=vmbr0,tag=20")
+    assert spec.mac == "bc:24:11:00:00:01" and spec.opts == {"bridge": "vmbr0", "firewall": "1", "tag": "20"}
+    assert NetSpec.parse(spec.format()) == spec
+    assert spec.format() == "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,tag=20"
