@@ -52,6 +52,7 @@ from .errors import FactoryError, RemoteError
 from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
+from .ownership import Marker
 from .pve import ApiError, PveClient, retry_lock_timeouts
 from .pvecodec import format_tags, parse_tags
 from .settings import Settings
@@ -287,20 +288,35 @@ def free_vmid(hv: Hypervisor, taken: set[int]) -> int:
 
 
 BASE_DISK_RE = re.compile(r"base-(\d+)-disk-\d+")
+DISK_KEY_RE = re.compile(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+")
+# Storage types whose linked clones do not name their base volume: on LVM-thin a linked clone is a thin
+# snapshot with a plain vm-<id>-disk-<n> id (pve-facts.md, Storage layouts; LvmThinPlugin's own note).
+UNTRACKED_CLONE_TYPES = frozenset({"lvmthin"})
 
 
-def clone_dependents(configs: dict[int, dict[str, Any]], template_vmid: int) -> list[int]:
-    """VMs whose disks are linked clones of the template (they reference its base-<vmid>-disk-N)."""
+def untracked_clone_storages(client: PveClient) -> frozenset[str]:
+    """The host's storages on which a linked clone cannot be told from its volume id."""
+    return frozenset(str(s.get("storage")) for s in client.get(f"{client.node_path}/storage") or []
+                     if s.get("type") in UNTRACKED_CLONE_TYPES)
+
+
+def clone_dependents(configs: dict[int, dict[str, Any]], template_vmid: int,
+                     untracked: frozenset[str] = frozenset()) -> list[int]:
+    """VMs that may be linked clones of the template: their disks reference its base-<vmid>-disk-N, or,
+    on a storage that does not record the base (``untracked``), the factory's marker says the VM was
+    cloned from it (full or linked cannot be told there, so both count: keeping is the safe side)."""
     out = []
     for vmid, cfg in configs.items():
         if vmid == template_vmid:
             continue
-        for key, value in cfg.items():
-            if not re.fullmatch(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+", key):
-                continue
-            if any(int(m) == template_vmid for m in BASE_DISK_RE.findall(str(value).split(",")[0])):
-                out.append(vmid)
-                break
+        volumes = [str(value).split(",")[0] for key, value in cfg.items() if DISK_KEY_RE.fullmatch(key)]
+        names_base = any(int(m) == template_vmid for v in volumes for m in BASE_DISK_RE.findall(v))
+        cloned_where_untracked = (
+            any(v.split(":", 1)[0] in untracked for v in volumes)
+            and Marker.parse(cfg.get("description"), vmid).template_vmid == template_vmid
+        )
+        if names_base or cloned_where_untracked:
+            out.append(vmid)
     return sorted(out)
 
 
@@ -525,9 +541,9 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     ranked = done if current else [_pending_info(plan, art)] + done
     candidates = select_prunes(ranked, current or art.manifest.digest, ctx.keep)
     if candidates:
-        configs = _all_configs(client)
+        configs, untracked = _all_configs(client), untracked_clone_storages(client)
         for t in candidates:
-            deps = clone_dependents(configs, t.vmid)
+            deps = clone_dependents(configs, t.vmid, untracked)
             if deps:
                 plan.keep_for_clones[t.vmid] = deps
             else:
@@ -636,7 +652,7 @@ def _execute(
         result.action = "created"
     for t in plan.prune:
         guard(f"pruning template {t.vmid}")
-        clones = clone_dependents(_all_configs(client), t.vmid)
+        clones = clone_dependents(_all_configs(client), t.vmid, untracked_clone_storages(client))
         if clones:
             # A clone landed since the plan (a deploy of an older version, or a human): keep the template.
             result.kept_for_linked_clones[str(t.vmid)] = clones

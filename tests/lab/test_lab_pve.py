@@ -31,6 +31,8 @@ pytestmark = pytest.mark.lab
 
 MGMT = "pve-mgmt"
 TENANT = "pve-tenant"
+# the lab is a site mid-upgrade: pve-mgmt runs 8.4.1, pve-tenant 9.1.19
+BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.1.19"])
 LAB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
 
 
@@ -85,8 +87,9 @@ def create_template_source(lab: LabHandle, host: str, vmid: int, tmp_path: Path,
 # ----------------------------------------------------------------------------- uploads
 
 
-def test_upload_content_import_with_checksum_lands_in_import(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+@BOTH_VERSIONS
+def test_upload_content_import_with_checksum_lands_in_import(fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    hv, c = fresh_lab.hv(host), client(fresh_lab, host)
     data = make_qcow2(tmp_path / "x.qcow2").read_bytes()
     resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"),
                           ("checksum", hashlib.sha256(data).hexdigest()),
@@ -119,8 +122,9 @@ def test_upload_import_refuses_names_outside_pves_rule(fresh_lab: LabHandle, nam
     assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
 
 
-def test_upload_checksum_mismatch_fails_the_task_and_keeps_nothing(fresh_lab: LabHandle) -> None:
-    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+@BOTH_VERSIONS
+def test_upload_checksum_mismatch_fails_the_task_and_keeps_nothing(fresh_lab: LabHandle, host: str) -> None:
+    hv, c = fresh_lab.hv(host), client(fresh_lab, host)
     resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"), ("checksum", "0" * 64),
                           ("filename", ("a.raw", io.BytesIO(b"abc"), "application/octet-stream"))])
     with pytest.raises(TaskFailed) as exc:
@@ -156,18 +160,24 @@ def test_upload_without_content_length_is_refused(fresh_lab: LabHandle) -> None:
 # ------------------------------------------------------------------------- import-from
 
 
-def test_import_from_volid_makes_a_real_disk_sized_from_the_source(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 9001, tmp_path, size="96M")
+@BOTH_VERSIONS
+def test_import_from_volid_makes_a_real_disk_sized_from_the_source(
+    fresh_lab: LabHandle, tmp_path: Path, host: str,
+) -> None:
+    c = create_template_source(fresh_lab, host, 9001, tmp_path, size="96M")
     cfg = c.vm_config(9001)
     assert cfg["scsi0"].startswith("local:9001/vm-9001-disk-0.")
     assert "size=96M" in cfg["scsi0"]
     assert "import-from" not in cfg["scsi0"]
-    disk = disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0])
+    disk = disk_file(fresh_lab, host, cfg["scsi0"].split(",")[0])
     assert qemu_img_info(disk)["virtual-size"] == 96 * 1024 ** 2
 
 
-def test_import_from_an_absolute_path_is_refused_for_an_api_token(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = client(fresh_lab)
+@BOTH_VERSIONS
+def test_import_from_an_absolute_path_is_refused_for_an_api_token(
+    fresh_lab: LabHandle, tmp_path: Path, host: str,
+) -> None:
+    c = client(fresh_lab, host)
     src = make_qcow2(tmp_path / "abs.qcow2")
     with pytest.raises(ApiError) as exc:
         c.post(f"/nodes/{c.node}/qemu", vmid=9002, scsi0=f"local:0,import-from={src}")
@@ -195,11 +205,12 @@ def test_import_from_a_missing_volume_fails(fresh_lab: LabHandle) -> None:
     assert "does not exist" in str(exc.value)
 
 
-def test_post_config_is_a_task_and_put_config_is_synchronous(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 9005, tmp_path)
+@BOTH_VERSIONS
+def test_post_config_is_a_task_and_put_config_is_synchronous(fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    c = create_template_source(fresh_lab, host, 9005, tmp_path)
     upid = c.post(f"/nodes/{c.node}/qemu/9005/config", description="async")
     parsed = Upid.parse(upid)
-    assert (parsed.node, parsed.type) == (MGMT, "qmconfig")
+    assert (parsed.node, parsed.type) == (host, "qmconfig")
     assert upid.endswith(":")
     assert c.wait_task(upid, timeout=30).exitstatus == "OK"
     assert c.put(f"/nodes/{c.node}/qemu/9005/config", name="renamed") is None
@@ -246,15 +257,18 @@ def test_config_digest_mismatch_is_refused(fresh_lab: LabHandle) -> None:
 # ---------------------------------------------------------------- templates and clones
 
 
-def test_template_conversion_renames_disks_to_base_and_keeps_the_file(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 9010, tmp_path)
+@BOTH_VERSIONS
+def test_template_conversion_renames_disks_to_base_and_keeps_the_file(
+    fresh_lab: LabHandle, tmp_path: Path, host: str,
+) -> None:
+    c = create_template_source(fresh_lab, host, 9010, tmp_path)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9010/template", timeout=30)
     cfg = c.vm_config(9010)
     assert cfg["template"] == 1
     assert cfg["scsi0"].startswith("local:9010/base-9010-disk-0.")
     assert cfg["ide2"].startswith("local:9010/vm-9010-cloudinit.") and "media=cdrom" in cfg["ide2"]
-    assert disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0]).exists()
-    assert not (fresh_lab.paths.storage_dir(MGMT) / "images/9010/vm-9010-disk-0.raw").exists()
+    assert disk_file(fresh_lab, host, cfg["scsi0"].split(",")[0]).exists()
+    assert not (fresh_lab.paths.storage_dir(host) / "images/9010/vm-9010-disk-0.raw").exists()
 
 
 def test_template_conversion_refusals(fresh_lab: LabHandle, tmp_path: Path) -> None:
@@ -284,8 +298,11 @@ def _macs(cfg: dict[str, Any]) -> list[str]:
     return [v.split(",")[0].split("=")[1] for k, v in sorted(cfg.items()) if re.fullmatch(r"net\d+", k)]
 
 
-def test_full_clone_gets_fresh_macs_its_own_cloudinit_and_a_copy(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 9020, tmp_path)
+@BOTH_VERSIONS
+def test_full_clone_gets_fresh_macs_its_own_cloudinit_and_a_copy(
+    fresh_lab: LabHandle, tmp_path: Path, host: str,
+) -> None:
+    c = create_template_source(fresh_lab, host, 9020, tmp_path)
     c.put(f"/nodes/{c.node}/qemu/9020/config", net0="virtio=02:DE:10:01:01:00,bridge=vmbr0")
     c.run_task("POST", f"/nodes/{c.node}/qemu/9020/template", timeout=30)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9020/clone", newid=1101, name="metrics01", full=1, timeout=60)
@@ -294,7 +311,7 @@ def test_full_clone_gets_fresh_macs_its_own_cloudinit_and_a_copy(fresh_lab: LabH
     assert mac != "02:DE:10:01:01:00" and mac.upper().startswith("BC:24:11:")
     assert new["ide2"].startswith("local:1101/vm-1101-cloudinit.")
     assert src["ide2"].startswith("local:9020/vm-9020-cloudinit.")
-    disk = disk_file(fresh_lab, MGMT, new["scsi0"].split(",")[0])
+    disk = disk_file(fresh_lab, host, new["scsi0"].split(",")[0])
     assert "backing-filename" not in qemu_img_info(disk)
     # the inventory MAC goes in with a second update, after the clone task
     c.put(f"/nodes/{c.node}/qemu/1101/config", net0="virtio=02:de:10:01:01:00,bridge=vmbr0")
@@ -314,6 +331,46 @@ def test_linked_clone_is_a_qcow2_overlay_of_the_base_disk(fresh_lab: LabHandle, 
     assert (disk_file(fresh_lab, TENANT, volid).parent / info["backing-filename"]).resolve() == base.resolve()
     with pytest.raises(ApiError, match="not allowed for linked clones"):
         c.post(f"/nodes/{c.node}/qemu/9030/clone", newid=2202, full=0, storage="local")
+
+
+def thin_file(lab: LabHandle, host: str, volid: str) -> Path:
+    sid, name = volid.split(":", 1)
+    assert sid == "local-lvm" and "/" not in name, volid
+    return lab.paths.storage_dir(host).parents[2] / "dev" / "pve" / name
+
+
+def test_lvm_thin_pool_names_volumes_like_pve_and_keeps_clones_of_a_removed_base(
+        fresh_lab: LabHandle, tmp_path: Path) -> None:
+    """local-lvm: raw vm-<id>-disk-<n>, base-<id>-disk-<n> after templating, linked clones with plain ids
+    (the base is not in the id), and removing the base leaves a linked clone whole (LVM-thin semantics)."""
+    c = client(fresh_lab, TENANT)
+    storages = {s["storage"]: s for s in c.get(f"/nodes/{c.node}/storage")}
+    assert storages["local-lvm"]["type"] == "lvmthin" and "images" in storages["local-lvm"]["content"]
+    src = make_qcow2(tmp_path / "thin.qcow2", "16M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 1M", str(src)], check=True,
+                   capture_output=True)
+    volid = sftp_import(fresh_lab, TENANT, src)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9070, name="thin", memory=512, scsihw="virtio-scsi-pci",
+               scsi0=f"local-lvm:0,import-from={volid}", ide2="local-lvm:cloudinit", timeout=60)
+    cfg = c.vm_config(9070)
+    assert cfg["scsi0"].split(",")[0] == "local-lvm:vm-9070-disk-0"
+    assert cfg["ide2"].split(",")[0] == "local-lvm:vm-9070-cloudinit"
+    assert qemu_img_info(thin_file(fresh_lab, TENANT, "local-lvm:vm-9070-disk-0"))["format"] == "raw"
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9070/template", timeout=30)
+    assert c.vm_config(9070)["scsi0"].split(",")[0] == "local-lvm:base-9070-disk-0"
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9070/clone", newid=2270, name="thinclone", timeout=60)
+    clone = c.vm_config(2270)["scsi0"].split(",")[0]
+    assert clone == "local-lvm:vm-2270-disk-0"  # nothing in the id says it is a linked clone
+    listed = [v["volid"] for v in c.get(f"/nodes/{c.node}/storage/local-lvm/content")]
+    assert "local-lvm:base-9070-disk-0" in listed and "local-lvm:vm-2270-disk-0" in listed
+    result = c.run_task("DELETE", f"/nodes/{c.node}/qemu/9070", timeout=30)
+    assert result.exitstatus == "OK"  # PVE does not see the clone, so it neither warns nor refuses
+    assert not thin_file(fresh_lab, TENANT, "local-lvm:base-9070-disk-0").exists()
+    left = thin_file(fresh_lab, TENANT, clone)
+    assert "backing-filename" not in qemu_img_info(left)
+    read = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 1M", str(left)],
+                          capture_output=True, text=True)
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout
 
 
 def test_parallel_clone_waits_for_the_storage_lock_then_times_out(fresh_lab: LabHandle, tmp_path: Path) -> None:
@@ -354,9 +411,6 @@ def test_sshkeys_percent_encoded_with_20_is_accepted_and_plus_is_refused(fresh_l
     with pytest.raises(ApiError) as exc:
         c.put(f"/nodes/{c.node}/qemu/1991/config", sshkeys=urllib.parse.quote_plus(LAB_KEY, safe=""))
     assert exc.value.status == 400 and "sshkeys" in exc.value.pve_message
-
-
-BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.1.19"])
 
 
 @BOTH_VERSIONS
@@ -468,15 +522,18 @@ def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:
 # ----------------------------------------------------------------- resize, node, network
 
 
-def test_resize_is_a_task_that_grows_the_disk_and_refuses_shrinking(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 1994, tmp_path, size="64M")
+@BOTH_VERSIONS
+def test_resize_is_a_task_that_grows_the_disk_and_refuses_shrinking(
+    fresh_lab: LabHandle, tmp_path: Path, host: str,
+) -> None:
+    c = create_template_source(fresh_lab, host, 1994, tmp_path, size="64M")
     path = f"/nodes/{c.node}/qemu/1994"
     upid = c.put(path + "/resize", disk="scsi0", size="1G")
     assert Upid.parse(upid).type == "resize"
     c.wait_task(upid, timeout=30)
     cfg = c.vm_config(1994)
     assert "size=1G" in cfg["scsi0"]
-    assert qemu_img_info(disk_file(fresh_lab, MGMT, cfg["scsi0"].split(",")[0]))["virtual-size"] == 1024 ** 3
+    assert qemu_img_info(disk_file(fresh_lab, host, cfg["scsi0"].split(",")[0]))["virtual-size"] == 1024 ** 3
     with pytest.raises(ApiError, match="shrinking disks is not supported"):
         c.put(path + "/resize", disk="scsi0", size="512M")
     c.wait_task(c.put(path + "/resize", disk="scsi0", size="+512M"), timeout=30)
@@ -515,10 +572,11 @@ def test_destroying_a_template_with_linked_clones_warns_and_keeps_the_base_disk(
     assert not (fresh_lab.paths.storage_dir(TENANT) / "images" / "2202").exists()
 
 
-def test_replacing_a_disk_keeps_the_old_one_as_unused(fresh_lab: LabHandle, tmp_path: Path) -> None:
-    c = create_template_source(fresh_lab, MGMT, 1996, tmp_path)
+@BOTH_VERSIONS
+def test_replacing_a_disk_keeps_the_old_one_as_unused(fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    c = create_template_source(fresh_lab, host, 1996, tmp_path)
     old = c.vm_config(1996)["scsi0"].split(",")[0]
-    volid = sftp_import(fresh_lab, MGMT, make_qcow2(tmp_path / "new.qcow2", "32M"))
+    volid = sftp_import(fresh_lab, host, make_qcow2(tmp_path / "new.qcow2", "32M"))
     c.run_task("POST", f"/nodes/{c.node}/qemu/1996/config", scsi0=f"local:0,import-from={volid}", timeout=30)
     cfg = c.vm_config(1996)
     assert cfg["unused0"] == old and cfg["scsi0"].split(",")[0] != old
@@ -542,8 +600,9 @@ def test_upload_larger_than_the_staging_space_fails_and_leaves_nothing(fresh_lab
     assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
 
 
-def test_description_holds_8_kib_and_no_more(fresh_lab: LabHandle) -> None:
-    c = client(fresh_lab)
+@BOTH_VERSIONS
+def test_description_holds_8_kib_and_no_more(fresh_lab: LabHandle, host: str) -> None:
+    c = client(fresh_lab, host)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1997, name="desc", memory=512, timeout=30)
     c.put(f"/nodes/{c.node}/qemu/1997/config", description="d" * 8192)
     with pytest.raises(ApiError) as exc:

@@ -24,6 +24,7 @@ from image_factory.publish import (
     parse_description,
     publish_image,
 )
+from image_factory.ownership import marker_block
 from image_factory.pve import PveClient
 from image_factory.settings import Settings
 from image_factory.upload import partial_name
@@ -278,9 +279,11 @@ def test_concurrent_publishes_make_one_template(env: Any) -> None:
     assert len(c.list_vms()) == 1
 
 
-def test_retention_keeps_newest_and_templates_with_linked_clones(env: Any) -> None:
+@pytest.mark.parametrize("name", ["pve-mgmt", "pve-tenant"], ids=["dir", "lvm-thin"])
+def test_retention_keeps_newest_and_templates_with_linked_clones(env: Any, name: str) -> None:
+    """On dir storage a linked clone names its base volume; on LVM-thin (the tenant host) it does not, and
+    the factory's marker on the clone is what keeps its template."""
     lab, settings, site = env
-    name = "pve-tenant"
     hv = lab.hv(name)
     c = PveClient(hv)
     vmids = []
@@ -298,6 +301,12 @@ def test_retention_keeps_newest_and_templates_with_linked_clones(env: Any) -> No
     clone_id = hv.vm_vmids.first
     upid = c.post(f"{c.node_path}/qemu/{vmids[1]}/clone", newid=clone_id, name="linked", full=0)
     c.wait_task(upid)
+    thin = hv.storage.images == "local-lvm"
+    assert ("base-" in c.vm_config(clone_id)["scsi0"]) is not thin
+    if thin:
+        c.put(f"{c.node_path}/qemu/{clone_id}/config", description=marker_block(
+            vm_name="linked", vmid=clone_id, template=f"tpl-{vmids[1]}", template_vmid=vmids[1], run_id="r",
+            incomplete=False))
     make_build(settings.builds_dir, build_id="r3", seed=3)
     r = publish_image(settings, site, IMAGE, hypervisors=[name], keep=1, progress=False)
     assert r.ok, r.to_dict()

@@ -12,6 +12,7 @@ import pytest
 
 from image_factory import manifest as mf
 from image_factory.inventory import Hypervisor, load_site
+from image_factory.ownership import marker_block
 from image_factory.publish import (
     DESCRIPTION_MAX,
     FACTORY_TAG,
@@ -154,6 +155,24 @@ def test_find_templates_newest_first_and_ignores_strangers() -> None:
     assert find_templates(client, "fedora-44") == []  # type: ignore[arg-type]
     assert clone_dependents(configs, 9000) == [1000]
     assert clone_dependents(configs, 9002) == []
+
+
+def test_clone_dependents_on_lvm_thin_come_from_the_factory_marker() -> None:
+    """LVM-thin linked clones have plain vm-<id>-disk-<n> ids: the marker names the template instead."""
+    def described(vmid: int, template_vmid: int) -> str:
+        return marker_block(vm_name=f"vm{vmid}", vmid=vmid, template="tpl", template_vmid=template_vmid,
+                            run_id="r1", incomplete=False)
+    configs = {
+        9000: {"scsi0": "local-lvm:base-9000-disk-0,size=2G"},
+        1001: {"scsi0": "local-lvm:vm-1001-disk-0,size=20G", "description": described(1001, 9000)},
+        1002: {"scsi0": "local:1002/vm-1002-disk-0.qcow2,size=20G", "description": described(1002, 9000)},
+        1003: {"scsi0": "local-lvm:vm-1003-disk-0,size=20G", "description": described(1003, 9001)},
+        1004: {"scsi0": "local-lvm:vm-1004-disk-0,size=20G",
+               "description": described(1003, 9000)},  # a marker copied from another VMID does not count
+    }
+    thin = frozenset({"local-lvm"})
+    assert clone_dependents(configs, 9000, thin) == [1001]  # 1002 is on dir storage: a full clone there
+    assert clone_dependents(configs, 9000) == []  # without knowing local-lvm is thin nothing shows it
 
 
 def test_free_vmid_is_lowest_unused_in_range(site: Any) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FactoryError
+from .spec import THIN_STORAGE
 
 API_PORT = 8006
 SSH_PORT = 22
@@ -41,7 +42,10 @@ PVE_RELEASE = "8.4"
 # A site in the middle of its upgrade: the mgmt host still on 8.4, the tenant host already on 9.
 PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.1.19"}
 PLAYBOOK_DEFAULTS = "ansible/roles/pve_factory/defaults/main.yml"
-LAB_STORAGE = "local"  # the one directory storage of a lab node: images, import and cloud-init
+LAB_STORAGE = "local"  # a lab node's directory storage: import/ always, images and cloud-init on mgmt
+# where VM disks live: production hosts keep them on LVM-thin (pve-facts.md, Storage layouts); the lab
+# keeps one host on each layout so every run exercises both
+IMAGES_STORAGE_BY_ROLE = {"mgmt": LAB_STORAGE, "tenant": THIN_STORAGE}
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
 # A broad grant for unit tests of the lab itself; lab hosts get playbook_grants() instead.
 PRIVILEGES: dict[str, tuple[str, ...]] = {
@@ -74,6 +78,7 @@ class LabHost:
     api_port: int = API_PORT
     tls: str = "ca"  # "ca": inventory gets tls_ca_file; "fingerprint": tls_fingerprint
     pve_version: str = PVE_VERSION  # drives /version, the privilege catalogue and agent permission checks
+    images_storage: str = LAB_STORAGE  # VM and template disks and cloud-init drives: local (dir) or local-lvm
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..inventory import Site, load_site
 from ..settings import REPO_ROOT, Settings
 from . import sshd
 from .config import (
+    IMAGES_STORAGE_BY_ROLE,
     LAB_STORAGE,
     PVE_VERSION,
     PVE_VERSIONS_BY_ROLE,
@@ -111,6 +112,7 @@ def default_config(settings: Settings, slot: int = 0) -> LabConfig:
             name=name, node=pve.get("node", name), role=role, address=host_address(slot, i),
             tls="ca" if pve.get("tls_ca_file") else "fingerprint",
             pve_version=PVE_VERSIONS_BY_ROLE.get(role, PVE_VERSION),
+            images_storage=IMAGES_STORAGE_BY_ROLE.get(role, LAB_STORAGE),
         ))
     if not hosts:
         raise LabError("the example inventory has no hypervisors to mirror")
@@ -259,7 +261,7 @@ def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public:
     spec = NodeSpec(
         name=host.name, node=host.node, address=host.address, port=host.api_port, cert=cert, key=key,
         version=host.pve_version, token_id=TOKEN_ID, token_secret_file=secret_file, root_password_file=root_pw,
-        privileges=playbook_grants(REPO_ROOT, host.pve_version, host.node, [LAB_STORAGE]),
+        privileges=playbook_grants(REPO_ROOT, host.pve_version, host.node, [LAB_STORAGE, host.images_storage]),
         storage_dir=storage, staging_dir=hdir / "root" / "var" / "tmp", vms_dir=paths.vms_dir(host.name),
         log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
         time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
@@ -408,8 +410,8 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
         pve["tls_fingerprint"] = cert_fingerprint(cert)
     pve["ssh"] = {"host": host.address, "port": host.ssh_port, "user": "root", "host_key": host_key,
                   "key_file": str(paths.client_key)}
-    pve["storage"] = {"images": LAB_STORAGE, "import": LAB_STORAGE, "import_dir": str(storage_dir / "import"),
-                      "cloudinit": LAB_STORAGE,
+    pve["storage"] = {"images": host.images_storage, "import": LAB_STORAGE,
+                      "import_dir": str(storage_dir / "import"), "cloudinit": host.images_storage,
                       "staging_dir": str(paths.host_dir(host.name) / "root" / "var" / "tmp")}
     pve["bridge"] = example.get("bridge", "vmbr0")
     for key in ("template_vmids", "vm_vmids"):

@@ -48,7 +48,7 @@ from fakepve.storage import parse_name_dir
 
 from . import vmrunner
 from .privileges import catalogue
-from .spec import NodeSpec
+from .spec import THIN_STORAGE, NodeSpec
 
 log = logging.getLogger("image_factory.lab")
 
@@ -126,7 +126,13 @@ class LabPve(FakePve):  # fakepve is untyped
         self.storages: dict[str, dict[str, Any]] = {
             "local": {"type": "dir", "active": 1, "content": LOCAL_CONTENT, "files": set(),
                       "path": str(spec.storage_dir), "volumes": {}},
+            # a default install's LVM-thin pool: raw vm-<id>-disk-<n>, base-<id>-disk-<n>, flat linked clones
+            THIN_STORAGE: {"type": "lvmthin", "vgname": "pve", "thinpool": "data", "active": 1,
+                           "content": "images,rootdir", "volumes": {}},
         }
+        # the pool's volumes as files where the node shows them (/dev/<vg>/<lv>) in the host's tree
+        self.thin_dir = spec.storage_dir.parents[2] / "dev" / "pve"
+        self.thin_dir.mkdir(parents=True, exist_ok=True)
         self.storage_locks: dict[str, StorageLock] = {}
         self.cluster_options: dict[str, str] = {}  # datacenter.cfg: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
@@ -174,6 +180,10 @@ class LabPve(FakePve):  # fakepve is untyped
         for entry in images.iterdir() if images.is_dir() else []:
             if entry.is_dir() and entry.name not in keep:
                 shutil.rmtree(entry)
+        for entry in self.thin_dir.iterdir() if self.thin_dir.is_dir() else []:
+            owner = re.match(r"(?:vm|base)-(\d+)-", entry.name)
+            if owner is None or owner[1] not in keep:
+                entry.unlink()
         for entry in self.spec.staging_dir.glob("pveupload-*"):
             entry.unlink()
 
@@ -273,6 +283,8 @@ class LabPve(FakePve):  # fakepve is untyped
         """The real file behind a volume id of a directory storage, or None."""
         sid, name = volume_ref(volid)
         store = self.storages.get(sid) if sid else None
+        if store is not None and store.get("type") == "lvmthin":
+            return self.thin_dir / name.split("/")[-1]
         if store is None or store.get("type") != "dir" or not store.get("path"):
             return None
         base = Path(store["path"])
@@ -522,12 +534,25 @@ class LabPve(FakePve):  # fakepve is untyped
                     warnings.append(f"Could not remove disk '{volid}', check manually: base volume "
                                     f"'{name}' is still in use by linked cloned")
                 return
-        super()._qm_free(volid)
         path = self.volume_file(volid)
-        if path is not None and path.exists() and "/images/" in str(path):
+        if sid in self.storages and self.storages[sid].get("type") == "lvmthin" and path is not None:
+            self._detach_thin_snapshots(path)
+        super()._qm_free(volid)
+        if path is not None and path.exists() and ("/images/" in str(path) or path.parent == self.thin_dir):
             path.unlink()
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
+
+    def _detach_thin_snapshots(self, base: Path) -> None:
+        """LVM-thin keeps a linked clone (a thin snapshot) when its base volume is removed, and its volume id
+        never names the base (LvmThinPlugin): the lab's clone is a qcow2 overlay, so it takes in the base's
+        data first and stays whole."""
+        for entry in sorted(self.thin_dir.iterdir()):
+            if entry == base or not entry.is_file():
+                continue
+            info = _qemu_img_info(entry)
+            if info.get("format") == "qcow2" and Path(str(info.get("backing-filename", ""))).name == base.name:
+                _run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(entry)])
 
     def _qm_rename_volume(self, volid: str) -> str:
         new: str = super()._qm_rename_volume(volid)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+THIN_STORAGE = "local-lvm"  # every lab node also has a default install's LVM-thin pool
+
 
 @dataclass
 class NodeSpec:

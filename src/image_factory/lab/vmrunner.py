@@ -159,7 +159,13 @@ def _write_seed(files: dict[str, str], dest: Path, fmt: str) -> None:
 
 
 def _image_format(path: Path) -> str:
-    return "qcow2" if path.suffix == ".qcow2" else ("vmdk" if path.suffix == ".vmdk" else "raw")
+    if path.suffix in (".qcow2", ".vmdk", ".raw"):
+        return path.suffix[1:]
+    # an LVM-thin volume has no suffix: raw, except a linked clone, which the lab keeps as a qcow2 overlay
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        if f.read(4) == b"QFI\xfb":
+            return "qcow2"
+    return "raw"
 
 
 @dataclass
