@@ -16,6 +16,7 @@ import pytest
 from image_factory import manifest as mf
 from image_factory.inventory import Site
 from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.ownership import marker_block
 from image_factory.publish import (
     FACTORY_TAG,
     PublishError,
@@ -24,7 +25,6 @@ from image_factory.publish import (
     parse_description,
     publish_image,
 )
-from image_factory.ownership import marker_block
 from image_factory.pve import PveClient
 from image_factory.settings import Settings
 from image_factory.upload import partial_name

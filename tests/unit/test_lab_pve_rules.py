@@ -38,6 +38,15 @@ def test_node_version_token_and_local_storage(tmp_path: Path) -> None:
     assert (tmp_path / "vz" / "import").is_dir()
 
 
+def test_every_storage_of_a_fresh_node_lists_its_volumes(tmp_path: Path) -> None:
+    """Without a reset() first (as `lab.up` starts a node): local and the LVM-thin pool both answer."""
+    pve = make(tmp_path)
+    assert pve.storages["local-lvm"]["type"] == "lvmthin"
+    assert pve.thin_dir == tmp_path / "thin" and pve.thin_dir.is_dir()
+    for sid in pve.storages:
+        assert isinstance(pve._volumes(sid), dict)
+
+
 def test_token_rights_are_the_intersection_of_user_and_token_acls(tmp_path: Path) -> None:
     pve = make(tmp_path)
     user = TOKEN_ID.split("!")[0]

@@ -263,6 +263,7 @@ def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public:
         version=host.pve_version, token_id=TOKEN_ID, token_secret_file=secret_file, root_password_file=root_pw,
         privileges=playbook_grants(REPO_ROOT, host.pve_version, host.node, [LAB_STORAGE, host.images_storage]),
         storage_dir=storage, staging_dir=hdir / "root" / "var" / "tmp", vms_dir=paths.vms_dir(host.name),
+        thin_dir=hdir / "root" / "dev" / "pve",
         log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
         time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
         vm_memory_cap=cfg.vm_memory_cap, extra={"bridges": bridges},

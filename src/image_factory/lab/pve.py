@@ -128,10 +128,10 @@ class LabPve(FakePve):  # fakepve is untyped
                       "path": str(spec.storage_dir), "volumes": {}},
             # a default install's LVM-thin pool: raw vm-<id>-disk-<n>, base-<id>-disk-<n>, flat linked clones
             THIN_STORAGE: {"type": "lvmthin", "vgname": "pve", "thinpool": "data", "active": 1,
-                           "content": "images,rootdir", "volumes": {}},
+                           "content": "images,rootdir", "files": set(), "volumes": {}},
         }
         # the pool's volumes as files where the node shows them (/dev/<vg>/<lv>) in the host's tree
-        self.thin_dir = spec.storage_dir.parents[2] / "dev" / "pve"
+        self.thin_dir = spec.thin_pool_dir
         self.thin_dir.mkdir(parents=True, exist_ok=True)
         self.storage_locks: dict[str, StorageLock] = {}
         self.cluster_options: dict[str, str] = {}  # datacenter.cfg: no tag policy on a fresh install

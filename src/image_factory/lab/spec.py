@@ -38,6 +38,11 @@ class NodeSpec:
     real_boot: str | list[str] = "all"
     vm_memory_cap: int = 768
     extra: dict[str, Any] = field(default_factory=dict)
+    thin_dir: Path | None = None  # the LVM-thin pool's volumes as files; default <storage_dir>/../thin
+
+    @property
+    def thin_pool_dir(self) -> Path:
+        return self.thin_dir or self.storage_dir.parent / "thin"
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> NodeSpec:
@@ -45,6 +50,8 @@ class NodeSpec:
         for key in ("cert", "key", "token_secret_file", "root_password_file", "storage_dir", "staging_dir",
                     "vms_dir", "log_dir", "control_socket"):
             values[key] = Path(values[key])
+        if values.get("thin_dir"):
+            values["thin_dir"] = Path(values["thin_dir"])
         return cls(**values)
 
     def to_mapping(self) -> dict[str, Any]:
