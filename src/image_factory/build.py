@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
-from . import render
+from . import firmware, render
 from .errors import FactoryError
 from .inventory import Image, eol_gate
 from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
@@ -648,6 +648,10 @@ def _build(
     try:
         render.set_var(result, "work_dir", str(work))
         render.set_var(result, "accelerator", accel)
+        if image.firmware == "uefi":
+            code, variables = firmware.locate_ovmf()
+            firmware.private_vars(work, variables)
+            render.set_var(result, "ovmf_code", str(code))
         exe = _require("packer", render.PACKER_HOW)
         packer_init(exe, result, cached_packer_version(settings), emit)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
@@ -687,7 +691,7 @@ def _build(
                 **({"mitogen": _mitogen_version()} if strategy.name == "mitogen_linear" else {}),
             },
             git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
-            ansible_strategy=strategy.name,
+            ansible_strategy=strategy.name, firmware=image.firmware,
         )
         # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
         manifest_path(build_dir).unlink(missing_ok=True)

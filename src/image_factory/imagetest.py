@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import contents as contents_mod
-from . import manifest
+from . import firmware, manifest
 from .console import console, styled
 from .errors import FactoryError
 from .inventory import Image
@@ -235,6 +235,7 @@ class Guest:
     key_file: Path
     known_hosts: Path
     sockdir: Path
+    qmp_socket: Path | None = None
     user: str = TEST_USER
     host_keys: list[tuple[str, str]] = field(default_factory=list)
 
@@ -269,6 +270,7 @@ def boot_guest(
     mac: str = TEST_MAC,
     memory: int = 1024,
     cpus: int = 2,
+    firmware_kind: str = "bios",
 ) -> Guest:
     """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``)."""
     qemu = require_qemu()
@@ -288,12 +290,17 @@ def boot_guest(
         # A unix socket path must stay under 108 bytes: keep it in a short temporary directory.
         sockdir = Path(tempfile.mkdtemp(prefix="qga-"))
         qga = sockdir / "qga.sock"
+        qmp = sockdir / "qmp.sock"
         accel = accel_args(settings.accelerator)
+        machine = ["-machine", "pc"]
+        if firmware_kind == "uefi":
+            code, variables = firmware.locate_ovmf()
+            machine = ["-machine", "q35", *firmware.qemu_args(code, firmware.private_vars(workdir, variables))]
         last_err = ""
         for _attempt in range(3):
             port = free_port()
             args = [
-                qemu, *accel, "-machine", "pc", "-m", str(memory), "-smp", str(cpus),
+                qemu, *accel, *machine, "-m", str(memory), "-smp", str(cpus),
                 "-nodefaults", "-display", "none", "-no-user-config",
                 "-device", "virtio-scsi-pci,id=scsihw0",
                 "-drive", f"file={overlay},if=none,id=drive-scsi0,format=qcow2,cache=unsafe",
@@ -305,6 +312,8 @@ def boot_guest(
                 "-device", "virtio-serial",
                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
                 "-serial", f"file:{serial}",
+                # the image suites hot-add the pristine artifact through it (conftest: artifact_fs)
+                "-qmp", f"unix:{qmp},server=on,wait=off",
             ]  # fmt: skip
             qproc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
@@ -312,7 +321,7 @@ def boot_guest(
             if qproc.poll() is None:
                 assert qproc.stderr is not None
                 qproc.stderr.close()
-                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir)
+                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir, qmp)
             assert qproc.stderr is not None
             last_err = qproc.stderr.read().decode(errors="replace")
             if "host forwarding" not in last_err:
@@ -431,6 +440,8 @@ def pytest_command(
     ]  # fmt: skip
     if artifact is not None:
         cmd.append(f"--artifact={artifact}")
+        if guest.qmp_socket is not None:
+            cmd.append(f"--qmp-socket={guest.qmp_socket}")
     return cmd
 
 
@@ -464,7 +475,7 @@ def test_image(
     t_boot = time.monotonic()
     guest = boot_guest(settings, artifact, m.artifact.format, workdir_parent=build_dir,
                        hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
-                       cpus=min(image.cpus, 2))  # fmt: skip
+                       cpus=min(image.cpus, 2), firmware_kind=m.firmware)  # fmt: skip
     rc = -1
     output = ""
     try:

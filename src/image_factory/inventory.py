@@ -34,7 +34,7 @@ from .ownership import imitates_marker, reserved_tag
 PLANES = ("mgmt", "tenant")
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
-Suite = Literal["common", "hygiene", "fedora"]
+Suite = Literal["common", "hygiene", "fedora", "updates"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -455,6 +455,9 @@ class Image(Strict):
     release: int = Field(ge=1)
     mode: Literal["iso", "cloud"]
     source: Source
+    # iso mode installs for the firmware it boots: bios (GRUB in a BIOS boot partition) or uefi (OVMF,
+    # an EFI system partition); a cloud image boots as its vendor made it.
+    firmware: Literal["bios", "uefi"] = "bios"
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: str = "10G"
     playbook: str = "ansible/playbooks/template.yml"
@@ -466,6 +469,12 @@ class Image(Strict):
     compress: bool = True
     # Apply the release's updates during the build (reboot into a newer kernel before sealing).
     updates: bool = True
+
+    @model_validator(mode="after")
+    def _firmware_needs_iso(self) -> Image:
+        if self.firmware == "uefi" and self.mode != "iso":
+            raise ValueError("firmware: uefi is for iso mode (a cloud image boots as its vendor built it)")
+        return self
 
     @model_validator(mode="after")
     def _eol_known(self) -> Image:

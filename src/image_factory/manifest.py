@@ -73,6 +73,7 @@ class Manifest:
     image_test: ImageTestResult | None = None
     # What is inside (contents.py): packages_digest, packages, kernel, os; read by the image test.
     contents: dict[str, Any] | None = None
+    firmware: str = "bios"  # bios | uefi: how the template must boot (publish: bios=ovmf and an EFI disk)
     schema: int = SCHEMA_VERSION
 
     @property

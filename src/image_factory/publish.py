@@ -780,7 +780,14 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "vga": "serial0",
         "agent": "enabled=1",
         "net0": f"virtio,bridge={hv.bridge}",
+        **(_uefi_params(hv) if art.manifest.firmware == "uefi" else {}),
     }
+
+
+def _uefi_params(hv: Hypervisor) -> dict[str, Any]:
+    """How a UEFI-installed image boots on PVE: OVMF on q35 with its own EFI variable disk (4 MiB store,
+    no pre-enrolled Secure Boot keys: the build's OVMF had none either, so the installer's entry works)."""
+    return {"bios": "ovmf", "machine": "q35", "efidisk0": f"{hv.storage.images}:1,efitype=4m,pre-enrolled-keys=0"}
 
 
 def _cleanup_vm(client: PveClient, vmid: int, run_id: str, result: HostResult) -> None:

@@ -365,14 +365,15 @@ def render_image(
             _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
         var_file = secret_dir / "build.pkrvars.hcl"
         work_dir = secret_dir / "work"
-        _write(var_file, "".join(
-            f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in (
-                ("accelerator", "tcg"),
-                ("work_dir", work_dir),
-                ("secret_dir", secret_dir),
-                ("ssh_private_key_file", key),
-            )
-        ), 0o600)
+        per_build: list[tuple[str, object]] = [
+            ("accelerator", "tcg"),
+            ("work_dir", work_dir),
+            ("secret_dir", secret_dir),
+            ("ssh_private_key_file", key),
+        ]
+        if image.firmware == "uefi":
+            per_build.append(("ovmf_code", ""))  # found by the build (firmware.locate_ovmf)
+        _write(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)
 
         if scratch:
             out_dir = secret_dir / "rendered"

@@ -36,7 +36,7 @@ BROKEN_MUST_FAIL = {
 
 def _image(name: str) -> Image:
     return Image(name=name, family="debian", release=12, mode="cloud", memory=1024,
-                 source=Source(url="builds/base/debian-12-base.qcow2", checksum="none"),
+                 source=Source(url="builds/base/debian-13-base.qcow2", checksum="none"),
                  test_suites=["common", "hygiene"])  # fmt: skip
 
 

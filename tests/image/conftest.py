@@ -16,14 +16,18 @@ Options (all optional; tests needing one that is absent are skipped, never passe
   --build-user          the build user that must be gone (default: packer)
   --automation-user     the user Ansible uses on clones (default: ansible)
   --qga-socket          host side of the guest agent channel (virtio-serial), for a guest-ping
+  --qmp-socket          the test VM's QMP socket: the pristine --artifact is hot-added to the guest
+                        read-only and its root read there (any filesystem: ext4, XFS, btrfs)
   --max-log-mib         bound for /var/log (default: 64)
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +37,7 @@ from typing import Any
 
 import paramiko
 import pytest
+import testinfra
 from testinfra.backend.paramiko import ParamikoBackend
 
 # ------------------------------------------------------------------------------------------ options
@@ -48,6 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--build-user", default="packer", help="build user that must not exist in the image")
     g.addoption("--automation-user", default="ansible", help="automation user with passwordless sudo")
     g.addoption("--qga-socket", default=None, help="unix socket of the guest agent channel")
+    g.addoption("--qmp-socket", default=None, help="QMP socket of the test VM (artifact read in the guest)")
     g.addoption("--max-log-mib", default=64, type=int, help="upper bound for /var/log in MiB")
 
 
@@ -139,7 +145,8 @@ def announced_keys(request: pytest.FixtureRequest) -> set[tuple[str, str]]:
 
 
 class OfflineImage:
-    """Read-only view of an ext2/3/4 root filesystem inside an image file, via debugfs (no mount)."""
+    """Read-only view of an ext2/3/4 root filesystem inside an image file, via debugfs (no mount): the
+    reader for standalone runs without a test VM."""
 
     def __init__(self, fs_image: str):
         self.fs_image = fs_image
@@ -190,12 +197,114 @@ def _root_partition(raw: Path) -> int | None:
     return None
 
 
+# How each filesystem mounts read-only beside the running copy of itself (same UUID): XFS refuses a
+# duplicate UUID without nouuid and must not replay its log; ext4 must not replay its journal; btrfs
+# mounts a second device of the same fsid with a temporary one (Linux 6.7+).
+GUEST_MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "ext2": "ro", "xfs": "ro,norecovery,nouuid",
+                       "btrfs": "ro,subvolid=5"}
+ARTIFACT_SERIAL = "factory-artifact"
+GUEST_MOUNT_ROOT = "/run/factory-artifact"
+
+
+def _qmp(socket_path: str, *commands: tuple[str, dict[str, Any]]) -> None:
+    """Run QMP commands on the test VM, failing the test with QEMU's own error."""
+    import socket as socketlib
+
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(socket_path)
+        reader = s.makefile("rb")
+
+        def call(name: str, args: dict[str, Any]) -> None:
+            s.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if "return" in reply:
+                    return
+                if "error" in reply:
+                    pytest.fail(f"QMP {name}: {reply['error'].get('desc')}")
+
+        json.loads(reader.readline())  # greeting
+        call("qmp_capabilities", {})
+        for name, args in commands:
+            call(name, args)
+
+
+class GuestArtifact:
+    """The pristine artifact hot-added to the test VM as a read-only disk and its root mounted read-only
+    there: the same checks as OfflineImage for every filesystem the guest's kernel reads."""
+
+    def __init__(self, host: Any, root: str):
+        self.host, self.root = host, root
+
+    def _run(self, command: str) -> Any:
+        with self.host.sudo():
+            return self.host.run(command)
+
+    def _path(self, path: str) -> str:
+        return shlex.quote(self.root + path)
+
+    def exists(self, path: str) -> bool:
+        return bool(self._run(f"test -e {self._path(path)} || test -L {self._path(path)}").rc == 0)
+
+    def listdir(self, path: str) -> list[str]:
+        out = self._run(f"ls -A1 {self._path(path)}")
+        return out.stdout.split() if out.rc == 0 else []
+
+    def read(self, path: str) -> bytes:
+        out = self._run(f"base64 -w0 {self._path(path)}")
+        return base64.b64decode(out.stdout) if out.rc == 0 else b""
+
+    def size(self, path: str) -> int:
+        out = self._run(f"stat -c %s {self._path(path)}")
+        if out.rc != 0:
+            raise FileNotFoundError(path)
+        return int(out.stdout)
+
+
+def _attach_in_guest(host: Any, qmp_socket: str, artifact: str) -> GuestArtifact:
+    fmt = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", artifact], check=True,
+                                    capture_output=True).stdout)["format"]
+    # Hot-added on the running VM's SCSI bus, never present at boot: with the same filesystem UUIDs
+    # as the boot disk it could otherwise be taken for the root.
+    _qmp(qmp_socket,
+         ("blockdev-add", {"node-name": "pristine", "driver": fmt, "read-only": True,
+                           "file": {"driver": "file", "filename": artifact, "read-only": True}}),
+         ("device_add", {"driver": "scsi-hd", "bus": "scsihw0.0", "drive": "pristine", "id": "pristine0",
+                         "serial": ARTIFACT_SERIAL}))
+    with host.sudo():
+        wait_for_disk = (
+            f"for i in $(seq 100); do d=$(lsblk -ndo NAME,SERIAL | awk '$2==\"{ARTIFACT_SERIAL}\"{{print $1}}'); "
+            '[ -n "$d" ] && break; sleep 0.2; done; udevadm settle; lsblk -nlpo NAME,FSTYPE "/dev/$d"'
+        )
+        found = host.run(wait_for_disk)
+        candidates = [line.split() for line in found.stdout.splitlines() if len(line.split()) == 2]
+        assert candidates, f"the hot-added artifact disk did not appear in the guest: {found.stdout}{found.stderr}"
+        for n, (device, fstype) in enumerate(candidates):
+            options = GUEST_MOUNT_OPTIONS.get(fstype)
+            if options is None:
+                continue
+            target = f"{GUEST_MOUNT_ROOT}/{n}"
+            host.check_output(f"mkdir -p {target} && mount -t {fstype} -o {options} {device} {target}")
+            for root in (target, f"{target}/root"):  # btrfs: Fedora's root subvolume is "root"
+                if host.run(f"test -d {root}/etc && test -d {root}/usr").rc == 0:
+                    return GuestArtifact(host, root)
+    pytest.fail(f"no root filesystem (with /etc and /usr) on the artifact's partitions {candidates}")
+
+
 @pytest.fixture(scope="session")
-def artifact_fs(request: pytest.FixtureRequest) -> Iterator[OfflineImage]:
-    """The artifact's root filesystem, read offline; skips when no --artifact or not ext*."""
+def artifact_fs(request: pytest.FixtureRequest) -> Iterator[OfflineImage | GuestArtifact]:
+    """The artifact's root filesystem as built (before any boot): read in the test VM when --qmp-socket
+    is given (any filesystem), else offline through debugfs (ext* only; skips otherwise)."""
     artifact = request.config.getoption("artifact")
     if not artifact:
         pytest.skip("offline artifact checks need --artifact")
+    qmp_socket = request.config.getoption("qmp_socket")
+    if qmp_socket:
+        hosts = testinfra.get_hosts(str(request.config.getoption("hosts")).split(","),
+                                    ssh_identity_file=request.config.getoption("ssh_identity_file"))
+        yield _attach_in_guest(_harden(hosts[0], request.config), qmp_socket, str(Path(artifact).resolve()))
+        return
     for tool in ("qemu-img", "sfdisk", "debugfs"):
         if shutil.which(tool) is None:
             pytest.fail(f"offline artifact checks need {tool} (qemu-utils, fdisk, e2fsprogs)")

@@ -47,6 +47,15 @@ def test_cloud_init_finished_without_errors(host: Any) -> None:
     assert {k: v["errors"] for k, v in status.items() if isinstance(v, dict) and v.get("errors")} == {}
 
 
+def test_boots_the_newest_installed_kernel(host: Any) -> None:
+    """An update that brings a kernel must leave the boot menu on it: the template runs what it was
+    updated to (and what this test boots), not the release's original kernel."""
+    listed = host.check_output("find /boot -maxdepth 1 -name 'vmlinuz-*' -printf '%f\\n' | sort -V")
+    kernels = [k.removeprefix("vmlinuz-") for k in listed.split() if "rescue" not in k]
+    assert kernels, "no kernel image in /boot"
+    assert host.check_output("uname -r").strip() == kernels[-1], kernels
+
+
 def test_qemu_guest_agent_installed(host: Any) -> None:
     assert host.package("qemu-guest-agent").is_installed
 

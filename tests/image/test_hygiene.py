@@ -1,6 +1,7 @@
 """Template hygiene: nothing that must be unique per clone, or secret, is baked into the image.
 
-Checks "in the artifact" read the image file offline (--artifact, ext* root via debugfs); the
+Checks "in the artifact" read the image as built (--artifact): hot-added read-only to the test VM and
+mounted there (ext4, XFS, btrfs), or offline through debugfs (ext* only) when there is no test VM; the
 others look at the guest's first boot, which is the artifact plus exactly one cloud-init run.
 """
 

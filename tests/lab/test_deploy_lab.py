@@ -34,7 +34,7 @@ pytestmark = pytest.mark.lab
 
 MGMT, TENANT = "pve-mgmt", "pve-tenant"
 REAL_BOOT = "sandbox01"
-BASE_IMAGE = REPO_ROOT / "builds/base/debian-12-base.qcow2"
+BASE_IMAGE = REPO_ROOT / "builds/base/debian-13-base.qcow2"
 BUILD = "20261125t1200z"
 TPL_VMID = 9000
 

@@ -44,11 +44,11 @@ def boot_from_template(lab: LabHandle, host: str, vm_name: str, *, full: bool) -
     vm = lab.site.vms[vm_name]
     c = PveClient(hv)
     with connect(hv.name, hv.ssh) as link, link.sftp() as sftp:
-        sftp.put(str(base), f"{hv.storage.import_dir}/debian-12-base.qcow2")
+        sftp.put(str(base), f"{hv.storage.import_dir}/debian-13-base.qcow2")
     node = f"/nodes/{c.node}/qemu"
     tpl = hv.template_vmids.first
     c.run_task("POST", node, vmid=tpl, name="tpl-debian-lab", memory=512, cores=1, scsihw="virtio-scsi-pci",
-               scsi0="local:0,import-from=local:import/debian-12-base.qcow2", ide2="local:cloudinit",
+               scsi0="local:0,import-from=local:import/debian-13-base.qcow2", ide2="local:cloudinit",
                boot="order=scsi0", serial0="socket", vga="serial0", agent="enabled=1",
                net0="virtio,bridge=vmbr0", timeout=120)
     c.run_task("POST", f"{node}/{tpl}/template", timeout=60)

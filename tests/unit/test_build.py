@@ -95,9 +95,9 @@ def repo(tmp_path: Path) -> Settings:
         shutil.copytree(REPO_ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     base = tmp_path / "builds/base"
     base.mkdir(parents=True)
-    src = base / "debian-12-base.qcow2"
+    src = base / "debian-13-base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "64M"], check=True)
-    (base / "debian-12-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-12-base.qcow2\n")
+    (base / "debian-13-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-13-base.qcow2\n")
     return Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg"}, root=tmp_path)
 
 
@@ -290,9 +290,9 @@ def test_changed_source_checksum_invalidates(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
 ) -> None:
     _built(repo, image, fake_packer)
-    src = repo.root / "builds/base/debian-12-base.qcow2"
+    src = repo.root / "builds/base/debian-13-base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "128M"], check=True)
-    (src.parent / "debian-12-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-12-base.qcow2\n")
+    (src.parent / "debian-13-base.qcow2.sha256").write_text(f"{sha256_file(src)}  debian-13-base.qcow2\n")
     assert build.build_image(repo, image, dry_run=True).status == "planned"
 
 
@@ -340,14 +340,14 @@ def test_timeout_stops_packer_and_its_children(
 
 def test_missing_source_says_run_base_image(repo: Settings, image: Image, fake_packer: Path,
                                             no_validate: list[str]) -> None:
-    (repo.root / "builds/base/debian-12-base.qcow2").unlink()
+    (repo.root / "builds/base/debian-13-base.qcow2").unlink()
     with pytest.raises(build.BuildError, match=r"invoke lab\.base-image"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
 
 def test_source_checksum_mismatch(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
-    (repo.root / "builds/base/debian-12-base.qcow2.sha256").write_text("0" * 64 + "  debian-12-base.qcow2\n")
+    (repo.root / "builds/base/debian-13-base.qcow2.sha256").write_text("0" * 64 + "  debian-13-base.qcow2\n")
     with pytest.raises(build.BuildError, match="checksum mismatch"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]

@@ -246,3 +246,18 @@ def test_publish_image_validates_before_contacting_hosts(tmp_path: Path, site: A
         publish_image(settings, site, "debian-lab", hypervisors=["nope"], progress=False)
     with pytest.raises(Exception, match="no such image"):
         publish_image(settings, site, "nope", progress=False)
+
+
+def test_a_uefi_build_becomes_an_ovmf_template_and_a_bios_build_does_not(site: Any) -> None:
+    from types import SimpleNamespace
+
+    from image_factory.publish import _create_params
+
+    hv = site.hypervisors["pve-mgmt"]
+    art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
+                          manifest=dataclasses.replace(manifest(), firmware="uefi"))
+    params = _create_params(hv, art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
+    assert params["bios"] == "ovmf" and params["machine"] == "q35"
+    assert params["efidisk0"] == f"{hv.storage.images}:1,efitype=4m,pre-enrolled-keys=0"
+    art.manifest = manifest()  # written before firmware was recorded: BIOS
+    assert not {"bios", "machine", "efidisk0"} & set(_create_params(hv, art, 9000, "d", []))  # type: ignore[arg-type]

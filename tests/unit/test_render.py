@@ -174,9 +174,9 @@ def test_fingerprint_follows_inputs(repo: Settings, catalogue: dict[str, Image])
     again.cleanup()
     assert again.fingerprint == changed.fingerprint
     # the local source's checksum file content is an input
-    ck = repo.resolve("builds/base/debian-12-base.qcow2.sha256")
+    ck = repo.resolve("builds/base/debian-13-base.qcow2.sha256")
     ck.parent.mkdir(parents=True, exist_ok=True)
-    ck.write_text("0" * 64 + "  debian-12-base.qcow2\n")
+    ck.write_text("0" * 64 + "  debian-13-base.qcow2\n")
     with_ck = _render(repo, catalogue["debian-lab"])
     with_ck.cleanup()
     assert with_ck.fingerprint != again.fingerprint
@@ -257,10 +257,46 @@ def test_debian_fixture_validates_before_the_base_image_exists(repo: Settings, c
     """`build.render --all` works on a fresh checkout: the fixture's checksum file is not needed yet."""
     if shutil.which("packer") is None:
         pytest.skip("packer not installed")
-    assert not repo.resolve("builds/base/debian-12-base.qcow2.sha256").exists()
+    assert not repo.resolve("builds/base/debian-13-base.qcow2.sha256").exists()
     result = _render(repo, catalogue["debian-lab"])
     try:
         assert result.inputs["source_checksum"] == "missing"
         render.validate_packer(result)
     finally:
         result.cleanup()
+
+
+def test_uefi_renders_ovmf_on_q35_and_an_efi_partition_bios_a_biosboot_one(
+        repo: Settings, catalogue: dict[str, Image]) -> None:
+    uefi = _render(repo, catalogue["fedora-45-iso"])
+    bios = _render(repo, catalogue["fedora-44-iso"])
+    try:
+        hcl = uefi.hcl.read_text()
+        assert 'machine_type = "q35"' in hcl and "if=pflash,format=raw,unit=0,readonly=on,file=${var.ovmf_code}" in hcl
+        assert "unit=1,file=${var.work_dir}/efivars.fd" in hcl
+        assert uefi.kickstart is not None and "part /boot/efi --fstype=efi" in uefi.kickstart.read_text()
+        assert "biosboot" not in uefi.kickstart.read_text()
+        assert 'ovmf_code = ""' in uefi.var_file.read_text()
+        assert "pflash" not in bios.hcl.read_text() and "machine_type" not in bios.hcl.read_text()
+        assert bios.kickstart is not None and "part biosboot" in bios.kickstart.read_text()
+    finally:
+        uefi.cleanup()
+        bios.cleanup()
+
+
+def test_uefi_is_refused_for_a_cloud_image(catalogue: dict[str, Image]) -> None:
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="firmware: uefi is for iso mode"):
+        Image.model_validate({**catalogue["fedora-45"].model_dump(), "firmware": "uefi"})
+
+
+def test_a_missing_ovmf_names_the_package(tmp_path: Path) -> None:
+    from image_factory import firmware
+    with pytest.raises(firmware.FirmwareError, match="apt-get install ovmf"):
+        firmware.locate_ovmf(((str(tmp_path / "CODE.fd"), str(tmp_path / "VARS.fd")),))
+    (tmp_path / "CODE.fd").write_bytes(b"c")
+    (tmp_path / "VARS.fd").write_bytes(b"v")
+    code, variables = firmware.locate_ovmf(((str(tmp_path / "CODE.fd"), str(tmp_path / "VARS.fd")),))
+    copy = firmware.private_vars(tmp_path / "work", variables)
+    assert copy.read_bytes() == b"v" and oct(copy.stat().st_mode & 0o777) == "0o600"
+    assert firmware.qemu_args(code, copy)[1].endswith(f"readonly=on,file={code}")

@@ -1,11 +1,13 @@
 """The offline Debian base image: a small, bootable cloud image made without internet.
 
-``ensure_base_image`` produces builds/base/debian-12-base.qcow2 (plus a ``sha256sum`` file) from the
+``ensure_base_image`` produces builds/base/debian-13-base.qcow2 (plus a ``sha256sum`` file) from the
 Debian archive this machine reaches, with no loop devices or mounts:
 
-1. ``debootstrap --variant=minbase`` of bookworm with a kernel, GRUB, cloud-init, OpenSSH and the
-   QEMU guest agent into a temporary root (the .deb files cached in <cache_dir>/debs, shared by
-   every clone on the machine; debootstrap checks each against the signed archive index);
+1. ``debootstrap --variant=minbase`` of trixie (its release suite, so the build's update step has
+   newer packages from trixie-updates and trixie-security to apply, a kernel among them) with a
+   kernel, GRUB, cloud-init, OpenSSH and the QEMU guest agent into a temporary root (the .deb files
+   cached in <cache_dir>/debs, shared by every clone on the machine; debootstrap checks each against
+   the signed archive index);
 2. configuration written into that root: NoCloud + None datasources, DHCP on the first NIC from
    cloud-init's network config (or its fallback), serial console, no SSH host keys, empty
    /etc/machine-id, root password locked;
@@ -43,9 +45,9 @@ from ..errors import FactoryError
 from ..manifest import sha256_file
 from ..settings import Settings
 
-SUITE = "bookworm"
-IMAGE_NAME = "debian-12-base.qcow2"
-RECIPE_NAME = "debian-12-base.recipe.json"
+SUITE = "trixie"
+IMAGE_NAME = "debian-13-base.qcow2"
+RECIPE_NAME = "debian-13-base.recipe.json"
 DISK_SIZE_MIB = 2048
 PART_START_MIB = 1
 # Fixed so the recipe (and thus the cache key) is deterministic; GRUB and fstab find the root by it.
@@ -75,7 +77,7 @@ PACKAGES = (
     "ca-certificates",
 )
 
-# Filesystem features GRUB 2.06 (bookworm) can read; pinned so the host's mke2fs.conf does not matter.
+# Filesystem features every GRUB since 2.06 reads; pinned so the host's mke2fs.conf does not matter.
 MKE2FS_CONF = """\
 [defaults]
 \tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -128,7 +130,7 @@ FILES: dict[str, str] = {
     # Host keys are made at first boot by cloud-init; if cloud-init is off, make them anyway
     # (`ssh-keygen -A` would add the RSA key too).
     "etc/systemd/system/ssh.service.d/10-hostkeys.conf": (
-        "[Unit]\nAfter=cloud-init.service\n\n[Service]\n"
+        "[Unit]\nAfter=cloud-init-network.service cloud-init.service\n\n[Service]\n"
         "ExecStartPre=/bin/sh -c 'for t in ed25519 ecdsa; do k=/etc/ssh/ssh_host_$${t}_key; "
         "[ -s $$k ] || ssh-keygen -q -t $$t -N \"\" -f $$k || exit 1; done'\n"
     ),
@@ -244,7 +246,7 @@ def describe(settings: Settings) -> dict[str, object]:
 
 
 def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | None = None) -> Path:
-    """Return builds/base/debian-12-base.qcow2, building it only when missing, corrupted or stale."""
+    """Return builds/base/debian-13-base.qcow2, building it only when missing, corrupted or stale."""
     p = base_paths(settings)
     state = "forced" if force else cache_state(settings)
     if state == "ok":
@@ -345,7 +347,8 @@ def _check_tools() -> None:
 
 
 def find_mirror(sources: Path = Path("/etc/apt")) -> str:
-    """The Debian archive URI this machine uses for bookworm main (not the security archive)."""
+    """The Debian archive URI this machine uses for main (any suite; not the security archive): the
+    fixture's suite need not be the machine's own release."""
     candidates: list[str] = []
     for f in sorted(sources.glob("sources.list.d/*.sources")):
         for stanza in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
@@ -354,7 +357,7 @@ def find_mirror(sources: Path = Path("/etc/apt")) -> str:
                 if ":" in line and not line.startswith("#"):
                     k, v = line.split(":", 1)
                     fields[k.strip().lower()] = v.strip()
-            if SUITE in fields.get("suites", "").split() and "main" in fields.get("components", "").split():
+            if fields.get("suites") and "main" in fields.get("components", "").split():
                 candidates += fields.get("uris", "").split()
     lists = [sources / "sources.list", *sorted(sources.glob("sources.list.d/*.list"))]
     for f in lists:
@@ -362,15 +365,25 @@ def find_mirror(sources: Path = Path("/etc/apt")) -> str:
             continue
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
             parts = re.sub(r"\[[^]]*\]", "", line).split()
-            if len(parts) >= 4 and parts[0] == "deb" and parts[2] == SUITE and "main" in parts[3:]:
+            if len(parts) >= 4 and parts[0] == "deb" and "main" in parts[3:]:
                 candidates.append(parts[1])
     for uri in candidates:
         if "security" not in uri:
             return uri.rstrip("/")
     raise BaseImageError(
-        f"base image: no Debian {SUITE} 'main' archive found in {sources}/sources.list*; "
+        f"base image: no Debian 'main' archive found in {sources}/sources.list*; "
         "set FACTORY_DEBIAN_MIRROR=http://<mirror>/debian"
     )
+
+
+def security_mirror(mirror: str) -> str:
+    """The security archive beside ``mirror`` (``.../debian`` -> ``.../debian-security``), or
+    FACTORY_DEBIAN_SECURITY_MIRROR."""
+    configured = os.environ.get("FACTORY_DEBIAN_SECURITY_MIRROR")
+    if configured:
+        return configured.rstrip("/")
+    return f"{mirror.rstrip('/')}-security" if mirror.rstrip("/").endswith("/debian") else \
+        "http://deb.debian.org/debian-security"
 
 
 def _run(cmd: list[str], what: str, log: Path | None = None, timeout: float = 1800) -> None:
@@ -412,7 +425,8 @@ def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
 def _configure(root: Path, mirror: str) -> None:
     _write_files(root, FILES)
     (root / "etc/apt/sources.list").write_text(
-        f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n", encoding="utf-8"
+        f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n"
+        f"deb {security_mirror(mirror)} {SUITE}-security main\n", encoding="utf-8"
     )
     # Root password locked (also for `passwd -S`), no build user exists.
     shadow = root / "etc/shadow"

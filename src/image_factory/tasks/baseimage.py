@@ -20,7 +20,7 @@ from ._common import handle_errors, settings, task
 @handle_errors
 def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
                json: bool = False) -> None:
-    """Build (or reuse) builds/base/debian-12-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
+    """Build (or reuse) builds/base/debian-13-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
     from ..lab import baseimage as bi
 
     s = settings(c)

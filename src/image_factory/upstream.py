@@ -1,0 +1,169 @@
+"""Debian archives as an image uses them: signed suite state, the packages they offer, and what a built
+image still lacks from them.
+
+A suite's ``InRelease`` is clearsigned by the archive's key (vendored in ``packer/keys`` and pinned by
+fingerprint, checked by ``signatures``); only its signed bytes are read, and every index fetched after it
+must match the sha256 the signed part names. Nothing here trusts the mirror or the network.
+
+Used by the image test's ``updates`` suite: the packages installed in the booted image are compared with
+the newest each suite of the image's own ``sources.list`` offers, so a template that missed an update
+never publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from debian.deb822 import Packages, Release
+from debian.debian_support import Version
+
+from .errors import FactoryError
+from .signatures import SignatureError, clearsigned_bytes, load_pinned_key
+
+FETCH_TIMEOUT = 20.0
+# Which vendored key signs which Debian suites: the security archive has its own key per release.
+DEBIAN_KEYS = {
+    13: {"archive": "debian-13-archive.asc", "security": "debian-13-security.asc"},
+}
+
+
+class UpstreamError(FactoryError):
+    """An archive could not be read, or what it served does not match its signed index."""
+
+
+@dataclass(frozen=True)
+class AptSource:
+    uri: str
+    suite: str
+    components: tuple[str, ...]
+
+    @property
+    def is_security(self) -> bool:
+        return self.suite.endswith("-security") or "debian-security" in self.uri
+
+
+@dataclass(frozen=True)
+class SuiteState:
+    """One suite's signed ``InRelease``: its date and digest (the suite's epoch) and the indexes it names."""
+
+    source: AptSource
+    url: str
+    date: str
+    sha256: str
+    signed: bytes
+
+    def index_sha256(self, path: str) -> tuple[str, int] | None:
+        """The signed sha256 and size of an index file (``main/binary-amd64/Packages.xz``)."""
+        release = Release(self.signed.decode("utf-8", "replace"))
+        for entry in release.get("SHA256", []):
+            if entry["name"] == path:
+                return str(entry["sha256"]), int(entry["size"])
+        return None
+
+
+@dataclass(frozen=True)
+class Pending:
+    package: str
+    installed: str
+    offered: str
+    suite: str
+
+    def __str__(self) -> str:
+        return f"{self.package} {self.installed} -> {self.offered} ({self.suite})"
+
+
+def parse_sources(sources_list: str, deb822: Iterable[str] = ()) -> list[AptSource]:
+    """The ``deb`` lines of a sources.list and the ``Types: deb`` stanzas of .sources files."""
+    out: list[AptSource] = []
+    for line in sources_list.splitlines():
+        parts = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+        if len(parts) >= 4 and parts[0] == "deb":
+            out.append(AptSource(parts[1].rstrip("/"), parts[2], tuple(parts[3:])))
+    for text in deb822:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.lstrip().startswith("#"):
+                    key, value = line.split(":", 1)
+                    fields[key.strip().lower()] = value.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    out.append(AptSource(uri.rstrip("/"), suite, tuple(fields.get("components", "").split())))
+    return out
+
+
+def _get(session: requests.Session, url: str, timeout: float) -> bytes:
+    try:
+        response = session.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        raise UpstreamError(f"{url}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if response.status_code != 200:
+        raise UpstreamError(f"{url}: HTTP {response.status_code}")
+    return response.content
+
+
+def fetch_suite(source: AptSource, keys_dir: Path, release: int, *, session: requests.Session | None = None,
+                timeout: float = FETCH_TIMEOUT) -> SuiteState:
+    """The suite's InRelease, verified against the pinned key for it (archive or security)."""
+    names = DEBIAN_KEYS.get(release)
+    if names is None:
+        raise UpstreamError(f"no Debian archive keys vendored for release {release} (have: "
+                            f"{', '.join(str(r) for r in DEBIAN_KEYS)}); vendor them in {keys_dir}")
+    cert = load_pinned_key(keys_dir, names["security" if source.is_security else "archive"])
+    url = f"{source.uri}/dists/{source.suite}/InRelease"
+    data = _get(session or requests.Session(), url, timeout)
+    signed = clearsigned_bytes(data, cert, what=url)
+    date = str(Release(signed.decode("utf-8", "replace")).get("Date", ""))
+    return SuiteState(source, url, date, hashlib.sha256(signed).hexdigest(), signed)
+
+
+def offered_versions(state: SuiteState, arch: str, *, session: requests.Session | None = None,
+                     timeout: float = FETCH_TIMEOUT) -> dict[str, Version]:
+    """Package -> newest version the suite offers for ``arch`` (and ``all``), from its signed indexes."""
+    newest: dict[str, Version] = {}
+    for component in state.source.components:
+        path = f"{component}/binary-{arch}/Packages.xz"
+        signed = state.index_sha256(path)
+        if signed is None:
+            raise UpstreamError(f"{state.url} names no {path}")
+        url = f"{state.source.uri}/dists/{state.source.suite}/{path}"
+        data = _get(session or requests.Session(), url, timeout)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != signed[0] or len(data) != signed[1]:
+            raise SignatureError(f"{url}: sha256 {digest[:16]}… ({len(data)} bytes) is not the {signed[0][:16]}… "
+                                 f"({signed[1]} bytes) its signed InRelease names; refusing it")
+        try:
+            text = lzma.decompress(data).decode("utf-8", "replace")
+        except lzma.LZMAError as exc:
+            raise UpstreamError(f"{url}: not xz data ({exc})") from None
+        for stanza in Packages.iter_paragraphs(text.splitlines(keepends=True), use_apt_pkg=False):
+            name, version = stanza.get("Package"), stanza.get("Version")
+            if not name or not version:
+                continue
+            v = Version(version)
+            if name not in newest or v > newest[name]:
+                newest[name] = v
+    return newest
+
+
+def pending_upgrades(installed: Iterable[tuple[str, str]], offers: dict[str, dict[str, Version]]) -> list[Pending]:
+    """Installed (name, version) pairs a suite offers a newer version of; ``offers`` is suite -> versions."""
+    pending: list[Pending] = []
+    for name, version in installed:
+        have = Version(version)
+        best: tuple[Version, str] | None = None
+        for suite, versions in offers.items():
+            offered = versions.get(name)
+            if offered is not None and offered > have and (best is None or offered > best[0]):
+                best = (offered, suite)
+        if best is not None:
+            pending.append(Pending(name, version, str(best[0]), best[1]))
+    return sorted(pending, key=lambda p: p.package)

@@ -1,0 +1,51 @@
+"""updates: the image carries every update its own package sources offer (a template that missed one
+never publishes). Debian: the booted image's installed versions against the newest each suite of its
+own sources offers, read from the suites' signed indexes on the test's side (image_factory.upstream).
+Fedora: dnf itself, in the guest."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+
+from image_factory.settings import REPO_ROOT
+from image_factory.upstream import fetch_suite, offered_versions, parse_sources, pending_upgrades
+
+KEYS_DIR = REPO_ROOT / "packer" / "keys"
+
+
+def _debian_sources(host: Any) -> tuple[str, list[str]]:
+    listed = host.file("/etc/apt/sources.list")
+    main = listed.content_string if listed.exists else ""
+    found = host.run("find /etc/apt/sources.list.d -maxdepth 1 -name '*.sources' -o -maxdepth 1 -name '*.list'")
+    extra: list[str] = []
+    for path in found.stdout.split():
+        text = host.file(path).content_string
+        if path.endswith(".list"):
+            main += "\n" + text
+        else:
+            extra.append(text)
+    return main, extra
+
+
+def test_no_pending_upgrades(host: Any, family: str | None) -> None:
+    if family == "fedora":
+        # exit 100: updates are available; 0: none. --refresh: never trust the build's cached metadata.
+        result = host.run("dnf -q check-update --refresh")
+        assert result.rc == 0, f"dnf check-update (exit {result.rc}):\n{result.stdout[-3000:]}"
+        return
+    if family != "debian":
+        pytest.skip("needs --image-family")
+    main, extra = _debian_sources(host)
+    sources = parse_sources(main, extra)
+    assert sources, "the image has no apt sources: it could never be updated"
+    release = int(host.check_output(". /etc/os-release && echo ${VERSION_ID%%.*}"))
+    arch = host.check_output("dpkg --print-architecture").strip()
+    query = shlex.quote("${db:Status-Status}\\t${Package}\\t${Version}\\n")
+    installed = [tuple(line.split("\t")[1:3]) for line in host.check_output(f"dpkg-query -W -f {query}").splitlines()
+                 if line.startswith("installed\t")]
+    offers = {f"{s.uri} {s.suite}": offered_versions(fetch_suite(s, KEYS_DIR, release), arch) for s in sources}
+    pending = pending_upgrades(installed, offers)
+    assert pending == [], "pending upgrades:\n" + "\n".join(str(p) for p in pending)

@@ -1,0 +1,161 @@
+"""image_factory.upstream against a loopback Debian archive signed by a key the test makes."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import lzma
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_factory import upstream
+from image_factory.settings import REPO_ROOT
+from image_factory.signatures import SignatureError, load_pinned_key
+from image_factory.upstream import AptSource, UpstreamError
+
+pytestmark = pytest.mark.unit
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import pysequoia
+
+
+def _cert(uid: str) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pysequoia.Cert.generate(uid)
+
+
+def _clearsign(cert: Any, text: str) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/debian", files
+    httpd.shutdown()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Any, Any]:
+    d = tmp_path / "keys"
+    d.mkdir()
+    archive_key, security_key = _cert("archive <a@example>"), _cert("security <s@example>")
+    for name, cert in (("debian-13-archive.asc", archive_key), ("debian-13-security.asc", security_key)):
+        (d / name).write_text(str(pysequoia.Cert.from_bytes(str(cert).encode())))
+    (d / "fingerprints.yml").write_text(
+        f"debian-13-archive.asc: {archive_key.fingerprint}\ndebian-13-security.asc: {security_key.fingerprint}\n")
+    return d, archive_key, security_key
+
+
+def packages_xz(*stanzas: tuple[str, str]) -> bytes:
+    text = "\n".join(f"Package: {name}\nVersion: {version}\nArchitecture: amd64\n" for name, version in stanzas)
+    return lzma.compress(text.encode())
+
+
+def publish_suite(base: str, files: dict[str, bytes], suite: str, signer: Any, index: bytes, *,
+                  date: str = "Thu, 26 Nov 2026 21:03:36 UTC", index_sha: str | None = None) -> None:
+    prefix = base.split("/", 3)[3]
+    release = (f"Origin: Debian\nSuite: {suite}\nDate: {date}\nSHA256:\n"
+               f" {index_sha or hashlib.sha256(index).hexdigest()} {len(index)} main/binary-amd64/Packages.xz\n")
+    files[f"/{prefix}/dists/{suite}/InRelease"] = _clearsign(signer, release)
+    files[f"/{prefix}/dists/{suite}/main/binary-amd64/Packages.xz"] = index
+
+
+def test_parse_sources_reads_one_line_and_deb822_forms() -> None:
+    listed = ("deb http://deb.example/debian trixie main\n# deb http://x/ off main\n"
+              "deb [signed-by=/k.gpg] http://deb.example/debian-security/ trixie-security main contrib\n"
+              "deb-src http://deb.example/debian trixie main\n")
+    deb822 = ["Types: deb\nURIs: http://deb.example/debian\nSuites: trixie-updates\nComponents: main\n\n"
+              "Types: deb\nEnabled: no\nURIs: http://off.example/debian\nSuites: trixie\nComponents: main\n"]
+    assert upstream.parse_sources(listed, deb822) == [
+        AptSource("http://deb.example/debian", "trixie", ("main",)),
+        AptSource("http://deb.example/debian-security", "trixie-security", ("main", "contrib")),
+        AptSource("http://deb.example/debian", "trixie-updates", ("main",)),
+    ]
+
+
+def test_pending_upgrades_uses_debian_version_order() -> None:
+    from debian.debian_support import Version
+    offers = {"trixie": {"openssl": Version("3.5.1-1"), "zlib1g": Version("1:1.3.1-1")},
+              "trixie-security": {"openssl": Version("3.5.1-1+deb13u1"),
+                                  "linux-image-cloud-amd64": Version("6.12.118-1")}}
+    installed = [("openssl", "3.5.1-1"), ("zlib1g", "1:1.3.1-1"), ("linux-image-cloud-amd64", "6.12.118-1"),
+                 ("local-only", "1.0")]
+    pending = upstream.pending_upgrades(installed, offers)
+    assert [str(p) for p in pending] == ["openssl 3.5.1-1 -> 3.5.1-1+deb13u1 (trixie-security)"]
+    # a ~ version sorts before its release: an installed 2.0~rc1 is behind an offered 2.0
+    assert upstream.pending_upgrades([("x", "2.0~rc1")], {"s": {"x": Version("2.0")}})[0].offered == "2.0"
+
+
+def test_signed_suite_and_index_are_read_and_the_security_suite_needs_its_own_key(archive: Any, keys: Any) -> None:
+    base, files = archive
+    keys_dir, archive_key, security_key = keys
+    publish_suite(base, files, "trixie", archive_key, packages_xz(("openssl", "3.5.1-1")))
+    sec_base = base + "-security"
+    publish_suite(sec_base, files, "trixie-security", security_key, packages_xz(("openssl", "3.5.1-1+deb13u1")))
+    state = upstream.fetch_suite(AptSource(base, "trixie", ("main",)), keys_dir, 13)
+    assert state.date == "Thu, 26 Nov 2026 21:03:36 UTC" and len(state.sha256) == 64
+    assert str(upstream.offered_versions(state, "amd64")["openssl"]) == "3.5.1-1"
+    sec = upstream.fetch_suite(AptSource(sec_base, "trixie-security", ("main",)), keys_dir, 13)
+    assert str(upstream.offered_versions(sec, "amd64")["openssl"]) == "3.5.1-1+deb13u1"
+    # the security suite signed by the archive key is refused: each archive has its own key
+    publish_suite(sec_base, files, "trixie-security", archive_key, packages_xz(("openssl", "9")))
+    with pytest.raises(SignatureError, match="no valid signature|failed"):
+        upstream.fetch_suite(AptSource(sec_base, "trixie-security", ("main",)), keys_dir, 13)
+
+
+@pytest.mark.parametrize("attack", ["forged-lines", "other-key", "index-swapped", "unsigned"])
+def test_what_the_signed_index_does_not_vouch_for_is_refused(archive: Any, keys: Any, attack: str) -> None:
+    base, files = archive
+    keys_dir, archive_key, _ = keys
+    good = packages_xz(("openssl", "3.5.1-1"))
+    signer = _cert("mallory <m@example>") if attack == "other-key" else archive_key
+    publish_suite(base, files, "trixie", signer, good)
+    path = f"/{base.split('/', 3)[3]}/dists/trixie"
+    if attack == "forged-lines":
+        files[f"{path}/InRelease"] += b"\nSHA256:\n 00 1 main/binary-amd64/Packages.xz\n"
+    elif attack == "index-swapped":
+        files[f"{path}/main/binary-amd64/Packages.xz"] = packages_xz(("openssl", "0.1"))
+    elif attack == "unsigned":
+        files[f"{path}/InRelease"] = b"Origin: Debian\nSuite: trixie\n"
+    source = AptSource(base, "trixie", ("main",))
+    with pytest.raises(SignatureError):
+        upstream.offered_versions(upstream.fetch_suite(source, keys_dir, 13), "amd64")
+
+
+def test_unreachable_archive_and_unknown_release_are_clear_errors(keys: Any) -> None:
+    keys_dir = keys[0]
+    with pytest.raises(UpstreamError, match="no Debian archive keys vendored for release 99"):
+        upstream.fetch_suite(AptSource("http://127.0.0.1:9/debian", "x", ("main",)), keys_dir, 99)
+    with pytest.raises(UpstreamError, match=r"http://127.0.0.1:9/debian/dists/trixie/InRelease: ConnectionError"):
+        upstream.fetch_suite(AptSource("http://127.0.0.1:9/debian", "trixie", ("main",)), keys_dir, 13, timeout=2)
+
+
+def test_vendored_debian_keys_match_their_pins() -> None:
+    for name, uid in (("debian-13-archive.asc", "Archive Automatic Signing Key (13/trixie)"),
+                      ("debian-13-security.asc", "Security Archive Automatic Signing Key (13/trixie)")):
+        cert = load_pinned_key(REPO_ROOT / "packer" / "keys", name)
+        assert any(uid in str(u) for u in cert.user_ids)
