@@ -257,3 +257,36 @@ def test_strict_backend_accepts_pinned_host_key(ssh_server: Any, tmp_path: Path)
     transport = client.get_transport()
     assert transport is not None and transport.is_authenticated()
     client.close()
+
+
+@pytest.mark.parametrize("kind", ["bios", "uefi"])
+def test_the_test_vm_starts_with_each_firmware_and_answers_qmp(tmp_path: Path, kind: str) -> None:
+    """QEMU accepts the machine and firmware arguments (OVMF pflash on q35 for uefi), and the QMP socket
+    the image suites hot-add the pristine artifact through is there. No boot is waited for."""
+    import json
+    import shutil
+    import subprocess
+
+    if shutil.which("qemu-system-x86_64") is None or (kind == "uefi" and not Path("/usr/share/OVMF").is_dir()):
+        pytest.skip("needs qemu-system-x86 (and ovmf for uefi): ./dev setup installs them")
+    disk = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg"})
+    guest = it.boot_guest(settings, disk, "qcow2", workdir_parent=tmp_path, hostname="fw", firmware_kind=kind)
+    try:
+        assert guest.alive() and guest.qmp_socket is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(guest.qmp_socket))
+            reader = s.makefile("rb")
+            assert "QMP" in json.loads(reader.readline())
+            s.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-block"}\n')
+            assert json.loads(reader.readline()) == {"return": {}}
+            files = [str((b.get("inserted") or {}).get("file", "")) for b in json.loads(reader.readline())["return"]]
+        flash = [f for f in files if "OVMF" in f or f.endswith("efivars.fd")]
+        if kind == "uefi":
+            assert len(flash) == 2 and any(f == str(guest.workdir / "efivars.fd") for f in flash), files
+        else:
+            assert flash == [], files
+    finally:
+        guest.stop()
