@@ -262,8 +262,17 @@ def artifact_path(build_dir: Path, m: Manifest) -> Path:
     return build_dir / m.artifact.path
 
 
-def cache_status(build_dir: Path, fingerprint: str) -> tuple[Manifest | None, str]:
-    """(manifest, "") on a hit; (None, why not) on a miss."""
+def build_age_days(m: Manifest, now: datetime | None = None) -> float | None:
+    try:
+        finished = datetime.strptime(m.finished_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return ((now or datetime.now(UTC)) - finished).total_seconds() / 86400
+
+
+def cache_status(build_dir: Path, fingerprint: str, *, max_age_days: int | None = None,
+                 now: datetime | None = None) -> tuple[Manifest | None, str]:
+    """(manifest, "") on a hit; (None, why not) on a miss. ``max_age_days``: older builds miss too."""
     try:
         m = load(build_dir)
     except FactoryError as exc:
@@ -278,6 +287,11 @@ def cache_status(build_dir: Path, fingerprint: str) -> tuple[Manifest | None, st
         return None, f"artifact {art.name} is missing"
     if art.stat().st_size != m.artifact.disk_size or sha256_file(art) != m.artifact.sha256:
         return None, f"artifact {art.name} no longer matches its recorded sha256"
+    if max_age_days is not None:
+        age = build_age_days(m, now)
+        if age is None or age >= max_age_days:
+            shown = "of unknown age" if age is None else f"{age:.1f} days old"
+            return None, f"build {m.build_id} is {shown} (max_age_days {max_age_days}): rebuilt for current updates"
     return m, ""
 
 
@@ -601,7 +615,8 @@ def build_image(
                                  scratch=dry_run)
     try:
         if not force:
-            hit, why = cache_status(build_dir, result.fingerprint)
+            hit, why = cache_status(build_dir, result.fingerprint,
+                                    max_age_days=image.max_age_days if image.updates else None)
             if hit is not None:
                 emit("status", f"cache hit: {image.name} is up to date (build {hit.build_id})")
                 return BuildOutcome("cached", hit, build_dir, None, time.monotonic() - t0, "inputs unchanged",

@@ -469,6 +469,9 @@ class Image(Strict):
     compress: bool = True
     # Apply the release's updates during the build (reboot into a newer kernel before sealing).
     updates: bool = True
+    # An image that takes updates is rebuilt once its build is this old, even with nothing else changed:
+    # the nightly then carries the upstream fixes of the last week at the latest.
+    max_age_days: int = Field(default=7, ge=1, le=365)
 
     @model_validator(mode="after")
     def _firmware_needs_iso(self) -> Image:

@@ -386,6 +386,23 @@ def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == "f1"
 
 
+def test_a_build_older_than_max_age_is_rebuilt(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    art = tmp_path / "x.qcow2"
+    art.write_bytes(b"data")
+    m = Manifest(image="x", family="debian", release=13, mode="cloud", build_id="abc",
+                 artifact=Artifact(path="x.qcow2", format="qcow2", virtual_size=4, disk_size=4,
+                                   sha256=sha256_file(art)),
+                 fingerprint="f1", inputs={}, tools={}, git={}, started_at="", finished_at="2026-11-20T02:00:00Z")
+    save(tmp_path, m)
+    six_days, eight_days = datetime(2026, 11, 26, 2, 0, tzinfo=UTC), datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+    assert build.cache_status(tmp_path, "f1", max_age_days=7, now=six_days)[0] is not None
+    hit, why = build.cache_status(tmp_path, "f1", max_age_days=7, now=eight_days)
+    assert hit is None and why == "build abc is 8.0 days old (max_age_days 7): rebuilt for current updates"
+    assert build.cache_status(tmp_path, "f1", now=eight_days)[0] is not None  # an image without updates
+
+
 def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
     repo: Settings, image: Image, hanging_packer: Path, no_validate: list[str]
 ) -> None:
