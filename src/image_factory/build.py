@@ -729,6 +729,40 @@ def _build(
 # ------------------------------------------------------------------------------------------ ui
 
 
+_ANSIBLE_HEADING_RE = re.compile(r"\b(PLAY|TASK|RUNNING HANDLER) \[(.+?)\]")
+
+
+class LogLines:
+    """on_event handler where there is no terminal: each build step, each Ansible task and every error as
+    one timestamped line, so a CI log follows a build that takes minutes."""
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+
+    def __enter__(self) -> LogLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __call__(self, ev: BuildEvent) -> None:
+        from .console import log_line
+
+        if ev.kind in ("step", "status", "error", "artifact"):
+            log_line(self.image, ("error: " if ev.kind == "error" else "") + ev.message)
+        elif ev.kind == "message":
+            found = _ANSIBLE_HEADING_RE.search(ev.message)
+            if found:
+                log_line(self.image, f"ansible {found[1].lower()}: {found[2]}")
+
+
+def progress_for(image: str) -> LiveProgress | LogLines:
+    """Live progress in a terminal, timestamped lines in a log."""
+    from .console import console
+
+    return LiveProgress(image) if console.is_terminal else LogLines(image)
+
+
 class LiveProgress:
     """on_event handler: one rich status line (current step + elapsed) and every step printed."""
 

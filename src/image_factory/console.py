@@ -77,3 +77,31 @@ def write_report(path: str | Path, data: Any) -> Path:
         fh.write(to_json(data))
     os.replace(tmp, target)
     return target
+
+
+def log_line(subject: str, message: str) -> None:
+    """One timestamped line for logs without a terminal (CI, ``./dev demo > file``): where a terminal
+    shows live progress, a log gets ``2026-11-28T01:02:03Z subject: message`` lines instead."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    console.print(f"{stamp} {subject}: {message}", markup=False, highlight=False)
+
+
+class Milestones:
+    """Progress as log lines: a line each time a transfer passes another quarter (per subject)."""
+
+    def __init__(self, step: float = 0.25) -> None:
+        self.step = step
+        self._reached: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, subject: str, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        mark = int(min(done / total, 1.0) / self.step)
+        with self._lock:
+            if mark <= self._reached.get(subject, 0):
+                return
+            self._reached[subject] = mark
+        log_line(subject, f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB ({100 * done // total}%)")

@@ -1135,7 +1135,10 @@ def _progress(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Callable[[
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .console import console
+    from .console import console, log_line
+
+    if not console.is_terminal:
+        return nullcontext(log_line)  # one timestamped line per VM step: spinners are for terminals
 
     @contextmanager
     def cm() -> Any:

@@ -95,9 +95,10 @@ def run_pipeline(
         try:
             run.stage = "build"
             t0 = time.monotonic()
-            outcome = build.build_image(
-                settings, image, force=force, accelerator=accelerator or settings.accelerator, allow_eol=allow_eol
-            )
+            with build.progress_for(name) as build_progress:
+                outcome = build.build_image(settings, image, force=force,
+                                            accelerator=accelerator or settings.accelerator, allow_eol=allow_eol,
+                                            on_event=build_progress)
             run.durations["build"] = round(time.monotonic() - t0, 1)
             m = outcome.manifest
             if m is None:

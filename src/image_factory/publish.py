@@ -839,6 +839,11 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
     if not enabled:
         yield None
         return
+    from .console import Milestones, console
+
+    if not console.is_terminal:
+        yield Milestones()  # a log gets a line per quarter, not bars redrawn nobody sees
+        return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -847,8 +852,6 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
-
-    from .console import console
 
     bars = Progress(
         TextColumn("{task.description:<14}", markup=False), BarColumn(), DownloadColumn(binary_units=True),

@@ -67,7 +67,7 @@ def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_r
     from .. import build as b
     from .. import manifest as mf
 
-    with b.LiveProgress(img.name) as progress:
+    with b.progress_for(img.name) as progress:
         outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
                                 on_event=progress, compress=False if no_compress else None,
                                 ansible_strategy=ansible_strategy, allow_eol=allow_eol)
