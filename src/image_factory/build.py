@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -293,6 +294,37 @@ def cache_status(build_dir: Path, fingerprint: str, *, max_age_days: int | None 
             shown = "of unknown age" if age is None else f"{age:.1f} days old"
             return None, f"build {m.build_id} is {shown} (max_age_days {max_age_days}): rebuilt for current updates"
     return m, ""
+
+
+UPSTREAM_PREFIX = "upstream:"
+
+
+def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
+                    previous: Manifest | None) -> tuple[dict[str, str], str]:
+    """The upstream repositories' epochs as fingerprint inputs, and why some could not be read ("" if all
+    were). ``offline`` keeps the previous build's epochs instead of asking (nothing is fetched)."""
+    repos = image.upstream_repositories
+    if not repos:
+        return {}, ""
+    if offline:
+        kept = {k: v for k, v in (previous.inputs if previous else {}).items() if k.startswith(UPSTREAM_PREFIX)}
+        return kept, ""
+    from . import upstream
+
+    epochs, failures = upstream.repository_epochs(repos, settings.root / "packer" / "keys", image.release)
+    inputs = {UPSTREAM_PREFIX + name: epoch for name, epoch in epochs.items()}
+    if not failures:
+        return inputs, ""
+    # An unknown upstream state never matches a previous build: rebuilding is the side that misses no fix.
+    inputs[UPSTREAM_PREFIX + "unavailable"] = _now()
+    return inputs, "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+
+
+def with_upstream(result: render.RenderResult, inputs: dict[str, str]) -> None:
+    if inputs:
+        result.inputs.update(inputs)
+        blob = json.dumps({"rendered": result.fingerprint, **inputs}, sort_keys=True).encode()
+        result.fingerprint = hashlib.sha256(blob).hexdigest()
 
 
 def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
@@ -597,8 +629,11 @@ def build_image(
     timeout_s: float | None = None,
     ansible_strategy: str | None = None,
     allow_eol: bool = False,
+    offline: bool = False,
 ) -> BuildOutcome:
-    """Build one catalogue image (or find it cached); see the module docstring for the flow."""
+    """Build one catalogue image (or find it cached); see the module docstring for the flow.
+
+    ``offline``: do not ask upstream repositories for their state; keep the last build's epochs."""
     t0 = time.monotonic()
     events: list[BuildEvent] = []
 
@@ -614,6 +649,14 @@ def build_image(
     result = render.render_image(settings, image, packer_version=cached_packer_version(settings, remember=not dry_run),
                                  scratch=dry_run)
     try:
+        try:
+            previous = load(build_dir)
+        except FactoryError:
+            previous = None
+        epochs, unavailable = upstream_inputs(settings, image, offline=offline, previous=previous)
+        with_upstream(result, epochs)
+        if unavailable:
+            emit("status", f"warning: upstream state unknown ({unavailable}): rebuilding so no update is missed")
         if not force:
             hit, why = cache_status(build_dir, result.fingerprint,
                                     max_age_days=image.max_age_days if image.updates else None)
@@ -623,6 +666,8 @@ def build_image(
                                     result.fingerprint, artifact_path(build_dir, hit), events)
             changed = changed_inputs(build_dir, result.inputs)
             reason = why + (f": {', '.join(changed[:6])}" if changed and why == "inputs changed" else "")
+            if unavailable:
+                reason = f"upstream state unknown ({unavailable})"
         else:
             reason = "--force"
         emit("status", f"build needed: {reason}")

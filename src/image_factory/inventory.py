@@ -407,6 +407,28 @@ class Vm(Strict):
 # -------------------------------------------------------------------------------------------- images
 
 
+class Repository(Strict):
+    """An upstream package repository a build takes packages from: its signed state (epoch) is part of the
+    build's identity, so a nightly rebuilds when upstream moved (image_factory.upstream)."""
+
+    kind: Literal["debian", "fedora-metalink"]
+    uri: str | None = Field(default=None, description="debian: the archive root (http://deb.debian.org/debian)")
+    suite: str | None = Field(default=None, description="debian: the suite (trixie, trixie-security)")
+    repo: str | None = Field(default=None, description="fedora-metalink: the repo id (updates-released-f45)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Repository:
+        if self.kind == "debian" and not (self.uri and self.suite):
+            raise ValueError("a debian repository needs uri and suite")
+        if self.kind == "fedora-metalink" and not self.repo:
+            raise ValueError("a fedora-metalink repository needs repo (for example updates-released-f45)")
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"{self.uri} {self.suite}" if self.kind == "debian" else f"metalink {self.repo}"
+
+
 class Source(Strict):
     url: str = Field(description="http(s) URL, or a path relative to the repository root")
     checksum: str = Field(description="'sha256:<hex>', 'file:<url-or-path>' or 'none' for local fixtures")
@@ -472,6 +494,18 @@ class Image(Strict):
     # An image that takes updates is rebuilt once its build is this old, even with nothing else changed:
     # the nightly then carries the upstream fixes of the last week at the latest.
     max_age_days: int = Field(default=7, ge=1, le=365)
+    # Upstream repositories whose state is part of the build's identity; Fedora's default is its release
+    # and updates repositories (see upstream_repositories).
+    repositories: list[Repository] | None = None
+
+    @property
+    def upstream_repositories(self) -> list[Repository]:
+        if self.repositories is not None:
+            return list(self.repositories)
+        if self.family == "fedora":
+            return [Repository(kind="fedora-metalink", repo=f"fedora-{self.release}"),
+                    Repository(kind="fedora-metalink", repo=f"updates-released-f{self.release}")]
+        return []
 
     @model_validator(mode="after")
     def _firmware_needs_iso(self) -> Image:

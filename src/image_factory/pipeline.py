@@ -69,6 +69,7 @@ def run_pipeline(
     progress: bool = True,
     preflight: bool = True,
     allow_eol: bool = False,
+    offline: bool = False,
 ) -> PipelineReport:
     from . import build, imagetest, manifest, publish
     from . import preflight as pf
@@ -98,7 +99,7 @@ def run_pipeline(
             with build.progress_for(name) as build_progress:
                 outcome = build.build_image(settings, image, force=force,
                                             accelerator=accelerator or settings.accelerator, allow_eol=allow_eol,
-                                            on_event=build_progress)
+                                            on_event=build_progress, offline=offline)
             run.durations["build"] = round(time.monotonic() - t0, 1)
             m = outcome.manifest
             if m is None:

@@ -16,17 +16,26 @@ import hashlib
 import lzma
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 from debian.deb822 import Packages, Release
 from debian.debian_support import Version
+from defusedxml import ElementTree
 
 from .errors import FactoryError
 from .signatures import SignatureError, clearsigned_bytes, load_pinned_key
 
+if TYPE_CHECKING:
+    from .inventory import Repository
+
 FETCH_TIMEOUT = 20.0
+EPOCH_TIMEOUT = 5.0  # per repository, fetched in parallel: a no-op night must stay short
+FEDORA_METALINK = "https://mirrors.fedoraproject.org/metalink?repo={repo}&arch=x86_64"
+_METALINK_NS = {"m": "http://www.metalinker.org/", "mm0": "http://fedorahosted.org/mirrormanager"}
 # Which vendored key signs which Debian suites: the security archive has its own key per release.
 DEBIAN_KEYS = {
     13: {"archive": "debian-13-archive.asc", "security": "debian-13-security.asc"},
@@ -167,3 +176,58 @@ def pending_upgrades(installed: Iterable[tuple[str, str]], offers: dict[str, dic
         if best is not None:
             pending.append(Pending(name, version, str(best[0]), best[1]))
     return sorted(pending, key=lambda p: p.package)
+
+
+# ------------------------------------------------------------------------------------------- epochs
+
+
+def fedora_repo_epoch(repo: str, *, session: requests.Session | None = None, timeout: float = EPOCH_TIMEOUT,
+                      url_template: str = FEDORA_METALINK) -> str:
+    """The repository's current ``repomd.xml`` as Fedora's own metalink names it (timestamp and sha256; a
+    few KB from fedoraproject.org over verified TLS, not a mirror)."""
+    url = url_template.format(repo=repo)
+    data = _get(session or requests.Session(), url, timeout)
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise UpstreamError(f"{url}: not a metalink document ({exc})") from None
+    for node in root.iter("{http://www.metalinker.org/}file"):
+        if node.get("name") != "repomd.xml":
+            continue
+        stamp = node.findtext("mm0:timestamp", default="", namespaces=_METALINK_NS)
+        digest = node.findtext("m:verification/m:hash[@type='sha256']", default="", namespaces=_METALINK_NS)
+        if stamp and re.fullmatch(r"[0-9a-f]{64}", digest or ""):
+            return f"repomd {stamp} sha256:{digest}"
+    raise UpstreamError(f"{url}: no repomd.xml timestamp and sha256 in the metalink (repo {repo!r} unknown?)")
+
+
+def debian_suite_epoch(repo: Repository, keys_dir: Path, release: int, *, session: requests.Session | None = None,
+                       timeout: float = EPOCH_TIMEOUT) -> str:
+    """The suite's signed InRelease: its Date and the sha256 of its signed bytes."""
+    assert repo.uri and repo.suite
+    source = AptSource(repo.uri.rstrip("/"), repo.suite, ("main",))
+    state = fetch_suite(source, keys_dir, release, session=session, timeout=timeout)
+    return f"InRelease {state.date} sha256:{state.sha256}"
+
+
+def repository_epochs(repos: list[Repository], keys_dir: Path, release: int, *,
+                      timeout: float = EPOCH_TIMEOUT) -> tuple[dict[str, str], dict[str, str]]:
+    """(name -> epoch, name -> why it could not be read), every repository fetched at once."""
+    def one(repo: Repository) -> str:
+        if repo.kind == "debian":
+            return debian_suite_epoch(repo, keys_dir, release, timeout=timeout)
+        assert repo.repo
+        return fedora_repo_epoch(repo.repo, timeout=timeout)
+
+    epochs: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    if not repos:
+        return epochs, failures
+    with ThreadPoolExecutor(max_workers=min(8, len(repos))) as pool:
+        futures = {repo.name: pool.submit(one, repo) for repo in repos}
+        for name, future in futures.items():
+            try:
+                epochs[name] = future.result()
+            except FactoryError as exc:
+                failures[name] = str(exc)
+    return epochs, failures

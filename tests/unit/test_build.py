@@ -103,7 +103,9 @@ def repo(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def image(repo: Settings) -> Image:
-    return load_site(REPO_ROOT / "ansible/inventory", repo.images).images["debian-lab"]
+    """debian-lab without its upstream repositories: unit tests ask no archive (epochs have their own test)."""
+    return load_site(REPO_ROOT / "ansible/inventory", repo.images).images["debian-lab"].model_copy(
+        update={"repositories": []})
 
 
 @pytest.fixture
@@ -158,7 +160,7 @@ def test_build_writes_manifest_matching_the_artifact(
     assert m.build_id == m.artifact.sha256[:12]
     assert m.fingerprint == outcome.fingerprint and m.inputs["source_checksum"] != "missing"
     assert m.accelerator == "tcg" and m.tools["packer"] == "1.6.6"
-    assert m.mode == "cloud" and m.family == "debian" and m.release == 12
+    assert m.mode == "cloud" and m.family == "debian" and m.release == 13
     assert no_validate == ["debian-lab"]
     # live progress saw the step, and the full log has every line
     assert any(e.kind == "step" and "Starting VM, booting disk image" in e.message for e in events)
@@ -468,3 +470,35 @@ def test_packer_init_runs_for_packer_1_7_and_names_the_pins_when_offline(tmp_pat
     message = str(err.value)
     assert "qemu 1.1.4" in message and "ansible 1.1.6" in message and "no route to host" in message
     assert "packer plugins install" in message
+
+
+def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
+        repo: Settings, image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    from image_factory import render, upstream
+    from image_factory.inventory import Repository
+
+    img = image.model_copy(update={"repositories": [Repository(kind="debian", uri="http://a/debian", suite="s")]})
+    answers: list[tuple[dict[str, str], dict[str, str]]] = [
+        ({"http://a/debian s": "InRelease D1 sha256:1"}, {}),
+        ({"http://a/debian s": "InRelease D2 sha256:2"}, {}),
+        ({}, {"http://a/debian s": "http://a/debian/dists/s/InRelease: HTTP 503"}),
+    ]
+    monkeypatch.setattr(upstream, "repository_epochs", lambda *a, **k: answers.pop(0))
+    fingerprints, reasons = [], []
+    for _ in range(3):
+        result = render.render_image(repo, img, packer_version=(1, 6, 6))
+        try:
+            inputs, why = build.upstream_inputs(repo, img, offline=False, previous=None)
+            build.with_upstream(result, inputs)
+            fingerprints.append(result.fingerprint)
+            reasons.append(why)
+        finally:
+            result.cleanup()
+    assert len(set(fingerprints)) == 3, "each upstream state is its own build identity"
+    assert reasons[:2] == ["", ""] and "HTTP 503" in reasons[2]
+    previous = Manifest(image="x", family="debian", release=13, mode="cloud", build_id="b",
+                        artifact=Artifact(path="x", format="qcow2", virtual_size=1, disk_size=1, sha256="0" * 64),
+                        fingerprint="f", inputs={"upstream:http://a/debian s": "InRelease D1 sha256:1", "x": "y"},
+                        tools={}, git={}, started_at="", finished_at="")
+    assert build.upstream_inputs(repo, img, offline=True, previous=previous) == (
+        {"upstream:http://a/debian s": "InRelease D1 sha256:1"}, "")  # --offline: nothing fetched

@@ -159,3 +159,48 @@ def test_vendored_debian_keys_match_their_pins() -> None:
                       ("debian-13-security.asc", "Security Archive Automatic Signing Key (13/trixie)")):
         cert = load_pinned_key(REPO_ROOT / "packer" / "keys", name)
         assert any(uid in str(u) for u in cert.user_ids)
+
+
+METALINK = """<?xml version="1.0" encoding="utf-8"?>
+<metalink version="3.0" xmlns="http://www.metalinker.org/" xmlns:mm0="http://fedorahosted.org/mirrormanager">
+ <files>
+  <file name="repomd.xml">
+   <mm0:timestamp>1764300000</mm0:timestamp>
+   <size>7000</size>
+   <verification>
+    <hash type="md5">00</hash>
+    <hash type="sha256">{sha}</hash>
+   </verification>
+   <resources maxconnections="1"><url protocol="https" type="https">https://m.example/repomd.xml</url></resources>
+  </file>
+ </files>
+</metalink>
+"""
+
+
+def test_fedora_epoch_is_repomd_timestamp_and_sha256_from_the_metalink(archive: Any) -> None:
+    base, files = archive
+    files["/metalink/updates-released-f45"] = METALINK.format(sha="c" * 64).encode()
+    template = base.rsplit("/", 1)[0] + "/metalink/{repo}"
+    assert upstream.fedora_repo_epoch("updates-released-f45", url_template=template) == \
+        f"repomd 1764300000 sha256:{'c' * 64}"
+    files["/metalink/fedora-99"] = b'<metalink xmlns="http://www.metalinker.org/"><files/></metalink>'
+    with pytest.raises(UpstreamError, match="no repomd.xml timestamp and sha256"):
+        upstream.fedora_repo_epoch("fedora-99", url_template=template)
+    files["/metalink/broken"] = b"<metalink"
+    with pytest.raises(UpstreamError, match="not a metalink document"):
+        upstream.fedora_repo_epoch("broken", url_template=template)
+
+
+def test_epochs_are_fetched_together_and_a_failure_is_named(archive: Any, keys: Any) -> None:
+    from image_factory.inventory import Repository
+
+    base, files = archive
+    keys_dir, archive_key, _ = keys
+    publish_suite(base, files, "trixie", archive_key, packages_xz(("openssl", "1")))
+    repos = [Repository(kind="debian", uri=base, suite="trixie"),
+             Repository(kind="debian", uri=base, suite="trixie-gone")]
+    epochs, failures = upstream.repository_epochs(repos, keys_dir, 13, timeout=5)
+    assert list(epochs) == [f"{base} trixie"] and epochs[f"{base} trixie"].startswith(
+        "InRelease Thu, 26 Nov 2026 21:03:36 UTC sha256:")
+    assert list(failures) == [f"{base} trixie-gone"] and "HTTP 404" in failures[f"{base} trixie-gone"]

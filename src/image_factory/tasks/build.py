@@ -63,14 +63,14 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
 
 def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
                accelerator: str | None, no_compress: bool, json: bool,
-               ansible_strategy: str | None = None, allow_eol: bool = False) -> None:
+               ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
     from .. import build as b
     from .. import manifest as mf
 
     with b.progress_for(img.name) as progress:
         outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
                                 on_event=progress, compress=False if no_compress else None,
-                                ansible_strategy=ansible_strategy, allow_eol=allow_eol)
+                                ansible_strategy=ansible_strategy, allow_eol=allow_eol, offline=offline)
     m = outcome.manifest
     if outcome.status == "planned":
         console.print(styled("[yellow]{}[/]: dry run, would build ({})", img.name, outcome.reason))
@@ -111,6 +111,7 @@ BUILD_HELP = {
                         "factory.ansible_strategy",
     "json": "print the outcome and manifest as JSON on stdout",
     "allow_eol": "build a release past its end of life (its media from the archive) instead of refusing",
+    "offline": "do not ask the upstream repositories for their state; keep the last build's epochs",
 }
 
 
@@ -118,19 +119,20 @@ BUILD_HELP = {
 @handle_errors
 def image(c: Context, name: str, force: bool = False, dry_run: bool = False, skip_tests: bool = False,
           accelerator: str | None = None, no_compress: bool = False, json: bool = False,
-          ansible_strategy: str | None = None, allow_eol: bool = False) -> None:
+          ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
     """Build one catalogue image with Packer (cached: no work when nothing changed)."""
     settings, s = site(c)
     _build_one(c, settings, s.image(name), force=force, dry_run=dry_run, skip_tests=skip_tests,
                accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy,
-               allow_eol=allow_eol)
+               allow_eol=allow_eol, offline=offline)
 
 
 @task(help={"release": "Fedora release (default: factory.fedora_release, else 45)", **BUILD_HELP})
 @handle_errors
 def fedora(c: Context, release: int | None = None, force: bool = False, dry_run: bool = False,
            skip_tests: bool = False, accelerator: str | None = None, no_compress: bool = False,
-           json: bool = False, ansible_strategy: str | None = None, allow_eol: bool = False) -> None:
+           json: bool = False, ansible_strategy: str | None = None, allow_eol: bool = False,
+           offline: bool = False) -> None:
     """Build the Fedora template for a release (catalogue image fedora-<release>)."""
     settings, s = site(c)
     rel = fedora_release(c, release)
@@ -141,7 +143,7 @@ def fedora(c: Context, release: int | None = None, force: bool = False, dry_run:
                            f" adding a release is one entry there")
     _build_one(c, settings, s.images[name], force=force, dry_run=dry_run, skip_tests=skip_tests,
                accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy,
-               allow_eol=allow_eol)
+               allow_eol=allow_eol, offline=offline)
 
 
 ns = Collection("build")

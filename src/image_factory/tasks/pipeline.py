@@ -52,18 +52,20 @@ def _pipeline_table(report: PipelineReport) -> Table:
         "catalogue": "image catalogue (default: factory.images)",
         "skip_preflight": "do not run the publish preflight checks before building",
         "allow_eol": "build images past their end of life (from the archive) instead of refusing them",
+        "offline": "do not ask upstream repositories for their state; keep each image's last epochs",
     },
 )
 @handle_errors
 def pipeline_task(
     c: Context, images: str | None = None, hypervisors: str | None = None, force: bool = False, keep: int = 3,
     transport: str = "ssh", json: str | None = None, inventory: str | None = None, catalogue: str | None = None,
-    skip_preflight: bool = False, allow_eol: bool = False,
+    skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False,
 ) -> None:
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
     report = run_pipeline(s, model, _names(images), _names(hypervisors), force=force, keep=keep,
-                          transport=transport, preflight=not skip_preflight, allow_eol=allow_eol)
+                          transport=transport, preflight=not skip_preflight, allow_eol=allow_eol,
+                          offline=offline)
     console.print(_pipeline_table(report))
     _write_json(json, report.to_dict())
     if not report.ok:
