@@ -320,6 +320,12 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
     return inputs, "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
 
 
+def recipe_digest(inputs: dict[str, str]) -> str:
+    """The build's own inputs without upstream's state: equal recipes plus equal packages, equal templates."""
+    own = {k: v for k, v in inputs.items() if not k.startswith(UPSTREAM_PREFIX)}
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()
+
+
 def with_upstream(result: render.RenderResult, inputs: dict[str, str]) -> None:
     if inputs:
         result.inputs.update(inputs)
@@ -751,7 +757,7 @@ def _build(
                 **({"mitogen": _mitogen_version()} if strategy.name == "mitogen_linear" else {}),
             },
             git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
-            ansible_strategy=strategy.name, firmware=image.firmware,
+            ansible_strategy=strategy.name, firmware=image.firmware, recipe=recipe_digest(result.inputs),
         )
         # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
         manifest_path(build_dir).unlink(missing_ok=True)

@@ -74,6 +74,7 @@ class Manifest:
     # What is inside (contents.py): packages_digest, packages, kernel, os; read by the image test.
     contents: dict[str, Any] | None = None
     firmware: str = "bios"  # bios | uefi: how the template must boot (publish: bios=ovmf and an EFI disk)
+    recipe: str = ""  # digest of the build's own inputs (files, catalogue entry, source): not upstream's state
     schema: int = SCHEMA_VERSION
 
     @property
@@ -81,6 +82,15 @@ class Manifest:
         """Stable digest of the build identity (not of test results), for template descriptions."""
         core = {"image": self.image, "sha256": self.artifact.sha256, "fingerprint": self.fingerprint}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def content_digest(self) -> str:
+        """What the template is, whatever build made it: the recipe plus the installed package set ("" until
+        the image test has read the packages). Two builds with the same content digest are interchangeable."""
+        packages = (self.contents or {}).get("packages_digest", "")
+        if not (self.recipe and packages):
+            return ""
+        return hashlib.sha256(f"{self.recipe}\n{packages}".encode()).hexdigest()
 
     def tested_ok(self) -> bool:
         return self.image_test is not None and self.image_test.passes_for(self.artifact.sha256)

@@ -156,6 +156,7 @@ def template_description(
         f"build_id: {manifest.build_id}",
         f"release: {manifest.family} {manifest.release}",
         f"digest: {manifest.digest}",
+        *([f"content: {manifest.content_digest}"] if manifest.content_digest else []),
         f"sha256: {manifest.artifact.sha256}",
         f"image_test: {test_summary(manifest)}",
         f"tested: {'yes' if tested else 'no (published with --force-untested)' if forced else 'no'}",
@@ -211,6 +212,7 @@ class TemplateInfo:
     is_template: bool
     locked: str | None
     tags: tuple[str, ...]
+    content: str = ""  # recipe + installed packages (Manifest.content_digest), "" on older templates
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +230,7 @@ def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str 
         published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
         publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
         locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
+        content=meta.get("content", ""),
     )
 
 
@@ -340,6 +343,7 @@ class HostPlan:
     import_file: str
     template_name: str
     existing: TemplateInfo | None = None  # a template of this digest is already there
+    same_content: bool = False  # existing is another build with the same recipe and installed packages
     upload: str = "upload"  # upload | resume | skip | none
     partial_bytes: int = 0
     vmid: int | None = None
@@ -357,6 +361,7 @@ class HostPlan:
         return {
             "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
             "partial_bytes": self.partial_bytes, "import_file": self.import_file,
+            "same_content_as": self.existing.build_id if self.same_content and self.existing else None,
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,
             "remove_stale": [t.vmid for t in self.stale],
@@ -378,6 +383,7 @@ class HostResult:
     bytes_sent: int = 0
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     pruned: list[dict[str, Any]] = field(default_factory=list)
     kept_for_linked_clones: dict[str, list[int]] = field(default_factory=dict)
     cleaned_up: list[str] = field(default_factory=list)
@@ -513,8 +519,14 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     all_factory = find_templates(client, art.manifest.image, include_incomplete=True)
     done = [t for t in all_factory if t.is_template]
     same = [t for t in done if t.digest == art.manifest.digest]
-    if same:
-        plan.existing = same[0]
+    content = art.manifest.content_digest
+    # Content-addressed: a rebuild that installed exactly what the newest template holds (an upstream epoch
+    # moved, nothing for this image did) publishes nothing; builds are not bit-reproducible, so the sha256
+    # alone would make a new template every night.
+    alike = [t for t in done[:1] if content and t.content == content and (t.tested or not art.tested)]
+    if same or alike:
+        plan.existing = (same or alike)[0]
+        plan.same_content = not same
         plan.upload = "none"
     # Half-made factory VMs: with the lock held nobody else should be working on them; a run that lost
     # the lock may still have a task running on one, and that VM is left to it (it cleans up its own).
@@ -646,6 +658,10 @@ def _execute(
         if result.action != "created":
             result.action = "unchanged"
             result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
+            if plan.same_content:
+                result.notes.append(
+                    f"no new template: build {art.manifest.build_id} installed the same packages from the same "
+                    f"recipe as {plan.existing.name} (build {plan.existing.build_id}), which stays current")
     else:
         _upload(ctx, plan, client, link, result)
         _register(ctx, plan, client, result, guard)

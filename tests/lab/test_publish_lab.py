@@ -33,7 +33,8 @@ pytestmark = pytest.mark.lab
 IMAGE = "debian-lab"
 
 
-def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True, seed: int = 0) -> mf.Manifest:
+def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True, seed: int = 0,
+               recipe: str = "", packages_digest: str = "") -> mf.Manifest:
     """A random-content qcow2 (valid for qemu-img, incompressible) and its manifest."""
     d = builds / IMAGE
     d.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,8 @@ def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True
                              disk_size=art.stat().st_size, sha256=sha),
         fingerprint=hashlib.sha256(f"{build_id}{seed}".encode()).hexdigest(), inputs={}, tools={},
         git={"commit": "abc123", "dirty": False}, started_at="2026-11-25T11:00:00Z",
-        finished_at="2026-11-25T11:10:00Z", image_test=test,
+        finished_at="2026-11-25T11:10:00Z", image_test=test, recipe=recipe,
+        contents={"packages_digest": packages_digest, "packages": 3} if packages_digest else None,
     )
     mf.save(d, m)
     return m
@@ -277,6 +279,25 @@ def test_concurrent_publishes_make_one_template(env: Any) -> None:
     assert sorted(r.host("pve-mgmt").action for r in reports) == ["created", "unchanged"]
     c = PveClient(lab.hv("pve-mgmt"))
     assert len(c.list_vms()) == 1
+
+
+def test_a_rebuild_with_the_same_packages_and_recipe_publishes_nothing(env: Any) -> None:
+    """Content-addressed: an upstream epoch moved, the rebuild installed the same packages from the same
+    recipe (a new sha256 all the same: builds are not bit-reproducible), so the template stays current."""
+    lab, settings, site = env
+    make_build(settings.builds_dir, build_id="n1", seed=1, recipe="r" * 64, packages_digest="p" * 64)
+    first = publish_image(settings, site, IMAGE, progress=False)
+    assert first.ok and {h.action for h in first.hosts} == {"created"}
+    make_build(settings.builds_dir, build_id="n2", seed=2, recipe="r" * 64, packages_digest="p" * 64)
+    before = snapshot(lab)
+    second = publish_image(settings, site, IMAGE, progress=False)
+    assert second.ok and {h.action for h in second.hosts} == {"unchanged"} and second.bytes_sent == 0
+    assert all(h.template_vmid == first.host(h.host).template_vmid for h in second.hosts)
+    assert all("same packages from the same recipe" in " ".join(h.notes) for h in second.hosts)
+    assert snapshot(lab) == before
+    make_build(settings.builds_dir, build_id="n3", seed=3, recipe="r" * 64, packages_digest="q" * 64)
+    third = publish_image(settings, site, IMAGE, progress=False)  # one package changed: a new template
+    assert third.ok and {h.action for h in third.hosts} == {"created"}
 
 
 @pytest.mark.parametrize("name", ["pve-mgmt", "pve-tenant"], ids=["dir", "lvm-thin"])
