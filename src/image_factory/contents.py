@@ -19,6 +19,7 @@ from typing import Any
 from .errors import FactoryError
 
 PACKAGES_NAME = "packages.json"
+DIFF_NAME = "package-diff.json"
 SBOM_NAME = "sbom.cdx.json"
 SEP = "\t"
 
@@ -139,9 +140,66 @@ def sbom_json(contents: Contents, *, image: str, build_id: str) -> str:
     return JsonV1Dot6(bom).output_as_string(indent=2)
 
 
+@dataclass(frozen=True)
+class PackageDiff:
+    """What changed between two builds' package sets (keyed by name and architecture)."""
+
+    from_build: str
+    added: list[Package]
+    removed: list[Package]
+    changed: list[tuple[Package, Package]]  # (before, after)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_build": self.from_build,
+            "added": [f"{p.name} {p.version}" for p in self.added],
+            "removed": [f"{p.name} {p.version}" for p in self.removed],
+            "changed": [{"name": a.name, "from": a.version, "to": b.version} for a, b in self.changed],
+        }
+
+    def summary(self) -> str:
+        if self.empty:
+            return f"no package changes since build {self.from_build}"
+        parts = [f"{a.name} {a.version} -> {b.version}" for a, b in self.changed[:8]]
+        parts += [f"+{p.name} {p.version}" for p in self.added[:4]] + [f"-{p.name}" for p in self.removed[:4]]
+        more = len(self.changed) + len(self.added) + len(self.removed) - len(parts)
+        return f"since build {self.from_build}: " + ", ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def diff(before: list[Package], after: list[Package], from_build: str) -> PackageDiff:
+    old = {(p.name, p.arch): p for p in before}
+    new = {(p.name, p.arch): p for p in after}
+    return PackageDiff(
+        from_build,
+        added=sorted(new[k] for k in new.keys() - old.keys()),
+        removed=sorted(old[k] for k in old.keys() - new.keys()),
+        changed=sorted((old[k], new[k]) for k in old.keys() & new.keys() if old[k].version != new[k].version),
+    )
+
+
+def load_packages(build_dir: Path) -> tuple[str, list[Package]] | None:
+    """The package list a previous image test recorded in build_dir: (its build id, packages), or None."""
+    try:
+        data = json.loads((build_dir / PACKAGES_NAME).read_text(encoding="utf-8"))
+        return str(data.get("build_id", "?")), [Package(**p) for p in data["packages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save(build_dir: Path, contents: Contents, *, image: str, build_id: str) -> tuple[Path, Path]:
+    """packages.json, the SBOM, and package-diff.json against the build whose packages.json this replaces."""
+    previous = load_packages(build_dir)
+    if previous is not None and previous[0] != build_id:
+        changes = diff(previous[1], contents.packages, previous[0])
+        (build_dir / DIFF_NAME).write_text(json.dumps({**changes.to_dict(), "to_build": build_id}, indent=2) + "\n",
+                                           encoding="utf-8")
     packages = build_dir / PACKAGES_NAME
-    packages.write_text(json.dumps(contents.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    packages.write_text(json.dumps({**contents.to_dict(), "build_id": build_id}, indent=2, sort_keys=True) + "\n",
+                        encoding="utf-8")
     sbom = build_dir / SBOM_NAME
     sbom.write_text(sbom_json(contents, image=image, build_id=build_id) + "\n", encoding="utf-8")
     return packages, sbom

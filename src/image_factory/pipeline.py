@@ -6,11 +6,13 @@ and why, and the exit code is non-zero when any image failed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import contents
 from .console import console, styled
 from .errors import FactoryError
 from .inventory import Site
@@ -44,6 +46,46 @@ class PipelineReport:
         data = asdict(self)
         data["ok"] = self.ok
         return data
+
+
+def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
+    """package-diff.json of this build (written by the image test against the build before), if any."""
+    try:
+        data = json.loads((build_dir / contents.DIFF_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("to_build") == build_id else None
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(report: PipelineReport) -> str:
+    """The report as Markdown for a CI job summary ($GITHUB_STEP_SUMMARY)."""
+    lines = [f"## Image pipeline: {'ok' if report.ok else 'FAILED'} ({report.total_s:.0f} s, {report.started_at})",
+             "", "| image | status | build | why | tests | hosts |", "|---|---|---|---|---|---|"]
+    details: list[str] = []
+    for run in report.images:
+        hosts = ", ".join(f"{h['host']}: {h['action']}" + (f" {h['template_vmid']}" if h.get("template_vmid") else "")
+                          + (f", pruned {len(h['pruned'])}" if h.get("pruned") else "")
+                          for h in (run.publish or {}).get("hosts", []))
+        lines.append(f"| {_cell(run.image)} | {_cell(run.status + (' at ' + run.stage if run.stage else ''))} | "
+                     f"{_cell(run.build.get('status', '-'))} | {_cell(run.build.get('reason', ''))} | "
+                     f"{_cell(run.tests.get('status', '-'))} | {_cell(hosts or '-')} |")
+        changes = run.build.get("package_changes")
+        if changes:
+            details += ["", f"### {run.image}: packages since build {changes.get('from_build')}", ""]
+            details += [f"- {c['name']}: {c['from']} → {c['to']}" for c in changes.get("changed", [])]
+            details += [f"- added {p}" for p in changes.get("added", [])]
+            details += [f"- removed {p}" for p in changes.get("removed", [])]
+            if not (changes.get("changed") or changes.get("added") or changes.get("removed")):
+                details.append("- no package changed")
+        for h in (run.publish or {}).get("hosts", []):
+            details += [f"- {run.image} on {h['host']}: {note}" for note in h.get("notes", [])]
+        if run.error:
+            details += ["", f"**{run.image} failed at {run.stage}:** {run.error}"]
+    return "\n".join(lines + details) + "\n"
 
 
 def default_images(site: Site) -> list[str]:
@@ -107,7 +149,7 @@ def run_pipeline(
             run.build = {
                 "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
                 "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
-                "ansible_strategy": m.ansible_strategy,
+                "ansible_strategy": m.ansible_strategy, "reason": outcome.reason,
             }
 
             run.stage = "test"
@@ -122,6 +164,7 @@ def run_pipeline(
                 }
                 m = manifest.require(outcome.build_dir)
             run.durations["test"] = round(time.monotonic() - t0, 1)
+            run.build["package_changes"] = _package_changes(outcome.build_dir, m.build_id)
             if not m.tested_ok():
                 failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
                 raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")

@@ -76,3 +76,20 @@ def test_sbom_is_valid_cyclonedx_with_every_package(tmp_path: Path) -> None:
     purls = sorted(c.get("purl", "") for c in doc["components"])
     assert "pkg:deb/debian/openssh-server@1:9.2p1-2%2Bdeb12u3?arch=amd64&distro=debian-12" in purls
     assert json.loads(packages.read_text())["packages_digest"] == inside.digest
+
+
+def test_package_diff_against_the_previous_build(tmp_path: Path) -> None:
+    from image_factory.contents import DIFF_NAME, Contents, Package, save
+
+    first = Contents("debian", [Package("openssl", "3.5.1-1", "amd64"), Package("vim-tiny", "2:9.1-1", "amd64"),
+                                Package("libc6", "2.41-12", "amd64")], "6.12.117-cloud-amd64")
+    save(tmp_path, first, image="debian-lab", build_id="b1")
+    assert not (tmp_path / DIFF_NAME).exists()  # nothing to compare the first build with
+    second = Contents("debian", [Package("openssl", "3.5.1-1+deb13u1", "amd64"), Package("libc6", "2.41-12", "amd64"),
+                                 Package("nano", "8.4-1", "amd64")], "6.12.118-cloud-amd64")
+    save(tmp_path, second, image="debian-lab", build_id="b2")
+    diff = json.loads((tmp_path / DIFF_NAME).read_text())
+    assert diff == {"from_build": "b1", "to_build": "b2", "added": ["nano 8.4-1"], "removed": ["vim-tiny 2:9.1-1"],
+                    "changed": [{"name": "openssl", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}]}
+    save(tmp_path, second, image="debian-lab", build_id="b2")  # the same build tested again: diff kept
+    assert json.loads((tmp_path / DIFF_NAME).read_text())["from_build"] == "b1"

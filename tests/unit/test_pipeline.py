@@ -149,3 +149,26 @@ def test_preflight_runs_first_and_a_failure_stops_before_any_build(stages: Any) 
     with pytest.raises(FactoryError, match="lacks content type import"):
         run_pipeline(settings, _site(), ["fedora-45"], progress=False)
     assert rec.built == []
+
+
+def test_markdown_summary_shows_why_what_changed_and_each_hosts_action() -> None:
+    from image_factory.pipeline import ImageRun, PipelineReport, markdown_summary
+
+    ok = ImageRun("debian-lab", status="ok", build={
+        "status": "built", "reason": "inputs changed: upstream:http://deb.debian.org/debian-security trixie-security",
+        "package_changes": {"from_build": "b1", "to_build": "b2", "added": [], "removed": [],
+                            "changed": [{"name": "openssl", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}]}},
+        tests={"status": "passed"},
+        publish={"hosts": [{"host": "pve-mgmt", "action": "created", "template_vmid": 9001,
+                            "pruned": [{"vmid": 9000}], "notes": []},
+                           {"host": "pve-tenant", "action": "unchanged", "template_vmid": 9000,
+                            "notes": ["no new template: same packages"]}]})
+    bad = ImageRun("fedora-45", status="failed", stage="build", error="source | checksum\nmismatch")
+    text = markdown_summary(PipelineReport(started_at="2026-11-28T01:00:00Z", total_s=312, images=[ok, bad]))
+    assert text.startswith("## Image pipeline: FAILED (312 s, 2026-11-28T01:00:00Z)")
+    assert ("| debian-lab | ok | built | inputs changed: upstream:http://deb.debian.org/debian-security "
+            "trixie-security | passed | pve-mgmt: created 9001, pruned 1, pve-tenant: unchanged 9000 |") in text
+    assert "| fedora-45 | failed at build | - |  | - | - |" in text
+    assert "- openssl: 3.5.1-1 → 3.5.1-1+deb13u1" in text
+    assert "- debian-lab on pve-tenant: no new template: same packages" in text
+    assert "**fedora-45 failed at build:** source | checksum\nmismatch" in text

@@ -6,7 +6,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from ..console import console, emit_json, styled, write_report
+from ..console import console, emit_json, mask, styled, write_report
 from ..lab.demo import DemoReport, run_demo
 from ..pipeline import ImageRun, PipelineReport, run_pipeline
 from ._common import handle_errors, settings, site, task
@@ -53,13 +53,14 @@ def _pipeline_table(report: PipelineReport) -> Table:
         "skip_preflight": "do not run the publish preflight checks before building",
         "allow_eol": "build images past their end of life (from the archive) instead of refusing them",
         "offline": "do not ask upstream repositories for their state; keep each image's last epochs",
+        "summary": "also write a Markdown summary to this path (CI: $GITHUB_STEP_SUMMARY)",
     },
 )
 @handle_errors
 def pipeline_task(
     c: Context, images: str | None = None, hypervisors: str | None = None, force: bool = False, keep: int = 3,
     transport: str = "ssh", json: str | None = None, inventory: str | None = None, catalogue: str | None = None,
-    skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False,
+    skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False, summary: str | None = None,
 ) -> None:
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
@@ -68,6 +69,11 @@ def pipeline_task(
                           offline=offline)
     console.print(_pipeline_table(report))
     _write_json(json, report.to_dict())
+    if summary:
+        from ..pipeline import markdown_summary
+
+        with open(summary, "a", encoding="utf-8") as fh:  # appended: CI summaries collect several steps
+            fh.write(mask(markdown_summary(report)))
     if not report.ok:
         raise Exit(code=1)
 
