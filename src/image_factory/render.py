@@ -28,6 +28,9 @@ from .inventory import Image
 from .settings import Settings
 
 BUILD_USER = "packer"
+# The build VM's NIC: fixed, so the cloud-mode seed's network-config can match it by MAC (a name pattern
+# is not something every renderer, ENI among them, can express).
+BUILD_MAC = "52:54:00:fa:c7:01"
 ARTIFACT_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.qcow2$")
 TEMPLATE_DIRS = ("packer", "kickstart")
 ANSIBLE_DIR = "ansible"
@@ -335,6 +338,7 @@ def render_image(
         "source_checksum": _hcl_string(_source_checksum_hcl(settings, image),
                                        f"{settings.images}: {image.name}: source.checksum"),
         "build_user": BUILD_USER,
+        "build_mac": BUILD_MAC,
         "ssh_timeout": SSH_TIMEOUT[image.mode],
         "shutdown_command": SHUTDOWN_COMMAND,
         "playbook": _hcl_string(str(playbook), "playbook"),
@@ -351,6 +355,7 @@ def render_image(
         public["ks.cfg"] = _render(env, "fedora.ks.j2", ctx)
     else:
         public["seed/meta-data"] = _render(env, "cloud-init/meta-data.j2", ctx)
+        public["seed/network-config"] = _render(env, "cloud-init/network-config.j2", ctx)
 
     secret_dir = _secret_dir(image)
     try:
@@ -362,6 +367,7 @@ def render_image(
             _write(secret_dir / "http" / "ks.cfg", public["ks.cfg"], 0o600)
         else:
             _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
+            _write(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
             _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
         var_file = secret_dir / "build.pkrvars.hcl"
         work_dir = secret_dir / "work"

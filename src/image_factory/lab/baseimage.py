@@ -146,7 +146,8 @@ FILES: dict[str, str] = {
         'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
         "GRUB_DISABLE_OS_PROBER=true\n"
     ),
-    "etc/apt/apt.conf.d/90factory": 'APT::Install-Recommends "false";\n',
+    # No translated descriptions: the fixture's apt runs under TCG, where every index parsed costs seconds.
+    "etc/apt/apt.conf.d/90factory": 'APT::Install-Recommends "false";\nAcquire::Languages "none";\n',
 }
 
 # GRUB's first stage finds its prefix by the root filesystem's UUID (disk order does not matter).
