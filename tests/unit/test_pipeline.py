@@ -172,3 +172,26 @@ def test_markdown_summary_shows_why_what_changed_and_each_hosts_action() -> None
     assert "- openssl: 3.5.1-1 → 3.5.1-1+deb13u1" in text
     assert "- debian-lab on pve-tenant: no new template: same packages" in text
     assert "**fedora-45 failed at build:** source | checksum\nmismatch" in text
+
+
+def test_the_nightly_workflow_is_valid_and_fans_out_one_job_per_image() -> None:
+    """GitHub's workflow schema (check-jsonschema's vendored copy, offline) and the shape the nightly
+    relies on: a matrix from `pipeline --list-images`, builds/ and the Packer cache outside the workspace."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    workflow = REPO_ROOT / ".github/workflows/nightly.yml"
+    tool = shutil.which("check-jsonschema") or str(Path(__import__("sys").executable).parent / "check-jsonschema")
+    proc = subprocess.run([tool, "--builtin-schema", "vendor.github-workflows", str(workflow)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flow = yaml.safe_load(workflow.read_text())
+    assert flow["env"]["INVOKE_FACTORY_BUILDS_DIR"].startswith("/") and flow["env"]["PACKER_CACHE_DIR"].startswith("/")
+    plan = "\n".join(step.get("run", "") for step in flow["jobs"]["plan"]["steps"])
+    assert "invoke pipeline --list-images" in plan
+    image = flow["jobs"]["image"]
+    assert image["strategy"]["matrix"]["image"] == "${{ fromJSON(needs.plan.outputs.images) }}"
+    run = "\n".join(step.get("run", "") for step in image["steps"])
+    assert '--images "$IMAGE"' in run and '--summary "$GITHUB_STEP_SUMMARY"' in run

@@ -7,8 +7,9 @@ from invoke.exceptions import Exit
 from rich.table import Table
 
 from ..console import console, emit_json, mask, styled, write_report
+from ..errors import FactoryError
 from ..lab.demo import DemoReport, run_demo
-from ..pipeline import ImageRun, PipelineReport, run_pipeline
+from ..pipeline import ImageRun, PipelineReport, default_images, run_pipeline
 from ._common import handle_errors, settings, site, task
 
 
@@ -54,6 +55,7 @@ def _pipeline_table(report: PipelineReport) -> Table:
         "allow_eol": "build images past their end of life (from the archive) instead of refusing them",
         "offline": "do not ask upstream repositories for their state; keep each image's last epochs",
         "summary": "also write a Markdown summary to this path (CI: $GITHUB_STEP_SUMMARY)",
+        "list_images": "print the images the pipeline would run (with --images: those) as a JSON list, run nothing",
     },
 )
 @handle_errors
@@ -61,9 +63,17 @@ def pipeline_task(
     c: Context, images: str | None = None, hypervisors: str | None = None, force: bool = False, keep: int = 3,
     transport: str = "ssh", json: str | None = None, inventory: str | None = None, catalogue: str | None = None,
     skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False, summary: str | None = None,
+    list_images: bool = False,
 ) -> None:
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
+    if list_images:
+        names = _names(images) or default_images(model)
+        unknown = [n for n in names if n not in model.images]
+        if unknown:
+            raise FactoryError(f"unknown image(s) {', '.join(unknown)} (catalogue: {', '.join(model.images)})")
+        emit_json(names)  # a CI matrix: one job per image
+        return
     report = run_pipeline(s, model, _names(images), _names(hypervisors), force=force, keep=keep,
                           transport=transport, preflight=not skip_preflight, allow_eol=allow_eol,
                           offline=offline)
