@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
-from debian.deb822 import Packages, Release
+from debian.deb822 import Release
 from debian.debian_support import Version
 from defusedxml import ElementTree
 
@@ -153,14 +153,26 @@ def offered_versions(state: SuiteState, arch: str, *, session: requests.Session 
             text = lzma.decompress(data).decode("utf-8", "replace")
         except lzma.LZMAError as exc:
             raise UpstreamError(f"{url}: not xz data ({exc})") from None
-        for stanza in Packages.iter_paragraphs(text.splitlines(keepends=True), use_apt_pkg=False):
-            name, version = stanza.get("Package"), stanza.get("Version")
-            if not name or not version:
-                continue
+        for name, version in _package_versions(text):
             v = Version(version)
             if name not in newest or v > newest[name]:
                 newest[name] = v
     return newest
+
+
+_STANZA_FIELD = re.compile(r"^(Package|Version): *(\S+)", re.MULTILINE)
+
+
+def _package_versions(text: str) -> Iterable[tuple[str, str]]:
+    """(Package, Version) of each stanza of a Packages index: a field scan, about ten times faster than a
+    deb822 parse of the release suite's ~70,000 stanzas (the image test runs it on every build)."""
+    name: str | None = None
+    for field_name, value in _STANZA_FIELD.findall(text):
+        if field_name == "Package":
+            name = value
+        elif name is not None:
+            yield name, value
+            name = None
 
 
 def pending_upgrades(installed: Iterable[tuple[str, str]], offers: dict[str, dict[str, Version]]) -> list[Pending]:
