@@ -118,7 +118,9 @@ def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:
     assert not (root / "root/.bash_history").exists()
     assert list((root / "var/lib/cloud").iterdir()) == []
     assert (root / "etc/shadow").read_text().startswith("root:!*:")
-    assert "http://mirror.example/debian bookworm main" in (root / "etc/apt/sources.list").read_text()
+    sources = (root / "etc/apt/sources.list").read_text()
+    assert sources == ("deb http://mirror.example/debian trixie main\ndeb http://mirror.example/debian trixie-updates "
+                       "main\ndeb http://mirror.example/debian-security trixie-security main\n")
     assert "datasource_list: [ NoCloud, None ]" in (root / "etc/cloud/cloud.cfg.d/90-factory.cfg").read_text()
 
 

@@ -63,6 +63,8 @@ PACKAGES = (
     "dbus",
     "openssh-server",
     "python3",
+    # Debian's cloud images carry it (unattended-upgrades needs it); Ansible's apt module does too.
+    "python3-apt",
     # debootstrap does not resolve virtual packages: python3-cryptography needs this provider.
     "python3-cffi-backend",
     "sudo",
@@ -347,6 +349,15 @@ def _check_tools() -> None:
         raise BaseImageError("base image: debootstrap needs root (run as root or under sudo)")
 
 
+DEBIAN_SUITES = {"bullseye", "bookworm", "trixie", "forky", "duke", "sid", "oldstable", "stable", "testing",
+                 "unstable"}
+
+
+def _debian_suite(suites: str) -> bool:
+    """Whether a sources entry is a Debian archive (any release: the fixture's need not be the host's)."""
+    return any(s.split("-")[0] in DEBIAN_SUITES for s in suites.split())
+
+
 def find_mirror(sources: Path = Path("/etc/apt")) -> str:
     """The Debian archive URI this machine uses for main (any suite; not the security archive): the
     fixture's suite need not be the machine's own release."""
@@ -358,7 +369,7 @@ def find_mirror(sources: Path = Path("/etc/apt")) -> str:
                 if ":" in line and not line.startswith("#"):
                     k, v = line.split(":", 1)
                     fields[k.strip().lower()] = v.strip()
-            if fields.get("suites") and "main" in fields.get("components", "").split():
+            if _debian_suite(fields.get("suites", "")) and "main" in fields.get("components", "").split():
                 candidates += fields.get("uris", "").split()
     lists = [sources / "sources.list", *sorted(sources.glob("sources.list.d/*.list"))]
     for f in lists:
@@ -366,7 +377,7 @@ def find_mirror(sources: Path = Path("/etc/apt")) -> str:
             continue
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
             parts = re.sub(r"\[[^]]*\]", "", line).split()
-            if len(parts) >= 4 and parts[0] == "deb" and "main" in parts[3:]:
+            if len(parts) >= 4 and parts[0] == "deb" and _debian_suite(parts[2]) and "main" in parts[3:]:
                 candidates.append(parts[1])
     for uri in candidates:
         if "security" not in uri:
