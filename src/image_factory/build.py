@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
-from . import firmware, render
+from . import firmware, qemuvm, render
 from .errors import FactoryError
 from .inventory import Image, eol_gate
 from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
@@ -91,41 +91,8 @@ EventHandler = Callable[[BuildEvent], None]
 # ----------------------------------------------------------------------------------- accelerator
 
 
-def _probe_kernel() -> Path | None:
-    boot = Path("/boot")
-    kernels = sorted(boot.glob("vmlinuz-*")) if boot.is_dir() else []
-    return kernels[-1] if kernels else None
-
-
-_accel_cache: dict[str, Literal["kvm", "tcg"]] = {}
-
-
 def detect_accelerator() -> Literal["kvm", "tcg"]:
-    """KVM only when it is proven to run a stock kernel; TCG otherwise.
-
-    /dev/kvm being openable is not enough (nested hypervisors expose one on which guests hang or
-    QEMU aborts at vCPU setup), nor is ``-machine none``: the probe boots the host's own kernel
-    under ``-accel kvm -cpu host`` and waits for it to reach the point of mounting a root file
-    system. Without a kernel to probe with, the answer is TCG.
-    """
-    if "result" in _accel_cache:
-        return _accel_cache["result"]
-    result: Literal["kvm", "tcg"] = "tcg"
-    qemu = shutil.which("qemu-system-x86_64")
-    kernel = _probe_kernel()
-    if qemu and kernel and os.access("/dev/kvm", os.R_OK | os.W_OK):
-        cmd = [qemu, "-accel", "kvm", "-cpu", "host", "-m", "256", "-nographic", "-nodefaults",
-               "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
-               "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent rootwait=0"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=40, stdin=subprocess.DEVNULL)
-            out = proc.stdout
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        if "VFS: " in out or "Kernel panic" in out or "Waiting for root device" in out:
-            result = "kvm"
-    _accel_cache["result"] = result
-    return result
+    return qemuvm.detect_accelerator()
 
 
 def resolve_accelerator(settings: Settings, accelerator: str) -> Literal["kvm", "tcg"]:
