@@ -40,6 +40,7 @@ from typing import IO, TYPE_CHECKING, Literal
 
 from . import firmware, qemuvm, render
 from .errors import FactoryError
+from .files import write_atomic
 from .inventory import Image, eol_gate
 from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
 from .settings import Settings
@@ -186,9 +187,7 @@ def cached_packer_version(settings: Settings, *, remember: bool = True) -> tuple
         return version
     with contextlib.suppress(OSError):
         settings.builds_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "version": list(version)}), encoding="utf-8")
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps({"key": key, "version": list(version)}))
     return version
 
 

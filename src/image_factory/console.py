@@ -22,6 +22,8 @@ from rich.markup import escape
 from rich.segment import Segment
 from rich.text import Text
 
+from .files import write_atomic
+
 MASK = "********"
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -69,14 +71,7 @@ def emit_json(data: Any) -> None:
 
 def write_report(path: str | Path, data: Any) -> Path:
     """A JSON report file, 0600 from its first byte (reports name hosts, VMs and paths), secrets masked."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(to_json(data))
-    os.replace(tmp, target)
-    return target
+    return write_atomic(Path(path), to_json(data), mode=0o600)
 
 
 def log_line(subject: str, message: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FactoryError
+from .files import write_atomic
 
 PACKAGES_NAME = "packages.json"
 DIFF_NAME = "package-diff.json"
@@ -195,11 +196,8 @@ def save(build_dir: Path, contents: Contents, *, image: str, build_id: str) -> t
     previous = load_packages(build_dir)
     if previous is not None and previous[0] != build_id:
         changes = diff(previous[1], contents.packages, previous[0])
-        (build_dir / DIFF_NAME).write_text(json.dumps({**changes.to_dict(), "to_build": build_id}, indent=2) + "\n",
-                                           encoding="utf-8")
-    packages = build_dir / PACKAGES_NAME
-    packages.write_text(json.dumps({**contents.to_dict(), "build_id": build_id}, indent=2, sort_keys=True) + "\n",
-                        encoding="utf-8")
-    sbom = build_dir / SBOM_NAME
-    sbom.write_text(sbom_json(contents, image=image, build_id=build_id) + "\n", encoding="utf-8")
+        write_atomic(build_dir / DIFF_NAME, json.dumps({**changes.to_dict(), "to_build": build_id}, indent=2) + "\n")
+    packages = write_atomic(build_dir / PACKAGES_NAME,
+                            json.dumps({**contents.to_dict(), "build_id": build_id}, indent=2, sort_keys=True) + "\n")
+    sbom = write_atomic(build_dir / SBOM_NAME, sbom_json(contents, image=image, build_id=build_id) + "\n")
     return packages, sbom

@@ -22,7 +22,6 @@ import csv
 import io
 import ipaddress
 import json
-import os
 import re
 import tempfile
 import uuid
@@ -34,6 +33,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from .errors import FactoryError, Problem, ValidationFailed
+from .files import write_atomic
 from .inventory import (
     HYPERVISOR_GROUP,
     MAC_RE,
@@ -413,21 +413,6 @@ def _find_host(node: Any, host: str) -> Any:
     return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _quoted(value: str, like: Any) -> Any:
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
@@ -570,7 +555,7 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
         expected[vm_name][c.nic] = c.new
     if sink or expected != {k: {i: _norm(m) for i, m in v.items()} for k, v in after.items()}:
         raise FactoryError(f"{path}: the edited inventory did not read back as intended; nothing was written")
-    _atomic_write(path, text)
+    write_atomic(path, text)
     return changes
 
 
@@ -762,7 +747,7 @@ def write_output(text: str, output: str | Path) -> Path:
     """Write an export atomically (a reader never sees half a file)."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, text)
+    write_atomic(path, text)
     return path
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import FactoryError
+from .files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -139,17 +138,7 @@ def require(build_dir: Path) -> Manifest:
 def save(build_dir: Path, manifest: Manifest) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     path = manifest_path(build_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=build_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 

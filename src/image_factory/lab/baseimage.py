@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..console import console
 from ..errors import FactoryError
+from ..files import write_atomic
 from ..manifest import sha256_file
 from ..settings import Settings
 
@@ -289,7 +290,7 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         # Publish: stamp removed first, written last, so a crash in between means "rebuild".
         p.recipe.unlink(missing_ok=True)
         os.replace(qcow, p.image)
-        _write_atomic(p.sha256, f"{digest}  {IMAGE_NAME}\n")
+        write_atomic(p.sha256, f"{digest}  {IMAGE_NAME}\n")
         stamp = {
             "recipe_hash": recipe_hash(),
             "sha256": digest,
@@ -299,7 +300,7 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
             "figures": figures,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(p.recipe, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        write_atomic(p.recipe, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     console.print(f"base image built: {p.image} ({p.image.stat().st_size // (1024 * 1024)} MiB) {figures}")
@@ -329,7 +330,7 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
             _run(_debootstrap_cmd(target, mirror, p.debs, "--download-only"), "debootstrap --download-only")
         finally:
             shutil.rmtree(target, ignore_errors=True)
-        _write_atomic(stamp, want + "\n")
+        write_atomic(stamp, want + "\n")
     return True
 
 
@@ -601,17 +602,6 @@ def _locked(path: Path) -> Iterator[None]:
     with path.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [
