@@ -39,7 +39,7 @@ from .inventory import Hypervisor, Site, StaticIp, Vm
 from .livemacs import MacUse, host_mac_uses, mac_collisions
 from .ownership import INCOMPLETE_TAG, Marker, marker_block, user_description, with_marker
 from .pve import ApiError, PveClient, TaskFailed, retry_on_lock
-from .pvecodec import NetSpec, format_tags, parse_props, parse_tags
+from .pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
 from .settings import Settings
 from .sshlink import SshLink
 
@@ -52,7 +52,6 @@ LOCK_RETRY_DELAY = 2.0
 MAX_WORKERS = 16
 SSH_PORT = 22
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
-SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 Action = Literal["create", "in-sync", "drift", "recreate", "blocked"]
 ClientFactory = Callable[[Hypervisor], PveClient]
@@ -75,14 +74,6 @@ def nic_net(vm: Vm, hv: Hypervisor, index: int) -> NetSpec:
     if nic.vlan is not None:
         opts["tag"] = str(nic.vlan)
     return NetSpec(nic.model, nic.mac.lower(), tuple(sorted(opts.items())))
-
-
-def parse_size(value: str) -> int:
-    """A PVE size (``10G``, ``2252M``, ``512K``, bytes) in bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a PVE size: {value!r}")
-    return int(float(m[1]) * SIZE_UNITS[m[2].upper()])
 
 
 def encode_sshkeys(keys: Iterable[str]) -> str:

@@ -25,6 +25,7 @@ import jinja2
 
 from .errors import FactoryError
 from .inventory import Image
+from .pvecodec import parse_size
 from .settings import Settings
 
 BUILD_USER = "packer"
@@ -137,8 +138,7 @@ def _sha256(data: bytes) -> str:
 
 
 def disk_size_mb(size: str) -> int:
-    n = int(size[:-1])
-    return n * 1024 if size.endswith("G") else n
+    return parse_size(size) // 2**20
 
 
 def artifact_name(image: Image) -> str:

@@ -35,3 +35,13 @@ def test_net_round_trip() -> None:
     assert spec.mac == "bc:24:11:00:00:01" and spec.opts == {"bridge": "vmbr0", "firewall": "1", "tag": "20"}
     assert NetSpec.parse(spec.format()) == spec
     assert spec.format() == "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,tag=20"
+
+
+@pytest.mark.parametrize(("text", "size"), [("10G", 10 * 2**30), ("2252M", 2252 * 2**20), ("512K", 512 * 2**10),
+                                            ("1048576", 2**20), ("1.5G", int(1.5 * 2**30))])
+def test_sizes_parse_and_format_as_pve_writes_them(text: str, size: int) -> None:
+    from image_factory.pvecodec import format_size, parse_size
+
+    assert parse_size(text) == size
+    assert parse_size(format_size(size)) == size
+    assert format_size(20 * 2**30) == "20G" and format_size(2252 * 2**20) == "2252M" and format_size(1000) == "1000"

@@ -46,6 +46,7 @@ from fakepve.routing import param_error
 from fakepve.server import params as request_params
 from fakepve.storage import parse_name_dir
 
+from ..pvecodec import format_size, parse_size
 from . import vmrunner
 from .privileges import catalogue
 from .spec import THIN_STORAGE, NodeSpec
@@ -631,7 +632,7 @@ class LabPve(FakePve):  # fakepve is untyped
             size = int(info["virtual-size"])
             fmt = props.pop("format", None)
             volid, fmt = self._qm_alloc(sid, vmid, fmt, size)
-            props["size"] = _format_size(size)
+            props["size"] = format_size(size)
             self._pending_io.setdefault(vmid, []).append(
                 lambda: self._copy_disk(src_path, str(info["format"]), volid, fmt, sid, f"import {vmid}")
             )
@@ -940,7 +941,7 @@ class LabPve(FakePve):  # fakepve is untyped
             self.require(user, f"/storage/{sid}", "Datastore.AllocateSpace")
         path = self.volume_file(volume)
         current = int(_qemu_img_info(path)["virtual-size"]) if path is not None and path.exists() else \
-            _parse_size(props.get("size", "0"))
+            _size_or_zero(props.get("size", "0"))
         found = re.fullmatch(r"(\+)?(\d+(?:\.\d+)?)([KMGT]?)", size)
         if not found:
             raise param_error(size=f"unable to parse size '{size}'")
@@ -958,7 +959,7 @@ class LabPve(FakePve):  # fakepve is untyped
                 await asyncio.to_thread(proc.qmp_command, "block_resize", {"device": f"drive-{disk}", "size": new})
             elif path is not None and path.exists():
                 await asyncio.to_thread(_run, ["qemu-img", "resize", "-q", str(path), str(new)])
-            props["size"] = _format_size(new)
+            props["size"] = format_size(new)
             vm.config[disk] = join_drive(volume, props)
             vol = self._volumes(sid).get(volume_ref(volume)[1]) if sid else None
             if vol is not None:
@@ -1388,19 +1389,11 @@ class LabPve(FakePve):  # fakepve is untyped
         self.state_file.unlink(missing_ok=True)
 
 
-def _parse_size(text: str) -> int:
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", text)
-    if not found:
+def _size_or_zero(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
         return 0
-    unit = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[found.group(2)]
-    return int(float(found.group(1)) * unit)
-
-
-def _format_size(size: int) -> str:
-    for unit, mult in (("T", 1024 ** 4), ("G", 1024 ** 3), ("M", 1024 ** 2), ("K", 1024)):
-        if size and size % mult == 0:
-            return f"{size // mult}{unit}"
-    return str(size)
 
 
 __all__ = ["LabPve", "NodeSpec", "parse_name_dir", "random_mac"]
