@@ -43,7 +43,7 @@ from .console import console, styled
 from .errors import FactoryError
 from .inventory import Image
 from .manifest import ImageTestResult, sha256_file
-from .qemuvm import accel_args, free_port, require_qemu
+from .qemuvm import accel_args, free_port, make_seed_iso, require_qemu
 from .settings import Settings
 
 SUITE_DIR = Path("tests/image")
@@ -148,25 +148,6 @@ def seed_files(hostname: str, instance_id: str, public_key: str, mac: str) -> di
         "    dhcp4: true\n"
     )
     return {"meta-data": meta, "user-data": user, "network-config": net}
-
-
-def make_seed_iso(directory: Path, files: dict[str, str]) -> Path:
-    src = directory / "seed"
-    src.mkdir()
-    for name, text in files.items():
-        (src / name).write_text(text, encoding="utf-8")
-    iso = directory / "seed.iso"
-    if shutil.which("xorriso"):
-        cmd = ["xorriso", "-as", "mkisofs"]
-    elif shutil.which("genisoimage"):
-        cmd = ["genisoimage"]
-    else:
-        raise ImageTestError("neither xorriso nor genisoimage found: apt-get install xorriso")
-    cmd += ["-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(src)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise ImageTestError(f"seed ISO: {cmd[0]} failed: {proc.stdout.decode(errors='replace')[-1000:]}")
-    return iso
 
 
 @dataclass

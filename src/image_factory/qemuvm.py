@@ -81,3 +81,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def make_seed_iso(directory: Path, files: dict[str, str]) -> Path:
+    """A NoCloud seed (an ISO labelled ``cidata`` holding meta-data, user-data, network-config) in directory:
+    the one seed builder of the image tests and the lab's cloud-init drives."""
+    src = directory / "seed"
+    src.mkdir()
+    for name, text in files.items():
+        (src / name).write_text(text, encoding="utf-8")
+    iso = directory / "seed.iso"
+    if shutil.which("xorriso"):
+        cmd = ["xorriso", "-as", "mkisofs"]
+    elif shutil.which("genisoimage"):
+        cmd = ["genisoimage"]
+    else:
+        raise QemuError("neither xorriso nor genisoimage found: apt-get install xorriso")
+    cmd += ["-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(src)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise QemuError(f"seed ISO: {cmd[0]} failed: {proc.stdout.decode(errors='replace')[-1000:]}")
+    return iso

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..qemuvm import accel_args
+from ..qemuvm import QemuError, accel_args, make_seed_iso
 from .config import vm_address
 
 __all__ = ["LaunchError", "VmProcess", "launch", "nics_of", "vm_address", "seed_files"]
@@ -140,15 +140,10 @@ def seed_files(name: str, config: dict[str, Any]) -> dict[str, str]:
 
 def _write_seed(files: dict[str, str], dest: Path, fmt: str) -> None:
     with tempfile.TemporaryDirectory(prefix="lab-seed-") as tmp:
-        for fname, text in files.items():
-            (Path(tmp) / fname).write_text(text)
-        iso = Path(tmp) / "seed.iso"
-        proc = subprocess.run(
-            ["xorrisofs", "-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", *files],
-            cwd=tmp, capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            raise LaunchError(f"cannot make the cloud-init seed: {proc.stderr.strip()}")
+        try:
+            iso = make_seed_iso(Path(tmp), files)
+        except QemuError as exc:
+            raise LaunchError(f"cannot make the cloud-init seed: {exc}") from None
         if fmt == "raw":
             os.replace(iso, dest)
         else:
