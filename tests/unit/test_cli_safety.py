@@ -215,7 +215,7 @@ def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
     bad.write_text(yaml.safe_dump(data, sort_keys=False))
     for pve in fsite.pves.values():
         pve.requests.clear()
-    code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--images",
+    code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--catalogue",
                           str(bad)], capsys)
     assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
 

@@ -251,7 +251,7 @@ def test_inventory_check_task_exits_non_zero_with_file_entry_key(tmp_path: Path)
     inv_dir, cat_file = site_files(tmp_path, inv)
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "invoke"), "inventory.check", "--inventory", str(inv_dir),
-         "--images", str(cat_file)],
+         "--catalogue", str(cat_file)],
         cwd=REPO_ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "400"},
     )
     assert proc.returncode == 2

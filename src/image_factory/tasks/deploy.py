@@ -13,7 +13,7 @@ from ._common import handle_errors, preflight_gate, site, task
 
 _COMMON_HELP = {
     "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-    "images": "image catalogue YAML (default: factory.images)",
+    "catalogue": "image catalogue YAML (default: factory.images)",
     "json": "print the plan/report as JSON on stdout (tables and progress go to stderr)",
 }
 _SELECT_HELP = {
@@ -52,11 +52,11 @@ def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] |
 def vm(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     dry_run: bool = False, no_wait: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT), recreate: bool = False,
-    inventory: str | None = None, images: str | None = None, json: bool = False, skip_preflight: bool = False,
+    inventory: str | None = None, catalogue: str | None = None, json: bool = False, skip_preflight: bool = False,
     i_know_this_is_mgmt: bool = False, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
-    settings, model = site(c, inventory, images)
+    settings, model = site(c, inventory, catalogue)
     names = _names(name, all, plane)
     if not skip_preflight:
         selected = dep.select_vms(model, names, plane=plane)
@@ -87,11 +87,11 @@ def _lock_wait(value: int) -> int:
 @handle_errors
 def plan(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
-    recreate: bool = False, inventory: str | None = None, images: str | None = None, json: bool = False,
+    recreate: bool = False, inventory: str | None = None, catalogue: str | None = None, json: bool = False,
     i_know_this_is_mgmt: bool = False,
 ) -> None:
     """Show what deploy.vm would do (same as deploy.vm --dry-run); reads the hypervisors, changes nothing."""
-    settings, model = site(c, inventory, images)
+    settings, model = site(c, inventory, catalogue)
     result = dep.plan_deploy(settings, model, _names(name, all, plane), plane=plane, recreate=recreate,
                              allow_mgmt=i_know_this_is_mgmt)
     if json:
@@ -106,17 +106,17 @@ def plan(
         "i_know_this_is_mgmt": "required to destroy a mgmt (infrastructure-critical) VM",
         "timeout": "seconds to wait for the stop and destroy tasks",
         "inventory": _COMMON_HELP["inventory"],
-        "images": _COMMON_HELP["images"],
+        "catalogue": _COMMON_HELP["catalogue"],
         "lock_wait": _LOCK_HELP,
     }
 )
 @handle_errors
 def destroy(
     c: Context, name: str, i_know_this_is_mgmt: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT),
-    inventory: str | None = None, images: str | None = None, lock_wait: int = dep.DEFAULT_WAIT,
+    inventory: str | None = None, catalogue: str | None = None, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Stop and destroy one VM this tool created (tenant VMs; mgmt VMs only with --i-know-this-is-mgmt)."""
-    settings, model = site(c, inventory, images)
+    settings, model = site(c, inventory, catalogue)
     console.print(dep.destroy_vm(settings, model, name, allow_mgmt=i_know_this_is_mgmt, timeout=float(timeout),
                                  lock_wait=_lock_wait(lock_wait)))
 

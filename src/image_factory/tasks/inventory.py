@@ -15,16 +15,16 @@ from ._common import handle_errors, site, task
 @task(
     help={
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "images": "image catalogue YAML (default: factory.images)",
+        "catalogue": "image catalogue YAML (default: factory.images)",
         "json": "print the summary as JSON on stdout",
         "allow_eol": "do not count catalogue images past their end of life as errors",
     }
 )
 @handle_errors
-def check(c: Context, inventory: str | None = None, images: str | None = None, json: bool = False,
+def check(c: Context, inventory: str | None = None, catalogue: str | None = None, json: bool = False,
           allow_eol: bool = False) -> None:
     """Validate the inventory and image catalogue; open no connection."""
-    _, model = site(c, inventory, images)
+    _, model = site(c, inventory, catalogue)
     warnings = eol_gate(model.images.values(), model.images_path, allow_eol=allow_eol)
     summary = model.summary()
     summary["warnings"] = warnings
@@ -48,14 +48,14 @@ def check(c: Context, inventory: str | None = None, images: str | None = None, j
     help={
         "hypervisor": "check only this hypervisor (repeatable; default: all in the inventory)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "images": "image catalogue YAML (default: factory.images)",
+        "catalogue": "image catalogue YAML (default: factory.images)",
         "json": "print the report as JSON on stdout instead of the table",
         "checks": "comma-separated checks or a group (all, publish, deploy); default: all",
     }
 )
 @handle_errors
 def preflight(
-    c: Context, hypervisor: list[str] | None = None, inventory: str | None = None, images: str | None = None,
+    c: Context, hypervisor: list[str] | None = None, inventory: str | None = None, catalogue: str | None = None,
     json: bool = False, checks: str | None = None,
 ) -> None:
     """Check, read-only and in parallel, that each hypervisor is ready for publish and deploy.
@@ -65,7 +65,7 @@ def preflight(
     """
     from ..preflight import CHECK_GROUPS, render_table, run_preflight
 
-    cfg, model = site(c, inventory, images)
+    cfg, model = site(c, inventory, catalogue)
     selected: tuple[str, ...] | None = None
     if checks:
         names: list[str] = []

@@ -37,15 +37,15 @@ def generate(c: Context, vm: str = "", nic: str | None = None, inventory: str | 
 @task(
     help={
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "images": "image catalogue YAML (default: factory.images); the whole site model is validated too",
+        "catalogue": "image catalogue YAML (default: factory.images); the whole site model is validated too",
         "live": "also read every VM on every hypervisor (read-only) and report inventory MACs another VM "
                 "carries, with host, VMID and NIC",
     }
 )
 @handle_errors
-def check(c: Context, inventory: str | None = None, images: str | None = None, live: bool = False) -> None:
+def check(c: Context, inventory: str | None = None, catalogue: str | None = None, live: bool = False) -> None:
     """Check every MAC against the namespace; list all problems (file, host) and exit non-zero."""
-    s = settings(c, inventory=inventory, images=images)
+    s = settings(c, inventory=inventory, images=catalogue)
     count = macs.check(s.inventory, s.images)
     console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
     if live:
@@ -72,16 +72,16 @@ def check(c: Context, inventory: str | None = None, images: str | None = None, l
         "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
         "interfaces": "opnsense only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "images": "image catalogue YAML (default: factory.images)",
+        "catalogue": "image catalogue YAML (default: factory.images)",
     }
 )
 @handle_errors
 def export(
     c: Context, format: str = "", output: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
-    interfaces: str | None = None, inventory: str | None = None, images: str | None = None,
+    interfaces: str | None = None, inventory: str | None = None, catalogue: str | None = None,
 ) -> None:
     """DHCP reservations and DNS entries from the inventory MACs; same inventory, same bytes."""
-    _, model = site(c, inventory, images)
+    _, model = site(c, inventory, catalogue)
     text = macs.export(model, format, domain=domain, interfaces=macs.parse_interfaces(interfaces))
     if output:
         path = macs.write_output(text, output)

@@ -30,7 +30,7 @@ def _default_keep(c: Context) -> int:
         "force_untested": "publish even without a passing image test for this sha256 (tagged 'untested')",
         "engine": "SSH data engine: 'exec' (cat into the file, fastest) or 'sftp' (fallback)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "images": "image catalogue YAML (default: factory.images)",
+        "catalogue": "image catalogue YAML (default: factory.images)",
         "skip_preflight": "do not run the publish preflight checks first (they are read-only)",
     },
 )
@@ -38,10 +38,10 @@ def _default_keep(c: Context) -> int:
 def template(
     c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
     dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "exec",
-    inventory: str | None = None, images: str | None = None, skip_preflight: bool = False,
+    inventory: str | None = None, catalogue: str | None = None, skip_preflight: bool = False,
 ) -> None:
     """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
-    settings, model = site(c, inventory, images)
+    settings, model = site(c, inventory, catalogue)
     model.image(name)
     model.select_hypervisors(hypervisor or None)
     if not skip_preflight:
