@@ -8,6 +8,7 @@ names the file, the entry and the key; no traceback; and not a single request to
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -318,3 +319,14 @@ def test_short_i_is_inventory_in_every_task_and_the_mgmt_flag_has_no_short_form(
             assert "i" in arg.names, f"{task_name}: --inventory has no -i"
         if key in ("i_know_this_is_mgmt", "recreate", "force_untested"):
             assert all(len(n) > 1 for n in arg.names), f"{task_name}: {key} has a short form {arg.names}"
+
+
+def test_pipeline_list_images_prints_the_matrix_and_refuses_unknown_names(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = run_cli(["pipeline", "--list-images"], capsys)
+    listed = json.loads(text)
+    assert code == 0 and listed and set(listed) <= {"fedora-44", "fedora-45"}  # what the example's VMs use
+    code, text = run_cli(["pipeline", "--list-images", "--images", "fedora-45,fedora-44-iso"], capsys)
+    assert code == 0 and json.loads(text) == ["fedora-45", "fedora-44-iso"]
+    code, text = run_cli(["pipeline", "--list-images", "--images", "fedora-45,nope"], capsys)
+    assert code != 0 and "unknown image(s) nope (catalogue: " in text and "Traceback" not in text
