@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
-from . import firmware, qemuvm, render
+from . import families, firmware, qemuvm, render
 from .errors import FactoryError
 from .files import write_atomic
 from .inventory import Image, eol_gate
@@ -129,11 +129,6 @@ def mitogen_strategy_dir() -> Path | None:
     return plugins if (plugins / "mitogen_linear.py").is_file() else None
 
 
-# Families whose guests mitogen is proven on (the lab's Debian fixture: bench/ansible_strategy, the e2e
-# build). Fedora 43+ ships Python 3.14 and 45 ships 3.15, where mitogen is unproven: linear there.
-MITOGEN_PROVEN_FAMILIES = frozenset({"debian"})
-
-
 def resolve_ansible_strategy(choice: str, accelerator: str, family: str = "debian") -> AnsibleStrategy:
     """auto: mitogen under TCG, where every task otherwise starts a fresh Python in the guest (3-7 s
     each), for families where mitogen is proven; stock linear under KVM, where that costs well under a
@@ -146,7 +141,7 @@ def resolve_ansible_strategy(choice: str, accelerator: str, family: str = "debia
         return AnsibleStrategy("linear", "factory.ansible_strategy=linear", linear_env)
     if choice == "auto" and accelerator == "kvm":
         return AnsibleStrategy("linear", "auto: KVM", linear_env)
-    if choice == "auto" and family not in MITOGEN_PROVEN_FAMILIES:
+    if choice == "auto" and not families.get(family).mitogen_proven:
         return AnsibleStrategy("linear", f"auto: mitogen is not proven on {family} guests", linear_env)
     plugins = mitogen_strategy_dir()
     if plugins is None:
@@ -347,9 +342,9 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
     ck = image.source.checksum
     if not re.match(r"^file:https?://", ck):
         return
-    if image.family != "fedora":
+    if not families.get(image.family).signs_checksums:
         raise BuildError(f"{settings.images}: {image.name}: source.checksum: a remote checksum file is trusted only "
-                         "when signed by a pinned key, and only Fedora's release keys are pinned; use 'sha256:<hex>'")
+                         f"when signed by a pinned key, and none is pinned for {image.family}; use 'sha256:<hex>'")
     url = fedora_media.located(image, ck[len("file:"):])
     file_name = image.source.url.rpartition("/")[2]
     sha = fedora_media.verified_checksum(settings.root, image.release, url, file_name)
@@ -363,7 +358,7 @@ def check_source(settings: Settings, image: Image) -> None:
     src, ck_file = render.source_paths(settings, image)
     if src is None:
         return
-    hint = "run `invoke lab.base-image`" if image.family == "debian" else "fetch it first"
+    hint = families.get(image.family).missing_source_hint
     if not src.is_file():
         raise BuildError(f"{image.name}: source image {src} does not exist: {hint}")
     ck = image.source.checksum

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import families
 from .errors import FactoryError
 from .files import write_atomic
 
@@ -27,22 +28,6 @@ SEP = "\t"
 
 class ContentsError(FactoryError):
     """The image's package list could not be read or made sense of."""
-
-
-@dataclass(frozen=True)
-class PackageQuery:
-    """How one family lists its installed packages as name<TAB>epoch:version-release<TAB>arch lines."""
-
-    command: str
-    purl_type: str  # package-url type: deb, rpm
-
-
-PACKAGE_QUERIES: dict[str, PackageQuery] = {
-    "debian": PackageQuery(
-        "dpkg-query -W -f '${db:Status-Status}\\t${binary:Package}\\t${Version}\\t${Architecture}\\n'", "deb"),
-    "fedora": PackageQuery("rpm -qa --qf 'installed\\t%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\n'",
-                           "rpm"),
-}
 
 
 @dataclass(frozen=True, order=True)
@@ -97,10 +82,9 @@ def parse_os_release(text: str) -> dict[str, str]:
 
 def read_contents(run: Callable[[str], str], family: str) -> Contents:
     """Ask the booted image through ``run`` (a command -> stdout function over the test session)."""
-    query = PACKAGE_QUERIES.get(family)
-    if query is None:
-        raise ContentsError(f"no package query for family {family!r} (known: {', '.join(PACKAGE_QUERIES)})")
-    packages = parse_packages(run(query.command))
+    if family not in families.FAMILIES:
+        raise ContentsError(f"no package query for family {family!r} (known: {', '.join(families.FAMILIES)})")
+    packages = parse_packages(run(families.get(family).package_query))
     if not packages:
         raise ContentsError(f"{family}: the package query listed no installed package")
     return Contents(family, packages, run("uname -r").strip(), parse_os_release(run("cat /etc/os-release")))
@@ -110,10 +94,9 @@ def purl(contents: Contents, package: Package) -> str:
     from packageurl import PackageURL
 
     distro = contents.os_release.get("ID", contents.family)
-    query = PACKAGE_QUERIES[contents.family]
     qualifiers = {"arch": package.arch, "distro": f"{distro}-{contents.os_release.get('VERSION_ID', '')}"}
-    return str(PackageURL(type=query.purl_type, namespace=distro, name=package.name, version=package.version,
-                          qualifiers=qualifiers))
+    return str(PackageURL(type=families.get(contents.family).purl_type, namespace=distro, name=package.name,
+                          version=package.version, qualifiers=qualifiers))
 
 
 def sbom_json(contents: Contents, *, image: str, build_id: str) -> str:

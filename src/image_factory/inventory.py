@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import families
 from .errors import Problem, ValidationFailed
 from .ownership import imitates_marker, reserved_tag
 
@@ -473,7 +474,7 @@ class Source(Strict):
 
 class Image(Strict):
     name: ImageName
-    family: Literal["fedora", "debian"]
+    family: str = Field(description="a registered image family (image_factory.families)")
     release: int = Field(ge=1)
     mode: Literal["iso", "cloud"]
     source: Source
@@ -502,10 +503,20 @@ class Image(Strict):
     def upstream_repositories(self) -> list[Repository]:
         if self.repositories is not None:
             return list(self.repositories)
-        if self.family == "fedora":
-            return [Repository(kind="fedora-metalink", repo=f"fedora-{self.release}"),
-                    Repository(kind="fedora-metalink", repo=f"updates-released-f{self.release}")]
-        return []
+        return [Repository.model_validate(r) for r in families.get(self.family).default_repositories(self.release)]
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in families.FAMILIES:
+            raise ValueError(f"unknown image family {v!r} (known: {', '.join(sorted(families.FAMILIES))})")
+        return v
+
+    @model_validator(mode="after")
+    def _iso_needs_an_installer(self) -> Image:
+        if self.mode == "iso" and self.family in families.FAMILIES and families.get(self.family).installer is None:
+            raise ValueError(f"mode: iso needs an installer, and the {self.family} family has none (cloud mode only)")
+        return self
 
     @model_validator(mode="after")
     def _firmware_needs_iso(self) -> Image:

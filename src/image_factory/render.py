@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import families
 from .errors import FactoryError
 from .inventory import Image
 from .pvecodec import parse_size
@@ -326,6 +327,11 @@ def render_image(
         raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
     from .fedora_media import located
 
+    installer = families.get(image.family).installer if image.mode == "iso" else None
+    if image.mode == "iso" and installer is None:
+        raise RenderError(f"{settings.images}: {image.name}: mode: iso mode needs an installer, and the "
+                          f"{image.family} family has none (cloud mode only)")
+
     src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local
                       else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
     ctx = {
@@ -339,6 +345,7 @@ def render_image(
                                        f"{settings.images}: {image.name}: source.checksum"),
         "build_user": BUILD_USER,
         "build_mac": BUILD_MAC,
+        "boot_command": [_hcl_string(line, "boot_command") for line in (installer.boot_command if installer else ())],
         "ssh_timeout": SSH_TIMEOUT[image.mode],
         "shutdown_command": SHUTDOWN_COMMAND,
         "playbook": _hcl_string(str(playbook), "playbook"),
@@ -350,9 +357,8 @@ def render_image(
     # Render everything in memory first: a template error leaves builds/<image>/ untouched.
     public: dict[str, str] = {f"{image.name}.pkr.hcl": _render(env, "image.pkr.hcl.j2", ctx)}
     if image.mode == "iso":
-        if image.family != "fedora":
-            raise RenderError(f"{settings.images}: {image.name}: mode: iso mode needs a Fedora kickstart")
-        public["ks.cfg"] = _render(env, "fedora.ks.j2", ctx)
+        assert installer is not None
+        public[installer.file_name] = _render(env, installer.template, ctx)
     else:
         public["seed/meta-data"] = _render(env, "cloud-init/meta-data.j2", ctx)
         public["seed/network-config"] = _render(env, "cloud-init/network-config.j2", ctx)
@@ -362,9 +368,11 @@ def render_image(
         key, pub = _keypair(secret_dir)
         sctx = {**ctx, "ssh_public_key": pub}
         if image.mode == "iso":
+            assert installer is not None
             sctx["password_hash"] = sha512_crypt(secrets.token_urlsafe(24))
-            _write(secret_dir / "http" / "build-user.ks", _render(env, "partials/build-user.ks.j2", sctx), 0o600)
-            _write(secret_dir / "http" / "ks.cfg", public["ks.cfg"], 0o600)
+            _write(secret_dir / "http" / installer.build_user_file,
+                   _render(env, installer.build_user_template, sctx), 0o600)
+            _write(secret_dir / "http" / installer.file_name, public[installer.file_name], 0o600)
         else:
             _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
             _write(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
@@ -396,7 +404,7 @@ def render_image(
         raise
     return RenderResult(
         image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
-        kickstart=out_dir / "ks.cfg" if image.mode == "iso" else None,
+        kickstart=out_dir / installer.file_name if image.mode == "iso" and installer is not None else None,
         var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs,
     )
 
@@ -442,21 +450,27 @@ def _hcl_message_with_lines(msg: str, hcl: Path) -> str:
 
 
 def validate_kickstart(result: RenderResult) -> None:
-    if result.kickstart is None:
+    """The family's installer validator on the rendered installer file (and, for a kickstart, on it with the
+    per-build include in place, as Anaconda sees it)."""
+    installer = families.get(result.image.family).installer
+    if result.kickstart is None or installer is None or installer.validator is None:
         return
-    exe = _venv_tool("ksvalidator", "pip install pykickstart (it is in the dev extras: pip install -e '.[dev]')")
+    tool, *args = installer.validator
+    exe = _venv_tool(tool, f"pip install the {tool} validator (pykickstart for ksvalidator: it is in the dev extras)")
     version = f"F{result.image.release}"
-    _run_tool([exe, "-e", "-v", version, str(result.kickstart)], f"ksvalidator -v {version}",
-              result.out_dir, str(result.kickstart))
-    if result.secret_dir is not None:
-        # Also validate the kickstart as Anaconda sees it, with the per-build include in place.
-        inc = result.secret_dir / "http" / "build-user.ks"
+
+    def argv(path: Path) -> list[str]:
+        return [exe, *(a.format(release=result.image.release, file=path) for a in args)]
+
+    _run_tool(argv(result.kickstart), f"ksvalidator -v {version}", result.out_dir, str(result.kickstart))
+    if result.secret_dir is not None and installer.file_name.endswith(".cfg"):
+        inc = result.secret_dir / "http" / installer.build_user_file
         merged = result.secret_dir / "merged.ks"
         text = result.kickstart.read_text(encoding="utf-8").replace(
             "%include /tmp/factory-build-user.ks", inc.read_text(encoding="utf-8"))
         _write(merged, text, 0o600)
         try:
-            _run_tool([exe, "-e", "-v", version, str(merged)], f"ksvalidator -v {version}",
+            _run_tool(argv(merged), f"ksvalidator -v {version}",
                       result.out_dir, f"{result.kickstart} with its per-build user include")
         finally:
             merged.unlink(missing_ok=True)

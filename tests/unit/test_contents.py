@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from image_factory import contents as ct
+from image_factory import families
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +41,7 @@ def test_only_installed_packages_count_and_multiarch_names_are_plain() -> None:
     inside = ct.read_contents(run, "debian")
     assert [(p.name, p.version) for p in inside.packages] == [("libc6", "2.36-9+deb12u9"),
                                                               ("openssh-server", "1:9.2p1-2+deb12u3")]
-    assert calls[0] == ct.PACKAGE_QUERIES["debian"].command
+    assert calls[0] == families.get("debian").package_query
     assert inside.summary()["os"] == "Debian GNU/Linux 12 (bookworm)" and inside.kernel == "6.1.0-28-cloud-amd64"
 
 

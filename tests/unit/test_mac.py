@@ -108,7 +108,7 @@ def test_each_kind_of_bad_mac_fails_with_file_host_and_reason(inv: Path, bad: st
     assert {p.key for p in mine} <= {"vm.nics.0.mac"}
     # and the task exits non-zero
     with pytest.raises(Exit) as exc:
-        mac_tasks.check(Context(), inventory=str(inv), images=str(IMAGES))
+        mac_tasks.check(Context(), inventory=str(inv), catalogue=str(IMAGES))
     assert exc.value.code != 0
 
 
@@ -340,12 +340,12 @@ def test_nic0_address_must_agree_with_static_ipconfig(inv: Path) -> None:
 
 def test_export_task_writes_output_and_rejects_unknown_format(inv: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "dhcp.conf"
-    mac_tasks.export(Context(), format="dnsmasq", output=str(out), inventory=str(inv), images=str(IMAGES))
+    mac_tasks.export(Context(), format="dnsmasq", output=str(out), inventory=str(inv), catalogue=str(IMAGES))
     assert out.read_text() == export(inv, "dnsmasq")
     with pytest.raises(Exit):
-        mac_tasks.export(Context(), format="bind", inventory=str(inv), images=str(IMAGES))
+        mac_tasks.export(Context(), format="bind", inventory=str(inv), catalogue=str(IMAGES))
     with pytest.raises(Exit):
-        mac_tasks.export(Context(), format="opnsense", interfaces="dmz=igb0", inventory=str(inv), images=str(IMAGES))
+        mac_tasks.export(Context(), format="opnsense", interfaces="dmz=igb0", inventory=str(inv), catalogue=str(IMAGES))
 
 
 # -------------------------------------------------------------------------------------- properties

@@ -156,7 +156,7 @@ def test_bad_catalogue_value_fails_before_packer(repo: Settings, catalogue: dict
     with pytest.raises(render.RenderError, match="source.url"):
         _render(repo, bad)
     debian_iso = catalogue["debian-lab"].model_copy(update={"mode": "iso"})
-    with pytest.raises(render.RenderError, match="iso mode needs a Fedora kickstart"):
+    with pytest.raises(render.RenderError, match="iso mode needs an installer, and the debian family has none"):
         _render(repo, debian_iso)
 
 
