@@ -7,5 +7,6 @@ ALPINE = register(Family(
     package_query=("apk info -v | sed -E "
                    "'s/^(.*)-([^-]+-r[0-9]+)$/installed\\t\\1\\t\\2\\tx86_64/'"),
     purl_type="apk",
-    default_repositories=lambda release: [{"kind": "debian", "uri": "http://dl.example/alpine", "suite": f"v3.{release}"}],
+    default_repositories=lambda release: [
+        {"kind": "debian", "uri": "http://dl.example/alpine", "suite": f"v3.{release}"}],
 ))
