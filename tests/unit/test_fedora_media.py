@@ -6,10 +6,7 @@ vendored into a scratch repository and pinned there by fingerprint, exactly as p
 
 from __future__ import annotations
 
-import http.server
 import shutil
-import ssl
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,29 +52,12 @@ class Files(dict[str, bytes]):
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Files]]:
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback_http: Any) -> Iterator[tuple[str, Files]]:
     cert, key, _ = make_cert(str(tmp_path), name="media", hosts=("127.0.0.1",))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
     files = Files()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = files.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
+    with loopback_http(files, cert_and_key=(cert, key)) as base:
+        yield base, files
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import lzma
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,24 +36,10 @@ def _clearsign(cert: Any, text: str) -> bytes:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def archive(tmp_path: Path, loopback_http: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     files: dict[str, bytes] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = files.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/debian", files
-    httpd.shutdown()
+    with loopback_http(files) as base:
+        yield f"{base}/debian", files
 
 
 @pytest.fixture
