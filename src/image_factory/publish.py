@@ -666,9 +666,11 @@ def _execute(
         _upload(ctx, plan, client, link, result)
         _register(ctx, plan, client, result, guard)
         result.action = "created"
+    # Clones are re-read before each prune (one may land meanwhile); the storages' types do not change.
+    untracked = untracked_clone_storages(client) if plan.prune else frozenset[str]()
     for t in plan.prune:
         guard(f"pruning template {t.vmid}")
-        clones = clone_dependents(_all_configs(client), t.vmid, untracked_clone_storages(client))
+        clones = clone_dependents(_all_configs(client), t.vmid, untracked)
         if clones:
             # A clone landed since the plan (a deploy of an older version, or a human): keep the template.
             result.kept_for_linked_clones[str(t.vmid)] = clones

@@ -46,7 +46,7 @@ from fakepve.routing import param_error
 from fakepve.server import params as request_params
 from fakepve.storage import parse_name_dir
 
-from ..pvecodec import format_size, parse_size
+from ..pvecodec import format_size, format_tags, parse_size
 from . import vmrunner
 from .privileges import catalogue
 from .spec import THIN_STORAGE, NodeSpec
@@ -746,7 +746,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self._check_bridge_access(user, updates)
         if updates.get("tags"):
             # every version sorts and lowercases tags on update (the datacenter default tag-style)
-            updates["tags"] = ";".join(sorted({t.lower() for t in re.split(r"[;, ]+", str(updates["tags"])) if t}))
+            updates["tags"] = format_tags(updates["tags"])
         made: list[str] = []
         try:
             for key in sorted(updates):
