@@ -272,7 +272,8 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
         return kept, ""
     from . import upstream
 
-    epochs, failures = upstream.repository_epochs(repos, settings.root / "packer" / "keys", image.release)
+    epochs, failures = upstream.repository_epochs(repos, settings.root / "packer" / "keys", image.release,
+                                                  resolve=settings.resolve)
     inputs = {UPSTREAM_PREFIX + name: epoch for name, epoch in epochs.items()}
     if not failures:
         return inputs, ""

@@ -410,12 +410,46 @@ class Vm(Strict):
 
 class Repository(Strict):
     """An upstream package repository a build takes packages from: its signed state (epoch) is part of the
-    build's identity, so a nightly rebuilds when upstream moved (image_factory.upstream)."""
+    build's identity, so a nightly rebuilds when upstream moved (image_factory.upstream).
+
+    A debian repository with its own ``key`` is an extra one (a team's own packages): the build adds it to
+    the guest, signed by that key, and installs its ``packages``; ``build_only`` removes it again before
+    the seal (a repository deployed VMs cannot or should not reach)."""
 
     kind: Literal["debian", "fedora-metalink"]
     uri: str | None = Field(default=None, description="debian: the archive root (http://deb.debian.org/debian)")
     suite: str | None = Field(default=None, description="debian: the suite (trixie, trixie-security)")
+    components: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._/-]*$")]] = Field(
+        default_factory=lambda: ["main"], min_length=1)
     repo: str | None = Field(default=None, description="fedora-metalink: the repo id (updates-released-f45)")
+    key: str | None = Field(default=None, description="debian, extra repository: its OpenPGP public key file")
+    fingerprint: str | None = Field(default=None, description="the key's pinned fingerprint (40 hex digits)")
+    packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]+$")]] = Field(default_factory=list)
+    build_only: bool = False
+
+    @field_validator("uri")
+    @classmethod
+    def _http_uri(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/%+-]*)?", v):
+            raise ValueError("must be an http(s) URL without spaces, quotes or query (http://deb.example.org/debian)")
+        return v.rstrip("/") if v else v
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_word(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._/-]*", v):
+            raise ValueError("must be a suite name (trixie, trixie-security, stable)")
+        return v
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fingerprint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        compact = v.replace(" ", "").lower()
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", compact):
+            raise ValueError("must be the key's full fingerprint (40 or 64 hex digits, spaces allowed)")
+        return compact
 
     @model_validator(mode="after")
     def _complete(self) -> Repository:
@@ -423,11 +457,42 @@ class Repository(Strict):
             raise ValueError("a debian repository needs uri and suite")
         if self.kind == "fedora-metalink" and not self.repo:
             raise ValueError("a fedora-metalink repository needs repo (for example updates-released-f45)")
+        if (self.key is None) != (self.fingerprint is None):
+            raise ValueError("key and fingerprint go together: the key file is refused unless it has the "
+                             "pinned fingerprint")
+        if self.kind != "debian" and (self.key or self.packages or self.build_only):
+            raise ValueError("key, packages and build_only are for extra debian repositories")
+        if (self.packages or self.build_only) and not self.key:
+            raise ValueError("packages and build_only need the repository's own key (an extra repository)")
+        if self.is_extra and self.on_loopback and not self.build_only:
+            raise ValueError("a repository on this machine's loopback is reachable during the build only (the "
+                             "build VM reaches it through QEMU's gateway): set build_only: true")
         return self
 
     @property
     def name(self) -> str:
         return f"{self.uri} {self.suite}" if self.kind == "debian" else f"metalink {self.repo}"
+
+    @property
+    def is_extra(self) -> bool:
+        """Not one of the release's own suites: the build adds it to the guest."""
+        return self.key is not None
+
+    @property
+    def on_loopback(self) -> bool:
+        host = re.sub(r"^https?://", "", self.uri or "").split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def slug(self) -> str:
+        """A file name for the guest's sources and keyring (factory-<host>-<suite>)."""
+        host = re.sub(r"^https?://", "", self.uri or self.repo or "").split("/", 1)[0]
+        return "factory-" + re.sub(r"[^a-z0-9]+", "-", f"{host}-{self.suite or ''}".lower()).strip("-")
 
 
 class Source(Strict):

@@ -25,7 +25,7 @@ import jinja2
 
 from . import families
 from .errors import FactoryError
-from .inventory import Image
+from .inventory import Image, Repository
 from .pvecodec import parse_size
 from .settings import Settings
 
@@ -233,6 +233,11 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
     for p in template_files(settings, image):
         key = str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p)
         inputs[f"input:{key}"] = _sha256(p.read_bytes())
+    for repo in image.upstream_repositories:
+        if repo.key:
+            key = settings.resolve(repo.key)
+            inputs[f"input:{key.relative_to(settings.root) if key.is_relative_to(settings.root) else key}"] = \
+                _sha256(key.read_bytes())
     inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
     blob = json.dumps(inputs, sort_keys=True).encode()
@@ -312,6 +317,50 @@ def _secret_dir(image: Image) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"factory-{image.name}-", dir=base))  # mkdtemp makes it 0700
 
 
+BUILD_VARS_FILE = "build-vars.json"
+# QEMU's user network: the address at which the build VM reaches this machine's loopback (as Packer's own
+# HTTP server is reached, packer_http_addr).
+BUILD_VM_HOST_GATEWAY = "10.0.2.2"
+
+
+def guest_uri(repo: Repository) -> str:
+    """A repository URI as the build VM reaches it: this machine's loopback becomes QEMU's gateway."""
+    assert repo.uri
+    if not repo.on_loopback:
+        return repo.uri
+    return re.sub(r"^(https?://)(\[[^]]+\]|[^/:]+)", rf"\g<1>{BUILD_VM_HOST_GATEWAY}", repo.uri)
+
+
+def build_vars(settings: Settings, image: Image) -> dict[str, object]:
+    """Variables for the build's playbook beyond the catalogue basics: the extra repositories to add to
+    the guest (each with its key, checked against its pinned fingerprint) and the packages to take from them."""
+    from .signatures import SignatureError, load_key_file
+
+    repos = []
+    for index, repo in enumerate(image.upstream_repositories):
+        if not repo.is_extra:
+            continue
+        assert repo.key and repo.fingerprint and repo.uri and repo.suite
+        where = f"{settings.images}: {image.name}: repositories[{index}].key"
+        path = settings.resolve(repo.key)
+        if not path.is_file():
+            raise RenderError(f"{where}: {path} does not exist")
+        try:
+            load_key_file(path, repo.fingerprint, pinned_in=f"{where[:-4]}.fingerprint")
+        except SignatureError as exc:
+            raise RenderError(f"{where}: {exc}") from None
+        repos.append({
+            "slug": repo.slug,
+            "uri": guest_uri(repo),
+            "suite": repo.suite,
+            "components": list(repo.components),
+            "key": path.read_text(encoding="utf-8"),
+            "packages": list(repo.packages),
+            "build_only": repo.build_only,
+        })
+    return {"factory_repositories": repos}
+
+
 def render_image(
     settings: Settings, image: Image, *, packer_version: tuple[int, int, int] | None = None, scratch: bool = False
 ) -> RenderResult:
@@ -377,6 +426,7 @@ def render_image(
             _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
             _write(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
             _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
+        _write(secret_dir / BUILD_VARS_FILE, json.dumps(build_vars(settings, image), indent=2) + "\n", 0o600)
         var_file = secret_dir / "build.pkrvars.hcl"
         work_dir = secret_dir / "work"
         per_build: list[tuple[str, object]] = [

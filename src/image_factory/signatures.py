@@ -53,17 +53,22 @@ def pinned_fingerprint(keys_dir: Path, key_name: str) -> str:
 
 def load_pinned_key(keys_dir: Path, key_name: str) -> Cert:
     """The vendored public key, refused unless its fingerprint is the pinned one."""
+    return load_key_file(keys_dir / key_name, pinned_fingerprint(keys_dir, key_name),
+                         pinned_in=keys_dir / FINGERPRINTS_FILE)
+
+
+def load_key_file(path: Path, fingerprint: str, *, pinned_in: Path | str = "the catalogue") -> Cert:
+    """A public key file, refused unless its fingerprint is ``fingerprint`` (hex, any case or spacing)."""
     from pysequoia import Cert
 
-    path = keys_dir / key_name
-    want = pinned_fingerprint(keys_dir, key_name)
+    want = fingerprint.replace(" ", "").lower()
     try:
         cert = Cert.from_file(str(path))
     except Exception as exc:  # pysequoia raises plain exceptions with a Rust backtrace appended
         raise SignatureError(f"{path}: not a readable OpenPGP public key: {_first_line(exc)}") from None
     if cert.fingerprint.lower() != want:
         raise SignatureError(f"{path}: fingerprint {cert.fingerprint.upper()} is not the pinned {want.upper()} "
-                             f"({keys_dir / FINGERPRINTS_FILE})")
+                             f"({pinned_in})")
     return cert
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,11 @@ from debian.debian_support import Version
 from defusedxml import ElementTree
 
 from .errors import FactoryError
-from .signatures import SignatureError, clearsigned_bytes, load_pinned_key
+from .signatures import SignatureError, clearsigned_bytes, load_key_file, load_pinned_key
 
 if TYPE_CHECKING:
+    from pysequoia import Cert
+
     from .inventory import Repository
 
 FETCH_TIMEOUT = 20.0
@@ -120,13 +122,15 @@ def _get(session: requests.Session, url: str, timeout: float) -> bytes:
 
 
 def fetch_suite(source: AptSource, keys_dir: Path, release: int, *, session: requests.Session | None = None,
-                timeout: float = FETCH_TIMEOUT) -> SuiteState:
-    """The suite's InRelease, verified against the pinned key for it (archive or security)."""
-    names = DEBIAN_KEYS.get(release)
-    if names is None:
-        raise UpstreamError(f"no Debian archive keys vendored for release {release} (have: "
-                            f"{', '.join(str(r) for r in DEBIAN_KEYS)}); vendor them in {keys_dir}")
-    cert = load_pinned_key(keys_dir, names["security" if source.is_security else "archive"])
+                timeout: float = FETCH_TIMEOUT, cert: Cert | None = None) -> SuiteState:
+    """The suite's InRelease, verified against ``cert`` (an extra repository's own key) or else the
+    release's pinned key for it (archive or security)."""
+    if cert is None:
+        names = DEBIAN_KEYS.get(release)
+        if names is None:
+            raise UpstreamError(f"no Debian archive keys vendored for release {release} (have: "
+                                f"{', '.join(str(r) for r in DEBIAN_KEYS)}); vendor them in {keys_dir}")
+        cert = load_pinned_key(keys_dir, names["security" if source.is_security else "archive"])
     url = f"{source.uri}/dists/{source.suite}/InRelease"
     data = _get(session or requests.Session(), url, timeout)
     signed = clearsigned_bytes(data, cert, what=url)
@@ -213,21 +217,32 @@ def fedora_repo_epoch(repo: str, *, session: requests.Session | None = None, tim
     raise UpstreamError(f"{url}: no repomd.xml timestamp and sha256 in the metalink (repo {repo!r} unknown?)")
 
 
-def debian_suite_epoch(repo: Repository, keys_dir: Path, release: int, *, session: requests.Session | None = None,
-                       timeout: float = EPOCH_TIMEOUT) -> str:
-    """The suite's signed InRelease: its Date and the sha256 of its signed bytes."""
+def repository_cert(repo: Repository, resolve: Callable[[str], Path]) -> Cert | None:
+    """An extra repository's own key (checked against its pinned fingerprint); None for the release's suites."""
+    if repo.key is None or repo.fingerprint is None:
+        return None
+    return load_key_file(resolve(repo.key), repo.fingerprint, pinned_in=f"the catalogue entry of {repo.name}")
+
+
+def repository_source(repo: Repository) -> AptSource:
     assert repo.uri and repo.suite
-    source = AptSource(repo.uri.rstrip("/"), repo.suite, ("main",))
-    state = fetch_suite(source, keys_dir, release, session=session, timeout=timeout)
+    return AptSource(repo.uri.rstrip("/"), repo.suite, tuple(repo.components))
+
+
+def debian_suite_epoch(repo: Repository, keys_dir: Path, release: int, *, session: requests.Session | None = None,
+                       timeout: float = EPOCH_TIMEOUT, resolve: Callable[[str], Path] = Path) -> str:
+    """The suite's signed InRelease: its Date and the sha256 of its signed bytes."""
+    state = fetch_suite(repository_source(repo), keys_dir, release, session=session, timeout=timeout,
+                        cert=repository_cert(repo, resolve))
     return f"InRelease {state.date} sha256:{state.sha256}"
 
 
-def repository_epochs(repos: list[Repository], keys_dir: Path, release: int, *,
-                      timeout: float = EPOCH_TIMEOUT) -> tuple[dict[str, str], dict[str, str]]:
+def repository_epochs(repos: list[Repository], keys_dir: Path, release: int, *, timeout: float = EPOCH_TIMEOUT,
+                      resolve: Callable[[str], Path] = Path) -> tuple[dict[str, str], dict[str, str]]:
     """(name -> epoch, name -> why it could not be read), every repository fetched at once."""
     def one(repo: Repository) -> str:
         if repo.kind == "debian":
-            return debian_suite_epoch(repo, keys_dir, release, timeout=timeout)
+            return debian_suite_epoch(repo, keys_dir, release, timeout=timeout, resolve=resolve)
         assert repo.repo
         return fedora_repo_epoch(repo.repo, timeout=timeout)
 

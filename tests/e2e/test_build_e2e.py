@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from debian.debian_support import Version
 
-from image_factory import build, render
+from image_factory import build, imagetest, render
 from image_factory.inventory import load_site
+from image_factory.lab.baseimage import describe
 from image_factory.manifest import load, sha256_file
 from image_factory.settings import Settings
 
@@ -100,8 +102,8 @@ def test_real_build_cache_hit_and_force(settings: Settings, recording_packer: Pa
     assert "cache hit" in proc.stderr
     assert recording_packer.read_text() == ""
 
-    # --force: a real rebuild with the real packer, this time with stock Ansible (the KVM default),
-    # so both provisioner strategies run for real; the new manifest matches the new file.
+    # --force: a real build with the real packer, this time with stock Ansible (the KVM default), so both
+    # provisioner strategies run for real; the new manifest matches the new file.
     forced = build.build_image(settings, image, force=True, ansible_strategy="linear")
     assert forced.status == "built" and forced.reason == "--force"
     assert forced.manifest is not None and forced.manifest.ansible_strategy == "linear"
@@ -116,3 +118,27 @@ def test_real_build_cache_hit_and_force(settings: Settings, recording_packer: Pa
         if p.is_file() and p.suffix != ".qcow2":
             assert b"PRIVATE KEY" not in p.read_bytes(), p
     assert stat.S_IMODE((build_dir / "manifest.json").stat().st_mode) & 0o400
+
+
+def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Settings) -> None:
+    """From the release suite's packages only: the build upgrades from trixie-updates and trixie-security,
+    reboots into the newer kernel when they hold one (the base image's stamp says whether they do), and the
+    image suites (updates, newest kernel booted, hygiene) pass on the result."""
+    image = load_site(settings.inventory, settings.images).images["debian-lab-release"]
+    outcome = build.build_image(settings, image)
+    assert outcome.status in ("built", "cached") and outcome.manifest is not None
+    kernels = describe(settings).get("kernels", {})
+    assert isinstance(kernels, dict) and len(kernels) == 2, "the base image stamp records both kernels"
+    assert outcome.log is not None
+    log = outcome.log.read_text()
+    if outcome.status == "built":
+        rebooted = "Check that the guest runs a new boot" in log and "Stop sshd and reboot" in log
+        kernel_moved = kernels["debian-13-release.qcow2"] != kernels["debian-13-base.qcow2"]
+        if kernel_moved:
+            assert rebooted, f"the updates hold a newer kernel ({kernels}), but the build did not reboot into it"
+    result = imagetest.test_image(settings, image, outcome.build_dir)
+    assert result.status == "passed", result.failures
+    m = load(outcome.build_dir)
+    assert m is not None and m.contents is not None
+    # at least the kernel the updates held when the base image was made (upstream may have moved since)
+    assert Version(m.contents["kernel"]) >= Version(kernels["debian-13-base.qcow2"]), (m.contents["kernel"], kernels)

@@ -57,6 +57,8 @@ def _fake_cached(settings: Settings, content: bytes = b"qcow2 bytes") -> bi.Base
     p.dir.mkdir(parents=True)
     p.image.write_bytes(content)
     p.sha256.write_text(f"{sha256_file(p.image)}  {bi.IMAGE_NAME}\n")
+    p.release_image.write_bytes(b"release " + content)
+    p.release_sha256.write_text(f"{sha256_file(p.release_image)}  {bi.RELEASE_IMAGE_NAME}\n")
     p.recipe.write_text(json.dumps({"recipe_hash": bi.recipe_hash()}))
     return p
 
@@ -69,6 +71,12 @@ def test_cache_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p.image.write_bytes(b"qcow2 bytez")  # same size, different content
     assert bi.cache_state(settings) == "sha256 mismatch (corrupted)"
     p.image.write_bytes(b"qcow2 bytes")
+    p.release_image.write_bytes(b"release qcow2 bytez")  # the variant is checked as well
+    assert bi.cache_state(settings) == "sha256 mismatch (corrupted)"
+    p.release_image.write_bytes(b"release qcow2 bytes")
+    p.release_sha256.unlink()
+    assert bi.cache_state(settings) == "checksum file missing or malformed"
+    p.release_sha256.write_text(f"{sha256_file(p.release_image)}  {bi.RELEASE_IMAGE_NAME}\n")
     monkeypatch.setitem(bi.FILES, "etc/hostname", "changed\n")
     assert bi.cache_state(settings) == "recipe changed"
     monkeypatch.undo()
@@ -97,6 +105,17 @@ def test_recipe_hash_covers_packages_and_grub(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.undo()
     monkeypatch.setattr(bi, "GRUB_CFG", bi.GRUB_CFG + "# x\n")
     assert bi.recipe_hash() != h
+
+
+def test_newest_kernel_in_debian_version_order(tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    for version in ("6.12.99+deb13-cloud-amd64", "6.12.118+deb13-cloud-amd64", "6.12.100+deb13-cloud-amd64"):
+        (boot / f"vmlinuz-{version}").write_text("k")
+        (boot / f"initrd.img-{version}").write_text("i")
+    kernel, initrd = bi.kernel_and_initrd(tmp_path)
+    assert kernel.name == "vmlinuz-6.12.118+deb13-cloud-amd64"
+    assert initrd.name == "initrd.img-6.12.118+deb13-cloud-amd64"
 
 
 def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ vendored into a scratch repository and pinned there by fingerprint, exactly as p
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,31 +15,16 @@ import pytest
 from fakepve.certs import make_cert
 
 from image_factory import fedora_media as fm
+from image_factory.lab.aptrepo import clearsign, generate_key, public_key
 from image_factory.settings import REPO_ROOT
 from image_factory.signatures import SignatureError, clearsigned_bytes, load_pinned_key
 
 pytestmark = pytest.mark.unit
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import pysequoia
-
 CLOUD = "Fedora-Cloud-Base-Generic-45-1.3.x86_64.qcow2"
 UKI = "Fedora-Cloud-Base-UKI-45-1.3.x86_64.qcow2"
 ISO = "Fedora-Everything-netinst-x86_64-45-1.3.iso"
 CLOUD_SUM, ISO_SUM = "a" * 64, "b" * 64
-
-
-def _cert(uid: str) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pysequoia.Cert.generate(uid)
-
-
-def clearsign(cert: Any, text: str) -> bytes:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
 
 
 def checksum_text(name: str, digest: str) -> str:
@@ -66,15 +50,10 @@ def repo(tmp_path: Path) -> tuple[Path, Any]:
     root = tmp_path / "repo"
     (root / "packer/keys").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "packer/images.yml", root / "packer/images.yml")
-    signer = _cert("Fedora (45) <fedora-45-primary@fedoraproject.org>")
-    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(_public(signer)))
+    signer = generate_key("Fedora (45) <fedora-45-primary@fedoraproject.org>")
+    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(public_key(signer)))
     (root / "packer/keys/fingerprints.yml").write_text(f"{fm.release_key_name(45)}: {signer.fingerprint.upper()}\n")
     return root, signer
-
-
-def _public(cert: Any) -> Any:
-    """The certificate without its secret key material, as Fedora publishes it."""
-    return pysequoia.Cert.from_bytes(str(cert).encode())
 
 
 def publish_release(base: str, files: Files, signer: Any, *, cloud: bytes | None = None, iso: bytes | None = None,
@@ -136,7 +115,7 @@ def test_refresh_refuses_and_writes_nothing(server: Any, repo: Any, attack: str)
     good = clearsign(signer, checksum_text(CLOUD, CLOUD_SUM))
     cloud = {
         "forged-lines-outside": b"SHA256 (" + CLOUD.encode() + b") = " + b"f" * 64 + b"\n" + good,
-        "wrong-key": clearsign(_cert("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
+        "wrong-key": clearsign(generate_key("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
         "bad-signature": good.replace(CLOUD_SUM.encode(), b"e" * 64),
         "unsigned": checksum_text(CLOUD, CLOUD_SUM).encode(),
         "releases-json-disagrees": clearsign(signer, checksum_text(CLOUD, "d" * 64)),
@@ -168,8 +147,8 @@ def test_vendored_fedora_keys_match_their_pins() -> None:
 
 def test_a_key_whose_fingerprint_is_not_the_pin_is_refused(repo: Any) -> None:
     root, _ = repo
-    other = _cert("Fedora (45) <fedora-45-primary@fedoraproject.org>")
-    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(_public(other)))
+    other = generate_key("Fedora (45) <fedora-45-primary@fedoraproject.org>")
+    (root / "packer/keys" / fm.release_key_name(45)).write_text(str(public_key(other)))
     with pytest.raises(SignatureError, match="is not the pinned"):
         fm.release_key(root, 45)
 
@@ -177,7 +156,7 @@ def test_a_key_whose_fingerprint_is_not_the_pin_is_refused(repo: Any) -> None:
 def test_only_the_signed_bytes_are_returned(repo: Any) -> None:
     _, signer = repo
     signed = clearsign(signer, "inside\n")
-    assert clearsigned_bytes(signed, _public(signer), what="x") == b"inside\n"
+    assert clearsigned_bytes(signed, public_key(signer), what="x") == b"inside\n"
 
 
 # ------------------------------------------------------------------ build time: a remote file: checksum
@@ -205,7 +184,7 @@ def test_build_hands_packer_only_a_signed_sha256(server: Any, repo: Any, tmp_pat
     good = clearsign(signer, checksum_text(CLOUD, CLOUD_SUM))
     cloud = {None: good,
              "forged-lines-outside": b"SHA256 (" + CLOUD.encode() + b") = " + b"f" * 64 + b"\n" + good,
-             "wrong-key": clearsign(_cert("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
+             "wrong-key": clearsign(generate_key("Mallory <m@example.org>"), checksum_text(CLOUD, CLOUD_SUM)),
              "unsigned": checksum_text(CLOUD, CLOUD_SUM).encode()}[attack]
     publish_release(base, files, signer, cloud=cloud)
     var_file = tmp_path / "build.pkrvars.hcl"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,28 +11,12 @@ from typing import Any
 import pytest
 
 from image_factory import upstream
+from image_factory.lab.aptrepo import clearsign, generate_key, public_key
 from image_factory.settings import REPO_ROOT
 from image_factory.signatures import SignatureError, load_pinned_key
 from image_factory.upstream import AptSource, UpstreamError
 
 pytestmark = pytest.mark.unit
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import pysequoia
-
-
-def _cert(uid: str) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pysequoia.Cert.generate(uid)
-
-
-def _clearsign(cert: Any, text: str) -> bytes:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
-
 
 @pytest.fixture
 def archive(tmp_path: Path, loopback_http: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -46,9 +29,9 @@ def archive(tmp_path: Path, loopback_http: Any) -> Iterator[tuple[str, dict[str,
 def keys(tmp_path: Path) -> tuple[Path, Any, Any]:
     d = tmp_path / "keys"
     d.mkdir()
-    archive_key, security_key = _cert("archive <a@example>"), _cert("security <s@example>")
+    archive_key, security_key = generate_key("archive <a@example>"), generate_key("security <s@example>")
     for name, cert in (("debian-13-archive.asc", archive_key), ("debian-13-security.asc", security_key)):
-        (d / name).write_text(str(pysequoia.Cert.from_bytes(str(cert).encode())))
+        (d / name).write_text(str(public_key(cert)))
     (d / "fingerprints.yml").write_text(
         f"debian-13-archive.asc: {archive_key.fingerprint}\ndebian-13-security.asc: {security_key.fingerprint}\n")
     return d, archive_key, security_key
@@ -64,7 +47,7 @@ def publish_suite(base: str, files: dict[str, bytes], suite: str, signer: Any, i
     prefix = base.split("/", 3)[3]
     release = (f"Origin: Debian\nSuite: {suite}\nDate: {date}\nSHA256:\n"
                f" {index_sha or hashlib.sha256(index).hexdigest()} {len(index)} main/binary-amd64/Packages.xz\n")
-    files[f"/{prefix}/dists/{suite}/InRelease"] = _clearsign(signer, release)
+    files[f"/{prefix}/dists/{suite}/InRelease"] = clearsign(signer, release)
     files[f"/{prefix}/dists/{suite}/main/binary-amd64/Packages.xz"] = index
 
 
@@ -116,7 +99,7 @@ def test_what_the_signed_index_does_not_vouch_for_is_refused(archive: Any, keys:
     base, files = archive
     keys_dir, archive_key, _ = keys
     good = packages_xz(("openssl", "3.5.1-1"))
-    signer = _cert("mallory <m@example>") if attack == "other-key" else archive_key
+    signer = generate_key("mallory <m@example>") if attack == "other-key" else archive_key
     publish_suite(base, files, "trixie", signer, good)
     path = f"/{base.split('/', 3)[3]}/dists/trixie"
     if attack == "forged-lines":

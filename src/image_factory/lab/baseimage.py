@@ -48,6 +48,11 @@ from ..settings import Settings
 
 SUITE = "trixie"
 IMAGE_NAME = "debian-13-base.qcow2"
+# The same system with the release suite's packages only, as the release's own cloud image: a build from it
+# upgrades from the updates and security suites, a newer kernel included, and reboots into it (what every
+# Fedora build does). The current image is what a vendor's refreshed cloud image is: a build from it applies
+# only what the suites published since, and reboots only when that includes a kernel.
+RELEASE_IMAGE_NAME = "debian-13-release.qcow2"
 RECIPE_NAME = "debian-13-base.recipe.json"
 DISK_SIZE_MIB = 2048
 PART_START_MIB = 1
@@ -188,11 +193,14 @@ class BasePaths:
     sha256: Path
     recipe: Path
     debs: Path
+    release_image: Path
+    release_sha256: Path
 
 
 def base_paths(settings: Settings) -> BasePaths:
     d = settings.builds_dir / "base"
-    return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, settings.cache_dir / "debs")
+    return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, settings.cache_dir / "debs",
+                     d / RELEASE_IMAGE_NAME, d / f"{RELEASE_IMAGE_NAME}.sha256")
 
 
 def recipe() -> dict[str, object]:
@@ -208,6 +216,7 @@ def recipe() -> dict[str, object]:
         "part_start_mib": PART_START_MIB,
         "uuid": ROOT_FS_UUID,
         "cleanup": CLEANUP_VERSION,
+        "variants": {IMAGE_NAME: "release + updates + security, one kernel", RELEASE_IMAGE_NAME: "release only"},
     }
 
 
@@ -215,23 +224,24 @@ def recipe_hash() -> str:
     return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()
 
 
-def read_sha256_file(path: Path) -> str | None:
+def read_sha256_file(path: Path, name: str = IMAGE_NAME) -> str | None:
     """The hex digest from a ``sha256sum`` line ("<hex>  <name>"), or None if absent/garbled."""
     try:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
         return None
-    m = re.match(r"^([0-9a-f]{64}) [ *]" + re.escape(IMAGE_NAME) + r"\s*$", text)
+    m = re.match(r"^([0-9a-f]{64}) [ *]" + re.escape(name) + r"\s*$", text)
     return m.group(1) if m else None
 
 
 def cache_state(settings: Settings) -> str:
     """'ok', or why the base image must be (re)built."""
     p = base_paths(settings)
-    if not p.image.is_file():
+    if not p.image.is_file() or not p.release_image.is_file():
         return "missing"
     recorded = read_sha256_file(p.sha256)
-    if recorded is None:
+    release_recorded = read_sha256_file(p.release_sha256, RELEASE_IMAGE_NAME)
+    if recorded is None or release_recorded is None:
         return "checksum file missing or malformed"
     try:
         stamp = json.loads(p.recipe.read_text(encoding="utf-8"))
@@ -239,7 +249,7 @@ def cache_state(settings: Settings) -> str:
         return "recipe stamp missing"
     if stamp.get("recipe_hash") != recipe_hash():
         return "recipe changed"
-    if sha256_file(p.image) != recorded:
+    if sha256_file(p.image) != recorded or sha256_file(p.release_image) != release_recorded:
         return "sha256 mismatch (corrupted)"
     return "ok"
 
@@ -273,27 +283,41 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         with _locked(p.debs / ".lock"):  # another clone may be filling the same cache
             _debootstrap(root, mirror, p.debs, work / "debootstrap.log")
         figures["debootstrap_s"] = round(time.monotonic() - t0, 1)
-        _configure(root, mirror)
+        release_root = work / "release-root"
+        _run(["cp", "-a", "--reflink=auto", str(root), str(release_root)], "copying the release tree")
         t0 = time.monotonic()
-        core_img, boot_img = _prepare_grub(root)
-        raw = work / "disk.raw"
-        _make_disk(root, work, raw)
-        embed_grub(raw, boot_img, core_img, PART_START_MIB * 2048)
-        _check_fs(raw)
-        figures["disk_s"] = round(time.monotonic() - t0, 1)
-        t0 = time.monotonic()
-        qcow = work / IMAGE_NAME
-        # Not compressed: it never leaves this machine, and -c costs ~15 s here.
-        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], "qemu-img convert")
-        figures["convert_s"] = round(time.monotonic() - t0, 1)
-        digest = sha256_file(qcow)
+        _apply_updates(root, mirror, work / "updates.log")
+        figures["updates_s"] = round(time.monotonic() - t0, 1)
+        made: dict[str, tuple[Path, str]] = {}
+        kernels: dict[str, str] = {}
+        for tree, name in ((root, IMAGE_NAME), (release_root, RELEASE_IMAGE_NAME)):
+            kernels[name] = kernel_and_initrd(tree)[0].name.removeprefix("vmlinuz-")
+            _configure(tree, mirror)
+            t0 = time.monotonic()
+            core_img, boot_img = _prepare_grub(tree)
+            raw = work / "disk.raw"
+            _make_disk(tree, work, raw)
+            embed_grub(raw, boot_img, core_img, PART_START_MIB * 2048)
+            _check_fs(raw)
+            figures[f"disk_s:{name}"] = round(time.monotonic() - t0, 1)
+            t0 = time.monotonic()
+            qcow = work / name
+            # Not compressed: it never leaves this machine, and -c costs ~15 s here.
+            _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], "qemu-img convert")
+            raw.unlink()
+            figures[f"convert_s:{name}"] = round(time.monotonic() - t0, 1)
+            made[name] = (qcow, sha256_file(qcow))
         # Publish: stamp removed first, written last, so a crash in between means "rebuild".
         p.recipe.unlink(missing_ok=True)
-        os.replace(qcow, p.image)
-        write_atomic(p.sha256, f"{digest}  {IMAGE_NAME}\n")
+        for name, target, checksum in ((IMAGE_NAME, p.image, p.sha256),
+                                       (RELEASE_IMAGE_NAME, p.release_image, p.release_sha256)):
+            os.replace(made[name][0], target)
+            write_atomic(checksum, f"{made[name][1]}  {name}\n")
         stamp = {
             "recipe_hash": recipe_hash(),
-            "sha256": digest,
+            "sha256": made[IMAGE_NAME][1],
+            "release_sha256": made[RELEASE_IMAGE_NAME][1],
+            "kernels": kernels,
             "mirror": mirror,
             "size": p.image.stat().st_size,
             "virtual_size": DISK_SIZE_MIB * 1024 * 1024,
@@ -439,12 +463,52 @@ def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
     (root / DPKG_UNSAFE_IO).unlink()
 
 
-def _configure(root: Path, mirror: str) -> None:
-    _write_files(root, FILES)
+def _sources_list(root: Path, mirror: str) -> None:
     (root / "etc/apt/sources.list").write_text(
         f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n"
         f"deb {security_mirror(mirror)} {SUITE}-security main\n", encoding="utf-8"
     )
+
+
+# The chroot's services must not start (a policy-rc.d that refuses every action, removed afterwards).
+POLICY_RC_D = "usr/sbin/policy-rc.d"
+
+
+def _apply_updates(root: Path, mirror: str, log: Path) -> None:
+    """The updates and security suites applied in the chroot, at this machine's native speed, and the
+    kernel they replaced purged: one kernel, as in a fresh install."""
+    _sources_list(root, mirror)
+    (root / POLICY_RC_D).write_text("#!/bin/sh\nexit 101\n", encoding="utf-8")
+    (root / POLICY_RC_D).chmod(0o755)
+    mounts = [(["mount", "-t", "proc", "proc"], root / "proc"), (["mount", "-t", "sysfs", "sysfs"], root / "sys"),
+              (["mount", "--bind", "/dev"], root / "dev")]
+    mounted: list[Path] = []
+    apt = ["chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8", "apt-get", "-q", "-y",
+           "-o", "Dpkg::Options::=--force-unsafe-io", "-o", "Dpkg::Options::=--force-confdef",
+           "-o", "Dpkg::Options::=--force-confold"]  # fmt: skip
+    try:
+        for cmd, where in mounts:
+            _run([*cmd, str(where)], f"mounting {where.name} in the chroot")
+            mounted.append(where)
+        console.print(f"applying {SUITE}-updates and {SUITE}-security ...")
+        _run([*apt, "update"], "apt-get update in the chroot", log)
+        _run([*apt, "dist-upgrade"], "apt-get dist-upgrade in the chroot", log)
+        newest = kernel_and_initrd(root)[0].name.removeprefix("vmlinuz-")
+        listed = subprocess.run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n",
+                                 "linux-image-[0-9]*"], capture_output=True, text=True, check=False).stdout
+        old = [line.split()[0] for line in listed.splitlines()
+               if line.endswith(" installed") and line.split()[0] != f"linux-image-{newest}"]
+        if old:
+            _run([*apt, "purge", *old], "purging the replaced kernel", log)
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", "-l", str(where)], check=False)
+        (root / POLICY_RC_D).unlink(missing_ok=True)
+
+
+def _configure(root: Path, mirror: str) -> None:
+    _write_files(root, FILES)
+    _sources_list(root, mirror)
     # Root password locked (also for `passwd -S`), no build user exists.
     shadow = root / "etc/shadow"
     lines = shadow.read_text(encoding="utf-8").splitlines()
@@ -514,7 +578,10 @@ def _copy_sparse(src: Path, dst: Path, offset: int, chunk: int = 1024 * 1024) ->
 
 
 def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
-    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    """The newest kernel in ROOT/boot (Debian version order) and its initrd."""
+    from debian.debian_support import Version
+
+    kernels = sorted((root / "boot").glob("vmlinuz-*"), key=lambda k: Version(k.name.removeprefix("vmlinuz-")))
     if not kernels:
         raise BaseImageError(f"base image: no kernel in {root}/boot (linux-image-cloud-amd64 missing?)")
     k = kernels[-1]
