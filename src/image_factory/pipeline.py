@@ -15,7 +15,7 @@ from typing import Any
 from . import contents
 from .console import console, styled
 from .errors import FactoryError
-from .inventory import Site
+from .inventory import Image, Site
 from .settings import Settings
 
 
@@ -57,6 +57,17 @@ def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("to_build") == build_id else None
 
 
+def _security_updates(settings: Settings, image: Image, changes: dict[str, Any]) -> list[str] | str:
+    """Which of the changes are security fixes (Debian: the versions a -security suite ships), or why unknown."""
+    from . import upstream
+
+    try:
+        return upstream.security_updates(changes, image.upstream_repositories, settings.root / "packer" / "keys",
+                                         image.release, resolve=settings.resolve)
+    except FactoryError as exc:
+        return f"unknown: {exc}"
+
+
 def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -81,6 +92,9 @@ def markdown_summary(report: PipelineReport) -> str:
             details += [f"- removed {p}" for p in changes.get("removed", [])]
             if not (changes.get("changed") or changes.get("added") or changes.get("removed")):
                 details.append("- no package changed")
+            security = run.build.get("security_updates")
+            if security:
+                details += ["", "Security fixes: " + (security if isinstance(security, str) else ", ".join(security))]
         for h in (run.publish or {}).get("hosts", []):
             details += [f"- {run.image} on {h['host']}: {note}" for note in h.get("notes", [])]
         if run.error:
@@ -164,7 +178,9 @@ def run_pipeline(
                 }
                 m = manifest.require(outcome.build_dir)
             run.durations["test"] = round(time.monotonic() - t0, 1)
-            run.build["package_changes"] = _package_changes(outcome.build_dir, m.build_id)
+            run.build["package_changes"] = changes = _package_changes(outcome.build_dir, m.build_id)
+            if changes and not offline:
+                run.build["security_updates"] = _security_updates(settings, image, changes)
             if not m.tested_ok():
                 failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
                 raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")

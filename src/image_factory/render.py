@@ -230,14 +230,11 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
     inputs: dict[str, str] = {}
     for p in rendered:
         inputs[f"rendered:{p.relative_to(out_dir)}"] = _sha256(p.read_bytes())
-    for p in template_files(settings, image):
+    # the extra repositories' keys too: a new key is a new build, even under the same catalogue text
+    keys = [settings.resolve(repo.key) for repo in image.upstream_repositories if repo.key]
+    for p in [*template_files(settings, image), *keys]:
         key = str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p)
         inputs[f"input:{key}"] = _sha256(p.read_bytes())
-    for repo in image.upstream_repositories:
-        if repo.key:
-            key = settings.resolve(repo.key)
-            inputs[f"input:{key.relative_to(settings.root) if key.is_relative_to(settings.root) else key}"] = \
-                _sha256(key.read_bytes())
     inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
     blob = json.dumps(inputs, sort_keys=True).encode()

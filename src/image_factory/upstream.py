@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 from debian.deb822 import Release
@@ -258,3 +258,22 @@ def repository_epochs(repos: list[Repository], keys_dir: Path, release: int, *, 
             except FactoryError as exc:
                 failures[name] = str(exc)
     return epochs, failures
+
+
+def security_updates(changes: dict[str, Any], repos: list[Repository], keys_dir: Path, release: int, *,
+                     arch: str = "amd64", resolve: Callable[[str], Path] = Path) -> list[str]:
+    """Of a build's package changes (contents.PackageDiff.to_dict), the versions a security suite of the
+    image's repositories ships: the security fixes this build brought ("openssl 3.5.1-1+deb13u1 (trixie-security)")."""
+    new = {c["name"]: c["to"] for c in changes.get("changed", [])}
+    new.update(entry.split(" ", 1) for entry in changes.get("added", []) if " " in entry)
+    found: list[str] = []
+    for repo in repos:
+        if repo.kind != "debian" or not new:
+            continue
+        source = repository_source(repo)
+        if not source.is_security:
+            continue
+        offers = offered_versions(fetch_suite(source, keys_dir, release, cert=repository_cert(repo, resolve)), arch)
+        found += [f"{name} {version} ({source.suite})" for name, version in sorted(new.items())
+                  if name in offers and str(offers[name]) == version]
+    return found

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import load_site
+from image_factory.inventory import Repository, load_site
 from image_factory.settings import REPO_ROOT
 
 pytestmark = pytest.mark.unit
@@ -292,3 +293,30 @@ def test_every_downloaded_image_has_an_eol_date() -> None:
     assert all(img.eol is not None for img in site.images.values())
     assert {"fedora-44", "fedora-44-iso", "fedora-45", "fedora-45-iso"} <= set(site.images)
     assert not {"fedora-41", "fedora-42"} & set(site.images)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"key": "team.asc"}, "key and fingerprint go together"),
+    ({"packages": ["team-agent"]}, "need the repository's own key"),
+    ({"key": "team.asc", "fingerprint": "ab" * 20, "uri": "http://localhost:8080/team"},
+     "loopback is reachable during the build only"),
+    ({"key": "team.asc", "fingerprint": "xyz"}, "full fingerprint"),
+    ({"uri": "http://deb.example.org/debian stable main"}, "http\\(s\\) URL"),
+    ({"suite": "stable;reboot"}, "suite name"),
+    ({"key": "team.asc", "fingerprint": "ab" * 20, "packages": ["Bad Name"]}, "String should match pattern"),
+])
+def test_extra_repository_is_refused_with_the_reason(fields: dict[str, object], message: str) -> None:
+    base = {"kind": "debian", "uri": "http://deb.example.org/team", "suite": "stable"}
+    with pytest.raises(ValidationError, match=message):
+        Repository.model_validate({**base, **fields})
+
+
+def test_extra_repository_on_loopback_is_build_only_and_named_for_its_host_and_suite() -> None:
+    repo = Repository.model_validate({"kind": "debian", "uri": "http://127.0.0.2:8080/team/", "suite": "stable",
+                                      "key": "team.asc", "fingerprint": "AB " * 20, "packages": ["team-agent"],
+                                      "build_only": True})
+    assert repo.on_loopback and repo.is_extra and repo.uri == "http://127.0.0.2:8080/team"
+    assert repo.fingerprint == "ab" * 20
+    assert repo.slug == "factory-127-0-0-2-8080-stable"
+    plain = Repository.model_validate({"kind": "debian", "uri": "http://deb.debian.org/debian", "suite": "trixie"})
+    assert not plain.is_extra and not plain.on_loopback and plain.components == ["main"]

@@ -157,7 +157,8 @@ def test_markdown_summary_shows_why_what_changed_and_each_hosts_action() -> None
     ok = ImageRun("debian-lab", status="ok", build={
         "status": "built", "reason": "inputs changed: upstream:http://deb.debian.org/debian-security trixie-security",
         "package_changes": {"from_build": "b1", "to_build": "b2", "added": [], "removed": [],
-                            "changed": [{"name": "openssl", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}]}},
+                            "changed": [{"name": "openssl", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"}]},
+        "security_updates": ["openssl 3.5.1-1+deb13u1 (trixie-security)"]},
         tests={"status": "passed"},
         publish={"hosts": [{"host": "pve-mgmt", "action": "created", "template_vmid": 9001,
                             "pruned": [{"vmid": 9000}], "notes": []},
@@ -170,6 +171,7 @@ def test_markdown_summary_shows_why_what_changed_and_each_hosts_action() -> None
             "trixie-security | passed | pve-mgmt: created 9001, pruned 1, pve-tenant: unchanged 9000 |") in text
     assert "| fedora-45 | failed at build | - |  | - | - |" in text
     assert "- openssl: 3.5.1-1 → 3.5.1-1+deb13u1" in text
+    assert "Security fixes: openssl 3.5.1-1+deb13u1 (trixie-security)" in text
     assert "- debian-lab on pve-tenant: no new template: same packages" in text
     assert "**fedora-45 failed at build:** source | checksum\nmismatch" in text
 

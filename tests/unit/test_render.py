@@ -5,6 +5,7 @@ The validation tests run the real tools (Debian's packer, pykickstart's ksvalida
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -14,6 +15,7 @@ import pytest
 
 from image_factory import render
 from image_factory.inventory import Image, load_site
+from image_factory.lab.aptrepo import generate_key, public_key
 from image_factory.settings import REPO_ROOT, Settings
 
 pytestmark = pytest.mark.unit
@@ -300,3 +302,52 @@ def test_a_missing_ovmf_names_the_package(tmp_path: Path) -> None:
     copy = firmware.private_vars(tmp_path / "work", variables)
     assert copy.read_bytes() == b"v" and oct(copy.stat().st_mode & 0o777) == "0o600"
     assert firmware.qemu_args(code, copy)[1].endswith(f"readonly=on,file={code}")
+
+
+def _with_extra_repository(image: Image, tmp_path: Path, key_text: str, fingerprint: str, **extra: object) -> Image:
+    key = tmp_path / "team.asc"
+    key.write_text(key_text)
+    repo = {"kind": "debian", "uri": "http://127.0.0.1:8080/team", "suite": "stable", "key": str(key),
+            "fingerprint": fingerprint, "packages": ["team-agent"], "build_only": True, **extra}
+    return Image.model_validate({**image.model_dump(), "repositories": [repo]})
+
+
+def test_extra_repository_reaches_the_build_vm_with_its_key(repo: Settings, catalogue: dict[str, Image],
+                                                            tmp_path: Path) -> None:
+    signer = generate_key("Team <team@example.org>")
+    image = _with_extra_repository(catalogue["debian-lab"], tmp_path, str(public_key(signer)), signer.fingerprint)
+    result = _render(repo, image)
+    try:
+        data = json.loads((result.secret_dir / render.BUILD_VARS_FILE).read_text())
+        (extra,) = data["factory_repositories"]
+        # loopback on this machine is QEMU's gateway for the build VM
+        assert extra["uri"] == "http://10.0.2.2:8080/team" and extra["suite"] == "stable"
+        assert extra["packages"] == ["team-agent"] and extra["build_only"] is True
+        assert extra["key"].startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+        assert "PRIVATE" not in extra["key"]
+        assert f'"@${{var.secret_dir}}/{render.BUILD_VARS_FILE}"' in result.hcl.read_text()
+        assert any(k.startswith("input:") and k.endswith("team.asc") for k in result.inputs)
+    finally:
+        result.cleanup()
+    # another key under the same name is another build
+    other = generate_key("Team <team@example.org>")
+    (tmp_path / "team.asc").write_text(str(public_key(other)))
+    image = _with_extra_repository(catalogue["debian-lab"], tmp_path, str(public_key(other)), other.fingerprint)
+    again = _render(repo, image)
+    again.cleanup()
+    assert again.fingerprint != result.fingerprint
+
+
+def test_extra_repository_key_must_have_the_pinned_fingerprint(repo: Settings, catalogue: dict[str, Image],
+                                                               tmp_path: Path) -> None:
+    signer, mallory = generate_key("Team <team@example.org>"), generate_key("Mallory <m@example.org>")
+    image = _with_extra_repository(catalogue["debian-lab"], tmp_path, str(public_key(mallory)), signer.fingerprint)
+    before = set((repo.builds_dir).rglob("*")) if repo.builds_dir.exists() else set()
+    with pytest.raises(render.RenderError, match=r"repositories\[0\]\.key: .*team\.asc: fingerprint .* is not the "
+                                                 r"pinned"):
+        _render(repo, image)
+    after = set((repo.builds_dir).rglob("*")) if repo.builds_dir.exists() else set()
+    assert after == before, "nothing written for a refused key"
+    (tmp_path / "team.asc").unlink()
+    with pytest.raises(render.RenderError, match=r"repositories\[0\]\.key: .*team\.asc does not exist"):
+        _render(repo, image)

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from image_factory import upstream
-from image_factory.lab.aptrepo import clearsign, generate_key, public_key
+from image_factory.inventory import Repository
+from image_factory.lab.aptrepo import AptRepo, clearsign, generate_key, public_key
 from image_factory.settings import REPO_ROOT
 from image_factory.signatures import SignatureError, load_pinned_key
 from image_factory.upstream import AptSource, UpstreamError
@@ -171,3 +172,42 @@ def test_epochs_are_fetched_together_and_a_failure_is_named(archive: Any, keys: 
     assert list(epochs) == [f"{base} trixie"] and epochs[f"{base} trixie"].startswith(
         "InRelease Thu, 26 Nov 2026 21:03:36 UTC sha256:")
     assert list(failures) == [f"{base} trixie-gone"] and "HTTP 404" in failures[f"{base} trixie-gone"]
+
+
+def test_lab_repository_is_read_like_an_archive_suite_with_its_own_key(tmp_path: Path) -> None:
+    """The lab's apt repository (real .deb files, signed InRelease) through the product's reader."""
+    lab = AptRepo(tmp_path, suite="canary")
+    lab.publish({"factory-canary": "1.0"})
+    lab.serve()
+    try:
+        key = lab.write_public_key(tmp_path / "canary.asc")
+        repo = Repository.model_validate({"kind": "debian", "uri": lab.url, "suite": "canary", "key": str(key),
+                                          "fingerprint": lab.fingerprint, "packages": ["factory-canary"],
+                                          "build_only": True})
+        epoch = upstream.debian_suite_epoch(repo, tmp_path, 13)
+        state = upstream.fetch_suite(upstream.repository_source(repo), tmp_path, 13,
+                                     cert=upstream.repository_cert(repo, Path))
+        assert {k: str(v) for k, v in upstream.offered_versions(state, "amd64").items()} == {"factory-canary": "1.0"}
+        lab.publish({"factory-canary": "1.0"})  # re-signed, nothing else: a new epoch
+        assert upstream.debian_suite_epoch(repo, tmp_path, 13) != epoch
+        other = Repository.model_validate({**repo.model_dump(), "fingerprint": "ab" * 20})
+        with pytest.raises(SignatureError, match="is not the pinned"):
+            upstream.debian_suite_epoch(other, tmp_path, 13)
+    finally:
+        lab.close()
+
+
+def test_security_fixes_are_the_versions_the_security_suite_ships(archive: Any, keys: Any) -> None:
+    base, files = archive
+    keys_dir, archive_key, security_key = keys
+    sec_base = base.replace("/debian", "/debian-security")
+    publish_suite(sec_base, files, "trixie-security", security_key,
+                  packages_xz(("openssl", "3.5.1-1+deb13u1"), ("libzstd1", "1.5.7+dfsg-1+deb13u1")))
+    repos = [Repository.model_validate({"kind": "debian", "uri": base, "suite": "trixie"}),
+             Repository.model_validate({"kind": "debian", "uri": sec_base, "suite": "trixie-security"})]
+    changes = {"changed": [{"name": "openssl", "from": "3.5.1-1", "to": "3.5.1-1+deb13u1"},
+                           {"name": "tzdata", "from": "2025a-1", "to": "2025b-1"}],
+               "added": ["libzstd1 1.5.7+dfsg-1+deb13u1"], "removed": []}
+    assert upstream.security_updates(changes, repos, keys_dir, 13) == [
+        "libzstd1 1.5.7+dfsg-1+deb13u1 (trixie-security)", "openssl 3.5.1-1+deb13u1 (trixie-security)"]
+    assert upstream.security_updates({"changed": [], "added": []}, repos, keys_dir, 13) == []

@@ -74,6 +74,7 @@ class AptRepo:
     files: dict[str, bytes] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)  # name -> version
     url: str = ""
+    _last_date: int = 0
     _httpd: http.server.ThreadingHTTPServer | None = None
 
     @property
@@ -101,7 +102,10 @@ class AptRepo:
         base = f"dists/{self.suite}/main/binary-amd64"
         self.files[f"/{base}/Packages"] = index
         self.files[f"/{base}/Packages.xz"] = xz
-        when = email.utils.formatdate(date if date is not None else time.time(), usegmt=True).replace("GMT", "UTC")
+        # Each publication is a new epoch: its Date moves on by at least a second (the field's resolution).
+        stamp = max(int(date if date is not None else time.time()), self._last_date + 1)
+        self._last_date = stamp
+        when = email.utils.formatdate(stamp, usegmt=True).replace("GMT", "UTC")
         release = (f"Origin: image-factory-lab\nLabel: image-factory-lab\nSuite: {self.suite}\n"
                    f"Codename: {self.suite}\nDate: {when}\nArchitectures: amd64\nComponents: main\nSHA256:\n"
                    f" {hashlib.sha256(index).hexdigest()} {len(index)} main/binary-amd64/Packages\n"

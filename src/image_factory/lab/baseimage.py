@@ -360,7 +360,7 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
 
 # ------------------------------------------------------------------------------------------ steps
 
-CLEANUP_VERSION = 2
+CLEANUP_VERSION = 3  # 3: the release variant and both kernels in the stamp
 
 
 def _check_tools() -> None:
