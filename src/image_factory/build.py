@@ -154,6 +154,33 @@ def resolve_ansible_strategy(choice: str, accelerator: str, family: str = "debia
     return AnsibleStrategy("mitogen_linear", why, env)
 
 
+# The newest target Python each ansible-core release supports (ansible-test's constants in its wheel, read
+# 2026-11); a core newer than these is not second-guessed. None supports Fedora 45's Python 3.15 yet.
+ANSIBLE_CORE_TARGET_PYTHON = {(2, 19): (3, 13), (2, 20): (3, 14), (2, 21): (3, 14)}
+
+
+def ansible_target_warning(family: str, release: int, core: tuple[int, int] | None = None) -> str:
+    """Why this controller's ansible-core may not drive the release's Python, and the way out; "" if it can."""
+    want = families.get(family).target_python(release)
+    if core is None:
+        from ansible.release import __version__
+
+        core = (int(__version__.split(".")[0]), int(__version__.split(".")[1]))
+    if want is None or core > max(ANSIBLE_CORE_TARGET_PYTHON):
+        return ""
+    newest = ANSIBLE_CORE_TARGET_PYTHON.get(core, (0, 0))
+    if want <= newest:
+        return ""
+    fits = [c for c, py in sorted(ANSIBLE_CORE_TARGET_PYTHON.items()) if py >= want]
+    if fits:
+        way_out = (f"Use ansible-core {fits[0][0]}.{fits[0][1]}+ (it needs Python 3.12+ on this machine: make the "
+                   "venv with a newer Python)")
+    else:
+        way_out = "No ansible-core release known here supports it yet: watch for one and upgrade"
+    return (f"{family} {release} runs Python {want[0]}.{want[1]}, which ansible-core {core[0]}.{core[1]} does not "
+            f"support as a target (up to {newest[0]}.{newest[1]}): the build may fail in Ansible. {way_out}")
+
+
 # ---------------------------------------------------------------------------------------- tools
 
 
@@ -684,6 +711,8 @@ def _build(
         packer_init(exe, result, cached_packer_version(settings), emit)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")
+        if warning := ansible_target_warning(image.family, image.release):
+            emit("status", f"warning: {warning}")
         try:
             run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
                              on_event=on_event, events=events, t0=t0, extra_env=strategy.env)

@@ -46,6 +46,8 @@ class Family:
     default_repositories: Callable[[int], list[dict[str, str]]] = field(default=lambda _release: [])
     signs_checksums: bool = False  # its remote CHECKSUM files are verified against pinned release keys
     missing_source_hint: str = "fetch it first"
+    # the Python a release's images run Ansible's modules with (None: not known here)
+    target_python: Callable[[int], tuple[int, int] | None] = field(default=lambda _release: None)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -80,6 +82,8 @@ register(Family(
     default_repositories=lambda release: [{"kind": "fedora-metalink", "repo": f"fedora-{release}"},
                                           {"kind": "fedora-metalink", "repo": f"updates-released-f{release}"}],
     signs_checksums=True,
+    # Fedora 42: 3.13; 43 and 44: 3.14; 45: 3.15 (Fedora's Python version change proposals)
+    target_python=lambda release: (3, 13) if release <= 42 else (3, 14) if release <= 44 else (3, 15),
 ))
 
 register(Family(
@@ -89,4 +93,5 @@ register(Family(
     # the lab's Debian fixture: bench/ansible_strategy and the e2e build run it under mitogen
     mitogen_proven=True,
     missing_source_hint="run `invoke lab.base-image`",
+    target_python=lambda release: {12: (3, 11), 13: (3, 13)}.get(release),
 ))

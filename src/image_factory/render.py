@@ -509,18 +509,22 @@ def validate_kickstart(result: RenderResult) -> None:
     def argv(path: Path) -> list[str]:
         return [exe, *(a.format(release=result.image.release, file=path) for a in args)]
 
-    _run_tool(argv(result.kickstart), f"ksvalidator -v {version}", result.out_dir, str(result.kickstart))
-    if result.secret_dir is not None and installer.file_name.endswith(".cfg"):
-        inc = result.secret_dir / "http" / installer.build_user_file
-        merged = result.secret_dir / "merged.ks"
-        text = result.kickstart.read_text(encoding="utf-8").replace(
-            "%include /tmp/factory-build-user.ks", inc.read_text(encoding="utf-8"))
-        _write(merged, text, 0o600)
-        try:
-            _run_tool(argv(merged), f"ksvalidator -v {version}",
-                      result.out_dir, f"{result.kickstart} with its per-build user include")
-        finally:
-            merged.unlink(missing_ok=True)
+    # pykickstart leaves a copy of every file it validates in $TMPDIR (its preprocess step), and the merged
+    # one holds the build user's password hash and key: give it a private directory, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="ksvalidator-") as scratch:
+        env = {**tool_env(), "TMPDIR": scratch}
+        _run_tool(argv(result.kickstart), f"ksvalidator -v {version}", result.out_dir, str(result.kickstart), env)
+        if result.secret_dir is not None and installer.file_name.endswith(".cfg"):
+            inc = result.secret_dir / "http" / installer.build_user_file
+            merged = result.secret_dir / "merged.ks"
+            text = result.kickstart.read_text(encoding="utf-8").replace(
+                "%include /tmp/factory-build-user.ks", inc.read_text(encoding="utf-8"))
+            _write(merged, text, 0o600)
+            try:
+                _run_tool(argv(merged), f"ksvalidator -v {version}",
+                          result.out_dir, f"{result.kickstart} with its per-build user include", env)
+            finally:
+                merged.unlink(missing_ok=True)
 
 
 def validate_packer(result: RenderResult) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from image_factory import build, publish
+from image_factory import build, contents, publish
 from image_factory.inventory import load_site
 from image_factory.lab.aptrepo import AptRepo
 from image_factory.lab.baseimage import ensure_base_image
@@ -107,6 +107,12 @@ def _templates(settings: Settings, site: Any) -> dict[str, list[int]]:
             for hv in site.hypervisors.values()}
 
 
+def _installed(build_dir: Path) -> dict[str, str]:
+    recorded = contents.load_packages(build_dir)
+    assert recorded is not None and recorded[0] == require(build_dir).build_id
+    return {p.name: p.version for p in recorded[1]}
+
+
 def _night(settings: Settings, packer_calls: Path) -> tuple[dict[str, Any], list[str]]:
     packer_calls.write_text("")
     site = load_site(settings.inventory, settings.images)
@@ -128,8 +134,7 @@ def test_four_nights_against_a_repository_the_test_controls(
     first, builds = _night(settings, packer_calls)
     assert first["build"]["status"] == "built" and len(builds) == 1
     assert {h["host"]: h["action"] for h in first["publish"]["hosts"]} == dict.fromkeys(hosts, "created")
-    installed = {p["name"]: p["version"] for p in require(build_dir).contents["packages"]}  # type: ignore[index]
-    assert installed[PACKAGE] == "1.0"
+    assert _installed(build_dir)[PACKAGE] == "1.0"
     after_first = _templates(settings, site)
     assert all(len(vmids) == 1 for vmids in after_first.values())
 
@@ -148,6 +153,7 @@ def test_four_nights_against_a_repository_the_test_controls(
     changes = third["build"]["package_changes"]
     assert changes["changed"] == [{"name": PACKAGE, "from": "1.0", "to": "1.1"}], changes
     assert changes["added"] == [] and changes["removed"] == []
+    assert _installed(build_dir)[PACKAGE] == "1.1"
     assert {h["host"]: h["action"] for h in third["publish"]["hosts"]} == dict.fromkeys(hosts, "created")
     after_third = _templates(settings, site)
     assert all(len(after_third[h]) == 2 for h in hosts)

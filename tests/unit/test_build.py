@@ -502,3 +502,18 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
                         tools={}, git={}, started_at="", finished_at="")
     assert build.upstream_inputs(repo, img, offline=True, previous=previous) == (
         {"upstream:http://a/debian s": "InRelease D1 sha256:1"}, "")  # --offline: nothing fetched
+
+
+@pytest.mark.parametrize(("family", "release", "core", "warned"), [
+    ("fedora", 45, (2, 19), "Python 3.15, which ansible-core 2.19 does not support as a target (up to 3.13)"),
+    ("fedora", 44, (2, 19), "Use ansible-core 2.20+"),
+    ("fedora", 44, (2, 20), ""),
+    ("fedora", 45, (2, 21), "No ansible-core release known here supports it yet"),
+    ("fedora", 45, (2, 30), ""),
+    ("debian", 13, (2, 19), ""),
+    ("debian", 14, (2, 19), ""),  # not known here: no guess
+])
+def test_ansible_core_too_old_for_the_targets_python_is_named(family: str, release: int, core: tuple[int, int],
+                                                              warned: str) -> None:
+    message = build.ansible_target_warning(family, release, core)
+    assert (warned in message and message) if warned else message == ""

@@ -245,6 +245,21 @@ def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[
         result.cleanup()
 
 
+def test_ksvalidator_leaves_no_copy_of_the_kickstart_behind(repo: Settings, catalogue: dict[str, Image],
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pykickstart writes what it validates to $TMPDIR and never removes it; the merged kickstart holds the
+    build user's password hash."""
+    shared_tmp = tmp_path / "shared-tmp"
+    shared_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(shared_tmp))
+    result = _render(repo, catalogue["fedora-45-iso"])
+    try:
+        render.validate_kickstart(result)
+    finally:
+        result.cleanup()
+    assert [p.name for p in shared_tmp.rglob("*")] == []
+
+
 def test_rendered_output_files_are_not_secret(repo: Settings, catalogue: dict[str, Image]) -> None:
     result = _render(repo, catalogue["fedora-44"])
     try:
