@@ -7,6 +7,8 @@ import contextlib
 import importlib.util
 import io
 import socket
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,50 @@ def test_test_image_needs_a_manifest(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"builds_dir": str(tmp_path)}, root=REPO)
     with pytest.raises(mf.ManifestError, match="build the image first"):
         it.test_image(settings, _image(), tmp_path / "fixture")
+
+
+def _fake_guest(tmp_path: Path, serial: str) -> it.Guest:
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    (work / "serial.log").write_text(serial)
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    return it.Guest(proc, work, 1, work / "serial.log", work / "qga.sock", work / "key", work / "known_hosts",
+                    Path(tempfile.mkdtemp(dir=tmp_path)))
+
+
+PANIC = ("[   26.338350] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+         "[   26.342397] Kernel panic - not syncing: Fatal exception in interrupt\n")
+
+
+def test_a_kernel_panic_on_the_console_ends_the_wait_at_once(tmp_path: Path) -> None:
+    guest = _fake_guest(tmp_path, "booting\n" + PANIC)
+    try:
+        with pytest.raises(it.GuestPanicked, match="(?s)kernel panicked during boot.*Oops: int3"):
+            it.wait_for_ssh(guest, timeout=60)
+    finally:
+        guest.stop()
+
+
+@pytest.mark.parametrize(("accelerator", "boots"), [("tcg", 2), ("kvm", 1)])
+def test_a_panicked_boot_is_repeated_once_under_tcg_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         accelerator: str, boots: int) -> None:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": accelerator},
+                                     root=REPO)
+    art = tmp_path / "a.qcow2"
+    art.write_bytes(b"artifact")
+    build_dir = tmp_path / "builds" / "fixture"
+    mf.save(build_dir, _manifest(art, mf.sha256_file(art)))
+    started: list[it.Guest] = []
+
+    def boot(*_a: object, **_k: object) -> it.Guest:
+        started.append(_fake_guest(tmp_path, PANIC))
+        return started[-1]
+
+    monkeypatch.setattr(it, "boot_guest", boot)
+    with pytest.raises(it.GuestPanicked):
+        it.test_image(settings, _image(), build_dir)
+    assert len(started) == boots
+    assert not any(g.alive() for g in started)
+    assert "Kernel panic" in (build_dir / it.SERIAL_NAME).read_text()
 
 
 # ------------------------------------------------------------- strict host keys in the image suites
