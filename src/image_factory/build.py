@@ -508,7 +508,7 @@ def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
 
 def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
                on_event: EventHandler | None, events: list[BuildEvent], t0: float | None = None,
-               extra_env: dict[str, str] | None = None) -> _Run:
+               extra_env: dict[str, str] | None = None, serial_log: Path | None = None) -> _Run:
     """Run packer in its own process group; return the parsed run. Raises BuildError on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
@@ -533,6 +533,19 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
         timer = threading.Timer(timeout_s, _on_timeout)
         timer.daemon = True
         timer.start()
+        panicked = threading.Event()
+        done = threading.Event()
+
+        def _watch_console() -> None:
+            # A dead guest kernel never answers: stop at once rather than after Packer's SSH timeout.
+            while serial_log is not None and not done.wait(2.0):
+                if qemuvm.console_panicked(serial_log):
+                    panicked.set()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGINT)
+                    return
+
+        threading.Thread(target=_watch_console, daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -545,6 +558,14 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
             raise
         finally:
             timer.cancel()
+            done.set()
+        if panicked.is_set():
+            _stop_group(proc, log)
+            log.write(f"# {_now()} the build VM's kernel panicked\n")
+            tail = "\n".join(f"  {ln}" for ln in serial_log.read_text(errors="replace").splitlines()[-8:]) \
+                if serial_log else ""
+            raise BuildError(f"the build VM's kernel panicked, so the build was stopped (under TCG, a QEMU race "
+                             f"in code patching: re-run the build). Its console ended:\n{tail}\nfull log: {log_path}")
         if timed_out.is_set():
             _stop_group(proc, log)
             log.write(f"# {_now()} timed out after {timeout_s:.0f} s\n")
@@ -715,6 +736,7 @@ def _build(
             emit("status", f"warning: {warning}")
         try:
             run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
+                             serial_log=work / "serial.log",
                              on_event=on_event, events=events, t0=t0, extra_env=strategy.env)
         except BuildError as exc:
             if strategy.name == "mitogen_linear" and "executing ansible" in str(exc).lower():

@@ -43,7 +43,7 @@ from .console import console, styled
 from .errors import FactoryError
 from .inventory import Image
 from .manifest import ImageTestResult, sha256_file
-from .qemuvm import accel_args, free_port, make_seed_iso, require_qemu, resolve_accelerator
+from .qemuvm import accel_args, console_panicked, free_port, make_seed_iso, require_qemu, resolve_accelerator
 from .settings import Settings
 
 SUITE_DIR = Path("tests/image")
@@ -365,9 +365,6 @@ class GuestPanicked(ImageTestError):
     """The guest's kernel panicked (its console says so): it will never answer."""
 
 
-KERNEL_PANIC = "Kernel panic - not syncing"
-
-
 def wait_for_ssh(guest: Guest, timeout: float) -> float:
     """Wait until the guest announced its host keys on the console and SSH works; seconds taken."""
     start = time.monotonic()
@@ -376,7 +373,7 @@ def wait_for_ssh(guest: Guest, timeout: float) -> float:
         if not guest.alive():
             raise ImageTestError(f"the guest stopped during boot; serial console tail:\n{_tail(guest.serial_log)}")
         text = guest.serial_log.read_text(encoding="utf-8", errors="replace") if guest.serial_log.exists() else ""
-        if KERNEL_PANIC in text:
+        if console_panicked(guest.serial_log):
             raise GuestPanicked(f"the guest's kernel panicked during boot; serial console tail:\n"
                                 f"{_tail(guest.serial_log, 40)}")
         if not guest.host_keys:

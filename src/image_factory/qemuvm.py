@@ -19,6 +19,18 @@ from .errors import FactoryError
 ACCELERATORS = ("auto", "kvm", "tcg")
 
 
+# What a guest kernel prints on its console when it dies; under TCG it can die in its own code patching (an
+# int3 that another vCPU met mid-patch: a race in QEMU's multi-threaded TCG), so every boot watches for it.
+KERNEL_PANIC = "Kernel panic - not syncing"
+
+
+def console_panicked(serial_log: Path) -> bool:
+    try:
+        return KERNEL_PANIC in serial_log.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return False
+
+
 class QemuError(FactoryError):
     pass
 

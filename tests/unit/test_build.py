@@ -517,3 +517,21 @@ def test_ansible_core_too_old_for_the_targets_python_is_named(family: str, relea
                                                               warned: str) -> None:
     message = build.ansible_target_warning(family, release, core)
     assert (warned in message and message) if warned else message == ""
+
+
+def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
+    """A stand-in packer whose VM console reports a panic: stopped within seconds, not at Packer's SSH timeout."""
+    serial = tmp_path / "work" / "serial.log"
+    serial.parent.mkdir()
+    fake = tmp_path / "packer"
+    fake.write_text("#!/bin/sh\necho '1,,ui,say,==> qemu.image: Waiting for SSH to become available...'\n"
+                    f"sleep 1; printf '[ 26.3] Oops: int3\\n[ 26.4] Kernel panic - not syncing: x\\n' > {serial}\n"
+                    "exec sleep 120\n")
+    fake.chmod(0o755)
+    events: list[build.BuildEvent] = []
+    started = time.monotonic()
+    with pytest.raises(build.BuildError, match="(?s)kernel panicked.*re-run the build.*Kernel panic - not syncing"):
+        build.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=300,
+                         on_event=None, events=events, serial_log=serial)
+    assert time.monotonic() - started < 30
+    assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
