@@ -1,17 +1,16 @@
 """Shared pytest configuration: markers are declared in pyproject.toml."""
 
 import contextlib
-import http.server
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from image_factory.lab.aptrepo import serve_files
 
 # The two-hypervisor lab: fixtures `lab` (session) and `fresh_lab` (function), with fault hooks.
 pytest_plugins = ["image_factory.lab.pytest_plugin"]
@@ -102,36 +101,7 @@ def small_tmpfs() -> Iterator[Callable[[Path, int], Path]]:
 
 # ------------------------------------------------------------------ a loopback HTTP(S) server for unit tests
 
-@contextmanager
-def _serve(files: dict[str, bytes], *, cert_and_key: tuple[str, str] | None = None) -> Iterator[str]:
-    """Yields the base URL (https when a certificate and key are given); ``files`` may change while serving."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = files.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    scheme = "http"
-    if cert_and_key is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(*cert_and_key)
-        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-        scheme = "https"
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-
-
 @pytest.fixture
 def loopback_http() -> Any:
     """``with loopback_http(files[, cert_and_key=(cert, key)]) as base_url:`` serves path -> body (404 otherwise)."""
-    return _serve
+    return serve_files

@@ -13,11 +13,14 @@ import email.utils
 import hashlib
 import http.server
 import lzma
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,37 @@ def clearsign(cert: Any, text: str) -> bytes:
         import pysequoia
 
         return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
+
+
+@contextmanager
+def serve_files(files: dict[str, bytes], *, cert_and_key: tuple[str, str] | None = None) -> Iterator[str]:
+    """Serve path -> body on 127.0.0.1 (404 otherwise; ``files`` may change while serving), over TLS when a
+    certificate and key are given. Yields the base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = files.get(self.path.split("?", 1)[0])
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    scheme = "http"
+    if cert_and_key is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*cert_and_key)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def build_deb(workdir: Path, name: str, version: str) -> bytes:
@@ -75,7 +109,7 @@ class AptRepo:
     packages: dict[str, str] = field(default_factory=dict)  # name -> version
     url: str = ""
     _last_date: int = 0
-    _httpd: http.server.ThreadingHTTPServer | None = None
+    _serving: AbstractContextManager[str] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -114,26 +148,11 @@ class AptRepo:
         self.packages = dict(packages)
 
     def serve(self) -> str:
-        files = self.files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                body = files.get(self.path.split("?", 1)[0])
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._serving = serve_files(self.files)
+        self.url = self._serving.__enter__()
         return self.url
 
     def close(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        if self._serving is not None:
+            self._serving.__exit__(None, None, None)
+            self._serving = None
