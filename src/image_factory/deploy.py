@@ -351,12 +351,11 @@ def boot_disk(config: Mapping[str, Any]) -> tuple[str, int] | None:
 
 def _effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:
     """The config the next start will use (pending values applied), the pending keys, and the digest."""
-    path = f"{client.node_path}/qemu/{vmid}"
-    config = dict(client.get(f"{path}/config"))
+    config = client.vm_config(vmid)
     digest = str(config.pop("digest", ""))
     pending_keys: list[str] = []
     try:
-        pending = client.get(f"{path}/pending")
+        pending = client.vm_pending(vmid)
     except ApiError:
         pending = []
     for item in pending or []:
@@ -681,26 +680,23 @@ def _exists(client: PveClient, vmid: int) -> dict[str, Any] | None:
 
 def remove_vm(client: PveClient, vmid: int, *, timeout: float, guard: Callable[[str], None]) -> None:
     """Stop (if running) and destroy a VM with its disks; ``guard`` runs before each write."""
-    path = f"{client.node_path}/qemu/{vmid}"
-    status = client.get(f"{path}/status/current")
-    if status.get("status") == "running":
+    if client.vm_status(vmid).get("status") == "running":
         guard(f"stopping VM {vmid}")
         with _retry() as retry:
-            retry(lambda: _wait(client, client.post(f"{path}/status/stop"), timeout))
+            retry(lambda: _wait(client, client.stop_vm(vmid), timeout))
     guard(f"destroying VM {vmid}")
     with _retry() as retry:
-        retry(lambda: _wait(client, client.delete(path, purge=1, **{"destroy-unreferenced-disks": 1}), timeout))
+        retry(lambda: _wait(client, client.destroy_vm(vmid), timeout))
 
 
 def _clone(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, timeout: float) -> None:
-    path = f"{client.node_path}/qemu/{template.vmid}/clone"
     params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
                               "description": describe(vm, template, run.run_id, incomplete=True)}
 
     def attempt() -> None:
         run.guard(hv, f"cloning {vm.name}")
         try:
-            _wait(client, client.post(path, **params), timeout, CLONE_POLL_INTERVAL)
+            _wait(client, client.clone_vm(template.vmid, **params), timeout, CLONE_POLL_INTERVAL)
         except (ApiError, TaskFailed):
             # PVE removes a failed clone itself; make sure before a retry reuses the VMID.
             _remove_own_leftover(run, client, hv, vm, timeout)
@@ -727,7 +723,6 @@ def _remove_own_leftover(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, t
 def _configure(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, only: set[str] | None,
                timeout: float) -> list[str]:
     """One config update (digest from a fresh GET); returns the keys PVE left pending (running VM)."""
-    path = f"{client.node_path}/qemu/{vm.vmid}"
     want = desired_config(vm, hv, template, run.run_id)
     config, _, digest = _effective_config(client, vm.vmid)
     extra_nets = [k for k in config if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics)]
@@ -740,28 +735,26 @@ def _configure(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, template: T
     run.guard(hv, f"configuring {vm.name}")
     with _retry() as retry:
         retry(lambda: client.update_vm_config(vm.vmid, digest=digest, timeout=timeout, **params))
-    pending = client.get(f"{path}/pending") or []
+    pending = client.vm_pending(vm.vmid)
     return sorted(str(i["key"]) for i in pending if "pending" in i or int(i.get("delete") or 0))
 
 
 def _resize(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> bool:
-    path = f"{client.node_path}/qemu/{vm.vmid}"
     disk = boot_disk(client.vm_config(vm.vmid))
     if disk is None or disk[1] >= vm.disk_gb * 1024**3:
         return False
     run.guard(hv, f"growing {vm.name}'s disk")
     with _retry() as retry:
-        retry(lambda: _wait(client, client.put(f"{path}/resize", disk=disk[0], size=f"{vm.disk_gb}G"), timeout))
+        retry(lambda: _wait(client, client.resize_vm_disk(vm.vmid, disk[0], f"{vm.disk_gb}G"), timeout))
     return True
 
 
 def _start(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> None:
-    path = f"{client.node_path}/qemu/{vm.vmid}"
-    if client.get(f"{path}/status/current").get("status") == "running":
+    if client.vm_status(vm.vmid).get("status") == "running":
         return
     run.guard(hv, f"starting {vm.name}")
     with _retry() as retry:
-        retry(lambda: _wait(client, client.post(f"{path}/status/start"), timeout))
+        retry(lambda: _wait(client, client.start_vm(vm.vmid), timeout))
 
 
 def guest_address(interfaces: Any, mac: str) -> str | None:
@@ -823,11 +816,10 @@ def wait_ready(client: PveClient, vm: Vm, *, timeout: float, sleep: Callable[[fl
                 raise NotReady(f"{vm.name}: not ready after {timeout:.0f}s: no SSH greeting on {address}")
             sleep(READY_POLL_INTERVAL)
         return address
-    path = f"{client.node_path}/qemu/{vm.vmid}/agent/network-get-interfaces"
     last = "no answer yet"
     while True:
         try:
-            answer = client.get(path)
+            answer = client.vm_agent(vm.vmid, "network-get-interfaces")
             interfaces = answer.get("result") if isinstance(answer, dict) else answer
             ip = guest_address(interfaces, vm.nics[0].mac)
             if ip:
@@ -862,8 +854,7 @@ def _mark_incomplete(run: _Run, client: PveClient, hv: Hypervisor, vm: Vm, templ
         run.guard(hv, f"marking {vm.name} incomplete")
         cfg = client.vm_config(vm.vmid)
         tags = format_tags([*parse_tags(cfg.get("tags")), INCOMPLETE_TAG])
-        client.put(f"{client.node_path}/qemu/{vm.vmid}/config", tags=tags,
-                   description=describe(vm, template, run.run_id, incomplete=True))
+        client.set_vm_config(vm.vmid, tags=tags, description=describe(vm, template, run.run_id, incomplete=True))
         return True
     except FactoryError:
         return False

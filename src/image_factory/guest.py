@@ -27,7 +27,7 @@ def agent_file_read(client: PveClient, vmid: int, path: str) -> str:
     file-read, not exec: it needs VM.Monitor on PVE 8 and only VM.GuestAgent.FileRead on PVE 9 (exec
     needs VM.GuestAgent.Unrestricted), and works where qemu-ga disables guest-exec (RHEL-family guests).
     """
-    answer = client.get(f"{client.node_path}/qemu/{vmid}/agent/file-read", file=path)
+    answer = client.vm_agent(vmid, "file-read", file=path)
     if not isinstance(answer, dict) or "content" not in answer:
         raise RemoteError(client.name, f"VM {vmid}: agent/file-read of {path}: unexpected answer {answer!r}")
     return str(answer["content"])

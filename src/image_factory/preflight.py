@@ -524,7 +524,7 @@ class _HostRun:
         missing: dict[str, list[str]] = {}
         major = self.major
         for path, privs in required_acl(self.site, hv, major).items():
-            answer = self.client.get("/access/permissions", path=path)
+            answer = self.client.permissions(path)
             held = effective_privileges(answer, path)
             lack = [p for p in privs if p not in held]
             if lack:
@@ -549,7 +549,7 @@ class _HostRun:
     def _storages(self) -> list[dict[str, Any]]:
         if self.node_storage is None:
             assert self.client is not None
-            self.node_storage = list(self.client.get(f"/nodes/{self.hv.node}/storage"))
+            self.node_storage = self.client.storages()
         return self.node_storage
 
     def check_storage(self) -> None:
@@ -679,7 +679,7 @@ class _HostRun:
     def check_bridge(self) -> None:
         assert self.client is not None
         hv = self.hv
-        ifaces = list(self.client.get(f"/nodes/{hv.node}/network"))
+        ifaces = self.client.node_networks()
         bridges = {str(i.get("iface")) for i in ifaces if str(i.get("type", "")).lower() in ("bridge", "ovsbridge")}
         missing = [b for b in bridges_for(self.site, hv) if b not in bridges]
         have = ", ".join(sorted(bridges)) or "none"
@@ -696,7 +696,7 @@ class _HostRun:
     def check_vmids(self) -> None:
         assert self.client is not None
         hv = self.hv
-        guests = list(self.client.get("/cluster/resources", type="vm"))
+        guests = self.client.cluster_vms()
         foreign: list[str] = []
         owned = 0
         for g in guests:
@@ -738,7 +738,7 @@ class _HostRun:
     def check_tags(self) -> None:
         assert self.client is not None
         try:
-            options = self.client.get("/cluster/options")
+            options = self.client.cluster_options()
         except ApiError as exc:
             if exc.status == 403:
                 self._ok(CHECK_TAGS, "the datacenter tag policy is not readable by the token (Sys.Audit on /); "
@@ -763,7 +763,7 @@ class _HostRun:
         if not problems:
             self._ok(CHECK_TAGS, f"user-tag-access user-allow={allow}; no factory tag is registered")
             return
-        held = effective_privileges(self.client.get("/access/permissions", path="/"), "/")
+        held = effective_privileges(self.client.permissions("/"), "/")
         if "Sys.Modify" in held:
             self._ok(CHECK_TAGS, "; ".join(problems) + " (the token holds Sys.Modify on /, which the policy allows)")
             return

@@ -276,7 +276,7 @@ def used_vmids(client: PveClient) -> set[int]:
     """Every guest id on the node (VMs and containers): a template id must be none of them."""
     ids = {int(vm["vmid"]) for vm in client.list_vms()}
     with suppress(ApiError):
-        ids |= {int(ct["vmid"]) for ct in client.get(f"{client.node_path}/lxc")}
+        ids |= {int(ct["vmid"]) for ct in client.list_containers()}
     return ids
 
 
@@ -299,7 +299,7 @@ UNTRACKED_CLONE_TYPES = frozenset({"lvmthin"})
 
 def untracked_clone_storages(client: PveClient) -> frozenset[str]:
     """The host's storages on which a linked clone cannot be told from its volume id."""
-    return frozenset(str(s.get("storage")) for s in client.get(f"{client.node_path}/storage") or []
+    return frozenset(str(s.get("storage")) for s in client.storages()
                      if s.get("type") in UNTRACKED_CLONE_TYPES)
 
 
@@ -767,13 +767,13 @@ def _register(
 
 
 def _create(client: PveClient, params: dict[str, Any], on_created: Callable[[], None]) -> Any:
-    upid = client.post(f"{client.node_path}/qemu", **params)
+    upid = client.create_vm(**params)
     on_created()  # from here on the id is ours: clean it up on failure
     return client.wait_task(str(upid), timeout=CREATE_TIMEOUT)
 
 
 def _template(client: PveClient, vmid: int) -> Any:
-    upid = client.post(f"{client.node_path}/qemu/{vmid}/template")
+    upid = client.make_template(vmid)
     if isinstance(upid, str) and upid.startswith("UPID:"):
         return client.wait_task(upid, timeout=TASK_TIMEOUT)
     return None
@@ -839,7 +839,7 @@ def _retry_lock(fn: Callable[[], Any], result: HostResult, what: str) -> Any:
 
 def _destroy(client: PveClient, vmid: int, result: HostResult) -> None:
     def once() -> Any:
-        upid = client.delete(f"{client.node_path}/qemu/{vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
+        upid = client.destroy_vm(vmid)
         if isinstance(upid, str) and upid.startswith("UPID:"):
             return client.wait_task(upid, timeout=TASK_TIMEOUT)
         return None

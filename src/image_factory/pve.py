@@ -221,10 +221,77 @@ class PveClient:
         return dict(self.get("/version"))
 
     def vm_config(self, vmid: int) -> dict[str, Any]:
-        return dict(self.get(f"{self.node_path}/qemu/{vmid}/config"))
+        return dict(self.get(f"{self.vm_path(vmid)}/config"))
 
     def list_vms(self) -> list[dict[str, Any]]:
         return list(self.get(f"{self.node_path}/qemu", full=1))
+
+    # The API's paths live here; the stages call verbs. Writes return the task's UPID (or the API's answer
+    # where PVE runs them synchronously) for wait_task.
+    def vm_path(self, vmid: int) -> str:
+        return f"{self.node_path}/qemu/{vmid}"
+
+    def list_containers(self) -> list[dict[str, Any]]:
+        return list(self.get(f"{self.node_path}/lxc") or [])
+
+    def storages(self) -> list[dict[str, Any]]:
+        """The node's storages: id, type, content, space."""
+        return list(self.get(f"{self.node_path}/storage") or [])
+
+    def node_networks(self) -> list[dict[str, Any]]:
+        return list(self.get(f"{self.node_path}/network") or [])
+
+    def cluster_vms(self) -> list[dict[str, Any]]:
+        """Every guest the API knows (on a standalone host: this node's)."""
+        return list(self.get("/cluster/resources", type="vm") or [])
+
+    def cluster_options(self) -> Any:
+        return self.get("/cluster/options")
+
+    def permissions(self, path: str) -> Any:
+        """The token's effective privileges on ``path`` (and below, as PVE answers)."""
+        return self.get("/access/permissions", path=path)
+
+    def vm_pending(self, vmid: int) -> list[dict[str, Any]]:
+        return list(self.get(f"{self.vm_path(vmid)}/pending") or [])
+
+    def vm_status(self, vmid: int) -> dict[str, Any]:
+        return dict(self.get(f"{self.vm_path(vmid)}/status/current"))
+
+    def vm_agent(self, vmid: int, command: str, **params: Any) -> Any:
+        """A read-only guest agent command (network-get-interfaces, file-read)."""
+        return self.get(f"{self.vm_path(vmid)}/agent/{command}", **params)
+
+    def create_vm(self, **params: Any) -> Any:
+        return self.post(f"{self.node_path}/qemu", **params)
+
+    def clone_vm(self, vmid: int, **params: Any) -> Any:
+        return self.post(f"{self.vm_path(vmid)}/clone", **params)
+
+    def resize_vm_disk(self, vmid: int, disk: str, size: str) -> Any:
+        return self.put(f"{self.vm_path(vmid)}/resize", disk=disk, size=size)
+
+    def start_vm(self, vmid: int) -> Any:
+        return self.post(f"{self.vm_path(vmid)}/status/start")
+
+    def stop_vm(self, vmid: int) -> Any:
+        return self.post(f"{self.vm_path(vmid)}/status/stop")
+
+    def destroy_vm(self, vmid: int) -> Any:
+        """Destroy with its disks, unreferenced ones included (a half-made VM's)."""
+        return self.delete(self.vm_path(vmid), purge=1, **{"destroy-unreferenced-disks": 1})
+
+    def upload_endpoint(self, storage: str) -> tuple[str, str]:
+        """(URL, "POST <path>") of a storage's upload call: a multipart body the caller streams itself."""
+        path = f"{self.node_path}/storage/{storage}/upload"
+        return f"{self.hv.api_url}/api2/json{path}", f"POST {path}"
+
+    def set_vm_config(self, vmid: int, **params: Any) -> Any:
+        """PUT: a synchronous config change without a digest (for the factory's own marks only)."""
+        return self.put(f"{self.vm_path(vmid)}/config", **params)
+
+    def make_template(self, vmid: int) -> Any:
+        return self.post(f"{self.vm_path(vmid)}/template")
 
     def update_vm_config(self, vmid: int, *, digest: str | None, timeout: float, **params: Any) -> None:
         """POST a VM's config (a qmconfig task) guarded by the digest of the config it was planned from.

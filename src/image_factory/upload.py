@@ -426,8 +426,7 @@ def upload_api(
 ) -> UploadResult:
     """Stream the file to PVE's upload endpoint (content=import); PVE verifies the sha256 itself."""
     started = time.monotonic()
-    url = f"{client.hv.api_url}/api2/json/nodes/{client.node}/storage/{storage}/upload"
-    call = f"POST /nodes/{client.node}/storage/{storage}/upload"
+    url, call = client.upload_endpoint(storage)
     sent = 0
     size = local.stat().st_size
     with local.open("rb") as fh:

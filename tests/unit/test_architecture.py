@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,28 @@ def test_a_stage_importing_the_lab_breaks_the_contract(tmp_path: Path) -> None:
                           env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0, proc.stdout
     assert "image_factory.deploy -> image_factory.lab" in proc.stdout.replace("\n", " ") or "BROKEN" in proc.stdout
+
+
+# Privilege checks name ACL paths, which look like API paths but are no calls.
+ACL_PATHS = {("preflight.py", 'need[f"/nodes/{hv.node}"] = list(NODE_PRIVILEGES)')}
+API_PATH = re.compile(r"""["'](/nodes/|/cluster/|/access/|/version|/api2/)|node_path\}/""")
+
+
+def test_no_stage_builds_an_api_path() -> None:
+    """The PVE client (pve.py) is the one place that knows the API's paths; stages call its verbs."""
+    src = REPO_ROOT / "src" / "image_factory"
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name == "pve.py" or "lab" in path.relative_to(src).parts:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0].strip()
+            if API_PATH.search(code) and (path.name, code) not in ACL_PATHS and not code.startswith(('"', "'")):
+                offenders.append(f"{path.relative_to(src)}:{number}: {code}")
+    assert offenders == []
+
+
+def test_the_api_path_check_would_see_one() -> None:
+    assert API_PATH.search('client.get(f"{client.node_path}/qemu/{vmid}/status/current")')
+    assert API_PATH.search('client.get("/cluster/resources", type="vm")')
+    assert not API_PATH.search('need[f"/storage/{sid}"]')

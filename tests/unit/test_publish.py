@@ -116,7 +116,10 @@ class FakeClient:
     def vm_config(self, vmid: int) -> dict[str, Any]:
         return dict(self.configs[vmid])
 
-    def get(self, path: str, **params: Any) -> Any:
+    def list_containers(self) -> list[dict[str, Any]]:
+        return []
+
+    def storages(self) -> list[dict[str, Any]]:
         return []
 
 
