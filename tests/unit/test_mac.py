@@ -305,6 +305,18 @@ def test_export_contents(inv: Path) -> None:
     assert len({r["hw-address"] for r in kea}) == len(kea) == 7
 
     root = ET.fromstring(export(inv, "opnsense"))  # noqa: S314 (our own output)
+    entries = root.findall("./dnsmasq/hosts")
+    assert len(entries) == 7 and len({e.get("uuid") for e in entries}) == 7
+    by_host = {e.findtext("host"): e for e in entries}
+    assert (by_host["jump01"].findtext("hwaddr"), by_host["jump01"].findtext("ip"),
+            by_host["jump01"].findtext("domain")) == ("02:de:10:03:01:00", "192.168.10.30", "deevnet.lan")
+    assert by_host["metrics01"].findtext("ip") == "" and by_host["metrics01"].findtext("hwaddr") == "02:de:10:01:01:00"
+    # the fields, in the order OPNsense's Dnsmasq model declares them (core: models/OPNsense/Dnsmasq/Dnsmasq.xml)
+    assert [child.tag for child in entries[0]] == ["host", "domain", "local", "ip", "cnames", "client_id", "hwaddr",
+                                                   "lease_time", "ignore", "set_tag", "descr", "comments", "aliases"]
+    assert export(inv, "opnsense") == export(inv, "opnsense"), "stable uuids: a re-export is the same text"
+
+    root = ET.fromstring(export(inv, "opnsense-isc"))  # noqa: S314 (our own output)
     maps = root.findall("./dhcpd/lan/staticmap")
     assert [m.findtext("mac") for m in maps][:1] == ["02:de:10:01:01:00"]
     assert len(maps) == 5 and len(root.findall("./dhcpd/opt1/staticmap")) == 2
@@ -345,7 +357,8 @@ def test_export_task_writes_output_and_rejects_unknown_format(inv: Path, tmp_pat
     with pytest.raises(Exit):
         mac_tasks.export(Context(), format="bind", inventory=str(inv), catalogue=str(IMAGES))
     with pytest.raises(Exit):
-        mac_tasks.export(Context(), format="opnsense", interfaces="dmz=igb0", inventory=str(inv), catalogue=str(IMAGES))
+        mac_tasks.export(Context(), format="opnsense-isc", interfaces="dmz=igb0", inventory=str(inv),
+                         catalogue=str(IMAGES))
 
 
 # -------------------------------------------------------------------------------------- properties

@@ -70,7 +70,7 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
         "format": f"one of {', '.join(macs.FORMATS)}",
         "output": "write here (atomically) instead of stdout",
         "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
-        "interfaces": "opnsense only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
+        "interfaces": "opnsense-isc only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
         "catalogue": "image catalogue YAML (default: factory.images)",
     }
