@@ -34,6 +34,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from .errors import FactoryError, Problem, RemoteError, ValidationFailed
+from .fanout import per_host
 from .hostlock import DEFAULT_WAIT, HostGuard, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Site, StaticIp, Vm
 from .livemacs import MacUse, host_mac_uses, mac_collisions
@@ -617,15 +618,9 @@ def _plan(run: _Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) ->
     by_host: dict[str, list[Vm]] = {h: [] for h in run.site.hypervisors}
     for vm in vms:
         by_host[run.site.hypervisor_for(vm).name].append(vm)
-    states: dict[str, HostState] = {}
-    failures: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, len(by_host))) as pool:
-        futures = {h: pool.submit(_gather_host, run, run.site.hypervisors[h], hvms) for h, hvms in by_host.items()}
-        for host, fut in futures.items():
-            try:
-                states[host] = fut.result()
-            except FactoryError as exc:
-                failures[host] = str(exc)
+    gathered = per_host({h: (run.site.hypervisors[h], hvms) for h, hvms in by_host.items()},
+                        lambda item: _gather_host(run, *item), name="deploy-gather")
+    states, failures = gathered.results, gathered.failures
     macs: dict[str, list[MacUse]] | None = None
     if not failures:
         macs = {}

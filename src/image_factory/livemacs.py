@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FactoryError
+from .fanout import per_host
 from .inventory import Hypervisor, Site, Vm
 from .pve import ApiError, PveClient
 from .pvecodec import NetSpec
@@ -96,17 +95,8 @@ def read_all(site: Site, client_factory: Callable[[Hypervisor], PveClient] | Non
     """MAC uses of every hypervisor (read in parallel), and the hosts that could not be read, with why."""
     factory = client_factory or PveClient
     macs: dict[str, list[MacUse]] = {}
-    failures: dict[str, str] = {}
-
-    def one(hv: Hypervisor) -> dict[str, list[MacUse]]:
-        return host_mac_uses(factory(hv), hv.name)
-
-    with ThreadPoolExecutor(max_workers=max(1, len(site.hypervisors))) as pool:
-        futures = {name: pool.submit(one, hv) for name, hv in site.hypervisors.items()}
-        for name, fut in futures.items():
-            try:
-                for mac, uses in fut.result().items():
-                    macs.setdefault(mac, []).extend(uses)
-            except FactoryError as exc:
-                failures[name] = str(exc)
-    return macs, failures
+    found = per_host(site.hypervisors, lambda hv: host_mac_uses(factory(hv), hv.name), name="macs")
+    for per_mac in found.results.values():
+        for mac, uses in per_mac.items():
+            macs.setdefault(mac, []).extend(uses)
+    return macs, found.failures

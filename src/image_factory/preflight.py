@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from rich.text import Text
 
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
+from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
 from .pve import ApiError, PveClient
@@ -816,10 +816,9 @@ def run_preflight(
     report = PreflightReport(checks=names)
     if not runs:
         return report
-    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="preflight") as pool:
-        results = list(pool.map(lambda r: r.run(), runs))
-    for run, res in zip(runs, results, strict=True):
-        report.hosts[run.hv.name] = res
+    # each host run turns its own failures into check results: every host has one
+    done = per_host({r.hv.name: r for r in runs}, lambda r: r.run(), name="preflight")
+    report.hosts.update(done.results)
     return report
 
 

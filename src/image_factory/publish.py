@@ -40,7 +40,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ from typing import Any
 
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
+from .fanout import per_host
 from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
@@ -920,8 +920,10 @@ def publish_image(
             if link_factory is not None:
                 ctx.link_factory = link_factory
             contexts.append(ctx)
-        with ThreadPoolExecutor(max_workers=max(1, len(contexts)), thread_name_prefix="publish") as pool:
-            results = list(pool.map(lambda c: converge_host(c, dry_run=dry_run), contexts))
+        # converge_host records its own failures in its HostResult: every host has a result
+        done = per_host({c.hv.name: c for c in contexts}, lambda c: converge_host(c, dry_run=dry_run),
+                        name="publish")
+        results = [done.results[c.hv.name] for c in contexts]
     report.hosts = results
     report.duration_s = time.monotonic() - started
     return report
