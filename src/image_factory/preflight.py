@@ -47,6 +47,7 @@ from .errors import FactoryError, RemoteError
 from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
+from .publish import TRANSPORTS
 from .pve import ApiError, PveClient
 from .pvecodec import parse_tags
 from .settings import Settings
@@ -638,7 +639,7 @@ class _HostRun:
         # so both copies exist at once (shared/pve-facts.md): on a default install, where both are on the
         # root filesystem, that is twice the artifact there.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
-                                                       if self.transport == "api" else [])
+                                                       if TRANSPORTS[self.transport].staged else [])
         filesystems: dict[str, dict[str, Any]] = {}
         for d, what in uses:
             res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)

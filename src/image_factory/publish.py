@@ -44,7 +44,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
@@ -79,7 +79,6 @@ TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 DNS_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DESCRIPTION_MAX = 8192
 ALREADY_EXISTS_RE = re.compile(r"already exists", re.I)
-TRANSPORTS = ("ssh", "api")
 DEFAULT_KEEP = 3
 CREATE_TIMEOUT = 1800.0
 TASK_TIMEOUT = 600.0
@@ -537,7 +536,7 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
     own_partial = partial_name(art.import_file)
     stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
     listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
-    resumable = not plan.existing and ctx.transport == "ssh"
+    resumable = not plan.existing and TRANSPORTS[ctx.transport].resumable
     plan.stale_partials = sorted(n for n in listing if stray.match(n) and (n != own_partial or not resumable))
     if not plan.existing:
         final = f"{hv.storage.import_dir}/{art.import_file}"
@@ -546,7 +545,7 @@ def plan_host(ctx: HostContext, client: PveClient, link: SshLink) -> HostPlan:
         else:
             part = sizes[own_partial] or 0
             plan.partial_bytes = part if 0 < part <= art.size else 0
-            plan.upload = "resume" if plan.partial_bytes and ctx.transport == "ssh" else "upload"
+            plan.upload = "resume" if plan.partial_bytes and TRANSPORTS[ctx.transport].resumable else "upload"
         taken = used_vmids(client) - {t.vmid for t in plan.stale}
         plan.vmid = free_vmid(hv, taken)
     current = plan.existing.digest if plan.existing else None
@@ -683,6 +682,54 @@ def _execute(
         result.pruned.append(pruned)
 
 
+class Transport(Protocol):
+    """How an artifact's bytes reach a host's import storage."""
+
+    resumable: bool  # a partial file from an interrupted run is continued, not sent again
+    staged: bool  # PVE stages the body in staging_dir first, then copies it (both copies exist at once)
+
+    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
+             tick: Callable[[int], None]) -> UploadResult: ...
+
+
+class SshTransport:
+    """Over the host's SSH link (verified, resumable, under the host lock)."""
+
+    resumable = True
+    staged = False
+
+    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
+             tick: Callable[[int], None]) -> UploadResult:
+        hv, art = ctx.hv, ctx.artifact
+        # The data channel starts on the control link (one handshake per host); after a drop the
+        # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
+        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link)
+        try:
+            return uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
+                                   progress=tick, check_final=False)
+        finally:
+            result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
+            uploader.close()
+
+
+class ApiTransport:
+    """PVE's own upload call (content=import, checksum verified by PVE)."""
+
+    resumable = False
+    staged = True
+
+    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
+             tick: Callable[[int], None]) -> UploadResult:
+        hv, art = ctx.hv, ctx.artifact
+        up = upload_api(client, hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
+                        progress=tick)
+        result.bytes_sent += up.bytes_sent
+        return up
+
+
+TRANSPORTS: dict[str, Transport] = {"ssh": SshTransport(), "api": ApiTransport()}
+
+
 def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
     hv, art = ctx.hv, ctx.artifact
     total = art.size
@@ -694,22 +741,7 @@ def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, 
     if plan.upload == "skip":
         tick(total)
         return
-    up: UploadResult
-    if ctx.transport == "api":
-        up = upload_api(client, hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
-                        progress=tick)
-    else:
-        # The data channel starts on the control link (one handshake per host); after a drop the
-        # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
-        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link)
-        try:
-            up = uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
-                                 progress=tick, check_final=False)
-        finally:
-            result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
-            uploader.close()
-    if ctx.transport == "api":
-        result.bytes_sent += up.bytes_sent
+    up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick)
     result.resumed_from = up.resumed_from
     result.upload = "resumed" if up.resumed_from else up.action
     tick(total)
