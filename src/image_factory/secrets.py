@@ -37,6 +37,15 @@ def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_roo
         return _checked(value, what, f"environment variable {env}")
     if file is None:
         raise SecretError(f"{what}: no token_secret_env or token_secret_file configured")
+    path = private_file(file, what, repo_root)
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise SecretError(f"{what}: secret file {path} is empty")
+    return _checked(value, what, f"secret file {path}")
+
+
+def private_file(file: Path | str, what: str, repo_root: Path = REPO_ROOT) -> Path:
+    """A secret file's path, refused inside the repository, missing, or readable by group or others."""
     path = Path(str(file)).expanduser().resolve()
     try:
         path.relative_to(repo_root.resolve())
@@ -53,7 +62,23 @@ def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_roo
             f"{what}: secret file {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o});"
             f" run: chmod 600 {path}"
         )
-    value = path.read_text(encoding="utf-8").strip()
-    if not value:
-        raise SecretError(f"{what}: secret file {path} is empty")
-    return _checked(value, what, f"secret file {path}")
+    return path
+
+
+def read_key_pair(*, key_env: str, secret_env: str, file: Path | str | None, what: str,
+                  repo_root: Path = REPO_ROOT) -> tuple[str, str]:
+    """An API key and secret: from the environment, or from a 0600 ``key=...``/``secret=...`` file outside the
+    repository (the apikey.txt OPNsense hands out)."""
+    if file is None:
+        return (read_secret(env=key_env, file=None, what=f"{what} key", repo_root=repo_root),
+                read_secret(env=secret_env, file=None, what=f"{what} secret", repo_root=repo_root))
+    path = private_file(file, what, repo_root)
+    fields: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() in ("key", "secret"):
+            fields[name.strip()] = _checked(value, what, f"{name.strip()} in {path}")
+    missing = [name for name in ("key", "secret") if not fields.get(name)]
+    if missing:
+        raise SecretError(f"{what}: {path} has no {' and no '.join(missing)}= line (expected key=... and secret=...)")
+    return fields["key"], fields["secret"]

@@ -1,0 +1,93 @@
+"""opnsense.*: OPNsense's Dnsmasq DHCP host reservations from the inventory MACs (image_factory.opnsense)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from rich.table import Table
+
+from .. import mac as macs
+from .. import opnsense as opn
+from ..console import console, emit_json, styled
+from ..secrets import read_key_pair
+from ._common import handle_errors, site, task
+
+CONNECTION_HELP = {
+    "url": "OPNsense base URL, https only (default: $OPNSENSE_URL)",
+    "key_file": "0600 file outside the repository with key=... and secret=... lines (OPNsense's apikey.txt); "
+                "default: $OPNSENSE_API_KEY and $OPNSENSE_API_SECRET",
+    "ca_file": "CA certificate that signed OPNsense's certificate (default: the system's CAs)",
+    "fingerprint": "or: the SHA-256 fingerprint of OPNsense's certificate, pinned",
+    "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
+    "json": "print the plan (or what was done) as JSON",
+    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+    "catalogue": "image catalogue YAML (default: factory.images)",
+}
+
+
+def _client(url: str | None, key_file: str | None, ca_file: str | None, fingerprint: str | None) -> opn.OpnsenseClient:
+    base = url or os.environ.get("OPNSENSE_URL")
+    if not base:
+        raise opn.OpnsenseError("no OPNsense URL: pass --url or set OPNSENSE_URL")
+    key, secret = read_key_pair(key_env="OPNSENSE_API_KEY", secret_env="OPNSENSE_API_SECRET",  # noqa: S106
+                                file=key_file,
+                                what="OPNsense API")
+    return opn.OpnsenseClient(base, key, secret, ca_file=Path(ca_file).expanduser() if ca_file else None,
+                              fingerprint=fingerprint)
+
+
+def _show(report: opn.SyncReport, as_json: bool) -> None:
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        table = Table(title="opnsense dnsmasq hosts" + (" (dry run)" if report.dry_run else ""))
+        for col in ("action", "mac", "host", "change"):
+            table.add_column(col, overflow="fold")
+        for c in report.changes:
+            if c.action == "unchanged":
+                continue
+            change = ", ".join(f"{k}: {a or '-'} -> {b or '-'}" for k, (a, b) in c.diff.items()) or c.why
+            table.add_row(c.action, c.mac, c.want.host if c.want else "", change)
+        console.print(table)
+        unchanged = sum(c.action == "unchanged" for c in report.changes)
+        console.print(f"{report.writes} to write, {unchanged} unchanged"
+                      + ("; dnsmasq reconfigured" if report.reconfigured else ""))
+    if not report.ok:
+        for c in report.changes:
+            if c.action == "conflict":
+                console.print(styled("[bold red]conflict:[/] {}", c.why))
+        raise Exit(code=1)
+
+
+def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_file: str | None,
+         fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None) -> None:
+    _, model = site(c, inventory, catalogue)
+    rs = macs.reservations(model, domain)
+    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run), json)
+
+
+@task(positional=[], help=CONNECTION_HELP)
+@handle_errors
+def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_file: str | None = None,
+         fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN, json: bool = False,
+         inventory: str | None = None, catalogue: str | None = None) -> None:
+    """What opnsense.sync would change in OPNsense's Dnsmasq hosts (reads only)."""
+    _run(c, True, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
+
+
+@task(positional=[], help={**CONNECTION_HELP, "dry_run": "plan only (the same as opnsense.plan)"})
+@handle_errors
+def sync(c: Context, dry_run: bool = False, url: str | None = None, key_file: str | None = None,
+         ca_file: str | None = None, fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
+         json: bool = False, inventory: str | None = None, catalogue: str | None = None) -> None:
+    """Converge OPNsense's Dnsmasq host reservations to the inventory (its own entries only), one reconfigure."""
+    _run(c, dry_run, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
+
+
+ns = Collection("opnsense")
+ns.add_task(plan)
+ns.add_task(sync)
