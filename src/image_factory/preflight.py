@@ -49,7 +49,7 @@ from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
 from .publish import TRANSPORTS
 from .pve import ApiError, PveClient
-from .pvecodec import parse_tags
+from .pvecodec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
 from .settings import Settings
 from .sshlink import HostKeyMismatch, SshLink
 
@@ -309,6 +309,34 @@ def bridges_for(site: Site, hv: Hypervisor) -> list[str]:
         for nic in vm.nics:
             names.add(nic.bridge or hv.bridge)
     return sorted(names)
+
+
+def vlan_users(site: Site, hv: Hypervisor) -> dict[str, dict[int, list[str]]]:
+    """bridge -> VLAN tag -> the NICs (``vm nicN``) of this host's VMs that use it."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for vm in site.vms_on(hv.name):
+        for n, nic in enumerate(vm.nics):
+            if nic.vlan is not None:
+                out.setdefault(nic.bridge or hv.bridge, {}).setdefault(nic.vlan, []).append(f"{vm.name} nic{n}")
+    return out
+
+
+def vlan_problems(bridge: str, iface: dict[str, Any], users: dict[int, list[str]]) -> list[str]:
+    """Why ``bridge`` cannot carry the tagged NICs (none if it can): not VLAN-aware, or a VLAN outside its vids."""
+    def who(tag: int) -> str:
+        return f"vlan {tag} ({', '.join(users[tag])})"
+
+    if str(iface.get("type", "")).lower() == "ovsbridge":
+        return []  # an OVS bridge trunks every VLAN
+    if str(iface.get("bridge_vlan_aware") or "0") not in ("1", "yes", "on"):
+        return [f"bridge {bridge} is not VLAN-aware, but {', '.join(who(t) for t in sorted(users))} use VLAN tags"]
+    vids = str(iface.get("bridge_vids") or DEFAULT_BRIDGE_VIDS)
+    try:
+        ranges = parse_vids(vids)
+    except ValueError as exc:
+        return [f"bridge {bridge}: bridge_vids {vids!r} does not parse ({exc})"]
+    outside = [t for t in sorted(users) if not any(a <= t <= b for a, b in ranges)]
+    return [f"bridge {bridge} carries VLANs {vids}, not {', '.join(who(t) for t in outside)}"] if outside else []
 
 
 def required_acl(site: Site, hv: Hypervisor, major: int = 8) -> dict[str, tuple[str, ...]]:
@@ -681,7 +709,8 @@ class _HostRun:
         assert self.client is not None
         hv = self.hv
         ifaces = self.client.node_networks()
-        bridges = {str(i.get("iface")) for i in ifaces if str(i.get("type", "")).lower() in ("bridge", "ovsbridge")}
+        bridges = {str(i.get("iface")): i for i in ifaces
+                   if str(i.get("type", "")).lower() in ("bridge", "ovsbridge")}
         missing = [b for b in bridges_for(self.site, hv) if b not in bridges]
         have = ", ".join(sorted(bridges)) or "none"
         if missing:
@@ -691,8 +720,17 @@ class _HostRun:
                 f"create it on {hv.node} (/etc/network/interfaces, then ifreload -a) or fix pve.bridge / "
                 f"vm.nics[].bridge in the inventory",
             )
-        else:
-            self._ok(CHECK_BRIDGE, ", ".join(bridges_for(self.site, hv)) + " present")
+            return
+        problems = [p for bridge, users in sorted(vlan_users(self.site, hv).items())
+                    for p in vlan_problems(bridge, bridges[bridge], users)]
+        if problems:
+            self._fail(CHECK_BRIDGE, "; ".join(problems),
+                       f"on {hv.node}: make the bridge VLAN-aware and list the VLANs in its bridge-vids "
+                       "(/etc/network/interfaces, then ifreload -a), or fix vm.nics[].vlan in the inventory")
+            return
+        tagged = sorted({tag for users in vlan_users(self.site, hv).values() for tag in users})
+        self._ok(CHECK_BRIDGE, ", ".join(bridges_for(self.site, hv)) + " present"
+                 + (f"; VLANs {format_vids([(t, t) for t in tagged])} carried" if tagged else ""))
 
     def check_vmids(self) -> None:
         assert self.client is not None

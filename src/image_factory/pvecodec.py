@@ -117,3 +117,27 @@ def format_size(size: int) -> str:
         if size and size % SIZE_UNITS[unit] == 0:
             return f"{size // SIZE_UNITS[unit]}{unit}"
     return str(size)
+
+
+# A VLAN-aware bridge without bridge-vids carries what PVE writes for one by default.
+DEFAULT_BRIDGE_VIDS = "2-4094"
+
+
+def parse_vids(value: object) -> list[tuple[int, int]]:
+    """A bridge's ``bridge_vids`` (``2-4094``, ``10 20 30-40``; PVE's pve-vlan-id-or-range-list) as ranges."""
+    ranges: list[tuple[int, int]] = []
+    for item in re.split(r"[\s,;]+", str(value or "").strip()):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d{1,4})(?:-(\d{1,4}))?", item)
+        if not m:
+            raise ValueError(f"not a VLAN id or range: {item!r} in {value!r}")
+        first, last = int(m[1]), int(m[2] or m[1])
+        if not 1 <= first <= last <= 4094:
+            raise ValueError(f"VLAN range {item!r} is outside 1-4094 or reversed")
+        ranges.append((first, last))
+    return ranges
+
+
+def format_vids(ranges: list[tuple[int, int]]) -> str:
+    return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)

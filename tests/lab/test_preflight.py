@@ -110,7 +110,7 @@ def test_prepared_lab_passes_on_both_hosts_and_changes_nothing(fresh_lab: LabHan
     assert list(report.hosts) == list(HOSTS)
     assert report.checks == pf.ALL_CHECKS
     assert report.ok, report.to_dict()
-    assert "vmbr0, vmbr1 present" in report.result("pve-mgmt", "bridge").detail  # jump01's second NIC
+    assert "vmbr0, vmbr1 present; VLANs 99 carried" in report.result("pve-mgmt", "bridge").detail  # jump01 nic1
     assert "PVE 8.4.1" in report.result("pve-mgmt", "version").detail
     assert "host key matches" in report.result("pve-tenant", "ssh").detail
     assert "pinned fingerprint" in report.result("pve-tenant", "tls").detail  # the lab pins pve-tenant
@@ -118,6 +118,19 @@ def test_prepared_lab_passes_on_both_hosts_and_changes_nothing(fresh_lab: LabHan
     assert set(sent) == {"GET"} and len(sent) >= 2 * 5  # version, permissions, storage, network, guests
     assert lab_snapshot(fresh_lab) == before
     report.raise_for_failures()
+
+
+def test_a_bridge_that_cannot_carry_a_nics_vlan_is_named(fresh_lab: LabHandle):
+    """jump01's second NIC is tagged 99 on vmbr1: the bridge must be VLAN-aware and list 99 in bridge-vids."""
+    fresh_lab.bridge_vlans("pve-mgmt", "vmbr1", vids="2-98 100-4094")
+    r = pf.run_preflight(fresh_lab.settings, fresh_lab.site, checks=["bridge"]).result("pve-mgmt", "bridge")
+    assert not r.ok and r.detail == "bridge vmbr1 carries VLANs 2-98 100-4094, not vlan 99 (jump01 nic1)"
+    assert "bridge-vids" in r.hint
+    fresh_lab.bridge_vlans("pve-mgmt", "vmbr1", aware=False)
+    r = pf.run_preflight(fresh_lab.settings, fresh_lab.site, checks=["bridge"]).result("pve-mgmt", "bridge")
+    assert not r.ok and r.detail == "bridge vmbr1 is not VLAN-aware, but vlan 99 (jump01 nic1) use VLAN tags"
+    fresh_lab.clear_faults("pve-mgmt")
+    assert pf.run_preflight(fresh_lab.settings, fresh_lab.site, checks=["bridge"]).result("pve-mgmt", "bridge").ok
 
 
 def test_wrong_ca(fresh_lab: LabHandle, tmp_path: Path):

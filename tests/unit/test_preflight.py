@@ -363,3 +363,19 @@ def test_pve9_node_holding_the_84_role_names_what_is_missing_with_a_fix_valid_on
 def test_pve8_is_reported_as_end_of_life(node, env):
     r = pf.run_preflight(*env, checks=["version"]).result("hv-unit", "version")
     assert r.ok and "reached its end of life in August 2026" in r.detail and "pve8to9" in r.detail
+
+
+@pytest.mark.parametrize(("iface", "detail"), [
+    ({"type": "bridge", "bridge_vlan_aware": 1, "bridge_vids": "2-4094"}, None),
+    ({"type": "bridge", "bridge_vlan_aware": 1}, None),  # no bridge_vids: PVE's default for a VLAN-aware bridge
+    ({"type": "OVSBridge"}, None),
+    ({"type": "bridge"},
+     "bridge vmbr1 is not VLAN-aware, but vlan 99 (jump01 nic1), vlan 300 (a nic0, b nic0) use VLAN tags"),
+    ({"type": "bridge", "bridge_vlan_aware": 1, "bridge_vids": "99"},
+     "bridge vmbr1 carries VLANs 99, not vlan 300 (a nic0, b nic0)"),
+    ({"type": "bridge", "bridge_vlan_aware": 1, "bridge_vids": "99 x"},
+     "bridge vmbr1: bridge_vids '99 x' does not parse"),
+])
+def test_vlan_problems_name_bridge_vlan_and_nics(iface, detail):
+    problems = pf.vlan_problems("vmbr1", iface, {99: ["jump01 nic1"], 300: ["a nic0", "b nic0"]})
+    assert (problems == []) if detail is None else problems[0].startswith(detail)

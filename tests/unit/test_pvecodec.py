@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from image_factory import pvecodec
 from image_factory.pvecodec import NetSpec, format_props, format_tags, parse_props, parse_tags
 
 
@@ -45,3 +46,18 @@ def test_sizes_parse_and_format_as_pve_writes_them(text: str, size: int) -> None
     assert parse_size(text) == size
     assert parse_size(format_size(size)) == size
     assert format_size(20 * 2**30) == "20G" and format_size(2252 * 2**20) == "2252M" and format_size(1000) == "1000"
+
+
+@pytest.mark.parametrize(("text", "ranges"), [
+    ("2-4094", [(2, 4094)]), ("10 20 30-40", [(10, 10), (20, 20), (30, 40)]), ("10,20", [(10, 10), (20, 20)]),
+    ("", []),
+])
+def test_bridge_vids_round_trip(text: str, ranges: list[tuple[int, int]]) -> None:
+    assert pvecodec.parse_vids(text) == ranges
+    assert pvecodec.parse_vids(pvecodec.format_vids(ranges)) == ranges
+
+
+@pytest.mark.parametrize("bad", ["0-10", "10-5", "4095", "ten", "1-2-3"])
+def test_bridge_vids_refuse_what_pve_refuses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        pvecodec.parse_vids(bad)

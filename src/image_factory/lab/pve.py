@@ -143,6 +143,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self._control_runner: web.AppRunner | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self.extra_durations: dict[str, float] = {}
+        self.bridge_vlans: dict[str, dict[str, Any]] = {}  # bridge -> VLAN fields a test set (bridge_vlans)
         self._restore_or_wipe()
 
     @property
@@ -979,7 +980,11 @@ class LabPve(FakePve):  # fakepve is untyped
             item: dict[str, Any] = {"iface": bridge, "type": "bridge", "method": "manual", "method6": "manual",
                                     "families": ["inet"], "priority": 3 + n, "active": 1, "autostart": 1,
                                     "exists": 1, "bridge_ports": "eno1" if n == 0 else "",
-                                    "bridge_stp": "off", "bridge_fd": "0", "bridge_vlan_aware": 1}
+                                    "bridge_stp": "off", "bridge_fd": "0"}
+            # As PVE's GUI writes a VLAN-aware bridge (bridge-vlan-aware yes, bridge-vids 2-4094); a test can
+            # make one VLAN-unaware or narrow its VLANs (control op bridge_vlans).
+            vlans = self.bridge_vlans.get(bridge, {"bridge_vlan_aware": 1, "bridge_vids": "2-4094"})
+            item.update({k: v for k, v in vlans.items() if v is not None})
             if n == 0:
                 item.update(method="static", address=self.spec.address, netmask="255.255.255.0",
                             cidr=f"{self.spec.address}/24")
@@ -1290,6 +1295,7 @@ class LabPve(FakePve):  # fakepve is untyped
             return None
         if op == "clear_faults":
             self.failures.clear()
+            self.bridge_vlans.clear()
             self.network.update(latency=0.0, jitter=0.0, node_latency={}, drop_rate=0.0, hang_rate=0.0)
             self.extra_durations.clear()
             for vm in self.vms:
@@ -1301,6 +1307,10 @@ class LabPve(FakePve):  # fakepve is untyped
             return None
         if op == "flaky_network":
             self.flaky_network(**args)
+            return None
+        if op == "bridge_vlans":
+            self.bridge_vlans[str(args["bridge"])] = {"bridge_vlan_aware": 1 if args.get("aware", True) else None,
+                                                      "bridge_vids": args.get("vids")}
             return None
         if op == "slow_network":
             self.slow_network(**args)

@@ -142,6 +142,11 @@ class LabHandle:
     def time_scale(self, host: str, value: float) -> None:
         self.control(host).call("time_scale", value=value)
 
+    def bridge_vlans(self, host: str, bridge: str, *, aware: bool = True, vids: str | None = None) -> None:
+        """The bridge's VLAN fields in /nodes/{node}/network: not VLAN-aware, or other bridge_vids (until
+        clear_faults; the default is what PVE's GUI writes: VLAN-aware, 2-4094)."""
+        self.control(host).call("bridge_vlans", bridge=bridge, aware=aware, vids=vids)
+
     def clear_faults(self, host: str | None = None) -> None:
         for name in [host] if host else list(self.site.hypervisors):
             self.control(name).call("clear_faults")
