@@ -370,6 +370,9 @@ def _effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], lis
     return config, pending_keys, digest
 
 
+UNSAFE_NIC_KEYS = frozenset({"tag", "bridge"})
+
+
 def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mapping[str, Any]) -> list[FieldDiff]:
     """Differences between the VM's effective config and the inventory; ``safe`` ones a config update fixes."""
     diffs: list[FieldDiff] = []
@@ -393,7 +396,10 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mappin
         have_opts.setdefault("firewall", "0")
         for key in sorted(set(have_opts) | set(want_opts)):
             if have_opts.get(key) != want_opts.get(key):
-                diffs.append(FieldDiff(f"net{i}.{key}", have_opts.get(key), want_opts.get(key), True))
+                # A NIC on another VLAN or bridge is on another network (another tenant's, maybe): reported,
+                # never moved by a config update.
+                diffs.append(FieldDiff(f"net{i}.{key}", have_opts.get(key), want_opts.get(key),
+                                       key not in UNSAFE_NIC_KEYS))
     for key in nets:
         if int(key[3:]) >= len(vm.nics):
             diffs.append(FieldDiff(key, config[key], None, True))

@@ -183,6 +183,7 @@ def test_compare_reports_each_field(site: Site) -> None:
     assert diffs["net0.mac"].current == "bc:24:11:00:00:01" and diffs["net0.mac"].safe
     assert not diffs["scsi0.size"].safe and not diffs["template"].safe
     assert diffs["cores"].safe and diffs["tags"].safe and diffs["sshkeys"].safe
+    assert not diffs["net1.tag"].safe, "a NIC on another VLAN is on another network: never moved silently"
     cfg["scsi0"] = "local-lvm:vm-1301-disk-0,size=10G"
     grow = {d.field: d for d in dep.compare(vm, hv, tpl(), cfg)}["scsi0.size"]
     assert grow.safe and grow.desired == "20G"
@@ -270,6 +271,8 @@ DECIDE_CASES = {
     "in-sync": (lambda vm, hv: _observed(vm, hv), [tpl()], {}, {}, "in-sync", ""),
     "safe drift": (lambda vm, hv: _observed(vm, hv, memory="512"), [tpl()], {}, {}, "drift", ""),
     "stopped is safe drift": (lambda vm, hv: _observed(vm, hv, status="stopped"), [tpl()], {}, {}, "drift", ""),
+    "vlan drift is unsafe": (lambda vm, hv: _observed(vm, hv, net1="virtio=02:DE:10:03:01:01,bridge=vmbr1,tag=98"),
+                             [tpl()], {}, {}, "drift", "net1.tag: '98' -> '99' (unsafe)"),
     "unsafe drift reported": (lambda vm, hv: _observed(vm, hv), [tpl(9001, "tpl-new")], {}, {}, "drift",
                               "re-create only with --recreate"),
     "unsafe drift, running mgmt, --recreate only": (lambda vm, hv: _observed(vm, hv), [tpl(9001, "tpl-new")], {},
