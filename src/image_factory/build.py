@@ -163,8 +163,10 @@ def ansible_target_warning(family: str, release: int, core: tuple[int, int] | No
     """Why this controller's ansible-core may not drive the release's Python, and the way out; "" if it can."""
     want = families.get(family).target_python(release)
     if core is None:
-        from ansible.release import __version__
-
+        try:
+            from ansible.release import __version__
+        except ImportError:
+            return ""  # no ansible-core here: the build's own check names that
         core = (int(__version__.split(".")[0]), int(__version__.split(".")[1]))
     if want is None or core > max(ANSIBLE_CORE_TARGET_PYTHON):
         return ""
