@@ -13,10 +13,8 @@ import email.utils
 import hashlib
 import http.server
 import lzma
-import ssl
 import subprocess
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .loopback import serve_http
 
 
 def generate_key(uid: str) -> Any:
@@ -66,19 +66,8 @@ def serve_files(files: dict[str, bytes], *, cert_and_key: tuple[str, str] | None
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    scheme = "http"
-    if cert_and_key is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(*cert_and_key)
-        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-        scheme = "https"
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_http(Handler, cert_and_key=cert_and_key) as url:
+        yield url
 
 
 def build_deb(workdir: Path, name: str, version: str) -> bytes:

@@ -18,8 +18,10 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from .loopback import serve_http
 
 # The hosts item of OPNsense core's models/OPNsense/Dnsmasq/Dnsmasq.xml, in its order.
 HOST_FIELDS = ("host", "domain", "local", "ip", "cnames", "client_id", "hwaddr", "lease_time", "ignore",
@@ -105,8 +107,6 @@ class FakeOpnsense:
 @contextmanager
 def serve(fake: FakeOpnsense, cert_and_key: tuple[str, str]) -> Iterator[str]:
     """The fake on 127.0.0.1 over HTTPS; yields its base URL."""
-    import ssl
-
     expected = "Basic " + base64.b64encode(f"{fake.key}:{fake.secret}".encode()).decode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -140,13 +140,5 @@ def serve(fake: FakeOpnsense, cert_and_key: tuple[str, str]) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(*cert_and_key)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_http(Handler, cert_and_key=cert_and_key) as url:
+        yield url
