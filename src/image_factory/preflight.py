@@ -47,7 +47,7 @@ from .errors import FactoryError, RemoteError
 from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
-from .publish import TRANSPORTS
+from .publish import transport_named
 from .pve import ApiError, PveClient
 from .pvecodec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
 from .settings import Settings
@@ -667,7 +667,7 @@ class _HostRun:
         # so both copies exist at once (shared/pve-facts.md): on a default install, where both are on the
         # root filesystem, that is twice the artifact there.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
-                                                       if TRANSPORTS[self.transport].staged else [])
+                                                       if transport_named(self.transport).staged else [])
         filesystems: dict[str, dict[str, Any]] = {}
         for d, what in uses:
             res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)
@@ -847,6 +847,7 @@ def run_preflight(
     added. ``images``: restrict the space check's "largest artifact" to these images. ``transport``: how
     publish will upload (the space an API upload needs differs, see check_space).
     """
+    transport_named(transport)  # an unknown one is the caller's mistake, not a host's failure
     names_wanted = [h if isinstance(h, str) else h.name for h in hypervisors or ()]
     selected = site.select_hypervisors(names_wanted or None)
     names = expand_checks(checks)

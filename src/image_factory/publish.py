@@ -730,6 +730,14 @@ class ApiTransport:
 TRANSPORTS: dict[str, Transport] = {"ssh": SshTransport(), "api": ApiTransport()}
 
 
+def transport_named(name: str) -> Transport:
+    """The transport called ``name``, or a clear error naming the choices (before any host is contacted)."""
+    try:
+        return TRANSPORTS[name]
+    except KeyError:
+        raise PublishError(f"unknown transport {name!r} (choose {' or '.join(TRANSPORTS)})") from None
+
+
 def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
     hv, art = ctx.hv, ctx.artifact
     total = art.size
@@ -931,8 +939,7 @@ def publish_image(
     (``report.ok``, ``report.raise_for_failures()``).
     """
     started = time.monotonic()
-    if transport not in TRANSPORTS:
-        raise PublishError(f"unknown transport {transport!r} (choose {' or '.join(TRANSPORTS)})")
+    transport_named(transport)
     if keep < 1:
         raise PublishError(f"--keep must be at least 1 (got {keep})")
     hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
