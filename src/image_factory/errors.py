@@ -57,4 +57,9 @@ class RemoteError(FactoryError):
 
     def __init__(self, host: str, message: str):
         self.host = host
+        self.message = message
         super().__init__(f"{host}: {message}")
+
+
+class TlsVerificationFailed(RemoteError):
+    """The server's certificate did not verify against the pinned CA or fingerprint."""

@@ -43,7 +43,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import manifest as manifest_mod
-from .errors import FactoryError, RemoteError
+from .errors import FactoryError, RemoteError, TlsVerificationFailed
 from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
@@ -66,34 +66,6 @@ CHECK_BRIDGE = "bridge"
 CHECK_VMIDS = "vmids"
 CHECK_MACS = "macs"
 CHECK_TAGS = "tags"
-
-ALL_CHECKS: tuple[str, ...] = (
-    CHECK_TLS, CHECK_SSH, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES,
-    CHECK_STORAGE, CHECK_SPACE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS, CHECK_TAGS,
-)
-# publish uploads over SSH and registers templates through the API: everything.
-PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
-# deploy only clones and configures through the API: no SSH, no upload space.
-DEPLOY_CHECKS: tuple[str, ...] = (
-    CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_PRIVILEGES, CHECK_STORAGE, CHECK_BRIDGE, CHECK_VMIDS, CHECK_MACS,
-    CHECK_TAGS,
-)
-CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
-
-# A check needs these to have passed first (they are added to the run when missing).
-PREREQUISITES: dict[str, tuple[str, ...]] = {
-    CHECK_TLS: (),
-    CHECK_SSH: (),
-    CHECK_TOKEN: (CHECK_TLS,),
-    CHECK_VERSION: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_PRIVILEGES: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_STORAGE: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_SPACE: (CHECK_TLS, CHECK_TOKEN, CHECK_SSH),
-    CHECK_BRIDGE: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_VMIDS: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_MACS: (CHECK_TLS, CHECK_TOKEN),
-    CHECK_TAGS: (CHECK_TLS, CHECK_TOKEN),
-}
 
 MIN_VERSION = (8, 4)
 FACTORY_TAG = "image-factory"
@@ -173,7 +145,7 @@ class PreflightReport:
     """Results per host (inventory order), each a list of CheckResult in check order."""
 
     hosts: dict[str, list[CheckResult]] = field(default_factory=dict)
-    checks: tuple[str, ...] = ALL_CHECKS
+    checks: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -228,13 +200,13 @@ class PreflightFailed(FactoryError):
 
 def expand_checks(checks: Iterable[str] | None) -> tuple[str, ...]:
     """Validate check names, add their prerequisites, return them in canonical order."""
-    wanted = set(ALL_CHECKS if checks is None else checks)
-    unknown = sorted(wanted - set(ALL_CHECKS))
+    wanted = set(CHECKS if checks is None else checks)
+    unknown = sorted(wanted - set(CHECKS))
     if unknown:
-        raise ValueError(f"unknown preflight check(s) {unknown} (have: {', '.join(ALL_CHECKS)})")
+        raise ValueError(f"unknown preflight check(s) {unknown} (have: {', '.join(CHECKS)})")
     for name in list(wanted):
-        wanted.update(PREREQUISITES[name])
-    return tuple(c for c in ALL_CHECKS if c in wanted)
+        wanted.update(CHECKS[name].needs)
+    return tuple(c for c in CHECKS if c in wanted)
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -378,6 +350,51 @@ def effective_privileges(answer: Any, path: str) -> set[str]:
     return held
 
 
+# ------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one check found on one host: ``hint`` says how to fix a failure."""
+
+    ok: bool
+    detail: str
+    hint: str = ""
+    skipped: bool = False
+
+
+def passed(detail: str) -> Outcome:
+    return Outcome(True, detail)
+
+
+def failed(detail: str, hint: str) -> Outcome:
+    return Outcome(False, detail, hint)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight check, declared once: its name, the checks it needs to have passed, whether deploy
+    runs it (publish runs every check), and the step that runs it on one host."""
+
+    name: str
+    run: Callable[[_HostRun], Outcome]
+    needs: tuple[str, ...]
+    deploy: bool
+
+
+CHECKS: dict[str, Check] = {}  # in run order: the order the checks are declared in
+
+
+def check(name: str, *, needs: tuple[str, ...] = (CHECK_TLS, CHECK_TOKEN), deploy: bool = True
+          ) -> Callable[[Callable[[_HostRun], Outcome]], Callable[[_HostRun], Outcome]]:
+    def register(step: Callable[[_HostRun], Outcome]) -> Callable[[_HostRun], Outcome]:
+        if name in CHECKS:
+            raise ValueError(f"preflight check {name!r} is declared twice")
+        CHECKS[name] = Check(name, step, tuple(n for n in needs if n != name), deploy)
+        return step
+    return register
+
+
 # ------------------------------------------------------------------------------------- per host
 
 
@@ -402,46 +419,34 @@ class _HostRun:
         self.version_info: dict[str, Any] = {}
         self.token_error: ApiError | None = None
 
-    # -- bookkeeping
-    def _ok(self, name: str, detail: str) -> None:
-        self.results[name] = CheckResult(name, True, detail)
-
-    def _fail(self, name: str, detail: str, hint: str) -> None:
-        self.results[name] = CheckResult(name, False, detail, hint)
-
     def _passed(self, name: str) -> bool:
         r = self.results.get(name)
         return r is not None and r.ok
 
     def run(self) -> list[CheckResult]:
-        steps: dict[str, Callable[[], None]] = {
-            CHECK_TLS: self.check_tls, CHECK_SSH: self.check_ssh, CHECK_TOKEN: self.check_token,
-            CHECK_VERSION: self.check_version, CHECK_PRIVILEGES: self.check_privileges,
-            CHECK_STORAGE: self.check_storage, CHECK_SPACE: self.check_space,
-            CHECK_BRIDGE: self.check_bridge, CHECK_VMIDS: self.check_vmids, CHECK_MACS: self.check_macs,
-            CHECK_TAGS: self.check_tags,
-        }
         try:
             for name in self.checks:
                 if name in self.results:  # decided by an earlier step (an unreadable secret fails the token)
                     continue
-                blockers = [p for p in PREREQUISITES[name] if not self._passed(p)]
+                blockers = [p for p in CHECKS[name].needs if not self._passed(p)]
                 if blockers:
-                    self.results[name] = CheckResult(
-                        name, False, f"not run: {', '.join(blockers)} failed", "", skipped=True
-                    )
-                    continue
-                try:
-                    steps[name]()
-                except RemoteError as exc:
-                    self._fail(name, str(exc).removeprefix(f"{self.hv.name}: "), self._generic_hint(exc, name))
-                except Exception as exc:  # noqa: BLE001 - one odd answer must not hide the other hosts' results
-                    self._fail(name, f"unexpected {type(exc).__name__}: {exc}",
-                               f"re-run with the same inventory; if it persists, this is a bug in the {name} check")
+                    outcome = Outcome(False, f"not run: {', '.join(blockers)} failed", skipped=True)
+                else:
+                    outcome = self._run_one(name)
+                self.results[name] = CheckResult(name, outcome.ok, outcome.detail, outcome.hint, outcome.skipped)
         finally:
             if self.link is not None:
                 self.link.close()
         return [self.results[n] for n in self.checks]
+
+    def _run_one(self, name: str) -> Outcome:
+        try:
+            return CHECKS[name].run(self)
+        except RemoteError as exc:
+            return failed(exc.message, self._generic_hint(exc, name))
+        except Exception as exc:  # noqa: BLE001 - one odd answer must not hide the other hosts' results
+            return failed(f"unexpected {type(exc).__name__}: {exc}",
+                          f"re-run with the same inventory; if it persists, this is a bug in the {name} check")
 
     def _generic_hint(self, exc: RemoteError, check: str = "") -> str:
         hv = self.hv
@@ -452,34 +457,27 @@ class _HostRun:
         return f"check that {hv.api_url} is the PVE API of node {hv.node} and that pveproxy runs"
 
     # -- checks
-    def check_tls(self) -> None:
+    @check(CHECK_TLS, needs=())
+    def check_tls(self) -> Outcome:
         hv = self.hv
         how = f"CA file {hv.tls_ca_file}" if hv.tls_ca_file else f"pinned fingerprint {hv.tls_fingerprint}"
         try:
             self.client = (self.client_factory or self._default_client)(hv)
         except RemoteError as exc:  # e.g. the CA file does not exist
-            self._fail(CHECK_TLS, str(exc).removeprefix(f"{hv.name}: "), self._tls_hint())
-            return
+            return failed(exc.message, self._tls_hint())
         except FactoryError as exc:  # the token secret cannot be read: TLS is untested, the token is the fault
-            self.results[CHECK_TLS] = CheckResult(CHECK_TLS, False, "not run: token secret unavailable", "",
-                                                  skipped=True)
-            self._fail(CHECK_TOKEN, str(exc), self._secret_hint())
-            return
+            self.results[CHECK_TOKEN] = CheckResult(CHECK_TOKEN, False, str(exc), self._secret_hint())
+            return Outcome(False, "not run: token secret unavailable", skipped=True)
         try:
             self.version_info = self.client.version()
-        except ApiError as exc:
-            self._ok(CHECK_TLS, f"{hv.api_url} verified with {how}")
+        except ApiError as exc:  # TLS held; the token check reports the refusal
             self.token_error = exc
-            return
+        except TlsVerificationFailed as exc:
+            return failed(exc.message, self._tls_hint())
         except RemoteError as exc:
-            detail = str(exc).removeprefix(f"{hv.name}: ")
-            if detail.startswith("TLS verification"):
-                self._fail(CHECK_TLS, detail, self._tls_hint())
-            else:
-                self._fail(CHECK_TLS, detail, f"check pve.api_url ({hv.api_url}) and that pveproxy runs on "
-                           f"{hv.node} (`systemctl status pveproxy`) and is reachable from here")
-            return
-        self._ok(CHECK_TLS, f"{hv.api_url} verified with {how}")
+            return failed(exc.message, f"check pve.api_url ({hv.api_url}) and that pveproxy runs on {hv.node} "
+                                       "(`systemctl status pveproxy`) and is reachable from here")
+        return passed(f"{hv.api_url} verified with {how}")
 
     def _default_client(self, hv: Hypervisor) -> PveClient:
         return PveClient(hv, timeout=self.timeout)
@@ -502,22 +500,41 @@ class _HostRun:
         where = f"environment variable {hv.token_secret_env}" if hv.token_secret_env else f"file {hv.token_secret_file}"
         return f"put the secret of token {hv.token_id} in the {where} (it is shown once by `pveum user token add`)"
 
-    def check_token(self) -> None:
+    @check(CHECK_SSH, needs=(), deploy=False)
+    def check_ssh(self) -> Outcome:
+        hv = self.hv
+        ep = hv.ssh
+        link = SshLink(hv.name, ep, timeout=self.timeout)
+        try:
+            link.connect()
+        except HostKeyMismatch as exc:
+            return failed(exc.message,
+                f"if {hv.node} was reinstalled or its keys rotated, confirm the new key on its console "
+                f"(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and put it in pve.ssh.host_key; "
+                f"otherwise do not connect: something else answers on {ep.host}:{ep.port}",
+            )
+        except RemoteError as exc:
+            return failed(exc.message,
+                f"check pve.ssh (host, port, user {ep.user}, key_file) and that the factory's public key is in "
+                f"~{ep.user}/.ssh/authorized_keys on {hv.node} (ansible-playbook {PLAYBOOK} -l {hv.name})",
+            )
+        self.link = link
+        return passed(f"{ep.user}@{ep.host}:{ep.port} host key matches the pinned {ep.host_key.split()[0]}")
+
+    @check(CHECK_TOKEN, needs=(CHECK_TLS,))
+    def check_token(self) -> Outcome:
         exc = self.token_error
         hv = self.hv
         if exc is None:
-            self._ok(CHECK_TOKEN, f"{hv.token_id} authenticates")
-            return
+            return passed(f"{hv.token_id} authenticates")
         if exc.status == 401:
-            self._fail(
-                CHECK_TOKEN, f"token {hv.token_id} is refused: {exc.pve_message}",
+            return failed(f"token {hv.token_id} is refused: {exc.pve_message}",
                 f"check the token exists (`pveum user token list {_token_user(hv.token_id)}` on {hv.node}) and "
                 f"that the secret in {hv.token_secret_env or hv.token_secret_file} is its secret; "
                 f"or create it: ansible-playbook {PLAYBOOK} -l {hv.name}",
             )
         else:
-            self._fail(
-                CHECK_TOKEN, f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc, CHECK_TOKEN)
+            return failed(f"GET /version with token {hv.token_id}: {exc}", self._generic_hint(exc, CHECK_TOKEN)
             )
 
     @property
@@ -525,29 +542,29 @@ class _HostRun:
         parsed = parse_version(str(self.version_info.get("version") or self.version_info.get("release") or ""))
         return parsed[0] if parsed else 8
 
-    def check_version(self) -> None:
+    @check(CHECK_VERSION)
+    def check_version(self) -> Outcome:
         info = self.version_info
         text = str(info.get("version") or info.get("release") or "")
         parsed = parse_version(text)
         need = ".".join(map(str, MIN_VERSION))
         if parsed is None:
-            self._fail(CHECK_VERSION, f"cannot read the PVE version from {info!r}",
+            return failed(f"cannot read the PVE version from {info!r}",
                        f"check that {self.hv.api_url} is a Proxmox VE {need}+ node")
         elif parsed[:2] < MIN_VERSION:
-            self._fail(
-                CHECK_VERSION,
-                f"PVE {text} on {self.hv.node} is older than {need}: `import` uploads need {need} or newer",
+            return failed(f"PVE {text} on {self.hv.node} is older than {need}: `import` uploads need {need} or newer",
                 f"upgrade {self.hv.node} to Proxmox VE {need} or newer (for 7.x first: pve7to8 --full, then "
                 f"switch the repositories to bookworm and apt full-upgrade)",
             )
         elif parsed[0] in EOL_MAJORS:
-            self._ok(CHECK_VERSION, f"PVE {text} (warning: PVE {parsed[0]}.x reached its end of life in "
+            return passed(f"PVE {text} (warning: PVE {parsed[0]}.x reached its end of life in "
                                     f"{EOL_MAJORS[parsed[0]]}: upgrade to {LATEST_MAJOR}.x with pve{parsed[0]}to"
                                     f"{LATEST_MAJOR} --full, then re-run {PLAYBOOK})")
         else:
-            self._ok(CHECK_VERSION, f"PVE {text}")
+            return passed(f"PVE {text}")
 
-    def check_privileges(self) -> None:
+    @check(CHECK_PRIVILEGES)
+    def check_privileges(self) -> Outcome:
         assert self.client is not None
         hv = self.hv
         missing: dict[str, list[str]] = {}
@@ -560,17 +577,15 @@ class _HostRun:
                 missing[path] = lack
         wanted = required_privileges(major)
         if not missing:
-            self._ok(CHECK_PRIVILEGES, f"{hv.token_id} holds all {len(wanted)} privileges of PVE {major_of(major)} "
+            return passed(f"{hv.token_id} holds all {len(wanted)} privileges of PVE {major_of(major)} "
                                        "where needed")
-            return
         detail = f"token {hv.token_id} lacks " + "; ".join(f"{', '.join(p)} on {path}" for path, p in missing.items())
         user = _token_user(hv.token_id)
         cmds = "; ".join(
             f"pveum acl modify {path} --users {user} --tokens '{hv.token_id}' --roles {FACTORY_ROLE}"
             for path in missing
         )
-        self._fail(
-            CHECK_PRIVILEGES, detail,
+        return failed(detail,
             f"ansible-playbook {PLAYBOOK} -l {hv.name}, or on {hv.node} (PVE {major_of(major)} privilege names): "
             f"pveum role modify {FACTORY_ROLE} --privs {','.join(wanted)}; {cmds}",
         )
@@ -581,7 +596,8 @@ class _HostRun:
             self.node_storage = self.client.storages()
         return self.node_storage
 
-    def check_storage(self) -> None:
+    @check(CHECK_STORAGE)
+    def check_storage(self) -> Outcome:
         hv = self.hv
         st = hv.storage
         wanted: dict[str, list[str]] = {}
@@ -612,35 +628,12 @@ class _HostRun:
                 )
                 hints.append(f"pvesm set {sid} --content {','.join([*have, *lack])}")
         if problems:
-            self._fail(CHECK_STORAGE, "; ".join(problems), "; ".join(hints))
+            return failed("; ".join(problems), "; ".join(hints))
         else:
-            self._ok(CHECK_STORAGE, "; ".join(f"{sid}: {','.join(c)}" for sid, c in wanted.items()))
+            return passed("; ".join(f"{sid}: {','.join(c)}" for sid, c in wanted.items()))
 
-    def check_ssh(self) -> None:
-        hv = self.hv
-        ep = hv.ssh
-        link = SshLink(hv.name, ep, timeout=self.timeout)
-        try:
-            link.connect()
-        except HostKeyMismatch as exc:
-            self._fail(
-                CHECK_SSH, str(exc).removeprefix(f"{hv.name}: "),
-                f"if {hv.node} was reinstalled or its keys rotated, confirm the new key on its console "
-                f"(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and put it in pve.ssh.host_key; "
-                f"otherwise do not connect: something else answers on {ep.host}:{ep.port}",
-            )
-            return
-        except RemoteError as exc:
-            self._fail(
-                CHECK_SSH, str(exc).removeprefix(f"{hv.name}: "),
-                f"check pve.ssh (host, port, user {ep.user}, key_file) and that the factory's public key is in "
-                f"~{ep.user}/.ssh/authorized_keys on {hv.node} (ansible-playbook {PLAYBOOK} -l {hv.name})",
-            )
-            return
-        self.link = link
-        self._ok(CHECK_SSH, f"{ep.user}@{ep.host}:{ep.port} host key matches the pinned {ep.host_key.split()[0]}")
-
-    def check_space(self) -> None:
+    @check(CHECK_SPACE, needs=(CHECK_TLS, CHECK_TOKEN, CHECK_SSH), deploy=False)
+    def check_space(self) -> Outcome:
         hv = self.hv
         need = self.need
         problems: list[str] = []
@@ -701,11 +694,12 @@ class _HostRun:
                 hints.append(f"free at least {human_bytes(wanted - avail)} on {mount} of {hv.node}"
                              + (", or publish with --transport ssh (one copy)" if copies > 1 else ""))
         if problems:
-            self._fail(CHECK_SPACE, "; ".join(problems), "; ".join(hints))
+            return failed("; ".join(problems), "; ".join(hints))
         else:
-            self._ok(CHECK_SPACE, f"need {human_bytes(need.bytes)} ({need.source}); " + "; ".join(seen))
+            return passed(f"need {human_bytes(need.bytes)} ({need.source}); " + "; ".join(seen))
 
-    def check_bridge(self) -> None:
+    @check(CHECK_BRIDGE)
+    def check_bridge(self) -> Outcome:
         assert self.client is not None
         hv = self.hv
         ifaces = self.client.node_networks()
@@ -714,25 +708,22 @@ class _HostRun:
         missing = [b for b in bridges_for(self.site, hv) if b not in bridges]
         have = ", ".join(sorted(bridges)) or "none"
         if missing:
-            self._fail(
-                CHECK_BRIDGE,
-                f"bridge {', '.join(missing)} does not exist on {hv.node} (has: {have})",
+            return failed(f"bridge {', '.join(missing)} does not exist on {hv.node} (has: {have})",
                 f"create it on {hv.node} (/etc/network/interfaces, then ifreload -a) or fix pve.bridge / "
                 f"vm.nics[].bridge in the inventory",
             )
-            return
         problems = [p for bridge, users in sorted(vlan_users(self.site, hv).items())
                     for p in vlan_problems(bridge, bridges[bridge], users)]
         if problems:
-            self._fail(CHECK_BRIDGE, "; ".join(problems),
+            return failed("; ".join(problems),
                        f"on {hv.node}: make the bridge VLAN-aware and list the VLANs in its bridge-vids "
                        "(/etc/network/interfaces, then ifreload -a), or fix vm.nics[].vlan in the inventory")
-            return
         tagged = sorted({tag for users in vlan_users(self.site, hv).values() for tag in users})
-        self._ok(CHECK_BRIDGE, ", ".join(bridges_for(self.site, hv)) + " present"
+        return passed(", ".join(bridges_for(self.site, hv)) + " present"
                  + (f"; VLANs {format_vids([(t, t) for t in tagged])} carried" if tagged else ""))
 
-    def check_vmids(self) -> None:
+    @check(CHECK_VMIDS)
+    def check_vmids(self) -> Outcome:
         assert self.client is not None
         hv = self.hv
         guests = self.client.cluster_vms()
@@ -758,13 +749,25 @@ class _HostRun:
         ranges = (f"templates {hv.template_vmids.first}-{hv.template_vmids.last}, "
                   f"VMs {hv.vm_vmids.first}-{hv.vm_vmids.last}")
         if foreign:
-            self._fail(
-                CHECK_VMIDS, "; ".join(foreign),
+            return failed("; ".join(foreign),
                 f"the factory only touches guests it made: move those guests out of the ranges on {hv.node} "
                 f"or change pve.template_vmids / pve.vm_vmids in the inventory ({ranges})",
             )
         else:
-            self._ok(CHECK_VMIDS, f"{ranges}: free or factory-owned ({owned} owned)")
+            return passed(f"{ranges}: free or factory-owned ({owned} owned)")
+
+    @check(CHECK_MACS)
+    def check_macs(self) -> Outcome:
+        assert self.client is not None
+        uses = host_mac_uses(self.client, self.hv.name)
+        collisions = site_collisions(self.site, uses)
+        if collisions:
+            return failed("; ".join(str(c) for c in collisions),
+                       "an inventory MAC must be on its own VM only: give the inventory VM a free MAC "
+                       "(invoke mac.generate --vm NAME) or change the other VM's NIC")
+        else:
+            count = sum(len(vm.nics) for vm in self.site.vms.values())
+            return passed(f"none of the {count} inventory MACs is on another VM of {self.hv.node}")
 
     def factory_tags(self) -> set[str]:
         """The tags the factory sets on this host: its marker and test states, the planes, the inventory's
@@ -774,16 +777,16 @@ class _HostRun:
             tags.update(vm.all_tags)
         return tags
 
-    def check_tags(self) -> None:
+    @check(CHECK_TAGS)
+    def check_tags(self) -> Outcome:
         assert self.client is not None
         try:
             options = self.client.cluster_options()
         except ApiError as exc:
             if exc.status == 403:
-                self._ok(CHECK_TAGS, "the datacenter tag policy is not readable by the token (Sys.Audit on /); "
+                return passed("the datacenter tag policy is not readable by the token (Sys.Audit on /); "
                                      "if `user-tag-access` is not free or a factory tag is registered, creating "
                                      "templates and VMs fails (Datacenter > Options)")
-                return
             raise
         access = dict(p.split("=", 1) for p in str(options.get("user-tag-access", "")).split(",") if "=" in p)
         allow = access.get("user-allow", "free")
@@ -800,29 +803,24 @@ class _HostRun:
         if ours & registered:
             problems.append(f"registered-tags holds {', '.join(sorted(ours & registered))}")
         if not problems:
-            self._ok(CHECK_TAGS, f"user-tag-access user-allow={allow}; no factory tag is registered")
-            return
+            return passed(f"user-tag-access user-allow={allow}; no factory tag is registered")
         held = effective_privileges(self.client.permissions("/"), "/")
         if "Sys.Modify" in held:
-            self._ok(CHECK_TAGS, "; ".join(problems) + " (the token holds Sys.Modify on /, which the policy allows)")
-            return
-        self._fail(CHECK_TAGS, "; ".join(problems) + ": setting the factory's tags needs Sys.Modify on /, which "
+            return passed("; ".join(problems) + " (the token holds Sys.Modify on /, which the policy allows)")
+        return failed("; ".join(problems) + ": setting the factory's tags needs Sys.Modify on /, which "
                                "the token does not hold",
                    "on the node as root: pvesh set /cluster/options --user-tag-access user-allow=free"
                    + (f" and take {', '.join(sorted(ours & registered))} out of registered-tags" if ours & registered
                       else "") + " (Datacenter > Options > User Tag Access)")
 
-    def check_macs(self) -> None:
-        assert self.client is not None
-        uses = host_mac_uses(self.client, self.hv.name)
-        collisions = site_collisions(self.site, uses)
-        if collisions:
-            self._fail(CHECK_MACS, "; ".join(str(c) for c in collisions),
-                       "an inventory MAC must be on its own VM only: give the inventory VM a free MAC "
-                       "(invoke mac.generate --vm NAME) or change the other VM's NIC")
-        else:
-            count = sum(len(vm.nics) for vm in self.site.vms.values())
-            self._ok(CHECK_MACS, f"none of the {count} inventory MACs is on another VM of {self.hv.node}")
+
+
+ALL_CHECKS: tuple[str, ...] = tuple(CHECKS)
+# publish uploads over SSH and registers templates through the API: everything.
+PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
+# deploy only clones and configures through the API: no SSH, no upload space.
+DEPLOY_CHECKS: tuple[str, ...] = tuple(c.name for c in CHECKS.values() if c.deploy)
+CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
 
 
 # ------------------------------------------------------------------------------------- entry

@@ -28,7 +28,7 @@ import requests
 from proxmoxer import ProxmoxAPI, ResourceException
 from requests.adapters import HTTPAdapter
 
-from .errors import RemoteError
+from .errors import RemoteError, TlsVerificationFailed
 from .inventory import Hypervisor
 from .secrets import read_secret
 
@@ -191,7 +191,7 @@ class PveClient:
                 detail += " " + "; ".join(f"{k}: {v}" for k, v in sorted(exc.errors.items()))
             raise ApiError(self.name, label, exc.status_code, detail.strip()) from None
         except requests.exceptions.SSLError as exc:
-            raise RemoteError(
+            raise TlsVerificationFailed(
                 self.name, f"TLS verification of {self.hv.api_url} failed: {_ssl_reason(exc)}"
             ) from None
         except requests.exceptions.ConnectionError as exc:

@@ -35,7 +35,7 @@ import paramiko
 import requests
 from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
 
-from .errors import RemoteError
+from .errors import RemoteError, TlsVerificationFailed
 from .pve import ApiError, PveClient
 from .sshlink import SshLink
 
@@ -456,7 +456,7 @@ def upload_api(
                 timeout=(30, timeout),
             )
         except requests.exceptions.SSLError as exc:
-            raise RemoteError(client.name, f"TLS verification of {client.hv.api_url} failed: {exc}") from None
+            raise TlsVerificationFailed(client.name, f"TLS verification of {client.hv.api_url} failed: {exc}") from None
         except requests.exceptions.RequestException as exc:
             raise UploadError(client.name, f"{call}: {exc}") from None
         sent = last

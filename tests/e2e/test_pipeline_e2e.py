@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import deploy
+from image_factory import deploy, pvecodec
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.demo import _prove_guest
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
@@ -77,7 +77,7 @@ def test_whole_path_against_the_two_host_lab(e2e_lab: LabHandle, tmp_path: Path)
         hv = site.hypervisor_for(vm)
         assert r.plan.host == hv.name and hv.role == vm.plane
         config = PveClient(hv).vm_config(vm.vmid)
-        macs = [deploy.NetSpec.parse(config[f"net{i}"]).mac for i in range(len(vm.nics))]
+        macs = [pvecodec.NetSpec.parse(config[f"net{i}"]).mac for i in range(len(vm.nics))]
         assert macs == vm.macs, vm.name
 
     # 4. the real guest: SSH with the host key read through the guest agent, MAC seen on its NIC

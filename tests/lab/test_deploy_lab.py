@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import publish
+from image_factory import publish, pvecodec
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint
 from image_factory.lab.baseimage import ensure_base_image
@@ -80,8 +80,8 @@ def tiny_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def lab(dlab: LabHandle, tiny_image: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LabHandle]:
     """Fresh hosts, each with one tested template of the lab image (a tiny disk: nothing boots from it)."""
-    monkeypatch.setattr(dep, "LOCK_RETRY_DELAY", 0.2)
-    monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 0.5)
+    monkeypatch.setattr(dep.act, "LOCK_RETRY_DELAY", 0.2)
+    monkeypatch.setattr(dep.ready, "READY_POLL_INTERVAL", 0.5)
     dlab.reset()
     for host in (MGMT, TENANT):
         publish_like_template(dlab, host, tiny_image)
@@ -129,7 +129,7 @@ def test_example_site_lands_with_inventory_macs_and_second_run_changes_nothing(l
         host = MGMT if vm.plane == "mgmt" else TENANT
         assert vm.vmid in api_vmids(lab, host) and vm.vmid not in api_vmids(lab, lab.other(host))
         cfg = api_config(lab, host, vm.vmid)
-        macs = [dep.NetSpec.parse(cfg[f"net{i}"]).mac for i in range(len(vm.nics))]
+        macs = [pvecodec.NetSpec.parse(cfg[f"net{i}"]).mac for i in range(len(vm.nics))]
         assert macs == vm.macs, f"{vm.name}: the API reads back {macs}, inventory says {vm.macs}"
         assert not any(k for k in cfg if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics))
         assert cfg["ciuser"] == vm.cloudinit.user and str(cfg["ciupgrade"]) == "0"
@@ -157,7 +157,7 @@ def test_example_site_lands_with_inventory_macs_and_second_run_changes_nothing(l
 @pytest.mark.slow
 def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
-    monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 1.0)
+    monkeypatch.setattr(dep.ready, "READY_POLL_INTERVAL", 1.0)
     lab = dlab
     lab.reset()
     publish_like_template(lab, TENANT, BASE_IMAGE)
@@ -212,7 +212,7 @@ def test_hand_changed_mac_shows_as_drift_and_is_corrected(lab: LabHandle) -> Non
         "net0.mac": ("bc:24:11:de:ad:01", vm.nics[0].mac), "status": ("stopped", "running")}
     [r] = deploy(lab, [vm.name]).results
     assert r.state == "corrected", r.to_dict()
-    assert dep.NetSpec.parse(api_config(lab, TENANT, vm.vmid)["net0"]).mac == vm.nics[0].mac
+    assert pvecodec.NetSpec.parse(api_config(lab, TENANT, vm.vmid)["net0"]).mac == vm.nics[0].mac
     assert plan(lab, [vm.name]).vms[0].action == "in-sync"
 
 
@@ -255,7 +255,7 @@ def test_clone_storage_lock_timeout_is_retried(lab: LabHandle) -> None:
     lab.lock_storage(MGMT, "local", secs=14)
     [r] = deploy(lab, ["runner01"]).results
     assert r.state == "created", r.to_dict()
-    assert dep.NetSpec.parse(api_config(lab, MGMT, 1201)["net0"]).mac == "02:de:10:02:01:00"
+    assert pvecodec.NetSpec.parse(api_config(lab, MGMT, 1201)["net0"]).mac == "02:de:10:02:01:00"
     statuses = clone_tasks(lab, MGMT)
     assert len(statuses) >= 2 and "got timeout" in statuses[0] and statuses[-1] == "OK", statuses
 
@@ -349,7 +349,7 @@ def test_two_concurrent_deploys_of_one_mgmt_vm_leave_exactly_one_running_vm(
                 time.sleep(0.2)  # hold the first run between clone and config while the second starts
         return contextlib.nullcontext(hook if enabled else (lambda name, text: None))
 
-    monkeypatch.setattr(dep, "_progress", progress)
+    monkeypatch.setattr(dep.act, "progress_reporter", progress)
     rng = random.Random(20261128)
     outcomes = []
     for trial in range(20):
@@ -376,7 +376,7 @@ def test_two_concurrent_deploys_of_one_mgmt_vm_leave_exactly_one_running_vm(
         mine = [v for v in client.list_vms() if int(v["vmid"]) == vm.vmid]
         cfg = client.vm_config(vm.vmid) if mine else {}
         outcomes.append((trial, at_config, states, len(mine), mine[0].get("status") if mine else None,
-                         dep.NetSpec.parse(cfg["net0"]).mac if cfg else None))
+                         pvecodec.NetSpec.parse(cfg["net0"]).mac if cfg else None))
         assert all(r.ok for r in results.values()), (trial, [r.to_dict() for r in results.values()])
     good = [o for o in outcomes if o[3] == 1 and o[4] == "running" and o[5] == vm.macs[0]]
     assert len(good) == 20, outcomes

@@ -8,8 +8,10 @@ from urllib.parse import quote_plus
 import pytest
 
 from image_factory import deploy as dep
+from image_factory import pvecodec
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Hypervisor, Site, Vm, load_site
+from image_factory.livemacs import MacUse
 from image_factory.ownership import MANAGED_MARKER, Marker
 from image_factory.settings import REPO_ROOT
 
@@ -29,10 +31,10 @@ def tpl(vmid: int = 9000, name: str = "tpl-fedora-44-b1") -> dep.TemplateRef:
 
 
 def test_parse_props_bare_first_value_and_pairs() -> None:
-    assert dep.parse_props("local-lvm:vm-1-disk-0,size=10G,discard=on", "file") == {
+    assert pvecodec.parse_props("local-lvm:vm-1-disk-0,size=10G,discard=on", "file") == {
         "file": "local-lvm:vm-1-disk-0", "size": "10G", "discard": "on"}
-    assert dep.parse_props("ip=10.0.0.5/24,gw=10.0.0.1") == {"ip": "10.0.0.5/24", "gw": "10.0.0.1"}
-    assert dep.parse_props("") == {}
+    assert pvecodec.parse_props("ip=10.0.0.5/24,gw=10.0.0.1") == {"ip": "10.0.0.5/24", "gw": "10.0.0.1"}
+    assert pvecodec.parse_props("") == {}
 
 
 @pytest.mark.parametrize("raw", [
@@ -41,22 +43,22 @@ def test_parse_props_bare_first_value_and_pairs() -> None:
     "model=virtio,macaddr=bc:24:11:AA:BB:CC,bridge=vmbr0,firewall=1",
 ])
 def test_netspec_parses_any_spelling_to_the_same_value(raw: str) -> None:
-    spec = dep.NetSpec.parse(raw)
+    spec = pvecodec.NetSpec.parse(raw)
     assert spec.model == "virtio" and spec.mac == "bc:24:11:aa:bb:cc"
     assert spec.opts == {"bridge": "vmbr0", "firewall": "1"}
     assert spec.format() == "virtio=BC:24:11:AA:BB:CC,bridge=vmbr0,firewall=1"
 
 
 def test_netspec_format_model_first_then_sorted_keys() -> None:
-    spec = dep.NetSpec("e1000", "02:de:10:03:01:01", (("tag", "99"), ("bridge", "vmbr1"), ("firewall", "1")))
+    spec = pvecodec.NetSpec("e1000", "02:de:10:03:01:01", (("tag", "99"), ("bridge", "vmbr1"), ("firewall", "1")))
     assert spec.format() == "e1000=02:DE:10:03:01:01,bridge=vmbr1,firewall=1,tag=99"
     assert spec.format(mac_upper=False) == "e1000=02:de:10:03:01:01,bridge=vmbr1,firewall=1,tag=99"
-    assert dep.NetSpec.parse(spec.format()) == spec
+    assert pvecodec.NetSpec.parse(spec.format()) == spec
 
 
 def test_netspec_refuses_a_value_without_model() -> None:
     with pytest.raises(ValueError, match="no model"):
-        dep.NetSpec.parse("bridge=vmbr0,firewall=1")
+        pvecodec.NetSpec.parse("bridge=vmbr0,firewall=1")
 
 
 def test_nic_net_from_inventory(site: Site) -> None:
@@ -69,12 +71,12 @@ def test_nic_net_from_inventory(site: Site) -> None:
 @pytest.mark.parametrize(("text", "size"), [("10G", 10 * 1024**3), ("2252M", 2252 * 1024**2), ("512K", 512 * 1024),
                                             ("1T", 1024**4), ("4096", 4096), ("1.5G", int(1.5 * 1024**3))])
 def test_parse_size(text: str, size: int) -> None:
-    assert dep.parse_size(text) == size
+    assert pvecodec.parse_size(text) == size
 
 
 def test_parse_size_refuses_garbage() -> None:
     with pytest.raises(ValueError):
-        dep.parse_size("ten gigs")
+        pvecodec.parse_size("ten gigs")
 
 
 # ------------------------------------------------------------------------ cloud-init
@@ -287,7 +289,7 @@ DECIDE_CASES = {
                             "reported, not destroyed"),
     "locked": (lambda vm, hv: _observed(vm, hv, lock="clone"), [tpl()], {}, {}, "blocked", "locked (clone)"),
     "missing template": (lambda vm, hv: None, [], {}, {}, "blocked", "no tested template"),
-    "MAC on another host": (lambda vm, hv: None, [tpl()], {"02:de:10:03:01:00": [dep.MacUse("pve-tenant", 2999, "x",
+    "MAC on another host": (lambda vm, hv: None, [tpl()], {"02:de:10:03:01:00": [MacUse("pve-tenant", 2999, "x",
                                                                                           "net0")]},
                             {}, "blocked", "already used by pve-tenant VMID 2999 (x) net0"),
 }

@@ -26,11 +26,12 @@ from fakepve.pytest_plugin import _Serving
 from fakepve.server import FakePve
 
 from image_factory import deploy as dep
-from image_factory import publish
-from image_factory.errors import ValidationFailed
+from image_factory import publish, pvecodec
+from image_factory.errors import RemoteError, ValidationFailed
 from image_factory.hostlock import LockBusy, LockLost
 from image_factory.inventory import Site, load_site
 from image_factory.ownership import INCOMPLETE_TAG, Marker
+from image_factory.pve import PveClient
 from image_factory.settings import REPO_ROOT
 
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
@@ -49,8 +50,8 @@ class ResizingPve(FakePve):
         disk, size = v["disk"], str(v["size"])
         volume, _, opts = vm.config[disk].partition(",")
         props = dict(p.split("=", 1) for p in opts.split(",") if p)
-        current = dep.parse_size(props.get("size", "0"))
-        new = current + dep.parse_size(size[1:]) if size.startswith("+") else dep.parse_size(size)
+        current = pvecodec.parse_size(props.get("size", "0"))
+        new = current + pvecodec.parse_size(size[1:]) if size.startswith("+") else pvecodec.parse_size(size)
         if new < current:
             raise PveError(500, "shrinking disks is not supported")
         props["size"] = f"{new // 1024**3}G"
@@ -185,9 +186,9 @@ class LocalHostLock:
 
 @pytest.fixture
 def fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
-    monkeypatch.setattr(dep, "LOCK_RETRY_DELAY", 0.05)
-    monkeypatch.setattr(dep, "READY_POLL_INTERVAL", 0.05)
-    monkeypatch.setattr(dep, "ssh_host_lock",
+    monkeypatch.setattr(dep.act, "LOCK_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(dep.ready, "READY_POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(dep.act, "ssh_host_lock",
                         lambda hv, owner, wait: LocalHostLock(tmp_path / f"{hv.name}.lock", owner, wait))
     yield from fake_site(tmp_path, monkeypatch)
 
@@ -219,7 +220,7 @@ def test_deploy_all_lands_with_inventory_macs_and_converges(fs: FakeSite, agents
         assert other is None
         cfg = fvm.config
         for i, nic in enumerate(vm.nics):
-            spec = dep.NetSpec.parse(cfg[f"net{i}"])
+            spec = pvecodec.NetSpec.parse(cfg[f"net{i}"])
             assert spec.mac == nic.mac
             assert cfg[f"net{i}"].startswith(f"virtio={nic.mac.upper()},")
             assert spec.opts["bridge"] == (nic.bridge or "vmbr0")
@@ -242,7 +243,7 @@ def test_deploy_all_lands_with_inventory_macs_and_converges(fs: FakeSite, agents
         assert posts and all(full in b for b in posts), posts
     for vm in fs.site.vms.values():
         scsi0 = fs.vm(fs.site.hypervisor_for(vm).name, vm.vmid).config["scsi0"]
-        assert dep.parse_props(scsi0, "file")["size"] == f"{vm.disk_gb}G"
+        assert pvecodec.parse_props(scsi0, "file")["size"] == f"{vm.disk_gb}G"
     for r in report.results:
         assert r.macs == fs.site.vms[r.plan.vm].macs
         assert r.address and r.address.startswith("10.9.0.")
@@ -269,21 +270,21 @@ def test_hand_changed_mac_is_drift_and_corrected(fs: FakeSite, agents: None) -> 
     report = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False)
     [r] = report.results
     assert r.state == "corrected" and r.macs == ["02:de:20:11:01:00"]
-    assert dep.NetSpec.parse(vm.config["net0"]).mac == "02:de:20:11:01:00"
+    assert pvecodec.NetSpec.parse(vm.config["net0"]).mac == "02:de:20:11:01:00"
     assert dep.plan_deploy(None, fs.site, ["iot-api01"]).vms[0].action == "in-sync"
 
 
 def test_mac_drift_on_running_vm_is_pending_until_restart(fs: FakeSite, agents: None) -> None:
     assert dep.deploy_vms(None, fs.site, ["sandbox01"], timeout=30, progress=False).ok
     vm = fs.vm("pve-tenant", 2201)
-    client = dep.PveClient(fs.site.hypervisors["pve-tenant"])
+    client = PveClient(fs.site.hypervisors["pve-tenant"])
     client.put("/nodes/pve-tenant/qemu/2201/config", net0="virtio=02:DE:20:12:01:77,bridge=vmbr0,firewall=1")
     [p] = dep.plan_deploy(None, fs.site, ["sandbox01"]).vms
     assert p.action == "drift" and [d.field for d in p.diffs] == ["net0.mac"]
     [r] = dep.deploy_vms(None, fs.site, ["sandbox01"], timeout=30, progress=False).results
     assert r.state == "corrected" and r.pending_restart == ["net0"]
     assert any("next start" in n for n in r.notes)
-    assert dep.NetSpec.parse(vm.pending["net0"]).mac == "02:de:20:12:01:00"
+    assert pvecodec.NetSpec.parse(vm.pending["net0"]).mac == "02:de:20:12:01:00"
     [again] = dep.plan_deploy(None, fs.site, ["sandbox01"]).vms
     assert again.action == "in-sync" and any("pending" in n for n in again.notes)
 
@@ -296,7 +297,7 @@ def test_mgmt_vm_on_tenant_host_refused_before_any_api_call(fs: FakeSite) -> Non
 
     def spy(hv: Any) -> Any:
         made.append(hv.name)
-        return dep.PveClient(hv)
+        return PveClient(hv)
 
     for call in (
         lambda: dep.deploy_vms(None, site, ["metrics01", "iot-api01"], progress=False, client_factory=spy),
@@ -370,7 +371,7 @@ def test_unmanaged_vm_with_same_vmid_is_never_touched(fs: FakeSite) -> None:
     [r] = report.results
     assert r.state == "blocked" and "not made by this tool" in r.plan.reason
     assert writes(pve) == []
-    with pytest.raises(dep.RemoteError, match="not made by this tool"):
+    with pytest.raises(RemoteError, match="not made by this tool"):
         dep.destroy_vm(None, fs.site, "metrics01", allow_mgmt=True)
     assert pve.vm(1101) is not None
 
@@ -441,7 +442,7 @@ def test_destroy_tenant_and_mgmt_needs_flag(fs: FakeSite, agents: None) -> None:
 def test_without_guest_agent_ready_means_ssh_greets_on_the_known_address(
     fs: FakeSite, monkeypatch: pytest.MonkeyPatch, greeter: Any
 ) -> None:
-    monkeypatch.setattr(dep, "SSH_PORT", greeter(b"SSH-2.0-OpenSSH_9.2\r\n"))
+    monkeypatch.setattr(dep.ready, "SSH_PORT", greeter(b"SSH-2.0-OpenSSH_9.2\r\n"))
     fs.pves["pve-mgmt"].vm(9000).config.pop("agent")
     vm = fs.site.vms["metrics01"]
     nic = vm.nics[0].model_copy(update={"address": "127.0.0.1"})
@@ -549,7 +550,7 @@ def test_second_run_waits_for_the_host_lock_then_finds_the_vm_in_sync(fs: FakeSi
     assert results["first"].results[0].state == "created"
     assert results["second"].results[0].state == "unchanged"
     vm = fs.vm("pve-mgmt", 1101)
-    assert vm.status == "running" and dep.NetSpec.parse(vm.config["net0"]).mac == fs.site.vms["metrics01"].macs[0]
+    assert vm.status == "running" and pvecodec.NetSpec.parse(vm.config["net0"]).mac == fs.site.vms["metrics01"].macs[0]
 
 
 def test_lock_busy_without_waiting_changes_nothing(fs: FakeSite, tmp_path: Path) -> None:
@@ -589,9 +590,9 @@ def test_lost_lock_stops_writes_and_leaves_the_vm_to_the_next_holder(fs: FakeSit
 @contextlib.contextmanager
 def dep_progress(hook: Any) -> Iterator[None]:
     """Route deploy's progress lines to ``hook`` (the test's way to act at a given step)."""
-    original = dep._progress
-    dep._progress = lambda enabled, vms: contextlib.nullcontext(hook)  # type: ignore[assignment]
+    original = dep.act.progress_reporter
+    dep.act.progress_reporter = lambda enabled, vms: contextlib.nullcontext(hook)  # type: ignore[assignment]
     try:
         yield
     finally:
-        dep._progress = original  # type: ignore[assignment]
+        dep.act.progress_reporter = original  # type: ignore[assignment]

@@ -267,6 +267,26 @@ def test_expand_checks_adds_prerequisites_in_order():
     assert "ssh" not in pf.DEPLOY_CHECKS and "space" not in pf.DEPLOY_CHECKS
 
 
+def test_a_new_check_is_one_declaration(node, env, monkeypatch):
+    """Declared once (name, prerequisites, step), it runs after what it needs, and a failure of what it needs
+    skips it; every other check is untouched."""
+    monkeypatch.setattr(pf, "CHECKS", dict(pf.CHECKS))
+    seen: list[str] = []
+
+    @pf.check("ntp")
+    def check_ntp(run: pf._HostRun) -> pf.Outcome:
+        seen.append(run.hv.name)
+        assert run.client is not None  # its prerequisites (tls, token) ran first and passed
+        return pf.failed("clock is 90 s off", "run chronyc makestep")
+
+    assert pf.expand_checks(["ntp"]) == ("tls", "token", "ntp")
+    report = pf.run_preflight(*env, checks=["ntp"])
+    assert seen == ["hv-unit"] and [r.name for r in report.hosts["hv-unit"]] == ["tls", "token", "ntp"]
+    assert report.failures()[0][1] == pf.CheckResult("ntp", False, "clock is 90 s off", "run chronyc makestep")
+    with pytest.raises(ValueError, match="declared twice"):
+        pf.check("ntp")(check_ntp)
+
+
 def test_parse_version():
     assert pf.parse_version("8.4.1") == (8, 4, 1)
     assert pf.parse_version("7.4-3") == (7, 4, 3)

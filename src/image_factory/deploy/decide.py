@@ -1,0 +1,117 @@
+"""decide(): from what a host looks like to the plan for one VM; pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..inventory import Hypervisor, Vm
+from ..livemacs import MacUse, mac_collisions
+from ..ownership import Marker
+from .desired import compare
+from .model import FieldDiff, HostState, Observed, TemplateRef, VmPlan
+
+
+def choose_template(host: str, vm: Vm, templates: list[TemplateRef]) -> tuple[TemplateRef | None, str]:
+    """The template to clone (the pinned one or the newest tested one), or None and why not."""
+    if vm.template_vmid is not None:
+        pinned = [t for t in templates if t.vmid == vm.template_vmid]
+        if not pinned:
+            return None, (f"pinned template_vmid {vm.template_vmid} is not a template of image {vm.image} "
+                          f"on {host}")
+        if not pinned[0].tested:
+            return None, f"pinned template {pinned[0].name} ({pinned[0].vmid}) did not pass its image tests"
+        return pinned[0], ""
+    tested = [t for t in templates if t.tested]
+    if not tested:
+        have = ", ".join(f"{t.name} ({t.vmid}, untested)" for t in templates) or "none"
+        return None, f"no tested template of image {vm.image} on {host} (found: {have}); publish one first"
+    return tested[0], ""
+
+
+
+def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[MacUse]] | None, *,
+           recreate: bool = False, allow_mgmt: bool = False) -> VmPlan:
+    """The plan for one VM from what its host looks like: a pure function (no I/O).
+
+    ``macs`` maps every MAC on every hypervisor to where it is; None means they could not all be read,
+    and then nothing that writes a MAC is planned.
+    """
+    plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode, macs=list(vm.macs))
+
+    def blocked(reason: str) -> VmPlan:
+        plan.action, plan.reason = "blocked", reason
+        return plan
+
+    template, why = choose_template(hv.name, vm, state.templates.get(vm.image, []))
+    if template is not None:
+        plan.template, plan.template_vmid = template.name, template.vmid
+    if macs is None:
+        return blocked("cannot check that its MACs are unique on every hypervisor (a host could not be read)")
+    collisions = mac_collisions(vm, hv.name, macs)
+    if collisions:
+        return blocked("; ".join(f"MAC {vm.macs[i]} (nics[{i}]) is already used by {use}" for i, use in collisions)
+                       + ": refusing to write it (nothing changed)")
+    seen = state.vms.get(vm.vmid, Observed(None))
+    entry = seen.entry
+    if entry is None:
+        return blocked(why) if template is None else plan
+    plan.running = entry.get("status") == "running"
+    if int(entry.get("template") or 0):
+        return blocked(f"VMID {vm.vmid} on {hv.name} is a template, not this VM")
+    config = seen.config
+    lock = entry.get("lock") or config.get("lock")
+    if lock:
+        return blocked(f"VMID {vm.vmid} on {hv.name} is locked ({lock}): a PVE task is working on it; "
+                       "re-run when it has finished")
+    marker = Marker.parse(config.get("description"), vm.vmid)
+    if not marker.managed:
+        detail = marker.problem or "no managed-by marker"
+        fix = ("; if it is yours, restore the description's factory block as the factory wrote it"
+               if marker.problem else "")
+        return blocked(f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this tool "
+                       f"({detail}): left untouched{fix}")
+    if marker.vm_name not in (None, vm.name):
+        return blocked(f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}")
+    if seen.pending_keys:
+        plan.notes.append("pending until next start: " + ", ".join(sorted(seen.pending_keys)))
+    destroy_refusal = _destroy_refusal(vm, plan.running, recreate=recreate, allow_mgmt=allow_mgmt)
+    if marker.incomplete:
+        if template is None:
+            return blocked(why)
+        if plan.running and destroy_refusal:
+            return blocked(f"marked incomplete by run {marker.run_id} but running: reported, not destroyed "
+                           f"({destroy_refusal})")
+        plan.action, plan.reason = "recreate", f"left incomplete by run {marker.run_id}: destroy and re-create"
+        return plan
+    plan.diffs = compare(vm, hv, template, config)
+    if not plan.running:
+        plan.diffs.append(FieldDiff("status", entry.get("status"), "running", True))
+    if template is None:
+        plan.notes.append(f"lineage not checked: {why}")
+    if not plan.diffs:
+        plan.action = "in-sync"
+        return plan
+    plan.action = "drift"
+    if not plan.unsafe:
+        return plan
+    unsafe = "; ".join(str(d) for d in plan.unsafe)
+    if recreate and template is not None and marker.sealed and not destroy_refusal:
+        plan.action, plan.reason = "recreate", f"unsafe drift ({unsafe}), --recreate given"
+    elif recreate and not marker.sealed:
+        plan.reason = (f"unsafe drift is reported, not corrected: {unsafe} (its marker predates sealing: run "
+                       "deploy.vm once without --recreate to re-seal it)")
+    else:
+        why = destroy_refusal or "re-create with --recreate"
+        plan.reason = f"unsafe drift is reported, not corrected: {unsafe} ({why})"
+    return plan
+
+
+def _destroy_refusal(vm: Vm, running: bool | None, *, recreate: bool, allow_mgmt: bool) -> str:
+    """Why this run may not destroy the VM, or "" (a running VM needs --recreate; mgmt also the mgmt flag)."""
+    if not recreate:
+        return "re-create only with --recreate" + (" --i-know-this-is-mgmt" if vm.plane == "mgmt" and running else "")
+    if vm.plane == "mgmt" and running and not allow_mgmt:
+        return "a running mgmt VM is re-created only with --recreate --i-know-this-is-mgmt"
+    return ""
+
+

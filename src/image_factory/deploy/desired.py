@@ -1,0 +1,220 @@
+"""The inventory's VM as PVE config, and how a VM's effective config differs from it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, unquote
+
+from ..errors import Problem, ValidationFailed
+from ..inventory import Hypervisor, Site, StaticIp, Vm
+from ..ownership import Marker, marker_block, user_description, with_marker
+from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
+from .model import FieldDiff, TemplateRef
+
+DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
+
+
+def nic_net(vm: Vm, hv: Hypervisor, index: int) -> NetSpec:
+    nic = vm.nics[index]
+    opts = {"bridge": nic.bridge or hv.bridge, "firewall": "1" if nic.firewall else "0"}
+    if nic.vlan is not None:
+        opts["tag"] = str(nic.vlan)
+    return NetSpec(nic.model, nic.mac.lower(), tuple(sorted(opts.items())))
+
+
+def encode_sshkeys(keys: Iterable[str]) -> str:
+    """PVE wants the newline-separated keys percent-encoded, spaces as %20 (never '+')."""
+    return quote("\n".join(keys), safe="")
+
+
+def decode_sshkeys(value: str) -> list[str]:
+    return [line.strip() for line in unquote(value).splitlines() if line.strip()]
+
+
+def ipconfig_value(vm: Vm) -> str:
+    ip = vm.cloudinit.ipconfig
+    if isinstance(ip, StaticIp):
+        return f"ip={ip.ip},gw={ip.gw}" if ip.gw else f"ip={ip.ip}"
+    return "ip=dhcp"
+
+
+
+def describe(vm: Vm, template: TemplateRef, run_id: str, *, incomplete: bool = False) -> str:
+    """The inventory's description followed by the factory's sealed marker block (ownership.py)."""
+    block = marker_block(vm_name=vm.name, vmid=vm.vmid, template=template.name, template_vmid=template.vmid,
+                         run_id=run_id, incomplete=incomplete, template_digest=template.digest)
+    return with_marker(vm.description, block)
+
+
+
+def select_vms(site: Site, names: Iterable[str] | None = None, *, plane: str | None = None) -> list[Vm]:
+    """The VMs to act on, in inventory order; unknown names and a plane mismatch are errors."""
+    wanted = [n for n in (names or []) if n]
+    if plane is not None and plane not in ("mgmt", "tenant"):
+        raise ValidationFailed([Problem(str(site.inventory_path), "", "--plane", f"unknown plane {plane!r}")])
+    unknown = [n for n in wanted if n not in site.vms]
+    if unknown:
+        raise ValidationFailed(
+            Problem(str(site.inventory_path), n, "", f"no such VM in the inventory (have: {', '.join(site.vms)})")
+            for n in unknown
+        )
+    vms = [site.vms[n] for n in dict.fromkeys(wanted)] if wanted else list(site.vms.values())
+    if plane is not None:
+        if wanted:
+            other = [v.name for v in vms if v.plane != plane]
+            if other:
+                raise ValidationFailed(
+                    Problem(str(site.inventory_path), n, "vm.plane", f"is not a {plane} VM") for n in other
+                )
+        vms = [v for v in vms if v.plane == plane]
+    return vms
+
+
+def check_placement(site: Site, vms: Iterable[Vm]) -> None:
+    """Re-assert the placement policy per VM before any API call (load_site checked it too)."""
+    problems = []
+    for vm in vms:
+        try:
+            hv = site.hypervisor_for(vm)
+        except (KeyError, StopIteration):
+            problems.append(Problem(site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name,
+                                    "vm.hypervisor", f"no {vm.plane} hypervisor for this VM"))
+            continue
+        if hv.role != vm.plane:
+            problems.append(Problem(
+                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.hypervisor",
+                f"refused: {vm.plane} VMs may only run on the {vm.plane} hypervisor, but {hv.name} has role "
+                f"{hv.role} (nothing was sent to any hypervisor)",
+            ))
+        elif vm.vmid not in hv.vm_vmids:
+            problems.append(Problem(
+                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.vmid",
+                f"refused: {vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
+            ))
+    if problems:
+        raise ValidationFailed(problems)
+
+
+
+def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef, run_id: str) -> dict[str, str]:
+    """The one config update written after the clone (strings as PVE takes them)."""
+    cfg: dict[str, str] = {}
+    for i in range(len(vm.nics)):
+        cfg[f"net{i}"] = nic_net(vm, hv, i).format()
+    cfg["name"] = vm.name
+    cfg["cores"] = str(vm.cores)
+    cfg["memory"] = str(vm.memory)
+    ci = vm.cloudinit
+    cfg["ciuser"] = ci.user
+    if ci.ssh_keys:
+        cfg["sshkeys"] = encode_sshkeys(ci.ssh_keys)
+    cfg["ipconfig0"] = ipconfig_value(vm)
+    if ci.nameserver:
+        cfg["nameserver"] = ci.nameserver
+    if ci.searchdomain:
+        cfg["searchdomain"] = ci.searchdomain
+    cfg["ciupgrade"] = "1" if ci.upgrade else "0"
+    cfg["tags"] = format_tags(vm.all_tags)
+    cfg["description"] = describe(vm, template, run_id)
+    return cfg
+
+
+def boot_disk(config: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(key, size in bytes) of the VM's boot disk: first in ``boot: order=``, else scsi0/virtio0/sata0/ide0."""
+    order = parse_props(str(config.get("boot", "")), "legacy").get("order", "")
+    candidates = [k for k in order.split(";") if DISK_KEYS.match(k)]
+    candidates += [k for k in ("scsi0", "virtio0", "sata0", "ide0") if k not in candidates]
+    for key in candidates:
+        value = config.get(key)
+        if not value:
+            continue
+        props = parse_props(str(value), "file")
+        if props.get("media") == "cdrom" or "cloudinit" in props.get("file", ""):
+            continue
+        try:
+            return key, parse_size(props.get("size", "0"))
+        except ValueError:
+            return key, 0
+    return None
+
+
+
+UNSAFE_NIC_KEYS = frozenset({"tag", "bridge"})
+
+
+def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """Differences between the VM's effective config and the inventory; ``safe`` ones a config update fixes."""
+    diffs: list[FieldDiff] = []
+    nets = sorted((k for k in config if re.fullmatch(r"net\d+", k)), key=lambda k: int(k[3:]))
+    for i in range(len(vm.nics)):
+        want = nic_net(vm, hv, i)
+        have_raw = config.get(f"net{i}")
+        if have_raw is None:
+            diffs.append(FieldDiff(f"net{i}", None, want.format(), True))
+            continue
+        try:
+            have = NetSpec.parse(str(have_raw))
+        except ValueError:
+            diffs.append(FieldDiff(f"net{i}", have_raw, want.format(), True))
+            continue
+        if (have.mac or "").lower() != (want.mac or "").lower():
+            diffs.append(FieldDiff(f"net{i}.mac", have.mac, want.mac, True))
+        if have.model != want.model:
+            diffs.append(FieldDiff(f"net{i}.model", have.model, want.model, True))
+        have_opts, want_opts = have.opts, want.opts
+        have_opts.setdefault("firewall", "0")
+        for key in sorted(set(have_opts) | set(want_opts)):
+            if have_opts.get(key) != want_opts.get(key):
+                # A NIC on another VLAN or bridge is on another network (another tenant's, maybe): reported,
+                # never moved by a config update.
+                diffs.append(FieldDiff(f"net{i}.{key}", have_opts.get(key), want_opts.get(key),
+                                       key not in UNSAFE_NIC_KEYS))
+    for key in nets:
+        if int(key[3:]) >= len(vm.nics):
+            diffs.append(FieldDiff(key, config[key], None, True))
+    for key, want_v in (("name", vm.name), ("cores", str(vm.cores)), ("memory", str(vm.memory))):
+        have_v = config.get(key)
+        if have_v is None and key == "cores":
+            have_v = "1"
+        if str(have_v) != want_v:
+            diffs.append(FieldDiff(key, have_v, want_v, True))
+    ci = vm.cloudinit
+    scalar = {
+        "ciuser": ci.user, "nameserver": ci.nameserver, "searchdomain": ci.searchdomain,
+        "ciupgrade": "1" if ci.upgrade else "0",
+    }
+    for key, want_s in scalar.items():
+        have_s = config.get(key)
+        if key == "ciupgrade" and have_s is None:
+            have_s = "1"  # PVE's default
+        if (None if have_s in (None, "") else str(have_s)) != want_s:
+            diffs.append(FieldDiff(key, have_s, want_s, True))
+    if decode_sshkeys(str(config.get("sshkeys", ""))) != list(ci.ssh_keys):
+        diffs.append(FieldDiff("sshkeys", decode_sshkeys(str(config.get("sshkeys", ""))), list(ci.ssh_keys), True))
+    have_ip = parse_props(str(config.get("ipconfig0", "")))
+    if have_ip != parse_props(ipconfig_value(vm)):
+        diffs.append(FieldDiff("ipconfig0", config.get("ipconfig0"), ipconfig_value(vm), True))
+    have_tags, want_tags = parse_tags(config.get("tags")), parse_tags(vm.all_tags)
+    if have_tags != want_tags:
+        diffs.append(FieldDiff("tags", have_tags, want_tags, True))
+    disk = boot_disk(config)
+    want_bytes = vm.disk_gb * 1024**3
+    if disk is not None and disk[1] < want_bytes:
+        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G", True))
+    elif disk is not None and disk[1] > want_bytes:
+        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False))
+    marker = Marker.parse(config.get("description"), vm.vmid)
+    if template is not None and (marker.template, marker.template_vmid) != (template.name, template.vmid):
+        have_t = f"{marker.template} ({marker.template_vmid})" if marker.template else None
+        diffs.append(FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False))
+    elif user_description(config.get("description")) != vm.description.strip() or not marker.sealed:
+        diffs.append(FieldDiff("description", "(differs)", "(inventory description + sealed marker)", True))
+    return diffs
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:g}G"
+
+

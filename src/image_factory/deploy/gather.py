@@ -1,0 +1,108 @@
+"""Gather each host's state (read-only) and plan every selected VM from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..fanout import per_host
+from ..inventory import Hypervisor, Site, Vm
+from ..livemacs import MacUse, host_mac_uses
+from ..pve import ApiError, PveClient
+from ..settings import Settings
+from .decide import decide
+from .desired import check_placement, select_vms
+from .model import DeployPlan, HostState, Observed, TemplateRef, VmPlan
+from .run import ClientFactory, Run
+
+
+def find_templates(client: PveClient, image_name: str) -> list[TemplateRef]:
+    """Factory templates of ``image_name`` on the client's node, newest first: the publish stage's own
+    lookup (its description header, ``image-factory`` tag, newest by publish time then vmid)."""
+    from ..publish import find_templates as published
+
+    return [TemplateRef(t.vmid, t.name, t.build_id, tuple(t.tags), t.digest, t.tested)
+            for t in published(client, image_name)]
+
+
+
+def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:
+    """The config the next start will use (pending values applied), the pending keys, and the digest."""
+    config = client.vm_config(vmid)
+    digest = str(config.pop("digest", ""))
+    pending_keys: list[str] = []
+    try:
+        pending = client.vm_pending(vmid)
+    except ApiError:
+        pending = []
+    for item in pending or []:
+        key = str(item.get("key"))
+        if int(item.get("delete") or 0):
+            config.pop(key, None)
+            pending_keys.append(key)
+        elif "pending" in item:
+            config[key] = item["pending"]
+            pending_keys.append(key)
+    return config, pending_keys, digest
+
+
+
+def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
+    client = run.client(hv)
+    existing = {int(e["vmid"]): e for e in client.list_vms()}
+    templates: dict[str, list[TemplateRef]] = {}
+    observed: dict[int, Observed] = {}
+    for vm in vms:
+        if vm.image not in templates:
+            templates[vm.image] = find_templates(client, vm.image)
+            for t in templates[vm.image]:
+                run.templates[(hv.name, t.vmid)] = t
+        entry = existing.get(vm.vmid)
+        if entry is None or int(entry.get("template") or 0):
+            observed[vm.vmid] = Observed(entry)
+            continue
+        config, pending_keys, _ = effective_config(client, vm.vmid)
+        observed[vm.vmid] = Observed(entry, config, pending_keys)
+    return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()))
+
+
+def plan_vms(run: Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) -> DeployPlan:
+    by_host: dict[str, list[Vm]] = {h: [] for h in run.site.hypervisors}
+    for vm in vms:
+        by_host[run.site.hypervisor_for(vm).name].append(vm)
+    gathered = per_host({h: (run.site.hypervisors[h], hvms) for h, hvms in by_host.items()},
+                        lambda item: gather_host(run, *item), name="deploy-gather")
+    states, failures = gathered.results, gathered.failures
+    macs: dict[str, list[MacUse]] | None = None
+    if not failures:
+        macs = {}
+        for st in states.values():
+            for mac, uses in st.macs.items():
+                macs.setdefault(mac, []).extend(uses)
+    plans: dict[str, VmPlan] = {}
+    for host, hvms in by_host.items():
+        hv = run.site.hypervisors[host]
+        for vm in hvms:
+            if host in failures:
+                plans[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
+                                        reason=f"cannot read {host}: {failures[host]}", clone_mode=vm.clone_mode,
+                                        macs=list(vm.macs))
+            else:
+                plan = decide(vm, hv, states[host], macs, recreate=recreate, allow_mgmt=allow_mgmt)
+                if macs is None:
+                    plan.reason += " (" + "; ".join(f"{h}: {why}" for h, why in failures.items()) + ")"
+                plans[vm.name] = plan
+    return DeployPlan([plans[v.name] for v in vms], recreate)
+
+
+def plan_deploy(
+    settings: Settings | None, site: Site, names: Iterable[str] | None = None, *, plane: str | None = None,
+    recreate: bool = False, allow_mgmt: bool = False, client_factory: ClientFactory | None = None,
+) -> DeployPlan:
+    """Read the hypervisors and plan every selected VM; changes nothing (takes no lock, writes nothing)."""
+    del settings  # paths are already resolved into the site; kept for a uniform stage API
+    vms = select_vms(site, names, plane=plane)
+    check_placement(site, vms)
+    return plan_vms(Run(site, client_factory=client_factory), vms, recreate, allow_mgmt)
+
+

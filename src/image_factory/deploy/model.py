@@ -1,0 +1,160 @@
+"""What a deploy plans and reports: the plan per VM, its differing fields, the results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..errors import FactoryError
+from ..livemacs import MacUse
+
+DEFAULT_TIMEOUT = 600.0
+
+Action = Literal["create", "in-sync", "drift", "recreate", "blocked"]
+
+
+class DeployError(FactoryError):
+    """A deploy step failed for one VM (carried in the report, not raised out of deploy_vms)."""
+
+
+class NotReady(DeployError):
+    """The VM is configured and started, but the guest did not show up in time (it is kept)."""
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    vmid: int
+    name: str
+    build_id: str
+    tags: tuple[str, ...]
+    digest: str = ""
+    is_tested: bool | None = None
+
+    @property
+    def tested(self) -> bool:
+        if self.is_tested is not None:
+            return self.is_tested
+        return "tested" in self.tags and "untested" not in self.tags
+
+
+
+@dataclass
+class FieldDiff:
+    field: str
+    current: Any
+    desired: Any
+    safe: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.current!r} -> {self.desired!r}" + ("" if self.safe else " (unsafe)")
+
+
+@dataclass
+class VmPlan:
+    vm: str
+    plane: str
+    host: str
+    node: str
+    vmid: int
+    action: Action
+    reason: str = ""
+    template: str | None = None
+    template_vmid: int | None = None
+    clone_mode: str = "full"
+    macs: list[str] = field(default_factory=list)
+    diffs: list[FieldDiff] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    running: bool | None = None
+
+    @property
+    def unsafe(self) -> list[FieldDiff]:
+        return [d for d in self.diffs if not d.safe]
+
+    @property
+    def safe_diffs(self) -> list[FieldDiff]:
+        return [d for d in self.diffs if d.safe]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["diffs"] = [x.to_dict() for x in self.diffs]
+        return d
+
+
+@dataclass
+class DeployPlan:
+    vms: list[VmPlan]
+    recreate: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for p in self.vms:
+            counts[p.action] = counts.get(p.action, 0) + 1
+        return {"vms": [p.to_dict() for p in self.vms], "counts": counts, "recreate": self.recreate}
+
+
+State = Literal["planned", "created", "recreated", "corrected", "unchanged", "drift-unresolved", "blocked",
+                "failed", "not-ready"]
+
+
+@dataclass
+class VmResult:
+    plan: VmPlan
+    state: State = "planned"
+    error: str | None = None
+    cleanup: str | None = None  # "removed" | "left-incomplete" | None
+    macs: list[str] = field(default_factory=list)  # read back from the API after the run
+    address: str | None = None
+    pending_restart: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state not in ("failed", "blocked", "not-ready")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.plan.vm, "host": self.plan.host, "vmid": self.plan.vmid, "plane": self.plan.plane,
+            "action": self.plan.action, "state": self.state, "error": self.error, "cleanup": self.cleanup,
+            "template": self.plan.template, "template_vmid": self.plan.template_vmid,
+            "macs": self.macs or self.plan.macs, "address": self.address, "pending_restart": self.pending_restart,
+            "phases": {k: round(v, 3) for k, v in self.phases.items()}, "notes": self.plan.notes + self.notes,
+            "diffs": [d.to_dict() for d in self.plan.diffs], "reason": self.plan.reason,
+        }
+
+
+@dataclass
+class DeployReport:
+    results: list[VmResult]
+    dry_run: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "dry_run": self.dry_run, "wall_s": round(self.wall_s, 3),
+                "vms": [r.to_dict() for r in self.results]}
+
+
+
+@dataclass
+class Observed:
+    """What one host looks like for one inventory VM: the facts decide() needs, gathered by gather_host."""
+
+    entry: dict[str, Any] | None
+    config: dict[str, Any] = field(default_factory=dict)
+    pending_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostState:
+    templates: dict[str, list[TemplateRef]]
+    vms: dict[int, Observed]
+    macs: dict[str, list[MacUse]]
+
+

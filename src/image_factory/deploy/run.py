@@ -1,0 +1,67 @@
+"""One plan/deploy run's shared state: API clients, host locks, per-host clone locks, progress."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from ..hostlock import HostGuard, HostLock
+from ..inventory import Hypervisor, Site
+from ..pve import PveClient
+from ..sshlink import SshLink
+from .model import TemplateRef
+
+ClientFactory = Callable[[Hypervisor], PveClient]
+LockFactory = Callable[[Hypervisor, str, int], HostGuard]
+
+
+def ssh_host_lock(hv: Hypervisor, owner: str, wait: int) -> HostGuard:
+    """The host lock publish takes too, held over the hypervisor's pinned SSH endpoint."""
+    return HostLock(SshLink(hv.name, hv.ssh).connect(), hv.storage.import_dir, owner, wait=wait, owns_link=True)
+
+
+class Run:
+    """Shared state of one plan/deploy run: clients, host locks, per-host clone locks, progress."""
+
+    def __init__(self, site: Site, *, client_factory: ClientFactory | None, progress: Any = None,
+                 run_id: str | None = None):
+        self.site = site
+        self.factory = client_factory or (lambda hv: PveClient(hv))
+        self.clients: dict[str, PveClient] = {}
+        self.clone_locks: dict[str, threading.Lock] = {}
+        self.guards: dict[str, HostGuard] = {}
+        self.templates: dict[tuple[str, int], TemplateRef] = {}  # (host, vmid) -> template seen while planning
+        self._lock = threading.Lock()
+        self.progress = progress
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+
+    def client(self, hv: Hypervisor) -> PveClient:
+        with self._lock:
+            if hv.name not in self.clients:
+                self.clients[hv.name] = self.factory(hv)
+                self.clone_locks[hv.name] = threading.Lock()
+            return self.clients[hv.name]
+
+    def clone_lock(self, hv: Hypervisor) -> AbstractContextManager[Any]:
+        self.client(hv)
+        return self.clone_locks[hv.name]
+
+    def guard(self, hv: Hypervisor, doing: str) -> None:
+        """Before every write: this run must still hold the host lock (a dry run holds none and writes nothing)."""
+        lock = self.guards.get(hv.name)
+        if lock is None:
+            raise AssertionError(f"write on {hv.name} without its host lock ({doing})")
+        lock.ensure(doing)
+
+    def holds(self, hv: Hypervisor) -> bool:
+        lock = self.guards.get(hv.name)
+        return lock is not None and lock.held
+
+    def say(self, vm: str, text: str) -> None:
+        if self.progress is not None:
+            self.progress(vm, text)
+
+
