@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -65,10 +65,11 @@ def _dns_name(v: str) -> str:
     return v
 
 
-def _matching(regex: re.Pattern[str], what: str) -> AfterValidator:
+def _matching(regex: re.Pattern[str], what: str = "", *, message: str = "") -> AfterValidator:
+    """``message`` replaces the default "'<value>' is not <what>"."""
     def check(v: str) -> str:
         if not regex.match(v):
-            raise ValueError(f"{v!r} is not {what}")
+            raise ValueError(message or f"{v!r} is not {what}")
         return v
 
     return AfterValidator(check)
@@ -81,14 +82,42 @@ def _remote_path(v: str) -> str:
     return v.rstrip("/") or "/"
 
 
+def _parsed(parse: Callable[[str], str], problem: str) -> AfterValidator:
+    """``parse`` normalises the value or raises ValueError; the error then names the value and ``problem``."""
+    def check(v: str) -> str:
+        try:
+            return parse(v)
+        except ValueError:
+            raise ValueError(f"{v!r} {problem}") from None
+
+    return AfterValidator(check)
+
+
+def _words(v: str) -> list[str]:
+    if not v.split():
+        raise ValueError("empty")
+    return v.split()
+
+
 # PVE's formats as field types: a value that reaches a property string or a remote path is checked here.
 DnsName = Annotated[str, AfterValidator(_dns_name)]
 NodeName = Annotated[str, _matching(NODE_RE, "a PVE node name (letters, digits and '-', at most 63)")]
 BridgeId = Annotated[str, _matching(BRIDGE_RE, "a PVE bridge id (letters, digits, '_', '.', '-', at most 15)")]
 StorageId = Annotated[str, _matching(STORAGE_ID_RE, "a PVE storage id ([a-z][a-z0-9_.-]*[a-z0-9])")]
 ImageName = Annotated[str, _matching(IMAGE_NAME_RE, "an image name ([a-z0-9][a-z0-9.-]*, never a path)")]
+Hostname = Annotated[str, _matching(
+    NAME_RE, message="VM names become hostnames: lowercase letters, digits and '-', max 63")]
+TokenId = Annotated[str, _matching(TOKEN_ID_RE, message="must look like 'user@realm!tokenid'")]
+DiskSize = Annotated[str, _matching(SIZE_RE, message="must look like '10G' or '4096M'")]
 UnixUser = Annotated[str, _matching(UNIX_USER_RE, "a user name ([a-z_][a-z0-9_-]*, at most 32)")]
 RemotePath = Annotated[str, AfterValidator(_remote_path)]
+Ipv4Address = Annotated[str, _parsed(lambda v: str(ipaddress.IPv4Address(v)),
+                                     "is not an IPv4 address without prefix (e.g. 10.0.0.5)")]
+IpAddress = Annotated[str, _parsed(lambda v: str(ipaddress.ip_address(v)), "is not an IP address")]
+Nameservers = Annotated[str, _parsed(lambda v: " ".join(str(ipaddress.ip_address(x)) for x in _words(v)),
+                                     "must be IP addresses separated by spaces")]
+SearchDomains = Annotated[str, _parsed(lambda v: " ".join(_dns_name(x) for x in _words(v)),
+                                       "must be DNS names separated by spaces")]
 
 
 class Strict(BaseModel):
@@ -154,7 +183,7 @@ class Hypervisor(Strict):
     role: Plane
     node: NodeName
     api_url: str
-    token_id: str
+    token_id: TokenId
     token_secret_env: str | None = None
     token_secret_file: Path | None = None
     tls_ca_file: Path | None = None
@@ -171,13 +200,6 @@ class Hypervisor(Strict):
         if not re.match(r"^https://[^/\s]+(:\d+)?/?$", v):
             raise ValueError("must be 'https://host[:port]' (TLS is required; no path)")
         return v.rstrip("/")
-
-    @field_validator("token_id")
-    @classmethod
-    def _token(cls, v: str) -> str:
-        if not TOKEN_ID_RE.match(v):
-            raise ValueError("must look like 'user@realm!tokenid'")
-        return v
 
     @field_validator("tls_fingerprint")
     @classmethod
@@ -239,19 +261,9 @@ class Nic(Strict):
     bridge: BridgeId | None = None
     vlan: int | None = Field(default=None, ge=1, le=4094)
     firewall: bool = True
-    address: str | None = Field(
+    address: Ipv4Address | None = Field(
         default=None, description="IPv4 address for this NIC's DHCP reservation/DNS entry (mac.export)"
     )
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            return str(ipaddress.IPv4Address(v))
-        except ValueError:
-            raise ValueError(f"{v!r} is not an IPv4 address without prefix (e.g. 10.0.0.5)") from None
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -267,7 +279,7 @@ class Nic(Strict):
 
 class StaticIp(Strict):
     ip: str
-    gw: str | None = None
+    gw: IpAddress | None = None
 
     @field_validator("ip")
     @classmethod
@@ -280,23 +292,13 @@ class StaticIp(Strict):
             raise ValueError(f"{v!r} needs a prefix length (e.g. /24)")
         return str(iface)
 
-    @field_validator("gw")
-    @classmethod
-    def _gw(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                ipaddress.ip_address(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not an IP address") from None
-        return v
-
 
 class CloudInit(Strict):
     user: UnixUser = "ansible"
     ssh_keys: list[str] = Field(default_factory=list)
     ipconfig: Literal["dhcp"] | StaticIp = "dhcp"
-    nameserver: str | None = None
-    searchdomain: str | None = None
+    nameserver: Nameservers | None = None
+    searchdomain: SearchDomains | None = None
     upgrade: bool = False
 
     @field_validator("ssh_keys")
@@ -304,32 +306,9 @@ class CloudInit(Strict):
     def _keys(cls, v: list[str]) -> list[str]:
         return [_ssh_public_key(key) for key in v]
 
-    @field_validator("nameserver")
-    @classmethod
-    def _nameserver(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            servers = [str(ipaddress.ip_address(x)) for x in v.split()]
-        except ValueError:
-            raise ValueError(f"{v!r} must be IP addresses separated by spaces") from None
-        if not servers:
-            raise ValueError("is empty")
-        return " ".join(servers)
-
-    @field_validator("searchdomain")
-    @classmethod
-    def _searchdomain(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        domains = [_dns_name(x) for x in v.split()]
-        if not domains:
-            raise ValueError("is empty")
-        return " ".join(domains)
-
 
 class Vm(Strict):
-    name: str
+    name: Hostname
     plane: Plane
     vmid: int = Field(ge=100, le=999_999_999)
     hypervisor: str | None = None
@@ -344,13 +323,6 @@ class Vm(Strict):
     clone: Literal["full", "linked"] | None = None
     template_vmid: int | None = Field(default=None, description="pin a template instead of the newest")
     description: str = ""
-
-    @field_validator("name")
-    @classmethod
-    def _hostname(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("VM names become hostnames: lowercase letters, digits and '-', max 63")
-        return v
 
     @field_validator("role")
     @classmethod
@@ -547,7 +519,7 @@ class Image(Strict):
     # an EFI system partition); a cloud image boots as its vendor made it.
     firmware: Literal["bios", "uefi"] = "bios"
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
-    disk_size: str = "10G"
+    disk_size: DiskSize = "10G"
     playbook: str = "ansible/playbooks/template.yml"
     test_suites: list[Suite] = Field(default_factory=lambda: list[Suite](["common"]))
     template_name: str = "tpl-{image}-{build_id}"
@@ -608,13 +580,6 @@ class Image(Strict):
             return "warn", (f"{self.name}: {self.family} {self.release} reaches its end of life on {self.eol} "
                             f"(in {days} days); plan the move to a newer release")
         return "ok", ""
-
-    @field_validator("disk_size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        if not SIZE_RE.match(v):
-            raise ValueError("must look like '10G' or '4096M'")
-        return v
 
     @field_validator("template_name")
     @classmethod

@@ -31,21 +31,6 @@ class MacUse:
         return f"{self.host} VMID {self.vmid} ({self.name or 'unnamed'}) {self.nic}"
 
 
-@dataclass(frozen=True)
-class Collision:
-    vm: str
-    nic_index: int
-    mac: str
-    other: MacUse
-
-    def __str__(self) -> str:
-        return f"{self.vm} nics[{self.nic_index}] {self.mac} is already used by {self.other}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"vm": self.vm, "nic": self.nic_index, "mac": self.mac, "host": self.other.host,
-                "vmid": self.other.vmid, "name": self.other.name, "net": self.other.nic}
-
-
 def net_macs(config: Mapping[str, Any]) -> dict[str, str]:
     """netN -> MAC (lowercase) of a VM config; devices that do not parse are skipped."""
     out = {}
@@ -84,8 +69,9 @@ def mac_collisions(vm: Vm, host: str, macs: Mapping[str, list[MacUse]]) -> list[
             if (use.host, use.vmid) != (host, vm.vmid)]
 
 
-def site_collisions(site: Site, macs: Mapping[str, list[MacUse]], vms: Iterable[Vm] | None = None) -> list[Collision]:
-    return [Collision(vm.name, i, vm.macs[i], use)
+def site_collisions(site: Site, macs: Mapping[str, list[MacUse]], vms: Iterable[Vm] | None = None) -> list[str]:
+    """Every inventory MAC that another VM carries, as "<vm> nics[i] <mac> is already used by <where>"."""
+    return [f"{vm.name} nics[{i}] {vm.macs[i]} is already used by {use}"
             for vm in (vms if vms is not None else site.vms.values())
             for i, use in mac_collisions(vm, site.hypervisor_for(vm).name, macs)]
 

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 MANAGED_MARKER = "managed-by: deevnet-image-factory"
+FACTORY_TAG = "image-factory"  # on every template and VM the factory made
 INCOMPLETE_TAG = "factory-incomplete"
 _STATES = ("complete", "incomplete")
 _TEMPLATE_RE = re.compile(r"^(\S+) \(vmid (\d+)\)$")

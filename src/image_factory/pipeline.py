@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from . import contents
 from .console import console, styled
 from .errors import FactoryError
 from .inventory import Image, Site
+from .reports import Report
 from .settings import Settings
 
 
@@ -32,7 +33,9 @@ class ImageRun:
 
 
 @dataclass
-class PipelineReport:
+class PipelineReport(Report):
+    json_properties = ("ok",)
+
     started_at: str
     finished_at: str = ""
     total_s: float = 0.0
@@ -42,10 +45,6 @@ class PipelineReport:
     def ok(self) -> bool:
         return all(run.status == "ok" for run in self.images)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
 
 
 def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:

@@ -47,9 +47,11 @@ from .errors import FactoryError, RemoteError, TlsVerificationFailed
 from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
+from .ownership import FACTORY_TAG
 from .publish import transport_named
 from .pve import ApiError, PveClient
 from .pvecodec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
+from .reports import Report
 from .settings import Settings
 from .sshlink import HostKeyMismatch, SshLink
 
@@ -68,7 +70,6 @@ CHECK_MACS = "macs"
 CHECK_TAGS = "tags"
 
 MIN_VERSION = (8, 4)
-FACTORY_TAG = "image-factory"
 FACTORY_ROLE = "ImageFactory"
 SDN_ZONE = "localnetwork"
 PLAYBOOK = "ansible/playbooks/hypervisor.yml"
@@ -123,8 +124,10 @@ _VERSION_RE = re.compile(r"^(\d+)\.(\d+)(?:[.-](\d+))?")
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Report):
     """One check on one host. ``skipped``: not run because a check it depends on failed."""
+
+    json_properties = ("status",)
 
     name: str
     ok: bool
@@ -136,8 +139,6 @@ class CheckResult:
     def status(self) -> str:
         return "skip" if self.skipped else ("ok" if self.ok else "FAIL")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "status": self.status, "detail": self.detail, "hint": self.hint}
 
 
 @dataclass
@@ -398,26 +399,24 @@ def check(name: str, *, needs: tuple[str, ...] = (CHECK_TLS, CHECK_TOKEN), deplo
 # ------------------------------------------------------------------------------------- per host
 
 
+@dataclass(eq=False)
 class _HostRun:
     """Runs the checks for one hypervisor; every call is read-only."""
 
-    def __init__(self, settings: Settings, site: Site, hv: Hypervisor, checks: tuple[str, ...],
-                 need: SpaceNeed, timeout: float, client_factory: Callable[[Hypervisor], PveClient] | None,
-                 transport: str = "ssh"):
-        self.settings = settings
-        self.site = site
-        self.hv = hv
-        self.checks = checks
-        self.need = need
-        self.timeout = timeout
-        self.client_factory = client_factory
-        self.transport = transport
-        self.client: PveClient | None = None
-        self.link: SshLink | None = None
-        self.results: dict[str, CheckResult] = {}
-        self.node_storage: list[dict[str, Any]] | None = None
-        self.version_info: dict[str, Any] = {}
-        self.token_error: ApiError | None = None
+    settings: Settings
+    site: Site
+    hv: Hypervisor
+    checks: tuple[str, ...]
+    need: SpaceNeed
+    timeout: float
+    client_factory: Callable[[Hypervisor], PveClient] | None
+    transport: str = "ssh"
+    client: PveClient | None = field(default=None, init=False)
+    link: SshLink | None = field(default=None, init=False)
+    results: dict[str, CheckResult] = field(default_factory=dict, init=False)
+    node_storage: list[dict[str, Any]] | None = field(default=None, init=False)
+    version_info: dict[str, Any] = field(default_factory=dict, init=False)
+    token_error: ApiError | None = field(default=None, init=False)
 
     def _passed(self, name: str) -> bool:
         r = self.results.get(name)

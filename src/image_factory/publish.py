@@ -41,10 +41,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
@@ -54,9 +54,11 @@ from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
 from .ownership import Marker
 from .pve import ApiError, PveClient, retry_lock_timeouts
-from .pvecodec import format_tags, parse_tags
+from .pvecodec import format_tags
+from .reports import Report
 from .settings import Settings
 from .sshlink import SshLink
+from .templates import DESCRIPTION_HEADER, FACTORY_TAG, TemplateInfo, find_templates, parse_description
 from .upload import (
     SshUploader,
     UploadResult,
@@ -67,8 +69,6 @@ from .upload import (
     upload_api,
 )
 
-FACTORY_TAG = "image-factory"
-DESCRIPTION_HEADER = "image-factory template"
 # Files placed by SSH may use [a-zA-Z0-9-.+=_], but the upload endpoint rewrites every other
 # character, '+' and '=' included, to '_' (shared/pve-facts.md): names from [A-Za-z0-9_.-] only, so
 # both transports land the file under the name import-from points at.
@@ -177,100 +177,6 @@ def template_description(
     return text
 
 
-def parse_description(text: str) -> dict[str, str] | None:
-    """The key/value lines of a factory template description, or None for any other VM."""
-    lines = (text or "").splitlines()
-    if not lines or lines[0].strip() != DESCRIPTION_HEADER:
-        return None
-    out: dict[str, str] = {}
-    for line in lines[1:]:
-        key, sep, value = line.partition(":")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
-
-
-# ------------------------------------------------------------------------------ templates on a host
-
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """A factory-made guest of one image on one host (from its config)."""
-
-    vmid: int
-    name: str
-    node: str
-    image: str
-    build_id: str
-    digest: str
-    sha256: str
-    tested: bool
-    published_at: str
-    import_file: str
-    publish_run: str
-    is_template: bool
-    locked: str | None
-    tags: tuple[str, ...]
-    content: str = ""  # recipe + installed packages (Manifest.content_digest), "" on older templates
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
-    meta = parse_description(str(cfg.get("description", "")))
-    tags = tuple(parse_tags(cfg.get("tags")))
-    if meta is None or FACTORY_TAG not in tags:
-        return None
-    return TemplateInfo(
-        vmid=vmid, name=str(cfg.get("name", "")), node=client.node, image=meta.get("image", ""),
-        build_id=meta.get("build_id", ""), digest=meta.get("digest", ""), sha256=meta.get("sha256", ""),
-        tested=meta.get("tested", "no") == "yes" and "tested" in tags,
-        published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
-        publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
-        locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
-        content=meta.get("content", ""),
-    )
-
-
-def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
-    """Factory templates of ``image_name`` on the client's node, newest first.
-
-    Newest = latest ``published_at`` (ISO-8601 UTC), then highest vmid. Only finished templates
-    (``template: 1``) unless include_incomplete (then also factory VMs a run left half-made).
-    Deploy picks ``next(t for t in find_templates(c, image) if t.tested)``.
-    """
-    found: list[TemplateInfo] = []
-    for vm in client.list_vms():
-        tags = parse_tags(vm.get("tags"))
-        if FACTORY_TAG not in tags:
-            continue
-        is_template = str(vm.get("template", "0")) == "1"
-        if not is_template and not include_incomplete:
-            continue
-        vmid = int(vm["vmid"])
-        try:
-            cfg = client.vm_config(vmid)
-        except ApiError as exc:
-            if exc.status in (404, 500) and "does not exist" in exc.pve_message:
-                continue  # removed between list and read
-            raise
-        info = _template_info(client, vmid, cfg, vm.get("lock"))
-        if info is None or info.image != image_name:
-            continue
-        if info.is_template or include_incomplete:
-            found.append(info)
-    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
-    return found
-
-
-def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:
-    for t in find_templates(client, image_name):
-        if t.tested or not tested_only:
-            return t
-    return None
-
-
 def used_vmids(client: PveClient) -> set[int]:
     """Every guest id on the node (VMs and containers): a template id must be none of them."""
     ids = {int(vm["vmid"]) for vm in client.list_vms()}
@@ -372,7 +278,9 @@ class HostPlan:
 
 
 @dataclass
-class HostResult:
+class HostResult(Report):
+    json_properties = ("ok",)
+
     host: str
     node: str = ""
     action: str = "failed"  # created | unchanged | planned | failed
@@ -394,15 +302,12 @@ class HostResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["duration_s"] = round(self.duration_s, 3)
-        d["ok"] = self.ok
-        return d
 
 
 @dataclass
-class PublishReport:
+class PublishReport(Report):
+    json_properties = ("ok", "bytes_sent")
+
     image: str
     build_id: str
     sha256: str
@@ -434,14 +339,6 @@ class PublishReport:
         if bad:
             raise PublishError("publish failed on " + "; ".join(f"{h.host}: {h.error}" for h in bad))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image": self.image, "build_id": self.build_id, "sha256": self.sha256, "digest": self.digest,
-            "transport": self.transport, "dry_run": self.dry_run, "tested": self.tested,
-            "forced_untested": self.forced_untested, "keep": self.keep, "ok": self.ok,
-            "bytes_sent": self.bytes_sent, "duration_s": round(self.duration_s, 3),
-            "hosts": [h.to_dict() for h in self.hosts],
-        }
 
 
 # ------------------------------------------------------------------------------ the artifact
@@ -682,52 +579,46 @@ def _execute(
         result.pruned.append(pruned)
 
 
-class Transport(Protocol):
+Sender = Callable[["HostContext", PveClient, SshLink, "HostResult", Callable[[int], None]], UploadResult]
+
+
+@dataclass(frozen=True)
+class Transport:
     """How an artifact's bytes reach a host's import storage."""
 
+    send: Sender
     resumable: bool  # a partial file from an interrupted run is continued, not sent again
     staged: bool  # PVE stages the body in staging_dir first, then copies it (both copies exist at once)
 
-    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
-             tick: Callable[[int], None]) -> UploadResult: ...
 
-
-class SshTransport:
+def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
+                   tick: Callable[[int], None]) -> UploadResult:
     """Over the host's SSH link (verified, resumable, under the host lock)."""
-
-    resumable = True
-    staged = False
-
-    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
-             tick: Callable[[int], None]) -> UploadResult:
-        hv, art = ctx.hv, ctx.artifact
-        # The data channel starts on the control link (one handshake per host); after a drop the
-        # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
-        uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link)
-        try:
-            return uploader.upload(art.path, hv.storage.import_dir, art.import_file, art.manifest.artifact.sha256,
-                                   progress=tick, check_final=False)
-        finally:
-            result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
-            uploader.close()
+    # The data channel starts on the control link (one handshake per host); after a drop the
+    # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
+    uploader = SshUploader(ctx.hv.name, lambda: ctx.link_factory(ctx.hv), engine=ctx.engine, shared=link)
+    try:
+        return uploader.upload(ctx.artifact.path, ctx.hv.storage.import_dir, ctx.artifact.import_file,
+                               ctx.artifact.manifest.artifact.sha256, progress=tick, check_final=False)
+    finally:
+        result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
+        uploader.close()
 
 
-class ApiTransport:
+def _send_through_the_api(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
+                          tick: Callable[[int], None]) -> UploadResult:
     """PVE's own upload call (content=import, checksum verified by PVE)."""
-
-    resumable = False
-    staged = True
-
-    def send(self, ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
-             tick: Callable[[int], None]) -> UploadResult:
-        hv, art = ctx.hv, ctx.artifact
-        up = upload_api(client, hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
-                        progress=tick)
-        result.bytes_sent += up.bytes_sent
-        return up
+    art = ctx.artifact
+    up = upload_api(client, ctx.hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
+                    progress=tick)
+    result.bytes_sent += up.bytes_sent
+    return up
 
 
-TRANSPORTS: dict[str, Transport] = {"ssh": SshTransport(), "api": ApiTransport()}
+TRANSPORTS: dict[str, Transport] = {
+    "ssh": Transport(_send_over_ssh, resumable=True, staged=False),
+    "api": Transport(_send_through_the_api, resumable=False, staged=True),
+}
 
 
 def transport_named(name: str) -> Transport:

@@ -37,6 +37,7 @@ from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
 
 from .errors import RemoteError, TlsVerificationFailed
 from .pve import ApiError, PveClient
+from .reports import Report
 from .sshlink import SshLink
 
 CHUNK = 1024 * 1024
@@ -54,7 +55,7 @@ class UploadError(RemoteError):
 
 
 @dataclass
-class UploadResult:
+class UploadResult(Report):
     action: str  # "uploaded" | "skipped"
     bytes_sent: int = 0
     attempts: int = 0
@@ -62,11 +63,6 @@ class UploadResult:
     engine: str = "exec"
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "action": self.action, "bytes_sent": self.bytes_sent, "attempts": self.attempts,
-            "resumed_from": self.resumed_from, "engine": self.engine, "seconds": round(self.seconds, 3),
-        }
 
 
 def partial_name(final: str) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import requests
 from debian.deb822 import Release
@@ -78,15 +78,13 @@ class SuiteState:
         return None
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(NamedTuple):
+    """A package the image holds at ``installed`` while ``suite`` offers ``offered``."""
+
     package: str
     installed: str
     offered: str
     suite: str
-
-    def __str__(self) -> str:
-        return f"{self.package} {self.installed} -> {self.offered} ({self.suite})"
 
 
 def parse_sources(sources_list: str, deb822: Iterable[str] = ()) -> list[AptSource]:

@@ -19,6 +19,7 @@ import pytest
 from image_factory import imagetest as it
 from image_factory import manifest as mf
 from image_factory.inventory import Image, Source
+from image_factory.lab import factories
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.settings import Settings
 
@@ -41,14 +42,7 @@ def _image(name: str) -> Image:
 
 
 def _manifest_for(build_dir: Path, name: str, artifact: Path) -> None:
-    info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(artifact)]))
-    m = mf.Manifest(
-        image=name, family="debian", release=12, mode="cloud", build_id="e2e",
-        artifact=mf.Artifact(path=str(artifact), format="qcow2", virtual_size=int(info["virtual-size"]),
-                             disk_size=artifact.stat().st_size, sha256=mf.sha256_file(artifact)),
-        fingerprint="e2e", inputs={}, tools={}, git={}, started_at="", finished_at="",
-    )  # fmt: skip
-    mf.save(build_dir, m)
+    mf.save(build_dir, factories.manifest_of(artifact, name, build_id="e2e", fingerprint="e2e"))
 
 
 def _strip(outcomes: dict[str, str]) -> dict[str, str]:

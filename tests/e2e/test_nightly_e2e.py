@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from image_factory import build, contents, publish
+from image_factory import build, contents, templates
 from image_factory.inventory import load_site
 from image_factory.lab.aptrepo import AptRepo
 from image_factory.lab.baseimage import ensure_base_image
@@ -103,7 +103,7 @@ def packer_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _templates(settings: Settings, site: Any) -> dict[str, list[int]]:
-    return {hv.name: sorted(t.vmid for t in publish.find_templates(PveClient(hv), IMAGE))
+    return {hv.name: sorted(t.vmid for t in templates.find_templates(PveClient(hv), IMAGE))
             for hv in site.hypervisors.values()}
 
 

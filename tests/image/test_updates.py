@@ -48,4 +48,5 @@ def test_no_pending_upgrades(host: Any, family: str | None) -> None:
                  if line.startswith("installed\t")]
     offers = {f"{s.uri} {s.suite}": offered_versions(fetch_suite(s, KEYS_DIR, release), arch) for s in sources}
     pending = pending_upgrades(installed, offers)
-    assert pending == [], "pending upgrades:\n" + "\n".join(str(p) for p in pending)
+    lines = [f"{p.package} {p.installed} -> {p.offered} ({p.suite})" for p in pending]
+    assert pending == [], "pending upgrades:\n" + "\n".join(lines)

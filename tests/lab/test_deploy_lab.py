@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import publish, pvecodec
+from image_factory import pvecodec, templates
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint
 from image_factory.lab.baseimage import ensure_base_image
@@ -58,7 +58,7 @@ def publish_like_template(lab: LabHandle, host: str, image_file: Path, *, vmid: 
     shutil.copyfile(image_file, Path(hv.storage.import_dir) / name)
     c = PveClient(hv)
     description = "\n".join([
-        publish.DESCRIPTION_HEADER, f"image: {image}", f"build_id: {build}", f"digest: d-{build}",
+        templates.DESCRIPTION_HEADER, f"image: {image}", f"build_id: {build}", f"digest: d-{build}",
         f"tested: {'yes' if tested else 'no'}", f"published_at: 2026-11-25T12:00:{vmid % 60:02d}Z",
     ]) + "\n"
     tags = sorted({"image-factory", image, f"build-{build}", "tested" if tested else "untested"})

@@ -32,7 +32,7 @@ from fakepve.certs import make_cert
 from image_factory import manifest as mf
 from image_factory import preflight as pf
 from image_factory.inventory import Hypervisor, Site
-from image_factory.lab import sshd
+from image_factory.lab import factories, sshd
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.pve import PveClient
@@ -375,11 +375,8 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
     storage = twin.site.hypervisors[twin.host].storage.model_copy(
         update={"import_dir": str(small_fs / "vz" / "import"), "staging_dir": str(small_fs / "var-tmp")})
     site = with_hv(twin.site, twin.host, storage=storage)
-    mf.save(twin.settings.builds_dir / "debian-lab", mf.Manifest(
-        image="debian-lab", family="debian", release=12, mode="cloud", build_id="b7",
-        artifact=mf.Artifact(path="d.qcow2", format="qcow2", virtual_size=2 << 30, disk_size=20 << 20,
-                             sha256="0" * 64),
-        fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at=""))
+    mf.save(twin.settings.builds_dir / "debian-lab",
+            factories.manifest(build_id="b7", virtual_size=2 << 30, disk_size=20 << 20))
     before = twin.state()
     report = pf.run_preflight(twin.settings, site, [twin.host], checks=pf.PUBLISH_CHECKS)
     assert_failure(

@@ -15,18 +15,16 @@ import pytest
 
 from image_factory import manifest as mf
 from image_factory.inventory import Site
+from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.ownership import marker_block
 from image_factory.publish import (
-    FACTORY_TAG,
     PublishError,
-    find_templates,
-    newest_template,
-    parse_description,
     publish_image,
 )
 from image_factory.pve import PveClient
 from image_factory.settings import Settings
+from image_factory.templates import FACTORY_TAG, find_templates, newest_template, parse_description
 from image_factory.upload import partial_name
 
 pytestmark = pytest.mark.lab
@@ -44,18 +42,14 @@ def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True
     art.unlink(missing_ok=True)
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(art)], check=True)
     raw.unlink()
-    sha = mf.sha256_file(art)
-    test = mf.ImageTestResult(status="passed", passed=7, suites=["common", "hygiene"], artifact_sha256=sha,
-                              finished_at="2026-11-25T12:00:00Z") if tested else None
-    m = mf.Manifest(
-        image=IMAGE, family="debian", release=12, mode="cloud", build_id=build_id,
-        artifact=mf.Artifact(path=art.name, format="qcow2", virtual_size=mib * 1024 * 1024,
-                             disk_size=art.stat().st_size, sha256=sha),
-        fingerprint=hashlib.sha256(f"{build_id}{seed}".encode()).hexdigest(), inputs={}, tools={},
+    m = factories.manifest_of(
+        art, IMAGE, build_id=build_id, tested=tested or None,
+        fingerprint=hashlib.sha256(f"{build_id}{seed}".encode()).hexdigest(),
         git={"commit": "abc123", "dirty": False}, started_at="2026-11-25T11:00:00Z",
-        finished_at="2026-11-25T11:10:00Z", image_test=test, recipe=recipe,
+        finished_at="2026-11-25T11:10:00Z", recipe=recipe,
         contents={"packages_digest": packages_digest, "packages": 3} if packages_digest else None,
     )
+    m.artifact.path = art.name
     mf.save(d, m)
     return m
 
@@ -468,7 +462,6 @@ def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_
     """Run A's SSH link (which holds the host lock) drops while its create task imports the disk; run B takes
     the lock meanwhile. A must notice before its next write, never undo B's work, re-take the lock and
     re-plan: in the end both runs are ok and the host holds exactly one template of the build."""
-    from image_factory import publish
     from image_factory.sshlink import SshLink
 
     lab, settings, site = env
@@ -501,7 +494,7 @@ def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_
     vms = c.list_vms()
     templates = [v for v in vms if int(v.get("template") or 0)]
     assert len(templates) == 1 and len(vms) == 1, vms
-    assert publish.parse_description(str(c.vm_config(int(templates[0]["vmid"]))["description"]))["digest"] == m.digest
+    assert templates.parse_description(str(c.vm_config(int(templates[0]["vmid"]))["description"]))["digest"] == m.digest
     assert sorted([ra.action, rb.action]) == ["created", "unchanged"], (ra.action, rb.action)
     assert any("lock" in w for w in ra.warnings), ra.warnings
     # B never touched the VM A's task was still importing; A removed its own half-made VM itself

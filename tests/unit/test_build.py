@@ -23,7 +23,8 @@ import pytest
 
 from image_factory import build, render
 from image_factory.inventory import Image, load_site
-from image_factory.manifest import Artifact, Manifest, load, save, sha256_file
+from image_factory.lab import factories
+from image_factory.manifest import load, save, sha256_file
 from image_factory.settings import REPO_ROOT, Settings
 
 pytestmark = pytest.mark.unit
@@ -375,10 +376,7 @@ def test_accelerator_override_and_detection(repo: Settings) -> None:
 def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
     art = tmp_path / "x.qcow2"
     art.write_bytes(b"data")
-    m = Manifest(image="x", family="debian", release=12, mode="cloud", build_id="abc",
-                 artifact=Artifact(path="x.qcow2", format="qcow2", virtual_size=4, disk_size=4,
-                                   sha256=sha256_file(art)),
-                 fingerprint="f1", inputs={}, tools={}, git={}, started_at="", finished_at="")
+    m = factories.manifest("x", path="x.qcow2", sha256=sha256_file(art), disk_size=4, fingerprint="f1")
     save(tmp_path, m)
     assert build.cache_status(tmp_path, "f1")[0] is not None
     assert build.cache_status(tmp_path, "f2") == (None, "inputs changed")
@@ -393,10 +391,9 @@ def test_a_build_older_than_max_age_is_rebuilt(tmp_path: Path) -> None:
 
     art = tmp_path / "x.qcow2"
     art.write_bytes(b"data")
-    m = Manifest(image="x", family="debian", release=13, mode="cloud", build_id="abc",
-                 artifact=Artifact(path="x.qcow2", format="qcow2", virtual_size=4, disk_size=4,
-                                   sha256=sha256_file(art)),
-                 fingerprint="f1", inputs={}, tools={}, git={}, started_at="", finished_at="2026-11-20T02:00:00Z")
+    m = factories.manifest("x", build_id="abc", path="x.qcow2", sha256=sha256_file(art), disk_size=4, fingerprint="f1",
+                           release=13,
+                           finished_at="2026-11-20T02:00:00Z")
     save(tmp_path, m)
     six_days, eight_days = datetime(2026, 11, 26, 2, 0, tzinfo=UTC), datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
     assert build.cache_status(tmp_path, "f1", max_age_days=7, now=six_days)[0] is not None
@@ -496,10 +493,8 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
             result.cleanup()
     assert len(set(fingerprints)) == 3, "each upstream state is its own build identity"
     assert reasons[:2] == ["", ""] and "HTTP 503" in reasons[2]
-    previous = Manifest(image="x", family="debian", release=13, mode="cloud", build_id="b",
-                        artifact=Artifact(path="x", format="qcow2", virtual_size=1, disk_size=1, sha256="0" * 64),
-                        fingerprint="f", inputs={"upstream:http://a/debian s": "InRelease D1 sha256:1", "x": "y"},
-                        tools={}, git={}, started_at="", finished_at="")
+    previous = factories.manifest("x", release=13, inputs={"upstream:http://a/debian s": "InRelease D1 sha256:1",
+                                                           "x": "y"})
     assert build.upstream_inputs(repo, img, offline=True, previous=previous) == (
         {"upstream:http://a/debian s": "InRelease D1 sha256:1"}, "")  # --offline: nothing fetched
 

@@ -11,9 +11,11 @@ from image_factory import deploy as dep
 from image_factory import pvecodec
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Hypervisor, Site, Vm, load_site
+from image_factory.lab import factories
 from image_factory.livemacs import MacUse
 from image_factory.ownership import MANAGED_MARKER, Marker
 from image_factory.settings import REPO_ROOT
+from image_factory.templates import TemplateInfo
 
 pytestmark = pytest.mark.unit
 
@@ -23,8 +25,8 @@ def site() -> Site:
     return load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
 
 
-def tpl(vmid: int = 9000, name: str = "tpl-fedora-44-b1") -> dep.TemplateRef:
-    return dep.TemplateRef(vmid, name, "b1", ("b1", "fedora-44", "image-factory", "tested"))
+def tpl(vmid: int = 9000, name: str = "tpl-fedora-44-b1") -> TemplateInfo:
+    return factories.template(vmid, name)
 
 
 # ------------------------------------------------------------------------ property strings
@@ -254,7 +256,7 @@ def test_known_address_and_agent_configured(site: Site) -> None:
 
 
 def _observed(vm: Vm, hv: Hypervisor, *, status: str = "running", incomplete: bool = False, marker: bool = True,
-              template: dep.TemplateRef | None = None, lock: str | None = None, **changes: Any) -> dep.Observed:
+              template: TemplateInfo | None = None, lock: str | None = None, **changes: Any) -> dep.Observed:
     cfg: dict[str, Any] = dict(dep.desired_config(vm, hv, template or tpl(), "r1"))
     cfg["scsi0"] = f"local-lvm:vm-{vm.vmid}-disk-0,size={vm.disk_gb}G"
     cfg["agent"] = "enabled=1"

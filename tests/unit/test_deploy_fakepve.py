@@ -26,10 +26,11 @@ from fakepve.pytest_plugin import _Serving
 from fakepve.server import FakePve
 
 from image_factory import deploy as dep
-from image_factory import publish, pvecodec
+from image_factory import pvecodec, templates
 from image_factory.errors import RemoteError, ValidationFailed
 from image_factory.hostlock import LockBusy, LockLost
 from image_factory.inventory import Site, load_site
+from image_factory.lab import factories
 from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.pve import PveClient
 from image_factory.settings import REPO_ROOT
@@ -75,7 +76,7 @@ def add_template(pve: FakePve, node: str, vmid: int, image: str, build_id: str, 
     """A template as publish registers it: its tags and its description header (publish.py)."""
     tags = sorted({image, f"build-{build_id.lower()}", "image-factory", "tested" if tested else "untested"})
     description = "\n".join([
-        publish.DESCRIPTION_HEADER, f"image: {image}", f"build_id: {build_id}", f"digest: d-{build_id}",
+        templates.DESCRIPTION_HEADER, f"image: {image}", f"build_id: {build_id}", f"digest: d-{build_id}",
         f"tested: {'yes' if tested else 'no'}", f"published_at: {build_id}",
     ]) + "\n"
     pve.add_vm(vmid, f"tpl-{image}-{build_id}", node=node, template=True, config={
@@ -460,7 +461,7 @@ def test_locked_vm_is_blocked_not_recreated(fs: FakeSite) -> None:
     """A VM another run is still cloning (lock: clone, marker still 'incomplete') is left alone."""
     pve = fs.pves["pve-tenant"]
     vm = fs.site.vms["iot-api01"]
-    tpl = dep.TemplateRef(9000, "tpl-fedora-45-x", "x", ())
+    tpl = factories.template(9000, "tpl-fedora-45-x", build_id="x")
     pve.add_vm(2101, "iot-api01", node="pve-tenant", lock="clone",
                config={"description": dep.describe(vm, tpl, "other-run", incomplete=True), "lock": "clone"})
     [r] = dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=5, progress=False).results
@@ -498,7 +499,7 @@ def test_marker_copied_from_another_vm_is_foreign(fs: FakeSite, agents: None) ->
 
 def test_running_incomplete_vm_is_reported_not_destroyed(fs: FakeSite) -> None:
     vm = fs.site.vms["iot-api01"]
-    tpl = dep.TemplateRef(9000, "tpl-fedora-45-x", "x", ())
+    tpl = factories.template(9000, "tpl-fedora-45-x", build_id="x")
     pve = fs.pves["pve-tenant"]
     pve.add_vm(2101, "iot-api01", node="pve-tenant", status="running",
                config={"description": dep.describe(vm, tpl, "crashed-run", incomplete=True)})

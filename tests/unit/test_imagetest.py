@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from image_factory import imagetest as it
 from image_factory import manifest as mf
 from image_factory.inventory import Image, Source
+from image_factory.lab import factories
 from image_factory.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -138,11 +139,7 @@ def _image() -> Image:
 
 
 def _manifest(artifact: Path, sha: str) -> mf.Manifest:
-    return mf.Manifest(
-        image="fixture", family="debian", release=12, mode="cloud", build_id="b1",
-        artifact=mf.Artifact(path=str(artifact), format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
-        fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="",
-    )  # fmt: skip
+    return factories.manifest("fixture", path=str(artifact), sha256=sha)
 
 
 def test_test_image_refuses_artifact_that_changed_since_build(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from image_factory import build, imagetest, preflight, publish
 from image_factory import manifest as mf
 from image_factory.errors import FactoryError, ValidationFailed
 from image_factory.inventory import load_site
+from image_factory.lab import factories
 from image_factory.pipeline import default_images, run_pipeline
 from image_factory.settings import REPO_ROOT, Settings
 
@@ -31,18 +32,8 @@ class Recorder:
 
 
 def _manifest(name: str, tested: bool | None) -> mf.Manifest:
-    sha = "ab" * 32
-    result = None
-    if tested is not None:
-        result = mf.ImageTestResult(
-            status="passed" if tested else "failed", passed=10, failed=0 if tested else 2,
-            artifact_sha256=sha, failures=[] if tested else ["test_hygiene::test_artifact_has_no_ssh_host_keys"],
-        )
-    return mf.Manifest(
-        image=name, family="fedora", release=44, mode="cloud", build_id=sha[:12],
-        artifact=mf.Artifact(path=f"{name}.qcow2", format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
-        fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="", image_test=result,
-    )
+    return factories.manifest(name, build_id="abababababab", tested=tested, family="fedora", release=44,
+                              failures=("test_hygiene::test_artifact_has_no_ssh_host_keys",))
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from fakepve.certs import make_cert
 from image_factory import preflight as pf
 from image_factory.errors import FactoryError, ValidationFailed
 from image_factory.inventory import load_site
-from image_factory.manifest import Artifact, Manifest, save
+from image_factory.lab import factories
+from image_factory.manifest import save
 from image_factory.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -318,10 +319,7 @@ def test_largest_artifact_prefers_manifests_over_catalogue(env):
     settings, site = env
     need = pf.largest_artifact(settings, site)
     assert need.bytes == 2 * 1024**3 and "no build yet" in need.source
-    m = Manifest(image="tiny", family="debian", release=12, mode="cloud", build_id="b1",
-                 artifact=Artifact(path="x.qcow2", format="qcow2", virtual_size=2 * 1024**3, disk_size=123456789,
-                                   sha256="0" * 64),
-                 fingerprint="f", inputs={}, tools={}, git={}, started_at="", finished_at="")
+    m = factories.manifest("tiny", virtual_size=2 * 1024**3, disk_size=123456789)
     save(settings.builds_dir / "tiny", m)
     need = pf.largest_artifact(settings, site)
     assert need.bytes == 123456789 and "build b1" in need.source

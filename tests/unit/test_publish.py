@@ -12,21 +12,17 @@ import pytest
 
 from image_factory import manifest as mf
 from image_factory.inventory import Hypervisor, load_site
+from image_factory.lab import factories
 from image_factory.ownership import marker_block
 from image_factory.publish import (
     DESCRIPTION_MAX,
-    FACTORY_TAG,
     IMPORT_NAME_RE,
     PublishError,
-    TemplateInfo,
     clone_dependents,
     dns_name,
-    find_templates,
     free_vmid,
     import_file_name,
     load_artifact,
-    newest_template,
-    parse_description,
     publish_image,
     sanitize_tag,
     select_prunes,
@@ -35,19 +31,15 @@ from image_factory.publish import (
     template_tags,
 )
 from image_factory.settings import REPO_ROOT, Settings
+from image_factory.templates import FACTORY_TAG, TemplateInfo, find_templates, newest_template, parse_description
 
 pytestmark = pytest.mark.unit
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 
 
 def manifest(build_id: str = "20261125-1200-a1", sha: str = "ab" * 32, tested: bool = True) -> mf.Manifest:
-    test = mf.ImageTestResult(status="passed", passed=3, artifact_sha256=sha) if tested else None
-    return mf.Manifest(
-        image="debian-lab", family="debian", release=12, mode="cloud", build_id=build_id,
-        artifact=mf.Artifact(path="debian-lab.qcow2", format="qcow2", virtual_size=1, disk_size=1, sha256=sha),
-        fingerprint="f" * 64, inputs={}, tools={}, git={"commit": "abc"}, started_at="", finished_at="",
-        image_test=test,
-    )
+    return factories.manifest(build_id=build_id, sha256=sha, tested=tested or None, fingerprint="f" * 64,
+                              git={"commit": "abc"})
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_pending_upgrades_uses_debian_version_order() -> None:
     installed = [("openssl", "3.5.1-1"), ("zlib1g", "1:1.3.1-1"), ("linux-image-cloud-amd64", "6.12.118-1"),
                  ("local-only", "1.0")]
     pending = upstream.pending_upgrades(installed, offers)
-    assert [str(p) for p in pending] == ["openssl 3.5.1-1 -> 3.5.1-1+deb13u1 (trixie-security)"]
+    assert pending == [("openssl", "3.5.1-1", "3.5.1-1+deb13u1", "trixie-security")]
     # a ~ version sorts before its release: an installed 2.0~rc1 is behind an offered 2.0
     assert upstream.pending_upgrades([("x", "2.0~rc1")], {"s": {"x": Version("2.0")}})[0].offered == "2.0"
 

@@ -19,6 +19,7 @@ the next run recreates it.
 """
 
 from ..hostlock import DEFAULT_WAIT
+from ..templates import TemplateInfo, find_templates
 from .act import deploy_vms, destroy_vm, remove_vm
 from .decide import choose_template, decide
 from .desired import (
@@ -33,7 +34,7 @@ from .desired import (
     nic_net,
     select_vms,
 )
-from .gather import find_templates, plan_deploy
+from .gather import plan_deploy
 from .model import (
     DEFAULT_TIMEOUT,
     DeployError,
@@ -43,7 +44,6 @@ from .model import (
     HostState,
     NotReady,
     Observed,
-    TemplateRef,
     VmPlan,
     VmResult,
 )
@@ -52,7 +52,7 @@ from .ready import agent_configured, guest_address, known_address, ssh_answers, 
 
 __all__ = [
     "DEFAULT_TIMEOUT", "DEFAULT_WAIT", "DeployError", "DeployPlan", "DeployReport", "FieldDiff", "HostState",
-    "NotReady", "Observed", "TemplateRef", "VmPlan", "VmResult", "agent_configured", "boot_disk", "check_placement",
+    "NotReady", "Observed", "TemplateInfo", "VmPlan", "VmResult", "agent_configured", "boot_disk", "check_placement",
     "choose_template", "compare", "decide", "decode_sshkeys", "deploy_vms", "describe", "desired_config",
     "destroy_vm", "encode_sshkeys", "find_templates", "guest_address", "ipconfig_value", "known_address", "nic_net",
     "plan_deploy", "plan_table", "remove_vm", "report_table", "select_vms", "ssh_answers", "wait_ready",

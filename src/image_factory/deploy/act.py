@@ -16,9 +16,10 @@ from ..ownership import INCOMPLETE_TAG, Marker
 from ..pve import ApiError, PveClient, TaskFailed, retry_on_lock
 from ..pvecodec import NetSpec, format_tags, parse_tags
 from ..settings import Settings
+from ..templates import TemplateInfo
 from .desired import boot_disk, check_placement, describe, desired_config, select_vms
 from .gather import effective_config, plan_vms
-from .model import DEFAULT_TIMEOUT, DeployPlan, DeployReport, NotReady, TemplateRef, VmPlan, VmResult
+from .model import DEFAULT_TIMEOUT, DeployPlan, DeployReport, NotReady, VmPlan, VmResult
 from .present import progress_reporter
 from .ready import wait_ready
 from .run import ClientFactory, LockFactory, Run, ssh_host_lock
@@ -57,7 +58,7 @@ def remove_vm(client: PveClient, vmid: int, *, timeout: float, guard: Callable[[
         retry(lambda: _wait(client, client.destroy_vm(vmid), timeout))
 
 
-def _clone(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, timeout: float) -> None:
+def _clone(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateInfo, timeout: float) -> None:
     params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
                               "description": describe(vm, template, run.run_id, incomplete=True)}
 
@@ -88,7 +89,7 @@ def _remove_own_leftover(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, ti
     return True
 
 
-def _configure(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, only: set[str] | None,
+def _configure(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateInfo, only: set[str] | None,
                timeout: float) -> list[str]:
     """One config update (digest from a fresh GET); returns the keys PVE left pending (running VM)."""
     want = desired_config(vm, hv, template, run.run_id)
@@ -135,7 +136,7 @@ def _read_back_macs(client: PveClient, vm: Vm) -> list[str]:
     return macs
 
 
-def _mark_incomplete(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef) -> bool:
+def _mark_incomplete(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateInfo) -> bool:
     """Seal the state "incomplete" into the description (the next run re-creates it once it is stopped);
     the tag is only a hint for humans in the PVE UI."""
     try:
@@ -165,7 +166,7 @@ class _Timer:
         return _P()
 
 
-def _create(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateRef, result: VmResult,
+def _create(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: TemplateInfo, result: VmResult,
             *, wait: bool, timeout: float) -> None:
     t = _Timer(result)
     run.say(vm.name, f"cloning {template.name} ({vm.clone_mode})")
@@ -244,7 +245,7 @@ def _execute(run: Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> V
     return result
 
 
-def _correct(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, template: TemplateRef | None,
+def _correct(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, template: TemplateInfo | None,
              result: VmResult, *, wait: bool, timeout: float) -> None:
     t = _Timer(result)
     fields = {d.field for d in plan.safe_diffs}
@@ -287,9 +288,9 @@ def _correct(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, 
     result.state = "drift-unresolved" if plan.unsafe else "corrected"
 
 
-def _recorded_template(client: PveClient, vm: Vm) -> TemplateRef:
+def _recorded_template(client: PveClient, vm: Vm) -> TemplateInfo:
     marker = Marker.parse(client.vm_config(vm.vmid).get("description"), vm.vmid)
-    return TemplateRef(marker.template_vmid or 0, marker.template or "unknown", "", ())
+    return TemplateInfo.recorded(marker.template_vmid or 0, marker.template or "unknown")
 
 
 def deploy_vms(

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from ..inventory import Hypervisor, Vm
 from ..livemacs import MacUse, mac_collisions
 from ..ownership import Marker
+from ..templates import TemplateInfo
 from .desired import compare
-from .model import FieldDiff, HostState, Observed, TemplateRef, VmPlan
+from .model import FieldDiff, HostState, Observed, VmPlan
 
 
-def choose_template(host: str, vm: Vm, templates: list[TemplateRef]) -> tuple[TemplateRef | None, str]:
+def choose_template(host: str, vm: Vm, templates: list[TemplateInfo]) -> tuple[TemplateInfo | None, str]:
     """The template to clone (the pinned one or the newest tested one), or None and why not."""
     if vm.template_vmid is not None:
         pinned = [t for t in templates if t.vmid == vm.template_vmid]

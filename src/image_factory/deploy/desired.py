@@ -11,7 +11,8 @@ from ..errors import Problem, ValidationFailed
 from ..inventory import Hypervisor, Site, StaticIp, Vm
 from ..ownership import Marker, marker_block, user_description, with_marker
 from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
-from .model import FieldDiff, TemplateRef
+from ..templates import TemplateInfo
+from .model import FieldDiff
 
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
 
@@ -41,7 +42,7 @@ def ipconfig_value(vm: Vm) -> str:
 
 
 
-def describe(vm: Vm, template: TemplateRef, run_id: str, *, incomplete: bool = False) -> str:
+def describe(vm: Vm, template: TemplateInfo, run_id: str, *, incomplete: bool = False) -> str:
     """The inventory's description followed by the factory's sealed marker block (ownership.py)."""
     block = marker_block(vm_name=vm.name, vmid=vm.vmid, template=template.name, template_vmid=template.vmid,
                          run_id=run_id, incomplete=incomplete, template_digest=template.digest)
@@ -98,7 +99,7 @@ def check_placement(site: Site, vms: Iterable[Vm]) -> None:
 
 
 
-def desired_config(vm: Vm, hv: Hypervisor, template: TemplateRef, run_id: str) -> dict[str, str]:
+def desired_config(vm: Vm, hv: Hypervisor, template: TemplateInfo, run_id: str) -> dict[str, str]:
     """The one config update written after the clone (strings as PVE takes them)."""
     cfg: dict[str, str] = {}
     for i in range(len(vm.nics)):
@@ -144,7 +145,7 @@ def boot_disk(config: Mapping[str, Any]) -> tuple[str, int] | None:
 UNSAFE_NIC_KEYS = frozenset({"tag", "bridge"})
 
 
-def compare(vm: Vm, hv: Hypervisor, template: TemplateRef | None, config: Mapping[str, Any]) -> list[FieldDiff]:
+def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mapping[str, Any]) -> list[FieldDiff]:
     """Differences between the VM's effective config and the inventory; ``safe`` ones a config update fixes."""
     diffs: list[FieldDiff] = []
     nets = sorted((k for k in config if re.fullmatch(r"net\d+", k)), key=lambda k: int(k[3:]))

@@ -10,20 +10,11 @@ from ..inventory import Hypervisor, Site, Vm
 from ..livemacs import MacUse, host_mac_uses
 from ..pve import ApiError, PveClient
 from ..settings import Settings
+from ..templates import TemplateInfo, find_templates
 from .decide import decide
 from .desired import check_placement, select_vms
-from .model import DeployPlan, HostState, Observed, TemplateRef, VmPlan
+from .model import DeployPlan, HostState, Observed, VmPlan
 from .run import ClientFactory, Run
-
-
-def find_templates(client: PveClient, image_name: str) -> list[TemplateRef]:
-    """Factory templates of ``image_name`` on the client's node, newest first: the publish stage's own
-    lookup (its description header, ``image-factory`` tag, newest by publish time then vmid)."""
-    from ..publish import find_templates as published
-
-    return [TemplateRef(t.vmid, t.name, t.build_id, tuple(t.tags), t.digest, t.tested)
-            for t in published(client, image_name)]
-
 
 
 def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:
@@ -50,7 +41,7 @@ def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list
 def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
     client = run.client(hv)
     existing = {int(e["vmid"]): e for e in client.list_vms()}
-    templates: dict[str, list[TemplateRef]] = {}
+    templates: dict[str, list[TemplateInfo]] = {}
     observed: dict[int, Observed] = {}
     for vm in vms:
         if vm.image not in templates:

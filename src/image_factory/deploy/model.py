@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import FactoryError
 from ..livemacs import MacUse
+from ..reports import Report
+from ..templates import TemplateInfo
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -21,39 +23,19 @@ class NotReady(DeployError):
     """The VM is configured and started, but the guest did not show up in time (it is kept)."""
 
 
-@dataclass(frozen=True)
-class TemplateRef:
-    vmid: int
-    name: str
-    build_id: str
-    tags: tuple[str, ...]
-    digest: str = ""
-    is_tested: bool | None = None
-
-    @property
-    def tested(self) -> bool:
-        if self.is_tested is not None:
-            return self.is_tested
-        return "tested" in self.tags and "untested" not in self.tags
-
-
-
 @dataclass
-class FieldDiff:
+class FieldDiff(Report):
     field: str
     current: Any
     desired: Any
     safe: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def __str__(self) -> str:
         return f"{self.field}: {self.current!r} -> {self.desired!r}" + ("" if self.safe else " (unsafe)")
 
 
 @dataclass
-class VmPlan:
+class VmPlan(Report):
     vm: str
     plane: str
     host: str
@@ -77,22 +59,21 @@ class VmPlan:
     def safe_diffs(self) -> list[FieldDiff]:
         return [d for d in self.diffs if d.safe]
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["diffs"] = [x.to_dict() for x in self.diffs]
-        return d
 
 
 @dataclass
-class DeployPlan:
+class DeployPlan(Report):
+    json_properties = ("counts",)
+
     vms: list[VmPlan]
     recreate: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for p in self.vms:
             counts[p.action] = counts.get(p.action, 0) + 1
-        return {"vms": [p.to_dict() for p in self.vms], "counts": counts, "recreate": self.recreate}
+        return counts
 
 
 State = Literal["planned", "created", "recreated", "corrected", "unchanged", "drift-unresolved", "blocked",
@@ -153,7 +134,7 @@ class Observed:
 
 @dataclass
 class HostState:
-    templates: dict[str, list[TemplateRef]]
+    templates: dict[str, list[TemplateInfo]]
     vms: dict[int, Observed]
     macs: dict[str, list[MacUse]]
 

@@ -12,7 +12,7 @@ from ..hostlock import HostGuard, HostLock
 from ..inventory import Hypervisor, Site
 from ..pve import PveClient
 from ..sshlink import SshLink
-from .model import TemplateRef
+from ..templates import TemplateInfo
 
 ClientFactory = Callable[[Hypervisor], PveClient]
 LockFactory = Callable[[Hypervisor, str, int], HostGuard]
@@ -33,7 +33,7 @@ class Run:
         self.clients: dict[str, PveClient] = {}
         self.clone_locks: dict[str, threading.Lock] = {}
         self.guards: dict[str, HostGuard] = {}
-        self.templates: dict[tuple[str, int], TemplateRef] = {}  # (host, vmid) -> template seen while planning
+        self.templates: dict[tuple[str, int], TemplateInfo] = {}  # (host, vmid) -> template seen while planning
         self._lock = threading.Lock()
         self.progress = progress
         self.run_id = run_id or uuid.uuid4().hex[:12]

@@ -167,42 +167,22 @@ def vm_address(slot: int, vmid: int) -> str:
 @dataclass(frozen=True)
 class LabPaths:
     lab_dir: Path
+    config: Path = field(init=False)
+    pki: Path = field(init=False)
+    ca_cert: Path = field(init=False)
+    ca_key: Path = field(init=False)
+    client_key: Path = field(init=False)
+    inventory_dir: Path = field(init=False)
+    inventory: Path = field(init=False)
+    run: Path = field(init=False)
+    log: Path = field(init=False)
 
-    @property
-    def config(self) -> Path:
-        return self.lab_dir / "lab.json"
-
-    @property
-    def pki(self) -> Path:
-        return self.lab_dir / "pki"
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.pki / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.pki / "ca.key"
-
-    @property
-    def client_key(self) -> Path:
-        return self.lab_dir / "client" / "id_ed25519"
-
-    @property
-    def inventory_dir(self) -> Path:
-        return self.lab_dir / "inventory"
-
-    @property
-    def inventory(self) -> Path:
-        return self.inventory_dir / "hosts.yml"
-
-    @property
-    def run(self) -> Path:
-        return self.lab_dir / "run"
-
-    @property
-    def log(self) -> Path:
-        return self.lab_dir / "log"
+    def __post_init__(self) -> None:
+        layout = {"config": "lab.json", "pki": "pki", "ca_cert": "pki/ca.pem", "ca_key": "pki/ca.key",
+                  "client_key": "client/id_ed25519", "inventory_dir": "inventory", "inventory": "inventory/hosts.yml",
+                  "run": "run", "log": "log"}
+        for name, relative in layout.items():
+            object.__setattr__(self, name, self.lab_dir / relative)
 
     def host_dir(self, name: str) -> Path:
         return self.lab_dir / "hosts" / name

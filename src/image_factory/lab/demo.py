@@ -8,18 +8,19 @@ lab package because it drives the lab; the product's stages never import it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..console import console, styled
 from ..errors import FactoryError
 from ..inventory import Site
 from ..pipeline import default_images, run_pipeline
+from ..reports import Report
 from ..settings import Settings
 
 
 @dataclass
-class DemoReport:
+class DemoReport(Report):
     lab_dir: str
     inventory: str
     pipeline: dict[str, Any] = field(default_factory=dict)
@@ -28,8 +29,6 @@ class DemoReport:
     timings: dict[str, float] = field(default_factory=dict)
     ok: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def run_demo(

@@ -1,0 +1,53 @@
+"""Test data factories: the product's own types with plausible defaults, so a test names only what it is about.
+
+Like fabric's ``fabric.testing``: shipped beside the lab, never imported by the product.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..manifest import Artifact, ImageTestResult, Manifest, sha256_file
+from ..templates import TemplateInfo
+
+SHA = "ab" * 32
+
+
+def manifest(image: str = "debian-lab", *, build_id: str = "b1", path: str = "", sha256: str = SHA,
+             virtual_size: int = 1, disk_size: int = 1, tested: bool | None = None,
+             failures: tuple[str, ...] = ("test_x::test_y",), **fields: Any) -> Manifest:
+    """A build manifest; ``tested`` True/False adds a passed/failed image test (with ``failures``) of this
+    artifact."""
+    result = None
+    if tested is not None:
+        result = ImageTestResult(status="passed" if tested else "failed", passed=3, failed=0 if tested else 1,
+                                 artifact_sha256=sha256, failures=[] if tested else list(failures))
+    base: dict[str, Any] = {
+        "family": "debian", "release": 12, "mode": "cloud", "fingerprint": "f", "inputs": {}, "tools": {},
+        "git": {}, "started_at": "", "finished_at": "", "image_test": result,
+    }
+    artifact = Artifact(path=path or f"{image}.qcow2", format="qcow2", virtual_size=virtual_size,
+                        disk_size=disk_size, sha256=sha256)
+    return Manifest(image=image, build_id=build_id, artifact=artifact, **{**base, **fields})
+
+
+def manifest_of(artifact: Path, image: str = "debian-lab", **fields: Any) -> Manifest:
+    """A manifest that matches a real artifact file: its digest, size and (for qcow2) virtual size."""
+    info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(artifact)]))
+    return manifest(image, path=str(artifact), sha256=sha256_file(artifact), disk_size=artifact.stat().st_size,
+                    virtual_size=int(info["virtual-size"]), **fields)
+
+
+def template(vmid: int = 9000, name: str = "tpl-fedora-44-b1", *, tested: bool = True, image: str = "fedora-44",
+             build_id: str = "b1", **fields: Any) -> TemplateInfo:
+    """A factory template as publish describes it and template discovery reads it back."""
+    tags = ("image-factory", image, f"build-{build_id}", "tested" if tested else "untested")
+    base: dict[str, Any] = {
+        "node": "pve", "digest": "d", "sha256": SHA, "published_at": "2026-11-25T12:00:00Z",
+        "import_file": f"{image}-{build_id}.qcow2", "publish_run": "r0", "is_template": True, "locked": None,
+        "tags": tags,
+    }
+    return TemplateInfo(vmid=vmid, name=name, image=image, build_id=build_id, tested=tested, **{**base, **fields})

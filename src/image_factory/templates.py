@@ -1,0 +1,115 @@
+"""The factory's templates on a host: the one template type and how they are found.
+
+A factory template carries the ``image-factory`` tag and a description that starts with
+:data:`DESCRIPTION_HEADER` followed by ``key: value`` lines (written by publish). Publish, retention
+and deploy all find templates here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .ownership import FACTORY_TAG
+from .pve import ApiError, PveClient
+from .pvecodec import parse_tags
+from .reports import Report
+
+DESCRIPTION_HEADER = "image-factory template"
+
+__all__ = ["DESCRIPTION_HEADER", "FACTORY_TAG", "TemplateInfo", "find_templates", "newest_template",
+           "parse_description"]
+
+
+def parse_description(text: str) -> dict[str, str] | None:
+    """The key/value lines of a factory template description, or None for any other VM."""
+    lines = (text or "").splitlines()
+    if not lines or lines[0].strip() != DESCRIPTION_HEADER:
+        return None
+    out: dict[str, str] = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class TemplateInfo(Report):
+    """A factory-made guest of one image on one host (from its config)."""
+
+    vmid: int
+    name: str
+    node: str
+    image: str
+    build_id: str
+    digest: str
+    sha256: str
+    tested: bool
+    published_at: str
+    import_file: str
+    publish_run: str
+    is_template: bool
+    locked: str | None
+    tags: tuple[str, ...]
+    content: str = ""  # recipe + installed packages (Manifest.content_digest), "" on older templates
+
+    @classmethod
+    def recorded(cls, vmid: int, name: str) -> TemplateInfo:
+        """The template a deployed VM's marker names (it may be gone): no more is known of it."""
+        return cls(vmid=vmid, name=name, node="", image="", build_id="", digest="", sha256="", tested=False,
+                   published_at="", import_file="", publish_run="", is_template=True, locked=None, tags=())
+
+
+def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
+    meta = parse_description(str(cfg.get("description", "")))
+    tags = tuple(parse_tags(cfg.get("tags")))
+    if meta is None or FACTORY_TAG not in tags:
+        return None
+    return TemplateInfo(
+        vmid=vmid, name=str(cfg.get("name", "")), node=client.node, image=meta.get("image", ""),
+        build_id=meta.get("build_id", ""), digest=meta.get("digest", ""), sha256=meta.get("sha256", ""),
+        tested=meta.get("tested", "no") == "yes" and "tested" in tags,
+        published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
+        publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
+        locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
+        content=meta.get("content", ""),
+    )
+
+
+def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
+    """Factory templates of ``image_name`` on the client's node, newest first.
+
+    Newest = latest ``published_at`` (ISO-8601 UTC), then highest vmid. Only finished templates
+    (``template: 1``) unless include_incomplete (then also factory VMs a run left half-made).
+    Deploy picks ``next(t for t in find_templates(c, image) if t.tested)``.
+    """
+    found: list[TemplateInfo] = []
+    for vm in client.list_vms():
+        tags = parse_tags(vm.get("tags"))
+        if FACTORY_TAG not in tags:
+            continue
+        is_template = str(vm.get("template", "0")) == "1"
+        if not is_template and not include_incomplete:
+            continue
+        vmid = int(vm["vmid"])
+        try:
+            cfg = client.vm_config(vmid)
+        except ApiError as exc:
+            if exc.status in (404, 500) and "does not exist" in exc.pve_message:
+                continue  # removed between list and read
+            raise
+        info = _template_info(client, vmid, cfg, vm.get("lock"))
+        if info is None or info.image != image_name:
+            continue
+        if info.is_template or include_incomplete:
+            found.append(info)
+    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
+    return found
+
+
+def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:
+    for t in find_templates(client, image_name):
+        if t.tested or not tested_only:
+            return t
+    return None
