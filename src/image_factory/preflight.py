@@ -79,7 +79,7 @@ VM_BASE_PRIVILEGES: tuple[str, ...] = (
     "VM.Config.Network", "VM.Config.Options", "VM.Config.HWType", "VM.Config.Memory", "VM.Config.CPU",
     "VM.PowerMgmt", "VM.Audit",
 )
-# Guest-agent privileges by PVE major (shared/pve-facts.md): deploy's readiness wait
+# Guest-agent privileges by PVE major (docs/pve-facts.md): deploy's readiness wait
 # (agent/network-get-interfaces) and the guest host-key read (agent/file-read). PVE 8 checks VM.Monitor
 # for every agent call; PVE 9 removed VM.Monitor (`pveum` refuses the name) and checks
 # VM.GuestAgent.Audit for read-only commands and VM.GuestAgent.FileRead for file-read.
@@ -96,7 +96,7 @@ IMPORT_STORAGE_PRIVILEGES: tuple[str, ...] = (
 )
 SDN_PRIVILEGES: tuple[str, ...] = ("SDN.Use",)
 NODE_PRIVILEGES: tuple[str, ...] = ("Sys.Audit",)
-# Every privilege publish and deploy use (shared/pve-facts.md, "Access"): the ImageFactory role, per
+# Every privilege publish and deploy use (docs/pve-facts.md, "Access"): the ImageFactory role, per
 # PVE major. ansible/roles/pve_factory/defaults/main.yml holds the same lists (a test compares them).
 
 
@@ -656,7 +656,7 @@ class _HostRun:
         assert self.link is not None
         # Free space is a property of a filesystem, not of a directory. An SSH upload writes the import
         # directory only; an API upload is staged in staging_dir (/var/tmp) and then COPIED into import/,
-        # so both copies exist at once (shared/pve-facts.md): on a default install, where both are on the
+        # so both copies exist at once (docs/pve-facts.md): on a default install, where both are on the
         # root filesystem, that is twice the artifact there.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
                                                        if transport_named(self.transport).staged else [])

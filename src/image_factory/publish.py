@@ -70,7 +70,7 @@ from .upload import (
 )
 
 # Files placed by SSH may use [a-zA-Z0-9-.+=_], but the upload endpoint rewrites every other
-# character, '+' and '=' included, to '_' (shared/pve-facts.md): names from [A-Za-z0-9_.-] only, so
+# character, '+' and '=' included, to '_' (docs/pve-facts.md): names from [A-Za-z0-9_.-] only, so
 # both transports land the file under the name import-from points at.
 IMPORT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\.(qcow2|raw|vmdk)$")
 # What a factory template's description may name as its import file (older runs may have used + or =).

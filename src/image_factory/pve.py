@@ -1,6 +1,6 @@
 """The Proxmox VE API client used by publish, deploy and preflight.
 
-A thin layer over proxmoxer that adds what PVE needs and proxmoxer lacks (shared/pve-facts.md):
+A thin layer over proxmoxer that adds what PVE needs and proxmoxer lacks (docs/pve-facts.md):
 - TLS is always verified: with the node's CA file through an SSLContext that clears
   VERIFY_X509_STRICT (PVE CAs made before 2026 lack keyUsage), or by pinning the certificate's
   SHA-256 fingerprint, checked after the handshake and before any request byte is sent;

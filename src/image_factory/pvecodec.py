@@ -1,6 +1,6 @@
 """Codecs for Proxmox VE property strings (``k=v,k2=v2``): parse what PVE returns, write what PVE takes.
 
-One place knows the formats; stages compare parsed values, never strings (shared/pve-facts.md: "Compare
+One place knows the formats; stages compare parsed values, never strings (docs/pve-facts.md: "Compare
 parsed values, not strings"; PVE writes the model key first with the MAC as its value, other keys sorted).
 """
 

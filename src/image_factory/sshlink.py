@@ -2,7 +2,7 @@
 
 The transport is opened by hand rather than through SSHClient so that (1) the server is asked for
 exactly the pinned key type, (2) the key is compared before authentication and before any payload
-byte is sent, and (3) the fast cipher is negotiated (aes128-gcm; see shared/lab-notes.md).
+byte is sent, and (3) the fast cipher is negotiated (aes128-gcm; see docs/lab-notes.md).
 There is no trust-on-first-use and no AutoAddPolicy anywhere.
 """
 

@@ -1,15 +1,16 @@
 """Transfer engines that put a build artifact into a hypervisor's import directory.
 
-SSH (default, fastest; shared/lab-notes.md "SSH upload throughput"):
+SSH (default, fastest; docs/lab-notes.md "SSH upload throughput"):
 - data goes through an exec channel running ``cat`` into ``.<file>.partial`` (aes128-gcm is
   negotiated by SshLink, writes are 1 MiB memoryview slices, memory use is constant);
 - the remote command takes an exclusive ``flock`` on the partial file *before* it reports the
   partial's size, so a writer left over from a dropped connection has finished before we resume
   and appends never interleave; we resume from exactly that size;
 - a dropped connection reconnects and resumes, with a bounded number of attempts without progress;
-- the whole file is hashed on the host (``openssl dgst -sha256``, else ``sha256sum``) and compared
-  with the manifest; only then is the partial renamed (``mv``, atomic in one directory) to the
-  final name, so no file under the final name is ever incomplete or unverified;
+- the host hashes the bytes as they arrive (``tee`` into ``openssl dgst -sha256``, else
+  ``sha256sum``; on a resume the partial's earlier part first) and compares with the manifest; only
+  then is the partial renamed (``mv``, atomic in one directory) to the final name, so no file under
+  the final name is ever incomplete or unverified;
 - a final file that already has the right sha256 is not sent again.
 Hashing is not done in the sending loop (it halves throughput): the local file is verified once
 against the manifest before any host is contacted, and each host verifies what it received.
@@ -278,13 +279,18 @@ class SshUploader:
         chan.settimeout(self.channel_timeout)
         # One channel does it all (each exec costs a round trip and a session on the host):
         # lock the partial (a writer left from a dropped connection finishes first), report its
-        # size, append stdin, then hash on the host and rename only when size and sha256 match.
+        # size, append stdin, and rename only when size and sha256 match. The hash is computed while
+        # the bytes arrive: tee appends them to the partial and feeds the hasher on the host's other
+        # core (after the partial's earlier part, read back from disk, on a resume), so verifying
+        # costs no pass over the file after the transfer. A failed write stops tee at once (its
+        # stderr names the cause) and leaves the partial short: exit 4, the caller resumes or reports.
         script = (
             f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
-            f"stat -c %s -- {qp} || exit 2; cat >&8 || exit 4; "
-            f"sz=$(stat -c %s -- {qp}); "
-            f"if command -v openssl >/dev/null 2>&1; then h=$(openssl dgst -sha256 -r < {qp}); "
-            f"else h=$(sha256sum < {qp}); fi; h=${{h%% *}}; "
+            f"off=$(stat -c %s -- {qp}) || exit 2; echo \"$off\"; "
+            f"if command -v openssl >/dev/null 2>&1; then hasher='openssl dgst -sha256 -r'; else hasher=sha256sum; fi; "
+            f"h=$({{ head -c \"$off\" < {qp} && tee --output-error=exit -a /dev/fd/8; }} | $hasher); "
+            f"h=${{h%% *}}; sz=$(stat -c %s -- {qp}); "
+            f'[ "$sz" -ge {size} ] || exit 4; '
             f'if [ "$sz" = {size} ] && [ "$h" = {_q(sha256)} ]; then mv -f -- {qp} {qf} || exit 5; '
             f'echo "OK $sz $h"; else echo "BAD $sz $h"; fi'
         )
@@ -324,7 +330,7 @@ class SshUploader:
                     if progress:
                         progress(done)
             chan.shutdown_write()
-            chan.settimeout(max(self.channel_timeout, 60 + size / 50e6))  # the host hashes the file now
+            chan.settimeout(max(self.channel_timeout, 60 + size / 50e6))  # the host's hasher drains its pipe
             out = chan.makefile("rb").read().decode(errors="replace").split()
             status = chan.recv_exit_status()
             if status != 0 or len(out) != 3:

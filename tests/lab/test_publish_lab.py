@@ -494,7 +494,7 @@ def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_
     vms = c.list_vms()
     templates = [v for v in vms if int(v.get("template") or 0)]
     assert len(templates) == 1 and len(vms) == 1, vms
-    assert templates.parse_description(str(c.vm_config(int(templates[0]["vmid"]))["description"]))["digest"] == m.digest
+    assert parse_description(str(c.vm_config(int(templates[0]["vmid"]))["description"]))["digest"] == m.digest
     assert sorted([ra.action, rb.action]) == ["created", "unchanged"], (ra.action, rb.action)
     assert any("lock" in w for w in ra.warnings), ra.warnings
     # B never touched the VM A's task was still importing; A removed its own half-made VM itself

@@ -80,3 +80,16 @@ def test_the_api_path_check_would_see_one() -> None:
     assert API_PATH.search('client.get(f"{client.node_path}/qemu/{vmid}/status/current")')
     assert API_PATH.search('client.get("/cluster/resources", type="vm")')
     assert not API_PATH.search('need[f"/storage/{sid}"]')
+
+
+def test_citations_resolve_inside_the_repository() -> None:
+    """Comments cite docs/ (kept in the repository), never a team folder a clone does not have."""
+    cited = re.compile(r"\b(docs/[\w./-]+\.md)")
+    outside = re.compile(r"(\.\./)?shared/[\w-]+\.md")
+    problems = []
+    for path in sorted((REPO_ROOT / "src").rglob("*.py")) + sorted((REPO_ROOT / "ansible").rglob("*.yml")):
+        text = path.read_text(encoding="utf-8")
+        problems += [f"{path.relative_to(REPO_ROOT)}: cites {m.group(0)}" for m in outside.finditer(text)]
+        problems += [f"{path.relative_to(REPO_ROOT)}: {doc} does not exist" for doc in set(cited.findall(text))
+                     if not (REPO_ROOT / doc).is_file()]
+    assert problems == []

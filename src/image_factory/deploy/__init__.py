@@ -4,7 +4,7 @@ One code path for planning and doing: :func:`plan_deploy` reads each hypervisor 
 selected VM into a :class:`VmPlan` (create / in-sync / drift / recreate / blocked, with the differing
 fields); :func:`deploy_vms` executes exactly those plans (``dry_run`` stops after planning).
 
-PVE behaviour this relies on (shared/pve-facts.md): a clone always gets fresh random MACs, so the
+PVE behaviour this relies on (docs/pve-facts.md): a clone always gets fresh random MACs, so the
 inventory MACs are written by one config update after the clone task has ended; ``sshkeys`` is
 percent-encoded with ``quote(keys, safe="")``; MACs are compared case-insensitively on the parsed
 ``netN`` property string; clones on one host contend for the storage lock (10 s), so clones are

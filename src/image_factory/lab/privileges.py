@@ -1,7 +1,7 @@
 """The privilege names each PVE major knows, as the lab's nodes (and the pveum shim) check them.
 
 fakepve models PVE 9's catalogue. PVE 8.4's differs in the guest-agent privileges: it has VM.Monitor and
-none of the VM.GuestAgent.* names, nor VM.Replicate (shared/pve-facts.md, "Proxmox VE 9"). A name the
+none of the VM.GuestAgent.* names, nor VM.Replicate (docs/pve-facts.md, "Proxmox VE 9"). A name the
 running version does not know is refused by `pveum role add|modify` with "invalid privilege '<name>'".
 """
 
