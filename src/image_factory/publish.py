@@ -404,7 +404,7 @@ class HostContext:
     client_factory: Callable[[Hypervisor], PveClient] = PveClient
     link_factory: Callable[[Hypervisor], SshLink] = field(default=lambda hv: SshLink(hv.name, hv.ssh).connect())
     progress: ProgressHook | None = None
-    engine: str = "exec"
+    engine: str = "auto"
     lock_wait: int = LOCK_WAIT
 
 
@@ -596,7 +596,8 @@ def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: H
     """Over the host's SSH link (verified, resumable, under the host lock)."""
     # The data channel starts on the control link (one handshake per host); after a drop the
     # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
-    uploader = SshUploader(ctx.hv.name, lambda: ctx.link_factory(ctx.hv), engine=ctx.engine, shared=link)
+    uploader = SshUploader(ctx.hv.name, lambda: ctx.link_factory(ctx.hv), engine=ctx.engine, shared=link,
+                           endpoint=ctx.hv.ssh)
     try:
         return uploader.upload(ctx.artifact.path, ctx.hv.storage.import_dir, ctx.artifact.import_file,
                                ctx.artifact.manifest.artifact.sha256, progress=tick, check_final=False)
@@ -820,7 +821,7 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
 def publish_image(
     settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
     transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
-    progress: bool = True, engine: str = "exec", lock_wait: int = LOCK_WAIT,
+    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT,
     client_factory: Callable[[Hypervisor], PveClient] | None = None,
     link_factory: Callable[[Hypervisor], SshLink] | None = None,
 ) -> PublishReport:

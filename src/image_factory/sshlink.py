@@ -12,7 +12,9 @@ import base64
 import hashlib
 import logging
 import shlex
+import shutil
 import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +168,55 @@ class SshLink:
         if client is None:
             raise RemoteError(self.name, "could not open an SFTP session")
         return client
+
+
+class OpensshCommand:
+    """OpenSSH's ``ssh`` to the same endpoint with the same pinning, for bulk data (about 1.4x paramiko's rate
+    here: its C transport costs the client far less CPU per byte; docs/lab-notes.md).
+
+    The pinned key is the only key ssh may accept: it sits in a private known_hosts file under a fixed alias,
+    no other known_hosts file or config is read, BatchMode forbids prompts, and the server is asked for the
+    pinned key type only. Use as a context manager (the known_hosts file is removed afterwards).
+    """
+
+    def __init__(self, endpoint: SshEndpoint, *, timeout: float = 15.0):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("ssh") is not None
+
+    def __enter__(self) -> OpensshCommand:
+        self._dir = tempfile.TemporaryDirectory(prefix="factory-ssh-")  # 0700
+        pinned_type, pinned_b64 = self.endpoint.host_key.split()[:2]
+        Path(self._dir.name, "known_hosts").write_text(f"pinned-host {pinned_type} {pinned_b64}\n")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def argv(self, remote_command: str) -> list[str]:
+        assert self._dir is not None, "use OpensshCommand as a context manager"
+        ep = self.endpoint
+        pinned_type = ep.host_key.split()[0]
+        opts = {
+            "BatchMode": "yes", "StrictHostKeyChecking": "yes", "HostKeyAlias": "pinned-host",
+            "UserKnownHostsFile": str(Path(self._dir.name, "known_hosts")), "GlobalKnownHostsFile": "/dev/null",
+            "HostKeyAlgorithms": ",".join(_KEY_TYPES.get(pinned_type, [pinned_type])), "CheckHostIP": "no",
+            "UpdateHostKeys": "no", "Ciphers": ",".join(FAST_CIPHERS), "ConnectTimeout": str(int(self.timeout)),
+            "ServerAliveInterval": "15", "ServerAliveCountMax": "4", "ForwardAgent": "no", "ForwardX11": "no",
+            "ClearAllForwardings": "yes", "LogLevel": "ERROR",
+        }
+        argv = ["ssh", "-F", "/dev/null", "-T", "-p", str(ep.port), "-l", ep.user]
+        if ep.key_file is not None:
+            argv += ["-i", str(Path(str(ep.key_file)).expanduser()), "-o", "IdentitiesOnly=yes"]
+        for key, value in opts.items():
+            argv += ["-o", f"{key}={value}"]
+        return [*argv, "--", ep.host, remote_command]
 
 
 def connect(name: str, endpoint: SshEndpoint, *, timeout: float = 15.0) -> SshLink:

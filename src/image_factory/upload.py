@@ -24,24 +24,32 @@ sha256 check, streamed as multipart with a Content-Length through the client's v
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import shlex
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
-import requests
-from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
 
 from .errors import RemoteError, TlsVerificationFailed
-from .pve import ApiError, PveClient
+from .inventory import SshEndpoint
 from .reports import Report
-from .sshlink import SshLink
+from .sshlink import OpensshCommand, SshLink
+
+if TYPE_CHECKING:  # the API engine's imports (requests, proxmoxer) stay out of an SSH upload's memory
+    from requests_toolbelt import MultipartEncoderMonitor
+
+    from .pve import PveClient
 
 CHUNK = 1024 * 1024
+SENDFILE_CHUNK = 8 * 1024 * 1024  # per progress tick
+ENGINES = ("openssh", "exec", "sftp")
 SFTP_REQUEST = 261120  # OpenSSH sftp-server's largest write
 PARTIAL_LOCK_WAIT = 60
 DEFAULT_ATTEMPTS = 6
@@ -153,17 +161,57 @@ def final_has(link: SshLink, path: str, sha256: str, size: int) -> bool:
 
 # ------------------------------------------------------------------------------ SSH engine
 
+# A tee with large reads and 1 MiB pipes on both sides (coreutils tee reads 8 KiB at a time through 64 KiB
+# pipes, which made the verified upload slower than hashing after it; measured in bench/upload): appends
+# stdin to fd 8 (the locked partial) and copies it to stdout, the hasher. Perl is on every Debian host
+# (perl-base is essential); a failed write stops it with the reason on stderr. 1031 is F_SETPIPE_SZ.
+_TEE = (
+    'fcntl(STDIN, 1031, 1 << 20); fcntl(STDOUT, 1031, 1 << 20); '
+    'open(my $f, ">>&=", 8) or die "partial: $!\\n"; binmode STDIN; binmode STDOUT; my $b; '
+    'while (1) { my $n = sysread(STDIN, $b, 4 << 20); die "read: $!\\n" unless defined $n; last unless $n; '
+    'for my $fh ($f, \\*STDOUT) { my $o = 0; while ($o < $n) { my $w = syswrite($fh, $b, $n - $o, $o); '
+    'die "write: $!\\n" unless defined $w; $o += $w } } }'
+)
+
+
+def receive_script(part_path: str, final_path: str, size: int, sha256: str) -> str:
+    """The host's side of one upload attempt, one shell command (each exec costs a round trip and a session).
+
+    Lock the partial (a writer left from a dropped connection finishes first), report its size, append
+    stdin, and rename only when size and sha256 match. The hash is computed while the bytes arrive (after
+    the partial's earlier part, read back from disk, on a resume), so verifying costs no pass over the file
+    after the transfer. A failed write leaves the partial short: exit 4 (the caller reads stderr for why).
+    """
+    qp, qf = _q(part_path), _q(final_path)
+    return (
+        f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
+        f"off=$(stat -c %s -- {qp}) || exit 2; echo \"$off\"; "
+        "if command -v openssl >/dev/null 2>&1; then hasher='openssl dgst -sha256 -r'; else hasher=sha256sum; fi; "
+        f"h=$({{ head -c \"$off\" < {qp} && perl -e {_q(_TEE)}; }} | $hasher); "
+        f"h=${{h%% *}}; sz=$(stat -c %s -- {qp}); "
+        f'[ "$sz" -ge {size} ] || exit 4; '
+        f'if [ "$sz" = {size} ] && [ "$h" = {_q(sha256)} ]; then mv -f -- {qp} {qf} || exit 5; '
+        f'echo "OK $sz $h"; else echo "BAD $sz $h"; fi'
+    )
+
+
 
 class SshUploader:
     """Resumable, verified upload of one file to one host's import directory over SSH."""
 
     def __init__(
-        self, name: str, connect: LinkFactory, *, engine: str = "exec", attempts: int = DEFAULT_ATTEMPTS,
+        self, name: str, connect: LinkFactory, *, engine: str = "auto", attempts: int = DEFAULT_ATTEMPTS,
         chunk: int = CHUNK, channel_timeout: float = 120.0, shared: SshLink | None = None,
+        endpoint: SshEndpoint | None = None,
     ):
-        """``shared``: an open link to use first (never closed here; after a failure we reconnect on our own)."""
-        if engine not in ("exec", "sftp"):
-            raise ValueError(f"unknown SSH engine {engine!r} (exec or sftp)")
+        """``shared``: an open link to use first (never closed here; after a failure we reconnect on our own).
+        ``engine``: openssh, exec, sftp, or auto (openssh where the ssh binary exists, else exec).
+        ``endpoint``: where ``connect`` connects to (the openssh engine needs it; else read from a link)."""
+        if engine == "auto":
+            engine = "openssh" if OpensshCommand.available() else "exec"
+        if engine not in ENGINES:
+            raise ValueError(f"unknown SSH engine {engine!r} ({', '.join(ENGINES)} or auto)")
+        self._endpoint_given = endpoint
         self.name = name
         self._connect = connect
         self.engine = engine
@@ -273,27 +321,12 @@ class SshUploader:
         """One connection's worth: returns (size on the host, its sha256 or None, renamed)."""
         if self.engine == "sftp":
             return self._send_sftp(local, size, part_path, result, progress), None, False
+        if self.engine == "openssh":
+            return self._send_openssh(local, size, part_path, final_path, sha256, result, progress)
         link = self.link()
-        qp, qf = _q(part_path), _q(final_path)
+        script = receive_script(part_path, final_path, size, sha256)
         chan = link.open_session()
         chan.settimeout(self.channel_timeout)
-        # One channel does it all (each exec costs a round trip and a session on the host):
-        # lock the partial (a writer left from a dropped connection finishes first), report its
-        # size, append stdin, and rename only when size and sha256 match. The hash is computed while
-        # the bytes arrive: tee appends them to the partial and feeds the hasher on the host's other
-        # core (after the partial's earlier part, read back from disk, on a resume), so verifying
-        # costs no pass over the file after the transfer. A failed write stops tee at once (its
-        # stderr names the cause) and leaves the partial short: exit 4, the caller resumes or reports.
-        script = (
-            f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
-            f"off=$(stat -c %s -- {qp}) || exit 2; echo \"$off\"; "
-            f"if command -v openssl >/dev/null 2>&1; then hasher='openssl dgst -sha256 -r'; else hasher=sha256sum; fi; "
-            f"h=$({{ head -c \"$off\" < {qp} && tee --output-error=exit -a /dev/fd/8; }} | $hasher); "
-            f"h=${{h%% *}}; sz=$(stat -c %s -- {qp}); "
-            f'[ "$sz" -ge {size} ] || exit 4; '
-            f'if [ "$sz" = {size} ] && [ "$h" = {_q(sha256)} ]; then mv -f -- {qp} {qf} || exit 5; '
-            f'echo "OK $sz $h"; else echo "BAD $sz $h"; fi'
-        )
         try:
             chan.exec_command(f"sh -c {_q(script)}")
             offset = _read_line_int(chan)
@@ -348,18 +381,90 @@ class SshUploader:
             time.sleep(0.2)  # the writer's exit status trails its closed stdin by a moment
         if not chan.exit_status_ready():
             return
-        err = chan.makefile_stderr("rb").read().decode(errors="replace")
-        if "No space left on device" not in err and "Disk quota exceeded" not in err:
+        self._raise_if_full(chan.makefile_stderr("rb").read().decode(errors="replace"), part_path, missing)
+
+    def _raise_if_full(self, stderr: str, part_path: str, missing: int) -> None:
+        if "No space left on device" not in stderr and "Disk quota exceeded" not in stderr:
             return
         directory = part_path.rsplit("/", 1)[0] or "/"
         try:
-            df = link.run(["df", "-Pk", "--", directory], check=False, timeout=30).stdout.splitlines()
+            df = self.link().run(["df", "-Pk", "--", directory], check=False, timeout=30).stdout.splitlines()
             free = f"{int(df[-1].split()[3]) * 1024 / 2**20:.0f} MiB free"
         except Exception:  # the message matters more than the figure
             free = "free space unknown"
-        raise UploadError(link.name, f"No space left on device writing {part_path} ({free} on the filesystem of "
+        raise UploadError(self.name, f"No space left on device writing {part_path} ({free} on the filesystem of "
                                      f"{directory}, {missing / 2**20:.0f} MiB still to send); free space there and "
                                      "re-run: the upload resumes")
+
+    def _send_openssh(
+        self, local: Path, size: int, part_path: str, final_path: str, sha256: str, result: UploadResult,
+        progress: Progress | None,
+    ) -> tuple[int, str | None, bool]:
+        """The same attempt as the exec engine, with OpenSSH's ssh carrying the bytes: the kernel moves them
+        from the file into ssh's stdin (sendfile), so this process copies nothing and stays small."""
+        script = receive_script(part_path, final_path, size, sha256)
+        with OpensshCommand(self._endpoint(), timeout=self.channel_timeout) as ssh, local.open("rb") as fh:
+            proc = subprocess.Popen(ssh.argv(f"sh -c {_q(script)}"), stdin=subprocess.PIPE,  # noqa: S603
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            with contextlib.suppress(OSError):  # ssh reads sooner from a fuller pipe; 64 KiB is the fallback
+                fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+            done = 0
+            try:
+                first = proc.stdout.readline()
+                if not first.strip().isdigit():
+                    proc.stdin.close()
+                    status = proc.wait(timeout=self.channel_timeout)
+                    self._raise_for_ssh(status, proc.stderr.read().decode(errors="replace").strip(), part_path)
+                offset = int(first)
+                if offset > size:
+                    proc.kill()
+                    remote_remove(self.link(), part_path)
+                    raise _LinkLost(f"{part_path} was larger than the artifact; restarting")
+                if offset:
+                    result.resumed_from.append(offset)
+                done = offset
+                if progress:
+                    progress(done)
+                try:
+                    while done < size:
+                        n = os.sendfile(proc.stdin.fileno(), fh.fileno(), done, min(SENDFILE_CHUNK, size - done))
+                        if n == 0:
+                            raise UploadError(self.name, f"{local} shrank while it was being sent")
+                        self.bytes_sent += n
+                        done += n
+                        if progress:
+                            progress(done)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # the host's side ended early: its exit status and stderr say why
+                out = proc.stdout.read().decode(errors="replace").split()
+                status = proc.wait(timeout=self.channel_timeout)
+                err = proc.stderr.read().decode(errors="replace").strip()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if status != 0 or len(out) != 3:
+            self._raise_if_full(err, part_path, size - done)
+            if status == 255 and "Host key verification failed" in err:
+                raise UploadError(self.name, f"ssh refused the host key pinned in the inventory: {err[-300:]}")
+            raise _LinkLost(f"remote writer ended with status {status}: {err[-200:]}")
+        verdict, have, got = out
+        return int(have), got.lower(), verdict == "OK"
+
+    def _raise_for_ssh(self, status: int, err: str, part_path: str) -> None:
+        """Why the host's side did not even report the partial's size."""
+        if status == 1 and not err:
+            raise _LinkLost("the partial file is still locked by an earlier writer")
+        if status == 255 and "Host key verification failed" in err:
+            raise UploadError(self.name, f"ssh refused the host key pinned in the inventory: {err[-300:]}")
+        if status == 255:
+            raise _LinkLost(f"ssh failed: {err[-300:]}")
+        raise UploadError(self.name, f"cannot write {part_path} (exit {status}): {err[-300:]}")
+
+    def _endpoint(self) -> SshEndpoint:
+        return self._endpoint_given or self.link().endpoint
 
     def _send_sftp(
         self, local: Path, size: int, part_path: str, result: UploadResult, progress: Progress | None
@@ -427,6 +532,11 @@ def upload_api(
     progress: Progress | None = None, timeout: float = 3600.0,
 ) -> UploadResult:
     """Stream the file to PVE's upload endpoint (content=import); PVE verifies the sha256 itself."""
+    import requests
+    from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
+
+    from .pve import ApiError
+
     started = time.monotonic()
     url, call = client.upload_endpoint(storage)
     sent = 0

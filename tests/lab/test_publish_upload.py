@@ -149,13 +149,20 @@ def _artifact(tmp_path: Path, size: int) -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(params=["openssh", "exec"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Both SSH engines: OpenSSH's ssh carrying the bytes (the default) and paramiko's exec channel."""
+    return str(request.param)
+
+
 def _uploader(endpoint: SshEndpoint, **kw: object) -> SshUploader:
-    return SshUploader("hv", lambda: SshLink("hv", endpoint).connect(), **kw)  # type: ignore[arg-type]
+    return SshUploader("hv", lambda: SshLink("hv", endpoint).connect(), endpoint=endpoint,  # type: ignore[arg-type]
+                       **kw)
 
 
-def test_upload_verifies_renames_and_then_skips(sshd: Sshd, tmp_path: Path) -> None:
+def test_upload_verifies_renames_and_then_skips(engine: str, sshd: Sshd, tmp_path: Path) -> None:
     art, digest = _artifact(tmp_path, 5 * 1024 * 1024 + 123)
-    up = _uploader(sshd.endpoint())
+    up = _uploader(sshd.endpoint(), engine=engine)
     seen: list[int] = []
     res = up.upload(art, str(sshd.storage), "img-1.qcow2", digest, progress=seen.append)
     up.close()
@@ -164,24 +171,42 @@ def test_upload_verifies_renames_and_then_skips(sshd: Sshd, tmp_path: Path) -> N
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
     assert not (sshd.storage / partial_name("img-1.qcow2")).exists()
     assert seen[-1] == art.stat().st_size
-    again = _uploader(sshd.endpoint())
+    again = _uploader(sshd.endpoint(), engine=engine)
     res2 = again.upload(art, str(sshd.storage), "img-1.qcow2", digest)
     again.close()
     assert res2.action == "skipped" and res2.bytes_sent == 0
 
 
-def test_wrong_content_under_final_name_is_replaced_atomically(sshd: Sshd, tmp_path: Path) -> None:
+def test_wrong_content_under_final_name_is_replaced_atomically(engine: str, sshd: Sshd, tmp_path: Path) -> None:
     art, digest = _artifact(tmp_path, 1024 * 1024)
     (sshd.storage / "img.qcow2").write_bytes(b"not the image")
-    up = _uploader(sshd.endpoint())
+    up = _uploader(sshd.endpoint(), engine=engine)
     res = up.upload(art, str(sshd.storage), "img.qcow2", digest)
     up.close()
     assert res.action == "uploaded"
     assert hashlib.sha256((sshd.storage / "img.qcow2").read_bytes()).hexdigest() == digest
 
 
+def test_a_damaged_partial_is_caught_by_the_streamed_hash_and_sent_again(engine: str, sshd: Sshd,
+                                                                          tmp_path: Path) -> None:
+    """The host hashes the partial's earlier part and the new bytes as one stream: a partial left by an earlier
+    run whose bytes are wrong fails verification, is removed, and the file is sent whole."""
+    art, digest = _artifact(tmp_path, 3 * 1024 * 1024)
+    partial = sshd.storage / partial_name("img.qcow2")
+    damaged = bytearray(art.read_bytes()[: 1024 * 1024])
+    damaged[4096] ^= 0xFF
+    partial.write_bytes(bytes(damaged))
+    up = _uploader(sshd.endpoint(), engine=engine)
+    res = up.upload(art, str(sshd.storage), "img.qcow2", digest)
+    up.close()
+    assert res.resumed_from == [1024 * 1024] and res.attempts == 2
+    assert res.bytes_sent == 2 * 1024 * 1024 + art.stat().st_size
+    assert hashlib.sha256((sshd.storage / "img.qcow2").read_bytes()).hexdigest() == digest
+    assert not partial.exists()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_resume_after_random_cuts_never_exposes_a_partial_final(
+def test_resume_after_random_cuts_never_exposes_a_partial_final(engine: str,
     sshd: Sshd, tmp_path: Path, seed: int, watch_final_name: Any
 ) -> None:
     rng = random.Random(seed)
@@ -193,7 +218,7 @@ def test_resume_after_random_cuts_never_exposes_a_partial_final(
     final = sshd.storage / "img-cut.qcow2"
     try:
         with watch_final_name(final, size) as bad:  # the final name must only ever hold the complete file
-            up = _uploader(sshd.endpoint(port=proxy.port), attempts=6)
+            up = _uploader(sshd.endpoint(port=proxy.port), attempts=6, engine=engine)
             res = up.upload(art, str(sshd.storage), final.name, digest)
             up.close()
     finally:
@@ -207,12 +232,12 @@ def test_resume_after_random_cuts_never_exposes_a_partial_final(
     assert res.bytes_sent < size * (1 + len(budgets))
 
 
-def test_gives_up_after_bounded_attempts_and_removes_the_partial(sshd: Sshd, tmp_path: Path) -> None:
+def test_gives_up_after_bounded_attempts_and_removes_the_partial(engine: str, sshd: Sshd, tmp_path: Path) -> None:
     art, digest = _artifact(tmp_path, 4 * 1024 * 1024)
     # Every connection dies right after the handshake and auth: no progress is possible.
     proxy = CuttingProxy((sshd.host, sshd.port), [6000] * 50)
     try:
-        up = _uploader(sshd.endpoint(port=proxy.port), attempts=2)
+        up = _uploader(sshd.endpoint(port=proxy.port), attempts=2, engine=engine)
         with pytest.raises(UploadError):
             up.upload(art, str(sshd.storage), "img-x.qcow2", digest)
         up.close()
@@ -222,10 +247,10 @@ def test_gives_up_after_bounded_attempts_and_removes_the_partial(sshd: Sshd, tmp
     assert proxy.connections <= 2 * 8 + 2
 
 
-def test_unknown_host_key_is_refused_with_zero_bytes(sshd: Sshd, tmp_path: Path) -> None:
+def test_unknown_host_key_is_refused_with_zero_bytes(engine: str, sshd: Sshd, tmp_path: Path) -> None:
     art, digest = _artifact(tmp_path, 1024 * 1024)
     other = _keygen(tmp_path / "other_key")
-    up = _uploader(sshd.endpoint(host_key=other))
+    up = _uploader(sshd.endpoint(host_key=other), engine=engine)
     with pytest.raises(HostKeyMismatch):
         up.upload(art, str(sshd.storage), "img-k.qcow2", digest)
     assert up.bytes_sent == 0
@@ -253,12 +278,12 @@ def test_no_scp_needed() -> None:
         assert shutil.which(tool), tool
 
 
-def test_full_disk_is_named_at_the_first_failure_without_blind_retries(sshd: Sshd, tmp_path: Path,
+def test_full_disk_is_named_at_the_first_failure_without_blind_retries(engine: str, sshd: Sshd, tmp_path: Path,
                                                                        small_tmpfs: Any) -> None:
     """The import directory is a 4 MiB filesystem (tmpfs): the 8 MiB upload hits ENOSPC half-way."""
     art, digest = _artifact(tmp_path, 8 * 1024 * 1024)
     small = small_tmpfs(sshd.storage / "small", 4)
-    up = _uploader(sshd.endpoint())
+    up = _uploader(sshd.endpoint(), engine=engine)
     started = time.monotonic()
     with pytest.raises(UploadError, match="No space left on device") as err:
         up.upload(art, str(small), "img-full.qcow2", digest)

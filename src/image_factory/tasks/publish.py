@@ -28,7 +28,8 @@ def _default_keep(c: Context) -> int:
         "dry_run": "print the plan per hypervisor (upload or skip, VMID, prunes) and change nothing",
         "json": "print the report as JSON on stdout",
         "force_untested": "publish even without a passing image test for this sha256 (tagged 'untested')",
-        "engine": "SSH data engine: 'exec' (cat into the file, fastest) or 'sftp' (fallback)",
+        "engine": "SSH data engine: 'auto' (openssh where the ssh client exists, else exec), 'openssh' (OpenSSH's "
+                  "ssh, fastest), 'exec' (paramiko, cat into the file) or 'sftp' (fallback)",
         "inventory": "Ansible inventory file or directory (default: factory.inventory)",
         "catalogue": "image catalogue YAML (default: factory.images)",
         "skip_preflight": "do not run the publish preflight checks first (they are read-only)",
@@ -37,7 +38,7 @@ def _default_keep(c: Context) -> int:
 @handle_errors
 def template(
     c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
-    dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "exec",
+    dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "auto",
     inventory: str | None = None, catalogue: str | None = None, skip_preflight: bool = False,
 ) -> None:
     """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
