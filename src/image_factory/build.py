@@ -42,7 +42,7 @@ from . import families, firmware, qemuvm, render
 from .errors import FactoryError
 from .files import write_atomic
 from .inventory import Image, eol_gate
-from .manifest import Artifact, Manifest, load, manifest_path, save, sha256_file
+from .manifest import Artifact, Manifest, has_sha256, load, manifest_path, save, sha256_file
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ def cache_status(build_dir: Path, fingerprint: str, *, max_age_days: int | None 
     art = artifact_path(build_dir, m)
     if not art.is_file():
         return None, f"artifact {art.name} is missing"
-    if art.stat().st_size != m.artifact.disk_size or sha256_file(art) != m.artifact.sha256:
+    if art.stat().st_size != m.artifact.disk_size or not has_sha256(art, m.artifact.sha256):
         return None, f"artifact {art.name} no longer matches its recorded sha256"
     if max_age_days is not None:
         age = build_age_days(m, now)

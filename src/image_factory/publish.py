@@ -375,11 +375,10 @@ def load_artifact(settings: Settings, site: Site, image_name: str, *, force_unte
             f"{manifest.artifact.sha256[:16]}... (image_test: {test_summary(manifest)}); run the image tests, "
             "or pass --force-untested to publish it marked 'untested'"
         )
-    actual = manifest_mod.sha256_file(path)
-    if actual != manifest.artifact.sha256:
+    if not manifest_mod.has_sha256(path, manifest.artifact.sha256):
         raise PublishError(
-            f"{path}: sha256 {actual} does not match the manifest's {manifest.artifact.sha256}; "
-            "the artifact changed after the build: rebuild it"
+            f"{path}: sha256 {manifest_mod.sha256_file(path)} does not match the manifest's "
+            f"{manifest.artifact.sha256}; the artifact changed after the build: rebuild it"
         )
     return Artifact(
         manifest=manifest, image=image, path=path, size=path.stat().st_size, tested=tested,

@@ -334,7 +334,7 @@ class PveClient:
         started = time.monotonic()
         deadline = started + timeout
         path = f"/nodes/{parsed.node}/tasks/{upid}/status"
-        delay = min(interval, 0.2)
+        delay = min(interval, 0.05)  # short tasks (a clone, a small import) end within a second: notice it soon
         while True:
             status = self.get(path)
             if on_poll:

@@ -530,3 +530,23 @@ def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
                          on_event=None, events=events, serial_log=serial)
     assert time.monotonic() - started < 30
     assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
+
+
+def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_path: Path, monkeypatch) -> None:
+    from image_factory import manifest as mf
+
+    art = tmp_path / "x.qcow2"
+    art.write_bytes(b"data")
+    sha = sha256_file(art)
+    old = time.time_ns() - 10**10  # settled: changed long enough ago for a stamp
+    os.utime(art, ns=(old, old))
+    monkeypatch.setattr(mf, "STAMP_SETTLE_NS", 0)
+    assert mf.has_sha256(art, sha) and (tmp_path / ".x.qcow2.sha256-stamp").is_file()
+    hashed: list[Path] = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert mf.has_sha256(art, sha) and hashed == []  # remembered
+    assert not mf.has_sha256(art, "0" * 64) and hashed == [art]  # another digest is checked, not trusted
+    art.write_bytes(b"datb")  # same size; new content, so a new ctime
+    os.utime(art, ns=(old, old))  # even with the old mtime put back
+    assert not mf.has_sha256(art, sha) and len(hashed) == 2
