@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import paramiko
 
@@ -332,19 +332,9 @@ class SshUploader:
             offset = _read_line_int(chan)
             if offset is None:
                 status = chan.recv_exit_status()
-                err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
-                if status == 1 and not err:
-                    raise _LinkLost("the partial file is still locked by an earlier writer")
-                raise UploadError(link.name, f"cannot write {part_path} (exit {status}): {err[-300:]}")
-            if offset > size:
-                chan.close()
-                remote_remove(link, part_path)
-                raise _LinkLost(f"{part_path} was larger than the artifact; restarting")
-            if offset:
-                result.resumed_from.append(offset)
-            done = offset
-            if progress:
-                progress(done)
+                self._raise_for_no_offset(status, chan.makefile_stderr("rb").read().decode(errors="replace").strip(),
+                                          part_path)
+            done = self._resume_from(offset, size, part_path, result, progress, stop=chan.close)
             buf = bytearray(self.chunk)
             view = memoryview(buf)
             with local.open("rb", buffering=0) as fh:
@@ -415,17 +405,8 @@ class SshUploader:
                 if not first.strip().isdigit():
                     proc.stdin.close()
                     status = proc.wait(timeout=self.channel_timeout)
-                    self._raise_for_ssh(status, proc.stderr.read().decode(errors="replace").strip(), part_path)
-                offset = int(first)
-                if offset > size:
-                    proc.kill()
-                    remote_remove(self.link(), part_path)
-                    raise _LinkLost(f"{part_path} was larger than the artifact; restarting")
-                if offset:
-                    result.resumed_from.append(offset)
-                done = offset
-                if progress:
-                    progress(done)
+                    self._raise_for_no_offset(status, proc.stderr.read().decode(errors="replace").strip(), part_path)
+                done = self._resume_from(int(first), size, part_path, result, progress, stop=proc.kill)
                 try:
                     while done < size:
                         n = os.sendfile(proc.stdin.fileno(), fh.fileno(), done, min(SENDFILE_CHUNK, size - done))
@@ -453,7 +434,20 @@ class SshUploader:
         verdict, have, got = out
         return int(have), got.lower(), verdict == "OK"
 
-    def _raise_for_ssh(self, status: int, err: str, part_path: str) -> None:
+    def _resume_from(self, offset: int, size: int, part_path: str, result: UploadResult, progress: Progress | None,
+                     *, stop: Callable[[], None]) -> int:
+        """Where this attempt starts: the partial's size on the host (a partial larger than the artifact goes)."""
+        if offset > size:
+            stop()
+            remote_remove(self.link(), part_path)
+            raise _LinkLost(f"{part_path} was larger than the artifact; restarting")
+        if offset:
+            result.resumed_from.append(offset)
+        if progress:
+            progress(offset)
+        return offset
+
+    def _raise_for_no_offset(self, status: int, err: str, part_path: str) -> NoReturn:
         """Why the host's side did not even report the partial's size."""
         if status == 1 and not err:
             raise _LinkLost("the partial file is still locked by an earlier writer")
