@@ -8,6 +8,7 @@ before any action; all problems are reported together, each naming file, entry a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import defaultdict
@@ -39,6 +40,7 @@ Suite = Literal["common", "hygiene", "fedora", "updates"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
+TENANT_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TOKEN_ID_RE = re.compile(r"^[^\s@!]+@[^\s@!]+![A-Za-z][A-Za-z0-9._-]*$")
 FINGERPRINT_RE = re.compile(r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")
@@ -307,6 +309,61 @@ class CloudInit(Strict):
         return [_ssh_public_key(key) for key in v]
 
 
+def host_address_in(ip: ipaddress.IPv4Address, net: ipaddress.IPv4Network) -> bool:
+    """``ip`` is in ``net`` and is neither its network nor its broadcast address."""
+    return ip in net and ip not in (net.network_address, net.broadcast_address)
+
+
+class DhcpRange(Strict):
+    first: Ipv4Address
+    last: Ipv4Address
+
+
+class Tenant(Strict):
+    """One tenant: its own VLAN on the tenant bridge, subnet, gateway (OPNsense), DHCP range and DNS domain.
+
+    ``id`` (1-15) is baked into its VMs' MACs (byte 2 = 0x20 + id, docs/mac-namespace.md): never renumber it.
+    """
+
+    name: Annotated[str, _matching(TENANT_NAME_RE, "a tenant name ([a-z][a-z0-9-]*, at most 32)")]
+    id: int = Field(ge=1, le=15)
+    vlan: int = Field(ge=2, le=4094, description="VLAN id on the tenant bridge (1 is the untagged default)")
+    subnet: str
+    gateway: Ipv4Address
+    dhcp_range: DhcpRange
+    domain: DnsName
+    bridge: BridgeId | None = Field(default=None, description="default: the tenant hypervisor's bridge")
+
+    @field_validator("subnet")
+    @classmethod
+    def _network(cls, v: str) -> str:
+        try:
+            return str(ipaddress.IPv4Network(v, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 network in CIDR form with no host bits set ({exc})") from None
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for every address of the tenant that is outside its subnet or in the wrong place."""
+        net, out = self.network, []
+        usable = functools.partial(host_address_in, net=net)
+        gw = ipaddress.IPv4Address(self.gateway)
+        first, last = ipaddress.IPv4Address(self.dhcp_range.first), ipaddress.IPv4Address(self.dhcp_range.last)
+        if not usable(gw):
+            out.append(("gateway", f"{gw} is not a host address of the tenant's subnet {net}"))
+        for key, ip in (("dhcp_range.first", first), ("dhcp_range.last", last)):
+            if not usable(ip):
+                out.append((key, f"{ip} is not a host address of the tenant's subnet {net}"))
+        if first > last:
+            out.append(("dhcp_range", f"first {first} is after last {last}"))
+        elif first <= gw <= last:
+            out.append(("dhcp_range", f"holds the gateway {gw}"))
+        return out
+
+
 class Vm(Strict):
     name: Hostname
     plane: Plane
@@ -320,6 +377,7 @@ class Vm(Strict):
     nics: list[Nic] = Field(min_length=1, max_length=8)
     cloudinit: CloudInit = CloudInit()
     tags: list[str] = Field(default_factory=list)
+    tenant: str | None = Field(default=None, description="tenant plane only: the tenant (VLAN, subnet) it belongs to")
     clone: Literal["full", "linked"] | None = None
     template_vmid: int | None = Field(default=None, description="pin a template instead of the newest")
     description: str = ""
@@ -604,6 +662,7 @@ class Site:
     vms: dict[str, Vm]
     images: dict[str, Image]
     vm_sources: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
 
     def hypervisor_for(self, vm: Vm) -> Hypervisor:
         """The hypervisor the VM runs on; load() has proven it exists and its role matches the plane."""
@@ -736,7 +795,7 @@ def _inventory_files(path: Path) -> list[Path]:
 
 def _walk_group(
     name: str, body: Any, file: str, hosts: dict[str, _HostRecord], parents: tuple[str, ...],
-    problems: list[Problem], inherited: dict[str, Any] | None = None,
+    problems: list[Problem], inherited: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,
 ) -> None:
     if body is None:
         return
@@ -747,6 +806,8 @@ def _walk_group(
     for key in sorted(unknown):
         problems.append(Problem(file, f"group {name}", key, "unknown key (groups take hosts, children, vars)"))
     group_vars = {**(inherited or {}), **(body.get("vars") or {})}
+    if groups is not None and isinstance(body.get("vars"), dict):
+        groups.setdefault(name, {}).update(body["vars"])
     for host, hvars in (body.get("hosts") or {}).items():
         rec = hosts.setdefault(host, _HostRecord(host, file))
         rec.groups.update((name, *parents))
@@ -757,10 +818,12 @@ def _walk_group(
         rec.group_vars.update(group_vars)
         rec.host_vars.update(hvars or {})
     for child, child_body in (body.get("children") or {}).items():
-        _walk_group(child, child_body, file, hosts, (name, *parents), problems, group_vars)
+        _walk_group(child, child_body, file, hosts, (name, *parents), problems, group_vars, groups)
 
 
-def _read_inventory(path: Path, problems: list[Problem]) -> dict[str, _HostRecord]:
+def _read_inventory(path: Path, problems: list[Problem],
+                    groups: dict[str, Any] | None = None) -> dict[str, _HostRecord]:
+    """The inventory's hosts; ``groups`` (if given) receives each group's own vars."""
     hosts: dict[str, _HostRecord] = {}
     files = _inventory_files(path)
     if not files:
@@ -772,7 +835,7 @@ def _read_inventory(path: Path, problems: list[Problem]) -> dict[str, _HostRecor
         if not isinstance(data, dict) or "all" not in data:
             problems.append(Problem(str(f), "", "all", "an Ansible YAML inventory starts with 'all:'"))
             continue
-        _walk_group("all", data["all"], str(f), hosts, (), problems)
+        _walk_group("all", data["all"], str(f), hosts, (), problems, groups=groups)
     return hosts
 
 
@@ -804,8 +867,10 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     """Load and validate the whole site model; raise ValidationFailed listing every problem."""
     inventory_path, images_path = Path(inventory), Path(images)
     problems: list[Problem] = []
-    records = _read_inventory(inventory_path, problems)
+    groups: dict[str, Any] = {}
+    records = _read_inventory(inventory_path, problems, groups)
     catalogue = _read_images(images_path, problems)
+    tenants = _read_tenants(groups, str(inventory_path), problems)
 
     hypervisors: dict[str, Hypervisor] = {}
     vms: dict[str, Vm] = {}
@@ -835,7 +900,9 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
                 continue
             try:
                 plane: Plane = "mgmt" if planes[0] == "mgmt" else "tenant"
-                vms[rec.name] = Vm(name=rec.name, plane=plane, **body)
+                vm = Vm(name=rec.name, plane=plane, **body)
+                vms[rec.name], found = _on_tenant_network(vm, tenants, rec.file)
+                problems.extend(found)
                 sources[rec.name] = rec.file
             except ValidationError as exc:
                 problems.extend(_pydantic_problems(rec.file, rec.name, "vm", exc))
@@ -851,7 +918,79 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path)))
     if problems:
         raise ValidationFailed(problems)
-    return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources)
+    return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources, tenants)
+
+
+TENANTS_KEY = "tenants"
+
+
+def _read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem]) -> dict[str, Tenant]:
+    """``tenants`` from the vars of group ``tenant``: name -> VLAN, subnet, gateway, DHCP range, DNS domain."""
+    raw = (groups.get("tenant") or {}).get(TENANTS_KEY)
+    if raw is None:
+        return {}
+    where = "group tenant"
+    if not isinstance(raw, dict):
+        problems.append(Problem(inv_file, where, f"vars.{TENANTS_KEY}",
+                                "must map each tenant name to its id, vlan, subnet, gateway, dhcp_range and domain"))
+        return {}
+    tenants: dict[str, Tenant] = {}
+    for name, body in raw.items():
+        entry = f"tenant {name}"
+        if not isinstance(body, dict):
+            problems.append(Problem(inv_file, entry, "", "a tenant must be a mapping"))
+            continue
+        try:
+            tenant = Tenant(name=str(name), **body)
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(inv_file, entry, "", exc))
+            continue
+        problems.extend(Problem(inv_file, entry, key, message) for key, message in tenant.problems())
+        tenants[tenant.name] = tenant
+    seen = list(tenants.values())
+    for i, a in enumerate(seen):
+        for b in seen[i + 1:]:
+            pair = f"tenants {a.name}, {b.name}"
+            if a.id == b.id:
+                problems.append(Problem(inv_file, pair, "id", f"both have id {a.id} (it is baked into their MACs)"))
+            if a.vlan == b.vlan:
+                problems.append(Problem(inv_file, pair, "vlan", f"both use VLAN {a.vlan}"))
+            if a.network.overlaps(b.network):
+                problems.append(Problem(inv_file, pair, "subnet", f"{a.subnet} and {b.subnet} overlap"))
+    return tenants
+
+
+def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str) -> tuple[Vm, list[Problem]]:
+    """The VM with its NICs on its tenant's VLAN and bridge, or the reasons it cannot be there."""
+    if vm.tenant is None:
+        return vm, []
+    if vm.plane != "tenant":
+        return vm, [Problem(file, vm.name, "vm.tenant", "only tenant-plane VMs belong to a tenant")]
+    tenant = tenants.get(vm.tenant)
+    if tenant is None:
+        have = ", ".join(sorted(tenants)) or f"none: define them under the tenant group's vars.{TENANTS_KEY}"
+        return vm, [Problem(file, vm.name, "vm.tenant", f"no tenant {vm.tenant!r} (have: {have})")]
+    problems: list[Problem] = []
+    nics = []
+    for i, nic in enumerate(vm.nics):
+        if nic.vlan is not None and nic.vlan != tenant.vlan:
+            problems.append(Problem(file, vm.name, f"vm.nics.{i}.vlan",
+                                    f"{nic.vlan} is not tenant {tenant.name}'s VLAN {tenant.vlan}: a tenant VM's NICs "
+                                    "are on its tenant's VLAN (leave vlan out)"))
+        if nic.address and not host_address_in(ipaddress.IPv4Address(nic.address), tenant.network):
+            problems.append(Problem(file, vm.name, f"vm.nics.{i}.address",
+                                    f"{nic.address} is outside tenant {tenant.name}'s subnet {tenant.subnet}"))
+        nics.append(nic.model_copy(update={"vlan": tenant.vlan, "bridge": nic.bridge or tenant.bridge}))
+    ip = vm.cloudinit.ipconfig
+    if isinstance(ip, StaticIp):
+        iface = ipaddress.ip_interface(ip.ip)
+        if iface.network != tenant.network:
+            problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.ip",
+                                    f"{ip.ip} is not in tenant {tenant.name}'s subnet {tenant.subnet}"))
+        if ip.gw and ip.gw != tenant.gateway:
+            problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.gw",
+                                    f"{ip.gw} is not tenant {tenant.name}'s gateway {tenant.gateway}"))
+    return vm.model_copy(update={"nics": nics}), problems
 
 
 def _cross_checks(

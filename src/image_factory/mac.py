@@ -4,7 +4,7 @@ Layout (docs/mac-namespace.md): ``02:de:<plane>:<role>:<host>:<nic>``
 
 - byte 0 ``02``: locally administered, unicast (never a vendor OUI such as Proxmox's BC:24:11)
 - byte 1 ``de``: the site (deevnet)
-- byte 2: plane, ``10`` mgmt, ``20`` tenant
+- byte 2: plane, ``10`` mgmt, ``20`` tenant; ``2T`` a VM of tenant id T (1-15)
 - byte 3: role category (ROLE_CODES); mgmt codes are 01-0f, tenant codes 11-1f, so the
   role byte alone also names the plane
 - byte 4: host index within plane+role, 01-ff (00 is reserved)
@@ -38,6 +38,7 @@ from .inventory import (
     HYPERVISOR_GROUP,
     MAC_RE,
     PLANES,
+    TENANTS_KEY,
     Site,
     StaticIp,
     _read_inventory,
@@ -49,6 +50,7 @@ from .inventory import (
 PREFIX = 0x02
 SITE_CODE = 0xDE
 PLANE_CODES: Mapping[str, int] = {"mgmt": 0x10, "tenant": 0x20}
+TENANT_MAX = 15  # a tenant VM's byte 2 is 0x20 + its tenant's id (1-15); 0x20 itself: a tenant VM of no tenant
 ROLE_CODES: Mapping[str, Mapping[str, int]] = {
     "mgmt": {
         "observability": 0x01,
@@ -100,7 +102,12 @@ class NamespaceMac:
 
     @property
     def plane(self) -> str | None:
-        return _code_name(PLANE_CODES, self.plane_code)
+        return _code_name(PLANE_CODES, self.plane_code & 0xF0)
+
+    @property
+    def tenant_id(self) -> int:
+        """The tenant a tenant-plane address belongs to (byte 2's low nibble); 0 = no tenant."""
+        return self.plane_code & 0x0F
 
     @property
     def role(self) -> str | None:
@@ -111,16 +118,18 @@ class NamespaceMac:
         return ":".join(f"{b:02x}" for b in (PREFIX, SITE_CODE, self.plane_code, self.role_code, self.host, self.nic))
 
     @classmethod
-    def for_vm(cls, plane: str, role: str, host: int, nic: int) -> NamespaceMac:
-        """The address of NIC ``nic`` of host index ``host`` in ``plane``/``role``."""
+    def for_vm(cls, plane: str, role: str, host: int, nic: int, tenant_id: int = 0) -> NamespaceMac:
+        """The address of NIC ``nic`` of host index ``host`` in ``plane``/``role`` (and tenant, 1-15)."""
         if plane not in PLANE_CODES:
             raise MacError(f"unknown plane {plane!r} (have: {', '.join(PLANE_CODES)})")
+        if tenant_id and (plane != "tenant" or not 1 <= tenant_id <= TENANT_MAX):
+            raise MacError(f"tenant id {tenant_id} is not 1-{TENANT_MAX} of the tenant plane")
         code = role_code(plane, role)
         if not HOST_MIN <= host <= HOST_MAX:
             raise MacError(f"host index {host} is outside {HOST_MIN}-{HOST_MAX}")
         if not 0 <= nic <= NIC_MAX:
             raise MacError(f"NIC index {nic} is outside 0-{NIC_MAX}")
-        return cls(PLANE_CODES[plane], code, host, nic)
+        return cls(PLANE_CODES[plane] | tenant_id, code, host, nic)
 
     @classmethod
     def parse(cls, text: str) -> NamespaceMac:
@@ -135,8 +144,10 @@ class NamespaceMac:
                 f"MAC {mac!r} is outside the deevnet namespace (must start with "
                 f"{PREFIX:02x}:{SITE_CODE:02x}, i.e. 02:de:<plane>:<role>:<host>:<nic>)"
             )
-        if _code_name(PLANE_CODES, b[2]) is None:
-            raise MacError(f"MAC {mac!r}: byte 2 (plane) {b[2]:02x} is not a plane code ({_codes(PLANE_CODES)})")
+        plane = _code_name(PLANE_CODES, b[2] & 0xF0)
+        if plane is None or (b[2] & 0x0F and plane != "tenant"):
+            raise MacError(f"MAC {mac!r}: byte 2 (plane) {b[2]:02x} is not a plane code ({_codes(PLANE_CODES)}; "
+                           f"tenant VMs {PLANE_CODES['tenant'] + 1:02x}-{PLANE_CODES['tenant'] + TENANT_MAX:02x})")
         if b[4] == 0:
             raise MacError(f"MAC {mac!r}: byte 4 (host index) 00 is reserved; host indexes are 01-ff")
         return cls(b[2], b[3], b[4], b[5])
@@ -181,8 +192,8 @@ def format_problem(mac: str) -> str | None:
     return why
 
 
-def namespace_problems(mac: str, plane: str, role: str | None, position: int) -> list[str]:
-    """Every way the canonical ``mac`` disagrees with NIC ``position`` of a VM in ``plane``/``role``."""
+def namespace_problems(mac: str, plane: str, role: str | None, position: int, tenant_id: int = 0) -> list[str]:
+    """Every way the canonical ``mac`` disagrees with NIC ``position`` of a VM in ``plane``/``role`` (and tenant)."""
     try:
         ns = NamespaceMac.parse(mac)
     except MacError as exc:
@@ -193,7 +204,12 @@ def namespace_problems(mac: str, plane: str, role: str | None, position: int) ->
             f"MAC {mac!r}: byte 2 (plane) {ns.plane_code:02x} means {ns.plane}, "
             f"but the VM is in the {plane} plane ({PLANE_CODES[plane]:02x})"
         )
-    elif role is not None and role in ROLE_CODES[plane] and ns.role_code != ROLE_CODES[plane][role]:
+    elif ns.tenant_id != tenant_id:
+        have = f"tenant id {ns.tenant_id}" if ns.tenant_id else "no tenant"
+        want = f"tenant id {tenant_id}" if tenant_id else "no tenant"
+        out.append(f"MAC {mac!r}: byte 2 {ns.plane_code:02x} means {have}, but the VM's is {want} "
+                   f"({PLANE_CODES[plane] | tenant_id:02x})")
+    if ns.plane == plane and role is not None and role in ROLE_CODES[plane] and ns.role_code != ROLE_CODES[plane][role]:
         meaning = ns.role or "no role"
         out.append(
             f"MAC {mac!r}: byte 3 (role) {ns.role_code:02x} means {meaning}, "
@@ -214,13 +230,18 @@ class _VmNics:
     plane: str
     role: str | None
     macs: list[tuple[int, Any]]  # (position, raw value or _MISSING)
+    tenant_id: int = 0
 
 
 _MISSING = object()
 
 
 def _raw_vms(inventory: Path, problems: list[Problem]) -> list[_VmNics]:
-    records = _read_inventory(inventory, problems)
+    groups: dict[str, Any] = {}
+    records = _read_inventory(inventory, problems, groups)
+    tenants = (groups.get("tenant") or {}).get(TENANTS_KEY)
+    tenant_ids = {str(k): v.get("id") for k, v in tenants.items() if isinstance(v, dict)} if isinstance(
+        tenants, dict) else {}
     out: list[_VmNics] = []
     for rec in records.values():
         planes = sorted(rec.groups & set(PLANES))
@@ -236,7 +257,9 @@ def _raw_vms(inventory: Path, problems: list[Problem]) -> list[_VmNics]:
             for i, nic in enumerate(nics):
                 if isinstance(nic, dict):
                     macs.append((i, nic.get("mac", _MISSING)))
-        out.append(_VmNics(rec.name, rec.file, planes[0], role, macs))
+        tenant_id = tenant_ids.get(str(body.get("tenant"))) if body.get("tenant") is not None else 0
+        out.append(_VmNics(rec.name, rec.file, planes[0], role, macs,
+                           tenant_id if isinstance(tenant_id, int) and 1 <= tenant_id <= TENANT_MAX else 0))
     return sorted(out, key=lambda v: v.name)
 
 
@@ -256,7 +279,7 @@ def _vm_problems(vm: _VmNics) -> Iterator[Problem]:
             yield Problem(vm.file, vm.name, key, f"MAC {raw!r} is not a string (quote MACs in YAML)")
             continue
         mac = normalize_mac(raw)
-        for why in namespace_problems(mac, vm.plane, vm.role, i):
+        for why in namespace_problems(mac, vm.plane, vm.role, i, vm.tenant_id):
             yield Problem(vm.file, vm.name, key, why)
         with contextlib.suppress(MacError):
             hosts[NamespaceMac.parse(mac).host].append(i)
@@ -323,13 +346,13 @@ def check(inventory: str | Path, images: str | Path | None = None) -> int:
 # ------------------------------------------------------------------------------------------ allocate
 
 
-def allocate_host(used: Iterable[NamespaceMac | str], plane: str, role: str) -> int:
+def allocate_host(used: Iterable[NamespaceMac | str], plane: str, role: str, tenant_id: int = 0) -> int:
     """The next free host index in ``plane``/``role``: one above the highest in use, else the lowest gap.
 
     Counting up (rather than refilling gaps first) keeps a retired host's address out of circulation
     while DHCP leases and ARP caches may still remember it; gaps are reused only once ff is taken.
     """
-    p, r = PLANE_CODES[plane], role_code(plane, role)
+    p, r = PLANE_CODES[plane] | tenant_id, role_code(plane, role)
     taken: set[int] = set()
     for item in used:
         try:
@@ -464,6 +487,7 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
         except MacError:
             return None
 
+    plane_code = PLANE_CODES[vm.plane] | vm.tenant_id
     others: dict[str, str] = {}
     for other in vms:
         if other.name != vm.name:
@@ -473,17 +497,17 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
     # Keep the VM's host index when its own MACs agree on one that no other VM uses.
     own = {
         ns.host for _, raw in vm.macs
-        if (ns := parsed(raw)) is not None and (ns.plane_code, ns.role_code) == (PLANE_CODES[vm.plane], code)
+        if (ns := parsed(raw)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
     }
     clash = {
         ns.host for m in others
-        if (ns := parsed(m)) is not None and (ns.plane_code, ns.role_code) == (PLANE_CODES[vm.plane], code)
+        if (ns := parsed(m)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
     }
     if len(own) == 1 and not own & clash:
         host = own.pop()
     else:
         try:
-            host = allocate_host(others, vm.plane, vm.role)
+            host = allocate_host(others, vm.plane, vm.role, vm.tenant_id)
         except MacError as exc:
             raise ValidationFailed([Problem(vm.file, vm.name, "vm.role", str(exc))]) from None
     current = dict(vm.macs)
@@ -494,7 +518,7 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
     for i in targets:
         raw = current.get(i)
         old = normalize_mac(raw) if isinstance(raw, str) else None
-        new = str(NamespaceMac.for_vm(vm.plane, vm.role, host, i))
+        new = str(NamespaceMac.for_vm(vm.plane, vm.role, host, i, vm.tenant_id))
         changes.append(Change(vm.name, vm.file, i, old, new, added_nic=i >= count))
     return changes
 

@@ -1,0 +1,123 @@
+"""Tenants in the site model: each its own VLAN, subnet and MAC range (docs/examples/two-tenants.yml)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from image_factory import deploy, mac, preflight
+from image_factory.errors import ValidationFailed
+from image_factory.inventory import load_site
+from image_factory.lab import factories
+from image_factory.settings import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+EXAMPLE = REPO_ROOT / "docs" / "examples" / "two-tenants.yml"
+CATALOGUE = REPO_ROOT / "packer" / "images.yml"
+DOC = yaml.safe_load(EXAMPLE.read_text())
+
+
+def _tenant_group(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["all"]["children"]["tenant"]
+
+
+def _vm(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    groups = doc["all"]["children"]
+    group = groups["tenant"] if name in groups["tenant"]["hosts"] else groups["mgmt"]
+    return group["hosts"][name]["vm"]
+
+
+def _variant(tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    doc = copy.deepcopy(DOC)
+    change(doc)
+    path = tmp_path / "hosts.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_tenant_vms_are_on_their_tenants_vlan_with_their_tenants_mac_range() -> None:
+    site = load_site(EXAMPLE, CATALOGUE)
+    assert set(site.tenants) == {"acme", "globex"}
+    vlans = {vm.name: [n.vlan for n in vm.nics] for vm in site.vms.values()}
+    assert vlans == {"metrics01": [None], "acme-web01": [110], "acme-db01": [110], "globex-web01": [120]}
+    hv = site.hypervisors["pve-tenant"]
+    net0 = deploy.desired_config(site.vms["acme-web01"], hv, factories.template(), "r1")["net0"]
+    assert net0 == "virtio=02:DE:21:11:01:00,bridge=vmbr0,firewall=1,tag=110"
+    assert mac.check(EXAMPLE, CATALOGUE) == 4
+    # preflight asks the tenant bridge for exactly the tenants' VLANs
+    assert {bridge: sorted(tags) for bridge, tags in preflight.vlan_users(site, hv).items()} == {"vmbr0": [110, 120]}
+    missing = preflight.vlan_problems("vmbr0", {"bridge_vlan_aware": 1, "bridge_vids": "100-115"},
+                                      preflight.vlan_users(site, hv)["vmbr0"])
+    assert missing == ["bridge vmbr0 carries VLANs 100-115, not vlan 120 (globex-web01 nic0)"]
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        *keys, last = path.split(".")
+        node = doc
+        for key in keys:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return change
+
+
+TENANTS = "all.children.tenant.vars.tenants"
+BAD = {
+    "overlapping subnets": (_set(f"{TENANTS}.globex.subnet", "10.110.0.0/23"), "tenants acme, globex", "subnet",
+                            "10.110.0.0/24 and 10.110.0.0/23 overlap"),
+    "reused VLAN": (_set(f"{TENANTS}.globex.vlan", 110), "tenants acme, globex", "vlan", "both use VLAN 110"),
+    "reused id": (_set(f"{TENANTS}.globex.id", 1), "tenants acme, globex", "id", "both have id 1"),
+    "gateway outside the subnet": (_set(f"{TENANTS}.acme.gateway", "10.111.0.1"), "tenant acme", "gateway",
+                                   "10.111.0.1 is not a host address of the tenant's subnet 10.110.0.0/24"),
+    "range holds the gateway": (_set(f"{TENANTS}.acme.dhcp_range", {"first": "10.110.0.1", "last": "10.110.0.9"}),
+                                "tenant acme", "dhcp_range", "holds the gateway 10.110.0.1"),
+    "host bits in the subnet": (_set(f"{TENANTS}.acme.subnet", "10.110.0.5/24"), "tenant acme", "subnet",
+                                "is not an IPv4 network"),
+    "address outside the subnet": (_set("all.children.tenant.hosts.acme-web01.vm.nics.0.address", "10.120.0.11"),
+                                   "acme-web01", "vm.nics.0.address",
+                                   "10.120.0.11 is outside tenant acme's subnet 10.110.0.0/24"),
+    "another VLAN on a tenant NIC": (_set("all.children.tenant.hosts.acme-web01.vm.nics.0.vlan", 120), "acme-web01",
+                                     "vm.nics.0.vlan", "120 is not tenant acme's VLAN 110"),
+    "unknown tenant": (_set("all.children.tenant.hosts.acme-web01.vm.tenant", "initech"), "acme-web01",
+                       "vm.tenant", "no tenant 'initech' (have: acme, globex)"),
+    "mgmt VM in a tenant": (_set("all.children.mgmt.hosts.metrics01.vm.tenant", "acme"), "metrics01", "vm.tenant",
+                            "only tenant-plane VMs belong to a tenant"),
+    "VLAN out of range": (_set(f"{TENANTS}.acme.vlan", 4095), "tenant acme", "vlan", "less than or equal to 4094"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_tenant_is_named_with_where_and_why_before_anything_runs(tmp_path: Path, case: str) -> None:
+    change, entry, key, message = BAD[case]
+    with pytest.raises(ValidationFailed) as caught:
+        load_site(_variant(tmp_path, change), CATALOGUE)
+    found = [(p.entry, p.key, p.message) for p in caught.value.problems]
+    assert any(e == entry and k == key and message in m for e, k, m in found), found
+
+
+def test_a_tenant_vms_mac_carries_its_tenants_id(tmp_path: Path) -> None:
+    inventory = _variant(tmp_path, _set("all.children.tenant.hosts.globex-web01.vm.nics.0.mac", "02:de:21:11:02:00"))
+    problems = mac.check_inventory(inventory)
+    assert [(p.entry, p.message) for p in problems] == [(
+        "globex-web01", "MAC '02:de:21:11:02:00': byte 2 21 means tenant id 1, but the VM's is tenant id 2 (22)")]
+    # mac.generate gives it the right range: its own tenant's, host index counted within that tenant
+    changes = mac.plan(inventory, "globex-web01")
+    assert [c.new for c in changes] == ["02:de:22:11:01:00"]
+
+
+def test_the_namespace_codes_tenant_ids_in_byte_two() -> None:
+    assert str(mac.NamespaceMac.for_vm("tenant", "app", 3, 1, tenant_id=15)) == "02:de:2f:11:03:01"
+    parsed = mac.NamespaceMac.parse("02:de:2f:11:03:01")
+    assert (parsed.plane, parsed.tenant_id, parsed.role) == ("tenant", 15, "app")
+    assert mac.NamespaceMac.parse("02:de:20:11:01:00").tenant_id == 0  # a tenant VM of no tenant
+    with pytest.raises(mac.MacError, match="not a plane code"):
+        mac.NamespaceMac.parse("02:de:11:01:01:00")  # mgmt has no tenants
+    with pytest.raises(mac.MacError, match="tenant id 16"):
+        mac.NamespaceMac.for_vm("tenant", "app", 1, 0, tenant_id=16)
+    assert mac.allocate_host(["02:de:21:11:01:00", "02:de:22:11:05:00"], "tenant", "app", tenant_id=1) == 2
