@@ -41,6 +41,7 @@ from .inventory import (
     TENANTS_KEY,
     Site,
     StaticIp,
+    Tenant,
     _read_inventory,
     load_site,
     mac_problem,
@@ -599,6 +600,7 @@ class Reservation:
     role: str
     hypervisor: str
     vmid: int
+    tenant: str | None = None
 
     @property
     def fqdn(self) -> str:
@@ -612,6 +614,7 @@ def reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
     """
     out = []
     for vm in site.vms.values():
+        tenant = site.tenants.get(vm.tenant) if vm.tenant else None
         static = vm.cloudinit.ipconfig
         for i, nic in enumerate(vm.nics):
             address = nic.address
@@ -619,8 +622,9 @@ def reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
                 address = str(ipaddress.ip_interface(static.ip).ip)
             out.append(Reservation(
                 mac=nic.mac, hostname=vm.name if i == 0 else f"{vm.name}-nic{i}",
-                domain=vm.cloudinit.searchdomain or domain, address=address, vm=vm.name, nic=i,
-                plane=vm.plane, role=vm.role, hypervisor=site.hypervisor_for(vm).name, vmid=vm.vmid,
+                domain=vm.cloudinit.searchdomain or (tenant.domain if tenant else domain), address=address,
+                vm=vm.name, nic=i, plane=vm.plane, role=vm.role, hypervisor=site.hypervisor_for(vm).name,
+                vmid=vm.vmid, tenant=vm.tenant,
             ))
     return sorted(out)
 
@@ -721,24 +725,42 @@ def _descr(r: Reservation) -> str:
     return f"{r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor} (vmid {r.vmid})"
 
 
-def _kea(rs: list[Reservation]) -> str:
-    entries = []
-    for r in rs:
-        entry: dict[str, Any] = {"hw-address": r.mac}
+def _kea(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
+    """Global reservations, and per tenant a subnet (its pool, router and domain) holding its VMs' reservations."""
+    def entry(r: Reservation) -> dict[str, Any]:
+        out: dict[str, Any] = {"hw-address": r.mac}
         if r.address:
-            entry["ip-address"] = r.address
-        entry["hostname"] = r.hostname
-        entry["user-context"] = {
+            out["ip-address"] = r.address
+        out["hostname"] = r.hostname
+        out["user-context"] = {
             "fqdn": r.fqdn, "vm": r.vm, "nic": r.nic, "plane": r.plane, "role": r.role,
             "hypervisor": r.hypervisor, "vmid": r.vmid, "generated-by": "deevnet-image-factory mac.export",
         }
-        entries.append(entry)
-    doc = {"Dhcp4": {"reservations-global": True, "reservations": entries}}
-    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+        return out
+
+    dhcp4: dict[str, Any] = {"reservations-global": True,
+                             "reservations": [entry(r) for r in rs if r.tenant not in tenants]}
+    if tenants:
+        dhcp4["reservations-in-subnet"] = True
+        dhcp4["subnet4"] = [{
+            "id": t.id, "subnet": t.subnet,
+            "pools": [{"pool": f"{t.dhcp_range.first} - {t.dhcp_range.last}"}],
+            "option-data": [{"name": "routers", "data": t.gateway}, {"name": "domain-name", "data": t.domain}],
+            "user-context": {"tenant": t.name, "vlan": t.vlan},
+            "reservations": [entry(r) for r in rs if r.tenant == t.name],
+        } for t in sorted(tenants.values(), key=lambda t: t.id)]
+    return json.dumps({"Dhcp4": dhcp4}, indent=2, sort_keys=False) + "\n"
 
 
-def _dnsmasq(rs: list[Reservation]) -> str:
+def _dnsmasq(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
     lines = [f"# {HEADER}", "# dhcp-host=<mac>,<address>,<hostname>; without an address: a name-only reservation"]
+    for t in sorted(tenants.values(), key=lambda t: t.id):
+        lines += [
+            f"# tenant {t.name}: VLAN {t.vlan}, {t.subnet}",
+            f"dhcp-range=set:{t.name},{t.dhcp_range.first},{t.dhcp_range.last},{t.network.netmask},12h",
+            f"dhcp-option=tag:{t.name},option:router,{t.gateway}",
+            f"dhcp-option=tag:{t.name},option:domain-name,{t.domain}",
+        ]
     for r in rs:
         lines.append(f"# {_descr(r)}")
         parts = [r.mac, *([r.address] if r.address else []), r.hostname]
@@ -783,17 +805,19 @@ class Exporter:
     """One DHCP/DNS export format: what it is for, and how it renders the reservations."""
 
     description: str
-    render: Callable[[list[Reservation], Mapping[str, str]], str]
+    render: Callable[[list[Reservation], Mapping[str, str], Mapping[str, Tenant]], str]
 
 
 EXPORTERS: dict[str, Exporter] = {
-    "opnsense": Exporter("OPNsense 25.7+ Dnsmasq DHCP host reservations (config.xml fragment)", _opnsense_dnsmasq),
+    "opnsense": Exporter("OPNsense 25.7+ Dnsmasq DHCP host reservations (config.xml fragment)",
+                         lambda rs, i, _t: _opnsense_dnsmasq(rs, i)),
     "opnsense-isc": Exporter("OPNsense ISC DHCP static maps and Unbound host overrides (config.xml fragment)",
-                             _opnsense_isc),
-    "kea": Exporter("Kea DHCPv4 global reservations (JSON)", lambda rs, _i: _kea(rs)),
-    "dnsmasq": Exporter("dnsmasq dhcp-host lines", lambda rs, _i: _dnsmasq(rs)),
-    "csv": Exporter("one row per NIC", lambda rs, _i: _csv(rs)),
-    "hosts": Exporter("/etc/hosts lines", lambda rs, _i: _hosts(rs)),
+                             lambda rs, i, _t: _opnsense_isc(rs, i)),
+    "kea": Exporter("Kea DHCPv4: global reservations, and per tenant a subnet with its pool (JSON)",
+                    lambda rs, _i, t: _kea(rs, t)),
+    "dnsmasq": Exporter("dnsmasq: a tagged dhcp-range per tenant, dhcp-host lines", lambda rs, _i, t: _dnsmasq(rs, t)),
+    "csv": Exporter("one row per NIC", lambda rs, _i, _t: _csv(rs)),
+    "hosts": Exporter("/etc/hosts lines", lambda rs, _i, _t: _hosts(rs)),
 }
 FORMATS = tuple(EXPORTERS)
 
@@ -807,7 +831,7 @@ def export(site: Site, fmt: str, domain: str = DEFAULT_DOMAIN, interfaces: Mappi
     problems.extend(_address_problems(site))
     if problems:
         raise ValidationFailed(problems)
-    return exporter.render(reservations(site, domain), interfaces or DEFAULT_INTERFACES)
+    return exporter.render(reservations(site, domain), interfaces or DEFAULT_INTERFACES, site.tenants)
 
 
 def write_output(text: str, output: str | Path) -> Path:

@@ -121,3 +121,54 @@ def test_the_namespace_codes_tenant_ids_in_byte_two() -> None:
     with pytest.raises(mac.MacError, match="tenant id 16"):
         mac.NamespaceMac.for_vm("tenant", "app", 1, 0, tenant_id=16)
     assert mac.allocate_host(["02:de:21:11:01:00", "02:de:22:11:05:00"], "tenant", "app", tenant_id=1) == 2
+
+
+@pytest.mark.parametrize(("fmt", "validator"), [
+    ("kea", lambda path: ["kea-dhcp4", "-t", str(path)]),
+    ("dnsmasq", lambda path: ["dnsmasq", "--test", f"--conf-file={path}"]),
+])
+def test_the_dhcp_exports_give_each_tenant_its_range_and_pass_their_consumers_check(
+        tmp_path: Path, fmt: str, validator: Callable[[Path], list[str]]) -> None:
+    """Checked by the real consumers (kea-dhcp4 -t, dnsmasq --test: ./dev installs both)."""
+    import json
+    import subprocess
+
+    text = mac.export(load_site(EXAMPLE, CATALOGUE), fmt)
+    out = tmp_path / f"export.{fmt}"
+    out.write_text(text)
+    proc = subprocess.run(validator(out), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if fmt == "kea":
+        dhcp4 = json.loads(text)["Dhcp4"]
+        subnets = {s["user-context"]["tenant"]: s for s in dhcp4["subnet4"]}
+        assert subnets["acme"]["pools"] == [{"pool": "10.110.0.100 - 10.110.0.199"}]
+        assert sorted(r["hostname"] for r in subnets["acme"]["reservations"]) == ["acme-db01", "acme-web01"]
+        assert [r["hostname"] for r in dhcp4["reservations"]] == ["metrics01"]  # no tenant: global
+    else:
+        assert "dhcp-range=set:globex,10.120.0.100,10.120.0.199,255.255.255.0,12h\n" in text
+        assert "dhcp-option=tag:acme,option:router,10.110.0.1\n" in text
+        assert "dhcp-host=02:de:21:11:01:00,10.110.0.11,acme-web01\n" in text
+
+
+def test_a_kea_export_that_breaks_its_rules_is_refused_by_kea(tmp_path: Path) -> None:
+    """The validator is a real check: a reservation outside its tenant's subnet fails it."""
+    import json
+    import subprocess
+
+    doc = json.loads(mac.export(load_site(EXAMPLE, CATALOGUE), "kea"))
+    doc["Dhcp4"]["subnet4"][0]["reservations"][0]["ip-address"] = "10.99.0.1"
+    out = tmp_path / "bad.json"
+    out.write_text(json.dumps(doc))
+    proc = subprocess.run(["kea-dhcp4", "-t", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "10.99.0.1" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["kea", "dnsmasq"])
+def test_the_example_site_without_tenants_exports_what_its_consumers_accept(tmp_path: Path, fmt: str) -> None:
+    import subprocess
+
+    out = tmp_path / f"export.{fmt}"
+    out.write_text(mac.export(load_site(REPO_ROOT / "ansible" / "inventory", CATALOGUE), fmt))
+    argv = ["kea-dhcp4", "-t", str(out)] if fmt == "kea" else ["dnsmasq", "--test", f"--conf-file={out}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
