@@ -1,14 +1,16 @@
 """Transfer engines that put a build artifact into a hypervisor's import directory.
 
-SSH (default, fastest; docs/lab-notes.md "SSH upload throughput"):
-- data goes through an exec channel running ``cat`` into ``.<file>.partial`` (aes128-gcm is
-  negotiated by SshLink, writes are 1 MiB memoryview slices, memory use is constant);
+SSH (default, fastest; docs/lab-notes.md "SSH upload throughput"; bench/upload):
+- data goes into ``.<file>.partial`` through OpenSSH's ``ssh`` (engine ``openssh``: the pinned host key
+  only, aes128-gcm, the kernel moves the file into its stdin with sendfile, so memory use is constant
+  and this process copies nothing), or where there is no ssh client through a paramiko exec channel
+  (engine ``exec``: 1 MiB memoryview writes);
 - the remote command takes an exclusive ``flock`` on the partial file *before* it reports the
   partial's size, so a writer left over from a dropped connection has finished before we resume
   and appends never interleave; we resume from exactly that size;
 - a dropped connection reconnects and resumes, with a bounded number of attempts without progress;
-- the host hashes the bytes as they arrive (``tee`` into ``openssl dgst -sha256``, else
-  ``sha256sum``; on a resume the partial's earlier part first) and compares with the manifest; only
+- the host hashes the bytes as they arrive (a large-buffer tee in perl into ``openssl dgst -sha256``,
+  else ``sha256sum``; on a resume the partial's earlier part first) and compares with the manifest; only
   then is the partial renamed (``mv``, atomic in one directory) to the final name, so no file under
   the final name is ever incomplete or unverified;
 - a final file that already has the right sha256 is not sent again.
@@ -71,7 +73,6 @@ class UploadResult(Report):
     resumed_from: list[int] = field(default_factory=list)
     engine: str = "exec"
     seconds: float = 0.0
-
 
 
 def partial_name(final: str) -> str:
@@ -187,7 +188,9 @@ def receive_script(part_path: str, final_path: str, size: int, sha256: str) -> s
         f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
         f"off=$(stat -c %s -- {qp}) || exit 2; echo \"$off\"; "
         "if command -v openssl >/dev/null 2>&1; then hasher='openssl dgst -sha256 -r'; else hasher=sha256sum; fi; "
+        "if command -v perl >/dev/null 2>&1; then "
         f"h=$({{ head -c \"$off\" < {qp} && perl -e {_q(_TEE)}; }} | $hasher); "
+        f"else cat >&8 || exit 4; h=$($hasher < {qp}); fi; "  # no perl: hash after the transfer
         f"h=${{h%% *}}; sz=$(stat -c %s -- {qp}); "
         f'[ "$sz" -ge {size} ] || exit 4; '
         f'if [ "$sz" = {size} ] && [ "$h" = {_q(sha256)} ]; then mv -f -- {qp} {qf} || exit 5; '

@@ -1,0 +1,64 @@
+"""The host's side of an SSH upload (upload.receive_script), run here by sh as sshd would run it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from image_factory.upload import partial_name, receive_script
+
+pytestmark = pytest.mark.unit
+
+TOOLS = ("sh", "flock", "stat", "head", "cat", "mv", "openssl", "sha256sum", "perl")
+
+
+def _bin(tmp_path: Path, without: tuple[str, ...] = ()) -> str:
+    """A PATH holding the tools a Debian host has, minus ``without``."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in TOOLS:
+        if tool not in without and (found := shutil.which(tool)):
+            os.symlink(found, bindir / tool)
+    return str(bindir)
+
+
+@pytest.mark.parametrize("without", [(), ("perl",), ("perl", "openssl")], ids=["tee", "no perl", "no openssl"])
+@pytest.mark.parametrize("resume_at", [0, 70_000])
+def test_the_host_verifies_what_it_received_and_only_then_renames(tmp_path: Path, without: tuple[str, ...],
+                                                                   resume_at: int) -> None:
+    data = os.urandom(300_000)
+    digest = hashlib.sha256(data).hexdigest()
+    final = tmp_path / "img.qcow2"
+    part = tmp_path / partial_name(final.name)
+    part.write_bytes(data[:resume_at])
+    script = receive_script(str(part), str(final), len(data), digest)
+    proc = subprocess.run([shutil.which("sh") or "/bin/sh", "-c", script], input=data[resume_at:],
+                          capture_output=True, env={"PATH": _bin(tmp_path, without)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    offset, verdict = proc.stdout.decode().splitlines()
+    assert int(offset) == resume_at and verdict == f"OK {len(data)} {digest}"
+    assert final.read_bytes() == data and not part.exists()
+
+
+def test_wrong_bytes_are_reported_and_never_renamed(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    final = tmp_path / "img.qcow2"
+    part = tmp_path / partial_name(final.name)
+    script = receive_script(str(part), str(final), len(data), hashlib.sha256(data).hexdigest())
+    damaged = bytes([data[0] ^ 1]) + data[1:]
+    proc = subprocess.run(["sh", "-c", script], input=damaged, capture_output=True, timeout=60)
+    assert proc.stdout.decode().splitlines()[1].startswith(f"BAD {len(data)} {hashlib.sha256(damaged).hexdigest()}")
+    assert not final.exists() and part.read_bytes() == damaged
+
+
+def test_a_short_transfer_exits_4_and_leaves_the_partial_to_resume(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    part = tmp_path / partial_name("img.qcow2")
+    script = receive_script(str(part), str(tmp_path / "img.qcow2"), len(data), hashlib.sha256(data).hexdigest())
+    proc = subprocess.run(["sh", "-c", script], input=data[:40_000], capture_output=True, timeout=60)
+    assert proc.returncode == 4 and part.stat().st_size == 40_000
