@@ -52,6 +52,13 @@ if TYPE_CHECKING:  # the API engine's imports (requests, proxmoxer) stay out of 
 CHUNK = 1024 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024  # per progress tick
 ENGINES = ("openssh", "exec", "sftp")
+# What ssh's stderr says when no retry can help (its exit status is 255 for these and for a dropped link alike).
+SSH_REFUSALS = {  # first match wins: a key ssh ignored also ends in "Permission denied"
+    "Host key verification failed": "the host's key is not the one pinned in the inventory",
+    "UNPROTECTED PRIVATE KEY FILE": "the client key file is readable by others (chmod 600 it)",
+    "Permission denied": "the factory's key was refused",
+    "Could not resolve hostname": "the SSH host name does not resolve",
+}
 SFTP_REQUEST = 261120  # OpenSSH sftp-server's largest write
 PARTIAL_LOCK_WAIT = 60
 DEFAULT_ATTEMPTS = 6
@@ -396,7 +403,7 @@ class SshUploader:
         """The same attempt as the exec engine, with OpenSSH's ssh carrying the bytes: the kernel moves them
         from the file into ssh's stdin (sendfile), so this process copies nothing and stays small."""
         script = receive_script(part_path, final_path, size, sha256)
-        with OpensshCommand(self._endpoint(), timeout=self.channel_timeout) as ssh, local.open("rb") as fh:
+        with OpensshCommand(self._endpoint()) as ssh, local.open("rb") as fh:
             proc = subprocess.Popen(ssh.argv(f"sh -c {_q(script)}"), stdin=subprocess.PIPE,  # noqa: S603
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -431,8 +438,8 @@ class SshUploader:
                     proc.wait()
         if status != 0 or len(out) != 3:
             self._raise_if_full(err, part_path, size - done)
-            if status == 255 and "Host key verification failed" in err:
-                raise UploadError(self.name, f"ssh refused the host key pinned in the inventory: {err[-300:]}")
+            if status == 255:
+                self._raise_for_no_offset(status, err, part_path)
             raise _LinkLost(f"remote writer ended with status {status}: {err[-200:]}")
         verdict, have, got = out
         return int(have), got.lower(), verdict == "OK"
@@ -454,9 +461,10 @@ class SshUploader:
         """Why the host's side did not even report the partial's size."""
         if status == 1 and not err:
             raise _LinkLost("the partial file is still locked by an earlier writer")
-        if status == 255 and "Host key verification failed" in err:
-            raise UploadError(self.name, f"ssh refused the host key pinned in the inventory: {err[-300:]}")
         if status == 255:
+            permanent = next((why for sign, why in SSH_REFUSALS.items() if sign in err), None)
+            if permanent:  # no retry can change these
+                raise UploadError(self.name, f"ssh: {permanent}: {err[-300:]}")
             raise _LinkLost(f"ssh failed: {err[-300:]}")
         raise UploadError(self.name, f"cannot write {part_path} (exit {status}): {err[-300:]}")
 

@@ -257,6 +257,21 @@ def test_unknown_host_key_is_refused_with_zero_bytes(engine: str, sshd: Sshd, tm
     assert list(sshd.storage.iterdir()) == []
 
 
+def test_a_refusal_ssh_reports_is_final_not_retried(sshd: Sshd, tmp_path: Path) -> None:
+    """OpenSSH refuses a client key others can read (paramiko does not): said at once, nothing left behind."""
+    art, digest = _artifact(tmp_path, 1024 * 1024)
+    loose = tmp_path / "loose_key"
+    shutil.copy(sshd.client_key, loose)
+    loose.chmod(0o644)
+    endpoint = sshd.endpoint().model_copy(update={"key_file": loose})
+    up = _uploader(endpoint, engine="openssh")
+    with pytest.raises(UploadError, match=r"chmod 600") as caught:
+        up.upload(art, str(sshd.storage), "img-p.qcow2", digest, check_final=False)
+    up.close()
+    assert "attempts" not in str(caught.value) and up.bytes_sent == 0
+    assert list(sshd.storage.iterdir()) == []
+
+
 def test_sftp_engine_resumes_and_verifies(sshd: Sshd, tmp_path: Path) -> None:
     art, digest = _artifact(tmp_path, 10 * 1024 * 1024)
     # Cut beyond the 2 MiB channel window, so some writes were surely processed before the cut
