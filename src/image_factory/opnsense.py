@@ -9,6 +9,8 @@ Gather (one search), decide (a pure function), act (adds, sets, deletes, then on
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,12 @@ from typing import Any
 import requests
 
 from .errors import FactoryError, RemoteError
+from .inventory import Tenant
 from .mac import Reservation
 from .pve import VerifiedTlsAdapter
+from .reports import Report
 
 MARKER = "[image-factory]"
-# The fields the factory sets; the others keep the values OPNsense gives them (or an operator set).
-FIELDS = ("host", "domain", "ip", "hwaddr", "descr")
 TIMEOUT = 20.0
 
 
@@ -29,8 +31,14 @@ class OpnsenseError(FactoryError):
     """OPNsense refused a change or answered something this module does not understand."""
 
 
+def _text(row: dict[str, Any], name: str) -> str:
+    return str(row.get(name) or "")
+
+
 @dataclass(frozen=True)
 class HostEntry:
+    """A Dnsmasq DHCP host reservation (model item ``hosts``); the factory's are keyed by MAC."""
+
     host: str
     domain: str
     ip: str  # "" for a MAC-only reservation (address from the range)
@@ -44,62 +52,151 @@ class HostEntry:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> HostEntry:
-        def text(name: str) -> str:
-            return str(row.get(name) or "")
+        return cls(_text(row, "host"), _text(row, "domain"), _text(row, "ip"), _text(row, "hwaddr").lower(),
+                   _text(row, "descr"))
 
-        return cls(text("host"), text("domain"), text("ip"), text("hwaddr").lower(), text("descr"))
+    @property
+    def keys(self) -> list[str]:
+        return [m for m in (m.strip() for m in self.hwaddr.split(",")) if m]
 
-    def body(self) -> dict[str, dict[str, str]]:
-        return {"host": {name: getattr(self, name) for name in FIELDS}}
+    @property
+    def name(self) -> str:
+        return self.host
+
+    @property
+    def ours(self) -> bool:
+        return self.descr.startswith(MARKER)
+
+    def clash(self, other: HostEntry) -> str:
+        """Why a foreign reservation stands in this one's way ("" if it does not): it holds one of its MACs."""
+        shared = sorted(set(self.keys) & set(other.keys))
+        return (f"a reservation the factory does not own holds {', '.join(shared)} ({other.host or 'no host'}, "
+                f"{other.ip or 'no ip'}): left alone; remove it in OPNsense or change the inventory") if shared else ""
+
+
+@dataclass(frozen=True)
+class RangeEntry:
+    """A tenant's Dnsmasq DHCP range (model item ``dhcp_ranges``), keyed by the tenant named in its description.
+
+    No interface is set: Dnsmasq serves a range on the interface whose subnet holds it, and the tenant's VLAN
+    interface is assigned in OPNsense (docs/opnsense.md); ``domain_type: range`` gives its leases the tenant's
+    domain.
+    """
+
+    start_addr: str
+    end_addr: str
+    subnet_mask: str
+    domain_type: str
+    domain: str
+    description: str
+
+    @classmethod
+    def from_tenant(cls, t: Tenant) -> RangeEntry:
+        return cls(t.dhcp_range.first, t.dhcp_range.last, str(t.network.netmask), "range", t.domain,
+                   f"{MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}")
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RangeEntry:
+        return cls(_text(row, "start_addr"), _text(row, "end_addr"), _text(row, "subnet_mask"),
+                   _text(row, "domain_type"), _text(row, "domain"), _text(row, "description"))
+
+    @property
+    def keys(self) -> list[str]:
+        rest = self.description.removeprefix(f"{MARKER} tenant ")
+        return [rest.split(":", 1)[0]] if self.ours and rest != self.description else []
+
+    @property
+    def name(self) -> str:
+        return f"{self.start_addr}-{self.end_addr}"
+
+    @property
+    def ours(self) -> bool:
+        return self.description.startswith(MARKER)
+
+    def _span(self) -> tuple[int, int] | None:
+        try:
+            first = int(ipaddress.IPv4Address(self.start_addr))
+            return first, int(ipaddress.IPv4Address(self.end_addr or self.start_addr))
+        except ValueError:
+            return None
+
+    def clash(self, other: RangeEntry) -> str:
+        """Why a foreign range stands in this one's way ("" if it does not): their addresses overlap."""
+        mine, theirs = self._span(), other._span()
+        if mine is None or theirs is None or mine[1] < theirs[0] or theirs[1] < mine[0]:
+            return ""
+        return (f"a range the factory does not own ({other.name}, {other.description or 'no description'}) "
+                f"overlaps tenant range {self.name}: left alone; remove it in OPNsense or change the tenant")
+
+
+Entry = HostEntry | RangeEntry
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of Dnsmasq object the factory keeps: its API noun (search_<noun>, add_<noun>, ...), the model
+    fields the factory sets (the others keep OPNsense's or an operator's values), and how a row reads."""
+
+    noun: str
+    fields: tuple[str, ...]
+    from_row: Callable[[dict[str, Any]], Entry]
+
+
+HOSTS = Kind("host", ("host", "domain", "ip", "hwaddr", "descr"), HostEntry.from_row)
+RANGES = Kind("range", ("start_addr", "end_addr", "subnet_mask", "domain_type", "domain", "description"),
+              RangeEntry.from_row)
+KINDS = (RANGES, HOSTS)
+
+
+def body(kind: Kind, entry: Entry) -> dict[str, dict[str, str]]:
+    return {kind.noun: {name: getattr(entry, name) for name in kind.fields}}
 
 
 @dataclass
-class Change:
+class Change(Report):
     action: str  # create | update | delete | unchanged | conflict
-    mac: str
+    kind: str
+    key: str  # the MAC of a host, the tenant of a range
+    name: str = ""
     uuid: str | None = None
-    want: HostEntry | None = None
+    want: Entry | None = field(default=None, repr=False)
     diff: dict[str, tuple[str, str]] = field(default_factory=dict)
     why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "mac": self.mac, "uuid": self.uuid,
-                "host": self.want.host if self.want else None,
-                "diff": {k: {"from": a, "to": b} for k, (a, b) in self.diff.items()}, "why": self.why}
+        data = super().to_dict()
+        data.pop("want")
+        data["diff"] = {k: {"from": a, "to": b} for k, (a, b) in self.diff.items()}
+        return data
 
 
-def ours(entry: HostEntry) -> bool:
-    return entry.descr.startswith(MARKER)
-
-
-def decide(desired: list[HostEntry], rows: list[dict[str, Any]]) -> list[Change]:
-    """What converging needs, from the desired entries and OPNsense's rows (pure)."""
-    mine: dict[str, tuple[str, HostEntry]] = {}
-    foreign: dict[str, HostEntry] = {}
+def decide(kind: Kind, desired: list[Entry], rows: list[dict[str, Any]]) -> list[Change]:
+    """What converging one kind needs, from the desired entries and OPNsense's rows (pure)."""
+    mine: dict[str, tuple[str, Entry]] = {}
+    foreign: list[Entry] = []
     for row in rows:
-        have = HostEntry.from_row(row)
-        for mac in filter(None, (m.strip() for m in have.hwaddr.split(","))):
-            if ours(have):
-                mine[mac] = (str(row.get("uuid")), have)
-            else:
-                foreign[mac] = have
-    changes: list[Change] = []
-    wanted = {d.hwaddr: d for d in desired}
-    for mac, want in sorted(wanted.items()):
-        if mac in foreign:
-            changes.append(Change("conflict", mac, want=want, why=(
-                f"a reservation the factory does not own holds {mac} ({foreign[mac].host or 'no host'}, "
-                f"{foreign[mac].ip or 'no ip'}): left alone; remove it in OPNsense or change the inventory")))
-        elif mac not in mine:
-            changes.append(Change("create", mac, want=want))
+        have = kind.from_row(row)
+        if have.ours:
+            mine.update((key, (str(row.get("uuid")), have)) for key in have.keys)
         else:
-            uuid, have = mine[mac]
-            diff = {name: (getattr(have, name), getattr(want, name)) for name in FIELDS
+            foreign.append(have)
+    changes: list[Change] = []
+    wanted = {want.keys[0]: want for want in desired}
+    for key, want in sorted(wanted.items()):
+        clash = next((why for other in foreign if (why := want.clash(other))), "")  # type: ignore[arg-type]
+        if clash:
+            changes.append(Change("conflict", kind.noun, key, want.name, want=want, why=clash))
+        elif key not in mine:
+            changes.append(Change("create", kind.noun, key, want.name, want=want))
+        else:
+            uuid, have = mine[key]
+            diff = {name: (getattr(have, name), getattr(want, name)) for name in kind.fields
                     if getattr(have, name) != getattr(want, name)}
-            changes.append(Change("update" if diff else "unchanged", mac, uuid, want, diff))
-    for mac, (uuid, have) in sorted(mine.items()):
-        if mac not in wanted:
-            changes.append(Change("delete", mac, uuid, why=f"{have.host}: no NIC of the inventory has this MAC"))
+            changes.append(Change("update" if diff else "unchanged", kind.noun, key, want.name, uuid, want, diff))
+    for key, (uuid, have) in sorted(mine.items()):
+        if key not in wanted:
+            changes.append(Change("delete", kind.noun, key, have.name, uuid,
+                                  why=f"{have.name}: no longer in the inventory"))
     return changes
 
 
@@ -135,11 +232,11 @@ class OpnsenseClient:
         except ValueError:
             raise OpnsenseError(f"{method} /api/{path}: the answer is not JSON") from None
 
-    def search_hosts(self) -> list[dict[str, Any]]:
-        answer = self.call("POST", "dnsmasq/settings/search_host", {"current": 1, "rowCount": -1})
+    def search(self, kind: Kind) -> list[dict[str, Any]]:
+        answer = self.call("POST", f"dnsmasq/settings/search_{kind.noun}", {"current": 1, "rowCount": -1})
         rows = answer.get("rows") if isinstance(answer, dict) else None
         if not isinstance(rows, list):
-            raise OpnsenseError(f"search_host: unexpected answer {str(answer)[:200]}")
+            raise OpnsenseError(f"search_{kind.noun}: unexpected answer {str(answer)[:200]}")
         return rows
 
     def _saved(self, what: str, answer: Any) -> Any:
@@ -148,15 +245,17 @@ class OpnsenseClient:
         validations = answer.get("validations") if isinstance(answer, dict) else None
         raise OpnsenseError(f"{what}: OPNsense refused it: {validations or str(answer)[:200]}")
 
-    def add_host(self, entry: HostEntry) -> str:
-        return str(self._saved(f"add_host {entry.host}", self.call("POST", "dnsmasq/settings/add_host",
-                                                                     entry.body())).get("uuid"))
+    def add(self, kind: Kind, entry: Entry) -> str:
+        what = f"add_{kind.noun} {entry.name}"
+        return str(self._saved(what, self.call("POST", f"dnsmasq/settings/add_{kind.noun}",
+                                                 body(kind, entry))).get("uuid"))
 
-    def set_host(self, uuid: str, entry: HostEntry) -> None:
-        self._saved(f"set_host {entry.host}", self.call("POST", f"dnsmasq/settings/set_host/{uuid}", entry.body()))
+    def set(self, kind: Kind, uuid: str, entry: Entry) -> None:
+        self._saved(f"set_{kind.noun} {entry.name}",
+                    self.call("POST", f"dnsmasq/settings/set_{kind.noun}/{uuid}", body(kind, entry)))
 
-    def del_host(self, uuid: str) -> None:
-        self._saved(f"del_host {uuid}", self.call("POST", f"dnsmasq/settings/del_host/{uuid}"))
+    def delete(self, kind: Kind, uuid: str) -> None:
+        self._saved(f"del_{kind.noun} {uuid}", self.call("POST", f"dnsmasq/settings/del_{kind.noun}/{uuid}"))
 
     def reconfigure(self) -> None:
         answer = self.call("POST", "dnsmasq/service/reconfigure")
@@ -184,20 +283,29 @@ class SyncReport:
                 "unchanged": sum(c.action == "unchanged" for c in self.changes)}
 
 
-def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bool) -> SyncReport:
-    """Converge OPNsense's Dnsmasq hosts to the reservations; a dry run only plans. Conflicts are reported and
-    left alone; everything else is applied, then Dnsmasq is reconfigured once."""
-    report = SyncReport(decide([HostEntry.from_reservation(r) for r in reservations], client.search_hosts()),
+def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bool,
+         tenants: Mapping[str, Tenant] | None = None) -> SyncReport:
+    """Converge OPNsense's Dnsmasq ranges (one per tenant) and host reservations; a dry run only plans.
+
+    Conflicts are reported and left alone; everything else is applied, then Dnsmasq is reconfigured once.
+    """
+    desired: dict[str, list[Entry]] = {
+        RANGES.noun: [RangeEntry.from_tenant(t) for t in (tenants or {}).values()],
+        HOSTS.noun: [HostEntry.from_reservation(r) for r in reservations],
+    }
+    report = SyncReport([c for kind in KINDS for c in decide(kind, desired[kind.noun], client.search(kind))],
                         dry_run)
     if dry_run:
         return report
+    kinds = {kind.noun: kind for kind in KINDS}
     for change in report.changes:
+        kind = kinds[change.kind]
         if change.action == "create" and change.want:
-            change.uuid = client.add_host(change.want)
+            change.uuid = client.add(kind, change.want)
         elif change.action == "update" and change.want and change.uuid:
-            client.set_host(change.uuid, change.want)
+            client.set(kind, change.uuid, change.want)
         elif change.action == "delete" and change.uuid:
-            client.del_host(change.uuid)
+            client.delete(kind, change.uuid)
     if report.writes:
         client.reconfigure()
         report.reconfigured = True

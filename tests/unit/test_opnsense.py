@@ -82,7 +82,7 @@ def test_a_foreign_entry_with_an_inventory_mac_is_a_conflict_not_a_takeover(fake
                             hwaddr=rs[0].mac.upper(), descr="hand-made")
     report = opn.sync(_client(url, cert), rs, dry_run=False)
     conflicts = [c for c in report.changes if c.action == "conflict"]
-    assert not report.ok and [c.mac for c in conflicts] == [rs[0].mac]
+    assert not report.ok and [(c.kind, c.key) for c in conflicts] == [("host", rs[0].mac)]
     assert "left alone" in conflicts[0].why
     assert api.hosts[taken]["host"] == "old-jump"
     assert len(api.hosts) == len(rs), "every other reservation was still made"
@@ -104,7 +104,7 @@ def test_wrong_secret_and_unverified_tls_are_clear_errors(fake: Any, tmp_path: P
     (tmp_path / "other").mkdir()
     other, _, _ = make_cert(str(tmp_path / "other"), name="other", hosts=("127.0.0.1",))
     with pytest.raises(FactoryError, match="TLS verification"):
-        opn.OpnsenseClient(url, KEY, SECRET, ca_file=Path(other)).search_hosts()
+        opn.OpnsenseClient(url, KEY, SECRET, ca_file=Path(other)).search(opn.HOSTS)
     with pytest.raises(opn.OpnsenseError, match="https only"):
         opn.OpnsenseClient(url.replace("https", "http"), KEY, SECRET)
     assert api.writes == 0
@@ -115,7 +115,10 @@ def test_the_fake_refuses_what_opnsense_refuses(fake: Any) -> None:
     client = _client(url, cert)
     bad = opn.HostEntry("jump01", "deevnet.lan", "not-an-ip", "zz:zz", f"{opn.MARKER} x")
     with pytest.raises(opn.OpnsenseError, match="host.hwaddr"):
-        client.add_host(bad)
+        client.add(opn.HOSTS, bad)
+    bad_range = opn.RangeEntry("10.110.0.100", "10.110.0.199", "255.0.255.0", "subnet", "acme.deevnet.lan", "x")
+    with pytest.raises(opn.OpnsenseError, match="range.subnet_mask.*range.domain_type"):
+        client.add(opn.RANGES, bad_range)
     with pytest.raises(opn.OpnsenseError, match="HTTP 404"):
         client.call("POST", "dnsmasq/settings/add_lease")
 
@@ -148,3 +151,42 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
     again = json.loads(capsys.readouterr().out)
     assert again["changes"] == [] and not again["reconfigured"]
     assert SECRET not in capsys.readouterr().err
+
+
+TENANTS = REPO_ROOT / "docs" / "examples" / "two-tenants.yml"
+
+
+def test_tenant_ranges_converge_beside_the_hosts_and_a_foreign_range_is_left_alone(fake: Any) -> None:
+    """The two-tenant site: one range per tenant, keyed by the tenant; a second run writes nothing; a changed
+    range is corrected; a tenant removed from the inventory loses its range; a foreign overlapping range is a
+    conflict, never taken over."""
+    api, url, cert = fake
+    site = load_site(TENANTS, REPO_ROOT / "packer/images.yml")
+    foreign = api.add_foreign("range", start_addr="10.120.0.150", end_addr="10.120.0.160", description="lab")
+    first = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert [(c.action, c.key) for c in first.changes if c.kind == "range"] == [
+        ("create", "acme"), ("conflict", "globex")]
+    assert not first.ok and api.reconfigures == 1
+    acme = next(r for r in api.ranges.values() if r["description"].startswith(opn.MARKER))
+    assert (acme["start_addr"], acme["end_addr"], acme["subnet_mask"], acme["domain_type"], acme["domain"]) == (
+        "10.110.0.100", "10.110.0.199", "255.255.255.0", "range", "acme.deevnet.lan")
+    by_mac = {h["hwaddr"]: h for h in api.hosts.values()}
+    assert (by_mac["02:de:21:11:01:00"]["ip"], by_mac["02:de:21:11:01:00"]["domain"]) == (
+        "10.110.0.11", "acme.deevnet.lan")
+
+    del api.ranges[foreign]
+    second = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert second.ok and [(c.action, c.key) for c in second.changes if c.action != "unchanged"] == [
+        ("create", "globex")]
+    writes = api.writes
+    third = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert third.writes == 0 and api.writes == writes
+
+    uid = next(u for u, r in api.ranges.items() if r["domain"] == "acme.deevnet.lan")
+    api.ranges[uid]["end_addr"] = "10.110.0.120"
+    fixed = opn.sync(_client(url, cert), reservations(site), dry_run=False,
+                     tenants={"acme": site.tenants["acme"]})
+    changed = {(c.action, c.key): c.diff for c in fixed.changes if c.kind == "range" and c.action != "unchanged"}
+    assert changed == {("update", "acme"): {"end_addr": ("10.110.0.120", "10.110.0.199")},
+                       ("delete", "globex"): {}}
+    assert {r["domain"] for r in api.ranges.values()} == {"acme.deevnet.lan"}

@@ -1,10 +1,11 @@
-"""A loopback OPNsense API for the Dnsmasq DHCP hosts: the request and answer shapes of opnsense/core's
+"""A loopback OPNsense API for Dnsmasq DHCP hosts and ranges: the request and answer shapes of opnsense/core's
 Dnsmasq SettingsController and ServiceController (OPNsense 25.7+), and nothing else.
 
-HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JSON bodies. ``add_host`` and
-``set_host`` take ``{"host": {...}}`` with the model's field names only and validate MACs, addresses and host
-names as the model does (a refusal is ``{"result": "failed", "validations": {"host.<field>": ...}}``); the
-search answers ``{"rows", "rowCount", "total", "current"}``; anything else is a 404.
+HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JSON bodies. ``add_<noun>`` and
+``set_<noun>`` (noun ``host`` or ``range``) take ``{"<noun>": {...}}`` with the model's field names only and
+validate MACs, addresses, host names, masks and the range's required start and domain type as the model does
+(a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``); the searches answer
+``{"rows", "rowCount", "total", "current"}``; anything else is a 404.
 """
 
 from __future__ import annotations
@@ -26,8 +27,50 @@ from .loopback import serve_http
 # The hosts item of OPNsense core's models/OPNsense/Dnsmasq/Dnsmasq.xml, in its order.
 HOST_FIELDS = ("host", "domain", "local", "ip", "cnames", "client_id", "hwaddr", "lease_time", "ignore",
                "set_tag", "descr", "comments", "aliases")
+# The dhcp_ranges item of the same model, in its order.
+RANGE_FIELDS = ("interface", "set_tag", "start_addr", "end_addr", "subnet_mask", "constructor", "mode", "prefix_len",
+                "lease_time", "domain_type", "domain", "nosync", "ra_mode", "ra_priority", "ra_mtu", "ra_interval",
+                "ra_router_lifetime", "description")
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 HOST_RE = re.compile(r"^(\*|[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)$")
+
+
+def _host_problems(given: dict[str, Any]) -> dict[str, str]:
+    problems = {}
+    for mac in filter(None, str(given.get("hwaddr", "")).split(",")):
+        if not MAC_RE.match(mac.strip()):
+            problems["host.hwaddr"] = "Invalid MAC address."
+    for ip in filter(None, str(given.get("ip", "")).split(",")):
+        try:
+            ipaddress.ip_address(ip.strip())
+        except ValueError:
+            problems["host.ip"] = "Please specify a valid IP address."
+    if given.get("host") and not HOST_RE.match(str(given["host"])):
+        problems["host.host"] = "A valid hostname is required."
+    return problems
+
+
+def _range_problems(given: dict[str, Any]) -> dict[str, str]:
+    problems = {}
+    if not given.get("start_addr"):
+        problems["range.start_addr"] = "A value is required."
+    for name in ("start_addr", "end_addr"):
+        if given.get(name):
+            try:
+                ipaddress.ip_address(str(given[name]))
+            except ValueError:
+                problems[f"range.{name}"] = "Please specify a valid IP address."
+    if given.get("subnet_mask"):
+        try:
+            ipaddress.IPv4Network(f"0.0.0.0/{given['subnet_mask']}")
+        except ValueError:
+            problems["range.subnet_mask"] = "Please enter a valid IPv4 subnet mask like 255.255.255.0."
+    if str(given.get("domain_type", "range")) not in ("interface", "range"):
+        problems["range.domain_type"] = "Option not in list."
+    return problems
+
+
+NOUNS = {"host": (HOST_FIELDS, _host_problems), "range": (RANGE_FIELDS, _range_problems)}
 
 
 @dataclass
@@ -35,32 +78,28 @@ class FakeOpnsense:
     key: str
     secret: str
     hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # uuid -> fields
+    ranges: dict[str, dict[str, str]] = field(default_factory=dict)
     reconfigures: int = 0
     writes: int = 0
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add_foreign(self, **fields: str) -> str:
+    def _items(self, noun: str) -> dict[str, dict[str, str]]:
+        return self.hosts if noun == "host" else self.ranges
+
+    def add_foreign(self, noun: str = "host", **fields: str) -> str:
         uid = str(uuidlib.uuid4())
-        self.hosts[uid] = {name: fields.get(name, "") for name in HOST_FIELDS}
+        self._items(noun)[uid] = {name: fields.get(name, "") for name in NOUNS[noun][0]}
         return uid
 
-    def _validate(self, body: Any) -> tuple[dict[str, str] | None, dict[str, str]]:
-        if not isinstance(body, dict) or set(body) != {"host"} or not isinstance(body["host"], dict):
-            return None, {"host": "expected {\"host\": {...}}"}
-        given = body["host"]
-        problems = {f"host.{name}": "unknown field" for name in given if name not in HOST_FIELDS}
-        for mac in filter(None, str(given.get("hwaddr", "")).split(",")):
-            if not MAC_RE.match(mac.strip()):
-                problems["host.hwaddr"] = "Invalid MAC address."
-        for ip in filter(None, str(given.get("ip", "")).split(",")):
-            try:
-                ipaddress.ip_address(ip.strip())
-            except ValueError:
-                problems["host.ip"] = "Please specify a valid IP address."
-        if given.get("host") and not HOST_RE.match(str(given["host"])):
-            problems["host.host"] = "A valid hostname is required."
-        return {name: str(given.get(name, "")) for name in HOST_FIELDS}, problems
+    def _validate(self, noun: str, body: Any) -> tuple[dict[str, str] | None, dict[str, str]]:
+        if not isinstance(body, dict) or set(body) != {noun} or not isinstance(body[noun], dict):
+            return None, {noun: f"expected {{\"{noun}\": {{...}}}}"}
+        names, check = NOUNS[noun]
+        given = body[noun]
+        problems = {f"{noun}.{name}": "unknown field" for name in given if name not in names}
+        problems.update(check(given))
+        return {name: str(given.get(name, "")) for name in names}, problems
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         self.requests.append(f"{method} {path}")
@@ -68,36 +107,38 @@ class FakeOpnsense:
         if parts[:2] != ["api", "dnsmasq"] or len(parts) < 4:
             return 404, {"errorMessage": "Endpoint not found"}
         controller, action, arg = parts[2], parts[3], (parts[4] if len(parts) > 4 else None)
+        verb, _, noun = action.partition("_")
         with self.lock:
             if (controller, action) == ("service", "reconfigure") and method == "POST":
                 self.reconfigures += 1
                 return 200, {"status": "ok"}
-            if controller != "settings":
+            if controller != "settings" or noun not in NOUNS:
                 return 404, {"errorMessage": "Endpoint not found"}
-            if action == "search_host" and method in ("GET", "POST"):
-                rows = [{"uuid": uid, **fields} for uid, fields in self.hosts.items()]
+            items = self._items(noun)
+            if verb == "search" and method in ("GET", "POST"):
+                rows = [{"uuid": uid, **fields} for uid, fields in items.items()]
                 return 200, {"rows": rows, "rowCount": len(rows), "total": len(rows), "current": 1}
             if method != "POST":
                 return 405, {"errorMessage": "Method not allowed"}
-            if action == "add_host" and arg is None:
-                fields, problems = self._validate(body)
+            if verb == "add" and arg is None:
+                fields, problems = self._validate(noun, body)
                 if problems or fields is None:
                     return 200, {"result": "failed", "validations": problems}
                 uid = str(uuidlib.uuid4())
-                self.hosts[uid] = fields
+                items[uid] = fields
                 self.writes += 1
                 return 200, {"result": "saved", "uuid": uid}
-            if action == "set_host" and arg is not None:
-                if arg not in self.hosts:
+            if verb == "set" and arg is not None:
+                if arg not in items:
                     return 200, {"result": "failed"}
-                fields, problems = self._validate(body)
+                fields, problems = self._validate(noun, body)
                 if problems or fields is None:
                     return 200, {"result": "failed", "validations": problems}
-                self.hosts[arg].update({k: v for k, v in fields.items() if k in body["host"]})
+                items[arg].update({k: v for k, v in fields.items() if k in body[noun]})
                 self.writes += 1
                 return 200, {"result": "saved"}
-            if action == "del_host" and arg is not None:
-                if self.hosts.pop(arg, None) is None:
+            if verb == "del" and arg is not None:
+                if items.pop(arg, None) is None:
                     return 200, {"result": "not found"}
                 self.writes += 1
                 return 200, {"result": "deleted"}

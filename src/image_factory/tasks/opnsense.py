@@ -1,4 +1,4 @@
-"""opnsense.*: OPNsense's Dnsmasq DHCP host reservations from the inventory MACs (image_factory.opnsense)."""
+"""opnsense.*: OPNsense's Dnsmasq DHCP ranges (one per tenant) and host reservations from the inventory."""
 
 from __future__ import annotations
 
@@ -44,14 +44,14 @@ def _show(report: opn.SyncReport, as_json: bool) -> None:
     if as_json:
         emit_json(report.to_dict())
     else:
-        table = Table(title="opnsense dnsmasq hosts" + (" (dry run)" if report.dry_run else ""))
-        for col in ("action", "mac", "host", "change"):
+        table = Table(title="opnsense dnsmasq ranges and hosts" + (" (dry run)" if report.dry_run else ""))
+        for col in ("action", "kind", "key", "name", "change"):
             table.add_column(col, overflow="fold")
         for c in report.changes:
             if c.action == "unchanged":
                 continue
             change = ", ".join(f"{k}: {a or '-'} -> {b or '-'}" for k, (a, b) in c.diff.items()) or c.why
-            table.add_row(c.action, c.mac, c.want.host if c.want else "", change)
+            table.add_row(c.action, c.kind, c.key, c.name, change)
         console.print(table)
         unchanged = sum(c.action == "unchanged" for c in report.changes)
         console.print(f"{report.writes} to write, {unchanged} unchanged"
@@ -67,7 +67,7 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
          fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None) -> None:
     _, model = site(c, inventory, catalogue)
     rs = macs.reservations(model, domain)
-    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run), json)
+    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants), json)
 
 
 @task(positional=[], help=CONNECTION_HELP)
@@ -75,7 +75,7 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
 def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_file: str | None = None,
          fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN, json: bool = False,
          inventory: str | None = None, catalogue: str | None = None) -> None:
-    """What opnsense.sync would change in OPNsense's Dnsmasq hosts (reads only)."""
+    """What opnsense.sync would change in OPNsense's Dnsmasq ranges and hosts (reads only)."""
     _run(c, True, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
 
 
@@ -84,7 +84,7 @@ def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_fil
 def sync(c: Context, dry_run: bool = False, url: str | None = None, key_file: str | None = None,
          ca_file: str | None = None, fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
          json: bool = False, inventory: str | None = None, catalogue: str | None = None) -> None:
-    """Converge OPNsense's Dnsmasq host reservations to the inventory (its own entries only), one reconfigure."""
+    """Converge OPNsense's Dnsmasq tenant ranges and host reservations to the inventory (its own entries only)."""
     _run(c, dry_run, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
 
 
