@@ -3,10 +3,10 @@
 from invoke.collection import Collection
 
 from image_factory.settings import DEFAULTS
-from image_factory.tasks import build, deploy, image, inventory, lab, mac, opnsense, pipeline, publish
+from image_factory.tasks import build, deploy, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
 
 ns = Collection()
-for module in (inventory, build, image, publish, deploy, mac, opnsense, lab):
+for module in (inventory, build, image, publish, deploy, mac, opnsense, tenant, lab):
     ns.add_collection(module.ns)
 ns.add_task(pipeline.pipeline_task, name="pipeline")
 ns.add_task(pipeline.demo, name="demo")

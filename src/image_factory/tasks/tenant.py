@@ -1,0 +1,43 @@
+"""tenant.*: hand a tenant's VMs to OpenTofu/Terraform (image_factory.tofu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke.collection import Collection
+from invoke.context import Context
+
+from .. import deploy as dep
+from .. import tofu
+from ..console import console
+from ..errors import Problem, ValidationFailed
+from ._common import handle_errors, site, task
+
+FORMATS = ("tofu",)
+
+
+@task(
+    help={
+        "tenant": "the tenant (the tenant group's vars.tenants)",
+        "format": "tofu: OpenTofu/Terraform JSON for the bpg/proxmox provider",
+        "output": "directory to write <tenant>/main.tf.json into (default: tofu)",
+        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "catalogue": "image catalogue YAML (default: factory.images)",
+    }
+)
+@handle_errors
+def export(c: Context, tenant: str, format: str = "tofu", output: str = "tofu",  # noqa: A002
+           inventory: str | None = None, catalogue: str | None = None) -> None:
+    """A tenant's VMs as OpenTofu configuration, from the deploy plan (reads the hypervisors, changes nothing)."""
+    if format not in FORMATS:
+        raise ValidationFailed([Problem("command line", "", "--format", f"unknown format {format!r} (have: tofu)")])
+    settings, model = site(c, inventory, catalogue)
+    names = [vm.name for vm in model.vms.values() if vm.tenant == tenant]
+    plan = dep.plan_deploy(settings, model, names) if names else dep.DeployPlan([])
+    path = tofu.write_tenant(model, plan, tenant, Path(output))
+    imports = sum(p.action in tofu.EXISTING for p in plan.vms)
+    console.print(f"wrote {path}: {len(names)} VM(s), {imports} to import (already made by the factory)")
+
+
+ns = Collection("tenant")
+ns.add_task(export)
