@@ -426,3 +426,46 @@ def test_a_bridge_without_sdn_use_is_refused_and_nothing_is_left(lab: LabHandle)
     [r] = deploy(lab, [vm.name], wait=False).results
     assert r.state == "failed" and "SDN.Use" in (r.error or "") and r.cleanup == "removed"
     assert vm.vmid not in api_vmids(lab, MGMT)
+
+
+def _playbook(lab: LabHandle, *extra: str) -> dict[str, Any]:
+    """ansible-playbook ansible/playbooks/mgmt-vms.yml against the lab; {vm: its item result}."""
+    import json
+
+    venv = REPO_ROOT / ".venv" / "bin"
+    proc = subprocess.run(
+        [str(venv / "ansible-playbook"), "-i", str(lab.settings.inventory), "ansible/playbooks/mgmt-vms.yml",
+         "-e", "factory_wait=false", *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PATH": f"{venv}:{os.environ['PATH']}", "ANSIBLE_STDOUT_CALLBACK": "record_json",
+             "ANSIBLE_CALLBACK_PLUGINS": str(REPO_ROOT / "tests/unit/ansible_plugins/callback"),
+             "ANSIBLE_NOCOLOR": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    [task] = json.loads(proc.stdout)["plays"][0]["tasks"]
+    return {r["item"]: r for r in task["hosts"]["localhost"]["results"]}
+
+
+def test_the_mgmt_playbook_converges_the_mgmt_plane_then_changes_nothing_and_shows_drift(lab: LabHandle) -> None:
+    mgmt = {n: vm for n, vm in lab.site.vms.items() if vm.plane == "mgmt"}
+    first = _playbook(lab)
+    assert {n: (r["changed"], r["state"]) for n, r in first.items()} == {n: (True, "created") for n in mgmt}
+    client = PveClient(lab.hv(MGMT))
+    for vm in mgmt.values():
+        cfg = client.vm_config(vm.vmid)
+        assert [pvecodec.NetSpec.parse(cfg[f"net{i}"]).mac for i in range(len(vm.nics))] == list(vm.macs)
+    assert api_vmids(lab, TENANT) == set(), "the mgmt playbook touches the mgmt plane only"
+
+    second = _playbook(lab)
+    assert {n: (r["changed"], r["action"]) for n, r in second.items()} == {n: (False, "in-sync") for n in mgmt}
+
+    jump = mgmt["jump01"]
+    client.set_vm_config(jump.vmid, memory="512")
+    checked = _playbook(lab, "--check", "--diff")
+    assert {n for n, r in checked.items() if r["changed"]} == {"jump01"}
+    diff = checked["jump01"]["diff"]
+    assert "memory: 512" in diff["before"] and f"memory: {jump.memory}" in diff["after"]
+    effective = dep.gather.effective_config  # the config the next start uses (a running VM's change is pending)
+    assert str(effective(client, jump.vmid)[0]["memory"]) == "512", "check mode changes nothing"
+    fixed = _playbook(lab)
+    assert (fixed["jump01"]["changed"], fixed["jump01"]["state"]) == (True, "corrected")
+    assert str(effective(client, jump.vmid)[0]["memory"]) == str(jump.memory)
+    assert _playbook(lab)["jump01"]["changed"] is False
