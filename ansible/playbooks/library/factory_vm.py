@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
 DOCUMENTATION = r"""
 module: factory_vm
 short_description: Converge one VM of the deevnet inventory (clone, fixed MACs, drift) like invoke deploy.vm
@@ -34,11 +39,6 @@ vmid: {description: The VM's id., returned: always, type: int}
 macs: {description: The MACs of its NICs., returned: always, type: list}
 address: {description: The guest's address when waited for., returned: when known, type: str}
 """
-
-from pathlib import Path
-from typing import Any
-
-from ansible.module_utils.basic import AnsibleModule
 
 CHANGING = {"create", "recreate", "drift"}
 
