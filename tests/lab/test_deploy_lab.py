@@ -22,7 +22,7 @@ import pytest
 from image_factory import deploy as dep
 from image_factory import pvecodec, templates
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Site, SshEndpoint
+from image_factory.inventory import Site, SshEndpoint, load_site
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.ownership import Marker
@@ -469,3 +469,52 @@ def test_the_mgmt_playbook_converges_the_mgmt_plane_then_changes_nothing_and_sho
     assert (fixed["jump01"]["changed"], fixed["jump01"]["state"]) == (True, "corrected")
     assert str(effective(client, jump.vmid)[0]["memory"]) == str(jump.memory)
     assert _playbook(lab)["jump01"]["changed"] is False
+
+
+def _two_tenant_site(lab: LabHandle, directory: Path) -> Site:
+    """The lab's site with its two tenant VMs in two tenants (acme: VLAN 110, globex: VLAN 120)."""
+    import yaml
+
+    source = Path(lab.settings.inventory)
+    doc = yaml.safe_load((source / "hosts.yml" if source.is_dir() else source).read_text())
+    tenant = doc["all"]["children"]["tenant"]
+    tenant.setdefault("vars", {})["tenants"] = {
+        "acme": {"id": 1, "vlan": 110, "subnet": "10.110.0.0/24", "gateway": "10.110.0.1",
+                 "dhcp_range": {"first": "10.110.0.100", "last": "10.110.0.199"}, "domain": "acme.lab"},
+        "globex": {"id": 2, "vlan": 120, "subnet": "10.120.0.0/24", "gateway": "10.120.0.1",
+                   "dhcp_range": {"first": "10.120.0.100", "last": "10.120.0.199"}, "domain": "globex.lab"},
+    }
+    for name, which, mac in (("iot-api01", "acme", "02:de:21:11:01:00"), ("sandbox01", "globex", "02:de:22:12:01:00")):
+        vm = tenant["hosts"][name]["vm"]
+        vm["tenant"] = which
+        vm["nics"][0]["mac"] = mac
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_site(directory, lab.site.images_path)
+
+
+def test_a_two_tenant_site_deploys_on_its_vlans_and_preflight_names_a_missing_vlan(lab: LabHandle,
+                                                                                    tmp_path: Path) -> None:
+    from image_factory import mac
+    from image_factory import preflight as pf
+
+    site = _two_tenant_site(lab, tmp_path / "inventory")
+    assert mac.check(site.inventory_path, site.images_path) == len([n for vm in site.vms.values() for n in vm.nics])
+    lab.bridge_vlans(TENANT, "vmbr0", vids="100-115")
+    check = pf.run_preflight(lab.settings, site, [TENANT], checks=["bridge"]).result(TENANT, "bridge")
+    assert not check.ok and check.detail == "bridge vmbr0 carries VLANs 100-115, not vlan 120 (sandbox01 nic0)"
+    lab.clear_faults(TENANT)
+    assert pf.run_preflight(lab.settings, site, [TENANT], checks=["bridge"]).result(TENANT, "bridge").ok
+
+    planned = dep.plan_deploy(lab.settings, site, ["iot-api01", "sandbox01"])
+    assert [(p.vm, p.action, p.macs) for p in planned.vms] == [
+        ("iot-api01", "create", ["02:de:21:11:01:00"]), ("sandbox01", "create", ["02:de:22:12:01:00"])]
+    report = dep.deploy_vms(lab.settings, site, ["iot-api01"], timeout=120, progress=False)
+    assert report.ok, errors(report)
+    net0 = pvecodec.NetSpec.parse(api_config(lab, TENANT, site.vms["iot-api01"].vmid)["net0"])
+    assert (net0.mac, net0.opts.get("tag")) == ("02:de:21:11:01:00", "110")
+    # the tag moved under it (another tenant's VLAN): unsafe drift, reported, never corrected in place
+    PveClient(lab.hv(TENANT)).set_vm_config(site.vms["iot-api01"].vmid,
+                                            net0=net0.format().replace("tag=110", "tag=120"))
+    [drift] = dep.plan_deploy(lab.settings, site, ["iot-api01"]).vms
+    assert drift.action == "drift" and "net0.tag: '120' -> '110' (unsafe)" in drift.reason
