@@ -45,15 +45,13 @@ class HostEntry:
     hwaddr: str
     descr: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hwaddr", self.hwaddr.lower())  # OPNsense may answer in either case
+
     @classmethod
     def from_reservation(cls, r: Reservation) -> HostEntry:
         return cls(r.hostname, r.domain, r.address or "", r.mac.lower(),
                    f"{MARKER} {r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor}")
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> HostEntry:
-        return cls(_text(row, "host"), _text(row, "domain"), _text(row, "ip"), _text(row, "hwaddr").lower(),
-                   _text(row, "descr"))
 
     @property
     def keys(self) -> list[str]:
@@ -74,8 +72,23 @@ class HostEntry:
                 f"{other.ip or 'no ip'}): left alone; remove it in OPNsense or change the inventory") if shared else ""
 
 
+class _TenantKeyed:
+    """An object the factory keys by the tenant its description names ("[image-factory] tenant <name>: ...")."""
+
+    descr: str
+
+    @property
+    def keys(self) -> list[str]:
+        rest = self.descr.removeprefix(f"{MARKER} tenant ")
+        return [rest.split(":", 1)[0]] if self.ours and rest != self.descr else []
+
+    @property
+    def ours(self) -> bool:
+        return self.descr.startswith(MARKER)
+
+
 @dataclass(frozen=True)
-class RangeEntry:
+class RangeEntry(_TenantKeyed):
     """A tenant's Dnsmasq DHCP range (model item ``dhcp_ranges``), keyed by the tenant named in its description.
 
     No interface is set: Dnsmasq serves a range on the interface whose subnet holds it, and the tenant's VLAN
@@ -88,30 +101,16 @@ class RangeEntry:
     subnet_mask: str
     domain_type: str
     domain: str
-    description: str
+    descr: str  # the model's ``description``
 
     @classmethod
     def from_tenant(cls, t: Tenant) -> RangeEntry:
         return cls(t.dhcp_range.first, t.dhcp_range.last, str(t.network.netmask), "range", t.domain,
                    f"{MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}")
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> RangeEntry:
-        return cls(_text(row, "start_addr"), _text(row, "end_addr"), _text(row, "subnet_mask"),
-                   _text(row, "domain_type"), _text(row, "domain"), _text(row, "description"))
-
-    @property
-    def keys(self) -> list[str]:
-        rest = self.description.removeprefix(f"{MARKER} tenant ")
-        return [rest.split(":", 1)[0]] if self.ours and rest != self.description else []
-
     @property
     def name(self) -> str:
         return f"{self.start_addr}-{self.end_addr}"
-
-    @property
-    def ours(self) -> bool:
-        return self.description.startswith(MARKER)
 
     def _span(self) -> tuple[int, int] | None:
         try:
@@ -125,31 +124,74 @@ class RangeEntry:
         mine, theirs = self._span(), other._span()
         if mine is None or theirs is None or mine[1] < theirs[0] or theirs[1] < mine[0]:
             return ""
-        return (f"a range the factory does not own ({other.name}, {other.description or 'no description'}) "
+        return (f"a range the factory does not own ({other.name}, {other.descr or 'no description'}) "
                 f"overlaps tenant range {self.name}: left alone; remove it in OPNsense or change the tenant")
 
 
-Entry = HostEntry | RangeEntry
+@dataclass(frozen=True)
+class VlanEntry(_TenantKeyed):
+    """A tenant's VLAN device on the trunk to the tenant bridge (model OPNsense.Interfaces.Vlan, item ``vlan``),
+    keyed by the tenant named in its description. Assigning it as an interface with the tenant's gateway
+    address stays a manual step (docs/opnsense.md): an assigned VLAN is never deleted (OPNsense refuses)."""
+
+    parent: str  # the model's ``if``
+    tag: str
+    descr: str
+
+    @classmethod
+    def from_tenant(cls, t: Tenant, parent: str) -> VlanEntry:
+        return cls(parent, str(t.vlan), f"{MARKER} tenant {t.name}: {t.subnet}, gateway {t.gateway}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.parent} vlan {self.tag}"
+
+    def clash(self, other: VlanEntry) -> str:
+        """A foreign device with this tag on the same parent stands in the way."""
+        if (other.parent, other.tag) != (self.parent, self.tag):
+            return ""
+        return (f"a VLAN device the factory does not own ({other.name}, {other.descr or 'no description'}) has "
+                f"this tag: left alone; remove it in OPNsense or change the tenant's vlan")
+
+
+Entry = HostEntry | RangeEntry | VlanEntry
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of Dnsmasq object the factory keeps: its API noun (search_<noun>, add_<noun>, ...), the model
-    fields the factory sets (the others keep OPNsense's or an operator's values), and how a row reads."""
+    """One kind of object the factory keeps: its name, its API controller and noun (``<api>/search_<noun>``,
+    ``add_<noun>``, ``set_<noun>/<uuid>``, ``del_<noun>/<uuid>``), the key of its request body, the model fields
+    the factory sets (model name -> entry attribute; the others keep OPNsense's or an operator's values), how a
+    row reads, and the service to reconfigure after a change."""
 
+    name: str
+    api: str
     noun: str
-    fields: tuple[str, ...]
-    from_row: Callable[[dict[str, Any]], Entry]
+    body_key: str
+    fields: dict[str, str]
+    entry: Callable[..., Entry]
+    reconfigure: str
+
+    def from_row(self, row: dict[str, Any]) -> Entry:
+        return self.entry(**{attr: _text(row, model) for model, attr in self.fields.items()})
 
 
-HOSTS = Kind("host", ("host", "domain", "ip", "hwaddr", "descr"), HostEntry.from_row)
-RANGES = Kind("range", ("start_addr", "end_addr", "subnet_mask", "domain_type", "domain", "description"),
-              RangeEntry.from_row)
-KINDS = (RANGES, HOSTS)
+def _same(*names: str) -> dict[str, str]:
+    return {name: name for name in names}
+
+
+HOSTS = Kind("host", "dnsmasq/settings", "host", "host", _same("host", "domain", "ip", "hwaddr", "descr"),
+             HostEntry, "dnsmasq/service/reconfigure")
+RANGES = Kind("range", "dnsmasq/settings", "range", "range",
+              {**_same("start_addr", "end_addr", "subnet_mask", "domain_type", "domain"), "description": "descr"},
+              RangeEntry, "dnsmasq/service/reconfigure")
+VLANS = Kind("vlan", "interfaces/vlan_settings", "item", "vlan", {"if": "parent", "tag": "tag", "descr": "descr"},
+             VlanEntry, "interfaces/vlan_settings/reconfigure")
+KINDS = (VLANS, RANGES, HOSTS)  # a range needs its VLAN's interface; hosts live in the ranges
 
 
 def body(kind: Kind, entry: Entry) -> dict[str, dict[str, str]]:
-    return {kind.noun: {name: getattr(entry, name) for name in kind.fields}}
+    return {kind.body_key: {model: getattr(entry, attr) for model, attr in kind.fields.items()}}
 
 
 @dataclass
@@ -185,17 +227,17 @@ def decide(kind: Kind, desired: list[Entry], rows: list[dict[str, Any]]) -> list
     for key, want in sorted(wanted.items()):
         clash = next((why for other in foreign if (why := want.clash(other))), "")  # type: ignore[arg-type]
         if clash:
-            changes.append(Change("conflict", kind.noun, key, want.name, want=want, why=clash))
+            changes.append(Change("conflict", kind.name, key, want.name, want=want, why=clash))
         elif key not in mine:
-            changes.append(Change("create", kind.noun, key, want.name, want=want))
+            changes.append(Change("create", kind.name, key, want.name, want=want))
         else:
             uuid, have = mine[key]
-            diff = {name: (getattr(have, name), getattr(want, name)) for name in kind.fields
-                    if getattr(have, name) != getattr(want, name)}
-            changes.append(Change("update" if diff else "unchanged", kind.noun, key, want.name, uuid, want, diff))
+            diff = {model: (getattr(have, attr), getattr(want, attr)) for model, attr in kind.fields.items()
+                    if getattr(have, attr) != getattr(want, attr)}
+            changes.append(Change("update" if diff else "unchanged", kind.name, key, want.name, uuid, want, diff))
     for key, (uuid, have) in sorted(mine.items()):
         if key not in wanted:
-            changes.append(Change("delete", kind.noun, key, have.name, uuid,
+            changes.append(Change("delete", kind.name, key, have.name, uuid,
                                   why=f"{have.name}: no longer in the inventory"))
     return changes
 
@@ -233,41 +275,42 @@ class OpnsenseClient:
             raise OpnsenseError(f"{method} /api/{path}: the answer is not JSON") from None
 
     def search(self, kind: Kind) -> list[dict[str, Any]]:
-        answer = self.call("POST", f"dnsmasq/settings/search_{kind.noun}", {"current": 1, "rowCount": -1})
+        answer = self.call("POST", f"{kind.api}/search_{kind.noun}", {"current": 1, "rowCount": -1})
         rows = answer.get("rows") if isinstance(answer, dict) else None
         if not isinstance(rows, list):
-            raise OpnsenseError(f"search_{kind.noun}: unexpected answer {str(answer)[:200]}")
+            raise OpnsenseError(f"{kind.api}/search_{kind.noun}: unexpected answer {str(answer)[:200]}")
         return rows
 
     def _saved(self, what: str, answer: Any) -> Any:
         if isinstance(answer, dict) and answer.get("result") in ("saved", "deleted"):
             return answer
         validations = answer.get("validations") if isinstance(answer, dict) else None
-        raise OpnsenseError(f"{what}: OPNsense refused it: {validations or str(answer)[:200]}")
+        message = answer.get("errorMessage") if isinstance(answer, dict) else None
+        raise OpnsenseError(f"{what}: OPNsense refused it: {validations or message or str(answer)[:200]}")
 
     def add(self, kind: Kind, entry: Entry) -> str:
-        what = f"add_{kind.noun} {entry.name}"
-        return str(self._saved(what, self.call("POST", f"dnsmasq/settings/add_{kind.noun}",
-                                                 body(kind, entry))).get("uuid"))
+        what = f"add {kind.name} {entry.name}"
+        return str(self._saved(what, self.call("POST", f"{kind.api}/add_{kind.noun}", body(kind, entry))).get("uuid"))
 
     def set(self, kind: Kind, uuid: str, entry: Entry) -> None:
-        self._saved(f"set_{kind.noun} {entry.name}",
-                    self.call("POST", f"dnsmasq/settings/set_{kind.noun}/{uuid}", body(kind, entry)))
+        self._saved(f"set {kind.name} {entry.name}",
+                    self.call("POST", f"{kind.api}/set_{kind.noun}/{uuid}", body(kind, entry)))
 
     def delete(self, kind: Kind, uuid: str) -> None:
-        self._saved(f"del_{kind.noun} {uuid}", self.call("POST", f"dnsmasq/settings/del_{kind.noun}/{uuid}"))
+        self._saved(f"delete {kind.name} {uuid}", self.call("POST", f"{kind.api}/del_{kind.noun}/{uuid}"))
 
-    def reconfigure(self) -> None:
-        answer = self.call("POST", "dnsmasq/service/reconfigure")
+    def reconfigure(self, path: str) -> None:
+        answer = self.call("POST", path)
         if not (isinstance(answer, dict) and answer.get("status") == "ok"):
-            raise OpnsenseError(f"dnsmasq reconfigure: {str(answer)[:200]}")
+            raise OpnsenseError(f"{path}: {str(answer)[:200]}")
 
 
 @dataclass
 class SyncReport:
     changes: list[Change]
     dry_run: bool
-    reconfigured: bool = False
+    reconfigured: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -278,35 +321,43 @@ class SyncReport:
         return sum(c.action in ("create", "update", "delete") for c in self.changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "dry_run": self.dry_run, "reconfigured": self.reconfigured,
+        return {"ok": self.ok, "dry_run": self.dry_run, "reconfigured": self.reconfigured, "notes": self.notes,
                 "changes": [c.to_dict() for c in self.changes if c.action != "unchanged"],
                 "unchanged": sum(c.action == "unchanged" for c in self.changes)}
 
 
 def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bool,
-         tenants: Mapping[str, Tenant] | None = None) -> SyncReport:
-    """Converge OPNsense's Dnsmasq ranges (one per tenant) and host reservations; a dry run only plans.
+         tenants: Mapping[str, Tenant] | None = None, vlan_parent: str | None = None) -> SyncReport:
+    """Converge OPNsense's tenant VLAN devices (on ``vlan_parent``, the trunk to the tenant bridge), Dnsmasq
+    ranges (one per tenant) and host reservations; a dry run only plans.
 
-    Conflicts are reported and left alone; everything else is applied, then Dnsmasq is reconfigured once.
+    Conflicts are reported and left alone; everything else is applied, then each service that changed is
+    reconfigured once.
     """
+    tenants = tenants or {}
     desired: dict[str, list[Entry]] = {
-        RANGES.noun: [RangeEntry.from_tenant(t) for t in (tenants or {}).values()],
-        HOSTS.noun: [HostEntry.from_reservation(r) for r in reservations],
+        VLANS.name: [VlanEntry.from_tenant(t, vlan_parent) for t in tenants.values()] if vlan_parent else [],
+        RANGES.name: [RangeEntry.from_tenant(t) for t in tenants.values()],
+        HOSTS.name: [HostEntry.from_reservation(r) for r in reservations],
     }
-    report = SyncReport([c for kind in KINDS for c in decide(kind, desired[kind.noun], client.search(kind))],
+    kinds = [k for k in KINDS if k is not VLANS or vlan_parent]
+    report = SyncReport([c for kind in kinds for c in decide(kind, desired[kind.name], client.search(kind))],
                         dry_run)
+    if tenants and not vlan_parent:
+        report.notes.append("tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)")
     if dry_run:
         return report
-    kinds = {kind.noun: kind for kind in KINDS}
+    by_name = {kind.name: kind for kind in KINDS}
     for change in report.changes:
-        kind = kinds[change.kind]
+        kind = by_name[change.kind]
         if change.action == "create" and change.want:
             change.uuid = client.add(kind, change.want)
         elif change.action == "update" and change.want and change.uuid:
             client.set(kind, change.uuid, change.want)
         elif change.action == "delete" and change.uuid:
             client.delete(kind, change.uuid)
-    if report.writes:
-        client.reconfigure()
-        report.reconfigured = True
+    for path in dict.fromkeys(by_name[c.kind].reconfigure for c in report.changes
+                              if c.action in ("create", "update", "delete")):
+        client.reconfigure(path)
+        report.reconfigured.append(path)
     return report

@@ -166,7 +166,8 @@ def test_tenant_ranges_converge_beside_the_hosts_and_a_foreign_range_is_left_alo
     first = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
     assert [(c.action, c.key) for c in first.changes if c.kind == "range"] == [
         ("create", "acme"), ("conflict", "globex")]
-    assert not first.ok and api.reconfigures == 1
+    assert not first.ok and api.reconfigures == 1 and api.vlan_reconfigures == 0 and api.vlans == {}
+    assert first.notes == ["tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)"]
     acme = next(r for r in api.ranges.values() if r["description"].startswith(opn.MARKER))
     assert (acme["start_addr"], acme["end_addr"], acme["subnet_mask"], acme["domain_type"], acme["domain"]) == (
         "10.110.0.100", "10.110.0.199", "255.255.255.0", "range", "acme.deevnet.lan")
@@ -190,3 +191,27 @@ def test_tenant_ranges_converge_beside_the_hosts_and_a_foreign_range_is_left_alo
     assert changed == {("update", "acme"): {"end_addr": ("10.110.0.120", "10.110.0.199")},
                        ("delete", "globex"): {}}
     assert {r["domain"] for r in api.ranges.values()} == {"acme.deevnet.lan"}
+
+
+def test_tenant_vlan_devices_converge_on_the_trunk_and_a_foreign_one_is_left_alone(fake: Any) -> None:
+    api, url, cert = fake
+    site = load_site(TENANTS, REPO_ROOT / "packer/images.yml")
+    foreign = api.add_foreign("vlan", **{"if": "vtnet1", "tag": "999", "descr": "uplink", "vlanif": "vlan099"})
+    first = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants, vlan_parent="vtnet1")
+    assert first.ok and [(c.action, c.key) for c in first.changes if c.kind == "vlan"] == [
+        ("create", "acme"), ("create", "globex")]
+    assert first.reconfigured == ["interfaces/vlan_settings/reconfigure", "dnsmasq/service/reconfigure"]
+    ours = {v["tag"]: v for v in api.vlans.values() if v["descr"].startswith(opn.MARKER)}
+    assert {tag: v["if"] for tag, v in ours.items()} == {"110": "vtnet1", "120": "vtnet1"}
+    assert api.vlans[foreign]["descr"] == "uplink"
+
+    again = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants, vlan_parent="vtnet1")
+    assert again.writes == 0 and again.reconfigured == [] and api.vlan_reconfigures == 1
+
+    # a foreign device holding a tenant's tag on the trunk is a conflict, never taken over
+    uid = next(u for u, v in api.vlans.items() if v["tag"] == "120")
+    del api.vlans[uid]
+    api.add_foreign("vlan", **{"if": "vtnet1", "tag": "120", "descr": "someone's", "vlanif": "vlan07"})
+    clash = opn.sync(_client(url, cert), reservations(site), dry_run=True, tenants=site.tenants, vlan_parent="vtnet1")
+    assert not clash.ok and [(c.action, c.key) for c in clash.changes if c.kind == "vlan"] == [
+        ("unchanged", "acme"), ("conflict", "globex")]

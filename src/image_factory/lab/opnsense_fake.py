@@ -1,5 +1,7 @@
-"""A loopback OPNsense API for Dnsmasq DHCP hosts and ranges: the request and answer shapes of opnsense/core's
-Dnsmasq SettingsController and ServiceController (OPNsense 25.7+), and nothing else.
+"""A loopback OPNsense API for Dnsmasq DHCP hosts and ranges and for VLAN devices: the request and answer shapes
+of opnsense/core's Dnsmasq SettingsController and ServiceController and Interfaces VlanSettingsController
+(OPNsense 25.7+; ``search_item``, ``add_item``, ``set_item``, ``del_item``, ``reconfigure``, body ``{"vlan": {...}}``,
+``vlanif`` generated on add), and nothing else.
 
 HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JSON bodies. ``add_<noun>`` and
 ``set_<noun>`` (noun ``host`` or ``range``) take ``{"<noun>": {...}}`` with the model's field names only and
@@ -31,6 +33,8 @@ HOST_FIELDS = ("host", "domain", "local", "ip", "cnames", "client_id", "hwaddr",
 RANGE_FIELDS = ("interface", "set_tag", "start_addr", "end_addr", "subnet_mask", "constructor", "mode", "prefix_len",
                 "lease_time", "domain_type", "domain", "nosync", "ra_mode", "ra_priority", "ra_mtu", "ra_interval",
                 "ra_router_lifetime", "description")
+# The vlan item of OPNsense core's models/OPNsense/Interfaces/Vlan.xml (vlanif is generated on add: vlan0<n>).
+VLAN_FIELDS = ("if", "tag", "pcp", "proto", "descr", "vlanif")
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 HOST_RE = re.compile(r"^(\*|[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)$")
 
@@ -40,14 +44,19 @@ def _host_problems(given: dict[str, Any]) -> dict[str, str]:
     for mac in filter(None, str(given.get("hwaddr", "")).split(",")):
         if not MAC_RE.match(mac.strip()):
             problems["host.hwaddr"] = "Invalid MAC address."
-    for ip in filter(None, str(given.get("ip", "")).split(",")):
-        try:
-            ipaddress.ip_address(ip.strip())
-        except ValueError:
-            problems["host.ip"] = "Please specify a valid IP address."
+    if not all(_is_ip(ip) for ip in filter(None, str(given.get("ip", "")).split(","))):
+        problems["host.ip"] = "Please specify a valid IP address."
     if given.get("host") and not HOST_RE.match(str(given["host"])):
         problems["host.host"] = "A valid hostname is required."
     return problems
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def _range_problems(given: dict[str, Any]) -> dict[str, str]:
@@ -55,11 +64,8 @@ def _range_problems(given: dict[str, Any]) -> dict[str, str]:
     if not given.get("start_addr"):
         problems["range.start_addr"] = "A value is required."
     for name in ("start_addr", "end_addr"):
-        if given.get(name):
-            try:
-                ipaddress.ip_address(str(given[name]))
-            except ValueError:
-                problems[f"range.{name}"] = "Please specify a valid IP address."
+        if given.get(name) and not _is_ip(str(given[name])):
+            problems[f"range.{name}"] = "Please specify a valid IP address."
     if given.get("subnet_mask"):
         try:
             ipaddress.IPv4Network(f"0.0.0.0/{given['subnet_mask']}")
@@ -70,7 +76,18 @@ def _range_problems(given: dict[str, Any]) -> dict[str, str]:
     return problems
 
 
+def _vlan_problems(given: dict[str, Any]) -> dict[str, str]:
+    problems = {}
+    if not given.get("if"):
+        problems["vlan.if"] = "A value is required."
+    tag = str(given.get("tag", ""))
+    if not tag.isdigit() or not 1 <= int(tag) <= 4094:
+        problems["vlan.tag"] = "Value should be between 1 and 4094."
+    return problems
+
+
 NOUNS = {"host": (HOST_FIELDS, _host_problems), "range": (RANGE_FIELDS, _range_problems)}
+
 
 
 @dataclass
@@ -79,69 +96,84 @@ class FakeOpnsense:
     secret: str
     hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # uuid -> fields
     ranges: dict[str, dict[str, str]] = field(default_factory=dict)
+    vlans: dict[str, dict[str, str]] = field(default_factory=dict)
     reconfigures: int = 0
+    vlan_reconfigures: int = 0
     writes: int = 0
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _items(self, noun: str) -> dict[str, dict[str, str]]:
-        return self.hosts if noun == "host" else self.ranges
+        return {"host": self.hosts, "range": self.ranges, "vlan": self.vlans}[noun]
 
     def add_foreign(self, noun: str = "host", **fields: str) -> str:
         uid = str(uuidlib.uuid4())
-        self._items(noun)[uid] = {name: fields.get(name, "") for name in NOUNS[noun][0]}
+        names = VLAN_FIELDS if noun == "vlan" else NOUNS[noun][0]
+        self._items(noun)[uid] = {name: fields.get(name, "") for name in names}
         return uid
 
-    def _validate(self, noun: str, body: Any) -> tuple[dict[str, str] | None, dict[str, str]]:
-        if not isinstance(body, dict) or set(body) != {noun} or not isinstance(body[noun], dict):
-            return None, {noun: f"expected {{\"{noun}\": {{...}}}}"}
-        names, check = NOUNS[noun]
-        given = body[noun]
-        problems = {f"{noun}.{name}": "unknown field" for name in given if name not in names}
+    def _validate(self, key: str, body: Any) -> tuple[dict[str, str] | None, dict[str, str]]:
+        if not isinstance(body, dict) or set(body) != {key} or not isinstance(body[key], dict):
+            return None, {key: f"expected {{\"{key}\": {{...}}}}"}
+        names, check = (VLAN_FIELDS, _vlan_problems) if key == "vlan" else NOUNS[key]
+        given = body[key]
+        problems = {f"{key}.{name}": "unknown field" for name in given if name not in names}
         problems.update(check(given))
         return {name: str(given.get(name, "")) for name in names}, problems
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         self.requests.append(f"{method} {path}")
         parts = path.strip("/").split("/")
-        if parts[:2] != ["api", "dnsmasq"] or len(parts) < 4:
+        if len(parts) < 4 or parts[0] != "api":
             return 404, {"errorMessage": "Endpoint not found"}
-        controller, action, arg = parts[2], parts[3], (parts[4] if len(parts) > 4 else None)
+        controller, action, arg = "/".join(parts[1:3]), parts[3], (parts[4] if len(parts) > 4 else None)
         verb, _, noun = action.partition("_")
         with self.lock:
-            if (controller, action) == ("service", "reconfigure") and method == "POST":
+            if method == "POST" and (controller, action) == ("dnsmasq/service", "reconfigure"):
                 self.reconfigures += 1
                 return 200, {"status": "ok"}
-            if controller != "settings" or noun not in NOUNS:
+            if method == "POST" and (controller, action) == ("interfaces/vlan_settings", "reconfigure"):
+                self.vlan_reconfigures += 1
+                return 200, {"status": "ok"}
+            if controller == "dnsmasq/settings" and noun in NOUNS:
+                key = noun
+            elif controller == "interfaces/vlan_settings" and noun == "item":
+                key = "vlan"
+            else:
                 return 404, {"errorMessage": "Endpoint not found"}
-            items = self._items(noun)
-            if verb == "search" and method in ("GET", "POST"):
-                rows = [{"uuid": uid, **fields} for uid, fields in items.items()]
-                return 200, {"rows": rows, "rowCount": len(rows), "total": len(rows), "current": 1}
-            if method != "POST":
-                return 405, {"errorMessage": "Method not allowed"}
-            if verb == "add" and arg is None:
-                fields, problems = self._validate(noun, body)
-                if problems or fields is None:
-                    return 200, {"result": "failed", "validations": problems}
-                uid = str(uuidlib.uuid4())
-                items[uid] = fields
-                self.writes += 1
-                return 200, {"result": "saved", "uuid": uid}
-            if verb == "set" and arg is not None:
-                if arg not in items:
-                    return 200, {"result": "failed"}
-                fields, problems = self._validate(noun, body)
-                if problems or fields is None:
-                    return 200, {"result": "failed", "validations": problems}
-                items[arg].update({k: v for k, v in fields.items() if k in body[noun]})
-                self.writes += 1
-                return 200, {"result": "saved"}
-            if verb == "del" and arg is not None:
-                if items.pop(arg, None) is None:
-                    return 200, {"result": "not found"}
-                self.writes += 1
-                return 200, {"result": "deleted"}
+            return self._crud(method, verb, key, arg, body)
+
+    def _crud(self, method: str, verb: str, key: str, arg: str | None, body: Any) -> tuple[int, Any]:
+        items = self._items(key)
+        if verb == "search" and method in ("GET", "POST"):
+            rows = [{"uuid": uid, **fields} for uid, fields in items.items()]
+            return 200, {"rows": rows, "rowCount": len(rows), "total": len(rows), "current": 1}
+        if method != "POST":
+            return 405, {"errorMessage": "Method not allowed"}
+        if verb == "add" and arg is None:
+            fields, problems = self._validate(key, body)
+            if problems or fields is None:
+                return 200, {"result": "failed", "validations": problems}
+            if key == "vlan":
+                fields["vlanif"] = f"vlan0{len(self.vlans) + 1}"
+            uid = str(uuidlib.uuid4())
+            items[uid] = fields
+            self.writes += 1
+            return 200, {"result": "saved", "uuid": uid}
+        if verb == "set" and arg is not None:
+            if arg not in items:
+                return 200, {"result": "failed"}
+            fields, problems = self._validate(key, body)
+            if problems or fields is None:
+                return 200, {"result": "failed", "validations": problems}
+            items[arg].update({k: v for k, v in fields.items() if k in body[key]})
+            self.writes += 1
+            return 200, {"result": "saved"}
+        if verb == "del" and arg is not None:
+            if items.pop(arg, None) is None:
+                return 200, {"result": "not found"}
+            self.writes += 1
+            return 200, {"result": "deleted"}
         return 404, {"errorMessage": "Endpoint not found"}
 
 

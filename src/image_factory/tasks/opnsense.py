@@ -26,6 +26,8 @@ CONNECTION_HELP = {
     "json": "print the plan (or what was done) as JSON",
     "inventory": "Ansible inventory file or directory (default: factory.inventory)",
     "catalogue": "image catalogue YAML (default: factory.images)",
+    "vlan_parent": "OPNsense's interface on the trunk to the tenant bridge (e.g. vtnet1): also keep one VLAN device "
+                   "per tenant on it; without it VLAN devices are left alone",
 }
 
 
@@ -55,7 +57,9 @@ def _show(report: opn.SyncReport, as_json: bool) -> None:
         console.print(table)
         unchanged = sum(c.action == "unchanged" for c in report.changes)
         console.print(f"{report.writes} to write, {unchanged} unchanged"
-                      + ("; dnsmasq reconfigured" if report.reconfigured else ""))
+                      + (f"; reconfigured {', '.join(report.reconfigured)}" if report.reconfigured else ""))
+        for note in report.notes:
+            console.print(f"note: {note}")
     if not report.ok:
         for c in report.changes:
             if c.action == "conflict":
@@ -64,28 +68,31 @@ def _show(report: opn.SyncReport, as_json: bool) -> None:
 
 
 def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_file: str | None,
-         fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None) -> None:
+         fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None,
+         vlan_parent: str | None) -> None:
     _, model = site(c, inventory, catalogue)
     rs = macs.reservations(model, domain)
-    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants), json)
+    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants,
+                   vlan_parent=vlan_parent), json)
 
 
 @task(positional=[], help=CONNECTION_HELP)
 @handle_errors
 def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_file: str | None = None,
          fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN, json: bool = False,
-         inventory: str | None = None, catalogue: str | None = None) -> None:
-    """What opnsense.sync would change in OPNsense's Dnsmasq ranges and hosts (reads only)."""
-    _run(c, True, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
+         inventory: str | None = None, catalogue: str | None = None, vlan_parent: str | None = None) -> None:
+    """What opnsense.sync would change in OPNsense's tenant VLANs, Dnsmasq ranges and hosts (reads only)."""
+    _run(c, True, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue, vlan_parent)
 
 
 @task(positional=[], help={**CONNECTION_HELP, "dry_run": "plan only (the same as opnsense.plan)"})
 @handle_errors
 def sync(c: Context, dry_run: bool = False, url: str | None = None, key_file: str | None = None,
          ca_file: str | None = None, fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
-         json: bool = False, inventory: str | None = None, catalogue: str | None = None) -> None:
-    """Converge OPNsense's Dnsmasq tenant ranges and host reservations to the inventory (its own entries only)."""
-    _run(c, dry_run, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue)
+         json: bool = False, inventory: str | None = None, catalogue: str | None = None,
+         vlan_parent: str | None = None) -> None:
+    """Converge OPNsense's tenant VLANs, Dnsmasq ranges and host reservations to the inventory (its own only)."""
+    _run(c, dry_run, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue, vlan_parent)
 
 
 ns = Collection("opnsense")
