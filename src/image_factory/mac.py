@@ -689,15 +689,54 @@ def _opnsense_isc(rs: list[Reservation], interfaces: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str]) -> str:
+DHCP_MARKER = "[image-factory]"  # starts the description of every DHCP object the factory owns in OPNsense
+
+
+def tenant_marker(t: Tenant) -> str:
+    """The description of a tenant's DHCP range, in an export and through the API alike."""
+    return f"{DHCP_MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}"
+
+
+def _tenant_checklist(tenants: Mapping[str, Tenant]) -> list[str]:
+    """What stays manual per tenant in OPNsense (interface assignments have no stable API), as XML comments
+    (which may not hold a double hyphen)."""
+    lines = []
+    for t in sorted(tenants.values(), key=lambda t: t.id):
+        lines += [
+            f"<!-- tenant {escape(t.name)}: 1. Interfaces: Devices: VLAN, tag {t.vlan} on the trunk to the tenant",
+            "     bridge (or opnsense.sync with a VLAN parent); 2. Interfaces: Assignments: assign it, enable,",
+            f"     static IPv4 {t.gateway}/{t.network.prefixlen}, description {escape(t.name)}; 3. Firewall: Rules",
+            f"     on it (the tenant's own policy); 4. merge its dhcp_ranges below ({t.dhcp_range.first} to "
+            f"{t.dhcp_range.last}). -->",
+        ]
+    return lines
+
+
+def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tenants: Mapping[str, Tenant]) -> str:
     """OPNsense 25.7+ (Dnsmasq is its default DHCP server; ISC DHCP a plugin from 26.1): one ``<hosts>`` per NIC
     in the Dnsmasq model (mount /dnsmasq, OPNsense core's Dnsmasq.xml): MAC, address, host and domain, which
-    also answers DNS for the name. Field order as the model declares it."""
+    also answers DNS for the name; one ``<dhcp_ranges>`` per tenant. Field order as the model declares it."""
     lines = ['<?xml version="1.0"?>', f"<!-- {HEADER} -->",
              "<!-- OPNsense Dnsmasq DHCP (25.7+): merge each <hosts> under <dnsmasq> (Services: Dnsmasq DNS & DHCP:",
              "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
              "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc. -->",
-             "<opnsense>", "  <dnsmasq>"]
+             *_tenant_checklist(tenants), "<opnsense>", "  <dnsmasq>"]
+    for t in sorted(tenants.values(), key=lambda t: t.id):
+        uid = uuid.uuid5(_UUID_NS, f"dnsmasq-range|{t.name}")
+        lines += [
+            f'    <dhcp_ranges uuid="{uid}">',
+            "      <interface/>", "      <set_tag/>",
+            f"      <start_addr>{t.dhcp_range.first}</start_addr>",
+            f"      <end_addr>{t.dhcp_range.last}</end_addr>",
+            f"      <subnet_mask>{t.network.netmask}</subnet_mask>",
+            "      <constructor/>", "      <mode/>", "      <prefix_len/>", "      <lease_time/>",
+            "      <domain_type>range</domain_type>",
+            f"      <domain>{escape(t.domain)}</domain>",
+            "      <nosync>0</nosync>", "      <ra_mode/>", "      <ra_priority/>", "      <ra_mtu/>",
+            "      <ra_interval/>", "      <ra_router_lifetime/>",
+            f"      <description>{escape(tenant_marker(t))}</description>",
+            "    </dhcp_ranges>",
+        ]
     for r in rs:
         uid = uuid.uuid5(_UUID_NS, f"dnsmasq|{r.fqdn}|{r.mac}")
         lines += [
@@ -809,8 +848,8 @@ class Exporter:
 
 
 EXPORTERS: dict[str, Exporter] = {
-    "opnsense": Exporter("OPNsense 25.7+ Dnsmasq DHCP host reservations (config.xml fragment)",
-                         lambda rs, i, _t: _opnsense_dnsmasq(rs, i)),
+    "opnsense": Exporter("OPNsense 25.7+ Dnsmasq DHCP ranges per tenant and host reservations (config.xml fragment)",
+                         _opnsense_dnsmasq),
     "opnsense-isc": Exporter("OPNsense ISC DHCP static maps and Unbound host overrides (config.xml fragment)",
                              lambda rs, i, _t: _opnsense_isc(rs, i)),
     "kea": Exporter("Kea DHCPv4: global reservations, and per tenant a subnet with its pool (JSON)",

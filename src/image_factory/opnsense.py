@@ -19,11 +19,11 @@ import requests
 
 from .errors import FactoryError, RemoteError
 from .inventory import Tenant
-from .mac import Reservation
+from .mac import DHCP_MARKER, Reservation, tenant_marker
 from .pve import VerifiedTlsAdapter
 from .reports import Report
 
-MARKER = "[image-factory]"
+MARKER = DHCP_MARKER
 TIMEOUT = 20.0
 
 
@@ -106,7 +106,7 @@ class RangeEntry(_TenantKeyed):
     @classmethod
     def from_tenant(cls, t: Tenant) -> RangeEntry:
         return cls(t.dhcp_range.first, t.dhcp_range.last, str(t.network.netmask), "range", t.domain,
-                   f"{MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}")
+                   tenant_marker(t))
 
     @property
     def name(self) -> str:

@@ -172,3 +172,21 @@ def test_the_example_site_without_tenants_exports_what_its_consumers_accept(tmp_
     argv = ["kea-dhcp4", "-t", str(out)] if fmt == "kea" else ["dnsmasq", "--test", f"--conf-file={out}"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_opnsense_export_holds_each_tenants_range_as_the_model_and_the_api_have_it() -> None:
+    import xml.etree.ElementTree as ET
+
+    from image_factory import opnsense
+    from image_factory.lab.opnsense_fake import RANGE_FIELDS
+
+    site = load_site(EXAMPLE, CATALOGUE)
+    text = mac.export(site, "opnsense")
+    ranges = ET.fromstring(text).findall("./dnsmasq/dhcp_ranges")  # noqa: S314 (our own output)
+    assert [tuple(child.tag for child in r) for r in ranges] == [RANGE_FIELDS] * 2  # the model's field order
+    by_domain = {r.findtext("domain"): r for r in ranges}
+    acme = by_domain["acme.deevnet.lan"]
+    api = opnsense.RangeEntry.from_tenant(site.tenants["acme"])
+    assert (acme.findtext("start_addr"), acme.findtext("end_addr"), acme.findtext("subnet_mask"),
+            acme.findtext("description")) == (api.start_addr, api.end_addr, api.subnet_mask, api.descr)
+    assert "static IPv4 10.110.0.1/24" in text and "tag 120 on the trunk" in text  # the manual steps, per tenant
