@@ -12,9 +12,9 @@ the same deploy plan `invoke deploy.plan` shows (so the two cannot disagree), ho
 - an ``import`` block for every VM the factory already made (``<node>/<vmid>``, the provider's import id), so
   adopting Tofu replaces nothing.
 
-The attributes are those documented for the pinned provider version (docs/resources/virtual_environment_vm.md of
-bpg/terraform-provider-proxmox); tests/data/ holds that schema for the resources used, and the tests validate
-every export against it.
+The attributes are those the provider documents for the pinned version (its VM resource page,
+virtual_environment_vm.md in bpg/terraform-provider-proxmox); tests/data/ holds that schema for the resources
+used, and the tests validate every export against it.
 """
 
 from __future__ import annotations
