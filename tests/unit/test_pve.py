@@ -73,3 +73,27 @@ def test_a_failed_task_shows_the_end_of_its_log() -> None:
     assert asked == [{"start": 0, "limit": TASK_LOG_LINES}]
     assert err.value.log_tail[-1] == "TASK ERROR: the real reason" and "line 1" not in err.value.log_tail
     assert Upid.parse(upid).node == "pve1"
+
+
+def _noticed_at(task_length: float, interval: float) -> tuple[float, int]:
+    """(when wait_task's polls first see a task of this length stopped, how many polls it took)."""
+    from image_factory.pve import poll_delay
+
+    clock, polls = 0.0, 1
+    while clock < task_length:
+        clock += poll_delay(clock, interval)
+        polls += 1
+    return clock, polls
+
+
+@pytest.mark.parametrize("length", [0.03, 0.3, 0.7, 1.5, 4.0])
+def test_a_short_task_is_noticed_within_a_tenth_of_its_length(length: float) -> None:
+    # the last host's import ends a publish: every poll interval it oversleeps is the run's wall time
+    noticed, _ = _noticed_at(length, interval=0.5)
+    assert noticed <= length * 1.1 + 0.05 + 1e-9, noticed
+
+
+def test_a_long_task_costs_few_requests() -> None:
+    noticed, polls = _noticed_at(600.0, interval=0.5)
+    assert noticed <= 600.5
+    assert polls < 600 / 0.5 + 40  # the interval caps the rate: about two requests a second at most

@@ -91,6 +91,13 @@ def _run(argv: list[str]) -> None:
         raise TaskError(f"{argv[0]} failed: {proc.stderr.strip()}")
 
 
+def _convert_into(src: Path, src_fmt: str, dest: Path, fmt: str) -> None:
+    """Copy a disk as PVE's QemuImage::convert does: into the volume vdisk_alloc already made (``-n``), so
+    a raw target stays the sparse volume it was and is not created a second time."""
+    keep = ["-n"] if dest.exists() else []
+    _run(["qemu-img", "convert", "-q", *keep, "-f", src_fmt, "-O", fmt, str(src), str(dest)])
+
+
 class StorageLock:
     """PVE's per-storage allocation lock (a flock with a timeout)."""
 
@@ -657,9 +664,7 @@ class LabPve(FakePve):  # fakepve is untyped
         try:
             await self.duration("import")
             if dest is not None:
-                await asyncio.to_thread(
-                    _run, ["qemu-img", "convert", "-q", "-f", src_fmt, "-O", fmt, str(src), str(dest)]
-                )
+                await asyncio.to_thread(_convert_into, src, src_fmt, dest, fmt)
         finally:
             self.storage_unlock(sid, holder)
 
@@ -843,9 +848,7 @@ class LabPve(FakePve):  # fakepve is untyped
                 info = await asyncio.to_thread(_qemu_img_info, src_path)
                 if full:
                     fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
-                    dst_path.unlink(missing_ok=True)
-                    await asyncio.to_thread(_run, ["qemu-img", "convert", "-q", "-f", str(info["format"]),
-                                                   "-O", fmt, str(src_path), str(dst_path)])
+                    await asyncio.to_thread(_convert_into, src_path, str(info["format"]), dst_path, fmt)
                 else:
                     dst_path.parent.mkdir(parents=True, exist_ok=True)
                     rel = Path("..") / src_path.parent.name / src_path.name
