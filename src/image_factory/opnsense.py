@@ -335,12 +335,14 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     reconfigured once.
     """
     tenants = tenants or {}
+    # the kinds this run manages are the kinds it has a desired list for: VLAN devices only with their parent
     desired: dict[str, list[Entry]] = {
-        VLANS.name: [VlanEntry.from_tenant(t, vlan_parent) for t in tenants.values()] if vlan_parent else [],
         RANGES.name: [RangeEntry.from_tenant(t) for t in tenants.values()],
         HOSTS.name: [HostEntry.from_reservation(r) for r in reservations],
     }
-    kinds = [k for k in KINDS if k is not VLANS or vlan_parent]
+    if vlan_parent:
+        desired[VLANS.name] = [VlanEntry.from_tenant(t, vlan_parent) for t in tenants.values()]
+    kinds = [k for k in KINDS if k.name in desired]
     report = SyncReport([c for kind in kinds for c in decide(kind, desired[kind.name], client.search(kind))],
                         dry_run)
     if tenants and not vlan_parent:

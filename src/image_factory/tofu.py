@@ -20,6 +20,7 @@ used, and the tests validate every export against it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,10 @@ def tenant_config(site: Site, plan: DeployPlan, tenant: str) -> dict[str, Any]:
                 for vm in vms if vm.name not in plans or plans[vm.name].template_vmid is None]
     if problems:
         raise ValidationFailed(problems)
-    resources = {vm.name: vm_resource(vm, site.hypervisor_for(vm), plans[vm.name]) for vm in vms}
-    imports = [{"to": f"{RESOURCE}.{vm.name}", "id": f"{site.hypervisor_for(vm).node}/{vm.vmid}",
-                "provider": f"proxmox.{site.hypervisor_for(vm).name}"}
+    hosts = {vm.name: site.hypervisor_for(vm) for vm in vms}
+    resources = {vm.name: vm_resource(vm, hosts[vm.name], plans[vm.name]) for vm in vms}
+    imports = [{"to": f"{RESOURCE}.{vm.name}", "id": f"{hosts[vm.name].node}/{vm.vmid}",
+                "provider": f"proxmox.{hosts[vm.name].name}"}
                for vm in vms if plans[vm.name].action in EXISTING]
     config: dict[str, Any] = {
         "terraform": {"required_providers": {"proxmox": {"source": PROVIDER_SOURCE, "version": PROVIDER_VERSION}}},
@@ -106,7 +108,15 @@ def tenant_config(site: Site, plan: DeployPlan, tenant: str) -> dict[str, Any]:
     return config
 
 
-def write_tenant(site: Site, plan: DeployPlan, tenant: str, output: Path) -> Path:
+@dataclass(frozen=True)
+class TenantExport:
+    path: Path
+    vms: int
+    imports: int  # VMs the factory already made: Tofu adopts them instead of creating them
+
+
+def write_tenant(site: Site, plan: DeployPlan, tenant: str, output: Path) -> TenantExport:
     """``<output>/<tenant>/main.tf.json``, replaced atomically."""
-    text = json.dumps(tenant_config(site, plan, tenant), indent=2) + "\n"
-    return write_atomic(output / tenant / "main.tf.json", text)
+    config = tenant_config(site, plan, tenant)
+    path = write_atomic(output / tenant / "main.tf.json", json.dumps(config, indent=2) + "\n")
+    return TenantExport(path, len(config["resource"].get(RESOURCE, {})), len(config.get("import", [])))

@@ -185,7 +185,8 @@ _TEE = (
 def receive_script(part_path: str, final_path: str, size: int, sha256: str) -> str:
     """The host's side of one upload attempt, one shell command (each exec costs a round trip and a session).
 
-    Lock the partial (a writer left from a dropped connection finishes first), report its size, append
+    Lock the partial (a writer left from a dropped connection finishes first), empty it if it is longer than
+    the artifact (it cannot be a prefix of it), report its size, append
     stdin, and rename only when size and sha256 match. The hash is computed while the bytes arrive (after
     the partial's earlier part, read back from disk, on a resume), so verifying costs no pass over the file
     after the transfer. A failed write leaves the partial short: exit 4 (the caller reads stderr for why).
@@ -193,7 +194,9 @@ def receive_script(part_path: str, final_path: str, size: int, sha256: str) -> s
     qp, qf = _q(part_path), _q(final_path)
     return (
         f"exec 8>>{qp} || exit 2; flock -w {PARTIAL_LOCK_WAIT} 8 || exit 1; "
-        f"off=$(stat -c %s -- {qp}) || exit 2; echo \"$off\"; "
+        f"off=$(stat -c %s -- {qp}) || exit 2; "
+        f'if [ "$off" -gt {size} ]; then : > {qp} || exit 2; off=0; fi; '  # not this artifact's: start over
+        'echo "$off"; '
         "if command -v openssl >/dev/null 2>&1; then hasher='openssl dgst -sha256 -r'; else hasher=sha256sum; fi; "
         "if command -v perl >/dev/null 2>&1; then "
         f"h=$({{ head -c \"$off\" < {qp} && perl -e {_q(_TEE)}; }} | $hasher); "
@@ -446,11 +449,11 @@ class SshUploader:
 
     def _resume_from(self, offset: int, size: int, part_path: str, result: UploadResult, progress: Progress | None,
                      *, stop: Callable[[], None]) -> int:
-        """Where this attempt starts: the partial's size on the host (a partial larger than the artifact goes)."""
+        """Where this attempt starts: the partial's size on the host (its script empties a longer one)."""
         if offset > size:
             stop()
-            remote_remove(self.link(), part_path)
-            raise _LinkLost(f"{part_path} was larger than the artifact; restarting")
+            raise UploadError(self.name, f"the host reported {offset} bytes of {part_path}, more than the "
+                                         f"artifact's {size}, although its script empties such a partial")
         if offset:
             result.resumed_from.append(offset)
         if progress:

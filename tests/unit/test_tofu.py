@@ -98,6 +98,9 @@ def test_bad_requests_are_named(site: Site, tmp_path: Path) -> None:
     with pytest.raises(ValidationFailed, match="no template to clone: no tested template"):
         tofu.write_tenant(site, no_template, "globex", tmp_path)
     assert not (tmp_path / "globex").exists(), "nothing is written for a refused export"
-    path = tofu.write_tenant(site, _plan(site), "globex", tmp_path)
-    assert path == tmp_path / "globex" / "main.tf.json"
-    jsonschema.validate(json.loads(path.read_text()), SCHEMA)
+    done = tofu.write_tenant(site, _plan(site), "globex", tmp_path)
+    assert done.path == tmp_path / "globex" / "main.tf.json"
+    config = json.loads(done.path.read_text())
+    jsonschema.validate(config, SCHEMA)
+    assert (done.vms, done.imports) == (len(config["resource"][tofu.RESOURCE]), len(config.get("import", [])))
+    assert done.vms >= 1

@@ -62,3 +62,16 @@ def test_a_short_transfer_exits_4_and_leaves_the_partial_to_resume(tmp_path: Pat
     script = receive_script(str(part), str(tmp_path / "img.qcow2"), len(data), hashlib.sha256(data).hexdigest())
     proc = subprocess.run(["sh", "-c", script], input=data[:40_000], capture_output=True, timeout=60)
     assert proc.returncode == 4 and part.stat().st_size == 40_000
+
+
+def test_a_partial_longer_than_the_artifact_is_emptied_under_its_lock(tmp_path: Path) -> None:
+    # not a prefix of this artifact (another build's bytes under the name): start over in the same command
+    data = os.urandom(100_000)
+    final = tmp_path / "img.qcow2"
+    part = tmp_path / partial_name(final.name)
+    part.write_bytes(os.urandom(150_000))
+    script = receive_script(str(part), str(final), len(data), hashlib.sha256(data).hexdigest())
+    proc = subprocess.run(["sh", "-c", script], input=data, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines() == ["0", f"OK {len(data)} {hashlib.sha256(data).hexdigest()}"]
+    assert final.read_bytes() == data and not part.exists()

@@ -34,9 +34,8 @@ def export(c: Context, tenant: str, format: str = "tofu", output: str = "tofu", 
     settings, model = site(c, inventory, catalogue)
     names = [vm.name for vm in model.vms.values() if vm.tenant == tenant]
     plan = dep.plan_deploy(settings, model, names) if names else dep.DeployPlan([])
-    path = tofu.write_tenant(model, plan, tenant, Path(output))
-    imports = sum(p.action in tofu.EXISTING for p in plan.vms)
-    console.print(f"wrote {path}: {len(names)} VM(s), {imports} to import (already made by the factory)")
+    done = tofu.write_tenant(model, plan, tenant, Path(output))
+    console.print(f"wrote {done.path}: {done.vms} VM(s), {done.imports} to import (already made by the factory)")
 
 
 ns = Collection("tenant")
