@@ -9,6 +9,7 @@ There is no trust-on-first-use and no AutoAddPolicy anywhere.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import shlex
@@ -28,6 +29,7 @@ from .inventory import SshEndpoint
 # reaches the caller as an exception carrying host and reason, so the duplicate is silenced.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux's value; elsewhere setsockopt fails and is ignored
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 _KEY_TYPES = {
     "ssh-ed25519": ["ssh-ed25519"],
@@ -79,7 +81,7 @@ class SshLink:
         except OSError as exc:
             raise RemoteError(self.name, f"SSH connection to {ep.host}:{ep.port} failed: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
+        transport = paramiko.Transport(PromptAcks.adopt(sock))
         opts = transport.get_security_options()
         opts.key_types = _KEY_TYPES.get(pinned_type, [pinned_type])
         opts.ciphers = [c for c in FAST_CIPHERS if c in opts.ciphers] + [
@@ -168,6 +170,30 @@ class SshLink:
         if client is None:
             raise RemoteError(self.name, "could not open an SFTP session")
         return client
+
+
+class PromptAcks(socket.socket):
+    """A connected TCP socket whose reads are acknowledged at once (TCP_QUICKACK after every recv).
+
+    sshd does not set TCP_NODELAY on a non-interactive session, so when it sends two small packets in a row
+    (after authentication: a global request, then the confirmation of our first channel) Nagle holds the
+    second until the first is acknowledged, and Linux delays that ACK by up to 40 ms. Opening the first
+    channel took 44 ms instead of 2 (docs/lab-notes.md); real hosts behave the same. The kernel leaves
+    quick-ACK mode on its own, so it is asked again after each read.
+    """
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> PromptAcks:
+        timeout = sock.gettimeout()
+        adopted = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        adopted.settimeout(timeout)
+        return adopted
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data = super().recv(size, flags)
+        with contextlib.suppress(OSError):  # not Linux, or the socket just closed: only the speed-up is lost
+            self.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        return data
 
 
 class OpensshCommand:
