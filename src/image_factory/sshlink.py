@@ -29,7 +29,7 @@ from .inventory import SshEndpoint
 # reaches the caller as an exception carrying host and reason, so the duplicate is silenced.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
-TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux's value; elsewhere setsockopt fails and is ignored
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 _KEY_TYPES = {
     "ssh-ed25519": ["ssh-ed25519"],
@@ -191,8 +191,9 @@ class PromptAcks(socket.socket):
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         data = super().recv(size, flags)
-        with contextlib.suppress(OSError):  # not Linux, or the socket just closed: only the speed-up is lost
-            self.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        if TCP_QUICKACK is not None:
+            with contextlib.suppress(OSError):  # the socket just closed: only the speed-up is lost
+                self.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         return data
 
 
