@@ -97,3 +97,15 @@ def test_a_long_task_costs_few_requests() -> None:
     noticed, polls = _noticed_at(600.0, interval=0.5)
     assert noticed <= 600.5
     assert polls < 600 / 0.5 + 40  # the interval caps the rate: about two requests a second at most
+
+
+def test_a_pinned_context_loads_no_ca_store_and_speaks_tls_12_or_later() -> None:
+    """The pin is the whole check: the system's CA bundle would cost every client 20 ms of CPU for nothing."""
+    import ssl
+
+    from image_factory.pve import VerifiedTlsAdapter
+
+    ctx = VerifiedTlsAdapter(fingerprint=":".join(["AB"] * 32))._ctx
+    assert ctx.cert_store_stats()["x509_ca"] == 0
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.options & ssl.OP_NO_COMPRESSION
