@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,16 +30,21 @@ def _bin(tmp_path: Path, without: tuple[str, ...] = ()) -> str:
 
 @pytest.mark.parametrize("without", [(), ("perl",), ("perl", "openssl")], ids=["tee", "no perl", "no openssl"])
 @pytest.mark.parametrize("resume_at", [0, 70_000])
+@pytest.mark.parametrize("stdin", ["pipe", "file"])  # sshd's is a pipe (the kernel tees); else perl copies
 def test_the_host_verifies_what_it_received_and_only_then_renames(tmp_path: Path, without: tuple[str, ...],
-                                                                   resume_at: int) -> None:
-    data = os.urandom(300_000)
+                                                                   resume_at: int, stdin: str) -> None:
+    data = os.urandom(3_000_000)
     digest = hashlib.sha256(data).hexdigest()
     final = tmp_path / "img.qcow2"
     part = tmp_path / partial_name(final.name)
     part.write_bytes(data[:resume_at])
     script = receive_script(str(part), str(final), len(data), digest)
-    proc = subprocess.run([shutil.which("sh") or "/bin/sh", "-c", script], input=data[resume_at:],
-                          capture_output=True, env={"PATH": _bin(tmp_path, without)}, timeout=60)
+    sent = tmp_path / "sent"
+    sent.write_bytes(data[resume_at:])
+    with sent.open("rb") as source:
+        feed: dict[str, Any] = {"input": data[resume_at:]} if stdin == "pipe" else {"stdin": source}
+        proc = subprocess.run([shutil.which("sh") or "/bin/sh", "-c", script], capture_output=True,
+                              env={"PATH": _bin(tmp_path, without)}, timeout=60, **feed)
     assert proc.returncode == 0, proc.stderr
     offset, verdict = proc.stdout.decode().splitlines()
     assert int(offset) == resume_at and verdict == f"OK {len(data)} {digest}"
@@ -75,3 +81,28 @@ def test_a_partial_longer_than_the_artifact_is_emptied_under_its_lock(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().splitlines() == ["0", f"OK {len(data)} {hashlib.sha256(data).hexdigest()}"]
     assert final.read_bytes() == data and not part.exists()
+
+
+@pytest.mark.parametrize("stdin", ["pipe", "file"])
+def test_a_failed_write_on_the_host_exits_4_with_the_reason(tmp_path: Path, stdin: str) -> None:
+    """A full disk, here a file size limit: the write fails mid-transfer, the partial stays short (to resume)."""
+    import resource
+    import signal
+
+    data = os.urandom(2_000_000)
+    part = tmp_path / partial_name("img.qcow2")
+    script = receive_script(str(part), str(tmp_path / "img.qcow2"), len(data), hashlib.sha256(data).hexdigest())
+    limit = 1_048_576
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal, as ENOSPC would come
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    sent = tmp_path / "sent"
+    sent.write_bytes(data)
+    with sent.open("rb") as source:
+        feed: dict[str, Any] = {"input": data} if stdin == "pipe" else {"stdin": source}
+        proc = subprocess.run(["sh", "-c", script], capture_output=True, timeout=60, preexec_fn=small_disk, **feed)
+    assert proc.returncode == 4
+    assert b"write: File too large" in proc.stderr
+    assert 0 < part.stat().st_size <= limit and data.startswith(part.read_bytes())
