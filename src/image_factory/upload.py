@@ -173,25 +173,28 @@ def final_has(link: SshLink, path: str, sha256: str, size: int) -> bool:
 # Linux) the kernel does it: tee(2) hands the hasher the bytes without consuming them and splice(2) moves them
 # into the partial, so nothing is copied through this process (the copying loop cost the host about 0.2 of a
 # core at 200 MB/s). splice refuses a file opened for appending, so it writes through a second descriptor
-# positioned at the end; the lock on fd 8 still excludes every other writer. Without syscall.ph (perl without
-# its headers) or where tee fails at once (stdin not a pipe), a copying loop with large reads and 1 MiB pipes
-# (coreutils tee reads 8 KiB at a time through 64 KiB pipes, which made the verified upload slower than
-# hashing after it; measured in bench/upload). Perl is on every Debian host (perl-base is essential); a
+# positioned at the end; the lock on fd 8 still excludes every other writer. Where tee fails at once (stdin
+# not a pipe), perl has no syscall.ph, or the first splice fails (a filesystem without splice support), a
+# copying loop with large reads and 1 MiB pipes does it (bytes already teed to the hasher are only written
+# to the partial); coreutils tee reads 8 KiB at a time through 64 KiB pipes, which made the verified upload
+# slower than hashing after it (bench/upload). Perl is on every Debian host (perl-base is essential); a
 # failed write stops it with the reason on stderr. 1031 is F_SETPIPE_SZ.
 _TEE = (
     'fcntl(STDIN, 1031, 1 << 20); fcntl(STDOUT, 1031, 1 << 20); '
-    'open(my $f, ">>&=", 8) or die "partial: $!\\n"; binmode STDIN; binmode STDOUT; '
+    'open(my $f, ">>&=", 8) or die "partial: $!\\n"; binmode STDIN; binmode STDOUT; my $b; '
+    'sub put { my ($fh, $n) = @_; my $o = 0; while ($o < $n) { my $w = syswrite($fh, $b, $n - $o, $o); '
+    'die "write: $!\\n" unless defined $w; $o += $w } } '
     'my ($tee, $splice) = eval { require "syscall.ph"; (&SYS_tee, &SYS_splice) }; '
-    'my ($w, $moved, $eof) = (undef, 0, 0); '
+    'my ($w, $moved) = (undef, 0); '
     'if (defined $tee && open($w, "+<", "/proc/self/fd/8") && defined sysseek($w, 0, 2)) { while (1) { '
     'my $n = syscall($tee, 0, 1, 1 << 20, 0); '
-    'if ($n < 0) { die "tee: $!\\n" if $moved; last } if ($n == 0) { $eof = 1; last } '
+    'if ($n < 0) { die "tee: $!\\n" if $moved; last } exit 0 if $n == 0; '
     'while ($n > 0) { my $m = syscall($splice, 0, 0, fileno($w), 0, $n, 0); '
-    'die "write: $!\\n" unless $m > 0; $n -= $m; $moved += $m } } close($w) or die "write: $!\\n"; } '
-    'exit 0 if $eof; my $b; '
+    'if ($m > 0) { $n -= $m; $moved += $m; next } die "write: $!\\n" if $moved; '
+    'while ($n > 0) { my $r = sysread(STDIN, $b, $n); die "read: $!\\n" unless $r; put($f, $r); $n -= $r } } '
+    'last unless $moved } } '
     'while (1) { my $n = sysread(STDIN, $b, 4 << 20); die "read: $!\\n" unless defined $n; last unless $n; '
-    'for my $fh ($f, \\*STDOUT) { my $o = 0; while ($o < $n) { my $w = syswrite($fh, $b, $n - $o, $o); '
-    'die "write: $!\\n" unless defined $w; $o += $w } } }'
+    'put($f, $n); put(\\*STDOUT, $n) }'
 )
 
 

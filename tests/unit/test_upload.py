@@ -106,3 +106,22 @@ def test_a_failed_write_on_the_host_exits_4_with_the_reason(tmp_path: Path, stdi
     assert proc.returncode == 4
     assert b"write: File too large" in proc.stderr
     assert 0 < part.stat().st_size <= limit and data.startswith(part.read_bytes())
+
+
+def test_where_splice_fails_the_teed_bytes_are_written_once_and_copying_takes_over(tmp_path: Path) -> None:
+    """A filesystem without splice support: the bytes tee(2) already gave the hasher go to the partial only."""
+    real = subprocess.run(["perl", "-e", 'require "syscall.ph"; print &SYS_tee'], capture_output=True, text=True)
+    assert real.returncode == 0, "this machine's perl has syscall.ph, as a PVE host's has"
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    # tee is the real one; splice is a number no kernel has, so the first splice fails (ENOSYS)
+    (lib / "syscall.ph").write_text(f"sub SYS_tee () {{ {real.stdout} }}\nsub SYS_splice () {{ 99999 }}\n1;\n")
+    data = os.urandom(3_000_000)
+    final = tmp_path / "img.qcow2"
+    part = tmp_path / partial_name(final.name)
+    script = receive_script(str(part), str(final), len(data), hashlib.sha256(data).hexdigest())
+    proc = subprocess.run(["sh", "-c", script], input=data, capture_output=True, timeout=60,
+                          env={**os.environ, "PERL5LIB": str(lib)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines() == ["0", f"OK {len(data)} {hashlib.sha256(data).hexdigest()}"]
+    assert final.read_bytes() == data
