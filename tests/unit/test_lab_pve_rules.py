@@ -179,3 +179,20 @@ def test_a_reset_node_has_an_empty_thin_pool(tmp_path: Path) -> None:
     (pve.thin_dir / "vm-101-disk-0").write_bytes(b"left over")
     asyncio.run(pve.reset())
     assert list(pve.thin_dir.iterdir()) == []
+
+
+def test_a_template_conversion_never_renames_over_an_existing_volume(tmp_path: Path) -> None:
+    """lvrename refuses an existing name; the lab's rename must not silently replace a base volume either."""
+    from fakepve import TaskError
+
+    pve = make(tmp_path)
+    pve.storages["local-lvm"]["volumes"] = {"vm-9000-disk-0": {"vmid": 9000, "format": "raw", "size": 1}}
+    (pve.thin_dir / "vm-9000-disk-0").write_bytes(b"new")
+    (pve.thin_dir / "base-9000-disk-0").write_bytes(b"old")
+    with pytest.raises(TaskError, match="base-9000-disk-0' already exists"):
+        pve._qm_rename_volume("local-lvm:vm-9000-disk-0")
+    assert (pve.thin_dir / "base-9000-disk-0").read_bytes() == b"old"
+    assert "vm-9000-disk-0" in pve.storages["local-lvm"]["volumes"]  # the model is unchanged too
+    (pve.thin_dir / "base-9000-disk-0").unlink()
+    assert pve._qm_rename_volume("local-lvm:vm-9000-disk-0") == "local-lvm:base-9000-disk-0"
+    assert (pve.thin_dir / "base-9000-disk-0").read_bytes() == b"new"

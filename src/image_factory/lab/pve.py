@@ -41,7 +41,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 from fakepve import FakePve, FakeVm, PveError, TaskError
-from fakepve.lxc import random_mac
+from fakepve.lxc import random_mac, to_base
 from fakepve.qemu import DRIVE_KEY, NEW_DISK, drives_of, join_drive, split_drive, volume_ref
 from fakepve.routing import param_error
 from fakepve.server import params as request_params
@@ -585,8 +585,12 @@ class LabPve(FakePve):  # fakepve is untyped
                 _run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(entry)])
 
     def _qm_rename_volume(self, volid: str) -> str:
+        sid, name = volume_ref(volid)
+        old_path, new_path = self.volume_file(volid), self.volume_file(f"{sid}:{to_base(name)}")
+        if old_path is not None and new_path is not None and old_path != new_path and new_path.exists():
+            # lvrename and a dir storage's rename both refuse an existing name
+            raise TaskError(f"rename volume '{volid}' failed: '{new_path.name}' already exists")
         new: str = super()._qm_rename_volume(volid)
-        old_path, new_path = self.volume_file(volid), self.volume_file(new)
         if old_path is not None and new_path is not None and old_path.exists() and old_path != new_path:
             old_path.rename(new_path)
             with contextlib.suppress(OSError):
