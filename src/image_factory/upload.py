@@ -9,10 +9,10 @@ SSH (default, fastest; docs/lab-notes.md "SSH upload throughput"; bench/upload):
   partial's size, so a writer left over from a dropped connection has finished before we resume
   and appends never interleave; we resume from exactly that size;
 - a dropped connection reconnects and resumes, with a bounded number of attempts without progress;
-- the host hashes the bytes as they arrive (a large-buffer tee in perl into ``openssl dgst -sha256``,
-  else ``sha256sum``; on a resume the partial's earlier part first) and compares with the manifest; only
-  then is the partial renamed (``mv``, atomic in one directory) to the final name, so no file under
-  the final name is ever incomplete or unverified;
+- the host hashes the bytes as they arrive (tee(2)/splice(2) driven by perl, or its copying loop, into
+  ``openssl dgst -sha256``, else ``sha256sum``; on a resume the partial's earlier part first) and compares
+  with the manifest; only then is the partial renamed (``mv``, atomic in one directory) to the final name,
+  so no file under the final name is ever incomplete or unverified;
 - a final file that already has the right sha256 is not sent again.
 Hashing is not done in the sending loop (it halves throughput): the local file is verified once
 against the manifest before any host is contacted, and each host verifies what it received.
