@@ -28,6 +28,16 @@ def _bin(tmp_path: Path, without: tuple[str, ...] = ()) -> str:
     return str(bindir)
 
 
+def _receive(tmp_path: Path, script: str, data: bytes, stdin: str, **run: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run the host's script with ``data`` on its stdin, from a pipe (as sshd gives it) or from a file."""
+    if stdin == "pipe":
+        return subprocess.run(["sh", "-c", script], input=data, capture_output=True, timeout=60, **run)
+    sent = tmp_path / "sent"
+    sent.write_bytes(data)
+    with sent.open("rb") as source:
+        return subprocess.run(["sh", "-c", script], stdin=source, capture_output=True, timeout=60, **run)
+
+
 @pytest.mark.parametrize("without", [(), ("perl",), ("perl", "openssl")], ids=["tee", "no perl", "no openssl"])
 @pytest.mark.parametrize("resume_at", [0, 70_000])
 @pytest.mark.parametrize("stdin", ["pipe", "file"])  # sshd's is a pipe (the kernel tees); else perl copies
@@ -39,12 +49,7 @@ def test_the_host_verifies_what_it_received_and_only_then_renames(tmp_path: Path
     part = tmp_path / partial_name(final.name)
     part.write_bytes(data[:resume_at])
     script = receive_script(str(part), str(final), len(data), digest)
-    sent = tmp_path / "sent"
-    sent.write_bytes(data[resume_at:])
-    with sent.open("rb") as source:
-        feed: dict[str, Any] = {"input": data[resume_at:]} if stdin == "pipe" else {"stdin": source}
-        proc = subprocess.run([shutil.which("sh") or "/bin/sh", "-c", script], capture_output=True,
-                              env={"PATH": _bin(tmp_path, without)}, timeout=60, **feed)
+    proc = _receive(tmp_path, script, data[resume_at:], stdin, env={"PATH": _bin(tmp_path, without)})
     assert proc.returncode == 0, proc.stderr
     offset, verdict = proc.stdout.decode().splitlines()
     assert int(offset) == resume_at and verdict == f"OK {len(data)} {digest}"
@@ -98,11 +103,7 @@ def test_a_failed_write_on_the_host_exits_4_with_the_reason(tmp_path: Path, stdi
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal, as ENOSPC would come
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    sent = tmp_path / "sent"
-    sent.write_bytes(data)
-    with sent.open("rb") as source:
-        feed: dict[str, Any] = {"input": data} if stdin == "pipe" else {"stdin": source}
-        proc = subprocess.run(["sh", "-c", script], capture_output=True, timeout=60, preexec_fn=small_disk, **feed)
+    proc = _receive(tmp_path, script, data, stdin, preexec_fn=small_disk)
     assert proc.returncode == 4
     assert b"write: File too large" in proc.stderr
     assert 0 < part.stat().st_size <= limit and data.startswith(part.read_bytes())

@@ -587,11 +587,12 @@ class LabPve(FakePve):  # fakepve is untyped
     def _qm_rename_volume(self, volid: str) -> str:
         sid, name = volume_ref(volid)
         old_path, new_path = self.volume_file(volid), self.volume_file(f"{sid}:{to_base(name)}")
-        if old_path is not None and new_path is not None and old_path != new_path and new_path.exists():
-            # lvrename and a dir storage's rename both refuse an existing name
+        if old_path is None or new_path is None or old_path == new_path:
+            return str(super()._qm_rename_volume(volid))
+        if new_path.exists():  # lvrename and a dir storage's rename both refuse an existing name
             raise TaskError(f"rename volume '{volid}' failed: '{new_path.name}' already exists")
         new: str = super()._qm_rename_volume(volid)
-        if old_path is not None and new_path is not None and old_path.exists() and old_path != new_path:
+        if old_path.exists():
             old_path.rename(new_path)
             with contextlib.suppress(OSError):
                 new_path.chmod(0o444)  # PVE makes base images read-only
