@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import families, firmware, qemuvm, render
 from .errors import FactoryError
@@ -58,6 +58,10 @@ class BuildError(FactoryError):
     """The build itself failed (packer error, timeout, interrupted, disk full, bad source)."""
 
     exit_code = 4
+
+
+class BuildVmPanicked(BuildError):
+    """The build VM's kernel died (its console says so): under TCG a QEMU race, not the recipe."""
 
 
 class BuildSettingError(BuildError):
@@ -566,7 +570,7 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
             log.write(f"# {_now()} the build VM's kernel panicked\n")
             tail = "\n".join(f"  {ln}" for ln in serial_log.read_text(errors="replace").splitlines()[-8:]) \
                 if serial_log else ""
-            raise BuildError(f"the build VM's kernel panicked, so the build was stopped (under TCG, a QEMU race "
+            raise BuildVmPanicked(f"the build VM's kernel panicked, so the build was stopped (under TCG, a QEMU race "
                              f"in code patching: re-run the build). Its console ended:\n{tail}\nfull log: {log_path}")
         if timed_out.is_set():
             _stop_group(proc, log)
@@ -579,6 +583,28 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
     if proc.returncode != 0:
         raise BuildError(_failure_message(run, proc.returncode, log_path))
     return run
+
+
+def run_packer_once_more_on_tcg_panic(cmd: list[str], *, accel: str, work: Path, emit: Callable[[str, str], None],
+                                      log_path: Path, **kwargs: Any) -> _Run:
+    """run_packer with the build VM's console in ``work``; a kernel panic under TCG is run once more.
+
+    Under TCG a guest kernel can die in its own code patching (an int3 another vCPU met mid-patch: a race in
+    QEMU's multi-threaded TCG, not the recipe), as image tests see too. A panic under KVM, a second panic or
+    any other failure is the build's result. The panicked attempt's log and console are kept beside the build's.
+    """
+    serial_log = work / "serial.log"
+    if accel == "tcg":
+        try:
+            return run_packer(cmd, log_path=log_path, serial_log=serial_log, **kwargs)
+        except BuildVmPanicked as exc:
+            kept_log = log_path.with_name(f"{log_path.stem}.panicked{log_path.suffix}")
+            log_path.replace(kept_log)
+            with contextlib.suppress(FileNotFoundError):
+                serial_log.replace(log_path.with_name("serial.panicked.log"))
+            shutil.rmtree(work / "output", ignore_errors=True)  # packer refuses an existing output directory
+            emit("status", f"warning: {str(exc).splitlines()[0]}; building once more (that attempt's log: {kept_log})")
+    return run_packer(cmd, log_path=log_path, serial_log=serial_log, **kwargs)
 
 
 def _failure_message(run: _Run, rc: int, log_path: Path) -> str:
@@ -737,9 +763,9 @@ def _build(
         if warning := ansible_target_warning(image.family, image.release):
             emit("status", f"warning: {warning}")
         try:
-            run = run_packer(cmd, cwd=result.out_dir, log_path=log_path, timeout_s=timeout_s,
-                             serial_log=work / "serial.log",
-                             on_event=on_event, events=events, t0=t0, extra_env=strategy.env)
+            run = run_packer_once_more_on_tcg_panic(
+                cmd, accel=accel, work=work, emit=emit, cwd=result.out_dir, log_path=log_path,
+                timeout_s=timeout_s, on_event=on_event, events=events, t0=t0, extra_env=strategy.env)
         except BuildError as exc:
             if strategy.name == "mitogen_linear" and "executing ansible" in str(exc).lower():
                 raise BuildError(f"{exc}\nAnsible ran under mitogen (factory.ansible_strategy); to rule mitogen "

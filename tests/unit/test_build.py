@@ -532,6 +532,60 @@ def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
     assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
 
 
+def _packer_panicking_first(tmp_path: Path, then: str) -> tuple[Path, Path]:
+    """A stand-in packer whose first build VM panics; later runs do ``then`` (shell)."""
+    work = tmp_path / "work"
+    (work / "output").mkdir(parents=True)
+    runs = tmp_path / "runs"
+    fake = tmp_path / "packer"
+    fake.write_text(f"#!/bin/sh\necho run >> {runs}\n"
+                    f"if [ $(wc -l < {runs}) -eq 1 ]; then\n"
+                    f"  printf '[ 26.4] Kernel panic - not syncing: x\\n' > {work}/serial.log; exec sleep 120\nfi\n"
+                    f"test -e {work}/output && {{ echo 'Output directory exists'; exit 1; }}\n{then}\n")
+    fake.chmod(0o755)
+    return fake, work
+
+
+@pytest.mark.parametrize(
+    ("accel", "then", "outcome"),
+    [
+        ("tcg", "echo '1,,ui,say,==> qemu.image: done'", "built on the second attempt"),
+        ("tcg", "printf '[ 26.4] Kernel panic - not syncing: x\\n' > $(dirname $0)/work/serial.log; exec sleep 120",
+         "a second panic fails"),
+        ("tcg", "exit 3", "another failure on the second attempt is not retried again"),
+        ("kvm", "echo never reached", "a panic under KVM is the build's result"),
+    ],
+)
+def test_a_build_vm_panic_under_tcg_is_built_once_more_and_reported(tmp_path: Path, accel: str, then: str,
+                                                                    outcome: str) -> None:
+    fake, work = _packer_panicking_first(tmp_path, then)
+    log = tmp_path / "build.log"
+    emitted: list[tuple[str, str]] = []
+
+    def run() -> build._Run:
+        return build.run_packer_once_more_on_tcg_panic(
+            [str(fake)], accel=accel, work=work, emit=lambda kind, msg: emitted.append((kind, msg)), cwd=tmp_path,
+            log_path=log, timeout_s=300, on_event=None, events=[])
+
+    if outcome == "built on the second attempt":
+        run()
+        assert (tmp_path / "runs").read_text().count("run") == 2
+        assert [kind for kind, _ in emitted] == ["status"]
+        assert "kernel panicked" in emitted[0][1] and "building once more" in emitted[0][1]
+        assert "the build VM's kernel panicked" in (tmp_path / "build.panicked.log").read_text()
+        assert "Kernel panic" in (tmp_path / "serial.panicked.log").read_text()
+        assert "kernel panicked" not in log.read_text()
+        return
+    expected = build.BuildVmPanicked if "panic" in outcome else build.BuildError
+    with pytest.raises(expected) as caught:
+        run()
+    if outcome.startswith("another failure"):
+        assert not isinstance(caught.value, build.BuildVmPanicked) and "exit 3" in str(caught.value)
+    runs = (tmp_path / "runs").read_text().count("run")
+    assert runs == (1 if accel == "kvm" else 2)
+    assert len(emitted) == (0 if accel == "kvm" else 1)
+
+
 def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_path: Path, monkeypatch) -> None:
     from image_factory import manifest as mf
 
