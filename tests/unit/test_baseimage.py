@@ -257,3 +257,29 @@ def test_fetch_packages_downloads_once_per_package_set(tmp_path: Path, monkeypat
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("fetch-")], "temporary target removed"
     monkeypatch.setattr(bi, "PACKAGES", (*bi.PACKAGES, "vim"))
     assert bi.fetch_packages(settings, mirror=mirror) is True, "a changed package list fetches again"
+
+
+def test_mounts_left_in_the_chroot_are_unmounted_before_the_tree_is_copied_or_removed(tmp_path: Path) -> None:
+    """debootstrap leaves the chroot's /proc mounted when its own umount fails (busy): found and unmounted,
+    deepest first, and nothing outside the tree is touched."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    root = tmp_path / "work dir" / "root"
+    (root / "proc").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mounted = []
+    try:
+        for where in (root / "proc", outside):
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(where)], check=True)
+            mounted.append(where)
+        (root / "proc" / "sub").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "proc" / "sub")], check=True)
+        mounted.append(root / "proc" / "sub")
+        assert bi._mounts_below(tmp_path / "work dir") == [root / "proc" / "sub", root / "proc"]
+        bi._unmount_below(tmp_path / "work dir")
+        assert bi._mounts_below(tmp_path / "work dir") == []
+        assert bi._mounts_below(outside) == [outside]
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", "-l", str(where)], check=False)

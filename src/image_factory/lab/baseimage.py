@@ -284,7 +284,8 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
             _debootstrap(root, mirror, p.debs, work / "debootstrap.log")
         figures["debootstrap_s"] = round(time.monotonic() - t0, 1)
         release_root = work / "release-root"
-        _run(["cp", "-a", "--reflink=auto", str(root), str(release_root)], "copying the release tree")
+        _unmount_below(root)
+        _run(["cp", "-a", "-x", "--reflink=auto", str(root), str(release_root)], "copying the release tree")
         t0 = time.monotonic()
         _apply_updates(root, mirror, work / "updates.log")
         figures["updates_s"] = round(time.monotonic() - t0, 1)
@@ -326,6 +327,7 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         }
         write_atomic(p.recipe, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     finally:
+        _unmount_below(work)  # never let rmtree walk into a mounted /proc or a bind-mounted /dev
         shutil.rmtree(work, ignore_errors=True)
     console.print(f"base image built: {p.image} ({p.image.stat().st_size // (1024 * 1024)} MiB) {figures}")
     return p.image
@@ -454,6 +456,24 @@ def _write_files(root: Path, files: dict[str, str]) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")
+
+
+def _mounts_below(top: Path) -> list[Path]:
+    """Mount points at or below ``top``, deepest first (/proc/self/mounts escapes blanks as octal)."""
+    prefix = str(top.resolve())
+    found = []
+    for line in Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines():
+        where = line.split()[1].encode().decode("unicode_escape")
+        if where == prefix or where.startswith(prefix + "/"):
+            found.append(Path(where))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _unmount_below(top: Path) -> None:
+    """debootstrap unmounts the chroot's /proc on exit but ignores a failure (a busy mount stays): a copy of
+    the tree, or its removal, would then walk the host's /proc."""
+    for where in _mounts_below(top):
+        _run(["umount", "-l", str(where)], f"unmounting {where}")
 
 
 def _debootstrap(root: Path, mirror: str, debs: Path, log: Path) -> None:
