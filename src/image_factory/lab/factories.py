@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .. import publish
+from ..inventory import Hypervisor, Image
 from ..manifest import Artifact, ImageTestResult, Manifest, sha256_file
 from ..templates import TemplateInfo
 
@@ -51,3 +53,15 @@ def template(vmid: int = 9000, name: str = "tpl-fedora-44-b1", *, tested: bool =
         "tags": tags,
     }
     return TemplateInfo(vmid=vmid, name=name, image=image, build_id=build_id, tested=tested, **{**base, **fields})
+
+
+def template_config(hv: Hypervisor, image: Image, *, vmid: int = 9001, build_id: str = "b2",
+                    firmware: str = "bios") -> dict[str, str]:
+    """A factory template's config as PVE holds it after publish: publish's own create parameters (so a test
+    follows publish when it changes), as strings, plus ``template: 1``."""
+    built = manifest(image.name, build_id=build_id, firmware=firmware)
+    art = publish.Artifact(manifest=built, image=image, path=Path(built.artifact.path), size=1, tested=True,
+                           forced=False, import_file=f"{image.name}-{build_id}.qcow2",
+                           template_name=f"tpl-{image.name}-{build_id}")
+    params = publish._create_params(hv, art, vmid, f"image-factory template\nimage: {image.name}", ["image-factory"])
+    return {**{k: str(v) for k, v in params.items() if k != "vmid"}, "template": "1"}

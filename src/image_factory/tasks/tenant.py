@@ -28,13 +28,15 @@ FORMATS = ("tofu",)
 @handle_errors
 def export(c: Context, tenant: str, format: str = "tofu", output: str = "tofu",  # noqa: A002
            inventory: str | None = None, catalogue: str | None = None) -> None:
-    """A tenant's VMs as OpenTofu configuration, from the deploy plan (reads the hypervisors, changes nothing)."""
+    """A tenant's VMs as OpenTofu configuration, from the deploy plan and the configs of the VMs (or the
+    templates they clone): reads the hypervisors, changes nothing."""
     if format not in FORMATS:
         raise ValidationFailed([Problem("command line", "", "--format", f"unknown format {format!r} (have: tofu)")])
     settings, model = site(c, inventory, catalogue)
     names = [vm.name for vm in model.vms.values() if vm.tenant == tenant]
     plan = dep.plan_deploy(settings, model, names) if names else dep.DeployPlan([])
-    done = tofu.write_tenant(model, plan, tenant, Path(output))
+    bases = tofu.read_bases(model, plan, tenant)
+    done = tofu.write_tenant(model, plan, tenant, Path(output), bases)
     console.print(f"wrote {done.path}: {done.vms} VM(s), {done.imports} to import (already made by the factory)")
 
 
