@@ -89,7 +89,9 @@ def _scsi_hardware(cfg: Config, vm: Vm) -> Any:
 
 
 def _operating_system(cfg: Config, vm: Vm) -> Any:
-    return {"type": cfg["ostype"]} if cfg.get("ostype") else None
+    # An unset ostype reads as "", which no argument can say: PVE's default is written instead (the factory's
+    # templates always set it).
+    return {"type": cfg.get("ostype") or "other"}
 
 
 def _agent(cfg: Config, vm: Vm) -> Any:
@@ -197,8 +199,8 @@ def token_variable(hv: Hypervisor) -> str:
 
 def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str, Any]:
     """One VM as the provider's resource: the same values deploy writes (deploy/desired.py) on the hardware
-    ``base`` holds (the VM's own config, or its template's). The MAC in deploy's case: PVE keeps the case it is
-    given and the provider compares it as a string."""
+    ``base`` holds (the VM's own config, or its template's). The MAC in deploy's case (upper, NetSpec.format):
+    PVE keeps the case it is given and the provider compares the strings."""
     ci = vm.cloudinit
     initialization: dict[str, Any] = {
         "datastore_id": _storage(base["ide2"]) if base.get("ide2") else hv.storage.cloudinit,
@@ -221,7 +223,7 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str,
         **hardware(base, vm),
         "disk": [{"interface": BOOT_DISK, "datastore_id": hv.storage.images, "size": vm.disk_gb}],
         "network_device": [
-            {"bridge": nic.bridge or hv.bridge, "mac_address": nic.mac.lower(), "model": nic.model,
+            {"bridge": nic.bridge or hv.bridge, "mac_address": nic.mac.upper(), "model": nic.model,
              "firewall": nic.firewall, **({"vlan_id": nic.vlan} if nic.vlan is not None else {})}
             for nic in vm.nics
         ],

@@ -518,3 +518,59 @@ def test_a_two_tenant_site_deploys_on_its_vlans_and_preflight_names_a_missing_vl
                                             net0=net0.format().replace("tag=110", "tag=120"))
     [drift] = dep.plan_deploy(lab.settings, site, ["iot-api01"]).vms
     assert drift.action == "drift" and "net0.tag: '120' -> '110' (unsafe)" in drift.reason
+
+
+def test_a_tenant_handed_to_tofu_keeps_the_hardware_deploy_gave_it(lab: LabHandle, tiny_image: Path,
+                                                                   tmp_path: Path) -> None:
+    """tenant.export as a user runs it, against a UEFI template made with publish's own parameters: the VM
+    deploy made is imported with the hardware the host reports, the one still to make clones that template."""
+    import json
+
+    from image_factory import tofu
+    from image_factory.lab import factories
+
+    site = _two_tenant_site(lab, tmp_path / "inventory")
+    hv = lab.hv(TENANT)
+    image = site.image(site.vms["iot-api01"].image)
+    params = factories.template_config(hv, image, vmid=9001, build_id="b2", firmware="uefi")
+    shutil.copyfile(tiny_image, Path(hv.storage.import_dir) / f"{image.name}-b2.qcow2")
+    params["description"] = "\n".join([
+        templates.DESCRIPTION_HEADER, f"image: {image.name}", "build_id: b2", "digest: d-b2", "tested: yes",
+        "published_at: 2026-11-26T12:00:00Z"]) + "\n"
+    params["tags"] = ";".join(sorted({"image-factory", image.name, "build-b2", "tested"}))
+    c = PveClient(hv)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9001, **{k: v for k, v in params.items() if k != "template"},
+               timeout=120)
+    c.run_task("POST", f"/nodes/{c.node}/qemu/9001/template", timeout=60)
+    report = dep.deploy_vms(lab.settings, site, ["iot-api01"], timeout=120, progress=False)
+    assert report.ok, errors(report)
+
+    exported = {}
+    for tenant in ("acme", "globex"):
+        run = subprocess.run(
+            [str(REPO_ROOT / ".venv/bin/invoke"), "tenant.export", tenant, "--output", str(tmp_path / "tofu"),
+             "--inventory", str(site.inventory_path)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+        assert run.returncode == 0, run.stdout + run.stderr
+        exported[tenant] = json.loads((tmp_path / "tofu" / tenant / "main.tf.json").read_text())
+    vmid = site.vms["iot-api01"].vmid
+    have = api_config(lab, TENANT, vmid)
+    vm = exported["acme"]["resource"][tofu.RESOURCE]["iot-api01"]
+    assert exported["acme"]["import"] == [{"to": f"{tofu.RESOURCE}.iot-api01", "id": f"{hv.node}/{vmid}",
+                                           "provider": "proxmox.pve-tenant"}]
+    efi = pvecodec.parse_props(have["efidisk0"], "file")
+    assert (vm["bios"], vm["machine"], have["bios"], have["machine"]) == ("ovmf", "q35", "ovmf", "q35")
+    assert vm["efi_disk"] == {"datastore_id": efi["file"].split(":")[0], "type": efi["efitype"],
+                              "pre_enrolled_keys": False} and efi["efitype"] == "4m"
+    assert (vm["operating_system"]["type"], vm["scsi_hardware"], vm["serial_device"], vm["vga"]["type"]) == (
+        have["ostype"], have["scsihw"], [{"device": have["serial0"]}], have["vga"])
+    assert (vm["cpu"], vm["on_boot"], vm["keyboard_layout"]) == (
+        {"cores": int(have["cores"]), "sockets": int(have["sockets"]), "type": "qemu64"}, False, "en-us")
+    assert "cpu" not in have and "onboot" not in have and "keyboard" not in have
+    assert f"={vm['network_device'][0]['mac_address']}," in have["net0"], "the MAC as the host holds it"
+    # globex's VM is not made yet: Tofu creates it from the same template, with the same hardware
+    new = exported["globex"]["resource"][tofu.RESOURCE]["sandbox01"]
+    assert "import" not in exported["globex"] and new["clone"]["vm_id"] == 9001
+    assert {k: new[k] for k in ("bios", "machine", "efi_disk", "operating_system", "vga", "serial_device")} == {
+        k: vm[k] for k in ("bios", "machine", "efi_disk", "operating_system", "vga", "serial_device")}
+    assert [p["alias"] for p in exported["globex"]["provider"]["proxmox"]] == ["pve-tenant"]

@@ -129,7 +129,8 @@ def test_the_export_has_the_hardware_deploy_gives_a_vm(site: Site, firmware: str
         nets = [NetSpec.parse(deployed[f"net{i}"]) for i in range(len(resource["network_device"]))]
         assert [(n["mac_address"], n["model"], n["bridge"], str(n["vlan_id"]), n["firewall"])
                 for n in resource["network_device"]] == [
-            (s.mac, s.model, s.opts["bridge"], s.opts["tag"], s.opts["firewall"] == "1") for s in nets]
+            (parse_props(deployed[f"net{i}"])[s.model], s.model, s.opts["bridge"], s.opts["tag"],
+             s.opts["firewall"] == "1") for i, s in enumerate(nets)]
         init = resource["initialization"]
         assert (init["upgrade"], init["user_account"]["username"], init["ip_config"][0]["ipv4"]["address"]) == (
             deployed["ciupgrade"] == "1", deployed["ciuser"], parse_props(deployed["ipconfig0"])["ip"])
@@ -144,6 +145,7 @@ def test_attributes_at_the_providers_defaults_stay_out(site: Site) -> None:
     hardware = tofu.hardware(config, vm)
     assert not {"cpu", "memory", "vga", "agent", "efi_disk", "tpm_state", "serial_device"} & set(hardware)
     assert hardware["on_boot"] is False and hardware["scsi_hardware"] == "lsi"
+    assert tofu.hardware({}, vm)["operating_system"] == {"type": "other"}
     tpm = tofu.hardware({**config, "tpmstate0": "ceph:vm-1-disk-2,size=4M,version=v2.0"}, vm)["tpm_state"]
     assert tpm == {"datastore_id": "ceph", "version": "v2.0"}
 
@@ -198,7 +200,7 @@ def test_the_export_and_the_deploy_plan_describe_the_same_vms(site: Site) -> Non
     for name, resource in resources.items():
         vm, p = site.vms[name], plans[name]
         assert (resource["vm_id"], resource["node_name"]) == (p.vmid, p.node)
-        assert [n["mac_address"] for n in resource["network_device"]] == p.macs
+        assert [n["mac_address"].lower() for n in resource["network_device"]] == p.macs
         assert [n["vlan_id"] for n in resource["network_device"]] == [110] * len(vm.nics)
         assert (resource["cpu"]["cores"], resource["memory"]["dedicated"], resource["disk"][0]["size"]) == (
             vm.cores, vm.memory, vm.disk_gb)
