@@ -259,3 +259,59 @@ def test_bad_requests_are_named(site: Site, tmp_path: Path) -> None:
     jsonschema.validate(config, SCHEMA)
     assert (done.vms, done.imports) == (len(config["resource"][tofu.RESOURCE]), len(config.get("import", [])))
     assert done.vms >= 1
+
+
+GO_SOURCE = '''package resource
+
+const (
+\tmkVGA     = "vga"
+\tmkVGAType = "type"
+\tdvVGAType = "std"
+\tmkNodeName = "node_name"
+\tmkMACs = "mac_addresses"
+)
+
+func VM() *schema.Resource {
+\ts := map[string]*schema.Schema{
+\t\tmkNodeName: {Type: schema.TypeString, Required: true},
+\t\tmkMACs: {Type: schema.TypeList, Computed: true, Elem: &schema.Schema{Type: schema.TypeString}},
+\t\tmkVGA: {
+\t\t\tType: schema.TypeList, Optional: true, MaxItems: 1,
+\t\t\tElem: &schema.Resource{Schema: map[string]*schema.Schema{
+\t\t\t\tmkVGAType: {Type: schema.TypeString, Optional: true, Default: dvVGAType,
+\t\t\t\t\tValidateDiagFunc: VGATypeValidator()},  // a named validator: its one StringInSlice
+\t\t\t}},
+\t\t},
+\t}
+\treturn &schema.Resource{Schema: s}
+}
+
+func VGATypeValidator() schema.SchemaValidateDiagFunc {
+\treturn validation.ToDiagFunc(validation.StringInSlice([]string{"std", "serial0"}, true))
+}
+'''
+
+
+def test_the_schema_derivation_reads_the_providers_schema_literals() -> None:
+    """tests/data/derive_bpg_schema.py on a VM() of the provider's shape: names from the mk* constants, nested
+    blocks, required and computed-only attributes, a named validator's values."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("derive_bpg_schema",
+                                                  REPO_ROOT / "tests" / "data" / "derive_bpg_schema.py")
+    assert spec and spec.loader
+    derive = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = derive  # its dataclass resolves its annotations through its module
+    try:
+        spec.loader.exec_module(derive)
+    finally:
+        del sys.modules[spec.name]
+    pkg = derive.Package({"vm.go": GO_SOURCE})
+    attrs = derive.parse_map(derive.schema_literal(pkg, "VM", derive.MAP), pkg, {})
+    vga = {"type": "object", "additionalProperties": False,
+           "properties": {"type": {"type": "string", "enum": ["std", "serial0"], "default": "std"}}}
+    assert derive.to_json_schema(attrs) == {
+        "type": "object", "additionalProperties": False, "required": ["node_name"],
+        "properties": {"node_name": {"type": "string"},
+                       "vga": {"anyOf": [vga, {"type": "array", "items": vga, "maxItems": 1}]}}}
