@@ -87,10 +87,11 @@ def _close(toks: list[str], i: int) -> int:
 
 def _split(toks: list[str], sep: str = ",") -> list[list[str]]:
     """Top-level pieces of a bracket's contents."""
-    parts, cur, depth = [], [], 0
+    parts: list[list[str]] = []
+    cur: list[str] = []
+    depth = 0
     for tok in toks:
-        depth += tok in "{([" and 1 or 0
-        depth -= tok in "})]" and 1 or 0
+        depth += (tok in ("{", "(", "[")) - (tok in ("}", ")", "]"))
         if tok == sep and depth == 0:
             parts.append(cur)
             cur = []
@@ -191,7 +192,7 @@ def package(git_dir: str, ref: str, path: str) -> Package:
                     for n in names if n.endswith(".go") and not n.endswith("_test.go")})
 
 
-def schema_literal(pkg: Package, func: str, marker: str) -> list[str]:
+def schema_literal(pkg: Package, func: str, marker: list[str]) -> list[str]:
     body = pkg.function_body(func)
     if body is None:
         raise SystemExit(f"no func {func}() in the package")
