@@ -428,18 +428,23 @@ def test_a_bridge_without_sdn_use_is_refused_and_nothing_is_left(lab: LabHandle)
     assert vm.vmid not in api_vmids(lab, MGMT)
 
 
-def _playbook(lab: LabHandle, *extra: str) -> dict[str, Any]:
-    """ansible-playbook ansible/playbooks/mgmt-vms.yml against the lab; {vm: its item result}."""
-    import json
-
+def _run_playbook(lab: LabHandle, *extra: str, callback: str = "record_json") -> subprocess.CompletedProcess[str]:
+    """ansible-playbook ansible/playbooks/mgmt-vms.yml (the collection's mgmt_vms) against the lab."""
     venv = REPO_ROOT / ".venv" / "bin"
-    proc = subprocess.run(
+    return subprocess.run(
         [str(venv / "ansible-playbook"), "-i", str(lab.settings.inventory), "ansible/playbooks/mgmt-vms.yml",
          "-e", "factory_wait=false", *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PATH": f"{venv}:{os.environ['PATH']}", "ANSIBLE_STDOUT_CALLBACK": "record_json",
+        env={**os.environ, "PATH": f"{venv}:{os.environ['PATH']}", "ANSIBLE_STDOUT_CALLBACK": callback,
              "ANSIBLE_CALLBACK_PLUGINS": str(REPO_ROOT / "tests/unit/ansible_plugins/callback"),
-             "ANSIBLE_NOCOLOR": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+             "ANSIBLE_NOCOLOR": "1", "PYTHONWARNINGS": "ignore"})
+
+
+def _playbook(lab: LabHandle, *extra: str, ok: bool = True) -> dict[str, Any]:
+    """The playbook's {vm: its item result}; ``ok``: whether the run must succeed (else fail)."""
+    import json
+
+    proc = _run_playbook(lab, *extra)
+    assert (proc.returncode == 0) is ok, proc.stdout[-3000:] + proc.stderr[-2000:]
     [task] = json.loads(proc.stdout)["plays"][0]["tasks"]
     return {r["item"]: r for r in task["hosts"]["localhost"]["results"]}
 
@@ -469,6 +474,52 @@ def test_the_mgmt_playbook_converges_the_mgmt_plane_then_changes_nothing_and_sho
     assert (fixed["jump01"]["changed"], fixed["jump01"]["state"]) == (True, "corrected")
     assert str(effective(client, jump.vmid)[0]["memory"]) == str(jump.memory)
     assert _playbook(lab)["jump01"]["changed"] is False
+
+
+def test_the_mgmt_playbook_fails_on_a_moved_vlan_tag_in_check_mode_and_reports_what_a_real_run_left(
+        lab: LabHandle) -> None:
+    """Unsafe drift (jump01's second NIC on VLAN 98 instead of 99) fails --check as it fails the real run, naming
+    the field with both values; with safe drift beside it the real run corrects that, reports changed, and fails
+    naming the field it left."""
+    jump = lab.site.vms["jump01"]
+    assert {r["state"] for r in _playbook(lab).values()} == {"created"}
+    client = PveClient(lab.hv(MGMT))
+    net1 = pvecodec.NetSpec.parse(client.vm_config(jump.vmid)["net1"])
+    assert net1.opts["tag"] == "99"
+    client.set_vm_config(jump.vmid, net1=net1.format().replace("tag=99", "tag=98"))
+    field = "net1.tag: '98' -> '99'"
+
+    shown = _run_playbook(lab, "--check", "--diff", callback="default")
+    assert shown.returncode == 2, shown.stdout[-3000:]
+    failed = [line for line in shown.stdout.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "(item=jump01)" in failed[0], shown.stdout[-3000:]
+    assert field in shown.stdout and "recreate=true allow_mgmt=true" in shown.stdout, shown.stdout[-3000:]
+    checked = _playbook(lab, "--check", "--diff", ok=False)
+    jump_check = checked["jump01"]
+    assert (jump_check["failed"], jump_check["changed"], jump_check["action"]) == (True, False, "drift")
+    assert jump_check["unresolved"] == ["net1.tag"]
+    assert jump_check["drift"] == [{"field": "net1.tag", "current": "98", "desired": "99", "safe": False}]
+    assert "net1.tag: 98\n" in jump_check["diff"]["before"] and "net1.tag: 99" in jump_check["diff"]["after"]
+    assert {n: r.get("failed", False) for n, r in checked.items() if n != "jump01"} == {
+        n: False for n, vm in lab.site.vms.items() if vm.plane == "mgmt" and n != "jump01"}
+
+    client.set_vm_config(jump.vmid, memory="512")  # safe drift beside the unsafe one
+    mixed = _playbook(lab, "--check", "--diff", ok=False)["jump01"]
+    assert (mixed["failed"], mixed["changed"]) == (True, True)
+    assert field in mixed["msg"] and f"a real run corrects memory: '512' -> '{jump.memory}'" in mixed["msg"]
+    assert "memory: 512" in mixed["diff"]["before"] and "net1.tag: 98" in mixed["diff"]["before"]
+    effective = dep.gather.effective_config
+    assert str(effective(client, jump.vmid)[0]["memory"]) == "512", "check mode changes nothing"
+
+    real = _playbook(lab, ok=False)["jump01"]
+    assert (real["failed"], real["changed"], real["state"]) == (True, True, "drift-unresolved")
+    assert real["unresolved"] == ["net1.tag"] and field in real["msg"], real["msg"]
+    assert f"corrected memory: '512' -> '{jump.memory}'" in real["msg"]
+    config = effective(client, jump.vmid)[0]
+    assert str(config["memory"]) == str(jump.memory)
+    assert pvecodec.NetSpec.parse(config["net1"]).opts["tag"] == "98", "unsafe drift is never corrected in place"
+    again = _playbook(lab, ok=False)["jump01"]
+    assert (again["failed"], again["changed"], again["unresolved"]) == (True, False, ["net1.tag"])
 
 
 def _two_tenant_site(lab: LabHandle, directory: Path) -> Site:
