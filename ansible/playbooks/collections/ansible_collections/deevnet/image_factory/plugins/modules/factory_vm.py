@@ -72,6 +72,7 @@ attributes:
     support: full
   platform:
     description: Runs on the controller; it talks to the Proxmox VE API and SSH endpoints the inventory names.
+    support: full
     platforms: posix
 notes:
   - In check mode the task fails when the plan is C(blocked) or has unsafe drift, as the real run would, and its
@@ -280,8 +281,9 @@ def main() -> None:
     )
     if not HAS_IMAGE_FACTORY:
         module.fail_json(msg=missing_required_lib("image_factory (the deevnet-image-factory package)", reason=(
-            "run the module with the Python it is installed in, e.g. ansible_python_interpreter: "
-            "'{{ ansible_playbook_python }}' when the project's venv runs ansible-playbook")),
+            "for this module (it is the factory's deploy for one VM): install deevnet-image-factory for that Python, "
+            "or set ansible_python_interpreter: '{{ ansible_playbook_python }}' when the project's venv runs "
+            "ansible-playbook")),
             exception=IMAGE_FACTORY_IMPORT_ERROR)
     p = module.params
     try:

@@ -1,0 +1,122 @@
+"""The collection deevnet.image_factory as Ansible's own tools see it: ansible-doc, validate-modules, ansible-test.
+
+ansible-doc and ansible-test are the installed ansible-core's. `ansible-test sanity` creates a virtualenv per test
+that has requirements and bootstraps pip into it from ci-files.testing.ansible.com (not reachable offline), so the
+tests with requirements are not run through it: validate-modules runs as ansible-test runs it (its validate.py,
+the collection's ignore file applied), the ones without requirements run through ansible-test itself on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ansible
+import ansible_test
+import pytest
+import yaml
+
+from image_factory.settings import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+VENV_BIN = Path(sys.executable).parent
+COLLECTIONS = REPO_ROOT / "ansible" / "playbooks" / "collections"
+COLLECTION = COLLECTIONS / "ansible_collections" / "deevnet" / "image_factory"
+MODULE = COLLECTION / "plugins" / "modules" / "factory_vm.py"
+FQCN = "deevnet.image_factory.factory_vm"
+CORE_VERSION = ".".join(ansible.__version__.split(".")[:2])
+# ansible-test's sanity tests that install nothing (no requirements file): they run offline through ansible-test.
+OFFLINE_SANITY = ["action-plugin-docs", "compile", "empty-init", "ignores", "line-endings", "no-assert",
+                  "no-get-exception", "no-illegal-filenames", "no-smart-quotes", "replace-urlopen", "shebang",
+                  "symlinks", "use-argspec-type-path", "use-compat-six"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+            "ANSIBLE_NOCOLOR": "1", "PYTHONWARNINGS": "ignore", **extra}
+
+
+def _run(cmd: list[str], cwd: Path = REPO_ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_env(**env), timeout=300)
+
+
+def _ignored(test: str) -> set[str]:
+    """The collection's ansible-test ignore entries for ``test`` (codes), for the installed ansible-core."""
+    ignore = COLLECTION / "tests" / "sanity" / f"ignore-{CORE_VERSION}.txt"
+    codes = set()
+    for line in ignore.read_text().splitlines():
+        path, _, rest = line.partition(" ")
+        name, _, code = rest.split("#")[0].strip().partition(":")
+        if name == test:
+            codes.add(f"{path}:{code}")
+    return codes
+
+
+def test_ansible_doc_renders_the_module_by_its_fqcn() -> None:
+    text = _run([str(VENV_BIN / "ansible-doc"), FQCN])
+    assert text.returncode == 0 and "[ERROR]" not in text.stderr, text.stderr
+    for word in ("OPTIONS", "ATTRIBUTES", "EXAMPLES", "RETURN VALUES", "REQUIREMENTS", "image_factory", "unresolved"):
+        assert word in text.stdout, word
+    listed = _run([str(VENV_BIN / "ansible-doc"), "-t", "module", "-l", "deevnet.image_factory"])
+    assert listed.stdout.split()[0] == FQCN, listed.stdout + listed.stderr
+
+
+def test_the_modules_examples_use_only_documented_options_of_the_right_type() -> None:
+    proc = _run([str(VENV_BIN / "ansible-doc"), "--json", FQCN])
+    assert proc.returncode == 0, proc.stderr
+    info: dict[str, Any] = json.loads(proc.stdout)[FQCN]
+    options = info["doc"]["options"]
+    python_type = {"str": str, "path": str, "bool": bool, "int": int}
+    tasks = yaml.safe_load(info["examples"])
+    assert len(tasks) >= 3
+    for task in tasks:
+        args = task[FQCN]
+        assert not set(args) - set(options), (task["name"], set(args) - set(options))
+        assert {o for o, spec in options.items() if spec.get("required")} <= set(args), task["name"]
+        for name, value in args.items():
+            if not (isinstance(value, str) and "{{" in value):
+                assert isinstance(value, python_type[options[name]["type"]]), (task["name"], name, value)
+    assert set(info["return"]) == {"action", "state", "host", "vmid", "macs", "address", "notes", "drift", "unresolved"}
+
+
+def test_validate_modules_reports_nothing_but_the_ignored_license_header() -> None:
+    """validate-modules as ansible-test runs it for a collection (argument spec against DOCUMENTATION included)."""
+    validate = Path(ansible_test.__file__).parent / "_util/controller/sanity/validate-modules/validate.py"
+    version = yaml.safe_load((COLLECTION / "galaxy.yml").read_text())["version"]
+    proc = _run([sys.executable, str(validate), "--format", "json", "--arg-spec", "--collection",
+                 "ansible_collections/deevnet/image_factory", "--collection-version", version,
+                 str(MODULE.relative_to(COLLECTION))], cwd=COLLECTION)
+    assert proc.returncode in (0, 3) and not proc.stderr, proc.stderr
+    found = {f"{path}:{m['code']}": m["msg"] for path, report in json.loads(proc.stdout).items()
+             for m in report["errors"] + report["warnings"]}
+    assert set(found) == _ignored("validate-modules") == {"plugins/modules/factory_vm.py:missing-gplv3-license"}, found
+
+
+def test_ansible_test_sanity_without_requirements_passes(tmp_path: Path) -> None:
+    """On a copy laid out as ansible_collections/<namespace>/<name> (ansible-test's output stays out of the tree)."""
+    copy = tmp_path / "ansible_collections" / "deevnet" / "image_factory"
+    shutil.copytree(COLLECTION, copy, ignore=shutil.ignore_patterns("output", "__pycache__"))
+    tests = [arg for name in OFFLINE_SANITY for arg in ("--test", name)]
+    proc = _run([str(VENV_BIN / "ansible-test"), "sanity", "--python", f"{sys.version_info[0]}.{sys.version_info[1]}",
+                 *tests], cwd=copy)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = {line.split('"')[1] for line in proc.stdout.splitlines() if line.startswith("Running sanity test")}
+    assert ran == set(OFFLINE_SANITY), proc.stdout
+
+
+def test_without_image_factory_the_module_fails_saying_which_python_needs_it() -> None:
+    runner = ("import runpy, sys; sys.modules['image_factory'] = None; "
+              f"runpy.run_path({str(MODULE)!r}, run_name='__main__')")
+    args = {"ANSIBLE_MODULE_ARGS": {"name": "jump01", "inventory": str(REPO_ROOT / "ansible" / "inventory")}}
+    proc = subprocess.run([sys.executable, "-c", runner], input=json.dumps(args), capture_output=True, text=True,
+                          env=_env(), timeout=60)
+    result = json.loads(proc.stdout)
+    assert result["failed"] is True and "Traceback" not in result["msg"], result
+    assert "image_factory (the deevnet-image-factory package)" in result["msg"]
+    assert sys.executable in result["msg"] and "ansible_playbook_python" in result["msg"]
