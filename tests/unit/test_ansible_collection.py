@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ansible
 import ansible_test
 import pytest
 import yaml
 
+import ansible
+from image_factory import deploy as dep
 from image_factory.settings import REPO_ROOT
 
 pytestmark = pytest.mark.unit
@@ -38,8 +39,8 @@ OFFLINE_SANITY = ["action-plugin-docs", "compile", "empty-init", "ignores", "lin
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
-            "ANSIBLE_NOCOLOR": "1", "PYTHONWARNINGS": "ignore", **extra}
+    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_NOCOLOR": "1", "PYTHONWARNINGS": "ignore", **extra}
 
 
 def _run(cmd: list[str], cwd: Path = REPO_ROOT, **env: str) -> subprocess.CompletedProcess[str]:
@@ -120,3 +121,64 @@ def test_without_image_factory_the_module_fails_saying_which_python_needs_it() -
     assert result["failed"] is True and "Traceback" not in result["msg"], result
     assert "image_factory (the deevnet-image-factory package)" in result["msg"]
     assert sys.executable in result["msg"] and "ansible_playbook_python" in result["msg"]
+
+
+def _module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("factory_vm", MODULE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TAG = dep.FieldDiff("net1.tag", "98", "99", False)
+MEMORY = dep.FieldDiff("memory", "512", "1024", True)
+UNSAFE_REASON = "unsafe drift is reported, not corrected: net1.tag: '98' -> '99' (unsafe) (re-create only with " \
+                "--recreate --i-know-this-is-mgmt)"
+
+
+def _result(action: str, state: str, diffs: list[dep.FieldDiff], reason: str = "", **kw: Any) -> dep.VmResult:
+    plan = dep.VmPlan("jump01", "mgmt", "pve-mgmt", "pve-mgmt", 1301, action, reason, "tpl", 9000,  # type: ignore[arg-type]
+                      diffs=diffs)
+    return dep.VmResult(plan, state, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("result", "check_mode", "changed", "failure"), [
+    (_result("in-sync", "planned", []), True, False, None),
+    (_result("drift", "planned", [MEMORY]), True, True, None),
+    (_result("drift", "planned", [TAG], UNSAFE_REASON), True, False,
+     "jump01 (VMID 1301 on pve-mgmt): unsafe drift is reported, not corrected: net1.tag: '98' -> '99' (unsafe) "
+     "(re-create only with recreate=true allow_mgmt=true)"),
+    (_result("drift", "planned", [TAG, MEMORY], UNSAFE_REASON), True, True,
+     "; a real run corrects memory: '512' -> '1024'"),
+    (_result("drift", "drift-unresolved", [TAG, MEMORY], UNSAFE_REASON), False, True,
+     "; corrected memory: '512' -> '1024'"),
+    (_result("drift", "drift-unresolved", [TAG], UNSAFE_REASON), False, False, "net1.tag: '98' -> '99'"),
+    (_result("drift", "corrected", [MEMORY]), False, True, None),
+    (_result("recreate", "planned", [TAG], "unsafe drift (net1.tag), --recreate given"), True, True, None),
+    (_result("blocked", "blocked", [], "VMID 1301 on pve-mgmt is locked (backup)"), True, False,
+     "jump01 (VMID 1301 on pve-mgmt): blocked: VMID 1301 on pve-mgmt is locked (backup)"),
+    (_result("create", "failed", [], error="clone failed", cleanup="removed"), False, False,
+     "jump01 (VMID 1301 on pve-mgmt): failed: clone failed (cleanup: removed)"),
+    (_result("create", "failed", [], error="clone failed", cleanup="left-incomplete"), False, True, "clone failed"),
+    (_result("recreate", "failed", [TAG], error="clone failed", cleanup="removed"), False, True, "clone failed"),
+    (_result("create", "not-ready", [], error="no address in 600s"), False, True, "not-ready: no address"),
+])
+def test_what_a_task_reports_for_each_plan_and_outcome(result: dep.VmResult, check_mode: bool, changed: bool,
+                                                       failure: str | None) -> None:
+    module = _module()
+    assert module._changed(result, check_mode) is changed
+    msg = module._failure(result, check_mode)
+    assert (msg is None) if failure is None else (failure in msg), msg
+
+
+def test_the_diff_has_a_line_for_every_drifted_field_safe_or_not() -> None:
+    module = _module()
+    drift = module._diff(_result("drift", "planned", [TAG, MEMORY]).plan)
+    assert drift["before"] == "net1.tag: 98\nmemory: 512\n"
+    assert drift["after"] == "net1.tag: 99  (unsafe: re-create only)\nmemory: 1024\n"
+    recreate = module._diff(_result("recreate", "planned", [TAG]).plan)
+    assert recreate["before"] == "net1.tag: 98\njump01 (1301) destroyed\n"
+    assert recreate["after"].endswith("jump01 (1301) re-created from tpl\n")
