@@ -2,8 +2,9 @@
 
 ansible-doc and ansible-test are the installed ansible-core's. `ansible-test sanity` creates a virtualenv per test
 that has requirements and bootstraps pip into it from ci-files.testing.ansible.com (not reachable offline), so the
-tests with requirements are not run through it: validate-modules runs as ansible-test runs it (its validate.py,
-the collection's ignore file applied), the ones without requirements run through ansible-test itself on a copy.
+tests with requirements are not run through it: validate-modules, yamllint and runtime-metadata run as
+ansible-test runs them (its scripts, in this venv, which has their requirements; the collection's ignore file
+applied), the ones without requirements run through ansible-test itself on a copy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from image_factory.settings import REPO_ROOT
 pytestmark = pytest.mark.unit
 
 VENV_BIN = Path(sys.executable).parent
+SANITY_SCRIPTS = Path(ansible_test.__file__).parent / "_util" / "controller" / "sanity"
 COLLECTIONS = REPO_ROOT / "ansible" / "playbooks" / "collections"
 COLLECTION = COLLECTIONS / "ansible_collections" / "deevnet" / "image_factory"
 MODULE = COLLECTION / "plugins" / "modules" / "factory_vm.py"
@@ -88,15 +90,25 @@ def test_the_modules_examples_use_only_documented_options_of_the_right_type() ->
 
 def test_validate_modules_reports_nothing_but_the_ignored_license_header() -> None:
     """validate-modules as ansible-test runs it for a collection (argument spec against DOCUMENTATION included)."""
-    validate = Path(ansible_test.__file__).parent / "_util/controller/sanity/validate-modules/validate.py"
     version = yaml.safe_load((COLLECTION / "galaxy.yml").read_text())["version"]
-    proc = _run([sys.executable, str(validate), "--format", "json", "--arg-spec", "--collection",
-                 "ansible_collections/deevnet/image_factory", "--collection-version", version,
-                 str(MODULE.relative_to(COLLECTION))], cwd=COLLECTION)
+    proc = _run([sys.executable, str(SANITY_SCRIPTS / "validate-modules" / "validate.py"), "--format", "json",
+                 "--arg-spec", "--collection", "ansible_collections/deevnet/image_factory", "--collection-version",
+                 version, str(MODULE.relative_to(COLLECTION))], cwd=COLLECTION)
     assert proc.returncode in (0, 3) and not proc.stderr, proc.stderr
     found = {f"{path}:{m['code']}": m["msg"] for path, report in json.loads(proc.stdout).items()
              for m in report["errors"] + report["warnings"]}
     assert set(found) == _ignored("validate-modules") == {"plugins/modules/factory_vm.py:missing-gplv3-license"}, found
+
+
+def test_yamllint_and_runtime_metadata_pass_on_the_collection_and_the_modules_documentation() -> None:
+    yamls = sorted(str(p.relative_to(COLLECTION)) for p in COLLECTION.rglob("*.y*ml") if "output" not in p.parts)
+    modules = sorted(str(p.relative_to(COLLECTION)) for p in (COLLECTION / "plugins").rglob("*.py"))
+    assert "meta/runtime.yml" in yamls and "plugins/modules/factory_vm.py" in modules
+    lint = _run([sys.executable, str(SANITY_SCRIPTS / "yamllint" / "yamllinter.py"), *yamls, *modules], cwd=COLLECTION)
+    assert lint.returncode == 0 and json.loads(lint.stdout)["messages"] == [], lint.stdout + lint.stderr
+    runtime = _run([sys.executable, str(SANITY_SCRIPTS / "code-smell" / "runtime-metadata.py"), "meta/runtime.yml"],
+                   cwd=COLLECTION)
+    assert (runtime.returncode, runtime.stdout, runtime.stderr) == (0, "", ""), runtime.stdout + runtime.stderr
 
 
 def test_ansible_test_sanity_without_requirements_passes(tmp_path: Path) -> None:
