@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -326,8 +327,9 @@ class Tenant(Strict):
     """
 
     name: Annotated[str, _matching(TENANT_NAME_RE, "a tenant name ([a-z][a-z0-9-]*, at most 32)")]
-    id: int = Field(ge=1, le=15)
-    vlan: int = Field(ge=2, le=4094, description="VLAN id on the tenant bridge (1 is the untagged default)")
+    # Strict: "1" or 1.0 would be tenant 1 here but could read otherwise elsewhere (one reading everywhere).
+    id: StrictInt = Field(ge=1, le=15)
+    vlan: StrictInt = Field(ge=2, le=4094, description="VLAN id on the tenant bridge (1 is the untagged default)")
     subnet: str
     gateway: Ipv4Address
     dhcp_range: DhcpRange
@@ -362,6 +364,22 @@ class Tenant(Strict):
         elif first <= gw <= last:
             out.append(("dhcp_range", f"holds the gateway {gw}"))
         return out
+
+    def fixed_address_problem(self, address: str) -> str:
+        """Why a VM's fixed ``address`` cannot be used in this tenant ("" if it can)."""
+        ip, net = ipaddress.IPv4Address(address), self.network
+        if ip not in net:
+            return f"{ip} is outside tenant {self.name}'s subnet {net}"
+        if ip == net.network_address:
+            return f"{ip} is tenant {self.name}'s network address"
+        if ip == net.broadcast_address:
+            return f"{ip} is tenant {self.name}'s broadcast address"
+        if str(ip) == self.gateway:
+            return f"{ip} is tenant {self.name}'s gateway (OPNsense): the VM would take the tenant's route"
+        if ipaddress.IPv4Address(self.dhcp_range.first) <= ip <= ipaddress.IPv4Address(self.dhcp_range.last):
+            return (f"{ip} is inside tenant {self.name}'s dynamic pool {self.dhcp_range.first}-{self.dhcp_range.last}: "
+                    "a lease could hand it to another VM; use an address outside dhcp_range")
+        return ""
 
 
 class Vm(Strict):
@@ -870,7 +888,7 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     groups: dict[str, Any] = {}
     records = _read_inventory(inventory_path, problems, groups)
     catalogue = _read_images(images_path, problems)
-    tenants = _read_tenants(groups, str(inventory_path), problems)
+    tenants = read_tenants(groups, str(inventory_path), problems)
 
     hypervisors: dict[str, Hypervisor] = {}
     vms: dict[str, Vm] = {}
@@ -916,6 +934,7 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     if not problems and not catalogue:
         problems.append(Problem(str(images_path), "", "images", "the catalogue has no image"))
     problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path)))
+    problems.extend(_site_address_checks(hypervisors, vms, tenants, sources, str(inventory_path)))
     if problems:
         raise ValidationFailed(problems)
     return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources, tenants)
@@ -924,7 +943,7 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
 TENANTS_KEY = "tenants"
 
 
-def _read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem]) -> dict[str, Tenant]:
+def read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem]) -> dict[str, Tenant]:
     """``tenants`` from the vars of group ``tenant``: name -> VLAN, subnet, gateway, DHCP range, DNS domain."""
     raw = (groups.get("tenant") or {}).get(TENANTS_KEY)
     if raw is None:
@@ -957,6 +976,9 @@ def _read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem]
                 problems.append(Problem(inv_file, pair, "vlan", f"both use VLAN {a.vlan}"))
             if a.network.overlaps(b.network):
                 problems.append(Problem(inv_file, pair, "subnet", f"{a.subnet} and {b.subnet} overlap"))
+            if a.domain.lower() == b.domain.lower():
+                problems.append(Problem(inv_file, pair, "domain",
+                                        f"both use domain {a.domain}: one tenant's names would answer for the other"))
     return tenants
 
 
@@ -977,9 +999,8 @@ def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str) -> tuple[V
             problems.append(Problem(file, vm.name, f"vm.nics.{i}.vlan",
                                     f"{nic.vlan} is not tenant {tenant.name}'s VLAN {tenant.vlan}: a tenant VM's NICs "
                                     "are on its tenant's VLAN (leave vlan out)"))
-        if nic.address and not host_address_in(ipaddress.IPv4Address(nic.address), tenant.network):
-            problems.append(Problem(file, vm.name, f"vm.nics.{i}.address",
-                                    f"{nic.address} is outside tenant {tenant.name}'s subnet {tenant.subnet}"))
+        if nic.address and (why := tenant.fixed_address_problem(nic.address)):
+            problems.append(Problem(file, vm.name, f"vm.nics.{i}.address", why))
         nics.append(nic.model_copy(update={"vlan": tenant.vlan, "bridge": nic.bridge or tenant.bridge}))
     ip = vm.cloudinit.ipconfig
     if isinstance(ip, StaticIp):
@@ -987,6 +1008,8 @@ def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str) -> tuple[V
         if iface.network != tenant.network:
             problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.ip",
                                     f"{ip.ip} is not in tenant {tenant.name}'s subnet {tenant.subnet}"))
+        elif vm.nics[0].address is None and (why := tenant.fixed_address_problem(str(iface.ip))):
+            problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.ip", why))
         if ip.gw and ip.gw != tenant.gateway:
             problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.gw",
                                     f"{ip.gw} is not tenant {tenant.name}'s gateway {tenant.gateway}"))
@@ -1039,3 +1062,108 @@ def _cross_checks(
     for mac, users in by_mac.items():
         if len(users) > 1:
             yield Problem(inv_file, ", ".join(sorted(users)), "vm.nics.mac", f"MAC {mac} is used more than once")
+
+
+# A tenant VM's MAC carries its tenant's id in byte 2 (02:de:2<id>:..., docs/mac-namespace.md); the rest of
+# the namespace is mac.check's, but a MAC claiming another tenant is refused here, where every task loads.
+_TENANT_MAC_RE = re.compile(r"^02:de:2([1-9a-f]):")
+
+
+def mac_tenant_id(mac: str) -> int:
+    """The tenant id a namespace MAC claims (byte 2 = 0x20 + id), 0 for none."""
+    found = _TENANT_MAC_RE.match(mac)
+    return int(found[1], 16) if found else 0
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | None:
+    try:
+        return ipaddress.IPv4Address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _fixed_addresses(vm: Vm) -> Iterator[tuple[str, str]]:
+    """(key, address) of every fixed address of the VM: each NIC's, and NIC 0's static cloud-init address."""
+    for i, nic in enumerate(vm.nics):
+        if nic.address:
+            yield f"vm.nics.{i}.address", nic.address
+    static = vm.cloudinit.ipconfig
+    if isinstance(static, StaticIp) and vm.nics[0].address is None:
+        yield "vm.cloudinit.ipconfig.ip", str(ipaddress.ip_interface(static.ip).ip)
+
+
+def _hypervisor_host(hv: Hypervisor) -> Iterator[tuple[str, str]]:
+    """(key, host) of the names or addresses the factory reaches the hypervisor at."""
+    yield "pve.api_url", re.sub(r"^https://", "", hv.api_url).rsplit(":", 1)[0].strip("[]")
+    yield "pve.ssh.host", hv.ssh.host
+
+
+def _mgmt_plane(hypervisors: dict[str, Hypervisor], vms: dict[str, Vm]) -> tuple[
+        list[tuple[ipaddress.IPv4Network, str]], dict[str, str]]:
+    """The mgmt plane as the inventory knows it: its networks (mgmt VMs' static networks and fixed addresses, the
+    hypervisors' addresses) and its DNS domains (mgmt VMs' search domains, the hypervisors' parent domains), each
+    with where it comes from."""
+    networks: list[tuple[ipaddress.IPv4Network, str]] = []
+    domains: dict[str, str] = {}
+    for vm in vms.values():
+        if vm.plane != "mgmt":
+            continue
+        static = vm.cloudinit.ipconfig
+        if isinstance(static, StaticIp) and isinstance(net := ipaddress.ip_interface(static.ip).network,
+                                                       ipaddress.IPv4Network):
+            networks.append((net, f"{vm.name}'s cloudinit.ipconfig.ip {static.ip}"))
+        networks.extend((ipaddress.IPv4Network(address), f"{vm.name}'s {key}") for key, address in _fixed_addresses(vm))
+        for domain in (vm.cloudinit.searchdomain or "").split():
+            domains.setdefault(domain.lower(), f"{vm.name}'s cloudinit.searchdomain")
+    for hv in hypervisors.values():
+        for key, host in _hypervisor_host(hv):
+            ip = _literal_ip(host)
+            if ip is not None:
+                networks.append((ipaddress.IPv4Network(ip), f"hypervisor {hv.name}'s {key}"))
+            elif "." in host:
+                domains.setdefault(host.split(".", 1)[1].lower(), f"hypervisor {hv.name}'s {key} {host}")
+    return networks, domains
+
+
+def _site_address_checks(hypervisors: dict[str, Hypervisor], vms: dict[str, Vm], tenants: dict[str, Tenant],
+                         sources: dict[str, str], inv_file: str) -> Iterator[Problem]:
+    """What only the whole site shows: an address held twice, a MAC claiming another tenant, a tenant on the mgmt
+    plane's network or in its DNS domain."""
+    holders: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # address -> (file, entry, key)
+    for vm in vms.values():
+        for key, address in _fixed_addresses(vm):
+            holders[address].append((sources[vm.name], vm.name, key))
+    for hv in hypervisors.values():
+        seen: set[str] = set()  # its API and SSH may share one address
+        for key, host in _hypervisor_host(hv):
+            if (ip := _literal_ip(host)) is not None and str(ip) not in seen:
+                seen.add(str(ip))
+                holders[str(ip)].append((inv_file, hv.name, key))
+    for address, owners in sorted(holders.items()):
+        if len(owners) > 1:
+            for owner in owners:
+                others = ", ".join(f"{entry} {key}" for _, entry, key in owners if (_, entry, key) != owner)
+                yield Problem(owner[0], owner[1], owner[2], f"address {address} is also held by {others}")
+    by_id = {t.id: t for t in tenants.values()}
+    for vm in vms.values():
+        own = tenants[vm.tenant].id if vm.tenant in tenants else 0
+        if vm.tenant and not own:
+            continue  # an unknown tenant is reported where the VM is read
+        for i, nic in enumerate(vm.nics):
+            claimed = mac_tenant_id(nic.mac)
+            if claimed and claimed != own:
+                whose = f"tenant {by_id[claimed].name}'s" if claimed in by_id else "a tenant id no tenant has"
+                mine = f"tenant {vm.tenant} (id {own})" if own else f"no tenant ({vm.plane} plane)"
+                yield Problem(sources[vm.name], vm.name, f"vm.nics.{i}.mac",
+                              f"MAC {nic.mac}: byte 2 2{claimed:x} is {whose} (id {claimed}), but the VM belongs to "
+                              f"{mine}; run: invoke mac.generate --vm {vm.name}")
+    networks, domains = _mgmt_plane(hypervisors, vms)
+    for t in tenants.values():
+        entry = f"tenant {t.name}"
+        for net, where in networks:
+            if t.network.overlaps(net):
+                yield Problem(inv_file, entry, "subnet", f"{t.subnet} overlaps the mgmt network ({where})")
+        if t.domain.lower() in domains:
+            yield Problem(inv_file, entry, "domain",
+                          f"{t.domain} is the mgmt plane's domain ({domains[t.domain.lower()]}): tenant names would "
+                          "answer in it")

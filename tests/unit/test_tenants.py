@@ -190,3 +190,168 @@ def test_the_opnsense_export_holds_each_tenants_range_as_the_model_and_the_api_h
     assert (acme.findtext("start_addr"), acme.findtext("end_addr"), acme.findtext("subnet_mask"),
             acme.findtext("description")) == (api.start_addr, api.end_addr, api.subnet_mask, api.descr)
     assert "static IPv4 10.110.0.1/24" in text and "tag 120 on the trunk" in text  # the manual steps, per tenant
+
+
+ACME_WEB = "all.children.tenant.hosts.acme-web01.vm"
+ACME_DB = "all.children.tenant.hosts.acme-db01.vm"
+METRICS = "all.children.mgmt.hosts.metrics01.vm"
+PVE_MGMT = "all.children.hypervisors.hosts.pve-mgmt.pve"
+
+
+def _static(vm: str, ip: str, gw: str | None = None) -> Callable[[dict[str, Any]], None]:
+    """NIC 0's address from a static cloud-init ipconfig instead of the NIC's ``address``."""
+    def change(doc: dict[str, Any]) -> None:
+        _get(doc, f"{vm}.nics")[0] = {"mac": _get(doc, f"{vm}.nics.0.mac")}
+        _set(f"{vm}.cloudinit.ipconfig", {"ip": ip, **({"gw": gw} if gw else {})})(doc)
+    return change
+
+
+def _get(doc: dict[str, Any], path: str) -> Any:
+    node: Any = doc
+    for key in path.split("."):
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def _both(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        for one in changes:
+            one(doc)
+    return change
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        *keys, last = path.split(".")
+        del _get(doc, ".".join(keys))[last]
+    return change
+
+
+# Hostile tenant definitions: each one mutation of docs/examples/two-tenants.yml that would hurt a site (an outage,
+# a leaked name, a rewritten MAC). None may pass inventory.check; each is named by entry, key and why.
+HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str, str, str]] = {
+    # a fixed address on a tenant's own infrastructure or pool
+    "NIC on the gateway": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.1"), "acme-web01", "vm.nics.0.address",
+                           "10.110.0.1 is tenant acme's gateway"),
+    "NIC on the network address": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.0"), "acme-web01",
+                                   "vm.nics.0.address", "10.110.0.0 is tenant acme's network address"),
+    "NIC on the broadcast address": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.255"), "acme-web01",
+                                     "vm.nics.0.address", "10.110.0.255 is tenant acme's broadcast address"),
+    "static address on the gateway": (_static(ACME_DB, "10.110.0.1/24"), "acme-db01", "vm.cloudinit.ipconfig.ip",
+                                      "10.110.0.1 is tenant acme's gateway"),
+    "static address on the broadcast": (_static(ACME_DB, "10.110.0.255/24"), "acme-db01",
+                                        "vm.cloudinit.ipconfig.ip", "broadcast address"),
+    "NIC inside the pool": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.150"), "acme-web01", "vm.nics.0.address",
+                            "inside tenant acme's dynamic pool 10.110.0.100-10.110.0.199"),
+    "NIC on the pool's first": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.100"), "acme-web01",
+                                "vm.nics.0.address", "dynamic pool"),
+    "NIC on the pool's last": (_set(f"{ACME_WEB}.nics.0.address", "10.110.0.199"), "acme-web01",
+                               "vm.nics.0.address", "dynamic pool"),
+    "static address inside the pool": (_static(ACME_DB, "10.110.0.120/24"), "acme-db01", "vm.cloudinit.ipconfig.ip",
+                                       "dynamic pool"),
+    "second NIC inside the pool": (_set(f"{ACME_WEB}.nics", [{"mac": "02:de:21:11:01:00", "address": "10.110.0.11"},
+                                                             {"mac": "02:de:21:11:01:01", "address": "10.110.0.120"}]),
+                                   "acme-web01", "vm.nics.1.address", "dynamic pool"),
+    # one address, two holders
+    "two VMs on one address": (_set(f"{ACME_DB}.nics.0.address", "10.110.0.11"), "acme-db01", "vm.nics.0.address",
+                               "address 10.110.0.11 is also held by acme-web01 vm.nics.0.address"),
+    "one VM's two NICs on one address": (_set(f"{ACME_WEB}.nics", [
+        {"mac": "02:de:21:11:01:00", "address": "10.110.0.11"},
+        {"mac": "02:de:21:11:01:01", "address": "10.110.0.11"}]),
+        "acme-web01", "vm.nics.1.address", "is also held by acme-web01 vm.nics.0.address"),
+    "a static address another VM's NIC holds": (_static(ACME_DB, "10.110.0.11/24"), "acme-db01",
+                                                "vm.cloudinit.ipconfig.ip", "is also held by acme-web01"),
+    "a mgmt VM on its hypervisor's address": (
+        _both(_set(f"{PVE_MGMT}.ssh.host", "192.168.10.5"), _set(f"{METRICS}.nics.0.address", "192.168.10.5")),
+        "metrics01", "vm.nics.0.address", "address 192.168.10.5 is also held by pve-mgmt pve.ssh.host"),
+    "two hypervisors on one address": (
+        _both(_set(f"{PVE_MGMT}.ssh.host", "192.168.10.5"),
+              _set("all.children.hypervisors.hosts.pve-tenant.pve.ssh.host", "192.168.10.5")),
+        "pve-tenant", "pve.ssh.host", "is also held by pve-mgmt pve.ssh.host"),
+    # a MAC claiming a tenant the VM is not in
+    "another tenant's MAC byte": (_set(f"{ACME_WEB}.nics.0.mac", "02:de:22:11:01:00"), "acme-web01", "vm.nics.0.mac",
+                                  "byte 2 22 is tenant globex's (id 2), but the VM belongs to tenant acme (id 1)"),
+    "an undefined tenant's MAC byte": (_set(f"{ACME_WEB}.nics.0.mac", "02:de:25:11:01:00"), "acme-web01",
+                                       "vm.nics.0.mac", "byte 2 25 is a tenant id no tenant has (id 5)"),
+    "a tenant MAC byte on a VM of no tenant": (_drop("all.children.tenant.hosts.globex-web01.vm.tenant"),
+                                               "globex-web01", "vm.nics.0.mac",
+                                               "is tenant globex's (id 2), but the VM belongs to no tenant"),
+    "a tenant MAC byte on a mgmt VM": (_set(f"{METRICS}.nics.0.mac", "02:de:21:01:01:00"), "metrics01",
+                                       "vm.nics.0.mac", "is tenant acme's (id 1), but the VM belongs to no tenant"),
+    # names that answer for someone else
+    "two tenants, one domain": (_set(f"{TENANTS}.globex.domain", "acme.deevnet.lan"), "tenants acme, globex",
+                                "domain", "both use domain acme.deevnet.lan"),
+    "two tenants, one domain in other case": (_set(f"{TENANTS}.globex.domain", "ACME.deevnet.lan"),
+                                              "tenants acme, globex", "domain", "both use domain"),
+    "a tenant in the hypervisors' domain": (_set(f"{TENANTS}.acme.domain", "deevnet.lan"), "tenant acme", "domain",
+                                            "deevnet.lan is the mgmt plane's domain (hypervisor pve-mgmt's"),
+    "a tenant in a mgmt VM's search domain": (
+        _both(_set(f"{METRICS}.cloudinit.searchdomain", "infra.example.org"),
+              _set(f"{TENANTS}.acme.domain", "infra.example.org")),
+        "tenant acme", "domain", "is the mgmt plane's domain (metrics01's cloudinit.searchdomain)"),
+    # a tenant on the mgmt plane's network
+    "a tenant subnet over a mgmt VM's network": (_set(f"{METRICS}.cloudinit.ipconfig", {"ip": "10.110.0.60/16"}),
+                                                 "tenant acme", "subnet",
+                                                 "10.110.0.0/24 overlaps the mgmt network (metrics01's"),
+    "a tenant subnet over a mgmt VM's address": (_set(f"{METRICS}.nics.0.address", "10.120.0.60"), "tenant globex",
+                                                 "subnet", "overlaps the mgmt network (metrics01's vm.nics.0.address)"),
+    "a tenant subnet over a hypervisor's SSH address": (_set(f"{PVE_MGMT}.ssh.host", "10.120.0.2"), "tenant globex",
+                                                        "subnet", "overlaps the mgmt network (hypervisor pve-mgmt's"),
+    "a tenant subnet over a hypervisor's API address": (_set(f"{PVE_MGMT}.api_url", "https://10.110.0.3:8006"),
+                                                        "tenant acme", "subnet",
+                                                        "the mgmt network (hypervisor pve-mgmt's pve.api_url)"),
+    # ids with more than one reading
+    "id as a string": (_set(f"{TENANTS}.acme.id", "1"), "tenant acme", "id", "valid integer"),
+    "id as a float": (_set(f"{TENANTS}.acme.id", 1.0), "tenant acme", "id", "valid integer"),
+    "id with a leading zero": (_set(f"{TENANTS}.acme.id", "01"), "tenant acme", "id", "valid integer"),
+    "id as a boolean": (_set(f"{TENANTS}.acme.id", True), "tenant acme", "id", "valid integer"),
+    "VLAN as a string": (_set(f"{TENANTS}.acme.vlan", "110"), "tenant acme", "vlan", "valid integer"),
+    "VLAN as a float": (_set(f"{TENANTS}.acme.vlan", 110.0), "tenant acme", "vlan", "valid integer"),
+    "id 0": (_set(f"{TENANTS}.acme.id", 0), "tenant acme", "id", "greater than or equal to 1"),
+    "id 16": (_set(f"{TENANTS}.acme.id", 16), "tenant acme", "id", "less than or equal to 15"),
+    **BAD,
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_no_hostile_tenant_passes_inventory_check(tmp_path: Path, case: str) -> None:
+    """Through the command itself: exit 2, the problem named with file, entry and key, no traceback."""
+    from invoke import Collection, Program
+
+    from image_factory.settings import DEFAULTS
+    from image_factory.tasks import inventory as inventory_tasks
+
+    change, entry, key, message = HOSTILE[case]
+    path = _variant(tmp_path, change)
+    with pytest.raises(ValidationFailed) as caught:
+        load_site(path, CATALOGUE)
+    found = [(p.file, p.entry, p.key, p.message) for p in caught.value.problems]
+    assert any(f == str(path) and e == entry and k == key and message in m for f, e, k, m in found), found
+    ns = Collection(inventory_tasks.ns)
+    ns.configure({"factory": dict(DEFAULTS)})
+    with pytest.raises(SystemExit) as code:
+        Program(namespace=ns).run(["invoke", "inventory.check", "-i", str(path), "--catalogue", str(CATALOGUE)])
+    assert code.value.code == 2
+
+
+def test_the_example_stays_valid_for_every_check() -> None:
+    site = load_site(EXAMPLE, CATALOGUE)
+    assert mac.check_inventory(EXAMPLE, CATALOGUE) == []
+    assert len(mac.checked_reservations(site)) == 4
+
+
+@pytest.mark.parametrize("raw", ['"1"', "1.0"])
+def test_a_quoted_or_float_id_is_refused_by_mac_check_and_generate_too(tmp_path: Path, raw: str) -> None:
+    """One reading everywhere: mac.check and mac.generate read tenants through the site model, so the tenant's
+    MACs are never taken for "no tenant" and rewritten."""
+    path = tmp_path / "hosts.yml"
+    path.write_text(EXAMPLE.read_text().replace("            id: 1\n", f"            id: {raw}\n"))
+    problems = mac.check_inventory(path)
+    assert [(p.entry, p.key) for p in problems] == [("tenant acme", "id")], problems
+    with pytest.raises(ValidationFailed) as caught:
+        mac.plan(path, "acme-web01")
+    assert [(p.entry, p.key) for p in caught.value.problems] == [("tenant acme", "id")]
+    before = path.read_text()
+    with pytest.raises(ValidationFailed):
+        mac.generate(path, "acme-web01")
+    assert path.read_text() == before
