@@ -1139,8 +1139,10 @@ def _site_address_checks(hypervisors: dict[str, Hypervisor], vms: dict[str, Vm],
             if (ip := _literal_ip(host)) is not None and str(ip) not in seen:
                 seen.add(str(ip))
                 holders[str(ip)].append((inv_file, hv.name, key))
+    vm_names = set(vms)
     for address, owners in sorted(holders.items()):
-        if len(owners) > 1:
+        # hypervisors may share an address (one host, or a forwarder, on other ports); a VM may not share one
+        if len(owners) > 1 and any(entry in vm_names for _, entry, _ in owners):
             for owner in owners:
                 others = ", ".join(f"{entry} {key}" for _, entry, key in owners if (_, entry, key) != owner)
                 yield Problem(owner[0], owner[1], owner[2], f"address {address} is also held by {others}")

@@ -264,10 +264,10 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str, str, str]] = {
     "a mgmt VM on its hypervisor's address": (
         _both(_set(f"{PVE_MGMT}.ssh.host", "192.168.10.5"), _set(f"{METRICS}.nics.0.address", "192.168.10.5")),
         "metrics01", "vm.nics.0.address", "address 192.168.10.5 is also held by pve-mgmt pve.ssh.host"),
-    "two hypervisors on one address": (
-        _both(_set(f"{PVE_MGMT}.ssh.host", "192.168.10.5"),
-              _set("all.children.hypervisors.hosts.pve-tenant.pve.ssh.host", "192.168.10.5")),
-        "pve-tenant", "pve.ssh.host", "is also held by pve-mgmt pve.ssh.host"),
+    "a tenant VM on a hypervisor's address": (
+        _both(_set("all.children.hypervisors.hosts.pve-tenant.pve.ssh.host", "10.110.0.30"),
+              _set(f"{ACME_WEB}.nics.0.address", "10.110.0.30")),
+        "pve-tenant", "pve.ssh.host", "address 10.110.0.30 is also held by acme-web01 vm.nics.0.address"),
     # a MAC claiming a tenant the VM is not in
     "another tenant's MAC byte": (_set(f"{ACME_WEB}.nics.0.mac", "02:de:22:11:01:00"), "acme-web01", "vm.nics.0.mac",
                                   "byte 2 22 is tenant globex's (id 2), but the VM belongs to tenant acme (id 1)"),
