@@ -4,12 +4,17 @@ Targets OPNsense 25.7 and later, where Dnsmasq is the default DHCP server (ISC D
 The endpoints and the ``host`` fields are those of opnsense/core's Dnsmasq ``SettingsController`` and model
 (``/api/dnsmasq/settings/{search,add,set,del}_host``, ``/api/dnsmasq/service/reconfigure``). The factory owns
 the entries whose description starts with its marker; every other entry is foreign and never changed.
-Gather (one search), decide (a pure function), act (adds, sets, deletes, then one reconfigure).
+Gather (one search per kind), decide (a pure function that also replays OPNsense's own refusals over every row,
+so a run that would be refused part-way writes nothing), act (deletes, sets, adds, then one reconfigure per
+service, also after a failed write). A service with saved but unapplied changes is marked in OPNsense itself
+(an unused Dnsmasq tag, ``PENDING``) from before the first write until its reconfigure succeeded, so any later
+run, from any machine, reconfigures what an interrupted one saved.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +70,25 @@ class HostEntry:
     def ours(self) -> bool:
         return self.descr.startswith(MARKER)
 
+    @property
+    def ips(self) -> list[str]:
+        return [ip for ip in (ip.strip() for ip in self.ip.split(",")) if ip]
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.host}.{self.domain}".lower() if self.domain else self.host.lower()
+
     def clash(self, other: HostEntry) -> str:
-        """Why a foreign reservation stands in this one's way ("" if it does not): it holds one of its MACs."""
+        """Why a foreign entry stands in this one's way ("" if it does not): it holds one of its MACs or its name.
+        (An address another DHCP host holds is OPNsense's own refusal: see ``_replay_host_writes``.)"""
         shared = sorted(set(self.keys) & set(other.keys))
-        return (f"a reservation the factory does not own holds {', '.join(shared)} ({other.host or 'no host'}, "
-                f"{other.ip or 'no ip'}): left alone; remove it in OPNsense or change the inventory") if shared else ""
+        if shared:
+            return (f"a reservation the factory does not own holds {', '.join(shared)} ({other.host or 'no host'}, "
+                    f"{other.ip or 'no ip'}): left alone; remove it in OPNsense or change the inventory")
+        if self.host and other.host and other.fqdn == self.fqdn:
+            return (f"an entry the factory does not own already has the name {self.fqdn} ({other.ip or 'no ip'}, "
+                    f"{other.hwaddr or 'no MAC'}): DNS would answer both; remove it in OPNsense or rename the VM")
+        return ""
 
 
 class _TenantKeyed:
@@ -120,7 +139,12 @@ class RangeEntry(_TenantKeyed):
             return None
 
     def clash(self, other: RangeEntry) -> str:
-        """Why a foreign range stands in this one's way ("" if it does not): their addresses overlap."""
+        """Why a foreign range stands in this one's way ("" if it does not): their addresses overlap, or it serves
+        this range's domain by interface (OPNsense refuses one domain with both types, Dnsmasq.php)."""
+        if other.domain and other.domain.lower() == self.domain.lower() and other.domain_type != self.domain_type:
+            return (f"a range the factory does not own ({other.name}, {other.descr or 'no description'}) serves "
+                    f"domain {other.domain} by {other.domain_type or 'no type'}: OPNsense refuses one domain with "
+                    "both types; change that range or the tenant's domain")
         mine, theirs = self._span(), other._span()
         if mine is None or theirs is None or mine[1] < theirs[0] or theirs[1] < mine[0]:
             return ""
@@ -171,6 +195,7 @@ class Kind:
     fields: dict[str, str]
     entry: Callable[..., Entry]
     reconfigure: str
+    undeletable: Callable[[dict[str, Any]], str] = lambda _row: ""  # why OPNsense refuses to delete a row
 
     def from_row(self, row: dict[str, Any]) -> Entry:
         return self.entry(**{attr: _text(row, model) for model, attr in self.fields.items()})
@@ -185,8 +210,16 @@ HOSTS = Kind("host", "dnsmasq/settings", "host", "host", _same("host", "domain",
 RANGES = Kind("range", "dnsmasq/settings", "range", "range",
               {**_same("start_addr", "end_addr", "subnet_mask", "domain_type", "domain"), "description": "descr"},
               RangeEntry, "dnsmasq/service/reconfigure")
+def _assigned(row: dict[str, Any]) -> str:
+    """An assigned device: VlanSettingsController's search shows its ``vlanif`` as "vlan01 [<interface>]", and
+    its delete refuses it ("This VLAN cannot be deleted because it is assigned as an interface.")."""
+    found = re.match(r"^\S+ \[(.+)\]$", _text(row, "vlanif"))
+    return (f"cannot delete: assigned to {found[1]} (Interfaces: Assignments: remove the assignment, then re-run)"
+            if found else "")
+
+
 VLANS = Kind("vlan", "interfaces/vlan_settings", "item", "vlan", {"if": "parent", "tag": "tag", "descr": "descr"},
-             VlanEntry, "interfaces/vlan_settings/reconfigure")
+             VlanEntry, "interfaces/vlan_settings/reconfigure", _assigned)
 KINDS = (VLANS, RANGES, HOSTS)  # a range needs its VLAN's interface; hosts live in the ranges
 
 
@@ -194,9 +227,12 @@ def body(kind: Kind, entry: Entry) -> dict[str, dict[str, str]]:
     return {kind.body_key: {model: getattr(entry, attr) for model, attr in kind.fields.items()}}
 
 
+WRITES = ("create", "update", "delete")
+
+
 @dataclass
 class Change(Report):
-    action: str  # create | update | delete | unchanged | conflict
+    action: str  # create | update | delete | unchanged | conflict (refuses the run) | blocked (a delete left out)
     kind: str
     key: str  # the MAC of a host, the tenant of a range
     name: str = ""
@@ -215,11 +251,13 @@ class Change(Report):
 def decide(kind: Kind, desired: list[Entry], rows: list[dict[str, Any]]) -> list[Change]:
     """What converging one kind needs, from the desired entries and OPNsense's rows (pure)."""
     mine: dict[str, tuple[str, Entry]] = {}
+    rows_of: dict[str, dict[str, Any]] = {}
     foreign: list[Entry] = []
     for row in rows:
         have = kind.from_row(row)
         if have.ours:
             mine.update((key, (str(row.get("uuid")), have)) for key in have.keys)
+            rows_of.update((key, row) for key in have.keys)
         else:
             foreign.append(have)
     changes: list[Change] = []
@@ -237,9 +275,62 @@ def decide(kind: Kind, desired: list[Entry], rows: list[dict[str, Any]]) -> list
             changes.append(Change("update" if diff else "unchanged", kind.name, key, want.name, uuid, want, diff))
     for key, (uuid, have) in sorted(mine.items()):
         if key not in wanted:
-            changes.append(Change("delete", kind.name, key, have.name, uuid,
-                                  why=f"{have.name}: no longer in the inventory"))
+            refused = kind.undeletable(rows_of[key])
+            changes.append(Change("blocked" if refused else "delete", kind.name, key, have.name, uuid,
+                                  why=refused or f"{have.name}: no longer in the inventory"))
     return changes
+
+
+def write_order(changes: list[Change]) -> list[Change]:
+    """The writes in the order a run makes them: kind by kind (VLANs, ranges, hosts), within a kind deletes, then
+    updates, then creates, so an address or tag a delete frees is free before anything takes it."""
+    rank = {kind.name: i for i, kind in enumerate(KINDS)}
+    return sorted((c for c in changes if c.action in WRITES),
+                  key=lambda c: (rank[c.kind], ("delete", "update", "create").index(c.action)))
+
+
+def _replay_host_writes(changes: list[Change], rows: list[dict[str, Any]]) -> None:
+    """OPNsense's own rule, replayed over every row in write order before anything is written: a DHCP host (one
+    with a MAC) may not take an address another DHCP host holds (Dnsmasq.php performValidation, checked for the
+    host being saved). A write it would refuse becomes a conflict, so the run refuses before its first write."""
+    held: dict[str, tuple[list[str], str, bool]] = {}  # uuid -> (addresses, who, the factory's)
+    for row in rows:
+        have = HOSTS.from_row(row)
+        assert isinstance(have, HostEntry)
+        if have.keys or _text(row, "client_id"):  # a DHCP host; host overrides may share addresses
+            held[str(row.get("uuid"))] = (have.ips, f"{have.host or 'no host'} ({have.hwaddr or 'client id'})",
+                                          have.ours)
+    for n, change in enumerate(write_order(changes)):
+        if change.kind != HOSTS.name:
+            continue
+        if change.action == "delete":
+            held.pop(str(change.uuid), None)
+            continue
+        want = change.want
+        assert isinstance(want, HostEntry)
+        slot = str(change.uuid) if change.uuid else f"new-{n}"
+        taken = [(ip, who, ours) for ip in want.ips for uid, (ips, who, ours) in held.items()
+                 if uid != slot and ip in ips]
+        if not taken:
+            held[slot] = (want.ips, f"{want.host} ({want.hwaddr})", True)
+            continue
+        ip, who, ours = taken[0]
+        change.action, change.diff = "conflict", {}
+        change.why = (f"{ip} is still held by the factory's reservation {who} when this one is saved, and "
+                      "OPNsense checks each saved host against the others: move one to a free address first "
+                      "(two runs)" if ours else
+                      f"a DHCP reservation the factory does not own holds {ip} ({who}): OPNsense refuses a second "
+                      "one; remove it in OPNsense or change the inventory")
+
+
+def plan(kinds: list[Kind], desired: Mapping[str, list[Entry]], rows: Mapping[str, list[dict[str, Any]]],
+         pending: list[str]) -> SyncReport:
+    """What converging needs (pure): each kind decided against OPNsense's rows, OPNsense's refusals replayed, and
+    the services an earlier run saved but did not apply."""
+    changes = [c for kind in kinds for c in decide(kind, desired[kind.name], rows[kind.name])]
+    if HOSTS in kinds:
+        _replay_host_writes(changes, rows[HOSTS.name])
+    return SyncReport(changes, dry_run=True, pending=pending)
 
 
 class OpnsenseClient:
@@ -268,7 +359,7 @@ class OpnsenseClient:
             raise OpnsenseError(f"{method} /api/{path}: HTTP {response.status_code}: the API key is wrong or lacks "
                                 "the privilege 'Services: Dnsmasq DNS/DHCP: Settings'")
         if response.status_code != 200:
-            raise OpnsenseError(f"{method} /api/{path}: HTTP {response.status_code}")
+            raise OpnsenseError(f"{method} /api/{path}: HTTP {response.status_code}{_error_message(response)}")
         try:
             return response.json()
         except ValueError:
@@ -304,6 +395,38 @@ class OpnsenseClient:
         if not (isinstance(answer, dict) and answer.get("status") == "ok"):
             raise OpnsenseError(f"{path}: {str(answer)[:200]}")
 
+    def pending(self) -> dict[str, str]:
+        """The services an earlier run saved changes for but did not apply: reconfigure path -> marker uuid."""
+        answer = self.call("POST", "dnsmasq/settings/search_tag", {"current": 1, "rowCount": -1})
+        rows = answer.get("rows") if isinstance(answer, dict) else None
+        if not isinstance(rows, list):
+            raise OpnsenseError(f"dnsmasq/settings/search_tag: unexpected answer {str(answer)[:200]}")
+        return {_text(row, "tag").removeprefix(PENDING): str(row.get("uuid")) for row in rows
+                if _text(row, "tag").startswith(PENDING)}
+
+    def mark_pending(self, path: str) -> str:
+        return str(self._saved(f"mark {path} pending", self.call(
+            "POST", "dnsmasq/settings/add_tag", {"tag": {"tag": PENDING + path}})).get("uuid"))
+
+    def clear_pending(self, uuid: str) -> None:
+        self._saved(f"clear pending marker {uuid}", self.call("POST", f"dnsmasq/settings/del_tag/{uuid}"))
+
+
+def _error_message(response: requests.Response) -> str:
+    """OPNsense's own words for a failed call (api.php answers every exception with ``errorMessage``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    message = body.get("errorMessage") if isinstance(body, dict) else None
+    return f": {' '.join(str(message).split())[:300]}" if message else ""
+
+
+# The marker of a service with saved but unapplied changes: a Dnsmasq tag (model item ``dhcp_tags``) named after
+# the service's reconfigure path. Dnsmasq's template renders a tag only where a range, host or option references
+# it, so the marker never changes what dnsmasq serves.
+PENDING = f"{MARKER} unapplied: "
+
 
 @dataclass
 class SyncReport:
@@ -311,17 +434,35 @@ class SyncReport:
     dry_run: bool
     reconfigured: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # services an earlier run saved but did not apply
+    failed: str = ""  # the write that failed, and OPNsense's words
+    reconfigure_failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> bool:
+        """A conflict: the run writes nothing at all."""
+        return any(c.action == "conflict" for c in self.changes)
 
     @property
     def ok(self) -> bool:
-        return not any(c.action == "conflict" for c in self.changes)
+        return not (self.refused or self.failed or self.reconfigure_failed
+                    or any(c.action == "blocked" for c in self.changes))
 
     @property
     def writes(self) -> int:
-        return sum(c.action in ("create", "update", "delete") for c in self.changes)
+        return sum(c.action in WRITES for c in self.changes)
+
+    @property
+    def to_reconfigure(self) -> list[str]:
+        """Every service this run saves changes for, then every one an earlier run left unapplied."""
+        by_name = {kind.name: kind for kind in KINDS}
+        touched = [by_name[c.kind].reconfigure for c in write_order(self.changes)]
+        return list(dict.fromkeys([*touched, *self.pending]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "dry_run": self.dry_run, "reconfigured": self.reconfigured, "notes": self.notes,
+        return {"ok": self.ok, "dry_run": self.dry_run, "refused": self.refused, "failed": self.failed,
+                "reconfigured": self.reconfigured, "reconfigure_failed": self.reconfigure_failed,
+                "pending": self.pending, "notes": self.notes,
                 "changes": [c.to_dict() for c in self.changes if c.action != "unchanged"],
                 "unchanged": sum(c.action == "unchanged" for c in self.changes)}
 
@@ -331,8 +472,9 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     """Converge OPNsense's tenant VLAN devices (on ``vlan_parent``, the trunk to the tenant bridge), Dnsmasq
     ranges (one per tenant) and host reservations; a dry run only plans.
 
-    Conflicts are reported and left alone; everything else is applied, then each service that changed is
-    reconfigured once.
+    A conflict (a foreign object in the way, or a write OPNsense would refuse) refuses the whole run before its
+    first write. Otherwise the writes are made, and every service they touched, or an earlier run left
+    unapplied, is reconfigured, also when a write failed part-way (the report then carries both).
     """
     tenants = tenants or {}
     # the kinds this run manages are the kinds it has a desired list for: VLAN devices only with their parent
@@ -343,23 +485,45 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     if vlan_parent:
         desired[VLANS.name] = [VlanEntry.from_tenant(t, vlan_parent) for t in tenants.values()]
     kinds = [k for k in KINDS if k.name in desired]
-    report = SyncReport([c for kind in kinds for c in decide(kind, desired[kind.name], client.search(kind))],
-                        dry_run)
+    markers = client.pending()
+    report = plan(kinds, desired, {kind.name: client.search(kind) for kind in kinds}, sorted(markers))
+    report.dry_run = dry_run
     if tenants and not vlan_parent:
         report.notes.append("tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)")
-    if dry_run:
+    if dry_run or report.refused:
         return report
-    by_name = {kind.name: kind for kind in KINDS}
-    for change in report.changes:
-        kind = by_name[change.kind]
-        if change.action == "create" and change.want:
-            change.uuid = client.add(kind, change.want)
-        elif change.action == "update" and change.want and change.uuid:
-            client.set(kind, change.uuid, change.want)
-        elif change.action == "delete" and change.uuid:
-            client.delete(kind, change.uuid)
-    for path in dict.fromkeys(by_name[c.kind].reconfigure for c in report.changes
-                              if c.action in ("create", "update", "delete")):
-        client.reconfigure(path)
-        report.reconfigured.append(path)
+    _apply(client, report, markers)
     return report
+
+
+def _apply(client: OpnsenseClient, report: SyncReport, markers: dict[str, str]) -> None:
+    """Write, then reconfigure every service written to (even after a failed write) and clear its marker."""
+    by_name = {kind.name: kind for kind in KINDS}
+    try:
+        for path in report.to_reconfigure:
+            if path not in markers:
+                markers[path] = client.mark_pending(path)  # before its first write: a crash leaves it marked
+        for change in write_order(report.changes):
+            kind = by_name[change.kind]
+            if change.action == "create" and change.want:
+                change.uuid = client.add(kind, change.want)
+            elif change.action == "update" and change.want and change.uuid:
+                client.set(kind, change.uuid, change.want)
+            elif change.action == "delete" and change.uuid:
+                client.delete(kind, change.uuid)
+    except FactoryError as exc:
+        report.failed = str(exc)
+    for path in report.to_reconfigure:
+        if path not in markers:
+            continue  # never marked: nothing was written for it
+        try:
+            client.reconfigure(path)
+        except FactoryError as exc:
+            report.reconfigure_failed[path] = f"{exc} (still marked pending: the next run reconfigures it)"
+            continue
+        report.reconfigured.append(path)
+        try:
+            client.clear_pending(markers[path])
+        except FactoryError as exc:
+            report.notes.append(f"{path} was applied, but its pending marker stays ({exc}): the next run "
+                                "reconfigures it once more")

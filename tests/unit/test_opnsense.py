@@ -85,7 +85,7 @@ def test_a_foreign_entry_with_an_inventory_mac_is_a_conflict_not_a_takeover(fake
     assert not report.ok and [(c.kind, c.key) for c in conflicts] == [("host", rs[0].mac)]
     assert "left alone" in conflicts[0].why
     assert api.hosts[taken]["host"] == "old-jump"
-    assert len(api.hosts) == len(rs), "every other reservation was still made"
+    assert report.refused and api.writes == 0 and api.reconfigures == 0, "a refused run writes nothing at all"
 
 
 def test_a_reservation_gone_from_the_inventory_is_removed(fake: Any) -> None:
@@ -146,7 +146,7 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
     assert planned["dry_run"] and {c["action"] for c in planned["changes"]} == {"create"} and api.writes == 0
     tasks.sync(Context(), **args)
     done = json.loads(capsys.readouterr().out)
-    assert done["reconfigured"] and api.writes == len(planned["changes"])
+    assert done["reconfigured"] and len(api.hosts) == len(planned["changes"]) and api.tags == {}
     tasks.sync(Context(), **args)
     again = json.loads(capsys.readouterr().out)
     assert again["changes"] == [] and not again["reconfigured"]
@@ -163,10 +163,13 @@ def test_tenant_ranges_converge_beside_the_hosts_and_a_foreign_range_is_left_alo
     api, url, cert = fake
     site = load_site(TENANTS, REPO_ROOT / "packer/images.yml")
     foreign = api.add_foreign("range", start_addr="10.120.0.150", end_addr="10.120.0.160", description="lab")
-    first = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
-    assert [(c.action, c.key) for c in first.changes if c.kind == "range"] == [
+    refused = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert [(c.action, c.key) for c in refused.changes if c.kind == "range"] == [
         ("create", "acme"), ("conflict", "globex")]
-    assert not first.ok and api.reconfigures == 1 and api.vlan_reconfigures == 0 and api.vlans == {}
+    assert refused.refused and not refused.ok and api.writes == 0 and api.reconfigures == 0
+    del api.ranges[foreign]
+    first = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert first.ok and api.reconfigures == 1 and api.vlan_reconfigures == 0 and api.vlans == {}
     assert first.notes == ["tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)"]
     acme = next(r for r in api.ranges.values() if r["description"].startswith(opn.MARKER))
     assert (acme["start_addr"], acme["end_addr"], acme["subnet_mask"], acme["domain_type"], acme["domain"]) == (
@@ -175,10 +178,6 @@ def test_tenant_ranges_converge_beside_the_hosts_and_a_foreign_range_is_left_alo
     assert (by_mac["02:de:21:11:01:00"]["ip"], by_mac["02:de:21:11:01:00"]["domain"]) == (
         "10.110.0.11", "acme.deevnet.lan")
 
-    del api.ranges[foreign]
-    second = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
-    assert second.ok and [(c.action, c.key) for c in second.changes if c.action != "unchanged"] == [
-        ("create", "globex")]
     writes = api.writes
     third = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
     assert third.writes == 0 and api.writes == writes
@@ -215,3 +214,115 @@ def test_tenant_vlan_devices_converge_on_the_trunk_and_a_foreign_one_is_left_alo
     clash = opn.sync(_client(url, cert), reservations(site), dry_run=True, tenants=site.tenants, vlan_parent="vtnet1")
     assert not clash.ok and [(c.action, c.key) for c in clash.changes if c.kind == "vlan"] == [
         ("unchanged", "acme"), ("conflict", "globex")]
+
+
+def _tenant_site() -> Any:
+    return load_site(TENANTS, REPO_ROOT / "packer/images.yml")
+
+
+def _sync(url: str, cert: str, site: Any, *, dry_run: bool = False, **kw: Any) -> opn.SyncReport:
+    return opn.sync(_client(url, cert), reservations(site), dry_run=dry_run, tenants=site.tenants,
+                    vlan_parent="vtnet1", **kw)
+
+
+WRITE_VERBS = ("/add_", "/set_", "/del_", "reconfigure")
+
+
+def test_a_run_opnsense_would_refuse_part_way_writes_nothing_and_an_interrupted_one_is_applied_next(
+        fake: Any) -> None:
+    """The issue's case: a foreign DHCP host holds a tenant VM's address (OPNsense refuses the duplicate, as
+    Dnsmasq.php does). The run refuses before its first write; once fixed, a run cut off after its writes leaves
+    them marked pending in OPNsense, and the next run, with nothing left to write, applies them."""
+    api, url, cert = fake
+    site = _tenant_site()
+    squatter = api.add_foreign(host="old-db", domain="acme.deevnet.lan", ip="10.110.0.12",
+                               hwaddr="aa:bb:cc:00:00:12", descr="hand-made")
+    plan = _sync(url, cert, site, dry_run=True)
+    refused = _sync(url, cert, site)
+    for report in (plan, refused):
+        (conflict,) = [c for c in report.changes if c.action == "conflict"]
+        assert (conflict.kind, conflict.key) == ("host", "02:de:21:14:01:00")
+        assert "does not own holds 10.110.0.12 (old-db (aa:bb:cc:00:00:12))" in conflict.why
+        assert report.refused and not report.ok
+    assert api.writes == 0 and not [r for r in api.requests if any(v in r for v in WRITE_VERBS)]
+
+    del api.hosts[squatter]  # the operator removed it; the next run is cut off after its last write
+    todo = _sync(url, cert, site, dry_run=True)
+    api.down_after_writes = todo.writes + 2  # one pending marker per service, then the objects
+    cut = _sync(url, cert, site)
+    assert not cut.failed and not cut.reconfigured and set(cut.reconfigure_failed) == {
+        "interfaces/vlan_settings/reconfigure", "dnsmasq/service/reconfigure"}
+    assert "HTTP 503: Service Unavailable" in cut.reconfigure_failed["dnsmasq/service/reconfigure"]
+    assert len(api.hosts) == 4 and len(api.ranges) == 2 and len(api.vlans) == 2 and api.served == {}
+
+    api.down_after_writes = None
+    plan = _sync(url, cert, site, dry_run=True)
+    assert plan.writes == 0 and plan.pending == ["dnsmasq/service/reconfigure", "interfaces/vlan_settings/reconfigure"]
+    again = _sync(url, cert, site)
+    assert again.ok and again.writes == 0
+    assert again.reconfigured == ["dnsmasq/service/reconfigure", "interfaces/vlan_settings/reconfigure"]
+    assert api.served == {"hosts": api.hosts, "ranges": api.ranges, "vlans": api.vlans} and api.tags == {}
+    quiet = _sync(url, cert, site)
+    assert quiet.reconfigured == [] and api.reconfigures == 1, "once applied, nothing is pending"
+
+
+def test_a_write_that_fails_part_way_still_reconfigures_what_was_saved_and_says_both(fake: Any) -> None:
+    api, url, cert = fake
+    site = _tenant_site()
+    api.faults["POST /api/dnsmasq/settings/add_host"] = (500, {
+        "errorMessage": "Unexpected error, check log for details"})
+    report = _sync(url, cert, site)
+    assert report.failed == ("POST /api/dnsmasq/settings/add_host: HTTP 500: Unexpected error, check log for "
+                             "details") and not report.ok
+    assert report.reconfigured == ["interfaces/vlan_settings/reconfigure", "dnsmasq/service/reconfigure"]
+    assert len(api.served["ranges"]) == 2 and len(api.served["vlans"]) == 2 and api.hosts == {}
+    assert api.tags == {}, "what was saved is applied: nothing stays pending"
+    again = _sync(url, cert, site)
+    assert again.ok and again.writes == 4 and api.served["hosts"] == api.hosts and len(api.hosts) == 4
+
+
+def test_two_reservations_swapping_addresses_is_refused_before_any_write(fake: Any) -> None:
+    """OPNsense checks each saved host against the others: a swap is refused at its first set, so the plan
+    refuses it."""
+    api, url, cert = fake
+    site = _tenant_site()
+    _sync(url, cert, site)
+    writes = api.writes
+    web, db = (next(u for u, h in api.hosts.items() if h["host"] == n) for n in ("acme-web01", "acme-db01"))
+    api.hosts[web]["ip"], api.hosts[db]["ip"] = "10.110.0.12", "10.110.0.11"
+    report = _sync(url, cert, site)
+    conflicts = {c.name: c.why for c in report.changes if c.action == "conflict"}
+    assert set(conflicts) == {"acme-web01", "acme-db01"} and all("two runs" in why for why in conflicts.values())
+    assert "10.110.0.12 is still held by the factory's reservation acme-web01 (02:de:21:11:01:00)" in conflicts[
+        "acme-db01"]
+    assert api.writes == writes and report.refused
+
+
+def test_an_assigned_vlan_device_is_planned_as_kept_and_opnsenses_words_reach_the_user(fake: Any) -> None:
+    api, url, cert = fake
+    site = _tenant_site()
+    _sync(url, cert, site)
+    acme = next(u for u, v in api.vlans.items() if v["tag"] == "110")
+    api.assign(acme, "ACME")
+    client = _client(url, cert)
+    with pytest.raises(opn.OpnsenseError, match=(
+            r"del_item/.*: HTTP 500: This VLAN cannot be deleted because it is assigned as an interface\.")):
+        client.delete(opn.VLANS, acme)
+
+    only_globex = opn.sync(client, reservations(site), dry_run=False, tenants={"globex": site.tenants["globex"]},
+                           vlan_parent="vtnet1")
+    (blocked,) = [c for c in only_globex.changes if c.action == "blocked"]
+    assert (blocked.kind, blocked.key) == ("vlan", "acme")
+    assert blocked.why.startswith("cannot delete: assigned to ACME (")
+    assert not only_globex.failed and not only_globex.ok
+    assert acme in api.vlans and [r["domain"] for r in api.ranges.values()] == ["globex.deevnet.lan"]
+
+
+def test_the_fake_refuses_a_dhcp_host_on_another_ones_address_as_opnsense_does(fake: Any) -> None:
+    api, url, cert = fake
+    client = _client(url, cert)
+    api.add_foreign(host="a", ip="10.0.0.5", hwaddr="02:00:00:00:00:01")
+    api.add_foreign(host="dns-only", ip="10.0.0.6")  # a host override (no MAC) may share an address
+    with pytest.raises(opn.OpnsenseError, match="'10.0.0.5' is already used in another DHCP host entry"):
+        client.add(opn.HOSTS, opn.HostEntry("b", "", "10.0.0.5", "02:00:00:00:00:02", "x"))
+    client.add(opn.HOSTS, opn.HostEntry("c", "", "10.0.0.6", "02:00:00:00:00:03", "x"))

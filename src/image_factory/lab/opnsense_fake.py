@@ -6,13 +6,22 @@ of opnsense/core's Dnsmasq SettingsController and ServiceController and Interfac
 HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JSON bodies. ``add_<noun>`` and
 ``set_<noun>`` (noun ``host`` or ``range``) take ``{"<noun>": {...}}`` with the model's field names only and
 validate MACs, addresses, host names, masks and the range's required start and domain type as the model does
-(a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``); the searches answer
-``{"rows", "rowCount", "total", "current"}``; anything else is a 404.
+(a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``), and refuse a DHCP host (one with
+a MAC) whose address another DHCP host holds (Dnsmasq.php ``performValidation``); the searches answer
+``{"rows", "rowCount", "total", "current"}``; anything else is a 404. Tags (``{search,add,del}_tag``, body
+``{"tag": {"tag"}}``, names unique) are kept as the model keeps them.
+
+VLAN devices can be assigned as interfaces (``assign``): the search then shows ``vlanif`` as
+"vlan01 [<description>]" and a delete answers HTTP 500 with ``errorMessage``, as VlanSettingsController and api.php
+do. Every exception answer carries ``errorMessage``. ``served`` is what each reconfigure applied, and
+``down_after_writes`` makes the fake answer 503 to everything once that many writes were saved (a run cut off);
+``faults`` answers one request as given (an unexpected failure part-way).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import ipaddress
 import json
 import re
@@ -37,6 +46,15 @@ RANGE_FIELDS = ("interface", "set_tag", "start_addr", "end_addr", "subnet_mask",
 VLAN_FIELDS = ("if", "tag", "pcp", "proto", "descr", "vlanif")
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 HOST_RE = re.compile(r"^(\*|[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)$")
+
+
+TAG_FIELDS = ("tag",)
+
+
+def _tag_problems(given: dict[str, Any]) -> dict[str, str]:
+    tag = str(given.get("tag", ""))
+    return {} if re.match(r"^.{1,255}$", tag) else {"tag.tag": "Description should be a string between 1 and 255 "
+                                                              "characters."}
 
 
 def _host_problems(given: dict[str, Any]) -> dict[str, str]:
@@ -86,7 +104,17 @@ def _vlan_problems(given: dict[str, Any]) -> dict[str, str]:
     return problems
 
 
-NOUNS = {"host": (HOST_FIELDS, _host_problems), "range": (RANGE_FIELDS, _range_problems)}
+NOUNS = {"host": (HOST_FIELDS, _host_problems), "range": (RANGE_FIELDS, _range_problems),
+         "tag": (TAG_FIELDS, _tag_problems)}
+ASSIGNED = "This VLAN cannot be deleted because it is assigned as an interface."
+
+
+def _addresses(fields: dict[str, str]) -> set[str]:
+    return {ip.strip() for ip in fields.get("ip", "").split(",") if ip.strip()}
+
+
+def _is_dhcp(fields: dict[str, str]) -> bool:
+    return bool(fields.get("hwaddr") or fields.get("client_id"))
 
 
 
@@ -97,6 +125,11 @@ class FakeOpnsense:
     hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # uuid -> fields
     ranges: dict[str, dict[str, str]] = field(default_factory=dict)
     vlans: dict[str, dict[str, str]] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    assigned: dict[str, str] = field(default_factory=dict)  # vlanif -> the interface's description
+    served: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # what the last reconfigures applied
+    down_after_writes: int | None = None
+    faults: dict[str, tuple[int, Any]] = field(default_factory=dict)  # "POST /api/..." -> one answer, used once
     reconfigures: int = 0
     vlan_reconfigures: int = 0
     writes: int = 0
@@ -104,7 +137,29 @@ class FakeOpnsense:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _items(self, noun: str) -> dict[str, dict[str, str]]:
-        return {"host": self.hosts, "range": self.ranges, "vlan": self.vlans}[noun]
+        return {"host": self.hosts, "range": self.ranges, "vlan": self.vlans, "tag": self.tags}[noun]
+
+    def assign(self, uuid: str, description: str) -> None:
+        """Assign a VLAN device as an interface (Interfaces: Assignments)."""
+        self.assigned[self.vlans[uuid]["vlanif"]] = description
+
+    def _taken(self, fields: dict[str, str], uid: str | None) -> dict[str, str]:
+        """Dnsmasq.php: a DHCP host's address may not be another DHCP host's."""
+        if not _is_dhcp(fields):
+            return {}
+        for other_uid, other in self.hosts.items():
+            if other_uid != uid and _is_dhcp(other) and (same := sorted(_addresses(fields) & _addresses(other))):
+                return {"host.ip": f"'{same[0]}' is already used in another DHCP host entry."}
+        return {}
+
+    def _unique_tag(self, fields: dict[str, str], uid: str | None) -> dict[str, str]:
+        taken = any(u != uid and t["tag"] == fields["tag"] for u, t in self.tags.items())
+        return {"tag.tag": "Tag names should be unique."} if taken else {}
+
+    def _row(self, key: str, fields: dict[str, str]) -> dict[str, str]:
+        if key == "vlan" and fields.get("vlanif") in self.assigned:  # as searchItemAction shows it
+            return {**fields, "vlanif": f"{fields['vlanif']} [{self.assigned[fields['vlanif']]}]"}
+        return fields
 
     def add_foreign(self, noun: str = "host", **fields: str) -> str:
         uid = str(uuidlib.uuid4())
@@ -112,14 +167,21 @@ class FakeOpnsense:
         self._items(noun)[uid] = {name: fields.get(name, "") for name in names}
         return uid
 
-    def _validate(self, key: str, body: Any) -> tuple[dict[str, str] | None, dict[str, str]]:
+    def _validate(self, key: str, body: Any, uid: str | None) -> tuple[dict[str, str] | None, dict[str, str]]:
         if not isinstance(body, dict) or set(body) != {key} or not isinstance(body[key], dict):
             return None, {key: f"expected {{\"{key}\": {{...}}}}"}
         names, check = (VLAN_FIELDS, _vlan_problems) if key == "vlan" else NOUNS[key]
         given = body[key]
         problems = {f"{key}.{name}": "unknown field" for name in given if name not in names}
         problems.update(check(given))
-        return {name: str(given.get(name, "")) for name in names}, problems
+        fields = {name: str(given.get(name, "")) for name in names}
+        if uid is not None:  # a set keeps the fields it does not name
+            fields = {**self._items(key).get(uid, {}), **{k: v for k, v in fields.items() if k in given}}
+        if key == "host":
+            problems.update(self._taken(fields, uid))
+        elif key == "tag":
+            problems.update(self._unique_tag(fields, uid))
+        return fields, problems
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         self.requests.append(f"{method} {path}")
@@ -129,11 +191,18 @@ class FakeOpnsense:
         controller, action, arg = "/".join(parts[1:3]), parts[3], (parts[4] if len(parts) > 4 else None)
         verb, _, noun = action.partition("_")
         with self.lock:
+            if self.down_after_writes is not None and self.writes >= self.down_after_writes:
+                return 503, {"errorMessage": "Service Unavailable"}
+            fault = next((k for k in self.faults if f"{method} {path}".startswith(k)), None)
+            if fault is not None:
+                return self.faults.pop(fault)
             if method == "POST" and (controller, action) == ("dnsmasq/service", "reconfigure"):
                 self.reconfigures += 1
+                self.served.update(hosts=copy.deepcopy(self.hosts), ranges=copy.deepcopy(self.ranges))
                 return 200, {"status": "ok"}
             if method == "POST" and (controller, action) == ("interfaces/vlan_settings", "reconfigure"):
                 self.vlan_reconfigures += 1
+                self.served.update(vlans=copy.deepcopy(self.vlans))
                 return 200, {"status": "ok"}
             if controller == "dnsmasq/settings" and noun in NOUNS:
                 key = noun
@@ -146,12 +215,12 @@ class FakeOpnsense:
     def _crud(self, method: str, verb: str, key: str, arg: str | None, body: Any) -> tuple[int, Any]:
         items = self._items(key)
         if verb == "search" and method in ("GET", "POST"):
-            rows = [{"uuid": uid, **fields} for uid, fields in items.items()]
+            rows = [{"uuid": uid, **self._row(key, fields)} for uid, fields in items.items()]
             return 200, {"rows": rows, "rowCount": len(rows), "total": len(rows), "current": 1}
         if method != "POST":
             return 405, {"errorMessage": "Method not allowed"}
         if verb == "add" and arg is None:
-            fields, problems = self._validate(key, body)
+            fields, problems = self._validate(key, body, None)
             if problems or fields is None:
                 return 200, {"result": "failed", "validations": problems}
             if key == "vlan":
@@ -163,13 +232,15 @@ class FakeOpnsense:
         if verb == "set" and arg is not None:
             if arg not in items:
                 return 200, {"result": "failed"}
-            fields, problems = self._validate(key, body)
+            fields, problems = self._validate(key, body, arg)
             if problems or fields is None:
                 return 200, {"result": "failed", "validations": problems}
             items[arg].update({k: v for k, v in fields.items() if k in body[key]})
             self.writes += 1
             return 200, {"result": "saved"}
         if verb == "del" and arg is not None:
+            if key == "vlan" and self.vlans.get(arg, {}).get("vlanif") in self.assigned:
+                return 500, {"errorMessage": ASSIGNED, "errorTitle": "", "errorLevel": "error"}  # a UserException
             if items.pop(arg, None) is None:
                 return 200, {"result": "not found"}
             self.writes += 1

@@ -58,12 +58,22 @@ def _show(report: opn.SyncReport, as_json: bool) -> None:
         unchanged = sum(c.action == "unchanged" for c in report.changes)
         console.print(f"{report.writes} to write, {unchanged} unchanged"
                       + (f"; reconfigured {', '.join(report.reconfigured)}" if report.reconfigured else ""))
+        if report.pending and report.dry_run:
+            console.print(f"to reconfigure: {', '.join(report.pending)} (saved by an earlier run, not applied yet)")
         for note in report.notes:
             console.print(f"note: {note}")
+    for c in report.changes:
+        if c.action in ("conflict", "blocked"):
+            console.print(styled("[bold red]{}:[/] {} {}: {}", c.action, c.kind, c.name, c.why))
+    if report.refused:
+        console.print(styled("[bold red]refused:[/] {}", "nothing was written; resolve the conflicts and re-run"))
+    if report.failed:
+        console.print(styled("[bold red]write failed:[/] {}", report.failed))
+    for path, why in report.reconfigure_failed.items():
+        console.print(styled("[bold red]reconfigure failed:[/] {}: {}", path, why))
+    if report.failed and report.reconfigured:
+        console.print(styled("applied what was saved before the failure: {}", ", ".join(report.reconfigured)))
     if not report.ok:
-        for c in report.changes:
-            if c.action == "conflict":
-                console.print(styled("[bold red]conflict:[/] {}", c.why))
         raise Exit(code=1)
 
 
@@ -71,7 +81,7 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
          fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None,
          vlan_parent: str | None) -> None:
     _, model = site(c, inventory, catalogue)
-    rs = macs.reservations(model, domain)
+    rs = macs.checked_reservations(model, domain)  # mac.check's rules, before any connection
     _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants,
                    vlan_parent=vlan_parent), json)
 
