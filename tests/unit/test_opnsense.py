@@ -326,3 +326,39 @@ def test_the_fake_refuses_a_dhcp_host_on_another_ones_address_as_opnsense_does(f
     with pytest.raises(opn.OpnsenseError, match="'10.0.0.5' is already used in another DHCP host entry"):
         client.add(opn.HOSTS, opn.HostEntry("b", "", "10.0.0.5", "02:00:00:00:00:02", "x"))
     client.add(opn.HOSTS, opn.HostEntry("c", "", "10.0.0.6", "02:00:00:00:00:03", "x"))
+
+
+def test_the_tasks_refuse_a_site_mac_check_refuses_and_show_a_refusal_and_a_failure(
+        fake: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from invoke.context import Context
+    from invoke.exceptions import Exit
+
+    from image_factory.tasks import opnsense as tasks
+
+    api, url, cert = fake
+    monkeypatch.setenv("OPNSENSE_API_KEY", KEY)
+    monkeypatch.setenv("OPNSENSE_API_SECRET", SECRET)
+    args = {"url": url, "ca_file": cert, "inventory": str(TENANTS), "vlan_parent": "vtnet1"}
+    # a MAC whose role byte is another role's: the site model takes it, mac.check's namespace does not
+    bad = tmp_path / "hosts.yml"
+    bad.write_text(TENANTS.read_text().replace('"02:de:21:14:01:00"', '"02:de:21:11:02:00"'))
+    with pytest.raises(Exit) as caught:
+        tasks.plan(Context(), **{**args, "inventory": str(bad)})
+    assert caught.value.code == 2 and "byte 3 (role) 11 means app" in capsys.readouterr().err
+    assert api.requests == [], "refused before any connection"
+
+    api.add_foreign(host="old-db", ip="10.110.0.12", hwaddr="aa:bb:cc:00:00:12", descr="hand-made")
+    with pytest.raises(Exit) as caught:
+        tasks.sync(Context(), **args)
+    err = capsys.readouterr().err
+    assert caught.value.code == 1 and "refused: nothing was written" in err and "holds 10.110.0.12" in err
+    assert api.writes == 0
+
+    api.hosts.clear()
+    api.faults["POST /api/dnsmasq/settings/add_host"] = (500, {"errorMessage": "Unexpected error, check log"})
+    with pytest.raises(Exit) as caught:
+        tasks.sync(Context(), **args)
+    err = " ".join(capsys.readouterr().err.split())
+    assert caught.value.code == 1 and "write failed: POST /api/dnsmasq/settings/add_host: HTTP 500: Unexpected" in err
+    assert ("applied what was saved before the failure: interfaces/vlan_settings/reconfigure, "
+            "dnsmasq/service/reconfigure") in err
