@@ -681,6 +681,17 @@ def _opnsense_isc(rs: list[Reservation], interfaces: Mapping[str, str]) -> str:
 DHCP_MARKER = "[image-factory]"  # starts the description of every DHCP object the factory owns in OPNsense
 
 
+def host_marker(r: Reservation) -> str:
+    """The description of a NIC's Dnsmasq host reservation, in an export and through the API alike: an imported
+    export is the factory's own to opnsense.sync."""
+    return f"{DHCP_MARKER} {r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor}"
+
+
+def tenant_tag(t: Tenant) -> str:
+    """The name of a tenant's Dnsmasq tag (its range and hosts set it, its domain-name option matches it)."""
+    return f"{DHCP_MARKER} tenant {t.name}"
+
+
 def tenant_marker(t: Tenant) -> str:
     """The description of a tenant's DHCP range, in an export and through the API alike."""
     return f"{DHCP_MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}"
@@ -695,8 +706,8 @@ def _tenant_checklist(tenants: Mapping[str, Tenant]) -> list[str]:
             f"<!-- tenant {escape(t.name)}: 1. Interfaces: Devices: VLAN, tag {t.vlan} on the trunk to the tenant",
             "     bridge (or opnsense.sync with a VLAN parent); 2. Interfaces: Assignments: assign it, enable,",
             f"     static IPv4 {t.gateway}/{t.network.prefixlen}, description {escape(t.name)}; 3. Firewall: Rules",
-            f"     on it (the tenant's own policy); 4. merge its dhcp_ranges below ({t.dhcp_range.first} to "
-            f"{t.dhcp_range.last}). -->",
+            f"     on it (the tenant's own policy); 4. merge its dhcp_tags, dhcp_ranges ({t.dhcp_range.first} to "
+            f"{t.dhcp_range.last}) and dhcp_options below. -->",
         ]
     return lines
 
@@ -708,13 +719,20 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
     lines = ['<?xml version="1.0"?>', f"<!-- {HEADER} -->",
              "<!-- OPNsense Dnsmasq DHCP (25.7+): merge each <hosts> under <dnsmasq> (Services: Dnsmasq DNS & DHCP:",
              "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
-             "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc. -->",
+             "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc.",
+             "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries. -->",
              *_tenant_checklist(tenants), "<opnsense>", "  <dnsmasq>"]
+    tags = {t.name: uuid.uuid5(_UUID_NS, f"dnsmasq-tag|{t.name}") for t in tenants.values()}
+    for t in sorted(tenants.values(), key=lambda t: t.id):
+        # the tenant's tag, set by its range and hosts, and its domain-name option (15) for that tag: the domain
+        # reaches its fixed reservations too (domain_type range covers the dynamic pool only)
+        lines += [f'    <dhcp_tags uuid="{tags[t.name]}">', f"      <tag>{escape(tenant_tag(t))}</tag>",
+                  "    </dhcp_tags>"]
     for t in sorted(tenants.values(), key=lambda t: t.id):
         uid = uuid.uuid5(_UUID_NS, f"dnsmasq-range|{t.name}")
         lines += [
             f'    <dhcp_ranges uuid="{uid}">',
-            "      <interface/>", "      <set_tag/>",
+            "      <interface/>", f"      <set_tag>{tags[t.name]}</set_tag>",
             f"      <start_addr>{t.dhcp_range.first}</start_addr>",
             f"      <end_addr>{t.dhcp_range.last}</end_addr>",
             f"      <subnet_mask>{t.network.netmask}</subnet_mask>",
@@ -725,6 +743,16 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
             "      <ra_interval/>", "      <ra_router_lifetime/>",
             f"      <description>{escape(tenant_marker(t))}</description>",
             "    </dhcp_ranges>",
+        ]
+    for t in sorted(tenants.values(), key=lambda t: t.id):
+        uid = uuid.uuid5(_UUID_NS, f"dnsmasq-option|{t.name}")
+        lines += [
+            f'    <dhcp_options uuid="{uid}">',
+            "      <type>set</type>", "      <option>15</option>", "      <option6/>", "      <interface/>",
+            f"      <tag>{tags[t.name]}</tag>", "      <set_tag/>", f"      <value>{escape(t.domain)}</value>",
+            "      <force>0</force>",
+            f"      <description>{escape(tenant_marker(t))}: domain-name {escape(t.domain)}</description>",
+            "    </dhcp_options>",
         ]
     for r in rs:
         uid = uuid.uuid5(_UUID_NS, f"dnsmasq|{r.fqdn}|{r.mac}")
@@ -739,8 +767,8 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
             f"      <hwaddr>{r.mac}</hwaddr>",
             "      <lease_time/>",
             "      <ignore>0</ignore>",
-            "      <set_tag/>",
-            f"      <descr>{escape(_descr(r))}</descr>",
+            f"      <set_tag>{tags[r.tenant]}</set_tag>" if r.tenant in tags else "      <set_tag/>",
+            f"      <descr>{escape(host_marker(r))}</descr>",
             "      <comments/>",
             "      <aliases/>",
             "    </hosts>",

@@ -13,18 +13,19 @@ run, from any machine, reconfigures what an interrupted one saved.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import requests
 
 from .errors import FactoryError, RemoteError
 from .inventory import Tenant
-from .mac import DHCP_MARKER, Reservation, tenant_marker
+from .mac import DHCP_MARKER, Reservation, host_marker, tenant_marker, tenant_tag
 from .pve import VerifiedTlsAdapter
 from .reports import Report
 
@@ -49,14 +50,14 @@ class HostEntry:
     ip: str  # "" for a MAC-only reservation (address from the range)
     hwaddr: str
     descr: str
+    set_tag: str = ""  # the tenant's tag (uuid): its domain-name option reaches a fixed address too
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hwaddr", self.hwaddr.lower())  # OPNsense may answer in either case
 
     @classmethod
-    def from_reservation(cls, r: Reservation) -> HostEntry:
-        return cls(r.hostname, r.domain, r.address or "", r.mac.lower(),
-                   f"{MARKER} {r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor}")
+    def from_reservation(cls, r: Reservation, tag_ref: str = "") -> HostEntry:
+        return cls(r.hostname, r.domain, r.address or "", r.mac.lower(), host_marker(r), tag_ref)
 
     @property
     def keys(self) -> list[str]:
@@ -111,8 +112,9 @@ class RangeEntry(_TenantKeyed):
     """A tenant's Dnsmasq DHCP range (model item ``dhcp_ranges``), keyed by the tenant named in its description.
 
     No interface is set: Dnsmasq serves a range on the interface whose subnet holds it, and the tenant's VLAN
-    interface is assigned in OPNsense (docs/opnsense.md); ``domain_type: range`` gives its leases the tenant's
-    domain.
+    interface is assigned in OPNsense (docs/opnsense.md). ``domain_type: range`` names the domain for addresses
+    inside the range only (dnsmasq's ``domain=<domain>,<first>,<last>``); the tenant's tag (``set_tag``) and its
+    domain-name option (``OptionEntry``) give it to the tenant's fixed reservations too.
     """
 
     start_addr: str
@@ -121,11 +123,12 @@ class RangeEntry(_TenantKeyed):
     domain_type: str
     domain: str
     descr: str  # the model's ``description``
+    set_tag: str = ""
 
     @classmethod
-    def from_tenant(cls, t: Tenant) -> RangeEntry:
+    def from_tenant(cls, t: Tenant, tag_ref: str = "") -> RangeEntry:
         return cls(t.dhcp_range.first, t.dhcp_range.last, str(t.network.netmask), "range", t.domain,
-                   tenant_marker(t))
+                   tenant_marker(t), tag_ref)
 
     @property
     def name(self) -> str:
@@ -150,6 +153,48 @@ class RangeEntry(_TenantKeyed):
             return ""
         return (f"a range the factory does not own ({other.name}, {other.descr or 'no description'}) "
                 f"overlaps tenant range {self.name}: left alone; remove it in OPNsense or change the tenant")
+
+
+@dataclass(frozen=True)
+class TagEntry(_TenantKeyed):
+    """A tenant's Dnsmasq tag (model item ``dhcp_tags``, its only field ``tag`` is its name), keyed by the tenant
+    its name holds. Its range and its hosts set it; its domain-name option matches it."""
+
+    descr: str  # the model's ``tag``
+
+    @classmethod
+    def from_tenant(cls, t: Tenant) -> TagEntry:
+        return cls(tenant_tag(t))
+
+    @property
+    def name(self) -> str:
+        return self.descr
+
+    def clash(self, other: TagEntry) -> str:
+        return ""  # names are unique in the model, and only the factory's start with its marker
+
+
+@dataclass(frozen=True)
+class OptionEntry(_TenantKeyed):
+    """A tenant's DHCP option 15 (domain-name) for clients with its tag (model item ``dhcp_options``, type set):
+    dnsmasq sends it instead of the global domain to every host and lease of the tenant."""
+
+    type: str
+    option: str
+    tag: str
+    value: str
+    descr: str  # the model's ``description``
+
+    @classmethod
+    def from_tenant(cls, t: Tenant, tag_ref: str) -> OptionEntry:
+        return cls("set", DOMAIN_NAME_OPTION, tag_ref, t.domain, f"{tenant_marker(t)}: domain-name {t.domain}")
+
+    @property
+    def name(self) -> str:
+        return f"option {self.option} {self.value}"
+
+    def clash(self, other: OptionEntry) -> str:
+        return ""  # a foreign option for the tenant's tag cannot exist before the factory made the tag
 
 
 @dataclass(frozen=True)
@@ -178,7 +223,8 @@ class VlanEntry(_TenantKeyed):
                 f"this tag: left alone; remove it in OPNsense or change the tenant's vlan")
 
 
-Entry = HostEntry | RangeEntry | VlanEntry
+Entry = HostEntry | RangeEntry | VlanEntry | TagEntry | OptionEntry
+DOMAIN_NAME_OPTION = "15"  # RFC 2132 option 15, as OPNsense's option list keys it (dnsmasq_dhcp_options.py)
 
 
 @dataclass(frozen=True)
@@ -205,11 +251,18 @@ def _same(*names: str) -> dict[str, str]:
     return {name: name for name in names}
 
 
-HOSTS = Kind("host", "dnsmasq/settings", "host", "host", _same("host", "domain", "ip", "hwaddr", "descr"),
-             HostEntry, "dnsmasq/service/reconfigure")
+HOSTS = Kind("host", "dnsmasq/settings", "host", "host",
+             _same("host", "domain", "ip", "hwaddr", "descr", "set_tag"), HostEntry, "dnsmasq/service/reconfigure")
 RANGES = Kind("range", "dnsmasq/settings", "range", "range",
-              {**_same("start_addr", "end_addr", "subnet_mask", "domain_type", "domain"), "description": "descr"},
+              {**_same("start_addr", "end_addr", "subnet_mask", "domain_type", "domain"), "description": "descr",
+               "set_tag": "set_tag"},
               RangeEntry, "dnsmasq/service/reconfigure")
+TAGS = Kind("tag", "dnsmasq/settings", "tag", "tag", {"tag": "descr"}, TagEntry, "dnsmasq/service/reconfigure")
+OPTIONS = Kind("option", "dnsmasq/settings", "option", "option",
+               {**_same("type", "option", "tag", "value"), "description": "descr"}, OptionEntry,
+               "dnsmasq/service/reconfigure")
+
+
 def _assigned(row: dict[str, Any]) -> str:
     """An assigned device: VlanSettingsController's search shows its ``vlanif`` as "vlan01 [<interface>]", and
     its delete refuses it ("This VLAN cannot be deleted because it is assigned as an interface.")."""
@@ -220,7 +273,9 @@ def _assigned(row: dict[str, Any]) -> str:
 
 VLANS = Kind("vlan", "interfaces/vlan_settings", "item", "vlan", {"if": "parent", "tag": "tag", "descr": "descr"},
              VlanEntry, "interfaces/vlan_settings/reconfigure", _assigned)
-KINDS = (VLANS, RANGES, HOSTS)  # a range needs its VLAN's interface; hosts live in the ranges
+# In the order they are made (and the reverse of the order they are removed): a range needs its VLAN's interface,
+# ranges, options and hosts reference their tenant's tag, hosts live in the ranges.
+KINDS = (VLANS, TAGS, RANGES, OPTIONS, HOSTS)
 
 
 def body(kind: Kind, entry: Entry) -> dict[str, dict[str, str]]:
@@ -282,11 +337,18 @@ def decide(kind: Kind, desired: list[Entry], rows: list[dict[str, Any]]) -> list
 
 
 def write_order(changes: list[Change]) -> list[Change]:
-    """The writes in the order a run makes them: kind by kind (VLANs, ranges, hosts), within a kind deletes, then
-    updates, then creates, so an address or tag a delete frees is free before anything takes it."""
+    """The writes in the order a run makes them: first the deletes of hosts, options and ranges, so an address is
+    free before anything takes it; then updates and creates in KINDS order (within a kind updates first), so a tag
+    exists before anything refers to it; last the deletes of tags and VLAN devices, once nothing refers to them."""
     rank = {kind.name: i for i, kind in enumerate(KINDS)}
-    return sorted((c for c in changes if c.action in WRITES),
-                  key=lambda c: (rank[c.kind], ("delete", "update", "create").index(c.action)))
+    referred = {VLANS.name, TAGS.name}  # removed last, once nothing this run writes refers to them
+
+    def position(c: Change) -> tuple[int, int, bool]:
+        if c.action != "delete":
+            return 1, rank[c.kind], c.action == "create"
+        return (2 if c.kind in referred else 0), -rank[c.kind], False
+
+    return sorted((c for c in changes if c.action in WRITES), key=position)
 
 
 def _replay_host_writes(changes: list[Change], rows: list[dict[str, Any]]) -> None:
@@ -477,16 +539,22 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     unapplied, is reconfigured, also when a write failed part-way (the report then carries both).
     """
     tenants = tenants or {}
+    markers = client.pending()
+    rows = {TAGS.name: client.search(TAGS)}
+    refs = tag_refs(tenants, rows[TAGS.name])
     # the kinds this run manages are the kinds it has a desired list for: VLAN devices only with their parent
     desired: dict[str, list[Entry]] = {
-        RANGES.name: [RangeEntry.from_tenant(t) for t in tenants.values()],
-        HOSTS.name: [HostEntry.from_reservation(r) for r in reservations],
+        TAGS.name: [TagEntry.from_tenant(t) for t in tenants.values()],
+        RANGES.name: [RangeEntry.from_tenant(t, refs[t.name]) for t in tenants.values()],
+        OPTIONS.name: [OptionEntry.from_tenant(t, refs[t.name]) for t in tenants.values()],
+        HOSTS.name: [HostEntry.from_reservation(r, refs.get(r.tenant or "", ""))
+                     for r in reservations],
     }
     if vlan_parent:
         desired[VLANS.name] = [VlanEntry.from_tenant(t, vlan_parent) for t in tenants.values()]
     kinds = [k for k in KINDS if k.name in desired]
-    markers = client.pending()
-    report = plan(kinds, desired, {kind.name: client.search(kind) for kind in kinds}, sorted(markers))
+    rows.update((kind.name, client.search(kind)) for kind in kinds if kind.name not in rows)
+    report = plan(kinds, desired, rows, sorted(markers))
     report.dry_run = dry_run
     if tenants and not vlan_parent:
         report.notes.append("tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)")
@@ -496,17 +564,38 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     return report
 
 
+NEW_TAG = "(new tag of tenant {})"  # stands for a tag's uuid until the run has made it
+
+
+def tag_refs(tenants: Mapping[str, Tenant], tag_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each tenant's tag as its range, option and hosts refer to it: the uuid OPNsense gave it, or a placeholder
+    the run replaces once it made the tag."""
+    have = {key: str(row.get("uuid")) for row in tag_rows for key in TAGS.from_row(row).keys}
+    return {name: have.get(name, NEW_TAG.format(name)) for name in tenants}
+
+
+def _resolved(entry: Entry, made: Mapping[str, str]) -> Entry:
+    """``entry`` with every placeholder for a tag this run made replaced by the tag's uuid."""
+    updates = {attr: made[value] for attr in ("set_tag", "tag") if (value := str(getattr(entry, attr, ""))) in made}
+    return cast(Entry, dataclasses.replace(cast(Any, entry), **updates)) if updates else entry
+
+
 def _apply(client: OpnsenseClient, report: SyncReport, markers: dict[str, str]) -> None:
     """Write, then reconfigure every service written to (even after a failed write) and clear its marker."""
     by_name = {kind.name: kind for kind in KINDS}
+    made: dict[str, str] = {}  # placeholder -> the uuid of the tag this run made
     try:
         for path in report.to_reconfigure:
             if path not in markers:
                 markers[path] = client.mark_pending(path)  # before its first write: a crash leaves it marked
         for change in write_order(report.changes):
             kind = by_name[change.kind]
+            if change.want:
+                change.want = _resolved(change.want, made)
             if change.action == "create" and change.want:
                 change.uuid = client.add(kind, change.want)
+                if isinstance(change.want, TagEntry):
+                    made[NEW_TAG.format(change.key)] = change.uuid
             elif change.action == "update" and change.want and change.uuid:
                 client.set(kind, change.uuid, change.want)
             elif change.action == "delete" and change.uuid:

@@ -146,7 +146,7 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
     assert planned["dry_run"] and {c["action"] for c in planned["changes"]} == {"create"} and api.writes == 0
     tasks.sync(Context(), **args)
     done = json.loads(capsys.readouterr().out)
-    assert done["reconfigured"] and len(api.hosts) == len(planned["changes"]) and api.tags == {}
+    assert done["reconfigured"] and len(api.hosts) == len(planned["changes"]) and not _pending_markers(api)
     tasks.sync(Context(), **args)
     again = json.loads(capsys.readouterr().out)
     assert again["changes"] == [] and not again["reconfigured"]
@@ -216,6 +216,10 @@ def test_tenant_vlan_devices_converge_on_the_trunk_and_a_foreign_one_is_left_alo
         ("unchanged", "acme"), ("conflict", "globex")]
 
 
+def _pending_markers(api: FakeOpnsense) -> list[str]:
+    return [t["tag"] for t in api.tags.values() if t["tag"].startswith(opn.PENDING)]
+
+
 def _tenant_site() -> Any:
     return load_site(TENANTS, REPO_ROOT / "packer/images.yml")
 
@@ -261,7 +265,8 @@ def test_a_run_opnsense_would_refuse_part_way_writes_nothing_and_an_interrupted_
     again = _sync(url, cert, site)
     assert again.ok and again.writes == 0
     assert again.reconfigured == ["dnsmasq/service/reconfigure", "interfaces/vlan_settings/reconfigure"]
-    assert api.served == {"hosts": api.hosts, "ranges": api.ranges, "vlans": api.vlans} and api.tags == {}
+    assert api.served == {"hosts": api.hosts, "ranges": api.ranges, "options": api.options, "vlans": api.vlans}
+    assert not _pending_markers(api)
     quiet = _sync(url, cert, site)
     assert quiet.reconfigured == [] and api.reconfigures == 1, "once applied, nothing is pending"
 
@@ -276,7 +281,7 @@ def test_a_write_that_fails_part_way_still_reconfigures_what_was_saved_and_says_
                              "details") and not report.ok
     assert report.reconfigured == ["interfaces/vlan_settings/reconfigure", "dnsmasq/service/reconfigure"]
     assert len(api.served["ranges"]) == 2 and len(api.served["vlans"]) == 2 and api.hosts == {}
-    assert api.tags == {}, "what was saved is applied: nothing stays pending"
+    assert not _pending_markers(api), "what was saved is applied: nothing stays pending"
     again = _sync(url, cert, site)
     assert again.ok and again.writes == 4 and api.served["hosts"] == api.hosts and len(api.hosts) == 4
 
@@ -362,3 +367,47 @@ def test_the_tasks_refuse_a_site_mac_check_refuses_and_show_a_refusal_and_a_fail
     assert caught.value.code == 1 and "write failed: POST /api/dnsmasq/settings/add_host: HTTP 500: Unexpected" in err
     assert ("applied what was saved before the failure: interfaces/vlan_settings/reconfigure, "
             "dnsmasq/service/reconfigure") in err
+
+
+def test_fixed_reservations_get_their_tenants_domain_through_its_tag(fake: Any) -> None:
+    """domain_type range names the domain inside the dynamic pool only; the tenant's tag, set by its range and
+    hosts, carries a domain-name option (15) to its fixed reservations as well."""
+    api, url, cert = fake
+    site = _tenant_site()
+    _sync(url, cert, site)
+    tags = {t["tag"]: uid for uid, t in api.tags.items()}
+    acme, globex = tags["[image-factory] tenant acme"], tags["[image-factory] tenant globex"]
+    by_host = {h["host"]: h for h in api.hosts.values()}
+    assert {name: h["set_tag"] for name, h in by_host.items()} == {
+        "acme-web01": acme, "acme-db01": acme, "globex-web01": globex, "metrics01": ""}
+    assert sorted((o["type"], o["option"], o["tag"], o["value"]) for o in api.options.values()) == sorted([
+        ("set", "15", acme, "acme.deevnet.lan"), ("set", "15", globex, "globex.deevnet.lan")])
+    assert {r["domain"]: r["set_tag"] for r in api.ranges.values()} == {
+        "acme.deevnet.lan": acme, "globex.deevnet.lan": globex}
+
+    # a tenant that leaves takes its tag last, once nothing refers to it (OPNsense's safe delete)
+    leave = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants={"acme": site.tenants["acme"]},
+                     vlan_parent="vtnet1")
+    assert leave.ok and not leave.failed and globex not in api.tags
+    assert next(h for h in api.hosts.values() if h["host"] == "globex-web01")["set_tag"] == ""
+
+
+@pytest.mark.parametrize("inventory", [TENANTS, REPO_ROOT / "ansible/inventory"])
+def test_an_imported_export_is_the_factorys_own_to_sync(fake: Any, inventory: Path) -> None:
+    """mac.export --format opnsense carries sync's marker and tags: merged into config.xml, sync finds every
+    entry its own and equal, so it plans no conflict and no write."""
+    import xml.etree.ElementTree as ET
+
+    from image_factory.mac import export
+
+    api, url, cert = fake
+    site = load_site(inventory, REPO_ROOT / "packer/images.yml")
+    root = ET.fromstring(export(site, "opnsense"))  # noqa: S314 (our own output)
+    for element, items in (("hosts", api.hosts), ("dhcp_ranges", api.ranges), ("dhcp_tags", api.tags),
+                           ("dhcp_options", api.options)):
+        for item in root.findall(f"./dnsmasq/{element}"):
+            items[item.attrib["uuid"]] = {child.tag: child.text or "" for child in item}
+    assert len(api.hosts) == len(reservations(site))
+    report = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
+    assert report.ok and {c.action for c in report.changes} == {"unchanged"}
+    assert api.writes == 0 and api.reconfigures == 0

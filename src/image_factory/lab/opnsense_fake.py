@@ -9,7 +9,8 @@ validate MACs, addresses, host names, masks and the range's required start and d
 (a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``), and refuse a DHCP host (one with
 a MAC) whose address another DHCP host holds (Dnsmasq.php ``performValidation``); the searches answer
 ``{"rows", "rowCount", "total", "current"}``; anything else is a 404. Tags (``{search,add,del}_tag``, body
-``{"tag": {"tag"}}``, names unique) are kept as the model keeps them.
+``{"tag": {"tag"}}``, names unique) and options (``{search,add,set,del}_option``) are kept as the model keeps
+them: a host's, range's or option's tag must exist, and a tag in use is not deleted (its safe delete).
 
 VLAN devices can be assigned as interfaces (``assign``): the search then shows ``vlanif`` as
 "vlan01 [<description>]" and a delete answers HTTP 500 with ``errorMessage``, as VlanSettingsController and api.php
@@ -49,6 +50,22 @@ HOST_RE = re.compile(r"^(\*|[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)$")
 
 
 TAG_FIELDS = ("tag",)
+# The dhcp_options item of the same model, in its order.
+OPTION_FIELDS = ("type", "option", "option6", "interface", "tag", "set_tag", "value", "force", "description")
+# Fields that name dhcp_tags items by uuid (ModelRelationField): per noun, the field and whether it takes a list.
+TAG_REFERENCES = {"host": (("set_tag", False),), "range": (("set_tag", False),),
+                  "option": (("tag", True), ("set_tag", False))}
+
+
+def _option_problems(given: dict[str, Any]) -> dict[str, str]:
+    problems = {}
+    if str(given.get("type", "set")) not in ("set", "match"):
+        problems["option.type"] = "Option not in list."
+    if not given.get("option") and not given.get("option6"):
+        problems["option.option"] = "Either 'Option' or 'Option6' is required."
+    elif given.get("option") and not str(given["option"]).isdigit():
+        problems["option.option"] = "Option not in list."
+    return problems
 
 
 def _tag_problems(given: dict[str, Any]) -> dict[str, str]:
@@ -105,7 +122,7 @@ def _vlan_problems(given: dict[str, Any]) -> dict[str, str]:
 
 
 NOUNS = {"host": (HOST_FIELDS, _host_problems), "range": (RANGE_FIELDS, _range_problems),
-         "tag": (TAG_FIELDS, _tag_problems)}
+         "tag": (TAG_FIELDS, _tag_problems), "option": (OPTION_FIELDS, _option_problems)}
 ASSIGNED = "This VLAN cannot be deleted because it is assigned as an interface."
 
 
@@ -126,6 +143,7 @@ class FakeOpnsense:
     ranges: dict[str, dict[str, str]] = field(default_factory=dict)
     vlans: dict[str, dict[str, str]] = field(default_factory=dict)
     tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    options: dict[str, dict[str, str]] = field(default_factory=dict)
     assigned: dict[str, str] = field(default_factory=dict)  # vlanif -> the interface's description
     served: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # what the last reconfigures applied
     down_after_writes: int | None = None
@@ -137,7 +155,23 @@ class FakeOpnsense:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _items(self, noun: str) -> dict[str, dict[str, str]]:
-        return {"host": self.hosts, "range": self.ranges, "vlan": self.vlans, "tag": self.tags}[noun]
+        return {"host": self.hosts, "range": self.ranges, "vlan": self.vlans, "tag": self.tags,
+                "option": self.options}[noun]
+
+    def _unknown_tags(self, key: str, fields: dict[str, str]) -> dict[str, str]:
+        """A ModelRelationField takes only uuids of existing dhcp_tags items."""
+        problems = {}
+        for name, many in TAG_REFERENCES.get(key, ()):
+            refs = [r for r in (fields.get(name, "").split(",") if many else [fields.get(name, "")]) if r]
+            if any(r not in self.tags for r in refs):
+                problems[f"{key}.{name}"] = "Option not in list."
+        return problems
+
+    def _tag_users(self, uid: str) -> list[str]:
+        """Items that refer to tag ``uid`` (the safe delete of the Dnsmasq settings controller refuses those)."""
+        return [f"{key} {item_uid}" for key, refs in TAG_REFERENCES.items()
+                for item_uid, item in self._items(key).items()
+                if any(uid in item.get(name, "").split(",") for name, _ in refs)]
 
     def assign(self, uuid: str, description: str) -> None:
         """Assign a VLAN device as an interface (Interfaces: Assignments)."""
@@ -181,6 +215,7 @@ class FakeOpnsense:
             problems.update(self._taken(fields, uid))
         elif key == "tag":
             problems.update(self._unique_tag(fields, uid))
+        problems.update(self._unknown_tags(key, fields))
         return fields, problems
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
@@ -198,7 +233,8 @@ class FakeOpnsense:
                 return self.faults.pop(fault)
             if method == "POST" and (controller, action) == ("dnsmasq/service", "reconfigure"):
                 self.reconfigures += 1
-                self.served.update(hosts=copy.deepcopy(self.hosts), ranges=copy.deepcopy(self.ranges))
+                self.served.update(hosts=copy.deepcopy(self.hosts), ranges=copy.deepcopy(self.ranges),
+                                   options=copy.deepcopy(self.options))
                 return 200, {"status": "ok"}
             if method == "POST" and (controller, action) == ("interfaces/vlan_settings", "reconfigure"):
                 self.vlan_reconfigures += 1
@@ -241,6 +277,8 @@ class FakeOpnsense:
         if verb == "del" and arg is not None:
             if key == "vlan" and self.vlans.get(arg, {}).get("vlanif") in self.assigned:
                 return 500, {"errorMessage": ASSIGNED, "errorTitle": "", "errorLevel": "error"}  # a UserException
+            if key == "tag" and (users := self._tag_users(arg)):
+                return 500, {"errorMessage": f"Item in use by {', '.join(users)}", "errorTitle": "Item in use by"}
             if items.pop(arg, None) is None:
                 return 200, {"result": "not found"}
             self.writes += 1
