@@ -457,15 +457,6 @@ class OpnsenseClient:
         if not (isinstance(answer, dict) and answer.get("status") == "ok"):
             raise OpnsenseError(f"{path}: {str(answer)[:200]}")
 
-    def pending(self) -> dict[str, str]:
-        """The services an earlier run saved changes for but did not apply: reconfigure path -> marker uuid."""
-        answer = self.call("POST", "dnsmasq/settings/search_tag", {"current": 1, "rowCount": -1})
-        rows = answer.get("rows") if isinstance(answer, dict) else None
-        if not isinstance(rows, list):
-            raise OpnsenseError(f"dnsmasq/settings/search_tag: unexpected answer {str(answer)[:200]}")
-        return {_text(row, "tag").removeprefix(PENDING): str(row.get("uuid")) for row in rows
-                if _text(row, "tag").startswith(PENDING)}
-
     def mark_pending(self, path: str) -> str:
         return str(self._saved(f"mark {path} pending", self.call(
             "POST", "dnsmasq/settings/add_tag", {"tag": {"tag": PENDING + path}})).get("uuid"))
@@ -488,6 +479,12 @@ def _error_message(response: requests.Response) -> str:
 # the service's reconfigure path. Dnsmasq's template renders a tag only where a range, host or option references
 # it, so the marker never changes what dnsmasq serves.
 PENDING = f"{MARKER} unapplied: "
+
+
+def pending_markers(tag_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The services an earlier run saved changes for but did not apply: reconfigure path -> marker uuid."""
+    return {_text(row, "tag").removeprefix(PENDING): str(row.get("uuid")) for row in tag_rows
+            if _text(row, "tag").startswith(PENDING)}
 
 
 @dataclass
@@ -539,8 +536,8 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     unapplied, is reconfigured, also when a write failed part-way (the report then carries both).
     """
     tenants = tenants or {}
-    markers = client.pending()
     rows = {TAGS.name: client.search(TAGS)}
+    markers = pending_markers(rows[TAGS.name])
     refs = tag_refs(tenants, rows[TAGS.name])
     # the kinds this run manages are the kinds it has a desired list for: VLAN devices only with their parent
     desired: dict[str, list[Entry]] = {
