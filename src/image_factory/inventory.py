@@ -327,9 +327,16 @@ class Tenant(Strict):
     """
 
     name: Annotated[str, _matching(TENANT_NAME_RE, "a tenant name ([a-z][a-z0-9-]*, at most 32)")]
-    # Strict: "1" or 1.0 would be tenant 1 here but could read otherwise elsewhere (one reading everywhere).
     id: StrictInt = Field(ge=1, le=15)
     vlan: StrictInt = Field(ge=2, le=4094, description="VLAN id on the tenant bridge (1 is the untagged default)")
+
+    @field_validator("id", "vlan", mode="before")
+    @classmethod
+    def _plain_integer(cls, v: Any) -> Any:
+        # "1" or 1.0 would be tenant 1 here but could read otherwise elsewhere: one reading everywhere
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{v!r} is not a plain integer: write it unquoted and without a decimal point")
+        return v
     subnet: str
     gateway: Ipv4Address
     dhcp_range: DhcpRange
@@ -919,7 +926,7 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
             try:
                 plane: Plane = "mgmt" if planes[0] == "mgmt" else "tenant"
                 vm = Vm(name=rec.name, plane=plane, **body)
-                vms[rec.name], found = _on_tenant_network(vm, tenants, rec.file)
+                vms[rec.name], found = _on_tenant_network(vm, tenants, rec.file, _named_tenants(groups))
                 problems.extend(found)
                 sources[rec.name] = rec.file
             except ValidationError as exc:
@@ -982,13 +989,22 @@ def read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem])
     return tenants
 
 
-def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str) -> tuple[Vm, list[Problem]]:
+def _named_tenants(groups: dict[str, Any]) -> set[str]:
+    """Every tenant name the inventory defines, valid or not."""
+    raw = (groups.get("tenant") or {}).get(TENANTS_KEY)
+    return {str(name) for name in raw} if isinstance(raw, dict) else set()
+
+
+def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str,
+                       named: set[str] | None = None) -> tuple[Vm, list[Problem]]:
     """The VM with its NICs on its tenant's VLAN and bridge, or the reasons it cannot be there."""
     if vm.tenant is None:
         return vm, []
     if vm.plane != "tenant":
         return vm, [Problem(file, vm.name, "vm.tenant", "only tenant-plane VMs belong to a tenant")]
     tenant = tenants.get(vm.tenant)
+    if tenant is None and vm.tenant in (named or set()):
+        return vm, []  # the tenant is defined but invalid: its own problems say why
     if tenant is None:
         have = ", ".join(sorted(tenants)) or f"none: define them under the tenant group's vars.{TENANTS_KEY}"
         return vm, [Problem(file, vm.name, "vm.tenant", f"no tenant {vm.tenant!r} (have: {have})")]
