@@ -242,12 +242,19 @@ def test_a_run_opnsense_would_refuse_part_way_writes_nothing_and_an_interrupted_
     site = _tenant_site()
     squatter = api.add_foreign(host="old-db", domain="acme.deevnet.lan", ip="10.110.0.12",
                                hwaddr="aa:bb:cc:00:00:12", descr="hand-made")
+    # a tenant that left the inventory, its VLAN device still assigned as an interface
+    gone = api.add_foreign("vlan", **{"if": "vtnet1", "tag": "130", "vlanif": "vlan03",
+                                      "descr": f"{opn.MARKER} tenant initech: 10.130.0.0/24, gateway 10.130.0.1"})
+    api.assign(gone, "INITECH")
     plan = _sync(url, cert, site, dry_run=True)
     refused = _sync(url, cert, site)
     for report in (plan, refused):
         (conflict,) = [c for c in report.changes if c.action == "conflict"]
         assert (conflict.kind, conflict.key) == ("host", "02:de:21:14:01:00")
         assert "does not own holds 10.110.0.12 (old-db (aa:bb:cc:00:00:12))" in conflict.why
+        (blocked,) = [c for c in report.changes if c.action == "blocked"]
+        assert (blocked.kind, blocked.key) == ("vlan", "initech")
+        assert blocked.why.startswith("cannot delete: assigned to INITECH")
         assert report.refused and not report.ok
     assert api.writes == 0 and not [r for r in api.requests if any(v in r for v in WRITE_VERBS)]
 
@@ -258,18 +265,20 @@ def test_a_run_opnsense_would_refuse_part_way_writes_nothing_and_an_interrupted_
     assert not cut.failed and not cut.reconfigured and set(cut.reconfigure_failed) == {
         "interfaces/vlan_settings/reconfigure", "dnsmasq/service/reconfigure"}
     assert "HTTP 503: Service Unavailable" in cut.reconfigure_failed["dnsmasq/service/reconfigure"]
-    assert len(api.hosts) == 4 and len(api.ranges) == 2 and len(api.vlans) == 2 and api.served == {}
+    assert len(api.hosts) == 4 and len(api.ranges) == 2 and len(api.vlans) == 3 and api.served == {}
 
     api.down_after_writes = None
     plan = _sync(url, cert, site, dry_run=True)
     assert plan.writes == 0 and plan.pending == ["dnsmasq/service/reconfigure", "interfaces/vlan_settings/reconfigure"]
     again = _sync(url, cert, site)
-    assert again.ok and again.writes == 0
+    assert again.writes == 0 and not again.failed and not again.reconfigure_failed
     assert again.reconfigured == ["dnsmasq/service/reconfigure", "interfaces/vlan_settings/reconfigure"]
     assert api.served == {"hosts": api.hosts, "ranges": api.ranges, "options": api.options, "vlans": api.vlans}
     assert not _pending_markers(api)
     quiet = _sync(url, cert, site)
     assert quiet.reconfigured == [] and api.reconfigures == 1, "once applied, nothing is pending"
+    assert not quiet.ok and [c.key for c in quiet.changes if c.action == "blocked"] == ["initech"]
+    assert gone in api.vlans, "an assigned device is kept, never a failure mid-run"
 
 
 def test_a_write_that_fails_part_way_still_reconfigures_what_was_saved_and_says_both(fake: Any) -> None:
