@@ -14,7 +14,9 @@ run, from any machine, reconfigures what an interrupted one saved.
 from __future__ import annotations
 
 import dataclasses
+import html
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -466,9 +468,10 @@ class OpnsenseClient:
 
 
 def _error_message(response: requests.Response) -> str:
-    """OPNsense's own words for a failed call (api.php answers every exception with ``errorMessage``)."""
+    """OPNsense's own words for a failed call: api.php answers every exception with ``errorMessage``, its JSON
+    passed through htmlspecialchars (so "&" arrives as "&amp;")."""
     try:
-        body = response.json()
+        body = json.loads(html.unescape(response.text))
     except ValueError:
         return ""
     message = body.get("errorMessage") if isinstance(body, dict) else None

@@ -323,6 +323,9 @@ def test_an_assigned_vlan_device_is_planned_as_kept_and_opnsenses_words_reach_th
     with pytest.raises(opn.OpnsenseError, match=(
             r"del_item/.*: HTTP 500: This VLAN cannot be deleted because it is assigned as an interface\.")):
         client.delete(opn.VLANS, acme)
+    api.faults["POST /api/dnsmasq/settings/add_tag"] = (500, {"errorMessage": "a &amp; b &lt;c&gt;"})
+    with pytest.raises(opn.OpnsenseError, match="add_tag: HTTP 500: a & b <c>$"):  # api.php's htmlspecialchars
+        client.mark_pending("x")
 
     only_globex = opn.sync(client, reservations(site), dry_run=False, tenants={"globex": site.tenants["globex"]},
                            vlan_parent="vtnet1")
