@@ -141,7 +141,9 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
         tasks.sync(Context(), **args)
     assert capsys.readouterr().err.count("chmod 600") == 1 and api.requests == []
     key_file.chmod(0o600)
-    tasks.plan(Context(), **args)
+    with pytest.raises(Exit) as pending:
+        tasks.plan(Context(), **args)
+    assert pending.value.code == 2, "changes pending: Terraform's detailed exit code"
     planned = json.loads(capsys.readouterr().out)
     assert planned["dry_run"] and {c["action"] for c in planned["changes"]} == {"create"} and api.writes == 0
     tasks.sync(Context(), **args)
@@ -150,6 +152,8 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
     tasks.sync(Context(), **args)
     again = json.loads(capsys.readouterr().out)
     assert again["changes"] == [] and not again["reconfigured"]
+    tasks.sync(Context(), **args, dry_run=True)  # nothing to do: exit 0
+    assert json.loads(capsys.readouterr().out)["changes"] == []
     assert SECRET not in capsys.readouterr().err
 
 
