@@ -16,8 +16,10 @@ import pytest
 from invoke import Collection, Program
 
 from image_factory.deploy.model import FieldDiff, VmPlan
+from image_factory.manifest import sha256_file
 from image_factory.settings import REPO_ROOT
 
+from .test_build import fake_packer, no_validate  # noqa: F401 - fixtures
 from .test_deploy_fakepve import FakeSite, add_template, agents, fs  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.unit
@@ -187,3 +189,35 @@ def test_publish_dry_run_without_a_build_says_so_before_contacting_a_host(
                             str(fs.site.inventory_path)], capsys)
     assert code == 1 and "unknown SSH engine 'rsync;touch x'" in err, err
     assert all(pve.requests == [] for pve in fs.pves.values()), "a host was contacted"
+
+
+def test_build_dry_run_exits_2_until_the_build_is_current(
+        fake_packer: Path, no_validate: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`build.image --dry-run` is a plan: 2 while a build would run, 0 once the cached build is current."""
+    import yaml
+
+    base = tmp_path / "base/debian-13-base.qcow2"
+    base.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    (base.parent / "debian-13-base.qcow2.sha256").write_text(f"{sha256_file(base)}  debian-13-base.qcow2\n")
+    catalogue = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
+    catalogue["images"]["debian-lab"].update(
+        source={"url": str(base), "checksum": f"file:{base}.sha256"}, repositories=[])  # no archive asked
+    images = tmp_path / "images.yml"
+    images.write_text(yaml.safe_dump(catalogue, sort_keys=False))
+    monkeypatch.setenv("INVOKE_FACTORY_IMAGES", str(images))
+    monkeypatch.setenv("INVOKE_FACTORY_BUILDS_DIR", str(tmp_path / "builds"))
+    monkeypatch.setenv("INVOKE_FACTORY_ACCELERATOR", "tcg")
+
+    code, _, err = run_cli(["build.image", "debian-lab", "--dry-run"], capsys)
+    assert code == 2 and "dry run, would build" in err, err
+    code, _, err = run_cli(["build.image", "debian-lab", "--skip-tests"], capsys)
+    assert code == 0 and "built" in err, err
+    code, _, err = run_cli(["build.image", "debian-lab", "--dry-run"], capsys)
+    assert code == 0 and "cache hit, nothing to do" in err, err
+    code, _, err = run_cli(["build.image", "debian-lab", "--dry-run", "--ansible-strategy", "warp", "--force"],
+                           capsys)
+    assert code == 1 and "'warp'" in err, "bad input in a plan is 1, not 2 (changes pending)"
+    code, _, err = run_cli(["build.image", "debian-lab", "--ansible-strategy", "warp", "--force"], capsys)
+    assert code == 2 and "'warp'" in err, "the same bad input in a run is 2"
