@@ -4,6 +4,7 @@ from invoke.collection import Collection
 
 from image_factory.settings import DEFAULTS
 from image_factory.tasks import build, deploy, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
+from image_factory.tasks._common import name_tasks
 
 ns = Collection()
 for module in (inventory, build, image, publish, deploy, mac, opnsense, tenant, lab):
@@ -11,3 +12,4 @@ for module in (inventory, build, image, publish, deploy, mac, opnsense, tenant, 
 ns.add_task(pipeline.pipeline_task, name="pipeline")
 ns.add_task(pipeline.demo, name="demo")
 ns.configure({"factory": dict(DEFAULTS)})
+name_tasks(ns)

@@ -49,7 +49,8 @@ class MaskingConsole(Console):
         return mask(super()._render_buffer(buffer))
 
 
-console = MaskingConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
+# no emoji codes either: a fingerprint's ":ab:" printed as an emoji is not the fingerprint
+console = MaskingConsole(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 if not console.is_terminal and "COLUMNS" not in os.environ:
     # Logs of CI and `./dev demo > file` keep MACs and paths on one line instead of wrapping at 80.
     console.width = 160
@@ -57,7 +58,7 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
 
 def styled(template: str, *values: Any) -> Text:
     """``styled("[red]{}[/] on {}", name, host)``: markup from the template, every value escaped."""
-    return Text.from_markup(template.format(*(escape(str(v)) for v in values)))
+    return Text.from_markup(template.format(*(escape(str(v)) for v in values)), emoji=False)
 
 
 def to_json(data: Any) -> str:

@@ -60,6 +60,7 @@ from .settings import Settings
 from .sshlink import SshLink
 from .templates import DESCRIPTION_HEADER, FACTORY_TAG, TemplateInfo, find_templates, parse_description
 from .upload import (
+    ENGINES,
     SshUploader,
     UploadResult,
     partial_name,
@@ -331,6 +332,12 @@ class PublishReport(Report):
     def host(self, name: str) -> HostResult:
         return next(h for h in self.hosts if h.host == name)
 
+    @property
+    def pending(self) -> bool:
+        """A dry run's plan would change a host: a template to make, or templates and leftovers to remove."""
+        return any(h.plan.get("action") == "create" or h.plan.get("prune") or h.plan.get("remove_stale")
+                   or h.plan.get("remove_partials") for h in self.hosts)
+
     def failed_hosts(self) -> list[str]:
         return [h.host for h in self.hosts if not h.ok]
 
@@ -385,6 +392,17 @@ def load_artifact(settings: Settings, site: Site, image_name: str, *, force_unte
         forced=force_untested and not tested, import_file=import_file_name(manifest),
         template_name=template_name(image, manifest),
     )
+
+
+def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: str, keep: int,
+                 force_untested: bool, engine: str = "auto") -> Artifact:
+    """Every local input of a publish (a dry run's too), checked before any host is contacted."""
+    transport_named(transport)
+    if engine != "auto" and engine not in ENGINES:
+        raise PublishError(f"unknown SSH engine {engine!r} (choose {', '.join(ENGINES)} or auto)")
+    if keep < 1:
+        raise PublishError(f"--keep must be at least 1 (got {keep})")
+    return load_artifact(settings, site, image_name, force_untested=force_untested)
 
 
 # ------------------------------------------------------------------------------ one host
@@ -830,11 +848,9 @@ def publish_image(
     (``report.ok``, ``report.raise_for_failures()``).
     """
     started = time.monotonic()
-    transport_named(transport)
-    if keep < 1:
-        raise PublishError(f"--keep must be at least 1 (got {keep})")
     hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
-    art = load_artifact(settings, site, image_name, force_untested=force_untested)
+    art = check_inputs(settings, site, image_name, transport=transport, keep=keep, force_untested=force_untested,
+                       engine=engine)
     run_id = uuid.uuid4().hex[:12]
     report = PublishReport(
         image=image_name, build_id=art.manifest.build_id, sha256=art.manifest.artifact.sha256,

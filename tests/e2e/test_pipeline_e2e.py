@@ -57,7 +57,7 @@ def test_whole_path_against_the_two_host_lab(e2e_lab: LabHandle, tmp_path: Path)
     report_path = tmp_path / "pipeline.json"
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "invoke"), "pipeline", "--images", "debian-lab",
-         "--inventory", str(settings.inventory), "--json", str(report_path)],
+         "--inventory", str(settings.inventory), "--json-file", str(report_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -307,11 +307,11 @@ def test_cli_plan_vm_json_and_destroy(lab: LabHandle) -> None:
     import json
 
     planned = invoke(lab, "deploy.plan", "--plane", "tenant", "--json")
-    assert planned.returncode == 0, planned.stderr
+    assert planned.returncode == 2, planned.stderr  # changes pending
     assert {v["vm"]: v["action"] for v in json.loads(planned.stdout)["vms"]} == {
         "iot-api01": "create", "sandbox01": "create"}
     dry = invoke(lab, "deploy.vm", "-n", "iot-api01", "--dry-run", "--json")
-    assert dry.returncode == 0 and json.loads(dry.stdout)["vms"][0]["state"] == "planned"
+    assert dry.returncode == 2 and json.loads(dry.stdout)["vms"][0]["state"] == "planned"
     assert api_vmids(lab, TENANT) == set()
     done = invoke(lab, "deploy.vm", "-n", "iot-api01", "--json")
     assert done.returncode == 0, done.stderr
@@ -319,6 +319,8 @@ def test_cli_plan_vm_json_and_destroy(lab: LabHandle) -> None:
     assert (vm["state"], vm["macs"], vm["host"], vm["vmid"]) == ("created", ["02:de:20:11:01:00"], TENANT, 2101)
     table = invoke(lab, "deploy.vm", "-n", "iot-api01")
     assert table.returncode == 0 and "unchanged" in table.stderr and "02:de:20:11:01:00" in table.stderr
+    in_sync = invoke(lab, "deploy.vm", "-n", "iot-api01", "--dry-run")
+    assert in_sync.returncode == 0, in_sync.stderr  # nothing to do
     refused = invoke(lab, "deploy.destroy", "jump01")
     assert refused.returncode != 0 and "--i-know-this-is-mgmt" in refused.stderr
     gone = invoke(lab, "deploy.destroy", "iot-api01")

@@ -412,12 +412,20 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
     ["pipeline", "--images", "debian-lab", "--hypervisors", "pve-mgmt"],
 ])
 def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
-    fresh_lab: LabHandle, import_disabled: str, command: list[str]
+    fresh_lab: LabHandle, import_disabled: str, command: list[str], tmp_path: Path
 ):
-    """They run the relevant checks first and stop with preflight's own message, before changing anything."""
+    """They run the relevant checks first and stop with preflight's own message, before changing anything
+    (publish first checks its local inputs: the build is there)."""
+    build = tmp_path / "builds/debian-lab"
+    build.mkdir(parents=True)
+    art = build / "debian-lab.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(art), "16M"], check=True)
+    m = factories.manifest_of(art, "debian-lab", build_id="pf1", tested=True)
+    m.artifact.path = art.name
+    mf.save(build, m)
     before = lab_snapshot(fresh_lab)
     env = dict(os.environ, INVOKE_FACTORY_INVENTORY=str(fresh_lab.settings.inventory), NO_COLOR="1",
-               COLUMNS="250")
+               COLUMNS="250", INVOKE_FACTORY_BUILDS_DIR=str(tmp_path / "builds"))
     proc = subprocess.run([sys.executable, "-m", "invoke", *command], capture_output=True, text=True, env=env,
                           cwd=fresh_lab.settings.root, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr

@@ -443,7 +443,7 @@ def test_invoke_task_dry_run_and_json(env: Any) -> None:
     base = [invoke, "publish.template", IMAGE, "--inventory", str(lab.settings.inventory)]
     dry = subprocess.run([*base, "--dry-run", "--json"], env=run_env, capture_output=True, text=True,
                          cwd=settings.root)
-    assert dry.returncode == 0, dry.stderr
+    assert dry.returncode == 2, dry.stderr  # changes pending
     plan = json.loads(dry.stdout)
     assert plan["dry_run"] and {h["plan"]["action"] for h in plan["hosts"]} == {"create"}
     assert all(c.list_vms() == [] for c in clients(lab).values())
@@ -453,6 +453,11 @@ def test_invoke_task_dry_run_and_json(env: Any) -> None:
     rep = json.loads(real.stdout)
     assert [h["host"] for h in rep["hosts"]] == ["pve-tenant"] and rep["hosts"][0]["action"] == "created"
     assert rep["keep"] == 2
+    current = subprocess.run([*base, "--hypervisor", "pve-tenant", "--dry-run"], env=run_env, capture_output=True,
+                             text=True, cwd=settings.root)
+    assert current.returncode == 0, current.stderr  # nothing to do
+    assert subprocess.run([*base, "--dry-run"], env=run_env, capture_output=True, text=True,
+                          cwd=settings.root).returncode == 2, "pve-mgmt still has no template"
     bad = subprocess.run([*base, "--transport", "ftp"], env=run_env, capture_output=True, text=True,
                          cwd=settings.root)
     assert bad.returncode != 0 and "unknown transport" in bad.stderr

@@ -258,7 +258,7 @@ def test_a_secret_with_a_line_break_appears_in_no_output(fsite: FakeSite, tmp_pa
                  ["deploy.vm", "--all", "--no-wait", "--skip-preflight", "-i", str(fsite.inventory), "--json"],
                  ["deploy.plan", "--all", "-i", str(fsite.inventory), "--json"],
                  ["publish.template", "debian-lab", "-i", str(fsite.inventory), "--json"],
-                 ["pipeline", "--images", "debian-lab", "-i", str(fsite.inventory), "--json", str(report)]):
+                 ["pipeline", "--images", "debian-lab", "-i", str(fsite.inventory), "--json-file", str(report)]):
         code, text = run_cli(argv, capsys)
         assert "Traceback" not in text, text
         texts.append(text)

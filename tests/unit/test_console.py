@@ -41,3 +41,19 @@ def test_upload_progress_is_a_line_per_quarter_per_host(capsys: pytest.CaptureFi
     assert [line.split(" ", 1)[1] for line in out] == [
         "pve-mgmt: 120.0/400.0 MiB (30%)", "pve-mgmt: 260.0/400.0 MiB (65%)", "pve-mgmt: 399.0/400.0 MiB (99%)",
         "pve-mgmt: 400.0/400.0 MiB (100%)", "pve-tenant: 400.0/400.0 MiB (100%)"]
+
+
+def test_emoji_codes_in_values_are_printed_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """A certificate fingerprint holds ':ab:' (an emoji code to rich): printed as an emoji it is not the pin."""
+    from rich.table import Table
+
+    from image_factory.console import console, styled
+
+    fingerprint = "06:AB:0A:6F:77:9E:86:F6"
+    console.print(styled("[green]ok[/] verified with pinned fingerprint {}", fingerprint.lower()))
+    table = Table()
+    table.add_column("detail")
+    table.add_row(f"pinned {fingerprint.lower()} :smile:")
+    console.print(table)
+    err = capsys.readouterr().err
+    assert err.count(fingerprint.lower()) == 2 and ":smile:" in err, err

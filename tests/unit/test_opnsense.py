@@ -142,7 +142,9 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
         tasks.sync(Context(), **args)
     assert capsys.readouterr().err.count("chmod 600") == 1 and api.requests == []
     key_file.chmod(0o600)
-    tasks.plan(Context(), **args)
+    with pytest.raises(Exit) as pending:
+        tasks.plan(Context(), **args)
+    assert pending.value.code == 2, "changes pending: Terraform's detailed exit code"
     planned = json.loads(capsys.readouterr().out)
     assert planned["dry_run"] and {c["action"] for c in planned["changes"]} == {"create"} and api.writes == 0
     tasks.sync(Context(), **args)
@@ -151,6 +153,8 @@ def test_the_tasks_read_the_key_file_and_converge(fake: Any, tmp_path: Path, cap
     tasks.sync(Context(), **args)
     again = json.loads(capsys.readouterr().out)
     assert again["changes"] == [] and not again["reconfigured"]
+    tasks.sync(Context(), **args, dry_run=True)  # nothing to do: exit 0
+    assert json.loads(capsys.readouterr().out)["changes"] == []
     assert SECRET not in capsys.readouterr().err
 
 
@@ -362,7 +366,8 @@ def test_the_tasks_refuse_a_site_mac_check_refuses_and_show_a_refusal_and_a_fail
     bad.write_text(TENANTS.read_text().replace('"02:de:21:14:01:00"', '"02:de:21:11:02:00"'))
     with pytest.raises(Exit) as caught:
         tasks.plan(Context(), **{**args, "inventory": str(bad)})
-    assert caught.value.code == 2 and "byte 3 (role) 11 means app" in capsys.readouterr().err
+    # a plan's bad input exits 1 (2 means "changes pending" for a plan, docs/cli.md)
+    assert caught.value.code == 1 and "byte 3 (role) 11 means app" in capsys.readouterr().err
     assert api.requests == [], "refused before any connection"
 
     api.add_foreign(host="old-db", ip="10.110.0.12", hwaddr="aa:bb:cc:00:00:12", descr="hand-made")

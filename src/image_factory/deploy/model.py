@@ -59,6 +59,17 @@ class VmPlan(Report):
     def safe_diffs(self) -> list[FieldDiff]:
         return [d for d in self.diffs if d.safe]
 
+    @property
+    def pending(self) -> bool:
+        """deploy.vm would change this VM: create or re-create it, or correct safe drift."""
+        return self.action in ("create", "recreate") or (self.action == "drift" and bool(self.safe_diffs))
+
+    @property
+    def blocked(self) -> bool:
+        """deploy.vm cannot bring this VM to the inventory without someone's decision: it refuses the VM,
+        or keeps unsafe drift it only reports (re-creating needs --recreate)."""
+        return self.action == "blocked" or (self.action == "drift" and bool(self.unsafe))
+
 
 
 @dataclass
@@ -67,6 +78,14 @@ class DeployPlan(Report):
 
     vms: list[VmPlan]
     recreate: bool = False
+
+    @property
+    def pending(self) -> bool:
+        return any(p.pending for p in self.vms)
+
+    @property
+    def blocked(self) -> bool:
+        return any(p.blocked for p in self.vms)
 
     @property
     def counts(self) -> dict[str, int]:

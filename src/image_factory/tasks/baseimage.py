@@ -6,7 +6,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from ..console import console, emit_json
-from ._common import handle_errors, settings, task
+from ._common import handle_errors, json_help, settings, task
 
 
 @task(
@@ -14,7 +14,7 @@ from ._common import handle_errors, settings, task
         "force": "rebuild even when the cached image is intact and its recipe unchanged",
         "mirror": "Debian archive URL (default: FACTORY_DEBIAN_MIRROR, else this machine's apt sources)",
         "check": "only report whether the cached image is usable; build nothing (exit 1 if not)",
-        "json": "print path, sha256 and build figures as JSON on stdout",
+        "json": json_help("path, sha256 and build figures"),
     }
 )
 @handle_errors

@@ -12,7 +12,7 @@ from ..console import console, emit_json, styled
 from ..errors import FactoryError
 from ..inventory import Image, Site
 from ..settings import Settings
-from ._common import fedora_release, handle_errors, site, task
+from ._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, site, task
 
 
 def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
@@ -30,7 +30,7 @@ def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
         "image": "catalogue image to render (see packer/images.yml)",
         "all": "render every image in the catalogue",
         "no_validate": "skip validation by packer validate/fmt, ksvalidator and ansible-lint",
-        "json": "print the rendered files and fingerprints as JSON on stdout",
+        "json": json_help("the rendered files and fingerprints"),
     },
     name="render",
 )
@@ -99,24 +99,26 @@ def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_r
         emit_json({"image": img.name, "status": outcome.status, "reason": outcome.reason,
                    "duration_s": round(outcome.duration_s, 3), "build_dir": str(outcome.build_dir),
                    "manifest": final.to_dict() if final is not None else None})
+    if dry_run:
+        exit_plan(blocked=False, pending=outcome.status == "planned")
 
 
 BUILD_HELP = {
     "force": "rebuild even when the cache says the artifact is up to date",
-    "dry_run": "render, validate and check inputs; report whether a build would run, start no VM",
+    "dry_run": dry_run_help("render, validate and check inputs; report whether a build would run, start no VM"),
     "skip_tests": "do not run the image tests after a build (recorded in the manifest)",
     "accelerator": "auto (detect; KVM only if proven to work), kvm or tcg; default from factory.accelerator",
     "no_compress": "compact the qcow2 without compression (faster, larger upload); default per catalogue image",
     "ansible_strategy": "auto (mitogen under TCG, linear under KVM), mitogen or linear; default from "
                         "factory.ansible_strategy",
-    "json": "print the outcome and manifest as JSON on stdout",
+    "json": json_help("the outcome and manifest"),
     "allow_eol": "build a release past its end of life (its media from the archive) instead of refusing",
     "offline": "do not ask the upstream repositories for their state; keep the last build's epochs",
 }
 
 
 @task(help={"name": "catalogue image to build (see packer/images.yml)", **BUILD_HELP})
-@handle_errors
+@handle_errors(plan="dry_run")
 def image(c: Context, name: str, force: bool = False, dry_run: bool = False, skip_tests: bool = False,
           accelerator: str | None = None, no_compress: bool = False, json: bool = False,
           ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
@@ -128,7 +130,7 @@ def image(c: Context, name: str, force: bool = False, dry_run: bool = False, ski
 
 
 @task(help={"release": "Fedora release (default: factory.fedora_release, else 45)", **BUILD_HELP})
-@handle_errors
+@handle_errors(plan="dry_run")
 def fedora(c: Context, release: int | None = None, force: bool = False, dry_run: bool = False,
            skip_tests: bool = False, accelerator: str | None = None, no_compress: bool = False,
            json: bool = False, ansible_strategy: str | None = None, allow_eol: bool = False,

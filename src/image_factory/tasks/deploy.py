@@ -9,13 +9,9 @@ from invoke.exceptions import Exit
 from .. import deploy as dep
 from ..console import console, emit_json, styled
 from ..errors import Problem, ValidationFailed
-from ._common import handle_errors, preflight_gate, site, task
+from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
 
-_COMMON_HELP = {
-    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-    "catalogue": "image catalogue YAML (default: factory.images)",
-    "json": "print the plan/report as JSON on stdout (tables and progress go to stderr)",
-}
+_COMMON_HELP = {**SITE_HELP, "json": json_help("the plan/report")}
 _SELECT_HELP = {
     "name": "VM name from the inventory; repeat (-n a -n b) or give a comma list (-n a,b)",
     "plane": "only VMs of this plane: mgmt or tenant",
@@ -41,14 +37,14 @@ def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] |
     iterable=["name"],
     help={
         **_COMMON_HELP, **_SELECT_HELP,
-        "dry_run": "show the plan (create / in-sync / drift / recreate / blocked) and change nothing",
+        "dry_run": dry_run_help("show the plan (create / in-sync / drift / recreate / blocked)"),
         "no_wait": "do not wait for the guests to report their address (tasks are still awaited)",
         "timeout": "seconds to wait for each PVE task and for each guest to become ready (default 600)",
         "skip_preflight": "do not run the deploy preflight checks first (they are read-only)",
         "lock_wait": _LOCK_HELP,
     },
 )
-@handle_errors
+@handle_errors(plan="dry_run")
 def vm(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     dry_run: bool = False, no_wait: bool = False, timeout: int = int(dep.DEFAULT_TIMEOUT), recreate: bool = False,
@@ -58,6 +54,7 @@ def vm(
     """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
     settings, model = site(c, inventory, catalogue)
     names = _names(name, all, plane)
+    lock_wait = _lock_wait(lock_wait)
     if not skip_preflight:
         selected = dep.select_vms(model, names, plane=plane)
         dep.check_placement(model, selected)
@@ -65,11 +62,14 @@ def vm(
         preflight_gate(settings, model, hosts, "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
                             timeout=float(timeout), recreate=recreate, allow_mgmt=i_know_this_is_mgmt,
-                            progress=not json, lock_wait=_lock_wait(lock_wait))
+                            progress=not json, lock_wait=lock_wait)
     if json:
         emit_json(report.to_dict())
     else:
         console.print(dep.report_table(report))
+    if dry_run:
+        planned = dep.DeployPlan([r.plan for r in report.results])
+        exit_plan(blocked=planned.blocked, pending=planned.pending)
     if not report.ok:
         bad = [r.plan.vm for r in report.results if not r.ok]
         if not json:
@@ -84,13 +84,17 @@ def _lock_wait(value: int) -> int:
 
 
 @task(iterable=["name"], help={**_COMMON_HELP, **_SELECT_HELP})
-@handle_errors
+@handle_errors(plan=True)
 def plan(
     c: Context, name: list[str] | None = None, plane: str | None = None, all: bool = False,  # noqa: A002
     recreate: bool = False, inventory: str | None = None, catalogue: str | None = None, json: bool = False,
     i_know_this_is_mgmt: bool = False,
 ) -> None:
-    """Show what deploy.vm would do (same as deploy.vm --dry-run); reads the hypervisors, changes nothing."""
+    """Show what deploy.vm would do (same as deploy.vm --dry-run); reads the hypervisors, changes nothing.
+
+    Exit 0: every VM in sync; 2: VMs to create, re-create or correct; 1: a VM is blocked or keeps unsafe drift
+    (or an error).
+    """
     settings, model = site(c, inventory, catalogue)
     result = dep.plan_deploy(settings, model, _names(name, all, plane), plane=plane, recreate=recreate,
                              allow_mgmt=i_know_this_is_mgmt)
@@ -98,6 +102,7 @@ def plan(
         emit_json(result.to_dict())
     else:
         console.print(dep.plan_table(result))
+    exit_plan(blocked=result.blocked, pending=result.pending)
 
 
 @task(
@@ -105,8 +110,7 @@ def plan(
         "name": "the inventory VM to destroy",
         "i_know_this_is_mgmt": "required to destroy a mgmt (infrastructure-critical) VM",
         "timeout": "seconds to wait for the stop and destroy tasks",
-        "inventory": _COMMON_HELP["inventory"],
-        "catalogue": _COMMON_HELP["catalogue"],
+        **SITE_HELP,
         "lock_wait": _LOCK_HELP,
     }
 )

@@ -7,7 +7,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from ..console import console, emit_json, styled
-from ._common import fedora_release, handle_errors, settings, site, task
+from ._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, settings, site, task
 
 
 @task(
@@ -17,7 +17,7 @@ from ._common import fedora_release, handle_errors, settings, site, task
         "keep_running": "leave the guest running after the suites, print how to SSH in; Ctrl-C stops it",
         "automation_user": "user Ansible uses on clones, expected with passwordless sudo (default: ansible)",
         "build_user": "build user that must be gone from the image (default: the render stage's)",
-        "json": "print the test result as JSON on stdout",
+        "json": json_help("the test result"),
     },
     name="test",
 )
@@ -43,13 +43,13 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
 @task(
     help={
         "release": "Fedora release to refresh (default: factory.fedora_release)",
-        "dry_run": "show the catalogue diff, write nothing",
+        "dry_run": dry_run_help("show the catalogue diff"),
         "releases_url": "where Fedora lists its artifacts (default: factory.fedora_releases_url, else "
                         "https://fedoraproject.org/releases.json)",
         "catalogue": "image catalogue YAML to update (default: factory.images)",
     },
 )
-@handle_errors
+@handle_errors(plan="dry_run")
 def refresh(c: Context, release: int | None = None, dry_run: bool = False, releases_url: str | None = None,
             catalogue: str | None = None) -> None:
     """Point the catalogue's Fedora entries at the current media, sha256 taken from the signed CHECKSUM only."""
@@ -66,6 +66,8 @@ def refresh(c: Context, release: int | None = None, dry_run: bool = False, relea
         console.print(result.diff)
     state = "up to date" if not result.diff else ("dry run, nothing written" if dry_run else "written")
     console.print(styled("{}: Fedora {} ({}): {}", s.images, rel, ", ".join(sorted(result.entries)), state))
+    if dry_run:
+        exit_plan(blocked=False, pending=bool(result.diff))
 
 
 ns = Collection("image")

@@ -9,14 +9,13 @@ from rich.table import Table
 
 from ..console import console, emit_json, styled
 from ..inventory import eol_gate
-from ._common import handle_errors, site, task
+from ._common import SITE_HELP, handle_errors, json_help, site, task
 
 
 @task(
     help={
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "catalogue": "image catalogue YAML (default: factory.images)",
-        "json": "print the summary as JSON on stdout",
+        **SITE_HELP,
+        "json": json_help("the summary"),
         "allow_eol": "do not count catalogue images past their end of life as errors",
     }
 )
@@ -44,12 +43,10 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
 
 @task(
     iterable=["hypervisor"],
-    auto_shortflags=False,  # -h would shadow --help
     help={
         "hypervisor": "check only this hypervisor (repeatable; default: all in the inventory)",
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "catalogue": "image catalogue YAML (default: factory.images)",
-        "json": "print the report as JSON on stdout instead of the table",
+        **SITE_HELP,
+        "json": json_help("the report"),
         "checks": "comma-separated checks or a group (all, publish, deploy); default: all",
     }
 )

@@ -10,7 +10,7 @@ from invoke.context import Context
 
 from ..console import console, emit_json, styled
 from ..lab import controller
-from ._common import handle_errors, settings, task
+from ._common import handle_errors, json_help, settings, task
 
 
 def _real_boot(value: str | None) -> str | list[str] | None:
@@ -26,7 +26,7 @@ def _real_boot(value: str | None) -> str | list[str] | None:
     "real_boot": "which started VMs boot a real qemu: all, none, or comma-separated VM names",
     "time_scale": "real seconds per PVE second for tasks and lock waits (0: tasks finish at once)",
     "durations": "add PVE-like task durations (clone, import, start, ...)",
-    "json": "print the lab status as JSON on stdout",
+    "json": json_help("the lab status"),
 })
 @handle_errors
 def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, time_scale: float | None = None,
@@ -76,7 +76,7 @@ def _print_status(info: dict[str, object]) -> None:
                           f"{' template' if vm['template'] else ''}{extra}")
 
 
-@task(help={"lab_dir": "lab directory (default: factory.lab_dir)", "json": "print as JSON on stdout"})
+@task(help={"lab_dir": "lab directory (default: factory.lab_dir)", "json": json_help("the status")})
 @handle_errors
 def status(c: Context, lab_dir: str | None = None, json: bool = False) -> None:
     """Show the lab: hosts, addresses, pids, VMs and their qemu."""

@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 
 from .. import mac as macs
 from ..console import console, styled
-from ._common import handle_errors, settings, site, task
+from ._common import INVENTORY_HELP, SITE_HELP, handle_errors, settings, site, task
 
 
 @task(
@@ -18,7 +18,7 @@ from ._common import handle_errors, settings, site, task
     help={
         "vm": "inventory name of the VM (mgmt or tenant group)",
         "nic": "only this NIC index; the VM's NIC count adds a NIC (default: every NIC of the VM)",
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "inventory": INVENTORY_HELP,
     }
 )
 @handle_errors
@@ -36,7 +36,7 @@ def generate(c: Context, vm: str = "", nic: str | None = None, inventory: str | 
 
 @task(
     help={
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+        "inventory": INVENTORY_HELP,
         "catalogue": "image catalogue YAML (default: factory.images); the whole site model is validated too",
         "live": "also read every VM on every hypervisor (read-only) and report inventory MACs another VM "
                 "carries, with host, VMID and NIC",
@@ -71,8 +71,7 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
         "output": "write here (atomically) instead of stdout",
         "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
         "interfaces": "opnsense-isc only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "catalogue": "image catalogue YAML (default: factory.images)",
+        **SITE_HELP,
     }
 )
 @handle_errors

@@ -14,7 +14,7 @@ from .. import mac as macs
 from .. import opnsense as opn
 from ..console import console, emit_json, styled
 from ..secrets import read_key_pair
-from ._common import handle_errors, site, task
+from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, site, task
 
 CONNECTION_HELP = {
     "url": "OPNsense base URL, https only (default: $OPNSENSE_URL)",
@@ -23,9 +23,8 @@ CONNECTION_HELP = {
     "ca_file": "CA certificate that signed OPNsense's certificate (default: the system's CAs)",
     "fingerprint": "or: the SHA-256 fingerprint of OPNsense's certificate, pinned",
     "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
-    "json": "print the plan (or what was done) as JSON",
-    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-    "catalogue": "image catalogue YAML (default: factory.images)",
+    "json": json_help("the plan (or what was done)"),
+    **SITE_HELP,
     "vlan_parent": "OPNsense's interface on the trunk to the tenant bridge (e.g. vtnet1): also keep one VLAN device "
                    "per tenant on it; without it VLAN devices are left alone",
 }
@@ -82,21 +81,27 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
          vlan_parent: str | None) -> None:
     _, model = site(c, inventory, catalogue)
     rs = macs.checked_reservations(model, domain)  # mac.check's rules, before any connection
-    _show(opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants,
-                   vlan_parent=vlan_parent), json)
+    report = opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants,
+                      vlan_parent=vlan_parent)
+    _show(report, json)  # a refusal, a blocked change or a failure exits 1 here
+    if dry_run:
+        exit_plan(blocked=False, pending=report.writes > 0 or bool(report.pending))
 
 
 @task(positional=[], help=CONNECTION_HELP)
-@handle_errors
+@handle_errors(plan=True)
 def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_file: str | None = None,
          fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN, json: bool = False,
          inventory: str | None = None, catalogue: str | None = None, vlan_parent: str | None = None) -> None:
-    """What opnsense.sync would change in OPNsense's tenant VLANs, Dnsmasq ranges and hosts (reads only)."""
+    """What opnsense.sync would change in OPNsense's tenant VLANs, Dnsmasq ranges and hosts (reads only).
+
+    Exit 0: nothing to change; 2: changes pending; 1: a conflict (an entry it does not own) or an error.
+    """
     _run(c, True, url, key_file, ca_file, fingerprint, domain, json, inventory, catalogue, vlan_parent)
 
 
-@task(positional=[], help={**CONNECTION_HELP, "dry_run": "plan only (the same as opnsense.plan)"})
-@handle_errors
+@task(positional=[], help={**CONNECTION_HELP, "dry_run": dry_run_help("plan only (the same as opnsense.plan)")})
+@handle_errors(plan="dry_run")
 def sync(c: Context, dry_run: bool = False, url: str | None = None, key_file: str | None = None,
          ca_file: str | None = None, fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
          json: bool = False, inventory: str | None = None, catalogue: str | None = None,

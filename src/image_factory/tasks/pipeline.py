@@ -10,16 +10,19 @@ from ..console import console, emit_json, mask, styled, write_report
 from ..errors import FactoryError
 from ..lab.demo import DemoReport, run_demo
 from ..pipeline import ImageRun, PipelineReport, default_images, run_pipeline
-from ._common import handle_errors, settings, site, task
+from ._common import JSON_FILE_HELP, SITE_HELP, handle_errors, json_help, settings, site, task
 
 
 def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _write_json(path: str | None, data: dict[str, object]) -> None:
+def _json_out(data: dict[str, object], as_json: bool, path: str | None) -> None:
+    """--json: the report on stdout; --json-file PATH: the report in a 0600 file."""
     if path:
         console.print(f"report: {write_report(path, data)}")
+    if as_json:
+        emit_json(data)
 
 
 def _pipeline_table(report: PipelineReport) -> Table:
@@ -48,9 +51,9 @@ def _pipeline_table(report: PipelineReport) -> Table:
         "force": "rebuild even when the build cache is valid",
         "keep": "templates to keep per image and host (retention)",
         "transport": "upload transport: ssh (default) or api",
-        "json": "also write the JSON report to this path",
-        "inventory": "Ansible inventory (default: factory.inventory)",
-        "catalogue": "image catalogue (default: factory.images)",
+        "json": json_help("the report"),
+        "json_file": JSON_FILE_HELP,
+        **SITE_HELP,
         "skip_preflight": "do not run the publish preflight checks before building",
         "allow_eol": "build images past their end of life (from the archive) instead of refusing them",
         "offline": "do not ask upstream repositories for their state; keep each image's last epochs",
@@ -61,9 +64,9 @@ def _pipeline_table(report: PipelineReport) -> Table:
 @handle_errors
 def pipeline_task(
     c: Context, images: str | None = None, hypervisors: str | None = None, force: bool = False, keep: int = 3,
-    transport: str = "ssh", json: str | None = None, inventory: str | None = None, catalogue: str | None = None,
-    skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False, summary: str | None = None,
-    list_images: bool = False,
+    transport: str = "ssh", json: bool = False, json_file: str | None = None, inventory: str | None = None,
+    catalogue: str | None = None, skip_preflight: bool = False, allow_eol: bool = False, offline: bool = False,
+    summary: str | None = None, list_images: bool = False,
 ) -> None:
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
@@ -78,7 +81,7 @@ def pipeline_task(
                           transport=transport, preflight=not skip_preflight, allow_eol=allow_eol,
                           offline=offline)
     console.print(_pipeline_table(report))
-    _write_json(json, report.to_dict())
+    _json_out(report.to_dict(), json, json_file)
     if summary:
         from ..pipeline import markdown_summary
 
@@ -105,13 +108,14 @@ def _demo_summary(report: DemoReport) -> None:
         "real_boot": "VMs that boot a real qemu guest: all, none, or comma-separated names (default metrics01)",
         "teardown": "stop the lab at the end instead of leaving it up for inspection",
         "force": "rebuild the fixture image even when cached",
-        "json": "also write the demo report (JSON) to this path",
+        "json": json_help("the demo report"),
+        "json_file": JSON_FILE_HELP,
         "timeout": "seconds to wait for each VM to become ready",
     }
 )
 @handle_errors
 def demo(c: Context, real_boot: str = "metrics01", teardown: bool = False, force: bool = False,
-         json: str | None = None, timeout: float = 600.0) -> None:
+         json: bool = False, json_file: str | None = None, timeout: float = 600.0) -> None:
     """Whole path on one machine: lab up, base image, build, test, publish to 2 hosts, deploy, prove."""
     boot: str | list[str] = real_boot if real_boot in ("all", "none") else (_names(real_boot) or "none")
     report = run_demo(settings(c), real_boot=boot, teardown=teardown, force=force, timeout=timeout)
@@ -120,8 +124,6 @@ def demo(c: Context, real_boot: str = "metrics01", teardown: bool = False, force
         runs = [ImageRun(**run) for run in data.get("images", [])]
         console.print(_pipeline_table(PipelineReport(data["started_at"], data["finished_at"], data["total_s"], runs)))
     _demo_summary(report)
-    _write_json(json, report.to_dict())
-    if json is None and not console.is_terminal:
-        emit_json({"ok": report.ok, "timings": report.timings})
+    _json_out(report.to_dict(), json, json_file)
     if not report.ok:
         raise Exit(code=1)

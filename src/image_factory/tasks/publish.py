@@ -7,8 +7,8 @@ from invoke.context import Context
 from rich.table import Table
 
 from ..console import console, emit_json, styled
-from ..publish import DEFAULT_KEEP, PublishError, PublishReport, publish_image
-from ._common import handle_errors, preflight_gate, site, task
+from ..publish import DEFAULT_KEEP, PublishError, PublishReport, check_inputs, publish_image
+from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
 
 
 def _default_keep(c: Context) -> int:
@@ -19,23 +19,21 @@ def _default_keep(c: Context) -> int:
 
 @task(
     iterable=["hypervisor"],
-    auto_shortflags=False,  # no -h for --hypervisor: -h means help
     help={
         "name": "image name from the catalogue (its build is read from builds/<name>/manifest.json)",
         "hypervisor": "publish only to this hypervisor (repeat for several; default: all)",
         "transport": "how the image travels: 'ssh' (default, resumable, fastest) or 'api' (PVE upload endpoint)",
         "keep": "templates of this image to keep per hypervisor (default: factory.publish.keep, else 3)",
-        "dry_run": "print the plan per hypervisor (upload or skip, VMID, prunes) and change nothing",
-        "json": "print the report as JSON on stdout",
+        "dry_run": dry_run_help("print the plan per hypervisor (upload or skip, VMID, prunes)"),
+        "json": json_help("the report"),
         "force_untested": "publish even without a passing image test for this sha256 (tagged 'untested')",
         "engine": "SSH data engine: 'auto' (openssh where the ssh client exists, else exec), 'openssh' (OpenSSH's "
                   "ssh, fastest), 'exec' (paramiko, cat into the file) or 'sftp' (fallback)",
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "catalogue": "image catalogue YAML (default: factory.images)",
+        **SITE_HELP,
         "skip_preflight": "do not run the publish preflight checks first (they are read-only)",
     },
 )
-@handle_errors
+@handle_errors(plan="dry_run")
 def template(
     c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
     dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "auto",
@@ -43,20 +41,24 @@ def template(
 ) -> None:
     """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
     settings, model = site(c, inventory, catalogue)
-    model.image(name)
     model.select_hypervisors(hypervisor or None)
+    keep_n = _keep(keep) if keep is not None else _default_keep(c)
+    # the build, its test and the flags first: a dry run without a build says so without contacting a host
+    check_inputs(settings, model, name, transport=transport, keep=keep_n, force_untested=force_untested,
+                 engine=engine)
     if not skip_preflight:
         preflight_gate(settings, model, hypervisor or None, "publish", [name], transport=transport)
     report = publish_image(
-        settings, model, name, hypervisors=hypervisor or None, transport=transport,
-        keep=_keep(keep) if keep is not None else _default_keep(c), dry_run=dry_run, force_untested=force_untested,
-        progress=not json, engine=engine,
+        settings, model, name, hypervisors=hypervisor or None, transport=transport, keep=keep_n, dry_run=dry_run,
+        force_untested=force_untested, progress=not json, engine=engine,
     )
     if json:
         emit_json(report.to_dict())
     else:
         print_report(report)
     report.raise_for_failures()
+    if dry_run:
+        exit_plan(blocked=False, pending=report.pending)
 
 
 def _keep(value: object) -> int:

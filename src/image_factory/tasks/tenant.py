@@ -11,7 +11,7 @@ from .. import deploy as dep
 from .. import tofu
 from ..console import console
 from ..errors import Problem, ValidationFailed
-from ._common import handle_errors, site, task
+from ._common import SITE_HELP, handle_errors, site, task
 
 FORMATS = ("tofu",)
 
@@ -21,8 +21,7 @@ FORMATS = ("tofu",)
         "tenant": "the tenant (the tenant group's vars.tenants)",
         "format": "tofu: OpenTofu/Terraform JSON for the bpg/proxmox provider",
         "output": "directory to write <tenant>/main.tf.json into (default: tofu)",
-        "inventory": "Ansible inventory file or directory (default: factory.inventory)",
-        "catalogue": "image catalogue YAML (default: factory.images)",
+        **SITE_HELP,
     }
 )
 @handle_errors
