@@ -373,13 +373,15 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
     and Packer then gets the plain sha256 taken from its signed part."""
     from . import fedora_media
 
-    ck = image.source.checksum
-    if not re.match(r"^file:https?://", ck):
+    what = f"{settings.images}: {image.name}: source.checksum"
+    remote = fedora_media.remote_checksum_file(image.source.checksum, source_is_local=image.source.is_local,
+                                               what=what)
+    if remote is None:
         return
     if not families.get(image.family).signs_checksums:
-        raise BuildError(f"{settings.images}: {image.name}: source.checksum: a remote checksum file is trusted only "
-                         f"when signed by a pinned key, and none is pinned for {image.family}; use 'sha256:<hex>'")
-    url = fedora_media.located(image, ck[len("file:"):])
+        raise BuildError(f"{what}: a remote checksum file is trusted only when signed by a pinned key, and none is "
+                         f"pinned for {image.family}; use 'sha256:<hex>'")
+    url = fedora_media.located(image, remote)
     file_name = image.source.url.rpartition("/")[2]
     sha = fedora_media.verified_checksum(settings.root, image.release, url, file_name)
     render.set_var(result, "source_checksum", sha)

@@ -17,11 +17,14 @@ import difflib
 import io
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urljoin, urlsplit
 
 from .errors import FactoryError
 from .inventory import Image
@@ -35,13 +38,22 @@ KEYS_DIR = "packer/keys"
 ARCH = "x86_64"
 MAX_RELEASES_JSON = 16 * 1024 * 1024
 MAX_CHECKSUM = 1024 * 1024
-FETCH_TIMEOUT = 30.0
+MAX_JSON_DEPTH = 8  # releases.json is an array of flat objects: depth 2
+MAX_REDIRECTS = 5
+FETCH_TIMEOUT = 30.0  # connect, and each read
+FETCH_DEADLINE = 120.0  # the whole fetch, redirects and body included: a server trickling bytes cannot hold it
+FEDORA_DOMAIN = "fedoraproject.org"
 LIVE_PREFIX = "https://download.fedoraproject.org/pub/fedora/linux/"
 ARCHIVE_PREFIX = "https://archives.fedoraproject.org/pub/archive/fedora/linux/"
 CHECKSUM_LINE = re.compile(r"^SHA256 \((?P<name>[^()/\s]+)\) = (?P<hex>[0-9a-f]{64})$")
 COMPOSE_RE = re.compile(r"-(?P<release>\d+)-(?P<compose>\d+\.\d+)[.-]")
+HTTPS_RE = re.compile(r"^https://", re.IGNORECASE)
+SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # https:, ftp:, s3: (s3::https://), git: ...
 
-Fetch = Callable[[str, int], bytes]
+
+
+class Fetch(Protocol):
+    def __call__(self, url: str, limit: int, *, mirrors: bool = False) -> bytes: ...
 
 
 class MediaError(FactoryError):
@@ -50,28 +62,121 @@ class MediaError(FactoryError):
     exit_code = 2
 
 
-def http_fetch(url: str, limit: int) -> bytes:
-    """GET with TLS verified (requests' default CA bundle), a timeout and a size limit."""
+def https_url(url: str, what: str) -> str:
+    """``url`` with its scheme written ``https`` (any case is https); anything else is refused."""
+    if not HTTPS_RE.match(url):
+        scheme = SCHEME_RE.match(url)
+        how = f"{scheme[0].rstrip(':')}:" if scheme else "a local path"
+        raise MediaError(f"{what}: {url} is {how}, not https; refusing it (only https is fetched)")
+    return "https://" + url[len("https://"):]
+
+
+def host_of(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower()
+
+
+def fedora_host(host: str) -> bool:
+    return host == FEDORA_DOMAIN or host.endswith("." + FEDORA_DOMAIN)
+
+
+def redirect_problem(asked: str, target: str, *, mirrors: bool) -> str | None:
+    """Why a redirect from ``asked`` to ``target`` is refused, or None. Only https, only to Fedora's hosts or
+    the host first asked; a signed file (``mirrors``) may also come from an https mirror that serves the
+    same file name, since only its signature counts (download.fedoraproject.org sends every file to one)."""
+    if not HTTPS_RE.match(target):
+        return f"redirected to {target}, which is not https"
+    host = host_of(target)
+    if fedora_host(host) or host == host_of(asked):
+        return None
+    if mirrors and urlsplit(target).path.rpartition("/")[2] == urlsplit(asked).path.rpartition("/")[2]:
+        return None
+    return f"redirected to {target}, which is not one of Fedora's hosts ({FEDORA_DOMAIN})"
+
+
+def http_fetch(url: str, limit: int, *, mirrors: bool = False, deadline: float | None = None) -> bytes:
+    """GET over verified TLS (requests' CA bundle): https only, redirects checked hop by hop
+    (``redirect_problem``), at most ``limit`` bytes, all of it within ``deadline`` (FETCH_DEADLINE) seconds."""
+    asked = https_url(url, url)
+    deadline = FETCH_DEADLINE if deadline is None else deadline
+    done = threading.Event()
+    cancelled = threading.Event()
+    outcome: list[bytes | BaseException] = []
+
+    def work() -> None:
+        try:
+            outcome.append(_fetch(asked, limit, mirrors, time.monotonic() + deadline, cancelled))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"fetch {asked}", daemon=True).start()
+    if not done.wait(deadline):
+        cancelled.set()
+        raise MediaError(f"{asked}: not complete within {deadline:g} s (a server trickling it, or a very slow "
+                         "link); refusing it")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _fetch(asked: str, limit: int, mirrors: bool, end: float, cancelled: threading.Event) -> bytes:
     import requests
+    import urllib3
 
+    from .pve import _ssl_reason
+
+    url = asked
+    with requests.Session() as session:
+        for _ in range(MAX_REDIRECTS + 1):
+            left = max(0.1, end - time.monotonic())
+            try:
+                with session.get(url, timeout=(min(FETCH_TIMEOUT, left), min(FETCH_TIMEOUT, left)), stream=True,
+                                 allow_redirects=False, headers={"Accept-Encoding": "identity"}) as resp:
+                    if resp.is_redirect:
+                        target = urljoin(url, resp.headers.get("location", ""))
+                        if why := redirect_problem(asked, target, mirrors=mirrors):
+                            raise MediaError(f"{asked}: {why}; refusing it")
+                        url = target
+                        continue
+                    if resp.status_code != 200:
+                        via = f" (from {url})" if url != asked else ""
+                        raise MediaError(f"{asked}: HTTP {resp.status_code}{via}")
+                    declared = resp.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limit:
+                        raise MediaError(f"{asked}: {declared} bytes, larger than the {limit} allowed; refusing it")
+                    body = bytearray()
+                    while chunk := resp.raw.read1(65536, decode_content=False):
+                        if cancelled.is_set():
+                            raise MediaError(f"{asked}: cancelled at its deadline")
+                        body += chunk
+                        if len(body) > limit:
+                            raise MediaError(f"{asked}: larger than the {limit} bytes allowed; refusing it")
+                    return bytes(body)
+            except requests.exceptions.SSLError as exc:
+                raise MediaError(f"{asked}: TLS verification failed: {_ssl_reason(exc)}") from None
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                raise MediaError(f"{asked}: cannot fetch it (offline?): {_ssl_reason(exc)}") from None
+    raise MediaError(f"{asked}: more than {MAX_REDIRECTS} redirects; refusing it")
+
+
+def parse_releases(data: bytes, what: str) -> Any:
+    """releases.json's JSON, refused clearly when it is not JSON or nested deeper than ``MAX_JSON_DEPTH``."""
+    text = data.decode("utf-8", errors="replace")
+    depth = deepest = 0
+    for bracket in re.findall(r"[][{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise MediaError(f"{what}: JSON nested {deepest} deep, more than the {MAX_JSON_DEPTH} a release list "
+                         "needs; refusing it")
     try:
-        with requests.get(url, timeout=FETCH_TIMEOUT, stream=True) as resp:
-            if resp.status_code != 200:
-                raise MediaError(f"{url}: HTTP {resp.status_code}")
-            body = bytearray()
-            for chunk in resp.iter_content(65536):
-                body += chunk
-                if len(body) > limit:
-                    raise MediaError(f"{url}: larger than {limit} bytes; refusing it")
-            return bytes(body)
-    except requests.exceptions.SSLError as exc:
-        from .pve import _ssl_reason
-
-        raise MediaError(f"{url}: TLS verification failed: {_ssl_reason(exc)}") from None
-    except requests.exceptions.RequestException as exc:
-        from .pve import _ssl_reason
-
-        raise MediaError(f"{url}: cannot fetch it (offline?): {_ssl_reason(exc)}") from None
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MediaError(f"{what}: not JSON: {str(exc)[:200]}") from None
 
 
 def release_key_name(release: int) -> str:
@@ -94,7 +199,11 @@ def checksum_url_for(link: str, variant: str) -> str:
 def signed_sha256(checksum: bytes, file_name: str, cert: Cert, *, what: str) -> str:
     """The sha256 the signed part of a Fedora CHECKSUM gives for ``file_name``."""
     signed = clearsigned_bytes(checksum, cert, what=what).decode("utf-8", errors="replace")
-    sums = {m["name"]: m["hex"] for m in map(CHECKSUM_LINE.match, signed.splitlines()) if m}
+    sums: dict[str, str] = {}
+    for m in filter(None, map(CHECKSUM_LINE.match, signed.splitlines())):
+        if m["name"] in sums:
+            raise SignatureError(f"{what}: the signed part lists {m['name']} more than once; refusing the file")
+        sums[m["name"]] = m["hex"]
     if file_name not in sums:
         raise SignatureError(f"{what}: the signed part lists no SHA256 for {file_name} "
                              f"(it lists {', '.join(sorted(sums)) or 'nothing'})")
@@ -103,14 +212,33 @@ def signed_sha256(checksum: bytes, file_name: str, cert: Cert, *, what: str) -> 
 
 def verified_checksum(root: Path, release: int, checksum_url: str, file_name: str, fetch: Fetch = http_fetch) -> str:
     """``sha256:<hex>`` of ``file_name`` from ``checksum_url``, verified against the release key."""
+    url = https_url(checksum_url, f"the CHECKSUM of {file_name}")
     cert = release_key(root, release)
-    body = fetch(checksum_url, MAX_CHECKSUM)
-    return "sha256:" + signed_sha256(body, file_name, cert, what=checksum_url)
+    body = fetch(url, MAX_CHECKSUM, mirrors=True)
+    return "sha256:" + signed_sha256(body, file_name, cert, what=url)
+
+
+def remote_checksum_file(checksum: str, *, source_is_local: bool, what: str) -> str | None:
+    """The https URL of a ``file:`` checksum that must be fetched and verified, or None when there is none to
+    fetch (``sha256:``, or a local sums file beside a local source, which the build hashes itself). Any other
+    scheme (``HTTPS://`` counts as https; ``http://``, ``ftp://``, ``s3::``...) or a local file beside a
+    download is refused: Packer would read it unverified."""
+    if not checksum.startswith("file:"):
+        return None
+    target = checksum[len("file:"):]
+    if not SCHEME_RE.match(target):
+        if source_is_local:
+            return None
+        raise MediaError(f"{what}: {checksum}: a downloaded image's checksum file must be its signed https "
+                         "CHECKSUM; a local file is not verified against any key")
+    return https_url(target, what)
 
 
 def archived(url: str) -> str:
     """Where a release's media live once it has reached its end of life."""
-    return ARCHIVE_PREFIX + url[len(LIVE_PREFIX):] if url.startswith(LIVE_PREFIX) else url
+    if HTTPS_RE.match(url) and ("https://" + url[len("https://"):]).startswith(LIVE_PREFIX):
+        return ARCHIVE_PREFIX + url[len(LIVE_PREFIX):]
+    return url
 
 
 def located(image: Image, url: str, today: date | None = None) -> str:
@@ -145,19 +273,42 @@ MEDIA_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
 CHECKSUM_VARIANT = {"cloud": "Cloud", "iso": "Everything"}
 
 
-def pick_media(releases: Any, release: int) -> dict[str, Medium]:
+def link_problem(link: str, release: int, releases_host: str) -> str | None:
+    """Why a releases.json link is not a file of Fedora ``release``'s own release directory, or None. An older
+    release-candidate compose is signed by the same key: only ``/releases/<release>/`` is accepted."""
+    if not HTTPS_RE.match(link):
+        return "not https"
+    parts = urlsplit(link)
+    host = (parts.hostname or "").lower()
+    if not (fedora_host(host) or host == releases_host):
+        return f"not on Fedora's hosts ({FEDORA_DOMAIN})"
+    if parts.query or parts.fragment or "%" in parts.path or "\\" in parts.path:
+        return "a query, fragment or escaped path"
+    segments = parts.path.split("/")
+    if "." in segments or ".." in segments:
+        return "a path with . or .. in it"
+    if f"/releases/{release}/" not in parts.path:
+        return f"outside /releases/{release}/ (a pre-release or another release's compose)"
+    if f"-{release}-" not in segments[-1]:
+        return f"a file name that does not name Fedora {release}"
+    return None
+
+
+def pick_media(releases: Any, release: int, releases_url: str = RELEASES_URL) -> dict[str, Medium]:
     if not isinstance(releases, list):
-        raise MediaError("releases.json: expected a JSON array of artifacts")
+        raise MediaError(f"{releases_url}: expected a JSON array of artifacts")
     found: dict[str, Medium] = {}
     for mode, rule in MEDIA_RULES.items():
         entries = [e for e in releases if isinstance(e, dict) and str(e.get("version")) == str(release)
                    and e.get("arch") == ARCH and rule(e)]
         if len(entries) != 1:
             what = "no" if not entries else f"{len(entries)}"
-            raise MediaError(f"releases.json: {what} {mode} artifact(s) for Fedora {release} {ARCH} (need exactly one)")
+            raise MediaError(f"{releases_url}: {what} {mode} artifact(s) for Fedora {release} {ARCH} "
+                             "(need exactly one)")
         link = str(entries[0]["link"])
-        if not link.startswith("https://") or f"-{release}-" not in link.rpartition("/")[2]:
-            raise MediaError(f"releases.json: {link} is not an https link to a Fedora {release} file")
+        if why := link_problem(link, release, host_of(releases_url)):
+            raise MediaError(f"{releases_url}: the {mode} link {link} is {why}; refusing it")
+        link = "https://" + link[len("https://"):]
         found[mode] = Medium(mode, link, checksum_url_for(link, CHECKSUM_VARIANT[mode]),
                              str(entries[0].get("sha256", "")))
     return found
@@ -179,15 +330,13 @@ def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url
     """Point the catalogue's Fedora ``release`` entries at the current media with signed sha256 checksums."""
     from ruamel.yaml import YAML
 
-    try:
-        releases = json.loads(fetch(releases_url, MAX_RELEASES_JSON))
-    except ValueError as exc:
-        raise MediaError(f"{releases_url}: not JSON: {exc}") from None
-    media = pick_media(releases, release)
+    releases_url = https_url(releases_url, "releases.json")
+    releases = parse_releases(fetch(releases_url, MAX_RELEASES_JSON), releases_url)
+    media = pick_media(releases, release, releases_url)
     cert = release_key(root, release)
     checksums: dict[str, str] = {}
     for mode, medium in media.items():
-        body = fetch(medium.checksum_url, MAX_CHECKSUM)
+        body = fetch(medium.checksum_url, MAX_CHECKSUM, mirrors=True)
         checksums[mode] = signed_sha256(body, medium.file_name, cert, what=medium.checksum_url)
         if medium.releases_sha256 and medium.releases_sha256 != checksums[mode]:
             raise SignatureError(f"{medium.file_name}: releases.json says sha256 {medium.releases_sha256}, the signed "

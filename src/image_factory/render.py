@@ -34,6 +34,7 @@ BUILD_USER = "packer"
 # is not something every renderer, ENI among them, can express).
 BUILD_MAC = "52:54:00:fa:c7:01"
 ARTIFACT_RE = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.qcow2$")
+REMOTE_CHECKSUM_RE = re.compile(r"^file:[A-Za-z][A-Za-z0-9+.-]*:")  # file:https://, file:HTTPS://, file:s3::...
 TEMPLATE_DIRS = ("packer", "kickstart")
 ANSIBLE_DIR = "ansible"
 SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
@@ -155,14 +156,14 @@ def source_paths(settings: Settings, image: Image) -> tuple[Path | None, Path | 
         return None, None
     src = settings.resolve(image.source.url)
     ck = image.source.checksum
-    if ck.startswith("file:") and not re.match(r"^file:[a-z]+://", ck):
+    if ck.startswith("file:") and not REMOTE_CHECKSUM_RE.match(ck):
         return src, settings.resolve(ck[len("file:"):])
     return src, None
 
 
 def _source_checksum_hcl(settings: Settings, image: Image) -> str:
     ck = image.source.checksum
-    if ck.startswith("file:") and image.source.is_local and not re.match(r"^file:[a-z]+://", ck):
+    if ck.startswith("file:") and image.source.is_local and not REMOTE_CHECKSUM_RE.match(ck):
         return f"file:{settings.resolve(ck[len('file:'):])}"
     return ck
 
@@ -371,13 +372,16 @@ def render_image(
     playbook = settings.resolve(image.playbook)
     if not playbook.is_file():
         raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
-    from .fedora_media import located
+    from .fedora_media import located, remote_checksum_file
 
     installer = families.get(image.family).installer if image.mode == "iso" else None
     if image.mode == "iso" and installer is None:
         raise RenderError(f"{settings.images}: {image.name}: mode: iso mode needs an installer, and the "
                           f"{image.family} family has none (cloud mode only)")
 
+    # A checksum file Packer would fetch unverified (http, ftp, s3::, a local file beside a download) stops here.
+    remote_checksum_file(image.source.checksum, source_is_local=image.source.is_local,
+                         what=f"{settings.images}: {image.name}: source.checksum")
     src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local
                       else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
     ctx = {
@@ -534,8 +538,8 @@ def validate_packer(result: RenderResult) -> None:
         _run_tool([exe, "fmt", "-check", "-diff", result.hcl.name], "packer fmt -check", cwd, str(result.hcl))
         cmd = [exe, "validate", f"-var-file={result.var_file}"]
         ck = result.image.source.checksum
-        local_ck = ck[len("file:"):] if ck.startswith("file:") and not re.match(r"^file:[a-z]+://", ck) else None
-        if ck == "refresh" or re.match(r"^file:[a-z]+://", ck) or (
+        local_ck = ck[len("file:"):] if ck.startswith("file:") and not REMOTE_CHECKSUM_RE.match(ck) else None
+        if ck == "refresh" or REMOTE_CHECKSUM_RE.match(ck) or (
                 local_ck is not None and result.inputs.get("source_checksum") == "missing"):
             # packer validate would download a remote checksum file (this machine must contact
             # nothing but loopback), fail on a local fixture not made yet, or on media not pinned yet:

@@ -6,8 +6,12 @@ vendored into a scratch repository and pinned there by fingerprint, exactly as p
 
 from __future__ import annotations
 
+import http.server
+import json
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from fakepve.certs import make_cert
 
 from image_factory import fedora_media as fm
 from image_factory.lab.aptrepo import clearsign, generate_key, public_key
+from image_factory.lab.loopback import serve_http
 from image_factory.settings import REPO_ROOT
 from image_factory.signatures import SignatureError, clearsigned_bytes, load_pinned_key
 
@@ -71,7 +76,6 @@ def publish_release(base: str, files: Files, signer: Any, *, cloud: bytes | None
         {"version": "45 Beta", "arch": "x86_64", "variant": "Everything", "subvariant": "Everything",
          "link": f"{base}{d}/Everything/x86_64/iso/Fedora-Everything-netinst-x86_64-45_Beta-1.1.iso"},
     ]
-    import json
 
     files["/releases.json"] = (releases or json.dumps(entries)).encode()
     files[f"{d}/Cloud/x86_64/images/Fedora-Cloud-45-1.3-x86_64-CHECKSUM"] = (
@@ -212,3 +216,297 @@ def test_past_eol_media_come_from_the_archive() -> None:
     assert fm.located(image, live, today=date(2027, 12, 8)) == live
     assert fm.located(image, live, today=date(2027, 12, 9)) == \
         "https://archives.fedoraproject.org/pub/archive/fedora/linux/releases/45/x.iso"
+
+
+# ------------------------------------------------------------------ hostile servers and hostile inputs
+#
+# A loopback HTTPS server whose answers each case chooses: a body, a redirect, or a body that trickles in
+# a byte at a time. The certificate covers 127.0.0.1 and localhost, so "localhost" stands for another host
+# (a mirror, or a host that is not Fedora's) reached over verified TLS.
+
+
+D45 = "/pub/fedora/linux/releases/45"
+CLOUD_PATH = f"{D45}/Cloud/x86_64/images/{CLOUD}"
+CLOUD_CHECKSUM_PATH = f"{D45}/Cloud/x86_64/images/Fedora-Cloud-45-1.3-x86_64-CHECKSUM"
+ISO_CHECKSUM_PATH = f"{D45}/Everything/x86_64/iso/Fedora-Everything-45-1.3-x86_64-CHECKSUM"
+
+
+@dataclass(frozen=True)
+class Redirect:
+    location: str  # "{base}" and "{other}" (the same server under the name localhost) are filled in
+    status: int = 302
+
+
+@dataclass(frozen=True)
+class Trickle:
+    """Declares a length, then sends one byte per interval until the client gives up."""
+
+    length: int = 4096
+
+
+Route = bytes | Redirect | Trickle
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, dict[str, Route]]]:
+    cert, key, _ = make_cert(str(tmp_path), name="hostile", hosts=("127.0.0.1", "localhost"))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
+    routes: dict[str, Route] = {}
+    stop = threading.Event()
+    names: dict[str, str] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            route = routes.get(self.path)
+            if isinstance(route, Redirect):
+                self.send_response(route.status)
+                self.send_header("Location", route.location.format(**names))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif isinstance(route, Trickle):
+                self.send_response(200)
+                self.send_header("Content-Length", str(route.length))
+                self.end_headers()
+                try:
+                    for _ in range(route.length):
+                        if stop.wait(0.05):
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                except OSError:
+                    return
+            else:
+                self.send_response(200 if route is not None else 404)
+                self.send_header("Content-Length", str(len(route or b"")))
+                self.end_headers()
+                self.wfile.write(route or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with serve_http(Handler, cert_and_key=(cert, key)) as base:
+        names.update(base=base, other=base.replace("127.0.0.1", "localhost"))
+        yield base, names["other"], routes
+        stop.set()
+
+
+def releases_entries(base: str, *, cloud: str | None = None) -> list[dict[str, str]]:
+    return [
+        {"version": "45", "arch": "x86_64", "variant": "Cloud", "subvariant": "Cloud_Base",
+         "link": cloud or f"{base}{CLOUD_PATH}", "sha256": CLOUD_SUM},
+        {"version": "45", "arch": "x86_64", "variant": "Everything", "subvariant": "Everything",
+         "link": f"{base}{D45}/Everything/x86_64/iso/{ISO}", "sha256": ISO_SUM},
+    ]
+
+
+def good_routes(base: str, signer: Any) -> dict[str, Route]:
+    return {
+        "/releases.json": json.dumps(releases_entries(base)).encode(),
+        CLOUD_CHECKSUM_PATH: clearsign(signer, checksum_text(CLOUD, CLOUD_SUM)),
+        ISO_CHECKSUM_PATH: clearsign(signer, checksum_text(ISO, ISO_SUM)),
+    }
+
+
+RC = "/pub/alt/stage/45_RC-1.2/Cloud/x86_64/images"
+RC_CLOUD = "Fedora-Cloud-Base-Generic-45-1.2.x86_64.qcow2"
+
+
+def _rc_compose(base: str, signer: Any) -> dict[str, Route]:
+    """An older release-candidate compose: genuinely signed by the release key, but not the release."""
+    return {"/releases.json": json.dumps(releases_entries(base, cloud=f"{base}{RC}/{RC_CLOUD}")).encode(),
+            f"{RC}/Fedora-Cloud-45-1.2-x86_64-CHECKSUM": clearsign(signer, checksum_text(RC_CLOUD, "9" * 64))}
+
+
+def _link(link: str) -> Callable[[str, Any], dict[str, Route]]:
+    return lambda base, _signer: {"/releases.json": json.dumps(releases_entries(base, cloud=link.format(
+        base=base))).encode()}
+
+
+def _checksum(route: Route | Callable[[Any], Route]) -> Callable[[str, Any], dict[str, Route]]:
+    return lambda _base, signer: {CLOUD_CHECKSUM_PATH: route(signer) if callable(route) else route}
+
+
+# (case, what the server answers instead of the good release, the releases URL, what the refusal says)
+HOSTILE_REFRESH: list[tuple[str, Callable[[str, Any], dict[str, Route]], str, str]] = [
+    ("releases.json over plain http", lambda b, s: {}, "http://127.0.0.1:1/releases.json", "not https"),
+    ("releases.json redirected to http", lambda b, s: {"/releases.json": Redirect("http://127.0.0.1:1/r.json"),
+                                                       }, "{base}/releases.json", "not https"),
+    ("releases.json redirected off Fedora's hosts",
+     lambda b, s: {"/releases.json": Redirect("{other}/elsewhere/releases.json")}, "{base}/releases.json",
+     "not one of Fedora's hosts"),
+    ("releases.json in a redirect loop", lambda b, s: {"/releases.json": Redirect("{base}/releases.json")},
+     "{base}/releases.json", "more than 5 redirects"),
+    ("releases.json missing", lambda b, s: {"/releases.json": Redirect("{base}/gone")}, "{base}/releases.json",
+     "HTTP 404"),
+    ("releases.json nested 100000 deep", lambda b, s: {"/releases.json": b"[" * 100000 + b"]" * 100000},
+     "{base}/releases.json", "nested 100000 deep"),
+    ("releases.json nested 9 deep", lambda b, s: {"/releases.json": b"[" * 9 + b"]" * 9},
+     "{base}/releases.json", "nested 9 deep"),
+    ("releases.json not JSON", lambda b, s: {"/releases.json": b"<html>"}, "{base}/releases.json", "not JSON"),
+    ("releases.json an object", lambda b, s: {"/releases.json": b"{}"}, "{base}/releases.json", "JSON array"),
+    ("releases.json trickling", lambda b, s: {"/releases.json": Trickle()}, "{base}/releases.json",
+     "not complete within"),
+    ("link to an older RC compose", _rc_compose, "{base}/releases.json", "outside /releases/45/"),
+    ("link climbing out with ..", _link("{base}" + D45 + "/../../../alt/stage/45_RC-1.2/x/" + RC_CLOUD),
+     "{base}/releases.json", "with . or .."),
+    ("link escaped", _link("{base}" + D45 + "/%2e%2e/x/" + CLOUD), "{base}/releases.json", "escaped path"),
+    ("link over http", _link("http://127.0.0.1:1" + CLOUD_PATH), "{base}/releases.json", "not https"),
+    ("link on another host", _link("https://mirror.example.org" + CLOUD_PATH), "{base}/releases.json",
+     "not on Fedora's hosts"),
+    ("link to another release", _link("{base}/pub/fedora/linux/releases/44/Cloud/x86_64/images/"
+                                      "Fedora-Cloud-Base-Generic-44-1.7.x86_64.qcow2"), "{base}/releases.json",
+     "outside /releases/45/"),
+    ("link with a query", _link("{base}" + CLOUD_PATH + "?copy=" + CLOUD), "{base}/releases.json", "a query"),
+    ("CHECKSUM lists the file twice", _checksum(lambda s: clearsign(
+        s, checksum_text(CLOUD, CLOUD_SUM) + f"SHA256 ({CLOUD}) = {'e' * 64}\n")), "{base}/releases.json",
+     "more than once"),
+    ("CHECKSUM lists the file twice, same sum", _checksum(lambda s: clearsign(
+        s, checksum_text(CLOUD, CLOUD_SUM) * 2)), "{base}/releases.json", "more than once"),
+    ("CHECKSUM too large", _checksum(b"#" * (fm.MAX_CHECKSUM + 1)), "{base}/releases.json", "larger than"),
+    ("CHECKSUM trickling", _checksum(Trickle()), "{base}/releases.json", "not complete within"),
+    ("CHECKSUM redirected to http", _checksum(Redirect("http://127.0.0.1:1" + CLOUD_CHECKSUM_PATH)),
+     "{base}/releases.json", "not https"),
+    ("CHECKSUM redirected to another file on a mirror",
+     _checksum(Redirect("{other}/mirror/Fedora-Cloud-45-1.2-x86_64-CHECKSUM")), "{base}/releases.json",
+     "not one of Fedora's hosts"),
+]
+
+
+@pytest.mark.parametrize(("case", "answers", "url", "says"), HOSTILE_REFRESH, ids=[c[0] for c in HOSTILE_REFRESH])
+def test_hostile_release_data_is_refused_with_its_reason(
+    hostile: Any, repo: Any, monkeypatch: pytest.MonkeyPatch, case: str,
+    answers: Callable[[str, Any], dict[str, Route]], url: str, says: str,
+) -> None:
+    base, other, routes = hostile
+    root, signer = repo
+    monkeypatch.setattr(fm, "FETCH_DEADLINE", 1.0)
+    routes.update(good_routes(base, signer))
+    routes.update(answers(base, signer))
+    catalogue = root / "packer/images.yml"
+    before = catalogue.read_bytes()
+    releases_url = url.format(base=base, other=other)
+    with pytest.raises((fm.MediaError, SignatureError)) as err:
+        fm.refresh_catalogue(catalogue, root, 45, releases_url=releases_url)
+    message = str(err.value)
+    assert says in message, message
+    assert "\n" not in message and "Traceback" not in message, message
+    named = ("releases.json", "CHECKSUM", CLOUD, RC_CLOUD)
+    assert any(n in message for n in named), f"{case}: the refusal names no file: {message}"
+    assert catalogue.read_bytes() == before
+
+
+MIRRORED = "/mirror/fedora/linux/releases/45/Fedora-Cloud-45-1.3-x86_64-CHECKSUM"
+BENIGN_REFRESH: list[tuple[str, Callable[[str, Any], dict[str, Route]], str]] = [
+    ("as published", lambda b, s: {}, "{base}/releases.json"),
+    ("HTTPS written in capitals", lambda b, s: {}, "HTTPS://127.0.0.1:{port}/releases.json"),
+    ("releases.json moved on the same host", lambda b, s: {"/old.json": Redirect("{base}/releases.json", 301)},
+     "{base}/old.json"),
+    ("CHECKSUM from an https mirror (same file)", lambda b, s: {
+        CLOUD_CHECKSUM_PATH: Redirect("{other}" + MIRRORED),
+        MIRRORED: clearsign(s, checksum_text(CLOUD, CLOUD_SUM))}, "{base}/releases.json"),
+]
+
+
+@pytest.mark.parametrize(("case", "answers", "url"), BENIGN_REFRESH, ids=[c[0] for c in BENIGN_REFRESH])
+def test_benign_variants_refresh_with_the_signed_sha256(
+    hostile: Any, repo: Any, case: str, answers: Callable[[str, Any], dict[str, Route]], url: str
+) -> None:
+    base, other, routes = hostile
+    root, signer = repo
+    routes.update(good_routes(base, signer))
+    routes.update(answers(base, signer))
+    port = base.rsplit(":", 1)[1]
+    result = fm.refresh_catalogue(root / "packer/images.yml", root, 45,
+                                  releases_url=url.format(base=base, other=other, port=port))
+    assert result.checksums == {"cloud": CLOUD_SUM, "iso": ISO_SUM}
+
+
+# ------------------------------------------------------------------ a build's file: checksum
+
+
+@pytest.mark.parametrize(("checksum", "says"), [
+    ("file:http://download.fedoraproject.org/pub/x/Fedora-Cloud-45-1.3-x86_64-CHECKSUM", "is http:, not https"),
+    ("file:ftp://download.fedoraproject.org/pub/x/Fedora-Cloud-45-1.3-x86_64-CHECKSUM", "is ftp:, not https"),
+    ("file:s3::https://bucket.s3.amazonaws.com/Fedora-Cloud-45-1.3-x86_64-CHECKSUM", "is s3:, not https"),
+    ("file:git::https://example.org/sums", "is git:, not https"),
+    ("file:/srv/sums/Fedora-Cloud-45-1.3-x86_64-CHECKSUM", "a local file is not verified"),
+    ("file:sums/CHECKSUM", "a local file is not verified"),
+])
+def test_a_downloads_checksum_file_other_than_https_is_refused(checksum: str, says: str) -> None:
+    with pytest.raises(fm.MediaError) as err:
+        fm.remote_checksum_file(checksum, source_is_local=False, what="images.yml: fedora-45: source.checksum")
+    assert says in str(err.value) and "fedora-45" in str(err.value) and checksum[5:] in str(err.value)
+
+
+@pytest.mark.parametrize(("checksum", "local", "fetched"), [
+    ("file:HTTPS://dl.example/x-CHECKSUM", False, "https://dl.example/x-CHECKSUM"),
+    ("file:https://dl.example/x-CHECKSUM", False, "https://dl.example/x-CHECKSUM"),
+    ("file:Https://dl.example/x-CHECKSUM", True, "https://dl.example/x-CHECKSUM"),
+    ("file:builds/base/debian-13-base.qcow2.sha256", True, None),
+    ("sha256:" + "a" * 64, False, None),
+])
+def test_which_checksum_files_are_fetched_and_verified(checksum: str, local: bool, fetched: str | None) -> None:
+    assert fm.remote_checksum_file(checksum, source_is_local=local, what="x") == fetched
+
+
+def test_a_capitalised_https_checksum_is_verified_before_packer_sees_it(server: Any, repo: Any,
+                                                                       tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from image_factory import build
+    from image_factory.inventory import Image, Source
+    from image_factory.settings import Settings
+
+    base, files = server
+    root, signer = repo
+    publish_release(base, files, signer, cloud=clearsign(signer, checksum_text(CLOUD, "d" * 64)))
+    image = _fedora_image(base)
+    shouting = image.model_copy(update={"source": Source(
+        url=image.source.url, checksum=image.source.checksum.replace("file:https://", "file:HTTPS://"))})
+    assert isinstance(shouting, Image)
+    var_file = tmp_path / "build.pkrvars.hcl"
+    var_file.write_text("")
+    build.verify_source_checksum(Settings.from_mapping({}, root=root), shouting, SimpleNamespace(var_file=var_file),
+                                 lambda kind, msg: None)
+    assert f'source_checksum = "sha256:{"d" * 64}"' in var_file.read_text()
+
+
+def test_render_refuses_a_checksum_packer_would_read_unverified(tmp_path: Path) -> None:
+    from image_factory import render
+    from image_factory.inventory import Source
+    from image_factory.settings import Settings
+
+    image = _fedora_image("https://download.fedoraproject.org")
+    image = image.model_copy(update={"source": Source(url=image.source.url, checksum="file:s3::https://b/x")})
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
+    with pytest.raises(fm.MediaError, match="fedora-45: source.checksum: s3::https://b/x is s3:, not https"):
+        render.render_image(settings, image, packer_version=(1, 6, 6), scratch=True)
+
+
+# ------------------------------------------------------------------ Fedora's own signature, as published
+
+REAL_CHECKSUM = REPO_ROOT / "tests/data/fedora/Fedora-Cloud-44-1.7-aarch64-CHECKSUM"
+REAL_GENERIC = "Fedora-Cloud-Base-Generic-44-1.7.aarch64.qcow2"
+
+
+def test_fedoras_real_f44_checksum_verifies_against_the_pinned_key() -> None:
+    cert = fm.release_key(REPO_ROOT, 44)
+    data = REAL_CHECKSUM.read_bytes()
+    assert fm.signed_sha256(data, REAL_GENERIC, cert, what=REAL_CHECKSUM.name) == \
+        "55c60a3b80d3616a08705afd0459e75fe9f03c54aba7a46e4002a41a72fa0d5b"
+    with pytest.raises(SignatureError, match="lists no SHA256 for Fedora-Cloud-Base-Generic-44-1.7.x86_64"):
+        fm.signed_sha256(data, "Fedora-Cloud-Base-Generic-44-1.7.x86_64.qcow2", cert, what=REAL_CHECKSUM.name)
+
+
+@pytest.mark.parametrize(("case", "change", "says"), [
+    ("one hex digit changed", lambda d: d.replace(b"= 55c60a3b", b"= 55c60a3c"), "signature check"),
+    ("forged line above the block", lambda d: b"SHA256 (" + REAL_GENERIC.encode() + b") = " + b"f" * 64 + b"\n" + d,
+     "text outside the clearsigned block"),
+    ("signed by another release's key", None, "signature check"),
+])
+def test_fedoras_real_f44_checksum_altered_is_refused(case: str, change: Any, says: str) -> None:
+    data = REAL_CHECKSUM.read_bytes()
+    cert = fm.release_key(REPO_ROOT, 45 if change is None else 44)
+    with pytest.raises(SignatureError, match=says) as err:
+        fm.signed_sha256(change(data) if change else data, REAL_GENERIC, cert, what=REAL_CHECKSUM.name)
+    assert REAL_CHECKSUM.name in str(err.value)
