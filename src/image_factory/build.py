@@ -514,6 +514,17 @@ def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def packer_cache_dir(cwd: Path) -> Path:
+    """Where Packer keeps downloads across builds: $PACKER_CACHE_DIR, else builds/.packer_cache."""
+    return Path(os.environ.get("PACKER_CACHE_DIR") or cwd.parent / ".packer_cache")
+
+
+def install_iso_path(cwd: Path, image: Image) -> Path:
+    """The install ISO's place in Packer's cache when the template must name it (UEFI on Packer 1.6); Packer
+    downloads it again only when its checksum no longer matches."""
+    return packer_cache_dir(cwd) / f"{image.name}-install.iso"
+
+
 def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
                on_event: EventHandler | None, events: list[BuildEvent], t0: float | None = None,
                extra_env: dict[str, str] | None = None, serial_log: Path | None = None) -> _Run:
@@ -524,7 +535,7 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float,
         log.write(f"# {_now()} packer build in {cwd}\n")
         # Packer hands its own environment on to ansible-playbook: the strategy travels that way.
         env = {**render.tool_env(), **(extra_env or {})}
-        env.setdefault("PACKER_CACHE_DIR", str(cwd.parent / ".packer_cache"))
+        env.setdefault("PACKER_CACHE_DIR", str(packer_cache_dir(cwd)))
         for key in sorted(extra_env or {}):
             log.write(f"# {key}={env[key]}\n")
         proc = subprocess.Popen(
@@ -758,6 +769,9 @@ def _build(
             code, variables = firmware.locate_ovmf()
             firmware.private_vars(work, variables)
             render.set_var(result, "ovmf_code", str(code))
+            render.set_var(result, "ovmf_vars", str(variables))
+            if cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local:
+                render.set_var(result, "install_iso", str(install_iso_path(result.out_dir, image)))
         exe = _require("packer", render.PACKER_HOW)
         packer_init(exe, result, cached_packer_version(settings), emit)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]

@@ -38,6 +38,7 @@ REMOTE_CHECKSUM_RE = re.compile(r"^file:[A-Za-z][A-Za-z0-9+.-]*:")  # file:https
 TEMPLATE_DIRS = ("packer", "kickstart")
 ANSIBLE_DIR = "ansible"
 SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
+PLUGIN_PACKER = (1, 7, 0)  # the first Packer that reads required_plugins (1.6 has the builders built in)
 # Plugin versions for Packer >= 1.7 (required_plugins, installed by `packer init`): pinned, so a
 # plugin release never changes a build unannounced. Tags of hashicorp/packer-plugin-qemu and -ansible.
 PLUGIN_VERSIONS = {"qemu": "1.1.4", "ansible": "1.1.6"}
@@ -386,7 +387,7 @@ def render_image(
                       else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
     ctx = {
         "image": image,
-        "required_plugins": pv >= (1, 7, 0),
+        "required_plugins": pv >= PLUGIN_PACKER,
         "plugin_versions": PLUGIN_VERSIONS,
         "artifact_name": artifact_name(image),
         "disk_size_mb": f"{disk_size_mb(image.disk_size)}M",
@@ -436,8 +437,10 @@ def render_image(
             ("secret_dir", secret_dir),
             ("ssh_private_key_file", key),
         ]
-        if image.firmware == "uefi":
-            per_build.append(("ovmf_code", ""))  # found by the build (firmware.locate_ovmf)
+        if image.firmware == "uefi":  # set by the build (firmware.locate_ovmf, build.install_iso_path)
+            per_build += [("ovmf_code", ""), ("ovmf_vars", "")]
+            if pv < PLUGIN_PACKER and not image.source.is_local:
+                per_build.append(("install_iso", ""))
         _write(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)
 
         if scratch:

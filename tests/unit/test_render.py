@@ -5,11 +5,15 @@ The validation tests run the real tools (Debian's packer, pykickstart's ksvalida
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,6 +303,124 @@ def test_uefi_renders_ovmf_on_q35_and_an_efi_partition_bios_a_biosboot_one(
     finally:
         uefi.cleanup()
         bios.cleanup()
+
+
+def _qemuargs(hcl: str) -> list[list[str]]:
+    block = hcl[hcl.index("  qemuargs = [\n"):]
+    block = block[:block.index("\n  ]\n")]
+    return [re.findall(r'"((?:[^"\\]|\\.)*)"', line) for line in block.splitlines()[1:]]
+
+
+def _attribute(hcl: str, name: str) -> str | None:
+    m = re.search(rf"^  {name} +=\s*(.+)$", hcl, re.MULTILINE)
+    return m[1].strip().strip('"') if m else None
+
+
+def test_uefi_iso_gets_its_disk_and_cd_on_both_packers(repo: Settings, catalogue: dict[str, Image]) -> None:
+    """Any -drive in qemuargs makes the qemu builder (1.6.6's and plugin 1.1.x's getDeviceAndDriveArgs alike)
+    leave out its own disk and CD: 1.6 gets them named in qemuargs, the plugin its own efi_* options instead."""
+    old = _render(repo, catalogue["fedora-45-iso"], (1, 6, 6))
+    hcl = old.hcl.read_text()  # before the next render writes over it
+    new = _render(repo, catalogue["fedora-45-iso"], (1, 11, 2))
+    try:
+        drives = [a[1] for a in _qemuargs(hcl) if a[0] == "-drive"]
+        disk = f"{_attribute(hcl, 'output_directory')}/{_attribute(hcl, 'vm_name')}"
+        assert disk == "${var.work_dir}/output/fedora-45-iso.qcow2"
+        assert drives[0] == (f"file={disk},if=virtio,cache=writeback,discard=unmap,format=qcow2,"
+                             "detect-zeroes=unmap")  # as the builder writes its own (disk_* options above)
+        assert _attribute(hcl, "iso_target_path") == "var.install_iso"
+        assert drives[1] == "file=${var.install_iso},media=cdrom"
+        assert [d.split(",")[:3] for d in drives[2:]] == [["if=pflash", "format=raw", "unit=0"],
+                                                          ["if=pflash", "format=raw", "unit=1"]]
+        assert 'install_iso = ""' in old.var_file.read_text()
+
+        hcl = new.hcl.read_text()
+        assert all(a[0] != "-drive" for a in _qemuargs(hcl))  # the plugin keeps its own disk and CD
+        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35"
+        assert _attribute(hcl, "efi_firmware_code") == "var.ovmf_code"
+        assert _attribute(hcl, "efi_firmware_vars") == "var.ovmf_vars"
+        assert _attribute(hcl, "iso_target_path") is None and "install_iso" not in hcl
+        # efi_boot and efi_firmware_* came with packer-plugin-qemu 1.0.7 (builder: add EFI-specific boot values)
+        assert tuple(map(int, render.PLUGIN_VERSIONS["qemu"].split("."))) >= (1, 0, 7)
+    finally:
+        old.cleanup()
+        new.cleanup()
+
+
+FAKE_QEMU = """#!/bin/sh
+case "$1" in -version|--version) exec qemu-system-x86_64.real -version;; esac
+printf '%s\\n' "$@" > "$QEMU_ARGV"
+exit 1
+"""
+
+
+def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path) -> list[str]:
+    """The QEMU command line Packer 1.6 builds for ``image``: a real `packer build` whose qemu-system-x86_64
+    records its arguments and stops there (Packer asks the real one for its version)."""
+    from image_factory import build
+
+    real = shutil.which("qemu-system-x86_64")
+    if shutil.which("packer") is None or real is None or render.packer_version() >= render.PLUGIN_PACKER:
+        pytest.skip("needs Packer 1.6 and qemu-system-x86_64 (./dev setup installs them)")
+    fake = tmp_path / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "qemu-system-x86_64.real").unlink(missing_ok=True)
+    (fake / "qemu-system-x86_64.real").symlink_to(real)
+    (fake / "qemu-system-x86_64").write_text(FAKE_QEMU)
+    (fake / "qemu-system-x86_64").chmod(0o755)
+    result = render.render_image(settings, image, packer_version=(1, 6, 6))
+    work = tmp_path / f"work-{image.name}"
+    work.mkdir()
+    render.set_var(result, "work_dir", str(work))
+    if image.firmware == "uefi":
+        render.set_var(result, "ovmf_code", str(tmp_path / "CODE.fd"))
+        render.set_var(result, "ovmf_vars", str(tmp_path / "VARS.fd"))
+        if not image.source.is_local:
+            render.set_var(result, "install_iso", str(build.install_iso_path(result.out_dir, image)))
+    argv = tmp_path / f"argv-{image.name}"
+    env = {**render.tool_env(), "QEMU_ARGV": str(argv), "PACKER_CACHE_DIR": str(tmp_path / "cache")}
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    try:
+        subprocess.run(["packer", "build", "-color=false", f"-var-file={result.var_file}", result.hcl.name],
+                       cwd=result.out_dir, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        result.cleanup()
+    assert argv.exists(), f"packer never started qemu for {image.name}"
+    return argv.read_text().splitlines()
+
+
+def _drives(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+
+
+@pytest.mark.parametrize("where", ["local", "download"])
+def test_packer_1_6_starts_a_uefi_install_with_the_disk_the_cd_and_ovmf(
+        repo: Settings, catalogue: dict[str, Image], tmp_path: Path, loopback_http: Any, where: str) -> None:
+    """Packer 1.6.6 itself assembles QEMU's command line: the UEFI install has the same disk and CD the BIOS
+    one gets from the builder, plus the two pflash drives."""
+    from image_factory.inventory import Source
+
+    iso = tmp_path / "netinst.iso"
+    iso.write_bytes(os.urandom(4096))
+    checksum = "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest()
+    with loopback_http({"/netinst.iso": iso.read_bytes()}) as base:
+        url = str(iso) if where == "local" else f"{base}/netinst.iso"
+        images = {name: catalogue[name].model_copy(update={"source": Source(url=url, checksum=checksum)})
+                  for name in ("fedora-44-iso", "fedora-45-iso")}
+        bios = _packer_qemu_argv(repo, images["fedora-44-iso"], tmp_path)
+        uefi = _packer_qemu_argv(repo, images["fedora-45-iso"], tmp_path)
+    cd = str(iso) if where == "local" else str(repo.builds_dir / ".packer_cache/fedora-45-iso-install.iso")
+    own, drives = _drives(bios), _drives(uefi)
+    assert len(own) == 2 and own[1].endswith(",media=cdrom")  # the builder's own disk and CD (BIOS)
+    assert drives[0] == own[0].replace("fedora-44-iso", "fedora-45-iso")
+    assert drives[1] == f"file={cd},media=cdrom"
+    if where == "local":
+        assert drives[1] == own[1]
+    assert _drives(uefi)[2:] == [f"if=pflash,format=raw,unit=0,readonly=on,file={tmp_path}/CODE.fd",
+                                 f"if=pflash,format=raw,unit=1,file={tmp_path}/work-fedora-45-iso/efivars.fd"]
+    assert uefi[uefi.index("-machine") + 1].startswith("type=q35")
+    if where == "download":
+        assert Path(cd).read_bytes() == iso.read_bytes()  # Packer kept the download where the CD names it
 
 
 def test_uefi_is_refused_for_a_cloud_image(catalogue: dict[str, Image]) -> None:
