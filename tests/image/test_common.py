@@ -56,6 +56,18 @@ def test_boots_the_newest_installed_kernel(host: Any) -> None:
     assert host.check_output("uname -r").strip() == kernels[-1], kernels
 
 
+def test_every_boot_entry_names_an_installed_kernel(host: Any) -> None:
+    """No stale boot entry: every kernel a BLS entry (Fedora) or GRUB's generated menu (Debian, whose GRUB
+    reads no BLS entries) boots is in /boot. A kernel removed without its entry would leave one."""
+    with host.sudo():
+        menus = host.run("cat /boot/loader/entries/*.conf /boot/grub/grub.cfg /boot/grub2/grub.cfg 2>/dev/null")
+        present = set(host.check_output("ls -1 /boot").split())
+    booted = {line.split()[1].rsplit("/", 1)[-1] for line in menus.stdout.splitlines()
+              if line.strip().startswith(("linux ", "linux\t", "linux16 ")) and "$" not in line.split()[1]}
+    assert booted, "no kernel in any boot menu"
+    assert booted <= present, f"boot entries for kernels not in /boot: {sorted(booted - present)}"
+
+
 def test_qemu_guest_agent_installed(host: Any) -> None:
     assert host.package("qemu-guest-agent").is_installed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 from typing import Any
 
 import pytest
@@ -74,14 +75,53 @@ def test_ansible_can_drive_dnf(host: Any) -> None:
     assert host.run("rpm -q python3-libdnf5").rc == 0
 
 
-def test_boot_entries_carry_no_build_identity(host: Any) -> None:
-    """BLS entries named after a fixed token, not the build VM's machine-id; no build-time rescue entry."""
+def _boot_state(host: Any) -> tuple[str, list[str], str | None]:
+    """(the entry token, the BLS entry files, grubenv's saved_entry)."""
     with host.sudo():
-        entries = host.check_output("ls -1 /boot/loader/entries").split()
-        entry_token = host.file("/etc/kernel/entry-token").content_string.strip()
-    assert entry_token == "fedora"  # noqa: S105 - the BLS entry token, not a secret
-    assert entries and all(e.startswith("fedora-") for e in entries), entries
+        token = host.file("/etc/kernel/entry-token").content_string.strip()
+        entries = sorted(host.check_output("ls -1 /boot/loader/entries").split())
+        env = host.check_output("grub2-editenv - list")
+    saved = [line.split("=", 1)[1] for line in env.splitlines() if line.startswith("saved_entry=")]
+    return token, entries, saved[0] if saved else None
+
+
+def test_boot_entries_share_one_fixed_token(host: Any) -> None:
+    """Every BLS entry is named after one fixed ID that kernel-install reads before the machine-id (so a
+    clone's kernel updates name and remove entries the same way); no build-time rescue entry; grubenv's
+    saved_entry names the running kernel's entry."""
+    token, entries, saved = _boot_state(host)
+    assert re.fullmatch(r"[0-9a-f]{32}", token), token
+    with host.sudo():
+        info = host.file("/etc/machine-info").content_string.splitlines()
+        machine_id = host.file("/etc/machine-id").content_string.strip()
+    assert f"KERNEL_INSTALL_MACHINE_ID={token}" in info, info
+    assert token != machine_id  # the clone's own machine-id is new; the token is the template's
+    assert entries and all(e.startswith(f"{token}-") for e in entries), entries
     assert not [e for e in entries if "rescue" in e], entries
+    assert saved == f"{token}-{host.check_output('uname -r').strip()}", (saved, entries)
+
+
+def test_a_kernel_added_and_removed_leaves_no_stale_entry(host: Any) -> None:
+    """kernel-install with Fedora's own grub plugin (what a kernel package's scriptlets run) adds the entry
+    under the token and removes exactly it again. The running kernel's image stands in for a second kernel:
+    only the boot-entry plugin runs, so no initramfs is built for it."""
+    token, before, saved = _boot_state(host)
+    running = host.check_output("uname -r").strip()
+    fake = "0.0.1-1.factorytest.fc.x86_64"
+    plugin = "KERNEL_INSTALL_PLUGINS=/usr/lib/kernel/install.d/20-grub.install"
+    with host.sudo():
+        try:
+            host.check_output(f"{plugin} kernel-install add {fake} /lib/modules/{running}/vmlinuz")
+            during = sorted(host.check_output("ls -1 /boot/loader/entries").split())
+            host.check_output(f"{plugin} kernel-install remove {fake}")
+            after = sorted(host.check_output("ls -1 /boot/loader/entries").split())
+        finally:
+            host.run(f"{plugin} kernel-install remove {fake}")
+            if saved:
+                host.run(f"grub2-editenv - set saved_entry={saved}")
+    assert during == sorted([*before, f"{token}-{fake}.conf"]), during
+    assert after == before
+    assert not host.file(f"/boot/vmlinuz-{fake}").exists
 
 
 def test_running_kernel_is_the_newest_installed(host: Any) -> None:
