@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import re
 import threading
@@ -314,6 +313,45 @@ def pick_media(releases: Any, release: int, releases_url: str = RELEASES_URL) ->
     return found
 
 
+def edited_in_place(before: str, data: Any, updates: dict[str, dict[str, str]], catalogue: Path) -> str:
+    """``before`` with the ``source`` values of ``updates`` (entry -> key -> value) rewritten where they stand,
+    every other byte as it was (a re-dump would re-indent other entries), and the result proven: it loads to
+    exactly the data before with these values changed."""
+    import yaml
+
+    lines = before.splitlines(keepends=True)
+    spots: list[tuple[int, int, str, str]] = []
+    for name, values in updates.items():
+        source = data["images"][name].get("source")
+        if source is None or any(key not in source for key in values):
+            raise MediaError(f"{catalogue}: {name}: source: needs url and checksum to refresh")
+        spots += [(*source.lc.value(key), value, f"{name}: source.{key}") for key, value in values.items()]
+    for line, col, value, where in sorted(spots, reverse=True):  # right to left: earlier columns stay valid
+        lines[line] = _replace_scalar(lines[line], col, value, f"{catalogue}: {where}")
+    after = "".join(lines)
+    expected = yaml.safe_load(before)
+    for name, values in updates.items():
+        expected["images"][name]["source"].update(values)
+    if yaml.safe_load(after) != expected:
+        raise MediaError(f"{catalogue}: editing the source values in place did not give the intended catalogue "
+                         "(an unusual layout?); nothing written. Set url and checksum by hand")
+    return after
+
+
+def _replace_scalar(line: str, col: int, value: str, where: str) -> str:
+    """``line`` with the scalar starting at ``col`` replaced by ``value``, quoted as it was."""
+    rest = line[col:]
+    quote = rest[:1]
+    if quote in ("'", '"'):
+        end = rest.find(quote, 1)
+        if end < 0 or quote in value or "\\" in value:
+            raise MediaError(f"{where}: cannot rewrite this quoted value in place; set it by hand")
+        return line[:col] + quote + value + quote + rest[end + 1:]
+    m = re.match(r"[^\s,{}\[\]#]*", rest)
+    assert m is not None
+    return line[:col] + value + rest[m.end():]
+
+
 @dataclass
 class RefreshResult:
     release: int
@@ -342,26 +380,17 @@ def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url
             raise SignatureError(f"{medium.file_name}: releases.json says sha256 {medium.releases_sha256}, the signed "
                                  f"CHECKSUM says {checksums[mode]}; refusing both")
 
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096
     before = catalogue.read_text(encoding="utf-8")
-    data = yaml.load(before)
+    data = YAML().load(before)
     images = data.get("images") or {}
     entries = {name: str(body.get("mode")) for name, body in images.items()
                if body.get("family") == "fedora" and int(body.get("release", 0)) == release}
     if not entries:
         raise MediaError(f"{catalogue}: no fedora entry with release {release}; add fedora-{release} (cloud) and "
                          f"fedora-{release}-iso (iso) with their eol: date first, then refresh")
-    for name, mode in entries.items():
-        if mode not in media:
-            continue
-        source = images[name].setdefault("source", {})
-        source["url"] = media[mode].link
-        source["checksum"] = f"sha256:{checksums[mode]}"
-    out = io.StringIO()
-    yaml.dump(data, out)
-    after = out.getvalue()
+    updates = {name: {"url": media[mode].link, "checksum": f"sha256:{checksums[mode]}"}
+               for name, mode in entries.items() if mode in media}
+    after = edited_in_place(before, data, updates, catalogue)
     diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), str(catalogue),
                                         str(catalogue) + " (refreshed)"))
     result = RefreshResult(release, media, checksums, entries, diff)

@@ -510,3 +510,41 @@ def test_fedoras_real_f44_checksum_altered_is_refused(case: str, change: Any, sa
     with pytest.raises(SignatureError, match=says) as err:
         fm.signed_sha256(change(data) if change else data, REAL_GENERIC, cert, what=REAL_CHECKSUM.name)
     assert REAL_CHECKSUM.name in str(err.value)
+
+
+# ------------------------------------------------------------------ the catalogue edit: other bytes untouched
+
+
+def test_a_refresh_changes_only_the_refreshed_values_byte_for_byte(server: Any, repo: Any) -> None:
+    base, files = server
+    root, signer = repo
+    publish_release(base, files, signer)
+    catalogue = root / "packer/images.yml"
+    before = catalogue.read_bytes().splitlines(keepends=True)
+    refresh(base, root)
+    after = catalogue.read_bytes().splitlines(keepends=True)
+    assert len(after) == len(before)
+    changed = [(b, a) for b, a in zip(before, after, strict=True) if a != b]
+    assert [a.decode().split(":", 1)[0].strip() for _, a in changed] == ["url", "checksum", "url", "checksum"]
+    assert all(a.startswith(b.split(b":", 1)[0]) for b, a in changed)  # same key, same indentation
+    assert any(b"/releases/45/Cloud/x86_64/images/\n" in b and CLOUD.encode() in a for b, a in changed)
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("    source:\n      url: https://old/  # where\n      checksum: refresh\n",
+     "    source:\n      url: https://new/f.iso  # where\n      checksum: sha256:{sum}\n"),
+    ("    source:\n      url: \"https://old/\"\n      checksum: 'refresh'   # pinned by image.refresh\n",
+     "    source:\n      url: \"https://new/f.iso\"\n      checksum: 'sha256:{sum}'   # pinned by image.refresh\n"),
+    ("    source: {url: https://old/, checksum: refresh}\n",
+     "    source: {{url: https://new/f.iso, checksum: sha256:{sum}}}\n"),
+])
+def test_the_catalogue_edit_keeps_quotes_comments_and_flow_style(tmp_path: Path, source: str, expected: str) -> None:
+    from ruamel.yaml import YAML
+
+    head = "# catalogue\nimages:\n  other:\n    repositories:\n      - {kind: debian, suite: trixie}\n  fedora-45:\n"
+    text = head + source
+    digest = "d" * 64
+    after = fm.edited_in_place(text, YAML().load(text), {"fedora-45": {"url": "https://new/f.iso",
+                                                                       "checksum": f"sha256:{digest}"}},
+                               tmp_path / "images.yml")
+    assert after == head + expected.format(sum=digest)

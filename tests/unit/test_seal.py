@@ -63,7 +63,7 @@ def lay_out(tmp: Path, entries: list[str], saved: str | None, machine_info: str 
 
 def run_seal(tmp: Path, root: Path) -> subprocess.CompletedProcess[str]:
     env = {"PATH": f"{tmp / 'bin'}:/usr/bin:/bin", "GRUBENV": str(root / "grubenv")}
-    return subprocess.run(["/bin/sh", "-c", seal_script(root)], env=env, capture_output=True, text=True)
+    return subprocess.run(["/bin/bash", "-c", seal_script(root)], env=env, capture_output=True, text=True)
 
 
 def saved_entry(root: Path) -> str | None:
