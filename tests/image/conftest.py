@@ -12,7 +12,8 @@ Options (all optional; tests needing one that is absent are skipped, never passe
   --expected-mac        MAC the first NIC must carry (the one the seed / inventory gave)
   --known-hosts         known_hosts file for paramiko:// hosts
   --announced-host-keys known_hosts-format file with the keys the guest announced on its console
-  --artifact            the image file: offline checks read it without mounting (debugfs on ext4)
+  --artifact            the image file: offline checks read it without mounting (debugfs on ext*,
+                        xfs_db on XFS, btrfs restore on btrfs)
   --build-user          the build user that must be gone (default: packer)
   --automation-user     the user Ansible uses on clones (default: ansible)
   --qga-socket          host side of the guest agent channel (virtio-serial), for a guest-ping
@@ -27,6 +28,7 @@ import base64
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -181,19 +183,149 @@ class OfflineImage:
         raise FileNotFoundError(path)
 
 
-def _root_partition(raw: Path) -> int | None:
-    """Byte offset of the ext* partition holding /etc, or None."""
+class XfsImage:
+    """Read-only view of an XFS filesystem image without mounting it: xfs_db (xfsprogs) walks the metadata
+    (paths, directory entries, sizes, extent maps) and the file data is read at the extents it names."""
+
+    def __init__(self, fs_image: str):
+        self.fs_image = fs_image
+        geometry = self._db("sb 0", "print blocksize", "print agblocks").stdout
+        self.block_size = int(re.search(r"blocksize = (\d+)", geometry)[1])  # type: ignore[index]
+        self.ag_blocks = int(re.search(r"agblocks = (\d+)", geometry)[1])  # type: ignore[index]
+
+    def _db(self, *commands: str) -> subprocess.CompletedProcess[str]:
+        args = [arg for command in commands for arg in ("-c", command)]
+        return subprocess.run(["xfs_db", "-r", *args, self.fs_image], capture_output=True, text=True)
+
+    def _at(self, path: str, *commands: str) -> str | None:
+        out = self._db(f"path {path}", *commands)
+        return None if "No such file or directory" in out.stdout + out.stderr else out.stdout
+
+    def exists(self, path: str) -> bool:
+        return self._at(path) is not None
+
+    def listdir(self, path: str) -> list[str]:
+        out = self._db(f"ls {path}")
+        # inode, cookie, type, hash, name length, name (exactly that many characters), (good|bad)
+        entry = re.compile(r"\s*\d+\s+\d+\s+\S+\s+0x[0-9a-f]+\s+(\d+) (.*)$")
+        names = [m[2][: int(m[1])] for m in map(entry.match, out.stdout.splitlines()) if m]
+        return [n for n in names if n not in (".", "..")]
+
+    def size(self, path: str) -> int:
+        out = self._at(path, "print core.size")
+        if out is None:
+            raise FileNotFoundError(path)
+        return int(re.search(r"core\.size = (\d+)", out)[1])  # type: ignore[index]
+
+    def read(self, path: str) -> bytes:
+        out = self._at(path, "print core.size", "bmap")
+        if out is None:
+            return b""
+        size = int(re.search(r"core\.size = (\d+)", out)[1])  # type: ignore[index]
+        data = bytearray(size)
+        bs = self.block_size
+        with open(self.fs_image, "rb") as f:
+            # "data offset 0 startblock 32778 (1/10) count 1 flag 0": file block, (AG/block in AG), blocks
+            for m in re.finditer(r"data offset (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+) flag (\d)", out):
+                offset, ag, ag_block, count, unwritten = (int(g) for g in m.groups())
+                if unwritten or offset * bs >= size:
+                    continue  # preallocated, reads as zeros
+                f.seek((ag * self.ag_blocks + ag_block) * bs)
+                chunk = f.read(min(count * bs, size - offset * bs))
+                data[offset * bs:offset * bs + len(chunk)] = chunk
+        return bytes(data)
+
+
+class BtrfsImage:
+    """Read-only view of a btrfs filesystem image without mounting it: `btrfs restore` (btrfs-progs) copies
+    the trees the checks read out of it, through subvolumes (Fedora's root is the subvolume "root")."""
+
+    TREES = ("etc", "var/lib/cloud")
+
+    def __init__(self, fs_image: str, scratch: Path):
+        out = scratch / "restored"
+        out.mkdir(parents=True, exist_ok=True)
+        wanted = {""}
+        for subvolume in ("", "root/"):
+            for tree in self.TREES:
+                parts = (subvolume + tree).split("/")
+                wanted.update("/".join(parts[:i]) for i in range(1, len(parts)))
+                wanted.add(re.escape(subvolume + tree) + "(/.*)?")
+        regex = "^/(" + "|".join(sorted(wanted)) + ")$"
+        done = subprocess.run(["btrfs", "restore", "-S", "--path-regex", regex, fs_image, str(out)],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            pytest.fail(f"btrfs restore of {fs_image} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        # Fedora's root subvolume first, then the top level: a flat filesystem, or a separate subvolume "var"
+        # (mounted at /var, so its lib/cloud is restored as var/lib/cloud there).
+        self.roots = [r for r in (out / "root",) if (r / "etc").is_dir()] + [out]
+
+    def _local(self, path: str) -> Path | None:
+        for root in self.roots:
+            candidate = root / path.lstrip("/")
+            if candidate.exists() or candidate.is_symlink():
+                return candidate
+        return None
+
+    def exists(self, path: str) -> bool:
+        return self._local(path) is not None
+
+    def listdir(self, path: str) -> list[str]:
+        local = self._local(path)
+        return sorted(p.name for p in local.iterdir()) if local is not None and local.is_dir() else []
+
+    def read(self, path: str) -> bytes:
+        local = self._local(path)
+        return local.read_bytes() if local is not None and local.is_file() else b""
+
+    def size(self, path: str) -> int:
+        local = self._local(path)
+        if local is None:
+            raise FileNotFoundError(path)
+        return local.lstat().st_size
+
+
+OfflineRoot = OfflineImage | XfsImage | BtrfsImage
+OFFLINE_TOOLS = {"ext2": "debugfs", "ext3": "debugfs", "ext4": "debugfs", "xfs": "xfs_db", "btrfs": "btrfs"}
+OFFLINE_PACKAGES = {"debugfs": "e2fsprogs", "xfs_db": "xfsprogs", "btrfs": "btrfs-progs"}
+
+
+def _partitions(raw: Path) -> list[tuple[int, int]]:
+    """(byte offset, byte size) of each partition, or the whole file when it has no partition table."""
     proc = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True)
-    offsets = [0]
-    if proc.returncode == 0:
-        table = json.loads(proc.stdout)["partitiontable"]
-        sector = int(table.get("sectorsize", 512))
-        offsets = [int(p["start"]) * sector for p in table.get("partitions", [])] + [0]
-    for off in offsets:
-        spec = f"{raw}?offset={off}" if off else str(raw)
-        out = subprocess.run(["debugfs", "-R", "stat /etc", spec], capture_output=True, text=True)
-        if out.returncode == 0 and "Inode:" in out.stdout:
-            return off
+    whole = [(0, raw.stat().st_size)]
+    if proc.returncode != 0:
+        return whole
+    table = json.loads(proc.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    return [(int(p["start"]) * sector, int(p["size"]) * sector) for p in table.get("partitions", [])] + whole
+
+
+def offline_root(artifact: str, scratch: Path) -> OfflineRoot | None:
+    """The artifact's root filesystem (the one holding /etc), read without mounting: ext* through debugfs,
+    XFS through xfs_db, btrfs through btrfs restore; None when no partition holds one of these."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    raw = scratch / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", artifact, str(raw)], check=True)
+    for n, (offset, size) in enumerate(_partitions(raw)):
+        fstype = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", "-O", str(offset), str(raw)],
+                                capture_output=True, text=True).stdout.strip()
+        tool = OFFLINE_TOOLS.get(fstype)
+        if tool is None:
+            continue
+        if shutil.which(tool) is None:
+            pytest.fail(f"reading the artifact's {fstype} root offline needs {tool} ({OFFLINE_PACKAGES[tool]})")
+        reader: OfflineRoot
+        if tool == "debugfs":
+            reader = OfflineImage(f"{raw}?offset={offset}" if offset else str(raw))
+        else:
+            part = scratch / f"part{n}.raw"  # the filesystem at offset 0, as xfs_db and btrfs restore read it
+            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
+                            f"driver=raw,offset={offset},size={size},file.driver=file,file.filename={raw}",
+                            str(part)], check=True)
+            reader = XfsImage(str(part)) if fstype == "xfs" else BtrfsImage(str(part), scratch / f"part{n}")
+        if reader.exists("/etc"):
+            return reader
     return None
 
 
@@ -293,9 +425,10 @@ def _attach_in_guest(host: Any, qmp_socket: str, artifact: str) -> GuestArtifact
 
 
 @pytest.fixture(scope="session")
-def artifact_fs(request: pytest.FixtureRequest) -> Iterator[OfflineImage | GuestArtifact]:
+def artifact_fs(request: pytest.FixtureRequest) -> Iterator[OfflineRoot | GuestArtifact]:
     """The artifact's root filesystem as built (before any boot): read in the test VM when --qmp-socket
-    is given (any filesystem), else offline through debugfs (ext* only; skips otherwise)."""
+    is given (any filesystem), else offline: ext* through debugfs, XFS through xfs_db, btrfs through
+    btrfs restore."""
     artifact = request.config.getoption("artifact")
     if not artifact:
         pytest.skip("offline artifact checks need --artifact")
@@ -305,18 +438,15 @@ def artifact_fs(request: pytest.FixtureRequest) -> Iterator[OfflineImage | Guest
                                     ssh_identity_file=request.config.getoption("ssh_identity_file"))
         yield _attach_in_guest(_harden(hosts[0], request.config), qmp_socket, str(Path(artifact).resolve()))
         return
-    for tool in ("qemu-img", "sfdisk", "debugfs"):
+    for tool in ("qemu-img", "sfdisk", "blkid"):
         if shutil.which(tool) is None:
-            pytest.fail(f"offline artifact checks need {tool} (qemu-utils, fdisk, e2fsprogs)")
+            pytest.fail(f"offline artifact checks need {tool} (qemu-utils, fdisk, util-linux)")
     tmp = Path(tempfile.mkdtemp(prefix="artifact-fs-"))
     try:
-        raw = tmp / "disk.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", artifact, str(raw)], check=True)
-        off = _root_partition(raw)
-        if off is None:
-            pytest.skip("artifact root filesystem is not ext2/3/4 (e.g. btrfs): offline checks unavailable; "
+        root = offline_root(artifact, tmp)
+        if root is None:
+            pytest.skip("no ext2/3/4, XFS or btrfs root filesystem on the artifact: offline checks unavailable; "
                         "the first-boot evidence tests cover it")  # fmt: skip
-        yield OfflineImage(f"{raw}?offset={off}" if off else str(raw))
+        yield root
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-

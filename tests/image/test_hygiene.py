@@ -1,8 +1,9 @@
 """Template hygiene: nothing that must be unique per clone, or secret, is baked into the image.
 
 Checks "in the artifact" read the image as built (--artifact): hot-added read-only to the test VM and
-mounted there (ext4, XFS, btrfs), or offline through debugfs (ext* only) when there is no test VM; the
-others look at the guest's first boot, which is the artifact plus exactly one cloud-init run.
+mounted there (ext4, XFS, btrfs), or offline when there is no test VM, with each filesystem's own tools
+(debugfs, xfs_db, btrfs restore); the others look at the guest's first boot, which is the artifact plus
+exactly one cloud-init run.
 """
 
 from __future__ import annotations
