@@ -71,7 +71,10 @@ def https_url(url: str, what: str) -> str:
 
 
 def host_of(url: str) -> str:
-    return (urlsplit(url).hostname or "").lower()
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        return ""
 
 
 def fedora_host(host: str) -> bool:
@@ -85,6 +88,8 @@ def redirect_problem(asked: str, target: str, *, mirrors: bool) -> str | None:
     if not HTTPS_RE.match(target):
         return f"redirected to {target}, which is not https"
     host = host_of(target)
+    if not host:
+        return f"redirected to {target}, which is not a URL with a host"
     if fedora_host(host) or host == host_of(asked):
         return None
     if mirrors and urlsplit(target).path.rpartition("/")[2] == urlsplit(asked).path.rpartition("/")[2]:
@@ -154,8 +159,10 @@ def _fetch(asked: str, limit: int, mirrors: bool, end: float, cancelled: threadi
                     return bytes(body)
             except requests.exceptions.SSLError as exc:
                 raise MediaError(f"{asked}: TLS verification failed: {_ssl_reason(exc)}") from None
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise MediaError(f"{asked}: cannot fetch it (offline?): {_ssl_reason(exc)}") from None
+            except ValueError as exc:  # requests reads a redirect's Location before handing the answer back
+                raise MediaError(f"{asked}: sent to a URL that cannot be used ({exc}); refusing it") from None
     raise MediaError(f"{asked}: more than {MAX_REDIRECTS} redirects; refusing it")
 
 
@@ -277,8 +284,10 @@ def link_problem(link: str, release: int, releases_host: str) -> str | None:
     release-candidate compose is signed by the same key: only ``/releases/<release>/`` is accepted."""
     if not HTTPS_RE.match(link):
         return "not https"
+    host = host_of(link)
+    if not host:
+        return "not a URL with a host"
     parts = urlsplit(link)
-    host = (parts.hostname or "").lower()
     if not (fedora_host(host) or host == releases_host):
         return f"not on Fedora's hosts ({FEDORA_DOMAIN})"
     if parts.query or parts.fragment or "%" in parts.path or "\\" in parts.path:
@@ -382,9 +391,12 @@ def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url
 
     before = catalogue.read_text(encoding="utf-8")
     data = YAML().load(before)
-    images = data.get("images") or {}
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, dict):
+        raise MediaError(f"{catalogue}: no images: mapping to refresh")
     entries = {name: str(body.get("mode")) for name, body in images.items()
-               if body.get("family") == "fedora" and int(body.get("release", 0)) == release}
+               if isinstance(body, dict) and body.get("family") == "fedora"
+               and str(body.get("release")) == str(release)}
     if not entries:
         raise MediaError(f"{catalogue}: no fedora entry with release {release}; add fedora-{release} (cloud) and "
                          f"fedora-{release}-iso (iso) with their eol: date first, then refresh")

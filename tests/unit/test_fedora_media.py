@@ -238,13 +238,18 @@ class Redirect:
 
 
 @dataclass(frozen=True)
+class TrickleHeaders:
+    """Sends its status line, then header bytes one at a time, never ending the headers."""
+
+
+@dataclass(frozen=True)
 class Trickle:
     """Declares a length, then sends one byte per interval until the client gives up."""
 
     length: int = 4096
 
 
-Route = bytes | Redirect | Trickle
+Route = bytes | Redirect | Trickle | TrickleHeaders
 
 
 @pytest.fixture
@@ -263,6 +268,14 @@ def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
                 self.send_header("Location", route.location.format(**names))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+            elif isinstance(route, TrickleHeaders):
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while not stop.wait(0.05):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                except OSError:
+                    return
             elif isinstance(route, Trickle):
                 self.send_response(200)
                 self.send_header("Content-Length", str(route.length))
@@ -346,6 +359,11 @@ HOSTILE_REFRESH: list[tuple[str, Callable[[str, Any], dict[str, Route]], str, st
     ("releases.json an object", lambda b, s: {"/releases.json": b"{}"}, "{base}/releases.json", "JSON array"),
     ("releases.json trickling", lambda b, s: {"/releases.json": Trickle()}, "{base}/releases.json",
      "not complete within"),
+    ("releases.json headers trickling", lambda b, s: {"/releases.json": TrickleHeaders()}, "{base}/releases.json",
+     "not complete within"),
+    ("releases.json redirected to a broken URL", lambda b, s: {"/releases.json": Redirect("https://[::1/x")},
+     "{base}/releases.json", "sent to a URL that cannot be used"),
+    ("link a broken URL", _link("https://[::1" + CLOUD_PATH), "{base}/releases.json", "not a URL with a host"),
     ("link to an older RC compose", _rc_compose, "{base}/releases.json", "outside /releases/45/"),
     ("link climbing out with ..", _link("{base}" + D45 + "/../../../alt/stage/45_RC-1.2/x/" + RC_CLOUD),
      "{base}/releases.json", "with . or .."),
