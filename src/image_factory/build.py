@@ -342,25 +342,6 @@ def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
 # -------------------------------------------------------------------------------------- sources
 
 
-def packer_init(exe: str, result: render.RenderResult, version: tuple[int, int, int],
-                emit: Callable[[str, str], None]) -> None:
-    """Packer >= 1.7 reads required_plugins: install the pinned qemu and ansible plugins (a no-op once
-    they are there). Packer 1.6 has both built in and knows no `init` for HCL templates."""
-    if version < (1, 7, 0):
-        return
-    pins = ", ".join(f"{k} {v}" for k, v in render.PLUGIN_VERSIONS.items())
-    emit("step", f"packer init (pinned plugins: {pins})")
-    proc = subprocess.run([exe, "init", result.hcl.name], cwd=result.out_dir, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "CHECKPOINT_DISABLE": "1"})
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BuildError(
-            f"packer init could not install the pinned plugins ({pins}) for {result.hcl}: "
-            f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}. Offline? Install them on a "
-            "connected machine with `packer plugins install github.com/hashicorp/<name> <version>` and copy "
-            "~/.config/packer/plugins (or set PACKER_PLUGIN_PATH)")
-
-
 def require_pinned(settings: Settings, image: Image) -> None:
     if not image.source.pinned:
         raise BuildError(f"{settings.images}: {image.name}: media not pinned yet (checksum: refresh): run "
@@ -756,8 +737,7 @@ def _build(
             code, variables = firmware.locate_ovmf()
             firmware.private_vars(work, variables)
             render.set_var(result, "ovmf_code", str(code))
-        exe = _require("packer", render.PACKER_HOW)
-        packer_init(exe, result, cached_packer_version(settings), emit)
+        exe = _require("packer", render.PACKER_HOW)  # its plugins: installed by render.validate (packer init)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")
         if warning := ansible_target_warning(image.family, image.release):

@@ -39,7 +39,10 @@ ANSIBLE_DIR = "ansible"
 SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
 # Plugin versions for Packer >= 1.7 (required_plugins, installed by `packer init`): pinned, so a
 # plugin release never changes a build unannounced. Tags of hashicorp/packer-plugin-qemu and -ansible.
-PLUGIN_VERSIONS = {"qemu": "1.1.4", "ansible": "1.1.6"}
+PLUGIN_VERSIONS = {"qemu": "1.1.5", "ansible": "1.1.6"}
+# The first Packer that reads required_plugins and has `packer init` for HCL templates; 1.10+ bundles no
+# plugin at all, so from here on `packer init` must run before `packer validate` or `packer build`.
+PACKER_INIT_SINCE = (1, 7, 0)
 # Runs over SSH as the build user after the playbook: remove the build user itself (it cannot
 # delete itself from inside Ansible while logged in), then power off.
 SHUTDOWN_COMMAND = (
@@ -70,6 +73,7 @@ class RenderResult:
     fingerprint: str
     secret_dir: Path | None = None
     inputs: dict[str, str] = field(default_factory=dict)
+    packer_version: tuple[int, int, int] = (0, 0, 0)  # the Packer it was rendered for
 
     def cleanup(self) -> None:
         """Remove the per-build secret directory (key, seed, var file)."""
@@ -382,7 +386,7 @@ def render_image(
                       else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
     ctx = {
         "image": image,
-        "required_plugins": pv >= (1, 7, 0),
+        "required_plugins": pv >= PACKER_INIT_SINCE,
         "plugin_versions": PLUGIN_VERSIONS,
         "artifact_name": artifact_name(image),
         "disk_size_mb": f"{disk_size_mb(image.disk_size)}M",
@@ -452,7 +456,7 @@ def render_image(
     return RenderResult(
         image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
         kickstart=out_dir / installer.file_name if image.mode == "iso" and installer is not None else None,
-        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs,
+        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs, packer_version=pv,
     )
 
 
@@ -527,9 +531,27 @@ def validate_kickstart(result: RenderResult) -> None:
                 merged.unlink(missing_ok=True)
 
 
+def packer_init(exe: str, result: RenderResult) -> None:
+    """Packer >= 1.7 reads required_plugins: install the pinned qemu and ansible plugins (a no-op once they
+    are there), before anything else reads the template. Packer 1.6 has both built in and no `init` for HCL."""
+    if result.packer_version < PACKER_INIT_SINCE:
+        return
+    pins = ", ".join(f"{k} {v}" for k, v in PLUGIN_VERSIONS.items())
+    proc = subprocess.run([exe, "init", result.hcl.name], cwd=result.out_dir, capture_output=True, text=True,
+                          timeout=600, env=tool_env())
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ToolMissing(
+            f"packer init could not install the pinned plugins ({pins}) for {result.hcl}: "
+            f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}. Offline? Install them on a "
+            "connected machine with `packer plugins install github.com/hashicorp/<name> <version>` and copy "
+            "~/.config/packer/plugins (or set PACKER_PLUGIN_PATH)")
+
+
 def validate_packer(result: RenderResult) -> None:
     exe = _which("packer", PACKER_HOW)
     cwd = result.out_dir
+    packer_init(exe, result)  # validate refuses a template whose plugins are not installed yet
     try:
         _run_tool([exe, "fmt", "-check", "-diff", result.hcl.name], "packer fmt -check", cwd, str(result.hcl))
         cmd = [exe, "validate", f"-var-file={result.var_file}"]

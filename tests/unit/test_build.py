@@ -448,27 +448,6 @@ def test_dry_run_writes_nothing_under_builds(
     assert again.status == "cached"
 
 
-def test_packer_init_runs_for_packer_1_7_and_names_the_pins_when_offline(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    exe = tmp_path / "packer"
-    log = tmp_path / "calls"
-    exe.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
-                   "echo 'Failed getting the \"github.com/hashicorp/qemu\" plugin: no route to host' >&2; exit 1\n")
-    exe.chmod(0o755)
-    hcl = tmp_path / "x.pkr.hcl"
-    hcl.write_text("")
-    result = SimpleNamespace(hcl=hcl, out_dir=tmp_path)
-    build.packer_init(str(exe), result, (1, 6, 6), lambda kind, msg: None)  # type: ignore[arg-type]
-    assert not log.exists(), "Packer 1.6 has no init for HCL templates"
-    with pytest.raises(build.BuildError) as err:
-        build.packer_init(str(exe), result, (1, 11, 2), lambda kind, msg: None)  # type: ignore[arg-type]
-    assert log.read_text().split() == ["init", "x.pkr.hcl"]
-    message = str(err.value)
-    assert "qemu 1.1.4" in message and "ansible 1.1.6" in message and "no route to host" in message
-    assert "packer plugins install" in message
-
-
 def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
         repo: Settings, image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
     from image_factory import render, upstream
