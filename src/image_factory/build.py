@@ -48,7 +48,6 @@ from .settings import Settings
 if TYPE_CHECKING:
     from rich.text import Text
 
-QEMU_HOW = "install it with `apt-get install qemu-system-x86 qemu-utils`"
 BUILD_TIMEOUT_S = {"cloud": 3600, "iso": 3 * 3600}
 LOG_NAME = "build.log"
 TAIL_LINES = 25
@@ -190,16 +189,17 @@ def ansible_target_warning(family: str, release: int, core: tuple[int, int] | No
 # ---------------------------------------------------------------------------------------- tools
 
 
-def _require(tool: str, how: str) -> str:
+def _require(tool: str) -> str:
+    """On PATH only: packer and QEMU come from the system, and a test's stand-in on PATH must win."""
     path = shutil.which(tool)
     if path is None:
-        raise render.ToolMissing(f"{tool} is not installed (or not on PATH): {how}")
+        raise render.tool_missing(tool)
     return path
 
 
 def cached_packer_version(settings: Settings, *, remember: bool = True) -> tuple[int, int, int]:
     """``packer version``, remembered per packer binary (path, size, mtime) in builds/.packer-version.json."""
-    exe = _require("packer", render.PACKER_HOW)
+    exe = _require("packer")
     st = Path(exe).stat()
     key = f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}"
     cache = settings.builds_dir / ".packer-version.json"
@@ -305,7 +305,7 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
         return kept, ""
     from . import upstream
 
-    epochs, failures = upstream.repository_epochs(repos, settings.root / "packer" / "keys", image.release,
+    epochs, failures = upstream.repository_epochs(repos, settings.data / "packer" / "keys", image.release,
                                                   resolve=settings.resolve)
     inputs = {UPSTREAM_PREFIX + name: epoch for name, epoch in epochs.items()}
     if not failures:
@@ -362,7 +362,7 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
                          f"when signed by a pinned key, and none is pinned for {image.family}; use 'sha256:<hex>'")
     url = fedora_media.located(image, ck[len("file:"):])
     file_name = image.source.url.rpartition("/")[2]
-    sha = fedora_media.verified_checksum(settings.root, image.release, url, file_name)
+    sha = fedora_media.verified_checksum(settings.data, image.release, url, file_name)
     render.set_var(result, "source_checksum", sha)
     key = fedora_media.release_key_name(image.release)
     emit("status", f"source verified: {file_name} {sha} (CHECKSUM signed by {key})")
@@ -608,7 +608,7 @@ def _failure_message(run: _Run, rc: int, log_path: Path) -> str:
 
 
 def qemu_img_info(path: Path) -> dict:
-    exe = _require("qemu-img", QEMU_HOW)
+    exe = _require("qemu-img")
     proc = subprocess.run([exe, "info", "--output=json", str(path)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise BuildError(f"qemu-img info {path} failed: {proc.stderr.strip()}")
@@ -616,7 +616,7 @@ def qemu_img_info(path: Path) -> dict:
 
 
 def compact(src: Path, dst: Path, *, compress: bool) -> None:
-    exe = _require("qemu-img", QEMU_HOW)
+    exe = _require("qemu-img")
     cmd = [exe, "convert", "-O", "qcow2", "-W", "-m", "4"]
     if compress:
         cmd.append("-c")
@@ -699,8 +699,9 @@ def build_image(
 
         emit("step", "validating rendered files")
         render.validate(result, settings)
-        _require("qemu-system-x86_64", QEMU_HOW)
-        _require("qemu-img", QEMU_HOW)
+        _require("qemu-system-x86_64")
+        render.require_tool("ansible-playbook")  # Packer's Ansible provisioner would stop half-way without it
+        _require("qemu-img")
         check_source(settings, image)
         accel = resolve_accelerator(settings, accelerator)
         strategy = resolve_ansible_strategy(ansible_strategy or settings.ansible_strategy, accel, image.family)
@@ -737,7 +738,7 @@ def _build(
             code, variables = firmware.locate_ovmf()
             firmware.private_vars(work, variables)
             render.set_var(result, "ovmf_code", str(code))
-        exe = _require("packer", render.PACKER_HOW)  # its plugins: installed by render.validate (packer init)
+        exe = _require("packer")  # its plugins: installed by render.validate (packer init)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")
         if warning := ansible_target_warning(image.family, image.release):

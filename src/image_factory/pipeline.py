@@ -61,7 +61,7 @@ def _security_updates(settings: Settings, image: Image, changes: dict[str, Any])
     from . import upstream
 
     try:
-        return upstream.security_updates(changes, image.upstream_repositories, settings.root / "packer" / "keys",
+        return upstream.security_updates(changes, image.upstream_repositories, settings.data / "packer" / "keys",
                                          image.release, resolve=settings.resolve)
     except FactoryError as exc:
         return f"unknown: {exc}"

@@ -361,8 +361,23 @@ def test_packer_missing_says_how_to_install(repo: Settings, image: Image, monkey
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+    with pytest.raises(render.ToolMissing, match=r"packer is not installed .*Packer >= 1\.7"):
         build.build_image(repo, image)
+
+
+def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_runs(
+        repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install (no [build] extra) used to fail inside Packer with "ansible-playbook not found"."""
+    bare = tmp_path / "bare-venv-bin"
+    bare.mkdir()
+    monkeypatch.setattr(render, "_venv_bin", lambda: bare)
+    if shutil.which("ansible-playbook") is not None:
+        monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                                                  if not (Path(d) / "ansible-playbook").exists()))
+    with pytest.raises(render.ToolMissing, match=r"ansible-playbook .*ansible-core, in the \[build\] extra"):
+        build.build_image(repo, image, compress=False)
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
 
 def test_accelerator_override_and_detection(repo: Settings) -> None:

@@ -196,8 +196,22 @@ def test_packer_version_reads_the_real_packer() -> None:
 def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     render._packer_version_cache.clear()
-    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+    with pytest.raises(render.ToolMissing, match=r"packer is not installed .*Packer >= 1\.7.*\./dev setup"):
         render.packer_version()
+
+
+@pytest.mark.parametrize(("tool", "provider"), [
+    ("ansible-playbook", "ansible-core, in the [build] extra"), ("ksvalidator", "pykickstart, in the [build] extra"),
+    ("ansible-lint", "ansible-lint, in the [build] extra"), ("qemu-img", "apt-get install qemu-utils"),
+    ("qemu-system-x86_64", "dnf install qemu-system-x86"), ("packer", "HashiCorp's signed repository"),
+])
+def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(render, "_venv_bin", lambda: tmp_path)
+    with pytest.raises(render.ToolMissing) as err:
+        render.require_tool(tool)
+    assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
 
 
 @pytest.mark.parametrize("name", fedora_images())
