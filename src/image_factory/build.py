@@ -305,7 +305,7 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
         return kept, ""
     from . import upstream
 
-    epochs, failures = upstream.repository_epochs(repos, settings.data / "packer" / "keys", image.release,
+    epochs, failures = upstream.repository_epochs(repos, settings.resolve("packer/keys"), image.release,
                                                   resolve=settings.resolve)
     inputs = {UPSTREAM_PREFIX + name: epoch for name, epoch in epochs.items()}
     if not failures:
@@ -342,6 +342,33 @@ def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
 # -------------------------------------------------------------------------------------- sources
 
 
+def resolve_unpinned(settings: Settings, image: Image, emit: Callable[[str, str], None], *, offline: bool,
+                     previous: Manifest | None) -> tuple[Image, dict[str, str]]:
+    """An entry with ``checksum: refresh`` builds from the release's current medium, its sha256 taken from the
+    signed CHECKSUM (image.refresh's path): the image as pinned for this build, and what the manifest records.
+    ``offline`` keeps the medium the last build resolved. A pinned entry comes back as it is."""
+    from . import fedora_media
+
+    if image.source.pinned:
+        return image, {"url": image.source.url, "checksum": image.source.checksum}
+    kept = previous.source if previous is not None and previous.release == image.release else {}
+    if offline and not kept.get("sha256"):
+        raise BuildError(f"{settings.images}: {image.name}: media not pinned yet (checksum: refresh) and --offline "
+                         f"(no earlier build resolved them): run `invoke image.refresh --release {image.release}` "
+                         "where fedoraproject.org is reachable, or build without --offline")
+    if offline:
+        record = dict(kept)
+        emit("status", f"offline: building the medium the last build resolved: {record['url']}")
+    else:
+        resolved = fedora_media.resolve_medium(settings.base_for(fedora_media.KEYS_DIR), image,
+                                               releases_url=settings.fedora_releases_url)
+        record = resolved.as_record()
+        emit("status", f"media resolved at build time: {resolved.url} sha256 {resolved.sha256} (CHECKSUM signed "
+                       f"by {resolved.signed_by}); `invoke image.refresh --release {image.release}` pins them in git")
+    source = image.source.model_copy(update={"url": record["url"], "checksum": f"sha256:{record['sha256']}"})
+    return image.model_copy(update={"source": source}), record
+
+
 def require_pinned(settings: Settings, image: Image) -> None:
     if not image.source.pinned:
         raise BuildError(f"{settings.images}: {image.name}: media not pinned yet (checksum: refresh): run "
@@ -362,7 +389,7 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
                          f"when signed by a pinned key, and none is pinned for {image.family}; use 'sha256:<hex>'")
     url = fedora_media.located(image, ck[len("file:"):])
     file_name = image.source.url.rpartition("/")[2]
-    sha = fedora_media.verified_checksum(settings.data, image.release, url, file_name)
+    sha = fedora_media.verified_checksum(settings.base_for(fedora_media.KEYS_DIR), image.release, url, file_name)
     render.set_var(result, "source_checksum", sha)
     key = fedora_media.release_key_name(image.release)
     emit("status", f"source verified: {file_name} {sha} (CHECKSUM signed by {key})")
@@ -671,13 +698,14 @@ def build_image(
     build_dir = settings.builds_dir / image.name
     for warning in eol_gate([image], settings.images, allow_eol=allow_eol):
         emit("status", f"warning: {warning}")
+    try:
+        previous = load(build_dir)
+    except FactoryError:
+        previous = None
+    image, source = resolve_unpinned(settings, image, emit, offline=offline, previous=previous)
     result = render.render_image(settings, image, packer_version=cached_packer_version(settings, remember=not dry_run),
                                  scratch=dry_run)
     try:
-        try:
-            previous = load(build_dir)
-        except FactoryError:
-            previous = None
         epochs, unavailable = upstream_inputs(settings, image, offline=offline, previous=previous)
         with_upstream(result, epochs)
         if unavailable:
@@ -716,7 +744,7 @@ def build_image(
         verify_source_checksum(settings, image, result, emit)
         with _image_lock(build_dir):
             return _build(settings, image, result, build_dir, accel, strategy, emit, events, compress,
-                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event)
+                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event, source)
     finally:
         result.cleanup()
 
@@ -724,7 +752,7 @@ def build_image(
 def _build(
     settings: Settings, image: Image, result: render.RenderResult, build_dir: Path, accel: str,
     strategy: AnsibleStrategy, emit: Callable[[str, str], None], events: list[BuildEvent], compress: bool,
-    timeout_s: float, reason: str, t0: float, on_event: EventHandler | None,
+    timeout_s: float, reason: str, t0: float, on_event: EventHandler | None, source: dict[str, str],
 ) -> BuildOutcome:
     size_mb = render.disk_size_mb(image.disk_size)
     check_disk_space(build_dir, size_mb * 2**20 * 2, f"building {image.name} ({image.disk_size} disk, twice)")
@@ -780,6 +808,7 @@ def _build(
             },
             git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
             ansible_strategy=strategy.name, firmware=image.firmware, recipe=recipe_digest(result.inputs),
+            source=source,
         )
         # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
         manifest_path(build_dir).unlink(missing_ok=True)

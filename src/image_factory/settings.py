@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     # Downloads shared by every clone on this machine (the base image's .deb files), like pip's cache.
     "cache_dir": None,
     "site_dir": None,  # see the module docstring
+    # Where Fedora lists its media (unsigned: used to find files, never trusted for their checksums).
+    "fedora_releases_url": "https://fedoraproject.org/releases.json",
 }
 
 
@@ -62,6 +64,7 @@ class Settings:
     accelerator: str
     ansible_strategy: str = "auto"
     cache_dir: Path = Path(_user_cache()).expanduser()
+    fedora_releases_url: str = str(DEFAULTS["fedora_releases_url"])
     data: Path = REPO_ROOT  # packer/, kickstart/, ansible/, tests/image: the site's own, else the installed ones
 
     @classmethod
@@ -83,6 +86,7 @@ class Settings:
             accelerator=str(merged["accelerator"]),
             ansible_strategy=str(merged["ansible_strategy"]),
             cache_dir=Path(str(merged["cache_dir"] or _user_cache())).expanduser(),
+            fedora_releases_url=str(merged["fedora_releases_url"]),
             data=root if _is_data_dir(root) else installed_data(),
         )
 
@@ -91,6 +95,8 @@ class Settings:
         site has it, else in the factory's data (a catalogue names ansible/playbooks/template.yml and
         packer/keys/... whether or not the site keeps its own copy)."""
         q = Path(str(p)).expanduser()
-        if q.is_absolute():
-            return q
-        return self.root / q if (self.root / q).exists() or not (self.data / q).exists() else self.data / q
+        return q if q.is_absolute() else self.base_for(q) / q
+
+    def base_for(self, rel: str | Path) -> Path:
+        """The site directory if it has ``rel`` (or the data has not), else the factory's data directory."""
+        return self.root if (self.root / rel).exists() or not (self.data / rel).exists() else self.data
