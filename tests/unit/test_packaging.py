@@ -72,12 +72,13 @@ def site(tmp_path: Path) -> Path:
     return tmp_path / "site"
 
 
-def _run(bindir: Path, site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(bindir: Path, site: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "VIRTUAL_ENV", "PYTHON"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the build extra's tools
     env["HOME"] = str(site.parent)
-    return subprocess.run([str(bindir / "image-factory"), *args], cwd=site, env=env, capture_output=True, text=True,
-                          timeout=900, stdin=subprocess.DEVNULL)
+    cwd = site.parent if "INVOKE_FACTORY_SITE_DIR" in env_extra else site
+    return subprocess.run([str(bindir / "image-factory"), *args], cwd=cwd, env={**env, **env_extra},
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 
 def test_the_installed_command_runs_a_site_outside_the_repository(installed: Path, site: Path) -> None:
@@ -95,6 +96,12 @@ def test_the_installed_command_runs_a_site_outside_the_repository(installed: Pat
     checked = _run(installed, site, "inventory.check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "fedora-44" in checked.stdout + checked.stderr
+    (site / "invoke.yaml").write_text("factory:\n  builds_dir: out\n")  # the site's own settings file
+    named = _run(installed, site, "build.render", "--image", "debian-lab", "--no-validate",
+                 INVOKE_FACTORY_SITE_DIR=str(site))  # from elsewhere, the site named by the setting
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert (site / "out/debian-lab/debian-lab.pkr.hcl").is_file()
+    (site / "invoke.yaml").unlink()
 
     t0 = time.monotonic()
     rendered = _run(installed, site, "build.render", "--all")
