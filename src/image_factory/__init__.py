@@ -3,4 +3,4 @@
 Stages, data flowing one way: inventory -> render -> build -> imagetest -> publish -> deploy.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject.toml reads it): one place

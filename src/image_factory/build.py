@@ -48,7 +48,6 @@ from .settings import Settings
 if TYPE_CHECKING:
     from rich.text import Text
 
-QEMU_HOW = "install it with `apt-get install qemu-system-x86 qemu-utils`"
 BUILD_TIMEOUT_S = {"cloud": 3600, "iso": 3 * 3600}
 LOG_NAME = "build.log"
 TAIL_LINES = 25
@@ -190,16 +189,17 @@ def ansible_target_warning(family: str, release: int, core: tuple[int, int] | No
 # ---------------------------------------------------------------------------------------- tools
 
 
-def _require(tool: str, how: str) -> str:
+def _require(tool: str) -> str:
+    """On PATH only: packer and QEMU come from the system, and a test's stand-in on PATH must win."""
     path = shutil.which(tool)
     if path is None:
-        raise render.ToolMissing(f"{tool} is not installed (or not on PATH): {how}")
+        raise render.tool_missing(tool)
     return path
 
 
 def cached_packer_version(settings: Settings, *, remember: bool = True) -> tuple[int, int, int]:
     """``packer version``, remembered per packer binary (path, size, mtime) in builds/.packer-version.json."""
-    exe = _require("packer", render.PACKER_HOW)
+    exe = _require("packer")
     st = Path(exe).stat()
     key = f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}"
     cache = settings.builds_dir / ".packer-version.json"
@@ -305,7 +305,7 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
         return kept, ""
     from . import upstream
 
-    epochs, failures = upstream.repository_epochs(repos, settings.root / "packer" / "keys", image.release,
+    epochs, failures = upstream.repository_epochs(repos, settings.resolve("packer/keys"), image.release,
                                                   resolve=settings.resolve)
     inputs = {UPSTREAM_PREFIX + name: epoch for name, epoch in epochs.items()}
     if not failures:
@@ -342,23 +342,31 @@ def changed_inputs(build_dir: Path, inputs: dict[str, str]) -> list[str]:
 # -------------------------------------------------------------------------------------- sources
 
 
-def packer_init(exe: str, result: render.RenderResult, version: tuple[int, int, int],
-                emit: Callable[[str, str], None]) -> None:
-    """Packer >= 1.7 reads required_plugins: install the pinned qemu and ansible plugins (a no-op once
-    they are there). Packer 1.6 has both built in and knows no `init` for HCL templates."""
-    if version < (1, 7, 0):
-        return
-    pins = ", ".join(f"{k} {v}" for k, v in render.PLUGIN_VERSIONS.items())
-    emit("step", f"packer init (pinned plugins: {pins})")
-    proc = subprocess.run([exe, "init", result.hcl.name], cwd=result.out_dir, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "CHECKPOINT_DISABLE": "1"})
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BuildError(
-            f"packer init could not install the pinned plugins ({pins}) for {result.hcl}: "
-            f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}. Offline? Install them on a "
-            "connected machine with `packer plugins install github.com/hashicorp/<name> <version>` and copy "
-            "~/.config/packer/plugins (or set PACKER_PLUGIN_PATH)")
+def resolve_unpinned(settings: Settings, image: Image, emit: Callable[[str, str], None], *, offline: bool,
+                     previous: Manifest | None) -> tuple[Image, dict[str, str]]:
+    """An entry with ``checksum: refresh`` builds from the release's current medium, its sha256 taken from the
+    signed CHECKSUM (image.refresh's path): the image as pinned for this build, and what the manifest records.
+    ``offline`` keeps the medium the last build resolved. A pinned entry comes back as it is."""
+    from . import fedora_media
+
+    if image.source.pinned:
+        return image, {"url": image.source.url, "checksum": image.source.checksum}
+    kept = previous.source if previous is not None and previous.release == image.release else {}
+    if offline and not kept.get("sha256"):
+        raise BuildError(f"{settings.images}: {image.name}: media not pinned yet (checksum: refresh) and --offline "
+                         f"(no earlier build resolved them): run `invoke image.refresh --release {image.release}` "
+                         "where fedoraproject.org is reachable, or build without --offline")
+    if offline:
+        record = dict(kept)
+        emit("status", f"offline: building the medium the last build resolved: {record['url']}")
+    else:
+        resolved = fedora_media.resolve_medium(settings.base_for(fedora_media.KEYS_DIR), image,
+                                               releases_url=settings.fedora_releases_url)
+        record = resolved.as_record()
+        emit("status", f"media resolved at build time: {resolved.url} sha256 {resolved.sha256} (CHECKSUM signed "
+                       f"by {resolved.signed_by}); `invoke image.refresh --release {image.release}` pins them in git")
+    source = image.source.model_copy(update={"url": record["url"], "checksum": f"sha256:{record['sha256']}"})
+    return image.model_copy(update={"source": source}), record
 
 
 def require_pinned(settings: Settings, image: Image) -> None:
@@ -383,7 +391,7 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
                          f"pinned for {image.family}; use 'sha256:<hex>'")
     url = fedora_media.located(image, remote)
     file_name = image.source.url.rpartition("/")[2]
-    sha = fedora_media.verified_checksum(settings.root, image.release, url, file_name)
+    sha = fedora_media.verified_checksum(settings.base_for(fedora_media.KEYS_DIR), image.release, url, file_name)
     render.set_var(result, "source_checksum", sha)
     key = fedora_media.release_key_name(image.release)
     emit("status", f"source verified: {file_name} {sha} (CHECKSUM signed by {key})")
@@ -640,7 +648,7 @@ def _failure_message(run: _Run, rc: int, log_path: Path) -> str:
 
 
 def qemu_img_info(path: Path) -> dict:
-    exe = _require("qemu-img", QEMU_HOW)
+    exe = _require("qemu-img")
     proc = subprocess.run([exe, "info", "--output=json", str(path)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise BuildError(f"qemu-img info {path} failed: {proc.stderr.strip()}")
@@ -648,7 +656,7 @@ def qemu_img_info(path: Path) -> dict:
 
 
 def compact(src: Path, dst: Path, *, compress: bool) -> None:
-    exe = _require("qemu-img", QEMU_HOW)
+    exe = _require("qemu-img")
     cmd = [exe, "convert", "-O", "qcow2", "-W", "-m", "4"]
     if compress:
         cmd.append("-c")
@@ -703,13 +711,14 @@ def build_image(
     build_dir = settings.builds_dir / image.name
     for warning in eol_gate([image], settings.images, allow_eol=allow_eol):
         emit("status", f"warning: {warning}")
+    try:
+        previous = load(build_dir)
+    except FactoryError:
+        previous = None
+    image, source = resolve_unpinned(settings, image, emit, offline=offline, previous=previous)
     result = render.render_image(settings, image, packer_version=cached_packer_version(settings, remember=not dry_run),
                                  scratch=dry_run)
     try:
-        try:
-            previous = load(build_dir)
-        except FactoryError:
-            previous = None
         epochs, unavailable = upstream_inputs(settings, image, offline=offline, previous=previous)
         with_upstream(result, epochs)
         if unavailable:
@@ -731,8 +740,9 @@ def build_image(
 
         emit("step", "validating rendered files")
         render.validate(result, settings)
-        _require("qemu-system-x86_64", QEMU_HOW)
-        _require("qemu-img", QEMU_HOW)
+        _require("qemu-system-x86_64")
+        render.require_tool("ansible-playbook")  # Packer's Ansible provisioner would stop half-way without it
+        _require("qemu-img")
         check_source(settings, image)
         accel = resolve_accelerator(settings, accelerator)
         strategy = resolve_ansible_strategy(ansible_strategy or settings.ansible_strategy, accel, image.family)
@@ -747,7 +757,7 @@ def build_image(
         verify_source_checksum(settings, image, result, emit)
         with _image_lock(build_dir):
             return _build(settings, image, result, build_dir, accel, strategy, emit, events, compress,
-                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event)
+                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event, source)
     finally:
         result.cleanup()
 
@@ -755,7 +765,7 @@ def build_image(
 def _build(
     settings: Settings, image: Image, result: render.RenderResult, build_dir: Path, accel: str,
     strategy: AnsibleStrategy, emit: Callable[[str, str], None], events: list[BuildEvent], compress: bool,
-    timeout_s: float, reason: str, t0: float, on_event: EventHandler | None,
+    timeout_s: float, reason: str, t0: float, on_event: EventHandler | None, source: dict[str, str],
 ) -> BuildOutcome:
     size_mb = render.disk_size_mb(image.disk_size)
     check_disk_space(build_dir, size_mb * 2**20 * 2, f"building {image.name} ({image.disk_size} disk, twice)")
@@ -772,8 +782,7 @@ def _build(
             render.set_var(result, "ovmf_vars", str(variables))
             if cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local:
                 render.set_var(result, "install_iso", str(install_iso_path(result.out_dir, image)))
-        exe = _require("packer", render.PACKER_HOW)
-        packer_init(exe, result, cached_packer_version(settings), emit)
+        exe = _require("packer")  # its plugins: installed by render.validate (packer init)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")
         if warning := ansible_target_warning(image.family, image.release):
@@ -815,6 +824,7 @@ def _build(
             },
             git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
             ansible_strategy=strategy.name, firmware=image.firmware, recipe=recipe_digest(result.inputs),
+            source=source,
         )
         # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
         manifest_path(build_dir).unlink(missing_ok=True)

@@ -8,6 +8,8 @@
 - ``image.refresh`` writes URL + ``sha256:<hex>`` into the catalogue (comments kept); a build whose
   catalogue still names a remote ``file:`` CHECKSUM verifies it the same way before Packer sees a
   plain ``sha256:``.
+- A build of an entry not pinned yet (``checksum: refresh``) resolves its medium the same way at build
+  time (:func:`resolve_medium`) and records URL and sha256 in the manifest; ``image.refresh`` pins in git.
 - Releases past their end of life move from download.fedoraproject.org to archives.fedoraproject.org.
 """
 
@@ -302,11 +304,14 @@ def link_problem(link: str, release: int, releases_host: str) -> str | None:
     return None
 
 
-def pick_media(releases: Any, release: int, releases_url: str = RELEASES_URL) -> dict[str, Medium]:
+def pick_media(releases: Any, release: int, releases_url: str = RELEASES_URL,
+               modes: tuple[str, ...] = tuple(MEDIA_RULES)) -> dict[str, Medium]:
     if not isinstance(releases, list):
         raise MediaError(f"{releases_url}: expected a JSON array of artifacts")
     found: dict[str, Medium] = {}
     for mode, rule in MEDIA_RULES.items():
+        if mode not in modes:
+            continue
         entries = [e for e in releases if isinstance(e, dict) and str(e.get("version")) == str(release)
                    and e.get("arch") == ARCH and rule(e)]
         if len(entries) != 1:
@@ -372,14 +377,16 @@ class RefreshResult:
     notes: list[str] = field(default_factory=list)
 
 
-def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url: str = RELEASES_URL,
-                      dry_run: bool = False, fetch: Fetch = http_fetch) -> RefreshResult:
-    """Point the catalogue's Fedora ``release`` entries at the current media with signed sha256 checksums."""
-    from ruamel.yaml import YAML
-
+def current_media(
+    root: Path, release: int, modes: tuple[str, ...] = tuple(MEDIA_RULES), *, releases_url: str = RELEASES_URL,
+    fetch: Fetch = http_fetch,
+) -> tuple[dict[str, Medium], dict[str, str]]:
+    """The release's current media (found through the unsigned releases.json) and, per mode, the sha256 the
+    compose's CHECKSUM gives under the release key's signature: image.refresh and a build of an entry not
+    pinned yet both take this one path."""
     releases_url = https_url(releases_url, "releases.json")
     releases = parse_releases(fetch(releases_url, MAX_RELEASES_JSON), releases_url)
-    media = pick_media(releases, release, releases_url)
+    media = pick_media(releases, release, releases_url, modes)
     cert = release_key(root, release)
     checksums: dict[str, str] = {}
     for mode, medium in media.items():
@@ -388,6 +395,43 @@ def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url
         if medium.releases_sha256 and medium.releases_sha256 != checksums[mode]:
             raise SignatureError(f"{medium.file_name}: releases.json says sha256 {medium.releases_sha256}, the signed "
                                  f"CHECKSUM says {checksums[mode]}; refusing both")
+    return media, checksums
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A catalogue entry's medium as a build resolved it: what the manifest and the report record."""
+
+    url: str
+    sha256: str
+    checksum_url: str
+    signed_by: str
+
+    def as_record(self) -> dict[str, str]:
+        return {"url": self.url, "sha256": self.sha256, "checksum_url": self.checksum_url,
+                "signed_by": self.signed_by, "resolved": "at build time (checksum: refresh)"}
+
+
+def resolve_medium(root: Path, image: Image, *, releases_url: str = RELEASES_URL,
+                   fetch: Fetch = http_fetch) -> Resolved:
+    """The current medium for an entry with ``checksum: refresh``, inside the entry's media directory."""
+    if image.family != "fedora":
+        raise MediaError(f"{image.name}: checksum: refresh is resolved for Fedora media only; pin url and "
+                         "sha256 in the catalogue")
+    media, checksums = current_media(root, image.release, (image.mode,), releases_url=releases_url, fetch=fetch)
+    medium = media[image.mode]
+    if not medium.link.startswith(image.source.url):
+        raise MediaError(f"{releases_url}: the {image.mode} medium of Fedora {image.release} is {medium.link}, "
+                         f"outside {image.name}'s media directory {image.source.url}; refusing it")
+    return Resolved(medium.link, checksums[image.mode], medium.checksum_url, release_key_name(image.release))
+
+
+def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url: str = RELEASES_URL,
+                      dry_run: bool = False, fetch: Fetch = http_fetch) -> RefreshResult:
+    """Point the catalogue's Fedora ``release`` entries at the current media with signed sha256 checksums."""
+    from ruamel.yaml import YAML
+
+    media, checksums = current_media(root, release, releases_url=releases_url, fetch=fetch)
 
     before = catalogue.read_text(encoding="utf-8")
     data = YAML().load(before)

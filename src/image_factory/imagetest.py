@@ -448,7 +448,7 @@ def test_image(
     artifact = build_dir / m.artifact.path  # manifest paths are relative to the build dir
     if not artifact.is_file():
         raise ImageTestError(f"{artifact} (from {manifest.manifest_path(build_dir)}) does not exist")
-    files = suite_files(settings.root, list(image.test_suites))
+    files = suite_files(settings.data, list(image.test_suites))
     shash = suite_hash(files)
     before = sha256_file(artifact)
     if before != m.artifact.sha256:

@@ -77,6 +77,9 @@ class Manifest:
     contents: dict[str, Any] | None = None
     firmware: str = "bios"  # bios | uefi: how the template must boot (publish: bios=ovmf and an EFI disk)
     recipe: str = ""  # digest of the build's own inputs (files, catalogue entry, source): not upstream's state
+    # The medium built from: url and checksum as the catalogue pins them, or as resolved at build time for an
+    # entry with checksum: refresh (url, sha256, the signed CHECKSUM's URL and key).
+    source: dict[str, str] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     @property

@@ -61,7 +61,7 @@ def _security_updates(settings: Settings, image: Image, changes: dict[str, Any])
     from . import upstream
 
     try:
-        return upstream.security_updates(changes, image.upstream_repositories, settings.root / "packer" / "keys",
+        return upstream.security_updates(changes, image.upstream_repositories, settings.resolve("packer/keys"),
                                          image.release, resolve=settings.resolve)
     except FactoryError as exc:
         return f"unknown: {exc}"
@@ -94,6 +94,10 @@ def markdown_summary(report: PipelineReport) -> str:
             security = run.build.get("security_updates")
             if security:
                 details += ["", "Security fixes: " + (security if isinstance(security, str) else ", ".join(security))]
+        source = run.build.get("source") or {}
+        if source.get("resolved"):
+            details += ["", f"- {run.image}: media not pinned in git, resolved {source['resolved']}: "
+                        f"{source['url']} sha256 {source['sha256']} (signed by {source['signed_by']})"]
         for h in (run.publish or {}).get("hosts", []):
             details += [f"- {run.image} on {h['host']}: {note}" for note in h.get("notes", [])]
         if run.error:
@@ -162,7 +166,7 @@ def run_pipeline(
             run.build = {
                 "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
                 "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
-                "ansible_strategy": m.ansible_strategy, "reason": outcome.reason,
+                "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
             }
 
             run.stage = "test"

@@ -38,10 +38,13 @@ REMOTE_CHECKSUM_RE = re.compile(r"^file:[A-Za-z][A-Za-z0-9+.-]*:")  # file:https
 TEMPLATE_DIRS = ("packer", "kickstart")
 ANSIBLE_DIR = "ansible"
 SSH_TIMEOUT = {"cloud": "20m", "iso": "90m"}
-PLUGIN_PACKER = (1, 7, 0)  # the first Packer that reads required_plugins (1.6 has the builders built in)
 # Plugin versions for Packer >= 1.7 (required_plugins, installed by `packer init`): pinned, so a
 # plugin release never changes a build unannounced. Tags of hashicorp/packer-plugin-qemu and -ansible.
-PLUGIN_VERSIONS = {"qemu": "1.1.4", "ansible": "1.1.6"}
+PLUGIN_VERSIONS = {"qemu": "1.1.5", "ansible": "1.1.6"}
+# The first Packer that reads required_plugins and has `packer init` for HCL templates (1.6 has the builders
+# built in); 1.10+ bundles no plugin at all, so from here on `packer init` must run before `packer validate`
+# or `packer build`.
+PLUGIN_PACKER = (1, 7, 0)
 # Runs over SSH as the build user after the playbook: remove the build user itself (it cannot
 # delete itself from inside Ansible while logged in), then power off.
 SHUTDOWN_COMMAND = (
@@ -72,6 +75,7 @@ class RenderResult:
     fingerprint: str
     secret_dir: Path | None = None
     inputs: dict[str, str] = field(default_factory=dict)
+    packer_version: tuple[int, int, int] = (0, 0, 0)  # the Packer it was rendered for
 
     def cleanup(self) -> None:
         """Remove the per-build secret directory (key, seed, var file)."""
@@ -82,20 +86,43 @@ class RenderResult:
 # ------------------------------------------------------------------------------------------- tools
 
 
-def _which(tool: str, how: str) -> str:
+_EXTRA = "the [build] extra: pip install 'deevnet-image-factory[build]' (a checkout: ./dev setup build)"
+# Where each program the factory runs comes from, named when it is missing: one table, every look-up.
+TOOL_PROVIDERS = {
+    "packer": "Packer >= 1.7 (Debian 12's 1.6.6 works too): ./dev setup installs it, from the distribution or "
+              "HashiCorp's signed repository, see docs/install.md; or https://developer.hashicorp.com/packer/install",
+    "ansible-playbook": f"ansible-core, in {_EXTRA}",
+    "ansible-lint": f"ansible-lint, in {_EXTRA}",
+    "ksvalidator": f"pykickstart, in {_EXTRA}",
+    "qemu-system-x86_64": "QEMU: apt-get install qemu-system-x86 (Debian) or dnf install qemu-system-x86 (Fedora)",
+    "qemu-img": "qemu-img: apt-get install qemu-utils (Debian) or dnf install qemu-img (Fedora)",
+    "openssl": "OpenSSL: apt-get install openssl (Debian) or dnf install openssl (Fedora)",
+    "ssh-keygen": "OpenSSH: apt-get install openssh-client (Debian) or dnf install openssh-clients (Fedora)",
+}
+
+
+def tool_missing(tool: str) -> ToolMissing:
+    provider = TOOL_PROVIDERS.get(tool, "its package")
+    return ToolMissing(f"{tool} is not installed (or not on PATH): it comes with {provider}")
+
+
+def require_tool(tool: str) -> str:
+    """The program's path: this venv's bin first (ansible-playbook, ksvalidator, ansible-lint), then PATH."""
+    local = _venv_bin() / tool
+    if local.exists():
+        return str(local)
     path = shutil.which(tool)
     if path is None:
-        raise ToolMissing(f"{tool} is not installed (or not on PATH): {how}")
+        raise tool_missing(tool)
     return path
 
 
-PACKER_HOW = "install it with `apt-get install packer` (Debian) or from https://developer.hashicorp.com/packer"
 _packer_version_cache: dict[str, tuple[int, int, int]] = {}
 
 
 def packer_version() -> tuple[int, int, int]:
     """The installed Packer's version, e.g. (1, 6, 6)."""
-    exe = _which("packer", PACKER_HOW)
+    exe = require_tool("packer")
     if exe in _packer_version_cache:
         return _packer_version_cache[exe]
     proc = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
@@ -124,13 +151,6 @@ def tool_env() -> dict[str, str]:
     env["CHECKPOINT_DISABLE"] = "1"  # no phone-home from packer
     env["PACKER_NO_COLOR"] = "1"
     return env
-
-
-def _venv_tool(name: str, how: str) -> str:
-    local = _venv_bin() / name
-    if local.exists():
-        return str(local)
-    return _which(name, how)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -211,9 +231,9 @@ def template_files(settings: Settings, image: Image | None = None) -> list[Path]
     """
     out: list[Path] = []
     for d in TEMPLATE_DIRS:
-        base = settings.root / d
+        base = settings.data / d
         out.extend(p for p in base.rglob("*.j2") if p.is_file())
-    ans = settings.root / ANSIBLE_DIR
+    ans = settings.data / ANSIBLE_DIR
     if image is None:
         dirs = [ans / "playbooks", ans / "roles"]
     else:
@@ -235,7 +255,7 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
     # the extra repositories' keys too: a new key is a new build, even under the same catalogue text
     keys = [settings.resolve(repo.key) for repo in image.upstream_repositories if repo.key]
     for p in [*template_files(settings, image), *keys]:
-        key = str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p)
+        key = next((str(p.relative_to(d)) for d in (settings.data, settings.root) if p.is_relative_to(d)), str(p))
         inputs[f"input:{key}"] = _sha256(p.read_bytes())
     inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
@@ -248,7 +268,7 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
 
 def _environment(settings: Settings) -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(settings.root / d) for d in TEMPLATE_DIRS]),
+        loader=jinja2.FileSystemLoader([str(settings.data / d) for d in TEMPLATE_DIRS]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -285,7 +305,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 def sha512_crypt(password: str) -> str:
     """SHA-512 crypt ($6$) via `openssl passwd -6`; the password goes over stdin, never argv."""
-    exe = _which("openssl", "apt-get install openssl")
+    exe = require_tool("openssl")
     salt = secrets.token_hex(8)
     proc = subprocess.run(
         [exe, "passwd", "-6", "-salt", salt, "-stdin"], input=password, capture_output=True, text=True, timeout=30
@@ -298,7 +318,7 @@ def sha512_crypt(password: str) -> str:
 
 def _keypair(secret_dir: Path) -> tuple[Path, str]:
     key = secret_dir / "id_ed25519"
-    exe = _which("ssh-keygen", "apt-get install openssh-client")
+    exe = require_tool("ssh-keygen")
     proc = subprocess.run(
         [exe, "-q", "-t", "ed25519", "-N", "", "-C", "image-factory-build", "-f", str(key)],
         capture_output=True, text=True, timeout=30,
@@ -400,8 +420,8 @@ def render_image(
         "ssh_timeout": SSH_TIMEOUT[image.mode],
         "shutdown_command": SHUTDOWN_COMMAND,
         "playbook": _hcl_string(str(playbook), "playbook"),
-        "ansible_cfg": _hcl_string(str(settings.root / ANSIBLE_DIR / "ansible.cfg"), "ansible.cfg"),
-        "roles_path": _hcl_string(str(settings.root / ANSIBLE_DIR / "roles"), "roles"),
+        "ansible_cfg": _hcl_string(str(settings.data / ANSIBLE_DIR / "ansible.cfg"), "ansible.cfg"),
+        "roles_path": _hcl_string(str(settings.data / ANSIBLE_DIR / "roles"), "roles"),
     }
     env = _environment(settings)
 
@@ -459,7 +479,7 @@ def render_image(
     return RenderResult(
         image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
         kickstart=out_dir / installer.file_name if image.mode == "iso" and installer is not None else None,
-        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs,
+        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs, packer_version=pv,
     )
 
 
@@ -476,8 +496,8 @@ def set_var(result: RenderResult, name: str, value: str) -> None:
 
 def ansible_env(settings: Settings) -> dict[str, str]:
     env = tool_env()
-    env["ANSIBLE_CONFIG"] = str(settings.root / ANSIBLE_DIR / "ansible.cfg")
-    env["ANSIBLE_ROLES_PATH"] = str(settings.root / ANSIBLE_DIR / "roles")
+    env["ANSIBLE_CONFIG"] = str(settings.data / ANSIBLE_DIR / "ansible.cfg")
+    env["ANSIBLE_ROLES_PATH"] = str(settings.data / ANSIBLE_DIR / "roles")
     return env
 
 
@@ -510,7 +530,7 @@ def validate_kickstart(result: RenderResult) -> None:
     if result.kickstart is None or installer is None or installer.validator is None:
         return
     tool, *args = installer.validator
-    exe = _venv_tool(tool, f"pip install the {tool} validator (pykickstart for ksvalidator: it is in the dev extras)")
+    exe = require_tool(tool)
     version = f"F{result.image.release}"
 
     def argv(path: Path) -> list[str]:
@@ -534,9 +554,27 @@ def validate_kickstart(result: RenderResult) -> None:
                 merged.unlink(missing_ok=True)
 
 
+def packer_init(exe: str, result: RenderResult) -> None:
+    """Packer >= 1.7 reads required_plugins: install the pinned qemu and ansible plugins (a no-op once they
+    are there), before anything else reads the template. Packer 1.6 has both built in and no `init` for HCL."""
+    if result.packer_version < PLUGIN_PACKER:
+        return
+    pins = ", ".join(f"{k} {v}" for k, v in PLUGIN_VERSIONS.items())
+    proc = subprocess.run([exe, "init", result.hcl.name], cwd=result.out_dir, capture_output=True, text=True,
+                          timeout=600, env=tool_env())
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ToolMissing(
+            f"packer init could not install the pinned plugins ({pins}) for {result.hcl}: "
+            f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}. Offline? Install them on a "
+            "connected machine with `packer plugins install github.com/hashicorp/<name> <version>` and copy "
+            "~/.config/packer/plugins (or set PACKER_PLUGIN_PATH)")
+
+
 def validate_packer(result: RenderResult) -> None:
-    exe = _which("packer", PACKER_HOW)
+    exe = require_tool("packer")
     cwd = result.out_dir
+    packer_init(exe, result)  # validate refuses a template whose plugins are not installed yet
     try:
         _run_tool([exe, "fmt", "-check", "-diff", result.hcl.name], "packer fmt -check", cwd, str(result.hcl))
         cmd = [exe, "validate", f"-var-file={result.var_file}"]
@@ -554,11 +592,11 @@ def validate_packer(result: RenderResult) -> None:
 
 
 def validate_ansible(settings: Settings, playbook: Path) -> None:
-    exe = _venv_tool("ansible-lint", "pip install ansible-lint (it is in the dev extras: pip install -e '.[dev]')")
-    env_cfg = settings.root / ".ansible-lint"
-    cmd = [exe, "--nocolor", "-q"]
-    if env_cfg.exists():
-        cmd += ["-c", str(env_cfg)]
+    exe = require_tool("ansible-lint")
+    env_cfg = settings.data / ".ansible-lint"
+    # An installed package has no .ansible-lint (a file at the repository's top): the same two settings as flags.
+    cmd = [exe, "--nocolor", "-q", *(["-c", str(env_cfg)] if env_cfg.exists() else ["--offline", "--profile",
+                                                                                     "production"])]
     _run_tool([*cmd, str(playbook)], "ansible-lint", settings.root, str(playbook), env=ansible_env(settings))
 
 

@@ -1,7 +1,10 @@
-"""Where things are: repository root, inventory, catalogue, builds and lab directories.
+"""Where things are: the site, the factory's own data, inventory, catalogue, builds and lab directories.
 
 Defaults live in invoke.yaml (section ``factory``); environment (INVOKE_FACTORY_*) and
-command-line flags override them. Relative paths are relative to the repository root.
+command-line flags override them. Relative paths are relative to the site directory: the checkout when
+run from one, else ``factory.site_dir`` (INVOKE_FACTORY_SITE_DIR), else the current directory. The
+factory's own data (packer/ and kickstart/ templates, ansible/ playbooks and roles, the pinned keys,
+tests/image) come from the site when it holds its own templates, else from the installed package.
 """
 
 from __future__ import annotations
@@ -12,6 +15,24 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A wheel carries the data directories under image_factory/data (pyproject.toml's package-dir map).
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+# What marks a directory as holding the factory's own templates, roles and keys.
+_DATA_MARKER = Path("packer/image.pkr.hcl.j2")
+
+
+def _is_data_dir(d: Path) -> bool:
+    return (d / _DATA_MARKER).is_file()
+
+
+def installed_data() -> Path:
+    """The checkout this module runs from, else the data installed with the package."""
+    return REPO_ROOT if _is_data_dir(REPO_ROOT) else PACKAGE_DATA
+
+
+def default_site() -> Path:
+    """The checkout (run from one), else the current directory."""
+    return REPO_ROOT if _is_data_dir(REPO_ROOT) and (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _user_cache() -> str:
@@ -27,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "ansible_strategy": "auto",
     # Downloads shared by every clone on this machine (the base image's .deb files), like pip's cache.
     "cache_dir": None,
+    "site_dir": None,  # see the module docstring
+    # Where Fedora lists its media (unsigned: used to find files, never trusted for their checksums).
+    "fedora_releases_url": "https://fedoraproject.org/releases.json",
 }
 
 
@@ -40,10 +64,14 @@ class Settings:
     accelerator: str
     ansible_strategy: str = "auto"
     cache_dir: Path = Path(_user_cache()).expanduser()
+    fedora_releases_url: str = str(DEFAULTS["fedora_releases_url"])
+    data: Path = REPO_ROOT  # packer/, kickstart/, ansible/, tests/image: the site's own, else the installed ones
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any] | None = None, root: Path = REPO_ROOT) -> Settings:
+    def from_mapping(cls, values: dict[str, Any] | None = None, root: Path | None = None) -> Settings:
         merged = {**DEFAULTS, **{k: v for k, v in (values or {}).items() if v is not None}}
+        if root is None:
+            root = Path(str(merged["site_dir"])).expanduser().resolve() if merged["site_dir"] else default_site()
 
         def path(key: str) -> Path:
             p = Path(str(merged[key])).expanduser()
@@ -58,9 +86,17 @@ class Settings:
             accelerator=str(merged["accelerator"]),
             ansible_strategy=str(merged["ansible_strategy"]),
             cache_dir=Path(str(merged["cache_dir"] or _user_cache())).expanduser(),
+            fedora_releases_url=str(merged["fedora_releases_url"]),
+            data=root if _is_data_dir(root) else installed_data(),
         )
 
     def resolve(self, p: str | Path) -> Path:
-        """A path from the catalogue or the inventory: absolute, ~-expanded, else repo-relative."""
+        """A path from the catalogue or the inventory: absolute, ~-expanded, else site-relative, where the
+        site has it, else in the factory's data (a catalogue names ansible/playbooks/template.yml and
+        packer/keys/... whether or not the site keeps its own copy)."""
         q = Path(str(p)).expanduser()
-        return q if q.is_absolute() else self.root / q
+        return q if q.is_absolute() else self.base_for(q) / q
+
+    def base_for(self, rel: str | Path) -> Path:
+        """The site directory if it has ``rel`` (or the data has not), else the factory's data directory."""
+        return self.root if (self.root / rel).exists() or not (self.data / rel).exists() else self.data

@@ -361,8 +361,23 @@ def test_packer_missing_says_how_to_install(repo: Settings, image: Image, monkey
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+    with pytest.raises(render.ToolMissing, match=r"packer is not installed .*Packer >= 1\.7"):
         build.build_image(repo, image)
+
+
+def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_runs(
+        repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install (no [build] extra) used to fail inside Packer with "ansible-playbook not found"."""
+    bare = tmp_path / "bare-venv-bin"
+    bare.mkdir()
+    monkeypatch.setattr(render, "_venv_bin", lambda: bare)
+    if shutil.which("ansible-playbook") is not None:
+        monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                                                  if not (Path(d) / "ansible-playbook").exists()))
+    with pytest.raises(render.ToolMissing, match=r"ansible-playbook .*ansible-core, in the \[build\] extra"):
+        build.build_image(repo, image, compress=False)
+    assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
 
 def test_accelerator_override_and_detection(repo: Settings) -> None:
@@ -446,27 +461,6 @@ def test_dry_run_writes_nothing_under_builds(
     assert _tree(repo.builds_dir) == before, "the dry run rewrote a rendered file"
     assert again.fingerprint == built.fingerprint  # same decision as a real run
     assert again.status == "cached"
-
-
-def test_packer_init_runs_for_packer_1_7_and_names_the_pins_when_offline(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    exe = tmp_path / "packer"
-    log = tmp_path / "calls"
-    exe.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
-                   "echo 'Failed getting the \"github.com/hashicorp/qemu\" plugin: no route to host' >&2; exit 1\n")
-    exe.chmod(0o755)
-    hcl = tmp_path / "x.pkr.hcl"
-    hcl.write_text("")
-    result = SimpleNamespace(hcl=hcl, out_dir=tmp_path)
-    build.packer_init(str(exe), result, (1, 6, 6), lambda kind, msg: None)  # type: ignore[arg-type]
-    assert not log.exists(), "Packer 1.6 has no init for HCL templates"
-    with pytest.raises(build.BuildError) as err:
-        build.packer_init(str(exe), result, (1, 11, 2), lambda kind, msg: None)  # type: ignore[arg-type]
-    assert log.read_text().split() == ["init", "x.pkr.hcl"]
-    message = str(err.value)
-    assert "qemu 1.1.4" in message and "ansible 1.1.6" in message and "no route to host" in message
-    assert "packer plugins install" in message
 
 
 def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -566,3 +567,143 @@ def test_the_catalogue_edit_keeps_quotes_comments_and_flow_style(tmp_path: Path,
                                                                        "checksum": f"sha256:{digest}"}},
                                tmp_path / "images.yml")
     assert after == head + expected.format(sum=digest)
+# ------------------------------------------------------------------- checksum: refresh, resolved at build time
+
+REAL_F44 = "Fedora-Cloud-44-1.7-aarch64-CHECKSUM"  # Fedora's own clearsigned file (shared/fedora-fixtures)
+REAL_F44_GENERIC = ("Fedora-Cloud-Base-Generic-44-1.7.aarch64.qcow2",
+                    "55c60a3b80d3616a08705afd0459e75fe9f03c54aba7a46e4002a41a72fa0d5b")
+
+
+def _real_f44_checksum() -> bytes:
+    for shared in (REPO_ROOT.parent / "shared", REPO_ROOT.parents[1] / "shared"):
+        if (shared / "fedora-fixtures" / REAL_F44).is_file():
+            return (shared / "fedora-fixtures" / REAL_F44).read_bytes()
+    pytest.skip(f"shared/fedora-fixtures/{REAL_F44} is not beside this checkout")
+
+
+def _unpinned(base: str, release: int, mode: str = "cloud") -> Any:
+    from datetime import date
+
+    from image_factory.inventory import Image, Source
+
+    where = "Cloud/x86_64/images" if mode == "cloud" else "Everything/x86_64/iso"
+    return Image(name=f"fedora-{release}", family="fedora", release=release, mode=mode, eol=date(2027, 12, 8),
+                 source=Source(url=f"{base}/pub/fedora/linux/releases/{release}/{where}/", checksum="refresh"))
+
+
+def test_resolve_medium_verifies_fedoras_real_signed_checksum(server: Any) -> None:
+    """Fedora 44's real CHECKSUM under Fedora's real 44 key (the one vendored in packer/keys): the file name is
+    the aarch64 compose's, served where the x86_64 CHECKSUM would be; the signature is Fedora's own."""
+    import json
+
+    base, files = server
+    body = _real_f44_checksum()
+    d = "/pub/fedora/linux/releases/44/Cloud/x86_64/images"
+    name, digest = REAL_F44_GENERIC
+    files["/releases.json"] = json.dumps([{"version": "44", "arch": "x86_64", "variant": "Cloud",
+                                          "subvariant": "Cloud_Base", "link": f"{base}{d}/{name}",
+                                          "sha256": digest}]).encode()
+    files[f"{d}/Fedora-Cloud-44-1.7-x86_64-CHECKSUM"] = body
+    resolved = fm.resolve_medium(REPO_ROOT, _unpinned(base, 44), releases_url=f"{base}/releases.json")
+    assert (resolved.url, resolved.sha256) == (f"{base}{d}/{name}", digest)
+    assert resolved.signed_by == "RPM-GPG-KEY-fedora-44-primary"
+    files[f"{d}/Fedora-Cloud-44-1.7-x86_64-CHECKSUM"] = body.replace(digest.encode(), b"0" * 64)
+    with pytest.raises(SignatureError):
+        fm.resolve_medium(REPO_ROOT, _unpinned(base, 44), releases_url=f"{base}/releases.json")
+
+
+def test_resolve_medium_stays_inside_the_entrys_media_directory(server: Any, repo: Any) -> None:
+    base, files = server
+    root, signer = repo
+    publish_release(base, files, signer)
+    elsewhere = _unpinned(base, 45).model_copy(update={"source": _unpinned(base, 45).source.model_copy(
+        update={"url": f"{base}/pub/fedora/linux/releases/45/Server/x86_64/images/"})})
+    with pytest.raises(fm.MediaError, match="outside fedora-45's media directory"):
+        fm.resolve_medium(root, elsewhere, releases_url=f"{base}/releases.json")
+
+
+STUB_PACKER_BUILD = """#!{python}
+import os, re, subprocess, sys
+open(os.environ["PACKER_CALLS"], "a").write(" ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "version":
+    print("Packer v1.6.6"); sys.exit(0)
+if sys.argv[1] != "build":
+    sys.exit(0)
+var_file = [a.split("=", 1)[1] for a in sys.argv if a.startswith("-var-file=")][0]
+work = re.search(r'^work_dir = "(.*)"$', open(var_file).read(), re.M).group(1)
+name = re.search(r'vm_name\\s*=\\s*"([^"]+)"', open(sys.argv[-1]).read()).group(1)
+os.makedirs(os.path.join(work, "output"))
+subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(work, "output", name), "64M"], check=True)
+"""
+
+
+def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedora-45 as the catalogue ships it (checksum: refresh) builds: the medium and its sha256 come from the
+    signed CHECKSUM at build time, into the rendered template, the manifest and the pipeline's summary; the
+    same compose is a cache hit, a new one a new build; --offline keeps what the last build resolved."""
+    import sys
+
+    from image_factory import build, pipeline, render
+    from image_factory.settings import Settings
+
+    base, files = server
+    root, signer = repo
+    for d in ("packer", "kickstart", "ansible"):
+        shutil.copytree(REPO_ROOT / d, root / d, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("keys", "images.yml"))
+    publish_release(base, files, signer)
+    stub = tmp_path / "bin/packer"
+    stub.parent.mkdir()
+    stub.write_text(STUB_PACKER_BUILD.format(python=sys.executable))
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("PACKER_CALLS", str(tmp_path / "calls"))
+    monkeypatch.setattr(render, "validate", lambda result, settings: None)  # the real validators: test_render.py
+    render._packer_version_cache.clear()
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg",
+                                      "fedora_releases_url": f"{base}/releases.json"}, root=root)
+    image = _unpinned(base, 45).model_copy(update={"repositories": []})
+    events: list[str] = []
+
+    outcome = build.build_image(settings, image, compress=False, on_event=lambda ev: events.append(ev.message))
+    link = f"{base}/pub/fedora/linux/releases/45/Cloud/x86_64/images/{CLOUD}"
+    assert outcome.status == "built" and outcome.manifest is not None
+    assert outcome.manifest.source == {
+        "url": link, "sha256": CLOUD_SUM, "signed_by": fm.release_key_name(45),
+        "checksum_url": f"{base}/pub/fedora/linux/releases/45/Cloud/x86_64/images/Fedora-Cloud-45-1.3-x86_64-CHECKSUM",
+        "resolved": "at build time (checksum: refresh)"}
+    hcl = (settings.builds_dir / "fedora-45/fedora-45.pkr.hcl").read_text()
+    assert f'iso_url      = "{link}"' in hcl and f'default     = "sha256:{CLOUD_SUM}"' in hcl
+    assert any("media resolved at build time" in e and "image.refresh --release 45" in e for e in events)
+
+    report = pipeline.PipelineReport(started_at="2026-12-06T00:00:00Z")
+    report.images.append(pipeline.ImageRun("fedora-45", build={"status": "built", "source": outcome.manifest.source}))
+    assert f"resolved at build time (checksum: refresh): {link} sha256 {CLOUD_SUM}" in pipeline.markdown_summary(report)
+
+    assert build.build_image(settings, image, compress=False).status == "cached"  # the same compose
+    offline = build.build_image(settings, image, compress=False, offline=True)
+    assert offline.status == "cached" and offline.manifest is not None
+    assert offline.manifest.source["sha256"] == CLOUD_SUM
+
+    newer = "Fedora-Cloud-Base-Generic-45-1.4.x86_64.qcow2"
+    d = "/pub/fedora/linux/releases/45/Cloud/x86_64/images"
+    import json
+
+    files["/releases.json"] = json.dumps([{"version": "45", "arch": "x86_64", "variant": "Cloud",
+                                          "subvariant": "Cloud_Base", "link": f"{base}{d}/{newer}"}]).encode()
+    files[f"{d}/Fedora-Cloud-45-1.4-x86_64-CHECKSUM"] = clearsign(signer, checksum_text(newer, "9" * 64))
+    rebuilt = build.build_image(settings, image, compress=False)
+    assert rebuilt.status == "built" and rebuilt.manifest is not None
+    assert rebuilt.manifest.source["url"].endswith(newer) and rebuilt.manifest.source["sha256"] == "9" * 64
+
+
+def test_offline_without_an_earlier_resolution_says_how_to_pin(repo: Any, tmp_path: Path) -> None:
+    from image_factory import build
+    from image_factory.settings import Settings
+
+    root, _ = repo
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=root)
+    with pytest.raises(build.BuildError, match=r"not pinned yet .*--offline.*image\.refresh --release 45"):
+        build.resolve_unpinned(settings, _unpinned("https://download.fedoraproject.org", 45), lambda k, m: None,
+                               offline=True, previous=None)

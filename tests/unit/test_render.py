@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +200,22 @@ def test_packer_version_reads_the_real_packer() -> None:
 def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     render._packer_version_cache.clear()
-    with pytest.raises(render.ToolMissing, match="apt-get install packer"):
+    with pytest.raises(render.ToolMissing, match=r"packer is not installed .*Packer >= 1\.7.*\./dev setup"):
         render.packer_version()
+
+
+@pytest.mark.parametrize(("tool", "provider"), [
+    ("ansible-playbook", "ansible-core, in the [build] extra"), ("ksvalidator", "pykickstart, in the [build] extra"),
+    ("ansible-lint", "ansible-lint, in the [build] extra"), ("qemu-img", "apt-get install qemu-utils"),
+    ("qemu-system-x86_64", "dnf install qemu-system-x86"), ("packer", "HashiCorp's signed repository"),
+])
+def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(render, "_venv_bin", lambda: tmp_path)
+    with pytest.raises(render.ToolMissing) as err:
+        render.require_tool(tool)
+    assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
 
 
 @pytest.mark.parametrize("name", fedora_images())
@@ -488,3 +503,79 @@ def test_extra_repository_key_must_have_the_pinned_fingerprint(repo: Settings, c
     (tmp_path / "team.asc").unlink()
     with pytest.raises(render.RenderError, match=r"repositories\[0\]\.key: .*team\.asc does not exist"):
         _render(repo, image)
+
+
+# A Packer >= 1.10 as a fresh runner has it: no plugin bundled, so `validate` (and `build`) refuse a template
+# until `packer init` installed its required_plugins; it remembers which directories were initialised.
+STUB_PACKER = """#!/bin/sh
+echo "$*" >> "{log}"
+case "$1" in
+  version) echo "Packer v{version}" ;;
+  init) [ -n "$FAIL_INIT" ] && {{ echo 'Failed getting the "github.com/hashicorp/qemu" plugin: no route to host' >&2;
+        exit 1; }}; pwd >> "{log}.initialised" ;;
+  fmt) exit 0 ;;
+  validate) grep -qxF "$(pwd)" "{log}.initialised" 2>/dev/null && exit 0
+            echo 'Error: Missing plugins' >&2
+            echo 'The following plugins are required, but not installed: github.com/hashicorp/qemu' >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def stub_packer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    bindir = tmp_path / "stub-bin"
+    bindir.mkdir()
+    log = tmp_path / "packer.calls"
+    exe = bindir / "packer"
+    exe.write_text(STUB_PACKER.format(log=log, version="1.11.2"))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("FAIL_INIT", raising=False)
+    render._packer_version_cache.clear()
+    yield log
+    render._packer_version_cache.clear()
+
+
+def test_the_stub_packer_refuses_a_template_whose_plugins_are_not_installed(stub_packer: Path, tmp_path: Path) -> None:
+    """The stub is only worth its tests if it refuses what Packer >= 1.10 refuses."""
+    import subprocess
+
+    proc = subprocess.run(["packer", "validate", "x.pkr.hcl"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Missing plugins" in proc.stderr
+
+
+def test_packer_init_precedes_validate_for_packer_1_7_and_later(
+        stub_packer: Path, repo: Settings, catalogue: dict[str, Image]) -> None:
+    result = _render(repo, catalogue["fedora-44"], render.packer_version())
+    try:
+        assert result.packer_version == (1, 11, 2) and "required_plugins {" in result.hcl.read_text()
+        render.validate_packer(result)
+    finally:
+        result.cleanup()
+    calls = [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
+    assert calls == ["version", "init", "fmt", "validate"]
+
+
+def test_packer_1_6_validates_without_init(stub_packer: Path, repo: Settings, catalogue: dict[str, Image]) -> None:
+    result = _render(repo, catalogue["fedora-44"], (1, 6, 6))
+    try:
+        with pytest.raises(render.RenderError, match="Missing plugins"):
+            render.validate_packer(result)  # this stub is a 1.11: 1.6.6 would have passed with its bundled plugins
+    finally:
+        result.cleanup()
+    assert "init" not in [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
+
+
+def test_packer_init_offline_names_the_pins_and_the_way_out(
+        stub_packer: Path, repo: Settings, catalogue: dict[str, Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAIL_INIT", "1")
+    result = _render(repo, catalogue["fedora-44"], (1, 11, 2))
+    try:
+        with pytest.raises(render.ToolMissing) as err:
+            render.validate_packer(result)
+    finally:
+        result.cleanup()
+    message = str(err.value)
+    assert f"qemu {render.PLUGIN_VERSIONS['qemu']}" in message and "no route to host" in message
+    assert "packer plugins install" in message
+    assert "validate" not in stub_packer.read_text(), "validate is pointless without the plugins"

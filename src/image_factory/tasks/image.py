@@ -58,7 +58,8 @@ def refresh(c: Context, release: int | None = None, dry_run: bool = False, relea
     s = settings(c, images=catalogue)
     rel = fedora_release(c, release)
     url = releases_url or str(c.config.get("factory", {}).get("fedora_releases_url") or fedora_media.RELEASES_URL)
-    result = fedora_media.refresh_catalogue(s.images, s.root, rel, releases_url=url, dry_run=dry_run)
+    result = fedora_media.refresh_catalogue(s.images, s.base_for(fedora_media.KEYS_DIR), rel, releases_url=url,
+                                            dry_run=dry_run)
     for mode, medium in sorted(result.media.items()):
         console.print(styled("[green]verified[/] {} {}: sha256 {} (signed CHECKSUM {})", mode, medium.file_name,
                              result.checksums[mode], medium.checksum_url))

@@ -1,0 +1,114 @@
+"""The wheel, installed where no checkout is: `image-factory` runs from a fresh venv outside the repository
+against a site directory of its own (the example site's inventory and catalogue, copied).
+
+Offline and honest: the wheel is built from a copy of the sources with this venv's locked setuptools
+(no build isolation, nothing downloaded) and installed with --no-deps into a new venv whose only view of
+this venv is its dependencies' site-packages directory (a .pth line, as a system site would be; the
+editable install of the checkout is not on it). The tools the build extra provides (ksvalidator,
+ansible-lint) come from this venv's bin on PATH, packer and QEMU from the system's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from setuptools import find_packages
+
+import image_factory
+from image_factory.settings import REPO_ROOT
+
+pytestmark = [pytest.mark.unit, pytest.mark.packaging]
+
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "src", "packer", "kickstart", "ansible", "tests/image")
+
+
+def test_every_source_package_is_in_the_wheel_list() -> None:
+    """pyproject.toml lists packages by hand (the data directories are mapped in): a new package must join."""
+    listed = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(find_packages(str(REPO_ROOT / "src"))) == sorted(p for p in listed if ".data." not in p)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv outside the repository with the freshly built wheel: its bin directory."""
+    top = tmp_path_factory.mktemp("wheel")
+    src = top / "src-copy"
+    for rel in SOURCES:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (REPO_ROOT / rel).is_dir() else shutil.copy2
+        copy(REPO_ROOT / rel, src / rel, **({"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")}
+                                           if (REPO_ROOT / rel).is_dir() else {}))
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(top / "dist"), str(src)], check=True, env=quiet, capture_output=True, timeout=300)
+    wheel = next((top / "dist").glob("deevnet_image_factory-*.whl"))
+    venv = top / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.run([str(venv / "bin/python"), "-c", purelib], check=True, capture_output=True,
+                               text=True).stdout.strip())
+    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q", "--no-deps",
+                    "--no-index", str(wheel)], check=True, env=quiet, capture_output=True, timeout=300)
+    print(f"wheel built and installed in {time.monotonic() - t0:.1f} s")
+    return venv / "bin"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """An operator's site directory: the example site's inventory (whatever it holds) and the catalogue."""
+    shutil.copytree(REPO_ROOT / "ansible/inventory", tmp_path / "site/ansible/inventory")
+    (tmp_path / "site/packer").mkdir()
+    shutil.copy2(REPO_ROOT / "packer/images.yml", tmp_path / "site/packer/images.yml")
+    return tmp_path / "site"
+
+
+def _run(bindir: Path, site: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the build extra's tools
+    env["HOME"] = str(site.parent)
+    cwd = site.parent if "INVOKE_FACTORY_SITE_DIR" in env_extra else site
+    return subprocess.run([str(bindir / "image-factory"), *args], cwd=cwd, env={**env, **env_extra},
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def test_the_installed_command_runs_a_site_outside_the_repository(installed: Path, site: Path) -> None:
+    where = subprocess.run([str(installed / "python"), "-c", "import image_factory; print(image_factory.__file__)"],
+                           check=True, capture_output=True, text=True, cwd=site).stdout
+    assert where.startswith(str(installed.parent)), f"not the wheel's copy: {where}"
+
+    version = _run(installed, site, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"image-factory {image_factory.__version__}"
+    helped = _run(installed, site, "--help")
+    assert helped.returncode == 0 and "Usage: image-factory" in helped.stdout
+    listed = _run(installed, site, "--list")
+    assert "build.render" in listed.stdout and "inventory.check" in listed.stdout
+
+    checked = _run(installed, site, "inventory.check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "fedora-44" in checked.stdout + checked.stderr
+    (site / "invoke.yaml").write_text("factory:\n  builds_dir: out\n")  # the site's own settings file
+    named = _run(installed, site, "build.render", "--image", "debian-lab", "--no-validate",
+                 INVOKE_FACTORY_SITE_DIR=str(site))  # from elsewhere, the site named by the setting
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert (site / "out/debian-lab/debian-lab.pkr.hcl").is_file()
+    (site / "invoke.yaml").unlink()
+
+    t0 = time.monotonic()
+    rendered = _run(installed, site, "build.render", "--all")
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    print(f"build.render --all from the wheel: {time.monotonic() - t0:.1f} s")
+    hcl = site / "builds/fedora-44/fedora-44.pkr.hcl"
+    assert "rendered and valid" in rendered.stdout + rendered.stderr and hcl.is_file()
+    data = installed.parent / "lib"
+    assert str(data) in hcl.read_text(), "the playbook and roles come from the installed package"
+    assert not (site / "builds/fedora-44").is_relative_to(REPO_ROOT)
