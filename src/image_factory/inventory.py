@@ -1203,9 +1203,9 @@ def _cross_checks(
         if len(hosts) > 1:
             yield Problem(inv_file, ", ".join(hosts), "pve.role", f"more than one hypervisor has role {plane}")
     host_macs: dict[str, list[str]] = defaultdict(list)
-    for hv in hypervisors.values():
-        for mac in hv.install.macs if hv.install else ():
-            host_macs[mac].append(hv.name)
+    for host in hypervisors.values():
+        for mac in host.install.macs if host.install else ():
+            host_macs[mac].append(host.name)
     for mac, names in host_macs.items():
         if len(names) > 1:
             yield Problem(inv_file, ", ".join(names), "pve.install.macs",
