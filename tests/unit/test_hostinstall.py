@@ -376,3 +376,160 @@ def test_short_token_is_refused(tmp_path: Path) -> None:
     ensure_certificate(cert, key, ["127.0.0.1"])
     with pytest.raises(AnswerServerError, match="shorter than 16"):
         AnswerServer(("127.0.0.1", 0), [], "short", cert, key, print)
+
+
+# ------------------------------------------------------------------------------------------ media
+
+STUB_ASSISTANT = """#!/bin/sh
+# Stands in for proxmox-auto-install-assistant: records its command line, writes --output like prepare-iso does.
+printf '%s\\n' "$@" > "$STUB_LOG"
+out=""
+while [ $# -gt 0 ]; do
+    [ "$1" = "--output" ] && out="$2"
+    shift
+done
+printf 'prepared' > "$out"
+if [ -n "${STUB_FAIL:-}" ]; then echo "xorriso : FAILURE : stub failure, half an ISO written" >&2; exit 1; fi
+"""
+
+
+@pytest.fixture
+def stub_assistant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "proxmox-auto-install-assistant"
+    stub.write_text(STUB_ASSISTANT)
+    stub.chmod(0o755)
+    log = tmp_path / "assistant.args"
+    monkeypatch.setenv("STUB_LOG", str(log))
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return log
+
+
+@pytest.fixture
+def downloaded_iso(tmp_path: Path) -> tuple[Path, Path]:
+    iso = tmp_path / "dl" / "proxmox-ve_9.1-1.iso"
+    iso.parent.mkdir()
+    iso.write_bytes(b"ISO9660" * 1000)
+    sums = tmp_path / "dl" / "SHA256SUMS"
+    sums.write_text(f"{'0' * 64}  proxmox-ve_8.4-1.iso\n{hashlib.sha256(iso.read_bytes()).hexdigest()}  "
+                    f"{iso.name}\n")
+    return iso, sums
+
+
+def test_media_embeds_the_answer_and_the_first_boot_hook(tmp_path: Path, root_hashes: Path, stub_assistant: Path,
+                                                        downloaded_iso: tuple[Path, Path]) -> None:
+    from image_factory.hostinstall.run import make_media
+
+    iso, sums = downloaded_iso
+    builds = tmp_path / "builds"
+    out = make_media(load(tmp_path, example_inventory()), builds, iso=iso, sums=str(sums), fetch_from="iso",
+                     hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
+    assert out == builds / "hosts/proxmox-ve_9.1-1-auto-pve-mgmt.iso" and out.read_text() == "prepared"
+    answer = builds / "hosts/pve-mgmt/answer.toml"
+    hook = builds / "hosts/first-boot.sh"
+    assert stub_assistant.read_text().splitlines() == [
+        "prepare-iso", "--output", str(builds / "hosts/.proxmox-ve_9.1-1-auto-pve-mgmt.iso.partial"),
+        "--fetch-from", "iso", "--answer-file", str(answer), "--on-first-boot", str(hook), str(iso)]
+    assert tomllib.loads(answer.read_text())["global"]["fqdn"] == "pve-mgmt.deevnet.lan"
+    assert hook.stat().st_mode & 0o111 and hook.read_text().startswith("#!/bin/sh")
+    assert not list((builds / "hosts").glob(".*.partial"))
+
+
+def test_media_for_the_answer_server_pins_its_certificate(tmp_path: Path, stub_assistant: Path,
+                                                          downloaded_iso: tuple[Path, Path]) -> None:
+    from image_factory.hostinstall.run import make_media
+
+    iso, sums = downloaded_iso
+    fingerprint = ":".join(["AB"] * 32)
+    out = make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums),
+                     fetch_from="http", hypervisor=None, url="https://192.0.2.10:8443/answer",
+                     fingerprint=fingerprint, token=TOKEN, output=tmp_path / "out.iso")
+    args = stub_assistant.read_text().splitlines()
+    assert out == tmp_path / "out.iso"
+    assert args[:5] == ["prepare-iso", "--output", str(tmp_path / ".out.iso.partial"), "--fetch-from", "http"]
+    assert args[5:9] == ["--url", f"https://192.0.2.10:8443/answer?token={TOKEN}", "--cert-fingerprint", fingerprint]
+    assert args[-1] == str(iso) and "--answer-file" not in args
+
+
+def test_media_refuses_an_iso_whose_hash_differs(tmp_path: Path, root_hashes: Path, stub_assistant: Path,
+                                                 downloaded_iso: tuple[Path, Path]) -> None:
+    from image_factory.hostinstall.media import MediaError
+    from image_factory.hostinstall.run import make_media
+
+    iso, sums = downloaded_iso
+    with iso.open("ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(MediaError, match="SHA-256 .* but .*SHA256SUMS lists"):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums),
+                   fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
+    assert not stub_assistant.exists(), "the assistant ran on an unverified ISO"
+    renamed = iso.rename(iso.with_name("latest.iso"))
+    with pytest.raises(MediaError, match="lists no latest.iso"):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=renamed, sums=str(sums),
+                   fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
+    with pytest.raises(MediaError, match="only https://"):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=renamed,
+                   sums="http://download.proxmox.com/iso/SHA256SUMS", fetch_from="iso", hypervisor="pve-mgmt",
+                   url=None, fingerprint=None, token=None, output=None)
+    assert not stub_assistant.exists()
+
+
+def test_media_failure_leaves_no_iso(tmp_path: Path, root_hashes: Path, stub_assistant: Path,
+                                     downloaded_iso: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from image_factory.hostinstall.media import MediaError
+    from image_factory.hostinstall.run import make_media
+
+    iso, sums = downloaded_iso
+    monkeypatch.setenv("STUB_FAIL", "1")
+    with pytest.raises(MediaError, match=r"(?s)exit 1.*stub failure"):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums),
+                   fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None,
+                   output=tmp_path / "out.iso")
+    assert not (tmp_path / "out.iso").exists() and not (tmp_path / ".out.iso.partial").exists()
+
+
+def test_media_without_the_assistant_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          downloaded_iso: tuple[Path, Path]) -> None:
+    from image_factory.hostinstall.media import MediaError
+    from image_factory.hostinstall.run import make_media
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    iso, sums = downloaded_iso
+    with pytest.raises(MediaError, match=r"apt install proxmox-auto-install-assistant xorriso"):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums),
+                   fetch_from="http", hypervisor=None, url="https://192.0.2.10:8443/answer",
+                   fingerprint=":".join(["AB"] * 32), token=TOKEN, output=None)
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    ({"fetch_from": "usb"}, "one of iso, http, partition"),
+    ({"fetch_from": "http", "url": "http://192.0.2.10/answer"}, "https:// URL"),
+    ({"fetch_from": "http", "url": "https://192.0.2.10/answer", "fingerprint": "AB:CD"}, "fingerprint"),
+    ({"fetch_from": "http", "hypervisor": "pve-mgmt"}, "drop --hypervisor"),
+    ({"fetch_from": "iso"}, "name the hypervisor"),
+    ({"fetch_from": "partition"}, "name the hypervisor"),
+])
+def test_media_plan_mistakes_are_named_before_anything_runs(tmp_path: Path, stub_assistant: Path,
+                                                            downloaded_iso: tuple[Path, Path], kwargs: dict[str, Any],
+                                                            expected: str) -> None:
+    from image_factory.errors import FactoryError
+    from image_factory.hostinstall.run import make_media
+
+    iso, sums = downloaded_iso
+    args: dict[str, Any] = {"hypervisor": None, "url": None, "fingerprint": None, "token": TOKEN, "output": None,
+                            **kwargs}
+    with pytest.raises(FactoryError, match=expected):
+        make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums), **args)
+    assert not stub_assistant.exists() and not (tmp_path / "builds").exists()
+
+
+def test_sums_over_https_are_fetched_with_tls_verified(tmp_path: Path, downloaded_iso: tuple[Path, Path]) -> None:
+    from image_factory.hostinstall.media import read_sums, verify_iso
+
+    iso, sums = downloaded_iso
+    asked: list[str] = []
+    text = read_sums("https://enterprise.proxmox.com/iso/SHA256SUMS",
+                     get=lambda url: asked.append(url) or sums.read_text())
+    assert asked == ["https://enterprise.proxmox.com/iso/SHA256SUMS"]
+    assert verify_iso(iso, text, "SHA256SUMS") == hashlib.sha256(iso.read_bytes()).hexdigest()

@@ -33,7 +33,8 @@ def answer(c: Context, hypervisor: str | None = None, output: str | None = None,
            inventory: str | None = None, catalogue: str | None = None) -> None:
     """Render each hypervisor's answer.toml for Proxmox's automated installer from the site model (0600)."""
     s, model = site(c, inventory, catalogue)
-    written = hostinstall.write_answers(model, None if hypervisor == "all" else [str(hypervisor)], s.builds_dir, Path(output) if output else None)
+    names = None if hypervisor == "all" else [str(hypervisor)]
+    written = hostinstall.write_answers(model, names, s.builds_dir, Path(output) if output else None)
     hook = hostinstall.write_first_boot_hook(s.builds_dir)
     if json:
         emit_json({"answers": [{"hypervisor": w.hypervisor, "path": str(w.path), "macs": list(w.macs)}
