@@ -8,7 +8,6 @@ CommandPrepareISO): ``prepare-iso [--output F] --fetch-from iso|http|partition [
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from ..errors import FactoryError
+from ..manifest import sha256_file
 
 ASSISTANT = "proxmox-auto-install-assistant"
 FetchFrom = Literal["iso", "http", "partition"]
@@ -34,7 +34,6 @@ INSTALL_HINT = (
     "same apt install. xorriso is what the assistant uses to write the ISO."
 )
 SUMS_TIMEOUT = 30.0
-CHUNK = 1024 * 1024
 
 
 class MediaError(FactoryError):
@@ -120,14 +119,6 @@ def _https_get(url: str) -> str:
     return response.text
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_iso(iso: Path, sums_text: str, sums_source: str) -> str:
     """The ISO's SHA-256, when it is the one the sums list for its file name; MediaError otherwise."""
     if not iso.is_file():
@@ -135,7 +126,7 @@ def verify_iso(iso: Path, sums_text: str, sums_source: str) -> str:
     listed = parse_sums(sums_text).get(iso.name)
     if listed is None:
         raise MediaError(f"{sums_source} lists no {iso.name} (keep Proxmox's file name, e.g. proxmox-ve_9.1-1.iso)")
-    actual = sha256_of(iso)
+    actual = sha256_file(iso)
     if actual != listed:
         raise MediaError(f"{iso} has SHA-256 {actual}, but {sums_source} lists {listed}: a damaged or different "
                          "download; not preparing it")
