@@ -533,3 +533,73 @@ def test_sums_over_https_are_fetched_with_tls_verified(tmp_path: Path, downloade
                      get=lambda url: asked.append(url) or sums.read_text())
     assert asked == ["https://enterprise.proxmox.com/iso/SHA256SUMS"]
     assert verify_iso(iso, text, "SHA256SUMS") == hashlib.sha256(iso.read_bytes()).hexdigest()
+
+
+def test_derivation_reads_serde_as_serde_does() -> None:
+    """tests/data/derive_pve_answer_schema.py on source of answer.rs's shape: rename_all, rename, alias, Option and
+    default (not required), try_from (the source type's fields), untagged enums, variant renames and aliases."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("derive_pve_answer_schema", DATA / "derive_pve_answer_schema.py")
+    assert spec is not None and spec.loader is not None
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    src = '''
+#[derive(Clone, Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Top {
+    pub global_thing: String,
+    #[serde(rename = "disk-setup")]
+    pub disks: Disks,
+    /// a doc comment, with a comma
+    #[serde(alias = "max_size", default)]
+    pub max_size: Option<BTreeMap<String, String>>,
+    pub mode: Mode,
+    pub name: Name,
+}
+
+#[derive(Clone, Deserialize, Debug)]
+#[serde(try_from = "DiskSetup", deny_unknown_fields)]
+pub struct Disks {
+    pub inner: Vec<u8>,
+}
+
+#[derive(Clone, Deserialize, Debug)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct DiskSetup {
+    pub disk_list: Vec<String>,
+    pub hdsize: Option<f64>,
+}
+
+#[derive(Clone, Deserialize, Debug)]
+#[serde(rename_all(deserialize = "lowercase", serialize = "UPPERCASE"))]
+pub enum Mode {
+    #[serde(alias = "RAID1")]
+    Raid1,
+    #[serde(rename(deserialize = "raidz-1", serialize = "RAIDZ-1"))]
+    RaidZ,
+}
+
+#[derive(Clone, Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Name {
+    Simple(Fqdn),
+    Extended(DiskSetup),
+}
+'''
+    items = derive.parse_items(src)
+    assert derive.struct_schema("Top", items) == {
+        "type": "object",
+        "properties": {"global-thing": {"type": "string"}, "disk-setup": {"$ref": "#/$defs/Disks"},
+                       "max-size": {"type": "object", "additionalProperties": {"type": "string"}},
+                       "max_size": {"type": "object", "additionalProperties": {"type": "string"}},
+                       "mode": {"$ref": "#/$defs/Mode"}, "name": {"$ref": "#/$defs/Name"}},
+        "required": ["global-thing", "disk-setup", "mode", "name"],
+        "additionalProperties": False,
+    }
+    assert derive.struct_schema("Disks", items) == {"$ref": "#/$defs/DiskSetup"}
+    assert derive.struct_schema("DiskSetup", items)["required"] == ["disk-list"]
+    assert derive.enum_schema("Mode", items) == {"type": "string", "enum": ["raid1", "RAID1", "raidz-1"]}
+    assert derive.enum_schema("Name", items) == {"oneOf": [
+        {"type": "string", "pattern": derive.FQDN_PATTERN}, {"$ref": "#/$defs/DiskSetup"}]}
+    assert derive.reachable("Top", items) == {"Top", "Disks", "DiskSetup", "Mode", "Name"}
