@@ -603,3 +603,41 @@ pub enum Name {
     assert derive.enum_schema("Name", items) == {"oneOf": [
         {"type": "string", "pattern": derive.FQDN_PATTERN}, {"$ref": "#/$defs/DiskSetup"}]}
     assert derive.reachable("Top", items) == {"Top", "Disks", "DiskSetup", "Mode", "Name"}
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def run_invoke(*args: str, env: dict[str, str]) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([str(Path(sys.executable).parent / "invoke"), *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "400", **env})
+
+
+def test_cli_answer_writes_0600_and_prints_no_hash(tmp_path: Path, root_hashes: Path) -> None:
+    env = {"HOME": str(tmp_path / "home"), "PVE_MGMT_ROOT_PASSWORD_HASH": HASH,
+           "INVOKE_FACTORY_BUILDS_DIR": str(tmp_path / "builds")}
+    proc = run_invoke("host.answer", "all", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    assert [a["hypervisor"] for a in listed["answers"]] == ["pve-mgmt", "pve-tenant"]
+    for entry in listed["answers"]:
+        path = Path(entry["path"])
+        assert path.is_relative_to(tmp_path / "builds") and path.stat().st_mode & 0o777 == 0o600
+        assert tomllib.loads(path.read_text())["global"]["root-password-hashed"] == HASH
+    assert HASH not in proc.stdout + proc.stderr
+    proc = run_invoke("host.answer", "pve-nope", env=env)
+    assert proc.returncode == 2 and "pve-nope: no such hypervisor" in proc.stderr
+
+
+def test_cli_media_without_the_assistant_exits_non_zero_naming_the_package(
+        tmp_path: Path, downloaded_iso: tuple[Path, Path]) -> None:
+    iso, sums = downloaded_iso
+    proc = run_invoke("host.media", "--iso", str(iso), "--sums", str(sums), "--fetch-from", "http",
+                      "--url", "https://192.0.2.10:8443/answer", "--cert-fingerprint", ":".join(["ab"] * 32),
+                      env={"FACTORY_ANSWER_TOKEN": TOKEN, "INVOKE_FACTORY_BUILDS_DIR": str(tmp_path / "builds")})
+    assert proc.returncode == 1
+    assert "apt install proxmox-auto-install-assistant xorriso" in proc.stderr
+    assert "Traceback" not in proc.stderr
