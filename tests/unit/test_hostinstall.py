@@ -468,7 +468,7 @@ def test_media_refuses_an_iso_whose_hash_differs(tmp_path: Path, root_hashes: Pa
     with pytest.raises(MediaError, match="lists no latest.iso"):
         make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=renamed, sums=str(sums),
                    fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
-    with pytest.raises(MediaError, match="only https://"):
+    with pytest.raises(ValidationFailed, match="only https://"):
         make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=renamed,
                    sums="http://download.proxmox.com/iso/SHA256SUMS", fetch_from="iso", hypervisor="pve-mgmt",
                    url=None, fingerprint=None, token=None, output=None)
@@ -506,7 +506,7 @@ def test_media_without_the_assistant_says_what_to_install(tmp_path: Path, monkey
     ({"fetch_from": "usb"}, "one of iso, http, partition"),
     ({"fetch_from": "http", "url": "http://192.0.2.10/answer"}, "https:// URL"),
     ({"fetch_from": "http", "url": "https://192.0.2.10/answer", "fingerprint": "AB:CD"}, "fingerprint"),
-    ({"fetch_from": "http", "hypervisor": "pve-mgmt"}, "drop --hypervisor"),
+    ({"fetch_from": "http", "hypervisor": "pve-mgmt"}, "--hypervisor: --fetch-from http serves every"),
     ({"fetch_from": "iso"}, "name the hypervisor"),
     ({"fetch_from": "partition"}, "name the hypervisor"),
 ])

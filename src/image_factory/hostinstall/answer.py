@@ -22,7 +22,9 @@ NIC_FILTER_KEY = "ID_NET_NAME_MAC"
 
 
 class AnswerError(FactoryError):
-    """An answer could not be rendered from the model (a missing install: mapping, a bad secret)."""
+    """An answer could not be rendered from the model (a missing install: mapping, a bad secret): bad input."""
+
+    exit_code = 2
 
 
 def answer_document(hv: Hypervisor, secrets: AnswerSecrets) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from ..errors import FactoryError
 from ..manifest import sha256_file
+from .model import bad_flag
 
 ASSISTANT = "proxmox-auto-install-assistant"
 FetchFrom = Literal["iso", "http", "partition"]
@@ -52,15 +53,15 @@ class MediaPlan:
 
     def __post_init__(self) -> None:
         if self.fetch_from not in FETCH_MODES:
-            raise MediaError(f"--fetch-from {self.fetch_from!r}: one of {', '.join(FETCH_MODES)}")
+            raise bad_flag("--fetch-from", f"one of {', '.join(FETCH_MODES)} (got {self.fetch_from!r})")
         if self.fetch_from == "iso" and self.answer_file is None:
-            raise MediaError("--fetch-from iso embeds one hypervisor's answer: name the hypervisor")
+            raise bad_flag("--hypervisor", "--fetch-from iso embeds one hypervisor's answer: name the hypervisor")
         if self.fetch_from == "http":
             if not self.url or urlsplit(self.url).scheme != "https":
-                raise MediaError("--fetch-from http needs the answer server's https:// URL (--url)")
+                raise bad_flag("--url", "--fetch-from http needs the answer server's https:// URL")
             if not self.cert_fingerprint or not FINGERPRINT_RE.match(self.cert_fingerprint):
-                raise MediaError("--fetch-from http needs the answer server's certificate fingerprint "
-                                 "(32 colon-separated hex bytes, as invoke host.answer-server prints it)")
+                raise bad_flag("--cert-fingerprint", "--fetch-from http needs the answer server's certificate "
+                               "fingerprint (32 colon-separated hex bytes, as invoke host.answer-server prints it)")
 
 
 def prepare_command(assistant: str, plan: MediaPlan, output: Path) -> list[str]:
@@ -100,8 +101,8 @@ def read_sums(source: str, get: Callable[[str], str] | None = None) -> str:
     if scheme == "https":
         return (get or _https_get)(source)
     if scheme:
-        raise MediaError(f"--sums {source}: only https:// URLs or a local file (a checksum over plain {scheme} "
-                         "proves nothing)")
+        raise bad_flag("--sums", f"{source}: only https:// URLs or a local file (a checksum over plain {scheme} "
+                       "proves nothing)")
     try:
         return Path(source).expanduser().read_text(encoding="utf-8")
     except OSError as exc:

@@ -14,7 +14,7 @@ from .answer import AnswerError
 from .firstboot import FIRST_BOOT_HOOK
 from .gather import rendered_answers
 from .media import MediaPlan, find_assistant, prepare, read_sums
-from .model import RenderedAnswer
+from .model import RenderedAnswer, bad_flag
 from .server import AnswerServer, certificate_fingerprint, ensure_certificate
 
 TOKEN_ENV = "FACTORY_ANSWER_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -53,7 +53,7 @@ def write_answers(site: Site, names: list[str] | None, builds_dir: Path,
     """Each answer rendered and checked before any is written; written 0600 (it holds the root password hash)."""
     answers = rendered_answers(installable(site, names))
     if output is not None and len(answers) != 1:
-        raise AnswerError("--output names one file: give one hypervisor")
+        raise bad_flag("--output", "names one file: give one hypervisor")
     written = []
     for answer in answers:
         path = output or hosts_dir(builds_dir) / answer.hypervisor / "answer.toml"
@@ -81,7 +81,7 @@ def answer_server(site: Site, builds_dir: Path, bind: str, port: int, names: lis
     """Everything read, rendered and checked before the port opens."""
     answers = rendered_answers(installable(site, None))
     if (cert is None) != (key is None):
-        raise AnswerError("--cert and --key go together (or neither: a certificate is made and kept)")
+        raise bad_flag("--cert/--key", "give both, or neither (a certificate is then made and kept)")
     tls_dir = hosts_dir(builds_dir) / "answer-server"
     cert, key = cert or tls_dir / "cert.pem", key or tls_dir / "key.pem"
     made = ensure_certificate(cert, key, names or [bind])
@@ -93,9 +93,9 @@ def fingerprint_of(cert: Path) -> str:
     try:
         return certificate_fingerprint(cert.expanduser().read_bytes())
     except OSError as exc:
-        raise AnswerError(f"--cert {cert}: cannot read it: {exc.strerror}") from None
+        raise bad_flag("--cert", f"{cert}: cannot read it: {exc.strerror}") from None
     except ValueError:
-        raise AnswerError(f"--cert {cert}: not a PEM certificate") from None
+        raise bad_flag("--cert", f"{cert}: not a PEM certificate") from None
 
 
 def answer_url(url: str, token: str) -> str:
@@ -108,9 +108,10 @@ def make_media(site: Site, builds_dir: Path, *, iso: Path, sums: str, fetch_from
     """The plan checked and the assistant found first (cheap), the answer rendered, then the sums read, the ISO
     verified and prepared."""
     if fetch_from == "http" and hypervisor:
-        raise AnswerError("--fetch-from http serves every hypervisor from the answer server: drop --hypervisor")
+        raise bad_flag("--hypervisor", "--fetch-from http serves every hypervisor from the answer server: drop it")
     if fetch_from == "partition" and not hypervisor:
-        raise AnswerError("--fetch-from partition: name the hypervisor whose answer.toml goes onto the partition")
+        raise bad_flag("--hypervisor", "--fetch-from partition: name the hypervisor whose answer.toml goes onto "
+                                       "the partition")
     answer_file = hosts_dir(builds_dir) / hypervisor / "answer.toml" if hypervisor else None
     suffix = hypervisor if fetch_from == "iso" and hypervisor else fetch_from
     plan = MediaPlan(iso=iso, output=output or hosts_dir(builds_dir) / f"{iso.stem}-auto-{suffix}.iso",

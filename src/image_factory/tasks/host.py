@@ -9,23 +9,18 @@ from invoke.context import Context
 
 from ..console import console, emit_json, styled
 from ..hostinstall import run as hostinstall
-from ..hostinstall.answer import AnswerError
 from ..hostinstall.media import FETCH_MODES
-from ._common import handle_errors, site, task
-
-INVENTORY_HELP = "Ansible inventory file or directory (default: factory.inventory)"
-CATALOGUE_HELP = "image catalogue YAML (default: factory.images); the whole site model is validated"
+from ..hostinstall.model import bad_flag
+from ._common import SITE_HELP, handle_errors, json_help, site, task
 
 
 @task(
     positional=["hypervisor"],
-    auto_shortflags=False,
     help={
         "hypervisor": "the hypervisor (inventory name), or 'all': every hypervisor with pve.install",
         "output": "write the answer here instead of builds/hosts/<hypervisor>/answer.toml (one hypervisor only)",
-        "json": "print what was written as JSON on stdout",
-        "inventory": INVENTORY_HELP,
-        "catalogue": CATALOGUE_HELP,
+        "json": json_help("the answers written"),
+        **SITE_HELP,
     },
 )
 @handle_errors
@@ -46,32 +41,30 @@ def answer(c: Context, hypervisor: str | None = None, output: str | None = None,
 
 
 @task(
-    iterable=["name"],
-    auto_shortflags=False,
+    iterable=["cert_name"],
     help={
         "bind": "address to listen on (required: no default exposure), e.g. 192.0.2.10 or 0.0.0.0",
         "port": f"TCP port (default {hostinstall.DEFAULT_PORT})",
-        "name": "DNS name or address the installers use for this server, for the certificate made on first run "
+        "cert_name": "DNS name or address the installers use for this server, for the certificate made on first run "
                 "(repeatable; default: --bind)",
         "cert": "PEM certificate to serve (with --key); default: builds/hosts/answer-server/cert.pem, made once and "
                 "kept (ISOs pin its fingerprint)",
         "key": "PEM private key of --cert",
         "token_env": f"environment variable holding the token (default {hostinstall.TOKEN_ENV})",
         "token_file": "0600 file outside the repository holding the token",
-        "inventory": INVENTORY_HELP,
-        "catalogue": CATALOGUE_HELP,
+        **SITE_HELP,
     },
 )
 @handle_errors
-def answer_server(c: Context, bind: str = "", port: int = hostinstall.DEFAULT_PORT, name: list[str] | None = None,
+def answer_server(c: Context, bind: str = "", port: int = hostinstall.DEFAULT_PORT, cert_name: list[str] | None = None,
                   cert: str | None = None, key: str | None = None, token_env: str | None = None,
                   token_file: str | None = None, inventory: str | None = None, catalogue: str | None = None) -> None:
     """Serve every hypervisor's answer over HTTPS to the installer whose NIC MACs match it (Ctrl-C stops)."""
     if not bind:
-        raise AnswerError("--bind is required (the address the installers reach, e.g. 192.0.2.10)")
+        raise bad_flag("--bind", "required: the address to listen on, e.g. 192.0.2.10 (no default exposure)")
     s, model = site(c, inventory, catalogue)
     token = hostinstall.read_token(token_env, token_file)
-    setup = hostinstall.answer_server(model, s.builds_dir, bind, port, name or [], Path(cert) if cert else None,
+    setup = hostinstall.answer_server(model, s.builds_dir, bind, port, cert_name or [], Path(cert) if cert else None,
                                       Path(key) if key else None, token,
                                       lambda line: console.print(styled("answer-server: {}", line)))
     if setup.cert_made:
@@ -88,7 +81,6 @@ def answer_server(c: Context, bind: str = "", port: int = hostinstall.DEFAULT_PO
 
 
 @task(
-    auto_shortflags=False,
     help={
         "iso": "Proxmox VE ISO as downloaded (its file name as listed in the sums)",
         "sums": "Proxmox's SHA256SUMS: a local file or an https:// URL",
@@ -101,8 +93,7 @@ def answer_server(c: Context, bind: str = "", port: int = hostinstall.DEFAULT_PO
         "token_env": f"http: environment variable holding the token (default {hostinstall.TOKEN_ENV})",
         "token_file": "http: 0600 file outside the repository holding the token",
         "output": "where to write the prepared ISO (default builds/hosts/<iso>-auto-<hypervisor or mode>.iso)",
-        "inventory": INVENTORY_HELP,
-        "catalogue": CATALOGUE_HELP,
+        **SITE_HELP,
     },
 )
 @handle_errors
@@ -111,8 +102,11 @@ def media(c: Context, iso: str = "", sums: str = "", fetch_from: str = "", hyper
           token_env: str | None = None, token_file: str | None = None, output: str | None = None,
           inventory: str | None = None, catalogue: str | None = None) -> None:
     """Verify Proxmox's ISO against its SHA256SUMS and prepare it with proxmox-auto-install-assistant."""
-    if not iso or not sums or not fetch_from:
-        raise AnswerError("--iso, --sums and --fetch-from are required")
+    missing = [f"--{flag}" for flag, value in (("iso", iso), ("sums", sums), ("fetch-from", fetch_from)) if not value]
+    if missing:
+        raise bad_flag(", ".join(missing), "required")
+    if fetch_from not in FETCH_MODES:
+        raise bad_flag("--fetch-from", f"one of {', '.join(FETCH_MODES)} (got {fetch_from!r})")
     s, model = site(c, inventory, catalogue)
     token = None
     if fetch_from == "http":
