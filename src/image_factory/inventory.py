@@ -202,6 +202,14 @@ def _cidr_address(v: str) -> str:
     return str(iface)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _hardware_mac(v: Any) -> Any:
     """A NIC's burned-in MAC: globally administered MACs are expected here, only multicast is refused."""
     if not isinstance(v, str):
@@ -376,6 +384,10 @@ class Hypervisor(Strict):
             if storage not in made[1:]:
                 raise ValueError(f"storage.{key} {storage!r} is not what a {install.disk.filesystem} install creates "
                                  f"({made[1]}); set storage.{key}: {made[1]}")
+        static = install.network.address
+        if static and _is_ip(self.ssh.host) and self.ssh.host != str(ipaddress.ip_interface(static).ip):
+            raise ValueError(f"install.network.address {static} is not ssh.host {self.ssh.host}: the host playbook "
+                             "would not reach the installed host")
         if self.storage.import_ != "local":
             raise ValueError(f"storage.import {self.storage.import_!r}: an install makes only 'local' as file storage")
 
@@ -383,11 +395,9 @@ class Hypervisor(Strict):
     def install_fqdn(self) -> str | None:
         if self.install is not None and self.install.fqdn:
             return self.install.fqdn
-        try:
-            ipaddress.ip_address(self.ssh.host)
-        except ValueError:
-            return self.ssh.host if "." in self.ssh.host else None
-        return None
+        if _is_ip(self.ssh.host) or "." not in self.ssh.host:
+            return None
+        return self.ssh.host
 
 
 # ----------------------------------------------------------------------------------------------- VMs

@@ -253,6 +253,19 @@ def test_install_mistakes_name_file_entry_and_key(tmp_path: Path, change: Any, e
     assert any(expected in p and "pve-mgmt" in p and "hosts.yml" in p for p in found), found
 
 
+def test_a_static_address_must_be_where_the_playbook_connects(tmp_path: Path) -> None:
+    inv = example_inventory()
+    pve = hypervisors(inv)["pve-mgmt"]["pve"]
+    pve["ssh"]["host"] = "192.168.10.3"
+    pve["install"]["fqdn"] = "pve-mgmt.deevnet.lan"
+    found = problems(tmp_path, inv)
+    assert any("install.network.address 192.168.10.2/24 is not ssh.host 192.168.10.3" in p for p in found), found
+    pve["ssh"]["host"] = "192.168.10.2"
+    assert load(tmp_path, inv).hypervisors["pve-mgmt"].install_fqdn == "pve-mgmt.deevnet.lan"
+    del pve["install"]["fqdn"]
+    assert any("install.fqdn is needed" in p for p in problems(tmp_path, inv))
+
+
 def test_a_mac_on_two_hypervisors_is_refused(tmp_path: Path) -> None:
     inv = example_inventory()
     hypervisors(inv)["pve-tenant"]["pve"]["install"]["macs"].append("00:00:5E:00:53:02")
