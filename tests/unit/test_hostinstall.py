@@ -618,6 +618,44 @@ pub enum Name {
     assert derive.reachable("Top", items) == {"Top", "Disks", "DiskSetup", "Mode", "Name"}
 
 
+# ------------------------------------------------------------------------------------ first boot
+
+
+def test_first_boot_hook_shows_what_to_pin_and_checks_the_playbook_tools(tmp_path: Path) -> None:
+    """The hook as the installed host runs it, under a scratch root: the host key and the API certificate's
+    fingerprint in the form the inventory pins, on the console and the login prompt."""
+    import subprocess
+
+    from image_factory.hostinstall.firstboot import FIRST_BOOT_HOOK
+
+    root, tools = tmp_path / "root", tmp_path / "bin"
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text(KEY.replace("ansible@deevnet", "root@pve-mgmt") + "\n")
+    ensure_certificate(root / "etc/pve/local/pve-ssl.pem", tmp_path / "pve-ssl.key", ["pve-mgmt.deevnet.lan"])
+    tools.mkdir()
+    for tool in ("pveum", "pvesm", "pvesh"):
+        (tools / tool).write_text("#!/bin/sh\n")
+        (tools / tool).chmod(0o755)
+    hook = tmp_path / "proxmox-first-boot"
+    hook.write_text(FIRST_BOOT_HOOK)
+    hook.chmod(0o700)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "DEEVNET_FIRST_BOOT_ROOT": str(root)}
+
+    proc = subprocess.run([str(hook), "fully-up"], env=env, capture_output=True, text=True, timeout=60)
+    fingerprint = certificate_fingerprint((root / "etc/pve/local/pve-ssl.pem").read_bytes())
+    assert proc.returncode == 0, proc.stderr
+    shown = (root / "etc/issue.d/deevnet-image-factory.issue").read_text()
+    assert f"  host_key: {' '.join(KEY.split()[:2])}\n" in shown
+    assert f"  tls_fingerprint: {fingerprint}\n" in shown
+    assert (root / "dev/console").read_text() == shown == proc.stdout
+
+    (tools / "pvesm").unlink()
+    proc = subprocess.run([str(hook), "fully-up"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "MISSING for ansible/playbooks/hypervisor.yml: pvesm" in proc.stdout
+
+
 # -------------------------------------------------------------------------------------------- CLI
 
 

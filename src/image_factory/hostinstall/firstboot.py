@@ -12,29 +12,36 @@ from __future__ import annotations
 
 FIRST_BOOT_HOOK = """#!/bin/sh
 # deevnet-image-factory first-boot hook (proxmox-first-boot, ordering fully-up): show what to pin in the inventory.
+# DEEVNET_FIRST_BOOT_ROOT is unset on a host; the factory's tests run the hook under a scratch root.
 set -u
-tag=deevnet-first-boot
-say() { printf '%s\\n' "$*" > /dev/console 2>/dev/null; logger -t "$tag" -- "$*"; printf '%s\\n' "$*"; }
-host_key=$(cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null)
+root="${DEEVNET_FIRST_BOOT_ROOT:-}"
+issue="$root/etc/issue.d/deevnet-image-factory.issue"
+cert="$root/etc/pve/local/pve-ssl.pem"
+say() {
+    printf '%s\\n' "$*" 2>/dev/null >> "$root/dev/console"
+    logger -t deevnet-first-boot -- "$*" 2>/dev/null
+    printf '%s\\n' "$*"
+}
+host_key=$(cut -d' ' -f1,2 "$root/etc/ssh/ssh_host_ed25519_key.pub" 2>/dev/null)
 api_fp=""
-for i in $(seq 1 60); do
-    [ -r /etc/pve/local/pve-ssl.pem ] && break
+for _ in $(seq 1 60); do
+    [ -r "$cert" ] && break
     sleep 2
 done
-if [ -r /etc/pve/local/pve-ssl.pem ]; then
-    api_fp=$(openssl x509 -noout -fingerprint -sha256 -in /etc/pve/local/pve-ssl.pem | cut -d= -f2)
+if [ -r "$cert" ]; then
+    api_fp=$(openssl x509 -noout -fingerprint -sha256 -in "$cert" | cut -d= -f2)
 fi
 missing=""
 for tool in pveum pvesm pvesh python3; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
-mkdir -p /etc/issue.d
+mkdir -p "${issue%/*}"
 {
     echo "deevnet-image-factory: pin these in the inventory (pve.ssh.host_key, pve.tls_fingerprint):"
     echo "  host_key: ${host_key:-(no ed25519 host key found)}"
     echo "  tls_fingerprint: ${api_fp:-(no API certificate yet: pvenode cert info)}"
     [ -z "$missing" ] || echo "  MISSING for ansible/playbooks/hypervisor.yml:$missing"
-} > /etc/issue.d/deevnet-image-factory.issue
-while IFS= read -r line; do say "$line"; done < /etc/issue.d/deevnet-image-factory.issue
+} > "$issue"
+while IFS= read -r line; do say "$line"; done < "$issue"
 [ -n "$host_key" ] && [ -z "$missing" ]
 """
