@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import socket as socket_module
 import ssl
 import threading
 from collections.abc import Callable
@@ -233,6 +234,8 @@ class AnswerServer(ThreadingHTTPServer):
             self.tls.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise AnswerServerError(f"cannot load the certificate {cert} with key {key}: {exc}") from None
+        if ":" in bind[0]:
+            self.address_family = socket_module.AF_INET6
         try:
             super().__init__(bind, _Handler)
         except OSError as exc:
