@@ -467,18 +467,18 @@ def test_media_for_the_answer_server_pins_its_certificate(tmp_path: Path, stub_a
 
 def test_media_refuses_an_iso_whose_hash_differs(tmp_path: Path, root_hashes: Path, stub_assistant: Path,
                                                  downloaded_iso: tuple[Path, Path]) -> None:
-    from image_factory.hostinstall.media import MediaError
+    from image_factory.hostinstall.media import IsoNotVerified
     from image_factory.hostinstall.run import make_media
 
     iso, sums = downloaded_iso
     with iso.open("ab") as fh:
         fh.write(b"tampered")
-    with pytest.raises(MediaError, match="SHA-256 .* but .*SHA256SUMS lists"):
+    with pytest.raises(IsoNotVerified, match="SHA-256 .* but .*SHA256SUMS lists"):
         make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=iso, sums=str(sums),
                    fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
     assert not stub_assistant.exists(), "the assistant ran on an unverified ISO"
     renamed = iso.rename(iso.with_name("latest.iso"))
-    with pytest.raises(MediaError, match="lists no latest.iso"):
+    with pytest.raises(IsoNotVerified, match="lists no latest.iso"):
         make_media(load(tmp_path, example_inventory()), tmp_path / "builds", iso=renamed, sums=str(sums),
                    fetch_from="iso", hypervisor="pve-mgmt", url=None, fingerprint=None, token=None, output=None)
     with pytest.raises(ValidationFailed, match="only https://"):

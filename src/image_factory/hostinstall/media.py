@@ -38,7 +38,13 @@ SUMS_TIMEOUT = 30.0
 
 
 class MediaError(FactoryError):
-    """The ISO cannot be verified or prepared."""
+    """The ISO cannot be prepared."""
+
+
+class IsoNotVerified(MediaError):
+    """The ISO is not the one Proxmox's sums list: a check refused (exit 3, as a bad signature)."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -126,10 +132,10 @@ def verify_iso(iso: Path, sums_text: str, sums_source: str) -> str:
         raise MediaError(f"--iso {iso}: no such file")
     listed = parse_sums(sums_text).get(iso.name)
     if listed is None:
-        raise MediaError(f"{sums_source} lists no {iso.name} (keep Proxmox's file name, e.g. proxmox-ve_9.1-1.iso)")
+        raise IsoNotVerified(f"{sums_source} lists no {iso.name} (keep Proxmox's file name, e.g. proxmox-ve_9.1-1.iso)")
     actual = sha256_file(iso)
     if actual != listed:
-        raise MediaError(f"{iso} has SHA-256 {actual}, but {sums_source} lists {listed}: a damaged or different "
+        raise IsoNotVerified(f"{iso} has SHA-256 {actual}, but {sums_source} lists {listed}: a damaged or different "
                          "download; not preparing it")
     return actual
 
