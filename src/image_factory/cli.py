@@ -16,13 +16,13 @@ from invoke.program import Program
 
 from . import __version__
 from .settings import DEFAULTS
-from .tasks import build, deploy, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
+from .tasks import build, deploy, host, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
 from .tasks._common import name_tasks
 
 
 def namespace() -> Collection:
     ns = Collection()
-    for module in (inventory, build, image, publish, deploy, mac, opnsense, tenant, lab):
+    for module in (inventory, build, image, publish, deploy, mac, opnsense, tenant, host, lab):
         ns.add_collection(module.ns)
     ns.add_task(pipeline.pipeline_task, name="pipeline")
     ns.add_task(pipeline.demo, name="demo")

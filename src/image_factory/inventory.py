@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -181,6 +182,154 @@ class Storages(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# Proxmox's auto-installer (proxmox-auto-installer/src/answer.rs, 8.4.6 and 9.1.7; docs/host-install.md).
+KEYBOARD_LAYOUTS = ("de", "de-ch", "dk", "en-gb", "en-us", "es", "fi", "fr", "fr-be", "fr-ca", "fr-ch", "hu",
+                    "is", "it", "jp", "lt", "mk", "nl", "no", "pl", "pt", "pt-br", "se", "si", "tr")
+ZFS_RAID_LEVELS = {"raid0": 1, "raid1": 2, "raid10": 4, "raidz-1": 3, "raidz-2": 4, "raidz-3": 5}  # min. disks
+# The storages each root filesystem's install creates (Proxmox/Install/StorageConfig.pm).
+INSTALL_STORAGES = {"ext4": ("local", "local-lvm"), "xfs": ("local", "local-lvm"), "zfs": ("local", "local-zfs")}
+DISK_NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")  # kernel block device names (sda, nvme0n1, vda)
+CRYPT_HASH_HINT = "a crypt(3) hash such as '$y$...' or '$6$...' (mkpasswd -m yescrypt)"
+
+
+def _cidr_address(v: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an address in CIDR form (e.g. 10.0.0.5/24)") from None
+    if "/" not in v:
+        raise ValueError(f"{v!r} needs a prefix length (e.g. /24)")
+    return str(iface)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _hardware_mac(v: Any) -> Any:
+    """A NIC's burned-in MAC: globally administered MACs are expected here, only multicast is refused."""
+    if not isinstance(v, str):
+        return v
+    v = normalize_mac(v)
+    if not MAC_RE.match(v):
+        raise ValueError(f"MAC {v!r} is not six colon-separated hex bytes")
+    if int(v[:2], 16) & 1:
+        raise ValueError(f"MAC {v!r} is a multicast address")
+    return v
+
+
+HardwareMac = Annotated[str, BeforeValidator(_hardware_mac)]
+
+
+class InstallNetwork(Strict):
+    source: Literal["static", "dhcp"]
+    mac: HardwareMac | None = Field(default=None, description="the management NIC (default: the first of macs)")
+    address: str | None = Field(default=None, description="static: the host's address in CIDR form")
+    gateway: IpAddress | None = None
+    dns: IpAddress | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _cidr(cls, v: str | None) -> str | None:
+        return None if v is None else _cidr_address(v)
+
+    @model_validator(mode="after")
+    def _complete(self) -> InstallNetwork:
+        given = [k for k in ("address", "gateway", "dns") if getattr(self, k) is not None]
+        if self.source == "static" and len(given) < 3:
+            raise ValueError("a static network needs address, gateway and dns")
+        if self.source == "dhcp" and given:
+            raise ValueError(f"{', '.join(given)} only apply to source: static (the installer refuses them with DHCP)")
+        if self.address and self.gateway and ipaddress.ip_address(self.gateway) not in (
+                ipaddress.ip_interface(self.address).network):
+            raise ValueError(f"gateway {self.gateway} is outside {self.address}")
+        return self
+
+
+class InstallDisks(Strict):
+    filesystem: Literal["ext4", "xfs", "zfs"]
+    disks: list[Annotated[str, _matching(DISK_NAME_RE, "a block device name such as sda or nvme0n1")]] = Field(
+        min_length=1)
+    zfs_raid: Literal["raid0", "raid1", "raid10", "raidz-1", "raidz-2", "raidz-3"] | None = None
+    hdsize: float | None = Field(default=None, gt=0, description="GB of each disk to use")
+    swapsize: float | None = Field(default=None, ge=0, description="ext4/xfs: GB of swap")
+
+    @model_validator(mode="after")
+    def _layout(self) -> InstallDisks:
+        if len(set(self.disks)) != len(self.disks):
+            raise ValueError("a disk is listed twice")
+        if self.filesystem == "zfs":
+            if self.zfs_raid is None:
+                raise ValueError("filesystem zfs needs zfs_raid (e.g. raid1 for a mirror)")
+            if len(self.disks) < ZFS_RAID_LEVELS[self.zfs_raid]:
+                raise ValueError(f"{self.zfs_raid} needs at least {ZFS_RAID_LEVELS[self.zfs_raid]} disks")
+            if self.swapsize is not None:
+                raise ValueError("swapsize applies to ext4/xfs (LVM) only")
+        else:
+            if self.zfs_raid is not None:
+                raise ValueError(f"zfs_raid applies to filesystem zfs, not {self.filesystem}")
+            if len(self.disks) != 1:
+                raise ValueError(f"{self.filesystem} + LVM installs on exactly one disk (the installer's rule)")
+        return self
+
+
+def _timezone(v: str) -> str:
+    import zoneinfo
+
+    known = zoneinfo.available_timezones()
+    if v != "UTC" and known and v not in known:
+        raise ValueError(f"{v!r} is not a time zone name (e.g. Europe/Vienna, America/Chicago, UTC)")
+    return v
+
+
+class HostInstall(Strict):
+    """How Proxmox's automated installer sets this hypervisor up (invoke host.answer)."""
+
+    macs: list[HardwareMac] = Field(min_length=1, description="the host's NIC MACs: how the answer server knows it")
+    fqdn: DnsName | None = Field(default=None, description="default: ssh.host when that is a DNS name")
+    keyboard: Literal[KEYBOARD_LAYOUTS] = "en-us"  # type: ignore[valid-type]
+    country: Annotated[str, _matching(re.compile(r"^[a-z]{2}$"), "a two-letter country code")]
+    timezone: Annotated[str, AfterValidator(_timezone)]
+    mailto: Annotated[str, _matching(re.compile(r"^[^@\s]+@[^@\s]+$"), "an email address")]
+    root_password_hash_env: str | None = None
+    root_password_hash_file: Path | None = None
+    root_ssh_keys: list[str] = Field(default_factory=list)
+    root_ssh_key_files: list[Path] = Field(default_factory=list, description="public key files, read at render")
+    network: InstallNetwork
+    disk: InstallDisks
+
+    @field_validator("macs")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a MAC is listed twice")
+        return v
+
+    @field_validator("root_ssh_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        return [_ssh_public_key(k) for k in v]
+
+    @model_validator(mode="after")
+    def _complete(self) -> HostInstall:
+        if (self.root_password_hash_env is None) == (self.root_password_hash_file is None):
+            raise ValueError("exactly one of root_password_hash_env or root_password_hash_file must be set "
+                             f"({CRYPT_HASH_HINT}; the installer requires a root password)")
+        if not self.root_ssh_keys and not self.root_ssh_key_files:
+            raise ValueError("root_ssh_keys or root_ssh_key_files: the host playbook logs in as root with a key")
+        if self.network.mac is not None and self.network.mac not in self.macs:
+            raise ValueError(f"network.mac {self.network.mac} is not one of macs")
+        return self
+
+    @property
+    def management_mac(self) -> str:
+        return self.network.mac or self.macs[0]
+
+
 class Hypervisor(Strict):
     name: DnsName
     role: Plane
@@ -196,6 +345,7 @@ class Hypervisor(Strict):
     bridge: BridgeId = "vmbr0"
     template_vmids: VmidRange
     vm_vmids: VmidRange
+    install: HostInstall | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -219,7 +369,35 @@ class Hypervisor(Strict):
             raise ValueError("one of tls_ca_file or tls_fingerprint must be set (TLS is always verified)")
         if self.template_vmids.overlaps(self.vm_vmids):
             raise ValueError("template_vmids and vm_vmids overlap")
+        if self.install is not None:
+            self._installable(self.install)
         return self
+
+    def _installable(self, install: HostInstall) -> None:
+        fqdn = install.fqdn or self.install_fqdn
+        if fqdn is None or "." not in fqdn:
+            raise ValueError("install.fqdn is needed (ssh.host is not a fully qualified name)")
+        if fqdn.split(".")[0] != self.node.lower():
+            raise ValueError(f"install.fqdn {fqdn} must start with the node name {self.node} (PVE's node = hostname)")
+        made = INSTALL_STORAGES[install.disk.filesystem]
+        for key, storage in (("images", self.storage.images), ("cloudinit", self.storage.cloudinit)):
+            if storage not in made[1:]:
+                raise ValueError(f"storage.{key} {storage!r} is not what a {install.disk.filesystem} install creates "
+                                 f"({made[1]}); set storage.{key}: {made[1]}")
+        static = install.network.address
+        if static and _is_ip(self.ssh.host) and self.ssh.host != str(ipaddress.ip_interface(static).ip):
+            raise ValueError(f"install.network.address {static} is not ssh.host {self.ssh.host}: the host playbook "
+                             "would not reach the installed host")
+        if self.storage.import_ != "local":
+            raise ValueError(f"storage.import {self.storage.import_!r}: an install makes only 'local' as file storage")
+
+    @property
+    def install_fqdn(self) -> str | None:
+        if self.install is not None and self.install.fqdn:
+            return self.install.fqdn
+        if _is_ip(self.ssh.host) or "." not in self.ssh.host:
+            return None
+        return self.ssh.host
 
 
 # ----------------------------------------------------------------------------------------------- VMs
@@ -287,13 +465,7 @@ class StaticIp(Strict):
     @field_validator("ip")
     @classmethod
     def _cidr(cls, v: str) -> str:
-        try:
-            iface = ipaddress.ip_interface(v)
-        except ValueError:
-            raise ValueError(f"{v!r} is not an address in CIDR form (e.g. 10.0.0.5/24)") from None
-        if "/" not in v:
-            raise ValueError(f"{v!r} needs a prefix length (e.g. /24)")
-        return str(iface)
+        return _cidr_address(v)
 
 
 class CloudInit(Strict):
@@ -1040,6 +1212,14 @@ def _cross_checks(
         hosts = [h.name for h in hypervisors.values() if h.role == plane]
         if len(hosts) > 1:
             yield Problem(inv_file, ", ".join(hosts), "pve.role", f"more than one hypervisor has role {plane}")
+    host_macs: dict[str, list[str]] = defaultdict(list)
+    for host in hypervisors.values():
+        for mac in host.install.macs if host.install else ():
+            host_macs[mac].append(host.name)
+    for mac, names in host_macs.items():
+        if len(names) > 1:
+            yield Problem(inv_file, ", ".join(names), "pve.install.macs",
+                          f"MAC {mac} is listed for more than one hypervisor (the answer server matches by MAC)")
     by_vmid: dict[int, list[str]] = defaultdict(list)
     by_mac: dict[str, list[str]] = defaultdict(list)
     for vm in vms.values():
