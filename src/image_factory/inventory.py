@@ -506,6 +506,9 @@ class Tenant(Strict):
     @classmethod
     def _plain_integer(cls, v: Any) -> Any:
         # "1" or 1.0 would be tenant 1 here but could read otherwise elsewhere: one reading everywhere
+        if isinstance(v, YamlIntForm):
+            raise ValueError(f"{v.text} is not a plain integer: YAML 1.1 reads it as {int(v)}, YAML 1.2 and people "
+                             "otherwise; write it in decimal without a leading zero")
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{v!r} is not a plain integer: write it unquoted and without a decimal point")
         return v
@@ -945,6 +948,29 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+class YamlIntForm(int):
+    """An integer written in a form only YAML 1.1 reads as this number (0156 octal, 0x6e, 0b1, 1:50 sexagesimal,
+    1_10): the same number to every reader of the site model, remembered so a tenant's id and VLAN can refuse it."""
+
+    text: str
+
+
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+
+
+def _construct_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> int:
+    value: int = loader.construct_yaml_int(node)
+    if _DECIMAL.fullmatch(node.value):
+        return value
+    written = YamlIntForm(value)
+    written.text = node.value
+    return written
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+yaml.SafeDumper.add_representer(YamlIntForm, yaml.representer.SafeRepresenter.represent_int)  # dumps as the number
 
 
 def _yaml_file(path: Path, problems: list[Problem]) -> Any:

@@ -340,6 +340,22 @@ def test_the_example_stays_valid_for_every_check() -> None:
     assert len(mac.checked_reservations(site)) == 4
 
 
+@pytest.mark.parametrize(("key", "raw"), [
+    ("id", "01"), ("id", "0x1"), ("id", "0b1"), ("vlan", "0156"), ("vlan", "1:50"), ("vlan", "1_10"),
+])
+def test_an_id_or_vlan_yaml_reads_otherwise_than_it_is_written_is_refused(tmp_path: Path, key: str, raw: str) -> None:
+    """PyYAML (YAML 1.1) reads 0156 as 110, 1:50 as 110 and 0x1 as 1; a reader of YAML 1.2 (or a person) reads 156,
+    a string, or 0x1: such an id or VLAN is refused, not given a reading the writer may not have meant."""
+    value = {"id": "            id: 1\n", "vlan": "            vlan: 110\n"}[key]
+    path = tmp_path / "hosts.yml"
+    path.write_text(EXAMPLE.read_text().replace(value, value.replace(value.split(": ")[1], raw + "\n"), 1))
+    assert raw in path.read_text()
+    with pytest.raises(ValidationFailed) as caught:
+        load_site(path, CATALOGUE)
+    assert [(p.entry, p.key) for p in caught.value.problems] == [("tenant acme", key)]
+    assert f"{raw} is not a plain integer" in caught.value.problems[0].message
+
+
 @pytest.mark.parametrize("raw", ['"1"', "1.0"])
 def test_a_quoted_or_float_id_is_refused_by_mac_check_and_generate_too(tmp_path: Path, raw: str) -> None:
     """One reading everywhere: mac.check and mac.generate read tenants through the site model, so the tenant's
