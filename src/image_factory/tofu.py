@@ -246,10 +246,21 @@ def _source(site: Site, vm: Vm) -> str:
     return site.vm_sources.get(vm.name, str(site.inventory_path))
 
 
+def _unexportable(plan: VmPlan | None) -> str:
+    """Why a VM cannot be handed to Tofu ("" if it can): no template to clone, or a plan deploy refuses (a MAC
+    another VM carries would be cloned onto a second VM; unsafe drift would be changed in place by the first apply
+    after the import)."""
+    if plan is None or plan.template_vmid is None:
+        return f"no template to clone: {plan.reason if plan else 'not planned'}"
+    if plan.blocked:
+        return (f"deploy refuses it ({plan.reason}): settle it first (invoke deploy.plan shows it), then export; "
+                "Tofu would make the same change without deploy's checks")
+    return ""
+
+
 def _check_planned(site: Site, plans: Mapping[str, VmPlan], vms: list[Vm]) -> None:
-    problems = [Problem(_source(site, vm), vm.name, "",
-                        f"no template to clone: {plans[vm.name].reason if vm.name in plans else 'not planned'}")
-                for vm in vms if vm.name not in plans or plans[vm.name].template_vmid is None]
+    problems = [Problem(_source(site, vm), vm.name, "", why)
+                for vm in vms if (why := _unexportable(plans.get(vm.name)))]
     if problems:
         raise ValidationFailed(problems)
 

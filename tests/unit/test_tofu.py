@@ -261,6 +261,33 @@ def test_bad_requests_are_named(site: Site, tmp_path: Path) -> None:
     assert done.vms >= 1
 
 
+def test_a_vm_deploy_refuses_is_not_handed_to_tofu(site: Site, tmp_path: Path) -> None:
+    """A VM whose deploy plan needs someone's decision is refused, not exported: a MAC another VM carries would be
+    cloned onto a second VM by Tofu, and unsafe drift (a moved VLAN tag) would be changed in place by the first
+    apply after import, both of which deploy refuses."""
+    from image_factory.livemacs import MacUse
+
+    vm = site.vms["acme-web01"]
+    hv = site.hypervisor_for(vm)
+    templates = {vm.image: [_template(vm)]}
+    taken = dep.decide(vm, hv, dep.HostState(templates, {}, {}),
+                       {vm.macs[0]: [MacUse(hv.name, 4242, "intruder", "net0")]})
+    assert (taken.action, taken.template_vmid) == ("blocked", 9001)
+    moved = _deployed(site, vm)
+    moved["net0"] = moved["net0"].replace("tag=110", "tag=120")
+    drifted = dep.decide(vm, hv, dep.HostState(templates, {vm.vmid: dep.Observed(
+        {"vmid": vm.vmid, "status": "running"}, moved)}, {}), {})
+    assert drifted.action == "drift" and drifted.unsafe
+    for refused, why in ((taken, "already used by pve-tenant VMID 4242"), (drifted, "net0.tag")):
+        plan = dep.DeployPlan([refused if p.vm == vm.name else p for p in _plan(site).vms])
+        with pytest.raises(ValidationFailed) as caught:
+            tofu.write_tenant(site, plan, "acme", tmp_path, _bases(site, _plan(site)))
+        [problem] = caught.value.problems
+        assert (problem.entry, why in problem.message) == ("acme-web01", True), problem
+        assert "deploy.plan" in problem.message
+        assert not (tmp_path / "acme").exists()
+
+
 GO_SOURCE = '''package resource
 
 const (
