@@ -1,5 +1,9 @@
 """The OpenTofu hand-off of a tenant (image_factory.tofu): valid for the pinned provider, the same VMs, MACs,
-VLANs and sizes as the deploy plan, and the hardware a deploy gives a VM, as the provider reads it back."""
+VLANs and sizes as the deploy plan, and the hardware a deploy gives a VM, as the provider reads it back.
+
+No `tofu validate` here: no registry this machine reaches has an OpenTofu (or Terraform) binary (PyPI's `tofu` is
+another project, npm's wrappers download from the vendors' sites), and `tofu init` would fetch bpg/proxmox from
+registry.opentofu.org. The schema derived from the provider's own source at the pinned tag stands in for it."""
 
 from __future__ import annotations
 
