@@ -896,10 +896,16 @@ def checked_reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reser
 
 
 def write_output(text: str, output: str | Path) -> Path:
-    """Write an export atomically (a reader never sees half a file)."""
+    """Write an export atomically (a reader never sees half a file); a path that cannot be written is bad input,
+    named by the flag that gave it."""
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except OSError as exc:
+        raise ValidationFailed([Problem("command line", "", "--output",
+                                        f"cannot write {path}: {exc.strerror or exc} ({exc.filename or path})")
+                                ]) from None
     return path
 
 

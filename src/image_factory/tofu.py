@@ -34,8 +34,8 @@ from typing import Any
 
 from .deploy import DeployPlan, VmPlan
 from .errors import FactoryError, Problem, RemoteError, ValidationFailed
-from .files import write_atomic
 from .inventory import Hypervisor, Site, StaticIp, Vm
+from .mac import write_output
 from .pve import PveClient
 from .pvecodec import parse_props
 
@@ -336,5 +336,5 @@ def write_tenant(site: Site, plan: DeployPlan, tenant: str, output: Path, bases:
                  ) -> TenantExport:
     """``<output>/<tenant>/main.tf.json``, replaced atomically."""
     config = tenant_config(site, plan, tenant, bases)
-    path = write_atomic(output / tenant / "main.tf.json", json.dumps(config, indent=2) + "\n")
+    path = write_output(json.dumps(config, indent=2) + "\n", output / tenant / "main.tf.json")
     return TenantExport(path, len(config["resource"].get(RESOURCE, {})), len(config.get("import", [])))

@@ -536,3 +536,13 @@ def test_cli_check_exits_non_zero_and_names_file_and_host(inv: Path) -> None:
     # a broken MAC holds no host index: the VM gets the next one above logs01's 02
     assert 'mac: "02:de:10:01:03:00"' in inv.read_text()
     assert "metrics01 NIC 0: 03:de:10:01:01:00 -> 02:de:10:01:03:00" in ok.stderr
+
+
+def test_an_export_output_that_cannot_be_written_is_named_not_a_traceback(tmp_path: Path) -> None:
+    from image_factory.errors import ValidationFailed
+
+    (tmp_path / "taken").write_text("a file where the directory would go\n")
+    with pytest.raises(ValidationFailed) as caught:
+        mac.write_output("{}\n", tmp_path / "taken" / "kea.json")
+    [problem] = caught.value.problems
+    assert (problem.key, str(tmp_path / "taken") in problem.message) == ("--output", True), problem

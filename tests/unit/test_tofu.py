@@ -265,6 +265,15 @@ def test_bad_requests_are_named(site: Site, tmp_path: Path) -> None:
     assert done.vms >= 1
 
 
+def test_an_output_that_cannot_be_written_is_named_not_a_traceback(site: Site, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the directory would go\n")
+    plan = _plan(site)
+    with pytest.raises(ValidationFailed) as caught:
+        tofu.write_tenant(site, plan, "acme", tmp_path / "taken", _bases(site, plan))
+    [problem] = caught.value.problems
+    assert (problem.key, str(tmp_path / "taken") in problem.message) == ("--output", True), problem
+
+
 def test_a_vm_deploy_refuses_is_not_handed_to_tofu(site: Site, tmp_path: Path) -> None:
     """A VM whose deploy plan needs someone's decision is refused, not exported: a MAC another VM carries would be
     cloned onto a second VM by Tofu, and unsafe drift (a moved VLAN tag) would be changed in place by the first
