@@ -18,6 +18,7 @@ import html
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,7 +410,11 @@ class OpnsenseClient:
         self.session = requests.Session()
         self.session.auth = (key, secret)
         if ca_file is not None or fingerprint is not None:
-            self.session.mount("https://", VerifiedTlsAdapter(ca_file=ca_file, fingerprint=fingerprint))
+            try:
+                adapter = VerifiedTlsAdapter(ca_file=ca_file, fingerprint=fingerprint)
+            except (OSError, ssl.SSLError) as exc:  # missing, unreadable, or no PEM certificate in it
+                raise OpnsenseError(f"CA file {ca_file}: cannot be loaded: {exc.strerror or exc}") from None
+            self.session.mount("https://", adapter)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         url = f"{self.url}/api/{path}"

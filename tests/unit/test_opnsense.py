@@ -111,6 +111,13 @@ def test_wrong_secret_and_unverified_tls_are_clear_errors(fake: Any, tmp_path: P
     assert api.writes == 0
 
 
+def test_a_ca_file_that_cannot_be_loaded_is_named_before_any_request(tmp_path: Path) -> None:
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    for ca_file in (tmp_path / "missing.pem", tmp_path / "not-a-cert.pem"):
+        with pytest.raises(opn.OpnsenseError, match=f"CA file {ca_file}: cannot be loaded"):
+            opn.OpnsenseClient("https://127.0.0.1:1", KEY, SECRET, ca_file=ca_file)
+
+
 def test_the_fake_refuses_what_opnsense_refuses(fake: Any) -> None:
     api, url, cert = fake
     client = _client(url, cert)
