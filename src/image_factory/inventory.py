@@ -25,14 +25,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from . import families
+from . import families, inventory_source
+from .console import register_secret
 from .errors import Problem, ValidationFailed
+from .inventory_source import HostVars, Vaulted
 from .ownership import imitates_marker, reserved_tag
 
 PLANES = ("mgmt", "tenant")
@@ -330,6 +333,19 @@ class HostInstall(Strict):
         return self.network.mac or self.macs[0]
 
 
+def _vaulted_secret(v: Any) -> Any:
+    """A token secret written in the inventory is accepted only encrypted at rest (Ansible vault); it is masked
+    in everything printed from the moment it is read."""
+    if v is None or isinstance(v, SecretStr):
+        return v
+    if not isinstance(v, Vaulted):
+        raise ValueError("is plaintext: a token secret in the inventory must be vault-encrypted (`ansible-vault "
+                         "encrypt_string --name token_secret`, or a vault-encrypted host_vars file); or name it by "
+                         "token_secret_env or token_secret_file")
+    register_secret(str(v))
+    return SecretStr(str(v))
+
+
 class Hypervisor(Strict):
     name: DnsName
     role: Plane
@@ -338,6 +354,7 @@ class Hypervisor(Strict):
     token_id: TokenId
     token_secret_env: str | None = None
     token_secret_file: Path | None = None
+    token_secret: Annotated[SecretStr | None, BeforeValidator(_vaulted_secret)] = Field(default=None, exclude=True)
     tls_ca_file: Path | None = None
     tls_fingerprint: str | None = None
     ssh: SshEndpoint
@@ -346,6 +363,15 @@ class Hypervisor(Strict):
     template_vmids: VmidRange
     vm_vmids: VmidRange
     install: HostInstall | None = None
+
+    @property
+    def token_secret_source(self) -> str:
+        """Where the token secret comes from, for messages (never the secret)."""
+        if self.token_secret_env:
+            return f"environment variable {self.token_secret_env}"
+        if self.token_secret_file:
+            return f"file {self.token_secret_file}"
+        return "the vault-encrypted pve.token_secret of the inventory"
 
     @field_validator("api_url")
     @classmethod
@@ -363,8 +389,8 @@ class Hypervisor(Strict):
 
     @model_validator(mode="after")
     def _one_of(self) -> Hypervisor:
-        if (self.token_secret_env is None) == (self.token_secret_file is None):
-            raise ValueError("exactly one of token_secret_env or token_secret_file must be set")
+        if [self.token_secret_env, self.token_secret_file, self.token_secret].count(None) != 2:
+            raise ValueError("exactly one of token_secret_env, token_secret_file or a vaulted token_secret must be set")
         if self.tls_ca_file is None and self.tls_fingerprint is None:
             raise ValueError("one of tls_ca_file or tls_fingerprint must be set (TLS is always verified)")
         if self.template_vmids.overlaps(self.vm_vmids):
@@ -997,69 +1023,20 @@ def _pydantic_problems(file: str, entry: str, prefix: str, exc: ValidationError)
         yield Problem(file, entry, loc, msg)
 
 
-@dataclass
-class _HostRecord:
-    name: str
-    file: str
-    groups: set[str] = field(default_factory=set)
-    group_vars: dict[str, Any] = field(default_factory=dict)
-    host_vars: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def vars(self) -> dict[str, Any]:
-        return {**self.group_vars, **self.host_vars}
+HOST_KEYS = ("pve", "vm")
 
 
-def _inventory_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file())
-    return [path]
-
-
-def _walk_group(
-    name: str, body: Any, file: str, hosts: dict[str, _HostRecord], parents: tuple[str, ...],
-    problems: list[Problem], inherited: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,
-) -> None:
-    if body is None:
-        return
-    if not isinstance(body, dict):
-        problems.append(Problem(file, f"group {name}", "", "a group must be a mapping"))
-        return
-    unknown = set(body) - {"hosts", "children", "vars"}
-    for key in sorted(unknown):
-        problems.append(Problem(file, f"group {name}", key, "unknown key (groups take hosts, children, vars)"))
-    group_vars = {**(inherited or {}), **(body.get("vars") or {})}
-    if groups is not None and isinstance(body.get("vars"), dict):
-        groups.setdefault(name, {}).update(body["vars"])
-    for host, hvars in (body.get("hosts") or {}).items():
-        rec = hosts.setdefault(host, _HostRecord(host, file))
-        rec.groups.update((name, *parents))
-        if hvars is not None and not isinstance(hvars, dict):
-            problems.append(Problem(file, host, "", "host variables must be a mapping"))
-            continue
-        # Ansible precedence: host vars beat group vars, child groups beat parents; mappings are replaced.
-        rec.group_vars.update(group_vars)
-        rec.host_vars.update(hvars or {})
-    for child, child_body in (body.get("children") or {}).items():
-        _walk_group(child, child_body, file, hosts, (name, *parents), problems, group_vars, groups)
-
-
-def _read_inventory(path: Path, problems: list[Problem],
-                    groups: dict[str, Any] | None = None) -> dict[str, _HostRecord]:
-    """The inventory's hosts; ``groups`` (if given) receives each group's own vars."""
-    hosts: dict[str, _HostRecord] = {}
-    files = _inventory_files(path)
-    if not files:
-        problems.append(Problem(str(path), "", "", "no .yml inventory file found"))
-    for f in files:
-        data = _yaml_file(f, problems)
-        if data is None:
-            continue
-        if not isinstance(data, dict) or "all" not in data:
-            problems.append(Problem(str(f), "", "all", "an Ansible YAML inventory starts with 'all:'"))
-            continue
-        _walk_group("all", data["all"], str(f), hosts, (), problems, groups=groups)
-    return hosts
+def _read_inventory(path: Path, problems: list[Problem], groups: dict[str, Any] | None = None,
+                    group_files: dict[str, dict[str, str]] | None = None) -> dict[str, HostVars]:
+    """The hosts of the factory's groups, read by ansible-core; ``groups`` (if given) receives each group's own
+    ``tenants``, ``group_files`` the file each came from."""
+    found = inventory_source.read(path, problems, host_keys=HOST_KEYS, group_keys=(TENANTS_KEY,),
+                                  only_groups=(HYPERVISOR_GROUP, *PLANES))
+    if groups is not None:
+        groups.update(found.groups)
+    if group_files is not None:
+        group_files.update(found.group_sources)
+    return found.hosts
 
 
 def _read_images(path: Path, problems: list[Problem]) -> dict[str, Image]:
@@ -1091,9 +1068,10 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     inventory_path, images_path = Path(inventory), Path(images)
     problems: list[Problem] = []
     groups: dict[str, Any] = {}
-    records = _read_inventory(inventory_path, problems, groups)
+    group_files: dict[str, dict[str, str]] = {}
+    records = _read_inventory(inventory_path, problems, groups, group_files)
     catalogue = _read_images(images_path, problems)
-    tenants = read_tenants(groups, str(inventory_path), problems)
+    tenants = read_tenants(groups, tenants_file(group_files, inventory_path), problems)
 
     hypervisors: dict[str, Hypervisor] = {}
     vms: dict[str, Vm] = {}
@@ -1107,28 +1085,28 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
         if is_hv:
             body = rec.vars.get("pve")
             if not isinstance(body, dict):
-                problems.append(Problem(rec.file, rec.name, "pve", "hypervisors need a 'pve' mapping"))
+                problems.append(Problem(rec.source("pve"), rec.name, "pve", "hypervisors need a 'pve' mapping"))
                 continue
             try:
                 hypervisors[rec.name] = Hypervisor(name=rec.name, **body)
             except ValidationError as exc:
-                problems.extend(_pydantic_problems(rec.file, rec.name, "pve", exc))
+                problems.extend(_pydantic_problems(rec.source("pve"), rec.name, "pve", exc))
         elif planes:
             if len(planes) > 1:
                 problems.append(Problem(rec.file, rec.name, "", "a VM belongs to exactly one plane, not both"))
                 continue
             body = rec.vars.get("vm")
             if not isinstance(body, dict):
-                problems.append(Problem(rec.file, rec.name, "vm", "VMs need a 'vm' mapping"))
+                problems.append(Problem(rec.source("vm"), rec.name, "vm", "VMs need a 'vm' mapping"))
                 continue
             try:
                 plane: Plane = "mgmt" if planes[0] == "mgmt" else "tenant"
                 vm = Vm(name=rec.name, plane=plane, **body)
-                vms[rec.name], found = _on_tenant_network(vm, tenants, rec.file, _named_tenants(groups))
+                vms[rec.name], found = _on_tenant_network(vm, tenants, rec.source("vm"), _named_tenants(groups))
                 problems.extend(found)
-                sources[rec.name] = rec.file
+                sources[rec.name] = rec.source("vm")
             except ValidationError as exc:
-                problems.extend(_pydantic_problems(rec.file, rec.name, "vm", exc))
+                problems.extend(_pydantic_problems(rec.source("vm"), rec.name, "vm", exc))
 
     if not problems and not hypervisors:
         problems.append(Problem(str(inventory_path), "", HYPERVISOR_GROUP,
@@ -1146,6 +1124,11 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
 
 
 TENANTS_KEY = "tenants"
+
+
+def tenants_file(group_files: dict[str, dict[str, str]], inventory: Path | str) -> str:
+    """The file the tenant group's ``tenants`` came from (group_vars/tenant.yml, or an inventory file)."""
+    return group_files.get("tenant", {}).get(TENANTS_KEY, str(inventory))
 
 
 def read_tenants(groups: dict[str, Any], inv_file: str, problems: list[Problem]) -> dict[str, Tenant]:

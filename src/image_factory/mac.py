@@ -46,6 +46,7 @@ from .inventory import (
     mac_problem,
     normalize_mac,
     read_tenants,
+    tenants_file,
 )
 
 PREFIX = 0x02
@@ -239,9 +240,10 @@ _MISSING = object()
 
 def _raw_vms(inventory: Path, problems: list[Problem]) -> list[_VmNics]:
     groups: dict[str, Any] = {}
-    records = _read_inventory(inventory, problems, groups)
+    group_files: dict[str, dict[str, str]] = {}
+    records = _read_inventory(inventory, problems, groups, group_files)
     # the site model's reading of the tenants (strict ids), never the raw YAML; its problems are ours too
-    tenant_ids = {t.name: t.id for t in read_tenants(groups, str(inventory), problems).values()}
+    tenant_ids = {t.name: t.id for t in read_tenants(groups, tenants_file(group_files, inventory), problems).values()}
     out: list[_VmNics] = []
     for rec in records.values():
         planes = sorted(rec.groups & set(PLANES))
@@ -258,7 +260,7 @@ def _raw_vms(inventory: Path, problems: list[Problem]) -> list[_VmNics]:
                 if isinstance(nic, dict):
                     macs.append((i, nic.get("mac", _MISSING)))
         tenant = body.get("tenant")
-        out.append(_VmNics(rec.name, rec.file, planes[0], role, macs,
+        out.append(_VmNics(rec.name, rec.source("vm"), planes[0], role, macs,
                            0 if tenant is None else tenant_ids.get(tenant) if isinstance(tenant, str) else None))
     return sorted(out, key=lambda v: v.name)
 

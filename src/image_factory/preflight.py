@@ -496,8 +496,8 @@ class _HostRun:
 
     def _secret_hint(self) -> str:
         hv = self.hv
-        where = f"environment variable {hv.token_secret_env}" if hv.token_secret_env else f"file {hv.token_secret_file}"
-        return f"put the secret of token {hv.token_id} in the {where} (it is shown once by `pveum user token add`)"
+        return (f"put the secret of token {hv.token_id} in the {hv.token_secret_source} (it is shown once by "
+                "`pveum user token add`)")
 
     @check(CHECK_SSH, needs=(), deploy=False)
     def check_ssh(self) -> Outcome:
@@ -529,7 +529,7 @@ class _HostRun:
         if exc.status == 401:
             return failed(f"token {hv.token_id} is refused: {exc.pve_message}",
                 f"check the token exists (`pveum user token list {_token_user(hv.token_id)}` on {hv.node}) and "
-                f"that the secret in {hv.token_secret_env or hv.token_secret_file} is its secret; "
+                f"that the secret in the {hv.token_secret_source} is its secret; "
                 f"or create it: ansible-playbook {PLAYBOOK} -l {hv.name}",
             )
         else:

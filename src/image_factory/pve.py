@@ -170,7 +170,8 @@ class PveClient:
         user, token_name = hv.token_id.split("!", 1)
         if secret is None:
             secret = read_secret(
-                env=hv.token_secret_env, file=hv.token_secret_file, what=f"{hv.name} API token {hv.token_id}"
+                env=hv.token_secret_env, file=hv.token_secret_file, what=f"{hv.name} API token {hv.token_id}",
+                vaulted=hv.token_secret.get_secret_value() if hv.token_secret else None,
             )
         self.api = ProxmoxAPI(
             f"{host}:{port}", user=user, token_name=token_name, token_value=secret,

@@ -29,14 +29,19 @@ def _checked(value: str, what: str, where: str) -> str:
     return value
 
 
-def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_root: Path = REPO_ROOT) -> str:
+def read_secret(*, env: str | None, file: Path | str | None, what: str, repo_root: Path = REPO_ROOT,
+                vaulted: str | None = None) -> str:
+    """The secret from the environment variable ``env``, the file ``file``, or ``vaulted`` (a value the inventory
+    holds vault-encrypted, already decrypted)."""
+    if vaulted is not None:
+        return _checked(vaulted, what, "the vault-encrypted token_secret in the inventory")
     if env:
         value = os.environ.get(env)
         if not value or not value.strip():
             raise SecretError(f"{what}: environment variable {env} is not set or empty")
         return _checked(value, what, f"environment variable {env}")
     if file is None:
-        raise SecretError(f"{what}: no token_secret_env or token_secret_file configured")
+        raise SecretError(f"{what}: no token_secret_env, token_secret_file or vaulted token_secret configured")
     path = private_file(file, what, repo_root)
     value = path.read_text(encoding="utf-8").strip()
     if not value:
