@@ -218,7 +218,8 @@ class _Reader:
     # ---------------------------------------------------------------- values
     def plain(self, value: Any, file: str, entry: str, key: str) -> Any:
         """``value`` as plain Python data, vaulted strings decrypted (as Vaulted); a value that cannot be
-        decrypted becomes a Problem naming its file and key, and None."""
+        decrypted becomes a Problem naming its file and key, and an empty Vaulted (present, so that the one problem
+        is not followed by a "missing" one)."""
         from ansible.parsing.vault import EncryptedString
 
         if isinstance(value, EncryptedString):
@@ -226,7 +227,7 @@ class _Reader:
                 return Vaulted(self._decrypt(value))
             except ValueError as exc:
                 self._problem(Problem(_origin(value) or file, entry, key, f"is vault-encrypted and {exc}"))
-                return None
+                return Vaulted("")
         if isinstance(value, Mapping):
             return {(str(k) if isinstance(k, str) else k): self.plain(v, file, entry, f"{key}.{k}")
                     for k, v in value.items()}
@@ -265,10 +266,11 @@ class _Reader:
                 own = self._group_vars(inventory, group)
                 if own is None:
                     continue
-                out.groups[group.name], out.group_sources[group.name] = self._keys(
-                    own, group_keys, self._declared(None), f"group {group.name}")
+                name = str(group.name)
+                out.groups[name], out.group_sources[name] = self._keys(own, group_keys, self._declared(None),
+                                                                       f"group {name}")
             for host in inventory.get_hosts():
-                groups = frozenset(g.name for g in host.get_groups())
+                groups = frozenset(str(g.name) for g in host.get_groups())
                 if only_groups is not None and not groups & set(only_groups):
                     continue
                 declared = self._declared(host)
@@ -277,8 +279,9 @@ class _Reader:
                 except Exception as exc:  # ansible-core raises AnsibleError and, from plugins, anything
                     self._problem(Problem(_error_file(exc) or declared, "", "", self._reason(exc)))
                     continue
-                vals, sources = self._keys(merged, host_keys, declared, host.name)
-                out.hosts[host.name] = HostVars(host.name, declared, groups - {"all"}, vals, sources)
+                name = str(host.name)
+                vals, sources = self._keys(merged, host_keys, declared, name)
+                out.hosts[name] = HostVars(name, declared, groups, vals, sources)
         return out
 
     def flat(self) -> dict[str, dict[str, Any]]:
@@ -300,8 +303,9 @@ class _Reader:
                     except Exception as exc:  # as in run()
                         self._problem(Problem(_error_file(exc) or self._declared(host), "", "", self._reason(exc)))
                         continue
-                    body["hosts"][host.name] = self.plain(_public(host_vars), self._declared(host), host.name, "")
-                out[group.name] = body
+                    body["hosts"][str(host.name)] = self.plain(_public(host_vars), self._declared(host),
+                                                               str(host.name), "")
+                out[str(group.name)] = body
         return out
 
     def _group_vars(self, inventory: Any, group: Any) -> dict[str, Any] | None:

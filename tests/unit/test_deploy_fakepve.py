@@ -35,6 +35,8 @@ from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.pve import PveClient
 from image_factory.settings import REPO_ROOT
 
+from .example_site import flat_example
+
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret
 HOSTS = {"pve-mgmt": ("mgmt", "fedora-44"), "pve-tenant": ("tenant", "fedora-45")}
 BUILD_ID = "20261125T120000Z"
@@ -111,7 +113,7 @@ def fake_site(tmp: Path, monkeypatch: Any, *, time_scale: float = 0.0) -> Iterat
     cert, key, _ = make_cert(str(tmp), hosts=("127.0.0.1",))
     servings: dict[str, _Serving] = {}
     pves: dict[str, FakePve] = {}
-    data = yaml.safe_load((REPO_ROOT / "ansible/inventory/hosts.yml").read_text())
+    data = flat_example()
     hvs = data["all"]["children"]["hypervisors"]["hosts"]
     try:
         for i, (host, (_role, image)) in enumerate(HOSTS.items()):

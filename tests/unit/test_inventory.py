@@ -19,9 +19,10 @@ from image_factory.errors import ValidationFailed
 from image_factory.inventory import Repository, load_site
 from image_factory.settings import REPO_ROOT
 
+from .example_site import flat_example
+
 pytestmark = pytest.mark.unit
 
-INVENTORY = REPO_ROOT / "ansible/inventory/hosts.yml"
 CATALOGUE = REPO_ROOT / "packer/images.yml"
 
 
@@ -49,7 +50,7 @@ def site_files(
 
 
 def example_inventory() -> dict[str, Any]:
-    return copy.deepcopy(yaml.safe_load(INVENTORY.read_text()))
+    return flat_example()
 
 
 def example_catalogue() -> dict[str, Any]:

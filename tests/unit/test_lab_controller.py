@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from image_factory.errors import ValidationFailed
 from image_factory.inventory import load_site
-from image_factory.lab.config import LabConfig, LabPaths
-from image_factory.lab.controller import default_config, lab_settings, write_inventory
+from image_factory.lab.config import LabConfig, LabPaths, private_dir, write_private
+from image_factory.lab.controller import default_config, lab_settings, vault_environment, write_inventory
 from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
 from image_factory.settings import Settings
 
@@ -20,8 +21,10 @@ def _lab(tmp_path: Path) -> tuple[Settings, LabPaths, LabConfig, str]:
     paths = LabPaths(settings.lab_dir)
     cfg = default_config(settings, slot=3)
     ensure_ca(paths.ca_cert, paths.ca_key)
+    private_dir(paths.state_dir)
     keys = {}
     for h in cfg.hosts:
+        write_private(paths.token_secret(h.name), f"secret-of-{h.name}-0123456789\n")
         cert = paths.host_dir(h.name) / "pve-ssl.pem"
         ensure_node_cert(paths.ca_cert, paths.ca_key, cert, cert.with_suffix(".key"), h.node, h.address)
         hk = ensure_ssh_key(paths.host_dir(h.name) / "hostkey", "root@x")
@@ -39,10 +42,16 @@ def test_default_config_mirrors_the_example_hypervisors_on_slot_addresses() -> N
     ]
 
 
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 def test_lab_inventory_validates_and_keeps_names_ids_planes_roles_macs(tmp_path: Path) -> None:
     settings, paths, cfg, pub = _lab(tmp_path)
     example = load_site(settings.inventory, settings.images)
-    site = load_site(lab_settings(settings, paths).inventory, settings.images)
+    with vault_environment(paths):
+        site = load_site(lab_settings(settings, paths).inventory, settings.images)
     assert site.vms.keys() == example.vms.keys()
     for name, vm in site.vms.items():
         ex = example.vms[name]
@@ -58,6 +67,27 @@ def test_lab_inventory_validates_and_keeps_names_ids_planes_roles_macs(tmp_path:
     assert (mgmt.storage.images, mgmt.storage.import_, mgmt.storage.cloudinit) == ("local", "local", "local")
     assert mgmt.ssh.host == "127.0.3.11" and mgmt.ssh.key_file == paths.client_key
     assert mgmt.ssh.host_key != tenant.ssh.host_key
+
+
+def test_one_lab_token_secret_is_a_vaulted_inventory_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, paths, _, _ = _lab(tmp_path)
+    text = paths.inventory.read_text()
+    assert "token_secret: !vault |" in text and "$ANSIBLE_VAULT;1.2;AES256;lab" in text
+    assert "secret-of-pve-tenant" not in text
+    assert paths.vault_password.stat().st_mode & 0o777 == 0o600
+    assert not str(paths.vault_password).startswith(str(settings.root))
+    with vault_environment(paths):
+        tenant = load_site(paths.inventory_dir, settings.images).hypervisors["pve-tenant"]
+    assert tenant.token_secret is not None and tenant.token_secret_file is None
+    assert tenant.token_secret.get_secret_value() == "secret-of-pve-tenant-0123456789"
+    assert "secret-of" not in repr(tenant) and "secret-of" not in str(tenant.model_dump())
+    monkeypatch.delenv("ANSIBLE_VAULT_IDENTITY_LIST", raising=False)
+    monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
+    with pytest.raises(ValidationFailed) as err:
+        load_site(paths.inventory_dir, settings.images)
+    [problem] = err.value.problems
+    assert (problem.file, problem.entry, problem.key) == (str(paths.inventory), "pve-tenant", "pve.token_secret")
+    assert "vault-encrypted and no vault password is configured" in problem.message
 
 
 def test_token_secrets_live_outside_the_repository(tmp_path: Path) -> None:

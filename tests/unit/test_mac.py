@@ -22,6 +22,8 @@ from image_factory import mac
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import load_site, mac_problem, normalize_mac
 from image_factory.settings import REPO_ROOT
+
+from .example_site import flat_example
 from image_factory.tasks import mac as mac_tasks
 
 pytestmark = pytest.mark.unit
@@ -43,9 +45,9 @@ EXTRA_VM = """
 
 @pytest.fixture
 def inv(tmp_path: Path) -> Path:
-    path = tmp_path / "hosts.yml"
-    shutil.copyfile(EXAMPLE, path)
-    return path
+    """A copy of the example site's directory (host_vars/ and group_vars/ beside hosts.yml): its hosts.yml."""
+    shutil.copytree(EXAMPLE.parent, tmp_path / "inventory")
+    return tmp_path / "inventory" / "hosts.yml"
 
 
 def edit(path: Path, old: str, new: str) -> Path:
@@ -243,7 +245,7 @@ def test_generate_refuses_a_file_it_would_reformat(inv: Path) -> None:
 
 
 def test_generate_edits_the_right_file_of_an_inventory_directory(tmp_path: Path) -> None:
-    data = yaml.safe_load(EXAMPLE.read_text())
+    data = flat_example()
     tenant = data["all"]["children"].pop("tenant")
     (tmp_path / "10-site.yml").write_text(yaml.safe_dump(data, sort_keys=False, width=4096))
     tenant["hosts"]["sandbox02"] = {
@@ -283,8 +285,7 @@ def test_exports_are_byte_stable_and_independent_of_inventory_order(inv: Path, t
         hosts = children[group]["hosts"]
         children[group]["hosts"] = dict(reversed(list(hosts.items())))
     data["all"]["children"] = dict(reversed(list(children.items())))
-    shuffled = tmp_path / "shuffled" / "hosts.yml"
-    shuffled.parent.mkdir()
+    shuffled = inv.parent / "shuffled.yml"  # beside host_vars/, which hold the hypervisors' pve mappings
     shuffled.write_text(yaml.safe_dump(data, sort_keys=False, width=4096))
     assert export(shuffled, fmt) == first
 
@@ -456,7 +457,8 @@ def test_prop_plane_disagreement_is_refused(pr: tuple[str, str], host: int, nic:
 @given(st.lists(st.tuples(planes_roles, st.integers(1, 3)), min_size=1, max_size=6))
 def test_prop_generate_into_an_inventory_always_passes_check(vms: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "hosts.yml"
+        shutil.copytree(EXAMPLE.parent, Path(tmp) / "inventory")
+        path = Path(tmp) / "inventory" / "hosts.yml"
         text = EXAMPLE.read_text()
         blocks = {"mgmt": "", "tenant": ""}
         for i, ((plane, role), count) in enumerate(vms):

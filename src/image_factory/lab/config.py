@@ -212,6 +212,11 @@ class LabPaths:
     def token_secret(self, name: str) -> Path:
         return self.state_dir / f"{name}.token"
 
+    @property
+    def vault_password(self) -> Path:
+        """The vault password of the lab inventory's vaulted token secret (0600, beside the secrets)."""
+        return self.state_dir / "vault-password"
+
 
 def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import ValidationFailed
+from .. import inventory_source
+from ..errors import Problem, ValidationFailed
 from ..inventory import Site, load_site
 from ..settings import REPO_ROOT, Settings
 from . import sshd
@@ -68,7 +69,37 @@ class Lab:
         return self.paths.inventory
 
     def site(self) -> Site:
-        return load_site(self.settings.inventory, self.settings.images)
+        with vault_environment(self.paths):
+            return load_site(self.settings.inventory, self.settings.images)
+
+
+# One hypervisor of the lab takes its token secret from a vault-encrypted inventory value (the others from their
+# 0600 file), so every lab test and the e2e run read a vaulted secret as a real site would.
+VAULTED_SECRET_ROLE = "tenant"
+VAULT_ID = "lab"
+
+
+def vault_variables(paths: LabPaths) -> dict[str, str]:
+    """Ansible's setting that gives the lab inventory's vault password: its own vault identity, added to any the
+    environment already names (a site's own password file stays in use)."""
+    mine = f"{VAULT_ID}@{paths.vault_password}"
+    have = [v for v in os.environ.get("ANSIBLE_VAULT_IDENTITY_LIST", "").split(",") if v and v != mine]
+    return {"ANSIBLE_VAULT_IDENTITY_LIST": ",".join([*have, mine])}
+
+
+@contextlib.contextmanager
+def vault_environment(paths: LabPaths) -> Iterator[None]:
+    """The lab's vault identity in the environment while the block runs (ansible-core reads it from there)."""
+    saved = {k: os.environ.get(k) for k in vault_variables(paths)}
+    os.environ.update(vault_variables(paths))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def lab_settings(settings: Settings, paths: LabPaths) -> Settings:
@@ -80,20 +111,17 @@ def lab_settings(settings: Settings, paths: LabPaths) -> Settings:
 
 
 def _example_inventory(settings: Settings) -> dict[str, Any]:
-    """The example site's inventory as raw YAML (the lab mirrors it)."""
+    """The example site's groups, each with its own vars and its hosts' own vars (inventory files, group_vars/
+    and host_vars/ merged per group and host, as ansible-core reads them): the lab mirrors it."""
     src = settings.root / "ansible" / "inventory"
-    files = sorted(src.glob("*.yml")) if src.is_dir() else [src]
-    if not files:
+    problems: list[Problem] = []
+    groups = {name: body for name, body in inventory_source.flat(src, problems).items()
+              if name not in ("all", "ungrouped")}
+    if problems:
+        raise LabError(f"the example inventory {src} does not read: {problems[0]}")
+    if not groups:
         raise LabError(f"no example inventory to mirror in {src}")
-    merged: dict[str, Any] = {}
-    for f in files:
-        data = yaml.safe_load(f.read_text()) or {}
-        children = (data.get("all") or {}).get("children") or {}
-        for group, body in children.items():
-            target = merged.setdefault(group, {"vars": {}, "hosts": {}})
-            target["vars"].update((body or {}).get("vars") or {})
-            target["hosts"].update((body or {}).get("hosts") or {})
-    return merged
+    return groups
 
 
 def example_vm_names(settings: Settings) -> set[str]:
@@ -389,7 +417,7 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
         "# added to cloud-init. Regenerated on every lab.up; do not edit.\n"
     )
     paths.inventory_dir.mkdir(parents=True, exist_ok=True)
-    text = header + yaml.safe_dump({"all": {"children": out_groups}}, sort_keys=False, width=200)
+    text = header + yaml.dump({"all": {"children": out_groups}}, Dumper=_InventoryDumper, sort_keys=False, width=200)
     write_public(paths.inventory, text)
     return paths.inventory
 
@@ -403,8 +431,11 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
         "node": host.node,
         "api_url": f"https://{host.address}:{host.api_port}",
         "token_id": TOKEN_ID,
-        "token_secret_file": str(paths.token_secret(host.name)),
     }
+    if host.role == VAULTED_SECRET_ROLE:
+        pve["token_secret"] = _vaulted(paths, paths.token_secret(host.name).read_text().strip())
+    else:
+        pve["token_secret_file"] = str(paths.token_secret(host.name))
     if host.tls == "ca":
         pve["tls_ca_file"] = str(paths.ca_cert)
     else:
@@ -419,6 +450,29 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
         if key in example:
             pve[key] = example[key]
     return {"ansible_host": host.address, "pve": pve}
+
+
+class _VaultText(str):
+    """Ciphertext written as an inline ``!vault |`` value."""
+
+
+class _InventoryDumper(yaml.SafeDumper):
+    pass
+
+
+_InventoryDumper.add_representer(
+    _VaultText, lambda dumper, value: dumper.represent_scalar("!vault", str(value), style="|"))
+
+
+def _vaulted(paths: LabPaths, plaintext: str) -> _VaultText:
+    """``plaintext`` encrypted with the lab's vault password (made once, 0600 in the private state directory)."""
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    if not paths.vault_password.exists():
+        write_private(paths.vault_password, secrets.token_urlsafe(24) + "\n")
+    password = paths.vault_password.read_bytes().strip()
+    ciphertext = VaultLib([(VAULT_ID, VaultSecret(password))]).encrypt(plaintext, vault_id=VAULT_ID)
+    return _VaultText(ciphertext.decode())
 
 
 # --------------------------------------------------------------------------------- status

@@ -77,6 +77,9 @@ class LabHandle:
     base_settings: Settings
     lab: controller.Lab
     _site: Site | None = field(default=None, repr=False)
+    # The lab's vault identity in the environment from start to stop: every command a test runs against the
+    # lab inventory (in-process or as a subprocess) decrypts its vaulted token secret, as on a configured site.
+    _environment: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
     def settings(self) -> Settings:
@@ -236,11 +239,14 @@ def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: flo
         controller.down(settings)
         slot_lock.close()
         raise
-    return LabHandle(settings, lab), slot_lock
+    handle = LabHandle(settings, lab)
+    handle._environment.enter_context(controller.vault_environment(lab.paths))
+    return handle, slot_lock
 
 
 def stop_lab(handle: LabHandle, slot_lock: IO[str]) -> None:
     try:
+        handle._environment.close()
         controller.down(handle.base_settings)
     finally:
         shutil.rmtree(handle.paths.state_dir, ignore_errors=True)

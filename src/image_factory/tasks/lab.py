@@ -59,6 +59,8 @@ def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, tim
     console.print(styled("[green]lab up[/] in {}s: {}", f"{time.monotonic() - t0:.1f}", lab.paths.lab_dir))
     _print_status(info)
     console.print(f"inventory: {lab.paths.inventory}   (INVOKE_FACTORY_INVENTORY={lab.paths.inventory_dir})")
+    variables = controller.vault_variables(lab.paths)
+    console.print("its vaulted token secret needs: export " + " ".join(f"{k}={v}" for k, v in variables.items()))
 
 
 def _print_status(info: dict[str, object]) -> None:
