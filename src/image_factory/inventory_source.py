@@ -153,7 +153,9 @@ class _Reader:
     def _reason(self, exc: BaseException) -> str:
         text = _first_line(exc)
         if any(_is_vault_error(e) for e in _chain(exc)) or "vault" in text.lower():
-            text += "; " + self._vault_hint()
+            if not self.secrets:
+                return f"is vault-encrypted and {self._vault_hint()}"
+            text = f"{text.rstrip('.')}; {self._vault_hint()}"
         return text
 
     def _vault_hint(self) -> str:
@@ -277,7 +279,7 @@ class _Reader:
                 try:
                     merged = variables.get_vars(host=host, include_hostvars=False, stage="all")
                 except Exception as exc:  # ansible-core raises AnsibleError and, from plugins, anything
-                    self._problem(Problem(_error_file(exc) or declared, "", "", self._reason(exc)))
+                    self._unreadable(exc, declared)
                     continue
                 name = str(host.name)
                 vals, sources = self._keys(merged, host_keys, declared, name)
@@ -301,7 +303,7 @@ class _Reader:
                         host_vars = {**host.vars, **get_vars_from_inventory_sources(
                             self.loader, inventory._sources, [host], "all")}
                     except Exception as exc:  # as in run()
-                        self._problem(Problem(_error_file(exc) or self._declared(host), "", "", self._reason(exc)))
+                        self._unreadable(exc, self._declared(host))
                         continue
                     body["hosts"][str(host.name)] = self.plain(_public(host_vars), self._declared(host),
                                                                str(host.name), "")
@@ -315,8 +317,13 @@ class _Reader:
             return {**group.get_vars(), **get_vars_from_inventory_sources(
                 self.loader, inventory._sources, [group], "all")}
         except Exception as exc:  # as in run()
-            self._problem(Problem(_error_file(exc) or str(self.path), f"group {group.name}", "", self._reason(exc)))
+            self._unreadable(exc, str(self.path))
             return None
+
+    def _unreadable(self, exc: BaseException, fallback: str) -> None:
+        """A variables file ansible-core could not read: one problem per file, however many hosts it serves."""
+        file, line = _error_place(exc)
+        self._problem(Problem(file or fallback, "", line, self._reason(exc)))
 
     def _declared(self, host: Any) -> str:
         return str((host.vars.get("inventory_file") if host is not None else None) or self.path)
@@ -384,16 +391,18 @@ def _yaml_line(exc: BaseException) -> int | None:
     return None
 
 
-def _error_file(exc: BaseException) -> str | None:
-    """The file an ansible-core error is about, where it says."""
+def _error_place(exc: BaseException) -> tuple[str | None, str]:
+    """The file an ansible-core error is about and "line N" where it says, else (None, "")."""
+    line = _yaml_line(exc)
     for cur in _chain(exc):
-        path = _origin(getattr(cur, "obj", None)) or getattr(cur, "file_name", None)
-        if path:
-            return str(path)
+        obj = getattr(cur, "obj", None)
+        if type(obj).__name__ == "Origin" and getattr(obj, "path", None):
+            return str(obj.path), f"line {line or obj.line_num}" if (line or obj.line_num) else ""
+        path = _origin(obj) or getattr(cur, "file_name", None)
         found = re.search(r"(/[^\s'\"]+\.(?:ya?ml|json|ini|toml))", str(cur))
-        if found:
-            return found[1]
-    return None
+        if path or found:
+            return str(path or found[1]), f"line {line}" if line else ""  # type: ignore[index]
+    return None, ""
 
 
 def _public(variables: Mapping[str, Any]) -> dict[str, Any]:
