@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from . import families, firmware, qemuvm, render
+from . import families, firmware, options, qemuvm, render
 from .errors import FactoryError
 from .files import write_atomic
 from .inventory import Image, eol_gate
@@ -97,6 +97,15 @@ EventHandler = Callable[[BuildEvent], None]
 
 def detect_accelerator() -> Literal["kvm", "tcg"]:
     return qemuvm.detect_accelerator()
+
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+def check_options(settings: Settings, accelerator: str | None, ansible_strategy: str | None) -> None:
+    """--accelerator and --ansible-strategy (or their factory.* settings), before anything runs."""
+    options.one_of("--accelerator", accelerator or settings.accelerator, ACCELERATORS)
+    options.one_of("--ansible-strategy", ansible_strategy or settings.ansible_strategy, ANSIBLE_STRATEGIES)
 
 
 def resolve_accelerator(settings: Settings, accelerator: str) -> Literal["kvm", "tcg"]:

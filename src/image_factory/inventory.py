@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -63,6 +64,12 @@ UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 REMOTE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 MAX_MEMORY_MIB = 4 * 1024 * 1024  # qemu-server's memory maximum (4 TiB)
 MAX_DESCRIPTION = 4096  # PVE keeps 8 KiB; the rest is the factory's marker block
+TEMPLATE_FIELDS = ("image", "build_id", "release", "family")  # what publish.template_name fills in
+MAX_TEMPLATE_PATTERN = 128
+# PVE's API sets no maximum disk size (`size` is a pattern, qemu-server's resize and import); the factory
+# bounds every disk it creates at 64 TiB, as Vm.disk_gb, far below qcow2's own limit.
+MAX_DISK_MIB = 64 * 1024 * 1024
+MAX_CORES = 128
 EOL_WARN_DAYS = 30
 
 
@@ -115,7 +122,16 @@ ImageName = Annotated[str, _matching(IMAGE_NAME_RE, "an image name ([a-z0-9][a-z
 Hostname = Annotated[str, _matching(
     NAME_RE, message="VM names become hostnames: lowercase letters, digits and '-', max 63")]
 TokenId = Annotated[str, _matching(TOKEN_ID_RE, message="must look like 'user@realm!tokenid'")]
-DiskSize = Annotated[str, _matching(SIZE_RE, message="must look like '10G' or '4096M'")]
+def _disk_size(v: str) -> str:
+    if not SIZE_RE.match(v):
+        raise ValueError("must look like '10G' or '4096M'")
+    mib = int(v[:-1]) * (1024 if v.endswith("G") else 1)
+    if mib > MAX_DISK_MIB:
+        raise ValueError(f"{v} is larger than {MAX_DISK_MIB // 1024**2}T, the largest disk the factory creates")
+    return v
+
+
+DiskSize = Annotated[str, AfterValidator(_disk_size)]
 UnixUser = Annotated[str, _matching(UNIX_USER_RE, "a user name ([a-z_][a-z0-9_-]*, at most 32)")]
 RemotePath = Annotated[str, AfterValidator(_remote_path)]
 Ipv4Address = Annotated[str, _parsed(lambda v: str(ipaddress.IPv4Address(v)),
@@ -597,9 +613,9 @@ class Vm(Strict):
     hypervisor: str | None = None
     image: ImageName
     role: str
-    cores: int = Field(default=2, ge=1, le=128)
+    cores: int = Field(default=2, ge=1, le=MAX_CORES)
     memory: int = Field(default=2048, ge=256, le=MAX_MEMORY_MIB, description="MiB")
-    disk_gb: int = Field(default=20, ge=1, le=65536)
+    disk_gb: int = Field(default=20, ge=1, le=MAX_DISK_MIB // 1024)
     nics: list[Nic] = Field(min_length=1, max_length=8)
     cloudinit: CloudInit = CloudInit()
     tags: list[str] = Field(default_factory=list)
@@ -804,11 +820,12 @@ class Image(Strict):
     firmware: Literal["bios", "uefi"] = "bios"
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: DiskSize = "10G"
-    playbook: str = "ansible/playbooks/template.yml"
+    playbook: str = Field(default="ansible/playbooks/template.yml",
+                          description="relative to the repository (or site) directory, never outside it")
     test_suites: list[Suite] = Field(default_factory=lambda: list[Suite](["common"]))
     template_name: str = "tpl-{image}-{build_id}"
-    memory: int = Field(default=2048, ge=512)
-    cpus: int = Field(default=2, ge=1)
+    memory: int = Field(default=2048, ge=512, le=MAX_MEMORY_MIB, description="MiB for the build VM")
+    cpus: int = Field(default=2, ge=1, le=MAX_CORES)
     # qemu-img convert -c: smaller uploads over a WAN, ~15 s more per build on 2 TCG cores.
     compress: bool = True
     # Apply the release's updates during the build (reboot into a newer kernel before sealing).
@@ -865,15 +882,36 @@ class Image(Strict):
                             f"(in {days} days); plan the move to a newer release")
         return "ok", ""
 
+    @field_validator("playbook")
+    @classmethod
+    def _confined_playbook(cls, v: str) -> str:
+        """The playbook runs with the build's credentials: it comes from the repository (or site) directory only."""
+        path = PurePosixPath(v)
+        if (path.is_absolute() or v.startswith("~") or ".." in path.parts or "\\" in v
+                or path.suffix not in (".yml", ".yaml") or not REMOTE_PATH_RE.match(f"/{v}")):
+            raise ValueError("must be a playbook (.yml) inside the repository, as a relative path without '..' "
+                             "(e.g. ansible/playbooks/template.yml)")
+        return v
+
     @field_validator("template_name")
     @classmethod
     def _tpl(cls, v: str) -> str:
+        """Placeholders by name only: a field path (``{image.__class__}``), a format spec (``{image:>300000000}``)
+        or a conversion (``{image!r}``) would reach attributes or pad without bound."""
+        use = " ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
+        if len(v) > MAX_TEMPLATE_PATTERN:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_TEMPLATE_PATTERN}")
         try:
-            v.format(image="x", build_id="y", release=1, family="f")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"unknown placeholder {exc}; use {{image}} {{build_id}} {{release}} {{family}}"
-            ) from None
+            fields = list(string.Formatter().parse(v))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; use {use} (write a literal brace as {{{{ or }}}})") from None
+        for _, name, spec, conversion in fields:
+            if name is None:
+                continue
+            if name not in TEMPLATE_FIELDS:
+                raise ValueError(f"unknown placeholder {{{name}}}; use {use}")
+            if spec or conversion:
+                raise ValueError(f"placeholder {{{name}}} takes no format spec or conversion; use {use}")
         return v
 
 

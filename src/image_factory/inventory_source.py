@@ -30,8 +30,8 @@ from .settings import REPO_ROOT
 
 STATIC_PLUGINS = ("yaml", "ini", "toml")
 YAML_SUFFIXES = (".yml", ".yaml", ".json")
-NO_PASSWORD_HINT = ("no vault password is configured: set ANSIBLE_VAULT_PASSWORD_FILE (or vault_password_file in "
-                    "ansible.cfg) to a 0600 file outside the repository that holds it")
+NO_PASSWORD_HINT = ("no vault password is configured: set ANSIBLE_VAULT_PASSWORD_FILE (or "  # noqa: S105 - advice
+                    "vault_password_file in ansible.cfg) to a 0600 file outside the repository that holds it")
 _ORIGIN_RE = re.compile(r"^Origin: (?P<path>.+?)(?::(?P<line>\d+)(?::\d+)?)?$", re.MULTILINE)
 
 
@@ -166,9 +166,10 @@ class _Reader:
     def _vault_secrets(self) -> list[tuple[str, Any]]:
         """Ansible's configured vault passwords; a password file readable by others, or inside the repository, is
         refused (noted for the error a vaulted value then meets), as every secret file of the factory is."""
-        from ansible import constants as C  # noqa: N812 - ansible's own name
         from ansible.errors import AnsibleError
         from ansible.parsing.vault import get_file_vault_secret
+
+        from ansible import constants as C  # type: ignore[attr-defined]  # noqa: N812 - ansible's own name
 
         sources: list[tuple[str, str, str]] = []
         for entry in C.config.get_config_value("DEFAULT_VAULT_IDENTITY_LIST") or []:
@@ -395,13 +396,14 @@ def _error_place(exc: BaseException) -> tuple[str | None, str]:
     """The file an ansible-core error is about and "line N" where it says, else (None, "")."""
     line = _yaml_line(exc)
     for cur in _chain(exc):
-        obj = getattr(cur, "obj", None)
+        obj: Any = getattr(cur, "obj", None)
         if type(obj).__name__ == "Origin" and getattr(obj, "path", None):
-            return str(obj.path), f"line {line or obj.line_num}" if (line or obj.line_num) else ""
-        path = _origin(obj) or getattr(cur, "file_name", None)
+            line = line or obj.line_num
+            return str(obj.path), f"line {line}" if line else ""
         found = re.search(r"(/[^\s'\"]+\.(?:ya?ml|json|ini|toml))", str(cur))
-        if path or found:
-            return str(path or found[1]), f"line {line}" if line else ""  # type: ignore[index]
+        path = _origin(obj) or getattr(cur, "file_name", None) or (found[1] if found else None)
+        if path:
+            return str(path), f"line {line}" if line else ""
     return None, ""
 
 

@@ -222,6 +222,74 @@ def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
     assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
 
 
+# (case id, catalogue field of fedora-44, hostile value, key named in the error)
+IMAGE_CASES: list[tuple[str, str, Any, str]] = [
+    ("template-name-attribute", "template_name", "{image.__class__.__mro__}", "template_name"),
+    ("template-name-index", "template_name", "tpl-{image[0]}", "template_name"),
+    ("template-name-padding", "template_name", "{image:>300000000}", "template_name"),
+    ("template-name-conversion", "template_name", "tpl-{image!r}", "template_name"),
+    ("template-name-positional", "template_name", "tpl-{}", "template_name"),
+    ("template-name-huge", "template_name", "tpl-{image}" + "x" * 1000, "template_name"),
+    ("playbook-absolute", "playbook", "/etc/passwd", "playbook"),
+    ("playbook-traversal", "playbook", "ansible/../../../etc/shadow.yml", "playbook"),
+    ("playbook-home", "playbook", "~/evil.yml", "playbook"),
+    ("disk-size-huge", "disk_size", "99999999999G", "disk_size"),
+    ("build-memory-huge", "memory", 10**9, "memory"),
+    ("build-cpus-huge", "cpus", 100000, "cpus"),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in IMAGE_CASES])
+def test_hostile_catalogue_value_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from image_factory.settings import REPO_ROOT
+
+    _, field, value, key = next(c for c in IMAGE_CASES if c[0] == case)
+    data = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
+    data["images"]["fedora-44"][field] = value
+    bad = tmp_path / "images.yml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    for pve in fsite.pves.values():
+        pve.requests.clear()
+    code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--catalogue",
+                          str(bad)], capsys)
+    assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
+    assert len(text) < 2000, "the refusal quotes the value at length"
+
+
+# (case id, command line, the flag named in the error): each on a run that would have nothing to do (a dry run, or
+# a dry run's worth of work) and refused before any host is contacted or anything is built.
+FLAG_CASES: list[tuple[str, list[str], str]] = [
+    ("accelerator-unknown", ["build.image", "debian-lab", "--dry-run", "--accelerator", "rsync;touch /tmp/x"],
+     "--accelerator"),
+    ("ansible-strategy-unknown", ["build.image", "debian-lab", "--dry-run", "--ansible-strategy", "free"],
+     "--ansible-strategy"),
+    ("engine-unknown", ["publish.template", "debian-lab", "--dry-run", "--engine", "rsync;touch /tmp/x", "-i", "INV"],
+     "--engine"),
+    ("transport-unknown", ["publish.template", "debian-lab", "--dry-run", "--transport", "ftp", "-i", "INV"],
+     "--transport"),
+    ("deploy-timeout-negative", ["deploy.vm", "--all", "--dry-run", "--timeout", "-5", "-i", "INV"], "--timeout"),
+    ("deploy-timeout-zero", ["deploy.vm", "--all", "--dry-run", "--timeout", "0", "-i", "INV"], "--timeout"),
+    ("deploy-timeout-huge", ["deploy.vm", "--all", "--dry-run", "--timeout", str(10**12), "-i", "INV"], "--timeout"),
+    ("destroy-timeout-negative", ["deploy.destroy", "sandbox01", "--timeout", "-1", "-i", "INV"], "--timeout"),
+    ("image-test-timeout-negative", ["image.test", "debian-lab", "--timeout", "-1"], "--timeout"),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in FLAG_CASES])
+def test_bad_flag_is_refused_before_any_work(case: str, fsite: FakeSite, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _, argv, flag = next(c for c in FLAG_CASES if c[0] == case)
+    monkeypatch.setenv("INVOKE_FACTORY_BUILDS_DIR", str(tmp_path / "builds"))
+    for pve in fsite.pves.values():
+        pve.requests.clear()
+    value = argv[argv.index(flag) + 1]
+    code, text = run_cli([str(fsite.inventory) if a == "INV" else a for a in argv], capsys)
+    assert_clear_refusal(code, text, [flag], value, flag, fsite)
+    assert not (tmp_path / "builds").exists() and not Path("/tmp/x").exists()
+
+
 @pytest.mark.parametrize("body", ["", "all:\n", "all:\n  children:\n    mgmt:\n      hosts: {}\n"])
 def test_empty_inventory_is_an_error(body: str, fsite: FakeSite, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -240,7 +308,7 @@ def test_markup_in_a_name_given_on_the_command_line_is_printed_not_parsed(
 
 
 def test_corpus_is_large_enough() -> None:
-    assert len(CASES) + len(CATALOGUE_CASES) + 3 >= 60
+    assert len(CASES) + len(CATALOGUE_CASES) + len(IMAGE_CASES) + len(FLAG_CASES) + 3 >= 80
 
 
 # ------------------------------------------------------------------ secrets never reach any output

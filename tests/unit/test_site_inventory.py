@@ -57,7 +57,7 @@ def split_site(root: Path, doc: dict[str, Any]) -> Path:
     return root
 
 
-def vault_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str = "correct horse") -> Any:
+def vault_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str = "correct horse") -> Any:  # noqa: S107
     """A 0600 vault password file named by ANSIBLE_VAULT_PASSWORD_FILE; returns ansible's VaultLib for it."""
     from ansible.parsing.vault import VaultLib, VaultSecret
 

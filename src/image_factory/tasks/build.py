@@ -67,6 +67,7 @@ def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_r
     from .. import build as b
     from .. import manifest as mf
 
+    b.check_options(settings, accelerator, ansible_strategy)
     with b.progress_for(img.name) as progress:
         outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
                                 on_event=progress, compress=False if no_compress else None,

@@ -7,6 +7,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from .. import deploy as dep
+from .. import options
 from ..console import console, emit_json, styled
 from ..errors import Problem, ValidationFailed
 from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
@@ -52,6 +53,7 @@ def vm(
     i_know_this_is_mgmt: bool = False, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Deploy VMs: clone the newest tested template, write the inventory MACs, start, wait; converge drift."""
+    options.seconds("--timeout", timeout)
     settings, model = site(c, inventory, catalogue)
     names = _names(name, all, plane)
     lock_wait = _lock_wait(lock_wait)
@@ -120,6 +122,7 @@ def destroy(
     inventory: str | None = None, catalogue: str | None = None, lock_wait: int = dep.DEFAULT_WAIT,
 ) -> None:
     """Stop and destroy one VM this tool created (tenant VMs; mgmt VMs only with --i-know-this-is-mgmt)."""
+    options.seconds("--timeout", timeout)
     settings, model = site(c, inventory, catalogue)
     console.print(dep.destroy_vm(settings, model, name, allow_mgmt=i_know_this_is_mgmt, timeout=float(timeout),
                                  lock_wait=_lock_wait(lock_wait)))

@@ -27,8 +27,9 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
     """Boot NAME's artifact on a throwaway overlay with a NoCloud seed, run its suites, record the result."""
     from dataclasses import asdict
 
-    from .. import imagetest
+    from .. import imagetest, options
 
+    options.seconds("--timeout", timeout)
     settings, s = site(c)
     img = s.image(name)
     result = imagetest.test_image(settings, img, settings.builds_dir / img.name, timeout=timeout,

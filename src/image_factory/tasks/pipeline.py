@@ -6,6 +6,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.table import Table
 
+from .. import options
 from ..console import console, emit_json, mask, styled, write_report
 from ..errors import FactoryError
 from ..lab.demo import DemoReport, run_demo
@@ -117,6 +118,7 @@ def _demo_summary(report: DemoReport) -> None:
 def demo(c: Context, real_boot: str = "metrics01", teardown: bool = False, force: bool = False,
          json: bool = False, json_file: str | None = None, timeout: float = 600.0) -> None:
     """Whole path on one machine: lab up, base image, build, test, publish to 2 hosts, deploy, prove."""
+    options.seconds("--timeout", timeout)
     boot: str | list[str] = real_boot if real_boot in ("all", "none") else (_names(real_boot) or "none")
     report = run_demo(settings(c), real_boot=boot, teardown=teardown, force=force, timeout=timeout)
     if report.pipeline:
