@@ -23,6 +23,7 @@ from image_factory import deploy as dep
 from image_factory import pvecodec, templates
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint, load_site
+from image_factory.lab import controller
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.ownership import Marker
@@ -529,7 +530,8 @@ def _two_tenant_site(lab: LabHandle, directory: Path) -> Site:
     import yaml
 
     source = Path(lab.settings.inventory)
-    doc = yaml.safe_load((source / "hosts.yml" if source.is_dir() else source).read_text())
+    text = (source / "hosts.yml" if source.is_dir() else source).read_text()
+    doc = yaml.load(text, Loader=controller.InventoryLoader)  # noqa: S506 - a SafeLoader keeping !vault values
     tenant = doc["all"]["children"]["tenant"]
     tenant.setdefault("vars", {})["tenants"] = {
         "acme": {"id": 1, "vlan": 110, "subnet": "10.110.0.0/24", "gateway": "10.110.0.1",
@@ -542,7 +544,7 @@ def _two_tenant_site(lab: LabHandle, directory: Path) -> Site:
         vm["tenant"] = which
         vm["nics"][0]["mac"] = mac
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (directory / "hosts.yml").write_text(yaml.dump(doc, Dumper=controller.InventoryDumper, sort_keys=False))
     return load_site(directory, lab.site.images_path)
 
 

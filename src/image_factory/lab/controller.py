@@ -417,7 +417,7 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
         "# added to cloud-init. Regenerated on every lab.up; do not edit.\n"
     )
     paths.inventory_dir.mkdir(parents=True, exist_ok=True)
-    text = header + yaml.dump({"all": {"children": out_groups}}, Dumper=_InventoryDumper, sort_keys=False, width=200)
+    text = header + yaml.dump({"all": {"children": out_groups}}, Dumper=InventoryDumper, sort_keys=False, width=200)
     write_public(paths.inventory, text)
     return paths.inventory
 
@@ -452,19 +452,24 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
     return {"ansible_host": host.address, "pve": pve}
 
 
-class _VaultText(str):
+class VaultText(str):
     """Ciphertext written as an inline ``!vault |`` value."""
 
 
-class _InventoryDumper(yaml.SafeDumper):
-    pass
+class InventoryDumper(yaml.SafeDumper):
+    """Writes a lab inventory, VaultText as ``!vault |``."""
 
 
-_InventoryDumper.add_representer(
-    _VaultText, lambda dumper, value: dumper.represent_scalar("!vault", str(value), style="|"))
+class InventoryLoader(yaml.SafeLoader):
+    """Reads a lab inventory back with its ``!vault`` values kept as VaultText (for a test that derives a site)."""
 
 
-def _vaulted(paths: LabPaths, plaintext: str) -> _VaultText:
+InventoryDumper.add_representer(VaultText,
+                                lambda dumper, value: dumper.represent_scalar("!vault", str(value), style="|"))
+InventoryLoader.add_constructor("!vault", lambda loader, node: VaultText(loader.construct_scalar(node)))
+
+
+def _vaulted(paths: LabPaths, plaintext: str) -> VaultText:
     """``plaintext`` encrypted with the lab's vault password (made once, 0600 in the private state directory)."""
     from ansible.parsing.vault import VaultLib, VaultSecret
 
@@ -472,7 +477,7 @@ def _vaulted(paths: LabPaths, plaintext: str) -> _VaultText:
         write_private(paths.vault_password, secrets.token_urlsafe(24) + "\n")
     password = paths.vault_password.read_bytes().strip()
     ciphertext = VaultLib([(VAULT_ID, VaultSecret(password))]).encrypt(plaintext, vault_id=VAULT_ID)
-    return _VaultText(ciphertext.decode())
+    return VaultText(ciphertext.decode())
 
 
 # --------------------------------------------------------------------------------- status
