@@ -466,7 +466,14 @@ class InventoryLoader(yaml.SafeLoader):
 
 InventoryDumper.add_representer(VaultText,
                                 lambda dumper, value: dumper.represent_scalar("!vault", str(value), style="|"))
-InventoryLoader.add_constructor("!vault", lambda loader, node: VaultText(loader.construct_scalar(node)))
+
+
+def _vault_text(loader: yaml.SafeLoader, node: yaml.Node) -> VaultText:
+    assert isinstance(node, yaml.ScalarNode)
+    return VaultText(loader.construct_scalar(node))
+
+
+InventoryLoader.add_constructor("!vault", _vault_text)
 
 
 def _vaulted(paths: LabPaths, plaintext: str) -> VaultText:
