@@ -92,6 +92,9 @@ class _Reader:
         self.path = path
         self.problems = problems
         self.loader = DataLoader()
+        # VariableManager also reads group_vars/ and host_vars/ beside "the playbook", its loader's basedir: that
+        # is the current directory unless set. The inventory's own directory makes those the same files (read
+        # once more, same precedence), so the directory a command runs from changes nothing.
         self.loader.set_basedir(str(path if path.is_dir() else path.parent))
         self.vault_notes: list[str] = []
         self.secrets = self._vault_secrets()
