@@ -528,6 +528,24 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
     return changes
 
 
+def _probe_inventory(inventory: Path, edited: Path, text: str, tmp: Path) -> Path:
+    """A copy of ``inventory`` under ``tmp`` (its files, group_vars/ and host_vars/) with ``edited`` holding
+    ``text``: what the inventory reads as once the edit is written."""
+    import shutil
+
+    root = inventory if inventory.is_dir() else inventory.parent
+    parts = [inventory] if inventory.is_dir() else [inventory, root / "group_vars", root / "host_vars"]
+    for part in parts:
+        if part.is_dir():
+            shutil.copytree(part, tmp / part.relative_to(root) if part != root else tmp, dirs_exist_ok=True)
+        elif part.is_file():
+            shutil.copy2(part, tmp / part.name)
+    target = tmp / edited.resolve().relative_to(root.resolve())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return tmp if inventory.is_dir() else tmp / inventory.name
+
+
 def _norm(raw: Any) -> Any:
     return normalize_mac(raw) if isinstance(raw, str) else raw
 
@@ -545,7 +563,9 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
         return changes
     path = Path(todo[0].file)
     y, doc = _load_rt(path)
-    host = _find_host(doc.get("all") if isinstance(doc, dict) else None, vm_name)
+    # The VM's `vm` mapping is in an inventory file (under all:) or is a host_vars file's own top-level key.
+    in_host_vars = isinstance(doc, dict) and "all" not in doc and isinstance(doc.get("vm"), dict)
+    host = doc if in_host_vars else _find_host(doc.get("all") if isinstance(doc, dict) else None, vm_name)
     vm_map = host.get("vm") if host is not None else None
     if isinstance(vm_map, dict) and vm_map.get("nics") is None:
         from ruamel.yaml.comments import CommentedSeq
@@ -571,13 +591,12 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
     out = io.StringIO()
     y.dump(doc, out)
     text = out.getvalue()
-    # Prove the edit before replacing the file: re-read it and compare the MACs of every VM.
+    # Prove the edit before replacing the file: re-read a copy of the inventory with it and compare every VM's MACs.
     with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / path.name
-        probe.write_text(text, encoding="utf-8")
+        probe = _probe_inventory(Path(inventory), path, text, Path(tmp))
         sink: list[Problem] = []
         after = {v.name: dict(v.macs) for v in _raw_vms(probe, sink)}
-        before = {v.name: dict(v.macs) for v in _raw_vms(path, sink)}
+        before = {v.name: dict(v.macs) for v in _raw_vms(Path(inventory), sink)}
     expected = {k: {i: _norm(m) for i, m in v.items()} for k, v in before.items()}
     for c in todo:
         expected[vm_name][c.nic] = c.new

@@ -275,6 +275,21 @@ def export(path: Path, fmt: str) -> str:
     return mac.export(load_site(path, IMAGES), fmt)
 
 
+def test_generate_edits_a_vm_kept_in_its_host_vars_file(inv: Path) -> None:
+    doc = yaml.safe_load(inv.read_text())
+    vm = doc["all"]["children"]["mgmt"]["hosts"]["logs01"].pop("vm")
+    vm["nics"][0]["mac"] = "bc:24:11:00:00:01"
+    inv.write_text(yaml.safe_dump(doc, sort_keys=False, width=4096))
+    host_vars = inv.parent / "host_vars" / "logs01.yml"
+    host_vars.write_text(yaml.safe_dump({"vm": vm}, sort_keys=False, width=4096))
+    inventory_before = inv.read_text()
+    [change] = mac.generate(inv.parent, "logs01")
+    assert (change.file, change.old, change.new) == (str(host_vars), "bc:24:11:00:00:01", "02:de:10:01:02:00")
+    assert yaml.safe_load(host_vars.read_text())["vm"]["nics"][0]["mac"] == "02:de:10:01:02:00"
+    assert inv.read_text() == inventory_before
+    assert mac.check(inv.parent, IMAGES) == 7
+
+
 @pytest.mark.parametrize("fmt", mac.FORMATS)
 def test_exports_are_byte_stable_and_independent_of_inventory_order(inv: Path, tmp_path: Path, fmt: str) -> None:
     first = export(inv, fmt)
