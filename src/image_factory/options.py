@@ -17,7 +17,7 @@ MAX_TIMEOUT = 7 * 24 * 3600  # a week: longer than any task or boot the factory 
 def one_of(flag: str, value: str, allowed: Iterable[str]) -> str:
     choices = tuple(allowed)
     if value not in choices:
-        raise ValidationFailed([Problem(flag, str(value), "", f"is not one of {', '.join(choices)}")])
+        raise ValidationFailed([Problem(flag, "", "", f"{value!r} is not one of {', '.join(choices)}")])
     return value
 
 
@@ -28,6 +28,6 @@ def seconds(flag: str, value: float | int | str, maximum: float = MAX_TIMEOUT) -
     except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and 0 < number <= maximum):
-        raise ValidationFailed([Problem(flag, str(value), "", f"must be a number of seconds above 0 and at most "
-                                                              f"{maximum:.0f}")])
+        raise ValidationFailed([Problem(flag, "", "", f"{value!r}: must be a number of seconds above 0 and at most "
+                                                      f"{maximum:.0f}")])
     return number
