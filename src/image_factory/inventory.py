@@ -122,6 +122,8 @@ ImageName = Annotated[str, _matching(IMAGE_NAME_RE, "an image name ([a-z0-9][a-z
 Hostname = Annotated[str, _matching(
     NAME_RE, message="VM names become hostnames: lowercase letters, digits and '-', max 63")]
 TokenId = Annotated[str, _matching(TOKEN_ID_RE, message="must look like 'user@realm!tokenid'")]
+
+
 def _disk_size(v: str) -> str:
     if not SIZE_RE.match(v):
         raise ValueError("must look like '10G' or '4096M'")
