@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import http.client
 import json
@@ -30,9 +29,10 @@ from image_factory.hostinstall.server import (
 from image_factory.inventory import Site, load_site
 from image_factory.settings import REPO_ROOT
 
+from .example_site import flat_example
+
 pytestmark = pytest.mark.unit
 
-INVENTORY = REPO_ROOT / "ansible/inventory/hosts.yml"
 CATALOGUE = REPO_ROOT / "packer/images.yml"
 DATA = REPO_ROOT / "tests/data"
 HASH = "$y$j9T$VgMv8lsz/TEvzesCZU3xD.$SK.h4QW51Jr/EmjuaTz5Bt4kYiX2Iezz6omzoqVEwj9"
@@ -45,7 +45,7 @@ def hypervisors(inv: dict[str, Any]) -> dict[str, Any]:
 
 
 def example_inventory() -> dict[str, Any]:
-    return copy.deepcopy(yaml.safe_load(INVENTORY.read_text()))
+    return flat_example()
 
 
 def load(tmp_path: Path, inv: dict[str, Any]) -> Site:
