@@ -36,7 +36,7 @@ from pydantic import (
 from . import families, inventory_source
 from .console import register_secret
 from .errors import Problem, ValidationFailed
-from .inventory_source import HostVars, Vaulted
+from .inventory_source import HostVars, Vaulted, YamlIntForm
 from .ownership import imitates_marker, reserved_tag
 
 PLANES = ("mgmt", "tenant")
@@ -1014,13 +1014,6 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-class YamlIntForm(int):
-    """An integer written in a form only YAML 1.1 reads as this number (0156 octal, 0x6e, 0b1, 1:50 sexagesimal,
-    1_10): the same number to every reader of the site model, remembered so a tenant's id and VLAN can refuse it."""
-
-    text: str
 
 
 _DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")

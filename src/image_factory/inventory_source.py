@@ -41,6 +41,17 @@ class Vaulted(str):
     __slots__ = ()
 
 
+class YamlIntForm(int):
+    """An integer written in a form only YAML 1.1 reads as this number (0156 octal, 0x6e, 0b1, 1:50 sexagesimal,
+    1_10): the same number to every reader of the site model, remembered so a tenant's id and VLAN can refuse it."""
+
+    text: str
+
+
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_SCALAR = re.compile(r"[^\s,\]}#]+")
+
+
 @dataclass
 class HostVars:
     """One host: its groups (with every ancestor) and the variables asked for, after Ansible's precedence."""
@@ -100,6 +111,7 @@ class _Reader:
         self.secrets = self._vault_secrets()
         self.loader.set_vault_secrets(self.secrets)
         self._encrypted_files: dict[str, bool] = {}
+        self._lines: dict[str, list[str]] = {}
         self._seen: set[Problem] = set()
 
     def _problem(self, problem: Problem) -> None:
@@ -242,12 +254,35 @@ class _Reader:
         if isinstance(value, bool):
             return bool(value)
         if isinstance(value, int):
-            return int(value)
+            written = self._written(value)
+            if written is None or _DECIMAL.fullmatch(written):
+                return int(value)
+            form = YamlIntForm(int(value))
+            form.text = written
+            return form
         if isinstance(value, float):
             return float(value)
         if isinstance(value, str):
             return Vaulted(value) if self._encrypted_file(_origin(value)) else str(value)
         return value
+
+    def _written(self, value: Any) -> str | None:
+        """The text a YAML value was written as (its origin's line and column), where ansible-core kept them."""
+        try:
+            from ansible._internal._datatag._tags import Origin
+        except ImportError:  # a later ansible-core: integers then read as YAML 1.1 reads them
+            return None
+        tag = Origin.get_tag(value)
+        if tag is None or not tag.path or not tag.line_num or not tag.col_num or self._encrypted_file(tag.path):
+            return None
+        if tag.path not in self._lines:
+            try:
+                self._lines[tag.path] = Path(tag.path).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                self._lines[tag.path] = []
+        lines = self._lines[tag.path]
+        found = _SCALAR.match(lines[tag.line_num - 1][tag.col_num - 1:]) if tag.line_num <= len(lines) else None
+        return found[0] if found else None
 
     def _keys(self, variables: Mapping[str, Any], keys: Collection[str], fallback: str,
               entry: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -267,3 +267,16 @@ def test_a_missing_inventory_and_a_broken_group_vars_file_are_named(tmp_path: Pa
     [problem] = problems_of(root)
     assert problem.file == str(root / "group_vars" / "mgmt.yml") and problem.key.startswith("line "), problem
     assert "YAML parsing failed" in problem.message
+
+
+def test_a_yaml_1_1_integer_form_in_group_vars_is_refused_as_in_an_inventory_file(tmp_path: Path) -> None:
+    """ansible-core reads `vlan: 0156` as 110 (YAML 1.1); the written form is read back from the value's origin, so a
+    tenant's VLAN in group_vars/tenant.yml is refused exactly as in one inventory file."""
+    root = split_site(tmp_path / "site", yaml.safe_load(TWO_TENANTS.read_text()))
+    tenants_file = root / "group_vars" / "tenant.yml"
+    text = tenants_file.read_text()
+    assert "vlan: 110\n" in text
+    tenants_file.write_text(text.replace("vlan: 110\n", "vlan: 0156\n", 1))
+    problems = problems_of(root)
+    hits = [p for p in problems if p.file == str(tenants_file) and p.key == "vlan"]
+    assert hits and "0156 is not a plain integer" in hits[0].message, problems
