@@ -63,12 +63,29 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
+VAULT_PASSWORD = "correct horse battery"  # noqa: S105 - the test's own vault
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    """An operator's site directory: the example site's inventory (whatever it holds) and the catalogue."""
-    shutil.copytree(REPO_ROOT / "ansible/inventory", tmp_path / "site/ansible/inventory")
+    """An operator's site directory: the example site's inventory (group_vars/, host_vars/) and the catalogue,
+    with pve-tenant's token secret kept as an inline ansible-vault value, its password in a 0600 file."""
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    inventory = tmp_path / "site/ansible/inventory"
+    shutil.copytree(REPO_ROOT / "ansible/inventory", inventory)
+    assert (inventory / "group_vars").is_dir() and (inventory / "host_vars").is_dir()
     (tmp_path / "site/packer").mkdir()
     shutil.copy2(REPO_ROOT / "packer/images.yml", tmp_path / "site/packer/images.yml")
+    secret = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))]).encrypt("0123-token-uuid").decode()
+    host_vars = inventory / "host_vars/pve-tenant.yml"
+    text = host_vars.read_text()
+    assert "  token_secret_env: PVE_TENANT_TOKEN_SECRET\n" in text
+    vaulted = "  token_secret: !vault |\n" + "".join(f"    {line}\n" for line in secret.splitlines())
+    host_vars.write_text(text.replace("  token_secret_env: PVE_TENANT_TOKEN_SECRET\n", vaulted))
+    password = tmp_path / "vault-password"
+    password.write_text(VAULT_PASSWORD + "\n")
+    password.chmod(0o600)
     return tmp_path / "site"
 
 
@@ -76,6 +93,7 @@ def _run(bindir: Path, site: Path, *args: str, **env_extra: str) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "VIRTUAL_ENV", "PYTHON"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the build extra's tools
     env["HOME"] = str(site.parent)
+    env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(site.parent / "vault-password")
     cwd = site.parent if "INVOKE_FACTORY_SITE_DIR" in env_extra else site
     return subprocess.run([str(bindir / "image-factory"), *args], cwd=cwd, env={**env, **env_extra},
                           capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
@@ -96,6 +114,10 @@ def test_the_installed_command_runs_a_site_outside_the_repository(installed: Pat
     checked = _run(installed, site, "inventory.check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "fedora-44" in checked.stdout + checked.stderr
+    assert "0123-token-uuid" not in checked.stdout + checked.stderr
+    locked = _run(installed, site, "inventory.check", ANSIBLE_VAULT_PASSWORD_FILE="")
+    assert locked.returncode == 2, locked.stdout + locked.stderr
+    assert "pve.token_secret" in locked.stderr and "vault" in locked.stderr
     (site / "invoke.yaml").write_text("factory:\n  builds_dir: out\n")  # the site's own settings file
     named = _run(installed, site, "build.render", "--image", "debian-lab", "--no-validate",
                  INVOKE_FACTORY_SITE_DIR=str(site))  # from elsewhere, the site named by the setting
