@@ -329,10 +329,15 @@ class PveClient:
             raise
 
     def active_task_vmids(self) -> set[int]:
-        """VMIDs a task on this node is still working on (``source=active``: running tasks only)."""
+        """VMIDs a task on this node is still working on.
+
+        ``source=active`` lists the node's unarchived tasks: running ones with ``status: "RUNNING"`` (the
+        per-task status endpoint says ``running``) and, until archived, just-ended ones with an ``endtime``
+        and their exit status. Running means no endtime; a status other than running (any case) is the
+        second signal (docs/pve-facts.md, Tasks)."""
         busy: set[int] = set()
         for task in self.get(f"{self.node_path}/tasks", source="active", limit=500) or []:
-            if task.get("endtime") or task.get("status") not in (None, "", "running"):
+            if task.get("endtime") or str(task.get("status") or "running").lower() != "running":
                 continue
             with contextlib.suppress(TypeError, ValueError):
                 busy.add(int(task.get("id")))

@@ -251,7 +251,8 @@ def test_invoke_preflight_json_and_exit_codes(fresh_lab: LabHandle, import_disab
     assert "pve-mgmt" in table and "storage" in table and "FAIL" in table
     assert "pvesm set local --content" in table and "import" in table
     assert "preflight failed" in table
-    assert "ssh" not in [line.split("│")[2].strip() for line in table.splitlines() if line.count("│") > 3]
+    checked = [line.split("│")[2].strip() for line in table.splitlines() if line.count("│") > 3]
+    assert "ssh" in checked and "space" not in checked  # deploy takes its host lock over SSH
 
 
 # ------------------------------------------------------------------------ twin node (in-process)
@@ -319,7 +320,7 @@ def twin(lab: LabHandle, tmp_path: Path) -> Iterator[Twin]:
 
 def test_twin_passes_like_the_lab(twin: Twin):
     report = pf.run_preflight(twin.settings, twin.site, [twin.host])
-    assert report.ok, report.to_dict()
+    assert report.ok, report.failures()
     assert twin.writes() == []
 
 
@@ -435,21 +436,47 @@ def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
 
 
 def test_datacenter_tag_policy_is_reported(twin: Twin):
-    """PVE 9 (and 8.4): a restrictive tag policy makes the factory's tags need Sys.Modify on / ."""
+    """GET /cluster/options answers everyone, but holds the tag policy only for Sys.Audit on /: without it the
+    policy is unknown (a warning, never "free"); with it a restrictive policy is refused with its fix."""
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=factory;mgmt",
+                                     "registered-tags": "mgmt;tenant", "tag-style": "ordering=config"})
     r = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
-    assert r.ok and "not readable by the token (Sys.Audit on /)" in r.detail  # what the playbook grants
+    assert r.ok and r.status == "WARN" and "unknown (needs Sys.Audit on /)" in r.detail  # what the playbook grants
+    assert "user-allow=free" not in r.detail and "pvesh get /cluster/options" in r.hint
     token = twin.site.hypervisors[twin.host].token_id
     for who in (token, token.split("!")[0]):
         twin.pve.grant(who, "/", "Sys.Audit")
-    twin.pve.cluster_options.update({"user-tag-access": "user-allow=existing", "registered-tags": "mgmt;tenant"})
     report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"])
-    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=existing",
-                   "registered-tags holds tenant", "needs Sys.Modify on /",
+    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=list (factory, mgmt)",
+                   "per-build tags (image, build-<id>) are never on the list", "registered-tags holds tenant",
+                   "needs Sys.Modify on /",
                    hint="pvesh set /cluster/options --user-tag-access user-allow=free")
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=existing", "registered-tags": "prod"})
+    report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"])
+    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=existing", hint="user-allow=free")
     twin.pve.cluster_options.clear()
     ok = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
-    assert ok.ok and "user-allow=free" in ok.detail
+    assert ok.status == "ok" and "user-allow=free" in ok.detail
     assert twin.writes() == []
+
+
+def test_cluster_options_answer_in_pve_managers_shapes(twin: Twin):
+    """pve-manager's get_options: console, tag-style and allowed-tags for everyone; all of datacenter.cfg,
+    parsed (objects, arrays), with Sys.Audit on / ."""
+    from image_factory.pve import PveClient
+
+    client = PveClient(twin.site.hypervisors[twin.host])
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=a;b",
+                                     "registered-tags": "prod;tenant", "tag-style": "ordering=config",
+                                     "keyboard": "de"})
+    assert client.cluster_options() == {"tag-style": {"ordering": "config"}, "allowed-tags": ["a", "b"]}
+    token = twin.site.hypervisors[twin.host].token_id
+    for who in (token, token.split("!")[0]):
+        twin.pve.grant(who, "/", "Sys.Audit")
+    assert client.cluster_options() == {
+        "user-tag-access": {"user-allow": "list", "user-allow-list": ["a", "b"]},
+        "registered-tags": ["prod", "tenant"], "tag-style": {"ordering": "config"}, "keyboard": "de",
+        "allowed-tags": ["a", "b"]}
 
 
 def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
