@@ -31,8 +31,9 @@ pytestmark = pytest.mark.lab
 
 MGMT = "pve-mgmt"
 TENANT = "pve-tenant"
-# the lab is a site mid-upgrade: pve-mgmt runs 8.4.1, pve-tenant 9.1.19
-BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.1.19"])
+# the lab is a site mid-upgrade: pve-mgmt runs pve-manager 8.4.1 (qemu-server 8.3.12), pve-tenant pve-manager
+# 9.2.5 (qemu-server 9.2.0)
+BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.2.5"])
 LAB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
 
 
@@ -415,7 +416,7 @@ def test_sshkeys_percent_encoded_with_20_is_accepted_and_plus_is_refused(fresh_l
 
 @BOTH_VERSIONS
 def test_tags_on_create_by_version(fresh_lab: LabHandle, host: str) -> None:
-    """8.4 stores create's tags verbatim, 9.1.17+ normalises them; updates normalise on both."""
+    """qemu-server 8.3 stores create's tags verbatim, 9.1.17+ normalises them; updates normalise on both."""
     c = client(fresh_lab, host)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1992, name="t", memory=512, tags="zeta;Alpha;mgmt",
                timeout=30)
@@ -430,21 +431,22 @@ def test_tags_on_create_by_version(fresh_lab: LabHandle, host: str) -> None:
 
 
 @BOTH_VERSIONS
-def test_stale_digest_is_an_http_error_before_9_1_19_and_a_task_failure_after(
-        fresh_lab: LabHandle, host: str) -> None:
+def test_stale_digest_and_a_lock_flag_are_http_errors_on_every_version(fresh_lab: LabHandle, host: str) -> None:
+    """qemu-server 9.1.19+ forks the config POST before locking, but its early check (load_and_check_config
+    before the fork) still refuses a stale digest and a `lock:` flag synchronously, as 8.4 does."""
     c = client(fresh_lab, host)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1994, name="d", memory=512, timeout=30)
     stale = c.vm_config(1994)["digest"]
     c.put(f"/nodes/{c.node}/qemu/1994/config", memory=1024)  # another writer
     raw = c.call  # the wire form first
-    if host == MGMT:
-        with pytest.raises(ApiError, match="checksum mismatch") as http:
-            raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
-        assert http.value.status == 500
-    else:
-        upid = raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
-        with pytest.raises(TaskFailed, match="checksum mismatch"):
-            c.wait_task(upid, timeout=30)
+    with pytest.raises(ApiError, match="checksum mismatch") as http:
+        raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
+    assert http.value.status == 500
+    fresh_lab.control(host).snapshot_lock(vmid=1994, lock="backup")
+    with pytest.raises(ApiError, match=r"VM is locked \(backup\)") as locked:
+        raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048)
+    assert locked.value.status == 500
+    fresh_lab.control(host).unlock(vmid=1994)
     # the product's one form for both, and nothing written
     with pytest.raises(ConfigChanged, match="changed after this run read it"):
         c.update_vm_config(1994, digest=stale, timeout=30, memory=2048)
@@ -478,6 +480,59 @@ def test_config_lock_timeout_form_by_version_and_the_retry_handles_both(fresh_la
     assert len(retried) == 1 and str(c.vm_config(1995)["memory"]) == "768"
 
 
+@BOTH_VERSIONS
+def test_a_restrictive_tag_policy_is_enforced_on_config_and_from_qemu_server_9_2_on_create(
+        fresh_lab: LabHandle, host: str) -> None:
+    """pve-guest-common's assert_tag_permissions: without Sys.Modify on /, a tag off the datacenter's list (or a
+    registered one) is refused: on a config update (synchronously before qemu-server 9.1.19, in the task
+    from then), and from qemu-server 9.2.0 inside the create task too."""
+    c = client(fresh_lab, host)
+    control = fresh_lab.control(host)
+    control.datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=image-factory;ok"})
+    path = f"/nodes/{c.node}/qemu"
+    refused = "Permission check failed (/, Sys.Modify for modifying tag 'build-1')"
+    if host == MGMT:  # qemu-server 8.3: create stores the tags unchecked
+        c.run_task("POST", path, vmid=1998, name="q", memory=512, tags="image-factory;build-1", timeout=30)
+    else:
+        with pytest.raises(TaskFailed) as task:
+            c.run_task("POST", path, vmid=1998, name="q", memory=512, tags="image-factory;build-1", timeout=30)
+        assert refused in task.value.exitstatus and 1998 not in {int(v["vmid"]) for v in c.list_vms()}
+    c.run_task("POST", path, vmid=1996, name="p", memory=512, tags="image-factory;ok", timeout=30)
+    with pytest.raises(ApiError) as put:
+        c.put(f"{path}/1996/config", tags="image-factory;ok;build-2")
+    assert put.value.status == 403 and "modifying tag 'build-2'" in put.value.pve_message
+    if host == MGMT:
+        with pytest.raises(ApiError, match="modifying tag 'build-2'"):
+            c.update_vm_config(1996, digest=None, timeout=30, tags="image-factory;ok;build-2")
+    else:
+        with pytest.raises(TaskFailed, match="modifying tag 'build-2'"):
+            c.update_vm_config(1996, digest=None, timeout=30, tags="image-factory;ok;build-2")
+    c.put(f"{path}/1996/config", tags="image-factory;ok")  # listed tags pass
+    control.grant(path="/", privs=["Sys.Modify"])  # the policy binds only users without Sys.Modify on /
+    c.put(f"{path}/1996/config", tags="image-factory;ok;build-2")
+    assert parse_tags(c.vm_config(1996)["tags"]) == ["build-2", "image-factory", "ok"]
+
+
+def test_running_tasks_are_listed_by_source_in_pve_managers_shape(fresh_lab: LabHandle) -> None:
+    """GET .../tasks?source=active: running tasks only, `status: "RUNNING"`, no endtime, the token's user without
+    its token part plus `tokenid`; the default (archive) lists only ended ones. active_task_vmids sees them."""
+    c = client(fresh_lab, TENANT)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1997, name="slow", memory=512, timeout=30)
+    fresh_lab.lock_vm(TENANT, 1997, secs=3.0)  # qemu-server 9.2's config task waits for the config lock
+    upid = c.call("POST", f"/nodes/{c.node}/qemu/1997/config", memory=640)
+    active = c.get(f"/nodes/{c.node}/tasks", source="active")
+    mine = [t for t in active if t["upid"] == upid]
+    user, token = c.hv.token_id.split("!")
+    assert mine and mine[0]["status"] == "RUNNING" and "endtime" not in mine[0]
+    assert mine[0]["user"] == user and mine[0]["tokenid"] == token
+    assert upid not in {t["upid"] for t in c.get(f"/nodes/{c.node}/tasks")}
+    assert 1997 in c.active_task_vmids()
+    c.wait_task(upid, timeout=60)
+    assert 1997 not in c.active_task_vmids()
+    ended = [t for t in c.get(f"/nodes/{c.node}/tasks", source="all") if t["upid"] == upid]
+    assert ended[0]["status"] == "OK" and ended[0]["endtime"] >= ended[0]["starttime"]
+
+
 def test_multicast_mac_is_refused(fresh_lab: LabHandle) -> None:
     c = client(fresh_lab)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1993, name="m", memory=512, timeout=30)
@@ -494,7 +549,7 @@ def test_fail_hook_makes_the_next_call_fail_once(fresh_lab: LabHandle) -> None:
     fresh_lab.fail(TENANT, "GET", "/version", status=500, message="boom", times=1)
     with pytest.raises(ApiError, match="boom"):
         c.version()
-    assert c.version()["version"] == "9.1.19"  # the tenant host of the mid-upgrade lab
+    assert c.version()["version"] == "9.2.5"  # the tenant host of the mid-upgrade lab
 
 
 def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:
