@@ -309,9 +309,10 @@ class PveClient:
     def update_vm_config(self, vmid: int, *, digest: str | None, timeout: float, **params: Any) -> None:
         """POST a VM's config (a qmconfig task) guarded by the digest of the config it was planned from.
 
-        A stale digest is refused as an HTTP 500 before the task forks (8.4, 9.x before 9.1.19) or as
-        the task's failure (9.1.19+, which forks before locking; pve-facts.md, Tasks): both become
-        ConfigChanged. Lock timeouts keep their own form for retry_lock_timeouts.
+        A stale digest is refused as an HTTP 500 before the task forks, on every version (qemu-server
+        9.1.19+ forks before locking, but checks digest and `lock:` flag early); the task's failure form is
+        handled too (pve-facts.md, Tasks): both become ConfigChanged. Lock timeouts (an HTTP 500 before
+        qemu-server 9.1.19, a task failure from it) keep their own form for retry_lock_timeouts.
         """
         if digest:
             params["digest"] = digest
