@@ -41,7 +41,7 @@ def test_proxmoxer_with_token_and_tls_reaches_both_nodes_mid_upgrade(lab: LabHan
     for hv in hvs.values():
         client = PveClient(hv)
         seen[hv.name] = (client.version()["version"], [n["node"] for n in client.get("/nodes")])
-    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("9.1.19", ["pve-tenant"])}
+    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("9.2.5", ["pve-tenant"])}
 
 
 def test_wrong_token_secret_is_refused(lab: LabHandle) -> None:

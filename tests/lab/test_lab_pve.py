@@ -612,19 +612,39 @@ def test_setting_the_cloudinit_drive_again_is_a_no_op(fresh_lab: LabHandle, tmp_
     assert c.vm_config(1995)["ide2"] == before
 
 
-def test_destroying_a_template_with_linked_clones_warns_and_keeps_the_base_disk(
-    fresh_lab: LabHandle, tmp_path: Path
-) -> None:
+def test_destroying_a_template_with_linked_clones_on_dir_is_refused(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    """qemu-server's destroy_vm: a template whose base volume still backs a linked clone is not removed (the
+    task fails before touching anything); once the clone is gone it is."""
     c = create_template_source(fresh_lab, TENANT, 9060, tmp_path)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/template", timeout=30)
-    base = disk_file(fresh_lab, TENANT, c.vm_config(9060)["scsi0"].split(",")[0])
+    volid = c.vm_config(9060)["scsi0"].split(",")[0]
+    base = disk_file(fresh_lab, TENANT, volid)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/clone", newid=2202, name="linked", timeout=60)
-    result = c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
-    assert result.exitstatus == "WARNINGS: 1"
-    assert any("still in use by linked clone" in w for w in result.warnings)
-    assert base.exists(), "the linked clone still needs its base"
+    with pytest.raises(TaskFailed, match=f"base volume '{re.escape(volid)}' is still in use by linked cloned"):
+        c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
+    assert base.exists() and int(c.vm_config(9060)["template"]) == 1
     c.run_task("DELETE", f"/nodes/{c.node}/qemu/2202", timeout=30)
     assert not (fresh_lab.paths.storage_dir(TENANT) / "images" / "2202").exists()
+    c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
+    assert not base.exists()
+
+
+def test_clone_needs_sdn_use_on_the_source_bridges_and_the_network_list_hides_unusable_bridges(
+        fresh_lab: LabHandle, tmp_path: Path) -> None:
+    """qemu-server's clone_vm checks SDN.Use on the source config's bridges; pve-manager's network index is open
+    to every user but hides a bridge the caller holds neither SDN.Audit nor SDN.Use on."""
+    c = create_template_source(fresh_lab, MGMT, 9061, tmp_path)
+    c.put(f"/nodes/{c.node}/qemu/9061/config", net1="virtio,bridge=vmbr1")
+    assert {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")} == {"vmbr0", "vmbr1"}
+    control = fresh_lab.control(MGMT)  # the admin narrows the token's SDN.Use to vmbr0
+    control.revoke(path="/sdn/zones/localnetwork", privs=["SDN.Use"])
+    control.grant(path="/sdn/zones/localnetwork/vmbr0", privs=["SDN.Use"])
+    with pytest.raises(ApiError) as exc:
+        c.post(f"/nodes/{c.node}/qemu/9061/clone", newid=2203, name="c")
+    assert exc.value.status == 403 and "/sdn/zones/localnetwork/vmbr1, SDN.Use" in exc.value.pve_message
+    assert 2203 not in {int(v["vmid"]) for v in c.list_vms()}
+    assert {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")} == {"vmbr0"}
+    assert "eno1" in {i["iface"] for i in c.get(f"/nodes/{c.node}/network")}
 
 
 @BOTH_VERSIONS

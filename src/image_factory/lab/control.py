@@ -10,7 +10,7 @@ Ops (args as keyword arguments):
   durations(clone_full=.., clone_linked=.., import=.., template=.., start=.., stop=.., imgcopy=..)  PVE seconds
   time_scale(value) / agent_hangs(vmid, value=True) / set_node_offline(offline=True) / revoke_tickets()
   datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=a;b", ...}, delete=[...])  datacenter.cfg
-  grant(path, privs)  an ACL for the factory's user and token (reset() restores the playbook's grants)
+  grant(path, privs) / revoke(path, privs)  ACLs of the factory's user and token (reset() restores the playbook's)
   clear_faults() / reset() / state()
 """
 

@@ -951,6 +951,7 @@ class LabPve(FakePve):  # fakepve is untyped
         full = (not src.template) if full is None else str(full) in ("1", "true", "True")
         storage = v.get("storage")
         sources = {opt: split_drive(str(val))[0] for opt, val in old.items() if DRIVE_KEY.match(opt)}
+        self._check_bridge_access(user, old)  # qemu-server clone_vm: check_bridge_access on the source config
         upid: str = await super()._qm_clone(v, user)
         new = self.vm(newid)
         if new is None or self.tasks[upid]["status"] == "stopped":
@@ -1005,6 +1006,31 @@ class LabPve(FakePve):  # fakepve is untyped
 
         self._pending_io.setdefault(newid, []).append(io)
         return upid
+
+    async def _qm_destroy(self, v: dict[str, Any], user: str) -> str:
+        """qemu-server's destroy_vm refuses a template whose base volume still backs a linked clone, before it
+        removes anything (PVE::Storage::volume_is_base_and_used). A dir storage sees its clones (their volume
+        names carry the base's); LVM-thin's list_images does not, so there the template goes and its clones
+        stay whole (see _qm_free)."""
+        vm = self.find(v["node"], v["vmid"])
+        used = [volume for _key, volume, _props in drives_of(vm.config)
+                if vm.template and self._base_in_use(volume)]
+        if used and vm.status != "running":
+            async def refuse() -> None:
+                raise TaskError(f"base volume '{used[0]}' is still in use by linked cloned")
+            upid: str = await self.task(vm.node, "qmdestroy", vm.vmid, user, refuse, vm=vm)
+            return upid
+        result: str = await super()._qm_destroy(v, user)
+        return result
+
+    def _base_in_use(self, volid: str) -> bool:
+        sid, name = volume_ref(volid)
+        if sid not in self.storages or self.storages[sid].get("type") != "dir":
+            return False
+        if not re.search(r"(^|/)base-\d+-disk-\d+", name):
+            return False
+        prefix = "/".join(name.split("/")[-2:]) + "/"
+        return any(vol.startswith(prefix) for vol in self.storages[sid].get("volumes", {}))
 
     async def _qm_template(self, v: dict[str, Any], user: str) -> str:
         vm = self.find(v["node"], v["vmid"])
@@ -1151,8 +1177,9 @@ class LabPve(FakePve):  # fakepve is untyped
         return upid
 
     async def _network_list(self, v: dict[str, Any], user: str) -> list[dict[str, Any]]:
-        """The node's interfaces: a NIC and the bridges the lab inventory's VMs use."""
-        self.require(user, f"/nodes/{v['node']}", "Sys.Audit")
+        """The node's interfaces: a NIC and the bridges the lab inventory's VMs use. pve-manager's network index
+        (API2/Network.pm) answers every user, but hides each bridge the caller holds neither SDN.Audit nor
+        SDN.Use on (/sdn/zones/localnetwork/<bridge>, or a VLAN below it)."""
         kind = v.get("type")
         out: list[dict[str, Any]] = [{"iface": "eno1", "type": "eth", "method": "manual", "method6": "manual",
                                       "families": ["inet"], "priority": 2, "active": 1, "exists": 1}]
@@ -1169,11 +1196,21 @@ class LabPve(FakePve):  # fakepve is untyped
                 item.update(method="static", address=self.spec.address, netmask="255.255.255.0",
                             cidr=f"{self.spec.address}/24")
             out.append(item)
+        out = [i for i in out if i["type"] != "bridge" or self._may_see_bridge(user, i["iface"])]
         if kind in ("bridge", "any_bridge"):
             return [i for i in out if i["type"] == "bridge"]
         if kind == "eth":
             return [i for i in out if i["type"] == "eth"]
         return out
+
+    def _may_see_bridge(self, user: str, bridge: str) -> bool:
+        """pve-access-control's check_sdn_bridge(..., ['SDN.Audit', 'SDN.Use']): the bridge, or one of its VLANs."""
+        path = f"/sdn/zones/localnetwork/{bridge}"
+        if self.allowed(user, path, "SDN.Audit|SDN.Use"):
+            return True
+        vlans = {p for who in (user, user.split("!")[0]) for p, _ in (self.acl or {}).get(who, [])
+                 if p.startswith(path + "/")}
+        return any(self.allowed(user, vlan, "SDN.Audit|SDN.Use") for vlan in vlans)
 
     def _space(self, store: dict[str, Any]) -> tuple[int, int, int]:
         """A directory storage reports its real filesystem, as PVE's dir plugin does."""
@@ -1497,6 +1534,13 @@ class LabPve(FakePve):  # fakepve is untyped
             user = self.spec.token_id.split("!")[0]
             for who in (user, self.spec.token_id):
                 self.grant(who, str(args["path"]), *args["privs"])
+            return None
+        if op == "revoke":
+            # an admin's `pveum acl delete <path>` of these privileges, for the factory's user and its token
+            user, acl = self.spec.token_id.split("!")[0], self.acl or {}
+            for who in (user, self.spec.token_id):
+                acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
+                            for p, privs in acl.get(who, [])]
             return None
         if op == "flaky_network":
             self.flaky_network(**args)
