@@ -76,6 +76,8 @@ CLOUDINIT_OPTIONS = frozenset({"cicustom", "cipassword", "citype", "ciuser", "ci
                                "searchdomain", "sshkeys"})
 GENERAL_OPTIONS = frozenset({"autostart", "bios", "keyboard", "localtime", "migrate_downtime", "migrate_speed",
                              "ostype", "reboot", "startdate", "tdf", "template"})
+HWTYPE_OPTIONS = frozenset({"acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
+                            "audio0", "rng0"})  # fakepve files scsihw under Disk (its name starts with scsi)
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -883,6 +885,8 @@ class LabPve(FakePve):  # fakepve is untyped
             return "VM.Config.Cloudinit|VM.Config.Network"
         if key in GENERAL_OPTIONS:
             return "VM.Config.Options"
+        if key in HWTYPE_OPTIONS:
+            return "VM.Config.HWType"
         return str(super()._config_priv(key))
 
     def _check_config_tags(self, user: str, vm: FakeVm, p: dict[str, Any]) -> None:
