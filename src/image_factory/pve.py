@@ -45,6 +45,22 @@ UPID_RE = re.compile(
 )
 
 
+# qemu-server's answer to a tag the datacenter tag policy keeps from this user (pve-guest-common
+# assert_tag_permissions): on a config update, and from qemu-server 9.2.0 inside the create task
+TAG_POLICY_RE = re.compile(r"Sys\.Modify for modifying tag '([^']*)'")
+
+
+def explain(message: str) -> str:
+    """PVE's message, with how to fix it where PVE's own words do not say (a refused tag)."""
+    found = TAG_POLICY_RE.search(message)
+    if found is None:
+        return message
+    return (f"{message}\n    the datacenter tag policy (user-tag-access, registered-tags) keeps the token from setting "
+            f"tag '{found[1]}': on the node as root, pvesh set /cluster/options --user-tag-access user-allow=free "
+            "and take the factory's tags out of registered-tags (preflight's tags check shows the policy where "
+            "the token holds Sys.Audit on /)")
+
+
 class TaskFailed(RemoteError):
     def __init__(self, host: str, upid: str, exitstatus: str, log_tail: list[str]):
         self.upid = upid
