@@ -15,8 +15,9 @@ privileges the token's effective privileges (``GET /access/permissions``) cover
            and /nodes/<node>
 storage    the images, cloud-init and import storages exist, are enabled and list the
            content types the factory writes (images; import)
-space      the import storage (API ``avail``), the upload staging dir and the import dir
-           (``df`` over SSH) each have room for the largest artifact
+space      the import storage (API ``avail``), the upload staging dir, the import dir and a ``dir``
+           images storage beside it (``df`` over SSH, per filesystem), or an LVM-thin images pool's
+           data space (API ``avail``) have room for the largest artifact
 bridge     every bridge the inventory names for this host exists on the node
 vmids      the template and VM id ranges hold no guest the factory does not own
            (owned = tagged :data:`FACTORY_TAG`)
@@ -662,13 +663,29 @@ class _HostRun:
                 )
                 hints.append(f"free at least {human_bytes(need.bytes - avail)} on storage {sid} of {hv.node} "
                              f"(old uploads: `pvesm list {sid} --content import`)")
+        images = next((s for s in self._storages() if str(s.get("storage")) == hv.storage.images), None)
+        on_import_fs = hv.storage.images == sid and images is not None and images.get("type") == "dir"
+        if images is not None and not on_import_fs:
+            # the template's disk, converted from the upload: on an LVM-thin pool it takes the pool's data
+            # space (the API's avail), whatever the volume's virtual size
+            free = int(images.get("avail") or 0)
+            what = f"{images.get('type', '?')} pool" if images.get("type") == "lvmthin" else images.get("type", "?")
+            seen.append(f"{hv.storage.images} ({what}): {human_bytes(free)} free")
+            if free < need.bytes:
+                problems.append(f"images storage {hv.storage.images!r} ({what}) has {human_bytes(free)} free, the "
+                                f"template's disk needs {human_bytes(need.bytes)} ({need.source})")
+                hints.append(f"free at least {human_bytes(need.bytes - free)} on storage {hv.storage.images} of "
+                             f"{hv.node} (old templates and VMs: `pvesm list {hv.storage.images}`)")
         assert self.link is not None
         # Free space is a property of a filesystem, not of a directory. An SSH upload writes the import
         # directory only; an API upload is staged in staging_dir (/var/tmp) and then COPIED into import/,
         # so both copies exist at once (docs/pve-facts.md): on a default install, where both are on the
-        # root filesystem, that is twice the artifact there.
+        # root filesystem, that is twice the artifact there. A `dir` images storage that is the import
+        # storage converts the disk into images/ beside them: one more copy on that filesystem.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
                                                        if transport_named(self.transport).staged else [])
+        if on_import_fs:
+            uses.append((hv.storage.import_dir.rstrip("/").rsplit("/", 1)[0] + "/images", "images"))
         filesystems: dict[str, dict[str, Any]] = {}
         for d, what in uses:
             res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)
@@ -676,7 +693,7 @@ class _HostRun:
             if res.status != 0 or not rows or len(rows[-1]) < 6:
                 why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"df exited {res.status}"
                 problems.append(f"cannot measure free space in {d} on {hv.node}: {why}")
-                if what == "import":
+                if what in ("import", "images"):
                     hints.append(
                         f"{d} should be storage {sid}'s import/ directory: enable `import` content on {sid} "
                         f"(PVE creates the directory) or fix pve.storage.import_dir"
@@ -694,13 +711,17 @@ class _HostRun:
             seen.append(f"{mount} ({', '.join(fs['dirs'])}): {human_bytes(avail)} free")
             if avail < wanted:
                 times = f"{copies} x " if copies > 1 else ""
+                staged = any(d == hv.storage.staging_dir for d in fs["dirs"])
+                reasons = [*([] if not staged else ["the API stages the upload and then copies it, both at once"]),
+                           *(["the template's disk is converted into images/ beside the upload"]
+                             if any(d.endswith("/images") for d in fs["dirs"]) else [])]
                 problems.append(
                     f"filesystem {mount} on {hv.node} (holding {' and '.join(fs['dirs'])}) has {human_bytes(avail)} "
                     f"free, {self.transport} uploads need {times}{human_bytes(need.bytes)} there ({need.source})"
-                    + (": the API stages the upload and then copies it, both at once" if copies > 1 else "")
+                    + (": " + "; ".join(reasons) if reasons else "")
                 )
                 hints.append(f"free at least {human_bytes(wanted - avail)} on {mount} of {hv.node}"
-                             + (", or publish with --transport ssh (one copy)" if copies > 1 else ""))
+                             + (", or publish with --transport ssh (one copy fewer)" if staged else ""))
         if problems:
             return failed("; ".join(problems), "; ".join(hints))
         else:

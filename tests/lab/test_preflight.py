@@ -398,10 +398,37 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
         api, twin.host, "space",
         f"filesystem {small_fs} on pve-tenant (holding {small_fs / 'vz' / 'import'} and {small_fs / 'var-tmp'})",
         "api uploads need 2 x 20.0 MiB there", "the API stages the upload and then copies it, both at once",
-        hint="or publish with --transport ssh (one copy)",
+        hint="or publish with --transport ssh (one copy fewer)",
     )
     assert twin.writes() == [] and twin.state() == before
     assert sorted(p.name for p in small_fs.rglob("*")) == ["filler", "import", "var-tmp", "vz"]  # nothing written
+
+
+def test_space_counts_the_images_storage(twin: Twin, small_fs: Path):
+    """The template's disk is converted from the upload: on a `dir` images storage that is the import storage it
+    lands beside the upload (one more copy on that filesystem); on LVM-thin it takes the pool's data space."""
+    for sub in ("vz/import", "vz/images", "var-tmp"):
+        (small_fs / sub).mkdir(parents=True)
+    with (small_fs / "filler").open("r+b") as fh:
+        fh.truncate(30 << 20)  # 34 MiB free: one 20 MiB copy fits, two do not
+    twin.pve.storages["local"]["path"] = str(small_fs / "vz")
+    mf.save(twin.settings.builds_dir / "debian-lab",
+            factories.manifest(build_id="b8", virtual_size=2 << 30, disk_size=20 << 20))
+    hv = twin.site.hypervisors[twin.host]
+    paths = {"import_dir": str(small_fs / "vz" / "import"), "staging_dir": str(small_fs / "var-tmp")}
+    thin = with_hv(twin.site, twin.host, storage=hv.storage.model_copy(update=paths))
+    assert pf.run_preflight(twin.settings, thin, [twin.host], checks=["space"]).result(twin.host, "space").ok
+    twin.pve.storages["local-lvm"]["pool_size"] = 16 << 20  # a 16 MiB pool holding nothing yet
+    assert_failure(pf.run_preflight(twin.settings, thin, [twin.host], checks=["space"]), twin.host, "space",
+                   "images storage 'local-lvm' (lvmthin pool) has 16.0 MiB free, the template's disk needs 20.0 MiB",
+                   hint="free at least 4.0 MiB on storage local-lvm")
+    on_dir = with_hv(twin.site, twin.host, storage=hv.storage.model_copy(
+        update={**paths, "images": "local", "cloudinit": "local"}))
+    assert_failure(pf.run_preflight(twin.settings, on_dir, [twin.host], checks=["space"]), twin.host, "space",
+                   f"(holding {small_fs / 'vz' / 'import'} and {small_fs / 'vz' / 'images'})",
+                   "ssh uploads need 2 x 20.0 MiB there",
+                   "the template's disk is converted into images/ beside the upload", hint="free at least")
+    assert twin.writes() == []
 
 
 # ------------------------------------------------------------------- publish/deploy gate on preflight

@@ -63,6 +63,7 @@ ISO_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(iso|img)$")
 VZTMPL_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.tar\.(gz|xz|zst|bz2)$")
 CHECKSUMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 CLOUDINIT_SIZE = 4 * 1024 ** 2
+THIN_POOL_SIZE = 100 * 1024 ** 3  # a lab node's LVM-thin pool (control op thin_pool sets another)
 STORAGE_LOCK_WAIT = 10  # PVE seconds (cfs_lock_storage / lock_file timeout)
 # PVE-like durations (PVE seconds) when durations are on.
 DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 2.0, "start": 2.0, "stop": 1.0,
@@ -1217,10 +1218,17 @@ class LabPve(FakePve):  # fakepve is untyped
         return any(self.allowed(user, vlan, "SDN.Audit|SDN.Use") for vlan in vlans)
 
     def _space(self, store: dict[str, Any]) -> tuple[int, int, int]:
-        """A directory storage reports its real filesystem, as PVE's dir plugin does."""
+        """A directory storage reports its real filesystem, as PVE's dir plugin does; an LVM-thin pool its data
+        space (LvmThinPlugin status: the pool's size and its data_percent): the blocks its volumes really hold,
+        whatever their virtual sizes (thin volumes overcommit)."""
         if store.get("type") == "dir" and store.get("path") and Path(store["path"]).is_dir():
             usage = shutil.disk_usage(store["path"])
             return usage.total, usage.used, usage.free
+        if store.get("type") == "lvmthin":
+            total = int(store.get("pool_size") or THIN_POOL_SIZE)
+            used = sum(e.stat().st_blocks * 512 for e in self.thin_dir.iterdir() if e.is_file()) \
+                if self.thin_dir.is_dir() else 0
+            return total, used, max(total - used, 0)
         result: tuple[int, int, int] = super()._space(store)
         return result
 
@@ -1546,6 +1554,9 @@ class LabPve(FakePve):  # fakepve is untyped
                 acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
                             for p, privs in acl.get(who, [])]
             return None
+        if op == "thin_pool":
+            self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
+            return None
         if op == "flaky_network":
             self.flaky_network(**args)
             return None
@@ -1625,6 +1636,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.time_scale = self.spec.time_scale
         self.cluster_options.clear()
         self.acl = copy.deepcopy(self._initial_acl)
+        self.storages[THIN_STORAGE].pop("pool_size", None)
         for store in self.storages.values():
             store["volumes"] = {}
             store["files"] = set()
