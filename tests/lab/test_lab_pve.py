@@ -143,6 +143,33 @@ def test_upload_fields_after_the_file_part_are_not_seen(fresh_lab: LabHandle) ->
     assert "content" in resp.json()["errors"]
 
 
+@pytest.mark.parametrize("fields", [
+    [("checksum-algorithm", "sha256"), ("content", "import")],
+    [("content", "import"), ("checksum", "0" * 64), ("checksum-algorithm", "sha256")],
+    [("content", "import"), ("comment", "x")],
+])
+def test_upload_fields_out_of_pves_order_are_refused(fresh_lab: LabHandle, fields: list[tuple[str, str]]) -> None:
+    """pve-http-server's multipart parser takes content, checksum-algorithm, checksum in this order before the
+    file part; anything else makes a Content-Disposition span two parts, which it refuses."""
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [*fields, ("filename", ("a.raw", io.BytesIO(b"abc"), "application/octet-stream"))])
+    assert resp.status_code == 500 and "expected 'form-data'" in resp.text
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+
+
+def test_upload_names_longer_than_255_and_a_part_after_the_file(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    long = "a" * 252 + ".raw"
+    resp = upload(hv, c, [("content", "import"), ("filename", (long, io.BytesIO(b"abc"), "application/x"))])
+    assert resp.status_code == 400 and resp.json()["errors"] == {"filename": "value may only be 255 characters long"}
+    # a part after the file is written into it (up to the closing boundary): the checksum no longer matches
+    resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"),
+                          ("checksum", hashlib.sha256(b"abc").hexdigest()),
+                          ("filename", ("a.raw", io.BytesIO(b"abc"), "application/x")), ("note", "late")])
+    with pytest.raises(TaskFailed, match="checksum mismatch"):
+        c.wait_task(resp.json()["data"], timeout=30)
+
+
 def test_upload_without_content_length_is_refused(fresh_lab: LabHandle) -> None:
     hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
     enc = MultipartEncoder(fields=[("content", "import"), ("filename", ("a.raw", io.BytesIO(b"abc"), "x/y"))])

@@ -478,9 +478,23 @@ class LabPve(FakePve):  # fakepve is untyped
                 part = await reader.next()
                 if part is None:
                     break
-                if isinstance(part, BodyPartReader) and part.filename is not None and part.name == "filename":
-                    if staged is not None:
-                        raise PveError(400, "bad upload request - more than one file")
+                if isinstance(part, BodyPartReader) and staged is not None:
+                    # pve-http-server writes everything up to the closing boundary into the file: a part after
+                    # the file part ends up inside it
+                    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("Content-Type", ""))
+                    extra = (f"\r\n--{boundary[1] if boundary else ''}\r\nContent-Disposition: form-data; "
+                             f'name="{part.name}"\r\n\r\n'.encode() + await part.read(decode=False))
+                    with staged.open("ab") as out:
+                        out.write(extra)
+                    if hasher is not None:
+                        hasher.update(extra)
+                    continue
+                if isinstance(part, BodyPartReader) and part.filename is not None and part.name != "filename":
+                    raise PveError(500, f"wrong field name '{part.name}' for file upload, expected 'filename'")
+                if isinstance(part, BodyPartReader) and part.filename is not None:
+                    if len(part.filename) > 255:
+                        raise param_error(filename="value may only be 255 characters long")
+                    self._check_field_order(list(fields))
                     # PVE 8.4's upload endpoint rewrites every character outside [a-zA-Z0-9_.-] (+ and = too)
                     filename = re.sub(r"[^a-zA-Z0-9_.-]", "_", Path(part.filename).name)
                     self._check_upload_fields(fields, filename, store, name)
@@ -497,10 +511,7 @@ class LabPve(FakePve):  # fakepve is untyped
                             if hasher is not None:
                                 hasher.update(chunk)
                 elif isinstance(part, BodyPartReader):
-                    value = (await part.read(decode=False)).decode()
-                    if staged is None:
-                        fields[str(part.name)] = value
-                    # PVE's parser takes parameters only before the file part.
+                    fields[str(part.name)] = (await part.read(decode=False)).decode()
         except PveError:
             if staged is not None:
                 staged.unlink(missing_ok=True)
@@ -544,6 +555,18 @@ class LabPve(FakePve):  # fakepve is untyped
             log_lines.append("calculating checksum...OK, checksum verified" if got == (expected or "").lower()
                              else "calculating checksum...")
         return ok(await self.task(self.spec.node, "imgcopy", "", user, body, log=log_lines))
+
+    @staticmethod
+    def _check_field_order(names: list[str]) -> None:
+        """pve-http-server's file_upload_multipart takes, before the file part, `content`, `checksum-algorithm`
+        and `checksum` in this order, each at the head of what is left: a field out of order or of another name
+        makes its Content-Disposition pattern span two parts, which it refuses (HTTP 500)."""
+        expected = ["content", "checksum-algorithm", "checksum"]
+        for name in names:
+            if name not in expected:
+                raise PveError(500, f"wrong Content-Disposition 'form-data; name=\"{name}\"' in multipart, "
+                                    "expected 'form-data'")
+            expected = expected[expected.index(name) + 1:]
 
     def _check_upload_fields(self, fields: dict[str, str], filename: str | None, store: dict[str, Any],
                              name: str) -> None:
