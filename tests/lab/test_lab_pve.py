@@ -723,3 +723,88 @@ def test_clone_locks_the_new_vm_and_cannot_target_the_other_node(fresh_lab: LabH
     assert c.vm_config(1102)["lock"] == "clone"
     c.wait_task(upid, timeout=60)
     assert "lock" not in c.vm_config(1102)
+
+
+# ------------------------------------------------------------------------- verb shapes (strict rule)
+
+# Every verb PveClient offers, with the PVE source that defines its answer (docs/pve-facts.md, "Verb shapes"):
+# a new verb cannot land without an entry here, and the test below asserts the lab answers in that shape.
+VERB_SOURCES = {
+    "version": "pve-manager PVE/API2.pm:86",
+    "vm_config": "qemu-server src/PVE/API2/Qemu.pm:1787",
+    "list_vms": "qemu-server src/PVE/API2/Qemu.pm:1074",
+    "list_containers": "pve-container src/PVE/API2/LXC.pm (vmlist)",
+    "storages": "pve-storage src/PVE/API2/Storage/Status.pm:68",
+    "node_networks": "pve-manager PVE/API2/Network.pm:264",
+    "cluster_vms": "pve-manager PVE/API2/Cluster.pm:263",
+    "cluster_options": "pve-manager PVE/API2/Cluster.pm:774",
+    "permissions": "pve-access-control src/PVE/API2/AccessControl.pm:510",
+    "vm_pending": "qemu-server src/PVE/API2/Qemu.pm:1858",
+    "vm_status": "qemu-server src/PVE/API2/Qemu.pm:3426",
+    "vm_agent": "qemu-server src/PVE/API2/Qemu/Agent.pm:65,240",
+    "create_vm": "qemu-server src/PVE/API2/Qemu.pm:1159",
+    "clone_vm": "qemu-server src/PVE/API2/Qemu.pm:4329",
+    "resize_vm_disk": "qemu-server src/PVE/API2/Qemu.pm:5939",
+    "start_vm": "qemu-server src/PVE/API2/Qemu.pm:3494",
+    "stop_vm": "qemu-server src/PVE/API2/Qemu.pm:3682",
+    "destroy_vm": "qemu-server src/PVE/API2/Qemu.pm:2776",
+    "set_vm_config": "qemu-server src/PVE/API2/Qemu.pm:2718",
+    "update_vm_config": "qemu-server src/PVE/API2/Qemu.pm:2646",
+    "make_template": "qemu-server src/PVE/API2/Qemu.pm:6512",
+    "active_task_vmids": "pve-manager PVE/API2/Tasks.pm:40,228",
+    "wait_task": "pve-manager PVE/API2/Tasks.pm:454",
+    "run_task": "(any endpoint answering a UPID, then Tasks.pm:454)",
+    "upload_endpoint": "pve-storage src/PVE/API2/Storage/Status.pm:519 (no call: builds the URL)",
+}
+GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path"}
+
+
+def _is_upid(value: Any) -> bool:
+    return isinstance(value, str) and Upid.parse(value).raw == value
+
+
+@BOTH_VERSIONS
+def test_every_pve_client_verb_answers_in_the_shape_of_pves_sources(
+        fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    verbs = {n for n, v in vars(PveClient).items() if not n.startswith("_") and (callable(v) or
+                                                                                  isinstance(v, property))}
+    assert verbs - GENERIC == set(VERB_SOURCES), "a PveClient verb needs its PVE source and shape here"
+    c = create_template_source(fresh_lab, host, 9070, tmp_path)
+    version = c.version()
+    assert {"version", "release", "repoid"} <= set(version)
+    assert isinstance(c.vm_config(9070)["digest"], str)
+    assert all(isinstance(v["vmid"], int) and v["status"] in ("running", "stopped") for v in c.list_vms())
+    assert c.list_containers() == []
+    assert all({"storage", "type", "content", "active", "avail", "total"} <= set(s) for s in c.storages())
+    assert all({"iface", "type"} <= set(i) for i in c.node_networks())
+    assert all({"id", "type", "vmid", "node"} <= set(g) for g in c.cluster_vms())
+    assert isinstance(c.cluster_options()["allowed-tags"], list)
+    perms = c.permissions("/vms")
+    assert all(isinstance(p, dict) and all(v in (0, 1) for v in p.values()) for p in perms.values())
+    assert all("key" in item for item in c.vm_pending(9070))
+    assert c.vm_status(9070)["status"] == "stopped"
+    with pytest.raises(ApiError) as agent:
+        c.vm_agent(9070, "network-get-interfaces")  # the VM is stopped: PVE's 500
+    assert agent.value.status == 500
+    assert c.set_vm_config(9070, description="x") is None
+    c.update_vm_config(9070, digest=c.vm_config(9070)["digest"], timeout=30, memory=640)
+    resized = c.resize_vm_disk(9070, "scsi0", "+1M")
+    assert _is_upid(resized)
+    c.wait_task(resized, timeout=30)
+    assert _is_upid(upid := c.make_template(9070))
+    done = c.wait_task(upid, timeout=30)
+    assert done.exitstatus == "OK"
+    assert _is_upid(upid := c.clone_vm(9070, newid=2301, name="shape"))
+    c.wait_task(upid, timeout=60)
+    assert _is_upid(upid := c.create_vm(vmid=2302, name="shape2", memory=512))
+    c.wait_task(upid, timeout=30)
+    assert c.active_task_vmids() == set()
+    fresh_lab.durations(host, stop=2.0)
+    assert _is_upid(upid := c.stop_vm(2302))
+    assert c.get(f"/nodes/{c.node}/tasks/{upid}/status")["status"] == "running"
+    c.wait_task(upid, timeout=30)
+    assert _is_upid(upid := c.destroy_vm(2302))
+    c.wait_task(upid, timeout=30)
+    url, call = c.upload_endpoint("local")
+    assert url.endswith(f"/api2/json/nodes/{c.node}/storage/local/upload") and call.startswith("POST ")
+    assert callable(c.start_vm) and callable(c.run_task)  # start boots a real qemu: test_lab_vm covers its shape
