@@ -35,7 +35,7 @@ from image_factory.inventory import Hypervisor, Site
 from image_factory.lab import factories, sshd
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import PveClient
+from image_factory.pve import ApiError, PveClient
 from image_factory.settings import Settings
 from image_factory.sshlink import fingerprint
 
@@ -296,10 +296,12 @@ class Twin:
 
 
 @pytest.fixture
-def twin(lab: LabHandle, tmp_path: Path) -> Iterator[Twin]:
-    """pve-tenant's API served by an in-process LabPve built from the lab's own node spec."""
+def twin(lab: LabHandle, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Twin]:
+    """pve-tenant's API served by an in-process LabPve built from the lab's own node spec (indirect
+    parametrisation picks another pve-manager release)."""
     host = "pve-tenant"
     spec = NodeSpec.from_mapping(json.loads((lab.paths.host_dir(host) / "pve.json").read_text()))
+    spec = dataclasses.replace(spec, version=getattr(request, "param", spec.version))
     cert, key, _ = make_cert(str(tmp_path), name="twin", hosts=("127.0.0.1",))
     root_pw = tmp_path / "root-password"
     root_pw.write_text("twin-root\n")
@@ -523,3 +525,19 @@ def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
         hint=f"pveum role modify ImageFactory --privs {','.join(pf.required_privileges(9))}")
     assert "VM.Monitor" not in message
     assert twin.writes() == [] and twin.state() == before
+
+
+@pytest.mark.parametrize("twin", ["9.1.19"], indirect=True)
+def test_a_pve_91_node_runs_qemu_server_9_1_15(twin: Twin):
+    """pve-manager 9.1.19 shipped with qemu-server 9.1.15: create keeps its tags verbatim and does not check the
+    tag policy; the config POST locks and checks the policy before it forks (an HTTP 403, not a task failure)."""
+    from image_factory.pve import PveClient
+
+    c = PveClient(twin.site.hypervisors[twin.host])
+    assert c.version()["version"] == "9.1.19"
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=ok"})
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1990, name="v", memory=512, tags="Zeta;ok", timeout=30)
+    assert c.vm_config(1990)["tags"] == "Zeta;ok"
+    with pytest.raises(ApiError) as refused:
+        c.call("POST", f"/nodes/{c.node}/qemu/1990/config", tags="Zeta;ok;new")
+    assert refused.value.status == 403 and "modifying tag 'new'" in refused.value.pve_message
