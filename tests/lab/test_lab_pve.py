@@ -808,3 +808,17 @@ def test_every_pve_client_verb_answers_in_the_shape_of_pves_sources(
     url, call = c.upload_endpoint("local")
     assert url.endswith(f"/api2/json/nodes/{c.node}/storage/local/upload") and call.startswith("POST ")
     assert callable(c.start_vm) and callable(c.run_task)  # start boots a real qemu: test_lab_vm covers its shape
+
+
+@BOTH_VERSIONS
+def test_file_read_takes_count_only_from_qemu_server_9_1_5(fresh_lab: LabHandle, host: str) -> None:
+    """Each node checks its own qemu-server's schema, not the newest one: 8.4's file-read knows only `file`."""
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1989, name="f", memory=512, agent="enabled=1", timeout=30)
+    with pytest.raises(ApiError) as exc:
+        c.vm_agent(1989, "file-read", file="/etc/hostname", count=100)
+    if host == MGMT:
+        assert exc.value.status == 400 and "count" in exc.value.pve_message
+    else:
+        assert exc.value.status == 500 and "not running" in exc.value.pve_message  # count is known: the VM is off
+

@@ -1394,6 +1394,10 @@ class LabPve(FakePve):  # fakepve is untyped
     async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
         vm = self.find(values["node"], values["vmid"])
         command = match.template.rsplit("/", 1)[1]
+        if command == "file-read" and values.get("count") is not None and not self.qemu_at_least(9, 1, 5):
+            # fakepve's schema is 9.x's; file-read takes only `file` before qemu-server 9.1.5
+            raise PveError(400, "Parameter verification failed.", {
+                "count": "property is not defined in schema and the schema does not allow additional properties"})
         agent = str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1]
         if agent not in ("1", "true"):
             raise PveError(500, "No QEMU guest agent configured")
