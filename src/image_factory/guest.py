@@ -25,7 +25,9 @@ def agent_file_read(client: PveClient, vmid: int, path: str) -> str:
     """A file of the guest, read through the guest agent (``agent/file-read``).
 
     file-read, not exec: it needs VM.Monitor on PVE 8 and only VM.GuestAgent.FileRead on PVE 9 (exec
-    needs VM.GuestAgent.Unrestricted), and works where qemu-ga disables guest-exec (RHEL-family guests).
+    needs VM.GuestAgent.Unrestricted). It does not help on RHEL-family guests: qemu-ga 10's default
+    allow-list there blocks guest-file-* as well as guest-exec (docs/pve-facts.md): there this fails with
+    the agent's refusal unless the image widens the allow-list.
     """
     answer = client.vm_agent(vmid, "file-read", file=path)
     if not isinstance(answer, dict) or "content" not in answer:

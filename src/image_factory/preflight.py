@@ -15,15 +15,17 @@ privileges the token's effective privileges (``GET /access/permissions``) cover
            and /nodes/<node>
 storage    the images, cloud-init and import storages exist, are enabled and list the
            content types the factory writes (images; import)
-space      the import storage (API ``avail``), the upload staging dir and the import dir
-           (``df`` over SSH) each have room for the largest artifact
+space      the import storage (API ``avail``), the upload staging dir, the import dir and a ``dir``
+           images storage beside it (``df`` over SSH, per filesystem), or an LVM-thin images pool's
+           data space (API ``avail``) have room for the largest artifact
 bridge     every bridge the inventory names for this host exists on the node
 vmids      the template and VM id ranges hold no guest the factory does not own
            (owned = tagged :data:`FACTORY_TAG`)
 macs       no VM on the node but the inventory VM itself carries an inventory MAC (foreign VMs
            and templates included; each host is checked against the whole inventory)
 tags       the datacenter tag policy (``/cluster/options``: ``user-tag-access``, ``registered-tags``)
-           lets the token set the factory's tags, which otherwise needs Sys.Modify on /
+           lets the token set the factory's tags, which otherwise needs Sys.Modify on /; WARN (not a
+           failure) where the token cannot read the policy (Sys.Audit on /)
 ========== ===========================================================================
 
 Each failure carries a hint that says how to fix it. :func:`run_preflight` returns a
@@ -134,10 +136,11 @@ class CheckResult(Report):
     detail: str
     hint: str = ""
     skipped: bool = False
+    warning: bool = False  # passed, but something could not be verified: the detail says what and why
 
     @property
     def status(self) -> str:
-        return "skip" if self.skipped else ("ok" if self.ok else "FAIL")
+        return "skip" if self.skipped else ("FAIL" if not self.ok else "WARN" if self.warning else "ok")
 
 
 
@@ -362,10 +365,16 @@ class Outcome:
     detail: str
     hint: str = ""
     skipped: bool = False
+    warning: bool = False
 
 
 def passed(detail: str) -> Outcome:
     return Outcome(True, detail)
+
+
+def warned(detail: str, hint: str) -> Outcome:
+    """Nothing wrong was found, but the check could not see everything it should: the run goes on."""
+    return Outcome(True, detail, hint, warning=True)
 
 
 def failed(detail: str, hint: str) -> Outcome:
@@ -432,7 +441,8 @@ class _HostRun:
                     outcome = Outcome(False, f"not run: {', '.join(blockers)} failed", skipped=True)
                 else:
                     outcome = self._run_one(name)
-                self.results[name] = CheckResult(name, outcome.ok, outcome.detail, outcome.hint, outcome.skipped)
+                self.results[name] = CheckResult(name, outcome.ok, outcome.detail, outcome.hint, outcome.skipped,
+                                                 outcome.warning)
         finally:
             if self.link is not None:
                 self.link.close()
@@ -499,7 +509,7 @@ class _HostRun:
         return (f"put the secret of token {hv.token_id} in the {hv.token_secret_source} (it is shown once by "
                 "`pveum user token add`)")
 
-    @check(CHECK_SSH, needs=(), deploy=False)
+    @check(CHECK_SSH, needs=())  # deploy too: it takes its host lock over SSH
     def check_ssh(self) -> Outcome:
         hv = self.hv
         ep = hv.ssh
@@ -653,13 +663,29 @@ class _HostRun:
                 )
                 hints.append(f"free at least {human_bytes(need.bytes - avail)} on storage {sid} of {hv.node} "
                              f"(old uploads: `pvesm list {sid} --content import`)")
+        images = next((s for s in self._storages() if str(s.get("storage")) == hv.storage.images), None)
+        on_import_fs = hv.storage.images == sid and images is not None and images.get("type") == "dir"
+        if images is not None and not on_import_fs:
+            # the template's disk, converted from the upload: on an LVM-thin pool it takes the pool's data
+            # space (the API's avail), whatever the volume's virtual size
+            free = int(images.get("avail") or 0)
+            what = f"{images.get('type', '?')} pool" if images.get("type") == "lvmthin" else images.get("type", "?")
+            seen.append(f"{hv.storage.images} ({what}): {human_bytes(free)} free")
+            if free < need.bytes:
+                problems.append(f"images storage {hv.storage.images!r} ({what}) has {human_bytes(free)} free, the "
+                                f"template's disk needs {human_bytes(need.bytes)} ({need.source})")
+                hints.append(f"free at least {human_bytes(need.bytes - free)} on storage {hv.storage.images} of "
+                             f"{hv.node} (old templates and VMs: `pvesm list {hv.storage.images}`)")
         assert self.link is not None
         # Free space is a property of a filesystem, not of a directory. An SSH upload writes the import
         # directory only; an API upload is staged in staging_dir (/var/tmp) and then COPIED into import/,
         # so both copies exist at once (docs/pve-facts.md): on a default install, where both are on the
-        # root filesystem, that is twice the artifact there.
+        # root filesystem, that is twice the artifact there. A `dir` images storage that is the import
+        # storage converts the disk into images/ beside them: one more copy on that filesystem.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
                                                        if transport_named(self.transport).staged else [])
+        if on_import_fs:
+            uses.append((hv.storage.import_dir.rstrip("/").rsplit("/", 1)[0] + "/images", "images"))
         filesystems: dict[str, dict[str, Any]] = {}
         for d, what in uses:
             res = self.link.run(["df", "-Pk", "--", d], check=False, timeout=self.timeout)
@@ -667,7 +693,7 @@ class _HostRun:
             if res.status != 0 or not rows or len(rows[-1]) < 6:
                 why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"df exited {res.status}"
                 problems.append(f"cannot measure free space in {d} on {hv.node}: {why}")
-                if what == "import":
+                if what in ("import", "images"):
                     hints.append(
                         f"{d} should be storage {sid}'s import/ directory: enable `import` content on {sid} "
                         f"(PVE creates the directory) or fix pve.storage.import_dir"
@@ -685,13 +711,17 @@ class _HostRun:
             seen.append(f"{mount} ({', '.join(fs['dirs'])}): {human_bytes(avail)} free")
             if avail < wanted:
                 times = f"{copies} x " if copies > 1 else ""
+                staged = any(d == hv.storage.staging_dir for d in fs["dirs"])
+                reasons = [*([] if not staged else ["the API stages the upload and then copies it, both at once"]),
+                           *(["the template's disk is converted into images/ beside the upload"]
+                             if any(d.endswith("/images") for d in fs["dirs"]) else [])]
                 problems.append(
                     f"filesystem {mount} on {hv.node} (holding {' and '.join(fs['dirs'])}) has {human_bytes(avail)} "
                     f"free, {self.transport} uploads need {times}{human_bytes(need.bytes)} there ({need.source})"
-                    + (": the API stages the upload and then copies it, both at once" if copies > 1 else "")
+                    + (": " + "; ".join(reasons) if reasons else "")
                 )
                 hints.append(f"free at least {human_bytes(wanted - avail)} on {mount} of {hv.node}"
-                             + (", or publish with --transport ssh (one copy)" if copies > 1 else ""))
+                             + (", or publish with --transport ssh (one copy fewer)" if staged else ""))
         if problems:
             return failed("; ".join(problems), "; ".join(hints))
         else:
@@ -778,46 +808,72 @@ class _HostRun:
 
     @check(CHECK_TAGS)
     def check_tags(self) -> Outcome:
+        """GET /cluster/options answers every user, but holds the tag policy (`user-tag-access`, an object, and
+        `registered-tags`, an array) only for a caller with Sys.Audit on / (pve-manager API2/Cluster.pm
+        get_options): without it the policy is unknown, never "free" (docs/pve-facts.md, Templates)."""
         assert self.client is not None
+        options = self.client.cluster_options()
+        held = effective_privileges(self.client.permissions("/"), "/")
+        if "Sys.Modify" in held:
+            return passed("the token holds Sys.Modify on /: it may set any tag whatever the datacenter tag policy")
+        if not isinstance(options, dict):
+            return failed(f"GET /cluster/options answered {options!r}, not an object",
+                          f"check that {self.hv.api_url} is the PVE API of node {self.hv.node}")
+        if "Sys.Audit" not in held:
+            return warned(
+                "datacenter tag policy unknown (needs Sys.Audit on /): if `user-tag-access` is not free or a "
+                "factory tag is registered, deploy fails configuring a clone and, from qemu-server 9.2.0, every "
+                "publish fails creating its VM (Sys.Modify for modifying tag)",
+                f"on {self.hv.node} as root, check `pvesh get /cluster/options` shows no user-tag-access (free) and "
+                f"none of {', '.join(sorted(self.factory_tags()))} in registered-tags; or let preflight read it: "
+                f"pveum acl modify / --tokens '{self.hv.token_id}' --users {_token_user(self.hv.token_id)} "
+                "--roles PVEAuditor --propagate 0")
         try:
-            options = self.client.cluster_options()
-        except ApiError as exc:
-            if exc.status == 403:
-                return passed("the datacenter tag policy is not readable by the token (Sys.Audit on /); "
-                                     "if `user-tag-access` is not free or a factory tag is registered, creating "
-                                     "templates and VMs fails (Datacenter > Options)")
-            raise
-        access = dict(p.split("=", 1) for p in str(options.get("user-tag-access", "")).split(",") if "=" in p)
-        allow = access.get("user-allow", "free")
-        allowed = {t for t in access.get("user-allow-list", "").split(";") if t}
-        registered = {t for t in str(options.get("registered-tags", "")).split(";") if t}
+            allow, allowed, registered = tag_policy(options)
+        except ValueError as exc:
+            return failed(f"GET /cluster/options: {exc}",
+                          f"check that {self.hv.api_url} is the PVE API of node {self.hv.node}")
         ours = self.factory_tags()
         problems = []
         if allow in ("none", "existing"):
-            problems.append(f"user-tag-access user-allow={allow}: tags cannot be set freely")
+            problems.append(f"user-tag-access user-allow={allow}: new tags (image, build-<id>) cannot be set")
         elif allow == "list":
             problems.append(f"user-tag-access user-allow=list ({', '.join(sorted(allowed)) or 'empty'}): per-build "
                             "tags (image, build-<id>) are never on the list"
                             + (f", nor are {', '.join(sorted(ours - allowed))}" if ours - allowed else ""))
+        elif allow != "free":
+            problems.append(f"user-tag-access user-allow={allow} is not a policy this tool knows")
         if ours & registered:
             problems.append(f"registered-tags holds {', '.join(sorted(ours & registered))}")
         if not problems:
             return passed(f"user-tag-access user-allow={allow}; no factory tag is registered")
-        held = effective_privileges(self.client.permissions("/"), "/")
-        if "Sys.Modify" in held:
-            return passed("; ".join(problems) + " (the token holds Sys.Modify on /, which the policy allows)")
         return failed("; ".join(problems) + ": setting the factory's tags needs Sys.Modify on /, which "
-                               "the token does not hold",
-                   "on the node as root: pvesh set /cluster/options --user-tag-access user-allow=free"
-                   + (f" and take {', '.join(sorted(ours & registered))} out of registered-tags" if ours & registered
-                      else "") + " (Datacenter > Options > User Tag Access)")
+                      "the token does not hold",
+                      "on the node as root: pvesh set /cluster/options --user-tag-access user-allow=free"
+                      + (f" and take {', '.join(sorted(ours & registered))} out of registered-tags"
+                         if ours & registered else "") + " (Datacenter > Options > User Tag Access)")
+
+
+def tag_policy(options: dict[str, Any]) -> tuple[str, set[str], set[str]]:
+    """(user-allow, user-allow-list, registered-tags) from a Sys.Audit caller's GET /cluster/options, where
+    absent means PVE's default (free, none registered). Raises ValueError naming a field of another shape."""
+    access = options.get("user-tag-access") or {}
+    if not isinstance(access, dict):
+        raise ValueError(f"user-tag-access is {access!r}, not an object")
+    allow = str(access.get("user-allow") or "free")
+    listed = access.get("user-allow-list") or []
+    registered = options.get("registered-tags") or []
+    for name, value in (("user-tag-access.user-allow-list", listed), ("registered-tags", registered)):
+        if not isinstance(value, list):
+            raise ValueError(f"{name} is {value!r}, not an array")
+    return allow, {str(t).lower() for t in listed}, {str(t).lower() for t in registered}
 
 
 
 ALL_CHECKS: tuple[str, ...] = tuple(CHECKS)
 # publish uploads over SSH and registers templates through the API: everything.
 PUBLISH_CHECKS: tuple[str, ...] = ALL_CHECKS
-# deploy only clones and configures through the API: no SSH, no upload space.
+# deploy clones and configures through the API and holds its host lock over SSH: no upload space.
 DEPLOY_CHECKS: tuple[str, ...] = tuple(c.name for c in CHECKS.values() if c.deploy)
 CHECK_GROUPS: dict[str, tuple[str, ...]] = {"all": ALL_CHECKS, "publish": PUBLISH_CHECKS, "deploy": DEPLOY_CHECKS}
 
@@ -863,7 +919,7 @@ def render_table(report: PreflightReport) -> Table:
     table = Table(title="preflight: " + ("all checks passed" if report.ok else "FAILED"), show_lines=False)
     for col in ("host", "check", "status", "detail", "fix"):
         table.add_column(col, overflow="fold")
-    style = {"ok": "green", "FAIL": "bold red", "skip": "yellow"}
+    style = {"ok": "green", "WARN": "yellow", "FAIL": "bold red", "skip": "yellow"}
     for host, results in report.hosts.items():
         for r in results:
             table.add_row(host, r.name, Text(r.status, style=style[r.status]), r.detail, r.hint)

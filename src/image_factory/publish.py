@@ -53,7 +53,7 @@ from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
 from .inventory import Hypervisor, Image, Site
 from .manifest import Manifest
 from .ownership import Marker
-from .pve import ApiError, PveClient, retry_lock_timeouts
+from .pve import ApiError, PveClient, explain, retry_lock_timeouts
 from .pvecodec import format_tags
 from .reports import Report
 from .settings import Settings
@@ -535,7 +535,7 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
         else:
             raise PublishError(f"{hv.name}: lost the publish lock {MAX_ROUNDS} times; giving up")
     except FactoryError as exc:
-        result.error = str(exc).removeprefix(f"{hv.name}: ")
+        result.error = explain(str(exc).removeprefix(f"{hv.name}: "))
         result.action = "failed"
     except Exception as exc:  # a host failure must not take the other hosts down
         result.error = f"{type(exc).__name__}: {exc}"

@@ -45,6 +45,22 @@ UPID_RE = re.compile(
 )
 
 
+# qemu-server's answer to a tag the datacenter tag policy keeps from this user (pve-guest-common
+# assert_tag_permissions): on a config update, and from qemu-server 9.2.0 inside the create task
+TAG_POLICY_RE = re.compile(r"Sys\.Modify for modifying tag '([^']*)'")
+
+
+def explain(message: str) -> str:
+    """PVE's message, with how to fix it where PVE's own words do not say (a refused tag)."""
+    found = TAG_POLICY_RE.search(message)
+    if found is None:
+        return message
+    return (f"{message}\n    the datacenter tag policy (user-tag-access, registered-tags) keeps the token from setting "
+            f"tag '{found[1]}': on the node as root, pvesh set /cluster/options --user-tag-access user-allow=free "
+            "and take the factory's tags out of registered-tags (preflight's tags check shows the policy where "
+            "the token holds Sys.Audit on /)")
+
+
 class TaskFailed(RemoteError):
     def __init__(self, host: str, upid: str, exitstatus: str, log_tail: list[str]):
         self.upid = upid
@@ -309,9 +325,10 @@ class PveClient:
     def update_vm_config(self, vmid: int, *, digest: str | None, timeout: float, **params: Any) -> None:
         """POST a VM's config (a qmconfig task) guarded by the digest of the config it was planned from.
 
-        A stale digest is refused as an HTTP 500 before the task forks (8.4, 9.x before 9.1.19) or as
-        the task's failure (9.1.19+, which forks before locking; pve-facts.md, Tasks): both become
-        ConfigChanged. Lock timeouts keep their own form for retry_lock_timeouts.
+        A stale digest is refused as an HTTP 500 before the task forks, on every version (qemu-server
+        9.1.19+ forks before locking, but checks digest and `lock:` flag early); the task's failure form is
+        handled too (pve-facts.md, Tasks): both become ConfigChanged. Lock timeouts (an HTTP 500 before
+        qemu-server 9.1.19, a task failure from it) keep their own form for retry_lock_timeouts.
         """
         if digest:
             params["digest"] = digest
@@ -329,10 +346,15 @@ class PveClient:
             raise
 
     def active_task_vmids(self) -> set[int]:
-        """VMIDs a task on this node is still working on (``source=active``: running tasks only)."""
+        """VMIDs a task on this node is still working on.
+
+        ``source=active`` lists the node's unarchived tasks: running ones with ``status: "RUNNING"`` (the
+        per-task status endpoint says ``running``) and, until archived, just-ended ones with an ``endtime``
+        and their exit status. Running means no endtime; a status other than running (any case) is the
+        second signal (docs/pve-facts.md, Tasks)."""
         busy: set[int] = set()
         for task in self.get(f"{self.node_path}/tasks", source="active", limit=500) or []:
-            if task.get("endtime") or task.get("status") not in (None, "", "running"):
+            if task.get("endtime") or str(task.get("status") or "running").lower() != "running":
                 continue
             with contextlib.suppress(TypeError, ValueError):
                 busy.add(int(task.get("id")))

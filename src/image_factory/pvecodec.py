@@ -88,7 +88,8 @@ _TAG_SEPARATORS = re.compile(r"[;,\s]+")
 def parse_tags(value: object) -> list[str]:
     """A VM's ``tags`` as PVE compares them: case-insensitive, so lowercased, unique and sorted.
 
-    8.4 stores tags verbatim on create and 9.1.17+ normalises them (pve-facts.md, Templates): reading
+    qemu-server before 9.1.17 (PVE 8.4, 9.1) stores tags verbatim on create and 9.1.17+ (PVE 9.2)
+    normalises them (pve-facts.md, Templates): reading
     through this codec makes both forms, and a tag an operator typed in capitals, compare equal.
     """
     items = value if isinstance(value, list | tuple | set) else _TAG_SEPARATORS.split(str(value or ""))

@@ -629,3 +629,20 @@ def test_a_tenant_handed_to_tofu_keeps_the_hardware_deploy_gave_it(lab: LabHandl
     assert {k: new[k] for k in ("bios", "machine", "efi_disk", "operating_system", "vga", "serial_device")} == {
         k: vm[k] for k in ("bios", "machine", "efi_disk", "operating_system", "vga", "serial_device")}
     assert [p["alias"] for p in exported["globex"]["provider"]["proxmox"]] == ["pve-tenant"]
+
+
+def test_deploy_under_a_datacenter_tag_policy(lab: LabHandle) -> None:
+    """A policy the factory's tags satisfy (others registered) lets deploy land; a restrictive one refuses the
+    config update of the clone (PVE: Sys.Modify for modifying tag): deploy says how to fix it and removes the
+    half-made clone."""
+    for host in (MGMT, TENANT):
+        lab.control(host).datacenter(set={"registered-tags": "prod;secret"})
+    vm = lab.site.vms["jump01"]
+    [ok] = deploy(lab, [vm.name], wait=False).results
+    assert ok.ok, (ok.state, ok.error)
+    other = next(v for v in lab.site.vms.values() if v.plane == "mgmt" and v.name not in (vm.name, REAL_BOOT))
+    lab.control(MGMT).datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=image-factory"})
+    [r] = deploy(lab, [other.name], wait=False).results
+    assert r.state == "failed" and "Sys.Modify for modifying tag" in (r.error or ""), (r.state, r.error)
+    assert "pvesh set /cluster/options --user-tag-access user-allow=free" in (r.error or "")
+    assert r.cleanup == "removed" and other.vmid not in api_vmids(lab, MGMT)

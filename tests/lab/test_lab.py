@@ -41,7 +41,7 @@ def test_proxmoxer_with_token_and_tls_reaches_both_nodes_mid_upgrade(lab: LabHan
     for hv in hvs.values():
         client = PveClient(hv)
         seen[hv.name] = (client.version()["version"], [n["node"] for n in client.get("/nodes")])
-    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("9.1.19", ["pve-tenant"])}
+    assert seen == {"pve-mgmt": ("8.4.1", ["pve-mgmt"]), "pve-tenant": ("9.2.5", ["pve-tenant"])}
 
 
 def test_wrong_token_secret_is_refused(lab: LabHandle) -> None:
@@ -61,7 +61,7 @@ def test_token_secret_lives_outside_the_repo_with_mode_0600(lab: LabHandle) -> N
     for path in (mgmt.token_secret_file, lab.paths.vault_password):
         assert not str(path.resolve()).startswith(str(lab.settings.root.resolve()) + "/")
         assert path.stat().st_mode & 0o777 == 0o600
-    assert PveClient(tenant).version()["version"] == "9.1.19"
+    assert PveClient(tenant).version()["version"] == "9.2.5"
 
 
 def test_lab_ca_is_pve_like_without_key_usage_so_only_non_strict_verification_accepts_it(lab: LabHandle) -> None:

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.lab
 
 MGMT = "pve-mgmt"
 TENANT = "pve-tenant"
-# the lab is a site mid-upgrade: pve-mgmt runs 8.4.1, pve-tenant 9.1.19
-BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.1.19"])
+# the lab is a site mid-upgrade: pve-mgmt runs pve-manager 8.4.1 (qemu-server 8.3.12), pve-tenant pve-manager
+# 9.2.5 (qemu-server 9.2.0)
+BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.2.5"])
 LAB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
 
 
@@ -140,6 +141,33 @@ def test_upload_fields_after_the_file_part_are_not_seen(fresh_lab: LabHandle) ->
                           ("content", "import")])
     assert resp.status_code == 400
     assert "content" in resp.json()["errors"]
+
+
+@pytest.mark.parametrize("fields", [
+    [("checksum-algorithm", "sha256"), ("content", "import")],
+    [("content", "import"), ("checksum", "0" * 64), ("checksum-algorithm", "sha256")],
+    [("content", "import"), ("comment", "x")],
+])
+def test_upload_fields_out_of_pves_order_are_refused(fresh_lab: LabHandle, fields: list[tuple[str, str]]) -> None:
+    """pve-http-server's multipart parser takes content, checksum-algorithm, checksum in this order before the
+    file part; anything else makes a Content-Disposition span two parts, which it refuses."""
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    resp = upload(hv, c, [*fields, ("filename", ("a.raw", io.BytesIO(b"abc"), "application/octet-stream"))])
+    assert resp.status_code == 500 and "expected 'form-data'" in resp.text
+    assert c.get(f"/nodes/{c.node}/storage/local/content", content="import") == []
+
+
+def test_upload_names_longer_than_255_and_a_part_after_the_file(fresh_lab: LabHandle) -> None:
+    hv, c = fresh_lab.hv(MGMT), client(fresh_lab)
+    long = "a" * 252 + ".raw"
+    resp = upload(hv, c, [("content", "import"), ("filename", (long, io.BytesIO(b"abc"), "application/x"))])
+    assert resp.status_code == 400 and resp.json()["errors"] == {"filename": "value may only be 255 characters long"}
+    # a part after the file is written into it (up to the closing boundary): the checksum no longer matches
+    resp = upload(hv, c, [("content", "import"), ("checksum-algorithm", "sha256"),
+                          ("checksum", hashlib.sha256(b"abc").hexdigest()),
+                          ("filename", ("a.raw", io.BytesIO(b"abc"), "application/x")), ("note", "late")])
+    with pytest.raises(TaskFailed, match="checksum mismatch"):
+        c.wait_task(resp.json()["data"], timeout=30)
 
 
 def test_upload_without_content_length_is_refused(fresh_lab: LabHandle) -> None:
@@ -415,7 +443,7 @@ def test_sshkeys_percent_encoded_with_20_is_accepted_and_plus_is_refused(fresh_l
 
 @BOTH_VERSIONS
 def test_tags_on_create_by_version(fresh_lab: LabHandle, host: str) -> None:
-    """8.4 stores create's tags verbatim, 9.1.17+ normalises them; updates normalise on both."""
+    """qemu-server 8.3 stores create's tags verbatim, 9.1.17+ normalises them; updates normalise on both."""
     c = client(fresh_lab, host)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1992, name="t", memory=512, tags="zeta;Alpha;mgmt",
                timeout=30)
@@ -430,21 +458,22 @@ def test_tags_on_create_by_version(fresh_lab: LabHandle, host: str) -> None:
 
 
 @BOTH_VERSIONS
-def test_stale_digest_is_an_http_error_before_9_1_19_and_a_task_failure_after(
-        fresh_lab: LabHandle, host: str) -> None:
+def test_stale_digest_and_a_lock_flag_are_http_errors_on_every_version(fresh_lab: LabHandle, host: str) -> None:
+    """qemu-server 9.1.19+ forks the config POST before locking, but its early check (load_and_check_config
+    before the fork) still refuses a stale digest and a `lock:` flag synchronously, as 8.4 does."""
     c = client(fresh_lab, host)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1994, name="d", memory=512, timeout=30)
     stale = c.vm_config(1994)["digest"]
     c.put(f"/nodes/{c.node}/qemu/1994/config", memory=1024)  # another writer
     raw = c.call  # the wire form first
-    if host == MGMT:
-        with pytest.raises(ApiError, match="checksum mismatch") as http:
-            raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
-        assert http.value.status == 500
-    else:
-        upid = raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
-        with pytest.raises(TaskFailed, match="checksum mismatch"):
-            c.wait_task(upid, timeout=30)
+    with pytest.raises(ApiError, match="checksum mismatch") as http:
+        raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048, digest=stale)
+    assert http.value.status == 500
+    fresh_lab.control(host).snapshot_lock(vmid=1994, lock="backup")
+    with pytest.raises(ApiError, match=r"VM is locked \(backup\)") as locked:
+        raw("POST", f"/nodes/{c.node}/qemu/1994/config", memory=2048)
+    assert locked.value.status == 500
+    fresh_lab.control(host).unlock(vmid=1994)
     # the product's one form for both, and nothing written
     with pytest.raises(ConfigChanged, match="changed after this run read it"):
         c.update_vm_config(1994, digest=stale, timeout=30, memory=2048)
@@ -478,6 +507,59 @@ def test_config_lock_timeout_form_by_version_and_the_retry_handles_both(fresh_la
     assert len(retried) == 1 and str(c.vm_config(1995)["memory"]) == "768"
 
 
+@BOTH_VERSIONS
+def test_a_restrictive_tag_policy_is_enforced_on_config_and_from_qemu_server_9_2_on_create(
+        fresh_lab: LabHandle, host: str) -> None:
+    """pve-guest-common's assert_tag_permissions: without Sys.Modify on /, a tag off the datacenter's list (or a
+    registered one) is refused: on a config update (synchronously before qemu-server 9.1.19, in the task
+    from then), and from qemu-server 9.2.0 inside the create task too."""
+    c = client(fresh_lab, host)
+    control = fresh_lab.control(host)
+    control.datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=image-factory;ok"})
+    path = f"/nodes/{c.node}/qemu"
+    refused = "Permission check failed (/, Sys.Modify for modifying tag 'build-1')"
+    if host == MGMT:  # qemu-server 8.3: create stores the tags unchecked
+        c.run_task("POST", path, vmid=1998, name="q", memory=512, tags="image-factory;build-1", timeout=30)
+    else:
+        with pytest.raises(TaskFailed) as task:
+            c.run_task("POST", path, vmid=1998, name="q", memory=512, tags="image-factory;build-1", timeout=30)
+        assert refused in task.value.exitstatus and 1998 not in {int(v["vmid"]) for v in c.list_vms()}
+    c.run_task("POST", path, vmid=1996, name="p", memory=512, tags="image-factory;ok", timeout=30)
+    with pytest.raises(ApiError) as put:
+        c.put(f"{path}/1996/config", tags="image-factory;ok;build-2")
+    assert put.value.status == 403 and "modifying tag 'build-2'" in put.value.pve_message
+    if host == MGMT:
+        with pytest.raises(ApiError, match="modifying tag 'build-2'"):
+            c.update_vm_config(1996, digest=None, timeout=30, tags="image-factory;ok;build-2")
+    else:
+        with pytest.raises(TaskFailed, match="modifying tag 'build-2'"):
+            c.update_vm_config(1996, digest=None, timeout=30, tags="image-factory;ok;build-2")
+    c.put(f"{path}/1996/config", tags="image-factory;ok")  # listed tags pass
+    control.grant(path="/", privs=["Sys.Modify"])  # the policy binds only users without Sys.Modify on /
+    c.put(f"{path}/1996/config", tags="image-factory;ok;build-2")
+    assert parse_tags(c.vm_config(1996)["tags"]) == ["build-2", "image-factory", "ok"]
+
+
+def test_running_tasks_are_listed_by_source_in_pve_managers_shape(fresh_lab: LabHandle) -> None:
+    """GET .../tasks?source=active: running tasks only, `status: "RUNNING"`, no endtime, the token's user without
+    its token part plus `tokenid`; the default (archive) lists only ended ones. active_task_vmids sees them."""
+    c = client(fresh_lab, TENANT)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1997, name="slow", memory=512, timeout=30)
+    fresh_lab.lock_vm(TENANT, 1997, secs=3.0)  # qemu-server 9.2's config task waits for the config lock
+    upid = c.call("POST", f"/nodes/{c.node}/qemu/1997/config", memory=640)
+    active = c.get(f"/nodes/{c.node}/tasks", source="active")
+    mine = [t for t in active if t["upid"] == upid]
+    user, token = c.hv.token_id.split("!")
+    assert mine and mine[0]["status"] == "RUNNING" and "endtime" not in mine[0]
+    assert mine[0]["user"] == user and mine[0]["tokenid"] == token
+    assert upid not in {t["upid"] for t in c.get(f"/nodes/{c.node}/tasks")}
+    assert 1997 in c.active_task_vmids()
+    c.wait_task(upid, timeout=60)
+    assert 1997 not in c.active_task_vmids()
+    ended = [t for t in c.get(f"/nodes/{c.node}/tasks", source="all") if t["upid"] == upid]
+    assert ended[0]["status"] == "OK" and ended[0]["endtime"] >= ended[0]["starttime"]
+
+
 def test_multicast_mac_is_refused(fresh_lab: LabHandle) -> None:
     c = client(fresh_lab)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1993, name="m", memory=512, timeout=30)
@@ -494,7 +576,7 @@ def test_fail_hook_makes_the_next_call_fail_once(fresh_lab: LabHandle) -> None:
     fresh_lab.fail(TENANT, "GET", "/version", status=500, message="boom", times=1)
     with pytest.raises(ApiError, match="boom"):
         c.version()
-    assert c.version()["version"] == "9.1.19"  # the tenant host of the mid-upgrade lab
+    assert c.version()["version"] == "9.2.5"  # the tenant host of the mid-upgrade lab
 
 
 def test_cut_ssh_mid_transfer(fresh_lab: LabHandle, tmp_path: Path) -> None:
@@ -557,19 +639,39 @@ def test_setting_the_cloudinit_drive_again_is_a_no_op(fresh_lab: LabHandle, tmp_
     assert c.vm_config(1995)["ide2"] == before
 
 
-def test_destroying_a_template_with_linked_clones_warns_and_keeps_the_base_disk(
-    fresh_lab: LabHandle, tmp_path: Path
-) -> None:
+def test_destroying_a_template_with_linked_clones_on_dir_is_refused(fresh_lab: LabHandle, tmp_path: Path) -> None:
+    """qemu-server's destroy_vm: a template whose base volume still backs a linked clone is not removed (the
+    task fails before touching anything); once the clone is gone it is."""
     c = create_template_source(fresh_lab, TENANT, 9060, tmp_path)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/template", timeout=30)
-    base = disk_file(fresh_lab, TENANT, c.vm_config(9060)["scsi0"].split(",")[0])
+    volid = c.vm_config(9060)["scsi0"].split(",")[0]
+    base = disk_file(fresh_lab, TENANT, volid)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/clone", newid=2202, name="linked", timeout=60)
-    result = c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
-    assert result.exitstatus == "WARNINGS: 1"
-    assert any("still in use by linked clone" in w for w in result.warnings)
-    assert base.exists(), "the linked clone still needs its base"
+    with pytest.raises(TaskFailed, match=f"base volume '{re.escape(volid)}' is still in use by linked cloned"):
+        c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
+    assert base.exists() and int(c.vm_config(9060)["template"]) == 1
     c.run_task("DELETE", f"/nodes/{c.node}/qemu/2202", timeout=30)
     assert not (fresh_lab.paths.storage_dir(TENANT) / "images" / "2202").exists()
+    c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
+    assert not base.exists()
+
+
+def test_clone_needs_sdn_use_on_the_source_bridges_and_the_network_list_hides_unusable_bridges(
+        fresh_lab: LabHandle, tmp_path: Path) -> None:
+    """qemu-server's clone_vm checks SDN.Use on the source config's bridges; pve-manager's network index is open
+    to every user but hides a bridge the caller holds neither SDN.Audit nor SDN.Use on."""
+    c = create_template_source(fresh_lab, MGMT, 9061, tmp_path)
+    c.put(f"/nodes/{c.node}/qemu/9061/config", net1="virtio,bridge=vmbr1")
+    assert {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")} == {"vmbr0", "vmbr1"}
+    control = fresh_lab.control(MGMT)  # the admin narrows the token's SDN.Use to vmbr0
+    control.revoke(path="/sdn/zones/localnetwork", privs=["SDN.Use"])
+    control.grant(path="/sdn/zones/localnetwork/vmbr0", privs=["SDN.Use"])
+    with pytest.raises(ApiError) as exc:
+        c.post(f"/nodes/{c.node}/qemu/9061/clone", newid=2203, name="c")
+    assert exc.value.status == 403 and "/sdn/zones/localnetwork/vmbr1, SDN.Use" in exc.value.pve_message
+    assert 2203 not in {int(v["vmid"]) for v in c.list_vms()}
+    assert {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")} == {"vmbr0"}
+    assert "eno1" in {i["iface"] for i in c.get(f"/nodes/{c.node}/network")}
 
 
 @BOTH_VERSIONS
@@ -621,3 +723,102 @@ def test_clone_locks_the_new_vm_and_cannot_target_the_other_node(fresh_lab: LabH
     assert c.vm_config(1102)["lock"] == "clone"
     c.wait_task(upid, timeout=60)
     assert "lock" not in c.vm_config(1102)
+
+
+# ------------------------------------------------------------------------- verb shapes (strict rule)
+
+# Every verb PveClient offers, with the PVE source that defines its answer (docs/pve-facts.md, "Verb shapes"):
+# a new verb cannot land without an entry here, and the test below asserts the lab answers in that shape.
+VERB_SOURCES = {
+    "version": "pve-manager PVE/API2.pm:86",
+    "vm_config": "qemu-server src/PVE/API2/Qemu.pm:1787",
+    "list_vms": "qemu-server src/PVE/API2/Qemu.pm:1074",
+    "list_containers": "pve-container src/PVE/API2/LXC.pm (vmlist)",
+    "storages": "pve-storage src/PVE/API2/Storage/Status.pm:68",
+    "node_networks": "pve-manager PVE/API2/Network.pm:264",
+    "cluster_vms": "pve-manager PVE/API2/Cluster.pm:263",
+    "cluster_options": "pve-manager PVE/API2/Cluster.pm:774",
+    "permissions": "pve-access-control src/PVE/API2/AccessControl.pm:510",
+    "vm_pending": "qemu-server src/PVE/API2/Qemu.pm:1858",
+    "vm_status": "qemu-server src/PVE/API2/Qemu.pm:3426",
+    "vm_agent": "qemu-server src/PVE/API2/Qemu/Agent.pm:65,240",
+    "create_vm": "qemu-server src/PVE/API2/Qemu.pm:1159",
+    "clone_vm": "qemu-server src/PVE/API2/Qemu.pm:4329",
+    "resize_vm_disk": "qemu-server src/PVE/API2/Qemu.pm:5939",
+    "start_vm": "qemu-server src/PVE/API2/Qemu.pm:3494",
+    "stop_vm": "qemu-server src/PVE/API2/Qemu.pm:3682",
+    "destroy_vm": "qemu-server src/PVE/API2/Qemu.pm:2776",
+    "set_vm_config": "qemu-server src/PVE/API2/Qemu.pm:2718",
+    "update_vm_config": "qemu-server src/PVE/API2/Qemu.pm:2646",
+    "make_template": "qemu-server src/PVE/API2/Qemu.pm:6512",
+    "active_task_vmids": "pve-manager PVE/API2/Tasks.pm:40,228",
+    "wait_task": "pve-manager PVE/API2/Tasks.pm:454",
+    "run_task": "(any endpoint answering a UPID, then Tasks.pm:454)",
+    "upload_endpoint": "pve-storage src/PVE/API2/Storage/Status.pm:519 (no call: builds the URL)",
+}
+GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path"}
+
+
+def _is_upid(value: Any) -> bool:
+    return isinstance(value, str) and Upid.parse(value).raw == value
+
+
+@BOTH_VERSIONS
+def test_every_pve_client_verb_answers_in_the_shape_of_pves_sources(
+        fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    verbs = {n for n, v in vars(PveClient).items() if not n.startswith("_") and (callable(v) or
+                                                                                  isinstance(v, property))}
+    assert verbs - GENERIC == set(VERB_SOURCES), "a PveClient verb needs its PVE source and shape here"
+    c = create_template_source(fresh_lab, host, 9070, tmp_path)
+    version = c.version()
+    assert {"version", "release", "repoid"} <= set(version)
+    assert isinstance(c.vm_config(9070)["digest"], str)
+    assert all(isinstance(v["vmid"], int) and v["status"] in ("running", "stopped") for v in c.list_vms())
+    assert c.list_containers() == []
+    assert all({"storage", "type", "content", "active", "avail", "total"} <= set(s) for s in c.storages())
+    assert all({"iface", "type"} <= set(i) for i in c.node_networks())
+    assert all({"id", "type", "vmid", "node"} <= set(g) for g in c.cluster_vms())
+    assert isinstance(c.cluster_options()["allowed-tags"], list)
+    perms = c.permissions("/vms")
+    assert all(isinstance(p, dict) and all(v in (0, 1) for v in p.values()) for p in perms.values())
+    assert all("key" in item for item in c.vm_pending(9070))
+    assert c.vm_status(9070)["status"] == "stopped"
+    with pytest.raises(ApiError) as agent:
+        c.vm_agent(9070, "network-get-interfaces")  # the VM is stopped: PVE's 500
+    assert agent.value.status == 500
+    assert c.set_vm_config(9070, description="x") is None
+    c.update_vm_config(9070, digest=c.vm_config(9070)["digest"], timeout=30, memory=640)
+    resized = c.resize_vm_disk(9070, "scsi0", "+1M")
+    assert _is_upid(resized)
+    c.wait_task(resized, timeout=30)
+    assert _is_upid(upid := c.make_template(9070))
+    done = c.wait_task(upid, timeout=30)
+    assert done.exitstatus == "OK"
+    assert _is_upid(upid := c.clone_vm(9070, newid=2301, name="shape"))
+    c.wait_task(upid, timeout=60)
+    assert _is_upid(upid := c.create_vm(vmid=2302, name="shape2", memory=512))
+    c.wait_task(upid, timeout=30)
+    assert c.active_task_vmids() == set()
+    fresh_lab.durations(host, stop=2.0)
+    assert _is_upid(upid := c.stop_vm(2302))
+    assert c.get(f"/nodes/{c.node}/tasks/{upid}/status")["status"] == "running"
+    c.wait_task(upid, timeout=30)
+    assert _is_upid(upid := c.destroy_vm(2302))
+    c.wait_task(upid, timeout=30)
+    url, call = c.upload_endpoint("local")
+    assert url.endswith(f"/api2/json/nodes/{c.node}/storage/local/upload") and call.startswith("POST ")
+    assert callable(c.start_vm) and callable(c.run_task)  # start boots a real qemu: test_lab_vm covers its shape
+
+
+@BOTH_VERSIONS
+def test_file_read_takes_count_only_from_qemu_server_9_1_5(fresh_lab: LabHandle, host: str) -> None:
+    """Each node checks its own qemu-server's schema, not the newest one: 8.4's file-read knows only `file`."""
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1989, name="f", memory=512, agent="enabled=1", timeout=30)
+    with pytest.raises(ApiError) as exc:
+        c.vm_agent(1989, "file-read", file="/etc/hostname", count=100)
+    if host == MGMT:
+        assert exc.value.status == 400 and "count" in exc.value.pve_message
+    else:
+        assert exc.value.status == 500 and "not running" in exc.value.pve_message  # count is known: the VM is off
+

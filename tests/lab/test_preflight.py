@@ -35,7 +35,7 @@ from image_factory.inventory import Hypervisor, Site
 from image_factory.lab import factories, sshd
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import PveClient
+from image_factory.pve import ApiError, PveClient
 from image_factory.settings import Settings
 from image_factory.sshlink import fingerprint
 
@@ -251,7 +251,8 @@ def test_invoke_preflight_json_and_exit_codes(fresh_lab: LabHandle, import_disab
     assert "pve-mgmt" in table and "storage" in table and "FAIL" in table
     assert "pvesm set local --content" in table and "import" in table
     assert "preflight failed" in table
-    assert "ssh" not in [line.split("│")[2].strip() for line in table.splitlines() if line.count("│") > 3]
+    checked = [line.split("│")[2].strip() for line in table.splitlines() if line.count("│") > 3]
+    assert "ssh" in checked and "space" not in checked  # deploy takes its host lock over SSH
 
 
 # ------------------------------------------------------------------------ twin node (in-process)
@@ -295,10 +296,12 @@ class Twin:
 
 
 @pytest.fixture
-def twin(lab: LabHandle, tmp_path: Path) -> Iterator[Twin]:
-    """pve-tenant's API served by an in-process LabPve built from the lab's own node spec."""
+def twin(lab: LabHandle, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Twin]:
+    """pve-tenant's API served by an in-process LabPve built from the lab's own node spec (indirect
+    parametrisation picks another pve-manager release)."""
     host = "pve-tenant"
     spec = NodeSpec.from_mapping(json.loads((lab.paths.host_dir(host) / "pve.json").read_text()))
+    spec = dataclasses.replace(spec, version=getattr(request, "param", spec.version))
     cert, key, _ = make_cert(str(tmp_path), name="twin", hosts=("127.0.0.1",))
     root_pw = tmp_path / "root-password"
     root_pw.write_text("twin-root\n")
@@ -319,7 +322,7 @@ def twin(lab: LabHandle, tmp_path: Path) -> Iterator[Twin]:
 
 def test_twin_passes_like_the_lab(twin: Twin):
     report = pf.run_preflight(twin.settings, twin.site, [twin.host])
-    assert report.ok, report.to_dict()
+    assert report.ok, report.failures()
     assert twin.writes() == []
 
 
@@ -397,10 +400,37 @@ def test_storage_nearly_full(twin: Twin, small_fs: Path):
         api, twin.host, "space",
         f"filesystem {small_fs} on pve-tenant (holding {small_fs / 'vz' / 'import'} and {small_fs / 'var-tmp'})",
         "api uploads need 2 x 20.0 MiB there", "the API stages the upload and then copies it, both at once",
-        hint="or publish with --transport ssh (one copy)",
+        hint="or publish with --transport ssh (one copy fewer)",
     )
     assert twin.writes() == [] and twin.state() == before
     assert sorted(p.name for p in small_fs.rglob("*")) == ["filler", "import", "var-tmp", "vz"]  # nothing written
+
+
+def test_space_counts_the_images_storage(twin: Twin, small_fs: Path):
+    """The template's disk is converted from the upload: on a `dir` images storage that is the import storage it
+    lands beside the upload (one more copy on that filesystem); on LVM-thin it takes the pool's data space."""
+    for sub in ("vz/import", "vz/images", "var-tmp"):
+        (small_fs / sub).mkdir(parents=True)
+    with (small_fs / "filler").open("r+b") as fh:
+        fh.truncate(30 << 20)  # 34 MiB free: one 20 MiB copy fits, two do not
+    twin.pve.storages["local"]["path"] = str(small_fs / "vz")
+    mf.save(twin.settings.builds_dir / "debian-lab",
+            factories.manifest(build_id="b8", virtual_size=2 << 30, disk_size=20 << 20))
+    hv = twin.site.hypervisors[twin.host]
+    paths = {"import_dir": str(small_fs / "vz" / "import"), "staging_dir": str(small_fs / "var-tmp")}
+    thin = with_hv(twin.site, twin.host, storage=hv.storage.model_copy(update=paths))
+    assert pf.run_preflight(twin.settings, thin, [twin.host], checks=["space"]).result(twin.host, "space").ok
+    twin.pve.storages["local-lvm"]["pool_size"] = 16 << 20  # a 16 MiB pool holding nothing yet
+    assert_failure(pf.run_preflight(twin.settings, thin, [twin.host], checks=["space"]), twin.host, "space",
+                   "images storage 'local-lvm' (lvmthin pool) has 16.0 MiB free, the template's disk needs 20.0 MiB",
+                   hint="free at least 4.0 MiB on storage local-lvm")
+    on_dir = with_hv(twin.site, twin.host, storage=hv.storage.model_copy(
+        update={**paths, "images": "local", "cloudinit": "local"}))
+    assert_failure(pf.run_preflight(twin.settings, on_dir, [twin.host], checks=["space"]), twin.host, "space",
+                   f"(holding {small_fs / 'vz' / 'import'} and {small_fs / 'vz' / 'images'})",
+                   "ssh uploads need 2 x 20.0 MiB there",
+                   "the template's disk is converted into images/ beside the upload", hint="free at least")
+    assert twin.writes() == []
 
 
 # ------------------------------------------------------------------- publish/deploy gate on preflight
@@ -435,21 +465,47 @@ def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
 
 
 def test_datacenter_tag_policy_is_reported(twin: Twin):
-    """PVE 9 (and 8.4): a restrictive tag policy makes the factory's tags need Sys.Modify on / ."""
+    """GET /cluster/options answers everyone, but holds the tag policy only for Sys.Audit on /: without it the
+    policy is unknown (a warning, never "free"); with it a restrictive policy is refused with its fix."""
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=factory;mgmt",
+                                     "registered-tags": "mgmt;tenant", "tag-style": "ordering=config"})
     r = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
-    assert r.ok and "not readable by the token (Sys.Audit on /)" in r.detail  # what the playbook grants
+    assert r.ok and r.status == "WARN" and "unknown (needs Sys.Audit on /)" in r.detail  # what the playbook grants
+    assert "user-allow=free" not in r.detail and "pvesh get /cluster/options" in r.hint
     token = twin.site.hypervisors[twin.host].token_id
     for who in (token, token.split("!")[0]):
         twin.pve.grant(who, "/", "Sys.Audit")
-    twin.pve.cluster_options.update({"user-tag-access": "user-allow=existing", "registered-tags": "mgmt;tenant"})
     report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"])
-    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=existing",
-                   "registered-tags holds tenant", "needs Sys.Modify on /",
+    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=list (factory, mgmt)",
+                   "per-build tags (image, build-<id>) are never on the list", "registered-tags holds tenant",
+                   "needs Sys.Modify on /",
                    hint="pvesh set /cluster/options --user-tag-access user-allow=free")
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=existing", "registered-tags": "prod"})
+    report = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"])
+    assert_failure(report, twin.host, "tags", "user-tag-access user-allow=existing", hint="user-allow=free")
     twin.pve.cluster_options.clear()
     ok = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
-    assert ok.ok and "user-allow=free" in ok.detail
+    assert ok.status == "ok" and "user-allow=free" in ok.detail
     assert twin.writes() == []
+
+
+def test_cluster_options_answer_in_pve_managers_shapes(twin: Twin):
+    """pve-manager's get_options: console, tag-style and allowed-tags for everyone; all of datacenter.cfg,
+    parsed (objects, arrays), with Sys.Audit on / ."""
+    from image_factory.pve import PveClient
+
+    client = PveClient(twin.site.hypervisors[twin.host])
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=a;b",
+                                     "registered-tags": "prod;tenant", "tag-style": "ordering=config",
+                                     "keyboard": "de"})
+    assert client.cluster_options() == {"tag-style": {"ordering": "config"}, "allowed-tags": ["a", "b"]}
+    token = twin.site.hypervisors[twin.host].token_id
+    for who in (token, token.split("!")[0]):
+        twin.pve.grant(who, "/", "Sys.Audit")
+    assert client.cluster_options() == {
+        "user-tag-access": {"user-allow": "list", "user-allow-list": ["a", "b"]},
+        "registered-tags": ["prod", "tenant"], "tag-style": {"ordering": "config"}, "keyboard": "de",
+        "allowed-tags": ["a", "b"]}
 
 
 def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
@@ -469,3 +525,19 @@ def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
         hint=f"pveum role modify ImageFactory --privs {','.join(pf.required_privileges(9))}")
     assert "VM.Monitor" not in message
     assert twin.writes() == [] and twin.state() == before
+
+
+@pytest.mark.parametrize("twin", ["9.1.19"], indirect=True)
+def test_a_pve_91_node_runs_qemu_server_9_1_15(twin: Twin):
+    """pve-manager 9.1.19 shipped with qemu-server 9.1.15: create keeps its tags verbatim and does not check the
+    tag policy; the config POST locks and checks the policy before it forks (an HTTP 403, not a task failure)."""
+    from image_factory.pve import PveClient
+
+    c = PveClient(twin.site.hypervisors[twin.host])
+    assert c.version()["version"] == "9.1.19"
+    twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=ok"})
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1990, name="v", memory=512, tags="Zeta;ok", timeout=30)
+    assert c.vm_config(1990)["tags"] == "Zeta;ok"
+    with pytest.raises(ApiError) as refused:
+        c.call("POST", f"/nodes/{c.node}/qemu/1990/config", tags="Zeta;ok;new")
+    assert refused.value.status == 403 and "modifying tag 'new'" in refused.value.pve_message

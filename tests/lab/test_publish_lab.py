@@ -505,3 +505,25 @@ def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_
     # B never touched the VM A's task was still importing; A removed its own half-made VM itself
     busy = rb.plan["left_to_running_tasks"]
     assert busy and any(f"destroyed half-made VM {busy[0]}" in x for x in ra.cleaned_up), (ra.cleaned_up, busy)
+
+
+def test_publish_under_a_datacenter_tag_policy(env: Any) -> None:
+    """A policy the factory's tags satisfy (free, other tags registered) lets publish create on 8.4 and 9.2
+    alike; a restrictive one (a list) fails qemu-server 9.2's create task with PVE's reason, and the half-made
+    VM is gone (PVE removes it; the run leaves nothing)."""
+    lab, settings, site = env
+    for name in lab.hypervisors:
+        lab.control(name).datacenter(set={"registered-tags": "prod;secret"})
+    make_build(settings.builds_dir, build_id="policy1")
+    report = publish_image(settings, site, IMAGE, progress=False)
+    assert report.ok and {h.action for h in report.hosts} == {"created"}, report.to_dict()
+    tenant = "pve-tenant"
+    lab.control(tenant).datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=image-factory"})
+    make_build(settings.builds_dir, build_id="policy2", seed=1)
+    with pytest.raises(PublishError):
+        publish_image(settings, site, IMAGE, hypervisors=[tenant], progress=False).raise_for_failures()
+    failed = publish_image(settings, site, IMAGE, hypervisors=[tenant], progress=False).host(tenant)
+    assert failed.error and "Sys.Modify for modifying tag 'build-policy2'" in failed.error, failed.to_dict()
+    assert "pvesh set /cluster/options --user-tag-access user-allow=free" in failed.error
+    c = PveClient(lab.hv(tenant))
+    assert [int(v["vmid"]) for v in c.list_vms()] == [report.host(tenant).template_vmid]

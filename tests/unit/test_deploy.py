@@ -161,7 +161,8 @@ def test_compare_in_sync_even_with_pve_spelling(site: Site) -> None:
 
 
 def test_tags_stored_verbatim_or_normalised_are_in_sync(site: Site) -> None:
-    """8.4 keeps create's tags as sent, 9.1.17+ lowercases and sorts; an operator may type capitals."""
+    """qemu-server 8.3 (PVE 8.4) keeps create's tags as sent, 9.1.17+ lowercases and sorts; an operator may
+    type capitals."""
     vm = site.vms["jump01"]
     hv = site.hypervisor_for(vm)
     cfg = _live_config(vm, hv)

@@ -196,3 +196,33 @@ def test_a_template_conversion_never_renames_over_an_existing_volume(tmp_path: P
     (pve.thin_dir / "base-9000-disk-0").unlink()
     assert pve._qm_rename_volume("local-lvm:vm-9000-disk-0") == "local-lvm:base-9000-disk-0"
     assert (pve.thin_dir / "base-9000-disk-0").read_bytes() == b"new"
+
+
+def test_config_keys_need_the_privileges_qemu_server_names(tmp_path: Path) -> None:
+    """check_vm_modify_config_perm: cloud-init options and ipconfigN need VM.Config.Cloudinit or .Network (either),
+    ostype is a general option (VM.Config.Options), never VM.Config.HWType."""
+    pve = make(tmp_path)
+    assert pve._config_priv("ciuser") == pve._config_priv("ipconfig0") == "VM.Config.Cloudinit|VM.Config.Network"
+    assert pve._config_priv("ostype") == "VM.Config.Options"
+    assert pve._config_priv("scsihw") == "VM.Config.HWType"
+    keep = {"VM.Config.Cloudinit", "VM.Config.Network", "VM.Config.Options"}
+    pve.acl[TOKEN_ID] = [(p, s - keep) for p, s in pve.acl[TOKEN_ID]]
+    for key in ("sshkeys", "ipconfig0", "ostype"):
+        with pytest.raises(PveError) as err:
+            pve.require(TOKEN_ID, "/vms/1101", pve._config_priv(key))
+        assert err.value.status == 403
+    pve.grant(TOKEN_ID, "/vms", "VM.Config.Network")  # either one of the pair is enough
+    pve.require(TOKEN_ID, "/vms/1101", pve._config_priv("sshkeys"))
+
+
+def test_each_release_runs_the_qemu_server_that_shipped_with_it(tmp_path: Path) -> None:
+    from image_factory.lab.config import LabConfig, LabError, LabHost
+    from image_factory.lab.spec import RELEASES, release_of
+
+    assert release_of("9.1.19").qemu_server == "9.1.15"  # not 9.1.19: that qemu-server came with 9.2
+    assert release_of("9.2.5").qemu_server == "9.2.0"
+    assert make(tmp_path).qemu_server == (8, 3, 12)
+    bad = LabConfig(hosts=[LabHost("pve-x", "pve-x", "tenant", "127.0.9.11", pve_version="9.1.17")])
+    with pytest.raises(LabError, match=r"pve_version '9.1.17' is not a release the lab models \(pve-manager 8.4.1"):
+        bad.validate()
+    assert set(RELEASES) == {"8.4.1", "9.1.19", "9.2.5"}

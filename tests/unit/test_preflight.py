@@ -6,6 +6,7 @@ The SSH-based checks (ssh, space) need a real sshd: they are covered in tests/la
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -30,7 +31,7 @@ GRANTS = {
     "/sdn/zones/localnetwork": ("SDN.Use",),
     "/": ("Sys.Audit",),
 }
-API_CHECKS = pf.DEPLOY_CHECKS  # everything but ssh and space
+API_CHECKS = tuple(c for c in pf.DEPLOY_CHECKS if c != "ssh")  # everything but ssh and space
 
 
 def _grant(pve, grants):
@@ -265,7 +266,8 @@ def test_expand_checks_adds_prerequisites_in_order():
     assert pf.expand_checks(["space"]) == ("tls", "ssh", "token", "space")
     assert pf.expand_checks(None) == pf.ALL_CHECKS
     assert set(pf.DEPLOY_CHECKS) < set(pf.PUBLISH_CHECKS) == set(pf.ALL_CHECKS)
-    assert "ssh" not in pf.DEPLOY_CHECKS and "space" not in pf.DEPLOY_CHECKS
+    # deploy holds its host lock over SSH, so it checks SSH; it uploads nothing
+    assert "ssh" in pf.DEPLOY_CHECKS and "space" not in pf.DEPLOY_CHECKS
 
 
 def test_a_new_check_is_one_declaration(node, env, monkeypatch):
@@ -397,3 +399,51 @@ def test_pve8_is_reported_as_end_of_life(node, env):
 def test_vlan_problems_name_bridge_vlan_and_nics(iface, detail):
     problems = pf.vlan_problems("vmbr1", iface, {99: ["jump01 nic1"], 300: ["a nic0", "b nic0"]})
     assert (problems == []) if detail is None else problems[0].startswith(detail)
+
+
+@pytest.mark.parametrize(("options", "policy"), [
+    ({"allowed-tags": []}, ("free", set(), set())),  # Sys.Audit and nothing set: PVE's defaults
+    ({"user-tag-access": {"user-allow": "free"}}, ("free", set(), set())),
+    ({"user-tag-access": {"user-allow": "list", "user-allow-list": ["A", "b"]}, "registered-tags": ["prod"]},
+     ("list", {"a", "b"}, {"prod"})),
+    ({"user-tag-access": {"user-allow": "existing"}}, ("existing", set(), set())),
+])
+def test_tag_policy_reads_pve_managers_shapes(options, policy):
+    assert pf.tag_policy(options) == policy
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"user-tag-access": "user-allow=free"}, "user-tag-access is 'user-allow=free', not an object"),
+    ({"registered-tags": "a;b"}, "registered-tags is 'a;b', not an array"),
+    ({"user-tag-access": {"user-allow": "list", "user-allow-list": "a;b"}}, "user-allow-list is 'a;b'"),
+])
+def test_tag_policy_of_another_shape_is_named(options, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        pf.tag_policy(options)
+
+
+def test_a_refused_tag_says_how_to_fix_it():
+    from image_factory.pve import explain
+
+    message = "unable to create VM 9001 - Permission check failed (/, Sys.Modify for modifying tag 'b-1')"
+    text = explain(message)
+    assert text.startswith(message) and "tag 'b-1'" in text and "--user-tag-access user-allow=free" in text
+    assert explain("VM is locked (backup)") == "VM is locked (backup)"
+
+
+def test_tags_check_warns_where_the_policy_cannot_be_read(node, env):
+    """Without Sys.Audit on / the answer holds no policy: unknown, a warning (the run goes on), never "free"."""
+    from image_factory.pve import PveClient
+
+    class Pve(PveClient):  # fakepve refuses get_options without Sys.Audit; PVE answers (the lab does too)
+        def call(self, method, path, /, **params):
+            if path == "/cluster/options":
+                return {"allowed-tags": ["image-factory"]}
+            return super().call(method, path, **params)
+
+    _grant(node, {p: v for p, v in GRANTS.items() if p != "/"})
+    report = pf.run_preflight(*env, checks=["tags"], client_factory=lambda hv: Pve(hv, timeout=10))
+    r = report.result("hv-unit", "tags")
+    assert report.ok and r.status == "WARN" and "unknown (needs Sys.Audit on /)" in r.detail
+    assert "user-allow=free" not in r.detail and "pvesh get /cluster/options" in r.hint
+    assert report.to_dict()["hosts"]["hv-unit"]["checks"][-1]["status"] == "WARN"

@@ -109,3 +109,30 @@ def test_a_pinned_context_loads_no_ca_store_and_speaks_tls_12_or_later() -> None
     assert ctx.cert_store_stats()["x509_ca"] == 0
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.options & ssl.OP_NO_COMPRESSION
+
+
+def test_running_tasks_are_those_without_an_endtime_whatever_the_status_case() -> None:
+    """pve-manager's node_tasks with source=active: running tasks say "RUNNING", just-ended unarchived ones carry
+    an endtime and their exit status (API2/Tasks.pm)."""
+    from image_factory.pve import PveClient
+
+    answer = [
+        {"upid": "a", "id": "9001", "type": "qmcreate", "user": "factory@pve", "tokenid": "image-factory",
+         "starttime": 1, "status": "RUNNING"},
+        {"upid": "b", "id": "9002", "type": "qmtemplate", "starttime": 1, "status": "running"},
+        {"upid": "c", "id": "9003", "type": "qmconfig", "starttime": 1},
+        {"upid": "d", "id": "9004", "type": "qmcreate", "starttime": 1, "endtime": 2, "status": "OK"},
+        {"upid": "e", "id": "9005", "type": "qmcreate", "starttime": 1, "status": "unable to create VM 9005"},
+        {"upid": "f", "id": "", "type": "imgcopy", "starttime": 1, "status": "RUNNING"},
+    ]
+    asked: list[dict[str, object]] = []
+
+    def fake_get(path: str, **params: object) -> object:
+        asked.append(params)
+        return answer
+
+    client = PveClient.__new__(PveClient)
+    client.node = "pve1"
+    client.get = fake_get  # type: ignore[method-assign]
+    assert client.active_task_vmids() == {9001, 9002, 9003}
+    assert asked[0]["source"] == "active"

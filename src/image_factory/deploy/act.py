@@ -13,7 +13,7 @@ from ..errors import FactoryError, Problem, RemoteError, ValidationFailed
 from ..hostlock import DEFAULT_WAIT, LockLost, owner_line
 from ..inventory import Hypervisor, Site, Vm
 from ..ownership import INCOMPLETE_TAG, Marker
-from ..pve import ApiError, PveClient, TaskFailed, retry_on_lock
+from ..pve import ApiError, PveClient, TaskFailed, explain, retry_on_lock
 from ..pvecodec import NetSpec, format_tags, parse_tags
 from ..settings import Settings
 from ..templates import TemplateInfo
@@ -183,7 +183,7 @@ def _create(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Templ
         with t.phase("start"):
             _start(run, client, hv, vm, timeout)
     except FactoryError as exc:
-        result.error = str(exc)
+        result.error = explain(str(exc))
         if isinstance(exc, LockLost) or not run.holds(hv):
             result.cleanup = "not-touched"
             result.notes.append("the host lock was lost: the VM was left as it is (another run may own it now)")
@@ -235,7 +235,7 @@ def _execute(run: Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> V
         result.error = str(exc)
     except FactoryError as exc:
         result.state = "failed"
-        result.error = result.error or str(exc)
+        result.error = result.error or explain(str(exc))
     except Exception as exc:  # a bug must not take the other VMs' threads down with it
         result.state = "failed"
         result.error = result.error or f"{type(exc).__name__}: {exc}"

@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FactoryError
-from .spec import THIN_STORAGE
+from .spec import RELEASES, THIN_STORAGE
 
 API_PORT = 8006
 SSH_PORT = 22
 PVE_VERSION = "8.4.1"
 PVE_RELEASE = "8.4"
-# A site in the middle of its upgrade: the mgmt host still on 8.4, the tenant host already on 9.
-PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.1.19"}
+# A site in the middle of its upgrade: the mgmt host still on 8.4, the tenant host already on 9.2 (pve-manager
+# versions; spec.RELEASES holds the qemu-server and pve-storage each shipped with; "9.1.19" selects 9.1).
+PVE_VERSIONS_BY_ROLE = {"mgmt": "8.4.1", "tenant": "9.2.5"}
 PLAYBOOK_DEFAULTS = "ansible/roles/pve_factory/defaults/main.yml"
 LAB_STORAGE = "local"  # a lab node's directory storage: import/ always, images and cloud-init on mgmt
 # where VM disks live: production hosts keep them on LVM-thin (pve-facts.md, Storage layouts); the lab
@@ -77,7 +78,9 @@ class LabHost:
     ssh_port: int = SSH_PORT
     api_port: int = API_PORT
     tls: str = "ca"  # "ca": inventory gets tls_ca_file; "fingerprint": tls_fingerprint
-    pve_version: str = PVE_VERSION  # drives /version, the privilege catalogue and agent permission checks
+    # pve-manager's version (one of spec.RELEASES): /version and the privilege catalogue follow it, VM
+    # behaviour follows the qemu-server and storage behaviour the pve-storage that shipped with it
+    pve_version: str = PVE_VERSION
     images_storage: str = LAB_STORAGE  # VM and template disks and cloud-init drives: local (dir) or local-lvm
 
 
@@ -131,6 +134,10 @@ class LabConfig:
                                f"(have: {', '.join(sorted(vm_names))})")
         if not self.hosts:
             raise LabError(f"{where}: no hosts")
+        for h in self.hosts:
+            if h.pve_version not in RELEASES:
+                raise LabError(f"{where}: host {h.name}: pve_version {h.pve_version!r} is not a release the lab "
+                               f"models (pve-manager {', '.join(RELEASES)})")
         return self
 
     def host(self, name: str) -> LabHost:

@@ -9,6 +9,9 @@ Ops (args as keyword arguments):
   hold_storage_lock(storage="local", secs=None) / release_storage_lock(storage="local")
   durations(clone_full=.., clone_linked=.., import=.., template=.., start=.., stop=.., imgcopy=..)  PVE seconds
   time_scale(value) / agent_hangs(vmid, value=True) / set_node_offline(offline=True) / revoke_tickets()
+  datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=a;b", ...}, delete=[...])  datacenter.cfg
+  grant(path, privs) / revoke(path, privs)  ACLs of the factory's user and token (reset() restores the playbook's)
+  thin_pool(size)  the LVM-thin pool's data size in bytes (reset() restores 100 GiB)
   clear_faults() / reset() / state()
 """
 

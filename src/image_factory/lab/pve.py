@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ from fakepve.storage import parse_name_dir
 from ..pvecodec import format_size, format_tags, parse_size
 from . import vmrunner
 from .privileges import catalogue
-from .spec import THIN_STORAGE, NodeSpec
+from .spec import THIN_STORAGE, NodeSpec, release_of, version_tuple
 
 log = logging.getLogger("image_factory.lab")
 
@@ -62,6 +63,7 @@ ISO_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.(iso|img)$")
 VZTMPL_NAME = re.compile(r"^[a-zA-Z0-9\-.+=_]+\.tar\.(gz|xz|zst|bz2)$")
 CHECKSUMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 CLOUDINIT_SIZE = 4 * 1024 ** 2
+THIN_POOL_SIZE = 100 * 1024 ** 3  # a lab node's LVM-thin pool (control op thin_pool sets another)
 STORAGE_LOCK_WAIT = 10  # PVE seconds (cfs_lock_storage / lock_file timeout)
 # PVE-like durations (PVE seconds) when durations are on.
 DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 2.0, "start": 2.0, "stop": 1.0,
@@ -70,6 +72,13 @@ LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
 # Guest-agent commands relayed to the real agent as guest-<command> without arguments.
 FILE_READ_MAX = 16 * 1024 * 1024  # PVE's agent/file-read limit
 AGENT_ADDRESS_DELAY = 1.0  # PVE seconds from start until a started VM's agent reports an address
+# qemu-server API2/Qemu.pm: $cloudinitoptions and the $generaloptions fakepve does not already file as Options
+CLOUDINIT_OPTIONS = frozenset({"cicustom", "cipassword", "citype", "ciuser", "ciupgrade", "nameserver",
+                               "searchdomain", "sshkeys"})
+GENERAL_OPTIONS = frozenset({"autostart", "bios", "keyboard", "localtime", "migrate_downtime", "migrate_speed",
+                             "ostype", "reboot", "startdate", "tdf", "template"})
+HWTYPE_OPTIONS = frozenset({"acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
+                            "audio0", "rng0"})  # fakepve files scsihw under Disk (its name starts with scsi)
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -117,7 +126,9 @@ class LabPve(FakePve):  # fakepve is untyped
         self.version = spec.version
         self.release_version = ".".join(spec.version.split(".")[:2])
         self.major = int(spec.version.split(".")[0])
-        self.version_tuple = tuple(int(x) for x in re.findall(r"\d+", spec.version)[:3])
+        # what /version reports is pve-manager's; each behaviour below is keyed on the package that owns it
+        self.packages = release_of(spec.version)
+        self.qemu_server = version_tuple(self.packages.qemu_server)
         self.time_scale = spec.time_scale
         self.client_max_size = 16 * 1024 ** 2
         self.body_timeout = 600.0
@@ -127,6 +138,7 @@ class LabPve(FakePve):  # fakepve is untyped
         for path, privs in spec.privileges.items():
             self.grant(user, path, *privs)
             self.grant(spec.token_id, path, *privs)
+        self._initial_acl: dict[str, list[Any]] | None = copy.deepcopy(self.acl)
         spec.storage_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("import", "images", "template/iso", "template/cache", "snippets", "dump"):
             (spec.storage_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -143,7 +155,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.thin_dir = spec.thin_pool_dir
         self.thin_dir.mkdir(parents=True, exist_ok=True)
         self.storage_locks: dict[str, StorageLock] = {}
-        self.cluster_options: dict[str, str] = {}  # datacenter.cfg: no tag policy on a fresh install
+        self.cluster_options: dict[str, str] = {}  # datacenter.cfg as stored: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}
         self._after_io: dict[int, list[Any]] = {}
@@ -223,6 +235,8 @@ class LabPve(FakePve):  # fakepve is untyped
         """Privilege-separated tokens: the intersection of the token's and the user's rights."""
         if self.acl is None or (user or "").split("!")[0] == "root@pam":
             return True
+        if "|" in priv:  # PVE's check_vm_perm(..., any=1): one of them suffices
+            return any(self.allowed(user, path, one) for one in priv.split("|"))
         if "!" in user:
             return self._holds(user, path, priv) and self._holds(user.split("!")[0], path, priv)
         return self._holds(user, path, priv)
@@ -259,6 +273,13 @@ class LabPve(FakePve):  # fakepve is untyped
             if held or v.get("path") is not None:
                 out[path] = dict.fromkeys(held, 1)
         return out
+
+    def check_permissions(self, user: str, perms: Any, values: dict[str, Any], declared: Any = None) -> None:
+        """pve-access-control's check_api2_permissions: `user => 'all'` admits every authenticated user before
+        any `check` (which the method then evaluates itself, e.g. get_options' Sys.Audit for the full answer)."""
+        if user is not None and (perms or {}).get("user") in ("all", "world"):
+            return
+        super().check_permissions(user, perms, values, declared)
 
     def _check(self, user: str, check: Any, values: dict[str, Any], declared: Any = None) -> Any:
         """PVE 8.4's guest-agent permission: fakepve's schema is PVE 9's (VM.GuestAgent.*); 8.4 checks
@@ -300,6 +321,37 @@ class LabPve(FakePve):  # fakepve is untyped
         if warnings and self.tasks.get(upid, {}).get("status") == "stopped":
             fix()  # the task ran inside the request (time_scale 0)
         return upid
+
+    async def _task_list(self, request: web.Request) -> web.Response:
+        """pve-manager's node_tasks (API2/Tasks.pm): `source` archive (the default: ended tasks), active
+        (running ones, `status: "RUNNING"`, no endtime) or all; a token's task shows `user` without the token
+        part and `tokenid`; ended tasks carry their exit status in `status`; newest first."""
+        from fakepve.server import USER, ok
+        p = self._verify(request, await request_params(request))
+        node, user = request.match_info["node"], request[USER]
+        source = str(p.get("source") or "archive")
+        audit = self.allowed(user, f"/nodes/{node}", "Sys.Audit")
+        rows = []
+        for task in self.tasklog:
+            running = task.get("status") == "running"
+            if task["node"] != node or (running and source == "archive") or (not running and source == "active"):
+                continue
+            if not (audit or self._task_owner(user, task)):
+                continue
+            if p.get("vmid") is not None and task["id"] != str(p["vmid"]):
+                continue
+            if p.get("typefilter") and task["type"] != p["typefilter"]:
+                continue
+            row = {k: val for k, val in task.items() if k not in ("log", "exitstatus", "status")}
+            owner, _, tokenid = str(task["user"]).partition("!")
+            row["user"] = owner
+            if tokenid:
+                row["tokenid"] = tokenid
+            row["status"] = "RUNNING" if running else task.get("exitstatus", "unknown")
+            rows.append(row)
+        rows.sort(key=lambda t: -int(t["starttime"]))
+        start = int(p.get("start") or 0)
+        return ok(rows[start:start + int(p.get("limit") or 50)])
 
     # ------------------------------------------------------------- durations
 
@@ -426,9 +478,23 @@ class LabPve(FakePve):  # fakepve is untyped
                 part = await reader.next()
                 if part is None:
                     break
-                if isinstance(part, BodyPartReader) and part.filename is not None and part.name == "filename":
-                    if staged is not None:
-                        raise PveError(400, "bad upload request - more than one file")
+                if isinstance(part, BodyPartReader) and staged is not None:
+                    # pve-http-server writes everything up to the closing boundary into the file: a part after
+                    # the file part ends up inside it
+                    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("Content-Type", ""))
+                    extra = (f"\r\n--{boundary[1] if boundary else ''}\r\nContent-Disposition: form-data; "
+                             f'name="{part.name}"\r\n\r\n'.encode() + await part.read(decode=False))
+                    with staged.open("ab") as out:
+                        out.write(extra)
+                    if hasher is not None:
+                        hasher.update(extra)
+                    continue
+                if isinstance(part, BodyPartReader) and part.filename is not None and part.name != "filename":
+                    raise PveError(500, f"wrong field name '{part.name}' for file upload, expected 'filename'")
+                if isinstance(part, BodyPartReader) and part.filename is not None:
+                    if len(part.filename) > 255:
+                        raise param_error(filename="value may only be 255 characters long")
+                    self._check_field_order(list(fields))
                     # PVE 8.4's upload endpoint rewrites every character outside [a-zA-Z0-9_.-] (+ and = too)
                     filename = re.sub(r"[^a-zA-Z0-9_.-]", "_", Path(part.filename).name)
                     self._check_upload_fields(fields, filename, store, name)
@@ -445,10 +511,7 @@ class LabPve(FakePve):  # fakepve is untyped
                             if hasher is not None:
                                 hasher.update(chunk)
                 elif isinstance(part, BodyPartReader):
-                    value = (await part.read(decode=False)).decode()
-                    if staged is None:
-                        fields[str(part.name)] = value
-                    # PVE's parser takes parameters only before the file part.
+                    fields[str(part.name)] = (await part.read(decode=False)).decode()
         except PveError:
             if staged is not None:
                 staged.unlink(missing_ok=True)
@@ -492,6 +555,18 @@ class LabPve(FakePve):  # fakepve is untyped
             log_lines.append("calculating checksum...OK, checksum verified" if got == (expected or "").lower()
                              else "calculating checksum...")
         return ok(await self.task(self.spec.node, "imgcopy", "", user, body, log=log_lines))
+
+    @staticmethod
+    def _check_field_order(names: list[str]) -> None:
+        """pve-http-server's file_upload_multipart takes, before the file part, `content`, `checksum-algorithm`
+        and `checksum` in this order, each at the head of what is left: a field out of order or of another name
+        makes its Content-Disposition pattern span two parts, which it refuses (HTTP 500)."""
+        expected = ["content", "checksum-algorithm", "checksum"]
+        for name in names:
+            if name not in expected:
+                raise PveError(500, f"wrong Content-Disposition 'form-data; name=\"{name}\"' in multipart, "
+                                    "expected 'form-data'")
+            expected = expected[expected.index(name) + 1:]
 
     def _check_upload_fields(self, fields: dict[str, str], filename: str | None, store: dict[str, Any],
                              name: str) -> None:
@@ -715,16 +790,53 @@ class LabPve(FakePve):  # fakepve is untyped
                 path = f"/sdn/zones/localnetwork/{bridge}" + (f"/{props['tag']}" if props.get("tag") else "")
                 self.require(user, path, "SDN.Use")
 
-    def at_least(self, *version: int) -> bool:
-        return self.version_tuple >= version
+    def qemu_at_least(self, *version: int) -> bool:
+        """qemu-server (not pve-manager) is at least this release: it owns the VM endpoints."""
+        return self.qemu_server >= version
+
+    # ------------------------------------------------------------ tag policy
+
+    def tag_policy(self) -> tuple[str, set[str], set[str]]:
+        """datacenter.cfg's user-tag-access (user-allow, user-allow-list) and registered-tags."""
+        access = dict(p.split("=", 1) for p in self.cluster_options.get("user-tag-access", "").split(",") if "=" in p)
+        allow_list = {t for t in access.get("user-allow-list", "").split(";") if t}
+        registered = {t for t in self.cluster_options.get("registered-tags", "").split(";") if t}
+        return access.get("user-allow", "free"), allow_list, registered
+
+    def assert_tag_permissions(self, user: str, vmid: int, old: Any, new: Any) -> None:
+        """pve-guest-common's assert_tag_permissions: VM.Config.Options on the VM; every tag added or removed
+        needs Sys.Modify on / unless the policy lets users set it (free, on the list, or existing on a guest
+        the user can see) and it is not registered."""
+        self.require(user, f"/vms/{vmid}", "VM.Config.Options")
+        if self.allowed(user, "/", "Sys.Modify"):
+            return
+        allow, _allow_list, registered = self.tag_policy()
+        allowed = self.allowed_tags(user)
+        before, after = _split_tags(old), _split_tags(new)
+        for tag in sorted(set(before) | set(after)):
+            if before.count(tag) == after.count(tag):
+                continue
+            if (tag not in allowed and allow != "free") or tag in registered:
+                raise PveError(403, f"Permission check failed (/, Sys.Modify for modifying tag '{tag}')")
+
+    def tag_policy_restrictive(self) -> bool:
+        allow, _allow_list, registered = self.tag_policy()
+        return allow != "free" or bool(registered)
 
     async def _qm_create(self, v: dict[str, Any], user: str) -> str:
         """`start=1`: the new VM boots (a real qemu) once its disks are made, inside the create task.
 
-        Tags: 8.4 and 9.x before 9.1.17 store them verbatim on create (fakepve normalises, as 9.1.17+)."""
+        Tags: qemu-server before 9.1.17 stores them verbatim on create (fakepve normalises, as 9.1.17+); from
+        9.2.0 the create task checks the tag policy (assert_tag_permissions) before it writes the config."""
         self._check_bridge_access(user, v)
         vmid = int(v["vmid"])
-        if v.get("tags") and not self.at_least(9, 1, 17):
+        if v.get("tags") and self.qemu_at_least(9, 2, 0):
+            tags = v["tags"]
+
+            async def check_tags() -> None:
+                self.assert_tag_permissions(user, vmid, "", tags)
+            self._pending_io.setdefault(vmid, []).insert(0, check_tags)
+        if v.get("tags") and not self.qemu_at_least(9, 1, 17):
             verbatim = str(v["tags"])
 
             async def keep_verbatim() -> None:
@@ -750,24 +862,61 @@ class LabPve(FakePve):  # fakepve is untyped
     # ------------------------------------------------------------ config
 
     async def _config_post(self, request: web.Request) -> web.Response:
-        """Before 9.1.19 the config POST takes the config lock and checks the digest before it forks the
-        qmconfig task, so a lock timeout or a stale digest is an HTTP 500; 9.1.19+ forks first and both
-        become the task's failure (fakepve's own form)."""
-        if not self.at_least(9, 1, 19):
-            p = await request_params(request)
-            self._verify(request, p)
-            vm = self._vm(request)
+        """qemu-server's update_vm_api. Every version checks the keys' privileges, the bridges, a stale digest
+        and a `lock:` flag before the qmconfig task forks (HTTP 403/500). Before 9.1.19 it also takes the
+        config lock and checks the tag policy first, so a lock timeout or a refused tag is an HTTP error too;
+        9.1.19+ forks before locking, and both become the task's failure."""
+        from fakepve.server import USER
+        p = await request_params(request)
+        self._verify(request, p)
+        vm = self._vm(request)
+        user = request[USER]
+        self._check_config_privileges(user, vm, p)
+        self._check_bridge_access(user, p)
+        if p.get("digest") and p["digest"] != vm.digest():
+            raise PveError(500, "checksum mismatch (file change by other user?)")
+        if not p.get("skiplock"):
+            self._check_lock(vm)
+        if not self.qemu_at_least(9, 1, 19):
             try:
                 await self.acquire(vm, "config-api")
             except TaskError as e:
                 raise PveError(500, str(e)) from e
             try:
-                if p.get("digest") and p["digest"] != vm.digest():
-                    raise PveError(500, "checksum mismatch (file change by other user?)")
+                self._check_config_tags(user, vm, p)
             finally:
                 self.release(vm, "config-api")
         response: web.Response = await super()._config_post(request)
         return response
+
+    def _check_config_privileges(self, user: str, vm: FakeVm, p: dict[str, Any]) -> None:
+        keys = [k for k in p if k not in ("node", "vmid", "digest", "skiplock", "background_delay", "delete",
+                                          "revert", "force")]
+        keys += [k for k in str(p.get("delete") or "").split(",") if k]
+        for key in keys:
+            priv = self._config_priv(key)
+            if priv == "root":
+                if user != "root@pam":
+                    raise PveError(403, f"only root can set '{key}' config")
+            elif not DRIVE_KEY.match(key):
+                self.require(user, f"/vms/{vm.vmid}", priv)
+
+    def _config_priv(self, key: str) -> str:
+        """qemu-server's check_vm_modify_config_perm groups (fakepve files ostype and cloud-init under HWType):
+        ostype is a general option (VM.Config.Options); cloud-init options and ipconfigN need VM.Config.Cloudinit
+        or VM.Config.Network; netN VM.Config.Network."""
+        if key in CLOUDINIT_OPTIONS or re.fullmatch(r"ipconfig\d+", key):
+            return "VM.Config.Cloudinit|VM.Config.Network"
+        if key in GENERAL_OPTIONS:
+            return "VM.Config.Options"
+        if key in HWTYPE_OPTIONS:
+            return "VM.Config.HWType"
+        return str(super()._config_priv(key))
+
+    def _check_config_tags(self, user: str, vm: FakeVm, p: dict[str, Any]) -> None:
+        deleted = "tags" in str(p.get("delete") or "").split(",")
+        if "tags" in p or deleted:
+            self.assert_tag_permissions(user, vm.vmid, vm.config.get("tags"), "" if deleted else p.get("tags"))
 
     async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
         updates = dict(p)
@@ -776,6 +925,7 @@ class LabPve(FakePve):  # fakepve is untyped
             raise PveError(500, "checksum mismatch (file change by other user?)")
         self._check_lock(vm)
         self._check_bridge_access(user, updates)
+        self._check_config_tags(user, vm, updates)
         if updates.get("tags"):
             # every version sorts and lowercases tags on update (the datacenter default tag-style)
             updates["tags"] = format_tags(updates["tags"])
@@ -829,6 +979,7 @@ class LabPve(FakePve):  # fakepve is untyped
         full = (not src.template) if full is None else str(full) in ("1", "true", "True")
         storage = v.get("storage")
         sources = {opt: split_drive(str(val))[0] for opt, val in old.items() if DRIVE_KEY.match(opt)}
+        self._check_bridge_access(user, old)  # qemu-server clone_vm: check_bridge_access on the source config
         upid: str = await super()._qm_clone(v, user)
         new = self.vm(newid)
         if new is None or self.tasks[upid]["status"] == "stopped":
@@ -884,6 +1035,31 @@ class LabPve(FakePve):  # fakepve is untyped
         self._pending_io.setdefault(newid, []).append(io)
         return upid
 
+    async def _qm_destroy(self, v: dict[str, Any], user: str) -> str:
+        """qemu-server's destroy_vm refuses a template whose base volume still backs a linked clone, before it
+        removes anything (PVE::Storage::volume_is_base_and_used). A dir storage sees its clones (their volume
+        names carry the base's); LVM-thin's list_images does not, so there the template goes and its clones
+        stay whole (see _qm_free)."""
+        vm = self.find(v["node"], v["vmid"])
+        used = [volume for _key, volume, _props in drives_of(vm.config)
+                if vm.template and self._base_in_use(volume)]
+        if used and vm.status != "running":
+            async def refuse() -> None:
+                raise TaskError(f"base volume '{used[0]}' is still in use by linked cloned")
+            upid: str = await self.task(vm.node, "qmdestroy", vm.vmid, user, refuse, vm=vm)
+            return upid
+        result: str = await super()._qm_destroy(v, user)
+        return result
+
+    def _base_in_use(self, volid: str) -> bool:
+        sid, name = volume_ref(volid)
+        if sid not in self.storages or self.storages[sid].get("type") != "dir":
+            return False
+        if not re.search(r"(^|/)base-\d+-disk-\d+", name):
+            return False
+        prefix = "/".join(name.split("/")[-2:]) + "/"
+        return any(vol.startswith(prefix) for vol in self.storages[sid].get("volumes", {}))
+
     async def _qm_template(self, v: dict[str, Any], user: str) -> str:
         vm = self.find(v["node"], v["vmid"])
         self._check_lock(vm)
@@ -921,9 +1097,38 @@ class LabPve(FakePve):  # fakepve is untyped
                 ("GET", "/nodes/{node}/status", self._node_status)]
 
     async def _cluster_options_get(self, v: dict[str, Any], user: str) -> dict[str, Any]:
-        """Datacenter options (Sys.Audit on /): the tag policy the factory's tags are subject to."""
-        self.require(user, "/", "Sys.Audit")
-        return {"keyboard": "en-us", **self.cluster_options}
+        """pve-manager's get_options (API2/Cluster.pm): 200 to every user. Without Sys.Audit on / only
+        `console` and `tag-style`; with it all of datacenter.cfg as PVE::DataCenterConfig parses it (tag-style
+        and user-tag-access as objects, user-allow-list and registered-tags as arrays). Always `allowed-tags`."""
+        stored = dict(self.cluster_options)
+        if not self.allowed(user, "/", "Sys.Audit"):
+            stored = {k: val for k, val in stored.items() if k in ("console", "tag-style")}
+        answer: dict[str, Any] = {}
+        for key, val in stored.items():
+            if key in ("tag-style", "user-tag-access"):
+                parsed: dict[str, Any] = dict(p.split("=", 1) for p in str(val).split(",") if "=" in p)
+                if "user-allow-list" in parsed:
+                    parsed["user-allow-list"] = [t for t in parsed["user-allow-list"].split(";") if t]
+                if "case-sensitive" in parsed:
+                    parsed["case-sensitive"] = int(parsed["case-sensitive"] in ("1", "true"))
+                answer[key] = parsed
+            elif key == "registered-tags":
+                answer[key] = [t for t in str(val).split(";") if t]
+            else:
+                answer[key] = val
+        answer["allowed-tags"] = sorted(self.allowed_tags(user))
+        return answer
+
+    def allowed_tags(self, user: str) -> set[str]:
+        """pve-guest-common's get_allowed_tags: the tags this user may set and see."""
+        privileged = self.allowed(user, "/", "Sys.Modify")
+        allow, allow_list, registered = self.tag_policy()
+        tags = set(allow_list) if allow != "none" or privileged else set()
+        if allow in ("free", "existing") or privileged:
+            for vm in self.vms:
+                if privileged or self.allowed(user, f"/vms/{vm.vmid}", "VM.Audit"):
+                    tags.update(_split_tags(vm.config.get("tags")))
+        return tags | registered if privileged else tags - registered
 
     async def _cluster_options_set(self, v: dict[str, Any], user: str) -> None:
         self.require(user, "/", "Sys.Modify")
@@ -1000,8 +1205,9 @@ class LabPve(FakePve):  # fakepve is untyped
         return upid
 
     async def _network_list(self, v: dict[str, Any], user: str) -> list[dict[str, Any]]:
-        """The node's interfaces: a NIC and the bridges the lab inventory's VMs use."""
-        self.require(user, f"/nodes/{v['node']}", "Sys.Audit")
+        """The node's interfaces: a NIC and the bridges the lab inventory's VMs use. pve-manager's network index
+        (API2/Network.pm) answers every user, but hides each bridge the caller holds neither SDN.Audit nor
+        SDN.Use on (/sdn/zones/localnetwork/<bridge>, or a VLAN below it)."""
         kind = v.get("type")
         out: list[dict[str, Any]] = [{"iface": "eno1", "type": "eth", "method": "manual", "method6": "manual",
                                       "families": ["inet"], "priority": 2, "active": 1, "exists": 1}]
@@ -1018,17 +1224,34 @@ class LabPve(FakePve):  # fakepve is untyped
                 item.update(method="static", address=self.spec.address, netmask="255.255.255.0",
                             cidr=f"{self.spec.address}/24")
             out.append(item)
+        out = [i for i in out if i["type"] != "bridge" or self._may_see_bridge(user, i["iface"])]
         if kind in ("bridge", "any_bridge"):
             return [i for i in out if i["type"] == "bridge"]
         if kind == "eth":
             return [i for i in out if i["type"] == "eth"]
         return out
 
+    def _may_see_bridge(self, user: str, bridge: str) -> bool:
+        """pve-access-control's check_sdn_bridge(..., ['SDN.Audit', 'SDN.Use']): the bridge, or one of its VLANs."""
+        path = f"/sdn/zones/localnetwork/{bridge}"
+        if self.allowed(user, path, "SDN.Audit|SDN.Use"):
+            return True
+        vlans = {p for who in (user, user.split("!")[0]) for p, _ in (self.acl or {}).get(who, [])
+                 if p.startswith(path + "/")}
+        return any(self.allowed(user, vlan, "SDN.Audit|SDN.Use") for vlan in vlans)
+
     def _space(self, store: dict[str, Any]) -> tuple[int, int, int]:
-        """A directory storage reports its real filesystem, as PVE's dir plugin does."""
+        """A directory storage reports its real filesystem, as PVE's dir plugin does; an LVM-thin pool its data
+        space (LvmThinPlugin status: the pool's size and its data_percent): the blocks its volumes really hold,
+        whatever their virtual sizes (thin volumes overcommit)."""
         if store.get("type") == "dir" and store.get("path") and Path(store["path"]).is_dir():
             usage = shutil.disk_usage(store["path"])
             return usage.total, usage.used, usage.free
+        if store.get("type") == "lvmthin":
+            total = int(store.get("pool_size") or THIN_POOL_SIZE)
+            used = sum(e.stat().st_blocks * 512 for e in self.thin_dir.iterdir() if e.is_file()) \
+                if self.thin_dir.is_dir() else 0
+            return total, used, max(total - used, 0)
         result: tuple[int, int, int] = super()._space(store)
         return result
 
@@ -1171,6 +1394,10 @@ class LabPve(FakePve):  # fakepve is untyped
     async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
         vm = self.find(values["node"], values["vmid"])
         command = match.template.rsplit("/", 1)[1]
+        if command == "file-read" and values.get("count") is not None and not self.qemu_at_least(9, 1, 5):
+            # fakepve's schema is 9.x's; file-read takes only `file` before qemu-server 9.1.5
+            raise PveError(400, "Parameter verification failed.", {
+                "count": "property is not defined in schema and the schema does not allow additional properties"})
         agent = str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1]
         if agent not in ("1", "true"):
             raise PveError(500, "No QEMU guest agent configured")
@@ -1334,6 +1561,29 @@ class LabPve(FakePve):  # fakepve is untyped
             for vm in self.vms:
                 self.release(vm, "scenario")
             return None
+        if op == "datacenter":
+            # datacenter.cfg as an admin writes it (pvesh set /cluster/options): property strings
+            for key, val in (args.get("set") or {}).items():
+                self.cluster_options[str(key)] = str(val)
+            for key in args.get("delete") or []:
+                self.cluster_options.pop(str(key), None)
+            return None
+        if op == "grant":
+            # an admin's `pveum acl modify <path>` for the factory's user and its token
+            user = self.spec.token_id.split("!")[0]
+            for who in (user, self.spec.token_id):
+                self.grant(who, str(args["path"]), *args["privs"])
+            return None
+        if op == "revoke":
+            # an admin's `pveum acl delete <path>` of these privileges, for the factory's user and its token
+            user, acl = self.spec.token_id.split("!")[0], self.acl or {}
+            for who in (user, self.spec.token_id):
+                acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
+                            for p, privs in acl.get(who, [])]
+            return None
+        if op == "thin_pool":
+            self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
+            return None
         if op == "flaky_network":
             self.flaky_network(**args)
             return None
@@ -1411,6 +1661,9 @@ class LabPve(FakePve):  # fakepve is untyped
         self._pending_io.clear()
         self.storage_locks.clear()
         self.time_scale = self.spec.time_scale
+        self.cluster_options.clear()
+        self.acl = copy.deepcopy(self._initial_acl)
+        self.storages[THIN_STORAGE].pop("pool_size", None)
         for store in self.storages.values():
             store["volumes"] = {}
             store["files"] = set()
@@ -1429,6 +1682,11 @@ class LabPve(FakePve):  # fakepve is untyped
             entry.unlink()
         self.state_file.unlink(missing_ok=True)
         self._saved_state = ""
+
+
+def _split_tags(text: Any) -> list[str]:
+    """PVE::Tools::split_list of a tags value."""
+    return [t for t in re.split(r"[;,\s]+", str(text or "")) if t]
 
 
 def _size_or_zero(text: str) -> int:

@@ -5,11 +5,46 @@ Kept apart from image_factory.lab.pve so the controller (and the invoke tasks) i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 THIN_STORAGE = "local-lvm"  # every lab node also has a default install's LVM-thin pool
+
+
+@dataclass(frozen=True)
+class PveRelease:
+    """The package versions a Proxmox VE node ran together (each package's debian/changelog dates): what
+    ``/version`` reports is pve-manager's; VM behaviour belongs to qemu-server, storage to pve-storage."""
+
+    manager: str
+    qemu_server: str
+    storage: str
+
+
+# pve-manager version -> what shipped with it (docs/pve-facts.md, "Versions")
+RELEASES: dict[str, PveRelease] = {
+    "8.4.1": PveRelease("8.4.1", "8.3.12", "8.3.6"),
+    "9.1.19": PveRelease("9.1.19", "9.1.15", "9.1.5"),  # 2026-05-20
+    "9.2.5": PveRelease("9.2.5", "9.2.0", "9.1.6"),  # 2026-07-15
+}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def release_of(manager: str) -> PveRelease:
+    """The release a pve-manager version belongs to: exact, else the newest listed one of its major.minor
+    that is not newer, else (an older or unlisted series, as some tests pose) every package at that version."""
+    if manager in RELEASES:
+        return RELEASES[manager]
+    want = version_tuple(manager)
+    same = [r for v, r in RELEASES.items() if version_tuple(v)[:2] == want[:2] and version_tuple(v) <= want]
+    if same:
+        return max(same, key=lambda r: version_tuple(r.manager))
+    return PveRelease(manager, manager, manager)
 
 
 @dataclass
