@@ -183,6 +183,10 @@ unresolved:
   sample: [net0.tag]
 """
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -200,6 +204,40 @@ except ImportError:
 else:
     HAS_IMAGE_FACTORY = True
     IMAGE_FACTORY_IMPORT_ERROR = None
+
+
+class _InstalledAnsibleCore(importlib.abc.MetaPathFinder):
+    """Finds the ansible-core modules a module's payload lacks in the installed ansible-core.
+
+    Ansible runs a module with an ``ansible`` package of its own that holds only the module_utils the module
+    imports; the factory reads the site through ansible-core's inventory (ansible.inventory, ansible.vars,
+    ansible.parsing and the module_utils they use). Consulted after every other finder, so what the payload
+    has still comes from the payload; the interpreter is the one that runs ansible-playbook
+    (ansible_python_interpreter: the factory's venv), so both are one ansible-core.
+    """
+
+    def __init__(self, package_dir: Path) -> None:
+        self.package_dir = package_dir
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith("ansible."):
+            return None
+        where = self.package_dir.joinpath(*fullname.split(".")[1:])
+        if (where / "__init__.py").is_file():
+            return importlib.util.spec_from_file_location(fullname, where / "__init__.py",
+                                                          submodule_search_locations=[str(where)])
+        module = where.parent / f"{where.name}.py"
+        return importlib.util.spec_from_file_location(fullname, module) if module.is_file() else None
+
+
+def _reach_installed_ansible_core() -> None:
+    for entry in sys.path:
+        package_dir = Path(entry or ".") / "ansible"
+        if (package_dir / "inventory" / "manager.py").is_file():
+            if not any(isinstance(f, _InstalledAnsibleCore) for f in sys.meta_path):
+                sys.meta_path.append(_InstalledAnsibleCore(package_dir))
+            return
+
 
 # The deploy plan's reasons name the CLI's flags; in a task they are this module's options.
 CLI_FLAG_AS_OPTION = {
@@ -286,6 +324,7 @@ def main() -> None:
             "ansible-playbook")),
             exception=IMAGE_FACTORY_IMPORT_ERROR)
     p = module.params
+    _reach_installed_ansible_core()
     try:
         site = load_site(p["inventory"], p["catalogue"] or Path(REPO_ROOT) / "packer" / "images.yml")
         report = deploy.deploy_vms(None, site, [p["name"]], dry_run=module.check_mode, wait=p["wait"],
