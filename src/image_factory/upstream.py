@@ -232,6 +232,11 @@ def debian_suite_epoch(repo: Repository, keys_dir: Path, release: int, *, sessio
     """The suite's signed InRelease: its Date and the sha256 of its signed bytes."""
     state = fetch_suite(repository_source(repo), keys_dir, release, session=session, timeout=timeout,
                         cert=repository_cert(repo, resolve))
+    return suite_epoch(state)
+
+
+def suite_epoch(state: SuiteState) -> str:
+    """How a build records a suite's state (its manifest's ``upstream:<uri> <suite>`` input)."""
     return f"InRelease {state.date} sha256:{state.sha256}"
 
 
