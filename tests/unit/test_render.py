@@ -218,9 +218,10 @@ def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeyp
     assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
 
 
-@pytest.mark.parametrize("name", fedora_images())
+@pytest.mark.parametrize("name", [*fedora_images(), "debian-lab-uefi"])
 def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path) -> None:
-    """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint."""
+    """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint; and the
+    UEFI cloud fixture, the one template rendering a seed CD of its own."""
     if shutil.which("packer") is None:
         pytest.skip("packer not installed (./dev setup installs it)")
     _copy_repo_inputs(tmp_path)
