@@ -789,7 +789,8 @@ def _build(
             firmware.private_vars(work, variables)
             render.set_var(result, "ovmf_code", str(code))
             render.set_var(result, "ovmf_vars", str(variables))
-            if cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local:
+            if (cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local
+                    and image.mode == "iso"):
                 render.set_var(result, "install_iso", str(install_iso_path(result.out_dir, image)))
         exe = _require("packer")  # its plugins: installed by render.validate (packer init)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]

@@ -410,6 +410,7 @@ def pytest_command(
     build_user: str,
     automation_user: str,
     mac: str,
+    firmware_kind: str = "bios",
 ) -> list[str]:
     cmd = [
         sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
@@ -420,6 +421,7 @@ def pytest_command(
         f"--known-hosts={guest.known_hosts}",
         f"--announced-host-keys={guest.known_hosts}",
         f"--image-family={family}",
+        f"--firmware={firmware_kind}",
         f"--expected-mac={mac}",
         f"--build-user={build_user}",
         f"--automation-user={automation_user}",
@@ -489,7 +491,7 @@ def test_image(
         console.print(f"guest up after {figures['boot_to_ssh_s']}s; running the suites ...")
         cmd = pytest_command(settings, files, guest, family=image.family, junit=junit, artifact=artifact,
                              build_user=build_user or build_user_name(), automation_user=automation_user,
-                             mac=TEST_MAC)  # fmt: skip
+                             mac=TEST_MAC, firmware_kind=m.firmware)  # fmt: skip
         t_suite = time.monotonic()
         proc = subprocess.run(cmd, cwd=settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=max(timeout, 300))  # fmt: skip

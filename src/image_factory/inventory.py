@@ -817,8 +817,9 @@ class Image(Strict):
     release: int = Field(ge=1)
     mode: Literal["iso", "cloud"]
     source: Source
-    # iso mode installs for the firmware it boots: bios (GRUB in a BIOS boot partition) or uefi (OVMF,
-    # an EFI system partition); a cloud image boots as its vendor made it.
+    # The firmware the build VM and the template boot with: bios (SeaBIOS) or uefi (OVMF, q35). iso mode
+    # installs for it (a BIOS boot partition or an EFI system partition); a cloud image must carry a loader
+    # for it, as vendors' hybrid GPT images (Debian genericcloud, Fedora Cloud Base) carry both.
     firmware: Literal["bios", "uefi"] = "bios"
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: DiskSize = "10G"
@@ -856,12 +857,6 @@ class Image(Strict):
     def _iso_needs_an_installer(self) -> Image:
         if self.mode == "iso" and self.family in families.FAMILIES and families.get(self.family).installer is None:
             raise ValueError(f"mode: iso needs an installer, and the {self.family} family has none (cloud mode only)")
-        return self
-
-    @model_validator(mode="after")
-    def _firmware_needs_iso(self) -> Image:
-        if self.firmware == "uefi" and self.mode != "iso":
-            raise ValueError("firmware: uefi is for iso mode (a cloud image boots as its vendor built it)")
         return self
 
     @model_validator(mode="after")

@@ -316,6 +316,23 @@ def sha512_crypt(password: str) -> str:
     return out
 
 
+SEED_ISO = "seed.iso"
+SEED_FILES = ("meta-data", "user-data", "network-config")
+
+
+def seed_iso(seed_dir: Path, iso: Path) -> None:
+    """The NoCloud seed CD, made as Packer's cd_files makes it (xorriso, volume label cidata): with
+    Packer 1.6 a UEFI build names every drive in qemuargs, and Packer's own CD has a random path."""
+    xorriso = shutil.which("xorriso")
+    if xorriso is None:
+        raise RenderError("a UEFI cloud build on Packer 1.6 needs xorriso for its seed CD (apt-get install xorriso)")
+    proc = subprocess.run([xorriso, "-as", "genisoimage", "-rock", "-joliet", "-volid", "cidata", "-output", str(iso),
+                           *(str(seed_dir / name) for name in SEED_FILES)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RenderError(f"xorriso could not make the seed CD {iso}: {proc.stderr.strip()[-500:]}")
+    iso.chmod(0o600)  # the build user's public key and sudo rule: per build, like the seed files
+
+
 def _keypair(secret_dir: Path) -> tuple[Path, str]:
     key = secret_dir / "id_ed25519"
     exe = require_tool("ssh-keygen")
@@ -448,6 +465,8 @@ def render_image(
             _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
             _write(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
             _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
+            if image.firmware == "uefi" and pv < PLUGIN_PACKER:
+                seed_iso(secret_dir / "seed", secret_dir / SEED_ISO)
         _write(secret_dir / BUILD_VARS_FILE, json.dumps(build_vars(settings, image), indent=2) + "\n", 0o600)
         var_file = secret_dir / "build.pkrvars.hcl"
         work_dir = secret_dir / "work"
@@ -459,7 +478,7 @@ def render_image(
         ]
         if image.firmware == "uefi":  # set by the build (firmware.locate_ovmf, build.install_iso_path)
             per_build += [("ovmf_code", ""), ("ovmf_vars", "")]
-            if pv < PLUGIN_PACKER and not image.source.is_local:
+            if pv < PLUGIN_PACKER and not image.source.is_local and image.mode == "iso":
                 per_build.append(("install_iso", ""))
         _write(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)
 

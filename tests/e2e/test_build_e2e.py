@@ -142,3 +142,16 @@ def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Sett
     assert m is not None and m.contents is not None
     # at least the kernel the updates held when the base image was made (upstream may have moved since)
     assert Version(m.contents["kernel"]) >= Version(kernels["debian-13-base.qcow2"]), (m.contents["kernel"], kernels)
+
+
+def test_uefi_build_boots_under_ovmf_and_passes_its_image_test(settings: Settings) -> None:
+    """The hybrid base image built with ``firmware: uefi``: the build VM and the image test's VM start OVMF,
+    which boots Debian's signed shim from the ESP's removable path; the image suite checks the booted
+    system came up through EFI (/sys/firmware/efi) and that /boot/efi is mounted by its UUID."""
+    image = load_site(settings.inventory, settings.images).images["debian-lab-uefi"]
+    assert image.firmware == "uefi"
+    outcome = build.build_image(settings, image)
+    assert outcome.status in ("built", "cached") and outcome.manifest is not None
+    assert outcome.manifest.firmware == "uefi"
+    result = imagetest.test_image(settings, image, outcome.build_dir)
+    assert result.status == "passed", result.failures

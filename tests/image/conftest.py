@@ -48,6 +48,8 @@ from testinfra.backend.paramiko import ParamikoBackend
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("image", "image factory image tests")
     g.addoption("--image-family", default=None, choices=["fedora", "debian"], help="image family")
+    g.addoption("--firmware", default=None, choices=["bios", "uefi"],
+                help="the firmware the template boots with (the manifest's)")
     g.addoption("--expected-mac", default=None, help="MAC address the first NIC must carry")
     g.addoption("--known-hosts", default=None, help="known_hosts for paramiko:// hosts (strict checking)")
     g.addoption("--announced-host-keys", default=None, help="keys the guest announced on its serial console")

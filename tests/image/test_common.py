@@ -169,3 +169,35 @@ def test_serial_console_ttyS0(host: Any) -> None:
     cmdline = host.file("/proc/cmdline").content_string.split()
     assert any(arg.startswith("console=ttyS0") for arg in cmdline), cmdline
     assert host.service("serial-getty@ttyS0").is_running
+
+
+@pytest.fixture(scope="module")
+def firmware(opt: Any) -> str:
+    kind = opt("firmware")
+    if kind is None:
+        pytest.skip("no --firmware given (the image test passes the manifest's)")
+    return str(kind)
+
+
+def test_booted_through_the_manifest_firmware(host: Any, firmware: str) -> None:
+    """The kernel exposes /sys/firmware/efi only when UEFI started it: a uefi template that fell back to
+    a BIOS path, or a bios one started by OVMF, is caught here."""
+    assert host.file("/sys/firmware/efi").is_directory == (firmware == "uefi"), (
+        f"the manifest says firmware {firmware}, the guest booted "
+        f"{'through UEFI' if host.file('/sys/firmware/efi').exists else 'through a BIOS'}")
+    if firmware == "uefi":
+        efi_system_partition_mounted_by_uuid(host)
+
+
+def efi_system_partition_mounted_by_uuid(host: Any) -> None:
+    """A clone's kernel and bootloader updates reach the ESP only if /boot/efi is mounted, and it stays
+    mounted in every clone only if fstab names it by its filesystem UUID (not a device name)."""
+    mount = json.loads(host.check_output("findmnt -J -o SOURCE,FSTYPE,UUID /boot/efi"))["filesystems"][0]
+    assert mount["fstype"] == "vfat", mount
+    entries = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    spec = [e[0] for e in entries if len(e) > 1 and e[1] == "/boot/efi"]
+    assert spec == [f"UUID={mount['uuid']}"], f"/etc/fstab names /boot/efi as {spec}, the ESP is {mount}"
+    with host.sudo():  # the ESP is mounted root-only (umask=0077)
+        loader = host.file("/boot/efi/EFI/BOOT/BOOTX64.EFI").is_file
+    assert loader, "no loader at the ESP's removable path EFI/BOOT/BOOTX64.EFI"

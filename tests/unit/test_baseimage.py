@@ -143,10 +143,13 @@ def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:
     assert "datasource_list: [ NoCloud, None ]" in (root / "etc/cloud/cloud.cfg.d/90-factory.cfg").read_text()
 
 
+MBR_START = 2048  # a classic MBR disk's first partition: core.img goes into the gap before it
+
+
 def _mbr_disk(path: Path, mib: int = 4) -> bytes:
     with path.open("wb") as fh:
         fh.truncate(mib * 1024 * 1024)
-    layout = f"label: dos\nlabel-id: 0x1234abcd\nunit: sectors\nstart={bi.PART_START_MIB * 2048}, type=83, bootable\n"
+    layout = f"label: dos\nlabel-id: 0x1234abcd\nunit: sectors\nstart={MBR_START}, type=83, bootable\n"
     subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(path)], input=layout.encode(), check=True)
     return path.read_bytes()[:512]
 
@@ -163,7 +166,7 @@ def test_embed_grub_writes_boot_and_core_and_keeps_the_partition_table(tmp_path:
     mbr = _mbr_disk(raw)
     boot_img = bytes(range(256)) * 2
     core = _fake_core(5)
-    bi.embed_grub(raw, boot_img, core, bi.PART_START_MIB * 2048)
+    bi.embed_grub(raw, boot_img, core, MBR_START)
     data = raw.read_bytes()
     sector0 = data[:512]
     assert sector0[0x1B8:] == mbr[0x1B8:], "disk signature and partition table must survive"
@@ -175,7 +178,39 @@ def test_embed_grub_writes_boot_and_core_and_keeps_the_partition_table(tmp_path:
     assert struct.unpack_from("<QHH", written, 500) == (2, 4, 0x820)
     assert written[:500] == core[:500] and written[512 : len(core)] == core[512:]
     dump = subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True, check=True).stdout
-    assert "label-id: 0x1234abcd" in dump and f"start=        {bi.PART_START_MIB * 2048}" in dump
+    assert "label-id: 0x1234abcd" in dump and f"start=        {MBR_START}" in dump
+
+
+def test_embed_grub_on_the_hybrid_gpt_disk_uses_its_bios_boot_partition(tmp_path: Path) -> None:
+    """The base image's layout: boot.img into the protective MBR, pointing at core.img in partition 14,
+    whose block list loads the sectors after it; the GPT (both copies) and the other partitions untouched."""
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.truncate(bi.DISK_SIZE_MIB * 1024 * 1024)
+    layout = bi.gpt_layout(raw, bi.DISK_SIZE_MIB - bi.PART_START_MIB - bi.GPT_BACKUP_MIB)
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(raw)], input=layout.encode(), check=True)
+    before = subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True, check=True).stdout
+    protective = raw.read_bytes()[:512]
+    _, start_mib, size_mib = bi.BIOS_BOOT_PART
+    core = _fake_core(60)
+    bi.embed_grub(raw, bytes(range(256)) * 2, core, (start_mib + size_mib) * 2048, core_sector=start_mib * 2048)
+    with raw.open("rb") as fh:
+        sector0 = fh.read(512)
+        fh.seek(start_mib * 2048 * 512)
+        written = fh.read(60 * 512)
+    assert sector0[0x1B8:] == protective[0x1B8:]
+    assert struct.unpack_from("<Q", sector0, 0x5C) == (start_mib * 2048,)
+    assert struct.unpack_from("<QHH", written, 500) == (start_mib * 2048 + 1, 59, 0x820)
+    assert written[512 : len(core)] == core[512:]
+    after = subprocess.run(["sfdisk", "--verify", str(raw)], capture_output=True, text=True)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True).stdout == before
+    table = json.loads(subprocess.check_output(["sfdisk", "--json", str(raw)]))["partitiontable"]
+    types = {p["node"].removeprefix(str(raw)): p["type"] for p in table["partitions"]}
+    assert types == {"1": bi.GPT_TYPES["root"], "14": bi.GPT_TYPES["bios"], "15": bi.GPT_TYPES["esp"]}
+    with pytest.raises(bi.BaseImageError, match="does not fit in the BIOS boot partition"):
+        bi.embed_grub(raw, bytes(512), _fake_core(size_mib * 2048 + 1), (start_mib + size_mib) * 2048,
+                      core_sector=start_mib * 2048)
 
 
 @pytest.mark.parametrize(

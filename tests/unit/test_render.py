@@ -218,9 +218,10 @@ def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeyp
     assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
 
 
-@pytest.mark.parametrize("name", fedora_images())
+@pytest.mark.parametrize("name", [*fedora_images(), "debian-lab-uefi"])
 def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path) -> None:
-    """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint."""
+    """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint; and the
+    UEFI cloud fixture, the one template rendering a seed CD of its own."""
     if shutil.which("packer") is None:
         pytest.skip("packer not installed (./dev setup installs it)")
     _copy_repo_inputs(tmp_path)
@@ -390,7 +391,7 @@ def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path) -> list[
     if image.firmware == "uefi":
         render.set_var(result, "ovmf_code", str(tmp_path / "CODE.fd"))
         render.set_var(result, "ovmf_vars", str(tmp_path / "VARS.fd"))
-        if not image.source.is_local:
+        if not image.source.is_local and image.mode == "iso":
             render.set_var(result, "install_iso", str(build.install_iso_path(result.out_dir, image)))
     argv = tmp_path / f"argv-{image.name}"
     env = {**render.tool_env(), "QEMU_ARGV": str(argv), "PACKER_CACHE_DIR": str(tmp_path / "cache")}
@@ -438,10 +439,62 @@ def test_packer_1_6_starts_a_uefi_install_with_the_disk_the_cd_and_ovmf(
         assert Path(cd).read_bytes() == iso.read_bytes()  # Packer kept the download where the CD names it
 
 
-def test_uefi_is_refused_for_a_cloud_image(catalogue: dict[str, Image]) -> None:
-    from pydantic import ValidationError
-    with pytest.raises(ValidationError, match="firmware: uefi is for iso mode"):
-        Image.model_validate({**catalogue["fedora-45"].model_dump(), "firmware": "uefi"})
+def test_uefi_cloud_gets_its_disk_and_seed_cd_on_both_packers(repo: Settings, catalogue: dict[str, Image]) -> None:
+    """A cloud image booted under UEFI (debian-lab-uefi): with 1.6 qemuargs names the disk Packer made from
+    the cloud image and a seed CD the factory made (Packer's own cd_files CD has a random path, and with any
+    -drive in qemuargs it would not be attached); with the plugin its own efi_* options and cd_files."""
+    image = catalogue["debian-lab-uefi"]
+    assert image.mode == "cloud" and image.firmware == "uefi"
+    old = _render(repo, image, (1, 6, 6))
+    hcl = old.hcl.read_text()
+    new = _render(repo, image, (1, 11, 2))
+    try:
+        drives = [a[1] for a in _qemuargs(hcl) if a[0] == "-drive"]
+        disk = f"{_attribute(hcl, 'output_directory')}/{_attribute(hcl, 'vm_name')}"
+        assert disk == "${var.work_dir}/output/debian-lab-uefi.qcow2"
+        assert drives[0] == (f"file={disk},if=virtio,cache=writeback,discard=unmap,format=qcow2,"
+                             "detect-zeroes=unmap")
+        assert drives[1] == f"file=${{var.secret_dir}}/{render.SEED_ISO},media=cdrom"
+        assert [d.split(",")[:3] for d in drives[2:]] == [["if=pflash", "format=raw", "unit=0"],
+                                                          ["if=pflash", "format=raw", "unit=1"]]
+        assert _attribute(hcl, "cd_files") is None and _attribute(hcl, "disk_image") == "true"
+        assert "install_iso" not in hcl and "install_iso" not in old.var_file.read_text()
+        seed = old.var_file.parent / render.SEED_ISO
+        listing = subprocess.run(["xorriso", "-indev", str(seed), "-pvd_info", "-find", "/", "-type", "f"],
+                                 capture_output=True, text=True, check=True)
+        assert "Volume Id    : cidata" in listing.stdout
+        assert sorted(listing.stdout.split()[-3:]) == ["'/meta-data'", "'/network-config'", "'/user-data'"]
+        assert oct(seed.stat().st_mode & 0o777) == "0o600"
+
+        hcl = new.hcl.read_text()
+        assert all(a[0] != "-drive" for a in _qemuargs(hcl))
+        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35"
+        assert _attribute(hcl, "cd_label") == "cidata" and _attribute(hcl, "cd_files") is not None
+        assert not (new.var_file.parent / render.SEED_ISO).exists()
+    finally:
+        old.cleanup()
+        new.cleanup()
+
+
+def test_packer_1_6_starts_a_uefi_cloud_build_with_the_disk_the_seed_and_ovmf(
+        repo: Settings, catalogue: dict[str, Image], tmp_path: Path) -> None:
+    """Packer 1.6.6 itself: the UEFI cloud build's QEMU gets the disk the BIOS one gets from the builder,
+    the seed CD and the pflash drives."""
+    from image_factory.inventory import Source
+
+    base = tmp_path / "cloud.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    checksum = "sha256:" + hashlib.sha256(base.read_bytes()).hexdigest()
+    images = {name: catalogue[name].model_copy(update={"source": Source(url=str(base), checksum=checksum)})
+              for name in ("debian-lab", "debian-lab-uefi")}
+    own = _drives(_packer_qemu_argv(repo, images["debian-lab"], tmp_path))
+    uefi = _packer_qemu_argv(repo, images["debian-lab-uefi"], tmp_path)
+    drives = _drives(uefi)
+    assert len(own) == 2 and own[1].endswith(",media=cdrom")
+    assert drives[0] == own[0].replace("debian-lab", "debian-lab-uefi")
+    assert drives[1].startswith("file=/") and drives[1].endswith(f"/{render.SEED_ISO},media=cdrom")
+    assert [d.split(",")[0] for d in drives[2:]] == ["if=pflash", "if=pflash"]
+    assert uefi[uefi.index("-machine") + 1].startswith("type=q35")
 
 
 def test_a_missing_ovmf_names_the_package(tmp_path: Path) -> None:

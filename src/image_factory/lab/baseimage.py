@@ -11,12 +11,16 @@ Debian archive this machine reaches, with no loop devices or mounts:
 2. configuration written into that root: NoCloud + None datasources, DHCP on the first NIC from
    cloud-init's network config (or its fallback), serial console, no SSH host keys, empty
    /etc/machine-id, root password locked;
-3. an MBR-partitioned raw disk: ``mkfs.ext4 -d ROOT`` into a partition file, copied at 1 MiB;
+3. a hybrid GPT raw disk laid out as Debian's genericcloud image (root = partition 1 at 64 MiB, BIOS boot
+   partition 14, EFI system partition 15): ``mkfs.ext4 -d ROOT`` into a partition file, copied in place;
 4. GRUB (BIOS) installed without booting anything: the root's own ``grub-mkimage`` makes core.img
    (which finds /boot/grub by the filesystem UUID), its modules and a grub.cfg go into the
-   filesystem, and boot.img and core.img are written into the MBR and the gap before the
+   filesystem, and boot.img and core.img are written into the protective MBR and the BIOS boot
    partition, exactly where ``grub-install`` puts them. The disk boots by itself, like any cloud
    image. (A boot under QEMU running grub-install cost 20-30 s under TCG.)
+   UEFI: the ESP (FAT, ``mkfs.vfat`` + mtools, no mount) gets Debian's signed shim at the removable path
+   EFI/BOOT/BOOTX64.EFI, the signed GRUB beside it, and EFI/debian/grub.cfg (the signed GRUB's prefix)
+   handing over to /boot/grub/grub.cfg on the root, found by its UUID: the same menu for both firmwares.
 5. ``qemu-img convert -O qcow2`` (uncompressed: it stays on this machine).
 
 The result is cached: it is rebuilt only when missing, when its sha256 no longer matches the
@@ -55,15 +59,31 @@ IMAGE_NAME = "debian-13-base.qcow2"
 RELEASE_IMAGE_NAME = "debian-13-release.qcow2"
 RECIPE_NAME = "debian-13-base.recipe.json"
 DISK_SIZE_MIB = 2048
-PART_START_MIB = 1
+# A hybrid GPT disk laid out like Debian's genericcloud image: the root is partition 1 (last on the disk, so
+# cloud-init's growpart can grow it), GRUB's core.img in a BIOS boot partition (14) for a BIOS boot, and an
+# EFI system partition (15) with the removable-path loader for a UEFI boot.
+BIOS_BOOT_PART = (14, 1, 3)  # (number, start MiB, size MiB)
+ESP_PART = (15, 4, 60)
+PART_START_MIB = 64  # the root partition's start
+GPT_BACKUP_MIB = 1  # room for the backup GPT at the end of the disk
 # Fixed so the recipe (and thus the cache key) is deterministic; GRUB and fstab find the root by it.
 ROOT_FS_UUID = "3b2c6a1e-5d0f-4f6e-9a51-0f1ac70e2d12"
 ROOT_LABEL = "root"
+# The ESP's FAT volume id, as fstab names it (UUID=5EED-0EF1).
+ESP_VOLUME_ID = "5EED0EF1"
+ESP_FS_UUID = f"{ESP_VOLUME_ID[:4]}-{ESP_VOLUME_ID[4:]}"
+ESP_LABEL = "ESP"
+GPT_TYPES = {"root": "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "bios": "21686148-6449-6E6F-744E-656564454649",
+             "esp": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"}
 
 PACKAGES = (
     "linux-image-cloud-amd64",
     "initramfs-tools",
     "grub-pc",
+    # The UEFI path: Debian's signed shim and GRUB (so Secure Boot can be turned on later); their binaries
+    # are copied onto the ESP, the packages keep them current for a clone's own grub-install.
+    "shim-signed",
+    "grub-efi-amd64-signed",
     "systemd-sysv",
     "udev",
     "dbus",
@@ -112,7 +132,8 @@ PRESEED_FILES: dict[str, str] = {
 
 # Files written into the root, path -> content. Part of the recipe hash.
 FILES: dict[str, str] = {
-    "etc/fstab": f"UUID={ROOT_FS_UUID} / ext4 defaults,errors=remount-ro 0 1\n",
+    "etc/fstab": (f"UUID={ROOT_FS_UUID} / ext4 defaults,errors=remount-ro 0 1\n"
+                  f"UUID={ESP_FS_UUID} /boot/efi vfat defaults,umask=0077,nofail 0 2\n"),
     "etc/hostname": "debian\n",
     "etc/hosts": "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
     "etc/default/locale": "LANG=C.UTF-8\n",
@@ -164,7 +185,17 @@ FILES: dict[str, str] = {
 
 # GRUB's first stage finds its prefix by the root filesystem's UUID (disk order does not matter).
 GRUB_EARLY_CFG = f"search.fs_uuid {ROOT_FS_UUID} root\nset prefix=($root)/boot/grub\n"
-GRUB_CORE_MODULES = ("biosdisk", "part_msdos", "ext2", "search_fs_uuid")
+GRUB_CORE_MODULES = ("biosdisk", "part_gpt", "ext2", "search_fs_uuid")
+# What grub-install writes beside a signed GRUB: its built-in prefix is /EFI/debian on the ESP, and this
+# hands over to the menu in the root filesystem, found by its UUID (the seal keeps it so in a clone).
+GRUB_EFI_STUB_CFG = f"search.fs_uuid {ROOT_FS_UUID} root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n"
+# Signed binaries in the root -> their place on the ESP. shim at the removable path loads grubx64.efi
+# from its own directory; no fbx64.efi, so the firmware never gets boot entries written and a reset.
+ESP_FILES = {
+    "usr/lib/shim/shimx64.efi.signed": "EFI/BOOT/BOOTX64.EFI",
+    "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed": "EFI/BOOT/grubx64.efi",
+    "usr/lib/shim/mmx64.efi.signed": "EFI/BOOT/mmx64.efi",
+}
 # The menu update-grub would write for this one kernel; update-grub in a clone rewrites it from
 # /etc/default/grub, which says the same.
 GRUB_CFG = """\
@@ -173,7 +204,7 @@ set timeout=1
 serial --unit=0 --speed=115200
 terminal_input console serial
 terminal_output console serial
-insmod part_msdos
+insmod part_gpt
 insmod ext2
 search --no-floppy --fs-uuid --set=root {uuid}
 menuentry 'Debian GNU/Linux' {{
@@ -211,6 +242,8 @@ def recipe() -> dict[str, object]:
         "preseed": PRESEED_FILES,
         "files": FILES,
         "grub": [GRUB_EARLY_CFG, list(GRUB_CORE_MODULES), GRUB_CFG],
+        "efi": [GRUB_EFI_STUB_CFG, ESP_FILES, ESP_VOLUME_ID, ESP_LABEL],
+        "layout": ["gpt", BIOS_BOOT_PART, ESP_PART, GPT_BACKUP_MIB],
         "mke2fs": MKE2FS_CONF,
         "disk_mib": DISK_SIZE_MIB,
         "part_start_mib": PART_START_MIB,
@@ -298,7 +331,9 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
             core_img, boot_img = _prepare_grub(tree)
             raw = work / "disk.raw"
             _make_disk(tree, work, raw)
-            embed_grub(raw, boot_img, core_img, PART_START_MIB * 2048)
+            _, bios_start, bios_size = BIOS_BOOT_PART
+            embed_grub(raw, boot_img, core_img, (bios_start + bios_size) * 2048, core_sector=bios_start * 2048)
+            _make_esp(tree, work, raw)
             _check_fs(raw)
             figures[f"disk_s:{name}"] = round(time.monotonic() - t0, 1)
             t0 = time.monotonic()
@@ -362,7 +397,7 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
 
 # ------------------------------------------------------------------------------------------ steps
 
-CLEANUP_VERSION = 3  # 3: the release variant and both kernels in the stamp
+CLEANUP_VERSION = 4  # 3: the release variant and both kernels in the stamp; 4: hybrid GPT (BIOS + UEFI)
 
 
 def _check_tools() -> None:
@@ -372,6 +407,9 @@ def _check_tools() -> None:
         "sfdisk": "fdisk",
         "mkfs.ext4": "e2fsprogs",
         "e2fsck": "e2fsprogs",
+        "mkfs.vfat": "dosfstools",
+        "mcopy": "mtools",
+        "fsck.vfat": "dosfstools",
     }
     missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in need.items() if not shutil.which(tool)]
     if missing:
@@ -543,6 +581,7 @@ def _configure(root: Path, mirror: str) -> None:
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     (root / "etc/machine-id").write_text("", encoding="utf-8")
+    (root / "boot/efi").mkdir(parents=True, exist_ok=True)  # the ESP's mount point (fstab)
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     # No caches, no logs, no state from the build.
     for d in ("var/cache/apt/archives", "var/lib/apt/lists", "var/lib/cloud", "tmp", "var/tmp"):
@@ -565,7 +604,7 @@ def _make_disk(root: Path, work: Path, raw: Path) -> None:
     part = work / "part.img"
     conf = work / "mke2fs.conf"
     conf.write_text(MKE2FS_CONF, encoding="utf-8")
-    part_mib = DISK_SIZE_MIB - PART_START_MIB
+    part_mib = DISK_SIZE_MIB - PART_START_MIB - GPT_BACKUP_MIB
     env = {**os.environ, "MKE2FS_CONFIG": str(conf)}
     cmd = ["mkfs.ext4", "-q", "-F", "-T", "ext4", "-L", ROOT_LABEL, "-U", ROOT_FS_UUID,
            "-d", str(root), str(part), f"{part_mib}M"]  # fmt: skip
@@ -577,13 +616,47 @@ def _make_disk(root: Path, work: Path, raw: Path) -> None:
         raise BaseImageError(f"base image: mkfs.ext4 -d failed: {proc.stdout.decode(errors='replace')[-2000:]}")
     with raw.open("wb") as fh:
         fh.truncate(DISK_SIZE_MIB * 1024 * 1024)
-    layout = f"label: dos\nunit: sectors\nstart={PART_START_MIB * 2048}, type=83, bootable\n"
+    layout = gpt_layout(raw, part_mib)
     proc = subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(raw)], input=layout.encode(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     if proc.returncode != 0:
         raise BaseImageError(f"base image: sfdisk failed: {proc.stdout.decode(errors='replace')[-2000:]}")
     _copy_sparse(part, raw, PART_START_MIB * 1024 * 1024)
     part.unlink()
+
+
+def gpt_layout(raw: Path, root_mib: int) -> str:
+    """sfdisk's script for the hybrid disk: root as partition 1, BIOS boot and ESP numbered as Debian's."""
+    lines = ["label: gpt", "unit: sectors", "first-lba: 2048",
+             f"{raw}1 : start={PART_START_MIB * 2048}, size={root_mib * 2048}, type={GPT_TYPES['root']}, name=root"]
+    for (number, start, size), kind in ((BIOS_BOOT_PART, "bios"), (ESP_PART, "esp")):
+        lines.append(f"{raw}{number} : start={start * 2048}, size={size * 2048}, type={GPT_TYPES[kind]}")
+    return "\n".join(lines) + "\n"
+
+
+def _make_esp(root: Path, work: Path, raw: Path) -> None:
+    """The EFI system partition: a FAT filesystem with shim at the removable path and GRUB's stub config."""
+    esp = work / "esp.img"
+    _, start, size = ESP_PART
+    with esp.open("wb") as fh:
+        fh.truncate(size * 1024 * 1024)
+    _run(["mkfs.vfat", "-i", ESP_VOLUME_ID, "-n", ESP_LABEL, str(esp)], "mkfs.vfat (ESP)")
+    stub = work / "grub-efi.cfg"
+    stub.write_text(GRUB_EFI_STUB_CFG, encoding="utf-8")
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    dirs = sorted({"::/" + str(Path(dst).parent) for dst in ESP_FILES.values()} | {"::/EFI", "::/EFI/debian"})
+    copies = [(root / src, dst) for src, dst in ESP_FILES.items()] + [(stub, "EFI/debian/grub.cfg")]
+    for src, _dst in copies:
+        if not src.is_file():
+            raise BaseImageError(f"base image: {src} missing (shim-signed or grub-efi-amd64-signed not installed?)")
+    for cmd in (["mmd", "-i", str(esp), *dirs],
+                *(["mcopy", "-i", str(esp), str(src), f"::/{dst}"] for src, dst in copies)):
+        proc = subprocess.run(cmd, env=mtools, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise BaseImageError(f"base image: {cmd[0]} (ESP) failed: {proc.stdout.decode(errors='replace')[-1000:]}")
+    _run(["fsck.vfat", "-n", str(esp)], "fsck.vfat (ESP)")
+    _copy_sparse(esp, raw, start * 1024 * 1024)
+    esp.unlink()
 
 
 def _copy_sparse(src: Path, dst: Path, offset: int, chunk: int = 1024 * 1024) -> None:
@@ -648,31 +721,34 @@ DISKBOOT_BLOCKLIST = SECTOR - 12  # struct { u64 start; u16 len; u16 segment } e
 DISKBOOT_SEGMENT = 0x820
 
 
-def embed_grub(raw: Path, boot_img: bytes, core_img: bytes, first_partition_sector: int) -> None:
-    """What grub-bios-setup does for an MBR disk: boot.img into sector 0, core.img from sector 1."""
+def embed_grub(raw: Path, boot_img: bytes, core_img: bytes, end_sector: int, *, core_sector: int = 1) -> None:
+    """What grub-bios-setup does: boot.img into sector 0, core.img from ``core_sector`` up to ``end_sector``
+    (an MBR disk: from sector 1 to the first partition; a GPT disk: its BIOS boot partition)."""
     if len(boot_img) != SECTOR:
         raise BaseImageError(f"base image: boot.img is {len(boot_img)} bytes, not one sector")
     sectors = -(-len(core_img) // SECTOR)
-    if 1 + sectors > first_partition_sector:
-        raise BaseImageError(f"base image: core.img ({sectors} sectors) does not fit before the first partition")
+    if core_sector + sectors > end_sector:
+        where = "before the first partition" if core_sector == 1 else "in the BIOS boot partition"
+        raise BaseImageError(f"base image: core.img ({sectors} sectors) does not fit {where}")
     core = bytearray(core_img.ljust(sectors * SECTOR, b"\0"))
     start, length, segment = struct.unpack_from("<QHH", core, DISKBOOT_BLOCKLIST)
     if (start, segment) != (2, DISKBOOT_SEGMENT) or length not in (0, sectors - 1):
         raise BaseImageError(f"base image: core.img has an unexpected block list ({start}, {length}, {segment:#x})")
-    # diskboot.img (sector 1) loads the rest of core.img: sectors 2 .. sectors, to 0x820:0000.
-    struct.pack_into("<QHH", core, DISKBOOT_BLOCKLIST, 2, sectors - 1, DISKBOOT_SEGMENT)
+    # diskboot.img (core.img's first sector) loads the rest of core.img, the sectors after it, to 0x820:0000.
+    struct.pack_into("<QHH", core, DISKBOOT_BLOCKLIST, core_sector + 1, sectors - 1, DISKBOOT_SEGMENT)
     with raw.open("r+b") as fh:
         mbr = fh.read(SECTOR)
         if len(mbr) != SECTOR or mbr[510:] != b"\x55\xaa":
             raise BaseImageError(f"base image: {raw} has no MBR partition table")
         boot = bytearray(boot_img)
         boot[BOOT_BPB] = mbr[BOOT_BPB]
-        struct.pack_into("<Q", boot, BOOT_KERNEL_SECTOR, 1)
+        struct.pack_into("<Q", boot, BOOT_KERNEL_SECTOR, core_sector)
         boot[BOOT_DRIVE] = 0xFF  # the drive the BIOS booted from
         boot[BOOT_DRIVE_CHECK] = b"\x90\x90"  # grub-setup's hard-disk workaround for buggy BIOSes
         boot[MBR_NT_MAGIC:] = mbr[MBR_NT_MAGIC:]
         fh.seek(0)
         fh.write(boot)
+        fh.seek(core_sector * SECTOR)
         fh.write(core)
 
 
