@@ -55,3 +55,16 @@ def test_jobs_install_the_build_lock_and_secrets_reach_only_their_steps() -> Non
 def test_an_empty_image_list_skips_the_image_job() -> None:
     image = _workflow()["jobs"]["image"]
     assert "needs.plan.outputs.images != '[]'" in image["if"]
+
+
+def test_every_step_that_reads_the_inventory_can_open_its_vaulted_secrets() -> None:
+    """A site keeping token secrets in ansible-vault: the password (a secret) is written once per job, before
+    the first step that reads the inventory; those steps get only the file's path (through $GITHUB_ENV)."""
+    for name, job in _workflow()["jobs"].items():
+        steps = job["steps"]
+        vault = [i for i, s in enumerate(steps) if "secrets.ANSIBLE_VAULT_PASSWORD" in str(s.get("env", {}))]
+        readers = [i for i, s in enumerate(steps) if "invoke" in s.get("run", "")]
+        assert len(vault) == 1 and readers and vault[0] < min(readers), name
+        script = steps[vault[0]]["run"]
+        assert "umask 077" in script and "$RUNNER_TEMP/" in script and "ANSIBLE_VAULT_PASSWORD_FILE=" in script
+        assert "$GITHUB_ENV" in script and "ANSIBLE_VAULT_PASSWORD\" >> \"$GITHUB_ENV" not in script, name
