@@ -208,11 +208,17 @@ CATALOGUE_CASES = [
 @pytest.mark.parametrize("case", [c[0] for c in CATALOGUE_CASES])
 def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _, source, key = next(c for c in CATALOGUE_CASES if c[0] == case)
+    _deploy_with_fedora_44(fsite, tmp_path, capsys, "source", source, key)
+
+
+def _deploy_with_fedora_44(fsite: FakeSite, tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
+                           value: Any, key: str) -> str:
+    """deploy.vm --all with one field of the catalogue's fedora-44 replaced: refused clearly, no request sent."""
     from image_factory.settings import REPO_ROOT
 
-    _, source, key = next(c for c in CATALOGUE_CASES if c[0] == case)
     data = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
-    data["images"]["fedora-44"]["source"] = source
+    data["images"]["fedora-44"][field] = value
     bad = tmp_path / "images.yml"
     bad.write_text(yaml.safe_dump(data, sort_keys=False))
     for pve in fsite.pves.values():
@@ -220,6 +226,7 @@ def test_bad_catalogue_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
     code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--catalogue",
                           str(bad)], capsys)
     assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
+    return text
 
 
 # (case id, catalogue field of fedora-44, hostile value, key named in the error)
@@ -242,18 +249,8 @@ IMAGE_CASES: list[tuple[str, str, Any, str]] = [
 @pytest.mark.parametrize("case", [c[0] for c in IMAGE_CASES])
 def test_hostile_catalogue_value_is_refused(case: str, fsite: FakeSite, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from image_factory.settings import REPO_ROOT
-
     _, field, value, key = next(c for c in IMAGE_CASES if c[0] == case)
-    data = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
-    data["images"]["fedora-44"][field] = value
-    bad = tmp_path / "images.yml"
-    bad.write_text(yaml.safe_dump(data, sort_keys=False))
-    for pve in fsite.pves.values():
-        pve.requests.clear()
-    code, text = run_cli(["deploy.vm", "--all", "--skip-preflight", "-i", str(fsite.inventory), "--catalogue",
-                          str(bad)], capsys)
-    assert_clear_refusal(code, text, [str(bad)], "fedora-44", key, fsite)
+    text = _deploy_with_fedora_44(fsite, tmp_path, capsys, field, value, key)
     assert len(text) < 2000, "the refusal quotes the value at length"
 
 
