@@ -91,7 +91,9 @@ _EXTRA = "the [build] extra: pip install 'deevnet-image-factory[build]' (a check
 TOOL_PROVIDERS = {
     "packer": "Packer >= 1.7 (Debian 12's 1.6.6 works too): ./dev setup installs it, from the distribution or "
               "HashiCorp's signed repository, see docs/install.md; or https://developer.hashicorp.com/packer/install",
-    "ansible-playbook": f"ansible-core, in {_EXTRA}",
+    # ansible-core reads the site inventory too, so it is a dependency of the package itself, not of an extra
+    "ansible-playbook": "ansible-core, a dependency of the factory itself: pip install deevnet-image-factory "
+                        "(a checkout: ./dev setup)",
     "ansible-lint": f"ansible-lint, in {_EXTRA}",
     "ksvalidator": f"pykickstart, in {_EXTRA}",
     "qemu-system-x86_64": "QEMU: apt-get install qemu-system-x86 (Debian) or dnf install qemu-system-x86 (Fedora)",

@@ -205,7 +205,8 @@ def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 @pytest.mark.parametrize(("tool", "provider"), [
-    ("ansible-playbook", "ansible-core, in the [build] extra"), ("ksvalidator", "pykickstart, in the [build] extra"),
+    ("ansible-playbook", "ansible-core, a dependency of the factory itself"),
+    ("ksvalidator", "pykickstart, in the [build] extra"),
     ("ansible-lint", "ansible-lint, in the [build] extra"), ("qemu-img", "apt-get install qemu-utils"),
     ("qemu-system-x86_64", "dnf install qemu-system-x86"), ("packer", "HashiCorp's signed repository"),
 ])
