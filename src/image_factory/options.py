@@ -31,3 +31,14 @@ def seconds(flag: str, value: float | int | str, maximum: float = MAX_TIMEOUT) -
         raise ValidationFailed([Problem(flag, "", "", f"{value!r}: must be a number of seconds above 0 and at most "
                                                       f"{maximum:.0f}")])
     return number
+
+
+def whole_number(flag: str, value: object, minimum: int = 1) -> int:
+    """A count given as a flag or a config value: a whole number of at least ``minimum``."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ValidationFailed([Problem(flag, "", "", f"{value!r}: must be a whole number of at least {minimum}")])
+    return number

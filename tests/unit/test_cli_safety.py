@@ -271,6 +271,12 @@ FLAG_CASES: list[tuple[str, list[str], str, int]] = [
     ("deploy-timeout-huge", ["deploy.vm", "--all", "--timeout", str(10**12), "-i", "INV"], "--timeout", 2),
     ("destroy-timeout-negative", ["deploy.destroy", "sandbox01", "--timeout", "-1", "-i", "INV"], "--timeout", 2),
     ("image-test-timeout-negative", ["image.test", "debian-lab", "--timeout", "-1"], "--timeout", 2),
+    # not a number at all: invoke's parse error, as an unknown flag is (1, also for a plan)
+    ("deploy-timeout-nan", ["deploy.vm", "--all", "--timeout", "nan", "-i", "INV"], "--timeout", 1),
+    ("plan-timeout-word", ["deploy.vm", "--all", "--dry-run", "--timeout", "soon", "-i", "INV"], "--timeout", 1),
+    ("publish-keep-word", ["publish.template", "debian-lab", "--keep", "three", "-i", "INV"], "--keep", 2),
+    ("publish-keep-zero", ["publish.template", "debian-lab", "--keep", "0", "-i", "INV"], "--keep", 2),
+    ("pipeline-keep-word", ["pipeline", "--keep", "x", "-i", "INV"], "--keep", 1),
 ]
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
+from invoke.exceptions import Exit, ParseError
 from invoke.parser import Argument
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
@@ -46,6 +46,22 @@ def dry_run_help(what: str) -> str:
 
 
 HELP_FLAGS = ("-h", "--help")
+
+
+NUMBER_KINDS = {int: "a whole number", float: "a number"}
+
+
+class NumberArgument(Argument):
+    """A number-typed flag: invoke casts its value while parsing and lets the ValueError escape as a traceback.
+    This makes it invoke's own parse error, as an unknown flag is (exit 1, also for a plan, where 2 would read
+    as "changes pending"), naming the flag and the value, before any task runs."""
+
+    def set_value(self, value: Any, cast: bool = True) -> None:
+        try:
+            super().set_value(value, cast)
+        except ValueError:
+            flag = f"--{(self.name or '').replace('_', '-')}"
+            raise ParseError(f"error: {flag}: {value!r} is not {NUMBER_KINDS.get(self.kind, 'a number')}") from None
 
 
 class FactoryTask(Task):
@@ -91,6 +107,8 @@ class FactoryTask(Task):
         finally:
             self.help = help_texts
         for arg in args:
+            if arg.kind in (int, float):
+                arg.__class__ = NumberArgument
             short = SHORT_FLAGS.get(arg.attr_name or arg.name or "")
             if short and short not in arg.names:
                 arg.names = (*arg.names, short)

@@ -6,15 +6,17 @@ from invoke.collection import Collection
 from invoke.context import Context
 from rich.table import Table
 
+from .. import options
 from ..console import console, emit_json, styled
-from ..publish import DEFAULT_KEEP, PublishError, PublishReport, check_inputs, publish_image
+from ..publish import DEFAULT_KEEP, PublishReport, check_inputs, publish_image
 from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
 
 
 def _default_keep(c: Context) -> int:
     factory = c.config.get("factory", {}) or {}
     publish_cfg = factory.get("publish", {}) or {}
-    return int(publish_cfg.get("keep", factory.get("publish_keep", DEFAULT_KEEP)))
+    configured = publish_cfg.get("keep", factory.get("publish_keep", DEFAULT_KEEP))
+    return options.whole_number("factory.publish.keep", configured)
 
 
 @task(
@@ -62,10 +64,7 @@ def template(
 
 
 def _keep(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        raise PublishError(f"--keep must be a whole number, not {value!r}") from None
+    return options.whole_number("--keep", value)
 
 
 def print_report(report: PublishReport) -> None:
