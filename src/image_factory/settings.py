@@ -90,6 +90,13 @@ class Settings:
             data=root if _is_data_dir(root) else installed_data(),
         )
 
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> Settings:
+        """What a task would see without invoke around it (the factory_vm Ansible module): the defaults, then
+        INVOKE_FACTORY_<KEY> as invoke reads them."""
+        env = os.environ if environ is None else environ
+        return cls.from_mapping({key: env.get(f"INVOKE_FACTORY_{key.upper()}") or None for key in DEFAULTS})
+
     def resolve(self, p: str | Path) -> Path:
         """A path from the catalogue or the inventory: absolute, ~-expanded, else site-relative, where the
         site has it, else in the factory's data (a catalogue names ansible/playbooks/template.yml and

@@ -123,6 +123,19 @@ def test_ansible_test_sanity_without_requirements_passes(tmp_path: Path) -> None
     assert ran == set(OFFLINE_SANITY), proc.stdout
 
 
+def test_without_a_catalogue_option_the_module_reads_the_catalogue_invoke_would(tmp_path: Path) -> None:
+    """INVOKE_FACTORY_IMAGES points invoke at a site's catalogue; the module, run in the same environment,
+    must look the VM's image up in the same file (here one that does not exist: the error names it)."""
+    elsewhere = tmp_path / "site-images.yml"
+    args = {"ANSIBLE_MODULE_ARGS": {"name": "jump01", "inventory": str(REPO_ROOT / "ansible" / "inventory"),
+                                    "_ansible_check_mode": True}}
+    proc = subprocess.run([sys.executable, str(MODULE)], input=json.dumps(args), capture_output=True, text=True,
+                          env=_env(INVOKE_FACTORY_IMAGES=str(elsewhere)), timeout=120)
+    result = json.loads(proc.stdout)
+    assert result["failed"] is True and "Traceback" not in result["msg"], result
+    assert str(elsewhere) in result["msg"], result["msg"]
+
+
 def test_without_image_factory_the_module_fails_saying_which_python_needs_it() -> None:
     runner = ("import runpy, sys; sys.modules['image_factory'] = None; "
               f"runpy.run_path({str(MODULE)!r}, run_name='__main__')")

@@ -29,3 +29,10 @@ def test_cache_dir_follows_xdg_and_is_shared_by_clones(tmp_path: Path, monkeypat
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert Settings.from_mapping({}).cache_dir == Path("~/.cache/deevnet-image-factory").expanduser()
     assert Settings.from_mapping({"cache_dir": str(tmp_path / "c")}).cache_dir == tmp_path / "c"
+
+
+def test_from_environment_reads_what_invoke_reads(tmp_path: Path) -> None:
+    s = Settings.from_environment({"INVOKE_FACTORY_SITE_DIR": str(tmp_path), "INVOKE_FACTORY_IMAGES": "cat.yml",
+                                   "INVOKE_FACTORY_ACCELERATOR": "tcg", "UNRELATED": "x"})
+    assert s.root == tmp_path and s.images == tmp_path / "cat.yml" and s.accelerator == "tcg"
+    assert Settings.from_environment({}) == Settings.from_mapping({})

@@ -37,7 +37,9 @@ options:
   catalogue:
     description:
       - The image catalogue the VM's image is looked up in.
-      - When not given, C(packer/images.yml) of the image factory checkout that C(image_factory) belongs to.
+      - When not given, the catalogue C(invoke) would use in the same environment, C(INVOKE_FACTORY_IMAGES)
+        (relative to C(INVOKE_FACTORY_SITE_DIR) when set), else C(packer/images.yml) of the image factory
+        checkout that C(image_factory) belongs to.
     type: path
   recreate:
     description:
@@ -197,7 +199,7 @@ try:
     from image_factory import deploy
     from image_factory.errors import FactoryError
     from image_factory.inventory import load_site
-    from image_factory.settings import REPO_ROOT
+    from image_factory.settings import Settings
 except ImportError:
     HAS_IMAGE_FACTORY = False
     IMAGE_FACTORY_IMPORT_ERROR: str | None = traceback.format_exc()
@@ -326,7 +328,7 @@ def main() -> None:
     p = module.params
     _reach_installed_ansible_core()
     try:
-        site = load_site(p["inventory"], p["catalogue"] or Path(REPO_ROOT) / "packer" / "images.yml")
+        site = load_site(p["inventory"], p["catalogue"] or Settings.from_environment().images)
         report = deploy.deploy_vms(None, site, [p["name"]], dry_run=module.check_mode, wait=p["wait"],
                                    timeout=p["timeout"], recreate=p["recreate"], allow_mgmt=p["allow_mgmt"],
                                    progress=False, lock_wait=p["lock_wait"])
