@@ -16,7 +16,7 @@ from invoke.program import Program
 
 from . import __version__
 from .settings import DEFAULTS
-from .tasks import build, deploy, host, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
+from .tasks import build, deploy, doctor, host, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
 from .tasks._common import name_tasks
 
 
@@ -26,6 +26,7 @@ def namespace() -> Collection:
         ns.add_collection(module.ns)
     ns.add_task(pipeline.pipeline_task, name="pipeline")
     ns.add_task(pipeline.demo, name="demo")
+    ns.add_task(doctor.doctor, name="doctor")
     ns.configure({"factory": dict(DEFAULTS)})
     return name_tasks(ns)
 

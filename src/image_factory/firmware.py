@@ -12,13 +12,8 @@ import shutil
 from pathlib import Path
 
 from .errors import FactoryError
+from .tools import OVMF_LOCATIONS, provided_by
 
-# (code, variable store template) as each distribution's package installs them, first found wins.
-OVMF_LOCATIONS: tuple[tuple[str, str], ...] = (
-    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),  # Debian, Ubuntu: ovmf
-    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),  # Fedora: edk2-ovmf
-    ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),  # Arch: edk2-ovmf
-)
 VARS_NAME = "efivars.fd"
 
 
@@ -30,7 +25,7 @@ def locate_ovmf(locations: tuple[tuple[str, str], ...] = OVMF_LOCATIONS) -> tupl
     for code, variables in locations:
         if Path(code).is_file() and Path(variables).is_file():
             return Path(code), Path(variables)
-    raise FirmwareError("firmware: uefi needs OVMF (apt-get install ovmf, or dnf install edk2-ovmf); looked for "
+    raise FirmwareError(f"firmware: uefi needs OVMF ({provided_by('ovmf')}); looked for "
                         + ", ".join(code for code, _ in locations))
 
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
+from . import tools
 from .errors import FactoryError
 
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -38,7 +39,7 @@ class QemuError(FactoryError):
 def require_qemu() -> str:
     exe = shutil.which("qemu-system-x86_64")
     if exe is None:
-        raise QemuError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 qemu-utils")
+        raise QemuError(tools.missing_message("qemu-system-x86_64"))
     return exe
 
 
@@ -108,7 +109,7 @@ def make_seed_iso(directory: Path, files: dict[str, str]) -> Path:
     elif shutil.which("genisoimage"):
         cmd = ["genisoimage"]
     else:
-        raise QemuError("neither xorriso nor genisoimage found: apt-get install xorriso")
+        raise QemuError(f"neither xorriso nor genisoimage found: {tools.provided_by('iso-maker')}")
     cmd += ["-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(src)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if proc.returncode != 0:

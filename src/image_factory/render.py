@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import families
+from . import families, tools
 from .errors import FactoryError
 from .inventory import Image, Repository
 from .pvecodec import parse_size
@@ -86,26 +86,9 @@ class RenderResult:
 # ------------------------------------------------------------------------------------------- tools
 
 
-_EXTRA = "the [build] extra: pip install 'deevnet-image-factory[build]' (a checkout: ./dev setup build)"
-# Where each program the factory runs comes from, named when it is missing: one table, every look-up.
-TOOL_PROVIDERS = {
-    "packer": "Packer >= 1.7 (Debian 12's 1.6.6 works too): ./dev setup installs it, from the distribution or "
-              "HashiCorp's signed repository, see docs/install.md; or https://developer.hashicorp.com/packer/install",
-    # ansible-core reads the site inventory too, so it is a dependency of the package itself, not of an extra
-    "ansible-playbook": "ansible-core, a dependency of the factory itself: pip install deevnet-image-factory "
-                        "(a checkout: ./dev setup)",
-    "ansible-lint": f"ansible-lint, in {_EXTRA}",
-    "ksvalidator": f"pykickstart, in {_EXTRA}",
-    "qemu-system-x86_64": "QEMU: apt-get install qemu-system-x86 (Debian) or dnf install qemu-system-x86 (Fedora)",
-    "qemu-img": "qemu-img: apt-get install qemu-utils (Debian) or dnf install qemu-img (Fedora)",
-    "openssl": "OpenSSL: apt-get install openssl (Debian) or dnf install openssl (Fedora)",
-    "ssh-keygen": "OpenSSH: apt-get install openssh-client (Debian) or dnf install openssh-clients (Fedora)",
-}
-
-
 def tool_missing(tool: str) -> ToolMissing:
-    provider = TOOL_PROVIDERS.get(tool, "its package")
-    return ToolMissing(f"{tool} is not installed (or not on PATH): it comes with {provider}")
+    """Worded from the tools registry, as `invoke doctor` reports the same tool."""
+    return ToolMissing(tools.missing_message(tool))
 
 
 def require_tool(tool: str) -> str:
@@ -327,7 +310,8 @@ def seed_iso(seed_dir: Path, iso: Path) -> None:
     Packer 1.6 a UEFI build names every drive in qemuargs, and Packer's own CD has a random path."""
     xorriso = shutil.which("xorriso")
     if xorriso is None:
-        raise RenderError("a UEFI cloud build on Packer 1.6 needs xorriso for its seed CD (apt-get install xorriso)")
+        raise RenderError("a UEFI cloud build on Packer 1.6 needs xorriso for its seed CD: "
+                          + tools.provided_by("iso-maker"))
     proc = subprocess.run([xorriso, "-as", "genisoimage", "-rock", "-joliet", "-volid", "cidata", "-output", str(iso),
                            *(str(seed_dir / name) for name in SEED_FILES)], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from .. import tools
 from ..errors import FactoryError
 from ..manifest import sha256_file
 from .model import bad_flag
@@ -28,12 +29,7 @@ FETCH_MODES: tuple[FetchFrom, ...] = ("iso", "http", "partition")
 PARTITION_LABEL = "proxmox-ais"  # utils.rs default_partition_label
 SUMS_LINE_RE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(\S.*)$")
 FINGERPRINT_RE = re.compile(r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
-INSTALL_HINT = (
-    f"{ASSISTANT} is not installed (nor on PATH). It is Proxmox's package of the same name, in the Proxmox VE "
-    f"repositories: on a Proxmox VE host run `apt install {ASSISTANT} xorriso`; on Debian 12/13 add the Proxmox VE "
-    "no-subscription repository and its key first (https://pve.proxmox.com/wiki/Package_Repositories), then the "
-    "same apt install. xorriso is what the assistant uses to write the ISO."
-)
+INSTALL_HINT = tools.missing_message(ASSISTANT) + ". xorriso is what the assistant uses to write the ISO."
 SUMS_TIMEOUT = 30.0
 
 

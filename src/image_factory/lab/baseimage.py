@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tools
 from ..console import console
 from ..errors import FactoryError
 from ..files import write_atomic
@@ -401,17 +402,8 @@ CLEANUP_VERSION = 4  # 3: the release variant and both kernels in the stamp; 4: 
 
 
 def _check_tools() -> None:
-    need = {
-        "debootstrap": "debootstrap",
-        "qemu-img": "qemu-utils",
-        "sfdisk": "fdisk",
-        "mkfs.ext4": "e2fsprogs",
-        "e2fsck": "e2fsprogs",
-        "mkfs.vfat": "dosfstools",
-        "mcopy": "mtools",
-        "fsck.vfat": "dosfstools",
-    }
-    missing = [f"{tool} (apt-get install {pkg})" for tool, pkg in need.items() if not shutil.which(tool)]
+    need = ("debootstrap", "qemu-img", "sfdisk", "mkfs.ext4", "e2fsck", "mkfs.vfat", "mcopy", "fsck.vfat")
+    missing = [f"{tool} ({tools.get(tool).provider.short()})" for tool in need if tools.find(tool) is None]
     if missing:
         raise BaseImageError("base image: missing tools: " + ", ".join(missing))
     if os.geteuid() != 0:
