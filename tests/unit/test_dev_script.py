@@ -161,3 +161,18 @@ def test_an_unknown_distribution_says_what_to_install(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Arch Linux: neither Debian- nor Fedora-like" in proc.stderr
     assert "packer (>= 1.7)" in proc.stderr
     assert os.listdir(m.venv) == ["bin"]
+
+
+def test_setup_ends_with_doctor_for_the_profile_and_only_shows_its_verdict(tmp_path: Path) -> None:
+    m = Machine(tmp_path, DEBIAN_12)
+    m.stub("packer", "exit 0")
+    m.stub("invoke", 'echo "invoke $*" >> "$LOG"; echo "packer missing" >&2; exit 1', where=m.venv / "bin")
+    proc = m.run("setup", "build")
+    assert proc.returncode == 0, proc.stderr
+    assert m.calls()[-1] == "invoke doctor --target build,publish"
+    assert "!! invoke doctor: a required tool is still missing" in proc.stderr
+    m.run("setup")
+    assert m.calls()[-1] == "invoke doctor --target build,publish,test"
+    before = len(m.calls())
+    m.run("test", "-k", "nothing")  # test (and demo) set up too, and leave the verdict to what they run
+    assert m.calls()[before:] and not [c for c in m.calls()[before:] if c.startswith("invoke doctor")]
