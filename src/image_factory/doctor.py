@@ -123,9 +123,9 @@ def failure(verdicts: Iterable[TargetVerdict]) -> ToolsMissing | None:
     """The error that ends the run when a target misses a required tool: each named with what provides it."""
     lines = []
     for v in verdicts:
-        lines += [f"  - {v.target}: {row.tool} {row.status}: {tools.get(row.tool).label} "
-                  f"{'>= ' + '.'.join(map(str, row.minimum)) + ' ' if row.minimum and row.status != MISSING else ''}"
-                  f"comes with {row.provides}" for row in v.rows if row.fails]
+        for row in (r for r in v.rows if r.fails):
+            need = f" (needs >= {'.'.join(map(str, row.minimum))})" if row.minimum and row.status != MISSING else ""
+            lines.append(f"  - {v.target}: {row.tool} {row.status}{need}: it comes with {row.provides}")
     if not lines:
         return None
     return ToolsMissing("required tools missing (nothing was installed):\n" + "\n".join(lines))

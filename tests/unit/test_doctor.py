@@ -169,3 +169,16 @@ def test_doctor_refuses_an_unknown_target_without_a_traceback() -> None:
     assert proc.returncode == 2
     assert "unknown target 'nightly' (have: build, publish, deploy, lab, host, test, all)" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_doctor_refuses_a_packer_older_than_the_factory_relies_on(path_without_packer: str) -> None:
+    packer = Path(path_without_packer) / "packer"
+    packer.write_text("#!/bin/sh\n[ \"$1\" = version ] && echo 'Packer v1.6.5'\n")
+    packer.chmod(0o755)
+    proc = run_doctor("--target", "build", path=path_without_packer)
+    assert proc.returncode == 1, proc.stderr
+    assert "build: packer too old (needs >= 1.6.6): it comes with" in proc.stderr
+    packer.write_text("#!/bin/sh\n[ \"$1\" = version ] && echo 'Packer v1.11.2'\n")
+    proc = run_doctor("--target", "build", path=path_without_packer)
+    assert proc.returncode == 0, proc.stderr
+    assert "bundles no plugin" in proc.stderr
