@@ -153,7 +153,7 @@ def table(v: TargetVerdict) -> Table:
         style = STATUS_STYLE[row.status] if row.required or row.status == OK else "[yellow]{}[/]"
         status = styled(style, row.status if row.required else f"{row.status} (optional)")
         version = ".".join(map(str, row.version)) if row.version else ("present" if row.found else "-")
-        if row.minimum and row.status != OK:
+        if row.minimum and row.status in (TOO_OLD, UNKNOWN_VERSION):
             version += f" (needs >= {'.'.join(map(str, row.minimum))})"
         t.add_row(row.tool, status, version + (f"; {row.note}" if row.note else ""), row.found or "-",
                   tools.get(row.tool).provider.short(), row.why)

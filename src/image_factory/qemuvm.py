@@ -109,7 +109,7 @@ def make_seed_iso(directory: Path, files: dict[str, str]) -> Path:
     elif shutil.which("genisoimage"):
         cmd = ["genisoimage"]
     else:
-        raise QemuError(f"neither xorriso nor genisoimage found: {tools.provided_by('iso-maker')}")
+        raise QemuError(f"neither xorriso nor genisoimage found: {tools.provided_by('xorriso')}")
     cmd += ["-quiet", "-output", str(iso), "-volid", "cidata", "-joliet", "-rock", str(src)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if proc.returncode != 0:

@@ -311,7 +311,7 @@ def seed_iso(seed_dir: Path, iso: Path) -> None:
     xorriso = shutil.which("xorriso")
     if xorriso is None:
         raise RenderError("a UEFI cloud build on Packer 1.6 needs xorriso for its seed CD: "
-                          + tools.provided_by("iso-maker"))
+                          + tools.provided_by("xorriso"))
     proc = subprocess.run([xorriso, "-as", "genisoimage", "-rock", "-joliet", "-volid", "cidata", "-output", str(iso),
                            *(str(seed_dir / name) for name in SEED_FILES)], capture_output=True, text=True)
     if proc.returncode != 0:

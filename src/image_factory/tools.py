@@ -140,7 +140,7 @@ REGISTRY: tuple[Tool, ...] = (
     Tool("qemu-img", "qemu-img", "path", Provider(apt="qemu-utils", dnf="qemu-img"),
          {"build": required("Packer's disk and the artifact checks"), "lab": required("the lab's disks"),
           "test": required("the build and lab tests")}),
-    Tool("iso-maker", "xorriso (or genisoimage)", "path", Provider(apt="xorriso", dnf="xorriso"),
+    Tool("xorriso", "xorriso (or genisoimage)", "path", Provider(apt="xorriso", dnf="xorriso"),
          {"build": required("the NoCloud seed CD of the image test (and of UEFI cloud builds on Packer 1.6)"),
           "lab": required("the lab VMs' cloud-init seed"), "test": required("the image and lab tests")},
          names=("xorriso", "genisoimage")),
