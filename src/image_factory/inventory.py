@@ -40,6 +40,11 @@ from .inventory_source import HostVars, Vaulted, YamlIntForm
 from .ownership import imitates_marker, reserved_tag
 
 PLANES = ("mgmt", "tenant")
+# How a plane places a VM that names no hypervisor (docs/inventory.md, "Several hypervisors per plane"); the
+# variable ``placement`` of group mgmt or tenant (group_vars/tenant.yml), default pinned.
+PLACEMENT_KEY = "placement"
+PLACEMENTS = ("pinned", "spread", "fill")
+Placement = Literal["pinned", "spread", "fill"]
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
 Suite = Literal["common", "hygiene", "fedora", "updates"]
@@ -924,15 +929,33 @@ class Site:
     images: dict[str, Image]
     vm_sources: dict[str, str] = field(default_factory=dict)
     tenants: dict[str, Tenant] = field(default_factory=dict)
+    placement: dict[str, Placement] = field(default_factory=dict)  # plane -> policy; absent: pinned
+
+    def policy(self, plane: str) -> Placement:
+        return self.placement.get(plane, "pinned")
+
+    def candidates(self, vm: Vm) -> list[Hypervisor]:
+        """The hypervisors the VM may run on, in inventory order: the one it names, or every host of its plane
+        whose vm_vmids hold its VMID (load() has proven there is at least one)."""
+        return _candidates(vm, self.hypervisors)
 
     def hypervisor_for(self, vm: Vm) -> Hypervisor:
-        """The hypervisor the VM runs on; load() has proven it exists and its role matches the plane."""
-        if vm.hypervisor:
-            return self.hypervisors[vm.hypervisor]
-        return next(h for h in self.hypervisors.values() if h.role == vm.plane)
+        """The hypervisor of a VM whose host the inventory fixes (it names one, or its plane has one host for
+        its VMID); a VM the plane's policy places has its host in the deploy plan (deploy.decide.place_vms)."""
+        hosts = self.candidates(vm)
+        if len(hosts) != 1:
+            raise ValidationFailed([Problem(self.vm_sources.get(vm.name, str(self.inventory_path)), vm.name,
+                                            "vm.hypervisor", f"is placed by the {vm.plane} plane's policy "
+                                            f"{self.policy(vm.plane)} over {', '.join(h.name for h in hosts)}: "
+                                            "its host is decided when it is deployed (invoke deploy.plan)")])
+        return hosts[0]
+
+    def placed_by_policy(self, vm: Vm) -> bool:
+        return len(self.candidates(vm)) > 1
 
     def vms_on(self, hypervisor: str) -> list[Vm]:
-        return [vm for vm in self.vms.values() if self.hypervisor_for(vm).name == hypervisor]
+        """The VMs that run, or may be placed, on the hypervisor."""
+        return [vm for vm in self.vms.values() if any(h.name == hypervisor for h in self.candidates(vm))]
 
     def select_hypervisors(self, names: list[str] | tuple[str, ...] | None) -> list[Hypervisor]:
         if not names:
@@ -957,7 +980,9 @@ class Site:
             h: {"mgmt": [], "tenant": []} for h in self.hypervisors
         }
         for vm in self.vms.values():
-            per_host[self.hypervisor_for(vm).name][vm.plane].append(vm.name)
+            hosts = self.candidates(vm)
+            for hv in hosts:
+                per_host[hv.name][vm.plane].append(vm.name if len(hosts) == 1 else f"{vm.name}?")
         return {
             "inventory": str(self.inventory_path),
             "images_file": str(self.images_path),
@@ -966,6 +991,7 @@ class Site:
                 for h in self.hypervisors.values()
             },
             "vms": {p: sorted(v.name for v in self.vms.values() if v.plane == p) for p in PLANES},
+            "placement": {p: self.policy(p) for p in PLANES},
             "images": {
                 i.name: {"family": i.family, "release": i.release, "mode": i.mode} for i in self.images.values()
             },
@@ -1058,7 +1084,7 @@ def _read_inventory(path: Path, problems: list[Problem], groups: dict[str, Any] 
                     group_files: dict[str, dict[str, str]] | None = None) -> dict[str, HostVars]:
     """The hosts of the factory's groups, read by ansible-core; ``groups`` (if given) receives each group's own
     ``tenants``, ``group_files`` the file each came from."""
-    found = inventory_source.read(path, problems, host_keys=HOST_KEYS, group_keys=(TENANTS_KEY,),
+    found = inventory_source.read(path, problems, host_keys=HOST_KEYS, group_keys=(TENANTS_KEY, PLACEMENT_KEY),
                                   only_groups=(HYPERVISOR_GROUP, *PLANES))
     if groups is not None:
         groups.update(found.groups)
@@ -1100,6 +1126,7 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
     records = _read_inventory(inventory_path, problems, groups, group_files)
     catalogue = _read_images(images_path, problems)
     tenants = read_tenants(groups, tenants_file(group_files, inventory_path), problems)
+    placement = read_placement(groups, group_files, inventory_path, problems)
 
     hypervisors: dict[str, Hypervisor] = {}
     vms: dict[str, Vm] = {}
@@ -1144,11 +1171,34 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
                                 "no VM: the inventory needs hosts in group 'mgmt' or 'tenant' with a 'vm' mapping"))
     if not problems and not catalogue:
         problems.append(Problem(str(images_path), "", "images", "the catalogue has no image"))
-    problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path)))
+    problems.extend(_cross_checks(hypervisors, vms, catalogue, sources, str(inventory_path), str(images_path),
+                                  placement))
     problems.extend(_site_address_checks(hypervisors, vms, tenants, sources, str(inventory_path)))
     if problems:
         raise ValidationFailed(problems)
-    return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources, tenants)
+    return Site(inventory_path, images_path, hypervisors, vms, catalogue, sources, tenants, placement)
+
+
+def read_placement(groups: dict[str, Any], group_files: dict[str, dict[str, str]], inventory: Path,
+                   problems: list[Problem]) -> dict[str, Placement]:
+    """Each plane's ``placement`` (a variable of group mgmt or tenant): pinned, spread or fill."""
+    policies: dict[str, Placement] = {}
+    for plane in PLANES:
+        raw = (groups.get(plane) or {}).get(PLACEMENT_KEY)
+        if raw is None:
+            continue
+        if raw not in PLACEMENTS:
+            problems.append(Problem(group_files.get(plane, {}).get(PLACEMENT_KEY, str(inventory)), f"group {plane}",
+                                    f"vars.{PLACEMENT_KEY}", f"{raw!r} is not one of {', '.join(PLACEMENTS)}"))
+            continue
+        policies[plane] = raw
+    return policies
+
+
+def _candidates(vm: Vm, hypervisors: dict[str, Hypervisor]) -> list[Hypervisor]:
+    if vm.hypervisor is not None:
+        return [hypervisors[vm.hypervisor]] if vm.hypervisor in hypervisors else []
+    return [h for h in hypervisors.values() if h.role == vm.plane and vm.vmid in h.vm_vmids]
 
 
 TENANTS_KEY = "tenants"
@@ -1243,12 +1293,8 @@ def _on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str,
 
 def _cross_checks(
     hypervisors: dict[str, Hypervisor], vms: dict[str, Vm], images: dict[str, Image],
-    sources: dict[str, str], inv_file: str, img_file: str,
+    sources: dict[str, str], inv_file: str, img_file: str, placement: dict[str, Placement] | None = None,
 ) -> Iterator[Problem]:
-    for plane in PLANES:
-        hosts = [h.name for h in hypervisors.values() if h.role == plane]
-        if len(hosts) > 1:
-            yield Problem(inv_file, ", ".join(hosts), "pve.role", f"more than one hypervisor has role {plane}")
     host_macs: dict[str, list[str]] = defaultdict(list)
     for host in hypervisors.values():
         for mac in host.install.macs if host.install else ():
@@ -1271,22 +1317,32 @@ def _cross_checks(
             if hv is None:
                 yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor named {vm.hypervisor!r}")
                 continue
+            if hv.role != vm.plane:
+                yield Problem(
+                    file, vm.name, "vm.hypervisor",
+                    f"{vm.plane} VMs may only run on a {vm.plane} hypervisor; {hv.name} has role {hv.role}",
+                )
+            elif vm.vmid not in hv.vm_vmids:
+                yield Problem(
+                    file, vm.name, "vm.vmid",
+                    f"{vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
+                )
         else:
-            candidates = [h for h in hypervisors.values() if h.role == vm.plane]
-            if not candidates:
+            plane_hosts = [h for h in hypervisors.values() if h.role == vm.plane]
+            fitting = _candidates(vm, hypervisors)
+            policy = (placement or {}).get(vm.plane, "pinned")
+            if not plane_hosts:
                 yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor has role {vm.plane}")
                 continue
-            hv = candidates[0]
-        if hv.role != vm.plane:
-            yield Problem(
-                file, vm.name, "vm.hypervisor",
-                f"{vm.plane} VMs may only run on the {vm.plane} hypervisor; {hv.name} has role {hv.role}",
-            )
-        if vm.vmid not in hv.vm_vmids:
-            yield Problem(
-                file, vm.name, "vm.vmid",
-                f"{vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
-            )
+            if not fitting:
+                ranges = ", ".join(f"{h.name} {h.vm_vmids.first}-{h.vm_vmids.last}" for h in plane_hosts)
+                yield Problem(file, vm.name, "vm.vmid", f"{vm.vmid} is outside the vm_vmids of every {vm.plane} "
+                                                         f"hypervisor ({ranges})")
+            elif len(fitting) > 1 and policy == "pinned":
+                yield Problem(file, vm.name, "vm.hypervisor",
+                              f"the {vm.plane} plane has {len(fitting)} hypervisors for VMID {vm.vmid} "
+                              f"({', '.join(h.name for h in fitting)}) and placement pinned: name the VM's "
+                              f"hypervisor, or set placement: spread or fill for group {vm.plane}")
         if vm.plane == "mgmt" and vm.clone == "linked":
             yield Problem(file, vm.name, "vm.clone", "mgmt VMs must be full clones (no template dependency)")
     for vmid, names in by_vmid.items():

@@ -8,7 +8,7 @@ writes a MAC, and in preflight and ``mac.check --live``, every VM of every hyper
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,17 +63,18 @@ def host_mac_uses(client: PveClient, host: str, entries: Iterable[Mapping[str, A
     return uses
 
 
-def mac_collisions(vm: Vm, host: str, macs: Mapping[str, list[MacUse]]) -> list[tuple[int, MacUse]]:
-    """(nic index, other use) for every inventory MAC of ``vm`` that another VM already carries."""
+def mac_collisions(vm: Vm, hosts: Collection[str], macs: Mapping[str, list[MacUse]]) -> list[tuple[int, MacUse]]:
+    """(nic index, other use) for every inventory MAC of ``vm`` that another VM already carries; ``hosts`` are
+    those the VM may be on (its VMID there is the VM itself)."""
     return [(i, use) for i, mac in enumerate(vm.macs) for use in macs.get(mac, [])
-            if (use.host, use.vmid) != (host, vm.vmid)]
+            if not (use.vmid == vm.vmid and use.host in hosts)]
 
 
 def site_collisions(site: Site, macs: Mapping[str, list[MacUse]], vms: Iterable[Vm] | None = None) -> list[str]:
     """Every inventory MAC that another VM carries, as "<vm> nics[i] <mac> is already used by <where>"."""
     return [f"{vm.name} nics[{i}] {vm.macs[i]} is already used by {use}"
             for vm in (vms if vms is not None else site.vms.values())
-            for i, use in mac_collisions(vm, site.hypervisor_for(vm).name, macs)]
+            for i, use in mac_collisions(vm, [h.name for h in site.candidates(vm)], macs)]
 
 
 def read_all(site: Site, client_factory: Callable[[Hypervisor], PveClient] | None = None

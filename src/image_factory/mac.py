@@ -646,8 +646,8 @@ def reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
             out.append(Reservation(
                 mac=nic.mac, hostname=vm.name if i == 0 else f"{vm.name}-nic{i}",
                 domain=vm.cloudinit.searchdomain or (tenant.domain if tenant else domain), address=address,
-                vm=vm.name, nic=i, plane=vm.plane, role=vm.role, hypervisor=site.hypervisor_for(vm).name,
-                vmid=vm.vmid, tenant=vm.tenant,
+                vm=vm.name, nic=i, plane=vm.plane, role=vm.role,
+                hypervisor=" or ".join(h.name for h in site.candidates(vm)), vmid=vm.vmid, tenant=vm.tenant,
             ))
     return sorted(out)
 

@@ -267,6 +267,10 @@ class PveClient:
         """The node's storages: id, type, content, space."""
         return list(self.get(f"{self.node_path}/storage") or [])
 
+    def node_status(self) -> dict[str, Any]:
+        """The node's status: memory (total, used, free in bytes), CPU, uptime, versions."""
+        return dict(self.get(f"{self.node_path}/status"))
+
     def node_networks(self) -> list[dict[str, Any]]:
         return list(self.get(f"{self.node_path}/network") or [])
 

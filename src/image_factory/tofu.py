@@ -281,7 +281,7 @@ def read_bases(site: Site, plan: DeployPlan, tenant: str,
     clients: dict[str, PveClient] = {}
     bases: dict[str, dict[str, Any]] = {}
     for vm in vms:
-        hv = site.hypervisor_for(vm)
+        hv = site.hypervisors[plans[vm.name].host]
         client = clients.setdefault(hv.name, client_factory(hv))
         vmid = base_vmid(plans[vm.name])
         try:
@@ -301,7 +301,7 @@ def tenant_config(site: Site, plan: DeployPlan, tenant: str, bases: Mapping[str,
                for vm in vms if vm.name not in bases]
     if missing:
         raise ValidationFailed(missing)
-    hosts = {vm.name: site.hypervisor_for(vm) for vm in vms}
+    hosts = {vm.name: site.hypervisors[plans[vm.name].host] for vm in vms}
     used = {hv.name: hv for hv in hosts.values()} or {
         hv.name: hv for hv in site.hypervisors.values() if hv.role == "tenant"}
     resources = {vm.name: vm_resource(vm, hosts[vm.name], plans[vm.name], bases[vm.name]) for vm in vms}

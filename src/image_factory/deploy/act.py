@@ -206,12 +206,12 @@ def _create(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Templ
 
 def _execute(run: Run, plan: VmPlan, vm: Vm, *, wait: bool, timeout: float) -> VmResult:
     result = VmResult(plan)
-    hv = run.site.hypervisors[plan.host]
     started = time.monotonic()
     try:
         if plan.action == "blocked":
             result.state = "blocked"
             return result
+        hv = run.site.hypervisors[plan.host]
         client = run.client(hv)
         template = run.templates.get((plan.host, plan.template_vmid)) if plan.template_vmid is not None else None
         if plan.action == "create":
@@ -331,12 +331,32 @@ def deploy_vms(
     return DeployReport(results, False, time.monotonic() - started)
 
 
+def _holder(run: Run, vm: Vm) -> Hypervisor | None:
+    """The host the VM is on: its one candidate, or the one policy-placing candidate that holds its VMID."""
+    hosts = run.site.candidates(vm)
+    if len(hosts) == 1:
+        return hosts[0]
+    holding = [hv for hv in hosts if _exists(run.client(hv), vm.vmid) is not None]
+    if len(holding) > 1:
+        raise RemoteError(", ".join(h.name for h in holding), f"VMID {vm.vmid} exists on each of them: refusing "
+                                                              f"to guess which is {vm.name}")
+    return holding[0] if holding else None
+
+
 def _take_host_locks(run: Run, vms: list[Vm], lock_factory: LockFactory, wait: int,
                      say: Callable[[str, str], None]) -> None:
-    owner = owner_line(run.run_id)
-    for host in sorted({run.site.hypervisor_for(vm).name for vm in vms}):
+    def waiting(host: str) -> None:
         for vm in vms:
             say(vm.name, f"waiting for the host lock of {host}")
+
+    _lock_hosts(run, sorted({hv.name for vm in vms for hv in run.site.candidates(vm)}), lock_factory, wait, waiting)
+
+
+def _lock_hosts(run: Run, hosts: list[str], lock_factory: LockFactory, wait: int,
+                waiting: Callable[[str], None] = lambda host: None) -> None:
+    owner = owner_line(run.run_id)
+    for host in hosts:
+        waiting(host)
         guard = lock_factory(run.site.hypervisors[host], owner, wait)
         guard.acquire()
         run.guards[host] = guard
@@ -373,12 +393,15 @@ def destroy_vm(
         raise ValidationFailed([Problem(site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "",
                                         "is a mgmt VM (infrastructure-critical): destroying it needs "
                                         "--i-know-this-is-mgmt")])
-    hv = site.hypervisor_for(vm)
     run = Run(site, client_factory=client_factory)
+    hv = _holder(run, vm)
+    if hv is None:
+        return (f"{vm.name} ({vm.vmid}) does not exist on any of "
+                f"{', '.join(h.name for h in site.candidates(vm))}: nothing to do")
     client = run.client(hv)
     client.version()  # TLS and token before the lock file is touched
     try:
-        _take_host_locks(run, [vm], lock_factory or ssh_host_lock, lock_wait, lambda vm, text: None)
+        _lock_hosts(run, [hv.name], lock_factory or ssh_host_lock, lock_wait)
         if _exists(client, vm.vmid) is None:
             return f"{vm.name} ({vm.vmid}) does not exist on {hv.name}: nothing to do"
         marker = Marker.parse(client.vm_config(vm.vmid).get("description"), vm.vmid)

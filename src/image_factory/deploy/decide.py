@@ -2,14 +2,73 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from ..inventory import Hypervisor, Vm
+from ..inventory import Hypervisor, Placement, Vm
 from ..livemacs import MacUse, mac_collisions
 from ..ownership import Marker
 from ..templates import TemplateInfo
 from .desired import compare
-from .model import FieldDiff, HostState, Observed, VmPlan
+from .model import FieldDiff, HostLoad, HostState, Observed, Placed, VmPlan
+
+MIB = 1024 * 1024
+
+
+def place_vms(vms: Sequence[Vm], candidates: Mapping[str, Sequence[Hypervisor]], policies: Mapping[str, Placement],
+              states: Mapping[str, HostState], failures: Mapping[str, str]) -> dict[str, Placed]:
+    """Where each VM goes, in inventory order (a VM placed earlier weighs on the next): pure, no I/O.
+
+    A VM with one candidate goes there. Otherwise a VM that already exists (its VMID on one candidate) stays
+    where it is; a new one is placed by its plane's policy: ``spread`` takes the candidate with the fewest
+    guests, ``fill`` the first candidate (inventory order) whose configured guest memory stays within its
+    physical memory. An unreadable candidate may hold the VM, so nothing new is placed while one is.
+    """
+    guests = {h: st.load.guests for h, st in states.items()}
+    committed = {h: st.load.memory_committed for h, st in states.items()}
+    placed: dict[str, Placed] = {}
+    for vm in vms:
+        hosts = list(candidates[vm.name])
+        names = [h.name for h in hosts]
+        if len(hosts) == 1:
+            placed[vm.name] = Placed(names[0], "")  # fixed by the inventory: nothing to explain
+            continue
+        present = [h for h in names if h in states and states[h].vms.get(vm.vmid, Observed(None)).entry is not None]
+        unread = [h for h in names if h in failures]
+        if len(present) > 1:
+            placed[vm.name] = Placed(None, f"VMID {vm.vmid} exists on {' and '.join(present)}: which one is "
+                                           "this VM is for you to decide (remove the other, or name vm.hypervisor)")
+            continue
+        if present:
+            placed[vm.name] = Placed(present[0], f"already on {present[0]}")
+            continue
+        if unread:
+            placed[vm.name] = Placed(None, "cannot place it: " + "; ".join(f"{h} could not be read ({failures[h]})"
+                                                                         for h in unread)
+                                     + " and may hold it")
+            continue
+        choice = _by_policy(vm, names, policies.get(vm.plane, "pinned"), guests, committed,
+                            {h: st.load for h, st in states.items()})
+        if choice.host is not None:
+            guests[choice.host] += 1
+            committed[choice.host] += vm.memory * MIB
+        placed[vm.name] = choice
+    return placed
+
+
+def _by_policy(vm: Vm, names: list[str], policy: Placement, guests: Mapping[str, int], committed: Mapping[str, int],
+               loads: Mapping[str, HostLoad]) -> Placed:
+    if policy == "spread":
+        host = min(names, key=lambda h: (guests[h], names.index(h)))
+        others = ", ".join(f"{h} {guests[h]}" for h in names if h != host)
+        return Placed(host, f"spread: fewest guests ({host} {guests[host]}; {others})")
+    if policy == "fill":
+        free = {h: loads[h].memory_total - committed[h] for h in names}
+        for h in names:
+            if free[h] >= vm.memory * MIB:
+                return Placed(h, f"fill: first host with room ({free[h] // MIB} MiB unallocated)")
+        room = ", ".join(f"{h} {max(free[h], 0) // MIB} MiB" for h in names)
+        return Placed(None, f"fill: no {vm.plane} host has {vm.memory} MiB unallocated ({room})")
+    return Placed(None, f"placement pinned but {len(names)} hosts fit: name vm.hypervisor")
 
 
 def choose_template(host: str, vm: Vm, templates: list[TemplateInfo]) -> tuple[TemplateInfo | None, str]:
@@ -48,7 +107,7 @@ def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[Mac
         plan.template, plan.template_vmid = template.name, template.vmid
     if macs is None:
         return blocked("cannot check that its MACs are unique on every hypervisor (a host could not be read)")
-    collisions = mac_collisions(vm, hv.name, macs)
+    collisions = mac_collisions(vm, (hv.name,), macs)
     if collisions:
         return blocked("; ".join(f"MAC {vm.macs[i]} (nics[{i}]) is already used by {use}" for i, use in collisions)
                        + ": refusing to write it (nothing changed)")

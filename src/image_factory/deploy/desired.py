@@ -74,29 +74,29 @@ def select_vms(site: Site, names: Iterable[str] | None = None, *, plane: str | N
 
 
 def check_placement(site: Site, vms: Iterable[Vm]) -> None:
-    """Re-assert the placement policy per VM before any API call (load_site checked it too)."""
+    """Re-assert the placement rules per VM before any API call (load_site checked them too)."""
     problems = []
     for vm in vms:
-        try:
-            hv = site.hypervisor_for(vm)
-        except (KeyError, StopIteration):
-            problems.append(Problem(site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name,
-                                    "vm.hypervisor", f"no {vm.plane} hypervisor for this VM"))
-            continue
-        if hv.role != vm.plane:
-            problems.append(Problem(
-                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.hypervisor",
-                f"refused: {vm.plane} VMs may only run on the {vm.plane} hypervisor, but {hv.name} has role "
-                f"{hv.role} (nothing was sent to any hypervisor)",
-            ))
-        elif vm.vmid not in hv.vm_vmids:
-            problems.append(Problem(
-                site.vm_sources.get(vm.name, str(site.inventory_path)), vm.name, "vm.vmid",
-                f"refused: {vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
-            ))
+        where = site.vm_sources.get(vm.name, str(site.inventory_path))
+        hosts = site.candidates(vm)
+        if not hosts:
+            problems.append(Problem(where, vm.name, "vm.hypervisor",
+                                    f"refused: no {vm.plane} hypervisor's vm_vmids hold VMID {vm.vmid} "
+                                    "(nothing was sent to any hypervisor)"))
+        for hv in hosts:
+            if hv.role != vm.plane:
+                problems.append(Problem(
+                    where, vm.name, "vm.hypervisor",
+                    f"refused: {vm.plane} VMs may only run on a {vm.plane} hypervisor, but {hv.name} has role "
+                    f"{hv.role} (nothing was sent to any hypervisor)",
+                ))
+            elif vm.vmid not in hv.vm_vmids:
+                problems.append(Problem(
+                    where, vm.name, "vm.vmid",
+                    f"refused: {vm.vmid} is outside {hv.name}'s vm_vmids {hv.vm_vmids.first}-{hv.vm_vmids.last}",
+                ))
     if problems:
         raise ValidationFailed(problems)
-
 
 
 def desired_config(vm: Vm, hv: Hypervisor, template: TemplateInfo, run_id: str) -> dict[str, str]:

@@ -11,9 +11,9 @@ from ..livemacs import MacUse, host_mac_uses
 from ..pve import ApiError, PveClient
 from ..settings import Settings
 from ..templates import TemplateInfo, find_templates
-from .decide import decide
+from .decide import decide, place_vms
 from .desired import check_placement, select_vms
-from .model import DeployPlan, HostState, Observed, VmPlan
+from .model import DeployPlan, HostLoad, HostState, Observed, VmPlan
 from .run import ClientFactory, Run
 
 
@@ -40,7 +40,8 @@ def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list
 
 def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
     client = run.client(hv)
-    existing = {int(e["vmid"]): e for e in client.list_vms()}
+    listed = client.list_vms()
+    existing = {int(e["vmid"]): e for e in listed}
     templates: dict[str, list[TemplateInfo]] = {}
     observed: dict[int, Observed] = {}
     for vm in vms:
@@ -54,13 +55,23 @@ def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
             continue
         config, pending_keys, _ = effective_config(client, vm.vmid)
         observed[vm.vmid] = Observed(entry, config, pending_keys)
-    return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()))
+    return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()),
+                     _load(client, listed) if any(run.site.placed_by_policy(vm) for vm in vms) else HostLoad())
+
+
+def _load(client: PveClient, listed: list[dict[str, Any]]) -> HostLoad:
+    """The node's guests and memory, read only where a policy places a VM (qemu list: maxmem in bytes)."""
+    guests = [e for e in listed if not int(e.get("template") or 0)]
+    memory = client.node_status().get("memory") or {}
+    return HostLoad(len(guests), int(memory.get("total") or 0), sum(int(e.get("maxmem") or 0) for e in guests))
 
 
 def plan_vms(run: Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) -> DeployPlan:
+    candidates = {vm.name: run.site.candidates(vm) for vm in vms}
     by_host: dict[str, list[Vm]] = {h: [] for h in run.site.hypervisors}
     for vm in vms:
-        by_host[run.site.hypervisor_for(vm).name].append(vm)
+        for hv in candidates[vm.name]:
+            by_host[hv.name].append(vm)
     gathered = per_host({h: (run.site.hypervisors[h], hvms) for h, hvms in by_host.items()},
                         lambda item: gather_host(run, *item), name="deploy-gather")
     states, failures = gathered.results, gathered.failures
@@ -70,19 +81,26 @@ def plan_vms(run: Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) 
         for st in states.values():
             for mac, uses in st.macs.items():
                 macs.setdefault(mac, []).extend(uses)
+    placed = place_vms(vms, candidates, run.site.placement, states, failures)
     plans: dict[str, VmPlan] = {}
-    for host, hvms in by_host.items():
+    for vm in vms:
+        where = placed[vm.name]
+        if where.host is None:
+            plans[vm.name] = VmPlan(vm.name, vm.plane, "", "", vm.vmid, "blocked", reason=where.how,
+                                    clone_mode=vm.clone_mode, macs=list(vm.macs), placement=where.how)
+            continue
+        host = where.host
         hv = run.site.hypervisors[host]
-        for vm in hvms:
-            if host in failures:
-                plans[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
-                                        reason=f"cannot read {host}: {failures[host]}", clone_mode=vm.clone_mode,
-                                        macs=list(vm.macs))
-            else:
-                plan = decide(vm, hv, states[host], macs, recreate=recreate, allow_mgmt=allow_mgmt)
-                if macs is None:
-                    plan.reason += " (" + "; ".join(f"{h}: {why}" for h, why in failures.items()) + ")"
-                plans[vm.name] = plan
+        if host in failures:
+            plans[vm.name] = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "blocked",
+                                    reason=f"cannot read {host}: {failures[host]}", clone_mode=vm.clone_mode,
+                                    macs=list(vm.macs))
+        else:
+            plan = decide(vm, hv, states[host], macs, recreate=recreate, allow_mgmt=allow_mgmt)
+            if macs is None:
+                plan.reason += " (" + "; ".join(f"{h}: {why}" for h, why in failures.items()) + ")"
+            plans[vm.name] = plan
+        plans[vm.name].placement = where.how
     return DeployPlan([plans[v.name] for v in vms], recreate)
 
 

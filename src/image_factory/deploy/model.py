@@ -50,6 +50,7 @@ class VmPlan(Report):
     diffs: list[FieldDiff] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     running: bool | None = None
+    placement: str = ""  # why this host: named, the only one, already there, or the plane's policy
 
     @property
     def unsafe(self) -> list[FieldDiff]:
@@ -117,7 +118,8 @@ class VmResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "vm": self.plan.vm, "host": self.plan.host, "vmid": self.plan.vmid, "plane": self.plan.plane,
+            "vm": self.plan.vm, "host": self.plan.host, "placement": self.plan.placement, "vmid": self.plan.vmid,
+            "plane": self.plan.plane,
             "action": self.plan.action, "state": self.state, "error": self.error, "cleanup": self.cleanup,
             "template": self.plan.template, "template_vmid": self.plan.template_vmid,
             "macs": self.macs or self.plan.macs, "address": self.address, "pending_restart": self.pending_restart,
@@ -151,10 +153,29 @@ class Observed:
     pending_keys: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class HostLoad:
+    """What the placement policies weigh: the node's guests (templates aside), its physical memory and the
+    memory its guests are configured with (bytes, as PVE reports maxmem)."""
+
+    guests: int = 0
+    memory_total: int = 0
+    memory_committed: int = 0
+
+
 @dataclass
 class HostState:
     templates: dict[str, list[TemplateInfo]]
     vms: dict[int, Observed]
     macs: dict[str, list[MacUse]]
+    load: HostLoad = HostLoad()
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a VM goes (None: nowhere, blocked) and why, as the plan shows it."""
+
+    host: str | None
+    how: str
 
 

@@ -50,7 +50,9 @@ def plan_table(plan: DeployPlan) -> Any:
         details = p.reason or "; ".join(str(d) for d in p.diffs)
         if p.notes:
             details = "; ".join(filter(None, [details, *p.notes]))
-        table.add_row(p.vm, p.host, str(p.vmid), "\n".join(p.macs), p.template or "-", p.action, details)
+        if p.placement and p.placement != p.reason:
+            details = "; ".join(filter(None, [f"placement: {p.placement}", details]))
+        table.add_row(p.vm, p.host or "-", str(p.vmid), "\n".join(p.macs), p.template or "-", p.action, details)
     return table
 
 
@@ -66,5 +68,6 @@ def report_table(report: DeployReport) -> Any:
             r.error, p.reason, "; ".join(str(d) for d in p.diffs) if r.state not in ("created", "recreated") else "",
             f"cleanup: {r.cleanup}" if r.cleanup else "", f"ip {r.address}" if r.address else "", *p.notes, *r.notes,
         ]))
-        table.add_row(p.vm, p.host, str(p.vmid), "\n".join(r.macs or p.macs), p.template or "-", r.state, details)
+        table.add_row(p.vm, p.host or "-", str(p.vmid), "\n".join(r.macs or p.macs), p.template or "-", r.state,
+                      details)
     return table

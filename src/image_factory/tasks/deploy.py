@@ -60,7 +60,7 @@ def vm(
     if not skip_preflight:
         selected = dep.select_vms(model, names, plane=plane)
         dep.check_placement(model, selected)
-        hosts = sorted({model.hypervisor_for(v).name for v in selected})
+        hosts = sorted({hv.name for v in selected for hv in model.candidates(v)})
         preflight_gate(settings, model, hosts, "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
                             timeout=float(timeout), recreate=recreate, allow_mgmt=i_know_this_is_mgmt,
