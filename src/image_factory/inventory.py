@@ -1320,7 +1320,7 @@ def _cross_checks(
             if hv.role != vm.plane:
                 yield Problem(
                     file, vm.name, "vm.hypervisor",
-                    f"{vm.plane} VMs may only run on a {vm.plane} hypervisor; {hv.name} has role {hv.role}",
+                    f"{vm.plane} VMs may only run on the {vm.plane} hypervisors; {hv.name} has role {hv.role}",
                 )
             elif vm.vmid not in hv.vm_vmids:
                 yield Problem(

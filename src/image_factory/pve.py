@@ -267,9 +267,10 @@ class PveClient:
         """The node's storages: id, type, content, space."""
         return list(self.get(f"{self.node_path}/storage") or [])
 
-    def node_status(self) -> dict[str, Any]:
-        """The node's status: memory (total, used, free in bytes), CPU, uptime, versions."""
-        return dict(self.get(f"{self.node_path}/status"))
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's nodes (a standalone host: itself) with status and, given Sys.Audit on the node, its
+        usage: maxmem and mem in bytes, maxcpu (pve-manager API2/Nodes.pm, index)."""
+        return list(self.get("/nodes") or [])
 
     def node_networks(self) -> list[dict[str, Any]]:
         return list(self.get(f"{self.node_path}/network") or [])

@@ -21,7 +21,7 @@ the next run recreates it.
 from ..hostlock import DEFAULT_WAIT
 from ..templates import TemplateInfo, find_templates
 from .act import deploy_vms, destroy_vm, remove_vm
-from .decide import choose_template, decide
+from .decide import choose_template, decide, place_vms
 from .desired import (
     boot_disk,
     check_placement,
@@ -41,9 +41,11 @@ from .model import (
     DeployPlan,
     DeployReport,
     FieldDiff,
+    HostLoad,
     HostState,
     NotReady,
     Observed,
+    Placed,
     VmPlan,
     VmResult,
 )
@@ -51,9 +53,10 @@ from .present import plan_table, report_table
 from .ready import agent_configured, guest_address, known_address, ssh_answers, wait_ready
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "DEFAULT_WAIT", "DeployError", "DeployPlan", "DeployReport", "FieldDiff", "HostState",
-    "NotReady", "Observed", "TemplateInfo", "VmPlan", "VmResult", "agent_configured", "boot_disk", "check_placement",
-    "choose_template", "compare", "decide", "decode_sshkeys", "deploy_vms", "describe", "desired_config",
-    "destroy_vm", "encode_sshkeys", "find_templates", "guest_address", "ipconfig_value", "known_address", "nic_net",
-    "plan_deploy", "plan_table", "remove_vm", "report_table", "select_vms", "ssh_answers", "wait_ready",
+    "DEFAULT_TIMEOUT", "DEFAULT_WAIT", "DeployError", "DeployPlan", "DeployReport", "FieldDiff", "HostLoad",
+    "HostState", "NotReady", "Observed", "Placed", "TemplateInfo", "VmPlan", "VmResult", "agent_configured",
+    "boot_disk", "check_placement", "choose_template", "compare", "decide", "decode_sshkeys", "deploy_vms",
+    "describe", "desired_config", "destroy_vm", "encode_sshkeys", "find_templates", "guest_address", "ipconfig_value",
+    "known_address", "nic_net", "place_vms", "plan_deploy", "plan_table", "remove_vm", "report_table", "select_vms",
+    "ssh_answers", "wait_ready",
 ]

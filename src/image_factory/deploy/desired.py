@@ -87,7 +87,7 @@ def check_placement(site: Site, vms: Iterable[Vm]) -> None:
             if hv.role != vm.plane:
                 problems.append(Problem(
                     where, vm.name, "vm.hypervisor",
-                    f"refused: {vm.plane} VMs may only run on a {vm.plane} hypervisor, but {hv.name} has role "
+                    f"refused: {vm.plane} VMs may only run on the {vm.plane} hypervisors, but {hv.name} has role "
                     f"{hv.role} (nothing was sent to any hypervisor)",
                 ))
             elif vm.vmid not in hv.vm_vmids:

@@ -60,10 +60,11 @@ def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
 
 
 def _load(client: PveClient, listed: list[dict[str, Any]]) -> HostLoad:
-    """The node's guests and memory, read only where a policy places a VM (qemu list: maxmem in bytes)."""
+    """The node's guests and memory, read only where a policy places a VM (maxmem in bytes, in the qemu list and
+    the node list; without Sys.Audit on the node the list has no maxmem and fill finds no room)."""
     guests = [e for e in listed if not int(e.get("template") or 0)]
-    memory = client.node_status().get("memory") or {}
-    return HostLoad(len(guests), int(memory.get("total") or 0), sum(int(e.get("maxmem") or 0) for e in guests))
+    node = next((n for n in client.nodes() if n.get("node") == client.node), {})
+    return HostLoad(len(guests), int(node.get("maxmem") or 0), sum(int(e.get("maxmem") or 0) for e in guests))
 
 
 def plan_vms(run: Run, vms: list[Vm], recreate: bool, allow_mgmt: bool = False) -> DeployPlan:
