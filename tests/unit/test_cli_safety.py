@@ -153,6 +153,12 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("unknown-key", setter(vm(), "memroy", 4096), "metrics01", "vm.memroy"),
     ("mac-multicast", setter(vm(), "nics.0.mac", "03:de:10:01:01:00"), "metrics01", "vm.nics.0.mac"),
     ("mac-injection", setter(vm(), "nics.0.mac", "02:de:10:01:01:00,bridge=x"), "metrics01", "vm.nics.0.mac"),
+    # placement over several hypervisors of a plane
+    ("placement-unknown", setter(lambda d: d["all"]["children"]["tenant"]["vars"], "placement", "roundrobin"),
+     "group tenant", "vars.placement"),
+    ("placement-markup", setter(lambda d: d["all"]["children"]["tenant"]["vars"], "placement", "[/x]"),
+     "group tenant", "vars.placement"),
+    ("vmid-outside-every-host", setter(vm("sandbox01", "tenant"), "vmid", 5000), "sandbox01", "vm.vmid"),
 ]
 
 

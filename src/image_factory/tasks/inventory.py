@@ -38,6 +38,9 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
     for name, h in summary["hypervisors"].items():
         table.add_row(name, h["role"], h["node"], ", ".join(h["vms"]["mgmt"]), ", ".join(h["vms"]["tenant"]))
     console.print(table)
+    placed = [f"{plane} {policy}" for plane, policy in summary["placement"].items() if policy != "pinned"]
+    if placed:
+        console.print("placement: " + ", ".join(placed) + " (a VM marked ? is placed on one of its hosts by deploy)")
     console.print("images: " + ", ".join(f"{n} ({i['mode']})" for n, i in summary["images"].items()))
 
 
