@@ -92,6 +92,8 @@ class LabConfig:
     time_scale: real seconds per PVE second (fakepve); 0 finishes tasks inside the request.
     durations: True adds PVE-like task durations (clone, import, template, start) in PVE seconds.
     vm_memory_cap: MiB a lab qemu gets at most, whatever the VM's config says.
+    placement: plane -> placement policy written to the lab inventory's group vars (pinned, spread, fill); a
+        plane with more lab hosts than the example site has needs one (docs/inventory.md).
     """
 
     slot: int = 0
@@ -100,6 +102,7 @@ class LabConfig:
     time_scale: float = 1.0
     durations: bool = False
     vm_memory_cap: int = 768
+    placement: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -134,6 +137,13 @@ class LabConfig:
                                f"(have: {', '.join(sorted(vm_names))})")
         if not self.hosts:
             raise LabError(f"{where}: no hosts")
+        bad = {k: v for k, v in self.placement.items() if k not in ("mgmt", "tenant")
+               or v not in ("pinned", "spread", "fill")}
+        if bad:
+            raise LabError(f"{where}: placement {bad}: planes are mgmt and tenant, policies pinned, spread, fill")
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise LabError(f"{where}: a host name is used twice ({', '.join(names)})")
         for h in self.hosts:
             if h.pve_version not in RELEASES:
                 raise LabError(f"{where}: host {h.name}: pve_version {h.pve_version!r} is not a release the lab "

@@ -147,6 +147,15 @@ def default_config(settings: Settings, slot: int = 0) -> LabConfig:
     return LabConfig(slot=slot, hosts=hosts)
 
 
+def add_host(cfg: LabConfig, name: str, role: str) -> LabHost:
+    """One more lab hypervisor of ``role`` beside the example site's (next address of the slot), set up as the
+    example's host of that role is; its inventory entry copies that host's VMID ranges and bridge."""
+    like = next(h for h in cfg.hosts if h.role == role)
+    host = dataclasses.replace(like, name=name, node=name, address=host_address(cfg.slot, len(cfg.hosts)))
+    cfg.hosts.append(host)
+    return host
+
+
 def load_config(paths: LabPaths) -> LabConfig | None:
     if not paths.config.exists():
         return None
@@ -405,9 +414,19 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
                 if "vmid" in vm:
                     hvars["ansible_host"] = vm_address(cfg.slot, int(vm["vmid"]))
             hosts_out[name] = hvars
+        if group == "hypervisors":
+            example_pves = {(hv.get("pve") or {}).get("role"): hv.get("pve") or {}
+                            for hv in reversed(list((body.get("hosts") or {}).values())) if hv}
+            for host in cfg.hosts:
+                if host.name not in hosts_out:
+                    hosts_out[host.name] = _lab_hypervisor(paths, host, example_pves.get(host.role, {}),
+                                                           keys[host.name])
         entry: dict[str, Any] = {}
-        if body.get("vars"):
-            entry["vars"] = body["vars"]
+        group_vars = dict(body.get("vars") or {})
+        if group in cfg.placement:
+            group_vars["placement"] = cfg.placement[group]
+        if group_vars:
+            entry["vars"] = group_vars
         entry["hosts"] = hosts_out
         out_groups[group] = entry
     header = (

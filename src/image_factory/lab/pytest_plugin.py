@@ -22,7 +22,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -225,12 +225,17 @@ class LabHandle:
 
 
 def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: float = 1.0,
-              base: Settings | None = None) -> tuple[LabHandle, IO[str]]:
-    """A lab on a free slot in lab_dir (the fixtures' engine; also usable from scripts)."""
+              base: Settings | None = None, *, extra_hosts: Sequence[tuple[str, str]] = (),
+              placement: dict[str, str] | None = None) -> tuple[LabHandle, IO[str]]:
+    """A lab on a free slot in lab_dir (the fixtures' engine; also usable from scripts); ``extra_hosts``
+    (name, role) beside the example site's two, ``placement`` per plane (lab.json's knobs)."""
     base = base or Settings.from_mapping({})
     settings = dataclasses.replace(base, lab_dir=lab_dir)
-    slot, slot_lock = claim_slot()
+    slot, slot_lock = claim_slot(2 + len(extra_hosts))
     cfg = controller.default_config(settings, slot=slot)
+    for name, role in extra_hosts:
+        controller.add_host(cfg, name, role)
+    cfg.placement = dict(placement or {})
     cfg.real_boot = real_boot
     cfg.time_scale = time_scale
     try:
