@@ -369,11 +369,19 @@ def _vaulted_secret(v: Any) -> Any:
     return SecretStr(str(v))
 
 
+def _api_url(v: str) -> str:
+    if not re.match(r"^https://[^/\s]+(:\d+)?/?$", v):
+        raise ValueError("must be 'https://host[:port]' (TLS is required; no path)")
+    return v.rstrip("/")
+
+
 class Hypervisor(Strict):
     name: DnsName
     role: Plane
     node: NodeName
     api_url: str
+    api_urls: list[str] = Field(default_factory=list, description="a cluster's other nodes' APIs, tried in order "
+                                                                  "after api_url when it cannot be reached")
     token_id: TokenId
     token_secret_env: str | None = None
     token_secret_file: Path | None = None
@@ -399,9 +407,15 @@ class Hypervisor(Strict):
     @field_validator("api_url")
     @classmethod
     def _https(cls, v: str) -> str:
-        if not re.match(r"^https://[^/\s]+(:\d+)?/?$", v):
-            raise ValueError("must be 'https://host[:port]' (TLS is required; no path)")
-        return v.rstrip("/")
+        return _api_url(v)
+
+    @field_validator("api_urls")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        urls = [_api_url(u) for u in v]
+        if len(set(urls)) != len(urls):
+            raise ValueError("an endpoint is listed twice")
+        return urls
 
     @field_validator("tls_fingerprint")
     @classmethod
@@ -416,6 +430,11 @@ class Hypervisor(Strict):
             raise ValueError("exactly one of token_secret_env, token_secret_file or a vaulted token_secret must be set")
         if self.tls_ca_file is None and self.tls_fingerprint is None:
             raise ValueError("one of tls_ca_file or tls_fingerprint must be set (TLS is always verified)")
+        if self.api_url in self.api_urls:
+            raise ValueError("api_urls repeats api_url")
+        if self.api_urls and self.tls_ca_file is None:
+            raise ValueError("api_urls needs tls_ca_file: each node of a cluster has its own certificate, signed by "
+                             "the cluster's CA (/etc/pve/pve-root-ca.pem); one tls_fingerprint pins one node")
         if self.template_vmids.overlaps(self.vm_vmids):
             raise ValueError("template_vmids and vm_vmids overlap")
         if self.install is not None:

@@ -178,32 +178,68 @@ class PveClient:
         self.name = hv.name
         self.node = hv.node
         self.timeout = timeout
-        url = urlsplit(hv.api_url)
-        host = url.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"  # an IPv6 literal keeps its brackets in the URL proxmoxer builds
-        port = url.port or 8006
         user, token_name = hv.token_id.split("!", 1)
         if secret is None:
             secret = read_secret(
                 env=hv.token_secret_env, file=hv.token_secret_file, what=f"{hv.name} API token {hv.token_id}",
                 vaulted=hv.token_secret.get_secret_value() if hv.token_secret else None,
             )
-        self.api = ProxmoxAPI(
-            f"{host}:{port}", user=user, token_name=token_name, token_value=secret,
-            verify_ssl=True, timeout=timeout,
-        )
         ca = Path(str(hv.tls_ca_file)).expanduser() if hv.tls_ca_file else None
         if ca is not None and not ca.is_file():
             raise RemoteError(hv.name, f"TLS CA file {ca} does not exist (tls_ca_file in the inventory)")
         adapter = VerifiedTlsAdapter(ca_file=ca, fingerprint=hv.tls_fingerprint if ca is None else None)
-        self.session: requests.Session = self.api._store["session"]
-        self.session.mount("https://", adapter)
+        # A cluster answers on every node (pveproxy forwards a call for another node): the endpoints are tried
+        # in order, and the first that answers serves until it cannot be reached.
+        self.endpoints = [hv.api_url, *hv.api_urls]
+        self._apis = [self._api(url, user, token_name, secret, adapter) for url in self.endpoints]
+        self._active = 0
+
+    def _api(self, url: str, user: str, token_name: str, secret: str, adapter: HTTPAdapter) -> ProxmoxAPI:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal keeps its brackets in the URL proxmoxer builds
+        api = ProxmoxAPI(f"{host}:{parts.port or 8006}", user=user, token_name=token_name, token_value=secret,
+                         verify_ssl=True, timeout=self.timeout)
+        api._store["session"].mount("https://", adapter)
+        return api
+
+    @property
+    def api_url(self) -> str:
+        """The endpoint in use."""
+        return self.endpoints[self._active]
+
+    @property
+    def api(self) -> ProxmoxAPI:
+        return self._apis[self._active]
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session = self.api._store["session"]
+        return session
 
     # -------------------------------------------------------------- raw calls
     def call(self, method: str, path: str, /, **params: Any) -> Any:
-        """``call("GET", "/nodes/{node}/qemu")``: path relative to /api2/json, params as PVE names them."""
-        resource = self.api(path.strip("/"))
+        """``call("GET", "/nodes/{node}/qemu")``: path relative to /api2/json, params as PVE names them.
+
+        An endpoint that cannot be reached hands the call to the next: any call whose connection was never made,
+        and a read that got no answer (a write that got none may have been done: it is reported, not repeated)."""
+        start = self._active
+        unreached: list[str] = []
+        for index in [*range(start, len(self.endpoints)), *range(start)]:
+            try:
+                answer = self._call(self._apis[index], self.endpoints[index], method, path, params)
+            except _Unreached as exc:
+                unreached.append(str(exc))
+                if not (exc.not_sent or method == "GET") or len(self.endpoints) == 1:
+                    raise RemoteError(self.name, str(exc)) from None
+                continue
+            self._active = index
+            return answer
+        raise RemoteError(self.name, "no API endpoint answers: " + "; ".join(unreached))
+
+    def _call(self, api: ProxmoxAPI, url: str, method: str, path: str, params: dict[str, Any]) -> Any:
+        resource = api(path.strip("/"))
         label = f"{method} {path}"
         try:
             if method == "GET":
@@ -221,12 +257,14 @@ class PveClient:
             raise ApiError(self.name, label, exc.status_code, detail.strip()) from None
         except requests.exceptions.SSLError as exc:
             raise TlsVerificationFailed(
-                self.name, f"TLS verification of {self.hv.api_url} failed: {_ssl_reason(exc)}"
+                self.name, f"TLS verification of {url} failed: {_ssl_reason(exc)}"
             ) from None
+        except requests.exceptions.ConnectTimeout:
+            raise _Unreached(f"cannot reach {url}: no connection within {self.timeout:.0f}s", not_sent=True) from None
         except requests.exceptions.ConnectionError as exc:
-            raise RemoteError(self.name, f"cannot reach {self.hv.api_url}: {_ssl_reason(exc)}") from None
+            raise _Unreached(f"cannot reach {url}: {_ssl_reason(exc)}", not_sent=_never_sent(exc)) from None
         except requests.exceptions.Timeout:
-            raise RemoteError(self.name, f"{label}: no answer within {self.timeout:.0f}s") from None
+            raise _Unreached(f"{label}: no answer within {self.timeout:.0f}s ({url})", not_sent=False) from None
         raise ValueError(f"unsupported HTTP method {method}")
 
     def get(self, path: str, /, **params: Any) -> Any:
@@ -279,6 +317,12 @@ class PveClient:
         """Every guest the API knows (on a standalone host: this node's)."""
         return list(self.get("/cluster/resources", type="vm") or [])
 
+    def cluster_nodes(self) -> dict[str, bool]:
+        """Every node of the cluster (a standalone host: itself) and whether it is online, from
+        /cluster/resources: a node that is down answers nothing itself, its peers report it offline."""
+        return {str(n["node"]): n.get("status") == "online"
+                for n in self.get("/cluster/resources", type="node") or [] if n.get("type") == "node"}
+
     def cluster_options(self) -> Any:
         return self.get("/cluster/options")
 
@@ -318,7 +362,7 @@ class PveClient:
     def upload_endpoint(self, storage: str) -> tuple[str, str]:
         """(URL, "POST <path>") of a storage's upload call: a multipart body the caller streams itself."""
         path = f"{self.node_path}/storage/{storage}/upload"
-        return f"{self.hv.api_url}/api2/json{path}", f"POST {path}"
+        return f"{self.api_url}/api2/json{path}", f"POST {path}"
 
     def set_vm_config(self, vmid: int, **params: Any) -> Any:
         """PUT: a synchronous config change without a digest (for the factory's own marks only)."""
@@ -417,6 +461,22 @@ _TLS_REASON_RE = re.compile(
     r"|Failed to establish a new connection: \[Errno -?\d+\] [^)'\"]+"
     r"|Connection refused|Connection reset by peer|timed out",
 )
+
+
+class _Unreached(Exception):
+    """An endpoint gave no answer; ``not_sent``: the request never left (its connection was not made)."""
+
+    def __init__(self, message: str, *, not_sent: bool):
+        super().__init__(message)
+        self.not_sent = not_sent
+
+
+def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
+    """urllib3 could not open the connection (refused, no route, DNS): the request was not sent."""
+    from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+
+    reason = exc.args[0].reason if exc.args and isinstance(exc.args[0], MaxRetryError) else None
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
 
 
 def _ssl_reason(exc: Exception) -> str:

@@ -592,7 +592,7 @@ def upload_api(
                 timeout=(30, timeout),
             )
         except requests.exceptions.SSLError as exc:
-            raise TlsVerificationFailed(client.name, f"TLS verification of {client.hv.api_url} failed: {exc}") from None
+            raise TlsVerificationFailed(client.name, f"TLS verification of {client.api_url} failed: {exc}") from None
         except requests.exceptions.RequestException as exc:
             raise UploadError(client.name, f"{call}: {exc}") from None
         sent = last

@@ -150,6 +150,8 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("api-http", setter(hv(), "api_url", "http://pve-mgmt:8006"), "pve-mgmt", "pve.api_url"),
     ("api-path", setter(hv(), "api_url", "https://pve-mgmt:8006/api2/json"), "pve-mgmt", "pve.api_url"),
     ("token-id", setter(hv(), "token_id", "root@pam"), "pve-mgmt", "pve.token_id"),
+    ("api-urls-http", setter(hv(), "api_urls", ["http://pve-mgmt2:8006"]), "pve-mgmt", "pve.api_urls"),
+    ("api-urls-not-a-list", setter(hv(), "api_urls", "https://pve-mgmt2:8006"), "pve-mgmt", "pve.api_urls"),
     ("unknown-key", setter(vm(), "memroy", 4096), "metrics01", "vm.memroy"),
     ("mac-multicast", setter(vm(), "nics.0.mac", "03:de:10:01:01:00"), "metrics01", "vm.nics.0.mac"),
     ("mac-injection", setter(vm(), "nics.0.mac", "02:de:10:01:01:00,bridge=x"), "metrics01", "vm.nics.0.mac"),
