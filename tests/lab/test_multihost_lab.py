@@ -5,6 +5,8 @@ plan said and a re-run finds them where they landed."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +69,41 @@ def test_three_hosts_check_preflight_publish_and_deploy_as_planned(mlab: LabHand
         "iot-api01": ("pve-tenant", "already on pve-tenant"), "sandbox01": ("pve-tenant2", "already on pve-tenant2")}
     assert {r.state for r in again.results} <= {"unchanged", "corrected"}
     assert guests(mlab, "pve-tenant") == {2101} and guests(mlab, "pve-tenant2") == {2201}
+
+
+def test_a_node_going_offline_mid_publish_fails_that_host_alone_and_a_rerun_converges(
+        mlab: LabHandle, tmp_path: Path) -> None:
+    mlab.reset()
+    settings = dataclasses.replace(mlab.settings, builds_dir=tmp_path / "builds")
+    make_build(settings.builds_dir, build_id="20261125-1300-m2")
+    site = mlab.site
+    down = "pve-tenant2"
+    watcher = PveClient(mlab.hv(down))
+    stop = threading.Event()
+
+    def offline_once_its_template_vm_exists() -> None:
+        while not stop.is_set():
+            if watcher.list_vms():
+                mlab.control(down).call("set_node_offline", offline=True)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=offline_once_its_template_vm_exists, daemon=True)
+    thread.start()
+    try:
+        first = publish_image(settings, site, IMAGE, progress=False)
+    finally:
+        stop.set()
+        thread.join(5)
+    by_host = {h.host: h for h in first.hosts}
+    assert {h: r.action for h, r in by_host.items()} == {"pve-mgmt": "created", "pve-tenant": "created",
+                                                          down: "failed"}, first.to_dict()
+    assert "595" in (by_host[down].error or "") or "No route to host" in (by_host[down].error or "")
+
+    mlab.control(down).call("set_node_offline", offline=False)
+    again = publish_image(settings, site, IMAGE, progress=False)
+    assert again.ok, again.to_dict()
+    assert {h.host: h.action for h in again.hosts} == {"pve-mgmt": "unchanged", "pve-tenant": "unchanged",
+                                                       down: "created"}
+    listed = PveClient(mlab.hv(down)).list_vms()
+    assert [int(v["template"] or 0) for v in listed] == [1], listed  # one template, nothing half-made left
