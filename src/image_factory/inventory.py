@@ -1322,6 +1322,7 @@ def _cross_checks(
         if len(names) > 1:
             yield Problem(inv_file, ", ".join(names), "pve.install.macs",
                           f"MAC {mac} is listed for more than one hypervisor (the answer server matches by MAC)")
+    yield from _cluster_checks(hypervisors, inv_file)
     by_vmid: dict[int, list[str]] = defaultdict(list)
     by_mac: dict[str, list[str]] = defaultdict(list)
     for vm in vms.values():
@@ -1370,6 +1371,25 @@ def _cross_checks(
     for mac, users in by_mac.items():
         if len(users) > 1:
             yield Problem(inv_file, ", ".join(sorted(users)), "vm.nics.mac", f"MAC {mac} is used more than once")
+
+
+def _cluster_checks(hypervisors: dict[str, Hypervisor], inv_file: str) -> Iterator[Problem]:
+    """Entries that share an API endpoint are nodes of one cluster, where a VMID names one guest cluster-wide:
+    each node's templates need VMIDs of their own (template_vmids disjoint), and each entry its own node."""
+    entries = list(hypervisors.values())
+    for i, a in enumerate(entries):
+        for b in entries[i + 1:]:
+            if not {a.api_url, *a.api_urls} & {b.api_url, *b.api_urls}:
+                continue
+            pair = f"{a.name}, {b.name}"
+            if a.node == b.node:
+                yield Problem(inv_file, pair, "pve.node", f"both are node {a.node} of the cluster they share an API "
+                                                          "endpoint with: a node is one entry")
+            elif a.template_vmids.overlaps(b.template_vmids):
+                yield Problem(inv_file, pair, "pve.template_vmids",
+                              f"{a.template_vmids.first}-{a.template_vmids.last} and {b.template_vmids.first}-"
+                              f"{b.template_vmids.last} overlap: nodes of one cluster (they share an API endpoint) "
+                              "share its VMIDs, so each node's templates need a range of their own")
 
 
 # A tenant VM's MAC carries its tenant's id in byte 2 (02:de:2<id>:..., docs/mac-namespace.md); the rest of

@@ -157,3 +157,38 @@ def test_one_candidate_needs_no_reading(hosts: list[Hypervisor], vms: list[Vm]) 
     named = vms[0].model_copy(update={"hypervisor": "t3"})
     placed = dep.place_vms([named], {named.name: hosts[2:]}, {"tenant": "spread"}, {}, {"t1": "down"})
     assert placed[named.name] == dep.Placed("t3", "")
+
+
+# ------------------------------------------------------------------------ nodes of one cluster as entries
+
+
+def cluster_nodes(tmp_path: Path, second_range: dict[str, int], *, node: str = "pve-tenant2") -> list[Any]:
+    """pve-tenant and pve-tenant2 as two nodes of one cluster: each lists the other's API as a fallback."""
+    inv = two_tenant_hosts("spread")
+    hosts = group(inv, "hypervisors")
+    ca = tmp_path / "pve-root-ca.pem"
+    ca.write_text("not read by the model\n")
+    for me, other in (("pve-tenant", "pve-tenant2"), ("pve-tenant2", "pve-tenant")):
+        pve = hosts[me]["pve"]
+        pve.pop("tls_fingerprint")
+        pve["tls_ca_file"] = str(ca)
+        pve["api_urls"] = [f"https://{other}.deevnet.lan:8006"]
+    hosts["pve-tenant2"]["pve"]["template_vmids"] = second_range
+    hosts["pve-tenant2"]["pve"]["node"] = node
+    try:
+        load_site(*site_files(tmp_path, inv))
+    except ValidationFailed as exc:
+        return list(exc.problems)
+    return []
+
+
+def test_nodes_of_one_cluster_need_template_ranges_of_their_own(tmp_path: Path) -> None:
+    p = only(cluster_nodes(tmp_path, {"first": 9050, "last": 9149}), "pve-tenant, pve-tenant2", "pve.template_vmids")
+    assert "9000-9099 and 9050-9149 overlap: nodes of one cluster" in p.message
+    assert cluster_nodes(tmp_path, {"first": 9100, "last": 9199}) == []
+
+
+def test_a_cluster_node_is_one_entry(tmp_path: Path) -> None:
+    p = only(cluster_nodes(tmp_path, {"first": 9100, "last": 9199}, node="pve-tenant"), "pve-tenant, pve-tenant2",
+             "pve.node")
+    assert "both are node pve-tenant of the cluster" in p.message
