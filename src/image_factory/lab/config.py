@@ -103,6 +103,9 @@ class LabConfig:
     durations: bool = False
     vm_memory_cap: int = 768
     placement: dict[str, str] = field(default_factory=dict)
+    # None: every host on loopback; {"profile": "lan"|"remote", "layout": "separate"|"shared", ...}: each host in
+    # its own network namespace behind a shaped veth (lab/wire.py)
+    wire: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -144,6 +147,9 @@ class LabConfig:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise LabError(f"{where}: a host name is used twice ({', '.join(names)})")
+        from .wire import MAX_HOSTS, parse
+        if parse(self.wire, where) is not None and len(self.hosts) > MAX_HOSTS:
+            raise LabError(f"{where}: a wired lab takes at most {MAX_HOSTS} hosts")
         for h in self.hosts:
             if h.pve_version not in RELEASES:
                 raise LabError(f"{where}: host {h.name}: pve_version {h.pve_version!r} is not a release the lab "

@@ -30,7 +30,7 @@ from .. import inventory_source
 from ..errors import Problem, ValidationFailed
 from ..inventory import Site, load_site
 from ..settings import REPO_ROOT, Settings
-from . import sshd
+from . import sshd, wire
 from .config import (
     IMAGES_STORAGE_BY_ROLE,
     LAB_STORAGE,
@@ -281,7 +281,7 @@ def _bridges(groups: dict[str, Any], host: LabHost) -> list[str]:
 
 
 def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public: str,
-                  bridges: list[str]) -> dict[str, Any]:
+                  bridges: list[str], netns: str | None) -> dict[str, Any]:
     hdir = paths.host_dir(host.name)
     hdir.mkdir(parents=True, exist_ok=True)
     cert, key = hdir / "pve-ssl.pem", hdir / "pve-ssl.key"
@@ -303,7 +303,7 @@ def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public:
         thin_dir=hdir / "root" / "dev" / "pve",
         log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
         time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
-        vm_memory_cap=cfg.vm_memory_cap, extra={"bridges": bridges},
+        vm_memory_cap=cfg.vm_memory_cap, extra={"bridges": bridges, "netns": netns},
     )
     write_public(hdir / "pve.json", json.dumps(spec.to_mapping(), indent=2, sort_keys=True) + "\n")
     return {"sshd_config": sshd_config, "host_key": host_key, "cert": cert, "spec": spec}
@@ -325,7 +325,10 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         ensure_ca(paths.ca_cert, paths.ca_key)
         client_public = ensure_ssh_key(paths.client_key, "lab-client@deevnet-image-factory")
         groups = _example_inventory(settings)
-        prepared = {h.name: _prepare_host(paths, cfg, h, client_public, _bridges(groups, h)) for h in cfg.hosts}
+        netns = _wire_up(paths, cfg)
+        write_public(paths.config, cfg.to_json())
+        prepared = {h.name: _prepare_host(paths, cfg, h, client_public, _bridges(groups, h), netns[h.name])
+                    for h in cfg.hosts}
         started: list[tuple[int, str]] = []
         try:
             for host in cfg.hosts:
@@ -333,7 +336,7 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
                 sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
                 pid = _read_pid(sshd_pidfile)
                 if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
-                    pid = sshd.start(paths, host, p["sshd_config"])
+                    pid = sshd.start(paths, host, p["sshd_config"], netns[host.name])
                     write_public(sshd_pidfile, f"{pid}\n")
                     started.append((pid, _sshd_marker(paths, host.name)))
                 pid = _read_pid(pve_pidfile)
@@ -351,6 +354,8 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         except BaseException:
             for pid, marker in started:
                 _terminate(pid, marker, grace=3)
+            if cfg.wire and not _any_running(paths, cfg):
+                wire.teardown(cfg.slot)
             raise
         write_inventory(settings, paths, cfg, {h: (p["host_key"], p["cert"]) for h, p in prepared.items()},
                         client_public)
@@ -360,6 +365,31 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     except ValidationFailed as exc:
         raise LabError(f"the generated lab inventory {paths.inventory} does not validate: {exc}") from None
     return lab
+
+
+def _any_running(paths: LabPaths, cfg: LabConfig) -> bool:
+    for host in cfg.hosts:
+        for kind, marker in (("sshd", _sshd_marker(paths, host.name)), ("pve", _pve_marker(paths, host.name))):
+            pid = _read_pid(paths.pidfile(host.name, kind))
+            if pid is not None and _is_ours(pid, marker):
+                return True
+    return False
+
+
+def _wire_up(paths: LabPaths, cfg: LabConfig) -> dict[str, str | None]:
+    """Each host's network namespace (None: loopback) with the host's address set to match; the wire is made
+    (after removing what a crashed lab of this slot left) unless the lab already runs on it."""
+    shaped = wire.parse(cfg.wire, str(paths.config))
+    if shaped is None:
+        for i, host in enumerate(cfg.hosts):
+            if host.address.startswith("198.18."):  # the lab ran on a wire before
+                host.address = host_address(cfg.slot, i)
+        return {h.name: None for h in cfg.hosts}
+    if not _any_running(paths, cfg):
+        wire.setup(cfg.slot, len(cfg.hosts), shaped)
+    for i, host in enumerate(cfg.hosts):
+        host.address = wire.host_address(cfg.slot, i)
+    return {h.name: wire.host_netns(cfg.slot, i) for i, h in enumerate(cfg.hosts)}
 
 
 def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
@@ -580,6 +610,8 @@ def down(settings: Settings) -> list[int]:
             for kind in ("sshd", "pve"):
                 paths.pidfile(host.name, kind).unlink(missing_ok=True)
             paths.control_socket(host.name).unlink(missing_ok=True)
+        if cfg.wire is not None:
+            wire.teardown(cfg.slot)
     return stopped
 
 

@@ -2,7 +2,7 @@
 
     python -m image_factory.lab.pve_server --config <lab>/hosts/<name>/pve.json
 
-Serves https://<address>:8006 with the node certificate signed by the lab CA, and a control
+Serves https://<address>:8006 (inside the host's network namespace on a wired lab) with the node certificate signed by the lab CA, and a control
 endpoint (plain HTTP over a unix socket, 0600, in the lab's run/ directory) for fault hooks.
 SIGTERM stops the VMs' qemu processes, then the server.
 """
@@ -21,11 +21,15 @@ from pathlib import Path
 
 from .pve import LabPve
 from .spec import NodeSpec
+from .wire import entered
 
 
 async def serve(spec: NodeSpec) -> None:
     pve = LabPve(spec)
-    await pve.start(str(spec.cert), str(spec.key))
+    # On a wired lab only the API's socket lives in the host's namespace: the VMs' qemu, started from here, keep
+    # their SSH forwards on the client's loopback.
+    with entered(spec.extra.get("netns")):
+        await pve.start(str(spec.cert), str(spec.key))
     await pve.start_control()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -226,9 +226,11 @@ class LabHandle:
 
 def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: float = 1.0,
               base: Settings | None = None, *, extra_hosts: Sequence[tuple[str, str]] = (),
-              placement: dict[str, str] | None = None) -> tuple[LabHandle, IO[str]]:
+              placement: dict[str, str] | None = None,
+              wire: dict[str, Any] | None = None) -> tuple[LabHandle, IO[str]]:
     """A lab on a free slot in lab_dir (the fixtures' engine; also usable from scripts); ``extra_hosts``
-    (name, role) beside the example site's two, ``placement`` per plane (lab.json's knobs)."""
+    (name, role) beside the example site's two, ``placement`` per plane, ``wire`` (lab/wire.py) (lab.json's
+    knobs)."""
     base = base or Settings.from_mapping({})
     settings = dataclasses.replace(base, lab_dir=lab_dir)
     slot, slot_lock = claim_slot(2 + len(extra_hosts))
@@ -238,6 +240,7 @@ def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: flo
     cfg.placement = dict(placement or {})
     cfg.real_boot = real_boot
     cfg.time_scale = time_scale
+    cfg.wire = wire
     try:
         lab = controller.up(settings, cfg)
     except BaseException:

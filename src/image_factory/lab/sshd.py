@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import LabError, LabHost, LabPaths, write_public
 from .pki import ensure_ssh_key
+from .wire import exec_prefix
 
 SSHD = "/usr/sbin/sshd"
 
@@ -57,15 +58,16 @@ def prepare(paths: LabPaths, host: LabHost, client_public: str) -> tuple[Path, s
     return config, host_key
 
 
-def start(paths: LabPaths, host: LabHost, config: Path) -> int:
-    """Start sshd in the foreground of its own session; returns its pid once it accepts connections."""
+def start(paths: LabPaths, host: LabHost, config: Path, netns: str | None = None) -> int:
+    """Start sshd in the foreground of its own session (inside the network namespace, if given); returns its
+    pid."""
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
     if check.returncode != 0:
         raise LabError(f"{host.name}: sshd refuses its config {config}: {check.stderr.strip()}")
     log = paths.log / f"{host.name}-sshd.log"
     proc = subprocess.Popen(
-        [SSHD, "-D", "-f", str(config), "-E", str(log)],
+        [*exec_prefix(netns), SSHD, "-D", "-f", str(config), "-E", str(log)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
