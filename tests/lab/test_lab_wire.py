@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from image_factory.lab import wire
-from image_factory.lab.config import LabError
 from image_factory.lab.pytest_plugin import LabHandle, claim_slot, start_lab, stop_lab
 from image_factory.pve import PveClient
 from image_factory.sshlink import connect
@@ -90,22 +89,3 @@ def test_a_crashed_wire_of_the_slot_is_removed_before_the_next_is_made() -> None
         wire.teardown(slot)
         slot_lock.close()
     assert wire.leftovers(slot) == []
-
-
-@pytest.mark.parametrize(("value", "message"), [
-    ("lan", "wire must be a mapping"),
-    ({"profile": "wan"}, "wire.profile must be one of lan, remote"),
-    ({"profile": "lan", "layout": "star"}, "wire.layout must be one of separate, shared"),
-    ({"profile": "lan", "host_mbit": 0}, "wire.host_mbit must be a positive number"),
-    ({"profile": "lan", "delay_ms": "20ms"}, "wire.delay_ms must be a positive number"),
-    ({"profile": "lan", "rate": 1}, "wire has unknown key(s) rate"),
-])
-def test_a_bad_wire_is_refused_naming_the_key(value: object, message: str) -> None:
-    with pytest.raises(LabError, match=r"^lab\.json: " + message.replace("(", r"\(").replace(")", r"\)")):
-        wire.parse(value, "lab.json")
-
-
-def test_no_profile_is_no_wire_and_a_profile_takes_overrides() -> None:
-    assert wire.parse(None) is None and wire.parse({"profile": None}) is None
-    remote = wire.parse({"profile": "remote", "layout": "shared", "delay_ms": 0})
-    assert remote == wire.Wire("remote", "shared", wire.WireShape(uplink_mbit=100, host_mbit=100, delay_ms=0))

@@ -2,8 +2,9 @@
 
     python -m image_factory.lab.pve_server --config <lab>/hosts/<name>/pve.json
 
-Serves https://<address>:8006 (inside the host's network namespace on a wired lab) with the node certificate signed by the lab CA, and a control
-endpoint (plain HTTP over a unix socket, 0600, in the lab's run/ directory) for fault hooks.
+Serves https://<address>:8006 (inside the host's network namespace on a wired lab) with the node
+certificate signed by the lab CA, and a control endpoint (plain HTTP over a unix socket, 0600, in the
+lab's run/ directory) for fault hooks.
 SIGTERM stops the VMs' qemu processes, then the server.
 """
 
