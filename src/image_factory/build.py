@@ -664,11 +664,16 @@ def qemu_img_info(path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+# zstd, not qcow2's default zlib: the same size, made 4.4x faster and imported faster (docs/performance.md,
+# "Compression"); readable by qemu-img 5.1 and later (every PVE since 7.0).
+COMPRESSION = "zstd"
+
+
 def compact(src: Path, dst: Path, *, compress: bool) -> None:
     exe = _require("qemu-img")
     cmd = [exe, "convert", "-O", "qcow2", "-W", "-m", "4"]
     if compress:
-        cmd.append("-c")
+        cmd += ["-c", "-o", f"compression_type={COMPRESSION}"]
     proc = subprocess.run([*cmd, str(src), str(dst)], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         msg = proc.stderr.strip()

@@ -599,3 +599,16 @@ def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_pa
     art.write_bytes(b"datb")  # same size; new content, so a new ctime
     os.utime(art, ns=(old, old))  # even with the old mtime put back
     assert not mf.has_sha256(art, sha) and len(hashed) == 2
+
+
+def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.write(b"factory " * 512 * 1024)  # 4 MiB that compresses
+        fh.truncate(16 * 1024 * 1024)
+    packed = tmp_path / "disk.qcow2"
+    build.compact(raw, packed, compress=True)
+    info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(packed)]))
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert packed.stat().st_size < 1024 * 1024
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
