@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from image_factory.lab import wire
+from image_factory.lab.config import LabError
 from image_factory.lab.pytest_plugin import LabHandle, claim_slot, start_lab, stop_lab
 from image_factory.pve import PveClient
 from image_factory.sshlink import connect
@@ -91,6 +92,25 @@ def test_a_crashed_wire_of_the_slot_is_removed_before_the_next_is_made() -> None
         assert f"ifwire-{slot}-h1" not in wire.leftovers(slot)
         tc = subprocess.run(["tc", "qdisc", "show", "dev", f"wr{slot}up"], capture_output=True, text=True).stdout
         assert "rate 100Mbit" in tc
+    finally:
+        wire.teardown(slot)
+        slot_lock.close()
+    assert wire.leftovers(slot) == []
+
+
+def test_a_delay_is_netem_where_the_kernel_has_it_else_a_clear_refusal_that_leaves_nothing() -> None:
+    slot, slot_lock = claim_slot()
+    shape = wire.parse({"profile": "remote", "layout": "separate"})
+    assert shape is not None and shape.shape.delay_ms == 20
+    try:
+        try:
+            wire.setup(slot, 1, shape)
+        except LabError as exc:  # this machine's kernel (CONFIG_NET_SCH_NETEM not set)
+            assert "no netem qdisc" in str(exc) and '"delay_ms": 0' in str(exc)
+            assert wire.leftovers(slot) == []
+        else:
+            tc = subprocess.run(["tc", "qdisc", "show", "dev", f"wr{slot}h0"], capture_output=True, text=True).stdout
+            assert "netem" in tc and "delay 10ms" in tc and "rate 100Mbit" in tc
     finally:
         wire.teardown(slot)
         slot_lock.close()
