@@ -387,6 +387,9 @@ def _wire_up(paths: LabPaths, cfg: LabConfig) -> dict[str, str | None]:
         return {h.name: None for h in cfg.hosts}
     if not _any_running(paths, cfg):
         wire.setup(cfg.slot, len(cfg.hosts), shaped)
+    elif not wire.leftovers(cfg.slot):
+        raise LabError(f"{paths.config}: the wire was added while the lab runs on loopback: `invoke lab.down` first "
+                       "(or give lab.up --wire, which restarts the hosts)")
     for i, host in enumerate(cfg.hosts):
         host.address = wire.host_address(cfg.slot, i)
     return {h.name: wire.host_netns(cfg.slot, i) for i, h in enumerate(cfg.hosts)}

@@ -26,11 +26,13 @@ def _real_boot(value: str | None) -> str | list[str] | None:
     "real_boot": "which started VMs boot a real qemu: all, none, or comma-separated VM names",
     "time_scale": "real seconds per PVE second for tasks and lock waits (0: tasks finish at once)",
     "durations": "add PVE-like task durations (clone, import, start, ...)",
+    "wire": "put each host behind a shaped wire: lan, remote, or none (docs/lab.md)",
+    "wire_layout": "with --wire: separate (a link per host) or shared (one client uplink)",
     "json": json_help("the lab status"),
 })
 @handle_errors
 def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, time_scale: float | None = None,
-       durations: bool = False, json: bool = False) -> None:
+       durations: bool = False, wire: str | None = None, wire_layout: str | None = None, json: bool = False) -> None:
     """Start the lab: per hypervisor an sshd and a fakepve API on its own 127.0.0.x (idempotent)."""
     s = settings(c, lab_dir=lab_dir)
     t0 = time.monotonic()
@@ -47,6 +49,11 @@ def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, tim
         changed = True
     if durations:
         cfg.durations = True
+        changed = True
+    if wire is not None or wire_layout is not None:
+        profile = (cfg.wire or {}).get("profile") if wire is None else (None if wire == "none" else wire)
+        layout = wire_layout or (cfg.wire or {}).get("layout", "separate")
+        cfg.wire = {**(cfg.wire or {}), "profile": profile, "layout": layout} if profile else None
         changed = True
     if changed:
         cfg.validate(controller.example_vm_names(s), "lab.up options")  # before anything is stopped
