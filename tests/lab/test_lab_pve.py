@@ -22,7 +22,7 @@ import requests
 from requests_toolbelt import MultipartEncoder
 
 from image_factory.inventory import Hypervisor
-from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
 from image_factory.pve import ApiError, ConfigChanged, PveClient, TaskFailed, Upid, retry_lock_timeouts
 from image_factory.pvecodec import parse_tags
 from image_factory.sshlink import connect
@@ -34,6 +34,9 @@ TENANT = "pve-tenant"
 # the lab is a site mid-upgrade: pve-mgmt runs pve-manager 8.4.1 (qemu-server 8.3.12), pve-tenant pve-manager
 # 9.2.5 (qemu-server 9.2.0)
 BOTH_VERSIONS = pytest.mark.parametrize("host", [MGMT, TENANT], ids=["pve-8.4.1", "pve-9.2.5"])
+# the done-when scenarios of issue 32 run on every release the lab models: 8.4.1, 9.1.19 (pve-tenant switched to
+# it) and 9.2.5
+EVERY_RELEASE = pytest.mark.parametrize(("host", "release"), NODE_RELEASES, ids=NODE_RELEASE_IDS)
 LAB_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKfXoTQ8mJ2n8jvU4vG0p6Y1sWq3bZr5nH7cLd9eFa2M ansible@deevnet"
 
 
@@ -639,31 +642,40 @@ def test_setting_the_cloudinit_drive_again_is_a_no_op(fresh_lab: LabHandle, tmp_
     assert c.vm_config(1995)["ide2"] == before
 
 
-def test_destroying_a_template_with_linked_clones_on_dir_is_refused(fresh_lab: LabHandle, tmp_path: Path) -> None:
+@EVERY_RELEASE
+def test_destroying_a_template_with_linked_clones_on_dir_is_refused(
+        fresh_lab: LabHandle, tmp_path: Path, host: str, release: str) -> None:
     """qemu-server's destroy_vm: a template whose base volume still backs a linked clone is not removed (the
     task fails before touching anything); once the clone is gone it is."""
-    c = create_template_source(fresh_lab, TENANT, 9060, tmp_path)
+    fresh_lab.release(host, release)
+    c = create_template_source(fresh_lab, host, 9060, tmp_path)
+    assert c.version()["version"] == release
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/template", timeout=30)
     volid = c.vm_config(9060)["scsi0"].split(",")[0]
-    base = disk_file(fresh_lab, TENANT, volid)
+    base = disk_file(fresh_lab, host, volid)
     c.run_task("POST", f"/nodes/{c.node}/qemu/9060/clone", newid=2202, name="linked", timeout=60)
     with pytest.raises(TaskFailed, match=f"base volume '{re.escape(volid)}' is still in use by linked cloned"):
         c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
     assert base.exists() and int(c.vm_config(9060)["template"]) == 1
     c.run_task("DELETE", f"/nodes/{c.node}/qemu/2202", timeout=30)
-    assert not (fresh_lab.paths.storage_dir(TENANT) / "images" / "2202").exists()
+    assert not (fresh_lab.paths.storage_dir(host) / "images" / "2202").exists()
     c.run_task("DELETE", f"/nodes/{c.node}/qemu/9060", timeout=30)
     assert not base.exists()
 
 
+@EVERY_RELEASE
 def test_clone_needs_sdn_use_on_the_source_bridges_and_the_network_list_hides_unusable_bridges(
-        fresh_lab: LabHandle, tmp_path: Path) -> None:
+        fresh_lab: LabHandle, tmp_path: Path, host: str, release: str) -> None:
     """qemu-server's clone_vm checks SDN.Use on the source config's bridges; pve-manager's network index is open
     to every user but hides a bridge the caller holds neither SDN.Audit nor SDN.Use on."""
-    c = create_template_source(fresh_lab, MGMT, 9061, tmp_path)
+    fresh_lab.release(host, release)
+    c = create_template_source(fresh_lab, host, 9061, tmp_path)
+    assert c.version()["version"] == release
+    # vmbr1 exists on pve-mgmt only (jump01's second NIC); PVE checks the permission, not the bridge's existence
     c.put(f"/nodes/{c.node}/qemu/9061/config", net1="virtio,bridge=vmbr1")
-    assert {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")} == {"vmbr0", "vmbr1"}
-    control = fresh_lab.control(MGMT)  # the admin narrows the token's SDN.Use to vmbr0
+    bridges = {i["iface"] for i in c.get(f"/nodes/{c.node}/network", type="bridge")}
+    assert bridges == ({"vmbr0", "vmbr1"} if host == MGMT else {"vmbr0"})
+    control = fresh_lab.control(host)  # the admin narrows the token's SDN.Use to vmbr0
     control.revoke(path="/sdn/zones/localnetwork", privs=["SDN.Use"])
     control.grant(path="/sdn/zones/localnetwork/vmbr0", privs=["SDN.Use"])
     with pytest.raises(ApiError) as exc:

@@ -33,10 +33,12 @@ from image_factory import manifest as mf
 from image_factory import preflight as pf
 from image_factory.inventory import Hypervisor, Site
 from image_factory.lab import factories, sshd
+from image_factory.lab.config import playbook_grants
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.lab.spec import RELEASES
 from image_factory.pve import ApiError, PveClient
-from image_factory.settings import Settings
+from image_factory.settings import REPO_ROOT, Settings
 from image_factory.sshlink import fingerprint
 
 pytestmark = pytest.mark.lab
@@ -301,7 +303,11 @@ def twin(lab: LabHandle, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
     parametrisation picks another pve-manager release)."""
     host = "pve-tenant"
     spec = NodeSpec.from_mapping(json.loads((lab.paths.host_dir(host) / "pve.json").read_text()))
-    spec = dataclasses.replace(spec, version=getattr(request, "param", spec.version))
+    version = getattr(request, "param", spec.version)
+    if version != spec.version:  # the grants the playbook gives on that release's major
+        storages = [path.split("/")[2] for path in spec.privileges if path.startswith("/storage/")]
+        spec = dataclasses.replace(spec, version=version, privileges=playbook_grants(
+            REPO_ROOT, version, spec.node, storages))
     cert, key, _ = make_cert(str(tmp_path), name="twin", hosts=("127.0.0.1",))
     root_pw = tmp_path / "root-password"
     root_pw.write_text("twin-root\n")
@@ -464,12 +470,15 @@ def test_publish_deploy_and_pipeline_stop_on_preflight_with_its_message(
     assert lab_snapshot(fresh_lab) == before
 
 
+@pytest.mark.parametrize("twin", list(RELEASES), indirect=True)
 def test_datacenter_tag_policy_is_reported(twin: Twin):
     """GET /cluster/options answers everyone, but holds the tag policy only for Sys.Audit on /: without it the
     policy is unknown (a warning, never "free"); with it a restrictive policy is refused with its fix."""
     twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=factory;mgmt",
                                      "registered-tags": "mgmt;tenant", "tag-style": "ordering=config"})
-    r = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["tags"]).result(twin.host, "tags")
+    first = pf.run_preflight(twin.settings, twin.site, [twin.host], checks=["version", "tags"])
+    assert f"PVE {twin.pve.version}" in first.result(twin.host, "version").detail
+    r = first.result(twin.host, "tags")
     assert r.ok and r.status == "WARN" and "unknown (needs Sys.Audit on /)" in r.detail  # what the playbook grants
     assert "user-allow=free" not in r.detail and "pvesh get /cluster/options" in r.hint
     token = twin.site.hypervisors[twin.host].token_id

@@ -12,6 +12,7 @@ Ops (args as keyword arguments):
   datacenter(set={"user-tag-access": "user-allow=list,user-allow-list=a;b", ...}, delete=[...])  datacenter.cfg
   grant(path, privs) / revoke(path, privs)  ACLs of the factory's user and token (reset() restores the playbook's)
   thin_pool(size)  the LVM-thin pool's data size in bytes (reset() restores 100 GiB)
+  release(version)  another pve-manager release of the node's major, e.g. 9.1.19 on 9.2.5 (reset() restores)
   clear_faults() / reset() / state()
 """
 

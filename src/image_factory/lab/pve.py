@@ -51,7 +51,7 @@ from fakepve.storage import parse_name_dir
 from ..pvecodec import format_size, format_tags, parse_size
 from . import vmrunner
 from .privileges import catalogue
-from .spec import THIN_STORAGE, NodeSpec, release_of, version_tuple
+from .spec import RELEASES, THIN_STORAGE, NodeSpec, release_of, version_tuple
 
 log = logging.getLogger("image_factory.lab")
 
@@ -123,12 +123,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.spec = spec
         self.nodes = {spec.node: {"online": True}}
         self.cluster_name = ""
-        self.version = spec.version
-        self.release_version = ".".join(spec.version.split(".")[:2])
-        self.major = int(spec.version.split(".")[0])
-        # what /version reports is pve-manager's; each behaviour below is keyed on the package that owns it
-        self.packages = release_of(spec.version)
-        self.qemu_server = version_tuple(self.packages.qemu_server)
+        self.set_release(spec.version)
         self.time_scale = spec.time_scale
         self.client_max_size = 16 * 1024 ** 2
         self.body_timeout = 600.0
@@ -167,6 +162,25 @@ class LabPve(FakePve):  # fakepve is untyped
         self._state_write_lock = threading.Lock()
         self._saved_state = ""
         self._restore_or_wipe()
+
+    def set_release(self, manager: str) -> None:
+        """Run this pve-manager release: what /version reports is pve-manager's; each behaviour is keyed on the
+        package that owns it (qemu-server, pve-storage), in the versions that shipped with it (spec.RELEASES)."""
+        self.version = manager
+        self.release_version = ".".join(manager.split(".")[:2])
+        self.major = int(manager.split(".")[0])
+        self.packages = release_of(manager)
+        self.qemu_server = version_tuple(self.packages.qemu_server)
+
+    def switch_release(self, manager: str) -> None:
+        """An admin's in-place `apt full-upgrade` (or downgrade) to another release of the node's major. Across
+        majors the role's grants would be wrong (VM.Monitor on 8, VM.GuestAgent.* on 9): that takes a new lab."""
+        if manager not in RELEASES:
+            raise ValueError(f"release {manager!r} is not one the lab models (pve-manager {', '.join(RELEASES)})")
+        if int(manager.split(".")[0]) != int(self.spec.version.split(".")[0]):
+            raise ValueError(f"release {manager!r} is of another major than the node's {self.spec.version}: the "
+                             "role grants per major; set pve_version in lab.json instead")
+        self.set_release(manager)
 
     @property
     def state_file(self) -> Path:
@@ -1581,6 +1595,9 @@ class LabPve(FakePve):  # fakepve is untyped
                 acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
                             for p, privs in acl.get(who, [])]
             return None
+        if op == "release":
+            self.switch_release(str(args["version"]))
+            return None
         if op == "thin_pool":
             self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
             return None
@@ -1662,6 +1679,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.storage_locks.clear()
         self.time_scale = self.spec.time_scale
         self.cluster_options.clear()
+        self.set_release(self.spec.version)
         self.acl = copy.deepcopy(self._initial_acl)
         self.storages[THIN_STORAGE].pop("pool_size", None)
         for store in self.storages.values():

@@ -36,6 +36,11 @@ from .config import LabConfig, LabError, LabPaths, host_address, vm_address
 from .control import Control
 
 SLOTS = range(20, 100)
+# (host, pve-manager release) of every release the lab models, on the lab's two hosts: pve-mgmt runs 8.4.1,
+# pve-tenant 9.2.5 and, switched with LabHandle.release (same major, same grants), 9.1.19. Parametrize with
+# pytest.mark.parametrize(("host", "release"), NODE_RELEASES, ids=NODE_RELEASE_IDS) and call lab.release first.
+NODE_RELEASES = (("pve-mgmt", "8.4.1"), ("pve-tenant", "9.1.19"), ("pve-tenant", "9.2.5"))
+NODE_RELEASE_IDS = [f"pve-{version}" for _host, version in NODE_RELEASES]
 SLOT_LOCK_DIR = Path(tempfile.gettempdir()) / "deevnet-lab-slots"
 
 
@@ -149,6 +154,11 @@ class LabHandle:
         """The bridge's VLAN fields in /nodes/{node}/network: not VLAN-aware, or other bridge_vids (until
         clear_faults; the default is what PVE's GUI writes: VLAN-aware, 2-4094)."""
         self.control(host).call("bridge_vlans", bridge=bridge, aware=aware, vids=vids)
+
+    def release(self, host: str, version: str) -> None:
+        """The host runs another pve-manager release of its major (until reset): with NODE_RELEASES, a test runs
+        on the 8.4, 9.1 and 9.2 nodes of one two-host lab."""
+        self.control(host).call("release", version=version)
 
     def clear_faults(self, host: str | None = None) -> None:
         for name in [host] if host else list(self.site.hypervisors):
@@ -285,4 +295,5 @@ def fresh_lab(lab: LabHandle) -> Iterator[LabHandle]:
         lab.clear_faults()
 
 
-__all__ = ["LabHandle", "claim_slot", "fresh_lab", "lab", "start_lab", "stop_lab"]
+__all__ = ["NODE_RELEASES", "NODE_RELEASE_IDS", "LabHandle", "claim_slot", "fresh_lab", "lab", "start_lab",
+           "stop_lab"]
