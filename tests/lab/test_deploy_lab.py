@@ -217,6 +217,32 @@ def test_hand_changed_mac_shows_as_drift_and_is_corrected(lab: LabHandle) -> Non
     assert plan(lab, [vm.name]).vms[0].action == "in-sync"
 
 
+def test_a_pending_change_by_another_writer_between_read_and_write_is_refused_and_a_rerun_converges(
+        lab: LabHandle) -> None:
+    """PVE's digest covers the whole config file, [PENDING] included: another writer's change that lands pending
+    (the VM runs) after deploy read the config makes deploy's write fail as a stale digest. Deploy writes nothing,
+    says to re-run, keeps the other writer's change; the re-run converges."""
+    vm = lab.site.vms["iot-api01"]
+    assert deploy(lab, [vm.name], wait=False).ok
+    c = PveClient(lab.hv(TENANT))
+    path = f"/nodes/{TENANT}/qemu/{vm.vmid}/config"
+    c.put(path, net0="virtio=BC:24:11:DE:AD:01,bridge=vmbr0,firewall=1")  # a hand change, pending (running VM)
+    assert plan(lab, [vm.name]).vms[0].action == "drift"
+
+    class Racing(PveClient):
+        def update_vm_config(self, vmid: int, *, digest: str | None, timeout: float, **params: Any) -> None:
+            PveClient(self.hv).put(path, cpulimit="2")  # the other writer, just before deploy's write
+            super().update_vm_config(vmid, digest=digest, timeout=timeout, **params)
+
+    [r] = deploy(lab, [vm.name], wait=False, client_factory=lambda hv: Racing(hv, timeout=20)).results
+    assert r.state == "failed" and "changed after this run read it" in (r.error or ""), r.to_dict()
+    pending = {i["key"]: i.get("pending") for i in c.vm_pending(vm.vmid) if "pending" in i}
+    assert pending["cpulimit"] == "2" and "DE:AD:01" in pending["net0"]  # nothing of deploy's written
+    [r] = deploy(lab, [vm.name], wait=False).results
+    assert r.state == "corrected", r.to_dict()
+    assert pvecodec.NetSpec.parse(PveClient(lab.hv(TENANT)).vm_config(vm.vmid)["net0"]).mac == vm.nics[0].mac
+
+
 def _wait_status(c: PveClient, vmid: int, want: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while c.get(f"/nodes/{c.node}/qemu/{vmid}/status/current")["status"] != want:

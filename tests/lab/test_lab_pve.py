@@ -285,6 +285,27 @@ def test_config_digest_mismatch_is_refused(fresh_lab: LabHandle) -> None:
     assert c.put(f"/nodes/{c.node}/qemu/1990/config", description="mine", digest=new) is None
 
 
+@BOTH_VERSIONS
+def test_the_digest_covers_the_pending_section(fresh_lab: LabHandle, host: str) -> None:
+    """qemu-server hashes the whole config file: a change that goes pending (the VM runs) changes the digest though
+    the current values stay; GET config shows the pending value, `current=1` the running one, both one digest."""
+    c = client(fresh_lab, host)
+    path = f"/nodes/{c.node}/qemu/1988"
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1988, name="p", memory=512, timeout=30)
+    c.run_task("POST", path + "/status/start", timeout=60)
+    before = c.vm_config(1988)
+    c.put(path + "/config", memory=640)  # another writer: the running VM takes it at its next start
+    after, current = c.vm_config(1988), c.get(path + "/config", current=1)
+    assert (str(after["memory"]), str(current["memory"])) == ("640", "512")
+    assert after["digest"] != before["digest"] and current["digest"] == after["digest"]
+    with pytest.raises(ConfigChanged):
+        c.update_vm_config(1988, digest=before["digest"], timeout=30, cores=2)
+    assert "cores" not in c.vm_config(1988)
+    c.put(path + "/config", delete="memory")  # a pending delete changes it too
+    assert c.vm_config(1988)["digest"] != after["digest"] and "memory" not in c.vm_config(1988)
+    c.run_task("POST", path + "/status/stop", timeout=60)
+
+
 # ---------------------------------------------------------------- templates and clones
 
 

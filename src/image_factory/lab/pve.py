@@ -875,6 +875,24 @@ class LabPve(FakePve):  # fakepve is untyped
 
     # ------------------------------------------------------------ config
 
+    async def _config_get(self, request: web.Request) -> web.Response:
+        """qemu-server's vm_config: the config with its pending changes applied (`current=1`: without), and the
+        digest of the whole config file (load_current_config; parse_vm_config hashes the raw file)."""
+        from fakepve.server import ok
+        p = self._verify(request, await request_params(request))
+        vm = self._vm(request, "VM.Audit")
+        cfg = dict(vm.config)
+        if str(p.get("current") or "0") not in ("1", "true"):
+            for key, value in vm.pending.items():
+                if value is None:
+                    cfg.pop(key, None)
+                else:
+                    cfg[key] = value
+        if "memory" in cfg:
+            cfg["memory"] = str(cfg["memory"])  # PVE sends it as a string
+        cfg["digest"] = config_digest(vm)
+        return ok(cfg)
+
     async def _config_post(self, request: web.Request) -> web.Response:
         """qemu-server's update_vm_api. Every version checks the keys' privileges, the bridges, a stale digest
         and a `lock:` flag before the qmconfig task forks (HTTP 403/500). Before 9.1.19 it also takes the
@@ -887,7 +905,7 @@ class LabPve(FakePve):  # fakepve is untyped
         user = request[USER]
         self._check_config_privileges(user, vm, p)
         self._check_bridge_access(user, p)
-        if p.get("digest") and p["digest"] != vm.digest():
+        if p.get("digest") and p["digest"] != config_digest(vm):
             raise PveError(500, "checksum mismatch (file change by other user?)")
         if not p.get("skiplock"):
             self._check_lock(vm)
@@ -934,8 +952,8 @@ class LabPve(FakePve):  # fakepve is untyped
 
     async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
         updates = dict(p)
-        digest = updates.get("digest")
-        if digest and digest != vm.digest():
+        digest = updates.pop("digest", None)  # checked here over the whole file (fakepve's ignores [PENDING])
+        if digest and digest != config_digest(vm):
             raise PveError(500, "checksum mismatch (file change by other user?)")
         self._check_lock(vm)
         self._check_bridge_access(user, updates)
@@ -1175,7 +1193,7 @@ class LabPve(FakePve):  # fakepve is untyped
         """qemu-server resize_vm (a task since PVE 8): grow the disk file and its size= in the config."""
         vm = self.find(v["node"], v["vmid"])
         disk, size = str(v["disk"]), str(v["size"])
-        if v.get("digest") and v["digest"] != vm.digest():
+        if v.get("digest") and v["digest"] != config_digest(vm):
             raise PveError(500, "checksum mismatch (file change by other user?)")
         if v.get("skiplock") and user != "root@pam":
             raise param_error(skiplock="Only root may use this option.")
@@ -1700,6 +1718,24 @@ class LabPve(FakePve):  # fakepve is untyped
             entry.unlink()
         self.state_file.unlink(missing_ok=True)
         self._saved_state = ""
+
+
+def config_digest(vm: FakeVm) -> str:
+    """qemu-server's parse_vm_config: the SHA-1 of the whole config file as write_vm_config lays it out (the
+    description as comment lines, the current keys, then the [PENDING] section and each snapshot's), so a
+    pending change or a snapshot changes the digest as much as a current value does."""
+    def section(conf: dict[str, Any]) -> list[str]:
+        lines = [f"#{line}" for line in str(conf.get("description") or "").splitlines()]
+        return lines + [f"{key}: {value}" for key, value in sorted(conf.items())
+                        if key != "description" and value is not None]
+
+    text = section(vm.config)
+    if vm.pending:
+        deleted = sorted(key for key, value in vm.pending.items() if value is None)
+        text += ["", "[PENDING]", *section(vm.pending)] + ([f"delete: {','.join(deleted)}"] if deleted else [])
+    for name, snap in sorted((vm.snapshots or {}).items()):
+        text += ["", f"[{name}]", *section(snap)]
+    return hashlib.sha1("\n".join(text).encode() + b"\n").hexdigest()  # noqa: S324 - PVE's digest is SHA-1
 
 
 def _split_tags(text: Any) -> list[str]:
