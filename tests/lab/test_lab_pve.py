@@ -228,6 +228,38 @@ def test_import_from_a_file_that_is_not_an_image_fails_the_task(fresh_lab: LabHa
     assert not (fresh_lab.paths.storage_dir(MGMT) / "images" / "9003").exists()
 
 
+@BOTH_VERSIONS
+def test_import_from_refuses_a_qcow2_data_file_and_a_multi_extent_vmdk(
+        fresh_lab: LabHandle, tmp_path: Path, host: str) -> None:
+    """pve-storage's untrusted-image checks (file_size_info with $untrusted, run by qemu-server on an `import`
+    volume): a qcow2 whose data lives in an external file, and a vmdk of several extents, could make the node
+    read any file; the create task fails naming the file, and nothing is left. A one-extent vmdk imports."""
+    c = client(fresh_lab, host)
+    import_dir = Path(fresh_lab.hv(host).storage.import_dir)
+    data_file = tmp_path / "elsewhere.raw"  # e.g. /etc/shadow on a real attack
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data_file}",
+                    str(tmp_path / "ext.qcow2"), "16M"], check=True)
+    split = tmp_path / "split"
+    split.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+                    str(split / "split.vmdk"), "3G"], check=True)
+    for part in sorted(split.iterdir()):
+        sftp_import(fresh_lab, host, part)
+    cases = [(sftp_import(fresh_lab, host, tmp_path / "ext.qcow2"),
+              "ext.qcow2: 'data-file' references are not allowed!"),
+             ("local:import/split.vmdk", "split.vmdk: multiple children or extents are not allowed!")]
+    for vmid, (volid, message) in enumerate(cases, start=9007):
+        with pytest.raises(TaskFailed) as exc:
+            c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=vmid, scsi0=f"local:0,import-from={volid}", timeout=30)
+        assert exc.value.exitstatus == f"unable to create VM {vmid} - {import_dir / message}"
+        assert vmid not in {int(v["vmid"]) for v in c.list_vms()}
+        assert not (fresh_lab.paths.storage_dir(host) / "images" / str(vmid)).exists()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(tmp_path / "one.vmdk"), "16M"], check=True)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9009,
+               scsi0=f"local:0,import-from={sftp_import(fresh_lab, host, tmp_path / 'one.vmdk')}", timeout=30)
+    assert "size=16M" in c.vm_config(9009)["scsi0"]
+
+
 def test_import_from_a_missing_volume_fails(fresh_lab: LabHandle) -> None:
     c = client(fresh_lab)
     with pytest.raises((TaskFailed, ApiError)) as exc:

@@ -752,6 +752,8 @@ class LabPve(FakePve):  # fakepve is untyped
             if info is None:
                 raise TaskError(f"volume '{source}' does not exist")
             self._check_import_source(info, source)
+            if source.startswith("/") or volume_ref(source)[1].startswith("import/"):
+                _check_untrusted_image(info, src_path)
             size = int(info["virtual-size"])
             fmt = props.pop("format", None)
             volid, fmt = self._qm_alloc(sid, vmid, fmt, size)
@@ -767,8 +769,6 @@ class LabPve(FakePve):  # fakepve is untyped
         fmt = info.get("format")
         if fmt not in ("qcow2", "raw", "vmdk"):
             raise TaskError(f"import source '{source}' has unsupported format '{fmt}'")
-        if info.get("backing-filename"):
-            raise TaskError(f"backing file not allowed for untrusted image '{source}'!")
         ext = source.rsplit(".", 1)[-1]
         if ext in ("qcow2", "raw", "vmdk") and ext != fmt:
             raise TaskError(f"image '{source}' has format '{fmt}', but its extension says '{ext}'")
@@ -1718,6 +1718,20 @@ class LabPve(FakePve):  # fakepve is untyped
             entry.unlink()
         self.state_file.unlink(missing_ok=True)
         self._saved_state = ""
+
+
+def _check_untrusted_image(info: dict[str, Any], path: Path) -> None:
+    """pve-storage's file_size_info($path, ..., $untrusted = 1), which qemu-server runs on an `import` volume (and
+    an absolute path) before it imports from it: no qcow2 external data file, no vmdk of several extents or
+    children, no backing file. The task dies with the file's path in the message."""
+    specific = info.get("format-specific") or {}
+    data = specific.get("data") or {}
+    if specific.get("type") == "qcow2" and data.get("data-file"):
+        raise TaskError(f"{path}: 'data-file' references are not allowed!")
+    if specific.get("type") == "vmdk" and (len(info.get("children") or []) > 1 or len(data.get("extents") or []) > 1):
+        raise TaskError(f"{path}: multiple children or extents are not allowed!")
+    if info.get("backing-filename"):
+        raise TaskError(f"backing file not allowed for untrusted image '{path}'!")
 
 
 def config_digest(vm: FakeVm) -> str:
