@@ -25,6 +25,7 @@ from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, SshEndpoint, load_site
 from image_factory.lab import controller
 from image_factory.lab.baseimage import ensure_base_image
+from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle, start_lab, stop_lab
 from image_factory.ownership import Marker
 from image_factory.pve import PveClient
@@ -241,6 +242,23 @@ def test_a_pending_change_by_another_writer_between_read_and_write_is_refused_an
     [r] = deploy(lab, [vm.name], wait=False).results
     assert r.state == "corrected", r.to_dict()
     assert pvecodec.NetSpec.parse(PveClient(lab.hv(TENANT)).vm_config(vm.vmid)["net0"]).mac == vm.nics[0].mac
+
+
+def test_deploy_sends_the_84_node_only_what_its_schema_defines(lab: LabHandle) -> None:
+    """Clone, config, resize, start, the readiness wait (guest agent): no call to the 8.4 node carries a parameter
+    only 9.x's qemu-server defines (lab.pve.NEWER_PARAMETERS; the 8.4 node would refuse it)."""
+    sent: list[tuple[str, str, set[str]]] = []
+
+    class Recording(PveClient):
+        def call(self, method: str, path: str, /, **params: Any) -> Any:
+            sent.append((method, path, set(params)))
+            return super().call(method, path, **params)
+
+    [r] = deploy(lab, ["jump01"], client_factory=lambda hv: Recording(hv, timeout=30)).results
+    assert r.ok, r.to_dict()
+    newer = {name for params in NEWER_PARAMETERS.values() for name in params}
+    assert {path.rsplit("/", 1)[-1] for _, path, _ in sent} >= {"clone", "config", "start", "network-get-interfaces"}
+    assert [(m, p, names & newer) for m, p, names in sent if names & newer] == []
 
 
 def _wait_status(c: PveClient, vmid: int, want: str, timeout: float = 30) -> None:

@@ -16,6 +16,7 @@ import pytest
 from image_factory import manifest as mf
 from image_factory.inventory import Site
 from image_factory.lab import factories
+from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
 from image_factory.ownership import marker_block
 from image_factory.publish import (
@@ -117,6 +118,26 @@ def test_publish_both_hosts_matches_pve_facts_and_rerun_changes_nothing(env: Any
     assert {h.action for h in again.hosts} == {"unchanged"}
     assert again.bytes_sent == 0
     assert snapshot(lab) == before
+
+
+def test_publish_sends_the_84_node_only_what_its_schema_defines(env: Any) -> None:
+    """The product never sends an 8.4 node a parameter only 9.x's qemu-server defines (the lab's 8.4 node would
+    refuse it, lab.pve.NEWER_PARAMETERS): every parameter of every call a publish makes is checked."""
+    lab, settings, site = env
+    sent: list[tuple[str, str, set[str]]] = []
+
+    class Recording(PveClient):
+        def call(self, method: str, path: str, /, **params: Any) -> Any:
+            sent.append((method, path, set(params)))
+            return super().call(method, path, **params)
+
+    make_build(settings.builds_dir, build_id="schema1")
+    report = publish_image(settings, site, IMAGE, hypervisors=["pve-mgmt"], progress=False,
+                           client_factory=lambda hv: Recording(hv, timeout=30))
+    assert report.ok and report.host("pve-mgmt").action == "created", report.to_dict()
+    newer = {name for params in NEWER_PARAMETERS.values() for name in params}
+    assert any(method == "POST" and path.endswith("/qemu") for method, path, _ in sent)
+    assert [(m, p, names & newer) for m, p, names in sent if names & newer] == []
 
 
 def test_dry_run_prints_plan_and_changes_nothing(env: Any) -> None:

@@ -79,6 +79,21 @@ GENERAL_OPTIONS = frozenset({"autostart", "bios", "keyboard", "localtime", "migr
                              "ostype", "reboot", "startdate", "tdf", "template"})
 HWTYPE_OPTIONS = frozenset({"acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
                             "audio0", "rng0"})  # fakepve files scsihw under Disk (its name starts with scsi)
+# Parameters of the endpoints PveClient calls that a node's own qemu-server does not know yet: (method, path
+# template) -> {parameter: the first qemu-server release whose schema has it}. From the API schemas of
+# qemu-server 8.3.12 and 9.2.0 diffed (docs/pve-facts.md, "Schemas by version"); pve-manager's and pve-storage's
+# endpoints the client calls did not change. fakepve validates against the newest schema; a node refuses these as
+# its own (older) schema does.
+_CONFIG_KEYS_SINCE: dict[str, tuple[int, ...]] = {"intel-tdx": (9, 0, 25), "allow-ksm": (9, 0, 27)}
+NEWER_PARAMETERS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
+    ("POST", "/nodes/{node}/qemu"): {"ha-managed": (9, 0, 24), **_CONFIG_KEYS_SINCE},
+    ("POST", "/nodes/{node}/qemu/{vmid}/config"): _CONFIG_KEYS_SINCE,
+    ("PUT", "/nodes/{node}/qemu/{vmid}/config"): _CONFIG_KEYS_SINCE,
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/start"): {"with-conntrack-state": (9, 0, 10),
+                                                         "nets-host-mtu": (9, 0, 20)},
+    ("GET", "/nodes/{node}/qemu/{vmid}/agent/file-read"): {"count": (9, 1, 5), "decode": (9, 1, 5),
+                                                           "offset": (9, 1, 5)},
+}
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -287,6 +302,27 @@ class LabPve(FakePve):  # fakepve is untyped
             if held or v.get("path") is not None:
                 out[path] = dict.fromkeys(held, 1)
         return out
+
+    def _verify(self, request: web.Request, values: dict[str, Any], drop: Any = ()) -> Any:
+        match = self.resolve(request, "/api2/json")
+        if match is not None:
+            self.check_own_schema(request.method, match.template, values)
+        return super()._verify(request, values, drop)
+
+    async def answer(self, request: web.Request, match: Any, params: dict[str, Any], user: str,
+                     call: Any = None) -> Any:
+        if match is not None:
+            self.check_own_schema(request.method, match.template, params)
+        return await super().answer(request, match, params, user, call)
+
+    def check_own_schema(self, method: str, template: str, values: dict[str, Any]) -> None:
+        """PVE's JSON schema refuses what its own version does not define (additionalProperties 0): a parameter
+        newer than this node's qemu-server is a 400, as on the real node."""
+        newer = NEWER_PARAMETERS.get((method, template), {})
+        unknown = sorted(k for k in values if k in newer and not self.qemu_at_least(*newer[k]))
+        if unknown:
+            raise PveError(400, "Parameter verification failed.", dict.fromkeys(
+                unknown, "property is not defined in schema and the schema does not allow additional properties"))
 
     def check_permissions(self, user: str, perms: Any, values: dict[str, Any], declared: Any = None) -> None:
         """pve-access-control's check_api2_permissions: `user => 'all'` admits every authenticated user before
@@ -1298,6 +1334,8 @@ class LabPve(FakePve):  # fakepve is untyped
         return vm.name in rb
 
     async def _do_start(self, vm: FakeVm, user: str, p: dict[str, Any]) -> str:
+        self.check_own_schema("POST", "/nodes/{node}/qemu/{vmid}/status/start", p)  # fakepve validates none
+
         async def body() -> None:
             if vm.template:
                 raise TaskError("you can't start a vm if it's a template")
@@ -1426,10 +1464,6 @@ class LabPve(FakePve):  # fakepve is untyped
     async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
         vm = self.find(values["node"], values["vmid"])
         command = match.template.rsplit("/", 1)[1]
-        if command == "file-read" and values.get("count") is not None and not self.qemu_at_least(9, 1, 5):
-            # fakepve's schema is 9.x's; file-read takes only `file` before qemu-server 9.1.5
-            raise PveError(400, "Parameter verification failed.", {
-                "count": "property is not defined in schema and the schema does not allow additional properties"})
         agent = str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1]
         if agent not in ("1", "true"):
             raise PveError(500, "No QEMU guest agent configured")
