@@ -186,6 +186,23 @@ def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch:
     assert hostname.stdout.strip() == vm.name
     again = deploy(lab, [REAL_BOOT], site=site)
     assert [x.state for x in again.results] == ["unchanged"], again.to_dict()
+    # the guest's own network setup fails (its DHCP client gone, its address removed): the agent reports what the
+    # guest has, no IPv4 on the NIC, and so no lab address either; deploy's readiness sees a guest not ready
+    with connect(vm.name, ep, timeout=30) as link:
+        link.run(["sh", "-c", "nohup sudo sh -c 'sleep 1; dhclient -x eth0; ip -4 addr flush dev eth0' "
+                              ">/dev/null 2>&1 &"])
+    c = PveClient(lab.hv(TENANT))
+
+    def nic0() -> dict[str, Any]:
+        answer = c.vm_agent(vm.vmid, "network-get-interfaces")["result"]
+        return next(i for i in answer if str(i.get("hardware-address")).lower() == vm.nics[0].mac)
+
+    deadline = time.monotonic() + 60
+    while any(a["ip-address-type"] == "ipv4" for a in nic0().get("ip-addresses") or []):
+        assert time.monotonic() < deadline, nic0()
+        time.sleep(0.5)
+    with pytest.raises(dep.ready.NotReady, match=f"no NIC {vm.nics[0].mac} with an IPv4 address"):
+        dep.ready.wait_ready(c, vm, timeout=2)
 
 
 def _console_host_key(log: Path, timeout: float = 120) -> str:

@@ -1539,16 +1539,20 @@ class LabPve(FakePve):  # fakepve is untyped
         return answer
 
     def _with_lab_address(self, vm: FakeVm, proc: vmrunner.VmProcess, interfaces: Any) -> Any:
-        """Add the VM's lab address to the guest NIC that has the first NIC's MAC: the host reaches the
-        guest's port 22 there (qemu's 1:1 forward), as it would reach the guest's own address on a LAN."""
+        """Add the VM's lab address to the guest NIC that has the first NIC's MAC, once the guest has given that
+        NIC an IPv4 address of its own: the host reaches the guest's port 22 there (qemu's 1:1 forward to that
+        address), as it would reach the guest's own address on a LAN. A guest whose network setup failed (no
+        address of its own) shows none, as the real one would."""
         if not proc.nics:
             return interfaces
         mac = proc.nics[0][1].lower()
         lab_ip = {"ip-address": vmrunner.vm_address(self.spec.slot, vm.vmid), "ip-address-type": "ipv4",
                   "prefix": 32}
         for iface in interfaces or []:
-            if str(iface.get("hardware-address", "")).lower() == mac:
-                iface["ip-addresses"] = [lab_ip] + list(iface.get("ip-addresses") or [])
+            own = list(iface.get("ip-addresses") or [])
+            if str(iface.get("hardware-address", "")).lower() == mac and any(
+                    a.get("ip-address-type") == "ipv4" for a in own):
+                iface["ip-addresses"] = [lab_ip, *own]
         return interfaces
 
     def _interfaces(self, vm: FakeVm, proc: vmrunner.VmProcess | None) -> list[dict[str, Any]]:
