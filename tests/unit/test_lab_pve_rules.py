@@ -226,3 +226,35 @@ def test_each_release_runs_the_qemu_server_that_shipped_with_it(tmp_path: Path) 
     with pytest.raises(LabError, match=r"pve_version '9.1.17' is not a release the lab models \(pve-manager 8.4.1"):
         bad.validate()
     assert set(RELEASES) == {"8.4.1", "9.1.19", "9.2.5"}
+
+
+def test_the_lab_address_shows_only_where_the_guest_has_an_address_of_its_own(tmp_path: Path) -> None:
+    """A really booted guest's agent answer gets the VM's lab address (qemu's 1:1 forward to the guest) on net0's
+    NIC only once the guest configured an IPv4 address there itself; a failed network setup stays visible."""
+    from types import SimpleNamespace
+
+    from fakepve import FakeVm
+
+    pve, vm = make(tmp_path), FakeVm(2201, "sandbox01", node="pve-x")
+    proc = SimpleNamespace(nics=[("net0", "02:DE:20:01:01:00")])
+    v6 = {"ip-address": "fe80::de:20ff:fe01:100", "ip-address-type": "ipv6", "prefix": 64}
+    v4 = {"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}
+
+    def answer(*addresses: dict[str, object]) -> list[dict[str, object]]:
+        return [{"name": "eth0", "hardware-address": "02:de:20:01:01:00", "ip-addresses": list(addresses)}]
+
+    assert pve._with_lab_address(vm, proc, answer(v6)) == answer(v6)
+    assert pve._with_lab_address(vm, proc, answer()) == answer()
+    lab_ip = {"ip-address": "127.109.8.153", "ip-address-type": "ipv4", "prefix": 32}
+    assert pve._with_lab_address(vm, proc, answer(v6, v4)) == answer(lab_ip, v6, v4)
+
+
+def test_a_node_switches_release_only_within_its_major(tmp_path: Path) -> None:
+    """The role grants per major (VM.Monitor on 8, VM.GuestAgent.* on 9): a node runs another release of its own
+    major only, and a release the lab does not model is refused by name."""
+    pve = make(tmp_path)
+    with pytest.raises(ValueError, match=r"release '9.2.5' is of another major than the node's 8.4.1"):
+        pve.switch_release("9.2.5")
+    with pytest.raises(ValueError, match=r"release '8.4.7' is not one the lab models"):
+        pve.switch_release("8.4.7")
+    assert (pve.version, pve.packages.qemu_server) == ("8.4.1", "8.3.12")
