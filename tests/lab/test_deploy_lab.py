@@ -165,7 +165,7 @@ def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch:
     publish_like_template(lab, TENANT, BASE_IMAGE)
     site = lab.site
     vm = site.vms[REAL_BOOT]
-    report = deploy(lab, [REAL_BOOT], site=site, timeout=420)
+    report = deploy(lab, [REAL_BOOT], site=site, timeout=900)  # a TCG boot on a loaded machine: 6-7 min seen
     [r] = report.results
     assert r.state == "created", r.to_dict()
     assert r.macs == vm.macs and r.address
