@@ -805,6 +805,8 @@ VERB_SOURCES = {
     "storages": "pve-storage src/PVE/API2/Storage/Status.pm:68",
     "node_networks": "pve-manager PVE/API2/Network.pm:264",
     "cluster_vms": "pve-manager PVE/API2/Cluster.pm:263",
+    "cluster_nodes": "pve-manager PVE/API2/Cluster.pm:263 (type=node)",
+    "nodes": "pve-manager PVE/API2/Nodes.pm:2908",
     "cluster_options": "pve-manager PVE/API2/Cluster.pm:774",
     "permissions": "pve-access-control src/PVE/API2/AccessControl.pm:510",
     "vm_pending": "qemu-server src/PVE/API2/Qemu.pm:1858",
@@ -824,7 +826,7 @@ VERB_SOURCES = {
     "run_task": "(any endpoint answering a UPID, then Tasks.pm:454)",
     "upload_endpoint": "pve-storage src/PVE/API2/Storage/Status.pm:519 (no call: builds the URL)",
 }
-GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path"}
+GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path", "api", "api_url", "session"}
 
 
 def _is_upid(value: Any) -> bool:
@@ -847,6 +849,8 @@ def test_every_pve_client_verb_answers_in_the_shape_of_pves_sources(
     assert all({"storage", "type", "content", "active", "avail", "total"} <= set(s) for s in c.storages())
     assert all({"iface", "type"} <= set(i) for i in c.node_networks())
     assert all({"id", "type", "vmid", "node"} <= set(g) for g in c.cluster_vms())
+    assert c.cluster_nodes() == {c.node: True}
+    assert [n["node"] for n in c.nodes() if {"node", "status"} <= set(n)] == [c.node]
     assert isinstance(c.cluster_options()["allowed-tags"], list)
     perms = c.permissions("/vms")
     assert all(isinstance(p, dict) and all(v in (0, 1) for v in p.values()) for p in perms.values())
