@@ -9,9 +9,13 @@ before any action; all problems are reported together, each naming file, entry a
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import re
+import shutil
 import string
+import subprocess
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from pydantic import (
     SecretStr,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -204,6 +209,9 @@ class Storages(Strict):
     import_dir: RemotePath = Field(default="/var/lib/vz/import", description="that storage's import/ directory")
     cloudinit: StorageId = Field(default="local-lvm", description="storage for the cloud-init drive")
     staging_dir: RemotePath = Field(default="/var/tmp", description="where PVE stages API uploads")
+    snippets: StorageId | None = Field(
+        default=None, description="file storage with 'snippets' content: cloud-init vendor data (cicustom)")
+    snippets_dir: RemotePath = Field(default="/var/lib/vz/snippets", description="that storage's snippets/ directory")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -536,18 +544,137 @@ class StaticIp(Strict):
         return _cidr_address(v)
 
 
+class StaticIp6(Strict):
+    ip: str
+    gw: str | None = None
+
+    @field_validator("ip")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        if not isinstance(ipaddress.ip_interface(_cidr_address(v)), ipaddress.IPv6Interface):
+            raise ValueError(f"{v!r} is not an IPv6 address in CIDR form (e.g. 2001:db8::5/64)")
+        # qemu-server's pve-ipv6-config: CIDR with a prefix of 8-128
+        if not 8 <= ipaddress.IPv6Interface(v).network.prefixlen <= 128:
+            raise ValueError(f"{v!r}: the prefix must be 8-128")
+        return str(ipaddress.IPv6Interface(v))
+
+    @field_validator("gw")
+    @classmethod
+    def _gw(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.IPv6Address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv6 address without prefix (e.g. 2001:db8::1)") from None
+
+
+# cloud-init vendor data reaches the guest through PVE, which reads a snippet with a 1 MiB limit
+# (qemu-server Cloudinit.pm read_cloudinit_snippets_file).
+MAX_SNIPPET = 1024 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def cloud_config_problem(text: str) -> str:
+    """Why ``text`` is no valid cloud-config ("" if it is): cloud-init's own ``cloud-init schema`` where it is
+    installed, else the shape cloud-init requires (a ``#cloud-config`` first line and a YAML mapping)."""
+    if not text.startswith("#cloud-config"):
+        return "vendor data must start with a '#cloud-config' line (the only format the factory hands on)"
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return f"is not YAML: {str(exc).splitlines()[0]}"
+    if not isinstance(body, dict):
+        return "is not a YAML mapping of cloud-config keys"
+    tool = shutil.which("cloud-init")
+    if tool is None:
+        return ""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        done = subprocess.run([tool, "schema", "--config-file", tmp.name], capture_output=True, text=True,
+                              timeout=120, check=False)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().replace(tmp.name, "<file>")
+        return f"cloud-init schema refuses it: {detail[-600:]}"
+    return ""
+
+
+@dataclass(frozen=True)
+class VendorData:
+    """A cloud-init vendor-data file from the site repository, read and checked when the inventory is loaded.
+
+    On the hypervisor it is stored under a name made from its content, so a changed file is a changed
+    ``cicustom`` (drift) and a snippet another VM still uses is never overwritten."""
+
+    file: str
+    sha256: str
+    text: str = field(repr=False)
+
+    @property
+    def snippet_name(self) -> str:
+        return f"factory-vendor-{self.sha256[:16]}.yaml"
+
+    def volume(self, storage: str) -> str:
+        return f"{storage}:snippets/{self.snippet_name}"
+
+
+VENDOR_FILE_RE = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def read_vendor_data(v: Any, info: ValidationInfo) -> Any:
+    """``vendor_data: <path>`` relative to the directory that holds the inventory (load_site's context)."""
+    if v is None or isinstance(v, VendorData):
+        return v
+    if not isinstance(v, str) or not VENDOR_FILE_RE.match(v) or v.startswith("/") or ".." in v.split("/"):
+        raise ValueError(f"{v!r} must be a relative path inside the site repository (letters, digits, '_', '.', "
+                         "'-', '/'; no '..')")
+    base = Path((info.context or {}).get("site_dir", "."))
+    path = base / v
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SNIPPET:
+        raise ValueError(f"{path} is {len(data)} bytes; PVE reads at most {MAX_SNIPPET} of a snippet")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    problem = cloud_config_problem(text)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return VendorData(v, hashlib.sha256(data).hexdigest(), text)
+
+
 class CloudInit(Strict):
     user: UnixUser = "ansible"
     ssh_keys: list[str] = Field(default_factory=list)
     ipconfig: Literal["dhcp"] | StaticIp = "dhcp"
+    ip6: Literal["auto", "dhcp"] | StaticIp6 | None = Field(
+        default=None, description="NIC 0's IPv6: auto (SLAAC), dhcp (DHCPv6) or a static address; none by default")
     nameserver: Nameservers | None = None
     searchdomain: SearchDomains | None = None
     upgrade: bool = False
+    vendor_data: Annotated[Any, BeforeValidator(read_vendor_data)] = Field(
+        default=None, description="a #cloud-config file in the site repository, given to the VM as cicustom vendor=")
 
     @field_validator("ssh_keys")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
         return [_ssh_public_key(key) for key in v]
+
+    @field_validator("ipconfig")
+    @classmethod
+    def _ipv4(cls, v: Any) -> Any:
+        if isinstance(v, StaticIp) and not isinstance(ipaddress.ip_interface(v.ip), ipaddress.IPv4Interface):
+            raise ValueError(f"ip {v.ip} is not IPv4: PVE's ip= takes IPv4 only; put an IPv6 address in "
+                             "cloudinit.ip6")
+        return v
+
+    @property
+    def vendor(self) -> VendorData | None:
+        return self.vendor_data if isinstance(self.vendor_data, VendorData) else None
 
 
 def host_address_in(ip: ipaddress.IPv4Address, net: ipaddress.IPv4Network) -> bool:
@@ -632,6 +759,75 @@ class Tenant(Strict):
         return ""
 
 
+# qemu-server's x86_64 CPU models (PVE/QemuServer/CPUConfig.pm, 9.2.6: the built-in x86-64-vN models, QEMU's models
+# and `host`); a VM's cpu must be one of them ("Built-in cputype '...' is not defined").
+CPU_TYPES = frozenset({
+    "x86-64-v2", "x86-64-v2-AES", "x86-64-v3", "x86-64-v4", "host", "kvm32", "kvm64", "qemu32", "qemu64", "max",
+    "486", "pentium", "pentium2", "pentium3", "coreduo", "core2duo", "Conroe", "Penryn", "Nehalem", "Nehalem-IBRS",
+    "Westmere", "Westmere-IBRS", "SandyBridge", "SandyBridge-IBRS", "IvyBridge", "IvyBridge-IBRS", "Haswell",
+    "Haswell-IBRS", "Haswell-noTSX", "Haswell-noTSX-IBRS", "Broadwell", "Broadwell-IBRS", "Broadwell-noTSX",
+    "Broadwell-noTSX-IBRS", "Skylake-Client", "Skylake-Client-IBRS", "Skylake-Client-noTSX-IBRS", "Skylake-Client-v4",
+    "Skylake-Server", "Skylake-Server-IBRS", "Skylake-Server-noTSX-IBRS", "Skylake-Server-v4", "Skylake-Server-v5",
+    "Cascadelake-Server", "Cascadelake-Server-v2", "Cascadelake-Server-noTSX", "Cascadelake-Server-v4",
+    "Cascadelake-Server-v5", "Cooperlake", "Cooperlake-v2", "KnightsMill", "Icelake-Server", "Icelake-Server-noTSX",
+    "Icelake-Server-v3", "Icelake-Server-v4", "Icelake-Server-v5", "Icelake-Server-v6", "Icelake-Server-v7",
+    "SapphireRapids", "SapphireRapids-v2", "SapphireRapids-v3", "SapphireRapids-v4", "GraniteRapids",
+    "GraniteRapids-v2", "GraniteRapids-v3", "SierraForest", "SierraForest-v2", "SierraForest-v3", "ClearwaterForest",
+    "athlon", "phenom", "Opteron_G1", "Opteron_G2", "Opteron_G3", "Opteron_G4", "Opteron_G5", "EPYC", "EPYC-IBPB",
+    "EPYC-v3", "EPYC-v4", "EPYC-v5", "EPYC-Rome", "EPYC-Rome-v2", "EPYC-Rome-v3", "EPYC-Rome-v4", "EPYC-Rome-v5",
+    "EPYC-Milan", "EPYC-Milan-v2", "EPYC-Milan-v3", "EPYC-Genoa", "EPYC-Genoa-v2", "EPYC-Turin",
+})
+
+
+def _cpu_type(v: str) -> str:
+    if v not in CPU_TYPES:
+        close = sorted(t for t in CPU_TYPES if t.lower().startswith(v.lower()[:3]))[:6]
+        hint = f" (close: {', '.join(close)})" if close else " (e.g. host, x86-64-v2-AES, x86-64-v3)"
+        raise ValueError(f"{v!r} is not a CPU type qemu-server knows{hint}; names are case-sensitive")
+    return v
+
+
+CpuType = Annotated[str, AfterValidator(_cpu_type)]
+DISK_BUSES = {"scsi": 31, "virtio": 16, "sata": 6}  # qemu-server's MAX_*_DISKS
+DATA_DISK_SLOT_RE = re.compile(r"^(scsi|virtio|sata)(\d{1,2})$")
+# which drive options each bus takes (qemu-server Drive.pm: ssd on scsi/sata/ide, iothread on scsi/virtio)
+DISK_BUS_OPTIONS = {"scsi": {"ssd", "iothread"}, "virtio": {"iothread"}, "sata": {"ssd"}}
+
+
+class DataDisk(Strict):
+    """An extra data disk: created by deploy on ``storage`` at ``slot``, grown but never shrunk or removed."""
+
+    slot: str = Field(description="the drive key, e.g. scsi1, virtio1, sata0 (scsi0 is the boot disk)")
+    size_gb: int = Field(ge=1, le=MAX_DISK_MIB // 1024)
+    storage: StorageId | None = Field(default=None, description="default: the hypervisor's storage.images")
+    discard: bool = False
+    ssd: bool = False
+    iothread: bool = False
+
+    @field_validator("slot")
+    @classmethod
+    def _slot(cls, v: str) -> str:
+        found = DATA_DISK_SLOT_RE.match(v)
+        if not found or int(found[2]) >= DISK_BUSES[found[1]] or (found[2] != "0" and found[2].startswith("0")):
+            raise ValueError(f"{v!r} is not a drive key (scsi0-30, virtio0-15, sata0-5)")
+        if v == "scsi0":
+            raise ValueError("scsi0 is the template's boot disk (size it with vm.disk_gb)")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> DataDisk:
+        bus = self.bus
+        bad = [o for o in ("ssd", "iothread") if getattr(self, o) and o not in DISK_BUS_OPTIONS[bus]]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} is not an option of a {bus} disk (qemu-server: ssd on scsi and sata, "
+                             "iothread on scsi and virtio)")
+        return self
+
+    @property
+    def bus(self) -> str:
+        return self.slot.rstrip("0123456789")
+
+
 class Vm(Strict):
     name: Hostname
     plane: Plane
@@ -642,6 +838,8 @@ class Vm(Strict):
     cores: int = Field(default=2, ge=1, le=MAX_CORES)
     memory: int = Field(default=2048, ge=256, le=MAX_MEMORY_MIB, description="MiB")
     disk_gb: int = Field(default=20, ge=1, le=MAX_DISK_MIB // 1024)
+    cpu: CpuType | None = Field(default=None, description="CPU type (qemu-server's cputype); default: the template's")
+    disks: list[DataDisk] = Field(default_factory=list, max_length=16, description="extra data disks")
     nics: list[Nic] = Field(min_length=1, max_length=8)
     cloudinit: CloudInit = CloudInit()
     tags: list[str] = Field(default_factory=list)
@@ -689,6 +887,15 @@ class Vm(Strict):
                 f"nics[0].address {first} disagrees with cloudinit.ipconfig.ip {static.ip} (NIC 0 is the same NIC)"
             )
         return self
+
+    @field_validator("disks")
+    @classmethod
+    def _unique_slots(cls, v: list[DataDisk]) -> list[DataDisk]:
+        slots = [d.slot for d in v]
+        twice = sorted({s for s in slots if slots.count(s) > 1})
+        if twice:
+            raise ValueError(f"slot(s) {', '.join(twice)} used by more than one disk")
+        return v
 
     @property
     def clone_mode(self) -> Literal["full", "linked"]:
@@ -1136,6 +1343,12 @@ def _read_images(path: Path, problems: list[Problem]) -> dict[str, Image]:
     return images
 
 
+def site_dir(inventory: Path) -> Path:
+    """Where files the inventory names (cloud-init vendor data) are found: the directory holding the inventory
+    (``ansible/`` for ``-i ansible/inventory``; a file inventory's own directory)."""
+    return inventory.parent
+
+
 def load_site(inventory: str | Path, images: str | Path) -> Site:
     """Load and validate the whole site model; raise ValidationFailed listing every problem."""
     inventory_path, images_path = Path(inventory), Path(images)
@@ -1175,7 +1388,8 @@ def load_site(inventory: str | Path, images: str | Path) -> Site:
                 continue
             try:
                 plane: Plane = "mgmt" if planes[0] == "mgmt" else "tenant"
-                vm = Vm(name=rec.name, plane=plane, **body)
+                vm = Vm.model_validate({"name": rec.name, "plane": plane, **body},
+                                       context={"site_dir": site_dir(inventory_path)})
                 vms[rec.name], found = _on_tenant_network(vm, tenants, rec.source("vm"), _named_tenants(groups))
                 problems.extend(found)
                 sources[rec.name] = rec.source("vm")
@@ -1363,6 +1577,12 @@ def _cross_checks(
                               f"the {vm.plane} plane has {len(fitting)} hypervisors for VMID {vm.vmid} "
                               f"({', '.join(h.name for h in fitting)}) and placement pinned: name the VM's "
                               f"hypervisor, or set placement: spread or fill for group {vm.plane}")
+        lacking = [h.name for h in _candidates(vm, hypervisors) if h.storage.snippets is None]
+        if vm.cloudinit.vendor is not None and lacking:
+            yield Problem(file, vm.name, "vm.cloudinit.vendor_data",
+                          f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no snippets storage: set "
+                          "pve.storage.snippets (a file storage with 'snippets' content, e.g. local) and "
+                          "pve.storage.snippets_dir")
         if vm.plane == "mgmt" and vm.clone == "linked":
             yield Problem(file, vm.name, "vm.clone", "mgmt VMs must be full clones (no template dependency)")
     for vmid, names in by_vmid.items():
