@@ -14,15 +14,24 @@ from ..hostlock import DEFAULT_WAIT, LockLost, owner_line
 from ..inventory import Hypervisor, Site, Vm
 from ..ownership import INCOMPLETE_TAG, Marker
 from ..pve import ApiError, PveClient, TaskFailed, explain, retry_on_lock
-from ..pvecodec import NetSpec, format_tags, parse_tags
+from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
 from ..settings import Settings
 from ..templates import TemplateInfo
-from .desired import boot_disk, check_placement, describe, desired_config, select_vms
+from .desired import (
+    DATA_DISK_KEYS,
+    boot_disk,
+    check_placement,
+    describe,
+    desired_config,
+    disk_update_value,
+    is_cdrom,
+    select_vms,
+)
 from .gather import effective_config, plan_vms
 from .model import DEFAULT_TIMEOUT, DeployPlan, DeployReport, NotReady, VmPlan, VmResult
 from .present import progress_reporter
 from .ready import wait_ready
-from .run import ClientFactory, LockFactory, Run, ssh_host_lock
+from .run import ClientFactory, LockFactory, Run, SnippetWriter, ssh_host_lock
 
 TASK_POLL_INTERVAL = 0.25
 CLONE_POLL_INTERVAL = 0.1  # the clone holds the host's clone lock: its end is on every later clone's path
@@ -94,8 +103,17 @@ def _configure(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Te
     """One config update (digest from a fresh GET); returns the keys PVE left pending (running VM)."""
     want = desired_config(vm, hv, template, run.run_id)
     config, _, digest = effective_config(client, vm.vmid)
+    for disk in vm.disks:
+        if config.get(disk.slot):
+            if is_cdrom(config[disk.slot]):
+                del want[disk.slot]  # another drive holds the slot: reported as unsafe drift, never replaced
+            else:
+                want[disk.slot] = disk_update_value(disk, str(config[disk.slot]))  # options only: no new volume
     extra_nets = [k for k in config if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics)]
-    deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys") if k not in want and k in config]
+    deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys", "cicustom")
+                            if k not in want and k in config and (only is None or k in only)]
+    if "cicustom" in want and (only is None or "cicustom" in only):
+        _put_vendor_snippet(run, hv, vm)
     params: dict[str, Any] = dict(want) if only is None else {k: v for k, v in want.items() if k in only}
     if deletes:
         params["delete"] = ",".join(deletes)
@@ -116,6 +134,34 @@ def _resize(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float)
     with _retry() as retry:
         retry(lambda: _wait(client, client.resize_vm_disk(vm.vmid, disk[0], f"{vm.disk_gb}G"), timeout))
     return True
+
+
+def _put_vendor_snippet(run: Run, hv: Hypervisor, vm: Vm) -> None:
+    """The VM's vendor data into the host's snippets directory (by SSH: PVE's upload API refuses snippets), before
+    ``cicustom`` names it; the file is named by its content, so one already there is this very file."""
+    vendor = vm.cloudinit.vendor
+    assert vendor is not None
+    run.guard(hv, f"uploading {vm.name}'s vendor data")
+    run.say(vm.name, f"vendor data {vendor.file} -> {vendor.snippet_name}")
+    run.snippets(hv, vendor.snippet_name, vendor.text.encode())
+
+
+def _grow_data_disks(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> list[str]:
+    """Grow every data disk smaller than the inventory's size (never shrink); returns what was grown."""
+    config = client.vm_config(vm.vmid)
+    grown = []
+    for disk in vm.disks:
+        value = config.get(disk.slot)
+        if not value or is_cdrom(value) or not DATA_DISK_KEYS.match(disk.slot):
+            continue
+        if parse_size(parse_props(str(value), "file").get("size", "0")) >= disk.size_gb * 1024**3:
+            continue
+        run.guard(hv, f"growing {vm.name}'s {disk.slot}")
+        slot, size = disk.slot, f"{disk.size_gb}G"
+        with _retry() as retry:
+            retry(lambda: _wait(client, client.resize_vm_disk(vm.vmid, slot, size), timeout))
+        grown.append(f"{disk.slot} grown to {disk.size_gb}G")
+    return grown
 
 
 def _start(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, timeout: float) -> None:
@@ -251,9 +297,11 @@ def _correct(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, 
     fields = {d.field for d in plan.safe_diffs}
     only = set()
     for f in fields:
-        if f.startswith("net"):
+        if f.endswith(".size"):
+            continue
+        if f.startswith("net") or DATA_DISK_KEYS.match(f.split(".")[0]):
             only.add(f.split(".")[0])
-        elif f in ("template", "status") or f.endswith(".size"):
+        elif f in ("template", "status"):
             continue
         else:
             only.add(f)
@@ -277,6 +325,7 @@ def _correct(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, plan: VmPlan, 
         with t.phase("resize"):
             if _resize(run, client, hv, vm, timeout):
                 result.notes.append(f"disk grown to {vm.disk_gb}G")
+            result.notes.extend(_grow_data_disks(run, client, hv, vm, timeout))
     if "status" in fields:
         run.say(vm.name, "starting")
         with t.phase("start"):
@@ -298,7 +347,7 @@ def deploy_vms(
     dry_run: bool = False, wait: bool = True, timeout: float = DEFAULT_TIMEOUT, recreate: bool = False,
     allow_mgmt: bool = False, progress: bool = True, client_factory: ClientFactory | None = None,
     max_workers: int = MAX_WORKERS, lock_wait: int = DEFAULT_WAIT, lock_factory: LockFactory | None = None,
-    run_id: str | None = None,
+    run_id: str | None = None, snippet_writer: SnippetWriter | None = None,
 ) -> DeployReport:
     """Plan, then converge every selected VM.
 
@@ -316,7 +365,7 @@ def deploy_vms(
     vms = select_vms(site, names, plane=plane)
     check_placement(site, vms)
     with progress_reporter(progress, vms) as say:
-        run = Run(site, client_factory=client_factory, progress=say, run_id=run_id)
+        run = Run(site, client_factory=client_factory, progress=say, run_id=run_id, snippet_writer=snippet_writer)
         if dry_run:
             plan = plan_vms(run, vms, recreate, allow_mgmt)
             results = [VmResult(p, "blocked" if p.action == "blocked" else "planned") for p in plan.vms]

@@ -8,13 +8,14 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from ..errors import Problem, ValidationFailed
-from ..inventory import Hypervisor, Site, StaticIp, Vm
+from ..inventory import DataDisk, Hypervisor, Site, StaticIp, StaticIp6, Vm
 from ..ownership import Marker, marker_block, user_description, with_marker
 from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
 from ..templates import TemplateInfo
 from .model import FieldDiff
 
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
+DATA_DISK_KEYS = re.compile(r"^(scsi|virtio|sata)\d+$")
 
 
 def nic_net(vm: Vm, hv: Hypervisor, index: int) -> NetSpec:
@@ -35,10 +36,56 @@ def decode_sshkeys(value: str) -> list[str]:
 
 
 def ipconfig_value(vm: Vm) -> str:
-    ip = vm.cloudinit.ipconfig
-    if isinstance(ip, StaticIp):
-        return f"ip={ip.ip},gw={ip.gw}" if ip.gw else f"ip={ip.ip}"
-    return "ip=dhcp"
+    ip, ip6 = vm.cloudinit.ipconfig, vm.cloudinit.ip6
+    value = (f"ip={ip.ip},gw={ip.gw}" if ip.gw else f"ip={ip.ip}") if isinstance(ip, StaticIp) else "ip=dhcp"
+    if isinstance(ip6, StaticIp6):
+        value += f",ip6={ip6.ip}" + (f",gw6={ip6.gw}" if ip6.gw else "")
+    elif ip6 is not None:
+        value += f",ip6={ip6}"  # auto (SLAAC) or dhcp (DHCPv6)
+    return value
+
+
+def cicustom_value(vm: Vm, hv: Hypervisor) -> str | None:
+    """``vendor=<snippets storage>:snippets/<content-named file>``, or None without vendor data."""
+    vendor = vm.cloudinit.vendor
+    if vendor is None or hv.storage.snippets is None:
+        return None
+    return f"vendor={vendor.volume(hv.storage.snippets)}"
+
+
+DISK_FLAGS = ("discard", "iothread", "ssd")  # the drive options the inventory sets on a data disk
+
+
+def _flag_on(value: str | None) -> bool:
+    return str(value).lower() in ("1", "on", "yes", "true")
+
+
+def disk_options(disk: DataDisk) -> dict[str, str]:
+    """The data disk's options as PVE writes them (discard=on, booleans as 1); unset ones are left out."""
+    opts = {"discard": "on"} if disk.discard else {}
+    opts.update({o: "1" for o in ("iothread", "ssd") if getattr(disk, o)})
+    return opts
+
+
+def new_disk_value(disk: DataDisk, hv: Hypervisor) -> str:
+    """``<storage>:<GiB>,...``: PVE allocates a new volume of that size."""
+    opts = disk_options(disk)
+    return ",".join([f"{disk.storage or hv.storage.images}:{disk.size_gb}", *(f"{k}={opts[k]}" for k in sorted(opts))])
+
+
+def disk_update_value(disk: DataDisk, current: str) -> str:
+    """The existing volume with the inventory's options (its size and other options kept as PVE has them)."""
+    props = parse_props(current, "file")
+    volume = props.pop("file")
+    for flag in DISK_FLAGS:
+        props.pop(flag, None)
+    props.update(disk_options(disk))
+    return ",".join([volume, *(f"{k}={props[k]}" for k in sorted(props))])
+
+
+def is_cdrom(value: object) -> bool:
+    props = parse_props(str(value), "file")
+    return props.get("media") == "cdrom" or "cloudinit" in props.get("file", "")
 
 
 
@@ -105,6 +152,10 @@ def desired_config(vm: Vm, hv: Hypervisor, template: TemplateInfo, run_id: str) 
     for i in range(len(vm.nics)):
         cfg[f"net{i}"] = nic_net(vm, hv, i).format()
     cfg["name"] = vm.name
+    if vm.cpu is not None:
+        cfg["cpu"] = vm.cpu
+    for disk in vm.disks:
+        cfg[disk.slot] = new_disk_value(disk, hv)
     cfg["cores"] = str(vm.cores)
     cfg["memory"] = str(vm.memory)
     ci = vm.cloudinit
@@ -117,6 +168,9 @@ def desired_config(vm: Vm, hv: Hypervisor, template: TemplateInfo, run_id: str) 
     if ci.searchdomain:
         cfg["searchdomain"] = ci.searchdomain
     cfg["ciupgrade"] = "1" if ci.upgrade else "0"
+    cicustom = cicustom_value(vm, hv)
+    if cicustom is not None:
+        cfg["cicustom"] = cicustom
     cfg["tags"] = format_tags(vm.all_tags)
     cfg["description"] = describe(vm, template, run_id)
     return cfg
@@ -200,6 +254,15 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mappi
     have_tags, want_tags = parse_tags(config.get("tags")), parse_tags(vm.all_tags)
     if have_tags != want_tags:
         diffs.append(FieldDiff("tags", have_tags, want_tags, True))
+    if vm.cpu is not None:
+        have_cpu = parse_props(str(config.get("cpu") or ""), "cputype").get("cputype")
+        if have_cpu != vm.cpu:
+            diffs.append(FieldDiff("cpu", have_cpu, vm.cpu, True))
+    want_ci = cicustom_value(vm, hv)
+    have_ci = config.get("cicustom") or None
+    if (parse_props(str(have_ci)) if have_ci else None) != (parse_props(want_ci) if want_ci else None):
+        diffs.append(FieldDiff("cicustom", have_ci, want_ci, True))
+    diffs.extend(compare_disks(vm, hv, config))
     disk = boot_disk(config)
     want_bytes = vm.disk_gb * 1024**3
     if disk is not None and disk[1] < want_bytes:
@@ -219,3 +282,41 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:g}G"
 
 
+def compare_disks(vm: Vm, hv: Hypervisor, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """The inventory's data disks against the VM's drives: a missing disk is created, a small one grown, options
+    set (safe); a larger disk, one on another storage, a slot holding something else, and a data disk the inventory
+    no longer lists are reported, never shrunk, moved or removed."""
+    diffs: list[FieldDiff] = []
+    boot = boot_disk(config)
+    wanted = {d.slot for d in vm.disks}
+    for disk in vm.disks:
+        have = config.get(disk.slot)
+        want = new_disk_value(disk, hv)
+        if not have:
+            diffs.append(FieldDiff(disk.slot, None, want, True))
+            continue
+        if is_cdrom(have) or (boot is not None and boot[0] == disk.slot):
+            diffs.append(FieldDiff(disk.slot, have, f"{want} (the slot holds another drive: not replaced)", False))
+            continue
+        props = parse_props(str(have), "file")
+        storage, want_storage = props["file"].split(":", 1)[0], disk.storage or hv.storage.images
+        if storage != want_storage:
+            diffs.append(FieldDiff(f"{disk.slot}.storage", storage, f"{want_storage} (moving a disk: never done)",
+                                   False))
+        try:
+            size = parse_size(props.get("size", "0"))
+        except ValueError:
+            size = 0
+        if size < disk.size_gb * 1024**3:
+            diffs.append(FieldDiff(f"{disk.slot}.size", _gib(size), f"{disk.size_gb}G", True))
+        elif size > disk.size_gb * 1024**3:
+            diffs.append(FieldDiff(f"{disk.slot}.size", _gib(size), f"{disk.size_gb}G (shrink: never done)", False))
+        want_opts = disk_options(disk)
+        for flag in DISK_FLAGS:
+            if _flag_on(props.get(flag)) != (flag in want_opts):
+                diffs.append(FieldDiff(f"{disk.slot}.{flag}", props.get(flag), want_opts.get(flag), True))
+    for key in sorted(config):
+        if (DATA_DISK_KEYS.match(key) and key not in wanted and (boot is None or key != boot[0])
+                and not is_cdrom(config[key])):
+            diffs.append(FieldDiff(key, config[key], "(not in the inventory: kept, never removed by deploy)", False))
+    return diffs

@@ -16,6 +16,28 @@ from ..templates import TemplateInfo
 
 ClientFactory = Callable[[Hypervisor], PveClient]
 LockFactory = Callable[[Hypervisor, str, int], HostGuard]
+SnippetWriter = Callable[[Hypervisor, str, bytes], None]
+
+
+def ssh_put_snippet(hv: Hypervisor, name: str, data: bytes) -> None:
+    """Write ``data`` as ``<snippets_dir>/<name>`` over the pinned SSH endpoint: a temporary file renamed into place
+    (a start never reads half a snippet); a file of that name is left as it is (names are content hashes)."""
+    final = f"{hv.storage.snippets_dir}/{name}"
+    with SshLink(hv.name, hv.ssh) as link:
+        sftp = link.sftp()
+        try:
+            try:
+                if sftp.stat(final).st_size == len(data):
+                    return
+            except FileNotFoundError:
+                pass
+            partial = f"{final}.partial-{uuid.uuid4().hex[:8]}"
+            with sftp.open(partial, "wb") as out:
+                out.write(data)
+            sftp.chmod(partial, 0o644)
+            sftp.posix_rename(partial, final)
+        finally:
+            sftp.close()
 
 
 def ssh_host_lock(hv: Hypervisor, owner: str, wait: int) -> HostGuard:
@@ -27,8 +49,9 @@ class Run:
     """Shared state of one plan/deploy run: clients, host locks, per-host clone locks, progress."""
 
     def __init__(self, site: Site, *, client_factory: ClientFactory | None, progress: Any = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, snippet_writer: SnippetWriter | None = None):
         self.site = site
+        self.snippets = snippet_writer or ssh_put_snippet
         self.factory = client_factory or (lambda hv: PveClient(hv))
         self.clients: dict[str, PveClient] = {}
         self.clone_locks: dict[str, threading.Lock] = {}
