@@ -1,0 +1,228 @@
+"""Per-VM options (issue #34): CPU type, extra data disks, IPv6 and cloud-init vendor data, from the site model
+through deploy's desired config, drift and plan to the Tofu export."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from image_factory import deploy as dep
+from image_factory.deploy.desired import disk_update_value
+from image_factory.errors import ValidationFailed
+from image_factory.inventory import Site, Vm, load_site
+from image_factory.lab import factories
+from image_factory.settings import REPO_ROOT
+from image_factory.templates import TemplateInfo
+
+from .example_site import flat_example
+
+pytestmark = pytest.mark.unit
+
+VENDOR = "#cloud-config\npackages: [htop]\nruncmd:\n  - [touch, /run/vendor-data-ran]\n"
+OPTIONS: dict[str, Any] = {
+    "cpu": "x86-64-v2-AES",
+    "disks": [{"slot": "scsi1", "size_gb": 8, "discard": True, "iothread": True, "ssd": True},
+              {"slot": "virtio1", "size_gb": 2, "storage": "local"}],
+}
+IP6 = {"ip": "2001:db8:10::30/64", "gw": "2001:db8:10::1"}
+
+
+def write_site(tmp_path: Path, vm_changes: dict[str, Any], ci_changes: dict[str, Any] | None = None, *,
+               snippets: bool = True, vendor: str | None = VENDOR) -> tuple[Path, Path]:
+    """The example site with jump01 (mgmt) changed, written as <tmp>/site/inventory/hosts.yml; vendor data in
+    <tmp>/site/cloud-init/vendor.yaml (beside the inventory directory)."""
+    doc = flat_example()
+    hosts = doc["all"]["children"]["hypervisors"]["hosts"]
+    if snippets:
+        for host in hosts.values():
+            host["pve"]["storage"].update(snippets="local", snippets_dir="/var/lib/vz/snippets")
+    vm = doc["all"]["children"]["mgmt"]["hosts"]["jump01"]["vm"]
+    vm.update(copy.deepcopy(vm_changes))
+    vm.setdefault("cloudinit", {}).update(copy.deepcopy(ci_changes or {}))
+    root = tmp_path / "site"
+    (root / "inventory").mkdir(parents=True, exist_ok=True)
+    (root / "inventory" / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    if vendor is not None:
+        (root / "cloud-init").mkdir(exist_ok=True)
+        (root / "cloud-init" / "vendor.yaml").write_text(vendor)
+    return root / "inventory", REPO_ROOT / "packer/images.yml"
+
+
+def load(tmp_path: Path, vm_changes: dict[str, Any], ci_changes: dict[str, Any] | None = None, **kw: Any) -> Site:
+    return load_site(*write_site(tmp_path, vm_changes, ci_changes, **kw))
+
+
+def problems(tmp_path: Path, vm_changes: dict[str, Any], ci_changes: dict[str, Any] | None = None,
+             **kw: Any) -> list[str]:
+    with pytest.raises(ValidationFailed) as err:
+        load(tmp_path, vm_changes, ci_changes, **kw)
+    return [str(p) for p in err.value.problems]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return load(tmp_path, OPTIONS, {"ip6": IP6, "vendor_data": "cloud-init/vendor.yaml"})
+
+
+def jump(site: Site) -> Vm:
+    return site.vms["jump01"]
+
+
+# ------------------------------------------------------------------------------------ site model
+
+
+def test_options_load(site: Site) -> None:
+    vm = jump(site)
+    assert vm.cpu == "x86-64-v2-AES"
+    assert [(d.slot, d.bus, d.size_gb) for d in vm.disks] == [("scsi1", "scsi", 8), ("virtio1", "virtio", 2)]
+    assert vm.cloudinit.ip6 is not None and not isinstance(vm.cloudinit.ip6, str)
+    vendor = vm.cloudinit.vendor
+    assert vendor is not None and vendor.text == VENDOR and vendor.snippet_name.startswith("factory-vendor-")
+
+
+@pytest.mark.parametrize(("vm_changes", "ci_changes", "key", "fragment"), [
+    ({"cpu": "Host"}, {}, "vm.cpu", "'Host' is not a CPU type qemu-server knows"),
+    ({"cpu": "x86-64-v2-aes"}, {}, "vm.cpu", "close: "),
+    ({"disks": [{"slot": "scsi0", "size_gb": 4}]}, {}, "vm.disks.0.slot", "scsi0 is the template's boot disk"),
+    ({"disks": [{"slot": "scsi31", "size_gb": 4}]}, {}, "vm.disks.0.slot", "is not a drive key"),
+    ({"disks": [{"slot": "ide1", "size_gb": 4}]}, {}, "vm.disks.0.slot", "is not a drive key"),
+    ({"disks": [{"slot": "virtio1", "size_gb": 4, "ssd": True}]}, {}, "vm.disks.0", "ssd is not an option of a virtio"),
+    ({"disks": [{"slot": "sata1", "size_gb": 4, "iothread": True}]}, {}, "vm.disks.0", "iothread is not an option"),
+    ({"disks": [{"slot": "scsi1", "size_gb": 4}, {"slot": "scsi1", "size_gb": 5}]}, {}, "vm.disks",
+     "slot(s) scsi1 used by more than one disk"),
+    ({"disks": [{"slot": "scsi1", "size_gb": 0}]}, {}, "vm.disks.0.size_gb", "greater than or equal to 1"),
+    ({"disks": [{"slot": "scsi1", "size_gb": 4, "storage": "local,x=1"}]}, {}, "vm.disks.0.storage",
+     "is not a PVE storage id"),
+    ({}, {"ip6": {"ip": "10.0.0.5/24"}}, "vm.cloudinit.ip6", "is not an IPv6 address in CIDR form"),
+    ({}, {"ip6": {"ip": "2001:db8::5"}}, "vm.cloudinit.ip6", "needs a prefix length"),
+    ({}, {"ip6": {"ip": "2001:db8::5/64", "gw": "10.0.0.1"}}, "vm.cloudinit.ip6", "is not an IPv6 address"),
+    ({}, {"ip6": "slaac"}, "vm.cloudinit.ip6", "auto"),
+    ({}, {"ipconfig": {"ip": "2001:db8::5/64"}}, "vm.cloudinit.ipconfig", "put an IPv6 address in cloudinit.ip6"),
+    ({}, {"vendor_data": "cloud-init/missing.yaml"}, "vm.cloudinit.vendor_data", "cannot read"),
+    ({}, {"vendor_data": "../outside.yaml"}, "vm.cloudinit.vendor_data", "must be a relative path"),
+    ({}, {"vendor_data": "/etc/passwd"}, "vm.cloudinit.vendor_data", "must be a relative path"),
+])
+def test_bad_options_are_named(tmp_path: Path, vm_changes: dict[str, Any], ci_changes: dict[str, Any], key: str,
+                               fragment: str) -> None:
+    found = problems(tmp_path, vm_changes, ci_changes)
+    hits = [p for p in found if "jump01" in p and f" {key}" in p]
+    assert hits, found
+    assert any(fragment in p for p in hits), hits
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("packages: [htop]\n", "must start with a '#cloud-config' line"),
+    ("#cloud-config\n- a list\n", "is not a YAML mapping"),
+    ("#cloud-config\npackages: [htop\n", "is not YAML"),
+])
+def test_vendor_data_that_is_no_cloud_config_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    found = problems(tmp_path, {}, {"vendor_data": "cloud-init/vendor.yaml"}, vendor=text)
+    assert any("jump01" in p and "vm.cloudinit.vendor_data" in p and fragment in p for p in found), found
+
+
+def test_vendor_data_needs_a_snippets_storage(tmp_path: Path) -> None:
+    found = problems(tmp_path, {}, {"vendor_data": "cloud-init/vendor.yaml"}, snippets=False)
+    assert any("jump01" in p and "vm.cloudinit.vendor_data" in p and "pve-mgmt has no snippets storage" in p
+               for p in found), found
+
+
+# ------------------------------------------------------------------------------------ desired config
+
+
+def tpl() -> TemplateInfo:
+    return factories.template(9000, "tpl-fedora-44-b1")
+
+
+def test_desired_config_carries_the_options(site: Site) -> None:
+    vm = jump(site)
+    cfg = dep.desired_config(vm, site.hypervisor_for(vm), tpl(), "r1")
+    assert cfg["cpu"] == "x86-64-v2-AES"
+    assert cfg["scsi1"] == "local-lvm:8,discard=on,iothread=1,ssd=1"
+    assert cfg["virtio1"] == "local:2"
+    assert cfg["ipconfig0"] == "ip=192.168.10.30/24,gw=192.168.10.1,ip6=2001:db8:10::30/64,gw6=2001:db8:10::1"
+    assert cfg["cicustom"] == f"vendor=local:snippets/{vm.cloudinit.vendor.snippet_name}"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("ip6", "value"), [("auto", "ip6=auto"), ("dhcp", "ip6=dhcp"), (None, "")])
+def test_ipconfig_ip6_modes(tmp_path: Path, ip6: str | None, value: str) -> None:
+    vm = jump(load(tmp_path, {}, {"ip6": ip6}))
+    assert dep.ipconfig_value(vm) == "ip=192.168.10.30/24,gw=192.168.10.1" + (f",{value}" if value else "")
+
+
+# ------------------------------------------------------------------------------------ drift: decide
+
+
+def observed_config(site: Site, **changes: Any) -> dict[str, Any]:
+    """jump01 as PVE shows it once deploy made it: the allocated volumes, sizes as PVE writes them."""
+    vm = jump(site)
+    cfg: dict[str, Any] = dict(dep.desired_config(vm, site.hypervisor_for(vm), tpl(), "r1"))
+    cfg["scsi0"] = f"local-lvm:vm-{vm.vmid}-disk-0,size={vm.disk_gb}G"
+    cfg["scsi1"] = f"local-lvm:vm-{vm.vmid}-disk-1,discard=on,iothread=1,size=8G,ssd=1"
+    cfg["virtio1"] = f"local:{vm.vmid}/vm-{vm.vmid}-disk-2.qcow2,size=2G"
+    cfg["ide2"] = f"local-lvm:vm-{vm.vmid}-cloudinit,media=cdrom"
+    cfg["agent"] = "enabled=1"
+    cfg.update(changes)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+DRIFT_CASES: dict[str, tuple[dict[str, Any], str, list[tuple[str, bool]]]] = {
+    # name: (config changes, action, [(field, safe)])
+    "in sync": ({}, "in-sync", []),
+    "cpu changed": ({"cpu": "host"}, "drift", [("cpu", True)]),
+    "cpu with flags, same type": ({"cpu": "x86-64-v2-AES,flags=+aes"}, "in-sync", []),
+    "cpu unset": ({"cpu": None}, "drift", [("cpu", True)]),
+    "data disk missing": ({"scsi1": None}, "drift", [("scsi1", True)]),
+    "data disk smaller": ({"scsi1": "local-lvm:vm-1001-disk-1,discard=on,iothread=1,size=4G,ssd=1"}, "drift",
+                          [("scsi1.size", True)]),
+    "data disk larger": ({"scsi1": "local-lvm:vm-1001-disk-1,discard=on,iothread=1,size=16G,ssd=1"}, "drift",
+                         [("scsi1.size", False)]),
+    "data disk option off": ({"scsi1": "local-lvm:vm-1001-disk-1,iothread=1,size=8G,ssd=1"}, "drift",
+                             [("scsi1.discard", True)]),
+    "data disk on other storage": ({"virtio1": "local-lvm:vm-1001-disk-2,size=2G"}, "drift",
+                                   [("virtio1.storage", False)]),
+    "disk not in the inventory": ({"sata2": "local-lvm:vm-1001-disk-3,size=1G"}, "drift", [("sata2", False)]),
+    "slot holds the cloud-init drive": ({"scsi1": "local-lvm:vm-1001-cloudinit,media=cdrom"}, "drift",
+                                        [("scsi1", False)]),
+    "ip6 changed": ({"ipconfig0": "ip=192.168.10.30/24,gw=192.168.10.1,ip6=auto"}, "drift", [("ipconfig0", True)]),
+    "snippet changed": ({"cicustom": "vendor=local:snippets/factory-vendor-0000000000000000.yaml"}, "drift",
+                        [("cicustom", True)]),
+    "cicustom unset": ({"cicustom": None}, "drift", [("cicustom", True)]),
+}
+
+
+@pytest.mark.parametrize("case", DRIFT_CASES)
+def test_decide_drift_of_the_options(site: Site, case: str) -> None:
+    changes, action, fields = DRIFT_CASES[case]
+    vm = jump(site)
+    hv = site.hypervisor_for(vm)
+    entry = {"vmid": vm.vmid, "status": "running", "name": vm.name}
+    state = dep.HostState({vm.image: [tpl()]}, {vm.vmid: dep.Observed(entry, observed_config(site, **changes))}, {})
+    plan = dep.decide(vm, hv, state, {})
+    assert plan.action == action, plan.to_dict()
+    assert [(d.field, d.safe) for d in plan.diffs] == fields, [str(d) for d in plan.diffs]
+    if any(not safe for _, safe in fields):
+        assert plan.blocked and "unsafe drift is reported, not corrected" in plan.reason
+
+
+def test_a_vm_without_options_ignores_the_templates_cpu_and_disks(tmp_path: Path) -> None:
+    """No cpu in the inventory: the template's stays (no drift); the template's own drives are not data disks."""
+    site = load(tmp_path, {}, vendor=None)
+    vm = jump(site)
+    hv = site.hypervisor_for(vm)
+    cfg = dict(dep.desired_config(vm, hv, tpl(), "r1"), cpu="host", scsi0=f"local-lvm:vm-{vm.vmid}-disk-0,size=20G",
+               ide2=f"local-lvm:vm-{vm.vmid}-cloudinit,media=cdrom", efidisk0="local-lvm:vm-1001-disk-1,size=4M")
+    state = dep.HostState({vm.image: [tpl()]}, {vm.vmid: dep.Observed({"vmid": vm.vmid, "status": "running"}, cfg)},
+                          {})
+    assert dep.decide(vm, hv, state, {}).action == "in-sync"
+
+
+def test_disk_update_keeps_the_volume_and_its_size() -> None:
+    site_vm = Vm.model_validate({"name": "x", "plane": "tenant", "vmid": 2001, "image": "i", "role": "r",
+                                 "nics": [{"mac": "02:de:21:01:01:00"}],
+                                 "disks": [{"slot": "scsi1", "size_gb": 8, "discard": True}]})
+    value = disk_update_value(site_vm.disks[0], "local-lvm:vm-2001-disk-1,iothread=1,size=8G,backup=0")
+    assert value == "local-lvm:vm-2001-disk-1,backup=0,discard=on,size=8G"
