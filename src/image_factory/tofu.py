@@ -34,7 +34,7 @@ from typing import Any
 
 from .deploy import DeployPlan, VmPlan
 from .errors import FactoryError, Problem, RemoteError, ValidationFailed
-from .inventory import Hypervisor, Site, StaticIp, Vm
+from .inventory import Hypervisor, Site, StaticIp, StaticIp6, Vm
 from .mac import write_output
 from .pve import PveClient
 from .pvecodec import parse_props
@@ -105,7 +105,7 @@ def _agent(cfg: Config, vm: Vm) -> Any:
 
 
 def _cpu(cfg: Config, vm: Vm) -> Any:
-    cputype = parse_props(str(cfg.get("cpu") or ""), "cputype").get("cputype") or "qemu64"
+    cputype = vm.cpu or parse_props(str(cfg.get("cpu") or ""), "cputype").get("cputype") or "qemu64"
     block: dict[str, Any] = {"cores": vm.cores, "sockets": int(cfg.get("sockets") or 1), "type": cputype}
     if cfg.get("cpuunits"):  # the provider reads an unset one as 0, which it refuses as an argument: left out
         block["units"] = int(cfg["cpuunits"])
@@ -187,6 +187,23 @@ def _ipv4(vm: Vm) -> dict[str, str]:
     return {"address": "dhcp"}
 
 
+def _ip_config(vm: Vm) -> dict[str, Any]:
+    """NIC 0's ipconfig: the provider passes an ipv6 address through as ip6= (so auto and dhcp as PVE takes them)."""
+    ip6 = vm.cloudinit.ip6
+    block: dict[str, Any] = {"ipv4": _ipv4(vm)}
+    if isinstance(ip6, StaticIp6):
+        block["ipv6"] = {"address": ip6.ip, **({"gateway": ip6.gw} if ip6.gw else {})}
+    elif ip6 is not None:
+        block["ipv6"] = {"address": ip6}
+    return block
+
+
+def _data_disks(vm: Vm, hv: Hypervisor) -> list[dict[str, Any]]:
+    """The inventory's data disks as the provider reads them back (discard "ignore" and false flags when unset)."""
+    return [{"interface": d.slot, "datastore_id": d.storage or hv.storage.images, "size": d.size_gb,
+             "discard": "on" if d.discard else "ignore", "iothread": d.iothread, "ssd": d.ssd} for d in vm.disks]
+
+
 def _ident(name: str) -> str:
     """A hypervisor's name as a Terraform identifier (provider alias, variable name)."""
     ident = re.sub(r"[^A-Za-z0-9_-]", "_", name)
@@ -204,7 +221,7 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str,
     ci = vm.cloudinit
     initialization: dict[str, Any] = {
         "datastore_id": _storage(base["ide2"]) if base.get("ide2") else hv.storage.cloudinit,
-        "ip_config": [{"ipv4": _ipv4(vm)}],
+        "ip_config": [_ip_config(vm)],
         "user_account": {"username": ci.user, "keys": list(ci.ssh_keys)},
         "upgrade": ci.upgrade,
     }
@@ -212,6 +229,9 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str,
                                                                        else None)) if v}
     if dns:
         initialization["dns"] = dns
+    if ci.vendor is not None and hv.storage.snippets:
+        # the snippet deploy uploads (by SSH: PVE's upload API refuses snippets); Tofu only points at it
+        initialization["vendor_data_file_id"] = ci.vendor.volume(hv.storage.snippets)
     return {
         "provider": f"proxmox.{_ident(hv.name)}",
         "node_name": hv.node,
@@ -221,7 +241,8 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str,
         "tags": sorted(vm.all_tags),
         "clone": {"vm_id": plan.template_vmid, "full": vm.clone_mode == "full"},
         **hardware(base, vm),
-        "disk": [{"interface": BOOT_DISK, "datastore_id": hv.storage.images, "size": vm.disk_gb}],
+        "disk": [{"interface": BOOT_DISK, "datastore_id": hv.storage.images, "size": vm.disk_gb},
+                 *_data_disks(vm, hv)],
         "network_device": [
             {"bridge": nic.bridge or hv.bridge, "mac_address": nic.mac.upper(), "model": nic.model,
              "firewall": nic.firewall, **({"vlan_id": nic.vlan} if nic.vlan is not None else {})}

@@ -7,10 +7,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from image_factory import deploy as dep
+from image_factory import tofu
 from image_factory.deploy.desired import disk_update_value
 from image_factory.errors import ValidationFailed
 from image_factory.inventory import Site, Vm, load_site
@@ -226,3 +228,48 @@ def test_disk_update_keeps_the_volume_and_its_size() -> None:
                                  "disks": [{"slot": "scsi1", "size_gb": 8, "discard": True}]})
     value = disk_update_value(site_vm.disks[0], "local-lvm:vm-2001-disk-1,iothread=1,size=8G,backup=0")
     assert value == "local-lvm:vm-2001-disk-1,backup=0,discard=on,size=8G"
+
+
+# ------------------------------------------------------------------------------------ the Tofu export
+
+
+def tenant_site(tmp_path: Path) -> Site:
+    """docs/examples/two-tenants.yml with acme-web01 given every option."""
+    doc = yaml.safe_load(TWO_TENANTS.read_text())
+    for host in doc["all"]["children"]["hypervisors"]["hosts"].values():
+        host["pve"]["storage"]["snippets"] = "local"
+    vm = doc["all"]["children"]["tenant"]["hosts"]["acme-web01"]["vm"]
+    vm.update(copy.deepcopy(OPTIONS))
+    vm["cloudinit"].update(ip6="auto", vendor_data="vendor.yaml")
+    (tmp_path / "two-tenants.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (tmp_path / "vendor.yaml").write_text(VENDOR)
+    return load_site(tmp_path / "two-tenants.yml", REPO_ROOT / "packer/images.yml")
+
+
+TWO_TENANTS = REPO_ROOT / "docs" / "examples" / "two-tenants.yml"
+
+
+@pytest.mark.parametrize("existing", [(), ("acme-web01",)])
+def test_the_tofu_export_carries_the_options_and_passes_the_provider_schema(tmp_path: Path,
+                                                                           existing: tuple[str, ...]) -> None:
+    from . import test_tofu
+
+    site = tenant_site(tmp_path)
+    plan = test_tofu._plan(site, existing)
+    config = tofu.tenant_config(site, plan, "acme", test_tofu._bases(site, plan))
+    jsonschema.validate(config, test_tofu.SCHEMA)
+    vm = config["resource"][tofu.RESOURCE]["acme-web01"]
+    assert vm["cpu"]["type"] == "x86-64-v2-AES"
+    assert vm["disk"][1:] == [
+        {"interface": "scsi1", "datastore_id": "local-lvm", "size": 8, "discard": "on", "iothread": True, "ssd": True},
+        {"interface": "virtio1", "datastore_id": "local", "size": 2, "discard": "ignore", "iothread": False,
+         "ssd": False}]
+    assert vm["initialization"]["ip_config"] == [{"ipv4": {"address": "dhcp"}, "ipv6": {"address": "auto"}}]
+    vendor = site.vms["acme-web01"].cloudinit.vendor
+    assert vendor is not None
+    assert vm["initialization"]["vendor_data_file_id"] == f"local:snippets/{vendor.snippet_name}"
+    # the provider's names, checked: a misspelt one is refused by the schema
+    broken = copy.deepcopy(config)
+    broken["resource"][tofu.RESOURCE]["acme-web01"]["initialization"]["vendor_data_file"] = "x"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, test_tofu.SCHEMA)
