@@ -496,7 +496,8 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
                   "key_file": str(paths.client_key)}
     pve["storage"] = {"images": host.images_storage, "import": LAB_STORAGE,
                       "import_dir": str(storage_dir / "import"), "cloudinit": host.images_storage,
-                      "staging_dir": str(paths.host_dir(host.name) / "root" / "var" / "tmp")}
+                      "staging_dir": str(paths.host_dir(host.name) / "root" / "var" / "tmp"),
+                      "snippets": LAB_STORAGE, "snippets_dir": str(storage_dir / "snippets")}
     pve["bridge"] = example.get("bridge", "vmbr0")
     for key in ("template_vmids", "vm_vmids"):
         if key in example:

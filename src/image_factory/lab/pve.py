@@ -48,7 +48,8 @@ from fakepve.routing import param_error
 from fakepve.server import params as request_params
 from fakepve.storage import parse_name_dir
 
-from ..pvecodec import format_size, format_tags, parse_size
+from ..inventory import CPU_TYPES
+from ..pvecodec import format_size, format_tags, parse_props, parse_size
 from . import vmrunner
 from .privileges import catalogue
 from .spec import RELEASES, THIN_STORAGE, NodeSpec, release_of, version_tuple
@@ -94,6 +95,10 @@ NEWER_PARAMETERS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
     ("GET", "/nodes/{node}/qemu/{vmid}/agent/file-read"): {"count": (9, 1, 5), "decode": (9, 1, 5),
                                                            "offset": (9, 1, 5)},
 }
+# qemu-server's pve-vm-cpu-conf (CPUConfig.pm): the keys a VM's cpu takes; its cputype is checked against the
+# factory's copy of qemu-server's model list (inventory.CPU_TYPES) -- the lab knows no custom- models.
+CPU_KEYS = frozenset({"cputype", "flags", "hidden", "hv-vendor-id", "phys-bits", "guest-phys-bits"})
+CICUSTOM_KEYS = frozenset({"meta", "network", "user", "vendor"})  # pve-qm-cicustom (QemuServer.pm)
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -879,6 +884,7 @@ class LabPve(FakePve):  # fakepve is untyped
         Tags: qemu-server before 9.1.17 stores them verbatim on create (fakepve normalises, as 9.1.17+); from
         9.2.0 the create task checks the tag policy (assert_tag_permissions) before it writes the config."""
         self._check_bridge_access(user, v)
+        self.check_vm_formats(v)
         vmid = int(v["vmid"])
         if v.get("tags") and self.qemu_at_least(9, 2, 0):
             tags = v["tags"]
@@ -939,6 +945,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self._verify(request, p)
         vm = self._vm(request)
         user = request[USER]
+        self.check_vm_formats(p)
         self._check_config_privileges(user, vm, p)
         self._check_bridge_access(user, p)
         if p.get("digest") and p["digest"] != config_digest(vm):
@@ -986,7 +993,47 @@ class LabPve(FakePve):  # fakepve is untyped
         if "tags" in p or deleted:
             self.assert_tag_permissions(user, vm.vmid, vm.config.get("tags"), "" if deleted else p.get("tags"))
 
+    @staticmethod
+    def check_vm_formats(p: dict[str, Any]) -> None:
+        """The API schema's formats fakepve leaves unchecked (HTTP 400 before the handler runs): a VM's cpu
+        (pve-vm-cpu-conf: validate_vm_cpu_conf) and cicustom (pve-qm-cicustom: volume ids)."""
+        errors: dict[str, str] = {}
+        if p.get("cpu") not in (None, ""):
+            props = parse_props(str(p["cpu"]), "cputype")
+            unknown = sorted(set(props) - CPU_KEYS)
+            if unknown:
+                errors["cpu"] = f"invalid format - property '{unknown[0]}' is not defined in this format"
+            elif not props.get("cputype"):
+                errors["cpu"] = "CPU is missing cputype"
+            elif props["cputype"] not in CPU_TYPES and not props["cputype"].startswith("custom-"):
+                errors["cpu"] = f"Built-in cputype '{props['cputype']}' is not defined (missing 'custom-' prefix?)"
+        if p.get("cicustom") not in (None, ""):
+            props = parse_props(str(p["cicustom"]), None)
+            unknown = sorted(set(props) - CICUSTOM_KEYS)
+            bad = [k for k in CICUSTOM_KEYS & set(props) if not re.fullmatch(r"[a-z][a-z0-9\-_.]*[a-z0-9]:.+",
+                                                                               props[k], re.IGNORECASE)]
+            if unknown:
+                errors["cicustom"] = f"invalid format - property '{unknown[0]}' is not defined in this format"
+            elif bad:
+                errors["cicustom"] = f"invalid format - {bad[0]}: unable to parse volume ID '{props[bad[0]]}'"
+        if errors:
+            raise PveError(400, "Parameter verification failed.", errors)
+
+    def check_cicustom_files(self, vm: FakeVm) -> None:
+        """At start qemu-server writes the cloud-init drive: each cicustom volume must be a snippet that exists
+        (Cloudinit.pm read_cloudinit_snippets_file, pve-storage abs_filesystem_path)."""
+        for volid in parse_props(str(vm.config.get("cicustom") or ""), None).values():
+            sid, name = volume_ref(volid)
+            if sid not in self.storages:
+                raise TaskError(f"storage '{sid}' does not exist")
+            if not name.startswith("snippets/"):
+                raise TaskError(f"{volid} is not in the snippets directory")
+            path = self.volume_file(volid)
+            if path is None or not path.is_file():
+                raise TaskError(f"can't find file '{volid}'")
+
     async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
+        self.check_vm_formats(p)
         updates = dict(p)
         digest = updates.pop("digest", None)  # checked here over the whole file (fakepve's ignores [PENDING])
         if digest and digest != config_digest(vm):
@@ -1347,6 +1394,7 @@ class LabPve(FakePve):  # fakepve is untyped
             if vm.start_error:
                 raise TaskError(vm.start_error)
             vm.apply_pending()
+            self.check_cicustom_files(vm)
             if self._boots_for_real(vm):
                 proc = await asyncio.to_thread(self._launch, vm)
                 self.runners[vm.vmid] = proc
@@ -1803,3 +1851,4 @@ def _size_or_zero(text: str) -> int:
 
 
 __all__ = ["LabPve", "NodeSpec", "parse_name_dir", "random_mac"]
+
