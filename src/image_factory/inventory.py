@@ -1060,6 +1060,10 @@ class Image(Strict):
     template_name: str = "tpl-{image}-{build_id}"
     memory: int = Field(default=2048, ge=512, le=MAX_MEMORY_MIB, description="MiB for the build VM")
     cpus: int = Field(default=2, ge=1, le=MAX_CORES)
+    # The template's CPU type (publish sets it; a clone, deploy's or OpenTofu's, inherits it instead of PVE's
+    # kvm64/qemu64); a VM's own vm.cpu overrides it. A publish parameter, not a build input: excluded from the
+    # catalogue digest a build's identity hashes, so setting it rebuilds nothing (the next publish carries it).
+    cpu: CpuType | None = Field(default=None, exclude=True)
     # qemu-img convert -c: smaller uploads over a WAN, ~15 s more per build on 2 TCG cores.
     compress: bool = True
     # Apply the release's updates during the build (reboot into a newer kernel before sealing).

@@ -747,6 +747,7 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "vga": "serial0",
         "agent": "enabled=1",
         "net0": f"virtio,bridge={hv.bridge}",
+        **({"cpu": art.image.cpu} if art.image.cpu else {}),
         **(_uefi_params(hv) if art.manifest.firmware == "uefi" else {}),
     }
 

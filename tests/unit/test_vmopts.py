@@ -273,3 +273,34 @@ def test_the_tofu_export_carries_the_options_and_passes_the_provider_schema(tmp_
     broken["resource"][tofu.RESOURCE]["acme-web01"]["initialization"]["vendor_data_file"] = "x"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, test_tofu.SCHEMA)
+
+
+# ------------------------------------------------------------------------------------ the template's CPU type
+
+
+def test_the_catalogue_cpu_reaches_the_template_and_the_tofu_export_but_not_the_build_identity(tmp_path: Path) -> None:
+    from image_factory.lab.pve import LabPve
+
+    site = load(tmp_path, {}, vendor=None)
+    vm = jump(site)
+    image = site.image(vm.image)
+    with_cpu = image.model_copy(update={"cpu": "x86-64-v3"})
+    assert image.model_dump(mode="json") == with_cpu.model_dump(mode="json"), "a publish parameter, not a build input"
+    hv = site.hypervisor_for(vm)
+    params = factories.template_config(hv, with_cpu)
+    assert params["cpu"] == "x86-64-v3" and "cpu" not in factories.template_config(hv, image)
+    LabPve.check_vm_formats(params)  # the create parameters pass the cpu format as the lab's PVE checks it
+    assert tofu.hardware(params, vm)["cpu"]["type"] == "x86-64-v3", "a Tofu clone gets the template's type"
+    assert tofu.hardware(params, vm.model_copy(update={"cpu": "host"}))["cpu"]["type"] == "host"
+
+
+def test_a_bad_catalogue_cpu_is_named(tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
+    name = next(iter(doc["images"]))
+    doc["images"][name]["cpu"] = "skylake"
+    (tmp_path / "images.yml").write_text(yaml.safe_dump(doc))
+    inv, _ = write_site(tmp_path, {}, vendor=None)
+    with pytest.raises(ValidationFailed) as err:
+        load_site(inv, tmp_path / "images.yml")
+    assert any(name in str(p) and "cpu" in str(p) and "'skylake' is not a CPU type" in str(p)
+               for p in err.value.problems), [str(p) for p in err.value.problems]
