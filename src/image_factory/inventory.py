@@ -148,6 +148,8 @@ UnixUser = Annotated[str, _matching(UNIX_USER_RE, "a user name ([a-z_][a-z0-9_-]
 RemotePath = Annotated[str, AfterValidator(_remote_path)]
 Ipv4Address = Annotated[str, _parsed(lambda v: str(ipaddress.IPv4Address(v)),
                                      "is not an IPv4 address without prefix (e.g. 10.0.0.5)")]
+Ipv6Address = Annotated[str, _parsed(lambda v: str(ipaddress.IPv6Address(v)),
+                                     "is not an IPv6 address without prefix (e.g. 2001:db8::5)")]
 IpAddress = Annotated[str, _parsed(lambda v: str(ipaddress.ip_address(v)), "is not an IP address")]
 Nameservers = Annotated[str, _parsed(lambda v: " ".join(str(ipaddress.ip_address(x)) for x in _words(v)),
                                      "must be IP addresses separated by spaces")]
@@ -521,6 +523,9 @@ class Nic(Strict):
     address: Ipv4Address | None = Field(
         default=None, description="IPv4 address for this NIC's DHCP reservation/DNS entry (mac.export)"
     )
+    address6: Ipv6Address | None = Field(
+        default=None, description="IPv6 address for this NIC's DHCPv6 reservation/DNS entry (mac.export)"
+    )
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -886,6 +891,10 @@ class Vm(Strict):
             raise ValueError(
                 f"nics[0].address {first} disagrees with cloudinit.ipconfig.ip {static.ip} (NIC 0 is the same NIC)"
             )
+        static6, first6 = self.cloudinit.ip6, self.nics[0].address6
+        if first6 is not None and isinstance(static6, StaticIp6) and static6.ip.split("/")[0] != first6:
+            raise ValueError(
+                f"nics[0].address6 {first6} disagrees with cloudinit.ip6.ip {static6.ip} (NIC 0 is the same NIC)")
         return self
 
     @field_validator("disks")

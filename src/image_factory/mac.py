@@ -40,6 +40,7 @@ from .inventory import (
     PLANES,
     Site,
     StaticIp,
+    StaticIp6,
     Tenant,
     _read_inventory,
     load_site,
@@ -624,6 +625,7 @@ class Reservation:
     hypervisor: str
     vmid: int
     tenant: str | None = None
+    address6: str | None = None
 
     @property
     def fqdn(self) -> str:
@@ -640,14 +642,17 @@ def reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
         tenant = site.tenants.get(vm.tenant) if vm.tenant else None
         static = vm.cloudinit.ipconfig
         for i, nic in enumerate(vm.nics):
-            address = nic.address
+            address, address6 = nic.address, nic.address6
             if address is None and i == 0 and isinstance(static, StaticIp):
                 address = str(ipaddress.ip_interface(static.ip).ip)
+            if address6 is None and i == 0 and isinstance(vm.cloudinit.ip6, StaticIp6):
+                address6 = str(ipaddress.ip_interface(vm.cloudinit.ip6.ip).ip)
             out.append(Reservation(
                 mac=nic.mac, hostname=vm.name if i == 0 else f"{vm.name}-nic{i}",
                 domain=vm.cloudinit.searchdomain or (tenant.domain if tenant else domain), address=address,
                 vm=vm.name, nic=i, plane=vm.plane, role=vm.role,
                 hypervisor=" or ".join(h.name for h in site.candidates(vm)), vmid=vm.vmid, tenant=vm.tenant,
+                address6=address6,
             ))
     return sorted(out)
 
@@ -660,7 +665,7 @@ def _opnsense_isc(rs: list[Reservation], interfaces: Mapping[str, str]) -> str:
              "<!-- ISC DHCP: merge each <staticmap> under <dhcpd><IFACE>; DNS: merge each <host> under",
              "     <OPNsense><unboundplus><hosts>. A staticmap without <ipaddr> is a MAC-only mapping",
              "     (hostname only, address from the pool); such NICs get no host override. -->",
-             "<opnsense>", "  <dhcpd>"]
+             *_not_carried(rs, "ISC DHCP's static maps"), "<opnsense>", "  <dhcpd>"]
     for plane in PLANES:
         group = [r for r in rs if r.plane == plane]
         if not group:
@@ -742,7 +747,8 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
              "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
              "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc.",
              "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries. -->",
-             *_tenant_checklist(tenants), "<opnsense>", "  <dnsmasq>"]
+             *_tenant_checklist(tenants), *_not_carried(rs, "this fragment (opnsense.sync writes IPv4 only)"),
+             "<opnsense>", "  <dnsmasq>"]
     tags = {t.name: uuid.uuid5(_UUID_NS, f"dnsmasq-tag|{t.name}") for t in tenants.values()}
     for t in sorted(tenants.values(), key=lambda t: t.id):
         # the tenant's tag, set by its range and hosts, and its domain-name option (15) for that tag: the domain
@@ -802,6 +808,11 @@ def _descr(r: Reservation) -> str:
     return f"{r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor} (vmid {r.vmid})"
 
 
+def _kea_context(r: Reservation) -> dict[str, Any]:
+    return {"fqdn": r.fqdn, "vm": r.vm, "nic": r.nic, "plane": r.plane, "role": r.role, "hypervisor": r.hypervisor,
+            "vmid": r.vmid, "generated-by": "deevnet-image-factory mac.export"}
+
+
 def _kea(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
     """Global reservations, and per tenant a subnet (its pool, router and domain) holding its VMs' reservations."""
     def entry(r: Reservation) -> dict[str, Any]:
@@ -809,10 +820,7 @@ def _kea(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
         if r.address:
             out["ip-address"] = r.address
         out["hostname"] = r.hostname
-        out["user-context"] = {
-            "fqdn": r.fqdn, "vm": r.vm, "nic": r.nic, "plane": r.plane, "role": r.role,
-            "hypervisor": r.hypervisor, "vmid": r.vmid, "generated-by": "deevnet-image-factory mac.export",
-        }
+        out["user-context"] = _kea_context(r)
         return out
 
     dhcp4: dict[str, Any] = {"reservations-global": True,
@@ -829,6 +837,23 @@ def _kea(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
     return json.dumps({"Dhcp4": dhcp4}, indent=2, sort_keys=False) + "\n"
 
 
+def _kea6(rs: list[Reservation]) -> str:
+    """Kea DHCPv6: a global reservation (by the NIC's MAC: Kea's hw-address identifier) for every NIC with an IPv6
+    address; the tenants have no IPv6 subnets in the site model, so no subnet6 and no pools (add yours)."""
+    reservations = [{
+        "hw-address": r.mac, "ip-addresses": [r.address6], "hostname": r.hostname,
+        "user-context": _kea_context(r)} for r in rs if r.address6]
+    return json.dumps({"Dhcp6": {"reservations-global": True, "reservations": reservations}}, indent=2) + "\n"
+
+
+def _not_carried(rs: list[Reservation], what: str) -> list[str]:
+    """A note where an export has no place for the inventory's IPv6 addresses (empty when there are none)."""
+    if not any(r.address6 for r in rs):
+        return []
+    return [f"<!-- IPv6: {what} does not carry the inventory's IPv6 addresses (mac.export --format kea6 or dnsmasq "
+            "does) -->"]
+
+
 def _dnsmasq(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
     lines = [f"# {HEADER}", "# dhcp-host=<mac>,<address>,<hostname>; without an address: a name-only reservation"]
     for t in sorted(tenants.values(), key=lambda t: t.id):
@@ -840,7 +865,7 @@ def _dnsmasq(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
         ]
     for r in rs:
         lines.append(f"# {_descr(r)}")
-        parts = [r.mac, *([r.address] if r.address else []), r.hostname]
+        parts = [r.mac, *([r.address] if r.address else []), *([f"[{r.address6}]"] if r.address6 else []), r.hostname]
         lines.append("dhcp-host=" + ",".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -859,8 +884,9 @@ def _hosts(rs: list[Reservation]) -> str:
     for r in sorted(rs, key=lambda r: (r.address is None, int(ipaddress.IPv4Address(r.address or 0)), r.mac)):
         if r.address:
             lines.append(f"{r.address}\t{r.fqdn} {r.hostname}")
-        else:
+        elif not r.address6:
             lines.append(f"# {r.fqdn} ({r.mac}): no address in the inventory (DHCP from the pool)")
+    lines += [f"{r.address6}\t{r.fqdn} {r.hostname}" for r in rs if r.address6]
     return "\n".join(lines) + "\n"
 
 
@@ -892,7 +918,10 @@ EXPORTERS: dict[str, Exporter] = {
                              lambda rs, i, _t: _opnsense_isc(rs, i)),
     "kea": Exporter("Kea DHCPv4: global reservations, and per tenant a subnet with its pool (JSON)",
                     lambda rs, _i, t: _kea(rs, t)),
-    "dnsmasq": Exporter("dnsmasq: a tagged dhcp-range per tenant, dhcp-host lines", lambda rs, _i, t: _dnsmasq(rs, t)),
+    "kea6": Exporter("Kea DHCPv6: global reservations by MAC for the NICs with an IPv6 address (JSON)",
+                     lambda rs, _i, _t: _kea6(rs)),
+    "dnsmasq": Exporter("dnsmasq: a tagged dhcp-range per tenant, dhcp-host lines (IPv4 and [IPv6])",
+                        lambda rs, _i, t: _dnsmasq(rs, t)),
     "csv": Exporter("one row per NIC", lambda rs, _i, _t: _csv(rs)),
     "hosts": Exporter("/etc/hosts lines", lambda rs, _i, _t: _hosts(rs)),
 }

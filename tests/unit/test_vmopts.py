@@ -304,3 +304,64 @@ def test_a_bad_catalogue_cpu_is_named(tmp_path: Path) -> None:
         load_site(inv, tmp_path / "images.yml")
     assert any(name in str(p) and "cpu" in str(p) and "'skylake' is not a CPU type" in str(p)
                for p in err.value.problems), [str(p) for p in err.value.problems]
+
+
+# ------------------------------------------------------------------------------------ IPv6 in the DHCP exports
+
+
+def ipv6_site(tmp_path: Path) -> Site:
+    """jump01 with a static IPv6 address (its reservation), metrics01 on DHCPv6 with nics[0].address6."""
+    doc = flat_example()
+    mgmt = doc["all"]["children"]["mgmt"]["hosts"]
+    mgmt["jump01"]["vm"]["cloudinit"]["ip6"] = IP6
+    mgmt["metrics01"]["vm"]["cloudinit"]["ip6"] = "dhcp"
+    mgmt["metrics01"]["vm"]["nics"][0]["address6"] = "2001:db8:10::41"
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_site(tmp_path / "hosts.yml", REPO_ROOT / "packer/images.yml")
+
+
+@pytest.mark.parametrize(("fmt", "validator"), [
+    ("kea6", lambda path: ["kea-dhcp6", "-t", str(path)]),
+    ("dnsmasq", lambda path: ["dnsmasq", "--test", f"--conf-file={path}"]),
+])
+def test_ipv6_reservations_pass_their_daemons_check(tmp_path: Path, fmt: str, validator: Any) -> None:
+    import json
+    import subprocess
+
+    from image_factory import mac
+
+    text = mac.export(ipv6_site(tmp_path), fmt)
+    out = tmp_path / f"export.{fmt}"
+    out.write_text(text)
+    proc = subprocess.run(validator(out), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if fmt == "kea6":
+        found = {r["hostname"]: (r["hw-address"], r["ip-addresses"]) for r in json.loads(text)["Dhcp6"]["reservations"]}
+        assert found == {"jump01": ("02:de:10:03:01:00", ["2001:db8:10::30"]),
+                         "metrics01": ("02:de:10:01:01:00", ["2001:db8:10::41"])}
+        broken = json.loads(text)
+        broken["Dhcp6"]["reservations"][0]["ip-addresses"] = ["10.0.0.1"]  # the validator is a real check
+        out.write_text(json.dumps(broken))
+        assert subprocess.run(validator(out), capture_output=True, text=True, timeout=60).returncode != 0
+    else:
+        assert "dhcp-host=02:de:10:03:01:00,192.168.10.30,[2001:db8:10::30],jump01\n" in text
+        assert "dhcp-host=02:de:10:01:01:00,[2001:db8:10::41],metrics01\n" in text
+
+
+def test_exports_without_an_ipv6_place_say_so_and_hosts_carry_aaaa_lines(tmp_path: Path) -> None:
+    from image_factory import mac
+
+    site = ipv6_site(tmp_path)
+    for fmt in ("opnsense", "opnsense-isc"):
+        assert "does not carry the inventory's IPv6 addresses" in mac.export(site, fmt)
+    assert "2001:db8:10::30\tjump01." in mac.export(site, "hosts")
+    plain = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
+    assert "IPv6" not in mac.export(plain, "opnsense"), "unchanged for a site without IPv6"
+
+
+def test_a_nic_address6_that_disagrees_with_the_static_ip6_is_named(tmp_path: Path) -> None:
+    found = problems(tmp_path, {"nics": [{"mac": "02:de:10:03:01:00", "address6": "2001:db8:10::99"},
+                                         {"mac": "02:de:10:03:01:01", "bridge": "vmbr1", "vlan": 99}]},
+                     {"ip6": IP6}, vendor=None)
+    assert any("jump01" in p and "nics[0].address6 2001:db8:10::99 disagrees with cloudinit.ip6.ip" in p
+               for p in found), found
