@@ -610,7 +610,10 @@ class _HostRun:
         hv = self.hv
         st = hv.storage
         wanted: dict[str, list[str]] = {}
-        for sid, content in ((st.images, "images"), (st.cloudinit, "images"), (st.import_, "import")):
+        # and what the VMs on this host ask for: their data disks' storages, the snippets storage for vendor data
+        asked = [(d.storage, "images") for vm in self.site.vms_on(hv.name) for d in vm.disks if d.storage]
+        asked += [(st.snippets, "snippets")] if st.snippets else []
+        for sid, content in ((st.images, "images"), (st.cloudinit, "images"), (st.import_, "import"), *asked):
             wanted.setdefault(sid, [])
             if content not in wanted[sid]:
                 wanted[sid].append(content)

@@ -111,8 +111,9 @@ def _configure(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Te
             else:
                 want[disk.slot] = disk_update_value(disk, str(config[disk.slot]))  # options only: no new volume
     extra_nets = [k for k in config if re.fullmatch(r"net\d+", k) and int(k[3:]) >= len(vm.nics)]
-    deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys", "cicustom")
-                            if k not in want and k in config and (only is None or k in only)]
+    deletes = extra_nets + [k for k in ("nameserver", "searchdomain", "sshkeys") if k not in want and k in config]
+    if "cicustom" in config and "cicustom" not in want and (only is None or "cicustom" in only):
+        deletes.append("cicustom")  # the inventory dropped its vendor data
     if "cicustom" in want and (only is None or "cicustom" in only):
         _put_vendor_snippet(run, hv, vm)
     params: dict[str, Any] = dict(want) if only is None else {k: v for k, v in want.items() if k in only}
