@@ -133,3 +133,25 @@ def test_the_lab_checks_cpu_and_cicustom_as_pve_does(lab: LabHandle, root: Path)
     client.run_task("POST", f"/nodes/{client.node}/qemu/{vm.vmid}/status/stop", timeout=60)
     with pytest.raises(RemoteError, match="can't find file 'local:snippets/missing.yaml'"):
         client.run_task("POST", f"/nodes/{client.node}/qemu/{vm.vmid}/status/start", timeout=60)
+
+
+def test_each_option_needs_its_privilege(lab: LabHandle, root: Path) -> None:
+    """qemu-server's check_vm_modify_config_perm: cpu needs VM.Config.CPU, a new disk VM.Config.Disk (and
+    Datastore.AllocateSpace on its storage), cicustom and ipconfigN VM.Config.Cloudinit or VM.Config.Network."""
+    site = options_site(lab, root)
+    vm = site.vms["jump01"]
+    assert deploy(lab, site).ok
+    client = PveClient(lab.hv(MGMT))
+    control = lab.control(MGMT)
+    for privs, change, missing in (
+            (["VM.Config.CPU"], {"cpu": "host"}, "VM.Config.CPU"),
+            (["VM.Config.Disk"], {"scsi2": "local:1"}, "VM.Config.Disk"),
+            (["VM.Config.Cloudinit", "VM.Config.Network"], {"cicustom": "vendor=local:snippets/x.yaml"},
+             "VM.Config.Cloudinit")):
+        control.revoke(path="/vms", privs=privs)
+        with pytest.raises(RemoteError, match=missing):
+            client.set_vm_config(vm.vmid, **change)
+        control.grant(path="/vms", privs=privs)
+    control.revoke(path="/storage/local", privs=["Datastore.AllocateSpace"])
+    with pytest.raises(RemoteError, match="Datastore.AllocateSpace"):
+        client.set_vm_config(vm.vmid, scsi2="local:1")
