@@ -4,6 +4,7 @@ through deploy's desired config, drift and plan to the Tofu export."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,13 @@ def test_a_nic_address6_that_disagrees_with_the_static_ip6_is_named(tmp_path: Pa
                      {"ip6": IP6}, vendor=None)
     assert any("jump01" in p and "nics[0].address6 2001:db8:10::99 disagrees with cloudinit.ip6.ip" in p
                for p in found), found
+
+
+@pytest.mark.skipif(shutil.which("cloud-init") is None, reason="cloud-init is not installed (it is no dev tool: "
+                    "installing it on a machine makes it run at boot); the shape checks above run everywhere")
+def test_vendor_data_cloud_init_refuses_is_refused_with_its_reason(tmp_path: Path) -> None:
+    bad = "#cloud-config\npackages: 5\n"
+    found = problems(tmp_path, {}, {"vendor_data": "cloud-init/vendor.yaml"}, vendor=bad)
+    assert any("vm.cloudinit.vendor_data" in p and "cloud-init schema refuses it" in p
+               and "packages: 5 is not of type 'array'" in p for p in found), found
+    assert load(tmp_path, {}, {"vendor_data": "cloud-init/vendor.yaml"}).vms["jump01"].cloudinit.vendor
