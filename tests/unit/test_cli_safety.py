@@ -161,6 +161,18 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("placement-markup", setter(lambda d: d["all"]["children"]["tenant"]["vars"], "placement", "[/x]"),
      "group tenant", "vars.placement"),
     ("vmid-outside-every-host", setter(vm("sandbox01", "tenant"), "vmid", 5000), "sandbox01", "vm.vmid"),
+    # per-VM options (docs/inventory.md)
+    ("cpu-injection", setter(vm(), "cpu", "host,flags=+aes"), "metrics01", "vm.cpu"),
+    ("disk-slot-injection", setter(vm(), "disks", [{"slot": "scsi1,media=cdrom", "size_gb": 1}]), "metrics01",
+     "vm.disks.0.slot"),
+    ("disk-storage-injection", setter(vm(), "disks", [{"slot": "scsi1", "size_gb": 1, "storage": "local,x=1"}]),
+     "metrics01", "vm.disks.0.storage"),
+    ("ip6-injection", setter(vm("jump01"), "cloudinit.ip6", {"ip": "2001:db8::5/64,gw=1.1.1.1"}), "jump01",
+     "vm.cloudinit.ip6"),
+    ("vendor-data-traversal", setter(vm(), "cloudinit.vendor_data", "../../etc/shadow"), "metrics01",
+     "vm.cloudinit.vendor_data"),
+    ("snippets-dir-shell", setter(hv(), "storage", {"snippets_dir": "/var/lib/vz/snippets;reboot"}), "pve-mgmt",
+     "pve.storage.snippets_dir"),
 ]
 
 
