@@ -376,3 +376,22 @@ def test_vendor_data_cloud_init_refuses_is_refused_with_its_reason(tmp_path: Pat
     assert any("vm.cloudinit.vendor_data" in p and "cloud-init schema refuses it" in p
                and "packages: 5 is not of type 'array'" in p for p in found), found
     assert load(tmp_path, {}, {"vendor_data": "cloud-init/vendor.yaml"}).vms["jump01"].cloudinit.vendor
+
+
+# ------------------------------------------------------------------------------------ the lab's cloud-init drive
+
+
+@pytest.mark.parametrize(("ip6", "subnet"), [
+    ("ip6=2001:db8::5/64,gw6=2001:db8::1", {"type": "static6", "address": "2001:db8::5/64", "gateway": "2001:db8::1"}),
+    ("ip6=auto", {"type": "ipv6_slaac"}), ("ip6=dhcp", {"type": "dhcp6"})])
+def test_the_lab_seed_carries_ip6_and_vendor_data_as_qemu_servers_nocloud_does(ip6: str, subnet: dict[str, str]
+                                                                               ) -> None:
+    from image_factory.lab.vmrunner import seed_files
+
+    cfg = {"net0": "virtio=02:DE:10:03:01:00,bridge=vmbr0", "ipconfig0": f"ip=192.168.10.30/24,{ip6}"}
+    files = seed_files("jump01", cfg, VENDOR)
+    [phys] = [c for c in yaml.safe_load(files["network-config"])["config"] if c["type"] == "physical"]
+    assert phys["subnets"] == [{"type": "static", "address": "192.168.10.30", "netmask": "255.255.255.0"}, subnet]
+    assert files["vendor-data"] == VENDOR
+    assert seed_files("jump01", cfg, "#cloud-config\n{}\n")["meta-data"] == files["meta-data"], \
+        "qemu-server's instance-id hashes user-data and network-config, not vendor-data"

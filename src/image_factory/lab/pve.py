@@ -1032,6 +1032,12 @@ class LabPve(FakePve):  # fakepve is untyped
             if path is None or not path.is_file():
                 raise TaskError(f"can't find file '{volid}'")
 
+    def vendor_data(self, vm: FakeVm) -> str:
+        """What qemu-server writes as the cloud-init drive's vendor-data: the cicustom vendor snippet, else ''."""
+        volid = parse_props(str(vm.config.get("cicustom") or "")).get("vendor")
+        path = self.volume_file(volid) if volid else None
+        return path.read_text() if path is not None and path.is_file() else ""
+
     async def _apply_config(self, vm: FakeVm, user: str, p: dict[str, Any]) -> None:
         self.check_vm_formats(p)
         updates = dict(p)
@@ -1413,6 +1419,7 @@ class LabPve(FakePve):  # fakepve is untyped
                 vmid=vm.vmid, name=vm.name, config=dict(vm.config), disks=disks,
                 address=vmrunner.vm_address(self.spec.slot, vm.vmid), vms_dir=self.spec.vms_dir,
                 log_dir=self.spec.log_dir, memory_cap=self.spec.vm_memory_cap, node=self.spec.node,
+                vendor_data=self.vendor_data(vm),
             )
         except vmrunner.LaunchError as e:
             raise TaskError(str(e)) from e

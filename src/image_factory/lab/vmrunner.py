@@ -83,6 +83,8 @@ class IpConfig:
     dhcp: bool = True
     address: str | None = None  # CIDR
     gateway: str | None = None
+    ip6: str | None = None  # auto, dhcp or a CIDR, as ipconfigN's ip6=
+    gateway6: str | None = None
 
 
 def _ipconfig(value: str | None) -> IpConfig:
@@ -90,13 +92,26 @@ def _ipconfig(value: str | None) -> IpConfig:
         return IpConfig()
     _, props = _props("x," + value)
     ip = props.get("ip", "dhcp")
+    ip6, gw6 = props.get("ip6"), props.get("gw6")
     if ip == "dhcp":
-        return IpConfig()
-    return IpConfig(dhcp=False, address=ip, gateway=props.get("gw"))
+        return IpConfig(ip6=ip6, gateway6=gw6)
+    return IpConfig(dhcp=False, address=ip, gateway=props.get("gw"), ip6=ip6, gateway6=gw6)
 
 
-def seed_files(name: str, config: dict[str, Any]) -> dict[str, str]:
-    """The NoCloud seed PVE's cloud-init drive holds: user-data, meta-data, network-config (v1)."""
+def _ip6_subnet(ipc: IpConfig) -> list[str]:
+    """qemu-server's nocloud network v1 for ip6= (Cloudinit.pm): dhcp6, ipv6_slaac, or static6 with its gateway."""
+    if ipc.ip6 is None:
+        return []
+    if ipc.ip6 in ("dhcp", "auto"):
+        return [f"      - type: {'dhcp6' if ipc.ip6 == 'dhcp' else 'ipv6_slaac'}"]
+    lines = ["      - type: static6", f"        address: '{ipc.ip6}'"]
+    return lines + ([f"        gateway: '{ipc.gateway6}'"] if ipc.gateway6 else [])
+
+
+def seed_files(name: str, config: dict[str, Any], vendor_data: str | None = None) -> dict[str, str]:
+    """The NoCloud seed PVE's cloud-init drive holds: user-data, meta-data, network-config (v1), and the
+    ``cicustom`` vendor snippet as vendor-data (its contents given; qemu-server's instance-id hashes user-data and
+    network-config only, so a changed snippet alone is the same instance to cloud-init)."""
     user = config.get("ciuser") or "root"
     keys = urllib.parse.unquote(str(config.get("sshkeys") or ""))
     search = config.get("searchdomain")
@@ -126,6 +141,7 @@ def seed_files(name: str, config: dict[str, Any]) -> dict[str, str]:
             net += ["      - type: static", f"        address: '{iface.ip}'", f"        netmask: '{iface.netmask}'"]
             if ipc.gateway:
                 net.append(f"        gateway: '{ipc.gateway}'")
+        net += _ip6_subnet(ipc)
     if config.get("nameserver") or search:
         net.append("    - type: nameserver")
         if config.get("nameserver"):
@@ -135,7 +151,10 @@ def seed_files(name: str, config: dict[str, Any]) -> dict[str, str]:
     network = "\n".join(net) + "\n"
     instance = hashlib.sha1((user_data + network).encode(), usedforsecurity=False).hexdigest()
     meta = f"instance-id: {instance}\nlocal-hostname: {name}\n"
-    return {"user-data": user_data, "meta-data": meta, "network-config": network}
+    files = {"user-data": user_data, "meta-data": meta, "network-config": network}
+    if vendor_data is not None:
+        files["vendor-data"] = vendor_data
+    return files
 
 
 def _write_seed(files: dict[str, str], dest: Path, fmt: str) -> None:
@@ -331,7 +350,7 @@ def _int_option(config: dict[str, Any], key: str) -> int:
 
 def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
            address: str, vms_dir: Path, log_dir: Path, memory_cap: int, node: str,
-           accelerator: str = "auto") -> VmProcess:
+           accelerator: str = "auto", vendor_data: str | None = None) -> VmProcess:
     vms_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
@@ -354,7 +373,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
         if volume in ("none", "cdrom") or path is None:
             continue
         if "cloudinit" in volume:
-            _write_seed(seed_files(name, config), path, _image_format(path))
+            _write_seed(seed_files(name, config, vendor_data), path, _image_format(path))
         if not path.exists():
             raise LaunchError(f"volume '{volume}' does not exist")
         fmt = _image_format(path)
