@@ -12,7 +12,6 @@ import functools
 import hashlib
 import ipaddress
 import re
-import shutil
 import string
 import subprocess
 import tempfile
@@ -38,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import families, inventory_source
+from . import families, inventory_source, tools
 from .console import register_secret
 from .errors import Problem, ValidationFailed
 from .inventory_source import HostVars, Vaulted, YamlIntForm
@@ -591,7 +590,7 @@ def cloud_config_problem(text: str) -> str:
         return f"is not YAML: {str(exc).splitlines()[0]}"
     if not isinstance(body, dict):
         return "is not a YAML mapping of cloud-config keys"
-    tool = shutil.which("cloud-init")
+    tool = tools.find("cloud-init")
     if tool is None:
         return ""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
