@@ -845,6 +845,12 @@ class Image(Strict):
     # installs for it (a BIOS boot partition or an EFI system partition); a cloud image must carry a loader
     # for it, as vendors' hybrid GPT images (Debian genericcloud, Fedora Cloud Base) carry both.
     firmware: Literal["bios", "uefi"] = "bios"
+    # uefi only: Secure Boot enforced by the template's EFI vars, with the key set the catalogue chooses
+    # (Microsoft's 2011 CAs expired in June 2026: choose deliberately); a vTPM 2.0; the QEMU machine.
+    secure_boot: bool = False
+    keys: Literal["microsoft-2023", "microsoft-2011+2023", "distribution-only", "none"] | None = None
+    tpm: bool = False
+    machine: Literal["pc", "q35"] | None = Field(default=None, description="default: q35 for uefi, pc for bios")
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: DiskSize = "10G"
     playbook: str = Field(default="ansible/playbooks/template.yml",
@@ -876,6 +882,26 @@ class Image(Strict):
         if v not in families.FAMILIES:
             raise ValueError(f"unknown image family {v!r} (known: {', '.join(sorted(families.FAMILIES))})")
         return v
+
+    @property
+    def machine_type(self) -> str:
+        return self.machine or ("q35" if self.firmware == "uefi" else "pc")
+
+    @model_validator(mode="after")
+    def _uefi_options(self) -> Image:
+        if self.firmware != "uefi":
+            extra = [k for k in ("secure_boot", "tpm") if getattr(self, k)] + (["keys"] if self.keys else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} need firmware: uefi (this entry is firmware: bios)")
+        if self.secure_boot and self.keys is None:
+            raise ValueError("secure_boot: true needs keys: (microsoft-2023, microsoft-2011+2023, distribution-only "
+                             "or none)")
+        if self.keys is not None and not self.secure_boot:
+            raise ValueError("keys: goes with secure_boot: true")
+        if self.secure_boot and self.machine == "pc":
+            raise ValueError("secure_boot: true needs machine: q35 (PVE boots OVMF on i440fx (pc) without SMM, "
+                             "i.e. without Secure Boot)")
+        return self
 
     @model_validator(mode="after")
     def _iso_needs_an_installer(self) -> Image:
