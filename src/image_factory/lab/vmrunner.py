@@ -322,6 +322,9 @@ class VmProcess:
             return False
 
 
+FIRMWARE_DRIVES = ("efidisk0", "tpmstate0")  # not block devices of the guest: see firmware_args
+
+
 def _int_option(config: dict[str, Any], key: str) -> int:
     try:
         return max(1, int(str(config.get(key, 1))))
@@ -351,7 +354,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
     order = boot[len("order="):].split(";") if boot.startswith("order=") else []
     for key, (volume, props, path) in sorted(disks.items()):
         cdrom = props.get("media") == "cdrom"
-        if volume in ("none", "cdrom") or path is None:
+        if volume in ("none", "cdrom") or path is None or key in FIRMWARE_DRIVES:
             continue
         if "cloudinit" in volume:
             _write_seed(seed_files(name, config), path, _image_format(path))
