@@ -166,6 +166,8 @@ class LabPve(FakePve):  # fakepve is untyped
         self.cluster_options: dict[str, str] = {}  # datacenter.cfg as stored: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}
+        # pve-edk2-firmware 4.2025.05+: the Microsoft-keyed vars template holds the 2023 CAs (control op edk2_vars)
+        self.edk2_ms_2023 = bool(spec.extra.get("edk2_ms_2023", True))
         self._after_io: dict[int, list[Any]] = {}
         self.runners: dict[int, vmrunner.VmProcess] = {}
         self._control_runner: web.AppRunner | None = None
@@ -805,7 +807,7 @@ class LabPve(FakePve):  # fakepve is untyped
         if path is not None:
             _convert_into(vars_file, "raw", path, fmt)
         props["size"] = format_size(EFI_VARS_SIZE)
-        if keys and self.qemu_at_least(9, 1, 5) and self.spec.extra.get("edk2_ms_2023", True):
+        if keys and self.qemu_at_least(9, 1, 5) and self.edk2_ms_2023:
             props["ms-cert"] = "2023k"
         return join_drive(volid, props), [volid]
 
@@ -1672,6 +1674,9 @@ class LabPve(FakePve):  # fakepve is untyped
                 acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
                             for p, privs in acl.get(who, [])]
             return None
+        if op == "edk2_vars":
+            self.edk2_ms_2023 = bool(args["ms_2023"])
+            return None
         if op == "thin_pool":
             self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
             return None
@@ -1755,6 +1760,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.cluster_options.clear()
         self.acl = copy.deepcopy(self._initial_acl)
         self.storages[THIN_STORAGE].pop("pool_size", None)
+        self.edk2_ms_2023 = bool(self.spec.extra.get("edk2_ms_2023", True))
         for store in self.storages.values():
             store["volumes"] = {}
             store["files"] = set()
