@@ -2,7 +2,8 @@
 
 pve-mgmt runs PVE 8.4.1 (qemu-server 8.3.12) on a directory storage, pve-tenant 9.2.5 (qemu-server 9.2.0) on
 LVM-thin: the lab's efidisk0/tpmstate0 follow each qemu-server (docs/pve-facts.md, "UEFI, Secure Boot, vTPM").
-Nothing here boots (real_boot names no VM): the firmware's volumes, formats, refusals and drift are what is checked.
+Only REAL_BOOT boots (the slow test: a clone of the Debian base image under the template's OVMF Secure Boot code,
+keys and an swtpm); elsewhere the firmware's volumes, formats, refusals and drift are what is checked.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.publish import publish_image
 from image_factory.pve import ApiError, PveClient
 from image_factory.pvecodec import EfiDisk, TpmState
-from image_factory.settings import Settings
+from image_factory.settings import REPO_ROOT, Settings
 from image_factory.templates import FirmwareAsk, find_templates
 
 pytestmark = pytest.mark.lab
@@ -35,11 +37,14 @@ IMAGE = "debian-lab"
 SB_TPM = {"firmware": "uefi", "secure_boot": True, "secure_boot_keys": "microsoft-2011+2023", "tpm": True,
           "machine": "q35"}
 OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+REAL_BOOT = "sandbox01"
+BASE_IMAGE = REPO_ROOT / "builds/base/debian-13-base.qcow2"
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 
 @pytest.fixture(scope="module")
 def flab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("firmware-lab"), real_boot="none")
+    handle, slot_lock = start_lab(tmp_path_factory.mktemp("firmware-lab"), real_boot=[REAL_BOOT])
     try:
         yield handle
     finally:
@@ -75,7 +80,8 @@ def volume_bytes(lab: LabHandle, host: str, volid: str) -> bytes:
     the host's /dev/pve, a dir storage's under images/<vmid>/), converted to raw."""
     sid, name = volid.split(":", 1)
     thin = lab.paths.host_dir(host) / "root" / "dev" / "pve"
-    path = thin / name if sid == "local-lvm" else lab.paths.storage_dir(host) / "images" / "/".join(name.split("/")[-2:])
+    images = lab.paths.storage_dir(host) / "images"
+    path = thin / name if sid == "local-lvm" else images / "/".join(name.split("/")[-2:])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "volume.raw"
         subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(path), str(out)], check=True)
@@ -83,7 +89,7 @@ def volume_bytes(lab: LabHandle, host: str, volid: str) -> bytes:
 
 
 def vm_names(lab: LabHandle, plane: str) -> list[str]:
-    return [n for n, vm in lab.site.vms.items() if vm.plane == plane][:1]
+    return [n for n, vm in lab.site.vms.items() if vm.plane == plane and n != REAL_BOOT][:1]
 
 
 def test_a_secure_boot_vtpm_template_on_9_2_deploys_a_clone_that_keeps_it_and_8_4_refuses_it(env: Any) -> None:
@@ -166,3 +172,46 @@ def test_ms_cert_is_refused_by_8_4_as_pve_refuses_an_unknown_key_and_enrolled_on
     assert efi.ms_cert is None
     tenant.update_vm_config(9051, digest=None, timeout=60, efidisk0=dataclasses.replace(efi, ms_cert="2023").format())
     assert EfiDisk.parse(tenant.vm_config(9051)["efidisk0"]).ms_cert == "2023k"
+
+
+@pytest.mark.slow
+def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm(env: Any) -> None:
+    """One real boot (TCG): the Debian base image (signed shim, GRUB and kernel) published as a UEFI + Secure
+    Boot + vTPM template on the 9.2 node, deployed, and asked over SSH what it booted with."""
+    from image_factory.inventory import SshEndpoint
+    from image_factory.lab.baseimage import ensure_base_image
+    from image_factory.sshlink import connect
+
+    lab, settings = env
+    ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
+    d = settings.builds_dir / IMAGE
+    d.mkdir(parents=True)
+    art = d / f"{IMAGE}.qcow2"
+    try:
+        os.link(BASE_IMAGE, art)
+    except OSError:  # another filesystem
+        shutil.copyfile(BASE_IMAGE, art)
+    m = factories.manifest_of(art, IMAGE, build_id="sbboot", tested=True, fingerprint="f" * 64,
+                              git={"commit": "abc"}, finished_at="2026-12-06T11:00:00Z", **SB_TPM)
+    m.artifact.path = art.name
+    mf.save(d, m)
+    report = publish_image(settings, lab.site, IMAGE, hypervisors=[TENANT], progress=False)
+    assert report.ok, report.to_dict()
+    vm = lab.site.vms[REAL_BOOT]
+    deployed = dep.deploy_vms(lab.settings, lab.site, [REAL_BOOT], timeout=600, progress=False)
+    [r] = deployed.results
+    assert r.state == "created", r.to_dict()
+    assert lab.qemu(TENANT, vm.vmid) is not None, f"{REAL_BOOT} must run a real qemu"
+    host, port = lab.vm_ssh_address(vm.vmid)
+    from image_factory.guest import host_key_via_agent
+
+    host_key = host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=120)
+    ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)
+    with connect(vm.name, ep, timeout=30) as link:
+        efi = link.run(["test", "-d", "/sys/firmware/efi"], check=False)
+        secure_boot = link.run(["od", "-An", "-t", "u1", SECURE_BOOT_VAR], check=False)
+        tpm = link.run(["test", "-c", "/dev/tpmrm0"], check=False)
+    assert efi.status == 0, "the clone did not boot through UEFI"
+    assert secure_boot.stdout.split()[-1:] == ["1"], f"SecureBoot variable: {secure_boot.stdout!r}"
+    assert tpm.status == 0, "no /dev/tpmrm0 in the guest"
+    assert dep.plan_deploy(lab.settings, lab.site, [REAL_BOOT]).vms[0].diffs == []

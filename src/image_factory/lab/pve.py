@@ -804,7 +804,8 @@ class LabPve(FakePve):  # fakepve is untyped
             raise TaskError(f"EFI vars image '{vars_file}' not found")
         volid, fmt = self._qm_alloc(sid, vmid, fmt, EFI_VARS_SIZE)
         path = self.volume_file(volid)
-        if path is not None:
+        if path is not None:  # exactly the vars template's size: OVMF's second flash must match its code's layout
+            path.unlink(missing_ok=True)
             _convert_into(vars_file, "raw", path, fmt)
         props["size"] = format_size(EFI_VARS_SIZE)
         if keys and self.qemu_at_least(9, 1, 5) and self.edk2_ms_2023:
