@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 
 from image_factory import deploy as dep
 from image_factory import manifest as mf
+from image_factory.errors import RemoteError
 from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.publish import publish_image
@@ -207,7 +209,16 @@ def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_a
 
     host_key = host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=120)
     ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)
-    with connect(vm.name, ep, timeout=30) as link:
+    deadline = time.monotonic() + 300  # the agent answers before sshd has started
+    while True:
+        try:
+            link = connect(vm.name, ep, timeout=30)
+            break
+        except RemoteError:
+            if time.monotonic() > deadline:
+                raise AssertionError(lab.serial_log(TENANT, vm.vmid).read_text(errors="replace")[-3000:]) from None
+            time.sleep(5)
+    with link:
         efi = link.run(["test", "-d", "/sys/firmware/efi"], check=False)
         secure_boot = link.run(["od", "-An", "-t", "u1", SECURE_BOOT_VAR], check=False)
         tpm = link.run(["test", "-c", "/dev/tpmrm0"], check=False)
