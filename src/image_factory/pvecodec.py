@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
               "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
@@ -144,11 +145,21 @@ def format_vids(ranges: list[tuple[int, int]]) -> str:
     return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
-def _drive_props(value: str) -> tuple[str, dict[str, str]]:
+def _drive_props(key: str, value: str) -> tuple[str, dict[str, str]]:
     """(volume, other keys) of a drive value: the volume is the bare first value or ``file=``/``volume=``."""
     props = parse_props(value, "file")
     volume = props.pop("file", "") or props.pop("volume", "")
+    if not volume:
+        raise ValueError(f"{key} {value!r} names no volume")
     return volume, props
+
+
+def _take_enum(props: dict[str, str], key: str, default: str | None, allowed: tuple[str, ...], where: str) -> Any:
+    """Pop ``key`` (PVE's default when absent) and check it against its schema's enum."""
+    got = props.pop(key, default)
+    if got is not None and got not in allowed:
+        raise ValueError(f"{where}: {key} {got!r} is not one of {', '.join(allowed)}")
+    return got
 
 
 def _pve_bool(text: str | None) -> bool:
@@ -177,16 +188,11 @@ class EfiDisk:
 
     @classmethod
     def parse(cls, value: str) -> EfiDisk:
-        volume, props = _drive_props(value)
-        efitype = props.pop("efitype", "2m")
-        if efitype not in EFITYPES:
-            raise ValueError(f"efidisk0 {value!r}: efitype {efitype!r} is not one of {', '.join(EFITYPES)}")
-        ms_cert = props.pop("ms-cert", None)
-        if ms_cert is not None and ms_cert not in MS_CERTS:
-            raise ValueError(f"efidisk0 {value!r}: ms-cert {ms_cert!r} is not one of {', '.join(MS_CERTS)}")
+        volume, props = _drive_props("efidisk0", value)
+        where = f"efidisk0 {value!r}"
+        efitype = _take_enum(props, "efitype", "2m", EFITYPES, where)
+        ms_cert = _take_enum(props, "ms-cert", None, MS_CERTS, where)
         keys = _pve_bool(props.pop("pre-enrolled-keys", "0"))
-        if not volume:
-            raise ValueError(f"efidisk0 {value!r} names no volume")
         return cls(volume, efitype, keys, ms_cert, tuple(sorted(props.items())))
 
     def format(self) -> str:
@@ -216,12 +222,8 @@ class TpmState:
 
     @classmethod
     def parse(cls, value: str) -> TpmState:
-        volume, props = _drive_props(value)
-        version = props.pop("version", "v1.2")
-        if version not in TPM_VERSIONS:
-            raise ValueError(f"tpmstate0 {value!r}: version {version!r} is not one of {', '.join(TPM_VERSIONS)}")
-        if not volume:
-            raise ValueError(f"tpmstate0 {value!r} names no volume")
+        volume, props = _drive_props("tpmstate0", value)
+        version = _take_enum(props, "version", "v1.2", TPM_VERSIONS, f"tpmstate0 {value!r}")
         return cls(volume, version, tuple(sorted(props.items())))
 
     def format(self) -> str:
