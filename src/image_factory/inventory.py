@@ -892,7 +892,8 @@ class Image(Strict):
         if self.firmware != "uefi":
             extra = [k for k in ("secure_boot", "tpm") if getattr(self, k)] + (["keys"] if self.keys else [])
             if extra:
-                raise ValueError(f"{', '.join(extra)} need firmware: uefi (this entry is firmware: bios)")
+                raise ValueError(f"{', '.join(extra)} need{'s' if len(extra) == 1 else ''} firmware: uefi (this entry "
+                                 "is firmware: bios)")
         if self.secure_boot and self.keys is None:
             raise ValueError("secure_boot: true needs keys: (microsoft-2023, microsoft-2011+2023, distribution-only "
                              "or none)")

@@ -870,15 +870,15 @@ class _HostRun:
             return passed("no catalogue image asks for UEFI, a vTPM or q35")
         version = str(self.version_info.get("version") or "")
         problems = [f"{name}: {why}" for name, ask in asks.items() for why in firmware_refusals(ask, version)]
+        hints = ["change the entry's keys in the catalogue, or upgrade the host as named"] if problems else []
         hv = self.hv
         images = next((s for s in self._storages() if str(s.get("storage")) == hv.storage.images), {})
         if "images" not in split_list(images.get("content")):
             problems.append(f"storage {hv.storage.images!r} cannot hold EFI vars or TPM state volumes (no content "
                             "images)")
+            hints.append(f"pvesm set {hv.storage.images} --content images,<its other content types>")
         if problems:
-            return failed("; ".join(problems),
-                          "change the catalogue entry's keys (packer/images.yml), or upgrade the host as named; "
-                          f"pvesm set {hv.storage.images} --content images,... for the volumes")
+            return failed("; ".join(problems), "; ".join(hints))
         tpm = " and TPM state (4 MiB, raw)" if self.major < 9 else " and TPM state (4 MiB)"
         return passed(f"PVE {version} makes {', '.join(f'{n} ({a.describe()})' for n, a in asks.items())}; EFI vars"
                       f"{tpm if any(a.tpm for a in asks.values()) else ''} on {hv.storage.images} "

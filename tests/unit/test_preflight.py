@@ -468,7 +468,7 @@ def test_firmware_check_refuses_keys_the_hosts_pve_cannot_enrol_and_passes_on_9_
     r = report.result("hv-unit", "firmware")
     assert not r.ok and r.detail.startswith("tiny-sb: keys: microsoft-2011+2023 needs Microsoft's 2023 UEFI CAs")
     assert "PVE 8.4.1 cannot do" in r.detail and "upgrade the host to PVE 9.1.19" in r.detail
-    assert "packer/images.yml" in r.hint and _writes(node) == []
+    assert "change the entry's keys in the catalogue" in r.hint and _writes(node) == []
     node.version, node.release_version = "9.2.5", "9.2"
     r = pf.run_preflight(settings, site, checks=["firmware"]).result("hv-unit", "firmware")
     assert r.ok and "tiny-sb (uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0)" in r.detail
