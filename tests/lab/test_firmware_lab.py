@@ -226,3 +226,16 @@ def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_a
     assert secure_boot.stdout.split()[-1:] == ["1"], f"SecureBoot variable: {secure_boot.stdout!r}"
     assert tpm.status == 0, "no /dev/tpmrm0 in the guest"
     assert dep.plan_deploy(lab.settings, lab.site, [REAL_BOOT]).vms[0].diffs == []
+
+
+def test_publish_enrols_microsofts_2023_cas_where_the_hosts_firmware_package_lacks_them(env: Any) -> None:
+    """pve-edk2-firmware older than 4.2025.05: create leaves no ms-cert marker; publish sets ms-cert=2023 before the
+    conversion, PVE enrols the 2023 CAs and records 2023k, and the template reads so."""
+    lab, settings = env
+    build(settings.builds_dir, "sb2", **SB_TPM)
+    lab.control(TENANT).call("edk2_vars", ms_2023=False)
+    report = publish_image(settings, lab.site, IMAGE, hypervisors=[TENANT], progress=False)
+    h = report.host(TENANT)
+    assert h.action == "created", h.error
+    cfg = PveClient(lab.hv(TENANT)).vm_config(h.template_vmid)
+    assert str(cfg["template"]) == "1" and EfiDisk.parse(cfg["efidisk0"]).ms_cert == "2023k"
