@@ -23,7 +23,7 @@ import pytest
 
 from image_factory import deploy as dep
 from image_factory import manifest as mf
-from image_factory.errors import RemoteError
+from image_factory.errors import FactoryError, RemoteError
 from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.publish import publish_image
@@ -174,6 +174,12 @@ def test_ms_cert_is_refused_by_8_4_as_pve_refuses_an_unknown_key_and_enrolled_on
     assert efi.ms_cert is None
     tenant.update_vm_config(9051, digest=None, timeout=60, efidisk0=dataclasses.replace(efi, ms_cert="2023").format())
     assert EfiDisk.parse(tenant.vm_config(9051)["efidisk0"]).ms_cert == "2023k"
+    # a TPM's version is for good (prohibit_tpm_version_change)
+    tenant.run_task("POST", f"/nodes/{tenant.node}/qemu", vmid=9052, tpmstate0="local-lvm:1,version=v2.0")
+    tpm = TpmState.parse(tenant.vm_config(9052)["tpmstate0"])
+    with pytest.raises(FactoryError, match="cannot change TPM state version after creation"):
+        tenant.update_vm_config(9052, digest=None, timeout=60,
+                                tpmstate0=dataclasses.replace(tpm, version="v1.2").format())
 
 
 @pytest.mark.slow

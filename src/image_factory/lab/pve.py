@@ -812,6 +812,16 @@ class LabPve(FakePve):  # fakepve is untyped
             props["ms-cert"] = "2023k"
         return join_drive(volid, props), [volid]
 
+    @staticmethod
+    def _prohibit_tpm_version_change(vm: FakeVm, updates: dict[str, Any]) -> None:
+        """qemu-server prohibit_tpm_version_change: the same TPM state volume keeps its version (v1.2 unset)."""
+        if "tpmstate0" not in updates or not vm.config.get("tpmstate0"):
+            return
+        old_vol, old_props = split_drive(str(vm.config["tpmstate0"]))
+        new_vol, new_props = split_drive(str(updates["tpmstate0"]))
+        if old_vol == new_vol and old_props.get("version", "v1.2") != new_props.get("version", "v1.2"):
+            raise PveError(500, "cannot change TPM state version after creation")
+
     def _enrol_ms_2023(self, vm: FakeVm, updates: dict[str, Any]) -> None:
         """OVMF.pm drive_change (qemu-server 9.1.4+): ms-cert newly set to 2023* on the same volume enrols
         Microsoft's 2023 CAs (virt-fw-vars) and records 2023k; before 9.1.4 the marker is only written."""
@@ -1005,6 +1015,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self._check_lock(vm)
         self._check_bridge_access(user, updates)
         self._check_config_tags(user, vm, updates)
+        self._prohibit_tpm_version_change(vm, updates)
         self._enrol_ms_2023(vm, updates)
         if updates.get("tags"):
             # every version sorts and lowercases tags on update (the datacenter default tag-style)
