@@ -206,7 +206,7 @@ def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_a
     report = publish_image(settings, lab.site, IMAGE, hypervisors=[TENANT], progress=False)
     assert report.ok, report.to_dict()
     vm = lab.site.vms[REAL_BOOT]
-    deployed = dep.deploy_vms(lab.settings, lab.site, [REAL_BOOT], timeout=600, progress=False)
+    deployed = dep.deploy_vms(lab.settings, lab.site, [REAL_BOOT], timeout=1500, progress=False)  # TCG + SMM
     [r] = deployed.results
     assert r.state == "created", r.to_dict()
     assert lab.qemu(TENANT, vm.vmid) is not None, f"{REAL_BOOT} must run a real qemu"
