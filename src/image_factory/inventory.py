@@ -794,6 +794,8 @@ def _cpu_type(v: str) -> str:
 CpuType = Annotated[str, AfterValidator(_cpu_type)]
 DISK_BUSES = {"scsi": 31, "virtio": 16, "sata": 6}  # qemu-server's MAX_*_DISKS
 DATA_DISK_SLOT_RE = re.compile(r"^(scsi|virtio|sata)(\d{1,2})$")
+# The cloud-init drive of a q35 (UEFI) template: the last SCSI slot, leaving scsi1.. to a VM's data disks.
+Q35_CLOUDINIT_SLOT = "scsi30"
 # which drive options each bus takes (qemu-server Drive.pm: ssd on scsi/sata/ide, iothread on scsi/virtio)
 DISK_BUS_OPTIONS = {"scsi": {"ssd", "iothread"}, "virtio": {"iothread"}, "sata": {"ssd"}}
 
@@ -816,6 +818,8 @@ class DataDisk(Strict):
             raise ValueError(f"{v!r} is not a drive key (scsi0-30, virtio0-15, sata0-5)")
         if v == "scsi0":
             raise ValueError("scsi0 is the template's boot disk (size it with vm.disk_gb)")
+        if v == Q35_CLOUDINIT_SLOT:
+            raise ValueError(f"{v} holds the cloud-init drive of a UEFI (q35) template: use scsi1-29")
         return v
 
     @model_validator(mode="after")
@@ -1060,6 +1064,12 @@ class Image(Strict):
     # installs for it (a BIOS boot partition or an EFI system partition); a cloud image must carry a loader
     # for it, as vendors' hybrid GPT images (Debian genericcloud, Fedora Cloud Base) carry both.
     firmware: Literal["bios", "uefi"] = "bios"
+    # uefi only: Secure Boot enforced by the template's EFI vars, with the key set the catalogue chooses
+    # (Microsoft's 2011 CAs expired in June 2026: choose deliberately); a vTPM 2.0; the QEMU machine.
+    secure_boot: bool = False
+    keys: Literal["microsoft-2023", "microsoft-2011+2023", "distribution-only", "none"] | None = None
+    tpm: bool = False
+    machine: Literal["pc", "q35"] | None = Field(default=None, description="default: q35 for uefi, pc for bios")
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: DiskSize = "10G"
     playbook: str = Field(default="ansible/playbooks/template.yml",
@@ -1095,6 +1105,27 @@ class Image(Strict):
         if v not in families.FAMILIES:
             raise ValueError(f"unknown image family {v!r} (known: {', '.join(sorted(families.FAMILIES))})")
         return v
+
+    @property
+    def machine_type(self) -> str:
+        return self.machine or ("q35" if self.firmware == "uefi" else "pc")
+
+    @model_validator(mode="after")
+    def _uefi_options(self) -> Image:
+        if self.firmware != "uefi":
+            extra = [k for k in ("secure_boot", "tpm") if getattr(self, k)] + (["keys"] if self.keys else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} need{'s' if len(extra) == 1 else ''} firmware: uefi (this entry "
+                                 "is firmware: bios)")
+        if self.secure_boot and self.keys is None:
+            raise ValueError("secure_boot: true needs keys: (microsoft-2023, microsoft-2011+2023, distribution-only "
+                             "or none)")
+        if self.keys is not None and not self.secure_boot:
+            raise ValueError("keys: goes with secure_boot: true")
+        if self.secure_boot and self.machine == "pc":
+            raise ValueError("secure_boot: true needs machine: q35 (PVE boots OVMF on i440fx (pc) without SMM, "
+                             "i.e. without Secure Boot)")
+        return self
 
     @model_validator(mode="after")
     def _iso_needs_an_installer(self) -> Image:

@@ -26,6 +26,8 @@ macs       no VM on the node but the inventory VM itself carries an inventory MA
 tags       the datacenter tag policy (``/cluster/options``: ``user-tag-access``, ``registered-tags``)
            lets the token set the factory's tags, which otherwise needs Sys.Modify on /; WARN (not a
            failure) where the token cannot read the policy (Sys.Audit on /)
+firmware   the host's PVE can make each UEFI / Secure Boot / vTPM / q35 template the catalogue asks for
+           (its key set, Microsoft's 2023 CAs: PVE 9.1.19+) and the images storage holds EFI and TPM volumes
 ========== ===========================================================================
 
 Each failure carries a hint that says how to fix it. :func:`run_preflight` returns a
@@ -50,12 +52,13 @@ from .fanout import per_host
 from .inventory import Hypervisor, Site
 from .livemacs import host_mac_uses, site_collisions
 from .ownership import FACTORY_TAG
-from .publish import transport_named
+from .publish import firmware_refusals, transport_named
 from .pve import ApiError, PveClient
 from .pvecodec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
 from .reports import Report
 from .settings import Settings
 from .sshlink import HostKeyMismatch, SshLink
+from .templates import FirmwareAsk
 
 # ------------------------------------------------------------------------------------- constants
 
@@ -70,6 +73,7 @@ CHECK_BRIDGE = "bridge"
 CHECK_VMIDS = "vmids"
 CHECK_MACS = "macs"
 CHECK_TAGS = "tags"
+CHECK_FIRMWARE = "firmware"
 
 MIN_VERSION = (8, 4)
 FACTORY_ROLE = "ImageFactory"
@@ -420,6 +424,7 @@ class _HostRun:
     timeout: float
     client_factory: Callable[[Hypervisor], PveClient] | None
     transport: str = "ssh"
+    images: tuple[str, ...] = ()  # the catalogue images the run is for (space, firmware); () = all
     client: PveClient | None = field(default=None, init=False)
     link: SshLink | None = field(default=None, init=False)
     results: dict[str, CheckResult] = field(default_factory=dict, init=False)
@@ -856,6 +861,32 @@ class _HostRun:
                       + (f" and take {', '.join(sorted(ours & registered))} out of registered-tags"
                          if ours & registered else "") + " (Datacenter > Options > User Tag Access)")
 
+    @check(CHECK_FIRMWARE, needs=(CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_STORAGE), deploy=False)
+    def check_firmware(self) -> Outcome:
+        """Every catalogue image that boots other than BIOS/i440fx: this host's PVE can make its template
+        (publish.firmware_refusals: the key set, Microsoft's 2023 CAs), and the images storage takes its EFI vars
+        and TPM state volumes (content images; PVE 8 allocates the TPM state raw, 9 in the storage's format)."""
+        asks = {name: FirmwareAsk.of(img) for name, img in self.site.images.items()
+                if not self.images or name in self.images}
+        asks = {name: ask for name, ask in asks.items() if ask != FirmwareAsk()}
+        if not asks:
+            return passed("no catalogue image asks for UEFI, a vTPM or q35")
+        version = str(self.version_info.get("version") or "")
+        problems = [f"{name}: {why}" for name, ask in asks.items() for why in firmware_refusals(ask, version)]
+        hints = ["change the entry's keys in the catalogue, or upgrade the host as named"] if problems else []
+        hv = self.hv
+        images = next((s for s in self._storages() if str(s.get("storage")) == hv.storage.images), {})
+        if "images" not in split_list(images.get("content")):
+            problems.append(f"storage {hv.storage.images!r} cannot hold EFI vars or TPM state volumes (no content "
+                            "images)")
+            hints.append(f"pvesm set {hv.storage.images} --content images,<its other content types>")
+        if problems:
+            return failed("; ".join(problems), "; ".join(hints))
+        tpm = " and TPM state (4 MiB, raw)" if self.major < 9 else " and TPM state (4 MiB)"
+        return passed(f"PVE {version} makes {', '.join(f'{n} ({a.describe()})' for n, a in asks.items())}; EFI vars"
+                      f"{tpm if any(a.tpm for a in asks.values()) else ''} on {hv.storage.images} "
+                      f"({images.get('type', '?')})")
+
 
 def tag_policy(options: dict[str, Any]) -> tuple[str, set[str], set[str]]:
     """(user-allow, user-allow-list, registered-tags) from a Sys.Audit caller's GET /cluster/options, where
@@ -908,7 +939,8 @@ def run_preflight(
     selected = site.select_hypervisors(names_wanted or None)
     names = expand_checks(checks)
     need = largest_artifact(settings, site, images) if CHECK_SPACE in names else SpaceNeed(0, "")
-    runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory, transport) for hv in selected]
+    runs = [_HostRun(settings, site, hv, names, need, timeout, client_factory, transport, tuple(images or ()))
+            for hv in selected]
     report = PreflightReport(checks=names)
     if not runs:
         return report

@@ -35,6 +35,7 @@ Design choices (see also upload.py):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -50,15 +51,22 @@ from . import manifest as manifest_mod
 from .errors import FactoryError, RemoteError
 from .fanout import per_host
 from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
-from .inventory import Hypervisor, Image, Site
+from .inventory import Q35_CLOUDINIT_SLOT, Hypervisor, Image, Site
 from .manifest import Manifest
 from .ownership import Marker
 from .pve import ApiError, PveClient, explain, retry_lock_timeouts
-from .pvecodec import format_tags
+from .pvecodec import EfiDisk, MachineSpec, TpmState, format_tags
 from .reports import Report
 from .settings import Settings
 from .sshlink import SshLink
-from .templates import DESCRIPTION_HEADER, FACTORY_TAG, TemplateInfo, find_templates, parse_description
+from .templates import (
+    DESCRIPTION_HEADER,
+    FACTORY_TAG,
+    FirmwareAsk,
+    TemplateInfo,
+    find_templates,
+    parse_description,
+)
 from .upload import (
     ENGINES,
     SshUploader,
@@ -147,6 +155,31 @@ def test_summary(manifest: Manifest) -> str:
     )
 
 
+CLOUDINIT_SCSI = Q35_CLOUDINIT_SLOT
+MS_2023_ENROLLED = "2023k"  # qemu-server 9.1.5+: Microsoft UEFI CA 2023, Windows UEFI CA 2023 and KEK 2K CA 2023
+# pve-manager (what /version reports) from which qemu-server enrols Microsoft's 2023 CAs: 9.1.19 depends on
+# qemu-server >= 9.1.13 (ms-cert 9.0.27, enrolment on a config update 9.1.4, 2023k 9.1.5; pve-facts.md).
+MS_2023_MIN_PVE = (9, 1, 19)
+KEYS_PVE_CANNOT_MAKE = {
+    "microsoft-2023": "PVE's pre-enrolled key set always holds Microsoft's expired 2011 CAs beside the 2023 ones",
+    "distribution-only": "PVE's pre-enrolled key set always holds Microsoft's CAs beside the distribution's",
+}
+
+
+def firmware_refusals(ask: FirmwareAsk, pve_version: str) -> list[str]:
+    """Why this host cannot carry the template's firmware as asked ([] if it can): each says what to change."""
+    refusals: list[str] = []
+    if ask.keys in KEYS_PVE_CANNOT_MAKE and ask.pre_enrolled_keys:
+        refusals.append(f"keys: {ask.keys}: {KEYS_PVE_CANNOT_MAKE[ask.keys]} (efidisk0 pre-enrolled-keys=1); "
+                        "choose keys: microsoft-2011+2023 for a template PVE makes")
+    have = tuple(int(x) for x in re.findall(r"\d+", pve_version)[:3])
+    if ask.wants_ms_2023 and have < MS_2023_MIN_PVE:
+        refusals.append(f"keys: {ask.keys} needs Microsoft's 2023 UEFI CAs enrolled (efidisk0 ms-cert), which PVE "
+                        f"{pve_version or '?'} cannot do (qemu-server before 9.1.13): upgrade the host to PVE "
+                        f"{'.'.join(map(str, MS_2023_MIN_PVE))} or newer")
+    return refusals
+
+
 def template_description(
     manifest: Manifest, *, import_file: str, tested: bool, forced: bool, run_id: str, published_at: str
 ) -> str:
@@ -163,6 +196,7 @@ def template_description(
         f"import_file: {import_file}",
         f"git: {manifest.git.get('commit', '?')}{' (dirty)' if manifest.git.get('dirty') else ''}",
         f"built_at: {manifest.finished_at}",
+        f"firmware: {FirmwareAsk.of(manifest).describe()}",
     ]
     if manifest.contents:
         inside = manifest.contents
@@ -501,7 +535,10 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
     lock: HostLock | None = None
     try:
         client = ctx.client_factory(hv)
-        client.version()  # TLS and token are checked before anything else happens
+        version = client.version()  # TLS and token are checked before anything else happens
+        refusals = firmware_refusals(FirmwareAsk.of(ctx.artifact.manifest), str(version.get("version", "")))
+        if refusals:
+            raise PublishError(f"{ctx.artifact.manifest.image}: refused on {hv.node}: " + "; ".join(refusals))
         for round_ in range(MAX_ROUNDS):
             link = ctx.link_factory(hv)
             if not dry_run:
@@ -700,6 +737,7 @@ def _register(
             break
         else:
             raise PublishError(f"{hv.name}: could not find a free VMID after 5 attempts")
+        ensure_ms_2023(client, vmid, FirmwareAsk.of(art.manifest), guard)
         guard(f"converting VM {vmid} to a template")
         task = _retry_lock(lambda: _template(client, vmid), result, f"template {vmid}")
         if task is not None:
@@ -730,7 +768,7 @@ def _template(client: PveClient, vmid: int) -> Any:
 
 def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, tags: list[str]) -> dict[str, Any]:
     st = hv.storage
-    return {
+    params: dict[str, Any] = {
         "vmid": vmid,
         "name": art.template_name,
         "description": description,
@@ -748,14 +786,52 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "agent": "enabled=1",
         "net0": f"virtio,bridge={hv.bridge}",
         **({"cpu": art.image.cpu} if art.image.cpu else {}),
-        **(_uefi_params(hv) if art.manifest.firmware == "uefi" else {}),
     }
+    for key, value in firmware_params(hv, FirmwareAsk.of(art.manifest)).items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    return params
 
 
-def _uefi_params(hv: Hypervisor) -> dict[str, Any]:
-    """How a UEFI-installed image boots on PVE: OVMF on q35 with its own EFI variable disk (4 MiB store,
-    no pre-enrolled Secure Boot keys: the build's OVMF had none either, so the installer's entry works)."""
-    return {"bios": "ovmf", "machine": "q35", "efidisk0": f"{hv.storage.images}:1,efitype=4m,pre-enrolled-keys=0"}
+def firmware_params(hv: Hypervisor, ask: FirmwareAsk) -> dict[str, Any]:
+    """The create parameters of the template's firmware (docs/pve-facts.md, "UEFI, Secure Boot, vTPM"): OVMF
+    with a 4m EFI vars volume (PVE copies its vars template in: Microsoft's and the distribution's keys with
+    pre-enrolled-keys=1, none otherwise), a TPM 2.0 state volume, the machine; the cloud-init drive of a q35
+    template on SCSI. ms-cert is never written here: PVE marks 2023k itself when its vars hold the 2023 CAs,
+    and a marker written by hand would claim certificates nobody enrolled (see ensure_ms_2023)."""
+    st = hv.storage
+    params: dict[str, Any] = {}
+    if ask.machine != "pc":
+        params["machine"] = MachineSpec(ask.machine).format()
+    if ask.machine == "q35":
+        params["ide2"] = None
+        params[CLOUDINIT_SCSI] = f"{st.cloudinit}:cloudinit"
+    if ask.firmware == "uefi":
+        params["bios"] = "ovmf"
+        params["efidisk0"] = EfiDisk(f"{st.images}:1", "4m", ask.pre_enrolled_keys).format()
+    if ask.tpm:
+        params["tpmstate0"] = TpmState(f"{st.images}:1", "v2.0").format()
+    return params
+
+
+def ensure_ms_2023(client: PveClient, vmid: int, ask: FirmwareAsk, guard: Callable[[str], None]) -> None:
+    """Keys asking for Microsoft's 2023 CAs: the new VM's EFI disk must read ms-cert=2023k. PVE sets it at create
+    when its OVMF vars template holds them (pve-edk2-firmware 4.2025.05+); otherwise setting ms-cert=2023 makes
+    qemu-server (9.1.4+) enrol them with virt-fw-vars and write 2023k (OVMF.pm drive_change)."""
+    if not ask.wants_ms_2023:
+        return
+    cfg = client.vm_config(vmid)
+    efi = EfiDisk.parse(str(cfg.get("efidisk0", "")))
+    if efi.ms_cert != MS_2023_ENROLLED:
+        guard(f"enrolling Microsoft's 2023 UEFI CAs in VM {vmid}'s EFI disk")
+        client.update_vm_config(vmid, digest=str(cfg.get("digest") or "") or None, timeout=TASK_TIMEOUT,
+                                efidisk0=dataclasses.replace(efi, ms_cert="2023").format())
+        efi = EfiDisk.parse(str(client.vm_config(vmid).get("efidisk0", "")))
+    if efi.ms_cert != MS_2023_ENROLLED:
+        raise PublishError(f"VM {vmid}: the EFI disk reads ms-cert={efi.ms_cert or '2011 (unset)'} after enrolling "
+                           "Microsoft's 2023 CAs; update pve-edk2-firmware and qemu-server on the host")
 
 
 def _cleanup_vm(client: PveClient, vmid: int, run_id: str, result: HostResult) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
               "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
@@ -142,3 +143,121 @@ def parse_vids(value: object) -> list[tuple[int, int]]:
 
 def format_vids(ranges: list[tuple[int, int]]) -> str:
     return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _drive_props(key: str, value: str) -> tuple[str, dict[str, str]]:
+    """(volume, other keys) of a drive value: the volume is the bare first value or ``file=``/``volume=``."""
+    props = parse_props(value, "file")
+    volume = props.pop("file", "") or props.pop("volume", "")
+    if not volume:
+        raise ValueError(f"{key} {value!r} names no volume")
+    return volume, props
+
+
+def _take_enum(props: dict[str, str], key: str, default: str | None, allowed: tuple[str, ...], where: str) -> Any:
+    """Pop ``key`` (PVE's default when absent) and check it against its schema's enum."""
+    got = props.pop(key, default)
+    if got is not None and got not in allowed:
+        raise ValueError(f"{where}: {key} {got!r} is not one of {', '.join(allowed)}")
+    return got
+
+
+def _pve_bool(text: str | None) -> bool:
+    return str(text or "0").lower() in ("1", "true", "yes", "on")
+
+
+EFITYPES = ("2m", "4m")
+MS_CERTS = ("2011", "2023", "2023w", "2023k")  # qemu-server 9.2.0 Drive.pm %efitype_fmt 'ms-cert'
+
+
+@dataclass(frozen=True)
+class EfiDisk:
+    """``efidisk0`` (qemu-server Drive.pm ``$efidisk_fmt``): ``<volume>,efitype=4m,pre-enrolled-keys=1[,ms-cert=..]``.
+
+    ``volume`` is ``<storage>:1`` in a create request (PVE allocates the vars volume and copies its OVMF vars
+    template in, ignoring the size) and the allocated volume id once read back. ``efitype`` defaults to 2m and
+    ``pre-enrolled-keys`` to 0 in PVE, so a missing key reads as that default. ``ms-cert`` (qemu-server 9.0.27+)
+    is the marker of the newest Microsoft UEFI CA set PVE enrolled: 2023k once it holds all 2023 certificates.
+    """
+
+    volume: str
+    efitype: str = "2m"
+    pre_enrolled_keys: bool = False
+    ms_cert: str | None = None
+    options: tuple[tuple[str, str], ...] = ()  # size=, format=, import-from=: carried, not compared
+
+    @classmethod
+    def parse(cls, value: str) -> EfiDisk:
+        volume, props = _drive_props("efidisk0", value)
+        where = f"efidisk0 {value!r}"
+        efitype = _take_enum(props, "efitype", "2m", EFITYPES, where)
+        ms_cert = _take_enum(props, "ms-cert", None, MS_CERTS, where)
+        keys = _pve_bool(props.pop("pre-enrolled-keys", "0"))
+        return cls(volume, efitype, keys, ms_cert, tuple(sorted(props.items())))
+
+    def format(self) -> str:
+        props = dict(self.options)
+        props["efitype"] = self.efitype
+        props["pre-enrolled-keys"] = "1" if self.pre_enrolled_keys else "0"
+        if self.ms_cert is not None:
+            props["ms-cert"] = self.ms_cert
+        return ",".join([self.volume, *(f"{k}={props[k]}" for k in sorted(props))])
+
+    def compare_key(self) -> tuple[str, bool]:
+        """What a clone must keep of its template's EFI disk (the volume and ms-cert marker may differ)."""
+        return (self.efitype, self.pre_enrolled_keys)
+
+
+TPM_VERSIONS = ("v1.2", "v2.0")
+
+
+@dataclass(frozen=True)
+class TpmState:
+    """``tpmstate0`` (qemu-server Drive.pm ``$tpmstate_fmt``): ``<volume>,version=v2.0``; version defaults to
+    v1.2 and can never change after creation (``prohibit_tpm_version_change``)."""
+
+    volume: str
+    version: str = "v1.2"
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, value: str) -> TpmState:
+        volume, props = _drive_props("tpmstate0", value)
+        version = _take_enum(props, "version", "v1.2", TPM_VERSIONS, f"tpmstate0 {value!r}")
+        return cls(volume, version, tuple(sorted(props.items())))
+
+    def format(self) -> str:
+        props = {**dict(self.options), "version": self.version}
+        return ",".join([self.volume, *(f"{k}={props[k]}" for k in sorted(props))])
+
+
+# qemu-server Machine.pm $machine_fmt 'type' pattern (the same in 8.3.12 and 9.2.0)
+MACHINE_TYPE_RE = re.compile(r"(pc|pc(-i440fx)?-\d+(\.\d+)+(\+pve\d+)?(\.pxe)?|q35"
+                             r"|pc-q35-\d+(\.\d+)+(\+pve\d+)?(\.pxe)?|virt(?:-\d+(\.\d+)+)?(\+pve\d+)?)")
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """``machine`` (qemu-server Machine.pm ``$machine_fmt``): ``[type=]<type>[,viommu=..][,enable-s3=..]``.
+    No ``machine`` at all is i440fx (``pc``); ``family`` is what a template and its clones must agree on."""
+
+    type: str = "pc"
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, value: object) -> MachineSpec:
+        if value in (None, ""):
+            return cls()
+        props = parse_props(str(value), "type")
+        kind = props.pop("type", "pc")
+        if not MACHINE_TYPE_RE.fullmatch(kind):
+            raise ValueError(f"machine {value!r}: {kind!r} is not a QEMU machine type PVE accepts (pc, q35, "
+                             "pc-q35-<version>, ...)")
+        return cls(kind, tuple(sorted(props.items())))
+
+    @property
+    def family(self) -> str:
+        return "q35" if "q35" in self.type else "virt" if self.type.startswith("virt") else "pc"
+
+    def format(self) -> str:
+        return ",".join([self.type, *(f"{k}={v}" for k, v in self.options)])

@@ -219,8 +219,12 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str,
     ``base`` holds (the VM's own config, or its template's). The MAC in deploy's case (upper, NetSpec.format):
     PVE keeps the case it is given and the provider compares the strings."""
     ci = vm.cloudinit
+    # the template's cloud-init drive: ide2, or a SCSI slot on a q35 template (publish.CLOUDINIT_SCSI)
+    ci_drive = next((k for k, v in sorted(base.items()) if re.fullmatch(r"(ide|scsi|sata)\d+", k)
+                     and "cloudinit" in str(v)), "ide2")
     initialization: dict[str, Any] = {
-        "datastore_id": _storage(base["ide2"]) if base.get("ide2") else hv.storage.cloudinit,
+        "datastore_id": _storage(base[ci_drive]) if base.get(ci_drive) else hv.storage.cloudinit,
+        **({"interface": ci_drive} if ci_drive != "ide2" else {}),
         "ip_config": [_ip_config(vm)],
         "user_account": {"username": ci.user, "keys": list(ci.ssh_keys)},
         "upgrade": ci.upgrade,

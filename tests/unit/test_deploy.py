@@ -194,6 +194,39 @@ def test_compare_reports_each_field(site: Site) -> None:
     assert grow.safe and grow.desired == "20G"
 
 
+SB_LINE = "uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0"
+# A clone of a UEFI + Secure Boot + vTPM template as PVE 9.2 shows it (the drives keep the template's options).
+SB_CLONE = {"bios": "ovmf", "machine": "q35",
+            "efidisk0": "local-lvm:vm-1100-disk-1,efitype=4m,ms-cert=2023k,pre-enrolled-keys=1,size=528K",
+            "tpmstate0": "local-lvm:vm-1100-disk-2,size=4M,version=v2.0"}
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({}, None),
+    ({"machine": "pc-q35-9.2+pve1"}, None),  # a pinned q35 version is still q35
+    ({"bios": None}, "bios"),
+    ({"machine": None}, "machine"),
+    ({"efidisk0": "local-lvm:vm-1100-disk-1,efitype=4m,pre-enrolled-keys=0,size=528K"}, "efidisk0"),
+    ({"efidisk0": None}, "efidisk0"),
+    ({"tpmstate0": None}, "tpmstate0"),
+    ({"tpmstate0": "local-lvm:vm-1100-disk-2,size=4M"}, "tpmstate0"),  # v1.2, PVE's default
+])
+def test_a_clone_keeps_its_templates_firmware_or_shows_unsafe_drift(site: Site, change: dict[str, Any],
+                                                                    field: str | None) -> None:
+    vm = site.vms["jump01"]
+    hv = site.hypervisor_for(vm)
+    template = factories.template(firmware=SB_LINE)
+    cfg = {**_live_config(vm, hv), **SB_CLONE, **change}
+    cfg["description"] = dep.describe(vm, template, "run1")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    diffs = dep.compare(vm, hv, template, cfg)
+    assert [(d.field, d.safe) for d in diffs] == ([(field, False)] if field else [])
+    bios_template = factories.template(firmware="bios,machine=pc,tpm=no")
+    bios_cfg = {**_live_config(vm, hv), "description": dep.describe(vm, bios_template, "run1")}
+    assert dep.compare(vm, hv, bios_template, bios_cfg) == []
+    assert dep.compare(vm, hv, factories.template(), {**_live_config(vm, hv), **SB_CLONE}) == []  # not recorded
+
+
 def test_compare_ciupgrade_default_is_one(site: Site) -> None:
     vm = site.vms["metrics01"]
     hv = site.hypervisor_for(vm)

@@ -57,3 +57,21 @@ def test_vm_addresses_are_distinct_loopback_per_slot_and_vmid() -> None:
     assert vm_address(0, 1101) == "127.100.4.77"
     assert vm_address(21, 1101) == "127.121.4.77"
     assert len({vm_address(0, v) for v in (1101, 1102, 1201, 1301, 2101, 2201)}) == 6
+
+
+def test_ovmf_on_q35_with_a_4m_store_boots_the_secure_boot_code_as_qemu_server_picks_it(tmp_path) -> None:
+    """OVMF.pm get_ovmf_files: the secboot code needs SMM (q35) and a 4m store; i440fx gets the plain code."""
+    from image_factory.lab.vmrunner import firmware_args
+
+    vars_file = tmp_path / "vm-1-disk-1.raw"
+    vars_file.write_bytes(b"\0" * 540672)
+    disks = {"efidisk0": ("local-lvm:vm-1-disk-1", {"efitype": "4m", "pre-enrolled-keys": "1"}, vars_file)}
+    argv, swtpm = firmware_args({"bios": "ovmf", "machine": "q35"}, disks, 1, tmp_path, tmp_path, "n")
+    assert swtpm is None
+    assert argv[:2] == ["-machine", "q35,smm=on"] and "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd" in argv
+    assert f"if=pflash,unit=1,format=raw,file={vars_file}" in argv
+    plain, _ = firmware_args({"bios": "ovmf"}, disks, 1, tmp_path, tmp_path, "n")
+    assert "-machine" not in plain
+    assert "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in plain
+    assert firmware_args({}, {}, 1, tmp_path, tmp_path, "n") == ([], None)  # SeaBIOS, i440fx: nothing to add

@@ -447,3 +447,29 @@ def test_tags_check_warns_where_the_policy_cannot_be_read(node, env):
     assert report.ok and r.status == "WARN" and "unknown (needs Sys.Audit on /)" in r.detail
     assert "user-allow=free" not in r.detail and "pvesh get /cluster/options" in r.hint
     assert report.to_dict()["hosts"]["hv-unit"]["checks"][-1]["status"] == "WARN"
+
+
+def test_firmware_check_refuses_keys_the_hosts_pve_cannot_enrol_and_passes_on_9_2(node, env, tmp_path):
+    settings, site = env
+    images = Path(settings.images)
+    images.write_text(images.read_text() + textwrap.indent(textwrap.dedent("""\
+        tiny-sb:
+          family: debian
+          release: 12
+          mode: cloud
+          firmware: uefi
+          secure_boot: true
+          keys: microsoft-2011+2023
+          tpm: true
+          source: {url: fixtures/tiny.qcow2, checksum: none}
+        """), "  "))
+    site = load_site(Path(settings.inventory), images)
+    report = pf.run_preflight(settings, site, checks=["firmware"])
+    r = report.result("hv-unit", "firmware")
+    assert not r.ok and r.detail.startswith("tiny-sb: keys: microsoft-2011+2023 needs Microsoft's 2023 UEFI CAs")
+    assert "PVE 8.4.1 cannot do" in r.detail and "upgrade the host to PVE 9.1.19" in r.detail
+    assert "change the entry's keys in the catalogue" in r.hint and _writes(node) == []
+    node.version, node.release_version = "9.2.5", "9.2"
+    r = pf.run_preflight(settings, site, checks=["firmware"]).result("hv-unit", "firmware")
+    assert r.ok and "tiny-sb (uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0)" in r.detail
+    assert pf.run_preflight(settings, site, checks=["firmware"], images=["tiny"]).result("hv-unit", "firmware").ok

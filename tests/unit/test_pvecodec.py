@@ -61,3 +61,56 @@ def test_bridge_vids_round_trip(text: str, ranges: list[tuple[int, int]]) -> Non
 def test_bridge_vids_refuse_what_pve_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         pvecodec.parse_vids(bad)
+
+
+# Shapes qemu-server writes (print_drive: the volume, then the keys sorted; Drive.pm 8.3.12:454-535,
+# 9.2.0:507-604) and reads.
+@pytest.mark.parametrize(("text", "volume", "efitype", "keys", "cert"), [
+    ("local-lvm:vm-100-disk-0,efitype=4m,pre-enrolled-keys=1,size=528K", "local-lvm:vm-100-disk-0", "4m", True, None),
+    ("local-lvm:base-9000-disk-0,efitype=4m,ms-cert=2023k,pre-enrolled-keys=1,size=528K",
+     "local-lvm:base-9000-disk-0", "4m", True, "2023k"),
+    ("local:100/vm-100-disk-0.qcow2,size=128K", "local:100/vm-100-disk-0.qcow2", "2m", False, None),  # defaults
+    ("file=local-lvm:vm-1-disk-0,efitype=4m,pre-enrolled-keys=0", "local-lvm:vm-1-disk-0", "4m", False, None),
+])
+def test_efidisk_parses_what_qemu_server_writes(text: str, volume: str, efitype: str, keys: bool,
+                                                cert: str | None) -> None:
+    efi = pvecodec.EfiDisk.parse(text)
+    assert (efi.volume, efi.efitype, efi.pre_enrolled_keys, efi.ms_cert) == (volume, efitype, keys, cert)
+    assert pvecodec.EfiDisk.parse(efi.format()) == efi
+
+
+def test_efidisk_and_tpmstate_format_as_print_drive_does() -> None:
+    efi = pvecodec.EfiDisk("local-lvm:1", "4m", True)
+    assert efi.format() == "local-lvm:1,efitype=4m,pre-enrolled-keys=1"
+    marked = pvecodec.EfiDisk.parse("local-lvm:vm-1-disk-0,efitype=4m,pre-enrolled-keys=1,size=528K")
+    assert (pvecodec.EfiDisk(marked.volume, "4m", True, "2023", marked.options).format()
+            == "local-lvm:vm-1-disk-0,efitype=4m,ms-cert=2023,pre-enrolled-keys=1,size=528K")
+    tpm = pvecodec.TpmState.parse("local:100/vm-100-disk-1.raw,size=4M,version=v2.0")
+    assert (tpm.volume, tpm.version) == ("local:100/vm-100-disk-1.raw", "v2.0")
+    assert tpm.format() == "local:100/vm-100-disk-1.raw,size=4M,version=v2.0"
+    assert pvecodec.TpmState.parse("local-lvm:vm-1-disk-1,size=4M").version == "v1.2"  # PVE's default
+
+
+@pytest.mark.parametrize(("codec", "text", "why"), [
+    (pvecodec.EfiDisk, "local-lvm:1,efitype=8m", "efitype '8m'"),
+    (pvecodec.EfiDisk, "local-lvm:1,ms-cert=2024", "ms-cert '2024'"),
+    (pvecodec.EfiDisk, "efitype=4m", "names no volume"),
+    (pvecodec.TpmState, "local-lvm:1,version=v3", "version 'v3'"),
+])
+def test_malformed_firmware_drives_are_named(codec: type, text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        codec.parse(text)
+
+
+@pytest.mark.parametrize(("text", "kind", "family"), [
+    (None, "pc", "pc"), ("", "pc", "pc"), ("q35", "q35", "q35"), ("pc-q35-9.2+pve1", "pc-q35-9.2+pve1", "q35"),
+    ("type=q35,viommu=virtio", "q35", "q35"), ("pc-i440fx-8.1", "pc-i440fx-8.1", "pc"),
+])
+def test_machine_parses_machine_fmt(text: str | None, kind: str, family: str) -> None:
+    machine = pvecodec.MachineSpec.parse(text)
+    assert (machine.type, machine.family) == (kind, family)
+
+
+def test_machine_refuses_what_machine_fmt_refuses() -> None:
+    with pytest.raises(ValueError, match="not a QEMU machine type"):
+        pvecodec.MachineSpec.parse("q36")

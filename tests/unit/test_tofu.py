@@ -138,7 +138,10 @@ def test_the_export_has_the_hardware_deploy_gives_a_vm(site: Site, firmware: str
         init = resource["initialization"]
         assert (init["upgrade"], init["user_account"]["username"], init["ip_config"][0]["ipv4"]["address"]) == (
             deployed["ciupgrade"] == "1", deployed["ciuser"], parse_props(deployed["ipconfig0"])["ip"])
-        assert init["datastore_id"] == deployed["ide2"].split(":")[0]
+        # a q35 template's cloud-init drive is on SCSI: the provider is told, or it would make one on ide2
+        drive = "scsi30" if firmware == "uefi" else "ide2"
+        assert init["datastore_id"] == deployed[drive].split(":")[0] and "ide2" not in set(deployed) - {drive}
+        assert init.get("interface") == (drive if firmware == "uefi" else None)
 
 
 def test_attributes_at_the_providers_defaults_stay_out(site: Site) -> None:

@@ -91,6 +91,7 @@ def test_options_load(site: Site) -> None:
     ({"cpu": "Host"}, {}, "vm.cpu", "'Host' is not a CPU type qemu-server knows"),
     ({"cpu": "x86-64-v2-aes"}, {}, "vm.cpu", "close: "),
     ({"disks": [{"slot": "scsi0", "size_gb": 4}]}, {}, "vm.disks.0.slot", "scsi0 is the template's boot disk"),
+    ({"disks": [{"slot": "scsi30", "size_gb": 4}]}, {}, "vm.disks.0.slot", "holds the cloud-init drive of a UEFI"),
     ({"disks": [{"slot": "scsi31", "size_gb": 4}]}, {}, "vm.disks.0.slot", "is not a drive key"),
     ({"disks": [{"slot": "ide1", "size_gb": 4}]}, {}, "vm.disks.0.slot", "is not a drive key"),
     ({"disks": [{"slot": "virtio1", "size_gb": 4, "ssd": True}]}, {}, "vm.disks.0", "ssd is not an option of a virtio"),

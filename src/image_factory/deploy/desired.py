@@ -10,8 +10,8 @@ from urllib.parse import quote, unquote
 from ..errors import Problem, ValidationFailed
 from ..inventory import DataDisk, Hypervisor, Site, StaticIp, StaticIp6, Vm
 from ..ownership import Marker, marker_block, user_description, with_marker
-from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
-from ..templates import TemplateInfo
+from ..pvecodec import EfiDisk, MachineSpec, NetSpec, TpmState, format_tags, parse_props, parse_size, parse_tags
+from ..templates import FirmwareAsk, TemplateInfo
 from .model import FieldDiff
 
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
@@ -270,12 +270,57 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mappi
     elif disk is not None and disk[1] > want_bytes:
         diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False))
     marker = Marker.parse(config.get("description"), vm.vmid)
+    if template is not None and (marker.template, marker.template_vmid) == (template.name, template.vmid):
+        diffs += firmware_diffs(template, config)
     if template is not None and (marker.template, marker.template_vmid) != (template.name, template.vmid):
         have_t = f"{marker.template} ({marker.template_vmid})" if marker.template else None
         diffs.append(FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False))
     elif user_description(config.get("description")) != vm.description.strip() or not marker.sealed:
         diffs.append(FieldDiff("description", "(differs)", "(inventory description + sealed marker)", True))
     return diffs
+
+
+def firmware_diffs(template: TemplateInfo, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """How a clone's firmware differs from what its template's description records (nothing for templates
+    published before it was recorded). A clone inherits bios, machine, efidisk0 and tpmstate0; none of them
+    is safe to change in place (new EFI vars lose the enrolled keys and boot entries, a TPM's state and
+    version are for good), so every difference is reported, never corrected."""
+    want = FirmwareAsk.parse(template.firmware)
+    if want is None:
+        return []
+    diffs: list[FieldDiff] = []
+    have_bios = str(config.get("bios") or "seabios")
+    want_bios = "ovmf" if want.firmware == "uefi" else "seabios"
+    if have_bios != want_bios:
+        diffs.append(FieldDiff("bios", have_bios, want_bios, False))
+    try:
+        have_machine = MachineSpec.parse(config.get("machine")).family
+    except ValueError:
+        have_machine = str(config.get("machine"))
+    if have_machine != want.machine:
+        diffs.append(FieldDiff("machine", have_machine, want.machine, False))
+    if want.firmware == "uefi":
+        diffs += _drive_diff("efidisk0", config, _efi_key, ("4m", want.pre_enrolled_keys))
+    diffs += _drive_diff("tpmstate0", config, _tpm_key, "v2.0" if want.tpm else None)
+    return diffs
+
+
+def _efi_key(value: str) -> object:
+    efi = EfiDisk.parse(value)
+    return (efi.efitype, efi.pre_enrolled_keys)
+
+
+def _tpm_key(value: str) -> object:
+    return TpmState.parse(value).version
+
+
+def _drive_diff(key: str, config: Mapping[str, Any], read: Any, want: object) -> list[FieldDiff]:
+    raw = config.get(key)
+    try:
+        have = read(str(raw)) if raw else None
+    except ValueError:
+        have = f"unreadable: {raw}"
+    return [] if have == want else [FieldDiff(key, have, want, False)]
 
 
 def _gib(n: int) -> str:

@@ -99,6 +99,14 @@ NEWER_PARAMETERS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
 # factory's copy of qemu-server's model list (inventory.CPU_TYPES) -- the lab knows no custom- models.
 CPU_KEYS = frozenset({"cputype", "flags", "hidden", "hv-vendor-id", "phys-bits", "guest-phys-bits"})
 CICUSTOM_KEYS = frozenset({"meta", "network", "user", "vendor"})  # pve-qm-cicustom (QemuServer.pm)
+# pve-edk2-firmware's vars templates, as qemu-server's OVMF.pm picks them for efitype=4m on q35 (SMM): the
+# Microsoft + distribution keys with pre-enrolled-keys=1; Debian's ovmf package ships the same names.
+OVMF_VARS_DIR = Path("/usr/share/OVMF")
+OVMF_VARS = {False: "OVMF_VARS_4M.fd", True: "OVMF_VARS_4M.ms.fd"}
+EFI_VARS_SIZE = 528 * 1024  # what qemu-server records as size= of a 4m EFI disk
+TPMSTATE_SIZE = 4 * 1024 ** 2  # Drive.pm TPMSTATE_DISK_SIZE
+# efidisk0's ms-cert values by the qemu-server that introduced them (debian/changelog 9.0.27, 9.1.4, 9.1.5).
+MS_CERT_SINCE = {"2011": (9, 0, 27), "2023": (9, 0, 27), "2023w": (9, 1, 4), "2023k": (9, 1, 5)}
 RELAYED = ("ping", "info", "get-host-name", "get-osinfo", "network-get-interfaces", "get-time", "get-timezone",
            "get-users", "get-vcpus", "get-fsinfo")
 
@@ -173,6 +181,8 @@ class LabPve(FakePve):  # fakepve is untyped
         self.cluster_options: dict[str, str] = {}  # datacenter.cfg as stored: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}
+        # pve-edk2-firmware 4.2025.05+: the Microsoft-keyed vars template holds the 2023 CAs (control op edk2_vars)
+        self.edk2_ms_2023 = bool(spec.extra.get("edk2_ms_2023", True))
         self._after_io: dict[int, list[Any]] = {}
         self.runners: dict[int, vmrunner.VmProcess] = {}
         self._control_runner: web.AppRunner | None = None
@@ -781,6 +791,8 @@ class LabPve(FakePve):  # fakepve is untyped
             volid = self._alloc_named(sid, vmid, f"vm-{vmid}-cloudinit", fmt, CLOUDINIT_SIZE)
             props["media"] = "cdrom"
             return join_drive(volid, props), [volid]
+        if key in ("efidisk0", "tpmstate0") and NEW_DISK.match(volume) and "import-from" not in props:
+            return self._new_firmware_drive(vmid, key, volume, props, default)
         if "import-from" in props:
             source = props.pop("import-from")
             found = NEW_DISK.match(volume)
@@ -804,6 +816,81 @@ class LabPve(FakePve):  # fakepve is untyped
             )
             return join_drive(volid, props), [volid]
         return tuple(super()._qm_new_drive(vmid, key, value, default))
+
+    def _check_drive_formats(self, params: dict[str, Any]) -> None:
+        """The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
+        9.0.27, its values as they came; with import-from, efitype and pre-enrolled-keys must be given."""
+        if "efidisk0" not in params:
+            return
+        _volume, props = split_drive(str(params["efidisk0"]))
+        cert = props.get("ms-cert")
+        if cert is not None:
+            if not self.qemu_at_least(*MS_CERT_SINCE["2011"]):
+                raise param_error(efidisk0="invalid format - invalid key in comma-separated list property: "
+                                           "ms-cert\n")
+            known = [v for v, since in MS_CERT_SINCE.items() if self.qemu_at_least(*since)]
+            if cert not in known:
+                raise param_error(efidisk0=f"invalid format - format error\nefidisk0.ms-cert: value '{cert}' does "
+                                           f"not have a value in the enumeration '{', '.join(known)}'\n")
+        if "import-from" in props:
+            for required in ("efitype", "pre-enrolled-keys"):
+                if required not in props:
+                    raise param_error(efidisk0=f"need to specify '{required}' when using 'import-from'")
+
+    def _new_firmware_drive(self, vmid: int, key: str, volume: str, props: dict[str, str],
+                            default: str | None) -> tuple[str, list[str]]:
+        """qemu-server's create_disks for the two fixed-size drives (the SIZE_IN_GiB is ignored): efidisk0 gets a
+        copy of the OVMF vars template its efitype/pre-enrolled-keys pick (OVMF.pm create_efidisk), ms-cert=2023k
+        from 9.1.5 when that template holds Microsoft's 2023 CAs; tpmstate0 4 MiB, raw before qemu-server 9.0.26
+        (#4693), the storage's format from then on."""
+        found = NEW_DISK.match(volume)
+        assert found is not None
+        sid = found.group(1) or default
+        if not sid:
+            raise TaskError("no storage ID specified (and no default storage)")
+        fmt = props.pop("format", None)
+        if key == "tpmstate0":
+            if not self.qemu_at_least(9, 0, 26):
+                fmt = "raw"
+            volid, fmt = self._qm_alloc(sid, vmid, fmt, TPMSTATE_SIZE)
+            props["size"] = format_size(TPMSTATE_SIZE)
+            return join_drive(volid, props), [volid]
+        keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
+        vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
+        if not vars_file.exists():
+            raise TaskError(f"EFI vars image '{vars_file}' not found")
+        volid, fmt = self._qm_alloc(sid, vmid, fmt, EFI_VARS_SIZE)
+        path = self.volume_file(volid)
+        if path is not None:  # exactly the vars template's size: OVMF's second flash must match its code's layout
+            path.unlink(missing_ok=True)
+            _convert_into(vars_file, "raw", path, fmt)
+        props["size"] = format_size(EFI_VARS_SIZE)
+        if keys and self.qemu_at_least(9, 1, 5) and self.edk2_ms_2023:
+            props["ms-cert"] = "2023k"
+        return join_drive(volid, props), [volid]
+
+    @staticmethod
+    def _prohibit_tpm_version_change(vm: FakeVm, updates: dict[str, Any]) -> None:
+        """qemu-server prohibit_tpm_version_change: the same TPM state volume keeps its version (v1.2 unset)."""
+        if "tpmstate0" not in updates or not vm.config.get("tpmstate0"):
+            return
+        old_vol, old_props = split_drive(str(vm.config["tpmstate0"]))
+        new_vol, new_props = split_drive(str(updates["tpmstate0"]))
+        if old_vol == new_vol and old_props.get("version", "v1.2") != new_props.get("version", "v1.2"):
+            raise PveError(500, "cannot change TPM state version after creation")
+
+    def _enrol_ms_2023(self, vm: FakeVm, updates: dict[str, Any]) -> None:
+        """OVMF.pm drive_change (qemu-server 9.1.4+): ms-cert newly set to 2023* on the same volume enrols
+        Microsoft's 2023 CAs (virt-fw-vars) and records 2023k; before 9.1.4 the marker is only written."""
+        if "efidisk0" not in updates or not vm.config.get("efidisk0"):
+            return
+        old_vol, old_props = split_drive(str(vm.config["efidisk0"]))
+        new_vol, new_props = split_drive(str(updates["efidisk0"]))
+        cert = new_props.get("ms-cert") or ""
+        if (old_vol == new_vol and cert != old_props.get("ms-cert") and cert.startswith("2023")
+                and self.qemu_at_least(9, 1, 4) and new_props.get("pre-enrolled-keys") in ("1", "true")):
+            new_props["ms-cert"] = "2023k" if self.qemu_at_least(9, 1, 5) else "2023w"
+            updates["efidisk0"] = join_drive(new_vol, new_props)
 
     @staticmethod
     def _check_import_source(info: dict[str, Any], source: str) -> None:
@@ -885,6 +972,7 @@ class LabPve(FakePve):  # fakepve is untyped
         9.2.0 the create task checks the tag policy (assert_tag_permissions) before it writes the config."""
         self._check_bridge_access(user, v)
         self.check_vm_formats(v)
+        self._check_drive_formats(v)
         vmid = int(v["vmid"])
         if v.get("tags") and self.qemu_at_least(9, 2, 0):
             tags = v["tags"]
@@ -948,6 +1036,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.check_vm_formats(p)
         self._check_config_privileges(user, vm, p)
         self._check_bridge_access(user, p)
+        self._check_drive_formats(p)
         if p.get("digest") and p["digest"] != config_digest(vm):
             raise PveError(500, "checksum mismatch (file change by other user?)")
         if not p.get("skiplock"):
@@ -1047,6 +1136,8 @@ class LabPve(FakePve):  # fakepve is untyped
         self._check_lock(vm)
         self._check_bridge_access(user, updates)
         self._check_config_tags(user, vm, updates)
+        self._prohibit_tpm_version_change(vm, updates)
+        self._enrol_ms_2023(vm, updates)
         if updates.get("tags"):
             # every version sorts and lowercases tags on update (the datacenter default tag-style)
             updates["tags"] = format_tags(updates["tags"])
@@ -1139,12 +1230,14 @@ class LabPve(FakePve):  # fakepve is untyped
                     new.config[opt] = join_drive(volid, dict(props))
                     continue
                 dst_vol = split_drive(new.config[opt])[0]
+                if opt == "tpmstate0" and not full:
+                    dst_vol = self._full_tpm_volume(new, src_vol, dst_vol, made)
                 src_path, dst_path = self.volume_file(src_vol), self.volume_file(dst_vol)
                 if src_path is None or dst_path is None or not src_path.exists():
                     continue
                 sid = volume_ref(dst_vol)[0]
                 info = await asyncio.to_thread(_qemu_img_info, src_path)
-                if full:
+                if full or opt == "tpmstate0":
                     fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
                     await asyncio.to_thread(_convert_into, src_path, str(info["format"]), dst_path, fmt)
                 else:
@@ -1155,6 +1248,18 @@ class LabPve(FakePve):  # fakepve is untyped
 
         self._pending_io.setdefault(newid, []).append(io)
         return upid
+
+    def _full_tpm_volume(self, new: FakeVm, src_vol: str, linked_vol: str, made: list[str]) -> str:
+        """qemu-server clone_vm: a linked clone still copies the TPM state in full (8.3.3 "always do a full clone
+        of tpmstate volumes"; raw before 9.0.26): the linked volume fakepve made is replaced by a plain one."""
+        sid, name = volume_ref(src_vol)
+        assert sid is not None
+        fmt = "raw" if not self.qemu_at_least(9, 0, 26) else self._volumes(sid).get(name, {}).get("format")
+        self._qm_free(linked_vol)
+        volid, _fmt = self._qm_alloc(sid, new.vmid, fmt, TPMSTATE_SIZE)
+        made.append(volid)
+        new.config["tpmstate0"] = join_drive(volid, dict(split_drive(new.config["tpmstate0"])[1]))
+        return volid
 
     async def _qm_destroy(self, v: dict[str, Any], user: str) -> str:
         """qemu-server's destroy_vm refuses a template whose base volume still backs a linked clone, before it
@@ -1709,6 +1814,9 @@ class LabPve(FakePve):  # fakepve is untyped
         if op == "release":
             self.switch_release(str(args["version"]))
             return None
+        if op == "edk2_vars":
+            self.edk2_ms_2023 = bool(args["ms_2023"])
+            return None
         if op == "thin_pool":
             self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
             return None
@@ -1793,6 +1901,7 @@ class LabPve(FakePve):  # fakepve is untyped
         self.set_release(self.spec.version)
         self.acl = copy.deepcopy(self._initial_acl)
         self.storages[THIN_STORAGE].pop("pool_size", None)
+        self.edk2_ms_2023 = bool(self.spec.extra.get("edk2_ms_2023", True))
         for store in self.storages.values():
             store["volumes"] = {}
             store["files"] = set()

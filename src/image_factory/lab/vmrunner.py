@@ -10,7 +10,10 @@ What PVE would do at ``qm start`` and the lab reproduces:
   config matched by MAC;
 - ``agent: enabled=1`` adds the virtio-serial port ``org.qemu.guest_agent.0``; the lab's API
   relays guest-agent commands to the real agent in the guest through it;
-- memory is the configured one capped at the lab's ``vm_memory_cap``; one vCPU.
+- memory is the configured one capped at the lab's ``vm_memory_cap``; one vCPU;
+- ``bios: ovmf`` boots OVMF with ``efidisk0`` as its variable store, as qemu-server's OVMF.pm does: the
+  Secure Boot code (SMM) on q35 with a 4m store, the plain code otherwise; ``tpmstate0`` starts an swtpm
+  (TPM 2.0 for ``version=v2.0``) on the state volume, attached as a TIS device.
 """
 
 from __future__ import annotations
@@ -196,6 +199,7 @@ class VmProcess:
     argv: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _swtpm: subprocess.Popen[bytes] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "ssh_host": self.address, "ssh_port": 22,
@@ -225,6 +229,9 @@ class VmProcess:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
+        if self._swtpm is not None and self._swtpm.poll() is None:  # --terminate ends it with QEMU; in case not
+            self._swtpm.kill()
+            self._swtpm.wait(timeout=5)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -341,6 +348,55 @@ class VmProcess:
             return False
 
 
+FIRMWARE_DRIVES = ("efidisk0", "tpmstate0")  # not block devices of the guest: see firmware_args
+OVMF_DIR = Path("/usr/share/OVMF")  # Debian's ovmf: the same files pve-edk2-firmware ships
+
+
+def firmware_args(config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]], vmid: int,
+                  vms_dir: Path, log_dir: Path, node: str) -> tuple[list[str], subprocess.Popen[bytes] | None]:
+    """QEMU arguments for the VM's machine, OVMF and TPM, and the swtpm started for it (or None)."""
+    argv: list[str] = []
+    machine = str(config.get("machine") or "pc")
+    q35 = "q35" in machine.split(",")[0]
+    efi = disks.get("efidisk0")
+    efi_props = efi[1] if efi else {}
+    secure = q35 and efi_props.get("efitype") == "4m"
+    if q35:
+        argv += ["-machine", "q35,smm=on" if secure else "q35"]
+    if str(config.get("bios") or "seabios") == "ovmf":
+        code = OVMF_DIR / ("OVMF_CODE_4M.secboot.fd" if secure else "OVMF_CODE_4M.fd")
+        if efi is None or efi[2] is None or not efi[2].exists():
+            raise LaunchError("the lab boots OVMF only with an efidisk0 volume")
+        if secure:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        argv += ["-drive", f"if=pflash,unit=0,format=raw,readonly=on,file={code}",
+                 "-drive", f"if=pflash,unit=1,format={_image_format(efi[2])},file={efi[2]}"]
+    tpm = disks.get("tpmstate0")
+    if tpm is None or tpm[2] is None:
+        return argv, None
+    sock = vms_dir / f"{vmid}.swtpm"
+    sock.unlink(missing_ok=True)
+    # swtpm reads raw state only (PVE exports a qcow2 volume through FUSE): a qcow2 volume keeps its state beside
+    state = (f"backend-uri=file://{tpm[2]}" if _image_format(tpm[2]) == "raw"
+             else f"dir={vms_dir / f'{vmid}-tpm'}")
+    if state.startswith("dir="):
+        (vms_dir / f"{vmid}-tpm").mkdir(exist_ok=True)
+    version = ["--tpm2"] if tpm[1].get("version") == "v2.0" else []
+    swtpm = subprocess.Popen(
+        ["swtpm", "socket", "--tpmstate", state, "--ctrl", f"type=unixio,path={sock}", "--terminate",
+         "--log", f"file={log_dir / f'{node}-vm{vmid}-swtpm.log'},level=1", *version],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not sock.exists() and swtpm.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not sock.exists():
+        swtpm.kill()
+        raise LaunchError(f"swtpm did not start for VM {vmid} (see {log_dir}/{node}-vm{vmid}-swtpm.log)")
+    argv += ["-chardev", f"socket,id=tpmchar,path={sock}", "-tpmdev", "emulator,id=tpmdev,chardev=tpmchar",
+             "-device", "tpm-tis,tpmdev=tpmdev"]
+    return argv, swtpm
+
+
 def _int_option(config: dict[str, Any], key: str) -> int:
     try:
         return max(1, int(str(config.get(key, 1))))
@@ -370,7 +426,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
     order = boot[len("order="):].split(";") if boot.startswith("order=") else []
     for key, (volume, props, path) in sorted(disks.items()):
         cdrom = props.get("media") == "cdrom"
-        if volume in ("none", "cdrom") or path is None:
+        if volume in ("none", "cdrom") or path is None or key in FIRMWARE_DRIVES:
             continue
         if "cloudinit" in volume:
             _write_seed(seed_files(name, config, vendor_data), path, _image_format(path))
@@ -392,6 +448,8 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
             n = int(key[3:])
             argv += ["-device", f"ide-{'cd' if cdrom else 'hd'},bus=ide.{n // 2},unit={n % 2},drive={drive_id}"
                      f"{bootindex}"]
+    extra, swtpm = firmware_args(config, disks, vmid, vms_dir, log_dir, node)
+    argv += extra
     nics = nics_of(config)
     for n, (key, mac) in enumerate(nics):
         idx = key[3:]
@@ -421,6 +479,9 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if swtpm is not None:
+                swtpm.kill()
+                swtpm.wait(timeout=5)
             tail = qemu_log.read_text(errors="replace").strip().splitlines()[-3:]
             raise LaunchError(f"start failed: QEMU exited with code {proc.returncode}: {' '.join(tail)}")
         if qmp.exists():
@@ -428,7 +489,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
         time.sleep(0.05)
     record = vms_dir / f"{vmid}.json"
     vmp = VmProcess(vmid=vmid, name=name, pid=proc.pid, address=address, nics=nics, qga=qga, qmp=qmp,
-                    record=record, serial_log=serial_log, argv=argv, _proc=proc)
+                    record=record, serial_log=serial_log, argv=argv, _proc=proc, _swtpm=swtpm)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps({"vmid": vmid, "name": name, "node": node, **vmp.describe()}, indent=2) + "\n")
     tmp.replace(record)
