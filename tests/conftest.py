@@ -1,6 +1,7 @@
 """Shared pytest configuration: markers are declared in pyproject.toml."""
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -14,6 +15,86 @@ from image_factory.lab.aptrepo import serve_files
 
 # The two-hypervisor lab: fixtures `lab` (session) and `fresh_lab` (function), with fault hooks.
 pytest_plugins = ["image_factory.lab.pytest_plugin"]
+
+
+# ------------------------------------------------------------------ the whole suite on the machine's cores
+
+WORKERS_ENV = "FACTORY_TEST_WORKERS"
+MAX_WORKERS = 4  # each worker may boot a TCG guest (1-2 GiB, one busy core): more than 4 only queue on the CPU
+UNMARKED_COST = 0.2  # seconds: about what a unit test takes; only orders units of unmarked tests by their size
+
+
+def default_workers() -> int:
+    """Workers for a whole-suite run: $FACTORY_TEST_WORKERS, else one per core up to MAX_WORKERS; 0 is serial."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit():
+            raise pytest.UsageError(f"{WORKERS_ENV}={raw!r}: not a number of workers (0 runs the tests serially)")
+        return int(raw)
+    cores = len(os.sched_getaffinity(0))
+    return min(cores, MAX_WORKERS) if cores > 1 else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The whole suite (no test paths given: `./dev test`) runs on default_workers(); a developer naming a file or
+    a test runs it in this process, with no worker start-up. `-n N` chooses, `-n 0` is serial. Every parallel
+    run distributes by work unit (--dist loadgroup): the tests of an xdist_group share state and run in order on
+    one worker (see pytest_collection_modifyitems)."""
+    # pytest's capture imports readline, and readline exports COLUMNS and LINES at the C level, not into os.environ:
+    # workers and subprocesses would start with COLUMNS=80 where this process has none (console.py sizes its
+    # output by it). What os.environ does not hold leaves the C environment too.
+    for name in ("COLUMNS", "LINES"):
+        if name not in os.environ:
+            os.unsetenv(name)
+    option = config.option
+    if not hasattr(option, "numprocesses") or hasattr(config, "workerinput"):
+        return  # -p no:xdist, or inside a worker
+    if option.numprocesses is None:
+        whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        if not whole_suite or option.collectonly or option.usepdb:
+            return
+        option.numprocesses = default_workers()
+        if not option.numprocesses:
+            return
+        option.tx = ["popen"] * option.numprocesses
+    if option.numprocesses and option.dist in ("no", "loadgroup"):
+        option.dist = "loadgroup"
+        option.loadscopereorder = False  # keep the costliest-first order made below
+
+
+def _unit(item: pytest.Item) -> str:
+    """The work unit a parallel run hands to one worker: an explicit xdist_group, a test marked with its
+    cost (it runs alone), else the test's module (module-scoped fixtures are set up once)."""
+    group = item.get_closest_marker("xdist_group")
+    if group is not None:
+        return str(group.args[0] if group.args else group.kwargs.get("name", "default"))
+    if item.get_closest_marker("cost") is not None:
+        return item.nodeid
+    return item.nodeid.split("::", 1)[0]
+
+
+def _cost(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("cost")
+    return float(mark.args[0]) if mark is not None else UNMARKED_COST
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks into the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a worker of a parallel run: every test joins a work unit (see _unit) and the units are ordered by
+    their recorded cost (`cost` marks: seconds on a quiet machine), costliest first, so the long boots start at
+    once, spread over the workers, and the short units fill the gaps until both workers end together. Every
+    worker computes the same order from the same collection, as xdist requires."""
+    if not hasattr(config, "workerinput") or not config.getoption("loadgroup", False):
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        unit = _unit(item)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(unit))
+        units.setdefault(unit, []).append(item)
+    ordered = sorted(units.values(), key=lambda members: -sum(_cost(i) for i in members))  # stable: ties keep order
+    items[:] = [item for members in ordered for item in members]
 
 
 @pytest.fixture
