@@ -58,9 +58,22 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         if not option.numprocesses:
             return
         option.tx = ["popen"] * option.numprocesses
-    if option.numprocesses and option.dist in ("no", "loadgroup"):
+    distribution_given = any(arg.split("=", 1)[0] in ("--dist", "-d", "--distload")
+                             for arg in config.invocation_params.args)
+    if option.numprocesses and not distribution_given:
         option.dist = "loadgroup"
         option.loadscopereorder = False  # keep the costliest-first order made below
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """A worker parses the command line it was given, not the choices made above: tell it."""
+    node.workerinput["factory_work_units"] = node.config.option.dist == "loadgroup"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", {}).get("factory_work_units"):
+        config.option.loadgroup = True  # xdist's worker then names each test's unit in its node id
 
 
 def _unit(item: pytest.Item) -> str:
@@ -85,7 +98,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     their recorded cost (`cost` marks: seconds on a quiet machine), costliest first, so the long boots start at
     once, spread over the workers, and the short units fill the gaps until both workers end together. Every
     worker computes the same order from the same collection, as xdist requires."""
-    if not hasattr(config, "workerinput") or not config.getoption("loadgroup", False):
+    if not getattr(config, "workerinput", {}).get("factory_work_units"):
         return
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
