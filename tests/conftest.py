@@ -21,7 +21,24 @@ pytest_plugins = ["image_factory.lab.pytest_plugin"]
 
 WORKERS_ENV = "FACTORY_TEST_WORKERS"
 MAX_WORKERS = 4  # each worker may boot a TCG guest (1-2 GiB, one busy core): more than 4 only queue on the CPU
-UNMARKED_COST = 0.2  # seconds: about what a unit test takes; only orders units of unmarked tests by their size
+UNLISTED_COST = 0.2  # seconds: about what a unit test takes; orders the module units by their size
+
+# Wall seconds of the long tests on a quiet 2-core machine (the last serial CI's --durations). A parallel run
+# starts them first, each on its own, spread over the workers, and fills the gaps with the module units. A new
+# test above ~10 s belongs here; a stale entry only loses its place in the order.
+COSTS: dict[str, float] = {
+    "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 522,
+    "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 333,
+    "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 300,
+    "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 163,
+    "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 129,
+    "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 92,
+    "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 74,
+    "tests/lab/test_deploy_lab.py::test_really_booted_guest_has_its_inventory_mac": 67,
+    "tests/e2e/test_imagetest.py::test_base_image_passes_common_and_hygiene": 66,
+    "tests/lab/test_lab_vm.py::test_started_vm_boots_and_answers_ssh_with_its_inventory_mac": 50,
+    "tests/unit/test_packaging.py::test_the_installed_command_runs_a_site_outside_the_repository": 13,
+}
 
 
 def default_workers() -> int:
@@ -35,12 +52,17 @@ def default_workers() -> int:
     return min(cores, MAX_WORKERS) if cores > 1 else 0
 
 
+def work_unit(nodeid: str) -> str:
+    """What one worker runs in one go: a listed long test alone, else the test's whole module (its module
+    fixtures are set up once)."""
+    return nodeid if nodeid in COSTS else nodeid.split("::", 1)[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
     """The whole suite (no test paths given: `./dev test`) runs on default_workers(); a developer naming a file or
-    a test runs it in this process, with no worker start-up. `-n N` chooses, `-n 0` is serial. Every parallel
-    run distributes by work unit (--dist loadgroup): the tests of an xdist_group share state and run in order on
-    one worker (see pytest_collection_modifyitems)."""
+    a test runs it in this process, with no worker start-up. `-n N` chooses, `-n 0` is serial. Without an
+    explicit --dist, a parallel run hands out work units (work_unit), costliest first."""
     # pytest's capture imports readline, and readline exports COLUMNS and LINES at the C level, not into os.environ:
     # workers and subprocesses would start with COLUMNS=80 where this process has none (console.py sizes its
     # output by it). What os.environ does not hold leaves the C environment too.
@@ -61,52 +83,40 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     distribution_given = any(arg.split("=", 1)[0] in ("--dist", "-d", "--distload")
                              for arg in config.invocation_params.args)
     if option.numprocesses and not distribution_given:
-        option.dist = "loadgroup"
-        option.loadscopereorder = False  # keep the costliest-first order made below
+        option.dist = "loadscope"  # by work unit: see pytest_xdist_make_scheduler
+        option.loadscopereorder = False  # keep the costliest-first order the workers collect in
+        option.factory_work_units = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if not getattr(config.option, "factory_work_units", False):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """A worker parses the command line it was given, not the choices made above: tell it."""
-    node.workerinput["factory_work_units"] = node.config.option.dist == "loadgroup"
+    node.workerinput["factory_work_units"] = getattr(node.config.option, "factory_work_units", False)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if getattr(config, "workerinput", {}).get("factory_work_units"):
-        config.option.loadgroup = True  # xdist's worker then names each test's unit in its node id
-
-
-def _unit(item: pytest.Item) -> str:
-    """The work unit a parallel run hands to one worker: an explicit xdist_group, a test marked with its
-    cost (it runs alone), else the test's module (module-scoped fixtures are set up once)."""
-    group = item.get_closest_marker("xdist_group")
-    if group is not None:
-        return str(group.args[0] if group.args else group.kwargs.get("name", "default"))
-    if item.get_closest_marker("cost") is not None:
-        return item.nodeid
-    return item.nodeid.split("::", 1)[0]
-
-
-def _cost(item: pytest.Item) -> float:
-    mark = item.get_closest_marker("cost")
-    return float(mark.args[0]) if mark is not None else UNMARKED_COST
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In a worker of a parallel run: every test joins a work unit (see _unit) and the units are ordered by
-    their recorded cost (`cost` marks: seconds on a quiet machine), costliest first, so the long boots start at
-    once, spread over the workers, and the short units fill the gaps until both workers end together. Every
-    worker computes the same order from the same collection, as xdist requires."""
+    """In a worker of a parallel run: the tests in work units, costliest unit first (ties keep their order), so
+    the long boots start at once and the short units fill the gaps until the workers end together. Every worker
+    computes the same order from the same collection, as xdist requires."""
     if not getattr(config, "workerinput", {}).get("factory_work_units"):
         return
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
-        unit = _unit(item)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(unit))
-        units.setdefault(unit, []).append(item)
-    ordered = sorted(units.values(), key=lambda members: -sum(_cost(i) for i in members))  # stable: ties keep order
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+    ordered = sorted(units.values(), key=lambda members: -sum(COSTS.get(i.nodeid, UNLISTED_COST) for i in members))
     items[:] = [item for members in ordered for item in members]
 
 

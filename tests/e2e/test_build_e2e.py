@@ -77,7 +77,6 @@ def _check_manifest(build_dir: Path, outcome: build.BuildOutcome) -> None:
     assert m.fingerprint == outcome.fingerprint
 
 
-@pytest.mark.cost(300)
 def test_real_build_cache_hit_and_force(settings: Settings, recording_packer: Path, tmp_path: Path) -> None:
     image = load_site(settings.inventory, settings.images).images["debian-lab"]
     build_dir = settings.builds_dir / image.name
@@ -125,7 +124,6 @@ def test_real_build_cache_hit_and_force(settings: Settings, recording_packer: Pa
     assert stat.S_IMODE((build_dir / "manifest.json").stat().st_mode) & 0o400
 
 
-@pytest.mark.cost(333)
 def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Settings) -> None:
     """From the release suite's packages only: the build upgrades from trixie-updates and trixie-security,
     reboots into the newer kernel when they hold one (the base image's stamp says whether they do), and the
@@ -150,7 +148,6 @@ def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Sett
     assert Version(m.contents["kernel"]) >= Version(kernels["debian-13-base.qcow2"]), (m.contents["kernel"], kernels)
 
 
-@pytest.mark.cost(163)
 def test_uefi_build_boots_under_ovmf_and_passes_its_image_test(settings: Settings) -> None:
     """The hybrid base image built with ``firmware: uefi``: the build VM and the image test's VM start OVMF,
     which boots Debian's signed shim from the ESP's removable path; the image suite checks the booted

@@ -55,7 +55,6 @@ def base_image() -> Path:
     return ensure_base_image(Settings.from_mapping(root=REPO))
 
 
-@pytest.mark.cost(66)
 def test_base_image_passes_common_and_hygiene(base_image: Path, tmp_path: Path) -> None:
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO)
     build_dir = settings.builds_dir / "debian-base"
@@ -128,7 +127,6 @@ def make_broken_copy(src: Path, dst: Path, tmp: Path) -> None:
     raw.unlink()
 
 
-@pytest.mark.cost(92)
 def test_broken_image_fails_exactly_the_expected_tests(base_image: Path, tmp_path: Path) -> None:
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO)
     build_dir = settings.builds_dir / "debian-broken"

@@ -123,7 +123,6 @@ def _night(settings: Settings, packer_calls: Path) -> tuple[dict[str, Any], list
     return dataclasses.asdict(run), builds
 
 
-@pytest.mark.cost(522)
 def test_four_nights_against_a_repository_the_test_controls(
         nightly_lab: LabHandle, canary_repo: AptRepo, tmp_path: Path, packer_calls: Path) -> None:
     settings = _nightly_settings(nightly_lab, canary_repo, tmp_path)

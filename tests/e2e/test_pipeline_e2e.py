@@ -39,7 +39,6 @@ def e2e_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         stop_lab(handle, slot_lock)
 
 
-@pytest.mark.cost(129)
 def test_whole_path_against_the_two_host_lab(e2e_lab: LabHandle, tmp_path: Path) -> None:
     settings, site = e2e_lab.settings, e2e_lab.site
     assert {vm.image for vm in site.vms.values()} == {"debian-lab"}

@@ -157,7 +157,6 @@ def test_example_site_lands_with_inventory_macs_and_second_run_changes_nothing(l
 
 
 @pytest.mark.slow
-@pytest.mark.cost(67)
 def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
     monkeypatch.setattr(dep.ready, "READY_POLL_INTERVAL", 1.0)

@@ -99,7 +99,6 @@ def ssh_to_guest(lab: LabHandle, host: str, vm: Vm, address: str) -> SshEndpoint
                        key_file=lab.paths.client_key)
 
 
-@pytest.mark.cost(50)
 def test_started_vm_boots_and_answers_ssh_with_its_inventory_mac(fresh_lab: LabHandle) -> None:
     """iot-api01 (tenant): linked clone, DHCP."""
     c, vm = boot_from_template(fresh_lab, "pve-tenant", "iot-api01", full=False)
@@ -127,7 +126,6 @@ def test_started_vm_boots_and_answers_ssh_with_its_inventory_mac(fresh_lab: LabH
     assert not cmdline.exists() or b"qemu" not in cmdline.read_bytes()
 
 
-@pytest.mark.cost(74)
 def test_static_ip_and_second_nic_as_jump01_has_them(fresh_lab: LabHandle) -> None:
     """jump01 (mgmt): full clone, static ipconfig0, nameserver, searchdomain, a second NIC on vmbr1."""
     c, vm = boot_from_template(fresh_lab, "pve-mgmt", "jump01", full=True)

@@ -99,7 +99,6 @@ def _run(bindir: Path, site: Path, *args: str, **env_extra: str) -> subprocess.C
                           capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.cost(13)
 def test_the_installed_command_runs_a_site_outside_the_repository(installed: Path, site: Path) -> None:
     where = subprocess.run([str(installed / "python"), "-c", "import image_factory; print(image_factory.__file__)"],
                            check=True, capture_output=True, text=True, cwd=site).stdout
