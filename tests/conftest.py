@@ -1,6 +1,7 @@
 """Shared pytest configuration: markers are declared in pyproject.toml."""
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -14,6 +15,109 @@ from image_factory.lab.aptrepo import serve_files
 
 # The two-hypervisor lab: fixtures `lab` (session) and `fresh_lab` (function), with fault hooks.
 pytest_plugins = ["image_factory.lab.pytest_plugin"]
+
+
+# ------------------------------------------------------------------ the whole suite on the machine's cores
+
+WORKERS_ENV = "FACTORY_TEST_WORKERS"
+MAX_WORKERS = 4  # each worker may boot a TCG guest (1-2 GiB, one busy core): more than 4 only queue on the CPU
+UNLISTED_COST = 0.2  # seconds: about what a unit test takes; orders the module units by their size
+
+# Wall seconds of the long tests on a quiet 2-core machine (the last serial CI's --durations). A parallel run
+# starts them first, each on its own, spread over the workers, and fills the gaps with the module units. A new
+# test above ~10 s belongs here; a stale entry only loses its place in the order.
+COSTS: dict[str, float] = {
+    "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 522,
+    "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 333,
+    "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 300,
+    "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 163,
+    "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 129,
+    "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 92,
+    "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 74,
+    "tests/lab/test_deploy_lab.py::test_really_booted_guest_has_its_inventory_mac": 67,
+    "tests/e2e/test_imagetest.py::test_base_image_passes_common_and_hygiene": 66,
+    "tests/lab/test_lab_vm.py::test_started_vm_boots_and_answers_ssh_with_its_inventory_mac": 50,
+    "tests/unit/test_packaging.py::test_the_installed_command_runs_a_site_outside_the_repository": 13,
+}
+
+
+def default_workers() -> int:
+    """Workers for a whole-suite run: $FACTORY_TEST_WORKERS, else one per core up to MAX_WORKERS; 0 is serial."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit():
+            raise pytest.UsageError(f"{WORKERS_ENV}={raw!r}: not a number of workers (0 runs the tests serially)")
+        return int(raw)
+    cores = len(os.sched_getaffinity(0))
+    return min(cores, MAX_WORKERS) if cores > 1 else 0
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs in one go: a listed long test alone, else the test's whole module (its module
+    fixtures are set up once)."""
+    return nodeid if nodeid in COSTS else nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The whole suite (no test paths given: `./dev test`) runs on default_workers(); a developer naming a file or
+    a test runs it in this process, with no worker start-up. `-n N` chooses, `-n 0` is serial. Without an
+    explicit --dist, a parallel run hands out work units (work_unit), costliest first."""
+    # pytest's capture imports readline, and readline exports COLUMNS and LINES at the C level, not into os.environ:
+    # workers and subprocesses would start with COLUMNS=80 where this process has none (console.py sizes its
+    # output by it). What os.environ does not hold leaves the C environment too.
+    for name in ("COLUMNS", "LINES"):
+        if name not in os.environ:
+            os.unsetenv(name)
+    option = config.option
+    if not hasattr(option, "numprocesses") or hasattr(config, "workerinput"):
+        return  # -p no:xdist, or inside a worker
+    if option.numprocesses is None:
+        whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        if not whole_suite or option.collectonly or option.usepdb:
+            return
+        option.numprocesses = default_workers()
+        if not option.numprocesses:
+            return
+        option.tx = ["popen"] * option.numprocesses
+    distribution_given = any(arg.split("=", 1)[0] in ("--dist", "-d", "--distload")
+                             for arg in config.invocation_params.args)
+    if option.numprocesses and not distribution_given:
+        option.dist = "loadscope"  # by work unit: see pytest_xdist_make_scheduler
+        option.loadscopereorder = False  # keep the costliest-first order the workers collect in
+        option.factory_work_units = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if not getattr(config.option, "factory_work_units", False):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """A worker parses the command line it was given, not the choices made above: tell it."""
+    node.workerinput["factory_work_units"] = getattr(node.config.option, "factory_work_units", False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a worker of a parallel run: the tests in work units, costliest unit first (ties keep their order), so
+    the long boots start at once and the short units fill the gaps until the workers end together. Every worker
+    computes the same order from the same collection, as xdist requires."""
+    if not getattr(config, "workerinput", {}).get("factory_work_units"):
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+    ordered = sorted(units.values(), key=lambda members: -sum(COSTS.get(i.nodeid, UNLISTED_COST) for i in members))
+    items[:] = [item for members in ordered for item in members]
 
 
 @pytest.fixture

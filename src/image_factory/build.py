@@ -1,6 +1,7 @@
 """Run one image build: render, cache check, validate, ``packer build``, compact, manifest.
 
-Flow of :func:`build_image`:
+Flow of :func:`build_image` (steps 1-5 hold builds/<image>/.lock: a second build of the same image, in any
+process, waits for the first and then finds its result, a cache hit when its inputs are the same):
 
 1. render (render.render_image) and compute the input fingerprint;
 2. cache: if builds/<image>/manifest.json has the same fingerprint and the artifact still has its
@@ -686,13 +687,17 @@ def compact(src: Path, dst: Path, *, compress: bool) -> None:
 
 
 @contextlib.contextmanager
-def _image_lock(build_dir: Path) -> Iterator[None]:
+def _image_lock(build_dir: Path, emit: Callable[[str, str], None]) -> Iterator[None]:
+    """Held from the render into builds/<image>/ to the new manifest: another process's render, cache check or
+    build of the image in between would overwrite the rendered files under a running packer, or read a
+    manifest being replaced. A second build waits its turn (the first is bounded by its own timeout)."""
     build_dir.mkdir(parents=True, exist_ok=True)
     with (build_dir / ".lock").open("w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BuildError(f"another build of {build_dir.name} is running (lock {build_dir / '.lock'})") from None
+            emit("status", f"waiting for another build of {build_dir.name} to finish (lock {build_dir / '.lock'})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         yield
 
 
@@ -725,6 +730,18 @@ def build_image(
     build_dir = settings.builds_dir / image.name
     for warning in eol_gate([image], settings.images, allow_eol=allow_eol):
         emit("status", f"warning: {warning}")
+    # A dry run renders into a scratch directory and writes nothing under builds/: it need not wait.
+    with contextlib.nullcontext() if dry_run else _image_lock(build_dir, emit):
+        return _find_or_build(settings, image, build_dir, emit, events, t0, force=force, dry_run=dry_run,
+                              accelerator=accelerator, on_event=on_event, compress=compress, timeout_s=timeout_s,
+                              ansible_strategy=ansible_strategy, offline=offline)
+
+
+def _find_or_build(
+    settings: Settings, image: Image, build_dir: Path, emit: Callable[[str, str], None], events: list[BuildEvent],
+    t0: float, *, force: bool, dry_run: bool, accelerator: str, on_event: EventHandler | None,
+    compress: bool | None, timeout_s: float | None, ansible_strategy: str | None, offline: bool,
+) -> BuildOutcome:
     try:
         previous = load(build_dir)
     except FactoryError:
@@ -769,9 +786,8 @@ def build_image(
             return BuildOutcome("planned", None, build_dir, None, time.monotonic() - t0, reason,
                                 result.fingerprint, None, events)
         verify_source_checksum(settings, image, result, emit)
-        with _image_lock(build_dir):
-            return _build(settings, image, result, build_dir, accel, strategy, emit, events, compress,
-                          timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event, source)
+        return _build(settings, image, result, build_dir, accel, strategy, emit, events, compress,
+                      timeout_s or BUILD_TIMEOUT_S[image.mode], reason, t0, on_event, source)
     finally:
         result.cleanup()
 

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,13 @@ FAKE_PACKER = textwrap.dedent(
     if cmd in ("fmt", "validate"):
         sys.exit(0)
     mode = os.environ.get("FAKE_PACKER_MODE", "ok")
+    if mode == "gate":  # a build that goes on once the test opens the gate (the file FAKE_PACKER_GATE)
+        gate = os.environ["FAKE_PACKER_GATE"]
+        open(gate + ".entered", "w").close()
+        for _ in range(6000):
+            if os.path.exists(gate):
+                break
+            time.sleep(0.02)
     var_file = [a.split("=", 1)[1] for a in sys.argv if a.startswith("-var-file=")][0]
     vars_ = dict(re.findall(r'^(\\w+) = "(.*)"$', open(var_file).read(), re.M))
     hcl = open(sys.argv[-1]).read()
@@ -246,6 +254,51 @@ def test_cache_hit_starts_no_packer_process(
     assert second.manifest.artifact.sha256 == first.manifest.artifact.sha256
     assert invocations(fake_packer) == [], "a cache hit must not run packer at all"
     assert no_validate == ["debian-lab"], "a cache hit does not re-validate"
+
+
+def test_a_second_build_of_the_image_waits_for_the_first_and_finds_its_result(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two builds of one image at once (each its own open of builds/<image>/.lock, as two processes have): the
+    second renders nothing and reads no cache until the first is done, then its result is a cache hit."""
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("FAKE_PACKER_MODE", "gate")
+    monkeypatch.setenv("FAKE_PACKER_GATE", str(gate))
+    outcomes: dict[str, build.BuildOutcome | BaseException] = {}
+    second_waits = threading.Event()
+
+    def run(name: str) -> None:
+        def on_event(ev: build.BuildEvent) -> None:
+            if name == "second" and ev.message.startswith("waiting for another build of debian-lab"):
+                second_waits.set()
+        try:
+            outcomes[name] = build.build_image(repo, image, compress=False, on_event=on_event)
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    entered = gate.with_name("gate.entered")
+    for _ in range(3000):  # the first build's packer is running
+        if entered.exists() or not first.is_alive():
+            break
+        time.sleep(0.02)
+    assert entered.exists(), outcomes
+    rendered = {p: p.read_bytes() for p in (repo.builds_dir / "debian-lab").glob("*.pkr.hcl")}
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    assert second_waits.wait(60), outcomes
+    assert {p: p.read_bytes() for p in rendered} == rendered
+    gate.touch()
+    first.join(120)
+    second.join(120)
+    built, found = outcomes["first"], outcomes["second"]
+    assert isinstance(built, build.BuildOutcome) and built.status == "built", built
+    assert isinstance(found, build.BuildOutcome) and found.status == "cached", found
+    assert found.manifest is not None and built.manifest is not None
+    assert found.manifest.build_id == built.manifest.build_id
+    assert len([ln for ln in invocations(fake_packer) if ln.startswith("build ")]) == 1
 
 
 def test_force_rebuilds(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
