@@ -126,8 +126,9 @@ def test_recipe_hash_covers_packages_and_grub(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_fstab_and_grub_follow_the_root_filesystem() -> None:
-    assert bi.fstab(bi.FILESYSTEMS["ext4"]).startswith(f"UUID={bi.ROOT_FS_UUID} / ext4 defaults,errors=remount-ro 0 1\n")
-    assert bi.fstab(bi.FILESYSTEMS["xfs"]).startswith(f"UUID={bi.ROOT_FS_UUID} / xfs defaults 0 0\n")
+    root = f"UUID={bi.ROOT_FS_UUID} / "
+    assert bi.fstab(bi.FILESYSTEMS["ext4"]).startswith(f"{root}ext4 defaults,errors=remount-ro 0 1\n")
+    assert bi.fstab(bi.FILESYSTEMS["xfs"]).startswith(f"{root}xfs defaults 0 0\n")
     assert {bi.FILESYSTEMS[fs].grub_module for _, fs in bi.VARIANTS.values()} == {"ext2", "xfs"}
     assert bi.VARIANTS[bi.XFS_IMAGE_NAME] == ("current", "xfs")  # the updated tree again: no second debootstrap
     assert "xfs" in bi.INITRAMFS_MODULES  # a module in Debian's kernel, unlike ext4
