@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -685,6 +686,31 @@ def compact(src: Path, dst: Path, *, compress: bool) -> None:
 # ------------------------------------------------------------------------------------------- build
 
 
+def factory_bundle(settings: Settings, bundle: Path, work: Path) -> None:
+    """The factory's wheel (built from a copy of its sources, so the checkout gets no build/ or egg-info) and
+    its hashed lock, for a playbook that installs the factory (catalogue: factory: true)."""
+    sources = work / "factory-src"
+    for path in render.factory_sources(settings):
+        target = sources / path.relative_to(settings.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    bundle.mkdir(mode=0o700, parents=True, exist_ok=True)
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+           "-w", str(bundle), str(sources)]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, env=quiet, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BuildError("building the factory's wheel timed out after 600 s") from None
+    if done.returncode != 0:
+        raise BuildError(f"building the factory's wheel failed: {(done.stderr or done.stdout).strip()[-1500:]}")
+    wheels = sorted(bundle.glob("deevnet_image_factory-*.whl"))
+    if len(wheels) != 1:
+        raise BuildError(f"building the factory's wheel left {len(wheels)} wheels in {bundle}")
+    shutil.copy2(settings.root / render.FACTORY_LOCK, bundle / "requirements.txt")
+    shutil.rmtree(sources, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _image_lock(build_dir: Path) -> Iterator[None]:
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -797,6 +823,9 @@ def _build(
             if (cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local
                     and image.mode == "iso"):
                 render.set_var(result, "install_iso", str(install_iso_path(result.out_dir, image)))
+        if image.factory:
+            emit("step", "building the factory's wheel for the image")
+            factory_bundle(settings, result.var_file.parent / render.FACTORY_BUNDLE_DIR, work)
         exe = _require("packer")  # its plugins: installed by render.validate (packer init)
         cmd = [exe, "build", "-machine-readable", "-color=false", f"-var-file={result.var_file}", result.hcl.name]
         emit("step", f"packer build ({image.mode} mode, accelerator {accel}, Ansible {strategy.name}: {strategy.why})")

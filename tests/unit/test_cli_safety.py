@@ -251,6 +251,8 @@ IMAGE_CASES: list[tuple[str, str, Any, str]] = [
     ("disk-size-huge", "disk_size", "99999999999G", "disk_size"),
     ("build-memory-huge", "memory", 10**9, "memory"),
     ("build-cpus-huge", "cpus", 100000, "cpus"),
+    ("factory-not-a-boolean", "factory", "yes please", "factory"),
+    ("builder-suite-without-factory", "test_suites", ["common", "builder"], "test_suites"),
 ]
 
 
