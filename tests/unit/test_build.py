@@ -612,3 +612,21 @@ def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     assert packed.stat().st_size < 1024 * 1024
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
+
+
+def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp_path: Path) -> None:
+    """The factory's own wheel (debian-lab-builder, factory: true) is built from a copy of its sources: the
+    checkout gets no build/ or egg-info, and the bundle holds exactly the wheel and the hashed lock."""
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
+    before = sorted(p.name for p in REPO_ROOT.iterdir())
+    bundle, work = tmp_path / "secret" / render.FACTORY_BUNDLE_DIR, tmp_path / "work"
+    work.mkdir()
+    build.factory_bundle(settings, bundle, work)
+    names = sorted(p.name for p in bundle.iterdir())
+    assert len(names) == 2 and names[0].startswith("deevnet_image_factory-") and names[0].endswith("-py3-none-any.whl")
+    assert names[1] == "requirements.txt"
+    assert (bundle / "requirements.txt").read_bytes() == (REPO_ROOT / render.FACTORY_LOCK).read_bytes()
+    assert "--hash=sha256:" in (bundle / "requirements.txt").read_text()
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    assert sorted(p.name for p in REPO_ROOT.iterdir()) == before
+    assert list(work.iterdir()) == []
