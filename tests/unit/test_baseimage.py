@@ -135,10 +135,12 @@ def test_fstab_and_grub_follow_the_root_filesystem() -> None:
 
 
 def _tree(root: Path) -> None:
-    for d in ("etc", "usr/bin", "var/tmp"):
+    for d in ("etc", "usr/bin", "var/tmp", "var/lib/ucf/cache"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "var/tmp").chmod(0o1777)
     (root / "etc/hostname").write_text("debian\n")
+    (root / "usr/bin/Text::CharWidth.3pm").write_text("a colon inside a name is a plain character\n")
+    (root / "var/lib/ucf/cache/:etc:ssh:sshd_config").write_text("PasswordAuthentication no\n")
     (root / "usr/bin/sudo").write_bytes(b"\x7fELF" + bytes(5000))
     (root / "usr/bin/sudo").chmod(0o4755)
     (root / "etc/os").symlink_to("../usr/lib/os-release")
@@ -147,8 +149,8 @@ def _tree(root: Path) -> None:
 
 def test_xfs_prototype_lists_the_tree_with_modes(tmp_path: Path) -> None:
     _tree(tmp_path / "t")
-    proto, sticky = bi.xfs_prototype(tmp_path / "t")
-    lines = proto.splitlines()
+    prototype = bi.xfs_prototype(tmp_path / "t")
+    lines = prototype.text.splitlines()
     assert lines[:3] == ["/dev/null", "0 0", "d--755 0 0"] and lines[-1] == "$"
     uid, gid = os.getuid(), os.getgid()
     assert f"hostname ---644 {uid} {gid} {tmp_path}/t/etc/hostname" in lines
@@ -156,15 +158,24 @@ def test_xfs_prototype_lists_the_tree_with_modes(tmp_path: Path) -> None:
     assert f"os l--777 {uid} {gid} ../usr/lib/os-release" in lines
     assert f"initctl p--644 {uid} {gid}" in lines
     assert f"tmp d--777 {uid} {gid}" in lines  # the format has no sticky bit: set afterwards
-    assert sticky == [("/var/tmp", stat.S_IFDIR | 0o1777)]
-    assert proto.count("$") == proto.count(" d--") + 1  # every directory closed, then the root
+    assert prototype.sticky == [("/var/tmp", stat.S_IFDIR | 0o1777)]
+    assert f"_etc:ssh:sshd_config ---644 {uid} {gid} {tmp_path}/t/var/lib/ucf/cache/:etc:ssh:sshd_config" in lines
+    assert prototype.renames == [("/var/lib/ucf/cache", "_etc:ssh:sshd_config", ":etc:ssh:sshd_config")]
+    assert prototype.text.count("$") == prototype.text.count(" d--") + 1  # every directory closed, then the root
 
 
-@pytest.mark.parametrize("name", ["has space", "colon:name", "$"])
+@pytest.mark.parametrize("name", ["has space", "$", "tab\tname"])
 def test_xfs_prototype_refuses_names_it_cannot_hold(tmp_path: Path, name: str) -> None:
     _tree(tmp_path / "t")
     (tmp_path / "t/etc" / name).write_text("x")
     with pytest.raises(bi.BaseImageError, match="prototype file cannot name it"):
+        bi.xfs_prototype(tmp_path / "t")
+
+
+def test_xfs_prototype_refuses_a_colon_name_whose_stand_in_is_taken(tmp_path: Path) -> None:
+    _tree(tmp_path / "t")
+    (tmp_path / "t/var/lib/ucf/cache/_etc:ssh:sshd_config").write_text("x")
+    with pytest.raises(bi.BaseImageError, match="needs that name free"):
         bi.xfs_prototype(tmp_path / "t")
 
 
@@ -182,6 +193,9 @@ def test_xfs_root_made_from_the_tree_and_checked(tmp_path: Path) -> None:
         return subprocess.run(["xfs_db", "-r", *args, str(part)], capture_output=True, text=True, check=True).stdout
     assert "core.mode = 041777" in db("path /var/tmp", "print core.mode")
     assert "core.mode = 0104755" in db("path /usr/bin/sudo", "print core.mode")
+    assert "core.size = 43" in db("path /usr/bin/Text::CharWidth.3pm", "print core.size")
+    assert "core.size = 26" in db("path /var/lib/ucf/cache/:etc:ssh:sshd_config", "print core.size")
+    assert "_etc" not in db("ls /var/lib/ucf/cache")
     assert f"UUID = {bi.ROOT_FS_UUID}" in db("uuid")
     assert 'label = "root"' in db("label")
     raw = tmp_path / "disk.raw"
@@ -331,6 +345,8 @@ def test_check_fs_passes_a_clean_filesystem_and_names_a_damaged_one(tmp_path: Pa
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("debian\n")
+    (root / "usr/bin/Text::CharWidth.3pm").write_text("a colon inside a name is a plain character\n")
+    (root / "var/lib/ucf/cache/:etc:ssh:sshd_config").write_text("PasswordAuthentication no\n")
     part = tmp_path / "part.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(part), "8M"], check=True)
     raw = tmp_path / "disk.raw"

@@ -630,15 +630,30 @@ def _make_ext4(root: Path, work: Path, part: Path, part_mib: int) -> None:
 # A prototype entry's mode: type, set-uid, set-gid, three octal digits (xfsprogs mkfs/proto.c: no sticky bit).
 PROTO_TYPES = {stat.S_IFREG: "-", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
                stat.S_IFIFO: "p"}
-# What the prototype grammar cannot hold in a name or link target: its tokens end at white space, ':' starts
-# a comment, and a lone '$' closes a directory.
-PROTO_UNSAFE = re.compile(r"[\s:]|^\$$")
+# What the prototype grammar cannot hold in a name or link target: its tokens end at white space, a token
+# starting with ':' is a comment (inside one it is a plain character: Perl's Text::CharWidth.3pm.gz), and a
+# lone '$' closes a directory (xfsprogs mkfs/proto.c: getstr).
+PROTO_UNSAFE = re.compile(r"\s|^:|^\$$")
+# A name starting with ':' (ucf's cache, /var/lib/ucf/cache/:etc:ssh:sshd_config) goes in under this first
+# character and is renamed in place afterwards (xfs_db, in its directory's inode).
+PROTO_COLON_STANDIN = "_"
 
 
-def xfs_prototype(root: Path) -> tuple[str, list[tuple[str, int]]]:
-    """mkfs.xfs's prototype file for the tree at ``root`` (every entry with its owner and mode; hard links
-    become copies) and the paths whose sticky bit the format cannot carry (set afterwards)."""
+@dataclass
+class XfsPrototype:
+    """mkfs.xfs's prototype file for a tree, and what the format cannot say, done by xfs_db afterwards: the
+    sticky bits (path, full mode) and the names starting with ':' (directory, stand-in name, real name)."""
+
+    text: str
+    sticky: list[tuple[str, int]]
+    renames: list[tuple[str, str, str]]
+
+
+def xfs_prototype(root: Path) -> XfsPrototype:
+    """The prototype file for the tree at ``root``: every entry with its owner and mode (hard links become
+    copies); anything the format cannot hold at all stops with its path."""
     sticky: list[tuple[str, int]] = []
+    renames: list[tuple[str, str, str]] = []
 
     def mode(st: os.stat_result, where: str) -> str:
         if stat.S_IFMT(st.st_mode) not in PROTO_TYPES:
@@ -649,17 +664,31 @@ def xfs_prototype(root: Path) -> tuple[str, list[tuple[str, int]]]:
         return (PROTO_TYPES[stat.S_IFMT(st.st_mode)] + ("u" if st.st_mode & stat.S_ISUID else "-")
                 + ("g" if st.st_mode & stat.S_ISGID else "-") + f"{st.st_mode & 0o777:03o}")
 
+    def name_in(directory: str, name: str, siblings: set[str]) -> str:
+        if not name.startswith(":"):
+            return name
+        standin = PROTO_COLON_STANDIN + name[1:]
+        if standin in siblings or '"' in name or "\\" in name:
+            raise BaseImageError(f"base image: {directory or ''}/{name}: a name starting with ':' goes in as {standin} "
+                                 "and is renamed afterwards, which needs that name free and no quote or backslash")
+        renames.append((directory or "/", standin, name))
+        return standin
+
     lines = ["/dev/null", "0 0", f"{mode(root.lstat(), '/')} {root.lstat().st_uid} {root.lstat().st_gid}"]
 
     def walk(directory: Path, inside: str) -> None:
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        siblings = {e.name for e in entries}
+        for entry in entries:
             where = f"{inside}/{entry.name}"
             st = entry.stat(follow_symlinks=False)
             target = os.readlink(entry.path) if entry.is_symlink() else ""
-            if PROTO_UNSAFE.search(entry.name) or PROTO_UNSAFE.search(target) or PROTO_UNSAFE.search(entry.path):
-                raise BaseImageError(f"base image: {where} (or its link target {target!r}) has white space, ':' or is "
-                                     "'$': mkfs.xfs's prototype file cannot name it")
-            head = f"{entry.name} {mode(st, where)} {st.st_uid} {st.st_gid}"
+            name = name_in(inside, entry.name, siblings)
+            if PROTO_UNSAFE.search(name) or PROTO_UNSAFE.search(target) or PROTO_UNSAFE.search(entry.path):
+                raise BaseImageError(f"base image: {where} (or its link target {target!r}) has white space or is "
+                                     "'$' (or the link target starts with ':'): mkfs.xfs's prototype file cannot "
+                                     "name it")
+            head = f"{name} {mode(st, where)} {st.st_uid} {st.st_gid}"
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFDIR:
                 lines.append(head)
@@ -676,7 +705,7 @@ def xfs_prototype(root: Path) -> tuple[str, list[tuple[str, int]]]:
 
     walk(root, "")
     lines.append("$")
-    return "\n".join(lines) + "\n", sticky
+    return XfsPrototype("\n".join(lines) + "\n", sticky, renames)
 
 
 def _xfs_tool(cmd: list[str], what: str) -> str:
@@ -690,20 +719,38 @@ def _xfs_tool(cmd: list[str], what: str) -> str:
     return out
 
 
+def _xfs_rename(part: Path, directory: str, standin: str, name: str) -> None:
+    """Rename an entry of a short-form directory (its entries in the directory's own inode, no hash index)
+    in place; xfs_db recomputes the inode's CRC. A larger directory is refused: its entries are hashed."""
+    listing = _xfs_tool(["xfs_db", "-r", "-c", f"path {directory}", "-c", "print u3", str(part)],
+                        f"xfs_db (reading {directory})")
+    found = re.search(rf'^u3\.sfdir3\.list\[(\d+)\]\.name = "{re.escape(standin)}"$', listing, re.MULTILINE)
+    if found is None:
+        raise BaseImageError(f"base image: {directory}/{name}: its directory is not a short-form one (or lacks "
+                             f"{standin}): the name cannot be set in place")
+    field = f"u3.sfdir3.list[{found[1]}].name"
+    out = _xfs_tool(["xfs_db", "-x", "-c", f"path {directory}", "-c", f'write {field} "{name}"', str(part)],
+                    f"xfs_db (naming {directory}/{name})")
+    if f'{field} = "{name}"' not in out:
+        raise BaseImageError(f"base image: xfs_db did not name {directory}/{name}: {out[-500:]}")
+
+
 def _make_xfs(root: Path, work: Path, part: Path, part_mib: int) -> None:
-    proto_text, sticky = xfs_prototype(root)
+    prototype = xfs_prototype(root)
     proto = work / "xfs.proto"
-    proto.write_text(proto_text, encoding="utf-8")
+    proto.write_text(prototype.text, encoding="utf-8")
     with part.open("wb") as fh:
         fh.truncate(part_mib * 1024 * 1024)
     _xfs_tool(["mkfs.xfs", "-q", "-f", "-L", ROOT_LABEL, "-m", f"uuid={ROOT_FS_UUID}", "-p", str(proto), str(part)],
               "mkfs.xfs -p")
-    for where, full_mode in sticky:
+    for where, full_mode in prototype.sticky:
         # xfs_db reads numbers in C notation (a leading 0: octal); core.mode holds the type bits too
         out = _xfs_tool(["xfs_db", "-x", "-c", f"path {where}", "-c", f"write core.mode 0{full_mode:o}", str(part)],
                         f"xfs_db (sticky bit of {where})")
         if f"core.mode = 0{full_mode:o}" not in out:
             raise BaseImageError(f"base image: xfs_db did not set {where}'s mode to {full_mode:o}: {out[-500:]}")
+    for directory, standin, name in prototype.renames:
+        _xfs_rename(part, directory, standin, name)
     proto.unlink()
 
 
