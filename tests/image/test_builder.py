@@ -55,3 +55,11 @@ def test_factory_ansible_in_venv(host: Any) -> None:
     """The build's Ansible provisioner runs the venv's ansible-playbook (ansible-core from the lock)."""
     run = host.run(f"{VENV}/bin/ansible-playbook --version")
     assert run.rc == 0 and run.stdout.startswith("ansible-playbook [core "), run.stdout + run.stderr
+
+
+def test_doctor_passes_for_a_nightly(host: Any) -> None:
+    """`invoke doctor` (here `image-factory doctor`: the same task) finds every tool a nightly's build and
+    publish need, and installs nothing: what an operator without root runs on a runner."""
+    run = host.run("image-factory doctor")
+    assert run.rc == 0, f"image-factory doctor: exit {run.rc}\n{run.stdout[-3000:]}{run.stderr[-1000:]}"
+    assert "every required tool of build, publish is here" in run.stdout, run.stdout[-3000:]
