@@ -345,8 +345,6 @@ def test_check_fs_passes_a_clean_filesystem_and_names_a_damaged_one(tmp_path: Pa
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("debian\n")
-    (root / "usr/bin/Text::CharWidth.3pm").write_text("a colon inside a name is a plain character\n")
-    (root / "var/lib/ucf/cache/:etc:ssh:sshd_config").write_text("PasswordAuthentication no\n")
     part = tmp_path / "part.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(part), "8M"], check=True)
     raw = tmp_path / "disk.raw"
