@@ -614,14 +614,19 @@ def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
 
 
-def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp_path: Path) -> None:
+def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The factory's own wheel (debian-lab-builder, factory: true) is built from a copy of its sources: the
     checkout gets no build/ or egg-info, and the bundle holds exactly the wheel and the hashed lock."""
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
+    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
     before = sorted(p.name for p in REPO_ROOT.iterdir())
     bundle, work = tmp_path / "secret" / render.FACTORY_BUNDLE_DIR, tmp_path / "work"
     work.mkdir()
-    build.factory_bundle(settings, bundle, work)
+    fetched: list[tuple[str, Path]] = []  # the lock's files come from PyPI: the e2e build fetches them for real
+    monkeypatch.setattr(build, "guest_wheelhouse", lambda s, i, dest: fetched.append((i.name, dest)))
+    build.factory_bundle(settings, image, bundle, work)
+    assert fetched == [("debian-lab-builder", bundle / "wheelhouse.tar")]
     names = sorted(p.name for p in bundle.iterdir())
     assert len(names) == 2 and names[0].startswith("deevnet_image_factory-") and names[0].endswith("-py3-none-any.whl")
     assert names[1] == "requirements.txt"
@@ -630,3 +635,10 @@ def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
     assert sorted(p.name for p in REPO_ROOT.iterdir()) == before
     assert list(work.iterdir()) == []
+
+
+def test_guest_wheelhouse_needs_the_images_python(tmp_path: Path) -> None:
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
+    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
+    with pytest.raises(build.BuildError, match="release 99's"):
+        build.guest_wheelhouse(settings, image.model_copy(update={"release": 99}), tmp_path / "w.tar")
