@@ -702,9 +702,43 @@ def guest_wheelhouse(settings: Settings, image: Image, dest: Path) -> None:
     if python is None:
         raise BuildError(f"{image.name}: factory: true needs the image's Python version, and the {image.family} "
                          f"family does not know release {image.release}'s")
-    lock = settings.root / render.FACTORY_LOCK
+    lock = guest_lock(settings.root / render.FACTORY_LOCK, python, dest.parent / "guest-requirements.txt")
     tag = f"{python[0]}{python[1]}"
     cache = settings.cache_dir / "wheelhouse" / f"{hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}-cp{tag}"
+    try:
+        _download_wheelhouse(lock, python, cache)
+    finally:
+        lock.unlink(missing_ok=True)
+    with tarfile.open(dest, "w") as tar:  # one file, one transfer (the files are compressed already)
+        for path in sorted(cache.iterdir()):
+            tar.add(path, arcname=path.name)
+
+
+def guest_lock(lock: Path, python: tuple[int, int], out: Path) -> Path:
+    """The lock's entries whose environment markers hold on the guest (Linux x86_64, CPython ``python``), the
+    markers dropped: pip download evaluates them against this machine's Python, whatever --python-version says
+    (it took ansible-core 2.19 for a 3.13 guest whose lock entry is 2.21)."""
+    from packaging.markers import Marker
+
+    guest = {"python_version": f"{python[0]}.{python[1]}", "python_full_version": f"{python[0]}.{python[1]}.0",
+             "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+             "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    kept: list[str] = []
+    for entry in re.split(r"\n(?=[^\s#])", lock.read_text(encoding="utf-8")):
+        head, _, rest = entry.partition("\n")
+        requirement, _, marker = head.partition(";")
+        if entry.startswith("#") or not requirement.strip():
+            continue
+        if marker.strip() and not Marker(marker.strip().rstrip("\\").strip()).evaluate(guest):
+            continue
+        kept.append(f"{requirement.strip()} \\\n{rest}" if marker.strip() else entry)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return out
+
+
+def _download_wheelhouse(lock: Path, python: tuple[int, int], cache: Path) -> None:
+    tag = f"{python[0]}{python[1]}"
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps", "--prefer-binary",
            "--require-hashes", "--python-version", f"{python[0]}.{python[1]}", "--implementation", "cp",
@@ -719,9 +753,6 @@ def guest_wheelhouse(settings: Settings, image: Image, dest: Path) -> None:
     if done.returncode != 0:
         raise BuildError(f"downloading the factory's locked dependencies ({lock}) failed: "
                          f"{(done.stderr or done.stdout).strip()[-1500:]}")
-    with tarfile.open(dest, "w") as tar:  # one file, one transfer (the files are compressed already)
-        for path in sorted(cache.iterdir()):
-            tar.add(path, arcname=path.name)
 
 
 def factory_bundle(settings: Settings, image: Image, bundle: Path, work: Path) -> None:

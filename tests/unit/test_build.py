@@ -642,3 +642,13 @@ def test_guest_wheelhouse_needs_the_images_python(tmp_path: Path) -> None:
     image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
     with pytest.raises(build.BuildError, match="release 99's"):
         build.guest_wheelhouse(settings, image.model_copy(update={"release": 99}), tmp_path / "w.tar")
+
+
+@pytest.mark.parametrize(("python", "wanted", "left_out"), [((3, 13), "ansible-core==2.21.5", "ansible-core==2.19.14"),
+                                                            ((3, 11), "ansible-core==2.19.14", "ansible-core==2.21.5")])
+def test_guest_lock_keeps_the_entries_for_the_guests_python(tmp_path: Path, python: tuple[int, int], wanted: str,
+                                                           left_out: str) -> None:
+    """pip download reads the lock's markers for this machine's Python: the guest's entries are chosen first."""
+    out = build.guest_lock(REPO_ROOT / render.FACTORY_LOCK, python, tmp_path / "guest.txt").read_text()
+    assert f"\n{wanted} \\\n    --hash=sha256:" in out and left_out not in out and ";" not in out
+    assert 0 < out.count("==") < (REPO_ROOT / render.FACTORY_LOCK).read_text().count("==")
