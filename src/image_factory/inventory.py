@@ -51,7 +51,7 @@ PLACEMENTS = ("pinned", "spread", "fill")
 Placement = Literal["pinned", "spread", "fill"]
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
-Suite = Literal["common", "hygiene", "fedora", "updates"]
+Suite = Literal["common", "hygiene", "fedora", "updates", "builder"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -1092,6 +1092,9 @@ class Image(Strict):
     # Upstream repositories whose state is part of the build's identity; Fedora's default is its release
     # and updates repositories (see upstream_repositories).
     repositories: list[Repository] | None = None
+    # The image carries this factory (a nightly runner's image): the wheel built from this checkout and the
+    # hashed lock requirements/build.txt reach the playbook as factory_bundle (docs/images.md).
+    factory: bool = False
 
     @property
     def upstream_repositories(self) -> list[Repository]:
@@ -1131,6 +1134,13 @@ class Image(Strict):
     def _iso_needs_an_installer(self) -> Image:
         if self.mode == "iso" and self.family in families.FAMILIES and families.get(self.family).installer is None:
             raise ValueError(f"mode: iso needs an installer, and the {self.family} family has none (cloud mode only)")
+        return self
+
+    @model_validator(mode="after")
+    def _builder_suite_needs_the_factory(self) -> Image:
+        if "builder" in self.test_suites and not self.factory:
+            raise ValueError("test_suites: the builder suite checks the factory installed in the image: it needs "
+                             "factory: true")
         return self
 
     @model_validator(mode="after")

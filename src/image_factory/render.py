@@ -242,10 +242,39 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
     for p in [*template_files(settings, image), *keys]:
         key = next((str(p.relative_to(d)) for d in (settings.data, settings.root) if p.is_relative_to(d)), str(p))
         inputs[f"input:{key}"] = _sha256(p.read_bytes())
+    if image.factory:  # the factory's own wheel goes into the image: a change to the factory is a new build
+        for p in factory_sources(settings):
+            inputs[f"factory:{p.relative_to(settings.root)}"] = _sha256(p.read_bytes())
     inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
     blob = json.dumps(inputs, sort_keys=True).encode()
     return _sha256(blob), inputs
+
+
+# What the factory's wheel is made of (pyproject.toml maps the data directories in), and its hashed lock.
+FACTORY_WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "src", "packer", "kickstart", "ansible",
+                         "tests/image")
+FACTORY_LOCK = "requirements/build.txt"
+FACTORY_BUNDLE_DIR = "factory-bundle"  # in the build's secret directory: the wheel and the lock
+
+
+def factory_sources(settings: Settings) -> list[Path]:
+    """Every file the factory's wheel is built from, plus the lock its dependencies are installed from."""
+    root = settings.root
+    if not (root / "pyproject.toml").is_file():
+        raise RenderError(f"an image with factory: true carries the factory built from its checkout, and {root} is "
+                          "not one (no pyproject.toml): build it from a git clone of the factory")
+    files: list[Path] = []
+    for rel in (*FACTORY_WHEEL_SOURCES, FACTORY_LOCK):
+        path = root / rel
+        if path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                      and not any(part.endswith(".egg-info") for part in p.parts)]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RenderError(f"the factory's {rel} is missing from {root}: its wheel cannot be built")
+    return sorted(files)
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -453,7 +482,10 @@ def render_image(
             _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
             if image.firmware == "uefi" and pv < PLUGIN_PACKER:
                 seed_iso(secret_dir / "seed", secret_dir / SEED_ISO)
-        _write(secret_dir / BUILD_VARS_FILE, json.dumps(build_vars(settings, image), indent=2) + "\n", 0o600)
+        variables = build_vars(settings, image)
+        if image.factory:  # filled by the build (build.factory_bundle) before Packer starts
+            variables["factory_bundle"] = str(secret_dir / FACTORY_BUNDLE_DIR)
+        _write(secret_dir / BUILD_VARS_FILE, json.dumps(variables, indent=2) + "\n", 0o600)
         var_file = secret_dir / "build.pkrvars.hcl"
         work_dir = secret_dir / "work"
         per_build: list[tuple[str, object]] = [

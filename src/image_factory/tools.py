@@ -176,7 +176,8 @@ REGISTRY: tuple[Tool, ...] = (
          {"build": optional(_OFFLINE.format("ext2/3/4")), "test": required("the offline checks' tests")},
          version=("-V",)),
     Tool("xfs_db", "xfs_db", "path", Provider(apt="xfsprogs", dnf="xfsprogs"),
-         {"build": optional(_OFFLINE.format("XFS")), "test": required("the offline checks' tests")},
+         {"build": optional(_OFFLINE.format("XFS")), "lab": required("lab.base-image: the XFS variant"),
+          "test": required("the offline checks' tests")},
          version=("-V",)),
     Tool("btrfs", "btrfs", "path", Provider(apt="btrfs-progs", dnf="btrfs-progs"),
          {"build": optional(_OFFLINE.format("btrfs")), "test": required("the offline checks' tests")}),
@@ -212,7 +213,8 @@ REGISTRY: tuple[Tool, ...] = (
                                                             "test": required("the lab base image")}, version=())
       for name, apt, dnf in (("sfdisk", "fdisk", "util-linux"), ("mkfs.ext4", "e2fsprogs", "e2fsprogs"),
                              ("e2fsck", "e2fsprogs", "e2fsprogs"), ("mkfs.vfat", "dosfstools", "dosfstools"),
-                             ("fsck.vfat", "dosfstools", "dosfstools"), ("mcopy", "mtools", "mtools"))),
+                             ("fsck.vfat", "dosfstools", "dosfstools"), ("mcopy", "mtools", "mtools"),
+                             ("mkfs.xfs", "xfsprogs", "xfsprogs"), ("xfs_repair", "xfsprogs", "xfsprogs"))),
     Tool("proxmox-auto-install-assistant", "Proxmox's auto-install assistant", "path",
          Provider(note="Proxmox's package of that name, in the Proxmox VE repositories: on a Proxmox VE host "
                        "`apt install proxmox-auto-install-assistant xorriso`; on Debian 12/13 add the Proxmox VE "

@@ -11,12 +11,14 @@ artifact; a build takes about 1.5 minutes under TCG (3 with stock Ansible).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from debian.debian_support import Version
@@ -159,3 +161,34 @@ def test_uefi_build_boots_under_ovmf_and_passes_its_image_test(settings: Setting
     assert outcome.manifest.firmware == "uefi"
     result = imagetest.test_image(settings, image, outcome.build_dir)
     assert result.status == "passed", result.failures
+
+
+def _image_suite_module(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builder_image_on_xfs_builds_passes_its_suites_and_its_offline_checks(settings: Settings,
+                                                                              tmp_path: Path) -> None:
+    """The factory's own runner (debian-lab-builder), built on the base image's XFS variant: its image test
+    (common, builder, hygiene) passes, and the artifact's XFS root, read offline through xfs_db as
+    `pytest tests/image --artifact=...` reads it without a test VM, passes the hygiene suite's artifact checks."""
+    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
+    assert image.factory and "builder" in image.test_suites
+    outcome = build.build_image(settings, image)
+    assert outcome.status in ("built", "cached") and outcome.manifest is not None, outcome
+    print(f"debian-lab-builder: {outcome.status} in {outcome.duration_s:.0f} s")
+    result = imagetest.test_image(settings, image, outcome.build_dir)
+    assert result.status == "passed", result.failures
+    conftest = _image_suite_module("builder_e2e_image_conftest", REPO / "tests/image/conftest.py")
+    hygiene = _image_suite_module("builder_e2e_image_hygiene", REPO / "tests/image/test_hygiene.py")
+    root = conftest.offline_root(str(outcome.build_dir / outcome.manifest.artifact.path), tmp_path / "offline")
+    assert type(root).__name__ == "XfsImage", f"the builder's root is not read as XFS: {type(root).__name__}"
+    assert root.exists("/opt/image-factory/venv/bin/image-factory")
+    artifact_checks = [getattr(hygiene, name) for name in dir(hygiene) if name.startswith("test_artifact_")]
+    assert len(artifact_checks) >= 4, artifact_checks
+    for check in artifact_checks:
+        check(root)

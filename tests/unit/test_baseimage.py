@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shutil
+import stat
 import struct
 import subprocess
 from pathlib import Path
@@ -59,6 +63,8 @@ def _fake_cached(settings: Settings, content: bytes = b"qcow2 bytes") -> bi.Base
     p.sha256.write_text(f"{sha256_file(p.image)}  {bi.IMAGE_NAME}\n")
     p.release_image.write_bytes(b"release " + content)
     p.release_sha256.write_text(f"{sha256_file(p.release_image)}  {bi.RELEASE_IMAGE_NAME}\n")
+    p.xfs_image.write_bytes(b"xfs " + content)
+    p.xfs_sha256.write_text(f"{sha256_file(p.xfs_image)}  {bi.XFS_IMAGE_NAME}\n")
     p.recipe.write_text(json.dumps({"recipe_hash": bi.recipe_hash()}))
     return p
 
@@ -77,6 +83,12 @@ def test_cache_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p.release_sha256.unlink()
     assert bi.cache_state(settings) == "checksum file missing or malformed"
     p.release_sha256.write_text(f"{sha256_file(p.release_image)}  {bi.RELEASE_IMAGE_NAME}\n")
+    p.xfs_image.write_bytes(b"xfs qcow2 bytez")  # and the XFS variant
+    assert bi.cache_state(settings) == "sha256 mismatch (corrupted)"
+    p.xfs_image.unlink()
+    assert bi.cache_state(settings) == "missing"
+    p.xfs_image.write_bytes(b"xfs qcow2 bytes")
+    assert bi.cache_state(settings) == "ok"
     monkeypatch.setitem(bi.FILES, "etc/hostname", "changed\n")
     assert bi.cache_state(settings) == "recipe changed"
     monkeypatch.undo()
@@ -105,6 +117,98 @@ def test_recipe_hash_covers_packages_and_grub(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.undo()
     monkeypatch.setattr(bi, "GRUB_CFG", bi.GRUB_CFG + "# x\n")
     assert bi.recipe_hash() != h
+    monkeypatch.undo()
+    monkeypatch.setitem(bi.FILESYSTEMS, "xfs", dataclasses.replace(bi.FILESYSTEMS["xfs"], fstab_entry="xfs ro 0 0"))
+    assert bi.recipe_hash() != h
+    monkeypatch.undo()
+    monkeypatch.setitem(bi.VARIANTS, bi.XFS_IMAGE_NAME, ("release", "xfs"))
+    assert bi.recipe_hash() != h
+
+
+def test_fstab_and_grub_follow_the_root_filesystem() -> None:
+    root = f"UUID={bi.ROOT_FS_UUID} / "
+    assert bi.fstab(bi.FILESYSTEMS["ext4"]).startswith(f"{root}ext4 defaults,errors=remount-ro 0 1\n")
+    assert bi.fstab(bi.FILESYSTEMS["xfs"]).startswith(f"{root}xfs defaults 0 0\n")
+    assert {bi.FILESYSTEMS[fs].grub_module for _, fs in bi.VARIANTS.values()} == {"ext2", "xfs"}
+    assert bi.VARIANTS[bi.XFS_IMAGE_NAME] == ("current", "xfs")  # the updated tree again: no second debootstrap
+    assert "xfs" in bi.INITRAMFS_MODULES  # a module in Debian's kernel, unlike ext4
+
+
+def _tree(root: Path) -> None:
+    for d in ("etc", "usr/bin", "var/tmp", "var/lib/ucf/cache"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/tmp").chmod(0o1777)
+    (root / "etc/hostname").write_text("debian\n")
+    (root / "usr/bin/Text::CharWidth.3pm").write_text("a colon inside a name is a plain character\n")
+    (root / "var/lib/ucf/cache/:etc:ssh:sshd_config").write_text("PasswordAuthentication no\n")
+    (root / "usr/bin/sudo").write_bytes(b"\x7fELF" + bytes(5000))
+    (root / "usr/bin/sudo").chmod(0o4755)
+    (root / "etc/os").symlink_to("../usr/lib/os-release")
+    os.mkfifo(root / "etc/initctl")
+
+
+def test_xfs_prototype_lists_the_tree_with_modes(tmp_path: Path) -> None:
+    _tree(tmp_path / "t")
+    prototype = bi.xfs_prototype(tmp_path / "t")
+    lines = prototype.text.splitlines()
+    assert lines[:3] == ["/dev/null", "0 0", "d--755 0 0"] and lines[-1] == "$"
+    uid, gid = os.getuid(), os.getgid()
+    assert f"hostname ---644 {uid} {gid} {tmp_path}/t/etc/hostname" in lines
+    assert f"sudo -u-755 {uid} {gid} {tmp_path}/t/usr/bin/sudo" in lines
+    assert f"os l--777 {uid} {gid} ../usr/lib/os-release" in lines
+    assert f"initctl p--644 {uid} {gid}" in lines
+    assert f"tmp d--777 {uid} {gid}" in lines  # the format has no sticky bit: set afterwards
+    assert prototype.sticky == [("/var/tmp", stat.S_IFDIR | 0o1777)]
+    assert f"_etc:ssh:sshd_config ---644 {uid} {gid} {tmp_path}/t/var/lib/ucf/cache/:etc:ssh:sshd_config" in lines
+    assert prototype.renames == [("/var/lib/ucf/cache", "_etc:ssh:sshd_config", ":etc:ssh:sshd_config")]
+    assert prototype.text.count("$") == prototype.text.count(" d--") + 1  # every directory closed, then the root
+
+
+@pytest.mark.parametrize("name", ["has space", "$", "tab\tname"])
+def test_xfs_prototype_refuses_names_it_cannot_hold(tmp_path: Path, name: str) -> None:
+    _tree(tmp_path / "t")
+    (tmp_path / "t/etc" / name).write_text("x")
+    with pytest.raises(bi.BaseImageError, match="prototype file cannot name it"):
+        bi.xfs_prototype(tmp_path / "t")
+
+
+def test_xfs_prototype_refuses_a_colon_name_whose_stand_in_is_taken(tmp_path: Path) -> None:
+    _tree(tmp_path / "t")
+    (tmp_path / "t/var/lib/ucf/cache/_etc:ssh:sshd_config").write_text("x")
+    with pytest.raises(bi.BaseImageError, match="needs that name free"):
+        bi.xfs_prototype(tmp_path / "t")
+
+
+def test_xfs_root_made_from_the_tree_and_checked(tmp_path: Path) -> None:
+    """The real tools: mkfs.xfs -p makes the root from the tree, xfs_db sets the sticky bit, and the disk check
+    (xfs_repair -n) passes on it and fails on a damaged copy."""
+    for tool in ("mkfs.xfs", "xfs_db", "xfs_repair", "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (xfsprogs, qemu-utils: ./dev setup installs them)")
+    _tree(tmp_path / "t")
+    part = tmp_path / "part.img"
+    bi._make_xfs(tmp_path / "t", tmp_path, part, 320)
+    def db(*commands: str) -> str:
+        args = [a for c in commands for a in ("-c", c)]
+        return subprocess.run(["xfs_db", "-r", *args, str(part)], capture_output=True, text=True, check=True).stdout
+    assert "core.mode = 041777" in db("path /var/tmp", "print core.mode")
+    assert "core.mode = 0104755" in db("path /usr/bin/sudo", "print core.mode")
+    assert "core.size = 43" in db("path /usr/bin/Text::CharWidth.3pm", "print core.size")
+    assert "core.size = 26" in db("path /var/lib/ucf/cache/:etc:ssh:sshd_config", "print core.size")
+    assert "_etc" not in db("ls /var/lib/ucf/cache")
+    assert f"UUID = {bi.ROOT_FS_UUID}" in db("uuid")
+    assert 'label = "root"' in db("label")
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.truncate((bi.PART_START_MIB + 321) * 2**20)
+    bi._copy_sparse(part, raw, bi.PART_START_MIB * 2**20)
+    bi.FILESYSTEMS["xfs"].check(raw, tmp_path)
+    with raw.open("r+b") as fh:  # the root directory's inode block, zeroed
+        root_ino = int(re.search(r"rootino = (\d+)", db("sb 0", "print rootino"))[1])  # type: ignore[index]
+        fh.seek(bi.PART_START_MIB * 2**20 + root_ino * 512)
+        fh.write(bytes(512))
+    with pytest.raises(bi.BaseImageError, match="xfs_repair -n"):
+        bi.FILESYSTEMS["xfs"].check(raw, tmp_path)
 
 
 def test_newest_kernel_in_debian_version_order(tmp_path: Path) -> None:
@@ -129,7 +233,8 @@ def test_configure_removes_identity_and_locks_root(tmp_path: Path) -> None:
     (root / "var/log/apt/history.log").write_text("build noise")
     (root / "root/.bash_history").write_text("ls")
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
-    bi._configure(root, "http://mirror.example/debian")
+    bi._configure(root, "http://mirror.example/debian", bi.FILESYSTEMS["xfs"])
+    assert (root / "etc/fstab").read_text() == bi.fstab(bi.FILESYSTEMS["xfs"])
     assert sorted(x.name for x in (root / "etc/ssh").iterdir()) == ["sshd_config", "sshd_config.d"]
     assert (root / "etc/machine-id").read_text() == ""
     assert not (root / "var/lib/dbus/machine-id").exists()
@@ -246,12 +351,12 @@ def test_check_fs_passes_a_clean_filesystem_and_names_a_damaged_one(tmp_path: Pa
     with raw.open("wb") as fh:
         fh.truncate(10 * 1024 * 1024)
     bi._copy_sparse(part, raw, bi.PART_START_MIB * 1024 * 1024)
-    bi._check_fs(raw)
+    bi._check_ext4(raw, tmp_path)
     with raw.open("r+b") as fh:  # wreck the root directory's inode table block group descriptors
         fh.seek(bi.PART_START_MIB * 1024 * 1024 + 4096)
         fh.write(b"\xff" * 4096)
     with pytest.raises(bi.BaseImageError, match="e2fsck found problems"):
-        bi._check_fs(raw)
+        bi._check_ext4(raw, tmp_path)
 
 
 def test_debootstrap_sees_the_preseed_files_and_unsafe_io_is_gone_afterwards(

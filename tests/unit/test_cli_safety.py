@@ -267,6 +267,8 @@ IMAGE_CASES: list[tuple[str, str, Any, str]] = [
     ("tpm-on-bios", "tpm", True, "tpm"),
     ("keys-unknown", "keys", "microsoft-2026", "keys"),
     ("machine-unknown", "machine", "q36", "machine"),
+    ("factory-not-a-boolean", "factory", "yes please", "factory"),
+    ("builder-suite-without-factory", "test_suites", ["common", "builder"], "test_suites"),
 ]
 
 

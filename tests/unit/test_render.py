@@ -219,15 +219,28 @@ def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeyp
     assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
 
 
-@pytest.mark.parametrize("name", [*fedora_images(), "debian-lab-uefi"])
+def _copy_factory_sources(dst: Path) -> None:
+    """What an image with factory: true builds the factory's wheel from (the repository's own files)."""
+    for rel in render.FACTORY_WHEEL_SOURCES + (render.FACTORY_LOCK,):
+        if (dst / rel).exists():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (REPO_ROOT / rel).is_dir() else shutil.copy2
+        copy(REPO_ROOT / rel, dst / rel)
+
+
+@pytest.mark.parametrize("name", [*fedora_images(), "debian-lab-uefi", "debian-lab-builder"])
 def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path) -> None:
     """packer validate + fmt -check (Debian's packer), ksvalidator -v F<release>, ansible-lint; and the
-    UEFI cloud fixture, the one template rendering a seed CD of its own."""
+    UEFI cloud fixture, the one template rendering a seed CD of its own, and the builder image, the one with
+    a playbook (and role) of its own."""
     if shutil.which("packer") is None:
         pytest.skip("packer not installed (./dev setup installs it)")
     _copy_repo_inputs(tmp_path)
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=tmp_path)
     image = load_site(REPO_ROOT / "ansible/inventory", settings.images).images[name]
+    if image.factory:
+        _copy_factory_sources(tmp_path)
     result = render.render_image(settings, image)
     try:
         render.validate(result, settings)
@@ -633,3 +646,33 @@ def test_packer_init_offline_names_the_pins_and_the_way_out(
     assert f"qemu {render.PLUGIN_VERSIONS['qemu']}" in message and "no route to host" in message
     assert "packer plugins install" in message
     assert "validate" not in stub_packer.read_text(), "validate is pointless without the plugins"
+
+
+def test_factory_image_carries_the_factory_in_its_fingerprint_and_build_vars(repo: Settings,
+                                                                             catalogue: dict[str, Image]) -> None:
+    """factory: true (debian-lab-builder): every file the factory's wheel is made of, and the lock, is a build
+    input, and the playbook gets the bundle's path in the secret directory; other images do not depend on them."""
+    builder, plain = catalogue["debian-lab-builder"], catalogue["debian-lab"]
+    assert builder.factory and not plain.factory
+    with pytest.raises(render.RenderError, match="no pyproject.toml"):
+        _render(repo, builder)
+    _copy_factory_sources(repo.root)
+    first = _render(repo, builder)
+    plain_first = _render(repo, plain)
+    try:
+        assert {"factory:src/image_factory/build.py", "factory:requirements/build.txt",
+                "factory:pyproject.toml"} <= set(first.inputs)
+        assert not any(k.startswith("factory:") for k in plain_first.inputs)
+        variables = json.loads((first.var_file.parent / render.BUILD_VARS_FILE).read_text())
+        assert variables["factory_bundle"] == str(first.var_file.parent / render.FACTORY_BUNDLE_DIR)
+        assert "factory_bundle" not in json.loads((plain_first.var_file.parent / render.BUILD_VARS_FILE).read_text())
+    finally:
+        first.cleanup()
+        plain_first.cleanup()
+    source = repo.root / "src/image_factory/errors.py"
+    source.write_text(source.read_text() + "\n# changed\n")
+    changed, plain_again = _render(repo, builder), _render(repo, plain)
+    changed.cleanup()
+    plain_again.cleanup()
+    assert changed.fingerprint != first.fingerprint
+    assert plain_again.fingerprint == plain_first.fingerprint

@@ -13,10 +13,14 @@ Debian archive this machine reaches, with no loop devices or mounts:
    /etc/machine-id, root password locked;
 3. a hybrid GPT raw disk laid out as Debian's genericcloud image (root = partition 1 at 64 MiB, BIOS boot
    partition 14, EFI system partition 15): ``mkfs.ext4 -d ROOT`` into a partition file, copied in place;
+   the XFS variant (debian-13-xfs.qcow2) is the same tree on an XFS root: ``mkfs.xfs -p`` with a prototype
+   file listing the tree (xfsprogs before 6.17 cannot copy a directory), the sticky bits the prototype
+   format cannot express set afterwards with ``xfs_db -x``, checked with ``xfs_repair -n``;
 4. GRUB (BIOS) installed without booting anything: the root's own ``grub-mkimage`` makes core.img
    (which finds /boot/grub by the filesystem UUID), its modules and a grub.cfg go into the
    filesystem, and boot.img and core.img are written into the protective MBR and the BIOS boot
-   partition, exactly where ``grub-install`` puts them. The disk boots by itself, like any cloud
+   partition, exactly where ``grub-install`` puts them; core.img's filesystem module, grub.cfg's ``insmod``
+   and fstab's entry follow the variant's root filesystem (FILESYSTEMS). The disk boots by itself, like any cloud
    image. (A boot under QEMU running grub-install cost 20-30 s under TCG.)
    UEFI: the ESP (FAT, ``mkfs.vfat`` + mtools, no mount) gets Debian's signed shim at the removable path
    EFI/BOOT/BOOTX64.EFI, the signed GRUB beside it, and EFI/debian/grub.cfg (the signed GRUB's prefix)
@@ -36,11 +40,12 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +63,8 @@ IMAGE_NAME = "debian-13-base.qcow2"
 # Fedora build does). The current image is what a vendor's refreshed cloud image is: a build from it applies
 # only what the suites published since, and reboots only when that includes a kernel.
 RELEASE_IMAGE_NAME = "debian-13-release.qcow2"
+# The current image's tree on an XFS root (the builder image's base, and the offline XFS readers' real case).
+XFS_IMAGE_NAME = "debian-13-xfs.qcow2"
 RECIPE_NAME = "debian-13-base.recipe.json"
 DISK_SIZE_MIB = 2048
 # A hybrid GPT disk laid out like Debian's genericcloud image: the root is partition 1 (last on the disk, so
@@ -103,6 +110,8 @@ PACKAGES = (
     "qemu-guest-agent",
     "chrony",
     "e2fsprogs",
+    # No xfsprogs: it pulls libicu (36 MB) into every variant. The XFS variant's root is checked here, and an
+    # image built on it installs xfsprogs where it needs xfs_growfs (ansible/roles/builder).
     "ca-certificates",
 )
 
@@ -122,7 +131,9 @@ MKE2FS_CONF = """\
 # Written into the root before debootstrap, so its dpkg runs and initramfs builds see them.
 # A VM's disk controllers only (MODULES=list): a 6 MB initramfs made in 2 s instead of 15 MB in
 # 6 s (twice per debootstrap), and unpacked faster at every boot under TCG.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "sr_mod", "ahci", "ata_piix", "nvme")
+# ext4 is built into Debian's kernel, XFS is a module: listed so the XFS variant's initramfs can mount its root.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "sr_mod", "ahci", "ata_piix", "nvme",
+                     "xfs")
 DPKG_UNSAFE_IO = "etc/dpkg/dpkg.cfg.d/00-factory-build-unsafe-io"  # removed again after debootstrap
 PRESEED_FILES: dict[str, str] = {
     DPKG_UNSAFE_IO: "# A failed build is thrown away, so no fsync per unpacked file.\nforce-unsafe-io\n",
@@ -133,8 +144,6 @@ PRESEED_FILES: dict[str, str] = {
 
 # Files written into the root, path -> content. Part of the recipe hash.
 FILES: dict[str, str] = {
-    "etc/fstab": (f"UUID={ROOT_FS_UUID} / ext4 defaults,errors=remount-ro 0 1\n"
-                  f"UUID={ESP_FS_UUID} /boot/efi vfat defaults,umask=0077,nofail 0 2\n"),
     "etc/hostname": "debian\n",
     "etc/hosts": "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
     "etc/default/locale": "LANG=C.UTF-8\n",
@@ -186,7 +195,7 @@ FILES: dict[str, str] = {
 
 # GRUB's first stage finds its prefix by the root filesystem's UUID (disk order does not matter).
 GRUB_EARLY_CFG = f"search.fs_uuid {ROOT_FS_UUID} root\nset prefix=($root)/boot/grub\n"
-GRUB_CORE_MODULES = ("biosdisk", "part_gpt", "ext2", "search_fs_uuid")
+GRUB_CORE_MODULES = ("biosdisk", "part_gpt", "search_fs_uuid")  # + the root filesystem's module
 # What grub-install writes beside a signed GRUB: its built-in prefix is /EFI/debian on the ESP, and this
 # hands over to the menu in the root filesystem, found by its UUID (the seal keeps it so in a clone).
 GRUB_EFI_STUB_CFG = f"search.fs_uuid {ROOT_FS_UUID} root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n"
@@ -206,7 +215,7 @@ serial --unit=0 --speed=115200
 terminal_input console serial
 terminal_output console serial
 insmod part_gpt
-insmod ext2
+insmod {fs_module}
 search --no-floppy --fs-uuid --set=root {uuid}
 menuentry 'Debian GNU/Linux' {{
 \tlinux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200n8
@@ -227,12 +236,20 @@ class BasePaths:
     debs: Path
     release_image: Path
     release_sha256: Path
+    xfs_image: Path
+    xfs_sha256: Path
+
+    def variants(self) -> dict[str, tuple[Path, Path]]:
+        """Every image the recipe makes: name -> (qcow2, its sha256sum file)."""
+        return {IMAGE_NAME: (self.image, self.sha256), RELEASE_IMAGE_NAME: (self.release_image, self.release_sha256),
+                XFS_IMAGE_NAME: (self.xfs_image, self.xfs_sha256)}
 
 
 def base_paths(settings: Settings) -> BasePaths:
     d = settings.builds_dir / "base"
     return BasePaths(d, d / IMAGE_NAME, d / f"{IMAGE_NAME}.sha256", d / RECIPE_NAME, settings.cache_dir / "debs",
-                     d / RELEASE_IMAGE_NAME, d / f"{RELEASE_IMAGE_NAME}.sha256")
+                     d / RELEASE_IMAGE_NAME, d / f"{RELEASE_IMAGE_NAME}.sha256",
+                     d / XFS_IMAGE_NAME, d / f"{XFS_IMAGE_NAME}.sha256")
 
 
 def recipe() -> dict[str, object]:
@@ -243,6 +260,7 @@ def recipe() -> dict[str, object]:
         "preseed": PRESEED_FILES,
         "files": FILES,
         "grub": [GRUB_EARLY_CFG, list(GRUB_CORE_MODULES), GRUB_CFG],
+        "filesystems": {name: [fs.fstab_entry, fs.grub_module, fs.recipe] for name, fs in FILESYSTEMS.items()},
         "efi": [GRUB_EFI_STUB_CFG, ESP_FILES, ESP_VOLUME_ID, ESP_LABEL],
         "layout": ["gpt", BIOS_BOOT_PART, ESP_PART, GPT_BACKUP_MIB],
         "mke2fs": MKE2FS_CONF,
@@ -250,7 +268,7 @@ def recipe() -> dict[str, object]:
         "part_start_mib": PART_START_MIB,
         "uuid": ROOT_FS_UUID,
         "cleanup": CLEANUP_VERSION,
-        "variants": {IMAGE_NAME: "release + updates + security, one kernel", RELEASE_IMAGE_NAME: "release only"},
+        "variants": {name: [tree, fs] for name, (tree, fs) in VARIANTS.items()},
     }
 
 
@@ -270,20 +288,19 @@ def read_sha256_file(path: Path, name: str = IMAGE_NAME) -> str | None:
 
 def cache_state(settings: Settings) -> str:
     """'ok', or why the base image must be (re)built."""
-    p = base_paths(settings)
-    if not p.image.is_file() or not p.release_image.is_file():
+    variants = base_paths(settings).variants()
+    if not all(image.is_file() for image, _ in variants.values()):
         return "missing"
-    recorded = read_sha256_file(p.sha256)
-    release_recorded = read_sha256_file(p.release_sha256, RELEASE_IMAGE_NAME)
-    if recorded is None or release_recorded is None:
+    recorded = {name: read_sha256_file(checksum, name) for name, (_, checksum) in variants.items()}
+    if None in recorded.values():
         return "checksum file missing or malformed"
     try:
-        stamp = json.loads(p.recipe.read_text(encoding="utf-8"))
+        stamp = json.loads(base_paths(settings).recipe.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return "recipe stamp missing"
     if stamp.get("recipe_hash") != recipe_hash():
         return "recipe changed"
-    if sha256_file(p.image) != recorded or sha256_file(p.release_image) != release_recorded:
+    if any(sha256_file(image) != recorded[name] for name, (image, _) in variants.items()):
         return "sha256 mismatch (corrupted)"
     return "ok"
 
@@ -325,17 +342,19 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
         figures["updates_s"] = round(time.monotonic() - t0, 1)
         made: dict[str, tuple[Path, str]] = {}
         kernels: dict[str, str] = {}
-        for tree, name in ((root, IMAGE_NAME), (release_root, RELEASE_IMAGE_NAME)):
+        trees = {"current": root, "release": release_root}
+        for name, (tree_name, fs_name) in VARIANTS.items():
+            tree, fs = trees[tree_name], FILESYSTEMS[fs_name]
             kernels[name] = kernel_and_initrd(tree)[0].name.removeprefix("vmlinuz-")
-            _configure(tree, mirror)
+            _configure(tree, mirror, fs)
             t0 = time.monotonic()
-            core_img, boot_img = _prepare_grub(tree)
+            core_img, boot_img = _prepare_grub(tree, fs)
             raw = work / "disk.raw"
-            _make_disk(tree, work, raw)
+            _make_disk(tree, work, raw, fs)
             _, bios_start, bios_size = BIOS_BOOT_PART
             embed_grub(raw, boot_img, core_img, (bios_start + bios_size) * 2048, core_sector=bios_start * 2048)
             _make_esp(tree, work, raw)
-            _check_fs(raw)
+            fs.check(raw, work)
             figures[f"disk_s:{name}"] = round(time.monotonic() - t0, 1)
             t0 = time.monotonic()
             qcow = work / name
@@ -346,14 +365,14 @@ def ensure_base_image(settings: Settings, force: bool = False, *, mirror: str | 
             made[name] = (qcow, sha256_file(qcow))
         # Publish: stamp removed first, written last, so a crash in between means "rebuild".
         p.recipe.unlink(missing_ok=True)
-        for name, target, checksum in ((IMAGE_NAME, p.image, p.sha256),
-                                       (RELEASE_IMAGE_NAME, p.release_image, p.release_sha256)):
+        for name, (target, checksum) in p.variants().items():
             os.replace(made[name][0], target)
             write_atomic(checksum, f"{made[name][1]}  {name}\n")
         stamp = {
             "recipe_hash": recipe_hash(),
             "sha256": made[IMAGE_NAME][1],
             "release_sha256": made[RELEASE_IMAGE_NAME][1],
+            "xfs_sha256": made[XFS_IMAGE_NAME][1],
             "kernels": kernels,
             "mirror": mirror,
             "size": p.image.stat().st_size,
@@ -398,11 +417,13 @@ def fetch_packages(settings: Settings, *, mirror: str | None = None) -> bool:
 
 # ------------------------------------------------------------------------------------------ steps
 
-CLEANUP_VERSION = 4  # 3: the release variant and both kernels in the stamp; 4: hybrid GPT (BIOS + UEFI)
+# 3: the release variant and both kernels in the stamp; 4: hybrid GPT (BIOS + UEFI); 5: the XFS variant
+CLEANUP_VERSION = 5
 
 
 def _check_tools() -> None:
-    need = ("debootstrap", "qemu-img", "sfdisk", "mkfs.ext4", "e2fsck", "mkfs.vfat", "mcopy", "fsck.vfat")
+    need = ("debootstrap", "qemu-img", "sfdisk", "mkfs.ext4", "e2fsck", "mkfs.vfat", "mcopy", "fsck.vfat",
+            "mkfs.xfs", "xfs_db", "xfs_repair")
     missing = [f"{tool} ({tools.get(tool).provider.short()})" for tool in need if tools.find(tool) is None]
     if missing:
         raise BaseImageError("base image: missing tools: " + ", ".join(missing))
@@ -556,8 +577,8 @@ def _apply_updates(root: Path, mirror: str, log: Path) -> None:
         (root / POLICY_RC_D).unlink(missing_ok=True)
 
 
-def _configure(root: Path, mirror: str) -> None:
-    _write_files(root, FILES)
+def _configure(root: Path, mirror: str, fs: RootFilesystem) -> None:
+    _write_files(root, {**FILES, "etc/fstab": fstab(fs)})
     _sources_list(root, mirror)
     # Root password locked (also for `passwd -S`), no build user exists.
     shadow = root / "etc/shadow"
@@ -592,11 +613,9 @@ def _configure(root: Path, mirror: str) -> None:
     (root / "root/.bash_history").unlink(missing_ok=True)
 
 
-def _make_disk(root: Path, work: Path, raw: Path) -> None:
-    part = work / "part.img"
+def _make_ext4(root: Path, work: Path, part: Path, part_mib: int) -> None:
     conf = work / "mke2fs.conf"
     conf.write_text(MKE2FS_CONF, encoding="utf-8")
-    part_mib = DISK_SIZE_MIB - PART_START_MIB - GPT_BACKUP_MIB
     env = {**os.environ, "MKE2FS_CONFIG": str(conf)}
     cmd = ["mkfs.ext4", "-q", "-F", "-T", "ext4", "-L", ROOT_LABEL, "-U", ROOT_FS_UUID,
            "-d", str(root), str(part), f"{part_mib}M"]  # fmt: skip
@@ -606,6 +625,139 @@ def _make_disk(root: Path, work: Path, raw: Path) -> None:
         raise BaseImageError("base image: mkfs.ext4 timed out") from None
     if proc.returncode != 0:
         raise BaseImageError(f"base image: mkfs.ext4 -d failed: {proc.stdout.decode(errors='replace')[-2000:]}")
+
+
+# A prototype entry's mode: type, set-uid, set-gid, three octal digits (xfsprogs mkfs/proto.c: no sticky bit).
+PROTO_TYPES = {stat.S_IFREG: "-", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+               stat.S_IFIFO: "p"}
+# What the prototype grammar cannot hold in a name or link target: its tokens end at white space, a token
+# starting with ':' is a comment (inside one it is a plain character: Perl's Text::CharWidth.3pm.gz), and a
+# lone '$' closes a directory (xfsprogs mkfs/proto.c: getstr).
+PROTO_UNSAFE = re.compile(r"\s|^:|^\$$")
+# A name starting with ':' (ucf's cache, /var/lib/ucf/cache/:etc:ssh:sshd_config) goes in under this first
+# character and is renamed in place afterwards (xfs_db, in its directory's inode).
+PROTO_COLON_STANDIN = "_"
+
+
+@dataclass
+class XfsPrototype:
+    """mkfs.xfs's prototype file for a tree, and what the format cannot say, done by xfs_db afterwards: the
+    sticky bits (path, full mode) and the names starting with ':' (directory, stand-in name, real name)."""
+
+    text: str
+    sticky: list[tuple[str, int]]
+    renames: list[tuple[str, str, str]]
+
+
+def xfs_prototype(root: Path) -> XfsPrototype:
+    """The prototype file for the tree at ``root``: every entry with its owner and mode (hard links become
+    copies); anything the format cannot hold at all stops with its path."""
+    sticky: list[tuple[str, int]] = []
+    renames: list[tuple[str, str, str]] = []
+
+    def mode(st: os.stat_result, where: str) -> str:
+        if stat.S_IFMT(st.st_mode) not in PROTO_TYPES:
+            raise BaseImageError(f"base image: {where} is a {stat.filemode(st.st_mode)[0]!r} file, which mkfs.xfs's "
+                                 "prototype file cannot hold (sockets belong to a running system)")
+        if st.st_mode & stat.S_ISVTX:
+            sticky.append((where, st.st_mode))
+        return (PROTO_TYPES[stat.S_IFMT(st.st_mode)] + ("u" if st.st_mode & stat.S_ISUID else "-")
+                + ("g" if st.st_mode & stat.S_ISGID else "-") + f"{st.st_mode & 0o777:03o}")
+
+    def name_in(directory: str, name: str, siblings: set[str]) -> str:
+        if not name.startswith(":"):
+            return name
+        standin = PROTO_COLON_STANDIN + name[1:]
+        if standin in siblings or '"' in name or "\\" in name:
+            raise BaseImageError(f"base image: {directory or ''}/{name}: a name starting with ':' goes in as {standin} "
+                                 "and is renamed afterwards, which needs that name free and no quote or backslash")
+        renames.append((directory or "/", standin, name))
+        return standin
+
+    lines = ["/dev/null", "0 0", f"{mode(root.lstat(), '/')} {root.lstat().st_uid} {root.lstat().st_gid}"]
+
+    def walk(directory: Path, inside: str) -> None:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        siblings = {e.name for e in entries}
+        for entry in entries:
+            where = f"{inside}/{entry.name}"
+            st = entry.stat(follow_symlinks=False)
+            target = os.readlink(entry.path) if entry.is_symlink() else ""
+            name = name_in(inside, entry.name, siblings)
+            if PROTO_UNSAFE.search(name) or PROTO_UNSAFE.search(target) or PROTO_UNSAFE.search(entry.path):
+                raise BaseImageError(f"base image: {where} (or its link target {target!r}) has white space or is "
+                                     "'$' (or the link target starts with ':'): mkfs.xfs's prototype file cannot "
+                                     "name it")
+            head = f"{name} {mode(st, where)} {st.st_uid} {st.st_gid}"
+            kind = stat.S_IFMT(st.st_mode)
+            if kind == stat.S_IFDIR:
+                lines.append(head)
+                walk(Path(entry.path), where)
+                lines.append("$")
+            elif kind == stat.S_IFREG:
+                lines.append(f"{head} {entry.path}")
+            elif kind == stat.S_IFLNK:
+                lines.append(f"{head} {target}")
+            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                lines.append(f"{head} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}")
+            else:
+                lines.append(head)
+
+    walk(root, "")
+    lines.append("$")
+    return XfsPrototype("\n".join(lines) + "\n", sticky, renames)
+
+
+def _xfs_tool(cmd: list[str], what: str) -> str:
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BaseImageError(f"base image: {what} timed out") from None
+    out = proc.stdout.decode(errors="replace")
+    if proc.returncode != 0:
+        raise BaseImageError(f"base image: {what} failed (exit {proc.returncode}): {out[-2000:]}")
+    return out
+
+
+def _xfs_rename(part: Path, directory: str, standin: str, name: str) -> None:
+    """Rename an entry of a short-form directory (its entries in the directory's own inode, no hash index)
+    in place; xfs_db recomputes the inode's CRC. A larger directory is refused: its entries are hashed."""
+    listing = _xfs_tool(["xfs_db", "-r", "-c", f"path {directory}", "-c", "print u3", str(part)],
+                        f"xfs_db (reading {directory})")
+    found = re.search(rf'^u3\.sfdir3\.list\[(\d+)\]\.name = "{re.escape(standin)}"$', listing, re.MULTILINE)
+    if found is None:
+        raise BaseImageError(f"base image: {directory}/{name}: its directory is not a short-form one (or lacks "
+                             f"{standin}): the name cannot be set in place")
+    field = f"u3.sfdir3.list[{found[1]}].name"
+    out = _xfs_tool(["xfs_db", "-x", "-c", f"path {directory}", "-c", f'write {field} "{name}"', str(part)],
+                    f"xfs_db (naming {directory}/{name})")
+    if f'{field} = "{name}"' not in out:
+        raise BaseImageError(f"base image: xfs_db did not name {directory}/{name}: {out[-500:]}")
+
+
+def _make_xfs(root: Path, work: Path, part: Path, part_mib: int) -> None:
+    prototype = xfs_prototype(root)
+    proto = work / "xfs.proto"
+    proto.write_text(prototype.text, encoding="utf-8")
+    with part.open("wb") as fh:
+        fh.truncate(part_mib * 1024 * 1024)
+    _xfs_tool(["mkfs.xfs", "-q", "-f", "-L", ROOT_LABEL, "-m", f"uuid={ROOT_FS_UUID}", "-p", str(proto), str(part)],
+              "mkfs.xfs -p")
+    for where, full_mode in prototype.sticky:
+        # xfs_db reads numbers in C notation (a leading 0: octal); core.mode holds the type bits too
+        out = _xfs_tool(["xfs_db", "-x", "-c", f"path {where}", "-c", f"write core.mode 0{full_mode:o}", str(part)],
+                        f"xfs_db (sticky bit of {where})")
+        if f"core.mode = 0{full_mode:o}" not in out:
+            raise BaseImageError(f"base image: xfs_db did not set {where}'s mode to {full_mode:o}: {out[-500:]}")
+    for directory, standin, name in prototype.renames:
+        _xfs_rename(part, directory, standin, name)
+    proto.unlink()
+
+
+def _make_disk(root: Path, work: Path, raw: Path, fs: RootFilesystem) -> None:
+    part = work / "part.img"
+    part_mib = DISK_SIZE_MIB - PART_START_MIB - GPT_BACKUP_MIB
+    fs.make(root, work, part, part_mib)
     with raw.open("wb") as fh:
         fh.truncate(DISK_SIZE_MIB * 1024 * 1024)
     layout = gpt_layout(raw, part_mib)
@@ -676,7 +828,7 @@ def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
     return k, initrd
 
 
-def _prepare_grub(root: Path) -> tuple[bytes, bytes]:
+def _prepare_grub(root: Path, fs: RootFilesystem) -> tuple[bytes, bytes]:
     """GRUB's modules and grub.cfg into ROOT/boot/grub; returns (core.img, boot.img) for embed_grub."""
     lib = root / "usr/lib/grub/i386-pc"
     if not (lib / "boot.img").is_file() or not (root / "usr/bin/grub-mkimage").is_file():
@@ -687,15 +839,16 @@ def _prepare_grub(root: Path) -> tuple[bytes, bytes]:
     for f in lib.iterdir():
         if f.suffix in (".mod", ".lst", ".img") or f.name == "modinfo.sh":
             shutil.copy2(f, grub / "i386-pc" / f.name)
-    (grub / "grub.cfg").write_text(GRUB_CFG.format(uuid=ROOT_FS_UUID, kernel=kernel.name, initrd=initrd.name),
-                                   encoding="utf-8")
+    (grub / "grub.cfg").write_text(GRUB_CFG.format(uuid=ROOT_FS_UUID, kernel=kernel.name, initrd=initrd.name,
+                                                   fs_module=fs.grub_module), encoding="utf-8")
     # The root's own grub-mkimage, so core.img matches the modules it will load. It needs no /proc.
     scratch = Path(tempfile.mkdtemp(prefix="grub-", dir=root / "tmp"))
     try:
         (scratch / "early.cfg").write_text(GRUB_EARLY_CFG, encoding="utf-8")
         inside = "/" + str(scratch.relative_to(root))
         _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-d", "/usr/lib/grub/i386-pc",
-              "-c", f"{inside}/early.cfg", "-p", "/boot/grub", "-o", f"{inside}/core.img", *GRUB_CORE_MODULES],
+              "-c", f"{inside}/early.cfg", "-p", "/boot/grub", "-o", f"{inside}/core.img", *GRUB_CORE_MODULES,
+              fs.grub_module],
              "grub-mkimage")  # fmt: skip
         return (scratch / "core.img").read_bytes(), (lib / "boot.img").read_bytes()
     finally:
@@ -744,12 +897,55 @@ def embed_grub(raw: Path, boot_img: bytes, core_img: bytes, end_sector: int, *, 
         fh.write(core)
 
 
-def _check_fs(raw: Path) -> None:
+def _check_ext4(raw: Path, work: Path) -> None:
     """The root filesystem, as written into the disk, must be clean for e2fsck."""
     spec = f"{raw}?offset={PART_START_MIB * 1024 * 1024}"
     check = subprocess.run(["e2fsck", "-fn", spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if check.returncode != 0:
         raise BaseImageError(f"base image: e2fsck found problems:\n{check.stdout.decode(errors='replace')[-1500:]}")
+
+
+def _check_xfs(raw: Path, work: Path) -> None:
+    """The same for xfs_repair, which reads a filesystem at offset 0 only: the partition copied out first."""
+    part = work / "check.img"
+    _run(["qemu-img", "convert", "-O", "raw", "--image-opts",
+          f"driver=raw,offset={PART_START_MIB * 1024 * 1024},file.driver=file,file.filename={raw}", str(part)],
+         "copying the XFS root out for xfs_repair")  # fmt: skip
+    try:
+        _xfs_tool(["xfs_repair", "-n", "-f", str(part)], "xfs_repair -n (problems found)")
+    finally:
+        part.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RootFilesystem:
+    """What differs per root filesystem: fstab's options and pass, GRUB's module for it, how the partition file
+    is made from the tree and how the finished disk is checked."""
+
+    fstab_entry: str
+    grub_module: str
+    recipe: str  # what the maker pins (part of the recipe hash)
+    make: Callable[[Path, Path, Path, int], None]
+    check: Callable[[Path, Path], None]
+
+
+FILESYSTEMS: dict[str, RootFilesystem] = {
+    "ext4": RootFilesystem("ext4 defaults,errors=remount-ro 0 1", "ext2", MKE2FS_CONF, _make_ext4, _check_ext4),
+    # fsck.xfs does nothing (XFS replays its log at mount): pass 0, as Debian's installer writes it.
+    "xfs": RootFilesystem("xfs defaults 0 0", "xfs", "mkfs.xfs -p prototype; sticky bits by xfs_db; xfs_repair -n",
+                          _make_xfs, _check_xfs),
+}
+# Each image the recipe makes: name -> (tree, root filesystem). "current": release + updates + security, one
+# kernel; "release": the release suite only. The XFS image is the current tree again, so no second debootstrap.
+VARIANTS: dict[str, tuple[str, str]] = {
+    IMAGE_NAME: ("current", "ext4"),
+    RELEASE_IMAGE_NAME: ("release", "ext4"),
+    XFS_IMAGE_NAME: ("current", "xfs"),
+}
+
+
+def fstab(fs: RootFilesystem) -> str:
+    return f"UUID={ROOT_FS_UUID} / {fs.fstab_entry}\nUUID={ESP_FS_UUID} /boot/efi vfat defaults,umask=0077,nofail 0 2\n"
 
 
 @contextlib.contextmanager
