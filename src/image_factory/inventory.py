@@ -47,7 +47,7 @@ PLACEMENTS = ("pinned", "spread", "fill")
 Placement = Literal["pinned", "spread", "fill"]
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
-Suite = Literal["common", "hygiene", "fedora", "updates"]
+Suite = Literal["common", "hygiene", "fedora", "updates", "firmware"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -845,6 +845,12 @@ class Image(Strict):
     # installs for it (a BIOS boot partition or an EFI system partition); a cloud image must carry a loader
     # for it, as vendors' hybrid GPT images (Debian genericcloud, Fedora Cloud Base) carry both.
     firmware: Literal["bios", "uefi"] = "bios"
+    # uefi only: Secure Boot enforced by the template's EFI vars, with the key set the catalogue chooses
+    # (Microsoft's 2011 CAs expired in June 2026: choose deliberately); a vTPM 2.0; the QEMU machine.
+    secure_boot: bool = False
+    keys: Literal["microsoft-2023", "microsoft-2011+2023", "distribution-only", "none"] | None = None
+    tpm: bool = False
+    machine: Literal["pc", "q35"] | None = Field(default=None, description="default: q35 for uefi, pc for bios")
     eol: date | None = Field(default=None, description="end of life: warn 30 days before, refuse after")
     disk_size: DiskSize = "10G"
     playbook: str = Field(default="ansible/playbooks/template.yml",
@@ -877,10 +883,40 @@ class Image(Strict):
             raise ValueError(f"unknown image family {v!r} (known: {', '.join(sorted(families.FAMILIES))})")
         return v
 
+    @property
+    def machine_type(self) -> str:
+        return self.machine or ("q35" if self.firmware == "uefi" else "pc")
+
+    @model_validator(mode="after")
+    def _uefi_options(self) -> Image:
+        if self.firmware != "uefi":
+            extra = [k for k in ("secure_boot", "tpm") if getattr(self, k)] + (["keys"] if self.keys else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} need firmware: uefi (this entry is firmware: bios)")
+        if self.secure_boot and self.keys is None:
+            raise ValueError("secure_boot: true needs keys: (microsoft-2023, microsoft-2011+2023, distribution-only "
+                             "or none)")
+        if self.keys is not None and not self.secure_boot:
+            raise ValueError("keys: goes with secure_boot: true")
+        if self.secure_boot and self.machine == "pc":
+            raise ValueError("secure_boot: true needs machine: q35 (PVE boots OVMF on i440fx (pc) without SMM, "
+                             "i.e. without Secure Boot)")
+        return self
+
     @model_validator(mode="after")
     def _iso_needs_an_installer(self) -> Image:
         if self.mode == "iso" and self.family in families.FAMILIES and families.get(self.family).installer is None:
             raise ValueError(f"mode: iso needs an installer, and the {self.family} family has none (cloud mode only)")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_boot_the_signed_chain(self) -> Image:
+        # Measured (docs/images.md): OVMF refuses Debian 13's shim with only Debian's CA in db ("Access Denied");
+        # Fedora's is signed by Microsoft only as well. The store itself is made (firmware.KEY_SETS).
+        if self.keys == "distribution-only":
+            raise ValueError("keys: distribution-only cannot boot the Debian or Fedora chain: the firmware loads shim "
+                             "first, and shim is signed by Microsoft's UEFI CA only, not by the distribution's CA "
+                             "(choose microsoft-2011+2023 or microsoft-2023; docs/images.md)")
         return self
 
     @model_validator(mode="after")

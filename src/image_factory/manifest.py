@@ -76,10 +76,16 @@ class Manifest:
     # What is inside (contents.py): packages_digest, packages, kernel, os; read by the image test.
     contents: dict[str, Any] | None = None
     firmware: str = "bios"  # bios | uefi: how the template must boot (publish: bios=ovmf and an EFI disk)
+    secure_boot: bool = False  # uefi only: the template's EFI vars enforce Secure Boot
+    secure_boot_keys: str | None = None  # the catalogue's keys: (microsoft-2023, microsoft-2011+2023, ...)
+    tpm: bool = False  # a vTPM 2.0 (publish: tpmstate0)
+    machine: str = "pc"  # pc (i440fx) | q35
     recipe: str = ""  # digest of the build's own inputs (files, catalogue entry, source): not upstream's state
     # The medium built from: url and checksum as the catalogue pins them, or as resolved at build time for an
     # entry with checksum: refresh (url, sha256, the signed CHECKSUM's URL and key).
     source: dict[str, str] = field(default_factory=dict)
+    # The certificates the build's variable store enrolled (variable, subject, sha256, not_after): auditable.
+    secure_boot_enrolled: list[dict[str, str]] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
 
     @property
