@@ -534,9 +534,9 @@ def test_plugin_renders_secure_boot_and_its_own_vtpm(repo: Settings, catalogue: 
     plugin writes -machine type=<machine_type>,accel=...) and the secure flash through qemuargs."""
     image = catalogue["debian-lab-uefi"]
     new = _render(repo, image, (1, 11, 2))
+    hcl = new.hcl.read_text()  # before the next render writes over it
     plain = _render(repo, image.model_copy(update={"secure_boot": False, "keys": None, "tpm": False}), (1, 11, 2))
     try:
-        hcl = new.hcl.read_text()
         assert _attribute(hcl, "vtpm") == "true" and _attribute(hcl, "machine_type") == "q35,smm=on"
         assert ["-global", "driver=cfi.pflash01,property=secure,value=on"] in _qemuargs(hcl)
         assert all(a[0] not in ("-chardev", "-tpmdev") for a in _qemuargs(hcl))
