@@ -899,17 +899,28 @@ def _build(
     started_at = _now()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=build_dir))
     log_path = build_dir / LOG_NAME
+    enrolled: list[dict[str, str]] = []
+    vm_services = contextlib.ExitStack()
     try:
         render.set_var(result, "work_dir", str(work))
         render.set_var(result, "accelerator", accel)
         if image.firmware == "uefi":
-            code, variables = firmware.locate_ovmf()
-            firmware.private_vars(work, variables)
-            render.set_var(result, "ovmf_code", str(code))
-            render.set_var(result, "ovmf_vars", str(variables))
-            if (cached_packer_version(settings) < render.PLUGIN_PACKER and not image.source.is_local
-                    and image.mode == "iso"):
+            boot = firmware.prepare(work, machine=image.machine_type, secure_boot=image.secure_boot,
+                                    keys=image.keys, family=image.family)
+            render.set_var(result, "ovmf_code", str(boot.code))
+            render.set_var(result, "ovmf_vars", str(boot.variables))
+            enrolled = list(boot.enrolled)
+            if image.secure_boot:
+                emit("status", f"Secure Boot: OVMF {boot.code.name} with key set {image.keys}: "
+                               + ("; ".join(f"{e['variable']} {e['subject']} sha256:{e['sha256'][:16]}… until "
+                                            f"{e['not_after']}" for e in enrolled) or "setup mode, no keys"))
+            old_packer = cached_packer_version(settings) < render.PLUGIN_PACKER
+            if old_packer and not image.source.is_local and image.mode == "iso":
                 render.set_var(result, "install_iso", str(install_iso_path(result.out_dir, image)))
+            if image.tpm and old_packer:  # newer Packer: the qemu plugin's own vtpm option runs swtpm
+                # a unix socket path must stay under 108 bytes: a short private directory, not the work dir
+                tpm = vm_services.enter_context(firmware.swtpm(Path(tempfile.mkdtemp(prefix="swtpm-"))))
+                render.set_var(result, "tpm_socket", str(tpm.socket))
         if image.factory:
             emit("step", "building the factory's wheel and fetching its locked dependencies for the image")
             factory_bundle(settings, image, result.var_file.parent / render.FACTORY_BUNDLE_DIR, work)
@@ -955,7 +966,8 @@ def _build(
             },
             git=_git_state(settings.root), started_at=started_at, finished_at=_now(), accelerator=accel,
             ansible_strategy=strategy.name, firmware=image.firmware, recipe=recipe_digest(result.inputs),
-            source=source,
+            source=source, secure_boot=image.secure_boot, secure_boot_keys=image.keys, tpm=image.tpm,
+            machine=image.machine_type, secure_boot_enrolled=enrolled,
         )
         # Publish: old manifest out first, so no manifest ever points at a half-replaced artifact.
         manifest_path(build_dir).unlink(missing_ok=True)
@@ -972,6 +984,7 @@ def _build(
             (work / "serial.log").replace(build_dir / "serial.failed.log")
         raise
     finally:
+        vm_services.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

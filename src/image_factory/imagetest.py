@@ -78,6 +78,11 @@ def suite_files(root: Path, suites: list[str]) -> list[Path]:
     return files
 
 
+def suites_for(listed: list[str], m: manifest.Manifest) -> list[str]:
+    """The catalogue's suites, plus ``firmware`` for a UEFI build (its Secure Boot state, chain and TPM)."""
+    return listed + ["firmware"] if m.firmware == "uefi" and "firmware" not in listed else listed
+
+
 def suite_hash(files: list[Path]) -> str:
     """sha256 over the names and contents of the suite files (order-independent)."""
     h = hashlib.sha256()
@@ -219,6 +224,7 @@ class Guest:
     qmp_socket: Path | None = None
     user: str = TEST_USER
     host_keys: list[tuple[str, str]] = field(default_factory=list)
+    services: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the VM's swtpm
 
     @property
     def hostspec(self) -> str:
@@ -237,6 +243,7 @@ class Guest:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.services.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
@@ -252,8 +259,12 @@ def boot_guest(
     memory: int = 1024,
     cpus: int = 2,
     firmware_kind: str = "bios",
+    platform: firmware.Platform | None = None,
 ) -> Guest:
-    """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``)."""
+    """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``).
+    ``platform`` (the manifest's) gives the firmware, machine, Secure Boot keys and TPM; else ``firmware_kind``."""
+    platform = platform or firmware.Platform(firmware_kind, "q35" if firmware_kind == "uefi" else "pc")
+    services = contextlib.ExitStack()
     qemu = require_qemu()
     workdir_parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".imagetest-", dir=workdir_parent))
@@ -273,10 +284,12 @@ def boot_guest(
         qga = sockdir / "qga.sock"
         qmp = sockdir / "qmp.sock"
         accel = accel_args(settings.accelerator)
-        machine = ["-machine", "pc"]
-        if firmware_kind == "uefi":
-            code, variables = firmware.locate_ovmf()
-            machine = ["-machine", "q35", *firmware.qemu_args(code, firmware.private_vars(workdir, variables))]
+        machine = ["-machine", platform.machine]
+        if platform.firmware == "uefi":
+            machine = firmware.prepare(workdir, machine=platform.machine, secure_boot=platform.secure_boot,
+                                       keys=platform.keys, family=platform.family).qemu_args()
+        if platform.tpm:
+            machine += services.enter_context(firmware.swtpm(sockdir / "tpm")).qemu_args()
         last_err = ""
         for _attempt in range(3):
             port = free_port()
@@ -302,13 +315,15 @@ def boot_guest(
             if qproc.poll() is None:
                 assert qproc.stderr is not None
                 qproc.stderr.close()
-                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir, qmp)
+                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir, qmp,
+                             services=services)
             assert qproc.stderr is not None
             last_err = qproc.stderr.read().decode(errors="replace")
             if "host forwarding" not in last_err:
                 break
         raise ImageTestError(f"qemu failed to start: {last_err.strip()[-1500:]}")
     except BaseException:
+        services.close()
         shutil.rmtree(workdir, ignore_errors=True)
         if "sockdir" in locals():
             shutil.rmtree(sockdir, ignore_errors=True)
@@ -411,6 +426,7 @@ def pytest_command(
     automation_user: str,
     mac: str,
     firmware_kind: str = "bios",
+    platform: firmware.Platform | None = None,
 ) -> list[str]:
     cmd = [
         sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
@@ -428,6 +444,9 @@ def pytest_command(
         f"--qga-socket={guest.qga_socket}",
         f"--junitxml={junit}",
     ]  # fmt: skip
+    if platform is not None and platform.firmware == "uefi":
+        enforced = platform.secure_boot and firmware.KEY_SETS[platform.keys or "none"].enrolled
+        cmd += [f"--secure-boot={'enabled' if enforced else 'disabled'}", f"--tpm={'yes' if platform.tpm else 'no'}"]
     if artifact is not None:
         cmd.append(f"--artifact={artifact}")
         if guest.qmp_socket is not None:
@@ -450,7 +469,8 @@ def test_image(
     artifact = build_dir / m.artifact.path  # manifest paths are relative to the build dir
     if not artifact.is_file():
         raise ImageTestError(f"{artifact} (from {manifest.manifest_path(build_dir)}) does not exist")
-    files = suite_files(settings.data, list(image.test_suites))
+    suites = suites_for(list(image.test_suites), m)
+    files = suite_files(settings.data, suites)
     shash = suite_hash(files)
     before = sha256_file(artifact)
     if before != m.artifact.sha256:
@@ -461,7 +481,7 @@ def test_image(
     junit = build_dir / JUNIT_NAME
     junit.unlink(missing_ok=True)
     figures: dict[str, float] = {}
-    console.print(f"image test {image.name}: booting {artifact.name} (suites: {', '.join(image.test_suites)})")
+    console.print(f"image test {image.name}: booting {artifact.name} (suites: {', '.join(suites)})")
     t_boot = time.monotonic()
     # Under TCG a guest kernel can die in its own code patching (an int3 another vCPU met mid-patch: a race
     # in QEMU's multi-threaded TCG, not the image); that boot is repeated once. A panic under KVM, or twice,
@@ -470,7 +490,7 @@ def test_image(
     for attempt in range(1, attempts + 1):
         guest = boot_guest(settings, artifact, m.artifact.format, workdir_parent=build_dir,
                            hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
-                           cpus=min(image.cpus, 2), firmware_kind=m.firmware)  # fmt: skip
+                           cpus=min(image.cpus, 2), platform=firmware.Platform.of(m))  # fmt: skip
         try:
             figures["boot_to_ssh_s"] = round(wait_for_ssh(guest, timeout), 1)
             break
@@ -491,7 +511,7 @@ def test_image(
         console.print(f"guest up after {figures['boot_to_ssh_s']}s; running the suites ...")
         cmd = pytest_command(settings, files, guest, family=image.family, junit=junit, artifact=artifact,
                              build_user=build_user or build_user_name(), automation_user=automation_user,
-                             mac=TEST_MAC, firmware_kind=m.firmware)  # fmt: skip
+                             mac=TEST_MAC, firmware_kind=m.firmware, platform=firmware.Platform.of(m))  # fmt: skip
         t_suite = time.monotonic()
         proc = subprocess.run(cmd, cwd=settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=max(timeout, 300))  # fmt: skip
@@ -534,7 +554,7 @@ def test_image(
         failed=counts.failed,
         errors=counts.errors,
         skipped=counts.skipped,
-        suites=list(image.test_suites),
+        suites=suites,
         suite_hash=shash,
         artifact_sha256=before,
         junit=str(junit.relative_to(settings.root) if junit.is_relative_to(settings.root) else junit),

@@ -51,7 +51,7 @@ PLACEMENTS = ("pinned", "spread", "fill")
 Placement = Literal["pinned", "spread", "fill"]
 HYPERVISOR_GROUP = "hypervisors"
 Plane = Literal["mgmt", "tenant"]
-Suite = Literal["common", "hygiene", "fedora", "updates", "builder"]
+Suite = Literal["common", "hygiene", "fedora", "updates", "builder", "firmware"]
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -1141,6 +1141,16 @@ class Image(Strict):
         if "builder" in self.test_suites and not self.factory:
             raise ValueError("test_suites: the builder suite checks the factory installed in the image: it needs "
                              "factory: true")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_boot_the_signed_chain(self) -> Image:
+        # Measured (docs/images.md): OVMF refuses Debian 13's shim with only Debian's CA in db ("Access Denied");
+        # Fedora's is signed by Microsoft only as well. The store itself is made (firmware.KEY_SETS).
+        if self.keys == "distribution-only":
+            raise ValueError("keys: distribution-only cannot boot the Debian or Fedora chain: the firmware loads shim "
+                             "first, and shim is signed by Microsoft's UEFI CA only, not by the distribution's CA "
+                             "(choose microsoft-2011+2023 or microsoft-2023; docs/images.md)")
         return self
 
     @model_validator(mode="after")

@@ -84,6 +84,8 @@ class Manifest:
     # The medium built from: url and checksum as the catalogue pins them, or as resolved at build time for an
     # entry with checksum: refresh (url, sha256, the signed CHECKSUM's URL and key).
     source: dict[str, str] = field(default_factory=dict)
+    # The certificates the build's variable store enrolled (variable, subject, sha256, not_after): auditable.
+    secure_boot_enrolled: list[dict[str, str]] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
 
     @property

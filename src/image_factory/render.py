@@ -233,6 +233,10 @@ def template_files(settings: Settings, image: Image | None = None) -> list[Path]
     return sorted(set(out))
 
 
+# Catalogue fields added after builds were cached: they count in the fingerprint only when an entry sets them.
+UNSET_UNCOUNTED = ("secure_boot", "keys", "tpm", "machine", "factory")
+
+
 def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], out_dir: Path) -> tuple[str, dict]:
     inputs: dict[str, str] = {}
     for p in rendered:
@@ -245,7 +249,11 @@ def compute_fingerprint(settings: Settings, image: Image, rendered: list[Path], 
     if image.factory:  # the factory's own wheel goes into the image: a change to the factory is a new build
         for p in factory_sources(settings):
             inputs[f"factory:{p.relative_to(settings.root)}"] = _sha256(p.read_bytes())
-    inputs["catalogue"] = _sha256(json.dumps(image.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
+    entry = image.model_dump(mode="json", by_alias=True)
+    for name in UNSET_UNCOUNTED:  # an image that does not use a later field keeps its fingerprint (and cache)
+        if entry.get(name) == Image.model_fields[name].default:
+            del entry[name]
+    inputs["catalogue"] = _sha256(json.dumps(entry, sort_keys=True).encode())
     inputs["source_checksum"] = source_checksum_input(settings, image)
     blob = json.dumps(inputs, sort_keys=True).encode()
     return _sha256(blob), inputs
@@ -496,6 +504,8 @@ def render_image(
         ]
         if image.firmware == "uefi":  # set by the build (firmware.locate_ovmf, build.install_iso_path)
             per_build += [("ovmf_code", ""), ("ovmf_vars", "")]
+            if image.tpm and pv < PLUGIN_PACKER:
+                per_build.append(("tpm_socket", ""))
             if pv < PLUGIN_PACKER and not image.source.is_local and image.mode == "iso":
                 per_build.append(("install_iso", ""))
         _write(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)

@@ -9,6 +9,8 @@ OpenSSH applies its own (strict) configuration.
 
 Options (all optional; tests needing one that is absent are skipped, never passed):
   --image-family        fedora | debian: picks the family-specific expectations
+  --secure-boot         enabled | disabled: the Secure Boot state a UEFI image boots in (firmware suite)
+  --tpm                 yes | no: whether the VM has a TPM 2.0 (firmware suite)
   --expected-mac        MAC the first NIC must carry (the one the seed / inventory gave)
   --known-hosts         known_hosts file for paramiko:// hosts
   --announced-host-keys known_hosts-format file with the keys the guest announced on its console
@@ -50,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--image-family", default=None, choices=["fedora", "debian"], help="image family")
     g.addoption("--firmware", default=None, choices=["bios", "uefi"],
                 help="the firmware the template boots with (the manifest's)")
+    g.addoption("--secure-boot", default=None, choices=["enabled", "disabled"],
+                help="the Secure Boot state a UEFI template must boot in (the manifest's keys)")
+    g.addoption("--tpm", default=None, choices=["yes", "no"], help="whether the template has a TPM 2.0")
     g.addoption("--expected-mac", default=None, help="MAC address the first NIC must carry")
     g.addoption("--known-hosts", default=None, help="known_hosts for paramiko:// hosts (strict checking)")
     g.addoption("--announced-host-keys", default=None, help="keys the guest announced on its serial console")

@@ -321,3 +321,28 @@ def test_extra_repository_on_loopback_is_build_only_and_named_for_its_host_and_s
     assert repo.slug == "factory-127-0-0-2-8080-stable"
     plain = Repository.model_validate({"kind": "debian", "uri": "http://deb.debian.org/debian", "suite": "trixie"})
     assert not plain.is_extra and not plain.on_loopback and plain.components == ["main"]
+
+
+@pytest.mark.parametrize(("entry", "change", "message"), [
+    ("fedora-44-iso", {"secure_boot": True, "keys": "microsoft-2023"}, "secure_boot, keys need firmware: uefi"),
+    ("fedora-44-iso", {"tpm": True}, "tpm need firmware: uefi"),
+    ("debian-lab-uefi", {"keys": None}, "secure_boot: true needs keys:"),
+    ("debian-lab-uefi", {"secure_boot": False}, "keys: goes with secure_boot: true"),
+    ("debian-lab-uefi", {"keys": "microsoft-2024"}, "microsoft-2011+2023"),
+    ("debian-lab-uefi", {"machine": "pc"}, "secure_boot: true needs machine: q35"),
+    ("debian-lab-uefi", {"keys": "distribution-only"}, "shim is signed by Microsoft's UEFI CA only"),
+])
+def test_uefi_options_are_checked_with_entry_and_reason(tmp_path: Path, no_network: None, entry: str,
+                                                        change: dict[str, Any], message: str) -> None:
+    """Secure Boot, keys and TPM: inconsistent combinations are named with their entry before any build."""
+    cat = example_catalogue()
+    cat["images"][entry].update(change)
+    [problem] = [p for p in problems_of(tmp_path, cat=cat) if entry in p.entry]
+    assert problem.file.endswith("images.yml") and message in problem.message, problem
+
+
+def test_uefi_machine_defaults_to_q35_bios_to_pc(tmp_path: Path, no_network: None) -> None:
+    site = load_site(*site_files(tmp_path))
+    assert site.images["debian-lab-uefi"].machine_type == "q35" and site.images["debian-lab"].machine_type == "pc"
+    fedora = [i for i in site.images.values() if i.family == "fedora" and i.firmware == "uefi"]
+    assert fedora and all(i.secure_boot and i.keys == "microsoft-2011+2023" for i in fedora)

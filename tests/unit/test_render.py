@@ -323,7 +323,8 @@ def test_uefi_renders_ovmf_on_q35_and_an_efi_partition_bios_a_biosboot_one(
     bios = _render(repo, catalogue["fedora-44-iso"])
     try:
         hcl = uefi.hcl.read_text()
-        assert 'machine_type = "q35"' in hcl and "if=pflash,format=raw,unit=0,readonly=on,file=${var.ovmf_code}" in hcl
+        assert 'machine_type = "q35,smm=on"' in hcl  # fedora-45-iso boots Secure Boot: OVMF's SMM code
+        assert "if=pflash,format=raw,unit=0,readonly=on,file=${var.ovmf_code}" in hcl
         assert "unit=1,file=${var.work_dir}/efivars.fd" in hcl
         assert uefi.kickstart is not None and "part /boot/efi --fstype=efi" in uefi.kickstart.read_text()
         assert "biosboot" not in uefi.kickstart.read_text()
@@ -366,7 +367,7 @@ def test_uefi_iso_gets_its_disk_and_cd_on_both_packers(repo: Settings, catalogue
 
         hcl = new.hcl.read_text()
         assert all(a[0] != "-drive" for a in _qemuargs(hcl))  # the plugin keeps its own disk and CD
-        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35"
+        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35,smm=on"
         assert _attribute(hcl, "efi_firmware_code") == "var.ovmf_code"
         assert _attribute(hcl, "efi_firmware_vars") == "var.ovmf_vars"
         assert _attribute(hcl, "iso_target_path") is None and "install_iso" not in hcl
@@ -384,7 +385,7 @@ exit 1
 """
 
 
-def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path) -> list[str]:
+def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_socket: str = "") -> list[str]:
     """The QEMU command line Packer 1.6 builds for ``image``: a real `packer build` whose qemu-system-x86_64
     records its arguments and stops there (Packer asks the real one for its version)."""
     from image_factory import build
@@ -402,6 +403,8 @@ def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path) -> list[
     work = tmp_path / f"work-{image.name}"
     work.mkdir()
     render.set_var(result, "work_dir", str(work))
+    if tpm_socket:
+        render.set_var(result, "tpm_socket", tpm_socket)
     if image.firmware == "uefi":
         render.set_var(result, "ovmf_code", str(tmp_path / "CODE.fd"))
         render.set_var(result, "ovmf_vars", str(tmp_path / "VARS.fd"))
@@ -482,7 +485,7 @@ def test_uefi_cloud_gets_its_disk_and_seed_cd_on_both_packers(repo: Settings, ca
 
         hcl = new.hcl.read_text()
         assert all(a[0] != "-drive" for a in _qemuargs(hcl))
-        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35"
+        assert _attribute(hcl, "efi_boot") == "true" and _attribute(hcl, "machine_type") == "q35,smm=on"
         assert _attribute(hcl, "cd_label") == "cidata" and _attribute(hcl, "cd_files") is not None
         assert not (new.var_file.parent / render.SEED_ISO).exists()
     finally:
@@ -509,6 +512,55 @@ def test_packer_1_6_starts_a_uefi_cloud_build_with_the_disk_the_seed_and_ovmf(
     assert drives[1].startswith("file=/") and drives[1].endswith(f"/{render.SEED_ISO},media=cdrom")
     assert [d.split(",")[0] for d in drives[2:]] == ["if=pflash", "if=pflash"]
     assert uefi[uefi.index("-machine") + 1].startswith("type=q35")
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == option]
+
+
+def test_packer_1_6_boots_secure_boot_on_smm_with_the_tpm(
+        repo: Settings, catalogue: dict[str, Image], tmp_path: Path) -> None:
+    """Packer 1.6.6 itself: the Secure Boot + vTPM fixture's QEMU gets SMM, the SMM-only variable flash and the
+    swtpm socket as a TPM 2.0 device (tpm-tis); the BIOS fixture gets none of them."""
+    from image_factory.inventory import Source
+
+    base = tmp_path / "cloud.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    checksum = "sha256:" + hashlib.sha256(base.read_bytes()).hexdigest()
+    images = {name: catalogue[name].model_copy(update={"source": Source(url=str(base), checksum=checksum)})
+              for name in ("debian-lab", "debian-lab-uefi")}
+    assert images["debian-lab-uefi"].secure_boot and images["debian-lab-uefi"].tpm
+    bios = _packer_qemu_argv(repo, images["debian-lab"], tmp_path)
+    uefi = _packer_qemu_argv(repo, images["debian-lab-uefi"], tmp_path, tpm_socket="/tmp/swtpm-x/swtpm.sock")
+    assert _option_values(uefi, "-machine")[0].split(",")[:2] == ["type=q35", "smm=on"]
+    assert _option_values(uefi, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    assert _option_values(uefi, "-chardev")[-1] == "socket,id=chrtpm,path=/tmp/swtpm-x/swtpm.sock"
+    assert _option_values(uefi, "-tpmdev") == ["emulator,id=tpm0,chardev=chrtpm"]
+    assert "tpm-tis,tpmdev=tpm0" in _option_values(uefi, "-device")
+    assert "virtio-net,netdev=user.0,mac=52:54:00:fa:c7:01" in _option_values(uefi, "-device")
+    for option in ("-global", "-tpmdev"):
+        assert option not in bios
+    assert "smm" not in _option_values(bios, "-machine")[0]
+
+
+def test_plugin_renders_secure_boot_and_its_own_vtpm(repo: Settings, catalogue: dict[str, Image]) -> None:
+    """Packer >= 1.7: the qemu plugin runs swtpm itself (vtpm, plugin >= 1.0.7); SMM through machine_type (the
+    plugin writes -machine type=<machine_type>,accel=...) and the secure flash through qemuargs."""
+    image = catalogue["debian-lab-uefi"]
+    new = _render(repo, image, (1, 11, 2))
+    hcl = new.hcl.read_text()  # before the next render writes over it
+    plain = _render(repo, image.model_copy(update={"secure_boot": False, "keys": None, "tpm": False}), (1, 11, 2))
+    try:
+        assert _attribute(hcl, "vtpm") == "true" and _attribute(hcl, "machine_type") == "q35,smm=on"
+        assert ["-global", "driver=cfi.pflash01,property=secure,value=on"] in _qemuargs(hcl)
+        assert all(a[0] not in ("-chardev", "-tpmdev") for a in _qemuargs(hcl))
+        assert "tpm_socket" not in hcl and "tpm_socket" not in new.var_file.read_text()
+        hcl = plain.hcl.read_text()
+        assert _attribute(hcl, "vtpm") is None and _attribute(hcl, "machine_type") == "q35"
+        assert all(a[0] != "-global" for a in _qemuargs(hcl))
+    finally:
+        new.cleanup()
+        plain.cleanup()
 
 
 def test_a_missing_ovmf_names_the_package(tmp_path: Path) -> None:
