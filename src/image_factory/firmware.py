@@ -239,7 +239,7 @@ class Platform:
 
     @classmethod
     def of(cls, m: Manifest) -> Platform:
-        return cls(m.firmware, m.machine, m.secure_boot, m.secure_boot_keys, m.tpm, m.family)
+        return cls(m.firmware, m.machine_type, m.secure_boot, m.secure_boot_keys, m.tpm, m.family)
 
 
 def prepare(work_dir: Path, *, machine: str, secure_boot: bool, keys: str | None, family: str) -> BootFirmware:

@@ -1125,9 +1125,10 @@ class Image(Strict):
                              "or none)")
         if self.keys is not None and not self.secure_boot:
             raise ValueError("keys: goes with secure_boot: true")
-        if self.secure_boot and self.machine == "pc":
-            raise ValueError("secure_boot: true needs machine: q35 (PVE boots OVMF on i440fx (pc) without SMM, "
-                             "i.e. without Secure Boot)")
+        if self.firmware == "uefi" and self.machine == "pc":
+            # one UEFI machine, so a manifest's machine is never ambiguous (Manifest.machine_type)
+            raise ValueError("firmware: uefi boots on machine: q35 (Secure Boot needs q35's SMM; the template's EFI "
+                             "disk and its cloud-init drive on SCSI are laid out for q35): drop machine: pc")
         return self
 
     @model_validator(mode="after")

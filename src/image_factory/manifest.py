@@ -89,6 +89,12 @@ class Manifest:
     schema: int = SCHEMA_VERSION
 
     @property
+    def machine_type(self) -> str:
+        """The machine the template boots on: a UEFI build is always q35 (the catalogue refuses uefi on pc), and
+        one made before the machine was recorded carries the field's default "pc"."""
+        return "q35" if self.firmware == "uefi" else self.machine
+
+    @property
     def digest(self) -> str:
         """Stable digest of the build identity (not of test results), for template descriptions."""
         core = {"image": self.image, "sha256": self.artifact.sha256, "fingerprint": self.fingerprint}

@@ -49,10 +49,7 @@ class FirmwareAsk:
     @classmethod
     def of(cls, source: Manifest | Image) -> FirmwareAsk:
         if isinstance(source, Manifest):
-            # machine "pc" on a UEFI manifest is the default of builds made before the machine was recorded:
-            # their templates were always q35 (OVMF's Secure Boot code needs q35's SMM)
-            return cls(source.firmware, source.secure_boot, source.secure_boot_keys, source.tpm,
-                       source.machine if source.firmware == "bios" or source.machine != "pc" else "q35")
+            return cls(source.firmware, source.secure_boot, source.secure_boot_keys, source.tpm, source.machine_type)
         return cls(source.firmware, source.secure_boot, source.keys, source.tpm, source.machine_type)
 
     @property

@@ -325,11 +325,12 @@ def test_extra_repository_on_loopback_is_build_only_and_named_for_its_host_and_s
 
 @pytest.mark.parametrize(("entry", "change", "message"), [
     ("fedora-44-iso", {"secure_boot": True, "keys": "microsoft-2023"}, "secure_boot, keys need firmware: uefi"),
-    ("fedora-44-iso", {"tpm": True}, "tpm need firmware: uefi"),
+    ("fedora-44-iso", {"tpm": True}, "tpm needs firmware: uefi"),
     ("debian-lab-uefi", {"keys": None}, "secure_boot: true needs keys:"),
     ("debian-lab-uefi", {"secure_boot": False}, "keys: goes with secure_boot: true"),
     ("debian-lab-uefi", {"keys": "microsoft-2024"}, "microsoft-2011+2023"),
-    ("debian-lab-uefi", {"machine": "pc"}, "secure_boot: true needs machine: q35"),
+    ("debian-lab-uefi", {"machine": "pc"}, "firmware: uefi boots on machine: q35"),
+    ("debian-lab-uefi", {"machine": "pc", "secure_boot": False, "keys": None, "tpm": False}, "drop machine: pc"),
     ("debian-lab-uefi", {"keys": "distribution-only"}, "shim is signed by Microsoft's UEFI CA only"),
 ])
 def test_uefi_options_are_checked_with_entry_and_reason(tmp_path: Path, no_network: None, entry: str,
