@@ -135,7 +135,8 @@ def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Sett
     outcome = build.build_image(settings, image)
     assert outcome.status in ("built", "cached") and outcome.manifest is not None
     kernels = describe(settings).get("kernels", {})
-    assert isinstance(kernels, dict) and len(kernels) == 2, "the base image stamp records both kernels"
+    assert isinstance(kernels, dict) and {"debian-13-base.qcow2", "debian-13-release.qcow2"} <= kernels.keys(), (
+        f"the base image stamp records the kernel of each variant: {kernels}")
     assert outcome.log is not None
     log = outcome.log.read_text()
     if outcome.status == "built":
