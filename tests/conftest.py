@@ -27,6 +27,9 @@ UNLISTED_COST = 0.2  # seconds: about what a unit test takes; orders the module 
 # starts them first, each on its own, spread over the workers, and fills the gaps with the module units. A new
 # test above ~10 s belongs here; a stale entry only loses its place in the order.
 COSTS: dict[str, float] = {
+    "tests/e2e/test_build_e2e.py::test_builder_image_on_xfs_builds_passes_its_suites_and_its_offline_checks": 900,
+    "tests/lab/test_firmware_lab.py::test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm":
+        300,
     "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 522,
     "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 333,
     "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 300,

@@ -263,8 +263,8 @@ IMAGE_CASES: list[tuple[str, str, Any, str]] = [
     ("disk-size-huge", "disk_size", "99999999999G", "disk_size"),
     ("build-memory-huge", "memory", 10**9, "memory"),
     ("build-cpus-huge", "cpus", 100000, "cpus"),
-    ("secure-boot-on-bios", "secure_boot", True, "secure_boot"),
-    ("tpm-on-bios", "tpm", True, "tpm"),
+    ("secure-boot-on-bios", "firmware", "bios", "firmware"),  # fedora-44 is UEFI + Secure Boot
+    ("uefi-on-pc", "machine", "pc", "machine"),
     ("keys-unknown", "keys", "microsoft-2026", "keys"),
     ("machine-unknown", "machine", "q36", "machine"),
     ("factory-not-a-boolean", "factory", "yes please", "factory"),

@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from setuptools import find_packages
 
 import image_factory
@@ -76,7 +77,11 @@ def site(tmp_path: Path) -> Path:
     shutil.copytree(REPO_ROOT / "ansible/inventory", inventory)
     assert (inventory / "group_vars").is_dir() and (inventory / "host_vars").is_dir()
     (tmp_path / "site/packer").mkdir()
-    shutil.copy2(REPO_ROOT / "packer/images.yml", tmp_path / "site/packer/images.yml")
+    # without the builder image: it carries the factory's wheel, built from a checkout (docs/images.md), and this
+    # site runs the installed wheel
+    catalogue = yaml.safe_load((REPO_ROOT / "packer/images.yml").read_text())
+    catalogue["images"] = {k: v for k, v in catalogue["images"].items() if not v.get("factory")}
+    (tmp_path / "site/packer/images.yml").write_text(yaml.safe_dump(catalogue, sort_keys=False))
     secret = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))]).encrypt("0123-token-uuid").decode()
     host_vars = inventory / "host_vars/pve-tenant.yml"
     text = host_vars.read_text()
