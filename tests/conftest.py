@@ -28,6 +28,7 @@ UNLISTED_COST = 0.2  # seconds: about what a unit test takes; orders the module 
 # test above ~10 s belongs here; a stale entry only loses its place in the order.
 COSTS: dict[str, float] = {
     "tests/e2e/test_build_e2e.py::test_builder_image_on_xfs_builds_passes_its_suites_and_its_offline_checks": 900,
+    "tests/e2e/test_build_e2e.py::test_xfs_variant_builds_passes_its_image_test_and_the_offline_checks": 350,
     "tests/lab/test_firmware_lab.py::test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm":
         300,
     "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 522,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from debian.debian_support import Version
@@ -183,27 +184,44 @@ def _image_suite_module(name: str, path: Path) -> ModuleType:
     return module
 
 
+def _built_and_tested(settings: Settings, name: str) -> build.BuildOutcome:
+    image = load_site(settings.inventory, settings.images).images[name]
+    outcome = build.build_image(settings, image)
+    assert outcome.status in ("built", "cached") and outcome.manifest is not None, outcome
+    print(f"{name}: {outcome.status} in {outcome.duration_s:.0f} s")
+    result = imagetest.test_image(settings, image, outcome.build_dir)
+    assert result.status == "passed", result.failures
+    return outcome
+
+
+def _xfs_root_passes_the_offline_checks(outcome: build.BuildOutcome, tmp_path: Path) -> Any:
+    """The artifact's root read offline through xfs_db, as `pytest tests/image --artifact=...` reads it without
+    a test VM, and every artifact check of the hygiene suite run on it."""
+    assert outcome.manifest is not None
+    conftest = _image_suite_module("xfs_e2e_image_conftest", REPO / "tests/image/conftest.py")
+    hygiene = _image_suite_module("xfs_e2e_image_hygiene", REPO / "tests/image/test_hygiene.py")
+    root = conftest.offline_root(str(outcome.build_dir / outcome.manifest.artifact.path), tmp_path / "offline")
+    assert type(root).__name__ == "XfsImage", f"the root is not read as XFS: {type(root).__name__}"
+    artifact_checks = [getattr(hygiene, name) for name in dir(hygiene) if name.startswith("test_artifact_")]
+    assert len(artifact_checks) >= 4, artifact_checks
+    for check in artifact_checks:
+        check(root)
+    return root
+
+
+def test_xfs_variant_builds_passes_its_image_test_and_the_offline_checks(settings: Settings, tmp_path: Path) -> None:
+    """The fixture built through packer on the base image's XFS variant: its image test (common, hygiene) passes
+    and its XFS artifact passes the offline hygiene checks."""
+    _xfs_root_passes_the_offline_checks(_built_and_tested(settings, "debian-lab-xfs"), tmp_path)
+
+
 @pytest.mark.skipif(os.environ.get("FACTORY_BUILDER_E2E") != "1", reason=(
     "opt-in (FACTORY_BUILDER_E2E=1): the builder image does not build yet; its locked crypt-r ships only as a "
     "source package and the guest has no C compiler for Python 3.13 (issue #36)"))
 def test_builder_image_on_xfs_builds_passes_its_suites_and_its_offline_checks(settings: Settings,
                                                                               tmp_path: Path) -> None:
     """The factory's own runner (debian-lab-builder), built on the base image's XFS variant: its image test
-    (common, builder, hygiene) passes, and the artifact's XFS root, read offline through xfs_db as
-    `pytest tests/image --artifact=...` reads it without a test VM, passes the hygiene suite's artifact checks."""
-    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
-    assert image.factory and "builder" in image.test_suites
-    outcome = build.build_image(settings, image)
-    assert outcome.status in ("built", "cached") and outcome.manifest is not None, outcome
-    print(f"debian-lab-builder: {outcome.status} in {outcome.duration_s:.0f} s")
-    result = imagetest.test_image(settings, image, outcome.build_dir)
-    assert result.status == "passed", result.failures
-    conftest = _image_suite_module("builder_e2e_image_conftest", REPO / "tests/image/conftest.py")
-    hygiene = _image_suite_module("builder_e2e_image_hygiene", REPO / "tests/image/test_hygiene.py")
-    root = conftest.offline_root(str(outcome.build_dir / outcome.manifest.artifact.path), tmp_path / "offline")
-    assert type(root).__name__ == "XfsImage", f"the builder's root is not read as XFS: {type(root).__name__}"
+    (common, builder, hygiene) passes, and its XFS artifact passes the offline hygiene checks."""
+    outcome = _built_and_tested(settings, "debian-lab-builder")
+    root = _xfs_root_passes_the_offline_checks(outcome, tmp_path)
     assert root.exists("/opt/image-factory/venv/bin/image-factory")
-    artifact_checks = [getattr(hygiene, name) for name in dir(hygiene) if name.startswith("test_artifact_")]
-    assert len(artifact_checks) >= 4, artifact_checks
-    for check in artifact_checks:
-        check(root)
