@@ -23,24 +23,24 @@ WORKERS_ENV = "FACTORY_TEST_WORKERS"
 MAX_WORKERS = 4  # each worker may boot a TCG guest (1-2 GiB, one busy core): more than 4 only queue on the CPU
 UNLISTED_COST = 0.2  # seconds: about what a unit test takes; orders the module units by their size
 
-# Wall seconds of the long tests on a quiet 2-core machine (the last serial CI's --durations). A parallel run
+# Wall seconds of the long tests on a quiet 2-core machine (the parallel CI run's --durations, 2026-12-06: two
+# guests share the two cores). A parallel run
 # starts them first, each on its own, spread over the workers, and fills the gaps with the module units. A new
 # test above ~10 s belongs here; a stale entry only loses its place in the order.
 COSTS: dict[str, float] = {
-    "tests/e2e/test_build_e2e.py::test_builder_image_on_xfs_builds_passes_its_suites_and_its_offline_checks": 900,
-    "tests/e2e/test_build_e2e.py::test_xfs_variant_builds_passes_its_image_test_and_the_offline_checks": 350,
+    "tests/e2e/test_build_e2e.py::test_xfs_variant_builds_passes_its_image_test_and_the_offline_checks": 407,
     "tests/lab/test_firmware_lab.py::test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm":
-        300,
-    "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 522,
-    "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 333,
-    "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 300,
-    "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 163,
-    "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 129,
-    "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 92,
-    "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 74,
-    "tests/lab/test_deploy_lab.py::test_really_booted_guest_has_its_inventory_mac": 67,
-    "tests/e2e/test_imagetest.py::test_base_image_passes_common_and_hygiene": 66,
-    "tests/lab/test_lab_vm.py::test_started_vm_boots_and_answers_ssh_with_its_inventory_mac": 50,
+        107,
+    "tests/e2e/test_nightly_e2e.py::test_four_nights_against_a_repository_the_test_controls": 1138,
+    "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 570,
+    "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 341,
+    "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 436,
+    "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 228,
+    "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 159,
+    "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 122,
+    "tests/lab/test_deploy_lab.py::test_really_booted_guest_has_its_inventory_mac": 112,
+    "tests/e2e/test_imagetest.py::test_base_image_passes_common_and_hygiene": 161,
+    "tests/lab/test_lab_vm.py::test_started_vm_boots_and_answers_ssh_with_its_inventory_mac": 95,
     "tests/unit/test_packaging.py::test_the_installed_command_runs_a_site_outside_the_repository": 13,
 }
 
