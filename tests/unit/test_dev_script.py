@@ -108,6 +108,8 @@ def test_a_key_that_is_not_hashicorps_is_refused(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=60)
     key = tmp_path / "impostor.asc"
     key.write_bytes(subprocess.run([*gpg, "--armor", "--export"], check=True, capture_output=True).stdout)
+    # key generation started a gpg-agent for that home: it would outlive the test
+    subprocess.run(["gpgconf", "--homedir", str(tmp_path / "gnupg"), "--kill", "all"], capture_output=True, timeout=60)
     m.env["FACTORY_HASHICORP_KEY_URL"] = f"file://{key}"
     proc = m.run("setup")
     assert proc.returncode == 1
