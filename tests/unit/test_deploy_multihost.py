@@ -4,7 +4,6 @@ each new VM, the plan says where and why, a re-run finds each VM where it landed
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .test_deploy_fakepve import (
     LocalHostLock,
     ResizingPve,
     add_template,
-    fake_agents,
+    agents,  # noqa: F401 (a fixture: its fs is this module's three-host site)
     writes,
 )
 
@@ -70,17 +69,7 @@ def fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
             s.stop()
 
 
-@pytest.fixture
-def agents(fs: FakeSite) -> Iterator[None]:
-    stop = threading.Event()
-    t = threading.Thread(target=fake_agents, args=(fs.pves, stop), daemon=True)
-    t.start()
-    yield
-    stop.set()
-    t.join(5)
-
-
-def test_spread_places_new_vms_and_a_rerun_finds_them(fs: FakeSite, agents: None) -> None:
+def test_spread_places_new_vms_and_a_rerun_finds_them(fs: FakeSite, agents: None) -> None:  # noqa: F811
     fs.pves["pve-tenant"].add_vm(2990, "someones-vm", node="pve-tenant")  # one guest already there
     plan = {p.vm: p for p in dep.plan_deploy(None, fs.site, plane="tenant").vms}
     assert {n: (p.host, p.action) for n, p in plan.items()} == {
@@ -106,7 +95,7 @@ def test_spread_places_new_vms_and_a_rerun_finds_them(fs: FakeSite, agents: None
     assert all(writes(pve) == [] for pve in fs.pves.values())
 
 
-def test_an_unreadable_candidate_blocks_only_what_it_may_hold(fs: FakeSite, agents: None) -> None:
+def test_an_unreadable_candidate_blocks_only_what_it_may_hold(fs: FakeSite, agents: None) -> None:  # noqa: F811
     assert dep.deploy_vms(None, fs.site, ["sandbox01"], timeout=30, progress=False).ok  # lands on pve-tenant
     fs.pves["pve-tenant2"].fail("GET", "/nodes/pve-tenant2/qemu", status=595, message="no route to host",
                                 times=99)
@@ -121,7 +110,7 @@ def test_an_unreadable_candidate_blocks_only_what_it_may_hold(fs: FakeSite, agen
     assert fs.vm("pve-tenant", 2101) is None
 
 
-def test_destroy_finds_the_host_that_holds_it(fs: FakeSite, agents: None) -> None:
+def test_destroy_finds_the_host_that_holds_it(fs: FakeSite, agents: None) -> None:  # noqa: F811
     assert dep.deploy_vms(None, fs.site, ["iot-api01"], timeout=30, progress=False).ok
     held = "pve-tenant" if fs.vm("pve-tenant", 2101) else "pve-tenant2"
     assert dep.destroy_vm(None, fs.site, "iot-api01") == f"iot-api01 (2101) destroyed on {held}"
