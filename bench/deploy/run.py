@@ -26,9 +26,9 @@ from pathlib import Path
 
 from image_factory import deploy as dep
 from image_factory import publish
-from image_factory.inventory import Nic, Site
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
-from image_factory.pve import PveClient
+from image_factory.pve.client import PveClient
+from image_factory.site.inventory import Nic, Site
 
 MGMT, TENANT = "pve-mgmt", "pve-tenant"
 N_MGMT, N_TENANT = 12, 8

@@ -14,10 +14,23 @@ from pathlib import Path
 from invoke.collection import Collection
 from invoke.program import Program
 
-from . import __version__
-from .settings import DEFAULTS
-from .tasks import build, deploy, doctor, host, image, inventory, lab, mac, opnsense, pipeline, publish, tenant
-from .tasks._common import name_tasks
+from image_factory import __version__
+from image_factory.settings import DEFAULTS
+from image_factory.tasks import (
+    build,
+    deploy,
+    doctor,
+    host,
+    image,
+    inventory,
+    lab,
+    mac,
+    opnsense,
+    pipeline,
+    publish,
+    tenant,
+)
+from image_factory.tasks._common import name_tasks
 
 
 def namespace() -> Collection:

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.segment import Segment
 from rich.text import Text
 
-from .files import write_atomic
+from image_factory.files import write_atomic
 
 MASK = "********"
 _secrets: set[str] = set()

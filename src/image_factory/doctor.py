@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from . import tools
-from .console import styled
-from .errors import FactoryError, Problem, ValidationFailed
-from .tools import Probe, Tool, Version
+from image_factory import tools
+from image_factory.console import styled
+from image_factory.errors import FactoryError, Problem, ValidationFailed
+from image_factory.tools import Probe, Tool, Version
 
 OK, MISSING, TOO_OLD, UNKNOWN_VERSION = "ok", "missing", "too old", "version unreadable"
 

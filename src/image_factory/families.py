@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import FactoryError
+from image_factory.errors import FactoryError
 
 
 class FamilyError(FactoryError):

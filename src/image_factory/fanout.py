@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .errors import FactoryError
+from image_factory.errors import FactoryError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

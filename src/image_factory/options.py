@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from .errors import Problem, ValidationFailed
+from image_factory.errors import Problem, ValidationFailed
 
 MAX_TIMEOUT = 7 * 24 * 3600  # a week: longer than any task or boot the factory waits for
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import contents
-from .console import console, styled
-from .errors import FactoryError
-from .inventory import Image, Site
-from .reports import Report
-from .settings import Settings
+from image_factory.console import console, styled
+from image_factory.errors import FactoryError
+from image_factory.image import contents
+from image_factory.reports import Report
+from image_factory.settings import Settings
+from image_factory.site.inventory import Image, Site
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
 
 def _security_updates(settings: Settings, image: Image, changes: dict[str, Any]) -> list[str] | str:
     """Which of the changes are security fixes (Debian: the versions a -security suite ships), or why unknown."""
-    from . import upstream
+    from image_factory.image import upstream
 
     try:
         return upstream.security_updates(changes, image.upstream_repositories, settings.resolve("packer/keys"),
@@ -130,9 +130,10 @@ def run_pipeline(
     allow_eol: bool = False,
     offline: bool = False,
 ) -> PipelineReport:
-    from . import build, imagetest, manifest, publish
-    from . import preflight as pf
-    from .inventory import eol_gate
+    from image_factory import preflight as pf
+    from image_factory import publish
+    from image_factory.image import build, imagetest, manifest
+    from image_factory.site.inventory import eol_gate
 
     names = images or default_images(site)
     for name in names:

@@ -46,19 +46,20 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from . import manifest as manifest_mod
-from .errors import FactoryError, RemoteError, TlsVerificationFailed
-from .fanout import per_host
-from .inventory import Hypervisor, Site
-from .livemacs import host_mac_uses, site_collisions
-from .ownership import FACTORY_TAG
-from .publish import firmware_refusals, transport_named
-from .pve import ApiError, PveClient
-from .pvecodec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
-from .reports import Report
-from .settings import Settings
-from .sshlink import HostKeyMismatch, SshLink
-from .templates import FirmwareAsk
+from image_factory.errors import FactoryError, RemoteError, TlsVerificationFailed
+from image_factory.fanout import per_host
+from image_factory.image import manifest as manifest_mod
+from image_factory.ownership import FACTORY_TAG
+from image_factory.platform import Platform
+from image_factory.pve.capabilities import firmware_refusals
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.codec import DEFAULT_BRIDGE_VIDS, format_vids, parse_tags, parse_vids
+from image_factory.pve.livemacs import host_mac_uses, site_collisions
+from image_factory.pve.sshlink import HostKeyMismatch, SshLink
+from image_factory.pve.upload import transport_kind
+from image_factory.reports import Report
+from image_factory.settings import Settings
+from image_factory.site.inventory import Hypervisor, Site
 
 # ------------------------------------------------------------------------------------- constants
 
@@ -691,7 +692,7 @@ class _HostRun:
         # root filesystem, that is twice the artifact there. A `dir` images storage that is the import
         # storage converts the disk into images/ beside them: one more copy on that filesystem.
         uses = [(hv.storage.import_dir, "import")] + ([(hv.storage.staging_dir, "staging")]
-                                                       if transport_named(self.transport).staged else [])
+                                                       if transport_kind(self.transport).staged else [])
         if on_import_fs:
             uses.append((hv.storage.import_dir.rstrip("/").rsplit("/", 1)[0] + "/images", "images"))
         filesystems: dict[str, dict[str, Any]] = {}
@@ -864,11 +865,11 @@ class _HostRun:
     @check(CHECK_FIRMWARE, needs=(CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_STORAGE), deploy=False)
     def check_firmware(self) -> Outcome:
         """Every catalogue image that boots other than BIOS/i440fx: this host's PVE can make its template
-        (publish.firmware_refusals: the key set, Microsoft's 2023 CAs), and the images storage takes its EFI vars
-        and TPM state volumes (content images; PVE 8 allocates the TPM state raw, 9 in the storage's format)."""
-        asks = {name: FirmwareAsk.of(img) for name, img in self.site.images.items()
+        (pve.capabilities.firmware_refusals: the key set, Microsoft's 2023 CAs), and the images storage takes its EFI
+        vars and TPM state volumes (content images; PVE 8 allocates the TPM state raw, 9 in the storage's format)."""
+        asks = {name: img.platform for name, img in self.site.images.items()
                 if not self.images or name in self.images}
-        asks = {name: ask for name, ask in asks.items() if ask != FirmwareAsk()}
+        asks = {name: ask for name, ask in asks.items() if ask != Platform()}
         if not asks:
             return passed("no catalogue image asks for UEFI, a vTPM or q35")
         version = str(self.version_info.get("version") or "")
@@ -934,7 +935,7 @@ def run_preflight(
     added. ``images``: restrict the space check's "largest artifact" to these images. ``transport``: how
     publish will upload (the space an API upload needs differs, see check_space).
     """
-    transport_named(transport)  # an unknown one is the caller's mistake, not a host's failure
+    transport_kind(transport)  # an unknown one is the caller's mistake, not a host's failure
     names_wanted = [h if isinstance(h, str) else h.name for h in hypervisors or ()]
     selected = site.select_hypervisors(names_wanted or None)
     names = expand_checks(checks)

@@ -47,36 +47,41 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import manifest as manifest_mod
-from .errors import FactoryError, RemoteError
-from .fanout import per_host
-from .hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
-from .inventory import Q35_CLOUDINIT_SLOT, Hypervisor, Image, Site
-from .manifest import Manifest
-from .ownership import Marker
-from .pve import ApiError, PveClient, explain, retry_lock_timeouts
-from .pvecodec import EfiDisk, MachineSpec, TpmState, format_tags
-from .reports import Report
-from .settings import Settings
-from .sshlink import SshLink
-from .templates import (
+from image_factory.errors import FactoryError, RemoteError
+from image_factory.fanout import per_host
+from image_factory.image import manifest as manifest_mod
+from image_factory.image.manifest import Manifest
+from image_factory.ownership import Marker
+from image_factory.platform import Platform
+from image_factory.pve.capabilities import firmware_refusals
+from image_factory.pve.client import ApiError, PveClient, explain, retry_lock_timeouts
+from image_factory.pve.codec import EfiDisk, MachineSpec, TpmState, format_tags
+from image_factory.pve.hostlock import DEFAULT_WAIT, HostLock, LockLost, owner_line
+from image_factory.pve.sshlink import SshLink
+from image_factory.pve.templates import (
     DESCRIPTION_HEADER,
     FACTORY_TAG,
-    FirmwareAsk,
     TemplateInfo,
     find_templates,
     parse_description,
 )
-from .upload import (
+from image_factory.pve.upload import (
     ENGINES,
+    TRANSPORT_KINDS,
     SshUploader,
+    TransportKind,
+    UnknownTransport,
     UploadResult,
     partial_name,
     remote_probe,
     remote_remove,
     remote_sha256,
+    transport_kind,
     upload_api,
 )
+from image_factory.reports import Report
+from image_factory.settings import Settings
+from image_factory.site.inventory import Q35_CLOUDINIT_SLOT, Hypervisor, Image, Site
 
 # Files placed by SSH may use [a-zA-Z0-9-.+=_], but the upload endpoint rewrites every other
 # character, '+' and '=' included, to '_' (docs/pve-facts.md): names from [A-Za-z0-9_.-] only, so
@@ -159,27 +164,6 @@ CLOUDINIT_SCSI = Q35_CLOUDINIT_SLOT
 MS_2023_ENROLLED = "2023k"  # qemu-server 9.1.5+: Microsoft UEFI CA 2023, Windows UEFI CA 2023 and KEK 2K CA 2023
 # pve-manager (what /version reports) from which qemu-server enrols Microsoft's 2023 CAs: 9.1.19 depends on
 # qemu-server >= 9.1.13 (ms-cert 9.0.27, enrolment on a config update 9.1.4, 2023k 9.1.5; pve-facts.md).
-MS_2023_MIN_PVE = (9, 1, 19)
-KEYS_PVE_CANNOT_MAKE = {
-    "microsoft-2023": "PVE's pre-enrolled key set always holds Microsoft's expired 2011 CAs beside the 2023 ones",
-    "distribution-only": "PVE's pre-enrolled key set always holds Microsoft's CAs beside the distribution's",
-}
-
-
-def firmware_refusals(ask: FirmwareAsk, pve_version: str) -> list[str]:
-    """Why this host cannot carry the template's firmware as asked ([] if it can): each says what to change."""
-    refusals: list[str] = []
-    if ask.keys in KEYS_PVE_CANNOT_MAKE and ask.pre_enrolled_keys:
-        refusals.append(f"keys: {ask.keys}: {KEYS_PVE_CANNOT_MAKE[ask.keys]} (efidisk0 pre-enrolled-keys=1); "
-                        "choose keys: microsoft-2011+2023 for a template PVE makes")
-    have = tuple(int(x) for x in re.findall(r"\d+", pve_version)[:3])
-    if ask.wants_ms_2023 and have < MS_2023_MIN_PVE:
-        refusals.append(f"keys: {ask.keys} needs Microsoft's 2023 UEFI CAs enrolled (efidisk0 ms-cert), which PVE "
-                        f"{pve_version or '?'} cannot do (qemu-server before 9.1.13): upgrade the host to PVE "
-                        f"{'.'.join(map(str, MS_2023_MIN_PVE))} or newer")
-    return refusals
-
-
 def template_description(
     manifest: Manifest, *, import_file: str, tested: bool, forced: bool, run_id: str, published_at: str
 ) -> str:
@@ -196,7 +180,7 @@ def template_description(
         f"import_file: {import_file}",
         f"git: {manifest.git.get('commit', '?')}{' (dirty)' if manifest.git.get('dirty') else ''}",
         f"built_at: {manifest.finished_at}",
-        f"firmware: {FirmwareAsk.of(manifest).describe()}",
+        f"firmware: {manifest.platform.describe()}",
     ]
     if manifest.contents:
         inside = manifest.contents
@@ -431,7 +415,10 @@ def load_artifact(settings: Settings, site: Site, image_name: str, *, force_unte
 def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: str, keep: int,
                  force_untested: bool, engine: str = "auto") -> Artifact:
     """Every local input of a publish (a dry run's too), checked before any host is contacted."""
-    transport_named(transport)
+    try:
+        transport_kind(transport)
+    except UnknownTransport as exc:
+        raise PublishError(str(exc)) from None
     if engine != "auto" and engine not in ENGINES:
         raise PublishError(f"unknown SSH engine {engine!r} (choose {', '.join(ENGINES)} or auto)")
     if keep < 1:
@@ -536,7 +523,7 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
     try:
         client = ctx.client_factory(hv)
         version = client.version()  # TLS and token are checked before anything else happens
-        refusals = firmware_refusals(FirmwareAsk.of(ctx.artifact.manifest), str(version.get("version", "")))
+        refusals = firmware_refusals(ctx.artifact.manifest.platform, str(version.get("version", "")))
         if refusals:
             raise PublishError(f"{ctx.artifact.manifest.image}: refused on {hv.node}: " + "; ".join(refusals))
         for round_ in range(MAX_ROUNDS):
@@ -638,11 +625,18 @@ Sender = Callable[["HostContext", PveClient, SshLink, "HostResult", Callable[[in
 
 @dataclass(frozen=True)
 class Transport:
-    """How an artifact's bytes reach a host's import storage."""
+    """How an artifact's bytes reach a host's import storage: the sender and its kind's facts."""
 
     send: Sender
-    resumable: bool  # a partial file from an interrupted run is continued, not sent again
-    staged: bool  # PVE stages the body in staging_dir first, then copies it (both copies exist at once)
+    kind: TransportKind
+
+    @property
+    def resumable(self) -> bool:
+        return self.kind.resumable
+
+    @property
+    def staged(self) -> bool:
+        return self.kind.staged
 
 
 def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
@@ -671,17 +665,9 @@ def _send_through_the_api(ctx: HostContext, client: PveClient, link: SshLink, re
 
 
 TRANSPORTS: dict[str, Transport] = {
-    "ssh": Transport(_send_over_ssh, resumable=True, staged=False),
-    "api": Transport(_send_through_the_api, resumable=False, staged=True),
+    "ssh": Transport(_send_over_ssh, TRANSPORT_KINDS["ssh"]),
+    "api": Transport(_send_through_the_api, TRANSPORT_KINDS["api"]),
 }
-
-
-def transport_named(name: str) -> Transport:
-    """The transport called ``name``, or a clear error naming the choices (before any host is contacted)."""
-    try:
-        return TRANSPORTS[name]
-    except KeyError:
-        raise PublishError(f"unknown transport {name!r} (choose {' or '.join(TRANSPORTS)})") from None
 
 
 def _upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
@@ -737,7 +723,7 @@ def _register(
             break
         else:
             raise PublishError(f"{hv.name}: could not find a free VMID after 5 attempts")
-        ensure_ms_2023(client, vmid, FirmwareAsk.of(art.manifest), guard)
+        ensure_ms_2023(client, vmid, art.manifest.platform, guard)
         guard(f"converting VM {vmid} to a template")
         task = _retry_lock(lambda: _template(client, vmid), result, f"template {vmid}")
         if task is not None:
@@ -787,7 +773,7 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
         "net0": f"virtio,bridge={hv.bridge}",
         **({"cpu": art.image.cpu} if art.image.cpu else {}),
     }
-    for key, value in firmware_params(hv, FirmwareAsk.of(art.manifest)).items():
+    for key, value in firmware_params(hv, art.manifest.platform).items():
         if value is None:
             params.pop(key, None)
         else:
@@ -795,7 +781,7 @@ def _create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, t
     return params
 
 
-def firmware_params(hv: Hypervisor, ask: FirmwareAsk) -> dict[str, Any]:
+def firmware_params(hv: Hypervisor, ask: Platform) -> dict[str, Any]:
     """The create parameters of the template's firmware (docs/pve-facts.md, "UEFI, Secure Boot, vTPM"): OVMF
     with a 4m EFI vars volume (PVE copies its vars template in: Microsoft's and the distribution's keys with
     pre-enrolled-keys=1, none otherwise), a TPM 2.0 state volume, the machine; the cloud-init drive of a q35
@@ -816,7 +802,7 @@ def firmware_params(hv: Hypervisor, ask: FirmwareAsk) -> dict[str, Any]:
     return params
 
 
-def ensure_ms_2023(client: PveClient, vmid: int, ask: FirmwareAsk, guard: Callable[[str], None]) -> None:
+def ensure_ms_2023(client: PveClient, vmid: int, ask: Platform, guard: Callable[[str], None]) -> None:
     """Keys asking for Microsoft's 2023 CAs: the new VM's EFI disk must read ms-cert=2023k. PVE sets it at create
     when its OVMF vars template holds them (pve-edk2-firmware 4.2025.05+); otherwise setting ms-cert=2023 makes
     qemu-server (9.1.4+) enrol them with virt-fw-vars and write 2023k (OVMF.pm drive_change)."""
@@ -883,7 +869,7 @@ def _progress_bars(enabled: bool, hosts: list[Hypervisor], total: int) -> Iterat
     if not enabled:
         yield None
         return
-    from .console import Milestones, console
+    from image_factory.console import Milestones, console
 
     if not console.is_terminal:
         yield Milestones()  # a log gets a line per quarter, not bars redrawn nobody sees

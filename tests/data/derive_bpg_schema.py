@@ -16,8 +16,9 @@ an attribute), ``Required``, ``MaxItems``, and an ``enum``
 where the argument is validated by ``validation.StringInSlice`` (inline, or as the only rule of a named validator
 of the same package); attributes that are only ``Computed`` cannot be set and are left out. ``Default`` values are
 kept as ``default`` (documentation: what the provider assumes for an argument left out). The envelope (terraform,
-variable, provider, resource, import) is Terraform's JSON configuration syntax, limited to what image_factory.tofu
-writes. No network: the repository is a local clone (the session used ``fetch`` of the GitHub snapshot).
+variable, provider, resource, import) is Terraform's JSON configuration syntax, limited to what
+image_factory.handoffs.tofu writes. No network: the repository is a local clone (the session used ``fetch`` of the
+GitHub snapshot).
 """
 
 from __future__ import annotations

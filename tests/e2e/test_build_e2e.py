@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from debian.debian_support import Version
 
-from image_factory import build, imagetest, render
-from image_factory.inventory import load_site
+from image_factory.image import build, imagetest, render
+from image_factory.image.manifest import load, sha256_file
 from image_factory.lab.baseimage import describe
-from image_factory.manifest import load, sha256_file
 from image_factory.settings import Settings
+from image_factory.site.inventory import load_site
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

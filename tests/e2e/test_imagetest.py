@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import imagetest as it
-from image_factory import manifest as mf
-from image_factory.inventory import Image, Source
+from image_factory.image import imagetest as it
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.settings import Settings
+from image_factory.site.inventory import Image, Source
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -74,7 +74,7 @@ def test_base_image_passes_common_and_hygiene(base_image: Path, tmp_path: Path) 
     assert (build_dir / it.JUNIT_NAME).is_file() and (build_dir / it.SERIAL_NAME).is_file()
     assert not list(build_dir.glob(".imagetest-*")), "overlay/seed left behind"
     # what is inside, read from the booted image: packages, kernel, os-release, an SBOM, the digest in the manifest
-    from image_factory import contents as ct
+    from image_factory.image import contents as ct
 
     inside = json.loads((build_dir / ct.PACKAGES_NAME).read_text())
     names = {p["name"] for p in inside["packages"]}

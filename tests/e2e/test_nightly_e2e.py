@@ -26,15 +26,16 @@ from typing import Any
 import pytest
 import yaml
 
-from image_factory import build, contents, templates
-from image_factory.inventory import load_site
+from image_factory.image import build, contents
+from image_factory.image.manifest import require
 from image_factory.lab.aptrepo import AptRepo
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
-from image_factory.manifest import require
 from image_factory.pipeline import run_pipeline
-from image_factory.pve import PveClient
+from image_factory.pve import templates
+from image_factory.pve.client import PveClient
 from image_factory.settings import Settings
+from image_factory.site.inventory import load_site
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

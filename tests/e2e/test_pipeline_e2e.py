@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import deploy, pvecodec
+from image_factory import deploy
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.demo import _prove_guest
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.pipeline import run_pipeline
-from image_factory.pve import PveClient
+from image_factory.pve import codec as pvecodec
+from image_factory.pve.client import PveClient
 from image_factory.settings import REPO_ROOT, Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

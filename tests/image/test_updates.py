@@ -1,6 +1,6 @@
 """updates: the image carries every update its own package sources offer (a template that missed one
 never publishes). Debian: the booted image's installed versions against the newest each suite of its
-own sources offers, read from the suites' signed indexes on the test's side (image_factory.upstream).
+own sources offers, read from the suites' signed indexes on the test's side (image_factory.image.upstream).
 Fedora: dnf itself, in the guest."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from image_factory.manifest import load
+from image_factory.image.manifest import load
+from image_factory.image.upstream import fetch_suite, offered_versions, parse_sources, pending_upgrades, suite_epoch
 from image_factory.settings import REPO_ROOT
-from image_factory.upstream import fetch_suite, offered_versions, parse_sources, pending_upgrades, suite_epoch
 
 KEYS_DIR = REPO_ROOT / "packer" / "keys"
 

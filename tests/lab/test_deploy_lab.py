@@ -20,17 +20,18 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import pvecodec, templates
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Site, SshEndpoint, load_site
 from image_factory.lab import controller
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle, start_lab, stop_lab
 from image_factory.ownership import Marker
-from image_factory.pve import PveClient
+from image_factory.pve import codec as pvecodec
+from image_factory.pve import templates
+from image_factory.pve.client import PveClient
+from image_factory.pve.sshlink import connect
 from image_factory.settings import REPO_ROOT, Settings
-from image_factory.sshlink import connect
+from image_factory.site.inventory import Site, SshEndpoint, load_site
 
 pytestmark = pytest.mark.lab
 
@@ -175,7 +176,7 @@ def test_really_booted_guest_has_its_inventory_mac(dlab: LabHandle, monkeypatch:
     host, port = lab.vm_ssh_address(vm.vmid)
     host_key = _console_host_key(lab.serial_log(TENANT, vm.vmid))
     # the same key through the guest agent (agent/file-read over the verified API; PVE 9 host: FileRead)
-    from image_factory.guest import host_key_via_agent
+    from image_factory.pve.guest import host_key_via_agent
 
     assert host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=60) == host_key
     ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)
@@ -611,8 +612,8 @@ def _two_tenant_site(lab: LabHandle, directory: Path) -> Site:
 
 def test_a_two_tenant_site_deploys_on_its_vlans_and_preflight_names_a_missing_vlan(lab: LabHandle,
                                                                                     tmp_path: Path) -> None:
-    from image_factory import mac
     from image_factory import preflight as pf
+    from image_factory.site import mac
 
     site = _two_tenant_site(lab, tmp_path / "inventory")
     assert mac.check(site.inventory_path, site.images_path) == len([n for vm in site.vms.values() for n in vm.nics])
@@ -642,7 +643,7 @@ def test_a_tenant_handed_to_tofu_keeps_the_hardware_deploy_gave_it(lab: LabHandl
     deploy made is imported with the hardware the host reports, the one still to make clones that template."""
     import json
 
-    from image_factory import tofu
+    from image_factory.handoffs import tofu
     from image_factory.lab import factories
 
     site = _two_tenant_site(lab, tmp_path / "inventory")

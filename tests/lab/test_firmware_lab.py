@@ -22,15 +22,16 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import manifest as mf
 from image_factory.errors import FactoryError, RemoteError
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.platform import Platform
 from image_factory.publish import publish_image
-from image_factory.pve import ApiError, PveClient
-from image_factory.pvecodec import EfiDisk, TpmState
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.codec import EfiDisk, TpmState
+from image_factory.pve.templates import find_templates
 from image_factory.settings import REPO_ROOT, Settings
-from image_factory.templates import FirmwareAsk, find_templates
 
 pytestmark = pytest.mark.lab
 
@@ -117,7 +118,7 @@ def test_a_secure_boot_vtpm_template_on_9_2_deploys_a_clone_that_keeps_it_and_8_
     # the EFI disk holds the vars template PVE's pre-enrolled-keys=1 picks (Microsoft + distribution keys)
     assert volume_bytes(lab, TENANT, efi.volume)[:OVMF_MS_VARS.stat().st_size] == OVMF_MS_VARS.read_bytes()
     info = find_templates(c, IMAGE)[0]
-    assert FirmwareAsk.parse(info.firmware) == FirmwareAsk.of(m)
+    assert Platform.parse(info.firmware) == m.platform
 
     names = vm_names(lab, "tenant")
     first = dep.deploy_vms(lab.settings, lab.site, names, timeout=120, progress=False)
@@ -186,9 +187,9 @@ def test_ms_cert_is_refused_by_8_4_as_pve_refuses_an_unknown_key_and_enrolled_on
 def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm(env: Any) -> None:
     """One real boot (TCG): the Debian base image (signed shim, GRUB and kernel) published as a UEFI + Secure
     Boot + vTPM template on the 9.2 node, deployed, and asked over SSH what it booted with."""
-    from image_factory.inventory import SshEndpoint
     from image_factory.lab.baseimage import ensure_base_image
-    from image_factory.sshlink import connect
+    from image_factory.pve.sshlink import connect
+    from image_factory.site.inventory import SshEndpoint
 
     lab, settings = env
     ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
@@ -211,7 +212,7 @@ def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_a
     assert r.state == "created", r.to_dict()
     assert lab.qemu(TENANT, vm.vmid) is not None, f"{REAL_BOOT} must run a real qemu"
     host, port = lab.vm_ssh_address(vm.vmid)
-    from image_factory.guest import host_key_via_agent
+    from image_factory.pve.guest import host_key_via_agent
 
     host_key = host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=120)
     ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)

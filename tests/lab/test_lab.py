@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from image_factory.errors import RemoteError
-from image_factory.inventory import Hypervisor, SshEndpoint
 from image_factory.lab import controller
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
-from image_factory.pve import ApiError, PveClient
-from image_factory.sshlink import HostKeyMismatch, connect
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.sshlink import HostKeyMismatch, connect
+from image_factory.site.inventory import Hypervisor, SshEndpoint
 
 pytestmark = pytest.mark.lab
 

@@ -1,6 +1,6 @@
 """Each pve-facts.md item the tool relies on is reproduced by the lab (LabPve over fakepve).
 
-Every test drives the lab through the production client (image_factory.pve.PveClient with the
+Every test drives the lab through the production client (image_factory.pve.client.PveClient with the
 lab inventory's token and TLS settings) or plain HTTP where the wire format is the point.
 """
 
@@ -22,13 +22,13 @@ import pytest
 import requests
 from requests_toolbelt import MultipartEncoder
 
-from image_factory.inventory import Hypervisor
 from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
 from image_factory.lab.spec import release_of
-from image_factory.pve import ApiError, ConfigChanged, PveClient, TaskFailed, Upid, retry_lock_timeouts
-from image_factory.pvecodec import parse_tags
-from image_factory.sshlink import connect
+from image_factory.pve.client import ApiError, ConfigChanged, PveClient, TaskFailed, Upid, retry_lock_timeouts
+from image_factory.pve.codec import parse_tags
+from image_factory.pve.sshlink import connect
+from image_factory.site.inventory import Hypervisor
 
 pytestmark = pytest.mark.lab
 

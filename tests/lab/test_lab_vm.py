@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from image_factory.inventory import SshEndpoint, Vm
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import ApiError, PveClient
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.sshlink import connect
 from image_factory.settings import Settings
-from image_factory.sshlink import connect
+from image_factory.site.inventory import SshEndpoint, Vm
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

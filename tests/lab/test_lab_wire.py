@@ -14,8 +14,8 @@ import pytest
 from image_factory.lab import wire
 from image_factory.lab.config import LabError
 from image_factory.lab.pytest_plugin import LabHandle, claim_slot, start_lab, stop_lab
-from image_factory.pve import PveClient
-from image_factory.sshlink import connect
+from image_factory.pve.client import PveClient
+from image_factory.pve.sshlink import connect
 
 pytestmark = pytest.mark.lab
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from image_factory import deploy as dep
-from image_factory.inventory import load_site
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.preflight import run_preflight
 from image_factory.publish import publish_image
-from image_factory.pve import PveClient
+from image_factory.pve.client import PveClient
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import load_site
 
 from .test_publish_lab import IMAGE, make_build
 

@@ -29,17 +29,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from fakepve.certs import make_cert
 
-from image_factory import manifest as mf
 from image_factory import preflight as pf
-from image_factory.inventory import Hypervisor, Site
+from image_factory.image import manifest as mf
 from image_factory.lab import factories, sshd
 from image_factory.lab.config import playbook_grants
 from image_factory.lab.pve import LabPve, NodeSpec
 from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.lab.spec import RELEASES
-from image_factory.pve import ApiError, PveClient
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.sshlink import fingerprint
 from image_factory.settings import REPO_ROOT, Settings
-from image_factory.sshlink import fingerprint
+from image_factory.site.inventory import Hypervisor, Site
 
 pytestmark = pytest.mark.lab
 
@@ -510,7 +510,7 @@ def test_datacenter_tag_policy_is_reported(twin: Twin):
 def test_cluster_options_answer_in_pve_managers_shapes(twin: Twin):
     """pve-manager's get_options: console, tag-style and allowed-tags for everyone; all of datacenter.cfg,
     parsed (objects, arrays), with Sys.Audit on / ."""
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
 
     client = PveClient(twin.site.hypervisors[twin.host])
     twin.pve.cluster_options.update({"user-tag-access": "user-allow=list,user-allow-list=a;b",
@@ -549,7 +549,7 @@ def test_pve9_host_upgraded_with_the_84_role_names_what_is_missing(twin: Twin):
 def test_a_pve_91_node_runs_qemu_server_9_1_15(twin: Twin):
     """pve-manager 9.1.19 shipped with qemu-server 9.1.15: create keeps its tags verbatim and does not check the
     tag policy; the config POST locks and checks the policy before it forks (an HTTP 403, not a task failure)."""
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
 
     c = PveClient(twin.site.hypervisors[twin.host])
     assert c.version()["version"] == "9.1.19"

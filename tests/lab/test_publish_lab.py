@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from image_factory import manifest as mf
-from image_factory.inventory import Site
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
@@ -23,10 +22,11 @@ from image_factory.publish import (
     PublishError,
     publish_image,
 )
-from image_factory.pve import PveClient
+from image_factory.pve.client import PveClient
+from image_factory.pve.templates import FACTORY_TAG, find_templates, newest_template, parse_description
+from image_factory.pve.upload import partial_name
 from image_factory.settings import Settings
-from image_factory.templates import FACTORY_TAG, find_templates, newest_template, parse_description
-from image_factory.upload import partial_name
+from image_factory.site.inventory import Site
 
 pytestmark = pytest.mark.lab
 IMAGE = "debian-lab"
@@ -211,8 +211,8 @@ def test_ssh_cut_mid_upload_resumes_to_matching_sha(env: Any, seed: int, watch_f
 
 
 def test_lock_held_by_another_publish_is_reported(env: Any) -> None:
-    from image_factory.hostlock import HostLock
-    from image_factory.sshlink import SshLink
+    from image_factory.pve.hostlock import HostLock
+    from image_factory.pve.sshlink import SshLink
 
     lab, settings, site = env
     make_build(settings.builds_dir, build_id="lock1")
@@ -491,7 +491,7 @@ def test_lock_lost_during_registration_is_noticed_and_the_host_converges_to_one_
     the lock meanwhile. A must notice before its next write, never undo B's work, re-take the lock and
     re-plan: in the end both runs are ok and the host holds exactly one template of the build. B sees A's
     running task (tasks?source=active) and leaves its VM alone, on every release."""
-    from image_factory.sshlink import SshLink
+    from image_factory.pve.sshlink import SshLink
 
     lab, settings, site = env
     lab.release(name, release)

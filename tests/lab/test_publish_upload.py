@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from image_factory.inventory import SshEndpoint
-from image_factory.sshlink import HostKeyMismatch, SshLink
-from image_factory.upload import SshUploader, UploadError, partial_name
+from image_factory.pve.sshlink import HostKeyMismatch, SshLink
+from image_factory.pve.upload import SshUploader, UploadError, partial_name
+from image_factory.site.inventory import SshEndpoint
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists(),
                                                   reason="needs root and OpenSSH sshd")]

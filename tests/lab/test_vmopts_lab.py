@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from image_factory import deploy as dep
-from image_factory import pvecodec
 from image_factory.errors import RemoteError
-from image_factory.inventory import Site, load_site
 from image_factory.lab import controller
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import PveClient
+from image_factory.pve import codec as pvecodec
+from image_factory.pve.client import PveClient
+from image_factory.site.inventory import Site, load_site
 
 from . import test_deploy_lab
 from .test_deploy_lab import MGMT, api_config, errors

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from image_factory.image.manifest import sha256_file
 from image_factory.lab import baseimage as bi
-from image_factory.manifest import sha256_file
 from image_factory.settings import Settings
 
 pytestmark = pytest.mark.unit

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import build, render
-from image_factory.inventory import Image, load_site
+from image_factory.image import build, render
+from image_factory.image.manifest import load, save, sha256_file
 from image_factory.lab import factories
-from image_factory.manifest import load, save, sha256_file
 from image_factory.settings import REPO_ROOT, Settings
+from image_factory.site.inventory import Image, load_site
 
 pytestmark = pytest.mark.unit
 
@@ -519,8 +519,8 @@ def test_dry_run_writes_nothing_under_builds(
 
 def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
         repo: Settings, image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
-    from image_factory import render, upstream
-    from image_factory.inventory import Repository
+    from image_factory.image import render, upstream
+    from image_factory.site.inventory import Repository
 
     img = image.model_copy(update={"repositories": [Repository(kind="debian", uri="http://a/debian", suite="s")]})
     answers: list[tuple[dict[str, str], dict[str, str]]] = [
@@ -635,7 +635,7 @@ def test_a_build_vm_panic_under_tcg_is_built_once_more_and_reported(tmp_path: Pa
 
 
 def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_path: Path, monkeypatch) -> None:
-    from image_factory import manifest as mf
+    from image_factory.image import manifest as mf
 
     art = tmp_path / "x.qcow2"
     art.write_bytes(b"data")

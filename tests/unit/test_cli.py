@@ -16,7 +16,7 @@ import pytest
 from invoke import Collection, Program
 
 from image_factory.deploy.model import FieldDiff, VmPlan
-from image_factory.manifest import sha256_file
+from image_factory.image.manifest import sha256_file
 from image_factory.settings import REPO_ROOT
 
 from .test_build import fake_packer, no_validate  # noqa: F401 - fixtures

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import contents as ct
 from image_factory import families
+from image_factory.image import contents as ct
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +80,7 @@ def test_sbom_is_valid_cyclonedx_with_every_package(tmp_path: Path) -> None:
 
 
 def test_package_diff_against_the_previous_build(tmp_path: Path) -> None:
-    from image_factory.contents import DIFF_NAME, Contents, Package, save
+    from image_factory.image.contents import DIFF_NAME, Contents, Package, save
 
     first = Contents("debian", [Package("openssl", "3.5.1-1", "amd64"), Package("vim-tiny", "2:9.1-1", "amd64"),
                                 Package("libc6", "2.41-12", "amd64")], "6.12.117-cloud-amd64")

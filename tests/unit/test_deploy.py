@@ -8,14 +8,14 @@ from urllib.parse import quote_plus
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import pvecodec
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Hypervisor, Site, Vm, load_site
 from image_factory.lab import factories
-from image_factory.livemacs import MacUse
 from image_factory.ownership import MANAGED_MARKER, Marker
+from image_factory.pve import codec as pvecodec
+from image_factory.pve.livemacs import MacUse
+from image_factory.pve.templates import TemplateInfo
 from image_factory.settings import REPO_ROOT
-from image_factory.templates import TemplateInfo
+from image_factory.site.inventory import Hypervisor, Site, Vm, load_site
 
 pytestmark = pytest.mark.unit
 

@@ -26,14 +26,15 @@ from fakepve.pytest_plugin import _Serving
 from fakepve.server import FakePve
 
 from image_factory import deploy as dep
-from image_factory import pvecodec, templates
 from image_factory.errors import RemoteError, ValidationFailed
-from image_factory.hostlock import LockBusy, LockLost
-from image_factory.inventory import Site, load_site
 from image_factory.lab import factories
 from image_factory.ownership import INCOMPLETE_TAG, Marker
-from image_factory.pve import PveClient
+from image_factory.pve import codec as pvecodec
+from image_factory.pve import templates
+from image_factory.pve.client import PveClient
+from image_factory.pve.hostlock import LockBusy, LockLost
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Site, load_site
 
 from .example_site import flat_example
 

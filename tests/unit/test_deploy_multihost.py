@@ -13,8 +13,8 @@ from fakepve.certs import make_cert
 from fakepve.pytest_plugin import _Serving
 
 from image_factory import deploy as dep
-from image_factory.inventory import load_site
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import load_site
 
 from .example_site import flat_example
 from .test_deploy_fakepve import (

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from image_factory import doctor, render, tools
+from image_factory import doctor, tools
 from image_factory.errors import ValidationFailed
+from image_factory.image import render
 from image_factory.settings import REPO_ROOT
 from image_factory.tools import Need, Probe, Provider, Tool
 

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from image_factory import build, contents, families, render
-from image_factory.inventory import Image, load_site
+from image_factory import families
+from image_factory.image import build, contents, render
 from image_factory.settings import REPO_ROOT, Settings
+from image_factory.site.inventory import Image, load_site
 
 pytestmark = pytest.mark.unit
 

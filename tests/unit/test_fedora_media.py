@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from fakepve.certs import make_cert
 
-from image_factory import fedora_media as fm
+from image_factory.image import fedora_media as fm
+from image_factory.image.signatures import SignatureError, clearsigned_bytes, load_pinned_key
 from image_factory.lab.aptrepo import clearsign, generate_key, public_key
 from image_factory.lab.loopback import serve_http
 from image_factory.settings import REPO_ROOT
-from image_factory.signatures import SignatureError, clearsigned_bytes, load_pinned_key
 
 pytestmark = pytest.mark.unit
 
@@ -104,7 +104,7 @@ def test_refresh_picks_cloud_base_and_netinst_and_writes_the_signed_sha256(serve
     text = catalogue.read_text()
     assert f"sha256:{CLOUD_SUM}" in text and f"sha256:{ISO_SUM}" in text and f"/{CLOUD}" in text
     assert "# Image catalogue" in text.splitlines()[0]  # comments kept
-    from image_factory.inventory import load_site
+    from image_factory.site.inventory import load_site
 
     site = load_site(REPO_ROOT / "ansible/inventory", catalogue)
     assert site.images["fedora-45"].source.checksum == f"sha256:{CLOUD_SUM}"
@@ -170,7 +170,7 @@ def test_only_the_signed_bytes_are_returned(repo: Any) -> None:
 def _fedora_image(base: str) -> Any:
     from datetime import date
 
-    from image_factory.inventory import Image, Source
+    from image_factory.site.inventory import Image, Source
 
     d = f"{base}/pub/fedora/linux/releases/45/Cloud/x86_64/images"
     return Image(name="fedora-45", family="fedora", release=45, mode="cloud", eol=date(2027, 12, 8),
@@ -181,7 +181,7 @@ def _fedora_image(base: str) -> Any:
 def test_build_hands_packer_only_a_signed_sha256(server: Any, repo: Any, tmp_path: Path, attack: str | None) -> None:
     from types import SimpleNamespace
 
-    from image_factory import build
+    from image_factory.image import build
     from image_factory.settings import Settings
 
     base, files = server
@@ -472,9 +472,9 @@ def test_a_capitalised_https_checksum_is_verified_before_packer_sees_it(server: 
                                                                        tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from image_factory import build
-    from image_factory.inventory import Image, Source
+    from image_factory.image import build
     from image_factory.settings import Settings
+    from image_factory.site.inventory import Image, Source
 
     base, files = server
     root, signer = repo
@@ -491,9 +491,9 @@ def test_a_capitalised_https_checksum_is_verified_before_packer_sees_it(server: 
 
 
 def test_render_refuses_a_checksum_packer_would_read_unverified(tmp_path: Path) -> None:
-    from image_factory import render
-    from image_factory.inventory import Source
+    from image_factory.image import render
     from image_factory.settings import Settings
+    from image_factory.site.inventory import Source
 
     image = _fedora_image("https://download.fedoraproject.org")
     image = image.model_copy(update={"source": Source(url=image.source.url, checksum="file:s3::https://b/x")})
@@ -584,7 +584,7 @@ def _real_f44_checksum() -> bytes:
 def _unpinned(base: str, release: int, mode: str = "cloud") -> Any:
     from datetime import date
 
-    from image_factory.inventory import Image, Source
+    from image_factory.site.inventory import Image, Source
 
     where = "Cloud/x86_64/images" if mode == "cloud" else "Everything/x86_64/iso"
     return Image(name=f"fedora-{release}", family="fedora", release=release, mode=mode, eol=date(2027, 12, 8),
@@ -644,7 +644,8 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
     same compose is a cache hit, a new one a new build; --offline keeps what the last build resolved."""
     import sys
 
-    from image_factory import build, pipeline, render
+    from image_factory import pipeline
+    from image_factory.image import build, render
     from image_factory.settings import Settings
 
     base, files = server
@@ -699,7 +700,7 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
 
 
 def test_offline_without_an_earlier_resolution_says_how_to_pin(repo: Any, tmp_path: Path) -> None:
-    from image_factory import build
+    from image_factory.image import build
     from image_factory.settings import Settings
 
     root, _ = repo

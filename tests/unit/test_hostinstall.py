@@ -26,8 +26,8 @@ from image_factory.hostinstall.server import (
     certificate_fingerprint,
     ensure_certificate,
 )
-from image_factory.inventory import Site, load_site
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Site, load_site
 
 from .example_site import flat_example
 

@@ -1,4 +1,4 @@
-"""Unit tests for image_factory.imagetest (seed, host-key parsing, JUnit, suite hash) and the
+"""Unit tests for image_factory.image.imagetest (seed, host-key parsing, JUnit, suite hash) and the
 strict paramiko backend of tests/image/conftest.py (against a real in-process SSH server)."""
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from image_factory import imagetest as it
-from image_factory import manifest as mf
-from image_factory.inventory import Image, Source
+from image_factory.image import imagetest as it
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.settings import Settings
+from image_factory.site.inventory import Image, Source
 
 pytestmark = pytest.mark.unit
 

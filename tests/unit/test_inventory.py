@@ -16,8 +16,8 @@ import yaml
 from pydantic import ValidationError
 
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Repository, load_site
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Repository, load_site
 
 from .example_site import flat_example
 
@@ -271,7 +271,7 @@ def test_inventory_check_json_summary(tmp_path: Path) -> None:
 
 
 def test_eol_gate_warns_within_30_days_and_refuses_after() -> None:
-    from image_factory.inventory import eol_gate
+    from image_factory.site.inventory import eol_gate
 
     site = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
     f43 = site.images["fedora-44"].model_copy(update={"name": "fedora-43", "release": 43, "eol": date(2026, 12, 2)})

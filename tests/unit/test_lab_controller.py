@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import load_site
 from image_factory.lab.config import LabConfig, LabPaths, private_dir, write_private
 from image_factory.lab.controller import default_config, lab_settings, vault_environment, write_inventory
 from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
 from image_factory.settings import Settings
+from image_factory.site.inventory import load_site
 
 pytestmark = pytest.mark.unit
 

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from image_factory import mac
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import load_site, mac_problem, normalize_mac
 from image_factory.settings import REPO_ROOT
+from image_factory.site import mac
+from image_factory.site.inventory import load_site, mac_problem, normalize_mac
 from image_factory.tasks import mac as mac_tasks
 
 from .example_site import flat_example

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fakepve.certs import make_cert
 
-from image_factory import opnsense as opn
 from image_factory.errors import FactoryError
-from image_factory.inventory import load_site
+from image_factory.handoffs import opnsense as opn
 from image_factory.lab.opnsense_fake import FakeOpnsense, serve
-from image_factory.mac import reservations
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import load_site
+from image_factory.site.mac import reservations
 
 pytestmark = pytest.mark.unit
 
@@ -423,7 +423,7 @@ def test_an_imported_export_is_the_factorys_own_to_sync(fake: Any, inventory: Pa
     entry its own and equal, so it plans no conflict and no write."""
     import xml.etree.ElementTree as ET
 
-    from image_factory.mac import export
+    from image_factory.site.mac import export
 
     api, url, cert = fake
     site = load_site(inventory, REPO_ROOT / "packer/images.yml")

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from image_factory import build, imagetest, preflight, publish
-from image_factory import manifest as mf
+from image_factory import preflight, publish
 from image_factory.errors import FactoryError, ValidationFailed
-from image_factory.inventory import load_site
+from image_factory.image import build, imagetest
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.pipeline import default_images, run_pipeline
 from image_factory.settings import REPO_ROOT, Settings
+from image_factory.site.inventory import load_site
 
 pytestmark = pytest.mark.unit
 

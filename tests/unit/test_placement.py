@@ -10,8 +10,8 @@ import pytest
 
 from image_factory import deploy as dep
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Hypervisor, Vm, load_site
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Hypervisor, Vm, load_site
 
 from .test_inventory import example_inventory, group, only, problems_of, site_files
 

@@ -15,10 +15,10 @@ from fakepve.certs import make_cert
 
 from image_factory import preflight as pf
 from image_factory.errors import FactoryError, ValidationFailed
-from image_factory.inventory import load_site
+from image_factory.image.manifest import save
 from image_factory.lab import factories
-from image_factory.manifest import save
 from image_factory.settings import Settings
+from image_factory.site.inventory import load_site
 
 pytestmark = pytest.mark.unit
 
@@ -348,7 +348,7 @@ def test_unreachable_api_fails_tls_with_a_hint(fakepve_cafile, tmp_path, monkeyp
 
 
 def test_api_error_and_odd_answer_fail_only_their_check(node, env):
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
 
     class Odd(PveClient):
         def call(self, method, path, /, **params):
@@ -423,7 +423,7 @@ def test_tag_policy_of_another_shape_is_named(options, named):
 
 
 def test_a_refused_tag_says_how_to_fix_it():
-    from image_factory.pve import explain
+    from image_factory.pve.client import explain
 
     message = "unable to create VM 9001 - Permission check failed (/, Sys.Modify for modifying tag 'b-1')"
     text = explain(message)
@@ -433,7 +433,7 @@ def test_a_refused_tag_says_how_to_fix_it():
 
 def test_tags_check_warns_where_the_policy_cannot_be_read(node, env):
     """Without Sys.Audit on / the answer holds no policy: unknown, a warning (the run goes on), never "free"."""
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
 
     class Pve(PveClient):  # fakepve refuses get_options without Sys.Audit; PVE answers (the lab does too)
         def call(self, method, path, /, **params):

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from image_factory import manifest as mf
-from image_factory.inventory import Hypervisor, load_site
+from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.ownership import marker_block
 from image_factory.publish import (
@@ -30,8 +29,9 @@ from image_factory.publish import (
     template_name,
     template_tags,
 )
+from image_factory.pve.templates import FACTORY_TAG, TemplateInfo, find_templates, newest_template, parse_description
 from image_factory.settings import REPO_ROOT, Settings
-from image_factory.templates import FACTORY_TAG, TemplateInfo, find_templates, newest_template, parse_description
+from image_factory.site.inventory import Hypervisor, load_site
 
 pytestmark = pytest.mark.unit
 TAG_RE = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
@@ -281,7 +281,7 @@ def test_uefi_secure_boot_tpm_create_parameters_pass_pves_own_schema(site: Any) 
     apidoc fakepve vendors) and against the 8.3.12 drive formats, then read back through the codecs."""
     from fakepve import schema
 
-    from image_factory.pvecodec import EfiDisk, TpmState, parse_props
+    from image_factory.pve.codec import EfiDisk, TpmState, parse_props
 
     hv, params = _sb_params(site)
     spec = schema.load().match("/nodes/pve/qemu").methods["POST"]["parameters"]
@@ -309,23 +309,23 @@ def test_uefi_secure_boot_tpm_create_parameters_pass_pves_own_schema(site: Any) 
     ("none", "8.4.1", ""),
 ])
 def test_firmware_refusals_follow_what_each_qemu_server_can_make(keys: str, version: str, refused: str) -> None:
-    from image_factory.publish import firmware_refusals
-    from image_factory.templates import FirmwareAsk
+    from image_factory.platform import Platform
+    from image_factory.pve.capabilities import firmware_refusals
 
-    why = firmware_refusals(FirmwareAsk("uefi", True, keys, True, "q35"), version)
+    why = firmware_refusals(Platform("uefi", True, keys, True, "q35"), version)
     assert (refused in " ".join(why)) if refused else why == []
     assert why == [] or why[0].startswith(f"keys: {keys}")
 
 
 def test_the_description_records_firmware_and_template_discovery_reads_it() -> None:
-    from image_factory.templates import FirmwareAsk
+    from image_factory.platform import Platform
 
     m = dataclasses.replace(manifest(), **SB_FIELDS)
     text = template_description(m, import_file="x.qcow2", tested=True, forced=False, run_id="r", published_at="t")
     line = parse_description(text)["firmware"]  # type: ignore[index]
     assert line == "uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0"
-    assert FirmwareAsk.parse(line) == FirmwareAsk("uefi", True, "microsoft-2011+2023", True, "q35")
+    assert Platform.parse(line) == Platform("uefi", True, "microsoft-2011+2023", True, "q35")
     bios = parse_description(template_description(manifest(), import_file="x.qcow2", tested=True, forced=False,
                                                   run_id="r", published_at="t"))
-    assert bios is not None and FirmwareAsk.parse(bios["firmware"]) == FirmwareAsk()
-    assert FirmwareAsk.parse("") is None  # a template published before the line existed
+    assert bios is not None and Platform.parse(bios["firmware"]) == Platform()
+    assert Platform.parse("") is None  # a template published before the line existed

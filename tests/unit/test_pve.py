@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from image_factory.pve import _ssl_reason
+from image_factory.tls import ssl_reason as _ssl_reason
 
 pytestmark = pytest.mark.unit
 
@@ -36,8 +36,8 @@ def test_unknown_long_text_is_cut_at_a_word_boundary() -> None:
 
 
 def test_ipv6_api_url_keeps_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from image_factory.inventory import Hypervisor
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
+    from image_factory.site.inventory import Hypervisor
 
     hv = Hypervisor.model_validate({
         "name": "pve6", "role": "mgmt", "node": "pve6", "api_url": "https://[fd00::10]:8006",
@@ -52,7 +52,7 @@ def test_ipv6_api_url_keeps_its_brackets(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_a_failed_task_shows_the_end_of_its_log() -> None:
-    from image_factory.pve import TASK_LOG_LINES, PveClient, TaskFailed, Upid
+    from image_factory.pve.client import TASK_LOG_LINES, PveClient, TaskFailed, Upid
 
     upid = "UPID:pve1:00001234:00005678:6543210F:qmcreate:100:factory@pve!image-factory:"
     log = [{"n": i, "t": f"line {i}"} for i in range(1, 901)] + [{"n": 901, "t": "TASK ERROR: the real reason"}]
@@ -77,7 +77,7 @@ def test_a_failed_task_shows_the_end_of_its_log() -> None:
 
 def _noticed_at(task_length: float, interval: float) -> tuple[float, int]:
     """(when wait_task's polls first see a task of this length stopped, how many polls it took)."""
-    from image_factory.pve import poll_delay
+    from image_factory.pve.client import poll_delay
 
     clock, polls = 0.0, 1
     while clock < task_length:
@@ -103,7 +103,7 @@ def test_a_pinned_context_loads_no_ca_store_and_speaks_tls_12_or_later() -> None
     """The pin is the whole check: the system's CA bundle would cost every client 20 ms of CPU for nothing."""
     import ssl
 
-    from image_factory.pve import VerifiedTlsAdapter
+    from image_factory.tls import VerifiedTlsAdapter
 
     ctx = VerifiedTlsAdapter(fingerprint=":".join(["AB"] * 32))._ctx
     assert ctx.cert_store_stats()["x509_ca"] == 0
@@ -114,7 +114,7 @@ def test_a_pinned_context_loads_no_ca_store_and_speaks_tls_12_or_later() -> None
 def test_running_tasks_are_those_without_an_endtime_whatever_the_status_case() -> None:
     """pve-manager's node_tasks with source=active: running tasks say "RUNNING", just-ended unarchived ones carry
     an endtime and their exit status (API2/Tasks.pm)."""
-    from image_factory.pve import PveClient
+    from image_factory.pve.client import PveClient
 
     answer = [
         {"upid": "a", "id": "9001", "type": "qmcreate", "user": "factory@pve", "tokenid": "image-factory",

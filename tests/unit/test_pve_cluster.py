@@ -15,8 +15,8 @@ from fakepve.server import FakePve
 from pydantic import ValidationError
 
 from image_factory.errors import RemoteError
-from image_factory.inventory import Hypervisor
-from image_factory.pve import ApiError, PveClient
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.site.inventory import Hypervisor
 
 pytestmark = pytest.mark.unit
 TOKEN_ID = "factory@pve!image-factory"  # noqa: S105 - an id, not a secret

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from image_factory import pvecodec
-from image_factory.pvecodec import NetSpec, format_props, format_tags, parse_props, parse_tags
+from image_factory.pve import codec as pvecodec
+from image_factory.pve.codec import NetSpec, format_props, format_tags, parse_props, parse_tags
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -41,7 +41,7 @@ def test_net_round_trip() -> None:
 @pytest.mark.parametrize(("text", "size"), [("10G", 10 * 2**30), ("2252M", 2252 * 2**20), ("512K", 512 * 2**10),
                                             ("1048576", 2**20), ("1.5G", int(1.5 * 2**30))])
 def test_sizes_parse_and_format_as_pve_writes_them(text: str, size: int) -> None:
-    from image_factory.pvecodec import format_size, parse_size
+    from image_factory.pve.codec import format_size, parse_size
 
     assert parse_size(text) == size
     assert parse_size(format_size(size)) == size

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from image_factory import render
-from image_factory.inventory import Image, load_site
+from image_factory.image import render
 from image_factory.lab.aptrepo import generate_key, public_key
 from image_factory.settings import REPO_ROOT, Settings
+from image_factory.site.inventory import Image, load_site
 
 pytestmark = pytest.mark.unit
 
@@ -390,7 +390,7 @@ exit 1
 def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_socket: str = "") -> list[str]:
     """The QEMU command line Packer 1.6 builds for ``image``: a real `packer build` whose qemu-system-x86_64
     records its arguments and stops there (Packer asks the real one for its version)."""
-    from image_factory import build
+    from image_factory.image import build
 
     real = shutil.which("qemu-system-x86_64")
     if shutil.which("packer") is None or real is None or render.packer_version() >= render.PLUGIN_PACKER:
@@ -433,7 +433,7 @@ def test_packer_1_6_starts_a_uefi_install_with_the_disk_the_cd_and_ovmf(
         repo: Settings, catalogue: dict[str, Image], tmp_path: Path, loopback_http: Any, where: str) -> None:
     """Packer 1.6.6 itself assembles QEMU's command line: the UEFI install has the same disk and CD the BIOS
     one gets from the builder, plus the two pflash drives."""
-    from image_factory.inventory import Source
+    from image_factory.site.inventory import Source
 
     iso = tmp_path / "netinst.iso"
     iso.write_bytes(os.urandom(4096))
@@ -499,7 +499,7 @@ def test_packer_1_6_starts_a_uefi_cloud_build_with_the_disk_the_seed_and_ovmf(
         repo: Settings, catalogue: dict[str, Image], tmp_path: Path) -> None:
     """Packer 1.6.6 itself: the UEFI cloud build's QEMU gets the disk the BIOS one gets from the builder,
     the seed CD and the pflash drives."""
-    from image_factory.inventory import Source
+    from image_factory.site.inventory import Source
 
     base = tmp_path / "cloud.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
@@ -524,7 +524,7 @@ def test_packer_1_6_boots_secure_boot_on_smm_with_the_tpm(
         repo: Settings, catalogue: dict[str, Image], tmp_path: Path) -> None:
     """Packer 1.6.6 itself: the Secure Boot + vTPM fixture's QEMU gets SMM, the SMM-only variable flash and the
     swtpm socket as a TPM 2.0 device (tpm-tis); the BIOS fixture gets none of them."""
-    from image_factory.inventory import Source
+    from image_factory.site.inventory import Source
 
     base = tmp_path / "cloud.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
@@ -566,7 +566,7 @@ def test_plugin_renders_secure_boot_and_its_own_vtpm(repo: Settings, catalogue: 
 
 
 def test_a_missing_ovmf_names_the_package(tmp_path: Path) -> None:
-    from image_factory import firmware
+    from image_factory.image import firmware
     with pytest.raises(firmware.FirmwareError, match="apt-get install ovmf"):
         firmware.locate_ovmf(((str(tmp_path / "CODE.fd"), str(tmp_path / "VARS.fd")),))
     (tmp_path / "CODE.fd").write_bytes(b"c")
@@ -714,7 +714,7 @@ def test_factory_image_carries_the_factory_in_its_fingerprint_and_build_vars(rep
     first = _render(repo, builder)
     plain_first = _render(repo, plain)
     try:
-        assert {"factory:src/image_factory/build.py", "factory:requirements/build.txt",
+        assert {"factory:src/image_factory/image/build.py", "factory:requirements/build.txt",
                 "factory:pyproject.toml"} <= set(first.inputs)
         assert not any(k.startswith("factory:") for k in plain_first.inputs)
         variables = json.loads((first.var_file.parent / render.BUILD_VARS_FILE).read_text())

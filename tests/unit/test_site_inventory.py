@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from image_factory import inventory_source
 from image_factory.console import mask
 from image_factory.errors import Problem, ValidationFailed
-from image_factory.inventory import load_site
-from image_factory.secrets import read_secret
 from image_factory.settings import REPO_ROOT
+from image_factory.site import inventory_source
+from image_factory.site.inventory import load_site
+from image_factory.site.secrets import read_secret
 
 from .example_site import EXAMPLE_DIR, flat_example
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from image_factory.sshlink import TCP_QUICKACK, PromptAcks
+from image_factory.pve.sshlink import TCP_QUICKACK, PromptAcks
 
 pytestmark = pytest.mark.unit
 

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from image_factory import deploy, mac, preflight
+from image_factory import deploy, preflight
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import load_site
 from image_factory.lab import factories
 from image_factory.settings import REPO_ROOT
+from image_factory.site import mac
+from image_factory.site.inventory import load_site
 
 pytestmark = pytest.mark.unit
 
@@ -177,7 +178,7 @@ def test_the_example_site_without_tenants_exports_what_its_consumers_accept(tmp_
 def test_the_opnsense_export_holds_each_tenants_range_as_the_model_and_the_api_have_it() -> None:
     import xml.etree.ElementTree as ET
 
-    from image_factory import opnsense
+    from image_factory.handoffs import opnsense
     from image_factory.lab.opnsense_fake import RANGE_FIELDS
 
     site = load_site(EXAMPLE, CATALOGUE)

@@ -1,4 +1,4 @@
-"""The OpenTofu hand-off of a tenant (image_factory.tofu): valid for the pinned provider, the same VMs, MACs,
+"""The OpenTofu hand-off of a tenant (image_factory.handoffs.tofu): valid for the pinned provider, the same VMs, MACs,
 VLANs and sizes as the deploy plan, and the hardware a deploy gives a VM, as the provider reads it back.
 
 No `tofu validate` here: no registry this machine reaches has an OpenTofu (or Terraform) binary (PyPI's `tofu` is
@@ -16,12 +16,12 @@ import jsonschema
 import pytest
 
 from image_factory import deploy as dep
-from image_factory import tofu
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Site, Vm, load_site
+from image_factory.handoffs import tofu
 from image_factory.lab import factories
-from image_factory.pvecodec import NetSpec, parse_props
+from image_factory.pve.codec import NetSpec, parse_props
 from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Site, Vm, load_site
 
 pytestmark = pytest.mark.unit
 
@@ -229,7 +229,7 @@ class _Client:
         self.asked: list[int] = []
 
     def vm_config(self, vmid: int) -> dict[str, str]:
-        from image_factory.pve import ApiError
+        from image_factory.pve.client import ApiError
         self.asked.append(vmid)
         if vmid not in self.configs:
             raise ApiError("pve-tenant", f"GET qemu/{vmid}/config", 500, f"Configuration file 'qemu-server/{vmid}.conf'"
@@ -281,7 +281,7 @@ def test_a_vm_deploy_refuses_is_not_handed_to_tofu(site: Site, tmp_path: Path) -
     """A VM whose deploy plan needs someone's decision is refused, not exported: a MAC another VM carries would be
     cloned onto a second VM by Tofu, and unsafe drift (a moved VLAN tag) would be changed in place by the first
     apply after import, both of which deploy refuses."""
-    from image_factory.livemacs import MacUse
+    from image_factory.pve.livemacs import MacUse
 
     vm = site.vms["acme-web01"]
     hv = site.hypervisor_for(vm)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from image_factory.upload import partial_name, receive_script
+from image_factory.pve.upload import partial_name, receive_script
 
 pytestmark = pytest.mark.unit
 

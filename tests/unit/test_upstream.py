@@ -1,4 +1,4 @@
-"""image_factory.upstream against a loopback Debian archive signed by a key the test makes."""
+"""image_factory.image.upstream against a loopback Debian archive signed by a key the test makes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from image_factory import upstream
-from image_factory.inventory import Repository
+from image_factory.image import upstream
+from image_factory.image.signatures import SignatureError, load_pinned_key
+from image_factory.image.upstream import AptSource, UpstreamError
 from image_factory.lab.aptrepo import AptRepo, clearsign, generate_key, public_key
 from image_factory.settings import REPO_ROOT
-from image_factory.signatures import SignatureError, load_pinned_key
-from image_factory.upstream import AptSource, UpstreamError
+from image_factory.site.inventory import Repository
 
 pytestmark = pytest.mark.unit
 
@@ -161,7 +161,7 @@ def test_fedora_epoch_is_repomd_timestamp_and_sha256_from_the_metalink(archive: 
 
 
 def test_epochs_are_fetched_together_and_a_failure_is_named(archive: Any, keys: Any) -> None:
-    from image_factory.inventory import Repository
+    from image_factory.site.inventory import Repository
 
     base, files = archive
     keys_dir, archive_key, _ = keys

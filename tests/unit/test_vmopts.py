@@ -13,13 +13,13 @@ import pytest
 import yaml
 
 from image_factory import deploy as dep
-from image_factory import tofu
 from image_factory.deploy.desired import disk_update_value
 from image_factory.errors import ValidationFailed
-from image_factory.inventory import Site, Vm, load_site
+from image_factory.handoffs import tofu
 from image_factory.lab import factories
+from image_factory.pve.templates import TemplateInfo
 from image_factory.settings import REPO_ROOT
-from image_factory.templates import TemplateInfo
+from image_factory.site.inventory import Site, Vm, load_site
 
 from .example_site import flat_example
 
@@ -330,7 +330,7 @@ def test_ipv6_reservations_pass_their_daemons_check(tmp_path: Path, fmt: str, va
     import json
     import subprocess
 
-    from image_factory import mac
+    from image_factory.site import mac
 
     text = mac.export(ipv6_site(tmp_path), fmt)
     out = tmp_path / f"export.{fmt}"
@@ -351,7 +351,7 @@ def test_ipv6_reservations_pass_their_daemons_check(tmp_path: Path, fmt: str, va
 
 
 def test_exports_without_an_ipv6_place_say_so_and_hosts_carry_aaaa_lines(tmp_path: Path) -> None:
-    from image_factory import mac
+    from image_factory.site import mac
 
     site = ipv6_site(tmp_path)
     for fmt in ("opnsense", "opnsense-isc"):

@@ -18,11 +18,9 @@ purge and unreferenced disks); if that fails too it is tagged ``factory-incomple
 the next run recreates it.
 """
 
-from ..hostlock import DEFAULT_WAIT
-from ..templates import TemplateInfo, find_templates
-from .act import deploy_vms, destroy_vm, remove_vm
-from .decide import choose_template, decide, place_vms
-from .desired import (
+from image_factory.deploy.act import deploy_vms, destroy_vm, remove_vm
+from image_factory.deploy.decide import choose_template, decide, place_vms
+from image_factory.deploy.desired import (
     boot_disk,
     check_placement,
     compare,
@@ -34,8 +32,8 @@ from .desired import (
     nic_net,
     select_vms,
 )
-from .gather import plan_deploy
-from .model import (
+from image_factory.deploy.gather import plan_deploy
+from image_factory.deploy.model import (
     DEFAULT_TIMEOUT,
     DeployError,
     DeployPlan,
@@ -49,8 +47,10 @@ from .model import (
     VmPlan,
     VmResult,
 )
-from .present import plan_table, report_table
-from .ready import agent_configured, guest_address, known_address, ssh_answers, wait_ready
+from image_factory.deploy.present import plan_table, report_table
+from image_factory.deploy.ready import agent_configured, guest_address, known_address, ssh_answers, wait_ready
+from image_factory.pve.hostlock import DEFAULT_WAIT
+from image_factory.pve.templates import TemplateInfo, find_templates
 
 __all__ = [
     "DEFAULT_TIMEOUT", "DEFAULT_WAIT", "DeployError", "DeployPlan", "DeployReport", "FieldDiff", "HostLoad",

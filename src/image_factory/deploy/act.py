@@ -10,15 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ..errors import FactoryError, Problem, RemoteError, ValidationFailed
-from ..hostlock import DEFAULT_WAIT, LockLost, owner_line
-from ..inventory import Hypervisor, Site, Vm
-from ..ownership import INCOMPLETE_TAG, Marker
-from ..pve import ApiError, PveClient, TaskFailed, explain, retry_on_lock
-from ..pvecodec import NetSpec, format_tags, parse_props, parse_size, parse_tags
-from ..settings import Settings
-from ..templates import TemplateInfo
-from .desired import (
+from image_factory.deploy.desired import (
     DATA_DISK_KEYS,
     boot_disk,
     check_placement,
@@ -28,11 +20,19 @@ from .desired import (
     is_cdrom,
     select_vms,
 )
-from .gather import effective_config, plan_vms
-from .model import DEFAULT_TIMEOUT, DeployPlan, DeployReport, NotReady, VmPlan, VmResult
-from .present import progress_reporter
-from .ready import wait_ready
-from .run import ClientFactory, LockFactory, Run, SnippetWriter, ssh_host_lock
+from image_factory.deploy.gather import effective_config, plan_vms
+from image_factory.deploy.model import DEFAULT_TIMEOUT, DeployPlan, DeployReport, NotReady, VmPlan, VmResult
+from image_factory.deploy.present import progress_reporter
+from image_factory.deploy.ready import wait_ready
+from image_factory.deploy.run import ClientFactory, LockFactory, Run, SnippetWriter, ssh_host_lock
+from image_factory.errors import FactoryError, Problem, RemoteError, ValidationFailed
+from image_factory.ownership import INCOMPLETE_TAG, Marker
+from image_factory.pve.client import ApiError, PveClient, TaskFailed, explain, retry_on_lock
+from image_factory.pve.codec import NetSpec, format_tags, parse_props, parse_size, parse_tags
+from image_factory.pve.hostlock import DEFAULT_WAIT, LockLost, owner_line
+from image_factory.pve.templates import TemplateInfo
+from image_factory.settings import Settings
+from image_factory.site.inventory import Hypervisor, Site, Vm
 
 TASK_POLL_INTERVAL = 0.25
 CLONE_POLL_INTERVAL = 0.1  # the clone holds the host's clone lock: its end is on every later clone's path

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..inventory import Hypervisor, Placement, Vm
-from ..livemacs import MacUse, mac_collisions
-from ..ownership import Marker
-from ..templates import TemplateInfo
-from .desired import compare
-from .model import FieldDiff, HostLoad, HostState, Observed, Placed, VmPlan
+from image_factory.deploy.desired import compare
+from image_factory.deploy.model import FieldDiff, HostLoad, HostState, Observed, Placed, VmPlan
+from image_factory.ownership import Marker
+from image_factory.pve.livemacs import MacUse, mac_collisions
+from image_factory.pve.templates import TemplateInfo
+from image_factory.site.inventory import Hypervisor, Placement, Vm
 
 MIB = 1024 * 1024
 

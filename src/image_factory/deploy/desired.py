@@ -7,12 +7,22 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
-from ..errors import Problem, ValidationFailed
-from ..inventory import DataDisk, Hypervisor, Site, StaticIp, StaticIp6, Vm
-from ..ownership import Marker, marker_block, user_description, with_marker
-from ..pvecodec import EfiDisk, MachineSpec, NetSpec, TpmState, format_tags, parse_props, parse_size, parse_tags
-from ..templates import FirmwareAsk, TemplateInfo
-from .model import FieldDiff
+from image_factory.deploy.model import FieldDiff
+from image_factory.errors import Problem, ValidationFailed
+from image_factory.ownership import Marker, marker_block, user_description, with_marker
+from image_factory.platform import Platform
+from image_factory.pve.codec import (
+    EfiDisk,
+    MachineSpec,
+    NetSpec,
+    TpmState,
+    format_tags,
+    parse_props,
+    parse_size,
+    parse_tags,
+)
+from image_factory.pve.templates import TemplateInfo
+from image_factory.site.inventory import DataDisk, Hypervisor, Site, StaticIp, StaticIp6, Vm
 
 DISK_KEYS = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
 DATA_DISK_KEYS = re.compile(r"^(scsi|virtio|sata)\d+$")
@@ -285,7 +295,7 @@ def firmware_diffs(template: TemplateInfo, config: Mapping[str, Any]) -> list[Fi
     published before it was recorded). A clone inherits bios, machine, efidisk0 and tpmstate0; none of them
     is safe to change in place (new EFI vars lose the enrolled keys and boot entries, a TPM's state and
     version are for good), so every difference is reported, never corrected."""
-    want = FirmwareAsk.parse(template.firmware)
+    want = Platform.parse(template.firmware)
     if want is None:
         return []
     diffs: list[FieldDiff] = []

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..fanout import per_host
-from ..inventory import Hypervisor, Site, Vm
-from ..livemacs import MacUse, host_mac_uses
-from ..pve import ApiError, PveClient
-from ..settings import Settings
-from ..templates import TemplateInfo, find_templates
-from .decide import decide, place_vms
-from .desired import check_placement, select_vms
-from .model import DeployPlan, HostLoad, HostState, Observed, VmPlan
-from .run import ClientFactory, Run
+from image_factory.deploy.decide import decide, place_vms
+from image_factory.deploy.desired import check_placement, select_vms
+from image_factory.deploy.model import DeployPlan, HostLoad, HostState, Observed, VmPlan
+from image_factory.deploy.run import ClientFactory, Run
+from image_factory.fanout import per_host
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.livemacs import MacUse, host_mac_uses
+from image_factory.pve.templates import TemplateInfo, find_templates
+from image_factory.settings import Settings
+from image_factory.site.inventory import Hypervisor, Site, Vm
 
 
 def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import FactoryError
-from ..livemacs import MacUse
-from ..reports import Report
-from ..templates import TemplateInfo
+from image_factory.errors import FactoryError
+from image_factory.pve.livemacs import MacUse
+from image_factory.pve.templates import TemplateInfo
+from image_factory.reports import Report
 
 DEFAULT_TIMEOUT = 600.0
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from ..inventory import Vm
-from .model import DeployPlan, DeployReport
+from image_factory.deploy.model import DeployPlan, DeployReport
+from image_factory.site.inventory import Vm
 
 
 def progress_reporter(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Callable[[str, str], None]]:
@@ -18,7 +18,7 @@ def progress_reporter(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Ca
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..console import console, log_line
+    from image_factory.console import console, log_line
 
     if not console.is_terminal:
         return nullcontext(log_line)  # one timestamped line per VM step: spinners are for terminals

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..inventory import StaticIp, Vm
-from ..pve import ApiError, PveClient
-from ..pvecodec import parse_props
-from .model import NotReady
+from image_factory.deploy.model import NotReady
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.codec import parse_props
+from image_factory.site.inventory import StaticIp, Vm
 
 READY_POLL_INTERVAL = 2.0
 SSH_PORT = 22

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ..hostlock import HostGuard, HostLock
-from ..inventory import Hypervisor, Site
-from ..pve import PveClient
-from ..sshlink import SshLink
-from ..templates import TemplateInfo
+from image_factory.pve.client import PveClient
+from image_factory.pve.hostlock import HostGuard, HostLock
+from image_factory.pve.sshlink import SshLink
+from image_factory.pve.templates import TemplateInfo
+from image_factory.site.inventory import Hypervisor, Site
 
 ClientFactory = Callable[[Hypervisor], PveClient]
 LockFactory = Callable[[Hypervisor, str, int], HostGuard]

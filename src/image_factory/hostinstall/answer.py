@@ -11,9 +11,9 @@ import re
 import tomllib
 from typing import Any
 
-from ..errors import FactoryError
-from ..inventory import HostInstall, Hypervisor
-from .model import FIRST_BOOT_ORDERING, AnswerSecrets, RenderedAnswer
+from image_factory.errors import FactoryError
+from image_factory.hostinstall.model import FIRST_BOOT_ORDERING, AnswerSecrets, RenderedAnswer
+from image_factory.site.inventory import HostInstall, Hypervisor
 
 BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 CRYPT_HASH_RE = re.compile(r"^\$[0-9a-z]+\$[!-~]+$")

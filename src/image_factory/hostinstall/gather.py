@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import SecretError
-from ..inventory import Hypervisor, _ssh_public_key
-from ..secrets import read_secret
-from .answer import AnswerError, render_answer
-from .model import AnswerSecrets, RenderedAnswer
+from image_factory.errors import SecretError
+from image_factory.hostinstall.answer import AnswerError, render_answer
+from image_factory.hostinstall.model import AnswerSecrets, RenderedAnswer
+from image_factory.site.inventory import Hypervisor, _ssh_public_key
+from image_factory.site.secrets import read_secret
 
 
 def answer_secrets(hv: Hypervisor) -> AnswerSecrets:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from .. import tools
-from ..errors import FactoryError
-from ..manifest import sha256_file
-from .model import bad_flag
+from image_factory import tools
+from image_factory.errors import FactoryError
+from image_factory.hostinstall.model import bad_flag
+from image_factory.image.manifest import sha256_file
 
 ASSISTANT = "proxmox-auto-install-assistant"
 FetchFrom = Literal["iso", "http", "partition"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import Problem, ValidationFailed
+from image_factory.errors import Problem, ValidationFailed
 
 # The installer releases whose answer schema the rendered answers are checked against (tests/data).
 SUPPORTED_INSTALLERS = ("8.4", "9.1")

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ..files import write_atomic
-from ..inventory import Hypervisor, Site
-from ..secrets import read_secret
-from .answer import AnswerError
-from .firstboot import FIRST_BOOT_HOOK
-from .gather import rendered_answers
-from .media import MediaPlan, find_assistant, prepare, read_sums
-from .model import RenderedAnswer, bad_flag
-from .server import AnswerServer, certificate_fingerprint, ensure_certificate
+from image_factory.files import write_atomic
+from image_factory.hostinstall.answer import AnswerError
+from image_factory.hostinstall.firstboot import FIRST_BOOT_HOOK
+from image_factory.hostinstall.gather import rendered_answers
+from image_factory.hostinstall.media import MediaPlan, find_assistant, prepare, read_sums
+from image_factory.hostinstall.model import RenderedAnswer, bad_flag
+from image_factory.hostinstall.server import AnswerServer, certificate_fingerprint, ensure_certificate
+from image_factory.site.inventory import Hypervisor, Site
+from image_factory.site.secrets import read_secret
 
 TOKEN_ENV = "FACTORY_ANSWER_TOKEN"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_PORT = 8443

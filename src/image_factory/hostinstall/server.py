@@ -28,10 +28,10 @@ from socket import socket
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import FactoryError
-from ..files import write_atomic
-from ..inventory import normalize_mac
-from .model import RenderedAnswer
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
+from image_factory.hostinstall.model import RenderedAnswer
+from image_factory.site.inventory import normalize_mac
 
 ANSWER_PATH = "/answer"
 MAX_BODY = 1024 * 1024

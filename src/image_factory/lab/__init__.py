@@ -6,7 +6,7 @@ API run under a real qemu. ``up``/``status``/``down`` are the entry points (``in
 ``image_factory.lab.pytest_plugin`` gives tests a running lab with fault hooks.
 """
 
-from .config import LabConfig, LabError, LabHost, LabPaths, vm_address
-from .controller import Lab, down, leftovers, status, up
+from image_factory.lab.config import LabConfig, LabError, LabHost, LabPaths, vm_address
+from image_factory.lab.controller import Lab, down, leftovers, status, up
 
 __all__ = ["Lab", "LabConfig", "LabError", "LabHost", "LabPaths", "down", "leftovers", "status", "up", "vm_address"]

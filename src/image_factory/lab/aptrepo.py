@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .loopback import serve_http
+from image_factory.lab.loopback import serve_http
 
 
 def generate_key(uid: str) -> Any:

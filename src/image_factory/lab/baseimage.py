@@ -49,12 +49,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import tools
-from ..console import console
-from ..errors import FactoryError
-from ..files import write_atomic
-from ..manifest import sha256_file
-from ..settings import Settings
+from image_factory import tools
+from image_factory.console import console
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
+from image_factory.image.manifest import sha256_file
+from image_factory.settings import Settings
 
 SUITE = "trixie"
 IMAGE_NAME = "debian-13-base.qcow2"

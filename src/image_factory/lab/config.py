@@ -3,7 +3,7 @@
 A lab is one directory (``Settings.lab_dir``, default ``.lab`` in the repository, git-ignored)
 plus a private state directory OUTSIDE the repository for the API token secrets
 (``~/.local/state/deevnet-image-factory/lab-<hash of the lab dir>/``), because
-``image_factory.secrets`` refuses secret files inside the repository.
+``image_factory.site.secrets`` refuses secret files inside the repository.
 
 Layout of the lab directory::
 
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FactoryError
-from .spec import RELEASES, THIN_STORAGE
+from image_factory.errors import FactoryError
+from image_factory.lab.spec import RELEASES, THIN_STORAGE
 
 API_PORT = 8006
 SSH_PORT = 22
@@ -147,7 +147,7 @@ class LabConfig:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise LabError(f"{where}: a host name is used twice ({', '.join(names)})")
-        from .wire import MAX_HOSTS, parse
+        from image_factory.lab.wire import MAX_HOSTS, parse
         if parse(self.wire, where) is not None and len(self.hosts) > MAX_HOSTS:
             raise LabError(f"{where}: a wired lab takes at most {MAX_HOSTS} hosts")
         for h in self.hosts:

@@ -24,7 +24,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .config import LabError
+from image_factory.lab.config import LabError
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -26,12 +26,9 @@ from typing import Any
 
 import yaml
 
-from .. import inventory_source
-from ..errors import Problem, ValidationFailed
-from ..inventory import Site, load_site
-from ..settings import REPO_ROOT, Settings
-from . import sshd, wire
-from .config import (
+from image_factory.errors import Problem, ValidationFailed
+from image_factory.lab import sshd, wire
+from image_factory.lab.config import (
     IMAGES_STORAGE_BY_ROLE,
     LAB_STORAGE,
     PVE_VERSION,
@@ -48,8 +45,11 @@ from .config import (
     write_private,
     write_public,
 )
-from .pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
-from .spec import NodeSpec
+from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
+from image_factory.lab.spec import NodeSpec
+from image_factory.settings import REPO_ROOT, Settings
+from image_factory.site import inventory_source
+from image_factory.site.inventory import Site, load_site
 
 START_TIMEOUT = 30.0
 LAB_IMAGE = "debian-lab"
@@ -566,7 +566,7 @@ def status(settings: Settings) -> dict[str, Any]:
         pve_ok = pve_pid is not None and _is_ours(pve_pid, _pve_marker(paths, host.name))
         vms: list[dict[str, Any]] = []
         if pve_ok:
-            from .control import Control
+            from image_factory.lab.control import Control
             with contextlib.suppress(LabError):
                 for vm in Control(paths.control_socket(host.name), timeout=10).call("state")["vms"]:
                     vms.append({k: vm[k] for k in ("vmid", "name", "status", "template")} | {"qemu": vm["qemu"]})
@@ -621,7 +621,7 @@ def down(settings: Settings) -> list[int]:
 
 def reset(settings: Settings) -> None:
     """Every running host back to fresh: no VMs, disks, imports, tasks or faults."""
-    from .control import Control
+    from image_factory.lab.control import Control
     paths = LabPaths(settings.lab_dir)
     info = status(settings)
     if not info["up"]:

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..console import console, styled
-from ..errors import FactoryError
-from ..inventory import Site
-from ..pipeline import default_images, run_pipeline
-from ..reports import Report
-from ..settings import Settings
+from image_factory.console import console, styled
+from image_factory.errors import FactoryError
+from image_factory.pipeline import default_images, run_pipeline
+from image_factory.reports import Report
+from image_factory.settings import Settings
+from image_factory.site.inventory import Site
 
 
 @dataclass
@@ -36,8 +36,8 @@ def run_demo(
     timeout: float = 600.0,
 ) -> DemoReport:
     """Lab up, base image, pipeline for the fixture image, deploy the example VMs, prove one guest."""
-    from .. import deploy
-    from . import baseimage, controller
+    from image_factory import deploy
+    from image_factory.lab import baseimage, controller
 
     t_all = time.monotonic()
     timings: dict[str, float] = {}
@@ -96,8 +96,8 @@ def run_demo(
 
 
 def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
-    from ..guest import host_key_via_agent, inspect_over_ssh
-    from ..pve import PveClient
+    from image_factory.pve.client import PveClient
+    from image_factory.pve.guest import host_key_via_agent, inspect_over_ssh
 
     vm = site.vms[name]
     hv = site.hypervisor_for(vm)
@@ -119,7 +119,7 @@ def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
 
 def _guest_address(client: Any, vmid: int, mac: str) -> str:
     """The IPv4 address the guest agent reports on the NIC carrying ``mac`` (deploy's own reading)."""
-    from ..deploy import guest_address
+    from image_factory.deploy import guest_address
 
     answer = client.get(f"{client.node_path}/qemu/{vmid}/agent/network-get-interfaces")
     address = guest_address(answer.get("result", []) if isinstance(answer, dict) else answer, mac)

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .. import publish
-from ..inventory import Hypervisor, Image
-from ..manifest import Artifact, ImageTestResult, Manifest, sha256_file
-from ..templates import TemplateInfo
+from image_factory import publish
+from image_factory.image.manifest import Artifact, ImageTestResult, Manifest, sha256_file
+from image_factory.pve.templates import TemplateInfo
+from image_factory.site.inventory import Hypervisor, Image
 
 SHA = "ab" * 32
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from .loopback import serve_http
+from image_factory.lab.loopback import serve_http
 
 # The hosts item of OPNsense core's models/OPNsense/Dnsmasq/Dnsmasq.xml, in its order.
 HOST_FIELDS = ("host", "domain", "local", "ip", "cnames", "client_id", "hwaddr", "lease_time", "ignore",

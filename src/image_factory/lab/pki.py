@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import write_private, write_public
+from image_factory.lab.config import write_private, write_public
 
 _NOW = datetime.datetime.now
 

@@ -48,11 +48,11 @@ from fakepve.routing import param_error
 from fakepve.server import params as request_params
 from fakepve.storage import parse_name_dir
 
-from ..inventory import CPU_TYPES
-from ..pvecodec import format_size, format_tags, parse_props, parse_size
-from . import vmrunner
-from .privileges import catalogue
-from .spec import RELEASES, THIN_STORAGE, NodeSpec, release_of, version_tuple
+from image_factory.lab import vmrunner
+from image_factory.lab.privileges import catalogue
+from image_factory.lab.spec import RELEASES, THIN_STORAGE, NodeSpec, release_of, version_tuple
+from image_factory.pve.codec import format_size, format_tags, parse_props, parse_size
+from image_factory.site.inventory import CPU_TYPES
 
 log = logging.getLogger("image_factory.lab")
 
@@ -1298,7 +1298,7 @@ class LabPve(FakePve):  # fakepve is untyped
         """GET /nodes: this node, with its real certificate fingerprint."""
         from fakepve.server import ok
 
-        from .pki import cert_fingerprint
+        from image_factory.lab.pki import cert_fingerprint
         response: web.Response = await super()._nodes(request)
         data = json.loads(response.text or "{}").get("data") or []
         with contextlib.suppress(OSError, ValueError):

@@ -20,9 +20,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .pve import LabPve
-from .spec import NodeSpec
-from .wire import entered
+from image_factory.lab.pve import LabPve
+from image_factory.lab.spec import NodeSpec
+from image_factory.lab.wire import entered
 
 
 async def serve(spec: NodeSpec) -> None:

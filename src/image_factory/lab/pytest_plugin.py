@@ -29,11 +29,11 @@ from typing import IO, Any
 
 import pytest
 
-from ..inventory import Hypervisor, Site
-from ..settings import Settings
-from . import controller, sshd
-from .config import LabConfig, LabError, LabPaths, host_address, vm_address
-from .control import Control
+from image_factory.lab import controller, sshd
+from image_factory.lab.config import LabConfig, LabError, LabPaths, host_address, vm_address
+from image_factory.lab.control import Control
+from image_factory.settings import Settings
+from image_factory.site.inventory import Hypervisor, Site
 
 SLOTS = range(20, 100)
 # (host, pve-manager release) of every release the lab models, on the lab's two hosts: pve-mgmt runs 8.4.1,

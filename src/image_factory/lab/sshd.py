@@ -8,9 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .config import LabError, LabHost, LabPaths, write_public
-from .pki import ensure_ssh_key
-from .wire import exec_prefix
+from image_factory.lab.config import LabError, LabHost, LabPaths, write_public
+from image_factory.lab.pki import ensure_ssh_key
+from image_factory.lab.wire import exec_prefix
 
 SSHD = "/usr/sbin/sshd"
 

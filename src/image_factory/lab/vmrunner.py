@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..qemuvm import QemuError, accel_args, make_seed_iso
-from .config import vm_address
+from image_factory.image.qemuvm import QemuError, accel_args, make_seed_iso
+from image_factory.lab.config import vm_address
 
 __all__ = ["LaunchError", "VmProcess", "launch", "nics_of", "vm_address", "seed_files"]
 

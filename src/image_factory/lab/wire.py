@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import LabError
+from image_factory.lab.config import LabError
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000

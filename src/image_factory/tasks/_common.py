@@ -16,10 +16,10 @@ from invoke.parser import Argument
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 
-from ..console import console, styled
-from ..errors import FactoryError
-from ..inventory import Site, load_site
-from ..settings import Settings
+from image_factory.console import console, styled
+from image_factory.errors import FactoryError
+from image_factory.settings import Settings
+from image_factory.site.inventory import Site, load_site
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -197,7 +197,7 @@ def preflight_gate(
     transport: str = "ssh",
 ) -> None:
     """Run the preflight checks a stage relies on; stop with preflight's own messages when one fails."""
-    from ..preflight import CHECK_GROUPS, run_preflight
+    from image_factory.preflight import CHECK_GROUPS, run_preflight
 
     names = hypervisors or list(model.hypervisors)
     console.print(f"preflight ({group}) on {', '.join(names)} ...")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from ..console import console, emit_json
-from ._common import handle_errors, json_help, settings, task
+from image_factory.console import console, emit_json
+from image_factory.tasks._common import handle_errors, json_help, settings, task
 
 
 @task(
@@ -21,7 +21,7 @@ from ._common import handle_errors, json_help, settings, task
 def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
                json: bool = False) -> None:
     """Build (or reuse) builds/base/debian-13-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
-    from ..lab import baseimage as bi
+    from image_factory.lab import baseimage as bi
 
     s = settings(c)
     if check:
@@ -39,7 +39,7 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
 @handle_errors
 def fetch_debs(c: Context, mirror: str | None = None) -> None:
     """Download the base image's .deb files into the shared cache (./dev setup runs this)."""
-    from ..lab import baseimage as bi
+    from image_factory.lab import baseimage as bi
 
     s = settings(c)
     fetched = bi.fetch_packages(s, mirror=mirror)

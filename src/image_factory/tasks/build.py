@@ -8,11 +8,11 @@ from typing import Any
 from invoke.collection import Collection
 from invoke.context import Context
 
-from ..console import console, emit_json, styled
-from ..errors import FactoryError
-from ..inventory import Image, Site
-from ..settings import Settings
-from ._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, site, task
+from image_factory.console import console, emit_json, styled
+from image_factory.errors import FactoryError
+from image_factory.settings import Settings
+from image_factory.site.inventory import Image, Site
+from image_factory.tasks._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, site, task
 
 
 def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
@@ -38,8 +38,8 @@ def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
 def render_(c: Context, image: str | None = None, all: bool = False, no_validate: bool = False,
             json: bool = False) -> None:
     """Render Packer HCL (and kickstart) into builds/<image>/, then validate with the real tools."""
-    from .. import build as b
-    from .. import render
+    from image_factory.image import build as b
+    from image_factory.image import render
 
     settings, s = site(c)
     version = b.cached_packer_version(settings)
@@ -64,8 +64,8 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
 def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
                accelerator: str | None, no_compress: bool, json: bool,
                ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
-    from .. import build as b
-    from .. import manifest as mf
+    from image_factory.image import build as b
+    from image_factory.image import manifest as mf
 
     b.check_options(settings, accelerator, ansible_strategy)
     with b.progress_for(img.name) as progress:
@@ -89,7 +89,7 @@ def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_r
             console.print(styled("[yellow]{}[/]: image tests skipped (--skip-tests); recorded in the manifest",
                                  img.name))
         else:
-            from ..imagetest import test_image
+            from image_factory.image.imagetest import test_image
 
             result = test_image(settings, img, outcome.build_dir)
             console.print(f"{img.name}: image tests {getattr(result, 'status', result)}")

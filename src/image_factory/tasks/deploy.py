@@ -6,11 +6,20 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from .. import deploy as dep
-from .. import options
-from ..console import console, emit_json, styled
-from ..errors import Problem, ValidationFailed
-from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
+from image_factory import deploy as dep
+from image_factory import options
+from image_factory.console import console, emit_json, styled
+from image_factory.errors import Problem, ValidationFailed
+from image_factory.tasks._common import (
+    SITE_HELP,
+    dry_run_help,
+    exit_plan,
+    handle_errors,
+    json_help,
+    preflight_gate,
+    site,
+    task,
+)
 
 _COMMON_HELP = {**SITE_HELP, "json": json_help("the plan/report")}
 _SELECT_HELP = {

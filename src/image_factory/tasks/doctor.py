@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from invoke.context import Context
 
-from .. import doctor as doctor_stage
-from .. import tools
-from ..console import console, emit_json, styled
-from ._common import handle_errors, json_help, task
+from image_factory import doctor as doctor_stage
+from image_factory import tools
+from image_factory.console import console, emit_json, styled
+from image_factory.tasks._common import handle_errors, json_help, task
 
 
 @task(

@@ -6,8 +6,17 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from ..console import console, emit_json, styled
-from ._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, settings, site, task
+from image_factory.console import console, emit_json, styled
+from image_factory.tasks._common import (
+    dry_run_help,
+    exit_plan,
+    fedora_release,
+    handle_errors,
+    json_help,
+    settings,
+    site,
+    task,
+)
 
 
 @task(
@@ -27,7 +36,8 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
     """Boot NAME's artifact on a throwaway overlay with a NoCloud seed, run its suites, record the result."""
     from dataclasses import asdict
 
-    from .. import imagetest, options
+    from image_factory import options
+    from image_factory.image import imagetest
 
     options.seconds("--timeout", timeout)
     settings, s = site(c)
@@ -54,7 +64,7 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
 def refresh(c: Context, release: int | None = None, dry_run: bool = False, releases_url: str | None = None,
             catalogue: str | None = None) -> None:
     """Point the catalogue's Fedora entries at the current media, sha256 taken from the signed CHECKSUM only."""
-    from .. import fedora_media
+    from image_factory.image import fedora_media
 
     s = settings(c, images=catalogue)
     rel = fedora_release(c, release)

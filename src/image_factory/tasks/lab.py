@@ -8,9 +8,9 @@ import time
 from invoke.collection import Collection
 from invoke.context import Context
 
-from ..console import console, emit_json, styled
-from ..lab import controller
-from ._common import handle_errors, json_help, settings, task
+from image_factory.console import console, emit_json, styled
+from image_factory.lab import controller
+from image_factory.tasks._common import handle_errors, json_help, settings, task
 
 
 def _real_boot(value: str | None) -> str | list[str] | None:

@@ -8,9 +8,9 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from .. import mac as macs
-from ..console import console, styled
-from ._common import INVENTORY_HELP, SITE_HELP, handle_errors, settings, site, task
+from image_factory.console import console, styled
+from image_factory.site import mac as macs
+from image_factory.tasks._common import INVENTORY_HELP, SITE_HELP, handle_errors, settings, site, task
 
 
 @task(
@@ -49,8 +49,8 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
     count = macs.check(s.inventory, s.images)
     console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
     if live:
-        from ..inventory import load_site
-        from ..livemacs import read_all, site_collisions
+        from image_factory.pve.livemacs import read_all, site_collisions
+        from image_factory.site.inventory import load_site
 
         site = load_site(s.inventory, s.images)
         uses, unreadable = read_all(site)

@@ -10,11 +10,11 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from .. import mac as macs
-from .. import opnsense as opn
-from ..console import console, emit_json, styled
-from ..secrets import read_key_pair
-from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, site, task
+from image_factory.console import console, emit_json, styled
+from image_factory.handoffs import opnsense as opn
+from image_factory.site import mac as macs
+from image_factory.site.secrets import read_key_pair
+from image_factory.tasks._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, site, task
 
 CONNECTION_HELP = {
     "url": "OPNsense base URL, https only (default: $OPNSENSE_URL)",

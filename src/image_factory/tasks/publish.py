@@ -6,10 +6,19 @@ from invoke.collection import Collection
 from invoke.context import Context
 from rich.table import Table
 
-from .. import options
-from ..console import console, emit_json, styled
-from ..publish import DEFAULT_KEEP, PublishReport, check_inputs, publish_image
-from ._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, preflight_gate, site, task
+from image_factory import options
+from image_factory.console import console, emit_json, styled
+from image_factory.publish import DEFAULT_KEEP, PublishReport, check_inputs, publish_image
+from image_factory.tasks._common import (
+    SITE_HELP,
+    dry_run_help,
+    exit_plan,
+    handle_errors,
+    json_help,
+    preflight_gate,
+    site,
+    task,
+)
 
 
 def _default_keep(c: Context) -> int:

@@ -1,4 +1,4 @@
-"""tenant.*: hand a tenant's VMs to OpenTofu/Terraform (image_factory.tofu)."""
+"""tenant.*: hand a tenant's VMs to OpenTofu/Terraform (image_factory.handoffs.tofu)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 from invoke.collection import Collection
 from invoke.context import Context
 
-from .. import deploy as dep
-from .. import tofu
-from ..console import console
-from ..errors import Problem, ValidationFailed
-from ._common import SITE_HELP, handle_errors, site, task
+from image_factory import deploy as dep
+from image_factory.console import console
+from image_factory.errors import Problem, ValidationFailed
+from image_factory.handoffs import tofu
+from image_factory.tasks._common import SITE_HELP, handle_errors, site, task
 
 FORMATS = ("tofu",)
 

@@ -198,7 +198,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 try:
     from image_factory import deploy
     from image_factory.errors import FactoryError
-    from image_factory.inventory import load_site
+    from image_factory.site.inventory import load_site
     from image_factory.settings import Settings
 except ImportError:
     HAS_IMAGE_FACTORY = False

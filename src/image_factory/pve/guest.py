@@ -13,10 +13,10 @@ from pathlib import Path
 
 import paramiko
 
-from .errors import RemoteError
-from .inventory import SshEndpoint
-from .pve import PveClient
-from .sshlink import HostKeyMismatch, SshLink
+from image_factory.errors import RemoteError
+from image_factory.pve.client import PveClient
+from image_factory.pve.sshlink import HostKeyMismatch, SshLink
+from image_factory.site.inventory import SshEndpoint
 
 HOST_KEY_FILES = ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_host_ecdsa_key.pub")
 

@@ -10,7 +10,7 @@ Layout (docs/mac-namespace.md): ``02:de:<plane>:<role>:<host>:<nic>``
 - byte 4: host index within plane+role, 01-ff (00 is reserved)
 - byte 5: NIC index, equal to the NIC's position in ``vm.nics``
 
-Format and bit checks come from :mod:`image_factory.inventory` (``normalize_mac``, ``mac_problem``);
+Format and bit checks come from :mod:`image_factory.site.inventory` (``normalize_mac``, ``mac_problem``);
 this module adds the namespace rules, the allocator that writes into the inventory with a
 round-trip YAML editor, and the DHCP/DNS exports.
 """
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from .errors import FactoryError, Problem, ValidationFailed
-from .files import write_atomic
-from .inventory import (
+from image_factory.errors import FactoryError, Problem, ValidationFailed
+from image_factory.files import write_atomic
+from image_factory.site.inventory import (
     HYPERVISOR_GROUP,
     MAC_RE,
     PLANES,
@@ -166,7 +166,7 @@ def role_code(plane: str, role: str) -> int:
     if role not in codes:
         raise MacError(
             f"role {role!r} has no MAC role code in the {plane} plane (have: {_codes(codes)}); "
-            "add one to ROLE_CODES in src/image_factory/mac.py and docs/mac-namespace.md"
+            "add one to ROLE_CODES in src/image_factory/site/mac.py and docs/mac-namespace.md"
         )
     return codes[role]
 

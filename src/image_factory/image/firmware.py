@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tools
-from .errors import FactoryError
-from .manifest import Manifest
-from .tools import OVMF_LOCATIONS, provided_by
+from image_factory import tools
+from image_factory.errors import FactoryError
+from image_factory.tools import OVMF_LOCATIONS, provided_by
 
 # Secure Boot code (refuses to start without SMM, so a guest cannot write the variable store behind the
 # firmware's back) and the empty store that goes with it: the keys are enrolled by ``enrolled_store``.
@@ -224,22 +223,6 @@ class BootFirmware:
 
     def qemu_args(self) -> list[str]:
         return [*machine_args(self.machine, secure_boot=self.secure_boot), *qemu_args(self.code, self.variables)]
-
-
-@dataclass(frozen=True)
-class Platform:
-    """The virtual hardware an image boots on, as its manifest records it (firmware, machine, keys, TPM)."""
-
-    firmware: str = "bios"
-    machine: str = "pc"
-    secure_boot: bool = False
-    keys: str | None = None
-    tpm: bool = False
-    family: str = ""
-
-    @classmethod
-    def of(cls, m: Manifest) -> Platform:
-        return cls(m.firmware, m.machine_type, m.secure_boot, m.secure_boot_keys, m.tpm, m.family)
 
 
 def prepare(work_dir: Path, *, machine: str, secure_boot: bool, keys: str | None, family: str) -> BootFirmware:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import jinja2
 
-from . import families, tools
-from .errors import FactoryError
-from .inventory import Image, Repository
-from .pvecodec import parse_size
-from .settings import Settings
+from image_factory import families, tools
+from image_factory.errors import FactoryError
+from image_factory.settings import Settings
+from image_factory.site.inventory import Image, Repository
+from image_factory.units import parse_size
 
 BUILD_USER = "packer"
 # The build VM's NIC: fixed, so the cloud-mode seed's network-config can match it by MAC (a name pattern
@@ -393,7 +393,7 @@ def guest_uri(repo: Repository) -> str:
 def build_vars(settings: Settings, image: Image) -> dict[str, object]:
     """Variables for the build's playbook beyond the catalogue basics: the extra repositories to add to
     the guest (each with its key, checked against its pinned fingerprint) and the packages to take from them."""
-    from .signatures import SignatureError, load_key_file
+    from image_factory.image.signatures import SignatureError, load_key_file
 
     repos = []
     for index, repo in enumerate(image.upstream_repositories):
@@ -433,7 +433,7 @@ def render_image(
     playbook = settings.resolve(image.playbook)
     if not playbook.is_file():
         raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
-    from .fedora_media import located, remote_checksum_file
+    from image_factory.image.fedora_media import located, remote_checksum_file
 
     installer = families.get(image.family).installer if image.mode == "iso" else None
     if image.mode == "iso" and installer is None:

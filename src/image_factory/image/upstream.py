@@ -26,13 +26,13 @@ from debian.deb822 import Release
 from debian.debian_support import Version
 from defusedxml import ElementTree
 
-from .errors import FactoryError
-from .signatures import SignatureError, clearsigned_bytes, load_key_file, load_pinned_key
+from image_factory.errors import FactoryError
+from image_factory.image.signatures import SignatureError, clearsigned_bytes, load_key_file, load_pinned_key
 
 if TYPE_CHECKING:
     from pysequoia import Cert
 
-    from .inventory import Repository
+    from image_factory.site.inventory import Repository
 
 FETCH_TIMEOUT = 20.0
 EPOCH_TIMEOUT = 5.0  # per repository, fetched in parallel: a no-op night must stay short

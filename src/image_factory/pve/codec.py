@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from image_factory.units import SIZE_UNITS, format_size, parse_size  # noqa: F401  (the codec speaks sizes too)
+
 NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i82557b", "i82559er", "ne2k_isa",
               "ne2k_pci", "pcnet", "e1000-82540em", "e1000-82544gc", "e1000-82545em")
 
@@ -100,25 +102,6 @@ def parse_tags(value: object) -> list[str]:
 def format_tags(tags: object) -> str:
     """The ``tags`` value to write: the normalised form, so no PVE version changes what it stores."""
     return ";".join(parse_tags(tags))
-
-
-SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(value: object) -> int:
-    """A PVE size (``10G``, ``2252M``, ``512K``, bytes; the ``size=`` of a drive, a catalogue disk_size) in bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a PVE size: {value!r}")
-    return int(float(m[1]) * SIZE_UNITS[m[2].upper()])
-
-
-def format_size(size: int) -> str:
-    """Bytes as PVE writes a size: the largest unit that divides it (``2G``, ``2252M``), else bytes."""
-    for unit in ("T", "G", "M", "K"):
-        if size and size % SIZE_UNITS[unit] == 0:
-            return f"{size // SIZE_UNITS[unit]}{unit}"
-    return str(size)
 
 
 # A VLAN-aware bridge without bridge-vids carries what PVE writes for one by default.

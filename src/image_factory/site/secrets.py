@@ -12,9 +12,9 @@ import os
 import stat
 from pathlib import Path
 
-from .console import register_secret
-from .errors import SecretError
-from .settings import REPO_ROOT
+from image_factory.console import register_secret
+from image_factory.errors import SecretError
+from image_factory.settings import REPO_ROOT
 
 
 def _checked(value: str, what: str, where: str) -> str:

@@ -37,14 +37,22 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import contents as contents_mod
-from . import firmware, manifest
-from .console import console, styled
-from .errors import FactoryError
-from .inventory import Image
-from .manifest import ImageTestResult, sha256_file
-from .qemuvm import accel_args, console_panicked, free_port, make_seed_iso, require_qemu, resolve_accelerator
-from .settings import Settings
+from image_factory.console import console, styled
+from image_factory.errors import FactoryError
+from image_factory.image import contents as contents_mod
+from image_factory.image import firmware, manifest
+from image_factory.image.manifest import ImageTestResult, sha256_file
+from image_factory.image.qemuvm import (
+    accel_args,
+    console_panicked,
+    free_port,
+    make_seed_iso,
+    require_qemu,
+    resolve_accelerator,
+)
+from image_factory.platform import Platform
+from image_factory.settings import Settings
+from image_factory.site.inventory import Image
 
 SUITE_DIR = Path("tests/image")
 TEST_USER = "factorytest"
@@ -200,7 +208,7 @@ def parse_junit(path: Path) -> JunitCounts:
 def build_user_name() -> str:
     """The build user the render stage puts in the seed (render.BUILD_USER when it exists)."""
     try:
-        from . import render  # type: ignore[attr-defined,unused-ignore]
+        from image_factory.image import render  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return DEFAULT_BUILD_USER
     return str(getattr(render, "BUILD_USER", DEFAULT_BUILD_USER))
@@ -259,11 +267,11 @@ def boot_guest(
     memory: int = 1024,
     cpus: int = 2,
     firmware_kind: str = "bios",
-    platform: firmware.Platform | None = None,
+    platform: Platform | None = None,
 ) -> Guest:
     """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``).
     ``platform`` (the manifest's) gives the firmware, machine, Secure Boot keys and TPM; else ``firmware_kind``."""
-    platform = platform or firmware.Platform(firmware_kind, "q35" if firmware_kind == "uefi" else "pc")
+    platform = platform or Platform(firmware_kind, machine="q35" if firmware_kind == "uefi" else "pc")
     services = contextlib.ExitStack()
     qemu = require_qemu()
     workdir_parent.mkdir(parents=True, exist_ok=True)
@@ -426,7 +434,7 @@ def pytest_command(
     automation_user: str,
     mac: str,
     firmware_kind: str = "bios",
-    platform: firmware.Platform | None = None,
+    platform: Platform | None = None,
 ) -> list[str]:
     cmd = [
         sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
@@ -490,7 +498,7 @@ def test_image(
     for attempt in range(1, attempts + 1):
         guest = boot_guest(settings, artifact, m.artifact.format, workdir_parent=build_dir,
                            hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
-                           cpus=min(image.cpus, 2), platform=firmware.Platform.of(m))  # fmt: skip
+                           cpus=min(image.cpus, 2), platform=m.platform)  # fmt: skip
         try:
             figures["boot_to_ssh_s"] = round(wait_for_ssh(guest, timeout), 1)
             break
@@ -511,7 +519,7 @@ def test_image(
         console.print(f"guest up after {figures['boot_to_ssh_s']}s; running the suites ...")
         cmd = pytest_command(settings, files, guest, family=image.family, junit=junit, artifact=artifact,
                              build_user=build_user or build_user_name(), automation_user=automation_user,
-                             mac=TEST_MAC, firmware_kind=m.firmware, platform=firmware.Platform.of(m))  # fmt: skip
+                             mac=TEST_MAC, firmware_kind=m.firmware, platform=m.platform)  # fmt: skip
         t_suite = time.monotonic()
         proc = subprocess.run(cmd, cwd=settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=max(timeout, 300))  # fmt: skip

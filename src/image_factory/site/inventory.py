@@ -37,11 +37,13 @@ from pydantic import (
     model_validator,
 )
 
-from . import families, inventory_source, tools
-from .console import register_secret
-from .errors import Problem, ValidationFailed
-from .inventory_source import HostVars, Vaulted, YamlIntForm
-from .ownership import imitates_marker, reserved_tag
+from image_factory import families, tools
+from image_factory.console import register_secret
+from image_factory.errors import Problem, ValidationFailed
+from image_factory.ownership import imitates_marker, reserved_tag
+from image_factory.platform import Platform
+from image_factory.site import inventory_source
+from image_factory.site.inventory_source import HostVars, Vaulted, YamlIntForm
 
 PLANES = ("mgmt", "tenant")
 # How a plane places a VM that names no hypervisor (docs/inventory.md, "Several hypervisors per plane"); the
@@ -927,7 +929,7 @@ class Vm(Strict):
 
 class Repository(Strict):
     """An upstream package repository a build takes packages from: its signed state (epoch) is part of the
-    build's identity, so a nightly rebuilds when upstream moved (image_factory.upstream).
+    build's identity, so a nightly rebuilds when upstream moved (image_factory.image.upstream).
 
     A debian repository with its own ``key`` is an extra one (a team's own packages): the build adds it to
     the guest, signed by that key, and installs its ``packages``; ``build_only`` removes it again before
@@ -1112,6 +1114,10 @@ class Image(Strict):
     @property
     def machine_type(self) -> str:
         return self.machine or ("q35" if self.firmware == "uefi" else "pc")
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.firmware, self.secure_boot, self.keys, self.tpm, self.machine_type, self.family)
 
     @model_validator(mode="after")
     def _uefi_options(self) -> Image:

@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
-from . import tools
-from .errors import FactoryError
+from image_factory import tools
+from image_factory.errors import FactoryError
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .inventory import Image
-from .manifest import Manifest
-from .ownership import FACTORY_TAG
-from .pve import ApiError, PveClient
-from .pvecodec import parse_tags
-from .reports import Report
+from image_factory.ownership import FACTORY_TAG
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.codec import parse_tags
+from image_factory.reports import Report
 
 DESCRIPTION_HEADER = "image-factory template"
 
-__all__ = ["DESCRIPTION_HEADER", "FACTORY_TAG", "FirmwareAsk", "TemplateInfo", "find_templates", "newest_template",
+__all__ = ["DESCRIPTION_HEADER", "FACTORY_TAG", "TemplateInfo", "find_templates", "newest_template",
            "parse_description"]
 
 
@@ -34,52 +32,6 @@ def parse_description(text: str) -> dict[str, str] | None:
         if sep:
             out[key.strip()] = value.strip()
     return out
-
-
-@dataclass(frozen=True)
-class FirmwareAsk:
-    """How a template must boot, from its manifest (publish) or its catalogue entry (preflight)."""
-
-    firmware: str = "bios"
-    secure_boot: bool = False
-    keys: str | None = None
-    tpm: bool = False
-    machine: str = "pc"
-
-    @classmethod
-    def of(cls, source: Manifest | Image) -> FirmwareAsk:
-        if isinstance(source, Manifest):
-            return cls(source.firmware, source.secure_boot, source.secure_boot_keys, source.tpm, source.machine_type)
-        return cls(source.firmware, source.secure_boot, source.keys, source.tpm, source.machine_type)
-
-    @property
-    def pre_enrolled_keys(self) -> bool:
-        return self.secure_boot and self.keys not in (None, "none")
-
-    @property
-    def wants_ms_2023(self) -> bool:
-        return self.pre_enrolled_keys and "2023" in str(self.keys)
-
-    def describe(self) -> str:
-        """The ``firmware:`` line of a template's description (:meth:`parse` reads it back)."""
-        parts = [self.firmware, f"machine={self.machine}"]
-        if self.firmware == "uefi":
-            parts.append(f"secure_boot={'yes' if self.secure_boot else 'no'}")
-            if self.secure_boot:
-                parts.append(f"keys={self.keys or 'none'}")
-        parts.append(f"tpm={'v2.0' if self.tpm else 'no'}")
-        return ",".join(parts)
-
-    @classmethod
-    def parse(cls, line: str) -> FirmwareAsk | None:
-        """A description's ``firmware:`` line; None for templates published before it was recorded."""
-        head, *rest = [p.strip() for p in line.split(",") if p.strip()] or [""]
-        if head not in ("bios", "uefi"):
-            return None
-        opts = dict(p.partition("=")[::2] for p in rest)
-        keys = opts.get("keys")
-        return cls(head, opts.get("secure_boot") == "yes", keys if keys not in (None, "") else None,
-                   opts.get("tpm", "no") not in ("no", ""), opts.get("machine") or ("q35" if head == "uefi" else "pc"))
 
 
 @dataclass(frozen=True)
@@ -101,7 +53,7 @@ class TemplateInfo(Report):
     locked: str | None
     tags: tuple[str, ...]
     content: str = ""  # recipe + installed packages (Manifest.content_digest), "" on older templates
-    firmware: str = ""  # the description's firmware line (FirmwareAsk.describe), "" on older templates
+    firmware: str = ""  # the description's firmware line (Platform.describe), "" on older templates
 
     @classmethod
     def recorded(cls, vmid: int, name: str) -> TemplateInfo:

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FactoryError
-from .files import write_atomic
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
+from image_factory.platform import Platform
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -93,6 +94,11 @@ class Manifest:
         """The machine the template boots on: a UEFI build is always q35 (the catalogue refuses uefi on pc), and
         one made before the machine was recorded carries the field's default "pc"."""
         return "q35" if self.firmware == "uefi" else self.machine
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.firmware, self.secure_boot, self.secure_boot_keys, self.tpm, self.machine_type,
+                        self.family)
 
     @property
     def digest(self) -> str:

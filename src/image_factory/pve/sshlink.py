@@ -22,8 +22,8 @@ from pathlib import Path
 
 import paramiko
 
-from .errors import RemoteError
-from .inventory import SshEndpoint
+from image_factory.errors import RemoteError
+from image_factory.site.inventory import SshEndpoint
 
 # paramiko logs every failed handshake with a traceback from its own thread; the same failure
 # reaches the caller as an exception carrying host and reason, so the duplicate is silenced.

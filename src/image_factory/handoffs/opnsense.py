@@ -26,11 +26,11 @@ from typing import Any, cast
 
 import requests
 
-from .errors import FactoryError, RemoteError
-from .inventory import Tenant
-from .mac import DHCP_MARKER, Reservation, host_marker, tenant_marker, tenant_tag
-from .pve import VerifiedTlsAdapter
-from .reports import Report
+from image_factory.errors import FactoryError, RemoteError
+from image_factory.reports import Report
+from image_factory.site.inventory import Tenant
+from image_factory.site.mac import DHCP_MARKER, Reservation, host_marker, tenant_marker, tenant_tag
+from image_factory.tls import VerifiedTlsAdapter
 
 MARKER = DHCP_MARKER
 TIMEOUT = 20.0

@@ -39,15 +39,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import paramiko
 
-from .errors import RemoteError, TlsVerificationFailed
-from .inventory import SshEndpoint
-from .reports import Report
-from .sshlink import OpensshCommand, SshLink
+from image_factory.errors import FactoryError, RemoteError, TlsVerificationFailed
+from image_factory.pve.sshlink import OpensshCommand, SshLink
+from image_factory.reports import Report
+from image_factory.site.inventory import SshEndpoint
 
 if TYPE_CHECKING:  # the API engine's imports (requests, proxmoxer) stay out of an SSH upload's memory
     from requests_toolbelt import MultipartEncoderMonitor
 
-    from .pve import PveClient
+    from image_factory.pve.client import PveClient
 
 CHUNK = 1024 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024  # per progress tick
@@ -70,6 +70,32 @@ LINK_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, paramiko.SSHExcep
 
 class UploadError(RemoteError):
     pass
+
+
+class UnknownTransport(FactoryError):
+    """A transport name that is not one of TRANSPORT_KINDS (the caller's mistake, said before any host is contacted)."""
+
+
+@dataclass(frozen=True)
+class TransportKind:
+    """How a transport's bytes land on a host: the facts preflight's space check and publish both rely on."""
+
+    resumable: bool  # a partial file from an interrupted run is continued, not sent again
+    staged: bool  # PVE stages the body in staging_dir first, then copies it (both copies exist at once)
+
+
+TRANSPORT_KINDS = {
+    "ssh": TransportKind(resumable=True, staged=False),  # this module's SshUploader
+    "api": TransportKind(resumable=False, staged=True),  # upload_api: PVE's own upload call
+}
+
+
+def transport_kind(name: str) -> TransportKind:
+    """The transport called ``name``, or a clear error naming the choices."""
+    try:
+        return TRANSPORT_KINDS[name]
+    except KeyError:
+        raise UnknownTransport(f"unknown transport {name!r} (choose {' or '.join(TRANSPORT_KINDS)})") from None
 
 
 @dataclass
@@ -559,7 +585,7 @@ def upload_api(
     import requests
     from requests_toolbelt import MultipartEncoder, MultipartEncoderMonitor
 
-    from .pve import ApiError
+    from image_factory.pve.client import ApiError
 
     started = time.monotonic()
     url, call = client.upload_endpoint(storage)

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .errors import FactoryError
-from .inventory import Image
-from .signatures import SignatureError, clearsigned_bytes, load_pinned_key
+from image_factory.errors import FactoryError
+from image_factory.image.signatures import SignatureError, clearsigned_bytes, load_pinned_key
+from image_factory.site.inventory import Image
+from image_factory.tls import ssl_reason
 
 if TYPE_CHECKING:
     from pysequoia import Cert
@@ -130,7 +131,6 @@ def _fetch(asked: str, limit: int, mirrors: bool, end: float, cancelled: threadi
     import requests
     import urllib3
 
-    from .pve import _ssl_reason
 
     url = asked
     with requests.Session() as session:
@@ -160,9 +160,9 @@ def _fetch(asked: str, limit: int, mirrors: bool, end: float, cancelled: threadi
                             raise MediaError(f"{asked}: larger than the {limit} bytes allowed; refusing it")
                     return bytes(body)
             except requests.exceptions.SSLError as exc:
-                raise MediaError(f"{asked}: TLS verification failed: {_ssl_reason(exc)}") from None
+                raise MediaError(f"{asked}: TLS verification failed: {ssl_reason(exc)}") from None
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise MediaError(f"{asked}: cannot fetch it (offline?): {_ssl_reason(exc)}") from None
+                raise MediaError(f"{asked}: cannot fetch it (offline?): {ssl_reason(exc)}") from None
             except ValueError as exc:  # requests reads a redirect's Location before handing the answer back
                 raise MediaError(f"{asked}: sent to a URL that cannot be used ({exc}); refusing it") from None
     raise MediaError(f"{asked}: more than {MAX_REDIRECTS} redirects; refusing it")

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import families
-from .errors import FactoryError
-from .files import write_atomic
+from image_factory import families
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
 
 PACKAGES_NAME = "packages.json"
 DIFF_NAME = "package-diff.json"

@@ -41,12 +41,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from . import families, firmware, options, qemuvm, render
-from .errors import FactoryError
-from .files import write_atomic
-from .inventory import Image, eol_gate
-from .manifest import Artifact, Manifest, has_sha256, load, manifest_path, save, sha256_file
-from .settings import Settings
+from image_factory import families, options
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
+from image_factory.image import firmware, qemuvm, render
+from image_factory.image.manifest import Artifact, Manifest, has_sha256, load, manifest_path, save, sha256_file
+from image_factory.settings import Settings
+from image_factory.site.inventory import Image, eol_gate
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -315,7 +316,7 @@ def upstream_inputs(settings: Settings, image: Image, *, offline: bool,
     if offline:
         kept = {k: v for k, v in (previous.inputs if previous else {}).items() if k.startswith(UPSTREAM_PREFIX)}
         return kept, ""
-    from . import upstream
+    from image_factory.image import upstream
 
     epochs, failures = upstream.repository_epochs(repos, settings.resolve("packer/keys"), image.release,
                                                   resolve=settings.resolve)
@@ -359,7 +360,7 @@ def resolve_unpinned(settings: Settings, image: Image, emit: Callable[[str, str]
     """An entry with ``checksum: refresh`` builds from the release's current medium, its sha256 taken from the
     signed CHECKSUM (image.refresh's path): the image as pinned for this build, and what the manifest records.
     ``offline`` keeps the medium the last build resolved. A pinned entry comes back as it is."""
-    from . import fedora_media
+    from image_factory.image import fedora_media
 
     if image.source.pinned:
         return image, {"url": image.source.url, "checksum": image.source.checksum}
@@ -391,7 +392,7 @@ def verify_source_checksum(settings: Settings, image: Image, result: render.Rend
                            emit: Callable[[str, str], None]) -> None:
     """Media not pinned yet stop the build; a remote CHECKSUM file counts only when the release key signed it,
     and Packer then gets the plain sha256 taken from its signed part."""
-    from . import fedora_media
+    from image_factory.image import fedora_media
 
     what = f"{settings.images}: {image.name}: source.checksum"
     remote = fedora_media.remote_checksum_file(image.source.checksum, source_is_local=image.source.is_local,
@@ -1008,7 +1009,7 @@ class LogLines:
         return None
 
     def __call__(self, ev: BuildEvent) -> None:
-        from .console import log_line
+        from image_factory.console import log_line
 
         if ev.kind in ("step", "status", "error", "artifact"):
             log_line(self.image, ("error: " if ev.kind == "error" else "") + ev.message)
@@ -1020,7 +1021,7 @@ class LogLines:
 
 def progress_for(image: str) -> LiveProgress | LogLines:
     """Live progress in a terminal, timestamped lines in a log."""
-    from .console import console
+    from image_factory.console import console
 
     return LiveProgress(image) if console.is_terminal else LogLines(image)
 
@@ -1031,7 +1032,7 @@ class LiveProgress:
     def __init__(self, image: str, console: object | None = None) -> None:
         from rich.console import Console
 
-        from .console import console as default_console
+        from image_factory.console import console as default_console
 
         self.console: Console = console if isinstance(console, Console) else default_console
         self.image = image
@@ -1042,7 +1043,7 @@ class LiveProgress:
         self._ticker = threading.Thread(target=self._tick, daemon=True)
 
     def _text(self) -> Text:
-        from .console import styled
+        from image_factory.console import styled
 
         return styled("[bold]{}[/]: {} [dim]({}s)[/]", self.image, self.step, f"{time.monotonic() - self.t0:.0f}")
 
@@ -1060,7 +1061,7 @@ class LiveProgress:
         self.status.__exit__(None, None, None)
 
     def __call__(self, ev: BuildEvent) -> None:
-        from .console import styled
+        from image_factory.console import styled
 
         if ev.kind == "step":
             self.step = ev.message

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .errors import FactoryError
+from image_factory.errors import FactoryError
 
 if TYPE_CHECKING:
     from pysequoia import Cert

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem
-from .settings import REPO_ROOT
+from image_factory.errors import Problem
+from image_factory.settings import REPO_ROOT
 
 STATIC_PLUGINS = ("yaml", "ini", "toml")
 YAML_SUFFIXES = (".yml", ".yaml", ".json")

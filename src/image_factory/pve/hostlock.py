@@ -22,8 +22,8 @@ from typing import Protocol
 
 import paramiko
 
-from .errors import FactoryError, RemoteError
-from .sshlink import SshLink
+from image_factory.errors import FactoryError, RemoteError
+from image_factory.pve.sshlink import SshLink
 
 LOCK_NAME = ".image-factory-publish.lock"
 DEFAULT_WAIT = 900

@@ -12,10 +12,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .fanout import per_host
-from .inventory import Hypervisor, Site, Vm
-from .pve import ApiError, PveClient
-from .pvecodec import NetSpec
+from image_factory.fanout import per_host
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.codec import NetSpec
+from image_factory.site.inventory import Hypervisor, Site, Vm
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What the factory hands to other systems: DHCP reservations (OPNsense, Kea, dnsmasq) and OpenTofu."""

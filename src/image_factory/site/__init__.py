@@ -1,0 +1,1 @@
+"""The validated site model: inventory, its sources, secrets and the MAC namespace."""
