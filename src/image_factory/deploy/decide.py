@@ -97,57 +97,77 @@ def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[Mac
     and then nothing that writes a MAC is planned.
     """
     plan = VmPlan(vm.name, vm.plane, hv.name, hv.node, vm.vmid, "create", clone_mode=vm.clone_mode, macs=list(vm.macs))
-
-    def blocked(reason: str) -> VmPlan:
-        plan.action, plan.reason = "blocked", reason
-        return plan
-
     template, why = choose_template(hv.name, vm, state.templates.get(vm.image, []))
     if template is not None:
         plan.template, plan.template_vmid = template.name, template.vmid
-    if macs is None:
-        return blocked("cannot check that its MACs are unique on every hypervisor (a host could not be read)")
-    collisions = mac_collisions(vm, (hv.name,), macs)
-    if collisions:
-        return blocked("; ".join(f"MAC {vm.macs[i]} (nics[{i}]) is already used by {use}" for i, use in collisions)
-                       + ": refusing to write it (nothing changed)")
+    refusal = _mac_refusal(vm, hv, macs)
+    if refusal:
+        return _blocked(plan, refusal)
     seen = state.vms.get(vm.vmid, Observed(None))
-    entry = seen.entry
-    if entry is None:
-        return blocked(why) if template is None else plan
-    plan.running = entry.get("status") == "running"
-    if int(entry.get("template") or 0):
-        return blocked(f"VMID {vm.vmid} on {hv.name} is a template, not this VM")
-    config = seen.config
-    lock = entry.get("lock") or config.get("lock")
-    if lock:
-        return blocked(f"VMID {vm.vmid} on {hv.name} is locked ({lock}): a PVE task is working on it; "
-                       "re-run when it has finished")
-    marker = Marker.parse(config.get("description"), vm.vmid)
-    if not marker.managed:
-        detail = marker.problem or "no managed-by marker"
-        fix = ("; if it is yours, restore the description's factory block as the factory wrote it"
-               if marker.problem else "")
-        return blocked(f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this tool "
-                       f"({detail}): left untouched{fix}")
-    if marker.vm_name not in (None, vm.name):
-        return blocked(f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}")
+    if seen.entry is None:
+        return _blocked(plan, why) if template is None else plan
+    plan.running = seen.entry.get("status") == "running"
+    marker, refusal = _ownership(vm, hv, seen)
+    if refusal:
+        return _blocked(plan, refusal)
     if seen.pending_keys:
         plan.notes.append("pending until next start: " + ", ".join(sorted(seen.pending_keys)))
     destroy_refusal = _destroy_refusal(vm, plan.running, recreate=recreate, allow_mgmt=allow_mgmt)
     if marker.incomplete:
         if template is None:
-            return blocked(why)
+            return _blocked(plan, why)
         if plan.running and destroy_refusal:
-            return blocked(f"marked incomplete by run {marker.run_id} but running: reported, not destroyed "
-                           f"({destroy_refusal})")
+            return _blocked(plan, f"marked incomplete by run {marker.run_id} but running: reported, not destroyed "
+                                  f"({destroy_refusal})")
         plan.action, plan.reason = "recreate", f"left incomplete by run {marker.run_id}: destroy and re-create"
         return plan
-    plan.diffs = compare(vm, hv, template, config)
+    plan.diffs = compare(vm, hv, template, seen.config)
     if not plan.running:
-        plan.diffs.append(FieldDiff("status", entry.get("status"), "running", True))
+        plan.diffs.append(FieldDiff("status", seen.entry.get("status"), "running", True))
     if template is None:
         plan.notes.append(f"lineage not checked: {why}")
+    return _drift(plan, marker, template is not None, recreate=recreate, destroy_refusal=destroy_refusal)
+
+
+def _blocked(plan: VmPlan, reason: str) -> VmPlan:
+    plan.action, plan.reason = "blocked", reason
+    return plan
+
+
+def _mac_refusal(vm: Vm, hv: Hypervisor, macs: Mapping[str, list[MacUse]] | None) -> str:
+    """Why no MAC of this VM may be written (unknown MACs elsewhere, or one already in use), or ""."""
+    if macs is None:
+        return "cannot check that its MACs are unique on every hypervisor (a host could not be read)"
+    collisions = mac_collisions(vm, (hv.name,), macs)
+    if collisions:
+        return ("; ".join(f"MAC {vm.macs[i]} (nics[{i}]) is already used by {use}" for i, use in collisions)
+                + ": refusing to write it (nothing changed)")
+    return ""
+
+
+def _ownership(vm: Vm, hv: Hypervisor, seen: Observed) -> tuple[Marker, str]:
+    """The existing guest's marker, and why this run may not touch the guest ("" if it may)."""
+    entry, config = seen.entry or {}, seen.config
+    marker = Marker.parse(config.get("description"), vm.vmid)
+    if int(entry.get("template") or 0):
+        return marker, f"VMID {vm.vmid} on {hv.name} is a template, not this VM"
+    lock = entry.get("lock") or config.get("lock")
+    if lock:
+        return marker, (f"VMID {vm.vmid} on {hv.name} is locked ({lock}): a PVE task is working on it; "
+                        "re-run when it has finished")
+    if not marker.managed:
+        detail = marker.problem or "no managed-by marker"
+        fix = ("; if it is yours, restore the description's factory block as the factory wrote it"
+               if marker.problem else "")
+        return marker, (f"VMID {vm.vmid} on {hv.name} exists ({config.get('name')!r}) and was not made by this "
+                        f"tool ({detail}): left untouched{fix}")
+    if marker.vm_name not in (None, vm.name):
+        return marker, f"VMID {vm.vmid} on {hv.name} belongs to inventory VM {marker.vm_name!r}, not {vm.name!r}"
+    return marker, ""
+
+
+def _drift(plan: VmPlan, marker: Marker, has_template: bool, *, recreate: bool, destroy_refusal: str) -> VmPlan:
+    """In sync, or drift: safe drift is corrected; unsafe drift re-creates the VM only where that is allowed."""
     if not plan.diffs:
         plan.action = "in-sync"
         return plan
@@ -155,7 +175,7 @@ def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[Mac
     if not plan.unsafe:
         return plan
     unsafe = "; ".join(str(d) for d in plan.unsafe)
-    if recreate and template is not None and marker.sealed and not destroy_refusal:
+    if recreate and has_template and marker.sealed and not destroy_refusal:
         plan.action, plan.reason = "recreate", f"unsafe drift ({unsafe}), --recreate given"
     elif recreate and not marker.sealed:
         plan.reason = (f"unsafe drift is reported, not corrected: {unsafe} (its marker predates sealing: run "

@@ -211,8 +211,13 @@ UNSAFE_NIC_KEYS = frozenset({"tag", "bridge"})
 
 def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mapping[str, Any]) -> list[FieldDiff]:
     """Differences between the VM's effective config and the inventory; ``safe`` ones a config update fixes."""
+    return [*_nic_diffs(vm, hv, config), *_scalar_diffs(vm, hv, config), *compare_disks(vm, hv, config),
+            *_boot_size_diffs(vm, config), *_lineage_diffs(vm, template, config)]
+
+
+def _nic_diffs(vm: Vm, hv: Hypervisor, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """The inventory's NICs against the VM's netN: a NIC on another VLAN or bridge is reported, never moved."""
     diffs: list[FieldDiff] = []
-    nets = sorted((k for k in config if re.fullmatch(r"net\d+", k)), key=lambda k: int(k[3:]))
     for i in range(len(vm.nics)):
         want = nic_net(vm, hv, i)
         have_raw = config.get(f"net{i}")
@@ -236,9 +241,14 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mappi
                 # never moved by a config update.
                 diffs.append(FieldDiff(f"net{i}.{key}", have_opts.get(key), want_opts.get(key),
                                        key not in UNSAFE_NIC_KEYS))
-    for key in nets:
-        if int(key[3:]) >= len(vm.nics):
-            diffs.append(FieldDiff(key, config[key], None, True))
+    nets = sorted((k for k in config if re.fullmatch(r"net\d+", k)), key=lambda k: int(k[3:]))
+    diffs += [FieldDiff(key, config[key], None, True) for key in nets if int(key[3:]) >= len(vm.nics)]
+    return diffs
+
+
+def _scalar_diffs(vm: Vm, hv: Hypervisor, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """Name, size, cloud-init, tags and CPU type: every difference a config update corrects."""
+    diffs: list[FieldDiff] = []
     for key, want_v in (("name", vm.name), ("cores", str(vm.cores)), ("memory", str(vm.memory))):
         have_v = config.get(key)
         if have_v is None and key == "cores":
@@ -272,20 +282,32 @@ def compare(vm: Vm, hv: Hypervisor, template: TemplateInfo | None, config: Mappi
     have_ci = config.get("cicustom") or None
     if (parse_props(str(have_ci)) if have_ci else None) != (parse_props(want_ci) if want_ci else None):
         diffs.append(FieldDiff("cicustom", have_ci, want_ci, True))
-    diffs.extend(compare_disks(vm, hv, config))
+    return diffs
+
+
+def _boot_size_diffs(vm: Vm, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """A boot disk smaller than the inventory's is grown (safe); a larger one is reported, never shrunk."""
     disk = boot_disk(config)
     want_bytes = vm.disk_gb * 1024**3
     if disk is not None and disk[1] < want_bytes:
-        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G", True))
-    elif disk is not None and disk[1] > want_bytes:
-        diffs.append(FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False))
+        return [FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G", True)]
+    if disk is not None and disk[1] > want_bytes:
+        return [FieldDiff(f"{disk[0]}.size", _gib(disk[1]), f"{vm.disk_gb}G (shrink: never done)", False)]
+    return []
+
+
+def _lineage_diffs(vm: Vm, template: TemplateInfo | None, config: Mapping[str, Any]) -> list[FieldDiff]:
+    """The template the marker names (and the firmware it recorded), else the description and its seal."""
     marker = Marker.parse(config.get("description"), vm.vmid)
-    if template is not None and (marker.template, marker.template_vmid) == (template.name, template.vmid):
-        diffs += firmware_diffs(template, config)
-    if template is not None and (marker.template, marker.template_vmid) != (template.name, template.vmid):
+    same = template is not None and (marker.template, marker.template_vmid) == (template.name, template.vmid)
+    if template is not None and same:
+        diffs = firmware_diffs(template, config)
+    elif template is not None:
         have_t = f"{marker.template} ({marker.template_vmid})" if marker.template else None
-        diffs.append(FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False))
-    elif user_description(config.get("description")) != vm.description.strip() or not marker.sealed:
+        return [FieldDiff("template", have_t, f"{template.name} ({template.vmid})", False)]
+    else:
+        diffs = []
+    if user_description(config.get("description")) != vm.description.strip() or not marker.sealed:
         diffs.append(FieldDiff("description", "(differs)", "(inventory description + sealed marker)", True))
     return diffs
 

@@ -1,0 +1,60 @@
+"""What the host's PVE release can do: its version (``import`` uploads need 8.4) and the firmware the catalogue asks
+for (UEFI, Secure Boot key sets, vTPM, q35)."""
+
+from __future__ import annotations
+
+from image_factory.platform import Platform
+from image_factory.preflight.access import LATEST_MAJOR
+from image_factory.preflight.model import PLAYBOOK, Outcome, failed, passed, split_list
+from image_factory.preflight.probe import HostProbe, parse_version
+from image_factory.pve.capabilities import firmware_refusals
+
+MIN_VERSION = (8, 4)
+EOL_MAJORS = {8: "August 2026"}
+
+
+def check_version(probe: HostProbe) -> Outcome:
+    """PVE 8.4 or newer; a major past its end of life passes with a warning in the detail."""
+    hv = probe.hv
+    text = probe.version_text
+    parsed = parse_version(text)
+    need = ".".join(map(str, MIN_VERSION))
+    if parsed is None:
+        return failed(f"cannot read the PVE version from {probe.version!r}",
+                      f"check that {hv.api_url} is a Proxmox VE {need}+ node")
+    if parsed[:2] < MIN_VERSION:
+        return failed(f"PVE {text} on {hv.node} is older than {need}: `import` uploads need {need} or newer",
+            f"upgrade {hv.node} to Proxmox VE {need} or newer (for 7.x first: pve7to8 --full, then "
+            f"switch the repositories to bookworm and apt full-upgrade)",
+        )
+    if parsed[0] in EOL_MAJORS:
+        return passed(f"PVE {text} (warning: PVE {parsed[0]}.x reached its end of life in "
+                      f"{EOL_MAJORS[parsed[0]]}: upgrade to {LATEST_MAJOR}.x with pve{parsed[0]}to"
+                      f"{LATEST_MAJOR} --full, then re-run {PLAYBOOK})")
+    return passed(f"PVE {text}")
+
+
+def check_firmware(probe: HostProbe) -> Outcome:
+    """Every catalogue image that boots other than BIOS/i440fx: this host's PVE can make its template
+    (pve.capabilities.firmware_refusals: the key set, Microsoft's 2023 CAs), and the images storage takes its EFI
+    vars and TPM state volumes (content images; PVE 8 allocates the TPM state raw, 9 in the storage's format)."""
+    asks = {name: img.platform for name, img in probe.site.images.items()
+            if not probe.images or name in probe.images}
+    asks = {name: ask for name, ask in asks.items() if ask != Platform()}
+    if not asks:
+        return passed("no catalogue image asks for UEFI, a vTPM or q35")
+    version = str(probe.version.get("version") or "")
+    problems = [f"{name}: {why}" for name, ask in asks.items() for why in firmware_refusals(ask, version)]
+    hints = ["change the entry's keys in the catalogue, or upgrade the host as named"] if problems else []
+    hv = probe.hv
+    images = probe.storage(hv.storage.images) or {}
+    if "images" not in split_list(images.get("content")):
+        problems.append(f"storage {hv.storage.images!r} cannot hold EFI vars or TPM state volumes (no content "
+                        "images)")
+        hints.append(f"pvesm set {hv.storage.images} --content images,<its other content types>")
+    if problems:
+        return failed("; ".join(problems), "; ".join(hints))
+    tpm = " and TPM state (4 MiB, raw)" if probe.major < 9 else " and TPM state (4 MiB)"
+    return passed(f"PVE {version} makes {', '.join(f'{n} ({a.describe()})' for n, a in asks.items())}; EFI vars"
+                  f"{tpm if any(a.tpm for a in asks.values()) else ''} on {hv.storage.images} "
+                  f"({images.get('type', '?')})")
