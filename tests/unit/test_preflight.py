@@ -273,13 +273,13 @@ def test_expand_checks_adds_prerequisites_in_order():
 def test_a_new_check_is_one_declaration(node, env, monkeypatch):
     """Declared once (name, prerequisites, step), it runs after what it needs, and a failure of what it needs
     skips it; every other check is untouched."""
-    monkeypatch.setattr(pf, "CHECKS", dict(pf.CHECKS))
+    monkeypatch.setattr("image_factory.preflight.registry.CHECKS", dict(pf.CHECKS))
     seen: list[str] = []
 
     @pf.check("ntp")
-    def check_ntp(run: pf._HostRun) -> pf.Outcome:
-        seen.append(run.hv.name)
-        assert run.client is not None  # its prerequisites (tls, token) ran first and passed
+    def check_ntp(probe: pf.HostProbe) -> pf.Outcome:
+        seen.append(probe.hv.name)
+        assert probe.client is not None  # its prerequisites (tls, token) ran first and passed
         return pf.failed("clock is 90 s off", "run chronyc makestep")
 
     assert pf.expand_checks(["ntp"]) == ("tls", "token", "ntp")

@@ -120,13 +120,13 @@ def check_tls(probe: HostProbe) -> Outcome:
     hv = probe.hv
     how = f"CA file {hv.tls_ca_file}" if hv.tls_ca_file else f"pinned fingerprint {hv.tls_fingerprint}"
     try:
-        probe.client
+        _ = probe.client  # reads the CA file or pin and the token secret
     except RemoteError as exc:  # e.g. the CA file does not exist
         return failed(exc.message, tls_hint(hv))
     except FactoryError:  # the token secret cannot be read: TLS is untested, the token is the fault
         return Outcome(False, "not run: token secret unavailable", skipped=True)
     try:
-        probe.version
+        _ = probe.version  # the first request: the TLS handshake
     except ApiError:  # TLS held; the token check reports the refusal
         pass
     except TlsVerificationFailed as exc:
@@ -158,7 +158,7 @@ def check_ssh(probe: HostProbe) -> Outcome:
     hv = probe.hv
     ep = hv.ssh
     try:
-        probe.link
+        _ = probe.link  # connects: the pinned host key, then the factory key's login
     except HostKeyMismatch as exc:
         return failed(exc.message,
             f"if {hv.node} was reinstalled or its keys rotated, confirm the new key on its console "
@@ -181,8 +181,7 @@ def check_token(probe: HostProbe) -> Outcome:
     failed, the token is untested (the tls check reports why)."""
     hv = probe.hv
     try:
-        probe.client
-        probe.version
+        _ = probe.client, probe.version  # the secret read, then the first request with it
     except ApiError as exc:
         return token_refused(hv, exc)
     except RemoteError:

@@ -11,12 +11,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from image_factory.preflight.model import SpaceNeed
 from image_factory.pve.client import PveClient
 from image_factory.pve.livemacs import MacUse, host_mac_uses
 from image_factory.pve.sshlink import CommandResult, SshLink
 from image_factory.site.inventory import Hypervisor, Site
-
-from image_factory.preflight.model import SpaceNeed
 
 T = TypeVar("T")
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)(?:[.-](\d+))?")

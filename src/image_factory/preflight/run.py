@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import image_factory.preflight.catalogue  # noqa: F401 - declares the built-in checks in the registry
 from image_factory.errors import RemoteError
 from image_factory.fanout import per_host
-import image_factory.preflight.catalogue  # noqa: F401 - declares the built-in checks in the registry
 from image_factory.preflight import registry
 from image_factory.preflight.model import (
     CHECK_SPACE,
