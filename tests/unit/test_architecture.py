@@ -58,7 +58,7 @@ def test_every_module_has_a_layer_and_is_held_apart_from_the_lab() -> None:
 
 
 # Privilege checks name ACL paths, which look like API paths but are no calls.
-ACL_PATHS = {("preflight.py", 'need[f"/nodes/{hv.node}"] = list(NODE_PRIVILEGES)')}
+ACL_PATHS = {("access.py", 'need[f"/nodes/{hv.node}"] = list(NODE_PRIVILEGES)')}
 API_PATH = re.compile(r"""["'](/nodes/|/cluster/|/access/|/version|/api2/)|node_path\}/""")
 
 

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 from image_factory.preflight import access, capability, guests, network, storage
-from image_factory.preflight.model import (
-    CHECK_BRIDGE,
-    CHECK_FIRMWARE,
-    CHECK_MACS,
-    CHECK_PRIVILEGES,
-    CHECK_SPACE,
-    CHECK_SSH,
-    CHECK_STORAGE,
-    CHECK_TAGS,
-    CHECK_TLS,
-    CHECK_TOKEN,
-    CHECK_VERSION,
-    CHECK_VMIDS,
-)
+from image_factory.preflight import model as name
 from image_factory.preflight.registry import CHECKS, Check, declare
 
 for _entry in (
-    Check(CHECK_TLS, access.check_tls, needs=()),
-    Check(CHECK_SSH, access.check_ssh, needs=()),  # deploy too: it takes its host lock over SSH
-    Check(CHECK_TOKEN, access.check_token, needs=(), after=(CHECK_TLS,)),
-    Check(CHECK_VERSION, capability.check_version),
-    Check(CHECK_PRIVILEGES, access.check_privileges),
-    Check(CHECK_STORAGE, storage.check_storage),
-    Check(CHECK_SPACE, storage.check_space, needs=(CHECK_TLS, CHECK_TOKEN, CHECK_SSH), deploy=False),
-    Check(CHECK_BRIDGE, network.check_bridge),
-    Check(CHECK_VMIDS, guests.check_vmids),
-    Check(CHECK_MACS, guests.check_macs),
-    Check(CHECK_TAGS, guests.check_tags),
-    Check(CHECK_FIRMWARE, capability.check_firmware, needs=(CHECK_TLS, CHECK_TOKEN, CHECK_VERSION, CHECK_STORAGE),
+    Check(name.CHECK_TLS, access.check_tls, needs=()),
+    Check(name.CHECK_SSH, access.check_ssh, needs=()),  # deploy too: it takes its host lock over SSH
+    Check(name.CHECK_TOKEN, access.check_token, needs=(), after=(name.CHECK_TLS,)),
+    Check(name.CHECK_VERSION, capability.check_version),
+    Check(name.CHECK_PRIVILEGES, access.check_privileges),
+    Check(name.CHECK_STORAGE, storage.check_storage),
+    Check(name.CHECK_SPACE, storage.check_space, needs=(name.CHECK_TLS, name.CHECK_TOKEN, name.CHECK_SSH),
+          deploy=False),
+    Check(name.CHECK_BRIDGE, network.check_bridge),
+    Check(name.CHECK_VMIDS, guests.check_vmids),
+    Check(name.CHECK_MACS, guests.check_macs),
+    Check(name.CHECK_TAGS, guests.check_tags),
+    Check(name.CHECK_FIRMWARE, capability.check_firmware,
+          needs=(name.CHECK_TLS, name.CHECK_TOKEN, name.CHECK_VERSION, name.CHECK_STORAGE),
           deploy=False),
 ):
     declare(_entry)

@@ -116,33 +116,34 @@ def check_space(probe: HostProbe) -> Outcome:
 def _storage_space(probe: HostProbe, found: Findings) -> bool:
     """The API's free space of the import and images storages; True where the images storage is the import
     storage's own ``dir`` (then its filesystem is measured with the import directory's)."""
-    hv, need = probe.hv, probe.need
+    hv = probe.hv
     sid = hv.storage.import_
     item = probe.storage(sid)
     if item is None:
         found.add(f"import storage {sid!r} not found on {hv.node}", "see the storage check")
     else:
-        avail = int(item.get("avail") or 0)
-        found.seen.append(f"{sid}: {human_bytes(avail)} free")
-        if avail < need.bytes:
-            found.add(f"import storage {sid!r} has {human_bytes(avail)} free, the largest artifact needs "
-                      f"{human_bytes(need.bytes)} ({need.source})",
-                      f"free at least {human_bytes(need.bytes - avail)} on storage {sid} of {hv.node} "
-                      f"(old uploads: `pvesm list {sid} --content import`)")
+        _storage_room(probe, found, sid, item, kind="import", what="", needs="the largest artifact",
+                      old=f"old uploads: `pvesm list {sid} --content import`")
     images = probe.storage(hv.storage.images)
     on_import_fs = hv.storage.images == sid and images is not None and images.get("type") == "dir"
     if images is not None and not on_import_fs:
         # the template's disk, converted from the upload: on an LVM-thin pool it takes the pool's data
         # space (the API's avail), whatever the volume's virtual size
-        free = int(images.get("avail") or 0)
         what = f"{images.get('type', '?')} pool" if images.get("type") == "lvmthin" else images.get("type", "?")
-        found.seen.append(f"{hv.storage.images} ({what}): {human_bytes(free)} free")
-        if free < need.bytes:
-            found.add(f"images storage {hv.storage.images!r} ({what}) has {human_bytes(free)} free, the "
-                      f"template's disk needs {human_bytes(need.bytes)} ({need.source})",
-                      f"free at least {human_bytes(need.bytes - free)} on storage {hv.storage.images} of "
-                      f"{hv.node} (old templates and VMs: `pvesm list {hv.storage.images}`)")
+        _storage_room(probe, found, hv.storage.images, images, kind="images", what=f" ({what})",
+                      needs="the template's disk", old=f"old templates and VMs: `pvesm list {hv.storage.images}`")
     return on_import_fs
+
+
+def _storage_room(probe: HostProbe, found: Findings, sid: str, item: dict[str, Any], *, kind: str, what: str,
+                  needs: str, old: str) -> None:
+    hv, need = probe.hv, probe.need
+    free = int(item.get("avail") or 0)
+    found.seen.append(f"{sid}{what}: {human_bytes(free)} free")
+    if free < need.bytes:
+        found.add(f"{kind} storage {sid!r}{what} has {human_bytes(free)} free, {needs} needs "
+                  f"{human_bytes(need.bytes)} ({need.source})",
+                  f"free at least {human_bytes(need.bytes - free)} on storage {sid} of {hv.node} ({old})")
 
 
 def _upload_dirs(probe: HostProbe, on_import_fs: bool) -> list[tuple[str, str]]:
