@@ -1,0 +1,58 @@
+"""The version and firmware checks against an in-process fakepve."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from image_factory import preflight as pf
+from image_factory.site.inventory import load_site
+
+from .node import API_CHECKS, writes
+
+pytestmark = pytest.mark.unit
+
+
+def test_old_pve_version(node, env):
+    node.version, node.release_version = "7.4-3", "7.4"
+    report = pf.run_preflight(*env, checks=API_CHECKS)
+    r = report.result("hv-unit", "version")
+    assert not r.ok
+    assert r.detail == "PVE 7.4-3 on pve1 is older than 8.4: `import` uploads need 8.4 or newer"
+    assert "upgrade pve1" in r.hint
+    # the other checks still ran: one failure does not hide the others
+    assert report.result("hv-unit", "privileges").ok
+
+
+def test_pve8_is_reported_as_end_of_life(node, env):
+    r = pf.run_preflight(*env, checks=["version"]).result("hv-unit", "version")
+    assert r.ok and "reached its end of life in August 2026" in r.detail and "pve8to9" in r.detail
+
+
+def test_firmware_check_refuses_keys_the_hosts_pve_cannot_enrol_and_passes_on_9_2(node, env, tmp_path):
+    settings, site = env
+    images = Path(settings.images)
+    images.write_text(images.read_text() + textwrap.indent(textwrap.dedent("""\
+        tiny-sb:
+          family: debian
+          release: 12
+          mode: cloud
+          firmware: uefi
+          secure_boot: true
+          keys: microsoft-2011+2023
+          tpm: true
+          source: {url: fixtures/tiny.qcow2, checksum: none}
+        """), "  "))
+    site = load_site(Path(settings.inventory), images)
+    report = pf.run_preflight(settings, site, checks=["firmware"])
+    r = report.result("hv-unit", "firmware")
+    assert not r.ok and r.detail.startswith("tiny-sb: keys: microsoft-2011+2023 needs Microsoft's 2023 UEFI CAs")
+    assert "PVE 8.4.1 cannot do" in r.detail and "upgrade the host to PVE 9.1.19" in r.detail
+    assert "change the entry's keys in the catalogue" in r.hint and writes(node) == []
+    node.version, node.release_version = "9.2.5", "9.2"
+    r = pf.run_preflight(settings, site, checks=["firmware"]).result("hv-unit", "firmware")
+    assert r.ok and "tiny-sb (uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0)" in r.detail
+    assert pf.run_preflight(settings, site, checks=["firmware"], images=["tiny"]).result("hv-unit", "firmware").ok
+
