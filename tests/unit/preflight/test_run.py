@@ -1,7 +1,7 @@
 """run_preflight against an in-process fakepve (real HTTPS, real token auth, real ACL answers): the whole run,
 its report and how one host's odd answer stays in its check.
 
-The SSH-based checks (ssh, space) need a real sshd: they are covered in tests/lab/test_preflight.py.
+The SSH-based checks (ssh, space) need a real sshd: they are covered in tests/lab/preflight/.
 """
 
 from __future__ import annotations

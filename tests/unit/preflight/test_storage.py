@@ -1,4 +1,4 @@
-"""The storage check (the space check needs sshd: tests/lab/test_preflight.py) and the largest artifact."""
+"""The storage check (the space check needs sshd: tests/lab/preflight/test_storage.py) and the largest artifact."""
 
 from __future__ import annotations
 
