@@ -38,55 +38,53 @@ class Clones(LabNodeBase):  # a concern of LabPve (node.py)
 
         async def io() -> None:
             made: list[str] = []
+            # The clone holds the target storage's lock while it allocates and copies (cfs_lock_storage).
+            lock_sid = storage or next((volume_ref(v)[0] for v in sources.values() if volume_ref(v)[0]), "local")
+            holder = f"clone {newid}"
             try:
-                await copy(made)
+                await self.storage_lock(lock_sid, holder)
+                try:
+                    await self.duration("clone_full" if full else "clone_linked")
+                    for opt, _vol, props in drives_of(dict(new.config)):
+                        if opt in sources:
+                            await self._clone_disk(new, opt, sources[opt], dict(props), storage, full, made)
+                finally:
+                    self.storage_unlock(lock_sid, holder)
             except BaseException:
                 for volid in made:
                     self._qm_free(volid)
                 raise
 
-        async def copy(made: list[str]) -> None:
-            # The clone holds the target storage's lock while it allocates and copies (cfs_lock_storage).
-            lock_sid = storage or next((volume_ref(v)[0] for v in sources.values() if volume_ref(v)[0]), "local")
-            holder = f"clone {newid}"
-            await self.storage_lock(lock_sid, holder)
-            try:
-                await self.duration("clone_full" if full else "clone_linked")
-                await copy_disks(made)
-            finally:
-                self.storage_unlock(lock_sid, holder)
-
-        async def copy_disks(made: list[str]) -> None:
-            for opt, _vol, props in drives_of(dict(new.config)):
-                src_vol = sources.get(opt)
-                if src_vol is None:
-                    continue
-                if re.search(r"vm-\d+-cloudinit", src_vol):
-                    sid = storage or volume_ref(src_vol)[0]
-                    fmt = "qcow2" if self.storages[sid].get("type") == "dir" else "raw"
-                    volid = self._alloc_named(sid, newid, f"vm-{newid}-cloudinit", fmt, CLOUDINIT_SIZE)
-                    made.append(volid)
-                    new.config[opt] = join_drive(volid, dict(props))
-                    continue
-                dst_vol = split_drive(new.config[opt])[0]
-                if opt == "tpmstate0" and not full:
-                    dst_vol = self._full_tpm_volume(new, src_vol, dst_vol, made)
-                src_path, dst_path = self.volume_file(src_vol), self.volume_file(dst_vol)
-                if src_path is None or dst_path is None or not src_path.exists():
-                    continue
-                sid = volume_ref(dst_vol)[0]
-                info = await asyncio.to_thread(qemu_img_info, src_path)
-                if full or opt == "tpmstate0":
-                    fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
-                    await asyncio.to_thread(convert_into, src_path, str(info["format"]), dst_path, fmt)
-                else:
-                    dst_path.parent.mkdir(parents=True, exist_ok=True)
-                    rel = Path("..") / src_path.parent.name / src_path.name
-                    await asyncio.to_thread(run_tool, ["qemu-img", "create", "-q", "-f", "qcow2", "-F",
-                                                   str(info["format"]), "-b", str(rel), str(dst_path)])
-
         self._pending_io.setdefault(newid, []).append(io)
         return upid
+
+    async def _clone_disk(self, new: FakeVm, opt: str, src_vol: str, props: dict[str, str], storage: str | None,
+                          full: bool, made: list[str]) -> None:
+        """One drive of a clone: a fresh cloud-init volume; a full copy (and always of the TPM state); or a
+        qcow2 overlay of the template's base file."""
+        if re.search(r"vm-\d+-cloudinit", src_vol):
+            sid = storage or volume_ref(src_vol)[0]
+            fmt = "qcow2" if self.storages[sid].get("type") == "dir" else "raw"
+            volid = self._alloc_named(sid, new.vmid, f"vm-{new.vmid}-cloudinit", fmt, CLOUDINIT_SIZE)
+            made.append(volid)
+            new.config[opt] = join_drive(volid, props)
+            return
+        dst_vol = split_drive(new.config[opt])[0]
+        if opt == "tpmstate0" and not full:
+            dst_vol = self._full_tpm_volume(new, src_vol, dst_vol, made)
+        src_path, dst_path = self.volume_file(src_vol), self.volume_file(dst_vol)
+        if src_path is None or dst_path is None or not src_path.exists():
+            return
+        sid = volume_ref(dst_vol)[0]
+        info = await asyncio.to_thread(qemu_img_info, src_path)
+        if full or opt == "tpmstate0":
+            fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
+            await asyncio.to_thread(convert_into, src_path, str(info["format"]), dst_path, fmt)
+        else:
+            dst_path.parent.mkdir(parents=True, exist_ok=True)
+            rel = Path("..") / src_path.parent.name / src_path.name
+            await asyncio.to_thread(run_tool, ["qemu-img", "create", "-q", "-f", "qcow2", "-F",
+                                               str(info["format"]), "-b", str(rel), str(dst_path)])
 
     def _full_tpm_volume(self, new: FakeVm, src_vol: str, linked_vol: str, made: list[str]) -> str:
         """qemu-server clone_vm: a linked clone still copies the TPM state in full (8.3.3 "always do a full clone

@@ -17,6 +17,14 @@ from image_factory.lab.pve.base import (
 )
 from image_factory.lab.spec import THIN_STORAGE
 
+# control op -> the Control method that carries it out (image_factory.lab.control sends the ops)
+CONTROL_OPS: dict[str, str] = {op: f"_op_{op}" for op in (
+    "fail", "clear_faults", "datacenter", "grant", "revoke", "release", "edk2_vars", "thin_pool", "flaky_network",
+    "bridge_vlans", "slow_network", "hold_config_lock", "release_config_lock", "snapshot_lock", "unlock",
+    "hold_storage_lock", "release_storage_lock", "durations", "time_scale", "agent_hangs", "set_node_offline",
+    "revoke_tickets", "snapshot", "state", "reset",
+)}
+
 
 class Control(LabNodeBase):  # a concern of LabPve (node.py)
     async def start_control(self) -> None:
@@ -56,105 +64,111 @@ class Control(LabNodeBase):  # a concern of LabPve (node.py)
         return web.json_response({"result": result})
 
     async def control(self, op: str, args: dict[str, Any]) -> Any:
-        """Fault hooks and introspection (see image_factory.lab.control for the client)."""
-        if op == "fail":
-            self.fail(args["method"], args["suffix"], status=args.get("status"), message=args.get("message"),
-                      error=args.get("error"), times=args.get("times"), html=args.get("html", False))
-            return None
-        if op == "clear_faults":
-            self.failures.clear()
-            self.bridge_vlans.clear()
-            self.network.update(latency=0.0, jitter=0.0, node_latency={}, drop_rate=0.0, hang_rate=0.0)
-            self.extra_durations.clear()
-            for vm in self.vms:
-                vm.agent_hangs = False
-            for sid in list(self.storage_locks):
-                self.storage_unlock(sid, "scenario")
-            for vm in self.vms:
-                self.release(vm, "scenario")
-            return None
-        if op == "datacenter":
-            # datacenter.cfg as an admin writes it (pvesh set /cluster/options): property strings
-            for key, val in (args.get("set") or {}).items():
-                self.cluster_options[str(key)] = str(val)
-            for key in args.get("delete") or []:
-                self.cluster_options.pop(str(key), None)
-            return None
-        if op == "grant":
-            # an admin's `pveum acl modify <path>` for the factory's user and its token
-            user = self.spec.token_id.split("!")[0]
-            for who in (user, self.spec.token_id):
-                self.grant(who, str(args["path"]), *args["privs"])
-            return None
-        if op == "revoke":
-            # an admin's `pveum acl delete <path>` of these privileges, for the factory's user and its token
-            user, acl = self.spec.token_id.split("!")[0], self.acl or {}
-            for who in (user, self.spec.token_id):
-                acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
-                            for p, privs in acl.get(who, [])]
-            return None
-        if op == "release":
-            self.switch_release(str(args["version"]))
-            return None
-        if op == "edk2_vars":
-            self.edk2_ms_2023 = bool(args["ms_2023"])
-            return None
-        if op == "thin_pool":
-            self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
-            return None
-        if op == "flaky_network":
-            self.flaky_network(**args)
-            return None
-        if op == "bridge_vlans":
-            self.bridge_vlans[str(args["bridge"])] = {"bridge_vlan_aware": 1 if args.get("aware", True) else None,
-                                                      "bridge_vids": args.get("vids")}
-            return None
-        if op == "slow_network":
-            self.slow_network(**args)
-            return None
-        if op == "hold_config_lock":
-            await self.hold_config_lock(int(args["vmid"]), args.get("secs"))
-            return None
-        if op == "release_config_lock":
-            self.release_config_lock(int(args["vmid"]))
-            return None
-        if op == "snapshot_lock":
-            self.snapshot_lock(int(args["vmid"]), args.get("lock", "snapshot"))
-            return None
-        if op == "unlock":
-            self.unlock(int(args["vmid"]))
-            return None
-        if op == "hold_storage_lock":
-            await self.hold_storage_lock(args.get("storage", "local"), args.get("secs"))
-            return None
-        if op == "release_storage_lock":
-            self.storage_unlock(args.get("storage", "local"), "scenario")
-            return None
-        if op == "durations":
-            self.extra_durations.update({k: float(v) for k, v in args.items()})
-            return None
-        if op == "time_scale":
-            self.time_scale = float(args["value"])
-            return None
-        if op == "agent_hangs":
-            self.find(self.spec.node, int(args["vmid"])).agent_hangs = bool(args.get("value", True))
-            return None
-        if op == "set_node_offline":
-            self.set_node_offline(self.spec.node, bool(args.get("offline", True)))
-            return None
-        if op == "revoke_tickets":
-            self.revoke_tickets()
-            return None
-        if op == "snapshot":
-            vm = self.find(self.spec.node, int(args["vmid"]))
-            vm.snapshots[args.get("name", "snap1")] = {"snaptime": int(time.time())}
-            return None
-        if op == "state":
-            return self.state()
-        if op == "reset":
-            await self.reset()
-            return None
-        raise ValueError(f"unknown control op {op!r}")
+        """Fault hooks and introspection (see image_factory.lab.control for the client): CONTROL_OPS names
+        each op's handler; a handler answers None unless it reports something."""
+        handler = CONTROL_OPS.get(op)
+        if handler is None:
+            raise ValueError(f"unknown control op {op!r}")
+        result = getattr(self, handler)(args)
+        return await result if asyncio.iscoroutine(result) else result
+
+    def _op_fail(self, args: dict[str, Any]) -> None:
+        self.fail(args["method"], args["suffix"], status=args.get("status"), message=args.get("message"),
+                  error=args.get("error"), times=args.get("times"), html=args.get("html", False))
+
+    def _op_clear_faults(self, args: dict[str, Any]) -> None:
+        self.failures.clear()
+        self.bridge_vlans.clear()
+        self.network.update(latency=0.0, jitter=0.0, node_latency={}, drop_rate=0.0, hang_rate=0.0)
+        self.extra_durations.clear()
+        for vm in self.vms:
+            vm.agent_hangs = False
+        for sid in list(self.storage_locks):
+            self.storage_unlock(sid, "scenario")
+        for vm in self.vms:
+            self.release(vm, "scenario")
+
+    def _op_datacenter(self, args: dict[str, Any]) -> None:
+        """datacenter.cfg as an admin writes it (pvesh set /cluster/options): property strings."""
+        for key, val in (args.get("set") or {}).items():
+            self.cluster_options[str(key)] = str(val)
+        for key in args.get("delete") or []:
+            self.cluster_options.pop(str(key), None)
+
+    def _op_grant(self, args: dict[str, Any]) -> None:
+        """An admin's `pveum acl modify <path>` for the factory's user and its token."""
+        user = self.spec.token_id.split("!")[0]
+        for who in (user, self.spec.token_id):
+            self.grant(who, str(args["path"]), *args["privs"])
+
+    def _op_revoke(self, args: dict[str, Any]) -> None:
+        """An admin's `pveum acl delete <path>` of these privileges, for the factory's user and its token."""
+        user, acl = self.spec.token_id.split("!")[0], self.acl or {}
+        for who in (user, self.spec.token_id):
+            acl[who] = [(p, set(privs) - set(args["privs"])) if p == str(args["path"]) else (p, privs)
+                        for p, privs in acl.get(who, [])]
+
+    def _op_release(self, args: dict[str, Any]) -> None:
+        self.switch_release(str(args["version"]))
+
+    def _op_edk2_vars(self, args: dict[str, Any]) -> None:
+        self.edk2_ms_2023 = bool(args["ms_2023"])
+
+    def _op_thin_pool(self, args: dict[str, Any]) -> None:
+        self.storages[THIN_STORAGE]["pool_size"] = int(args["size"])
+
+    def _op_flaky_network(self, args: dict[str, Any]) -> None:
+        self.flaky_network(**args)
+
+    def _op_bridge_vlans(self, args: dict[str, Any]) -> None:
+        self.bridge_vlans[str(args["bridge"])] = {"bridge_vlan_aware": 1 if args.get("aware", True) else None,
+                                                  "bridge_vids": args.get("vids")}
+
+    def _op_slow_network(self, args: dict[str, Any]) -> None:
+        self.slow_network(**args)
+
+    async def _op_hold_config_lock(self, args: dict[str, Any]) -> None:
+        await self.hold_config_lock(int(args["vmid"]), args.get("secs"))
+
+    def _op_release_config_lock(self, args: dict[str, Any]) -> None:
+        self.release_config_lock(int(args["vmid"]))
+
+    def _op_snapshot_lock(self, args: dict[str, Any]) -> None:
+        self.snapshot_lock(int(args["vmid"]), args.get("lock", "snapshot"))
+
+    def _op_unlock(self, args: dict[str, Any]) -> None:
+        self.unlock(int(args["vmid"]))
+
+    async def _op_hold_storage_lock(self, args: dict[str, Any]) -> None:
+        await self.hold_storage_lock(args.get("storage", "local"), args.get("secs"))
+
+    def _op_release_storage_lock(self, args: dict[str, Any]) -> None:
+        self.storage_unlock(args.get("storage", "local"), "scenario")
+
+    def _op_durations(self, args: dict[str, Any]) -> None:
+        self.extra_durations.update({k: float(v) for k, v in args.items()})
+
+    def _op_time_scale(self, args: dict[str, Any]) -> None:
+        self.time_scale = float(args["value"])
+
+    def _op_agent_hangs(self, args: dict[str, Any]) -> None:
+        self.find(self.spec.node, int(args["vmid"])).agent_hangs = bool(args.get("value", True))
+
+    def _op_set_node_offline(self, args: dict[str, Any]) -> None:
+        self.set_node_offline(self.spec.node, bool(args.get("offline", True)))
+
+    def _op_revoke_tickets(self, args: dict[str, Any]) -> None:
+        self.revoke_tickets()
+
+    def _op_snapshot(self, args: dict[str, Any]) -> None:
+        vm = self.find(self.spec.node, int(args["vmid"]))
+        vm.snapshots[args.get("name", "snap1")] = {"snaptime": int(time.time())}
+
+    def _op_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.state()
+
+    async def _op_reset(self, args: dict[str, Any]) -> None:
+        await self.reset()
 
     def state(self) -> dict[str, Any]:
         vms = []

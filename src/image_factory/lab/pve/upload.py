@@ -7,6 +7,7 @@ import hashlib
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,35 @@ from image_factory.lab.pve.base import (
 )
 
 CHECKSUMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+
+
+@dataclass
+class _Received:
+    """What an upload request brought so far: its fields, and once the file part began, the staged file."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None
+    staged: Path | None = None
+    hasher: Any = None  # a hashlib object when a checksum was asked for
+
+    def hash(self, data: bytes) -> None:
+        if self.hasher is not None:
+            self.hasher.update(data)
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            self.staged.unlink(missing_ok=True)
+
+    async def append_late_part(self, request: web.Request, part: BodyPartReader) -> None:
+        """pve-http-server writes everything up to the closing boundary into the file: a part after the file part
+        ends up inside it."""
+        assert self.staged is not None
+        boundary = re.search(r'boundary="?([^";]+)', request.headers.get("Content-Type", ""))
+        extra = (f"\r\n--{boundary[1] if boundary else ''}\r\nContent-Disposition: form-data; "
+                 f'name="{part.name}"\r\n\r\n'.encode() + await part.read(decode=False))
+        with self.staged.open("ab") as out:
+            out.write(extra)
+        self.hash(extra)
 
 
 class Upload(LabNodeBase):  # a concern of LabPve (node.py)
@@ -42,69 +72,61 @@ class Upload(LabNodeBase):  # a concern of LabPve (node.py)
             raise PveError(400, "upload without Content-Length (chunked encoding) is not supported")
         if request.content_type != "multipart/form-data":
             raise PveError(400, "bad upload request - not multipart/form-data")
-        fields: dict[str, str] = {}
-        reader = await request.multipart()
-        staged: Path | None = None
-        filename = None
-        digest_algo = None
-        hasher = None
+        received = _Received()
         try:
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if isinstance(part, BodyPartReader) and staged is not None:
-                    # pve-http-server writes everything up to the closing boundary into the file: a part after
-                    # the file part ends up inside it
-                    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("Content-Type", ""))
-                    extra = (f"\r\n--{boundary[1] if boundary else ''}\r\nContent-Disposition: form-data; "
-                             f'name="{part.name}"\r\n\r\n'.encode() + await part.read(decode=False))
-                    with staged.open("ab") as out:
-                        out.write(extra)
-                    if hasher is not None:
-                        hasher.update(extra)
-                    continue
-                if isinstance(part, BodyPartReader) and part.filename is not None and part.name != "filename":
-                    raise PveError(500, f"wrong field name '{part.name}' for file upload, expected 'filename'")
-                if isinstance(part, BodyPartReader) and part.filename is not None:
-                    if len(part.filename) > 255:
-                        raise param_error(filename="value may only be 255 characters long")
-                    self._check_field_order(list(fields))
-                    # PVE 8.4's upload endpoint rewrites every character outside [a-zA-Z0-9_.-] (+ and = too)
-                    filename = re.sub(r"[^a-zA-Z0-9_.-]", "_", Path(part.filename).name)
-                    self._check_upload_fields(fields, filename, store, name)
-                    digest_algo = fields.get("checksum-algorithm")
-                    hasher = hashlib.new(digest_algo) if digest_algo else None
-                    self.spec.staging_dir.mkdir(parents=True, exist_ok=True)
-                    staged = self.spec.staging_dir / f"pveupload-{time.time_ns()}"
-                    with staged.open("wb") as out:
-                        while True:
-                            chunk = await part.read_chunk(1024 * 1024)
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            if hasher is not None:
-                                hasher.update(chunk)
-                elif isinstance(part, BodyPartReader):
-                    fields[str(part.name)] = (await part.read(decode=False)).decode()
+            await self._receive(request, received, store, name)
         except PveError:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+            received.discard()
             raise
         except (ValueError, UnicodeDecodeError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+            received.discard()
             raise PveError(400, f"bad upload request - {exc}") from None
         except OSError as exc:  # e.g. no space left in the staging directory (PVE's /var/tmp)
-            if staged is not None:
-                staged.unlink(missing_ok=True)
-            raise PveError(500, f"error writing upload to {staged}: {exc.strerror or exc}") from None
-        if staged is None or filename is None:
-            self._check_upload_fields(fields, None, store, name)
+            received.discard()
+            raise PveError(500, f"error writing upload to {received.staged}: {exc.strerror or exc}") from None
+        if received.staged is None or received.filename is None:
+            self._check_upload_fields(received.fields, None, store, name)
             raise param_error(filename="property is missing and it is not optional")
-        content = fields["content"]
-        expected = fields.get("checksum")
-        got = hasher.hexdigest() if hasher is not None else None
+        return ok(await self._import_upload(user, store, received, received.staged, received.filename))
+
+    async def _receive(self, request: web.Request, received: _Received, store: dict[str, Any], name: str) -> None:
+        """The multipart body: the fields before the file part, the file part streamed into the staging file."""
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if received.staged is not None:
+                await received.append_late_part(request, part)
+            elif part.filename is not None:
+                await self._stage_file(part, part.filename, received, store, name)
+            else:
+                received.fields[str(part.name)] = (await part.read(decode=False)).decode()
+
+    async def _stage_file(self, part: BodyPartReader, given_name: str, received: _Received, store: dict[str, Any],
+                          name: str) -> None:
+        if part.name != "filename":
+            raise PveError(500, f"wrong field name '{part.name}' for file upload, expected 'filename'")
+        if len(given_name) > 255:
+            raise param_error(filename="value may only be 255 characters long")
+        self._check_field_order(list(received.fields))
+        # PVE 8.4's upload endpoint rewrites every character outside [a-zA-Z0-9_.-] (+ and = too)
+        received.filename = re.sub(r"[^a-zA-Z0-9_.-]", "_", Path(given_name).name)
+        self._check_upload_fields(received.fields, received.filename, store, name)
+        digest_algo = received.fields.get("checksum-algorithm")
+        received.hasher = hashlib.new(digest_algo) if digest_algo else None
+        self.spec.staging_dir.mkdir(parents=True, exist_ok=True)
+        received.staged = self.spec.staging_dir / f"pveupload-{time.time_ns()}"
+        with received.staged.open("wb") as out:
+            while chunk := await part.read_chunk(1024 * 1024):
+                out.write(chunk)
+                received.hash(chunk)
+
+    async def _import_upload(self, user: str, store: dict[str, Any], received: _Received, staged: Path,
+                             filename: str) -> str:
+        """The imgcopy task: the checksum checked, the staged file copied into the storage and removed."""
+        content = received.fields["content"]
+        expected = received.fields.get("checksum")
+        got = received.hasher.hexdigest() if received.hasher is not None else None
         dest_dir = {"import": "import", "iso": "template/iso", "vztmpl": "template/cache"}[content]
         dest = Path(store["path"]) / dest_dir / filename
         size = staged.stat().st_size
@@ -129,7 +151,8 @@ class Upload(LabNodeBase):  # a concern of LabPve (node.py)
         if got is not None:
             log_lines.append("calculating checksum...OK, checksum verified" if got == (expected or "").lower()
                              else "calculating checksum...")
-        return ok(await self.task(self.spec.node, "imgcopy", "", user, body, log=log_lines))
+        upid: str = await self.task(self.spec.node, "imgcopy", "", user, body, log=log_lines)
+        return upid
 
     @staticmethod
     def _check_field_order(names: list[str]) -> None:
