@@ -258,3 +258,16 @@ def test_a_node_switches_release_only_within_its_major(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"release '8.4.7' is not one the lab models"):
         pve.switch_release("8.4.7")
     assert (pve.version, pve.packages.qemu_server) == ("8.4.1", "8.3.12")
+
+
+def test_control_ops_act_through_the_registry_and_an_unknown_op_is_refused(tmp_path: Path) -> None:
+    pve = make(tmp_path)
+    asyncio.run(pve.control("datacenter", {"set": {"registered-tags": "a;b"}}))
+    assert pve.cluster_options == {"registered-tags": "a;b"}
+    asyncio.run(pve.control("time_scale", {"value": 0.5}))
+    state = asyncio.run(pve.control("state", {}))
+    assert (state["node"], state["time_scale"]) == ("pve-x", 0.5)
+    asyncio.run(pve.control("datacenter", {"delete": ["registered-tags"]}))
+    assert pve.cluster_options == {}
+    with pytest.raises(ValueError, match="unknown control op 'explode'"):
+        asyncio.run(pve.control("explode", {}))
