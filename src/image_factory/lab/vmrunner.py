@@ -404,26 +404,10 @@ def _int_option(config: dict[str, Any], key: str) -> int:
         return 1
 
 
-def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
-           address: str, vms_dir: Path, log_dir: Path, memory_cap: int, node: str,
-           accelerator: str = "auto", vendor_data: str | None = None) -> VmProcess:
-    vms_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
-    # As PVE does: cores x sockets vCPUs, but never more than this machine has (TCG runs one host
-    # thread per vCPU).
-    vcpus = min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1)
-    qmp = vms_dir / f"{vmid}.qmp"
-    qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
-        else None
-    serial_log = log_dir / f"{node}-vm{vmid}-serial.log"
-    argv = ["qemu-system-x86_64", "-name", f"lab-{node}-vm{vmid},process=lab-{node}-vm{vmid}",
-            *accel_args(accelerator), "-m", str(memory), "-smp", str(vcpus), "-nodefaults", "-no-user-config",
-            "-display", "none", "-vga", "none", "-serial", f"file:{serial_log}",
-            "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-device", "virtio-scsi-pci,id=scsihw0"]
-    boot = str(config.get("boot", ""))
-    order = boot[len("order="):].split(";") if boot.startswith("order=") else []
+def _disk_args(name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
+               order: list[str], vendor_data: str | None) -> list[str]:
+    """The guest's block devices, each on the bus its key names; a cloud-init volume gets its seed first."""
+    argv: list[str] = []
     for key, (volume, props, path) in sorted(disks.items()):
         cdrom = props.get("media") == "cdrom"
         if volume in ("none", "cdrom") or path is None or key in FIRMWARE_DRIVES:
@@ -448,9 +432,13 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
             n = int(key[3:])
             argv += ["-device", f"ide-{'cd' if cdrom else 'hd'},bus=ide.{n // 2},unit={n % 2},drive={drive_id}"
                      f"{bootindex}"]
-    extra, swtpm = firmware_args(config, disks, vmid, vms_dir, log_dir, node)
-    argv += extra
-    nics = nics_of(config)
+    return argv
+
+
+def _nic_args(config: dict[str, Any], nics: list[tuple[str, str]], order: list[str], address: str) -> list[str]:
+    """User-mode networks: the first NIC's port 22 forwarded from the VM's lab address, the others restricted; a
+    static ipconfig puts the guest's address and gateway into the network qemu emulates."""
+    argv: list[str] = []
     for n, (key, mac) in enumerate(nics):
         idx = key[3:]
         ipc = _ipconfig(config.get(f"ipconfig{idx}"))
@@ -468,12 +456,12 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
         argv += ["-netdev", netdev,
                  "-device", f"{_nic_model(config[key])},netdev={key},mac={mac.lower()}"
                             f"{f',bootindex={order.index(key) + 1}' if key in order else ''}"]
-    if qga is not None:
-        qga.unlink(missing_ok=True)
-        argv += ["-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
-                 "-device", "virtio-serial-pci,id=qga-serial",
-                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
-    qemu_log = log_dir / f"{node}-vm{vmid}-qemu.log"
+    return argv
+
+
+def _start_qemu(argv: list[str], qemu_log: Path, qmp: Path,
+                swtpm: subprocess.Popen[bytes] | None) -> subprocess.Popen[bytes]:
+    """Start qemu and wait (10 s at most) for its QMP socket; a qemu that exits takes its swtpm with it."""
     with qemu_log.open("ab") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
     deadline = time.monotonic() + 10
@@ -487,6 +475,40 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
         if qmp.exists():
             break
         time.sleep(0.05)
+    return proc
+
+
+def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tuple[str, dict[str, str], Path | None]],
+           address: str, vms_dir: Path, log_dir: Path, memory_cap: int, node: str,
+           accelerator: str = "auto", vendor_data: str | None = None) -> VmProcess:
+    vms_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    memory = min(int(str(config.get("memory", 512)).split("=")[-1]), memory_cap)
+    # As PVE does: cores x sockets vCPUs, but never more than this machine has (TCG runs one host
+    # thread per vCPU).
+    vcpus = min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1)
+    qmp = vms_dir / f"{vmid}.qmp"
+    qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
+        else None
+    serial_log = log_dir / f"{node}-vm{vmid}-serial.log"
+    argv = ["qemu-system-x86_64", "-name", f"lab-{node}-vm{vmid},process=lab-{node}-vm{vmid}",
+            *accel_args(accelerator), "-m", str(memory), "-smp", str(vcpus), "-nodefaults", "-no-user-config",
+            "-display", "none", "-vga", "none", "-serial", f"file:{serial_log}",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-device", "virtio-scsi-pci,id=scsihw0"]
+    boot = str(config.get("boot", ""))
+    order = boot[len("order="):].split(";") if boot.startswith("order=") else []
+    argv += _disk_args(name, config, disks, order, vendor_data)
+    extra, swtpm = firmware_args(config, disks, vmid, vms_dir, log_dir, node)
+    argv += extra
+    nics = nics_of(config)
+    argv += _nic_args(config, nics, order, address)
+    if qga is not None:
+        qga.unlink(missing_ok=True)
+        argv += ["-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
+                 "-device", "virtio-serial-pci,id=qga-serial",
+                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+    proc = _start_qemu(argv, log_dir / f"{node}-vm{vmid}-qemu.log", qmp, swtpm)
     record = vms_dir / f"{vmid}.json"
     vmp = VmProcess(vmid=vmid, name=name, pid=proc.pid, address=address, nics=nics, qga=qga, qmp=qmp,
                     record=record, serial_log=serial_log, argv=argv, _proc=proc, _swtpm=swtpm)
