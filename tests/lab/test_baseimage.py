@@ -1,4 +1,5 @@
-"""Unit tests for image_factory.lab.baseimage: mirror discovery, checksum file, cache decisions."""
+"""Unit tests for image_factory.lab.baseimage and its disk (lab.basedisk): mirror discovery, checksum file, cache
+decisions, the disk layout and root filesystems."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from image_factory.image.manifest import sha256_file
+from image_factory.lab import basedisk as bd
 from image_factory.lab import baseimage as bi
 from image_factory.settings import Settings
 
@@ -149,7 +151,7 @@ def _tree(root: Path) -> None:
 
 def test_xfs_prototype_lists_the_tree_with_modes(tmp_path: Path) -> None:
     _tree(tmp_path / "t")
-    prototype = bi.xfs_prototype(tmp_path / "t")
+    prototype = bd.xfs_prototype(tmp_path / "t")
     lines = prototype.text.splitlines()
     assert lines[:3] == ["/dev/null", "0 0", "d--755 0 0"] and lines[-1] == "$"
     uid, gid = os.getuid(), os.getgid()
@@ -169,14 +171,14 @@ def test_xfs_prototype_refuses_names_it_cannot_hold(tmp_path: Path, name: str) -
     _tree(tmp_path / "t")
     (tmp_path / "t/etc" / name).write_text("x")
     with pytest.raises(bi.BaseImageError, match="prototype file cannot name it"):
-        bi.xfs_prototype(tmp_path / "t")
+        bd.xfs_prototype(tmp_path / "t")
 
 
 def test_xfs_prototype_refuses_a_colon_name_whose_stand_in_is_taken(tmp_path: Path) -> None:
     _tree(tmp_path / "t")
     (tmp_path / "t/var/lib/ucf/cache/_etc:ssh:sshd_config").write_text("x")
     with pytest.raises(bi.BaseImageError, match="needs that name free"):
-        bi.xfs_prototype(tmp_path / "t")
+        bd.xfs_prototype(tmp_path / "t")
 
 
 def test_xfs_root_made_from_the_tree_and_checked(tmp_path: Path) -> None:
@@ -187,7 +189,7 @@ def test_xfs_root_made_from_the_tree_and_checked(tmp_path: Path) -> None:
             pytest.skip(f"needs {tool} (xfsprogs, qemu-utils: ./dev setup installs them)")
     _tree(tmp_path / "t")
     part = tmp_path / "part.img"
-    bi._make_xfs(tmp_path / "t", tmp_path, part, 320)
+    bd._make_xfs(tmp_path / "t", tmp_path, part, 320)
     def db(*commands: str) -> str:
         args = [a for c in commands for a in ("-c", c)]
         return subprocess.run(["xfs_db", "-r", *args, str(part)], capture_output=True, text=True, check=True).stdout
@@ -201,7 +203,7 @@ def test_xfs_root_made_from_the_tree_and_checked(tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
     with raw.open("wb") as fh:
         fh.truncate((bi.PART_START_MIB + 321) * 2**20)
-    bi._copy_sparse(part, raw, bi.PART_START_MIB * 2**20)
+    bd._copy_sparse(part, raw, bi.PART_START_MIB * 2**20)
     bi.FILESYSTEMS["xfs"].check(raw, tmp_path)
     with raw.open("r+b") as fh:  # the root directory's inode block, zeroed
         root_ino = int(re.search(r"rootino = (\d+)", db("sb 0", "print rootino"))[1])  # type: ignore[index]
@@ -292,7 +294,7 @@ def test_embed_grub_on_the_hybrid_gpt_disk_uses_its_bios_boot_partition(tmp_path
     raw = tmp_path / "disk.raw"
     with raw.open("wb") as fh:
         fh.truncate(bi.DISK_SIZE_MIB * 1024 * 1024)
-    layout = bi.gpt_layout(raw, bi.DISK_SIZE_MIB - bi.PART_START_MIB - bi.GPT_BACKUP_MIB)
+    layout = bd.gpt_layout(raw, bi.DISK_SIZE_MIB - bi.PART_START_MIB - bi.GPT_BACKUP_MIB)
     subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(raw)], input=layout.encode(), check=True)
     before = subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True, check=True).stdout
     protective = raw.read_bytes()[:512]
@@ -312,7 +314,7 @@ def test_embed_grub_on_the_hybrid_gpt_disk_uses_its_bios_boot_partition(tmp_path
     assert subprocess.run(["sfdisk", "--dump", str(raw)], capture_output=True, text=True).stdout == before
     table = json.loads(subprocess.check_output(["sfdisk", "--json", str(raw)]))["partitiontable"]
     types = {p["node"].removeprefix(str(raw)): p["type"] for p in table["partitions"]}
-    assert types == {"1": bi.GPT_TYPES["root"], "14": bi.GPT_TYPES["bios"], "15": bi.GPT_TYPES["esp"]}
+    assert types == {"1": bd.GPT_TYPES["root"], "14": bd.GPT_TYPES["bios"], "15": bd.GPT_TYPES["esp"]}
     with pytest.raises(bi.BaseImageError, match="does not fit in the BIOS boot partition"):
         bi.embed_grub(raw, bytes(512), _fake_core(size_mib * 2048 + 1), (start_mib + size_mib) * 2048,
                       core_sector=start_mib * 2048)
@@ -350,13 +352,13 @@ def test_check_fs_passes_a_clean_filesystem_and_names_a_damaged_one(tmp_path: Pa
     raw = tmp_path / "disk.raw"
     with raw.open("wb") as fh:
         fh.truncate(10 * 1024 * 1024)
-    bi._copy_sparse(part, raw, bi.PART_START_MIB * 1024 * 1024)
-    bi._check_ext4(raw, tmp_path)
+    bd._copy_sparse(part, raw, bi.PART_START_MIB * 1024 * 1024)
+    bd._check_ext4(raw, tmp_path)
     with raw.open("r+b") as fh:  # wreck the root directory's inode table block group descriptors
         fh.seek(bi.PART_START_MIB * 1024 * 1024 + 4096)
         fh.write(b"\xff" * 4096)
     with pytest.raises(bi.BaseImageError, match="e2fsck found problems"):
-        bi._check_ext4(raw, tmp_path)
+        bd._check_ext4(raw, tmp_path)
 
 
 def test_debootstrap_sees_the_preseed_files_and_unsafe_io_is_gone_afterwards(
