@@ -7,7 +7,9 @@ lab package because it drives the lab; the product's stages never import it.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,50 +44,44 @@ def run_demo(
     t_all = time.monotonic()
     timings: dict[str, float] = {}
 
-    def timed(key: str, t0: float) -> None:
+    @contextlib.contextmanager
+    def step(key: str, title: str) -> Iterator[None]:
+        console.rule(styled("[bold]" + title))
+        t0 = time.monotonic()
+        yield
         timings[key] = round(time.monotonic() - t0, 1)
 
-    console.rule(styled("[bold]1/5 lab: two hypervisors on loopback"))
-    t0 = time.monotonic()
-    paths = controller.LabPaths(settings.lab_dir)
-    cfg = controller.load_config(paths) or controller.default_config(settings)
-    if cfg.real_boot != real_boot:
-        cfg.real_boot = real_boot
-        cfg.validate(controller.example_vm_names(settings), "demo --real-boot")  # before anything stops
-        controller.down(settings)  # node processes read the boot policy at start
-    lab = controller.up(settings, cfg)
-    lab_settings = controller.lab_settings(settings, lab.paths)
-    site = lab.site()
-    timed("lab", t0)
+    with step("lab", "1/5 lab: two hypervisors on loopback"):
+        paths = controller.LabPaths(settings.lab_dir)
+        cfg = controller.load_config(paths) or controller.default_config(settings)
+        if cfg.real_boot != real_boot:
+            cfg.real_boot = real_boot
+            cfg.validate(controller.example_vm_names(settings), "demo --real-boot")  # before anything stops
+            controller.down(settings)  # node processes read the boot policy at start
+        lab = controller.up(settings, cfg)
+        lab_settings = controller.lab_settings(settings, lab.paths)
+        site = lab.site()
     report = DemoReport(lab_dir=str(lab.paths.lab_dir), inventory=str(lab.inventory), timings=timings)
 
-    console.rule(styled("[bold]2/5 offline base image (debootstrap)"))
-    t0 = time.monotonic()
-    baseimage.ensure_base_image(settings)
-    timed("base_image", t0)
+    with step("base_image", "2/5 offline base image (debootstrap)"):
+        baseimage.ensure_base_image(settings)
 
-    console.rule(styled("[bold]3/5 pipeline: build, test, publish to both hypervisors"))
-    t0 = time.monotonic()
-    pipe = run_pipeline(lab_settings, site, images=default_images(site), force=force)
-    report.pipeline = pipe.to_dict()
-    timed("pipeline", t0)
+    with step("pipeline", "3/5 pipeline: build, test, publish to both hypervisors"):
+        pipe = run_pipeline(lab_settings, site, images=default_images(site), force=force)
+        report.pipeline = pipe.to_dict()
     if not pipe.ok:
         report.timings["total"] = round(time.monotonic() - t_all, 1)
         return report
 
-    console.rule(styled("[bold]4/5 deploy the example VMs with their fixed MACs"))
-    t0 = time.monotonic()
-    dep = deploy.deploy_vms(lab_settings, site, None, wait=True, timeout=timeout)
-    report.deploy = dep.to_dict()
-    timed("deploy", t0)
+    with step("deploy", "4/5 deploy the example VMs with their fixed MACs"):
+        dep = deploy.deploy_vms(lab_settings, site, None, wait=True, timeout=timeout)
+        report.deploy = dep.to_dict()
 
-    console.rule(styled("[bold]5/5 prove a booted guest: SSH with a verified host key, inventory MAC on its NIC"))
-    t0 = time.monotonic()
-    booted = [n for n in site.vms if real_boot == "all" or (isinstance(real_boot, list) and n in real_boot)
-              or n == real_boot]
-    for name in booted:
-        report.guests.append(_prove_guest(site, name, lab.paths.client_key))
-    timed("prove", t0)
+    with step("prove", "5/5 prove a booted guest: SSH with a verified host key, inventory MAC on its NIC"):
+        booted = [n for n in site.vms if real_boot == "all" or (isinstance(real_boot, list) and n in real_boot)
+                  or n == real_boot]
+        for name in booted:
+            report.guests.append(_prove_guest(site, name, lab.paths.client_key))
 
     # With real boots, at least one guest must prove its MAC; --real-boot none only proves the API side.
     report.ok = dep.ok and all(g.get("mac_seen") for g in report.guests) and (bool(report.guests) or not booted)
