@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from image_factory.lab.aptrepo import serve_files
+
+# Property tests assert behaviour, never speed: Hypothesis' default 200 ms deadline per example turns a loaded
+# machine into a failure (test_mac's allocation property took 771 ms at load 16). No deadline, for every test.
+hypothesis_settings.register_profile("factory", deadline=None)
+hypothesis_settings.load_profile("factory")
 
 # The two-hypervisor lab: fixtures `lab` (session) and `fresh_lab` (function), with fault hooks.
 pytest_plugins = ["image_factory.lab.pytest_plugin"]
