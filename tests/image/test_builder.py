@@ -4,6 +4,7 @@ hashed lock runs."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -59,7 +60,12 @@ def test_factory_ansible_in_venv(host: Any) -> None:
 
 def test_doctor_passes_for_a_nightly(host: Any) -> None:
     """`invoke doctor` (here `image-factory doctor`: the same task) finds every tool a nightly's build and
-    publish need, and installs nothing: what an operator without root runs on a runner."""
+    publish need, and installs nothing: what an operator without root runs on a runner. Its tables and verdict go
+    to stderr (the console's rule); --json gives the same verdict on stdout."""
     run = host.run("image-factory doctor")
     assert run.rc == 0, f"image-factory doctor: exit {run.rc}\n{run.stdout[-3000:]}{run.stderr[-1000:]}"
-    assert "every required tool of build, publish is here" in run.stdout, run.stdout[-3000:]
+    assert "every required tool of build, publish is here" in run.stderr, run.stderr[-3000:]
+    answer = host.run("image-factory doctor --json")
+    assert answer.rc == 0, answer.stdout[-3000:] + answer.stderr[-1000:]
+    verdict = json.loads(answer.stdout)
+    assert verdict["ok"] is True and {t["target"] for t in verdict["targets"]} >= {"build", "publish"}, verdict
