@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import requests
 from proxmoxer import ProxmoxAPI, ResourceException
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
 from image_factory.errors import RemoteError, TlsVerificationFailed
 from image_factory.site.inventory import Hypervisor
@@ -420,8 +421,6 @@ class _Unreached(Exception):
 
 def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
     """urllib3 could not open the connection (refused, no route, DNS): the request was not sent."""
-    from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
-
     reason = exc.args[0].reason if exc.args and isinstance(exc.args[0], MaxRetryError) else None
     return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
 

@@ -44,6 +44,14 @@ class HostKeyMismatch(RemoteError):
     """The server presented a key other than the pinned one: refuse before sending anything."""
 
 
+class LinkClosed(RemoteError):
+    """The link was used after its transport closed (or before it opened): reconnecting may help."""
+
+
+class CommandTimedOut(RemoteError):
+    """A command gave no answer within its timeout: the link may be gone, reconnecting may help."""
+
+
 def fingerprint(key_type: str, key_b64: str) -> str:
     digest = hashlib.sha256(base64.b64decode(key_b64)).digest()
     return f"{key_type} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
@@ -141,7 +149,7 @@ class SshLink:
     # ------------------------------------------------------------------ use
     def _require(self) -> paramiko.Transport:
         if self.transport is None or not self.transport.is_active():
-            raise RemoteError(self.name, "SSH connection is not open")
+            raise LinkClosed(self.name, "SSH connection is not open")
         return self.transport
 
     def open_session(self) -> paramiko.Channel:
@@ -158,7 +166,7 @@ class SshLink:
             stderr = chan.makefile_stderr("rb").read().decode(errors="replace")
             status = chan.recv_exit_status()
         except TimeoutError:
-            raise RemoteError(self.name, f"command timed out after {timeout:.0f}s: {command}") from None
+            raise CommandTimedOut(self.name, f"command timed out after {timeout:.0f}s: {command}") from None
         finally:
             chan.close()
         if check and status != 0:
