@@ -98,6 +98,7 @@ def flat(path: Path, problems: list[Problem]) -> dict[str, dict[str, Any]]:
 
 class _Reader:
     def __init__(self, path: Path, problems: list[Problem]):
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.parsing.dataloader import DataLoader
 
         self.path = path
@@ -121,6 +122,7 @@ class _Reader:
 
     # ---------------------------------------------------------------- parsing
     def _inventory(self) -> Any:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.inventory.manager import InventoryManager
 
         failures: list[tuple[str, str, BaseException]] = []
@@ -181,6 +183,7 @@ class _Reader:
     def _vault_secrets(self) -> list[tuple[str, Any]]:
         """Ansible's configured vault passwords; a password file readable by others, or inside the repository, is
         refused (noted for the error a vaulted value then meets), as every secret file of the factory is."""
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.errors import AnsibleError
         from ansible.parsing.vault import get_file_vault_secret
 
@@ -223,6 +226,7 @@ class _Reader:
         return self._encrypted_files[path]
 
     def _decrypt(self, value: Any) -> str:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.parsing.vault import VaultHelper, VaultLib
 
         ciphertext = VaultHelper.get_ciphertext(value, with_tags=False)
@@ -238,6 +242,7 @@ class _Reader:
         """``value`` as plain Python data, vaulted strings decrypted (as Vaulted); a value that cannot be
         decrypted becomes a Problem naming its file and key, and an empty Vaulted (present, so that the one problem
         is not followed by a "missing" one)."""
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.parsing.vault import EncryptedString
 
         if isinstance(value, EncryptedString):
@@ -269,6 +274,7 @@ class _Reader:
     def _written(self, value: Any) -> str | None:
         """The text a YAML value was written as (its origin's line and column), where ansible-core kept them."""
         try:
+            # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
             from ansible._internal._datatag._tags import Origin
         except ImportError:  # a later ansible-core: integers then read as YAML 1.1 reads them
             return None
@@ -297,6 +303,7 @@ class _Reader:
     # ---------------------------------------------------------------- entry points
     def run(self, host_keys: Collection[str], group_keys: Collection[str],
             only_groups: Collection[str] | None) -> Inventory:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.vars.manager import VariableManager
 
         inventory = self._inventory()
@@ -326,6 +333,7 @@ class _Reader:
         return out
 
     def flat(self) -> dict[str, dict[str, Any]]:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.vars.plugins import get_vars_from_inventory_sources
 
         inventory = self._inventory()
@@ -350,6 +358,7 @@ class _Reader:
         return out
 
     def _group_vars(self, inventory: Any, group: Any) -> dict[str, Any] | None:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible.vars.plugins import get_vars_from_inventory_sources
 
         try:
@@ -378,6 +387,7 @@ class _quiet:  # noqa: N801 - used as a context manager like contextlib's
     def __enter__(self) -> list[tuple[str, str | None]]:
         self.found: list[tuple[str, str | None]] = []
         try:
+            # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
             from ansible._internal._display_utils import DeferredWarningContext
         except ImportError:  # a later ansible-core: its warnings are then printed, nothing else changes
             self.ctx = None
@@ -397,6 +407,7 @@ class _quiet:  # noqa: N801 - used as a context manager like contextlib's
 
 def _origin(value: Any) -> str | None:
     try:
+        # ansible-core takes 0.3 s to import: only when an inventory is read (module docstring)
         from ansible._internal._datatag._tags import Origin
     except ImportError:  # a later ansible-core: errors then name the file that declares the host
         return None
