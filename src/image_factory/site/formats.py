@@ -134,7 +134,6 @@ def cidr_address(v: str) -> str:
     return str(iface)
 
 
-
 def ssh_public_key(entry: str) -> str:
     """One OpenSSH public key per entry, parsed for real; returns it normalised to 'type base64 [comment]'."""
     if "\n" in entry or "\r" in entry or not entry.isprintable():

@@ -335,4 +335,3 @@ class Hypervisor(Strict):
         if _is_ip(self.ssh.host) or "." not in self.ssh.host:
             return None
         return self.ssh.host
-

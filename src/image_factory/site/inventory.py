@@ -24,114 +24,34 @@ Layers inside ``site/`` run one way (pyproject's import-linter contract): load >
 
 from __future__ import annotations
 
+# isort: skip_file
+# (several names to a line, room by room: this list is the site model's table of contents; one name to a line
+# would also repeat the rooms' own import lists line for line)
+
 from image_factory.site.crosschecks import mac_tenant_id
 from image_factory.site.formats import (
-    BRIDGE_RE,
-    CPU_TYPES,
-    DNS_NAME_RE,
-    FINGERPRINT_RE,
-    HYPERVISOR_GROUP,
-    IMAGE_NAME_RE,
-    MAC_RE,
-    MAX_CORES,
-    MAX_DISK_MIB,
-    MAX_MEMORY_MIB,
-    NAME_RE,
-    NODE_RE,
-    PLACEMENT_KEY,
-    PLACEMENTS,
-    PLANES,
-    REMOTE_PATH_RE,
-    SIZE_RE,
-    SSH_KEY_RE,
-    STORAGE_ID_RE,
-    TAG_RE,
-    TENANT_NAME_RE,
-    TOKEN_ID_RE,
-    UNIX_USER_RE,
-    BridgeId,
-    CpuType,
-    DiskSize,
-    DnsName,
-    Hostname,
-    ImageName,
-    IpAddress,
-    Ipv4Address,
-    Ipv6Address,
-    Nameservers,
-    NodeName,
-    Placement,
-    Plane,
-    RemotePath,
-    SearchDomains,
-    StorageId,
-    Strict,
-    TokenId,
-    UnixUser,
-    mac_problem,
-    normalize_mac,
-    ssh_public_key,
+    BRIDGE_RE, CPU_TYPES, DNS_NAME_RE, FINGERPRINT_RE, HYPERVISOR_GROUP, IMAGE_NAME_RE, MAC_RE, MAX_CORES,
+    MAX_DISK_MIB, MAX_MEMORY_MIB, NAME_RE, NODE_RE, PLACEMENT_KEY, PLACEMENTS, PLANES, REMOTE_PATH_RE, SIZE_RE,
+    SSH_KEY_RE, STORAGE_ID_RE, TAG_RE, TENANT_NAME_RE, TOKEN_ID_RE, UNIX_USER_RE, BridgeId, CpuType, DiskSize,
+    DnsName, Hostname, ImageName, IpAddress, Ipv4Address, Ipv6Address, Nameservers, NodeName, Placement, Plane,
+    RemotePath, SearchDomains, StorageId, Strict, TokenId, UnixUser, mac_problem, normalize_mac, ssh_public_key,
 )
 from image_factory.site.hypervisors import (
-    CRYPT_HASH_HINT,
-    DISK_NAME_RE,
-    INSTALL_STORAGES,
-    KEYBOARD_LAYOUTS,
-    ZFS_RAID_LEVELS,
-    HardwareMac,
-    HostInstall,
-    Hypervisor,
-    InstallDisks,
-    InstallNetwork,
-    SshEndpoint,
-    Storages,
-    VmidRange,
+    CRYPT_HASH_HINT, DISK_NAME_RE, INSTALL_STORAGES, KEYBOARD_LAYOUTS, ZFS_RAID_LEVELS, HardwareMac, HostInstall,
+    Hypervisor, InstallDisks, InstallNetwork, SshEndpoint, Storages, VmidRange,
 )
 from image_factory.site.images import (
-    EOL_WARN_DAYS,
-    MAX_TEMPLATE_PATTERN,
-    TEMPLATE_FIELDS,
-    Image,
-    Repository,
-    Source,
-    Suite,
-    eol_gate,
+    EOL_WARN_DAYS, MAX_TEMPLATE_PATTERN, TEMPLATE_FIELDS, Image, Repository, Source, Suite, eol_gate,
 )
-from image_factory.site.load import (
-    HOST_KEYS,
-    load_site,
-    read_inventory,
-    read_placement,
-    site_dir,
-)
+from image_factory.site.load import HOST_KEYS, load_site, read_inventory, read_placement, site_dir
 from image_factory.site.model import Site
-from image_factory.site.tenants import (
-    TENANTS_KEY,
-    DhcpRange,
-    Tenant,
-    host_address_in,
-    read_tenants,
-    tenants_file,
-)
+from image_factory.site.tenants import TENANTS_KEY, DhcpRange, Tenant, host_address_in, read_tenants, tenants_file
 from image_factory.site.vendordata import (
-    MAX_SNIPPET,
-    VENDOR_FILE_RE,
-    VendorData,
-    cloud_config_problem,
-    read_vendor_data,
+    MAX_SNIPPET, VENDOR_FILE_RE, VendorData, cloud_config_problem, read_vendor_data,
 )
 from image_factory.site.vms import (
-    DATA_DISK_SLOT_RE,
-    DISK_BUS_OPTIONS,
-    DISK_BUSES,
-    MAX_DESCRIPTION,
-    Q35_CLOUDINIT_SLOT,
-    CloudInit,
-    DataDisk,
-    Nic,
-    StaticIp,
-    StaticIp6,
-    Vm,
+    DATA_DISK_SLOT_RE, DISK_BUS_OPTIONS, DISK_BUSES, MAX_DESCRIPTION, Q35_CLOUDINIT_SLOT, CloudInit, DataDisk, Nic,
+    StaticIp, StaticIp6, Vm,
 )
 
 # The names other modules imported before the split (hostinstall.gather, site.mac): kept as they were.

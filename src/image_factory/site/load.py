@@ -170,4 +170,3 @@ def read_placement(groups: dict[str, Any], group_files: dict[str, dict[str, str]
             continue
         policies[plane] = raw
     return policies
-

@@ -93,7 +93,7 @@ class Site:
 
 
 def hosts_for(vm: Vm, hypervisors: dict[str, Hypervisor]) -> list[Hypervisor]:
+    """The hypervisors the VM may run on: the one it names, or each of its plane's whose vm_vmids hold its VMID."""
     if vm.hypervisor is not None:
         return [hypervisors[vm.hypervisor]] if vm.hypervisor in hypervisors else []
     return [h for h in hypervisors.values() if h.role == vm.plane and vm.vmid in h.vm_vmids]
-

@@ -186,4 +186,3 @@ def on_tenant_network(vm: Vm, tenants: dict[str, Tenant], file: str,
             problems.append(Problem(file, vm.name, "vm.cloudinit.ipconfig.gw",
                                     f"{ip.gw} is not tenant {tenant.name}'s gateway {tenant.gateway}"))
     return vm.model_copy(update={"nics": nics}), problems
-

@@ -92,4 +92,3 @@ def read_vendor_data(v: Any, info: ValidationInfo) -> Any:
     if problem:
         raise ValueError(f"{path}: {problem}")
     return VendorData(v, hashlib.sha256(data).hexdigest(), text)
-
