@@ -13,7 +13,7 @@ from image_factory.errors import ValidationFailed
 from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import Hypervisor, Vm, load_site
 
-from .test_inventory import example_inventory, group, only, problems_of, site_files
+from .site_cases import example_inventory, group, only, problems_of, site_files
 
 pytestmark = pytest.mark.unit
 
