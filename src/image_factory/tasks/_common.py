@@ -12,12 +12,14 @@ from typing import Any, TypeVar
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit, ParseError
-from invoke.parser import Argument
+from invoke.parser import Argument, ParserContext
+from invoke.program import Program
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
+from image_factory.preflight import CHECK_GROUPS, run_preflight
 from image_factory.settings import Settings
 from image_factory.site.inventory import Site, load_site
 
@@ -84,9 +86,6 @@ class FactoryTask(Task):
 
     def print_help(self) -> None:
         """What `invoke --help TASK` prints (invoke's own printer needs the whole program around it)."""
-        from invoke.parser import ParserContext
-        from invoke.program import Program
-
         name = self.full_name or self.name
         options = ParserContext(name=name, args=self.get_arguments()).help_tuples()
         binary = os.path.basename(sys.argv[0]) or "invoke"
@@ -197,8 +196,6 @@ def preflight_gate(
     transport: str = "ssh",
 ) -> None:
     """Run the preflight checks a stage relies on; stop with preflight's own messages when one fails."""
-    from image_factory.preflight import CHECK_GROUPS, run_preflight
-
     names = hypervisors or list(model.hypervisors)
     console.print(f"preflight ({group}) on {', '.join(names)} ...")
     run_preflight(s, model, names, checks=CHECK_GROUPS[group], images=images,

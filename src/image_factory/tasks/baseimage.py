@@ -6,6 +6,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from image_factory.console import console, emit_json
+from image_factory.lab import baseimage as bi
 from image_factory.tasks._common import handle_errors, json_help, settings, task
 
 
@@ -21,8 +22,6 @@ from image_factory.tasks._common import handle_errors, json_help, settings, task
 def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
                json: bool = False) -> None:
     """Build (or reuse) builds/base/debian-13-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
-    from image_factory.lab import baseimage as bi
-
     s = settings(c)
     if check:
         state = bi.cache_state(s)
@@ -39,8 +38,6 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
 @handle_errors
 def fetch_debs(c: Context, mirror: str | None = None) -> None:
     """Download the base image's .deb files into the shared cache (./dev setup runs this)."""
-    from image_factory.lab import baseimage as bi
-
     s = settings(c)
     fetched = bi.fetch_packages(s, mirror=mirror)
     console.print(f"base image packages {'downloaded' if fetched else 'already cached'}: {bi.base_paths(s).debs}")

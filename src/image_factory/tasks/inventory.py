@@ -8,6 +8,7 @@ from invoke.exceptions import Exit
 from rich.table import Table
 
 from image_factory.console import console, emit_json, styled
+from image_factory.preflight import CHECK_GROUPS, render_table, run_preflight
 from image_factory.site.inventory import eol_gate
 from image_factory.tasks._common import SITE_HELP, handle_errors, json_help, site, task
 
@@ -63,8 +64,6 @@ def preflight(
     TLS, SSH host key, token, PVE version, privileges, storages, free space, bridge, VM id ranges.
     Exits non-zero (3) if any check fails; each failure carries a fix hint.
     """
-    from image_factory.preflight import CHECK_GROUPS, render_table, run_preflight
-
     cfg, model = site(c, inventory, catalogue)
     selected: tuple[str, ...] | None = None
     if checks:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 from invoke.collection import Collection
@@ -10,6 +9,7 @@ from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
 from image_factory.lab import controller
+from image_factory.tasks import baseimage
 from image_factory.tasks._common import handle_errors, json_help, settings, task
 
 
@@ -123,7 +123,5 @@ ns.add_task(status)
 ns.add_task(down)
 ns.add_task(reset)
 
-if importlib.util.find_spec("image_factory.tasks.baseimage") is not None:
-    _baseimage = importlib.import_module("image_factory.tasks.baseimage")
-    ns.add_task(_baseimage.base_image, name="base-image")
-    ns.add_task(_baseimage.fetch_debs, name="fetch-debs")
+ns.add_task(baseimage.base_image, name="base-image")
+ns.add_task(baseimage.fetch_debs, name="fetch-debs")

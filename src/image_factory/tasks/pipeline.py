@@ -10,7 +10,7 @@ from image_factory import options
 from image_factory.console import console, emit_json, mask, styled, write_report
 from image_factory.errors import FactoryError
 from image_factory.lab.demo import DemoReport, run_demo
-from image_factory.pipeline import ImageRun, PipelineReport, default_images, run_pipeline
+from image_factory.pipeline import ImageRun, PipelineReport, default_images, markdown_summary, run_pipeline
 from image_factory.tasks._common import JSON_FILE_HELP, SITE_HELP, handle_errors, json_help, settings, site, task
 
 
@@ -84,8 +84,6 @@ def pipeline_task(
     console.print(_pipeline_table(report))
     _json_out(report.to_dict(), json, json_file)
     if summary:
-        from image_factory.pipeline import markdown_summary
-
         with open(summary, "a", encoding="utf-8") as fh:  # appended: CI summaries collect several steps
             fh.write(mask(markdown_summary(report)))
     if not report.ok:
