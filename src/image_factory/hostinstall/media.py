@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 import requests
 
 from image_factory import tools
-from image_factory.errors import FactoryError
-from image_factory.hostinstall.model import bad_flag
+from image_factory.errors import FactoryError, bad_flag
 from image_factory.image.manifest import sha256_file
 
 ASSISTANT = "proxmox-auto-install-assistant"

@@ -1,4 +1,5 @@
-"""Glue shared by the task modules: settings from invoke config, error to exit-code mapping."""
+"""Glue shared by the task modules: settings from invoke config, the shared help texts, the one error path
+(FactoryError to a message and an exit code; a failed report to a non-zero exit)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 # infrastructure), and -h is always help.
 SHORT_FLAGS = {"inventory": "i", "name": "n"}
 
-INVENTORY_HELP = "Ansible inventory file or directory (default: factory.inventory)"
-CATALOGUE_HELP = "image catalogue YAML (default: factory.images)"
-SITE_HELP = {"inventory": INVENTORY_HELP, "catalogue": CATALOGUE_HELP}
-JSON_FILE_HELP = "also write the JSON report to this file (0600, secrets masked)"
+# The help of every flag that several tasks share, written once so it reads the same in each (a task with a
+# different meaning for the name writes its own).
+FLAG_HELP = {
+    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+    "catalogue": "image catalogue YAML (default: factory.images)",
+    "json_file": "also write the JSON report to this file (0600, secrets masked)",
+    "lab_dir": "lab directory (default: factory.lab_dir, .lab in the repository)",
+}
+
+
+def shared_help(*flags: str) -> dict[str, str]:
+    """The shared help texts of these flags, for a task's ``help={...}``."""
+    return {flag: FLAG_HELP[flag] for flag in flags}
+
+
+INVENTORY_HELP = FLAG_HELP["inventory"]
+SITE_HELP = shared_help("inventory", "catalogue")
+JSON_FILE_HELP = FLAG_HELP["json_file"]
 PLAN_EXIT_CODES = "exit 0: nothing to do, 2: changes pending, 1: blocked or an error"
 
 
@@ -177,6 +192,13 @@ def handle_errors(func: F | None = None, *, plan: bool | str = False) -> Any:
             raise Exit(code=130) from None
 
     return wrapper
+
+
+def exit_unless(ok: bool, code: int = 1) -> None:
+    """End a task non-zero when its report (already shown, saying why) is not ok: the one failure that is no
+    FactoryError (those end in :func:`handle_errors`)."""
+    if not ok:
+        raise Exit(code=code)
 
 
 def exit_plan(*, blocked: bool, pending: bool) -> None:

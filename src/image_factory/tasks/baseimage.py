@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory.console import console, emit_json
 from image_factory.lab import baseimage as bi
-from image_factory.tasks._common import handle_errors, json_help, settings, task
+from image_factory.tasks._common import exit_unless, handle_errors, json_help, settings, task
 
 
 @task(
@@ -26,8 +25,7 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
     if check:
         state = bi.cache_state(s)
         console.print(f"base image: {state}")
-        if state != "ok":
-            raise Exit(code=1)
+        exit_unless(state == "ok")
         return
     path = bi.ensure_base_image(s, force=force, mirror=mirror)
     if json:

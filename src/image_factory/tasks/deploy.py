@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory import deploy as dep
 from image_factory import options
 from image_factory.console import console, emit_json, styled
-from image_factory.errors import Problem, ValidationFailed
+from image_factory.errors import bad_flag
 from image_factory.tasks._common import (
     SITE_HELP,
     dry_run_help,
     exit_plan,
+    exit_unless,
     handle_errors,
     json_help,
     preflight_gate,
@@ -37,9 +37,9 @@ _LOCK_HELP = ("seconds to wait for another run's host lock (publish, retention o
 def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] | None:
     names = [n.strip() for item in (name or []) for n in item.split(",") if n.strip()]
     if names and all_:
-        raise ValidationFailed([Problem("command line", "", "--all", "give VM names or --all, not both")])
+        raise bad_flag("--all", "give VM names or --all, not both")
     if not names and not all_ and plane is None:
-        raise ValidationFailed([Problem("command line", "", "--name", "name VMs (-n NAME), or use --all / --plane")])
+        raise bad_flag("--name", "name VMs (-n NAME), or use --all / --plane")
     return names or None
 
 
@@ -81,16 +81,14 @@ def vm(
     if dry_run:
         planned = dep.DeployPlan([r.plan for r in report.results])
         exit_plan(blocked=planned.blocked, pending=planned.pending)
-    if not report.ok:
-        bad = [r.plan.vm for r in report.results if not r.ok]
-        if not json:
-            console.print(styled("[bold red]not deployed:[/] {}", ", ".join(bad)))
-        raise Exit(code=1)
+    if not report.ok and not json:
+        console.print(styled("[bold red]not deployed:[/] {}", ", ".join(r.plan.vm for r in report.results if not r.ok)))
+    exit_unless(report.ok)
 
 
 def _lock_wait(value: int) -> int:
     if value < 0:
-        raise ValidationFailed([Problem("command line", "", "--lock-wait", f"must be 0 or more seconds (got {value})")])
+        raise bad_flag("--lock-wait", f"must be 0 or more seconds (got {value})")
     return value
 
 

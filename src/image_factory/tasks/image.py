@@ -6,7 +6,6 @@ from dataclasses import asdict
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory import options
 from image_factory.console import console, emit_json, styled
@@ -14,6 +13,7 @@ from image_factory.image import fedora_media, imagetest
 from image_factory.tasks._common import (
     dry_run_help,
     exit_plan,
+    exit_unless,
     fedora_release,
     handle_errors,
     json_help,
@@ -46,8 +46,7 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
                                   build_user=build_user)  # fmt: skip
     if json:
         emit_json(asdict(result))
-    if result.status != "passed":
-        raise Exit(code=1)
+    exit_unless(result.status == "passed")
 
 
 @task(
