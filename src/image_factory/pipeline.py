@@ -111,6 +111,15 @@ def default_images(site: Site) -> list[str]:
     return [name for name in site.images if name in used]
 
 
+def images_to_run(site: Site, images: list[str] | None) -> list[str]:
+    """The images a run would build (``images``, else :func:`default_images`), every one in the catalogue."""
+    names = images or default_images(site)
+    unknown = [n for n in names if n not in site.images]
+    if unknown:
+        raise FactoryError(f"unknown image(s) {', '.join(unknown)} (catalogue: {', '.join(site.images)})")
+    return names
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

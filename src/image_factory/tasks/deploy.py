@@ -8,6 +8,7 @@ from invoke.context import Context
 from image_factory import deploy as dep
 from image_factory import options
 from image_factory.console import console, emit_json, styled
+from image_factory.deploy.gather import hosts_to_check
 from image_factory.errors import bad_flag
 from image_factory.tasks._common import (
     SITE_HELP,
@@ -67,10 +68,7 @@ def vm(
     names = _names(name, all, plane)
     lock_wait = _lock_wait(lock_wait)
     if not skip_preflight:
-        selected = dep.select_vms(model, names, plane=plane)
-        dep.check_placement(model, selected)
-        hosts = sorted({hv.name for v in selected for hv in model.candidates(v)})
-        preflight_gate(settings, model, hosts, "deploy")
+        preflight_gate(settings, model, hosts_to_check(model, names, plane), "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
                             timeout=float(timeout), recreate=recreate, allow_mgmt=i_know_this_is_mgmt,
                             progress=not json, lock_wait=lock_wait)

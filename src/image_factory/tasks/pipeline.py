@@ -7,9 +7,8 @@ from rich.table import Table
 
 from image_factory import options
 from image_factory.console import console, emit_json, mask, styled, write_report
-from image_factory.errors import FactoryError
 from image_factory.lab.demo import DemoReport, run_demo
-from image_factory.pipeline import ImageRun, PipelineReport, default_images, markdown_summary, run_pipeline
+from image_factory.pipeline import ImageRun, PipelineReport, images_to_run, markdown_summary, run_pipeline
 from image_factory.tasks._common import (
     SITE_HELP,
     exit_unless,
@@ -80,11 +79,7 @@ def pipeline_task(
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
     if list_images:
-        names = _names(images) or default_images(model)
-        unknown = [n for n in names if n not in model.images]
-        if unknown:
-            raise FactoryError(f"unknown image(s) {', '.join(unknown)} (catalogue: {', '.join(model.images)})")
-        emit_json(names)  # a CI matrix: one job per image
+        emit_json(images_to_run(model, _names(images)))  # a CI matrix: one job per image
         return
     report = run_pipeline(s, model, _names(images), _names(hypervisors), force=force, keep=keep,
                           transport=transport, preflight=not skip_preflight, allow_eol=allow_eol,
