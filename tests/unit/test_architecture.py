@@ -193,8 +193,14 @@ def test_the_size_check_sees_a_long_function_and_module(tmp_path: Path) -> None:
     assert sizes["big.py"] > 600
 
 
-def test_the_readme_links_the_architecture() -> None:
-    """A newcomer starts at the README: it must lead to the map of the code (docs/architecture.md)."""
+def test_the_readme_links_the_architecture_and_it_names_every_room() -> None:
+    """A newcomer starts at the README: it leads to the map of the code (docs/architecture.md), and the map names
+    every top-level module and package of src/image_factory (a new room is drawn, or this fails)."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert re.search(r"\]\((\./)?docs/architecture\.md\)", readme)
-    assert (REPO_ROOT / "docs" / "architecture.md").is_file()
+    doc = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    src = REPO_ROOT / "src" / "image_factory"
+    rooms = {p.stem if p.is_file() else p.name for p in src.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    assert rooms
+    assert sorted(room for room in rooms if f"`{room}" not in doc) == []
