@@ -304,7 +304,6 @@ FLAG_CASES: list[tuple[str, list[str], str, int]] = [
     ("publish-keep-zero", ["publish.template", "debian-lab", "--keep", "0", "-i", "INV"], "--keep", 2),
     ("pipeline-keep-word", ["pipeline", "--keep", "x", "-i", "INV"], "--keep", 1),
     ("preflight-check-unknown", ["inventory.preflight", "--checks", "bogus", "-i", "INV"], "--checks", 2),
-    ("tenant-format-unknown", ["tenant.export", "t1", "--format", "hcl", "-i", "INV"], "--format", 2),
 ]
 
 
