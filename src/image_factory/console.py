@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,6 @@ def write_report(path: str | Path, data: Any) -> Path:
 def log_line(subject: str, message: str) -> None:
     """One timestamped line for logs without a terminal (CI, ``./dev demo > file``): where a terminal
     shows live progress, a log gets ``2026-11-28T01:02:03Z subject: message`` lines instead."""
-    from datetime import UTC, datetime
-
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     console.print(f"{stamp} {subject}: {message}", markup=False, highlight=False)
 

@@ -48,6 +48,11 @@ class ValidationFailed(FactoryError):
         super().__init__(f"{len(self.problems)} problem(s) found:\n{lines}")
 
 
+def bad_flag(flag: str, message: str) -> ValidationFailed:
+    """A command-line mistake: exit 2 like every bad input, named by its flag."""
+    return ValidationFailed([Problem("command line", "", flag, message)])
+
+
 class SecretError(FactoryError):
     """A secret could not be read from the place the configuration names."""
 

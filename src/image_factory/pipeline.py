@@ -10,14 +10,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from image_factory import preflight as pf
+from image_factory import publish
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
-from image_factory.image import contents
+from image_factory.image import build, contents, imagetest, manifest, upstream
 from image_factory.reports import Report
 from image_factory.settings import Settings
-from image_factory.site.inventory import Image, Site
+from image_factory.site.inventory import Image, Site, eol_gate
 
 
 @dataclass
@@ -46,8 +49,7 @@ class PipelineReport(Report):
         return all(run.status == "ok" for run in self.images)
 
 
-
-def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
+def _package_changes(build_dir: Path, build_id: str) -> dict[str, Any] | None:
     """package-diff.json of this build (written by the image test against the build before), if any."""
     try:
         data = json.loads((build_dir / contents.DIFF_NAME).read_text(encoding="utf-8"))
@@ -58,8 +60,6 @@ def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
 
 def _security_updates(settings: Settings, image: Image, changes: dict[str, Any]) -> list[str] | str:
     """Which of the changes are security fixes (Debian: the versions a -security suite ships), or why unknown."""
-    from image_factory.image import upstream
-
     try:
         return upstream.security_updates(changes, image.upstream_repositories, settings.resolve("packer/keys"),
                                          image.release, resolve=settings.resolve)
@@ -111,8 +111,31 @@ def default_images(site: Site) -> list[str]:
     return [name for name in site.images if name in used]
 
 
+def images_to_run(site: Site, images: list[str] | None) -> list[str]:
+    """The images a run would build (``images``, else :func:`default_images`), every one in the catalogue."""
+    names = images or default_images(site)
+    unknown = [n for n in names if n not in site.images]
+    if unknown:
+        raise FactoryError(f"unknown image(s) {', '.join(unknown)} (catalogue: {', '.join(site.images)})")
+    return names
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What every image of one run is built, tested and published with."""
+
+    hypervisors: list[str] | None
+    force: bool
+    keep: int
+    transport: str
+    accelerator: str | None
+    progress: bool
+    allow_eol: bool
+    offline: bool
 
 
 def run_pipeline(
@@ -130,11 +153,6 @@ def run_pipeline(
     allow_eol: bool = False,
     offline: bool = False,
 ) -> PipelineReport:
-    from image_factory import preflight as pf
-    from image_factory import publish
-    from image_factory.image import build, imagetest, manifest
-    from image_factory.site.inventory import eol_gate
-
     names = images or default_images(site)
     for name in names:
         site.image(name)  # unknown names fail before anything runs
@@ -146,58 +164,15 @@ def run_pipeline(
         console.print(f"preflight (publish) on {', '.join(hosts)} ...")
         pf.run_preflight(settings, site, hosts, checks=pf.PUBLISH_CHECKS, images=names,
                          transport=transport).raise_for_failures()
+    options = _Options(hypervisors, force, keep, transport, accelerator, progress, allow_eol, offline)
     report = PipelineReport(started_at=_now())
     started = time.monotonic()
     for name in names:
         run = ImageRun(name)
         report.images.append(run)
-        image = site.images[name]
         console.rule(styled("[bold]{}", name))
         try:
-            run.stage = "build"
-            t0 = time.monotonic()
-            with build.progress_for(name) as build_progress:
-                outcome = build.build_image(settings, image, force=force,
-                                            accelerator=accelerator or settings.accelerator, allow_eol=allow_eol,
-                                            on_event=build_progress, offline=offline)
-            run.durations["build"] = round(time.monotonic() - t0, 1)
-            m = outcome.manifest
-            if m is None:
-                raise FactoryError(f"{name}: the build produced no manifest")
-            run.build = {
-                "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
-                "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
-                "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
-            }
-
-            run.stage = "test"
-            t0 = time.monotonic()
-            if m.tested_ok():
-                run.tests = {"status": "passed", "cached": True}
-            else:
-                result = imagetest.test_image(settings, image, outcome.build_dir)
-                run.tests = {
-                    "status": result.status, "passed": result.passed, "failed": result.failed,
-                    "errors": result.errors, "failures": result.failures, "cached": False,
-                }
-                m = manifest.require(outcome.build_dir)
-            run.durations["test"] = round(time.monotonic() - t0, 1)
-            run.build["package_changes"] = changes = _package_changes(outcome.build_dir, m.build_id)
-            if changes and not offline:
-                run.build["security_updates"] = _security_updates(settings, image, changes)
-            if not m.tested_ok():
-                failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
-                raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")
-
-            run.stage = "publish"
-            t0 = time.monotonic()
-            pub = publish.publish_image(
-                settings, site, name, hypervisors=hypervisors, transport=transport, keep=keep, progress=progress
-            )
-            run.durations["publish"] = round(time.monotonic() - t0, 1)
-            run.publish = pub.to_dict()
-            if not pub.ok:
-                raise FactoryError(f"{name}: publish failed on {', '.join(pub.failed_hosts())}")
+            _run_image(settings, site, site.images[name], run, options)
             run.status, run.stage = "ok", ""
         except FactoryError as exc:
             run.status, run.error = "failed", str(exc)
@@ -205,3 +180,65 @@ def run_pipeline(
     report.finished_at = _now()
     report.total_s = round(time.monotonic() - started, 1)
     return report
+
+
+def _run_image(settings: Settings, site: Site, image: Image, run: ImageRun, options: _Options) -> None:
+    """One image through build, test and publish; a FactoryError stops it at the stage ``run.stage`` names."""
+    outcome, m = _build(settings, image, run, options)
+    m = _test(settings, image, run, outcome.build_dir, m)
+    run.build["package_changes"] = changes = _package_changes(outcome.build_dir, m.build_id)
+    if changes and not options.offline:
+        run.build["security_updates"] = _security_updates(settings, image, changes)
+    if not m.tested_ok():
+        failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
+        raise FactoryError(f"{image.name}: image tests failed ({failing}); not publishing")
+    _publish(settings, site, image.name, run, options)
+
+
+def _build(
+    settings: Settings, image: Image, run: ImageRun, options: _Options,
+) -> tuple[build.BuildOutcome, manifest.Manifest]:
+    run.stage = "build"
+    t0 = time.monotonic()
+    with build.progress_for(image.name) as build_progress:
+        outcome = build.build_image(settings, image, force=options.force,
+                                    accelerator=options.accelerator or settings.accelerator,
+                                    allow_eol=options.allow_eol, on_event=build_progress, offline=options.offline)
+    run.durations["build"] = round(time.monotonic() - t0, 1)
+    m = outcome.manifest
+    if m is None:
+        raise FactoryError(f"{image.name}: the build produced no manifest")
+    run.build = {
+        "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
+        "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
+        "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
+    }
+    return outcome, m
+
+
+def _test(settings: Settings, image: Image, run: ImageRun, build_dir: Path, m: manifest.Manifest) -> manifest.Manifest:
+    """The image test, unless this build already passed it; the manifest as the test left it."""
+    run.stage = "test"
+    t0 = time.monotonic()
+    if m.tested_ok():
+        run.tests = {"status": "passed", "cached": True}
+    else:
+        result = imagetest.test_image(settings, image, build_dir)
+        run.tests = {
+            "status": result.status, "passed": result.passed, "failed": result.failed,
+            "errors": result.errors, "failures": result.failures, "cached": False,
+        }
+        m = manifest.require(build_dir)
+    run.durations["test"] = round(time.monotonic() - t0, 1)
+    return m
+
+
+def _publish(settings: Settings, site: Site, name: str, run: ImageRun, options: _Options) -> None:
+    run.stage = "publish"
+    t0 = time.monotonic()
+    pub = publish.publish_image(settings, site, name, hypervisors=options.hypervisors, transport=options.transport,
+                                keep=options.keep, progress=options.progress)
+    run.durations["publish"] = round(time.monotonic() - t0, 1)
+    run.publish = pub.to_dict()
+    if not pub.ok:
+        raise FactoryError(f"{name}: publish failed on {', '.join(pub.failed_hosts())}")

@@ -18,6 +18,7 @@ from invoke import Collection, Program
 from image_factory.deploy.model import FieldDiff, VmPlan
 from image_factory.image.manifest import sha256_file
 from image_factory.settings import REPO_ROOT
+from image_factory.tasks._common import FLAG_HELP
 
 from .test_build import fake_packer, no_validate  # noqa: F401 - fixtures
 from .test_deploy_fakepve import FakeSite, add_template, agents, fs  # noqa: F401 - fixtures
@@ -221,3 +222,21 @@ def test_build_dry_run_exits_2_until_the_build_is_current(
     assert code == 1 and "'warp'" in err, "bad input in a plan is 1, not 2 (changes pending)"
     code, _, err = run_cli(["build.image", "debian-lab", "--ansible-strategy", "warp", "--force"], capsys)
     assert code == 2 and "'warp'" in err, "the same bad input in a run is 2"
+
+
+# Tasks whose flag of a shared name says more than the shared text, on purpose.
+OWN_HELP = {("mac.check", "catalogue"), ("image.refresh", "catalogue")}
+
+
+def test_a_shared_flag_reads_the_same_in_every_task() -> None:
+    """Help of a flag several tasks share comes from one table (tasks._common.FLAG_HELP), never a copy that drifts."""
+    ns = collection()
+    seen, drifted = set(), []
+    for name in ns.task_names:
+        for flag, text in ns[name].help.items():
+            if flag in FLAG_HELP and (name, flag) not in OWN_HELP:
+                seen.add(flag)
+                if text != FLAG_HELP[flag]:
+                    drifted.append(f"{name} --{flag.replace('_', '-')}: {text!r}")
+    assert drifted == []
+    assert seen == set(FLAG_HELP)  # every entry of the table is used

@@ -303,6 +303,7 @@ FLAG_CASES: list[tuple[str, list[str], str, int]] = [
     ("publish-keep-word", ["publish.template", "debian-lab", "--keep", "three", "-i", "INV"], "--keep", 2),
     ("publish-keep-zero", ["publish.template", "debian-lab", "--keep", "0", "-i", "INV"], "--keep", 2),
     ("pipeline-keep-word", ["pipeline", "--keep", "x", "-i", "INV"], "--keep", 1),
+    ("preflight-check-unknown", ["inventory.preflight", "--checks", "bogus", "-i", "INV"], "--checks", 2),
 ]
 
 

@@ -17,6 +17,14 @@ from image_factory.settings import Settings
 from image_factory.site.inventory import Hypervisor, Site, Vm
 
 
+def hosts_to_check(site: Site, names: list[str] | None, plane: str | None = None) -> list[str]:
+    """The hypervisors a deploy of these VMs may touch (every candidate of each), for its preflight; a VM that
+    cannot be placed fails here, before any host is read."""
+    selected = select_vms(site, names, plane=plane)
+    check_placement(site, selected)
+    return sorted({hv.name for vm in selected for hv in site.candidates(vm)})
+
+
 def effective_config(client: PveClient, vmid: int) -> tuple[dict[str, Any], list[str], str]:
     """The config the next start will use (pending values applied), the pending keys, and the digest."""
     config = client.vm_config(vmid)

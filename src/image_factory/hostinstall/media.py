@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import requests
+
 from image_factory import tools
-from image_factory.errors import FactoryError
-from image_factory.hostinstall.model import bad_flag
+from image_factory.errors import FactoryError, bad_flag
 from image_factory.image.manifest import sha256_file
 
 ASSISTANT = "proxmox-auto-install-assistant"
@@ -112,8 +113,6 @@ def read_sums(source: str, get: Callable[[str], str] | None = None) -> str:
 
 
 def _https_get(url: str) -> str:
-    import requests
-
     try:
         response = requests.get(url, timeout=SUMS_TIMEOUT)
         response.raise_for_status()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from image_factory.errors import Problem, ValidationFailed
-
 # The installer releases whose answer schema the rendered answers are checked against (tests/data).
 SUPPORTED_INSTALLERS = ("8.4", "9.1")
 FIRST_BOOT_ORDERING = "fully-up"  # after multi-user.target: pve-cluster has written the API certificate
@@ -26,6 +24,3 @@ class RenderedAnswer:
     toml: str
 
 
-def bad_flag(flag: str, message: str) -> ValidationFailed:
-    """A command-line mistake: exit 2 like every bad input, named by its flag."""
-    return ValidationFailed([Problem("command line", "", flag, message)])

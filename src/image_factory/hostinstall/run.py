@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from image_factory.errors import bad_flag
 from image_factory.files import write_atomic
 from image_factory.hostinstall.answer import AnswerError
 from image_factory.hostinstall.firstboot import FIRST_BOOT_HOOK
 from image_factory.hostinstall.gather import rendered_answers
 from image_factory.hostinstall.media import MediaPlan, find_assistant, prepare, read_sums
-from image_factory.hostinstall.model import RenderedAnswer, bad_flag
+from image_factory.hostinstall.model import RenderedAnswer
 from image_factory.hostinstall.server import AnswerServer, certificate_fingerprint, ensure_certificate
 from image_factory.site.inventory import Hypervisor, Site
 from image_factory.site.secrets import read_secret

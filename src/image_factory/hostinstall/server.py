@@ -28,6 +28,11 @@ from socket import socket
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from image_factory.errors import FactoryError
 from image_factory.files import write_atomic
 from image_factory.hostinstall.model import RenderedAnswer
@@ -132,11 +137,6 @@ def ensure_certificate(cert: Path, key: Path, names: list[str]) -> bool:
         return False
     if cert.exists() or key.exists():
         raise AnswerServerError(f"only one of {cert} and {key} exists; remove it or give both (--cert/--key)")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     private = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     alt: list[x509.GeneralName] = []

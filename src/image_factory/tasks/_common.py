@@ -1,4 +1,5 @@
-"""Glue shared by the task modules: settings from invoke config, error to exit-code mapping."""
+"""Glue shared by the task modules: settings from invoke config, the shared help texts, the one error path
+(FactoryError to a message and an exit code; a failed report to a non-zero exit)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from typing import Any, TypeVar
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit, ParseError
-from invoke.parser import Argument
+from invoke.parser import Argument, ParserContext
+from invoke.program import Program
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
+from image_factory.preflight import CHECK_GROUPS, run_preflight
 from image_factory.settings import Settings
 from image_factory.site.inventory import Site, load_site
 
@@ -29,10 +32,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 # infrastructure), and -h is always help.
 SHORT_FLAGS = {"inventory": "i", "name": "n"}
 
-INVENTORY_HELP = "Ansible inventory file or directory (default: factory.inventory)"
-CATALOGUE_HELP = "image catalogue YAML (default: factory.images)"
-SITE_HELP = {"inventory": INVENTORY_HELP, "catalogue": CATALOGUE_HELP}
-JSON_FILE_HELP = "also write the JSON report to this file (0600, secrets masked)"
+# The help of every flag that several tasks share, written once so it reads the same in each (a task with a
+# different meaning for the name writes its own).
+FLAG_HELP = {
+    "inventory": "Ansible inventory file or directory (default: factory.inventory)",
+    "catalogue": "image catalogue YAML (default: factory.images)",
+    "json_file": "also write the JSON report to this file (0600, secrets masked)",
+    "lab_dir": "lab directory (default: factory.lab_dir, .lab in the repository)",
+}
+
+
+def shared_help(*flags: str) -> dict[str, str]:
+    """The shared help texts of these flags, for a task's ``help={...}``."""
+    return {flag: FLAG_HELP[flag] for flag in flags}
+
+
+INVENTORY_HELP = FLAG_HELP["inventory"]
+SITE_HELP = shared_help("inventory", "catalogue")
+JSON_FILE_HELP = FLAG_HELP["json_file"]
 PLAN_EXIT_CODES = "exit 0: nothing to do, 2: changes pending, 1: blocked or an error"
 
 
@@ -84,9 +101,6 @@ class FactoryTask(Task):
 
     def print_help(self) -> None:
         """What `invoke --help TASK` prints (invoke's own printer needs the whole program around it)."""
-        from invoke.parser import ParserContext
-        from invoke.program import Program
-
         name = self.full_name or self.name
         options = ParserContext(name=name, args=self.get_arguments()).help_tuples()
         binary = os.path.basename(sys.argv[0]) or "invoke"
@@ -180,6 +194,13 @@ def handle_errors(func: F | None = None, *, plan: bool | str = False) -> Any:
     return wrapper
 
 
+def exit_unless(ok: bool, code: int = 1) -> None:
+    """End a task non-zero when its report (already shown, saying why) is not ok: the one failure that is no
+    FactoryError (those end in :func:`handle_errors`)."""
+    if not ok:
+        raise Exit(code=code)
+
+
 def exit_plan(*, blocked: bool, pending: bool) -> None:
     """End a plan with Terraform's detailed exit codes (``terraform plan -detailed-exitcode``).
 
@@ -197,8 +218,6 @@ def preflight_gate(
     transport: str = "ssh",
 ) -> None:
     """Run the preflight checks a stage relies on; stop with preflight's own messages when one fails."""
-    from image_factory.preflight import CHECK_GROUPS, run_preflight
-
     names = hypervisors or list(model.hypervisors)
     console.print(f"preflight ({group}) on {', '.join(names)} ...")
     run_preflight(s, model, names, checks=CHECK_GROUPS[group], images=images,

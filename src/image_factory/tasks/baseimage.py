@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory.console import console, emit_json
-from image_factory.tasks._common import handle_errors, json_help, settings, task
+from image_factory.lab import baseimage as bi
+from image_factory.tasks._common import exit_unless, handle_errors, json_help, settings, task
 
 
 @task(
@@ -21,14 +21,11 @@ from image_factory.tasks._common import handle_errors, json_help, settings, task
 def base_image(c: Context, force: bool = False, mirror: str | None = None, check: bool = False,
                json: bool = False) -> None:
     """Build (or reuse) builds/base/debian-13-base.qcow2: debootstrap, mkfs.ext4 -d, GRUB, qcow2."""
-    from image_factory.lab import baseimage as bi
-
     s = settings(c)
     if check:
         state = bi.cache_state(s)
         console.print(f"base image: {state}")
-        if state != "ok":
-            raise Exit(code=1)
+        exit_unless(state == "ok")
         return
     path = bi.ensure_base_image(s, force=force, mirror=mirror)
     if json:
@@ -39,8 +36,6 @@ def base_image(c: Context, force: bool = False, mirror: str | None = None, check
 @handle_errors
 def fetch_debs(c: Context, mirror: str | None = None) -> None:
     """Download the base image's .deb files into the shared cache (./dev setup runs this)."""
-    from image_factory.lab import baseimage as bi
-
     s = settings(c)
     fetched = bi.fetch_packages(s, mirror=mirror)
     console.print(f"base image packages {'downloaded' if fetched else 'already cached'}: {bi.base_paths(s).debs}")

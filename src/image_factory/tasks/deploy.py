@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory import deploy as dep
 from image_factory import options
 from image_factory.console import console, emit_json, styled
-from image_factory.errors import Problem, ValidationFailed
+from image_factory.deploy.gather import hosts_to_check
+from image_factory.errors import bad_flag
 from image_factory.tasks._common import (
     SITE_HELP,
     dry_run_help,
     exit_plan,
+    exit_unless,
     handle_errors,
     json_help,
     preflight_gate,
@@ -37,9 +38,9 @@ _LOCK_HELP = ("seconds to wait for another run's host lock (publish, retention o
 def _names(name: list[str] | None, all_: bool, plane: str | None) -> list[str] | None:
     names = [n.strip() for item in (name or []) for n in item.split(",") if n.strip()]
     if names and all_:
-        raise ValidationFailed([Problem("command line", "", "--all", "give VM names or --all, not both")])
+        raise bad_flag("--all", "give VM names or --all, not both")
     if not names and not all_ and plane is None:
-        raise ValidationFailed([Problem("command line", "", "--name", "name VMs (-n NAME), or use --all / --plane")])
+        raise bad_flag("--name", "name VMs (-n NAME), or use --all / --plane")
     return names or None
 
 
@@ -67,10 +68,7 @@ def vm(
     names = _names(name, all, plane)
     lock_wait = _lock_wait(lock_wait)
     if not skip_preflight:
-        selected = dep.select_vms(model, names, plane=plane)
-        dep.check_placement(model, selected)
-        hosts = sorted({hv.name for v in selected for hv in model.candidates(v)})
-        preflight_gate(settings, model, hosts, "deploy")
+        preflight_gate(settings, model, hosts_to_check(model, names, plane), "deploy")
     report = dep.deploy_vms(settings, model, names, plane=plane, dry_run=dry_run, wait=not no_wait,
                             timeout=float(timeout), recreate=recreate, allow_mgmt=i_know_this_is_mgmt,
                             progress=not json, lock_wait=lock_wait)
@@ -81,16 +79,14 @@ def vm(
     if dry_run:
         planned = dep.DeployPlan([r.plan for r in report.results])
         exit_plan(blocked=planned.blocked, pending=planned.pending)
-    if not report.ok:
-        bad = [r.plan.vm for r in report.results if not r.ok]
-        if not json:
-            console.print(styled("[bold red]not deployed:[/] {}", ", ".join(bad)))
-        raise Exit(code=1)
+    if not report.ok and not json:
+        console.print(styled("[bold red]not deployed:[/] {}", ", ".join(r.plan.vm for r in report.results if not r.ok)))
+    exit_unless(report.ok)
 
 
 def _lock_wait(value: int) -> int:
     if value < 0:
-        raise ValidationFailed([Problem("command line", "", "--lock-wait", f"must be 0 or more seconds (got {value})")])
+        raise bad_flag("--lock-wait", f"must be 0 or more seconds (got {value})")
     return value
 
 

@@ -8,9 +8,9 @@ from invoke.collection import Collection
 from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
+from image_factory.errors import bad_flag
 from image_factory.hostinstall import run as hostinstall
 from image_factory.hostinstall.media import FETCH_MODES
-from image_factory.hostinstall.model import bad_flag
 from image_factory.tasks._common import SITE_HELP, handle_errors, json_help, site, task
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 
+from image_factory import options
 from image_factory.console import console, emit_json, styled
+from image_factory.image import fedora_media, imagetest
 from image_factory.tasks._common import (
     dry_run_help,
     exit_plan,
+    exit_unless,
     fedora_release,
     handle_errors,
     json_help,
@@ -34,11 +38,6 @@ from image_factory.tasks._common import (
 def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = False,
           automation_user: str = "ansible", build_user: str | None = None, json: bool = False) -> None:
     """Boot NAME's artifact on a throwaway overlay with a NoCloud seed, run its suites, record the result."""
-    from dataclasses import asdict
-
-    from image_factory import options
-    from image_factory.image import imagetest
-
     options.seconds("--timeout", timeout)
     settings, s = site(c)
     img = s.image(name)
@@ -47,8 +46,7 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
                                   build_user=build_user)  # fmt: skip
     if json:
         emit_json(asdict(result))
-    if result.status != "passed":
-        raise Exit(code=1)
+    exit_unless(result.status == "passed")
 
 
 @task(
@@ -64,8 +62,6 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
 def refresh(c: Context, release: int | None = None, dry_run: bool = False, releases_url: str | None = None,
             catalogue: str | None = None) -> None:
     """Point the catalogue's Fedora entries at the current media, sha256 taken from the signed CHECKSUM only."""
-    from image_factory.image import fedora_media
-
     s = settings(c, images=catalogue)
     rel = fedora_release(c, release)
     url = releases_url or str(c.config.get("factory", {}).get("fedora_releases_url") or fedora_media.RELEASES_URL)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 from rich.table import Table
 
 from image_factory.console import console, emit_json, styled
+from image_factory.errors import bad_flag
+from image_factory.preflight import CHECK_GROUPS, render_table, run_preflight
 from image_factory.site.inventory import eol_gate
-from image_factory.tasks._common import SITE_HELP, handle_errors, json_help, site, task
+from image_factory.tasks._common import SITE_HELP, exit_unless, handle_errors, json_help, site, task
 
 
 @task(
@@ -63,8 +64,6 @@ def preflight(
     TLS, SSH host key, token, PVE version, privileges, storages, free space, bridge, VM id ranges.
     Exits non-zero (3) if any check fails; each failure carries a fix hint.
     """
-    from image_factory.preflight import CHECK_GROUPS, render_table, run_preflight
-
     cfg, model = site(c, inventory, catalogue)
     selected: tuple[str, ...] | None = None
     if checks:
@@ -74,8 +73,8 @@ def preflight(
         selected = tuple(names)
     try:
         report = run_preflight(cfg, model, hypervisor or None, checks=selected)
-    except ValueError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
+    except ValueError as exc:  # an unknown check's name
+        raise bad_flag("--checks", str(exc)) from None
     if json:
         emit_json(report.to_dict())
     else:
@@ -84,7 +83,7 @@ def preflight(
         failed = report.failures()
         console.print(styled("[bold red]preflight failed:[/] {} check(s) on {}", len(failed),
                              ", ".join(sorted({h for h, _ in failed}))))
-        raise Exit(code=3)
+    exit_unless(report.ok, code=3)
 
 
 ns = Collection("inventory")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 from invoke.collection import Collection
@@ -10,7 +9,8 @@ from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
 from image_factory.lab import controller
-from image_factory.tasks._common import handle_errors, json_help, settings, task
+from image_factory.tasks import baseimage
+from image_factory.tasks._common import handle_errors, json_help, settings, shared_help, task
 
 
 def _real_boot(value: str | None) -> str | list[str] | None:
@@ -22,7 +22,7 @@ def _real_boot(value: str | None) -> str | list[str] | None:
 
 
 @task(help={
-    "lab_dir": "lab directory (default: factory.lab_dir, .lab in the repository)",
+    **shared_help("lab_dir"),
     "real_boot": "which started VMs boot a real qemu: all, none, or comma-separated VM names",
     "time_scale": "real seconds per PVE second for tasks and lock waits (0: tasks finish at once)",
     "durations": "add PVE-like task durations (clone, import, start, ...)",
@@ -85,7 +85,7 @@ def _print_status(info: dict[str, object]) -> None:
                           f"{' template' if vm['template'] else ''}{extra}")
 
 
-@task(help={"lab_dir": "lab directory (default: factory.lab_dir)", "json": json_help("the status")})
+@task(help={**shared_help("lab_dir"), "json": json_help("the status")})
 @handle_errors
 def status(c: Context, lab_dir: str | None = None, json: bool = False) -> None:
     """Show the lab: hosts, addresses, pids, VMs and their qemu."""
@@ -98,7 +98,7 @@ def status(c: Context, lab_dir: str | None = None, json: bool = False) -> None:
     _print_status(info)
 
 
-@task(help={"lab_dir": "lab directory (default: factory.lab_dir)"})
+@task(help=shared_help("lab_dir"))
 @handle_errors
 def down(c: Context, lab_dir: str | None = None) -> None:
     """Stop exactly the lab's tracked processes (VM qemus, API servers, sshds)."""
@@ -108,7 +108,7 @@ def down(c: Context, lab_dir: str | None = None) -> None:
     console.print(f"lab down: stopped {len(stopped)} process(es)" + (f"; still running: {left}" if left else ""))
 
 
-@task(help={"lab_dir": "lab directory (default: factory.lab_dir)"})
+@task(help=shared_help("lab_dir"))
 @handle_errors
 def reset(c: Context, lab_dir: str | None = None) -> None:
     """Wipe the running lab's hosts: no VMs, templates, disks, imports, tasks or faults."""
@@ -123,7 +123,5 @@ ns.add_task(status)
 ns.add_task(down)
 ns.add_task(reset)
 
-if importlib.util.find_spec("image_factory.tasks.baseimage") is not None:
-    _baseimage = importlib.import_module("image_factory.tasks.baseimage")
-    ns.add_task(_baseimage.base_image, name="base-image")
-    ns.add_task(_baseimage.fetch_debs, name="fetch-debs")
+ns.add_task(baseimage.base_image, name="base-image")
+ns.add_task(baseimage.fetch_debs, name="fetch-debs")

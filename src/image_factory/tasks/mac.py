@@ -6,11 +6,12 @@ import sys
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.exceptions import Exit
 
 from image_factory.console import console, styled
+from image_factory.pve.livemacs import read_all, site_collisions
 from image_factory.site import mac as macs
-from image_factory.tasks._common import INVENTORY_HELP, SITE_HELP, handle_errors, settings, site, task
+from image_factory.site.inventory import load_site
+from image_factory.tasks._common import INVENTORY_HELP, SITE_HELP, exit_unless, handle_errors, settings, site, task
 
 
 @task(
@@ -49,9 +50,6 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
     count = macs.check(s.inventory, s.images)
     console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
     if live:
-        from image_factory.pve.livemacs import read_all, site_collisions
-        from image_factory.site.inventory import load_site
-
         site = load_site(s.inventory, s.images)
         uses, unreadable = read_all(site)
         collisions = site_collisions(site, uses)
@@ -59,8 +57,7 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
             console.print(styled("[bold red]collision:[/] {}", collision))
         for host, why in unreadable.items():
             console.print(styled("[bold red]unreadable:[/] {}: {}", host, why))
-        if collisions or unreadable:
-            raise Exit(code=1)
+        exit_unless(not (collisions or unreadable))
         console.print(styled("[green]ok:[/] no inventory MAC is on another VM of {}", ", ".join(site.hypervisors)))
 
 

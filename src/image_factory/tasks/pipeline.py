@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from invoke.context import Context
-from invoke.exceptions import Exit
 from rich.table import Table
 
 from image_factory import options
 from image_factory.console import console, emit_json, mask, styled, write_report
-from image_factory.errors import FactoryError
 from image_factory.lab.demo import DemoReport, run_demo
-from image_factory.pipeline import ImageRun, PipelineReport, default_images, run_pipeline
-from image_factory.tasks._common import JSON_FILE_HELP, SITE_HELP, handle_errors, json_help, settings, site, task
+from image_factory.pipeline import ImageRun, PipelineReport, images_to_run, markdown_summary, run_pipeline
+from image_factory.tasks._common import (
+    SITE_HELP,
+    exit_unless,
+    handle_errors,
+    json_help,
+    settings,
+    shared_help,
+    site,
+    task,
+)
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -53,7 +60,7 @@ def _pipeline_table(report: PipelineReport) -> Table:
         "keep": "templates to keep per image and host (retention)",
         "transport": "upload transport: ssh (default) or api",
         "json": json_help("the report"),
-        "json_file": JSON_FILE_HELP,
+        **shared_help("json_file"),
         **SITE_HELP,
         "skip_preflight": "do not run the publish preflight checks before building",
         "allow_eol": "build images past their end of life (from the archive) instead of refusing them",
@@ -72,11 +79,7 @@ def pipeline_task(
     """Nightly job: per image render, build (cache-aware), test, publish to every hypervisor, prune."""
     s, model = site(c, inventory, catalogue)
     if list_images:
-        names = _names(images) or default_images(model)
-        unknown = [n for n in names if n not in model.images]
-        if unknown:
-            raise FactoryError(f"unknown image(s) {', '.join(unknown)} (catalogue: {', '.join(model.images)})")
-        emit_json(names)  # a CI matrix: one job per image
+        emit_json(images_to_run(model, _names(images)))  # a CI matrix: one job per image
         return
     report = run_pipeline(s, model, _names(images), _names(hypervisors), force=force, keep=keep,
                           transport=transport, preflight=not skip_preflight, allow_eol=allow_eol,
@@ -84,12 +87,9 @@ def pipeline_task(
     console.print(_pipeline_table(report))
     _json_out(report.to_dict(), json, json_file)
     if summary:
-        from image_factory.pipeline import markdown_summary
-
         with open(summary, "a", encoding="utf-8") as fh:  # appended: CI summaries collect several steps
             fh.write(mask(markdown_summary(report)))
-    if not report.ok:
-        raise Exit(code=1)
+    exit_unless(report.ok)
 
 
 def _demo_summary(report: DemoReport) -> None:
@@ -110,7 +110,7 @@ def _demo_summary(report: DemoReport) -> None:
         "teardown": "stop the lab at the end instead of leaving it up for inspection",
         "force": "rebuild the fixture image even when cached",
         "json": json_help("the demo report"),
-        "json_file": JSON_FILE_HELP,
+        **shared_help("json_file"),
         "timeout": "seconds to wait for each VM to become ready",
     }
 )
@@ -127,5 +127,4 @@ def demo(c: Context, real_boot: str = "metrics01", teardown: bool = False, force
         console.print(_pipeline_table(PipelineReport(data["started_at"], data["finished_at"], data["total_s"], runs)))
     _demo_summary(report)
     _json_out(report.to_dict(), json, json_file)
-    if not report.ok:
-        raise Exit(code=1)
+    exit_unless(report.ok)

@@ -9,7 +9,7 @@ from invoke.context import Context
 
 from image_factory import deploy as dep
 from image_factory.console import console
-from image_factory.errors import Problem, ValidationFailed
+from image_factory.errors import bad_flag
 from image_factory.handoffs import tofu
 from image_factory.tasks._common import SITE_HELP, handle_errors, site, task
 
@@ -30,7 +30,7 @@ def export(c: Context, tenant: str, format: str = "tofu", output: str = "tofu", 
     """A tenant's VMs as OpenTofu configuration, from the deploy plan and the configs of the VMs (or the
     templates they clone): reads the hypervisors, changes nothing."""
     if format not in FORMATS:
-        raise ValidationFailed([Problem("command line", "", "--format", f"unknown format {format!r} (have: tofu)")])
+        raise bad_flag("--format", f"unknown format {format!r} (have: tofu)")
     settings, model = site(c, inventory, catalogue)
     names = [vm.name for vm in model.vms.values() if vm.tenant == tenant]
     plan = dep.plan_deploy(settings, model, names) if names else dep.DeployPlan([])
