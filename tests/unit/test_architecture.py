@@ -115,9 +115,6 @@ SIZE_EXCEPTIONS: dict[str, str] = {
     "image/render.py": _SPLITTING.format("build"),
     "image/render.py::render_image": _SPLITTING.format("build"),
     "publish.py": _SPLITTING.format("publish"),
-    "site/inventory.py": _SPLITTING.format("site"),
-    "site/inventory.py::load_site": _SPLITTING.format("site"),
-    "site/inventory.py::_cross_checks": _SPLITTING.format("site"),
 }
 
 
