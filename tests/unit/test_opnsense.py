@@ -12,10 +12,10 @@ from fakepve.certs import make_cert
 
 from image_factory.errors import FactoryError
 from image_factory.handoffs import opnsense as opn
+from image_factory.handoffs.dhcp import export, reservations
 from image_factory.lab.opnsense_fake import FakeOpnsense, serve
 from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import load_site
-from image_factory.site.mac import reservations
 
 pytestmark = pytest.mark.unit
 
@@ -422,8 +422,6 @@ def test_an_imported_export_is_the_factorys_own_to_sync(fake: Any, inventory: Pa
     """mac.export --format opnsense carries sync's marker and tags: merged into config.xml, sync finds every
     entry its own and equal, so it plans no conflict and no write."""
     import xml.etree.ElementTree as ET
-
-    from image_factory.site.mac import export
 
     api, url, cert = fake
     site = load_site(inventory, REPO_ROOT / "packer/images.yml")

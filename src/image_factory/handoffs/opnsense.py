@@ -27,9 +27,9 @@ from typing import Any, cast
 import requests
 
 from image_factory.errors import FactoryError, RemoteError
+from image_factory.handoffs.dhcp import DHCP_MARKER, Reservation, host_marker, tenant_marker, tenant_tag
 from image_factory.reports import Report
 from image_factory.site.inventory import Tenant
-from image_factory.site.mac import DHCP_MARKER, Reservation, host_marker, tenant_marker, tenant_tag
 from image_factory.tls import VerifiedTlsAdapter
 
 MARKER = DHCP_MARKER

@@ -34,10 +34,10 @@ from typing import Any
 
 from image_factory.deploy import DeployPlan, VmPlan
 from image_factory.errors import FactoryError, Problem, RemoteError, ValidationFailed
+from image_factory.handoffs.output import write_output
 from image_factory.pve.client import PveClient
 from image_factory.pve.codec import parse_props
 from image_factory.site.inventory import Hypervisor, Site, StaticIp, StaticIp6, Vm
-from image_factory.site.mac import write_output
 
 PROVIDER_SOURCE = "bpg/proxmox"
 PROVIDER_VERSION = "0.111.1"  # the release the read-back rules below were checked against
