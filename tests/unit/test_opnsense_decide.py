@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 
-from image_factory.handoffs.opnsense import decide as opn_decide
-from image_factory.handoffs.opnsense import model as opn
+from image_factory.handoffs import opnsense as opn
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +48,7 @@ PLAN_CASES: dict[str, tuple[list[opn.Entry], list[dict[str, str]], dict[str, tup
 @pytest.mark.parametrize("case", PLAN_CASES)
 def test_the_plan_replays_opnsenses_refusals_over_every_row(case: str) -> None:
     desired, rows, expected = PLAN_CASES[case]
-    report = opn_decide.plan([opn.HOSTS], {opn.HOSTS.name: desired}, {opn.HOSTS.name: rows}, [])
+    report = opn.plan([opn.HOSTS], {opn.HOSTS.name: desired}, {opn.HOSTS.name: rows}, [])
     assert {c.key: (c.action, c.why) for c in report.changes if c.action != "unchanged"}.keys() == expected.keys()
     for c in report.changes:
         action, words = expected[c.key]
@@ -65,11 +64,11 @@ def test_the_plan_keeps_an_assigned_vlan_and_orders_removals_after_their_users()
             opn.TAGS.name: [{"uuid": "t2", "tag": f"{opn.MARKER} tenant globex"}],
             opn.HOSTS.name: [_host("g", "10.0.0.5", "02:de:22:11:01:00") | {"set_tag": "t2"}]}
     kinds = [opn.VLANS, opn.TAGS, opn.HOSTS]
-    report = opn_decide.plan(kinds, {k.name: [] for k in kinds}, rows, [])
+    report = opn.plan(kinds, {k.name: [] for k in kinds}, rows, [])
     assert [(c.action, c.kind, c.key) for c in report.changes] == [
         ("blocked", "vlan", "acme"), ("delete", "vlan", "globex"), ("delete", "tag", "globex"),
         ("delete", "host", "02:de:22:11:01:00")]
     assert report.changes[0].why.startswith("cannot delete: assigned to ACME")
-    assert [(c.kind, c.key) for c in opn_decide.write_order(report.changes)] == [
+    assert [(c.kind, c.key) for c in opn.write_order(report.changes)] == [
         ("host", "02:de:22:11:01:00"), ("tag", "globex"), ("vlan", "globex")]
     assert not report.refused and not report.ok
