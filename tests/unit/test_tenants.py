@@ -12,6 +12,7 @@ import yaml
 
 from image_factory import deploy, preflight
 from image_factory.errors import ValidationFailed
+from image_factory.handoffs import dhcp
 from image_factory.lab import factories
 from image_factory.settings import REPO_ROOT
 from image_factory.site import mac
@@ -134,7 +135,7 @@ def test_the_dhcp_exports_give_each_tenant_its_range_and_pass_their_consumers_ch
     import json
     import subprocess
 
-    text = mac.export(load_site(EXAMPLE, CATALOGUE), fmt)
+    text = dhcp.export(load_site(EXAMPLE, CATALOGUE), fmt)
     out = tmp_path / f"export.{fmt}"
     out.write_text(text)
     proc = subprocess.run(validator(out), capture_output=True, text=True, timeout=60)
@@ -156,7 +157,7 @@ def test_a_kea_export_that_breaks_its_rules_is_refused_by_kea(tmp_path: Path) ->
     import json
     import subprocess
 
-    doc = json.loads(mac.export(load_site(EXAMPLE, CATALOGUE), "kea"))
+    doc = json.loads(dhcp.export(load_site(EXAMPLE, CATALOGUE), "kea"))
     doc["Dhcp4"]["subnet4"][0]["reservations"][0]["ip-address"] = "10.99.0.1"
     out = tmp_path / "bad.json"
     out.write_text(json.dumps(doc))
@@ -169,7 +170,7 @@ def test_the_example_site_without_tenants_exports_what_its_consumers_accept(tmp_
     import subprocess
 
     out = tmp_path / f"export.{fmt}"
-    out.write_text(mac.export(load_site(REPO_ROOT / "ansible" / "inventory", CATALOGUE), fmt))
+    out.write_text(dhcp.export(load_site(REPO_ROOT / "ansible" / "inventory", CATALOGUE), fmt))
     argv = ["kea-dhcp4", "-t", str(out)] if fmt == "kea" else ["dnsmasq", "--test", f"--conf-file={out}"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -182,7 +183,7 @@ def test_the_opnsense_export_holds_each_tenants_range_as_the_model_and_the_api_h
     from image_factory.lab.opnsense_fake import RANGE_FIELDS
 
     site = load_site(EXAMPLE, CATALOGUE)
-    text = mac.export(site, "opnsense")
+    text = dhcp.export(site, "opnsense")
     ranges = ET.fromstring(text).findall("./dnsmasq/dhcp_ranges")  # noqa: S314 (our own output)
     assert [tuple(child.tag for child in r) for r in ranges] == [RANGE_FIELDS] * 2  # the model's field order
     by_domain = {r.findtext("domain"): r for r in ranges}
@@ -338,7 +339,7 @@ def test_no_hostile_tenant_passes_inventory_check(tmp_path: Path, case: str) -> 
 def test_the_example_stays_valid_for_every_check() -> None:
     site = load_site(EXAMPLE, CATALOGUE)
     assert mac.check_inventory(EXAMPLE, CATALOGUE) == []
-    assert len(mac.checked_reservations(site)) == 4
+    assert len(dhcp.checked_reservations(site)) == 4
 
 
 @pytest.mark.parametrize(("key", "raw"), [

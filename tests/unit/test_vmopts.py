@@ -15,7 +15,7 @@ import yaml
 from image_factory import deploy as dep
 from image_factory.deploy.desired import disk_update_value
 from image_factory.errors import ValidationFailed
-from image_factory.handoffs import tofu
+from image_factory.handoffs import dhcp, tofu
 from image_factory.lab import factories
 from image_factory.pve.templates import TemplateInfo
 from image_factory.settings import REPO_ROOT
@@ -330,9 +330,7 @@ def test_ipv6_reservations_pass_their_daemons_check(tmp_path: Path, fmt: str, va
     import json
     import subprocess
 
-    from image_factory.site import mac
-
-    text = mac.export(ipv6_site(tmp_path), fmt)
+    text = dhcp.export(ipv6_site(tmp_path), fmt)
     out = tmp_path / f"export.{fmt}"
     out.write_text(text)
     proc = subprocess.run(validator(out), capture_output=True, text=True, timeout=60)
@@ -351,14 +349,12 @@ def test_ipv6_reservations_pass_their_daemons_check(tmp_path: Path, fmt: str, va
 
 
 def test_exports_without_an_ipv6_place_say_so_and_hosts_carry_aaaa_lines(tmp_path: Path) -> None:
-    from image_factory.site import mac
-
     site = ipv6_site(tmp_path)
     for fmt in ("opnsense", "opnsense-isc"):
-        assert "does not carry the inventory's IPv6 addresses" in mac.export(site, fmt)
-    assert "2001:db8:10::30\tjump01." in mac.export(site, "hosts")
+        assert "does not carry the inventory's IPv6 addresses" in dhcp.export(site, fmt)
+    assert "2001:db8:10::30\tjump01." in dhcp.export(site, "hosts")
     plain = load_site(REPO_ROOT / "ansible/inventory", REPO_ROOT / "packer/images.yml")
-    assert "IPv6" not in mac.export(plain, "opnsense"), "unchanged for a site without IPv6"
+    assert "IPv6" not in dhcp.export(plain, "opnsense"), "unchanged for a site without IPv6"
 
 
 def test_a_nic_address6_that_disagrees_with_the_static_ip6_is_named(tmp_path: Path) -> None:

@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from image_factory.deploy import DeployPlan, VmPlan
 from image_factory.errors import FactoryError, Problem, RemoteError, ValidationFailed
+from image_factory.handoffs.output import write_output
 from image_factory.pve.client import PveClient
 from image_factory.pve.codec import parse_props
 from image_factory.site.inventory import Hypervisor, Site, StaticIp, StaticIp6, Vm
-from image_factory.site.mac import write_output
 
 PROVIDER_SOURCE = "bpg/proxmox"
 PROVIDER_VERSION = "0.111.1"  # the release the read-back rules below were checked against
@@ -49,6 +48,40 @@ EXISTING = ("in-sync", "drift", "recreate")
 SERIAL_PORTS = 4
 
 Config = Mapping[str, Any]
+
+
+class PlannedVm(Protocol):
+    """What the hand-off reads of one VM's deploy plan: its host and VMID, the template it clones, the plan's action
+    and whether deploy refuses it. deploy's VmPlan has this shape; the hand-off sits below deploy (a stage) and takes
+    the plan through this protocol rather than importing it."""
+
+    @property
+    def vm(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def vmid(self) -> int: ...
+
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def template_vmid(self) -> int | None: ...
+
+    @property
+    def blocked(self) -> bool: ...
+
+
+class Plan(Protocol):
+    """A deploy plan as the hand-off reads it (deploy's DeployPlan): one PlannedVm per VM it covers."""
+
+    @property
+    def vms(self) -> Sequence[PlannedVm]: ...
 
 
 def _storage(volume: object) -> str:
@@ -214,7 +247,7 @@ def token_variable(hv: Hypervisor) -> str:
     return f"{_ident(hv.name).replace('-', '_')}_api_token_secret"
 
 
-def vm_resource(vm: Vm, hv: Hypervisor, plan: VmPlan, base: Config) -> dict[str, Any]:
+def vm_resource(vm: Vm, hv: Hypervisor, plan: PlannedVm, base: Config) -> dict[str, Any]:
     """One VM as the provider's resource: the same values deploy writes (deploy/desired.py) on the hardware
     ``base`` holds (the VM's own config, or its template's). The MAC in deploy's case (upper, NetSpec.format):
     PVE keeps the case it is given and the provider compares the strings."""
@@ -271,7 +304,7 @@ def _source(site: Site, vm: Vm) -> str:
     return site.vm_sources.get(vm.name, str(site.inventory_path))
 
 
-def _unexportable(plan: VmPlan | None) -> str:
+def _unexportable(plan: PlannedVm | None) -> str:
     """Why a VM cannot be handed to Tofu ("" if it can): no template to clone, or a plan deploy refuses (a MAC
     another VM carries would be cloned onto a second VM; unsafe drift would be changed in place by the first apply
     after the import)."""
@@ -283,21 +316,21 @@ def _unexportable(plan: VmPlan | None) -> str:
     return ""
 
 
-def _check_planned(site: Site, plans: Mapping[str, VmPlan], vms: list[Vm]) -> None:
+def _check_planned(site: Site, plans: Mapping[str, PlannedVm], vms: list[Vm]) -> None:
     problems = [Problem(_source(site, vm), vm.name, "", why)
                 for vm in vms if (why := _unexportable(plans.get(vm.name)))]
     if problems:
         raise ValidationFailed(problems)
 
 
-def base_vmid(plan: VmPlan) -> int:
+def base_vmid(plan: PlannedVm) -> int:
     """Where a VM's hardware is read: the VM itself once the factory made it, else the template it clones."""
     if plan.action in EXISTING or plan.template_vmid is None:
         return plan.vmid
     return plan.template_vmid
 
 
-def read_bases(site: Site, plan: DeployPlan, tenant: str,
+def read_bases(site: Site, plan: Plan, tenant: str,
                client_factory: Callable[[Hypervisor], PveClient] = PveClient) -> dict[str, dict[str, Any]]:
     """Each tenant VM's base config (:func:`base_vmid`), read from its host; reads only."""
     vms = _tenant_vms(site, tenant)
@@ -316,7 +349,7 @@ def read_bases(site: Site, plan: DeployPlan, tenant: str,
     return bases
 
 
-def tenant_config(site: Site, plan: DeployPlan, tenant: str, bases: Mapping[str, Config]) -> dict[str, Any]:
+def tenant_config(site: Site, plan: Plan, tenant: str, bases: Mapping[str, Config]) -> dict[str, Any]:
     """The configuration of one tenant's VMs, from the deploy plan of (at least) those VMs and each VM's base
     config (:func:`read_bases`)."""
     vms = _tenant_vms(site, tenant)
@@ -357,7 +390,7 @@ class TenantExport:
     imports: int  # VMs the factory already made: Tofu adopts them instead of creating them
 
 
-def write_tenant(site: Site, plan: DeployPlan, tenant: str, output: Path, bases: Mapping[str, Config]
+def write_tenant(site: Site, plan: Plan, tenant: str, output: Path, bases: Mapping[str, Config]
                  ) -> TenantExport:
     """``<output>/<tenant>/main.tf.json``, replaced atomically."""
     config = tenant_config(site, plan, tenant, bases)

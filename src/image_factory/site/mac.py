@@ -11,26 +11,23 @@ Layout (docs/mac-namespace.md): ``02:de:<plane>:<role>:<host>:<nic>``
 - byte 5: NIC index, equal to the NIC's position in ``vm.nics``
 
 Format and bit checks come from :mod:`image_factory.site.inventory` (``normalize_mac``, ``mac_problem``);
-this module adds the namespace rules, the allocator that writes into the inventory with a
-round-trip YAML editor, and the DHCP/DNS exports.
+this module adds the namespace rules and the allocator that writes into the inventory with a
+round-trip YAML editor. The DHCP/DNS exports of these MACs are a hand-off: :mod:`image_factory.handoffs.dhcp`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
-import ipaddress
-import json
 import re
 import tempfile
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
+
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from image_factory.errors import FactoryError, Problem, ValidationFailed
 from image_factory.files import write_atomic
@@ -38,10 +35,6 @@ from image_factory.site.inventory import (
     HYPERVISOR_GROUP,
     MAC_RE,
     PLANES,
-    Site,
-    StaticIp,
-    StaticIp6,
-    Tenant,
     _read_inventory,
     load_site,
     mac_problem,
@@ -49,6 +42,7 @@ from image_factory.site.inventory import (
     read_tenants,
     tenants_file,
 )
+from image_factory.site.inventory_edit import find_host, load_round_trip, probe_inventory, quoted
 
 PREFIX = 0x02
 SITE_CODE = 0xDE
@@ -74,9 +68,6 @@ ROLE_CODES: Mapping[str, Mapping[str, int]] = {
 HOST_MIN, HOST_MAX = 0x01, 0xFF
 NIC_MAX = 7  # the site model allows 8 NICs per VM (net0..net7)
 PROXMOX_OUI = "bc:24:11"
-DEFAULT_DOMAIN = "deevnet.lan"
-DEFAULT_INTERFACES: Mapping[str, str] = {"mgmt": "lan", "tenant": "opt1"}
-_UUID_NS = uuid.UUID("6f1c3a52-5c0e-4d7e-9a51-de0000000000")
 _MAC_KEY_RE = re.compile(r"^vm\.nics(\.\d+)?\.mac$")
 
 
@@ -388,64 +379,6 @@ class Change:
         return self.old != self.new
 
 
-def _round_trip_yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    y = YAML(typ="rt")
-    y.preserve_quotes = True
-    y.width = 1 << 16
-    return y
-
-
-# Indentation styles tried in order; the first whose plain round-trip reproduces the file is used.
-_STYLES = ((2, 4, 2), (2, 2, 0), (4, 4, 2), (4, 6, 4), (2, 2, 2), (4, 4, 0))
-
-
-def _load_rt(path: Path) -> tuple[Any, Any]:
-    """Load ``path`` for round-trip editing with the one indentation style that reproduces it exactly."""
-    from ruamel.yaml.error import YAMLError
-
-    text = path.read_text(encoding="utf-8")
-    for mapping, sequence, offset in _STYLES:
-        y = _round_trip_yaml()
-        y.indent(mapping=mapping, sequence=sequence, offset=offset)
-        try:
-            doc = y.load(text)
-        except YAMLError as exc:
-            raise ValidationFailed([Problem(str(path), "", "", f"invalid YAML: {exc}")]) from None
-        out = io.StringIO()
-        y.dump(doc, out)
-        if out.getvalue() == text:
-            return y, doc
-    raise ValidationFailed([Problem(
-        str(path), "", "",
-        "cannot edit this file without reformatting it (mixed indentation?); "
-        "indent mappings consistently (2 spaces, lists '  - ') and retry, or edit the MAC by hand",
-    )])
-
-
-def _find_host(node: Any, host: str) -> Any:
-    """The host's vars mapping inside an Ansible YAML inventory document, or None."""
-    if not isinstance(node, dict):
-        return None
-    hosts = node.get("hosts")
-    if isinstance(hosts, dict) and host in hosts and isinstance(hosts[host], dict) and "vm" in hosts[host]:
-        return hosts[host]
-    for child in (node.get("children") or {}).values():
-        found = _find_host(child, host)
-        if found is not None:
-            return found
-    return None
-
-
-def _quoted(value: str, like: Any) -> Any:
-    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
-
-    if isinstance(like, SingleQuotedScalarString):
-        return SingleQuotedScalarString(value)
-    return DoubleQuotedScalarString(value)
-
-
 def parse_nic(text: str | int | None) -> int | None:
     """The --nic flag: None (every NIC) or a NIC index 0-7."""
     if text is None or isinstance(text, int):
@@ -455,8 +388,9 @@ def parse_nic(text: str | int | None) -> int | None:
     return int(text)
 
 
-def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Change]:
-    """What mac.generate would write for ``vm_name`` (all NICs, or only ``nic``), without writing."""
+def _planned_vm(inventory: str | Path, vm_name: str) -> tuple[_VmNics, list[_VmNics], int]:
+    """The VM mac.generate works on, every VM of the inventory, and the VM's role code; ValidationFailed naming
+    what stops its MACs from being chosen."""
     problems: list[Problem] = []
     if not vm_name:
         raise ValidationFailed([Problem("--vm", "", "", "name the VM: --vm NAME")])
@@ -479,20 +413,19 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
         code = role_code(vm.plane, vm.role)
     except MacError as exc:
         raise ValidationFailed([Problem(vm.file, vm.name, "vm.role", str(exc))]) from None
-    count = len(vm.macs)
-    if nic is not None and not 0 <= nic <= min(count, NIC_MAX):
-        raise ValidationFailed([Problem(
-            vm.file, vm.name, "vm.nics",
-            f"NIC {nic} is out of range: the VM has {count} NIC(s), so --nic takes 0-{min(count, NIC_MAX)} "
-            f"({count} adds a NIC; the NIC index must equal the position, so no gaps)",
-        )])
+    return vm, vms, code
 
-    def parsed(raw: Any) -> NamespaceMac | None:
-        try:
-            return NamespaceMac.parse(raw) if isinstance(raw, str) else None
-        except MacError:
-            return None
 
+def _parsed(raw: Any) -> NamespaceMac | None:
+    try:
+        return NamespaceMac.parse(raw) if isinstance(raw, str) else None
+    except MacError:
+        return None
+
+
+def _host_index(vm: _VmNics, vms: list[_VmNics], code: int) -> int:
+    """The VM's host index: its own when its MACs agree on one that no other VM uses, else the next free one."""
+    assert vm.role is not None and vm.tenant_id is not None  # _planned_vm refused the VM otherwise
     plane_code = PLANE_CODES[vm.plane] | vm.tenant_id
     others: dict[str, str] = {}
     for other in vms:
@@ -500,22 +433,34 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
             for _, raw in other.macs:
                 if isinstance(raw, str):
                     others[normalize_mac(raw)] = other.name
-    # Keep the VM's host index when its own MACs agree on one that no other VM uses.
     own = {
         ns.host for _, raw in vm.macs
-        if (ns := parsed(raw)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
+        if (ns := _parsed(raw)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
     }
     clash = {
         ns.host for m in others
-        if (ns := parsed(m)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
+        if (ns := _parsed(m)) is not None and (ns.plane_code, ns.role_code) == (plane_code, code)
     }
     if len(own) == 1 and not own & clash:
-        host = own.pop()
-    else:
-        try:
-            host = allocate_host(others, vm.plane, vm.role, vm.tenant_id)
-        except MacError as exc:
-            raise ValidationFailed([Problem(vm.file, vm.name, "vm.role", str(exc))]) from None
+        return own.pop()
+    try:
+        return allocate_host(others, vm.plane, vm.role, vm.tenant_id)
+    except MacError as exc:
+        raise ValidationFailed([Problem(vm.file, vm.name, "vm.role", str(exc))]) from None
+
+
+def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Change]:
+    """What mac.generate would write for ``vm_name`` (all NICs, or only ``nic``), without writing."""
+    vm, vms, code = _planned_vm(inventory, vm_name)
+    assert vm.role is not None and vm.tenant_id is not None  # _planned_vm refused the VM otherwise
+    count = len(vm.macs)
+    if nic is not None and not 0 <= nic <= min(count, NIC_MAX):
+        raise ValidationFailed([Problem(
+            vm.file, vm.name, "vm.nics",
+            f"NIC {nic} is out of range: the VM has {count} NIC(s), so --nic takes 0-{min(count, NIC_MAX)} "
+            f"({count} adds a NIC; the NIC index must equal the position, so no gaps)",
+        )])
+    host = _host_index(vm, vms, code)
     current = dict(vm.macs)
     targets = range(count) if nic is None else [nic]
     if nic is None and count == 0:
@@ -527,24 +472,6 @@ def plan(inventory: str | Path, vm_name: str, nic: int | None = None) -> list[Ch
         new = str(NamespaceMac.for_vm(vm.plane, vm.role, host, i, vm.tenant_id))
         changes.append(Change(vm.name, vm.file, i, old, new, added_nic=i >= count))
     return changes
-
-
-def _probe_inventory(inventory: Path, edited: Path, text: str, tmp: Path) -> Path:
-    """A copy of ``inventory`` under ``tmp`` (its files, group_vars/ and host_vars/) with ``edited`` holding
-    ``text``: what the inventory reads as once the edit is written."""
-    import shutil
-
-    root = inventory if inventory.is_dir() else inventory.parent
-    parts = [inventory] if inventory.is_dir() else [inventory, root / "group_vars", root / "host_vars"]
-    for part in parts:
-        if part.is_dir():
-            shutil.copytree(part, tmp / part.relative_to(root) if part != root else tmp, dirs_exist_ok=True)
-        elif part.is_file():
-            shutil.copy2(part, tmp / part.name)
-    target = tmp / edited.resolve().relative_to(root.resolve())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
-    return tmp if inventory.is_dir() else tmp / inventory.name
 
 
 def _norm(raw: Any) -> Any:
@@ -563,14 +490,12 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
     if not todo:
         return changes
     path = Path(todo[0].file)
-    y, doc = _load_rt(path)
+    y, doc = load_round_trip(path)
     # The VM's `vm` mapping is in an inventory file (under all:) or is a host_vars file's own top-level key.
     in_host_vars = isinstance(doc, dict) and "all" not in doc and isinstance(doc.get("vm"), dict)
-    host = doc if in_host_vars else _find_host(doc.get("all") if isinstance(doc, dict) else None, vm_name)
+    host = doc if in_host_vars else find_host(doc.get("all") if isinstance(doc, dict) else None, vm_name)
     vm_map = host.get("vm") if host is not None else None
     if isinstance(vm_map, dict) and vm_map.get("nics") is None:
-        from ruamel.yaml.comments import CommentedSeq
-
         vm_map["nics"] = CommentedSeq()
     nics = vm_map.get("nics") if isinstance(vm_map, dict) else None
     if not isinstance(nics, list):
@@ -580,21 +505,19 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
         )])
     for c in todo:
         if c.added_nic:
-            from ruamel.yaml.comments import CommentedMap
-
             entry = CommentedMap()
-            entry["mac"] = _quoted(c.new, None)
+            entry["mac"] = quoted(c.new, None)
             if nics and getattr(nics[-1], "fa", None) is not None and nics[-1].fa.flow_style():
                 entry.fa.set_flow_style()
             nics.append(entry)
         else:
-            nics[c.nic]["mac"] = _quoted(c.new, nics[c.nic].get("mac"))
+            nics[c.nic]["mac"] = quoted(c.new, nics[c.nic].get("mac"))
     out = io.StringIO()
     y.dump(doc, out)
     text = out.getvalue()
     # Prove the edit before replacing the file: re-read a copy of the inventory with it and compare every VM's MACs.
     with tempfile.TemporaryDirectory() as tmp:
-        probe = _probe_inventory(Path(inventory), path, text, Path(tmp))
+        probe = probe_inventory(Path(inventory), path, text, Path(tmp))
         sink: list[Problem] = []
         after = {v.name: dict(v.macs) for v in _raw_vms(probe, sink)}
         before = {v.name: dict(v.macs) for v in _raw_vms(Path(inventory), sink)}
@@ -607,362 +530,8 @@ def generate(inventory: str | Path, vm_name: str, nic: int | None = None) -> lis
     return changes
 
 
-# -------------------------------------------------------------------------------------------- export
-
-
-@dataclass(frozen=True, order=True)
-class Reservation:
-    """One DHCP/DNS entry: a NIC of a VM, with its address when the inventory gives one."""
-
-    mac: str
-    hostname: str
-    domain: str
-    address: str | None
-    vm: str
-    nic: int
-    plane: str
-    role: str
-    hypervisor: str
-    vmid: int
-    tenant: str | None = None
-    address6: str | None = None
-
-    @property
-    def fqdn(self) -> str:
-        return f"{self.hostname}.{self.domain}"
-
-
-def reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
-    """Every NIC of every VM, sorted by MAC; NIC 0 is named after the VM, NIC n after ``<vm>-nic<n>``.
-
-    The address is the NIC's ``address``, or for NIC 0 the static cloud-init ipconfig address.
-    """
-    out = []
-    for vm in site.vms.values():
-        tenant = site.tenants.get(vm.tenant) if vm.tenant else None
-        static = vm.cloudinit.ipconfig
-        for i, nic in enumerate(vm.nics):
-            address, address6 = nic.address, nic.address6
-            if address is None and i == 0 and isinstance(static, StaticIp):
-                address = str(ipaddress.ip_interface(static.ip).ip)
-            if address6 is None and i == 0 and isinstance(vm.cloudinit.ip6, StaticIp6):
-                address6 = str(ipaddress.ip_interface(vm.cloudinit.ip6.ip).ip)
-            out.append(Reservation(
-                mac=nic.mac, hostname=vm.name if i == 0 else f"{vm.name}-nic{i}",
-                domain=vm.cloudinit.searchdomain or (tenant.domain if tenant else domain), address=address,
-                vm=vm.name, nic=i, plane=vm.plane, role=vm.role,
-                hypervisor=" or ".join(h.name for h in site.candidates(vm)), vmid=vm.vmid, tenant=vm.tenant,
-                address6=address6,
-            ))
-    return sorted(out)
-
-
-HEADER = "generated by deevnet-image-factory `invoke mac.export` from the inventory; do not edit"
-
-
-def _opnsense_isc(rs: list[Reservation], interfaces: Mapping[str, str]) -> str:
-    lines = ['<?xml version="1.0"?>', f"<!-- {HEADER} -->",
-             "<!-- ISC DHCP: merge each <staticmap> under <dhcpd><IFACE>; DNS: merge each <host> under",
-             "     <OPNsense><unboundplus><hosts>. A staticmap without <ipaddr> is a MAC-only mapping",
-             "     (hostname only, address from the pool); such NICs get no host override. -->",
-             *_not_carried(rs, "ISC DHCP's static maps"), "<opnsense>", "  <dhcpd>"]
-    for plane in PLANES:
-        group = [r for r in rs if r.plane == plane]
-        if not group:
-            continue
-        iface = interfaces[plane]
-        lines.append(f"    <{iface}>  <!-- {plane} plane -->")
-        for r in group:
-            lines += [
-                "      <staticmap>",
-                f"        <mac>{r.mac}</mac>",
-                f"        <ipaddr>{r.address}</ipaddr>" if r.address else "        <ipaddr/>",
-                f"        <hostname>{escape(r.hostname)}</hostname>",
-                f"        <descr>{escape(_descr(r))}</descr>",
-                "      </staticmap>",
-            ]
-        lines.append(f"    </{iface}>")
-    lines += ["  </dhcpd>", "  <OPNsense>", "    <unboundplus>", "      <hosts>"]
-    for r in rs:
-        if not r.address:
-            lines.append(f"        <!-- {escape(r.fqdn)} ({r.mac}): no address in the inventory, no override -->")
-            continue
-        uid = uuid.uuid5(_UUID_NS, f"{r.fqdn}|{r.mac}")
-        lines += [
-            f'        <host uuid="{uid}">',
-            "          <enabled>1</enabled>",
-            f"          <hostname>{escape(r.hostname)}</hostname>",
-            f"          <domain>{escape(r.domain)}</domain>",
-            "          <rr>A</rr>",
-            "          <mxprio/>",
-            "          <mx/>",
-            f"          <server>{r.address}</server>",
-            f"          <description>{escape(_descr(r))}</description>",
-            "        </host>",
-        ]
-    lines += ["      </hosts>", "    </unboundplus>", "  </OPNsense>", "</opnsense>"]
-    return "\n".join(lines) + "\n"
-
-
-DHCP_MARKER = "[image-factory]"  # starts the description of every DHCP object the factory owns in OPNsense
-
-
-def host_marker(r: Reservation) -> str:
-    """The description of a NIC's Dnsmasq host reservation, in an export and through the API alike: an imported
-    export is the factory's own to opnsense.sync."""
-    return f"{DHCP_MARKER} {r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor}"
-
-
-def tenant_tag(t: Tenant) -> str:
-    """The name of a tenant's Dnsmasq tag (its range and hosts set it, its domain-name option matches it)."""
-    return f"{DHCP_MARKER} tenant {t.name}"
-
-
-def tenant_marker(t: Tenant) -> str:
-    """The description of a tenant's DHCP range, in an export and through the API alike."""
-    return f"{DHCP_MARKER} tenant {t.name}: VLAN {t.vlan}, {t.subnet}, gateway {t.gateway}"
-
-
-def _tenant_checklist(tenants: Mapping[str, Tenant]) -> list[str]:
-    """What stays manual per tenant in OPNsense (interface assignments have no stable API), as XML comments
-    (which may not hold a double hyphen)."""
-    lines = []
-    for t in sorted(tenants.values(), key=lambda t: t.id):
-        lines += [
-            f"<!-- tenant {escape(t.name)}: 1. Interfaces: Devices: VLAN, tag {t.vlan} on the trunk to the tenant",
-            "     bridge (or opnsense.sync with a VLAN parent); 2. Interfaces: Assignments: assign it, enable,",
-            f"     static IPv4 {t.gateway}/{t.network.prefixlen}, description {escape(t.name)}; 3. Firewall: Rules",
-            f"     on it (the tenant's own policy); 4. merge its dhcp_tags, dhcp_ranges ({t.dhcp_range.first} to "
-            f"{t.dhcp_range.last}) and dhcp_options below. -->",
-        ]
-    return lines
-
-
-def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tenants: Mapping[str, Tenant]) -> str:
-    """OPNsense 25.7+ (Dnsmasq is its default DHCP server; ISC DHCP a plugin from 26.1): one ``<hosts>`` per NIC
-    in the Dnsmasq model (mount /dnsmasq, OPNsense core's Dnsmasq.xml): MAC, address, host and domain, which
-    also answers DNS for the name; one ``<dhcp_ranges>`` per tenant. Field order as the model declares it."""
-    lines = ['<?xml version="1.0"?>', f"<!-- {HEADER} -->",
-             "<!-- OPNsense Dnsmasq DHCP (25.7+): merge each <hosts> under <dnsmasq> (Services: Dnsmasq DNS & DHCP:",
-             "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
-             "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc.",
-             "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries. -->",
-             *_tenant_checklist(tenants), *_not_carried(rs, "this fragment (opnsense.sync writes IPv4 only)"),
-             "<opnsense>", "  <dnsmasq>"]
-    tags = {t.name: uuid.uuid5(_UUID_NS, f"dnsmasq-tag|{t.name}") for t in tenants.values()}
-    for t in sorted(tenants.values(), key=lambda t: t.id):
-        # the tenant's tag, set by its range and hosts, and its domain-name option (15) for that tag: the domain
-        # reaches its fixed reservations too (domain_type range covers the dynamic pool only)
-        lines += [f'    <dhcp_tags uuid="{tags[t.name]}">', f"      <tag>{escape(tenant_tag(t))}</tag>",
-                  "    </dhcp_tags>"]
-    for t in sorted(tenants.values(), key=lambda t: t.id):
-        uid = uuid.uuid5(_UUID_NS, f"dnsmasq-range|{t.name}")
-        lines += [
-            f'    <dhcp_ranges uuid="{uid}">',
-            "      <interface/>", f"      <set_tag>{tags[t.name]}</set_tag>",
-            f"      <start_addr>{t.dhcp_range.first}</start_addr>",
-            f"      <end_addr>{t.dhcp_range.last}</end_addr>",
-            f"      <subnet_mask>{t.network.netmask}</subnet_mask>",
-            "      <constructor/>", "      <mode/>", "      <prefix_len/>", "      <lease_time/>",
-            "      <domain_type>range</domain_type>",
-            f"      <domain>{escape(t.domain)}</domain>",
-            "      <nosync>0</nosync>", "      <ra_mode/>", "      <ra_priority/>", "      <ra_mtu/>",
-            "      <ra_interval/>", "      <ra_router_lifetime/>",
-            f"      <description>{escape(tenant_marker(t))}</description>",
-            "    </dhcp_ranges>",
-        ]
-    for t in sorted(tenants.values(), key=lambda t: t.id):
-        uid = uuid.uuid5(_UUID_NS, f"dnsmasq-option|{t.name}")
-        lines += [
-            f'    <dhcp_options uuid="{uid}">',
-            "      <type>set</type>", "      <option>15</option>", "      <option6/>", "      <interface/>",
-            f"      <tag>{tags[t.name]}</tag>", "      <set_tag/>", f"      <value>{escape(t.domain)}</value>",
-            "      <force>0</force>",
-            f"      <description>{escape(tenant_marker(t))}: domain-name {escape(t.domain)}</description>",
-            "    </dhcp_options>",
-        ]
-    for r in rs:
-        uid = uuid.uuid5(_UUID_NS, f"dnsmasq|{r.fqdn}|{r.mac}")
-        lines += [
-            f'    <hosts uuid="{uid}">',
-            f"      <host>{escape(r.hostname)}</host>",
-            f"      <domain>{escape(r.domain)}</domain>",
-            "      <local>0</local>",
-            f"      <ip>{r.address}</ip>" if r.address else "      <ip/>",
-            "      <cnames/>",
-            "      <client_id/>",
-            f"      <hwaddr>{r.mac}</hwaddr>",
-            "      <lease_time/>",
-            "      <ignore>0</ignore>",
-            f"      <set_tag>{tags[r.tenant]}</set_tag>" if r.tenant in tags else "      <set_tag/>",
-            f"      <descr>{escape(host_marker(r))}</descr>",
-            "      <comments/>",
-            "      <aliases/>",
-            "    </hosts>",
-        ]
-    lines += ["  </dnsmasq>", "</opnsense>"]
-    return "\n".join(lines) + "\n"
-
-
-def _descr(r: Reservation) -> str:
-    return f"{r.vm} nic{r.nic} {r.plane}/{r.role} on {r.hypervisor} (vmid {r.vmid})"
-
-
-def _kea_context(r: Reservation) -> dict[str, Any]:
-    return {"fqdn": r.fqdn, "vm": r.vm, "nic": r.nic, "plane": r.plane, "role": r.role, "hypervisor": r.hypervisor,
-            "vmid": r.vmid, "generated-by": "deevnet-image-factory mac.export"}
-
-
-def _kea(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
-    """Global reservations, and per tenant a subnet (its pool, router and domain) holding its VMs' reservations."""
-    def entry(r: Reservation) -> dict[str, Any]:
-        out: dict[str, Any] = {"hw-address": r.mac}
-        if r.address:
-            out["ip-address"] = r.address
-        out["hostname"] = r.hostname
-        out["user-context"] = _kea_context(r)
-        return out
-
-    dhcp4: dict[str, Any] = {"reservations-global": True,
-                             "reservations": [entry(r) for r in rs if r.tenant not in tenants]}
-    if tenants:
-        dhcp4["reservations-in-subnet"] = True
-        dhcp4["subnet4"] = [{
-            "id": t.id, "subnet": t.subnet,
-            "pools": [{"pool": f"{t.dhcp_range.first} - {t.dhcp_range.last}"}],
-            "option-data": [{"name": "routers", "data": t.gateway}, {"name": "domain-name", "data": t.domain}],
-            "user-context": {"tenant": t.name, "vlan": t.vlan},
-            "reservations": [entry(r) for r in rs if r.tenant == t.name],
-        } for t in sorted(tenants.values(), key=lambda t: t.id)]
-    return json.dumps({"Dhcp4": dhcp4}, indent=2, sort_keys=False) + "\n"
-
-
-def _kea6(rs: list[Reservation]) -> str:
-    """Kea DHCPv6: a global reservation (by the NIC's MAC: Kea's hw-address identifier) for every NIC with an IPv6
-    address; the tenants have no IPv6 subnets in the site model, so no subnet6 and no pools (add yours)."""
-    reservations = [{
-        "hw-address": r.mac, "ip-addresses": [r.address6], "hostname": r.hostname,
-        "user-context": _kea_context(r)} for r in rs if r.address6]
-    return json.dumps({"Dhcp6": {"reservations-global": True, "reservations": reservations}}, indent=2) + "\n"
-
-
-def _not_carried(rs: list[Reservation], what: str) -> list[str]:
-    """A note where an export has no place for the inventory's IPv6 addresses (empty when there are none)."""
-    if not any(r.address6 for r in rs):
-        return []
-    return [f"<!-- IPv6: {what} does not carry the inventory's IPv6 addresses (mac.export --format kea6 or dnsmasq "
-            "does) -->"]
-
-
-def _dnsmasq(rs: list[Reservation], tenants: Mapping[str, Tenant]) -> str:
-    lines = [f"# {HEADER}", "# dhcp-host=<mac>,<address>,<hostname>; without an address: a name-only reservation"]
-    for t in sorted(tenants.values(), key=lambda t: t.id):
-        lines += [
-            f"# tenant {t.name}: VLAN {t.vlan}, {t.subnet}",
-            f"dhcp-range=set:{t.name},{t.dhcp_range.first},{t.dhcp_range.last},{t.network.netmask},12h",
-            f"dhcp-option=tag:{t.name},option:router,{t.gateway}",
-            f"dhcp-option=tag:{t.name},option:domain-name,{t.domain}",
-        ]
-    for r in rs:
-        lines.append(f"# {_descr(r)}")
-        parts = [r.mac, *([r.address] if r.address else []), *([f"[{r.address6}]"] if r.address6 else []), r.hostname]
-        lines.append("dhcp-host=" + ",".join(parts))
-    return "\n".join(lines) + "\n"
-
-
-def _csv(rs: list[Reservation]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["mac", "address", "hostname", "fqdn", "vm", "nic", "plane", "role", "hypervisor", "vmid"])
-    for r in rs:
-        w.writerow([r.mac, r.address or "", r.hostname, r.fqdn, r.vm, r.nic, r.plane, r.role, r.hypervisor, r.vmid])
-    return buf.getvalue()
-
-
-def _hosts(rs: list[Reservation]) -> str:
-    lines = [f"# {HEADER}"]
-    for r in sorted(rs, key=lambda r: (r.address is None, int(ipaddress.IPv4Address(r.address or 0)), r.mac)):
-        if r.address:
-            lines.append(f"{r.address}\t{r.fqdn} {r.hostname}")
-        elif not r.address6:
-            lines.append(f"# {r.fqdn} ({r.mac}): no address in the inventory (DHCP from the pool)")
-    lines += [f"{r.address6}\t{r.fqdn} {r.hostname}" for r in rs if r.address6]
-    return "\n".join(lines) + "\n"
-
-
-def parse_interfaces(spec: str | None) -> dict[str, str]:
-    """``mgmt=lan,tenant=opt1`` -> mapping plane -> OPNsense interface; defaults fill the rest."""
-    out = dict(DEFAULT_INTERFACES)
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        plane, sep, iface = item.partition("=")
-        if not sep or plane not in PLANES or not re.match(r"^[a-z][a-z0-9_]*$", iface):
-            raise ValidationFailed([Problem(
-                "--interfaces", item, "", "expected plane=interface, e.g. mgmt=lan,tenant=opt1",
-            )])
-        out[plane] = iface
-    return out
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """One DHCP/DNS export format: what it is for, and how it renders the reservations."""
-
-    description: str
-    render: Callable[[list[Reservation], Mapping[str, str], Mapping[str, Tenant]], str]
-
-
-EXPORTERS: dict[str, Exporter] = {
-    "opnsense": Exporter("OPNsense 25.7+ Dnsmasq DHCP ranges per tenant and host reservations (config.xml fragment)",
-                         _opnsense_dnsmasq),
-    "opnsense-isc": Exporter("OPNsense ISC DHCP static maps and Unbound host overrides (config.xml fragment)",
-                             lambda rs, i, _t: _opnsense_isc(rs, i)),
-    "kea": Exporter("Kea DHCPv4: global reservations, and per tenant a subnet with its pool (JSON)",
-                    lambda rs, _i, t: _kea(rs, t)),
-    "kea6": Exporter("Kea DHCPv6: global reservations by MAC for the NICs with an IPv6 address (JSON)",
-                     lambda rs, _i, _t: _kea6(rs)),
-    "dnsmasq": Exporter("dnsmasq: a tagged dhcp-range per tenant, dhcp-host lines (IPv4 and [IPv6])",
-                        lambda rs, _i, t: _dnsmasq(rs, t)),
-    "csv": Exporter("one row per NIC", lambda rs, _i, _t: _csv(rs)),
-    "hosts": Exporter("/etc/hosts lines", lambda rs, _i, _t: _hosts(rs)),
-}
-FORMATS = tuple(EXPORTERS)
-
-
-def export(site: Site, fmt: str, domain: str = DEFAULT_DOMAIN, interfaces: Mapping[str, str] | None = None) -> str:
-    """Render the site's reservations in ``fmt`` (one of FORMATS); the same site gives the same bytes."""
-    exporter = EXPORTERS.get(fmt)
-    if exporter is None:
-        raise ValidationFailed([Problem("--format", fmt, "", f"unknown format (have: {', '.join(FORMATS)})")])
-    return exporter.render(checked_reservations(site, domain), interfaces or DEFAULT_INTERFACES, site.tenants)
-
-
-def checked_reservations(site: Site, domain: str = DEFAULT_DOMAIN) -> list[Reservation]:
-    """The site's reservations once its MACs pass mac.check's namespace rules (addresses are the site model's:
-    load_site refuses one held twice); ValidationFailed listing every problem otherwise."""
-    problems = check_inventory(site.inventory_path)
-    if problems:
-        raise ValidationFailed(problems)
-    return reservations(site, domain)
-
-
-def write_output(text: str, output: str | Path) -> Path:
-    """Write an export atomically (a reader never sees half a file); a path that cannot be written is bad input,
-    named by the flag that gave it."""
-    path = Path(output)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
-    except OSError as exc:
-        raise ValidationFailed([Problem("command line", "", "--output",
-                                        f"cannot write {path}: {exc.strerror or exc} ({exc.filename or path})")
-                                ]) from None
-    return path
-
-
 __all__ = [
-    "DEFAULT_DOMAIN", "EXPORTERS", "FORMATS", "PLANE_CODES", "PREFIX", "PROXMOX_OUI", "ROLE_CODES", "SITE_CODE",
-    "Change", "Exporter", "MacError", "NamespaceMac", "Reservation", "allocate_host", "check", "check_inventory",
-    "checked_reservations",
-    "export", "format_problem", "generate", "namespace_problems", "parse_interfaces", "parse_nic", "plan",
-    "reservations", "role_code", "write_output",
+    "PLANE_CODES", "PREFIX", "PROXMOX_OUI", "ROLE_CODES", "SITE_CODE",
+    "Change", "MacError", "NamespaceMac", "allocate_host", "check", "check_inventory",
+    "format_problem", "generate", "namespace_problems", "parse_nic", "plan", "role_code",
 ]

@@ -1,4 +1,4 @@
-"""mac.*: the deevnet MAC namespace (docs/mac-namespace.md): generate, check, export."""
+"""mac.*: the deevnet MAC namespace (docs/mac-namespace.md): generate, check, and export (handoffs.dhcp)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from invoke.collection import Collection
 from invoke.context import Context
 
 from image_factory.console import console, styled
+from image_factory.handoffs import dhcp
+from image_factory.handoffs.output import write_output
 from image_factory.pve.livemacs import read_all, site_collisions
 from image_factory.site import mac as macs
 from image_factory.site.inventory import load_site
@@ -50,37 +52,37 @@ def check(c: Context, inventory: str | None = None, catalogue: str | None = None
     count = macs.check(s.inventory, s.images)
     console.print(styled("[green]ok:[/] {} MAC(s) in {} follow the namespace and are unique", count, s.inventory))
     if live:
-        site = load_site(s.inventory, s.images)
-        uses, unreadable = read_all(site)
-        collisions = site_collisions(site, uses)
+        model = load_site(s.inventory, s.images)
+        uses, unreadable = read_all(model)
+        collisions = site_collisions(model, uses)
         for collision in collisions:
             console.print(styled("[bold red]collision:[/] {}", collision))
         for host, why in unreadable.items():
             console.print(styled("[bold red]unreadable:[/] {}: {}", host, why))
         exit_unless(not (collisions or unreadable))
-        console.print(styled("[green]ok:[/] no inventory MAC is on another VM of {}", ", ".join(site.hypervisors)))
+        console.print(styled("[green]ok:[/] no inventory MAC is on another VM of {}", ", ".join(model.hypervisors)))
 
 
 @task(
     positional=[],
     help={
-        "format": f"one of {', '.join(macs.FORMATS)}",
+        "format": f"one of {', '.join(dhcp.FORMATS)}",
         "output": "write here (atomically) instead of stdout",
-        "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
+        "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {dhcp.DEFAULT_DOMAIN})",
         "interfaces": "opnsense-isc only: plane=interface pairs (default mgmt=lan,tenant=opt1)",
         **SITE_HELP,
     }
 )
 @handle_errors
 def export(
-    c: Context, format: str = "", output: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
+    c: Context, format: str = "", output: str | None = None, domain: str = dhcp.DEFAULT_DOMAIN,
     interfaces: str | None = None, inventory: str | None = None, catalogue: str | None = None,
 ) -> None:
     """DHCP reservations and DNS entries from the inventory MACs; same inventory, same bytes."""
     _, model = site(c, inventory, catalogue)
-    text = macs.export(model, format, domain=domain, interfaces=macs.parse_interfaces(interfaces))
+    text = dhcp.export(model, format, domain=domain, interfaces=dhcp.parse_interfaces(interfaces))
     if output:
-        path = macs.write_output(text, output)
+        path = write_output(text, output)
         console.print(f"wrote {path} ({format})")
     else:
         sys.stdout.write(text)

@@ -11,8 +11,8 @@ from invoke.exceptions import Exit
 from rich.table import Table
 
 from image_factory.console import console, emit_json, styled
+from image_factory.handoffs import dhcp
 from image_factory.handoffs import opnsense as opn
-from image_factory.site import mac as macs
 from image_factory.site.secrets import read_key_pair
 from image_factory.tasks._common import SITE_HELP, dry_run_help, exit_plan, handle_errors, json_help, site, task
 
@@ -22,7 +22,7 @@ CONNECTION_HELP = {
                 "default: $OPNSENSE_API_KEY and $OPNSENSE_API_SECRET",
     "ca_file": "CA certificate that signed OPNsense's certificate (default: the system's CAs)",
     "fingerprint": "or: the SHA-256 fingerprint of OPNsense's certificate, pinned",
-    "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {macs.DEFAULT_DOMAIN})",
+    "domain": f"DNS domain for VMs without cloudinit.searchdomain (default {dhcp.DEFAULT_DOMAIN})",
     "json": json_help("the plan (or what was done)"),
     **SITE_HELP,
     "vlan_parent": "OPNsense's interface on the trunk to the tenant bridge (e.g. vtnet1): also keep one VLAN device "
@@ -80,7 +80,7 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
          fingerprint: str | None, domain: str, json: bool, inventory: str | None, catalogue: str | None,
          vlan_parent: str | None) -> None:
     _, model = site(c, inventory, catalogue)
-    rs = macs.checked_reservations(model, domain)  # mac.check's rules, before any connection
+    rs = dhcp.checked_reservations(model, domain)  # mac.check's rules, before any connection
     report = opn.sync(_client(url, key_file, ca_file, fingerprint), rs, dry_run=dry_run, tenants=model.tenants,
                       vlan_parent=vlan_parent)
     _show(report, json)  # a refusal, a blocked change or a failure exits 1 here
@@ -91,7 +91,7 @@ def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_fi
 @task(positional=[], help=CONNECTION_HELP)
 @handle_errors(plan=True)
 def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_file: str | None = None,
-         fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN, json: bool = False,
+         fingerprint: str | None = None, domain: str = dhcp.DEFAULT_DOMAIN, json: bool = False,
          inventory: str | None = None, catalogue: str | None = None, vlan_parent: str | None = None) -> None:
     """What opnsense.sync would change in OPNsense's tenant VLANs, Dnsmasq ranges and hosts (reads only).
 
@@ -103,7 +103,7 @@ def plan(c: Context, url: str | None = None, key_file: str | None = None, ca_fil
 @task(positional=[], help={**CONNECTION_HELP, "dry_run": dry_run_help("plan only (the same as opnsense.plan)")})
 @handle_errors(plan="dry_run")
 def sync(c: Context, dry_run: bool = False, url: str | None = None, key_file: str | None = None,
-         ca_file: str | None = None, fingerprint: str | None = None, domain: str = macs.DEFAULT_DOMAIN,
+         ca_file: str | None = None, fingerprint: str | None = None, domain: str = dhcp.DEFAULT_DOMAIN,
          json: bool = False, inventory: str | None = None, catalogue: str | None = None,
          vlan_parent: str | None = None) -> None:
     """Converge OPNsense's tenant VLANs, Dnsmasq ranges and host reservations to the inventory (its own only)."""
