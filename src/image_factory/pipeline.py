@@ -14,7 +14,11 @@ from typing import Any
 
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
-from image_factory.image import contents
+from image_factory.image import build, imagetest
+from image_factory.image.build import BuildOptions, BuildOutcome
+from image_factory.image.builddir import BuildDir
+from image_factory.image.manifest import ImageTestResult
+from image_factory.image.progress import progress_for
 from image_factory.reports import Report
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Site
@@ -47,10 +51,10 @@ class PipelineReport(Report):
 
 
 
-def _package_changes(build_dir: Any, build_id: str) -> dict[str, Any] | None:
+def _package_changes(build_dir: BuildDir, build_id: str) -> dict[str, Any] | None:
     """package-diff.json of this build (written by the image test against the build before), if any."""
     try:
-        data = json.loads((build_dir / contents.DIFF_NAME).read_text(encoding="utf-8"))
+        data = json.loads(build_dir.package_diff.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("to_build") == build_id else None
@@ -105,6 +109,48 @@ def markdown_summary(report: PipelineReport) -> str:
     return "\n".join(lines + details) + "\n"
 
 
+@dataclass
+class BuiltImage:
+    """One image built (or found cached, or planned) and, when newly built, tested."""
+
+    outcome: BuildOutcome
+    tests: ImageTestResult | None = None  # None: not run (cached, planned, or skipped)
+
+
+def build_one(settings: Settings, image: Image, options: BuildOptions, *, skip_tests: bool) -> BuiltImage:
+    """The build.* tasks' flow: build with live progress (or find the build cached), say what happened, then
+    test a new build, or record in its manifest that its tests were skipped. A failing test is an error."""
+    with progress_for(image.name) as progress:
+        outcome = build.build_image(settings, image, options=options, on_event=progress)
+    _say_built(image.name, outcome)
+    m = outcome.manifest
+    if outcome.status != "built" or m is None:
+        return BuiltImage(outcome)
+    if skip_tests:
+        m.skip_tests = True
+        outcome.dir.save(m)
+        console.print(styled("[yellow]{}[/]: image tests skipped (--skip-tests); recorded in the manifest", image.name))
+        return BuiltImage(outcome)
+    result = imagetest.test_image(settings, image, outcome.dir)
+    console.print(f"{image.name}: image tests {result.status}")
+    if result.status == "failed":
+        raise FactoryError(f"{image.name}: image tests failed (see the manifest's image_test)")
+    return BuiltImage(outcome, result)
+
+
+def _say_built(name: str, outcome: BuildOutcome) -> None:
+    m = outcome.manifest
+    if outcome.status == "planned":
+        console.print(styled("[yellow]{}[/]: dry run, would build ({})", name, outcome.reason))
+    elif outcome.status == "cached":
+        console.print(styled("[green]{}[/]: cache hit, nothing to do: {} (build {}; use --force to rebuild)",
+                             name, outcome.artifact, m.build_id if m else "?"))
+    elif m is not None:
+        console.print(styled("[green]{}[/]: built {} in {}s ({} MiB, sha256 {}..., build {}); log: {}", name,
+                             outcome.artifact, f"{outcome.duration_s:.0f}", f"{m.artifact.disk_size / 2**20:.0f}",
+                             m.artifact.sha256[:16], m.build_id, outcome.log))
+
+
 def default_images(site: Site) -> list[str]:
     """Every image some VM of the inventory uses, in catalogue order."""
     used = {vm.image for vm in site.vms.values()}
@@ -132,7 +178,6 @@ def run_pipeline(
 ) -> PipelineReport:
     from image_factory import preflight as pf
     from image_factory import publish
-    from image_factory.image import build, imagetest, manifest
     from image_factory.site.inventory import eol_gate
 
     names = images or default_images(site)
@@ -156,10 +201,10 @@ def run_pipeline(
         try:
             run.stage = "build"
             t0 = time.monotonic()
-            with build.progress_for(name) as build_progress:
-                outcome = build.build_image(settings, image, force=force,
-                                            accelerator=accelerator or settings.accelerator, allow_eol=allow_eol,
-                                            on_event=build_progress, offline=offline)
+            with progress_for(name) as build_progress:
+                choices = BuildOptions(force=force, accelerator=accelerator or settings.accelerator,
+                                       allow_eol=allow_eol, offline=offline)
+                outcome = build.build_image(settings, image, options=choices, on_event=build_progress)
             run.durations["build"] = round(time.monotonic() - t0, 1)
             m = outcome.manifest
             if m is None:
@@ -175,14 +220,14 @@ def run_pipeline(
             if m.tested_ok():
                 run.tests = {"status": "passed", "cached": True}
             else:
-                result = imagetest.test_image(settings, image, outcome.build_dir)
+                result = imagetest.test_image(settings, image, outcome.dir)
                 run.tests = {
                     "status": result.status, "passed": result.passed, "failed": result.failed,
                     "errors": result.errors, "failures": result.failures, "cached": False,
                 }
-                m = manifest.require(outcome.build_dir)
+                m = outcome.dir.require()
             run.durations["test"] = round(time.monotonic() - t0, 1)
-            run.build["package_changes"] = changes = _package_changes(outcome.build_dir, m.build_id)
+            run.build["package_changes"] = changes = _package_changes(outcome.dir, m.build_id)
             if changes and not offline:
                 run.build["security_updates"] = _security_updates(settings, image, changes)
             if not m.tested_ok():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from image_factory.image import build, render
+from image_factory.image import build, buildcache, buildevents, bundle, packerrun, render, strategy
 from image_factory.image.manifest import load, save, sha256_file
 from image_factory.lab import factories
 from image_factory.settings import REPO_ROOT, Settings
@@ -147,16 +147,16 @@ def assert_gone(pid: int, after: str) -> None:
     pytest.fail(f"the stand-in QEMU process {pid} survived {after}")
 
 def test_parse_machine_readable() -> None:
-    assert build.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
+    assert packerrun.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
         "qemu.image", "ui", ["say", "a, b\nc"])
-    assert build.parse_machine_readable("1700000000,,error-count,1") == ("", "error-count", ["1"])
-    assert build.parse_machine_readable("not machine readable") is None
+    assert packerrun.parse_machine_readable("1700000000,,error-count,1") == ("", "error-count", ["1"])
+    assert packerrun.parse_machine_readable("not machine readable") is None
 
 
 def test_build_writes_manifest_matching_the_artifact(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
 ) -> None:
-    events: list[build.BuildEvent] = []
+    events: list[buildevents.BuildEvent] = []
     outcome = build.build_image(repo, image, compress=True, on_event=events.append)
     assert outcome.status == "built" and outcome.manifest is not None
     m = load(outcome.build_dir)
@@ -204,17 +204,17 @@ def test_linear_strategy_is_explicit_and_recorded(
 
 
 def test_auto_strategy_follows_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert build.resolve_ansible_strategy("auto", "kvm").name == "linear"
-    assert build.resolve_ansible_strategy("auto", "tcg").name == "mitogen_linear"
-    assert build.resolve_ansible_strategy("auto", "tcg", "fedora").name == "linear"  # Python 3.14+: unproven
-    assert build.resolve_ansible_strategy("mitogen", "tcg", "fedora").name == "mitogen_linear"  # asked for
-    assert build.resolve_ansible_strategy("mitogen", "kvm").name == "mitogen_linear"
-    assert build.resolve_ansible_strategy("linear", "tcg").name == "linear"
-    monkeypatch.setattr(build, "mitogen_strategy_dir", lambda: None)
-    fallback = build.resolve_ansible_strategy("auto", "tcg")
+    assert strategy.resolve_ansible_strategy("auto", "kvm").name == "linear"
+    assert strategy.resolve_ansible_strategy("auto", "tcg").name == "mitogen_linear"
+    assert strategy.resolve_ansible_strategy("auto", "tcg", "fedora").name == "linear"  # Python 3.14+: unproven
+    assert strategy.resolve_ansible_strategy("mitogen", "tcg", "fedora").name == "mitogen_linear"  # asked for
+    assert strategy.resolve_ansible_strategy("mitogen", "kvm").name == "mitogen_linear"
+    assert strategy.resolve_ansible_strategy("linear", "tcg").name == "linear"
+    monkeypatch.setattr(strategy, "mitogen_strategy_dir", lambda: None)
+    fallback = strategy.resolve_ansible_strategy("auto", "tcg")
     assert fallback.name == "linear" and "mitogen is not installed" in fallback.why
-    with pytest.raises(build.BuildError, match="mitogen package is not installed"):
-        build.resolve_ansible_strategy("mitogen", "tcg")
+    with pytest.raises(buildevents.BuildError, match="mitogen package is not installed"):
+        strategy.resolve_ansible_strategy("mitogen", "tcg")
 
 
 def test_unknown_strategy_is_refused_before_packer_runs(
@@ -222,7 +222,7 @@ def test_unknown_strategy_is_refused_before_packer_runs(
 ) -> None:
     bad = dataclasses.replace(repo, ansible_strategy="turbo")
     refused = r"ansible strategy 'turbo' \(--ansible-strategy or factory.ansible_strategy\) is not one of auto"
-    with pytest.raises(build.BuildSettingError, match=refused) as err:
+    with pytest.raises(buildevents.BuildSettingError, match=refused) as err:
         build.build_image(bad, image)
     assert err.value.exit_code == 2, "bad input, like every other setting error"
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
@@ -233,8 +233,8 @@ def test_compression_follows_the_catalogue_unless_overridden(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[bool] = []
-    real = build.compact
-    monkeypatch.setattr(build, "compact", lambda src, dst, *, compress: (seen.append(compress), real(src, dst,
+    real = packerrun.compact
+    monkeypatch.setattr(packerrun, "compact", lambda src, dst, *, compress: (seen.append(compress), real(src, dst,
                         compress=compress))[1])
     assert image.compress is False  # the lab fixture travels over loopback
     build.build_image(repo, image)
@@ -269,7 +269,7 @@ def test_a_second_build_of_the_image_waits_for_the_first_and_finds_its_result(
     second_waits = threading.Event()
 
     def run(name: str) -> None:
-        def on_event(ev: build.BuildEvent) -> None:
+        def on_event(ev: buildevents.BuildEvent) -> None:
             if name == "second" and ev.message.startswith("waiting for another build of debian-lab"):
                 second_waits.set()
         try:
@@ -358,13 +358,13 @@ def test_packer_failure_keeps_the_previous_artifact(
     good = _built(repo, image, fake_packer)
     assert good.manifest is not None and good.artifact is not None
     monkeypatch.setenv("FAKE_PACKER_MODE", "fail")
-    with pytest.raises(build.BuildError) as exc:
+    with pytest.raises(buildevents.BuildError) as exc:
         build.build_image(repo, image, force=True)
     msg = str(exc.value)
     assert "packer build failed" in msg and "Error executing Ansible" in msg
     assert str(good.build_dir / "build.log") in msg
     assert "rebuild with --ansible-strategy linear" in msg, "under mitogen, the way to rule it out is named"
-    with pytest.raises(build.BuildError) as linear:
+    with pytest.raises(buildevents.BuildError) as linear:
         build.build_image(repo, image, force=True, ansible_strategy="linear")
     assert "Error executing Ansible" in str(linear.value) and "mitogen" not in str(linear.value)
     # the previous, good artifact and its manifest are untouched; no temporary directory is left
@@ -387,7 +387,7 @@ def test_timeout_stops_packer_and_its_children(
     repo: Settings, image: Image, hanging_packer: Path, no_validate: list[str]
 ) -> None:
     child_file = hanging_packer
-    with pytest.raises(build.BuildError, match="build timeout"):
+    with pytest.raises(buildevents.BuildError, match="build timeout"):
         build.build_image(repo, image, timeout_s=3)
     assert_gone(int(child_file.read_text()), "the stop")
     assert load(repo.builds_dir / "debian-lab") is None
@@ -397,14 +397,14 @@ def test_timeout_stops_packer_and_its_children(
 def test_missing_source_says_run_base_image(repo: Settings, image: Image, fake_packer: Path,
                                             no_validate: list[str]) -> None:
     (repo.root / "builds/base/debian-13-base.qcow2").unlink()
-    with pytest.raises(build.BuildError, match=r"invoke lab\.base-image"):
+    with pytest.raises(buildevents.BuildError, match=r"invoke lab\.base-image"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
 
 def test_source_checksum_mismatch(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
     (repo.root / "builds/base/debian-13-base.qcow2.sha256").write_text("0" * 64 + "  debian-13-base.qcow2\n")
-    with pytest.raises(build.BuildError, match="checksum mismatch"):
+    with pytest.raises(buildevents.BuildError, match="checksum mismatch"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
@@ -424,7 +424,7 @@ def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_ru
     """A plain install (no [build] extra) used to fail inside Packer with "ansible-playbook not found"."""
     bare = tmp_path / "bare-venv-bin"
     bare.mkdir()
-    monkeypatch.setattr(render, "_venv_bin", lambda: bare)
+    monkeypatch.setattr(render, "venv_bin", lambda: bare)
     if shutil.which("ansible-playbook") is not None:
         monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
                                                   if not (Path(d) / "ansible-playbook").exists()))
@@ -435,11 +435,11 @@ def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_ru
 
 
 def test_accelerator_override_and_detection(repo: Settings) -> None:
-    assert build.resolve_accelerator(repo, "kvm") == "kvm"
-    assert build.resolve_accelerator(repo, "auto") == "tcg"  # settings say tcg
-    with pytest.raises(build.BuildError, match="not one of"):
-        build.resolve_accelerator(repo, "xen")
-    assert build.detect_accelerator() in ("kvm", "tcg")
+    assert strategy.resolve_accelerator(repo, "kvm") == "kvm"
+    assert strategy.resolve_accelerator(repo, "auto") == "tcg"  # settings say tcg
+    with pytest.raises(buildevents.BuildError, match="not one of"):
+        strategy.resolve_accelerator(repo, "xen")
+    assert strategy.detect_accelerator() in ("kvm", "tcg")
 
 
 def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
@@ -447,10 +447,10 @@ def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
     art.write_bytes(b"data")
     m = factories.manifest("x", path="x.qcow2", sha256=sha256_file(art), disk_size=4, fingerprint="f1")
     save(tmp_path, m)
-    assert build.cache_status(tmp_path, "f1")[0] is not None
-    assert build.cache_status(tmp_path, "f2") == (None, "inputs changed")
+    assert buildcache.cache_status(tmp_path, "f1")[0] is not None
+    assert buildcache.cache_status(tmp_path, "f2") == (None, "inputs changed")
     art.write_bytes(b"datb")
-    assert "sha256" in build.cache_status(tmp_path, "f1")[1]
+    assert "sha256" in buildcache.cache_status(tmp_path, "f1")[1]
     assert stat.S_ISREG((tmp_path / "manifest.json").stat().st_mode)
     assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == "f1"
 
@@ -465,10 +465,10 @@ def test_a_build_older_than_max_age_is_rebuilt(tmp_path: Path) -> None:
                            finished_at="2026-11-20T02:00:00Z")
     save(tmp_path, m)
     six_days, eight_days = datetime(2026, 11, 26, 2, 0, tzinfo=UTC), datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
-    assert build.cache_status(tmp_path, "f1", max_age_days=7, now=six_days)[0] is not None
-    hit, why = build.cache_status(tmp_path, "f1", max_age_days=7, now=eight_days)
+    assert buildcache.cache_status(tmp_path, "f1", max_age_days=7, now=six_days)[0] is not None
+    hit, why = buildcache.cache_status(tmp_path, "f1", max_age_days=7, now=eight_days)
     assert hit is None and why == "build abc is 8.0 days old (max_age_days 7): rebuilt for current updates"
-    assert build.cache_status(tmp_path, "f1", now=eight_days)[0] is not None  # an image without updates
+    assert buildcache.cache_status(tmp_path, "f1", now=eight_days)[0] is not None  # an image without updates
 
 
 def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
@@ -533,8 +533,8 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
     for _ in range(3):
         result = render.render_image(repo, img, packer_version=(1, 6, 6))
         try:
-            inputs, why = build.upstream_inputs(repo, img, offline=False, previous=None)
-            build.with_upstream(result, inputs)
+            inputs, why = buildcache.upstream_inputs(repo, img, offline=False, previous=None)
+            buildcache.with_upstream(result, inputs)
             fingerprints.append(result.fingerprint)
             reasons.append(why)
         finally:
@@ -543,7 +543,7 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
     assert reasons[:2] == ["", ""] and "HTTP 503" in reasons[2]
     previous = factories.manifest("x", release=13, inputs={"upstream:http://a/debian s": "InRelease D1 sha256:1",
                                                            "x": "y"})
-    assert build.upstream_inputs(repo, img, offline=True, previous=previous) == (
+    assert buildcache.upstream_inputs(repo, img, offline=True, previous=previous) == (
         {"upstream:http://a/debian s": "InRelease D1 sha256:1"}, "")  # --offline: nothing fetched
 
 
@@ -558,7 +558,7 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
 ])
 def test_ansible_core_too_old_for_the_targets_python_is_named(family: str, release: int, core: tuple[int, int],
                                                               warned: str) -> None:
-    message = build.ansible_target_warning(family, release, core)
+    message = strategy.ansible_target_warning(family, release, core)
     assert (warned in message and message) if warned else message == ""
 
 
@@ -571,11 +571,11 @@ def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
                     f"sleep 1; printf '[ 26.3] Oops: int3\\n[ 26.4] Kernel panic - not syncing: x\\n' > {serial}\n"
                     "exec sleep 120\n")
     fake.chmod(0o755)
-    events: list[build.BuildEvent] = []
     started = time.monotonic()
-    with pytest.raises(build.BuildError, match="(?s)kernel panicked.*re-run the build.*Kernel panic - not syncing"):
-        build.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=300,
-                         on_event=None, events=events, serial_log=serial)
+    panicked = "(?s)kernel panicked.*re-run the build.*Kernel panic - not syncing"
+    with pytest.raises(buildevents.BuildError, match=panicked):
+        packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=300,
+                             sink=buildevents.EventSink(), serial_log=serial)
     assert time.monotonic() - started < 30
     assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
 
@@ -608,30 +608,32 @@ def test_a_build_vm_panic_under_tcg_is_built_once_more_and_reported(tmp_path: Pa
                                                                     outcome: str) -> None:
     fake, work = _packer_panicking_first(tmp_path, then)
     log = tmp_path / "build.log"
-    emitted: list[tuple[str, str]] = []
+    sink = buildevents.EventSink()
 
-    def run() -> build._Run:
-        return build.run_packer_once_more_on_tcg_panic(
-            [str(fake)], accel=accel, work=work, emit=lambda kind, msg: emitted.append((kind, msg)), cwd=tmp_path,
-            log_path=log, timeout_s=300, on_event=None, events=[])
+    def run() -> packerrun._Run:
+        return packerrun.run_packer_once_more_on_tcg_panic(
+            [str(fake)], accel=accel, work=work, sink=sink, cwd=tmp_path, log_path=log, timeout_s=300)
+
+    def statuses() -> list[tuple[str, str]]:  # the build's own word on the run, beside packer's output
+        return [(ev.kind, ev.message) for ev in sink.events if ev.kind == "status"]
 
     if outcome == "built on the second attempt":
         run()
         assert (tmp_path / "runs").read_text().count("run") == 2
-        assert [kind for kind, _ in emitted] == ["status"]
-        assert "kernel panicked" in emitted[0][1] and "building once more" in emitted[0][1]
+        assert len(statuses()) == 1
+        assert "kernel panicked" in statuses()[0][1] and "building once more" in statuses()[0][1]
         assert "the build VM's kernel panicked" in (tmp_path / "build.panicked.log").read_text()
         assert "Kernel panic" in (tmp_path / "serial.panicked.log").read_text()
         assert "kernel panicked" not in log.read_text()
         return
-    expected = build.BuildVmPanicked if "panic" in outcome else build.BuildError
+    expected = buildevents.BuildVmPanicked if "panic" in outcome else buildevents.BuildError
     with pytest.raises(expected) as caught:
         run()
     if outcome.startswith("another failure"):
-        assert not isinstance(caught.value, build.BuildVmPanicked) and "exit 3" in str(caught.value)
+        assert not isinstance(caught.value, buildevents.BuildVmPanicked) and "exit 3" in str(caught.value)
     runs = (tmp_path / "runs").read_text().count("run")
     assert runs == (1 if accel == "kvm" else 2)
-    assert len(emitted) == (0 if accel == "kvm" else 1)
+    assert len(statuses()) == (0 if accel == "kvm" else 1)
 
 
 def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_path: Path, monkeypatch) -> None:
@@ -660,7 +662,7 @@ def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -
         fh.write(b"factory " * 512 * 1024)  # 4 MiB that compresses
         fh.truncate(16 * 1024 * 1024)
     packed = tmp_path / "disk.qcow2"
-    build.compact(raw, packed, compress=True)
+    packerrun.compact(raw, packed, compress=True)
     info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(packed)]))
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     assert packed.stat().st_size < 1024 * 1024
@@ -674,18 +676,18 @@ def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
     image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
     before = sorted(p.name for p in REPO_ROOT.iterdir())
-    bundle, work = tmp_path / "secret" / render.FACTORY_BUNDLE_DIR, tmp_path / "work"
+    bundle_dir, work = tmp_path / "secret" / render.FACTORY_BUNDLE_DIR, tmp_path / "work"
     work.mkdir()
     fetched: list[tuple[str, Path]] = []  # the lock's files come from PyPI: the e2e build fetches them for real
-    monkeypatch.setattr(build, "guest_wheelhouse", lambda s, i, dest: fetched.append((i.name, dest)))
-    build.factory_bundle(settings, image, bundle, work)
-    assert fetched == [("debian-lab-builder", bundle / "wheelhouse.tar")]
-    names = sorted(p.name for p in bundle.iterdir())
+    monkeypatch.setattr(bundle, "guest_wheelhouse", lambda s, i, dest: fetched.append((i.name, dest)))
+    bundle.factory_bundle(settings, image, bundle_dir, work)
+    assert fetched == [("debian-lab-builder", bundle_dir / "wheelhouse.tar")]
+    names = sorted(p.name for p in bundle_dir.iterdir())
     assert len(names) == 2 and names[0].startswith("deevnet_image_factory-") and names[0].endswith("-py3-none-any.whl")
     assert names[1] == "requirements.txt"
-    assert (bundle / "requirements.txt").read_bytes() == (REPO_ROOT / render.FACTORY_LOCK).read_bytes()
-    assert "--hash=sha256:" in (bundle / "requirements.txt").read_text()
-    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    assert (bundle_dir / "requirements.txt").read_bytes() == (REPO_ROOT / render.FACTORY_LOCK).read_bytes()
+    assert "--hash=sha256:" in (bundle_dir / "requirements.txt").read_text()
+    assert stat.S_IMODE(bundle_dir.stat().st_mode) == 0o700
     assert sorted(p.name for p in REPO_ROOT.iterdir()) == before
     assert list(work.iterdir()) == []
 
@@ -693,8 +695,8 @@ def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp
 def test_guest_wheelhouse_needs_the_images_python(tmp_path: Path) -> None:
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
     image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
-    with pytest.raises(build.BuildError, match="release 99's"):
-        build.guest_wheelhouse(settings, image.model_copy(update={"release": 99}), tmp_path / "w.tar")
+    with pytest.raises(buildevents.BuildError, match="release 99's"):
+        bundle.guest_wheelhouse(settings, image.model_copy(update={"release": 99}), tmp_path / "w.tar")
 
 
 @pytest.mark.parametrize(("python", "wanted", "left_out"), [((3, 13), "ansible-core==2.21.5", "ansible-core==2.19.14"),
@@ -702,6 +704,6 @@ def test_guest_wheelhouse_needs_the_images_python(tmp_path: Path) -> None:
 def test_guest_lock_keeps_the_entries_for_the_guests_python(tmp_path: Path, python: tuple[int, int], wanted: str,
                                                            left_out: str) -> None:
     """pip download reads the lock's markers for this machine's Python: the guest's entries are chosen first."""
-    out = build.guest_lock(REPO_ROOT / render.FACTORY_LOCK, python, tmp_path / "guest.txt").read_text()
+    out = bundle.guest_lock(REPO_ROOT / render.FACTORY_LOCK, python, tmp_path / "guest.txt").read_text()
     assert f"\n{wanted} \\\n    --hash=sha256:" in out and left_out not in out and ";" not in out
     assert 0 < out.count("==") < (REPO_ROOT / render.FACTORY_LOCK).read_text().count("==")

@@ -215,7 +215,7 @@ def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp
 def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(render, "_venv_bin", lambda: tmp_path)
+    monkeypatch.setattr(render, "venv_bin", lambda: tmp_path)
     with pytest.raises(render.ToolMissing) as err:
         render.require_tool(tool)
     assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
@@ -390,7 +390,7 @@ exit 1
 def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_socket: str = "") -> list[str]:
     """The QEMU command line Packer 1.6 builds for ``image``: a real `packer build` whose qemu-system-x86_64
     records its arguments and stops there (Packer asks the real one for its version)."""
-    from image_factory.image import build
+    from image_factory.image import packerrun
 
     real = shutil.which("qemu-system-x86_64")
     if shutil.which("packer") is None or real is None or render.packer_version() >= render.PLUGIN_PACKER:
@@ -411,7 +411,7 @@ def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_sock
         render.set_var(result, "ovmf_code", str(tmp_path / "CODE.fd"))
         render.set_var(result, "ovmf_vars", str(tmp_path / "VARS.fd"))
         if not image.source.is_local and image.mode == "iso":
-            render.set_var(result, "install_iso", str(build.install_iso_path(result.out_dir, image)))
+            render.set_var(result, "install_iso", str(packerrun.install_iso_path(result.out_dir, image)))
     argv = tmp_path / f"argv-{image.name}"
     env = {**render.tool_env(), "QEMU_ARGV": str(argv), "PACKER_CACHE_DIR": str(tmp_path / "cache")}
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"

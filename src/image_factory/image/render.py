@@ -93,7 +93,7 @@ def tool_missing(tool: str) -> ToolMissing:
 
 def require_tool(tool: str) -> str:
     """The program's path: this venv's bin first (ansible-playbook, ksvalidator, ansible-lint), then PATH."""
-    local = _venv_bin() / tool
+    local = venv_bin() / tool
     if local.exists():
         return str(local)
     path = shutil.which(tool)
@@ -123,7 +123,7 @@ def _installed_packer_version() -> tuple[int, int, int]:
     return packer_version()
 
 
-def _venv_bin() -> Path:
+def venv_bin() -> Path:
     import sys
 
     return Path(sys.executable).parent
@@ -132,7 +132,7 @@ def _venv_bin() -> Path:
 def tool_env() -> dict[str, str]:
     """Environment for packer and the linters: this venv's bin (ansible-playbook) first on PATH."""
     env = dict(os.environ)
-    env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env["CHECKPOINT_DISABLE"] = "1"  # no phone-home from packer
     env["PACKER_NO_COLOR"] = "1"
     return env
