@@ -14,7 +14,7 @@ from typing import Any
 
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
-from image_factory.image import build, imagetest
+from image_factory.image import build, imagetest, upstream
 from image_factory.image.build import BuildOptions, BuildOutcome
 from image_factory.image.builddir import BuildDir
 from image_factory.image.manifest import ImageTestResult
@@ -62,8 +62,6 @@ def _package_changes(build_dir: BuildDir, build_id: str) -> dict[str, Any] | Non
 
 def _security_updates(settings: Settings, image: Image, changes: dict[str, Any]) -> list[str] | str:
     """Which of the changes are security fixes (Debian: the versions a -security suite ships), or why unknown."""
-    from image_factory.image import upstream
-
     try:
         return upstream.security_updates(changes, image.upstream_repositories, settings.resolve("packer/keys"),
                                          image.release, resolve=settings.resolve)
@@ -151,6 +149,44 @@ def _say_built(name: str, outcome: BuildOutcome) -> None:
                              m.artifact.sha256[:16], m.build_id, outcome.log))
 
 
+def _build_and_test(settings: Settings, image: Image, options: BuildOptions, run: ImageRun) -> None:
+    """The pipeline's build and test stages for one image, recorded in ``run``; a FactoryError when the image
+    must not be published (no manifest, failing tests)."""
+    name = image.name
+    run.stage = "build"
+    t0 = time.monotonic()
+    with progress_for(name) as build_progress:
+        outcome = build.build_image(settings, image, options=options, on_event=build_progress)
+    run.durations["build"] = round(time.monotonic() - t0, 1)
+    m = outcome.manifest
+    if m is None:
+        raise FactoryError(f"{name}: the build produced no manifest")
+    run.build = {
+        "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
+        "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
+        "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
+    }
+
+    run.stage = "test"
+    t0 = time.monotonic()
+    if m.tested_ok():
+        run.tests = {"status": "passed", "cached": True}
+    else:
+        result = imagetest.test_image(settings, image, outcome.dir)
+        run.tests = {
+            "status": result.status, "passed": result.passed, "failed": result.failed,
+            "errors": result.errors, "failures": result.failures, "cached": False,
+        }
+        m = outcome.dir.require()
+    run.durations["test"] = round(time.monotonic() - t0, 1)
+    run.build["package_changes"] = changes = _package_changes(outcome.dir, m.build_id)
+    if changes and not options.offline:
+        run.build["security_updates"] = _security_updates(settings, image, changes)
+    if not m.tested_ok():
+        failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
+        raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")
+
+
 def default_images(site: Site) -> list[str]:
     """Every image some VM of the inventory uses, in catalogue order."""
     used = {vm.image for vm in site.vms.values()}
@@ -199,40 +235,9 @@ def run_pipeline(
         image = site.images[name]
         console.rule(styled("[bold]{}", name))
         try:
-            run.stage = "build"
-            t0 = time.monotonic()
-            with progress_for(name) as build_progress:
-                choices = BuildOptions(force=force, accelerator=accelerator or settings.accelerator,
-                                       allow_eol=allow_eol, offline=offline)
-                outcome = build.build_image(settings, image, options=choices, on_event=build_progress)
-            run.durations["build"] = round(time.monotonic() - t0, 1)
-            m = outcome.manifest
-            if m is None:
-                raise FactoryError(f"{name}: the build produced no manifest")
-            run.build = {
-                "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
-                "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
-                "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
-            }
-
-            run.stage = "test"
-            t0 = time.monotonic()
-            if m.tested_ok():
-                run.tests = {"status": "passed", "cached": True}
-            else:
-                result = imagetest.test_image(settings, image, outcome.dir)
-                run.tests = {
-                    "status": result.status, "passed": result.passed, "failed": result.failed,
-                    "errors": result.errors, "failures": result.failures, "cached": False,
-                }
-                m = outcome.dir.require()
-            run.durations["test"] = round(time.monotonic() - t0, 1)
-            run.build["package_changes"] = changes = _package_changes(outcome.dir, m.build_id)
-            if changes and not offline:
-                run.build["security_updates"] = _security_updates(settings, image, changes)
-            if not m.tested_ok():
-                failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
-                raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")
+            choices = BuildOptions(force=force, accelerator=accelerator or settings.accelerator,
+                                   allow_eol=allow_eol, offline=offline)
+            _build_and_test(settings, image, choices, run)
 
             run.stage = "publish"
             t0 = time.monotonic()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from image_factory.image import build, buildcache, buildevents, bundle, packerrun, render, strategy
+from image_factory.image import build, buildcache, buildevents, bundle, packerrun, render, rendercheck, strategy
 from image_factory.image.manifest import load, save, sha256_file
 from image_factory.lab import factories
 from image_factory.settings import REPO_ROOT, Settings
@@ -121,7 +121,7 @@ def image(repo: Settings) -> Image:
 def no_validate(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Validation has its own tests (test_render.py); here it only has to be called."""
     calls: list[str] = []
-    monkeypatch.setattr(render, "validate", lambda result, settings: calls.append(result.image.name))
+    monkeypatch.setattr(rendercheck, "validate", lambda result, settings: calls.append(result.image.name))
     return calls
 
 

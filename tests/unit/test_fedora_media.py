@@ -645,7 +645,7 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
     import sys
 
     from image_factory import pipeline
-    from image_factory.image import build, render
+    from image_factory.image import build, render, rendercheck
     from image_factory.settings import Settings
 
     base, files = server
@@ -660,7 +660,7 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("PACKER_CALLS", str(tmp_path / "calls"))
-    monkeypatch.setattr(render, "validate", lambda result, settings: None)  # the real validators: test_render.py
+    monkeypatch.setattr(rendercheck, "validate", lambda result, settings: None)  # the real validators: test_render.py
     render._packer_version_cache.clear()
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg",
                                       "fedora_releases_url": f"{base}/releases.json"}, root=root)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from image_factory.image import render
+from image_factory.image import render, rendercheck
 from image_factory.lab.aptrepo import generate_key, public_key
 from image_factory.settings import REPO_ROOT, Settings
 from image_factory.site.inventory import Image, load_site
@@ -245,7 +245,7 @@ def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path
         _copy_factory_sources(tmp_path)
     result = render.render_image(settings, image)
     try:
-        render.validate(result, settings)
+        rendercheck.validate(result, settings)
         if image.mode == "iso":
             assert result.kickstart is not None and result.kickstart.exists()
     finally:
@@ -261,7 +261,7 @@ def test_validate_reports_the_tools_message_with_file_and_line(repo: Settings, c
                                               '  format           = "qcow2"\n  no_such_option   = 1\n')
         result.hcl.write_text(text)
         with pytest.raises(render.RenderError) as exc:
-            render.validate_packer(result)
+            rendercheck.validate_packer(result)
         msg = str(exc.value)
         assert "packer validate" in msg and "no_such_option" in msg and "line" in msg
         assert str(result.hcl) in msg
@@ -276,7 +276,7 @@ def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[
         result.kickstart.write_text(result.kickstart.read_text() + "\nbogus_command --nope\n")
         pattern = r"(?s)ksvalidator -v F44 rejected .*ks.cfg.*line \d+.*bogus_command"
         with pytest.raises(render.RenderError, match=pattern):
-            render.validate_kickstart(result)
+            rendercheck.validate_kickstart(result)
     finally:
         result.cleanup()
 
@@ -290,7 +290,7 @@ def test_ksvalidator_leaves_no_copy_of_the_kickstart_behind(repo: Settings, cata
     monkeypatch.setenv("TMPDIR", str(shared_tmp))
     result = _render(repo, catalogue["fedora-45-iso"])
     try:
-        render.validate_kickstart(result)
+        rendercheck.validate_kickstart(result)
     finally:
         result.cleanup()
     assert [p.name for p in shared_tmp.rglob("*")] == []
@@ -314,7 +314,7 @@ def test_debian_fixture_validates_before_the_base_image_exists(repo: Settings, c
     result = _render(repo, catalogue["debian-lab"])
     try:
         assert result.inputs["source_checksum"] == "missing"
-        render.validate_packer(result)
+        rendercheck.validate_packer(result)
     finally:
         result.cleanup()
 
@@ -670,7 +670,7 @@ def test_packer_init_precedes_validate_for_packer_1_7_and_later(
     result = _render(repo, catalogue["fedora-44"], render.packer_version())
     try:
         assert result.packer_version == (1, 11, 2) and "required_plugins {" in result.hcl.read_text()
-        render.validate_packer(result)
+        rendercheck.validate_packer(result)
     finally:
         result.cleanup()
     calls = [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
@@ -681,7 +681,7 @@ def test_packer_1_6_validates_without_init(stub_packer: Path, repo: Settings, ca
     result = _render(repo, catalogue["fedora-44"], (1, 6, 6))
     try:
         with pytest.raises(render.RenderError, match="Missing plugins"):
-            render.validate_packer(result)  # this stub is a 1.11: 1.6.6 would have passed with its bundled plugins
+            rendercheck.validate_packer(result)  # this stub is a 1.11: 1.6.6 would have passed with its bundled plugins
     finally:
         result.cleanup()
     assert "init" not in [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
@@ -693,7 +693,7 @@ def test_packer_init_offline_names_the_pins_and_the_way_out(
     result = _render(repo, catalogue["fedora-44"], (1, 11, 2))
     try:
         with pytest.raises(render.ToolMissing) as err:
-            render.validate_packer(result)
+            rendercheck.validate_packer(result)
     finally:
         result.cleanup()
     message = str(err.value)

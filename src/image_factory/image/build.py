@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from image_factory.errors import FactoryError
-from image_factory.image import bundle, firmware, manifest, packerrun, provenance, render
+from image_factory.image import bundle, firmware, manifest, packerrun, provenance, render, rendercheck
 from image_factory.image.buildcache import (
     cache_status,
     changed_inputs,
@@ -166,7 +166,7 @@ def _check(settings: Settings, image: Image, result: render.RenderResult, build_
            reason: str, source: dict[str, str], sink: EventSink) -> _Plan:
     """Everything a build needs, checked before it starts: valid rendered files, the tools, the source."""
     sink.emit("step", "validating rendered files")
-    render.validate(result, settings)
+    rendercheck.validate(result, settings)
     packerrun.require("qemu-system-x86_64")
     render.require_tool("ansible-playbook")  # Packer's Ansible provisioner would stop half-way without it
     packerrun.require("qemu-img")

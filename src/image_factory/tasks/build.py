@@ -10,7 +10,7 @@ from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
 from image_factory.errors import FactoryError
-from image_factory.image import render
+from image_factory.image import render, rendercheck
 from image_factory.image.build import BuildOptions
 from image_factory.image.packerrun import cached_packer_version
 from image_factory.image.strategy import check_options
@@ -51,7 +51,7 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
         result = render.render_image(settings, img, packer_version=version)
         try:
             if not no_validate:
-                render.validate(result, settings)
+                rendercheck.validate(result, settings)
         finally:
             result.cleanup()
         rel = [str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p) for p in result.files]
