@@ -133,10 +133,13 @@ def _find_or_build(settings: Settings, image: Image, build_dir: BuildDir, opts: 
         with_upstream(result, epochs)
         if unavailable:
             sink.emit("status", f"warning: upstream state unknown ({unavailable}): rebuilding so no update is missed")
-        hit = None if opts.force else _cache_hit(image, build_dir, result, sink)
-        if isinstance(hit, BuildOutcome):
-            return hit
-        reason = "--force" if hit is None else f"upstream state unknown ({unavailable})" if unavailable else hit
+        if opts.force:
+            reason = "--force"
+        else:
+            hit = _cache_hit(image, build_dir, result, sink)
+            if isinstance(hit, BuildOutcome):
+                return hit
+            reason = f"upstream state unknown ({unavailable})" if unavailable else hit
         sink.emit("status", f"build needed: {reason}")
         plan = _check(settings, image, result, build_dir, opts, reason, source, sink)
         if opts.dry_run:
