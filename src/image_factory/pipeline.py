@@ -10,14 +10,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from image_factory import preflight as pf
 from image_factory import publish
 from image_factory.console import console, styled
 from image_factory.errors import FactoryError
-from image_factory.image import build, contents, imagetest, manifest, upstream
+from image_factory.image import build, imagetest, upstream
+from image_factory.image.build import BuildOptions, BuildOutcome
+from image_factory.image.builddir import BuildDir
+from image_factory.image.manifest import ImageTestResult
+from image_factory.image.progress import progress_for
 from image_factory.reports import Report
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Site, eol_gate
@@ -49,10 +52,10 @@ class PipelineReport(Report):
         return all(run.status == "ok" for run in self.images)
 
 
-def _package_changes(build_dir: Path, build_id: str) -> dict[str, Any] | None:
+def _package_changes(build_dir: BuildDir, build_id: str) -> dict[str, Any] | None:
     """package-diff.json of this build (written by the image test against the build before), if any."""
     try:
-        data = json.loads((build_dir / contents.DIFF_NAME).read_text(encoding="utf-8"))
+        data = json.loads(build_dir.package_diff.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("to_build") == build_id else None
@@ -103,6 +106,86 @@ def markdown_summary(report: PipelineReport) -> str:
         if run.error:
             details += ["", f"**{run.image} failed at {run.stage}:** {run.error}"]
     return "\n".join(lines + details) + "\n"
+
+
+@dataclass
+class BuiltImage:
+    """One image built (or found cached, or planned) and, when newly built, tested."""
+
+    outcome: BuildOutcome
+    tests: ImageTestResult | None = None  # None: not run (cached, planned, or skipped)
+
+
+def build_one(settings: Settings, image: Image, options: BuildOptions, *, skip_tests: bool) -> BuiltImage:
+    """The build.* tasks' flow: build with live progress (or find the build cached), say what happened, then
+    test a new build, or record in its manifest that its tests were skipped. A failing test is an error."""
+    with progress_for(image.name) as progress:
+        outcome = build.build_image(settings, image, options=options, on_event=progress)
+    _say_built(image.name, outcome)
+    m = outcome.manifest
+    if outcome.status != "built" or m is None:
+        return BuiltImage(outcome)
+    if skip_tests:
+        m.skip_tests = True
+        outcome.dir.save(m)
+        console.print(styled("[yellow]{}[/]: image tests skipped (--skip-tests); recorded in the manifest", image.name))
+        return BuiltImage(outcome)
+    result = imagetest.test_image(settings, image, outcome.dir)
+    console.print(f"{image.name}: image tests {result.status}")
+    if result.status == "failed":
+        raise FactoryError(f"{image.name}: image tests failed (see the manifest's image_test)")
+    return BuiltImage(outcome, result)
+
+
+def _say_built(name: str, outcome: BuildOutcome) -> None:
+    m = outcome.manifest
+    if outcome.status == "planned":
+        console.print(styled("[yellow]{}[/]: dry run, would build ({})", name, outcome.reason))
+    elif outcome.status == "cached":
+        console.print(styled("[green]{}[/]: cache hit, nothing to do: {} (build {}; use --force to rebuild)",
+                             name, outcome.artifact, m.build_id if m else "?"))
+    elif m is not None:
+        console.print(styled("[green]{}[/]: built {} in {}s ({} MiB, sha256 {}..., build {}); log: {}", name,
+                             outcome.artifact, f"{outcome.duration_s:.0f}", f"{m.artifact.disk_size / 2**20:.0f}",
+                             m.artifact.sha256[:16], m.build_id, outcome.log))
+
+
+def _build_and_test(settings: Settings, image: Image, options: BuildOptions, run: ImageRun) -> None:
+    """The pipeline's build and test stages for one image, recorded in ``run``; a FactoryError when the image
+    must not be published (no manifest, failing tests)."""
+    name = image.name
+    run.stage = "build"
+    t0 = time.monotonic()
+    with progress_for(name) as build_progress:
+        outcome = build.build_image(settings, image, options=options, on_event=build_progress)
+    run.durations["build"] = round(time.monotonic() - t0, 1)
+    m = outcome.manifest
+    if m is None:
+        raise FactoryError(f"{name}: the build produced no manifest")
+    run.build = {
+        "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
+        "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
+        "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
+    }
+
+    run.stage = "test"
+    t0 = time.monotonic()
+    if m.tested_ok():
+        run.tests = {"status": "passed", "cached": True}
+    else:
+        result = imagetest.test_image(settings, image, outcome.dir)
+        run.tests = {
+            "status": result.status, "passed": result.passed, "failed": result.failed,
+            "errors": result.errors, "failures": result.failures, "cached": False,
+        }
+        m = outcome.dir.require()
+    run.durations["test"] = round(time.monotonic() - t0, 1)
+    run.build["package_changes"] = changes = _package_changes(outcome.dir, m.build_id)
+    if changes and not options.offline:
+        run.build["security_updates"] = _security_updates(settings, image, changes)
+    if not m.tested_ok():
+        failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
+        raise FactoryError(f"{name}: image tests failed ({failing}); not publishing")
 
 
 def default_images(site: Site) -> list[str]:
@@ -184,53 +267,10 @@ def run_pipeline(
 
 def _run_image(settings: Settings, site: Site, image: Image, run: ImageRun, options: _Options) -> None:
     """One image through build, test and publish; a FactoryError stops it at the stage ``run.stage`` names."""
-    outcome, m = _build(settings, image, run, options)
-    m = _test(settings, image, run, outcome.build_dir, m)
-    run.build["package_changes"] = changes = _package_changes(outcome.build_dir, m.build_id)
-    if changes and not options.offline:
-        run.build["security_updates"] = _security_updates(settings, image, changes)
-    if not m.tested_ok():
-        failing = ", ".join(run.tests.get("failures", [])[:5]) or "see the JUnit report"
-        raise FactoryError(f"{image.name}: image tests failed ({failing}); not publishing")
+    choices = BuildOptions(force=options.force, accelerator=options.accelerator or settings.accelerator,
+                           allow_eol=options.allow_eol, offline=options.offline)
+    _build_and_test(settings, image, choices, run)
     _publish(settings, site, image.name, run, options)
-
-
-def _build(
-    settings: Settings, image: Image, run: ImageRun, options: _Options,
-) -> tuple[build.BuildOutcome, manifest.Manifest]:
-    run.stage = "build"
-    t0 = time.monotonic()
-    with build.progress_for(image.name) as build_progress:
-        outcome = build.build_image(settings, image, force=options.force,
-                                    accelerator=options.accelerator or settings.accelerator,
-                                    allow_eol=options.allow_eol, on_event=build_progress, offline=options.offline)
-    run.durations["build"] = round(time.monotonic() - t0, 1)
-    m = outcome.manifest
-    if m is None:
-        raise FactoryError(f"{image.name}: the build produced no manifest")
-    run.build = {
-        "status": outcome.status, "build_id": m.build_id, "sha256": m.artifact.sha256,
-        "artifact": m.artifact.path, "disk_size": m.artifact.disk_size,
-        "ansible_strategy": m.ansible_strategy, "reason": outcome.reason, "source": m.source,
-    }
-    return outcome, m
-
-
-def _test(settings: Settings, image: Image, run: ImageRun, build_dir: Path, m: manifest.Manifest) -> manifest.Manifest:
-    """The image test, unless this build already passed it; the manifest as the test left it."""
-    run.stage = "test"
-    t0 = time.monotonic()
-    if m.tested_ok():
-        run.tests = {"status": "passed", "cached": True}
-    else:
-        result = imagetest.test_image(settings, image, build_dir)
-        run.tests = {
-            "status": result.status, "passed": result.passed, "failed": result.failed,
-            "errors": result.errors, "failures": result.failures, "cached": False,
-        }
-        m = manifest.require(build_dir)
-    run.durations["test"] = round(time.monotonic() - t0, 1)
-    return m
 
 
 def _publish(settings: Settings, site: Site, name: str, run: ImageRun, options: _Options) -> None:

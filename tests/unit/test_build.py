@@ -9,10 +9,8 @@ ssh-keygen and openssl are the real tools. The real packer build is in tests/e2e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import textwrap
@@ -22,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from image_factory.image import build, render
-from image_factory.image.manifest import load, save, sha256_file
+from image_factory import pipeline
+from image_factory.image import build, buildcache, buildevents, packerrun, render, rendercheck, strategy
+from image_factory.image.builddir import BuildDir
+from image_factory.image.manifest import load, sha256_file
 from image_factory.lab import factories
 from image_factory.settings import REPO_ROOT, Settings
 from image_factory.site.inventory import Image, load_site
@@ -121,7 +121,7 @@ def image(repo: Settings) -> Image:
 def no_validate(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Validation has its own tests (test_render.py); here it only has to be called."""
     calls: list[str] = []
-    monkeypatch.setattr(render, "validate", lambda result, settings: calls.append(result.image.name))
+    monkeypatch.setattr(rendercheck, "validate", lambda result, settings: calls.append(result.image.name))
     return calls
 
 
@@ -135,7 +135,6 @@ def _built(repo: Settings, image: Image, fake_packer: Path) -> build.BuildOutcom
     return outcome
 
 
-
 def assert_gone(pid: int, after: str) -> None:
     """The stand-in QEMU child must be gone within 5 s of the stop."""
     for _ in range(50):
@@ -146,17 +145,11 @@ def assert_gone(pid: int, after: str) -> None:
         time.sleep(0.1)
     pytest.fail(f"the stand-in QEMU process {pid} survived {after}")
 
-def test_parse_machine_readable() -> None:
-    assert build.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
-        "qemu.image", "ui", ["say", "a, b\nc"])
-    assert build.parse_machine_readable("1700000000,,error-count,1") == ("", "error-count", ["1"])
-    assert build.parse_machine_readable("not machine readable") is None
-
 
 def test_build_writes_manifest_matching_the_artifact(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
 ) -> None:
-    events: list[build.BuildEvent] = []
+    events: list[buildevents.BuildEvent] = []
     outcome = build.build_image(repo, image, compress=True, on_event=events.append)
     assert outcome.status == "built" and outcome.manifest is not None
     m = load(outcome.build_dir)
@@ -178,6 +171,43 @@ def test_build_writes_manifest_matching_the_artifact(
     assert not list(outcome.build_dir.glob(".work-*"))
     builds = [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
     assert len(builds) == 1 and "-machine-readable" in builds[0]
+
+
+def test_the_build_dir_names_what_the_build_wrote(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    """The one BuildDir value the build hands on: its paths are the files the build wrote, and the test and
+    publish stages find the same ones from the settings and the image name."""
+    outcome = _built(repo, image, fake_packer)
+    bdir = outcome.dir
+    assert bdir == BuildDir.of(repo, image.name) == BuildDir.at(repo.builds_dir / image.name)
+    assert BuildDir.at(bdir) is bdir and bdir.image == image.name
+    m = bdir.require()
+    assert outcome.manifest == m and bdir.manifest.is_file() and outcome.build_dir == bdir.path
+    assert outcome.artifact == bdir.artifact(m) and sha256_file(bdir.artifact(m)) == m.artifact.sha256
+    assert outcome.log == bdir.build_log and "packer build" in bdir.build_log.read_text()
+    assert bdir.lock.is_file()  # held through the build; left for the next one
+    assert not bdir.serial_failed_log.exists() and not bdir.test_junit.exists() and not bdir.package_diff.exists()
+
+
+def test_build_one_records_skipped_tests_and_tests_only_a_new_build(
+    repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
+) -> None:
+    """The build.* tasks' flow (pipeline.build_one): --skip-tests is written into the new build's manifest; a
+    cache hit starts neither packer nor the image test."""
+    first = pipeline.build_one(repo, image, build.BuildOptions(compress=False), skip_tests=True)
+    assert first.outcome.status == "built" and first.tests is None
+    assert first.outcome.dir.require().skip_tests is True
+    again = pipeline.build_one(repo, image, build.BuildOptions(compress=False), skip_tests=False)
+    assert again.outcome.status == "cached" and again.tests is None
+    assert [ln.split()[0] for ln in invocations(fake_packer) if ln.startswith("build ")] == ["build"]
+
+
+def test_build_options_are_given_once(repo: Settings, image: Image) -> None:
+    with pytest.raises(TypeError, match="not both"):
+        build.build_image(repo, image, build.BuildOptions(force=True), force=True)
+    with pytest.raises(TypeError):
+        build.build_image(repo, image, forse=True)  # a misspelt option is no silent default
 
 
 def test_tcg_build_runs_the_ansible_provisioner_under_mitogen(
@@ -203,26 +233,12 @@ def test_linear_strategy_is_explicit_and_recorded(
     assert "mitogen" not in outcome.manifest.tools
 
 
-def test_auto_strategy_follows_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert build.resolve_ansible_strategy("auto", "kvm").name == "linear"
-    assert build.resolve_ansible_strategy("auto", "tcg").name == "mitogen_linear"
-    assert build.resolve_ansible_strategy("auto", "tcg", "fedora").name == "linear"  # Python 3.14+: unproven
-    assert build.resolve_ansible_strategy("mitogen", "tcg", "fedora").name == "mitogen_linear"  # asked for
-    assert build.resolve_ansible_strategy("mitogen", "kvm").name == "mitogen_linear"
-    assert build.resolve_ansible_strategy("linear", "tcg").name == "linear"
-    monkeypatch.setattr(build, "mitogen_strategy_dir", lambda: None)
-    fallback = build.resolve_ansible_strategy("auto", "tcg")
-    assert fallback.name == "linear" and "mitogen is not installed" in fallback.why
-    with pytest.raises(build.BuildError, match="mitogen package is not installed"):
-        build.resolve_ansible_strategy("mitogen", "tcg")
-
-
 def test_unknown_strategy_is_refused_before_packer_runs(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]
 ) -> None:
     bad = dataclasses.replace(repo, ansible_strategy="turbo")
     refused = r"ansible strategy 'turbo' \(--ansible-strategy or factory.ansible_strategy\) is not one of auto"
-    with pytest.raises(build.BuildSettingError, match=refused) as err:
+    with pytest.raises(buildevents.BuildSettingError, match=refused) as err:
         build.build_image(bad, image)
     assert err.value.exit_code == 2, "bad input, like every other setting error"
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
@@ -233,8 +249,8 @@ def test_compression_follows_the_catalogue_unless_overridden(
     repo: Settings, image: Image, fake_packer: Path, no_validate: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[bool] = []
-    real = build.compact
-    monkeypatch.setattr(build, "compact", lambda src, dst, *, compress: (seen.append(compress), real(src, dst,
+    real = packerrun.compact
+    monkeypatch.setattr(packerrun, "compact", lambda src, dst, *, compress: (seen.append(compress), real(src, dst,
                         compress=compress))[1])
     assert image.compress is False  # the lab fixture travels over loopback
     build.build_image(repo, image)
@@ -269,7 +285,7 @@ def test_a_second_build_of_the_image_waits_for_the_first_and_finds_its_result(
     second_waits = threading.Event()
 
     def run(name: str) -> None:
-        def on_event(ev: build.BuildEvent) -> None:
+        def on_event(ev: buildevents.BuildEvent) -> None:
             if name == "second" and ev.message.startswith("waiting for another build of debian-lab"):
                 second_waits.set()
         try:
@@ -358,13 +374,13 @@ def test_packer_failure_keeps_the_previous_artifact(
     good = _built(repo, image, fake_packer)
     assert good.manifest is not None and good.artifact is not None
     monkeypatch.setenv("FAKE_PACKER_MODE", "fail")
-    with pytest.raises(build.BuildError) as exc:
+    with pytest.raises(buildevents.BuildError) as exc:
         build.build_image(repo, image, force=True)
     msg = str(exc.value)
     assert "packer build failed" in msg and "Error executing Ansible" in msg
     assert str(good.build_dir / "build.log") in msg
     assert "rebuild with --ansible-strategy linear" in msg, "under mitogen, the way to rule it out is named"
-    with pytest.raises(build.BuildError) as linear:
+    with pytest.raises(buildevents.BuildError) as linear:
         build.build_image(repo, image, force=True, ansible_strategy="linear")
     assert "Error executing Ansible" in str(linear.value) and "mitogen" not in str(linear.value)
     # the previous, good artifact and its manifest are untouched; no temporary directory is left
@@ -387,7 +403,7 @@ def test_timeout_stops_packer_and_its_children(
     repo: Settings, image: Image, hanging_packer: Path, no_validate: list[str]
 ) -> None:
     child_file = hanging_packer
-    with pytest.raises(build.BuildError, match="build timeout"):
+    with pytest.raises(buildevents.BuildError, match="build timeout"):
         build.build_image(repo, image, timeout_s=3)
     assert_gone(int(child_file.read_text()), "the stop")
     assert load(repo.builds_dir / "debian-lab") is None
@@ -397,14 +413,14 @@ def test_timeout_stops_packer_and_its_children(
 def test_missing_source_says_run_base_image(repo: Settings, image: Image, fake_packer: Path,
                                             no_validate: list[str]) -> None:
     (repo.root / "builds/base/debian-13-base.qcow2").unlink()
-    with pytest.raises(build.BuildError, match=r"invoke lab\.base-image"):
+    with pytest.raises(buildevents.BuildError, match=r"invoke lab\.base-image"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
 
 def test_source_checksum_mismatch(repo: Settings, image: Image, fake_packer: Path, no_validate: list[str]) -> None:
     (repo.root / "builds/base/debian-13-base.qcow2.sha256").write_text("0" * 64 + "  debian-13-base.qcow2\n")
-    with pytest.raises(build.BuildError, match="checksum mismatch"):
+    with pytest.raises(buildevents.BuildError, match="checksum mismatch"):
         build.build_image(repo, image)
     assert not [ln for ln in invocations(fake_packer) if ln.startswith("build ")]
 
@@ -424,7 +440,7 @@ def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_ru
     """A plain install (no [build] extra) used to fail inside Packer with "ansible-playbook not found"."""
     bare = tmp_path / "bare-venv-bin"
     bare.mkdir()
-    monkeypatch.setattr(render, "_venv_bin", lambda: bare)
+    monkeypatch.setattr(render, "venv_bin", lambda: bare)
     if shutil.which("ansible-playbook") is not None:
         monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
                                                   if not (Path(d) / "ansible-playbook").exists()))
@@ -435,40 +451,11 @@ def test_a_build_without_ansible_playbook_names_the_build_extra_before_packer_ru
 
 
 def test_accelerator_override_and_detection(repo: Settings) -> None:
-    assert build.resolve_accelerator(repo, "kvm") == "kvm"
-    assert build.resolve_accelerator(repo, "auto") == "tcg"  # settings say tcg
-    with pytest.raises(build.BuildError, match="not one of"):
-        build.resolve_accelerator(repo, "xen")
-    assert build.detect_accelerator() in ("kvm", "tcg")
-
-
-def test_manifest_round_trip_through_cache_status(tmp_path: Path) -> None:
-    art = tmp_path / "x.qcow2"
-    art.write_bytes(b"data")
-    m = factories.manifest("x", path="x.qcow2", sha256=sha256_file(art), disk_size=4, fingerprint="f1")
-    save(tmp_path, m)
-    assert build.cache_status(tmp_path, "f1")[0] is not None
-    assert build.cache_status(tmp_path, "f2") == (None, "inputs changed")
-    art.write_bytes(b"datb")
-    assert "sha256" in build.cache_status(tmp_path, "f1")[1]
-    assert stat.S_ISREG((tmp_path / "manifest.json").stat().st_mode)
-    assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == "f1"
-
-
-def test_a_build_older_than_max_age_is_rebuilt(tmp_path: Path) -> None:
-    from datetime import UTC, datetime
-
-    art = tmp_path / "x.qcow2"
-    art.write_bytes(b"data")
-    m = factories.manifest("x", build_id="abc", path="x.qcow2", sha256=sha256_file(art), disk_size=4, fingerprint="f1",
-                           release=13,
-                           finished_at="2026-11-20T02:00:00Z")
-    save(tmp_path, m)
-    six_days, eight_days = datetime(2026, 11, 26, 2, 0, tzinfo=UTC), datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
-    assert build.cache_status(tmp_path, "f1", max_age_days=7, now=six_days)[0] is not None
-    hit, why = build.cache_status(tmp_path, "f1", max_age_days=7, now=eight_days)
-    assert hit is None and why == "build abc is 8.0 days old (max_age_days 7): rebuilt for current updates"
-    assert build.cache_status(tmp_path, "f1", now=eight_days)[0] is not None  # an image without updates
+    assert strategy.resolve_accelerator(repo, "kvm") == "kvm"
+    assert strategy.resolve_accelerator(repo, "auto") == "tcg"  # settings say tcg
+    with pytest.raises(buildevents.BuildError, match="not one of"):
+        strategy.resolve_accelerator(repo, "xen")
+    assert strategy.detect_accelerator() in ("kvm", "tcg")
 
 
 def test_ctrl_c_stops_packer_and_qemu_and_leaves_nothing(
@@ -533,8 +520,8 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
     for _ in range(3):
         result = render.render_image(repo, img, packer_version=(1, 6, 6))
         try:
-            inputs, why = build.upstream_inputs(repo, img, offline=False, previous=None)
-            build.with_upstream(result, inputs)
+            inputs, why = buildcache.upstream_inputs(repo, img, offline=False, previous=None)
+            buildcache.with_upstream(result, inputs)
             fingerprints.append(result.fingerprint)
             reasons.append(why)
         finally:
@@ -543,165 +530,5 @@ def test_upstream_epochs_join_the_fingerprint_and_an_unknown_state_rebuilds(
     assert reasons[:2] == ["", ""] and "HTTP 503" in reasons[2]
     previous = factories.manifest("x", release=13, inputs={"upstream:http://a/debian s": "InRelease D1 sha256:1",
                                                            "x": "y"})
-    assert build.upstream_inputs(repo, img, offline=True, previous=previous) == (
+    assert buildcache.upstream_inputs(repo, img, offline=True, previous=previous) == (
         {"upstream:http://a/debian s": "InRelease D1 sha256:1"}, "")  # --offline: nothing fetched
-
-
-@pytest.mark.parametrize(("family", "release", "core", "warned"), [
-    ("fedora", 45, (2, 19), "Python 3.15, which ansible-core 2.19 does not support as a target (up to 3.13)"),
-    ("fedora", 44, (2, 19), "Use ansible-core 2.20+"),
-    ("fedora", 44, (2, 20), ""),
-    ("fedora", 45, (2, 21), "No ansible-core release known here supports it yet"),
-    ("fedora", 45, (2, 30), ""),
-    ("debian", 13, (2, 19), ""),
-    ("debian", 14, (2, 19), ""),  # not known here: no guess
-])
-def test_ansible_core_too_old_for_the_targets_python_is_named(family: str, release: int, core: tuple[int, int],
-                                                              warned: str) -> None:
-    message = build.ansible_target_warning(family, release, core)
-    assert (warned in message and message) if warned else message == ""
-
-
-def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
-    """A stand-in packer whose VM console reports a panic: stopped within seconds, not at Packer's SSH timeout."""
-    serial = tmp_path / "work" / "serial.log"
-    serial.parent.mkdir()
-    fake = tmp_path / "packer"
-    fake.write_text("#!/bin/sh\necho '1,,ui,say,==> qemu.image: Waiting for SSH to become available...'\n"
-                    f"sleep 1; printf '[ 26.3] Oops: int3\\n[ 26.4] Kernel panic - not syncing: x\\n' > {serial}\n"
-                    "exec sleep 120\n")
-    fake.chmod(0o755)
-    events: list[build.BuildEvent] = []
-    started = time.monotonic()
-    with pytest.raises(build.BuildError, match="(?s)kernel panicked.*re-run the build.*Kernel panic - not syncing"):
-        build.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=300,
-                         on_event=None, events=events, serial_log=serial)
-    assert time.monotonic() - started < 30
-    assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
-
-
-def _packer_panicking_first(tmp_path: Path, then: str) -> tuple[Path, Path]:
-    """A stand-in packer whose first build VM panics; later runs do ``then`` (shell)."""
-    work = tmp_path / "work"
-    (work / "output").mkdir(parents=True)
-    runs = tmp_path / "runs"
-    fake = tmp_path / "packer"
-    fake.write_text(f"#!/bin/sh\necho run >> {runs}\n"
-                    f"if [ $(wc -l < {runs}) -eq 1 ]; then\n"
-                    f"  printf '[ 26.4] Kernel panic - not syncing: x\\n' > {work}/serial.log; exec sleep 120\nfi\n"
-                    f"test -e {work}/output && {{ echo 'Output directory exists'; exit 1; }}\n{then}\n")
-    fake.chmod(0o755)
-    return fake, work
-
-
-@pytest.mark.parametrize(
-    ("accel", "then", "outcome"),
-    [
-        ("tcg", "echo '1,,ui,say,==> qemu.image: done'", "built on the second attempt"),
-        ("tcg", "printf '[ 26.4] Kernel panic - not syncing: x\\n' > $(dirname $0)/work/serial.log; exec sleep 120",
-         "a second panic fails"),
-        ("tcg", "exit 3", "another failure on the second attempt is not retried again"),
-        ("kvm", "echo never reached", "a panic under KVM is the build's result"),
-    ],
-)
-def test_a_build_vm_panic_under_tcg_is_built_once_more_and_reported(tmp_path: Path, accel: str, then: str,
-                                                                    outcome: str) -> None:
-    fake, work = _packer_panicking_first(tmp_path, then)
-    log = tmp_path / "build.log"
-    emitted: list[tuple[str, str]] = []
-
-    def run() -> build._Run:
-        return build.run_packer_once_more_on_tcg_panic(
-            [str(fake)], accel=accel, work=work, emit=lambda kind, msg: emitted.append((kind, msg)), cwd=tmp_path,
-            log_path=log, timeout_s=300, on_event=None, events=[])
-
-    if outcome == "built on the second attempt":
-        run()
-        assert (tmp_path / "runs").read_text().count("run") == 2
-        assert [kind for kind, _ in emitted] == ["status"]
-        assert "kernel panicked" in emitted[0][1] and "building once more" in emitted[0][1]
-        assert "the build VM's kernel panicked" in (tmp_path / "build.panicked.log").read_text()
-        assert "Kernel panic" in (tmp_path / "serial.panicked.log").read_text()
-        assert "kernel panicked" not in log.read_text()
-        return
-    expected = build.BuildVmPanicked if "panic" in outcome else build.BuildError
-    with pytest.raises(expected) as caught:
-        run()
-    if outcome.startswith("another failure"):
-        assert not isinstance(caught.value, build.BuildVmPanicked) and "exit 3" in str(caught.value)
-    runs = (tmp_path / "runs").read_text().count("run")
-    assert runs == (1 if accel == "kvm" else 2)
-    assert len(emitted) == (0 if accel == "kvm" else 1)
-
-
-def test_an_unchanged_artifact_is_not_hashed_again_and_any_change_is_seen(tmp_path: Path, monkeypatch) -> None:
-    from image_factory.image import manifest as mf
-
-    art = tmp_path / "x.qcow2"
-    art.write_bytes(b"data")
-    sha = sha256_file(art)
-    old = time.time_ns() - 10**10  # settled: changed long enough ago for a stamp
-    os.utime(art, ns=(old, old))
-    monkeypatch.setattr(mf, "STAMP_SETTLE_NS", 0)
-    assert mf.has_sha256(art, sha) and (tmp_path / ".x.qcow2.sha256-stamp").is_file()
-    hashed: list[Path] = []
-    real = mf.sha256_file
-    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(p) or real(p))
-    assert mf.has_sha256(art, sha) and hashed == []  # remembered
-    assert not mf.has_sha256(art, "0" * 64) and hashed == [art]  # another digest is checked, not trusted
-    art.write_bytes(b"datb")  # same size; new content, so a new ctime
-    os.utime(art, ns=(old, old))  # even with the old mtime put back
-    assert not mf.has_sha256(art, sha) and len(hashed) == 2
-
-
-def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -> None:
-    raw = tmp_path / "disk.raw"
-    with raw.open("wb") as fh:
-        fh.write(b"factory " * 512 * 1024)  # 4 MiB that compresses
-        fh.truncate(16 * 1024 * 1024)
-    packed = tmp_path / "disk.qcow2"
-    build.compact(raw, packed, compress=True)
-    info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(packed)]))
-    assert info["format-specific"]["data"]["compression-type"] == "zstd"
-    assert packed.stat().st_size < 1024 * 1024
-    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
-
-
-def test_factory_bundle_is_the_wheel_and_the_lock_built_outside_the_checkout(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The factory's own wheel (debian-lab-builder, factory: true) is built from a copy of its sources: the
-    checkout gets no build/ or egg-info, and the bundle holds exactly the wheel and the hashed lock."""
-    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
-    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
-    before = sorted(p.name for p in REPO_ROOT.iterdir())
-    bundle, work = tmp_path / "secret" / render.FACTORY_BUNDLE_DIR, tmp_path / "work"
-    work.mkdir()
-    fetched: list[tuple[str, Path]] = []  # the lock's files come from PyPI: the e2e build fetches them for real
-    monkeypatch.setattr(build, "guest_wheelhouse", lambda s, i, dest: fetched.append((i.name, dest)))
-    build.factory_bundle(settings, image, bundle, work)
-    assert fetched == [("debian-lab-builder", bundle / "wheelhouse.tar")]
-    names = sorted(p.name for p in bundle.iterdir())
-    assert len(names) == 2 and names[0].startswith("deevnet_image_factory-") and names[0].endswith("-py3-none-any.whl")
-    assert names[1] == "requirements.txt"
-    assert (bundle / "requirements.txt").read_bytes() == (REPO_ROOT / render.FACTORY_LOCK).read_bytes()
-    assert "--hash=sha256:" in (bundle / "requirements.txt").read_text()
-    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
-    assert sorted(p.name for p in REPO_ROOT.iterdir()) == before
-    assert list(work.iterdir()) == []
-
-
-def test_guest_wheelhouse_needs_the_images_python(tmp_path: Path) -> None:
-    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=REPO_ROOT)
-    image = load_site(settings.inventory, settings.images).images["debian-lab-builder"]
-    with pytest.raises(build.BuildError, match="release 99's"):
-        build.guest_wheelhouse(settings, image.model_copy(update={"release": 99}), tmp_path / "w.tar")
-
-
-@pytest.mark.parametrize(("python", "wanted", "left_out"), [((3, 13), "ansible-core==2.21.5", "ansible-core==2.19.14"),
-                                                            ((3, 11), "ansible-core==2.19.14", "ansible-core==2.21.5")])
-def test_guest_lock_keeps_the_entries_for_the_guests_python(tmp_path: Path, python: tuple[int, int], wanted: str,
-                                                           left_out: str) -> None:
-    """pip download reads the lock's markers for this machine's Python: the guest's entries are chosen first."""
-    out = build.guest_lock(REPO_ROOT / render.FACTORY_LOCK, python, tmp_path / "guest.txt").read_text()
-    assert f"\n{wanted} \\\n    --hash=sha256:" in out and left_out not in out and ";" not in out
-    assert 0 < out.count("==") < (REPO_ROOT / render.FACTORY_LOCK).read_text().count("==")

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from image_factory.console import Milestones
-from image_factory.image.build import BuildEvent, LogLines
+from image_factory.image.buildevents import BuildEvent
+from image_factory.image.progress import LogLines
 
 pytestmark = pytest.mark.unit
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"

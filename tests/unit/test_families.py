@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from image_factory import families
-from image_factory.image import build, contents, render
+from image_factory.image import contents, render, strategy
 from image_factory.settings import REPO_ROOT, Settings
 from image_factory.site.inventory import Image, load_site
 
@@ -52,7 +52,7 @@ def test_a_stub_family_needs_one_module_and_a_catalogue_entry(alpine: families.F
         assert result.kickstart is None and "alpine-lab.qcow2" in result.hcl.read_text()
     finally:
         result.cleanup()
-    assert build.resolve_ansible_strategy("auto", "tcg", "alpine").name == "linear"
+    assert strategy.resolve_ansible_strategy("auto", "tcg", "alpine").name == "linear"
     listed = contents.read_contents(lambda cmd: "installed\tmusl\t1.2.5-r8\tx86_64\n" if "apk" in cmd else "x\n",
                                     "alpine")
     assert [p.name for p in listed.packages] == ["musl"]

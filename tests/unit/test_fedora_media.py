@@ -181,7 +181,7 @@ def _fedora_image(base: str) -> Any:
 def test_build_hands_packer_only_a_signed_sha256(server: Any, repo: Any, tmp_path: Path, attack: str | None) -> None:
     from types import SimpleNamespace
 
-    from image_factory.image import build
+    from image_factory.image import sources
     from image_factory.settings import Settings
 
     base, files = server
@@ -198,13 +198,13 @@ def test_build_hands_packer_only_a_signed_sha256(server: Any, repo: Any, tmp_pat
     events: list[str] = []
     image = _fedora_image(base)
     if attack is None:
-        build.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file),
+        sources.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file),
                                      lambda kind, msg: events.append(msg))
         assert f'source_checksum = "sha256:{CLOUD_SUM}"' in var_file.read_text()
         assert any(fm.release_key_name(45) in e for e in events)
         return
     with pytest.raises(SignatureError) as err:
-        build.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file), lambda kind, msg: None)
+        sources.verify_source_checksum(settings, image, SimpleNamespace(var_file=var_file), lambda kind, msg: None)
     assert "Fedora-Cloud-45-1.3-x86_64-CHECKSUM" in str(err.value)
     assert "source_checksum" not in var_file.read_text()
 
@@ -472,7 +472,7 @@ def test_a_capitalised_https_checksum_is_verified_before_packer_sees_it(server: 
                                                                        tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from image_factory.image import build
+    from image_factory.image import sources
     from image_factory.settings import Settings
     from image_factory.site.inventory import Image, Source
 
@@ -485,7 +485,7 @@ def test_a_capitalised_https_checksum_is_verified_before_packer_sees_it(server: 
     assert isinstance(shouting, Image)
     var_file = tmp_path / "build.pkrvars.hcl"
     var_file.write_text("")
-    build.verify_source_checksum(Settings.from_mapping({}, root=root), shouting, SimpleNamespace(var_file=var_file),
+    sources.verify_source_checksum(Settings.from_mapping({}, root=root), shouting, SimpleNamespace(var_file=var_file),
                                  lambda kind, msg: None)
     assert f'source_checksum = "sha256:{"d" * 64}"' in var_file.read_text()
 
@@ -645,7 +645,7 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
     import sys
 
     from image_factory import pipeline
-    from image_factory.image import build, render
+    from image_factory.image import build, render, rendercheck
     from image_factory.settings import Settings
 
     base, files = server
@@ -660,7 +660,7 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("PACKER_CALLS", str(tmp_path / "calls"))
-    monkeypatch.setattr(render, "validate", lambda result, settings: None)  # the real validators: test_render.py
+    monkeypatch.setattr(rendercheck, "validate", lambda result, settings: None)  # the real validators: test_render.py
     render._packer_version_cache.clear()
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg",
                                       "fedora_releases_url": f"{base}/releases.json"}, root=root)
@@ -700,11 +700,11 @@ def test_a_build_resolves_refresh_media_and_records_them(server: Any, repo: Any,
 
 
 def test_offline_without_an_earlier_resolution_says_how_to_pin(repo: Any, tmp_path: Path) -> None:
-    from image_factory.image import build
+    from image_factory.image import buildevents, sources
     from image_factory.settings import Settings
 
     root, _ = repo
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds")}, root=root)
-    with pytest.raises(build.BuildError, match=r"not pinned yet .*--offline.*image\.refresh --release 45"):
-        build.resolve_unpinned(settings, _unpinned("https://download.fedoraproject.org", 45), lambda k, m: None,
+    with pytest.raises(buildevents.BuildError, match=r"not pinned yet .*--offline.*image\.refresh --release 45"):
+        sources.resolve_unpinned(settings, _unpinned("https://download.fedoraproject.org", 45), lambda k, m: None,
                                offline=True, previous=None)

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from image_factory.image import firmware
-from image_factory.image import imagetest as it
+from image_factory.image import firmware, testguest
 from image_factory.platform import Platform
 from image_factory.settings import Settings
 
@@ -137,7 +136,7 @@ def test_the_test_vm_starts_secure_boot_code_with_smm_and_a_tpm(tmp_path: Path) 
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg"})
     platform = Platform("uefi", True, "microsoft-2011+2023", True, "q35", "debian")
-    guest = it.boot_guest(settings, disk, "qcow2", workdir_parent=tmp_path, hostname="sb", platform=platform)
+    guest = testguest.boot_guest(settings, disk, "qcow2", workdir_parent=tmp_path, hostname="sb", platform=platform)
     try:
         assert guest.alive() and guest.qmp_socket is not None
         assert [c for c in _cmdlines_naming(guest.sockdir) if c[0].endswith("swtpm")], "no swtpm for the guest"

@@ -1,4 +1,4 @@
-"""Unit tests for image_factory.image.imagetest (seed, host-key parsing, JUnit, suite hash) and the
+"""Unit tests for image_factory.image.imagetest (suites, JUnit, suite hash, a panicked boot) and the
 strict paramiko backend of tests/image/conftest.py (against a real in-process SSH server)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 
 import paramiko
 import pytest
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from image_factory.image import imagetest as it
 from image_factory.image import manifest as mf
+from image_factory.image import testguest
 from image_factory.lab import factories
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Source
@@ -28,74 +28,6 @@ from image_factory.site.inventory import Image, Source
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-
-SERIAL = """\
-[   12.3] cloud-init[401]: Cloud-init v. 22.4.2 running 'modules:config'
-\r-----BEGIN SSH HOST KEY KEYS-----\r
-ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBOLD= root@old\r
------END SSH HOST KEY KEYS-----\r
-[   20.1] random: crng init done
------BEGIN SSH HOST KEY KEYS-----
-ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNEW= root@t1\r
-[   21.0] virtio_net virtio1 ens3: renamed
-ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEEYFX41GD5/IIyO1861tMwy4wq9taoDMuqhS9CXhxhT root@t1
------END SSH HOST KEY KEYS-----
-"""
-
-
-def test_parse_host_keys_takes_last_block_and_ignores_noise() -> None:
-    keys = it.parse_host_keys(SERIAL)
-    assert keys == [
-        ("ecdsa-sha2-nistp256", "AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNEW="),
-        ("ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5AAAAIEEYFX41GD5/IIyO1861tMwy4wq9taoDMuqhS9CXhxhT"),
-    ]
-
-
-def test_parse_host_keys_incomplete_block_is_nothing() -> None:
-    assert it.parse_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA root@x\n") == []
-    assert it.parse_host_keys("") == []
-
-
-def test_known_hosts_lines_bracket_non_default_port() -> None:
-    keys = [("ssh-ed25519", "AAAAC3")]
-    assert it.known_hosts_lines(keys, "127.0.0.1", 2222) == "[127.0.0.1]:2222 ssh-ed25519 AAAAC3\n"
-    assert it.known_hosts_lines(keys, "127.0.0.1", 22) == "127.0.0.1 ssh-ed25519 AAAAC3\n"
-
-
-def test_seed_files_carry_key_user_hostname_and_mac() -> None:
-    files = it.seed_files("test-x", "iid-1", "ssh-ed25519 AAAAkey test", "02:DE:E7:00:00:5E")
-    meta = yaml.safe_load(files["meta-data"])
-    assert meta == {"instance-id": "iid-1", "local-hostname": "test-x"}
-    assert files["user-data"].startswith("#cloud-config\n")
-    user = yaml.safe_load(files["user-data"])
-    assert user["users"][0] == "default"
-    test_user = user["users"][1]
-    assert test_user["name"] == it.TEST_USER and test_user["lock_passwd"] is True
-    assert test_user["ssh_authorized_keys"] == ["ssh-ed25519 AAAAkey test"]
-    assert "ssh_pwauth" not in user  # the image's own sshd setting is what the suite checks
-    net = yaml.safe_load(files["network-config"])
-    assert net["version"] == 2
-    assert net["ethernets"]["nic0"] == {"match": {"macaddress": "02:de:e7:00:00:5e"}, "dhcp4": True}
-
-
-def test_test_mac_is_locally_administered_unicast() -> None:
-    first = int(it.TEST_MAC.split(":")[0], 16)
-    assert first & 0b10 and not first & 0b01
-
-
-def test_seed_iso_is_labelled_cidata(tmp_path: Path) -> None:
-    iso = it.make_seed_iso(tmp_path, {"meta-data": "instance-id: x\n", "user-data": "#cloud-config\n"})
-    data = iso.read_bytes()
-    # ISO 9660 primary volume descriptor at sector 16; the volume identifier at byte 40.
-    assert data[0x8001:0x8006] == b"CD001"
-    assert data[0x8028:0x8028 + 32].decode().strip() == "cidata"
-
-
-def test_make_ssh_key_private_file_is_0600(tmp_path: Path) -> None:
-    path, pub = it.make_ssh_key(tmp_path)
-    assert path.stat().st_mode & 0o777 == 0o600
-    key = paramiko.Ed25519Key.from_private_key_file(str(path))
-    assert pub.split()[1] == key.get_base64()
 
 
 def test_suite_hash_changes_with_content_not_order(tmp_path: Path) -> None:
@@ -111,7 +43,7 @@ def test_suite_hash_changes_with_content_not_order(tmp_path: Path) -> None:
 def test_suite_files_real_suites_and_missing_suite(tmp_path: Path) -> None:
     files = it.suite_files(REPO, ["common", "hygiene", "fedora"])
     assert [f.name for f in files] == ["conftest.py", "test_common.py", "test_hygiene.py", "test_fedora.py"]
-    with pytest.raises(it.ImageTestError, match="test_nosuch.py"):
+    with pytest.raises(testguest.ImageTestError, match="test_nosuch.py"):
         it.suite_files(REPO, ["nosuch"])
 
 
@@ -129,7 +61,7 @@ def test_parse_junit_counts_and_outcomes(tmp_path: Path) -> None:
     assert (c.tests, c.passed, c.failed, c.errors, c.skipped) == (4, 1, 1, 1, 1)
     assert c.failures == ["test_common::test_b", "test_hygiene::test_c"]
     assert c.outcomes["test_common::test_a[paramiko://u@h:1]"] == "passed"
-    with pytest.raises(it.ImageTestError, match="no usable JUnit"):
+    with pytest.raises(testguest.ImageTestError, match="no usable JUnit"):
         it.parse_junit(tmp_path / "missing.xml")
 
 
@@ -148,7 +80,7 @@ def test_test_image_refuses_artifact_that_changed_since_build(tmp_path: Path) ->
     art.write_bytes(b"not what was built")
     build_dir = tmp_path / "builds" / "fixture"
     mf.save(build_dir, _manifest(art, "0" * 64))
-    with pytest.raises(it.ImageTestError, match="differs from the manifest"):
+    with pytest.raises(testguest.ImageTestError, match="differs from the manifest"):
         it.test_image(settings, _image(), build_dir)
     assert mf.require(build_dir).image_test is None
     assert not list(build_dir.glob(".imagetest-*"))
@@ -160,12 +92,12 @@ def test_test_image_needs_a_manifest(tmp_path: Path) -> None:
         it.test_image(settings, _image(), tmp_path / "fixture")
 
 
-def _fake_guest(tmp_path: Path, serial: str) -> it.Guest:
+def _fake_guest(tmp_path: Path, serial: str) -> testguest.Guest:
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     (work / "serial.log").write_text(serial)
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    return it.Guest(proc, work, 1, work / "serial.log", work / "qga.sock", work / "key", work / "known_hosts",
-                    Path(tempfile.mkdtemp(dir=tmp_path)))
+    return testguest.Guest(proc, work, 1, work / "serial.log", work / "qga.sock", work / "key",
+                           work / "known_hosts", Path(tempfile.mkdtemp(dir=tmp_path)))
 
 
 PANIC = ("[   26.338350] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
@@ -175,8 +107,8 @@ PANIC = ("[   26.338350] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
 def test_a_kernel_panic_on_the_console_ends_the_wait_at_once(tmp_path: Path) -> None:
     guest = _fake_guest(tmp_path, "booting\n" + PANIC)
     try:
-        with pytest.raises(it.GuestPanicked, match="(?s)kernel panicked during boot.*Oops: int3"):
-            it.wait_for_ssh(guest, timeout=60)
+        with pytest.raises(testguest.GuestPanicked, match="(?s)kernel panicked during boot.*Oops: int3"):
+            testguest.wait_for_ssh(guest, timeout=60)
     finally:
         guest.stop()
 
@@ -190,14 +122,14 @@ def test_a_panicked_boot_is_repeated_once_under_tcg_only(tmp_path: Path, monkeyp
     art.write_bytes(b"artifact")
     build_dir = tmp_path / "builds" / "fixture"
     mf.save(build_dir, _manifest(art, mf.sha256_file(art)))
-    started: list[it.Guest] = []
+    started: list[testguest.Guest] = []
 
-    def boot(*_a: object, **_k: object) -> it.Guest:
+    def boot(*_a: object, **_k: object) -> testguest.Guest:
         started.append(_fake_guest(tmp_path, PANIC))
         return started[-1]
 
     monkeypatch.setattr(it, "boot_guest", boot)
-    with pytest.raises(it.GuestPanicked):
+    with pytest.raises(testguest.GuestPanicked):
         it.test_image(settings, _image(), build_dir)
     assert len(started) == boots
     assert not any(g.alive() for g in started)
@@ -278,7 +210,7 @@ def _backend(conftest: Any, port: int, known_hosts: Path, identity: Path) -> Any
 def test_strict_backend_refuses_unknown_host_key(ssh_server: Any, tmp_path: Path) -> None:
     port, _key = ssh_server
     conftest = _load_image_conftest()
-    identity, _ = it.make_ssh_key(tmp_path)
+    identity, _ = testguest.make_ssh_key(tmp_path)
     other = paramiko.RSAKey.generate(1024)
     kh = tmp_path / "known_hosts"
     kh.write_text(f"[127.0.0.1]:{port} ssh-rsa {other.get_base64()}\n")  # a different key for this host
@@ -293,43 +225,10 @@ def test_strict_backend_refuses_unknown_host_key(ssh_server: Any, tmp_path: Path
 def test_strict_backend_accepts_pinned_host_key(ssh_server: Any, tmp_path: Path) -> None:
     port, key = ssh_server
     conftest = _load_image_conftest()
-    identity, _ = it.make_ssh_key(tmp_path)
+    identity, _ = testguest.make_ssh_key(tmp_path)
     kh = tmp_path / "known_hosts"
     kh.write_text(f"[127.0.0.1]:{port} {key.get_name()} {key.get_base64()}\n")
     client = _backend(conftest, port, kh, identity).client
     transport = client.get_transport()
     assert transport is not None and transport.is_authenticated()
     client.close()
-
-
-@pytest.mark.parametrize("kind", ["bios", "uefi"])
-def test_the_test_vm_starts_with_each_firmware_and_answers_qmp(tmp_path: Path, kind: str) -> None:
-    """QEMU accepts the machine and firmware arguments (OVMF pflash on q35 for uefi), and the QMP socket
-    the image suites hot-add the pristine artifact through is there. No boot is waited for."""
-    import json
-    import shutil
-    import subprocess
-
-    if shutil.which("qemu-system-x86_64") is None or (kind == "uefi" and not Path("/usr/share/OVMF").is_dir()):
-        pytest.skip("needs qemu-system-x86 (and ovmf for uefi): ./dev setup installs them")
-    disk = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "builds"), "accelerator": "tcg"})
-    guest = it.boot_guest(settings, disk, "qcow2", workdir_parent=tmp_path, hostname="fw", firmware_kind=kind)
-    try:
-        assert guest.alive() and guest.qmp_socket is not None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(str(guest.qmp_socket))
-            reader = s.makefile("rb")
-            assert "QMP" in json.loads(reader.readline())
-            s.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-block"}\n')
-            assert json.loads(reader.readline()) == {"return": {}}
-            files = [str((b.get("inserted") or {}).get("file", "")) for b in json.loads(reader.readline())["return"]]
-        flash = [f for f in files if "OVMF" in f or f.endswith("efivars.fd")]
-        if kind == "uefi":
-            assert len(flash) == 2 and any(f == str(guest.workdir / "efivars.fd") for f in flash), files
-        else:
-            assert flash == [], files
-    finally:
-        guest.stop()

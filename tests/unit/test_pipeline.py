@@ -16,6 +16,7 @@ from image_factory import preflight, publish
 from image_factory.errors import FactoryError, ValidationFailed
 from image_factory.image import build, imagetest
 from image_factory.image import manifest as mf
+from image_factory.image.builddir import BuildDir
 from image_factory.lab import factories
 from image_factory.pipeline import default_images, run_pipeline
 from image_factory.settings import REPO_ROOT, Settings
@@ -50,14 +51,14 @@ def stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, R
         bdir = s.builds_dir / image.name
         m = _manifest(image.name, True if image.name in behaviour["cached_test"] else None)
         mf.save(bdir, m)
-        return build.BuildOutcome(status="built", manifest=m, build_dir=bdir, log=None, duration_s=1.0)
+        return build.BuildOutcome(status="built", manifest=m, dir=BuildDir(bdir), log=None, duration_s=1.0)
 
-    def fake_test(s: Settings, image: Any, build_dir: Path, **kw: Any) -> mf.ImageTestResult:
+    def fake_test(s: Settings, image: Any, build_dir: BuildDir, **kw: Any) -> mf.ImageTestResult:
         rec.tested.append(image.name)
         ok = behaviour["test_passes"].get(image.name, True)
         result = _manifest(image.name, ok).image_test
         assert result is not None
-        mf.record_test_result(build_dir, result)
+        mf.record_test_result(build_dir.path, result)
         return result
 
     def fake_publish(s: Settings, site: Any, name: str, **kw: Any) -> Any:

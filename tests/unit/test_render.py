@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from image_factory.image import render
+from image_factory.image import render, rendercheck
 from image_factory.lab.aptrepo import generate_key, public_key
 from image_factory.settings import REPO_ROOT, Settings
 from image_factory.site.inventory import Image, load_site
@@ -215,7 +215,7 @@ def test_packer_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp
 def test_a_missing_tool_names_what_provides_it(tool: str, provider: str, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(render, "_venv_bin", lambda: tmp_path)
+    monkeypatch.setattr(render, "venv_bin", lambda: tmp_path)
     with pytest.raises(render.ToolMissing) as err:
         render.require_tool(tool)
     assert str(err.value).startswith(f"{tool} is not installed") and provider in str(err.value)
@@ -245,7 +245,7 @@ def test_every_fedora_image_passes_the_real_validators(name: str, tmp_path: Path
         _copy_factory_sources(tmp_path)
     result = render.render_image(settings, image)
     try:
-        render.validate(result, settings)
+        rendercheck.validate(result, settings)
         if image.mode == "iso":
             assert result.kickstart is not None and result.kickstart.exists()
     finally:
@@ -261,7 +261,7 @@ def test_validate_reports_the_tools_message_with_file_and_line(repo: Settings, c
                                               '  format           = "qcow2"\n  no_such_option   = 1\n')
         result.hcl.write_text(text)
         with pytest.raises(render.RenderError) as exc:
-            render.validate_packer(result)
+            rendercheck.validate_packer(result)
         msg = str(exc.value)
         assert "packer validate" in msg and "no_such_option" in msg and "line" in msg
         assert str(result.hcl) in msg
@@ -276,7 +276,7 @@ def test_ksvalidator_rejects_a_broken_kickstart(repo: Settings, catalogue: dict[
         result.kickstart.write_text(result.kickstart.read_text() + "\nbogus_command --nope\n")
         pattern = r"(?s)ksvalidator -v F44 rejected .*ks.cfg.*line \d+.*bogus_command"
         with pytest.raises(render.RenderError, match=pattern):
-            render.validate_kickstart(result)
+            rendercheck.validate_kickstart(result)
     finally:
         result.cleanup()
 
@@ -290,7 +290,7 @@ def test_ksvalidator_leaves_no_copy_of_the_kickstart_behind(repo: Settings, cata
     monkeypatch.setenv("TMPDIR", str(shared_tmp))
     result = _render(repo, catalogue["fedora-45-iso"])
     try:
-        render.validate_kickstart(result)
+        rendercheck.validate_kickstart(result)
     finally:
         result.cleanup()
     assert [p.name for p in shared_tmp.rglob("*")] == []
@@ -314,7 +314,7 @@ def test_debian_fixture_validates_before_the_base_image_exists(repo: Settings, c
     result = _render(repo, catalogue["debian-lab"])
     try:
         assert result.inputs["source_checksum"] == "missing"
-        render.validate_packer(result)
+        rendercheck.validate_packer(result)
     finally:
         result.cleanup()
 
@@ -390,7 +390,7 @@ exit 1
 def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_socket: str = "") -> list[str]:
     """The QEMU command line Packer 1.6 builds for ``image``: a real `packer build` whose qemu-system-x86_64
     records its arguments and stops there (Packer asks the real one for its version)."""
-    from image_factory.image import build
+    from image_factory.image import packerrun
 
     real = shutil.which("qemu-system-x86_64")
     if shutil.which("packer") is None or real is None or render.packer_version() >= render.PLUGIN_PACKER:
@@ -411,7 +411,7 @@ def _packer_qemu_argv(settings: Settings, image: Image, tmp_path: Path, tpm_sock
         render.set_var(result, "ovmf_code", str(tmp_path / "CODE.fd"))
         render.set_var(result, "ovmf_vars", str(tmp_path / "VARS.fd"))
         if not image.source.is_local and image.mode == "iso":
-            render.set_var(result, "install_iso", str(build.install_iso_path(result.out_dir, image)))
+            render.set_var(result, "install_iso", str(packerrun.install_iso_path(result.out_dir, image)))
     argv = tmp_path / f"argv-{image.name}"
     env = {**render.tool_env(), "QEMU_ARGV": str(argv), "PACKER_CACHE_DIR": str(tmp_path / "cache")}
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
@@ -670,7 +670,7 @@ def test_packer_init_precedes_validate_for_packer_1_7_and_later(
     result = _render(repo, catalogue["fedora-44"], render.packer_version())
     try:
         assert result.packer_version == (1, 11, 2) and "required_plugins {" in result.hcl.read_text()
-        render.validate_packer(result)
+        rendercheck.validate_packer(result)
     finally:
         result.cleanup()
     calls = [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
@@ -681,7 +681,7 @@ def test_packer_1_6_validates_without_init(stub_packer: Path, repo: Settings, ca
     result = _render(repo, catalogue["fedora-44"], (1, 6, 6))
     try:
         with pytest.raises(render.RenderError, match="Missing plugins"):
-            render.validate_packer(result)  # this stub is a 1.11: 1.6.6 would have passed with its bundled plugins
+            rendercheck.validate_packer(result)  # this stub is a 1.11: 1.6.6 would have passed with its bundled plugins
     finally:
         result.cleanup()
     assert "init" not in [ln.split()[0] for ln in stub_packer.read_text().splitlines()]
@@ -693,7 +693,7 @@ def test_packer_init_offline_names_the_pins_and_the_way_out(
     result = _render(repo, catalogue["fedora-44"], (1, 11, 2))
     try:
         with pytest.raises(render.ToolMissing) as err:
-            render.validate_packer(result)
+            rendercheck.validate_packer(result)
     finally:
         result.cleanup()
     message = str(err.value)

@@ -1,76 +1,54 @@
-"""Image tests: boot a built artifact the way Proxmox boots a clone and run tests/image against it.
+"""Image tests: boot a built artifact the way Proxmox boots a clone (testguest) and run tests/image against it.
 
-The artifact is never written: the guest runs on a throwaway qcow2 overlay backed by it (its sha256
-is checked before and after). A NoCloud seed (an ISO on ide2, like the PVE cloud-init drive)
-carries an ephemeral SSH key for a test user, a hostname and a network config matching a fixed,
-locally administered MAC. The NIC is virtio-net with user networking forwarded from 127.0.0.1 only,
-the disk sits on virtio-scsi (PVE's scsihw), and a virtio-serial port carries the QEMU guest
-agent channel (PVE's agent=1). The serial console goes to a log file.
-
-Host keys are never trusted blindly: cloud-init prints the host keys it generated at this first
-boot to the serial console (a channel the guest cannot be impersonated on); they are parsed from
-the serial log into a known_hosts file, and every SSH connection (the readiness probe and
-testinfra's paramiko backend, made strict by tests/image/conftest.py) verifies against it.
-
-The suites run in a pytest subprocess; JUnit XML, the pytest output, the serial log and a summary
-land in builds/<image>/ and the result goes into the manifest (``manifest.record_test_result``).
+The artifact's sha256 is checked before and after: the guest runs on an overlay and never writes it. The
+suites run in a pytest subprocess (testinfra over SSH, verified against the host keys the guest announced
+on its console); JUnit XML, the pytest output, the serial log and a summary land in builds/<image>/ and the
+result goes into the manifest (``manifest.record_test_result``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import paramiko
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from image_factory.console import console, styled
-from image_factory.errors import FactoryError
 from image_factory.image import contents as contents_mod
-from image_factory.image import firmware, manifest
+from image_factory.image import firmware, manifest, render
+from image_factory.image.builddir import (
+    TEST_JUNIT_NAME,
+    TEST_OUTPUT_NAME,
+    TEST_SERIAL_NAME,
+    TEST_SUMMARY_NAME,
+    BuildDir,
+)
 from image_factory.image.manifest import ImageTestResult, sha256_file
-from image_factory.image.qemuvm import (
-    accel_args,
-    console_panicked,
-    free_port,
-    make_seed_iso,
-    require_qemu,
-    resolve_accelerator,
+from image_factory.image.qemuvm import resolve_accelerator
+from image_factory.image.testguest import (
+    TEST_MAC,
+    Guest,
+    GuestPanicked,
+    ImageTestError,
+    boot_guest,
+    read_guest_contents,
+    wait_for_ssh,
 )
 from image_factory.platform import Platform
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image
 
 SUITE_DIR = Path("tests/image")
-TEST_USER = "factorytest"
-# Locally administered (bit 1 of the first octet set), unicast; fixed like an inventory MAC.
-TEST_MAC = "02:de:e7:00:00:5e"
-DEFAULT_BUILD_USER = "packer"
 DEFAULT_AUTOMATION_USER = "ansible"
-JUNIT_NAME = "image-test.xml"
-SUMMARY_NAME = "image-test-summary.json"
-OUTPUT_NAME = "image-test.log"
-SERIAL_NAME = "image-test-serial.log"
-KEYS_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
-KEYS_END = "-----END SSH HOST KEY KEYS-----"
-HOST_KEY_RE = re.compile(r"((?:ssh|ecdsa|sk)-[A-Za-z0-9@.\-]+) ([A-Za-z0-9+/]+=*)")
-
-
-class ImageTestError(FactoryError):
-    pass
+JUNIT_NAME = TEST_JUNIT_NAME
+SUMMARY_NAME = TEST_SUMMARY_NAME
+OUTPUT_NAME = TEST_OUTPUT_NAME
+SERIAL_NAME = TEST_SERIAL_NAME
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -99,68 +77,6 @@ def suite_hash(files: list[Path]) -> str:
         h.update(f"{f.name}\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()
-
-
-def parse_host_keys(serial_text: str) -> list[tuple[str, str]]:
-    """(type, base64) pairs from the last complete cloud-init host-key block on the console."""
-    text = serial_text.replace("\r", "")
-    end = text.rfind(KEYS_END)
-    if end < 0:
-        return []
-    begin = text.rfind(KEYS_BEGIN, 0, end)
-    if begin < 0:
-        return []
-    keys = []
-    for line in text[begin + len(KEYS_BEGIN) : end].splitlines():
-        m = HOST_KEY_RE.search(line)
-        if m:
-            keys.append((m.group(1), m.group(2)))
-    return keys
-
-
-def known_hosts_lines(keys: list[tuple[str, str]], host: str, port: int) -> str:
-    name = host if port == 22 else f"[{host}]:{port}"
-    return "".join(f"{name} {t} {b}\n" for t, b in keys)
-
-
-def make_ssh_key(directory: Path) -> tuple[Path, str]:
-    """A fresh Ed25519 key pair (private key file 0600, public key line)."""
-    key = Ed25519PrivateKey.generate()
-    priv = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    path = directory / "id_ed25519"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv)
-    return path, pub.decode() + " image-factory-test"
-
-
-def seed_files(hostname: str, instance_id: str, public_key: str, mac: str) -> dict[str, str]:
-    """NoCloud meta-data, user-data and network-config (v2, matched by MAC like PVE's drive)."""
-    meta = f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
-    user = (
-        "#cloud-config\n"
-        "users:\n"
-        "  - default\n"
-        f"  - name: {TEST_USER}\n"
-        "    gecos: image test user (ephemeral)\n"
-        "    shell: /bin/bash\n"
-        "    lock_passwd: true\n"
-        '    sudo: "ALL=(ALL) NOPASSWD:ALL"\n'
-        "    ssh_authorized_keys:\n"
-        f"      - {public_key}\n"
-    )
-    net = (
-        "version: 2\n"
-        "ethernets:\n"
-        "  nic0:\n"
-        "    match:\n"
-        f"      macaddress: '{mac.lower()}'\n"
-        "    dhcp4: true\n"
-    )
-    return {"meta-data": meta, "user-data": user, "network-config": net}
 
 
 @dataclass
@@ -206,217 +122,8 @@ def parse_junit(path: Path) -> JunitCounts:
 
 
 def build_user_name() -> str:
-    """The build user the render stage puts in the seed (render.BUILD_USER when it exists)."""
-    try:
-        from image_factory.image import render  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return DEFAULT_BUILD_USER
-    return str(getattr(render, "BUILD_USER", DEFAULT_BUILD_USER))
-
-
-# --------------------------------------------------------------------------------------- the guest
-
-
-@dataclass
-class Guest:
-    """A running test VM (see ``boot_guest``); ``stop`` kills it and removes its work directory."""
-
-    proc: subprocess.Popen[bytes]
-    workdir: Path
-    port: int
-    serial_log: Path
-    qga_socket: Path
-    key_file: Path
-    known_hosts: Path
-    sockdir: Path
-    qmp_socket: Path | None = None
-    user: str = TEST_USER
-    host_keys: list[tuple[str, str]] = field(default_factory=list)
-    services: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the VM's swtpm
-
-    @property
-    def hostspec(self) -> str:
-        return f"paramiko://{self.user}@127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.services.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        shutil.rmtree(self.sockdir, ignore_errors=True)
-
-
-def boot_guest(
-    settings: Settings,
-    artifact: Path,
-    artifact_format: str,
-    *,
-    workdir_parent: Path,
-    hostname: str,
-    mac: str = TEST_MAC,
-    memory: int = 1024,
-    cpus: int = 2,
-    firmware_kind: str = "bios",
-    platform: Platform | None = None,
-) -> Guest:
-    """Start the artifact on an overlay with a NoCloud seed; returns at once (see ``wait_for_ssh``).
-    ``platform`` (the manifest's) gives the firmware, machine, Secure Boot keys and TPM; else ``firmware_kind``."""
-    platform = platform or Platform(firmware_kind, machine="q35" if firmware_kind == "uefi" else "pc")
-    services = contextlib.ExitStack()
-    qemu = require_qemu()
-    workdir_parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".imagetest-", dir=workdir_parent))
-    try:
-        overlay = workdir / "overlay.qcow2"
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", artifact_format,
-               "-b", str(artifact.resolve()), str(overlay)]  # fmt: skip
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            raise ImageTestError(f"overlay: qemu-img create failed: {proc.stdout.decode(errors='replace')}")
-        key_file, pub = make_ssh_key(workdir)
-        instance_id = f"imagetest-{os.urandom(6).hex()}"
-        iso = make_seed_iso(workdir, seed_files(hostname, instance_id, pub, mac))
-        serial = workdir / "serial.log"
-        # A unix socket path must stay under 108 bytes: keep it in a short temporary directory.
-        sockdir = Path(tempfile.mkdtemp(prefix="qga-"))
-        qga = sockdir / "qga.sock"
-        qmp = sockdir / "qmp.sock"
-        accel = accel_args(settings.accelerator)
-        machine = ["-machine", platform.machine]
-        if platform.firmware == "uefi":
-            machine = firmware.prepare(workdir, machine=platform.machine, secure_boot=platform.secure_boot,
-                                       keys=platform.keys, family=platform.family).qemu_args()
-        if platform.tpm:
-            machine += services.enter_context(firmware.swtpm(sockdir / "tpm")).qemu_args()
-        last_err = ""
-        for _attempt in range(3):
-            port = free_port()
-            args = [
-                qemu, *accel, *machine, "-m", str(memory), "-smp", str(cpus),
-                "-nodefaults", "-display", "none", "-no-user-config",
-                "-device", "virtio-scsi-pci,id=scsihw0",
-                "-drive", f"file={overlay},if=none,id=drive-scsi0,format=qcow2,cache=unsafe",
-                "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi0,bootindex=100",
-                "-drive", f"file={iso},if=ide,index=2,media=cdrom,format=raw,readonly=on",
-                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
-                "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
-                "-chardev", f"socket,id=qga0,path={qga},server=on,wait=off",
-                "-device", "virtio-serial",
-                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-                "-serial", f"file:{serial}",
-                # the image suites hot-add the pristine artifact through it (conftest: artifact_fs)
-                "-qmp", f"unix:{qmp},server=on,wait=off",
-            ]  # fmt: skip
-            qproc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-            time.sleep(1.0)
-            if qproc.poll() is None:
-                assert qproc.stderr is not None
-                qproc.stderr.close()
-                return Guest(qproc, workdir, port, serial, qga, key_file, workdir / "known_hosts", sockdir, qmp,
-                             services=services)
-            assert qproc.stderr is not None
-            last_err = qproc.stderr.read().decode(errors="replace")
-            if "host forwarding" not in last_err:
-                break
-        raise ImageTestError(f"qemu failed to start: {last_err.strip()[-1500:]}")
-    except BaseException:
-        services.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-        if "sockdir" in locals():
-            shutil.rmtree(sockdir, ignore_errors=True)
-        raise
-
-
-def read_guest_contents(guest: Guest, family: str, timeout: float = 60.0) -> contents_mod.Contents:
-    """Packages, kernel and os-release of the booted image, over an SSH session whose host key is the one
-    the guest announced on its serial console."""
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(guest.known_hosts))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-
-    def run(command: str) -> str:
-        _, out, err = client.exec_command(command, timeout=timeout)
-        text = out.read().decode(errors="replace")
-        if out.channel.recv_exit_status() != 0:
-            raise ImageTestError(f"reading the image's contents: `{command}` failed: "
-                                 f"{err.read().decode(errors='replace').strip()[-300:]}")
-        return text
-
-    try:
-        client.connect("127.0.0.1", port=guest.port, username=guest.user, key_filename=str(guest.key_file),
-                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                       allow_agent=False, look_for_keys=False)  # fmt: skip
-        return contents_mod.read_contents(run, family)
-    except (paramiko.SSHException, OSError) as exc:
-        raise ImageTestError(f"reading the image's contents over SSH failed: {exc}") from None
-    finally:
-        client.close()
-
-
-def _ssh_ready(guest: Guest, timeout: float) -> bool:
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(guest.known_hosts))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    try:
-        client.connect("127.0.0.1", port=guest.port, username=guest.user, key_filename=str(guest.key_file),
-                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                       allow_agent=False, look_for_keys=False)  # fmt: skip
-        _, out, _ = client.exec_command("true", timeout=timeout)
-        return out.channel.recv_exit_status() == 0
-    except paramiko.BadHostKeyException as exc:
-        raise ImageTestError(
-            f"guest host key does not match the key it announced on the serial console: {exc}"
-        ) from None
-    except (paramiko.SSHException, OSError, EOFError):
-        return False
-    finally:
-        client.close()
-
-
-class GuestPanicked(ImageTestError):
-    """The guest's kernel panicked (its console says so): it will never answer."""
-
-
-def wait_for_ssh(guest: Guest, timeout: float) -> float:
-    """Wait until the guest announced its host keys on the console and SSH works; seconds taken."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        if not guest.alive():
-            raise ImageTestError(f"the guest stopped during boot; serial console tail:\n{_tail(guest.serial_log)}")
-        text = guest.serial_log.read_text(encoding="utf-8", errors="replace") if guest.serial_log.exists() else ""
-        if console_panicked(guest.serial_log):
-            raise GuestPanicked(f"the guest's kernel panicked during boot; serial console tail:\n"
-                                f"{_tail(guest.serial_log, 40)}")
-        if not guest.host_keys:
-            keys = parse_host_keys(text)
-            if keys:
-                guest.host_keys = keys
-                guest.known_hosts.write_text(known_hosts_lines(keys, "127.0.0.1", guest.port), encoding="utf-8")
-        if guest.host_keys and _ssh_ready(guest, timeout=10):
-            return time.monotonic() - start
-        time.sleep(1.0)
-    what = "SSH" if guest.host_keys else "the host keys on the serial console (cloud-init keys_to_console)"
-    raise ImageTestError(f"timed out after {timeout:.0f}s waiting for {what}; serial tail:\n{_tail(guest.serial_log)}")
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return "(no serial output)"
-    return "\n".join(text.replace("\r", "").strip().splitlines()[-lines:])
+    """The build user the render stage puts in the seed."""
+    return render.BUILD_USER
 
 
 # ------------------------------------------------------------------------------------ the test run
@@ -465,7 +172,7 @@ def pytest_command(
 def test_image(
     settings: Settings,
     image: Image,
-    build_dir: Path,
+    build_dir: BuildDir | Path,
     *,
     timeout: float = 600,
     keep_running: bool = False,
@@ -473,113 +180,146 @@ def test_image(
     build_user: str | None = None,
 ) -> ImageTestResult:
     """Boot the artifact of builds/<image>/manifest.json, run its suites, record the result."""
-    m = manifest.require(build_dir)
-    artifact = build_dir / m.artifact.path  # manifest paths are relative to the build dir
+    bdir = BuildDir.at(build_dir)
+    m = bdir.require()
+    artifact = bdir.artifact(m)
     if not artifact.is_file():
-        raise ImageTestError(f"{artifact} (from {manifest.manifest_path(build_dir)}) does not exist")
+        raise ImageTestError(f"{artifact} (from {bdir.manifest}) does not exist")
     suites = suites_for(list(image.test_suites), m)
     files = suite_files(settings.data, suites)
-    shash = suite_hash(files)
     before = sha256_file(artifact)
     if before != m.artifact.sha256:
         raise ImageTestError(
             f"{artifact}: sha256 {before[:12]}… differs from the manifest's {m.artifact.sha256[:12]}…; "
             "rebuild the image"
         )
-    junit = build_dir / JUNIT_NAME
-    junit.unlink(missing_ok=True)
-    figures: dict[str, float] = {}
+    bdir.test_junit.unlink(missing_ok=True)
+    run = _SuiteRun(settings, image, bdir, m, files, suite_hash(files))
     console.print(f"image test {image.name}: booting {artifact.name} (suites: {', '.join(suites)})")
-    t_boot = time.monotonic()
-    # Under TCG a guest kernel can die in its own code patching (an int3 another vCPU met mid-patch: a race
-    # in QEMU's multi-threaded TCG, not the image); that boot is repeated once. A panic under KVM, or twice,
-    # fails the test.
-    attempts = 2 if resolve_accelerator(settings.accelerator) == "tcg" else 1
-    for attempt in range(1, attempts + 1):
-        guest = boot_guest(settings, artifact, m.artifact.format, workdir_parent=build_dir,
-                           hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
-                           cpus=min(image.cpus, 2), platform=m.platform)  # fmt: skip
-        try:
-            figures["boot_to_ssh_s"] = round(wait_for_ssh(guest, timeout), 1)
-            break
-        except GuestPanicked:
-            shutil.copyfile(guest.serial_log, build_dir / SERIAL_NAME)
-            guest.stop()
-            if attempt == attempts:
-                raise
-            figures["panicked_boots"] = attempt
-            console.print(f"image test {image.name}: the guest's kernel panicked under TCG (serial console in "
-                          f"{build_dir / SERIAL_NAME}); booting it once more")
-        except BaseException:
-            guest.stop()
-            raise
-    rc = -1
-    output = ""
+    guest = _boot_until_ssh(run, timeout)
     try:
-        console.print(f"guest up after {figures['boot_to_ssh_s']}s; running the suites ...")
-        cmd = pytest_command(settings, files, guest, family=image.family, junit=junit, artifact=artifact,
-                             build_user=build_user or build_user_name(), automation_user=automation_user,
-                             mac=TEST_MAC, firmware_kind=m.firmware, platform=m.platform)  # fmt: skip
-        t_suite = time.monotonic()
-        proc = subprocess.run(cmd, cwd=settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=max(timeout, 300))  # fmt: skip
-        figures["suite_s"] = round(time.monotonic() - t_suite, 1)
-        rc = proc.returncode
-        output = proc.stdout.decode(errors="replace")
-        (build_dir / OUTPUT_NAME).write_text(output, encoding="utf-8")
-        t_contents = time.monotonic()
-        inside = read_guest_contents(guest, image.family)
-        contents_mod.save(build_dir, inside, image=image.name, build_id=m.build_id)
-        figures["contents_s"] = round(time.monotonic() - t_contents, 1)
+        run.suites_in(guest, timeout, build_user=build_user or build_user_name(), automation_user=automation_user)
         if keep_running:
-            console.print(
-                f"guest kept running: ssh -i {guest.key_file} -p {guest.port} "
-                f"-o UserKnownHostsFile={guest.known_hosts} {guest.user}@127.0.0.1  (Ctrl-C to stop)"
-            )
-            try:
-                while guest.alive():
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
-    except subprocess.TimeoutExpired:
-        raise ImageTestError(f"image test suites did not finish within {max(timeout, 300):.0f}s") from None
+            _keep_running(guest)
     finally:
         if guest.serial_log.exists():
-            shutil.copyfile(guest.serial_log, build_dir / SERIAL_NAME)
+            shutil.copyfile(guest.serial_log, bdir.test_serial)
         guest.stop()
-        figures["total_s"] = round(time.monotonic() - t_boot, 1)
+        run.figures["total_s"] = round(time.monotonic() - run.started, 1)
     after = sha256_file(artifact)
     if after != before:
         raise ImageTestError(f"{artifact} changed during the image test (sha256 {before} -> {after})")
-    if rc not in (0, 1):
-        tail = "\n".join(output.strip().splitlines()[-20:])
-        raise ImageTestError(f"pytest could not run the image suites (exit {rc}):\n{tail}")
-    counts = parse_junit(junit)
-    ok = rc == 0 and counts.failed == 0 and counts.errors == 0 and counts.passed > 0
-    result = ImageTestResult(
-        status="passed" if ok else "failed",
-        passed=counts.passed,
-        failed=counts.failed,
-        errors=counts.errors,
-        skipped=counts.skipped,
-        suites=suites,
-        suite_hash=shash,
-        artifact_sha256=before,
-        junit=str(junit.relative_to(settings.root) if junit.is_relative_to(settings.root) else junit),
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        failures=counts.failures,
+    result = run.result(suites, before)
+    _report(image.name, result, run.figures)
+    return result
+
+
+@dataclass
+class _SuiteRun:
+    """One image test under way: what it tests, and what it has found so far."""
+
+    settings: Settings
+    image: Image
+    bdir: BuildDir
+    manifest: manifest.Manifest
+    files: list[Path]
+    suite_hash: str
+    started: float = field(default_factory=time.monotonic)
+    figures: dict[str, float] = field(default_factory=dict)
+    rc: int = -1
+    output: str = ""
+    inside: contents_mod.Contents | None = None
+
+    def suites_in(self, guest: Guest, timeout: float, *, build_user: str, automation_user: str) -> None:
+        """The suites (pytest + testinfra) against the running guest, then its contents read over SSH."""
+        console.print(f"guest up after {self.figures['boot_to_ssh_s']}s; running the suites ...")
+        m, image = self.manifest, self.image
+        cmd = pytest_command(self.settings, self.files, guest, family=image.family, junit=self.bdir.test_junit,
+                             artifact=self.bdir.artifact(m), build_user=build_user, automation_user=automation_user,
+                             mac=TEST_MAC, firmware_kind=m.firmware, platform=m.platform)  # fmt: skip
+        t_suite = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=self.settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=max(timeout, 300))  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ImageTestError(f"image test suites did not finish within {max(timeout, 300):.0f}s") from None
+        self.figures["suite_s"] = round(time.monotonic() - t_suite, 1)
+        self.rc = proc.returncode
+        self.output = proc.stdout.decode(errors="replace")
+        self.bdir.test_output.write_text(self.output, encoding="utf-8")
+        t_contents = time.monotonic()
+        self.inside = read_guest_contents(guest, image.family)
+        contents_mod.save(self.bdir.path, self.inside, image=image.name, build_id=m.build_id)
+        self.figures["contents_s"] = round(time.monotonic() - t_contents, 1)
+
+    def result(self, suites: list[str], artifact_sha256: str) -> ImageTestResult:
+        """The outcome from pytest's exit and its JUnit report, written to the summary and the manifest."""
+        if self.rc not in (0, 1):
+            tail = "\n".join(self.output.strip().splitlines()[-20:])
+            raise ImageTestError(f"pytest could not run the image suites (exit {self.rc}):\n{tail}")
+        junit = self.bdir.test_junit
+        counts = parse_junit(junit)
+        ok = self.rc == 0 and counts.failed == 0 and counts.errors == 0 and counts.passed > 0
+        root = self.settings.root
+        result = ImageTestResult(
+            status="passed" if ok else "failed", passed=counts.passed, failed=counts.failed, errors=counts.errors,
+            skipped=counts.skipped, suites=suites, suite_hash=self.suite_hash, artifact_sha256=artifact_sha256,
+            junit=str(junit.relative_to(root) if junit.is_relative_to(root) else junit),
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), failures=counts.failures,
+        )
+        summary = {**asdict(result), "image": self.image.name, "figures": self.figures, "outcomes": counts.outcomes}
+        self.bdir.test_summary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        manifest.record_test_result(self.bdir.path, result, self.inside.summary() if self.inside else None)
+        return result
+
+
+def _boot_until_ssh(run: _SuiteRun, timeout: float) -> Guest:
+    """The guest booted and reachable over SSH. Under TCG a guest kernel can die in its own code patching (an
+    int3 another vCPU met mid-patch: a race in QEMU's multi-threaded TCG, not the image); that boot is repeated
+    once. A panic under KVM, or twice, fails the test."""
+    image, m, bdir = run.image, run.manifest, run.bdir
+    attempts = 2 if resolve_accelerator(run.settings.accelerator) == "tcg" else 1
+    for attempt in range(1, attempts + 1):
+        guest = boot_guest(run.settings, bdir.artifact(m), m.artifact.format, workdir_parent=bdir.path,
+                           hostname=f"test-{image.name}"[:63], memory=min(image.memory, 1024),
+                           cpus=min(image.cpus, 2), platform=m.platform)  # fmt: skip
+        try:
+            run.figures["boot_to_ssh_s"] = round(wait_for_ssh(guest, timeout), 1)
+            return guest
+        except GuestPanicked:
+            shutil.copyfile(guest.serial_log, bdir.test_serial)
+            guest.stop()
+            if attempt == attempts:
+                raise
+            run.figures["panicked_boots"] = attempt
+            console.print(f"image test {image.name}: the guest's kernel panicked under TCG (serial console in "
+                          f"{bdir.test_serial}); booting it once more")
+        except BaseException:
+            guest.stop()
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _keep_running(guest: Guest) -> None:
+    console.print(
+        f"guest kept running: ssh -i {guest.key_file} -p {guest.port} "
+        f"-o UserKnownHostsFile={guest.known_hosts} {guest.user}@127.0.0.1  (Ctrl-C to stop)"
     )
-    summary = {**asdict(result), "image": image.name, "figures": figures, "outcomes": counts.outcomes}
-    (build_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    manifest.record_test_result(build_dir, result, inside.summary())
-    colour = "green" if ok else "red"
+    try:
+        while guest.alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+def _report(name: str, result: ImageTestResult, figures: dict[str, float]) -> None:
+    colour = "green" if result.status == "passed" else "red"
     console.print(styled(
-        f"[{colour}]image test {{}}: {{}}[/] ({{}} passed, {{}} failed, {{}} errors, {{}} skipped) {{}}", image.name,
+        f"[{colour}]image test {{}}: {{}}[/] ({{}} passed, {{}} failed, {{}} errors, {{}} skipped) {{}}", name,
         result.status, result.passed, result.failed, result.errors, result.skipped, figures,
     ))
     for f in result.failures:
         console.print(styled("  [red]✗[/] {}", f))
-    return result
 
 
 # pytest must not collect this function as a test when the module is imported from a test file.

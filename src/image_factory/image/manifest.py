@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from image_factory.errors import FactoryError
 from image_factory.files import write_atomic
 from image_factory.platform import Platform
+from image_factory.site.inventory import Image
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -133,6 +134,34 @@ class Manifest:
             return cls(**data)
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{where}: malformed manifest ({exc}); rebuild with --force") from None
+
+
+@dataclass(frozen=True)
+class Made:
+    """How a build made its artifact: the manifest's provenance, as the build stage knows it at the end."""
+
+    fingerprint: str
+    inputs: dict[str, str]
+    recipe: str  # the inputs without upstream's state (build.recipe_digest)
+    tools: dict[str, str]
+    git: dict[str, Any]
+    started_at: str
+    finished_at: str
+    accelerator: str
+    ansible_strategy: str
+    source: dict[str, str]
+    secure_boot_enrolled: list[dict[str, str]]
+
+
+def assemble(image: Image, artifact: Artifact, made: Made) -> Manifest:
+    """A new build's manifest: the catalogue entry's identity and platform, the artifact, and how it was made.
+    The build id is the artifact's sha256 prefix: the same bytes, the same build."""
+    return Manifest(
+        image=image.name, family=image.family, release=image.release, mode=image.mode,
+        build_id=artifact.sha256[:12], artifact=artifact, firmware=image.firmware, secure_boot=image.secure_boot,
+        secure_boot_keys=image.keys, tpm=image.tpm, machine=image.machine_type,
+        **{f.name: getattr(made, f.name) for f in fields(made)},
+    )
 
 
 def manifest_path(build_dir: Path) -> Path:

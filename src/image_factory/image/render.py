@@ -17,14 +17,19 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import yaml
 
 from image_factory import families, tools
 from image_factory.errors import FactoryError
+from image_factory.families import Installer
+from image_factory.image.fedora_media import located, remote_checksum_file
+from image_factory.image.signatures import SignatureError, load_key_file
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Repository
 from image_factory.units import parse_size
@@ -93,7 +98,7 @@ def tool_missing(tool: str) -> ToolMissing:
 
 def require_tool(tool: str) -> str:
     """The program's path: this venv's bin first (ansible-playbook, ksvalidator, ansible-lint), then PATH."""
-    local = _venv_bin() / tool
+    local = venv_bin() / tool
     if local.exists():
         return str(local)
     path = shutil.which(tool)
@@ -123,16 +128,14 @@ def _installed_packer_version() -> tuple[int, int, int]:
     return packer_version()
 
 
-def _venv_bin() -> Path:
-    import sys
-
+def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
 def tool_env() -> dict[str, str]:
     """Environment for packer and the linters: this venv's bin (ansible-playbook) first on PATH."""
     env = dict(os.environ)
-    env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env["CHECKPOINT_DISABLE"] = "1"  # no phone-home from packer
     env["PACKER_NO_COLOR"] = "1"
     return env
@@ -193,8 +196,6 @@ def _hcl_string(value: str, what: str) -> str:
 
 def playbook_roles(playbook: Path) -> list[str]:
     """Role names a playbook lists under ``roles:`` (as strings or ``{role: name}``)."""
-    import yaml
-
     try:
         plays = yaml.safe_load(playbook.read_text(encoding="utf-8")) or []
     except (OSError, yaml.YAMLError) as exc:
@@ -317,7 +318,7 @@ def _render(env: jinja2.Environment, name: str, ctx: dict) -> str:
         raise RenderError(f"template {exc.name} not found (looked in {', '.join(TEMPLATE_DIRS)})") from None
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+def write_file(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -393,8 +394,6 @@ def guest_uri(repo: Repository) -> str:
 def build_vars(settings: Settings, image: Image) -> dict[str, object]:
     """Variables for the build's playbook beyond the catalogue basics: the extra repositories to add to
     the guest (each with its key, checked against its pinned fingerprint) and the packages to take from them."""
-    from image_factory.image.signatures import SignatureError, load_key_file
-
     repos = []
     for index, repo in enumerate(image.upstream_repositories):
         if not repo.is_extra:
@@ -429,23 +428,52 @@ def render_image(
     written; the fingerprint is the same, since it hashes content and paths relative to the output.
     """
     pv = packer_version if packer_version is not None else _installed_packer_version()
-    out_dir = settings.builds_dir / image.name
+    installer, ctx = _context(settings, image, pv)
+    env = _environment(settings)
+    # Render everything in memory first: a template error leaves builds/<image>/ untouched.
+    public: dict[str, str] = {f"{image.name}.pkr.hcl": _render(env, "image.pkr.hcl.j2", ctx)}
+    if installer is not None:
+        public[installer.file_name] = _render(env, installer.template, ctx)
+    else:
+        public["seed/meta-data"] = _render(env, "cloud-init/meta-data.j2", ctx)
+        public["seed/network-config"] = _render(env, "cloud-init/network-config.j2", ctx)
+    secret_dir = _secret_dir(image)
+    try:
+        var_file = _write_secrets(settings, image, installer, env, ctx, public, secret_dir, pv)
+        out_dir = secret_dir / "rendered" if scratch else settings.builds_dir / image.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = []
+        for rel, text in public.items():
+            path = out_dir / rel
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                write_file(path, text)
+            files.append(path)
+        fingerprint, inputs = compute_fingerprint(settings, image, files, out_dir)
+    except BaseException:
+        shutil.rmtree(secret_dir, ignore_errors=True)
+        raise
+    return RenderResult(
+        image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
+        kickstart=out_dir / installer.file_name if installer is not None else None,
+        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs, packer_version=pv,
+    )
+
+
+def _context(settings: Settings, image: Image, pv: tuple[int, int, int]) -> tuple[Installer | None, dict]:
+    """The iso mode's installer (None in cloud mode) and the templates' variables, every value checked."""
     playbook = settings.resolve(image.playbook)
     if not playbook.is_file():
         raise RenderError(f"{settings.images}: {image.name}: playbook: {playbook} does not exist")
-    from image_factory.image.fedora_media import located, remote_checksum_file
-
     installer = families.get(image.family).installer if image.mode == "iso" else None
     if image.mode == "iso" and installer is None:
         raise RenderError(f"{settings.images}: {image.name}: mode: iso mode needs an installer, and the "
                           f"{image.family} family has none (cloud mode only)")
-
     # A checksum file Packer would fetch unverified (http, ftp, s3::, a local file beside a download) stops here.
     remote_checksum_file(image.source.checksum, source_is_local=image.source.is_local,
                          what=f"{settings.images}: {image.name}: source.checksum")
     src = _hcl_string(str(settings.resolve(image.source.url)) if image.source.is_local
                       else located(image, image.source.url), f"{settings.images}: {image.name}: source.url")
-    ctx = {
+    return installer, {
         "image": image,
         "required_plugins": pv >= PLUGIN_PACKER,
         "plugin_versions": PLUGIN_VERSIONS,
@@ -463,71 +491,44 @@ def render_image(
         "ansible_cfg": _hcl_string(str(settings.data / ANSIBLE_DIR / "ansible.cfg"), "ansible.cfg"),
         "roles_path": _hcl_string(str(settings.data / ANSIBLE_DIR / "roles"), "roles"),
     }
-    env = _environment(settings)
 
-    # Render everything in memory first: a template error leaves builds/<image>/ untouched.
-    public: dict[str, str] = {f"{image.name}.pkr.hcl": _render(env, "image.pkr.hcl.j2", ctx)}
-    if image.mode == "iso":
-        assert installer is not None
-        public[installer.file_name] = _render(env, installer.template, ctx)
-    else:
-        public["seed/meta-data"] = _render(env, "cloud-init/meta-data.j2", ctx)
-        public["seed/network-config"] = _render(env, "cloud-init/network-config.j2", ctx)
 
-    secret_dir = _secret_dir(image)
-    try:
-        key, pub = _keypair(secret_dir)
-        sctx = {**ctx, "ssh_public_key": pub}
-        if image.mode == "iso":
-            assert installer is not None
-            sctx["password_hash"] = sha512_crypt(secrets.token_urlsafe(24))
-            _write(secret_dir / "http" / installer.build_user_file,
+def _write_secrets(settings: Settings, image: Image, installer: Installer | None, env: jinja2.Environment,
+                   ctx: dict, public: dict[str, str], secret_dir: Path, pv: tuple[int, int, int]) -> Path:
+    """The per-build files (0600, in the secret directory): the build user's key, its kickstart include or
+    NoCloud seed, the playbook's variables and Packer's var file, which is returned."""
+    key, pub = _keypair(secret_dir)
+    sctx = {**ctx, "ssh_public_key": pub}
+    if installer is not None:
+        sctx["password_hash"] = sha512_crypt(secrets.token_urlsafe(24))
+        write_file(secret_dir / "http" / installer.build_user_file,
                    _render(env, installer.build_user_template, sctx), 0o600)
-            _write(secret_dir / "http" / installer.file_name, public[installer.file_name], 0o600)
-        else:
-            _write(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
-            _write(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
-            _write(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
-            if image.firmware == "uefi" and pv < PLUGIN_PACKER:
-                seed_iso(secret_dir / "seed", secret_dir / SEED_ISO)
-        variables = build_vars(settings, image)
-        if image.factory:  # filled by the build (build.factory_bundle) before Packer starts
-            variables["factory_bundle"] = str(secret_dir / FACTORY_BUNDLE_DIR)
-        _write(secret_dir / BUILD_VARS_FILE, json.dumps(variables, indent=2) + "\n", 0o600)
-        var_file = secret_dir / "build.pkrvars.hcl"
-        work_dir = secret_dir / "work"
-        per_build: list[tuple[str, object]] = [
-            ("accelerator", "tcg"),
-            ("work_dir", work_dir),
-            ("secret_dir", secret_dir),
-            ("ssh_private_key_file", key),
-        ]
-        if image.firmware == "uefi":  # set by the build (firmware.locate_ovmf, build.install_iso_path)
-            per_build += [("ovmf_code", ""), ("ovmf_vars", "")]
-            if image.tpm and pv < PLUGIN_PACKER:
-                per_build.append(("tpm_socket", ""))
-            if pv < PLUGIN_PACKER and not image.source.is_local and image.mode == "iso":
-                per_build.append(("install_iso", ""))
-        _write(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)
-
-        if scratch:
-            out_dir = secret_dir / "rendered"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files: list[Path] = []
-        for rel, text in public.items():
-            path = out_dir / rel
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
-                _write(path, text)
-            files.append(path)
-        fingerprint, inputs = compute_fingerprint(settings, image, files, out_dir)
-    except BaseException:
-        shutil.rmtree(secret_dir, ignore_errors=True)
-        raise
-    return RenderResult(
-        image=image, out_dir=out_dir, files=files, hcl=out_dir / f"{image.name}.pkr.hcl",
-        kickstart=out_dir / installer.file_name if image.mode == "iso" and installer is not None else None,
-        var_file=var_file, fingerprint=fingerprint, secret_dir=secret_dir, inputs=inputs, packer_version=pv,
-    )
+        write_file(secret_dir / "http" / installer.file_name, public[installer.file_name], 0o600)
+    else:
+        write_file(secret_dir / "seed" / "meta-data", public["seed/meta-data"], 0o600)
+        write_file(secret_dir / "seed" / "network-config", public["seed/network-config"], 0o600)
+        write_file(secret_dir / "seed" / "user-data", _render(env, "cloud-init/user-data.j2", sctx), 0o600)
+        if image.firmware == "uefi" and pv < PLUGIN_PACKER:
+            seed_iso(secret_dir / "seed", secret_dir / SEED_ISO)
+    variables = build_vars(settings, image)
+    if image.factory:  # filled by the build (bundle.factory_bundle) before Packer starts
+        variables["factory_bundle"] = str(secret_dir / FACTORY_BUNDLE_DIR)
+    write_file(secret_dir / BUILD_VARS_FILE, json.dumps(variables, indent=2) + "\n", 0o600)
+    per_build: list[tuple[str, object]] = [
+        ("accelerator", "tcg"),
+        ("work_dir", secret_dir / "work"),
+        ("secret_dir", secret_dir),
+        ("ssh_private_key_file", key),
+    ]
+    if image.firmware == "uefi":  # set by the build (firmware.locate_ovmf, packerrun.install_iso_path)
+        per_build += [("ovmf_code", ""), ("ovmf_vars", "")]
+        if image.tpm and pv < PLUGIN_PACKER:
+            per_build.append(("tpm_socket", ""))
+        if pv < PLUGIN_PACKER and not image.source.is_local and image.mode == "iso":
+            per_build.append(("install_iso", ""))
+    var_file = secret_dir / "build.pkrvars.hcl"
+    write_file(var_file, "".join(f'{k} = "{_hcl_string(str(v), k)}"\n' for k, v in per_build), 0o600)
+    return var_file
 
 
 def set_var(result: RenderResult, name: str, value: str) -> None:
@@ -535,129 +536,4 @@ def set_var(result: RenderResult, name: str, value: str) -> None:
     lines = result.var_file.read_text(encoding="utf-8").splitlines()
     out = [ln for ln in lines if not ln.startswith(f"{name} = ")]
     out.append(f'{name} = "{_hcl_string(value, name)}"')
-    _write(result.var_file, "\n".join(out) + "\n", 0o600)
-
-
-# ------------------------------------------------------------------------------------------ validate
-
-
-def ansible_env(settings: Settings) -> dict[str, str]:
-    env = tool_env()
-    env["ANSIBLE_CONFIG"] = str(settings.data / ANSIBLE_DIR / "ansible.cfg")
-    env["ANSIBLE_ROLES_PATH"] = str(settings.data / ANSIBLE_DIR / "roles")
-    return env
-
-
-def _run_tool(cmd: list[str], what: str, cwd: Path, files_hint: str, env: dict[str, str] | None = None) -> None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or tool_env(), timeout=600)
-    except subprocess.TimeoutExpired:
-        raise RenderError(f"{what} timed out after 600 s ({files_hint})") from None
-    if proc.returncode != 0:
-        msg = (proc.stdout + proc.stderr).strip()
-        raise RenderError(f"{what} rejected {files_hint} (exit {proc.returncode}):\n{msg}")
-
-
-def _hcl_message_with_lines(msg: str, hcl: Path) -> str:
-    """Packer 1.6 prints `on FILE line N: (source code not available)`; add the line itself."""
-    lines = hcl.read_text(encoding="utf-8").splitlines()
-
-    def add(m: re.Match[str]) -> str:
-        n = int(m[2])
-        src = lines[n - 1].strip() if 0 < n <= len(lines) else ""
-        return f"{m[1]} line {n}:\n  {n}: {src}"
-
-    return re.sub(r"(on \S+) line (\d+):\n\s*\(source code not available\)", add, msg)
-
-
-def validate_kickstart(result: RenderResult) -> None:
-    """The family's installer validator on the rendered installer file (and, for a kickstart, on it with the
-    per-build include in place, as Anaconda sees it)."""
-    installer = families.get(result.image.family).installer
-    if result.kickstart is None or installer is None or installer.validator is None:
-        return
-    tool, *args = installer.validator
-    exe = require_tool(tool)
-    version = f"F{result.image.release}"
-
-    def argv(path: Path) -> list[str]:
-        return [exe, *(a.format(release=result.image.release, file=path) for a in args)]
-
-    # pykickstart leaves a copy of every file it validates in $TMPDIR (its preprocess step), and the merged
-    # one holds the build user's password hash and key: give it a private directory, removed afterwards.
-    with tempfile.TemporaryDirectory(prefix="ksvalidator-") as scratch:
-        env = {**tool_env(), "TMPDIR": scratch}
-        _run_tool(argv(result.kickstart), f"ksvalidator -v {version}", result.out_dir, str(result.kickstart), env)
-        if result.secret_dir is not None and installer.file_name.endswith(".cfg"):
-            inc = result.secret_dir / "http" / installer.build_user_file
-            merged = result.secret_dir / "merged.ks"
-            text = result.kickstart.read_text(encoding="utf-8").replace(
-                "%include /tmp/factory-build-user.ks", inc.read_text(encoding="utf-8"))
-            _write(merged, text, 0o600)
-            try:
-                _run_tool(argv(merged), f"ksvalidator -v {version}",
-                          result.out_dir, f"{result.kickstart} with its per-build user include", env)
-            finally:
-                merged.unlink(missing_ok=True)
-
-
-def packer_init(exe: str, result: RenderResult) -> None:
-    """Packer >= 1.7 reads required_plugins: install the pinned qemu and ansible plugins (a no-op once they
-    are there), before anything else reads the template. Packer 1.6 has both built in and no `init` for HCL."""
-    if result.packer_version < PLUGIN_PACKER:
-        return
-    pins = ", ".join(f"{k} {v}" for k, v in PLUGIN_VERSIONS.items())
-    proc = subprocess.run([exe, "init", result.hcl.name], cwd=result.out_dir, capture_output=True, text=True,
-                          timeout=600, env=tool_env())
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ToolMissing(
-            f"packer init could not install the pinned plugins ({pins}) for {result.hcl}: "
-            f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}. Offline? Install them on a "
-            "connected machine with `packer plugins install github.com/hashicorp/<name> <version>` and copy "
-            "~/.config/packer/plugins (or set PACKER_PLUGIN_PATH)")
-
-
-def validate_packer(result: RenderResult) -> None:
-    exe = require_tool("packer")
-    cwd = result.out_dir
-    packer_init(exe, result)  # validate refuses a template whose plugins are not installed yet
-    try:
-        _run_tool([exe, "fmt", "-check", "-diff", result.hcl.name], "packer fmt -check", cwd, str(result.hcl))
-        cmd = [exe, "validate", f"-var-file={result.var_file}"]
-        ck = result.image.source.checksum
-        local_ck = ck[len("file:"):] if ck.startswith("file:") and not REMOTE_CHECKSUM_RE.match(ck) else None
-        if ck == "refresh" or REMOTE_CHECKSUM_RE.match(ck) or (
-                local_ck is not None and result.inputs.get("source_checksum") == "missing"):
-            # packer validate would download a remote checksum file (this machine must contact
-            # nothing but loopback), fail on a local fixture not made yet, or on media not pinned yet:
-            # validation checks everything else, and the build verifies the checksum (clear message).
-            cmd.append("-var=source_checksum=none")
-        _run_tool([*cmd, result.hcl.name], "packer validate", cwd, str(result.hcl))
-    except RenderError as exc:
-        raise RenderError(_hcl_message_with_lines(str(exc), result.hcl)) from None
-
-
-def validate_ansible(settings: Settings, playbook: Path) -> None:
-    exe = require_tool("ansible-lint")
-    env_cfg = settings.data / ".ansible-lint"
-    # An installed package has no .ansible-lint (a file at the repository's top): the same two settings as flags.
-    cmd = [exe, "--nocolor", "-q", *(["-c", str(env_cfg)] if env_cfg.exists() else ["--offline", "--profile",
-                                                                                     "production"])]
-    _run_tool([*cmd, str(playbook)], "ansible-lint", settings.root, str(playbook), env=ansible_env(settings))
-
-
-_lint_cache: dict[str, bool] = {}
-
-
-def validate(result: RenderResult, settings: Settings) -> None:
-    """Validate rendered files with their real consumers; raises RenderError with the tool's message."""
-    validate_kickstart(result)
-    validate_packer(result)
-    playbook = settings.resolve(result.image.playbook)
-    # ansible-lint is slow (seconds); lint each distinct playbook+roles state once per process.
-    key = json.dumps({k: v for k, v in result.inputs.items() if k.startswith("input:ansible")}, sort_keys=True)
-    key += str(playbook)
-    if key not in _lint_cache:
-        validate_ansible(settings, playbook)
-        _lint_cache[key] = True
+    write_file(result.var_file, "\n".join(out) + "\n", 0o600)

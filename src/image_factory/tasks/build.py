@@ -10,6 +10,11 @@ from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
 from image_factory.errors import FactoryError
+from image_factory.image import render, rendercheck
+from image_factory.image.build import BuildOptions
+from image_factory.image.packerrun import cached_packer_version
+from image_factory.image.strategy import check_options
+from image_factory.pipeline import build_one
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Site
 from image_factory.tasks._common import dry_run_help, exit_plan, fedora_release, handle_errors, json_help, site, task
@@ -38,18 +43,15 @@ def _select(s: Site, image: str | None, all_: bool) -> list[Image]:
 def render_(c: Context, image: str | None = None, all: bool = False, no_validate: bool = False,
             json: bool = False) -> None:
     """Render Packer HCL (and kickstart) into builds/<image>/, then validate with the real tools."""
-    from image_factory.image import build as b
-    from image_factory.image import render
-
     settings, s = site(c)
-    version = b.cached_packer_version(settings)
+    version = cached_packer_version(settings)
     report: list[dict[str, Any]] = []
     for img in _select(s, image, all):
         t0 = time.monotonic()
         result = render.render_image(settings, img, packer_version=version)
         try:
             if not no_validate:
-                render.validate(result, settings)
+                rendercheck.validate(result, settings)
         finally:
             result.cleanup()
         rel = [str(p.relative_to(settings.root)) if p.is_relative_to(settings.root) else str(p) for p in result.files]
@@ -61,44 +63,18 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
         emit_json(report)
 
 
-def _build_one(c: Context, settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
-               accelerator: str | None, no_compress: bool, json: bool,
-               ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
-    from image_factory.image import build as b
-    from image_factory.image import manifest as mf
-
-    b.check_options(settings, accelerator, ansible_strategy)
-    with b.progress_for(img.name) as progress:
-        outcome = b.build_image(settings, img, force=force, dry_run=dry_run, accelerator=accelerator or "auto",
-                                on_event=progress, compress=False if no_compress else None,
-                                ansible_strategy=ansible_strategy, allow_eol=allow_eol, offline=offline)
-    m = outcome.manifest
-    if outcome.status == "planned":
-        console.print(styled("[yellow]{}[/]: dry run, would build ({})", img.name, outcome.reason))
-    elif outcome.status == "cached":
-        console.print(styled("[green]{}[/]: cache hit, nothing to do: {} (build {}; use --force to rebuild)",
-                             img.name, outcome.artifact, m.build_id if m else "?"))
-    elif m is not None:
-        console.print(styled("[green]{}[/]: built {} in {}s ({} MiB, sha256 {}..., build {}); log: {}", img.name,
-                             outcome.artifact, f"{outcome.duration_s:.0f}", f"{m.artifact.disk_size / 2**20:.0f}",
-                             m.artifact.sha256[:16], m.build_id, outcome.log))
-    if outcome.status == "built" and m is not None:
-        if skip_tests:
-            m.skip_tests = True
-            mf.save(outcome.build_dir, m)
-            console.print(styled("[yellow]{}[/]: image tests skipped (--skip-tests); recorded in the manifest",
-                                 img.name))
-        else:
-            from image_factory.image.imagetest import test_image
-
-            result = test_image(settings, img, outcome.build_dir)
-            console.print(f"{img.name}: image tests {getattr(result, 'status', result)}")
-            if getattr(result, "status", "") == "failed":
-                raise FactoryError(f"{img.name}: image tests failed (see the manifest's image_test)")
+def _build_one(settings: Settings, img: Image, *, force: bool, dry_run: bool, skip_tests: bool,
+               accelerator: str | None, no_compress: bool, json: bool, ansible_strategy: str | None = None,
+               allow_eol: bool = False, offline: bool = False) -> None:
+    check_options(settings, accelerator, ansible_strategy)
+    options = BuildOptions(force=force, dry_run=dry_run, accelerator=accelerator or "auto",
+                           compress=False if no_compress else None, ansible_strategy=ansible_strategy,
+                           allow_eol=allow_eol, offline=offline)
+    outcome = build_one(settings, img, options, skip_tests=skip_tests).outcome
     if json:
-        final = mf.load(outcome.build_dir) if m is not None else None
+        final = outcome.dir.load() if outcome.manifest is not None else None
         emit_json({"image": img.name, "status": outcome.status, "reason": outcome.reason,
-                   "duration_s": round(outcome.duration_s, 3), "build_dir": str(outcome.build_dir),
+                   "duration_s": round(outcome.duration_s, 3), "build_dir": str(outcome.dir.path),
                    "manifest": final.to_dict() if final is not None else None})
     if dry_run:
         exit_plan(blocked=False, pending=outcome.status == "planned")
@@ -125,7 +101,7 @@ def image(c: Context, name: str, force: bool = False, dry_run: bool = False, ski
           ansible_strategy: str | None = None, allow_eol: bool = False, offline: bool = False) -> None:
     """Build one catalogue image with Packer (cached: no work when nothing changed)."""
     settings, s = site(c)
-    _build_one(c, settings, s.image(name), force=force, dry_run=dry_run, skip_tests=skip_tests,
+    _build_one(settings, s.image(name), force=force, dry_run=dry_run, skip_tests=skip_tests,
                accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy,
                allow_eol=allow_eol, offline=offline)
 
@@ -144,7 +120,7 @@ def fedora(c: Context, release: int | None = None, force: bool = False, dry_run:
         have = sorted(i.name for i in s.images.values() if i.family == "fedora")
         raise FactoryError(f"no catalogue image {name} in {settings.images} (Fedora images: {', '.join(have)});"
                            f" adding a release is one entry there")
-    _build_one(c, settings, s.images[name], force=force, dry_run=dry_run, skip_tests=skip_tests,
+    _build_one(settings, s.images[name], force=force, dry_run=dry_run, skip_tests=skip_tests,
                accelerator=accelerator, no_compress=no_compress, json=json, ansible_strategy=ansible_strategy,
                allow_eol=allow_eol, offline=offline)
 

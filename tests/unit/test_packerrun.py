@@ -1,0 +1,110 @@
+"""Packer and qemu-img as the build runs them (image/packerrun.py): its machine-readable stream, a build VM's
+panic, the compaction. The whole build with a stand-in packer: test_build.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from image_factory.image import buildevents, packerrun
+
+pytestmark = pytest.mark.unit
+
+
+def test_parse_machine_readable() -> None:
+    assert packerrun.parse_machine_readable("1700000000,qemu.image,ui,say,a%!(PACKER_COMMA) b\\nc\n") == (
+        "qemu.image", "ui", ["say", "a, b\nc"])
+    assert packerrun.parse_machine_readable("1700000000,,error-count,1") == ("", "error-count", ["1"])
+    assert packerrun.parse_machine_readable("not machine readable") is None
+
+
+def test_a_build_vm_kernel_panic_stops_packer_at_once(tmp_path: Path) -> None:
+    """A stand-in packer whose VM console reports a panic: stopped within seconds, not at Packer's SSH timeout."""
+    serial = tmp_path / "work" / "serial.log"
+    serial.parent.mkdir()
+    fake = tmp_path / "packer"
+    fake.write_text("#!/bin/sh\necho '1,,ui,say,==> qemu.image: Waiting for SSH to become available...'\n"
+                    f"sleep 1; printf '[ 26.3] Oops: int3\\n[ 26.4] Kernel panic - not syncing: x\\n' > {serial}\n"
+                    "exec sleep 120\n")
+    fake.chmod(0o755)
+    started = time.monotonic()
+    panicked = "(?s)kernel panicked.*re-run the build.*Kernel panic - not syncing"
+    with pytest.raises(buildevents.BuildError, match=panicked):
+        packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=300,
+                             sink=buildevents.EventSink(), serial_log=serial)
+    assert time.monotonic() - started < 30
+    assert "the build VM's kernel panicked" in (tmp_path / "build.log").read_text()
+
+
+def _packer_panicking_first(tmp_path: Path, then: str) -> tuple[Path, Path]:
+    """A stand-in packer whose first build VM panics; later runs do ``then`` (shell)."""
+    work = tmp_path / "work"
+    (work / "output").mkdir(parents=True)
+    runs = tmp_path / "runs"
+    fake = tmp_path / "packer"
+    fake.write_text(f"#!/bin/sh\necho run >> {runs}\n"
+                    f"if [ $(wc -l < {runs}) -eq 1 ]; then\n"
+                    f"  printf '[ 26.4] Kernel panic - not syncing: x\\n' > {work}/serial.log; exec sleep 120\nfi\n"
+                    f"test -e {work}/output && {{ echo 'Output directory exists'; exit 1; }}\n{then}\n")
+    fake.chmod(0o755)
+    return fake, work
+
+
+@pytest.mark.parametrize(
+    ("accel", "then", "outcome"),
+    [
+        ("tcg", "echo '1,,ui,say,==> qemu.image: done'", "built on the second attempt"),
+        ("tcg", "printf '[ 26.4] Kernel panic - not syncing: x\\n' > $(dirname $0)/work/serial.log; exec sleep 120",
+         "a second panic fails"),
+        ("tcg", "exit 3", "another failure on the second attempt is not retried again"),
+        ("kvm", "echo never reached", "a panic under KVM is the build's result"),
+    ],
+)
+def test_a_build_vm_panic_under_tcg_is_built_once_more_and_reported(tmp_path: Path, accel: str, then: str,
+                                                                    outcome: str) -> None:
+    fake, work = _packer_panicking_first(tmp_path, then)
+    log = tmp_path / "build.log"
+    sink = buildevents.EventSink()
+
+    def run() -> packerrun._Run:
+        return packerrun.run_packer_once_more_on_tcg_panic(
+            [str(fake)], accel=accel, work=work, sink=sink, cwd=tmp_path, log_path=log, timeout_s=300)
+
+    def statuses() -> list[tuple[str, str]]:  # the build's own word on the run, beside packer's output
+        return [(ev.kind, ev.message) for ev in sink.events if ev.kind == "status"]
+
+    if outcome == "built on the second attempt":
+        run()
+        assert (tmp_path / "runs").read_text().count("run") == 2
+        assert len(statuses()) == 1
+        assert "kernel panicked" in statuses()[0][1] and "building once more" in statuses()[0][1]
+        assert "the build VM's kernel panicked" in (tmp_path / "build.panicked.log").read_text()
+        assert "Kernel panic" in (tmp_path / "serial.panicked.log").read_text()
+        assert "kernel panicked" not in log.read_text()
+        return
+    expected = buildevents.BuildVmPanicked if "panic" in outcome else buildevents.BuildError
+    with pytest.raises(expected) as caught:
+        run()
+    if outcome.startswith("another failure"):
+        assert not isinstance(caught.value, buildevents.BuildVmPanicked) and "exit 3" in str(caught.value)
+    runs = (tmp_path / "runs").read_text().count("run")
+    assert runs == (1 if accel == "kvm" else 2)
+    assert len(statuses()) == (0 if accel == "kvm" else 1)
+
+
+def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.write(b"factory " * 512 * 1024)  # 4 MiB that compresses
+        fh.truncate(16 * 1024 * 1024)
+    packed = tmp_path / "disk.qcow2"
+    packerrun.compact(raw, packed, compress=True)
+    info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(packed)]))
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert packed.stat().st_size < 1024 * 1024
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
