@@ -110,7 +110,6 @@ SIZE_EXCEPTIONS: dict[str, str] = {
     "image/imagetest.py::test_image": _SPLITTING.format("build"),
     "image/render.py": _SPLITTING.format("build"),
     "image/render.py::render_image": _SPLITTING.format("build"),
-    "publish.py": _SPLITTING.format("publish"),
 }
 
 
