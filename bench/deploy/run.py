@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 from image_factory import deploy as dep
-from image_factory import publish
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.pve.client import PveClient
+from image_factory.pve.templates import DESCRIPTION_HEADER
 from image_factory.site.inventory import Nic, Site
 
 MGMT, TENANT = "pve-mgmt", "pve-tenant"
@@ -62,7 +62,7 @@ def prepare(lab: LabHandle, image_file: Path, time_scale: float) -> None:
         hv = lab.hv(host)
         shutil.copyfile(image_file, Path(hv.storage.import_dir) / f"{image}-bench.qcow2")
         c = PveClient(hv)
-        description = "\n".join([publish.DESCRIPTION_HEADER, f"image: {image}", "build_id: bench", "digest: bench",
+        description = "\n".join([DESCRIPTION_HEADER, f"image: {image}", "build_id: bench", "digest: bench",
                                  "tested: yes", "published_at: 2026-11-25T12:00:00Z"]) + "\n"
         source = f"{hv.storage.import_}:import/{image}-bench.qcow2"
         c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=TPL_VMID, name=f"tpl-{image}-bench", memory=512, cores=1,

@@ -1,4 +1,8 @@
-"""The one rule for "this VM was made by the factory, for this inventory VM, and in this state".
+"""The one rule for "is this ours?": a template the factory published, a VM it deployed, and that VM's state.
+
+A published template carries the ``image-factory`` tag and a description whose first line is
+:data:`TEMPLATE_HEADER` (:func:`owns_template`; the description's other lines are pve/templates' codec).
+A listing shows tags only: :func:`tagged` is the first look a scan of guests can take, never the answer.
 
 A deployed VM carries a marker block at the end of its description, written only by the factory:
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MANAGED_MARKER = "managed-by: deevnet-image-factory"
 FACTORY_TAG = "image-factory"  # on every template and VM the factory made
+TEMPLATE_HEADER = "image-factory template"  # the first line of a published template's description
 INCOMPLETE_TAG = "factory-incomplete"
 _STATES = ("complete", "incomplete")
 _TEMPLATE_RE = re.compile(r"^(\S+) \(vmid (\d+)\)$")
@@ -42,6 +48,26 @@ def imitates_marker(text: str) -> bool:
 
 def reserved_tag(tag: str) -> bool:
     return bool(_RESERVED_TAG_RE.match(tag))
+
+
+def tagged(tags: Iterable[str]) -> bool:
+    """The factory's tag is on the guest: what a listing can tell; ownership needs the description too."""
+    return FACTORY_TAG in tags
+
+
+def has_template_header(description: str | None) -> bool:
+    lines = (description or "").splitlines()
+    return bool(lines) and lines[0].strip() == TEMPLATE_HEADER
+
+
+def owns_template(tags: Iterable[str], description: str | None) -> bool:
+    """A template (or a half-made one) is the factory's: its tag and its description's header, both."""
+    return tagged(tags) and has_template_header(description)
+
+
+def owns_vm(description: str | None, vmid: int) -> bool:
+    """A deployed VM is the factory's: its description ends in a marker block that holds for this VMID."""
+    return Marker.parse(description, vmid).managed
 
 
 def _seal(lines: list[str]) -> str:

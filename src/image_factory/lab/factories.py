@@ -63,5 +63,5 @@ def template_config(hv: Hypervisor, image: Image, *, vmid: int = 9001, build_id:
     art = publish.Artifact(manifest=built, image=image, path=Path(built.artifact.path), size=1, tested=True,
                            forced=False, import_file=f"{image.name}-{build_id}.qcow2",
                            template_name=f"tpl-{image.name}-{build_id}")
-    params = publish._create_params(hv, art, vmid, f"image-factory template\nimage: {image.name}", ["image-factory"])
+    params = publish.create_params(hv, art, vmid, f"image-factory template\nimage: {image.name}", ["image-factory"])
     return {**{k: str(v) for k, v in params.items() if k != "vmid"}, "template": "1"}

@@ -1,33 +1,46 @@
-"""The factory's templates on a host: the one template type and how they are found.
+"""The factory's templates on a host: the one template type, its description's codec, and how they are found.
 
 A factory template carries the ``image-factory`` tag and a description that starts with
-:data:`DESCRIPTION_HEADER` followed by ``key: value`` lines (written by publish). Publish, retention
+:data:`DESCRIPTION_HEADER` followed by ``key: value`` lines (ownership.owns_template is the rule). The
+description is written by :func:`encode_description` (publish gives it the lines of a manifest) and read
+back by :func:`parse_description` into a :class:`TemplateInfo`: the codec lives here so the pve wing reads
+it without the image wing, and publish writes it without a second copy of the format. Publish, retention
 and deploy all find templates here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from image_factory.ownership import FACTORY_TAG
+from image_factory.ownership import FACTORY_TAG, has_template_header, owns_template, tagged
+from image_factory.ownership import TEMPLATE_HEADER as DESCRIPTION_HEADER
 from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.codec import parse_tags
 from image_factory.reports import Report
 
-DESCRIPTION_HEADER = "image-factory template"
+DESCRIPTION_MAX = 8192  # PVE's limit on a guest description, in bytes
 
-__all__ = ["DESCRIPTION_HEADER", "FACTORY_TAG", "TemplateInfo", "find_templates", "newest_template",
-           "parse_description"]
+__all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "TemplateInfo", "encode_description",
+           "find_templates", "newest_template", "parse_description"]
+
+
+def encode_description(fields: Iterable[tuple[str, str]]) -> str:
+    """The description of a factory template: the header, then one ``key: value`` line per field, cut to PVE's
+    limit (only a free-text value can grow: the fields are in the order a reader needs them)."""
+    text = "\n".join([DESCRIPTION_HEADER, *(f"{key}: {value}" for key, value in fields)]) + "\n"
+    if len(text.encode()) > DESCRIPTION_MAX:
+        text = text.encode()[:DESCRIPTION_MAX].decode(errors="ignore")
+    return text
 
 
 def parse_description(text: str) -> dict[str, str] | None:
     """The key/value lines of a factory template description, or None for any other VM."""
-    lines = (text or "").splitlines()
-    if not lines or lines[0].strip() != DESCRIPTION_HEADER:
+    if not has_template_header(text):
         return None
     out: dict[str, str] = {}
-    for line in lines[1:]:
+    for line in text.splitlines()[1:]:
         key, sep, value = line.partition(":")
         if sep:
             out[key.strip()] = value.strip()
@@ -61,21 +74,23 @@ class TemplateInfo(Report):
         return cls(vmid=vmid, name=name, node="", image="", build_id="", digest="", sha256="", tested=False,
                    published_at="", import_file="", publish_run="", is_template=True, locked=None, tags=())
 
-
-def _template_info(client: PveClient, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
-    meta = parse_description(str(cfg.get("description", "")))
-    tags = tuple(parse_tags(cfg.get("tags")))
-    if meta is None or FACTORY_TAG not in tags:
-        return None
-    return TemplateInfo(
-        vmid=vmid, name=str(cfg.get("name", "")), node=client.node, image=meta.get("image", ""),
-        build_id=meta.get("build_id", ""), digest=meta.get("digest", ""), sha256=meta.get("sha256", ""),
-        tested=meta.get("tested", "no") == "yes" and "tested" in tags,
-        published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
-        publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
-        locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
-        content=meta.get("content", ""), firmware=meta.get("firmware", ""),
-    )
+    @classmethod
+    def from_config(cls, node: str, vmid: int, cfg: dict[str, Any], lock: str | None) -> TemplateInfo | None:
+        """The template a guest's config describes, or None when the guest is not the factory's."""
+        tags = tuple(parse_tags(cfg.get("tags")))
+        description = str(cfg.get("description", ""))
+        meta = parse_description(description)
+        if meta is None or not owns_template(tags, description):
+            return None
+        return cls(
+            vmid=vmid, name=str(cfg.get("name", "")), node=node, image=meta.get("image", ""),
+            build_id=meta.get("build_id", ""), digest=meta.get("digest", ""), sha256=meta.get("sha256", ""),
+            tested=meta.get("tested", "no") == "yes" and "tested" in tags,
+            published_at=meta.get("published_at", ""), import_file=meta.get("import_file", ""),
+            publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
+            locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
+            content=meta.get("content", ""), firmware=meta.get("firmware", ""),
+        )
 
 
 def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
@@ -88,7 +103,7 @@ def find_templates(client: PveClient, image_name: str, *, include_incomplete: bo
     found: list[TemplateInfo] = []
     for vm in client.list_vms():
         tags = parse_tags(vm.get("tags"))
-        if FACTORY_TAG not in tags:
+        if not tagged(tags):  # a listing shows tags only: the config decides (TemplateInfo.from_config)
             continue
         is_template = str(vm.get("template", "0")) == "1"
         if not is_template and not include_incomplete:
@@ -100,7 +115,7 @@ def find_templates(client: PveClient, image_name: str, *, include_incomplete: bo
             if exc.status in (404, 500) and "does not exist" in exc.pve_message:
                 continue  # removed between list and read
             raise
-        info = _template_info(client, vmid, cfg, vm.get("lock"))
+        info = TemplateInfo.from_config(client.node, vmid, cfg, vm.get("lock"))
         if info is None or info.image != image_name:
             continue
         if info.is_template or include_incomplete:

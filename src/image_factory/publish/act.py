@@ -1,0 +1,174 @@
+"""Converge one host: take the lock, gather, decide, and carry the plan out (or only report it: --dry-run).
+
+Host lock: a publish holds ``flock`` on ``<import_dir>/.image-factory-publish.lock`` through an SSH exec
+channel for the whole converge (gather + decide + act) of a host; the kernel drops it when the holder dies.
+A dropped link loses the lock too: the run re-takes it and re-plans (a round) before going on, since
+another run may have worked on the host meanwhile. Hosts are independent: a failing host ends in its
+result, never in an exception.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from image_factory.errors import FactoryError, RemoteError
+from image_factory.publish.decide import HostState, clones_keeping, decide, refusals
+from image_factory.publish.gather import all_configs, gather_host, pve_version
+from image_factory.publish.model import HostFailed, HostPlan, HostResult
+from image_factory.publish.names import REMOVABLE_IMPORT_RE
+from image_factory.publish.register import Guard, destroy, register
+from image_factory.publish.send import TRANSPORTS, HostContext, upload
+from image_factory.pve.client import PveClient, explain
+from image_factory.pve.hostlock import HostLock, LockBusy, LockLost, owner_line
+from image_factory.pve.sshlink import SshLink
+from image_factory.pve.upload import remote_remove
+
+MAX_ROUNDS = 4
+
+
+class _Replan(Exception):
+    """The lock was lost during a round: re-take it and plan again."""
+
+
+def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
+    """Plan, and unless dry_run execute, one host. Never raises: failures are in the result."""
+    started = time.monotonic()
+    result = HostResult(ctx.hv.name, ctx.hv.node)
+    try:
+        client = ctx.client_factory(ctx.hv)
+        refusals(ctx.artifact, ctx.hv.node, pve_version(client))
+        for round_ in range(MAX_ROUNDS):
+            try:
+                _round(ctx, client, result, first=round_ == 0, dry_run=dry_run)
+                break
+            except _Replan:
+                continue
+        else:
+            raise HostFailed(ctx.hv.name, f"lost the publish lock {MAX_ROUNDS} times; giving up")
+    except FactoryError as exc:
+        result.error = explain(host_reason(exc, ctx.hv.name))
+        result.action = "failed"
+    except Exception as exc:  # a host failure must not take the other hosts down
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.action = "failed"
+    finally:
+        result.duration_s = time.monotonic() - started
+    return result
+
+
+def host_reason(exc: FactoryError, host: str) -> str:
+    """An error's message without this host's name (the report names the host), classified by type."""
+    if isinstance(exc, HostFailed | RemoteError) and exc.host == host:
+        return exc.reason if isinstance(exc, HostFailed) else exc.message
+    if isinstance(exc, LockBusy | LockLost):
+        # pve.hostlock writes "<link name>: ..." into the message itself (it carries no host field yet).
+        return str(exc).removeprefix(f"{host}: ")
+    return str(exc)
+
+
+def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bool, dry_run: bool) -> None:
+    """One locked round: gather, decide, act. Raises _Replan when the lock was lost part-way."""
+    link = ctx.link_factory(ctx.hv)
+    lock: HostLock | None = None
+    try:
+        if not dry_run:
+            lock = HostLock(link, ctx.hv.storage.import_dir, owner_line(ctx.run_id), wait=ctx.lock_wait)
+            lock.acquire()
+        state = gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep)
+        plan = decide(state, ctx.artifact, ctx.keep, TRANSPORTS[ctx.transport])
+        _record_plan(result, plan, first=first)
+        if dry_run:
+            _record_dry_run(result, plan)
+            return
+        try:
+            execute(ctx, plan, state, client, link, lock, result)
+        except FactoryError as exc:
+            # A failure while the lock was gone may be another run's doing (it found our half-made
+            # VM stale): nothing of ours is trusted any more; re-take the lock and re-plan.
+            if lock is None or lock.held:
+                raise
+            if not isinstance(exc, LockLost):
+                result.warnings.append(f"failed after the host lock was lost ({exc}); re-planning")
+            result.warnings.append("the SSH link holding the publish lock dropped; re-took the lock and re-planned")
+            raise _Replan from exc
+    finally:
+        if lock is not None:
+            lock.release()
+        link.close()
+
+
+def _record_plan(result: HostResult, plan: HostPlan, *, first: bool) -> None:
+    result.plan = plan.to_dict()
+    if first:
+        result.upload = plan.upload
+    result.kept_for_linked_clones = result.plan["kept_for_linked_clones"]
+
+
+def _record_dry_run(result: HostResult, plan: HostPlan) -> None:
+    result.action = "planned"
+    result.template_vmid = plan.existing.vmid if plan.existing else plan.vmid
+    result.template_name = plan.existing.name if plan.existing else plan.template_name
+
+
+def execute(ctx: HostContext, plan: HostPlan, state: HostState, client: PveClient, link: SshLink,
+            lock: HostLock | None, result: HostResult) -> None:
+    """Carry the plan out: clean up leftovers, upload and register (or keep the current template), retain."""
+    guard: Guard = (lambda doing: lock.ensure(doing)) if lock is not None else (lambda doing: None)
+    _clean_up(ctx, plan, client, link, result, guard)
+    if plan.existing:
+        _keep_current(ctx, plan, result)
+    else:
+        upload(ctx, plan, client, link, result)
+        register(ctx, plan, client, result, guard)
+        result.action = "created"
+    _retain(ctx, plan, state, client, link, result, guard)
+
+
+def _clean_up(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult,
+              guard: Guard) -> None:
+    """Leftovers of a crashed run: half-made factory VMs and partial uploads of other builds."""
+    for t in plan.stale:
+        guard(f"removing half-made VM {t.vmid}")
+        destroy(client, t.vmid, result)
+        result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
+    if plan.stale_partials:
+        remote_remove(link, *(f"{ctx.hv.storage.import_dir}/{n}" for n in plan.stale_partials))
+        result.cleaned_up.extend(f"removed stale partial upload {n}" for n in plan.stale_partials)
+
+
+def _keep_current(ctx: HostContext, plan: HostPlan, result: HostResult) -> None:
+    hv, art = ctx.hv, ctx.artifact
+    assert plan.existing is not None
+    if ctx.progress:
+        ctx.progress(hv.name, art.size, art.size)  # nothing to send: the bar is complete
+    if result.action == "created":  # an earlier round made it before the lock was lost
+        return
+    result.action = "unchanged"
+    result.template_vmid, result.template_name = plan.existing.vmid, plan.existing.name
+    if plan.same_content:
+        result.notes.append(
+            f"no new template: build {art.manifest.build_id} installed the same packages from the same "
+            f"recipe as {plan.existing.name} (build {plan.existing.build_id}), which stays current")
+
+
+def _retain(ctx: HostContext, plan: HostPlan, state: HostState, client: PveClient, link: SshLink,
+            result: HostResult, guard: Callable[[str], None]) -> None:
+    """Remove the templates decide chose to prune, and their import files. A clone that landed since the plan
+    (a deploy of an older version, or a human) keeps its template: the configs are re-read before each prune
+    and decide's rule applied to them (the storages' types, read by gather, do not change)."""
+    art = ctx.artifact
+    for t in plan.prune:
+        guard(f"pruning template {t.vmid}")
+        clones = clones_keeping(all_configs(client), t, state.untracked)
+        if clones:
+            result.kept_for_linked_clones[str(t.vmid)] = clones
+            continue
+        destroy(client, t.vmid, result)
+        pruned: dict[str, Any] = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
+        if t.import_file and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file:
+            remote_remove(link, f"{ctx.hv.storage.import_dir}/{t.import_file}")
+            pruned["import_file_removed"] = t.import_file
+        result.pruned.append(pruned)
+

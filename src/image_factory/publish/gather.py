@@ -1,0 +1,69 @@
+"""Read one host's state for publish (read-only): what decide.decide needs, in one value.
+
+The real run reads it with the host lock held, again in each round after a lost lock. Reads a decision
+needs only sometimes are taken only then (decide's predicates say when): running tasks when a half-made VM
+is there, the final file's sha256 when a file of the artifact's size is, every config when retention may
+prune.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import Any
+
+from image_factory.publish.decide import (
+    UNTRACKED_CLONE_TYPES,
+    HostState,
+    current_template,
+    half_made,
+    prune_candidates,
+)
+from image_factory.publish.model import Artifact
+from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve.sshlink import SshLink
+from image_factory.pve.templates import find_templates
+from image_factory.pve.upload import partial_name, remote_probe, remote_sha256
+from image_factory.site.inventory import Hypervisor
+
+
+def pve_version(client: PveClient) -> str:
+    """The host's PVE release (TLS and the token are checked by this first call, before anything happens)."""
+    return str(client.version().get("version", ""))
+
+
+def used_vmids(client: PveClient) -> set[int]:
+    """Every guest id on the node (VMs and containers): a template id must be none of them."""
+    ids = {int(vm["vmid"]) for vm in client.list_vms()}
+    with suppress(ApiError):
+        ids |= {int(ct["vmid"]) for ct in client.list_containers()}
+    return ids
+
+
+def untracked_clone_storages(client: PveClient) -> frozenset[str]:
+    """The host's storages on which a linked clone cannot be told from its volume id."""
+    return frozenset(str(s.get("storage")) for s in client.storages()
+                     if s.get("type") in UNTRACKED_CLONE_TYPES)
+
+
+def all_configs(client: PveClient) -> dict[int, dict[str, Any]]:
+    return {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+
+
+def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int) -> HostState:
+    templates = find_templates(client, art.manifest.image, include_incomplete=True)
+    existing, _ = current_template(templates, art)
+    busy = frozenset(client.active_task_vmids()) if half_made(templates, hv) else frozenset[int]()
+    own_partial = partial_name(art.import_file)
+    listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
+    final_sha256, used = None, frozenset[int]()
+    if existing is None:
+        if sizes[art.import_file] == art.size:
+            final_sha256 = remote_sha256(link, f"{hv.storage.import_dir}/{art.import_file}")
+        used = frozenset(used_vmids(client))
+    configs: dict[int, dict[str, Any]] = {}
+    untracked = frozenset[str]()
+    if prune_candidates(templates, art, keep):
+        configs, untracked = all_configs(client), untracked_clone_storages(client)
+    return HostState(hv=hv, node=client.node, templates=templates, used_vmids=used, busy=busy,
+                     own_partial=own_partial, import_listing=tuple(listing), sizes=sizes,
+                     final_sha256=final_sha256, configs=configs, untracked=untracked)

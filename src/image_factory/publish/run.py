@@ -1,0 +1,104 @@
+"""Publish one build to the hypervisors: check the local inputs, then converge every host in parallel."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from image_factory.fanout import per_host
+from image_factory.image import manifest as manifest_mod
+from image_factory.publish.act import converge_host
+from image_factory.publish.model import DEFAULT_KEEP, Artifact, PublishError, PublishReport
+from image_factory.publish.names import import_file_name, template_name, test_summary
+from image_factory.publish.present import progress_bars
+from image_factory.publish.send import LOCK_WAIT, HostContext
+from image_factory.pve.client import PveClient
+from image_factory.pve.sshlink import SshLink
+from image_factory.pve.upload import ENGINES, UnknownTransport, transport_kind
+from image_factory.settings import Settings
+from image_factory.site.inventory import Hypervisor, Site
+
+
+def load_artifact(settings: Settings, site: Site, image_name: str, *, force_untested: bool) -> Artifact:
+    """Everything publish needs from the build, checked before any host is contacted."""
+    image = site.image(image_name)
+    build_dir = settings.builds_dir / image_name
+    manifest = manifest_mod.require(build_dir)
+    if manifest.image != image_name:
+        raise PublishError(
+            f"{manifest_mod.manifest_path(build_dir)} is for image {manifest.image!r}, not {image_name!r}"
+        )
+    path = build_dir / manifest.artifact.path
+    if not path.is_file():
+        raise PublishError(f"{path}: the artifact named by {manifest_mod.manifest_path(build_dir)} does not exist")
+    tested = manifest.tested_ok()
+    if not tested and not force_untested:
+        raise PublishError(
+            f"{image_name} build {manifest.build_id}: no passing image test for sha256 "
+            f"{manifest.artifact.sha256[:16]}... (image_test: {test_summary(manifest)}); run the image tests, "
+            "or pass --force-untested to publish it marked 'untested'"
+        )
+    if not manifest_mod.has_sha256(path, manifest.artifact.sha256):
+        raise PublishError(
+            f"{path}: sha256 {manifest_mod.sha256_file(path)} does not match the manifest's "
+            f"{manifest.artifact.sha256}; the artifact changed after the build: rebuild it"
+        )
+    return Artifact(
+        manifest=manifest, image=image, path=path, size=path.stat().st_size, tested=tested,
+        forced=force_untested and not tested, import_file=import_file_name(manifest),
+        template_name=template_name(image, manifest),
+    )
+
+
+def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: str, keep: int,
+                 force_untested: bool, engine: str = "auto") -> Artifact:
+    """Every local input of a publish (a dry run's too), checked before any host is contacted."""
+    try:
+        transport_kind(transport)
+    except UnknownTransport as exc:
+        raise PublishError(str(exc)) from None
+    if engine != "auto" and engine not in ENGINES:
+        raise PublishError(f"unknown SSH engine {engine!r} (choose {', '.join(ENGINES)} or auto)")
+    if keep < 1:
+        raise PublishError(f"--keep must be at least 1 (got {keep})")
+    return load_artifact(settings, site, image_name, force_untested=force_untested)
+
+
+def publish_image(
+    settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
+    transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
+    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT,
+    client_factory: Callable[[Hypervisor], PveClient] | None = None,
+    link_factory: Callable[[Hypervisor], SshLink] | None = None,
+) -> PublishReport:
+    """Publish ``builds/<image>/`` to the hypervisors (all by default) in parallel.
+
+    Input problems raise before any host is contacted; per-host failures are in the report
+    (``report.ok``, ``report.raise_for_failures()``).
+    """
+    started = time.monotonic()
+    hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
+    art = check_inputs(settings, site, image_name, transport=transport, keep=keep, force_untested=force_untested,
+                       engine=engine)
+    run_id = uuid.uuid4().hex[:12]
+    report = PublishReport(
+        image=image_name, build_id=art.manifest.build_id, sha256=art.manifest.artifact.sha256,
+        digest=art.manifest.digest, transport=transport, dry_run=dry_run, tested=art.tested,
+        forced_untested=art.forced, keep=keep,
+    )
+    with progress_bars(progress and not dry_run, hosts, art.size) as hook:
+        contexts = []
+        for hv in hosts:
+            ctx = HostContext(hv, art, transport, keep, run_id, progress=hook, engine=engine, lock_wait=lock_wait)
+            if client_factory is not None:
+                ctx.client_factory = client_factory
+            if link_factory is not None:
+                ctx.link_factory = link_factory
+            contexts.append(ctx)
+        # converge_host records its own failures in its HostResult: every host has a result
+        done = per_host({c.hv.name: c for c in contexts}, lambda c: converge_host(c, dry_run=dry_run),
+                        name="publish")
+        report.hosts = [done.results[c.hv.name] for c in contexts]
+    report.duration_s = time.monotonic() - started
+    return report

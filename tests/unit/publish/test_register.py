@@ -1,0 +1,82 @@
+"""publish.register: the create parameters of a template (firmware, Secure Boot, vTPM) against PVE's schema."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from image_factory.publish.register import create_params
+from image_factory.site.inventory import Hypervisor
+
+from ._support import SB_FIELDS, manifest
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_uefi_build_becomes_an_ovmf_template_and_a_bios_build_does_not(site: Any) -> None:
+    hv = site.hypervisors["pve-mgmt"]
+    art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
+                          manifest=dataclasses.replace(manifest(), firmware="uefi"))
+    params = create_params(hv, art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
+    assert params["bios"] == "ovmf" and params["machine"] == "q35"
+    assert params["efidisk0"] == f"{hv.storage.images}:1,efitype=4m,pre-enrolled-keys=0"
+    art.manifest = manifest()  # written before firmware was recorded: BIOS
+    assert not {"bios", "machine", "efidisk0"} & set(create_params(hv, art, 9000, "d", []))  # type: ignore[arg-type]
+
+
+# qemu-server 8.3.12 (PVE 8.4) Drive.pm:454-535: the keys its efidisk0 and tpmstate0 formats know (no ms-cert)
+EFIDISK_KEYS_8_3 = {"file", "volume", "format", "size", "efitype", "pre-enrolled-keys", "import-from"}
+TPMSTATE_KEYS_8_3 = {"file", "volume", "format", "size", "version", "import-from"}
+
+
+def _sb_params(site: Any, **fields: Any) -> tuple[Hypervisor, dict[str, Any]]:
+    hv = site.hypervisors["pve-tenant"]
+    art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
+                          manifest=dataclasses.replace(manifest(), **{**SB_FIELDS, **fields}))
+    return hv, create_params(hv, art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
+
+
+def test_uefi_secure_boot_tpm_create_parameters_pass_pves_own_schema(site: Any) -> None:
+    """The create request of a UEFI + Secure Boot + vTPM template, checked against PVE's API schema (the
+    apidoc fakepve vendors) and against the 8.3.12 drive formats, then read back through the codecs."""
+    from fakepve import schema
+
+    from image_factory.pve.codec import EfiDisk, TpmState, parse_props
+
+    hv, params = _sb_params(site)
+    spec = schema.load().match("/nodes/pve/qemu").methods["POST"]["parameters"]
+    _values, errors = schema.validate(spec, {"node": "pve", **params})
+    assert errors == {}
+    assert params["bios"] == "ovmf" and params["machine"] == "q35" and params["scsihw"] == "virtio-scsi-pci"
+    efi = EfiDisk.parse(params["efidisk0"])
+    assert (efi.volume, efi.efitype, efi.pre_enrolled_keys, efi.ms_cert) == (f"{hv.storage.images}:1", "4m", True,
+                                                                             None)
+    assert TpmState.parse(params["tpmstate0"]) == TpmState(f"{hv.storage.images}:1", "v2.0")
+    assert set(parse_props(params["efidisk0"], "file")) <= EFIDISK_KEYS_8_3
+    assert set(parse_props(params["tpmstate0"], "file")) <= TPMSTATE_KEYS_8_3
+    assert "ide2" not in params and params["scsi30"] == f"{hv.storage.cloudinit}:cloudinit"
+    _hv, no_sb = _sb_params(site, secure_boot=False, secure_boot_keys=None, tpm=False)
+    assert EfiDisk.parse(no_sb["efidisk0"]).pre_enrolled_keys is False and "tpmstate0" not in no_sb
+
+
+@pytest.mark.parametrize(("keys", "version", "refused"), [
+    ("microsoft-2011+2023", "9.2.5", ""),
+    ("microsoft-2011+2023", "9.1.19", ""),
+    ("microsoft-2011+2023", "8.4.1", "cannot do (qemu-server before 9.1.13)"),
+    ("microsoft-2011+2023", "9.0.11", "upgrade the host to PVE 9.1.19"),
+    ("microsoft-2023", "9.2.5", "always holds Microsoft's expired 2011 CAs"),
+    ("distribution-only", "9.2.5", "always holds Microsoft's CAs"),
+    ("none", "8.4.1", ""),
+])
+def test_firmware_refusals_follow_what_each_qemu_server_can_make(keys: str, version: str, refused: str) -> None:
+    from image_factory.platform import Platform
+    from image_factory.pve.capabilities import firmware_refusals
+
+    why = firmware_refusals(Platform("uefi", True, keys, True, "q35"), version)
+    assert (refused in " ".join(why)) if refused else why == []
+    assert why == [] or why[0].startswith(f"keys: {keys}")
+
+
