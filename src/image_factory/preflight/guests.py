@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from image_factory.ownership import FACTORY_TAG
+from image_factory.ownership import FACTORY_TAG, tagged
 from image_factory.preflight.access import effective_privileges
 from image_factory.preflight.model import Outcome, failed, passed, token_user, warned
 from image_factory.preflight.probe import HostProbe
@@ -26,7 +26,8 @@ def _foreign_guest(hv: Hypervisor, guest: dict[str, Any]) -> str | None:
     if rng is None:
         return None
     kind = str(guest.get("type", "qemu"))
-    if kind == "qemu" and FACTORY_TAG in parse_tags(guest.get("tags")):
+    # A listing carries tags, not descriptions: the first half of ownership.owns_template, the half it can see.
+    if kind == "qemu" and tagged(parse_tags(guest.get("tags"))):
         return ""
     what = "container" if kind == "lxc" else ("template" if guest.get("template") else "VM")
     return f"{what} {vmid} ({guest.get('name', '?')}) in {rng} is not tagged {FACTORY_TAG}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from image_factory.image import manifest as manifest_mod
+from image_factory.image.builddir import BuildDir
 from image_factory.preflight.model import Outcome, SpaceNeed, failed, human_bytes, passed, split_list
 from image_factory.preflight.probe import HostProbe
 from image_factory.pve.upload import transport_kind
@@ -24,7 +25,7 @@ def largest_artifact(settings: Settings, site: Site, images: Sequence[str] | Non
     best: SpaceNeed | None = None
     for name in names:
         try:
-            m = manifest_mod.load(settings.builds_dir / name)
+            m = BuildDir.of(settings, name).load()
         except manifest_mod.ManifestError:
             m = None
         if m is None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from image_factory.fanout import per_host
 from image_factory.image import manifest as manifest_mod
+from image_factory.image.builddir import BuildDir
 from image_factory.publish.act import converge_host
 from image_factory.publish.model import DEFAULT_KEEP, Artifact, PublishError, PublishReport
 from image_factory.publish.names import import_file_name, template_name, test_summary
@@ -23,15 +24,15 @@ from image_factory.site.inventory import Hypervisor, Site
 def load_artifact(settings: Settings, site: Site, image_name: str, *, force_untested: bool) -> Artifact:
     """Everything publish needs from the build, checked before any host is contacted."""
     image = site.image(image_name)
-    build_dir = settings.builds_dir / image_name
-    manifest = manifest_mod.require(build_dir)
+    build_dir = BuildDir.of(settings, image_name)
+    manifest = build_dir.require()
     if manifest.image != image_name:
         raise PublishError(
-            f"{manifest_mod.manifest_path(build_dir)} is for image {manifest.image!r}, not {image_name!r}"
+            f"{build_dir.manifest} is for image {manifest.image!r}, not {image_name!r}"
         )
-    path = build_dir / manifest.artifact.path
+    path = build_dir.artifact(manifest)
     if not path.is_file():
-        raise PublishError(f"{path}: the artifact named by {manifest_mod.manifest_path(build_dir)} does not exist")
+        raise PublishError(f"{path}: the artifact named by {build_dir.manifest} does not exist")
     tested = manifest.tested_ok()
     if not tested and not force_untested:
         raise PublishError(

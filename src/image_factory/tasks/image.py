@@ -10,6 +10,7 @@ from invoke.context import Context
 from image_factory import options
 from image_factory.console import console, emit_json, styled
 from image_factory.image import fedora_media, imagetest
+from image_factory.image.builddir import BuildDir
 from image_factory.tasks._common import (
     dry_run_help,
     exit_plan,
@@ -41,7 +42,7 @@ def test_(c: Context, name: str, timeout: float = 600, keep_running: bool = Fals
     options.seconds("--timeout", timeout)
     settings, s = site(c)
     img = s.image(name)
-    result = imagetest.test_image(settings, img, settings.builds_dir / img.name, timeout=timeout,
+    result = imagetest.test_image(settings, img, BuildDir.of(settings, img.name), timeout=timeout,
                                   keep_running=keep_running, automation_user=automation_user,
                                   build_user=build_user)  # fmt: skip
     if json:
