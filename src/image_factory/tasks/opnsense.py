@@ -13,11 +13,11 @@ from image_factory.console import console, emit_json, styled
 from image_factory.handoffs import dhcp
 from image_factory.handoffs import opnsense as opn
 from image_factory.site.secrets import read_key_pair
+from image_factory.tasks import _common
 from image_factory.tasks._common import (
     SITE_HELP,
     dry_run_help,
     exit_plan,
-    exit_unless,
     handle_errors,
     json_help,
     site,
@@ -80,7 +80,7 @@ def _show(report: opn.SyncReport, as_json: bool) -> None:
         console.print(styled("[bold red]reconfigure failed:[/] {}: {}", path, why))
     if report.failed and report.reconfigured:
         console.print(styled("applied what was saved before the failure: {}", ", ".join(report.reconfigured)))
-    exit_unless(report.ok)
+    _common.exit_unless(report.ok)
 
 
 def _run(c: Context, dry_run: bool, url: str | None, key_file: str | None, ca_file: str | None,
