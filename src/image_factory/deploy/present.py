@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from image_factory.console import console, log_line
 from image_factory.deploy.model import DeployPlan, DeployReport
 from image_factory.site.inventory import Vm
 
@@ -14,12 +18,6 @@ from image_factory.site.inventory import Vm
 def progress_reporter(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Callable[[str, str], None]]:
     if not enabled:
         return nullcontext(lambda vm, text: None)
-    from contextlib import contextmanager
-
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from image_factory.console import console, log_line
-
     if not console.is_terminal:
         return nullcontext(log_line)  # one timestamped line per VM step: spinners are for terminals
 
@@ -41,8 +39,6 @@ def progress_reporter(enabled: bool, vms: list[Vm]) -> AbstractContextManager[Ca
 
 
 def plan_table(plan: DeployPlan) -> Any:
-    from rich.table import Table
-
     table = Table(title="deploy plan")
     for col in ("VM", "host", "VMID", "MACs", "template", "action", "details"):
         table.add_column(col, min_width=17 if col == "MACs" else None, overflow="fold")
@@ -57,8 +53,6 @@ def plan_table(plan: DeployPlan) -> Any:
 
 
 def report_table(report: DeployReport) -> Any:
-    from rich.table import Table
-
     table = Table(title="deploy" + (" (dry run)" if report.dry_run else "") + f": {report.wall_s:.1f}s")
     for col in ("VM", "host", "VMID", "MACs", "template", "state", "details"):
         table.add_column(col, min_width=17 if col == "MACs" else None, overflow="fold")

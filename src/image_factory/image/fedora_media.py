@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
+import requests
+import urllib3
+import yaml
+from ruamel.yaml import YAML
+
 from image_factory.errors import FactoryError
 from image_factory.image.signatures import SignatureError, clearsigned_bytes, load_pinned_key
 from image_factory.site.inventory import Image
@@ -128,10 +133,6 @@ def http_fetch(url: str, limit: int, *, mirrors: bool = False, deadline: float |
 
 
 def _fetch(asked: str, limit: int, mirrors: bool, end: float, cancelled: threading.Event) -> bytes:
-    import requests
-    import urllib3
-
-
     url = asked
     with requests.Session() as session:
         for _ in range(MAX_REDIRECTS + 1):
@@ -331,8 +332,6 @@ def edited_in_place(before: str, data: Any, updates: dict[str, dict[str, str]], 
     """``before`` with the ``source`` values of ``updates`` (entry -> key -> value) rewritten where they stand,
     every other byte as it was (a re-dump would re-indent other entries), and the result proven: it loads to
     exactly the data before with these values changed."""
-    import yaml
-
     lines = before.splitlines(keepends=True)
     spots: list[tuple[int, int, str, str]] = []
     for name, values in updates.items():
@@ -429,8 +428,6 @@ def resolve_medium(root: Path, image: Image, *, releases_url: str = RELEASES_URL
 def refresh_catalogue(catalogue: Path, root: Path, release: int, *, releases_url: str = RELEASES_URL,
                       dry_run: bool = False, fetch: Fetch = http_fetch) -> RefreshResult:
     """Point the catalogue's Fedora ``release`` entries at the current media with signed sha256 checksums."""
-    from ruamel.yaml import YAML
-
     media, checksums = current_media(root, release, releases_url=releases_url, fetch=fetch)
 
     before = catalogue.read_text(encoding="utf-8")

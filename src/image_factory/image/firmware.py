@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from image_factory import tools
 from image_factory.errors import FactoryError
 from image_factory.tools import OVMF_LOCATIONS, provided_by
@@ -103,7 +107,7 @@ def machine_args(machine: str, *, secure_boot: bool) -> list[str]:
 
 
 def _virt_firmware() -> tuple[object, object, object]:
-    try:
+    try:  # local: optional (its absence is a FirmwareError naming what provides it) and ~66 ms to import
         from virt.firmware.efi import certs, guids
         from virt.firmware.varstore import edk2
     except ImportError:
@@ -138,10 +142,6 @@ def key_set_certificates(keys: str, family: str) -> dict[str, tuple[str, ...]]:
 
 def _platform_key_pem() -> bytes:
     """A self-signed PK whose private key is never kept: nothing can change KEK or db after enrolment."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, PLATFORM_KEY_CN)])
     now = datetime.datetime.now(datetime.UTC)
@@ -194,8 +194,6 @@ def enrolled_store(template: Path, target: Path, keys: str, family: str) -> list
 
 def enrolment(store_path: Path) -> list[dict[str, str]]:
     """The certificates in a variable store's PK, KEK and db: variable, subject, sha256 (of the DER), not_after."""
-    from cryptography.hazmat.primitives import hashes
-
     _, _, edk2 = _virt_firmware()
     varlist = edk2.Edk2VarStore(str(store_path)).get_varlist()  # type: ignore[attr-defined]
     found: list[dict[str, str]] = []

@@ -13,14 +13,11 @@ import hashlib
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
+from pysequoia import Cert, verify
 
 from image_factory.errors import FactoryError
-
-if TYPE_CHECKING:
-    from pysequoia import Cert
 
 BEGIN = b"-----BEGIN PGP SIGNED MESSAGE-----"
 END = b"-----END PGP SIGNATURE-----"
@@ -59,8 +56,6 @@ def load_pinned_key(keys_dir: Path, key_name: str) -> Cert:
 
 def load_key_file(path: Path, fingerprint: str, *, pinned_in: Path | str = "the catalogue") -> Cert:
     """A public key file, refused unless its fingerprint is ``fingerprint`` (hex, any case or spacing)."""
-    from pysequoia import Cert
-
     want = fingerprint.replace(" ", "").lower()
     try:
         cert = Cert.from_file(str(path))
@@ -74,8 +69,6 @@ def load_key_file(path: Path, fingerprint: str, *, pinned_in: Path | str = "the 
 
 def clearsigned_bytes(data: bytes, cert: Cert, *, what: str) -> bytes:
     """The signed bytes of a clearsigned file, if ``cert`` made a valid signature over them."""
-    from pysequoia import verify
-
     stripped = data.strip()
     if not stripped.startswith(BEGIN) or not stripped.endswith(END):
         if BEGIN in data:

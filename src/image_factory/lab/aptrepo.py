@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pysequoia
+
 from image_factory.lab.loopback import serve_http
 
 
@@ -30,23 +32,17 @@ def generate_key(uid: str) -> Any:
     """A new OpenPGP key (with its secret half) for signing test data."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import pysequoia
-
         return pysequoia.Cert.generate(uid)
 
 
 def public_key(cert: Any) -> Any:
     """The certificate without its secret key material, as a distribution publishes it."""
-    import pysequoia
-
     return pysequoia.Cert.from_bytes(str(cert).encode())
 
 
 def clearsign(cert: Any, text: str) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import pysequoia
-
         return bytes(pysequoia.sign(cert.secrets.signer(), text.encode(), mode=pysequoia.SignatureMode.CLEAR))
 
 

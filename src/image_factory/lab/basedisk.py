@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from debian.debian_support import Version
+
 from image_factory.errors import FactoryError
 
 DISK_SIZE_MIB = 2048
@@ -300,8 +302,6 @@ def _copy_sparse(src: Path, dst: Path, offset: int, chunk: int = 1024 * 1024) ->
 
 def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
     """The newest kernel in ROOT/boot (Debian version order) and its initrd."""
-    from debian.debian_support import Version
-
     kernels = sorted((root / "boot").glob("vmlinuz-*"), key=lambda k: Version(k.name.removeprefix("vmlinuz-")))
     if not kernels:
         raise BaseImageError(f"base image: no kernel in {root}/boot (linux-image-cloud-amd64 missing?)")

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from image_factory.errors import FactoryError
 from image_factory.lab.spec import RELEASES, THIN_STORAGE
 
@@ -147,7 +149,7 @@ class LabConfig:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise LabError(f"{where}: a host name is used twice ({', '.join(names)})")
-        from image_factory.lab.wire import MAX_HOSTS, parse
+        from image_factory.lab.wire import MAX_HOSTS, parse  # local: a cycle (wire raises config's LabError)
         if parse(self.wire, where) is not None and len(self.hosts) > MAX_HOSTS:
             raise LabError(f"{where}: a wired lab takes at most {MAX_HOSTS} hosts")
         for h in self.hosts:
@@ -167,8 +169,6 @@ def playbook_grants(root: Path, version: str, node: str, storages: list[str]) ->
     """What ansible/playbooks/hypervisor.yml grants the factory's user and token on a node of this version:
     the role's own privilege list for the major and its ACL paths (the rule of pve_factory_acl_paths),
     read from the role's defaults, so the lab can never be more generous than a prepared host."""
-    import yaml
-
     defaults = yaml.safe_load((root / PLAYBOOK_DEFAULTS).read_text(encoding="utf-8"))
     major = min(max(int(version.split(".")[0]), 8), 9)
     privileges = [*defaults["pve_factory_privileges_common"], *defaults["pve_factory_privileges_agent"][major],

@@ -43,6 +43,7 @@ from image_factory.lab.config import (
     write_private,
     write_public,
 )
+from image_factory.lab.control import Control
 from image_factory.lab.inventory import (
     InventoryDumper,
     InventoryLoader,
@@ -405,7 +406,6 @@ def status(settings: Settings) -> dict[str, Any]:
         pve_ok = pve_pid is not None and _is_ours(pve_pid, _pve_marker(paths, host.name))
         vms: list[dict[str, Any]] = []
         if pve_ok:
-            from image_factory.lab.control import Control
             with contextlib.suppress(LabError):
                 for vm in Control(paths.control_socket(host.name), timeout=10).call("state")["vms"]:
                     vms.append({k: vm[k] for k in ("vmid", "name", "status", "template")} | {"qemu": vm["qemu"]})
@@ -460,7 +460,6 @@ def down(settings: Settings) -> list[int]:
 
 def reset(settings: Settings) -> None:
     """Every running host back to fresh: no VMs, disks, imports, tasks or faults."""
-    from image_factory.lab.control import Control
     paths = LabPaths(settings.lab_dir)
     info = status(settings)
     if not info["up"]:

@@ -13,9 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from image_factory import deploy
 from image_factory.console import console, styled
+from image_factory.deploy import guest_address
 from image_factory.errors import FactoryError
+from image_factory.lab import baseimage, controller
 from image_factory.pipeline import default_images, run_pipeline
+from image_factory.pve.client import PveClient
+from image_factory.pve.guest import host_key_via_agent, inspect_over_ssh
 from image_factory.reports import Report
 from image_factory.settings import Settings
 from image_factory.site.inventory import Site
@@ -38,9 +43,6 @@ def run_demo(
     timeout: float = 600.0,
 ) -> DemoReport:
     """Lab up, base image, pipeline for the fixture image, deploy the example VMs, prove one guest."""
-    from image_factory import deploy
-    from image_factory.lab import baseimage, controller
-
     t_all = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -92,9 +94,6 @@ def run_demo(
 
 
 def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
-    from image_factory.pve.client import PveClient
-    from image_factory.pve.guest import host_key_via_agent, inspect_over_ssh
-
     vm = site.vms[name]
     hv = site.hypervisor_for(vm)
     client = PveClient(hv)
@@ -115,8 +114,6 @@ def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
 
 def _guest_address(client: Any, vmid: int, mac: str) -> str:
     """The IPv4 address the guest agent reports on the NIC carrying ``mac`` (deploy's own reading)."""
-    from image_factory.deploy import guest_address
-
     answer = client.get(f"{client.node_path}/qemu/{vmid}/agent/network-get-interfaces")
     address = guest_address(answer.get("result", []) if isinstance(answer, dict) else answer, mac)
     if address is None:
