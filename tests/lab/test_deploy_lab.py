@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,10 +314,21 @@ def clone_tasks(lab: LabHandle, host: str) -> list[str]:
 
 
 def test_clone_storage_lock_timeout_is_retried(lab: LabHandle) -> None:
-    """Another worker holds the storage lock for 14 PVE s: the first clone waits 10 s and fails, the retry wins."""
+    """Another worker holds the storage lock: the first clone waits PVE's 10 s and fails with the lock timeout, the
+    retry wins once the lock is released. The lock is released when the timeout has been seen, not after a fixed
+    time (a 1.4 s hold had expired before a loaded machine sent the first clone)."""
     lab.time_scale(MGMT, 0.1)
-    lab.lock_storage(MGMT, "local", secs=14)
-    [r] = deploy(lab, ["runner01"]).results
+    lab.lock_storage(MGMT, "local")
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(deploy(lab, ["runner01"])), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while not any("got timeout" in s for s in clone_tasks(lab, MGMT)) and time.monotonic() < deadline:
+        assert worker.is_alive(), "deploy ended before its clone met the held lock"
+        time.sleep(0.1)
+    lab.control(MGMT).call("release_storage_lock", storage="local")
+    worker.join(300)
+    [r] = outcome[0].results
     assert r.state == "created", r.to_dict()
     assert pvecodec.NetSpec.parse(api_config(lab, MGMT, 1201)["net0"]).mac == "02:de:10:02:01:00"
     statuses = clone_tasks(lab, MGMT)
