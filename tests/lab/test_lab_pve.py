@@ -604,7 +604,9 @@ def test_running_tasks_are_listed_by_source_in_pve_managers_shape(fresh_lab: Lab
     its token part plus `tokenid`; the default (archive) lists only ended ones. active_task_vmids sees them."""
     c = client(fresh_lab, TENANT)
     c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1997, name="slow", memory=512, timeout=30)
-    fresh_lab.lock_vm(TENANT, 1997, secs=3.0)  # qemu-server 9.2's config task waits for the config lock
+    # qemu-server 9.2's config task waits for the config lock: held until the task has been seen running (a
+    # timed hold could end before a loaded machine asks)
+    fresh_lab.lock_vm(TENANT, 1997)
     upid = c.call("POST", f"/nodes/{c.node}/qemu/1997/config", memory=640)
     active = c.get(f"/nodes/{c.node}/tasks", source="active")
     mine = [t for t in active if t["upid"] == upid]
@@ -613,6 +615,7 @@ def test_running_tasks_are_listed_by_source_in_pve_managers_shape(fresh_lab: Lab
     assert mine[0]["user"] == user and mine[0]["tokenid"] == token
     assert upid not in {t["upid"] for t in c.get(f"/nodes/{c.node}/tasks")}
     assert 1997 in c.active_task_vmids()
+    fresh_lab.control(TENANT).call("release_config_lock", vmid=1997)
     c.wait_task(upid, timeout=60)
     assert 1997 not in c.active_task_vmids()
     ended = [t for t in c.get(f"/nodes/{c.node}/tasks", source="all") if t["upid"] == upid]
