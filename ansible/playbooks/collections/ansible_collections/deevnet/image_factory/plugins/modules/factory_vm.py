@@ -198,8 +198,8 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 try:
     from image_factory import deploy
     from image_factory.errors import FactoryError
-    from image_factory.site.inventory import load_site
     from image_factory.settings import Settings
+    from image_factory.site.inventory import load_site
 except ImportError:
     HAS_IMAGE_FACTORY = False
     IMAGE_FACTORY_IMPORT_ERROR: str | None = traceback.format_exc()
