@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -132,18 +133,41 @@ class _Run:
 def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
     """SIGINT (packer cleans up its VM), then SIGTERM, then SIGKILL, to the whole process group."""
     for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        if proc.poll() is not None:
+        if _exited_unreaped(proc, 0):
             break
         log.write(f"stopping packer: sending {sig.name} to its process group\n")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        _exited_unreaped(proc, wait)
+    _sweep_group(proc)
+
+
+def _exited_unreaped(proc: subprocess.Popen[str], timeout: float | None = None) -> bool:
+    """Whether packer has exited (waiting up to `timeout` s, None: until it does), leaving it unreaped: while it is
+    a zombie its pid, which is its group's id, cannot pass to another process, so a killpg reaches only its group
+    (reaped, the pid may be a new session leader's: a lab server was once killed so)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    flags = os.WEXITED | os.WNOWAIT | (0 if deadline is None else os.WNOHANG)
+    while proc.returncode is None:
         try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    # QEMU may outlive packer for a moment: make sure nothing of the group is left.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+            if os.waitid(os.P_PID, proc.pid, flags) is not None:
+                return True
+        except ChildProcessError:  # reaped elsewhere: poll() records it, and no killpg may follow
+            proc.poll()
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _sweep_group(proc: subprocess.Popen[str]) -> None:
+    """QEMU may outlive packer for a moment: kill what is left of the group while packer's zombie still holds its
+    id, then reap packer."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def packer_cache_dir(cwd: Path) -> Path:
@@ -168,6 +192,7 @@ class _Watch:
         self.timed_out = threading.Event()
         self.panicked = threading.Event()
         self._done = threading.Event()
+        self._signalling = threading.Lock()  # no signal once the run is over: packer may be reaped then
         self._timer = threading.Timer(timeout_s, self._stop, (self.timed_out,))
         self._timer.daemon = True
 
@@ -177,13 +202,17 @@ class _Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        self._done.set()
+        with self._signalling:
+            self._timer.cancel()
+            self._done.set()
 
     def _stop(self, why: threading.Event) -> None:
-        why.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGINT)
+        with self._signalling:
+            if self._done.is_set():
+                return
+            why.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
 
     def _watch_console(self) -> None:
         while self.serial_log is not None and not self._done.wait(2.0):
@@ -234,15 +263,14 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float, s
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     run.feed(line)
-                proc.wait()
+                _exited_unreaped(proc)
         except BaseException:
             _stop_group(proc, log)
             log.write(f"# {now()} interrupted\n")
             raise
         _raise_if_stopped(watch, log, log_path, timeout_s)
+        _sweep_group(proc)
         log.write(f"# {now()} packer exited with {proc.returncode}\n")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stray QEMU, if any
     if proc.returncode != 0:
         raise BuildError(_failure_message(run, proc.returncode, log_path))
     return run

@@ -290,13 +290,16 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         prepared = {h.name: _prepare_host(paths, cfg, h, client_public, _bridges(groups, h), netns[h.name])
                     for h in cfg.hosts}
         started: list[tuple[int, str]] = []
+        children: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
         try:
             for host in cfg.hosts:
                 p = prepared[host.name]
                 sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
                 pid = _read_pid(sshd_pidfile)
                 if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
-                    pid = sshd.start(paths, host, p["sshd_config"], netns[host.name])
+                    children[(host.name, "sshd")] = sshd_proc = sshd.start(paths, host, p["sshd_config"],
+                                                                           netns[host.name])
+                    pid = sshd_proc.pid
                     write_public(sshd_pidfile, f"{pid}\n")
                     started.append((pid, _sshd_marker(paths, host.name)))
                 pid = _read_pid(pve_pidfile)
@@ -310,7 +313,8 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
                     log.close()
                     write_public(pve_pidfile, f"{proc.pid}\n")
                     started.append((proc.pid, _pve_marker(paths, host.name)))
-            _wait_ready(paths, cfg)
+                    children[(host.name, "pve")] = proc
+            _wait_ready(paths, cfg, children)
         except BaseException:
             for pid, marker in started:
                 _terminate(pid, marker, grace=3)
@@ -355,7 +359,17 @@ def _wire_up(paths: LabPaths, cfg: LabConfig) -> dict[str, str | None]:
     return {h.name: wire.host_netns(cfg.slot, i) for i, h in enumerate(cfg.hosts)}
 
 
-def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
+def _exit_status(proc: subprocess.Popen[bytes] | None) -> str:
+    """How a child that is gone ended (a signal leaves no line in its log), or '' for a process not ours."""
+    if proc is None or proc.poll() is None:
+        return ""
+    if proc.returncode < 0:
+        return f" (killed by {signal.Signals(-proc.returncode).name})"
+    return f" (status {proc.returncode})"
+
+
+def _wait_ready(paths: LabPaths, cfg: LabConfig,
+                children: dict[tuple[str, str], subprocess.Popen[bytes]] | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     pending = {(h.name, kind) for h in cfg.hosts for kind in ("sshd", "pve")}
     while pending:
@@ -369,7 +383,9 @@ def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
             pid = _read_pid(paths.pidfile(name, kind))
             marker = _sshd_marker(paths, name) if kind == "sshd" else _pve_marker(paths, name)
             if pid is None or not _is_ours(pid, marker):
-                raise LabError(f"{name}: {kind} exited at start: {_tail(paths.log / f'{name}-{kind}.log')}")
+                status = _exit_status((children or {}).get((name, kind)))
+                raise LabError(f"{name}: {kind} exited at start{status}: "
+                               f"{_tail(paths.log / f'{name}-{kind}.log') or '(its log is empty)'}")
         if not pending:
             break
         if time.monotonic() > deadline:

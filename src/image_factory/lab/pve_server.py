@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="image_factory.lab.pve_server")
     parser.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash at start otherwise leaves an empty log and only "exited at start"
     spec = NodeSpec.from_mapping(json.loads(args.config.read_text()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.umask(0o022)
