@@ -5,6 +5,8 @@ panic, the compaction. The whole build with a stand-in packer: test_build.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -146,3 +148,27 @@ def _gone(pid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_ctrl_c_while_packer_starts_stops_it_once_it_is_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arriving inside Popen (before the run holds packer) is raised once it does, and packer is stopped,
+    not orphaned."""
+    fake = tmp_path / "packer"
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    started: list[subprocess.Popen[str]] = []
+    real_start = packerrun._start_packer
+
+    def start_then_ctrl_c(*args: object) -> subprocess.Popen[str]:
+        proc = real_start(*args)  # type: ignore[arg-type]
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # as if typed while Popen was still returning
+        return proc
+
+    monkeypatch.setattr(packerrun, "_start_packer", start_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=60,
+                             sink=buildevents.EventSink())
+    assert started and started[0].returncode is not None  # stopped and reaped
+    assert "interrupted" in (tmp_path / "build.log").read_text()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -250,15 +251,35 @@ def _raise_if_stopped(watch: _Watch, log: IO[str], log_path: Path, timeout_s: fl
                          f"full log: {log_path}")
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[list[int]]:
+    """Ctrl-C while Popen starts packer would leave packer running with nobody to stop it (Popen never returns
+    it): the signal is noted, and the caller raises it once it holds the process. Only the main thread gets
+    SIGINT, and only it may set a handler."""
+    noted: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield noted
+        return
+    signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float, sink: EventSink,
                extra_env: dict[str, str] | None = None, serial_log: Path | None = None) -> _Run:
     """Run packer in its own process group; return the parsed run. Raises BuildError on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         run = _Run(log=log, sink=sink)
-        proc = _start_packer(cmd, cwd, log, extra_env)
+        with _ctrl_c_deferred() as interrupted:
+            proc = _start_packer(cmd, cwd, log, extra_env)
         watch = _Watch(proc, timeout_s, serial_log)
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             with watch:
                 assert proc.stdout is not None
                 for line in proc.stdout:
