@@ -79,8 +79,11 @@ def _host_problems(given: dict[str, Any]) -> dict[str, str]:
     for mac in filter(None, str(given.get("hwaddr", "")).split(",")):
         if not MAC_RE.match(mac.strip()):
             problems["host.hwaddr"] = "Invalid MAC address."
-    if not all(_is_ip(ip) for ip in filter(None, str(given.get("ip", "")).split(","))):
+    ips = [ip.strip() for ip in str(given.get("ip", "")).split(",") if ip.strip()]
+    if not all(_is_ip(ip) for ip in ips):
         problems["host.ip"] = "Please specify a valid IP address."
+    elif (given.get("hwaddr") or given.get("client_id")) and sum(":" not in ip for ip in ips) > 1:
+        problems["host.ip"] = "For IPv4 dhcp reservations, only a single address is allowed."  # Dnsmasq.php
     if given.get("host") and not HOST_RE.match(str(given["host"])):
         problems["host.host"] = "A valid hostname is required."
     return problems
@@ -127,7 +130,8 @@ ASSIGNED = "This VLAN cannot be deleted because it is assigned as an interface."
 
 
 def _addresses(fields: dict[str, str]) -> set[str]:
-    return {ip.strip() for ip in fields.get("ip", "").split(",") if ip.strip()}
+    """A DHCP host's addresses that no other DHCP host may hold: a partial IPv6 one ("::56") may repeat."""
+    return {ip.strip() for ip in fields.get("ip", "").split(",") if ip.strip() and not ip.strip().startswith("::")}
 
 
 def _is_dhcp(fields: dict[str, str]) -> bool:

@@ -21,6 +21,7 @@ from image_factory.handoffs.opnsense.decide import (
     Change,
     SyncReport,
     decide,
+    ipv6_notes,
     pending_markers,
     plan,
     tag_refs,
@@ -50,6 +51,6 @@ from image_factory.handoffs.opnsense.sync import sync
 __all__ = [
     "DOMAIN_NAME_OPTION", "HOSTS", "KINDS", "MARKER", "NEW_TAG", "OPTIONS", "PENDING", "RANGES", "TAGS", "TIMEOUT",
     "VLANS", "WRITES", "Change", "Entry", "HostEntry", "Kind", "OpnsenseClient", "OpnsenseError", "OptionEntry",
-    "RangeEntry", "SyncReport", "TagEntry", "VlanEntry", "body", "decide", "pending_markers", "plan", "sync",
-    "tag_refs", "write_order",
+    "RangeEntry", "SyncReport", "TagEntry", "VlanEntry", "body", "decide", "ipv6_notes", "pending_markers", "plan",
+    "sync", "tag_refs", "write_order",
 ]
