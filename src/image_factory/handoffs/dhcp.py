@@ -202,9 +202,9 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
              "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
              "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc.",
              "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries.",
-             "     <ip> lists the NIC's IPv4 and IPv6 address; DHCPv6 hands an IPv6 one out only on a subnet",
-             "     with a Dnsmasq IPv6 range (mode static is enough): docs/opnsense.md. -->" if any(
-                 r.address6 for r in rs) else "     -->",
+             *(["     <ip> lists the NIC's IPv4 and IPv6 address; DHCPv6 hands an IPv6 one out only on a subnet",
+                "     with a Dnsmasq IPv6 range (mode static is enough): docs/opnsense.md. -->"]
+               if any(r.address6 for r in rs) else ["     -->"]),
              *_tenant_checklist(tenants),
              "<opnsense>", "  <dnsmasq>"]
     tags = {t.name: uuid.uuid5(_UUID_NS, f"dnsmasq-tag|{t.name}") for t in tenants.values()}
