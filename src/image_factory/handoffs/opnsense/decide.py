@@ -163,7 +163,7 @@ def ipv6_notes(hosts: list[Entry], range_rows: list[dict[str, Any]]) -> list[str
     nets = _ipv6_networks(range_rows)
     if not wanted or nets is None:
         return []
-    outside = [f"{name} {ip}" for name, ip in wanted if not any(ipaddress.IPv6Address(ip) in n for n in nets)]
+    outside = sorted(f"{name} {ip}" for name, ip in wanted if not any(ipaddress.IPv6Address(ip) in n for n in nets))
     if not outside:
         return []
     return [f"IPv6: no Dnsmasq IPv6 DHCP range covers {', '.join(outside)}: their names resolve (AAAA), but DHCPv6 "
