@@ -9,6 +9,7 @@ can never disagree.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import re
 import shutil
@@ -389,6 +390,12 @@ def unpack_cloud_init(manager: str, venv: Path | None = None) -> str:
     """cloud-init's package unpacked into ``venv`` (default: this one) with a launcher in its bin; what was done.
     A no-op where a cloud-init is already found; a failure leaves no half-made tree or launcher."""
     venv = venv or Path(sys.prefix)
+    with open(venv / ".cloud-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two set-ups of one venv at once: the second finds the first's work
+        return _unpack_cloud_init(manager, venv)
+
+
+def _unpack_cloud_init(manager: str, venv: Path) -> str:
     launcher, tree = venv / "bin" / "cloud-init", venv / CLOUD_INIT_TREE
     if launcher.exists() and (tree / "cloudinit").is_dir():
         return f"cloud-init already unpacked: {launcher}"
