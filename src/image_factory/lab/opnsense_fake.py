@@ -7,7 +7,8 @@ HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JS
 ``set_<noun>`` (noun ``host`` or ``range``) take ``{"<noun>": {...}}`` with the model's field names only and
 validate MACs, addresses, host names, masks and the range's required start and domain type as the model does
 (a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``), and refuse a DHCP host (one with
-a MAC) whose address another DHCP host holds (Dnsmasq.php ``performValidation``); the searches answer
+a MAC) with two IPv4 addresses or one whose address (but a partial IPv6 "::n") another DHCP host holds (Dnsmasq.php
+``performValidation``); the searches answer
 ``{"rows", "rowCount", "total", "current"}``; anything else is a 404. Tags (``{search,add,del}_tag``, body
 ``{"tag": {"tag"}}``, names unique) and options (``{search,add,set,del}_option``) are kept as the model keeps
 them: a host's, range's or option's tag must exist, and a tag in use is not deleted (its safe delete).
