@@ -9,11 +9,13 @@ can never disagree.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,11 +199,13 @@ REGISTRY: tuple[Tool, ...] = (
     Tool("kea-dhcp6", "Kea DHCPv6", "path", Provider(apt="kea-dhcp6-server", dnf="kea"),
          {"deploy": optional("checks mac.export --format kea6 (kea-dhcp6 -t)"),
           "test": required("the Kea DHCPv6 export is checked by Kea itself")}, version=("-v",)),
-    Tool("cloud-init", "cloud-init", "path",
+    Tool("cloud-init", "cloud-init", "venv",
          Provider(apt="cloud-init", dnf="cloud-init",
-                  note="it also runs at the machine's boot once installed: install it on a runner only, never on a "
-                       "hypervisor", short_note="runs at boot once installed: a runner only"),
-         {"deploy": optional("cloud-init schema checks a VM's vendor_data (without it: its shape only)")},
+                  note="./dev setup unpacks that package into the venv without installing it (installed, cloud-init "
+                       "also runs at the machine's boot: install it on a runner only, never on a hypervisor)",
+                  short_note="./dev setup unpacks it into the venv (installed, it runs at boot)"),
+         {"deploy": optional("cloud-init schema checks a VM's vendor_data (without it: its shape only)"),
+          "test": required("the vendor_data test: cloud-init's own schema check refuses a bad one")},
          version=("--version",)),
     Tool("dnsmasq", "dnsmasq", "path", Provider(apt="dnsmasq-base", dnf="dnsmasq"),
          {"deploy": optional("checks mac.export --format dnsmasq (dnsmasq --test)"),
@@ -332,3 +336,102 @@ def probe(name: str) -> Probe:
 
 def probe_all(names: list[str]) -> dict[str, Probe]:
     return {name: probe(name) for name in names}
+
+
+# ------------------------------------------------------------------ cloud-init, unpacked, never installed
+
+# cloud-init's own `cloud-init schema` checks vendor data (site.vendordata), but an installed cloud-init runs at
+# every boot of the machine. So ./dev setup takes the distribution's package, unpacks its Python tree into the
+# venv (CLOUD_INIT_TREE) and writes a launcher into the venv's bin, where the "venv" finder looks first. Its
+# Python dependencies (PyYAML, Jinja2, jsonschema, requests, configobj, jsonpatch) are in the dev extra's lock.
+CLOUD_INIT_TREE = "cloud-init"  # under the venv
+CLOUD_INIT_LAUNCHER = """#!{python}
+# cloud-init from {package}, unpacked by ./dev setup and never installed (no boot services):
+# the factory runs its `cloud-init schema` (image_factory.site.vendordata).
+import sys
+sys.path.insert(0, {tree!r})
+from cloudinit.cmd.main import main
+sys.exit(main())
+"""
+
+
+class UnpackError(Exception):
+    """The package could not be fetched or unpacked: what failed and its own words."""
+
+
+def _run_step(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UnpackError(f"{what}: {exc}") from None
+    if done.returncode != 0:
+        raise UnpackError(f"{what} failed: {(done.stderr or done.stdout).strip()[-400:]}")
+
+
+def _fetch_and_extract(manager: str, work: Path) -> Path:
+    """The package downloaded by the distribution's own client into ``work`` and extracted under work/root."""
+    root = work / "root"
+    root.mkdir()
+    if manager == "apt":
+        _run_step(["apt-get", "download", "-q", "cloud-init"], work, "apt-get download cloud-init")
+        [package] = work.glob("cloud-init_*.deb")
+        _run_step(["dpkg-deb", "-x", str(package), str(root)], work, f"dpkg-deb -x {package.name}")
+    elif manager == "dnf":
+        _run_step(["dnf", "download", "-q", "--destdir", str(work), "cloud-init"], work, "dnf download cloud-init")
+        [package] = work.glob("cloud-init-*.rpm")
+        _run_step(["sh", "-c", 'rpm2cpio "$1" | cpio -idm --quiet', "sh", str(package)], root,
+                  f"rpm2cpio {package.name} | cpio")
+    else:
+        raise UnpackError(f"unknown package manager {manager!r} (apt or dnf)")
+    return package
+
+
+def unpack_cloud_init(manager: str, venv: Path | None = None) -> str:
+    """cloud-init's package unpacked into ``venv`` (default: this one) with a launcher in its bin; what was done.
+    A no-op where a cloud-init is already found; a failure leaves no half-made tree or launcher."""
+    venv = venv or Path(sys.prefix)
+    with open(venv / ".cloud-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two set-ups of one venv at once: the second finds the first's work
+        return _unpack_cloud_init(manager, venv)
+
+
+def _unpack_cloud_init(manager: str, venv: Path) -> str:
+    launcher, tree = venv / "bin" / "cloud-init", venv / CLOUD_INIT_TREE
+    if launcher.exists() and (tree / "cloudinit").is_dir():
+        return f"cloud-init already unpacked: {launcher}"
+    if shutil.which("cloud-init"):
+        return f"cloud-init is installed: {shutil.which('cloud-init')}"
+    with tempfile.TemporaryDirectory(dir=venv) as tmp:
+        work = Path(tmp)
+        package = _fetch_and_extract(manager, work)
+        found = sorted(work.glob("root/usr/lib/python3*/*-packages/cloudinit/__init__.py"))
+        if not found:
+            raise UnpackError(f"{package.name} holds no cloudinit Python package")
+        staged = work / "tree"
+        staged.mkdir()
+        found[0].parent.rename(staged / "cloudinit")
+        script = work / "cloud-init"
+        script.write_text(CLOUD_INIT_LAUNCHER.format(python=venv / "bin" / "python", package=package.name,
+                                                     tree=str(tree)))
+        script.chmod(0o755)
+        shutil.rmtree(tree, ignore_errors=True)
+        staged.rename(tree)
+        script.rename(launcher)  # last: the launcher exists only with its tree
+    return f"cloud-init unpacked from {package.name}: {launcher}"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m image_factory.tools unpack-cloud-init apt|dnf`` (./dev setup)."""
+    if len(argv) != 2 or argv[0] != "unpack-cloud-init":
+        print("usage: python -m image_factory.tools unpack-cloud-init apt|dnf", file=sys.stderr)
+        return 2
+    try:
+        print(f">> {unpack_cloud_init(argv[1])}")
+    except UnpackError as exc:
+        print(f"!! cloud-init's package: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -178,3 +178,25 @@ def test_setup_ends_with_doctor_for_the_profile_and_only_shows_its_verdict(tmp_p
     before = len(m.calls())
     m.run("test", "-k", "nothing")  # test (and demo) set up too, and leave the verdict to what they run
     assert m.calls()[before:] and not [c for c in m.calls()[before:] if c.startswith("invoke doctor")]
+
+
+def test_the_dev_profile_unpacks_cloud_init_and_asks_apt_for_fresh_lists_once_when_it_cannot(tmp_path: Path) -> None:
+    m = Machine(tmp_path, DEBIAN_12)
+    m.stub("packer", "exit 0")
+    m.stamp_current()
+    m.stub("python", 'echo "python $*" >> "$LOG"; exit "${UNPACK_RC:-0}"', where=m.venv / "bin")
+    unpack = "python -m image_factory.tools unpack-cloud-init apt"
+    assert m.run("setup").returncode == 0
+    assert m.calls() == [unpack]
+    assert m.run("setup", "build").returncode == 0 and m.calls()[1:] == ["pip install -q --require-hashes -r "
+                                                                         "requirements/build.txt",
+                                                                         "pip install -q --no-deps "
+                                                                         "--no-build-isolation -e ."], \
+        "a nightly runner gets no cloud-init"
+    m.stamp_current()
+    m.log.write_text("")
+    m.env["UNPACK_RC"] = "1"  # e.g. apt's package lists were never fetched
+    proc = m.run("setup")
+    assert proc.returncode == 0, "set-up goes on; the doctor table and the test name what is missing"
+    assert m.calls() == [unpack, "apt-get update -qq", unpack]
+    assert "!! cloud-init's package is not unpacked" in proc.stderr

@@ -433,3 +433,59 @@ def test_an_imported_export_is_the_factorys_own_to_sync(fake: Any, inventory: Pa
     report = opn.sync(_client(url, cert), reservations(site), dry_run=False, tenants=site.tenants)
     assert report.ok and {c.action for c in report.changes} == {"unchanged"}
     assert api.writes == 0 and api.reconfigures == 0
+
+
+def _ipv6_site(tmp_path: Path) -> Any:
+    """jump01 with a static IPv6 address (cloudinit.ip6), metrics01 on DHCPv6 with nics[0].address6."""
+    import yaml
+
+    from .example_site import flat_example
+
+    doc = flat_example()
+    mgmt = doc["all"]["children"]["mgmt"]["hosts"]
+    mgmt["jump01"]["vm"]["cloudinit"]["ip6"] = {"ip": "2001:db8:10::30/64", "gw": "2001:db8:10::1"}
+    mgmt["metrics01"]["vm"]["cloudinit"]["ip6"] = "dhcp"
+    mgmt["metrics01"]["vm"]["nics"][0]["address6"] = "2001:db8:10::41"
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_site(tmp_path / "hosts.yml", REPO_ROOT / "packer/images.yml")
+
+
+def test_ipv6_addresses_join_the_macs_reservation_and_need_an_ipv6_range(fake: Any, tmp_path: Path) -> None:
+    """The Dnsmasq host's ip list takes a NIC's IPv6 address beside its IPv4 one (dnsmasq.conf renders
+    dhcp-host=<mac>,<ipv4>,[<ipv6>]); the report names the addresses no IPv6 range serves until one does."""
+    api, url, cert = fake
+    rs = reservations(_ipv6_site(tmp_path))
+    first = opn.sync(_client(url, cert), rs, dry_run=False)
+    assert first.ok, first.to_dict()
+    ips = {h["host"]: h["ip"] for h in api.hosts.values()}
+    assert ips["jump01"] == "192.168.10.30,2001:db8:10::30" and ips["metrics01"] == "2001:db8:10::41"
+    [note] = [n for n in first.notes if n.startswith("IPv6")]
+    assert "jump01 2001:db8:10::30, metrics01 2001:db8:10::41" in note and "mode static" in note
+
+    api.add_foreign("range", start_addr="2001:db8:10::", mode="static", description="mgmt v6, by hand")
+    writes = api.writes
+    second = opn.sync(_client(url, cert), rs, dry_run=False)
+    assert {c.action for c in second.changes} == {"unchanged"} and api.writes == writes
+    assert not [n for n in second.notes if n.startswith("IPv6")], "the range's /64 (the default) serves both"
+
+
+def test_a_foreign_dhcp_host_on_an_inventory_ipv6_address_refuses_the_run(fake: Any, tmp_path: Path) -> None:
+    api, url, cert = fake
+    api.add_foreign(host="old", ip="2001:db8:10::41", hwaddr="aa:00:00:00:00:41", descr="hand-made")
+    api.add_foreign(host="partial", ip="::30", hwaddr="aa:00:00:00:00:30", descr="a constructed range's host part")
+    report = opn.sync(_client(url, cert), reservations(_ipv6_site(tmp_path)), dry_run=False)
+    [conflict] = [c for c in report.changes if c.action == "conflict"]
+    assert conflict.name == "metrics01" and "holds 2001:db8:10::41 (old (aa:00:00:00:00:41))" in conflict.why
+    assert report.refused and api.writes == 0
+
+
+def test_the_fake_takes_ipv6_as_the_dnsmasq_model_does(fake: Any) -> None:
+    api, url, cert = fake
+    client = _client(url, cert)
+    with pytest.raises(opn.OpnsenseError, match="only a single address is allowed"):
+        client.add(opn.HOSTS, opn.HostEntry("a", "", "10.0.0.5,10.0.0.6", "02:00:00:00:00:01", "x"))
+    client.add(opn.HOSTS, opn.HostEntry("a", "", "10.0.0.5,2001:db8::5,2001:db8::6", "02:00:00:00:00:01", "x"))
+    with pytest.raises(opn.OpnsenseError, match="'2001:db8::6' is already used in another DHCP host entry"):
+        client.add(opn.HOSTS, opn.HostEntry("b", "", "2001:db8::6", "02:00:00:00:00:02", "x"))
+    client.add(opn.HOSTS, opn.HostEntry("c", "", "::5", "02:00:00:00:00:03", "x"))
+    client.add(opn.HOSTS, opn.HostEntry("d", "", "::5", "02:00:00:00:00:04", "x"))  # partial ones may repeat

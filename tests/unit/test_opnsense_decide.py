@@ -38,6 +38,17 @@ PLAN_CASES: dict[str, tuple[list[opn.Entry], list[dict[str, str]], dict[str, tup
         [WANT_A, dataclasses.replace(WANT_B, ip="10.0.0.3")],
         [_host("b", "10.0.0.1", WANT_B.hwaddr)],
         {WANT_A.hwaddr: ("create", ""), WANT_B.hwaddr: ("update", "")}),
+    "IPv6 beside IPv4: one list, made": ([dataclasses.replace(WANT_A, ip="10.0.0.1, 2001:db8::1")], [],
+                                         {WANT_A.hwaddr: ("create", "")}),
+    "a foreign DHCP host on the IPv6 address": (
+        [dataclasses.replace(WANT_A, ip="10.0.0.1,2001:db8::1")],
+        [_host("x", "2001:db8::1", "aa:00:00:00:00:01", ours=False)],
+        {WANT_A.hwaddr: ("conflict", "does not own holds 2001:db8::1")}),
+    "a partial IPv6 address may repeat": ([dataclasses.replace(WANT_A, ip="::1")],
+                                          [_host("x", "::1", "aa:00:00:00:00:01", ours=False)],
+                                          {WANT_A.hwaddr: ("create", "")}),
+    "an IPv6 address added to ours": ([dataclasses.replace(WANT_A, ip="10.0.0.1,2001:db8::1")],
+                                      [_host("a", "10.0.0.1", WANT_A.hwaddr)], {WANT_A.hwaddr: ("update", "")}),
     "a swap of two of ours": (
         [dataclasses.replace(WANT_A, ip="10.0.0.2"), dataclasses.replace(WANT_B, ip="10.0.0.1")],
         [_host("a", "10.0.0.1", WANT_A.hwaddr), _host("b", "10.0.0.2", WANT_B.hwaddr)],
@@ -72,3 +83,31 @@ def test_the_plan_keeps_an_assigned_vlan_and_orders_removals_after_their_users()
     assert [(c.kind, c.key) for c in opn.write_order(report.changes)] == [
         ("host", "02:de:22:11:01:00"), ("tag", "globex"), ("vlan", "globex")]
     assert not report.refused and not report.ok
+
+
+def _range(start: str, prefix_len: str = "", constructor: str = "") -> dict[str, str]:
+    return {"uuid": f"r-{start}", "start_addr": start, "prefix_len": prefix_len, "constructor": constructor}
+
+
+V6_HOSTS: list[opn.Entry] = [dataclasses.replace(WANT_A, ip="10.0.0.1,2001:db8:1::1"),
+                             dataclasses.replace(WANT_B, ip="2001:db8:2::2")]
+# (OPNsense's range rows) -> the addresses the note names ("" for no note): dnsmasq serves a fixed IPv6 address
+# only on the subnet of some dhcp-range (dnsmasq(8)); OPNsense's template gives a range prefix_len 64 by default
+NOTE_CASES: dict[str, tuple[list[dict[str, str]], str]] = {
+    "no range at all": ([], "a 2001:db8:1::1, b 2001:db8:2::2"),
+    "an IPv4 range only": ([_range("10.0.0.100")], "a 2001:db8:1::1, b 2001:db8:2::2"),
+    "a /64 (the default) covers one": ([_range("2001:db8:1::")], "b 2001:db8:2::2"),
+    "a /46 covers both": ([_range("2001:db8::", "46")], ""),
+    "a constructed range: its subnet is the interface's, unknown here": ([_range("::100", "", "opt1")], ""),
+}
+
+
+@pytest.mark.parametrize("case", NOTE_CASES)
+def test_ipv6_reservations_no_range_serves_are_named(case: str) -> None:
+    rows, named = NOTE_CASES[case]
+    notes = opn.ipv6_notes(V6_HOSTS, rows)
+    if named:
+        assert len(notes) == 1 and f"covers {named}:" in notes[0], notes
+    else:
+        assert notes == []
+    assert opn.ipv6_notes([WANT_A], []) == [], "no IPv6 reservation, no note"

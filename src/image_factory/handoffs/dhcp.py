@@ -201,8 +201,11 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
              "<!-- OPNsense Dnsmasq DHCP (25.7+): merge each <hosts> under <dnsmasq> (Services: Dnsmasq DNS & DHCP:",
              "     Hosts). An entry without <ip> is a MAC-only reservation (hostname, address from the range).",
              "     The uuid comes from fqdn+MAC: a re-export updates the same entries. ISC DHCP: opnsense-isc.",
-             "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries. -->",
-             *_tenant_checklist(tenants), *_not_carried(rs, "this fragment (opnsense.sync writes IPv4 only)"),
+             "     Descriptions carry opnsense.sync's marker: after an import, sync owns these entries.",
+             *(["     <ip> lists the NIC's IPv4 and IPv6 address; DHCPv6 hands an IPv6 one out only on a subnet",
+                "     with a Dnsmasq IPv6 range (mode static is enough): docs/opnsense.md. -->"]
+               if any(r.address6 for r in rs) else ["     -->"]),
+             *_tenant_checklist(tenants),
              "<opnsense>", "  <dnsmasq>"]
     tags = {t.name: uuid.uuid5(_UUID_NS, f"dnsmasq-tag|{t.name}") for t in tenants.values()}
     lines += _dnsmasq_tenant_items(tenants, tags)
@@ -213,7 +216,7 @@ def _opnsense_dnsmasq(rs: list[Reservation], interfaces: Mapping[str, str], tena
             f"      <host>{escape(r.hostname)}</host>",
             f"      <domain>{escape(r.domain)}</domain>",
             "      <local>0</local>",
-            f"      <ip>{r.address}</ip>" if r.address else "      <ip/>",
+            f"      <ip>{ips}</ip>" if (ips := ",".join(a for a in (r.address, r.address6) if a)) else "      <ip/>",
             "      <cnames/>",
             "      <client_id/>",
             f"      <hwaddr>{r.mac}</hwaddr>",

@@ -7,7 +7,8 @@ HTTPS with a certificate of its own, HTTP basic auth with one key and secret, JS
 ``set_<noun>`` (noun ``host`` or ``range``) take ``{"<noun>": {...}}`` with the model's field names only and
 validate MACs, addresses, host names, masks and the range's required start and domain type as the model does
 (a refusal is ``{"result": "failed", "validations": {"<noun>.<field>": ...}}``), and refuse a DHCP host (one with
-a MAC) whose address another DHCP host holds (Dnsmasq.php ``performValidation``); the searches answer
+a MAC) with two IPv4 addresses or one whose address (but a partial IPv6 "::n") another DHCP host holds (Dnsmasq.php
+``performValidation``); the searches answer
 ``{"rows", "rowCount", "total", "current"}``; anything else is a 404. Tags (``{search,add,del}_tag``, body
 ``{"tag": {"tag"}}``, names unique) and options (``{search,add,set,del}_option``) are kept as the model keeps
 them: a host's, range's or option's tag must exist, and a tag in use is not deleted (its safe delete).
@@ -79,8 +80,11 @@ def _host_problems(given: dict[str, Any]) -> dict[str, str]:
     for mac in filter(None, str(given.get("hwaddr", "")).split(",")):
         if not MAC_RE.match(mac.strip()):
             problems["host.hwaddr"] = "Invalid MAC address."
-    if not all(_is_ip(ip) for ip in filter(None, str(given.get("ip", "")).split(","))):
+    ips = [ip.strip() for ip in str(given.get("ip", "")).split(",") if ip.strip()]
+    if not all(_is_ip(ip) for ip in ips):
         problems["host.ip"] = "Please specify a valid IP address."
+    elif (given.get("hwaddr") or given.get("client_id")) and sum(":" not in ip for ip in ips) > 1:
+        problems["host.ip"] = "For IPv4 dhcp reservations, only a single address is allowed."  # Dnsmasq.php
     if given.get("host") and not HOST_RE.match(str(given["host"])):
         problems["host.host"] = "A valid hostname is required."
     return problems
@@ -127,7 +131,8 @@ ASSIGNED = "This VLAN cannot be deleted because it is assigned as an interface."
 
 
 def _addresses(fields: dict[str, str]) -> set[str]:
-    return {ip.strip() for ip in fields.get("ip", "").split(",") if ip.strip()}
+    """A DHCP host's addresses that no other DHCP host may hold: a partial IPv6 one ("::56") may repeat."""
+    return {ip.strip() for ip in fields.get("ip", "").split(",") if ip.strip() and not ip.strip().startswith("::")}
 
 
 def _is_dhcp(fields: dict[str, str]) -> bool:

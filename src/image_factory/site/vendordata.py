@@ -42,7 +42,7 @@ def cloud_config_problem(text: str) -> str:
         done = subprocess.run([tool, "schema", "--config-file", tmp.name], capture_output=True, text=True,
                               timeout=120, check=False)
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().replace(tmp.name, "<file>")
+        detail = " ".join((done.stderr or done.stdout).replace(tmp.name, "<file>").split())  # one line
         return f"cloud-init schema refuses it: {detail[-600:]}"
     return ""
 

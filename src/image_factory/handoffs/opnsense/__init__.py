@@ -3,7 +3,8 @@
 Targets OPNsense 25.7 and later, where Dnsmasq is the default DHCP server (ISC DHCP is a plugin from 26.1).
 The endpoints and the ``host`` fields are those of opnsense/core's Dnsmasq ``SettingsController`` and model
 (``/api/dnsmasq/settings/{search,add,set,del}_host``, ``/api/dnsmasq/service/reconfigure``). The factory owns
-the entries whose description starts with its marker; every other entry is foreign and never changed.
+the entries whose description starts with its marker; every other entry is foreign and never changed. A host's
+``ip`` lists the NIC's IPv4 and IPv6 address: dnsmasq matches DHCPv6 clients by MAC too (docs/opnsense.md).
 Gather (one search per kind), decide (a pure function that also replays OPNsense's own refusals over every row,
 so a run that would be refused part-way writes nothing), act (deletes, sets, adds, then one reconfigure per
 service, also after a failed write). A service with saved but unapplied changes is marked in OPNsense itself
@@ -21,6 +22,7 @@ from image_factory.handoffs.opnsense.decide import (
     Change,
     SyncReport,
     decide,
+    ipv6_notes,
     pending_markers,
     plan,
     tag_refs,
@@ -50,6 +52,6 @@ from image_factory.handoffs.opnsense.sync import sync
 __all__ = [
     "DOMAIN_NAME_OPTION", "HOSTS", "KINDS", "MARKER", "NEW_TAG", "OPTIONS", "PENDING", "RANGES", "TAGS", "TIMEOUT",
     "VLANS", "WRITES", "Change", "Entry", "HostEntry", "Kind", "OpnsenseClient", "OpnsenseError", "OptionEntry",
-    "RangeEntry", "SyncReport", "TagEntry", "VlanEntry", "body", "decide", "pending_markers", "plan", "sync",
-    "tag_refs", "write_order",
+    "RangeEntry", "SyncReport", "TagEntry", "VlanEntry", "body", "decide", "ipv6_notes", "pending_markers", "plan",
+    "sync", "tag_refs", "write_order",
 ]

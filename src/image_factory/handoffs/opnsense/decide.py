@@ -4,6 +4,7 @@ writes nothing), the order of the writes, and the report a run fills in."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,8 +94,9 @@ def write_order(changes: list[Change]) -> list[Change]:
 
 def _replay_host_writes(changes: list[Change], rows: list[dict[str, Any]]) -> None:
     """OPNsense's own rule, replayed over every row in write order before anything is written: a DHCP host (one
-    with a MAC) may not take an address another DHCP host holds (Dnsmasq.php performValidation, checked for the
-    host being saved). A write it would refuse becomes a conflict, so the run refuses before its first write."""
+    with a MAC) may not take an address, IPv4 or IPv6, another DHCP host holds, except a partial IPv6 one ("::56",
+    a constructed range's host part) (Dnsmasq.php performValidation, checked for the host being saved). A write
+    it would refuse becomes a conflict, so the run refuses before its first write."""
     held: dict[str, tuple[list[str], str, bool]] = {}  # uuid -> (addresses, who, the factory's)
     for row in rows:
         have = HOSTS.from_row(row)
@@ -112,7 +114,7 @@ def _replay_host_writes(changes: list[Change], rows: list[dict[str, Any]]) -> No
         assert isinstance(want, HostEntry)
         slot = str(change.uuid) if change.uuid else f"new-{n}"
         taken = [(ip, who, ours) for ip in want.ips for uid, (ips, who, ours) in held.items()
-                 if uid != slot and ip in ips]
+                 if uid != slot and ip in ips and not ip.startswith("::")]  # a partial IPv6 address may repeat
         if not taken:
             held[slot] = (want.ips, f"{want.host} ({want.hwaddr})", True)
             continue
@@ -133,6 +135,40 @@ def plan(kinds: list[Kind], desired: Mapping[str, list[Entry]], rows: Mapping[st
     if HOSTS in kinds:
         _replay_host_writes(changes, rows[HOSTS.name])
     return SyncReport(changes, dry_run=True, pending=pending)
+
+
+def _ipv6_networks(range_rows: list[dict[str, Any]]) -> list[ipaddress.IPv6Network] | None:
+    """The subnets OPNsense's IPv6 Dnsmasq ranges serve (prefix_len defaults to 64, as in dnsmasq.conf's
+    template); None where one is constructed from an interface (its start a partial "::..." address): its
+    subnet is the interface's, which the API's range rows do not show."""
+    nets = []
+    for row in range_rows:
+        start = row_text(row, "start_addr")
+        if ":" not in start:
+            continue
+        if row_text(row, "constructor") or start.startswith("::"):
+            return None
+        try:
+            nets.append(ipaddress.IPv6Network(f"{start}/{row_text(row, 'prefix_len') or 64}", strict=False))
+        except ValueError:
+            continue
+    return nets
+
+
+def ipv6_notes(hosts: list[Entry], range_rows: list[dict[str, Any]]) -> list[str]:
+    """What a run says about its IPv6 reservations (pure): dnsmasq answers a DHCPv6 request for a fixed address
+    only "in the same subnet as some valid dhcp-range" (dnsmasq(8), --dhcp-host), which the factory does not make
+    (the site model has no IPv6 subnets); a guest with a static cloudinit.ip6 asks no DHCPv6 and needs none."""
+    wanted = [(h.name, ip) for h in hosts if isinstance(h, HostEntry) for ip in h.ips if ":" in ip]
+    nets = _ipv6_networks(range_rows)
+    if not wanted or nets is None:
+        return []
+    outside = sorted(f"{name} {ip}" for name, ip in wanted if not any(ipaddress.IPv6Address(ip) in n for n in nets))
+    if not outside:
+        return []
+    return [f"IPv6: no Dnsmasq IPv6 DHCP range covers {', '.join(outside)}: their names resolve (AAAA), but DHCPv6 "
+            "does not hand them out until a range of that subnet exists (Services: Dnsmasq: DHCP ranges; mode "
+            "static serves reservations only); a VM with a static cloudinit.ip6 needs none"]
 
 
 def pending_markers(tag_rows: list[dict[str, Any]]) -> dict[str, str]:

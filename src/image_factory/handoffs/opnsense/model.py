@@ -27,17 +27,23 @@ class HostEntry:
 
     host: str
     domain: str
-    ip: str  # "" for a MAC-only reservation (address from the range)
+    # the model's list of addresses: at most one IPv4 and any IPv6 ones ("" for a MAC-only reservation, its
+    # address from the range); dnsmasq.conf's template writes them as dhcp-host=<mac>,<ipv4>,[<ipv6>],...
+    ip: str
     hwaddr: str
     descr: str
     set_tag: str = ""  # the tenant's tag (uuid): its domain-name option reaches a fixed address too
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hwaddr", self.hwaddr.lower())  # OPNsense may answer in either case
+        object.__setattr__(self, "ip", ",".join(ip for ip in (ip.strip() for ip in self.ip.split(",")) if ip))
 
     @classmethod
     def from_reservation(cls, r: Reservation, tag_ref: str = "") -> HostEntry:
-        return cls(r.hostname, r.domain, r.address or "", r.mac.lower(), host_marker(r), tag_ref)
+        """NIC ``r`` keyed by its MAC, with its IPv4 and IPv6 address: for DHCPv6 too dnsmasq identifies a
+        directly connected client by its MAC (dnsmasq(8), --dhcp-host), whatever DUID the guest sends."""
+        ips = ",".join(ip for ip in (r.address, r.address6) if ip)
+        return cls(r.hostname, r.domain, ips, r.mac.lower(), host_marker(r), tag_ref)
 
     @property
     def keys(self) -> list[str]:

@@ -10,7 +10,15 @@ from typing import Any, cast
 from image_factory.errors import FactoryError
 from image_factory.handoffs.dhcp import Reservation
 from image_factory.handoffs.opnsense.client import OpnsenseClient
-from image_factory.handoffs.opnsense.decide import NEW_TAG, SyncReport, pending_markers, plan, tag_refs, write_order
+from image_factory.handoffs.opnsense.decide import (
+    NEW_TAG,
+    SyncReport,
+    ipv6_notes,
+    pending_markers,
+    plan,
+    tag_refs,
+    write_order,
+)
 from image_factory.handoffs.opnsense.model import (
     HOSTS,
     KINDS,
@@ -55,6 +63,7 @@ def sync(client: OpnsenseClient, reservations: list[Reservation], *, dry_run: bo
     rows.update((kind.name, client.search(kind)) for kind in kinds if kind.name not in rows)
     report = plan(kinds, desired, rows, sorted(markers))
     report.dry_run = dry_run
+    report.notes += ipv6_notes(desired[HOSTS.name], rows[RANGES.name])
     if tenants and not vlan_parent:
         report.notes.append("tenant VLAN devices not managed: give --vlan-parent (the trunk to the tenant bridge)")
     if dry_run or report.refused:
