@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ def check_untrusted_image(info: dict[str, Any], path: Path) -> None:
         raise TaskError(f"{path}: multiple children or extents are not allowed!")
     if info.get("backing-filename"):
         raise TaskError(f"backing file not allowed for untrusted image '{path}'!")
+
+
+def copy_efi_vars(src: Path, src_fmt: str, dest: Path, fmt: str, size: int) -> None:
+    """pve-qemu's ``qemu-img dd -n -f <src> -O <fmt> bs=1M osize=<size>`` (a Proxmox patch upstream qemu-img
+    lacks): the first ``size`` bytes of the source, zero-padded, into a volume of exactly that size."""
+    with tempfile.TemporaryDirectory(prefix="lab-efivars-") as tmp:
+        raw = Path(tmp) / "vars.raw"
+        run_tool(["qemu-img", "convert", "-q", "-f", src_fmt, "-O", "raw", str(src), str(raw)])
+        data = raw.read_bytes()[:size]
+        raw.write_bytes(data + bytes(size - len(data)))
+        dest.unlink(missing_ok=True)
+        convert_into(raw, "raw", dest, fmt)
 
 
 def _size_or_zero(text: str) -> int:
@@ -122,6 +135,8 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             self._check_import_source(info, source)
             if source.startswith("/") or volume_ref(source)[1].startswith("import/"):
                 check_untrusted_image(info, src_path)
+            if key == "efidisk0":
+                return self._import_efi_vars(vmid, sid, src_path, str(info["format"]), props)
             size = int(info["virtual-size"])
             fmt = props.pop("format", None)
             volid, fmt = self._qm_alloc(sid, vmid, fmt, size)
@@ -171,9 +186,7 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             props["size"] = format_size(TPMSTATE_SIZE)
             return join_drive(volid, props), [volid]
         keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
-        vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
-        if not vars_file.exists():
-            raise TaskError(f"EFI vars image '{vars_file}' not found")
+        vars_file = self._efi_vars_template(props)
         volid, fmt = self._qm_alloc(sid, vmid, fmt, EFI_VARS_SIZE)
         path = self.volume_file(volid)
         if path is not None:  # exactly the vars template's size: OVMF's second flash must match its code's layout
@@ -182,6 +195,34 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         props["size"] = format_size(EFI_VARS_SIZE)
         if keys and self.qemu_at_least(9, 1, 5) and self.edk2_ms_2023:
             props["ms-cert"] = "2023k"
+        return join_drive(volid, props), [volid]
+
+    def _efi_vars_template(self, props: dict[str, str]) -> Path:
+        """OVMF.pm get_ovmf_files: the vars template efitype and pre-enrolled-keys pick (the lab's nodes are q35)."""
+        keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
+        vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
+        if not vars_file.exists():
+            raise TaskError(f"EFI vars image '{vars_file}' not found")
+        return vars_file
+
+    def _import_efi_vars(self, vmid: int, sid: str, src: Path, src_fmt: str,
+                         props: dict[str, str]) -> tuple[str, list[str]]:
+        """create_disks' import-from for efidisk0 (qemu-server 8.3.12 and 9.x alike): clone_disk allocates the size
+        of the vars template efitype/pre-enrolled-keys pick (get_efivars_size) and copies that many bytes of the
+        source as they are (pve-qemu's ``qemu-img dd -n osize=``); PVE enrols nothing and writes no ms-cert."""
+        size = self._efi_vars_template(props).stat().st_size
+        volid, fmt = self._qm_alloc(sid, vmid, props.pop("format", None), size)
+        props["size"] = format_size(size)
+        dest = self.volume_file(volid)
+
+        async def copy() -> None:
+            await self.storage_lock(sid, f"import {vmid}")
+            try:
+                if dest is not None:
+                    await asyncio.to_thread(copy_efi_vars, src, src_fmt, dest, fmt, size)
+            finally:
+                self.storage_unlock(sid, f"import {vmid}")
+        self._pending_io.setdefault(vmid, []).append(copy)
         return join_drive(volid, props), [volid]
 
     @staticmethod
