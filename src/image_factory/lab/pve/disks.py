@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,18 @@ from fakepve.routing import param_error
 
 from image_factory.lab.pve.base import (
     CLOUDINIT_SIZE,
+    EFI_VARS_SIZE,
     TPMSTATE_SIZE,
     LabNodeBase,
     config_digest,
     convert_into,
+    copy_efi_vars,
+    efi_vars_template,
     qemu_img_info,
     run_tool,
 )
 from image_factory.lab.pve.props import format_size, parse_size
 
-# pve-edk2-firmware's vars templates, as qemu-server's OVMF.pm picks them for efitype=4m on q35 (SMM): the
-# Microsoft + distribution keys with pre-enrolled-keys=1; Debian's ovmf package ships the same names.
-OVMF_VARS_DIR = Path("/usr/share/OVMF")
-OVMF_VARS = {False: "OVMF_VARS_4M.fd", True: "OVMF_VARS_4M.ms.fd"}
-EFI_VARS_SIZE = 528 * 1024  # what qemu-server records as size= of a 4m EFI disk
 # efidisk0's ms-cert values by the qemu-server that introduced them (debian/changelog 9.0.27, 9.1.4, 9.1.5).
 MS_CERT_SINCE = {"2011": (9, 0, 27), "2023": (9, 0, 27), "2023w": (9, 1, 4), "2023k": (9, 1, 5)}
 
@@ -44,18 +41,6 @@ def check_untrusted_image(info: dict[str, Any], path: Path) -> None:
         raise TaskError(f"{path}: multiple children or extents are not allowed!")
     if info.get("backing-filename"):
         raise TaskError(f"backing file not allowed for untrusted image '{path}'!")
-
-
-def copy_efi_vars(src: Path, src_fmt: str, dest: Path, fmt: str, size: int) -> None:
-    """pve-qemu's ``qemu-img dd -n -f <src> -O <fmt> bs=1M osize=<size>`` (a Proxmox patch upstream qemu-img
-    lacks): the first ``size`` bytes of the source, zero-padded, into a volume of exactly that size."""
-    with tempfile.TemporaryDirectory(prefix="lab-efivars-") as tmp:
-        raw = Path(tmp) / "vars.raw"
-        run_tool(["qemu-img", "convert", "-q", "-f", src_fmt, "-O", "raw", str(src), str(raw)])
-        data = raw.read_bytes()[:size]
-        raw.write_bytes(data + bytes(size - len(data)))
-        dest.unlink(missing_ok=True)
-        convert_into(raw, "raw", dest, fmt)
 
 
 def _size_or_zero(text: str) -> int:
@@ -186,7 +171,7 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             props["size"] = format_size(TPMSTATE_SIZE)
             return join_drive(volid, props), [volid]
         keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
-        vars_file = self._efi_vars_template(props)
+        vars_file = efi_vars_template(props)
         volid, fmt = self._qm_alloc(sid, vmid, fmt, EFI_VARS_SIZE)
         path = self.volume_file(volid)
         if path is not None:  # exactly the vars template's size: OVMF's second flash must match its code's layout
@@ -197,20 +182,12 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             props["ms-cert"] = "2023k"
         return join_drive(volid, props), [volid]
 
-    def _efi_vars_template(self, props: dict[str, str]) -> Path:
-        """OVMF.pm get_ovmf_files: the vars template efitype and pre-enrolled-keys pick (the lab's nodes are q35)."""
-        keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
-        vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
-        if not vars_file.exists():
-            raise TaskError(f"EFI vars image '{vars_file}' not found")
-        return vars_file
-
     def _import_efi_vars(self, vmid: int, sid: str, src: Path, src_fmt: str,
                          props: dict[str, str]) -> tuple[str, list[str]]:
         """create_disks' import-from for efidisk0 (qemu-server 8.3.12 and 9.x alike): clone_disk allocates the size
         of the vars template efitype/pre-enrolled-keys pick (get_efivars_size) and copies that many bytes of the
         source as they are (pve-qemu's ``qemu-img dd -n osize=``); PVE enrols nothing and writes no ms-cert."""
-        size = self._efi_vars_template(props).stat().st_size
+        size = efi_vars_template(props).stat().st_size
         volid, fmt = self._qm_alloc(sid, vmid, props.pop("format", None), size)
         props["size"] = format_size(size)
         dest = self.volume_file(volid)
