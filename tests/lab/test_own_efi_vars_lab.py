@@ -221,3 +221,23 @@ def test_a_clone_of_a_microsoft_2023_template_boots_with_secure_boot_and_only_th
     assert x509_subjects(base64.b64decode(db.stdout)) == DB_2023
     assert x509_subjects(base64.b64decode(kek.stdout)) == KEK_2023
     assert dep.plan_deploy(lab.settings, lab.site, [REAL_BOOT]).vms[0].diffs == []
+
+
+def test_the_api_transport_sends_the_store_too_and_retention_removes_it_with_its_template(env: Any) -> None:
+    lab, settings = env
+    build_with_own_store(settings.builds_dir, "ms3")
+    first = publish_image(settings, lab.site, IMAGE, hypervisors=[TENANT], transport="api", progress=False)
+    h = first.host(TENANT)
+    assert h.action == "created" and h.plan["efi_vars_upload"] == "upload", h.error
+    c = PveClient(lab.hv(TENANT))
+    efi = EfiDisk.parse(c.vm_config(h.template_vmid)["efidisk0"])
+    assert volume_bytes(lab, TENANT, efi.volume) == (settings.builds_dir / IMAGE / "efivars.raw").read_bytes()
+
+    shutil.rmtree(settings.builds_dir / IMAGE)
+    build_with_own_store(settings.builds_dir, "ms4")  # a new build: a new store (its own platform key)
+    second = publish_image(settings, lab.site, IMAGE, hypervisors=[TENANT], transport="api", keep=1,
+                           progress=False).host(TENANT)
+    assert second.action == "created", second.error
+    assert [p.get("efi_vars_file_removed") for p in second.pruned] == [f"{IMAGE}-ms3.efivars.raw"]
+    imports = os.listdir(lab.paths.storage_dir(TENANT) / "import")
+    assert f"{IMAGE}-ms4.efivars.raw" in imports and f"{IMAGE}-ms3.efivars.raw" not in imports
