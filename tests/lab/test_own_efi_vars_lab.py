@@ -34,7 +34,7 @@ from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
 from image_factory.publish import publish_image
 from image_factory.publish.model import PublishError
-from image_factory.pve.client import PveClient
+from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.codec import EfiDisk
 from image_factory.pve.templates import find_templates
 from image_factory.settings import REPO_ROOT, Settings
@@ -241,3 +241,32 @@ def test_the_api_transport_sends_the_store_too_and_retention_removes_it_with_its
     assert [p.get("efi_vars_file_removed") for p in second.pruned] == [f"{IMAGE}-ms3.efivars.raw"]
     imports = os.listdir(lab.paths.storage_dir(TENANT) / "import")
     assert f"{IMAGE}-ms4.efivars.raw" in imports and f"{IMAGE}-ms3.efivars.raw" not in imports
+
+
+def test_efidisk0_import_from_is_checked_and_copied_as_qemu_server_does(env: Any, tmp_path: Path) -> None:
+    """check_drive_param refuses a size other than 0 and a missing efitype/pre-enrolled-keys (HTTP 400, before
+    the task); create_disks copies the source at the vars template's size (bytes beyond it dropped), enrols
+    nothing and marks no ms-cert, even on 9.2 where create_efidisk would."""
+    lab, _settings = env
+    store = tmp_path / "efivars.raw"
+    firmware.enrolled_store(OVMF_EMPTY_VARS, store, "microsoft-2023", "debian")
+    longer = store.read_bytes() + b"\xaa" * 4096
+    for host in (MGMT, TENANT):
+        (lab.paths.storage_dir(host) / "import" / "own.efivars.raw").write_bytes(longer)
+    mgmt = PveClient(lab.hv(MGMT))
+    source = "import-from=local:import/own.efivars.raw"
+    refused = {"local:1,efitype=4m,pre-enrolled-keys=0": "'import-from' requires special syntax",
+               "local:0,efitype=4m": "need to specify 'pre-enrolled-keys' when using 'import-from'",
+               "local:0,pre-enrolled-keys=0": "need to specify 'efitype' when using 'import-from'"}
+    for drive, why in refused.items():
+        with pytest.raises(ApiError) as failed:
+            mgmt.create_vm(vmid=9060, bios="ovmf", machine="q35", efidisk0=f"{drive},{source}")
+        assert failed.value.status == 400 and why in str(failed.value)
+    assert 9060 not in [int(vm["vmid"]) for vm in mgmt.list_vms()]
+    for host, storage in ((MGMT, "local"), (TENANT, "local-lvm")):
+        c = PveClient(lab.hv(host))
+        c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=9061, bios="ovmf", machine="q35",
+                   efidisk0=f"{storage}:0,efitype=4m,pre-enrolled-keys=0,{source}")
+        efi = EfiDisk.parse(c.vm_config(9061)["efidisk0"])
+        assert (efi.pre_enrolled_keys, efi.ms_cert, dict(efi.options)["size"]) == (False, None, "528K")
+        assert volume_bytes(lab, host, efi.volume) == store.read_bytes()

@@ -133,8 +133,15 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         return tuple(super()._qm_new_drive(vmid, key, value, default))
 
     def _check_drive_formats(self, params: dict[str, Any]) -> None:
-        """The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
+        """Qemu.pm check_drive_param (8.3.12 and 9.x, HTTP 400 before the task): import-from only on a new disk of
+        size 0. The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
         9.0.27, its values as they came; with import-from, efitype and pre-enrolled-keys must be given."""
+        for key, value in params.items():
+            if DRIVE_KEY.match(key) and "import-from" in split_drive(str(value))[1]:
+                found = NEW_DISK.match(split_drive(str(value))[0])
+                if not found or float(found.group(2)) != 0:
+                    raise param_error(**{key: "'import-from' requires special syntax - use <storage ID>:0,"
+                                              "import-from=<source>"})
         if "efidisk0" not in params:
             return
         _volume, props = split_drive(str(params["efidisk0"]))
