@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Key sets whose template gets the build's own enrolled variable store (imported into efidisk0) instead of PVE's
+# pre-enrolled one, which always holds Microsoft's 2011 CAs (docs/pve-facts.md, "UEFI, Secure Boot").
+OWN_STORE_KEYS = frozenset({"microsoft-2023"})
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -20,8 +24,14 @@ class Platform:
     family: str = field(default="", compare=False)
 
     @property
+    def own_store(self) -> bool:
+        """The template's EFI vars are the build's enrolled store, imported as they are (PVE enrols nothing)."""
+        return self.secure_boot and self.keys in OWN_STORE_KEYS
+
+    @property
     def pre_enrolled_keys(self) -> bool:
-        return self.secure_boot and self.keys not in (None, "none")
+        """efidisk0's pre-enrolled-keys: PVE copies its Microsoft + distribution store in."""
+        return self.secure_boot and self.keys not in (None, "none") and not self.own_store
 
     @property
     def wants_ms_2023(self) -> bool:

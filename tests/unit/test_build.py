@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from image_factory import pipeline
-from image_factory.image import build, buildcache, buildevents, packerrun, render, rendercheck, strategy
+from image_factory.image import build, buildcache, buildevents, firmware, packerrun, render, rendercheck, strategy
 from image_factory.image.builddir import BuildDir
 from image_factory.image.manifest import load, sha256_file
 from image_factory.lab import factories
@@ -54,6 +54,10 @@ FAKE_PACKER = textwrap.dedent(
     var_file = [a.split("=", 1)[1] for a in sys.argv if a.startswith("-var-file=")][0]
     vars_ = dict(re.findall(r'^(\\w+) = "(.*)"$', open(var_file).read(), re.M))
     hcl = open(sys.argv[-1]).read()
+    if vars_.get("ovmf_vars"):  # the installer writes its boot entry into the build VM's variable store
+        with open(vars_["ovmf_vars"], "r+b") as fh:
+            fh.seek(-16, 2)
+            fh.write(b"installer-entry!")
     name = re.search(r'vm_name\\s*=\\s*"([^"]+)"', hcl).group(1)
     def say(kind, *data):
         print("1700000000,qemu.image," + kind + "," + ",".join(d.replace(",", "%!(PACKER_COMMA)") for d in data),
@@ -188,6 +192,30 @@ def test_the_build_dir_names_what_the_build_wrote(
     assert outcome.log == bdir.build_log and "packer build" in bdir.build_log.read_text()
     assert bdir.lock.is_file()  # held through the build; left for the next one
     assert not bdir.serial_failed_log.exists() and not bdir.test_junit.exists() and not bdir.package_diff.exists()
+
+
+def test_a_secure_boot_build_keeps_the_store_it_enrolled_beside_the_disk_with_its_sha256(
+    repo: Settings, fake_packer: Path, no_validate: list[str]
+) -> None:
+    """What publish imports into a microsoft-2023 template's efidisk0: the store as the build enrolled it (the
+    manifest's secure_boot_enrolled reads it, the same platform key), not as the installer left it."""
+    uefi = load_site(REPO_ROOT / "ansible/inventory", repo.images).images["debian-lab-uefi"].model_copy(
+        update={"repositories": [], "keys": "microsoft-2023", "tpm": False})
+    outcome = build.build_image(repo, uefi, compress=False)
+    m = outcome.dir.require()
+    kept = outcome.dir.efi_vars(m)
+    assert m.efi_vars == "efivars.raw" and kept == outcome.dir.path / "efivars.raw" and kept.is_file()
+    assert sha256_file(kept) == m.efi_vars_sha256
+    assert firmware.enrolment(kept) == m.secure_boot_enrolled
+    assert b"installer-entry!" not in kept.read_bytes()
+    assert {e["subject"] for e in m.secure_boot_enrolled if e["variable"] == "db"} == {
+        "CN=Windows UEFI CA 2023,O=Microsoft Corporation,C=US",
+        "CN=Microsoft UEFI CA 2023,O=Microsoft Corporation,C=US",
+        "CN=Microsoft Option ROM UEFI CA 2023,O=Microsoft Corporation,C=US"}
+    assert not list(outcome.dir.path.glob(".work-*"))
+    plain = _built(repo, load_site(REPO_ROOT / "ansible/inventory", repo.images).images["debian-lab"].model_copy(
+        update={"repositories": []}), fake_packer).dir.require()
+    assert (plain.efi_vars, plain.efi_vars_sha256) == ("", "")
 
 
 def test_build_one_records_skipped_tests_and_tests_only_a_new_build(

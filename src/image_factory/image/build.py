@@ -36,7 +36,7 @@ from image_factory.image.buildcache import (
     upstream_inputs,
     with_upstream,
 )
-from image_factory.image.builddir import BuildDir
+from image_factory.image.builddir import EFI_VARS_NAME, BuildDir
 from image_factory.image.buildevents import BuildError, BuildEvent, EventHandler, EventSink
 from image_factory.image.manifest import Artifact, Manifest, sha256_file
 from image_factory.image.sources import (
@@ -190,6 +190,7 @@ def _build(settings: Settings, image: Image, result: render.RenderResult, plan: 
     vm_services = contextlib.ExitStack()
     try:
         enrolled = _prepare(settings, image, result, plan, work, vm_services, sink)
+        efi_vars = _keep_enrolled_store(image, work)
         _run(image, result, plan, work, sink)
         compacted, artifact = _compact(image, plan, work, sink)
         made = manifest.Made(
@@ -197,7 +198,8 @@ def _build(settings: Settings, image: Image, result: render.RenderResult, plan: 
             tools=provenance.tool_versions(settings, mitogen=plan.strategy.name == "mitogen_linear"),
             git=provenance.git_state(settings.root), started_at=started_at, finished_at=packerrun.now(),
             accelerator=plan.accel, ansible_strategy=plan.strategy.name, source=plan.source,
-            secure_boot_enrolled=enrolled)
+            secure_boot_enrolled=enrolled, efi_vars=efi_vars.name if efi_vars else "",
+            efi_vars_sha256=sha256_file(efi_vars) if efi_vars else "")
         built = manifest.assemble(image, artifact, made)
         _put_in_place(plan.dir, compacted, work, built)
         sink.emit("artifact", str(plan.dir.artifact(built)))
@@ -210,6 +212,16 @@ def _build(settings: Settings, image: Image, result: render.RenderResult, plan: 
     finally:
         vm_services.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_enrolled_store(image: Image, work: Path) -> Path | None:
+    """A Secure Boot build's variable store as enrolled, before the installer writes its boot entries (they name
+    the build VM's devices): the store publish imports into a template that needs its own (Platform.own_store)."""
+    if not (image.firmware == "uefi" and image.secure_boot):
+        return None
+    kept = work / EFI_VARS_NAME
+    shutil.copyfile(work / firmware.VARS_NAME, kept)
+    return kept
 
 
 def _prepare(settings: Settings, image: Image, result: render.RenderResult, plan: _Plan, work: Path,
@@ -284,6 +296,8 @@ def _put_in_place(build_dir: BuildDir, compacted: Path, work: Path, built: Manif
     # The old manifest out first, so no manifest ever points at a half-replaced artifact.
     build_dir.manifest.unlink(missing_ok=True)
     os.replace(compacted, build_dir.artifact(built))
+    if built.efi_vars:
+        os.replace(work / EFI_VARS_NAME, build_dir.path / built.efi_vars)
     with contextlib.suppress(FileNotFoundError):
         (work / "serial.log").replace(build_dir.serial_log)
     build_dir.serial_failed_log.unlink(missing_ok=True)

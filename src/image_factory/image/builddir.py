@@ -23,6 +23,7 @@ TEST_JUNIT_NAME = "image-test.xml"
 TEST_SUMMARY_NAME = "image-test-summary.json"
 TEST_OUTPUT_NAME = "image-test.log"
 TEST_SERIAL_NAME = "image-test-serial.log"
+EFI_VARS_NAME = "efivars.raw"  # a Secure Boot build's enrolled OVMF variable store (raw, as PVE imports it)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class BuildDir:
     def artifact(self, m: Manifest) -> Path:
         """The manifest's artifact: its path is relative to the build directory."""
         return self.path / m.artifact.path
+
+    def efi_vars(self, m: Manifest) -> Path | None:
+        """The manifest's enrolled variable store, if the build kept one."""
+        return self.path / m.efi_vars if m.efi_vars else None
 
     def load(self) -> Manifest | None:
         return manifest.load(self.path)

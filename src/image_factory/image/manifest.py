@@ -88,6 +88,10 @@ class Manifest:
     source: dict[str, str] = field(default_factory=dict)
     # The certificates the build's variable store enrolled (variable, subject, sha256, not_after): auditable.
     secure_boot_enrolled: list[dict[str, str]] = field(default_factory=list)
+    # That store as the build enrolled it (before the installer wrote to it), beside the artifact: what publish
+    # imports into a template's efidisk0 where the key set needs it (Platform.own_store). "" when not kept.
+    efi_vars: str = ""
+    efi_vars_sha256: str = ""
     schema: int = SCHEMA_VERSION
 
     @property
@@ -151,6 +155,8 @@ class Made:
     ansible_strategy: str
     source: dict[str, str]
     secure_boot_enrolled: list[dict[str, str]]
+    efi_vars: str = ""
+    efi_vars_sha256: str = ""
 
 
 def assemble(image: Image, artifact: Artifact, made: Made) -> Manifest:

@@ -19,7 +19,7 @@ from image_factory.publish.gather import all_configs, gather_host, pve_version
 from image_factory.publish.model import HostFailed, HostPlan, HostResult
 from image_factory.publish.names import REMOVABLE_IMPORT_RE
 from image_factory.publish.register import Guard, destroy, register
-from image_factory.publish.send import TRANSPORTS, HostContext, upload
+from image_factory.publish.send import TRANSPORTS, HostContext, upload, upload_efi_vars
 from image_factory.pve.client import PveClient, explain
 from image_factory.pve.hostlock import HostLock, LockBusy, LockLost, owner_line
 from image_factory.pve.sshlink import SshLink
@@ -121,6 +121,7 @@ def execute(ctx: HostContext, plan: HostPlan, state: HostState, client: PveClien
         _keep_current(ctx, plan, result)
     else:
         upload(ctx, plan, client, link, result)
+        upload_efi_vars(ctx, plan, client, link, result)
         register(ctx, plan, client, result, guard)
         result.action = "created"
     _retain(ctx, plan, state, client, link, result, guard)
@@ -170,5 +171,8 @@ def _retain(ctx: HostContext, plan: HostPlan, state: HostState, client: PveClien
         if t.import_file and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file:
             remote_remove(link, f"{ctx.hv.storage.import_dir}/{t.import_file}")
             pruned["import_file_removed"] = t.import_file
+        if t.efi_vars_file and REMOVABLE_IMPORT_RE.match(t.efi_vars_file) and t.efi_vars_file != art.efi_vars_file:
+            remote_remove(link, f"{ctx.hv.storage.import_dir}/{t.efi_vars_file}")
+            pruned["efi_vars_file_removed"] = t.efi_vars_file
         result.pruned.append(pruned)
 

@@ -38,6 +38,7 @@ class HostState:
     import_listing: tuple[str, ...] = ()  # the import directory's entries
     sizes: dict[str, int | None] = field(default_factory=dict)  # of the final file and own_partial (None: absent)
     final_sha256: str | None = None  # of a final import file of the artifact's size (read only then)
+    efi_vars_sha256: str | None = None  # of the build's EFI vars store's import file, when one of its size is there
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)  # every VM's (read when retention may prune)
     untracked: frozenset[str] = frozenset()  # storages whose linked clones cannot be told from a volume id
 
@@ -145,6 +146,9 @@ def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> H
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and resumable else "upload"
         plan.vmid = free_vmid(state.hv, state.used_vmids - {t.vmid for t in plan.stale})
+        if art.efi_vars_file:
+            same = state.efi_vars_sha256 == art.manifest.efi_vars_sha256
+            plan.efi_vars_upload = "skip" if same else "upload"
     for t in prune_candidates(state.templates, art, keep):
         deps = clone_dependents(state.configs, t.vmid, state.untracked)
         if deps:

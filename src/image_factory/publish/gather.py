@@ -54,11 +54,14 @@ def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact,
     existing, _ = current_template(templates, art)
     busy = frozenset(client.active_task_vmids()) if half_made(templates, hv) else frozenset[int]()
     own_partial = partial_name(art.import_file)
-    listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
-    final_sha256, used = None, frozenset[int]()
+    probed = (art.import_file, own_partial, *([art.efi_vars_file] if art.efi_vars_file else []))
+    listing, sizes = remote_probe(link, hv.storage.import_dir, *probed)
+    final_sha256, efi_vars_sha256, used = None, None, frozenset[int]()
     if existing is None:
         if sizes[art.import_file] == art.size:
             final_sha256 = remote_sha256(link, f"{hv.storage.import_dir}/{art.import_file}")
+        if art.efi_vars and sizes[art.efi_vars_file] == art.efi_vars.stat().st_size:
+            efi_vars_sha256 = remote_sha256(link, f"{hv.storage.import_dir}/{art.efi_vars_file}")
         used = frozenset(used_vmids(client))
     configs: dict[int, dict[str, Any]] = {}
     untracked = frozenset[str]()
@@ -66,4 +69,5 @@ def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact,
         configs, untracked = all_configs(client), untracked_clone_storages(client)
     return HostState(hv=hv, node=client.node, templates=templates, used_vmids=used, busy=busy,
                      own_partial=own_partial, import_listing=tuple(listing), sizes=sizes,
-                     final_sha256=final_sha256, configs=configs, untracked=untracked)
+                     final_sha256=final_sha256, efi_vars_sha256=efi_vars_sha256, configs=configs,
+                     untracked=untracked)

@@ -48,6 +48,10 @@ class Artifact:
     forced: bool
     import_file: str
     template_name: str
+    # The build's enrolled EFI variable store, for a template that imports it (Platform.own_store): the local
+    # file, checked against the manifest's sha256, and its import file name on the host.
+    efi_vars: Path | None = None
+    efi_vars_file: str = ""
 
 
 @dataclass
@@ -60,6 +64,7 @@ class HostPlan:
     same_content: bool = False  # existing is another build with the same recipe and installed packages
     upload: str = "upload"  # upload | resume | skip | none
     partial_bytes: int = 0
+    efi_vars_upload: str = "none"  # upload | skip | none: the build's EFI vars store, beside the disk
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
     stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
@@ -75,6 +80,7 @@ class HostPlan:
         return {
             "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
             "partial_bytes": self.partial_bytes, "import_file": self.import_file,
+            "efi_vars_upload": self.efi_vars_upload,
             "same_content_as": self.existing.build_id if self.same_content and self.existing else None,
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,

@@ -49,6 +49,11 @@ def import_file_name(manifest: Manifest) -> str:
     return name
 
 
+def efi_vars_file_name(import_file: str) -> str:
+    """The import file of a build's EFI variable store: beside its disk's, raw (what efidisk0 import-from reads)."""
+    return f"{import_file.rsplit('.', 1)[0]}.efivars.raw"
+
+
 def template_name(image: Image, manifest: Manifest) -> str:
     raw = image.template_name.format(
         image=image.name, build_id=manifest.build_id, release=image.release, family=image.family
@@ -79,7 +84,8 @@ def test_summary(manifest: Manifest) -> str:
 
 
 def template_description(
-    manifest: Manifest, *, import_file: str, tested: bool, forced: bool, run_id: str, published_at: str
+    manifest: Manifest, *, import_file: str, tested: bool, forced: bool, run_id: str, published_at: str,
+    efi_vars_file: str = "",
 ) -> str:
     """The description publish writes: what TemplateInfo.from_config reads back (image, build, digests, test
     result, import file, publish time and run), and what a human reads in the UI (git, firmware, contents)."""
@@ -96,6 +102,9 @@ def template_description(
         ("git", f"{manifest.git.get('commit', '?')}{' (dirty)' if manifest.git.get('dirty') else ''}"),
         ("built_at", str(manifest.finished_at)),
         ("firmware", manifest.platform.describe()),
+        # which variable store efidisk0 got: the build's own (imported as it is), or PVE's vars template
+        *([("efi_vars", f"{efi_vars_file} sha256={manifest.efi_vars_sha256} (the build's enrolled store)")]
+          if efi_vars_file else []),
     ]
     if manifest.contents:
         inside = manifest.contents

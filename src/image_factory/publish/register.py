@@ -46,7 +46,7 @@ def register(ctx: HostContext, plan: HostPlan, client: PveClient, result: HostRe
     assert plan.vmid is not None
     description = template_description(
         art.manifest, import_file=art.import_file, tested=art.tested, forced=art.forced, run_id=ctx.run_id,
-        published_at=now(),
+        published_at=now(), efi_vars_file=art.efi_vars_file,
     )
     created: list[int] = []
     vmid = plan.vmid
@@ -127,7 +127,7 @@ def create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, ta
         "net0": f"virtio,bridge={hv.bridge}",
         **({"cpu": art.image.cpu} if art.image.cpu else {}),
     }
-    for key, value in firmware_params(hv, art.manifest.platform).items():
+    for key, value in firmware_params(hv, art.manifest.platform, art.efi_vars_file).items():
         if value is None:
             params.pop(key, None)
         else:
@@ -135,10 +135,11 @@ def create_params(hv: Hypervisor, art: Artifact, vmid: int, description: str, ta
     return params
 
 
-def firmware_params(hv: Hypervisor, ask: Platform) -> dict[str, Any]:
+def firmware_params(hv: Hypervisor, ask: Platform, efi_vars_file: str = "") -> dict[str, Any]:
     """The create parameters of the template's firmware (docs/pve-facts.md, "UEFI, Secure Boot, vTPM"): OVMF
     with a 4m EFI vars volume (PVE copies its vars template in: Microsoft's and the distribution's keys with
-    pre-enrolled-keys=1, none otherwise), a TPM 2.0 state volume, the machine; the cloud-init drive of a q35
+    pre-enrolled-keys=1, none otherwise; or, for a key set PVE cannot make, the build's enrolled store, uploaded
+    as ``efi_vars_file``, imported as it is), a TPM 2.0 state volume, the machine; the cloud-init drive of a q35
     template on SCSI. ms-cert is never written here: PVE marks 2023k itself when its vars hold the 2023 CAs,
     and a marker written by hand would claim certificates nobody enrolled (see ensure_ms_2023)."""
     st = hv.storage
@@ -150,7 +151,13 @@ def firmware_params(hv: Hypervisor, ask: Platform) -> dict[str, Any]:
         params[CLOUDINIT_SCSI] = f"{st.cloudinit}:cloudinit"
     if ask.firmware == "uefi":
         params["bios"] = "ovmf"
-        params["efidisk0"] = EfiDisk(f"{st.images}:1", "4m", ask.pre_enrolled_keys).format()
+        if ask.own_store:
+            if not efi_vars_file:
+                raise PublishError(f"keys: {ask.keys}: the template needs the build's EFI variable store, and "
+                                   "none was uploaded")
+            params["efidisk0"] = EfiDisk.imported(st.images, f"{st.import_}:import/{efi_vars_file}").format()
+        else:
+            params["efidisk0"] = EfiDisk(f"{st.images}:1", "4m", ask.pre_enrolled_keys).format()
     if ask.tpm:
         params["tpmstate0"] = TpmState(f"{st.images}:1", "v2.0").format()
     return params

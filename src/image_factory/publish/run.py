@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from image_factory.fanout import per_host
 from image_factory.image import manifest as manifest_mod
 from image_factory.image.builddir import BuildDir
+from image_factory.image.manifest import Manifest
 from image_factory.publish.act import converge_host
 from image_factory.publish.model import DEFAULT_KEEP, Artifact, PublishError, PublishReport
-from image_factory.publish.names import import_file_name, template_name, test_summary
+from image_factory.publish.names import efi_vars_file_name, import_file_name, template_name, test_summary
 from image_factory.publish.present import progress_bars
 from image_factory.publish.send import LOCK_WAIT, HostContext
 from image_factory.pve.client import PveClient
@@ -45,11 +47,31 @@ def load_artifact(settings: Settings, site: Site, image_name: str, *, force_unte
             f"{path}: sha256 {manifest_mod.sha256_file(path)} does not match the manifest's "
             f"{manifest.artifact.sha256}; the artifact changed after the build: rebuild it"
         )
+    import_file = import_file_name(manifest)
+    efi_vars = own_efi_vars(build_dir, manifest)
     return Artifact(
         manifest=manifest, image=image, path=path, size=path.stat().st_size, tested=tested,
-        forced=force_untested and not tested, import_file=import_file_name(manifest),
-        template_name=template_name(image, manifest),
+        forced=force_untested and not tested, import_file=import_file,
+        template_name=template_name(image, manifest), efi_vars=efi_vars,
+        efi_vars_file=efi_vars_file_name(import_file) if efi_vars else "",
     )
+
+
+def own_efi_vars(build_dir: BuildDir, manifest: Manifest) -> Path | None:
+    """The build's enrolled variable store, for a key set PVE cannot pre-enrol (Platform.own_store), checked."""
+    if not manifest.platform.own_store:
+        return None
+    where = f"{manifest.image} build {manifest.build_id} (keys: {manifest.secure_boot_keys})"
+    path = build_dir.efi_vars(manifest)
+    if path is None:
+        raise PublishError(f"{where}: its template imports the build's enrolled EFI variable store, but "
+                           f"{build_dir.manifest} names none (a build before the store was kept): rebuild it")
+    if not path.is_file():
+        raise PublishError(f"{where}: {path}, the EFI variable store the manifest names, does not exist: rebuild it")
+    if not manifest_mod.has_sha256(path, manifest.efi_vars_sha256):
+        raise PublishError(f"{where}: {path}: sha256 {manifest_mod.sha256_file(path)} does not match the manifest's "
+                           f"{manifest.efi_vars_sha256}; the store changed after the build: rebuild it")
+    return path
 
 
 def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: str, keep: int,

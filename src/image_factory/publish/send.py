@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
 from image_factory.pve.hostlock import DEFAULT_WAIT
 from image_factory.pve.sshlink import SshLink
-from image_factory.pve.upload import TRANSPORT_KINDS, SshUploader, TransportKind, UploadResult, upload_api
+from image_factory.pve.upload import (
+    TRANSPORT_KINDS,
+    SshUploader,
+    TransportKind,
+    UploadResult,
+    remote_remove,
+    upload_api,
+)
 from image_factory.site.inventory import Hypervisor
 
 LOCK_WAIT = DEFAULT_WAIT
@@ -29,7 +37,16 @@ class HostContext:
     lock_wait: int = LOCK_WAIT
 
 
-Sender = Callable[[HostContext, PveClient, SshLink, HostResult, Callable[[int], None]], UploadResult]
+@dataclass(frozen=True)
+class Payload:
+    """One file for a host's import storage: the local file, its import name and the sha256 it must arrive with."""
+
+    local: Path
+    final: str
+    sha256: str
+
+
+Sender = Callable[[HostContext, PveClient, SshLink, HostResult, Callable[[int], None], Payload], UploadResult]
 
 
 @dataclass(frozen=True)
@@ -49,26 +66,24 @@ class Transport:
 
 
 def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
-                   tick: Callable[[int], None]) -> UploadResult:
+                   tick: Callable[[int], None], item: Payload) -> UploadResult:
     """Over the host's SSH link (verified, resumable, under the host lock)."""
     # The data channel starts on the control link (one handshake per host); after a drop the
     # uploader reconnects on its own, and the lost lock is noticed and re-taken by the caller.
     uploader = SshUploader(ctx.hv.name, lambda: ctx.link_factory(ctx.hv), engine=ctx.engine, shared=link,
                            endpoint=ctx.hv.ssh)
     try:
-        return uploader.upload(ctx.artifact.path, ctx.hv.storage.import_dir, ctx.artifact.import_file,
-                               ctx.artifact.manifest.artifact.sha256, progress=tick, check_final=False)
+        return uploader.upload(item.local, ctx.hv.storage.import_dir, item.final, item.sha256, progress=tick,
+                               check_final=False)
     finally:
         result.bytes_sent += uploader.bytes_sent  # counted even when the upload fails
         uploader.close()
 
 
 def _send_through_the_api(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
-                          tick: Callable[[int], None]) -> UploadResult:
+                          tick: Callable[[int], None], item: Payload) -> UploadResult:
     """PVE's own upload call (content=import, checksum verified by PVE)."""
-    art = ctx.artifact
-    up = upload_api(client, ctx.hv.storage.import_, art.import_file, art.path, art.manifest.artifact.sha256,
-                    progress=tick)
+    up = upload_api(client, ctx.hv.storage.import_, item.final, item.local, item.sha256, progress=tick)
     result.bytes_sent += up.bytes_sent
     return up
 
@@ -91,7 +106,20 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
     if plan.upload == "skip":
         tick(total)
         return
-    up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick)
+    up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick,
+                                        Payload(art.path, art.import_file, art.manifest.artifact.sha256))
     result.resumed_from = up.resumed_from
     result.upload = "resumed" if up.resumed_from else up.action
     tick(total)
+
+
+def upload_efi_vars(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
+    """The build's enrolled EFI variable store, beside the disk, by the same verified transport (540 KiB: sent
+    whole; ``skip``: the same bytes are already there). A file of that name with other bytes is replaced."""
+    art = ctx.artifact
+    if plan.efi_vars_upload != "upload" or art.efi_vars is None:
+        return
+    if ctx.transport == "api":  # the upload endpoint does not replace a file (SSH's rename does)
+        remote_remove(link, f"{ctx.hv.storage.import_dir}/{art.efi_vars_file}")
+    TRANSPORTS[ctx.transport].send(ctx, client, link, result, lambda _done: None,
+                                   Payload(art.efi_vars, art.efi_vars_file, art.manifest.efi_vars_sha256))

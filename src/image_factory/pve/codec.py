@@ -186,6 +186,14 @@ class EfiDisk:
             props["ms-cert"] = self.ms_cert
         return ",".join([self.volume, *(f"{k}={props[k]}" for k in sorted(props))])
 
+    @classmethod
+    def imported(cls, storage: str, source: str) -> EfiDisk:
+        """A create request for an EFI disk that is a copy of ``source`` (an ``import`` volume): qemu-server's
+        create_disks clones it as it is (``qemu-img dd``, the vars template's size), and with import-from both
+        ``efitype`` and ``pre-enrolled-keys`` must be given (Qemu.pm check_drive_param). 0: PVE enrols nothing, and
+        neither its start warning nor ``qm enroll-efi-keys`` touches the store (OVMF.pm should_enroll_ms_2023_cert)."""
+        return cls(f"{storage}:0", "4m", False, None, (("import-from", source),))
+
     def compare_key(self) -> tuple[str, bool]:
         """What a clone must keep of its template's EFI disk (the volume and ms-cert marker may differ)."""
         return (self.efitype, self.pre_enrolled_keys)

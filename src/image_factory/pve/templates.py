@@ -67,6 +67,7 @@ class TemplateInfo(Report):
     tags: tuple[str, ...]
     content: str = ""  # recipe + installed packages (Manifest.content_digest), "" on older templates
     firmware: str = ""  # the description's firmware line (Platform.describe), "" on older templates
+    efi_vars_file: str = ""  # the import file of the build's EFI vars store its efidisk0 was made from, if any
 
     @classmethod
     def recorded(cls, vmid: int, name: str) -> TemplateInfo:
@@ -90,6 +91,7 @@ class TemplateInfo(Report):
             publish_run=meta.get("publish_run", ""), is_template=str(cfg.get("template", "0")) == "1",
             locked=lock or (str(cfg["lock"]) if cfg.get("lock") else None), tags=tags,
             content=meta.get("content", ""), firmware=meta.get("firmware", ""),
+            efi_vars_file=(meta.get("efi_vars", "").split() or [""])[0],
         )
 
 

@@ -97,11 +97,18 @@ SIZE = 1000
 CONTENT_MANIFEST = {"recipe": "r1", "contents": {"packages_digest": "p1"}}
 
 
-def _artifact(site: Any, *, content: bool = False, tested: bool = True) -> Artifact:
+VARS_SHA = "e" * 64
+OWN_STORE = {"firmware": "uefi", "secure_boot": True, "secure_boot_keys": "microsoft-2023", "machine": "q35",
+             "efi_vars": "efivars.raw", "efi_vars_sha256": VARS_SHA}
+
+
+def _artifact(site: Any, *, content: bool = False, tested: bool = True, own_store: bool = False) -> Artifact:
     m = factories.manifest(build_id="b9", sha256="9" * 64, tested=True, fingerprint="f" * 64,
-                           **(CONTENT_MANIFEST if content else {}))
+                           **(CONTENT_MANIFEST if content else {}), **(OWN_STORE if own_store else {}))
     return Artifact(manifest=m, image=site.image("debian-lab"), path=Path("debian-lab.qcow2"), size=SIZE,
-                    tested=tested, forced=False, import_file="debian-lab-b9.qcow2", template_name="tpl-debian-lab-b9")
+                    tested=tested, forced=False, import_file="debian-lab-b9.qcow2", template_name="tpl-debian-lab-b9",
+                    efi_vars=Path("efivars.raw") if own_store else None,
+                    efi_vars_file="debian-lab-b9.efivars.raw" if own_store else "")
 
 
 def _tpl(vmid: int, build: str, published: str, **fields: Any) -> TemplateInfo:
@@ -125,6 +132,7 @@ class Case:
     keep: int = 3
     transport: str = "ssh"
     content: bool = False  # the artifact has a content digest (recipe + packages)
+    own_store: bool = False  # keys: microsoft-2023, the build's EFI vars store goes with the disk
 
 
 def _clone_of(base: int) -> dict[int, dict[str, Any]]:
@@ -183,6 +191,16 @@ PUBLISH_CASES: dict[str, Case] = {
         {"templates": [_tpl(9009, "b9", "2026-01", digest=THIS), *OLD]},
         {"action": "unchanged", "prune": [{"vmid": 9001, "name": "tpl-debian-lab-b2", "build_id": "b2"},
                                           {"vmid": 9000, "name": "tpl-debian-lab-b1", "build_id": "b1"}]}, keep=2),
+    "a template PVE's vars make has no EFI vars store to send": Case({}, {"efi_vars_upload": "none"}),
+    "own store: the build's EFI vars store is sent beside the disk": Case(
+        {}, {"upload": "upload", "efi_vars_upload": "upload"}, own_store=True),
+    "own store: the same store bytes already there are not sent again, whatever the disk needs": Case(
+        {"efi_vars_sha256": VARS_SHA}, {"upload": "upload", "efi_vars_upload": "skip"}, own_store=True),
+    "own store: other bytes under the store's name are replaced": Case(
+        {"efi_vars_sha256": "0" * 64}, {"efi_vars_upload": "upload"}, own_store=True),
+    "own store, unchanged: a template of this digest is there, nothing is sent": Case(
+        {"templates": [_tpl(9004, "b9", "2026-04", digest=THIS)]},
+        {"action": "unchanged", "upload": "none", "efi_vars_upload": "none"}, own_store=True),
 }
 
 
@@ -200,7 +218,7 @@ def _state(site: Any, art: Artifact, fields: dict[str, Any]) -> HostState:
 @pytest.mark.parametrize("name", list(PUBLISH_CASES))
 def test_publish_decisions(site: Any, name: str) -> None:
     case = PUBLISH_CASES[name]
-    art = _artifact(site, content=case.content)
+    art = _artifact(site, content=case.content, own_store=case.own_store)
     plan = decide(_state(site, art, case.state), art, case.keep, TRANSPORT_KINDS[case.transport]).to_dict()
     assert {k: plan[k] for k in case.plan} == case.plan
 

@@ -14,6 +14,7 @@ from image_factory.publish.model import PublishError
 from image_factory.publish.names import (
     IMPORT_NAME_RE,
     dns_name,
+    efi_vars_file_name,
     import_file_name,
     sanitize_tag,
     template_description,
@@ -76,3 +77,22 @@ def test_the_description_records_firmware_and_template_discovery_reads_it() -> N
                                                   run_id="r", published_at="t"))
     assert bios is not None and Platform.parse(bios["firmware"]) == Platform()
     assert Platform.parse("") is None  # a template published before the line existed
+
+
+def test_the_description_records_the_builds_efi_vars_store_and_retention_reads_its_file() -> None:
+    from image_factory.pve.templates import TemplateInfo
+
+    m = dataclasses.replace(manifest(), **{**SB_FIELDS, "secure_boot_keys": "microsoft-2023",
+                                           "efi_vars": "efivars.raw", "efi_vars_sha256": "e" * 64})
+    vars_file = efi_vars_file_name("debian-lab-b9.qcow2")
+    assert vars_file == "debian-lab-b9.efivars.raw" and IMPORT_NAME_RE.match(vars_file)
+    text = template_description(m, import_file="debian-lab-b9.qcow2", tested=True, forced=False, run_id="r",
+                                published_at="t", efi_vars_file=vars_file)
+    meta = parse_description(text)
+    assert meta is not None and meta["efi_vars"] == f"{vars_file} sha256={'e' * 64} (the build's enrolled store)"
+    info = TemplateInfo.from_config("n", 9000, {"description": text, "tags": "image-factory", "template": 1}, None)
+    assert info is not None and info.efi_vars_file == vars_file
+    pve_made = parse_description(template_description(dataclasses.replace(manifest(), **SB_FIELDS),
+                                                      import_file="x.qcow2", tested=True, forced=False, run_id="r",
+                                                      published_at="t"))
+    assert pve_made is not None and "efi_vars" not in pve_made  # PVE's vars template: the firmware line says which

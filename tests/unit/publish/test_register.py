@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.unit
 def test_a_uefi_build_becomes_an_ovmf_template_and_a_bios_build_does_not(site: Any) -> None:
     hv = site.hypervisors["pve-mgmt"]
     art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
-                          manifest=dataclasses.replace(manifest(), firmware="uefi"))
+                          efi_vars_file="", manifest=dataclasses.replace(manifest(), firmware="uefi"))
     params = create_params(hv, art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
     assert params["bios"] == "ovmf" and params["machine"] == "q35"
     assert params["efidisk0"] == f"{hv.storage.images}:1,efitype=4m,pre-enrolled-keys=0"
@@ -32,9 +33,10 @@ EFIDISK_KEYS_8_3 = {"file", "volume", "format", "size", "efitype", "pre-enrolled
 TPMSTATE_KEYS_8_3 = {"file", "volume", "format", "size", "version", "import-from"}
 
 
-def _sb_params(site: Any, **fields: Any) -> tuple[Hypervisor, dict[str, Any]]:
+def _sb_params(site: Any, efi_vars_file: str = "", **fields: Any) -> tuple[Hypervisor, dict[str, Any]]:
     hv = site.hypervisors["pve-tenant"]
     art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
+                          efi_vars_file=efi_vars_file,
                           manifest=dataclasses.replace(manifest(), **{**SB_FIELDS, **fields}))
     return hv, create_params(hv, art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
 
@@ -62,12 +64,43 @@ def test_uefi_secure_boot_tpm_create_parameters_pass_pves_own_schema(site: Any) 
     assert EfiDisk.parse(no_sb["efidisk0"]).pre_enrolled_keys is False and "tpmstate0" not in no_sb
 
 
+def test_a_microsoft_2023_template_imports_the_builds_store_as_qemu_servers_formats_take_it(site: Any) -> None:
+    """efidisk0 from the build's own store: ``<storage>:0,import-from=<import volume>`` with efitype and
+    pre-enrolled-keys given (Qemu.pm check_drive_param requires both, and size 0), 0 so PVE enrols nothing;
+    valid for PVE's API schema and within the 8.3.12 drive format."""
+    from fakepve import schema
+
+    from image_factory.pve.codec import EfiDisk, parse_props
+
+    hv, params = _sb_params(site, efi_vars_file="x.efivars.raw", secure_boot_keys="microsoft-2023")
+    assert params["efidisk0"] == (f"{hv.storage.images}:0,efitype=4m,import-from={hv.storage.import_}:import/"
+                                  "x.efivars.raw,pre-enrolled-keys=0")
+    spec = schema.load().match("/nodes/pve/qemu").methods["POST"]["parameters"]
+    assert schema.validate(spec, {"node": "pve", **params})[1] == {}
+    efi = EfiDisk.parse(params["efidisk0"])
+    assert (efi.efitype, efi.pre_enrolled_keys, efi.ms_cert) == ("4m", False, None)
+    found = re.fullmatch(r"(([^/:\s]+):)?(\d+(\.\d+)?)", efi.volume)  # qemu-server Drive.pm $NEW_DISK_RE
+    assert found is not None and found.group(3) == "0"  # 'import-from' requires <storage ID>:0
+    assert set(parse_props(params["efidisk0"], "file")) <= EFIDISK_KEYS_8_3
+    assert params["tpmstate0"] == f"{hv.storage.images}:1,version=v2.0"
+
+
+def test_a_microsoft_2023_template_without_an_uploaded_store_is_refused(site: Any) -> None:
+    from image_factory.publish.model import PublishError
+
+    with pytest.raises(PublishError, match="needs the build's EFI variable store"):
+        _sb_params(site, secure_boot_keys="microsoft-2023")
+
+
 @pytest.mark.parametrize(("keys", "version", "refused"), [
     ("microsoft-2011+2023", "9.2.5", ""),
     ("microsoft-2011+2023", "9.1.19", ""),
     ("microsoft-2011+2023", "8.4.1", "cannot do (qemu-server before 9.1.13)"),
     ("microsoft-2011+2023", "9.0.11", "upgrade the host to PVE 9.1.19"),
-    ("microsoft-2023", "9.2.5", "always holds Microsoft's expired 2011 CAs"),
+    ("microsoft-2023", "9.2.5", ""),  # the build's own store, imported: PVE makes none of it
+    ("microsoft-2023", "9.1.19", ""),
+    ("microsoft-2023", "8.4.1", ""),  # qemu-server 8.3.12 imports efidisk0 the same way
+    ("microsoft-2023", "8.3.5", "upgrade the host to PVE 8.4 or newer"),
     ("distribution-only", "9.2.5", "always holds Microsoft's CAs"),
     ("none", "8.4.1", ""),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,31 @@ def test_publish_image_validates_before_contacting_hosts(tmp_path: Path, site: A
         publish_image(settings, site, "nope", progress=False)
 
 
+
+
+def test_a_microsoft_2023_build_is_published_only_with_its_own_verified_efi_vars_store(tmp_path: Path,
+                                                                                        site: Any) -> None:
+    """keys: microsoft-2023 imports the build's enrolled store: a manifest naming none, a missing store or one
+    whose bytes changed is refused before any host; the artifact carries it with its import name otherwise."""
+    data, store = b"qcow2-ish bytes", b"vars" * 1024
+    fields = {"firmware": "uefi", "secure_boot": True, "secure_boot_keys": "microsoft-2023", "machine": "q35"}
+    settings = Settings.from_mapping({"builds_dir": str(tmp_path / "b")})
+    d = _write_build(settings.builds_dir, dataclasses.replace(manifest(sha=hashlib.sha256(data).hexdigest()), **fields),
+                     data)
+    with pytest.raises(PublishError, match="names none .* rebuild it"):
+        load_artifact(settings, site, "debian-lab", force_untested=False)
+    m = mf.require(d)
+    m.efi_vars, m.efi_vars_sha256 = "efivars.raw", hashlib.sha256(store).hexdigest()
+    mf.save(d, m)
+    with pytest.raises(PublishError, match="efivars.raw, the EFI variable store the manifest names, does not exist"):
+        load_artifact(settings, site, "debian-lab", force_untested=False)
+    (d / "efivars.raw").write_bytes(store)
+    art = load_artifact(settings, site, "debian-lab", force_untested=False)
+    assert art.efi_vars == d / "efivars.raw" and art.efi_vars_file == art.import_file.removesuffix(".qcow2") + \
+        ".efivars.raw"
+    (d / "efivars.raw").write_bytes(store + b"!")
+    with pytest.raises(PublishError, match="the store changed after the build"):
+        load_artifact(settings, site, "debian-lab", force_untested=False)
+    m.secure_boot_keys = "microsoft-2011+2023"  # PVE's own store: the build's is not needed, nor read
+    mf.save(d, m)
+    assert load_artifact(settings, site, "debian-lab", force_untested=False).efi_vars is None

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 
              "create": 1.0, "imgcopy": 2.0}
 LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
 TPMSTATE_SIZE = 4 * 1024 ** 2  # Drive.pm TPMSTATE_DISK_SIZE
+# pve-edk2-firmware's vars templates, as qemu-server's OVMF.pm picks them for efitype=4m on q35 (SMM): the
+# Microsoft + distribution keys with pre-enrolled-keys=1; Debian's ovmf package ships the same names.
+OVMF_VARS_DIR = Path("/usr/share/OVMF")
+OVMF_VARS = {False: "OVMF_VARS_4M.fd", True: "OVMF_VARS_4M.ms.fd"}
+EFI_VARS_SIZE = 528 * 1024  # what qemu-server records as size= of a 4m EFI disk
 
 
 def qemu_img_info(path: Path) -> dict[str, Any]:
@@ -59,6 +65,27 @@ def convert_into(src: Path, src_fmt: str, dest: Path, fmt: str) -> None:
     a raw target stays the sparse volume it was and is not created a second time."""
     keep = ["-n"] if dest.exists() else []
     run_tool(["qemu-img", "convert", "-q", *keep, "-f", src_fmt, "-O", fmt, str(src), str(dest)])
+
+
+def efi_vars_template(props: dict[str, str]) -> Path:
+    """OVMF.pm get_ovmf_files: the vars template efitype and pre-enrolled-keys pick (the lab's nodes are q35)."""
+    keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
+    vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
+    if not vars_file.exists():
+        raise TaskError(f"EFI vars image '{vars_file}' not found")
+    return vars_file
+
+
+def copy_efi_vars(src: Path, src_fmt: str, dest: Path, fmt: str, size: int) -> None:
+    """pve-qemu's ``qemu-img dd -n -f <src> -O <fmt> bs=1M osize=<size>`` (a Proxmox patch upstream qemu-img
+    lacks): the first ``size`` bytes of the source, zero-padded, into a volume of exactly that size."""
+    with tempfile.TemporaryDirectory(prefix="lab-efivars-") as tmp:
+        raw = Path(tmp) / "vars.raw"
+        run_tool(["qemu-img", "convert", "-q", "-f", src_fmt, "-O", "raw", str(src), str(raw)])
+        data = raw.read_bytes()[:size]
+        raw.write_bytes(data + bytes(size - len(data)))
+        dest.unlink(missing_ok=True)
+        convert_into(raw, "raw", dest, fmt)
 
 
 class StorageLock:

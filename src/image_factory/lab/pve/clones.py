@@ -15,6 +15,8 @@ from image_factory.lab.pve.base import (
     TPMSTATE_SIZE,
     LabNodeBase,
     convert_into,
+    copy_efi_vars,
+    efi_vars_template,
     qemu_img_info,
     run_tool,
 )
@@ -77,7 +79,11 @@ class Clones(LabNodeBase):  # a concern of LabPve (node.py)
             return
         sid = volume_ref(dst_vol)[0]
         info = await asyncio.to_thread(qemu_img_info, src_path)
-        if full or opt == "tpmstate0":
+        if full and opt == "efidisk0":  # clone_disk: the vars template's size (efisize), `qemu-img dd osize=`
+            fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
+            size = efi_vars_template(props).stat().st_size
+            await asyncio.to_thread(copy_efi_vars, src_path, str(info["format"]), dst_path, fmt, size)
+        elif full or opt == "tpmstate0":
             fmt = self._volumes(sid).get(volume_ref(dst_vol)[1], {}).get("format") or "raw"
             await asyncio.to_thread(convert_into, src_path, str(info["format"]), dst_path, fmt)
         else:

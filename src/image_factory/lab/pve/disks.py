@@ -13,20 +13,18 @@ from fakepve.routing import param_error
 
 from image_factory.lab.pve.base import (
     CLOUDINIT_SIZE,
+    EFI_VARS_SIZE,
     TPMSTATE_SIZE,
     LabNodeBase,
     config_digest,
     convert_into,
+    copy_efi_vars,
+    efi_vars_template,
     qemu_img_info,
     run_tool,
 )
 from image_factory.lab.pve.props import format_size, parse_size
 
-# pve-edk2-firmware's vars templates, as qemu-server's OVMF.pm picks them for efitype=4m on q35 (SMM): the
-# Microsoft + distribution keys with pre-enrolled-keys=1; Debian's ovmf package ships the same names.
-OVMF_VARS_DIR = Path("/usr/share/OVMF")
-OVMF_VARS = {False: "OVMF_VARS_4M.fd", True: "OVMF_VARS_4M.ms.fd"}
-EFI_VARS_SIZE = 528 * 1024  # what qemu-server records as size= of a 4m EFI disk
 # efidisk0's ms-cert values by the qemu-server that introduced them (debian/changelog 9.0.27, 9.1.4, 9.1.5).
 MS_CERT_SINCE = {"2011": (9, 0, 27), "2023": (9, 0, 27), "2023w": (9, 1, 4), "2023k": (9, 1, 5)}
 
@@ -122,6 +120,8 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             self._check_import_source(info, source)
             if source.startswith("/") or volume_ref(source)[1].startswith("import/"):
                 check_untrusted_image(info, src_path)
+            if key == "efidisk0":
+                return self._import_efi_vars(vmid, sid, src_path, str(info["format"]), props)
             size = int(info["virtual-size"])
             fmt = props.pop("format", None)
             volid, fmt = self._qm_alloc(sid, vmid, fmt, size)
@@ -133,8 +133,15 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         return tuple(super()._qm_new_drive(vmid, key, value, default))
 
     def _check_drive_formats(self, params: dict[str, Any]) -> None:
-        """The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
+        """Qemu.pm check_drive_param (8.3.12 and 9.x, HTTP 400 before the task): import-from only on a new disk of
+        size 0. The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
         9.0.27, its values as they came; with import-from, efitype and pre-enrolled-keys must be given."""
+        for key, value in params.items():
+            if DRIVE_KEY.match(key) and "import-from" in split_drive(str(value))[1]:
+                found = NEW_DISK.match(split_drive(str(value))[0])
+                if not found or float(found.group(2)) != 0:
+                    raise param_error(**{key: "'import-from' requires special syntax - use <storage ID>:0,"
+                                              "import-from=<source>"})
         if "efidisk0" not in params:
             return
         _volume, props = split_drive(str(params["efidisk0"]))
@@ -171,9 +178,7 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
             props["size"] = format_size(TPMSTATE_SIZE)
             return join_drive(volid, props), [volid]
         keys = props.get("pre-enrolled-keys", "0") in ("1", "true", "on", "yes")
-        vars_file = OVMF_VARS_DIR / (OVMF_VARS[keys] if props.get("efitype") == "4m" else "OVMF_VARS.fd")
-        if not vars_file.exists():
-            raise TaskError(f"EFI vars image '{vars_file}' not found")
+        vars_file = efi_vars_template(props)
         volid, fmt = self._qm_alloc(sid, vmid, fmt, EFI_VARS_SIZE)
         path = self.volume_file(volid)
         if path is not None:  # exactly the vars template's size: OVMF's second flash must match its code's layout
@@ -182,6 +187,26 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         props["size"] = format_size(EFI_VARS_SIZE)
         if keys and self.qemu_at_least(9, 1, 5) and self.edk2_ms_2023:
             props["ms-cert"] = "2023k"
+        return join_drive(volid, props), [volid]
+
+    def _import_efi_vars(self, vmid: int, sid: str, src: Path, src_fmt: str,
+                         props: dict[str, str]) -> tuple[str, list[str]]:
+        """create_disks' import-from for efidisk0 (qemu-server 8.3.12 and 9.x alike): clone_disk allocates the size
+        of the vars template efitype/pre-enrolled-keys pick (get_efivars_size) and copies that many bytes of the
+        source as they are (pve-qemu's ``qemu-img dd -n osize=``); PVE enrols nothing and writes no ms-cert."""
+        size = efi_vars_template(props).stat().st_size
+        volid, fmt = self._qm_alloc(sid, vmid, props.pop("format", None), size)
+        props["size"] = format_size(size)
+        dest = self.volume_file(volid)
+
+        async def copy() -> None:
+            await self.storage_lock(sid, f"import {vmid}")
+            try:
+                if dest is not None:
+                    await asyncio.to_thread(copy_efi_vars, src, src_fmt, dest, fmt, size)
+            finally:
+                self.storage_unlock(sid, f"import {vmid}")
+        self._pending_io.setdefault(vmid, []).append(copy)
         return join_drive(volid, props), [volid]
 
     @staticmethod
