@@ -133,16 +133,14 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         return tuple(super()._qm_new_drive(vmid, key, value, default))
 
     def _check_drive_formats(self, params: dict[str, Any]) -> None:
-        """The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
-        9.0.27, its values as they came; with import-from, efitype and pre-enrolled-keys must be given."""
+        """The efidisk0 values of this qemu-server (the API schema fakepve checks is the newest; the node's own
+        format refused an ms-cert before 9.0.27 already, formats.py): ms-cert's values as they came; with
+        import-from, efitype and pre-enrolled-keys must be given."""
         if "efidisk0" not in params:
             return
         _volume, props = split_drive(str(params["efidisk0"]))
         cert = props.get("ms-cert")
         if cert is not None:
-            if not self.qemu_at_least(*MS_CERT_SINCE["2011"]):
-                raise param_error(efidisk0="invalid format - invalid key in comma-separated list property: "
-                                           "ms-cert\n")
             known = [v for v, since in MS_CERT_SINCE.items() if self.qemu_at_least(*since)]
             if cert not in known:
                 raise param_error(efidisk0=f"invalid format - format error\nefidisk0.ms-cert: value '{cert}' does "
