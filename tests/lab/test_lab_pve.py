@@ -942,3 +942,16 @@ def test_each_node_parses_property_strings_with_its_own_qemu_servers_formats(fre
     if qemu_server >= (9, 1, 14):  # stored as written (update_vm_api), its cputype last: the codec still reads it
         stored = c.get(f"/nodes/{c.node}/qemu/1987/config")["cpu"]
         assert stored == "level=30,host" and parse_props(stored, "cputype")["cputype"] == "host"
+
+
+def test_a_drive_is_stored_as_qemu_server_prints_it_and_other_options_as_written(fresh_lab: LabHandle) -> None:
+    """check_drive_param re-prints every drive of a request (volume first, other keys sorted, booleans as 1/0):
+    a volume written last still allocates the disk. cpu, machine and agent are stored as the caller wrote them."""
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1985, name="f", memory=512, scsi0="ssd=on,discard=on,local:1",
+               machine="viommu=virtio,q35", agent="type=virtio,1", cpu="flags=+aes,host", timeout=30)
+    cfg = c.vm_config(1985)
+    assert cfg["scsi0"] == "local:1985/vm-1985-disk-0.raw,discard=on,size=1G,ssd=1"
+    assert (cfg["machine"], cfg["agent"], cfg["cpu"]) == ("viommu=virtio,q35", "type=virtio,1", "flags=+aes,host")
+    c.call("PUT", f"/nodes/{c.node}/qemu/1985/config", scsi1="backup=no,file=local:1")
+    assert c.vm_config(1985)["scsi1"] == "local:1985/vm-1985-disk-1.raw,backup=0,size=1G"

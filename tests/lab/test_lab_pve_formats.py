@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fakepve import PveError, schema
 
-from image_factory.lab.pve import LabPve, formats
+from image_factory.lab.pve import LabPve, formats, props
 from image_factory.lab.spec import RELEASES, version_tuple
 
 from .test_lab_pve_rules import make
@@ -63,6 +63,7 @@ def test_the_newest_release_has_exactly_the_formats_of_the_api_schema_fakepve_ch
         assert [k for k, v in documented.items() if v.get("default_key")] == [fmt.default_key], name
         assert {k: v["alias"] for k, v in documented.items() if v.get("alias")} == dict(fmt.aliases), name
         assert {k: v["keyAlias"] for k, v in documented.items() if v.get("keyAlias")} == dict(fmt.key_aliases)
+        assert {k for k, v in documented.items() if v.get("type") == "boolean"} == fmt.booleans, name
 
 
 @pytest.mark.parametrize(("option", "name"), [
@@ -126,3 +127,17 @@ def test_a_vm_cpu_is_validated_as_validate_vm_cpu_conf_does(cpu: str, message: s
 
 def test_a_vm_cpu_with_its_cputype_anywhere_passes() -> None:
     LabPve.check_vm_formats({"cpu": "flags=+aes,x86-64-v2-AES"})
+
+
+def test_a_drive_is_reprinted_as_print_drive_writes_it_and_nothing_else_is() -> None:
+    values = {"scsi1": "ssd=on,discard=on,local-lvm:8", "efidisk0": "volume=local:1,pre-enrolled-keys=yes,efitype=4m",
+              "net0": "bridge=vmbr0,virtio", "cpu": "flags=+aes,host", "name": "x"}
+    assert formats.reprinted_drives(values, (8, 3, 12), (8, 3, 1)) == {
+        "scsi1": "local-lvm:8,discard=on,ssd=1", "efidisk0": "local:1,efitype=4m,pre-enrolled-keys=1"}
+
+
+def test_a_bare_boolean_default_key_reads_as_a_boolean_from_pve_common_9_0_12() -> None:
+    agent = formats.FORMATS["agent"].at((9, 2, 0))
+    assert props.parse_property_string("yes,fstrim_cloned_disks=on", agent) == {"enabled": "1",
+                                                                               "fstrim_cloned_disks": "1"}
+    assert props.parse_property_string("yes", agent, boolean_default=False) == {"enabled": "yes"}

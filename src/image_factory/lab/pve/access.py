@@ -12,7 +12,7 @@ from image_factory.lab.privileges import catalogue
 from image_factory.lab.pve.base import (
     LabNodeBase,
 )
-from image_factory.lab.pve.formats import check_property_strings
+from image_factory.lab.pve.formats import check_property_strings, reprinted_drives
 from image_factory.lab.pve.props import split_tags
 
 # Parameters of the endpoints PveClient calls that a node's own qemu-server does not know yet: (method, path
@@ -83,13 +83,21 @@ class Access(LabNodeBase):  # a concern of LabPve (node.py)
         match = self.resolve(request, "/api2/json")
         if match is not None:
             self.check_own_schema(request.method, match.template, values)
+            self._print_drives(request.method, match.template, values)
         return super()._verify(request, values, drop)
 
     async def answer(self, request: web.Request, match: Any, params: dict[str, Any], user: str,
                      call: Any = None) -> Any:
         if match is not None:
             self.check_own_schema(request.method, match.template, params)
+            self._print_drives(request.method, match.template, params)
         return await super().answer(request, match, params, user, call)
+
+    def _print_drives(self, method: str, template: str, values: dict[str, Any]) -> None:
+        """qemu-server re-prints each drive of a create or config request before anything reads it (Qemu.pm
+        check_drive_param: print_drive): the handlers here and fakepve's find the volume first, as stored."""
+        if (method, template) in TAKES_VM_OPTIONS:
+            values.update(reprinted_drives(values, self.qemu_server, self.pve_common))
 
     def check_own_schema(self, method: str, template: str, values: dict[str, Any]) -> None:
         """PVE's JSON schema refuses what its own version does not define (additionalProperties 0): a parameter
