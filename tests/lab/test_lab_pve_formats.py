@@ -141,3 +141,12 @@ def test_a_bare_boolean_default_key_reads_as_a_boolean_from_pve_common_9_0_12() 
     assert props.parse_property_string("yes,fstrim_cloned_disks=on", agent) == {"enabled": "1",
                                                                                "fstrim_cloned_disks": "1"}
     assert props.parse_property_string("yes", agent, boolean_default=False) == {"enabled": "yes"}
+
+
+def test_a_cicustom_volume_that_is_none_is_a_nested_format_error() -> None:
+    """pve-qm-cicustom's keys have format pve-volume-id (pve-storage Plugin.pm parse_volume_id): its error sits
+    under cicustom.<key> inside the format error, as PVE::Exception prints a nested one."""
+    with pytest.raises(PveError) as refused:
+        LabPve.check_vm_formats({"cicustom": "vendor=snippets/v.yaml"})
+    assert refused.value.errors == {"cicustom": "invalid format - format error\ncicustom.vendor: invalid format - "
+                                                "unable to parse volume ID 'snippets/v.yaml'\n\n"}

@@ -164,8 +164,9 @@ class VmConfig(LabNodeBase):  # a concern of LabPve (node.py)
             props = split_props(str(p["cicustom"]), None)
             bad = [k for k in CICUSTOM_KEYS & set(props) if not re.fullmatch(r"[a-z][a-z0-9\-_.]*[a-z0-9]:.+",
                                                                                props[k], re.IGNORECASE)]
-            if bad:
-                errors["cicustom"] = f"invalid format - {bad[0]}: unable to parse volume ID '{props[bad[0]]}'"
+            if bad:  # pve-storage's parse_volume_id dies inside the format's check_object: a nested format error
+                errors["cicustom"] = (f"invalid format - format error\ncicustom.{bad[0]}: invalid format - unable to "
+                                      f"parse volume ID '{props[bad[0]]}'\n\n")
         if errors:
             raise PveError(400, "Parameter verification failed.", errors)
 
