@@ -955,3 +955,15 @@ def test_a_drive_is_stored_as_qemu_server_prints_it_and_other_options_as_written
     assert (cfg["machine"], cfg["agent"], cfg["cpu"]) == ("viommu=virtio,q35", "type=virtio,1", "flags=+aes,host")
     c.call("PUT", f"/nodes/{c.node}/qemu/1985/config", scsi1="backup=no,file=local:1")
     assert c.vm_config(1985)["scsi1"] == "local:1985/vm-1985-disk-1.raw,backup=0,size=1G"
+
+
+def test_the_guest_agent_is_configured_by_agents_enabled_wherever_it_stands(fresh_lab: LabHandle) -> None:
+    """qemu-server reads agent with its format (get_qga_key), and PVE stores it as written: `type=virtio,1` has
+    the agent enabled, `type=virtio,enabled=0` has not."""
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1984, name="g", memory=512, agent="type=virtio,1", timeout=30)
+    with pytest.raises(ApiError, match="VM 1984 is not running"):  # past the agent check
+        c.call("POST", f"/nodes/{c.node}/qemu/1984/agent/ping")
+    c.call("PUT", f"/nodes/{c.node}/qemu/1984/config", agent="type=virtio,enabled=0")
+    with pytest.raises(ApiError, match="No QEMU guest agent configured"):
+        c.call("POST", f"/nodes/{c.node}/qemu/1984/agent/ping")
