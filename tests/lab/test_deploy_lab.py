@@ -24,8 +24,9 @@ from image_factory import deploy as dep
 from image_factory.errors import ValidationFailed
 from image_factory.lab import controller
 from image_factory.lab.baseimage import ensure_base_image
-from image_factory.lab.pve import NEWER_PARAMETERS
+from image_factory.lab.pve import NEWER_PARAMETERS, formats
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle, start_lab, stop_lab
+from image_factory.lab.spec import RELEASES, version_tuple
 from image_factory.ownership import Marker
 from image_factory.pve import codec as pvecodec
 from image_factory.pve import templates
@@ -265,19 +266,27 @@ def test_a_pending_change_by_another_writer_between_read_and_write_is_refused_an
 
 def test_deploy_sends_the_84_node_only_what_its_schema_defines(lab: LabHandle) -> None:
     """Clone, config, resize, start, the readiness wait (guest agent): no call to the 8.4 node carries a parameter
-    only 9.x's qemu-server defines (lab.pve.NEWER_PARAMETERS; the 8.4 node would refuse it)."""
-    sent: list[tuple[str, str, set[str]]] = []
+    or a property-string sub-key only 9.x's qemu-server defines (lab.pve.NEWER_PARAMETERS, lab.pve.formats; the
+    8.4 node would refuse it): each property string is parsed with 8.4's own format."""
+    sent: list[tuple[str, str, dict[str, Any]]] = []
 
     class Recording(PveClient):
         def call(self, method: str, path: str, /, **params: Any) -> Any:
-            sent.append((method, path, set(params)))
+            sent.append((method, path, dict(params)))
             return super().call(method, path, **params)
 
     [r] = deploy(lab, ["jump01"], client_factory=lambda hv: Recording(hv, timeout=30)).results
     assert r.ok, r.to_dict()
     newer = {name for params in NEWER_PARAMETERS.values() for name in params}
     assert {path.rsplit("/", 1)[-1] for _, path, _ in sent} >= {"clone", "config", "start", "network-get-interfaces"}
-    assert [(m, p, names & newer) for m, p, names in sent if names & newer] == []
+    assert [(m, p, set(params) & newer) for m, p, params in sent if set(params) & newer] == []
+    walked = {key for _, _, params in sent for key in params if formats.format_of(key)}
+    assert walked >= {"net0", "net1", "ipconfig0"}, walked
+    release = RELEASES[lab.config.host(lab.site.hypervisor_for(lab.site.vms["jump01"]).name).pve_version]
+    assert release.manager == "8.4.1"
+    assert [(m, p, refused) for m, p, params in sent
+            if (refused := formats.check_property_strings(params, version_tuple(release.qemu_server),
+                                                          version_tuple(release.common)))] == []
 
 
 def _wait_status(c: PveClient, vmid: int, want: str, timeout: float = 30) -> None:

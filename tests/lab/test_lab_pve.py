@@ -26,7 +26,7 @@ from image_factory.lab.pve import NEWER_PARAMETERS
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
 from image_factory.lab.spec import release_of
 from image_factory.pve.client import ApiError, ConfigChanged, PveClient, TaskFailed, Upid, retry_lock_timeouts
-from image_factory.pve.codec import parse_tags
+from image_factory.pve.codec import parse_props, parse_tags
 from image_factory.pve.sshlink import connect
 from image_factory.site.inventory import Hypervisor
 
@@ -913,3 +913,57 @@ def test_each_node_accepts_only_its_own_qemu_servers_schema(fresh_lab: LabHandle
                         c.wait_task(answer, timeout=30)
             known = tuple(int(x) for x in release_of(release).qemu_server.split(".")) >= since
             assert refused is not known, (method, template, name, release)
+
+
+@EVERY_RELEASE
+def test_each_node_parses_property_strings_with_its_own_qemu_servers_formats(fresh_lab: LabHandle, host: str,
+                                                                            release: str) -> None:
+    """fakepve checks the newest formats; each lab node refuses a sub-key its own qemu-server does not define yet
+    (lab.pve.formats), with PVE's 400 ("invalid key in comma-separated list property"), on create and config."""
+    fresh_lab.release(host, release)
+    c = client(fresh_lab, host)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1987, name="f", memory=512, timeout=30)
+    newer = {"net0": ("virtio,bridge=vmbr0,host-tunnel=1", "host-tunnel", (9, 1, 18)),
+             "cpu": ("level=30,host", "level", (9, 1, 14)),
+             "agent": ("1,freeze-fs=0", "freeze-fs", (9, 1, 6))}
+    qemu_server = tuple(int(x) for x in release_of(release).qemu_server.split("."))
+    for option, (value, key, since) in newer.items():
+        try:
+            c.call("PUT", f"/nodes/{c.node}/qemu/1987/config", **{option: value})
+        except ApiError as exc:
+            refused = exc.status == 400 and (
+                f"{option}: invalid format - invalid key in comma-separated list property: {key}" in exc.pve_message)
+        else:
+            refused = False
+        assert refused is (qemu_server < since), (option, release)
+    with pytest.raises(ApiError) as unknown:
+        c.call("POST", f"/nodes/{c.node}/qemu", vmid=1986, net0="virtio,bridge=vmbr0,vlan=5")
+    assert "net0: invalid format - invalid key in comma-separated list property: vlan" in unknown.value.pve_message
+    if qemu_server >= (9, 1, 14):  # stored as written (update_vm_api), its cputype last: the codec still reads it
+        stored = c.get(f"/nodes/{c.node}/qemu/1987/config")["cpu"]
+        assert stored == "level=30,host" and parse_props(stored, "cputype")["cputype"] == "host"
+
+
+def test_a_drive_is_stored_as_qemu_server_prints_it_and_other_options_as_written(fresh_lab: LabHandle) -> None:
+    """check_drive_param re-prints every drive of a request (volume first, other keys sorted, booleans as 1/0):
+    a volume written last still allocates the disk. cpu, machine and agent are stored as the caller wrote them."""
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1985, name="f", memory=512, scsi0="ssd=on,discard=on,local:1",
+               machine="viommu=virtio,q35", agent="type=virtio,1", cpu="flags=+aes,host", timeout=30)
+    cfg = c.vm_config(1985)
+    assert cfg["scsi0"] == "local:1985/vm-1985-disk-0.raw,discard=on,size=1G,ssd=1"
+    assert (cfg["machine"], cfg["agent"], cfg["cpu"]) == ("viommu=virtio,q35", "type=virtio,1", "flags=+aes,host")
+    c.call("PUT", f"/nodes/{c.node}/qemu/1985/config", scsi1="backup=no,file=local:1")
+    assert c.vm_config(1985)["scsi1"] == "local:1985/vm-1985-disk-1.raw,backup=0,size=1G"
+
+
+def test_the_guest_agent_is_configured_by_agents_enabled_wherever_it_stands(fresh_lab: LabHandle) -> None:
+    """qemu-server reads agent with its format (get_qga_key), and PVE stores it as written: `type=virtio,1` has
+    the agent enabled, `type=virtio,enabled=0` has not."""
+    c = client(fresh_lab)
+    c.run_task("POST", f"/nodes/{c.node}/qemu", vmid=1984, name="g", memory=512, agent="type=virtio,1", timeout=30)
+    with pytest.raises(ApiError, match="VM 1984 is not running"):  # past the agent check
+        c.call("POST", f"/nodes/{c.node}/qemu/1984/agent/ping")
+    c.call("PUT", f"/nodes/{c.node}/qemu/1984/config", agent="type=virtio,enabled=0")
+    with pytest.raises(ApiError, match="No QEMU guest agent configured"):
+        c.call("POST", f"/nodes/{c.node}/qemu/1984/agent/ping")

@@ -8,11 +8,61 @@ from pathlib import Path
 import pytest
 
 from image_factory.lab import control as control_client
-from image_factory.lab.pve import LabPve, props
+from image_factory.lab.pve import LabPve, formats, props
 from image_factory.lab.pve.base import LabNodeBase
 from image_factory.lab.pve.control import CONTROL_OPS
 
 pytestmark = pytest.mark.unit
+
+
+CPU = formats.FORMATS["cpu"].at((9, 2, 0))
+NET = formats.FORMATS["net"].at((9, 2, 0))
+SCSI = formats.FORMATS["scsi"].at((9, 2, 0))
+CICUSTOM = formats.FORMATS["cicustom"].at((9, 2, 0))
+
+
+@pytest.mark.parametrize(("text", "fmt", "expected"), [
+    ("host,flags=+aes", CPU, {"cputype": "host", "flags": "+aes"}),
+    ("flags=+aes,host", CPU, {"flags": "+aes", "cputype": "host"}),  # the bare value in any position
+    ("flags=+aes, ,host,", CPU, {"flags": "+aes", "cputype": "host"}),  # blank parts are skipped
+    ("cputype=0,host", CPU, {"cputype": "host"}),  # Perl's !$res->{cputype}: a "0" counts as unset
+    ("virtio=BC:24:11:00:00:01,bridge=vmbr0", NET, {"model": "virtio", "macaddr": "BC:24:11:00:00:01",
+                                                    "bridge": "vmbr0"}),
+    ("bridge=vmbr0,virtio", NET, {"bridge": "vmbr0", "model": "virtio"}),
+    ("size=8G,volume=local:100/vm-100-disk-0.raw", SCSI, {"size": "8G", "file": "local:100/vm-100-disk-0.raw"}),
+    ("local:0,import-from=local:import/a.qcow2", SCSI, {"file": "local:0", "import-from": "local:import/a.qcow2"}),
+    ("vendor=local:snippets/v.yaml,user=a=b", CICUSTOM, {"vendor": "local:snippets/v.yaml", "user": "a=b"}),
+    ("", CPU, {}),
+])
+def test_a_property_string_parses_as_pve_json_schema_does(text: str, fmt: props.PropertyFormat,
+                                                          expected: dict[str, str]) -> None:
+    assert props.parse_property_string(text, fmt) == expected
+
+
+@pytest.mark.parametrize(("text", "fmt", "message"), [
+    ("host,kvm64", CPU, "duplicate key in comma-separated list property: cputype\n"),
+    ("cputype=host,kvm64", CPU, "duplicate key in comma-separated list property: cputype\n"),
+    ("flags=+aes,flags=-aes", CPU, "duplicate key in comma-separated list property: flags\n"),
+    ("host,smt=on", CPU, "invalid key in comma-separated list property: smt\n"),
+    ("host,flags=", CPU, "missing key in comma-separated list property\n"),
+    ("host,=+aes", CPU, "missing key in comma-separated list property\n"),
+    ("local:snippets/v.yaml", CICUSTOM, "value without key, but schema does not define a default key\n"),
+    ("model=virtio,e1000=BC:24:11:00:00:01", NET, "key alias 'model' is already defined\n"),
+    ("macaddr=BC:24:11:00:00:01,virtio=BC:24:11:00:00:02", NET, "key 'macaddr' is already defined (via alias)\n"),
+    ("virtio,e1000", NET, "duplicate key in comma-separated list property: model\n"),
+    ("local:1,volume=local:2", SCSI, "key 'file' is already defined (via alias)\n"),
+])
+def test_a_property_string_pve_refuses_is_refused_with_its_message(text: str, fmt: props.PropertyFormat,
+                                                                   message: str) -> None:
+    with pytest.raises(props.PropertyStringError) as refused:
+        props.parse_property_string(text, fmt)
+    assert str(refused.value) == message
+
+
+def test_before_pve_common_9_1_9_a_key_given_twice_through_an_alias_takes_the_later_value() -> None:
+    """pve-common 8.3.1 (PVE 8.4) has no alias conflict check (5d84387 came with 9.1.9)."""
+    parsed = props.parse_property_string("local:1,volume=local:2", SCSI, alias_conflicts=False)
+    assert parsed == {"file": "local:2"}
 
 
 @pytest.mark.parametrize(("text", "first_key", "expected"), [
@@ -21,11 +71,12 @@ pytestmark = pytest.mark.unit
     ("user=local:snippets/u.yaml,vendor=local:snippets/v.yaml", None,
      {"user": "local:snippets/u.yaml", "vendor": "local:snippets/v.yaml"}),
     ("host,,flags=+aes", "cputype", {"cputype": "host", "flags": "+aes"}),
-    ("flags=+aes,host", "cputype", {"flags": "+aes", "host": ""}),  # a later bare part is a key: refused as unknown
+    ("flags=+aes,host", "cputype", {"flags": "+aes", "cputype": "host"}),  # PVE stores cpu as given
+    ("viommu=virtio,q35", "type", {"viommu": "virtio", "type": "q35"}),
     ("", "cputype", {}),
 ])
-def test_property_strings_split_into_keys_with_the_default_key_first(text: str, first_key: str | None,
-                                                                     expected: dict[str, str]) -> None:
+def test_a_stored_property_string_splits_with_its_bare_value_under_the_default_key(
+        text: str, first_key: str | None, expected: dict[str, str]) -> None:
     assert props.split_props(text, first_key) == expected
 
 

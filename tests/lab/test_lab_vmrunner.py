@@ -75,3 +75,15 @@ def test_ovmf_on_q35_with_a_4m_store_boots_the_secure_boot_code_as_qemu_server_p
     assert "-machine" not in plain
     assert "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in plain
     assert firmware_args({}, {}, 1, tmp_path, tmp_path, "n") == ([], None)  # SeaBIOS, i440fx: nothing to add
+    typed_last, _ = firmware_args({"bios": "ovmf", "machine": "viommu=virtio,q35"}, disks, 1, tmp_path, tmp_path, "n")
+    assert typed_last == argv  # PVE stores machine as written: its type may stand last
+
+
+@pytest.mark.parametrize(("agent", "enabled"), [
+    ("enabled=1", True), ("1", True), ("type=virtio,1", True), ("fstrim_cloned_disks=1,enabled=yes", True),
+    ("enabled=0,fstrim_cloned_disks=1", False), ("0", False), (None, False),
+])
+def test_the_guest_agent_channel_follows_agents_enabled_wherever_it_stands(agent: str | None, enabled: bool) -> None:
+    from image_factory.lab.vmrunner import agent_enabled
+
+    assert agent_enabled({} if agent is None else {"agent": agent}) is enabled

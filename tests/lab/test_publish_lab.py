@@ -15,8 +15,9 @@ import pytest
 
 from image_factory.image import manifest as mf
 from image_factory.lab import factories
-from image_factory.lab.pve import NEWER_PARAMETERS
+from image_factory.lab.pve import NEWER_PARAMETERS, formats
 from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle
+from image_factory.lab.spec import RELEASES, version_tuple
 from image_factory.ownership import marker_block
 from image_factory.publish import (
     PublishError,
@@ -121,14 +122,15 @@ def test_publish_both_hosts_matches_pve_facts_and_rerun_changes_nothing(env: Any
 
 
 def test_publish_sends_the_84_node_only_what_its_schema_defines(env: Any) -> None:
-    """The product never sends an 8.4 node a parameter only 9.x's qemu-server defines (the lab's 8.4 node would
-    refuse it, lab.pve.NEWER_PARAMETERS): every parameter of every call a publish makes is checked."""
+    """The product never sends an 8.4 node a parameter or a property-string sub-key only 9.x's qemu-server defines
+    (the lab's 8.4 node would refuse it: lab.pve.NEWER_PARAMETERS, lab.pve.formats): every parameter of every call
+    a publish makes is checked, each property string parsed with 8.4's own format."""
     lab, settings, site = env
-    sent: list[tuple[str, str, set[str]]] = []
+    sent: list[tuple[str, str, dict[str, Any]]] = []
 
     class Recording(PveClient):
         def call(self, method: str, path: str, /, **params: Any) -> Any:
-            sent.append((method, path, set(params)))
+            sent.append((method, path, dict(params)))
             return super().call(method, path, **params)
 
     make_build(settings.builds_dir, build_id="schema1")
@@ -137,7 +139,13 @@ def test_publish_sends_the_84_node_only_what_its_schema_defines(env: Any) -> Non
     assert report.ok and report.host("pve-mgmt").action == "created", report.to_dict()
     newer = {name for params in NEWER_PARAMETERS.values() for name in params}
     assert any(method == "POST" and path.endswith("/qemu") for method, path, _ in sent)
-    assert [(m, p, names & newer) for m, p, names in sent if names & newer] == []
+    assert [(m, p, set(params) & newer) for m, p, params in sent if set(params) & newer] == []
+    walked = {key for _, _, params in sent for key in params if formats.format_of(key)}
+    assert walked >= {"scsi0", "ide2", "net0", "agent", "boot", "vga"}, walked
+    release = RELEASES[lab.config.host("pve-mgmt").pve_version]
+    assert [(m, p, refused) for m, p, params in sent
+            if (refused := formats.check_property_strings(params, version_tuple(release.qemu_server),
+                                                          version_tuple(release.common)))] == []
 
 
 def test_dry_run_prints_plan_and_changes_nothing(env: Any) -> None:

@@ -126,7 +126,7 @@ def test_the_lab_checks_cpu_and_cicustom_as_pve_does(lab: LabHandle, root: Path)
     client = PveClient(lab.hv(MGMT))
     with pytest.raises(RemoteError, match="Built-in cputype 'x86-64-v2-aes' is not defined"):
         client.set_vm_config(vm.vmid, cpu="x86-64-v2-aes")
-    with pytest.raises(RemoteError, match="property 'vendr' is not defined"):
+    with pytest.raises(RemoteError, match="invalid key in comma-separated list property: vendr"):
         client.set_vm_config(vm.vmid, cicustom="vendr=local:snippets/x.yaml")
     # a snippet that is not there: PVE writes the cloud-init drive at start, and the start fails
     client.set_vm_config(vm.vmid, cicustom="vendor=local:snippets/missing.yaml")

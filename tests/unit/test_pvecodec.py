@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from image_factory.lab.pve import formats
+from image_factory.lab.pve.props import parse_property_string
 from image_factory.pve import codec as pvecodec
 from image_factory.pve.codec import NetSpec, format_props, format_tags, parse_props, parse_tags
 
@@ -29,6 +31,28 @@ def test_props_round_trip_in_pves_order() -> None:
     props = parse_props("virtio=BC:24:11:00:00:01,firewall=1,bridge=vmbr0", first_key="model")
     assert props == {"virtio": "BC:24:11:00:00:01", "firewall": "1", "bridge": "vmbr0"}
     assert format_props({"firewall": "1", "bridge": "vmbr0"}, ("virtio", "X")) == "virtio=X,bridge=vmbr0,firewall=1"
+
+
+@pytest.mark.parametrize(("text", "default_key", "expected"), [
+    ("host,flags=+aes", "cputype", {"cputype": "host", "flags": "+aes"}),
+    ("flags=+aes;+pcid,host", "cputype", {"flags": "+aes;+pcid", "cputype": "host"}),
+    ("viommu=virtio,q35", "type", {"viommu": "virtio", "type": "q35"}),
+    ("type=virtio,1", "enabled", {"type": "virtio", "enabled": "1"}),
+    ("order=scsi0;net0", "legacy", {"order": "scsi0;net0"}),
+    ("size=8G,local-lvm:vm-100-disk-0", "file", {"size": "8G", "file": "local-lvm:vm-100-disk-0"}),
+])
+def test_a_bare_value_is_the_default_keys_wherever_pve_kept_it(text: str, default_key: str,
+                                                                expected: dict[str, str]) -> None:
+    """PVE stores cpu, machine, agent, boot and vga as given (qemu-server update_vm_api), and its parser takes the
+    default key's bare value in any position; the lab's parser (the oracle) reads each string the same way."""
+    assert parse_props(text, default_key) == expected
+    name = {"cputype": "cpu", "type": "machine", "enabled": "agent", "legacy": "boot", "file": "scsi"}[default_key]
+    assert parse_property_string(text, formats.FORMATS[name].at((9, 2, 0))) == expected
+
+
+def test_a_machine_or_cpu_written_with_its_type_last_reads_the_same() -> None:
+    assert pvecodec.MachineSpec.parse("viommu=virtio,q35") == pvecodec.MachineSpec.parse("q35,viommu=virtio")
+    assert pvecodec.MachineSpec.parse("viommu=virtio,q35").family == "q35"
 
 
 def test_net_round_trip() -> None:

@@ -17,6 +17,8 @@ from image_factory.deploy.desired import disk_update_value
 from image_factory.errors import ValidationFailed
 from image_factory.handoffs import dhcp, tofu
 from image_factory.lab import factories
+from image_factory.lab.pve import formats
+from image_factory.lab.spec import RELEASES, version_tuple
 from image_factory.pve.templates import TemplateInfo
 from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import Site, Vm, load_site
@@ -149,6 +151,21 @@ def test_desired_config_carries_the_options(site: Site) -> None:
     assert cfg["virtio1"] == "local:2"
     assert cfg["ipconfig0"] == "ip=192.168.10.30/24,gw=192.168.10.1,ip6=2001:db8:10::30/64,gw6=2001:db8:10::1"
     assert cfg["cicustom"] == f"vendor=local:snippets/{vm.cloudinit.vendor.snippet_name}"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_every_property_string_deploy_writes_parses_on_every_release(site: Site, release: str) -> None:
+    """The one config update of every VM (NICs with VLAN tags, data disks with their flags, ipconfig with IPv6,
+    cicustom, cpu) and a data disk's update, parsed with each release's own formats as the lab's node does
+    (lab.pve.formats): none carries a sub-key an 8.4 (or 9.1) node lacks."""
+    versions = version_tuple(RELEASES[release].qemu_server), version_tuple(RELEASES[release].common)
+    walked: set[str] = set()
+    for vm in site.vms.values():
+        cfg = dep.desired_config(vm, site.hypervisor_for(vm), tpl(), "r1")
+        cfg.update({d.slot: disk_update_value(d, "local-lvm:vm-1-disk-1,size=8G") for d in vm.disks})
+        assert formats.check_property_strings(cfg, *versions) == {}, vm.name
+        walked |= {formats.format_of(key) or "" for key in cfg} - {""}
+    assert walked >= {"net", "ipconfig", "scsi", "virtio", "cpu", "cicustom"}
 
 
 @pytest.mark.parametrize(("ip6", "value"), [("auto", "ip6=auto"), ("dhcp", "ip6=dhcp"), (None, "")])

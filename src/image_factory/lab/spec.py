@@ -16,18 +16,20 @@ THIN_STORAGE = "local-lvm"  # every lab node also has a default install's LVM-th
 @dataclass(frozen=True)
 class PveRelease:
     """The package versions a Proxmox VE node ran together (each package's debian/changelog dates): what
-    ``/version`` reports is pve-manager's; VM behaviour belongs to qemu-server, storage to pve-storage."""
+    ``/version`` reports is pve-manager's; VM behaviour belongs to qemu-server, storage to pve-storage, the
+    parsing of property strings to pve-common (libpve-common-perl)."""
 
     manager: str
     qemu_server: str
     storage: str
+    common: str
 
 
 # pve-manager version -> what shipped with it (docs/pve-facts.md, "Versions")
 RELEASES: dict[str, PveRelease] = {
-    "8.4.1": PveRelease("8.4.1", "8.3.12", "8.3.6"),
-    "9.1.19": PveRelease("9.1.19", "9.1.15", "9.1.5"),  # 2026-05-20
-    "9.2.5": PveRelease("9.2.5", "9.2.0", "9.1.6"),  # 2026-07-15
+    "8.4.1": PveRelease("8.4.1", "8.3.12", "8.3.6", "8.3.1"),
+    "9.1.19": PveRelease("9.1.19", "9.1.15", "9.1.5", "9.1.12"),  # 2026-05-20
+    "9.2.5": PveRelease("9.2.5", "9.2.0", "9.1.6", "9.1.17"),  # 2026-07-15
 }
 
 
@@ -44,7 +46,7 @@ def release_of(manager: str) -> PveRelease:
     same = [r for v, r in RELEASES.items() if version_tuple(v)[:2] == want[:2] and version_tuple(v) <= want]
     if same:
         return max(same, key=lambda r: version_tuple(r.manager))
-    return PveRelease(manager, manager, manager)
+    return PveRelease(manager, manager, manager, manager)
 
 
 @dataclass

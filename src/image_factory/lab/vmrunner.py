@@ -48,14 +48,23 @@ class LaunchError(Exception):
 
 
 def _props(value: str) -> tuple[str | None, dict[str, str]]:
+    """(the bare value, the keyed ones) of a stored property string: PVE takes the bare value (its default key's)
+    in any position and keeps machine and agent as written (docs/pve-facts.md, "Property strings by version")."""
     first, props = None, {}
-    for n, part in enumerate(str(value).split(",")):
+    for part in str(value).split(","):
         key, eq, val = part.partition("=")
         if eq:
             props[key] = val
-        elif part and n == 0:
+        elif part and first is None:
             first = part
     return first, props
+
+
+def agent_enabled(config: dict[str, Any]) -> bool:
+    """``agent``'s enabled (its default key, so possibly bare and in any position), read as
+    PVE::JSONSchema::parse_boolean reads a boolean."""
+    bare, agent = _props(str(config.get("agent", "0")))
+    return str(agent.get("enabled", bare)).lower() in ("1", "true", "yes", "on")
 
 
 def nics_of(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -356,8 +365,8 @@ def firmware_args(config: dict[str, Any], disks: dict[str, tuple[str, dict[str, 
                   vms_dir: Path, log_dir: Path, node: str) -> tuple[list[str], subprocess.Popen[bytes] | None]:
     """QEMU arguments for the VM's machine, OVMF and TPM, and the swtpm started for it (or None)."""
     argv: list[str] = []
-    machine = str(config.get("machine") or "pc")
-    q35 = "q35" in machine.split(",")[0]
+    bare_type, machine = _props(str(config.get("machine") or "pc"))
+    q35 = "q35" in (machine.get("type") or bare_type or "pc")
     efi = disks.get("efidisk0")
     efi_props = efi[1] if efi else {}
     secure = q35 and efi_props.get("efitype") == "4m"
@@ -488,8 +497,7 @@ def launch(*, vmid: int, name: str, config: dict[str, Any], disks: dict[str, tup
     # thread per vCPU).
     vcpus = min(_int_option(config, "cores") * _int_option(config, "sockets"), os.cpu_count() or 1)
     qmp = vms_dir / f"{vmid}.qmp"
-    qga = vms_dir / f"{vmid}.qga" if str(config.get("agent", "0")).split(",")[0].split("=")[-1] in ("1", "true") \
-        else None
+    qga = vms_dir / f"{vmid}.qga" if agent_enabled(config) else None
     serial_log = log_dir / f"{node}-vm{vmid}-serial.log"
     argv = ["qemu-system-x86_64", "-name", f"lab-{node}-vm{vmid},process=lab-{node}-vm{vmid}",
             *accel_args(accelerator), "-m", str(memory), "-smp", str(vcpus), "-nodefaults", "-no-user-config",

@@ -18,17 +18,19 @@ NET_MODELS = ("virtio", "e1000", "e1000e", "vmxnet3", "rtl8139", "i82551", "i825
 
 
 def parse_props(value: str, first_key: str | None = None) -> dict[str, str]:
-    """Parse a PVE property string ``k=v,k2=v2``; a leading bare value is stored under ``first_key``."""
+    """Parse a PVE property string ``k=v,k2=v2``; a bare value is stored under ``first_key`` (the format's
+    default key) wherever it stands: PVE accepts it in any position (PVE::JSONSchema::parse_property_string) and
+    keeps cpu, machine, agent, boot and vga as they were written (update_vm_api), so a config read back can hold
+    ``flags=+aes,host``. Another bare value is a key without a value."""
     out: dict[str, str] = {}
-    for i, part in enumerate(p for p in str(value).split(",") if p != ""):
+    for part in (p for p in str(value).split(",") if p != ""):
         key, eq, val = part.partition("=")
-        if not eq:
-            if i == 0 and first_key is not None:
-                out[first_key] = key
-                continue
+        if eq:
+            out[key.strip()] = val.strip()
+        elif first_key is not None and out.get(first_key) in (None, "", "0"):  # Perl's !$res->{$default_key}
+            out[first_key] = key
+        else:
             out[key] = ""
-            continue
-        out[key.strip()] = val.strip()
     return out
 
 

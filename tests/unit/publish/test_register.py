@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from image_factory.lab.pve import formats
+from image_factory.lab.spec import RELEASES, version_tuple
 from image_factory.publish.register import create_params
 from image_factory.site.inventory import Hypervisor
 
@@ -90,6 +92,40 @@ def test_a_microsoft_2023_template_without_an_uploaded_store_is_refused(site: An
 
     with pytest.raises(PublishError, match="needs the build's EFI variable store"):
         _sb_params(site, secure_boot_keys="microsoft-2023")
+
+
+PLATFORMS = {"bios": {}, "uefi": {"firmware": "uefi"}, "secure-boot-vtpm": SB_FIELDS,
+             "uefi-q35-vtpm": {**SB_FIELDS, "secure_boot": False, "secure_boot_keys": None},
+             "own-store-microsoft-2023": {**SB_FIELDS, "secure_boot_keys": "microsoft-2023"}}
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+@pytest.mark.parametrize("platform", list(PLATFORMS))
+def test_every_property_string_of_a_template_create_parses_on_every_release(site: Any, platform: str,
+                                                                            release: str) -> None:
+    """Each property string of the create request (disk import, cloud-init drive, NIC, agent, boot, vga, machine,
+    efidisk0, tpmstate0), parsed with the release's own formats as the lab's node does (lab.pve.formats)."""
+    art = SimpleNamespace(template_name="tpl-x", image=site.image("debian-lab"), import_file="x.qcow2",
+                          efi_vars_file="x.efivars.raw" if platform.startswith("own-store") else "",
+                          manifest=dataclasses.replace(manifest(), **PLATFORMS[platform]))
+    params = create_params(site.hypervisors["pve-mgmt"], art, 9000, "d", ["image-factory"])  # type: ignore[arg-type]
+    versions = version_tuple(RELEASES[release].qemu_server), version_tuple(RELEASES[release].common)
+    assert formats.check_property_strings(params, *versions) == {}
+    assert {"scsi0", "net0", "agent", "boot", "vga"} <= set(params)
+
+
+def test_the_ms_cert_publish_sets_is_a_sub_key_8_4_lacks_and_publish_never_asks_8_4_for_it() -> None:
+    """ensure_ms_2023's efidisk0 update carries ms-cert, which qemu-server 8.3.12 does not define: the capability
+    check refuses 2023 keys on 8.4 before any call, so no 8.4 node is ever sent one."""
+    from image_factory.platform import Platform
+    from image_factory.pve.capabilities import firmware_refusals
+
+    update = {"efidisk0": "local-lvm:vm-9000-disk-0,efitype=4m,ms-cert=2023,pre-enrolled-keys=1,size=528K"}
+    for manager, release in RELEASES.items():
+        refused = formats.check_property_strings(update, version_tuple(release.qemu_server),
+                                                 version_tuple(release.common))
+        asks = Platform("uefi", True, "microsoft-2011+2023", True, "q35")
+        assert bool(refused) == bool(firmware_refusals(asks, manager)) == (manager == "8.4.1"), manager
 
 
 @pytest.mark.parametrize(("keys", "version", "refused"), [

@@ -23,7 +23,8 @@ site-packages:
 - a control endpoint (unix socket) for fault hooks and resets.
 
 Its own parsing, on purpose: every property string, size and tag list the lab reads or writes is parsed by
-``props`` (PVE's rules) and fakepve, never by the product's ``image_factory.pve.codec``. The lab is the oracle
+``props`` (PVE's rules, with each release's formats from ``formats``) and fakepve, never by the product's
+``image_factory.pve.codec``. The lab is the oracle
 the product is tested against; sharing the codec would make a codec bug agree with itself and pass every test.
 
 One concern per module, each a mixin of ``LabPve`` (node.py) over ``base.LabNodeBase``: access (tokens, ACLs,

@@ -12,6 +12,7 @@ from image_factory.lab.privileges import catalogue
 from image_factory.lab.pve.base import (
     LabNodeBase,
 )
+from image_factory.lab.pve.formats import check_property_strings, reprinted_drives
 from image_factory.lab.pve.props import split_tags
 
 # Parameters of the endpoints PveClient calls that a node's own qemu-server does not know yet: (method, path
@@ -29,6 +30,9 @@ NEWER_PARAMETERS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
     ("GET", "/nodes/{node}/qemu/{vmid}/agent/file-read"): {"count": (9, 1, 5), "decode": (9, 1, 5),
                                                            "offset": (9, 1, 5)},
 }
+# The endpoints whose VM options carry property strings each node parses with its own formats (formats.py).
+TAKES_VM_OPTIONS = frozenset({("POST", "/nodes/{node}/qemu"), ("POST", "/nodes/{node}/qemu/{vmid}/config"),
+                              ("PUT", "/nodes/{node}/qemu/{vmid}/config")})
 
 
 class Access(LabNodeBase):  # a concern of LabPve (node.py)
@@ -79,22 +83,34 @@ class Access(LabNodeBase):  # a concern of LabPve (node.py)
         match = self.resolve(request, "/api2/json")
         if match is not None:
             self.check_own_schema(request.method, match.template, values)
+            self._print_drives(request.method, match.template, values)
         return super()._verify(request, values, drop)
 
     async def answer(self, request: web.Request, match: Any, params: dict[str, Any], user: str,
                      call: Any = None) -> Any:
         if match is not None:
             self.check_own_schema(request.method, match.template, params)
+            self._print_drives(request.method, match.template, params)
         return await super().answer(request, match, params, user, call)
+
+    def _print_drives(self, method: str, template: str, values: dict[str, Any]) -> None:
+        """qemu-server re-prints each drive of a create or config request before anything reads it (Qemu.pm
+        check_drive_param: print_drive): the handlers here and fakepve's find the volume first, as stored."""
+        if (method, template) in TAKES_VM_OPTIONS:
+            values.update(reprinted_drives(values, self.qemu_server, self.pve_common))
 
     def check_own_schema(self, method: str, template: str, values: dict[str, Any]) -> None:
         """PVE's JSON schema refuses what its own version does not define (additionalProperties 0): a parameter
-        newer than this node's qemu-server is a 400, as on the real node."""
+        newer than this node's qemu-server, or a sub-key its own property-string format lacks, is a 400, as on
+        the real node; every refused parameter is named at once (RESTHandler collects them)."""
         newer = NEWER_PARAMETERS.get((method, template), {})
-        unknown = sorted(k for k in values if k in newer and not self.qemu_at_least(*newer[k]))
-        if unknown:
-            raise PveError(400, "Parameter verification failed.", dict.fromkeys(
-                unknown, "property is not defined in schema and the schema does not allow additional properties"))
+        errors = dict.fromkeys(
+            sorted(k for k in values if k in newer and not self.qemu_at_least(*newer[k])),
+            "property is not defined in schema and the schema does not allow additional properties")
+        if (method, template) in TAKES_VM_OPTIONS:
+            errors.update(check_property_strings(values, self.qemu_server, self.pve_common))
+        if errors:
+            raise PveError(400, "Parameter verification failed.", errors)
 
     def check_permissions(self, user: str, perms: Any, values: dict[str, Any], declared: Any = None) -> None:
         """pve-access-control's check_api2_permissions: `user => 'all'` admits every authenticated user before

@@ -26,8 +26,7 @@ class GuestAgent(LabNodeBase):  # a concern of LabPve (node.py)
     async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
         vm = self.find(values["node"], values["vmid"])
         command = match.template.rsplit("/", 1)[1]
-        agent = str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1]
-        if agent not in ("1", "true"):
+        if not vmrunner.agent_enabled(vm.config):  # stored as written: enabled may stand anywhere
             raise PveError(500, "No QEMU guest agent configured")
         if vm.status != "running":
             raise PveError(500, f"VM {vm.vmid} is not running")

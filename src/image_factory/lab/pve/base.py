@@ -171,6 +171,7 @@ class LabNodeBase(FakePve):  # fakepve is untyped
         self.major = int(manager.split(".")[0])
         self.packages = release_of(manager)
         self.qemu_server = version_tuple(self.packages.qemu_server)
+        self.pve_common = version_tuple(self.packages.common)
 
     def switch_release(self, manager: str) -> None:
         """An admin's in-place `apt full-upgrade` (or downgrade) to another release of the node's major. Across

@@ -134,8 +134,9 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
 
     def _check_drive_formats(self, params: dict[str, Any]) -> None:
         """Qemu.pm check_drive_param (8.3.12 and 9.x, HTTP 400 before the task): import-from only on a new disk of
-        size 0. The efidisk0 format of this qemu-server (the API schema fakepve checks is the newest): ms-cert from
-        9.0.27, its values as they came; with import-from, efitype and pre-enrolled-keys must be given."""
+        size 0. The efidisk0 values of this qemu-server (the API schema fakepve checks is the newest; the node's own
+        format refused an ms-cert before 9.0.27 already, formats.py): ms-cert's values as they came; with
+        import-from, efitype and pre-enrolled-keys must be given."""
         for key, value in params.items():
             if DRIVE_KEY.match(key) and "import-from" in split_drive(str(value))[1]:
                 found = NEW_DISK.match(split_drive(str(value))[0])
@@ -147,9 +148,6 @@ class Disks(LabNodeBase):  # a concern of LabPve (node.py)
         _volume, props = split_drive(str(params["efidisk0"]))
         cert = props.get("ms-cert")
         if cert is not None:
-            if not self.qemu_at_least(*MS_CERT_SINCE["2011"]):
-                raise param_error(efidisk0="invalid format - invalid key in comma-separated list property: "
-                                           "ms-cert\n")
             known = [v for v, since in MS_CERT_SINCE.items() if self.qemu_at_least(*since)]
             if cert not in known:
                 raise param_error(efidisk0=f"invalid format - format error\nefidisk0.ms-cert: value '{cert}' does "
