@@ -5,17 +5,22 @@ down is reported as PVE reports it. No VM boots."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from image_factory.lab import controller
 from image_factory.lab.cluster import SHARED_STORAGE, ensure_nodes
 from image_factory.lab.config import LabConfig, LabError, LabHost
 from image_factory.lab.pki import cert_fingerprint
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve import apiupload
+from image_factory.pve.client import ApiError, PveClient, TaskFailed
 from image_factory.pve.sshlink import RemoteError, SshLink
 
 pytestmark = pytest.mark.lab
@@ -183,6 +188,61 @@ def test_a_lock_made_in_etc_pve_on_one_node_holds_on_the_others(clab: LabHandle)
         link.run(["mkdir", str(lock)])
     clab.reset()
     assert not lock.exists()
+
+
+def test_a_shared_storage_lock_is_the_clusters_cfs_lock_in_etc_pve(clab: LabHandle) -> None:
+    c2 = api(clab, "pve-c2")
+    _template(c2, "pve-c2", 9200, SHARED_STORAGE)
+    cfs_lock = clab.etc_pve() / "priv" / "lock" / f"storage-{SHARED_STORAGE}"
+    clab.lock_storage("pve-c1", SHARED_STORAGE)  # a task on pve-c1 allocating on the shared storage
+    assert cfs_lock.is_dir()
+    assert clab.state("pve-c3")["storage_locks"] == {SHARED_STORAGE: "scenario"}
+    clab.time_scale("pve-c2", 0.01)  # PVE's 10 s wait in 0.1 s
+    with pytest.raises(TaskFailed, match=f"cfs-lock 'storage-{SHARED_STORAGE}' error: got lock request timeout"):
+        c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="waits")
+    clab.clear_faults("pve-c1")
+    assert not cfs_lock.exists()
+    # the same directory taken over SSH (an admin's or the factory's cluster lock) holds PVE too
+    with SshLink("pve-c3", clab.hv("pve-c3").ssh) as link:
+        link.run(["mkdir", str(cfs_lock)])
+        with pytest.raises(TaskFailed, match="got lock request timeout"):
+            c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="waits")
+        link.run(["rmdir", str(cfs_lock)])
+    c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="runs")
+    assert not cfs_lock.exists()
+    # a local storage's lock stays the node's own
+    clab.lock_storage("pve-c1", "local")
+    assert clab.state("pve-c2")["storage_locks"] == {}
+    assert clab.state("pve-c1")["storage_locks"] == {"local": "scenario"}
+
+
+def test_an_api_upload_through_one_node_lands_on_the_node_it_names(clab: LabHandle, tmp_path: Path) -> None:
+    image = tmp_path / "up.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    via_c1 = PveClient(clab.hv("pve-c2").model_copy(update={"api_url": clab.hv("pve-c1").api_url, "api_urls": []}))
+    sent = apiupload.send(via_c1, SHARED_STORAGE, "via-c1.qcow2", image, digest, progress=None, timeout=60)
+    assert sent >= image.stat().st_size
+    content = api(clab, "pve-c3").get(f"/nodes/pve-c3/storage/{SHARED_STORAGE}/content")
+    assert [c["volid"] for c in content] == [f"{SHARED_STORAGE}:import/via-c1.qcow2"]
+    tasks = api(clab, "pve-c2").get("/nodes/pve-c2/tasks")
+    assert [t["type"] for t in tasks] == ["imgcopy"]  # staged and imported by pve-c2, the node the call named
+    assert api(clab, "pve-c1").get("/nodes/pve-c1/tasks") == []
+
+
+def test_a_restart_of_the_lab_keeps_each_nodes_vms_on_their_node(clab: LabHandle) -> None:
+    api(clab, "pve-c1").run_task("POST", "/nodes/pve-c1/qemu", vmid=2900, name="c1-shared", memory=512,
+                                 scsi0=f"{SHARED_STORAGE}:1")
+    api(clab, "pve-c3").run_task("POST", "/nodes/pve-c3/qemu", vmid=2901, name="c3-local", memory=512,
+                                 scsi0="local:1")
+    controller.down(clab.base_settings)
+    controller.up(clab.base_settings, clab.config)
+    where = {int(v["vmid"]): v["node"] for v in api(clab, "pve-c2").get("/cluster/resources", type="vm")}
+    assert where == {2900: "pve-c1", 2901: "pve-c3"}
+    shared = api(clab, "pve-c2").get(f"/nodes/pve-c2/storage/{SHARED_STORAGE}/content")
+    assert [c["volid"] for c in shared] == [f"{SHARED_STORAGE}:2900/vm-2900-disk-0.raw"]
+    assert [c["volid"] for c in api(clab, "pve-c3").get("/nodes/pve-c3/storage/local/content")] == [
+        "local:2901/vm-2901-disk-0.raw"]
 
 
 def test_the_cluster_knob_is_checked_before_anything_starts() -> None:

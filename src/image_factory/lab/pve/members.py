@@ -46,6 +46,10 @@ def join_cluster(members: list[LabNodeBase]) -> None:
         for user, entries in (m.acl or {}).items():
             mine = acl.setdefault(user, [])
             mine.extend(entry for entry in entries if entry not in mine)
+    # the storage locks the previous run of this process held (pmxcfs would expire them after 120 s)
+    for stale in (Path(first.cluster_spec["etc_pve"]) / "priv" / "lock").glob("storage-*"):
+        with contextlib.suppress(OSError):
+            stale.rmdir()
     peers = {m.spec.node: m for m in members}
     shared_locks: dict[str, Any] = {}
     for m in members:
