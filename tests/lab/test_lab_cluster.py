@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from image_factory.lab import controller
-from image_factory.lab.cluster import SHARED_STORAGE, ensure_nodes
+from image_factory.lab.cluster import SHARED_STORAGE, apply_option, ensure_nodes
 from image_factory.lab.config import LabConfig, LabError, LabHost
 from image_factory.lab.pki import cert_fingerprint
 from image_factory.lab.pytest_plugin import LabHandle
@@ -263,3 +263,20 @@ def test_the_cluster_knob_is_checked_before_anything_starts() -> None:
         LabConfig(hosts=cfg.hosts, cluster={"name": "labc", "nodes": 2}).validate()
     with pytest.raises(LabError, match="no cluster knob"):
         LabConfig(hosts=cfg.hosts).validate()
+    assert cfg.placement == {"tenant": "spread"}  # the plane has several hypervisors now
+
+
+def test_lab_up_cluster_option_adds_resizes_and_removes_the_nodes() -> None:
+    cfg = LabConfig(hosts=[LabHost(name="pve-mgmt", node="pve-mgmt", role="mgmt", address="127.0.0.11")],
+                    placement={"tenant": "fill"})
+    apply_option(cfg, "labc", "lab.up --cluster")
+    assert [h.name for h in cfg.hosts] == ["pve-mgmt", "pve-c1", "pve-c2", "pve-c3"]
+    assert cfg.placement == {"tenant": "fill"}  # a policy lab.json names stays
+    apply_option(cfg, "labc:2", "lab.up --cluster")
+    assert [(h.name, h.address) for h in cfg.hosts] == [
+        ("pve-mgmt", "127.0.0.11"), ("pve-c1", "127.0.0.12"), ("pve-c2", "127.0.0.13")]
+    cfg.validate()
+    with pytest.raises(LabError, match=r"lab.up --cluster: 'labc:x' is not NAME or NAME:NODES"):
+        apply_option(cfg, "labc:x", "lab.up --cluster")
+    apply_option(cfg, "none", "lab.up --cluster")
+    assert ([h.name for h in cfg.hosts], cfg.cluster) == (["pve-mgmt"], None)
