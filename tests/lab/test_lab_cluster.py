@@ -98,10 +98,14 @@ def test_the_shared_storage_is_one_directory_for_every_node(clab: LabHandle) -> 
     shared = clab.paths.shared_storage_dir("labc")
     with SshLink("pve-c1", clab.hv("pve-c1").ssh) as link:
         link.run(["qemu-img", "create", "-q", "-f", "qcow2", str(shared / "import" / "up.qcow2"), "16M"])
+        link.run(["qemu-img", "create", "-q", "-f", "qcow2", str(clab.hv("pve-c1").storage.import_dir) + "/own.qcow2",
+                  "16M"])
+    own = api(clab, "pve-c1").get("/nodes/pve-c1/storage/local/content")
+    assert [c["volid"] for c in own] == ["local:import/own.qcow2"]
     for host in ("pve-c2", "pve-c3"):
         content = api(clab, host).get(f"/nodes/{host}/storage/{SHARED_STORAGE}/content")
         assert [(c["volid"], c["content"]) for c in content] == [(f"{SHARED_STORAGE}:import/up.qcow2", "import")]
-        assert api(clab, host).get(f"/nodes/{host}/storage/local/content") == []
+        assert api(clab, host).get(f"/nodes/{host}/storage/local/content") == []  # each node's local is its own
         with SshLink(host, clab.hv(host).ssh) as link:
             assert link.run(["ls", str(shared / "import")]).stdout.split() == ["up.qcow2"]
 
@@ -139,7 +143,11 @@ def test_clone_to_another_node_needs_shared_storage_and_lands_there(clab: LabHan
 
 def test_a_node_going_offline_is_reported_for_it_alone_and_comes_back(clab: LabHandle) -> None:
     api(clab, "pve-c2").run_task("POST", "/nodes/pve-c2/qemu", vmid=2700, name="on-c2", memory=512)
+    session = SshLink("pve-c2", clab.hv("pve-c2").ssh).connect()
     clab.node_offline("pve-c2")
+    with pytest.raises((RemoteError, OSError, EOFError)):  # an open session is cut with it
+        session.run(["true"], timeout=10)
+    session.close()
     address = urlsplit(clab.hv("pve-c2").api_url).hostname
     assert address is not None
     assert refused(address, 8006) and refused(clab.hv("pve-c2").ssh.host, clab.hv("pve-c2").ssh.port)
