@@ -141,6 +141,22 @@ def test_clone_to_another_node_needs_shared_storage_and_lands_there(clab: LabHan
     assert {int(v["vmid"]) for v in c1.list_vms()} == {9100, 9101, 2606}
 
 
+def test_a_clone_started_on_its_target_node_runs_there_from_the_shared_storage(clab: LabHandle) -> None:
+    if clab.config.real_boot == "none":
+        pytest.skip("lab started with --lab-real-boot=none")
+    c1 = api(clab, "pve-c1")
+    _template(c1, "pve-c1", 9102, SHARED_STORAGE)
+    c1.run_task("POST", "/nodes/pve-c1/qemu/9102/clone", newid=2950, name="runs-on-c2", target="pve-c2")
+    api(clab, "pve-c3").run_task("POST", "/nodes/pve-c2/qemu/2950/status/start")  # asked through pve-c3
+    qemu = clab.qemu("pve-c2", 2950)
+    assert qemu is not None and clab.qemu("pve-c1", 2950) is None
+    cmdline = Path(f"/proc/{qemu['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert str(clab.paths.shared_storage_dir("labc") / "images" / "2950") in cmdline
+    assert api(clab, "pve-c1").get("/nodes/pve-c2/qemu/2950/status/current")["status"] == "running"
+    api(clab, "pve-c1").run_task("POST", "/nodes/pve-c2/qemu/2950/status/stop")
+    assert clab.qemu("pve-c2", 2950) is None
+
+
 def test_a_node_going_offline_is_reported_for_it_alone_and_comes_back(clab: LabHandle) -> None:
     api(clab, "pve-c2").run_task("POST", "/nodes/pve-c2/qemu", vmid=2700, name="on-c2", memory=512)
     session = SshLink("pve-c2", clab.hv("pve-c2").ssh).connect()
