@@ -92,6 +92,11 @@ def test_a_vmid_is_cluster_wide_and_any_endpoint_reaches_any_node(clab: LabHandl
     assert api(clab, "pve-c2").list_vms() == []
     with pytest.raises(ApiError, match="does not exist"):
         c1.get("/nodes/pve-c2/qemu/2500/config")
+    # /cluster/nextid counts every node's guests
+    c1.run_task("POST", "/nodes/pve-c1/qemu", vmid=100, name="lowest", memory=512)
+    assert api(clab, "pve-c2").get("/cluster/nextid") == "101"
+    with pytest.raises(ApiError, match="VM 2500 already exists"):
+        c3.get("/cluster/nextid", vmid=2500)
 
 
 def test_the_shared_storage_is_one_directory_for_every_node(clab: LabHandle) -> None:
