@@ -153,12 +153,12 @@ def api_command(paths: LabPaths, nodes: list[LabHost]) -> list[str]:
     return argv
 
 
-def start_api(paths: LabPaths, nodes: list[LabHost]) -> int:
+def start_api(paths: LabPaths, nodes: list[LabHost]) -> subprocess.Popen[bytes]:
     log = (paths.log / f"{nodes[0].cluster}-pve.log").open("ab")
     proc = subprocess.Popen(api_command(paths, nodes), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
     log.close()
-    return proc.pid
+    return proc
 
 
 def log_file(paths: LabPaths, host: LabHost) -> Path:
