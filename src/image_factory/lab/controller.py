@@ -296,30 +296,7 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         children: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
         try:
             for host in cfg.hosts:
-                p = prepared[host.name]
-                sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
-                pid = _read_pid(sshd_pidfile)
-                if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
-                    children[(host.name, "sshd")] = sshd_proc = sshd.start(paths, host, p["sshd_config"],
-                                                                           netns[host.name])
-                    pid = sshd_proc.pid
-                    write_public(sshd_pidfile, f"{pid}\n")
-                    started.append((pid, _sshd_marker(paths, host.name)))
-                pid = _read_pid(pve_pidfile)
-                if host.cluster:
-                    if host is cluster.members(cfg)[0]:
-                        _start_cluster_api(paths, cfg, started, children)
-                elif pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
-                    log = (paths.log / f"{host.name}-pve.log").open("ab")
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "image_factory.lab.pve_server", "--config",
-                         _pve_marker(paths, host.name)],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                    )
-                    log.close()
-                    write_public(pve_pidfile, f"{proc.pid}\n")
-                    started.append((proc.pid, _pve_marker(paths, host.name)))
-                    children[(host.name, "pve")] = proc
+                _start_host(paths, cfg, host, prepared[host.name], netns[host.name], started, children)
             _wait_ready(paths, cfg, children)
         except BaseException:
             for pid, marker in started:
@@ -335,6 +312,31 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     except ValidationFailed as exc:
         raise LabError(f"the generated lab inventory {paths.inventory} does not validate: {exc}") from None
     return lab
+
+
+def _start_host(paths: LabPaths, cfg: LabConfig, host: LabHost, p: dict[str, Any], netns: str | None,
+                started: list[tuple[int, str]], children: dict[tuple[str, str], subprocess.Popen[bytes]]) -> None:
+    """The host's sshd and API server, each unless it runs (a cluster's nodes share one API process)."""
+    sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
+    pid = _read_pid(sshd_pidfile)
+    if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
+        children[(host.name, "sshd")] = sshd_proc = sshd.start(paths, host, p["sshd_config"], netns)
+        write_public(sshd_pidfile, f"{sshd_proc.pid}\n")
+        started.append((sshd_proc.pid, _sshd_marker(paths, host.name)))
+    pid = _read_pid(pve_pidfile)
+    if host.cluster:
+        if host is cluster.members(cfg)[0]:
+            _start_cluster_api(paths, cfg, started, children)
+    elif pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
+        log = (paths.log / f"{host.name}-pve.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "image_factory.lab.pve_server", "--config", _pve_marker(paths, host.name)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        write_public(pve_pidfile, f"{proc.pid}\n")
+        started.append((proc.pid, _pve_marker(paths, host.name)))
+        children[(host.name, "pve")] = proc
 
 
 def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int, str]],
