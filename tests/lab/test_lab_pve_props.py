@@ -11,6 +11,7 @@ from image_factory.lab import control as control_client
 from image_factory.lab.pve import LabPve, formats, props
 from image_factory.lab.pve.base import LabNodeBase
 from image_factory.lab.pve.control import CONTROL_OPS
+from image_factory.lab.pve.members import ClusterMember
 
 pytestmark = pytest.mark.unit
 
@@ -109,15 +110,19 @@ def test_the_lab_never_imports_the_products_codec() -> None:
 
 
 def test_each_concern_overrides_its_own_methods_only() -> None:
-    """node.py's promise: the concerns are independent, so their order in LabPve does not matter."""
+    """node.py's promise: the concerns are independent, so their order in LabPve does not matter. The one
+    exception is ClusterMember, a layer over the others (a cluster node's view of status, nodes, clone targets,
+    reset): it comes first, so its super() reaches the concern it wraps."""
     concerns = [c for c in LabPve.__mro__ if issubclass(c, LabNodeBase) and c not in (LabPve, LabNodeBase)]
-    assert len(concerns) == 12
+    assert len(concerns) == 13 and concerns[0] is ClusterMember
     owners: dict[str, list[str]] = {}
-    for concern in concerns:
+    for concern in concerns[1:]:
         for name, value in vars(concern).items():
             if callable(value) or isinstance(value, property):
                 owners.setdefault(name, []).append(concern.__name__)
     assert {name: who for name, who in owners.items() if len(who) > 1} == {}
+    wrapped = {name for name, value in vars(ClusterMember).items() if callable(value) and name in owners}
+    assert wrapped == {"_cluster_status", "_nodes", "_qm_clone", "reset", "shutdown"}
 
 
 def test_every_control_op_the_client_documents_has_a_handler() -> None:

@@ -25,7 +25,8 @@ from image_factory.lab.spec import NodeSpec
 class LabPve(ClusterMember, Control, GuestAgent, Power, Cluster, Clones, VmConfig, Disks, Upload, Storage, Tasks,
              Access, StatePersistence, LabNodeBase):
     """One PVE node as the lab runs it: every concern overrides fakepve's methods of its own area only, so the
-    order of the mixins does not matter; each one's super() reaches fakepve."""
+    order of the mixins does not matter; each one's super() reaches fakepve. ClusterMember alone is a layer over
+    the others (a cluster node's status, nodes, clone targets, reset) and must come first."""
 
 
 __all__ = ["LabPve", "NodeSpec", "parse_name_dir", "random_mac"]
