@@ -88,6 +88,9 @@ class Manifest:
     source: dict[str, str] = field(default_factory=dict)
     # The certificates the build's variable store enrolled (variable, subject, sha256, not_after): auditable.
     secure_boot_enrolled: list[dict[str, str]] = field(default_factory=list)
+    # sha256 of the disk as the guest reads it (raw), "" until a delta publish needed it (image/delta.py): the
+    # host checks a rebuilt image against it, since a qcow2 file's bytes depend on the qemu-img that wrote it.
+    guest_sha256: str = ""
     schema: int = SCHEMA_VERSION
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from image_factory.errors import FactoryError
+from image_factory.image.delta import Delta
 from image_factory.image.manifest import Manifest
 from image_factory.pve.templates import TemplateInfo
 from image_factory.reports import Report
@@ -32,10 +33,14 @@ class HostFailed(PublishError):
 
 
 class Delivery(Protocol):
-    """What the decision needs of a transport: whether it continues a partial file (pve.upload.TransportKind)."""
+    """What the decision needs of a transport (pve.upload.TransportKind): whether it continues a partial file, and
+    whether it can rebuild an image from a delta on the host."""
 
     @property
     def resumable(self) -> bool: ...
+
+    @property
+    def rebuilds_delta(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Artifact:
     forced: bool
     import_file: str
     template_name: str
+    delta: Delta | None = None  # against the artifact last published from this build directory (image/delta.py)
 
 
 @dataclass
@@ -58,8 +64,10 @@ class HostPlan:
     template_name: str
     existing: TemplateInfo | None = None  # a template of this digest is already there
     same_content: bool = False  # existing is another build with the same recipe and installed packages
-    upload: str = "upload"  # upload | resume | skip | none
+    upload: str = "upload"  # upload | resume | delta | skip | none
     partial_bytes: int = 0
+    delta_base: str = ""  # upload=delta: the import file the host rebuilds the image on
+    delta_bytes: int = 0
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
     stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
@@ -75,6 +83,7 @@ class HostPlan:
         return {
             "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
             "partial_bytes": self.partial_bytes, "import_file": self.import_file,
+            "delta_base": self.delta_base or None, "delta_bytes": self.delta_bytes,
             "same_content_as": self.existing.build_id if self.same_content and self.existing else None,
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,
@@ -95,7 +104,7 @@ class HostResult(Report):
     action: str = "failed"  # created | unchanged | planned | failed
     template_vmid: int | None = None
     template_name: str = ""
-    upload: str = ""
+    upload: str = ""  # the plan's, then what happened: uploaded | resumed | delta | skipped
     bytes_sent: int = 0
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)

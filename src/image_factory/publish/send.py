@@ -9,7 +9,15 @@ from image_factory.publish.model import Artifact, HostPlan, HostResult, Progress
 from image_factory.pve.client import PveClient
 from image_factory.pve.hostlock import DEFAULT_WAIT
 from image_factory.pve.sshlink import SshLink
-from image_factory.pve.upload import TRANSPORT_KINDS, SshUploader, TransportKind, UploadResult, upload_api
+from image_factory.pve.upload import (
+    TRANSPORT_KINDS,
+    SshUploader,
+    TransportKind,
+    UploadError,
+    UploadResult,
+    upload_api,
+)
+from image_factory.pve.upload_delta import DeltaRebuildFailed, delta_name, rebuild_from_delta
 from image_factory.site.inventory import Hypervisor
 
 LOCK_WAIT = DEFAULT_WAIT
@@ -47,6 +55,10 @@ class Transport:
     def staged(self) -> bool:
         return self.kind.staged
 
+    @property
+    def rebuilds_delta(self) -> bool:
+        return self.kind.rebuilds_delta
+
 
 def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
                    tick: Callable[[int], None]) -> UploadResult:
@@ -79,8 +91,29 @@ TRANSPORTS: dict[str, Transport] = {
 }
 
 
+def _send_delta(ctx: HostContext, plan: HostPlan, link: SshLink, result: HostResult) -> None:
+    """The delta over the verified SSH upload, then the host's rebuild of the full image on the base it names."""
+    hv, art, delta = ctx.hv, ctx.artifact, ctx.artifact.delta
+    assert delta is not None
+
+    def tick(done: int) -> None:
+        if ctx.progress:
+            ctx.progress(hv.name, done, delta.size)
+
+    uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link, endpoint=hv.ssh)
+    try:
+        uploader.upload(delta.path, hv.storage.import_dir, delta_name(art.import_file), delta.sha256,
+                        progress=tick, check_final=False)
+    finally:
+        result.bytes_sent += uploader.bytes_sent
+        uploader.close()
+    rebuild_from_delta(link, hv.storage.import_dir, plan.delta_base, art.import_file, delta.guest_sha256)
+
+
 def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
-    """Send the artifact as the plan says (``skip``: a verified final file is already there)."""
+    """Send the artifact as the plan says (``skip``: a verified final file is already there; ``delta``: only the
+    clusters that differ from a base the host holds, falling back to the full image if the host cannot rebuild
+    a verified image from them)."""
     hv, art = ctx.hv, ctx.artifact
     total = art.size
 
@@ -91,6 +124,18 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
     if plan.upload == "skip":
         tick(total)
         return
+    if plan.upload == "delta":
+        try:
+            _send_delta(ctx, plan, link, result)
+            result.upload = "delta"
+            result.notes.append(f"sent a delta of {plan.delta_bytes} bytes against {plan.delta_base} "
+                                f"({plan.delta_bytes / art.size:.1%} of the image); the host rebuilt the image "
+                                "and verified its guest view")
+            return
+        except UploadError as exc:  # DeltaRebuildFailed among them: the host removed what it made
+            step = "rebuild" if isinstance(exc, DeltaRebuildFailed) else "upload"
+            result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} ({exc.message}); "
+                                "sent the full image")
     up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick)
     result.resumed_from = up.resumed_from
     result.upload = "resumed" if up.resumed_from else up.action

@@ -1,0 +1,166 @@
+"""The client's side of a delta publish: the last published artifact kept as the base, the guest view's digest,
+and the delta (a qcow2 of only the clusters in which the new build's guest view differs from the base's).
+
+A qcow2 file's bytes depend on the qemu-img that wrote it, so what a delta publish proves is the guest view: the
+sha256 of the disk as the guest reads it (the raw image), recorded in the manifest as ``guest_sha256``. The host
+rebuilds a full image from base + delta and checks that digest before it registers (pve/upload_delta).
+
+The delta is exact: an empty overlay over the new build, then a *safe* ``qemu-img rebase`` onto the base, which
+compares every cluster the overlay does not hold between the old backing file (the new build) and the new one
+(the base) and copies only those that differ into the overlay (qemu-img.c img_rebase). ``qemu-img convert -B``
+does not compare: it copies every cluster the source's own chain allocates, i.e. all of a flat build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from image_factory.errors import FactoryError
+from image_factory.files import write_atomic
+from image_factory.image import manifest as manifest_mod
+from image_factory.image.builddir import BuildDir
+from image_factory.image.manifest import Manifest
+
+BASE_DIR_NAME = "published"  # builds/<image>/published/: the artifact last published, and the delta against it
+BASE_RECORD_NAME = "base.json"
+QEMU_IMG_TIMEOUT = 1800
+
+
+class DeltaError(FactoryError):
+    """A delta cannot be made here (the caller publishes the full image instead)."""
+
+
+@dataclass(frozen=True)
+class PublishedBase:
+    """The artifact of the build last published from this build directory, kept for the next delta."""
+
+    build_id: str
+    sha256: str  # the artifact's (= the manifest's artifact.sha256 of that build)
+    guest_sha256: str
+    virtual_size: int
+    format: str
+    file: str  # its name in builds/<image>/published/
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A delta of the current build against a published base, ready to send."""
+
+    path: Path
+    size: int
+    sha256: str  # of the delta file (the upload verifies it on arrival)
+    base: PublishedBase
+    guest_sha256: str  # of the current build: what the host's rebuilt image must read as
+
+
+def _qemu_img(*args: str) -> None:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise DeltaError("qemu-img is not installed (invoke doctor lists it)")
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise DeltaError(f"qemu-img {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+
+
+def guest_sha256(path: Path, fmt: str) -> str:
+    """The sha256 of the disk as the guest reads it. qemu-img cannot write raw to a pipe (it resizes its target),
+    so the raw image goes to a sparse temporary file beside ``path`` and is hashed from there."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".guest.raw", dir=path.parent)
+    os.close(fd)
+    try:
+        _qemu_img("convert", "-q", "-f", fmt, "-O", "raw", str(path), tmp)
+        return manifest_mod.sha256_file(Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def ensure_guest_sha256(build_dir: BuildDir, m: Manifest, path: Path) -> str:
+    """The manifest's guest digest, computed once and recorded (manifests of older builds lack it)."""
+    if not m.guest_sha256:
+        m.guest_sha256 = guest_sha256(path, m.artifact.format)
+        current = build_dir.load()
+        if current is not None and current.artifact.sha256 == m.artifact.sha256:  # not rebuilt meanwhile
+            current.guest_sha256 = m.guest_sha256
+            build_dir.save(current)
+    return m.guest_sha256
+
+
+def base_dir(build_dir: BuildDir) -> Path:
+    return build_dir.path / BASE_DIR_NAME
+
+
+def published_base(build_dir: BuildDir) -> PublishedBase | None:
+    """The kept base, or None when there is none or it is not what its record says (a half-copied or changed
+    file is never used: it is checked against its sha256, cheaply once stamped)."""
+    record = base_dir(build_dir) / BASE_RECORD_NAME
+    try:
+        base = PublishedBase(**json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not manifest_mod.has_sha256(base_dir(build_dir) / base.file, base.sha256):
+        return None
+    return base
+
+
+def keep_published(build_dir: BuildDir, m: Manifest, path: Path) -> PublishedBase:
+    """Keep a copy of the artifact just published as the next delta's base (its record written last, so a crash
+    leaves the old base or the new one), and drop the old base and its deltas."""
+    where = base_dir(build_dir)
+    where.mkdir(parents=True, exist_ok=True)
+    known = published_base(build_dir)
+    if known is not None and known.sha256 == m.artifact.sha256:
+        return known
+    name = f"base-{m.build_id}.{m.artifact.format}"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=where)
+    os.close(fd)
+    try:
+        # A copy, never a link: the next build may rewrite the artifact in place; --reflink shares the blocks
+        # where the filesystem can.
+        subprocess.run(["cp", "--reflink=auto", "--", str(path), tmp], check=True, capture_output=True)
+        os.replace(tmp, where / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    base = PublishedBase(m.build_id, m.artifact.sha256, m.guest_sha256, m.artifact.virtual_size,
+                         m.artifact.format, name)
+    write_atomic(where / BASE_RECORD_NAME, json.dumps(asdict(base), indent=2, sort_keys=True) + "\n")
+    for old in where.iterdir():
+        if old.name not in (name, BASE_RECORD_NAME) and not old.name.startswith("."):
+            old.unlink(missing_ok=True)
+    return base
+
+
+def make_delta(build_dir: BuildDir, m: Manifest, path: Path) -> Delta | None:
+    """The delta of the current build against the kept base, or None when there is no usable base (none kept,
+    the same build, another format or virtual size). Made once per pair of builds and reused by a re-run."""
+    base = published_base(build_dir)
+    if (base is None or base.sha256 == m.artifact.sha256 or m.artifact.format != "qcow2"
+            or base.format != "qcow2" or base.virtual_size != m.artifact.virtual_size):
+        return None
+    guest = ensure_guest_sha256(build_dir, m, path)
+    where = base_dir(build_dir)
+    out = where / f"delta-{base.build_id}-{m.build_id}.qcow2"
+    record = out.with_suffix(".sha256")
+    with contextlib.suppress(OSError, ValueError):
+        sha = record.read_text(encoding="utf-8").strip()
+        if manifest_mod.has_sha256(out, sha):
+            return Delta(out, out.stat().st_size, sha, base, guest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".qcow2", dir=where)
+    os.close(fd)
+    try:
+        _qemu_img("create", "-q", "-f", "qcow2", "-F", m.artifact.format, "-b", str(path.resolve()), tmp)
+        _qemu_img("rebase", "-q", "-f", "qcow2", "-F", base.format, "-b", str((where / base.file).resolve()), tmp)
+        sha = manifest_mod.sha256_file(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_atomic(record, sha + "\n")
+    return Delta(out, out.stat().st_size, sha, base, guest)
