@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from image_factory.image.delta import Delta, PublishedBase
 from image_factory.lab import factories
 from image_factory.ownership import marker_block
 from image_factory.publish.decide import HostState, clone_dependents, decide, free_vmid, select_prunes
@@ -97,11 +98,17 @@ SIZE = 1000
 CONTENT_MANIFEST = {"recipe": "r1", "contents": {"packages_digest": "p1"}}
 
 
-def _artifact(site: Any, *, content: bool = False, tested: bool = True) -> Artifact:
+BASE_SHA = "3" * 64  # the artifact of build b3, the one a delta is made against
+
+
+def _artifact(site: Any, *, content: bool = False, tested: bool = True, delta: int | None = None) -> Artifact:
     m = factories.manifest(build_id="b9", sha256="9" * 64, tested=True, fingerprint="f" * 64,
                            **(CONTENT_MANIFEST if content else {}))
+    base = PublishedBase("b3", BASE_SHA, "g" * 64, 2 * SIZE, "qcow2", "base-b3.qcow2")
+    made = None if delta is None else Delta(Path("delta-b3-b9.qcow2"), delta, "e" * 64, base, "h" * 64)
     return Artifact(manifest=m, image=site.image("debian-lab"), path=Path("debian-lab.qcow2"), size=SIZE,
-                    tested=tested, forced=False, import_file="debian-lab-b9.qcow2", template_name="tpl-debian-lab-b9")
+                    tested=tested, forced=False, import_file="debian-lab-b9.qcow2", template_name="tpl-debian-lab-b9",
+                    delta=made)
 
 
 def _tpl(vmid: int, build: str, published: str, **fields: Any) -> TemplateInfo:
@@ -125,6 +132,11 @@ class Case:
     keep: int = 3
     transport: str = "ssh"
     content: bool = False  # the artifact has a content digest (recipe + packages)
+    delta: int | None = None  # the size of a delta against build b3 (None: no base kept, no delta made)
+
+
+B3 = _tpl(9002, "b3", "2026-03", sha256=BASE_SHA)  # the delta's base, published; its import file debian-lab-b3.qcow2
+ON_HOST = ("debian-lab-b3.qcow2",)
 
 
 def _clone_of(base: int) -> dict[int, dict[str, Any]]:
@@ -183,6 +195,38 @@ PUBLISH_CASES: dict[str, Case] = {
         {"templates": [_tpl(9009, "b9", "2026-01", digest=THIS), *OLD]},
         {"action": "unchanged", "prune": [{"vmid": 9001, "name": "tpl-debian-lab-b2", "build_id": "b2"},
                                           {"vmid": 9000, "name": "tpl-debian-lab-b1", "build_id": "b1"}]}, keep=2),
+    "delta: the host holds the base's import file, and the delta is 7% of the image": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"action": "create", "upload": "delta", "delta_base": "debian-lab-b3.qcow2", "delta_bytes": 70}, delta=70),
+    "delta on an older template of the base build (a newer one is another build)": Case(
+        {"templates": [_tpl(9003, "b4", "2026-04"), B3], "import_listing": ON_HOST},
+        {"upload": "delta", "delta_base": "debian-lab-b3.qcow2"}, delta=70),
+    "no delta: the base's import file is gone from the host": Case(
+        {"templates": [B3]}, {"upload": "upload", "delta_base": None, "delta_bytes": 0}, delta=70),
+    "no delta: the host missed the base's night (its templates are other builds)": Case(
+        {"templates": OLD, "import_listing": ("debian-lab-b1.qcow2", "debian-lab-b3.qcow2")},
+        {"upload": "upload", "delta_base": None}, delta=70),
+    "no delta: a half-made VM of the base build is not known good": Case(
+        {"templates": [dataclasses.replace(B3, is_template=False)], "import_listing": ON_HOST},
+        {"upload": "upload", "delta_base": None}, delta=70),
+    "no delta: it would save less than half the bytes": Case(
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload"}, delta=SIZE // 2 + 1),
+    "no delta over the API transport (it cannot run the host's rebuild)": Case(
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload"}, transport="api", delta=70),
+    "no delta made (no base kept): the full image": Case(
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload", "delta_base": None}),
+    "a verified final file beats a delta (skip)": Case(
+        {"templates": [B3], "import_listing": ON_HOST, "sizes": {"debian-lab-b9.qcow2": SIZE},
+         "final_sha256": "9" * 64}, {"upload": "skip", "delta_base": None}, delta=70),
+    "resume beats a delta": Case(
+        {"templates": [B3], "import_listing": (*ON_HOST, PARTIAL), "sizes": {PARTIAL: 400}},
+        {"upload": "resume", "delta_base": None}, delta=70),
+    "what a delta publish that died left is removed (any build of this image), other images' are not": Case(
+        {"import_listing": (".debian-lab-b8.qcow2.delta", "..debian-lab-b8.qcow2.delta.partial",
+                            ".debian-lab-b9.qcow2.rebuild", ".debian-lab-b9.qcow2.guest.raw",
+                            ".fedora-44-b1.qcow2.delta", "debian-lab-b8.qcow2")},
+        {"remove_partials": ["..debian-lab-b8.qcow2.delta.partial", ".debian-lab-b8.qcow2.delta",
+                             ".debian-lab-b9.qcow2.guest.raw", ".debian-lab-b9.qcow2.rebuild"]}),
 }
 
 
@@ -200,7 +244,7 @@ def _state(site: Any, art: Artifact, fields: dict[str, Any]) -> HostState:
 @pytest.mark.parametrize("name", list(PUBLISH_CASES))
 def test_publish_decisions(site: Any, name: str) -> None:
     case = PUBLISH_CASES[name]
-    art = _artifact(site, content=case.content)
+    art = _artifact(site, content=case.content, delta=case.delta)
     plan = decide(_state(site, art, case.state), art, case.keep, TRANSPORT_KINDS[case.transport]).to_dict()
     assert {k: plan[k] for k in case.plan} == case.plan
 
