@@ -72,7 +72,7 @@ def _qemu_img(*args: str) -> None:
 def guest_sha256(path: Path, fmt: str) -> str:
     """The sha256 of the disk as the guest reads it. qemu-img cannot write raw to a pipe (it resizes its target),
     so the raw image goes to a sparse temporary file beside ``path`` and is hashed from there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".guest.raw", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".guestview", dir=path.parent)
     os.close(fd)
     try:
         _qemu_img("convert", "-q", "-f", fmt, "-O", "raw", str(path), tmp)

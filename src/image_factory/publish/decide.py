@@ -126,7 +126,7 @@ def stale_partials(state: HostState, art: Artifact, resumable: bool) -> list[str
     delta publish that died part-way left (pve/upload_delta.leftover_names): with the lock held, nobody uses them."""
     image = re.escape(art.manifest.image)
     stray = re.compile(rf"^\.{image}-.+\.(qcow2|raw|vmdk)\.partial$")
-    delta_leftover = re.compile(rf"^\.\.?{image}-.+\.(qcow2|raw|vmdk)\.(delta|delta\.partial|rebuild|guest\.raw)$")
+    delta_leftover = re.compile(rf"^\.\.?{image}-.+\.(qcow2|raw|vmdk)\.(delta|delta\.partial|rebuild|guestview)$")
     return sorted(n for n in state.import_listing
                   if (stray.match(n) and (n != state.own_partial or not resumable)) or delta_leftover.match(n))
 

@@ -41,7 +41,7 @@ def delta_name(final: str) -> str:
 def leftover_names(final: str) -> tuple[str, ...]:
     """Every name a delta publish of ``final`` may leave if the host dies part-way (the script removes them
     itself on any exit it sees)."""
-    return delta_name(final), f".{delta_name(final)}.partial", f".{final}.rebuild", f".{final}.guest.raw"
+    return delta_name(final), f".{delta_name(final)}.partial", f".{final}.rebuild", f".{final}.guestview"
 
 
 @cache

@@ -18,7 +18,7 @@
 [ $# -eq 5 ] || { echo "usage: factory-delta IMPORT_DIR BASE DELTA FINAL GUEST_SHA256" >&2; exit 2; }
 dir=$1 base=$2 delta=$3 final=$4 guest=$5
 cd -- "$dir" || exit 2
-work=".$final.rebuild" raw=".$final.guest.raw"
+work=".$final.rebuild" raw=".$final.guestview"
 trap 'rm -f -- "$delta" "$work" "$raw"' EXIT
 trap 'exit 4' HUP INT TERM
 [ -f "$base" ] || { echo "the base $base is not in $dir" >&2; exit 3; }

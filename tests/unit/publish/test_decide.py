@@ -223,10 +223,10 @@ PUBLISH_CASES: dict[str, Case] = {
         {"upload": "resume", "delta_base": None}, delta=70),
     "what a delta publish that died left is removed (any build of this image), other images' are not": Case(
         {"import_listing": (".debian-lab-b8.qcow2.delta", "..debian-lab-b8.qcow2.delta.partial",
-                            ".debian-lab-b9.qcow2.rebuild", ".debian-lab-b9.qcow2.guest.raw",
+                            ".debian-lab-b9.qcow2.rebuild", ".debian-lab-b9.qcow2.guestview",
                             ".fedora-44-b1.qcow2.delta", "debian-lab-b8.qcow2")},
         {"remove_partials": ["..debian-lab-b8.qcow2.delta.partial", ".debian-lab-b8.qcow2.delta",
-                             ".debian-lab-b9.qcow2.guest.raw", ".debian-lab-b9.qcow2.rebuild"]}),
+                             ".debian-lab-b9.qcow2.guestview", ".debian-lab-b9.qcow2.rebuild"]}),
 }
 
 
