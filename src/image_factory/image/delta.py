@@ -14,11 +14,13 @@ does not compare: it copies every cluster the source's own chain allocates, i.e.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from image_factory.image.manifest import Manifest
 
 BASE_DIR_NAME = "published"  # builds/<image>/published/: the artifact last published, and the delta against it
 BASE_RECORD_NAME = "base.json"
+LOCK_NAME = ".lock"
 QEMU_IMG_TIMEOUT = 1800
 
 
@@ -109,11 +112,25 @@ def published_base(build_dir: BuildDir) -> PublishedBase | None:
     return base
 
 
+@contextlib.contextmanager
+def _locked(build_dir: BuildDir) -> Iterator[Path]:
+    """builds/<image>/published/, held by this process: two publishes at once make or replace one base and one
+    delta in turn (the second finds the first's)."""
+    where = base_dir(build_dir)
+    where.mkdir(parents=True, exist_ok=True)
+    with (where / LOCK_NAME).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield where
+
+
 def keep_published(build_dir: BuildDir, m: Manifest, path: Path) -> PublishedBase:
     """Keep a copy of the artifact just published as the next delta's base (its record written last, so a crash
     leaves the old base or the new one), and drop the old base and its deltas."""
-    where = base_dir(build_dir)
-    where.mkdir(parents=True, exist_ok=True)
+    with _locked(build_dir) as where:
+        return _keep(build_dir, where, m, path)
+
+
+def _keep(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> PublishedBase:
     known = published_base(build_dir)
     if known is not None and known.sha256 == m.artifact.sha256:
         return known
@@ -140,12 +157,16 @@ def keep_published(build_dir: BuildDir, m: Manifest, path: Path) -> PublishedBas
 def make_delta(build_dir: BuildDir, m: Manifest, path: Path) -> Delta | None:
     """The delta of the current build against the kept base, or None when there is no usable base (none kept,
     the same build, another format or virtual size). Made once per pair of builds and reused by a re-run."""
+    with _locked(build_dir) as where:
+        return _make(build_dir, where, m, path)
+
+
+def _make(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> Delta | None:
     base = published_base(build_dir)
     if (base is None or base.sha256 == m.artifact.sha256 or m.artifact.format != "qcow2"
             or base.format != "qcow2" or base.virtual_size != m.artifact.virtual_size):
         return None
     guest = ensure_guest_sha256(build_dir, m, path)
-    where = base_dir(build_dir)
     out = where / f"delta-{base.build_id}-{m.build_id}.qcow2"
     record = out.with_suffix(".sha256")
     with contextlib.suppress(OSError, ValueError):
