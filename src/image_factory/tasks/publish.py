@@ -91,7 +91,9 @@ def print_report(report: PublishReport) -> None:
         else:
             pruned = ", ".join(str(p["vmid"]) for p in h.pruned) or "-"
             action = h.action
-        notes = list(h.warnings) + list(h.cleaned_up)
+        notes = list(h.notes) + list(h.warnings) + list(h.cleaned_up)
+        if report.dry_run and h.plan.get("delta_base"):
+            notes.append(f"a delta of {_size(h.plan['delta_bytes'])} against {h.plan['delta_base']}")
         if h.plan.get("remove_stale"):
             notes.append(f"stale VMs: {h.plan['remove_stale']}")
         if h.kept_for_linked_clones:
