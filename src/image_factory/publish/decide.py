@@ -131,16 +131,22 @@ def stale_partials(state: HostState, art: Artifact, resumable: bool) -> list[str
                   if (stray.match(n) and (n != state.own_partial or not resumable)) or delta_leftover.match(n))
 
 
-def delta_base(state: HostState, art: Artifact, transport: Delivery) -> TemplateInfo | None:
-    """A finished template of the build the delta was made against whose import file is still on the host: the
-    host rebuilds the new image on that file. None when the transport cannot run the host's steps, the delta
-    saves less than half the bytes, or no such template (the host missed a night, or pruned it)."""
+def delta_base(state: HostState, art: Artifact, transport: Delivery) -> tuple[TemplateInfo | None, str]:
+    """A finished template of the build the delta was made against whose import file is still on the host (the
+    host rebuilds the new image on that file), or None and why not: no delta was made (no base kept), the
+    transport cannot run the host's steps, the delta saves less than half the bytes, or no such template (the
+    host missed a night, or pruned it)."""
     delta = art.delta
-    if delta is None or not transport.rebuilds_delta or delta.size > art.size * DELTA_WORTH:
-        return None
-    return next((t for t in state.templates if t.is_template and t.sha256 == delta.base.sha256
-                 and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file
-                 and t.import_file in state.import_listing), None)
+    if delta is None:
+        return None, ""
+    if not transport.rebuilds_delta:
+        return None, "the transport cannot rebuild a delta on the host"
+    if delta.size > art.size * DELTA_WORTH:
+        return None, f"a delta would be {delta.size / art.size:.0%} of the image"
+    found = next((t for t in state.templates if t.is_template and t.sha256 == delta.base.sha256
+                  and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file
+                  and t.import_file in state.import_listing), None)
+    return found, "" if found else f"the host holds no template of build {delta.base.build_id} with its import file"
 
 
 def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> HostPlan:
@@ -163,9 +169,10 @@ def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> H
             part = state.sizes.get(state.own_partial) or 0
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and resumable else "upload"
-            base = delta_base(state, art, transport) if plan.upload == "upload" else None
-            if base is not None and art.delta is not None:
-                plan.upload, plan.delta_base, plan.delta_bytes = "delta", base.import_file, art.delta.size
+            if plan.upload == "upload":
+                base, plan.no_delta = delta_base(state, art, transport)
+                if base is not None and art.delta is not None:
+                    plan.upload, plan.delta_base, plan.delta_bytes = "delta", base.import_file, art.delta.size
         plan.vmid = free_vmid(state.hv, state.used_vmids - {t.vmid for t in plan.stale})
     for t in prune_candidates(state.templates, art, keep):
         deps = clone_dependents(state.configs, t.vmid, state.untracked)

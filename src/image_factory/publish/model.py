@@ -68,6 +68,7 @@ class HostPlan:
     partial_bytes: int = 0
     delta_base: str = ""  # upload=delta: the import file the host rebuilds the image on
     delta_bytes: int = 0
+    no_delta: str = ""  # why a delta made for this build is not sent to this host ("" when none was made)
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
     stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
@@ -83,7 +84,7 @@ class HostPlan:
         return {
             "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
             "partial_bytes": self.partial_bytes, "import_file": self.import_file,
-            "delta_base": self.delta_base or None, "delta_bytes": self.delta_bytes,
+            "delta_base": self.delta_base or None, "delta_bytes": self.delta_bytes, "no_delta": self.no_delta or None,
             "same_content_as": self.existing.build_id if self.same_content and self.existing else None,
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,

@@ -128,7 +128,7 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
         try:
             _send_delta(ctx, plan, link, result)
             result.upload = "delta"
-            result.notes.append(f"sent a delta of {plan.delta_bytes} bytes against {plan.delta_base} "
+            result.notes.append(f"sent a delta of {plan.delta_bytes / 2**20:.1f} MiB against {plan.delta_base} "
                                 f"({plan.delta_bytes / art.size:.1%} of the image); the host rebuilt the image "
                                 "and verified its guest view")
             return
@@ -136,6 +136,8 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
             step = "rebuild" if isinstance(exc, DeltaRebuildFailed) else "upload"
             result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} ({exc.message}); "
                                 "sent the full image")
+    elif plan.no_delta:
+        result.notes.append(f"sent the full image: {plan.no_delta}")
     up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick)
     result.resumed_from = up.resumed_from
     result.upload = "resumed" if up.resumed_from else up.action

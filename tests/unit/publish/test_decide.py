@@ -202,7 +202,8 @@ PUBLISH_CASES: dict[str, Case] = {
         {"templates": [_tpl(9003, "b4", "2026-04"), B3], "import_listing": ON_HOST},
         {"upload": "delta", "delta_base": "debian-lab-b3.qcow2"}, delta=70),
     "no delta: the base's import file is gone from the host": Case(
-        {"templates": [B3]}, {"upload": "upload", "delta_base": None, "delta_bytes": 0}, delta=70),
+        {"templates": [B3]}, {"upload": "upload", "delta_base": None, "delta_bytes": 0,
+                              "no_delta": "the host holds no template of build b3 with its import file"}, delta=70),
     "no delta: the host missed the base's night (its templates are other builds)": Case(
         {"templates": OLD, "import_listing": ("debian-lab-b1.qcow2", "debian-lab-b3.qcow2")},
         {"upload": "upload", "delta_base": None}, delta=70),
@@ -210,11 +211,14 @@ PUBLISH_CASES: dict[str, Case] = {
         {"templates": [dataclasses.replace(B3, is_template=False)], "import_listing": ON_HOST},
         {"upload": "upload", "delta_base": None}, delta=70),
     "no delta: it would save less than half the bytes": Case(
-        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload"}, delta=SIZE // 2 + 1),
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "a delta would be 50% of the image"}, delta=SIZE // 2 + 1),
     "no delta over the API transport (it cannot run the host's rebuild)": Case(
-        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload"}, transport="api", delta=70),
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "the transport cannot rebuild a delta on the host"},
+        transport="api", delta=70),
     "no delta made (no base kept): the full image": Case(
-        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload", "delta_base": None}),
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload", "delta_base": None, "no_delta": None}),
     "a verified final file beats a delta (skip)": Case(
         {"templates": [B3], "import_listing": ON_HOST, "sizes": {"debian-lab-b9.qcow2": SIZE},
          "final_sha256": "9" * 64}, {"upload": "skip", "delta_base": None}, delta=70),
