@@ -23,6 +23,7 @@ TEST_JUNIT_NAME = "image-test.xml"
 TEST_SUMMARY_NAME = "image-test-summary.json"
 TEST_OUTPUT_NAME = "image-test.log"
 TEST_SERIAL_NAME = "image-test-serial.log"
+PUBLISHED_NAME = "published"  # the artifact last published (the next delta's base) and the delta: image/delta.py
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class BuildDir:
     @property
     def test_serial(self) -> Path:
         return self.path / TEST_SERIAL_NAME
+
+    @property
+    def published(self) -> Path:
+        return self.path / PUBLISHED_NAME
 
     @property
     def packages(self) -> Path:

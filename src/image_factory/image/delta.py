@@ -30,7 +30,6 @@ from image_factory.image import manifest as manifest_mod
 from image_factory.image.builddir import BuildDir
 from image_factory.image.manifest import Manifest
 
-BASE_DIR_NAME = "published"  # builds/<image>/published/: the artifact last published, and the delta against it
 BASE_RECORD_NAME = "base.json"
 LOCK_NAME = ".lock"
 QEMU_IMG_TIMEOUT = 1800
@@ -96,7 +95,8 @@ def ensure_guest_sha256(build_dir: BuildDir, m: Manifest, path: Path) -> str:
 
 
 def base_dir(build_dir: BuildDir) -> Path:
-    return build_dir.path / BASE_DIR_NAME
+    """builds/<image>/published/: the artifact last published, its record, and the delta against it."""
+    return build_dir.published
 
 
 def published_base(build_dir: BuildDir) -> PublishedBase | None:

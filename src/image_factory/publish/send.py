@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
 from image_factory.pve.hostlock import DEFAULT_WAIT
-from image_factory.pve.sshlink import SshLink
+from image_factory.pve.sshlink import CommandTimedOut, LinkClosed, SshLink
 from image_factory.pve.upload import (
     TRANSPORT_KINDS,
     SshUploader,
@@ -132,8 +132,8 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
                                 f"({plan.delta_bytes / art.size:.1%} of the image); the host rebuilt the image "
                                 "and verified its guest view")
             return
-        except UploadError as exc:  # DeltaRebuildFailed among them: the host removed what it made
-            step = "rebuild" if isinstance(exc, DeltaRebuildFailed) else "upload"
+        except (UploadError, CommandTimedOut, LinkClosed) as exc:  # the host's script removed what it made
+            step = "rebuild" if isinstance(exc, DeltaRebuildFailed | CommandTimedOut) else "upload"
             result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} ({exc.message}); "
                                 "sent the full image")
     elif plan.no_delta:
