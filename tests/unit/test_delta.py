@@ -92,6 +92,24 @@ def test_the_delta_holds_only_the_changed_clusters_and_the_host_rebuilds_the_gue
     assert mf.sha256_file(host / "base.qcow2") == base.sha256  # the base never written
 
 
+def test_the_delta_is_compressed(v1_v2: tuple[BuildDir, bytes, bytes], tmp_path: Path) -> None:
+    """Changed clusters that compress (text, zeros: most of a package update) cost less than their size."""
+    bd, v1, _ = v1_v2
+    m1 = build(bd, v1, "b1")
+    delta_mod.keep_published(bd, m1, bd.artifact(m1))
+    data = bytearray(v1)
+    data[4 * MIB:5 * MIB] = b"factory-canary 1.1\n" * (MIB // 19) + bytes(MIB % 19)  # 1 MiB of one line
+    m2 = build(bd, bytes(data), "b2")
+    d = delta_mod.make_delta(bd, m2, bd.artifact(m2))
+    assert d is not None and d.size < MIB // 2, d.size  # uncompressed: 1 MiB and the tables
+    host = tmp_path / "import"
+    host.mkdir()
+    shutil.copy(bd.published / delta_mod.published_base(bd).file, host / "base.qcow2")  # type: ignore[union-attr]
+    shutil.copy(d.path, host / delta_name("new.qcow2"))
+    assert rebuild(host, "base.qcow2", "new.qcow2", d.guest_sha256).returncode == 0
+    assert delta_mod.guest_sha256(host / "new.qcow2", "qcow2") == hashlib.sha256(data).hexdigest()
+
+
 def test_a_corrupted_or_missing_base_fails_and_leaves_nothing(v1_v2: tuple[BuildDir, bytes, bytes],
                                                               tmp_path: Path) -> None:
     bd, v1, v2 = v1_v2

@@ -7,8 +7,9 @@ rebuilds a full image from base + delta and checks that digest before it registe
 
 The delta is exact: an empty overlay over the new build, then a *safe* ``qemu-img rebase`` onto the base, which
 compares every cluster the overlay does not hold between the old backing file (the new build) and the new one
-(the base) and copies only those that differ into the overlay (qemu-img.c img_rebase). ``qemu-img convert -B``
-does not compare: it copies every cluster the source's own chain allocates, i.e. all of a flat build.
+(the base) and copies only those that differ into the overlay (qemu's docs/tools/qemu-img.rst, "rebase": its
+diff recipe). ``qemu-img convert -B`` alone does not compare: it copies every cluster the source's chain holds
+above the base, i.e. all of a flat build; it is used after the rebase, on the overlay, to compress its clusters.
 """
 
 from __future__ import annotations
@@ -71,16 +72,21 @@ def _qemu_img(*args: str) -> None:
         raise DeltaError(f"qemu-img {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
 
 
+def _temporary(where: Path, prefix: str, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=where)
+    os.close(fd)
+    return Path(name)
+
+
 def guest_sha256(path: Path, fmt: str) -> str:
     """The sha256 of the disk as the guest reads it. qemu-img cannot write raw to a pipe (it resizes its target),
     so the raw image goes to a sparse temporary file beside ``path`` and is hashed from there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".guestview", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary(path.parent, f".{path.name}.", ".guestview")
     try:
-        _qemu_img("convert", "-q", "-f", fmt, "-O", "raw", str(path), tmp)
-        return manifest_mod.sha256_file(Path(tmp))
+        _qemu_img("convert", "-q", "-f", fmt, "-O", "raw", str(path), str(tmp))
+        return manifest_mod.sha256_file(tmp)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def ensure_guest_sha256(build_dir: BuildDir, m: Manifest, path: Path) -> str:
@@ -173,15 +179,19 @@ def _make(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> Delta | 
         sha = record.read_text(encoding="utf-8").strip()
         if manifest_mod.has_sha256(out, sha):
             return Delta(out, out.stat().st_size, sha, base, guest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".qcow2", dir=where)
-    os.close(fd)
+    overlay, packed = (_temporary(where, f".{out.name}.", suffix) for suffix in (".overlay", ".qcow2"))
+    kept = str((where / base.file).resolve())
     try:
-        _qemu_img("create", "-q", "-f", "qcow2", "-F", m.artifact.format, "-b", str(path.resolve()), tmp)
-        _qemu_img("rebase", "-q", "-f", "qcow2", "-F", base.format, "-b", str((where / base.file).resolve()), tmp)
-        sha = manifest_mod.sha256_file(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _qemu_img("create", "-q", "-f", "qcow2", "-F", m.artifact.format, "-b", str(path.resolve()), str(overlay))
+        _qemu_img("rebase", "-q", "-f", "qcow2", "-F", base.format, "-b", kept, str(overlay))
+        # The changed clusters compressed (zstd, as the build compresses; read by every PVE since 7.0): convert
+        # with -B copies only what the chain holds above the base, i.e. the overlay's clusters.
+        _qemu_img("convert", "-q", "-c", "-o", "compression_type=zstd", "-f", "qcow2", "-O", "qcow2",
+                  "-B", kept, "-F", base.format, str(overlay), str(packed))
+        sha = manifest_mod.sha256_file(packed)
+        os.replace(packed, out)
+    finally:
+        overlay.unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
     write_atomic(record, sha + "\n")
     return Delta(out, out.stat().st_size, sha, base, guest)
