@@ -138,7 +138,7 @@ def delta_base(state: HostState, art: Artifact, transport: Delivery) -> tuple[Te
     host missed a night, or pruned it)."""
     delta = art.delta
     if delta is None:
-        return None, ""
+        return None, art.no_delta
     if not transport.rebuilds_delta:
         return None, "the transport cannot rebuild a delta on the host"
     if delta.size > art.size * DELTA_WORTH:

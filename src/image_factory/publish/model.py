@@ -54,6 +54,7 @@ class Artifact:
     import_file: str
     template_name: str
     delta: Delta | None = None  # against the artifact last published from this build directory (image/delta.py)
+    no_delta: str = ""  # why no delta could be made although a base is kept (said in each host's notes)
 
 
 @dataclass

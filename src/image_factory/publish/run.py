@@ -60,8 +60,8 @@ def with_delta(art: Artifact, build_dir: BuildDir) -> Artifact:
     host's decide says whether it can use it); a failure to make one only means full uploads."""
     try:
         return dataclasses.replace(art, delta=make_delta(build_dir, art.manifest, art.path))
-    except (DeltaError, OSError, subprocess.SubprocessError):
-        return art
+    except (DeltaError, OSError, subprocess.SubprocessError) as exc:
+        return dataclasses.replace(art, no_delta=f"no delta could be made ({exc})")
 
 
 def keep_base(art: Artifact, report: PublishReport, build_dir: BuildDir) -> None:

@@ -133,6 +133,7 @@ class Case:
     transport: str = "ssh"
     content: bool = False  # the artifact has a content digest (recipe + packages)
     delta: int | None = None  # the size of a delta against build b3 (None: no base kept, no delta made)
+    no_delta: str = ""  # why the client could not make a delta
 
 
 B3 = _tpl(9002, "b3", "2026-03", sha256=BASE_SHA)  # the delta's base, published; its import file debian-lab-b3.qcow2
@@ -219,6 +220,10 @@ PUBLISH_CASES: dict[str, Case] = {
         transport="api", delta=70),
     "no delta made (no base kept): the full image": Case(
         {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload", "delta_base": None, "no_delta": None}),
+    "no delta could be made: each host's plan says why": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "no delta could be made (qemu-img rebase failed: No space left on device)"},
+        no_delta="no delta could be made (qemu-img rebase failed: No space left on device)"),
     "a verified final file beats a delta (skip)": Case(
         {"templates": [B3], "import_listing": ON_HOST, "sizes": {"debian-lab-b9.qcow2": SIZE},
          "final_sha256": "9" * 64}, {"upload": "skip", "delta_base": None}, delta=70),
@@ -248,7 +253,7 @@ def _state(site: Any, art: Artifact, fields: dict[str, Any]) -> HostState:
 @pytest.mark.parametrize("name", list(PUBLISH_CASES))
 def test_publish_decisions(site: Any, name: str) -> None:
     case = PUBLISH_CASES[name]
-    art = _artifact(site, content=case.content, delta=case.delta)
+    art = dataclasses.replace(_artifact(site, content=case.content, delta=case.delta), no_delta=case.no_delta)
     plan = decide(_state(site, art, case.state), art, case.keep, TRANSPORT_KINDS[case.transport]).to_dict()
     assert {k: plan[k] for k in case.plan} == case.plan
 
