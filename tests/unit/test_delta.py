@@ -146,9 +146,17 @@ def test_a_changed_base_file_or_another_size_makes_no_delta(v1_v2: tuple[BuildDi
     m2 = build(bd, v2, "b2")
     assert delta_mod.published_base(bd) is None
     assert delta_mod.make_delta(bd, m2, bd.artifact(m2)) is None
-    base = delta_mod.keep_published(bd, m1, bd.artifact(m1))  # kept again: a fresh copy
+    with pytest.raises(delta_mod.DeltaError, match="no longer has the published build's sha256"):
+        delta_mod.keep_published(bd, m1, bd.artifact(m1))  # b2 has replaced b1's artifact since
+    m1 = build(bd, v1, "b1")
+    delta_mod.keep_published(bd, m1, bd.artifact(m1))  # kept again: a fresh copy
+    names = sorted(p.name for p in bd.published.iterdir() if not p.name.endswith("-stamp"))
+    assert names == [".lock", "base-b1.qcow2", "base.json"]  # no temporary copy left by the refused one
     m3 = build(bd, v2 + bytes(MIB), "b3")  # a bigger disk
-    assert delta_mod.make_delta(bd, m3, bd.artifact(m3)) is None
+    with pytest.raises(delta_mod.DeltaError, match=r"base \(build b1\) is a qcow2 of 16777216 bytes, this build a "
+                                                   r"qcow2 of 17825792: a delta needs two qcow2 disks of one size"):
+        delta_mod.make_delta(bd, m3, bd.artifact(m3))
+    m1 = build(bd, v1, "b1")
     assert delta_mod.make_delta(bd, m1, bd.artifact(m1)) is None  # the base itself
 
 

@@ -147,6 +147,8 @@ def _keep(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> Publishe
         # A copy, never a link: the next build may rewrite the artifact in place; --reflink shares the blocks
         # where the filesystem can.
         subprocess.run(["cp", "--reflink=auto", "--", str(path), tmp], check=True, capture_output=True)
+        if not manifest_mod.has_sha256(Path(tmp), m.artifact.sha256):  # the artifact was rebuilt meanwhile
+            raise DeltaError(f"{path} no longer has the published build's sha256")
         os.replace(tmp, where / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -161,17 +163,21 @@ def _keep(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> Publishe
 
 
 def make_delta(build_dir: BuildDir, m: Manifest, path: Path) -> Delta | None:
-    """The delta of the current build against the kept base, or None when there is no usable base (none kept,
-    the same build, another format or virtual size). Made once per pair of builds and reused by a re-run."""
+    """The delta of the current build against the kept base, or None when there is none (none kept, or the same
+    build); DeltaError when the two disks differ in format or virtual size. Made once per pair of builds and
+    reused by a re-run."""
     with _locked(build_dir) as where:
         return _make(build_dir, where, m, path)
 
 
 def _make(build_dir: BuildDir, where: Path, m: Manifest, path: Path) -> Delta | None:
     base = published_base(build_dir)
-    if (base is None or base.sha256 == m.artifact.sha256 or m.artifact.format != "qcow2"
-            or base.format != "qcow2" or base.virtual_size != m.artifact.virtual_size):
+    if base is None or base.sha256 == m.artifact.sha256:
         return None
+    if (base.format, base.virtual_size) != ("qcow2", m.artifact.virtual_size) or m.artifact.format != "qcow2":
+        raise DeltaError(f"the kept base (build {base.build_id}) is a {base.format} of {base.virtual_size} bytes, "
+                         f"this build a {m.artifact.format} of {m.artifact.virtual_size}: a delta needs two qcow2 "
+                         "disks of one size")
     guest = ensure_guest_sha256(build_dir, m, path)
     out = where / f"delta-{base.build_id}-{m.build_id}.qcow2"
     record = out.with_suffix(".sha256")
