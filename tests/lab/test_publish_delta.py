@@ -96,6 +96,9 @@ def test_v2_is_sent_as_a_delta_and_a_corrupted_base_falls_back_to_the_full_image
 
     v2 = nightly_change(v1, 0.05, 2)
     m2 = build(settings.builds_dir, v2, "b2")
+    full_asked = publish_image(settings, site, IMAGE, hypervisors=[good, corrupted], progress=False, dry_run=True,
+                               delta=False)  # --full
+    assert {h.plan["upload"] for h in full_asked.hosts} == {"upload"}
     second = publish_image(settings, site, IMAGE, hypervisors=[good, corrupted], progress=False)
     assert second.ok, second.to_dict()
     delta, full = second.host(good), second.host(corrupted)

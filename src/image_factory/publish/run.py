@@ -93,12 +93,13 @@ def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: 
 def publish_image(
     settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
     transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
-    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT,
+    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT, delta: bool = True,
     client_factory: Callable[[Hypervisor], PveClient] | None = None,
     link_factory: Callable[[Hypervisor], SshLink] | None = None,
 ) -> PublishReport:
     """Publish ``builds/<image>/`` to the hypervisors (all by default) in parallel.
 
+    ``delta``: send hosts that hold the build last published from here only the changed clusters (image/delta.py).
     Input problems raise before any host is contacted; per-host failures are in the report
     (``report.ok``, ``report.raise_for_failures()``).
     """
@@ -106,7 +107,8 @@ def publish_image(
     hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
     art = check_inputs(settings, site, image_name, transport=transport, keep=keep, force_untested=force_untested,
                        engine=engine)
-    art = with_delta(art, BuildDir.of(settings, image_name))
+    if delta:
+        art = with_delta(art, BuildDir.of(settings, image_name))
     run_id = uuid.uuid4().hex[:12]
     report = PublishReport(
         image=image_name, build_id=art.manifest.build_id, sha256=art.manifest.artifact.sha256,
