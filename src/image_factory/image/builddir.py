@@ -24,6 +24,7 @@ TEST_SUMMARY_NAME = "image-test-summary.json"
 TEST_OUTPUT_NAME = "image-test.log"
 TEST_SERIAL_NAME = "image-test-serial.log"
 EFI_VARS_NAME = "efivars.raw"  # a Secure Boot build's enrolled OVMF variable store (raw, as PVE imports it)
+PUBLISHED_NAME = "published"  # the artifact last published (the next delta's base) and the delta: image/delta.py
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class BuildDir:
     @property
     def test_serial(self) -> Path:
         return self.path / TEST_SERIAL_NAME
+
+    @property
+    def published(self) -> Path:
+        return self.path / PUBLISHED_NAME
 
     @property
     def packages(self) -> Path:

@@ -92,6 +92,9 @@ class Manifest:
     # imports into a template's efidisk0 where the key set needs it (Platform.own_store). "" when not kept.
     efi_vars: str = ""
     efi_vars_sha256: str = ""
+    # sha256 of the disk as the guest reads it (raw), "" until a delta publish needed it (image/delta.py): the
+    # host checks a rebuilt image against it, since a qcow2 file's bytes depend on the qemu-img that wrote it.
+    guest_sha256: str = ""
     schema: int = SCHEMA_VERSION
 
     @property

@@ -14,6 +14,7 @@ from typing import Any
 
 from image_factory.ownership import Marker
 from image_factory.publish.model import Artifact, Delivery, HostFailed, HostPlan, PublishError
+from image_factory.publish.names import REMOVABLE_IMPORT_RE
 from image_factory.pve.capabilities import firmware_refusals
 from image_factory.pve.templates import TemplateInfo
 from image_factory.site.inventory import Hypervisor
@@ -23,6 +24,8 @@ DISK_KEY_RE = re.compile(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+")
 # Storage types whose linked clones do not name their base volume: on LVM-thin a linked clone is a thin
 # snapshot with a plain vm-<id>-disk-<n> id (pve-facts.md, Storage layouts; LvmThinPlugin's own note).
 UNTRACKED_CLONE_TYPES = frozenset({"lvmthin"})
+# A delta is sent only when it is at most this share of the full image (issue #35: "half the bytes or more" saved).
+DELTA_WORTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,31 @@ def clone_dependents(configs: dict[int, dict[str, Any]], template_vmid: int,
 
 
 def stale_partials(state: HostState, art: Artifact, resumable: bool) -> list[str]:
-    """Partial uploads of this image's builds a crashed run left; this build's own is kept to resume."""
-    stray = re.compile(rf"^\.{re.escape(art.manifest.image)}-.+\.(qcow2|raw|vmdk)\.partial$")
-    return sorted(n for n in state.import_listing if stray.match(n) and (n != state.own_partial or not resumable))
+    """Partial uploads of this image's builds a crashed run left (this build's own is kept to resume), and what a
+    delta publish that died part-way left (pve/upload_delta.leftover_names): with the lock held, nobody uses them."""
+    image = re.escape(art.manifest.image)
+    stray = re.compile(rf"^\.{image}-.+\.(qcow2|raw|vmdk)\.partial$")
+    delta_leftover = re.compile(rf"^\.\.?{image}-.+\.(qcow2|raw|vmdk)\.(delta|delta\.partial|rebuild|guestview)$")
+    return sorted(n for n in state.import_listing
+                  if (stray.match(n) and (n != state.own_partial or not resumable)) or delta_leftover.match(n))
+
+
+def delta_base(state: HostState, art: Artifact, transport: Delivery) -> tuple[TemplateInfo | None, str]:
+    """A finished template of the build the delta was made against whose import file is still on the host (the
+    host rebuilds the new image on that file), or None and why not: no delta was made (no base kept), the
+    transport cannot run the host's steps, the delta saves less than half the bytes, or no such template (the
+    host missed a night, or pruned it)."""
+    delta = art.delta
+    if delta is None:
+        return None, art.no_delta
+    if not transport.rebuilds_delta:
+        return None, "the transport cannot rebuild a delta on the host"
+    if delta.size > art.size * DELTA_WORTH:
+        return None, f"a delta would be {delta.size / art.size:.0%} of the image"
+    found = next((t for t in state.templates if t.is_template and t.sha256 == delta.base.sha256
+                  and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file
+                  and t.import_file in state.import_listing), None)
+    return found, "" if found else f"the host holds no template of build {delta.base.build_id} with its import file"
 
 
 def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> HostPlan:
@@ -145,6 +170,10 @@ def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> H
             part = state.sizes.get(state.own_partial) or 0
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and resumable else "upload"
+            if plan.upload == "upload":
+                base, plan.no_delta = delta_base(state, art, transport)
+                if base is not None and art.delta is not None:
+                    plan.upload, plan.delta_base, plan.delta_bytes = "delta", base.import_file, art.delta.size
         plan.vmid = free_vmid(state.hv, state.used_vmids - {t.vmid for t in plan.stale})
         if art.efi_vars_file:
             same = state.efi_vars_sha256 == art.manifest.efi_vars_sha256

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from image_factory.errors import FactoryError
+from image_factory.image.delta import Delta
 from image_factory.image.manifest import Manifest
 from image_factory.pve.templates import TemplateInfo
 from image_factory.reports import Report
@@ -32,10 +33,14 @@ class HostFailed(PublishError):
 
 
 class Delivery(Protocol):
-    """What the decision needs of a transport: whether it continues a partial file (pve.upload.TransportKind)."""
+    """What the decision needs of a transport (pve.upload.TransportKind): whether it continues a partial file, and
+    whether it can rebuild an image from a delta on the host."""
 
     @property
     def resumable(self) -> bool: ...
+
+    @property
+    def rebuilds_delta(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class Artifact:
     # file, checked against the manifest's sha256, and its import file name on the host.
     efi_vars: Path | None = None
     efi_vars_file: str = ""
+    delta: Delta | None = None  # against the artifact last published from this build directory (image/delta.py)
+    no_delta: str = ""  # why no delta could be made although a base is kept (said in each host's notes)
 
 
 @dataclass
@@ -62,9 +69,12 @@ class HostPlan:
     template_name: str
     existing: TemplateInfo | None = None  # a template of this digest is already there
     same_content: bool = False  # existing is another build with the same recipe and installed packages
-    upload: str = "upload"  # upload | resume | skip | none
+    upload: str = "upload"  # upload | resume | delta | skip | none
     partial_bytes: int = 0
     efi_vars_upload: str = "none"  # upload | skip | none: the build's EFI vars store, beside the disk
+    delta_base: str = ""  # upload=delta: the import file the host rebuilds the image on
+    delta_bytes: int = 0
+    no_delta: str = ""  # why a delta made for this build is not sent to this host ("" when none was made)
     vmid: int | None = None
     stale: list[TemplateInfo] = field(default_factory=list)  # half-made factory VMs to remove
     stale_partials: list[str] = field(default_factory=list)  # partial uploads of other builds (crashed runs)
@@ -81,6 +91,7 @@ class HostPlan:
             "host": self.host, "node": self.node, "action": self.action, "upload": self.upload,
             "partial_bytes": self.partial_bytes, "import_file": self.import_file,
             "efi_vars_upload": self.efi_vars_upload,
+            "delta_base": self.delta_base or None, "delta_bytes": self.delta_bytes, "no_delta": self.no_delta or None,
             "same_content_as": self.existing.build_id if self.same_content and self.existing else None,
             "vmid": self.existing.vmid if self.existing else self.vmid,
             "template_name": self.existing.name if self.existing else self.template_name,
@@ -101,7 +112,7 @@ class HostResult(Report):
     action: str = "failed"  # created | unchanged | planned | failed
     template_vmid: int | None = None
     template_name: str = ""
-    upload: str = ""
+    upload: str = ""  # the plan's, then what happened: uploaded | resumed | delta | skipped
     bytes_sent: int = 0
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)

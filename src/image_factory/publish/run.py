@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -10,6 +12,7 @@ from pathlib import Path
 from image_factory.fanout import per_host
 from image_factory.image import manifest as manifest_mod
 from image_factory.image.builddir import BuildDir
+from image_factory.image.delta import DeltaError, keep_published, make_delta
 from image_factory.image.manifest import Manifest
 from image_factory.publish.act import converge_host
 from image_factory.publish.model import DEFAULT_KEEP, Artifact, PublishError, PublishReport
@@ -74,6 +77,27 @@ def own_efi_vars(build_dir: BuildDir, manifest: Manifest) -> Path | None:
     return path
 
 
+def with_delta(art: Artifact, build_dir: BuildDir) -> Artifact:
+    """The artifact with its delta against the artifact last published from here, if one can be made (each
+    host's decide says whether it can use it); a failure to make one only means full uploads."""
+    try:
+        return dataclasses.replace(art, delta=make_delta(build_dir, art.manifest, art.path))
+    except (DeltaError, OSError, subprocess.SubprocessError) as exc:
+        return dataclasses.replace(art, no_delta=f"no delta could be made ({exc})")
+
+
+def keep_base(art: Artifact, report: PublishReport, build_dir: BuildDir) -> None:
+    """Keep the artifact as the next delta's base once a host holds it as a template (not after a dry run)."""
+    holds = [h for h in report.hosts if h.ok and (h.action == "created" or (
+        h.action == "unchanged" and not h.plan.get("same_content_as")))]
+    if holds and not report.dry_run:
+        try:
+            keep_published(build_dir, art.manifest, art.path)
+        except (DeltaError, OSError, subprocess.SubprocessError) as exc:
+            holds[0].warnings.append(f"could not keep the artifact as the next delta's base ({exc}); "
+                                     "the next publish sends the full image")
+
+
 def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: str, keep: int,
                  force_untested: bool, engine: str = "auto") -> Artifact:
     """Every local input of a publish (a dry run's too), checked before any host is contacted."""
@@ -91,12 +115,13 @@ def check_inputs(settings: Settings, site: Site, image_name: str, *, transport: 
 def publish_image(
     settings: Settings, site: Site, image_name: str, *, hypervisors: list[str] | tuple[str, ...] | None = None,
     transport: str = "ssh", keep: int = DEFAULT_KEEP, dry_run: bool = False, force_untested: bool = False,
-    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT,
+    progress: bool = True, engine: str = "auto", lock_wait: int = LOCK_WAIT, delta: bool = True,
     client_factory: Callable[[Hypervisor], PveClient] | None = None,
     link_factory: Callable[[Hypervisor], SshLink] | None = None,
 ) -> PublishReport:
     """Publish ``builds/<image>/`` to the hypervisors (all by default) in parallel.
 
+    ``delta``: send hosts that hold the build last published from here only the changed clusters (image/delta.py).
     Input problems raise before any host is contacted; per-host failures are in the report
     (``report.ok``, ``report.raise_for_failures()``).
     """
@@ -104,6 +129,8 @@ def publish_image(
     hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
     art = check_inputs(settings, site, image_name, transport=transport, keep=keep, force_untested=force_untested,
                        engine=engine)
+    if delta:
+        art = with_delta(art, BuildDir.of(settings, image_name))
     run_id = uuid.uuid4().hex[:12]
     report = PublishReport(
         image=image_name, build_id=art.manifest.build_id, sha256=art.manifest.artifact.sha256,
@@ -123,5 +150,6 @@ def publish_image(
         done = per_host({c.hv.name: c for c in contexts}, lambda c: converge_host(c, dry_run=dry_run),
                         name="publish")
         report.hosts = [done.results[c.hv.name] for c in contexts]
+    keep_base(art, report, BuildDir.of(settings, image_name))
     report.duration_s = time.monotonic() - started
     return report

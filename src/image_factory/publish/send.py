@@ -9,15 +9,17 @@ from pathlib import Path
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
 from image_factory.pve.hostlock import DEFAULT_WAIT
-from image_factory.pve.sshlink import SshLink
+from image_factory.pve.sshlink import CommandTimedOut, LinkClosed, SshLink
 from image_factory.pve.upload import (
     TRANSPORT_KINDS,
     SshUploader,
     TransportKind,
+    UploadError,
     UploadResult,
     remote_remove,
     upload_api,
 )
+from image_factory.pve.upload_delta import DeltaRebuildFailed, delta_name, rebuild_from_delta
 from image_factory.site.inventory import Hypervisor
 
 LOCK_WAIT = DEFAULT_WAIT
@@ -64,6 +66,10 @@ class Transport:
     def staged(self) -> bool:
         return self.kind.staged
 
+    @property
+    def rebuilds_delta(self) -> bool:
+        return self.kind.rebuilds_delta
+
 
 def _send_over_ssh(ctx: HostContext, client: PveClient, link: SshLink, result: HostResult,
                    tick: Callable[[int], None], item: Payload) -> UploadResult:
@@ -94,8 +100,29 @@ TRANSPORTS: dict[str, Transport] = {
 }
 
 
+def _send_delta(ctx: HostContext, plan: HostPlan, link: SshLink, result: HostResult) -> None:
+    """The delta over the verified SSH upload, then the host's rebuild of the full image on the base it names."""
+    hv, art, delta = ctx.hv, ctx.artifact, ctx.artifact.delta
+    assert delta is not None
+
+    def tick(done: int) -> None:
+        if ctx.progress:
+            ctx.progress(hv.name, done, delta.size)
+
+    uploader = SshUploader(hv.name, lambda: ctx.link_factory(hv), engine=ctx.engine, shared=link, endpoint=hv.ssh)
+    try:
+        uploader.upload(delta.path, hv.storage.import_dir, delta_name(art.import_file), delta.sha256,
+                        progress=tick, check_final=False)
+    finally:
+        result.bytes_sent += uploader.bytes_sent
+        uploader.close()
+    rebuild_from_delta(link, hv.storage.import_dir, plan.delta_base, art.import_file, delta.guest_sha256)
+
+
 def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, result: HostResult) -> None:
-    """Send the artifact as the plan says (``skip``: a verified final file is already there)."""
+    """Send the artifact as the plan says (``skip``: a verified final file is already there; ``delta``: only the
+    clusters that differ from a base the host holds, falling back to the full image if the host cannot rebuild
+    a verified image from them)."""
     hv, art = ctx.hv, ctx.artifact
     total = art.size
 
@@ -106,6 +133,20 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
     if plan.upload == "skip":
         tick(total)
         return
+    if plan.upload == "delta":
+        try:
+            _send_delta(ctx, plan, link, result)
+            result.upload = "delta"
+            result.notes.append(f"sent a delta of {plan.delta_bytes / 2**20:.1f} MiB against {plan.delta_base} "
+                                f"({plan.delta_bytes / art.size:.1%} of the image); the host rebuilt the image "
+                                "and verified its guest view")
+            return
+        except (UploadError, CommandTimedOut, LinkClosed) as exc:  # the host's script removed what it made
+            step = "rebuild" if isinstance(exc, DeltaRebuildFailed | CommandTimedOut) else "upload"
+            result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} ({exc.message}); "
+                                "sent the full image")
+    elif plan.no_delta:
+        result.notes.append(f"sent the full image: {plan.no_delta}")
     up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick,
                                         Payload(art.path, art.import_file, art.manifest.artifact.sha256))
     result.resumed_from = up.resumed_from

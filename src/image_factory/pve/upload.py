@@ -86,10 +86,11 @@ class TransportKind:
 
     resumable: bool  # a partial file from an interrupted run is continued, not sent again
     staged: bool  # PVE stages the body in staging_dir first, then copies it (both copies exist at once)
+    rebuilds_delta: bool = False  # can run the host's steps of a delta publish (upload_delta_host.sh)
 
 
 TRANSPORT_KINDS = {
-    "ssh": TransportKind(resumable=True, staged=False),  # this module's SshUploader
+    "ssh": TransportKind(resumable=True, staged=False, rebuilds_delta=True),  # this module's SshUploader
     "api": TransportKind(resumable=False, staged=True),  # upload_api: PVE's own upload call
 }
 

@@ -42,13 +42,15 @@ def _default_keep(c: Context) -> int:
                   "ssh, fastest), 'exec' (paramiko, cat into the file) or 'sftp' (fallback)",
         **SITE_HELP,
         "skip_preflight": "do not run the publish preflight checks first (they are read-only)",
+        "full": "send the full image even to hosts that hold the build last published (by default they get only "
+                "the changed clusters; on a fast LAN the delta's checks may cost more than the bytes it saves)",
     },
 )
 @handle_errors(plan="dry_run")
 def template(
     c: Context, name: str, hypervisor: list[str] | None = None, transport: str = "ssh", keep: int | None = None,
     dry_run: bool = False, json: bool = False, force_untested: bool = False, engine: str = "auto",
-    inventory: str | None = None, catalogue: str | None = None, skip_preflight: bool = False,
+    inventory: str | None = None, catalogue: str | None = None, skip_preflight: bool = False, full: bool = False,
 ) -> None:
     """Upload a tested image to every hypervisor and register it as a template (idempotent)."""
     settings, model = site(c, inventory, catalogue)
@@ -61,7 +63,7 @@ def template(
         preflight_gate(settings, model, hypervisor or None, "publish", [name], transport=transport)
     report = publish_image(
         settings, model, name, hypervisors=hypervisor or None, transport=transport, keep=keep_n, dry_run=dry_run,
-        force_untested=force_untested, progress=not json, engine=engine,
+        force_untested=force_untested, progress=not json, engine=engine, delta=not full,
     )
     if json:
         emit_json(report.to_dict())
@@ -91,7 +93,9 @@ def print_report(report: PublishReport) -> None:
         else:
             pruned = ", ".join(str(p["vmid"]) for p in h.pruned) or "-"
             action = h.action
-        notes = list(h.warnings) + list(h.cleaned_up)
+        notes = list(h.notes) + list(h.warnings) + list(h.cleaned_up)
+        if report.dry_run and h.plan.get("delta_base"):
+            notes.append(f"a delta of {_size(h.plan['delta_bytes'])} against {h.plan['delta_base']}")
         if h.plan.get("remove_stale"):
             notes.append(f"stale VMs: {h.plan['remove_stale']}")
         if h.kept_for_linked_clones:

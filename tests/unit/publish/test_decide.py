@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from image_factory.image.delta import Delta, PublishedBase
 from image_factory.lab import factories
 from image_factory.ownership import marker_block
 from image_factory.publish.decide import HostState, clone_dependents, decide, free_vmid, select_prunes
@@ -100,15 +101,19 @@ CONTENT_MANIFEST = {"recipe": "r1", "contents": {"packages_digest": "p1"}}
 VARS_SHA = "e" * 64
 OWN_STORE = {"firmware": "uefi", "secure_boot": True, "secure_boot_keys": "microsoft-2023", "machine": "q35",
              "efi_vars": "efivars.raw", "efi_vars_sha256": VARS_SHA}
+BASE_SHA = "3" * 64  # the artifact of build b3, the one a delta is made against
 
 
-def _artifact(site: Any, *, content: bool = False, tested: bool = True, own_store: bool = False) -> Artifact:
+def _artifact(site: Any, *, content: bool = False, tested: bool = True, own_store: bool = False,
+              delta: int | None = None) -> Artifact:
     m = factories.manifest(build_id="b9", sha256="9" * 64, tested=True, fingerprint="f" * 64,
                            **(CONTENT_MANIFEST if content else {}), **(OWN_STORE if own_store else {}))
+    base = PublishedBase("b3", BASE_SHA, "g" * 64, 2 * SIZE, "qcow2", "base-b3.qcow2")
+    made = None if delta is None else Delta(Path("delta-b3-b9.qcow2"), delta, "e" * 64, base, "h" * 64)
     return Artifact(manifest=m, image=site.image("debian-lab"), path=Path("debian-lab.qcow2"), size=SIZE,
                     tested=tested, forced=False, import_file="debian-lab-b9.qcow2", template_name="tpl-debian-lab-b9",
                     efi_vars=Path("efivars.raw") if own_store else None,
-                    efi_vars_file="debian-lab-b9.efivars.raw" if own_store else "")
+                    efi_vars_file="debian-lab-b9.efivars.raw" if own_store else "", delta=made)
 
 
 def _tpl(vmid: int, build: str, published: str, **fields: Any) -> TemplateInfo:
@@ -133,6 +138,12 @@ class Case:
     transport: str = "ssh"
     content: bool = False  # the artifact has a content digest (recipe + packages)
     own_store: bool = False  # keys: microsoft-2023, the build's EFI vars store goes with the disk
+    delta: int | None = None  # the size of a delta against build b3 (None: no base kept, no delta made)
+    no_delta: str = ""  # why the client could not make a delta
+
+
+B3 = _tpl(9002, "b3", "2026-03", sha256=BASE_SHA)  # the delta's base, published; its import file debian-lab-b3.qcow2
+ON_HOST = ("debian-lab-b3.qcow2",)
 
 
 def _clone_of(base: int) -> dict[int, dict[str, Any]]:
@@ -201,6 +212,49 @@ PUBLISH_CASES: dict[str, Case] = {
     "own store, unchanged: a template of this digest is there, nothing is sent": Case(
         {"templates": [_tpl(9004, "b9", "2026-04", digest=THIS)]},
         {"action": "unchanged", "upload": "none", "efi_vars_upload": "none"}, own_store=True),
+    "delta: the host holds the base's import file, and the delta is 7% of the image": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"action": "create", "upload": "delta", "delta_base": "debian-lab-b3.qcow2", "delta_bytes": 70}, delta=70),
+    "delta on an older template of the base build (a newer one is another build)": Case(
+        {"templates": [_tpl(9003, "b4", "2026-04"), B3], "import_listing": ON_HOST},
+        {"upload": "delta", "delta_base": "debian-lab-b3.qcow2"}, delta=70),
+    "no delta: the base's import file is gone from the host": Case(
+        {"templates": [B3]}, {"upload": "upload", "delta_base": None, "delta_bytes": 0,
+                              "no_delta": "the host holds no template of build b3 with its import file"}, delta=70),
+    "no delta: the host missed the base's night (its templates are other builds)": Case(
+        {"templates": OLD, "import_listing": ("debian-lab-b1.qcow2", "debian-lab-b3.qcow2")},
+        {"upload": "upload", "delta_base": None}, delta=70),
+    "no delta: a half-made VM of the base build is not known good": Case(
+        {"templates": [dataclasses.replace(B3, is_template=False)], "import_listing": ON_HOST},
+        {"upload": "upload", "delta_base": None}, delta=70),
+    "no delta: it would save less than half the bytes": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "a delta would be 50% of the image"}, delta=SIZE // 2 + 1),
+    "no delta over the API transport (it cannot run the host's rebuild)": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "the transport cannot rebuild a delta on the host"},
+        transport="api", delta=70),
+    "no delta made (no base kept): the full image": Case(
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "upload", "delta_base": None, "no_delta": None}),
+    "no delta could be made: each host's plan says why": Case(
+        {"templates": [B3], "import_listing": ON_HOST},
+        {"upload": "upload", "no_delta": "no delta could be made (qemu-img rebase failed: No space left on device)"},
+        no_delta="no delta could be made (qemu-img rebase failed: No space left on device)"),
+    "own store with a delta: the disk goes as a delta, the EFI vars store beside it in full": Case(
+        {"templates": [B3], "import_listing": ON_HOST}, {"upload": "delta", "efi_vars_upload": "upload"},
+        own_store=True, delta=70),
+    "a verified final file beats a delta (skip)": Case(
+        {"templates": [B3], "import_listing": ON_HOST, "sizes": {"debian-lab-b9.qcow2": SIZE},
+         "final_sha256": "9" * 64}, {"upload": "skip", "delta_base": None}, delta=70),
+    "resume beats a delta": Case(
+        {"templates": [B3], "import_listing": (*ON_HOST, PARTIAL), "sizes": {PARTIAL: 400}},
+        {"upload": "resume", "delta_base": None}, delta=70),
+    "what a delta publish that died left is removed (any build of this image), other images' are not": Case(
+        {"import_listing": (".debian-lab-b8.qcow2.delta", "..debian-lab-b8.qcow2.delta.partial",
+                            ".debian-lab-b9.qcow2.rebuild", ".debian-lab-b9.qcow2.guestview",
+                            ".fedora-44-b1.qcow2.delta", "debian-lab-b8.qcow2")},
+        {"remove_partials": ["..debian-lab-b8.qcow2.delta.partial", ".debian-lab-b8.qcow2.delta",
+                             ".debian-lab-b9.qcow2.guestview", ".debian-lab-b9.qcow2.rebuild"]}),
 }
 
 
@@ -218,7 +272,8 @@ def _state(site: Any, art: Artifact, fields: dict[str, Any]) -> HostState:
 @pytest.mark.parametrize("name", list(PUBLISH_CASES))
 def test_publish_decisions(site: Any, name: str) -> None:
     case = PUBLISH_CASES[name]
-    art = _artifact(site, content=case.content, own_store=case.own_store)
+    art = dataclasses.replace(_artifact(site, content=case.content, own_store=case.own_store, delta=case.delta),
+                              no_delta=case.no_delta)
     plan = decide(_state(site, art, case.state), art, case.keep, TRANSPORT_KINDS[case.transport]).to_dict()
     assert {k: plan[k] for k in case.plan} == case.plan
 
