@@ -62,9 +62,19 @@ def default_workers() -> int:
     return min(cores, MAX_WORKERS) if cores > 1 else 0
 
 
+# Long tests that share a session fixture join one work unit, so one worker runs them one after the other and the
+# second reuses what the first made (tests/e2e/conftest.py's uefi_fixture: one build, one image test boot) instead
+# of another worker making it again. Test -> the listed test whose unit it joins.
+SHARED_UNITS: dict[str, str] = {
+    "tests/e2e/test_secure_boot_e2e.py::test_a_clone_of_the_built_secure_boot_vtpm_fixture_boots_as_its_image_test_did":
+        "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test",
+}
+
+
 def work_unit(nodeid: str) -> str:
-    """What one worker runs in one go: a listed long test alone, else the test's whole module (its module
-    fixtures are set up once)."""
+    """What one worker runs in one go: a listed long test alone (with the tests that share its fixtures,
+    SHARED_UNITS), else the test's whole module (its module fixtures are set up once)."""
+    nodeid = SHARED_UNITS.get(nodeid, nodeid)
     return nodeid if nodeid in COSTS else nodeid.split("::", 1)[0]
 
 
