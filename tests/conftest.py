@@ -41,6 +41,9 @@ COSTS: dict[str, float] = {
     "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 570,
     "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 341,
     "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 436,
+    # measured at a load average of 6-8 (other sessions' guests on the two cores): publish, deploy, one real boot
+    "tests/e2e/test_secure_boot_e2e.py::test_a_clone_of_the_built_secure_boot_vtpm_fixture_boots_as_its_image_test_did":
+        234,
     "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 228,
     "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 159,
     "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 122,
