@@ -276,7 +276,8 @@ class LabHandle:
         assert endpoint.key_file is not None
         workdir.mkdir(parents=True, exist_ok=True)
         known_hosts = workdir / "known_hosts"
-        known_hosts.write_text(f"{endpoint.host} {endpoint.host_key}\n", encoding="utf-8")
+        known_as = endpoint.host if endpoint.port == 22 else f"[{endpoint.host}]:{endpoint.port}"  # OpenSSH's form
+        known_hosts.write_text(f"{known_as} {endpoint.host_key}\n", encoding="utf-8")
         junit = workdir / "junit.xml"
         cmd = imagetest.suite_command(
             self.settings, imagetest.suite_files(self.settings.data, suites),
