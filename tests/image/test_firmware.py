@@ -41,6 +41,18 @@ def kernel_log(host: Any) -> str:
         return str(host.check_output("journalctl -k -b 0 --no-pager -o cat"))
 
 
+def esp_mounted(host: Any) -> None:
+    """/boot/efi holds the ESP once the boot has settled. An ESP mounted ``nofail`` (the Debian fixture's fstab, as
+    in many cloud images) is not ordered before the targets sshd waits for: a first boot under TCG can answer
+    SSH while its mount is still queued, so the check waits (bounded) for systemd to finish starting up."""
+    host.run("timeout 300 systemctl is-system-running --wait")
+    if host.run("findmnt -n /boot/efi").rc != 0:
+        with host.sudo():
+            status = host.run("systemctl status boot-efi.mount --no-pager; journalctl -b -u boot-efi.mount "
+                              "--no-pager | tail -n 20").stdout
+        raise AssertionError(f"the ESP is not mounted at /boot/efi after the boot settled:\n{status}")
+
+
 def test_booted_under_uefi(host: Any, secure_boot: str) -> None:
     assert host.file("/sys/firmware/efi").is_directory, "the firmware suite runs for UEFI images only"
 
@@ -74,6 +86,7 @@ def test_booted_through_shim(host: Any, secure_boot: str) -> None:
     mok = "/sys/firmware/efi/mok-variables"
     shim_ran = host.file(mok).is_directory and bool(host.check_output(f"ls {mok}").split())
     assert shim_ran or efi_variable(host, "MokListRT", SHIM_LOCK) is not None, "no trace of shim in this boot"
+    esp_mounted(host)
     with host.sudo():
         loader = host.check_output("grep -c -a 'UEFI shim,shim' /boot/efi/EFI/BOOT/BOOTX64.EFI || true")
     assert loader.strip() not in ("", "0"), "EFI/BOOT/BOOTX64.EFI is not shim"
