@@ -55,7 +55,7 @@ def esp_mounted(host: Any) -> None:
         started = host.run("timeout 120 systemctl start boot-efi.mount")
         if started.rc != 0 or host.run("findmnt -n /boot/efi").rc != 0:
             status = host.run("systemctl status boot-efi.mount --no-pager; journalctl -b --no-pager | "
-                              "grep -i -E 'boot-efi|5EED|esp|sda15|vfat' | tail -n 20").stdout
+                              "grep -i -E 'boot-efi|by-uuid|vfat|FAT-fs' | tail -n 20").stdout
             raise AssertionError(f"fstab's /boot/efi does not mount the ESP:\n{started.stderr}\n{status}")
 
 
