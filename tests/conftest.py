@@ -44,6 +44,9 @@ COSTS: dict[str, float] = {
     "tests/e2e/test_build_e2e.py::test_release_build_applies_the_updates_and_boots_their_kernel": 570,
     "tests/e2e/test_build_e2e.py::test_real_build_cache_hit_and_force": 341,
     "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test": 436,
+    # measured at a load average of 6-8 (other sessions' guests on the two cores): publish, deploy, one real boot
+    "tests/e2e/test_secure_boot_e2e.py::test_a_clone_of_the_built_secure_boot_vtpm_fixture_boots_as_its_image_test_did":
+        234,
     "tests/e2e/test_pipeline_e2e.py::test_whole_path_against_the_two_host_lab": 228,
     "tests/e2e/test_imagetest.py::test_broken_image_fails_exactly_the_expected_tests": 159,
     "tests/lab/test_lab_vm.py::test_static_ip_and_second_nic_as_jump01_has_them": 122,
@@ -67,9 +70,19 @@ def default_workers() -> int:
     return min(cores, MAX_WORKERS) if cores > 1 else 0
 
 
+# Long tests that share a session fixture join one work unit, so one worker runs them one after the other and the
+# second reuses what the first made (tests/e2e/conftest.py's uefi_fixture: one build, one image test boot) instead
+# of another worker making it again. Test -> the listed test whose unit it joins.
+SHARED_UNITS: dict[str, str] = {
+    "tests/e2e/test_secure_boot_e2e.py::test_a_clone_of_the_built_secure_boot_vtpm_fixture_boots_as_its_image_test_did":
+        "tests/e2e/test_build_e2e.py::test_uefi_build_boots_under_ovmf_and_passes_its_image_test",
+}
+
+
 def work_unit(nodeid: str) -> str:
-    """What one worker runs in one go: a listed long test alone, else the test's whole module (its module
-    fixtures are set up once)."""
+    """What one worker runs in one go: a listed long test alone (with the tests that share its fixtures,
+    SHARED_UNITS), else the test's whole module (its module fixtures are set up once)."""
+    nodeid = SHARED_UNITS.get(nodeid, nodeid)
     return nodeid if nodeid in COSTS else nodeid.split("::", 1)[0]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import stat
@@ -34,20 +33,6 @@ from image_factory.site.inventory import load_site
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def settings() -> Settings:
-    for tool in ("packer", "qemu-system-x86_64", "qemu-img", "xorriso"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed: run ./dev setup")
-    try:
-        from image_factory.lab.baseimage import ensure_base_image
-    except ImportError:
-        pytest.skip("image_factory.lab.baseimage does not exist yet: no offline base image to build from")
-    s = Settings.from_mapping({"accelerator": "auto"})
-    ensure_base_image(s)
-    return s
 
 
 @pytest.fixture
@@ -153,26 +138,22 @@ def test_release_build_applies_the_updates_and_boots_their_kernel(settings: Sett
     assert Version(m.contents["kernel"]) >= Version(kernels["debian-13-base.qcow2"]), (m.contents["kernel"], kernels)
 
 
-def test_uefi_build_boots_under_ovmf_and_passes_its_image_test(settings: Settings) -> None:
+def test_uefi_build_boots_under_ovmf_and_passes_its_image_test(uefi_fixture: Any) -> None:
     """The hybrid base image built with ``firmware: uefi``, Secure Boot on Microsoft's 2011 and 2023 CAs and a
     TPM 2.0: the build VM and the image test's VM start OVMF's Secure Boot code (SMM) with a store enrolled
     with exactly that key set, which verifies Debian's signed shim from the ESP's removable path, and a swtpm
     each; the firmware suite checks Secure Boot enabled in the guest, the kernel locked down, shim in the
-    boot path and /dev/tpmrm0 answering as TPM 2.0."""
-    image = load_site(settings.inventory, settings.images).images["debian-lab-uefi"]
+    boot path and /dev/tpmrm0 answering as TPM 2.0. (The session's build and image test, tests/e2e/conftest.py:
+    test_secure_boot_e2e deploys the same artifact.)"""
+    image, m, result = uefi_fixture.image, uefi_fixture.manifest, uefi_fixture.result
     assert image.firmware == "uefi" and image.secure_boot and image.tpm
-    outcome = build.build_image(settings, image)
-    assert outcome.status in ("built", "cached") and outcome.manifest is not None
-    m = outcome.manifest
     assert (m.firmware, m.machine, m.secure_boot, m.secure_boot_keys, m.tpm) == (
         "uefi", "q35", True, "microsoft-2011+2023", True)
     db = [e["subject"] for e in m.secure_boot_enrolled if e["variable"] == "db"]
     assert any("Microsoft UEFI CA 2023" in s for s in db) and any("UEFI CA 2011" in s for s in db), db
-    result = imagetest.test_image(settings, image, outcome.build_dir)
     assert result.status == "passed", result.failures
     assert "firmware" in result.suites
-    outcomes = json.loads((outcome.build_dir / imagetest.SUMMARY_NAME).read_text())["outcomes"]
-    firmware_checks = {k: v for k, v in outcomes.items() if "test_firmware" in k}
+    firmware_checks = {k: v for k, v in uefi_fixture.outcomes.items() if "test_firmware" in k}
     assert len(firmware_checks) == 5 and set(firmware_checks.values()) == {"passed"}, firmware_checks
 
 

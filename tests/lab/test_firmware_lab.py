@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory.errors import FactoryError, RemoteError
+from image_factory.errors import FactoryError
 from image_factory.image import manifest as mf
 from image_factory.lab import factories
 from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
@@ -42,7 +41,6 @@ SB_TPM = {"firmware": "uefi", "secure_boot": True, "secure_boot_keys": "microsof
 OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 REAL_BOOT = "sandbox01"
 BASE_IMAGE = REPO_ROOT / "builds/base/debian-13-base.qcow2"
-SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +182,13 @@ def test_ms_cert_is_refused_by_8_4_as_pve_refuses_an_unknown_key_and_enrolled_on
 
 
 @pytest.mark.slow
-def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm(env: Any) -> None:
+def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_and_a_tpm(env: Any,
+                                                                                           tmp_path: Path) -> None:
     """One real boot (TCG): the Debian base image (signed shim, GRUB and kernel) published as a UEFI + Secure
-    Boot + vTPM template on the 9.2 node, deployed, and asked over SSH what it booted with."""
+    Boot + vTPM template on the 9.2 node, deployed, and held over SSH to the image test's firmware suite (UEFI,
+    Secure Boot enabled, shim's chain, TPM 2.0). tests/e2e/test_secure_boot_e2e.py does the same with the
+    built fixture."""
     from image_factory.lab.baseimage import ensure_base_image
-    from image_factory.pve.sshlink import connect
-    from image_factory.site.inventory import SshEndpoint
 
     lab, settings = env
     ensure_base_image(Settings.from_mapping({}))  # cached; built offline on a fresh machine
@@ -211,27 +210,10 @@ def test_a_clone_of_a_secure_boot_vtpm_template_boots_with_secure_boot_enabled_a
     [r] = deployed.results
     assert r.state == "created", r.to_dict()
     assert lab.qemu(TENANT, vm.vmid) is not None, f"{REAL_BOOT} must run a real qemu"
-    host, port = lab.vm_ssh_address(vm.vmid)
-    from image_factory.pve.guest import host_key_via_agent
-
-    host_key = host_key_via_agent(PveClient(lab.hv(TENANT)), vm.vmid, timeout=120)
-    ep = SshEndpoint(host=host, port=port, user=vm.cloudinit.user, host_key=host_key, key_file=lab.paths.client_key)
-    deadline = time.monotonic() + 300  # the agent answers before sshd has started
-    while True:
-        try:
-            link = connect(vm.name, ep, timeout=30)
-            break
-        except RemoteError:
-            if time.monotonic() > deadline:
-                raise AssertionError(lab.serial_log(TENANT, vm.vmid).read_text(errors="replace")[-3000:]) from None
-            time.sleep(5)
-    with link:
-        efi = link.run(["test", "-d", "/sys/firmware/efi"], check=False)
-        secure_boot = link.run(["od", "-An", "-t", "u1", SECURE_BOOT_VAR], check=False)
-        tpm = link.run(["test", "-c", "/dev/tpmrm0"], check=False)
-    assert efi.status == 0, "the clone did not boot through UEFI"
-    assert secure_boot.stdout.split()[-1:] == ["1"], f"SecureBoot variable: {secure_boot.stdout!r}"
-    assert tpm.status == 0, "no /dev/tpmrm0 in the guest"
+    counts = lab.image_suites(TENANT, vm, ["firmware"], m.platform, tmp_path / "firmware-suite")
+    assert (counts.failed, counts.errors, counts.skipped) == (0, 0, 0), (
+        counts.failures, (tmp_path / "firmware-suite" / "pytest.log").read_text()[-3000:])
+    assert counts.passed == 5, counts.outcomes
     assert dep.plan_deploy(lab.settings, lab.site, [REAL_BOOT]).vms[0].diffs == []
 
 

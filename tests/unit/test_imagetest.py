@@ -22,6 +22,7 @@ from image_factory.image import imagetest as it
 from image_factory.image import manifest as mf
 from image_factory.image import testguest
 from image_factory.lab import factories
+from image_factory.platform import Platform
 from image_factory.settings import Settings
 from image_factory.site.inventory import Image, Source
 
@@ -45,6 +46,19 @@ def test_suite_files_real_suites_and_missing_suite(tmp_path: Path) -> None:
     assert [f.name for f in files] == ["conftest.py", "test_common.py", "test_hygiene.py", "test_fedora.py"]
     with pytest.raises(testguest.ImageTestError, match="test_nosuch.py"):
         it.suite_files(REPO, ["nosuch"])
+
+
+@pytest.mark.parametrize(("platform", "options"), [
+    (None, []),
+    (Platform(), []),
+    (Platform(firmware="uefi", machine="q35"), ["--secure-boot=disabled", "--tpm=no"]),
+    (Platform(firmware="uefi", secure_boot=True, keys="microsoft-2011+2023", tpm=True, machine="q35"),
+     ["--secure-boot=enabled", "--tpm=yes"]),
+    # Secure Boot asked with no keys enrolled: the firmware stays in setup mode and enforces nothing
+    (Platform(firmware="uefi", secure_boot=True, keys="none", machine="q35"), ["--secure-boot=disabled", "--tpm=no"]),
+])
+def test_firmware_options_say_what_the_platform_boots_in(platform: Platform | None, options: list[str]) -> None:
+    assert it.firmware_options(platform) == options
 
 
 def test_parse_junit_counts_and_outcomes(tmp_path: Path) -> None:

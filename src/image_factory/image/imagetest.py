@@ -128,7 +128,47 @@ def build_user_name() -> str:
     return render.BUILD_USER
 
 
+def firmware_options(platform: Platform | None) -> list[str]:
+    """What the firmware suite expects of a UEFI guest booted as ``platform`` says: Secure Boot enabled only
+    where the key set enrols keys that enforce it, and its TPM. The image test passes them for the build's test
+    VM; an end-to-end check passes the same for a clone of its template (none for BIOS: no firmware suite)."""
+    if platform is None or platform.firmware != "uefi":
+        return []
+    enforced = platform.secure_boot and firmware.KEY_SETS[platform.keys or "none"].enrolled
+    return [f"--secure-boot={'enabled' if enforced else 'disabled'}", f"--tpm={'yes' if platform.tpm else 'no'}"]
+
+
 # ------------------------------------------------------------------------------------ the test run
+
+
+def suite_command(
+    settings: Settings,
+    files: list[Path],
+    *,
+    hostspec: str,
+    key_file: Path,
+    known_hosts: Path,
+    family: str,
+    junit: Path,
+    platform: Platform,
+    options: list[str] | None = None,
+) -> list[str]:
+    """pytest running the suite files against one host over SSH (testinfra, strict against ``known_hosts``), with
+    what the platform makes the firmware suite expect: the image test's guest, or a clone of a published
+    template (the lab's end-to-end checks)."""
+    return [
+        sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
+        "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
+        f"--rootdir={settings.root}",
+        f"--hosts={hostspec}",
+        f"--ssh-identity-file={key_file}",
+        f"--known-hosts={known_hosts}",
+        f"--image-family={family}",
+        f"--firmware={platform.firmware}",
+        *firmware_options(platform),
+        *(options or []),
+        f"--junitxml={junit}",
+    ]  # fmt: skip
 
 
 def pytest_command(
@@ -142,33 +182,22 @@ def pytest_command(
     build_user: str,
     automation_user: str,
     mac: str,
-    firmware_kind: str = "bios",
-    platform: Platform | None = None,
+    platform: Platform,
 ) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "pytest", *[str(f) for f in files if f.name != "conftest.py"],
-        "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
-        f"--rootdir={settings.root}",
-        f"--hosts={guest.hostspec}",
-        f"--ssh-identity-file={guest.key_file}",
-        f"--known-hosts={guest.known_hosts}",
+    """suite_command for the image test's guest: its announced host keys, MAC, users, agent and artifact too."""
+    options = [
         f"--announced-host-keys={guest.known_hosts}",
-        f"--image-family={family}",
-        f"--firmware={firmware_kind}",
         f"--expected-mac={mac}",
         f"--build-user={build_user}",
         f"--automation-user={automation_user}",
         f"--qga-socket={guest.qga_socket}",
-        f"--junitxml={junit}",
-    ]  # fmt: skip
-    if platform is not None and platform.firmware == "uefi":
-        enforced = platform.secure_boot and firmware.KEY_SETS[platform.keys or "none"].enrolled
-        cmd += [f"--secure-boot={'enabled' if enforced else 'disabled'}", f"--tpm={'yes' if platform.tpm else 'no'}"]
+    ]
     if artifact is not None:
-        cmd.append(f"--artifact={artifact}")
+        options.append(f"--artifact={artifact}")
         if guest.qmp_socket is not None:
-            cmd.append(f"--qmp-socket={guest.qmp_socket}")
-    return cmd
+            options.append(f"--qmp-socket={guest.qmp_socket}")
+    return suite_command(settings, files, hostspec=guest.hostspec, key_file=guest.key_file,
+                         known_hosts=guest.known_hosts, family=family, junit=junit, platform=platform, options=options)
 
 
 def test_image(
@@ -238,7 +267,7 @@ class _SuiteRun:
         m, image = self.manifest, self.image
         cmd = pytest_command(self.settings, self.files, guest, family=image.family, junit=self.bdir.test_junit,
                              artifact=self.bdir.artifact(m), build_user=build_user, automation_user=automation_user,
-                             mac=TEST_MAC, firmware_kind=m.firmware, platform=m.platform)  # fmt: skip
+                             mac=TEST_MAC, platform=m.platform)  # fmt: skip
         t_suite = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=self.settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

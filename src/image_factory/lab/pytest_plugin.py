@@ -21,13 +21,14 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
@@ -35,7 +36,11 @@ from image_factory.lab import cluster, controller, sshd
 from image_factory.lab.config import LabConfig, LabError, LabPaths, host_address, vm_address
 from image_factory.lab.control import Control
 from image_factory.settings import Settings
-from image_factory.site.inventory import Hypervisor, Site
+from image_factory.site.inventory import Hypervisor, Site, SshEndpoint, Vm
+
+if TYPE_CHECKING:
+    from image_factory.image.imagetest import JunitCounts
+    from image_factory.platform import Platform
 
 SLOTS = range(20, 100)
 # (host, pve-manager release) of every release the lab models, on the lab's two hosts: pve-mgmt runs 8.4.1,
@@ -267,6 +272,59 @@ class LabHandle:
 
     def serial_log(self, host: str, vmid: int) -> Path:
         return self.paths.log / f"{self.hv(host).node}-vm{vmid}-serial.log"
+
+    def guest_endpoint(self, host: str, vm: Vm, *, wait: float = 300.0) -> SshEndpoint:
+        """A really booted VM's SSH endpoint once its sshd answers: the host key read through the guest agent over
+        the API (as the demo reads it), so every connection is strict from the first. A VM that does not answer
+        within ``wait`` seconds fails with the tail of its serial console."""
+        # Local: every pytest process loads this plugin (the image suites' too); the API and SSH clients only
+        # the tests that talk to a guest.
+        from image_factory.errors import RemoteError
+        from image_factory.pve.client import PveClient
+        from image_factory.pve.guest import host_key_via_agent
+        from image_factory.pve.sshlink import connect
+
+        address, port = self.vm_ssh_address(vm.vmid)
+        host_key = host_key_via_agent(PveClient(self.hv(host)), vm.vmid, timeout=wait)
+        endpoint = SshEndpoint(host=address, port=port, user=vm.cloudinit.user, host_key=host_key,
+                               key_file=self.paths.client_key)
+        deadline = time.monotonic() + wait  # the agent answers before sshd has started
+        while True:
+            try:
+                with connect(vm.name, endpoint, timeout=30):
+                    return endpoint
+            except RemoteError:
+                if time.monotonic() > deadline:
+                    tail = self.serial_log(host, vm.vmid).read_text(errors="replace")[-3000:]
+                    raise LabError(f"{vm.name} on {host}: no SSH within {wait:.0f} s; its console ends:\n"
+                                   f"{tail}") from None
+                time.sleep(5)
+
+    def image_suites(self, host: str, vm: Vm, suites: list[str], platform: Platform, workdir: Path, *,
+                     family: str = "debian") -> JunitCounts:
+        """The image test's suites (tests/image) run over SSH against a deployed VM, as the image test runs them
+        against the build's test VM: a clone is held to the checks its artifact passed, with the expectations
+        ``platform`` gives (the template's). pytest's output and JUnit report land in ``workdir``."""
+        from image_factory.image import imagetest  # local, as in guest_endpoint: the image wing's start-up cost
+
+        endpoint = self.guest_endpoint(host, vm)
+        assert endpoint.key_file is not None
+        workdir.mkdir(parents=True, exist_ok=True)
+        known_hosts = workdir / "known_hosts"
+        known_as = endpoint.host if endpoint.port == 22 else f"[{endpoint.host}]:{endpoint.port}"  # OpenSSH's form
+        known_hosts.write_text(f"{known_as} {endpoint.host_key}\n", encoding="utf-8")
+        junit = workdir / "junit.xml"
+        cmd = imagetest.suite_command(
+            self.settings, imagetest.suite_files(self.settings.data, suites),
+            hostspec=f"paramiko://{endpoint.user}@{endpoint.host}:{endpoint.port}", key_file=endpoint.key_file,
+            known_hosts=known_hosts, family=family, junit=junit, platform=platform)
+        proc = subprocess.run(cmd, cwd=self.settings.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=600)
+        (workdir / "pytest.log").write_text(proc.stdout, encoding="utf-8")
+        if proc.returncode not in (0, 1):
+            raise LabError(f"pytest could not run the suites against {vm.name} (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}")
+        return imagetest.parse_junit(junit)
 
 
 def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: float = 1.0,
