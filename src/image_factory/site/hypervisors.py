@@ -76,6 +76,19 @@ class SshEndpoint(Strict):
         return v
 
 
+class ClusterNode(Strict):
+    """One node of a cluster entry: its SSH endpoint with its own pinned host key."""
+
+    ssh: SshEndpoint
+
+
+class ClusterNodes(Strict):
+    """A cluster entry's ``pve.nodes``: the nodes the factory uses, by PVE node name, in the order preferred for a
+    cluster-wide upload."""
+
+    nodes: dict[NodeName, ClusterNode] = Field(min_length=1)
+
+
 class Storages(Strict):
     images: StorageId = Field(default="local-lvm", description="storage that holds VM and template disks")
     import_: StorageId = Field(default="local", alias="import", description="file storage with 'import' content")
@@ -263,6 +276,13 @@ class Hypervisor(Strict):
     template_vmids: VmidRange
     vm_vmids: VmidRange
     install: HostInstall | None = None
+    cluster: str | None = Field(default=None, description="the cluster entry this node is a member of (set by the "
+                                                          "site's loader from pve.nodes, never written in an entry)")
+
+    def member(self, node: str, ssh: SshEndpoint) -> Hypervisor:
+        """This cluster entry's hypervisor for one of its nodes: named ``<entry>/<node>``, reached over that node's
+        SSH, everything else (API endpoints, token, storages, VMID ranges) the cluster's."""
+        return self.model_copy(update={"name": f"{self.cluster}/{node}", "node": node, "ssh": ssh})
 
     @property
     def token_secret_source(self) -> str:
