@@ -9,21 +9,23 @@ result, never in an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 from image_factory.errors import FactoryError, RemoteError
-from image_factory.publish.decide import HostState, clones_keeping, decide, refusals
-from image_factory.publish.gather import all_configs, gather_host, pve_version
+from image_factory.publish.decide import HostState, clones_keeping, cluster_targets, decide, refusals
+from image_factory.publish.gather import all_configs, cluster_facts, gather_host, pve_version
 from image_factory.publish.model import HostFailed, HostPlan, HostResult
 from image_factory.publish.names import REMOVABLE_IMPORT_RE
 from image_factory.publish.register import Guard, destroy, register
 from image_factory.publish.send import TRANSPORTS, HostContext, upload
 from image_factory.pve.client import PveClient, explain
-from image_factory.pve.hostlock import HostLock, LockBusy, LockLost, owner_line
+from image_factory.pve.hostlock import ClusterLock, HostLock, LockBusy, LockLost, owner_line
 from image_factory.pve.sshlink import SshLink
 from image_factory.pve.upload import remote_remove
+from image_factory.site.inventory import Hypervisor
 
 MAX_ROUNDS = 4
 
@@ -35,7 +37,7 @@ class _Replan(Exception):
 def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
     """Plan, and unless dry_run execute, one host. Never raises: failures are in the result."""
     started = time.monotonic()
-    result = HostResult(ctx.hv.name, ctx.hv.node)
+    result = HostResult(ctx.host, ctx.hv.node)
     try:
         client = ctx.client_factory(ctx.hv)
         refusals(ctx.artifact, ctx.hv.node, pve_version(client))
@@ -58,6 +60,27 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
     return result
 
 
+def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[HostResult]:
+    """The selected nodes of one cluster entry, one after the other under the cluster lock: once for the cluster
+    through its first online node when its images storage is shared, else once per node (cluster_targets)."""
+    first, cluster = contexts[0], str(contexts[0].hv.cluster)
+    try:
+        online, shared = cluster_facts(first.client_factory(first.hv), first.hv)
+    except FactoryError as exc:
+        return [HostResult(cluster, error=explain(host_reason(exc, first.hv.name)))]
+    by_name = {c.hv.name: c for c in contexts}
+    results = []
+    for target in cluster_targets(cluster, [c.hv for c in contexts], online, shared):
+        if target.hv is None:
+            results.append(HostResult(target.label, error=target.refusal))
+            continue
+        ctx = dataclasses.replace(by_name[target.hv.name], label=target.label, shared_nodes=target.shared_nodes)
+        result = converge_host(ctx, dry_run=dry_run)
+        result.notes.extend(target.notes)
+        results.append(result)
+    return results
+
+
 def host_reason(exc: FactoryError, host: str) -> str:
     """An error's message without this host's name (the report names the host), classified by type."""
     if isinstance(exc, HostFailed | RemoteError) and exc.host == host:
@@ -74,9 +97,9 @@ def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bo
     lock: HostLock | None = None
     try:
         if not dry_run:
-            lock = HostLock(link, ctx.hv.storage.import_dir, owner_line(ctx.run_id), wait=ctx.lock_wait)
+            lock = host_lock(ctx.hv, link, owner_line(ctx.run_id), ctx.lock_wait)
             lock.acquire()
-        state = gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep)
+        state = gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep, ctx.shared_nodes)
         plan = decide(state, ctx.artifact, ctx.keep, TRANSPORTS[ctx.transport])
         _record_plan(result, plan, first=first)
         if dry_run:
@@ -97,6 +120,14 @@ def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bo
         if lock is not None:
             lock.release()
         link.close()
+
+
+def host_lock(hv: Hypervisor, link: SshLink, owner: str, wait: int) -> HostLock:
+    """The lock of what a publish changes: the cluster's where the hypervisor is a node of a cluster entry (its
+    nodes share VMIDs, and shared storage), else the host's own."""
+    if hv.cluster is not None:
+        return ClusterLock(link, hv.cluster_lock_dir, owner, wait=wait)
+    return HostLock(link, hv.storage.import_dir, owner, wait=wait)
 
 
 def _record_plan(result: HostResult, plan: HostPlan, *, first: bool) -> None:
@@ -131,7 +162,7 @@ def _clean_up(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink
     """Leftovers of a crashed run: half-made factory VMs and partial uploads of other builds."""
     for t in plan.stale:
         guard(f"removing half-made VM {t.vmid}")
-        destroy(client, t.vmid, result)
+        destroy(client.on(t.node), t.vmid, result)
         result.cleaned_up.append(f"removed half-made VM {t.vmid} left by run {t.publish_run or '?'}")
     if plan.stale_partials:
         remote_remove(link, *(f"{ctx.hv.storage.import_dir}/{n}" for n in plan.stale_partials))
@@ -161,11 +192,11 @@ def _retain(ctx: HostContext, plan: HostPlan, state: HostState, client: PveClien
     art = ctx.artifact
     for t in plan.prune:
         guard(f"pruning template {t.vmid}")
-        clones = clones_keeping(all_configs(client), t, state.untracked)
+        clones = clones_keeping(all_configs(client, ctx.shared_nodes), t, state.untracked)
         if clones:
             result.kept_for_linked_clones[str(t.vmid)] = clones
             continue
-        destroy(client, t.vmid, result)
+        destroy(client.on(t.node), t.vmid, result)
         pruned: dict[str, Any] = {"vmid": t.vmid, "name": t.name, "build_id": t.build_id}
         if t.import_file and REMOVABLE_IMPORT_RE.match(t.import_file) and t.import_file != art.import_file:
             remote_remove(link, f"{ctx.hv.storage.import_dir}/{t.import_file}")

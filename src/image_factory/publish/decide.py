@@ -8,7 +8,7 @@ sha256, every VM's config) are taken by gather only when the predicates below sa
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,3 +159,42 @@ def clones_keeping(configs: dict[int, dict[str, Any]], template: TemplateInfo,
     """The clones that keep a planned prune from happening now (one may land between plan and prune): the same
     retention rule as :func:`decide`, on the configs act re-reads just before removing the template."""
     return clone_dependents(configs, template.vmid, untracked)
+
+
+@dataclass(frozen=True)
+class PublishTarget:
+    """One line of a publish report: a hypervisor, or a whole cluster whose images storage its nodes share."""
+
+    label: str  # the report's host: the hypervisor's name, or the cluster entry's
+    hv: Hypervisor | None  # the node that uploads and registers; None: none can (refusal says why)
+    shared_nodes: tuple[str, ...] = ()  # shared storage: the online nodes whose factory templates are the cluster's
+    refusal: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def cluster_targets(cluster: str, members: Sequence[Hypervisor], online: Mapping[str, bool],
+                    shared: bool) -> list[PublishTarget]:
+    """Where a cluster's publish happens (pure): with its images storage shared, once for the whole cluster through
+    its first online node (one upload, one template every node clones from); with local storage, once per node,
+    an offline node reported for itself alone. ``online`` is the cluster's own view (/cluster/resources)."""
+    strangers = [m for m in members if m.node not in online]
+    known = ", ".join(sorted(online)) or "none"
+    refused = [PublishTarget(m.name, None, refusal=f"node {m.node} is not a node of the cluster (its nodes: {known})")
+               for m in strangers]
+    members = [m for m in members if m not in strangers]
+    if not members:
+        return refused
+    if shared:
+        up = [m for m in members if online[m.node]]
+        down = sorted(n for n, is_up in online.items() if not is_up)
+        notes = (f"offline now: {', '.join(down)} (a template held there is not seen; a re-run once it is back "
+                 "keeps the newest)",) if down else ()
+        if not up:
+            return [*refused, PublishTarget(cluster, None, refusal="no node of the cluster is online "
+                                                                   f"({', '.join(m.node for m in members)} offline)")]
+        return [*refused, PublishTarget(cluster, up[0], tuple(sorted(n for n, is_up in online.items() if is_up)),
+                                        notes=notes)]
+    return [*refused, *(PublishTarget(m.name, m) if online[m.node] else
+                        PublishTarget(m.name, None, refusal=f"node {m.node} is offline (the cluster's "
+                                                            "/cluster/resources): nothing changed there")
+                        for m in members)]

@@ -18,7 +18,7 @@ from image_factory.publish.decide import (
     half_made,
     prune_candidates,
 )
-from image_factory.publish.model import Artifact
+from image_factory.publish.model import Artifact, HostFailed
 from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.sshlink import SshLink
 from image_factory.pve.templates import find_templates
@@ -32,7 +32,10 @@ def pve_version(client: PveClient) -> str:
 
 
 def used_vmids(client: PveClient) -> set[int]:
-    """Every guest id on the node (VMs and containers): a template id must be none of them."""
+    """Every guest id on the node (VMs and containers), on a cluster's node every guest id of the cluster (a VMID
+    names one guest cluster-wide): a template id must be none of them."""
+    if client.hv.cluster is not None:
+        return set(client.cluster_guests())
     ids = {int(vm["vmid"]) for vm in client.list_vms()}
     with suppress(ApiError):
         ids |= {int(ct["vmid"]) for ct in client.list_containers()}
@@ -45,14 +48,44 @@ def untracked_clone_storages(client: PveClient) -> frozenset[str]:
                      if s.get("type") in UNTRACKED_CLONE_TYPES)
 
 
-def all_configs(client: PveClient) -> dict[int, dict[str, Any]]:
-    return {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+def all_configs(client: PveClient, shared_nodes: tuple[str, ...] = ()) -> dict[int, dict[str, Any]]:
+    """Every VM's config on the node, or on each of ``shared_nodes`` (a clone on any node may use a template on
+    shared storage)."""
+    return {int(vm["vmid"]): on.vm_config(int(vm["vmid"]))
+            for on in nodes_of(client, shared_nodes) for vm in on.list_vms()}
 
 
-def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int) -> HostState:
-    templates = find_templates(client, art.manifest.image, include_incomplete=True)
+def nodes_of(client: PveClient, shared_nodes: tuple[str, ...]) -> list[PveClient]:
+    """The client on each node whose templates count (a cluster on shared storage), or the client's own node."""
+    return [client.on(n) for n in shared_nodes] or [client]
+
+
+def cluster_facts(client: PveClient, hv: Hypervisor) -> tuple[dict[str, bool], bool]:
+    """A cluster's nodes with whether each is online (/cluster/resources) and whether its storage.images is shared
+    (storage.cfg's ``shared`` flag, in a node's storage list: pve-storage API2/Storage/Status.pm index)."""
+    online = client.cluster_nodes()
+    asking = hv.node if online.get(hv.node) else next((n for n, up in online.items() if up), None)
+    if asking is None:
+        return online, False
+    listed = client.on(asking).storages()
+    entry = next((s for s in listed if s.get("storage") == hv.storage.images), None)
+    if entry is None:
+        have = ", ".join(str(s.get("storage")) for s in listed)
+        raise HostFailed(hv.cluster or hv.name, f"storage.images {hv.storage.images!r} is not a storage of node "
+                                                f"{asking} (it has: {have})")
+    return online, bool(int(entry.get("shared") or 0))
+
+
+def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int,
+                shared_nodes: tuple[str, ...] = ()) -> HostState:
+    """The host's state; with ``shared_nodes`` (a cluster on shared storage) the cluster's: templates, tasks and
+    configs of each of those nodes."""
+    templates = sorted((t for on in nodes_of(client, shared_nodes)
+                        for t in find_templates(on, art.manifest.image, include_incomplete=True)),
+                       key=lambda t: (t.published_at, t.vmid), reverse=True)
     existing, _ = current_template(templates, art)
-    busy = frozenset(client.active_task_vmids()) if half_made(templates, hv) else frozenset[int]()
+    busy = frozenset(v for on in nodes_of(client, shared_nodes) for v in on.active_task_vmids()) if half_made(
+        templates, hv) else frozenset[int]()
     own_partial = partial_name(art.import_file)
     listing, sizes = remote_probe(link, hv.storage.import_dir, art.import_file, own_partial)
     final_sha256, used = None, frozenset[int]()
@@ -63,7 +96,7 @@ def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact,
     configs: dict[int, dict[str, Any]] = {}
     untracked = frozenset[str]()
     if prune_candidates(templates, art, keep):
-        configs, untracked = all_configs(client), untracked_clone_storages(client)
+        configs, untracked = all_configs(client, shared_nodes), untracked_clone_storages(client)
     return HostState(hv=hv, node=client.node, templates=templates, used_vmids=used, busy=busy,
                      own_partial=own_partial, import_listing=tuple(listing), sizes=sizes,
                      final_sha256=final_sha256, configs=configs, untracked=untracked)

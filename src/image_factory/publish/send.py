@@ -27,6 +27,12 @@ class HostContext:
     progress: ProgressHook | None = None
     engine: str = "auto"
     lock_wait: int = LOCK_WAIT
+    label: str = ""  # the report's host when it is not hv's name: a cluster publishing once for all its nodes
+    shared_nodes: tuple[str, ...] = ()  # a cluster on shared storage: the nodes whose templates are the cluster's
+
+    @property
+    def host(self) -> str:
+        return self.label or self.hv.name
 
 
 Sender = Callable[[HostContext, PveClient, SshLink, HostResult, Callable[[int], None]], UploadResult]

@@ -276,6 +276,8 @@ class Hypervisor(Strict):
     template_vmids: VmidRange
     vm_vmids: VmidRange
     install: HostInstall | None = None
+    cluster_lock_dir: RemotePath = Field(default="/etc/pve/priv/lock", description="a cluster entry's: the cluster "
+                                         "file system's lock directory, where the factory's cluster lock is made")
     cluster: str | None = Field(default=None, description="the cluster entry this node is a member of (set by the "
                                                           "site's loader from pve.nodes, never written in an entry)")
 

@@ -128,6 +128,10 @@ def _read_hypervisor(rec: HostVars, entries: _Entries, problems: list[Problem]) 
     if "nodes" in body:
         _read_cluster(rec, body, entries, problems)
         return
+    if "cluster_lock_dir" in body:
+        problems.append(Problem(rec.source("pve"), rec.name, "pve.cluster_lock_dir", "only for a cluster entry "
+                                "(pve.nodes): a hypervisor of its own is locked on itself"))
+        return
     try:
         entries.hypervisors[rec.name] = Hypervisor(name=rec.name, **body)
     except ValidationError as exc:
