@@ -16,7 +16,7 @@ from typing import Any
 
 from image_factory.errors import FactoryError, RemoteError
 from image_factory.publish.decide import HostState, clones_keeping, cluster_targets, decide, refusals
-from image_factory.publish.gather import all_configs, cluster_facts, gather_host, pve_version
+from image_factory.publish.gather import all_configs, gather_host, pve_version
 from image_factory.publish.model import HostFailed, HostPlan, HostResult
 from image_factory.publish.names import REMOVABLE_IMPORT_RE
 from image_factory.publish.register import Guard, destroy, register
@@ -24,6 +24,7 @@ from image_factory.publish.send import TRANSPORTS, HostContext, upload
 from image_factory.pve.client import PveClient, explain
 from image_factory.pve.hostlock import ClusterLock, HostLock, LockBusy, LockLost, owner_line
 from image_factory.pve.sshlink import SshLink
+from image_factory.pve.templates import cluster_facts
 from image_factory.pve.upload import remote_remove
 from image_factory.site.inventory import Hypervisor
 
@@ -65,7 +66,7 @@ def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[Host
     through its first online node when its images storage is shared, else once per node (cluster_targets)."""
     first, cluster = contexts[0], str(contexts[0].hv.cluster)
     try:
-        online, shared = cluster_facts(first.client_factory(first.hv), first.hv)
+        online, shared = cluster_facts(first.client_factory(first.hv))
     except FactoryError as exc:
         return [HostResult(cluster, error=explain(host_reason(exc, first.hv.name)))]
     by_name = {c.hv.name: c for c in contexts}

@@ -18,7 +18,7 @@ from image_factory.publish.decide import (
     half_made,
     prune_candidates,
 )
-from image_factory.publish.model import Artifact, HostFailed
+from image_factory.publish.model import Artifact
 from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.sshlink import SshLink
 from image_factory.pve.templates import find_templates
@@ -60,29 +60,11 @@ def nodes_of(client: PveClient, shared_nodes: tuple[str, ...]) -> list[PveClient
     return [client.on(n) for n in shared_nodes] or [client]
 
 
-def cluster_facts(client: PveClient, hv: Hypervisor) -> tuple[dict[str, bool], bool]:
-    """A cluster's nodes with whether each is online (/cluster/resources) and whether its storage.images is shared
-    (storage.cfg's ``shared`` flag, in a node's storage list: pve-storage API2/Storage/Status.pm index)."""
-    online = client.cluster_nodes()
-    asking = hv.node if online.get(hv.node) else next((n for n, up in online.items() if up), None)
-    if asking is None:
-        return online, False
-    listed = client.on(asking).storages()
-    entry = next((s for s in listed if s.get("storage") == hv.storage.images), None)
-    if entry is None:
-        have = ", ".join(str(s.get("storage")) for s in listed)
-        raise HostFailed(hv.cluster or hv.name, f"storage.images {hv.storage.images!r} is not a storage of node "
-                                                f"{asking} (it has: {have})")
-    return online, bool(int(entry.get("shared") or 0))
-
-
 def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int,
                 shared_nodes: tuple[str, ...] = ()) -> HostState:
     """The host's state; with ``shared_nodes`` (a cluster on shared storage) the cluster's: templates, tasks and
     configs of each of those nodes."""
-    templates = sorted((t for on in nodes_of(client, shared_nodes)
-                        for t in find_templates(on, art.manifest.image, include_incomplete=True)),
-                       key=lambda t: (t.published_at, t.vmid), reverse=True)
+    templates = find_templates(client, art.manifest.image, include_incomplete=True, nodes=shared_nodes)
     existing, _ = current_template(templates, art)
     busy = frozenset(v for on in nodes_of(client, shared_nodes) for v in on.active_task_vmids()) if half_made(
         templates, hv) else frozenset[int]()

@@ -10,10 +10,11 @@ and deploy all find templates here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from image_factory.errors import RemoteError
 from image_factory.ownership import FACTORY_TAG, has_template_header, owns_template, tagged
 from image_factory.ownership import TEMPLATE_HEADER as DESCRIPTION_HEADER
 from image_factory.pve.client import ApiError, PveClient
@@ -23,7 +24,8 @@ from image_factory.reports import Report
 DESCRIPTION_MAX = 8192  # PVE's limit on a guest description, in bytes
 
 __all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "TemplateInfo", "encode_description",
-           "find_templates", "newest_template", "parse_description"]
+           "cluster_facts", "find_templates", "newest_template", "parse_description",
+           "shared_template_nodes"]
 
 
 def encode_description(fields: Iterable[tuple[str, str]]) -> str:
@@ -93,13 +95,23 @@ class TemplateInfo(Report):
         )
 
 
-def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
-    """Factory templates of ``image_name`` on the client's node, newest first.
+def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False,
+                   nodes: Sequence[str] = ()) -> list[TemplateInfo]:
+    """Factory templates of ``image_name`` on the client's node (or on each of ``nodes``: a cluster whose templates
+    live on shared storage, any node clones them), newest first.
 
     Newest = latest ``published_at`` (ISO-8601 UTC), then highest vmid. Only finished templates
     (``template: 1``) unless include_incomplete (then also factory VMs a run left half-made).
     Deploy picks ``next(t for t in find_templates(c, image) if t.tested)``.
     """
+    found: list[TemplateInfo] = []
+    for on in [client.on(n) for n in nodes] or [client]:
+        found.extend(_templates_on(on, image_name, include_incomplete=include_incomplete))
+    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
+    return found
+
+
+def _templates_on(client: PveClient, image_name: str, *, include_incomplete: bool) -> list[TemplateInfo]:
     found: list[TemplateInfo] = []
     for vm in client.list_vms():
         tags = parse_tags(vm.get("tags"))
@@ -120,8 +132,35 @@ def find_templates(client: PveClient, image_name: str, *, include_incomplete: bo
             continue
         if info.is_template or include_incomplete:
             found.append(info)
-    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
     return found
+
+
+def cluster_facts(client: PveClient) -> tuple[dict[str, bool], bool]:
+    """A cluster node's cluster: each node and whether it is online (/cluster/resources), and whether the entry's
+    storage.images is shared (storage.cfg's ``shared`` flag in a node's storage list: pve-storage
+    API2/Storage/Status.pm index). Shared, a template on any node is every node's to clone (qemu-server clone_vm
+    ``target``); local, each node has its own."""
+    hv = client.hv
+    online = client.cluster_nodes()
+    asking = hv.node if online.get(hv.node) else next((n for n, up in online.items() if up), None)
+    if asking is None:
+        return online, False
+    listed = client.on(asking).storages()
+    entry = next((s for s in listed if s.get("storage") == hv.storage.images), None)
+    if entry is None:
+        have = ", ".join(str(s.get("storage")) for s in listed)
+        raise RemoteError(client.name, f"storage.images {hv.storage.images!r} is not a storage of node {asking} "
+                                       f"(it has: {have})")
+    return online, bool(int(entry.get("shared") or 0))
+
+
+def shared_template_nodes(client: PveClient) -> tuple[str, ...]:
+    """The nodes whose factory templates a cluster node may clone from: every online node of its cluster when the
+    images storage is shared; () (its own only) otherwise, and for a hypervisor of its own."""
+    if client.hv.cluster is None:
+        return ()
+    online, shared = cluster_facts(client)
+    return tuple(sorted(n for n, up in online.items() if up)) if shared else ()
 
 
 def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:
