@@ -73,11 +73,12 @@ def _clone(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Templa
     params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
                               "description": describe(vm, template, run.run_id, incomplete=True)}
 
-    if template.node and template.node != hv.node:
+    source = client
+    if hv.cluster is not None and template.node != hv.node:
         # A template on another node of the cluster, on shared storage: cloned where it is, to this node
         # (qemu-server clone_vm: target is allowed only from shared storage).
         params["target"] = hv.node
-    source = client.on(template.node) if template.node else client
+        source = client.on(template.node)
 
     def attempt() -> None:
         run.guard(hv, f"cloning {vm.name}")

@@ -64,8 +64,11 @@ def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
             continue
         config, pending_keys, _ = effective_config(client, vm.vmid)
         observed[vm.vmid] = Observed(entry, config, pending_keys)
+    elsewhere = ({vmid: node for vmid, node in client.cluster_guests().items() if node != hv.node}
+                 if hv.cluster is not None and vms else {})
     return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()),
-                     _load(client, listed) if any(run.site.placed_by_policy(vm) for vm in vms) else HostLoad())
+                     _load(client, listed) if any(run.site.placed_by_policy(vm) for vm in vms) else HostLoad(),
+                     elsewhere)
 
 
 def _load(client: PveClient, listed: list[dict[str, Any]]) -> HostLoad:

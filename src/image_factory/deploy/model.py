@@ -169,6 +169,7 @@ class HostState:
     vms: dict[int, Observed]
     macs: dict[str, list[MacUse]]
     load: HostLoad = HostLoad()
+    elsewhere: dict[int, str] = field(default_factory=dict)  # a cluster node's: guest ids on its peers -> node
 
 
 @dataclass(frozen=True)
