@@ -84,6 +84,7 @@ class LabHost:
     # behaviour follows the qemu-server and storage behaviour the pve-storage that shipped with it
     pve_version: str = PVE_VERSION
     images_storage: str = LAB_STORAGE  # VM and template disks and cloud-init drives: local (dir) or local-lvm
+    cluster: str = ""  # the name of the modelled cluster this host is a node of (lab/cluster.py); "": independent
 
 
 @dataclass
@@ -108,6 +109,9 @@ class LabConfig:
     # None: every host on loopback; {"profile": "lan"|"remote", "layout": "separate"|"shared", ...}: each host in
     # its own network namespace behind a shaped veth (lab/wire.py)
     wire: dict[str, Any] | None = None
+    # None: independent hosts only; {"name": "labc", "nodes": 3, "role": "tenant"}: a modelled Proxmox VE cluster
+    # beside them, its nodes appended to hosts by lab.up (lab/cluster.py)
+    cluster: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -152,6 +156,8 @@ class LabConfig:
         from image_factory.lab.wire import MAX_HOSTS, parse  # local: a cycle (wire raises config's LabError)
         if parse(self.wire, where) is not None and len(self.hosts) > MAX_HOSTS:
             raise LabError(f"{where}: a wired lab takes at most {MAX_HOSTS} hosts")
+        from image_factory.lab.cluster import validate_cluster  # local: cluster builds on this module
+        validate_cluster(self, where)
         for h in self.hosts:
             if h.pve_version not in RELEASES:
                 raise LabError(f"{where}: host {h.name}: pve_version {h.pve_version!r} is not a release the lab "
@@ -233,7 +239,19 @@ class LabPaths:
         return base / "deevnet-image-factory" / f"lab-{digest}"
 
     def token_secret(self, name: str) -> Path:
+        """The API token secret of a host, or of a cluster (one token.cfg for all its nodes) by its name."""
         return self.state_dir / f"{name}.token"
+
+    def cluster_dir(self, cluster: str) -> Path:
+        return self.lab_dir / "clusters" / cluster
+
+    def shared_storage_dir(self, cluster: str) -> Path:
+        """The cluster's shared storage: one directory every node's sshd and API see (like an NFS mount)."""
+        return self.cluster_dir(cluster) / "shared"
+
+    def etc_pve(self, cluster: str) -> Path:
+        """The cluster's /etc/pve (pmxcfs): one directory all its nodes share; priv/lock/ holds cfs locks."""
+        return self.cluster_dir(cluster) / "etc-pve"
 
     @property
     def vault_password(self) -> Path:

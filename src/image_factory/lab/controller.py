@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from image_factory.errors import ValidationFailed
-from image_factory.lab import sshd, wire
+from image_factory.lab import cluster, sshd, wire
 from image_factory.lab.config import (
     IMAGES_STORAGE_BY_ROLE,
     LAB_STORAGE,
@@ -246,24 +246,26 @@ def _prepare_host(paths: LabPaths, cfg: LabConfig, host: LabHost, client_public:
     hdir.mkdir(parents=True, exist_ok=True)
     cert, key = hdir / "pve-ssl.pem", hdir / "pve-ssl.key"
     ensure_node_cert(paths.ca_cert, paths.ca_key, cert, key, host.node, host.address)
-    secret_file = paths.token_secret(host.name)
+    secret_file = paths.token_secret(cluster.secret_owner(host))
     if not secret_file.exists():
         write_private(secret_file, secrets.token_hex(4) + "-" + "-".join(
             secrets.token_hex(n) for n in (2, 2, 2, 6)) + "\n")
-    root_pw = paths.state_dir / f"{host.name}.root-password"
+    root_pw = paths.state_dir / f"{cluster.secret_owner(host)}.root-password"
     if not root_pw.exists():
         write_private(root_pw, secrets.token_urlsafe(18) + "\n")
     sshd_config, host_key = sshd.prepare(paths, host, client_public)
     storage = paths.storage_dir(host.name)
+    storages = [LAB_STORAGE, host.images_storage] + ([cluster.SHARED_STORAGE] if host.cluster else [])
     spec = NodeSpec(
         name=host.name, node=host.node, address=host.address, port=host.api_port, cert=cert, key=key,
         version=host.pve_version, token_id=TOKEN_ID, token_secret_file=secret_file, root_password_file=root_pw,
-        privileges=playbook_grants(REPO_ROOT, host.pve_version, host.node, [LAB_STORAGE, host.images_storage]),
+        privileges=playbook_grants(REPO_ROOT, host.pve_version, host.node, storages),
         storage_dir=storage, staging_dir=hdir / "root" / "var" / "tmp", vms_dir=paths.vms_dir(host.name),
         thin_dir=hdir / "root" / "dev" / "pve",
         log_dir=paths.log, control_socket=paths.control_socket(host.name), slot=cfg.slot,
         time_scale=cfg.time_scale, durations=cfg.durations, real_boot=cfg.real_boot,
-        vm_memory_cap=cfg.vm_memory_cap, extra={"bridges": bridges, "netns": netns},
+        vm_memory_cap=cfg.vm_memory_cap,
+        extra={"bridges": bridges, "netns": netns, **cluster.node_extra(paths, cfg, host)},
     )
     write_public(hdir / "pve.json", json.dumps(spec.to_mapping(), indent=2, sort_keys=True) + "\n")
     return {"sshd_config": sshd_config, "host_key": host_key, "cert": cert, "spec": spec}
@@ -275,6 +277,7 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     paths.lab_dir.mkdir(parents=True, exist_ok=True)
     with _locked(paths):
         cfg = config or load_config(paths) or default_config(settings)
+        cluster.ensure_nodes(cfg, str(paths.config))
         cfg.validate(example_vm_names(settings), str(paths.config))
         write_public(paths.config, cfg.to_json())
         for d in (paths.log, paths.run):
@@ -300,7 +303,10 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
                     write_public(sshd_pidfile, f"{pid}\n")
                     started.append((pid, _sshd_marker(paths, host.name)))
                 pid = _read_pid(pve_pidfile)
-                if pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
+                if host.cluster:
+                    if host is cluster.members(cfg)[0]:
+                        _start_cluster_api(paths, cfg, started)
+                elif pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
                     log = (paths.log / f"{host.name}-pve.log").open("ab")
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "image_factory.lab.pve_server", "--config",
@@ -325,6 +331,21 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     except ValidationFailed as exc:
         raise LabError(f"the generated lab inventory {paths.inventory} does not validate: {exc}") from None
     return lab
+
+
+def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int, str]]) -> None:
+    """The cluster's one API process for all its nodes, unless it runs (then every node's pid file names it)."""
+    nodes = cluster.members(cfg)
+    pids = {_read_pid(paths.pidfile(h.name, "pve")) for h in nodes}
+    if len(pids) == 1 and all(p is not None and _is_ours(p, _pve_marker(paths, h.name)) for p in pids for h in nodes):
+        return
+    for pid in pids:  # a process serving only some nodes (a changed lab.json) is replaced
+        if pid is not None:
+            _terminate(pid, _pve_marker(paths, nodes[0].name), grace=15)
+    pid = cluster.start_api(paths, nodes)
+    for host in nodes:
+        write_public(paths.pidfile(host.name, "pve"), f"{pid}\n")
+    started.append((pid, _pve_marker(paths, nodes[0].name)))
 
 
 def _any_running(paths: LabPaths, cfg: LabConfig) -> bool:
@@ -369,7 +390,8 @@ def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
             pid = _read_pid(paths.pidfile(name, kind))
             marker = _sshd_marker(paths, name) if kind == "sshd" else _pve_marker(paths, name)
             if pid is None or not _is_ours(pid, marker):
-                raise LabError(f"{name}: {kind} exited at start: {_tail(paths.log / f'{name}-{kind}.log')}")
+                log = cluster.log_file(paths, cfg.host(name)) if kind == "pve" else paths.log / f"{name}-{kind}.log"
+                raise LabError(f"{name}: {kind} exited at start: {_tail(log)}")
         if not pending:
             break
         if time.monotonic() > deadline:

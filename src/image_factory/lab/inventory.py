@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from image_factory.errors import Problem
+from image_factory.lab import cluster
 from image_factory.lab.config import (
     LAB_STORAGE,
     TOKEN_ID,
@@ -95,7 +96,7 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
                 host = by_name.get(name)
                 if host is None:
                     continue
-                hvars = _lab_hypervisor(paths, host, hvars.get("pve") or {}, keys[name])
+                hvars = _lab_hypervisor(paths, cfg, host, hvars.get("pve") or {}, keys[name])
             elif "vm" in hvars:
                 vm = dict(hvars["vm"])
                 vm["image"] = LAB_IMAGE
@@ -115,7 +116,7 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
                             for hv in reversed(list((body.get("hosts") or {}).values())) if hv}
             for host in cfg.hosts:
                 if host.name not in hosts_out:
-                    hosts_out[host.name] = _lab_hypervisor(paths, host, example_pves.get(host.role, {}),
+                    hosts_out[host.name] = _lab_hypervisor(paths, cfg, host, example_pves.get(host.role, {}),
                                                            keys[host.name])
         entry: dict[str, Any] = {}
         group_vars = dict(body.get("vars") or {})
@@ -137,8 +138,10 @@ def write_inventory(settings: Settings, paths: LabPaths, cfg: LabConfig,
     return paths.inventory
 
 
-def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
+def _lab_hypervisor(paths: LabPaths, cfg: LabConfig, host: LabHost, example: dict[str, Any],
                     keys: tuple[str, Path]) -> dict[str, Any]:
+    """A host's entry; a cluster node's as docs/inventory.md's "Each node an entry" (its peers' endpoints in
+    api_urls, the cluster's CA, template VMIDs of its own)."""
     host_key, cert = keys
     storage_dir = paths.storage_dir(host.name)
     pve: dict[str, Any] = {
@@ -147,10 +150,14 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
         "api_url": f"https://{host.address}:{host.api_port}",
         "token_id": TOKEN_ID,
     }
+    secret = paths.token_secret(cluster.secret_owner(host))
     if host.role == VAULTED_SECRET_ROLE:
-        pve["token_secret"] = _vaulted(paths, paths.token_secret(host.name).read_text().strip())
+        pve["token_secret"] = _vaulted(paths, secret.read_text().strip())
     else:
-        pve["token_secret_file"] = str(paths.token_secret(host.name))
+        pve["token_secret_file"] = str(secret)
+    peers = [h for h in cluster.members(cfg) if h.cluster == host.cluster and h.name != host.name]
+    if peers:
+        pve["api_urls"] = [f"https://{h.address}:{h.api_port}" for h in peers]
     if host.tls == "ca":
         pve["tls_ca_file"] = str(paths.ca_cert)
     else:
@@ -165,6 +172,8 @@ def _lab_hypervisor(paths: LabPaths, host: LabHost, example: dict[str, Any],
     for key in ("template_vmids", "vm_vmids"):
         if key in example:
             pve[key] = example[key]
+    if host.cluster:
+        pve["template_vmids"] = cluster.template_vmids(cfg, host)
     return {"ansible_host": host.address, "pve": pve}
 
 

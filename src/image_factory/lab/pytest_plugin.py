@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -29,7 +31,7 @@ from typing import IO, Any
 
 import pytest
 
-from image_factory.lab import controller, sshd
+from image_factory.lab import cluster, controller, sshd
 from image_factory.lab.config import LabConfig, LabError, LabPaths, host_address, vm_address
 from image_factory.lab.control import Control
 from image_factory.settings import Settings
@@ -160,6 +162,33 @@ class LabHandle:
         on the 8.4, 9.1 and 9.2 nodes of one two-host lab."""
         self.control(host).call("release", version=version)
 
+    # ------------------------------------------------------------ cluster
+
+    def cluster_nodes(self) -> list[str]:
+        """The modelled cluster's node hosts (lab.json's ``cluster``), in order; [] without a cluster."""
+        return [h.name for h in cluster.members(self.config)]
+
+    def etc_pve(self) -> Path:
+        """The cluster's shared /etc/pve (pmxcfs): a directory every node's sshd sees."""
+        return self.paths.etc_pve(self.config.host(self.cluster_nodes()[0]).cluster)
+
+    def node_offline(self, host: str) -> None:
+        """The cluster node goes down: its API endpoint and sshd stop answering (open sessions cut), its peers
+        report it offline and answer 595 (No route to host) for it. Until node_online or a reset."""
+        self.control(host).call("node_offline", offline=True)
+        pid = controller._read_pid(self.paths.pidfile(host, "sshd"))
+        if pid is not None:
+            sessions = sshd.session_pids(pid)
+            controller._terminate(pid, controller._sshd_marker(self.paths, host), grace=5)
+            for session in sessions:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(session, signal.SIGKILL)
+
+    def node_online(self, host: str) -> None:
+        """The node is back: its endpoint and sshd answer again, its peers report it online."""
+        self.control(host).call("node_offline", offline=False)
+        controller.up(self.base_settings, self.config)
+
     def clear_faults(self, host: str | None = None) -> None:
         for name in [host] if host else list(self.site.hypervisors):
             self.control(name).call("clear_faults")
@@ -169,9 +198,13 @@ class LabHandle:
         return result
 
     def reset(self) -> None:
-        """Every host back to fresh: no VMs, disks, imports, tasks or faults."""
+        """Every host back to fresh: no VMs, disks, imports, tasks or faults (a cluster node back online)."""
         for name in self.site.hypervisors:
             self.control(name).call("reset")
+        if any(controller._read_pid(self.paths.pidfile(n, "sshd")) is None or not controller._is_ours(
+                controller._read_pid(self.paths.pidfile(n, "sshd")) or 0, controller._sshd_marker(self.paths, n))
+               for n in self.cluster_nodes()):
+            controller.up(self.base_settings, self.config)  # an offline node's sshd back
 
     # ---------------------------------------------------------------- ssh
 
@@ -237,16 +270,19 @@ class LabHandle:
 def start_lab(lab_dir: Path, real_boot: str | list[str] = "all", time_scale: float = 1.0,
               base: Settings | None = None, *, extra_hosts: Sequence[tuple[str, str]] = (),
               placement: dict[str, str] | None = None,
-              wire: dict[str, Any] | None = None) -> tuple[LabHandle, IO[str]]:
+              wire: dict[str, Any] | None = None,
+              cluster_knob: dict[str, Any] | None = None) -> tuple[LabHandle, IO[str]]:
     """A lab on a free slot in lab_dir (the fixtures' engine; also usable from scripts); ``extra_hosts``
-    (name, role) beside the example site's two, ``placement`` per plane, ``wire`` (lab/wire.py) (lab.json's
-    knobs)."""
+    (name, role) beside the example site's two, ``placement`` per plane, ``wire`` (lab/wire.py), ``cluster_knob``
+    a modelled cluster beside them (lab/cluster.py, e.g. ``{"name": "labc", "nodes": 3}``) (lab.json's knobs)."""
     base = base or Settings.from_mapping({})
     settings = dataclasses.replace(base, lab_dir=lab_dir)
-    slot, slot_lock = claim_slot(2 + len(extra_hosts))
+    nodes = int({**cluster.DEFAULT_CLUSTER, **cluster_knob}["nodes"]) if cluster_knob else 0
+    slot, slot_lock = claim_slot(2 + len(extra_hosts) + nodes)
     cfg = controller.default_config(settings, slot=slot)
     for name, role in extra_hosts:
         controller.add_host(cfg, name, role)
+    cfg.cluster = dict(cluster_knob) if cluster_knob else None
     cfg.placement = dict(placement or {})
     cfg.real_boot = real_boot
     cfg.time_scale = time_scale
@@ -286,6 +322,33 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         stop_lab(handle, slot_lock)
 
 
+# The cluster lab: two tenant hosts (pve-tenant, pve-tenant2) and the mgmt host beside a three-node cluster
+# (pve-c1..pve-c3, tenant plane), the tenant plane spread over all five (docs/lab.md, "A cluster").
+CLUSTER_LAB = {"extra_hosts": [("pve-tenant2", "tenant")], "placement": {"tenant": "spread"},
+               "cluster_knob": {"name": "labc", "nodes": 3}}
+
+
+@pytest.fixture(scope="session")
+def cluster_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """A running lab with the modelled three-node cluster beside the independent hosts, for the session."""
+    lab_dir = tmp_path_factory.mktemp("cluster-lab")
+    handle, slot_lock = start_lab(lab_dir, _real_boot(str(request.config.getoption("--lab-real-boot"))),
+                                  **CLUSTER_LAB)  # type: ignore[arg-type]
+    try:
+        yield handle
+    finally:
+        stop_lab(handle, slot_lock)
+
+
+@pytest.fixture
+def fresh_cluster_lab(cluster_lab: LabHandle) -> Iterator[LabHandle]:
+    """The session's cluster lab, reset: every node online, no VMs, disks, imports, locks or faults."""
+    cluster_lab.reset()
+    yield cluster_lab
+    with contextlib.suppress(LabError):
+        cluster_lab.clear_faults()
+
+
 @pytest.fixture
 def fresh_lab(lab: LabHandle) -> Iterator[LabHandle]:
     """The session lab, reset to fresh hosts before the test (no VMs, disks, imports, tasks, faults)."""
@@ -295,5 +358,5 @@ def fresh_lab(lab: LabHandle) -> Iterator[LabHandle]:
         lab.clear_faults()
 
 
-__all__ = ["NODE_RELEASES", "NODE_RELEASE_IDS", "LabHandle", "claim_slot", "fresh_lab", "lab", "start_lab",
-           "stop_lab"]
+__all__ = ["CLUSTER_LAB", "NODE_RELEASES", "NODE_RELEASE_IDS", "LabHandle", "claim_slot", "cluster_lab",
+           "fresh_cluster_lab", "fresh_lab", "lab", "start_lab", "stop_lab"]

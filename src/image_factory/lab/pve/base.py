@@ -34,6 +34,7 @@ DURATIONS = {"clone_full": 8.0, "clone_linked": 2.0, "import": 6.0, "template": 
              "create": 1.0, "imgcopy": 2.0}
 LOCAL_CONTENT = "backup,images,import,iso,rootdir,snippets,vztmpl"
 TPMSTATE_SIZE = 4 * 1024 ** 2  # Drive.pm TPMSTATE_DISK_SIZE
+SHARED_CONTENT = "images,import"  # a cluster's shared storage
 
 
 def qemu_img_info(path: Path) -> dict[str, Any]:
@@ -121,6 +122,18 @@ class LabNodeBase(FakePve):  # fakepve is untyped
         self.thin_dir = spec.thin_pool_dir
         self.thin_dir.mkdir(parents=True, exist_ok=True)
         self.storage_locks: dict[str, StorageLock] = {}
+        # a cluster's node (lab/cluster.py): its peers by node name (itself included) once the cluster is joined
+        # (members.join), the shared storage, and the locks of shared storages (cluster-wide, as cfs_lock_storage)
+        self.cluster_spec: dict[str, Any] = dict(spec.extra.get("cluster") or {})
+        self.peers: dict[str, LabNodeBase] = {}
+        self.shared_locks: dict[str, StorageLock] = {}
+        if self.cluster_spec:
+            shared = Path(self.cluster_spec["shared_dir"])
+            for sub in ("import", "images"):
+                (shared / sub).mkdir(parents=True, exist_ok=True)
+            self.storages[self.cluster_spec["shared_storage"]] = {
+                "type": "dir", "active": 1, "shared": 1, "content": SHARED_CONTENT, "files": set(),
+                "path": str(shared), "volumes": {}}
         self.cluster_options: dict[str, str] = {}  # datacenter.cfg as stored: no tag policy on a fresh install
         # vmid -> coroutine factories to run at the I/O step of the VM's running task
         self._pending_io: dict[int, list[Any]] = {}

@@ -22,7 +22,7 @@ CONTROL_OPS: dict[str, str] = {op: f"_op_{op}" for op in (
     "fail", "clear_faults", "datacenter", "grant", "revoke", "release", "edk2_vars", "thin_pool", "flaky_network",
     "bridge_vlans", "slow_network", "hold_config_lock", "release_config_lock", "snapshot_lock", "unlock",
     "hold_storage_lock", "release_storage_lock", "durations", "time_scale", "agent_hangs", "set_node_offline",
-    "revoke_tickets", "snapshot", "state", "reset",
+    "revoke_tickets", "snapshot", "state", "reset", "node_offline",
 )}
 
 
@@ -83,7 +83,7 @@ class Control(LabNodeBase):  # a concern of LabPve (node.py)
         self.extra_durations.clear()
         for vm in self.vms:
             vm.agent_hangs = False
-        for sid in list(self.storage_locks):
+        for sid in [*self.storage_locks, *self.shared_locks]:
             self.storage_unlock(sid, "scenario")
         for vm in self.vms:
             self.release(vm, "scenario")
@@ -173,12 +173,15 @@ class Control(LabNodeBase):  # a concern of LabPve (node.py)
     def state(self) -> dict[str, Any]:
         vms = []
         for vm in self.vms:
+            if vm.node != self.spec.node:  # a cluster peer's VM: that node's state lists it
+                continue
             proc = self.runners.get(vm.vmid)
             vms.append({"vmid": vm.vmid, "name": vm.name, "status": vm.status, "template": bool(vm.template),
                         "lock": vm.lock, "config": dict(vm.config),
                         "qemu": proc.describe() if proc is not None else None})
         return {"node": self.spec.node, "version": self.version, "time_scale": self.time_scale, "vms": vms,
-                "storage_locks": {k: v.holder for k, v in self.storage_locks.items() if v.holder},
+                "storage_locks": {k: v.holder for k, v in {**self.storage_locks, **self.shared_locks}.items()
+                                  if v.holder},
                 "tasks": len(self.tasks), "failures": [list(k) for k in self.failures]}
 
     async def reset(self) -> None:
@@ -192,6 +195,7 @@ class Control(LabNodeBase):  # a concern of LabPve (node.py)
         self.requests.clear()
         self._pending_io.clear()
         self.storage_locks.clear()
+        self.shared_locks.clear()
         self.time_scale = self.spec.time_scale
         self.cluster_options.clear()
         self.set_release(self.spec.version)

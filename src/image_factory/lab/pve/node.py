@@ -12,6 +12,7 @@ from image_factory.lab.pve.clones import Clones
 from image_factory.lab.pve.cluster import Cluster
 from image_factory.lab.pve.control import Control
 from image_factory.lab.pve.disks import Disks
+from image_factory.lab.pve.members import ClusterMember
 from image_factory.lab.pve.power import Power
 from image_factory.lab.pve.state import StatePersistence
 from image_factory.lab.pve.storage import Storage
@@ -21,8 +22,8 @@ from image_factory.lab.pve.vmconfig import VmConfig
 from image_factory.lab.spec import NodeSpec
 
 
-class LabPve(Control, GuestAgent, Power, Cluster, Clones, VmConfig, Disks, Upload, Storage, Tasks, Access,
-             StatePersistence, LabNodeBase):
+class LabPve(ClusterMember, Control, GuestAgent, Power, Cluster, Clones, VmConfig, Disks, Upload, Storage, Tasks,
+             Access, StatePersistence, LabNodeBase):
     """One PVE node as the lab runs it: every concern overrides fakepve's methods of its own area only, so the
     order of the mixins does not matter; each one's super() reaches fakepve."""
 

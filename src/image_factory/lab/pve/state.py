@@ -35,9 +35,14 @@ class StatePersistence(LabNodeBase):  # a concern of LabPve (node.py)
         self._saved_state = text
 
     def _state_text(self) -> str:
+        # a cluster node saves its own VMs and, of a shared storage, their volumes: its peers save theirs
+        own = [vm for vm in self.vms if vm.node == self.spec.node]
         vms = [{"vmid": vm.vmid, "name": vm.name, "config": vm.config, "pending": vm.pending,
-                "template": bool(vm.template), "snapshots": vm.snapshots, "lock": vm.lock} for vm in self.vms]
-        volumes = {sid: store.get("volumes", {}) for sid, store in self.storages.items()}
+                "template": bool(vm.template), "snapshots": vm.snapshots, "lock": vm.lock} for vm in own]
+        owned = {str(vm.vmid) for vm in own}
+        volumes = {sid: {k: v for k, v in store.get("volumes", {}).items()
+                         if not store.get("shared") or str(v.get("vmid")) in owned}
+                   for sid, store in self.storages.items()}
         return json.dumps({"node": self.spec.node, "vms": vms, "volumes": volumes}, indent=1)
 
     def _write_state(self, text: str) -> None:

@@ -89,7 +89,7 @@ class Storage(LabNodeBase):  # a concern of LabPve (node.py)
 
     async def storage_lock(self, sid: str, holder: str) -> None:
         """cfs_lock_storage: wait up to 10 PVE seconds, then PVE's timeout error."""
-        lock = self.storage_locks.setdefault(sid, StorageLock())
+        lock = self._lock_table(sid).setdefault(sid, StorageLock())
         if lock.holder is not None and self.time_scale:
             deadline = time.monotonic() + STORAGE_LOCK_WAIT * self.time_scale
             while lock.holder is not None:
@@ -103,8 +103,13 @@ class Storage(LabNodeBase):  # a concern of LabPve (node.py)
             raise TaskError(f"can't lock file '/var/lock/pve-manager/pve-storage-{sid}' - got timeout")
         lock.holder = holder
 
+    def _lock_table(self, sid: str) -> dict[str, StorageLock]:
+        """A shared storage's lock is the cluster's (cfs_lock_storage locks shared storage in /etc/pve), a
+        local one the node's own."""
+        return self.shared_locks if (self.storages.get(sid) or {}).get("shared") else self.storage_locks
+
     def storage_unlock(self, sid: str, holder: str) -> None:
-        lock = self.storage_locks.get(sid)
+        lock = self._lock_table(sid).get(sid)
         if lock and lock.holder == holder:
             lock.holder = None
             lock.released.set()
