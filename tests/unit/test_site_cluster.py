@@ -105,3 +105,15 @@ def test_a_node_also_listed_as_an_entry_of_its_own_is_refused(tmp_path: Path) ->
     group(inv, "hypervisors")["pve-c2"] = {"pve": pve}
     p = only(problems_of(tmp_path, inv), "pve-cluster/pve-c2, pve-c2", "pve.node")
     assert "both are node pve-c2" in p.message
+
+
+def test_a_node_with_storage_of_its_own_replaces_the_entrys_mapping(tmp_path: Path) -> None:
+    inv = with_cluster()
+    nodes = group(inv, "hypervisors")["pve-cluster"]["pve"]["nodes"]
+    nodes["pve-c3"]["storage"] = {"images": "local", "import_dir": "/srv/import"}
+    site = load_site(*site_files(tmp_path, inv))
+    c1, c3 = site.hypervisors[MEMBERS[0]], site.hypervisors[MEMBERS[2]]
+    assert (c3.storage.images, c3.storage.import_dir, c3.storage.cloudinit) == ("local", "/srv/import", "local-lvm")
+    assert c1.storage.import_dir == "/var/lib/vz/import"
+    nodes["pve-c3"]["storage"] = {"import_dir": "not absolute"}
+    assert only(problems_of(tmp_path, inv), "pve-cluster", "pve.nodes.pve-c3.storage.import_dir")

@@ -167,7 +167,7 @@ def _read_cluster(rec: HostVars, body: dict[str, Any], entries: _Entries, proble
         problems.extend(pydantic_problems(source, rec.name, "pve", exc))
         return
     for node, member in spec.nodes.items():
-        hv = cluster.member(node, member.ssh)
+        hv = cluster.member(node, member)
         entries.hypervisors[hv.name] = hv
 
 
