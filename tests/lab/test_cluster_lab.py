@@ -1,0 +1,143 @@
+"""Issue #35's "done when", against the lab's modelled three-node cluster (lab/cluster.py) beside two tenant hosts:
+the cluster described as ONE inventory entry (pve.nodes) passes inventory.check, preflight, publish and deploy --
+one template for the cluster on shared storage, one per node on local storage, clones placed as the plan said --
+and a node going offline mid-publish is reported for that node alone, a re-run converging. No VM boots."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from image_factory import deploy as dep
+from image_factory.lab.cluster import SHARED_STORAGE
+from image_factory.lab.inventory import InventoryDumper, InventoryLoader
+from image_factory.lab.pytest_plugin import LabHandle
+from image_factory.preflight import run_preflight
+from image_factory.publish import publish_image
+from image_factory.pve.client import PveClient
+from image_factory.settings import REPO_ROOT
+from image_factory.site.inventory import Site, load_site
+
+from .test_publish_lab import IMAGE, make_build
+
+pytestmark = pytest.mark.lab
+NODES = ("pve-c1", "pve-c2", "pve-c3")
+MEMBERS = tuple(f"labc/{n}" for n in NODES)
+HOSTS = ("pve-mgmt", "pve-tenant", "pve-tenant2", *MEMBERS)
+
+
+def cluster_entry_site(lab: LabHandle, tmp_path: Path, *, images: str) -> Site:
+    """The lab's inventory with its three node entries folded into one cluster entry ``labc``, as an operator
+    writes it (docs/inventory.md, "A Proxmox VE cluster"): the first node's endpoint and the others' in order, each
+    node's SSH (and, as the lab's nodes keep their files apart, its storage paths), the cluster lock in the lab's
+    shared /etc/pve; the tenant VMs name the cluster, where the plane's spread places them."""
+    inventory = yaml.load(lab.settings.inventory.joinpath("hosts.yml").read_text(), Loader=InventoryLoader)  # noqa: S506
+    groups = inventory["all"]["children"]
+    hosts = groups["hypervisors"]["hosts"]
+    nodes = {n: hosts.pop(n)["pve"] for n in NODES}
+    first = nodes[NODES[0]]
+    entry = {k: v for k, v in first.items() if k not in ("node", "ssh", "storage")}
+    entry["api_urls"] = [nodes[n]["api_url"] for n in NODES[1:]]
+    entry["cluster_lock_dir"] = str(lab.etc_pve() / "priv" / "lock")
+    entry["nodes"] = {n: {"ssh": pve["ssh"], "storage": {**pve["storage"], "images": images, "cloudinit": images}}
+                      for n, pve in nodes.items()}
+    hosts["labc"] = {"ansible_host": first["ssh"]["host"], "pve": entry}
+    for vm in groups["tenant"]["hosts"].values():
+        vm["vm"]["hypervisor"] = "labc"
+    folder = tmp_path / "inventory"
+    folder.mkdir()
+    (folder / "hosts.yml").write_text(yaml.dump(inventory, Dumper=InventoryDumper, sort_keys=False, width=200))
+    return load_site(folder, REPO_ROOT / "packer/images.yml")  # what inventory.check reads
+
+
+def guests(lab: LabHandle, node: str) -> dict[int, bool]:
+    """Each VM on the node and whether it is a template."""
+    return {int(v["vmid"]): bool(int(v.get("template") or 0)) for v in PveClient(lab.hv(node)).list_vms()}
+
+
+def settings_for(lab: LabHandle, tmp_path: Path, build_id: str) -> Any:
+    settings = dataclasses.replace(lab.settings, builds_dir=tmp_path / "builds")
+    make_build(settings.builds_dir, build_id=build_id)
+    return settings
+
+
+def test_a_cluster_entry_on_shared_storage_gets_one_template_and_clones_on_the_planned_nodes(
+        fresh_cluster_lab: LabHandle, tmp_path: Path) -> None:
+    lab = fresh_cluster_lab
+    site = cluster_entry_site(lab, tmp_path, images=SHARED_STORAGE)
+    assert list(site.hypervisors) == list(HOSTS) and [h.name for h in site.clusters["labc"]] == list(MEMBERS)
+    settings = settings_for(lab, tmp_path, "20261206-1900-c1")
+
+    checked = run_preflight(settings, site, images=[IMAGE])
+    assert list(checked.hosts) == list(HOSTS)
+    assert checked.ok, {h: [(r.name, r.detail) for r in rs if not r.ok] for h, rs in checked.hosts.items()}
+    assert "storage.images shared shared: one template for the cluster" in checked.result(MEMBERS[1], "cluster").detail
+
+    published = publish_image(settings, site, IMAGE, progress=False)
+    assert published.ok, published.to_dict()
+    assert [(h.host, h.node, h.action) for h in published.hosts] == [
+        ("pve-mgmt", "pve-mgmt", "created"), ("pve-tenant", "pve-tenant", "created"),
+        ("pve-tenant2", "pve-tenant2", "created"), ("labc", "pve-c1", "created")]
+    template = published.host("labc").template_vmid
+    assert guests(lab, "pve-c1") == {template: True} and guests(lab, "pve-c2") == guests(lab, "pve-c3") == {}
+
+    plan = {p.vm: p for p in dep.plan_deploy(None, site, plane="tenant").vms}
+    assert {n: (p.host, p.action) for n, p in plan.items()} == {
+        "iot-api01": ("labc/pve-c1", "create"), "sandbox01": ("labc/pve-c2", "create")}
+    assert f"clones template {template} of node pve-c1 to pve-c2" in " ".join(plan["sandbox01"].notes)
+    report = dep.deploy_vms(None, site, plane="tenant", wait=False, progress=False)
+    assert report.ok, report.to_dict()
+    assert guests(lab, "pve-c1") == {template: True, 2101: False} and guests(lab, "pve-c2") == {2201: False}
+
+    again = dep.deploy_vms(None, site, plane="tenant", wait=False, progress=False)
+    assert {r.plan.vm: (r.plan.host, r.plan.placement) for r in again.results} == {
+        "iot-api01": ("labc/pve-c1", "already on labc/pve-c1"), "sandbox01": ("labc/pve-c2", "already on labc/pve-c2")}
+    assert {r.state for r in again.results} <= {"unchanged", "corrected"}
+    republished = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    assert [(h.host, h.action) for h in republished.hosts] == [("labc", "unchanged")]
+    assert not (lab.etc_pve() / "priv" / "lock" / "image-factory").exists()  # the cluster lock went with its runs
+
+
+def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_down_mid_publish_fails_alone(
+        fresh_cluster_lab: LabHandle, tmp_path: Path) -> None:
+    lab = fresh_cluster_lab
+    site = cluster_entry_site(lab, tmp_path, images="local")
+    settings = settings_for(lab, tmp_path, "20261206-1930-c2")
+    down = "pve-c2"
+    watcher = PveClient(lab.hv("pve-c1"))
+    stop = threading.Event()
+
+    def down_once_the_first_nodes_template_exists() -> None:
+        while not stop.is_set():
+            if watcher.list_vms():
+                lab.node_offline(down)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=down_once_the_first_nodes_template_exists, daemon=True)
+    thread.start()
+    try:
+        first = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    finally:
+        stop.set()
+        thread.join(10)
+    by_host = {h.host: h for h in first.hosts}
+    assert {h: r.action for h, r in by_host.items()} == {
+        "labc/pve-c1": "created", f"labc/{down}": "failed", "labc/pve-c3": "created"}, [
+        (h.host, h.error) for h in first.hosts]
+    assert by_host["labc/pve-c1"].template_vmid != by_host["labc/pve-c3"].template_vmid  # VMIDs cluster-wide
+
+    lab.node_online(down)
+    again = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    assert again.ok, again.to_dict()
+    assert {h.host: h.action for h in again.hosts} == {
+        "labc/pve-c1": "unchanged", f"labc/{down}": "created", "labc/pve-c3": "unchanged"}
+    templates = {n: guests(lab, n) for n in NODES}
+    assert all(list(t.values()) == [True] for t in templates.values()), templates  # one each, nothing half-made
+    assert len({vmid for t in templates.values() for vmid in t}) == 3
