@@ -103,6 +103,18 @@ def test_a_cluster_entry_on_shared_storage_gets_one_template_and_clones_on_the_p
     assert [(h.host, h.action) for h in republished.hosts] == [("labc", "unchanged")]
     assert not (lab.etc_pve() / "priv" / "lock" / "image-factory").exists()  # the cluster lock went with its runs
 
+    lab.node_offline("pve-c1")  # the node holding the template is down: a new build goes through the next
+    make_build(settings.builds_dir, build_id="20261206-1915-c1")
+    newer = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    [line] = newer.hosts
+    assert (line.host, line.node, line.action) == ("labc", "pve-c2", "created"), newer.to_dict()
+    assert line.notes[-1].startswith("offline now: pve-c1")
+    lab.node_online("pve-c1")
+    settled = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    assert [(h.host, h.node, h.action, h.template_vmid) for h in settled.hosts] == [
+        ("labc", "pve-c1", "unchanged", line.template_vmid)]
+    assert guests(lab, "pve-c2") == {2201: False, line.template_vmid: True}
+
 
 def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_down_mid_publish_fails_alone(
         fresh_cluster_lab: LabHandle, tmp_path: Path) -> None:
