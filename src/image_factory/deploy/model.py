@@ -45,6 +45,7 @@ class VmPlan(Report):
     reason: str = ""
     template: str | None = None
     template_vmid: int | None = None
+    template_node: str = ""  # a cluster's template on another node (cloned from there with target): its node
     clone_mode: str = "full"
     macs: list[str] = field(default_factory=list)
     diffs: list[FieldDiff] = field(default_factory=list)
