@@ -5,17 +5,22 @@ down is reported as PVE reports it. No VM boots."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from image_factory.lab.cluster import SHARED_STORAGE, ensure_nodes
+from image_factory.lab import controller
+from image_factory.lab.cluster import SHARED_STORAGE, apply_option, ensure_nodes
 from image_factory.lab.config import LabConfig, LabError, LabHost
 from image_factory.lab.pki import cert_fingerprint
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve.client import ApiError, PveClient
+from image_factory.pve import apiupload
+from image_factory.pve.client import ApiError, PveClient, TaskFailed
 from image_factory.pve.sshlink import RemoteError, SshLink
 
 pytestmark = pytest.mark.lab
@@ -87,16 +92,25 @@ def test_a_vmid_is_cluster_wide_and_any_endpoint_reaches_any_node(clab: LabHandl
     assert api(clab, "pve-c2").list_vms() == []
     with pytest.raises(ApiError, match="does not exist"):
         c1.get("/nodes/pve-c2/qemu/2500/config")
+    # /cluster/nextid counts every node's guests
+    c1.run_task("POST", "/nodes/pve-c1/qemu", vmid=100, name="lowest", memory=512)
+    assert api(clab, "pve-c2").get("/cluster/nextid") == "101"
+    with pytest.raises(ApiError, match="VM 2500 already exists"):
+        c3.get("/cluster/nextid", vmid=2500)
 
 
 def test_the_shared_storage_is_one_directory_for_every_node(clab: LabHandle) -> None:
     shared = clab.paths.shared_storage_dir("labc")
     with SshLink("pve-c1", clab.hv("pve-c1").ssh) as link:
         link.run(["qemu-img", "create", "-q", "-f", "qcow2", str(shared / "import" / "up.qcow2"), "16M"])
+        link.run(["qemu-img", "create", "-q", "-f", "qcow2", str(clab.hv("pve-c1").storage.import_dir) + "/own.qcow2",
+                  "16M"])
+    own = api(clab, "pve-c1").get("/nodes/pve-c1/storage/local/content")
+    assert [c["volid"] for c in own] == ["local:import/own.qcow2"]
     for host in ("pve-c2", "pve-c3"):
         content = api(clab, host).get(f"/nodes/{host}/storage/{SHARED_STORAGE}/content")
         assert [(c["volid"], c["content"]) for c in content] == [(f"{SHARED_STORAGE}:import/up.qcow2", "import")]
-        assert api(clab, host).get(f"/nodes/{host}/storage/local/content") == []
+        assert api(clab, host).get(f"/nodes/{host}/storage/local/content") == []  # each node's local is its own
         with SshLink(host, clab.hv(host).ssh) as link:
             assert link.run(["ls", str(shared / "import")]).stdout.split() == ["up.qcow2"]
 
@@ -132,9 +146,29 @@ def test_clone_to_another_node_needs_shared_storage_and_lands_there(clab: LabHan
     assert {int(v["vmid"]) for v in c1.list_vms()} == {9100, 9101, 2606}
 
 
+def test_a_clone_started_on_its_target_node_runs_there_from_the_shared_storage(clab: LabHandle) -> None:
+    if clab.config.real_boot == "none":
+        pytest.skip("lab started with --lab-real-boot=none")
+    c1 = api(clab, "pve-c1")
+    _template(c1, "pve-c1", 9102, SHARED_STORAGE)
+    c1.run_task("POST", "/nodes/pve-c1/qemu/9102/clone", newid=2950, name="runs-on-c2", target="pve-c2")
+    api(clab, "pve-c3").run_task("POST", "/nodes/pve-c2/qemu/2950/status/start")  # asked through pve-c3
+    qemu = clab.qemu("pve-c2", 2950)
+    assert qemu is not None and clab.qemu("pve-c1", 2950) is None
+    cmdline = Path(f"/proc/{qemu['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert str(clab.paths.shared_storage_dir("labc") / "images" / "2950") in cmdline
+    assert api(clab, "pve-c1").get("/nodes/pve-c2/qemu/2950/status/current")["status"] == "running"
+    api(clab, "pve-c1").run_task("POST", "/nodes/pve-c2/qemu/2950/status/stop")
+    assert clab.qemu("pve-c2", 2950) is None
+
+
 def test_a_node_going_offline_is_reported_for_it_alone_and_comes_back(clab: LabHandle) -> None:
     api(clab, "pve-c2").run_task("POST", "/nodes/pve-c2/qemu", vmid=2700, name="on-c2", memory=512)
+    session = SshLink("pve-c2", clab.hv("pve-c2").ssh).connect()
     clab.node_offline("pve-c2")
+    with pytest.raises((RemoteError, OSError, EOFError)):  # an open session is cut with it
+        session.run(["true"], timeout=10)
+    session.close()
     address = urlsplit(clab.hv("pve-c2").api_url).hostname
     assert address is not None
     assert refused(address, 8006) and refused(clab.hv("pve-c2").ssh.host, clab.hv("pve-c2").ssh.port)
@@ -185,6 +219,61 @@ def test_a_lock_made_in_etc_pve_on_one_node_holds_on_the_others(clab: LabHandle)
     assert not lock.exists()
 
 
+def test_a_shared_storage_lock_is_the_clusters_cfs_lock_in_etc_pve(clab: LabHandle) -> None:
+    c2 = api(clab, "pve-c2")
+    _template(c2, "pve-c2", 9200, SHARED_STORAGE)
+    cfs_lock = clab.etc_pve() / "priv" / "lock" / f"storage-{SHARED_STORAGE}"
+    clab.lock_storage("pve-c1", SHARED_STORAGE)  # a task on pve-c1 allocating on the shared storage
+    assert cfs_lock.is_dir()
+    assert clab.state("pve-c3")["storage_locks"] == {SHARED_STORAGE: "scenario"}
+    clab.time_scale("pve-c2", 0.01)  # PVE's 10 s wait in 0.1 s
+    with pytest.raises(TaskFailed, match=f"cfs-lock 'storage-{SHARED_STORAGE}' error: got lock request timeout"):
+        c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="waits")
+    clab.clear_faults("pve-c1")
+    assert not cfs_lock.exists()
+    # the same directory taken over SSH (an admin's or the factory's cluster lock) holds PVE too
+    with SshLink("pve-c3", clab.hv("pve-c3").ssh) as link:
+        link.run(["mkdir", str(cfs_lock)])
+        with pytest.raises(TaskFailed, match="got lock request timeout"):
+            c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="waits")
+        link.run(["rmdir", str(cfs_lock)])
+    c2.run_task("POST", "/nodes/pve-c2/qemu/9200/clone", newid=2801, name="runs")
+    assert not cfs_lock.exists()
+    # a local storage's lock stays the node's own
+    clab.lock_storage("pve-c1", "local")
+    assert clab.state("pve-c2")["storage_locks"] == {}
+    assert clab.state("pve-c1")["storage_locks"] == {"local": "scenario"}
+
+
+def test_an_api_upload_through_one_node_lands_on_the_node_it_names(clab: LabHandle, tmp_path: Path) -> None:
+    image = tmp_path / "up.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    via_c1 = PveClient(clab.hv("pve-c2").model_copy(update={"api_url": clab.hv("pve-c1").api_url, "api_urls": []}))
+    sent = apiupload.send(via_c1, SHARED_STORAGE, "via-c1.qcow2", image, digest, progress=None, timeout=60)
+    assert sent >= image.stat().st_size
+    content = api(clab, "pve-c3").get(f"/nodes/pve-c3/storage/{SHARED_STORAGE}/content")
+    assert [c["volid"] for c in content] == [f"{SHARED_STORAGE}:import/via-c1.qcow2"]
+    tasks = api(clab, "pve-c2").get("/nodes/pve-c2/tasks")
+    assert [t["type"] for t in tasks] == ["imgcopy"]  # staged and imported by pve-c2, the node the call named
+    assert api(clab, "pve-c1").get("/nodes/pve-c1/tasks") == []
+
+
+def test_a_restart_of_the_lab_keeps_each_nodes_vms_on_their_node(clab: LabHandle) -> None:
+    api(clab, "pve-c1").run_task("POST", "/nodes/pve-c1/qemu", vmid=2900, name="c1-shared", memory=512,
+                                 scsi0=f"{SHARED_STORAGE}:1")
+    api(clab, "pve-c3").run_task("POST", "/nodes/pve-c3/qemu", vmid=2901, name="c3-local", memory=512,
+                                 scsi0="local:1")
+    controller.down(clab.base_settings)
+    controller.up(clab.base_settings, clab.config)
+    where = {int(v["vmid"]): v["node"] for v in api(clab, "pve-c2").get("/cluster/resources", type="vm")}
+    assert where == {2900: "pve-c1", 2901: "pve-c3"}
+    shared = api(clab, "pve-c2").get(f"/nodes/pve-c2/storage/{SHARED_STORAGE}/content")
+    assert [c["volid"] for c in shared] == [f"{SHARED_STORAGE}:2900/vm-2900-disk-0.raw"]
+    assert [c["volid"] for c in api(clab, "pve-c3").get("/nodes/pve-c3/storage/local/content")] == [
+        "local:2901/vm-2901-disk-0.raw"]
+
+
 def test_the_cluster_knob_is_checked_before_anything_starts() -> None:
     base = [LabHost(name="pve-mgmt", node="pve-mgmt", role="mgmt", address="127.0.0.11")]
     cfg = LabConfig(hosts=list(base), cluster={"name": "labc", "nodes": 3})
@@ -203,3 +292,20 @@ def test_the_cluster_knob_is_checked_before_anything_starts() -> None:
         LabConfig(hosts=cfg.hosts, cluster={"name": "labc", "nodes": 2}).validate()
     with pytest.raises(LabError, match="no cluster knob"):
         LabConfig(hosts=cfg.hosts).validate()
+    assert cfg.placement == {"tenant": "spread"}  # the plane has several hypervisors now
+
+
+def test_lab_up_cluster_option_adds_resizes_and_removes_the_nodes() -> None:
+    cfg = LabConfig(hosts=[LabHost(name="pve-mgmt", node="pve-mgmt", role="mgmt", address="127.0.0.11")],
+                    placement={"tenant": "fill"})
+    apply_option(cfg, "labc", "lab.up --cluster")
+    assert [h.name for h in cfg.hosts] == ["pve-mgmt", "pve-c1", "pve-c2", "pve-c3"]
+    assert cfg.placement == {"tenant": "fill"}  # a policy lab.json names stays
+    apply_option(cfg, "labc:2", "lab.up --cluster")
+    assert [(h.name, h.address) for h in cfg.hosts] == [
+        ("pve-mgmt", "127.0.0.11"), ("pve-c1", "127.0.0.12"), ("pve-c2", "127.0.0.13")]
+    cfg.validate()
+    with pytest.raises(LabError, match=r"lab.up --cluster: 'labc:x' is not NAME or NAME:NODES"):
+        apply_option(cfg, "labc:x", "lab.up --cluster")
+    apply_option(cfg, "none", "lab.up --cluster")
+    assert ([h.name for h in cfg.hosts], cfg.cluster) == (["pve-mgmt"], None)

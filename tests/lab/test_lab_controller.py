@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from image_factory.errors import ValidationFailed
+from image_factory.lab import controller
 from image_factory.lab.config import LabConfig, LabPaths, private_dir, write_private
 from image_factory.lab.controller import default_config, lab_settings, vault_environment, write_inventory
 from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
@@ -130,3 +132,21 @@ def test_bad_lab_config_is_refused_naming_the_knob(change: dict[str, object], me
         setattr(cfg, key, value)
     with pytest.raises(LabError, match=message):
         cfg.validate(example_vm_names(settings), "lab.json")
+
+
+def test_a_child_gone_at_start_is_reported_with_how_it_ended() -> None:
+    # A signal leaves nothing in the child's log: the start error must say which one, or the exit status.
+    killed = subprocess.Popen(["sleep", "30"])
+    killed.kill()
+    killed.wait()
+    failed = subprocess.Popen(["sh", "-c", "exit 3"])
+    failed.wait()
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        assert controller._exit_status(killed) == " (killed by SIGKILL)"
+        assert controller._exit_status(failed) == " (status 3)"
+        assert controller._exit_status(running) == ""
+        assert controller._exit_status(None) == ""
+    finally:
+        running.kill()
+        running.wait()

@@ -3,13 +3,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from image_factory.image.manifest import Artifact, Made, assemble, load, save, sha256_file
+from image_factory.image.manifest import (
+    Artifact,
+    ImageTestResult,
+    Made,
+    ManifestError,
+    assemble,
+    load,
+    record_test_result,
+    save,
+    sha256_file,
+)
 from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import Image, load_site
 
@@ -64,3 +75,16 @@ def test_a_builds_manifest_is_the_catalogue_entry_the_artifact_and_how_it_was_ma
     assert m.image_test is None and not m.skip_tests and not m.tested_ok()
     save(tmp_path, m)
     assert load(tmp_path) == m  # what the build writes is what test and publish read back
+
+
+def test_a_result_of_an_artifact_rebuilt_during_its_test_is_not_recorded(tmp_path: Path) -> None:
+    image = _catalogue()["debian-lab"]
+    old = Artifact(path="debian-lab.qcow2", format="qcow2", virtual_size=2**31, disk_size=5, sha256="ab" * 32)
+    save(tmp_path, assemble(image, old, _made()))
+    passed = ImageTestResult(status="passed", passed=3, artifact_sha256=old.sha256)
+    assert record_test_result(tmp_path, passed).tested_ok()
+    rebuilt = assemble(image, dataclasses.replace(old, sha256="cd" * 32), _made())
+    save(tmp_path, rebuilt)  # a build replaced the artifact while the test booted the old one
+    with pytest.raises(ManifestError, match="rebuilt while the image test ran"):
+        record_test_result(tmp_path, passed)
+    assert load(tmp_path) == rebuilt  # the new build's manifest is kept as it was, untested

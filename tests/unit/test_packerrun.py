@@ -5,6 +5,8 @@ panic, the compaction. The whole build with a stand-in packer: test_build.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -108,3 +110,65 @@ def test_a_compressed_artifact_is_zstd_and_holds_the_same_disk(tmp_path: Path) -
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     assert packed.stat().st_size < 1024 * 1024
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(packed)], check=True)
+
+
+def test_a_qemu_left_by_packer_is_killed_and_packer_is_reaped_only_after(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packer's group is swept while packer is still an unreaped zombie, so its group id names only its own
+    processes; afterwards packer is reaped and nothing of the group is left."""
+    pidfile = tmp_path / "qemu.pid"
+    fake = tmp_path / "packer"
+    # the stray "QEMU" keeps no pipe open (packer's stdout would hold the run until it ended)
+    fake.write_text(f"#!/bin/sh\nsleep 300 >/dev/null 2>&1 &\necho $! > {pidfile}\n"
+                    "echo '1,,ui,say,Build finished'\nexit 0\n")
+    fake.chmod(0o755)
+    seen: list[str] = []
+    real_killpg = packerrun.os.killpg
+
+    def killpg(pgid: int, sig: int) -> None:
+        state = Path(f"/proc/{pgid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        seen.append(state)  # the leader (packer) is a zombie here, never a stranger or gone
+        real_killpg(pgid, sig)
+
+    monkeypatch.setattr(packerrun.os, "killpg", killpg)
+    run = packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=60,
+                               sink=buildevents.EventSink())
+    assert run is not None and seen == ["Z"]
+    assert _gone(int(pidfile.read_text()))
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie counts: its parent, packer, is gone and init reaps it in its own time)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_ctrl_c_while_packer_starts_stops_it_once_it_is_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arriving inside Popen (before the run holds packer) is raised once it does, and packer is stopped,
+    not orphaned."""
+    fake = tmp_path / "packer"
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    started: list[subprocess.Popen[str]] = []
+    real_start = packerrun._start_packer
+
+    def start_then_ctrl_c(*args: object) -> subprocess.Popen[str]:
+        proc = real_start(*args)  # type: ignore[arg-type]
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # as if typed while Popen was still returning
+        return proc
+
+    monkeypatch.setattr(packerrun, "_start_packer", start_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=60,
+                             sink=buildevents.EventSink())
+    assert started and started[0].returncode is not None  # stopped and reaped
+    assert "interrupted" in (tmp_path / "build.log").read_text()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

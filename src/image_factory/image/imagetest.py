@@ -21,6 +21,7 @@ from pathlib import Path
 from image_factory.console import console, styled
 from image_factory.image import contents as contents_mod
 from image_factory.image import firmware, manifest, render
+from image_factory.image.buildcache import image_lock
 from image_factory.image.builddir import (
     TEST_JUNIT_NAME,
     TEST_OUTPUT_NAME,
@@ -28,6 +29,7 @@ from image_factory.image.builddir import (
     TEST_SUMMARY_NAME,
     BuildDir,
 )
+from image_factory.image.buildevents import EventSink
 from image_factory.image.manifest import ImageTestResult, sha256_file
 from image_factory.image.qemuvm import resolve_accelerator
 from image_factory.image.testguest import (
@@ -269,7 +271,8 @@ class _SuiteRun:
         )
         summary = {**asdict(result), "image": self.image.name, "figures": self.figures, "outcomes": counts.outcomes}
         self.bdir.test_summary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        manifest.record_test_result(self.bdir.path, result, self.inside.summary() if self.inside else None)
+        with image_lock(self.bdir, EventSink(on_event=lambda event: console.print(event.message))):
+            manifest.record_test_result(self.bdir.path, result, self.inside.summary() if self.inside else None)
         return result
 
 

@@ -196,7 +196,14 @@ def save(build_dir: Path, manifest: Manifest) -> Path:
 
 
 def record_test_result(build_dir: Path, result: ImageTestResult, contents: dict[str, Any] | None = None) -> Manifest:
+    """The result into the manifest of the artifact it tested; the caller holds the image's lock, so no build
+    replaces the manifest between this read and write. A result of an artifact rebuilt meanwhile is refused: it
+    would mark the new artifact as tested."""
     m = require(build_dir)
+    if m.artifact.sha256 != result.artifact_sha256:
+        raise ManifestError(f"{manifest_path(build_dir)}: the artifact was rebuilt while the image test ran "
+                            f"(tested {result.artifact_sha256[:12]}…, now {m.artifact.sha256[:12]}…): the result "
+                            "was not recorded; test the new artifact")
     m.image_test = result
     if contents is not None:
         m.contents = contents

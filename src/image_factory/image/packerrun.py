@@ -15,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,18 +134,41 @@ class _Run:
 def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
     """SIGINT (packer cleans up its VM), then SIGTERM, then SIGKILL, to the whole process group."""
     for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        if proc.poll() is not None:
+        if _exited_unreaped(proc, 0):
             break
         log.write(f"stopping packer: sending {sig.name} to its process group\n")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        _exited_unreaped(proc, wait)
+    _sweep_group(proc)
+
+
+def _exited_unreaped(proc: subprocess.Popen[str], timeout: float | None = None) -> bool:
+    """Whether packer has exited (waiting up to `timeout` s, None: until it does), leaving it unreaped: while it is
+    a zombie its pid, which is its group's id, cannot pass to another process, so a killpg reaches only its group
+    (reaped, the pid may be a new session leader's: a lab server was once killed so)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    flags = os.WEXITED | os.WNOWAIT | (0 if deadline is None else os.WNOHANG)
+    while proc.returncode is None:
         try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    # QEMU may outlive packer for a moment: make sure nothing of the group is left.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+            if os.waitid(os.P_PID, proc.pid, flags) is not None:
+                return True
+        except ChildProcessError:  # reaped elsewhere: poll() records it, and no killpg may follow
+            proc.poll()
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _sweep_group(proc: subprocess.Popen[str]) -> None:
+    """QEMU may outlive packer for a moment: kill what is left of the group while packer's zombie still holds its
+    id, then reap packer."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def packer_cache_dir(cwd: Path) -> Path:
@@ -168,6 +193,7 @@ class _Watch:
         self.timed_out = threading.Event()
         self.panicked = threading.Event()
         self._done = threading.Event()
+        self._signalling = threading.Lock()  # no signal once the run is over: packer may be reaped then
         self._timer = threading.Timer(timeout_s, self._stop, (self.timed_out,))
         self._timer.daemon = True
 
@@ -177,13 +203,17 @@ class _Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        self._done.set()
+        with self._signalling:
+            self._timer.cancel()
+            self._done.set()
 
     def _stop(self, why: threading.Event) -> None:
-        why.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGINT)
+        with self._signalling:
+            if self._done.is_set():
+                return
+            why.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
 
     def _watch_console(self) -> None:
         while self.serial_log is not None and not self._done.wait(2.0):
@@ -221,28 +251,47 @@ def _raise_if_stopped(watch: _Watch, log: IO[str], log_path: Path, timeout_s: fl
                          f"full log: {log_path}")
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[list[int]]:
+    """Ctrl-C while Popen starts packer would leave packer running with nobody to stop it (Popen never returns
+    it): the signal is noted, and the caller raises it once it holds the process. Only the main thread gets
+    SIGINT, and only it may set a handler."""
+    noted: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield noted
+        return
+    signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float, sink: EventSink,
                extra_env: dict[str, str] | None = None, serial_log: Path | None = None) -> _Run:
     """Run packer in its own process group; return the parsed run. Raises BuildError on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         run = _Run(log=log, sink=sink)
-        proc = _start_packer(cmd, cwd, log, extra_env)
+        with _ctrl_c_deferred() as interrupted:
+            proc = _start_packer(cmd, cwd, log, extra_env)
         watch = _Watch(proc, timeout_s, serial_log)
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             with watch:
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     run.feed(line)
-                proc.wait()
+                _exited_unreaped(proc)
         except BaseException:
             _stop_group(proc, log)
             log.write(f"# {now()} interrupted\n")
             raise
         _raise_if_stopped(watch, log, log_path, timeout_s)
+        _sweep_group(proc)
         log.write(f"# {now()} packer exited with {proc.returncode}\n")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stray QEMU, if any
     if proc.returncode != 0:
         raise BuildError(_failure_message(run, proc.returncode, log_path))
     return run

@@ -62,11 +62,14 @@ def knob(cfg: LabConfig, where: str) -> dict[str, Any] | None:
 
 
 def ensure_nodes(cfg: LabConfig, where: str = "lab config") -> None:
-    """Append the cluster's nodes to cfg.hosts (once: a lab.json written by lab.up already lists them)."""
+    """Append the cluster's nodes to cfg.hosts (once: a lab.json written by lab.up already lists them); their
+    plane gets placement spread unless lab.json names its policy."""
     spec = knob(cfg, where)
     if spec is None:
         return
     have = {h.name for h in cfg.hosts}
+    # the plane has several hypervisors now: without a policy of its own, spread over them
+    cfg.placement.setdefault(spec["role"], "spread")
     for i in range(1, int(spec["nodes"]) + 1):
         name = f"{spec['node_prefix']}{i}"
         if name in have:
@@ -75,6 +78,25 @@ def ensure_nodes(cfg: LabConfig, where: str = "lab config") -> None:
         cfg.hosts.append(LabHost(name=name, node=name, role=spec["role"], address=address, tls="ca",
                                  pve_version=spec["pve_version"], images_storage=spec["images_storage"],
                                  cluster=spec["name"]))
+
+
+def apply_option(cfg: LabConfig, value: str, where: str) -> None:
+    """lab.up --cluster: ``none`` drops the cluster and its nodes, ``NAME[:NODES]`` sets it (its nodes made
+    anew when the name or size changes)."""
+    name, _, count = value.partition(":")
+    if name == "none":
+        cfg.cluster = None
+        cfg.hosts = [h for h in cfg.hosts if not h.cluster]
+        return
+    try:
+        nodes = int(count) if count else int((cfg.cluster or {}).get("nodes", DEFAULT_CLUSTER["nodes"]))
+    except ValueError:
+        raise LabError(f"{where}: {value!r} is not NAME or NAME:NODES (e.g. labc:3)") from None
+    before = dict(cfg.cluster or {})
+    cfg.cluster = {**before, "name": name, "nodes": nodes}
+    if (before.get("name"), before.get("nodes")) != (name, nodes):
+        cfg.hosts = [h for h in cfg.hosts if not h.cluster]
+    ensure_nodes(cfg, where)
 
 
 def validate_cluster(cfg: LabConfig, where: str) -> None:
@@ -131,12 +153,12 @@ def api_command(paths: LabPaths, nodes: list[LabHost]) -> list[str]:
     return argv
 
 
-def start_api(paths: LabPaths, nodes: list[LabHost]) -> int:
+def start_api(paths: LabPaths, nodes: list[LabHost]) -> subprocess.Popen[bytes]:
     log = (paths.log / f"{nodes[0].cluster}-pve.log").open("ab")
     proc = subprocess.Popen(api_command(paths, nodes), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
     log.close()
-    return proc.pid
+    return proc
 
 
 def log_file(paths: LabPaths, host: LabHost) -> Path:

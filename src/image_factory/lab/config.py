@@ -16,6 +16,7 @@ Layout of the lab directory::
     hosts/<name>/vms/<vmid>.json  a running VM's qemu: pid, ssh address, MAC
     run/<name>-{sshd,pve}.pid     tracked processes
     log/                          sshd, fakepve and qemu logs
+    clusters/<name>/shared, etc-pve   a modelled cluster's shared storage and /etc/pve (lab/cluster.py)
 
 Addresses: a lab has a *slot* s (0 for ``invoke lab.up``; the pytest fixture picks a free one).
 Hypervisor i (0-based, inventory order) listens on 127.0.s.(11+i) -- SSH on port 22 and the

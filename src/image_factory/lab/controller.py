@@ -293,30 +293,11 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
         prepared = {h.name: _prepare_host(paths, cfg, h, client_public, _bridges(groups, h), netns[h.name])
                     for h in cfg.hosts}
         started: list[tuple[int, str]] = []
+        children: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
         try:
             for host in cfg.hosts:
-                p = prepared[host.name]
-                sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
-                pid = _read_pid(sshd_pidfile)
-                if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
-                    pid = sshd.start(paths, host, p["sshd_config"], netns[host.name])
-                    write_public(sshd_pidfile, f"{pid}\n")
-                    started.append((pid, _sshd_marker(paths, host.name)))
-                pid = _read_pid(pve_pidfile)
-                if host.cluster:
-                    if host is cluster.members(cfg)[0]:
-                        _start_cluster_api(paths, cfg, started)
-                elif pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
-                    log = (paths.log / f"{host.name}-pve.log").open("ab")
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "image_factory.lab.pve_server", "--config",
-                         _pve_marker(paths, host.name)],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                    )
-                    log.close()
-                    write_public(pve_pidfile, f"{proc.pid}\n")
-                    started.append((proc.pid, _pve_marker(paths, host.name)))
-            _wait_ready(paths, cfg)
+                _start_host(paths, cfg, host, prepared[host.name], netns[host.name], started, children)
+            _wait_ready(paths, cfg, children)
         except BaseException:
             for pid, marker in started:
                 _terminate(pid, marker, grace=3)
@@ -333,7 +314,33 @@ def up(settings: Settings, config: LabConfig | None = None) -> Lab:
     return lab
 
 
-def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int, str]]) -> None:
+def _start_host(paths: LabPaths, cfg: LabConfig, host: LabHost, p: dict[str, Any], netns: str | None,
+                started: list[tuple[int, str]], children: dict[tuple[str, str], subprocess.Popen[bytes]]) -> None:
+    """The host's sshd and API server, each unless it runs (a cluster's nodes share one API process)."""
+    sshd_pidfile, pve_pidfile = paths.pidfile(host.name, "sshd"), paths.pidfile(host.name, "pve")
+    pid = _read_pid(sshd_pidfile)
+    if pid is None or not _is_ours(pid, _sshd_marker(paths, host.name)):
+        children[(host.name, "sshd")] = sshd_proc = sshd.start(paths, host, p["sshd_config"], netns)
+        write_public(sshd_pidfile, f"{sshd_proc.pid}\n")
+        started.append((sshd_proc.pid, _sshd_marker(paths, host.name)))
+    pid = _read_pid(pve_pidfile)
+    if host.cluster:
+        if host is cluster.members(cfg)[0]:
+            _start_cluster_api(paths, cfg, started, children)
+    elif pid is None or not _is_ours(pid, _pve_marker(paths, host.name)):
+        log = (paths.log / f"{host.name}-pve.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "image_factory.lab.pve_server", "--config", _pve_marker(paths, host.name)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        write_public(pve_pidfile, f"{proc.pid}\n")
+        started.append((proc.pid, _pve_marker(paths, host.name)))
+        children[(host.name, "pve")] = proc
+
+
+def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int, str]],
+                       children: dict[tuple[str, str], subprocess.Popen[bytes]]) -> None:
     """The cluster's one API process for all its nodes, unless it runs (then every node's pid file names it)."""
     nodes = cluster.members(cfg)
     pids = {_read_pid(paths.pidfile(h.name, "pve")) for h in nodes}
@@ -342,10 +349,11 @@ def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int,
     for pid in pids:  # a process serving only some nodes (a changed lab.json) is replaced
         if pid is not None:
             _terminate(pid, _pve_marker(paths, nodes[0].name), grace=15)
-    pid = cluster.start_api(paths, nodes)
+    proc = cluster.start_api(paths, nodes)
     for host in nodes:
-        write_public(paths.pidfile(host.name, "pve"), f"{pid}\n")
-    started.append((pid, _pve_marker(paths, nodes[0].name)))
+        write_public(paths.pidfile(host.name, "pve"), f"{proc.pid}\n")
+        children[(host.name, "pve")] = proc
+    started.append((proc.pid, _pve_marker(paths, nodes[0].name)))
 
 
 def _any_running(paths: LabPaths, cfg: LabConfig) -> bool:
@@ -376,7 +384,17 @@ def _wire_up(paths: LabPaths, cfg: LabConfig) -> dict[str, str | None]:
     return {h.name: wire.host_netns(cfg.slot, i) for i, h in enumerate(cfg.hosts)}
 
 
-def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
+def _exit_status(proc: subprocess.Popen[bytes] | None) -> str:
+    """How a child that is gone ended (a signal leaves no line in its log), or '' for a process not ours."""
+    if proc is None or proc.poll() is None:
+        return ""
+    if proc.returncode < 0:
+        return f" (killed by {signal.Signals(-proc.returncode).name})"
+    return f" (status {proc.returncode})"
+
+
+def _wait_ready(paths: LabPaths, cfg: LabConfig,
+                children: dict[tuple[str, str], subprocess.Popen[bytes]] | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     pending = {(h.name, kind) for h in cfg.hosts for kind in ("sshd", "pve")}
     while pending:
@@ -390,8 +408,9 @@ def _wait_ready(paths: LabPaths, cfg: LabConfig) -> None:
             pid = _read_pid(paths.pidfile(name, kind))
             marker = _sshd_marker(paths, name) if kind == "sshd" else _pve_marker(paths, name)
             if pid is None or not _is_ours(pid, marker):
+                status = _exit_status((children or {}).get((name, kind)))
                 log = cluster.log_file(paths, cfg.host(name)) if kind == "pve" else paths.log / f"{name}-{kind}.log"
-                raise LabError(f"{name}: {kind} exited at start: {_tail(log)}")
+                raise LabError(f"{name}: {kind} exited at start{status}: {_tail(log) or '(its log is empty)'}")
         if not pending:
             break
         if time.monotonic() > deadline:

@@ -82,8 +82,9 @@ def run_demo(
     with step("prove", "5/5 prove a booted guest: SSH with a verified host key, inventory MAC on its NIC"):
         booted = [n for n in site.vms if real_boot == "all" or (isinstance(real_boot, list) and n in real_boot)
                   or n == real_boot]
+        placed = {r.plan.vm: r.plan.host for r in dep.results}  # the plan's host: a plane's policy may place it
         for name in booted:
-            report.guests.append(_prove_guest(site, name, lab.paths.client_key))
+            report.guests.append(_prove_guest(site, name, placed[name], lab.paths.client_key))
 
     # With real boots, at least one guest must prove its MAC; --real-boot none only proves the API side.
     report.ok = dep.ok and all(g.get("mac_seen") for g in report.guests) and (bool(report.guests) or not booted)
@@ -93,9 +94,9 @@ def run_demo(
     return report
 
 
-def _prove_guest(site: Site, name: str, client_key: Any) -> dict[str, Any]:
+def _prove_guest(site: Site, name: str, host: str, client_key: Any) -> dict[str, Any]:
     vm = site.vms[name]
-    hv = site.hypervisor_for(vm)
+    hv = site.hypervisors[host]
     client = PveClient(hv)
     address = _guest_address(client, vm.vmid, vm.macs[0])
     host_key = host_key_via_agent(client, vm.vmid)

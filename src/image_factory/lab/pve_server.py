@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, action="append",
                         help="a node's pve.json; one per node of a cluster, all served by this process")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash at start otherwise leaves an empty log and only "exited at start"
     specs = [NodeSpec.from_mapping(json.loads(path.read_text())) for path in args.config]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.umask(0o022)

@@ -58,9 +58,9 @@ def prepare(paths: LabPaths, host: LabHost, client_public: str) -> tuple[Path, s
     return config, host_key
 
 
-def start(paths: LabPaths, host: LabHost, config: Path, netns: str | None = None) -> int:
+def start(paths: LabPaths, host: LabHost, config: Path, netns: str | None = None) -> subprocess.Popen[bytes]:
     """Start sshd in the foreground of its own session (inside the network namespace, if given); returns its
-    pid."""
+    process (its pid is sshd's: ``ip netns exec`` replaces itself)."""
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
     if check.returncode != 0:
@@ -71,7 +71,7 @@ def start(paths: LabPaths, host: LabHost, config: Path, netns: str | None = None
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    return proc.pid
+    return proc
 
 
 def session_pids(sshd_pid: int) -> list[int]:

@@ -8,6 +8,7 @@ from invoke.collection import Collection
 from invoke.context import Context
 
 from image_factory.console import console, emit_json, styled
+from image_factory.lab import cluster as lab_cluster
 from image_factory.lab import controller
 from image_factory.tasks import baseimage
 from image_factory.tasks._common import handle_errors, json_help, settings, shared_help, task
@@ -28,11 +29,13 @@ def _real_boot(value: str | None) -> str | list[str] | None:
     "durations": "add PVE-like task durations (clone, import, start, ...)",
     "wire": "put each host behind a shaped wire: lan, remote, or none (docs/lab.md)",
     "wire_layout": "with --wire: separate (a link per host) or shared (one client uplink)",
+    "cluster": "a modelled PVE cluster beside the hosts: NAME or NAME:NODES (3 by default), or none (docs/lab.md)",
     "json": json_help("the lab status"),
 })
 @handle_errors
 def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, time_scale: float | None = None,
-       durations: bool = False, wire: str | None = None, wire_layout: str | None = None, json: bool = False) -> None:
+       durations: bool = False, wire: str | None = None, wire_layout: str | None = None, cluster: str | None = None,
+       json: bool = False) -> None:
     """Start the lab: per hypervisor an sshd and a fakepve API on its own 127.0.0.x (idempotent)."""
     s = settings(c, lab_dir=lab_dir)
     t0 = time.monotonic()
@@ -54,6 +57,9 @@ def up(c: Context, lab_dir: str | None = None, real_boot: str | None = None, tim
         profile = (cfg.wire or {}).get("profile") if wire is None else (None if wire == "none" else wire)
         layout = wire_layout or (cfg.wire or {}).get("layout", "separate")
         cfg.wire = {**(cfg.wire or {}), "profile": profile, "layout": layout} if profile else None
+        changed = True
+    if cluster is not None:
+        lab_cluster.apply_option(cfg, cluster, "lab.up --cluster")
         changed = True
     if changed:
         cfg.validate(controller.example_vm_names(s), "lab.up options")  # before anything is stopped

@@ -28,7 +28,8 @@ the product is tested against; sharing the codec would make a codec bug agree wi
 
 One concern per module, each a mixin of ``LabPve`` (node.py) over ``base.LabNodeBase``: access (tokens, ACLs,
 schema by version, bridges, tag policy), tasks, storage, upload, disks, vmconfig, clones, cluster (node, cluster
-options, network), power, agent, state (persistence) and control (fault hooks).
+options, network), power, agent, state (persistence), control (fault hooks) and members (a node of the modelled
+cluster: what its peers share, forwarding calls for them, going offline; inert on an independent node).
 """
 
 from image_factory.lab.pve.access import NEWER_PARAMETERS

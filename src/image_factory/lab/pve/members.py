@@ -37,6 +37,7 @@ def join_cluster(members: list[LabNodeBase]) -> None:
     first = members[0]
     nodes = {m.spec.node: {"online": True} for m in members}
     vms = [vm for m in members for vm in m.vms]
+    cts = [ct for m in members for ct in getattr(m, "cts", [])]
     sid = first.cluster_spec["shared_storage"]
     shared = first.storages[sid]
     for m in members[1:]:
@@ -46,10 +47,14 @@ def join_cluster(members: list[LabNodeBase]) -> None:
         for user, entries in (m.acl or {}).items():
             mine = acl.setdefault(user, [])
             mine.extend(entry for entry in entries if entry not in mine)
+    # the storage locks the previous run of this process held (pmxcfs would expire them after 120 s)
+    for stale in (Path(first.cluster_spec["etc_pve"]) / "priv" / "lock").glob("storage-*"):
+        with contextlib.suppress(OSError):
+            stale.rmdir()
     peers = {m.spec.node: m for m in members}
     shared_locks: dict[str, Any] = {}
     for m in members:
-        m.nodes, m.vms, m.peers, m.shared_locks = nodes, vms, peers, shared_locks
+        m.nodes, m.vms, m.cts, m.peers, m.shared_locks = nodes, vms, cts, peers, shared_locks
         m.cluster_name = str(first.cluster_spec["name"])
         m.tickets, m.apitokens, m.users = first.tickets, first.apitokens, first.users
         m.cluster_options, m.pools, m.pool_info = first.cluster_options, first.pools, first.pool_info

@@ -88,10 +88,12 @@ class Storage(LabNodeBase):  # a concern of LabPve (node.py)
         return super()._parse_volname(store, volname)
 
     async def storage_lock(self, sid: str, holder: str) -> None:
-        """cfs_lock_storage: wait up to 10 PVE seconds, then PVE's timeout error."""
+        """PVE's storage lock (Plugin::cluster_lock_storage): a local storage's is a flock on the node
+        (lock_file), a shared storage's the cluster's cfs lock ``storage-<sid>``, a directory in /etc/pve/priv/lock
+        (cfs_lock_storage). Either waits up to 10 PVE seconds, then fails with PVE's timeout error."""
         lock = self._lock_table(sid).setdefault(sid, StorageLock())
+        deadline = time.monotonic() + STORAGE_LOCK_WAIT * self.time_scale
         if lock.holder is not None and self.time_scale:
-            deadline = time.monotonic() + STORAGE_LOCK_WAIT * self.time_scale
             while lock.holder is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -100,8 +102,38 @@ class Storage(LabNodeBase):  # a concern of LabPve (node.py)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(lock.released.wait(), remaining)
         if lock.holder is not None:
-            raise TaskError(f"can't lock file '/var/lock/pve-manager/pve-storage-{sid}' - got timeout")
+            raise TaskError(self._lock_timeout(sid))
         lock.holder = holder
+        try:
+            await self._cfs_lock(sid, deadline)
+        except TaskError:
+            lock.holder = None
+            lock.released.set()
+            raise
+
+    def _cfs_lock_dir(self, sid: str) -> Path | None:
+        if not self.cluster_spec or not (self.storages.get(sid) or {}).get("shared"):
+            return None
+        return Path(self.cluster_spec["etc_pve"]) / "priv" / "lock" / f"storage-{sid}"
+
+    async def _cfs_lock(self, sid: str, deadline: float) -> None:
+        """cfs_lock: mkdir of the lock directory, retried until the deadline (a client holding it over SSH, as
+        an admin's or the factory's own cluster lock would, keeps PVE waiting too)."""
+        path = self._cfs_lock_dir(sid)
+        while path is not None:
+            try:
+                path.mkdir()
+                return
+            except FileExistsError:
+                remaining = deadline - time.monotonic()
+                if not self.time_scale or remaining <= 0:
+                    raise TaskError(self._lock_timeout(sid)) from None
+                await asyncio.sleep(min(0.1, remaining))
+
+    def _lock_timeout(self, sid: str) -> str:
+        if self._cfs_lock_dir(sid) is not None:
+            return f"cfs-lock 'storage-{sid}' error: got lock request timeout"
+        return f"can't lock file '/var/lock/pve-manager/pve-storage-{sid}' - got timeout"
 
     def _lock_table(self, sid: str) -> dict[str, StorageLock]:
         """A shared storage's lock is the cluster's (cfs_lock_storage locks shared storage in /etc/pve), a
@@ -111,6 +143,10 @@ class Storage(LabNodeBase):  # a concern of LabPve (node.py)
     def storage_unlock(self, sid: str, holder: str) -> None:
         lock = self._lock_table(sid).get(sid)
         if lock and lock.holder == holder:
+            path = self._cfs_lock_dir(sid)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
             lock.holder = None
             lock.released.set()
 
