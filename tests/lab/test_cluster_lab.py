@@ -124,17 +124,17 @@ def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_do
     site = cluster_entry_site(lab, tmp_path, images="local")
     settings = settings_for(lab, tmp_path, "20261206-1930-c2")
     down = "pve-c2"
-    watcher = PveClient(lab.hv("pve-c1"))
+    watcher = PveClient(lab.hv(down))
     stop = threading.Event()
 
-    def down_once_the_first_nodes_template_exists() -> None:
+    def down_once_its_template_vm_exists() -> None:  # the nodes converge in parallel: watch the one going down
         while not stop.is_set():
             if watcher.list_vms():
                 lab.node_offline(down)
                 return
             time.sleep(0.01)
 
-    thread = threading.Thread(target=down_once_the_first_nodes_template_exists, daemon=True)
+    thread = threading.Thread(target=down_once_its_template_vm_exists, daemon=True)
     thread.start()
     try:
         first = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
@@ -146,6 +146,7 @@ def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_do
         "labc/pve-c1": "created", f"labc/{down}": "failed", "labc/pve-c3": "created"}, [
         (h.host, h.error) for h in first.hosts]
     assert by_host["labc/pve-c1"].template_vmid != by_host["labc/pve-c3"].template_vmid  # VMIDs cluster-wide
+    assert "595: No route to host" in (by_host[f"labc/{down}"].error or "")  # its peers answer for it, as PVE
 
     lab.node_online(down)
     again = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])

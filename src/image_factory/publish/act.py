@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from image_factory.errors import FactoryError, RemoteError
+from image_factory.fanout import per_host
 from image_factory.publish.decide import HostState, clones_keeping, cluster_targets, decide, refusals
 from image_factory.publish.gather import all_configs, gather_host, pve_version
 from image_factory.publish.model import HostFailed, HostPlan, HostResult
@@ -23,7 +24,7 @@ from image_factory.publish.register import Guard, destroy, register
 from image_factory.publish.send import TRANSPORTS, HostContext, upload
 from image_factory.pve.client import PveClient, explain
 from image_factory.pve.hostlock import ClusterLock, HostLock, LockBusy, LockLost, owner_line
-from image_factory.pve.sshlink import SshLink
+from image_factory.pve.sshlink import HostKeyMismatch, SshLink
 from image_factory.pve.templates import cluster_facts
 from image_factory.pve.upload import remote_remove
 from image_factory.site.inventory import Hypervisor
@@ -62,24 +63,57 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
 
 
 def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[HostResult]:
-    """The selected nodes of one cluster entry, one after the other under the cluster lock: once for the cluster
-    through its first online node when its images storage is shared, else once per node (cluster_targets)."""
+    """The selected nodes of one cluster entry under one cluster lock, taken once for all of them: once for the
+    cluster through its first online node when its images storage is shared, else each node at once, in
+    parallel as independent hosts are (cluster_targets says which)."""
     first, cluster = contexts[0], str(contexts[0].hv.cluster)
     try:
         online, shared = cluster_facts(first.client_factory(first.hv))
     except FactoryError as exc:
         return [HostResult(cluster, error=explain(host_reason(exc, first.hv.name)))]
     by_name = {c.hv.name: c for c in contexts}
-    results = []
-    for target in cluster_targets(cluster, [c.hv for c in contexts], online, shared):
+    targets = cluster_targets(cluster, [c.hv for c in contexts], online, shared)
+    acting = {t.label: t for t in targets if t.hv is not None}
+    lock: HostLock | None = None
+    results: dict[str, HostResult] = {}
+    try:
+        if acting and not dry_run:
+            lock = take_cluster_lock([by_name[t.hv.name] for t in acting.values() if t.hv is not None])
+        done = per_host({label: dataclasses.replace(by_name[t.hv.name], label=label, shared_nodes=t.shared_nodes,
+                                                    cluster_lock=lock)
+                         for label, t in acting.items() if t.hv is not None},
+                        lambda ctx: converge_host(ctx, dry_run=dry_run), name="publish-node")
+        results.update(done.results)
+    except FactoryError as exc:  # the cluster lock: nothing was changed on any node
+        results.update({label: HostResult(label, t.hv.node if t.hv else "", error=explain(host_reason(exc, cluster)))
+                        for label, t in acting.items()})
+    finally:
+        if lock is not None:
+            lock.release()
+    for target in targets:
         if target.hv is None:
-            results.append(HostResult(target.label, error=target.refusal))
+            results[target.label] = HostResult(target.label, error=target.refusal)
+        else:
+            results[target.label].notes.extend(target.notes)
+    return [results[t.label] for t in targets]
+
+
+def take_cluster_lock(contexts: list[HostContext]) -> HostLock:
+    """The cluster lock, through the first of these nodes whose SSH answers (a node may be down)."""
+    unreached: list[str] = []
+    for ctx in contexts:
+        try:
+            link = ctx.link_factory(ctx.hv)
+        except HostKeyMismatch:
+            raise  # never a reason to try another node: the inventory or the network is wrong
+        except RemoteError as exc:
+            unreached.append(str(exc))
             continue
-        ctx = dataclasses.replace(by_name[target.hv.name], label=target.label, shared_nodes=target.shared_nodes)
-        result = converge_host(ctx, dry_run=dry_run)
-        result.notes.extend(target.notes)
-        results.append(result)
-    return results
+        lock = ClusterLock(link, ctx.hv.cluster_lock_dir, owner_line(ctx.run_id), wait=ctx.lock_wait, owns_link=True)
+        lock.acquire()
+        return lock
+    raise RemoteError(str(contexts[0].hv.cluster), "cannot take the cluster lock through any node: "
+                                                   + "; ".join(unreached))
 
 
 def host_reason(exc: FactoryError, host: str) -> str:
@@ -95,9 +129,9 @@ def host_reason(exc: FactoryError, host: str) -> str:
 def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bool, dry_run: bool) -> None:
     """One locked round: gather, decide, act. Raises _Replan when the lock was lost part-way."""
     link = ctx.link_factory(ctx.hv)
-    lock: HostLock | None = None
+    lock: HostLock | None = ctx.cluster_lock  # a cluster node's: held for all of them by converge_cluster
     try:
-        if not dry_run:
+        if not dry_run and lock is None:
             lock = host_lock(ctx.hv, link, owner_line(ctx.run_id), ctx.lock_wait)
             lock.acquire()
         state = gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep, ctx.shared_nodes)
@@ -111,14 +145,14 @@ def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bo
         except FactoryError as exc:
             # A failure while the lock was gone may be another run's doing (it found our half-made
             # VM stale): nothing of ours is trusted any more; re-take the lock and re-plan.
-            if lock is None or lock.held:
-                raise
+            if lock is None or lock.held or ctx.cluster_lock is not None:
+                raise  # a cluster lock lost is not re-taken by one node: the other nodes' work was under it
             if not isinstance(exc, LockLost):
                 result.warnings.append(f"failed after the host lock was lost ({exc}); re-planning")
             result.warnings.append("the SSH link holding the publish lock dropped; re-took the lock and re-planned")
             raise _Replan from exc
     finally:
-        if lock is not None:
+        if lock is not None and ctx.cluster_lock is None:
             lock.release()
         link.close()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
-from image_factory.pve.hostlock import DEFAULT_WAIT
+from image_factory.pve.hostlock import DEFAULT_WAIT, HostLock
 from image_factory.pve.sshlink import SshLink
 from image_factory.pve.upload import TRANSPORT_KINDS, SshUploader, TransportKind, UploadResult, upload_api
 from image_factory.site.inventory import Hypervisor
@@ -29,6 +29,7 @@ class HostContext:
     lock_wait: int = LOCK_WAIT
     label: str = ""  # the report's host when it is not hv's name: a cluster publishing once for all its nodes
     shared_nodes: tuple[str, ...] = ()  # a cluster on shared storage: the nodes whose templates are the cluster's
+    cluster_lock: HostLock | None = None  # a cluster node's: the cluster lock its unit holds for all its nodes
 
     @property
     def host(self) -> str:
