@@ -21,6 +21,8 @@ from image_factory.lab.pytest_plugin import LabHandle
 from image_factory.preflight import run_preflight
 from image_factory.publish import publish_image
 from image_factory.pve.client import PveClient
+from image_factory.pve.hostlock import ClusterLock, LockBusy
+from image_factory.pve.sshlink import SshLink
 from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import Site, load_site
 
@@ -156,3 +158,25 @@ def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_do
     templates = {n: guests(lab, n) for n in NODES}
     assert all(list(t.values()) == [True] for t in templates.values()), templates  # one each, nothing half-made
     assert len({vmid for t in templates.values() for vmid in t}) == 3
+
+
+def test_a_run_holding_the_cluster_lock_keeps_another_from_every_node(fresh_cluster_lab: LabHandle,
+                                                                      tmp_path: Path) -> None:
+    lab = fresh_cluster_lab
+    site = cluster_entry_site(lab, tmp_path, images="local")
+    settings = settings_for(lab, tmp_path, "20261206-1945-c3")
+    holder = site.hypervisors["labc/pve-c3"]
+    lock = ClusterLock(SshLink(holder.name, holder.ssh).connect(), holder.cluster_lock_dir, "ops@x pid 7 run other",
+                       owns_link=True)
+    lock.acquire()
+    try:
+        blocked = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"], lock_wait=1)
+        assert [h.host for h in blocked.hosts] == list(MEMBERS)
+        assert all("in progress by ops@x pid 7 run other" in (h.error or "") for h in blocked.hosts), blocked.to_dict()
+        assert all(h.bytes_sent == 0 for h in blocked.hosts) and all(guests(lab, n) == {} for n in NODES)
+        with pytest.raises(LockBusy, match="in progress by ops@x pid 7 run other"):
+            dep.deploy_vms(None, site, plane="tenant", wait=False, progress=False, lock_wait=1)
+    finally:
+        lock.release()
+    done = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"], lock_wait=5)
+    assert [(h.host, h.action) for h in done.hosts] == [(m, "created") for m in MEMBERS], done.to_dict()
