@@ -54,6 +54,8 @@ def test_a_cluster_entry_is_one_hypervisor_per_node_sharing_the_rest(tmp_path: P
     assert [h.name for h in site.candidates(site.vms["sandbox01"])] == MEMBERS
     assert [h.name for h in site.select_hypervisors(["pve-cluster"])] == MEMBERS
     assert [h.name for h in site.select_hypervisors(["pve-cluster/pve-c3", "pve-mgmt"])] == [MEMBERS[2], "pve-mgmt"]
+    shown = site.summary()["hypervisors"]  # inventory.check --json
+    assert shown["pve-cluster/pve-c2"]["cluster"] == "pve-cluster" and "cluster" not in shown["pve-mgmt"]
 
 
 def test_a_vm_names_the_cluster_or_one_of_its_nodes(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ class Site:
             "inventory": str(self.inventory_path),
             "images_file": str(self.images_path),
             "hypervisors": {
-                h.name: {"role": h.role, "node": h.node, "api": h.api_url, "vms": per_host[h.name]}
+                h.name: {"role": h.role, "node": h.node, "api": h.api_url, "vms": per_host[h.name],
+                         **({"cluster": h.cluster} if h.cluster else {})}
                 for h in self.hypervisors.values()
             },
             "vms": {p: sorted(v.name for v in self.vms.values() if v.plane == p) for p in PLANES},
