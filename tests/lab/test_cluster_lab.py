@@ -159,6 +159,14 @@ def test_a_cluster_entry_on_local_storage_gets_a_template_per_node_and_a_node_do
     assert all(list(t.values()) == [True] for t in templates.values()), templates  # one each, nothing half-made
     assert len({vmid for t in templates.values() for vmid in t}) == 3
 
+    plan = {p.vm: p for p in dep.plan_deploy(None, site, plane="tenant").vms}  # each node clones its own
+    assert {n: (p.host, p.template_vmid, p.template_node) for n, p in plan.items()} == {
+        "iot-api01": ("labc/pve-c1", again.host("labc/pve-c1").template_vmid, ""),
+        "sandbox01": ("labc/pve-c2", again.host("labc/pve-c2").template_vmid, "")}
+    report = dep.deploy_vms(None, site, plane="tenant", wait=False, progress=False)
+    assert report.ok, report.to_dict()
+    assert 2101 in guests(lab, "pve-c1") and 2201 in guests(lab, "pve-c2")
+
 
 def test_a_run_holding_the_cluster_lock_keeps_another_from_every_node(fresh_cluster_lab: LabHandle,
                                                                       tmp_path: Path) -> None:
