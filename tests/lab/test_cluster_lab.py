@@ -79,7 +79,8 @@ def test_a_cluster_entry_on_shared_storage_gets_one_template_and_clones_on_the_p
     checked = run_preflight(settings, site, images=[IMAGE])
     assert list(checked.hosts) == list(HOSTS)
     assert checked.ok, {h: [(r.name, r.detail) for r in rs if not r.ok] for h, rs in checked.hosts.items()}
-    assert "storage.images shared shared: one template for the cluster" in checked.result(MEMBERS[1], "cluster").detail
+    said = checked.result(MEMBERS[1], "cluster").detail
+    assert "storage.images 'shared' is shared: one template for the cluster" in said
 
     published = publish_image(settings, site, IMAGE, progress=False)
     assert published.ok, published.to_dict()

@@ -47,9 +47,9 @@ def check_cluster(probe: HostProbe) -> Outcome:
     if not online[hv.node]:
         return failed(f"node {hv.node} is offline (the cluster's /cluster/resources)",
                       f"bring {hv.node} back (pvecm status on a peer); publish and deploy leave it alone meanwhile")
-    makes = "shared: one template for the cluster" if shared else "local: one template per node"
+    makes = "is shared: one template for the cluster" if shared else "is each node's own: one template per node"
     return passed(f"node {hv.node} of {hv.cluster}, online ({sum(online.values())}/{len(online)} nodes); "
-                  f"storage.images {hv.storage.images} {makes}")
+                  f"storage.images {hv.storage.images!r} {makes}")
 
 
 def check_firmware(probe: HostProbe) -> Outcome:

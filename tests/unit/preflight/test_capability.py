@@ -65,9 +65,9 @@ def test_firmware_check_refuses_keys_the_hosts_pve_cannot_enrol_and_passes_on_9_
 # (case, the cluster's view, shared) -> (ok, detail fragment)
 CLUSTER_CHECK_CASES = [
     ("online, shared", {"pve-c1": True, "pve-c2": True}, True,
-     (True, "node pve-c2 of pve-cluster, online (2/2 nodes); storage.images local-lvm shared: one template for")),
-    ("online, local", {"pve-c1": False, "pve-c2": True}, False, (True, "(1/2 nodes); storage.images local-lvm "
-                                                                     "local: one template per node")),
+     (True, "node pve-c2 of pve-cluster, online (2/2 nodes); storage.images 'local-lvm' is shared: one template")),
+    ("online, local", {"pve-c1": False, "pve-c2": True}, False, (True, "(1/2 nodes); storage.images 'local-lvm' "
+                                                                     "is each node's own: one template per node")),
     ("offline", {"pve-c1": True, "pve-c2": False}, True, (False, "node pve-c2 is offline")),
     ("not a node of it", {"pve-c1": True}, True, (False, "node pve-c2 is not a node of the cluster (its nodes: "
                                                          "pve-c1)")),
