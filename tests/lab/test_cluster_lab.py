@@ -34,7 +34,7 @@ MEMBERS = tuple(f"labc/{n}" for n in NODES)
 HOSTS = ("pve-mgmt", "pve-tenant", "pve-tenant2", *MEMBERS)
 
 
-def cluster_entry_site(lab: LabHandle, tmp_path: Path, *, images: str) -> Site:
+def cluster_entry_site(lab: LabHandle, tmp_path: Path, *, images: str, shared_import: bool = False) -> Site:
     """The lab's inventory with its three node entries folded into one cluster entry ``labc``, as an operator
     writes it (docs/inventory.md, "A Proxmox VE cluster"): the first node's endpoint and the others' in order, each
     node's SSH (and, as the lab's nodes keep their files apart, its storage paths), the cluster lock in the lab's
@@ -47,7 +47,9 @@ def cluster_entry_site(lab: LabHandle, tmp_path: Path, *, images: str) -> Site:
     entry = {k: v for k, v in first.items() if k not in ("node", "ssh", "storage")}
     entry["api_urls"] = [nodes[n]["api_url"] for n in NODES[1:]]
     entry["cluster_lock_dir"] = str(lab.etc_pve() / "priv" / "lock")
-    entry["nodes"] = {n: {"ssh": pve["ssh"], "storage": {**pve["storage"], "images": images, "cloudinit": images}}
+    imports = {"import": SHARED_STORAGE, "import_dir": str(lab.paths.shared_storage_dir("labc") / "import")}
+    entry["nodes"] = {n: {"ssh": pve["ssh"], "storage": {**pve["storage"], "images": images, "cloudinit": images,
+                                                         **(imports if shared_import else {})}}
                       for n, pve in nodes.items()}
     hosts["labc"] = {"ansible_host": first["ssh"]["host"], "pve": entry}
     for vm in groups["tenant"]["hosts"].values():
@@ -189,3 +191,17 @@ def test_a_run_holding_the_cluster_lock_keeps_another_from_every_node(fresh_clus
         lock.release()
     done = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"], lock_wait=5)
     assert [(h.host, h.action) for h in done.hosts] == [(m, "created") for m in MEMBERS], done.to_dict()
+
+
+def test_local_images_with_a_shared_import_storage_upload_once_and_import_on_every_node(
+        fresh_cluster_lab: LabHandle, tmp_path: Path) -> None:
+    lab = fresh_cluster_lab
+    site = cluster_entry_site(lab, tmp_path, images="local", shared_import=True)
+    settings = settings_for(lab, tmp_path, "20261206-2000-c4")
+    published = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
+    assert published.ok, published.to_dict()
+    assert [(h.host, h.action, h.upload) for h in published.hosts] == [
+        ("labc/pve-c1", "created", "uploaded"), ("labc/pve-c2", "created", "skip"), ("labc/pve-c3", "created", "skip")]
+    size = (settings.builds_dir / IMAGE / "debian-lab.qcow2").stat().st_size
+    assert published.bytes_sent == size  # once, through the first node
+    assert all(list(guests(lab, n).values()) == [True] for n in NODES)

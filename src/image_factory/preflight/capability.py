@@ -40,7 +40,7 @@ def check_cluster(probe: HostProbe) -> Outcome:
     hv = probe.hv
     if hv.cluster is None:
         return passed("a hypervisor of its own")
-    online, shared = probe.cluster
+    online, shared, _ = probe.cluster
     if hv.node not in online:
         return failed(f"node {hv.node} is not a node of the cluster (its nodes: {', '.join(sorted(online))})",
                       f"name the cluster's nodes under pve.nodes of {hv.cluster} (pvecm nodes lists them)")

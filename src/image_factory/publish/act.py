@@ -64,26 +64,29 @@ def converge_host(ctx: HostContext, *, dry_run: bool) -> HostResult:
 
 def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[HostResult]:
     """The selected nodes of one cluster entry under one cluster lock, taken once for all of them: once for the
-    cluster through its first online node when its images storage is shared, else each node at once, in
-    parallel as independent hosts are (cluster_targets says which)."""
+    cluster through its first online node when its images storage is shared, else once per node (cluster_targets
+    says which) -- in parallel as independent hosts are, or one after the other where the import storage is
+    shared (the first uploads, the others find the file there and import it)."""
     first, cluster = contexts[0], str(contexts[0].hv.cluster)
     try:
-        online, shared = cluster_facts(first.client_factory(first.hv))
+        facts = cluster_facts(first.client_factory(first.hv))
     except FactoryError as exc:
         return [HostResult(cluster, error=explain(host_reason(exc, first.hv.name)))]
     by_name = {c.hv.name: c for c in contexts}
-    targets = cluster_targets(cluster, [c.hv for c in contexts], online, shared)
+    targets = cluster_targets(cluster, [c.hv for c in contexts], facts.online, facts.images_shared)
     acting = {t.label: t for t in targets if t.hv is not None}
     lock: HostLock | None = None
     results: dict[str, HostResult] = {}
     try:
         if acting and not dry_run:
             lock = take_cluster_lock([by_name[t.hv.name] for t in acting.values() if t.hv is not None])
-        done = per_host({label: dataclasses.replace(by_name[t.hv.name], label=label, shared_nodes=t.shared_nodes,
-                                                    cluster_lock=lock)
-                         for label, t in acting.items() if t.hv is not None},
-                        lambda ctx: converge_host(ctx, dry_run=dry_run), name="publish-node")
-        results.update(done.results)
+        nodes = {label: dataclasses.replace(by_name[t.hv.name], label=label, shared_nodes=t.shared_nodes,
+                                            cluster_lock=lock) for label, t in acting.items() if t.hv is not None}
+        if facts.import_shared:  # one import directory for every node: one after the other, the first uploads
+            results.update({label: converge_host(ctx, dry_run=dry_run) for label, ctx in nodes.items()})
+        else:
+            done = per_host(nodes, lambda ctx: converge_host(ctx, dry_run=dry_run), name="publish-node")
+            results.update(done.results)
     except FactoryError as exc:  # the cluster lock: nothing was changed on any node
         results.update({label: HostResult(label, t.hv.node if t.hv else "", error=explain(host_reason(exc, cluster)))
                         for label, t in acting.items()})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from image_factory.errors import RemoteError
 from image_factory.ownership import FACTORY_TAG, has_template_header, owns_template, tagged
@@ -23,8 +23,8 @@ from image_factory.reports import Report
 
 DESCRIPTION_MAX = 8192  # PVE's limit on a guest description, in bytes
 
-__all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "TemplateInfo", "encode_description",
-           "cluster_facts", "find_templates", "newest_template", "parse_description",
+__all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "ClusterFacts", "TemplateInfo",
+           "cluster_facts", "encode_description", "find_templates", "newest_template", "parse_description",
            "shared_template_nodes"]
 
 
@@ -135,23 +135,30 @@ def _templates_on(client: PveClient, image_name: str, *, include_incomplete: boo
     return found
 
 
-def cluster_facts(client: PveClient) -> tuple[dict[str, bool], bool]:
+class ClusterFacts(NamedTuple):
+    """What a cluster says of itself that publish, deploy and preflight decide from."""
+
+    online: dict[str, bool]  # each node, online or not (/cluster/resources)
+    images_shared: bool  # storage.images is shared: a template on any node is every node's to clone
+    import_shared: bool  # the import storage is shared: a file uploaded through one node is every node's
+
+
+def cluster_facts(client: PveClient) -> ClusterFacts:
     """A cluster node's cluster: each node and whether it is online (/cluster/resources), and whether the entry's
-    storage.images is shared (storage.cfg's ``shared`` flag in a node's storage list: pve-storage
-    API2/Storage/Status.pm index). Shared, a template on any node is every node's to clone (qemu-server clone_vm
-    ``target``); local, each node has its own."""
+    images and import storages are shared (storage.cfg's ``shared`` flag in a node's storage list: pve-storage
+    API2/Storage/Status.pm index). Images shared, a template on any node is every node's to clone (qemu-server
+    clone_vm ``target``); local, each node has its own."""
     hv = client.hv
     online = client.cluster_nodes()
     asking = hv.node if online.get(hv.node) else next((n for n, up in online.items() if up), None)
     if asking is None:
-        return online, False
-    listed = client.on(asking).storages()
-    entry = next((s for s in listed if s.get("storage") == hv.storage.images), None)
-    if entry is None:
-        have = ", ".join(str(s.get("storage")) for s in listed)
+        return ClusterFacts(online, False, False)
+    listed = {str(s.get("storage")): s for s in client.on(asking).storages()}
+    if hv.storage.images not in listed:
         raise RemoteError(client.name, f"storage.images {hv.storage.images!r} is not a storage of node {asking} "
-                                       f"(it has: {have})")
-    return online, bool(int(entry.get("shared") or 0))
+                                       f"(it has: {', '.join(listed)})")
+    shared = {sid for sid, s in listed.items() if int(s.get("shared") or 0)}
+    return ClusterFacts(online, hv.storage.images in shared, hv.storage.import_ in shared)
 
 
 def shared_template_nodes(client: PveClient) -> tuple[str, ...]:
@@ -159,8 +166,8 @@ def shared_template_nodes(client: PveClient) -> tuple[str, ...]:
     images storage is shared; () (its own only) otherwise, and for a hypervisor of its own."""
     if client.hv.cluster is None:
         return ()
-    online, shared = cluster_facts(client)
-    return tuple(sorted(n for n, up in online.items() if up)) if shared else ()
+    facts = cluster_facts(client)
+    return tuple(sorted(n for n, up in facts.online.items() if up)) if facts.images_shared else ()
 
 
 def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:

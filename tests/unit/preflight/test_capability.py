@@ -10,6 +10,7 @@ import pytest
 
 from image_factory import preflight as pf
 from image_factory.preflight.capability import check_cluster
+from image_factory.pve.templates import ClusterFacts
 from image_factory.site.inventory import load_site
 
 from ..site_cases import site_files
@@ -79,7 +80,7 @@ CLUSTER_CHECK_CASES = [
 def test_check_cluster(tmp_path: Path, case: str, online: dict[str, bool], shared: bool,
                        expected: tuple[bool, str]) -> None:
     site = load_site(*site_files(tmp_path, with_cluster()))
-    probe = SimpleNamespace(hv=site.hypervisors["pve-cluster/pve-c2"], cluster=(online, shared))
+    probe = SimpleNamespace(hv=site.hypervisors["pve-cluster/pve-c2"], cluster=ClusterFacts(online, shared, False))
     outcome = check_cluster(probe)  # type: ignore[arg-type]
     assert (outcome.ok, expected[1] in outcome.detail) == (expected[0], True), outcome
     own = SimpleNamespace(hv=site.hypervisors["pve-mgmt"])
