@@ -201,10 +201,12 @@ class LabHandle:
         """Every host back to fresh: no VMs, disks, imports, tasks or faults (a cluster node back online)."""
         for name in self.site.hypervisors:
             self.control(name).call("reset")
-        if any(controller._read_pid(self.paths.pidfile(n, "sshd")) is None or not controller._is_ours(
-                controller._read_pid(self.paths.pidfile(n, "sshd")) or 0, controller._sshd_marker(self.paths, n))
-               for n in self.cluster_nodes()):
+        if not all(self._sshd_runs(node) for node in self.cluster_nodes()):
             controller.up(self.base_settings, self.config)  # an offline node's sshd back
+
+    def _sshd_runs(self, host: str) -> bool:
+        pid = controller._read_pid(self.paths.pidfile(host, "sshd"))
+        return pid is not None and controller._is_ours(pid, controller._sshd_marker(self.paths, host))
 
     # ---------------------------------------------------------------- ssh
 
