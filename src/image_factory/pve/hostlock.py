@@ -9,6 +9,9 @@ holder's process dies, so a crashed or cut run never leaves a stale lock; the ho
 A run checks :attr:`HostLock.held` (or calls :meth:`HostLock.ensure`) before every write: after
 an SSH drop another run may hold the lock and be working on the same VMs, and whatever this run
 would do then (including cleaning up after itself) could destroy that run's work.
+
+The nodes of a cluster entry share one lock instead, :class:`ClusterLock`: PVE's own cluster-wide kind, a
+directory in the cluster file system (pmxcfs), held the same way by an SSH exec channel on one node.
 """
 
 from __future__ import annotations
