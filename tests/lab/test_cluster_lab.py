@@ -84,6 +84,10 @@ def test_a_cluster_entry_on_shared_storage_gets_one_template_and_clones_on_the_p
     said = checked.result(MEMBERS[1], "cluster").detail
     assert "storage.images 'shared' is shared: one template for the cluster" in said
 
+    planned = publish_image(settings, site, IMAGE, progress=False, dry_run=True, hypervisors=["labc"])
+    assert [(h.host, h.node, h.action) for h in planned.hosts] == [("labc", "pve-c1", "planned")]
+    assert all(guests(lab, n) == {} for n in NODES)  # a dry run changes nothing
+
     published = publish_image(settings, site, IMAGE, progress=False)
     assert published.ok, published.to_dict()
     assert [(h.host, h.node, h.action) for h in published.hosts] == [
