@@ -81,7 +81,8 @@ def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[Host
         if acting and not dry_run:
             lock = take_cluster_lock([by_name[t.hv.name] for t in acting.values() if t.hv is not None])
         nodes = {label: dataclasses.replace(by_name[t.hv.name], label=label, shared_nodes=t.shared_nodes,
-                                            cluster_lock=lock) for label, t in acting.items() if t.hv is not None}
+                                            unseen_nodes=t.unseen_nodes, cluster_lock=lock)
+                 for label, t in acting.items() if t.hv is not None}
         if facts.import_shared:  # one import directory for every node: one after the other, the first uploads
             results.update({label: converge_host(ctx, dry_run=dry_run) for label, ctx in nodes.items()})
         else:
@@ -137,7 +138,8 @@ def _round(ctx: HostContext, client: PveClient, result: HostResult, *, first: bo
         if not dry_run and lock is None:
             lock = host_lock(ctx.hv, link, owner_line(ctx.run_id), ctx.lock_wait)
             lock.acquire()
-        state = gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep, ctx.shared_nodes)
+        state = dataclasses.replace(gather_host(client, link, ctx.hv, ctx.artifact, ctx.keep, ctx.shared_nodes),
+                                    unseen_nodes=ctx.unseen_nodes)
         plan = decide(state, ctx.artifact, ctx.keep, TRANSPORTS[ctx.transport])
         _record_plan(result, plan, first=first)
         if dry_run:
@@ -173,6 +175,8 @@ def _record_plan(result: HostResult, plan: HostPlan, *, first: bool) -> None:
     if first:
         result.upload = plan.upload
     result.kept_for_linked_clones = result.plan["kept_for_linked_clones"]
+    if plan.retention_waits and plan.retention_waits not in result.notes:
+        result.notes.append(plan.retention_waits)
 
 
 def _record_dry_run(result: HostResult, plan: HostPlan) -> None:

@@ -40,6 +40,7 @@ class HostState:
     final_sha256: str | None = None  # of a final import file of the artifact's size (read only then)
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)  # every VM's (read when retention may prune)
     untracked: frozenset[str] = frozenset()  # storages whose linked clones cannot be told from a volume id
+    unseen_nodes: tuple[str, ...] = ()  # a cluster's offline nodes, whose VMs (linked clones among them) are not seen
 
 
 def refusals(art: Artifact, host: str, pve_version: str) -> None:
@@ -145,7 +146,13 @@ def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> H
             plan.partial_bytes = part if 0 < part <= art.size else 0
             plan.upload = "resume" if plan.partial_bytes and resumable else "upload"
         plan.vmid = free_vmid(state.hv, state.used_vmids - {t.vmid for t in plan.stale})
-    for t in prune_candidates(state.templates, art, keep):
+    candidates = prune_candidates(state.templates, art, keep)
+    if candidates and state.unseen_nodes:
+        # a linked clone on shared storage may live on a node that is down: nothing is pruned until it is seen
+        plan.retention_waits = (f"retention waits for {', '.join(state.unseen_nodes)} (offline: its VMs may be "
+                                f"linked clones of {', '.join(str(t.vmid) for t in candidates)})")
+        candidates = []
+    for t in candidates:
         deps = clone_dependents(state.configs, t.vmid, state.untracked)
         if deps:
             plan.keep_for_clones[t.vmid] = deps
@@ -168,6 +175,7 @@ class PublishTarget:
     label: str  # the report's host: the hypervisor's name, or the cluster entry's
     hv: Hypervisor | None  # the node that uploads and registers; None: none can (refusal says why)
     shared_nodes: tuple[str, ...] = ()  # shared storage: the online nodes whose factory templates are the cluster's
+    unseen_nodes: tuple[str, ...] = ()  # shared storage: the offline nodes (their clones cannot be seen)
     refusal: str = ""
     notes: tuple[str, ...] = ()
 
@@ -193,7 +201,7 @@ def cluster_targets(cluster: str, members: Sequence[Hypervisor], online: Mapping
             return [*refused, PublishTarget(cluster, None, refusal="no node of the cluster is online "
                                                                    f"({', '.join(m.node for m in members)} offline)")]
         return [*refused, PublishTarget(cluster, up[0], tuple(sorted(n for n, is_up in online.items() if is_up)),
-                                        notes=notes)]
+                                        tuple(down), notes=notes)]
     return [*refused, *(PublishTarget(m.name, m) if online[m.node] else
                         PublishTarget(m.name, None, refusal=f"node {m.node} is offline (the cluster's "
                                                             "/cluster/resources): nothing changed there")

@@ -29,6 +29,7 @@ class HostContext:
     lock_wait: int = LOCK_WAIT
     label: str = ""  # the report's host when it is not hv's name: a cluster publishing once for all its nodes
     shared_nodes: tuple[str, ...] = ()  # a cluster on shared storage: the nodes whose templates are the cluster's
+    unseen_nodes: tuple[str, ...] = ()  # a cluster on shared storage: its offline nodes (clones there are not seen)
     cluster_lock: HostLock | None = None  # a cluster node's: the cluster lock its unit holds for all its nodes
 
     @property

@@ -54,3 +54,4 @@ def test_cluster_targets(members: dict[str, Hypervisor], case: str, selected: li
 def test_a_shared_publish_with_a_node_offline_says_its_templates_are_not_seen(members: dict[str, Hypervisor]) -> None:
     [target] = cluster_targets("pve-cluster", list(members.values()), {**ALL_UP, "pve-c3": False}, True)
     assert target.notes and target.notes[0].startswith("offline now: pve-c3")
+    assert target.unseen_nodes == ("pve-c3",)  # decide's retention waits for it
