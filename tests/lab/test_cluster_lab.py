@@ -120,6 +120,9 @@ def test_a_cluster_entry_on_shared_storage_gets_one_template_and_clones_on_the_p
     [line] = newer.hosts
     assert (line.host, line.node, line.action) == ("labc", "pve-c2", "created"), newer.to_dict()
     assert line.notes[-1].startswith("offline now: pve-c1")
+    down = dep.deploy_vms(None, site, plane="tenant", wait=False, progress=False)  # its lock through pve-c2
+    assert {r.plan.vm: r.state for r in down.results} == {"iot-api01": "blocked", "sandbox01": "blocked"}
+    assert all("labc/pve-c1" in r.plan.reason or "labc/pve-c1" in r.plan.placement for r in down.results)
     lab.node_online("pve-c1")
     settled = publish_image(settings, site, IMAGE, progress=False, hypervisors=["labc"])
     assert [(h.host, h.node, h.action, h.template_vmid) for h in settled.hosts] == [
