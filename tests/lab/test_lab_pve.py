@@ -809,6 +809,7 @@ VERB_SOURCES = {
     "node_networks": "pve-manager PVE/API2/Network.pm:264",
     "cluster_vms": "pve-manager PVE/API2/Cluster.pm:263",
     "cluster_nodes": "pve-manager PVE/API2/Cluster.pm:263 (type=node)",
+    "cluster_guests": "pve-manager PVE/API2/Cluster.pm:263 (type=vm: vmid, node)",
     "nodes": "pve-manager PVE/API2/Nodes.pm:2908",
     "cluster_options": "pve-manager PVE/API2/Cluster.pm:774",
     "permissions": "pve-access-control src/PVE/API2/AccessControl.pm:510",
@@ -829,7 +830,7 @@ VERB_SOURCES = {
     "run_task": "(any endpoint answering a UPID, then Tasks.pm:454)",
     "upload_endpoint": "pve-storage src/PVE/API2/Storage/Status.pm:519 (no call: builds the URL)",
 }
-GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path", "api", "api_url", "session"}
+GENERIC = {"call", "get", "post", "put", "delete", "vm_path", "node_path", "api", "api_url", "session", "on"}
 
 
 def _is_upid(value: Any) -> bool:
@@ -853,6 +854,8 @@ def test_every_pve_client_verb_answers_in_the_shape_of_pves_sources(
     assert all({"iface", "type"} <= set(i) for i in c.node_networks())
     assert all({"id", "type", "vmid", "node"} <= set(g) for g in c.cluster_vms())
     assert c.cluster_nodes() == {c.node: True}
+    assert c.cluster_guests() == {9070: c.node}
+    assert c.on(c.node) is c and c.on("pve-other").node_path == "/nodes/pve-other"
     assert [n["node"] for n in c.nodes() if {"node", "status"} <= set(n)] == [c.node]
     assert isinstance(c.cluster_options()["allowed-tags"], list)
     perms = c.permissions("/vms")

@@ -29,7 +29,8 @@ from image_factory.errors import FactoryError, Problem, RemoteError, ValidationF
 from image_factory.ownership import INCOMPLETE_TAG, Marker
 from image_factory.pve.client import ApiError, PveClient, TaskFailed, explain, retry_on_lock
 from image_factory.pve.codec import NetSpec, format_tags, parse_props, parse_size, parse_tags
-from image_factory.pve.hostlock import DEFAULT_WAIT, LockLost, owner_line
+from image_factory.pve.hostlock import DEFAULT_WAIT, HostGuard, LockLost, owner_line
+from image_factory.pve.sshlink import HostKeyMismatch
 from image_factory.pve.templates import TemplateInfo
 from image_factory.settings import Settings
 from image_factory.site.inventory import Hypervisor, Site, Vm
@@ -72,10 +73,17 @@ def _clone(run: Run, client: PveClient, hv: Hypervisor, vm: Vm, template: Templa
     params: dict[str, Any] = {"newid": vm.vmid, "name": vm.name, "full": 1 if vm.clone_mode == "full" else 0,
                               "description": describe(vm, template, run.run_id, incomplete=True)}
 
+    source = client
+    if hv.cluster is not None and template.node != hv.node:
+        # A template on another node of the cluster, on shared storage: cloned where it is, to this node
+        # (qemu-server clone_vm: target is allowed only from shared storage).
+        params["target"] = hv.node
+        source = client.on(template.node)
+
     def attempt() -> None:
         run.guard(hv, f"cloning {vm.name}")
         try:
-            _wait(client, client.clone_vm(template.vmid, **params), timeout, CLONE_POLL_INTERVAL)
+            _wait(client, source.clone_vm(template.vmid, **params), timeout, CLONE_POLL_INTERVAL)
         except (ApiError, TaskFailed):
             # PVE removes a failed clone itself; make sure before a retry reuses the VMID.
             _remove_own_leftover(run, client, hv, vm, timeout)
@@ -406,11 +414,37 @@ def _take_host_locks(run: Run, vms: list[Vm], lock_factory: LockFactory, wait: i
 def _lock_hosts(run: Run, hosts: list[str], lock_factory: LockFactory, wait: int,
                 waiting: Callable[[str], None] = lambda host: None) -> None:
     owner = owner_line(run.run_id)
+    by_cluster: dict[str, HostGuard] = {}
     for host in hosts:
-        waiting(host)
-        guard = lock_factory(run.site.hypervisors[host], owner, wait)
-        guard.acquire()
-        run.guards[host] = guard
+        hv = run.site.hypervisors[host]
+        if hv.cluster is None:
+            waiting(host)
+            run.guards[host] = _acquired(lock_factory(hv, owner, wait))
+            continue
+        if hv.cluster not in by_cluster:  # one lock for the cluster's nodes, through the first that answers
+            waiting(hv.cluster)
+            by_cluster[hv.cluster] = _cluster_guard(
+                [run.site.hypervisors[h] for h in hosts if run.site.hypervisors[h].cluster == hv.cluster],
+                lambda node: _acquired(lock_factory(node, owner, wait)))
+        run.guards[host] = by_cluster[hv.cluster]
+
+
+def _acquired(guard: HostGuard) -> HostGuard:
+    guard.acquire()
+    return guard
+
+
+def _cluster_guard(nodes: list[Hypervisor], take: Callable[[Hypervisor], HostGuard]) -> HostGuard:
+    """The cluster lock, taken through the first of the nodes that can be reached (a node may be down)."""
+    unreached: list[str] = []
+    for node in nodes:
+        try:
+            return take(node)
+        except HostKeyMismatch:
+            raise  # never a reason to try another node: the inventory or the network is wrong
+        except RemoteError as exc:  # no connection (LockBusy is not one: the lock is there, and taken)
+            unreached.append(str(exc))
+    raise RemoteError(str(nodes[0].cluster), "cannot take the cluster lock through any node: " + "; ".join(unreached))
 
 
 def _converge(run: Run, plan: DeployPlan, vms: list[Vm], *, wait: bool, timeout: float, max_workers: int,

@@ -100,11 +100,20 @@ def decide(vm: Vm, hv: Hypervisor, state: HostState, macs: Mapping[str, list[Mac
     template, why = choose_template(hv.name, vm, state.templates.get(vm.image, []))
     if template is not None:
         plan.template, plan.template_vmid = template.name, template.vmid
+        if hv.cluster is not None and template.node != hv.node:
+            plan.template_node = template.node
     refusal = _mac_refusal(vm, hv, macs)
     if refusal:
         return _blocked(plan, refusal)
     seen = state.vms.get(vm.vmid, Observed(None))
+    if seen.entry is None and vm.vmid in state.elsewhere:
+        node = state.elsewhere[vm.vmid]
+        return _blocked(plan, f"VMID {vm.vmid} is on node {node} of cluster {hv.cluster}, not on {hv.node} (moved?): "
+                              f"name vm.hypervisor {hv.cluster}/{node}, or {hv.cluster} to let placement find it")
     if seen.entry is None:
+        if plan.template_node:
+            plan.notes.append(f"clones template {plan.template_vmid} of node {plan.template_node} to {hv.node} "
+                              "(shared storage: target)")
         return _blocked(plan, why) if template is None else plan
     plan.running = seen.entry.get("status") == "running"
     marker, refusal = _ownership(vm, hv, seen)

@@ -12,7 +12,7 @@ from image_factory.deploy.run import ClientFactory, Run
 from image_factory.fanout import per_host
 from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.livemacs import MacUse, host_mac_uses
-from image_factory.pve.templates import TemplateInfo, find_templates
+from image_factory.pve.templates import TemplateInfo, find_templates, shared_template_nodes
 from image_factory.settings import Settings
 from image_factory.site.inventory import Hypervisor, Site, Vm
 
@@ -52,9 +52,10 @@ def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
     existing = {int(e["vmid"]): e for e in listed}
     templates: dict[str, list[TemplateInfo]] = {}
     observed: dict[int, Observed] = {}
+    shared = shared_template_nodes(client) if vms else ()
     for vm in vms:
         if vm.image not in templates:
-            templates[vm.image] = find_templates(client, vm.image)
+            templates[vm.image] = find_templates(client, vm.image, nodes=shared)
             for t in templates[vm.image]:
                 run.templates[(hv.name, t.vmid)] = t
         entry = existing.get(vm.vmid)
@@ -63,8 +64,11 @@ def gather_host(run: Run, hv: Hypervisor, vms: list[Vm]) -> HostState:
             continue
         config, pending_keys, _ = effective_config(client, vm.vmid)
         observed[vm.vmid] = Observed(entry, config, pending_keys)
+    elsewhere = ({vmid: node for vmid, node in client.cluster_guests().items() if node != hv.node}
+                 if hv.cluster is not None and vms else {})
     return HostState(templates, observed, host_mac_uses(client, hv.name, existing.values()),
-                     _load(client, listed) if any(run.site.placed_by_policy(vm) for vm in vms) else HostLoad())
+                     _load(client, listed) if any(run.site.placed_by_policy(vm) for vm in vms) else HostLoad(),
+                     elsewhere)
 
 
 def _load(client: PveClient, listed: list[dict[str, Any]]) -> HostLoad:

@@ -45,6 +45,7 @@ class VmPlan(Report):
     reason: str = ""
     template: str | None = None
     template_vmid: int | None = None
+    template_node: str = ""  # a cluster's template on another node (cloned from there with target): its node
     clone_mode: str = "full"
     macs: list[str] = field(default_factory=list)
     diffs: list[FieldDiff] = field(default_factory=list)
@@ -169,6 +170,7 @@ class HostState:
     vms: dict[int, Observed]
     macs: dict[str, list[MacUse]]
     load: HostLoad = HostLoad()
+    elsewhere: dict[int, str] = field(default_factory=dict)  # a cluster node's: guest ids on its peers -> node
 
 
 @dataclass(frozen=True)

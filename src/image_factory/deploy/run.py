@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from image_factory.pve.client import PveClient
-from image_factory.pve.hostlock import HostGuard, HostLock
+from image_factory.pve.hostlock import ClusterLock, HostGuard, HostLock
 from image_factory.pve.sshlink import SshLink
 from image_factory.pve.templates import TemplateInfo
 from image_factory.site.inventory import Hypervisor, Site
@@ -41,7 +41,10 @@ def ssh_put_snippet(hv: Hypervisor, name: str, data: bytes) -> None:
 
 
 def ssh_host_lock(hv: Hypervisor, owner: str, wait: int) -> HostGuard:
-    """The host lock publish takes too, held over the hypervisor's pinned SSH endpoint."""
+    """The host lock publish takes too, held over the hypervisor's pinned SSH endpoint; a cluster node's: the
+    cluster lock (pve.hostlock.ClusterLock), held through this node."""
+    if hv.cluster is not None:
+        return ClusterLock(SshLink(hv.name, hv.ssh).connect(), hv.cluster_lock_dir, owner, wait=wait, owns_link=True)
     return HostLock(SshLink(hv.name, hv.ssh).connect(), hv.storage.import_dir, owner, wait=wait, owns_link=True)
 
 

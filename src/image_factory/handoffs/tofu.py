@@ -74,6 +74,9 @@ class PlannedVm(Protocol):
     def template_vmid(self) -> int | None: ...
 
     @property
+    def template_node(self) -> str: ...  # "" unless a cluster's template on another node is cloned
+
+    @property
     def blocked(self) -> bool: ...
 
 
@@ -276,7 +279,8 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: PlannedVm, base: Config) -> dict[s
         "name": vm.name,
         "description": vm.description,
         "tags": sorted(vm.all_tags),
-        "clone": {"vm_id": plan.template_vmid, "full": vm.clone_mode == "full"},
+        "clone": {"vm_id": plan.template_vmid, "full": vm.clone_mode == "full",
+                  **({"node_name": plan.template_node} if plan.template_node else {})},
         **hardware(base, vm),
         "disk": [{"interface": BOOT_DISK, "datastore_id": hv.storage.images, "size": vm.disk_gb},
                  *_data_disks(vm, hv)],
@@ -342,8 +346,9 @@ def read_bases(site: Site, plan: Plan, tenant: str,
         hv = site.hypervisors[plans[vm.name].host]
         client = clients.setdefault(hv.name, client_factory(hv))
         vmid = base_vmid(plans[vm.name])
+        holder = plans[vm.name].template_node if vmid != plans[vm.name].vmid else ""
         try:
-            bases[vm.name] = dict(client.vm_config(vmid))
+            bases[vm.name] = dict((client.on(holder) if holder else client).vm_config(vmid))
         except RemoteError as exc:
             raise FactoryError(f"{vm.name}: cannot read the config of VM {vmid} on {hv.name}: {exc}") from exc
     return bases

@@ -10,6 +10,8 @@ tls        the API answers over TLS verified with the inventory's CA file or fin
 ssh        the SSH host key matches the pinned one and the factory key logs in
 token      the API token authenticates
 version    PVE 8.4 or newer (``import`` uploads need it)
+cluster    a cluster entry's node is a node of its cluster and online (``/cluster/resources``); the detail
+           says whether storage.images is shared (one template for the cluster) or local (one per node)
 privileges the token's effective privileges (``GET /access/permissions``) cover
            :data:`REQUIRED_PRIVILEGES` on /vms, /storage/<id>, /sdn/zones/localnetwork/<bridge>
            and /nodes/<node>
@@ -37,7 +39,7 @@ deploy run ``run_preflight(..., checks=PUBLISH_CHECKS)`` / ``DEPLOY_CHECKS`` fir
 
 Where things are: ``model`` (results, report, outcome), ``probe`` (:class:`HostProbe`: each fact of a host read
 once, its error kept for every check that needs it), the checks as plain functions of the probe by topic
-(``access``: tls, ssh, token, privileges; ``capability``: version, firmware; ``storage``: storage, space;
+(``access``: tls, ssh, token, privileges; ``capability``: version, cluster, firmware; ``storage``: storage, space;
 ``network``: bridge; ``guests``: vmids, macs, tags), ``registry`` (a check's name, needs and deploy flag),
 ``catalogue`` (the checks in run order, the groups), ``run`` (per host, in parallel) and ``present`` (the table).
 A new check is a function ``(HostProbe) -> Outcome`` and one ``Check`` line in the catalogue.

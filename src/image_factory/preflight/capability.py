@@ -34,6 +34,24 @@ def check_version(probe: HostProbe) -> Outcome:
     return passed(f"PVE {text}")
 
 
+def check_cluster(probe: HostProbe) -> Outcome:
+    """A cluster entry's node: its cluster lists it (/cluster/resources) and online; the detail says what publish
+    makes for it (one template for the cluster on shared storage, one per node on local). Any other host passes."""
+    hv = probe.hv
+    if hv.cluster is None:
+        return passed("a hypervisor of its own")
+    online, shared, _ = probe.cluster
+    if hv.node not in online:
+        return failed(f"node {hv.node} is not a node of the cluster (its nodes: {', '.join(sorted(online))})",
+                      f"name the cluster's nodes under pve.nodes of {hv.cluster} (pvecm nodes lists them)")
+    if not online[hv.node]:
+        return failed(f"node {hv.node} is offline (the cluster's /cluster/resources)",
+                      f"bring {hv.node} back (pvecm status on a peer); publish and deploy leave it alone meanwhile")
+    makes = "is shared: one template for the cluster" if shared else "is each node's own: one template per node"
+    return passed(f"node {hv.node} of {hv.cluster}, online ({sum(online.values())}/{len(online)} nodes); "
+                  f"storage.images {hv.storage.images!r} {makes}")
+
+
 def check_firmware(probe: HostProbe) -> Outcome:
     """Every catalogue image that boots other than BIOS/i440fx: this host's PVE can make its template
     (pve.capabilities.firmware_refusals: the key set, Microsoft's 2023 CAs), and the images storage takes its EFI

@@ -11,6 +11,7 @@ for _entry in (
     Check(name.CHECK_SSH, access.check_ssh, needs=()),  # deploy too: it takes its host lock over SSH
     Check(name.CHECK_TOKEN, access.check_token, needs=(), after=(name.CHECK_TLS,)),
     Check(name.CHECK_VERSION, capability.check_version),
+    Check(name.CHECK_CLUSTER, capability.check_cluster),
     Check(name.CHECK_PRIVILEGES, access.check_privileges),
     Check(name.CHECK_STORAGE, storage.check_storage),
     Check(name.CHECK_SPACE, storage.check_space, needs=(name.CHECK_TLS, name.CHECK_TOKEN, name.CHECK_SSH),

@@ -15,6 +15,7 @@ CHECK_TLS = "tls"
 CHECK_SSH = "ssh"
 CHECK_TOKEN = "token"  # noqa: S105 - a check name, not a secret
 CHECK_VERSION = "version"
+CHECK_CLUSTER = "cluster"
 CHECK_PRIVILEGES = "privileges"
 CHECK_STORAGE = "storage"
 CHECK_SPACE = "space"

@@ -15,6 +15,7 @@ from image_factory.preflight.model import SpaceNeed
 from image_factory.pve.client import PveClient
 from image_factory.pve.livemacs import MacUse, host_mac_uses
 from image_factory.pve.sshlink import CommandResult, SshLink
+from image_factory.pve.templates import ClusterFacts, cluster_facts
 from image_factory.site.inventory import Hypervisor, Site
 
 T = TypeVar("T")
@@ -82,6 +83,11 @@ class HostProbe:
     @property
     def networks(self) -> list[dict[str, Any]]:
         return self._fact("networks", lambda: self.client.node_networks())
+
+    @property
+    def cluster(self) -> ClusterFacts:
+        """A cluster entry's node: the cluster's nodes (online or not) and which of its storages are shared."""
+        return self._fact("cluster", lambda: cluster_facts(self.client))
 
     @property
     def guests(self) -> list[dict[str, Any]]:

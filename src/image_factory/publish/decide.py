@@ -8,7 +8,7 @@ sha256, every VM's config) are taken by gather only when the predicates below sa
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ class HostState:
     efi_vars_sha256: str | None = None  # of the build's EFI vars store's import file, when one of its size is there
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)  # every VM's (read when retention may prune)
     untracked: frozenset[str] = frozenset()  # storages whose linked clones cannot be told from a volume id
+    unseen_nodes: tuple[str, ...] = ()  # a cluster's offline nodes, whose VMs (linked clones among them) are not seen
 
 
 def refusals(art: Artifact, host: str, pve_version: str) -> None:
@@ -178,7 +179,13 @@ def decide(state: HostState, art: Artifact, keep: int, transport: Delivery) -> H
         if art.efi_vars_file:
             same = state.efi_vars_sha256 == art.manifest.efi_vars_sha256
             plan.efi_vars_upload = "skip" if same else "upload"
-    for t in prune_candidates(state.templates, art, keep):
+    candidates = prune_candidates(state.templates, art, keep)
+    if candidates and state.unseen_nodes:
+        # a linked clone on shared storage may live on a node that is down: nothing is pruned until it is seen
+        plan.retention_waits = (f"retention waits for {', '.join(state.unseen_nodes)} (offline: its VMs may be "
+                                f"linked clones of {', '.join(str(t.vmid) for t in candidates)})")
+        candidates = []
+    for t in candidates:
         deps = clone_dependents(state.configs, t.vmid, state.untracked)
         if deps:
             plan.keep_for_clones[t.vmid] = deps
@@ -192,3 +199,43 @@ def clones_keeping(configs: dict[int, dict[str, Any]], template: TemplateInfo,
     """The clones that keep a planned prune from happening now (one may land between plan and prune): the same
     retention rule as :func:`decide`, on the configs act re-reads just before removing the template."""
     return clone_dependents(configs, template.vmid, untracked)
+
+
+@dataclass(frozen=True)
+class PublishTarget:
+    """One line of a publish report: a hypervisor, or a whole cluster whose images storage its nodes share."""
+
+    label: str  # the report's host: the hypervisor's name, or the cluster entry's
+    hv: Hypervisor | None  # the node that uploads and registers; None: none can (refusal says why)
+    shared_nodes: tuple[str, ...] = ()  # shared storage: the online nodes whose factory templates are the cluster's
+    unseen_nodes: tuple[str, ...] = ()  # shared storage: the offline nodes (their clones cannot be seen)
+    refusal: str = ""
+    notes: tuple[str, ...] = ()
+
+
+def cluster_targets(cluster: str, members: Sequence[Hypervisor], online: Mapping[str, bool],
+                    shared: bool) -> list[PublishTarget]:
+    """Where a cluster's publish happens (pure): with its images storage shared, once for the whole cluster through
+    its first online node (one upload, one template every node clones from); with local storage, once per node,
+    an offline node reported for itself alone. ``online`` is the cluster's own view (/cluster/resources)."""
+    strangers = [m for m in members if m.node not in online]
+    known = ", ".join(sorted(online)) or "none"
+    refused = [PublishTarget(m.name, None, refusal=f"node {m.node} is not a node of the cluster (its nodes: {known})")
+               for m in strangers]
+    members = [m for m in members if m not in strangers]
+    if not members:
+        return refused
+    if shared:
+        up = [m for m in members if online[m.node]]
+        down = sorted(n for n, is_up in online.items() if not is_up)
+        notes = (f"offline now: {', '.join(down)} (a template held there is not seen; a re-run once it is back "
+                 "keeps the newest)",) if down else ()
+        if not up:
+            return [*refused, PublishTarget(cluster, None, refusal="no node of the cluster is online "
+                                                                   f"({', '.join(m.node for m in members)} offline)")]
+        return [*refused, PublishTarget(cluster, up[0], tuple(sorted(n for n, is_up in online.items() if is_up)),
+                                        tuple(down), notes=notes)]
+    return [*refused, *(PublishTarget(m.name, m) if online[m.node] else
+                        PublishTarget(m.name, None, refusal=f"node {m.node} is offline (the cluster's "
+                                                            "/cluster/resources): nothing changed there")
+                        for m in members)]

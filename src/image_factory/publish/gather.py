@@ -32,7 +32,10 @@ def pve_version(client: PveClient) -> str:
 
 
 def used_vmids(client: PveClient) -> set[int]:
-    """Every guest id on the node (VMs and containers): a template id must be none of them."""
+    """Every guest id on the node (VMs and containers), on a cluster's node every guest id of the cluster (a VMID
+    names one guest cluster-wide): a template id must be none of them."""
+    if client.hv.cluster is not None:
+        return set(client.cluster_guests())
     ids = {int(vm["vmid"]) for vm in client.list_vms()}
     with suppress(ApiError):
         ids |= {int(ct["vmid"]) for ct in client.list_containers()}
@@ -45,14 +48,26 @@ def untracked_clone_storages(client: PveClient) -> frozenset[str]:
                      if s.get("type") in UNTRACKED_CLONE_TYPES)
 
 
-def all_configs(client: PveClient) -> dict[int, dict[str, Any]]:
-    return {int(vm["vmid"]): client.vm_config(int(vm["vmid"])) for vm in client.list_vms()}
+def all_configs(client: PveClient, shared_nodes: tuple[str, ...] = ()) -> dict[int, dict[str, Any]]:
+    """Every VM's config on the node, or on each of ``shared_nodes`` (a clone on any node may use a template on
+    shared storage)."""
+    return {int(vm["vmid"]): on.vm_config(int(vm["vmid"]))
+            for on in nodes_of(client, shared_nodes) for vm in on.list_vms()}
 
 
-def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int) -> HostState:
-    templates = find_templates(client, art.manifest.image, include_incomplete=True)
+def nodes_of(client: PveClient, shared_nodes: tuple[str, ...]) -> list[PveClient]:
+    """The client on each node whose templates count (a cluster on shared storage), or the client's own node."""
+    return [client.on(n) for n in shared_nodes] or [client]
+
+
+def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact, keep: int,
+                shared_nodes: tuple[str, ...] = ()) -> HostState:
+    """The host's state; with ``shared_nodes`` (a cluster on shared storage) the cluster's: templates, tasks and
+    configs of each of those nodes."""
+    templates = find_templates(client, art.manifest.image, include_incomplete=True, nodes=shared_nodes)
     existing, _ = current_template(templates, art)
-    busy = frozenset(client.active_task_vmids()) if half_made(templates, hv) else frozenset[int]()
+    busy = frozenset(v for on in nodes_of(client, shared_nodes) for v in on.active_task_vmids()) if half_made(
+        templates, hv) else frozenset[int]()
     own_partial = partial_name(art.import_file)
     probed = (art.import_file, own_partial, *([art.efi_vars_file] if art.efi_vars_file else []))
     listing, sizes = remote_probe(link, hv.storage.import_dir, *probed)
@@ -66,7 +81,7 @@ def gather_host(client: PveClient, link: SshLink, hv: Hypervisor, art: Artifact,
     configs: dict[int, dict[str, Any]] = {}
     untracked = frozenset[str]()
     if prune_candidates(templates, art, keep):
-        configs, untracked = all_configs(client), untracked_clone_storages(client)
+        configs, untracked = all_configs(client, shared_nodes), untracked_clone_storages(client)
     return HostState(hv=hv, node=client.node, templates=templates, used_vmids=used, busy=busy,
                      own_partial=own_partial, import_listing=tuple(listing), sizes=sizes,
                      final_sha256=final_sha256, efi_vars_sha256=efi_vars_sha256, configs=configs,

@@ -81,6 +81,7 @@ class HostPlan:
     busy: list[int] = field(default_factory=list)  # half-made VMs a task is still working on: left alone
     prune: list[TemplateInfo] = field(default_factory=list)
     keep_for_clones: dict[int, list[int]] = field(default_factory=dict)
+    retention_waits: str = ""  # why nothing is pruned now (a cluster node that may hold clones is offline)
 
     @property
     def action(self) -> str:
@@ -100,6 +101,7 @@ class HostPlan:
             "remove_partials": self.stale_partials,
             "prune": [{"vmid": t.vmid, "name": t.name, "build_id": t.build_id} for t in self.prune],
             "kept_for_linked_clones": {str(k): v for k, v in self.keep_for_clones.items()},
+            "retention_waits": self.retention_waits,
         }
 
 

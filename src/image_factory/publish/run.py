@@ -14,8 +14,8 @@ from image_factory.image import manifest as manifest_mod
 from image_factory.image.builddir import BuildDir
 from image_factory.image.delta import DeltaError, keep_published, make_delta
 from image_factory.image.manifest import Manifest
-from image_factory.publish.act import converge_host
-from image_factory.publish.model import DEFAULT_KEEP, Artifact, PublishError, PublishReport
+from image_factory.publish.act import converge_cluster, converge_host
+from image_factory.publish.model import DEFAULT_KEEP, Artifact, HostResult, PublishError, PublishReport
 from image_factory.publish.names import efi_vars_file_name, import_file_name, template_name, test_summary
 from image_factory.publish.present import progress_bars
 from image_factory.publish.send import LOCK_WAIT, HostContext
@@ -146,10 +146,20 @@ def publish_image(
             if link_factory is not None:
                 ctx.link_factory = link_factory
             contexts.append(ctx)
-        # converge_host records its own failures in its HostResult: every host has a result
-        done = per_host({c.hv.name: c for c in contexts}, lambda c: converge_host(c, dry_run=dry_run),
-                        name="publish")
-        report.hosts = [done.results[c.hv.name] for c in contexts]
+        # converge_host records its own failures in its HostResult: every host has a result. A cluster's nodes are
+        # one unit: they share VMIDs and the cluster lock, and on shared storage one template serves them all.
+        units: dict[str, list[HostContext]] = {}
+        for c in contexts:
+            units.setdefault(c.hv.cluster or c.hv.name, []).append(c)
+        done = per_host(units, lambda unit: converge_unit(unit, dry_run=dry_run), name="publish")
+        report.hosts = [r for key in units for r in done.results[key]]
     keep_base(art, report, BuildDir.of(settings, image_name))
     report.duration_s = time.monotonic() - started
     return report
+
+
+def converge_unit(contexts: list[HostContext], *, dry_run: bool) -> list[HostResult]:
+    """A hypervisor of its own, or the selected nodes of one cluster entry."""
+    if contexts[0].hv.cluster is None:
+        return [converge_host(contexts[0], dry_run=dry_run)]
+    return converge_cluster(contexts, dry_run=dry_run)

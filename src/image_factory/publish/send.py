@@ -8,7 +8,7 @@ from pathlib import Path
 
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
-from image_factory.pve.hostlock import DEFAULT_WAIT
+from image_factory.pve.hostlock import DEFAULT_WAIT, HostLock
 from image_factory.pve.sshlink import CommandTimedOut, LinkClosed, SshLink
 from image_factory.pve.upload import (
     TRANSPORT_KINDS,
@@ -37,6 +37,14 @@ class HostContext:
     progress: ProgressHook | None = None
     engine: str = "auto"
     lock_wait: int = LOCK_WAIT
+    label: str = ""  # the report's host when it is not hv's name: a cluster publishing once for all its nodes
+    shared_nodes: tuple[str, ...] = ()  # a cluster on shared storage: the nodes whose templates are the cluster's
+    unseen_nodes: tuple[str, ...] = ()  # a cluster on shared storage: its offline nodes (clones there are not seen)
+    cluster_lock: HostLock | None = None  # a cluster node's: the cluster lock its unit holds for all its nodes
+
+    @property
+    def host(self) -> str:
+        return self.label or self.hv.name
 
 
 @dataclass(frozen=True)

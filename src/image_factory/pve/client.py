@@ -14,6 +14,7 @@ A thin layer over proxmoxer that adds what PVE needs and proxmoxer lacks (docs/p
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -240,6 +241,17 @@ class PveClient:
     def node_path(self) -> str:
         return f"/nodes/{self.node}"
 
+    def on(self, node: str) -> PveClient:
+        """This client acting on another node of its cluster: the same endpoints, token and sessions (pveproxy
+        forwards a call for another node to it; an offline node's calls get 595)."""
+        if node == self.node:
+            return self
+        other = copy.copy(self)
+        other.node = node
+        if self.hv.cluster is not None:
+            other.name = f"{self.hv.cluster}/{node}"
+        return other
+
     # -------------------------------------------------------------- helpers
     def version(self) -> dict[str, Any]:
         return dict(self.get("/version"))
@@ -279,6 +291,10 @@ class PveClient:
         /cluster/resources: a node that is down answers nothing itself, its peers report it offline."""
         return {str(n["node"]): n.get("status") == "online"
                 for n in self.get("/cluster/resources", type="node") or [] if n.get("type") == "node"}
+
+    def cluster_guests(self) -> dict[int, str]:
+        """Every guest id of the cluster (VMs and containers, any node, an offline node's too) and its node."""
+        return {int(g["vmid"]): str(g.get("node") or "") for g in self.cluster_vms() if "vmid" in g}
 
     def cluster_options(self) -> Any:
         return self.get("/cluster/options")

@@ -9,6 +9,9 @@ holder's process dies, so a crashed or cut run never leaves a stale lock; the ho
 A run checks :attr:`HostLock.held` (or calls :meth:`HostLock.ensure`) before every write: after
 an SSH drop another run may hold the lock and be working on the same VMs, and whatever this run
 would do then (including cleaning up after itself) could destroy that run's work.
+
+The nodes of a cluster entry share one lock instead, :class:`ClusterLock`: PVE's own cluster-wide kind, a
+directory in the cluster file system (pmxcfs), held the same way by an SSH exec channel on one node.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def owner_line(run_id: str) -> str:
 class HostLock:
     """flock held on the host by an SSH exec channel; released when the channel or the link dies."""
 
+    kind = "host lock"
+
     def __init__(self, link: SshLink, lock_dir: str, owner: str, *, wait: int = DEFAULT_WAIT, owns_link: bool = False):
         if wait < 0:
             raise ValueError(f"lock wait must be 0 or more seconds (got {wait})")
@@ -72,6 +77,15 @@ class HostLock:
 
     def acquire(self) -> None:
         q = shlex.quote(self.path)
+        self._hold(
+            f"exec 9>>{q} || exit 2; "
+            f"if ! flock -n 9; then printf 'BUSY '; cat {q}.owner 2>/dev/null; echo; "
+            f"flock -w {self.wait} 9 || exit {BUSY_EXIT}; fi; "
+            f"printf '%s\\n' {shlex.quote(self.owner)} > {q}.owner; echo LOCKED; exec cat >/dev/null"
+        )
+
+    def _hold(self, command: str) -> None:
+        """Run the holder's command on an exec channel until it says LOCKED (BUSY <owner> while it waits)."""
         try:
             chan = self.link.open_session()
         except Exception:
@@ -79,12 +93,7 @@ class HostLock:
                 self.link.close()
             raise
         chan.settimeout(self.wait + 30)
-        chan.exec_command(
-            f"exec 9>>{q} || exit 2; "
-            f"if ! flock -n 9; then printf 'BUSY '; cat {q}.owner 2>/dev/null; echo; "
-            f"flock -w {self.wait} 9 || exit {BUSY_EXIT}; fi; "
-            f"printf '%s\\n' {shlex.quote(self.owner)} > {q}.owner; echo LOCKED; exec cat >/dev/null"
-        )
+        chan.exec_command(command)
         buf = b""
         while True:
             piece = chan.recv(4096)
@@ -97,9 +106,9 @@ class HostLock:
                 if status == BUSY_EXIT:
                     raise LockBusy(
                         f"{self.link.name}: in progress by {self.waited_for or 'another run (owner unknown)'}: "
-                        f"the host lock {self.path} was not free within {self.wait}s (--lock-wait); nothing changed"
+                        f"the {self.kind} {self.path} was not free within {self.wait}s (--lock-wait); nothing changed"
                     )
-                raise RemoteError(self.link.name, f"cannot take the host lock {self.path}: {err[-300:]}")
+                raise RemoteError(self.link.name, f"cannot take the {self.kind} {self.path}: {err[-300:]}")
             buf += piece
             text = buf.decode(errors="replace")
             if text.startswith("BUSY ") and "\n" in text:
@@ -118,7 +127,7 @@ class HostLock:
 
     def ensure(self, doing: str) -> None:
         if not self.held:
-            raise LockLost(f"{self.link.name}: lost the host lock {self.path} before {doing}; stopped without "
+            raise LockLost(f"{self.link.name}: lost the {self.kind} {self.path} before {doing}; stopped without "
                            "changing anything more (another run may be working on this host; re-run to converge)")
 
     def release(self) -> None:
@@ -135,3 +144,35 @@ class HostLock:
                 self.chan = None
             if self.owns_link:
                 self.link.close()
+
+
+CLUSTER_LOCK_NAME = "image-factory"
+CLUSTER_LOCK_RENEW = 30  # seconds; pmxcfs lets a waiter break a lock left untouched for 120 s
+
+
+class ClusterLock(HostLock):
+    """The lock of a whole PVE cluster: PVE's own cluster-wide lock, a directory made under the cluster file system's
+    lock directory (/etc/pve/priv/lock: mkdir there is atomic across the nodes, as pve-cluster's cfs_lock relies on),
+    held from one online node by an SSH exec channel. The holder touches it every CLUSTER_LOCK_RENEW seconds and
+    removes it when the channel closes or drops; a holder whose node died leaves it to pmxcfs's expiry, which a
+    waiter asks for by setting its mtime to 0, as cfs_lock does (docs/pve-facts.md, "The cluster lock")."""
+
+    kind = "cluster lock"
+
+    def __init__(self, link: SshLink, lock_dir: str, owner: str, *, wait: int = DEFAULT_WAIT, owns_link: bool = False):
+        super().__init__(link, lock_dir, owner, wait=wait, owns_link=owns_link)
+        self.lock_dir = lock_dir
+        self.path = f"{lock_dir}/{CLUSTER_LOCK_NAME}"
+
+    def acquire(self) -> None:
+        q, owner = shlex.quote(self.path), shlex.quote(f"{self.path}.owner")
+        parent = shlex.quote(self.lock_dir)
+        self._hold(
+            f"mkdir -p {parent} 2>/dev/null; [ -d {parent} ] || {{ echo 'cluster file system not online' >&2; "
+            f"exit 2; }}; n=0; until mkdir {q} 2>/dev/null; do "
+            f"[ $n = 0 ] && {{ printf 'BUSY '; cat {owner} 2>/dev/null; echo; }}; "
+            f"[ $n -ge {self.wait * 5} ] && exit {BUSY_EXIT}; touch -m -d @0 {q} 2>/dev/null; sleep 0.2; "
+            f"n=$((n+1)); done; (while sleep {CLUSTER_LOCK_RENEW}; do touch {q}; done) & renew=$!; "
+            f"trap 'kill $renew 2>/dev/null; rm -f {owner}; rmdir {q}' EXIT; trap 'exit 1' HUP TERM INT; "
+            f"printf '%s\\n' {shlex.quote(self.owner)} > {owner}; echo LOCKED; cat >/dev/null"
+        )

@@ -10,10 +10,11 @@ and deploy all find templates here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from image_factory.errors import RemoteError
 from image_factory.ownership import FACTORY_TAG, has_template_header, owns_template, tagged
 from image_factory.ownership import TEMPLATE_HEADER as DESCRIPTION_HEADER
 from image_factory.pve.client import ApiError, PveClient
@@ -22,8 +23,9 @@ from image_factory.reports import Report
 
 DESCRIPTION_MAX = 8192  # PVE's limit on a guest description, in bytes
 
-__all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "TemplateInfo", "encode_description",
-           "find_templates", "newest_template", "parse_description"]
+__all__ = ["DESCRIPTION_HEADER", "DESCRIPTION_MAX", "FACTORY_TAG", "ClusterFacts", "TemplateInfo",
+           "cluster_facts", "encode_description", "find_templates", "newest_template", "parse_description",
+           "shared_template_nodes"]
 
 
 def encode_description(fields: Iterable[tuple[str, str]]) -> str:
@@ -95,13 +97,23 @@ class TemplateInfo(Report):
         )
 
 
-def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False) -> list[TemplateInfo]:
-    """Factory templates of ``image_name`` on the client's node, newest first.
+def find_templates(client: PveClient, image_name: str, *, include_incomplete: bool = False,
+                   nodes: Sequence[str] = ()) -> list[TemplateInfo]:
+    """Factory templates of ``image_name`` on the client's node (or on each of ``nodes``: a cluster whose templates
+    live on shared storage, any node clones them), newest first.
 
     Newest = latest ``published_at`` (ISO-8601 UTC), then highest vmid. Only finished templates
     (``template: 1``) unless include_incomplete (then also factory VMs a run left half-made).
     Deploy picks ``next(t for t in find_templates(c, image) if t.tested)``.
     """
+    found: list[TemplateInfo] = []
+    for on in [client.on(n) for n in nodes] or [client]:
+        found.extend(_templates_on(on, image_name, include_incomplete=include_incomplete))
+    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
+    return found
+
+
+def _templates_on(client: PveClient, image_name: str, *, include_incomplete: bool) -> list[TemplateInfo]:
     found: list[TemplateInfo] = []
     for vm in client.list_vms():
         tags = parse_tags(vm.get("tags"))
@@ -122,8 +134,42 @@ def find_templates(client: PveClient, image_name: str, *, include_incomplete: bo
             continue
         if info.is_template or include_incomplete:
             found.append(info)
-    found.sort(key=lambda t: (t.published_at, t.vmid), reverse=True)
     return found
+
+
+class ClusterFacts(NamedTuple):
+    """What a cluster says of itself that publish, deploy and preflight decide from."""
+
+    online: dict[str, bool]  # each node, online or not (/cluster/resources)
+    images_shared: bool  # storage.images is shared: a template on any node is every node's to clone
+    import_shared: bool  # the import storage is shared: a file uploaded through one node is every node's
+
+
+def cluster_facts(client: PveClient) -> ClusterFacts:
+    """A cluster node's cluster: each node and whether it is online (/cluster/resources), and whether the entry's
+    images and import storages are shared (storage.cfg's ``shared`` flag in a node's storage list: pve-storage
+    API2/Storage/Status.pm index). Images shared, a template on any node is every node's to clone (qemu-server
+    clone_vm ``target``); local, each node has its own."""
+    hv = client.hv
+    online = client.cluster_nodes()
+    asking = hv.node if online.get(hv.node) else next((n for n, up in online.items() if up), None)
+    if asking is None:
+        return ClusterFacts(online, False, False)
+    listed = {str(s.get("storage")): s for s in client.on(asking).storages()}
+    if hv.storage.images not in listed:
+        raise RemoteError(client.name, f"storage.images {hv.storage.images!r} is not a storage of node {asking} "
+                                       f"(it has: {', '.join(listed)})")
+    shared = {sid for sid, s in listed.items() if int(s.get("shared") or 0)}
+    return ClusterFacts(online, hv.storage.images in shared, hv.storage.import_ in shared)
+
+
+def shared_template_nodes(client: PveClient) -> tuple[str, ...]:
+    """The nodes whose factory templates a cluster node may clone from: every online node of its cluster when the
+    images storage is shared; () (its own only) otherwise, and for a hypervisor of its own."""
+    if client.hv.cluster is None:
+        return ()
+    facts = cluster_facts(client)
+    return tuple(sorted(n for n, up in facts.online.items() if up)) if facts.images_shared else ()
 
 
 def newest_template(client: PveClient, image_name: str, *, tested_only: bool = True) -> TemplateInfo | None:

@@ -55,7 +55,7 @@ def _vm_checks(vm: Vm, hypervisors: dict[str, Hypervisor], images: dict[str, Ima
     """One VM against the site: its image, its hypervisor (named or placed), snippets storage, clone mode."""
     if vm.image not in images:
         yield Problem(file, vm.name, "vm.image", f"image {vm.image!r} is not in the catalogue {img_file}")
-    placeable = yield from (_named_host_checks(vm, hypervisors, file) if vm.hypervisor is not None
+    placeable = yield from (_named_host_checks(vm, hypervisors, file, policy) if vm.hypervisor is not None
                             else _placement_checks(vm, hypervisors, file, policy))
     if not placeable:
         return
@@ -69,12 +69,23 @@ def _vm_checks(vm: Vm, hypervisors: dict[str, Hypervisor], images: dict[str, Ima
         yield Problem(file, vm.name, "vm.clone", "mgmt VMs must be full clones (no template dependency)")
 
 
-def _named_host_checks(vm: Vm, hypervisors: dict[str, Hypervisor], file: str) -> Generator[Problem, None, bool]:
-    """The hypervisor the VM names holds it; False when there is no such hypervisor (nothing more to check)."""
-    hv = hypervisors.get(vm.hypervisor or "")
-    if hv is None:
-        yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor named {vm.hypervisor!r}")
+def _named_host_checks(vm: Vm, hypervisors: dict[str, Hypervisor], file: str,
+                       policy: Placement) -> Generator[Problem, None, bool]:
+    """The hypervisor the VM names (or each node of the cluster it names) holds it; False when there is no such
+    hypervisor (nothing more to check)."""
+    nodes = hosts_for(vm, hypervisors)
+    if not nodes:
+        clusters = sorted({h.cluster for h in hypervisors.values() if h.cluster})
+        have = ", ".join([h for h in hypervisors if "/" not in h] + clusters)
+        yield Problem(file, vm.name, "vm.hypervisor", f"no hypervisor or cluster named {vm.hypervisor!r} "
+                                                        f"(have: {have}; a cluster's node: <cluster>/<node>)")
         return False
+    hv = nodes[0]
+    if len(nodes) > 1 and policy == "pinned":
+        yield Problem(file, vm.name, "vm.hypervisor",
+                      f"cluster {vm.hypervisor} has {len(nodes)} nodes and the {vm.plane} plane's placement is "
+                      f"pinned: name one node ({', '.join(h.name for h in nodes)}), or set placement: spread or "
+                      f"fill for group {vm.plane}")
     if hv.role != vm.plane:
         yield Problem(
             file, vm.name, "vm.hypervisor",
@@ -116,6 +127,8 @@ def _cluster_checks(hypervisors: dict[str, Hypervisor], inv_file: str) -> Iterat
         for b in entries[i + 1:]:
             if not {a.api_url, *a.api_urls} & {b.api_url, *b.api_urls}:
                 continue
+            if a.cluster is not None and a.cluster == b.cluster:
+                continue  # one entry's nodes: its templates take VMIDs of the range cluster-wide
             pair = f"{a.name}, {b.name}"
             if a.node == b.node:
                 yield Problem(inv_file, pair, "pve.node", f"both are node {a.node} of the cluster they share an API "

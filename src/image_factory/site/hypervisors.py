@@ -89,6 +89,21 @@ class Storages(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class ClusterNode(Strict):
+    """One node of a cluster entry: its SSH endpoint with its own pinned host key, and where its paths differ from
+    the entry's, its own ``storage`` mapping (replacing the entry's whole, as Ansible replaces a mapping)."""
+
+    ssh: SshEndpoint
+    storage: Storages | None = None
+
+
+class ClusterNodes(Strict):
+    """A cluster entry's ``pve.nodes``: the nodes the factory uses, by PVE node name, in the order preferred for a
+    cluster-wide upload."""
+
+    nodes: dict[NodeName, ClusterNode] = Field(min_length=1)
+
+
 # Proxmox's auto-installer (proxmox-auto-installer/src/answer.rs, 8.4.6 and 9.1.7; docs/host-install.md).
 KEYBOARD_LAYOUTS = ("de", "de-ch", "dk", "en-gb", "en-us", "es", "fi", "fr", "fr-be", "fr-ca", "fr-ch", "hu",
                     "is", "it", "jp", "lt", "mk", "nl", "no", "pl", "pt", "pt-br", "se", "si", "tr")
@@ -263,6 +278,17 @@ class Hypervisor(Strict):
     template_vmids: VmidRange
     vm_vmids: VmidRange
     install: HostInstall | None = None
+    cluster_lock_dir: RemotePath = Field(default="/etc/pve/priv/lock", description="a cluster entry's: the cluster "
+                                         "file system's lock directory, where the factory's cluster lock is made")
+    cluster: str | None = Field(default=None, description="the cluster entry this node is a member of (set by the "
+                                                          "site's loader from pve.nodes, never written in an entry)")
+
+    def member(self, node: str, spec: ClusterNode) -> Hypervisor:
+        """This cluster entry's hypervisor for one of its nodes: named ``<entry>/<node>``, reached over that node's
+        SSH, everything else (API endpoints, token, storages unless the node has its own, VMID ranges) the
+        cluster's."""
+        return self.model_copy(update={"name": f"{self.cluster}/{node}", "node": node, "ssh": spec.ssh,
+                                       "storage": spec.storage or self.storage})
 
     @property
     def token_secret_source(self) -> str:

@@ -13,7 +13,7 @@ from image_factory.errors import Problem, ValidationFailed
 from image_factory.site import inventory_source
 from image_factory.site.crosschecks import cross_checks, site_address_checks
 from image_factory.site.formats import HYPERVISOR_GROUP, PLACEMENT_KEY, PLACEMENTS, PLANES, Placement, Plane
-from image_factory.site.hypervisors import Hypervisor
+from image_factory.site.hypervisors import ClusterNodes, Hypervisor
 from image_factory.site.images import Image
 from image_factory.site.inventory_source import HostVars
 from image_factory.site.model import Site
@@ -121,10 +121,54 @@ def _read_hypervisor(rec: HostVars, entries: _Entries, problems: list[Problem]) 
     if not isinstance(body, dict):
         problems.append(Problem(rec.source("pve"), rec.name, "pve", "hypervisors need a 'pve' mapping"))
         return
+    if "cluster" in body:
+        problems.append(Problem(rec.source("pve"), rec.name, "pve.cluster", "unknown key (a whole cluster is one "
+                                "entry that lists its nodes under pve.nodes)"))
+        return
+    if "nodes" in body:
+        _read_cluster(rec, body, entries, problems)
+        return
+    if "cluster_lock_dir" in body:
+        problems.append(Problem(rec.source("pve"), rec.name, "pve.cluster_lock_dir", "only for a cluster entry "
+                                "(pve.nodes): a hypervisor of its own is locked on itself"))
+        return
     try:
         entries.hypervisors[rec.name] = Hypervisor(name=rec.name, **body)
     except ValidationError as exc:
         problems.extend(pydantic_problems(rec.source("pve"), rec.name, "pve", exc))
+
+
+# Per node in a cluster entry (each under pve.nodes.<node>), or not for a cluster at all.
+_NOT_IN_A_CLUSTER_ENTRY = {
+    "node": "a cluster entry names its nodes as the keys of pve.nodes",
+    "ssh": "each node's SSH (with its own pinned host key) goes under pve.nodes.<node>.ssh",
+    "install": "a host is installed as an entry of its own (invoke host.answer), then joined to the cluster",
+}
+
+
+def _read_cluster(rec: HostVars, body: dict[str, Any], entries: _Entries, problems: list[Problem]) -> None:
+    """A whole cluster as one entry: each node of ``pve.nodes`` a hypervisor ``<entry>/<node>``, the rest shared."""
+    source = rec.source("pve")
+    misplaced = [Problem(source, rec.name, f"pve.{key}", f"not in a cluster entry: {why}")
+                 for key, why in _NOT_IN_A_CLUSTER_ENTRY.items() if key in body]
+    problems.extend(misplaced)
+    try:
+        spec = ClusterNodes(nodes=body["nodes"])
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(source, rec.name, "pve", exc))
+        return
+    if misplaced:
+        return
+    shared = {k: v for k, v in body.items() if k != "nodes"}
+    first, first_node = next(iter(spec.nodes.items()))
+    try:
+        cluster = Hypervisor(name=rec.name, node=first, ssh=first_node.ssh, cluster=rec.name, **shared)
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(source, rec.name, "pve", exc))
+        return
+    for node, member in spec.nodes.items():
+        hv = cluster.member(node, member)
+        entries.hypervisors[hv.name] = hv
 
 
 def _read_vm(rec: HostVars, plane_group: str, tenants: dict[str, Tenant], named: set[str], directory: Path,

@@ -51,16 +51,28 @@ class Site:
         """The VMs that run, or may be placed, on the hypervisor."""
         return [vm for vm in self.vms.values() if any(h.name == hypervisor for h in self.candidates(vm))]
 
+    @property
+    def clusters(self) -> dict[str, list[Hypervisor]]:
+        """Each cluster entry's hypervisors (one per node of its pve.nodes), in inventory order."""
+        found: dict[str, list[Hypervisor]] = {}
+        for hv in self.hypervisors.values():
+            if hv.cluster is not None:
+                found.setdefault(hv.cluster, []).append(hv)
+        return found
+
     def select_hypervisors(self, names: list[str] | tuple[str, ...] | None) -> list[Hypervisor]:
+        """The named hypervisors (a cluster entry's name: each of its nodes), or all of them."""
         if not names:
             return list(self.hypervisors.values())
-        unknown = [n for n in names if n not in self.hypervisors]
+        clusters = self.clusters
+        unknown = [n for n in names if n not in self.hypervisors and n not in clusters]
         if unknown:
+            have = ", ".join([*self.hypervisors, *clusters])
             raise ValidationFailed(
-                Problem(str(self.inventory_path), n, "", f"no such hypervisor (have: {', '.join(self.hypervisors)})")
-                for n in unknown
+                Problem(str(self.inventory_path), n, "", f"no such hypervisor (have: {have})") for n in unknown
             )
-        return [self.hypervisors[n] for n in names]
+        chosen = [h for n in names for h in ([self.hypervisors[n]] if n in self.hypervisors else clusters[n])]
+        return list({h.name: h for h in chosen}.values())
 
     def image(self, name: str) -> Image:
         if name not in self.images:
@@ -81,7 +93,8 @@ class Site:
             "inventory": str(self.inventory_path),
             "images_file": str(self.images_path),
             "hypervisors": {
-                h.name: {"role": h.role, "node": h.node, "api": h.api_url, "vms": per_host[h.name]}
+                h.name: {"role": h.role, "node": h.node, "api": h.api_url, "vms": per_host[h.name],
+                         **({"cluster": h.cluster} if h.cluster else {})}
                 for h in self.hypervisors.values()
             },
             "vms": {p: sorted(v.name for v in self.vms.values() if v.plane == p) for p in PLANES},
@@ -93,7 +106,10 @@ class Site:
 
 
 def hosts_for(vm: Vm, hypervisors: dict[str, Hypervisor]) -> list[Hypervisor]:
-    """The hypervisors the VM may run on: the one it names, or each of its plane's whose vm_vmids hold its VMID."""
+    """The hypervisors the VM may run on: the one it names (a cluster entry's name: each of its nodes), or each of
+    its plane's whose vm_vmids hold its VMID."""
     if vm.hypervisor is not None:
-        return [hypervisors[vm.hypervisor]] if vm.hypervisor in hypervisors else []
+        if vm.hypervisor in hypervisors:
+            return [hypervisors[vm.hypervisor]]
+        return [h for h in hypervisors.values() if h.cluster == vm.hypervisor]
     return [h for h in hypervisors.values() if h.role == vm.plane and vm.vmid in h.vm_vmids]

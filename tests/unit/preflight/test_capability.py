@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from image_factory import preflight as pf
+from image_factory.preflight.capability import check_cluster
+from image_factory.pve.templates import ClusterFacts
 from image_factory.site.inventory import load_site
 
+from ..site_cases import site_files
+from ..test_site_cluster import with_cluster
 from .node import API_CHECKS, writes
 
 pytestmark = pytest.mark.unit
@@ -56,3 +61,27 @@ def test_firmware_check_refuses_keys_the_hosts_pve_cannot_enrol_and_passes_on_9_
     assert r.ok and "tiny-sb (uefi,machine=q35,secure_boot=yes,keys=microsoft-2011+2023,tpm=v2.0)" in r.detail
     assert pf.run_preflight(settings, site, checks=["firmware"], images=["tiny"]).result("hv-unit", "firmware").ok
 
+
+
+# (case, the cluster's view, shared) -> (ok, detail fragment)
+CLUSTER_CHECK_CASES = [
+    ("online, shared", {"pve-c1": True, "pve-c2": True}, True,
+     (True, "node pve-c2 of pve-cluster, online (2/2 nodes); storage.images 'local-lvm' is shared: one template")),
+    ("online, local", {"pve-c1": False, "pve-c2": True}, False, (True, "(1/2 nodes); storage.images 'local-lvm' "
+                                                                     "is each node's own: one template per node")),
+    ("offline", {"pve-c1": True, "pve-c2": False}, True, (False, "node pve-c2 is offline")),
+    ("not a node of it", {"pve-c1": True}, True, (False, "node pve-c2 is not a node of the cluster (its nodes: "
+                                                         "pve-c1)")),
+]
+
+
+@pytest.mark.parametrize(("case", "online", "shared", "expected"), CLUSTER_CHECK_CASES,
+                         ids=[c[0] for c in CLUSTER_CHECK_CASES])
+def test_check_cluster(tmp_path: Path, case: str, online: dict[str, bool], shared: bool,
+                       expected: tuple[bool, str]) -> None:
+    site = load_site(*site_files(tmp_path, with_cluster()))
+    probe = SimpleNamespace(hv=site.hypervisors["pve-cluster/pve-c2"], cluster=ClusterFacts(online, shared, False))
+    outcome = check_cluster(probe)  # type: ignore[arg-type]
+    assert (outcome.ok, expected[1] in outcome.detail) == (expected[0], True), outcome
+    own = SimpleNamespace(hv=site.hypervisors["pve-mgmt"])
+    assert check_cluster(own).detail == "a hypervisor of its own"  # type: ignore[arg-type]

@@ -198,6 +198,10 @@ PUBLISH_CASES: dict[str, Case] = {
         {"templates": OLD, "configs": _clone_of(9000)},
         {"prune": [{"vmid": 9001, "name": "tpl-debian-lab-b2", "build_id": "b2"}],
          "kept_for_linked_clones": {"9000": [100]}}, keep=2),
+    "a cluster node offline (shared storage): retention waits, its VMs may be clones": Case(
+        {"templates": OLD, "unseen_nodes": ("pve-c3",)},
+        {"prune": [], "kept_for_linked_clones": {},
+         "retention_waits": "retention waits for pve-c3 (offline: its VMs may be linked clones of 9000)"}),
     "an unchanged host still prunes beyond keep (the current template counts first)": Case(
         {"templates": [_tpl(9009, "b9", "2026-01", digest=THIS), *OLD]},
         {"action": "unchanged", "prune": [{"vmid": 9001, "name": "tpl-debian-lab-b2", "build_id": "b2"},
