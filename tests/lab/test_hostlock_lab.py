@@ -54,3 +54,22 @@ def test_the_cluster_lock_is_one_for_every_node_and_goes_with_its_holders_sessio
     assert third.held and held.is_dir()
     third.release()
     until(lambda: not held.exists(), "the released lock removed")
+
+
+def test_a_lock_holder_that_never_answers_is_busy_with_its_reason_not_a_traceback(lab: LabHandle,
+                                                                                   tmp_path: Path) -> None:
+    """The channel's read timeout (the lock's own wait plus slack) ends in LockBusy: a publish reports it for its
+    hosts instead of a socket timeout escaping the whole run."""
+    lock = lock_through(lab, "pve-mgmt", tmp_path, "ops@a pid 1", wait=0)
+    real_open = lock.link.open_session
+
+    def open_session() -> object:
+        chan = real_open()
+        real_settimeout = chan.settimeout
+        chan.settimeout = lambda t: real_settimeout(0.5 if t else t)  # 30 s of slack, made short for the test
+        return chan
+
+    lock.link.open_session = open_session  # type: ignore[method-assign]
+    with pytest.raises(LockBusy, match=r"was not taken within 30s \(the host did not answer\); nothing changed"):
+        lock._hold("sleep 30")  # a holder's shell that says nothing
+    assert lock.chan is None

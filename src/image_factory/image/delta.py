@@ -28,7 +28,9 @@ from pathlib import Path
 from image_factory.errors import FactoryError
 from image_factory.files import write_atomic
 from image_factory.image import manifest as manifest_mod
+from image_factory.image.buildcache import image_lock
 from image_factory.image.builddir import BuildDir
+from image_factory.image.buildevents import EventSink
 from image_factory.image.manifest import Manifest
 
 BASE_RECORD_NAME = "base.json"
@@ -93,10 +95,12 @@ def ensure_guest_sha256(build_dir: BuildDir, m: Manifest, path: Path) -> str:
     """The manifest's guest digest, computed once and recorded (manifests of older builds lack it)."""
     if not m.guest_sha256:
         m.guest_sha256 = guest_sha256(path, m.artifact.format)
-        current = build_dir.load()
-        if current is not None and current.artifact.sha256 == m.artifact.sha256:  # not rebuilt meanwhile
-            current.guest_sha256 = m.guest_sha256
-            build_dir.save(current)
+        # under the image's lock: an image test recording its result, or a build, may write the manifest too
+        with image_lock(build_dir, EventSink()):
+            current = build_dir.load()
+            if current is not None and current.artifact.sha256 == m.artifact.sha256:  # not rebuilt meanwhile
+                current.guest_sha256 = m.guest_sha256
+                build_dir.save(current)
     return m.guest_sha256
 
 

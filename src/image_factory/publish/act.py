@@ -88,8 +88,10 @@ def converge_cluster(contexts: list[HostContext], *, dry_run: bool) -> list[Host
         else:
             done = per_host(nodes, lambda ctx: converge_host(ctx, dry_run=dry_run), name="publish-node")
             results.update(done.results)
-    except FactoryError as exc:  # the cluster lock: nothing was changed on any node
-        results.update({label: HostResult(label, t.hv.node if t.hv else "", error=explain(host_reason(exc, cluster)))
+    except Exception as exc:  # noqa: BLE001 - the cluster lock: nothing was changed on any node, and a failure
+        # of this unit must not take the other hosts' results down (converge_host never raises)
+        reason = explain(host_reason(exc, cluster)) if isinstance(exc, FactoryError) else f"{type(exc).__name__}: {exc}"
+        results.update({label: results.get(label) or HostResult(label, t.hv.node if t.hv else "", error=reason)
                         for label, t in acting.items()})
     finally:
         if lock is not None:

@@ -129,7 +129,7 @@ def publish_image(
     hosts = site.select_hypervisors(list(hypervisors) if hypervisors else None)
     art = check_inputs(settings, site, image_name, transport=transport, keep=keep, force_untested=force_untested,
                        engine=engine)
-    if delta:
+    if delta and transport_kind(transport).rebuilds_delta:  # a transport that cannot rebuild one needs none made
         art = with_delta(art, BuildDir.of(settings, image_name))
     run_id = uuid.uuid4().hex[:12]
     report = PublishReport(

@@ -9,7 +9,7 @@ from pathlib import Path
 from image_factory.publish.model import Artifact, HostPlan, HostResult, ProgressHook
 from image_factory.pve.client import PveClient
 from image_factory.pve.hostlock import DEFAULT_WAIT, HostLock
-from image_factory.pve.sshlink import CommandTimedOut, LinkClosed, SshLink
+from image_factory.pve.sshlink import CommandTimedOut, SshLink
 from image_factory.pve.upload import (
     TRANSPORT_KINDS,
     SshUploader,
@@ -149,10 +149,14 @@ def upload(ctx: HostContext, plan: HostPlan, client: PveClient, link: SshLink, r
                                 f"({plan.delta_bytes / art.size:.1%} of the image); the host rebuilt the image "
                                 "and verified its guest view")
             return
-        except (UploadError, CommandTimedOut, LinkClosed) as exc:  # the host's script removed what it made
+        except (UploadError, CommandTimedOut) as exc:  # the host's script removed what it made (under `timeout`)
             step = "rebuild" if isinstance(exc, DeltaRebuildFailed | CommandTimedOut) else "upload"
-            result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} ({exc.message}); "
-                                "sent the full image")
+            result.notes.append(f"delta publish against {plan.delta_base} failed in its {step} "
+                                f"({exc.message[:300]}); sent the full image")
+        except FileNotFoundError as exc:  # another publish of this image replaced the kept base and its delta
+            result.notes.append(f"the delta against {plan.delta_base} is gone ({exc.filename}: another publish of "
+                                "this image kept a newer base); sent the full image")
+        # LinkClosed is not caught: the link held the host lock, so the round re-plans under a re-taken lock
     elif plan.no_delta:
         result.notes.append(f"sent the full image: {plan.no_delta}")
     up = TRANSPORTS[ctx.transport].send(ctx, client, link, result, tick,

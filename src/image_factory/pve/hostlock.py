@@ -96,7 +96,14 @@ class HostLock:
         chan.exec_command(command)
         buf = b""
         while True:
-            piece = chan.recv(4096)
+            try:
+                piece = chan.recv(4096)
+            except TimeoutError:  # the holder's own wait bounds this: its shell hangs, so give up on it
+                chan.close()
+                if self.owns_link:
+                    self.link.close()
+                raise LockBusy(f"{self.link.name}: the {self.kind} {self.path} was not taken within {self.wait + 30}s "
+                               "(the host did not answer); nothing changed") from None
             if not piece:
                 status = chan.recv_exit_status()
                 err = chan.makefile_stderr("rb").read().decode(errors="replace").strip()
@@ -169,9 +176,9 @@ class ClusterLock(HostLock):
         parent = shlex.quote(self.lock_dir)
         self._hold(
             f"mkdir -p {parent} 2>/dev/null; [ -d {parent} ] || {{ echo 'cluster file system not online' >&2; "
-            f"exit 2; }}; n=0; until mkdir {q} 2>/dev/null; do "
+            f"exit 2; }}; n=0; end=$(($(date +%s) + {self.wait})); until mkdir {q} 2>/dev/null; do "
             f"[ $n = 0 ] && {{ printf 'BUSY '; cat {owner} 2>/dev/null; echo; }}; "
-            f"[ $n -ge {self.wait * 5} ] && exit {BUSY_EXIT}; touch -m -d @0 {q} 2>/dev/null; sleep 0.2; "
+            f"[ $(date +%s) -ge $end ] && exit {BUSY_EXIT}; touch -m -d @0 {q} 2>/dev/null; sleep 0.2; "
             f"n=$((n+1)); done; (while sleep {CLUSTER_LOCK_RENEW}; do touch {q}; done) & renew=$!; "
             f"trap 'kill $renew 2>/dev/null; rm -f {owner}; rmdir {q}' EXIT; trap 'exit 1' HUP TERM INT; "
             f"printf '%s\\n' {shlex.quote(self.owner)} > {owner}; echo LOCKED; cat >/dev/null"

@@ -26,6 +26,7 @@ WHY = {
     5: "the rebuilt image could not be renamed into place",
     6: "the rebuilt image's guest view does not match the build's (the base is not the image the delta was made "
        "against)",
+    124: "the host's rebuild ran out of time and was stopped (its files removed)",
 }
 
 
@@ -52,8 +53,11 @@ def host_script() -> str:
 def rebuild_from_delta(link: SshLink, import_dir: str, base: str, final: str, guest_sha256: str, *,
                        timeout: float = REBUILD_TIMEOUT) -> int:
     """Rebuild ``final`` from ``base`` and the delivered delta on the host; the rebuilt file's size."""
-    command = shlex.join(["sh", "-c", host_script(), "factory-delta", import_dir, base, delta_name(final), final,
-                          guest_sha256])
+    # `timeout` (coreutils, on every PVE host) stops the script and its qemu-img with it a little before the client
+    # gives up: sshd does not end a command whose client went away, and an orphan would race the next round.
+    host_limit = max(int(timeout) - 15, 1)
+    command = shlex.join(["timeout", "-k", "10", str(host_limit), "sh", "-c", host_script(), "factory-delta",
+                          import_dir, base, delta_name(final), final, guest_sha256])
     res = link.run(command, check=False, timeout=timeout)
     out = res.stdout.split()
     if res.status == 0 and len(out) == 2 and out[0] == "OK" and out[1].isdigit():
