@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -237,3 +238,13 @@ def small_tmpfs() -> Iterator[Callable[[Path, int], Path]]:
 def loopback_http() -> Any:
     """``with loopback_http(files[, cert_and_key=(cert, key)]) as base_url:`` serves path -> body (404 otherwise)."""
     return serve_files
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal gives it, in this process and the children its tests start (exec resets a handler to the
+    default, but keeps an ignored signal ignored): a suite started in the background of a non-interactive shell (a
+    CI runner's `cmd &`) has SIGINT ignored from birth, which Python keeps, and then the Ctrl-C tests' interrupt,
+    and the SIGINT the build sends a stand-in packer, would do nothing."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

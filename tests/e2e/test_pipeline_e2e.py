@@ -82,7 +82,8 @@ def test_whole_path_against_the_two_host_lab(e2e_lab: LabHandle, tmp_path: Path)
         assert macs == vm.macs, vm.name
 
     # 4. the real guest: SSH with the host key read through the guest agent, MAC seen on its NIC
-    guest = _prove_guest(site, REAL_GUEST, e2e_lab.paths.client_key)
+    placed = {r.plan.vm: r.plan.host for r in result.results}
+    guest = _prove_guest(site, REAL_GUEST, placed[REAL_GUEST], e2e_lab.paths.client_key)
     assert guest["hostname"] == REAL_GUEST
     assert guest["mac_seen"], guest["links"]
 

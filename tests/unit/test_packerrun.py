@@ -172,3 +172,26 @@ def test_ctrl_c_while_packer_starts_stops_it_once_it_is_held(tmp_path: Path, mon
     assert started and started[0].returncode is not None  # stopped and reaped
     assert "interrupted" in (tmp_path / "build.log").read_text()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_that_ignores_ctrl_c_keeps_ignoring_it_while_packer_starts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started in the background or under nohup, SIGINT is ignored: the deferral must not turn it into a stop."""
+    fake = tmp_path / "packer"
+    fake.write_text("#!/bin/sh\necho '1,,ui,say,Build finished'\nexit 0\n")
+    fake.chmod(0o755)
+    real_start = packerrun._start_packer
+
+    def start_then_ctrl_c(*args: object) -> subprocess.Popen[str]:
+        proc = real_start(*args)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)
+        return proc
+
+    monkeypatch.setattr(packerrun, "_start_packer", start_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=60,
+                                   sink=buildevents.EventSink())
+        assert run is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -258,7 +258,9 @@ def _ctrl_c_deferred() -> Iterator[list[int]]:
     SIGINT, and only it may set a handler."""
     noted: list[int] = []
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    # Only Python's own Ctrl-C (KeyboardInterrupt) is deferred: a process that ignores SIGINT (started in the
+    # background, nohup) or handles it itself keeps doing so.
+    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
         yield noted
         return
     signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
