@@ -97,7 +97,7 @@ def test_a_changed_snippet_and_a_larger_disk_are_drift_deploy_corrects(lab: LabH
     assert deploy(lab, first).ok
     old = snippet_file(lab, first)
     changed = options_site(lab, root, {"disks": [{**OPTIONS["disks"][0], "size_gb": 3}, OPTIONS["disks"][1]]},
-                           vendor=VENDOR + "runcmd:\n  - [true]\n")
+                           vendor=VENDOR + "runcmd:\n  - [\"true\"]\n")
     drift = plan_of(lab, changed)
     assert drift.action == "drift" and not drift.blocked
     assert {(d.field, d.safe) for d in drift.diffs} == {("cicustom", True), ("scsi1.size", True)}
@@ -105,13 +105,13 @@ def test_a_changed_snippet_and_a_larger_disk_are_drift_deploy_corrects(lab: LabH
     assert report.ok and [r.state for r in report.results] == ["corrected"], errors(report)
     cfg = api_config(lab, MGMT, changed.vms["jump01"].vmid)
     assert pvecodec.parse_props(cfg["scsi1"], "file")["size"] == "3G"
-    assert snippet_file(lab, changed).read_text().endswith("runcmd:\n  - [true]\n")
+    assert snippet_file(lab, changed).read_text().endswith("runcmd:\n  - [\"true\"]\n")
     assert old.read_text() == VENDOR, "the previous snippet is kept (another VM may still name it)"
     assert plan_of(lab, changed).action == "in-sync"
 
     # a disk the inventory no longer lists: reported, never removed; a smaller size: never shrunk
     fewer = options_site(lab, root, {"disks": [{**OPTIONS["disks"][0], "size_gb": 2}]},
-                         vendor=VENDOR + "runcmd:\n  - [true]\n")
+                         vendor=VENDOR + "runcmd:\n  - [\"true\"]\n")
     kept = plan_of(lab, fewer)
     assert kept.blocked and {(d.field, d.safe) for d in kept.diffs} == {("virtio1", False), ("scsi1.size", False)}
     deploy(lab, fewer)
