@@ -63,11 +63,7 @@ def build(builds: Path, build_id: str, **firmware: Any) -> mf.Manifest:
     """A tested 4 MiB artifact whose manifest asks for ``firmware`` (what sb-build's build records)."""
     d = builds / IMAGE
     d.mkdir(parents=True, exist_ok=True)
-    art = d / f"{IMAGE}.qcow2"
-    raw = d / "disk.raw"
-    raw.write_bytes(os.urandom(4 * 1024 * 1024))
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(art)], check=True)
-    raw.unlink()
+    art = factories.qcow2_of(os.urandom(4 * 1024 * 1024), d / f"{IMAGE}.qcow2")
     m = factories.manifest_of(art, IMAGE, build_id=build_id, tested=True,
                               fingerprint=hashlib.sha256(build_id.encode()).hexdigest(), git={"commit": "abc"},
                               finished_at="2026-12-06T11:00:00Z", **firmware)

@@ -15,8 +15,6 @@ import dataclasses
 import os
 import shutil
 import struct
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +36,8 @@ from image_factory.pve.client import ApiError, PveClient
 from image_factory.pve.codec import EfiDisk
 from image_factory.pve.templates import find_templates
 from image_factory.settings import REPO_ROOT, Settings
+
+from .test_firmware_lab import volume_bytes
 
 pytestmark = pytest.mark.lab
 
@@ -85,10 +85,7 @@ def build_with_own_store(builds: Path, build_id: str, disk: Path | None = None) 
         except OSError:  # another filesystem
             shutil.copyfile(disk, art)
     else:
-        raw = d / "disk.raw"
-        raw.write_bytes(os.urandom(4 * 1024 * 1024))
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(art)], check=True)
-        raw.unlink()
+        factories.qcow2_of(os.urandom(4 * 1024 * 1024), art)
     store = d / "efivars.raw"
     enrolled = firmware.enrolled_store(OVMF_EMPTY_VARS, store, "microsoft-2023", "debian")
     m = factories.manifest_of(art, IMAGE, build_id=build_id, tested=True, fingerprint=build_id.ljust(64, "f"),
@@ -98,19 +95,6 @@ def build_with_own_store(builds: Path, build_id: str, disk: Path | None = None) 
     m.artifact.path = art.name
     mf.save(d, m)
     return m
-
-
-def volume_bytes(lab: LabHandle, host: str, volid: str) -> bytes:
-    """A volume as the guest sees it: the file behind it (LVM-thin volumes are files in the host's /dev/pve,
-    a dir storage's under images/<vmid>/, a linked clone's path names its base first), converted to raw."""
-    sid, name = volid.split(":", 1)
-    thin = lab.paths.host_dir(host) / "root" / "dev" / "pve"
-    images = lab.paths.storage_dir(host) / "images"
-    path = thin / name if sid == "local-lvm" else images / "/".join(name.split("/")[-2:])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "volume.raw"
-        subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(path), str(out)], check=True)
-        return out.read_bytes()
 
 
 def x509_subjects(efivar: bytes) -> set[str]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +33,13 @@ def build(builds: Path, raw: bytes, build_id: str) -> mf.Manifest:
     """A build of ``raw`` as the guest's disk (a qcow2 with every cluster allocated) and its tested manifest."""
     d = builds / IMAGE
     d.mkdir(parents=True, exist_ok=True)
-    (d / "disk.raw").write_bytes(raw)
-    art = d / "debian-lab.qcow2"
-    art.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(d / "disk.raw"), str(art)],
-                   check=True)
-    (d / "disk.raw").unlink()
+    art = factories.qcow2_of(raw, d / "debian-lab.qcow2")
     m = factories.manifest_of(art, IMAGE, build_id=build_id, tested=True,
                               fingerprint=hashlib.sha256(build_id.encode()).hexdigest(),
                               git={"commit": "abc123", "dirty": False}, finished_at="2026-12-06T19:00:00Z")
     m.artifact.path = art.name
     mf.save(d, m)
     return m
-
-
-def nightly_change(raw: bytes, share: float, seed: int) -> bytes:
-    rng = random.Random(seed)
-    data = bytearray(raw)
-    clusters = len(raw) // CLUSTER
-    for c in rng.sample(range(clusters), int(clusters * share)):
-        data[c * CLUSTER:(c + 1) * CLUSTER] = rng.randbytes(CLUSTER)
-    return bytes(data)
 
 
 def template_disk(lab: LabHandle, host: str, vmid: int) -> tuple[Path, str]:
@@ -94,7 +78,7 @@ def test_v2_is_sent_as_a_delta_and_a_corrupted_base_falls_back_to_the_full_image
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 0xFF]))
 
-    v2 = nightly_change(v1, 0.05, 2)
+    v2 = factories.clusters_changed(v1, 0.05, 2)
     m2 = build(settings.builds_dir, v2, "b2")
     full_asked = publish_image(settings, site, IMAGE, hypervisors=[good, corrupted], progress=False, dry_run=True,
                                delta=False)  # --full

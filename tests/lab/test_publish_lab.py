@@ -38,12 +38,7 @@ def make_build(builds: Path, *, build_id: str, mib: int = 4, tested: bool = True
     """A random-content qcow2 (valid for qemu-img, incompressible) and its manifest."""
     d = builds / IMAGE
     d.mkdir(parents=True, exist_ok=True)
-    raw = d / "disk.raw"
-    raw.write_bytes(os.urandom(mib * 1024 * 1024))
-    art = d / "debian-lab.qcow2"
-    art.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(art)], check=True)
-    raw.unlink()
+    art = factories.qcow2_of(os.urandom(mib * 1024 * 1024), d / "debian-lab.qcow2")
     m = factories.manifest_of(
         art, IMAGE, build_id=build_id, tested=tested or None,
         fingerprint=hashlib.sha256(f"{build_id}{seed}".encode()).hexdigest(),

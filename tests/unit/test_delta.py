@@ -26,26 +26,8 @@ MIB = 1024 * 1024
 CLUSTER = 64 * 1024
 
 
-def qcow2_from(raw: bytes, out: Path) -> Path:
-    tmp = out.with_suffix(".raw")
-    tmp.write_bytes(raw)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(tmp), str(out)], check=True)
-    tmp.unlink()
-    return out
-
-
-def changed(raw: bytes, share: float, seed: int) -> bytes:
-    """``raw`` with ``share`` of its 64 KiB clusters rewritten with other random bytes."""
-    rng = random.Random(seed)
-    data = bytearray(raw)
-    clusters = len(raw) // CLUSTER
-    for c in rng.sample(range(clusters), int(clusters * share)):
-        data[c * CLUSTER:(c + 1) * CLUSTER] = rng.randbytes(CLUSTER)
-    return bytes(data)
-
-
 def build(bd: BuildDir, raw: bytes, build_id: str) -> mf.Manifest:
-    art = qcow2_from(raw, bd.path / "disk.qcow2")
+    art = factories.qcow2_of(raw, bd.path / "disk.qcow2")
     m = factories.manifest_of(art, "debian-lab", build_id=build_id)
     m.artifact.path = art.name
     bd.save(m)
@@ -57,7 +39,7 @@ def v1_v2(tmp_path: Path) -> tuple[BuildDir, bytes, bytes]:
     bd = BuildDir(tmp_path / "builds" / "debian-lab")
     bd.path.mkdir(parents=True)
     v1 = random.Random(1).randbytes(16 * MIB)
-    return bd, v1, changed(v1, 0.05, 2)
+    return bd, v1, factories.clusters_changed(v1, 0.05, 2)
 
 
 def rebuild(import_dir: Path, base: str, final: str, guest: str) -> subprocess.CompletedProcess[str]:
@@ -121,7 +103,7 @@ def test_a_corrupted_or_missing_base_fails_and_leaves_nothing(v1_v2: tuple[Build
     host = tmp_path / "import"
     host.mkdir()
     corrupt = host / "base.qcow2"
-    qcow2_from(changed(v1, 0.01, 3), corrupt)  # another image of the same size
+    factories.qcow2_of(factories.clusters_changed(v1, 0.01, 3), corrupt)  # another image of the same size
     shutil.copy(d.path, host / delta_name("new.qcow2"))
     bad = rebuild(host, "base.qcow2", "new.qcow2", d.guest_sha256)
     assert bad.returncode == 6 and bad.stdout.startswith("BAD "), (bad.stdout, bad.stderr)
@@ -161,7 +143,7 @@ def test_a_changed_base_file_or_another_size_makes_no_delta(v1_v2: tuple[BuildDi
 
 
 def test_an_old_manifest_without_the_guest_digest_still_reads(tmp_path: Path) -> None:
-    art = qcow2_from(bytes(MIB), tmp_path / "disk.qcow2")
+    art = factories.qcow2_of(bytes(MIB), tmp_path / "disk.qcow2")
     data = factories.manifest_of(art, "debian-lab", build_id="b0").to_dict()
     del data["guest_sha256"]
     assert mf.Manifest.from_dict(data).guest_sha256 == ""

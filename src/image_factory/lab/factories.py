@@ -6,6 +6,7 @@ Like fabric's ``fabric.testing``: shipped beside the lab, never imported by the 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,30 @@ def manifest_of(artifact: Path, image: str = "debian-lab", **fields: Any) -> Man
     info = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", str(artifact)]))
     return manifest(image, path=str(artifact), sha256=sha256_file(artifact), disk_size=artifact.stat().st_size,
                     virtual_size=int(info["virtual-size"]), **fields)
+
+
+def qcow2_of(raw: bytes, out: Path) -> Path:
+    """``raw`` as the guest's disk in a qcow2 at ``out`` (every cluster with data allocated), replacing any file
+    there."""
+    staged = out.with_name(f"{out.name}.raw")
+    staged.write_bytes(raw)
+    out.unlink(missing_ok=True)
+    try:
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(staged), str(out)], check=True)
+    finally:
+        staged.unlink()
+    return out
+
+
+def clusters_changed(raw: bytes, share: float, seed: int, cluster: int = 64 * 1024) -> bytes:
+    """``raw`` with ``share`` of its clusters rewritten with other random bytes: a nightly's change, as the
+    guest sees it."""
+    rng = random.Random(seed)
+    data = bytearray(raw)
+    clusters = len(raw) // cluster
+    for c in rng.sample(range(clusters), int(clusters * share)):
+        data[c * cluster:(c + 1) * cluster] = rng.randbytes(cluster)
+    return bytes(data)
 
 
 def template(vmid: int = 9000, name: str = "tpl-fedora-44-b1", *, tested: bool = True, image: str = "fedora-44",
