@@ -30,7 +30,7 @@ from image_factory.image import build, contents
 from image_factory.image.manifest import require
 from image_factory.lab.aptrepo import AptRepo
 from image_factory.lab.baseimage import ensure_base_image
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.pipeline import run_pipeline
 from image_factory.pve import templates
 from image_factory.pve.client import PveClient
@@ -46,11 +46,8 @@ PACKAGE = "factory-canary"
 @pytest.fixture(scope="module")
 def nightly_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     ensure_base_image(Settings.from_mapping({}))
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("nightly-lab"))
-    try:
+    with running_lab(tmp_path_factory.mktemp("nightly-lab")) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 @pytest.fixture

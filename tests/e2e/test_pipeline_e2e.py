@@ -19,7 +19,7 @@ import pytest
 from image_factory import deploy
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.demo import _prove_guest
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.pipeline import run_pipeline
 from image_factory.pve import codec as pvecodec
 from image_factory.pve.client import PveClient
@@ -33,11 +33,8 @@ REAL_GUEST = "metrics01"
 @pytest.fixture(scope="module")
 def e2e_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     ensure_base_image(Settings.from_mapping({}))
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("e2e-lab"), real_boot=[REAL_GUEST])
-    try:
+    with running_lab(tmp_path_factory.mktemp("e2e-lab"), real_boot=[REAL_GUEST]) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 def test_whole_path_against_the_two_host_lab(e2e_lab: LabHandle, tmp_path: Path) -> None:

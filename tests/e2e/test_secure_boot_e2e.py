@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from image_factory import deploy as dep
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.platform import Platform
 from image_factory.publish import publish_image
 from image_factory.pve.client import PveClient
@@ -33,11 +33,8 @@ REAL_BOOT = "sandbox01"
 
 @pytest.fixture(scope="module")
 def sb_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("secure-boot-e2e-lab"), real_boot=[REAL_BOOT])
-    try:
+    with running_lab(tmp_path_factory.mktemp("secure-boot-e2e-lab"), real_boot=[REAL_BOOT]) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 def passed_firmware_checks(outcomes: dict[str, str]) -> set[str]:

@@ -25,7 +25,7 @@ from image_factory.errors import ValidationFailed
 from image_factory.lab import controller
 from image_factory.lab.baseimage import ensure_base_image
 from image_factory.lab.pve import NEWER_PARAMETERS, formats
-from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import NODE_RELEASE_IDS, NODE_RELEASES, LabHandle, running_lab
 from image_factory.lab.spec import RELEASES, version_tuple
 from image_factory.ownership import Marker
 from image_factory.pve import codec as pvecodec
@@ -47,11 +47,8 @@ TPL_VMID = 9000
 @pytest.fixture(scope="module")
 def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     """A lab of our own: only sandbox01 boots a real qemu (2 CPU cores on this machine)."""
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("deploy-lab"), real_boot=[REAL_BOOT])
-    try:
+    with running_lab(tmp_path_factory.mktemp("deploy-lab"), real_boot=[REAL_BOOT]) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 def publish_like_template(lab: LabHandle, host: str, image_file: Path, *, vmid: int = TPL_VMID,

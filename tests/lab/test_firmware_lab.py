@@ -24,7 +24,7 @@ from image_factory import deploy as dep
 from image_factory.errors import FactoryError
 from image_factory.image import manifest as mf
 from image_factory.lab import factories
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.platform import Platform
 from image_factory.publish import publish_image
 from image_factory.pve.client import ApiError, PveClient
@@ -45,11 +45,8 @@ BASE_IMAGE = REPO_ROOT / "builds/base/debian-13-base.qcow2"
 
 @pytest.fixture(scope="module")
 def flab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("firmware-lab"), real_boot=[REAL_BOOT])
-    try:
+    with running_lab(tmp_path_factory.mktemp("firmware-lab"), real_boot=[REAL_BOOT]) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from image_factory import deploy as dep
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.preflight import run_preflight
 from image_factory.publish import publish_image
 from image_factory.pve.client import PveClient
@@ -28,12 +28,9 @@ HOSTS = ("pve-mgmt", "pve-tenant", "pve-tenant2")
 
 @pytest.fixture(scope="module")
 def mlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("multihost-lab"), real_boot="none",
-                                  extra_hosts=[("pve-tenant2", "tenant")], placement={"tenant": "spread"})
-    try:
+    with running_lab(tmp_path_factory.mktemp("multihost-lab"), real_boot="none",
+                                  extra_hosts=[("pve-tenant2", "tenant")], placement={"tenant": "spread"}) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 def guests(lab: LabHandle, host: str) -> set[int]:

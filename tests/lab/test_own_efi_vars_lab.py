@@ -29,7 +29,7 @@ from image_factory.errors import RemoteError
 from image_factory.image import firmware
 from image_factory.image import manifest as mf
 from image_factory.lab import factories
-from image_factory.lab.pytest_plugin import LabHandle, start_lab, stop_lab
+from image_factory.lab.pytest_plugin import LabHandle, running_lab
 from image_factory.publish import publish_image
 from image_factory.publish.model import PublishError
 from image_factory.pve.client import ApiError, PveClient
@@ -59,11 +59,8 @@ KEK_2023 = {"CN=Microsoft Corporation KEK 2K CA 2023,O=Microsoft Corporation,C=U
 
 @pytest.fixture(scope="module")
 def flab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    handle, slot_lock = start_lab(tmp_path_factory.mktemp("own-vars-lab"), real_boot=[REAL_BOOT])
-    try:
+    with running_lab(tmp_path_factory.mktemp("own-vars-lab"), real_boot=[REAL_BOOT]) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 @pytest.fixture

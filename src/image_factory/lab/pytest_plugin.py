@@ -367,6 +367,16 @@ def stop_lab(handle: LabHandle, slot_lock: IO[str]) -> None:
         slot_lock.close()
 
 
+@contextlib.contextmanager
+def running_lab(lab_dir: Path, *args: Any, **kwargs: Any) -> Iterator[LabHandle]:
+    """start_lab's lab for the block, stopped (and its slot freed) however the block ends."""
+    handle, slot_lock = start_lab(lab_dir, *args, **kwargs)
+    try:
+        yield handle
+    finally:
+        stop_lab(handle, slot_lock)
+
+
 def _real_boot(value: str) -> str | list[str]:
     return value if value in ("all", "none") else [v for v in value.split(",") if v]
 
@@ -375,11 +385,8 @@ def _real_boot(value: str) -> str | list[str]:
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     """A running two-hypervisor lab for the whole session."""
     lab_dir = tmp_path_factory.mktemp("lab")
-    handle, slot_lock = start_lab(lab_dir, _real_boot(str(request.config.getoption("--lab-real-boot"))))
-    try:
+    with running_lab(lab_dir, _real_boot(str(request.config.getoption("--lab-real-boot")))) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
 
 
 # The cluster lab: two tenant hosts (pve-tenant, pve-tenant2) and the mgmt host beside a three-node cluster
@@ -392,31 +399,29 @@ CLUSTER_LAB = {"extra_hosts": [("pve-tenant2", "tenant")], "placement": {"tenant
 def cluster_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
     """A running lab with the modelled three-node cluster beside the independent hosts, for the session."""
     lab_dir = tmp_path_factory.mktemp("cluster-lab")
-    handle, slot_lock = start_lab(lab_dir, _real_boot(str(request.config.getoption("--lab-real-boot"))),
-                                  **CLUSTER_LAB)  # type: ignore[arg-type]
-    try:
+    with running_lab(lab_dir, _real_boot(str(request.config.getoption("--lab-real-boot"))),
+                     **CLUSTER_LAB) as handle:
         yield handle
-    finally:
-        stop_lab(handle, slot_lock)
+
+
+def _reset_for_the_test(handle: LabHandle) -> Iterator[LabHandle]:
+    handle.reset()
+    yield handle
+    with contextlib.suppress(LabError):
+        handle.clear_faults()
 
 
 @pytest.fixture
 def fresh_cluster_lab(cluster_lab: LabHandle) -> Iterator[LabHandle]:
     """The session's cluster lab, reset: every node online, no VMs, disks, imports, locks or faults."""
-    cluster_lab.reset()
-    yield cluster_lab
-    with contextlib.suppress(LabError):
-        cluster_lab.clear_faults()
+    yield from _reset_for_the_test(cluster_lab)
 
 
 @pytest.fixture
 def fresh_lab(lab: LabHandle) -> Iterator[LabHandle]:
     """The session lab, reset to fresh hosts before the test (no VMs, disks, imports, tasks, faults)."""
-    lab.reset()
-    yield lab
-    with contextlib.suppress(LabError):
-        lab.clear_faults()
+    yield from _reset_for_the_test(lab)
 
 
 __all__ = ["CLUSTER_LAB", "NODE_RELEASES", "NODE_RELEASE_IDS", "LabHandle", "claim_slot", "cluster_lab",
-           "fresh_cluster_lab", "fresh_lab", "lab", "start_lab", "stop_lab"]
+           "fresh_cluster_lab", "fresh_lab", "lab", "running_lab", "start_lab", "stop_lab"]
