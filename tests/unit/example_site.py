@@ -4,6 +4,7 @@ each group's group_vars/<group>.yml into its vars, each host's host_vars/<host>.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +29,18 @@ def flat_example() -> dict[str, Any]:
         for host, host_vars in (body.get("hosts") or {}).items():
             body["hosts"][host] = {**(host_vars or {}), **_vars_file(EXAMPLE_DIR / "host_vars", host)}
     return doc
+
+
+def copy_example(into: Path) -> Path:
+    """A copy of the example site's directory (host_vars/ and group_vars/ beside hosts.yml) under ``into``: its
+    hosts.yml."""
+    shutil.copytree(EXAMPLE_DIR, into / "inventory")
+    return into / "inventory" / "hosts.yml"
+
+
+def edit(path: Path, old: str, new: str) -> Path:
+    """Replace the one occurrence of ``old`` in the file (a test's edit that must hit exactly one place)."""
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+    return path

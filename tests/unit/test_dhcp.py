@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,24 +19,16 @@ from image_factory.settings import REPO_ROOT
 from image_factory.site.inventory import load_site
 from image_factory.tasks import mac as mac_tasks
 
+from .example_site import copy_example, edit
+
 pytestmark = pytest.mark.unit
 
-EXAMPLE = REPO_ROOT / "ansible/inventory/hosts.yml"
 IMAGES = REPO_ROOT / "packer/images.yml"
 
 
 @pytest.fixture
 def inv(tmp_path: Path) -> Path:
-    """A copy of the example site's directory (host_vars/ and group_vars/ beside hosts.yml): its hosts.yml."""
-    shutil.copytree(EXAMPLE.parent, tmp_path / "inventory")
-    return tmp_path / "inventory" / "hosts.yml"
-
-
-def edit(path: Path, old: str, new: str) -> Path:
-    text = path.read_text()
-    assert text.count(old) == 1, old
-    path.write_text(text.replace(old, new))
-    return path
+    return copy_example(tmp_path)
 
 
 def export(path: Path, fmt: str) -> str:

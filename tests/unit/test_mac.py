@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from image_factory.site import mac
 from image_factory.site.inventory import load_site, mac_problem, normalize_mac
 from image_factory.tasks import mac as mac_tasks
 
-from .example_site import flat_example
+from .example_site import copy_example, edit, flat_example
 
 pytestmark = pytest.mark.unit
 
@@ -41,16 +40,7 @@ EXTRA_VM = """
 
 @pytest.fixture
 def inv(tmp_path: Path) -> Path:
-    """A copy of the example site's directory (host_vars/ and group_vars/ beside hosts.yml): its hosts.yml."""
-    shutil.copytree(EXAMPLE.parent, tmp_path / "inventory")
-    return tmp_path / "inventory" / "hosts.yml"
-
-
-def edit(path: Path, old: str, new: str) -> Path:
-    text = path.read_text()
-    assert text.count(old) == 1, old
-    path.write_text(text.replace(old, new))
-    return path
+    return copy_example(tmp_path)
 
 
 def problems(path: Path, images: Path | None = IMAGES) -> list:
@@ -380,8 +370,7 @@ def test_prop_plane_disagreement_is_refused(pr: tuple[str, str], host: int, nic:
 @given(st.lists(st.tuples(planes_roles, st.integers(1, 3)), min_size=1, max_size=6))
 def test_prop_generate_into_an_inventory_always_passes_check(vms: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(EXAMPLE.parent, Path(tmp) / "inventory")
-        path = Path(tmp) / "inventory" / "hosts.yml"
+        path = copy_example(Path(tmp))
         text = EXAMPLE.read_text()
         blocks = {"mgmt": "", "tenant": ""}
         for i, ((plane, role), count) in enumerate(vms):

@@ -137,6 +137,27 @@ def test_a_qemu_left_by_packer_is_killed_and_packer_is_reaped_only_after(tmp_pat
     assert _gone(int(pidfile.read_text()))
 
 
+def test_a_packer_that_ignores_ctrl_c_is_stopped_at_its_timeout_by_term_then_kill(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packer hung past its timeout that ignores SIGINT and SIGTERM (with a child that does too) is not waited
+    for forever: the watch escalates to SIGKILL on the whole group, and the run ends as a timeout."""
+    monkeypatch.setattr(packerrun, "STOP_SIGNALS",
+                        ((signal.SIGINT, 0.5), (signal.SIGTERM, 0.5), (signal.SIGKILL, 30)))
+    pidfile = tmp_path / "child.pid"
+    fake = tmp_path / "packer"
+    fake.write_text(f"#!/bin/sh\ntrap '' INT TERM\nsleep 3600 &\necho $! > {pidfile}\n"
+                    "echo '1,,ui,say,==> qemu.image: Waiting for SSH to become available...'\n"
+                    "i=0; while [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done\n")  # gives up by itself at 120 s
+    fake.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(buildevents.BuildError, match="build timeout: packer ran longer than 1 s"):
+        packerrun.run_packer([str(fake)], cwd=tmp_path, log_path=tmp_path / "build.log", timeout_s=1,
+                             sink=buildevents.EventSink())
+    assert time.monotonic() - started < 100  # stopped by SIGKILL, not at the fake's own end
+    assert "sent SIGINT, SIGTERM, SIGKILL to its process group" in (tmp_path / "build.log").read_text()
+    assert _gone(int(pidfile.read_text()))
+
+
 def _gone(pid: int) -> bool:
     """The process ended (a zombie counts: its parent, packer, is gone and init reaps it in its own time)."""
     deadline = time.monotonic() + 10

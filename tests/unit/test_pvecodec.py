@@ -115,6 +115,21 @@ def test_efidisk_and_tpmstate_format_as_print_drive_does() -> None:
     assert pvecodec.TpmState.parse("local-lvm:vm-1-disk-1,size=4M").version == "v1.2"  # PVE's default
 
 
+# A drive as qemu-server writes it (the volume first) and as it keeps one it was given (file= anywhere, or
+# volume=: Drive.pm's alias), an empty CD-ROM, and a passthrough device, which is on no storage.
+@pytest.mark.parametrize(("text", "volume", "storage"), [
+    ("local-lvm:base-9000-disk-0/vm-1000-disk-0,size=20G", "local-lvm:base-9000-disk-0/vm-1000-disk-0", "local-lvm"),
+    ("size=20G,iothread=1,file=local:1000/vm-1000-disk-0.qcow2", "local:1000/vm-1000-disk-0.qcow2", "local"),
+    ("media=cdrom,volume=local-lvm:vm-1000-cloudinit", "local-lvm:vm-1000-cloudinit", "local-lvm"),
+    ("none,media=cdrom", None, None),
+    ("cdrom,media=cdrom", "cdrom", None),
+    ("/dev/disk/by-id/ata-X,backup=0", "/dev/disk/by-id/ata-X", None),
+])
+def test_a_drive_names_its_volume_wherever_it_stands(text: str, volume: str | None, storage: str | None) -> None:
+    assert pvecodec.drive_volume(text) == volume
+    assert (pvecodec.volume_storage(volume) if volume else None) == storage
+
+
 @pytest.mark.parametrize(("codec", "text", "why"), [
     (pvecodec.EfiDisk, "local-lvm:1,efitype=8m", "efitype '8m'"),
     (pvecodec.EfiDisk, "local-lvm:1,ms-cert=2024", "ms-cert '2024'"),

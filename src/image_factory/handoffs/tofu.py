@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from image_factory.errors import FactoryError, Problem, RemoteError, ValidationFailed
 from image_factory.handoffs.output import write_output
 from image_factory.pve.client import PveClient
-from image_factory.pve.codec import parse_props
+from image_factory.pve.codec import drive_volume, parse_props, volume_storage
 from image_factory.site.inventory import Hypervisor, Site, StaticIp, StaticIp6, Vm
 
 PROVIDER_SOURCE = "bpg/proxmox"
@@ -87,8 +87,9 @@ class Plan(Protocol):
     def vms(self) -> Sequence[PlannedVm]: ...
 
 
-def _storage(volume: object) -> str:
-    return str(volume).split(",", 1)[0].split(":", 1)[0]
+def _storage(drive: object) -> str:
+    """The storage of a drive value's volume (``file=`` may stand anywhere in it: PVE keeps what it was given)."""
+    return volume_storage(drive_volume(drive) or "") or ""
 
 
 def _flag(value: object, default: bool) -> bool:
@@ -173,7 +174,7 @@ def _efi_disk(cfg: Config, vm: Vm) -> Any:
     if not cfg.get("efidisk0"):
         return None
     props = parse_props(str(cfg["efidisk0"]), "file")
-    block: dict[str, Any] = {"datastore_id": _storage(props["file"]), "type": props.get("efitype") or "2m",
+    block: dict[str, Any] = {"datastore_id": _storage(cfg["efidisk0"]), "type": props.get("efitype") or "2m",
                              "pre_enrolled_keys": _flag(props.get("pre-enrolled-keys"), False)}
     if props.get("format"):
         block["file_format"] = props["format"]
@@ -186,7 +187,7 @@ def _tpm_state(cfg: Config, vm: Vm) -> Any:
     if not cfg.get("tpmstate0"):
         return None
     props = parse_props(str(cfg["tpmstate0"]), "file")
-    return _unless_default({"datastore_id": _storage(props["file"]), "version": props.get("version") or "v2.0"},
+    return _unless_default({"datastore_id": _storage(cfg["tpmstate0"]), "version": props.get("version") or "v2.0"},
                            {"datastore_id": "local-lvm", "version": "v2.0"})
 
 

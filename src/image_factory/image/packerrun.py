@@ -131,9 +131,15 @@ class _Run:
         self.log.flush()
 
 
+# How packer is stopped: SIGINT first (packer stops its VM and cleans up), then SIGTERM, then SIGKILL, each to
+# the whole process group after the one before had its grace (seconds) to work.
+STOP_SIGNALS: tuple[tuple[signal.Signals, float], ...] = (
+    (signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15))
+
+
 def _stop_group(proc: subprocess.Popen[str], log: IO[str]) -> None:
-    """SIGINT (packer cleans up its VM), then SIGTERM, then SIGKILL, to the whole process group."""
-    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+    """Stop the whole process group, one STOP_SIGNALS step after the other until packer has exited."""
+    for sig, wait in STOP_SIGNALS:
         if _exited_unreaped(proc, 0):
             break
         log.write(f"stopping packer: sending {sig.name} to its process group\n")
@@ -185,7 +191,9 @@ def install_iso_path(cwd: Path, image: Image) -> Path:
 class _Watch:
     """The stops a packer run can come to besides its own end: the timeout, or the build VM's kernel panicking
     (its console, watched every 2 s: a dead guest never answers, so stop at once rather than at Packer's SSH
-    timeout). Either sends SIGINT to packer's process group."""
+    timeout). Either stops packer's process group as _stop_group does (a packer that ignores SIGINT, or hangs in
+    its cleanup, gets SIGTERM and then SIGKILL), from the watch's own thread, since the run's thread is blocked
+    reading packer's output until the group has gone."""
 
     def __init__(self, proc: subprocess.Popen[str], timeout_s: float, serial_log: Path | None) -> None:
         self.proc = proc
@@ -194,6 +202,7 @@ class _Watch:
         self.panicked = threading.Event()
         self._done = threading.Event()
         self._signalling = threading.Lock()  # no signal once the run is over: packer may be reaped then
+        self.sent: list[str] = []  # the signals the watch sent, for the build log
         self._timer = threading.Timer(timeout_s, self._stop, (self.timed_out,))
         self._timer.daemon = True
 
@@ -208,12 +217,16 @@ class _Watch:
             self._done.set()
 
     def _stop(self, why: threading.Event) -> None:
-        with self._signalling:
-            if self._done.is_set():
+        for sig, grace in STOP_SIGNALS:
+            with self._signalling:
+                if self._done.is_set():
+                    return
+                why.set()
+                self.sent.append(sig.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+            if self._done.wait(grace):
                 return
-            why.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
 
     def _watch_console(self) -> None:
         while self.serial_log is not None and not self._done.wait(2.0):
@@ -237,6 +250,8 @@ def _start_packer(cmd: list[str], cwd: Path, log: IO[str], extra_env: dict[str, 
 
 def _raise_if_stopped(watch: _Watch, log: IO[str], log_path: Path, timeout_s: float) -> None:
     serial_log = watch.serial_log
+    if watch.sent:
+        log.write(f"stopping packer: sent {', '.join(watch.sent)} to its process group\n")
     if watch.panicked.is_set():
         _stop_group(watch.proc, log)
         log.write(f"# {now()} the build VM's kernel panicked\n")

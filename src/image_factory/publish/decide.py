@@ -16,6 +16,7 @@ from image_factory.ownership import Marker
 from image_factory.publish.model import Artifact, Delivery, HostFailed, HostPlan, PublishError
 from image_factory.publish.names import REMOVABLE_IMPORT_RE
 from image_factory.pve.capabilities import firmware_refusals
+from image_factory.pve.codec import drive_volume, volume_storage
 from image_factory.pve.templates import TemplateInfo
 from image_factory.site.inventory import Hypervisor
 
@@ -112,10 +113,10 @@ def clone_dependents(configs: dict[int, dict[str, Any]], template_vmid: int,
     for vmid, cfg in configs.items():
         if vmid == template_vmid:
             continue
-        volumes = [str(value).split(",")[0] for key, value in cfg.items() if DISK_KEY_RE.fullmatch(key)]
+        volumes = [v for key, value in cfg.items() if DISK_KEY_RE.fullmatch(key) and (v := drive_volume(value))]
         names_base = any(int(m) == template_vmid for v in volumes for m in BASE_DISK_RE.findall(v))
         cloned_where_untracked = (
-            any(v.split(":", 1)[0] in untracked for v in volumes)
+            any(volume_storage(v) in untracked for v in volumes)
             and Marker.parse(cfg.get("description"), vmid).template_vmid == template_vmid
         )
         if names_base or cloned_where_untracked:

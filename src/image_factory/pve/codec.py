@@ -130,6 +130,21 @@ def format_vids(ranges: list[tuple[int, int]]) -> str:
     return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+def drive_volume(value: object) -> str | None:
+    """The volume a drive value (``scsi0``, ``ide2``, ``efidisk0`` ...) names: the bare value or ``file=`` or
+    ``volume=``, wherever it stands (PVE keeps a drive as it was written); None for an empty drive (``none``,
+    an empty CD-ROM)."""
+    props = parse_props(str(value), "file")
+    volume = props.get("file") or props.get("volume") or ""
+    return volume if volume not in ("", "none") else None
+
+
+def volume_storage(volume: str) -> str | None:
+    """The storage of a ``<storage>:<name>`` volume id; None for a path or a device (``/dev/sdb``, ``cdrom``)."""
+    storage, colon, _ = volume.partition(":")
+    return storage if colon and not storage.startswith("/") else None
+
+
 def _drive_props(key: str, value: str) -> tuple[str, dict[str, str]]:
     """(volume, other keys) of a drive value: the volume is the bare first value or ``file=``/``volume=``."""
     props = parse_props(value, "file")

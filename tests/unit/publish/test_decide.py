@@ -60,10 +60,14 @@ def test_clone_dependents_on_lvm_thin_come_from_the_factory_marker() -> None:
         1003: {"scsi0": "local-lvm:vm-1003-disk-0,size=20G", "description": described(1003, 9001)},
         1004: {"scsi0": "local-lvm:vm-1004-disk-0,size=20G",
                "description": described(1003, 9000)},  # a marker copied from another VMID does not count
+        # the volume given as file= after other keys (PVE keeps a drive as it was written)
+        1005: {"ide2": "none,media=cdrom", "scsi0": "size=20G,file=local-lvm:vm-1005-disk-0",
+               "description": described(1005, 9000)},
+        1006: {"scsi0": "size=20G,file=local:9000/base-9000-disk-0.qcow2/1006/vm-1006-disk-0.qcow2"},
     }
     thin = frozenset({"local-lvm"})
-    assert clone_dependents(configs, 9000, thin) == [1001]  # 1002 is on dir storage: a full clone there
-    assert clone_dependents(configs, 9000) == []  # without knowing local-lvm is thin nothing shows it
+    assert clone_dependents(configs, 9000, thin) == [1001, 1005, 1006]  # 1002 is on dir storage: a full clone
+    assert clone_dependents(configs, 9000) == [1006]  # without knowing local-lvm is thin only the base name shows
 
 
 def test_free_vmid_is_lowest_unused_in_range(site: Any) -> None:
