@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from image_factory.errors import ValidationFailed
-from image_factory.lab import controller
+from image_factory.lab import cluster, controller
 from image_factory.lab.config import LabConfig, LabPaths, private_dir, write_private
 from image_factory.lab.controller import default_config, lab_settings, vault_environment, write_inventory
 from image_factory.lab.pki import cert_fingerprint, ensure_ca, ensure_node_cert, ensure_ssh_key
@@ -150,3 +151,31 @@ def test_a_child_gone_at_start_is_reported_with_how_it_ended() -> None:
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_cluster_api_left_serving_other_nodes_than_the_first_is_replaced(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API process a former lab.json started for some of the cluster's nodes, but not its first (the one whose
+    marker the old code looked for), is stopped before the new one takes the nodes' ports."""
+    settings = Settings.from_mapping({"lab_dir": str(tmp_path / "lab")})
+    paths = LabPaths(settings.lab_dir)
+    paths.run.mkdir(parents=True)
+    cfg = default_config(settings, slot=3)
+    cfg.cluster = {"name": "labc", "nodes": 3}
+    cluster.ensure_nodes(cfg)
+    c1, c2, c3 = cluster.members(cfg)
+    markers = [a for h in (c2, c3) for a in ("--config", controller._pve_marker(paths, h.name))]
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *markers], start_new_session=True)
+    new = subprocess.Popen(["sleep", "120"])
+    try:
+        for h in (c2, c3):
+            paths.pidfile(h.name, "pve").write_text(f"{old.pid}\n")
+        monkeypatch.setattr(cluster, "start_api", lambda _paths, _nodes: new)
+        started: list[tuple[int, str]] = []
+        controller._start_cluster_api(paths, cfg, started, {})
+        assert old.wait(timeout=30) is not None
+        assert [paths.pidfile(h.name, "pve").read_text() for h in (c1, c2, c3)] == [f"{new.pid}\n"] * 3
+    finally:
+        for proc in (old, new):
+            proc.kill()
+            proc.wait()

@@ -346,9 +346,10 @@ def _start_cluster_api(paths: LabPaths, cfg: LabConfig, started: list[tuple[int,
     pids = {_read_pid(paths.pidfile(h.name, "pve")) for h in nodes}
     if len(pids) == 1 and all(p is not None and _is_ours(p, _pve_marker(paths, h.name)) for p in pids for h in nodes):
         return
-    for pid in pids:  # a process serving only some nodes (a changed lab.json) is replaced
-        if pid is not None:
-            _terminate(pid, _pve_marker(paths, nodes[0].name), grace=15)
+    for pid in pids:  # a process serving only some of the nodes (a changed lab.json) is replaced
+        marker = next((m for h in nodes if pid is not None and _is_ours(pid, m := _pve_marker(paths, h.name))), None)
+        if pid is not None and marker is not None:
+            _terminate(pid, marker, grace=15)
     proc = cluster.start_api(paths, nodes)
     for host in nodes:
         write_public(paths.pidfile(host.name, "pve"), f"{proc.pid}\n")
