@@ -19,8 +19,9 @@ from image_factory.lab.cluster import SHARED_STORAGE, apply_option, ensure_nodes
 from image_factory.lab.config import LabConfig, LabError, LabHost
 from image_factory.lab.pki import cert_fingerprint
 from image_factory.lab.pytest_plugin import LabHandle
-from image_factory.pve import apiupload
+from image_factory.pve import apiupload, hostlock
 from image_factory.pve.client import ApiError, PveClient, TaskFailed
+from image_factory.pve.hostlock import CLUSTER_LOCK_NAME, ClusterLock, LockBusy
 from image_factory.pve.sshlink import RemoteError, SshLink
 
 pytestmark = pytest.mark.lab
@@ -217,6 +218,35 @@ def test_a_lock_made_in_etc_pve_on_one_node_holds_on_the_others(clab: LabHandle)
         link.run(["mkdir", str(lock)])
     clab.reset()
     assert not lock.exists()
+
+
+def test_a_dead_holders_cluster_lock_expires_as_pmxcfs_lets_it_and_a_renewed_one_does_not(
+        clab: LabHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pmxcfs drops a lock untouched for 120 s when a waiter asks (utime 0): the factory's waiter takes over a dead
+    holder's lock after that, and a live holder's touches keep its lock from every waiter."""
+    monkeypatch.setattr(hostlock, "CLUSTER_LOCK_RENEW", 1)  # the holder touches every second
+    clab.time_scale("pve-c1", 0.05)  # the cluster's pmxcfs timeout, 120 PVE seconds, in 6 s
+    lock_dir = clab.etc_pve() / "priv" / "lock"
+    held = lock_dir / CLUSTER_LOCK_NAME
+
+    def through(host: str, owner: str, wait: int) -> ClusterLock:
+        hv = clab.hv(host)
+        return ClusterLock(SshLink(hv.name, hv.ssh).connect(), str(lock_dir), owner, wait=wait, owns_link=True)
+
+    with SshLink("pve-c1", clab.hv("pve-c1").ssh) as link:
+        link.run(["mkdir", str(held)])  # its holder's node died: never touched again
+    with pytest.raises(LockBusy, match="was not free"):
+        through("pve-c2", "ops@a pid 1 run early", wait=1).acquire()  # asked within the timeout: it stays
+    assert held.is_dir()
+    taker = through("pve-c3", "ops@b pid 2 run taker", wait=60)
+    taker.acquire()  # at the timeout the waiter's request drops it, and its mkdir wins
+    try:
+        assert taker.held and (lock_dir / f"{CLUSTER_LOCK_NAME}.owner").read_text().strip() == "ops@b pid 2 run taker"
+        with pytest.raises(LockBusy, match="in progress by ops@b pid 2 run taker"):
+            through("pve-c2", "ops@c pid 3 run late", wait=12).acquire()  # twice the timeout, asking all along
+        assert taker.held and held.is_dir()
+    finally:
+        taker.release()
 
 
 def test_a_shared_storage_lock_is_the_clusters_cfs_lock_in_etc_pve(clab: LabHandle) -> None:

@@ -40,11 +40,15 @@ async def serve(specs: list[NodeSpec]) -> None:
             await pve.start(str(pve.spec.cert), str(pve.spec.key))
         await pve.start_control()
         print(f"lab pve {pve.spec.node} listening on {pve.url}", flush=True)
+    expiry = nodes[0].lock_expiry
+    sweep = asyncio.create_task(expiry.run()) if expiry is not None else None  # pmxcfs's lock expiry
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if sweep is not None:
+        sweep.cancel()
     for pve in nodes:
         await pve.shutdown()
 

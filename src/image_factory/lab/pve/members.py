@@ -25,6 +25,7 @@ from fakepve.server import error, ok
 
 from image_factory.lab.pki import cert_fingerprint
 from image_factory.lab.pve.base import LabNodeBase
+from image_factory.lab.pve.pmxcfs import CFS_LOCK_TIMEOUT, LockExpiry
 from image_factory.lab.wire import entered
 
 FORWARDED_HEADERS = ("Authorization", "Cookie", "CSRFPreventionToken", "Content-Type", "Content-Length", "Accept")
@@ -53,6 +54,9 @@ def join_cluster(members: list[LabNodeBase]) -> None:
             stale.rmdir()
     peers = {m.spec.node: m for m in members}
     shared_locks: dict[str, Any] = {}
+    # pmxcfs's 120 s, in the first node's PVE seconds (its time scale; 0 finishes tasks at once, not locks)
+    expiry = LockExpiry(Path(first.cluster_spec["etc_pve"]) / "priv" / "lock",
+                        lambda: CFS_LOCK_TIMEOUT * (first.time_scale or 1))
     for m in members:
         m.nodes, m.vms, m.cts, m.peers, m.shared_locks = nodes, vms, cts, peers, shared_locks
         m.cluster_name = str(first.cluster_spec["name"])
@@ -61,10 +65,12 @@ def join_cluster(members: list[LabNodeBase]) -> None:
         m.acl = acl
         m._initial_acl = copy.deepcopy(acl)
         m.storages[sid] = shared
+        m.lock_expiry = expiry
 
 
 class ClusterMember(LabNodeBase):  # a concern of LabPve (node.py); inert on an independent node (no peers)
     _proxy_session: aiohttp.ClientSession | None = None
+    lock_expiry: LockExpiry | None = None  # the cluster's, one for all its nodes (join_cluster)
 
     async def _answer(self, request: web.Request, handler: Any, generic: Any, path_node: str | None) -> Any:
         peer = self.peers.get(path_node) if path_node else None
