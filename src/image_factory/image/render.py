@@ -267,12 +267,21 @@ FACTORY_LOCK = "requirements/build.txt"
 FACTORY_BUNDLE_DIR = "factory-bundle"  # in the build's secret directory: the wheel and the lock
 
 
+def not_a_factory_checkout(settings: Settings) -> str | None:
+    """Why an image with ``factory: true`` cannot be rendered here (an installed wheel, no checkout), or None."""
+    root = settings.root
+    if (root / "pyproject.toml").is_file():
+        return None
+    return (f"an image with factory: true carries the factory built from its checkout, and {root} is not one "
+            "(no pyproject.toml): build it from a git clone of the factory")
+
+
 def factory_sources(settings: Settings) -> list[Path]:
     """Every file the factory's wheel is built from, plus the lock its dependencies are installed from."""
     root = settings.root
-    if not (root / "pyproject.toml").is_file():
-        raise RenderError(f"an image with factory: true carries the factory built from its checkout, and {root} is "
-                          "not one (no pyproject.toml): build it from a git clone of the factory")
+    why_not = not_a_factory_checkout(settings)
+    if why_not:
+        raise RenderError(why_not)
     files: list[Path] = []
     for rel in (*FACTORY_WHEEL_SOURCES, FACTORY_LOCK):
         path = root / rel

@@ -47,6 +47,11 @@ def render_(c: Context, image: str | None = None, all: bool = False, no_validate
     version = cached_packer_version(settings)
     report: list[dict[str, Any]] = []
     for img in _select(s, image, all):
+        why_not = render.not_a_factory_checkout(settings) if all and img.factory else None
+        if why_not:  # --all renders what this install can; the image named alone still fails with the reason
+            report.append({"image": img.name, "skipped": why_not})
+            console.print(styled("[yellow]{}[/]: skipped: {}", img.name, why_not))
+            continue
         t0 = time.monotonic()
         result = render.render_image(settings, img, packer_version=version)
         try:
