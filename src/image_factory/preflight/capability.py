@@ -3,11 +3,13 @@ for (UEFI, Secure Boot key sets, vTPM, q35)."""
 
 from __future__ import annotations
 
+from image_factory.errors import RemoteError
 from image_factory.platform import Platform
 from image_factory.preflight.access import LATEST_MAJOR
 from image_factory.preflight.model import PLAYBOOK, Outcome, failed, passed, split_list
 from image_factory.preflight.probe import HostProbe, parse_version
 from image_factory.pve.capabilities import firmware_refusals
+from image_factory.pve.client import ApiError
 
 MIN_VERSION = (8, 4)
 EOL_MAJORS = {8: "August 2026"}
@@ -39,7 +41,7 @@ def check_cluster(probe: HostProbe) -> Outcome:
     makes for it (one template for the cluster on shared storage, one per node on local). Any other host passes."""
     hv = probe.hv
     if hv.cluster is None:
-        return passed("a hypervisor of its own")
+        return _own_entry(probe)
     online, shared, _ = probe.cluster
     if hv.node not in online:
         return failed(f"node {hv.node} is not a node of the cluster (its nodes: {', '.join(sorted(online))})",
@@ -50,6 +52,22 @@ def check_cluster(probe: HostProbe) -> Outcome:
     makes = "is shared: one template for the cluster" if shared else "is each node's own: one template per node"
     return passed(f"node {hv.node} of {hv.cluster}, online ({sum(online.values())}/{len(online)} nodes); "
                   f"storage.images {hv.storage.images!r} {makes}")
+
+
+def _own_entry(probe: HostProbe) -> Outcome:
+    """A hypervisor entry of its own; a warning when its node is one of a cluster: its runs take its own host lock,
+    which keeps out no run through another entry (or inventory) of the same cluster."""
+    hv = probe.hv
+    try:
+        peers = sorted(n for n in probe.cluster_nodes if n != hv.node)
+    except (ApiError, RemoteError):  # the other checks report what cannot be read; this only warns
+        peers = []
+    if not peers:
+        return passed("a hypervisor of its own")
+    return passed(f"a hypervisor of its own (warning: node {hv.node} is in a cluster with {', '.join(peers)}; as "
+                  "its own entry it takes its own host lock, which keeps no run through another entry of the "
+                  "cluster out, and VMIDs are the cluster's: list the cluster as one entry with pve.nodes, "
+                  "docs/inventory.md \"A Proxmox VE cluster\")")
 
 
 def check_firmware(probe: HostProbe) -> Outcome:

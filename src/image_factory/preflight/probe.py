@@ -90,6 +90,11 @@ class HostProbe:
         return self._fact("cluster", lambda: cluster_facts(self.client))
 
     @property
+    def cluster_nodes(self) -> dict[str, bool]:
+        """The nodes /cluster/resources lists (a host of its own: itself) and whether each is online."""
+        return self._fact("cluster_nodes", lambda: self.client.cluster_nodes())
+
+    @property
     def guests(self) -> list[dict[str, Any]]:
         return self._fact("guests", lambda: self.client.cluster_vms())
 

@@ -290,7 +290,8 @@ class PveClient:
         """Every node of the cluster (a standalone host: itself) and whether it is online, from
         /cluster/resources: a node that is down answers nothing itself, its peers report it offline."""
         return {str(n["node"]): n.get("status") == "online"
-                for n in self.get("/cluster/resources", type="node") or [] if n.get("type") == "node"}
+                for n in self.get("/cluster/resources", type="node") or []
+                if isinstance(n, dict) and n.get("type") == "node"}
 
     def cluster_guests(self) -> dict[int, str]:
         """Every guest id of the cluster (VMs and containers, any node, an offline node's too) and its node."""

@@ -10,6 +10,7 @@ import pytest
 
 from image_factory import preflight as pf
 from image_factory.preflight.capability import check_cluster
+from image_factory.pve.client import ApiError
 from image_factory.pve.templates import ClusterFacts
 from image_factory.site.inventory import load_site
 
@@ -83,5 +84,32 @@ def test_check_cluster(tmp_path: Path, case: str, online: dict[str, bool], share
     probe = SimpleNamespace(hv=site.hypervisors["pve-cluster/pve-c2"], cluster=ClusterFacts(online, shared, False))
     outcome = check_cluster(probe)  # type: ignore[arg-type]
     assert (outcome.ok, expected[1] in outcome.detail) == (expected[0], True), outcome
-    own = SimpleNamespace(hv=site.hypervisors["pve-mgmt"])
-    assert check_cluster(own).detail == "a hypervisor of its own"  # type: ignore[arg-type]
+
+
+# A hypervisor entry of its own: /cluster/resources lists only its node, or its node's peers too, or cannot be read
+OWN_ENTRY_CASES = [
+    ("alone", {"pve-mgmt": True}, "a hypervisor of its own"),
+    ("in a cluster", {"pve-mgmt": True, "pve-x2": False, "pve-x3": True},
+     "a hypervisor of its own (warning: node pve-mgmt is in a cluster with pve-x2, pve-x3; as its own entry it "
+     "takes its own host lock"),
+    ("unreadable", ApiError("pve-mgmt", "GET /cluster/resources", 403, "Permission check failed"),
+     "a hypervisor of its own"),
+]
+
+
+@pytest.mark.parametrize(("case", "nodes", "detail"), OWN_ENTRY_CASES, ids=[c[0] for c in OWN_ENTRY_CASES])
+def test_check_cluster_on_an_entry_of_its_own_warns_when_its_node_has_peers(
+        tmp_path: Path, case: str, nodes: dict[str, bool] | Exception, detail: str) -> None:
+    site = load_site(*site_files(tmp_path, with_cluster()))
+
+    class Probe:
+        hv = site.hypervisors["pve-mgmt"]
+
+        @property
+        def cluster_nodes(self) -> dict[str, bool]:
+            if isinstance(nodes, Exception):
+                raise nodes
+            return nodes
+
+    outcome = check_cluster(Probe())  # type: ignore[arg-type]
+    assert outcome.ok and outcome.detail.startswith(detail), outcome
