@@ -225,7 +225,6 @@ def test_a_dead_holders_cluster_lock_expires_as_pmxcfs_lets_it_and_a_renewed_one
     """pmxcfs drops a lock untouched for 120 s when a waiter asks (utime 0): the factory's waiter takes over a dead
     holder's lock after that, and a live holder's touches keep its lock from every waiter."""
     monkeypatch.setattr(hostlock, "CLUSTER_LOCK_RENEW", 1)  # the holder touches every second
-    clab.time_scale("pve-c1", 0.05)  # the cluster's pmxcfs timeout, 120 PVE seconds, in 6 s
     lock_dir = clab.etc_pve() / "priv" / "lock"
     held = lock_dir / CLUSTER_LOCK_NAME
 
@@ -235,15 +234,24 @@ def test_a_dead_holders_cluster_lock_expires_as_pmxcfs_lets_it_and_a_renewed_one
 
     with SshLink("pve-c1", clab.hv("pve-c1").ssh) as link:
         link.run(["mkdir", str(held)])  # its holder's node died: never touched again
-    with pytest.raises(LockBusy, match="was not free"):
-        through("pve-c2", "ops@a pid 1 run early", wait=1).acquire()  # asked within the timeout: it stays
+    early = through("pve-c2", "ops@a pid 1 run early", wait=1)
+    try:
+        with pytest.raises(LockBusy, match="was not free"):
+            early.acquire()  # asked within the timeout (120 s at the lab's own time scale): it stays
+    finally:
+        early.release()
     assert held.is_dir()
+    clab.time_scale("pve-c1", 0.05)  # the cluster's pmxcfs timeout, 120 PVE seconds, now 6 s
     taker = through("pve-c3", "ops@b pid 2 run taker", wait=60)
     taker.acquire()  # at the timeout the waiter's request drops it, and its mkdir wins
     try:
         assert taker.held and (lock_dir / f"{CLUSTER_LOCK_NAME}.owner").read_text().strip() == "ops@b pid 2 run taker"
-        with pytest.raises(LockBusy, match="in progress by ops@b pid 2 run taker"):
-            through("pve-c2", "ops@c pid 3 run late", wait=12).acquire()  # twice the timeout, asking all along
+        late = through("pve-c2", "ops@c pid 3 run late", wait=12)
+        try:
+            with pytest.raises(LockBusy, match="in progress by ops@b pid 2 run taker"):
+                late.acquire()  # twice the timeout, asking all along
+        finally:
+            late.release()
         assert taker.held and held.is_dir()
     finally:
         taker.release()

@@ -135,3 +135,27 @@ def test_a_lock_there_before_the_watch_began_starts_its_timeout_then(
         assert exp.pump() == ["image-factory"]
     finally:
         exp.close()
+
+
+def test_an_older_mtime_is_put_back_and_does_not_restart_the_timeout(expiry: Expiry) -> None:
+    exp, clock, lock_dir = expiry
+    lock = made(lock_dir, "image-factory")
+    exp.pump()
+    clock.now += TIMEOUT + 1
+    os.utime(lock, (5, 5))  # memdb_mtime refuses an older mtime on a lock
+    assert exp.pump() == [] and lock.stat().st_mtime == 1_700_000_000
+    touch_mtime_zero(lock)
+    assert exp.pump() == ["image-factory"]  # the timeout ran on from the lock's making
+
+
+def test_a_holders_touch_hidden_behind_a_later_request_still_restarts_the_timeout(expiry: Expiry) -> None:
+    exp, clock, lock_dir = expiry
+    lock = made(lock_dir, "image-factory")
+    exp.pump()
+    clock.now += TIMEOUT + 1
+    subprocess.run(["touch", str(lock)], check=True)  # the holder renews (mtime and atime now) ...
+    touch_mtime_zero(lock)  # ... and a waiter asks before the lab looks: it still sees the touch's atime
+    assert exp.pump() == [] and lock.is_dir() and lock.stat().st_mtime_ns != 0
+    clock.now += TIMEOUT  # not past the restarted timeout
+    touch_mtime_zero(lock)
+    assert exp.pump() == [] and lock.is_dir()

@@ -260,7 +260,7 @@ def vm_resource(vm: Vm, hv: Hypervisor, plan: PlannedVm, base: Config) -> dict[s
     ci_drive = next((k for k, v in sorted(base.items()) if re.fullmatch(r"(ide|scsi|sata)\d+", k)
                      and "cloudinit" in str(v)), "ide2")
     initialization: dict[str, Any] = {
-        "datastore_id": _storage(base[ci_drive]) if base.get(ci_drive) else hv.storage.cloudinit,
+        "datastore_id": (_storage(base[ci_drive]) if base.get(ci_drive) else "") or hv.storage.cloudinit,
         **({"interface": ci_drive} if ci_drive != "ide2" else {}),
         "ip_config": [_ip_config(vm)],
         "user_account": {"username": ci.user, "keys": list(ci.ssh_keys)},

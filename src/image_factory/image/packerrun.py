@@ -203,6 +203,7 @@ class _Watch:
         self._done = threading.Event()
         self._signalling = threading.Lock()  # no signal once the run is over: packer may be reaped then
         self.sent: list[str] = []  # the signals the watch sent, for the build log
+        self._stopping = False
         self._timer = threading.Timer(timeout_s, self._stop, (self.timed_out,))
         self._timer.daemon = True
 
@@ -217,11 +218,17 @@ class _Watch:
             self._done.set()
 
     def _stop(self, why: threading.Event) -> None:
+        with self._signalling:
+            if self._done.is_set():
+                return
+            why.set()
+            first, self._stopping = not self._stopping, True
+        if not first:  # the timer and the console watch may both stop it: one escalation, with packer's full grace
+            return
         for sig, grace in STOP_SIGNALS:
             with self._signalling:
                 if self._done.is_set():
                     return
-                why.set()
                 self.sent.append(sig.name)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, sig)
@@ -304,6 +311,8 @@ def run_packer(cmd: list[str], *, cwd: Path, log_path: Path, timeout_s: float, s
                 _exited_unreaped(proc)
         except BaseException:
             _stop_group(proc, log)
+            if watch.sent:
+                log.write(f"stopping packer: the watch sent {', '.join(watch.sent)} to its process group\n")
             log.write(f"# {now()} interrupted\n")
             raise
         _raise_if_stopped(watch, log, log_path, timeout_s)

@@ -268,12 +268,16 @@ FACTORY_BUNDLE_DIR = "factory-bundle"  # in the build's secret directory: the wh
 
 
 def not_a_factory_checkout(settings: Settings) -> str | None:
-    """Why an image with ``factory: true`` cannot be rendered here (an installed wheel, no checkout), or None."""
+    """Why an image with ``factory: true`` cannot be rendered here (an installed wheel, or a directory that is not
+    the factory's checkout), or None."""
     root = settings.root
-    if (root / "pyproject.toml").is_file():
-        return None
-    return (f"an image with factory: true carries the factory built from its checkout, and {root} is not one "
-            "(no pyproject.toml): build it from a git clone of the factory")
+    if not (root / "pyproject.toml").is_file():
+        return (f"an image with factory: true carries the factory built from its checkout, and {root} is not one "
+                "(no pyproject.toml): build it from a git clone of the factory")
+    missing = next((rel for rel in (*FACTORY_WHEEL_SOURCES, FACTORY_LOCK) if not (root / rel).exists()), None)
+    if missing is not None:
+        return f"the factory's {missing} is missing from {root}: its wheel cannot be built"
+    return None
 
 
 def factory_sources(settings: Settings) -> list[Path]:
@@ -288,10 +292,8 @@ def factory_sources(settings: Settings) -> list[Path]:
         if path.is_dir():
             files += [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                       and not any(part.endswith(".egg-info") for part in p.parts)]
-        elif path.is_file():
-            files.append(path)
         else:
-            raise RenderError(f"the factory's {rel} is missing from {root}: its wheel cannot be built")
+            files.append(path)
     return sorted(files)
 
 

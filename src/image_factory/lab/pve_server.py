@@ -49,6 +49,8 @@ async def serve(specs: list[NodeSpec]) -> None:
     await stop.wait()
     if sweep is not None:
         sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweep
     for pve in nodes:
         await pve.shutdown()
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 from image_factory.errors import RemoteError
 from image_factory.platform import Platform
 from image_factory.preflight.access import LATEST_MAJOR
-from image_factory.preflight.model import PLAYBOOK, Outcome, failed, passed, split_list
+from image_factory.preflight.model import PLAYBOOK, Outcome, failed, passed, split_list, warned
 from image_factory.preflight.probe import HostProbe, parse_version
 from image_factory.pve.capabilities import firmware_refusals
-from image_factory.pve.client import ApiError
 
 MIN_VERSION = (8, 4)
 EOL_MAJORS = {8: "August 2026"}
@@ -60,14 +59,14 @@ def _own_entry(probe: HostProbe) -> Outcome:
     hv = probe.hv
     try:
         peers = sorted(n for n in probe.cluster_nodes if n != hv.node)
-    except (ApiError, RemoteError):  # the other checks report what cannot be read; this only warns
+    except RemoteError:  # the other checks report what cannot be read; this one only warns
         peers = []
     if not peers:
         return passed("a hypervisor of its own")
-    return passed(f"a hypervisor of its own (warning: node {hv.node} is in a cluster with {', '.join(peers)}; as "
-                  "its own entry it takes its own host lock, which keeps no run through another entry of the "
-                  "cluster out, and VMIDs are the cluster's: list the cluster as one entry with pve.nodes, "
-                  "docs/inventory.md \"A Proxmox VE cluster\")")
+    return warned(f"a hypervisor of its own, but node {hv.node} is in a cluster with {', '.join(peers)}: its host "
+                  "lock keeps no run through another entry of the cluster out, and VMIDs are the cluster's",
+                  f"describe the cluster as one entry that lists {hv.node} and its peers under pve.nodes "
+                  "(docs/inventory.md, \"A Proxmox VE cluster\")")
 
 
 def check_firmware(probe: HostProbe) -> Outcome:

@@ -90,8 +90,7 @@ def test_check_cluster(tmp_path: Path, case: str, online: dict[str, bool], share
 OWN_ENTRY_CASES = [
     ("alone", {"pve-mgmt": True}, "a hypervisor of its own"),
     ("in a cluster", {"pve-mgmt": True, "pve-x2": False, "pve-x3": True},
-     "a hypervisor of its own (warning: node pve-mgmt is in a cluster with pve-x2, pve-x3; as its own entry it "
-     "takes its own host lock"),
+     "a hypervisor of its own, but node pve-mgmt is in a cluster with pve-x2, pve-x3: its host lock keeps no run"),
     ("unreadable", ApiError("pve-mgmt", "GET /cluster/resources", 403, "Permission check failed"),
      "a hypervisor of its own"),
 ]
@@ -113,3 +112,5 @@ def test_check_cluster_on_an_entry_of_its_own_warns_when_its_node_has_peers(
 
     outcome = check_cluster(Probe())  # type: ignore[arg-type]
     assert outcome.ok and outcome.detail.startswith(detail), outcome
+    assert outcome.warning == (case == "in a cluster")
+    assert ("pve.nodes" in outcome.hint) == outcome.warning

@@ -8,11 +8,15 @@ What real pmxcfs does (pve-cluster src/pmxcfs, read at its master snapshot; docs
   its mtime stays as it was, since memdb_mtime refuses an older mtime on a lock (EACCES);
 - so a holder that keeps touching its lock keeps it, and a dead holder's lock goes 120 s after its last touch.
 
-On a plain directory the waiter's utime does set the mtime to 0. The directory is watched with inotify, so every
-change is seen in its order: a lock made (again) starts a new timeout, its holder's touch restarts it, and an
-mtime of 0 is the unlock request, which removes the lock or puts its mtime back. (Linux reports a utime that
-sets only the mtime, ``touch -m``, as IN_MODIFY, and one that sets both as IN_ATTRIB: fsnotify_change.)
-Not modelled: pmxcfs refusing a newer mtime from another node than the lock's writer.
+On a plain directory every utime lands: the directory is watched with inotify, and the lab answers each change
+as pmxcfs would have: a lock made (again) starts a new timeout, a newer mtime (its holder's touch) restarts it,
+an older one is put back, and an mtime of 0 is the unlock request, which removes the lock or puts its mtime back.
+(Linux reports a utime that sets only the mtime, ``touch -m``, as IN_MODIFY, one that sets both as IN_ATTRIB:
+fsnotify_change.) inotify merges like events that are still unread, so the lab reads a lock's times rather than
+counting events: a holder's touch hidden behind a waiter's later ``touch -m -d @0`` still shows in the atime the
+touch set, and restarts the timeout. Left as they are: pmxcfs's refusal of a newer mtime from another node than
+the lock's writer; a touch hidden behind a ``utime(0, 0)`` (which zeroes the atime too), or landing between the
+lab's look at a lock and its putting the mtime back, is lost (the holder's next touch counts).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Seen:
-    mtime_ns: int  # the lock's last mtime other than an unlock request's 0
+    mtime_ns: int  # the lock's mtime as pmxcfs would keep it (never an unlock request's 0)
+    atime_ns: int  # its atime when last looked at: a touch moves it on, an unlock request by touch -m does not
     since: float  # when the lock was made or last changed (the clock's reading)
 
 
@@ -54,11 +59,15 @@ class LockExpiry:
         self.clock = clock
         self._seen: dict[str, _Seen] = {}
         libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         lock_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify: {os.strerror(ctypes.get_errno())}")
         mask = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-        if self.fd < 0 or libc.inotify_add_watch(self.fd, os.fsencode(lock_dir), mask) < 0:
-            raise OSError(ctypes.get_errno(), f"inotify on {lock_dir}: {os.strerror(ctypes.get_errno())}")
+        if libc.inotify_add_watch(self.fd, os.fsencode(lock_dir), mask) < 0:
+            errno = ctypes.get_errno()
+            self.close()
+            raise OSError(errno, f"inotify on {lock_dir}: {os.strerror(errno)}")
         self._restart_all()
 
     def close(self) -> None:
@@ -68,68 +77,89 @@ class LockExpiry:
     def _restart_all(self) -> None:
         """Every lock there now starts its timeout now (at start, or when events were lost: the safe side)."""
         self._seen.clear()
-        for entry in os.scandir(self.lock_dir):
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    self._made(entry.name)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.lock_dir):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        self._made(entry.name)
 
     def _made(self, name: str) -> None:
-        path = self.lock_dir / name
-        st = path.stat()
-        seen = self._seen[name] = _Seen(st.st_mtime_ns or time.time_ns(), self.clock())
-        if not st.st_mtime_ns:  # asked for before its watch began: refused, as pmxcfs refuses it on a new lock
-            os.utime(path, ns=(st.st_atime_ns, seen.mtime_ns))
+        st = (self.lock_dir / name).stat()
+        self._restart(name, st.st_mtime_ns or time.time_ns(), st)
 
-    def pump(self) -> list[str]:
-        """Act on every change since the last call; returns the locks an unlock request dropped."""
-        dropped: list[str] = []
+    def _restart(self, name: str, mtime_ns: int, st: os.stat_result) -> None:
+        """The lock's timeout starts now, its mtime ``mtime_ns`` (put back where the directory holds another)."""
+        self._seen[name] = _Seen(mtime_ns, st.st_atime_ns, self.clock())
+        if st.st_mtime_ns != mtime_ns:
+            self._put_back(name, st)
+
+    def _put_back(self, name: str, st: os.stat_result) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.lock_dir / name, ns=(st.st_atime_ns, self._seen[name].mtime_ns))
+
+    def _events(self) -> list[tuple[int, str]]:
+        """Every event the watch holds now: (mask, name)."""
+        out: list[tuple[int, str]] = []
         while True:
             try:
                 data = os.read(self.fd, 64 * 1024)
             except BlockingIOError:
-                return dropped
+                return out
             offset = 0
             while offset < len(data):
                 _wd, mask, _cookie, size = EVENT.unpack_from(data, offset)
-                name = data[offset + EVENT.size:offset + EVENT.size + size].rstrip(b"\0").decode()
+                name = os.fsdecode(data[offset + EVENT.size:offset + EVENT.size + size].rstrip(b"\0"))
                 offset += EVENT.size + size
-                if mask & IN_Q_OVERFLOW:
-                    self._restart_all()
-                elif mask & (IN_DELETE | IN_MOVED_FROM):
-                    self._seen.pop(name, None)
-                elif not mask & IN_ISDIR:
-                    continue  # a file beside the locks (the factory's .owner) is no lock
-                elif mask & (IN_CREATE | IN_MOVED_TO):
-                    with contextlib.suppress(OSError):
-                        self._made(name)
-                elif mask & (IN_MODIFY | IN_ATTRIB) and self._changed(name):
-                    dropped.append(name)
+                out.append((mask, name))
+
+    def pump(self) -> list[str]:
+        """Act on every change since the last call; returns the locks an unlock request dropped."""
+        dropped: list[str] = []
+        for mask, name in self._events():
+            if mask & IN_Q_OVERFLOW:
+                self._restart_all()
+            elif mask & (IN_DELETE | IN_MOVED_FROM):
+                self._seen.pop(name, None)
+            elif not mask & IN_ISDIR:
+                continue  # a file beside the locks (the factory's .owner) is no lock
+            elif mask & (IN_CREATE | IN_MOVED_TO):
+                with contextlib.suppress(OSError):
+                    self._made(name)
+            elif mask & (IN_MODIFY | IN_ATTRIB) and self._changed(name):
+                dropped.append(name)
+        return dropped
 
     def _changed(self, name: str) -> bool:
-        """A lock's attributes changed: a newer mtime restarts its timeout, 0 asks for it to be dropped."""
+        """A lock's times changed: a newer mtime (its holder's touch) restarts its timeout, an older one is
+        refused, and 0 asks for the lock to be dropped."""
         path = self.lock_dir / name
         try:
             st = path.stat()
         except OSError:
             return False
-        seen = self._seen.get(name) or _Seen(st.st_mtime_ns or time.time_ns(), self.clock())
-        self._seen[name] = seen
-        if st.st_mtime_ns != 0:
-            if st.st_mtime_ns != seen.mtime_ns:
-                self._seen[name] = _Seen(st.st_mtime_ns, self.clock())
+        seen = self._seen.get(name)
+        if seen is None:
+            self._made(name)
             return False
-        if self.clock() - seen.since > self.timeout():
+        if st.st_mtime_ns > seen.mtime_ns:
+            self._restart(name, st.st_mtime_ns, st)
+        elif st.st_mtime_ns == 0 and st.st_atime_ns > seen.atime_ns:  # a touch came before the request
+            self._restart(name, max(seen.mtime_ns + 1, time.time_ns()), st)
+        elif st.st_mtime_ns == 0 and self.clock() - seen.since > self.timeout():
             with contextlib.suppress(OSError):  # a holder may remove it at this moment
                 path.rmdir()
                 log.info("pmxcfs: lock %s expired and was removed", name)
             self._seen.pop(name, None)
             return True
-        with contextlib.suppress(OSError):  # memdb_mtime refuses an older mtime on a lock: it stays as it was
-            os.utime(path, ns=(st.st_atime_ns, seen.mtime_ns))
+        else:
+            seen.atime_ns = st.st_atime_ns
+            if st.st_mtime_ns != seen.mtime_ns:  # memdb_mtime refuses an older mtime on a lock
+                self._put_back(name, st)
         return False
 
     async def run(self) -> None:
-        """Act on each change as it comes, until cancelled."""
+        """Act on each change as it comes, until cancelled; a change it fails on is logged, and the watch goes on
+        (a dead watch would quietly make every lock permanent)."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         loop.add_reader(self.fd, ready.set)
@@ -137,7 +167,10 @@ class LockExpiry:
             while True:
                 await ready.wait()
                 ready.clear()
-                self.pump()
+                try:
+                    self.pump()
+                except Exception:
+                    log.exception("pmxcfs lock watch")
         finally:
             loop.remove_reader(self.fd)
             self.close()
