@@ -128,11 +128,23 @@ def load_config(paths: LabPaths) -> LabConfig | None:
 # ------------------------------------------------------------------------------ processes
 
 
+# A process in the middle of execve reads as an empty /proc/<pid>/cmdline: its new memory is in place before its
+# arguments are (load_elf_binary), and Popen returns as soon as the exec is past its point of no return. Right after
+# Popen about one read in four is empty here, and `ip netns exec` (a wired lab's sshd) execs twice.
+EXEC_SETTLE_S = 1.0
+
+
 def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    """The process's command line; one read as empty (an exec in progress) is read again until it settles."""
+    deadline = time.monotonic() + EXEC_SETTLE_S
+    while True:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return ""
+        if raw or time.monotonic() >= deadline:
+            return raw.replace(b"\0", b" ").decode(errors="replace")
+        time.sleep(0.005)
 
 
 def _is_ours(pid: int, marker: str) -> bool:
@@ -146,6 +158,15 @@ def _is_ours(pid: int, marker: str) -> bool:
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return False
     return marker in _cmdline(pid)
+
+
+def _gone_at_start(child: subprocess.Popen[bytes] | None, pidfile: Path, marker: str) -> bool:
+    """Whether a host's sshd or API server is gone while the lab waits for it: one this start made is judged by
+    its own exit status, one that ran before by its pid file and command line."""
+    if child is not None:
+        return child.poll() is not None
+    pid = _read_pid(pidfile)
+    return pid is None or not _is_ours(pid, marker)
 
 
 def _read_pid(path: Path) -> int | None:
@@ -406,10 +427,10 @@ def _wait_ready(paths: LabPaths, cfg: LabConfig,
                     and paths.control_socket(host.name).exists():
                 pending.discard((host.name, "pve"))
         for name, kind in list(pending):
-            pid = _read_pid(paths.pidfile(name, kind))
+            child = (children or {}).get((name, kind))
             marker = _sshd_marker(paths, name) if kind == "sshd" else _pve_marker(paths, name)
-            if pid is None or not _is_ours(pid, marker):
-                status = _exit_status((children or {}).get((name, kind)))
+            if _gone_at_start(child, paths.pidfile(name, kind), marker):
+                status = _exit_status(child)
                 log = cluster.log_file(paths, cfg.host(name)) if kind == "pve" else paths.log / f"{name}-{kind}.log"
                 raise LabError(f"{name}: {kind} exited at start{status}: {_tail(log) or '(its log is empty)'}")
         if not pending:
