@@ -237,3 +237,18 @@ def test_a_server_this_start_made_is_gone_only_when_it_has_exited(tmp_path: Path
     assert controller._gone_at_start(None, pidfile, marker)
     pidfile.unlink()
     assert controller._gone_at_start(None, pidfile, marker)
+
+
+def test_a_command_line_that_stays_empty_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a process that may be in an exec is read again: a kernel thread (kthreadd, pid 2) and a zombie read
+    empty for good, and lab.leftovers looks at every process."""
+    naps: list[float] = []
+    monkeypatch.setattr(controller.time, "sleep", naps.append)
+    assert controller._cmdline(2) == "" and naps == []
+    zombie = subprocess.Popen(["true"])
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        naps.clear()  # (the wait for it to exit is not the code under test)
+    try:
+        assert controller._cmdline(zombie.pid) == "" and naps == []
+    finally:
+        zombie.wait()

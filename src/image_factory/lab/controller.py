@@ -132,17 +132,27 @@ def load_config(paths: LabPaths) -> LabConfig | None:
 # arguments are (load_elf_binary), and Popen returns as soon as the exec is past its point of no return. Right after
 # Popen about one read in four is empty here, and `ip netns exec` (a wired lab's sshd) execs twice.
 EXEC_SETTLE_S = 1.0
+PF_EXITING, PF_KTHREAD = 0x4, 0x200000  # <linux/sched.h>: a command line that stays empty
+
+
+def _may_be_in_exec(pid: int) -> bool:
+    """Alive and neither a kernel thread nor exiting (both read an empty command line for good)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X") and not int(fields[6]) & (PF_EXITING | PF_KTHREAD)
 
 
 def _cmdline(pid: int) -> str:
-    """The process's command line; one read as empty (an exec in progress) is read again until it settles."""
+    """The process's command line; one read as empty while it may be in an exec is read again until it settles."""
     deadline = time.monotonic() + EXEC_SETTLE_S
     while True:
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return ""
-        if raw or time.monotonic() >= deadline:
+        if raw or time.monotonic() >= deadline or not _may_be_in_exec(pid):
             return raw.replace(b"\0", b" ").decode(errors="replace")
         time.sleep(0.005)
 
